@@ -1,0 +1,13 @@
+//! The rules of tollgate, free of I/O and async: the record model (API keys, usage plans), GCRA
+//! throttling, calendar quota windows and the injectable clock. Everything here is exact and
+//! deterministic given a clock reading, so it is where most unit tests live.
+
+pub mod clock;
+pub mod gcra;
+pub mod model;
+pub mod quota;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use gcra::{Gcra, GcraState, ThrottleDecision};
+pub use model::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
+pub use quota::{EpochDay, Period, QuotaState, QuotaWindow};

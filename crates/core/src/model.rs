@@ -1,0 +1,200 @@
+//! The records tollgate keeps, named and shaped as in AWS API Gateway.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::quota::Period;
+
+/// AWS `ThrottleSettings`: a token bucket refilled at `rateLimit` per second holding `burstLimit`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThrottleSettings {
+    /// Steady-state requests per second (may be fractional, e.g. 0.1).
+    pub rate_limit: f64,
+    /// Bucket capacity: the most requests admitted at one instant.
+    pub burst_limit: u32,
+}
+
+/// AWS `QuotaSettings`: at most `limit` requests per calendar `period` (UTC), the period start shifted
+/// by `offset` days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSettings {
+    /// Requests allowed per period.
+    pub limit: u32,
+    /// Day shift of the period start: DAY 0; WEEK 0-6 (0 = Sunday); MONTH 0-27 (0 = the 1st).
+    #[serde(default)]
+    pub offset: u32,
+    /// The calendar period.
+    pub period: Period,
+}
+
+/// Why a [`QuotaSettings`] is not acceptable; the messages name the AWS field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    /// `offset` outside the range its period allows.
+    #[error("quota offset {offset} is out of range for period {period} (allowed: 0 to {max})")]
+    OffsetOutOfRange {
+        /// The offending offset.
+        offset: u32,
+        /// The period it was given with.
+        period: Period,
+        /// The largest allowed offset.
+        max: u32,
+    },
+}
+
+impl QuotaSettings {
+    /// Checks `offset` against the period, as tollgate's binding decision in AWS-COMPAT.md requires.
+    pub fn validate(&self) -> Result<(), QuotaError> {
+        let max = self.period.max_offset();
+        if self.offset > max {
+            return Err(QuotaError::OffsetOutOfRange { offset: self.offset, period: self.period, max });
+        }
+        Ok(())
+    }
+}
+
+/// AWS `ApiStage`: one (api, stage) a usage plan covers, with optional per-method throttles keyed by
+/// `"/resource/path/METHOD"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiStage {
+    /// The API's id.
+    pub api_id: String,
+    /// The stage name.
+    pub stage: String,
+    /// Per-method throttles that replace the plan throttle for that method.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub throttle: BTreeMap<String, ThrottleSettings>,
+}
+
+/// AWS `UsagePlan`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsagePlan {
+    /// Store-assigned id (6 lowercase alphanumerics).
+    pub id: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The (api, stage) pairs this plan covers.
+    #[serde(default)]
+    pub api_stages: Vec<ApiStage>,
+    /// Per-key throttle, shared across the plan's stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSettings>,
+    /// Per-key quota, shared across the plan's stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSettings>,
+}
+
+/// SHA-256 of an API key value: all tollgate keeps of the value by default.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// Hashes a presented or configured key value.
+    pub fn of(value: &str) -> Self {
+        Self(Sha256::digest(value.as_bytes()).into())
+    }
+}
+
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Already a uniform cryptographic digest: eight of its bytes are a perfect hash, no need to
+        // run SipHash over all 32 on the request path.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only a prefix: enough to tell hashes apart in a debug dump.
+        write!(f, "KeyHash(")?;
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
+/// AWS `ApiKey`, minus the value: only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Store-assigned id (10 lowercase alphanumerics).
+    pub id: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// AWS Marketplace customer id, kept for compatibility.
+    pub customer_id: Option<String>,
+    /// Disabled keys are refused with 403.
+    pub enabled: bool,
+    /// SHA-256 of the value.
+    pub value_hash: KeyHash,
+    /// Creation time, epoch seconds.
+    pub created_date: i64,
+    /// Last change, epoch seconds.
+    pub last_updated_date: i64,
+}
+
+/// Length bounds AWS puts on a key value.
+pub const KEY_VALUE_LEN: std::ops::RangeInclusive<usize> = 20..=128;
+
+/// Checks a key value the way AWS does (20 to 128 characters), with AWS's messages.
+pub fn validate_key_value(value: &str) -> Result<(), &'static str> {
+    let len = value.chars().count();
+    if len < *KEY_VALUE_LEN.start() {
+        Err("API Key value should be at least 20 characters")
+    } else if len > *KEY_VALUE_LEN.end() {
+        Err("API Key value exceeds maximum size of 128 characters")
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hash_is_sha256() {
+        let h = KeyHash::of("abc");
+        assert_eq!(format!("{:02x}{:02x}", h.0[0], h.0[1]), "ba78");
+        assert_eq!(format!("{h:?}"), "KeyHash(ba7816bf…)");
+    }
+
+    #[test]
+    fn key_value_bounds_use_aws_messages() {
+        assert_eq!(validate_key_value(&"a".repeat(19)), Err("API Key value should be at least 20 characters"));
+        assert_eq!(validate_key_value(&"a".repeat(20)), Ok(()));
+        assert_eq!(validate_key_value(&"a".repeat(128)), Ok(()));
+        assert_eq!(
+            validate_key_value(&"a".repeat(129)),
+            Err("API Key value exceeds maximum size of 128 characters")
+        );
+    }
+
+    #[test]
+    fn quota_offset_ranges() {
+        let q = |period, offset| QuotaSettings { limit: 1, offset, period }.validate();
+        assert!(q(Period::Day, 0).is_ok());
+        assert!(q(Period::Day, 1).is_err());
+        assert!(q(Period::Week, 6).is_ok());
+        assert!(q(Period::Week, 7).is_err());
+        assert!(q(Period::Month, 27).is_ok());
+        assert_eq!(
+            q(Period::Month, 28).unwrap_err().to_string(),
+            "quota offset 28 is out of range for period MONTH (allowed: 0 to 27)"
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! Quota periods: calendar days, weeks and months in UTC, shifted by `offset` days, and the atomic
+//! counter that enforces a quota inside the current period.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use jiff::civil::Date;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::NANOS_PER_SEC;
+use crate::model::QuotaSettings;
+
+const NANOS_PER_DAY: u64 = 86_400 * NANOS_PER_SEC;
+
+/// AWS `QuotaPeriodType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Period {
+    /// A UTC calendar day.
+    Day,
+    /// A week starting on Sunday (plus `offset` days).
+    Week,
+    /// A month starting on the 1st (plus `offset` days).
+    Month,
+}
+
+impl Period {
+    /// The largest `offset` this period accepts.
+    pub fn max_offset(self) -> u32 {
+        match self {
+            Period::Day => 0,
+            Period::Week => 6,
+            Period::Month => 27,
+        }
+    }
+}
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Period::Day => "DAY",
+            Period::Week => "WEEK",
+            Period::Month => "MONTH",
+        })
+    }
+}
+
+/// A UTC calendar day, counted from 1970-01-01 (day 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EpochDay(pub u32);
+
+impl EpochDay {
+    /// The day containing `nanos` since the epoch.
+    pub fn from_nanos(nanos: u64) -> Self {
+        Self(u32::try_from(nanos / NANOS_PER_DAY).unwrap_or(u32::MAX))
+    }
+
+    /// The first nanosecond of this day.
+    pub fn start_nanos(self) -> u64 {
+        u64::from(self.0) * NANOS_PER_DAY
+    }
+
+    /// The civil date of this day.
+    pub fn date(self) -> Date {
+        // Infallible for every u32 day below jiff's year 9999 bound; clamp beyond it.
+        Date::constant(1970, 1, 1)
+            .checked_add(jiff::Span::new().days(i64::from(self.0.min(2_932_896))))
+            .unwrap_or(Date::MAX)
+    }
+
+    /// The day of a civil date, or `None` before 1970.
+    pub fn from_date(date: Date) -> Option<Self> {
+        let days = Date::constant(1970, 1, 1).until(date).ok()?.get_days();
+        u32::try_from(days).ok().map(Self)
+    }
+
+    /// The following day.
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for EpochDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.date())
+    }
+}
+
+/// One quota period: days `start` (inclusive) to `end` (exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaWindow {
+    /// First day of the period.
+    pub start: EpochDay,
+    /// First day of the next period.
+    pub end: EpochDay,
+}
+
+impl QuotaWindow {
+    /// The period of `quota` that contains `day`.
+    pub fn containing(quota: &QuotaSettings, day: EpochDay) -> Self {
+        match quota.period {
+            Period::Day => Self { start: day, end: day.next() },
+            Period::Week => {
+                // 1970-01-01 was a Thursday: weekday 4 when Sunday is 0.
+                let weekday = (day.0 + 4) % 7;
+                let back = (weekday + 7 - quota.offset % 7) % 7;
+                let start = EpochDay(day.0.saturating_sub(back));
+                Self { start, end: EpochDay(start.0 + 7) }
+            }
+            Period::Month => {
+                let date = day.date();
+                let anchor = i8::try_from(1 + quota.offset.min(27)).unwrap_or(1);
+                let this_month = date.first_of_month();
+                let first = if date.day() >= anchor {
+                    this_month
+                } else {
+                    this_month.checked_sub(jiff::Span::new().months(1)).unwrap_or(this_month)
+                };
+                // `anchor` is at most 28, so it exists in every month.
+                let start = first.with().day(anchor).build().unwrap_or(first);
+                let end = start.checked_add(jiff::Span::new().months(1)).unwrap_or(Date::MAX);
+                Self {
+                    start: EpochDay::from_date(start).unwrap_or(EpochDay(0)),
+                    end: EpochDay::from_date(end).unwrap_or(EpochDay(u32::MAX)),
+                }
+            }
+        }
+    }
+
+    fn pack(self) -> u64 {
+        (u64::from(self.start.0) << 32) | u64::from(self.end.0)
+    }
+
+    fn unpack(v: u64) -> Self {
+        Self { start: EpochDay((v >> 32) as u32), end: EpochDay(v as u32) }
+    }
+
+    fn contains(self, day: EpochDay) -> bool {
+        self.start <= day && day < self.end
+    }
+}
+
+/// What a quota said about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaDecision {
+    /// Counted; `remaining` requests are left in the period.
+    Allowed {
+        /// Requests left in this period after this one.
+        remaining: u32,
+        /// When the period ends.
+        resets_at: EpochDay,
+    },
+    /// The period's quota is spent.
+    Refused {
+        /// When the period ends and the quota is refilled.
+        resets_at: EpochDay,
+    },
+}
+
+/// The live count of one (key, plan) quota: lock-free, rolled over lazily when a request arrives in a
+/// new period.
+#[derive(Debug)]
+pub struct QuotaState {
+    settings: QuotaSettings,
+    /// The cached current window, packed `start << 32 | end`, so the common case is one comparison.
+    window: AtomicU64,
+    /// `window start << 32 | used`: the count is only valid for the window it names.
+    counter: AtomicU64,
+}
+
+impl QuotaState {
+    /// A quota with `used` requests already counted in the period containing `today`.
+    pub fn new(settings: QuotaSettings, today: EpochDay, used: u32) -> Self {
+        let window = QuotaWindow::containing(&settings, today);
+        Self {
+            settings,
+            window: AtomicU64::new(window.pack()),
+            counter: AtomicU64::new((u64::from(window.start.0) << 32) | u64::from(used)),
+        }
+    }
+
+    /// The settings this state enforces.
+    pub fn settings(&self) -> &QuotaSettings {
+        &self.settings
+    }
+
+    /// The period containing `day`, from the cache when it still applies.
+    pub fn window(&self, day: EpochDay) -> QuotaWindow {
+        let cached = QuotaWindow::unpack(self.window.load(Ordering::Relaxed));
+        if cached.contains(day) {
+            return cached;
+        }
+        let fresh = QuotaWindow::containing(&self.settings, day);
+        self.window.store(fresh.pack(), Ordering::Relaxed);
+        fresh
+    }
+
+    /// Counts one request at `now` if the period has room for it.
+    pub fn try_consume(&self, now: u64) -> QuotaDecision {
+        let window = self.window(EpochDay::from_nanos(now));
+        let limit = self.settings.limit;
+        let mut current = self.counter.load(Ordering::Acquire);
+        loop {
+            let used = self.used_in(current, window);
+            if used >= limit {
+                return QuotaDecision::Refused { resets_at: window.end };
+            }
+            let next = (u64::from(window.start.0) << 32) | u64::from(used + 1);
+            match self.counter.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return QuotaDecision::Allowed { remaining: limit - used - 1, resets_at: window.end },
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Requests counted in the period containing `now`.
+    pub fn used(&self, now: u64) -> u32 {
+        let window = self.window(EpochDay::from_nanos(now));
+        self.used_in(self.counter.load(Ordering::Acquire), window)
+    }
+
+    fn used_in(&self, packed: u64, window: QuotaWindow) -> u32 {
+        if (packed >> 32) as u32 == window.start.0 { packed as u32 } else { 0 }
+    }
+}
+
+/// AWS GetUsage's `[used, remaining]` for each day from `from` to `to` inclusive, given the key's
+/// per-day usage (`daily`, any order, days without an entry count zero). `remaining` is what the quota
+/// had left at the end of that day; without a quota it is 0, as AWS reports for plans without one.
+pub fn usage_report(
+    quota: Option<&QuotaSettings>,
+    daily: &[(EpochDay, u64)],
+    from: EpochDay,
+    to: EpochDay,
+) -> Vec<[u64; 2]> {
+    let used_on = |day: EpochDay| daily.iter().filter(|(d, _)| *d == day).map(|(_, n)| n).sum::<u64>();
+    let mut out = Vec::new();
+    let mut day = from;
+    while day <= to {
+        let used = used_on(day);
+        let remaining = quota.map_or(0, |q| {
+            let window = QuotaWindow::containing(q, day);
+            let so_far: u64 = daily
+                .iter()
+                .filter(|(d, _)| window.start <= *d && *d <= day)
+                .map(|(_, n)| n)
+                .sum();
+            u64::from(q.limit).saturating_sub(so_far)
+        });
+        out.push([used, remaining]);
+        if day.0 == u32::MAX {
+            break;
+        }
+        day = day.next();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn day(y: i16, m: i8, d: i8) -> EpochDay {
+        EpochDay::from_date(Date::constant(y, m, d)).unwrap()
+    }
+
+    fn q(period: Period, offset: u32) -> QuotaSettings {
+        QuotaSettings { limit: 3, offset, period }
+    }
+
+    #[test]
+    fn epoch_day_roundtrip() {
+        assert_eq!(day(1970, 1, 1), EpochDay(0));
+        assert_eq!(day(2026, 11, 27).to_string(), "2026-11-27");
+        assert_eq!(EpochDay::from_nanos(day(2024, 2, 29).start_nanos() + NANOS_PER_DAY - 1), day(2024, 2, 29));
+    }
+
+    #[test]
+    fn day_window() {
+        let w = QuotaWindow::containing(&q(Period::Day, 0), day(2026, 11, 27));
+        assert_eq!((w.start, w.end), (day(2026, 11, 27), day(2026, 11, 28)));
+    }
+
+    #[test]
+    fn week_starts_on_sunday_plus_offset() {
+        // 2026-11-27 is a Friday.
+        let w = QuotaWindow::containing(&q(Period::Week, 0), day(2026, 11, 27));
+        assert_eq!((w.start, w.end), (day(2026, 11, 22), day(2026, 11, 29)));
+        let w = QuotaWindow::containing(&q(Period::Week, 1), day(2026, 11, 27));
+        assert_eq!(w.start, day(2026, 11, 23)); // Monday
+        let w = QuotaWindow::containing(&q(Period::Week, 6), day(2026, 11, 27));
+        assert_eq!(w.start, day(2026, 11, 21)); // Saturday
+        let w = QuotaWindow::containing(&q(Period::Week, 5), day(2026, 11, 27));
+        assert_eq!(w.start, day(2026, 11, 27)); // Friday itself
+    }
+
+    #[test]
+    fn month_with_offset_crosses_month_and_year_ends() {
+        // offset 2: periods start on the 3rd, as in the seed article's plan.
+        let w = QuotaWindow::containing(&q(Period::Month, 2), day(2026, 11, 27));
+        assert_eq!((w.start, w.end), (day(2026, 11, 3), day(2026, 12, 3)));
+        let w = QuotaWindow::containing(&q(Period::Month, 2), day(2026, 11, 2));
+        assert_eq!((w.start, w.end), (day(2026, 10, 3), day(2026, 11, 3)));
+        let w = QuotaWindow::containing(&q(Period::Month, 2), day(2027, 1, 1));
+        assert_eq!((w.start, w.end), (day(2026, 12, 3), day(2027, 1, 3)));
+        let w = QuotaWindow::containing(&q(Period::Month, 0), day(2024, 2, 29));
+        assert_eq!((w.start, w.end), (day(2024, 2, 1), day(2024, 3, 1)));
+        let w = QuotaWindow::containing(&q(Period::Month, 27), day(2023, 3, 1));
+        assert_eq!((w.start, w.end), (day(2023, 2, 28), day(2023, 3, 28)));
+    }
+
+    #[test]
+    fn quota_counts_and_rolls_over() {
+        let settings = q(Period::Day, 0);
+        let today = day(2026, 11, 27);
+        let s = QuotaState::new(settings, today, 1);
+        let now = today.start_nanos() + 5;
+        assert_eq!(s.try_consume(now), QuotaDecision::Allowed { remaining: 1, resets_at: today.next() });
+        assert_eq!(s.try_consume(now), QuotaDecision::Allowed { remaining: 0, resets_at: today.next() });
+        assert_eq!(s.try_consume(now), QuotaDecision::Refused { resets_at: today.next() });
+        assert_eq!(s.used(now), 3);
+        let tomorrow = today.next().start_nanos();
+        assert_eq!(s.used(tomorrow), 0);
+        assert!(matches!(s.try_consume(tomorrow), QuotaDecision::Allowed { remaining: 2, .. }));
+    }
+
+    #[test]
+    fn report_remaining_resets_with_the_period() {
+        let settings = QuotaSettings { limit: 10, offset: 0, period: Period::Week };
+        // Sat 2026-11-21, Sun 22, Mon 23: the week turns over on Sunday.
+        let daily = [(day(2026, 11, 21), 4), (day(2026, 11, 22), 3), (day(2026, 11, 23), 2)];
+        let r = usage_report(Some(&settings), &daily, day(2026, 11, 20), day(2026, 11, 23));
+        assert_eq!(r, vec![[0, 10], [4, 6], [3, 7], [2, 5]]);
+        assert_eq!(usage_report(None, &daily, day(2026, 11, 21), day(2026, 11, 21)), vec![[4, 0]]);
+    }
+
+    proptest! {
+        /// Every day lies in exactly one period: its window contains it, starts on the right weekday or
+        /// day of month, and the window of the day before the end is the same window.
+        #[test]
+        fn windows_partition_time(d in 0u32..60_000, period in 0u8..3, offset in 0u32..28) {
+            let period = [Period::Day, Period::Week, Period::Month][period as usize];
+            let offset = offset.min(period.max_offset());
+            let settings = q(period, offset);
+            let w = QuotaWindow::containing(&settings, EpochDay(d));
+            prop_assert!(w.start <= EpochDay(d) && EpochDay(d) < w.end);
+            prop_assert_eq!(QuotaWindow::containing(&settings, EpochDay(w.end.0 - 1)), w);
+            prop_assert_eq!(QuotaWindow::containing(&settings, w.start), w);
+            let next = QuotaWindow::containing(&settings, w.end);
+            prop_assert_eq!(next.start, w.end);
+            match period {
+                Period::Day => prop_assert_eq!(w.end.0 - w.start.0, 1),
+                Period::Week => {
+                    prop_assert_eq!(w.end.0 - w.start.0, 7);
+                    prop_assert_eq!((w.start.0 + 4) % 7, offset);
+                }
+                Period::Month => {
+                    prop_assert_eq!(w.start.date().day() as u32, offset + 1);
+                    prop_assert!((28..=31).contains(&(w.end.0 - w.start.0)));
+                }
+            }
+        }
+    }
+}
