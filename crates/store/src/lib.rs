@@ -1,0 +1,99 @@
+//! tollgate's persistent state: keys, usage plans, their bindings and per-day usage.
+//!
+//! [`Store`] is the one interface the gateway and the CLI use; [`SqliteStore`] is the embedded
+//! default. Every implementation must pass [`conformance`].
+
+pub mod conformance;
+pub mod ids;
+mod sqlite;
+mod sync;
+
+pub use sqlite::SqliteStore;
+pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, apply_declared};
+
+use tollgate_core::quota::EpochDay;
+use tollgate_core::{ApiKey, UsagePlan};
+
+/// Everything the gateway needs to build its in-memory snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Records {
+    /// All usage plans.
+    pub plans: Vec<UsagePlan>,
+    /// All API keys.
+    pub keys: Vec<ApiKey>,
+    /// (plan id, key id): AWS's UsagePlanKeys.
+    pub bindings: Vec<(String, String)>,
+}
+
+/// Requests to add to one key's usage under one plan on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    /// The usage plan.
+    pub plan_id: String,
+    /// The API key.
+    pub key_id: String,
+    /// The UTC day.
+    pub day: EpochDay,
+    /// Requests to add.
+    pub count: u64,
+}
+
+/// One key's usage under one plan on one day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The API key.
+    pub key_id: String,
+    /// The UTC day.
+    pub day: EpochDay,
+    /// Requests counted that day.
+    pub used: u64,
+}
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another key already has this value (AWS: "API Key already exists").
+    #[error("API Key already exists")]
+    DuplicateKeyValue,
+    /// A record the operation refers to does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The backing database failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {id}: {reason}")]
+    Corrupt {
+        /// The record's id.
+        id: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+/// Persistent records and usage. Methods block (they do I/O); async callers run them on a blocking
+/// thread, never on the request path.
+pub trait Store: Send + Sync {
+    /// Loads every plan, key and binding.
+    fn load(&self) -> Result<Records, StoreError>;
+    /// Creates or replaces a plan (matched by id).
+    fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError>;
+    /// Creates or replaces a key (matched by id). Fails with [`StoreError::DuplicateKeyValue`] when
+    /// another key has the same value hash.
+    fn put_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// Adds a key to a plan (idempotent).
+    fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
+    /// Removes a key from a plan (idempotent).
+    fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
+    /// Adds counted requests, all in one transaction.
+    fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Per-day usage of a plan's keys (or one key) from `from` to `to` inclusive, ordered by key then
+    /// day; days without requests are absent.
+    fn usage(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+}

@@ -1,0 +1,164 @@
+//! The behaviour every [`Store`] implementation must show. Each implementation's tests call
+//! [`run_all`] on a fresh, empty store.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+
+use tollgate_core::quota::{EpochDay, Period};
+use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
+
+use crate::{DeclaredKey, DeclaredPlan, Store, StoreError, UsageDelta, UsageRow, apply_declared};
+
+/// Runs every conformance check against `store`, which must start empty.
+pub fn run_all(store: &dyn Store) {
+    records_roundtrip(store);
+    duplicate_values_conflict(store);
+    bindings_are_idempotent(store);
+    usage_accumulates_and_filters(store);
+    declared_state_is_applied_by_name(store);
+}
+
+fn plan(id: &str) -> UsagePlan {
+    UsagePlan {
+        id: id.into(),
+        name: format!("plan-{id}"),
+        description: Some("d".into()),
+        api_stages: vec![ApiStage {
+            api_id: "api".into(),
+            stage: "prod".into(),
+            throttle: BTreeMap::from([(
+                "/a/{id}/GET".to_string(),
+                ThrottleSettings { rate_limit: 0.5, burst_limit: 2 },
+            )]),
+        }],
+        throttle: Some(ThrottleSettings { rate_limit: 10.0, burst_limit: 20 }),
+        quota: Some(QuotaSettings { limit: 100, offset: 2, period: Period::Month }),
+    }
+}
+
+fn key(id: &str, value: &str) -> ApiKey {
+    ApiKey {
+        id: id.into(),
+        name: format!("key-{id}"),
+        description: None,
+        customer_id: Some("cust".into()),
+        enabled: true,
+        value_hash: KeyHash::of(value),
+        created_date: 1_700_000_000,
+        last_updated_date: 1_700_000_000,
+    }
+}
+
+pub fn records_roundtrip(store: &dyn Store) {
+    let p = plan("rt0001");
+    let k = key("rtkey00001", "roundtrip-value-0123456789");
+    store.put_plan(&p).unwrap();
+    store.put_key(&k).unwrap();
+    let loaded = store.load().unwrap();
+    assert!(loaded.plans.contains(&p));
+    assert!(loaded.keys.contains(&k));
+
+    let mut changed = k.clone();
+    changed.enabled = false;
+    changed.name = "renamed".into();
+    store.put_key(&changed).unwrap();
+    let loaded = store.load().unwrap();
+    assert!(loaded.keys.contains(&changed));
+    assert!(!loaded.keys.contains(&k));
+}
+
+pub fn duplicate_values_conflict(store: &dyn Store) {
+    store.put_key(&key("dupkey0001", "the-same-value-0123456789")).unwrap();
+    let err = store.put_key(&key("dupkey0002", "the-same-value-0123456789")).unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateKeyValue), "{err:?}");
+    // Re-putting the holder itself is not a conflict.
+    store.put_key(&key("dupkey0001", "the-same-value-0123456789")).unwrap();
+}
+
+pub fn bindings_are_idempotent(store: &dyn Store) {
+    store.bind("bindp1", "bindk00001").unwrap();
+    store.bind("bindp1", "bindk00001").unwrap();
+    let count = |s: &dyn Store| {
+        s.load().unwrap().bindings.iter().filter(|(p, k)| p == "bindp1" && k == "bindk00001").count()
+    };
+    assert_eq!(count(store), 1);
+    store.unbind("bindp1", "bindk00001").unwrap();
+    store.unbind("bindp1", "bindk00001").unwrap();
+    assert_eq!(count(store), 0);
+}
+
+pub fn usage_accumulates_and_filters(store: &dyn Store) {
+    let d = |key: &str, day: u32, count: u64| UsageDelta {
+        plan_id: "usep01".into(),
+        key_id: key.into(),
+        day: EpochDay(day),
+        count,
+    };
+    store.add_usage(&[d("k1", 10, 2), d("k1", 11, 1), d("k2", 10, 5)]).unwrap();
+    store.add_usage(&[d("k1", 10, 3)]).unwrap();
+    store.add_usage(&[]).unwrap();
+    let row = |key: &str, day: u32, used: u64| UsageRow { key_id: key.into(), day: EpochDay(day), used };
+    assert_eq!(
+        store.usage("usep01", None, EpochDay(0), EpochDay(100)).unwrap(),
+        vec![row("k1", 10, 5), row("k1", 11, 1), row("k2", 10, 5)]
+    );
+    assert_eq!(store.usage("usep01", Some("k1"), EpochDay(11), EpochDay(11)).unwrap(), vec![row("k1", 11, 1)]);
+    assert!(store.usage("other", None, EpochDay(0), EpochDay(100)).unwrap().is_empty());
+}
+
+pub fn declared_state_is_applied_by_name(store: &dyn Store) {
+    let declared_plan = |name: &str, limit| DeclaredPlan {
+        name: name.into(),
+        description: None,
+        api_stages: vec![],
+        throttle: None,
+        quota: Some(QuotaSettings { limit, offset: 0, period: Period::Day }),
+    };
+    let declared_key = |name: &str, value: Option<&str>, plans: &[&str]| DeclaredKey {
+        name: name.into(),
+        value: value.map(Into::into),
+        description: None,
+        customer_id: None,
+        enabled: true,
+        plans: plans.iter().map(|p| p.to_string()).collect(),
+    };
+    let plans = [declared_plan("decl-a", 5), declared_plan("decl-b", 6)];
+    let keys = [
+        declared_key("decl-generated", None, &["decl-a"]),
+        declared_key("decl-given", Some("given-value-0123456789"), &["decl-a", "decl-b"]),
+    ];
+    let generated = apply_declared(store, &plans, &keys, 1_800_000_000).unwrap();
+    assert_eq!(generated.len(), 1);
+    assert_eq!(generated[0].name, "decl-generated");
+    assert_eq!(generated[0].value.len(), 40);
+
+    let first = store.load().unwrap();
+    let gen_key = first.keys.iter().find(|k| k.name == "decl-generated").unwrap();
+    assert_eq!(gen_key.id, generated[0].id);
+    assert_eq!(gen_key.value_hash, KeyHash::of(&generated[0].value));
+    let plan_a = first.plans.iter().find(|p| p.name == "decl-a").unwrap().id.clone();
+    let plan_b = first.plans.iter().find(|p| p.name == "decl-b").unwrap().id.clone();
+
+    // Applying again keeps ids and the generated value, updates fields and sets bindings exactly.
+    let plans = [declared_plan("decl-a", 50), declared_plan("decl-b", 6)];
+    let mut described = declared_key("decl-given", Some("given-value-0123456789"), &["decl-b"]);
+    described.description = Some("now described".into());
+    let keys = [declared_key("decl-generated", None, &["decl-a"]), described];
+    assert!(apply_declared(store, &plans, &keys, 1_800_000_100).unwrap().is_empty());
+    let second = store.load().unwrap();
+    let gen_again = second.keys.iter().find(|k| k.name == "decl-generated").unwrap();
+    assert_eq!((gen_again.id.as_str(), gen_again.value_hash), (gen_key.id.as_str(), gen_key.value_hash));
+    let a = second.plans.iter().find(|p| p.name == "decl-a").unwrap();
+    assert_eq!((a.id.as_str(), a.quota.unwrap().limit), (plan_a.as_str(), 50));
+    let given = second.keys.iter().find(|k| k.name == "decl-given").unwrap();
+    let given_plans: Vec<&str> =
+        second.bindings.iter().filter(|(_, k)| *k == given.id).map(|(p, _)| p.as_str()).collect();
+    assert_eq!(given_plans, vec![plan_b.as_str()]);
+    assert_eq!(given.created_date, 1_800_000_000);
+    assert_eq!(given.last_updated_date, 1_800_000_100);
+    assert_eq!(given.description.as_deref(), Some("now described"));
+    assert_eq!(gen_again.last_updated_date, 1_800_000_000, "an unchanged key keeps its timestamp");
+    // Records the file does not mention are untouched.
+    assert!(second.plans.iter().any(|p| p.id == "rt0001"));
+}

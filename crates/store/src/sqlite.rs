@@ -1,0 +1,263 @@
+//! The embedded store: one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tollgate_core::quota::EpochDay;
+use tollgate_core::{ApiKey, KeyHash, UsagePlan};
+
+use crate::{Records, Store, StoreError, UsageDelta, UsageRow};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_plans (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL               -- the AWS UsagePlan as JSON
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id                TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    description       TEXT,
+    customer_id       TEXT,
+    enabled           INTEGER NOT NULL,
+    value_sha256      BLOB NOT NULL UNIQUE,
+    created_date      INTEGER NOT NULL,
+    last_updated_date INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_plan_keys (
+    plan_id TEXT NOT NULL,
+    key_id  TEXT NOT NULL,
+    PRIMARY KEY (plan_id, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    plan_id TEXT NOT NULL,
+    key_id  TEXT NOT NULL,
+    day     INTEGER NOT NULL,        -- days since 1970-01-01 UTC
+    used    INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, key_id, day)
+) WITHOUT ROWID;
+";
+
+/// The SQLite store. One connection behind a mutex: every call is short and runs on a blocking
+/// thread, and SQLite serialises writers anyway.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(backend)?;
+        // WAL: readers never block the flusher. synchronous=NORMAL in WAL mode survives a process
+        // crash (the only failure the metering bound promises about); it skips an fsync per commit.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back), so
+        // a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn to_day(v: i64) -> EpochDay {
+    EpochDay(u32::try_from(v).unwrap_or(0))
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Records, StoreError> {
+        let conn = self.conn();
+        let mut plans = Vec::new();
+        let mut stmt = conn.prepare("SELECT id, body FROM usage_plans ORDER BY id").map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?;
+        for row in rows {
+            let (id, body) = row.map_err(backend)?;
+            let plan: UsagePlan = serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt { id: id.clone(), reason: e.to_string() })?;
+            plans.push(plan);
+        }
+
+        let mut keys = Vec::new();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
+                        last_updated_date FROM api_keys ORDER BY id",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            })
+            .map_err(backend)?;
+        for row in rows {
+            let (id, name, description, customer_id, enabled, hash, created, updated) = row.map_err(backend)?;
+            let value_hash = <[u8; 32]>::try_from(hash.as_slice())
+                .map(KeyHash)
+                .map_err(|_| StoreError::Corrupt { id: id.clone(), reason: "value hash is not 32 bytes".into() })?;
+            keys.push(ApiKey {
+                id,
+                name,
+                description,
+                customer_id,
+                enabled,
+                value_hash,
+                created_date: created,
+                last_updated_date: updated,
+            });
+        }
+
+        let mut stmt =
+            conn.prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id").map_err(backend)?;
+        let bindings = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(Records { plans, keys, bindings })
+    }
+
+    fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
+        let body = serde_json::to_string(plan).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.conn()
+            .execute(
+                "INSERT INTO usage_plans (id, name, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, body = excluded.body",
+                params![plan.id, plan.name, body],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let holder: Option<String> = conn
+            .query_row("SELECT id FROM api_keys WHERE value_sha256 = ?1", [&key.value_hash.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        if holder.is_some_and(|id| id != key.id) {
+            return Err(StoreError::DuplicateKeyValue);
+        }
+        conn.execute(
+            "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
+                                   last_updated_date)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
+                 customer_id = excluded.customer_id, enabled = excluded.enabled,
+                 value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date",
+            params![
+                key.id,
+                key.name,
+                key.description,
+                key.customer_id,
+                key.enabled,
+                &key.value_hash.0[..],
+                key.created_date,
+                key.last_updated_date
+            ],
+        )
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("INSERT OR IGNORE INTO usage_plan_keys (plan_id, key_id) VALUES (?1, ?2)", [plan_id, key_id])
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM usage_plan_keys WHERE plan_id = ?1 AND key_id = ?2", [plan_id, key_id])
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO usage (plan_id, key_id, day, used) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(plan_id, key_id, day) DO UPDATE SET used = used + excluded.used",
+                )
+                .map_err(backend)?;
+            for d in deltas {
+                let count = i64::try_from(d.count).unwrap_or(i64::MAX);
+                stmt.execute(params![d.plan_id, d.key_id, d.day.0, count]).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn usage(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT key_id, day, used FROM usage
+                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
+                 ORDER BY key_id, day",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
+                Ok(UsageRow {
+                    key_id: r.get(0)?,
+                    day: to_day(r.get(1)?),
+                    used: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        crate::conformance::run_all(&store);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let delta = UsageDelta { plan_id: "p".into(), key_id: "k".into(), day: EpochDay(5), count: 3 };
+        SqliteStore::open(&path).unwrap().add_usage(&[delta]).unwrap();
+        let rows = SqliteStore::open(&path).unwrap().usage("p", None, EpochDay(0), EpochDay(9)).unwrap();
+        assert_eq!(rows, vec![UsageRow { key_id: "k".into(), day: EpochDay(5), used: 3 }]);
+    }
+}

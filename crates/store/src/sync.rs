@@ -1,0 +1,122 @@
+//! Applying the plans and keys a config file declares to a store, matched by name.
+
+use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
+
+use crate::{Store, StoreError, ids};
+
+/// A usage plan as a config file declares it (no id: the store assigns or keeps one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredPlan {
+    /// Plan name, the match key.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Covered (api, stage) pairs.
+    pub api_stages: Vec<ApiStage>,
+    /// Per-key throttle.
+    pub throttle: Option<ThrottleSettings>,
+    /// Per-key quota.
+    pub quota: Option<QuotaSettings>,
+}
+
+/// An API key as a config file declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredKey {
+    /// Key name, the match key.
+    pub name: String,
+    /// The value; `None` keeps the stored value, or generates one for a new key.
+    pub value: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// AWS customer id.
+    pub customer_id: Option<String>,
+    /// Whether the key is accepted.
+    pub enabled: bool,
+    /// Names of the declared plans the key belongs to (exactly these, after applying).
+    pub plans: Vec<String>,
+}
+
+/// A key whose value tollgate generated: the only time the value is ever visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedKey {
+    /// The key's name.
+    pub name: String,
+    /// The key's id.
+    pub id: String,
+    /// The generated value.
+    pub value: String,
+}
+
+/// Creates or updates the declared plans and keys (matched by name) and leaves every other record
+/// alone. A declared key ends up in exactly the declared plans it lists. Returns the values generated
+/// for new keys without a configured value.
+pub fn apply_declared(
+    store: &dyn Store,
+    plans: &[DeclaredPlan],
+    keys: &[DeclaredKey],
+    now_secs: i64,
+) -> Result<Vec<GeneratedKey>, StoreError> {
+    let records = store.load()?;
+    let mut plan_ids = Vec::with_capacity(plans.len());
+    for declared in plans {
+        let id = records
+            .plans
+            .iter()
+            .find(|p| p.name == declared.name)
+            .map_or_else(ids::new_plan_id, |p| p.id.clone());
+        store.put_plan(&UsagePlan {
+            id: id.clone(),
+            name: declared.name.clone(),
+            description: declared.description.clone(),
+            api_stages: declared.api_stages.clone(),
+            throttle: declared.throttle,
+            quota: declared.quota,
+        })?;
+        plan_ids.push((declared.name.as_str(), id));
+    }
+
+    let mut generated = Vec::new();
+    for declared in keys {
+        let existing = records.keys.iter().find(|k| k.name == declared.name);
+        let id = existing.map_or_else(ids::new_key_id, |k| k.id.clone());
+        let value_hash = match (&declared.value, existing) {
+            (Some(value), _) => KeyHash::of(value),
+            (None, Some(key)) => key.value_hash,
+            (None, None) => {
+                let value = ids::new_key_value();
+                let hash = KeyHash::of(&value);
+                generated.push(GeneratedKey { name: declared.name.clone(), id: id.clone(), value });
+                hash
+            }
+        };
+        let mut key = ApiKey {
+            id: id.clone(),
+            name: declared.name.clone(),
+            description: declared.description.clone(),
+            customer_id: declared.customer_id.clone(),
+            enabled: declared.enabled,
+            value_hash,
+            created_date: existing.map_or(now_secs, |k| k.created_date),
+            last_updated_date: existing.map_or(now_secs, |k| k.last_updated_date),
+        };
+        if existing != Some(&key) {
+            key.last_updated_date = now_secs;
+            store.put_key(&key)?;
+        }
+
+        let wanted: Vec<&str> = declared
+            .plans
+            .iter()
+            .filter_map(|name| plan_ids.iter().find(|(n, _)| n == name).map(|(_, id)| id.as_str()))
+            .collect();
+        for (plan_id, key_id) in &records.bindings {
+            if *key_id == id && !wanted.contains(&plan_id.as_str()) {
+                store.unbind(plan_id, &id)?;
+            }
+        }
+        for plan_id in wanted {
+            store.bind(plan_id, &id)?;
+        }
+    }
+    Ok(generated)
+}
