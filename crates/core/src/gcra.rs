@@ -44,7 +44,7 @@ impl Gcra {
     /// of zero refuses every request, as AWS does for a zero throttle.
     pub fn new(settings: ThrottleSettings) -> Self {
         let rate = settings.rate_limit;
-        if !(rate > 0.0) || settings.burst_limit == 0 {
+        if rate.is_nan() || rate <= 0.0 || settings.burst_limit == 0 {
             return Self { interval: NANOS_PER_SEC, tolerance: 0 };
         }
         // Rates above 1e9/s round to one token per nanosecond; `as` saturates for tiny rates.

@@ -100,8 +100,8 @@ pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
     /// Hashes a presented or configured key value.
-    pub fn of(value: &str) -> Self {
-        Self(Sha256::digest(value.as_bytes()).into())
+    pub fn of(value: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(value.as_ref()).into())
     }
 }
 

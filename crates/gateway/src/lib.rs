@@ -1,0 +1,14 @@
+//! tollgate's data plane: routes requests to APIs and stages, admits them through the API key, the
+//! usage plan's throttles and quota, forwards them to the upstream and meters them.
+
+pub mod config;
+pub mod meter;
+pub mod proxy;
+pub mod response;
+pub mod route;
+mod server;
+pub mod snapshot;
+
+pub use config::GatewayConfig;
+pub use server::{Gateway, GatewayError, GatewayOptions, period_usage};
+pub use snapshot::Snapshot;

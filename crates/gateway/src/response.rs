@@ -1,0 +1,149 @@
+//! Every response the gateway itself writes, in one place: AWS's status codes, `{"message": …}`
+//! bodies and `x-amzn-ErrorType`, plus `Retry-After` and the IETF RateLimit headers.
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::snapshot::{LimitInfo, Refusal};
+
+/// A response body: the upstream's, streamed, or one the gateway wrote.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// AWS's error-type header.
+pub static X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// Why the upstream could not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Connection refused, reset, or a malformed response: 502.
+    Unreachable,
+    /// No response head within the route's timeout: 504.
+    Timeout,
+}
+
+/// A fixed response the gateway writes itself.
+pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(body.into())));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -> Response<Body> {
+    let mut resp = full(status, Bytes::from_static(body.as_bytes()));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
+    h.insert(X_AMZN_ERROR_TYPE.clone(), HeaderValue::from_static(error_type));
+    resp
+}
+
+/// The response for a refused request.
+pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Body> {
+    match refusal {
+        Refusal::MissingAuthenticationToken => aws_error(
+            StatusCode::FORBIDDEN,
+            "MissingAuthenticationTokenException",
+            r#"{"message":"Missing Authentication Token"}"#,
+        ),
+        Refusal::Forbidden => aws_error(StatusCode::FORBIDDEN, "ForbiddenException", r#"{"message":"Forbidden"}"#),
+        Refusal::TooManyRequests { retry_after_secs, limits } => {
+            let mut resp = aws_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                r#"{"message":"Too Many Requests"}"#,
+            );
+            finish_429(resp.headers_mut(), retry_after_secs, &limits, rate_limit_headers);
+            resp
+        }
+        Refusal::LimitExceeded { retry_after_secs, limits } => {
+            let mut resp =
+                aws_error(StatusCode::TOO_MANY_REQUESTS, "LimitExceededException", r#"{"message":"Limit Exceeded"}"#);
+            finish_429(resp.headers_mut(), retry_after_secs, &limits, rate_limit_headers);
+            resp
+        }
+    }
+}
+
+fn finish_429(headers: &mut HeaderMap, retry_after_secs: u64, limits: &LimitInfo, rate_limit_headers: bool) {
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    if rate_limit_headers {
+        add_rate_limit_headers(headers, limits);
+    }
+}
+
+/// The response when the upstream failed, with AWS's messages for integration errors.
+pub fn upstream_failure(failure: UpstreamFailure) -> Response<Body> {
+    match failure {
+        UpstreamFailure::Unreachable => aws_error(
+            StatusCode::BAD_GATEWAY,
+            "InternalServerErrorException",
+            r#"{"message":"Internal server error"}"#,
+        ),
+        UpstreamFailure::Timeout => aws_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "InternalServerErrorException",
+            r#"{"message":"Endpoint request timed out"}"#,
+        ),
+    }
+}
+
+/// Adds `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) describing the key's
+/// throttle (policy `"burst"`) and quota (policy `"quota"`).
+pub fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &LimitInfo) {
+    let mut policy = String::new();
+    let mut state = String::new();
+    if let Some(t) = &limits.throttle {
+        let _ = write!(policy, "\"burst\";q={};w={}", t.burst, t.window_secs);
+        let _ = write!(state, "\"burst\";r={};t={}", t.remaining, t.reset_secs);
+    }
+    if let Some(q) = &limits.quota {
+        let sep = if policy.is_empty() { "" } else { ", " };
+        let _ = write!(policy, "{sep}\"quota\";q={};w={}", q.limit, q.window_secs);
+        let _ = write!(state, "{sep}\"quota\";r={};t={}", q.remaining, q.reset_secs);
+    }
+    if policy.is_empty() {
+        return;
+    }
+    // Built only from digits and fixed ASCII, so always a valid header value.
+    if let (Ok(p), Ok(s)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
+        headers.insert(RATELIMIT_POLICY.clone(), p);
+        headers.insert(RATELIMIT.clone(), s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{BucketInfo, QuotaInfo};
+
+    #[test]
+    fn rate_limit_header_syntax() {
+        let mut h = HeaderMap::new();
+        let limits = LimitInfo {
+            throttle: Some(BucketInfo { burst: 50, remaining: 49, reset_secs: 1, window_secs: 1 }),
+            quota: Some(QuotaInfo { limit: 1000, remaining: 998, reset_secs: 3600, window_secs: 2_592_000 }),
+        };
+        add_rate_limit_headers(&mut h, &limits);
+        assert_eq!(h["ratelimit-policy"], r#""burst";q=50;w=1, "quota";q=1000;w=2592000"#);
+        assert_eq!(h["ratelimit"], r#""burst";r=49;t=1, "quota";r=998;t=3600"#);
+
+        let mut h = HeaderMap::new();
+        add_rate_limit_headers(&mut h, &LimitInfo::default());
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn refusals_carry_aws_bodies() {
+        let r = refusal(Refusal::LimitExceeded { retry_after_secs: 7, limits: LimitInfo::default() }, true);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-amzn-errortype"], "LimitExceededException");
+        assert_eq!(r.headers()["retry-after"], "7");
+    }
+}

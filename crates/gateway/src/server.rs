@@ -1,0 +1,253 @@
+//! The running gateway: accept loop, per-request handling, metering flusher, graceful shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tollgate_core::Clock;
+use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_store::{Records, Store, StoreError, UsageDelta};
+
+use crate::config::{GatewayConfig, Integration};
+use crate::proxy::Upstreams;
+use crate::response::{self, Body};
+use crate::snapshot::{Refusal, Snapshot, SnapshotError};
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Runtime knobs that are not part of the routing config.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayOptions {
+    /// How often metered usage is written to the store.
+    pub flush_interval: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self { flush_interval: Duration::from_secs(1), drain_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Why the gateway could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The config and records do not form a valid snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A blocking store task panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    clock: Arc<dyn Clock>,
+    upstreams: Upstreams,
+}
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    options: GatewayOptions,
+}
+
+/// Requests already counted, per (plan id, key id), in each plan's quota period containing `today`:
+/// what a restarted gateway must remember so quotas survive restarts.
+pub fn period_usage(
+    store: &dyn Store,
+    records: &Records,
+    today: EpochDay,
+) -> Result<HashMap<(String, String), u32>, StoreError> {
+    let mut used = HashMap::new();
+    for plan in &records.plans {
+        let Some(quota) = &plan.quota else { continue };
+        let window = QuotaWindow::containing(quota, today);
+        for row in store.usage(&plan.id, None, window.start, today)? {
+            let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0u32);
+            *n = n.saturating_add(u32::try_from(row.used).unwrap_or(u32::MAX));
+        }
+    }
+    Ok(used)
+}
+
+impl Gateway {
+    /// Loads the store's records and builds the first snapshot. Blocking: call before serving.
+    pub fn open(
+        config: GatewayConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        options: GatewayOptions,
+    ) -> Result<Self, GatewayError> {
+        let records = store.load()?;
+        let today = EpochDay::from_nanos(clock.now());
+        let used = period_usage(&*store, &records, today)?;
+        let snapshot = Snapshot::build(config, &records, &used, today)?;
+        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), clock, upstreams: Upstreams::new() });
+        Ok(Self { shared, store, options })
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// finish (up to the drain timeout) and flushes metering one last time.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let flusher = tokio::spawn(flush_loop(self.shared.clone(), self.store.clone(), self.options.flush_interval, stop_rx));
+
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Slow or stuck clients must not pin connections forever.
+        http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(err) => {
+                            // Out of descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %err, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let shared = self.shared.clone();
+                    let service = service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+                    });
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(err) = conn.await {
+                            tracing::debug!(error = %err, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: draining in-flight requests");
+        if tokio::time::timeout(self.options.drain_timeout, graceful.shutdown()).await.is_err() {
+            tracing::warn!(timeout = ?self.options.drain_timeout, "drain timeout passed; closing remaining connections");
+        }
+        let _ = stop_tx.send(true);
+        match flusher.await {
+            Ok(result) => result,
+            Err(err) => Err(GatewayError::Task(err.to_string())),
+        }
+    }
+}
+
+async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let snap = shared.snapshot.load_full();
+    let config = snap.config();
+    let started = config.access_log.then(Instant::now);
+    let now = shared.clock.now();
+    let path = req.uri().path();
+    let log_line = started.map(|_| (req.method().clone(), path.to_owned()));
+
+    let decided = match snap.route(req.method(), path) {
+        None => Err(Refusal::MissingAuthenticationToken),
+        Some(m) => snap.admit(&m, req.headers().get(&X_API_KEY), now).map(|a| (a, path.len() - m.rest.len())),
+    };
+    let (resp, key_id) = match decided {
+        Err(refusal) => (response::refusal(refusal, config.rate_limit_headers), None),
+        Ok((admission, rest_start)) => {
+            let mut resp = match &admission.route.integration {
+                Integration::Mock { status, body, headers } => {
+                    let mut resp = Response::new(Either::Right(Full::new(body.clone())));
+                    *resp.status_mut() = *status;
+                    for (name, value) in headers {
+                        resp.headers_mut().insert(name.clone(), value.clone());
+                    }
+                    resp
+                }
+                Integration::Http { url, timeout } => {
+                    shared.upstreams.forward(req, url, rest_start, *timeout, peer).await
+                }
+            };
+            if config.rate_limit_headers {
+                response::add_rate_limit_headers(resp.headers_mut(), &admission.limits);
+            }
+            (resp, admission.key_id)
+        }
+    };
+    if let (Some(started), Some((method, path))) = (started, log_line) {
+        // The key's id only: values are secrets and never logged.
+        tracing::info!(target: "tollgate::access", %method, %path, status = resp.status().as_u16(),
+            key_id = key_id.unwrap_or("-"), %peer, micros = started.elapsed().as_micros() as u64);
+    }
+    resp
+}
+
+/// Writes metered usage every `interval` and once more when told to stop. Deltas a failed write could
+/// not store are kept and retried, so a store outage delays metering but loses none of it.
+async fn flush_loop(
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let mut pending: Vec<UsageDelta> = Vec::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = stop.changed() => true,
+        };
+        let result = flush_once(&shared, &store, &mut pending).await;
+        if stopping {
+            return result;
+        }
+        if let Err(err) = result {
+            tracing::error!(error = %err, pending = pending.len(), "metering flush failed; will retry");
+        }
+    }
+}
+
+async fn flush_once(shared: &Shared, store: &Arc<dyn Store>, pending: &mut Vec<UsageDelta>) -> Result<(), GatewayError> {
+    let snap = shared.snapshot.load_full();
+    let mut days = Vec::new();
+    for grant in snap.grants() {
+        days.clear();
+        grant.meter.take(&mut days);
+        for &(day, count) in &days {
+            pending.push(UsageDelta { plan_id: grant.plan_id.to_string(), key_id: grant.key_id.to_string(), day, count });
+        }
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let batch = std::mem::take(pending);
+    let store = store.clone();
+    let (batch, result) = tokio::task::spawn_blocking(move || {
+        let r = store.add_usage(&batch);
+        (batch, r)
+    })
+    .await
+    .map_err(|e| GatewayError::Task(e.to_string()))?;
+    if let Err(err) = result {
+        *pending = batch;
+        return Err(err.into());
+    }
+    Ok(())
+}

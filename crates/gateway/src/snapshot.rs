@@ -1,0 +1,556 @@
+//! The immutable in-memory view the request path reads: routes, keys, plans and the live limiter
+//! state, plus the admission pipeline (key ▸ throttles ▸ quota ▸ meter) over it.
+//!
+//! A snapshot is built from the store's records once and swapped whole (`ArcSwap`) when they change;
+//! a request does one hash lookup for its key and a handful of atomic operations, no locks, no I/O.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
+use tollgate_core::model::KEY_VALUE_LEN;
+use tollgate_core::quota::{EpochDay, QuotaDecision, QuotaState, QuotaWindow};
+use tollgate_core::{KeyHash, ThrottleSettings};
+use tollgate_store::Records;
+
+use crate::config::{GatewayConfig, Route};
+use crate::meter::DailyMeter;
+use crate::route::{RouteError, RouteMatch, Router};
+
+/// One token bucket: its limits and its state.
+#[derive(Debug)]
+struct Bucket {
+    gcra: Gcra,
+    state: GcraState,
+}
+
+impl Bucket {
+    fn new(settings: ThrottleSettings) -> Self {
+        Self { gcra: Gcra::new(settings), state: GcraState::default() }
+    }
+}
+
+/// One API key's membership in one usage plan: the per-key limiter state the plan defines.
+#[derive(Debug)]
+pub struct Grant {
+    /// The key's id.
+    pub key_id: Arc<str>,
+    /// The plan's id.
+    pub plan_id: Arc<str>,
+    throttle: Option<Bucket>,
+    /// Per-method overrides: (api, stage, route) → bucket.
+    method_throttles: Vec<((usize, usize, usize), Bucket)>,
+    quota: Option<QuotaState>,
+    /// Admitted requests not yet flushed to the store.
+    pub meter: DailyMeter,
+}
+
+impl Grant {
+    fn throttle_for(&self, m: &RouteMatch<'_>) -> Option<&Bucket> {
+        self.method_throttles
+            .iter()
+            .find(|(at, _)| *at == (m.api, m.stage, m.route))
+            .map(|(_, b)| b)
+            .or(self.throttle.as_ref())
+    }
+}
+
+#[derive(Debug)]
+struct KeyEntry {
+    enabled: bool,
+    /// (api, stage) → the one plan membership that covers it.
+    grants: Vec<((usize, usize), Arc<Grant>)>,
+}
+
+/// A hasher for [`KeyHash`], whose `Hash` impl feeds one u64 of an already uniform digest.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than KeyHash is hashed; stay correct anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitInfo {
+    /// The key's throttle: capacity, tokens left, seconds until full.
+    pub throttle: Option<BucketInfo>,
+    /// The key's quota: limit, left, seconds until the period resets, period length in seconds.
+    pub quota: Option<QuotaInfo>,
+}
+
+/// A throttle's state for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketInfo {
+    /// Bucket capacity.
+    pub burst: u64,
+    /// Tokens left.
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+    /// Seconds an empty bucket takes to fill.
+    pub window_secs: u64,
+}
+
+/// A quota's state for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaInfo {
+    /// Requests per period.
+    pub limit: u64,
+    /// Requests left in this period.
+    pub remaining: u64,
+    /// Seconds until the period ends.
+    pub reset_secs: u64,
+    /// Length of the current period in seconds.
+    pub window_secs: u64,
+}
+
+/// Why a request was not admitted. Each maps to AWS's status and body in one place
+/// ([`crate::response`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route for this path and method: 403 `Missing Authentication Token`.
+    MissingAuthenticationToken,
+    /// Key missing, unknown, disabled or not in a plan for this stage: 403 `Forbidden`.
+    Forbidden,
+    /// A throttle refused: 429 `Too Many Requests`.
+    TooManyRequests {
+        /// Whole seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+        /// The key's limits, for headers.
+        limits: LimitInfo,
+    },
+    /// The key's quota for this period is spent: 429 `Limit Exceeded`.
+    LimitExceeded {
+        /// Whole seconds until the period resets (at least 1).
+        retry_after_secs: u64,
+        /// The key's limits, for headers.
+        limits: LimitInfo,
+    },
+}
+
+/// An admitted request: where it goes and what to advertise.
+#[derive(Debug)]
+pub struct Admission<'s> {
+    /// The matched route.
+    pub route: &'s Route,
+    /// The key's id, when the route required a key.
+    pub key_id: Option<&'s str>,
+    /// The key's limits after this request.
+    pub limits: LimitInfo,
+}
+
+/// Why a snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The route table is invalid.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+}
+
+/// Everything the request path reads, immutable except for atomics.
+#[derive(Debug)]
+pub struct Snapshot {
+    config: GatewayConfig,
+    router: Router,
+    /// [api][stage][route]: the stage's per-method throttle, shared by all callers.
+    stage_buckets: Vec<Vec<Vec<Option<Bucket>>>>,
+    account: Option<Bucket>,
+    keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>,
+    grants: Vec<Arc<Grant>>,
+}
+
+fn ceil_secs(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SEC)
+}
+
+impl Snapshot {
+    /// Builds a snapshot. `period_used` gives, per (plan id, key id), the requests already counted in
+    /// the quota period containing `today` (so limits survive restarts).
+    pub fn build(
+        config: GatewayConfig,
+        records: &Records,
+        period_used: &HashMap<(String, String), u32>,
+        today: EpochDay,
+    ) -> Result<Self, SnapshotError> {
+        let router = Router::new(&config.apis)?;
+        let stage_buckets = config
+            .apis
+            .iter()
+            .map(|api| {
+                api.stages
+                    .iter()
+                    .map(|stage| {
+                        api.routes
+                            .iter()
+                            .map(|route| {
+                                stage.method_throttle.get(&route.throttle_key()).or(stage.throttle.as_ref()).map(|t| Bucket::new(*t))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let account = config.account_throttle.map(Bucket::new);
+
+        let mut keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>> =
+            HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
+        let mut key_index: HashMap<&str, KeyHash> = HashMap::with_capacity(records.keys.len());
+        for key in &records.keys {
+            keys.insert(key.value_hash, KeyEntry { enabled: key.enabled, grants: Vec::new() });
+            key_index.insert(&key.id, key.value_hash);
+        }
+
+        let mut grants = Vec::new();
+        for (plan_id, key_id) in &records.bindings {
+            let (Some(plan), Some(hash)) =
+                (records.plans.iter().find(|p| p.id == *plan_id), key_index.get(key_id.as_str()))
+            else {
+                continue;
+            };
+            let Some(entry) = keys.get_mut(hash) else { continue };
+            let mut covered = Vec::new();
+            let mut method_throttles = Vec::new();
+            for api_stage in &plan.api_stages {
+                let Some((a, api)) = config.apis.iter().enumerate().find(|(_, a)| a.id == api_stage.api_id) else {
+                    tracing::warn!(plan = %plan.id, api = %api_stage.api_id, "usage plan names an unknown API; ignored");
+                    continue;
+                };
+                let Some(s) = api.stages.iter().position(|s| s.name == api_stage.stage) else {
+                    tracing::warn!(plan = %plan.id, api = %api.id, stage = %api_stage.stage, "usage plan names an unknown stage; ignored");
+                    continue;
+                };
+                if let Some((_, other)) = entry.grants.iter().find(|(at, _)| *at == (a, s)) {
+                    tracing::warn!(key = %key_id, plan = %plan.id, other = %other.plan_id,
+                        "key is in two plans for one stage; the first one applies");
+                    continue;
+                }
+                covered.push((a, s));
+                for (method_key, settings) in &api_stage.throttle {
+                    match api.routes.iter().position(|r| r.throttle_key() == *method_key) {
+                        Some(r) => method_throttles.push(((a, s, r), Bucket::new(*settings))),
+                        None => tracing::warn!(plan = %plan.id, method = %method_key,
+                            "usage plan throttles a method the API does not have; ignored"),
+                    }
+                }
+            }
+            let used = period_used.get(&(plan_id.clone(), key_id.clone())).copied().unwrap_or(0);
+            let grant = Arc::new(Grant {
+                key_id: key_id.as_str().into(),
+                plan_id: plan_id.as_str().into(),
+                throttle: plan.throttle.map(Bucket::new),
+                method_throttles,
+                quota: plan.quota.map(|q| QuotaState::new(q, today, used)),
+                meter: DailyMeter::default(),
+            });
+            for at in covered {
+                entry.grants.push((at, grant.clone()));
+            }
+            grants.push(grant);
+        }
+        Ok(Self { config, router, stage_buckets, account, keys, grants })
+    }
+
+    /// The configuration this snapshot serves.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// Every (key, plan) membership, for the metering flusher.
+    pub fn grants(&self) -> &[Arc<Grant>] {
+        &self.grants
+    }
+
+    /// Finds the route for a request.
+    pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
+        self.router.route(method, path)
+    }
+
+    /// Runs the admission pipeline for a routed request presenting `api_key` at `now`: key, then the
+    /// key's plan (or per-method) throttle, the stage throttle, the account throttle, then the quota;
+    /// an admitted keyed request is metered.
+    pub fn admit<'s>(
+        &'s self,
+        m: &RouteMatch<'_>,
+        api_key: Option<&HeaderValue>,
+        now: u64,
+    ) -> Result<Admission<'s>, Refusal> {
+        let route = &self.config.apis[m.api].routes[m.route];
+        let grant = if route.api_key_required { Some(self.grant(m, api_key)?) } else { None };
+        let mut limits = LimitInfo::default();
+
+        // Throttle layers, most specific first. A refusal hands back the tokens earlier layers took.
+        let layers = [
+            grant.and_then(|g| g.throttle_for(m)),
+            self.stage_buckets[m.api][m.stage][m.route].as_ref(),
+            self.account.as_ref(),
+        ];
+        for (i, bucket) in layers.iter().enumerate() {
+            let Some(bucket) = bucket else { continue };
+            match bucket.gcra.check(&bucket.state, now) {
+                ThrottleDecision::Allowed { remaining } => {
+                    if i == 0 {
+                        limits.throttle = Some(bucket_info(bucket, u64::from(remaining), now));
+                    }
+                }
+                ThrottleDecision::Refused { retry_after } => {
+                    for taken in layers[..i].iter().flatten() {
+                        taken.gcra.refund(&taken.state);
+                    }
+                    if i == 0 {
+                        limits.throttle = Some(bucket_info(bucket, 0, now));
+                    }
+                    limits.quota = grant.and_then(|g| quota_info(g, now, None));
+                    return Err(Refusal::TooManyRequests { retry_after_secs: ceil_secs(retry_after).max(1), limits });
+                }
+            }
+        }
+
+        let Some(grant) = grant else {
+            return Ok(Admission { route, key_id: None, limits });
+        };
+        let today = EpochDay::from_nanos(now);
+        if let Some(quota) = &grant.quota {
+            match quota.try_consume(now) {
+                QuotaDecision::Allowed { remaining, .. } => limits.quota = quota_info(grant, now, Some(remaining)),
+                QuotaDecision::Refused { resets_at } => {
+                    limits.quota = quota_info(grant, now, Some(0));
+                    let retry = ceil_secs(resets_at.start_nanos().saturating_sub(now)).max(1);
+                    return Err(Refusal::LimitExceeded { retry_after_secs: retry, limits });
+                }
+            }
+        }
+        grant.meter.record(today);
+        Ok(Admission { route, key_id: Some(&grant.key_id), limits })
+    }
+
+    fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&HeaderValue>) -> Result<&Grant, Refusal> {
+        let value = api_key.map(HeaderValue::as_bytes).ok_or(Refusal::Forbidden)?;
+        // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
+        // stored keys: refuse them without hashing.
+        if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
+            return Err(Refusal::Forbidden);
+        }
+        let entry = self.keys.get(&KeyHash::of(value)).filter(|e| e.enabled).ok_or(Refusal::Forbidden)?;
+        entry
+            .grants
+            .iter()
+            .find(|(at, _)| *at == (m.api, m.stage))
+            .map(|(_, g)| &**g)
+            .ok_or(Refusal::Forbidden)
+    }
+}
+
+fn bucket_info(bucket: &Bucket, remaining: u64, now: u64) -> BucketInfo {
+    BucketInfo {
+        burst: bucket.gcra.burst(),
+        remaining,
+        reset_secs: ceil_secs(bucket.gcra.until_full(&bucket.state, now)),
+        window_secs: ceil_secs(bucket.gcra.interval().saturating_mul(bucket.gcra.burst())).max(1),
+    }
+}
+
+/// The quota part of the headers; `remaining` when just decided, else read from the counter.
+fn quota_info(grant: &Grant, now: u64, remaining: Option<u32>) -> Option<QuotaInfo> {
+    let quota = grant.quota.as_ref()?;
+    let limit = quota.settings().limit;
+    let window: QuotaWindow = quota.window(EpochDay::from_nanos(now));
+    let remaining = remaining.unwrap_or_else(|| limit.saturating_sub(quota.used(now)));
+    Some(QuotaInfo {
+        limit: u64::from(limit),
+        remaining: u64::from(remaining),
+        reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
+        window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use tollgate_core::quota::Period;
+    use tollgate_core::{ApiKey, ApiStage, QuotaSettings, UsagePlan};
+
+    use super::*;
+    use crate::config::{Api, Integration, RouteMethod, Stage};
+
+    const KEY: &str = "central-system-key-0123456789";
+    const OTHER: &str = "another-partner-key-0123456789";
+    const T0: u64 = 1_795_000_000 * NANOS_PER_SEC; // 2026-11-19
+
+    fn throttle(rate: f64, burst: u32) -> ThrottleSettings {
+        ThrottleSettings { rate_limit: rate, burst_limit: burst }
+    }
+
+    fn config(stage_throttle: Option<ThrottleSettings>, account: Option<ThrottleSettings>) -> GatewayConfig {
+        let route = |path: &str, method: &str, api_key_required| Route {
+            path: path.into(),
+            method: RouteMethod::Only(method.parse().unwrap()),
+            api_key_required,
+            integration: Integration::Mock { status: http::StatusCode::OK, body: "ok".into(), headers: vec![] },
+        };
+        GatewayConfig {
+            account_throttle: account,
+            rate_limit_headers: true,
+            access_log: false,
+            apis: vec![Api {
+                id: "warranty".into(),
+                stages: ["prod", "dev"]
+                    .iter()
+                    .map(|name| Stage {
+                        name: (*name).into(),
+                        base_path: format!("/{name}"),
+                        throttle: stage_throttle,
+                        method_throttle: BTreeMap::new(),
+                    })
+                    .collect(),
+                routes: vec![
+                    route("/registrations/{id}/warranty", "PUT", true),
+                    route("/registrations/{id}", "GET", true),
+                    route("/health", "GET", false),
+                ],
+            }],
+        }
+    }
+
+    fn records(plan_throttle: Option<ThrottleSettings>, quota: Option<QuotaSettings>) -> Records {
+        let key = |id: &str, value: &str, enabled| ApiKey {
+            id: id.into(),
+            name: id.into(),
+            description: None,
+            customer_id: None,
+            enabled,
+            value_hash: KeyHash::of(value),
+            created_date: 0,
+            last_updated_date: 0,
+        };
+        Records {
+            plans: vec![UsagePlan {
+                id: "plan01".into(),
+                name: "central-batch".into(),
+                description: None,
+                api_stages: vec![ApiStage {
+                    api_id: "warranty".into(),
+                    stage: "prod".into(),
+                    throttle: BTreeMap::from([("/registrations/{id}/warranty/PUT".into(), throttle(1.0, 2))]),
+                }],
+                throttle: plan_throttle,
+                quota,
+            }],
+            keys: vec![key("key0000001", KEY, true), key("key0000002", OTHER, false)],
+            bindings: vec![("plan01".into(), "key0000001".into()), ("plan01".into(), "key0000002".into())],
+        }
+    }
+
+    fn snap(cfg: GatewayConfig, rec: &Records) -> Snapshot {
+        Snapshot::build(cfg, rec, &HashMap::new(), EpochDay::from_nanos(T0)).unwrap()
+    }
+
+    fn call(s: &Snapshot, method: &str, path: &str, key: Option<&str>, now: u64) -> Result<LimitInfo, Refusal> {
+        let m = s.route(&method.parse().unwrap(), path).ok_or(Refusal::MissingAuthenticationToken)?;
+        let key = key.map(|k| HeaderValue::from_str(k).unwrap());
+        s.admit(&m, key.as_ref(), now).map(|a| a.limits)
+    }
+
+    #[test]
+    fn key_checks() {
+        let s = snap(config(None, None), &records(Some(throttle(100.0, 50)), None));
+        let put = "/prod/registrations/42/warranty";
+        assert_eq!(call(&s, "GET", "/prod/nowhere", Some(KEY), T0), Err(Refusal::MissingAuthenticationToken));
+        assert_eq!(call(&s, "PUT", put, None, T0), Err(Refusal::Forbidden));
+        assert_eq!(call(&s, "PUT", put, Some("short"), T0), Err(Refusal::Forbidden));
+        assert_eq!(call(&s, "PUT", put, Some("unknown-key-value-0123456789"), T0), Err(Refusal::Forbidden));
+        assert_eq!(call(&s, "PUT", put, Some(OTHER), T0), Err(Refusal::Forbidden), "disabled");
+        assert_eq!(
+            call(&s, "PUT", "/dev/registrations/42/warranty", Some(KEY), T0),
+            Err(Refusal::Forbidden),
+            "the plan does not cover dev"
+        );
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        assert!(call(&s, "GET", "/dev/health", None, T0).is_ok(), "public route");
+    }
+
+    #[test]
+    fn method_throttle_replaces_plan_throttle() {
+        let s = snap(config(None, None), &records(Some(throttle(100.0, 5)), None));
+        let put = "/prod/registrations/42/warranty";
+        let get = "/prod/registrations/42";
+        // PUT has its own bucket of 2; GET uses the plan's bucket of 5.
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        let refused = call(&s, "PUT", put, Some(KEY), T0).unwrap_err();
+        assert!(matches!(refused, Refusal::TooManyRequests { retry_after_secs: 1, .. }), "{refused:?}");
+        for _ in 0..5 {
+            assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        }
+        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
+        // One second later the PUT bucket has one token again.
+        assert!(call(&s, "PUT", put, Some(KEY), T0 + NANOS_PER_SEC).is_ok());
+    }
+
+    #[test]
+    fn stage_and_account_layers_apply_and_refund_the_key() {
+        // Stage allows 1 per method at once; the key's plan bucket (5) must not be drained by refusals.
+        let s = snap(config(Some(throttle(1.0, 1)), None), &records(Some(throttle(1.0, 5)), None));
+        let get = "/prod/registrations/42";
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        for _ in 0..10 {
+            assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
+        }
+        let limits = call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap();
+        assert_eq!(limits.throttle.unwrap().remaining, 4, "refused requests took no key tokens");
+
+        let s = snap(config(None, Some(throttle(1.0, 2))), &records(Some(throttle(100.0, 50)), None));
+        assert!(call(&s, "GET", "/prod/health", None, T0).is_ok());
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        assert!(matches!(call(&s, "GET", "/dev/health", None, T0), Err(Refusal::TooManyRequests { .. })));
+    }
+
+    #[test]
+    fn quota_counts_only_admitted_requests_and_meters() {
+        let quota = QuotaSettings { limit: 3, offset: 0, period: Period::Day };
+        let s = snap(config(None, None), &records(Some(throttle(1.0, 2)), Some(quota)));
+        let get = "/prod/registrations/42";
+        assert_eq!(call(&s, "GET", get, Some(KEY), T0).unwrap().quota.unwrap().remaining, 2);
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        // Throttled: does not count against the quota.
+        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
+        assert_eq!(call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap().quota.unwrap().remaining, 0);
+        let refused = call(&s, "GET", get, Some(KEY), T0 + 3 * NANOS_PER_SEC).unwrap_err();
+        let Refusal::LimitExceeded { retry_after_secs, limits } = refused else { panic!("{refused:?}") };
+        let midnight = EpochDay::from_nanos(T0).next().start_nanos();
+        assert_eq!(retry_after_secs, (midnight - T0 - 3 * NANOS_PER_SEC).div_ceil(NANOS_PER_SEC));
+        assert_eq!(limits.quota.unwrap().remaining, 0);
+        // The next UTC day the quota is back.
+        assert!(call(&s, "GET", get, Some(KEY), midnight).is_ok());
+
+        let mut days = Vec::new();
+        s.grants()[0].meter.take(&mut days);
+        days.sort();
+        assert_eq!(days, vec![(EpochDay::from_nanos(T0), 3), (EpochDay::from_nanos(midnight), 1)]);
+    }
+
+    #[test]
+    fn restored_usage_counts_against_the_quota() {
+        let quota = QuotaSettings { limit: 10, offset: 0, period: Period::Month };
+        let rec = records(None, Some(quota));
+        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9u32)]);
+        let s = Snapshot::build(config(None, None), &rec, &used, EpochDay::from_nanos(T0)).unwrap();
+        let get = "/prod/registrations/42";
+        assert_eq!(call(&s, "GET", get, Some(KEY), T0).unwrap().quota.unwrap().remaining, 0);
+        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::LimitExceeded { .. })));
+    }
+}
