@@ -1,1 +1,12 @@
-fn main() {}
+//! The `tollgate` binary: parses the command line and hands off to the command.
+
+mod cli;
+mod config;
+mod serve;
+mod usage;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::run()
+}

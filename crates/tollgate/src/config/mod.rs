@@ -1,0 +1,100 @@
+//! Loading `tollgate.yaml`: parse into [`raw`] types, then validate into [`Config`]. Every error names
+//! the file, the line and column, and the field.
+
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tollgate_gateway::GatewayConfig;
+use tollgate_store::{DeclaredKey, DeclaredPlan};
+
+
+/// The validated configuration of one gateway instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the data plane listens.
+    pub listen: SocketAddr,
+    /// The embedded store.
+    pub store: StoreConfig,
+    /// Routing and limits.
+    pub gateway: GatewayConfig,
+    /// Usage plans declared in the file.
+    pub plans: Vec<DeclaredPlan>,
+    /// API keys declared in the file.
+    pub keys: Vec<DeclaredKey>,
+}
+
+/// Where usage and records are kept.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The SQLite database file.
+    pub sqlite: PathBuf,
+    /// How often metered usage is written.
+    pub flush_interval: Duration,
+}
+
+/// A config file that cannot be used, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(u64, u64)>,
+    /// The field path, e.g. `usagePlans[0].quota.offset`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        position: None,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config `text`, reporting errors against `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+    validate::validate(path, raw)
+}
+
+/// Turns a YAML error into a [`ConfigError`], keeping serde-saphyr's source snippet.
+fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let position = e.location().map(|l| (l.line(), l.column()));
+    let rendered = e.to_string();
+    // The first line repeats "error: line L column C: "; the position is printed our way instead.
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let first = match first.split_once(": ") {
+        Some((prefix, msg)) if prefix.starts_with("line ") => msg,
+        _ => first,
+    };
+    let snippet: Vec<String> = lines.map(|l| l.replace("<input>", &path.display().to_string())).collect();
+    let message = if snippet.is_empty() { first.to_string() } else { format!("{first}\n{}", snippet.join("\n")) };
+    ConfigError { file: path.to_path_buf(), position, field: String::new(), message }
+}

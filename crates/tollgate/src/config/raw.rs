@@ -1,0 +1,194 @@
+//! The config file as written: serde types mirroring `tollgate.yaml`, camelCase as in AWS. Nothing
+//! here is checked beyond its YAML type; [`super::validate`] turns it into the runtime config.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+/// A string in which `${VAR}` is replaced by the environment variable `VAR` (unset: an error at the
+/// place in the file where it is used).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvString(pub String);
+
+impl<'de> Deserialize<'de> for EnvString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok()).map(EnvString).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Replaces each `${NAME}` in `raw` with `lookup(NAME)`; `$${` escapes a literal `${`.
+pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            out.push_str(&rest[..at - 1]);
+            out.push_str("${");
+            rest = &rest[at + 2..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let end = after.find('}').ok_or_else(|| format!("unterminated variable in {raw:?}: missing }}"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        let value = lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawConfig {
+    pub listen: Spanned<EnvString>,
+    #[serde(default)]
+    pub store: Option<Spanned<RawStore>>,
+    #[serde(default)]
+    pub account_throttle: Option<Spanned<RawThrottle>>,
+    #[serde(default)]
+    pub rate_limit_headers: bool,
+    #[serde(default)]
+    pub access_log: bool,
+    #[serde(default)]
+    pub apis: Vec<Spanned<RawApi>>,
+    #[serde(default)]
+    pub usage_plans: Vec<Spanned<RawPlan>>,
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<RawKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawStore {
+    pub sqlite: EnvString,
+    #[serde(default)]
+    pub flush_interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawThrottle {
+    pub rate_limit: f64,
+    pub burst_limit: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawApi {
+    pub id: String,
+    pub stages: Vec<Spanned<RawStage>>,
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawStage {
+    pub name: String,
+    #[serde(default)]
+    pub base_path: Option<String>,
+    #[serde(default)]
+    pub throttle: Option<RawThrottle>,
+    #[serde(default)]
+    pub method_throttle: BTreeMap<String, RawThrottle>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRoute {
+    pub path: String,
+    pub method: String,
+    #[serde(default)]
+    pub api_key_required: bool,
+    #[serde(default)]
+    pub upstream: Option<EnvString>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub mock: Option<RawMock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawMock {
+    pub status_code: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPlan {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub api_stages: Vec<Spanned<RawApiStage>>,
+    #[serde(default)]
+    pub throttle: Option<RawThrottle>,
+    #[serde(default)]
+    pub quota: Option<Spanned<RawQuota>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawApiStage {
+    pub api_id: String,
+    pub stage: String,
+    #[serde(default)]
+    pub throttle: BTreeMap<String, RawThrottle>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawQuota {
+    pub limit: u32,
+    #[serde(default)]
+    pub offset: u32,
+    pub period: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawKey {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<EnvString>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub usage_plans: Vec<String>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_env;
+
+    #[test]
+    fn env_expansion() {
+        let env = |n: &str| (n == "KEY").then(|| "s3cret".to_string());
+        assert_eq!(expand_env("${KEY}", env).unwrap(), "s3cret");
+        assert_eq!(expand_env("a-${KEY}-b", env).unwrap(), "a-s3cret-b");
+        assert_eq!(expand_env("plain", env).unwrap(), "plain");
+        assert_eq!(expand_env("$${KEY}", env).unwrap(), "${KEY}");
+        assert_eq!(expand_env("${MISSING}", env).unwrap_err(), "environment variable MISSING is not set");
+        assert!(expand_env("${KEY", env).is_err());
+        assert!(expand_env("${a b}", env).is_err());
+    }
+}
