@@ -45,11 +45,17 @@ impl Gcra {
     pub fn new(settings: ThrottleSettings) -> Self {
         let rate = settings.rate_limit;
         if rate.is_nan() || rate <= 0.0 || settings.burst_limit == 0 {
-            return Self { interval: NANOS_PER_SEC, tolerance: 0 };
+            return Self {
+                interval: NANOS_PER_SEC,
+                tolerance: 0,
+            };
         }
         // Rates above 1e9/s round to one token per nanosecond; `as` saturates for tiny rates.
         let interval = ((NANOS_PER_SEC as f64 / rate).round() as u64).max(1);
-        Self { interval, tolerance: interval.saturating_mul(u64::from(settings.burst_limit)) }
+        Self {
+            interval,
+            tolerance: interval.saturating_mul(u64::from(settings.burst_limit)),
+        }
     }
 
     /// The bucket capacity in tokens.
@@ -69,9 +75,14 @@ impl Gcra {
             let new_tat = tat.max(now).saturating_add(self.interval);
             let ahead = new_tat - now;
             if ahead > self.tolerance {
-                return ThrottleDecision::Refused { retry_after: ahead - self.tolerance };
+                return ThrottleDecision::Refused {
+                    retry_after: ahead - self.tolerance,
+                };
             }
-            match state.0.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            match state
+                .0
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => {
                     let remaining = (self.tolerance - ahead) / self.interval;
                     return ThrottleDecision::Allowed {
@@ -86,9 +97,11 @@ impl Gcra {
     /// Gives back the token a successful [`check`](Self::check) took, when a later layer refused the
     /// request: a request refused anywhere must not cost the caller a token here.
     pub fn refund(&self, state: &GcraState) {
-        let _ = state.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-            Some(tat.saturating_sub(self.interval))
-        });
+        let _ = state
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(self.interval))
+            });
     }
 
     /// Whole tokens available at `now`, without taking one.
@@ -109,11 +122,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn gcra(rate: f64, burst: u32) -> Gcra {
-        Gcra::new(ThrottleSettings { rate_limit: rate, burst_limit: burst })
+        Gcra::new(ThrottleSettings {
+            rate_limit: rate,
+            burst_limit: burst,
+        })
     }
 
     fn admitted(g: &Gcra, s: &GcraState, now: u64, n: u32) -> u32 {
-        (0..n).filter(|_| matches!(g.check(s, now), ThrottleDecision::Allowed { .. })).count() as u32
+        (0..n)
+            .filter(|_| matches!(g.check(s, now), ThrottleDecision::Allowed { .. }))
+            .count() as u32
     }
 
     #[test]
@@ -144,7 +162,12 @@ mod tests {
         assert_eq!(g.check(&s, now), ThrottleDecision::Allowed { remaining: 2 });
         assert_eq!(g.check(&s, now), ThrottleDecision::Allowed { remaining: 1 });
         assert_eq!(g.check(&s, now), ThrottleDecision::Allowed { remaining: 0 });
-        assert_eq!(g.check(&s, now), ThrottleDecision::Refused { retry_after: 500_000_000 });
+        assert_eq!(
+            g.check(&s, now),
+            ThrottleDecision::Refused {
+                retry_after: 500_000_000
+            }
+        );
         assert_eq!(g.available(&s, now), 0);
         assert_eq!(g.until_full(&s, now), 1_500_000_000);
         assert_eq!(g.available(&s, now + 1_000_000_000), 2);
@@ -162,7 +185,12 @@ mod tests {
 
     #[test]
     fn zero_rate_or_burst_blocks() {
-        for g in [gcra(0.0, 10), gcra(10.0, 0), gcra(f64::NAN, 10), gcra(-1.0, 10)] {
+        for g in [
+            gcra(0.0, 10),
+            gcra(10.0, 0),
+            gcra(f64::NAN, 10),
+            gcra(-1.0, 10),
+        ] {
             let s = GcraState::default();
             assert_eq!(admitted(&g, &s, 7 * NANOS_PER_SEC, 5), 0);
         }

@@ -52,7 +52,11 @@ impl QuotaSettings {
     pub fn validate(&self) -> Result<(), QuotaError> {
         let max = self.period.max_offset();
         if self.offset > max {
-            return Err(QuotaError::OffsetOutOfRange { offset: self.offset, period: self.period, max });
+            return Err(QuotaError::OffsetOutOfRange {
+                offset: self.offset,
+                period: self.period,
+                max,
+            });
         }
         Ok(())
     }
@@ -175,7 +179,10 @@ mod tests {
 
     #[test]
     fn key_value_bounds_use_aws_messages() {
-        assert_eq!(validate_key_value(&"a".repeat(19)), Err("API Key value should be at least 20 characters"));
+        assert_eq!(
+            validate_key_value(&"a".repeat(19)),
+            Err("API Key value should be at least 20 characters")
+        );
         assert_eq!(validate_key_value(&"a".repeat(20)), Ok(()));
         assert_eq!(validate_key_value(&"a".repeat(128)), Ok(()));
         assert_eq!(
@@ -186,7 +193,14 @@ mod tests {
 
     #[test]
     fn quota_offset_ranges() {
-        let q = |period, offset| QuotaSettings { limit: 1, offset, period }.validate();
+        let q = |period, offset| {
+            QuotaSettings {
+                limit: 1,
+                offset,
+                period,
+            }
+            .validate()
+        };
         assert!(q(Period::Day, 0).is_ok());
         assert!(q(Period::Day, 1).is_err());
         assert!(q(Period::Week, 6).is_ok());

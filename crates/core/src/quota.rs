@@ -99,13 +99,19 @@ impl QuotaWindow {
     /// The period of `quota` that contains `day`.
     pub fn containing(quota: &QuotaSettings, day: EpochDay) -> Self {
         match quota.period {
-            Period::Day => Self { start: day, end: day.next() },
+            Period::Day => Self {
+                start: day,
+                end: day.next(),
+            },
             Period::Week => {
                 // 1970-01-01 was a Thursday: weekday 4 when Sunday is 0.
                 let weekday = (day.0 + 4) % 7;
                 let back = (weekday + 7 - quota.offset % 7) % 7;
                 let start = EpochDay(day.0.saturating_sub(back));
-                Self { start, end: EpochDay(start.0 + 7) }
+                Self {
+                    start,
+                    end: EpochDay(start.0 + 7),
+                }
             }
             Period::Month => {
                 let date = day.date();
@@ -114,11 +120,15 @@ impl QuotaWindow {
                 let first = if date.day() >= anchor {
                     this_month
                 } else {
-                    this_month.checked_sub(jiff::Span::new().months(1)).unwrap_or(this_month)
+                    this_month
+                        .checked_sub(jiff::Span::new().months(1))
+                        .unwrap_or(this_month)
                 };
                 // `anchor` is at most 28, so it exists in every month.
                 let start = first.with().day(anchor).build().unwrap_or(first);
-                let end = start.checked_add(jiff::Span::new().months(1)).unwrap_or(Date::MAX);
+                let end = start
+                    .checked_add(jiff::Span::new().months(1))
+                    .unwrap_or(Date::MAX);
                 Self {
                     start: EpochDay::from_date(start).unwrap_or(EpochDay(0)),
                     end: EpochDay::from_date(end).unwrap_or(EpochDay(u32::MAX)),
@@ -132,7 +142,10 @@ impl QuotaWindow {
     }
 
     fn unpack(v: u64) -> Self {
-        Self { start: EpochDay((v >> 32) as u32), end: EpochDay(v as u32) }
+        Self {
+            start: EpochDay((v >> 32) as u32),
+            end: EpochDay(v as u32),
+        }
     }
 
     fn contains(self, day: EpochDay) -> bool {
@@ -203,11 +216,23 @@ impl QuotaState {
         loop {
             let used = self.used_in(current, window);
             if used >= limit {
-                return QuotaDecision::Refused { resets_at: window.end };
+                return QuotaDecision::Refused {
+                    resets_at: window.end,
+                };
             }
             let next = (u64::from(window.start.0) << 32) | u64::from(used + 1);
-            match self.counter.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return QuotaDecision::Allowed { remaining: limit - used - 1, resets_at: window.end },
+            match self.counter.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return QuotaDecision::Allowed {
+                        remaining: limit - used - 1,
+                        resets_at: window.end,
+                    };
+                }
                 Err(seen) => current = seen,
             }
         }
@@ -220,7 +245,11 @@ impl QuotaState {
     }
 
     fn used_in(&self, packed: u64, window: QuotaWindow) -> u32 {
-        if (packed >> 32) as u32 == window.start.0 { packed as u32 } else { 0 }
+        if (packed >> 32) as u32 == window.start.0 {
+            packed as u32
+        } else {
+            0
+        }
     }
 }
 
@@ -233,7 +262,13 @@ pub fn usage_report(
     from: EpochDay,
     to: EpochDay,
 ) -> Vec<[u64; 2]> {
-    let used_on = |day: EpochDay| daily.iter().filter(|(d, _)| *d == day).map(|(_, n)| n).sum::<u64>();
+    let used_on = |day: EpochDay| {
+        daily
+            .iter()
+            .filter(|(d, _)| *d == day)
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
     let mut out = Vec::new();
     let mut day = from;
     while day <= to {
@@ -266,14 +301,21 @@ mod tests {
     }
 
     fn q(period: Period, offset: u32) -> QuotaSettings {
-        QuotaSettings { limit: 3, offset, period }
+        QuotaSettings {
+            limit: 3,
+            offset,
+            period,
+        }
     }
 
     #[test]
     fn epoch_day_roundtrip() {
         assert_eq!(day(1970, 1, 1), EpochDay(0));
         assert_eq!(day(2026, 11, 27).to_string(), "2026-11-27");
-        assert_eq!(EpochDay::from_nanos(day(2024, 2, 29).start_nanos() + NANOS_PER_DAY - 1), day(2024, 2, 29));
+        assert_eq!(
+            EpochDay::from_nanos(day(2024, 2, 29).start_nanos() + NANOS_PER_DAY - 1),
+            day(2024, 2, 29)
+        );
     }
 
     #[test]
@@ -316,23 +358,59 @@ mod tests {
         let today = day(2026, 11, 27);
         let s = QuotaState::new(settings, today, 1);
         let now = today.start_nanos() + 5;
-        assert_eq!(s.try_consume(now), QuotaDecision::Allowed { remaining: 1, resets_at: today.next() });
-        assert_eq!(s.try_consume(now), QuotaDecision::Allowed { remaining: 0, resets_at: today.next() });
-        assert_eq!(s.try_consume(now), QuotaDecision::Refused { resets_at: today.next() });
+        assert_eq!(
+            s.try_consume(now),
+            QuotaDecision::Allowed {
+                remaining: 1,
+                resets_at: today.next()
+            }
+        );
+        assert_eq!(
+            s.try_consume(now),
+            QuotaDecision::Allowed {
+                remaining: 0,
+                resets_at: today.next()
+            }
+        );
+        assert_eq!(
+            s.try_consume(now),
+            QuotaDecision::Refused {
+                resets_at: today.next()
+            }
+        );
         assert_eq!(s.used(now), 3);
         let tomorrow = today.next().start_nanos();
         assert_eq!(s.used(tomorrow), 0);
-        assert!(matches!(s.try_consume(tomorrow), QuotaDecision::Allowed { remaining: 2, .. }));
+        assert!(matches!(
+            s.try_consume(tomorrow),
+            QuotaDecision::Allowed { remaining: 2, .. }
+        ));
     }
 
     #[test]
     fn report_remaining_resets_with_the_period() {
-        let settings = QuotaSettings { limit: 10, offset: 0, period: Period::Week };
+        let settings = QuotaSettings {
+            limit: 10,
+            offset: 0,
+            period: Period::Week,
+        };
         // Sat 2026-11-21, Sun 22, Mon 23: the week turns over on Sunday.
-        let daily = [(day(2026, 11, 21), 4), (day(2026, 11, 22), 3), (day(2026, 11, 23), 2)];
-        let r = usage_report(Some(&settings), &daily, day(2026, 11, 20), day(2026, 11, 23));
+        let daily = [
+            (day(2026, 11, 21), 4),
+            (day(2026, 11, 22), 3),
+            (day(2026, 11, 23), 2),
+        ];
+        let r = usage_report(
+            Some(&settings),
+            &daily,
+            day(2026, 11, 20),
+            day(2026, 11, 23),
+        );
         assert_eq!(r, vec![[0, 10], [4, 6], [3, 7], [2, 5]]);
-        assert_eq!(usage_report(None, &daily, day(2026, 11, 21), day(2026, 11, 21)), vec![[4, 0]]);
+        assert_eq!(
+            usage_report(None, &daily, day(2026, 11, 21), day(2026, 11, 21)),
+            vec![[4, 0]]
+        );
     }
 
     proptest! {

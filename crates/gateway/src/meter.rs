@@ -29,8 +29,17 @@ impl DailyMeter {
         let mut current = self.current.load(Ordering::Relaxed);
         loop {
             let (seen_day, count) = unpack(current);
-            let next = if seen_day == day { pack(day, count.saturating_add(1)) } else { pack(day, 1) };
-            match self.current.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+            let next = if seen_day == day {
+                pack(day, count.saturating_add(1))
+            } else {
+                pack(day, 1)
+            };
+            match self.current.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
                     if seen_day != day && count > 0 {
                         self.spill().push((seen_day, u64::from(count)));
@@ -51,7 +60,12 @@ impl DailyMeter {
             if count == 0 {
                 return;
             }
-            match self.current.compare_exchange_weak(current, pack(day, 0), Ordering::AcqRel, Ordering::Relaxed) {
+            match self.current.compare_exchange_weak(
+                current,
+                pack(day, 0),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
                     out.push((day, u64::from(count)));
                     return;

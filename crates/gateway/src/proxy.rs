@@ -26,8 +26,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Names listed in Connection are hop-by-hop too; collect first, the map is borrowed.
     if let Some(conn) = headers.get(header::CONNECTION) {
         if let Ok(list) = conn.to_str() {
-            let named: Vec<HeaderName> =
-                list.split(',').filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()).collect();
+            let named: Vec<HeaderName> = list
+                .split(',')
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect();
             for name in named {
                 headers.remove(name);
             }
@@ -67,7 +69,9 @@ impl Upstreams {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
         Self { client }
     }
 
@@ -94,16 +98,24 @@ impl Upstreams {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         // An IP address always renders as a valid header value.
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
         let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => HeaderValue::try_from(format!("{prior}, {}", peer.ip())).unwrap_or(peer_ip),
+            Some(prior) => {
+                HeaderValue::try_from(format!("{prior}, {}", peer.ip())).unwrap_or(peer_ip)
+            }
             None => peer_ip,
         };
         headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         parts.version = http::Version::HTTP_11;
 
-        match tokio::time::timeout(timeout, self.client.request(Request::from_parts(parts, body))).await {
+        match tokio::time::timeout(
+            timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await
+        {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -123,7 +135,8 @@ impl Upstreams {
 fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
     let prefix = base.path().trim_end_matches('/');
     let rest = if rest.is_empty() { "/" } else { rest };
-    let mut pq = String::with_capacity(prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+    let mut pq =
+        String::with_capacity(prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(prefix);
     pq.push_str(rest);
     if let Some(q) = query {
@@ -142,7 +155,10 @@ mod tests {
     #[test]
     fn target_joins_base_path_rest_and_query() {
         let base: Uri = "http://127.0.0.1:9000".parse().unwrap();
-        assert_eq!(target(&base, "/a/b", Some("x=1")).unwrap(), "http://127.0.0.1:9000/a/b?x=1");
+        assert_eq!(
+            target(&base, "/a/b", Some("x=1")).unwrap(),
+            "http://127.0.0.1:9000/a/b?x=1"
+        );
         let base: Uri = "http://h:1/api/".parse().unwrap();
         assert_eq!(target(&base, "/a", None).unwrap(), "http://h:1/api/a");
         assert_eq!(target(&base, "", None).unwrap(), "http://h:1/api/");

@@ -40,7 +40,10 @@ fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -
     let mut resp = full(status, Bytes::from_static(body.as_bytes()));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
-    h.insert(X_AMZN_ERROR_TYPE.clone(), HeaderValue::from_static(error_type));
+    h.insert(
+        X_AMZN_ERROR_TYPE.clone(),
+        HeaderValue::from_static(error_type),
+    );
     resp
 }
 
@@ -52,26 +55,54 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Body> {
             "MissingAuthenticationTokenException",
             r#"{"message":"Missing Authentication Token"}"#,
         ),
-        Refusal::Forbidden => aws_error(StatusCode::FORBIDDEN, "ForbiddenException", r#"{"message":"Forbidden"}"#),
-        Refusal::TooManyRequests { retry_after_secs, limits } => {
+        Refusal::Forbidden => aws_error(
+            StatusCode::FORBIDDEN,
+            "ForbiddenException",
+            r#"{"message":"Forbidden"}"#,
+        ),
+        Refusal::TooManyRequests {
+            retry_after_secs,
+            limits,
+        } => {
             let mut resp = aws_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequestsException",
                 r#"{"message":"Too Many Requests"}"#,
             );
-            finish_429(resp.headers_mut(), retry_after_secs, &limits, rate_limit_headers);
+            finish_429(
+                resp.headers_mut(),
+                retry_after_secs,
+                &limits,
+                rate_limit_headers,
+            );
             resp
         }
-        Refusal::LimitExceeded { retry_after_secs, limits } => {
-            let mut resp =
-                aws_error(StatusCode::TOO_MANY_REQUESTS, "LimitExceededException", r#"{"message":"Limit Exceeded"}"#);
-            finish_429(resp.headers_mut(), retry_after_secs, &limits, rate_limit_headers);
+        Refusal::LimitExceeded {
+            retry_after_secs,
+            limits,
+        } => {
+            let mut resp = aws_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "LimitExceededException",
+                r#"{"message":"Limit Exceeded"}"#,
+            );
+            finish_429(
+                resp.headers_mut(),
+                retry_after_secs,
+                &limits,
+                rate_limit_headers,
+            );
             resp
         }
     }
 }
 
-fn finish_429(headers: &mut HeaderMap, retry_after_secs: u64, limits: &LimitInfo, rate_limit_headers: bool) {
+fn finish_429(
+    headers: &mut HeaderMap,
+    retry_after_secs: u64,
+    limits: &LimitInfo,
+    rate_limit_headers: bool,
+) {
     headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
     if rate_limit_headers {
         add_rate_limit_headers(headers, limits);
@@ -127,11 +158,24 @@ mod tests {
     fn rate_limit_header_syntax() {
         let mut h = HeaderMap::new();
         let limits = LimitInfo {
-            throttle: Some(BucketInfo { burst: 50, remaining: 49, reset_secs: 1, window_secs: 1 }),
-            quota: Some(QuotaInfo { limit: 1000, remaining: 998, reset_secs: 3600, window_secs: 2_592_000 }),
+            throttle: Some(BucketInfo {
+                burst: 50,
+                remaining: 49,
+                reset_secs: 1,
+                window_secs: 1,
+            }),
+            quota: Some(QuotaInfo {
+                limit: 1000,
+                remaining: 998,
+                reset_secs: 3600,
+                window_secs: 2_592_000,
+            }),
         };
         add_rate_limit_headers(&mut h, &limits);
-        assert_eq!(h["ratelimit-policy"], r#""burst";q=50;w=1, "quota";q=1000;w=2592000"#);
+        assert_eq!(
+            h["ratelimit-policy"],
+            r#""burst";q=50;w=1, "quota";q=1000;w=2592000"#
+        );
         assert_eq!(h["ratelimit"], r#""burst";r=49;t=1, "quota";r=998;t=3600"#);
 
         let mut h = HeaderMap::new();
@@ -141,7 +185,13 @@ mod tests {
 
     #[test]
     fn refusals_carry_aws_bodies() {
-        let r = refusal(Refusal::LimitExceeded { retry_after_secs: 7, limits: LimitInfo::default() }, true);
+        let r = refusal(
+            Refusal::LimitExceeded {
+                retry_after_secs: 7,
+                limits: LimitInfo::default(),
+            },
+            true,
+        );
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["x-amzn-errortype"], "LimitExceededException");
         assert_eq!(r.headers()["retry-after"], "7");

@@ -29,7 +29,11 @@ struct Methods {
 
 impl Methods {
     fn find(&self, method: &Method) -> Option<usize> {
-        self.exact.iter().find(|(m, _)| m == method).map(|(_, r)| *r).or(self.any)
+        self.exact
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, r)| *r)
+            .or(self.any)
     }
 
     fn insert(&mut self, method: &RouteMethod, route: usize) -> bool {
@@ -102,7 +106,12 @@ pub enum RouteError {
 /// Checks a path template: starts with `/`, no empty segments, `{name}` parameters, a greedy
 /// `{name+}` only as the last segment.
 pub fn validate_template(path: &str) -> Result<(), RouteError> {
-    let bad = |reason| Err(RouteError::InvalidPath { path: path.to_string(), reason });
+    let bad = |reason| {
+        Err(RouteError::InvalidPath {
+            path: path.to_string(),
+            reason,
+        })
+    };
     let Some(rest) = path.strip_prefix('/') else {
         return bad("must start with /");
     };
@@ -183,7 +192,11 @@ impl Router {
                         &mut node.literals[at].1
                     };
                 }
-                let methods = if greedy { node.greedy.get_or_insert_with(Methods::default) } else { &mut node.methods };
+                let methods = if greedy {
+                    node.greedy.get_or_insert_with(Methods::default)
+                } else {
+                    &mut node.methods
+                };
                 if !methods.insert(&route.method, r) {
                     return Err(RouteError::Duplicate {
                         path: route.path.clone(),
@@ -200,14 +213,23 @@ impl Router {
     /// Finds the route for `method` and `path` (the request path, without query).
     pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
         for (base, api, stage) in &self.bases {
-            let Some(rest) = path.strip_prefix(&**base) else { continue };
+            let Some(rest) = path.strip_prefix(&**base) else {
+                continue;
+            };
             if !(rest.is_empty() || rest.starts_with('/')) {
                 continue;
             }
             let trimmed = rest.trim_start_matches('/');
             // A trailing slash addresses the same resource: "/a/" is "/a".
             let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
-            return self.trees[*api].find(trimmed, method).map(|route| RouteMatch { api: *api, stage: *stage, route, rest });
+            return self.trees[*api]
+                .find(trimmed, method)
+                .map(|route| RouteMatch {
+                    api: *api,
+                    stage: *stage,
+                    route,
+                    rest,
+                });
         }
         None
     }
@@ -242,14 +264,18 @@ mod tests {
                         RouteMethod::Only(method.parse().unwrap())
                     },
                     api_key_required: false,
-                    integration: Integration::Http { url: "http://u".parse().unwrap(), timeout: Duration::from_secs(1) },
+                    integration: Integration::Http {
+                        url: "http://u".parse().unwrap(),
+                        timeout: Duration::from_secs(1),
+                    },
                 })
                 .collect(),
         }
     }
 
     fn hit(r: &Router, method: &str, path: &str) -> Option<(usize, usize, usize, String)> {
-        r.route(&method.parse().unwrap(), path).map(|m| (m.api, m.stage, m.route, m.rest.to_string()))
+        r.route(&method.parse().unwrap(), path)
+            .map(|m| (m.api, m.stage, m.route, m.rest.to_string()))
     }
 
     #[test]
@@ -266,16 +292,38 @@ mod tests {
             ],
         )])
         .unwrap();
-        assert_eq!(hit(&r, "PUT", "/prod/registrations/42/warranty"), Some((0, 0, 0, "/registrations/42/warranty".into())));
-        assert_eq!(hit(&r, "GET", "/prod/registrations/latest/warranty").map(|h| h.2), Some(1));
-        assert_eq!(hit(&r, "PUT", "/prod/registrations/latest/warranty").map(|h| h.2), Some(0));
-        assert_eq!(hit(&r, "DELETE", "/prod/registrations/7/warranty").map(|h| h.2), Some(2));
+        assert_eq!(
+            hit(&r, "PUT", "/prod/registrations/42/warranty"),
+            Some((0, 0, 0, "/registrations/42/warranty".into()))
+        );
+        assert_eq!(
+            hit(&r, "GET", "/prod/registrations/latest/warranty").map(|h| h.2),
+            Some(1)
+        );
+        assert_eq!(
+            hit(&r, "PUT", "/prod/registrations/latest/warranty").map(|h| h.2),
+            Some(0)
+        );
+        assert_eq!(
+            hit(&r, "DELETE", "/prod/registrations/7/warranty").map(|h| h.2),
+            Some(2)
+        );
         assert_eq!(hit(&r, "GET", "/prod/files/a/b/c").map(|h| h.2), Some(3));
-        assert_eq!(hit(&r, "GET", "/prod/files"), None, "a greedy parameter needs one segment");
+        assert_eq!(
+            hit(&r, "GET", "/prod/files"),
+            None,
+            "a greedy parameter needs one segment"
+        );
         assert_eq!(hit(&r, "GET", "/prod"), Some((0, 0, 4, String::new())));
         assert_eq!(hit(&r, "GET", "/prod/").map(|h| h.2), Some(4));
-        assert_eq!(hit(&r, "GET", "/prod/registrations/42/warranty/").map(|h| h.2), Some(2));
-        assert_eq!(hit(&r, "GET", "/production/registrations/42/warranty"), None);
+        assert_eq!(
+            hit(&r, "GET", "/prod/registrations/42/warranty/").map(|h| h.2),
+            Some(2)
+        );
+        assert_eq!(
+            hit(&r, "GET", "/production/registrations/42/warranty"),
+            None
+        );
         assert_eq!(hit(&r, "GET", "/dev/registrations/42/warranty"), None);
         assert_eq!(hit(&r, "POST", "/prod/nothing"), None);
     }
@@ -289,13 +337,20 @@ mod tests {
         .unwrap();
         assert_eq!(hit(&r, "GET", "/prod/x").map(|h| (h.0, h.1)), Some((0, 0)));
         assert_eq!(hit(&r, "GET", "/x").map(|h| (h.0, h.1)), Some((0, 1)));
-        assert_eq!(hit(&r, "GET", "/prod/v2/x").map(|h| (h.0, h.1)), Some((1, 0)));
+        assert_eq!(
+            hit(&r, "GET", "/prod/v2/x").map(|h| (h.0, h.1)),
+            Some((1, 0))
+        );
     }
 
     #[test]
     fn rejects_bad_tables() {
         assert!(matches!(
-            Router::new(&[api("a", &[("p", "/p")], &[("GET", "/x/{id}"), ("GET", "/x/{other}")])]),
+            Router::new(&[api(
+                "a",
+                &[("p", "/p")],
+                &[("GET", "/x/{id}"), ("GET", "/x/{other}")]
+            )]),
             Err(RouteError::Duplicate { .. })
         ));
         assert!(matches!(

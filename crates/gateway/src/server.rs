@@ -38,7 +38,10 @@ pub struct GatewayOptions {
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        Self { flush_interval: Duration::from_secs(1), drain_timeout: Duration::from_secs(30) }
+        Self {
+            flush_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -100,19 +103,37 @@ impl Gateway {
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records, today)?;
         let snapshot = Snapshot::build(config, &records, &used, today)?;
-        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), clock, upstreams: Upstreams::new() });
-        Ok(Self { shared, store, options })
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            clock,
+            upstreams: Upstreams::new(),
+        });
+        Ok(Self {
+            shared,
+            store,
+            options,
+        })
     }
 
     /// Serves `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
     /// finish (up to the drain timeout) and flushes metering one last time.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let flusher = tokio::spawn(flush_loop(self.shared.clone(), self.store.clone(), self.options.flush_interval, stop_rx));
+        let flusher = tokio::spawn(flush_loop(
+            self.shared.clone(),
+            self.store.clone(),
+            self.options.flush_interval,
+            stop_rx,
+        ));
 
         let mut http = hyper::server::conn::http1::Builder::new();
         // Slow or stuck clients must not pin connections forever.
-        http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -145,7 +166,10 @@ impl Gateway {
         }
         drop(listener);
         tracing::info!("shutting down: draining in-flight requests");
-        if tokio::time::timeout(self.options.drain_timeout, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(self.options.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!(timeout = ?self.options.drain_timeout, "drain timeout passed; closing remaining connections");
         }
         let _ = stop_tx.send(true);
@@ -166,13 +190,19 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
 
     let decided = match snap.route(req.method(), path) {
         None => Err(Refusal::MissingAuthenticationToken),
-        Some(m) => snap.admit(&m, req.headers().get(&X_API_KEY), now).map(|a| (a, path.len() - m.rest.len())),
+        Some(m) => snap
+            .admit(&m, req.headers().get(&X_API_KEY), now)
+            .map(|a| (a, path.len() - m.rest.len())),
     };
     let (resp, key_id) = match decided {
         Err(refusal) => (response::refusal(refusal, config.rate_limit_headers), None),
         Ok((admission, rest_start)) => {
             let mut resp = match &admission.route.integration {
-                Integration::Mock { status, body, headers } => {
+                Integration::Mock {
+                    status,
+                    body,
+                    headers,
+                } => {
                     let mut resp = Response::new(Either::Right(Full::new(body.clone())));
                     *resp.status_mut() = *status;
                     for (name, value) in headers {
@@ -181,7 +211,10 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
                     resp
                 }
                 Integration::Http { url, timeout } => {
-                    shared.upstreams.forward(req, url, rest_start, *timeout, peer).await
+                    shared
+                        .upstreams
+                        .forward(req, url, rest_start, *timeout, peer)
+                        .await
                 }
             };
             if config.rate_limit_headers {
@@ -224,14 +257,23 @@ async fn flush_loop(
     }
 }
 
-async fn flush_once(shared: &Shared, store: &Arc<dyn Store>, pending: &mut Vec<UsageDelta>) -> Result<(), GatewayError> {
+async fn flush_once(
+    shared: &Shared,
+    store: &Arc<dyn Store>,
+    pending: &mut Vec<UsageDelta>,
+) -> Result<(), GatewayError> {
     let snap = shared.snapshot.load_full();
     let mut days = Vec::new();
     for grant in snap.grants() {
         days.clear();
         grant.meter.take(&mut days);
         for &(day, count) in &days {
-            pending.push(UsageDelta { plan_id: grant.plan_id.to_string(), key_id: grant.key_id.to_string(), day, count });
+            pending.push(UsageDelta {
+                plan_id: grant.plan_id.to_string(),
+                key_id: grant.key_id.to_string(),
+                day,
+                count,
+            });
         }
     }
     if pending.is_empty() {

@@ -29,7 +29,10 @@ struct Bucket {
 
 impl Bucket {
     fn new(settings: ThrottleSettings) -> Self {
-        Self { gcra: Gcra::new(settings), state: GcraState::default() }
+        Self {
+            gcra: Gcra::new(settings),
+            state: GcraState::default(),
+        }
     }
 }
 
@@ -198,7 +201,11 @@ impl Snapshot {
                         api.routes
                             .iter()
                             .map(|route| {
-                                stage.method_throttle.get(&route.throttle_key()).or(stage.throttle.as_ref()).map(|t| Bucket::new(*t))
+                                stage
+                                    .method_throttle
+                                    .get(&route.throttle_key())
+                                    .or(stage.throttle.as_ref())
+                                    .map(|t| Bucket::new(*t))
                             })
                             .collect()
                     })
@@ -211,22 +218,36 @@ impl Snapshot {
             HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
         let mut key_index: HashMap<&str, KeyHash> = HashMap::with_capacity(records.keys.len());
         for key in &records.keys {
-            keys.insert(key.value_hash, KeyEntry { enabled: key.enabled, grants: Vec::new() });
+            keys.insert(
+                key.value_hash,
+                KeyEntry {
+                    enabled: key.enabled,
+                    grants: Vec::new(),
+                },
+            );
             key_index.insert(&key.id, key.value_hash);
         }
 
         let mut grants = Vec::new();
         for (plan_id, key_id) in &records.bindings {
-            let (Some(plan), Some(hash)) =
-                (records.plans.iter().find(|p| p.id == *plan_id), key_index.get(key_id.as_str()))
-            else {
+            let (Some(plan), Some(hash)) = (
+                records.plans.iter().find(|p| p.id == *plan_id),
+                key_index.get(key_id.as_str()),
+            ) else {
                 continue;
             };
-            let Some(entry) = keys.get_mut(hash) else { continue };
+            let Some(entry) = keys.get_mut(hash) else {
+                continue;
+            };
             let mut covered = Vec::new();
             let mut method_throttles = Vec::new();
             for api_stage in &plan.api_stages {
-                let Some((a, api)) = config.apis.iter().enumerate().find(|(_, a)| a.id == api_stage.api_id) else {
+                let Some((a, api)) = config
+                    .apis
+                    .iter()
+                    .enumerate()
+                    .find(|(_, a)| a.id == api_stage.api_id)
+                else {
                     tracing::warn!(plan = %plan.id, api = %api_stage.api_id, "usage plan names an unknown API; ignored");
                     continue;
                 };
@@ -241,14 +262,21 @@ impl Snapshot {
                 }
                 covered.push((a, s));
                 for (method_key, settings) in &api_stage.throttle {
-                    match api.routes.iter().position(|r| r.throttle_key() == *method_key) {
+                    match api
+                        .routes
+                        .iter()
+                        .position(|r| r.throttle_key() == *method_key)
+                    {
                         Some(r) => method_throttles.push(((a, s, r), Bucket::new(*settings))),
                         None => tracing::warn!(plan = %plan.id, method = %method_key,
                             "usage plan throttles a method the API does not have; ignored"),
                     }
                 }
             }
-            let used = period_used.get(&(plan_id.clone(), key_id.clone())).copied().unwrap_or(0);
+            let used = period_used
+                .get(&(plan_id.clone(), key_id.clone()))
+                .copied()
+                .unwrap_or(0);
             let grant = Arc::new(Grant {
                 key_id: key_id.as_str().into(),
                 plan_id: plan_id.as_str().into(),
@@ -262,7 +290,14 @@ impl Snapshot {
             }
             grants.push(grant);
         }
-        Ok(Self { config, router, stage_buckets, account, keys, grants })
+        Ok(Self {
+            config,
+            router,
+            stage_buckets,
+            account,
+            keys,
+            grants,
+        })
     }
 
     /// The configuration this snapshot serves.
@@ -290,7 +325,11 @@ impl Snapshot {
         now: u64,
     ) -> Result<Admission<'s>, Refusal> {
         let route = &self.config.apis[m.api].routes[m.route];
-        let grant = if route.api_key_required { Some(self.grant(m, api_key)?) } else { None };
+        let grant = if route.api_key_required {
+            Some(self.grant(m, api_key)?)
+        } else {
+            None
+        };
         let mut limits = LimitInfo::default();
 
         // Throttle layers, most specific first. A refusal hands back the tokens earlier layers took.
@@ -315,37 +354,59 @@ impl Snapshot {
                         limits.throttle = Some(bucket_info(bucket, 0, now));
                     }
                     limits.quota = grant.and_then(|g| quota_info(g, now, None));
-                    return Err(Refusal::TooManyRequests { retry_after_secs: ceil_secs(retry_after).max(1), limits });
+                    return Err(Refusal::TooManyRequests {
+                        retry_after_secs: ceil_secs(retry_after).max(1),
+                        limits,
+                    });
                 }
             }
         }
 
         let Some(grant) = grant else {
-            return Ok(Admission { route, key_id: None, limits });
+            return Ok(Admission {
+                route,
+                key_id: None,
+                limits,
+            });
         };
         let today = EpochDay::from_nanos(now);
         if let Some(quota) = &grant.quota {
             match quota.try_consume(now) {
-                QuotaDecision::Allowed { remaining, .. } => limits.quota = quota_info(grant, now, Some(remaining)),
+                QuotaDecision::Allowed { remaining, .. } => {
+                    limits.quota = quota_info(grant, now, Some(remaining))
+                }
                 QuotaDecision::Refused { resets_at } => {
                     limits.quota = quota_info(grant, now, Some(0));
                     let retry = ceil_secs(resets_at.start_nanos().saturating_sub(now)).max(1);
-                    return Err(Refusal::LimitExceeded { retry_after_secs: retry, limits });
+                    return Err(Refusal::LimitExceeded {
+                        retry_after_secs: retry,
+                        limits,
+                    });
                 }
             }
         }
         grant.meter.record(today);
-        Ok(Admission { route, key_id: Some(&grant.key_id), limits })
+        Ok(Admission {
+            route,
+            key_id: Some(&grant.key_id),
+            limits,
+        })
     }
 
     fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&HeaderValue>) -> Result<&Grant, Refusal> {
-        let value = api_key.map(HeaderValue::as_bytes).ok_or(Refusal::Forbidden)?;
+        let value = api_key
+            .map(HeaderValue::as_bytes)
+            .ok_or(Refusal::Forbidden)?;
         // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
         // stored keys: refuse them without hashing.
         if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
             return Err(Refusal::Forbidden);
         }
-        let entry = self.keys.get(&KeyHash::of(value)).filter(|e| e.enabled).ok_or(Refusal::Forbidden)?;
+        let entry = self
+            .keys
+            .get(&KeyHash::of(value))
+            .filter(|e| e.enabled)
+            .ok_or(Refusal::Forbidden)?;
         entry
             .grants
             .iter()
@@ -392,15 +453,25 @@ mod tests {
     const T0: u64 = 1_795_000_000 * NANOS_PER_SEC; // 2026-11-19
 
     fn throttle(rate: f64, burst: u32) -> ThrottleSettings {
-        ThrottleSettings { rate_limit: rate, burst_limit: burst }
+        ThrottleSettings {
+            rate_limit: rate,
+            burst_limit: burst,
+        }
     }
 
-    fn config(stage_throttle: Option<ThrottleSettings>, account: Option<ThrottleSettings>) -> GatewayConfig {
+    fn config(
+        stage_throttle: Option<ThrottleSettings>,
+        account: Option<ThrottleSettings>,
+    ) -> GatewayConfig {
         let route = |path: &str, method: &str, api_key_required| Route {
             path: path.into(),
             method: RouteMethod::Only(method.parse().unwrap()),
             api_key_required,
-            integration: Integration::Mock { status: http::StatusCode::OK, body: "ok".into(), headers: vec![] },
+            integration: Integration::Mock {
+                status: http::StatusCode::OK,
+                body: "ok".into(),
+                headers: vec![],
+            },
         };
         GatewayConfig {
             account_throttle: account,
@@ -445,13 +516,22 @@ mod tests {
                 api_stages: vec![ApiStage {
                     api_id: "warranty".into(),
                     stage: "prod".into(),
-                    throttle: BTreeMap::from([("/registrations/{id}/warranty/PUT".into(), throttle(1.0, 2))]),
+                    throttle: BTreeMap::from([(
+                        "/registrations/{id}/warranty/PUT".into(),
+                        throttle(1.0, 2),
+                    )]),
                 }],
                 throttle: plan_throttle,
                 quota,
             }],
-            keys: vec![key("key0000001", KEY, true), key("key0000002", OTHER, false)],
-            bindings: vec![("plan01".into(), "key0000001".into()), ("plan01".into(), "key0000002".into())],
+            keys: vec![
+                key("key0000001", KEY, true),
+                key("key0000002", OTHER, false),
+            ],
+            bindings: vec![
+                ("plan01".into(), "key0000001".into()),
+                ("plan01".into(), "key0000002".into()),
+            ],
         }
     }
 
@@ -459,28 +539,55 @@ mod tests {
         Snapshot::build(cfg, rec, &HashMap::new(), EpochDay::from_nanos(T0)).unwrap()
     }
 
-    fn call(s: &Snapshot, method: &str, path: &str, key: Option<&str>, now: u64) -> Result<LimitInfo, Refusal> {
-        let m = s.route(&method.parse().unwrap(), path).ok_or(Refusal::MissingAuthenticationToken)?;
+    fn call(
+        s: &Snapshot,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        now: u64,
+    ) -> Result<LimitInfo, Refusal> {
+        let m = s
+            .route(&method.parse().unwrap(), path)
+            .ok_or(Refusal::MissingAuthenticationToken)?;
         let key = key.map(|k| HeaderValue::from_str(k).unwrap());
         s.admit(&m, key.as_ref(), now).map(|a| a.limits)
     }
 
     #[test]
     fn key_checks() {
-        let s = snap(config(None, None), &records(Some(throttle(100.0, 50)), None));
+        let s = snap(
+            config(None, None),
+            &records(Some(throttle(100.0, 50)), None),
+        );
         let put = "/prod/registrations/42/warranty";
-        assert_eq!(call(&s, "GET", "/prod/nowhere", Some(KEY), T0), Err(Refusal::MissingAuthenticationToken));
+        assert_eq!(
+            call(&s, "GET", "/prod/nowhere", Some(KEY), T0),
+            Err(Refusal::MissingAuthenticationToken)
+        );
         assert_eq!(call(&s, "PUT", put, None, T0), Err(Refusal::Forbidden));
-        assert_eq!(call(&s, "PUT", put, Some("short"), T0), Err(Refusal::Forbidden));
-        assert_eq!(call(&s, "PUT", put, Some("unknown-key-value-0123456789"), T0), Err(Refusal::Forbidden));
-        assert_eq!(call(&s, "PUT", put, Some(OTHER), T0), Err(Refusal::Forbidden), "disabled");
+        assert_eq!(
+            call(&s, "PUT", put, Some("short"), T0),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            call(&s, "PUT", put, Some("unknown-key-value-0123456789"), T0),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            call(&s, "PUT", put, Some(OTHER), T0),
+            Err(Refusal::Forbidden),
+            "disabled"
+        );
         assert_eq!(
             call(&s, "PUT", "/dev/registrations/42/warranty", Some(KEY), T0),
             Err(Refusal::Forbidden),
             "the plan does not cover dev"
         );
         assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
-        assert!(call(&s, "GET", "/dev/health", None, T0).is_ok(), "public route");
+        assert!(
+            call(&s, "GET", "/dev/health", None, T0).is_ok(),
+            "public route"
+        );
     }
 
     #[test]
@@ -492,11 +599,23 @@ mod tests {
         assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
         assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
         let refused = call(&s, "PUT", put, Some(KEY), T0).unwrap_err();
-        assert!(matches!(refused, Refusal::TooManyRequests { retry_after_secs: 1, .. }), "{refused:?}");
+        assert!(
+            matches!(
+                refused,
+                Refusal::TooManyRequests {
+                    retry_after_secs: 1,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
         for _ in 0..5 {
             assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
         }
-        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
         // One second later the PUT bucket has one token again.
         assert!(call(&s, "PUT", put, Some(KEY), T0 + NANOS_PER_SEC).is_ok());
     }
@@ -504,35 +623,84 @@ mod tests {
     #[test]
     fn stage_and_account_layers_apply_and_refund_the_key() {
         // Stage allows 1 per method at once; the key's plan bucket (5) must not be drained by refusals.
-        let s = snap(config(Some(throttle(1.0, 1)), None), &records(Some(throttle(1.0, 5)), None));
+        let s = snap(
+            config(Some(throttle(1.0, 1)), None),
+            &records(Some(throttle(1.0, 5)), None),
+        );
         let get = "/prod/registrations/42";
         assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
         for _ in 0..10 {
-            assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
+            assert!(matches!(
+                call(&s, "GET", get, Some(KEY), T0),
+                Err(Refusal::TooManyRequests { .. })
+            ));
         }
         let limits = call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap();
-        assert_eq!(limits.throttle.unwrap().remaining, 4, "refused requests took no key tokens");
+        assert_eq!(
+            limits.throttle.unwrap().remaining,
+            4,
+            "refused requests took no key tokens"
+        );
 
-        let s = snap(config(None, Some(throttle(1.0, 2))), &records(Some(throttle(100.0, 50)), None));
+        let s = snap(
+            config(None, Some(throttle(1.0, 2))),
+            &records(Some(throttle(100.0, 50)), None),
+        );
         assert!(call(&s, "GET", "/prod/health", None, T0).is_ok());
         assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
-        assert!(matches!(call(&s, "GET", "/dev/health", None, T0), Err(Refusal::TooManyRequests { .. })));
+        assert!(matches!(
+            call(&s, "GET", "/dev/health", None, T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
     }
 
     #[test]
     fn quota_counts_only_admitted_requests_and_meters() {
-        let quota = QuotaSettings { limit: 3, offset: 0, period: Period::Day };
-        let s = snap(config(None, None), &records(Some(throttle(1.0, 2)), Some(quota)));
+        let quota = QuotaSettings {
+            limit: 3,
+            offset: 0,
+            period: Period::Day,
+        };
+        let s = snap(
+            config(None, None),
+            &records(Some(throttle(1.0, 2)), Some(quota)),
+        );
         let get = "/prod/registrations/42";
-        assert_eq!(call(&s, "GET", get, Some(KEY), T0).unwrap().quota.unwrap().remaining, 2);
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining,
+            2
+        );
         assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
         // Throttled: does not count against the quota.
-        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::TooManyRequests { .. })));
-        assert_eq!(call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap().quota.unwrap().remaining, 0);
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining,
+            0
+        );
         let refused = call(&s, "GET", get, Some(KEY), T0 + 3 * NANOS_PER_SEC).unwrap_err();
-        let Refusal::LimitExceeded { retry_after_secs, limits } = refused else { panic!("{refused:?}") };
+        let Refusal::LimitExceeded {
+            retry_after_secs,
+            limits,
+        } = refused
+        else {
+            panic!("{refused:?}")
+        };
         let midnight = EpochDay::from_nanos(T0).next().start_nanos();
-        assert_eq!(retry_after_secs, (midnight - T0 - 3 * NANOS_PER_SEC).div_ceil(NANOS_PER_SEC));
+        assert_eq!(
+            retry_after_secs,
+            (midnight - T0 - 3 * NANOS_PER_SEC).div_ceil(NANOS_PER_SEC)
+        );
         assert_eq!(limits.quota.unwrap().remaining, 0);
         // The next UTC day the quota is back.
         assert!(call(&s, "GET", get, Some(KEY), midnight).is_ok());
@@ -540,17 +708,37 @@ mod tests {
         let mut days = Vec::new();
         s.grants()[0].meter.take(&mut days);
         days.sort();
-        assert_eq!(days, vec![(EpochDay::from_nanos(T0), 3), (EpochDay::from_nanos(midnight), 1)]);
+        assert_eq!(
+            days,
+            vec![
+                (EpochDay::from_nanos(T0), 3),
+                (EpochDay::from_nanos(midnight), 1)
+            ]
+        );
     }
 
     #[test]
     fn restored_usage_counts_against_the_quota() {
-        let quota = QuotaSettings { limit: 10, offset: 0, period: Period::Month };
+        let quota = QuotaSettings {
+            limit: 10,
+            offset: 0,
+            period: Period::Month,
+        };
         let rec = records(None, Some(quota));
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9u32)]);
         let s = Snapshot::build(config(None, None), &rec, &used, EpochDay::from_nanos(T0)).unwrap();
         let get = "/prod/registrations/42";
-        assert_eq!(call(&s, "GET", get, Some(KEY), T0).unwrap().quota.unwrap().remaining, 0);
-        assert!(matches!(call(&s, "GET", get, Some(KEY), T0), Err(Refusal::LimitExceeded { .. })));
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining,
+            0
+        );
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::LimitExceeded { .. })
+        ));
     }
 }

@@ -29,11 +29,21 @@ fn plan(id: &str) -> UsagePlan {
             stage: "prod".into(),
             throttle: BTreeMap::from([(
                 "/a/{id}/GET".to_string(),
-                ThrottleSettings { rate_limit: 0.5, burst_limit: 2 },
+                ThrottleSettings {
+                    rate_limit: 0.5,
+                    burst_limit: 2,
+                },
             )]),
         }],
-        throttle: Some(ThrottleSettings { rate_limit: 10.0, burst_limit: 20 }),
-        quota: Some(QuotaSettings { limit: 100, offset: 2, period: Period::Month }),
+        throttle: Some(ThrottleSettings {
+            rate_limit: 10.0,
+            burst_limit: 20,
+        }),
+        quota: Some(QuotaSettings {
+            limit: 100,
+            offset: 2,
+            period: Period::Month,
+        }),
     }
 }
 
@@ -69,18 +79,29 @@ pub fn records_roundtrip(store: &dyn Store) {
 }
 
 pub fn duplicate_values_conflict(store: &dyn Store) {
-    store.put_key(&key("dupkey0001", "the-same-value-0123456789")).unwrap();
-    let err = store.put_key(&key("dupkey0002", "the-same-value-0123456789")).unwrap_err();
+    store
+        .put_key(&key("dupkey0001", "the-same-value-0123456789"))
+        .unwrap();
+    let err = store
+        .put_key(&key("dupkey0002", "the-same-value-0123456789"))
+        .unwrap_err();
     assert!(matches!(err, StoreError::DuplicateKeyValue), "{err:?}");
     // Re-putting the holder itself is not a conflict.
-    store.put_key(&key("dupkey0001", "the-same-value-0123456789")).unwrap();
+    store
+        .put_key(&key("dupkey0001", "the-same-value-0123456789"))
+        .unwrap();
 }
 
 pub fn bindings_are_idempotent(store: &dyn Store) {
     store.bind("bindp1", "bindk00001").unwrap();
     store.bind("bindp1", "bindk00001").unwrap();
     let count = |s: &dyn Store| {
-        s.load().unwrap().bindings.iter().filter(|(p, k)| p == "bindp1" && k == "bindk00001").count()
+        s.load()
+            .unwrap()
+            .bindings
+            .iter()
+            .filter(|(p, k)| p == "bindp1" && k == "bindk00001")
+            .count()
     };
     assert_eq!(count(store), 1);
     store.unbind("bindp1", "bindk00001").unwrap();
@@ -95,16 +116,34 @@ pub fn usage_accumulates_and_filters(store: &dyn Store) {
         day: EpochDay(day),
         count,
     };
-    store.add_usage(&[d("k1", 10, 2), d("k1", 11, 1), d("k2", 10, 5)]).unwrap();
+    store
+        .add_usage(&[d("k1", 10, 2), d("k1", 11, 1), d("k2", 10, 5)])
+        .unwrap();
     store.add_usage(&[d("k1", 10, 3)]).unwrap();
     store.add_usage(&[]).unwrap();
-    let row = |key: &str, day: u32, used: u64| UsageRow { key_id: key.into(), day: EpochDay(day), used };
+    let row = |key: &str, day: u32, used: u64| UsageRow {
+        key_id: key.into(),
+        day: EpochDay(day),
+        used,
+    };
     assert_eq!(
-        store.usage("usep01", None, EpochDay(0), EpochDay(100)).unwrap(),
+        store
+            .usage("usep01", None, EpochDay(0), EpochDay(100))
+            .unwrap(),
         vec![row("k1", 10, 5), row("k1", 11, 1), row("k2", 10, 5)]
     );
-    assert_eq!(store.usage("usep01", Some("k1"), EpochDay(11), EpochDay(11)).unwrap(), vec![row("k1", 11, 1)]);
-    assert!(store.usage("other", None, EpochDay(0), EpochDay(100)).unwrap().is_empty());
+    assert_eq!(
+        store
+            .usage("usep01", Some("k1"), EpochDay(11), EpochDay(11))
+            .unwrap(),
+        vec![row("k1", 11, 1)]
+    );
+    assert!(
+        store
+            .usage("other", None, EpochDay(0), EpochDay(100))
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub fn declared_state_is_applied_by_name(store: &dyn Store) {
@@ -113,7 +152,11 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
         description: None,
         api_stages: vec![],
         throttle: None,
-        quota: Some(QuotaSettings { limit, offset: 0, period: Period::Day }),
+        quota: Some(QuotaSettings {
+            limit,
+            offset: 0,
+            period: Period::Day,
+        }),
     };
     let declared_key = |name: &str, value: Option<&str>, plans: &[&str]| DeclaredKey {
         name: name.into(),
@@ -126,7 +169,11 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
     let plans = [declared_plan("decl-a", 5), declared_plan("decl-b", 6)];
     let keys = [
         declared_key("decl-generated", None, &["decl-a"]),
-        declared_key("decl-given", Some("given-value-0123456789"), &["decl-a", "decl-b"]),
+        declared_key(
+            "decl-given",
+            Some("given-value-0123456789"),
+            &["decl-a", "decl-b"],
+        ),
     ];
     let generated = apply_declared(store, &plans, &keys, 1_800_000_000).unwrap();
     assert_eq!(generated.len(), 1);
@@ -134,31 +181,68 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
     assert_eq!(generated[0].value.len(), 40);
 
     let first = store.load().unwrap();
-    let gen_key = first.keys.iter().find(|k| k.name == "decl-generated").unwrap();
+    let gen_key = first
+        .keys
+        .iter()
+        .find(|k| k.name == "decl-generated")
+        .unwrap();
     assert_eq!(gen_key.id, generated[0].id);
     assert_eq!(gen_key.value_hash, KeyHash::of(&generated[0].value));
-    let plan_a = first.plans.iter().find(|p| p.name == "decl-a").unwrap().id.clone();
-    let plan_b = first.plans.iter().find(|p| p.name == "decl-b").unwrap().id.clone();
+    let plan_a = first
+        .plans
+        .iter()
+        .find(|p| p.name == "decl-a")
+        .unwrap()
+        .id
+        .clone();
+    let plan_b = first
+        .plans
+        .iter()
+        .find(|p| p.name == "decl-b")
+        .unwrap()
+        .id
+        .clone();
 
     // Applying again keeps ids and the generated value, updates fields and sets bindings exactly.
     let plans = [declared_plan("decl-a", 50), declared_plan("decl-b", 6)];
     let mut described = declared_key("decl-given", Some("given-value-0123456789"), &["decl-b"]);
     described.description = Some("now described".into());
     let keys = [declared_key("decl-generated", None, &["decl-a"]), described];
-    assert!(apply_declared(store, &plans, &keys, 1_800_000_100).unwrap().is_empty());
+    assert!(
+        apply_declared(store, &plans, &keys, 1_800_000_100)
+            .unwrap()
+            .is_empty()
+    );
     let second = store.load().unwrap();
-    let gen_again = second.keys.iter().find(|k| k.name == "decl-generated").unwrap();
-    assert_eq!((gen_again.id.as_str(), gen_again.value_hash), (gen_key.id.as_str(), gen_key.value_hash));
+    let gen_again = second
+        .keys
+        .iter()
+        .find(|k| k.name == "decl-generated")
+        .unwrap();
+    assert_eq!(
+        (gen_again.id.as_str(), gen_again.value_hash),
+        (gen_key.id.as_str(), gen_key.value_hash)
+    );
     let a = second.plans.iter().find(|p| p.name == "decl-a").unwrap();
-    assert_eq!((a.id.as_str(), a.quota.unwrap().limit), (plan_a.as_str(), 50));
+    assert_eq!(
+        (a.id.as_str(), a.quota.unwrap().limit),
+        (plan_a.as_str(), 50)
+    );
     let given = second.keys.iter().find(|k| k.name == "decl-given").unwrap();
-    let given_plans: Vec<&str> =
-        second.bindings.iter().filter(|(_, k)| *k == given.id).map(|(p, _)| p.as_str()).collect();
+    let given_plans: Vec<&str> = second
+        .bindings
+        .iter()
+        .filter(|(_, k)| *k == given.id)
+        .map(|(p, _)| p.as_str())
+        .collect();
     assert_eq!(given_plans, vec![plan_b.as_str()]);
     assert_eq!(given.created_date, 1_800_000_000);
     assert_eq!(given.last_updated_date, 1_800_000_100);
     assert_eq!(given.description.as_deref(), Some("now described"));
-    assert_eq!(gen_again.last_updated_date, 1_800_000_000, "an unchanged key keeps its timestamp");
+    assert_eq!(
+        gen_again.last_updated_date, 1_800_000_000,
+        "an unchanged key keeps its timestamp"
+    );
     // Records the file does not mention are untouched.
     assert!(second.plans.iter().any(|p| p.id == "rt0001"));
 }

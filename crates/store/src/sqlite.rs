@@ -56,11 +56,16 @@ impl SqliteStore {
         let conn = Connection::open(path).map_err(backend)?;
         // WAL: readers never block the flusher. synchronous=NORMAL in WAL mode survives a process
         // crash (the only failure the metering bound promises about); it skips an fsync per commit.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -78,14 +83,18 @@ impl Store for SqliteStore {
     fn load(&self) -> Result<Records, StoreError> {
         let conn = self.conn();
         let mut plans = Vec::new();
-        let mut stmt = conn.prepare("SELECT id, body FROM usage_plans ORDER BY id").map_err(backend)?;
+        let mut stmt = conn
+            .prepare("SELECT id, body FROM usage_plans ORDER BY id")
+            .map_err(backend)?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(backend)?;
         for row in rows {
             let (id, body) = row.map_err(backend)?;
-            let plan: UsagePlan = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt { id: id.clone(), reason: e.to_string() })?;
+            let plan: UsagePlan = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
             plans.push(plan);
         }
 
@@ -111,10 +120,14 @@ impl Store for SqliteStore {
             })
             .map_err(backend)?;
         for row in rows {
-            let (id, name, description, customer_id, enabled, hash, created, updated) = row.map_err(backend)?;
+            let (id, name, description, customer_id, enabled, hash, created, updated) =
+                row.map_err(backend)?;
             let value_hash = <[u8; 32]>::try_from(hash.as_slice())
                 .map(KeyHash)
-                .map_err(|_| StoreError::Corrupt { id: id.clone(), reason: "value hash is not 32 bytes".into() })?;
+                .map_err(|_| StoreError::Corrupt {
+                    id: id.clone(),
+                    reason: "value hash is not 32 bytes".into(),
+                })?;
             keys.push(ApiKey {
                 id,
                 name,
@@ -127,14 +140,19 @@ impl Store for SqliteStore {
             });
         }
 
-        let mut stmt =
-            conn.prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id").map_err(backend)?;
+        let mut stmt = conn
+            .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")
+            .map_err(backend)?;
         let bindings = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(backend)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend)?;
-        Ok(Records { plans, keys, bindings })
+        Ok(Records {
+            plans,
+            keys,
+            bindings,
+        })
     }
 
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
@@ -152,7 +170,11 @@ impl Store for SqliteStore {
     fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
         let conn = self.conn();
         let holder: Option<String> = conn
-            .query_row("SELECT id FROM api_keys WHERE value_sha256 = ?1", [&key.value_hash.0[..]], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM api_keys WHERE value_sha256 = ?1",
+                [&key.value_hash.0[..]],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(backend)?;
         if holder.is_some_and(|id| id != key.id) {
@@ -182,14 +204,20 @@ impl Store for SqliteStore {
 
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("INSERT OR IGNORE INTO usage_plan_keys (plan_id, key_id) VALUES (?1, ?2)", [plan_id, key_id])
+            .execute(
+                "INSERT OR IGNORE INTO usage_plan_keys (plan_id, key_id) VALUES (?1, ?2)",
+                [plan_id, key_id],
+            )
             .map_err(backend)?;
         Ok(())
     }
 
     fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM usage_plan_keys WHERE plan_id = ?1 AND key_id = ?2", [plan_id, key_id])
+            .execute(
+                "DELETE FROM usage_plan_keys WHERE plan_id = ?1 AND key_id = ?2",
+                [plan_id, key_id],
+            )
             .map_err(backend)?;
         Ok(())
     }
@@ -206,7 +234,8 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             for d in deltas {
                 let count = i64::try_from(d.count).unwrap_or(i64::MAX);
-                stmt.execute(params![d.plan_id, d.key_id, d.day.0, count]).map_err(backend)?;
+                stmt.execute(params![d.plan_id, d.key_id, d.day.0, count])
+                    .map_err(backend)?;
             }
         }
         tx.commit().map_err(backend)
@@ -255,9 +284,27 @@ mod tests {
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let delta = UsageDelta { plan_id: "p".into(), key_id: "k".into(), day: EpochDay(5), count: 3 };
-        SqliteStore::open(&path).unwrap().add_usage(&[delta]).unwrap();
-        let rows = SqliteStore::open(&path).unwrap().usage("p", None, EpochDay(0), EpochDay(9)).unwrap();
-        assert_eq!(rows, vec![UsageRow { key_id: "k".into(), day: EpochDay(5), used: 3 }]);
+        let delta = UsageDelta {
+            plan_id: "p".into(),
+            key_id: "k".into(),
+            day: EpochDay(5),
+            count: 3,
+        };
+        SqliteStore::open(&path)
+            .unwrap()
+            .add_usage(&[delta])
+            .unwrap();
+        let rows = SqliteStore::open(&path)
+            .unwrap()
+            .usage("p", None, EpochDay(0), EpochDay(9))
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![UsageRow {
+                key_id: "k".into(),
+                day: EpochDay(5),
+                used: 3
+            }]
+        );
     }
 }

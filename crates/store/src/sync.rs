@@ -85,7 +85,11 @@ pub fn apply_declared(
             (None, None) => {
                 let value = ids::new_key_value();
                 let hash = KeyHash::of(&value);
-                generated.push(GeneratedKey { name: declared.name.clone(), id: id.clone(), value });
+                generated.push(GeneratedKey {
+                    name: declared.name.clone(),
+                    id: id.clone(),
+                    value,
+                });
                 hash
             }
         };
@@ -107,7 +111,12 @@ pub fn apply_declared(
         let wanted: Vec<&str> = declared
             .plans
             .iter()
-            .filter_map(|name| plan_ids.iter().find(|(n, _)| n == name).map(|(_, id)| id.as_str()))
+            .filter_map(|name| {
+                plan_ids
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, id)| id.as_str())
+            })
             .collect();
         for (plan_id, key_id) in &records.bindings {
             if *key_id == id && !wanted.contains(&plan_id.as_str()) {

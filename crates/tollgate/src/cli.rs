@@ -11,7 +11,11 @@ use crate::{config, serve, usage};
 const EX_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about = "API keys, usage plans, throttles and quotas in front of HTTP APIs")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API keys, usage plans, throttles and quotas in front of HTTP APIs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,19 +43,23 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => config::load(&config).map_err(Failure::Config).and_then(|c| {
-            init_logging();
-            serve::serve(c).map_err(Failure::Runtime)
-        }),
-        Command::Check { config } => config::load(&config).map(|c| {
-            println!(
-                "{}: ok ({} APIs, {} usage plans, {} API keys)",
-                config.display(),
-                c.gateway.apis.len(),
-                c.plans.len(),
-                c.keys.len()
-            );
-        }).map_err(Failure::Config),
+        Command::Serve { config } => config::load(&config)
+            .map_err(Failure::Config)
+            .and_then(|c| {
+                init_logging();
+                serve::serve(c).map_err(Failure::Runtime)
+            }),
+        Command::Check { config } => config::load(&config)
+            .map(|c| {
+                println!(
+                    "{}: ok ({} APIs, {} usage plans, {} API keys)",
+                    config.display(),
+                    c.gateway.apis.len(),
+                    c.plans.len(),
+                    c.keys.len()
+                );
+            })
+            .map_err(Failure::Config),
         Command::Usage(args) => usage::run(&args),
     };
     match result {
@@ -86,5 +94,9 @@ pub enum Failure {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -17,9 +17,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         SqliteStore::open(&config.store.sqlite)
             .with_context(|| format!("opening the store {}", config.store.sqlite.display()))?,
     );
-    let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let generated =
-        apply_declared(&*store, &config.plans, &config.keys, now_secs).context("applying the config's plans and keys")?;
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let generated = apply_declared(&*store, &config.plans, &config.keys, now_secs)
+        .context("applying the config's plans and keys")?;
     {
         // The one time a generated value is shown: on stdout for the operator, never in the logs.
         let mut out = std::io::stdout().lock();
@@ -32,10 +34,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let options = GatewayOptions { flush_interval: config.store.flush_interval, ..GatewayOptions::default() };
+    let options = GatewayOptions {
+        flush_interval: config.store.flush_interval,
+        ..GatewayOptions::default()
+    };
     let gateway = Gateway::open(config.gateway, store, Arc::new(SystemClock), options)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

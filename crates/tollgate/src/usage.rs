@@ -72,7 +72,13 @@ pub fn run(args: &UsageArgs) -> Result<(), Failure> {
         .plans
         .iter()
         .find(|p| p.id == args.plan || p.name == args.plan)
-        .ok_or_else(|| Failure::Usage(format!("no usage plan {:?} in {}", args.plan, config.store.sqlite.display())))?;
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "no usage plan {:?} in {}",
+                args.plan,
+                config.store.sqlite.display()
+            ))
+        })?;
     let key_filter = match &args.key {
         None => None,
         Some(k) => Some(
@@ -85,13 +91,21 @@ pub fn run(args: &UsageArgs) -> Result<(), Failure> {
     };
 
     // Remaining on `from` depends on usage since its period began.
-    let since = plan.quota.as_ref().map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
+    let since = plan
+        .quota
+        .as_ref()
+        .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
     let rows = store
         .usage(&plan.id, key_filter.map(|k| k.id.as_str()), since, to)
         .map_err(|e| Failure::Runtime(e.into()))?;
     let mut key_ids: Vec<&str> = match key_filter {
         Some(k) => vec![k.id.as_str()],
-        None => records.bindings.iter().filter(|(p, _)| *p == plan.id).map(|(_, k)| k.as_str()).collect(),
+        None => records
+            .bindings
+            .iter()
+            .filter(|(p, _)| *p == plan.id)
+            .map(|(_, k)| k.as_str())
+            .collect(),
     };
     for row in &rows {
         if !key_ids.contains(&row.key_id.as_str()) {
@@ -102,24 +116,52 @@ pub fn run(args: &UsageArgs) -> Result<(), Failure> {
 
     let mut values = BTreeMap::new();
     for key_id in key_ids {
-        let daily: Vec<(EpochDay, u64)> = rows.iter().filter(|r| r.key_id == key_id).map(|r| (r.day, r.used)).collect();
-        values.insert(key_id.to_string(), usage_report(plan.quota.as_ref(), &daily, from, to));
+        let daily: Vec<(EpochDay, u64)> = rows
+            .iter()
+            .filter(|r| r.key_id == key_id)
+            .map(|r| (r.day, r.used))
+            .collect();
+        values.insert(
+            key_id.to_string(),
+            usage_report(plan.quota.as_ref(), &daily, from, to),
+        );
     }
-    let usage = Usage { usage_plan_id: plan.id.clone(), start_date: from.to_string(), end_date: to.to_string(), values };
+    let usage = Usage {
+        usage_plan_id: plan.id.clone(),
+        start_date: from.to_string(),
+        end_date: to.to_string(),
+        values,
+    };
 
     match args.output {
         Output::Json => {
-            let json = serde_json::to_string_pretty(&usage).map_err(|e| Failure::Runtime(e.into()))?;
+            let json =
+                serde_json::to_string_pretty(&usage).map_err(|e| Failure::Runtime(e.into()))?;
             println!("{json}");
         }
         Output::Table => {
-            let name_of = |id: &str| records.keys.iter().find(|k| k.id == id).map_or("", |k| k.name.as_str());
-            println!("usage plan {} ({}), {} to {}", plan.name, plan.id, usage.start_date, usage.end_date);
-            println!("{:<12} {:<24} {:<10} {:>10} {:>10}", "KEY ID", "KEY NAME", "DATE", "USED", "REMAINING");
+            let name_of = |id: &str| {
+                records
+                    .keys
+                    .iter()
+                    .find(|k| k.id == id)
+                    .map_or("", |k| k.name.as_str())
+            };
+            println!(
+                "usage plan {} ({}), {} to {}",
+                plan.name, plan.id, usage.start_date, usage.end_date
+            );
+            println!(
+                "{:<12} {:<24} {:<10} {:>10} {:>10}",
+                "KEY ID", "KEY NAME", "DATE", "USED", "REMAINING"
+            );
             for (key_id, days) in &usage.values {
                 let mut day = from;
                 for [used, remaining] in days {
-                    println!("{key_id:<12} {:<24} {day} {used:>10} {remaining:>10}", name_of(key_id));
+                    println!(
+                        "{key_id:<12} {:<24} {day} {used:>10} {remaining:>10}",
+                        name_of(key_id)
+                    );
                     day = day.next();
                 }
             }

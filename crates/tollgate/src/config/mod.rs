@@ -12,7 +12,6 @@ use std::time::Duration;
 use tollgate_gateway::GatewayConfig;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
-
 /// The validated configuration of one gateway instance.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -94,7 +93,18 @@ fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
         Some((prefix, msg)) if prefix.starts_with("line ") => msg,
         _ => first,
     };
-    let snippet: Vec<String> = lines.map(|l| l.replace("<input>", &path.display().to_string())).collect();
-    let message = if snippet.is_empty() { first.to_string() } else { format!("{first}\n{}", snippet.join("\n")) };
-    ConfigError { file: path.to_path_buf(), position, field: String::new(), message }
+    let snippet: Vec<String> = lines
+        .map(|l| l.replace("<input>", &path.display().to_string()))
+        .collect();
+    let message = if snippet.is_empty() {
+        first.to_string()
+    } else {
+        format!("{first}\n{}", snippet.join("\n"))
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        position,
+        field: String::new(),
+        message,
+    }
 }

@@ -14,7 +14,9 @@ pub struct EnvString(pub String);
 impl<'de> Deserialize<'de> for EnvString {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        expand_env(&raw, |name| std::env::var(name).ok()).map(EnvString).map_err(serde::de::Error::custom)
+        expand_env(&raw, |name| std::env::var(name).ok())
+            .map(EnvString)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -31,12 +33,15 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
         }
         out.push_str(&rest[..at]);
         let after = &rest[at + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unterminated variable in {raw:?}: missing }}"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated variable in {raw:?}: missing }}"))?;
         let name = &after[..end];
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("invalid environment variable name {name:?}"));
         }
-        let value = lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        let value =
+            lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -187,7 +192,10 @@ mod tests {
         assert_eq!(expand_env("a-${KEY}-b", env).unwrap(), "a-s3cret-b");
         assert_eq!(expand_env("plain", env).unwrap(), "plain");
         assert_eq!(expand_env("$${KEY}", env).unwrap(), "${KEY}");
-        assert_eq!(expand_env("${MISSING}", env).unwrap_err(), "environment variable MISSING is not set");
+        assert_eq!(
+            expand_env("${MISSING}", env).unwrap_err(),
+            "environment variable MISSING is not set"
+        );
         assert!(expand_env("${KEY", env).is_err());
         assert!(expand_env("${a b}", env).is_err());
     }

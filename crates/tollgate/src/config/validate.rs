@@ -10,27 +10,36 @@ use serde_saphyr::Location;
 use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::Period;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
-use tollgate_gateway::config::{Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod, Stage};
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::config::{
+    Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod, Stage,
+};
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{RawApi, RawConfig, RawPlan, RawQuota, RawRoute, RawThrottle};
 use super::{Config, ConfigError, StoreConfig};
 
-
 /// Parses `500ms`, `1s`, `2m`, `1h` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {text:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}"))
 }
@@ -40,7 +49,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err<T>(&self, at: &Location, field: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    fn err<T>(
+        &self,
+        at: &Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
         Err(ConfigError {
             file: self.file.to_path_buf(),
             position: Some((at.line(), at.column())),
@@ -49,11 +63,23 @@ impl Ctx<'_> {
         })
     }
 
-    fn throttle(&self, t: &RawThrottle, at: &Location, field: &str) -> Result<ThrottleSettings, ConfigError> {
+    fn throttle(
+        &self,
+        t: &RawThrottle,
+        at: &Location,
+        field: &str,
+    ) -> Result<ThrottleSettings, ConfigError> {
         if !t.rate_limit.is_finite() || t.rate_limit < 0.0 {
-            return self.err(at, format!("{field}.rateLimit"), "must be a number of requests per second, 0 or more");
+            return self.err(
+                at,
+                format!("{field}.rateLimit"),
+                "must be a number of requests per second, 0 or more",
+            );
         }
-        Ok(ThrottleSettings { rate_limit: t.rate_limit, burst_limit: t.burst_limit })
+        Ok(ThrottleSettings {
+            rate_limit: t.rate_limit,
+            burst_limit: t.burst_limit,
+        })
     }
 }
 
@@ -61,21 +87,42 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     let cx = Ctx { file };
     let listen: SocketAddr = match raw.listen.value.0.parse() {
         Ok(addr) => addr,
-        Err(_) => return cx.err(&raw.listen.referenced, "listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.listen.value.0)),
+        Err(_) => {
+            return cx.err(
+                &raw.listen.referenced,
+                "listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    raw.listen.value.0
+                ),
+            );
+        }
     };
 
     let store = match &raw.store {
-        None => StoreConfig { sqlite: PathBuf::from("./tollgate.db"), flush_interval: Duration::from_secs(1) },
+        None => StoreConfig {
+            sqlite: PathBuf::from("./tollgate.db"),
+            flush_interval: Duration::from_secs(1),
+        },
         Some(s) => {
             let flush_interval = match &s.value.flush_interval {
                 None => Duration::from_secs(1),
                 Some(text) => match parse_duration(text) {
                     Ok(d) if !d.is_zero() => d,
-                    Ok(_) => return cx.err(&s.referenced, "store.flushInterval", "must be more than zero"),
+                    Ok(_) => {
+                        return cx.err(
+                            &s.referenced,
+                            "store.flushInterval",
+                            "must be more than zero",
+                        );
+                    }
                     Err(e) => return cx.err(&s.referenced, "store.flushInterval", e),
                 },
             };
-            StoreConfig { sqlite: PathBuf::from(&s.value.sqlite.0), flush_interval }
+            StoreConfig {
+                sqlite: PathBuf::from(&s.value.sqlite.0),
+                flush_interval,
+            }
         }
     };
 
@@ -88,13 +135,21 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     for (i, api) in raw.apis.iter().enumerate() {
         let field = format!("apis[{i}]");
         if apis.iter().any(|a: &Api| a.id == api.value.id) {
-            return cx.err(&api.referenced, format!("{field}.id"), format!("duplicate API id {:?}", api.value.id));
+            return cx.err(
+                &api.referenced,
+                format!("{field}.id"),
+                format!("duplicate API id {:?}", api.value.id),
+            );
         }
         apis.push(validate_api(&cx, &field, &api.value, &api.referenced)?);
     }
     // Routing conflicts across APIs (two stages on one base path).
     if let Err(e) = Router::new(&apis) {
-        let at = raw.apis.first().map(|a| a.referenced).unwrap_or(raw.listen.referenced);
+        let at = raw
+            .apis
+            .first()
+            .map(|a| a.referenced)
+            .unwrap_or(raw.listen.referenced);
         return cx.err(&at, "apis", e.to_string());
     }
 
@@ -102,9 +157,19 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     for (i, plan) in raw.usage_plans.iter().enumerate() {
         let field = format!("usagePlans[{i}]");
         if plans.iter().any(|p| p.name == plan.value.name) {
-            return cx.err(&plan.referenced, format!("{field}.name"), format!("duplicate usage plan name {:?}", plan.value.name));
+            return cx.err(
+                &plan.referenced,
+                format!("{field}.name"),
+                format!("duplicate usage plan name {:?}", plan.value.name),
+            );
         }
-        plans.push(validate_plan(&cx, &field, &plan.value, &plan.referenced, &apis)?);
+        plans.push(validate_plan(
+            &cx,
+            &field,
+            &plan.value,
+            &plan.referenced,
+            &apis,
+        )?);
     }
 
     let mut keys: Vec<DeclaredKey> = Vec::with_capacity(raw.api_keys.len());
@@ -114,20 +179,32 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         let at = &key.referenced;
         let k = &key.value;
         if keys.iter().any(|d| d.name == k.name) {
-            return cx.err(at, format!("{field}.name"), format!("duplicate API key name {:?}", k.name));
+            return cx.err(
+                at,
+                format!("{field}.name"),
+                format!("duplicate API key name {:?}", k.name),
+            );
         }
         if let Some(value) = &k.value {
             if let Err(msg) = validate_key_value(&value.0) {
                 return cx.err(at, format!("{field}.value"), msg);
             }
             if !values.insert(value.0.clone()) {
-                return cx.err(at, format!("{field}.value"), "API Key already exists (another key in this file has the same value)");
+                return cx.err(
+                    at,
+                    format!("{field}.value"),
+                    "API Key already exists (another key in this file has the same value)",
+                );
             }
         }
         let mut covered: HashMap<(&str, &str), &str> = HashMap::new();
         for name in &k.usage_plans {
             let Some(plan) = plans.iter().find(|p| p.name == *name) else {
-                return cx.err(at, format!("{field}.usagePlans"), format!("no usage plan named {name:?} in usagePlans"));
+                return cx.err(
+                    at,
+                    format!("{field}.usagePlans"),
+                    format!("no usage plan named {name:?} in usagePlans"),
+                );
             };
             for s in &plan.api_stages {
                 if let Some(other) = covered.insert((&s.api_id, &s.stage), &plan.name) {
@@ -166,16 +243,30 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     })
 }
 
-fn validate_api(cx: &Ctx<'_>, field: &str, api: &RawApi, at: &Location) -> Result<Api, ConfigError> {
+fn validate_api(
+    cx: &Ctx<'_>,
+    field: &str,
+    api: &RawApi,
+    at: &Location,
+) -> Result<Api, ConfigError> {
     if api.id.is_empty() {
         return cx.err(at, format!("{field}.id"), "must not be empty");
     }
     if api.stages.is_empty() {
-        return cx.err(at, format!("{field}.stages"), "an API needs at least one stage");
+        return cx.err(
+            at,
+            format!("{field}.stages"),
+            "an API needs at least one stage",
+        );
     }
     let mut routes = Vec::with_capacity(api.routes.len());
     for (i, route) in api.routes.iter().enumerate() {
-        routes.push(validate_route(cx, &format!("{field}.routes[{i}]"), &route.value, &route.referenced)?);
+        routes.push(validate_route(
+            cx,
+            &format!("{field}.routes[{i}]"),
+            &route.value,
+            &route.referenced,
+        )?);
     }
     let throttle_keys: Vec<String> = routes.iter().map(Route::throttle_key).collect();
 
@@ -184,26 +275,61 @@ fn validate_api(cx: &Ctx<'_>, field: &str, api: &RawApi, at: &Location) -> Resul
         let sf = format!("{field}.stages[{i}]");
         let (s, at) = (&stage.value, &stage.referenced);
         if s.name.is_empty() || s.name.contains('/') {
-            return cx.err(at, format!("{sf}.name"), "a stage name must be non-empty and contain no /");
+            return cx.err(
+                at,
+                format!("{sf}.name"),
+                "a stage name must be non-empty and contain no /",
+            );
         }
         if stages.iter().any(|x: &Stage| x.name == s.name) {
-            return cx.err(at, format!("{sf}.name"), format!("duplicate stage {:?}", s.name));
+            return cx.err(
+                at,
+                format!("{sf}.name"),
+                format!("duplicate stage {:?}", s.name),
+            );
         }
-        let base_path = s.base_path.clone().unwrap_or_else(|| format!("/{}", s.name));
+        let base_path = s
+            .base_path
+            .clone()
+            .unwrap_or_else(|| format!("/{}", s.name));
         if !base_path.starts_with('/') || base_path.contains("//") {
-            return cx.err(at, format!("{sf}.basePath"), "must start with / (use / for no prefix)");
+            return cx.err(
+                at,
+                format!("{sf}.basePath"),
+                "must start with / (use / for no prefix)",
+            );
         }
-        let throttle = s.throttle.as_ref().map(|t| cx.throttle(t, at, &format!("{sf}.throttle"))).transpose()?;
+        let throttle = s
+            .throttle
+            .as_ref()
+            .map(|t| cx.throttle(t, at, &format!("{sf}.throttle")))
+            .transpose()?;
         let mut method_throttle = BTreeMap::new();
         for (key, t) in &s.method_throttle {
             if !throttle_keys.contains(key) {
-                return cx.err(at, format!("{sf}.methodThrottle"), unknown_method_msg(key, &throttle_keys));
+                return cx.err(
+                    at,
+                    format!("{sf}.methodThrottle"),
+                    unknown_method_msg(key, &throttle_keys),
+                );
             }
-            method_throttle.insert(key.clone(), cx.throttle(t, at, &format!("{sf}.methodThrottle[{key:?}]"))?);
+            method_throttle.insert(
+                key.clone(),
+                cx.throttle(t, at, &format!("{sf}.methodThrottle[{key:?}]"))?,
+            );
         }
-        stages.push(Stage { name: s.name.clone(), base_path, throttle, method_throttle });
+        stages.push(Stage {
+            name: s.name.clone(),
+            base_path,
+            throttle,
+            method_throttle,
+        });
     }
-    let api = Api { id: api.id.clone(), stages, routes };
+    let api = Api {
+        id: api.id.clone(),
+        stages,
+        routes,
+    };
     if let Err(e) = Router::new(std::slice::from_ref(&api)) {
         return cx.err(at, format!("{field}.routes"), e.to_string());
     }
@@ -211,44 +337,81 @@ fn validate_api(cx: &Ctx<'_>, field: &str, api: &RawApi, at: &Location) -> Resul
 }
 
 fn unknown_method_msg(key: &str, known: &[String]) -> String {
-    format!("{key:?} names no route of this API; use \"/path/METHOD\", one of: {}", known.join(", "))
+    format!(
+        "{key:?} names no route of this API; use \"/path/METHOD\", one of: {}",
+        known.join(", ")
+    )
 }
 
-fn validate_route(cx: &Ctx<'_>, field: &str, r: &RawRoute, at: &Location) -> Result<Route, ConfigError> {
+fn validate_route(
+    cx: &Ctx<'_>,
+    field: &str,
+    r: &RawRoute,
+    at: &Location,
+) -> Result<Route, ConfigError> {
     if let Err(e) = validate_template(&r.path) {
         return cx.err(at, format!("{field}.path"), e.to_string());
     }
     let upper = r.method.to_ascii_uppercase();
     let method = match upper.as_str() {
         "ANY" | "*" => RouteMethod::Any,
-        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => match Method::from_bytes(upper.as_bytes()) {
-            Ok(m) => RouteMethod::Only(m),
-            Err(_) => return cx.err(at, format!("{field}.method"), "invalid method"),
-        },
+        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => {
+            match Method::from_bytes(upper.as_bytes()) {
+                Ok(m) => RouteMethod::Only(m),
+                Err(_) => return cx.err(at, format!("{field}.method"), "invalid method"),
+            }
+        }
         _ => {
-            return cx.err(at, format!("{field}.method"), format!("{:?} is not one of GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS, ANY", r.method));
+            return cx.err(
+                at,
+                format!("{field}.method"),
+                format!(
+                    "{:?} is not one of GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS, ANY",
+                    r.method
+                ),
+            );
         }
     };
     let integration = match (&r.upstream, &r.mock) {
         (Some(_), Some(_)) | (None, None) => {
-            return cx.err(at, field, "a route needs exactly one of upstream (an http:// URL) or mock");
+            return cx.err(
+                at,
+                field,
+                "a route needs exactly one of upstream (an http:// URL) or mock",
+            );
         }
         (Some(url), None) => {
             let uri: Uri = match url.0.parse() {
                 Ok(u) => u,
-                Err(e) => return cx.err(at, format!("{field}.upstream"), format!("{:?} is not a URL: {e}", url.0)),
+                Err(e) => {
+                    return cx.err(
+                        at,
+                        format!("{field}.upstream"),
+                        format!("{:?} is not a URL: {e}", url.0),
+                    );
+                }
             };
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return cx.err(at, format!("{field}.upstream"), format!("{:?} must be an http:// URL with a host", url.0));
+                return cx.err(
+                    at,
+                    format!("{field}.upstream"),
+                    format!("{:?} must be an http:// URL with a host", url.0),
+                );
             }
             if uri.query().is_some() {
-                return cx.err(at, format!("{field}.upstream"), "must not have a query string");
+                return cx.err(
+                    at,
+                    format!("{field}.upstream"),
+                    "must not have a query string",
+                );
             }
             let timeout = match &r.timeout {
                 None => DEFAULT_UPSTREAM_TIMEOUT,
                 Some(t) => match parse_duration(t) {
                     Ok(d) if !d.is_zero() => d,
-                    Ok(_) => return cx.err(at, format!("{field}.timeout"), "must be more than zero"),
+                    Ok(_) => {
+                        return cx.err(at, format!("{field}.timeout"), "must be more than zero");
+                    }
                     Err(e) => return cx.err(at, format!("{field}.timeout"), e),
                 },
             };
@@ -256,70 +419,172 @@ fn validate_route(cx: &Ctx<'_>, field: &str, r: &RawRoute, at: &Location) -> Res
         }
         (None, Some(mock)) => {
             if r.timeout.is_some() {
-                return cx.err(at, format!("{field}.timeout"), "only upstream routes have a timeout");
+                return cx.err(
+                    at,
+                    format!("{field}.timeout"),
+                    "only upstream routes have a timeout",
+                );
             }
             let Ok(status) = StatusCode::from_u16(mock.status_code) else {
-                return cx.err(at, format!("{field}.mock.statusCode"), "must be an HTTP status code (100-999)");
+                return cx.err(
+                    at,
+                    format!("{field}.mock.statusCode"),
+                    "must be an HTTP status code (100-999)",
+                );
             };
             let mut headers = Vec::with_capacity(mock.headers.len() + 1);
             for (name, value) in &mock.headers {
-                match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                match (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
                     (Ok(n), Ok(v)) => headers.push((n, v)),
-                    _ => return cx.err(at, format!("{field}.mock.headers.{name}"), "invalid header name or value"),
+                    _ => {
+                        return cx.err(
+                            at,
+                            format!("{field}.mock.headers.{name}"),
+                            "invalid header name or value",
+                        );
+                    }
                 }
             }
-            if !headers.iter().any(|(n, _)| n == http::header::CONTENT_TYPE) && !mock.body.is_empty() {
-                headers.push((http::header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+            if !headers.iter().any(|(n, _)| n == http::header::CONTENT_TYPE)
+                && !mock.body.is_empty()
+            {
+                headers.push((
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ));
             }
-            Integration::Mock { status, body: mock.body.clone().into(), headers }
+            Integration::Mock {
+                status,
+                body: mock.body.clone().into(),
+                headers,
+            }
         }
     };
-    Ok(Route { path: r.path.clone(), method, api_key_required: r.api_key_required, integration })
+    Ok(Route {
+        path: r.path.clone(),
+        method,
+        api_key_required: r.api_key_required,
+        integration,
+    })
 }
 
-fn validate_plan(cx: &Ctx<'_>, field: &str, p: &RawPlan, at: &Location, apis: &[Api]) -> Result<DeclaredPlan, ConfigError> {
+fn validate_plan(
+    cx: &Ctx<'_>,
+    field: &str,
+    p: &RawPlan,
+    at: &Location,
+    apis: &[Api],
+) -> Result<DeclaredPlan, ConfigError> {
     if p.name.is_empty() {
         return cx.err(at, format!("{field}.name"), "must not be empty");
     }
-    let throttle = p.throttle.as_ref().map(|t| cx.throttle(t, at, &format!("{field}.throttle"))).transpose()?;
-    let quota = p.quota.as_ref().map(|q| validate_quota(cx, &format!("{field}.quota"), &q.value, &q.referenced)).transpose()?;
+    let throttle = p
+        .throttle
+        .as_ref()
+        .map(|t| cx.throttle(t, at, &format!("{field}.throttle")))
+        .transpose()?;
+    let quota = p
+        .quota
+        .as_ref()
+        .map(|q| validate_quota(cx, &format!("{field}.quota"), &q.value, &q.referenced))
+        .transpose()?;
     let mut api_stages = Vec::with_capacity(p.api_stages.len());
     for (i, s) in p.api_stages.iter().enumerate() {
         let sf = format!("{field}.apiStages[{i}]");
         let (v, sat) = (&s.value, &s.referenced);
         let Some(api) = apis.iter().find(|a| a.id == v.api_id) else {
-            return cx.err(sat, format!("{sf}.apiId"), format!("Invalid API Stage {{api: {}, stage: {}}}: no API {:?} in apis", v.api_id, v.stage, v.api_id));
+            return cx.err(
+                sat,
+                format!("{sf}.apiId"),
+                format!(
+                    "Invalid API Stage {{api: {}, stage: {}}}: no API {:?} in apis",
+                    v.api_id, v.stage, v.api_id
+                ),
+            );
         };
         if !api.stages.iter().any(|st| st.name == v.stage) {
-            return cx.err(sat, format!("{sf}.stage"), format!("Invalid API Stage {{api: {}, stage: {}}}: API {:?} has no stage {:?}", v.api_id, v.stage, v.api_id, v.stage));
+            return cx.err(
+                sat,
+                format!("{sf}.stage"),
+                format!(
+                    "Invalid API Stage {{api: {}, stage: {}}}: API {:?} has no stage {:?}",
+                    v.api_id, v.stage, v.api_id, v.stage
+                ),
+            );
         }
-        if api_stages.iter().any(|x: &ApiStage| x.api_id == v.api_id && x.stage == v.stage) {
-            return cx.err(sat, &sf, format!("{}/{} is listed twice", v.api_id, v.stage));
+        if api_stages
+            .iter()
+            .any(|x: &ApiStage| x.api_id == v.api_id && x.stage == v.stage)
+        {
+            return cx.err(
+                sat,
+                &sf,
+                format!("{}/{} is listed twice", v.api_id, v.stage),
+            );
         }
         if !v.throttle.is_empty() && throttle.is_none() {
-            return cx.err(sat, format!("{sf}.throttle"), "Can not define fine grain throttling if usage plan throttle is not defined.");
+            return cx.err(
+                sat,
+                format!("{sf}.throttle"),
+                "Can not define fine grain throttling if usage plan throttle is not defined.",
+            );
         }
         let known: Vec<String> = api.routes.iter().map(Route::throttle_key).collect();
         let mut method_throttles = BTreeMap::new();
         for (key, t) in &v.throttle {
             if !known.contains(key) {
-                return cx.err(sat, format!("{sf}.throttle"), unknown_method_msg(key, &known));
+                return cx.err(
+                    sat,
+                    format!("{sf}.throttle"),
+                    unknown_method_msg(key, &known),
+                );
             }
-            method_throttles.insert(key.clone(), cx.throttle(t, sat, &format!("{sf}.throttle[{key:?}]"))?);
+            method_throttles.insert(
+                key.clone(),
+                cx.throttle(t, sat, &format!("{sf}.throttle[{key:?}]"))?,
+            );
         }
-        api_stages.push(ApiStage { api_id: v.api_id.clone(), stage: v.stage.clone(), throttle: method_throttles });
+        api_stages.push(ApiStage {
+            api_id: v.api_id.clone(),
+            stage: v.stage.clone(),
+            throttle: method_throttles,
+        });
     }
-    Ok(DeclaredPlan { name: p.name.clone(), description: p.description.clone(), api_stages, throttle, quota })
+    Ok(DeclaredPlan {
+        name: p.name.clone(),
+        description: p.description.clone(),
+        api_stages,
+        throttle,
+        quota,
+    })
 }
 
-fn validate_quota(cx: &Ctx<'_>, field: &str, q: &RawQuota, at: &Location) -> Result<QuotaSettings, ConfigError> {
+fn validate_quota(
+    cx: &Ctx<'_>,
+    field: &str,
+    q: &RawQuota,
+    at: &Location,
+) -> Result<QuotaSettings, ConfigError> {
     let period = match q.period.to_ascii_uppercase().as_str() {
         "DAY" => Period::Day,
         "WEEK" => Period::Week,
         "MONTH" => Period::Month,
-        _ => return cx.err(at, format!("{field}.period"), format!("{:?} is not one of DAY, WEEK, MONTH", q.period)),
+        _ => {
+            return cx.err(
+                at,
+                format!("{field}.period"),
+                format!("{:?} is not one of DAY, WEEK, MONTH", q.period),
+            );
+        }
     };
-    let settings = QuotaSettings { limit: q.limit, offset: q.offset, period };
+    let settings = QuotaSettings {
+        limit: q.limit,
+        offset: q.offset,
+        period,
+    };
     if let Err(e) = settings.validate() {
         return cx.err(at, format!("{field}.offset"), e.to_string());
     }

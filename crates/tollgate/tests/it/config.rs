@@ -1,0 +1,207 @@
+use std::process::Command;
+
+use crate::util::{self, KEY};
+
+fn tollgate(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(args).current_dir(dir).env_remove("CENTRAL_KEY");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn check(yaml: &str, envs: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(dir.path(), yaml);
+    let (code, out, err) = tollgate(dir.path(), &["check", "--config", "tollgate.yaml"], envs);
+    (code, format!("{out}{err}"))
+}
+
+const GOOD: &str = r#"listen: 127.0.0.1:0
+apis:
+  - id: warranty
+    stages: [ { name: prod } ]
+    routes:
+      - { path: "/registrations/{id}/warranty", method: PUT, apiKeyRequired: true, upstream: "http://127.0.0.1:9" }
+usagePlans:
+  - name: central-batch
+    apiStages: [ { apiId: warranty, stage: prod } ]
+    throttle: { rateLimit: 100, burstLimit: 50 }
+    quota: { limit: 1000, offset: 2, period: MONTH }
+apiKeys:
+  - { name: central-system, value: "${CENTRAL_KEY}", usagePlans: [central-batch] }
+"#;
+
+#[test]
+fn example_configs_are_valid() {
+    let (code, out) = check(GOOD, &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ok (1 APIs, 1 usage plans, 1 API keys)"),
+        "{out}"
+    );
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/tollgate.yaml"
+    ))
+    .unwrap();
+    let (code, out) = check(&example, &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Each bad config exits 64 and names file, line and field.
+#[test]
+fn bad_configs_name_file_line_and_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        // (replace this, with this, expect this in the message)
+        (
+            "offset: 2, period: MONTH",
+            "offset: 31, period: MONTH",
+            "tollgate.yaml:11:12: usagePlans[0].quota.offset: quota offset 31 is out of range for period MONTH (allowed: 0 to 27)",
+        ),
+        (
+            "period: MONTH",
+            "period: YEAR",
+            "usagePlans[0].quota.period: \"YEAR\" is not one of DAY, WEEK, MONTH",
+        ),
+        ("burstLimit: 50", "burstLimit: -5", "tollgate.yaml:10:"),
+        (
+            "burstLimit: 50",
+            "burstLimt: 50",
+            "unknown field `burstLimt`",
+        ),
+        (
+            "stage: prod",
+            "stage: staging",
+            "tollgate.yaml:9:18: usagePlans[0].apiStages[0].stage: Invalid API Stage {api: warranty, stage: staging}",
+        ),
+        (
+            "apiId: warranty",
+            "apiId: nope",
+            "usagePlans[0].apiStages[0].apiId",
+        ),
+        (
+            "usagePlans: [central-batch]",
+            "usagePlans: [nope]",
+            "tollgate.yaml:13:5: apiKeys[0].usagePlans: no usage plan named \"nope\"",
+        ),
+        (
+            "method: PUT",
+            "method: FETCH",
+            "tollgate.yaml:6:9: apis[0].routes[0].method",
+        ),
+        (
+            "upstream: \"http://127.0.0.1:9\"",
+            "upstream: \"https://example.com\"",
+            "apis[0].routes[0].upstream",
+        ),
+        (
+            "\"/registrations/{id}/warranty\"",
+            "\"registrations\"",
+            "apis[0].routes[0].path: invalid path \"registrations\": must start with /",
+        ),
+        (
+            "listen: 127.0.0.1:0",
+            "listen: nowhere",
+            "tollgate.yaml:1:9: listen",
+        ),
+        (
+            "value: \"${CENTRAL_KEY}\"",
+            "value: tooShort",
+            "apiKeys[0].value: API Key value should be at least 20 characters",
+        ),
+        (
+            "throttle: { rateLimit: 100, burstLimit: 50 }",
+            "throttle: { rateLimit: -1, burstLimit: 50 }",
+            "usagePlans[0].throttle.rateLimit",
+        ),
+        (
+            "apiStages: [ { apiId: warranty, stage: prod } ]\n    throttle: { rateLimit: 100, burstLimit: 50 }",
+            "apiStages: [ { apiId: warranty, stage: prod, throttle: { \"/registrations/{id}/warranty/PUT\": { rateLimit: 1, burstLimit: 1 } } } ]",
+            "Can not define fine grain throttling if usage plan throttle is not defined.",
+        ),
+        (
+            "listen: 127.0.0.1:0\n",
+            "listen: 127.0.0.1:0\nstore: { sqlite: ./x.db, flushInterval: soon }\n",
+            "store.flushInterval",
+        ),
+    ];
+    for (from, to, expect) in cases {
+        assert!(GOOD.contains(from), "case does not apply: {from}");
+        let yaml = GOOD.replacen(from, to, 1);
+        let (code, out) = check(&yaml, &[("CENTRAL_KEY", KEY)]);
+        assert_eq!(code, 64, "{to}: {out}");
+        assert!(out.contains(expect), "{to}: expected {expect:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn unset_variable_is_named() {
+    let (code, out) = check(GOOD, &[]);
+    assert_eq!(code, 64);
+    assert!(
+        out.contains("tollgate.yaml:13:")
+            && out.contains("environment variable CENTRAL_KEY is not set"),
+        "{out}"
+    );
+}
+
+#[test]
+fn two_plans_on_one_stage_for_one_key_are_refused() {
+    let yaml = GOOD
+        .replace(
+            "apiKeys:",
+            "  - name: second\n    apiStages: [ { apiId: warranty, stage: prod } ]\napiKeys:",
+        )
+        .replace(
+            "usagePlans: [central-batch]",
+            "usagePlans: [central-batch, second]",
+        );
+    let (code, out) = check(&yaml, &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(code, 64);
+    assert!(out.contains("both cover warranty/prod"), "{out}");
+}
+
+#[test]
+fn serve_with_a_bad_config_binds_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = GOOD
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
+        .replace("offset: 2", "offset: 40");
+    util::write_config(dir.path(), &yaml);
+    let (code, _, err) = tollgate(
+        dir.path(),
+        &["serve", "--config", "tollgate.yaml"],
+        &[("CENTRAL_KEY", KEY)],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("tollgate.yaml:11:12: usagePlans[0].quota.offset"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("tollgate.db").exists(),
+        "the store was opened before validation"
+    );
+    // The port is still free.
+    std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
+
+#[test]
+fn missing_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = tollgate(dir.path(), &["check", "--config", "absent.yaml"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("absent.yaml: cannot read"), "{err}");
+}

@@ -1,0 +1,18 @@
+//! Black-box tests: the real `tollgate` binary against a real upstream HTTP server on 127.0.0.1, with
+//! real SQLite files in temporary directories. One test binary, one module per concern.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+/// Starting the binary, a test upstream, and an HTTP client.
+mod util;
+
+/// Config validation: exit codes and file:line:field messages, `check`, nothing bound on failure.
+mod config;
+/// The request pipeline end to end: every status AWS defines, headers, streaming, the mock integration.
+mod data_plane;
+/// Malformed requests get 4xx and never take the process down.
+mod malformed;
+/// Durable metering: graceful restarts lose nothing, a crash loses at most one flush interval.
+mod persistence;
+/// `tollgate usage` reports AWS GetUsage's shape.
+mod usage;
