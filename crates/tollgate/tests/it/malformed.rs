@@ -10,8 +10,15 @@ fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<u16> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // The server may answer and close before reading everything; a failed write is fine then.
     let _ = s.write_all(bytes);
+    // Read up to the end of the status line: well-formed requests keep the connection open.
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
     let text = String::from_utf8_lossy(&buf);
     text.strip_prefix("HTTP/1.1 ")
         .and_then(|t| t.get(..3))
