@@ -81,6 +81,34 @@ impl Ctx<'_> {
             burst_limit: t.burst_limit,
         })
     }
+
+    /// Checks a `"/path/METHOD"` → throttle map against the API's routes (`known` throttle keys).
+    fn method_throttles(
+        &self,
+        raw: &BTreeMap<String, RawThrottle>,
+        known: &[String],
+        at: &Location,
+        field: &str,
+    ) -> Result<BTreeMap<String, ThrottleSettings>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (key, t) in raw {
+            if !known.contains(key) {
+                return self.err(
+                    at,
+                    field,
+                    format!(
+                        "{key:?} names no route of this API; use \"/path/METHOD\", one of: {}",
+                        known.join(", ")
+                    ),
+                );
+            }
+            out.insert(
+                key.clone(),
+                self.throttle(t, at, &format!("{field}[{key:?}]"))?,
+            );
+        }
+        Ok(out)
+    }
 }
 
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -304,20 +332,12 @@ fn validate_api(
             .as_ref()
             .map(|t| cx.throttle(t, at, &format!("{sf}.throttle")))
             .transpose()?;
-        let mut method_throttle = BTreeMap::new();
-        for (key, t) in &s.method_throttle {
-            if !throttle_keys.contains(key) {
-                return cx.err(
-                    at,
-                    format!("{sf}.methodThrottle"),
-                    unknown_method_msg(key, &throttle_keys),
-                );
-            }
-            method_throttle.insert(
-                key.clone(),
-                cx.throttle(t, at, &format!("{sf}.methodThrottle[{key:?}]"))?,
-            );
-        }
+        let method_throttle = cx.method_throttles(
+            &s.method_throttle,
+            &throttle_keys,
+            at,
+            &format!("{sf}.methodThrottle"),
+        )?;
         stages.push(Stage {
             name: s.name.clone(),
             base_path,
@@ -334,13 +354,6 @@ fn validate_api(
         return cx.err(at, format!("{field}.routes"), e.to_string());
     }
     Ok(api)
-}
-
-fn unknown_method_msg(key: &str, known: &[String]) -> String {
-    format!(
-        "{key:?} names no route of this API; use \"/path/METHOD\", one of: {}",
-        known.join(", ")
-    )
 }
 
 fn validate_route(
@@ -533,20 +546,8 @@ fn validate_plan(
             );
         }
         let known: Vec<String> = api.routes.iter().map(Route::throttle_key).collect();
-        let mut method_throttles = BTreeMap::new();
-        for (key, t) in &v.throttle {
-            if !known.contains(key) {
-                return cx.err(
-                    sat,
-                    format!("{sf}.throttle"),
-                    unknown_method_msg(key, &known),
-                );
-            }
-            method_throttles.insert(
-                key.clone(),
-                cx.throttle(t, sat, &format!("{sf}.throttle[{key:?}]"))?,
-            );
-        }
+        let method_throttles =
+            cx.method_throttles(&v.throttle, &known, sat, &format!("{sf}.throttle"))?;
         api_stages.push(ApiStage {
             api_id: v.api_id.clone(),
             stage: v.stage.clone(),
