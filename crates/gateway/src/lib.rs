@@ -10,5 +10,5 @@ mod server;
 pub mod snapshot;
 
 pub use config::GatewayConfig;
-pub use server::{Gateway, GatewayError, GatewayOptions, period_usage};
+pub use server::{Gateway, GatewayError, GatewayHandle, GatewayOptions, period_usage};
 pub use snapshot::Snapshot;

@@ -63,13 +63,48 @@ struct Shared {
     snapshot: ArcSwap<Snapshot>,
     clock: Arc<dyn Clock>,
     upstreams: Upstreams,
+    store: Arc<dyn Store>,
+    /// Deltas a failed store write could not save, retried on the next flush. Held across the
+    /// blocking write, never on the request path.
+    unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,
 }
 
 /// A gateway ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
-    store: Arc<dyn Store>,
     options: GatewayOptions,
+}
+
+/// What the control plane holds of a running gateway: the live snapshot, and the means to replace it
+/// and to flush metering on demand.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    shared: Arc<Shared>,
+}
+
+impl GatewayHandle {
+    /// The snapshot requests are served from right now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// The gateway's clock.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.shared.clock
+    }
+
+    /// Serves `records` from the next request on, keeping live limiter state (see
+    /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
+    pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), u32>) {
+        let today = EpochDay::from_nanos(self.shared.clock.now());
+        let next = self.snapshot().rebuild(records, period_used, today);
+        self.shared.snapshot.store(Arc::new(next));
+    }
+
+    /// Writes all metering counted so far to the store, so that reads of usage are exact.
+    pub async fn flush(&self) -> Result<(), GatewayError> {
+        flush_once(&self.shared).await
+    }
 }
 
 /// Requests already counted, per (plan id, key id), in each plan's quota period containing `today`:
@@ -107,12 +142,17 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             clock,
             upstreams: Upstreams::new(),
-        });
-        Ok(Self {
-            shared,
             store,
-            options,
-        })
+            unflushed: tokio::sync::Mutex::new(Vec::new()),
+        });
+        Ok(Self { shared, options })
+    }
+
+    /// A handle for the control plane.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serves `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
@@ -125,7 +165,6 @@ impl Gateway {
         let (stop_tx, stop_rx) = watch::channel(false);
         let flusher = tokio::spawn(flush_loop(
             self.shared.clone(),
-            self.store.clone(),
             self.options.flush_interval,
             stop_rx,
         ));
@@ -235,11 +274,9 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
 /// not store are kept and retried, so a store outage delays metering but loses none of it.
 async fn flush_loop(
     shared: Arc<Shared>,
-    store: Arc<dyn Store>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
-    let mut pending: Vec<UsageDelta> = Vec::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -247,21 +284,19 @@ async fn flush_loop(
             _ = ticker.tick() => false,
             _ = stop.changed() => true,
         };
-        let result = flush_once(&shared, &store, &mut pending).await;
+        let result = flush_once(&shared).await;
         if stopping {
             return result;
         }
         if let Err(err) = result {
-            tracing::error!(error = %err, pending = pending.len(), "metering flush failed; will retry");
+            tracing::error!(error = %err, "metering flush failed; will retry");
         }
     }
 }
 
-async fn flush_once(
-    shared: &Shared,
-    store: &Arc<dyn Store>,
-    pending: &mut Vec<UsageDelta>,
-) -> Result<(), GatewayError> {
+async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
+    // One flush at a time: the lock also orders a retried batch before newer counts.
+    let mut pending = shared.unflushed.lock().await;
     let snap = shared.snapshot.load_full();
     let mut days = Vec::new();
     for grant in snap.grants() {
@@ -279,8 +314,8 @@ async fn flush_once(
     if pending.is_empty() {
         return Ok(());
     }
-    let batch = std::mem::take(pending);
-    let store = store.clone();
+    let batch = std::mem::take(&mut *pending);
+    let store = shared.store.clone();
     let (batch, result) = tokio::task::spawn_blocking(move || {
         let r = store.add_usage(&batch);
         (batch, r)

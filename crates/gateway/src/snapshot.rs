@@ -13,7 +13,7 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
 use tollgate_core::model::KEY_VALUE_LEN;
 use tollgate_core::quota::{EpochDay, QuotaDecision, QuotaState, QuotaWindow};
-use tollgate_core::{KeyHash, ThrottleSettings};
+use tollgate_core::{KeyHash, ThrottleSettings, UsagePlan};
 use tollgate_store::Records;
 
 use crate::config::{GatewayConfig, Route};
@@ -24,14 +24,16 @@ use crate::route::{RouteError, RouteMatch, Router};
 #[derive(Debug)]
 struct Bucket {
     gcra: Gcra,
-    state: GcraState,
+    /// Shared with the same bucket in the snapshot this one replaced, so a change of records does not
+    /// refill anyone's bucket.
+    state: Arc<GcraState>,
 }
 
 impl Bucket {
-    fn new(settings: ThrottleSettings) -> Self {
+    fn new(settings: ThrottleSettings, previous: Option<&Bucket>) -> Self {
         Self {
             gcra: Gcra::new(settings),
-            state: GcraState::default(),
+            state: previous.map_or_else(Arc::default, |b| b.state.clone()),
         }
     }
 }
@@ -46,18 +48,27 @@ pub struct Grant {
     throttle: Option<Bucket>,
     /// Per-method overrides: (api, stage, route) → bucket.
     method_throttles: Vec<((usize, usize, usize), Bucket)>,
-    quota: Option<QuotaState>,
-    /// Admitted requests not yet flushed to the store.
-    pub meter: DailyMeter,
+    quota: Option<Arc<QuotaState>>,
+    /// Admitted requests not yet flushed to the store (shared across snapshots).
+    pub meter: Arc<DailyMeter>,
 }
 
 impl Grant {
     fn throttle_for(&self, m: &RouteMatch<'_>) -> Option<&Bucket> {
+        self.method_throttle_at((m.api, m.stage, m.route))
+            .or(self.throttle.as_ref())
+    }
+
+    fn method_throttle_at(&self, at: (usize, usize, usize)) -> Option<&Bucket> {
         self.method_throttles
             .iter()
-            .find(|(at, _)| *at == (m.api, m.stage, m.route))
+            .find(|(here, _)| *here == at)
             .map(|(_, b)| b)
-            .or(self.throttle.as_ref())
+    }
+
+    /// The live quota counter of this membership, if the plan has a quota.
+    pub fn quota(&self) -> Option<&QuotaState> {
+        self.quota.as_deref()
     }
 }
 
@@ -165,14 +176,20 @@ pub enum SnapshotError {
     Route(#[from] RouteError),
 }
 
-/// Everything the request path reads, immutable except for atomics.
+/// The part of a snapshot that only the config decides: built once, shared by every snapshot.
 #[derive(Debug)]
-pub struct Snapshot {
+struct Routing {
     config: GatewayConfig,
     router: Router,
     /// [api][stage][route]: the stage's per-method throttle, shared by all callers.
     stage_buckets: Vec<Vec<Vec<Option<Bucket>>>>,
     account: Option<Bucket>,
+}
+
+/// Everything the request path reads, immutable except for atomics.
+#[derive(Debug)]
+pub struct Snapshot {
+    routing: Arc<Routing>,
     keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>,
     grants: Vec<Arc<Grant>>,
 }
@@ -182,8 +199,8 @@ fn ceil_secs(nanos: u64) -> u64 {
 }
 
 impl Snapshot {
-    /// Builds a snapshot. `period_used` gives, per (plan id, key id), the requests already counted in
-    /// the quota period containing `today` (so limits survive restarts).
+    /// Builds the first snapshot. `period_used` gives, per (plan id, key id), the requests already
+    /// counted in the quota period containing `today` (so limits survive restarts).
     pub fn build(
         config: GatewayConfig,
         records: &Records,
@@ -205,15 +222,59 @@ impl Snapshot {
                                     .method_throttle
                                     .get(&route.throttle_key())
                                     .or(stage.throttle.as_ref())
-                                    .map(|t| Bucket::new(*t))
+                                    .map(|t| Bucket::new(*t, None))
                             })
                             .collect()
                     })
                     .collect()
             })
             .collect();
-        let account = config.account_throttle.map(Bucket::new);
+        let account = config.account_throttle.map(|t| Bucket::new(t, None));
+        let routing = Arc::new(Routing {
+            config,
+            router,
+            stage_buckets,
+            account,
+        });
+        Ok(Self::assemble(routing, records, period_used, today, None))
+    }
 
+    /// A snapshot of changed records that keeps this one's live state: bucket levels, quota counts of
+    /// plans whose quota did not change, and unflushed metering. `period_used` is consulted only for
+    /// memberships that are new or whose plan's quota changed.
+    pub fn rebuild(
+        &self,
+        records: &Records,
+        period_used: &HashMap<(String, String), u32>,
+        today: EpochDay,
+    ) -> Self {
+        Self::assemble(
+            self.routing.clone(),
+            records,
+            period_used,
+            today,
+            Some(self),
+        )
+    }
+
+    fn assemble(
+        routing: Arc<Routing>,
+        records: &Records,
+        period_used: &HashMap<(String, String), u32>,
+        today: EpochDay,
+        previous: Option<&Snapshot>,
+    ) -> Self {
+        let config = &routing.config;
+        let old: HashMap<(&str, &str), &Grant> = previous
+            .map(|p| {
+                p.grants
+                    .iter()
+                    .map(|g| ((&*g.plan_id, &*g.key_id), &**g))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let plans: HashMap<&str, &UsagePlan> =
+            records.plans.iter().map(|p| (p.id.as_str(), p)).collect();
         let mut keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>> =
             HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
         let mut key_index: HashMap<&str, KeyHash> = HashMap::with_capacity(records.keys.len());
@@ -230,15 +291,15 @@ impl Snapshot {
 
         let mut grants = Vec::new();
         for (plan_id, key_id) in &records.bindings {
-            let (Some(plan), Some(hash)) = (
-                records.plans.iter().find(|p| p.id == *plan_id),
-                key_index.get(key_id.as_str()),
-            ) else {
+            let (Some(plan), Some(hash)) =
+                (plans.get(plan_id.as_str()), key_index.get(key_id.as_str()))
+            else {
                 continue;
             };
             let Some(entry) = keys.get_mut(hash) else {
                 continue;
             };
+            let before = old.get(&(plan_id.as_str(), key_id.as_str())).copied();
             let mut covered = Vec::new();
             let mut method_throttles = Vec::new();
             for api_stage in &plan.api_stages {
@@ -267,42 +328,55 @@ impl Snapshot {
                         .iter()
                         .position(|r| r.throttle_key() == *method_key)
                     {
-                        Some(r) => method_throttles.push(((a, s, r), Bucket::new(*settings))),
+                        Some(r) => {
+                            let prior = before.and_then(|g| g.method_throttle_at((a, s, r)));
+                            method_throttles.push(((a, s, r), Bucket::new(*settings, prior)));
+                        }
                         None => tracing::warn!(plan = %plan.id, method = %method_key,
                             "usage plan throttles a method the API does not have; ignored"),
                     }
                 }
             }
-            let used = period_used
-                .get(&(plan_id.clone(), key_id.clone()))
-                .copied()
-                .unwrap_or(0);
+            let quota = plan.quota.map(|q| {
+                match before
+                    .and_then(|g| g.quota.as_ref())
+                    .filter(|s| *s.settings() == q)
+                {
+                    Some(same) => same.clone(),
+                    None => {
+                        let used = period_used
+                            .get(&(plan_id.clone(), key_id.clone()))
+                            .copied()
+                            .unwrap_or(0);
+                        Arc::new(QuotaState::new(q, today, used))
+                    }
+                }
+            });
             let grant = Arc::new(Grant {
                 key_id: key_id.as_str().into(),
                 plan_id: plan_id.as_str().into(),
-                throttle: plan.throttle.map(Bucket::new),
+                throttle: plan
+                    .throttle
+                    .map(|t| Bucket::new(t, before.and_then(|g| g.throttle.as_ref()))),
                 method_throttles,
-                quota: plan.quota.map(|q| QuotaState::new(q, today, used)),
-                meter: DailyMeter::default(),
+                quota,
+                meter: before.map_or_else(Arc::default, |g| g.meter.clone()),
             });
             for at in covered {
                 entry.grants.push((at, grant.clone()));
             }
             grants.push(grant);
         }
-        Ok(Self {
-            config,
-            router,
-            stage_buckets,
-            account,
+        Self {
+            routing,
             keys,
             grants,
-        })
+        }
     }
 
     /// The configuration this snapshot serves.
     pub fn config(&self) -> &GatewayConfig {
-        &self.config
+        &self.routing.config
     }
 
     /// Every (key, plan) membership, for the metering flusher.
@@ -312,7 +386,7 @@ impl Snapshot {
 
     /// Finds the route for a request.
     pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
-        self.router.route(method, path)
+        self.routing.router.route(method, path)
     }
 
     /// Runs the admission pipeline for a routed request presenting `api_key` at `now`: key, then the
@@ -324,7 +398,7 @@ impl Snapshot {
         api_key: Option<&HeaderValue>,
         now: u64,
     ) -> Result<Admission<'s>, Refusal> {
-        let route = &self.config.apis[m.api].routes[m.route];
+        let route = &self.routing.config.apis[m.api].routes[m.route];
         let grant = if route.api_key_required {
             Some(self.grant(m, api_key)?)
         } else {
@@ -335,8 +409,8 @@ impl Snapshot {
         // Throttle layers, most specific first. A refusal hands back the tokens earlier layers took.
         let layers = [
             grant.and_then(|g| g.throttle_for(m)),
-            self.stage_buckets[m.api][m.stage][m.route].as_ref(),
-            self.account.as_ref(),
+            self.routing.stage_buckets[m.api][m.stage][m.route].as_ref(),
+            self.routing.account.as_ref(),
         ];
         for (i, bucket) in layers.iter().enumerate() {
             let Some(bucket) = bucket else { continue };
@@ -740,5 +814,53 @@ mod tests {
             call(&s, "GET", get, Some(KEY), T0),
             Err(Refusal::LimitExceeded { .. })
         ));
+    }
+
+    #[test]
+    fn rebuild_keeps_live_state_and_applies_changes_at_once() {
+        let quota = QuotaSettings {
+            limit: 10,
+            offset: 0,
+            period: Period::Day,
+        };
+        let mut rec = records(Some(throttle(1.0, 3)), Some(quota));
+        let s = snap(config(None, None), &rec);
+        let get = "/prod/registrations/42";
+        for _ in 0..3 {
+            assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        }
+
+        // Same records: the bucket stays empty, the quota count and the unflushed meter carry over.
+        let s2 = s.rebuild(&rec, &HashMap::new(), EpochDay::from_nanos(T0));
+        assert!(matches!(
+            call(&s2, "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        let limits = call(&s2, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap();
+        assert_eq!(limits.quota.unwrap().remaining, 6);
+        let mut days = Vec::new();
+        s2.grants()[0].meter.take(&mut days);
+        assert_eq!(days, vec![(EpochDay::from_nanos(T0), 4)]);
+
+        // A raised limit keeps the count; a disabled key is refused at once; a new key works at once.
+        rec.plans[0].quota = Some(QuotaSettings { limit: 20, ..quota });
+        rec.keys[0].enabled = false;
+        rec.keys[1].enabled = true;
+        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4u32)]);
+        let s3 = s2.rebuild(&rec, &used, EpochDay::from_nanos(T0));
+        assert_eq!(
+            call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),
+            Err(Refusal::Forbidden)
+        );
+        let limits = call(&s3, "GET", get, Some(OTHER), T0 + 5 * NANOS_PER_SEC).unwrap();
+        assert_eq!(limits.quota.unwrap().remaining, 19);
+        rec.keys[0].enabled = true;
+        let s4 = s3.rebuild(&rec, &used, EpochDay::from_nanos(T0));
+        let limits = call(&s4, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC).unwrap();
+        assert_eq!(
+            limits.quota.unwrap().remaining,
+            15,
+            "20 - 4 used - this one"
+        );
     }
 }
