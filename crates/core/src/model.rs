@@ -145,6 +145,8 @@ pub struct ApiKey {
     pub enabled: bool,
     /// SHA-256 of the value.
     pub value_hash: KeyHash,
+    /// The value sealed with the operator's key (AES-256-GCM), only when values are stored encrypted.
+    pub sealed_value: Option<Vec<u8>>,
     /// Creation time, epoch seconds.
     pub created_date: i64,
     /// Last change, epoch seconds.

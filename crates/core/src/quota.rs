@@ -159,7 +159,7 @@ pub enum QuotaDecision {
     /// Counted; `remaining` requests are left in the period.
     Allowed {
         /// Requests left in this period after this one.
-        remaining: u32,
+        remaining: u64,
         /// When the period ends.
         resets_at: EpochDay,
     },
@@ -177,18 +177,24 @@ pub struct QuotaState {
     settings: QuotaSettings,
     /// The cached current window, packed `start << 32 | end`, so the common case is one comparison.
     window: AtomicU64,
-    /// `window start << 32 | used`: the count is only valid for the window it names.
+    /// `window start << 32 | used as i32`: the count is only valid for the window it names. It goes
+    /// negative when an operator grants more than the limit (AWS UpdateUsage).
     counter: AtomicU64,
+}
+
+fn pack_count(start: EpochDay, used: i64) -> u64 {
+    let used = i32::try_from(used).unwrap_or(if used < 0 { i32::MIN } else { i32::MAX });
+    (u64::from(start.0) << 32) | u64::from(used as u32)
 }
 
 impl QuotaState {
     /// A quota with `used` requests already counted in the period containing `today`.
-    pub fn new(settings: QuotaSettings, today: EpochDay, used: u32) -> Self {
+    pub fn new(settings: QuotaSettings, today: EpochDay, used: i64) -> Self {
         let window = QuotaWindow::containing(&settings, today);
         Self {
             settings,
             window: AtomicU64::new(window.pack()),
-            counter: AtomicU64::new((u64::from(window.start.0) << 32) | u64::from(used)),
+            counter: AtomicU64::new(pack_count(window.start, used)),
         }
     }
 
@@ -211,7 +217,7 @@ impl QuotaState {
     /// Counts one request at `now` if the period has room for it.
     pub fn try_consume(&self, now: u64) -> QuotaDecision {
         let window = self.window(EpochDay::from_nanos(now));
-        let limit = self.settings.limit;
+        let limit = i64::from(self.settings.limit);
         let mut current = self.counter.load(Ordering::Acquire);
         loop {
             let used = self.used_in(current, window);
@@ -220,7 +226,7 @@ impl QuotaState {
                     resets_at: window.end,
                 };
             }
-            let next = (u64::from(window.start.0) << 32) | u64::from(used + 1);
+            let next = pack_count(window.start, used + 1);
             match self.counter.compare_exchange_weak(
                 current,
                 next,
@@ -229,7 +235,7 @@ impl QuotaState {
             ) {
                 Ok(_) => {
                     return QuotaDecision::Allowed {
-                        remaining: limit - used - 1,
+                        remaining: (limit - used - 1).unsigned_abs(),
                         resets_at: window.end,
                     };
                 }
@@ -238,15 +244,31 @@ impl QuotaState {
         }
     }
 
-    /// Requests counted in the period containing `now`.
-    pub fn used(&self, now: u64) -> u32 {
+    /// Requests counted in the period containing `now` (negative after a grant above the limit).
+    pub fn used(&self, now: u64) -> i64 {
         let window = self.window(EpochDay::from_nanos(now));
         self.used_in(self.counter.load(Ordering::Acquire), window)
     }
 
-    fn used_in(&self, packed: u64, window: QuotaWindow) -> u32 {
+    /// Requests left in the period containing `now`.
+    pub fn remaining(&self, now: u64) -> u64 {
+        u64::try_from(i64::from(self.settings.limit) - self.used(now)).unwrap_or(0)
+    }
+
+    /// Sets what is left in the current period (AWS UpdateUsage `replace /remaining`); returns by how
+    /// much the period's count changed.
+    pub fn set_remaining(&self, now: u64, remaining: i64) -> i64 {
+        let window = self.window(EpochDay::from_nanos(now));
+        let used = i64::from(self.settings.limit) - remaining;
+        let before = self
+            .counter
+            .swap(pack_count(window.start, used), Ordering::AcqRel);
+        used - self.used_in(before, window)
+    }
+
+    fn used_in(&self, packed: u64, window: QuotaWindow) -> i64 {
         if (packed >> 32) as u32 == window.start.0 {
-            packed as u32
+            i64::from(packed as u32 as i32)
         } else {
             0
         }
@@ -254,11 +276,13 @@ impl QuotaState {
 }
 
 /// AWS GetUsage's `[used, remaining]` for each day from `from` to `to` inclusive, given the key's
-/// per-day usage (`daily`, any order, days without an entry count zero). `remaining` is what the quota
+/// per-day usage (`daily`, any order, days without an entry count zero) and the operator's quota
+/// adjustments (`adjustments`, added to the count from their day on). `remaining` is what the quota
 /// had left at the end of that day; without a quota it is 0, as AWS reports for plans without one.
 pub fn usage_report(
     quota: Option<&QuotaSettings>,
     daily: &[(EpochDay, u64)],
+    adjustments: &[(EpochDay, i64)],
     from: EpochDay,
     to: EpochDay,
 ) -> Vec<[u64; 2]> {
@@ -275,12 +299,18 @@ pub fn usage_report(
         let used = used_on(day);
         let remaining = quota.map_or(0, |q| {
             let window = QuotaWindow::containing(q, day);
-            let so_far: u64 = daily
+            let in_window = |d: &EpochDay| window.start <= *d && *d <= day;
+            let counted: i64 = daily
                 .iter()
-                .filter(|(d, _)| window.start <= *d && *d <= day)
-                .map(|(_, n)| n)
-                .sum();
-            u64::from(q.limit).saturating_sub(so_far)
+                .filter(|(d, _)| in_window(d))
+                .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+                .sum::<i64>()
+                + adjustments
+                    .iter()
+                    .filter(|(d, _)| in_window(d))
+                    .map(|(_, n)| n)
+                    .sum::<i64>();
+            u64::try_from(i64::from(q.limit) - counted).unwrap_or(0)
         });
         out.push([used, remaining]);
         if day.0 == u32::MAX {
@@ -379,11 +409,38 @@ mod tests {
             }
         );
         assert_eq!(s.used(now), 3);
+        assert_eq!(s.remaining(now), 0);
         let tomorrow = today.next().start_nanos();
         assert_eq!(s.used(tomorrow), 0);
         assert!(matches!(
             s.try_consume(tomorrow),
             QuotaDecision::Allowed { remaining: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn remaining_can_be_set_above_and_below_the_limit() {
+        let settings = q(Period::Day, 0);
+        let today = day(2026, 11, 27);
+        let now = today.start_nanos() + 5;
+        let s = QuotaState::new(settings, today, 2);
+        assert_eq!(s.set_remaining(now, 5), -4, "3 - 5 = -2 used, from 2");
+        assert_eq!(s.used(now), -2);
+        for left in (0..5).rev() {
+            assert_eq!(
+                s.try_consume(now),
+                QuotaDecision::Allowed {
+                    remaining: left,
+                    resets_at: today.next()
+                }
+            );
+        }
+        assert!(matches!(s.try_consume(now), QuotaDecision::Refused { .. }));
+        assert_eq!(s.set_remaining(now, 0), 0);
+        assert_eq!(s.set_remaining(now, 1), -1);
+        assert!(matches!(
+            s.try_consume(now),
+            QuotaDecision::Allowed { remaining: 0, .. }
         ));
     }
 
@@ -403,14 +460,24 @@ mod tests {
         let r = usage_report(
             Some(&settings),
             &daily,
+            &[],
             day(2026, 11, 20),
             day(2026, 11, 23),
         );
         assert_eq!(r, vec![[0, 10], [4, 6], [3, 7], [2, 5]]);
         assert_eq!(
-            usage_report(None, &daily, day(2026, 11, 21), day(2026, 11, 21)),
+            usage_report(None, &daily, &[], day(2026, 11, 21), day(2026, 11, 21)),
             vec![[4, 0]]
         );
+        // An operator set remaining to 20 on Monday the 23rd, when 3 + 2 had been used: 15 extra.
+        let adjusted = usage_report(
+            Some(&settings),
+            &daily,
+            &[(day(2026, 11, 23), -15)],
+            day(2026, 11, 22),
+            day(2026, 11, 23),
+        );
+        assert_eq!(adjusted, vec![[3, 7], [2, 20]]);
     }
 
     proptest! {

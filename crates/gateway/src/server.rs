@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_core::Clock;
+use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::{Records, Store, StoreError, UsageDelta};
 
@@ -95,7 +96,7 @@ impl GatewayHandle {
 
     /// Serves `records` from the next request on, keeping live limiter state (see
     /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
-    pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), u32>) {
+    pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), i64>) {
         let today = EpochDay::from_nanos(self.shared.clock.now());
         let next = self.snapshot().rebuild(records, period_used, today);
         self.shared.snapshot.store(Arc::new(next));
@@ -107,20 +108,24 @@ impl GatewayHandle {
     }
 }
 
-/// Requests already counted, per (plan id, key id), in each plan's quota period containing `today`:
-/// what a restarted gateway must remember so quotas survive restarts.
-pub fn period_usage(
+/// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing
+/// `today`, operator adjustments included: what a (re)built snapshot must start from so quotas survive
+/// restarts and plan changes.
+pub fn period_usage<'p>(
     store: &dyn Store,
-    records: &Records,
+    plans: impl IntoIterator<Item = &'p UsagePlan>,
     today: EpochDay,
-) -> Result<HashMap<(String, String), u32>, StoreError> {
+) -> Result<HashMap<(String, String), i64>, StoreError> {
     let mut used = HashMap::new();
-    for plan in &records.plans {
+    for plan in plans {
         let Some(quota) = &plan.quota else { continue };
         let window = QuotaWindow::containing(quota, today);
         for row in store.usage(&plan.id, None, window.start, today)? {
-            let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0u32);
-            *n = n.saturating_add(u32::try_from(row.used).unwrap_or(u32::MAX));
+            *used.entry((plan.id.clone(), row.key_id)).or_insert(0) +=
+                i64::try_from(row.used).unwrap_or(i64::MAX);
+        }
+        for adj in store.quota_adjustments(&plan.id, None, window.start, today)? {
+            *used.entry((plan.id.clone(), adj.key_id)).or_insert(0) += adj.delta;
         }
     }
     Ok(used)
@@ -136,7 +141,7 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let records = store.load()?;
         let today = EpochDay::from_nanos(clock.now());
-        let used = period_usage(&*store, &records, today)?;
+        let used = period_usage(&*store, &records.plans, today)?;
         let snapshot = Snapshot::build(config, &records, &used, today)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),

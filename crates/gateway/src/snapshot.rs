@@ -204,7 +204,7 @@ impl Snapshot {
     pub fn build(
         config: GatewayConfig,
         records: &Records,
-        period_used: &HashMap<(String, String), u32>,
+        period_used: &HashMap<(String, String), i64>,
         today: EpochDay,
     ) -> Result<Self, SnapshotError> {
         let router = Router::new(&config.apis)?;
@@ -245,7 +245,7 @@ impl Snapshot {
     pub fn rebuild(
         &self,
         records: &Records,
-        period_used: &HashMap<(String, String), u32>,
+        period_used: &HashMap<(String, String), i64>,
         today: EpochDay,
     ) -> Self {
         Self::assemble(
@@ -260,7 +260,7 @@ impl Snapshot {
     fn assemble(
         routing: Arc<Routing>,
         records: &Records,
-        period_used: &HashMap<(String, String), u32>,
+        period_used: &HashMap<(String, String), i64>,
         today: EpochDay,
         previous: Option<&Snapshot>,
     ) -> Self {
@@ -500,14 +500,14 @@ fn bucket_info(bucket: &Bucket, remaining: u64, now: u64) -> BucketInfo {
 }
 
 /// The quota part of the headers; `remaining` when just decided, else read from the counter.
-fn quota_info(grant: &Grant, now: u64, remaining: Option<u32>) -> Option<QuotaInfo> {
+fn quota_info(grant: &Grant, now: u64, remaining: Option<u64>) -> Option<QuotaInfo> {
     let quota = grant.quota.as_ref()?;
     let limit = quota.settings().limit;
     let window: QuotaWindow = quota.window(EpochDay::from_nanos(now));
-    let remaining = remaining.unwrap_or_else(|| limit.saturating_sub(quota.used(now)));
+    let remaining = remaining.unwrap_or_else(|| quota.remaining(now));
     Some(QuotaInfo {
         limit: u64::from(limit),
-        remaining: u64::from(remaining),
+        remaining,
         reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
         window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
     })
@@ -579,6 +579,7 @@ mod tests {
             customer_id: None,
             enabled,
             value_hash: KeyHash::of(value),
+            sealed_value: None,
             created_date: 0,
             last_updated_date: 0,
         };
@@ -799,7 +800,7 @@ mod tests {
             period: Period::Month,
         };
         let rec = records(None, Some(quota));
-        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9u32)]);
+        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9i64)]);
         let s = Snapshot::build(config(None, None), &rec, &used, EpochDay::from_nanos(T0)).unwrap();
         let get = "/prod/registrations/42";
         assert_eq!(
@@ -846,7 +847,7 @@ mod tests {
         rec.plans[0].quota = Some(QuotaSettings { limit: 20, ..quota });
         rec.keys[0].enabled = false;
         rec.keys[1].enabled = true;
-        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4u32)]);
+        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]);
         let s3 = s2.rebuild(&rec, &used, EpochDay::from_nanos(T0));
         assert_eq!(
             call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),

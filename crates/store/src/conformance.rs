@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
-use crate::{DeclaredKey, DeclaredPlan, Store, StoreError, UsageDelta, UsageRow, apply_declared};
+use crate::{
+    DeclaredKey, DeclaredPlan, QuotaAdjustment, Store, StoreError, UsageDelta, UsageRow,
+    apply_declared,
+};
 
 /// Runs every conformance check against `store`, which must start empty.
 pub fn run_all(store: &dyn Store) {
@@ -16,6 +19,8 @@ pub fn run_all(store: &dyn Store) {
     duplicate_values_conflict(store);
     bindings_are_idempotent(store);
     usage_accumulates_and_filters(store);
+    deletes_take_memberships_along(store);
+    quota_adjustments_accumulate(store);
     declared_state_is_applied_by_name(store);
 }
 
@@ -55,6 +60,7 @@ fn key(id: &str, value: &str) -> ApiKey {
         customer_id: Some("cust".into()),
         enabled: true,
         value_hash: KeyHash::of(value),
+        sealed_value: Some(vec![1, 2, 3]),
         created_date: 1_700_000_000,
         last_updated_date: 1_700_000_000,
     }
@@ -245,4 +251,55 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
     );
     // Records the file does not mention are untouched.
     assert!(second.plans.iter().any(|p| p.id == "rt0001"));
+}
+
+pub fn deletes_take_memberships_along(store: &dyn Store) {
+    store.put_plan(&plan("del001")).unwrap();
+    store.put_plan(&plan("del002")).unwrap();
+    store
+        .put_key(&key("delkey0001", "delete-me-value-0123456789"))
+        .unwrap();
+    store.bind("del001", "delkey0001").unwrap();
+    store.bind("del002", "delkey0001").unwrap();
+    store.delete_plan("del001").unwrap();
+    let r = store.load().unwrap();
+    assert!(!r.plans.iter().any(|p| p.id == "del001"));
+    assert!(!r.bindings.iter().any(|(p, _)| p == "del001"));
+    assert!(r.bindings.contains(&("del002".into(), "delkey0001".into())));
+    store.delete_key("delkey0001").unwrap();
+    let r = store.load().unwrap();
+    assert!(!r.keys.iter().any(|k| k.id == "delkey0001"));
+    assert!(!r.bindings.iter().any(|(_, k)| k == "delkey0001"));
+    // Its value is free again.
+    store
+        .put_key(&key("delkey0002", "delete-me-value-0123456789"))
+        .unwrap();
+    store.delete_key("never-existed").unwrap();
+    store.delete_plan("never-existed").unwrap();
+}
+
+pub fn quota_adjustments_accumulate(store: &dyn Store) {
+    store.adjust_quota("adjp01", "k1", EpochDay(20), 5).unwrap();
+    store
+        .adjust_quota("adjp01", "k1", EpochDay(20), -7)
+        .unwrap();
+    store.adjust_quota("adjp01", "k1", EpochDay(22), 1).unwrap();
+    store.adjust_quota("adjp01", "k2", EpochDay(20), 3).unwrap();
+    let adj = |key: &str, day: u32, delta: i64| QuotaAdjustment {
+        key_id: key.into(),
+        day: EpochDay(day),
+        delta,
+    };
+    assert_eq!(
+        store
+            .quota_adjustments("adjp01", None, EpochDay(0), EpochDay(21))
+            .unwrap(),
+        vec![adj("k1", 20, -2), adj("k2", 20, 3)]
+    );
+    assert_eq!(
+        store
+            .quota_adjustments("adjp01", Some("k1"), EpochDay(21), EpochDay(30))
+            .unwrap(),
+        vec![adj("k1", 22, 1)]
+    );
 }

@@ -5,6 +5,7 @@
 
 pub mod conformance;
 pub mod ids;
+pub mod report;
 mod sqlite;
 mod sync;
 
@@ -49,6 +50,17 @@ pub struct UsageRow {
     pub used: u64,
 }
 
+/// A change of one key's remaining quota made on one day (positive: fewer requests left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaAdjustment {
+    /// The API key.
+    pub key_id: String,
+    /// The UTC day it was made.
+    pub day: EpochDay,
+    /// Requests added to the period's count.
+    pub delta: i64,
+}
+
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -81,12 +93,34 @@ pub trait Store: Send + Sync {
     /// Creates or replaces a key (matched by id). Fails with [`StoreError::DuplicateKeyValue`] when
     /// another key has the same value hash.
     fn put_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// Deletes a key and its plan memberships (usage history stays). Unknown ids are not an error.
+    fn delete_key(&self, key_id: &str) -> Result<(), StoreError>;
+    /// Deletes a plan and its key memberships (usage history stays). Unknown ids are not an error.
+    fn delete_plan(&self, plan_id: &str) -> Result<(), StoreError>;
     /// Adds a key to a plan (idempotent).
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
     /// Removes a key from a plan (idempotent).
     fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
     /// Adds counted requests, all in one transaction.
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Adds `delta` to the quota adjustment of (plan, key) on `day`: what AWS UpdateUsage
+    /// (`replace /remaining`) records, so a changed remaining count survives restarts.
+    fn adjust_quota(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError>;
+    /// Quota adjustments of a plan's keys (or one key) from `from` to `to` inclusive, ordered by key
+    /// then day.
+    fn quota_adjustments(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<QuotaAdjustment>, StoreError>;
     /// Per-day usage of a plan's keys (or one key) from `from` to `to` inclusive, ordered by key then
     /// day; days without requests are absent.
     fn usage(

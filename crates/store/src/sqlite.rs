@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{Records, Store, StoreError, UsageDelta, UsageRow};
+use crate::{QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_plans (
@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     customer_id       TEXT,
     enabled           INTEGER NOT NULL,
     value_sha256      BLOB NOT NULL UNIQUE,
+    value_sealed      BLOB,            -- AES-256-GCM, only with keyValueStorage: encrypted
     created_date      INTEGER NOT NULL,
     last_updated_date INTEGER NOT NULL
 );
@@ -35,6 +36,13 @@ CREATE TABLE IF NOT EXISTS usage (
     key_id  TEXT NOT NULL,
     day     INTEGER NOT NULL,        -- days since 1970-01-01 UTC
     used    INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, key_id, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota_adjustments (
+    plan_id TEXT NOT NULL,
+    key_id  TEXT NOT NULL,
+    day     INTEGER NOT NULL,
+    delta   INTEGER NOT NULL,        -- added to the period's count (UpdateUsage)
     PRIMARY KEY (plan_id, key_id, day)
 ) WITHOUT ROWID;
 ";
@@ -102,7 +110,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare(
                 "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
-                        last_updated_date FROM api_keys ORDER BY id",
+                        last_updated_date, value_sealed FROM api_keys ORDER BY id",
             )
             .map_err(backend)?;
         let rows = stmt
@@ -116,11 +124,12 @@ impl Store for SqliteStore {
                     r.get::<_, Vec<u8>>(5)?,
                     r.get::<_, i64>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, Option<Vec<u8>>>(8)?,
                 ))
             })
             .map_err(backend)?;
         for row in rows {
-            let (id, name, description, customer_id, enabled, hash, created, updated) =
+            let (id, name, description, customer_id, enabled, hash, created, updated, sealed) =
                 row.map_err(backend)?;
             let value_hash = <[u8; 32]>::try_from(hash.as_slice())
                 .map(KeyHash)
@@ -137,6 +146,7 @@ impl Store for SqliteStore {
                 value_hash,
                 created_date: created,
                 last_updated_date: updated,
+                sealed_value: sealed,
             });
         }
 
@@ -182,11 +192,12 @@ impl Store for SqliteStore {
         }
         conn.execute(
             "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
-                                   last_updated_date)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                   last_updated_date, value_sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
                  customer_id = excluded.customer_id, enabled = excluded.enabled,
-                 value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date",
+                 value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
+                 value_sealed = excluded.value_sealed",
             params![
                 key.id,
                 key.name,
@@ -195,11 +206,76 @@ impl Store for SqliteStore {
                 key.enabled,
                 &key.value_hash.0[..],
                 key.created_date,
-                key.last_updated_date
+                key.last_updated_date,
+                key.sealed_value
             ],
         )
         .map_err(backend)?;
         Ok(())
+    }
+
+    fn delete_key(&self, key_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        tx.execute("DELETE FROM usage_plan_keys WHERE key_id = ?1", [key_id])
+            .map_err(backend)?;
+        tx.execute("DELETE FROM api_keys WHERE id = ?1", [key_id])
+            .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn delete_plan(&self, plan_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        tx.execute("DELETE FROM usage_plan_keys WHERE plan_id = ?1", [plan_id])
+            .map_err(backend)?;
+        tx.execute("DELETE FROM usage_plans WHERE id = ?1", [plan_id])
+            .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn adjust_quota(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO quota_adjustments (plan_id, key_id, day, delta) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(plan_id, key_id, day) DO UPDATE SET delta = delta + excluded.delta",
+                params![plan_id, key_id, day.0, delta],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn quota_adjustments(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<QuotaAdjustment>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT key_id, day, delta FROM quota_adjustments
+                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
+                 ORDER BY key_id, day",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
+                Ok(QuotaAdjustment {
+                    key_id: r.get(0)?,
+                    day: to_day(r.get(1)?),
+                    delta: r.get(2)?,
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
     }
 
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {

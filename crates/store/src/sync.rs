@@ -102,6 +102,10 @@ pub fn apply_declared(
             value_hash,
             created_date: existing.map_or(now_secs, |k| k.created_date),
             last_updated_date: existing.map_or(now_secs, |k| k.last_updated_date),
+            // A sealed copy of an old value must not outlive the value.
+            sealed_value: existing
+                .filter(|k| k.value_hash == value_hash)
+                .and_then(|k| k.sealed_value.clone()),
         };
         if existing != Some(&key) {
             key.last_updated_date = now_secs;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
+use tollgate_core::quota::EpochDay;
+use tollgate_store::report::plan_usage;
 use tollgate_store::{SqliteStore, Store};
 
 use crate::cli::Failure;
@@ -90,42 +91,15 @@ pub fn run(args: &UsageArgs) -> Result<(), Failure> {
         ),
     };
 
-    // Remaining on `from` depends on usage since its period began.
-    let since = plan
-        .quota
-        .as_ref()
-        .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
-    let rows = store
-        .usage(&plan.id, key_filter.map(|k| k.id.as_str()), since, to)
-        .map_err(|e| Failure::Runtime(e.into()))?;
-    let mut key_ids: Vec<&str> = match key_filter {
-        Some(k) => vec![k.id.as_str()],
-        None => records
-            .bindings
-            .iter()
-            .filter(|(p, _)| *p == plan.id)
-            .map(|(_, k)| k.as_str())
-            .collect(),
-    };
-    for row in &rows {
-        if !key_ids.contains(&row.key_id.as_str()) {
-            key_ids.push(&row.key_id);
-        }
-    }
-    key_ids.sort_unstable();
-
-    let mut values = BTreeMap::new();
-    for key_id in key_ids {
-        let daily: Vec<(EpochDay, u64)> = rows
-            .iter()
-            .filter(|r| r.key_id == key_id)
-            .map(|r| (r.day, r.used))
-            .collect();
-        values.insert(
-            key_id.to_string(),
-            usage_report(plan.quota.as_ref(), &daily, from, to),
-        );
-    }
+    let values = plan_usage(
+        &store,
+        &records,
+        plan,
+        key_filter.map(|k| k.id.as_str()),
+        from,
+        to,
+    )
+    .map_err(|e| Failure::Runtime(e.into()))?;
     let usage = Usage {
         usage_plan_id: plan.id.clone(),
         start_date: from.to_string(),
