@@ -1,0 +1,75 @@
+//! Control-plane errors and the one place they become AWS error responses: status, `x-amzn-ErrorType`
+//! and a `{"message": …, "__type": …}` body (botocore reads the header, moto-style clients the body).
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use tollgate_store::StoreError;
+
+use crate::sigv4::SignatureError;
+
+/// Everything an admin request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// 400 BadRequestException.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404 NotFoundException.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409 ConflictException.
+    #[error("{0}")]
+    Conflict(String),
+    /// 403, one of the SigV4 error types.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// 500: the store or the gateway failed. The details are logged, not sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DuplicateKeyValue => AdminError::Conflict("API Key already exists".into()),
+            StoreError::NotFound(what) => AdminError::NotFound(what),
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<tollgate_gateway::GatewayError> for AdminError {
+    fn from(e: tollgate_gateway::GatewayError) -> Self {
+        AdminError::Internal(e.to_string())
+    }
+}
+
+/// Shorthand for AWS's message for unknown API key ids.
+pub fn unknown_key() -> AdminError {
+    AdminError::NotFound("Invalid API Key identifier specified".into())
+}
+
+/// Shorthand for AWS's message for unknown usage plan ids.
+pub fn unknown_plan() -> AdminError {
+    AdminError::NotFound("Invalid Usage Plan ID specified".into())
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, error_type, message) = match &self {
+            AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, "BadRequestException", m.clone()),
+            AdminError::NotFound(m) => (StatusCode::NOT_FOUND, "NotFoundException", m.clone()),
+            AdminError::Conflict(m) => (StatusCode::CONFLICT, "ConflictException", m.clone()),
+            AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),
+            AdminError::Internal(detail) => {
+                tracing::error!(error = %detail, "admin request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure", "Internal server error".to_string())
+            }
+        };
+        let body = serde_json::json!({ "message": message, "__type": error_type }).to_string();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert("x-amzn-errortype", HeaderValue::from_static(error_type));
+        resp
+    }
+}
