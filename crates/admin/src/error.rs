@@ -56,19 +56,28 @@ pub fn unknown_plan() -> AdminError {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let (status, error_type, message) = match &self {
-            AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, "BadRequestException", m.clone()),
+            AdminError::BadRequest(m) => {
+                (StatusCode::BAD_REQUEST, "BadRequestException", m.clone())
+            }
             AdminError::NotFound(m) => (StatusCode::NOT_FOUND, "NotFoundException", m.clone()),
             AdminError::Conflict(m) => (StatusCode::CONFLICT, "ConflictException", m.clone()),
             AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),
             AdminError::Internal(detail) => {
                 tracing::error!(error = %detail, "admin request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure", "Internal server error".to_string())
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalFailure",
+                    "Internal server error".to_string(),
+                )
             }
         };
         let body = serde_json::json!({ "message": message, "__type": error_type }).to_string();
         let mut resp = (status, body).into_response();
         let h = resp.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert("x-amzn-errortype", HeaderValue::from_static(error_type));
         resp
     }

@@ -1,6 +1,6 @@
 //! tollgate's control plane: AWS API Gateway's management API for API keys, usage plans, usage plan
 //! keys and usage, authenticated with SigV4, so the AWS CLI and SDKs work with `--endpoint-url`.
 
-pub mod sigv4;
 pub mod error;
 pub mod seal;
+pub mod sigv4;

@@ -42,7 +42,9 @@ impl Sealer {
             *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or(SealError::BadKey)?, 16)
                 .map_err(|_| SealError::BadKey)?;
         }
-        Ok(Self { cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::from(key)) })
+        Ok(Self {
+            cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::from(key)),
+        })
     }
 
     /// Encrypts `value` for the key `key_id`: nonce followed by ciphertext and tag.
@@ -51,7 +53,13 @@ impl Sealer {
         getrandom::fill(&mut nonce).expect("the operating system's random source failed");
         let sealed = self
             .cipher
-            .encrypt(&Nonce::from(nonce), Payload { msg: value.as_bytes(), aad: key_id.as_bytes() })
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: key_id.as_bytes(),
+                },
+            )
             .expect("AES-GCM encryption of a short value cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce);
@@ -68,7 +76,13 @@ impl Sealer {
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| SealError::Undecryptable)?;
         let plain = self
             .cipher
-            .decrypt(&Nonce::from(nonce), Payload { msg: body, aad: key_id.as_bytes() })
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: body,
+                    aad: key_id.as_bytes(),
+                },
+            )
             .map_err(|_| SealError::Undecryptable)?;
         String::from_utf8(plain).map_err(|_| SealError::Undecryptable)
     }
@@ -85,12 +99,21 @@ mod tests {
         let s = Sealer::from_hex(KEY).unwrap();
         let sealed = s.seal("key0000001", "secretValue0123456789");
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
-        assert_eq!(s.open("key0000001", &sealed).unwrap(), "secretValue0123456789");
+        assert_eq!(
+            s.open("key0000001", &sealed).unwrap(),
+            "secretValue0123456789"
+        );
         assert_eq!(s.open("key0000002", &sealed), Err(SealError::Undecryptable));
         let other = Sealer::from_hex(&KEY.replace("00", "ff")).unwrap();
-        assert_eq!(other.open("key0000001", &sealed), Err(SealError::Undecryptable));
+        assert_eq!(
+            other.open("key0000001", &sealed),
+            Err(SealError::Undecryptable)
+        );
         assert_ne!(s.seal("k", "v"), s.seal("k", "v"), "fresh nonce each time");
         assert_eq!(Sealer::from_hex("abc").unwrap_err(), SealError::BadKey);
-        assert_eq!(Sealer::from_hex(&"zz".repeat(32)).unwrap_err(), SealError::BadKey);
+        assert_eq!(
+            Sealer::from_hex(&"zz".repeat(32)).unwrap_err(),
+            SealError::BadKey
+        );
     }
 }

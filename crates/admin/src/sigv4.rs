@@ -28,7 +28,9 @@ pub struct Credentials {
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("Credentials").field("access_key_id", &self.access_key_id).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,7 +70,8 @@ impl SignatureError {
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -89,7 +92,10 @@ pub fn payload_hash(body: &[u8]) -> String {
 /// RFC 3986 encoding as SigV4 wants it: everything but unreserved characters (and `/` when asked).
 fn uri_encode(input: &[u8], keep_slash: bool, out: &mut String) {
     for &b in input {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/') {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (keep_slash && b == b'/')
+        {
             out.push(char::from(b));
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -192,7 +198,10 @@ fn string_to_sign(p: &Parts<'_>, amz_date: &str, scope: &str) -> Option<String> 
         p.signed.join(";"),
         p.payload_hash
     );
-    Some(format!("{ALGORITHM}\n{amz_date}\n{scope}\n{}", payload_hash(canonical.as_bytes())))
+    Some(format!(
+        "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
+        payload_hash(canonical.as_bytes())
+    ))
 }
 
 fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> [u8; 32] {
@@ -213,16 +222,36 @@ pub fn amz_date(unix_secs: i64) -> String {
     let day = EpochDay(u32::try_from(secs / 86_400).unwrap_or(u32::MAX));
     let d = day.date();
     let rem = secs % 86_400;
-    format!("{:04}{:02}{:02}T{:02}{:02}{:02}Z", d.year(), d.month(), d.day(), rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        d.year(),
+        d.month(),
+        d.day(),
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn parse_amz_date(text: &str) -> Option<i64> {
     let b = text.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !text[..8].bytes().chain(text[9..15].bytes()).all(|c| c.is_ascii_digit()) {
+    if b.len() != 16
+        || b[8] != b'T'
+        || b[15] != b'Z'
+        || !text[..8]
+            .bytes()
+            .chain(text[9..15].bytes())
+            .all(|c| c.is_ascii_digit())
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| text[r].parse::<i64>().ok();
-    let date = jiff::civil::Date::new(i16::try_from(num(0..4)?).ok()?, i8::try_from(num(4..6)?).ok()?, i8::try_from(num(6..8)?).ok()?).ok()?;
+    let date = jiff::civil::Date::new(
+        i16::try_from(num(0..4)?).ok()?,
+        i8::try_from(num(4..6)?).ok()?,
+        i8::try_from(num(6..8)?).ok()?,
+    )
+    .ok()?;
     let (h, m, s) = (num(9..11)?, num(11..13)?, num(13..15)?);
     if h > 23 || m > 59 || s > 60 {
         return None;
@@ -247,8 +276,14 @@ pub fn sign(
 ) {
     let date_time = amz_date(unix_secs);
     let hash = payload_hash(body);
-    headers.insert("x-amz-date", HeaderValue::try_from(date_time.as_str()).expect("digits are a valid header"));
-    headers.insert("x-amz-content-sha256", HeaderValue::try_from(hash.as_str()).expect("hex is a valid header"));
+    headers.insert(
+        "x-amz-date",
+        HeaderValue::try_from(date_time.as_str()).expect("digits are a valid header"),
+    );
+    headers.insert(
+        "x-amz-content-sha256",
+        HeaderValue::try_from(hash.as_str()).expect("hex is a valid header"),
+    );
     let mut names: Vec<String> = headers
         .keys()
         .map(HeaderName::as_str)
@@ -261,9 +296,22 @@ pub fn sign(
     let scope = format!("{}/{region}/{SERVICE}/aws4_request", &date_time[..8]);
     let mut canonical_uri = String::new();
     uri_encode(path.as_bytes(), true, &mut canonical_uri);
-    let parts = Parts { method, canonical_uri, query, headers, signed: &signed, payload_hash: &hash };
-    let to_sign = string_to_sign(&parts, &date_time, &scope).expect("every signed header is present");
-    let key = signing_key(&credentials.secret_access_key, &date_time[..8], region, SERVICE);
+    let parts = Parts {
+        method,
+        canonical_uri,
+        query,
+        headers,
+        signed: &signed,
+        payload_hash: &hash,
+    };
+    let to_sign =
+        string_to_sign(&parts, &date_time, &scope).expect("every signed header is present");
+    let key = signing_key(
+        &credentials.secret_access_key,
+        &date_time[..8],
+        region,
+        SERVICE,
+    );
     let signature = hex(&hmac(&key, to_sign.as_bytes()));
     let auth = format!(
         "{ALGORITHM} Credential={}/{scope}, SignedHeaders={}, Signature={signature}",
@@ -297,11 +345,18 @@ pub fn verify<'c>(
     known: &'c [Credentials],
     now_secs: i64,
 ) -> Result<&'c str, SignatureError> {
-    let auth = req.headers.get(http::header::AUTHORIZATION).ok_or(SignatureError::Missing)?;
-    let auth = auth.to_str().map_err(|_| SignatureError::Incomplete("Authorization header is not ASCII".into()))?;
-    let rest = auth
-        .strip_prefix(ALGORITHM)
-        .ok_or_else(|| SignatureError::Incomplete(format!("Authorization header requires the {ALGORITHM} algorithm")))?;
+    let auth = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(SignatureError::Missing)?;
+    let auth = auth
+        .to_str()
+        .map_err(|_| SignatureError::Incomplete("Authorization header is not ASCII".into()))?;
+    let rest = auth.strip_prefix(ALGORITHM).ok_or_else(|| {
+        SignatureError::Incomplete(format!(
+            "Authorization header requires the {ALGORITHM} algorithm"
+        ))
+    })?;
     let (mut credential, mut signed_headers, mut signature) = (None, None, None);
     for part in rest.split(',') {
         let part = part.trim();
@@ -313,29 +368,44 @@ pub fn verify<'c>(
             signature = Some(v);
         }
     }
-    let missing = |what: &str| SignatureError::Incomplete(format!("Authorization header requires '{what}' parameter. Authorization={auth}"));
+    let missing = |what: &str| {
+        SignatureError::Incomplete(format!(
+            "Authorization header requires '{what}' parameter. Authorization={auth}"
+        ))
+    };
     let credential = credential.ok_or_else(|| missing("Credential"))?;
     let signed_headers = signed_headers.ok_or_else(|| missing("SignedHeaders"))?;
     let signature = signature.ok_or_else(|| missing("Signature"))?;
 
     let mut scope_parts = credential.splitn(5, '/');
-    let (Some(access_key), Some(date), Some(region), Some(service), Some(terminator)) =
-        (scope_parts.next(), scope_parts.next(), scope_parts.next(), scope_parts.next(), scope_parts.next())
-    else {
-        return Err(SignatureError::Incomplete(format!("Credential should be scoped to a valid region, service and date. {credential}")));
+    let (Some(access_key), Some(date), Some(region), Some(service), Some(terminator)) = (
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+    ) else {
+        return Err(SignatureError::Incomplete(format!(
+            "Credential should be scoped to a valid region, service and date. {credential}"
+        )));
     };
     if service != SERVICE || terminator != "aws4_request" {
         return Err(SignatureError::Incomplete(format!(
             "Credential should be scoped to correct service: '{SERVICE}'. {credential}"
         )));
     }
-    let creds = known.iter().find(|c| c.access_key_id == access_key).ok_or(SignatureError::UnknownAccessKey)?;
+    let creds = known
+        .iter()
+        .find(|c| c.access_key_id == access_key)
+        .ok_or(SignatureError::UnknownAccessKey)?;
 
     let date_header = req
         .headers
         .get("x-amz-date")
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| SignatureError::Incomplete("Authorization requires the X-Amz-Date header".into()))?;
+        .ok_or_else(|| {
+            SignatureError::Incomplete("Authorization requires the X-Amz-Date header".into())
+        })?;
     let signed_at = parse_amz_date(date_header)
         .ok_or_else(|| SignatureError::Incomplete(format!("Invalid X-Amz-Date: {date_header}")))?;
     if !date_header.starts_with(date) {
@@ -361,10 +431,16 @@ pub fn verify<'c>(
 
     let signed: Vec<&str> = signed_headers.split(';').collect();
     if !signed.contains(&"host") {
-        return Err(SignatureError::Incomplete("'Host' must be a signed header".into()));
+        return Err(SignatureError::Incomplete(
+            "'Host' must be a signed header".into(),
+        ));
     }
     let hash = payload_hash(req.body);
-    if let Some(claimed) = req.headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
+    if let Some(claimed) = req
+        .headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+    {
         if claimed != hash && claimed != "UNSIGNED-PAYLOAD" {
             return Err(SignatureError::Mismatch);
         }
@@ -377,7 +453,11 @@ pub fn verify<'c>(
     uri_encode(&percent_decode(req.path), true, &mut once);
     let mut twice = String::new();
     uri_encode(req.path.as_bytes(), true, &mut twice);
-    let candidates = if once == twice { vec![once] } else { vec![twice, once] };
+    let candidates = if once == twice {
+        vec![once]
+    } else {
+        vec![twice, once]
+    };
     for canonical_uri in candidates {
         let parts = Parts {
             method: req.method,
@@ -388,9 +468,14 @@ pub fn verify<'c>(
             payload_hash: &hash,
         };
         let Some(to_sign) = string_to_sign(&parts, date_header, &scope) else {
-            return Err(SignatureError::Incomplete("a signed header is missing from the request".into()));
+            return Err(SignatureError::Incomplete(
+                "a signed header is missing from the request".into(),
+            ));
         };
-        if constant_time_eq(hex(&hmac(&key, to_sign.as_bytes())).as_bytes(), signature.as_bytes()) {
+        if constant_time_eq(
+            hex(&hmac(&key, to_sign.as_bytes())).as_bytes(),
+            signature.as_bytes(),
+        ) {
             return Ok(&creds.access_key_id);
         }
     }
@@ -425,7 +510,12 @@ mod tests {
         };
         let scope = "20150830/us-east-1/service/aws4_request";
         let to_sign = string_to_sign(&parts, "20150830T123600Z", scope).unwrap();
-        let key = signing_key(&creds().secret_access_key, "20150830", "us-east-1", "service");
+        let key = signing_key(
+            &creds().secret_access_key,
+            "20150830",
+            "us-east-1",
+            "service",
+        );
         assert_eq!(
             hex(&hmac(&key, to_sign.as_bytes())),
             "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
@@ -437,7 +527,16 @@ mod tests {
         headers.insert("host", "127.0.0.1:8081".parse().unwrap());
         headers.insert("content-type", "application/json".parse().unwrap());
         let c = creds();
-        sign(&Method::POST, "/apikeys", "mode=import&format=csv", &mut headers, body, &c, "eu-west-1", at);
+        sign(
+            &Method::POST,
+            "/apikeys",
+            "mode=import&format=csv",
+            &mut headers,
+            body,
+            &c,
+            "eu-west-1",
+            at,
+        );
         (headers, c)
     }
 
@@ -445,36 +544,93 @@ mod tests {
     fn sign_then_verify() {
         let now = 1_795_000_000;
         let (headers, c) = signed_request(b"{}", now);
-        let req = SignedRequest { method: &Method::POST, path: "/apikeys", query: "format=csv&mode=import", headers: &headers, body: b"{}" };
-        assert_eq!(verify(&req, std::slice::from_ref(&c), now + 60), Ok("AKIDEXAMPLE"));
+        let req = SignedRequest {
+            method: &Method::POST,
+            path: "/apikeys",
+            query: "format=csv&mode=import",
+            headers: &headers,
+            body: b"{}",
+        };
+        assert_eq!(
+            verify(&req, std::slice::from_ref(&c), now + 60),
+            Ok("AKIDEXAMPLE")
+        );
 
         // A changed body, method, path or query breaks it.
-        let bad = SignedRequest { body: b"{ }", ..req };
-        assert_eq!(verify(&bad, std::slice::from_ref(&c), now), Err(SignatureError::Mismatch));
-        let bad = SignedRequest { path: "/usageplans", ..req };
-        assert_eq!(verify(&bad, std::slice::from_ref(&c), now), Err(SignatureError::Mismatch));
-        let bad = SignedRequest { query: "mode=import", ..req };
-        assert_eq!(verify(&bad, std::slice::from_ref(&c), now), Err(SignatureError::Mismatch));
+        let bad = SignedRequest {
+            body: b"{ }",
+            ..req
+        };
+        assert_eq!(
+            verify(&bad, std::slice::from_ref(&c), now),
+            Err(SignatureError::Mismatch)
+        );
+        let bad = SignedRequest {
+            path: "/usageplans",
+            ..req
+        };
+        assert_eq!(
+            verify(&bad, std::slice::from_ref(&c), now),
+            Err(SignatureError::Mismatch)
+        );
+        let bad = SignedRequest {
+            query: "mode=import",
+            ..req
+        };
+        assert_eq!(
+            verify(&bad, std::slice::from_ref(&c), now),
+            Err(SignatureError::Mismatch)
+        );
         // A wrong secret, an unknown key, a stale or future time.
-        let wrong = Credentials { secret_access_key: "other".into(), ..c.clone() };
+        let wrong = Credentials {
+            secret_access_key: "other".into(),
+            ..c.clone()
+        };
         assert_eq!(verify(&req, &[wrong], now), Err(SignatureError::Mismatch));
-        let other = Credentials { access_key_id: "AKIDOTHER".into(), ..c.clone() };
-        assert_eq!(verify(&req, &[other], now), Err(SignatureError::UnknownAccessKey));
+        let other = Credentials {
+            access_key_id: "AKIDOTHER".into(),
+            ..c.clone()
+        };
+        assert_eq!(
+            verify(&req, &[other], now),
+            Err(SignatureError::UnknownAccessKey)
+        );
         let expired = verify(&req, std::slice::from_ref(&c), now + 16 * 60).unwrap_err();
-        assert!(matches!(expired, SignatureError::Expired(ref m) if m.starts_with("Signature expired: ")), "{expired:?}");
-        assert!(matches!(verify(&req, std::slice::from_ref(&c), now - 16 * 60), Err(SignatureError::Expired(_))));
+        assert!(
+            matches!(expired, SignatureError::Expired(ref m) if m.starts_with("Signature expired: ")),
+            "{expired:?}"
+        );
+        assert!(matches!(
+            verify(&req, std::slice::from_ref(&c), now - 16 * 60),
+            Err(SignatureError::Expired(_))
+        ));
     }
 
     #[test]
     fn malformed_authorization() {
         let mut headers = HeaderMap::new();
         let c = [creds()];
-        let req = |h: &HeaderMap| verify(&SignedRequest { method: &Method::GET, path: "/", query: "", headers: h, body: b"" }, &c, 0).unwrap_err();
+        let req = |h: &HeaderMap| {
+            verify(
+                &SignedRequest {
+                    method: &Method::GET,
+                    path: "/",
+                    query: "",
+                    headers: h,
+                    body: b"",
+                },
+                &c,
+                0,
+            )
+            .unwrap_err()
+        };
         assert_eq!(req(&headers), SignatureError::Missing);
         headers.insert("authorization", "Basic abc".parse().unwrap());
         assert!(matches!(req(&headers), SignatureError::Incomplete(_)));
         headers.insert("authorization", "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00".parse().unwrap());
-        assert!(matches!(req(&headers), SignatureError::Incomplete(m) if m.contains("'apigateway'")));
+        assert!(
+            matches!(req(&headers), SignatureError::Incomplete(m) if m.contains("'apigateway'"))
+        );
     }
 
     #[test]

@@ -84,6 +84,15 @@ pub struct RawThrottle {
     pub burst_limit: u32,
 }
 
+impl From<RawThrottle> for tollgate_core::ThrottleSettings {
+    fn from(t: RawThrottle) -> Self {
+        Self {
+            rate_limit: t.rate_limit,
+            burst_limit: t.burst_limit,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawApi {

@@ -12,7 +12,8 @@ use tollgate_core::quota::Period;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{
-    Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod, Stage,
+    Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route, RouteMethod, Stage,
+    check_api_stage, check_throttle,
 };
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
@@ -69,17 +70,11 @@ impl Ctx<'_> {
         at: &Location,
         field: &str,
     ) -> Result<ThrottleSettings, ConfigError> {
-        if !t.rate_limit.is_finite() || t.rate_limit < 0.0 {
-            return self.err(
-                at,
-                format!("{field}.rateLimit"),
-                "must be a number of requests per second, 0 or more",
-            );
+        let settings = ThrottleSettings::from(*t);
+        match check_throttle(&settings) {
+            Ok(()) => Ok(settings),
+            Err(e) => self.err(at, format!("{field}.rateLimit"), e.to_string()),
         }
-        Ok(ThrottleSettings {
-            rate_limit: t.rate_limit,
-            burst_limit: t.burst_limit,
-        })
     }
 
     /// Checks a `"/path/METHOD"` → throttle map against the API's routes (`known` throttle keys).
@@ -93,14 +88,11 @@ impl Ctx<'_> {
         let mut out = BTreeMap::new();
         for (key, t) in raw {
             if !known.contains(key) {
-                return self.err(
-                    at,
-                    field,
-                    format!(
-                        "{key:?} names no route of this API; use \"/path/METHOD\", one of: {}",
-                        known.join(", ")
-                    ),
-                );
+                let e = PlanError::UnknownMethod {
+                    key: key.clone(),
+                    known: known.to_vec(),
+                };
+                return self.err(at, field, e.to_string());
             }
             out.insert(
                 key.clone(),
@@ -508,26 +500,6 @@ fn validate_plan(
     for (i, s) in p.api_stages.iter().enumerate() {
         let sf = format!("{field}.apiStages[{i}]");
         let (v, sat) = (&s.value, &s.referenced);
-        let Some(api) = apis.iter().find(|a| a.id == v.api_id) else {
-            return cx.err(
-                sat,
-                format!("{sf}.apiId"),
-                format!(
-                    "Invalid API Stage {{api: {}, stage: {}}}: no API {:?} in apis",
-                    v.api_id, v.stage, v.api_id
-                ),
-            );
-        };
-        if !api.stages.iter().any(|st| st.name == v.stage) {
-            return cx.err(
-                sat,
-                format!("{sf}.stage"),
-                format!(
-                    "Invalid API Stage {{api: {}, stage: {}}}: API {:?} has no stage {:?}",
-                    v.api_id, v.stage, v.api_id, v.stage
-                ),
-            );
-        }
         if api_stages
             .iter()
             .any(|x: &ApiStage| x.api_id == v.api_id && x.stage == v.stage)
@@ -538,21 +510,27 @@ fn validate_plan(
                 format!("{}/{} is listed twice", v.api_id, v.stage),
             );
         }
-        if !v.throttle.is_empty() && throttle.is_none() {
-            return cx.err(
-                sat,
-                format!("{sf}.throttle"),
-                "Can not define fine grain throttling if usage plan throttle is not defined.",
-            );
-        }
-        let known: Vec<String> = api.routes.iter().map(Route::throttle_key).collect();
-        let method_throttles =
-            cx.method_throttles(&v.throttle, &known, sat, &format!("{sf}.throttle"))?;
-        api_stages.push(ApiStage {
+        let method_throttles = v
+            .throttle
+            .iter()
+            .map(|(k, t)| (k.clone(), ThrottleSettings::from(*t)))
+            .collect();
+        let stage = ApiStage {
             api_id: v.api_id.clone(),
             stage: v.stage.clone(),
             throttle: method_throttles,
-        });
+        };
+        if let Err(e) = check_api_stage(apis, &stage, throttle.is_some()) {
+            let sub = match e {
+                PlanError::UnknownApi { .. } => "apiId",
+                PlanError::UnknownStage { .. } => "stage",
+                PlanError::FineGrainWithoutPlanThrottle
+                | PlanError::UnknownMethod { .. }
+                | PlanError::BadRate => "throttle",
+            };
+            return cx.err(sat, format!("{sf}.{sub}"), e.to_string());
+        }
+        api_stages.push(stage);
     }
     Ok(DeclaredPlan {
         name: p.name.clone(),
