@@ -3,4 +3,6 @@
 
 pub mod error;
 pub mod seal;
+pub mod service;
 pub mod sigv4;
+pub mod wire;

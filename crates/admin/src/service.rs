@@ -1,0 +1,1157 @@
+//! The control plane's operations on keys, plans, plan keys and usage, independent of HTTP. Every
+//! write goes to the store first, then to the in-memory records, then into a new gateway snapshot, so
+//! it takes effect on the very next data-plane request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::model::validate_key_value;
+use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
+use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
+use tollgate_gateway::GatewayHandle;
+use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
+use tollgate_store::report::plan_usage;
+use tollgate_store::{Records, Store, ids};
+
+use crate::error::{AdminError, unknown_key, unknown_plan};
+use crate::seal::Sealer;
+use crate::sigv4::Credentials;
+use crate::wire::{
+    ApiKeyOut, ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, Page, PatchOp, QuotaIn, ThrottleIn,
+    UsageOut, UsagePlanKeyOut, UsagePlanOut,
+};
+
+/// AWS's default and largest page sizes.
+const DEFAULT_LIMIT: usize = 25;
+const MAX_LIMIT: usize = 500;
+const KEY_PATHS: &str = "[/description, /enabled, /name, /customerId]";
+
+/// How the control plane is set up.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// Accepted SigV4 credentials; empty means requests are not authenticated (loopback only).
+    pub credentials: Vec<Credentials>,
+    /// Set when key values are stored encrypted (`keyValueStorage: encrypted`).
+    pub sealer: Option<Sealer>,
+}
+
+/// The plans whose live quota counts a write invalidates: they are recomputed from the store.
+type Recount = Vec<String>;
+
+/// The control plane.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    gateway: GatewayHandle,
+    records: tokio::sync::Mutex<Records>,
+    settings: AdminSettings,
+}
+
+/// A parsed paging request.
+#[derive(Debug, Clone, Default)]
+pub struct Paging {
+    /// `limit` (default 25, at most 500).
+    pub limit: Option<i64>,
+    /// `position` from the previous page.
+    pub position: Option<String>,
+}
+
+/// One page of `items` (sorted by `id`), starting at `position`.
+fn page<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, paging: &Paging) -> Page<T> {
+    items.sort_by(|a, b| id(a).cmp(id(b)));
+    let limit = match paging.limit {
+        Some(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+        _ => DEFAULT_LIMIT,
+    };
+    let start = paging
+        .position
+        .as_deref()
+        .map_or(0, |p| items.partition_point(|x| id(x) < p));
+    let mut rest: Vec<T> = items.drain(start..).collect();
+    let position = rest.get(limit).map(|x| id(x).to_string());
+    rest.truncate(limit);
+    Page {
+        position,
+        item: rest,
+    }
+}
+
+fn bad(msg: impl Into<String>) -> AdminError {
+    AdminError::BadRequest(msg.into())
+}
+
+fn throttle_from(t: &ThrottleIn) -> Result<ThrottleSettings, AdminError> {
+    let burst = t.burst_limit.unwrap_or(0);
+    let settings = ThrottleSettings {
+        rate_limit: t.rate_limit.unwrap_or(0.0),
+        burst_limit: u32::try_from(burst)
+            .map_err(|_| bad("burstLimit must be between 0 and 2147483647"))?,
+    };
+    check_throttle(&settings).map_err(|e| bad(e.to_string()))?;
+    Ok(settings)
+}
+
+fn period_from(text: &str) -> Result<Period, AdminError> {
+    match text {
+        "DAY" => Ok(Period::Day),
+        "WEEK" => Ok(Period::Week),
+        "MONTH" => Ok(Period::Month),
+        other => Err(bad(format!(
+            "1 validation error detected: Value '{other}' at 'quota.period' failed to satisfy constraint: Member must satisfy enum value set: [DAY, WEEK, MONTH]"
+        ))),
+    }
+}
+
+fn quota_from(q: &QuotaIn) -> Result<QuotaSettings, AdminError> {
+    let period = period_from(
+        q.period
+            .as_deref()
+            .ok_or_else(|| bad("Invalid quota: period is required"))?,
+    )?;
+    let limit =
+        u32::try_from(q.limit.unwrap_or(0)).map_err(|_| bad("Invalid quota limit specified"))?;
+    let offset =
+        u32::try_from(q.offset.unwrap_or(0)).map_err(|_| bad("Invalid quota offset specified"))?;
+    let settings = QuotaSettings {
+        limit,
+        offset,
+        period,
+    };
+    settings.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(settings)
+}
+
+fn api_stage_from(s: &ApiStageIn) -> Result<ApiStage, AdminError> {
+    let (Some(api_id), Some(stage)) = (&s.api_id, &s.stage) else {
+        return Err(bad("Invalid API Stage specified"));
+    };
+    let mut throttle = BTreeMap::new();
+    for (k, t) in s.throttle.iter().flatten() {
+        throttle.insert(k.clone(), throttle_from(t)?);
+    }
+    Ok(ApiStage {
+        api_id: api_id.clone(),
+        stage: stage.clone(),
+        throttle,
+    })
+}
+
+/// `apiId:stage` as the `/apiStages` patch value writes it.
+fn parse_stage_ref(value: Option<&str>) -> Result<(String, String), AdminError> {
+    let (api, stage) = value
+        .and_then(|v| v.split_once(':'))
+        .filter(|(a, s)| !a.is_empty() && !s.is_empty())
+        .ok_or_else(|| bad("Invalid API Stage specified"))?;
+    Ok((api.to_string(), stage.to_string()))
+}
+
+/// JSON-Pointer unescaping: `~1` is `/`, `~0` is `~`.
+fn unescape(segment: &str) -> String {
+    segment.replace("~1", "/").replace("~0", "~")
+}
+
+fn parse_number<T: std::str::FromStr>(value: Option<&str>, path: &str) -> Result<T, AdminError> {
+    value.and_then(|v| v.trim().parse().ok()).ok_or_else(|| {
+        bad(format!(
+            "Invalid value {:?} for {path}",
+            value.unwrap_or("")
+        ))
+    })
+}
+
+impl Admin {
+    /// The control plane over `store`, driving `gateway`. Loads the records (blocking).
+    pub fn new(
+        store: Arc<dyn Store>,
+        gateway: GatewayHandle,
+        settings: AdminSettings,
+    ) -> Result<Self, AdminError> {
+        let records = store.load()?;
+        Ok(Self {
+            store,
+            gateway,
+            records: tokio::sync::Mutex::new(records),
+            settings,
+        })
+    }
+
+    /// The credentials requests must be signed with.
+    pub fn credentials(&self) -> &[Credentials] {
+        &self.settings.credentials
+    }
+
+    /// Current time, epoch seconds, by the gateway's clock.
+    pub fn now_secs(&self) -> i64 {
+        i64::try_from(self.gateway.clock().now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
+    }
+
+    fn today(&self) -> EpochDay {
+        EpochDay::from_nanos(self.gateway.clock().now())
+    }
+
+    /// Runs a write under the write lock, then serves its records from the next request on.
+    async fn write<T>(
+        &self,
+        f: impl FnOnce(&Self, &mut Records) -> Result<(T, Recount), AdminError>,
+    ) -> Result<T, AdminError> {
+        let mut records = self.records.lock().await;
+        // Store calls block; this runs on the multi-threaded runtime, so say so instead of
+        // stalling a worker's other tasks.
+        let (out, recount) = tokio::task::block_in_place(|| f(self, &mut records))?;
+        if !recount.is_empty() {
+            // Quota counts are rebuilt from the store: everything counted so far must be in it.
+            self.gateway.flush().await?;
+        }
+        let today = self.today();
+        let used = tokio::task::block_in_place(|| {
+            tollgate_gateway::period_usage(
+                &*self.store,
+                records.plans.iter().filter(|p| recount.contains(&p.id)),
+                today,
+            )
+        })?;
+        self.gateway.reload(&records, &used);
+        Ok(out)
+    }
+
+    fn key_out(&self, key: &ApiKey, include_value: bool) -> ApiKeyOut {
+        ApiKeyOut {
+            id: key.id.clone(),
+            value: if include_value { self.open(key) } else { None },
+            name: key.name.clone(),
+            customer_id: key.customer_id.clone(),
+            description: key.description.clone(),
+            enabled: key.enabled,
+            created_date: key.created_date,
+            last_updated_date: key.last_updated_date,
+            stage_keys: Vec::new(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    /// The key's value, when values are stored encrypted.
+    fn open(&self, key: &ApiKey) -> Option<String> {
+        let (sealer, sealed) = (self.settings.sealer.as_ref()?, key.sealed_value.as_ref()?);
+        match sealer.open(&key.id, sealed) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(key = %key.id, error = %e, "cannot return a key value");
+                None
+            }
+        }
+    }
+
+    fn plan_out(plan: &UsagePlan, with_tags: bool) -> UsagePlanOut {
+        UsagePlanOut {
+            id: plan.id.clone(),
+            name: plan.name.clone(),
+            description: plan.description.clone(),
+            api_stages: plan.api_stages.clone(),
+            throttle: plan.throttle,
+            quota: plan.quota,
+            tags: with_tags.then(BTreeMap::new),
+        }
+    }
+
+    // ---- API keys ----
+
+    /// CreateApiKey.
+    pub async fn create_key(&self, input: CreateApiKeyIn) -> Result<ApiKeyOut, AdminError> {
+        let name = input.name.unwrap_or_default();
+        if name.chars().count() > 1024 {
+            return Err(bad("Invalid API Key name, can be at most 1024 characters."));
+        }
+        if input
+            .description
+            .as_ref()
+            .is_some_and(|d| d.chars().count() > 125_000)
+        {
+            return Err(bad("Invalid API Key description specified."));
+        }
+        let value = match input.value.filter(|v| !v.is_empty()) {
+            Some(v) => {
+                validate_key_value(&v).map_err(bad)?;
+                v
+            }
+            None => ids::new_key_value(),
+        };
+        let enabled = input.enabled.unwrap_or(false);
+        let (description, customer_id) = (input.description, input.customer_id);
+        self.write(move |admin, records| {
+            let key = admin.new_key(name, &value, description, customer_id, enabled, records)?;
+            admin.store.put_key(&key)?;
+            let mut out = admin.key_out(&key, false);
+            out.value = Some(value);
+            records.keys.push(key);
+            Ok((out, Vec::new()))
+        })
+        .await
+    }
+
+    fn new_key(
+        &self,
+        name: String,
+        value: &str,
+        description: Option<String>,
+        customer_id: Option<String>,
+        enabled: bool,
+        records: &Records,
+    ) -> Result<ApiKey, AdminError> {
+        let value_hash = KeyHash::of(value);
+        if records.keys.iter().any(|k| k.value_hash == value_hash) {
+            return Err(AdminError::Conflict("API Key already exists".into()));
+        }
+        let id = ids::new_key_id();
+        let now = self.now_secs();
+        Ok(ApiKey {
+            sealed_value: self.settings.sealer.as_ref().map(|s| s.seal(&id, value)),
+            id,
+            name,
+            description,
+            customer_id,
+            enabled,
+            value_hash,
+            created_date: now,
+            last_updated_date: now,
+        })
+    }
+
+    /// GetApiKey.
+    pub async fn get_key(&self, id: &str, include_value: bool) -> Result<ApiKeyOut, AdminError> {
+        let records = self.records.lock().await;
+        let key = records
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or_else(unknown_key)?;
+        Ok(self.key_out(key, include_value))
+    }
+
+    /// GetApiKeys: `name` is a case-sensitive prefix, `customer_id` exact.
+    pub async fn list_keys(
+        &self,
+        name: Option<&str>,
+        customer_id: Option<&str>,
+        include_values: bool,
+        paging: &Paging,
+    ) -> Page<ApiKeyOut> {
+        let records = self.records.lock().await;
+        let items = records
+            .keys
+            .iter()
+            .filter(|k| name.is_none_or(|n| k.name.starts_with(n)))
+            .filter(|k| customer_id.is_none_or(|c| k.customer_id.as_deref() == Some(c)))
+            .map(|k| self.key_out(k, include_values))
+            .collect();
+        page(items, |k: &ApiKeyOut| &k.id, paging)
+    }
+
+    /// UpdateApiKey.
+    pub async fn update_key(&self, id: &str, ops: Vec<PatchOp>) -> Result<ApiKeyOut, AdminError> {
+        self.write(|admin, records| {
+            let at = records.keys.iter().position(|k| k.id == id).ok_or_else(unknown_key)?;
+            let mut key = records.keys[at].clone();
+            for op in &ops {
+                let (verb, path) = (op.op.as_deref().unwrap_or(""), op.path.as_deref().unwrap_or(""));
+                if verb != "replace" {
+                    return Err(bad(format!("Invalid patch path  '{path}' specified for op '{verb}'. Must be one of: {KEY_PATHS}")));
+                }
+                let value = op.value.clone();
+                match path {
+                    "/description" => key.description = value,
+                    // AWS treats anything but "true" as false.
+                    "/enabled" => key.enabled = value.as_deref() == Some("true"),
+                    "/name" => key.name = value.unwrap_or_default(),
+                    "/customerId" => key.customer_id = value,
+                    _ => {
+                        return Err(bad(format!(
+                            "Invalid patch path  '{path}' specified for op 'replace'. Must be one of: {KEY_PATHS}"
+                        )));
+                    }
+                }
+            }
+            key.last_updated_date = admin.now_secs();
+            admin.store.put_key(&key)?;
+            let out = admin.key_out(&key, false);
+            records.keys[at] = key;
+            Ok((out, Vec::new()))
+        })
+        .await
+    }
+
+    /// DeleteApiKey: also removes the key from its plans.
+    pub async fn delete_key(&self, id: &str) -> Result<(), AdminError> {
+        self.write(|admin, records| {
+            if !records.keys.iter().any(|k| k.id == id) {
+                return Err(unknown_key());
+            }
+            admin.store.delete_key(id)?;
+            records.keys.retain(|k| k.id != id);
+            records.bindings.retain(|(_, k)| k != id);
+            Ok(((), Vec::new()))
+        })
+        .await
+    }
+
+    // ---- usage plans ----
+
+    fn check_plan(&self, plan: &UsagePlan, records: &Records) -> Result<(), AdminError> {
+        let snapshot = self.gateway.snapshot();
+        let apis = &snapshot.config().apis;
+        for (i, stage) in plan.api_stages.iter().enumerate() {
+            check_api_stage(apis, stage, plan.throttle.is_some()).map_err(|e| match e {
+                PlanError::UnknownApi { api, stage } | PlanError::UnknownStage { api, stage } => {
+                    AdminError::NotFound(format!(
+                        "Invalid API Stage {{api: {api}, stage: {stage}}} specified for usageplan {}",
+                        plan.id
+                    ))
+                }
+                other => bad(other.to_string()),
+            })?;
+            if plan.api_stages[..i]
+                .iter()
+                .any(|s| s.api_id == stage.api_id && s.stage == stage.stage)
+            {
+                return Err(bad(format!(
+                    "API Stage {}:{} is listed twice",
+                    stage.api_id, stage.stage
+                )));
+            }
+        }
+        // A key may be in only one plan per API stage.
+        for (plan_id, key_id) in records.bindings.iter().filter(|(p, _)| *p == plan.id) {
+            if let Some((other, stage)) =
+                Self::stage_clash(records, plan_id, key_id, &plan.api_stages)
+            {
+                return Err(AdminError::Conflict(format!(
+                    "API Key {key_id} is already in usage plan {other}, which covers the same API Stage {}:{}",
+                    stage.api_id, stage.stage
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Another plan of `key_id` that covers one of `stages`.
+    fn stage_clash<'r>(
+        records: &'r Records,
+        plan_id: &str,
+        key_id: &str,
+        stages: &'r [ApiStage],
+    ) -> Option<(&'r str, &'r ApiStage)> {
+        records
+            .bindings
+            .iter()
+            .filter(|(p, k)| k == key_id && p != plan_id)
+            .filter_map(|(p, _)| records.plans.iter().find(|x| x.id == *p))
+            .find_map(|other| {
+                stages
+                    .iter()
+                    .find(|s| {
+                        other
+                            .api_stages
+                            .iter()
+                            .any(|o| o.api_id == s.api_id && o.stage == s.stage)
+                    })
+                    .map(|s| (other.id.as_str(), s))
+            })
+    }
+
+    /// CreateUsagePlan.
+    pub async fn create_plan(&self, input: CreateUsagePlanIn) -> Result<UsagePlanOut, AdminError> {
+        let name = input
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| bad("Usage plan name is required"))?;
+        let plan = UsagePlan {
+            id: ids::new_plan_id(),
+            name,
+            description: input.description,
+            api_stages: input
+                .api_stages
+                .iter()
+                .flatten()
+                .map(api_stage_from)
+                .collect::<Result<_, _>>()?,
+            throttle: input.throttle.as_ref().map(throttle_from).transpose()?,
+            quota: input.quota.as_ref().map(quota_from).transpose()?,
+        };
+        self.write(move |admin, records| {
+            admin.check_plan(&plan, records)?;
+            admin.store.put_plan(&plan)?;
+            let out = Self::plan_out(&plan, false);
+            records.plans.push(plan);
+            Ok((out, Vec::new()))
+        })
+        .await
+    }
+
+    /// GetUsagePlan.
+    pub async fn get_plan(&self, id: &str) -> Result<UsagePlanOut, AdminError> {
+        let records = self.records.lock().await;
+        let plan = records
+            .plans
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(unknown_plan)?;
+        Ok(Self::plan_out(plan, true))
+    }
+
+    /// GetUsagePlans, optionally only the plans containing `key_id`.
+    pub async fn list_plans(&self, key_id: Option<&str>, paging: &Paging) -> Page<UsagePlanOut> {
+        let records = self.records.lock().await;
+        let items = records
+            .plans
+            .iter()
+            .filter(|p| {
+                key_id.is_none_or(|k| {
+                    records
+                        .bindings
+                        .iter()
+                        .any(|(bp, bk)| *bp == p.id && bk == k)
+                })
+            })
+            .map(|p| Self::plan_out(p, false))
+            .collect();
+        page(items, |p: &UsagePlanOut| &p.id, paging)
+    }
+
+    /// UpdateUsagePlan.
+    pub async fn update_plan(
+        &self,
+        id: &str,
+        ops: Vec<PatchOp>,
+    ) -> Result<UsagePlanOut, AdminError> {
+        self.write(|admin, records| {
+            let at = records
+                .plans
+                .iter()
+                .position(|p| p.id == id)
+                .ok_or_else(unknown_plan)?;
+            let before = records.plans[at].clone();
+            let mut plan = before.clone();
+            let mut quota: Option<QuotaIn> = plan.quota.map(|q| QuotaIn {
+                limit: Some(i64::from(q.limit)),
+                offset: Some(i64::from(q.offset)),
+                period: Some(q.period.to_string()),
+            });
+            for op in &ops {
+                apply_plan_op(&mut plan, &mut quota, op)?;
+            }
+            plan.quota = quota.as_ref().map(quota_from).transpose()?;
+            admin.check_plan(&plan, records)?;
+            admin.store.put_plan(&plan)?;
+            let out = Self::plan_out(&plan, false);
+            let recount = if plan.quota != before.quota {
+                vec![plan.id.clone()]
+            } else {
+                Vec::new()
+            };
+            records.plans[at] = plan;
+            Ok((out, recount))
+        })
+        .await
+    }
+
+    /// DeleteUsagePlan.
+    pub async fn delete_plan(&self, id: &str) -> Result<(), AdminError> {
+        self.write(|admin, records| {
+            if !records.plans.iter().any(|p| p.id == id) {
+                return Err(unknown_plan());
+            }
+            admin.store.delete_plan(id)?;
+            records.plans.retain(|p| p.id != id);
+            records.bindings.retain(|(p, _)| p != id);
+            Ok(((), Vec::new()))
+        })
+        .await
+    }
+
+    // ---- usage plan keys ----
+
+    fn plan_key_out(&self, key: &ApiKey) -> UsagePlanKeyOut {
+        UsagePlanKeyOut {
+            id: key.id.clone(),
+            key_type: "API_KEY",
+            value: self.open(key),
+            name: key.name.clone(),
+        }
+    }
+
+    /// CreateUsagePlanKey.
+    pub async fn create_plan_key(
+        &self,
+        plan_id: &str,
+        key_id: Option<String>,
+        key_type: Option<String>,
+    ) -> Result<UsagePlanKeyOut, AdminError> {
+        let key_id = key_id.ok_or_else(|| bad("Invalid API Key identifier specified"))?;
+        if key_type.as_deref() != Some("API_KEY") {
+            return Err(bad("Invalid key type specified: keyType must be API_KEY"));
+        }
+        self.write(|admin, records| {
+            let plan = records.plans.iter().find(|p| p.id == plan_id).ok_or_else(unknown_plan)?;
+            let key = records.keys.iter().find(|k| k.id == key_id).ok_or_else(unknown_key)?;
+            if records.bindings.iter().any(|(p, k)| p == plan_id && *k == key_id) {
+                return Err(AdminError::Conflict(format!("Usage Plan Key {key_id} already exists in usage plan {plan_id}")));
+            }
+            if let Some((other, stage)) = Self::stage_clash(records, plan_id, &key_id, &plan.api_stages) {
+                return Err(AdminError::Conflict(format!(
+                    "Usage Plan {plan_id} cannot be added because API Key {key_id} cannot reference multiple Usage Plans with the same API Stage: {}:{} (usage plan {other})",
+                    stage.api_id, stage.stage
+                )));
+            }
+            admin.store.bind(plan_id, &key_id)?;
+            let out = admin.plan_key_out(key);
+            records.bindings.push((plan_id.to_string(), key_id.clone()));
+            Ok((out, vec![plan_id.to_string()]))
+        })
+        .await
+    }
+
+    /// GetUsagePlanKey.
+    pub async fn get_plan_key(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+    ) -> Result<UsagePlanKeyOut, AdminError> {
+        let records = self.records.lock().await;
+        if !records.plans.iter().any(|p| p.id == plan_id) {
+            return Err(unknown_plan());
+        }
+        records
+            .bindings
+            .iter()
+            .any(|(p, k)| p == plan_id && k == key_id)
+            .then(|| records.keys.iter().find(|k| k.id == key_id))
+            .flatten()
+            .map(|k| self.plan_key_out(k))
+            .ok_or_else(|| {
+                AdminError::NotFound("Invalid Usage Plan Key identifier specified".into())
+            })
+    }
+
+    /// GetUsagePlanKeys: `name` is a prefix of the key name. An unknown plan has no keys (as AWS).
+    pub async fn list_plan_keys(
+        &self,
+        plan_id: &str,
+        name: Option<&str>,
+        paging: &Paging,
+    ) -> Page<UsagePlanKeyOut> {
+        let records = self.records.lock().await;
+        let items = records
+            .bindings
+            .iter()
+            .filter(|(p, _)| p == plan_id)
+            .filter_map(|(_, k)| records.keys.iter().find(|key| key.id == *k))
+            .filter(|k| name.is_none_or(|n| k.name.starts_with(n)))
+            .map(|k| self.plan_key_out(k))
+            .collect();
+        page(items, |k: &UsagePlanKeyOut| &k.id, paging)
+    }
+
+    /// DeleteUsagePlanKey.
+    pub async fn delete_plan_key(&self, plan_id: &str, key_id: &str) -> Result<(), AdminError> {
+        self.write(|admin, records| {
+            if !records.plans.iter().any(|p| p.id == plan_id) {
+                return Err(unknown_plan());
+            }
+            if !records
+                .bindings
+                .iter()
+                .any(|(p, k)| p == plan_id && k == key_id)
+            {
+                return Err(AdminError::NotFound(
+                    "Invalid Usage Plan Key identifier specified".into(),
+                ));
+            }
+            admin.store.unbind(plan_id, key_id)?;
+            records
+                .bindings
+                .retain(|(p, k)| !(p == plan_id && k == key_id));
+            Ok(((), Vec::new()))
+        })
+        .await
+    }
+
+    // ---- usage ----
+
+    /// GetUsage, in real time: metering is flushed first.
+    pub async fn usage(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        start: Option<&str>,
+        end: Option<&str>,
+        paging: &Paging,
+    ) -> Result<UsageOut, AdminError> {
+        let parse = |v: Option<&str>, which: &str| {
+            v.and_then(|t| t.parse::<jiff::civil::Date>().ok())
+                .and_then(EpochDay::from_date)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "Invalid {which} date specified: expected YYYY-MM-DD"
+                    ))
+                })
+        };
+        let (from, to) = (parse(start, "start")?, parse(end, "end")?);
+        if to < from {
+            return Err(bad("The end date must not be before the start date"));
+        }
+        self.gateway.flush().await?;
+        let records = self.records.lock().await;
+        let plan = records
+            .plans
+            .iter()
+            .find(|p| p.id == plan_id)
+            .ok_or_else(unknown_plan)?;
+        let values = tokio::task::block_in_place(|| {
+            plan_usage(&*self.store, &records, plan, key_id, from, to)
+        })?;
+        let Page { position, item } = page(
+            values.into_iter().collect(),
+            |(k, _): &(String, _)| k,
+            paging,
+        );
+        Ok(UsageOut {
+            usage_plan_id: plan.id.clone(),
+            start_date: from.to_string(),
+            end_date: to.to_string(),
+            position,
+            values: item.into_iter().collect(),
+        })
+    }
+
+    /// UpdateUsage: `replace /remaining` sets what the key has left in the current period.
+    pub async fn update_usage(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        ops: Vec<PatchOp>,
+    ) -> Result<UsageOut, AdminError> {
+        let mut remaining = None;
+        for op in &ops {
+            match (op.op.as_deref(), op.path.as_deref()) {
+                (Some("replace"), Some("/remaining")) => {
+                    remaining = Some(parse_number::<i64>(op.value.as_deref(), "/remaining")?);
+                }
+                (verb, path) => {
+                    return Err(bad(format!(
+                        "Invalid patch path  '{}' specified for op '{}'. Must be one of: [/remaining]",
+                        path.unwrap_or(""),
+                        verb.unwrap_or("")
+                    )));
+                }
+            }
+        }
+        let remaining =
+            remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
+        self.gateway.flush().await?;
+        let window_start = {
+            let records = self.records.lock().await;
+            let plan = records
+                .plans
+                .iter()
+                .find(|p| p.id == plan_id)
+                .ok_or_else(unknown_plan)?;
+            if !records
+                .bindings
+                .iter()
+                .any(|(p, k)| p == plan_id && k == key_id)
+            {
+                return Err(unknown_key());
+            }
+            let quota = plan
+                .quota
+                .ok_or_else(|| bad(format!("Usage plan {plan_id} has no quota")))?;
+            let start = QuotaWindow::containing(&quota, self.today()).start;
+            let snapshot = self.gateway.snapshot();
+            let live = snapshot
+                .grants()
+                .iter()
+                .find(|g| &*g.plan_id == plan_id && &*g.key_id == key_id)
+                .and_then(|g| {
+                    g.quota()
+                        .map(|q| q.set_remaining(self.gateway.clock().now(), remaining))
+                });
+            let delta = match live {
+                Some(delta) => delta,
+                // The key is in the plan but not served (e.g. the plan covers no configured stage):
+                // compute the change from the stored count instead.
+                None => {
+                    let used = tokio::task::block_in_place(|| {
+                        tollgate_gateway::period_usage(&*self.store, [plan], self.today())
+                    })?;
+                    let now_used = used
+                        .get(&(plan_id.to_string(), key_id.to_string()))
+                        .copied()
+                        .unwrap_or(0);
+                    i64::from(quota.limit) - remaining - now_used
+                }
+            };
+            tokio::task::block_in_place(|| {
+                self.store
+                    .adjust_quota(plan_id, key_id, self.today(), delta)
+            })?;
+            start
+        };
+        let paging = Paging::default();
+        self.usage(
+            plan_id,
+            Some(key_id),
+            Some(&window_start.to_string()),
+            Some(&self.today().to_string()),
+            &paging,
+        )
+        .await
+    }
+}
+
+/// Applies one UpdateUsagePlan operation (quota members are collected in `quota` and checked after).
+fn apply_plan_op(
+    plan: &mut UsagePlan,
+    quota: &mut Option<QuotaIn>,
+    op: &PatchOp,
+) -> Result<(), AdminError> {
+    let verb = op.op.as_deref().unwrap_or("");
+    let path = op.path.as_deref().unwrap_or("");
+    let value = op.value.as_deref();
+    let invalid = || {
+        bad(format!(
+            "Invalid patch path {path} specified for op '{verb}'"
+        ))
+    };
+    let set = matches!(verb, "replace" | "add");
+    match (verb, path) {
+        ("replace", "/name") => {
+            plan.name = value
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| bad("Usage plan name is required"))?
+                .to_string();
+        }
+        ("replace", "/description") => plan.description = value.map(str::to_string),
+        // Marketplace product codes have no meaning here; accepted so scripts run unchanged.
+        ("replace", "/productCode") => {}
+        (_, "/throttle/rateLimit") if set => {
+            let t = plan.throttle.get_or_insert(ThrottleSettings {
+                rate_limit: 0.0,
+                burst_limit: 0,
+            });
+            t.rate_limit = parse_number(value, path)?;
+            check_throttle(t).map_err(|e| bad(e.to_string()))?;
+        }
+        (_, "/throttle/burstLimit") if set => {
+            let t = plan.throttle.get_or_insert(ThrottleSettings {
+                rate_limit: 0.0,
+                burst_limit: 0,
+            });
+            t.burst_limit = parse_number(value, path)?;
+        }
+        ("remove", "/throttle") => plan.throttle = None,
+        (_, "/quota/limit") if set => {
+            quota.get_or_insert_with(QuotaIn::default).limit = Some(parse_number(value, path)?)
+        }
+        (_, "/quota/offset") if set => {
+            quota.get_or_insert_with(QuotaIn::default).offset = Some(parse_number(value, path)?);
+        }
+        (_, "/quota/period") if set => {
+            quota.get_or_insert_with(QuotaIn::default).period = value.map(str::to_string);
+        }
+        ("remove", "/quota") => *quota = None,
+        ("add", "/apiStages") => {
+            let (api_id, stage) = parse_stage_ref(value)?;
+            if !plan
+                .api_stages
+                .iter()
+                .any(|s| s.api_id == api_id && s.stage == stage)
+            {
+                plan.api_stages.push(ApiStage {
+                    api_id,
+                    stage,
+                    throttle: BTreeMap::new(),
+                });
+            }
+        }
+        ("remove", "/apiStages") => {
+            let (api_id, stage) = parse_stage_ref(value)?;
+            let before = plan.api_stages.len();
+            plan.api_stages
+                .retain(|s| !(s.api_id == api_id && s.stage == stage));
+            if plan.api_stages.len() == before {
+                return Err(AdminError::NotFound(format!(
+                    "Invalid API Stage {{api: {api_id}, stage: {stage}}} specified for usageplan {}",
+                    plan.id
+                )));
+            }
+        }
+        _ if path.starts_with("/apiStages/") => apply_method_throttle_op(plan, verb, path, value)?,
+        _ => return Err(invalid()),
+    }
+    Ok(())
+}
+
+/// `/apiStages/{apiId}:{stage}/throttle[/{resourcePath}/{METHOD}[/rateLimit|/burstLimit]]`, with the
+/// resource path's slashes plain or `~1`-escaped.
+fn apply_method_throttle_op(
+    plan: &mut UsagePlan,
+    verb: &str,
+    path: &str,
+    value: Option<&str>,
+) -> Result<(), AdminError> {
+    let invalid = || {
+        bad(format!(
+            "Invalid patch path {path} specified for op '{verb}'"
+        ))
+    };
+    let rest = &path["/apiStages/".len()..];
+    let (stage_ref, tail) = rest.split_once('/').ok_or_else(invalid)?;
+    let (api_id, stage) = parse_stage_ref(Some(&unescape(stage_ref)))?;
+    let tail = tail.strip_prefix("throttle").ok_or_else(invalid)?;
+    let plan_id = plan.id.clone();
+    let target = plan
+        .api_stages
+        .iter_mut()
+        .find(|s| s.api_id == api_id && s.stage == stage)
+        .ok_or_else(|| {
+            AdminError::NotFound(format!("Invalid API Stage {{api: {api_id}, stage: {stage}}} specified for usageplan {plan_id}"))
+        })?;
+    if tail.is_empty() {
+        return match verb {
+            "remove" => {
+                target.throttle.clear();
+                Ok(())
+            }
+            "replace" | "add" => {
+                let map: BTreeMap<String, ThrottleIn> =
+                    serde_json::from_str(value.unwrap_or(""))
+                        .map_err(|e| bad(format!("Invalid throttle map for {path}: {e}")))?;
+                target.throttle = map
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), throttle_from(t)?)))
+                    .collect::<Result<_, AdminError>>()?;
+                Ok(())
+            }
+            _ => Err(invalid()),
+        };
+    }
+    let unescaped = unescape(tail.strip_prefix('/').ok_or_else(invalid)?);
+    let (method_key, field) = match unescaped.rsplit_once('/') {
+        Some((head, f @ ("rateLimit" | "burstLimit"))) => (head.to_string(), Some(f)),
+        _ => (unescaped.clone(), None),
+    };
+    // `method_key` is "/resource/path/METHOD": the resource path's own slashes included.
+    if !method_key.starts_with('/')
+        || method_key
+            .rsplit_once('/')
+            .is_none_or(|(_, m)| m.is_empty())
+    {
+        return Err(invalid());
+    }
+    match (verb, field) {
+        ("remove", None) => {
+            target.throttle.remove(&method_key).ok_or_else(invalid)?;
+        }
+        ("replace" | "add", Some(field)) => {
+            let t = target
+                .throttle
+                .entry(method_key)
+                .or_insert(ThrottleSettings {
+                    rate_limit: 0.0,
+                    burst_limit: 0,
+                });
+            if field == "rateLimit" {
+                t.rate_limit = parse_number(value, path)?;
+            } else {
+                t.burst_limit = parse_number(value, path)?;
+            }
+            check_throttle(t).map_err(|e| bad(e.to_string()))?;
+        }
+        _ => return Err(invalid()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paging_by_id() {
+        let items: Vec<String> = (0..7).map(|i| format!("id{i}")).collect();
+        let p = page(
+            items.clone(),
+            |s: &String| s,
+            &Paging {
+                limit: Some(3),
+                position: None,
+            },
+        );
+        assert_eq!(p.item, vec!["id0", "id1", "id2"]);
+        assert_eq!(p.position.as_deref(), Some("id3"));
+        let p = page(
+            items.clone(),
+            |s: &String| s,
+            &Paging {
+                limit: Some(3),
+                position: p.position,
+            },
+        );
+        assert_eq!(p.item, vec!["id3", "id4", "id5"]);
+        let p = page(
+            items.clone(),
+            |s: &String| s,
+            &Paging {
+                limit: Some(3),
+                position: p.position,
+            },
+        );
+        assert_eq!((p.item, p.position), (vec!["id6".to_string()], None));
+        let p = page(
+            items,
+            |s: &String| s,
+            &Paging {
+                limit: Some(-1),
+                position: None,
+            },
+        );
+        assert_eq!(p.item.len(), 7);
+    }
+
+    fn plan() -> UsagePlan {
+        UsagePlan {
+            id: "p1".into(),
+            name: "n".into(),
+            description: None,
+            api_stages: vec![ApiStage {
+                api_id: "a".into(),
+                stage: "prod".into(),
+                throttle: BTreeMap::new(),
+            }],
+            throttle: None,
+            quota: None,
+        }
+    }
+
+    fn op(verb: &str, path: &str, value: Option<&str>) -> PatchOp {
+        PatchOp {
+            op: Some(verb.into()),
+            path: Some(path.into()),
+            value: value.map(Into::into),
+            from: None,
+        }
+    }
+
+    #[test]
+    fn plan_patch_paths() {
+        let mut p = plan();
+        let mut q = None;
+        for o in [
+            op("replace", "/throttle/rateLimit", Some("0.5")),
+            op("replace", "/throttle/burstLimit", Some("3")),
+            op("replace", "/quota/limit", Some("500")),
+            op("replace", "/quota/period", Some("WEEK")),
+            op(
+                "replace",
+                "/apiStages/a:prod/throttle/~1pets~1{id}/GET/rateLimit",
+                Some("0.1"),
+            ),
+            op(
+                "replace",
+                "/apiStages/a:prod/throttle//pets/GET/burstLimit",
+                Some("1"),
+            ),
+            op("add", "/apiStages", Some("a:dev")),
+        ] {
+            apply_plan_op(&mut p, &mut q, &o).unwrap();
+        }
+        assert_eq!(
+            p.throttle,
+            Some(ThrottleSettings {
+                rate_limit: 0.5,
+                burst_limit: 3
+            })
+        );
+        assert_eq!(
+            quota_from(q.as_ref().unwrap()).unwrap(),
+            QuotaSettings {
+                limit: 500,
+                offset: 0,
+                period: Period::Week
+            }
+        );
+        assert_eq!(
+            p.api_stages[0].throttle["/pets/{id}/GET"],
+            ThrottleSettings {
+                rate_limit: 0.1,
+                burst_limit: 0
+            }
+        );
+        assert_eq!(
+            p.api_stages[0].throttle["/pets/GET"],
+            ThrottleSettings {
+                rate_limit: 0.0,
+                burst_limit: 1
+            }
+        );
+        assert_eq!(p.api_stages.len(), 2);
+
+        apply_plan_op(
+            &mut p,
+            &mut q,
+            &op(
+                "remove",
+                "/apiStages/a:prod/throttle/~1pets~1{id}/GET",
+                None,
+            ),
+        )
+        .unwrap();
+        assert_eq!(p.api_stages[0].throttle.len(), 1);
+        apply_plan_op(
+            &mut p,
+            &mut q,
+            &op(
+                "replace",
+                "/apiStages/a:prod/throttle",
+                Some(r#"{"//GET":{"rateLimit":1.0,"burstLimit":1}}"#),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            p.api_stages[0].throttle.keys().collect::<Vec<_>>(),
+            vec!["//GET"]
+        );
+        apply_plan_op(
+            &mut p,
+            &mut q,
+            &op("remove", "/apiStages/a:prod/throttle", None),
+        )
+        .unwrap();
+        assert!(p.api_stages[0].throttle.is_empty());
+
+        for bad_op in [
+            op("remove", "/apiStages", None),
+            op("remove", "/apiStages", Some("nocolon")),
+            op("replace", "/id", Some("x")),
+            op("replace", "/throttle/rateLimit", Some("fast")),
+            op(
+                "replace",
+                "/apiStages/a:prod/throttle/pets/GET/rateLimit",
+                Some("1"),
+            ),
+        ] {
+            assert!(
+                matches!(
+                    apply_plan_op(&mut p, &mut q, &bad_op),
+                    Err(AdminError::BadRequest(_))
+                ),
+                "{bad_op:?}"
+            );
+        }
+        let err =
+            apply_plan_op(&mut p, &mut q, &op("remove", "/apiStages", Some("a:nope"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Invalid API Stage {api: a, stage: nope} specified for usageplan p1"
+        );
+    }
+}
