@@ -2,6 +2,8 @@
 //! keys and usage, authenticated with SigV4, so the AWS CLI and SDKs work with `--endpoint-url`.
 
 pub mod error;
+pub mod http;
+mod import;
 pub mod seal;
 pub mod service;
 pub mod sigv4;

@@ -37,14 +37,14 @@ pub struct AdminSettings {
 }
 
 /// The plans whose live quota counts a write invalidates: they are recomputed from the store.
-type Recount = Vec<String>;
+pub(crate) type Recount = Vec<String>;
 
 /// The control plane.
 pub struct Admin {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     gateway: GatewayHandle,
     records: tokio::sync::Mutex<Records>,
-    settings: AdminSettings,
+    pub(crate) settings: AdminSettings,
 }
 
 /// A parsed paging request.
@@ -190,7 +190,7 @@ impl Admin {
     }
 
     /// Runs a write under the write lock, then serves its records from the next request on.
-    async fn write<T>(
+    pub(crate) async fn write<T>(
         &self,
         f: impl FnOnce(&Self, &mut Records) -> Result<(T, Recount), AdminError>,
     ) -> Result<T, AdminError> {
@@ -288,7 +288,7 @@ impl Admin {
         .await
     }
 
-    fn new_key(
+    pub(crate) fn new_key(
         &self,
         name: String,
         value: &str,
@@ -433,7 +433,7 @@ impl Admin {
     }
 
     /// Another plan of `key_id` that covers one of `stages`.
-    fn stage_clash<'r>(
+    pub(crate) fn stage_clash<'r>(
         records: &'r Records,
         plan_id: &str,
         key_id: &str,

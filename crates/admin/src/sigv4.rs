@@ -103,7 +103,7 @@ fn uri_encode(input: &[u8], keep_slash: bool, out: &mut String) {
     }
 }
 
-fn percent_decode(input: &str) -> Vec<u8> {
+pub(crate) fn percent_decode(input: &str) -> Vec<u8> {
     let bytes = input.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -132,6 +132,12 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// The canonical query string: parameters decoded, re-encoded, sorted by name then value.
 fn canonical_query(query: &str) -> String {
+    canonical_query_in(query, true)
+}
+
+/// The canonical query string, optionally keeping the client's parameter order (curl before 8.1
+/// signed its query unsorted).
+fn canonical_query_in(query: &str, sorted: bool) -> String {
     let mut pairs: Vec<(String, String)> = query
         .split('&')
         .filter(|p| !p.is_empty())
@@ -144,7 +150,9 @@ fn canonical_query(query: &str) -> String {
             (ek, ev)
         })
         .collect();
-    pairs.sort();
+    if sorted {
+        pairs.sort();
+    }
     let mut out = String::new();
     for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
@@ -182,7 +190,7 @@ fn canonical_headers(headers: &HeaderMap, signed: &[&str]) -> Option<String> {
 struct Parts<'a> {
     method: &'a Method,
     canonical_uri: String,
-    query: &'a str,
+    canonical_query: String,
     headers: &'a HeaderMap,
     signed: &'a [&'a str],
     payload_hash: &'a str,
@@ -193,7 +201,7 @@ fn string_to_sign(p: &Parts<'_>, amz_date: &str, scope: &str) -> Option<String> 
         "{}\n{}\n{}\n{}\n{}\n{}",
         p.method.as_str(),
         p.canonical_uri,
-        canonical_query(p.query),
+        p.canonical_query,
         canonical_headers(p.headers, p.signed)?,
         p.signed.join(";"),
         p.payload_hash
@@ -299,7 +307,7 @@ pub fn sign(
     let parts = Parts {
         method,
         canonical_uri,
-        query,
+        canonical_query: canonical_query(query),
         headers,
         signed: &signed,
         payload_hash: &hash,
@@ -448,35 +456,42 @@ pub fn verify<'c>(
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let key = signing_key(&creds.secret_access_key, date, region, service);
     // AWS services other than S3 encode the (already encoded) path a second time; some clients
-    // encode once. Accept either: both are computed from the same secret.
+    // encode once. Older curl signs the query in the order it sends it. Accept each: every candidate
+    // is an HMAC with the same secret over this very request.
     let mut once = String::new();
     uri_encode(&percent_decode(req.path), true, &mut once);
     let mut twice = String::new();
     uri_encode(req.path.as_bytes(), true, &mut twice);
-    let candidates = if once == twice {
-        vec![once]
-    } else {
-        vec![twice, once]
-    };
-    for canonical_uri in candidates {
-        let parts = Parts {
-            method: req.method,
-            canonical_uri,
-            query: req.query,
-            headers: req.headers,
-            signed: &signed,
-            payload_hash: &hash,
-        };
-        let Some(to_sign) = string_to_sign(&parts, date_header, &scope) else {
-            return Err(SignatureError::Incomplete(
-                "a signed header is missing from the request".into(),
-            ));
-        };
-        if constant_time_eq(
-            hex(&hmac(&key, to_sign.as_bytes())).as_bytes(),
-            signature.as_bytes(),
-        ) {
-            return Ok(&creds.access_key_id);
+    let mut uris = vec![twice];
+    if once != uris[0] {
+        uris.push(once);
+    }
+    let mut queries = vec![canonical_query_in(req.query, true)];
+    let as_sent = canonical_query_in(req.query, false);
+    if as_sent != queries[0] {
+        queries.push(as_sent);
+    }
+    for canonical_uri in &uris {
+        for canonical_query in &queries {
+            let parts = Parts {
+                method: req.method,
+                canonical_uri: canonical_uri.clone(),
+                canonical_query: canonical_query.clone(),
+                headers: req.headers,
+                signed: &signed,
+                payload_hash: &hash,
+            };
+            let Some(to_sign) = string_to_sign(&parts, date_header, &scope) else {
+                return Err(SignatureError::Incomplete(
+                    "a signed header is missing from the request".into(),
+                ));
+            };
+            if constant_time_eq(
+                hex(&hmac(&key, to_sign.as_bytes())).as_bytes(),
+                signature.as_bytes(),
+            ) {
+                return Ok(&creds.access_key_id);
+            }
         }
     }
     Err(SignatureError::Mismatch)
@@ -503,7 +518,7 @@ mod tests {
         let parts = Parts {
             method: &Method::GET,
             canonical_uri: "/".into(),
-            query: "",
+            canonical_query: String::new(),
             headers: &headers,
             signed: &signed,
             payload_hash: &payload_hash(b""),

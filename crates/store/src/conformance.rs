@@ -181,7 +181,8 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
             &["decl-a", "decl-b"],
         ),
     ];
-    let generated = apply_declared(store, &plans, &keys, 1_800_000_000).unwrap();
+    let seal = |id: &str, value: &str| format!("{id}:{value}").into_bytes();
+    let generated = apply_declared(store, &plans, &keys, 1_800_000_000, Some(&seal)).unwrap();
     assert_eq!(generated.len(), 1);
     assert_eq!(generated[0].name, "decl-generated");
     assert_eq!(generated[0].value.len(), 40);
@@ -194,6 +195,12 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
         .unwrap();
     assert_eq!(gen_key.id, generated[0].id);
     assert_eq!(gen_key.value_hash, KeyHash::of(&generated[0].value));
+    let sealed = format!("{}:{}", gen_key.id, generated[0].value).into_bytes();
+    assert_eq!(
+        gen_key.sealed_value.as_ref(),
+        Some(&sealed),
+        "generated values are sealed too"
+    );
     let plan_a = first
         .plans
         .iter()
@@ -215,7 +222,7 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
     described.description = Some("now described".into());
     let keys = [declared_key("decl-generated", None, &["decl-a"]), described];
     assert!(
-        apply_declared(store, &plans, &keys, 1_800_000_100)
+        apply_declared(store, &plans, &keys, 1_800_000_100, Some(&seal))
             .unwrap()
             .is_empty()
     );

@@ -10,7 +10,7 @@ mod sqlite;
 mod sync;
 
 pub use sqlite::SqliteStore;
-pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, apply_declared};
+pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};
 
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, UsagePlan};

@@ -47,14 +47,18 @@ pub struct GeneratedKey {
     pub value: String,
 }
 
+/// Encrypts a key value for a key id, when values are stored encrypted.
+pub type SealFn<'a> = &'a dyn Fn(&str, &str) -> Vec<u8>;
+
 /// Creates or updates the declared plans and keys (matched by name) and leaves every other record
-/// alone. A declared key ends up in exactly the declared plans it lists. Returns the values generated
-/// for new keys without a configured value.
+/// alone. A declared key ends up in exactly the declared plans it lists. With `seal`, new and changed
+/// values are also kept encrypted. Returns the values generated for new keys without a configured value.
 pub fn apply_declared(
     store: &dyn Store,
     plans: &[DeclaredPlan],
     keys: &[DeclaredKey],
     now_secs: i64,
+    seal: Option<SealFn<'_>>,
 ) -> Result<Vec<GeneratedKey>, StoreError> {
     let records = store.load()?;
     let mut plan_ids = Vec::with_capacity(plans.len());
@@ -79,19 +83,30 @@ pub fn apply_declared(
     for declared in keys {
         let existing = records.keys.iter().find(|k| k.name == declared.name);
         let id = existing.map_or_else(ids::new_key_id, |k| k.id.clone());
-        let value_hash = match (&declared.value, existing) {
-            (Some(value), _) => KeyHash::of(value),
-            (None, Some(key)) => key.value_hash,
+        let (value_hash, new_value) = match (&declared.value, existing) {
+            (Some(value), _) => (KeyHash::of(value), Some(value.clone())),
+            (None, Some(key)) => (key.value_hash, None),
             (None, None) => {
                 let value = ids::new_key_value();
-                let hash = KeyHash::of(&value);
                 generated.push(GeneratedKey {
                     name: declared.name.clone(),
                     id: id.clone(),
-                    value,
+                    value: value.clone(),
                 });
-                hash
+                (KeyHash::of(&value), Some(value))
             }
+        };
+        let unchanged = existing.filter(|k| k.value_hash == value_hash);
+        // An unchanged value keeps its sealed copy; a new one is sealed when a sealer is given. A
+        // sealed copy of an old value never outlives the value.
+        let sealed_value = match (
+            seal,
+            unchanged.and_then(|k| k.sealed_value.clone()),
+            new_value,
+        ) {
+            (_, Some(kept), _) => Some(kept),
+            (Some(seal), None, Some(value)) => Some(seal(&id, &value)),
+            _ => None,
         };
         let mut key = ApiKey {
             id: id.clone(),
@@ -102,10 +117,7 @@ pub fn apply_declared(
             value_hash,
             created_date: existing.map_or(now_secs, |k| k.created_date),
             last_updated_date: existing.map_or(now_secs, |k| k.last_updated_date),
-            // A sealed copy of an old value must not outlive the value.
-            sealed_value: existing
-                .filter(|k| k.value_hash == value_hash)
-                .and_then(|k| k.sealed_value.clone()),
+            sealed_value,
         };
         if existing != Some(&key) {
             key.last_updated_date = now_secs;

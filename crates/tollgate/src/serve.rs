@@ -1,10 +1,13 @@
-//! `tollgate serve`: open the store, apply the declared plans and keys, serve until a signal.
+//! `tollgate serve`: open the store, apply the declared plans and keys, serve the data plane (and the
+//! admin API, when configured) until a signal.
 
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use tokio::sync::watch;
+use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{Gateway, GatewayOptions};
 use tollgate_store::{SqliteStore, Store, apply_declared};
@@ -20,8 +23,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let now_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let generated = apply_declared(&*store, &config.plans, &config.keys, now_secs)
-        .context("applying the config's plans and keys")?;
+    let seal = config
+        .sealer
+        .clone()
+        .map(|s| move |id: &str, value: &str| s.seal(id, value));
+    let generated = apply_declared(
+        &*store,
+        &config.plans,
+        &config.keys,
+        now_secs,
+        seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
+    )
+    .context("applying the config's plans and keys")?;
     {
         // The one time a generated value is shown: on stdout for the operator, never in the logs.
         let mut out = std::io::stdout().lock();
@@ -38,21 +51,68 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         flush_interval: config.store.flush_interval,
         ..GatewayOptions::default()
     };
-    let gateway = Gateway::open(config.gateway, store, Arc::new(SystemClock), options)?;
+    let gateway = Gateway::open(
+        config.gateway,
+        store.clone(),
+        Arc::new(SystemClock),
+        options,
+    )?;
+    let admin = match &config.admin {
+        Some(admin_config) => {
+            let settings = AdminSettings {
+                credentials: admin_config.credentials.clone().into_iter().collect(),
+                sealer: config.sealer.clone(),
+            };
+            Some((
+                Arc::new(Admin::new(store, gateway.handle(), settings)?),
+                admin_config.listen,
+            ))
+        }
+        None => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let admin_task = match admin {
+            Some((admin, admin_addr)) => {
+                let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+                    .await
+                    .with_context(|| format!("binding the admin API to {admin_addr}"))?;
+                let bound = admin_listener.local_addr()?;
+                tracing::info!(addr = %bound, "admin API listening");
+                println!("tollgate: admin API on http://{bound}");
+                Some(tokio::spawn(tollgate_admin::http::serve(
+                    admin,
+                    admin_listener,
+                    stopped(stop_rx.clone()),
+                )))
+            }
+            None => None,
+        };
         tracing::info!(%addr, "listening");
         println!("tollgate: listening on http://{addr}");
         let _ = std::io::stdout().flush();
-        gateway.serve(listener, shutdown_signal()).await?;
+
+        gateway.serve(listener, stopped(stop_rx)).await?;
+        if let Some(task) = admin_task {
+            task.await.context("admin API task")?.context("admin API")?;
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tollgate_admin::seal::Sealer;
+use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
@@ -25,7 +27,27 @@ pub struct Config {
     pub plans: Vec<DeclaredPlan>,
     /// API keys declared in the file.
     pub keys: Vec<DeclaredKey>,
+    /// The admin API, when configured.
+    pub admin: Option<AdminConfig>,
+    /// Set when key values are kept encrypted (`keyValueStorage: encrypted`).
+    pub sealer: Option<Sealer>,
 }
+
+/// The control plane's listener and credentials.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where the admin API listens.
+    pub listen: SocketAddr,
+    /// The credentials requests must be signed with; `None` only on a loopback address.
+    pub credentials: Option<Credentials>,
+}
+
+/// Environment variables holding the admin credentials (they override the config file).
+pub const ADMIN_ACCESS_KEY_ENV: &str = "TOLLGATE_ADMIN_ACCESS_KEY_ID";
+/// See [`ADMIN_ACCESS_KEY_ENV`].
+pub const ADMIN_SECRET_KEY_ENV: &str = "TOLLGATE_ADMIN_SECRET_ACCESS_KEY";
+/// Environment variable holding the 64-hex-character key for `keyValueStorage: encrypted`.
+pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOLLGATE_KEY_ENCRYPTION_KEY";
 
 /// Where usage and records are kept.
 #[derive(Debug, Clone)]

@@ -58,6 +58,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub account_throttle: Option<Spanned<RawThrottle>>,
     #[serde(default)]
+    pub admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    pub key_value_storage: Option<Spanned<String>>,
+    #[serde(default)]
     pub rate_limit_headers: bool,
     #[serde(default)]
     pub access_log: bool,
@@ -67,6 +71,16 @@ pub struct RawConfig {
     pub usage_plans: Vec<Spanned<RawPlan>>,
     #[serde(default)]
     pub api_keys: Vec<Spanned<RawKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAdmin {
+    pub listen: EnvString,
+    #[serde(default)]
+    pub access_key_id: Option<EnvString>,
+    #[serde(default)]
+    pub secret_access_key: Option<EnvString>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,8 +18,13 @@ use tollgate_gateway::config::{
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
-use super::raw::{RawApi, RawConfig, RawPlan, RawQuota, RawRoute, RawThrottle};
-use super::{Config, ConfigError, StoreConfig};
+use super::raw::{RawAdmin, RawApi, RawConfig, RawPlan, RawQuota, RawRoute, RawThrottle};
+use super::{
+    ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
+    KEY_ENCRYPTION_KEY_ENV, StoreConfig,
+};
+use tollgate_admin::seal::Sealer;
+use tollgate_admin::sigv4::Credentials;
 
 /// Parses `500ms`, `1s`, `2m`, `1h` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -249,7 +254,47 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         });
     }
 
+    let admin = raw
+        .admin
+        .as_ref()
+        .map(|a| validate_admin(&cx, &a.value, &a.referenced))
+        .transpose()?;
+    let sealer = match &raw.key_value_storage {
+        None => None,
+        Some(kvs) => match kvs.value.as_str() {
+            "hashed" => None,
+            "encrypted" => {
+                let Ok(hex) = std::env::var(KEY_ENCRYPTION_KEY_ENV) else {
+                    return cx.err(
+                        &kvs.referenced,
+                        "keyValueStorage",
+                        format!("encrypted storage needs the key in {KEY_ENCRYPTION_KEY_ENV} (64 hex characters)"),
+                    );
+                };
+                match Sealer::from_hex(&hex) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        return cx.err(
+                            &kvs.referenced,
+                            "keyValueStorage",
+                            format!("{KEY_ENCRYPTION_KEY_ENV}: {e}"),
+                        );
+                    }
+                }
+            }
+            other => {
+                return cx.err(
+                    &kvs.referenced,
+                    "keyValueStorage",
+                    format!("{other:?} is not one of hashed, encrypted"),
+                );
+            }
+        },
+    };
+
     Ok(Config {
+        admin,
+        sealer,
         listen,
         store,
         gateway: GatewayConfig {
@@ -260,6 +305,46 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
         plans,
         keys,
+    })
+}
+
+fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminConfig, ConfigError> {
+    let Ok(listen) = raw.listen.0.parse::<SocketAddr>() else {
+        return cx.err(
+            at,
+            "admin.listen",
+            format!("{:?} is not an address like 127.0.0.1:8081", raw.listen.0),
+        );
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let access_key_id =
+        env(ADMIN_ACCESS_KEY_ENV).or_else(|| raw.access_key_id.as_ref().map(|v| v.0.clone()));
+    let secret_access_key =
+        env(ADMIN_SECRET_KEY_ENV).or_else(|| raw.secret_access_key.as_ref().map(|v| v.0.clone()));
+    let credentials = match (access_key_id, secret_access_key) {
+        (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
+            access_key_id,
+            secret_access_key,
+        }),
+        (None, None) => None,
+        _ => {
+            return cx.err(
+                at,
+                "admin",
+                format!("give both an access key id and a secret access key ({ADMIN_ACCESS_KEY_ENV}, {ADMIN_SECRET_KEY_ENV}), or neither"),
+            );
+        }
+    };
+    if credentials.is_none() && !listen.ip().is_loopback() {
+        return cx.err(
+            at,
+            "admin.listen",
+            format!("the admin API may listen on {} only with credentials ({ADMIN_ACCESS_KEY_ENV} and {ADMIN_SECRET_KEY_ENV})", listen.ip()),
+        );
+    }
+    Ok(AdminConfig {
+        listen,
+        credentials,
     })
 }
 

@@ -1,0 +1,311 @@
+//! The admin HTTP server: AWS API Gateway's REST paths, SigV4 in front of all of them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch};
+use bytes::Bytes;
+use http::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+use crate::error::AdminError;
+use crate::service::{Admin, Paging};
+use crate::sigv4::{self, SignedRequest};
+use crate::wire::{CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn};
+
+/// Largest admin request body (CSV imports included).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+type Shared = State<Arc<Admin>>;
+
+/// The admin API's routes.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/apikeys", get(list_keys).post(create_key))
+        .route(
+            "/apikeys/{id}",
+            get(get_key).patch(update_key).delete(delete_key),
+        )
+        .route("/usageplans", get(list_plans).post(create_plan))
+        .route(
+            "/usageplans/{id}",
+            get(get_plan).patch(update_plan).delete(delete_plan),
+        )
+        .route(
+            "/usageplans/{id}/keys",
+            get(list_plan_keys).post(create_plan_key),
+        )
+        .route(
+            "/usageplans/{id}/keys/{key}",
+            get(get_plan_key).delete(delete_plan_key),
+        )
+        .route("/usageplans/{id}/usage", get(get_usage))
+        .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
+        .fallback(unknown_operation)
+        .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
+        .with_state(admin)
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    admin: Arc<Admin>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(admin))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Verifies SigV4 over the buffered body, then hands the request on. Without configured credentials
+/// (allowed on loopback only) requests pass unauthenticated.
+async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Response {
+    if admin.credentials().is_empty() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return AdminError::BadRequest(format!("Request body is larger than {MAX_BODY} bytes"))
+            .into_response();
+    };
+    let signed = SignedRequest {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        body: &bytes,
+    };
+    if let Err(e) = sigv4::verify(&signed, admin.credentials(), admin.now_secs()) {
+        return AdminError::from(e).into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+async fn unknown_operation() -> Response {
+    let mut resp = (
+        StatusCode::NOT_FOUND,
+        r#"{"message":"Unknown operation","__type":"UnknownOperationException"}"#,
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        "x-amzn-errortype",
+        http::HeaderValue::from_static("UnknownOperationException"),
+    );
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Query parameters, decoded.
+fn query(raw: Option<String>) -> BTreeMap<String, String> {
+    raw.as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let decode = |s: &str| {
+                String::from_utf8_lossy(&sigv4::percent_decode(&s.replace('+', " "))).into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn flag(q: &BTreeMap<String, String>, name: &str) -> bool {
+    q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+fn paging(q: &BTreeMap<String, String>) -> Result<Paging> {
+    let limit = match q.get("limit") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .map_err(|_| AdminError::BadRequest(format!("Invalid limit {v:?}")))?,
+        ),
+    };
+    Ok(Paging {
+        limit,
+        position: q.get("position").cloned(),
+    })
+}
+
+/// A JSON body; an empty body is the type's default (every member absent).
+fn json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AdminError::BadRequest(format!("Invalid JSON body: {e}")))
+}
+
+fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut resp = (status, body).into_response();
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => AdminError::Internal(e.to_string()).into_response(),
+    }
+}
+
+fn accepted() -> Response {
+    StatusCode::ACCEPTED.into_response()
+}
+
+type Result<T = Response> = std::result::Result<T, AdminError>;
+
+async fn create_key(State(admin): Shared, RawQuery(q): RawQuery, body: Bytes) -> Result {
+    let q = query(q);
+    if q.get("mode").map(String::as_str) == Some("import") {
+        if q.get("format").map(String::as_str) != Some("csv") {
+            return Err(AdminError::BadRequest(
+                "Invalid format specified: only csv is supported".into(),
+            ));
+        }
+        let out = admin.import_keys(&body, flag(&q, "failonwarnings")).await?;
+        return Ok(reply(StatusCode::CREATED, &out));
+    }
+    let out = admin.create_key(json::<CreateApiKeyIn>(&body)?).await?;
+    Ok(reply(StatusCode::CREATED, &out))
+}
+
+async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
+    let q = query(q);
+    let page = admin
+        .list_keys(
+            q.get("name").map(String::as_str),
+            q.get("customerId").map(String::as_str),
+            flag(&q, "includeValues"),
+            &paging(&q)?,
+        )
+        .await;
+    Ok(reply(StatusCode::OK, &page))
+}
+
+async fn get_key(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result {
+    let q = query(q);
+    Ok(reply(
+        StatusCode::OK,
+        &admin.get_key(&id, flag(&q, "includeValue")).await?,
+    ))
+}
+
+async fn update_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+    let patch: PatchIn = json(&body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &admin.update_key(&id, patch.patch_operations).await?,
+    ))
+}
+
+async fn delete_key(State(admin): Shared, Path(id): Path<String>) -> Result {
+    admin.delete_key(&id).await?;
+    Ok(accepted())
+}
+
+async fn create_plan(State(admin): Shared, body: Bytes) -> Result {
+    let out = admin.create_plan(json::<CreateUsagePlanIn>(&body)?).await?;
+    Ok(reply(StatusCode::CREATED, &out))
+}
+
+async fn list_plans(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
+    let q = query(q);
+    Ok(reply(
+        StatusCode::OK,
+        &admin
+            .list_plans(q.get("keyId").map(String::as_str), &paging(&q)?)
+            .await,
+    ))
+}
+
+async fn get_plan(State(admin): Shared, Path(id): Path<String>) -> Result {
+    Ok(reply(StatusCode::OK, &admin.get_plan(&id).await?))
+}
+
+async fn update_plan(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+    let patch: PatchIn = json(&body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &admin.update_plan(&id, patch.patch_operations).await?,
+    ))
+}
+
+async fn delete_plan(State(admin): Shared, Path(id): Path<String>) -> Result {
+    admin.delete_plan(&id).await?;
+    Ok(accepted())
+}
+
+async fn create_plan_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+    let input: CreateUsagePlanKeyIn = json(&body)?;
+    let out = admin
+        .create_plan_key(&id, input.key_id, input.key_type)
+        .await?;
+    Ok(reply(StatusCode::CREATED, &out))
+}
+
+async fn list_plan_keys(
+    State(admin): Shared,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result {
+    let q = query(q);
+    Ok(reply(
+        StatusCode::OK,
+        &admin
+            .list_plan_keys(&id, q.get("name").map(String::as_str), &paging(&q)?)
+            .await,
+    ))
+}
+
+async fn get_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Result {
+    Ok(reply(StatusCode::OK, &admin.get_plan_key(&id, &key).await?))
+}
+
+async fn delete_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Result {
+    admin.delete_plan_key(&id, &key).await?;
+    Ok(accepted())
+}
+
+async fn get_usage(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result {
+    let q = query(q);
+    let out = admin
+        .usage(
+            &id,
+            q.get("keyId").map(String::as_str),
+            q.get("startDate").map(String::as_str),
+            q.get("endDate").map(String::as_str),
+            &paging(&q)?,
+        )
+        .await?;
+    Ok(reply(StatusCode::OK, &out))
+}
+
+async fn update_usage(
+    State(admin): Shared,
+    Path((id, key)): Path<(String, String)>,
+    body: Bytes,
+) -> Result {
+    let patch: PatchIn = json(&body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &admin
+            .update_usage(&id, &key, patch.patch_operations)
+            .await?,
+    ))
+}
