@@ -110,6 +110,16 @@ impl Gcra {
         (self.tolerance.saturating_sub(tat - now)) / self.interval
     }
 
+    /// A state for this throttle holding as many tokens as `old` holds under `old_gcra` at `now`
+    /// (at most this bucket's size), so a changed throttle neither refills nor drains anyone's bucket.
+    pub fn carry_over(&self, old_gcra: &Gcra, old: &GcraState, now: u64) -> GcraState {
+        let tokens = old_gcra.available(old, now).min(self.burst());
+        let missing = self.burst() - tokens;
+        GcraState(AtomicU64::new(
+            now.saturating_add(missing.saturating_mul(self.interval)),
+        ))
+    }
+
     /// Nanoseconds until the bucket is full again.
     pub fn until_full(&self, state: &GcraState, now: u64) -> u64 {
         state.0.load(Ordering::Acquire).saturating_sub(now)
@@ -194,6 +204,30 @@ mod tests {
             let s = GcraState::default();
             assert_eq!(admitted(&g, &s, 7 * NANOS_PER_SEC, 5), 0);
         }
+    }
+
+    #[test]
+    fn carry_over_keeps_the_token_count() {
+        let slow = gcra(0.01, 3);
+        let s = GcraState::default();
+        let now = 50 * NANOS_PER_SEC;
+        assert_eq!(admitted(&slow, &s, now, 2), 2);
+        let fast = gcra(1000.0, 3);
+        let carried = fast.carry_over(&slow, &s, now);
+        assert_eq!(fast.available(&carried, now), 1);
+        assert_eq!(admitted(&fast, &carried, now, 5), 1);
+        assert_eq!(
+            admitted(&fast, &carried, now + 1_000_000, 5),
+            1,
+            "refills at the new rate"
+        );
+        // A smaller bucket caps what carries over.
+        let small = gcra(1.0, 1);
+        let full = GcraState::default();
+        assert_eq!(
+            small.available(&small.carry_over(&fast, &full, now), now),
+            1
+        );
     }
 
     #[test]

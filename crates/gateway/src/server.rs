@@ -97,8 +97,9 @@ impl GatewayHandle {
     /// Serves `records` from the next request on, keeping live limiter state (see
     /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
     pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), i64>) {
-        let today = EpochDay::from_nanos(self.shared.clock.now());
-        let next = self.snapshot().rebuild(records, period_used, today);
+        let next = self
+            .snapshot()
+            .rebuild(records, period_used, self.shared.clock.now());
         self.shared.snapshot.store(Arc::new(next));
     }
 

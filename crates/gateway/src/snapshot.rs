@@ -30,11 +30,15 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(settings: ThrottleSettings, previous: Option<&Bucket>) -> Self {
-        Self {
-            gcra: Gcra::new(settings),
-            state: previous.map_or_else(Arc::default, |b| b.state.clone()),
-        }
+    /// A bucket for `settings`; with the bucket it replaces, it keeps that bucket's tokens.
+    fn new(settings: ThrottleSettings, previous: Option<&Bucket>, now: u64) -> Self {
+        let gcra = Gcra::new(settings);
+        let state = match previous {
+            Some(old) if old.gcra == gcra => old.state.clone(),
+            Some(old) => Arc::new(gcra.carry_over(&old.gcra, &old.state, now)),
+            None => Arc::default(),
+        };
+        Self { gcra, state }
     }
 }
 
@@ -222,48 +226,50 @@ impl Snapshot {
                                     .method_throttle
                                     .get(&route.throttle_key())
                                     .or(stage.throttle.as_ref())
-                                    .map(|t| Bucket::new(*t, None))
+                                    .map(|t| Bucket::new(*t, None, 0))
                             })
                             .collect()
                     })
                     .collect()
             })
             .collect();
-        let account = config.account_throttle.map(|t| Bucket::new(t, None));
+        let account = config.account_throttle.map(|t| Bucket::new(t, None, 0));
         let routing = Arc::new(Routing {
             config,
             router,
             stage_buckets,
             account,
         });
-        Ok(Self::assemble(routing, records, period_used, today, None))
+        Ok(Self::assemble(
+            routing,
+            records,
+            period_used,
+            today.start_nanos(),
+            None,
+        ))
     }
 
-    /// A snapshot of changed records that keeps this one's live state: bucket levels, quota counts of
-    /// plans whose quota did not change, and unflushed metering. `period_used` is consulted only for
-    /// memberships that are new or whose plan's quota changed.
+    /// A snapshot of changed records that keeps this one's live state at `now`: bucket levels (tokens
+    /// carry over into changed throttles), quota counts of plans whose quota did not change, and
+    /// unflushed metering. `period_used` is consulted only for memberships that are new or whose
+    /// plan's quota changed.
     pub fn rebuild(
         &self,
         records: &Records,
         period_used: &HashMap<(String, String), i64>,
-        today: EpochDay,
+        now: u64,
     ) -> Self {
-        Self::assemble(
-            self.routing.clone(),
-            records,
-            period_used,
-            today,
-            Some(self),
-        )
+        Self::assemble(self.routing.clone(), records, period_used, now, Some(self))
     }
 
     fn assemble(
         routing: Arc<Routing>,
         records: &Records,
         period_used: &HashMap<(String, String), i64>,
-        today: EpochDay,
+        now: u64,
         previous: Option<&Snapshot>,
     ) -> Self {
+        let today = EpochDay::from_nanos(now);
         let config = &routing.config;
         let old: HashMap<(&str, &str), &Grant> = previous
             .map(|p| {
@@ -330,7 +336,7 @@ impl Snapshot {
                     {
                         Some(r) => {
                             let prior = before.and_then(|g| g.method_throttle_at((a, s, r)));
-                            method_throttles.push(((a, s, r), Bucket::new(*settings, prior)));
+                            method_throttles.push(((a, s, r), Bucket::new(*settings, prior, now)));
                         }
                         None => tracing::warn!(plan = %plan.id, method = %method_key,
                             "usage plan throttles a method the API does not have; ignored"),
@@ -357,7 +363,7 @@ impl Snapshot {
                 plan_id: plan_id.as_str().into(),
                 throttle: plan
                     .throttle
-                    .map(|t| Bucket::new(t, before.and_then(|g| g.throttle.as_ref()))),
+                    .map(|t| Bucket::new(t, before.and_then(|g| g.throttle.as_ref()), now)),
                 method_throttles,
                 quota,
                 meter: before.map_or_else(Arc::default, |g| g.meter.clone()),
@@ -832,7 +838,7 @@ mod tests {
         }
 
         // Same records: the bucket stays empty, the quota count and the unflushed meter carry over.
-        let s2 = s.rebuild(&rec, &HashMap::new(), EpochDay::from_nanos(T0));
+        let s2 = s.rebuild(&rec, &HashMap::new(), T0);
         assert!(matches!(
             call(&s2, "GET", get, Some(KEY), T0),
             Err(Refusal::TooManyRequests { .. })
@@ -848,7 +854,7 @@ mod tests {
         rec.keys[0].enabled = false;
         rec.keys[1].enabled = true;
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]);
-        let s3 = s2.rebuild(&rec, &used, EpochDay::from_nanos(T0));
+        let s3 = s2.rebuild(&rec, &used, T0);
         assert_eq!(
             call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),
             Err(Refusal::Forbidden)
@@ -856,7 +862,7 @@ mod tests {
         let limits = call(&s3, "GET", get, Some(OTHER), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(limits.quota.unwrap().remaining, 19);
         rec.keys[0].enabled = true;
-        let s4 = s3.rebuild(&rec, &used, EpochDay::from_nanos(T0));
+        let s4 = s3.rebuild(&rec, &used, T0);
         let limits = call(&s4, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(
             limits.quota.unwrap().remaining,

@@ -6,6 +6,8 @@
 /// Starting the binary, a test upstream, and an HTTP client.
 mod util;
 
+/// The AWS-compatible admin API: SigV4, every operation's shape and errors, live effect on the data plane.
+mod admin;
 /// Config validation: exit codes and file:line:field messages, `check`, nothing bound on failure.
 mod config;
 /// The request pipeline end to end: every status AWS defines, headers, streaming, the mock integration.

@@ -1,0 +1,827 @@
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::util::{
+    self, ACCESS_KEY, AdminClient, Gateway, KEY, SECRET_KEY, assert_aws_error, client,
+};
+
+const ADMIN_CONFIG: &str = "admin: { listen: 127.0.0.1:0 }\n";
+
+async fn start(
+    extra: &str,
+    envs: &[(&str, &str)],
+) -> (tempfile::TempDir, Gateway, AdminClient, util::Upstream) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(&format!("http://{}", up.addr), &format!("{ADMIN_CONFIG}{extra}"))
+        .replace("      - { path: /health,", "      - { path: \"/pets/{id}\", method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:9\" }\n      - { path: /health,");
+    util::write_config(dir.path(), &yaml);
+    let mut env = util::admin_env();
+    env.extend_from_slice(envs);
+    let gw = Gateway::start(dir.path(), &env);
+    let admin = AdminClient::new(gw.admin.expect("admin API address"));
+    (dir, gw, admin, up)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signatures_are_verified() {
+    let (_dir, gw, mut admin, _up) = start("", &[]).await;
+    let url = format!("http://{}/apikeys", gw.admin.unwrap());
+
+    let r = client().get(&url, None).await;
+    assert_aws_error(
+        &r,
+        403,
+        "MissingAuthenticationTokenException",
+        "Missing Authentication Token",
+    );
+
+    admin.secret = "wrong".into();
+    let r = admin.call("GET", "/apikeys", "").await;
+    assert_aws_error(
+        &r,
+        403,
+        "InvalidSignatureException",
+        "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.",
+    );
+
+    admin.secret = SECRET_KEY.into();
+    admin.skew = -16 * 60;
+    let r = admin.call("GET", "/apikeys", "").await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (403, Some("InvalidSignatureException"))
+    );
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Signature expired: "),
+        "{:?}",
+        r.json()
+    );
+    admin.skew = 0;
+    assert_eq!(admin.call("GET", "/apikeys", "").await.status, 200);
+
+    // An access key nobody configured.
+    let out = curl(&gw, "AKIDUNKNOWN", SECRET_KEY, &["/apikeys"]);
+    assert!(out.contains("UnrecognizedClientException"), "{out}");
+    // curl's own SigV4 signer: a body, then a query in the order curl sends it.
+    let out = curl(
+        &gw,
+        ACCESS_KEY,
+        SECRET_KEY,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name":"from-curl","enabled":true}"#,
+            "/apikeys",
+        ],
+    );
+    assert!(out.contains(r#""name":"from-curl""#), "{out}");
+    let out = curl(&gw, ACCESS_KEY, SECRET_KEY, &["/apikeys?name=from&limit=5"]);
+    assert!(out.contains(r#""name":"from-curl""#), "{out}");
+}
+
+/// Runs curl with `--aws-sigv4` against the admin API; the last argument is the path.
+fn curl(gw: &Gateway, access: &str, secret: &str, args: &[&str]) -> String {
+    let (path, rest) = args.split_last().unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:apigateway",
+            "--user",
+            &format!("{access}:{secret}"),
+        ])
+        .args(rest)
+        .arg(format!("http://{}{path}", gw.admin.unwrap()))
+        .output()
+        .expect("curl is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_lifecycle() {
+    let (_dir, _gw, admin, _up) = start("", &[]).await;
+    let created = admin
+        .ok(
+            "POST",
+            "/apikeys",
+            r#"{"name":"partner-a","description":"A","customerId":"cust-1"}"#,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 10);
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    );
+    assert_eq!(created["value"].as_str().unwrap().len(), 40);
+    assert_eq!(created["enabled"], false, "AWS's default");
+    assert_eq!(created["stageKeys"], json!([]));
+    assert_eq!(created["tags"], json!({}));
+    assert!(created["createdDate"].is_i64());
+    assert_eq!(created["customerId"], "cust-1");
+
+    let r = admin
+        .call("POST", "/apikeys", r#"{"name":"x","value":"short"}"#)
+        .await;
+    assert_aws_error(
+        &r,
+        400,
+        "BadRequestException",
+        "API Key value should be at least 20 characters",
+    );
+    let long = format!(r#"{{"name":"x","value":"{}"}}"#, "v".repeat(129));
+    let r = admin.call("POST", "/apikeys", &long).await;
+    assert_aws_error(
+        &r,
+        400,
+        "BadRequestException",
+        "API Key value exceeds maximum size of 128 characters",
+    );
+    admin
+        .ok(
+            "POST",
+            "/apikeys",
+            r#"{"name":"given","value":"givenValue0123456789abc","enabled":true}"#,
+        )
+        .await;
+    let r = admin
+        .call(
+            "POST",
+            "/apikeys",
+            r#"{"name":"dup","value":"givenValue0123456789abc"}"#,
+        )
+        .await;
+    assert_aws_error(&r, 409, "ConflictException", "API Key already exists");
+    let r = admin.call("POST", "/apikeys", "{not json").await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (400, Some("BadRequestException"))
+    );
+
+    let got = admin
+        .ok("GET", &format!("/apikeys/{id}?includeValue=true"), "")
+        .await;
+    assert!(
+        got.get("value").is_none(),
+        "hashed storage cannot return values: {got}"
+    );
+    assert_eq!(got["name"], "partner-a");
+
+    for name in ["partner-b", "partner-c", "other"] {
+        admin
+            .ok("POST", "/apikeys", &format!(r#"{{"name":"{name}"}}"#))
+            .await;
+    }
+    let page1 = admin.ok("GET", "/apikeys?name=partner&limit=2", "").await;
+    assert_eq!(page1["item"].as_array().unwrap().len(), 2);
+    let position = page1["position"].as_str().unwrap();
+    let page2 = admin
+        .ok(
+            "GET",
+            &format!("/apikeys?name=partner&limit=2&position={position}"),
+            "",
+        )
+        .await;
+    assert_eq!(page2["item"].as_array().unwrap().len(), 1);
+    assert!(page2.get("position").is_none());
+    let names: Vec<&str> = page1["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(page2["item"].as_array().unwrap())
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["partner-a", "partner-b", "partner-c"]);
+    assert_eq!(
+        admin.ok("GET", "/apikeys?name=Partner", "").await["item"],
+        json!([]),
+        "prefix match is case-sensitive"
+    );
+    assert_eq!(
+        admin.ok("GET", "/apikeys?customerId=cust-1", "").await["item"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let patch = json!({"patchOperations": [
+        {"op": "replace", "path": "/enabled", "value": "true"},
+        {"op": "replace", "path": "/name", "value": "partner-renamed"},
+        {"op": "replace", "path": "/description", "value": "new"},
+    ]});
+    let updated = admin
+        .ok("PATCH", &format!("/apikeys/{id}"), &patch.to_string())
+        .await;
+    assert_eq!(
+        (
+            updated["enabled"].clone(),
+            updated["name"].clone(),
+            updated["description"].clone()
+        ),
+        (json!(true), json!("partner-renamed"), json!("new"))
+    );
+    let r = admin
+        .call(
+            "PATCH",
+            &format!("/apikeys/{id}"),
+            r#"{"patchOperations":[{"op":"replace","path":"/id","value":"x"}]}"#,
+        )
+        .await;
+    assert_aws_error(
+        &r,
+        400,
+        "BadRequestException",
+        "Invalid patch path  '/id' specified for op 'replace'. Must be one of: [/description, /enabled, /name, /customerId]",
+    );
+
+    let r = admin.call("DELETE", &format!("/apikeys/{id}"), "").await;
+    assert_eq!(r.status, 202);
+    for method in ["GET", "DELETE"] {
+        let r = admin.call(method, &format!("/apikeys/{id}"), "").await;
+        assert_aws_error(
+            &r,
+            404,
+            "NotFoundException",
+            "Invalid API Key identifier specified",
+        );
+    }
+    let r = admin
+        .call("PATCH", "/apikeys/nosuchkey0", &patch.to_string())
+        .await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        "Invalid API Key identifier specified",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_plan_lifecycle() {
+    let (_dir, _gw, admin, _up) = start("", &[]).await;
+    let body = json!({
+        "name": "gold", "description": "d",
+        "apiStages": [{"apiId": "warranty", "stage": "prod", "throttle": {"/pets/{id}/GET": {"rateLimit": 0.5, "burstLimit": 2}}}],
+        "throttle": {"rateLimit": 100, "burstLimit": 50},
+        "quota": {"limit": 1000, "period": "MONTH", "offset": 2}
+    });
+    let plan = admin.ok("POST", "/usageplans", &body.to_string()).await;
+    let id = plan["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 6);
+    assert!(plan.get("tags").is_none(), "CreateUsagePlan omits tags");
+    assert_eq!(
+        plan["throttle"],
+        json!({"rateLimit": 100.0, "burstLimit": 50})
+    );
+    assert_eq!(
+        plan["quota"],
+        json!({"limit": 1000, "offset": 2, "period": "MONTH"})
+    );
+    assert_eq!(
+        plan["apiStages"][0]["throttle"]["/pets/{id}/GET"],
+        json!({"rateLimit": 0.5, "burstLimit": 2})
+    );
+    let got = admin.ok("GET", &format!("/usageplans/{id}"), "").await;
+    assert_eq!(got["tags"], json!({}));
+
+    let cases = [
+        (
+            json!({"name": "x", "apiStages": [{"apiId": "warranty", "stage": "nope"}]}),
+            404,
+            "NotFoundException",
+        ),
+        (
+            json!({"name": "x", "apiStages": [{"apiId": "warranty", "stage": "prod", "throttle": {"/pets/{id}/GET": {"rateLimit": 1, "burstLimit": 1}}}]}),
+            400,
+            "BadRequestException",
+        ),
+        (
+            json!({"name": "x", "quota": {"limit": 5, "period": "MONTH", "offset": 28}}),
+            400,
+            "BadRequestException",
+        ),
+        (
+            json!({"name": "x", "quota": {"limit": 5, "period": "YEAR"}}),
+            400,
+            "BadRequestException",
+        ),
+        (
+            json!({"description": "no name"}),
+            400,
+            "BadRequestException",
+        ),
+    ];
+    for (body, status, error_type) in cases {
+        let r = admin.call("POST", "/usageplans", &body.to_string()).await;
+        assert_eq!(
+            (r.status, r.header("x-amzn-errortype")),
+            (status, Some(error_type)),
+            "{body}: {:?}",
+            r.json()
+        );
+    }
+    let r = admin.call("POST", "/usageplans", &json!({"name": "x", "apiStages": [{"apiId": "warranty", "stage": "prod", "throttle": {"/pets/{id}/GET": {"rateLimit": 1, "burstLimit": 1}}}]}).to_string()).await;
+    assert_eq!(
+        r.json()["message"],
+        "Can not define fine grain throttling if usage plan throttle is not defined."
+    );
+
+    let patch = json!({"patchOperations": [
+        {"op": "replace", "path": "/throttle/rateLimit", "value": "10"},
+        {"op": "replace", "path": "/quota/limit", "value": "500"},
+        {"op": "replace", "path": "/quota/period", "value": "WEEK"},
+        {"op": "replace", "path": "/quota/offset", "value": "1"},
+        {"op": "replace", "path": "/apiStages/warranty:prod/throttle/~1pets~1{id}/GET/rateLimit", "value": "0.1"},
+        {"op": "replace", "path": "/name", "value": "gold-2"},
+    ]});
+    let updated = admin
+        .ok("PATCH", &format!("/usageplans/{id}"), &patch.to_string())
+        .await;
+    assert_eq!(
+        updated["throttle"],
+        json!({"rateLimit": 10.0, "burstLimit": 50})
+    );
+    assert_eq!(
+        updated["quota"],
+        json!({"limit": 500, "offset": 1, "period": "WEEK"})
+    );
+    assert_eq!(
+        updated["apiStages"][0]["throttle"]["/pets/{id}/GET"]["rateLimit"],
+        0.1
+    );
+    assert_eq!(updated["name"], "gold-2");
+
+    let r = admin
+        .call(
+            "PATCH",
+            &format!("/usageplans/{id}"),
+            r#"{"patchOperations":[{"op":"remove","path":"/apiStages"}]}"#,
+        )
+        .await;
+    assert_aws_error(
+        &r,
+        400,
+        "BadRequestException",
+        "Invalid API Stage specified",
+    );
+    let r = admin
+        .call(
+            "PATCH",
+            &format!("/usageplans/{id}"),
+            r#"{"patchOperations":[{"op":"add","path":"/apiStages","value":"warranty:staging"}]}"#,
+        )
+        .await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        &format!(
+            "Invalid API Stage {{api: warranty, stage: staging}} specified for usageplan {id}"
+        ),
+    );
+    let r = admin
+        .call("PATCH", "/usageplans/nope00", r#"{"patchOperations":[]}"#)
+        .await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        "Invalid Usage Plan ID specified",
+    );
+    let r = admin.call("GET", "/usageplans/nope00", "").await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        "Invalid Usage Plan ID specified",
+    );
+    let removed = admin.ok("PATCH", &format!("/usageplans/{id}"), r#"{"patchOperations":[{"op":"remove","path":"/apiStages/warranty:prod/throttle"},{"op":"remove","path":"/quota"}]}"#).await;
+    assert_eq!(removed["apiStages"][0].get("throttle"), None);
+    assert!(removed.get("quota").is_none());
+
+    // Plan keys.
+    let key = admin
+        .ok("POST", "/apikeys", r#"{"name":"member","enabled":true}"#)
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let pk = admin
+        .ok(
+            "POST",
+            &format!("/usageplans/{id}/keys"),
+            &json!({"keyId": key_id, "keyType": "API_KEY"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        pk,
+        json!({"id": key_id, "type": "API_KEY", "name": "member"})
+    );
+    let r = admin
+        .call(
+            "POST",
+            &format!("/usageplans/{id}/keys"),
+            r#"{"keyId":"nosuchkey0","keyType":"API_KEY"}"#,
+        )
+        .await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        "Invalid API Key identifier specified",
+    );
+    let other = admin
+        .ok(
+            "POST",
+            "/usageplans",
+            r#"{"name":"silver","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
+        )
+        .await;
+    let r = admin
+        .call(
+            "POST",
+            &format!("/usageplans/{}/keys", other["id"].as_str().unwrap()),
+            &json!({"keyId": key_id, "keyType": "API_KEY"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (409, Some("ConflictException"))
+    );
+    assert_eq!(
+        admin
+            .ok("GET", &format!("/usageplans/{id}/keys?name=mem"), "")
+            .await["item"][0]["id"],
+        key_id
+    );
+    assert_eq!(
+        admin
+            .ok("GET", &format!("/usageplans/{id}/keys/{key_id}"), "")
+            .await["name"],
+        "member"
+    );
+    assert_eq!(
+        admin.ok("GET", "/usageplans/nope00/keys", "").await,
+        json!({"item": []})
+    );
+    let with_key = admin
+        .ok("GET", &format!("/usageplans?keyId={key_id}"), "")
+        .await;
+    assert_eq!(with_key["item"].as_array().unwrap().len(), 1);
+    assert_eq!(with_key["item"][0]["id"], id.as_str());
+    assert_eq!(
+        admin
+            .call("DELETE", &format!("/usageplans/{id}/keys/{key_id}"), "")
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        admin.ok("GET", &format!("/usageplans/{id}/keys"), "").await["item"],
+        json!([])
+    );
+    assert_eq!(
+        admin
+            .call("DELETE", &format!("/usageplans/{id}"), "")
+            .await
+            .status,
+        202
+    );
+    let r = admin.call("DELETE", &format!("/usageplans/{id}"), "").await;
+    assert_aws_error(
+        &r,
+        404,
+        "NotFoundException",
+        "Invalid Usage Plan ID specified",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
+    let (_dir, gw, admin, _up) = start("", &[]).await;
+    let c = client();
+    let url = gw.url("/prod/echo/live");
+    let plan = admin
+        .ok("POST", "/usageplans", r#"{"name":"live","apiStages":[{"apiId":"warranty","stage":"prod"}],"throttle":{"rateLimit":0.01,"burstLimit":3},"quota":{"limit":5,"period":"DAY"}}"#)
+        .await;
+    let plan_id = plan["id"].as_str().unwrap();
+    let key = admin
+        .ok(
+            "POST",
+            "/apikeys",
+            r#"{"name":"live-key","enabled":true,"value":"liveKeyValue0123456789abc"}"#,
+        )
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+    let value = "liveKeyValue0123456789abc";
+    assert_eq!(
+        c.get(&url, Some(value)).await.status,
+        403,
+        "not in a plan yet"
+    );
+    admin
+        .ok(
+            "POST",
+            &format!("/usageplans/{plan_id}/keys"),
+            &json!({"keyId": key_id, "keyType": "API_KEY"}).to_string(),
+        )
+        .await;
+    for _ in 0..3 {
+        assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    }
+    assert_eq!(
+        c.get(&url, Some(value)).await.status,
+        429,
+        "burst of 3 spent"
+    );
+
+    // A raised throttle applies at once; the bucket level carries over and refills faster now.
+    admin
+        .ok(
+            "PATCH",
+            &format!("/usageplans/{plan_id}"),
+            r#"{"patchOperations":[{"op":"replace","path":"/throttle/rateLimit","value":"1000"}]}"#,
+        )
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    let r = c.get(&url, Some(value)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(util::quota_remaining(&r), 0);
+    let r = c.get(&url, Some(value)).await;
+    assert_eq!(r.json()["message"], "Limit Exceeded");
+
+    // GetUsage counts every admitted call, right away.
+    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
+        &tollgate_core::SystemClock,
+    ))
+    .to_string();
+    let usage = admin
+        .ok(
+            "GET",
+            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
+            "",
+        )
+        .await;
+    assert_eq!(usage["values"][key_id], json!([[5, 0]]));
+    assert_eq!(usage["usagePlanId"], plan_id);
+
+    // UpdateUsage: two more for today, effective on the next request.
+    let patched = admin
+        .ok(
+            "PATCH",
+            &format!("/usageplans/{plan_id}/keys/{key_id}/usage"),
+            r#"{"patchOperations":[{"op":"replace","path":"/remaining","value":"2"}]}"#,
+        )
+        .await;
+    assert_eq!(
+        patched["values"][key_id]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap(),
+        &json!([5, 2])
+    );
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    assert_eq!(c.get(&url, Some(value)).await.status, 429);
+    let usage = admin
+        .ok(
+            "GET",
+            &format!(
+                "/usageplans/{plan_id}/usage?startDate={today}&endDate={today}&keyId={key_id}"
+            ),
+            "",
+        )
+        .await;
+    assert_eq!(usage["values"][key_id], json!([[7, 0]]));
+    let r = admin
+        .call(
+            "GET",
+            &format!("/usageplans/{plan_id}/usage?startDate=yesterday&endDate={today}"),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 400);
+
+    // Disabled, then deleted: refused at once.
+    admin
+        .ok(
+            "PATCH",
+            &format!("/apikeys/{key_id}"),
+            r#"{"patchOperations":[{"op":"replace","path":"/enabled","value":"false"}]}"#,
+        )
+        .await;
+    assert_eq!(c.get(&url, Some(value)).await.status, 403);
+    admin
+        .ok(
+            "PATCH",
+            &format!("/usageplans/{plan_id}/keys/{key_id}/usage"),
+            r#"{"patchOperations":[{"op":"replace","path":"/remaining","value":"100"}]}"#,
+        )
+        .await;
+    admin
+        .ok(
+            "PATCH",
+            &format!("/apikeys/{key_id}"),
+            r#"{"patchOperations":[{"op":"replace","path":"/enabled","value":"true"}]}"#,
+        )
+        .await;
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    assert_eq!(
+        admin
+            .call("DELETE", &format!("/apikeys/{key_id}"), "")
+            .await
+            .status,
+        202
+    );
+    assert_eq!(c.get(&url, Some(value)).await.status, 403);
+    assert_eq!(
+        admin
+            .ok("GET", &format!("/usageplans/{plan_id}/keys"), "")
+            .await["item"],
+        json!([])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_import_as_aws_documents_it() {
+    let (_dir, gw, admin, _up) = start("", &[]).await;
+    let plan = admin
+        .ok(
+            "POST",
+            "/usageplans",
+            r#"{"name":"imported","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
+        )
+        .await;
+    let plan_id = plan["id"].as_str().unwrap();
+    let other = admin.ok("POST", "/usageplans", r#"{"name":"other"}"#).await;
+    let other_id = other["id"].as_str().unwrap();
+
+    let csv = format!(
+        "Name,key,description,Enabled,usageplanIds\nMyFirstApiKey,apikey1234abcdefghij0123456789,An imported key,TRUE,{plan_id}\n"
+    );
+    let r = admin
+        .call(
+            "POST",
+            "/apikeys?mode=import&format=csv&failonwarnings=false",
+            &csv,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let out = r.json();
+    assert_eq!(out["ids"].as_array().unwrap().len(), 1);
+    assert_eq!(out["warnings"], json!([]));
+    let id = out["ids"][0].as_str().unwrap().to_string();
+    assert_eq!(
+        client()
+            .get(
+                &gw.url("/prod/echo/csv"),
+                Some("apikey1234abcdefghij0123456789")
+            )
+            .await
+            .status,
+        200
+    );
+
+    // Any column order, quoted plan lists, case-insensitive booleans; re-importing a value overwrites.
+    let csv = format!(
+        "Enabled,Name,key,UsageplanIds\ntRuE,Renamed,apikey1234abcdefghij0123456789,\"{plan_id},{other_id}\"\nfalse,Second, apikey1234abcdefghij0123456780 ,'{other_id}'\n"
+    );
+    let out = admin
+        .ok("POST", "/apikeys?mode=import&format=csv", &csv)
+        .await;
+    assert_eq!(out["ids"][0], id.as_str(), "same value, same key");
+    assert_eq!(
+        admin.ok("GET", &format!("/apikeys/{id}"), "").await["name"],
+        "Renamed"
+    );
+    assert_eq!(
+        admin
+            .ok("GET", &format!("/usageplans?keyId={id}"), "")
+            .await["item"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let second = out["ids"][1].as_str().unwrap();
+    assert_eq!(
+        admin.ok("GET", &format!("/apikeys/{second}"), "").await["enabled"],
+        false
+    );
+
+    // Bad rows: skipped with warnings, or the whole import refused with failonwarnings.
+    let csv = "key,name\nshort,TooShort\nvalidImportValue0123456789,Fine\n";
+    let out = admin
+        .ok("POST", "/apikeys?mode=import&format=csv", csv)
+        .await;
+    assert_eq!(out["ids"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        out["warnings"],
+        json!(["Line 2: API Key value should be at least 20 characters"])
+    );
+    let csv = "key,name,usageplanids\nanotherImportValue0123456789,Bad,nope00\n";
+    let r = admin
+        .call(
+            "POST",
+            "/apikeys?mode=import&format=csv&failonwarnings=true",
+            csv,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (400, Some("BadRequestException"))
+    );
+    assert_eq!(
+        admin.ok("GET", "/apikeys?name=Bad", "").await["item"],
+        json!([]),
+        "nothing imported"
+    );
+    let r = admin
+        .call(
+            "POST",
+            "/apikeys?mode=import&format=csv",
+            "name,description\nx,y\n",
+        )
+        .await;
+    assert_eq!(r.status, 400, "Key column is required");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypted_values_are_returned_like_aws() {
+    let key_hex = "8f1c2b3a4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+    let (dir, gw, admin, _up) = start(
+        "keyValueStorage: encrypted\n",
+        &[("TOLLGATE_KEY_ENCRYPTION_KEY", key_hex)],
+    )
+    .await;
+    let created = admin
+        .ok("POST", "/apikeys", r#"{"name":"sealed","enabled":true}"#)
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let value = created["value"].as_str().unwrap();
+    let got = admin
+        .ok("GET", &format!("/apikeys/{id}?includeValue=true"), "")
+        .await;
+    assert_eq!(got["value"], value);
+    assert!(
+        admin
+            .ok("GET", &format!("/apikeys/{id}"), "")
+            .await
+            .get("value")
+            .is_none()
+    );
+    let listed = admin
+        .ok("GET", "/apikeys?includeValues=true&name=sealed", "")
+        .await;
+    assert_eq!(listed["item"][0]["value"], value);
+    let plan = admin.ok("POST", "/usageplans", r#"{"name":"p"}"#).await;
+    let pk = admin
+        .ok(
+            "POST",
+            &format!("/usageplans/{}/keys", plan["id"].as_str().unwrap()),
+            &json!({"keyId": id, "keyType": "API_KEY"}).to_string(),
+        )
+        .await;
+    assert_eq!(pk["value"], value);
+    drop(gw);
+    // The database holds no plaintext value.
+    let db = std::fs::read(dir.path().join("tollgate.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("tollgate.db-wal")).unwrap_or_default();
+    assert!(!db.windows(value.len()).any(|w| w == value.as_bytes()));
+    assert!(!wal.windows(value.len()).any(|w| w == value.as_bytes()));
+    let _ = KEY;
+}
+
+#[test]
+fn admin_on_a_public_address_needs_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(
+        dir.path(),
+        &util::config("http://127.0.0.1:9", "admin: { listen: 0.0.0.0:0 }\n"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config", "tollgate.yaml"])
+        .current_dir(dir.path())
+        .env_remove("TOLLGATE_ADMIN_ACCESS_KEY_ID")
+        .env_remove("TOLLGATE_ADMIN_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin.listen: the admin API may listen on 0.0.0.0 only with credentials"),
+        "{err}"
+    );
+    let _: Value = json!(null);
+}
