@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::manage::{self, KeysCommand, PlansCommand};
 use crate::{config, serve, usage};
 
 /// Exit status for a bad config or bad arguments (BSD `EX_USAGE`).
@@ -35,8 +36,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Report per-day usage of a plan's keys, like AWS GetUsage.
-    Usage(usage::UsageArgs),
+    /// Report per-day usage of a plan's keys, like AWS GetUsage; or change what a key has left.
+    Usage(usage::UsageCommand),
+    /// Manage API keys through the admin API.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage usage plans and their keys through the admin API.
+    #[command(subcommand)]
+    Plans(PlansCommand),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -61,6 +68,8 @@ pub fn run() -> ExitCode {
             })
             .map_err(Failure::Config),
         Command::Usage(args) => usage::run(&args),
+        Command::Keys(cmd) => manage::keys(cmd).map_err(Failure::Runtime),
+        Command::Plans(cmd) => manage::plans(cmd).map_err(Failure::Runtime),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

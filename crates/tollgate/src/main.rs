@@ -2,6 +2,8 @@
 
 mod cli;
 mod config;
+mod manage;
+mod remote;
 mod serve;
 mod usage;
 

@@ -825,3 +825,155 @@ fn admin_on_a_public_address_needs_credentials() {
     );
     let _: Value = json!(null);
 }
+
+/// Runs the `tollgate` CLI against the admin API with the test credentials; returns stdout or panics.
+fn cli(gw: &Gateway, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
+        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_manages_the_whole_lifecycle() {
+    let (dir, gw, _admin, _up) = start("", &[]).await;
+    let json = |args: &[&str]| -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&cli(&gw, &all)).unwrap()
+    };
+    let key = json(&[
+        "keys",
+        "create",
+        "--name",
+        "cli-key",
+        "--value",
+        "cliKeyValue0123456789abcd",
+    ]);
+    let key_id = key["id"].as_str().unwrap().to_string();
+    assert_eq!(key["enabled"], true);
+    let plan = json(&[
+        "plans",
+        "create",
+        "--name",
+        "cli-plan",
+        "--api-stage",
+        "warranty:prod",
+        "--rate-limit",
+        "50",
+        "--burst-limit",
+        "10",
+        "--quota-limit",
+        "100",
+        "--quota-period",
+        "DAY",
+        "--method-throttle",
+        "warranty:prod/registrations/{id}/warranty/PUT=1,1",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        plan["apiStages"][0]["throttle"]["/registrations/{id}/warranty/PUT"]["burstLimit"],
+        1
+    );
+    let table = cli(&gw, &["plans", "add-key", &plan_id, &key_id]);
+    assert!(
+        table.contains("API_KEY") && table.contains("cli-key"),
+        "{table}"
+    );
+
+    let c = client();
+    let put = gw.url("/prod/registrations/9/warranty");
+    assert_eq!(c.put(&put, "cliKeyValue0123456789abcd").await.status, 200);
+    assert_eq!(
+        c.put(&put, "cliKeyValue0123456789abcd").await.status,
+        429,
+        "the method throttle (burst 1)"
+    );
+
+    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
+        &tollgate_core::SystemClock,
+    ))
+    .to_string();
+    let usage = json(&[
+        "usage", "--plan", &plan_id, "--from", &today, "--to", &today,
+    ]);
+    assert_eq!(usage["values"][&key_id], json!([[1, 99]]));
+    let usage = json(&[
+        "usage",
+        "set-remaining",
+        "--plan",
+        &plan_id,
+        "--key",
+        &key_id,
+        "--remaining",
+        "7",
+    ]);
+    assert_eq!(
+        usage["values"][&key_id].as_array().unwrap().last().unwrap(),
+        &json!([1, 7])
+    );
+
+    let updated = json(&[
+        "plans",
+        "update",
+        &plan_id,
+        "--rate-limit",
+        "5",
+        "--quota-limit",
+        "200",
+    ]);
+    assert_eq!(updated["throttle"]["rateLimit"], 5.0);
+    assert_eq!(updated["quota"]["limit"], 200);
+    let listed = json(&["plans", "list", "--key-id", &key_id]);
+    assert_eq!(listed["item"].as_array().unwrap().len(), 1);
+    let keys = json(&["keys", "list", "--name", "cli"]);
+    assert_eq!(keys["item"][0]["id"], key_id.as_str());
+    assert_eq!(
+        json(&["keys", "update", &key_id, "--enabled", "false"])["enabled"],
+        false
+    );
+    assert_eq!(c.put(&put, "cliKeyValue0123456789abcd").await.status, 403);
+
+    std::fs::write(
+        dir.path().join("keys.csv"),
+        format!("name,key,usageplanids\ncsv-key,csvKeyValue0123456789abcd,{plan_id}\n"),
+    )
+    .unwrap();
+    let out = cli(
+        &gw,
+        &[
+            "keys",
+            "import",
+            dir.path().join("keys.csv").to_str().unwrap(),
+        ],
+    );
+    assert!(out.starts_with("imported "), "{out}");
+    assert!(cli(&gw, &["plans", "keys", &plan_id]).contains("csv-key"));
+
+    assert!(cli(&gw, &["plans", "remove-key", &plan_id, &key_id]).contains("removed"));
+    assert!(cli(&gw, &["keys", "delete", &key_id]).contains("deleted"));
+    assert!(cli(&gw, &["plans", "delete", &plan_id]).contains("deleted"));
+
+    // Errors come back with AWS's type and message and a failing exit status.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "get", "nosuchkey0"])
+        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
+        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("NotFoundException: Invalid API Key identifier specified")
+    );
+}
