@@ -2,6 +2,7 @@
 //! config file (or a serverless.yml).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,6 +79,97 @@ pub struct Route {
     pub api_key_required: bool,
     /// Where matched requests go.
     pub integration: Integration,
+    /// Cross-origin settings: the gateway answers the preflight and labels responses.
+    pub cors: Option<Arc<Cors>>,
+}
+
+/// CORS for a route, as Serverless's `cors:` configures it on AWS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// Allowed origins; `*` allows any.
+    pub origins: Vec<String>,
+    /// `Access-Control-Allow-Headers`.
+    pub headers: Vec<String>,
+    /// `Access-Control-Allow-Credentials: true` when set.
+    pub allow_credentials: bool,
+    /// `Access-Control-Max-Age`, seconds.
+    pub max_age: Option<u32>,
+    /// `Cache-Control` on preflight answers.
+    pub cache_control: Option<String>,
+}
+
+impl Cors {
+    /// Serverless's `cors: true`.
+    pub fn permissive() -> Self {
+        Self {
+            origins: vec!["*".into()],
+            headers: [
+                "Content-Type",
+                "X-Amz-Date",
+                "Authorization",
+                "X-Api-Key",
+                "X-Amz-Security-Token",
+                "X-Amz-User-Agent",
+                "X-Amzn-Trace-Id",
+            ]
+            .map(String::from)
+            .to_vec(),
+            allow_credentials: false,
+            max_age: None,
+            cache_control: None,
+        }
+    }
+
+    /// The `Access-Control-Allow-Origin` to send for a request from `origin`, if it is allowed.
+    pub fn allow_origin<'a>(&'a self, origin: Option<&'a str>) -> Option<&'a str> {
+        if self.origins.iter().any(|o| o == "*") {
+            // With credentials a wildcard is not allowed by browsers: echo the origin instead.
+            return Some(match (self.allow_credentials, origin) {
+                (true, Some(o)) => o,
+                _ => "*",
+            });
+        }
+        origin.filter(|o| self.origins.iter().any(|allowed| allowed == o))
+    }
+}
+
+/// Adds an `OPTIONS` route answering the CORS preflight to every resource that has a CORS-enabled
+/// route and no `OPTIONS` route of its own, as API Gateway does for Serverless's `cors: true`.
+pub fn add_preflight_routes(api: &mut Api) {
+    let mut added = Vec::new();
+    for route in &api.routes {
+        let Some(cors) = &route.cors else { continue };
+        let has_options = api
+            .routes
+            .iter()
+            .chain(&added)
+            .any(|r| r.path == route.path && r.method == RouteMethod::Only(Method::OPTIONS));
+        if has_options {
+            continue;
+        }
+        let mut methods: Vec<String> = api
+            .routes
+            .iter()
+            .filter(|r| r.path == route.path && r.cors.is_some())
+            .map(|r| r.method.as_str().to_string())
+            .collect();
+        if methods.iter().any(|m| m == "ANY") {
+            methods = ["DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"]
+                .map(String::from)
+                .to_vec();
+        }
+        methods.insert(0, "OPTIONS".into());
+        added.push(Route {
+            path: route.path.clone(),
+            method: RouteMethod::Only(Method::OPTIONS),
+            api_key_required: false,
+            integration: Integration::Preflight {
+                methods: methods.join(","),
+            },
+            cors: Some(cors.clone()),
+        });
+    }
+    api.routes.extend(added);
 }
 
 impl Route {
@@ -105,6 +197,11 @@ pub enum Integration {
         body: Bytes,
         /// Extra headers.
         headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// The CORS preflight answer for a resource (the route's `cors` holds the settings).
+    Preflight {
+        /// `Access-Control-Allow-Methods`.
+        methods: String,
     },
 }
 

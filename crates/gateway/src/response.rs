@@ -4,11 +4,16 @@
 use std::fmt::Write as _;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER,
+    VARY,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::config::Cors;
 use crate::snapshot::{LimitInfo, Refusal};
 
 /// A response body: the upstream's, streamed, or one the gateway wrote.
@@ -122,6 +127,57 @@ pub fn upstream_failure(failure: UpstreamFailure) -> Response<Body> {
             "InternalServerErrorException",
             r#"{"message":"Endpoint request timed out"}"#,
         ),
+    }
+}
+
+/// The CORS preflight answer: 200, empty, with the allowed origin, methods and headers.
+pub fn preflight(
+    cors: Option<&Cors>,
+    methods: &str,
+    origin: Option<&HeaderValue>,
+) -> Response<Body> {
+    let mut resp = full(StatusCode::OK, Bytes::new());
+    if let Some(cors) = cors {
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(methods) {
+            h.insert(ACCESS_CONTROL_ALLOW_METHODS, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&cors.headers.join(",")) {
+            h.insert(ACCESS_CONTROL_ALLOW_HEADERS, v);
+        }
+        if let Some(age) = cors.max_age {
+            h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from(age));
+        }
+        if let Some(v) = cors
+            .cache_control
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            h.insert(CACHE_CONTROL, v);
+        }
+        add_cors_headers(h, cors, origin);
+    }
+    resp
+}
+
+/// `Access-Control-Allow-Origin` (and `-Credentials`) for a response to a CORS-enabled route.
+pub fn add_cors_headers(headers: &mut HeaderMap, cors: &Cors, origin: Option<&HeaderValue>) {
+    let origin = origin.and_then(|o| o.to_str().ok());
+    let Some(allowed) = cors
+        .allow_origin(origin)
+        .and_then(|o| HeaderValue::from_str(o).ok())
+    else {
+        return;
+    };
+    headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+    if cors.allow_credentials {
+        headers.insert(
+            ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    if !cors.origins.iter().any(|o| o == "*") || cors.allow_credentials {
+        headers.append(VARY, HeaderValue::from_static("Origin"));
     }
 }
 

@@ -264,6 +264,7 @@ mod tests {
                         RouteMethod::Only(method.parse().unwrap())
                     },
                     api_key_required: false,
+                    cors: None,
                     integration: Integration::Http {
                         url: "http://u".parse().unwrap(),
                         timeout: Duration::from_secs(1),

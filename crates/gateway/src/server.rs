@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::header::ORIGIN;
 use http::{HeaderName, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -233,13 +234,19 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
     let path = req.uri().path();
     let log_line = started.map(|_| (req.method().clone(), path.to_owned()));
 
-    let decided = match snap.route(req.method(), path) {
+    let matched = snap.route(req.method(), path);
+    let route = matched.map(|m| &config.apis[m.api].routes[m.route]);
+    // CORS needs the request's Origin after the request itself has gone upstream.
+    let origin = route
+        .and_then(|r| r.cors.as_ref())
+        .and_then(|_| req.headers().get(ORIGIN).cloned());
+    let decided = match matched {
         None => Err(Refusal::MissingAuthenticationToken),
         Some(m) => snap
             .admit(&m, req.headers().get(&X_API_KEY), now)
             .map(|a| (a, path.len() - m.rest.len())),
     };
-    let (resp, key_id) = match decided {
+    let (mut resp, key_id) = match decided {
         Err(refusal) => (response::refusal(refusal, config.rate_limit_headers), None),
         Ok((admission, rest_start)) => {
             let mut resp = match &admission.route.integration {
@@ -255,6 +262,9 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
                     }
                     resp
                 }
+                Integration::Preflight { methods } => {
+                    response::preflight(admission.route.cors.as_deref(), methods, origin.as_ref())
+                }
                 Integration::Http { url, timeout } => {
                     shared
                         .upstreams
@@ -268,6 +278,9 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
             (resp, admission.key_id)
         }
     };
+    if let Some(cors) = route.and_then(|r| r.cors.as_deref()) {
+        response::add_cors_headers(resp.headers_mut(), cors, origin.as_ref());
+    }
     if let (Some(started), Some((method, path))) = (started, log_line) {
         // The key's id only: values are secrets and never logged.
         tracing::info!(target: "tollgate::access", %method, %path, status = resp.status().as_u16(),

@@ -552,6 +552,7 @@ mod tests {
                 body: "ok".into(),
                 headers: vec![],
             },
+            cors: None,
         };
         GatewayConfig {
             account_throttle: account,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::manage::{self, KeysCommand, PlansCommand};
+use crate::serverless::{self, ServerlessOptions};
 use crate::{config, serve, usage};
 
 /// Exit status for a bad config or bad arguments (BSD `EX_USAGE`).
@@ -24,12 +25,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway from a tollgate.yaml, or from a Serverless Framework serverless.yml.
     Serve {
         /// The config file (tollgate.yaml).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "serverless",
+            conflicts_with = "serverless"
+        )]
+        config: Option<PathBuf>,
+        /// A serverless.yml to serve instead.
+        #[arg(long)]
+        serverless: Option<PathBuf>,
+        #[command(flatten)]
+        flags: ServerlessFlags,
     },
+    /// Convert other formats to a tollgate config.
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Validate a config file and exit.
     Check {
         /// The config file (tollgate.yaml).
@@ -46,16 +60,89 @@ enum Command {
     Plans(PlansCommand),
 }
 
+/// `tollgate import …`
+#[derive(Debug, Subcommand)]
+enum ImportCommand {
+    /// Print the tollgate.yaml equivalent to a serverless.yml.
+    Serverless {
+        /// The serverless.yml.
+        file: PathBuf,
+        #[command(flatten)]
+        flags: ServerlessFlags,
+    },
+}
+
+/// How a serverless.yml maps onto a running gateway.
+#[derive(Debug, clap::Args)]
+struct ServerlessFlags {
+    /// Upstream URL for every function (serverless.yml only).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Upstream for one function, NAME=URL (repeatable).
+    #[arg(long = "function")]
+    functions: Vec<String>,
+    /// Stage (default: provider.stage, else dev).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Data-plane address (serverless.yml only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Store, as sqlite:PATH (serverless.yml only).
+    #[arg(long, default_value = "sqlite:./tollgate.db")]
+    store: String,
+    /// Admin API address (serverless.yml only; credentials from the environment).
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+impl ServerlessFlags {
+    fn options(&self, file: PathBuf) -> Result<ServerlessOptions, Failure> {
+        let store = self.store.strip_prefix("sqlite:").ok_or_else(|| {
+            Failure::Usage(format!("--store {:?}: expected sqlite:PATH", self.store))
+        })?;
+        Ok(ServerlessOptions {
+            file,
+            stage: self.stage.clone(),
+            upstream: self.upstream.clone(),
+            functions: self.functions.clone(),
+            listen: self.listen.clone(),
+            store: store.to_string(),
+            admin: self.admin.clone(),
+        })
+    }
+}
+
 /// Runs the command line and returns the process exit status.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => config::load(&config)
-            .map_err(Failure::Config)
-            .and_then(|c| {
+        Command::Serve {
+            config,
+            serverless,
+            flags,
+        } => {
+            let loaded = match (config, serverless) {
+                (Some(config), _) => config::load(&config).map_err(Failure::Config),
+                (None, Some(file)) => flags
+                    .options(file)
+                    .and_then(|o| serverless::load(&o).map_err(Failure::Config)),
+                (None, None) => Err(Failure::Usage(
+                    "give --config FILE or --serverless FILE".into(),
+                )),
+            };
+            loaded.and_then(|c| {
                 init_logging();
                 serve::serve(c).map_err(Failure::Runtime)
-            }),
+            })
+        }
+        Command::Import(ImportCommand::Serverless { file, flags }) => flags
+            .options(file)
+            .and_then(|o| {
+                serverless::to_native(&o)
+                    .and_then(|n| serverless::to_yaml(&n, &o.file))
+                    .map_err(Failure::Config)
+            })
+            .map(|yaml| print!("{yaml}")),
         Command::Check { config } => config::load(&config)
             .map(|c| {
                 println!(

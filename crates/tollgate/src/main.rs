@@ -5,6 +5,7 @@ mod config;
 mod manage;
 mod remote;
 mod serve;
+mod serverless;
 mod usage;
 
 use std::process::ExitCode;

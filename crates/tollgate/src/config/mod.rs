@@ -104,7 +104,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 }
 
 /// Turns a YAML error into a [`ConfigError`], keeping serde-saphyr's source snippet.
-fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+pub(crate) fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
     let position = e.location().map(|l| (l.line(), l.column()));
     let rendered = e.to_string();
     // The first line repeats "error: line L column C: "; the position is printed our way instead.

@@ -140,6 +140,62 @@ pub struct RawRoute {
     pub timeout: Option<String>,
     #[serde(default)]
     pub mock: Option<RawMock>,
+    #[serde(default)]
+    pub cors: Option<RawCors>,
+}
+
+/// `cors: true`, or the settings, as Serverless writes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawCors {
+    Enabled(bool),
+    Settings(RawCorsSettings),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCorsSettings {
+    #[serde(default)]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub origins: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    #[serde(default)]
+    pub max_age: Option<u32>,
+    #[serde(default)]
+    pub cache_control: Option<String>,
+    /// Accepted for Serverless compatibility; the allowed methods are the resource's own.
+    #[serde(default, rename = "methods")]
+    pub _methods: Option<serde::de::IgnoredAny>,
+}
+
+impl RawCors {
+    /// The runtime settings, `None` for `cors: false`.
+    pub fn settings(&self) -> Option<tollgate_gateway::config::Cors> {
+        let s = match self {
+            RawCors::Enabled(false) => return None,
+            RawCors::Enabled(true) => return Some(tollgate_gateway::config::Cors::permissive()),
+            RawCors::Settings(s) => s,
+        };
+        let mut cors = tollgate_gateway::config::Cors::permissive();
+        if let Some(origins) = s
+            .origins
+            .clone()
+            .or_else(|| s.origin.clone().map(|o| vec![o]))
+        {
+            cors.origins = origins;
+        }
+        if let Some(headers) = &s.headers {
+            cors.headers.clone_from(headers);
+        }
+        cors.allow_credentials = s.allow_credentials;
+        cors.max_age = s.max_age;
+        cors.cache_control.clone_from(&s.cache_control);
+        Some(cors)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,12 +13,12 @@ use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{
     Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route, RouteMethod, Stage,
-    check_api_stage, check_throttle,
+    add_preflight_routes, check_api_stage, check_throttle,
 };
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
-use super::raw::{RawAdmin, RawApi, RawConfig, RawPlan, RawQuota, RawRoute, RawThrottle};
+use super::raw::{RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawThrottle};
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
     KEY_ENCRYPTION_KEY_ENV, StoreConfig,
@@ -422,11 +422,12 @@ fn validate_api(
             method_throttle,
         });
     }
-    let api = Api {
+    let mut api = Api {
         id: api.id.clone(),
         stages,
         routes,
     };
+    add_preflight_routes(&mut api);
     if let Err(e) = Router::new(std::slice::from_ref(&api)) {
         return cx.err(at, format!("{field}.routes"), e.to_string());
     }
@@ -554,6 +555,11 @@ fn validate_route(
         }
     };
     Ok(Route {
+        cors: r
+            .cors
+            .as_ref()
+            .and_then(RawCors::settings)
+            .map(std::sync::Arc::new),
         path: r.path.clone(),
         method,
         api_key_required: r.api_key_required,

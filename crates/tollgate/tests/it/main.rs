@@ -16,5 +16,7 @@ mod data_plane;
 mod malformed;
 /// Durable metering: graceful restarts lose nothing, a crash loses at most one flush interval.
 mod persistence;
+/// Serverless Framework files: the seed runs as is, CORS, `import serverless`.
+mod serverless;
 /// `tollgate usage` reports AWS GetUsage's shape.
 mod usage;
