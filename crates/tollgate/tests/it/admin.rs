@@ -977,3 +977,153 @@ async fn cli_manages_the_whole_lifecycle() {
             .contains("NotFoundException: Invalid API Key identifier specified")
     );
 }
+
+/// The real AWS CLI against the admin API. CI installs it (`.ci/run`) and sets
+/// TOLLGATE_REQUIRE_AWSCLI=1; elsewhere the test is skipped when `aws` is not installed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_cli_works_unchanged() {
+    let installed = Command::new("aws")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        assert!(
+            std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
+            "the AWS CLI is required but not installed"
+        );
+        eprintln!("skipped: the AWS CLI is not installed");
+        return;
+    }
+    let (_dir, gw, _admin, _up) = start("", &[]).await;
+    let endpoint = format!("http://{}", gw.admin.unwrap());
+    let aws = |args: &[&str]| -> Value {
+        let out = Command::new("aws")
+            .args([
+                "--endpoint-url",
+                &endpoint,
+                "--output",
+                "json",
+                "apigateway",
+            ])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_DEFAULT_REGION", "eu-west-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let key = aws(&[
+        "create-api-key",
+        "--name",
+        "cli",
+        "--enabled",
+        "--value",
+        "awsCliKeyValue0123456789",
+    ]);
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let plan = aws(&[
+        "create-usage-plan",
+        "--name",
+        "aws-plan",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+        "--throttle",
+        "burstLimit=5,rateLimit=10",
+        "--quota",
+        "limit=100,period=DAY",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    assert_eq!(plan["throttle"]["rateLimit"], 10.0);
+    aws(&[
+        "create-usage-plan-key",
+        "--usage-plan-id",
+        &plan_id,
+        "--key-id",
+        &key_id,
+        "--key-type",
+        "API_KEY",
+    ]);
+    assert_eq!(
+        client()
+            .get(&gw.url("/prod/echo/aws"), Some("awsCliKeyValue0123456789"))
+            .await
+            .status,
+        200
+    );
+    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
+        &tollgate_core::SystemClock,
+    ))
+    .to_string();
+    let usage = aws(&[
+        "get-usage",
+        "--usage-plan-id",
+        &plan_id,
+        "--start-date",
+        &today,
+        "--end-date",
+        &today,
+    ]);
+    // The CLI renames the wire's `values` to `items`, as it does against AWS.
+    assert_eq!(usage["items"][&key_id], json!([[1, 99]]));
+    let usage = aws(&[
+        "update-usage",
+        "--usage-plan-id",
+        &plan_id,
+        "--key-id",
+        &key_id,
+        "--patch-operations",
+        "op=replace,path=/remaining,value=50",
+    ]);
+    assert_eq!(
+        usage["items"][&key_id].as_array().unwrap().last().unwrap(),
+        &json!([1, 50])
+    );
+    let keys = aws(&["get-api-keys", "--name-query", "cl"]);
+    assert_eq!(keys["items"][0]["id"], key_id.as_str());
+    aws(&[
+        "update-api-key",
+        "--api-key",
+        &key_id,
+        "--patch-operations",
+        "op=replace,path=/enabled,value=false",
+    ]);
+    assert_eq!(
+        client()
+            .get(&gw.url("/prod/echo/aws"), Some("awsCliKeyValue0123456789"))
+            .await
+            .status,
+        403
+    );
+    aws(&[
+        "delete-usage-plan-key",
+        "--usage-plan-id",
+        &plan_id,
+        "--key-id",
+        &key_id,
+    ]);
+    aws(&["delete-api-key", "--api-key", &key_id]);
+    aws(&["delete-usage-plan", "--usage-plan-id", &plan_id]);
+    let out = Command::new("aws")
+        .args([
+            "--endpoint-url",
+            &endpoint,
+            "apigateway",
+            "get-api-key",
+            "--api-key",
+            &key_id,
+        ])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_DEFAULT_REGION", "eu-west-1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(NotFoundException) when calling the GetApiKey operation: Invalid API Key identifier specified"));
+}
