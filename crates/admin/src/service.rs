@@ -908,6 +908,11 @@ fn apply_method_throttle_op(
     let (api_id, stage) = parse_stage_ref(Some(&unescape(stage_ref)))?;
     let tail = tail.strip_prefix("throttle").ok_or_else(invalid)?;
     let plan_id = plan.id.clone();
+    // A new method throttle starts as a copy of the plan's, then the operation changes one member.
+    let start = plan.throttle.unwrap_or(ThrottleSettings {
+        rate_limit: 0.0,
+        burst_limit: 0,
+    });
     let target = plan
         .api_stages
         .iter_mut()
@@ -952,13 +957,7 @@ fn apply_method_throttle_op(
             target.throttle.remove(&method_key).ok_or_else(invalid)?;
         }
         ("replace" | "add", Some(field)) => {
-            let t = target
-                .throttle
-                .entry(method_key)
-                .or_insert(ThrottleSettings {
-                    rate_limit: 0.0,
-                    burst_limit: 0,
-                });
+            let t = target.throttle.entry(method_key).or_insert(start);
             if field == "rateLimit" {
                 t.rate_limit = parse_number(value, path)?;
             } else {
@@ -1079,17 +1078,18 @@ mod tests {
                 period: Period::Week
             }
         );
+        // New method throttles start from the plan throttle (0.5/s, burst 3).
         assert_eq!(
             p.api_stages[0].throttle["/pets/{id}/GET"],
             ThrottleSettings {
                 rate_limit: 0.1,
-                burst_limit: 0
+                burst_limit: 3
             }
         );
         assert_eq!(
             p.api_stages[0].throttle["/pets/GET"],
             ThrottleSettings {
-                rate_limit: 0.0,
+                rate_limit: 0.5,
                 burst_limit: 1
             }
         );
