@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
@@ -51,6 +51,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
         .fallback(unknown_operation)
         .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
 }
 

@@ -332,11 +332,9 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             disabled,
         } => {
             let body = json!({"name": name, "value": value, "description": description, "customerId": customer_id, "enabled": !disabled});
-            let out = Remote::new(&common.endpoint)?.json(
-                Method::POST,
-                "/apikeys",
-                &strip_nulls(body),
-            )?;
+            let out = common
+                .remote()?
+                .json(Method::POST, "/apikeys", &strip_nulls(body))?;
             print(common.output, &out, KEY_COLUMNS);
         }
         KeysCommand::List {
@@ -351,7 +349,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             ];
             query.extend(name.map(|n| format!("name={}", encode(&n))));
             query.extend(customer_id.map(|c| format!("customerId={}", encode(&c))));
-            let out = list_all(&Remote::new(&common.endpoint)?, "/apikeys", &query)?;
+            let out = list_all(&common.remote()?, "/apikeys", &query)?;
             print(common.output, &out, KEY_COLUMNS);
         }
         KeysCommand::Get {
@@ -359,7 +357,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             id,
             include_value,
         } => {
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::GET,
                 &format!("/apikeys/{}?includeValue={include_value}", encode(&id)),
                 &Value::Null,
@@ -387,7 +385,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             if ops.is_empty() {
                 bail!("nothing to change: give --name, --description, --customer-id or --enabled");
             }
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::PATCH,
                 &format!("/apikeys/{}", encode(&id)),
                 &json!({"patchOperations": ops}),
@@ -395,7 +393,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             print(common.output, &out, KEY_COLUMNS);
         }
         KeysCommand::Delete { common, id } => {
-            Remote::new(&common.endpoint)?.json(
+            common.remote()?.json(
                 Method::DELETE,
                 &format!("/apikeys/{}", encode(&id)),
                 &Value::Null,
@@ -410,7 +408,9 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let csv = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let path = format!("/apikeys?mode=import&format=csv&failonwarnings={fail_on_warnings}");
-            let out = Remote::new(&common.endpoint)?.call(Method::POST, &path, &csv, "text/csv")?;
+            let out = common
+                .remote()?
+                .call(Method::POST, &path, &csv, "text/csv")?;
             match common.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&out)?),
                 Output::Table => {
@@ -511,7 +511,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             name,
             flags,
         } => {
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::POST,
                 "/usageplans",
                 &plan_body(Some(name), &flags)?,
@@ -521,11 +521,11 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
         PlansCommand::List { common, key_id } => {
             let mut query = vec!["limit=500".to_string()];
             query.extend(key_id.map(|k| format!("keyId={}", encode(&k))));
-            let out = list_all(&Remote::new(&common.endpoint)?, "/usageplans", &query)?;
+            let out = list_all(&common.remote()?, "/usageplans", &query)?;
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::Get { common, id } => {
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::GET,
                 &format!("/usageplans/{}", encode(&id)),
                 &Value::Null,
@@ -599,7 +599,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             if ops.is_empty() {
                 bail!("nothing to change");
             }
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::PATCH,
                 &format!("/usageplans/{}", encode(&id)),
                 &json!({"patchOperations": ops}),
@@ -607,7 +607,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::Delete { common, id } => {
-            Remote::new(&common.endpoint)?.json(
+            common.remote()?.json(
                 Method::DELETE,
                 &format!("/usageplans/{}", encode(&id)),
                 &Value::Null,
@@ -615,7 +615,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             println!("deleted usage plan {id}");
         }
         PlansCommand::AddKey { common, plan, key } => {
-            let out = Remote::new(&common.endpoint)?.json(
+            let out = common.remote()?.json(
                 Method::POST,
                 &format!("/usageplans/{}/keys", encode(&plan)),
                 &json!({"keyId": key, "keyType": "API_KEY"}),
@@ -623,7 +623,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             print(common.output, &out, PLAN_KEY_COLUMNS);
         }
         PlansCommand::RemoveKey { common, plan, key } => {
-            Remote::new(&common.endpoint)?.json(
+            common.remote()?.json(
                 Method::DELETE,
                 &format!("/usageplans/{}/keys/{}", encode(&plan), encode(&key)),
                 &Value::Null,
@@ -632,7 +632,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
         }
         PlansCommand::Keys { common, plan } => {
             let out = list_all(
-                &Remote::new(&common.endpoint)?,
+                &common.remote()?,
                 &format!("/usageplans/{}/keys", encode(&plan)),
                 &["limit=500".into()],
             )?;
@@ -650,7 +650,7 @@ pub fn set_remaining(
     remaining: i64,
 ) -> anyhow::Result<Value> {
     let body = json!({"patchOperations": [{"op": "replace", "path": "/remaining", "value": remaining.to_string()}]});
-    Remote::new(&common.endpoint)?.json(
+    common.remote()?.json(
         Method::PATCH,
         &format!("/usageplans/{}/keys/{}/usage", encode(plan), encode(key)),
         &body,
@@ -673,7 +673,7 @@ pub fn remote_usage(
     if let Some(k) = key {
         q.push_str(&format!("&keyId={}", encode(k)));
     }
-    Remote::new(&common.endpoint)?.json(
+    common.remote()?.json(
         Method::GET,
         &format!("/usageplans/{}/usage?{q}", encode(plan)),
         &Value::Null,
@@ -689,5 +689,10 @@ impl Common {
     /// The chosen output format.
     pub fn output(&self) -> Output {
         self.output
+    }
+
+    /// A client for the chosen endpoint.
+    fn remote(&self) -> anyhow::Result<Remote> {
+        Remote::new(&self.endpoint)
     }
 }
