@@ -5,10 +5,13 @@
 
 pub mod conformance;
 pub mod ids;
+pub mod redis;
 pub mod report;
 mod sqlite;
 mod sync;
+pub mod testing;
 
+pub use redis::{RedisSettings, RedisStore};
 pub use sqlite::SqliteStore;
 pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};
 

@@ -1,0 +1,532 @@
+//! The cluster store: records, bindings and usage in Redis (standalone, Redis Cluster or Valkey).
+//!
+//! Record keys share the hash tag `{tg}` so writes that touch several of them run as one atomic script
+//! on a cluster too; each API key's usage lives under its own tag `{<keyId>}`, next to the limiter state
+//! the data plane's script keeps for that key (see `keys` below). Every record change bumps
+//! `{tg}:version`, which instances watch to reload.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::{Cmd, ConnectionLike, Script};
+use tollgate_core::quota::EpochDay;
+use tollgate_core::{ApiKey, KeyHash, UsagePlan};
+
+use crate::{QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
+
+/// Key names, in one place for the store and the data plane's limiter script.
+pub mod keys {
+    /// All usage plans: id → JSON.
+    pub const PLANS: &str = "{tg}:plans";
+    /// All API keys: id → JSON (hash of the value, never the value).
+    pub const KEYS: &str = "{tg}:keys";
+    /// Value hash (hex) → key id, for uniqueness.
+    pub const VALUES: &str = "{tg}:values";
+    /// Plan memberships, members `"<planId> <keyId>"`.
+    pub const BINDINGS: &str = "{tg}:bindings";
+    /// Bumped on every record change.
+    pub const VERSION: &str = "{tg}:version";
+    /// Channel announcing record changes.
+    pub const CHANGES: &str = "tollgate:changes";
+
+    /// Per-day usage of a key under a plan: day → count.
+    pub fn usage(key_id: &str, plan_id: &str) -> String {
+        format!("tg:{{{key_id}}}:u:{plan_id}")
+    }
+    /// Keys with usage under a plan.
+    pub fn usage_index(plan_id: &str) -> String {
+        format!("{{tg}}:usage:{plan_id}")
+    }
+    /// Quota adjustments of a key under a plan: day → delta.
+    pub fn adjustments(key_id: &str, plan_id: &str) -> String {
+        format!("tg:{{{key_id}}}:a:{plan_id}")
+    }
+    /// Keys with adjustments under a plan.
+    pub fn adjustments_index(plan_id: &str) -> String {
+        format!("{{tg}}:adj:{plan_id}")
+    }
+    /// The live quota count of a key under a plan: `s` (window start day), `u` (used).
+    pub fn quota(key_id: &str, plan_id: &str) -> String {
+        format!("tg:{{{key_id}}}:q:{plan_id}")
+    }
+    /// A key's token bucket under a plan (`method` empty for the plan throttle).
+    pub fn bucket(key_id: &str, plan_id: &str, method: &str) -> String {
+        format!("tg:{{{key_id}}}:t:{plan_id}:{method}")
+    }
+}
+
+/// Where the Redis store connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port[/db]` URLs: one for a single server, the seed nodes for a cluster.
+    pub urls: Vec<String>,
+    /// Redis Cluster mode.
+    pub cluster: bool,
+    /// Connect and response timeout.
+    pub timeout: Duration,
+}
+
+enum Connection {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl Connection {
+    fn get(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Connection::Single(c) => c,
+            Connection::Cluster(c) => c,
+        }
+    }
+}
+
+/// The Redis store. One connection behind a mutex: calls are short, made off the request path.
+pub struct RedisStore {
+    settings: RedisSettings,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+/// An API key as stored: the value only as its hash (and sealed, when configured).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredKey {
+    id: String,
+    name: String,
+    description: Option<String>,
+    customer_id: Option<String>,
+    enabled: bool,
+    value_sha256: String,
+    created_date: i64,
+    last_updated_date: i64,
+    sealed_value: Option<String>,
+}
+
+const PUT_KEY: &str = r"
+local holder = redis.call('HGET', KEYS[2], ARGV[2])
+if holder and holder ~= ARGV[1] then return 0 end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local oldhash = cjson.decode(old)['valueSha256']
+  if oldhash ~= ARGV[2] then redis.call('HDEL', KEYS[2], oldhash) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('INCR', KEYS[3])
+return 1
+";
+
+const DELETE_KEY: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if string.sub(m, -(#ARGV[1] + 1)) == ' ' .. ARGV[1] then redis.call('SREM', KEYS[3], m) end
+end
+redis.call('INCR', KEYS[4])
+return 1
+";
+
+const LOAD: &str = r"
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
+";
+
+const HSET_AND_BUMP: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('INCR', KEYS[2])
+";
+
+/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, and a version bump.
+const BIND: &str = r"
+if ARGV[1] == '1' then redis.call('SADD', KEYS[1], ARGV[2]) else redis.call('SREM', KEYS[1], ARGV[2]) end
+return redis.call('INCR', KEYS[2])
+";
+
+const DELETE_PLAN: &str = r"
+redis.call('HDEL', KEYS[1], ARGV[1])
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then redis.call('SREM', KEYS[2], m) end
+end
+redis.call('INCR', KEYS[3])
+return 1
+";
+
+impl RedisStore {
+    /// A store for `settings`; connects on first use (and again after a failure).
+    pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
+        if settings.urls.is_empty() {
+            return Err(StoreError::Backend("no Redis URL given".into()));
+        }
+        Ok(Self {
+            settings,
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// Checks that Redis answers.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
+    }
+
+    fn connect(&self) -> Result<Connection, redis::RedisError> {
+        let t = self.settings.timeout;
+        if self.settings.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.settings.urls.clone())
+                .connection_timeout(t)
+                .response_timeout(t)
+                .build()?;
+            Ok(Connection::Cluster(client.get_connection()?))
+        } else {
+            let client = redis::Client::open(self.settings.urls[0].as_str())?;
+            let conn = client.get_connection_with_timeout(t)?;
+            conn.set_read_timeout(Some(t))?;
+            conn.set_write_timeout(Some(t))?;
+            Ok(Connection::Single(conn))
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Connection>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a connection, reconnecting first when the last one failed.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.lock();
+        if guard.is_none() {
+            *guard = Some(self.connect().map_err(backend)?);
+        }
+        let conn = guard
+            .as_mut()
+            .ok_or_else(|| StoreError::Backend("no connection".into()))?;
+        match f(conn.get()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error()
+                {
+                    *guard = None;
+                }
+                Err(backend(e))
+            }
+        }
+    }
+
+    /// The record version: changes whenever a plan, key or binding does.
+    pub fn version(&self) -> Result<u64, StoreError> {
+        self.with(|c| Cmd::get(keys::VERSION).query::<Option<u64>>(c))
+            .map(|v| v.unwrap_or(0))
+    }
+
+    fn days(
+        &self,
+        hash_key: &str,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<(EpochDay, i64)>, StoreError> {
+        let all: Vec<(u32, i64)> = self.with(|c| Cmd::hgetall(hash_key).query(c))?;
+        let mut days: Vec<(EpochDay, i64)> = all
+            .into_iter()
+            .map(|(d, n)| (EpochDay(d), n))
+            .filter(|(d, _)| from <= *d && *d <= to)
+            .collect();
+        days.sort();
+        Ok(days)
+    }
+
+    fn set_binding(&self, plan_id: &str, key_id: &str, member: bool) -> Result<(), StoreError> {
+        self.with(|c| {
+            Script::new(BIND)
+                .key(keys::BINDINGS)
+                .key(keys::VERSION)
+                .arg(if member { "1" } else { "0" })
+                .arg(format!("{plan_id} {key_id}"))
+                .invoke::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn indexed_keys(&self, index: &str, key_id: Option<&str>) -> Result<Vec<String>, StoreError> {
+        let mut ids = match key_id {
+            Some(k) => vec![k.to_string()],
+            None => self.with(|c| Cmd::smembers(index).query::<Vec<String>>(c))?,
+        };
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+impl Store for RedisStore {
+    fn load(&self) -> Result<Records, StoreError> {
+        // One script, so the three are read at one instant (scripts run atomically).
+        let (plans, keys, bindings): (Vec<String>, Vec<String>, Vec<String>) = self.with(|c| {
+            Script::new(LOAD)
+                .key(keys::PLANS)
+                .key(keys::KEYS)
+                .key(keys::BINDINGS)
+                .invoke(c)
+        })?;
+        let pairs = |flat: Vec<String>| -> Vec<(String, String)> {
+            let mut it = flat.into_iter();
+            std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+        };
+        let (plans, keys) = (pairs(plans), pairs(keys));
+        let mut records = Records::default();
+        for (id, body) in plans {
+            let plan: UsagePlan = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            records.plans.push(plan);
+        }
+        for (id, body) in keys {
+            let k: StoredKey = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            let hash = unhex(&k.value_sha256)
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    id: id.clone(),
+                    reason: "bad value hash".into(),
+                })?;
+            records.keys.push(ApiKey {
+                id: k.id,
+                name: k.name,
+                description: k.description,
+                customer_id: k.customer_id,
+                enabled: k.enabled,
+                value_hash: KeyHash(hash),
+                created_date: k.created_date,
+                last_updated_date: k.last_updated_date,
+                sealed_value: k.sealed_value.as_deref().and_then(unhex),
+            });
+        }
+        for member in bindings {
+            if let Some((p, k)) = member.split_once(' ') {
+                records.bindings.push((p.to_string(), k.to_string()));
+            }
+        }
+        records.plans.sort_by(|a, b| a.id.cmp(&b.id));
+        records.keys.sort_by(|a, b| a.id.cmp(&b.id));
+        records.bindings.sort();
+        Ok(records)
+    }
+
+    fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
+        let body = serde_json::to_string(plan).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.with(|c| {
+            Script::new(HSET_AND_BUMP)
+                .key(keys::PLANS)
+                .key(keys::VERSION)
+                .arg(&plan.id)
+                .arg(body)
+                .invoke::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        let stored = StoredKey {
+            id: key.id.clone(),
+            name: key.name.clone(),
+            description: key.description.clone(),
+            customer_id: key.customer_id.clone(),
+            enabled: key.enabled,
+            value_sha256: hex(&key.value_hash.0),
+            created_date: key.created_date,
+            last_updated_date: key.last_updated_date,
+            sealed_value: key.sealed_value.as_deref().map(hex),
+        };
+        let body =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let done: i64 = self.with(|c| {
+            Script::new(PUT_KEY)
+                .key(keys::KEYS)
+                .key(keys::VALUES)
+                .key(keys::VERSION)
+                .arg(&key.id)
+                .arg(&stored.value_sha256)
+                .arg(body)
+                .invoke(c)
+        })?;
+        if done == 0 {
+            return Err(StoreError::DuplicateKeyValue);
+        }
+        Ok(())
+    }
+
+    fn delete_key(&self, key_id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            Script::new(DELETE_KEY)
+                .key(keys::KEYS)
+                .key(keys::VALUES)
+                .key(keys::BINDINGS)
+                .key(keys::VERSION)
+                .arg(key_id)
+                .invoke::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn delete_plan(&self, plan_id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            Script::new(DELETE_PLAN)
+                .key(keys::PLANS)
+                .key(keys::BINDINGS)
+                .key(keys::VERSION)
+                .arg(plan_id)
+                .invoke::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
+        self.set_binding(plan_id, key_id, true)
+    }
+
+    fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
+        self.set_binding(plan_id, key_id, false)
+    }
+
+    fn adjust_quota(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            Cmd::hincr(keys::adjustments(key_id, plan_id), day.0, delta).query::<i64>(c)?;
+            Cmd::sadd(keys::adjustments_index(plan_id), key_id).query::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn quota_adjustments(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<QuotaAdjustment>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.indexed_keys(&keys::adjustments_index(plan_id), key_id)? {
+            for (day, delta) in self.days(&keys::adjustments(&key, plan_id), from, to)? {
+                if delta != 0 {
+                    out.push(QuotaAdjustment {
+                        key_id: key.clone(),
+                        day,
+                        delta,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            for d in deltas {
+                let n = i64::try_from(d.count).unwrap_or(i64::MAX);
+                Cmd::hincr(keys::usage(&d.key_id, &d.plan_id), d.day.0, n).query::<i64>(c)?;
+                Cmd::sadd(keys::usage_index(&d.plan_id), &d.key_id).query::<i64>(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn usage(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.indexed_keys(&keys::usage_index(plan_id), key_id)? {
+            for (day, used) in self.days(&keys::usage(&key, plan_id), from, to)? {
+                if used > 0 {
+                    out.push(UsageRow {
+                        key_id: key.clone(),
+                        day,
+                        used: u64::try_from(used).unwrap_or(0),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::{RedisCluster, RedisServer};
+
+    fn store(urls: Vec<String>, cluster: bool) -> RedisStore {
+        RedisStore::new(RedisSettings {
+            urls,
+            cluster,
+            timeout: Duration::from_millis(500),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn conformance_on_redis() {
+        let server = RedisServer::start();
+        crate::conformance::run_all(&store(vec![server.url()], false));
+    }
+
+    #[test]
+    fn conformance_on_a_redis_cluster() {
+        let cluster = RedisCluster::start(3);
+        crate::conformance::run_all(&store(cluster.urls(), true));
+    }
+
+    #[test]
+    fn reconnects_after_redis_comes_back() {
+        let mut server = RedisServer::start();
+        let port = server.port;
+        let s = store(vec![server.url()], false);
+        s.ping().unwrap();
+        let v = s.version().unwrap();
+        server.kill();
+        assert!(s.ping().is_err(), "a dead server is an error, not a hang");
+        let _again = RedisServer::start_on(port);
+        s.ping().unwrap();
+        assert_eq!(s.version().unwrap(), 0, "a fresh server: {v} before");
+    }
+}
