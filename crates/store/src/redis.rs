@@ -68,14 +68,14 @@ pub struct RedisSettings {
 
 enum Connection {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Connection {
     fn get(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Connection::Single(c) => c,
-            Connection::Cluster(c) => c,
+            Connection::Cluster(c) => &mut **c,
         }
     }
 }
@@ -197,7 +197,7 @@ impl RedisStore {
                 .connection_timeout(t)
                 .response_timeout(t)
                 .build()?;
-            Ok(Connection::Cluster(client.get_connection()?))
+            Ok(Connection::Cluster(Box::new(client.get_connection()?)))
         } else {
             let client = redis::Client::open(self.settings.urls[0].as_str())?;
             let conn = client.get_connection_with_timeout(t)?;
