@@ -175,6 +175,14 @@ impl Admin {
         })
     }
 
+    /// Adopts records another instance changed (cluster mode) and serves them.
+    pub async fn refresh(&self, fresh: Records) {
+        let mut records = self.records.lock().await;
+        *records = fresh;
+        self.gateway
+            .reload(&records, &std::collections::HashMap::new());
+    }
+
     /// The credentials requests must be signed with.
     pub fn credentials(&self) -> &[Credentials] {
         &self.settings.credentials
@@ -766,14 +774,20 @@ impl Admin {
                 .ok_or_else(|| bad(format!("Usage plan {plan_id} has no quota")))?;
             let start = QuotaWindow::containing(&quota, self.today()).start;
             let snapshot = self.gateway.snapshot();
-            let live = snapshot
+            let now = self.gateway.clock().now();
+            let grant = snapshot
                 .grants()
                 .iter()
-                .find(|g| &*g.plan_id == plan_id && &*g.key_id == key_id)
-                .and_then(|g| {
-                    g.quota()
-                        .map(|q| q.set_remaining(self.gateway.clock().now(), remaining))
-                });
+                .find(|g| &*g.plan_id == plan_id && &*g.key_id == key_id);
+            // The local count always follows (cluster mode falls back to it when Redis is down).
+            let local = grant.and_then(|g| g.quota().map(|q| q.set_remaining(now, remaining)));
+            let live = match (grant, self.gateway.limiter()) {
+                (Some(g), Some(limiter)) => limiter
+                    .set_remaining(g, remaining, now)
+                    .await
+                    .map_err(|e| AdminError::Internal(e.to_string()))?,
+                _ => local,
+            };
             let delta = match live {
                 Some(delta) => delta,
                 // The key is in the plan but not served (e.g. the plan covers no configured stage):

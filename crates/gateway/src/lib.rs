@@ -2,6 +2,7 @@
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 
 pub mod config;
+pub mod limiter;
 pub mod meter;
 pub mod proxy;
 pub mod response;

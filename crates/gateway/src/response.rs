@@ -60,6 +60,16 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Body> {
             "MissingAuthenticationTokenException",
             r#"{"message":"Missing Authentication Token"}"#,
         ),
+        Refusal::ServiceUnavailable => {
+            let mut resp = aws_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+                r#"{"message":"Service Unavailable"}"#,
+            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         Refusal::Forbidden => aws_error(
             StatusCode::FORBIDDEN,
             "ForbiddenException",

@@ -23,9 +23,11 @@ use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::{Records, Store, StoreError, UsageDelta};
 
 use crate::config::{GatewayConfig, Integration};
+use crate::limiter::{OnStoreFailure, RedisLimiter};
 use crate::proxy::Upstreams;
 use crate::response::{self, Body};
-use crate::snapshot::{Refusal, Snapshot, SnapshotError};
+use crate::route::RouteMatch;
+use crate::snapshot::{Admission, LimitInfo, Refusal, Snapshot, SnapshotError};
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -36,6 +38,61 @@ pub struct GatewayOptions {
     pub flush_interval: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+}
+
+/// Admits a routed request in cluster mode: key check and instance-wide throttles here, the key's own
+/// limits in Redis, and `onStoreFailure` when Redis cannot answer.
+async fn admit_clustered<'s>(
+    snap: &'s Snapshot,
+    limiter: &RedisLimiter,
+    m: &RouteMatch<'_>,
+    api_key: Option<&http::HeaderValue>,
+    now: u64,
+) -> Result<Admission<'s>, Refusal> {
+    let shared = snap.admit_shared(m, api_key, now)?;
+    let route = shared.route;
+    let Some(grant) = shared.grant else {
+        return Ok(Admission {
+            route,
+            key_id: None,
+            limits: LimitInfo::default(),
+        });
+    };
+    let admitted = |limits| Admission {
+        route,
+        key_id: Some(&*grant.key_id),
+        limits,
+    };
+    let method_key = if grant.has_method_throttle(m) {
+        let api = &snap.config().apis[m.api];
+        format!(
+            "{}:{}:{}",
+            api.id,
+            api.stages[m.stage].name,
+            route.throttle_key()
+        )
+    } else {
+        String::new()
+    };
+    let decided = match limiter.decide(grant, m, &method_key, now).await {
+        Ok(decided) => decided,
+        Err(_) => match limiter.on_failure {
+            OnStoreFailure::Local => snap.admit_key_locally(grant, m, now),
+            OnStoreFailure::Allow => {
+                // Fail open, as AWS does, but keep metering: the usage is written back later.
+                grant.meter.record(EpochDay::from_nanos(now));
+                Ok(LimitInfo::default())
+            }
+            OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
+        },
+    };
+    match decided {
+        Ok(limits) => Ok(admitted(limits)),
+        Err(refusal) => {
+            shared.refund();
+            Err(refusal)
+        }
+    }
 }
 
 impl Default for GatewayOptions {
@@ -63,6 +120,8 @@ pub enum GatewayError {
 
 struct Shared {
     snapshot: ArcSwap<Snapshot>,
+    /// Cluster mode: keys' limits are decided in Redis.
+    limiter: Option<RedisLimiter>,
     clock: Arc<dyn Clock>,
     upstreams: Upstreams,
     store: Arc<dyn Store>,
@@ -104,6 +163,11 @@ impl GatewayHandle {
         self.shared.snapshot.store(Arc::new(next));
     }
 
+    /// The cluster-mode limiter, if this gateway shares its limits through Redis.
+    pub fn limiter(&self) -> Option<&RedisLimiter> {
+        self.shared.limiter.as_ref()
+    }
+
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
     pub async fn flush(&self) -> Result<(), GatewayError> {
         flush_once(&self.shared).await
@@ -140,6 +204,7 @@ impl Gateway {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         options: GatewayOptions,
+        limiter: Option<RedisLimiter>,
     ) -> Result<Self, GatewayError> {
         let records = store.load()?;
         let today = EpochDay::from_nanos(clock.now());
@@ -147,6 +212,7 @@ impl Gateway {
         let snapshot = Snapshot::build(config, &records, &used, today)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
+            limiter,
             clock,
             upstreams: Upstreams::new(),
             store,
@@ -240,11 +306,16 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
     let origin = route
         .and_then(|r| r.cors.as_ref())
         .and_then(|_| req.headers().get(ORIGIN).cloned());
-    let decided = match matched {
-        None => Err(Refusal::MissingAuthenticationToken),
-        Some(m) => snap
+    let decided = match (matched, &shared.limiter) {
+        (None, _) => Err(Refusal::MissingAuthenticationToken),
+        (Some(m), None) => snap
             .admit(&m, req.headers().get(&X_API_KEY), now)
             .map(|a| (a, path.len() - m.rest.len())),
+        (Some(m), Some(limiter)) => {
+            admit_clustered(&snap, limiter, &m, req.headers().get(&X_API_KEY), now)
+                .await
+                .map(|a| (a, path.len() - m.rest.len()))
+        }
     };
     let (mut resp, key_id) = match decided {
         Err(refusal) => (response::refusal(refusal, config.rate_limit_headers), None),

@@ -70,6 +70,16 @@ impl Grant {
             .map(|(_, b)| b)
     }
 
+    /// The throttle that limits this key on the matched route: the per-method one, else the plan's.
+    pub fn bucket_for(&self, m: &RouteMatch<'_>) -> Option<&Gcra> {
+        self.throttle_for(m).map(|b| &b.gcra)
+    }
+
+    /// Whether the matched route has a per-method throttle of its own.
+    pub fn has_method_throttle(&self, m: &RouteMatch<'_>) -> bool {
+        self.method_throttle_at((m.api, m.stage, m.route)).is_some()
+    }
+
     /// The live quota counter of this membership, if the plan has a quota.
     pub fn quota(&self) -> Option<&QuotaState> {
         self.quota.as_deref()
@@ -152,6 +162,8 @@ pub enum Refusal {
         /// The key's limits, for headers.
         limits: LimitInfo,
     },
+    /// The shared store is unavailable and `onStoreFailure: deny`: 503.
+    ServiceUnavailable,
     /// The key's quota for this period is spent: 429 `Limit Exceeded`.
     LimitExceeded {
         /// Whole seconds until the period resets (at least 1).
@@ -170,6 +182,25 @@ pub struct Admission<'s> {
     pub key_id: Option<&'s str>,
     /// The key's limits after this request.
     pub limits: LimitInfo,
+}
+
+/// A request that passed the key check and the instance-wide throttles.
+#[derive(Debug)]
+pub struct SharedAdmission<'s> {
+    /// The matched route.
+    pub route: &'s Route,
+    /// The key's membership, when the route requires a key.
+    pub grant: Option<&'s Grant>,
+    taken: [Option<&'s Bucket>; 2],
+}
+
+impl SharedAdmission<'_> {
+    /// Gives back the stage and account tokens, when the key's own limits refused the request.
+    pub fn refund(&self) {
+        for bucket in self.taken.iter().flatten() {
+            bucket.gcra.refund(&bucket.state);
+        }
+    }
 }
 
 /// Why a snapshot could not be built.
@@ -395,45 +426,97 @@ impl Snapshot {
         self.routing.router.route(method, path)
     }
 
-    /// Runs the admission pipeline for a routed request presenting `api_key` at `now`: key, then the
-    /// key's plan (or per-method) throttle, the stage throttle, the account throttle, then the quota;
-    /// an admitted keyed request is metered.
+    /// Runs the whole admission pipeline for a routed request presenting `api_key` at `now`, on this
+    /// instance's state: the key, the throttles (the key's plan or per-method bucket, the stage's, the
+    /// account's: a request must pass all, and a refusal anywhere hands back the tokens the others
+    /// took), then the quota. An admitted keyed request is metered.
     pub fn admit<'s>(
         &'s self,
         m: &RouteMatch<'_>,
         api_key: Option<&HeaderValue>,
         now: u64,
     ) -> Result<Admission<'s>, Refusal> {
+        let shared = self.admit_shared(m, api_key, now)?;
+        let Some(grant) = shared.grant else {
+            return Ok(Admission {
+                route: shared.route,
+                key_id: None,
+                limits: LimitInfo::default(),
+            });
+        };
+        match self.admit_key_locally(grant, m, now) {
+            Ok(limits) => Ok(Admission {
+                route: shared.route,
+                key_id: Some(&grant.key_id),
+                limits,
+            }),
+            Err(refusal) => {
+                shared.refund();
+                Err(refusal)
+            }
+        }
+    }
+
+    /// The part of admission that is never shared between instances: the key check and the
+    /// instance-wide throttles (stage and account). In cluster mode the key's own limits are then
+    /// decided in Redis; if that refuses, [`SharedAdmission::refund`] gives these tokens back.
+    pub fn admit_shared<'s>(
+        &'s self,
+        m: &RouteMatch<'_>,
+        api_key: Option<&HeaderValue>,
+        now: u64,
+    ) -> Result<SharedAdmission<'s>, Refusal> {
         let route = &self.routing.config.apis[m.api].routes[m.route];
         let grant = if route.api_key_required {
             Some(self.grant(m, api_key)?)
         } else {
             None
         };
-        let mut limits = LimitInfo::default();
-
-        // Throttle layers, most specific first. A refusal hands back the tokens earlier layers took.
         let layers = [
-            grant.and_then(|g| g.throttle_for(m)),
             self.routing.stage_buckets[m.api][m.stage][m.route].as_ref(),
             self.routing.account.as_ref(),
         ];
         for (i, bucket) in layers.iter().enumerate() {
             let Some(bucket) = bucket else { continue };
+            if let ThrottleDecision::Refused { retry_after } = bucket.gcra.check(&bucket.state, now)
+            {
+                for taken in layers[..i].iter().flatten() {
+                    taken.gcra.refund(&taken.state);
+                }
+                let limits = LimitInfo {
+                    throttle: None,
+                    quota: grant.and_then(|g| quota_info(g, now, None)),
+                };
+                return Err(Refusal::TooManyRequests {
+                    retry_after_secs: ceil_secs(retry_after).max(1),
+                    limits,
+                });
+            }
+        }
+        Ok(SharedAdmission {
+            route,
+            grant,
+            taken: layers,
+        })
+    }
+
+    /// The key's own limits on this instance's state: its plan or per-method bucket, then its quota;
+    /// counts the request when admitted.
+    pub fn admit_key_locally(
+        &self,
+        grant: &Grant,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> Result<LimitInfo, Refusal> {
+        let mut limits = LimitInfo::default();
+        if let Some(bucket) = grant.throttle_for(m) {
             match bucket.gcra.check(&bucket.state, now) {
                 ThrottleDecision::Allowed { remaining } => {
-                    if i == 0 {
-                        limits.throttle = Some(bucket_info(bucket, u64::from(remaining), now));
-                    }
+                    limits.throttle = Some(bucket_info(bucket, u64::from(remaining), now));
                 }
                 ThrottleDecision::Refused { retry_after } => {
-                    for taken in layers[..i].iter().flatten() {
-                        taken.gcra.refund(&taken.state);
-                    }
-                    if i == 0 {
-                        limits.throttle = Some(bucket_info(bucket, 0, now));
-                    }
-                    limits.quota = grant.and_then(|g| quota_info(g, now, None));
+                    limits.throttle = Some(bucket_info(bucket, 0, now));
+                    limits.quota = quota_info(grant, now, None);
                     return Err(Refusal::TooManyRequests {
                         retry_after_secs: ceil_secs(retry_after).max(1),
                         limits,
@@ -441,21 +524,13 @@ impl Snapshot {
                 }
             }
         }
-
-        let Some(grant) = grant else {
-            return Ok(Admission {
-                route,
-                key_id: None,
-                limits,
-            });
-        };
-        let today = EpochDay::from_nanos(now);
         if let Some(quota) = &grant.quota {
             match quota.try_consume(now) {
                 QuotaDecision::Allowed { remaining, .. } => {
-                    limits.quota = quota_info(grant, now, Some(remaining))
+                    limits.quota = quota_info(grant, now, Some(remaining));
                 }
                 QuotaDecision::Refused { resets_at } => {
+                    // The bucket's token stays taken: hammering a spent quota is not free.
                     limits.quota = quota_info(grant, now, Some(0));
                     let retry = ceil_secs(resets_at.start_nanos().saturating_sub(now)).max(1);
                     return Err(Refusal::LimitExceeded {
@@ -465,12 +540,8 @@ impl Snapshot {
                 }
             }
         }
-        grant.meter.record(today);
-        Ok(Admission {
-            route,
-            key_id: Some(&grant.key_id),
-            limits,
-        })
+        grant.meter.record(EpochDay::from_nanos(now));
+        Ok(limits)
     }
 
     fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&HeaderValue>) -> Result<&Grant, Refusal> {

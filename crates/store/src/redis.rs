@@ -143,7 +143,11 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  if string.sub(m, -(#ARGV[1] + 1)) == ' ' .. ARGV[1] then redis.call('SREM', KEYS[3], m) end
+  if string.sub(m, -(#ARGV[1] + 1)) == ' ' .. ARGV[1] then
+    redis.call('SREM', KEYS[3], m)
+    -- Its usage under that plan stays reachable.
+    redis.call('SADD', '{tg}:usage:' .. string.sub(m, 1, #m - #ARGV[1] - 1), ARGV[1])
+  end
 end
 redis.call('INCR', KEYS[4])
 return 1
@@ -158,16 +162,25 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('INCR', KEYS[2])
 ";
 
-/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, and a version bump.
+/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, and a version bump. A removed key's usage stays
+/// reachable through the plan's usage index.
 const BIND: &str = r"
-if ARGV[1] == '1' then redis.call('SADD', KEYS[1], ARGV[2]) else redis.call('SREM', KEYS[1], ARGV[2]) end
+if ARGV[1] == '1' then
+  redis.call('SADD', KEYS[1], ARGV[2] .. ' ' .. ARGV[3])
+else
+  redis.call('SREM', KEYS[1], ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('SADD', KEYS[3], ARGV[3])
+end
 return redis.call('INCR', KEYS[2])
 ";
 
 const DELETE_PLAN: &str = r"
 redis.call('HDEL', KEYS[1], ARGV[1])
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then redis.call('SREM', KEYS[2], m) end
+  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+    redis.call('SREM', KEYS[2], m)
+    redis.call('SADD', '{tg}:usage:' .. ARGV[1], string.sub(m, #ARGV[1] + 2))
+  end
 end
 redis.call('INCR', KEYS[3])
 return 1
@@ -265,19 +278,39 @@ impl RedisStore {
             Script::new(BIND)
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
+                .key(keys::usage_index(plan_id))
                 .arg(if member { "1" } else { "0" })
-                .arg(format!("{plan_id} {key_id}"))
+                .arg(plan_id)
+                .arg(key_id)
                 .invoke::<i64>(c)
         })?;
         Ok(())
     }
 
-    fn indexed_keys(&self, index: &str, key_id: Option<&str>) -> Result<Vec<String>, StoreError> {
-        let mut ids = match key_id {
-            Some(k) => vec![k.to_string()],
-            None => self.with(|c| Cmd::smembers(index).query::<Vec<String>>(c))?,
-        };
+    /// The keys whose per-day hashes to read: `key_id`, or the plan's members and every key in its
+    /// `index` (usage is counted by the data plane's script, which cannot touch the index's slot).
+    fn indexed_keys(
+        &self,
+        plan_id: &str,
+        index: &str,
+        key_id: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        if let Some(k) = key_id {
+            return Ok(vec![k.to_string()]);
+        }
+        let (mut ids, members): (Vec<String>, Vec<String>) = self.with(|c| {
+            let ids = Cmd::smembers(index).query(c)?;
+            Ok((ids, Cmd::smembers(keys::BINDINGS).query(c)?))
+        })?;
+        let prefix = format!("{plan_id} ");
+        ids.extend(
+            members
+                .iter()
+                .filter_map(|m| m.strip_prefix(&prefix))
+                .map(str::to_string),
+        );
         ids.sort();
+        ids.dedup();
         Ok(ids)
     }
 }
@@ -437,7 +470,7 @@ impl Store for RedisStore {
         to: EpochDay,
     ) -> Result<Vec<QuotaAdjustment>, StoreError> {
         let mut out = Vec::new();
-        for key in self.indexed_keys(&keys::adjustments_index(plan_id), key_id)? {
+        for key in self.indexed_keys(plan_id, &keys::adjustments_index(plan_id), key_id)? {
             for (day, delta) in self.days(&keys::adjustments(&key, plan_id), from, to)? {
                 if delta != 0 {
                     out.push(QuotaAdjustment {
@@ -473,7 +506,7 @@ impl Store for RedisStore {
         to: EpochDay,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let mut out = Vec::new();
-        for key in self.indexed_keys(&keys::usage_index(plan_id), key_id)? {
+        for key in self.indexed_keys(plan_id, &keys::usage_index(plan_id), key_id)? {
             for (day, used) in self.days(&keys::usage(&key, plan_id), from, to)? {
                 if used > 0 {
                     out.push(UsageRow {

@@ -17,6 +17,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Every write on disk before it is acknowledged, so a killed server comes back with its data, as a
+/// production Redis with persistence would.
+const PERSIST: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
+
 /// One `redis-server`.
 pub struct RedisServer {
     pub port: u16,
@@ -68,16 +72,23 @@ impl RedisServer {
         Self::start_on(free_port())
     }
 
-    /// Starts a standalone server on `port` (to restart one that was stopped).
+    /// Starts a standalone server on `port`.
     pub fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let child = spawn(port, dir.path(), &[]);
+        let child = spawn(port, dir.path(), PERSIST);
         wait_for_ping(port);
         Self {
             port,
             child: Some(child),
             _dir: dir,
         }
+    }
+
+    /// Starts the server again (after [`kill`](Self::kill)) on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn(self.port, self._dir.path(), PERSIST));
+        wait_for_ping(self.port);
     }
 
     pub fn url(&self) -> String {

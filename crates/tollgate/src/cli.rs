@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::manage::{self, KeysCommand, PlansCommand};
 use crate::serverless::{self, ServerlessOptions};
-use crate::{config, serve, usage};
+use crate::{config, migrate, serve, usage};
 
 /// Exit status for a bad config or bad arguments (BSD `EX_USAGE`).
 const EX_USAGE: u8 = 64;
@@ -40,6 +40,15 @@ enum Command {
         serverless: Option<PathBuf>,
         #[command(flatten)]
         flags: ServerlessFlags,
+    },
+    /// Copy keys, plans, memberships and usage history from one store to another.
+    Migrate {
+        /// The source: sqlite:PATH, redis://host:port or redis-cluster://host:port,host:port.
+        #[arg(long)]
+        from: String,
+        /// The (empty) target, same forms.
+        #[arg(long)]
+        to: String,
     },
     /// Convert other formats to a tollgate config.
     #[command(subcommand)]
@@ -135,6 +144,11 @@ pub fn run() -> ExitCode {
                 serve::serve(c).map_err(Failure::Runtime)
             })
         }
+        Command::Migrate { from, to } => migrate::migrate(&from, &to)
+            .map(|(plans, keys, bindings, rows)| {
+                println!("copied {plans} usage plans, {keys} API keys, {bindings} plan memberships, {rows} days of usage");
+            })
+            .map_err(Failure::Runtime),
         Command::Import(ImportCommand::Serverless { file, flags }) => flags
             .options(file)
             .and_then(|o| {

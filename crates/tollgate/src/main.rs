@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod manage;
+mod migrate;
 mod remote;
 mod serve;
 mod serverless;

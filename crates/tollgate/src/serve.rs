@@ -3,23 +3,49 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
-use tollgate_gateway::{Gateway, GatewayOptions};
-use tollgate_store::{SqliteStore, Store, apply_declared};
+use tollgate_gateway::limiter::RedisLimiter;
+use tollgate_gateway::{Gateway, GatewayHandle, GatewayOptions};
+use tollgate_store::{RedisStore, Store, apply_declared};
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
+
+/// How often a cluster instance checks Redis for record changes made elsewhere.
+const RESYNC_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Runs the gateway described by `config` until SIGTERM or SIGINT.
 pub fn serve(config: Config) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.store.sqlite)
-            .with_context(|| format!("opening the store {}", config.store.sqlite.display()))?,
-    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let store = config
+        .store
+        .kind
+        .open()
+        .with_context(|| format!("opening the store {}", config.store.kind.describe()))?;
+    let limiter = match &config.store.kind {
+        StoreKind::Sqlite(_) => None,
+        StoreKind::Redis(settings, on_failure) => Some(
+            RedisLimiter::connect(
+                &settings.urls,
+                settings.cluster,
+                settings.timeout,
+                *on_failure,
+            )
+            .await
+            .context("connecting to Redis")?,
+        ),
+    };
     let now_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -27,13 +53,15 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .sealer
         .clone()
         .map(|s| move |id: &str, value: &str| s.seal(id, value));
-    let generated = apply_declared(
-        &*store,
-        &config.plans,
-        &config.keys,
-        now_secs,
-        seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
-    )
+    let generated = tokio::task::block_in_place(|| {
+        apply_declared(
+            &*store,
+            &config.plans,
+            &config.keys,
+            now_secs,
+            seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
+        )
+    })
     .context("applying the config's plans and keys")?;
     {
         // The one time a generated value is shown: on stdout for the operator, never in the logs.
@@ -51,71 +79,121 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         flush_interval: config.store.flush_interval,
         ..GatewayOptions::default()
     };
-    let gateway = Gateway::open(
-        config.gateway,
-        store.clone(),
-        Arc::new(SystemClock),
-        options,
-    )?;
+    let gateway = tokio::task::block_in_place(|| {
+        Gateway::open(
+            config.gateway,
+            store.clone(),
+            Arc::new(SystemClock),
+            options,
+            limiter,
+        )
+    })?;
     let admin = match &config.admin {
         Some(admin_config) => {
             let settings = AdminSettings {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
             };
-            Some((
-                Arc::new(Admin::new(store, gateway.handle(), settings)?),
-                admin_config.listen,
-            ))
+            let admin = tokio::task::block_in_place(|| {
+                Admin::new(store.clone(), gateway.handle(), settings)
+            })?;
+            Some((Arc::new(admin), admin_config.listen))
         }
         None => None,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async move {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        let admin_task = match admin {
-            Some((admin, admin_addr)) => {
-                let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                    .await
-                    .with_context(|| format!("binding the admin API to {admin_addr}"))?;
-                let bound = admin_listener.local_addr()?;
-                tracing::info!(addr = %bound, "admin API listening");
-                println!("tollgate: admin API on http://{bound}");
-                Some(tokio::spawn(tollgate_admin::http::serve(
-                    admin,
-                    admin_listener,
-                    stopped(stop_rx.clone()),
-                )))
-            }
-            None => None,
-        };
-        tracing::info!(%addr, "listening");
-        println!("tollgate: listening on http://{addr}");
-        let _ = std::io::stdout().flush();
+    if let StoreKind::Redis(settings, _) = &config.store.kind {
+        let watcher = RedisStore::new(settings.clone())?;
+        let admin = admin.as_ref().map(|(a, _)| a.clone());
+        tokio::spawn(resync(watcher, gateway.handle(), admin, stop_rx.clone()));
+    }
 
-        gateway.serve(listener, stopped(stop_rx)).await?;
-        if let Some(task) = admin_task {
-            task.await.context("admin API task")?.context("admin API")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let admin_task = match admin {
+        Some((admin, admin_addr)) => {
+            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| format!("binding the admin API to {admin_addr}"))?;
+            let bound = admin_listener.local_addr()?;
+            tracing::info!(addr = %bound, "admin API listening");
+            println!("tollgate: admin API on http://{bound}");
+            Some(tokio::spawn(tollgate_admin::http::serve(
+                admin,
+                admin_listener,
+                stopped(stop_rx.clone()),
+            )))
         }
-        tracing::info!("stopped");
-        Ok(())
-    })
+        None => None,
+    };
+    tracing::info!(%addr, "listening");
+    println!("tollgate: listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+
+    gateway.serve(listener, stopped(stop_rx)).await?;
+    if let Some(task) = admin_task {
+        task.await.context("admin API task")?.context("admin API")?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cluster mode: reloads the records whenever another instance changed them (Redis's record version
+/// moved), so an admin change anywhere is served everywhere within a fraction of a second.
+async fn resync(
+    store: RedisStore,
+    gateway: GatewayHandle,
+    admin: Option<Arc<Admin>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let store = Arc::new(store);
+    let mut seen = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RESYNC_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let s = store.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let version = s.version()?;
+            Ok::<_, tollgate_store::StoreError>((version, s.clone()))
+        })
+        .await;
+        let Ok(Ok((version, s))) = checked else {
+            continue;
+        };
+        if seen == Some(version) {
+            continue;
+        }
+        let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.load()).await else {
+            continue;
+        };
+        match seen {
+            Some(before) if version < before => tracing::warn!(
+                version,
+                before,
+                "Redis's record version went back: Redis lost data (restarted without persistence?); serving what it holds now"
+            ),
+            Some(_) => tracing::info!(version, "records changed in Redis; reloaded"),
+            None => {}
+        }
+        seen = Some(version);
+        match &admin {
+            Some(admin) => admin.refresh(records).await,
+            None => gateway.reload(&records, &std::collections::HashMap::new()),
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -9,7 +9,6 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tollgate_core::quota::EpochDay;
 use tollgate_store::report::plan_usage;
-use tollgate_store::{SqliteStore, Store};
 
 use crate::cli::Failure;
 use crate::config;
@@ -130,7 +129,11 @@ fn offline(
     output: Output,
 ) -> Result<(), Failure> {
     let config = config::load(config).map_err(Failure::Config)?;
-    let store = SqliteStore::open(&config.store.sqlite).map_err(|e| Failure::Runtime(e.into()))?;
+    let store = config
+        .store
+        .kind
+        .open()
+        .map_err(|e| Failure::Runtime(e.into()))?;
     let records = store.load().map_err(|e| Failure::Runtime(e.into()))?;
     let plan = records
         .plans
@@ -139,7 +142,7 @@ fn offline(
         .ok_or_else(|| {
             Failure::Usage(format!(
                 "no usage plan {plan:?} in {}",
-                config.store.sqlite.display()
+                config.store.kind.describe()
             ))
         })?;
     let key_id = match key {
@@ -153,7 +156,7 @@ fn offline(
                 .ok_or_else(|| Failure::Usage(format!("no API key {k:?}")))?,
         ),
     };
-    let values = plan_usage(&store, &records, plan, key_id, from, to)
+    let values = plan_usage(&*store, &records, plan, key_id, from, to)
         .map_err(|e| Failure::Runtime(e.into()))?;
     let usage = json!({"usagePlanId": plan.id, "startDate": from.to_string(), "endDate": to.to_string(), "values": values});
     let names = records

@@ -12,6 +12,8 @@ use std::time::Duration;
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::limiter::OnStoreFailure;
+use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 /// The validated configuration of one gateway instance.
@@ -52,10 +54,43 @@ pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOLLGATE_KEY_ENCRYPTION_KEY";
 /// Where usage and records are kept.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// The SQLite database file.
-    pub sqlite: PathBuf,
+    /// Where records and usage live.
+    pub kind: StoreKind,
     /// How often metered usage is written.
     pub flush_interval: Duration,
+}
+
+/// The embedded store or the shared one.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// One SQLite file (the default).
+    Sqlite(PathBuf),
+    /// Redis, shared by every instance, and what to do when it is unavailable.
+    Redis(RedisSettings, OnStoreFailure),
+}
+
+impl StoreKind {
+    /// Opens the store (blocking; Redis connects lazily).
+    pub fn open(
+        &self,
+    ) -> Result<std::sync::Arc<dyn tollgate_store::Store>, tollgate_store::StoreError> {
+        Ok(match self {
+            StoreKind::Sqlite(path) => {
+                std::sync::Arc::new(tollgate_store::SqliteStore::open(path)?)
+            }
+            StoreKind::Redis(settings, _) => {
+                std::sync::Arc::new(tollgate_store::RedisStore::new(settings.clone())?)
+            }
+        })
+    }
+
+    /// How to name it in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreKind::Sqlite(path) => path.display().to_string(),
+            StoreKind::Redis(settings, _) => settings.urls.join(", "),
+        }
+    }
 }
 
 /// A config file that cannot be used, and where.

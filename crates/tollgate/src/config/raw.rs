@@ -86,9 +86,32 @@ pub struct RawAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawStore {
-    pub sqlite: EnvString,
+    #[serde(default)]
+    pub sqlite: Option<EnvString>,
+    #[serde(default)]
+    pub redis: Option<RawRedis>,
     #[serde(default)]
     pub flush_interval: Option<String>,
+    #[serde(default)]
+    pub on_store_failure: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRedis {
+    pub url: RawUrls,
+    #[serde(default)]
+    pub cluster: bool,
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// One URL, or the seed URLs of a cluster.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawUrls {
+    One(EnvString),
+    Many(Vec<EnvString>),
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -15,13 +15,18 @@ use tollgate_gateway::config::{
     Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route, RouteMethod, Stage,
     add_preflight_routes, check_api_stage, check_throttle,
 };
+use tollgate_gateway::limiter::OnStoreFailure;
 use tollgate_gateway::route::{Router, validate_template};
+use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
-use super::raw::{RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawThrottle};
+use super::raw::{
+    RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawStore, RawThrottle,
+    RawUrls,
+};
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
-    KEY_ENCRYPTION_KEY_ENV, StoreConfig,
+    KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
 };
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
@@ -126,29 +131,10 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
 
     let store = match &raw.store {
         None => StoreConfig {
-            sqlite: PathBuf::from("./tollgate.db"),
+            kind: StoreKind::Sqlite(PathBuf::from("./tollgate.db")),
             flush_interval: Duration::from_secs(1),
         },
-        Some(s) => {
-            let flush_interval = match &s.value.flush_interval {
-                None => Duration::from_secs(1),
-                Some(text) => match parse_duration(text) {
-                    Ok(d) if !d.is_zero() => d,
-                    Ok(_) => {
-                        return cx.err(
-                            &s.referenced,
-                            "store.flushInterval",
-                            "must be more than zero",
-                        );
-                    }
-                    Err(e) => return cx.err(&s.referenced, "store.flushInterval", e),
-                },
-            };
-            StoreConfig {
-                sqlite: PathBuf::from(&s.value.sqlite.0),
-                flush_interval,
-            }
-        }
+        Some(s) => validate_store(&cx, &s.value, &s.referenced)?,
     };
 
     let account_throttle = match &raw.account_throttle {
@@ -305,6 +291,87 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
         plans,
         keys,
+    })
+}
+
+fn positive_duration(
+    cx: &Ctx<'_>,
+    text: &str,
+    at: &Location,
+    field: &str,
+) -> Result<Duration, ConfigError> {
+    match parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => cx.err(at, field, "must be more than zero"),
+        Err(e) => cx.err(at, field, e),
+    }
+}
+
+fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConfig, ConfigError> {
+    let flush_interval = match &s.flush_interval {
+        None => Duration::from_secs(1),
+        Some(text) => positive_duration(cx, text, at, "store.flushInterval")?,
+    };
+    let kind = match (&s.sqlite, &s.redis) {
+        (Some(_), Some(_)) => return cx.err(at, "store", "give sqlite or redis, not both"),
+        (Some(path), None) => StoreKind::Sqlite(PathBuf::from(&path.0)),
+        (None, None) => StoreKind::Sqlite(PathBuf::from("./tollgate.db")),
+        (None, Some(r)) => {
+            let urls: Vec<String> = match &r.url {
+                RawUrls::One(u) => vec![u.0.clone()],
+                RawUrls::Many(us) => us.iter().map(|u| u.0.clone()).collect(),
+            };
+            if urls.is_empty()
+                || urls
+                    .iter()
+                    .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return cx.err(at, "store.redis.url", "expected redis://host:port URLs");
+            }
+            if urls.len() > 1 && !r.cluster {
+                return cx.err(
+                    at,
+                    "store.redis.url",
+                    "several URLs are the seed nodes of a cluster: set cluster: true",
+                );
+            }
+            // Short by default: a request never waits longer than this for Redis.
+            let timeout = match &r.timeout {
+                None => Duration::from_millis(50),
+                Some(t) => positive_duration(cx, t, at, "store.redis.timeout")?,
+            };
+            let on_failure = match s.on_store_failure.as_deref() {
+                None | Some("local") => OnStoreFailure::Local,
+                Some("allow") => OnStoreFailure::Allow,
+                Some("deny") => OnStoreFailure::Deny,
+                Some(other) => {
+                    return cx.err(
+                        at,
+                        "store.onStoreFailure",
+                        format!("{other:?} is not one of local, allow, deny"),
+                    );
+                }
+            };
+            StoreKind::Redis(
+                RedisSettings {
+                    urls,
+                    cluster: r.cluster,
+                    timeout,
+                },
+                on_failure,
+            )
+        }
+    };
+    if s.on_store_failure.is_some() && matches!(kind, StoreKind::Sqlite(_)) {
+        return cx.err(
+            at,
+            "store.onStoreFailure",
+            "only a redis store can fail over",
+        );
+    }
+    Ok(StoreConfig {
+        kind,
+        flush_interval,
     })
 }
 

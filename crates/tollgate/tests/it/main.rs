@@ -8,6 +8,8 @@ mod util;
 
 /// The AWS-compatible admin API: SigV4, every operation's shape and errors, live effect on the data plane.
 mod admin;
+/// Cluster mode: instances sharing exact limits through real redis-server processes (and a cluster).
+mod cluster;
 /// Config validation: exit codes and file:line:field messages, `check`, nothing bound on failure.
 mod config;
 /// The request pipeline end to end: every status AWS defines, headers, streaming, the mock integration.

@@ -1,0 +1,83 @@
+//! `tollgate migrate --from sqlite:./tollgate.db --to redis://…`: copies keys (hashes and sealed
+//! values), plans, memberships, usage history and quota adjustments between stores, so outgrowing one
+//! machine keeps every record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tollgate_core::quota::EpochDay;
+use tollgate_store::{RedisSettings, RedisStore, SqliteStore, Store, UsageDelta};
+
+/// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
+fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
+    let redis = |urls: Vec<String>, cluster| -> anyhow::Result<Arc<dyn Store>> {
+        let store = RedisStore::new(RedisSettings {
+            urls,
+            cluster,
+            timeout: Duration::from_secs(5),
+        })?;
+        store
+            .ping()
+            .with_context(|| format!("cannot reach {spec}"))?;
+        Ok(Arc::new(store))
+    };
+    if let Some(path) = spec.strip_prefix("sqlite:") {
+        Ok(Arc::new(
+            SqliteStore::open(path.as_ref()).with_context(|| format!("opening {path}"))?,
+        ))
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        redis(vec![spec.to_string()], false)
+    } else if let Some(nodes) = spec.strip_prefix("redis-cluster://") {
+        redis(
+            nodes.split(',').map(|n| format!("redis://{n}")).collect(),
+            true,
+        )
+    } else {
+        bail!(
+            "{spec:?}: expected sqlite:PATH, redis://host:port or redis-cluster://host:port,host:port"
+        )
+    }
+}
+
+/// Copies everything from `from` to `to`; returns (plans, keys, memberships, usage rows) copied.
+pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usize)> {
+    let (source, target) = (open(from)?, open(to)?);
+    let records = source.load().context("reading the source")?;
+    if !target.load().context("reading the target")?.keys.is_empty() {
+        bail!("the target {to} already holds API keys: migrate into an empty store");
+    }
+    for plan in &records.plans {
+        target.put_plan(plan)?;
+    }
+    for key in &records.keys {
+        target.put_key(key)?;
+    }
+    for (plan, key) in &records.bindings {
+        target.bind(plan, key)?;
+    }
+    let mut rows = 0;
+    for plan in &records.plans {
+        let usage = source.usage(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))?;
+        rows += usage.len();
+        let deltas: Vec<UsageDelta> = usage
+            .into_iter()
+            .map(|r| UsageDelta {
+                plan_id: plan.id.clone(),
+                key_id: r.key_id,
+                day: r.day,
+                count: r.used,
+            })
+            .collect();
+        target.add_usage(&deltas)?;
+        for adj in source.quota_adjustments(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))? {
+            target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.delta)?;
+        }
+    }
+    Ok((
+        records.plans.len(),
+        records.keys.len(),
+        records.bindings.len(),
+        rows,
+    ))
+}

@@ -1,0 +1,389 @@
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tollgate_store::testing::{RedisCluster, RedisServer};
+
+use crate::util::{self, AdminClient, Gateway, KEY, client};
+
+const PLANS: &str = r#"usagePlans:
+  - name: shared
+    apiStages: [ { apiId: warranty, stage: prod } ]
+    throttle: { rateLimit: 0.01, burstLimit: 10 }
+    quota: { limit: 25, period: DAY }
+  - name: quota-only
+    apiStages: [ { apiId: warranty, stage: dev } ]
+    quota: { limit: 40, period: DAY }
+apiKeys:
+  - { name: central-system, value: "${CENTRAL_KEY}", usagePlans: [shared] }
+  - { name: quota-key, value: quotaKeyValue0123456789abc, usagePlans: [quota-only] }
+"#;
+
+/// The common test config, on Redis instead of SQLite, with a second stage for the quota-only plan.
+fn yaml(upstream: &str, store: &str) -> String {
+    util::config(
+        upstream,
+        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
+    )
+    .replace(
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+        store,
+    )
+    .replace(
+        "      - name: prod\n",
+        "      - name: prod\n      - name: dev\n",
+    )
+}
+
+async fn two_instances(store: &str) -> (Vec<tempfile::TempDir>, Vec<Gateway>, util::Upstream) {
+    let up = util::upstream().await;
+    let mut dirs = Vec::new();
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        util::write_config(dir.path(), &yaml(&format!("http://{}", up.addr), store));
+        gws.push(Gateway::start(dir.path(), &util::admin_env()));
+        dirs.push(dir);
+    }
+    (dirs, gws, up)
+}
+
+/// Fires `n` requests, alternating between the instances, `parallel` at a time; counts statuses.
+async fn fire(
+    gws: &[Gateway],
+    path: &str,
+    key: &str,
+    n: usize,
+    parallel: usize,
+) -> std::collections::BTreeMap<u16, usize> {
+    let urls: Vec<String> = gws.iter().map(|g| g.url(path)).collect();
+    let mut counts = std::collections::BTreeMap::new();
+    let c = std::sync::Arc::new(client());
+    for chunk in (0..n).collect::<Vec<_>>().chunks(parallel) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|i| {
+                let (c, url, key) = (c.clone(), urls[i % urls.len()].clone(), key.to_string());
+                tokio::spawn(async move { c.get(&url, Some(&key)).await.status })
+            })
+            .collect();
+        for t in tasks {
+            *counts.entry(t.await.unwrap()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn redis_store(urls: &str, cluster: bool, extra: &str) -> String {
+    format!(
+        "store: {{ redis: {{ url: {urls}, cluster: {cluster}, timeout: 200ms }}, flushInterval: 200ms{extra} }}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_exact_limits() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+
+    // Quota: exactly `limit` between them, whatever the interleaving.
+    let counts = fire(&gws, "/dev/echo/q", "quotaKeyValue0123456789abc", 100, 8).await;
+    assert_eq!(counts.get(&200), Some(&40), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&60), "{counts:?}");
+
+    // Burst: one bucket of 10 for both (refill is one token per 100 s).
+    let counts = fire(&gws, "/prod/echo/b", KEY, 30, 10).await;
+    let admitted = counts.get(&200).copied().unwrap_or(0);
+    assert!((10..=11).contains(&admitted), "{counts:?}");
+
+    // Usage is counted in Redis: either instance's GetUsage sees all of it.
+    let admin = AdminClient::new(gws[1].admin.unwrap());
+    let plans = admin.ok("GET", "/usageplans", "").await;
+    let plan = plans["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quota-only")
+        .unwrap();
+    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
+        &tollgate_core::SystemClock,
+    ))
+    .to_string();
+    let usage = admin
+        .ok(
+            "GET",
+            &format!(
+                "/usageplans/{}/usage?startDate={today}&endDate={today}",
+                plan["id"].as_str().unwrap()
+            ),
+            "",
+        )
+        .await;
+    let values: Vec<&serde_json::Value> = usage["values"].as_object().unwrap().values().collect();
+    assert_eq!(values, vec![&json!([[40, 0]])]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_change_on_one_instance_reaches_the_other_within_a_second() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+    let a = AdminClient::new(gws[0].admin.unwrap());
+    let key = a
+        .ok(
+            "POST",
+            "/apikeys",
+            r#"{"name":"fresh","enabled":true,"value":"freshKeyValue0123456789abc"}"#,
+        )
+        .await;
+    let plans = a.ok("GET", "/usageplans", "").await;
+    let plan_id = plans["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quota-only")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.ok(
+        "POST",
+        &format!("/usageplans/{plan_id}/keys"),
+        &json!({"keyId": key["id"], "keyType": "API_KEY"}).to_string(),
+    )
+    .await;
+
+    let started = Instant::now();
+    let c = client();
+    loop {
+        let status = c
+            .get(
+                &gws[1].url("/dev/echo/fresh"),
+                Some("freshKeyValue0123456789abc"),
+            )
+            .await
+            .status;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "instance B still answers {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And a disabled key is refused by the other instance too.
+    a.ok(
+        "PATCH",
+        &format!("/apikeys/{}", key["id"].as_str().unwrap()),
+        r#"{"patchOperations":[{"op":"replace","path":"/enabled","value":"false"}]}"#,
+    )
+    .await;
+    let started = Instant::now();
+    while c
+        .get(
+            &gws[1].url("/dev/echo/fresh"),
+            Some("freshKeyValue0123456789abc"),
+        )
+        .await
+        .status
+        != 403
+    {
+        assert!(started.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills Redis under traffic: each mode behaves as configured, no request hangs, and the instance
+/// returns to Redis by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_failure_modes_and_recovery() {
+    for (mode, expect_while_down) in [("local", 200), ("allow", 200), ("deny", 503)] {
+        let mut redis = RedisServer::start();
+        let up = util::upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = redis_store(
+            &format!("\"{}\"", redis.url()),
+            false,
+            &format!(", onStoreFailure: {mode}"),
+        );
+        util::write_config(dir.path(), &yaml(&format!("http://{}", up.addr), &store));
+        let gw = Gateway::start(dir.path(), &util::admin_env());
+        let c = client();
+        let url = gw.url("/dev/echo/f");
+        let key = "quotaKeyValue0123456789abc";
+        for _ in 0..5 {
+            assert_eq!(c.get(&url, Some(key)).await.status, 200, "{mode}");
+        }
+        redis.kill();
+        for _ in 0..10 {
+            let started = Instant::now();
+            let r = c.get(&url, Some(key)).await;
+            assert_eq!(r.status, expect_while_down, "{mode} while Redis is down");
+            if r.status == 503 {
+                assert_eq!(
+                    r.header("x-amzn-errortype"),
+                    Some("ServiceUnavailableException")
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{mode}: a request waited {:?}",
+                started.elapsed()
+            );
+        }
+        // Back on the same port: shared limits again, by itself. The quota count in Redis picks up
+        // where it was (5), so the key has 35 left at most.
+        redis.restart();
+        // Back on Redis: its quota count picks up where it was (5 used of 40), so a request decided
+        // there reports 34 left; one decided locally could not know that.
+        let started = Instant::now();
+        loop {
+            let r = c.get(&url, Some(key)).await;
+            assert!(
+                r.status == 200 || r.status == expect_while_down,
+                "{mode}: {}",
+                r.status
+            );
+            // (allow mode's fail-open answers carry no limits to report)
+            if r.status == 200 && r.header("ratelimit").is_some() && util::quota_remaining(&r) == 34
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{mode}: not back on Redis: {}",
+                r.status
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            gw.stderr().contains("redis is unavailable"),
+            "{mode}: the failure is logged"
+        );
+        assert!(
+            gw.stderr().contains("redis is reachable again"),
+            "{mode}: the recovery is logged"
+        );
+        drop(gw);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_cluster_works() {
+    let cluster = RedisCluster::start(3);
+    let urls = format!(
+        "[{}]",
+        cluster
+            .urls()
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (_dirs, gws, _up) = two_instances(&redis_store(&urls, true, "")).await;
+    let counts = fire(&gws, "/dev/echo/c", "quotaKeyValue0123456789abc", 60, 6).await;
+    assert_eq!(counts.get(&200), Some(&40), "{counts:?}");
+    let counts = fire(&gws, "/prod/echo/c", KEY, 20, 10).await;
+    assert!(
+        (10..=11).contains(&counts.get(&200).copied().unwrap_or(0)),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = yaml(
+        &format!("http://{}", up.addr),
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+    );
+    util::write_config(dir.path(), &sqlite);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let c = client();
+    let key = "quotaKeyValue0123456789abc";
+    for _ in 0..7 {
+        assert_eq!(c.get(&gw.url("/dev/echo/m"), Some(key)).await.status, 200);
+    }
+    // A key created through the admin API: only its hash exists, and it must still work afterwards.
+    let admin = AdminClient::new(gw.admin.unwrap());
+    let created = admin
+        .ok(
+            "POST",
+            "/apikeys",
+            r#"{"name":"api-made","enabled":true,"value":"apiMadeKeyValue0123456789"}"#,
+        )
+        .await;
+    let plans = admin.ok("GET", "/usageplans", "").await;
+    let plan_id = plans["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quota-only")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin
+        .ok(
+            "POST",
+            &format!("/usageplans/{plan_id}/keys"),
+            &json!({"keyId": created["id"], "keyType": "API_KEY"}).to_string(),
+        )
+        .await;
+    assert!(gw.terminate().success());
+
+    let redis = RedisServer::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "migrate",
+            "--from",
+            &format!("sqlite:{}", dir.path().join("tollgate.db").display()),
+            "--to",
+            &redis.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 usage plans, 3 API keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let on_redis = sqlite.replace(
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+        &redis_store(&format!("\"{}\"", redis.url()), false, ""),
+    );
+    util::write_config(dir.path(), &on_redis);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let r = c.get(&gw.url("/dev/echo/m"), Some(key)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        util::quota_remaining(&r),
+        32,
+        "40 - 7 used before the move - this one"
+    );
+    assert_eq!(
+        c.get(&gw.url("/dev/echo/m"), Some("apiMadeKeyValue0123456789"))
+            .await
+            .status,
+        200
+    );
+    // Migrating into a store that has keys is refused.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "migrate",
+            "--from",
+            &format!("sqlite:{}", dir.path().join("tollgate.db").display()),
+            "--to",
+            &redis.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
