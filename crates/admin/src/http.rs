@@ -49,6 +49,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/usageplans/{id}/usage", get(get_usage))
         .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(unknown_operation)
         .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -69,7 +71,10 @@ pub async fn serve(
 /// Verifies SigV4 over the buffered body, then hands the request on. Without configured credentials
 /// (allowed on loopback only) requests pass unauthenticated.
 async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Response {
-    if admin.credentials().is_empty() {
+    // Load balancers and Prometheus do not sign requests; neither answer holds anything secret.
+    let open =
+        matches!(req.uri().path(), "/health" | "/metrics") && req.method() == http::Method::GET;
+    if admin.credentials().is_empty() || open {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -89,6 +94,22 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Liveness and the shared store's state: 200 while the gateway serves, 503 when it refuses keyed
+/// requests because Redis is down and `onStoreFailure: deny`.
+async fn health(State(admin): Shared) -> Response {
+    let (status, body) = admin.health();
+    reply(status, &body)
+}
+
+async fn metrics(State(admin): Shared) -> Response {
+    let mut resp = (StatusCode::OK, admin.metrics_text()).into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
 }
 
 async fn unknown_operation() -> Response {

@@ -11,6 +11,7 @@ use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 use tollgate_gateway::GatewayHandle;
 use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
+use tollgate_gateway::limiter::OnStoreFailure;
 use tollgate_store::report::plan_usage;
 use tollgate_store::{Records, Store, ids};
 
@@ -173,6 +174,41 @@ impl Admin {
             records: tokio::sync::Mutex::new(records),
             settings,
         })
+    }
+
+    /// The health answer: status code and body.
+    pub fn health(&self) -> (http::StatusCode, serde_json::Value) {
+        match self.gateway.limiter() {
+            None => (
+                http::StatusCode::OK,
+                serde_json::json!({"status": "ok", "store": "sqlite"}),
+            ),
+            Some(limiter) => {
+                let mode = match limiter.on_failure {
+                    OnStoreFailure::Local => "local",
+                    OnStoreFailure::Allow => "allow",
+                    OnStoreFailure::Deny => "deny",
+                };
+                let degraded = limiter.degraded();
+                let status = if degraded && limiter.on_failure == OnStoreFailure::Deny {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
+                let body = serde_json::json!({
+                    "status": if degraded { "degraded" } else { "ok" },
+                    "store": "redis",
+                    "redis": if degraded { "unavailable" } else { "ok" },
+                    "onStoreFailure": mode,
+                });
+                (status, body)
+            }
+        }
+    }
+
+    /// The data plane's counters, for Prometheus.
+    pub fn metrics_text(&self) -> String {
+        self.gateway.metrics_text()
     }
 
     /// Adopts records another instance changed (cluster mode) and serves them.

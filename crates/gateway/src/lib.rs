@@ -4,6 +4,7 @@
 pub mod config;
 pub mod limiter;
 pub mod meter;
+pub mod metrics;
 pub mod proxy;
 pub mod response;
 pub mod route;

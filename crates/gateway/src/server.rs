@@ -24,6 +24,7 @@ use tollgate_store::{Records, Store, StoreError, UsageDelta};
 
 use crate::config::{GatewayConfig, Integration};
 use crate::limiter::{OnStoreFailure, RedisLimiter};
+use crate::metrics::Metrics;
 use crate::proxy::Upstreams;
 use crate::response::{self, Body};
 use crate::route::RouteMatch;
@@ -45,6 +46,7 @@ pub struct GatewayOptions {
 async fn admit_clustered<'s>(
     snap: &'s Snapshot,
     limiter: &RedisLimiter,
+    metrics: &Metrics,
     m: &RouteMatch<'_>,
     api_key: Option<&http::HeaderValue>,
     now: u64,
@@ -76,15 +78,18 @@ async fn admit_clustered<'s>(
     };
     let decided = match limiter.decide(grant, m, &method_key, now).await {
         Ok(decided) => decided,
-        Err(_) => match limiter.on_failure {
-            OnStoreFailure::Local => snap.admit_key_locally(grant, m, now),
-            OnStoreFailure::Allow => {
-                // Fail open, as AWS does, but keep metering: the usage is written back later.
-                grant.meter.record(EpochDay::from_nanos(now));
-                Ok(LimitInfo::default())
+        Err(_) => {
+            metrics.store_failed();
+            match limiter.on_failure {
+                OnStoreFailure::Local => snap.admit_key_locally(grant, m, now),
+                OnStoreFailure::Allow => {
+                    // Fail open, as AWS does, but keep metering: the usage is written back later.
+                    grant.meter.record(EpochDay::from_nanos(now));
+                    Ok(LimitInfo::default())
+                }
+                OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
             }
-            OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
-        },
+        }
     };
     match decided {
         Ok(limits) => Ok(admitted(limits)),
@@ -122,6 +127,7 @@ struct Shared {
     snapshot: ArcSwap<Snapshot>,
     /// Cluster mode: keys' limits are decided in Redis.
     limiter: Option<RedisLimiter>,
+    metrics: Metrics,
     clock: Arc<dyn Clock>,
     upstreams: Upstreams,
     store: Arc<dyn Store>,
@@ -166,6 +172,15 @@ impl GatewayHandle {
     /// The cluster-mode limiter, if this gateway shares its limits through Redis.
     pub fn limiter(&self) -> Option<&RedisLimiter> {
         self.shared.limiter.as_ref()
+    }
+
+    /// The Prometheus text exposition of the data plane's counters.
+    pub fn metrics_text(&self) -> String {
+        let snap = self.snapshot();
+        let degraded = self.shared.limiter.as_ref().map(RedisLimiter::degraded);
+        self.shared
+            .metrics
+            .render(degraded, snap.key_count(), snap.plan_count())
     }
 
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
@@ -213,6 +228,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             limiter,
+            metrics: Metrics::default(),
             clock,
             upstreams: Upstreams::new(),
             store,
@@ -311,14 +327,22 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
         (Some(m), None) => snap
             .admit(&m, req.headers().get(&X_API_KEY), now)
             .map(|a| (a, path.len() - m.rest.len())),
-        (Some(m), Some(limiter)) => {
-            admit_clustered(&snap, limiter, &m, req.headers().get(&X_API_KEY), now)
-                .await
-                .map(|a| (a, path.len() - m.rest.len()))
-        }
+        (Some(m), Some(limiter)) => admit_clustered(
+            &snap,
+            limiter,
+            &shared.metrics,
+            &m,
+            req.headers().get(&X_API_KEY),
+            now,
+        )
+        .await
+        .map(|a| (a, path.len() - m.rest.len())),
     };
     let (mut resp, key_id) = match decided {
-        Err(refusal) => (response::refusal(refusal, config.rate_limit_headers), None),
+        Err(refusal) => {
+            shared.metrics.refused(&refusal);
+            (response::refusal(refusal, config.rate_limit_headers), None)
+        }
         Ok((admission, rest_start)) => {
             let mut resp = match &admission.route.integration {
                 Integration::Mock {
@@ -346,6 +370,7 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
             if config.rate_limit_headers {
                 response::add_rate_limit_headers(resp.headers_mut(), &admission.limits);
             }
+            shared.metrics.admitted(resp.status().as_u16());
             (resp, admission.key_id)
         }
     };

@@ -416,6 +416,19 @@ impl Snapshot {
         &self.routing.config
     }
 
+    /// How many API keys are served.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// How many usage plans have members.
+    pub fn plan_count(&self) -> usize {
+        let mut plans: Vec<&str> = self.grants.iter().map(|g| &*g.plan_id).collect();
+        plans.sort_unstable();
+        plans.dedup();
+        plans.len()
+    }
+
     /// Every (key, plan) membership, for the metering flusher.
     pub fn grants(&self) -> &[Arc<Grant>] {
         &self.grants

@@ -233,6 +233,22 @@ async fn store_failure_modes_and_recovery() {
         }
         // Back on the same port: shared limits again, by itself. The quota count in Redis picks up
         // where it was (5), so the key has 35 left at most.
+        let admin_url = |path: &str| format!("http://{}{path}", gw.admin.unwrap());
+        let health = c.get(&admin_url("/health"), None).await;
+        assert_eq!(
+            health.status,
+            if mode == "deny" { 503 } else { 200 },
+            "{mode}"
+        );
+        assert_eq!(health.json()["status"], "degraded");
+        assert_eq!(health.json()["onStoreFailure"], mode);
+        let metrics =
+            String::from_utf8(c.get(&admin_url("/metrics"), None).await.body.to_vec()).unwrap();
+        assert!(metrics.contains("tollgate_store_degraded 1"), "{metrics}");
+        assert!(
+            !metrics.contains("tollgate_store_failures_total 0\n"),
+            "{metrics}"
+        );
         redis.restart();
         // Back on Redis: its quota count picks up where it was (5 used of 40), so a request decided
         // there reports 34 left; one decided locally could not know that.

@@ -1,0 +1,88 @@
+//! Counters of what the data plane decided, and the Prometheus text rendering of them. A handful of
+//! atomics on the request path; no labels carry key values (nor key ids: cardinality).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::snapshot::Refusal;
+
+/// Outcomes counted, in rendering order.
+const OUTCOMES: [&str; 7] = [
+    "admitted",
+    "no_route",
+    "forbidden",
+    "throttled",
+    "quota_exceeded",
+    "store_unavailable",
+    "upstream_error",
+];
+
+/// Request counters by outcome, plus cluster-mode store failures.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    outcomes: [AtomicU64; 7],
+    store_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts an admitted request whose answer had `status`.
+    pub fn admitted(&self, status: u16) {
+        let at = if status == 502 || status == 504 { 6 } else { 0 };
+        self.outcomes[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, refusal: &Refusal) {
+        let at = match refusal {
+            Refusal::MissingAuthenticationToken => 1,
+            Refusal::Forbidden => 2,
+            Refusal::TooManyRequests { .. } => 3,
+            Refusal::LimitExceeded { .. } => 4,
+            Refusal::ServiceUnavailable => 5,
+        };
+        self.outcomes[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed call to the shared store.
+    pub fn store_failed(&self) {
+        self.store_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of these counters and the given gauges.
+    pub fn render(
+        &self,
+        store_degraded: Option<bool>,
+        api_keys: usize,
+        usage_plans: usize,
+    ) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP tollgate_requests_total Requests by what the gateway decided.\n");
+        out.push_str("# TYPE tollgate_requests_total counter\n");
+        for (name, n) in OUTCOMES.iter().zip(&self.outcomes) {
+            let _ = writeln!(
+                out,
+                "tollgate_requests_total{{outcome=\"{name}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP tollgate_api_keys API keys served.\n# TYPE tollgate_api_keys gauge\n");
+        let _ = writeln!(out, "tollgate_api_keys {api_keys}");
+        out.push_str("# HELP tollgate_usage_plans Usage plans with at least one key.\n# TYPE tollgate_usage_plans gauge\n");
+        let _ = writeln!(out, "tollgate_usage_plans {usage_plans}");
+        if let Some(degraded) = store_degraded {
+            out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");
+            out.push_str("# TYPE tollgate_store_degraded gauge\n");
+            let _ = writeln!(out, "tollgate_store_degraded {}", u8::from(degraded));
+            out.push_str(
+                "# HELP tollgate_store_failures_total Calls to Redis that failed or timed out.\n",
+            );
+            out.push_str("# TYPE tollgate_store_failures_total counter\n");
+            let _ = writeln!(
+                out,
+                "tollgate_store_failures_total {}",
+                self.store_failures.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
