@@ -36,6 +36,23 @@ async fn signatures_are_verified() {
         "MissingAuthenticationTokenException",
         "Missing Authentication Token",
     );
+    // Health and metrics are open: load balancers and Prometheus do not sign.
+    let health = client()
+        .get(&format!("http://{}/health", gw.admin.unwrap()), None)
+        .await;
+    assert_eq!(
+        (health.status, health.json()["status"].clone()),
+        (200, json!("ok"))
+    );
+    let metrics = client()
+        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
+        .await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        text.contains("tollgate_requests_total{outcome=\"admitted\"}"),
+        "{text}"
+    );
+    assert!(!text.contains(KEY), "no key values in metrics");
 
     admin.secret = "wrong".into();
     let r = admin.call("GET", "/apikeys", "").await;
