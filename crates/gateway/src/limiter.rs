@@ -291,7 +291,7 @@ impl RedisLimiter {
         };
         Ok(Decision::Done(match status {
             0 => Ok(LimitInfo {
-                throttle: throttle_info(u64::try_from(num(&a) as i64).unwrap_or(0), num(&c)),
+                throttle: throttle_info(num(&a), num(&c)),
                 quota: quota_info(u64::try_from(b).unwrap_or(0)),
             }),
             1 => Err(Refusal::TooManyRequests {

@@ -67,8 +67,8 @@ async fn crash_loses_at_most_one_flush_interval() {
     let (dir, _up) = setup().await;
     let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
     assert_eq!(calls(&gw, 30).await, 970);
-    // Two flush intervals (200 ms each) pass: those 30 are on disk.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Five flush intervals (200 ms each) pass: those 30 are on disk.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     // Then a burst that kill -9 may cut off before its flush.
     assert_eq!(calls(&gw, 10).await, 960);
     gw.kill9();
