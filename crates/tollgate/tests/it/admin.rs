@@ -578,10 +578,7 @@ async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
     assert_eq!(r.json()["message"], "Limit Exceeded");
 
     // GetUsage counts every admitted call, right away.
-    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
-        &tollgate_core::SystemClock,
-    ))
-    .to_string();
+    let today = util::today();
     let usage = admin
         .ok(
             "GET",
@@ -914,10 +911,7 @@ async fn cli_manages_the_whole_lifecycle() {
         "the method throttle (burst 1)"
     );
 
-    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
-        &tollgate_core::SystemClock,
-    ))
-    .to_string();
+    let today = util::today();
     let usage = json(&[
         "usage", "--plan", &plan_id, "--from", &today, "--to", &today,
     ]);
@@ -1073,10 +1067,7 @@ async fn the_aws_cli_works_unchanged() {
             .status,
         200
     );
-    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
-        &tollgate_core::SystemClock,
-    ))
-    .to_string();
+    let today = util::today();
     let usage = aws(&[
         "get-usage",
         "--usage-plan-id",

@@ -97,24 +97,12 @@ async fn two_instances_share_exact_limits() {
 
     // Usage is counted in Redis: either instance's GetUsage sees all of it.
     let admin = AdminClient::new(gws[1].admin.unwrap());
-    let plans = admin.ok("GET", "/usageplans", "").await;
-    let plan = plans["item"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quota-only")
-        .unwrap();
-    let today = tollgate_core::quota::EpochDay::from_nanos(tollgate_core::Clock::now(
-        &tollgate_core::SystemClock,
-    ))
-    .to_string();
+    let plan_id = admin.plan_id("quota-only").await;
+    let today = util::today();
     let usage = admin
         .ok(
             "GET",
-            &format!(
-                "/usageplans/{}/usage?startDate={today}&endDate={today}",
-                plan["id"].as_str().unwrap()
-            ),
+            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
             "",
         )
         .await;
@@ -135,16 +123,7 @@ async fn an_admin_change_on_one_instance_reaches_the_other_within_a_second() {
             r#"{"name":"fresh","enabled":true,"value":"freshKeyValue0123456789abc"}"#,
         )
         .await;
-    let plans = a.ok("GET", "/usageplans", "").await;
-    let plan_id = plans["item"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quota-only")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let plan_id = a.plan_id("quota-only").await;
     a.ok(
         "POST",
         &format!("/usageplans/{plan_id}/keys"),
@@ -330,16 +309,7 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
             r#"{"name":"api-made","enabled":true,"value":"apiMadeKeyValue0123456789"}"#,
         )
         .await;
-    let plans = admin.ok("GET", "/usageplans", "").await;
-    let plan_id = plans["item"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quota-only")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let plan_id = admin.plan_id("quota-only").await;
     admin
         .ok(
             "POST",

@@ -417,3 +417,25 @@ pub fn assert_aws_error(r: &Reply, status: u16, error_type: &str, message: &str)
     assert_eq!(body["message"], message);
     assert_eq!(body["__type"], error_type);
 }
+
+/// Today's UTC date, `YYYY-MM-DD`.
+pub fn today() -> String {
+    use tollgate_core::Clock as _;
+    tollgate_core::quota::EpochDay::from_nanos(tollgate_core::SystemClock.now()).to_string()
+}
+
+impl AdminClient {
+    /// The id of the usage plan named `name`.
+    pub async fn plan_id(&self, name: &str) -> String {
+        let plans = self.ok("GET", "/usageplans", "").await;
+        let plan = plans["item"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name);
+        plan.unwrap_or_else(|| panic!("no plan {name}: {plans}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
