@@ -3,7 +3,8 @@
 //! Record keys share the hash tag `{tg}` so writes that touch several of them run as one atomic script
 //! on a cluster too; each API key's usage lives under its own tag `{<keyId>}`, next to the limiter state
 //! the data plane's script keeps for that key (see `keys` below). Every record change bumps
-//! `{tg}:version`, which instances watch to reload.
+//! `{tg}:version` and publishes it on `tollgate:changes`, which instances subscribe to (and poll, in case
+//! a message was missed) to reload.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,7 +27,7 @@ pub mod keys {
     pub const BINDINGS: &str = "{tg}:bindings";
     /// Bumped on every record change.
     pub const VERSION: &str = "{tg}:version";
-    /// Channel announcing record changes.
+    /// Channel announcing record changes (the scripts publish the new version on it).
     pub const CHANGES: &str = "tollgate:changes";
 
     /// Per-day usage of a key under a plan: day → count.
@@ -134,7 +135,7 @@ if old then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
 return 1
 ";
 
@@ -149,7 +150,7 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     redis.call('SADD', '{tg}:usage:' .. string.sub(m, 1, #m - #ARGV[1] - 1), ARGV[1])
   end
 end
-redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
 return 1
 ";
 
@@ -159,7 +160,7 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.ca
 
 const HSET_AND_BUMP: &str = r"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('INCR', KEYS[2])
+return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
 ";
 
 /// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, and a version bump. A removed key's usage stays
@@ -171,7 +172,7 @@ else
   redis.call('SREM', KEYS[1], ARGV[2] .. ' ' .. ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[3])
 end
-return redis.call('INCR', KEYS[2])
+return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
 ";
 
 const DELETE_PLAN: &str = r"
@@ -182,7 +183,7 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     redis.call('SADD', '{tg}:usage:' .. ARGV[1], string.sub(m, #ARGV[1] + 2))
   end
 end
-redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
 return 1
 ";
 

@@ -15,8 +15,9 @@ use tollgate_store::{RedisStore, Store, apply_declared};
 
 use crate::config::{Config, StoreKind};
 
-/// How often a cluster instance checks Redis for record changes made elsewhere.
-const RESYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a cluster instance checks Redis's record version even without a change message: the
+/// periodic resync that catches a message missed while the subscription was down.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the gateway described by `config` until SIGTERM or SIGINT.
 pub fn serve(config: Config) -> anyhow::Result<()> {
@@ -114,7 +115,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let StoreKind::Redis(settings, _) = &config.store.kind {
         let watcher = RedisStore::new(settings.clone())?;
         let admin = admin.as_ref().map(|(a, _)| a.clone());
-        tokio::spawn(resync(watcher, gateway.handle(), admin, stop_rx.clone()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(subscribe(
+            settings.urls[0].clone(),
+            changed.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(resync(
+            watcher,
+            gateway.handle(),
+            admin,
+            changed,
+            stop_rx.clone(),
+        ));
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -149,21 +162,62 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cluster mode: wakes `changed` whenever a record change is published on Redis (on any node of a
+/// cluster: PUBLISH reaches them all), resubscribing after a lost connection.
+async fn subscribe(
+    url: String,
+    changed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use futures_util::StreamExt as _;
+    loop {
+        let connected = async {
+            let mut pubsub = redis::Client::open(url.as_str())?
+                .get_async_pubsub()
+                .await?;
+            pubsub
+                .subscribe(tollgate_store::redis::keys::CHANGES)
+                .await?;
+            // Anything may have changed while we were not listening.
+            changed.notify_one();
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                changed.notify_one();
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        tokio::select! {
+            result = connected => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "change subscription lost; retrying");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Cluster mode: reloads the records whenever another instance changed them (Redis's record version
-/// moved), so an admin change anywhere is served everywhere within a fraction of a second.
+/// moved): at once when the change is announced, else at the next periodic check.
 async fn resync(
     store: RedisStore,
     gateway: GatewayHandle,
     admin: Option<Arc<Admin>>,
+    changed: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let store = Arc::new(store);
     let mut seen = None;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(RESYNC_INTERVAL) => {}
+        let announced = tokio::select! {
+            () = changed.notified() => true,
+            () = tokio::time::sleep(RESYNC_INTERVAL) => false,
             _ = stop.changed() => return,
-        }
+        };
         let s = store.clone();
         let checked = tokio::task::spawn_blocking(move || {
             let version = s.version()?;
@@ -185,7 +239,7 @@ async fn resync(
                 before,
                 "Redis's record version went back: Redis lost data (restarted without persistence?); serving what it holds now"
             ),
-            Some(_) => tracing::info!(version, "records changed in Redis; reloaded"),
+            Some(_) => tracing::info!(version, announced, "records changed in Redis; reloaded"),
             None => {}
         }
         seen = Some(version);

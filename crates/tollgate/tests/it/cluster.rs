@@ -170,6 +170,12 @@ async fn an_admin_change_on_one_instance_reaches_the_other_within_a_second() {
         assert!(started.elapsed() < Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // It came by the change announcement (pub/sub), not by the periodic check.
+    assert!(
+        gws[1].stderr().contains("\"announced\":true"),
+        "{}",
+        gws[1].stderr()
+    );
 }
 
 /// Kills Redis under traffic: each mode behaves as configured, no request hangs, and the instance
