@@ -12,7 +12,7 @@ use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, 
 use tollgate_gateway::GatewayHandle;
 use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
 use tollgate_gateway::limiter::OnStoreFailure;
-use tollgate_store::report::plan_usage;
+use tollgate_store::report::{check_range, plan_usage};
 use tollgate_store::{Records, Store, ids};
 
 use crate::error::{AdminError, unknown_key, unknown_plan};
@@ -739,9 +739,7 @@ impl Admin {
                 })
         };
         let (from, to) = (parse(start, "start")?, parse(end, "end")?);
-        if to < from {
-            return Err(bad("The end date must not be before the start date"));
-        }
+        check_range(from, to).map_err(bad)?;
         self.gateway.flush().await?;
         let records = self.records.lock().await;
         let plan = records

@@ -7,6 +7,22 @@ use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 
 use crate::{Records, Store, StoreError};
 
+/// The longest range one usage report covers: a year (reports are computed day by day).
+pub const MAX_REPORT_DAYS: u32 = 366;
+
+/// Checks a report's date range: not reversed, at most [`MAX_REPORT_DAYS`] days.
+pub fn check_range(from: EpochDay, to: EpochDay) -> Result<(), String> {
+    if to < from {
+        return Err("The end date must not be before the start date".into());
+    }
+    if to.0 - from.0 >= MAX_REPORT_DAYS {
+        return Err(format!(
+            "A usage report covers at most {MAX_REPORT_DAYS} days"
+        ));
+    }
+    Ok(())
+}
+
 /// Per key id, `[used, remaining]` for each day from `from` to `to` inclusive, for the plan's keys (or
 /// the one key `key_id`). Keys that left the plan but have usage in the range are included, as their
 /// requests were metered under it.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tollgate_core::quota::EpochDay;
-use tollgate_store::report::plan_usage;
+use tollgate_store::report::{check_range, plan_usage};
 
 use crate::cli::Failure;
 use crate::config;
@@ -91,9 +91,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
         .ok_or_else(|| Failure::Usage("--plan is required".into()))?;
     let from = parse_day("from", cmd.from.as_deref())?;
     let to = parse_day("to", cmd.to.as_deref())?;
-    if to < from {
-        return Err(Failure::Usage("--to is before --from".into()));
-    }
+    check_range(from, to).map_err(Failure::Usage)?;
     match (&cmd.config, &cmd.endpoint) {
         (Some(config), _) => offline(config, plan, cmd.key.as_deref(), from, to, cmd.output),
         (None, Some(endpoint)) => {

@@ -626,6 +626,19 @@ async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
         )
         .await;
     assert_eq!(r.status, 400);
+    let r = admin
+        .call(
+            "GET",
+            &format!("/usageplans/{plan_id}/usage?startDate=1970-01-01&endDate={today}"),
+            "",
+        )
+        .await;
+    assert_aws_error(
+        &r,
+        400,
+        "BadRequestException",
+        "A usage report covers at most 366 days",
+    );
 
     // Disabled, then deleted: refused at once.
     admin
