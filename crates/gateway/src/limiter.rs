@@ -243,8 +243,13 @@ impl RedisLimiter {
             Some(_) if grant.has_method_throttle(m) => keys::bucket(key_id, plan_id, method_key),
             _ => keys::bucket(key_id, plan_id, ""),
         };
+        // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
+        // bucket's size stays exact.
         let (interval_us, tolerance_us) = bucket.map_or((0, 0), |g| {
-            (g.interval() / 1000, (g.interval() / 1000) * g.burst())
+            (
+                (g.interval() / 1000).max(1),
+                g.interval().saturating_mul(g.burst()) / 1000,
+            )
         });
         let quota = grant.quota();
         let window = quota.map(|q| QuotaWindow::containing(q.settings(), day));
@@ -255,7 +260,7 @@ impl RedisLimiter {
             .key(keys::usage(key_id, plan_id))
             .key(keys::adjustments(key_id, plan_id))
             .arg(u8::from(bucket.is_some()))
-            .arg(interval_us.max(1))
+            .arg(interval_us)
             .arg(tolerance_us)
             .arg(u8::from(quota.is_some()))
             .arg(quota.map_or(0, |q| q.settings().limit))

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# The load benchmark: tollgate against nginx and HAProxy doing the same job (check the key, rate-limit
+# per key, proxy with keep-alive), and against the upstream alone, measured in one run on one machine.
+#
+#   bench/run.sh [--reps N] [--duration SECONDS] [--keys "1000 1000000"]
+#
+# Layout (steady numbers on 2 cores): wrk alone on CPU 0; the system under test and the upstream on
+# CPU 1; one worker for nginx and HAProxy, a tokio runtime that sees one CPU for tollgate; keep-alive on
+# both sides; a warm-up before counting; repetitions interleaved (A B C A B C …), medians reported.
+# Installs nothing: it says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=3
+DURATION=5
+KEYSETS="1000 1000000"
+CONNS=32
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --reps) REPS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --keys) KEYSETS=$2; shift 2 ;;
+        *) echo "usage: bench/run.sh [--reps N] [--duration SECONDS] [--keys \"1000 1000000\"]" >&2; exit 64 ;;
+    esac
+done
+
+missing=()
+for tool in nginx haproxy wrk redis-server taskset python3 cargo; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing: ${missing[*]}" >&2
+    echo "on Debian: apt-get install nginx-light haproxy wrk redis-server util-linux python3" >&2
+    exit 1
+fi
+
+cargo build --release -q -p tollgate
+TOLLGATE=$PWD/target/release/tollgate
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+# start NAME COMMAND...: runs on CPU 1, remembers the pid as PID_<NAME>.
+start() {
+    local name=$1; shift
+    taskset -c 1 "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    printf -v "PID_$name" '%s' "$!"
+}
+
+KEY=benchmarkKeyValue00000000000000000000042
+
+# The upstream: a static responder, identical for every target.
+UP=$(free_port)
+mkdir -p "$WORK/up"
+cat >"$WORK/up/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/up/nginx.pid; error_log $WORK/up/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
+CONF
+start upstream nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
+wait_port "$UP"
+
+# Key files for every key-set size: nginx map, HAProxy map, and a tollgate SQLite store.
+make_keys() {
+    local n=$1 dir="$WORK/keys-$n"
+    mkdir -p "$dir"
+    python3 - "$n" "$dir" <<'PY'
+import sys
+n, d = int(sys.argv[1]), sys.argv[2]
+with open(f"{d}/nginx.map", "w") as a, open(f"{d}/haproxy.map", "w") as b:
+    for i in range(n):
+        v = f"benchmarkKeyValue{i:023d}"
+        a.write(f'"{v}" k{i};\n')
+        b.write(f"{v} k{i}\n")
+PY
+    # tollgate: let it create its schema and the plan, then add the keys to the plan.
+    cat >"$dir/tollgate.yaml" <<CONF
+listen: 127.0.0.1:0
+store: { sqlite: $dir/tollgate.db }
+apis:
+  - id: bench
+    stages: [ { name: prod, basePath: / } ]
+    routes:
+      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
+usagePlans:
+  - name: bench
+    apiStages: [ { apiId: bench, stage: prod } ]
+    throttle: { rateLimit: 1000000000, burstLimit: 100000000 }
+CONF
+    timeout 10 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >/dev/null 2>&1 &
+    local pid=$!
+    sleep 1; kill "$pid"; wait "$pid" 2>/dev/null || true
+    python3 - "$n" "$dir/tollgate.db" <<'PY'
+import hashlib, sqlite3, sys
+n, db = int(sys.argv[1]), sys.argv[2]
+c = sqlite3.connect(db)
+plan = c.execute("SELECT id FROM usage_plans WHERE name = 'bench'").fetchone()[0]
+def rows():
+    for i in range(n):
+        v = f"benchmarkKeyValue{i:023d}".encode()
+        yield (f"k{i:09d}", f"k{i}", hashlib.sha256(v).digest())
+c.executemany("INSERT INTO api_keys (id, name, enabled, value_sha256, created_date, last_updated_date) VALUES (?, ?, 1, ?, 0, 0)", rows())
+c.executemany("INSERT INTO usage_plan_keys (plan_id, key_id) VALUES (?, ?)", ((plan, f"k{i:09d}") for i in range(n)))
+c.commit()
+PY
+}
+
+# Each target: a function that starts the server on port $1 with keys $2 and prints its pid.
+target_nginx_proxy() {
+    local port=$1 dir="$WORK/nginx-proxy-$1"; mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$port;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+    start "sut" nginx -c "$dir/nginx.conf" -p "$dir"
+}
+target_nginx_auth() {
+    local port=$1 keys=$2 dir="$WORK/nginx-auth-$1"; mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  map_hash_max_size 4194304; map_hash_bucket_size 128;
+  map \$http_x_api_key \$api_client { default ""; include $WORK/keys-$keys/nginx.map; }
+  limit_req_zone \$api_client zone=perkey:64m rate=1000000r/s;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$port;
+    location / {
+      if (\$api_client = "") { return 403; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+    start "sut" nginx -c "$dir/nginx.conf" -p "$dir"
+}
+target_haproxy_auth() {
+    local port=$1 keys=$2 dir="$WORK/haproxy-$1"; mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$port
+  http-request deny deny_status 403 unless { req.hdr(x-api-key),map($WORK/keys-$keys/haproxy.map) -m found }
+  http-request track-sc0 req.hdr(x-api-key) table perkey
+  http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000000 }
+  default_backend be
+backend perkey
+  stick-table type string len 64 size 2m expire 60s store http_req_rate(1s)
+backend be
+  http-reuse always
+  server up 127.0.0.1:$UP
+CONF
+    start "sut" haproxy -f "$dir/haproxy.cfg"
+}
+target_tollgate() {
+    local port=$1 keys=$2 dir="$WORK/tollgate-$1"; mkdir -p "$dir"
+    sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
+}
+target_tollgate_redis() {
+    local port=$1 keys=$2 dir="$WORK/tollgate-redis-$1"; mkdir -p "$dir"
+    local rport; rport=$(free_port)
+    start "redis" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no
+    wait_port "$rport"
+    "$TOLLGATE" migrate --from "sqlite:$WORK/keys-$keys/tollgate.db" --to "redis://127.0.0.1:$rport" >/dev/null
+    sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" \
+        -e "s|store: { sqlite: .* }|store: { redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }|" \
+        "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU of the given processes and their children (nginx's and HAProxy's workers).
+cpu_ticks_all() {
+    local t=0 p c
+    for p in "$@"; do
+        t=$((t + $(cpu_ticks "$p")))
+        for c in $(pgrep -P "$p" || true); do t=$((t + $(cpu_ticks "$c"))); done
+    done
+    echo "$t"
+}
+TICK=$(getconf CLK_TCK)
+
+# measure LABEL KIND KEYS: one run; appends "label rps p50 p99 cpu_us" to $WORK/results.
+measure() {
+    local label=$1 kind=$2 keys=$3 port url pids
+    if [ "$kind" = upstream ]; then
+        port=$UP; pids=("$PID_upstream")
+    else
+        port=$(free_port)
+        "target_$kind" "$port" "$keys"
+        wait_port "$port"
+        pids=("$PID_sut")
+        [ "$kind" = tollgate_redis ] && pids+=("$PID_redis")
+    fi
+    url="http://127.0.0.1:$port/x"
+    local check; check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "$url")
+    [ "$check" = 200 ] || { echo "$label answered $check" >&2; cat "$WORK/sut.log" >&2 || true; exit 1; }
+    taskset -c 0 wrk -t1 -c"$CONNS" -d1s -H "x-api-key: $KEY" "$url" >/dev/null   # warm-up
+    local before; before=$(cpu_ticks_all "${pids[@]}")
+    local out; out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "$url")
+    local after; after=$(cpu_ticks_all "${pids[@]}")
+    local rps requests p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    local cpu_us; cpu_us=$(python3 -c "print(f'{($after - $before) / $TICK * 1e6 / max($requests, 1):.1f}')")
+    echo "$label $rps $p50 $p99 $cpu_us" >>"$WORK/results"
+    if [ "$kind" != upstream ]; then
+        kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
+        if [ "$kind" = tollgate_redis ]; then kill "$PID_redis"; wait "$PID_redis" 2>/dev/null || true; fi
+    fi
+}
+
+TARGETS=()
+for n in $KEYSETS; do
+    echo "preparing $n keys…" >&2
+    make_keys "$n"
+done
+first=${KEYSETS%% *}
+TARGETS+=("upstream-alone upstream $first" "nginx-proxy nginx_proxy $first")
+for n in $KEYSETS; do
+    TARGETS+=("nginx-auth/$n nginx_auth $n" "haproxy-auth/$n haproxy_auth $n" "tollgate/$n tollgate $n" "tollgate-redis/$n tollgate_redis $n")
+done
+
+: >"$WORK/results"
+for rep in $(seq 1 "$REPS"); do
+    for t in "${TARGETS[@]}"; do
+        # shellcheck disable=SC2086
+        set -- $t
+        echo "rep $rep/$REPS: $1" >&2
+        measure "$1" "$2" "$3"
+    done
+done
+
+python3 - "$WORK/results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, rps, p50, p99, cpu = line.split()
+    rows.setdefault(label, []).append((float(rps), p50, p99, float(cpu)))
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+def med(label):
+    runs = rows[label]
+    return (statistics.median(r[0] for r in runs), statistics.median(ms(r[1]) for r in runs),
+            statistics.median(ms(r[2]) for r in runs), statistics.median(r[3] for r in runs))
+base = {}
+for label in rows:
+    if label.startswith("nginx-auth/"):
+        base[label.split("/")[1]] = med(label)[0]
+print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'vs nginx-auth':>14}")
+for label in rows:
+    rps, p50, p99, cpu = med(label)
+    n = label.split("/")[1] if "/" in label else next(iter(base), None)
+    ratio = f"{rps / base[n]:.2f}x" if n in base else "-"
+    print(f"{label:<24} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>11.1f} {ratio:>14}")
+PY
