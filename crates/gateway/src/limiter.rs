@@ -354,3 +354,165 @@ enum Decision {
     Done(Result<LimitInfo, Refusal>),
     WrongDay(EpochDay),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use http::Method;
+    use tollgate_core::quota::Period;
+    use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
+    use tollgate_store::Records;
+    use tollgate_store::testing::RedisServer;
+
+    use super::*;
+    use crate::config::{Api, GatewayConfig, Integration, Route, RouteMethod, Stage};
+    use crate::snapshot::Snapshot;
+
+    fn snapshot(throttle: ThrottleSettings, quota: Option<QuotaSettings>) -> Snapshot {
+        let config = GatewayConfig {
+            account_throttle: None,
+            rate_limit_headers: false,
+            access_log: false,
+            apis: vec![Api {
+                id: "a".into(),
+                stages: vec![Stage {
+                    name: "s".into(),
+                    base_path: "/s".into(),
+                    throttle: None,
+                    method_throttle: BTreeMap::new(),
+                }],
+                routes: vec![Route {
+                    path: "/x".into(),
+                    method: RouteMethod::Only(Method::GET),
+                    api_key_required: true,
+                    integration: Integration::Mock {
+                        status: http::StatusCode::OK,
+                        body: "".into(),
+                        headers: vec![],
+                    },
+                    cors: None,
+                }],
+            }],
+        };
+        let records = Records {
+            plans: vec![UsagePlan {
+                id: "p".into(),
+                name: "p".into(),
+                description: None,
+                api_stages: vec![ApiStage {
+                    api_id: "a".into(),
+                    stage: "s".into(),
+                    throttle: BTreeMap::new(),
+                }],
+                throttle: Some(throttle),
+                quota,
+            }],
+            keys: vec![ApiKey {
+                id: "k".into(),
+                name: "k".into(),
+                description: None,
+                customer_id: None,
+                enabled: true,
+                value_hash: KeyHash::of("limiterTestValue0123456789"),
+                created_date: 0,
+                last_updated_date: 0,
+                sealed_value: None,
+            }],
+            bindings: vec![("p".into(), "k".into())],
+        };
+        Snapshot::build(config, &records, &HashMap::new(), EpochDay(20_000)).unwrap()
+    }
+
+    async fn admitted(limiter: &RedisLimiter, snap: &Snapshot, n: usize) -> usize {
+        let m = snap.route(&Method::GET, "/s/x").unwrap();
+        let grant = &snap.grants()[0];
+        let mut ok = 0;
+        for _ in 0..n {
+            let now = tollgate_core::Clock::now(&tollgate_core::SystemClock);
+            if limiter.decide(grant, &m, "", now).await.unwrap().is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    }
+
+    #[tokio::test]
+    async fn buckets_and_quotas_in_redis() {
+        let redis = RedisServer::start();
+        let urls = [redis.url()];
+        let limiter = RedisLimiter::connect(
+            &urls,
+            false,
+            Duration::from_millis(500),
+            OnStoreFailure::Deny,
+        )
+        .await
+        .unwrap();
+
+        // A slow bucket of 3: three pass, the rest wait (the refill is one per 100 s).
+        let snap = snapshot(
+            ThrottleSettings {
+                rate_limit: 0.01,
+                burst_limit: 3,
+            },
+            None,
+        );
+        assert_eq!(admitted(&limiter, &snap, 10).await, 3);
+
+        // A rate above a million per second keeps its bucket (it once rounded to zero and refused all).
+        redis::cmd("FLUSHALL")
+            .query::<()>(
+                &mut redis::Client::open(redis.url())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap(),
+            )
+            .unwrap();
+        let snap = snapshot(
+            ThrottleSettings {
+                rate_limit: 1e9,
+                burst_limit: 1_000_000,
+            },
+            None,
+        );
+        assert_eq!(admitted(&limiter, &snap, 50).await, 50);
+
+        // A quota of 5 a day. The count starts from the day's usage so far (53 requests above), so
+        // start from a clean slate.
+        redis::cmd("FLUSHALL")
+            .query::<()>(
+                &mut redis::Client::open(redis.url())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap(),
+            )
+            .unwrap();
+        let quota = QuotaSettings {
+            limit: 5,
+            offset: 0,
+            period: Period::Day,
+        };
+        let snap = snapshot(
+            ThrottleSettings {
+                rate_limit: 1e6,
+                burst_limit: 1000,
+            },
+            Some(quota),
+        );
+        assert_eq!(admitted(&limiter, &snap, 8).await, 5);
+        assert_eq!(
+            limiter
+                .set_remaining(
+                    &snap.grants()[0],
+                    2,
+                    tollgate_core::Clock::now(&tollgate_core::SystemClock)
+                )
+                .await
+                .unwrap(),
+            Some(-2)
+        );
+        assert_eq!(admitted(&limiter, &snap, 8).await, 2);
+        assert!(!limiter.degraded());
+    }
+}
