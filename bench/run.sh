@@ -47,7 +47,8 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
-    for _ in $(seq 1 200); do
+    # Up to two minutes: a gateway loading a million keys takes a while.
+    for _ in $(seq 1 2400); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.05
     done
@@ -119,6 +120,12 @@ c.executemany("INSERT INTO api_keys (id, name, enabled, value_sha256, created_da
 c.executemany("INSERT INTO usage_plan_keys (plan_id, key_id) VALUES (?, ?)", ((plan, f"k{i:09d}") for i in range(n)))
 c.commit()
 PY
+    # A Redis holding the same keys, for the cluster-mode target (started once per key set).
+    local rport; rport=$(free_port)
+    start "redis_$n" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no
+    wait_port "$rport"
+    "$TOLLGATE" migrate --from "sqlite:$dir/tollgate.db" --to "redis://127.0.0.1:$rport" >/dev/null
+    printf -v "REDIS_PORT_$n" '%s' "$rport"
 }
 
 # Each target: a function that starts the server on port $1 with keys $2 and prints its pid.
@@ -185,10 +192,9 @@ target_tollgate() {
 }
 target_tollgate_redis() {
     local port=$1 keys=$2 dir="$WORK/tollgate-redis-$1"; mkdir -p "$dir"
-    local rport; rport=$(free_port)
-    start "redis" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no
-    wait_port "$rport"
-    "$TOLLGATE" migrate --from "sqlite:$WORK/keys-$keys/tollgate.db" --to "redis://127.0.0.1:$rport" >/dev/null
+    local var="REDIS_PORT_$keys" rport
+    rport=${!var}
+    printf -v PID_redis '%s' "$(eval echo "\$PID_redis_$keys")"
     sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" \
         -e "s|store: { sqlite: .* }|store: { redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }|" \
         "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
@@ -235,7 +241,6 @@ measure() {
     echo "$label $rps $p50 $p99 $cpu_us" >>"$WORK/results"
     if [ "$kind" != upstream ]; then
         kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
-        if [ "$kind" = tollgate_redis ]; then kill "$PID_redis"; wait "$PID_redis" 2>/dev/null || true; fi
     fi
 }
 

@@ -154,9 +154,8 @@ redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
 return 1
 ";
 
-const LOAD: &str = r"
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
-";
+/// Fields per SCAN page when loading records.
+const SCAN_PAGE: u32 = 10_000;
 
 const HSET_AND_BUMP: &str = r"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -252,6 +251,51 @@ impl RedisStore {
         }
     }
 
+    fn scan_hash(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<(String, String)>) = self.with(|c| {
+                redis::cmd("HSCAN")
+                    .arg(key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_PAGE)
+                    .query(c)
+            })?;
+            out.extend(page);
+            if next == 0 {
+                // A field can be returned twice by SCAN; keep one.
+                out.sort();
+                out.dedup_by(|a, b| a.0 == b.0);
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    fn scan_set(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("SSCAN")
+                    .arg(key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_PAGE)
+                    .query(c)
+            })?;
+            out.extend(page);
+            if next == 0 {
+                out.sort();
+                out.dedup();
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
     /// The record version: changes whenever a plan, key or binding does.
     pub fn version(&self) -> Result<u64, StoreError> {
         self.with(|c| Cmd::get(keys::VERSION).query::<Option<u64>>(c))
@@ -318,19 +362,19 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn load(&self) -> Result<Records, StoreError> {
-        // One script, so the three are read at one instant (scripts run atomically).
-        let (plans, keys, bindings): (Vec<String>, Vec<String>, Vec<String>) = self.with(|c| {
-            Script::new(LOAD)
-                .key(keys::PLANS)
-                .key(keys::KEYS)
-                .key(keys::BINDINGS)
-                .invoke(c)
-        })?;
-        let pairs = |flat: Vec<String>| -> Vec<(String, String)> {
-            let mut it = flat.into_iter();
-            std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+        // Scanned in pages, so a million keys never block Redis for long; the version read before and
+        // after tells whether a write slipped in between, and then the read is repeated.
+        let mut attempt = 0;
+        let (plans, keys, bindings) = loop {
+            let before = self.version()?;
+            let plans = self.scan_hash(keys::PLANS)?;
+            let keys = self.scan_hash(keys::KEYS)?;
+            let bindings = self.scan_set(keys::BINDINGS)?;
+            attempt += 1;
+            if self.version()? == before || attempt == 5 {
+                break (plans, keys, bindings);
+            }
         };
-        let (plans, keys) = (pairs(plans), pairs(keys));
         let mut records = Records::default();
         for (id, body) in plans {
             let plan: UsagePlan = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {

@@ -80,6 +80,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         flush_interval: config.store.flush_interval,
         ..GatewayOptions::default()
     };
+    // Cluster mode: the record version the first snapshot is built from, so the resync loop reloads only
+    // what changes after it (a million keys are not loaded twice at startup).
+    let loaded_version = match &config.store.kind {
+        StoreKind::Redis(settings, _) => {
+            let probe = RedisStore::new(settings.clone())?;
+            Some(tokio::task::block_in_place(|| probe.version()).context("reading Redis")?)
+        }
+        StoreKind::Sqlite(_) => None,
+    };
     let gateway = tokio::task::block_in_place(|| {
         Gateway::open(
             config.gateway,
@@ -123,6 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
         tokio::spawn(resync(
             watcher,
+            loaded_version,
             gateway.handle(),
             admin,
             changed,
@@ -205,13 +215,13 @@ async fn subscribe(
 /// moved): at once when the change is announced, else at the next periodic check.
 async fn resync(
     store: RedisStore,
+    mut seen: Option<u64>,
     gateway: GatewayHandle,
     admin: Option<Arc<Admin>>,
     changed: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let store = Arc::new(store);
-    let mut seen = None;
     loop {
         let announced = tokio::select! {
             () = changed.notified() => true,
