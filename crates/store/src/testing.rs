@@ -87,8 +87,15 @@ impl RedisServer {
     /// Starts the server again (after [`kill`](Self::kill)) on the same port with the same data.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Some(spawn(self.port, self._dir.path(), PERSIST));
+        let mut child = spawn(self.port, self._dir.path(), PERSIST);
         wait_for_ping(self.port);
+        // The answer must have come from this server, not from whatever took the port meanwhile.
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "redis-server could not take port {} back",
+            self.port
+        );
+        self.child = Some(child);
     }
 
     pub fn url(&self) -> String {

@@ -242,8 +242,10 @@ async fn store_failure_modes_and_recovery() {
             let r = c.get(&url, Some(key)).await;
             assert!(
                 r.status == 200 || r.status == expect_while_down,
-                "{mode}: {}",
-                r.status
+                "{mode}: {} {:?} {:?}",
+                r.status,
+                r.headers,
+                r.body
             );
             // (allow mode's fail-open answers carry no limits to report)
             if r.status == 200 && r.header("ratelimit").is_some() && util::quota_remaining(&r) == 34
