@@ -25,6 +25,14 @@ pub mod keys {
     pub const VALUES: &str = "{tg}:values";
     /// Plan memberships, members `"<planId> <keyId>"`.
     pub const BINDINGS: &str = "{tg}:bindings";
+    /// The plans of one key (kept beside `BINDINGS` so deletes and reports touch only that key's).
+    pub fn key_plans(key_id: &str) -> String {
+        format!("{{tg}}:kp:{key_id}")
+    }
+    /// The keys of one plan.
+    pub fn plan_keys(plan_id: &str) -> String {
+        format!("{{tg}}:pk:{plan_id}")
+    }
     /// Bumped on every record change.
     pub const VERSION: &str = "{tg}:version";
     /// Channel announcing record changes (the scripts publish the new version on it).
@@ -143,13 +151,13 @@ const DELETE_KEY: &str = r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
 redis.call('HDEL', KEYS[1], ARGV[1])
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  if string.sub(m, -(#ARGV[1] + 1)) == ' ' .. ARGV[1] then
-    redis.call('SREM', KEYS[3], m)
-    -- Its usage under that plan stays reachable.
-    redis.call('SADD', '{tg}:usage:' .. string.sub(m, 1, #m - #ARGV[1] - 1), ARGV[1])
-  end
+for _, plan in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  redis.call('SREM', KEYS[3], plan .. ' ' .. ARGV[1])
+  redis.call('SREM', '{tg}:pk:' .. plan, ARGV[1])
+  -- Its usage under that plan stays reachable.
+  redis.call('SADD', '{tg}:usage:' .. plan, ARGV[1])
 end
+redis.call('DEL', KEYS[5])
 redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
 return 1
 ";
@@ -162,13 +170,18 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
 ";
 
-/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, and a version bump. A removed key's usage stays
-/// reachable through the plan's usage index.
+/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, in all three sets, and a version bump. A removed
+/// key's usage stays reachable through the plan's usage index.
 const BIND: &str = r"
+local member = ARGV[2] .. ' ' .. ARGV[3]
 if ARGV[1] == '1' then
-  redis.call('SADD', KEYS[1], ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('SADD', KEYS[1], member)
+  redis.call('SADD', KEYS[4], ARGV[2])
+  redis.call('SADD', KEYS[5], ARGV[3])
 else
-  redis.call('SREM', KEYS[1], ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('SREM', KEYS[1], member)
+  redis.call('SREM', KEYS[4], ARGV[2])
+  redis.call('SREM', KEYS[5], ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[3])
 end
 return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
@@ -176,12 +189,12 @@ return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
 
 const DELETE_PLAN: &str = r"
 redis.call('HDEL', KEYS[1], ARGV[1])
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-    redis.call('SREM', KEYS[2], m)
-    redis.call('SADD', '{tg}:usage:' .. ARGV[1], string.sub(m, #ARGV[1] + 2))
-  end
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('SREM', KEYS[2], ARGV[1] .. ' ' .. key)
+  redis.call('SREM', '{tg}:kp:' .. key, ARGV[1])
+  redis.call('SADD', '{tg}:usage:' .. ARGV[1], key)
 end
+redis.call('DEL', KEYS[4])
 redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
 return 1
 ";
@@ -324,6 +337,8 @@ impl RedisStore {
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
                 .key(keys::usage_index(plan_id))
+                .key(keys::key_plans(key_id))
+                .key(keys::plan_keys(plan_id))
                 .arg(if member { "1" } else { "0" })
                 .arg(plan_id)
                 .arg(key_id)
@@ -345,15 +360,9 @@ impl RedisStore {
         }
         let (mut ids, members): (Vec<String>, Vec<String>) = self.with(|c| {
             let ids = Cmd::smembers(index).query(c)?;
-            Ok((ids, Cmd::smembers(keys::BINDINGS).query(c)?))
+            Ok((ids, Cmd::smembers(keys::plan_keys(plan_id)).query(c)?))
         })?;
-        let prefix = format!("{plan_id} ");
-        ids.extend(
-            members
-                .iter()
-                .filter_map(|m| m.strip_prefix(&prefix))
-                .map(str::to_string),
-        );
+        ids.extend(members);
         ids.sort();
         ids.dedup();
         Ok(ids)
@@ -467,6 +476,7 @@ impl Store for RedisStore {
                 .key(keys::VALUES)
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
+                .key(keys::key_plans(key_id))
                 .arg(key_id)
                 .invoke::<i64>(c)
         })?;
@@ -479,6 +489,7 @@ impl Store for RedisStore {
                 .key(keys::PLANS)
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
+                .key(keys::plan_keys(plan_id))
                 .arg(plan_id)
                 .invoke::<i64>(c)
         })?;
