@@ -2,7 +2,7 @@
 # The load benchmark: tollgate against nginx and HAProxy doing the same job (check the key, rate-limit
 # per key, proxy with keep-alive), and against the upstream alone, measured in one run on one machine.
 #
-#   bench/run.sh [--reps N] [--duration SECONDS] [--keys "1000 1000000"]
+#   bench/run.sh [--reps N] [--duration SECONDS] [--keys "1000 1000000"] [--no-accuracy]
 #
 # Layout (steady numbers on 2 cores): wrk alone on CPU 0; the system under test and the upstream on
 # CPU 1; one worker for nginx and HAProxy, a tokio runtime that sees one CPU for tollgate; keep-alive on
@@ -15,11 +15,13 @@ REPS=3
 DURATION=5
 KEYSETS="1000 1000000"
 CONNS=32
+ACCURACY=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --reps) REPS=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --keys) KEYSETS=$2; shift 2 ;;
+        --no-accuracy) ACCURACY=0; shift ;;
         *) echo "usage: bench/run.sh [--reps N] [--duration SECONDS] [--keys \"1000 1000000\"]" >&2; exit 64 ;;
     esac
 done
@@ -291,3 +293,101 @@ for label in rows:
     ratio = f"{rps / base[n]:.2f}x" if n in base else "-"
     print(f"{label:<24} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>11.1f} {ratio:>14}")
 PY
+
+[ "$ACCURACY" = 1 ] || exit 0
+
+# The accuracy case: one key limited to 100 req/s with a burst of 50, driven at 2000 req/s for 5 s
+# (paced, by bench/accuracy.py on CPU 0). A token bucket admits 50 + 100 x 5 = 550.
+echo >&2
+echo "accuracy: 100 req/s, burst 50, driven at 2000 req/s for 5 s" >&2
+ACC_KEY=accuracyKeyValue0123456789
+accuracy_run() { taskset -c 0 python3 bench/accuracy.py "$1" "$ACC_KEY" --rate "${2:-2000}" --seconds 5 | awk '{print $1}'; }
+acc_results=()
+
+dir="$WORK/acc-nginx"; mkdir -p "$dir"; port=$(free_port)
+cat >"$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000;
+  map \$http_x_api_key \$api_client { default ""; "$ACC_KEY" acc; }
+  limit_req_zone \$api_client zone=acc:1m rate=100r/s;
+  upstream up { server 127.0.0.1:$UP; keepalive 32; }
+  server { listen 127.0.0.1:$port;
+    location / { if (\$api_client = "") { return 403; }
+      limit_req zone=acc burst=50 nodelay; limit_req_status 429;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+start sut nginx -c "$dir/nginx.conf" -p "$dir"; wait_port "$port"
+acc_results+=("nginx limit_req (rate 100r/s, burst 50 nodelay): $(accuracy_run "http://127.0.0.1:$port/x")")
+kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
+
+dir="$WORK/acc-haproxy"; mkdir -p "$dir"; port=$(free_port)
+printf '%s acc\n' "$ACC_KEY" >"$dir/keys.map"
+cat >"$dir/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:$port
+  http-request deny deny_status 403 unless { req.hdr(x-api-key),map($dir/keys.map) -m found }
+  http-request track-sc0 req.hdr(x-api-key) table perkey
+  # gpc0 counts accepted requests only (http_req_rate would count refused ones and starve the client).
+  http-request deny deny_status 429 if { sc0_gpc0_rate gt 99 }
+  http-request sc-inc-gpc0(0)
+  default_backend be
+backend perkey
+  stick-table type string len 64 size 1k expire 10s store gpc0,gpc0_rate(1s)
+backend be
+  server up 127.0.0.1:$UP
+CONF
+start sut haproxy -f "$dir/haproxy.cfg"; wait_port "$port"
+acc_results+=("HAProxy gpc0_rate (100 per second): $(accuracy_run "http://127.0.0.1:$port/x")")
+kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
+
+acc_config() {
+    cat <<CONF
+listen: 127.0.0.1:$1
+store: $2
+apis:
+  - id: bench
+    stages: [ { name: prod, basePath: / } ]
+    routes:
+      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
+usagePlans:
+  - name: acc
+    apiStages: [ { apiId: bench, stage: prod } ]
+    throttle: { rateLimit: 100, burstLimit: 50 }
+apiKeys:
+  - { name: acc, value: $ACC_KEY, usagePlans: [acc] }
+CONF
+}
+dir="$WORK/acc-tollgate"; mkdir -p "$dir"; port=$(free_port)
+acc_config "$port" "{ sqlite: $dir/t.db }" >"$dir/tollgate.yaml"
+start sut "$TOLLGATE" serve --config "$dir/tollgate.yaml"; wait_port "$port"
+acc_results+=("tollgate embedded: $(accuracy_run "http://127.0.0.1:$port/x")")
+kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
+
+dir="$WORK/acc-cluster"; mkdir -p "$dir"; rport=$(free_port)
+start accredis redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no; wait_port "$rport"
+p1=$(free_port); p2=$(free_port)
+acc_config "$p1" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" >"$dir/a.yaml"
+acc_config "$p2" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" >"$dir/b.yaml"
+start sut "$TOLLGATE" serve --config "$dir/a.yaml"; wait_port "$p1"; a_pid=$PID_sut
+start sut "$TOLLGATE" serve --config "$dir/b.yaml"; wait_port "$p2"; b_pid=$PID_sut
+accuracy_run "http://127.0.0.1:$p1/x" 1000 >"$dir/a.out" &
+client_a=$!
+accuracy_run "http://127.0.0.1:$p2/x" 1000 >"$dir/b.out" &
+client_b=$!
+# Only the two clients: a bare `wait` would also wait for the servers.
+wait "$client_a" "$client_b"
+acc_results+=("two tollgate instances on one Redis (1000 req/s each): $(( $(cat "$dir/a.out") + $(cat "$dir/b.out") ))")
+kill "$a_pid" "$b_pid" "$PID_accredis" 2>/dev/null || true
+
+echo
+echo "accuracy (admitted of ~10000 requests; a token bucket admits 550):"
+for r in "${acc_results[@]}"; do echo "  $r"; done
