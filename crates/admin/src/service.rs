@@ -161,19 +161,19 @@ fn parse_number<T: std::str::FromStr>(value: Option<&str>, path: &str) -> Result
 }
 
 impl Admin {
-    /// The control plane over `store`, driving `gateway`. Loads the records (blocking).
+    /// The control plane over `store` (whose `records` the gateway was built from), driving `gateway`.
     pub fn new(
         store: Arc<dyn Store>,
+        records: Records,
         gateway: GatewayHandle,
         settings: AdminSettings,
-    ) -> Result<Self, AdminError> {
-        let records = store.load()?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             store,
             gateway,
             records: tokio::sync::Mutex::new(records),
             settings,
-        })
+        }
     }
 
     /// The health answer: status code and body.

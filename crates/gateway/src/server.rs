@@ -213,18 +213,19 @@ pub fn period_usage<'p>(
 }
 
 impl Gateway {
-    /// Loads the store's records and builds the first snapshot. Blocking: call before serving.
+    /// Builds the first snapshot from `records` (as just loaded from `store`). Blocking: reads the
+    /// current quota periods' usage; call before serving.
     pub fn open(
         config: GatewayConfig,
+        records: &Records,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         options: GatewayOptions,
         limiter: Option<RedisLimiter>,
     ) -> Result<Self, GatewayError> {
-        let records = store.load()?;
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records.plans, today)?;
-        let snapshot = Snapshot::build(config, &records, &used, today)?;
+        let snapshot = Snapshot::build(config, records, &used, today)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             limiter,

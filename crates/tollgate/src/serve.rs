@@ -89,9 +89,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         StoreKind::Sqlite(_) => None,
     };
+    // Loaded once, for the gateway and the admin API (a million keys are not read twice).
+    let records = tokio::task::block_in_place(|| store.load()).context("loading the records")?;
     let gateway = tokio::task::block_in_place(|| {
         Gateway::open(
             config.gateway,
+            &records,
             store.clone(),
             Arc::new(SystemClock),
             options,
@@ -104,9 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
             };
-            let admin = tokio::task::block_in_place(|| {
-                Admin::new(store.clone(), gateway.handle(), settings)
-            })?;
+            let admin = Admin::new(store.clone(), records, gateway.handle(), settings);
             Some((Arc::new(admin), admin_config.listen))
         }
         None => None,
