@@ -79,6 +79,27 @@ CONF
 start upstream nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
 wait_port "$UP"
 
+# tollgate_config PORT STORE PLAN RATE BURST [KEY]: one API proxying everything to the upstream under
+# one keyed route, one plan with that throttle, and (given KEY) one key in it.
+tollgate_config() {
+    cat <<CONF
+listen: 127.0.0.1:$1
+store: $2
+apis:
+  - id: bench
+    stages: [ { name: prod, basePath: / } ]
+    routes:
+      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
+usagePlans:
+  - name: $3
+    apiStages: [ { apiId: bench, stage: prod } ]
+    throttle: { rateLimit: $4, burstLimit: $5 }
+CONF
+    if [ -n "${6:-}" ]; then
+        printf 'apiKeys:\n  - { name: %s, value: %s, usagePlans: [%s] }\n' "$3" "$6" "$3"
+    fi
+}
+
 # Key files for every key-set size: nginx map, HAProxy map, and a tollgate SQLite store.
 make_keys() {
     local n=$1 dir="$WORK/keys-$n"
@@ -93,19 +114,7 @@ with open(f"{d}/nginx.map", "w") as a, open(f"{d}/haproxy.map", "w") as b:
         b.write(f"{v} k{i}\n")
 PY
     # tollgate: let it create its schema and the plan, then add the keys to the plan.
-    cat >"$dir/tollgate.yaml" <<CONF
-listen: 127.0.0.1:0
-store: { sqlite: $dir/tollgate.db }
-apis:
-  - id: bench
-    stages: [ { name: prod, basePath: / } ]
-    routes:
-      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
-usagePlans:
-  - name: bench
-    apiStages: [ { apiId: bench, stage: prod } ]
-    throttle: { rateLimit: 1000000000, burstLimit: 100000000 }
-CONF
+    tollgate_config 0 "{ sqlite: $dir/tollgate.db }" bench 1000000000 100000000 >"$dir/tollgate.yaml"
     timeout 10 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >/dev/null 2>&1 &
     local pid=$!
     sleep 1; kill "$pid"; wait "$pid" 2>/dev/null || true
@@ -349,25 +358,8 @@ start sut haproxy -f "$dir/haproxy.cfg"; wait_port "$port"
 acc_results+=("HAProxy gpc0_rate (100 per second): $(accuracy_run "http://127.0.0.1:$port/x")")
 kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
 
-acc_config() {
-    cat <<CONF
-listen: 127.0.0.1:$1
-store: $2
-apis:
-  - id: bench
-    stages: [ { name: prod, basePath: / } ]
-    routes:
-      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
-usagePlans:
-  - name: acc
-    apiStages: [ { apiId: bench, stage: prod } ]
-    throttle: { rateLimit: 100, burstLimit: 50 }
-apiKeys:
-  - { name: acc, value: $ACC_KEY, usagePlans: [acc] }
-CONF
-}
 dir="$WORK/acc-tollgate"; mkdir -p "$dir"; port=$(free_port)
-acc_config "$port" "{ sqlite: $dir/t.db }" >"$dir/tollgate.yaml"
+tollgate_config "$port" "{ sqlite: $dir/t.db }" acc 100 50 "$ACC_KEY" >"$dir/tollgate.yaml"
 start sut "$TOLLGATE" serve --config "$dir/tollgate.yaml"; wait_port "$port"
 acc_results+=("tollgate embedded: $(accuracy_run "http://127.0.0.1:$port/x")")
 kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
@@ -375,8 +367,8 @@ kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
 dir="$WORK/acc-cluster"; mkdir -p "$dir"; rport=$(free_port)
 start accredis redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no; wait_port "$rport"
 p1=$(free_port); p2=$(free_port)
-acc_config "$p1" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" >"$dir/a.yaml"
-acc_config "$p2" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" >"$dir/b.yaml"
+tollgate_config "$p1" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" acc 100 50 "$ACC_KEY" >"$dir/a.yaml"
+tollgate_config "$p2" "{ redis: { url: \"redis://127.0.0.1:$rport\", timeout: 200ms } }" acc 100 50 "$ACC_KEY" >"$dir/b.yaml"
 start sut "$TOLLGATE" serve --config "$dir/a.yaml"; wait_port "$p1"; a_pid=$PID_sut
 start sut "$TOLLGATE" serve --config "$dir/b.yaml"; wait_port "$p2"; b_pid=$PID_sut
 accuracy_run "http://127.0.0.1:$p1/x" 1000 >"$dir/a.out" &
