@@ -2,6 +2,8 @@
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 
 pub mod config;
+mod conn;
+pub mod http1;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;

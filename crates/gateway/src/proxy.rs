@@ -1,179 +1,108 @@
-//! Forwarding to HTTP upstreams: pooled keep-alive connections, streaming bodies both ways,
-//! hop-by-hop headers stripped, `X-Forwarded-*` set.
+//! Connections to HTTP upstreams. Each client connection owns the upstream connection its requests
+//! go over, so a request costs no pool lookup and no hand-off to another task; the shared idle pool
+//! is touched only when a client connection starts, ends, or switches upstream.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
-use http::header::{self, HeaderName};
-use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri};
-use http_body_util::Either;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::Uri;
+use tokio::net::TcpStream;
 
-use crate::response::{self, Body, UpstreamFailure};
+use crate::http1::InBuf;
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Idle connections kept per upstream: enough for a client fleet's reconnects, bounded so a burst of
+/// short-lived clients cannot hoard descriptors.
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection are hop-by-hop too; collect first, the map is borrowed.
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if let Ok(list) = conn.to_str() {
-            let named: Vec<HeaderName> = list
-                .split(',')
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
-            }
+/// A keep-alive connection to one upstream, and the bytes read from it.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    /// The `host[:port]` it is connected to.
+    pub authority: String,
+    /// The socket.
+    pub io: TcpStream,
+    /// Bytes read and not yet relayed.
+    pub buf: InBuf,
+    /// Whether it has carried a request before (and so may have been closed by the upstream meanwhile).
+    pub reused: bool,
+}
+
+/// Idle upstream connections, by authority.
+#[derive(Debug, Default)]
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+}
+
+impl UpstreamPool {
+    fn take(&self, authority: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.get_mut(authority).and_then(Vec::pop)
+    }
+
+    /// Keeps `conn` for the next client connection, if it is clean.
+    pub fn put(&self, conn: UpstreamConn) {
+        if !conn.buf.is_empty() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(conn.authority).or_default();
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(conn.io);
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-}
 
-/// The pooled HTTP client all routes share.
-#[derive(Debug, Clone)]
-pub struct Upstreams {
-    client: Client<HttpConnector, Incoming>,
-}
-
-impl Default for Upstreams {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Upstreams {
-    /// A client with keep-alive pooling and no cap on idle connections per upstream, so the pool can
-    /// match client concurrency (a small pool costs a reconnect per request under load).
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        Self { client }
-    }
-
-    /// Sends `req` to `base` joined with the request path from byte `rest_start` on (the part after the
-    /// stage's base path), keeping the query, waiting at most `timeout` for the response head. `peer`
-    /// is the client's address for `X-Forwarded-For`.
-    pub async fn forward(
+    /// The connection to `url`'s authority in `slot`: the one already there if it goes to the same
+    /// place, else an idle one from the pool, else a new one (the one it replaces goes to the pool).
+    pub async fn connect<'c>(
         &self,
-        req: Request<Incoming>,
-        base: &Uri,
-        rest_start: usize,
-        timeout: Duration,
-        peer: SocketAddr,
-    ) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        let rest = parts.uri.path().get(rest_start..).unwrap_or_default();
-        let Some(uri) = target(base, rest, parts.uri.query()) else {
-            return response::upstream_failure(UpstreamFailure::Unreachable);
-        };
-        parts.uri = uri;
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        if let Some(host) = headers.remove(header::HOST) {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        // An IP address always renders as a valid header value.
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or(HeaderValue::from_static("unknown"));
-        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => {
-                HeaderValue::try_from(format!("{prior}, {}", peer.ip())).unwrap_or(peer_ip)
+        slot: &'c mut Option<UpstreamConn>,
+        url: &Uri,
+    ) -> std::io::Result<&'c mut UpstreamConn> {
+        let authority = url.authority().map_or("", |a| a.as_str());
+        if slot.as_ref().is_some_and(|c| c.authority != authority) {
+            if let Some(old) = slot.take() {
+                self.put(old);
             }
-            None => peer_ip,
-        };
-        headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        parts.version = http::Version::HTTP_11;
+        }
+        if slot.is_none() {
+            let (io, reused) = match self.take(authority) {
+                Some(io) => (io, true),
+                None => (open(url).await?, false),
+            };
+            *slot = Some(UpstreamConn {
+                authority: authority.to_owned(),
+                io,
+                buf: InBuf::default(),
+                reused,
+            });
+        }
+        slot.as_mut()
+            .ok_or_else(|| std::io::Error::other("no upstream connection"))
+    }
 
-        match tokio::time::timeout(
-            timeout,
-            self.client.request(Request::from_parts(parts, body)),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(body))
-            }
-            Ok(Err(err)) => {
-                tracing::debug!(error = %err, "upstream request failed");
-                response::upstream_failure(UpstreamFailure::Unreachable)
-            }
-            Err(_) => response::upstream_failure(UpstreamFailure::Timeout),
-        }
+    /// Replaces the connection in `slot` with a new one to `url` (after the old one turned out to be
+    /// closed).
+    pub async fn reconnect<'c>(
+        &self,
+        slot: &'c mut Option<UpstreamConn>,
+        url: &Uri,
+    ) -> std::io::Result<&'c mut UpstreamConn> {
+        *slot = None;
+        let io = open(url).await?;
+        let authority = url.authority().map_or("", |a| a.as_str()).to_owned();
+        Ok(slot.insert(UpstreamConn {
+            authority,
+            io,
+            buf: InBuf::default(),
+            reused: false,
+        }))
     }
 }
 
-/// `base`'s scheme and authority, `base`'s path joined with `rest` (empty means `/`), and the
-/// request's query.
-fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
-    let prefix = base.path().trim_end_matches('/');
-    let rest = if rest.is_empty() { "/" } else { rest };
-    let mut pq =
-        String::with_capacity(prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
-    pq.push_str(prefix);
-    pq.push_str(rest);
-    if let Some(q) = query {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::try_from(pq).ok()?);
-    Uri::from_parts(parts).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn target_joins_base_path_rest_and_query() {
-        let base: Uri = "http://127.0.0.1:9000".parse().unwrap();
-        assert_eq!(
-            target(&base, "/a/b", Some("x=1")).unwrap(),
-            "http://127.0.0.1:9000/a/b?x=1"
-        );
-        let base: Uri = "http://h:1/api/".parse().unwrap();
-        assert_eq!(target(&base, "/a", None).unwrap(), "http://h:1/api/a");
-        assert_eq!(target(&base, "", None).unwrap(), "http://h:1/api/");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "close, x-secret-hop".parse().unwrap());
-        h.insert("x-secret-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("x-api-key", "kept".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["x-api-key"], "kept");
-    }
+async fn open(url: &Uri) -> std::io::Result<TcpStream> {
+    // The config accepts only http URLs with an authority; brackets are URI syntax, not the address.
+    let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+    let io = TcpStream::connect((host, url.port_u16().unwrap_or(80))).await?;
+    io.set_nodelay(true)?;
+    Ok(io)
 }

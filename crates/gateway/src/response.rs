@@ -10,14 +10,9 @@ use http::header::{
     VARY,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::config::Cors;
 use crate::snapshot::{LimitInfo, Refusal};
-
-/// A response body: the upstream's, streamed, or one the gateway wrote.
-pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// AWS's error-type header.
 pub static X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
@@ -35,13 +30,13 @@ pub enum UpstreamFailure {
 }
 
 /// A fixed response the gateway writes itself.
-pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(body.into())));
+pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+    let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     resp
 }
 
-fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -> Response<Body> {
+fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -> Response<Bytes> {
     let mut resp = full(status, Bytes::from_static(body.as_bytes()));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
@@ -53,7 +48,7 @@ fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -
 }
 
 /// The response for a refused request.
-pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Body> {
+pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Bytes> {
     match refusal {
         Refusal::MissingAuthenticationToken => aws_error(
             StatusCode::FORBIDDEN,
@@ -125,7 +120,7 @@ fn finish_429(
 }
 
 /// The response when the upstream failed, with AWS's messages for integration errors.
-pub fn upstream_failure(failure: UpstreamFailure) -> Response<Body> {
+pub fn upstream_failure(failure: UpstreamFailure) -> Response<Bytes> {
     match failure {
         UpstreamFailure::Unreachable => aws_error(
             StatusCode::BAD_GATEWAY,
@@ -145,7 +140,7 @@ pub fn preflight(
     cors: Option<&Cors>,
     methods: &str,
     origin: Option<&HeaderValue>,
-) -> Response<Body> {
+) -> Response<Bytes> {
     let mut resp = full(StatusCode::OK, Bytes::new());
     if let Some(cors) = cors {
         let h = resp.headers_mut();

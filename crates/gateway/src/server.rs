@@ -1,20 +1,11 @@
 //! The running gateway: accept loop, per-request handling, metering flusher, graceful shutdown.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::ORIGIN;
-use http::{HeaderName, Request, Response};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_core::Clock;
@@ -22,15 +13,13 @@ use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::{Records, Store, StoreError, UsageDelta};
 
-use crate::config::{GatewayConfig, Integration};
+use crate::config::GatewayConfig;
+use crate::conn;
 use crate::limiter::{OnStoreFailure, RedisLimiter};
 use crate::metrics::Metrics;
-use crate::proxy::Upstreams;
-use crate::response::{self, Body};
+use crate::proxy::UpstreamPool;
 use crate::route::RouteMatch;
 use crate::snapshot::{Admission, LimitInfo, Refusal, Snapshot, SnapshotError};
-
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Runtime knobs that are not part of the routing config.
 #[derive(Debug, Clone, Copy)]
@@ -43,12 +32,12 @@ pub struct GatewayOptions {
 
 /// Admits a routed request in cluster mode: key check and instance-wide throttles here, the key's own
 /// limits in Redis, and `onStoreFailure` when Redis cannot answer.
-async fn admit_clustered<'s>(
+pub(crate) async fn admit_clustered<'s>(
     snap: &'s Snapshot,
     limiter: &RedisLimiter,
     metrics: &Metrics,
     m: &RouteMatch<'_>,
-    api_key: Option<&http::HeaderValue>,
+    api_key: Option<&[u8]>,
     now: u64,
 ) -> Result<Admission<'s>, Refusal> {
     let shared = snap.admit_shared(m, api_key, now)?;
@@ -123,13 +112,13 @@ pub enum GatewayError {
     Task(String),
 }
 
-struct Shared {
-    snapshot: ArcSwap<Snapshot>,
+pub(crate) struct Shared {
+    pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Cluster mode: keys' limits are decided in Redis.
-    limiter: Option<RedisLimiter>,
-    metrics: Metrics,
-    clock: Arc<dyn Clock>,
-    upstreams: Upstreams,
+    pub(crate) limiter: Option<RedisLimiter>,
+    pub(crate) metrics: Metrics,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) upstreams: UpstreamPool,
     store: Arc<dyn Store>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
     /// blocking write, never on the request path.
@@ -231,7 +220,7 @@ impl Gateway {
             limiter,
             metrics: Metrics::default(),
             clock,
-            upstreams: Upstreams::new(),
+            upstreams: UpstreamPool::default(),
             store,
             unflushed: tokio::sync::Mutex::new(Vec::new()),
         });
@@ -259,11 +248,7 @@ impl Gateway {
             stop_rx,
         ));
 
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // Slow or stuck clients must not pin connections forever.
-        http.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
-        let graceful = GracefulShutdown::new();
+        let (drain_tx, drain_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -278,24 +263,17 @@ impl Gateway {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let shared = self.shared.clone();
-                    let service = service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
-                    });
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(err) = conn.await {
-                            tracing::debug!(error = %err, "connection ended with an error");
-                        }
-                    });
+                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, drain_rx.clone()));
                 }
                 () = &mut shutdown => break,
             }
         }
         drop(listener);
+        drop(drain_rx);
         tracing::info!("shutting down: draining in-flight requests");
-        if tokio::time::timeout(self.options.drain_timeout, graceful.shutdown())
+        // Connections finish the request in hand, then close; each holds a receiver until it ends.
+        let _ = drain_tx.send(true);
+        if tokio::time::timeout(self.options.drain_timeout, drain_tx.closed())
             .await
             .is_err()
         {
@@ -307,83 +285,6 @@ impl Gateway {
             Err(err) => Err(GatewayError::Task(err.to_string())),
         }
     }
-}
-
-async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-    let snap = shared.snapshot.load_full();
-    let config = snap.config();
-    let started = config.access_log.then(Instant::now);
-    let now = shared.clock.now();
-    let path = req.uri().path();
-    let log_line = started.map(|_| (req.method().clone(), path.to_owned()));
-
-    let matched = snap.route(req.method(), path);
-    let route = matched.map(|m| &config.apis[m.api].routes[m.route]);
-    // CORS needs the request's Origin after the request itself has gone upstream.
-    let origin = route
-        .and_then(|r| r.cors.as_ref())
-        .and_then(|_| req.headers().get(ORIGIN).cloned());
-    let decided = match (matched, &shared.limiter) {
-        (None, _) => Err(Refusal::MissingAuthenticationToken),
-        (Some(m), None) => snap
-            .admit(&m, req.headers().get(&X_API_KEY), now)
-            .map(|a| (a, path.len() - m.rest.len())),
-        (Some(m), Some(limiter)) => admit_clustered(
-            &snap,
-            limiter,
-            &shared.metrics,
-            &m,
-            req.headers().get(&X_API_KEY),
-            now,
-        )
-        .await
-        .map(|a| (a, path.len() - m.rest.len())),
-    };
-    let (mut resp, key_id) = match decided {
-        Err(refusal) => {
-            shared.metrics.refused(&refusal);
-            (response::refusal(refusal, config.rate_limit_headers), None)
-        }
-        Ok((admission, rest_start)) => {
-            let mut resp = match &admission.route.integration {
-                Integration::Mock {
-                    status,
-                    body,
-                    headers,
-                } => {
-                    let mut resp = Response::new(Either::Right(Full::new(body.clone())));
-                    *resp.status_mut() = *status;
-                    for (name, value) in headers {
-                        resp.headers_mut().insert(name.clone(), value.clone());
-                    }
-                    resp
-                }
-                Integration::Preflight { methods } => {
-                    response::preflight(admission.route.cors.as_deref(), methods, origin.as_ref())
-                }
-                Integration::Http { url, timeout } => {
-                    shared
-                        .upstreams
-                        .forward(req, url, rest_start, *timeout, peer)
-                        .await
-                }
-            };
-            if config.rate_limit_headers {
-                response::add_rate_limit_headers(resp.headers_mut(), &admission.limits);
-            }
-            shared.metrics.admitted(resp.status().as_u16());
-            (resp, admission.key_id)
-        }
-    };
-    if let Some(cors) = route.and_then(|r| r.cors.as_deref()) {
-        response::add_cors_headers(resp.headers_mut(), cors, origin.as_ref());
-    }
-    if let (Some(started), Some((method, path))) = (started, log_line) {
-        // The key's id only: values are secrets and never logged.
-        tracing::info!(target: "tollgate::access", %method, %path, status = resp.status().as_u16(),
-            key_id = key_id.unwrap_or("-"), %peer, micros = started.elapsed().as_micros() as u64);
-    }
-    resp
 }
 
 /// Writes metered usage every `interval` and once more when told to stop. Deltas a failed write could

@@ -1,0 +1,806 @@
+//! HTTP/1.1 on the wire (RFC 9112), as the data plane needs it: request and response heads parsed in
+//! place with `httparse` and rewritten as bytes (hop-by-hop headers dropped, `X-Forwarded-*` set),
+//! message framing, and chunked bodies delimited without being decoded. No header maps are built on
+//! the request path: heads are copied, not re-encoded.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::ops::Range;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response};
+
+/// The largest request or response head accepted (nginx: 4 buffers of 8 KiB for large headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields a head may have.
+const MAX_HEADERS: usize = 128;
+/// At most this many names in one `Connection` header are honoured as hop-by-hop.
+const MAX_CONNECTION_NAMES: usize = 8;
+
+/// Bytes read from a peer and not yet consumed. Consumed bytes are reclaimed lazily, so that a
+/// request parsed in place stays valid until the next read.
+#[derive(Debug, Default)]
+pub struct InBuf {
+    data: Vec<u8>,
+    start: usize,
+}
+
+/// How much a read asks for at once.
+const READ_SIZE: usize = 16 * 1024;
+
+impl InBuf {
+    /// The unconsumed bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    /// How many unconsumed bytes there are.
+    pub fn len(&self) -> usize {
+        self.data.len() - self.start
+    }
+
+    /// Whether nothing is left unconsumed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks the first `n` unconsumed bytes as used.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Drops everything unconsumed.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.start = 0;
+    }
+
+    /// Reads once from `io` into the buffer; `Ok(0)` means the peer closed.
+    pub async fn read_from<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+    ) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt as _;
+        if self.start > 0 && self.data.capacity() - self.data.len() < READ_SIZE / 2 {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        self.data.reserve(READ_SIZE);
+        io.read_buf(&mut self.data).await
+    }
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not HTTP/1.x, or framing that cannot be trusted: 400.
+    Malformed,
+    /// Too big or too many fields: 431.
+    TooLarge,
+    /// A transfer coding other than chunked: 501.
+    UnsupportedCoding,
+}
+
+impl HeadError {
+    /// The status line and reason the client gets.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            HeadError::Malformed => http::StatusCode::BAD_REQUEST,
+            HeadError::TooLarge => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UnsupportedCoding => http::StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+}
+
+/// A parsed request head. Ranges index the buffer it was parsed from.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Length of the head in bytes.
+    pub len: usize,
+    /// The method.
+    pub method: Method,
+    /// The path, without the query.
+    pub path: Range<usize>,
+    /// The query, without the `?`.
+    pub query: Option<Range<usize>>,
+    /// The first `x-api-key` value.
+    pub api_key: Option<Range<usize>>,
+    /// The `Origin` value.
+    pub origin: Option<Range<usize>>,
+    /// How the body is delimited.
+    pub body: BodyLength,
+    /// Whether the client wants the connection kept open afterwards.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+}
+
+/// The byte offset of `part` inside `buf` (`part` must be a subslice of `buf`).
+fn range_in(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn is(name: &str, lower: &str) -> bool {
+    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
+/// `Transfer-Encoding` and `Content-Length` are re-emitted by whoever frames the message.
+fn is_hop_by_hop(name: &str) -> bool {
+    match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "trailer") || is(name, "upgrade"),
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        14 => is(name, "content-length"),
+        16 => is(name, "proxy-connection"),
+        17 => is(name, "transfer-encoding"),
+        18 => is(name, "proxy-authenticate"),
+        19 => is(name, "proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// The header names a `Connection` header lists besides `close` and `keep-alive`, and what it says
+/// about persistence.
+#[derive(Default)]
+struct ConnectionHeader<'b> {
+    close: bool,
+    keep_alive: bool,
+    named: [&'b str; MAX_CONNECTION_NAMES],
+    count: usize,
+}
+
+impl<'b> ConnectionHeader<'b> {
+    fn add(&mut self, value: &'b [u8]) {
+        let Ok(value) = std::str::from_utf8(value) else {
+            return;
+        };
+        for token in value.split(',').map(str::trim) {
+            if is(token, "close") {
+                self.close = true;
+            } else if is(token, "keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() && self.count < MAX_CONNECTION_NAMES {
+                self.named[self.count] = token;
+                self.count += 1;
+            }
+        }
+    }
+
+    fn names(&self, name: &str) -> bool {
+        self.named[..self.count]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// A `Content-Length` value: digits only (RFC 9110 §8.6); a repeated header must agree.
+fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, HeadError> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return Err(HeadError::Malformed);
+    }
+    let n = value
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    match seen {
+        Some(prior) if prior != n => Err(HeadError::Malformed),
+        _ => Ok(n),
+    }
+}
+
+/// Whether a `Transfer-Encoding` value ends in `chunked` (the only coding whose end we can find).
+fn ends_chunked(value: &[u8]) -> bool {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. On success
+/// `forwarded` holds the header lines to send upstream: the client's, minus hop-by-hop ones and
+/// those the `Connection` header names, minus `Host` and `Expect`, plus `X-Forwarded-For` (the
+/// client's chain with `peer_ip` appended), `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn parse_request(
+    buf: &[u8],
+    forwarded: &mut Vec<u8>,
+    peer_ip: &str,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let method = req
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(HeadError::Malformed)?;
+    let target = req.path.ok_or(HeadError::Malformed)?;
+    // Origin form only: a gateway is not a forward proxy.
+    if !target.starts_with('/') {
+        return Err(HeadError::Malformed);
+    }
+    let http10 = req.version == Some(0);
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(range_in(buf, q.as_bytes()))),
+        None => (target, None),
+    };
+
+    let mut conn = ConnectionHeader::default();
+    let mut length = None;
+    let mut chunked = false;
+    let mut api_key = None;
+    let mut origin = None;
+    let mut expect_continue = false;
+    let mut host = None;
+    let mut forwarded_for: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        match name.len() {
+            4 if is(name, "host") => host = host.or(Some(h.value)),
+            6 if is(name, "origin") => origin = origin.or(Some(range_in(buf, h.value))),
+            6 if is(name, "expect") => {
+                expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
+            }
+            9 if is(name, "x-api-key") => api_key = api_key.or(Some(range_in(buf, h.value))),
+            10 if is(name, "connection") => conn.add(h.value),
+            14 if is(name, "content-length") => length = Some(content_length(h.value, length)?),
+            15 if is(name, "x-forwarded-for") => forwarded_for = forwarded_for.or(Some(h.value)),
+            17 if is(name, "transfer-encoding") => {
+                if http10 {
+                    return Err(HeadError::Malformed);
+                }
+                if !ends_chunked(h.value) {
+                    return Err(HeadError::UnsupportedCoding);
+                }
+                chunked = true;
+            }
+            _ => {}
+        }
+    }
+    let body = match (chunked, length) {
+        // Both: a request-smuggling vector (RFC 9112 §6.1); refuse rather than guess.
+        (true, Some(_)) => return Err(HeadError::Malformed),
+        (true, None) => BodyLength::Chunked,
+        (false, Some(0) | None) => BodyLength::Empty,
+        (false, Some(n)) => BodyLength::Length(n),
+    };
+
+    forwarded.clear();
+    for h in req.headers.iter() {
+        let name = h.name;
+        if is_hop_by_hop(name)
+            || is(name, "host")
+            || is(name, "expect")
+            || (name.len() > 11 && name[..11].eq_ignore_ascii_case("x-forwarded"))
+            || conn.names(name)
+        {
+            continue;
+        }
+        header_line(forwarded, name.as_bytes(), h.value);
+    }
+    forwarded.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prior) = forwarded_for {
+        forwarded.extend_from_slice(prior);
+        forwarded.extend_from_slice(b", ");
+    }
+    forwarded.extend_from_slice(peer_ip.as_bytes());
+    forwarded.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = host {
+        header_line(forwarded, b"x-forwarded-host", host);
+    }
+
+    Ok(Some(RequestHead {
+        len,
+        method,
+        path: range_in(buf, path.as_bytes()),
+        query,
+        api_key,
+        origin,
+        body,
+        keep_alive: if http10 {
+            conn.keep_alive && !conn.close
+        } else {
+            !conn.close
+        },
+        expect_continue,
+    }))
+}
+
+/// Appends `name: value\r\n`.
+pub fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Length of the head in bytes.
+    pub len: usize,
+    /// The status code.
+    pub status: u16,
+    /// How the body is delimited.
+    pub body: BodyLength,
+    /// Whether the connection may carry another request.
+    pub reusable: bool,
+}
+
+/// What the upstream's bytes hold so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResponseStart {
+    /// Not a whole head yet.
+    Partial,
+    /// An interim (1xx) response of this many bytes, to skip.
+    Interim(usize),
+    /// A final response head; its client-bound rewrite is in `out`.
+    Final(ResponseHead),
+}
+
+/// Parses the response head at the start of `buf` (the answer to a `method` request) and appends its
+/// rewrite for the client to `out`: the status line as HTTP/1.1, the headers minus hop-by-hop ones
+/// and those in `replaced` (the gateway sets them itself), the framing, and a `Date` if the upstream
+/// sent none. The blank line is left to the caller, which may add headers.
+pub fn parse_response(
+    buf: &[u8],
+    method: &Method,
+    replaced: &HeaderMap,
+    out: &mut Vec<u8>,
+) -> Result<ResponseStart, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(ResponseStart::Partial),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let status = resp.code.ok_or(HeadError::Malformed)?;
+    if (100..200).contains(&status) {
+        // 101 would switch protocols, which the gateway never asks for (Upgrade is not forwarded).
+        return if status == 101 {
+            Err(HeadError::Malformed)
+        } else {
+            Ok(ResponseStart::Interim(len))
+        };
+    }
+    let http10 = resp.version == Some(0);
+    let mut conn = ConnectionHeader::default();
+    let mut length = None;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut has_date = false;
+    for h in resp.headers.iter() {
+        match h.name.len() {
+            4 if is(h.name, "date") => has_date = true,
+            10 if is(h.name, "connection") => conn.add(h.value),
+            14 if is(h.name, "content-length") => length = Some(content_length(h.value, length)?),
+            17 if is(h.name, "transfer-encoding") => {
+                coded = true;
+                chunked = ends_chunked(h.value);
+            }
+            _ => {}
+        }
+    }
+    // RFC 9112 §6.3, in its order.
+    let body = if *method == Method::HEAD || status == 204 || status == 304 {
+        BodyLength::Empty
+    } else if coded {
+        if chunked {
+            BodyLength::Chunked
+        } else {
+            BodyLength::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => BodyLength::Empty,
+            Some(n) => BodyLength::Length(n),
+            None => BodyLength::UntilClose,
+        }
+    };
+    let reusable = body != BodyLength::UntilClose
+        && !conn.close
+        && (!http10 || conn.keep_alive);
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name;
+        if (is_hop_by_hop(name) && !is(name, "content-length"))
+            || conn.names(name)
+            || (!replaced.is_empty() && !is(name, "vary") && replaced.contains_key(name))
+        {
+            continue;
+        }
+        // A coded body's length is the coding's business (RFC 9112 §6.3 rule 3).
+        if coded && is(name, "content-length") {
+            continue;
+        }
+        header_line(out, name.as_bytes(), h.value);
+    }
+    if body == BodyLength::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !has_date {
+        date_header(out);
+    }
+    Ok(ResponseStart::Final(ResponseHead {
+        len,
+        status,
+        body,
+        reusable,
+    }))
+}
+
+/// Appends a response the gateway wrote itself: status line, its headers, `Date`, the length, and
+/// `Connection: close` unless `keep_alive`; then the body (none for a `HEAD` request).
+pub fn encode_response(resp: &Response<Bytes>, head_only: bool, keep_alive: bool, out: &mut Vec<u8>) {
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_header_map(out, resp.headers());
+    date_header(out);
+    let _ = write!(out, "content-length: {}\r\n", resp.body().len());
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(resp.body());
+    }
+}
+
+/// Appends every field of `headers` as header lines.
+pub fn write_header_map(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+/// Appends `date: <IMF-fixdate>\r\n`, formatted at most once a second per thread.
+fn date_header(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [b' '; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                c.1.copy_from_slice(text.as_bytes());
+                c.0 = secs;
+            }
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&c.1);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Where a [`ChunkedReader`] is in the chunked syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Chunked {
+    /// In a chunk-size line's hex digits.
+    #[default]
+    Size,
+    /// After the size: extensions up to the line feed.
+    SizeLine {
+        /// The chunk's size.
+        size: u64,
+    },
+    /// Inside a chunk's data.
+    Data {
+        /// Bytes left in the chunk.
+        left: u64,
+    },
+    /// Expecting the CR LF after a chunk's data.
+    DataEnd {
+        /// Whether the CR was seen.
+        cr: bool,
+    },
+    /// At the start of a trailer line (or the final blank line).
+    TrailerStart,
+    /// Inside a trailer field line.
+    Trailer,
+    /// After the CR of the final blank line.
+    LastLf,
+    /// The body is complete.
+    Done,
+}
+
+/// Finds where a chunked body ends (RFC 9112 §7.1) without decoding it, so it can be relayed as is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkedReader {
+    state: Chunked,
+    size: u64,
+    digits: u8,
+}
+
+impl ChunkedReader {
+    /// Whether the body's end has been seen.
+    pub fn done(&self) -> bool {
+        self.state == Chunked::Done
+    }
+
+    /// Scans `bytes` (the body's next bytes); returns how many belong to the body (fewer than given
+    /// only when the end is inside `bytes`).
+    pub fn scan(&mut self, bytes: &[u8]) -> Result<usize, HeadError> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                Chunked::Size => match (b as char).to_digit(16) {
+                    Some(d) if self.digits < 15 => {
+                        self.size = self.size << 4 | u64::from(d);
+                        self.digits += 1;
+                    }
+                    None if self.digits > 0 && matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t') => {
+                        self.state = Chunked::SizeLine { size: self.size };
+                        continue;
+                    }
+                    _ => return Err(HeadError::Malformed),
+                },
+                Chunked::SizeLine { size } => {
+                    if b == b'\n' {
+                        self.size = 0;
+                        self.digits = 0;
+                        self.state = if size == 0 {
+                            Chunked::TrailerStart
+                        } else {
+                            Chunked::Data { left: size }
+                        };
+                    }
+                }
+                Chunked::Data { left } => {
+                    let take = left.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.state = if take == left {
+                        Chunked::DataEnd { cr: false }
+                    } else {
+                        Chunked::Data { left: left - take }
+                    };
+                    continue;
+                }
+                Chunked::DataEnd { cr } => match b {
+                    b'\r' if !cr => self.state = Chunked::DataEnd { cr: true },
+                    b'\n' => self.state = Chunked::Size,
+                    _ => return Err(HeadError::Malformed),
+                },
+                Chunked::TrailerStart => match b {
+                    b'\r' => self.state = Chunked::LastLf,
+                    b'\n' => {
+                        self.state = Chunked::Done;
+                        return Ok(i + 1);
+                    }
+                    _ => self.state = Chunked::Trailer,
+                },
+                Chunked::Trailer => {
+                    if b == b'\n' {
+                        self.state = Chunked::TrailerStart;
+                    }
+                }
+                Chunked::LastLf => {
+                    if b != b'\n' {
+                        return Err(HeadError::Malformed);
+                    }
+                    self.state = Chunked::Done;
+                    return Ok(i + 1);
+                }
+                Chunked::Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+/// Tracks a body being relayed: how much of the peer's next bytes belong to it.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyProgress {
+    /// Bytes left of a fixed-length body.
+    Length(u64),
+    /// A chunked body.
+    Chunked(ChunkedReader),
+    /// Everything until the peer closes.
+    UntilClose,
+}
+
+impl BodyProgress {
+    /// Progress at the start of a body delimited by `length`.
+    pub fn new(length: BodyLength) -> Self {
+        match length {
+            BodyLength::Empty => BodyProgress::Length(0),
+            BodyLength::Length(n) => BodyProgress::Length(n),
+            BodyLength::Chunked => BodyProgress::Chunked(ChunkedReader::default()),
+            BodyLength::UntilClose => BodyProgress::UntilClose,
+        }
+    }
+
+    /// Whether the body is complete.
+    pub fn done(&self) -> bool {
+        match self {
+            BodyProgress::Length(n) => *n == 0,
+            BodyProgress::Chunked(c) => c.done(),
+            BodyProgress::UntilClose => false,
+        }
+    }
+
+    /// Takes the body's share of `bytes`: how many of them belong to it.
+    pub fn take(&mut self, bytes: &[u8]) -> Result<usize, HeadError> {
+        match self {
+            BodyProgress::Length(n) => {
+                let take = (*n).min(bytes.len() as u64);
+                *n -= take;
+                Ok(take as usize)
+            }
+            BodyProgress::Chunked(c) => c.scan(bytes),
+            BodyProgress::UntilClose => Ok(bytes.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
+        let mut fwd = Vec::new();
+        let r = parse_request(raw, &mut fwd, "127.0.0.1");
+        (r, String::from_utf8(fwd).unwrap())
+    }
+
+    #[test]
+    fn request_head_rewrite() {
+        let raw = b"POST /prod/a?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+            x-api-key: k1\r\nX-Forwarded-For: 10.0.0.1\r\nContent-Length: 3\r\nTE: trailers\r\n\
+            Expect: 100-continue\r\nAccept: */*\r\n\r\nabc";
+        let (head, fwd) = req(raw);
+        let head = head.unwrap().unwrap();
+        assert_eq!(&raw[head.path.clone()], b"/prod/a");
+        assert_eq!(&raw[head.query.clone().unwrap()], b"x=1");
+        assert_eq!(&raw[head.api_key.clone().unwrap()], b"k1");
+        assert_eq!(head.body, BodyLength::Length(3));
+        assert!(head.keep_alive && head.expect_continue);
+        assert_eq!(&raw[head.len..], b"abc");
+        assert_eq!(
+            fwd,
+            "x-api-key: k1\r\nAccept: */*\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: gw\r\n"
+        );
+    }
+
+    #[test]
+    fn request_framing_rules() {
+        let cases: [(&[u8], Result<Option<BodyLength>, HeadError>); 9] = [
+            (b"GET / HTTP/1.1\r\n\r\n", Ok(Some(BodyLength::Empty))),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n", Ok(None)),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Ok(Some(BodyLength::Chunked))),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", Err(HeadError::UnsupportedCoding)),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", Err(HeadError::Malformed)),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", Err(HeadError::Malformed)),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err(HeadError::Malformed)),
+            (b"GET http://x/ HTTP/1.1\r\n\r\n", Err(HeadError::Malformed)),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err(HeadError::Malformed)),
+        ];
+        for (raw, want) in cases {
+            let got = req(raw).0.map(|h| h.map(|h| h.body));
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(raw));
+        }
+        let (h, _) = req(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!h.unwrap().unwrap().keep_alive);
+        let (h, _) = req(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(h.unwrap().unwrap().keep_alive);
+        let (h, _) = req(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!h.unwrap().unwrap().keep_alive);
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(200));
+        assert_eq!(req(many.as_bytes()).0.unwrap_err(), HeadError::TooLarge);
+        let huge = format!("GET / HTTP/1.1\r\na: {}", "b".repeat(MAX_HEAD));
+        assert_eq!(req(huge.as_bytes()).0.unwrap_err(), HeadError::TooLarge);
+    }
+
+    fn resp(raw: &[u8], method: Method) -> (Result<ResponseStart, HeadError>, String) {
+        let mut out = Vec::new();
+        let r = parse_response(raw, &method, &HeaderMap::new(), &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_head_rewrite_and_framing() {
+        let (r, out) = resp(
+            b"HTTP/1.1 200 OK\r\nDate: d\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 2\r\nX-Up: yes\r\n\r\nok",
+            Method::GET,
+        );
+        assert_eq!(
+            r.unwrap(),
+            ResponseStart::Final(ResponseHead { len: 110, status: 200, body: BodyLength::Length(2), reusable: true })
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 2\r\nX-Up: yes\r\n");
+
+        let body = |raw: &[u8], m| match resp(raw, m).0.unwrap() {
+            ResponseStart::Final(h) => (h.body, h.reusable),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(body(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", Method::HEAD), (BodyLength::Empty, true));
+        assert_eq!(body(b"HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET), (BodyLength::Empty, true));
+        assert_eq!(body(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET), (BodyLength::UntilClose, false));
+        assert_eq!(
+            body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", Method::GET),
+            (BodyLength::Chunked, true)
+        );
+        assert_eq!(body(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET), (BodyLength::Length(1), false));
+        assert_eq!(body(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", Method::GET), (BodyLength::Length(1), false));
+        assert_eq!(resp(b"HTTP/1.1 100 Continue\r\n\r\n", Method::GET).0.unwrap(), ResponseStart::Interim(25));
+        assert!(resp(b"HTTP/1.1 101 Switching\r\n\r\n", Method::GET).0.is_err());
+        // Chunked replaces the upstream's length; a Date is added when missing.
+        let (_, out) = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::GET);
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: "), "{out}");
+    }
+
+    #[test]
+    fn chunked_end_is_found_across_splits() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..body.len() {
+            let mut r = ChunkedReader::default();
+            let a = r.scan(&body[..split]).unwrap();
+            assert_eq!(a, split.min(end));
+            if a < split {
+                continue;
+            }
+            let b = r.scan(&body[split..]).unwrap();
+            assert_eq!(a + b, end, "split at {split}");
+            assert!(r.done());
+        }
+        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"\r\n", b"fffffffffffffffff\r\n"] {
+            assert!(ChunkedReader::default().scan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn gateway_responses_encode_with_length_and_date() {
+        let mut r = Response::new(Bytes::from_static(b"{}"));
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+        r.headers_mut().insert("x-amzn-errortype", "ForbiddenException".parse().unwrap());
+        let mut out = Vec::new();
+        encode_response(&r, false, false, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\ndate: "));
+        assert!(text.ends_with(" GMT\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"), "{text}");
+    }
+}
