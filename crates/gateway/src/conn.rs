@@ -164,7 +164,11 @@ impl Conn<'_> {
                     response::add_cors_headers(resp.headers_mut(), cors, origin.as_ref());
                 }
                 let keep_alive = self.skip_body(&head) && keep_alive;
-                (self.reply(&resp, head_only, keep_alive).await, None, keep_alive)
+                (
+                    self.reply(&resp, head_only, keep_alive).await,
+                    None,
+                    keep_alive,
+                )
             }
             Ok((admission, rest_start)) => {
                 let mut extra = HeaderMap::new();
@@ -194,8 +198,7 @@ impl Conn<'_> {
                             BodyLength::Empty | BodyLength::UntilClose => {}
                         }
                         to_upstream.extend_from_slice(b"\r\n");
-                        self.forward(&head, url, *timeout, &extra, keep_alive)
-                            .await
+                        self.forward(&head, url, *timeout, &extra, keep_alive).await
                     }
                     Integration::Mock {
                         status,
@@ -273,7 +276,12 @@ impl Conn<'_> {
                 self.to_upstream.extend_from_slice(&self.inbuf.bytes()[..n]);
                 self.inbuf.consume(n);
             }
-            Err(_) => return (self.reply_status(HeadError::Malformed.status()).await, false),
+            Err(_) => {
+                return (
+                    self.reply_status(HeadError::Malformed.status()).await,
+                    false,
+                );
+            }
         }
         let deadline = Instant::now() + timeout;
         let sent = tokio::time::timeout_at(
@@ -477,14 +485,26 @@ mod tests {
         let mut out = Vec::new();
         let head = |out: &mut Vec<u8>, url: &str, rest: &str, q: Option<&str>| {
             let url: Uri = url.parse().unwrap();
-            upstream_head(out, &Method::GET, &url, rest.as_bytes(), q.map(str::as_bytes));
+            upstream_head(
+                out,
+                &Method::GET,
+                &url,
+                rest.as_bytes(),
+                q.map(str::as_bytes),
+            );
             String::from_utf8(out.clone()).unwrap()
         };
         assert_eq!(
             head(&mut out, "http://127.0.0.1:9000", "/a/b", Some("x=1")),
             "GET /a/b?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"
         );
-        assert_eq!(head(&mut out, "http://h:1/api/", "/a", None), "GET /api/a HTTP/1.1\r\nhost: h:1\r\n");
-        assert_eq!(head(&mut out, "http://h:1/api/", "", None), "GET /api/ HTTP/1.1\r\nhost: h:1\r\n");
+        assert_eq!(
+            head(&mut out, "http://h:1/api/", "/a", None),
+            "GET /api/a HTTP/1.1\r\nhost: h:1\r\n"
+        );
+        assert_eq!(
+            head(&mut out, "http://h:1/api/", "", None),
+            "GET /api/ HTTP/1.1\r\nhost: h:1\r\n"
+        );
     }
 }

@@ -198,9 +198,7 @@ fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, HeadError> {
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return Err(HeadError::Malformed);
     }
-    let n = value
-        .iter()
-        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     match seen {
         Some(prior) if prior != n => Err(HeadError::Malformed),
         _ => Ok(n),
@@ -425,9 +423,7 @@ pub fn parse_response(
             None => BodyLength::UntilClose,
         }
     };
-    let reusable = body != BodyLength::UntilClose
-        && !conn.close
-        && (!http10 || conn.keep_alive);
+    let reusable = body != BodyLength::UntilClose && !conn.close && (!http10 || conn.keep_alive);
 
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -464,7 +460,12 @@ pub fn parse_response(
 
 /// Appends a response the gateway wrote itself: status line, its headers, `Date`, the length, and
 /// `Connection: close` unless `keep_alive`; then the body (none for a `HEAD` request).
-pub fn encode_response(resp: &Response<Bytes>, head_only: bool, keep_alive: bool, out: &mut Vec<u8>) {
+pub fn encode_response(
+    resp: &Response<Bytes>,
+    head_only: bool,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) {
     let status = resp.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -706,16 +707,35 @@ mod tests {
 
     #[test]
     fn request_framing_rules() {
-        let cases: [(&[u8], Result<Option<BodyLength>, HeadError>); 9] = [
+        type Want = Result<Option<BodyLength>, HeadError>;
+        let cases: [(&[u8], Want); 9] = [
             (b"GET / HTTP/1.1\r\n\r\n", Ok(Some(BodyLength::Empty))),
             (b"GET / HTTP/1.1\r\nHost: x\r\n", Ok(None)),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Ok(Some(BodyLength::Chunked))),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", Err(HeadError::UnsupportedCoding)),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", Err(HeadError::Malformed)),
-            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", Err(HeadError::Malformed)),
-            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err(HeadError::Malformed)),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Ok(Some(BodyLength::Chunked)),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Err(HeadError::UnsupportedCoding),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                Err(HeadError::Malformed),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                Err(HeadError::Malformed),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                Err(HeadError::Malformed),
+            ),
             (b"GET http://x/ HTTP/1.1\r\n\r\n", Err(HeadError::Malformed)),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err(HeadError::Malformed)),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(HeadError::Malformed),
+            ),
         ];
         for (raw, want) in cases {
             let got = req(raw).0.map(|h| h.map(|h| h.body));
@@ -748,28 +768,75 @@ mod tests {
         );
         assert_eq!(
             r.unwrap(),
-            ResponseStart::Final(ResponseHead { len: 110, status: 200, body: BodyLength::Length(2), reusable: true })
+            ResponseStart::Final(ResponseHead {
+                len: 110,
+                status: 200,
+                body: BodyLength::Length(2),
+                reusable: true
+            })
         );
-        assert_eq!(out, "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 2\r\nX-Up: yes\r\n");
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 2\r\nX-Up: yes\r\n"
+        );
 
         let body = |raw: &[u8], m| match resp(raw, m).0.unwrap() {
             ResponseStart::Final(h) => (h.body, h.reusable),
             other => panic!("{other:?}"),
         };
-        assert_eq!(body(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", Method::HEAD), (BodyLength::Empty, true));
-        assert_eq!(body(b"HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET), (BodyLength::Empty, true));
-        assert_eq!(body(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET), (BodyLength::UntilClose, false));
         assert_eq!(
-            body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", Method::GET),
+            body(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+                Method::HEAD
+            ),
+            (BodyLength::Empty, true)
+        );
+        assert_eq!(
+            body(b"HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET),
+            (BodyLength::Empty, true)
+        );
+        assert_eq!(
+            body(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET),
+            (BodyLength::UntilClose, false)
+        );
+        assert_eq!(
+            body(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                Method::GET
+            ),
             (BodyLength::Chunked, true)
         );
-        assert_eq!(body(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET), (BodyLength::Length(1), false));
-        assert_eq!(body(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", Method::GET), (BodyLength::Length(1), false));
-        assert_eq!(resp(b"HTTP/1.1 100 Continue\r\n\r\n", Method::GET).0.unwrap(), ResponseStart::Interim(25));
-        assert!(resp(b"HTTP/1.1 101 Switching\r\n\r\n", Method::GET).0.is_err());
+        assert_eq!(
+            body(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET),
+            (BodyLength::Length(1), false)
+        );
+        assert_eq!(
+            body(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                Method::GET
+            ),
+            (BodyLength::Length(1), false)
+        );
+        assert_eq!(
+            resp(b"HTTP/1.1 100 Continue\r\n\r\n", Method::GET)
+                .0
+                .unwrap(),
+            ResponseStart::Interim(25)
+        );
+        assert!(
+            resp(b"HTTP/1.1 101 Switching\r\n\r\n", Method::GET)
+                .0
+                .is_err()
+        );
         // Chunked replaces the upstream's length; a Date is added when missing.
-        let (_, out) = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::GET);
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: "), "{out}");
+        let (_, out) = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::GET,
+        );
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: "),
+            "{out}"
+        );
     }
 
     #[test]
@@ -787,7 +854,12 @@ mod tests {
             assert_eq!(a + b, end, "split at {split}");
             assert!(r.done());
         }
-        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"\r\n", b"fffffffffffffffff\r\n"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
             assert!(ChunkedReader::default().scan(bad).is_err(), "{bad:?}");
         }
     }
@@ -796,11 +868,17 @@ mod tests {
     fn gateway_responses_encode_with_length_and_date() {
         let mut r = Response::new(Bytes::from_static(b"{}"));
         *r.status_mut() = http::StatusCode::FORBIDDEN;
-        r.headers_mut().insert("x-amzn-errortype", "ForbiddenException".parse().unwrap());
+        r.headers_mut()
+            .insert("x-amzn-errortype", "ForbiddenException".parse().unwrap());
         let mut out = Vec::new();
         encode_response(&r, false, false, &mut out);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\ndate: "));
-        assert!(text.ends_with(" GMT\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"), "{text}");
+        assert!(text.starts_with(
+            "HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\ndate: "
+        ));
+        assert!(
+            text.ends_with(" GMT\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"),
+            "{text}"
+        );
     }
 }

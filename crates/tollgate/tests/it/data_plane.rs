@@ -265,3 +265,92 @@ async fn key_values_never_reach_the_logs() {
         "a presented key value was logged"
     );
 }
+
+/// Writes `bytes` on one connection and reads until the gateway closes it.
+fn exchange_raw(addr: std::net::SocketAddr, steps: &[&[u8]]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        s.write_all(step).unwrap();
+        if i + 1 < steps.len() {
+            // Wait for the interim answer before the next step (Expect: 100-continue).
+            let mut chunk = [0u8; 256];
+            let n = s.read(&mut chunk).unwrap();
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+    s.read_to_end(&mut got).unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn wire_framing_pipelining_chunked_and_expect_continue() {
+    let (_dir, gw, _up) = start().await;
+    let addr = gw.addr;
+    let key = format!("x-api-key: {KEY}\r\n");
+    tokio::task::spawn_blocking(move || {
+        // Two requests in one write, then a chunked upload echoed back; the last one closes.
+        let pipelined = format!(
+            "GET /prod/echo/one HTTP/1.1\r\nHost: x\r\n{key}\r\n\
+             GET /prod/unknown HTTP/1.1\r\nHost: x\r\n\r\n\
+             POST /prod/echo/body HTTP/1.1\r\nHost: x\r\n{key}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        );
+        let out = exchange_raw(addr, &[pipelined.as_bytes()]);
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 3, "{out}");
+        let first = out.find("\"uri\":\"/echo/one\"").expect(&out);
+        let second = out.find("HTTP/1.1 403 Forbidden").expect(&out);
+        // The upstream streams the echo back chunked as it came; the chunks pass through as they are.
+        let third = out.find("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").expect(&out);
+        assert!(first < second && second < third, "answers out of order: {out}");
+
+        // Expect: 100-continue gets the interim answer before the body is sent.
+        let head = format!(
+            "PUT /prod/echo/body HTTP/1.1\r\nHost: x\r\n{key}Content-Length: 5\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        );
+        let out = exchange_raw(addr, &[head.as_bytes(), b"abcde"]);
+        assert!(out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("abcde"), "{out}");
+
+        // Refused with a body still to come: the answer, then the connection closes.
+        let out = exchange_raw(
+            addr,
+            &[b"POST /prod/echo/body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial"],
+        );
+        assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out}");
+        assert!(out.contains("connection: close\r\n"), "{out}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_the_upstream_closed_is_replaced() {
+    // An upstream that answers once per connection and then closes it without saying so, like a
+    // server whose idle timeout fired between two requests.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(dir.path(), &util::config(&format!("http://{up}"), ""));
+    let gw = Gateway::start(dir.path(), &[]);
+    let c = client();
+    for i in 0..3 {
+        let r = c.get(&gw.url("/prod/public"), None).await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "request {i}");
+        // Let the close reach the gateway's idle upstream connection.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
