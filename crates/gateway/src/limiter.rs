@@ -10,6 +10,7 @@ use std::time::Duration;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
+use tokio::sync::{mpsc, oneshot};
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::redis::keys;
@@ -29,58 +30,168 @@ pub enum OnStoreFailure {
     Deny,
 }
 
-/// Shared by both scripts: the period's count rebuilt from the per-day usage (KEYS[3]) and quota
-/// adjustments (KEYS[4]) when the live count (KEYS[2]) is for another period or missing, e.g. right
-/// after `tollgate migrate`.
+/// Shared by both scripts: a period's count rebuilt from the per-day usage and quota adjustments
+/// hashes, for when the live count is for another period or missing, e.g. right after
+/// `tollgate migrate`.
 const COUNTED: &str = r"
-local function counted(ws, day)
+local function counted(usage, adjustments, ws, day)
   local n = 0
   for d = ws, day do
-    n = n + (tonumber(redis.call('HGET', KEYS[3], d)) or 0) + (tonumber(redis.call('HGET', KEYS[4], d)) or 0)
+    n = n + (tonumber(redis.call('HGET', usage, d)) or 0) + (tonumber(redis.call('HGET', adjustments, d)) or 0)
   end
   return n
 end
 ";
 
+/// Decides a batch of requests, four keys and seven arguments each, on one reading of Redis's clock;
+/// answers one `{status, a, b, c}` per request, in order.
 const LIMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local day = math.floor(tonumber(t[1]) / 86400)
-local interval, tolerance = tonumber(ARGV[2]), tonumber(ARGV[3])
-local limit, ws, we = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if ARGV[4] == '1' and (day < ws or day >= we) then return {3, day, 0, 0} end
-local tokens, ahead = -1, 0
-if ARGV[1] == '1' then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  ahead = new_tat - now
-  if ahead > tolerance then return {1, string.format('%.0f', ahead - tolerance), 0, 0} end
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
-  tokens = math.floor((tolerance - ahead) / interval)
+local function decide(K, A)
+  local interval, tolerance = tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+  local has_quota = ARGV[A + 4] == '1'
+  local limit, ws, we = tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
+  if has_quota and (day < ws or day >= we) then return {3, day, 0, 0} end
+  local tokens, ahead = -1, 0
+  if ARGV[A + 1] == '1' then
+    local tat = tonumber(redis.call('GET', KEYS[K + 1]) or '0')
+    if tat < now then tat = now end
+    local new_tat = tat + interval
+    ahead = new_tat - now
+    if ahead > tolerance then return {1, string.format('%.0f', ahead - tolerance), 0, 0} end
+    redis.call('SET', KEYS[K + 1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
+    tokens = math.floor((tolerance - ahead) / interval)
+  end
+  local remaining = -1
+  if has_quota then
+    local q = redis.call('HMGET', KEYS[K + 2], 's', 'u')
+    local used, fresh = 0, tonumber(q[1]) ~= ws
+    if fresh then used = counted(KEYS[K + 3], KEYS[K + 4], ws, day) else used = tonumber(q[2]) or 0 end
+    if used >= limit then return {2, we, tokens, string.format('%.0f', ahead)} end
+    redis.call('HSET', KEYS[K + 2], 's', ws, 'u', used + 1)
+    -- The count outlives its period by two days; set once per period, not per request.
+    if fresh then redis.call('EXPIREAT', KEYS[K + 2], (we + 2) * 86400) end
+    remaining = limit - used - 1
+  end
+  redis.call('HINCRBY', KEYS[K + 3], day, 1)
+  return {0, tokens, remaining, string.format('%.0f', ahead)}
 end
-local remaining = -1
-if ARGV[4] == '1' then
-  local q = redis.call('HMGET', KEYS[2], 's', 'u')
-  local used = 0
-  if tonumber(q[1]) == ws then used = tonumber(q[2]) or 0 else used = counted(ws, day) end
-  if used >= limit then return {2, we, tokens, string.format('%.0f', ahead)} end
-  redis.call('HSET', KEYS[2], 's', ws, 'u', used + 1)
-  redis.call('EXPIREAT', KEYS[2], (we + 2) * 86400)
-  remaining = limit - used - 1
-end
-redis.call('HINCRBY', KEYS[3], day, 1)
-return {0, tokens, remaining, string.format('%.0f', ahead)}
+local out = {}
+for i = 0, #KEYS / 4 - 1 do out[i + 1] = decide(i * 4, i * 7) end
+return out
 ";
 
 const SET_REMAINING: &str = r"
 local q = redis.call('HMGET', KEYS[2], 's', 'u')
 local used = 0
-if tonumber(q[1]) == tonumber(ARGV[1]) then used = tonumber(q[2]) or 0 else used = counted(tonumber(ARGV[1]), tonumber(ARGV[4])) end
+if tonumber(q[1]) == tonumber(ARGV[1]) then used = tonumber(q[2]) or 0 else used = counted(KEYS[3], KEYS[4], tonumber(ARGV[1]), tonumber(ARGV[4])) end
 redis.call('HSET', KEYS[2], 's', ARGV[1], 'u', ARGV[2])
 redis.call('EXPIREAT', KEYS[2], (tonumber(ARGV[3]) + 2) * 86400)
 return tonumber(ARGV[2]) - used
 ";
+
+/// The most requests one script call decides.
+const MAX_BATCH: usize = 256;
+
+/// The script's answer for one request: status, then three status-dependent values.
+type Verdict = (i64, String, i64, String);
+
+/// One request waiting for the batcher: the script's four keys and seven arguments.
+struct Job {
+    keys: [String; 4],
+    args: [u64; 7],
+    reply: oneshot::Sender<Result<Verdict, LimiterError>>,
+}
+
+/// Sends queued requests to Redis, many per script call: while one call is in flight the next
+/// requests queue, so under load a round trip and a script run are shared by everything that arrived
+/// meanwhile, and when idle a request goes alone at once. Redis Cluster runs a script on one slot, so
+/// there a call carries one API key's requests (its keys share the key's hash tag).
+async fn batcher(conn: Conn, script: Script, timeout: Duration, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match &conn {
+            Conn::Single(_) => run_batch(&conn, &script, timeout, &mut batch).await,
+            Conn::Cluster(_) => {
+                batch.sort_by(|a, b| hash_tag(&a.keys[0]).cmp(hash_tag(&b.keys[0])));
+                let mut groups = Vec::new();
+                while let Some(last) = batch.last() {
+                    let tag = hash_tag(&last.keys[0]).to_owned();
+                    let at = batch.partition_point(|j| hash_tag(&j.keys[0]) < tag.as_str());
+                    groups.push(batch.split_off(at));
+                }
+                futures_util::future::join_all(
+                    groups
+                        .iter_mut()
+                        .map(|group| run_batch(&conn, &script, timeout, group)),
+                )
+                .await;
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// The `{…}` part of a Redis key: what Redis Cluster hashes.
+fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or(key, |(tag, _)| tag)
+}
+
+/// One script call for `batch`; every job gets its verdict or the call's error.
+async fn run_batch(conn: &Conn, script: &Script, timeout: Duration, batch: &mut Vec<Job>) {
+    let mut invocation = script.prepare_invoke();
+    for job in batch.iter() {
+        for key in &job.keys {
+            invocation.key(key);
+        }
+        for arg in job.args {
+            invocation.arg(arg);
+        }
+    }
+    let answer: Result<Vec<Verdict>, LimiterError> = run(conn, timeout, &invocation).await;
+    match answer {
+        Ok(verdicts) if verdicts.len() == batch.len() => {
+            for (job, verdict) in batch.drain(..).zip(verdicts) {
+                let _ = job.reply.send(Ok(verdict));
+            }
+        }
+        Ok(verdicts) => {
+            let err = format!("{} answers for {} requests", verdicts.len(), batch.len());
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(LimiterError::Redis(err.clone())));
+            }
+        }
+        Err(LimiterError::Redis(err)) => {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(LimiterError::Redis(err.clone())));
+            }
+        }
+    }
+}
+
+/// Runs a script invocation, bounded by `timeout`.
+async fn run<T: redis::FromRedisValue>(
+    conn: &Conn,
+    timeout: Duration,
+    invocation: &redis::ScriptInvocation<'_>,
+) -> Result<T, LimiterError> {
+    let mut conn = conn.clone();
+    let call = async move {
+        match &mut conn {
+            Conn::Single(c) => invocation.invoke_async(c).await,
+            Conn::Cluster(c) => invocation.invoke_async(c).await,
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(LimiterError::Redis(e.to_string())),
+        Err(_) => Err(LimiterError::Redis(format!("no answer within {timeout:?}"))),
+    }
+}
 
 #[derive(Clone)]
 enum Conn {
@@ -99,7 +210,8 @@ pub enum LimiterError {
 /// The Redis limiter of one instance.
 pub struct RedisLimiter {
     conn: Conn,
-    limit: Script,
+    /// Requests for the batcher task.
+    jobs: mpsc::Sender<Job>,
     set_remaining: Script,
     timeout: Duration,
     /// What happens while Redis is unavailable.
@@ -142,9 +254,16 @@ impl RedisLimiter {
             // Lazy: an instance may start while Redis is down and serve in its fallback mode.
             Conn::Single(client.get_connection_manager_lazy(config).map_err(err)?)
         };
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(batcher(
+            conn.clone(),
+            Script::new(&format!("{COUNTED}{LIMIT}")),
+            timeout,
+            queue,
+        ));
         Ok(Self {
             conn,
-            limit: Script::new(&format!("{COUNTED}{LIMIT}")),
+            jobs,
             set_remaining: Script::new(&format!("{COUNTED}{SET_REMAINING}")),
             timeout,
             on_failure,
@@ -170,27 +289,6 @@ impl RedisLimiter {
             } else {
                 tracing::error!(error = %why, mode = ?self.on_failure, "redis is unavailable; serving with onStoreFailure");
             }
-        }
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, LimiterError> {
-        let mut conn = self.conn.clone();
-        let call = async move {
-            match &mut conn {
-                Conn::Single(c) => invocation.invoke_async(c).await,
-                Conn::Cluster(c) => invocation.invoke_async(c).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(LimiterError::Redis(e.to_string())),
-            Err(_) => Err(LimiterError::Redis(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
         }
     }
 
@@ -253,20 +351,28 @@ impl RedisLimiter {
         });
         let quota = grant.quota();
         let window = quota.map(|q| QuotaWindow::containing(q.settings(), day));
-        let mut invocation = self.limit.prepare_invoke();
-        invocation
-            .key(bucket_key)
-            .key(keys::quota(key_id, plan_id))
-            .key(keys::usage(key_id, plan_id))
-            .key(keys::adjustments(key_id, plan_id))
-            .arg(u8::from(bucket.is_some()))
-            .arg(interval_us)
-            .arg(tolerance_us)
-            .arg(u8::from(quota.is_some()))
-            .arg(quota.map_or(0, |q| q.settings().limit))
-            .arg(window.map_or(0, |w| w.start.0))
-            .arg(window.map_or(0, |w| w.end.0));
-        let (status, a, b, c): (i64, String, i64, String) = self.run(&invocation).await?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            keys: [
+                bucket_key,
+                keys::quota(key_id, plan_id),
+                keys::usage(key_id, plan_id),
+                keys::adjustments(key_id, plan_id),
+            ],
+            args: [
+                u64::from(bucket.is_some()),
+                interval_us,
+                tolerance_us,
+                u64::from(quota.is_some()),
+                quota.map_or(0, |q| u64::from(q.settings().limit)),
+                window.map_or(0, |w| u64::from(w.start.0)),
+                window.map_or(0, |w| u64::from(w.end.0)),
+            ],
+            reply,
+        };
+        let gone = || LimiterError::Redis("the limiter's batcher stopped".into());
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        let (status, a, b, c) = answer.await.map_err(|_| gone())??;
         let num = |s: &str| s.parse::<f64>().unwrap_or(0.0).max(0.0) as u64;
         let throttle_info = |remaining: u64, ahead_us: u64| {
             bucket.map(|g| BucketInfo {
@@ -346,7 +452,9 @@ impl RedisLimiter {
             .arg(used)
             .arg(window.end.0)
             .arg(today.0);
-        self.run::<i64>(&invocation).await.map(Some)
+        run::<i64>(&self.conn, self.timeout, &invocation)
+            .await
+            .map(Some)
     }
 }
 
@@ -514,5 +622,70 @@ mod tests {
         );
         assert_eq!(admitted(&limiter, &snap, 8).await, 2);
         assert!(!limiter.degraded());
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_script_calls_and_stay_exact() {
+        let redis = RedisServer::start();
+        let limiter = RedisLimiter::connect(
+            &[redis.url()],
+            false,
+            Duration::from_secs(2),
+            OnStoreFailure::Deny,
+        )
+        .await
+        .unwrap();
+        let quota = QuotaSettings {
+            limit: 100,
+            offset: 0,
+            period: Period::Day,
+        };
+        let snap = snapshot(
+            ThrottleSettings {
+                rate_limit: 1e6,
+                burst_limit: 100_000,
+            },
+            Some(quota),
+        );
+        let m = snap.route(&Method::GET, "/s/x").unwrap();
+        let grant = &snap.grants()[0];
+        let now = tollgate_core::Clock::now(&tollgate_core::SystemClock);
+        let decisions =
+            futures_util::future::join_all((0..300).map(|_| limiter.decide(grant, &m, "", now)))
+                .await;
+        let admitted = decisions.iter().filter(|d| matches!(d, Ok(Ok(_)))).count();
+        assert_eq!(admitted, 100, "the quota holds under concurrency");
+        assert!(decisions.iter().all(Result::is_ok), "no call failed");
+
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let used: u64 = redis::cmd("HGET")
+            .arg(keys::usage("k", "p"))
+            .arg(EpochDay::from_nanos(now).0)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(used, 100, "every admitted request is metered once");
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        let calls: u64 = stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            (1..=10).contains(&calls),
+            "300 requests took {calls} script calls"
+        );
     }
 }
