@@ -9,7 +9,7 @@ use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    DeclaredKey, DeclaredPlan, QuotaAdjustment, Store, StoreError, UsageDelta, UsageRow,
+    DeclaredKey, DeclaredPlan, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow,
     apply_declared,
 };
 
@@ -22,6 +22,7 @@ pub fn run_all(store: &dyn Store) {
     deletes_take_memberships_along(store);
     quota_adjustments_accumulate(store);
     declared_state_is_applied_by_name(store);
+    bulk_writes_match_single_writes(store);
 }
 
 fn plan(id: &str) -> UsagePlan {
@@ -82,6 +83,45 @@ pub fn records_roundtrip(store: &dyn Store) {
     let loaded = store.load().unwrap();
     assert!(loaded.keys.contains(&changed));
     assert!(!loaded.keys.contains(&k));
+}
+
+/// `put_records` (pages of many records per round trip where the backend batches) stores exactly
+/// what one-at-a-time writes would, and still refuses a value another key holds.
+pub fn bulk_writes_match_single_writes(store: &dyn Store) {
+    let p = plan("bulk01");
+    let keys: Vec<ApiKey> = (0..2500)
+        .map(|i| {
+            key(
+                &format!("bulk{i:06}"),
+                &format!("bulk-value-{i:06}-0123456789"),
+            )
+        })
+        .collect();
+    let bindings: Vec<(String, String)> =
+        keys.iter().map(|k| (p.id.clone(), k.id.clone())).collect();
+    let records = Records {
+        plans: vec![p.clone()],
+        keys: keys.clone(),
+        bindings: bindings.clone(),
+    };
+    store.put_records(&records).unwrap();
+    let loaded = store.load().unwrap();
+    assert!(loaded.plans.contains(&p));
+    for k in &keys {
+        assert!(loaded.keys.contains(k), "{} missing", k.id);
+    }
+    for b in &bindings {
+        assert!(loaded.bindings.contains(b), "{b:?} missing");
+    }
+    let clash = Records {
+        plans: vec![],
+        keys: vec![key("bulkclash1", "bulk-value-000007-0123456789")],
+        bindings: vec![],
+    };
+    assert!(matches!(
+        store.put_records(&clash),
+        Err(StoreError::DuplicateKeyValue)
+    ));
 }
 
 pub fn duplicate_values_conflict(store: &dyn Store) {

@@ -86,6 +86,20 @@ pub enum StoreError {
     },
 }
 
+/// Writes `records` one write at a time.
+fn put_each(store: &(impl Store + ?Sized), records: &Records) -> Result<(), StoreError> {
+    for plan in &records.plans {
+        store.put_plan(plan)?;
+    }
+    for key in &records.keys {
+        store.put_key(key)?;
+    }
+    for (plan, key) in &records.bindings {
+        store.bind(plan, key)?;
+    }
+    Ok(())
+}
+
 /// Persistent records and usage. Methods block (they do I/O); async callers run them on a blocking
 /// thread, never on the request path.
 pub trait Store: Send + Sync {
@@ -104,6 +118,11 @@ pub trait Store: Send + Sync {
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
     /// Removes a key from a plan (idempotent).
     fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
+    /// Writes every plan, key and binding of `records` (what `tollgate migrate` copies); a backend
+    /// with round trips batches them.
+    fn put_records(&self, records: &Records) -> Result<(), StoreError> {
+        put_each(self, records)
+    }
     /// Adds counted requests, all in one transaction.
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, key) on `day`: what AWS UpdateUsage

@@ -162,6 +162,55 @@ redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
 return 1
 ";
 
+/// Records per pipelined round trip in a bulk write.
+const PIPELINE_PAGE: usize = 1000;
+
+/// The `PUT_KEY` call that stores `key` (its value's hash, never the value).
+fn put_key_call<'s>(
+    script: &'s Script,
+    key: &ApiKey,
+) -> Result<redis::ScriptInvocation<'s>, StoreError> {
+    let stored = StoredKey {
+        id: key.id.clone(),
+        name: key.name.clone(),
+        description: key.description.clone(),
+        customer_id: key.customer_id.clone(),
+        enabled: key.enabled,
+        value_sha256: hex(&key.value_hash.0),
+        created_date: key.created_date,
+        last_updated_date: key.last_updated_date,
+        sealed_value: key.sealed_value.as_deref().map(hex),
+    };
+    let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let mut call = script.prepare_invoke();
+    call.key(keys::KEYS)
+        .key(keys::VALUES)
+        .key(keys::VERSION)
+        .arg(&key.id)
+        .arg(&stored.value_sha256)
+        .arg(body);
+    Ok(call)
+}
+
+/// The `BIND` call that adds (`member`) or removes a membership.
+fn binding_call<'s>(
+    script: &'s Script,
+    plan_id: &str,
+    key_id: &str,
+    member: bool,
+) -> redis::ScriptInvocation<'s> {
+    let mut call = script.prepare_invoke();
+    call.key(keys::BINDINGS)
+        .key(keys::VERSION)
+        .key(keys::usage_index(plan_id))
+        .key(keys::key_plans(key_id))
+        .key(keys::plan_keys(plan_id))
+        .arg(if member { "1" } else { "0" })
+        .arg(plan_id)
+        .arg(key_id);
+    call
+}
+
 /// Fields per SCAN page when loading records.
 const SCAN_PAGE: u32 = 10_000;
 
@@ -332,18 +381,8 @@ impl RedisStore {
     }
 
     fn set_binding(&self, plan_id: &str, key_id: &str, member: bool) -> Result<(), StoreError> {
-        self.with(|c| {
-            Script::new(BIND)
-                .key(keys::BINDINGS)
-                .key(keys::VERSION)
-                .key(keys::usage_index(plan_id))
-                .key(keys::key_plans(key_id))
-                .key(keys::plan_keys(plan_id))
-                .arg(if member { "1" } else { "0" })
-                .arg(plan_id)
-                .arg(key_id)
-                .invoke::<i64>(c)
-        })?;
+        let script = Script::new(BIND);
+        self.with(|c| binding_call(&script, plan_id, key_id, member).invoke::<i64>(c))?;
         Ok(())
     }
 
@@ -440,31 +479,51 @@ impl Store for RedisStore {
     }
 
     fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
-        let stored = StoredKey {
-            id: key.id.clone(),
-            name: key.name.clone(),
-            description: key.description.clone(),
-            customer_id: key.customer_id.clone(),
-            enabled: key.enabled,
-            value_sha256: hex(&key.value_hash.0),
-            created_date: key.created_date,
-            last_updated_date: key.last_updated_date,
-            sealed_value: key.sealed_value.as_deref().map(hex),
-        };
-        let body =
-            serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let done: i64 = self.with(|c| {
-            Script::new(PUT_KEY)
-                .key(keys::KEYS)
-                .key(keys::VALUES)
-                .key(keys::VERSION)
-                .arg(&key.id)
-                .arg(&stored.value_sha256)
-                .arg(body)
-                .invoke(c)
-        })?;
+        let script = Script::new(PUT_KEY);
+        let call = put_key_call(&script, key)?;
+        let done: i64 = self.with(|c| call.invoke(c))?;
         if done == 0 {
             return Err(StoreError::DuplicateKeyValue);
+        }
+        Ok(())
+    }
+
+    fn put_records(&self, records: &Records) -> Result<(), StoreError> {
+        if self.settings.cluster {
+            // The cluster client does not pipeline.
+            return crate::put_each(self, records);
+        }
+        let (put_key, bind) = (Script::new(PUT_KEY), Script::new(BIND));
+        for plan in &records.plans {
+            self.put_plan(plan)?;
+        }
+        // The same scripts as one-at-a-time writes, a page per round trip.
+        let pipeline = |calls: Vec<redis::ScriptInvocation<'_>>| -> Result<Vec<i64>, StoreError> {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&put_key)
+                .ignore()
+                .load_script(&bind)
+                .ignore();
+            for call in &calls {
+                pipe.invoke_script(call);
+            }
+            self.with(|c| pipe.query(c))
+        };
+        for page in records.keys.chunks(PIPELINE_PAGE) {
+            let calls = page
+                .iter()
+                .map(|k| put_key_call(&put_key, k))
+                .collect::<Result<Vec<_>, _>>()?;
+            if pipeline(calls)?.contains(&0) {
+                return Err(StoreError::DuplicateKeyValue);
+            }
+        }
+        for page in records.bindings.chunks(PIPELINE_PAGE) {
+            let calls = page
+                .iter()
+                .map(|(plan, key)| binding_call(&bind, plan, key, true))
+                .collect();
+            pipeline(calls)?;
         }
         Ok(())
     }

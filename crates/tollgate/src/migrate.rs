@@ -47,15 +47,9 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
     if !target.load().context("reading the target")?.keys.is_empty() {
         bail!("the target {to} already holds API keys: migrate into an empty store");
     }
-    for plan in &records.plans {
-        target.put_plan(plan)?;
-    }
-    for key in &records.keys {
-        target.put_key(key)?;
-    }
-    for (plan, key) in &records.bindings {
-        target.bind(plan, key)?;
-    }
+    target
+        .put_records(&records)
+        .context("writing the records")?;
     let mut rows = 0;
     for plan in &records.plans {
         let usage = source.usage(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))?;
