@@ -24,8 +24,9 @@ fn unpack(v: u64) -> (EpochDay, u32) {
 }
 
 impl DailyMeter {
-    /// Counts one request on `day`.
-    pub fn record(&self, day: EpochDay) {
+    /// Counts one request on `day`. True when the meter held nothing before: the first count since
+    /// the flusher last took it, so the caller queues the meter for the flusher.
+    pub fn record(&self, day: EpochDay) -> bool {
         let mut current = self.current.load(Ordering::Relaxed);
         loop {
             let (seen_day, count) = unpack(current);
@@ -44,7 +45,7 @@ impl DailyMeter {
                     if seen_day != day && count > 0 {
                         self.spill().push((seen_day, u64::from(count)));
                     }
-                    return;
+                    return count == 0;
                 }
                 Err(seen) => current = seen,
             }
@@ -90,16 +91,16 @@ mod tests {
         let mut out = Vec::new();
         m.take(&mut out);
         assert!(out.is_empty());
-        m.record(EpochDay(10));
-        m.record(EpochDay(10));
-        m.record(EpochDay(11));
+        assert!(m.record(EpochDay(10)), "the first count");
+        assert!(!m.record(EpochDay(10)));
+        assert!(!m.record(EpochDay(11)), "a rollover keeps the meter queued");
         m.take(&mut out);
         out.sort();
         assert_eq!(out, vec![(EpochDay(10), 2), (EpochDay(11), 1)]);
         out.clear();
         m.take(&mut out);
         assert!(out.is_empty());
-        m.record(EpochDay(11));
+        assert!(m.record(EpochDay(11)), "the first count after a take");
         m.take(&mut out);
         assert_eq!(out, vec![(EpochDay(11), 1)]);
     }

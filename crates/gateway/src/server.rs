@@ -73,7 +73,7 @@ pub(crate) async fn admit_clustered<'s>(
                 OnStoreFailure::Local => snap.admit_key_locally(grant, m, now),
                 OnStoreFailure::Allow => {
                     // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    grant.meter.record(EpochDay::from_nanos(now));
+                    snap.meter(grant, now);
                     Ok(LimitInfo::default())
                 }
                 OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
@@ -316,7 +316,7 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     let mut pending = shared.unflushed.lock().await;
     let snap = shared.snapshot.load_full();
     let mut days = Vec::new();
-    for grant in snap.grants() {
+    for grant in snap.take_metered() {
         days.clear();
         grant.meter.take(&mut days);
         for &(day, count) in &days {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::Method;
 use tollgate_core::clock::NANOS_PER_SEC;
@@ -190,7 +190,7 @@ pub struct SharedAdmission<'s> {
     /// The matched route.
     pub route: &'s Route,
     /// The key's membership, when the route requires a key.
-    pub grant: Option<&'s Grant>,
+    pub grant: Option<&'s Arc<Grant>>,
     taken: [Option<&'s Bucket>; 2],
 }
 
@@ -221,12 +221,19 @@ struct Routing {
     account: Option<Bucket>,
 }
 
+/// Memberships holding counts the flusher has not taken, each queued by its first count since the
+/// last take: the flusher visits these, not every membership (a million keys are not walked every
+/// second). Shared by a gateway's successive snapshots, like the meters.
+#[derive(Debug, Default)]
+struct MeterQueue(Mutex<Vec<Arc<Grant>>>);
+
 /// Everything the request path reads, immutable except for atomics.
 #[derive(Debug)]
 pub struct Snapshot {
     routing: Arc<Routing>,
     keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>,
     grants: Vec<Arc<Grant>>,
+    metered: Arc<MeterQueue>,
 }
 
 fn ceil_secs(nanos: u64) -> u64 {
@@ -302,6 +309,7 @@ impl Snapshot {
     ) -> Self {
         let today = EpochDay::from_nanos(now);
         let config = &routing.config;
+        let metered = previous.map_or_else(Arc::default, |p| p.metered.clone());
         let old: HashMap<(&str, &str), &Grant> = previous
             .map(|p| {
                 p.grants
@@ -408,6 +416,7 @@ impl Snapshot {
             routing,
             keys,
             grants,
+            metered,
         }
     }
 
@@ -429,9 +438,25 @@ impl Snapshot {
         plans.len()
     }
 
-    /// Every (key, plan) membership, for the metering flusher.
+    /// Every (key, plan) membership.
     pub fn grants(&self) -> &[Arc<Grant>] {
         &self.grants
+    }
+
+    /// Counts an admitted request of `grant` at `now`.
+    pub fn meter(&self, grant: &Arc<Grant>, now: u64) {
+        if grant.meter.record(EpochDay::from_nanos(now)) {
+            self.metered_queue().push(grant.clone());
+        }
+    }
+
+    /// The memberships counted since the last call, for the flusher to take their meters.
+    pub fn take_metered(&self) -> Vec<Arc<Grant>> {
+        std::mem::take(&mut *self.metered_queue())
+    }
+
+    fn metered_queue(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Grant>>> {
+        self.metered.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Finds the route for a request.
@@ -517,7 +542,7 @@ impl Snapshot {
     /// counts the request when admitted.
     pub fn admit_key_locally(
         &self,
-        grant: &Grant,
+        grant: &Arc<Grant>,
         m: &RouteMatch<'_>,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
@@ -553,11 +578,11 @@ impl Snapshot {
                 }
             }
         }
-        grant.meter.record(EpochDay::from_nanos(now));
+        self.meter(grant, now);
         Ok(limits)
     }
 
-    fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&[u8]>) -> Result<&Grant, Refusal> {
+    fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&[u8]>) -> Result<&Arc<Grant>, Refusal> {
         let value = api_key.ok_or(Refusal::Forbidden)?;
         // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
         // stored keys: refuse them without hashing.
@@ -573,7 +598,7 @@ impl Snapshot {
             .grants
             .iter()
             .find(|(at, _)| *at == (m.api, m.stage))
-            .map(|(_, g)| &**g)
+            .map(|(_, g)| g)
             .ok_or(Refusal::Forbidden)
     }
 }
@@ -868,8 +893,13 @@ mod tests {
         // The next UTC day the quota is back.
         assert!(call(&s, "GET", get, Some(KEY), midnight).is_ok());
 
+        // The flusher is handed the one membership that counted, once, not every membership.
+        let queued = s.take_metered();
+        assert_eq!(queued.len(), 1);
+        assert!(Arc::ptr_eq(&queued[0], &s.grants()[0]));
+        assert!(s.take_metered().is_empty());
         let mut days = Vec::new();
-        s.grants()[0].meter.take(&mut days);
+        queued[0].meter.take(&mut days);
         days.sort();
         assert_eq!(
             days,
