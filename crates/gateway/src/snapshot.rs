@@ -112,6 +112,77 @@ impl Hasher for DigestHasher {
     }
 }
 
+/// A hasher for ids the store hands out (trusted input, hashed a million times at startup): one
+/// multiply per 8 bytes instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+}
+
+/// What a usage plan covers in the configured APIs, resolved once per plan rather than once per
+/// member key (unknown APIs, stages and methods are reported once, too).
+struct PlanCover<'p> {
+    plan: &'p UsagePlan,
+    /// Shared by the plan's memberships.
+    id: Arc<str>,
+    /// (api, stage) indices.
+    stages: Vec<(usize, usize)>,
+    /// Per-method throttles: (api, stage, route) indices.
+    methods: Vec<((usize, usize, usize), ThrottleSettings)>,
+}
+
+impl<'p> PlanCover<'p> {
+    fn resolve(plan: &'p UsagePlan, config: &GatewayConfig) -> Self {
+        let mut stages = Vec::new();
+        let mut methods = Vec::new();
+        for api_stage in &plan.api_stages {
+            let Some((a, api)) = config
+                .apis
+                .iter()
+                .enumerate()
+                .find(|(_, a)| a.id == api_stage.api_id)
+            else {
+                tracing::warn!(plan = %plan.id, api = %api_stage.api_id, "usage plan names an unknown API; ignored");
+                continue;
+            };
+            let Some(s) = api.stages.iter().position(|s| s.name == api_stage.stage) else {
+                tracing::warn!(plan = %plan.id, api = %api.id, stage = %api_stage.stage, "usage plan names an unknown stage; ignored");
+                continue;
+            };
+            stages.push((a, s));
+            for (method_key, settings) in &api_stage.throttle {
+                match api
+                    .routes
+                    .iter()
+                    .position(|r| r.throttle_key() == *method_key)
+                {
+                    Some(r) => methods.push(((a, s, r), *settings)),
+                    None => tracing::warn!(plan = %plan.id, method = %method_key,
+                        "usage plan throttles a method the API does not have; ignored"),
+                }
+            }
+        }
+        Self {
+            plan,
+            id: plan.id.as_str().into(),
+            stages,
+            methods,
+        }
+    }
+}
+
 /// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitInfo {
@@ -308,9 +379,8 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Self {
         let today = EpochDay::from_nanos(now);
-        let config = &routing.config;
         let metered = previous.map_or_else(Arc::default, |p| p.metered.clone());
-        let old: HashMap<(&str, &str), &Grant> = previous
+        let old: HashMap<(&str, &str), &Grant, BuildHasherDefault<IdHasher>> = previous
             .map(|p| {
                 p.grants
                     .iter()
@@ -318,11 +388,15 @@ impl Snapshot {
                     .collect()
             })
             .unwrap_or_default();
-        let plans: HashMap<&str, &UsagePlan> =
-            records.plans.iter().map(|p| (p.id.as_str(), p)).collect();
+        let plans: HashMap<&str, PlanCover<'_>> = records
+            .plans
+            .iter()
+            .map(|p| (p.id.as_str(), PlanCover::resolve(p, &routing.config)))
+            .collect();
         let mut keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>> =
             HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
-        let mut key_index: HashMap<&str, KeyHash> = HashMap::with_capacity(records.keys.len());
+        let mut key_index: HashMap<&str, KeyHash, BuildHasherDefault<IdHasher>> =
+            HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
         for key in &records.keys {
             keys.insert(
                 key.value_hash,
@@ -334,9 +408,9 @@ impl Snapshot {
             key_index.insert(&key.id, key.value_hash);
         }
 
-        let mut grants = Vec::new();
+        let mut grants = Vec::with_capacity(records.bindings.len());
         for (plan_id, key_id) in &records.bindings {
-            let (Some(plan), Some(hash)) =
+            let (Some(cover), Some(hash)) =
                 (plans.get(plan_id.as_str()), key_index.get(key_id.as_str()))
             else {
                 continue;
@@ -344,44 +418,26 @@ impl Snapshot {
             let Some(entry) = keys.get_mut(hash) else {
                 continue;
             };
+            let plan = cover.plan;
             let before = old.get(&(plan_id.as_str(), key_id.as_str())).copied();
-            let mut covered = Vec::new();
-            let mut method_throttles = Vec::new();
-            for api_stage in &plan.api_stages {
-                let Some((a, api)) = config
-                    .apis
-                    .iter()
-                    .enumerate()
-                    .find(|(_, a)| a.id == api_stage.api_id)
-                else {
-                    tracing::warn!(plan = %plan.id, api = %api_stage.api_id, "usage plan names an unknown API; ignored");
-                    continue;
-                };
-                let Some(s) = api.stages.iter().position(|s| s.name == api_stage.stage) else {
-                    tracing::warn!(plan = %plan.id, api = %api.id, stage = %api_stage.stage, "usage plan names an unknown stage; ignored");
-                    continue;
-                };
-                if let Some((_, other)) = entry.grants.iter().find(|(at, _)| *at == (a, s)) {
+            let mut covered = Vec::with_capacity(cover.stages.len());
+            for &at in &cover.stages {
+                if let Some((_, other)) = entry.grants.iter().find(|(here, _)| *here == at) {
                     tracing::warn!(key = %key_id, plan = %plan.id, other = %other.plan_id,
                         "key is in two plans for one stage; the first one applies");
                     continue;
                 }
-                covered.push((a, s));
-                for (method_key, settings) in &api_stage.throttle {
-                    match api
-                        .routes
-                        .iter()
-                        .position(|r| r.throttle_key() == *method_key)
-                    {
-                        Some(r) => {
-                            let prior = before.and_then(|g| g.method_throttle_at((a, s, r)));
-                            method_throttles.push(((a, s, r), Bucket::new(*settings, prior, now)));
-                        }
-                        None => tracing::warn!(plan = %plan.id, method = %method_key,
-                            "usage plan throttles a method the API does not have; ignored"),
-                    }
-                }
+                covered.push(at);
             }
+            let method_throttles = cover
+                .methods
+                .iter()
+                .filter(|((a, s, _), _)| covered.contains(&(*a, *s)))
+                .map(|&(at, settings)| {
+                    let prior = before.and_then(|g| g.method_throttle_at(at));
+                    (at, Bucket::new(settings, prior, now))
+                })
+                .collect();
             let quota = plan.quota.map(|q| {
                 match before
                     .and_then(|g| g.quota.as_ref())
@@ -399,7 +455,7 @@ impl Snapshot {
             });
             let grant = Arc::new(Grant {
                 key_id: key_id.as_str().into(),
-                plan_id: plan_id.as_str().into(),
+                plan_id: cover.id.clone(),
                 throttle: plan
                     .throttle
                     .map(|t| Bucket::new(t, before.and_then(|g| g.throttle.as_ref()), now)),
