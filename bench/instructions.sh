@@ -71,9 +71,9 @@ count() {
     PIDS+=("$pid")
     wait_port "$port"
     python3 bench/keepalive.py "http://127.0.0.1:$port/x" "$KEY" --requests 200
-    callgrind_control -z "$pid" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
     python3 bench/keepalive.py "http://127.0.0.1:$port/x" "$KEY" --requests "$REQUESTS"
-    callgrind_control -d "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null 2>&1
     local total
     total=$(callgrind_annotate "$WORK/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -4,6 +4,8 @@
 //! All keys the script touches carry the API key's hash tag `{keyId}`, so it runs on Redis Cluster.
 //! Times are microseconds (Lua numbers are doubles: exact up to 2^53).
 
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -44,7 +46,8 @@ end
 ";
 
 /// Decides a batch of requests, four keys and seven arguments each, on one reading of Redis's clock;
-/// answers one `{status, a, b, c}` per request, in order. A key's state is read once and written
+/// answers one `{status, a, b, c}` per request, in order (whole numbers of microseconds, exact in
+/// Lua's doubles and returned as integers). A key's state is read once and written
 /// once per batch however many of its requests the batch holds: a hot key costs Lua arithmetic per
 /// request, not Redis commands.
 const LIMIT: &str = r"
@@ -63,7 +66,7 @@ local function decide(K, A)
     if tat < now then tat = now end
     local new_tat = tat + interval
     ahead = new_tat - now
-    if ahead > tolerance then return {1, string.format('%.0f', ahead - tolerance), 0, 0} end
+    if ahead > tolerance then return {1, ahead - tolerance, 0, 0} end
     tokens = math.floor((tolerance - ahead) / interval)
     -- Taken even if the quota refuses: hammering a spent quota is not free.
     tats[KEYS[K + 1]] = new_tat
@@ -80,13 +83,13 @@ local function decide(K, A)
       end
       quotas[KEYS[K + 2]] = q
     end
-    if q.used >= limit then return {2, we, tokens, string.format('%.0f', ahead)} end
+    if q.used >= limit then return {2, we, tokens, ahead} end
     q.used = q.used + 1
     q.dirty = true
     remaining = limit - q.used
   end
   usage[KEYS[K + 3]] = (usage[KEYS[K + 3]] or 0) + 1
-  return {0, tokens, remaining, string.format('%.0f', ahead)}
+  return {0, tokens, remaining, ahead}
 end
 local out = {}
 for i = 0, #KEYS / 4 - 1 do out[i + 1] = decide(i * 4, i * 7) end
@@ -117,20 +120,34 @@ return tonumber(ARGV[2]) - used
 const MAX_BATCH: usize = 256;
 
 /// The script's answer for one request: status, then three status-dependent values.
-type Verdict = (i64, String, i64, String);
+type Verdict = (i64, i64, i64, i64);
 
-/// One request waiting for the batcher: the script's four keys and seven arguments.
+/// One request waiting for the batcher: whose records the script reads, and its seven arguments.
 struct Job {
-    keys: [String; 4],
+    key_id: Arc<str>,
+    plan_id: Arc<str>,
+    /// The per-method bucket's route, empty for the plan's bucket.
+    method: String,
     args: [u64; 7],
     reply: oneshot::Sender<Result<Verdict, LimiterError>>,
+}
+
+/// The limiter script, and its source for when Redis has not cached it yet.
+struct LimitScript {
+    script: Script,
+    source: String,
 }
 
 /// Sends queued requests to Redis, many per script call: while one call is in flight the next
 /// requests queue, so under load a round trip and a script run are shared by everything that arrived
 /// meanwhile, and when idle a request goes alone at once. Redis Cluster runs a script on one slot, so
-/// there a call carries one API key's requests (its keys share the key's hash tag).
-async fn batcher(conn: Conn, script: Script, timeout: Duration, mut jobs: mpsc::Receiver<Job>) {
+/// there a call carries one API key's requests (its records share the key's hash tag).
+async fn batcher(
+    conn: Conn,
+    script: LimitScript,
+    timeout: Duration,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // The first request's wake-up ran this task ahead of the other connections that are ready
@@ -145,11 +162,11 @@ async fn batcher(conn: Conn, script: Script, timeout: Duration, mut jobs: mpsc::
         match &conn {
             Conn::Single(_) => run_batch(&conn, &script, timeout, &mut batch).await,
             Conn::Cluster(_) => {
-                batch.sort_by(|a, b| hash_tag(&a.keys[0]).cmp(hash_tag(&b.keys[0])));
+                batch.sort_by(|a, b| a.key_id.cmp(&b.key_id));
                 let mut groups = Vec::new();
                 while let Some(last) = batch.last() {
-                    let tag = hash_tag(&last.keys[0]).to_owned();
-                    let at = batch.partition_point(|j| hash_tag(&j.keys[0]) < tag.as_str());
+                    let key_id = last.key_id.clone();
+                    let at = batch.partition_point(|j| j.key_id < key_id);
                     groups.push(batch.split_off(at));
                 }
                 futures_util::future::join_all(
@@ -164,25 +181,33 @@ async fn batcher(conn: Conn, script: Script, timeout: Duration, mut jobs: mpsc::
     }
 }
 
-/// The `{…}` part of a Redis key: what Redis Cluster hashes.
-fn hash_tag(key: &str) -> &str {
-    key.split_once('{')
-        .and_then(|(_, rest)| rest.split_once('}'))
-        .map_or(key, |(tag, _)| tag)
-}
-
 /// One script call for `batch`; every job gets its verdict or the call's error.
-async fn run_batch(conn: &Conn, script: &Script, timeout: Duration, batch: &mut Vec<Job>) {
-    let mut invocation = script.prepare_invoke();
+async fn run_batch(conn: &Conn, script: &LimitScript, timeout: Duration, batch: &mut Vec<Job>) {
+    let mut scratch = String::new();
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(script.script.get_hash()).arg(batch.len() * 4);
     for job in batch.iter() {
-        for key in &job.keys {
-            invocation.key(key);
-        }
+        keys::limiter_keys(&mut scratch, &job.key_id, &job.plan_id, &job.method, |k| {
+            call.arg(k);
+        });
+    }
+    for job in batch.iter() {
         for arg in job.args {
-            invocation.arg(arg);
+            call.arg(arg);
         }
     }
-    let answer: Result<Vec<Verdict>, LimiterError> = run(conn, timeout, &invocation).await;
+    let mut answer = query::<Vec<Verdict>>(conn, timeout, &call).await;
+    if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+    {
+        // A restarted or new Redis: cache the script (on every primary of a cluster) and retry once.
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(&script.source);
+        answer = match query::<String>(conn, timeout, &load).await {
+            Ok(_) => query::<Vec<Verdict>>(conn, timeout, &call).await,
+            Err(e) => Err(e),
+        };
+    }
+    let answer = answer.map_err(|e| LimiterError::Redis(e.to_string()));
     match answer {
         Ok(verdicts) if verdicts.len() == batch.len() => {
             for (job, verdict) in batch.drain(..).zip(verdicts) {
@@ -203,24 +228,53 @@ async fn run_batch(conn: &Conn, script: &Script, timeout: Duration, batch: &mut 
     }
 }
 
-/// Runs a script invocation, bounded by `timeout`.
+/// Sends `cmd`, bounded by `timeout`.
+async fn query<T: redis::FromRedisValue>(
+    conn: &Conn,
+    timeout: Duration,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let mut conn = conn.clone();
+    within(timeout, async move {
+        match &mut conn {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    })
+    .await
+}
+
+/// Runs a script invocation (loading the script when Redis lacks it), bounded by `timeout`.
 async fn run<T: redis::FromRedisValue>(
     conn: &Conn,
     timeout: Duration,
     invocation: &redis::ScriptInvocation<'_>,
 ) -> Result<T, LimiterError> {
     let mut conn = conn.clone();
-    let call = async move {
+    within(timeout, async move {
         match &mut conn {
             Conn::Single(c) => invocation.invoke_async(c).await,
             Conn::Cluster(c) => invocation.invoke_async(c).await,
         }
-    };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(LimiterError::Redis(e.to_string())),
-        Err(_) => Err(LimiterError::Redis(format!("no answer within {timeout:?}"))),
-    }
+    })
+    .await
+    .map_err(|e| LimiterError::Redis(e.to_string()))
+}
+
+/// `call`'s answer, or a timeout error once `timeout` has passed.
+async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no answer",
+                format!("within {timeout:?}"),
+            )))
+        })
 }
 
 #[derive(Clone)]
@@ -285,12 +339,12 @@ impl RedisLimiter {
             Conn::Single(client.get_connection_manager_lazy(config).map_err(err)?)
         };
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(batcher(
-            conn.clone(),
-            Script::new(&format!("{COUNTED}{LIMIT}")),
-            timeout,
-            queue,
-        ));
+        let source = format!("{COUNTED}{LIMIT}");
+        let script = LimitScript {
+            script: Script::new(&source),
+            source,
+        };
+        tokio::spawn(batcher(conn.clone(), script, timeout, queue));
         Ok(Self {
             conn,
             jobs,
@@ -365,11 +419,10 @@ impl RedisLimiter {
         day: EpochDay,
         now: u64,
     ) -> Result<Decision, LimiterError> {
-        let (key_id, plan_id) = (&*grant.key_id, &*grant.plan_id);
         let bucket = grant.bucket_for(m);
-        let bucket_key = match bucket {
-            Some(_) if grant.has_method_throttle(m) => keys::bucket(key_id, plan_id, method_key),
-            _ => keys::bucket(key_id, plan_id, ""),
+        let method = match bucket {
+            Some(_) if grant.has_method_throttle(m) => method_key.to_owned(),
+            _ => String::new(),
         };
         // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
         // bucket's size stays exact.
@@ -383,12 +436,9 @@ impl RedisLimiter {
         let window = quota.map(|q| QuotaWindow::containing(q.settings(), day));
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            keys: [
-                bucket_key,
-                keys::quota(key_id, plan_id),
-                keys::usage(key_id, plan_id),
-                keys::adjustments(key_id, plan_id),
-            ],
+            key_id: grant.key_id.clone(),
+            plan_id: grant.plan_id.clone(),
+            method,
             args: [
                 u64::from(bucket.is_some()),
                 interval_us,
@@ -403,7 +453,7 @@ impl RedisLimiter {
         let gone = || LimiterError::Redis("the limiter's batcher stopped".into());
         self.jobs.send(job).await.map_err(|_| gone())?;
         let (status, a, b, c) = answer.await.map_err(|_| gone())??;
-        let num = |s: &str| s.parse::<f64>().unwrap_or(0.0).max(0.0) as u64;
+        let num = |v: i64| u64::try_from(v).unwrap_or(0);
         let throttle_info = |remaining: u64, ahead_us: u64| {
             bucket.map(|g| BucketInfo {
                 burst: g.burst(),
@@ -432,26 +482,26 @@ impl RedisLimiter {
         };
         Ok(Decision::Done(match status {
             0 => Ok(LimitInfo {
-                throttle: throttle_info(num(&a), num(&c)),
-                quota: quota_info(u64::try_from(b).unwrap_or(0)),
+                throttle: throttle_info(num(a), num(c)),
+                quota: quota_info(num(b)),
             }),
             1 => Err(Refusal::TooManyRequests {
-                retry_after_secs: (num(&a) * 1000).div_ceil(NANOS_PER_SEC).max(1),
+                retry_after_secs: (num(a) * 1000).div_ceil(NANOS_PER_SEC).max(1),
                 limits: LimitInfo {
-                    throttle: throttle_info(0, num(&a)),
+                    throttle: throttle_info(0, num(a)),
                     quota: None,
                 },
             }),
             2 => Err(Refusal::LimitExceeded {
                 retry_after_secs: until_reset.max(1),
                 limits: LimitInfo {
-                    throttle: throttle_info(u64::try_from(b).unwrap_or(0), num(&c)),
+                    throttle: throttle_info(num(b), num(c)),
                     quota: quota_info(0),
                 },
             }),
             _ => {
                 return Ok(Decision::WrongDay(EpochDay(
-                    u32::try_from(num(&a)).unwrap_or(0),
+                    u32::try_from(num(a)).unwrap_or(0),
                 )));
             }
         }))

@@ -40,7 +40,7 @@ pub mod keys {
 
     /// Per-day usage of a key under a plan: day → count.
     pub fn usage(key_id: &str, plan_id: &str) -> String {
-        format!("tg:{{{key_id}}}:u:{plan_id}")
+        per_key_name(key_id, "u", plan_id, None)
     }
     /// Keys with usage under a plan.
     pub fn usage_index(plan_id: &str) -> String {
@@ -48,7 +48,7 @@ pub mod keys {
     }
     /// Quota adjustments of a key under a plan: day → delta.
     pub fn adjustments(key_id: &str, plan_id: &str) -> String {
-        format!("tg:{{{key_id}}}:a:{plan_id}")
+        per_key_name(key_id, "a", plan_id, None)
     }
     /// Keys with adjustments under a plan.
     pub fn adjustments_index(plan_id: &str) -> String {
@@ -56,11 +56,52 @@ pub mod keys {
     }
     /// The live quota count of a key under a plan: `s` (window start day), `u` (used).
     pub fn quota(key_id: &str, plan_id: &str) -> String {
-        format!("tg:{{{key_id}}}:q:{plan_id}")
+        per_key_name(key_id, "q", plan_id, None)
     }
     /// A key's token bucket under a plan (`method` empty for the plan throttle).
     pub fn bucket(key_id: &str, plan_id: &str, method: &str) -> String {
-        format!("tg:{{{key_id}}}:t:{plan_id}:{method}")
+        per_key_name(key_id, "t", plan_id, Some(method))
+    }
+
+    /// The four records the data plane's limiter script keeps for a key under a plan, in its `KEYS`
+    /// order (bucket, quota, usage, adjustments), each handed to `each` in turn from one reused
+    /// buffer: the request path allocates no names.
+    pub fn limiter_keys(
+        scratch: &mut String,
+        key_id: &str,
+        plan_id: &str,
+        method: &str,
+        mut each: impl FnMut(&str),
+    ) {
+        for (kind, suffix) in [("t", Some(method)), ("q", None), ("u", None), ("a", None)] {
+            scratch.clear();
+            write_per_key_name(scratch, key_id, kind, plan_id, suffix);
+            each(scratch);
+        }
+    }
+
+    fn per_key_name(key_id: &str, kind: &str, plan_id: &str, suffix: Option<&str>) -> String {
+        let mut name = String::new();
+        write_per_key_name(&mut name, key_id, kind, plan_id, suffix);
+        name
+    }
+
+    /// `tg:{<keyId>}:<kind>:<planId>[:<suffix>]`: the key id is the hash tag, so everything the
+    /// limiter keeps for one API key lives in one Redis Cluster slot.
+    fn write_per_key_name(
+        out: &mut String,
+        key_id: &str,
+        kind: &str,
+        plan_id: &str,
+        suffix: Option<&str>,
+    ) {
+        for part in ["tg:{", key_id, "}:", kind, ":", plan_id] {
+            out.push_str(part);
+        }
+        if let Some(suffix) = suffix {
+            out.push(':');
+            out.push_str(suffix);
+        }
     }
 }
 
