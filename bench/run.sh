@@ -117,7 +117,7 @@ PY
     tollgate_config 0 "{ sqlite: $dir/tollgate.db }" bench 1000000000 100000000 >"$dir/tollgate.yaml"
     timeout 10 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >/dev/null 2>&1 &
     local pid=$!
-    sleep 1; kill "$pid"; wait "$pid" 2>/dev/null || true
+    sleep 1; kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     python3 - "$n" "$dir/tollgate.db" <<'PY'
 import hashlib, sqlite3, sys
 n, db = int(sys.argv[1]), sys.argv[2]

@@ -3,15 +3,17 @@
 //! buffers this task owns and reuses, so the common exchange allocates nothing.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::sync::{futures::OwnedNotified, watch};
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Integration;
 use crate::http1::{
@@ -26,13 +28,53 @@ use crate::snapshot::Refusal;
 /// nginx's `client_header_timeout` default is similar).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one client connection until it closes, errs, idles out, or the gateway drains.
+/// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
+/// only when it fires early or must fire sooner, not once per request.
+struct LazyDeadline {
+    sleep: Pin<Box<Sleep>>,
+    at: Instant,
+}
+
+impl LazyDeadline {
+    fn new(at: Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            at,
+        }
+    }
+
+    fn set(&mut self, at: Instant) {
+        self.at = at;
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Resolves once the deadline has passed.
+    async fn expired(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            if Instant::now() >= self.at {
+                return;
+            }
+            let at = self.at;
+            self.sleep.as_mut().reset(at);
+        }
+    }
+}
+
+/// Serves one client connection until it closes, errs, idles out, or the gateway drains. `open` is
+/// held until then: the gateway counts open connections by it.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
-    drain: watch::Receiver<bool>,
+    open: watch::Receiver<()>,
 ) {
+    // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
+    let mut stop = Box::pin(shared.stop.clone().notified_owned());
+    stop.as_mut().enable();
+    let now = Instant::now();
     let mut conn = Conn {
         shared: &shared,
         client,
@@ -43,9 +85,12 @@ pub(crate) async fn serve(
         to_upstream: Vec::new(),
         to_client: Vec::new(),
         upstream: None,
-        drain,
+        head_deadline: LazyDeadline::new(now + HEAD_TIMEOUT),
+        upstream_deadline: None,
+        stop,
     };
     conn.run().await;
+    drop(open);
     if let Some(up) = conn.upstream.take() {
         shared.upstreams.put(up);
     }
@@ -65,7 +110,11 @@ struct Conn<'a> {
     /// The current response as it goes to the client.
     to_client: Vec<u8>,
     upstream: Option<UpstreamConn>,
-    drain: watch::Receiver<bool>,
+    head_deadline: LazyDeadline,
+    /// Made on the first forwarded request.
+    upstream_deadline: Option<LazyDeadline>,
+    /// Wakes an idle connection when the gateway drains.
+    stop: Pin<Box<OwnedNotified>>,
 }
 
 /// How forwarding failed.
@@ -98,7 +147,7 @@ impl Conn<'_> {
 
     /// The next request head, or `None` when the client closed, idled out, or the gateway drains.
     async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
-        let deadline = Instant::now() + HEAD_TIMEOUT;
+        self.head_deadline.set(Instant::now() + HEAD_TIMEOUT);
         loop {
             if !self.inbuf.is_empty() {
                 let parsed =
@@ -108,13 +157,17 @@ impl Conn<'_> {
                 }
             }
             let idle = self.inbuf.is_empty();
+            if idle && self.shared.draining.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
             let read = tokio::select! {
                 biased;
-                r = tokio::time::timeout_at(deadline, self.inbuf.read_from(&mut self.client)) => r,
-                _ = self.drain.changed(), if idle => return Ok(None),
+                r = self.inbuf.read_from(&mut self.client) => r,
+                () = self.head_deadline.expired() => return Ok(None),
+                () = &mut self.stop, if idle => return Ok(None),
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 _ => return Ok(None),
             }
         }
@@ -152,8 +205,7 @@ impl Conn<'_> {
                     .map(|a| (a, path.len() - m.rest.len()))
             }
         };
-        let draining = *self.drain.borrow();
-        let keep_alive = head.keep_alive && !draining;
+        let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
         let head_only = head.method == Method::HEAD;
 
         let (status, key_id, keep_alive) = match decided {
@@ -284,19 +336,27 @@ impl Conn<'_> {
             }
         }
         let deadline = Instant::now() + timeout;
-        let sent = tokio::time::timeout_at(
-            deadline,
-            self.send(url, &head.method, head.expect_continue, &mut body, extra),
-        )
-        .await;
+        let mut timer = match self.upstream_deadline.take() {
+            Some(mut timer) => {
+                timer.set(deadline);
+                timer
+            }
+            None => LazyDeadline::new(deadline),
+        };
+        let sent = tokio::select! {
+            biased;
+            sent = self.send(url, &head.method, head.expect_continue, &mut body, extra) => Some(sent),
+            () = timer.expired() => None,
+        };
+        self.upstream_deadline = Some(timer);
         let failure = match sent {
-            Ok(Ok(h)) => Ok(h),
-            Ok(Err(Failure::Client)) => {
+            Some(Ok(h)) => Ok(h),
+            Some(Err(Failure::Client)) => {
                 self.upstream = None;
                 return (0, false);
             }
-            Ok(Err(Failure::Upstream)) => Err(UpstreamFailure::Unreachable),
-            Err(_) => Err(UpstreamFailure::Timeout),
+            Some(Err(Failure::Upstream)) => Err(UpstreamFailure::Unreachable),
+            None => Err(UpstreamFailure::Timeout),
         };
         let resp_head = match failure {
             Ok(h) => h,
@@ -315,7 +375,10 @@ impl Conn<'_> {
         let Some(up) = self.upstream.as_mut() else {
             return (0, false);
         };
-        let keep_alive = keep_alive && resp_head.body != BodyLength::UntilClose;
+        // A drain that began while the upstream worked still gets its `Connection: close`.
+        let keep_alive = keep_alive
+            && resp_head.body != BodyLength::UntilClose
+            && !self.shared.draining.load(Ordering::Relaxed);
         if !keep_alive {
             self.to_client.extend_from_slice(b"connection: close\r\n");
         }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -119,6 +120,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) upstreams: UpstreamPool,
+    /// Set when the gateway drains: connections finish the request in hand, then close.
+    pub(crate) draining: AtomicBool,
+    /// Wakes idle connections when draining starts.
+    pub(crate) stop: Arc<tokio::sync::Notify>,
     store: Arc<dyn Store>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
     /// blocking write, never on the request path.
@@ -221,6 +226,8 @@ impl Gateway {
             metrics: Metrics::default(),
             clock,
             upstreams: UpstreamPool::default(),
+            draining: AtomicBool::new(false),
+            stop: Arc::default(),
             store,
             unflushed: tokio::sync::Mutex::new(Vec::new()),
         });
@@ -248,7 +255,8 @@ impl Gateway {
             stop_rx,
         ));
 
-        let (drain_tx, drain_rx) = watch::channel(false);
+        // Each connection holds a receiver until it ends: the sender sees when all have.
+        let (open_tx, open_rx) = watch::channel(());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -263,17 +271,17 @@ impl Gateway {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, drain_rx.clone()));
+                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, open_rx.clone()));
                 }
                 () = &mut shutdown => break,
             }
         }
         drop(listener);
-        drop(drain_rx);
+        drop(open_rx);
         tracing::info!("shutting down: draining in-flight requests");
-        // Connections finish the request in hand, then close; each holds a receiver until it ends.
-        let _ = drain_tx.send(true);
-        if tokio::time::timeout(self.options.drain_timeout, drain_tx.closed())
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.stop.notify_waiters();
+        if tokio::time::timeout(self.options.drain_timeout, open_tx.closed())
             .await
             .is_err()
         {

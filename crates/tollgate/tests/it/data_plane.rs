@@ -354,3 +354,47 @@ async fn a_keep_alive_connection_the_upstream_closed_is_replaced() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
+    let (_dir, gw, _up) = start().await;
+    // Blocking sockets off the runtime: the test upstream runs on it.
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let addr = gw.addr;
+        let request = |path: &str| {
+            format!("GET /prod{path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n").into_bytes()
+        };
+        // A keep-alive connection that has been answered and now sits idle.
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        idle.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        idle.write_all(&request("/echo/idle")).unwrap();
+        let mut buf = [0u8; 4096];
+        assert!(idle.read(&mut buf).unwrap() > 0);
+        // A request the upstream answers only after the signal.
+        let slow_request = request("/slow?ms=700");
+        let slow = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(&slow_request).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        assert!(gw.terminate().success());
+        // Well inside the 30 s drain timeout: nothing waited for the idle connection.
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let out = slow.join().unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert_eq!(
+            idle.read(&mut buf).unwrap(),
+            0,
+            "the idle connection was closed"
+        );
+    })
+    .await
+    .unwrap();
+}
