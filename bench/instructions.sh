@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# User-space instructions per proxied request, counted by callgrind: nginx (key map + limit_req) and
-# tollgate on its embedded store, each forwarding to the same upstream. Instruction counts do not
+# User-space instructions per proxied request, counted by callgrind: nginx (key map + limit_req),
+# tollgate on its embedded store and tollgate on Redis, each forwarding to the same upstream (Redis's
+# own instructions are not counted: it runs outside valgrind). Instruction counts do not
 # depend on what else the machine is doing, so they judge a change where timings on a shared 2-core
 # box cannot. The kernel's share (the loopback TCP both sides pay alike) is not counted.
 #
@@ -22,11 +23,11 @@ while [ $# -gt 0 ]; do
 done
 
 missing=()
-for tool in nginx valgrind callgrind_control callgrind_annotate python3 cargo; do
+for tool in nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing: ${missing[*]} (on Debian: apt-get install nginx-light valgrind python3)" >&2
+    echo "missing: ${missing[*]} (on Debian: apt-get install nginx-light redis-server valgrind python3)" >&2
     exit 1
 fi
 
@@ -97,10 +98,11 @@ CONF
 printf '%-34s %12s\n' target "instr/request"
 count "nginx key map + limit_req" "$PORT" nginx -c "$WORK/nginx.conf" -p "$WORK"
 
-PORT=$(free_port)
-cat >"$WORK/tollgate.yaml" <<CONF
-listen: 127.0.0.1:$PORT
-store: { sqlite: $WORK/tollgate.db }
+# tollgate_config PORT STORE: one API proxying everything to the upstream, one plan, the bench key.
+tollgate_config() {
+    cat <<CONF
+listen: 127.0.0.1:$1
+store: $2
 apis:
   - id: bench
     stages: [ { name: prod, basePath: / } ]
@@ -113,4 +115,16 @@ usagePlans:
 apiKeys:
   - { name: bench, value: $KEY, usagePlans: [bench] }
 CONF
+}
+
+PORT=$(free_port)
+tollgate_config "$PORT" "{ sqlite: $WORK/tollgate.db }" >"$WORK/tollgate.yaml"
 count "tollgate embedded" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate.yaml"
+
+RPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+wait_port "$RPORT"
+PORT=$(free_port)
+tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" >"$WORK/tollgate-redis.yaml"
+count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"
