@@ -22,44 +22,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-missing=()
-for tool in nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing: ${missing[*]} (on Debian: apt-get install nginx-light redis-server valgrind python3)" >&2
-    exit 1
-fi
+. bench/lib.sh
+require nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo
+setup
 
-cargo build --release -q -p tollgate
-TOLLGATE=$PWD/target/release/tollgate
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
-
-KEY=benchmarkKeyValue00000000000000000000042
 UP=$(free_port)
-cat >"$WORK/up.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 10000000;
-  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
-CONF
+upstream_config "$UP" >"$WORK/up.conf"
 nginx -c "$WORK/up.conf" -p "$WORK" >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port "$UP"
@@ -98,27 +66,8 @@ CONF
 printf '%-34s %12s\n' target "instr/request"
 count "nginx key map + limit_req" "$PORT" nginx -c "$WORK/nginx.conf" -p "$WORK"
 
-# tollgate_config PORT STORE: one API proxying everything to the upstream, one plan, the bench key.
-tollgate_config() {
-    cat <<CONF
-listen: 127.0.0.1:$1
-store: $2
-apis:
-  - id: bench
-    stages: [ { name: prod, basePath: / } ]
-    routes:
-      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
-usagePlans:
-  - name: bench
-    apiStages: [ { apiId: bench, stage: prod } ]
-    throttle: { rateLimit: 1000000000, burstLimit: 100000000 }
-apiKeys:
-  - { name: bench, value: $KEY, usagePlans: [bench] }
-CONF
-}
-
 PORT=$(free_port)
-tollgate_config "$PORT" "{ sqlite: $WORK/tollgate.db }" >"$WORK/tollgate.yaml"
+tollgate_config "$PORT" "{ sqlite: $WORK/tollgate.db }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate.yaml"
 count "tollgate embedded" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate.yaml"
 
 RPORT=$(free_port)
@@ -126,5 +75,5 @@ redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/
 PIDS+=($!)
 wait_port "$RPORT"
 PORT=$(free_port)
-tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" >"$WORK/tollgate-redis.yaml"
+tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate-redis.yaml"
 count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"

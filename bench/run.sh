@@ -26,37 +26,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-missing=()
-for tool in nginx haproxy wrk redis-server taskset python3 cargo; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing: ${missing[*]}" >&2
-    echo "on Debian: apt-get install nginx-light haproxy wrk redis-server util-linux python3" >&2
-    exit 1
-fi
+. bench/lib.sh
+require nginx haproxy wrk redis-server taskset python3 cargo
+setup
 
-cargo build --release -q -p tollgate
-TOLLGATE=$PWD/target/release/tollgate
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    # Up to two minutes: a gateway loading a million keys takes a while.
-    for _ in $(seq 1 2400); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
 # start NAME COMMAND...: runs on CPU 1, remembers the pid as PID_<NAME>.
 start() {
     local name=$1; shift
@@ -65,40 +38,12 @@ start() {
     printf -v "PID_$name" '%s' "$!"
 }
 
-KEY=benchmarkKeyValue00000000000000000000042
-
 # The upstream: a static responder, identical for every target.
 UP=$(free_port)
 mkdir -p "$WORK/up"
-cat >"$WORK/up/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/up/nginx.pid; error_log $WORK/up/error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
-CONF
+upstream_config "$UP" >"$WORK/up/nginx.conf"
 start upstream nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
 wait_port "$UP"
-
-# tollgate_config PORT STORE PLAN RATE BURST [KEY]: one API proxying everything to the upstream under
-# one keyed route, one plan with that throttle, and (given KEY) one key in it.
-tollgate_config() {
-    cat <<CONF
-listen: 127.0.0.1:$1
-store: $2
-apis:
-  - id: bench
-    stages: [ { name: prod, basePath: / } ]
-    routes:
-      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
-usagePlans:
-  - name: $3
-    apiStages: [ { apiId: bench, stage: prod } ]
-    throttle: { rateLimit: $4, burstLimit: $5 }
-CONF
-    if [ -n "${6:-}" ]; then
-        printf 'apiKeys:\n  - { name: %s, value: %s, usagePlans: [%s] }\n' "$3" "$6" "$3"
-    fi
-}
 
 # Key files for every key-set size: nginx map, HAProxy map, and a tollgate SQLite store.
 make_keys() {

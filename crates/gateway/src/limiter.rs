@@ -132,22 +132,54 @@ struct Job {
     reply: oneshot::Sender<Result<Verdict, LimiterError>>,
 }
 
-/// The limiter script, and its source for when Redis has not cached it yet.
-struct LimitScript {
-    script: Script,
+/// A Lua script sent by its SHA1, and its source for when Redis has not cached it (a new or restarted
+/// server, or a cluster node).
+struct LuaScript {
+    sha: String,
     source: String,
+}
+
+impl LuaScript {
+    fn new(source: String) -> Self {
+        Self {
+            sha: Script::new(&source).get_hash().to_owned(),
+            source,
+        }
+    }
+
+    /// An `EVALSHA` of this script with `keys` keys; the caller appends the keys, then the arguments.
+    fn call(&self, keys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(keys);
+        cmd
+    }
+
+    /// Runs `call` (from [`LuaScript::call`]), caching the script and retrying once when Redis lacks it;
+    /// every round trip bounded by `timeout`.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        conn: &Conn,
+        timeout: Duration,
+        call: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let answer = query(conn, timeout, call).await;
+        match answer {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(&self.source);
+                query::<String>(conn, timeout, &load).await?;
+                query(conn, timeout, call).await
+            }
+            other => other,
+        }
+    }
 }
 
 /// Sends queued requests to Redis, many per script call: while one call is in flight the next
 /// requests queue, so under load a round trip and a script run are shared by everything that arrived
 /// meanwhile, and when idle a request goes alone at once. Redis Cluster runs a script on one slot, so
 /// there a call carries one API key's requests (its records share the key's hash tag).
-async fn batcher(
-    conn: Conn,
-    script: LimitScript,
-    timeout: Duration,
-    mut jobs: mpsc::Receiver<Job>,
-) {
+async fn batcher(conn: Conn, script: LuaScript, timeout: Duration, mut jobs: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // The first request's wake-up ran this task ahead of the other connections that are ready
@@ -182,10 +214,9 @@ async fn batcher(
 }
 
 /// One script call for `batch`; every job gets its verdict or the call's error.
-async fn run_batch(conn: &Conn, script: &LimitScript, timeout: Duration, batch: &mut Vec<Job>) {
+async fn run_batch(conn: &Conn, script: &LuaScript, timeout: Duration, batch: &mut Vec<Job>) {
     let mut scratch = String::new();
-    let mut call = redis::cmd("EVALSHA");
-    call.arg(script.script.get_hash()).arg(batch.len() * 4);
+    let mut call = script.call(batch.len() * 4);
     for job in batch.iter() {
         keys::limiter_keys(&mut scratch, &job.key_id, &job.plan_id, &job.method, |k| {
             call.arg(k);
@@ -196,17 +227,7 @@ async fn run_batch(conn: &Conn, script: &LimitScript, timeout: Duration, batch: 
             call.arg(arg);
         }
     }
-    let mut answer = query::<Vec<Verdict>>(conn, timeout, &call).await;
-    if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-    {
-        // A restarted or new Redis: cache the script (on every primary of a cluster) and retry once.
-        let mut load = redis::cmd("SCRIPT");
-        load.arg("LOAD").arg(&script.source);
-        answer = match query::<String>(conn, timeout, &load).await {
-            Ok(_) => query::<Vec<Verdict>>(conn, timeout, &call).await,
-            Err(e) => Err(e),
-        };
-    }
+    let answer = script.eval::<Vec<Verdict>>(conn, timeout, &call).await;
     let answer = answer.map_err(|e| LimiterError::Redis(e.to_string()));
     match answer {
         Ok(verdicts) if verdicts.len() == batch.len() => {
@@ -244,23 +265,6 @@ async fn query<T: redis::FromRedisValue>(
     .await
 }
 
-/// Runs a script invocation (loading the script when Redis lacks it), bounded by `timeout`.
-async fn run<T: redis::FromRedisValue>(
-    conn: &Conn,
-    timeout: Duration,
-    invocation: &redis::ScriptInvocation<'_>,
-) -> Result<T, LimiterError> {
-    let mut conn = conn.clone();
-    within(timeout, async move {
-        match &mut conn {
-            Conn::Single(c) => invocation.invoke_async(c).await,
-            Conn::Cluster(c) => invocation.invoke_async(c).await,
-        }
-    })
-    .await
-    .map_err(|e| LimiterError::Redis(e.to_string()))
-}
-
 /// `call`'s answer, or a timeout error once `timeout` has passed.
 async fn within<T>(
     timeout: Duration,
@@ -296,7 +300,7 @@ pub struct RedisLimiter {
     conn: Conn,
     /// Requests for the batcher task.
     jobs: mpsc::Sender<Job>,
-    set_remaining: Script,
+    set_remaining: LuaScript,
     timeout: Duration,
     /// What happens while Redis is unavailable.
     pub on_failure: OnStoreFailure,
@@ -339,16 +343,12 @@ impl RedisLimiter {
             Conn::Single(client.get_connection_manager_lazy(config).map_err(err)?)
         };
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
-        let source = format!("{COUNTED}{LIMIT}");
-        let script = LimitScript {
-            script: Script::new(&source),
-            source,
-        };
+        let script = LuaScript::new(format!("{COUNTED}{LIMIT}"));
         tokio::spawn(batcher(conn.clone(), script, timeout, queue));
         Ok(Self {
             conn,
             jobs,
-            set_remaining: Script::new(&format!("{COUNTED}{SET_REMAINING}")),
+            set_remaining: LuaScript::new(format!("{COUNTED}{SET_REMAINING}")),
             timeout,
             on_failure,
             degraded: AtomicBool::new(false),
@@ -521,20 +521,20 @@ impl RedisLimiter {
         let today = EpochDay::from_nanos(now);
         let window = QuotaWindow::containing(quota.settings(), today);
         let used = i64::from(quota.settings().limit) - remaining;
-        let (key_id, plan_id) = (&*grant.key_id, &*grant.plan_id);
-        let mut invocation = self.set_remaining.prepare_invoke();
-        invocation
-            .key(keys::bucket(key_id, plan_id, ""))
-            .key(keys::quota(key_id, plan_id))
-            .key(keys::usage(key_id, plan_id))
-            .key(keys::adjustments(key_id, plan_id))
-            .arg(window.start.0)
+        let mut call = self.set_remaining.call(4);
+        let mut scratch = String::new();
+        keys::limiter_keys(&mut scratch, &grant.key_id, &grant.plan_id, "", |k| {
+            call.arg(k);
+        });
+        call.arg(window.start.0)
             .arg(used)
             .arg(window.end.0)
             .arg(today.0);
-        run::<i64>(&self.conn, self.timeout, &invocation)
+        self.set_remaining
+            .eval::<i64>(&self.conn, self.timeout, &call)
             .await
             .map(Some)
+            .map_err(|e| LimiterError::Redis(e.to_string()))
     }
 }
 

@@ -54,18 +54,11 @@ pub mod keys {
     pub fn adjustments_index(plan_id: &str) -> String {
         format!("{{tg}}:adj:{plan_id}")
     }
-    /// The live quota count of a key under a plan: `s` (window start day), `u` (used).
-    pub fn quota(key_id: &str, plan_id: &str) -> String {
-        per_key_name(key_id, "q", plan_id, None)
-    }
-    /// A key's token bucket under a plan (`method` empty for the plan throttle).
-    pub fn bucket(key_id: &str, plan_id: &str, method: &str) -> String {
-        per_key_name(key_id, "t", plan_id, Some(method))
-    }
 
     /// The four records the data plane's limiter script keeps for a key under a plan, in its `KEYS`
-    /// order (bucket, quota, usage, adjustments), each handed to `each` in turn from one reused
-    /// buffer: the request path allocates no names.
+    /// order, each handed to `each` in turn from one reused buffer (the request path allocates no
+    /// names): the token bucket (`method` empty for the plan throttle), the live quota count (`s`
+    /// window start day, `u` used), the per-day usage and the quota adjustments.
     pub fn limiter_keys(
         scratch: &mut String,
         key_id: &str,

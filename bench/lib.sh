@@ -1,0 +1,75 @@
+# Shared by bench/run.sh and bench/instructions.sh (sourced, from the project root): the tool check,
+# the release build, a work directory whose servers are stopped on exit, free ports, the upstream and
+# the tollgate config both scripts drive.
+
+# The key every benchmark request carries.
+KEY=benchmarkKeyValue00000000000000000000042
+
+# require TOOL...: exits naming whatever is missing (installs nothing).
+require() {
+    local missing=() tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "missing: ${missing[*]}" >&2
+        echo "on Debian: apt-get install nginx-light haproxy wrk redis-server valgrind util-linux python3" >&2
+        exit 1
+    fi
+}
+
+# Builds tollgate, makes $WORK, and stops every pid added to PIDS when the script exits.
+setup() {
+    cargo build --release -q -p tollgate
+    TOLLGATE=$PWD/target/release/tollgate
+    WORK=$(mktemp -d)
+    PIDS=()
+    trap cleanup EXIT
+}
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    # Up to two minutes: a gateway loading a million keys takes a while.
+    for _ in $(seq 1 2400); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
+# upstream_config PORT: the static responder every target forwards to (nginx `return 200`).
+upstream_config() {
+    cat <<CONF
+worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:$1; location / { return 200 "ok"; } } }
+CONF
+}
+
+# tollgate_config PORT STORE PLAN RATE BURST [KEY]: one API proxying everything to the upstream on $UP
+# under one keyed route, one plan with that throttle, and (given KEY) one key in it.
+tollgate_config() {
+    cat <<CONF
+listen: 127.0.0.1:$1
+store: $2
+apis:
+  - id: bench
+    stages: [ { name: prod, basePath: / } ]
+    routes:
+      - { path: "/{proxy+}", method: ANY, apiKeyRequired: true, upstream: "http://127.0.0.1:$UP" }
+usagePlans:
+  - name: $3
+    apiStages: [ { apiId: bench, stage: prod } ]
+    throttle: { rateLimit: $4, burstLimit: $5 }
+CONF
+    if [ -n "${6:-}" ]; then
+        printf 'apiKeys:\n  - { name: %s, value: %s, usagePlans: [%s] }\n' "$3" "$6" "$3"
+    fi
+}
