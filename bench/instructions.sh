@@ -50,19 +50,8 @@ count() {
 }
 
 PORT=$(free_port)
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1; daemon off; master_process off; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 10000000;
-  map \$http_x_api_key \$api_client { default ""; "$KEY" k42; }
-  limit_req_zone \$api_client zone=perkey:1m rate=1000000r/s;
-  upstream up { server 127.0.0.1:$UP; keepalive 32; }
-  server { listen 127.0.0.1:$PORT;
-    location / {
-      if (\$api_client = "") { return 403; }
-      limit_req zone=perkey burst=1000000 nodelay;
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+printf '"%s" k42;\n' "$KEY" >"$WORK/keys.map"
+nginx_auth_config "$PORT" "$WORK/keys.map" 1000000r/s 1000000 "$WORK" "master_process off;" >"$WORK/nginx.conf"
 printf '%-34s %12s\n' target "instr/request"
 count "nginx key map + limit_req" "$PORT" nginx -c "$WORK/nginx.conf" -p "$WORK"
 

@@ -73,3 +73,24 @@ CONF
         printf 'apiKeys:\n  - { name: %s, value: %s, usagePlans: [%s] }\n' "$3" "$6" "$3"
     fi
 }
+
+# nginx_auth_config PORT MAP RATE BURST DIR [MAIN]: nginx doing the job tollgate does: x-api-key looked
+# up in MAP (a file of `"value" name;` lines), each key limited by limit_req (RATE such as 100r/s, a
+# burst of BURST, 429 beyond), forwarded to the upstream on $UP with keep-alive. MAIN goes into the main
+# context (e.g. `master_process off;`).
+nginx_auth_config() {
+    cat <<CONF
+worker_processes 1; daemon off; ${6:-} pid $5/nginx.pid; error_log $5/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  map_hash_max_size 4194304; map_hash_bucket_size 128;
+  map \$http_x_api_key \$api_client { default ""; include $2; }
+  limit_req_zone \$api_client zone=perkey:64m rate=$3;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$1;
+    location / {
+      if (\$api_client = "") { return 403; }
+      limit_req zone=perkey burst=$4 nodelay; limit_req_status 429;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+}

@@ -99,20 +99,7 @@ CONF
 }
 target_nginx_auth() {
     local port=$1 keys=$2 dir="$WORK/nginx-auth-$1"; mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
-  map_hash_max_size 4194304; map_hash_bucket_size 128;
-  map \$http_x_api_key \$api_client { default ""; include $WORK/keys-$keys/nginx.map; }
-  limit_req_zone \$api_client zone=perkey:64m rate=1000000r/s;
-  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
-  server { listen 127.0.0.1:$port;
-    location / {
-      if (\$api_client = "") { return 403; }
-      limit_req zone=perkey burst=1000000 nodelay;
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+    nginx_auth_config "$port" "$WORK/keys-$keys/nginx.map" 1000000r/s 1000000 "$dir" >"$dir/nginx.conf"
     start "sut" nginx -c "$dir/nginx.conf" -p "$dir"
 }
 target_haproxy_auth() {
@@ -259,18 +246,8 @@ accuracy_run() { taskset -c 0 python3 bench/accuracy.py "$1" "$ACC_KEY" --rate "
 acc_results=()
 
 dir="$WORK/acc-nginx"; mkdir -p "$dir"; port=$(free_port)
-cat >"$dir/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000;
-  map \$http_x_api_key \$api_client { default ""; "$ACC_KEY" acc; }
-  limit_req_zone \$api_client zone=acc:1m rate=100r/s;
-  upstream up { server 127.0.0.1:$UP; keepalive 32; }
-  server { listen 127.0.0.1:$port;
-    location / { if (\$api_client = "") { return 403; }
-      limit_req zone=acc burst=50 nodelay; limit_req_status 429;
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+printf '"%s" acc;\n' "$ACC_KEY" >"$dir/keys.map"
+nginx_auth_config "$port" "$dir/keys.map" 100r/s 50 "$dir" >"$dir/nginx.conf"
 start sut nginx -c "$dir/nginx.conf" -p "$dir"; wait_port "$port"
 acc_results+=("nginx limit_req (rate 100r/s, burst 50 nodelay): $(accuracy_run "http://127.0.0.1:$port/x")")
 kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
