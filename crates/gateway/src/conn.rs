@@ -157,12 +157,22 @@ impl Conn<'_> {
                 }
             }
             let idle = self.inbuf.is_empty();
-            if idle && self.shared.draining.load(Ordering::Relaxed) {
-                return Ok(None);
+            if idle {
+                if self.shared.draining.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                self.inbuf.release();
             }
+            let (inbuf, client) = (&mut self.inbuf, &mut self.client);
             let read = tokio::select! {
                 biased;
-                r = self.inbuf.read_from(&mut self.client) => r,
+                r = async {
+                    // Between requests, wait for bytes before taking a buffer.
+                    if idle {
+                        std::future::poll_fn(|cx| client.poll_read_ready(cx)).await?;
+                    }
+                    inbuf.read_from(client).await
+                } => r,
                 () = self.head_deadline.expired() => return Ok(None),
                 () = &mut self.stop, if idle => return Ok(None),
             };
@@ -399,6 +409,7 @@ impl Conn<'_> {
         let relayed = relay(&mut up.io, &mut up.buf, &mut self.client, &mut resp_body).await;
         let upstream_clean = relayed.is_ok() && resp_head.reusable && up.buf.is_empty();
         up.reused = true;
+        up.buf.release();
         if !upstream_clean {
             self.upstream = None;
         }

@@ -66,6 +66,11 @@ impl InBuf {
         io: &mut R,
     ) -> std::io::Result<usize> {
         use tokio::io::AsyncReadExt as _;
+        if self.data.capacity() == 0 {
+            if let Some(spare) = SPARE.with(|s| s.borrow_mut().pop()) {
+                self.data = spare;
+            }
+        }
         if self.start > 0 && self.data.capacity() - self.data.len() < READ_SIZE / 2 {
             self.data.drain(..self.start);
             self.start = 0;
@@ -73,6 +78,33 @@ impl InBuf {
         self.data.reserve(READ_SIZE);
         io.read_buf(&mut self.data).await
     }
+
+    /// Hands the memory to this thread's spares when nothing is left unconsumed: a connection waiting
+    /// for its next message holds no buffer (ten thousand idle keep-alive clients cost none).
+    pub fn release(&mut self) {
+        if !self.is_empty() || self.data.capacity() == 0 {
+            return;
+        }
+        let mut data = std::mem::take(&mut self.data);
+        self.start = 0;
+        // A buffer grown for a large head goes back to the allocator.
+        if data.capacity() <= 2 * READ_SIZE {
+            data.clear();
+            SPARE.with(|s| {
+                let mut spare = s.borrow_mut();
+                if spare.len() < MAX_SPARE {
+                    spare.push(data);
+                }
+            });
+        }
+    }
+}
+
+/// Read buffers kept per thread for connections that have bytes to read.
+const MAX_SPARE: usize = 256;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How a message's body is delimited.
@@ -862,6 +894,22 @@ mod tests {
         ] {
             assert!(ChunkedReader::default().scan(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn buffers_are_held_only_while_bytes_are() {
+        let mut buf = InBuf::default();
+        let mut io: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(buf.read_from(&mut io).await.unwrap(), 18);
+        let held = buf.data.as_ptr();
+        buf.release();
+        assert_eq!(buf.data.as_ptr(), held, "kept while unconsumed");
+        buf.consume(18);
+        buf.release();
+        assert_eq!(buf.data.capacity(), 0, "an idle buffer holds no memory");
+        let mut io: &[u8] = b"next";
+        assert_eq!(buf.read_from(&mut io).await.unwrap(), 4);
+        assert_eq!(buf.data.as_ptr(), held, "the spare is reused");
     }
 
     #[test]
