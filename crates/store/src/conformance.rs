@@ -75,6 +75,11 @@ pub fn records_roundtrip(store: &dyn Store) {
     let loaded = store.load().unwrap();
     assert!(loaded.plans.contains(&p));
     assert!(loaded.keys.contains(&k));
+    let mut plans = store.plans().unwrap();
+    let mut all = loaded.plans.clone();
+    plans.sort_by(|a, b| a.id.cmp(&b.id));
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(plans, all, "plans() reads what load() does");
 
     let mut changed = k.clone();
     changed.enabled = false;

@@ -105,6 +105,8 @@ fn put_each(store: &(impl Store + ?Sized), records: &Records) -> Result<(), Stor
 pub trait Store: Send + Sync {
     /// Loads every plan, key and binding.
     fn load(&self) -> Result<Records, StoreError>;
+    /// Loads every plan (and nothing of the keys: there may be millions).
+    fn plans(&self) -> Result<Vec<UsagePlan>, StoreError>;
     /// Creates or replaces a plan (matched by id).
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError>;
     /// Creates or replaces a key (matched by id). Fails with [`StoreError::DuplicateKeyValue`] when

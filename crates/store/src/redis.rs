@@ -442,7 +442,24 @@ impl RedisStore {
     }
 }
 
+/// Plans from their stored JSON, by id.
+fn parse_plans(stored: Vec<(String, String)>) -> Result<Vec<UsagePlan>, StoreError> {
+    stored
+        .into_iter()
+        .map(|(id, body)| {
+            serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                id,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
 impl Store for RedisStore {
+    fn plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
+        parse_plans(self.scan_hash(keys::PLANS)?)
+    }
+
     fn load(&self) -> Result<Records, StoreError> {
         // Scanned in pages, so a million keys never block Redis for long; the version read before and
         // after tells whether a write slipped in between, and then the read is repeated.
@@ -457,14 +474,10 @@ impl Store for RedisStore {
                 break (plans, keys, bindings);
             }
         };
-        let mut records = Records::default();
-        for (id, body) in plans {
-            let plan: UsagePlan = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
-                id: id.clone(),
-                reason: e.to_string(),
-            })?;
-            records.plans.push(plan);
-        }
+        let mut records = Records {
+            plans: parse_plans(plans)?,
+            ..Records::default()
+        };
         for (id, body) in keys {
             let k: StoredKey = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
                 id: id.clone(),

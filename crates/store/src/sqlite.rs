@@ -88,7 +88,7 @@ fn to_day(v: i64) -> EpochDay {
 }
 
 impl Store for SqliteStore {
-    fn load(&self) -> Result<Records, StoreError> {
+    fn plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
         let conn = self.conn();
         let mut plans = Vec::new();
         let mut stmt = conn
@@ -105,7 +105,12 @@ impl Store for SqliteStore {
             })?;
             plans.push(plan);
         }
+        Ok(plans)
+    }
 
+    fn load(&self) -> Result<Records, StoreError> {
+        let plans = self.plans()?;
+        let conn = self.conn();
         let mut keys = Vec::new();
         let mut stmt = conn
             .prepare(

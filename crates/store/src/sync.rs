@@ -2,7 +2,7 @@
 
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
-use crate::{Store, StoreError, ids};
+use crate::{Records, Store, StoreError, ids};
 
 /// A usage plan as a config file declares it (no id: the store assigns or keeps one).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +60,15 @@ pub fn apply_declared(
     now_secs: i64,
     seal: Option<SealFn<'_>>,
 ) -> Result<Vec<GeneratedKey>, StoreError> {
-    let records = store.load()?;
+    // Keys are matched by name, so they are read only when some are declared (there may be millions).
+    let records = if keys.is_empty() {
+        Records {
+            plans: store.plans()?,
+            ..Records::default()
+        }
+    } else {
+        store.load()?
+    };
     let mut plan_ids = Vec::with_capacity(plans.len());
     for declared in plans {
         let id = records
