@@ -43,6 +43,7 @@ async fn proxies_with_forwarded_headers_and_without_hop_by_hop() {
                 ("connection", "keep-alive, x-drop-me"),
                 ("x-drop-me", "1"),
                 ("x-forwarded-for", "10.9.8.7"),
+                ("x-forwarded-port", "9999"),
             ],
             "{}",
         )
@@ -55,6 +56,10 @@ async fn proxies_with_forwarded_headers_and_without_hop_by_hop() {
     assert_eq!(h["x-forwarded-for"], "10.9.8.7, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], gw.addr.to_string());
+    assert!(
+        h.get("x-forwarded-port").is_none(),
+        "a client's X-Forwarded-Port was passed on: {h}"
+    );
     assert!(
         h.get("x-drop-me").is_none(),
         "connection-listed header forwarded: {h}"
