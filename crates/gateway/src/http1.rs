@@ -54,12 +54,6 @@ impl InBuf {
         }
     }
 
-    /// Drops everything unconsumed.
-    pub fn clear(&mut self) {
-        self.data.clear();
-        self.start = 0;
-    }
-
     /// Reads once from `io` into the buffer; `Ok(0)` means the peer closed.
     pub async fn read_from<R: tokio::io::AsyncRead + Unpin>(
         &mut self,
@@ -363,7 +357,7 @@ pub fn parse_request(
 }
 
 /// Appends `name: value\r\n`.
-pub fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

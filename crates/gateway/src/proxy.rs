@@ -58,26 +58,20 @@ impl UpstreamPool {
         slot: &'c mut Option<UpstreamConn>,
         url: &Uri,
     ) -> std::io::Result<&'c mut UpstreamConn> {
-        let authority = url.authority().map_or("", |a| a.as_str());
-        if slot.as_ref().is_some_and(|c| c.authority != authority) {
-            if let Some(old) = slot.take() {
-                self.put(old);
+        let authority = authority(url);
+        let conn = match slot.take() {
+            Some(conn) if conn.authority == authority => conn,
+            other => {
+                if let Some(old) = other {
+                    self.put(old);
+                }
+                match self.take(authority) {
+                    Some(io) => UpstreamConn::new(authority, io, true),
+                    None => UpstreamConn::new(authority, open(url).await?, false),
+                }
             }
-        }
-        if slot.is_none() {
-            let (io, reused) = match self.take(authority) {
-                Some(io) => (io, true),
-                None => (open(url).await?, false),
-            };
-            *slot = Some(UpstreamConn {
-                authority: authority.to_owned(),
-                io,
-                buf: InBuf::default(),
-                reused,
-            });
-        }
-        slot.as_mut()
-            .ok_or_else(|| std::io::Error::other("no upstream connection"))
+        };
+        Ok(slot.insert(conn))
     }
 
     /// Replaces the connection in `slot` with a new one to `url` (after the old one turned out to be
@@ -89,14 +83,24 @@ impl UpstreamPool {
     ) -> std::io::Result<&'c mut UpstreamConn> {
         *slot = None;
         let io = open(url).await?;
-        let authority = url.authority().map_or("", |a| a.as_str()).to_owned();
-        Ok(slot.insert(UpstreamConn {
-            authority,
+        Ok(slot.insert(UpstreamConn::new(authority(url), io, false)))
+    }
+}
+
+impl UpstreamConn {
+    fn new(authority: &str, io: TcpStream, reused: bool) -> Self {
+        Self {
+            authority: authority.to_owned(),
             io,
             buf: InBuf::default(),
-            reused: false,
-        }))
+            reused,
+        }
     }
+}
+
+/// `url`'s `host[:port]`: what identifies an upstream connection.
+fn authority(url: &Uri) -> &str {
+    url.authority().map_or("", |a| a.as_str())
 }
 
 async fn open(url: &Uri) -> std::io::Result<TcpStream> {
