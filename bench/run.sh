@@ -155,8 +155,18 @@ cpu_ticks_all() {
     echo "$t"
 }
 TICK=$(getconf CLK_TCK)
+# rss_kb PID...: resident kilobytes of the processes and their children.
+rss_kb() {
+    local t=0 p c
+    for p in "$@"; do
+        for c in "$p" $(pgrep -P "$p" || true); do
+            t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$c/status" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$t"
+}
 
-# measure LABEL KIND KEYS: one run; appends "label rps p50 p99 cpu_us" to $WORK/results.
+# measure LABEL KIND KEYS: one run; appends "label rps p50 p99 cpu_us rss_kb" to $WORK/results.
 measure() {
     local label=$1 kind=$2 keys=$3 port url pids
     if [ "$kind" = upstream ]; then
@@ -181,7 +191,7 @@ measure() {
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     local cpu_us; cpu_us=$(python3 -c "print(f'{($after - $before) / $TICK * 1e6 / max($requests, 1):.1f}')")
-    echo "$label $rps $p50 $p99 $cpu_us" >>"$WORK/results"
+    echo "$label $rps $p50 $p99 $cpu_us $(rss_kb "${pids[@]}")" >>"$WORK/results"
     if [ "$kind" != upstream ]; then
         kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
     fi
@@ -212,8 +222,8 @@ python3 - "$WORK/results" <<'PY'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    label, rps, p50, p99, cpu = line.split()
-    rows.setdefault(label, []).append((float(rps), p50, p99, float(cpu)))
+    label, rps, p50, p99, cpu, rss = line.split()
+    rows.setdefault(label, []).append((float(rps), p50, p99, float(cpu), int(rss)))
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -222,17 +232,28 @@ def ms(v):
 def med(label):
     runs = rows[label]
     return (statistics.median(r[0] for r in runs), statistics.median(ms(r[1]) for r in runs),
-            statistics.median(ms(r[2]) for r in runs), statistics.median(r[3] for r in runs))
+            statistics.median(ms(r[2]) for r in runs), statistics.median(r[3] for r in runs),
+            statistics.median(r[4] for r in runs))
 base = {}
 for label in rows:
     if label.startswith("nginx-auth/"):
         base[label.split("/")[1]] = med(label)[0]
-print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'vs nginx-auth':>14}")
+print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MB':>8} {'vs nginx-auth':>14}")
 for label in rows:
-    rps, p50, p99, cpu = med(label)
+    rps, p50, p99, cpu, rss = med(label)
     n = label.split("/")[1] if "/" in label else next(iter(base), None)
     ratio = f"{rps / base[n]:.2f}x" if n in base else "-"
-    print(f"{label:<24} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>11.1f} {ratio:>14}")
+    print(f"{label:<24} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>11.1f} {rss / 1024:>8.1f} {ratio:>14}")
+# Resident bytes per key: the growth between the smallest and the largest key set, per added key.
+sets = sorted({int(l.split("/")[1]) for l in rows if "/" in l})
+if len(sets) > 1:
+    lo, hi = sets[0], sets[-1]
+    print()
+    for target in ("nginx-auth", "haproxy-auth", "tollgate", "tollgate-redis"):
+        a, b = f"{target}/{lo}", f"{target}/{hi}"
+        if a in rows and b in rows:
+            per_key = (med(b)[4] - med(a)[4]) * 1024 / (hi - lo)
+            print(f"{target:<24} resident bytes per key ({lo} to {hi} keys): {per_key:.0f}")
 PY
 
 [ "$ACCURACY" = 1 ] || exit 0

@@ -809,15 +809,12 @@ impl Admin {
             let start = QuotaWindow::containing(&quota, self.today()).start;
             let snapshot = self.gateway.snapshot();
             let now = self.gateway.clock().now();
-            let grant = snapshot
-                .grants()
-                .iter()
-                .find(|g| &*g.plan_id == plan_id && &*g.key_id == key_id);
+            let grant = snapshot.grant_of(plan_id, key_id);
             // The local count always follows (cluster mode falls back to it when Redis is down).
-            let local = grant.and_then(|g| g.quota().map(|q| q.set_remaining(now, remaining)));
+            let local = grant.and_then(|g| g.set_remaining(now, remaining));
             let live = match (grant, self.gateway.limiter()) {
                 (Some(g), Some(limiter)) => limiter
-                    .set_remaining(g, remaining, now)
+                    .set_remaining(&g, remaining, now)
                     .await
                     .map_err(|e| AdminError::Internal(e.to_string()))?,
                 _ => local,

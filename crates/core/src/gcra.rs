@@ -24,6 +24,13 @@ pub struct Gcra {
 #[derive(Debug, Default)]
 pub struct GcraState(AtomicU64);
 
+impl GcraState {
+    /// Makes the bucket full, as a new one is.
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
 /// What a throttle said about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThrottleDecision {
@@ -110,14 +117,16 @@ impl Gcra {
         (self.tolerance.saturating_sub(tat - now)) / self.interval
     }
 
-    /// A state for this throttle holding as many tokens as `old` holds under `old_gcra` at `now`
-    /// (at most this bucket's size), so a changed throttle neither refills nor drains anyone's bucket.
-    pub fn carry_over(&self, old_gcra: &Gcra, old: &GcraState, now: u64) -> GcraState {
-        let tokens = old_gcra.available(old, now).min(self.burst());
+    /// Rewrites `state`, kept under `old_gcra` until now, to hold as many tokens under this throttle
+    /// as it held at `now` (at most this bucket's size), so a changed throttle neither refills nor
+    /// drains anyone's bucket.
+    pub fn carry_over(&self, old_gcra: &Gcra, state: &GcraState, now: u64) {
+        let tokens = old_gcra.available(state, now).min(self.burst());
         let missing = self.burst() - tokens;
-        GcraState(AtomicU64::new(
+        state.0.store(
             now.saturating_add(missing.saturating_mul(self.interval)),
-        ))
+            Ordering::Release,
+        );
     }
 
     /// Nanoseconds until the bucket is full again.
@@ -213,21 +222,19 @@ mod tests {
         let now = 50 * NANOS_PER_SEC;
         assert_eq!(admitted(&slow, &s, now, 2), 2);
         let fast = gcra(1000.0, 3);
-        let carried = fast.carry_over(&slow, &s, now);
-        assert_eq!(fast.available(&carried, now), 1);
-        assert_eq!(admitted(&fast, &carried, now, 5), 1);
+        fast.carry_over(&slow, &s, now);
+        assert_eq!(fast.available(&s, now), 1);
+        assert_eq!(admitted(&fast, &s, now, 5), 1);
         assert_eq!(
-            admitted(&fast, &carried, now + 1_000_000, 5),
+            admitted(&fast, &s, now + 1_000_000, 5),
             1,
             "refills at the new rate"
         );
         // A smaller bucket caps what carries over.
         let small = gcra(1.0, 1);
         let full = GcraState::default();
-        assert_eq!(
-            small.available(&small.carry_over(&fast, &full, now), now),
-            1
-        );
+        small.carry_over(&fast, &full, now);
+        assert_eq!(small.available(&full, now), 1);
     }
 
     #[test]

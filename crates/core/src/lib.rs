@@ -10,4 +10,4 @@ pub mod quota;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use gcra::{Gcra, GcraState, ThrottleDecision};
 pub use model::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
-pub use quota::{EpochDay, Period, QuotaState, QuotaWindow};
+pub use quota::{EpochDay, Period, Quota, QuotaCount, QuotaWindow};

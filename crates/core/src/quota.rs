@@ -170,35 +170,36 @@ pub enum QuotaDecision {
     },
 }
 
-/// The live count of one (key, plan) quota: lock-free, rolled over lazily when a request arrives in a
-/// new period.
+/// One plan's quota: its settings and its current period, cached so the common case is one
+/// comparison. Shared by every key of the plan; each key's count is a [`QuotaCount`].
 #[derive(Debug)]
-pub struct QuotaState {
+pub struct Quota {
     settings: QuotaSettings,
-    /// The cached current window, packed `start << 32 | end`, so the common case is one comparison.
+    /// The cached current window, packed `start << 32 | end` (empty until first asked).
     window: AtomicU64,
-    /// `window start << 32 | used as i32`: the count is only valid for the window it names. It goes
-    /// negative when an operator grants more than the limit (AWS UpdateUsage).
-    counter: AtomicU64,
 }
+
+/// One key's count under a [`Quota`]: `window start << 32 | used as i32`, valid only for the window
+/// it names (so a new period starts at zero without anyone resetting it). It goes negative when an
+/// operator grants more than the limit (AWS UpdateUsage).
+#[derive(Debug, Default)]
+pub struct QuotaCount(AtomicU64);
 
 fn pack_count(start: EpochDay, used: i64) -> u64 {
     let used = i32::try_from(used).unwrap_or(if used < 0 { i32::MIN } else { i32::MAX });
     (u64::from(start.0) << 32) | u64::from(used as u32)
 }
 
-impl QuotaState {
-    /// A quota with `used` requests already counted in the period containing `today`.
-    pub fn new(settings: QuotaSettings, today: EpochDay, used: i64) -> Self {
-        let window = QuotaWindow::containing(&settings, today);
+impl Quota {
+    /// The quota for `settings`.
+    pub fn new(settings: QuotaSettings) -> Self {
         Self {
             settings,
-            window: AtomicU64::new(window.pack()),
-            counter: AtomicU64::new(pack_count(window.start, used)),
+            window: AtomicU64::new(0),
         }
     }
 
-    /// The settings this state enforces.
+    /// The settings this quota enforces.
     pub fn settings(&self) -> &QuotaSettings {
         &self.settings
     }
@@ -214,25 +215,23 @@ impl QuotaState {
         fresh
     }
 
-    /// Counts one request at `now` if the period has room for it.
-    pub fn try_consume(&self, now: u64) -> QuotaDecision {
+    /// Counts one request of `count` at `now` if the period has room for it.
+    pub fn try_consume(&self, count: &QuotaCount, now: u64) -> QuotaDecision {
         let window = self.window(EpochDay::from_nanos(now));
         let limit = i64::from(self.settings.limit);
-        let mut current = self.counter.load(Ordering::Acquire);
+        let mut current = count.0.load(Ordering::Acquire);
         loop {
-            let used = self.used_in(current, window);
+            let used = used_in(current, window);
             if used >= limit {
                 return QuotaDecision::Refused {
                     resets_at: window.end,
                 };
             }
             let next = pack_count(window.start, used + 1);
-            match self.counter.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match count
+                .0
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => {
                     return QuotaDecision::Allowed {
                         remaining: (limit - used - 1).unsigned_abs(),
@@ -244,34 +243,40 @@ impl QuotaState {
         }
     }
 
-    /// Requests counted in the period containing `now` (negative after a grant above the limit).
-    pub fn used(&self, now: u64) -> i64 {
+    /// Requests `count` holds in the period containing `now` (negative after a grant above the
+    /// limit).
+    pub fn used(&self, count: &QuotaCount, now: u64) -> i64 {
         let window = self.window(EpochDay::from_nanos(now));
-        self.used_in(self.counter.load(Ordering::Acquire), window)
+        used_in(count.0.load(Ordering::Acquire), window)
     }
 
-    /// Requests left in the period containing `now`.
-    pub fn remaining(&self, now: u64) -> u64 {
-        u64::try_from(i64::from(self.settings.limit) - self.used(now)).unwrap_or(0)
+    /// Requests left to `count` in the period containing `now`.
+    pub fn remaining(&self, count: &QuotaCount, now: u64) -> u64 {
+        u64::try_from(i64::from(self.settings.limit) - self.used(count, now)).unwrap_or(0)
     }
 
-    /// Sets what is left in the current period (AWS UpdateUsage `replace /remaining`); returns by how
-    /// much the period's count changed.
-    pub fn set_remaining(&self, now: u64, remaining: i64) -> i64 {
+    /// Sets `count` to `used` requests in the period containing `now`; returns by how much the
+    /// period's count changed.
+    pub fn set_used(&self, count: &QuotaCount, now: u64, used: i64) -> i64 {
         let window = self.window(EpochDay::from_nanos(now));
-        let used = i64::from(self.settings.limit) - remaining;
-        let before = self
-            .counter
+        let before = count
+            .0
             .swap(pack_count(window.start, used), Ordering::AcqRel);
-        used - self.used_in(before, window)
+        used - used_in(before, window)
     }
 
-    fn used_in(&self, packed: u64, window: QuotaWindow) -> i64 {
-        if (packed >> 32) as u32 == window.start.0 {
-            i64::from(packed as u32 as i32)
-        } else {
-            0
-        }
+    /// Sets what is left to `count` in the current period (AWS UpdateUsage `replace /remaining`);
+    /// returns by how much the period's count changed.
+    pub fn set_remaining(&self, count: &QuotaCount, now: u64, remaining: i64) -> i64 {
+        self.set_used(count, now, i64::from(self.settings.limit) - remaining)
+    }
+}
+
+fn used_in(packed: u64, window: QuotaWindow) -> i64 {
+    if (packed >> 32) as u32 == window.start.0 {
+        i64::from(packed as u32 as i32)
+    } else {
+        0
     }
 }
 
@@ -386,34 +391,36 @@ mod tests {
     fn quota_counts_and_rolls_over() {
         let settings = q(Period::Day, 0);
         let today = day(2026, 11, 27);
-        let s = QuotaState::new(settings, today, 1);
         let now = today.start_nanos() + 5;
+        let quota = Quota::new(settings);
+        let c = QuotaCount::default();
+        quota.set_used(&c, now, 1);
         assert_eq!(
-            s.try_consume(now),
+            quota.try_consume(&c, now),
             QuotaDecision::Allowed {
                 remaining: 1,
                 resets_at: today.next()
             }
         );
         assert_eq!(
-            s.try_consume(now),
+            quota.try_consume(&c, now),
             QuotaDecision::Allowed {
                 remaining: 0,
                 resets_at: today.next()
             }
         );
         assert_eq!(
-            s.try_consume(now),
+            quota.try_consume(&c, now),
             QuotaDecision::Refused {
                 resets_at: today.next()
             }
         );
-        assert_eq!(s.used(now), 3);
-        assert_eq!(s.remaining(now), 0);
+        assert_eq!(quota.used(&c, now), 3);
+        assert_eq!(quota.remaining(&c, now), 0);
         let tomorrow = today.next().start_nanos();
-        assert_eq!(s.used(tomorrow), 0);
+        assert_eq!(quota.used(&c, tomorrow), 0);
         assert!(matches!(
-            s.try_consume(tomorrow),
+            quota.try_consume(&c, tomorrow),
             QuotaDecision::Allowed { remaining: 2, .. }
         ));
     }
@@ -423,23 +430,32 @@ mod tests {
         let settings = q(Period::Day, 0);
         let today = day(2026, 11, 27);
         let now = today.start_nanos() + 5;
-        let s = QuotaState::new(settings, today, 2);
-        assert_eq!(s.set_remaining(now, 5), -4, "3 - 5 = -2 used, from 2");
-        assert_eq!(s.used(now), -2);
+        let quota = Quota::new(settings);
+        let c = QuotaCount::default();
+        quota.set_used(&c, now, 2);
+        assert_eq!(
+            quota.set_remaining(&c, now, 5),
+            -4,
+            "3 - 5 = -2 used, from 2"
+        );
+        assert_eq!(quota.used(&c, now), -2);
         for left in (0..5).rev() {
             assert_eq!(
-                s.try_consume(now),
+                quota.try_consume(&c, now),
                 QuotaDecision::Allowed {
                     remaining: left,
                     resets_at: today.next()
                 }
             );
         }
-        assert!(matches!(s.try_consume(now), QuotaDecision::Refused { .. }));
-        assert_eq!(s.set_remaining(now, 0), 0);
-        assert_eq!(s.set_remaining(now, 1), -1);
         assert!(matches!(
-            s.try_consume(now),
+            quota.try_consume(&c, now),
+            QuotaDecision::Refused { .. }
+        ));
+        assert_eq!(quota.set_remaining(&c, now, 0), 0);
+        assert_eq!(quota.set_remaining(&c, now, 1), -1);
+        assert!(matches!(
+            quota.try_consume(&c, now),
             QuotaDecision::Allowed { remaining: 0, .. }
         ));
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Method;
 use tollgate_core::clock::NANOS_PER_SEC;
-use tollgate_core::quota::{EpochDay, Period, QuotaState};
+use tollgate_core::quota::{EpochDay, Period, Quota, QuotaCount};
 use tollgate_core::{
     ApiKey, ApiStage, Gcra, GcraState, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan,
 };
@@ -117,17 +117,14 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let quota = QuotaState::new(
-        QuotaSettings {
-            limit: u32::MAX,
-            offset: 2,
-            period: Period::Month,
-        },
-        EpochDay::from_nanos(NOW),
-        0,
-    );
+    let quota = Quota::new(QuotaSettings {
+        limit: u32::MAX,
+        offset: 2,
+        period: Period::Month,
+    });
+    let count = QuotaCount::default();
     c.bench_function("quota check", |b| {
-        b.iter(|| black_box(quota.try_consume(black_box(NOW))))
+        b.iter(|| black_box(quota.try_consume(&count, black_box(NOW))))
     });
 
     let small = Snapshot::build(

@@ -124,7 +124,7 @@ type Verdict = (i64, i64, i64, i64);
 
 /// One request waiting for the batcher: whose records the script reads, and its seven arguments.
 struct Job {
-    key_id: Arc<str>,
+    key_id: Box<str>,
     plan_id: Arc<str>,
     /// The per-method bucket's route, empty for the plan's bucket.
     method: String,
@@ -380,7 +380,7 @@ impl RedisLimiter {
     /// `Err` means Redis could not be asked: the caller applies [`OnStoreFailure`].
     pub async fn decide(
         &self,
-        grant: &Grant,
+        grant: &Grant<'_>,
         m: &RouteMatch<'_>,
         method_key: &str,
         now: u64,
@@ -413,7 +413,7 @@ impl RedisLimiter {
 
     async fn decide_once(
         &self,
-        grant: &Grant,
+        grant: &Grant<'_>,
         m: &RouteMatch<'_>,
         method_key: &str,
         day: EpochDay,
@@ -436,8 +436,8 @@ impl RedisLimiter {
         let window = quota.map(|q| QuotaWindow::containing(q.settings(), day));
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            key_id: grant.key_id.clone(),
-            plan_id: grant.plan_id.clone(),
+            key_id: grant.key_id.into(),
+            plan_id: grant.plan_id().clone(),
             method,
             args: [
                 u64::from(bucket.is_some()),
@@ -511,7 +511,7 @@ impl RedisLimiter {
     /// period; returns by how much the count changed.
     pub async fn set_remaining(
         &self,
-        grant: &Grant,
+        grant: &Grant<'_>,
         remaining: i64,
         now: u64,
     ) -> Result<Option<i64>, LimiterError> {
@@ -523,7 +523,7 @@ impl RedisLimiter {
         let used = i64::from(quota.settings().limit) - remaining;
         let mut call = self.set_remaining.call(4);
         let mut scratch = String::new();
-        keys::limiter_keys(&mut scratch, &grant.key_id, &grant.plan_id, "", |k| {
+        keys::limiter_keys(&mut scratch, grant.key_id, grant.plan_id(), "", |k| {
             call.arg(k);
         });
         call.arg(window.start.0)
@@ -614,7 +614,7 @@ mod tests {
 
     async fn admitted(limiter: &RedisLimiter, snap: &Snapshot, n: usize) -> usize {
         let m = snap.route(&Method::GET, "/s/x").unwrap();
-        let grant = &snap.grants()[0];
+        let grant = &snap.grant_of("p", "k").unwrap();
         let mut ok = 0;
         for _ in 0..n {
             let now = tollgate_core::Clock::now(&tollgate_core::SystemClock);
@@ -692,7 +692,7 @@ mod tests {
         assert_eq!(
             limiter
                 .set_remaining(
-                    &snap.grants()[0],
+                    &snap.grant_of("p", "k").unwrap(),
                     2,
                     tollgate_core::Clock::now(&tollgate_core::SystemClock)
                 )
@@ -728,7 +728,7 @@ mod tests {
             Some(quota),
         );
         let m = snap.route(&Method::GET, "/s/x").unwrap();
-        let grant = &snap.grants()[0];
+        let grant = &snap.grant_of("p", "k").unwrap();
         let now = tollgate_core::Clock::now(&tollgate_core::SystemClock);
         let decisions =
             futures_util::future::join_all((0..300).map(|_| limiter.decide(grant, &m, "", now)))
@@ -778,7 +778,7 @@ mod tests {
             None,
         );
         let m = snap.route(&Method::GET, "/s/x").unwrap();
-        let grant = &snap.grants()[0];
+        let grant = &snap.grant_of("p", "k").unwrap();
         let decisions =
             futures_util::future::join_all((0..300).map(|_| limiter.decide(grant, &m, "", now)))
                 .await;

@@ -1,18 +1,26 @@
 //! Per-day request counting for one (key, plan), lock-free on the request path.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tollgate_core::quota::EpochDay;
 
-/// Counts admitted requests per UTC day until the flusher takes them.
+/// Counts admitted requests of the current UTC day until the flusher takes them: one word, so a
+/// million memberships cost 8 bytes each.
 #[derive(Debug, Default)]
 pub struct DailyMeter {
-    /// `day << 32 | count` not yet flushed.
+    /// `day << 32 | count` not yet taken.
     current: AtomicU64,
-    /// Counts of earlier days displaced by a day rollover before the flusher took them. Touched at most
-    /// once per key per day, so a plain mutex (never held across an await) costs nothing.
-    spill: Mutex<Vec<(EpochDay, u64)>>,
+}
+
+/// What one count did to a meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// The meter held nothing before: the first count since the flusher last took it, so the caller
+    /// queues the meter for the flusher.
+    pub first: bool,
+    /// Counts of an earlier day this count displaced (a day rollover before the flusher took
+    /// them): the caller keeps them for the flusher.
+    pub displaced: Option<(EpochDay, u64)>,
 }
 
 fn pack(day: EpochDay, count: u32) -> u64 {
@@ -24,9 +32,8 @@ fn unpack(v: u64) -> (EpochDay, u32) {
 }
 
 impl DailyMeter {
-    /// Counts one request on `day`. True when the meter held nothing before: the first count since
-    /// the flusher last took it, so the caller queues the meter for the flusher.
-    pub fn record(&self, day: EpochDay) -> bool {
+    /// Counts one request on `day`.
+    pub fn record(&self, day: EpochDay) -> Recorded {
         let mut current = self.current.load(Ordering::Relaxed);
         loop {
             let (seen_day, count) = unpack(current);
@@ -42,24 +49,24 @@ impl DailyMeter {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    if seen_day != day && count > 0 {
-                        self.spill().push((seen_day, u64::from(count)));
-                    }
-                    return count == 0;
+                    return Recorded {
+                        first: count == 0,
+                        displaced: (seen_day != day && count > 0)
+                            .then_some((seen_day, u64::from(count))),
+                    };
                 }
                 Err(seen) => current = seen,
             }
         }
     }
 
-    /// Takes every count not yet taken, per day.
-    pub fn take(&self, out: &mut Vec<(EpochDay, u64)>) {
-        out.append(&mut self.spill());
+    /// Takes the count not yet taken, if any.
+    pub fn take(&self) -> Option<(EpochDay, u64)> {
         let mut current = self.current.load(Ordering::Relaxed);
         loop {
             let (day, count) = unpack(current);
             if count == 0 {
-                return;
+                return None;
             }
             match self.current.compare_exchange_weak(
                 current,
@@ -67,17 +74,15 @@ impl DailyMeter {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => {
-                    out.push((day, u64::from(count)));
-                    return;
-                }
+                Ok(_) => return Some((day, u64::from(count))),
                 Err(seen) => current = seen,
             }
         }
     }
 
-    fn spill(&self) -> std::sync::MutexGuard<'_, Vec<(EpochDay, u64)>> {
-        self.spill.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether every count has been taken.
+    pub fn is_empty(&self) -> bool {
+        unpack(self.current.load(Ordering::Acquire)).1 == 0
     }
 }
 
@@ -88,21 +93,29 @@ mod tests {
     #[test]
     fn counts_per_day_across_rollover() {
         let m = DailyMeter::default();
-        let mut out = Vec::new();
-        m.take(&mut out);
-        assert!(out.is_empty());
-        assert!(m.record(EpochDay(10)), "the first count");
-        assert!(!m.record(EpochDay(10)));
-        assert!(!m.record(EpochDay(11)), "a rollover keeps the meter queued");
-        m.take(&mut out);
-        out.sort();
-        assert_eq!(out, vec![(EpochDay(10), 2), (EpochDay(11), 1)]);
-        out.clear();
-        m.take(&mut out);
-        assert!(out.is_empty());
-        assert!(m.record(EpochDay(11)), "the first count after a take");
-        m.take(&mut out);
-        assert_eq!(out, vec![(EpochDay(11), 1)]);
+        assert_eq!(m.take(), None);
+        assert!(m.is_empty());
+        assert!(m.record(EpochDay(10)).first, "the first count");
+        assert_eq!(
+            m.record(EpochDay(10)),
+            Recorded {
+                first: false,
+                displaced: None
+            }
+        );
+        assert_eq!(
+            m.record(EpochDay(11)),
+            Recorded {
+                first: false,
+                displaced: Some((EpochDay(10), 2))
+            },
+            "a rollover hands back the earlier day and keeps the meter queued"
+        );
+        assert_eq!(m.take(), Some((EpochDay(11), 1)));
+        assert_eq!(m.take(), None);
+        assert!(m.is_empty());
+        assert!(m.record(EpochDay(11)).first, "the first count after a take");
+        assert_eq!(m.take(), Some((EpochDay(11), 1)));
     }
 
     #[test]
@@ -112,20 +125,23 @@ mod tests {
             .map(|t| {
                 let m = m.clone();
                 std::thread::spawn(move || {
+                    let mut displaced = 0;
                     for i in 0..10_000u32 {
-                        m.record(EpochDay(100 + (i + t) / 5_000));
+                        let r = m.record(EpochDay(100 + (i + t) / 5_000));
+                        displaced += r.displaced.map_or(0, |(_, n)| n);
                     }
+                    displaced
                 })
             })
             .collect();
-        let mut out = Vec::new();
+        let mut taken = 0;
         for _ in 0..100 {
-            m.take(&mut out);
+            taken += m.take().map_or(0, |(_, n)| n);
         }
         for t in threads {
-            t.join().unwrap();
+            taken += t.join().unwrap();
         }
-        m.take(&mut out);
-        assert_eq!(out.iter().map(|(_, n)| n).sum::<u64>(), 40_000);
+        taken += m.take().map_or(0, |(_, n)| n);
+        assert_eq!(taken, 40_000);
     }
 }

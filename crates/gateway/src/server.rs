@@ -66,15 +66,15 @@ pub(crate) async fn admit_clustered<'s>(
     } else {
         String::new()
     };
-    let decided = match limiter.decide(grant, m, &method_key, now).await {
+    let decided = match limiter.decide(&grant, m, &method_key, now).await {
         Ok(decided) => decided,
         Err(_) => {
             metrics.store_failed();
             match limiter.on_failure {
-                OnStoreFailure::Local => snap.admit_key_locally(grant, m, now),
+                OnStoreFailure::Local => snap.admit_key_locally(&grant, m, now),
                 OnStoreFailure::Allow => {
                     // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    snap.meter(grant, now);
+                    snap.meter(&grant, now);
                     Ok(LimitInfo::default())
                 }
                 OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
@@ -157,10 +157,12 @@ impl GatewayHandle {
     /// Serves `records` from the next request on, keeping live limiter state (see
     /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
     pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), i64>) {
-        let next = self
-            .snapshot()
-            .rebuild(records, period_used, self.shared.clock.now());
-        self.shared.snapshot.store(Arc::new(next));
+        Snapshot::rebuild(
+            &self.shared.snapshot,
+            records,
+            period_used,
+            self.shared.clock.now(),
+        );
     }
 
     /// The cluster-mode limiter, if this gateway shares its limits through Redis.
@@ -322,20 +324,14 @@ async fn flush_loop(
 async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     // One flush at a time: the lock also orders a retried batch before newer counts.
     let mut pending = shared.unflushed.lock().await;
-    let snap = shared.snapshot.load_full();
-    let mut days = Vec::new();
-    for grant in snap.take_metered() {
-        days.clear();
-        grant.meter.take(&mut days);
-        for &(day, count) in &days {
-            pending.push(UsageDelta {
-                plan_id: grant.plan_id.to_string(),
-                key_id: grant.key_id.to_string(),
-                day,
-                count,
-            });
-        }
-    }
+    Snapshot::take_metered(&shared.snapshot, |plan_id, key_id, day, count| {
+        pending.push(UsageDelta {
+            plan_id: plan_id.to_owned(),
+            key_id: key_id.to_owned(),
+            day,
+            count,
+        });
+    });
     if pending.is_empty() {
         return Ok(());
     }

@@ -2,17 +2,25 @@
 //! state, plus the admission pipeline (key ▸ throttles ▸ quota ▸ meter) over it.
 //!
 //! A snapshot is built from the store's records once and swapped whole (`ArcSwap`) when they change;
-//! a request does one hash lookup for its key and a handful of atomic operations, no locks, no I/O.
+//! a request does one lookup for its key and a handful of atomic operations, no locks, no I/O.
+//!
+//! Layout, for a million keys in little memory: keys sit in one array sorted by value hash behind a
+//! directory on the hash's leading bits; key ids in one string; each (key, plan) membership is a plan
+//! index and a slot number. A slot holds the membership's live state (bucket, quota count, meter: 24
+//! bytes of atomics) in chunked arrays shared by successive snapshots, and keeps its number across
+//! rebuilds, so a change of records neither refills buckets nor loses counts.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
+use arc_swap::ArcSwap;
 use http::Method;
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
 use tollgate_core::model::KEY_VALUE_LEN;
-use tollgate_core::quota::{EpochDay, QuotaDecision, QuotaState, QuotaWindow};
+use tollgate_core::quota::{EpochDay, Quota, QuotaCount, QuotaDecision, QuotaWindow};
 use tollgate_core::{KeyHash, ThrottleSettings, UsagePlan};
 use tollgate_store::Records;
 
@@ -20,12 +28,12 @@ use crate::config::{GatewayConfig, Route};
 use crate::meter::DailyMeter;
 use crate::route::{RouteError, RouteMatch, Router};
 
-/// One token bucket: its limits and its state.
+/// One token bucket with its own state: the stage, account and per-method throttles.
 #[derive(Debug)]
 struct Bucket {
     gcra: Gcra,
-    /// Shared with the same bucket in the snapshot this one replaced, so a change of records does not
-    /// refill anyone's bucket.
+    /// Shared with the same bucket in the snapshot this one replaced (carried over in place when its
+    /// limits change), so a change of records does not refill anyone's bucket.
     state: Arc<GcraState>,
 }
 
@@ -35,116 +43,125 @@ impl Bucket {
         let gcra = Gcra::new(settings);
         let state = match previous {
             Some(old) if old.gcra == gcra => old.state.clone(),
-            Some(old) => Arc::new(gcra.carry_over(&old.gcra, &old.state, now)),
+            Some(old) => {
+                gcra.carry_over(&old.gcra, &old.state, now);
+                old.state.clone()
+            }
             None => Arc::default(),
         };
         Self { gcra, state }
     }
 }
 
-/// One API key's membership in one usage plan: the per-key limiter state the plan defines.
+/// The live state of one membership: what its requests change.
+#[derive(Debug, Default)]
+struct Live {
+    /// The plan's bucket (per-method buckets are [`Bucket`]s of their own).
+    bucket: GcraState,
+    quota: QuotaCount,
+    meter: DailyMeter,
+}
+
+const CHUNK_BITS: u32 = 12;
+const CHUNK_LEN: usize = 1 << CHUNK_BITS;
+
+/// Slot numbers index chunks of this many [`Live`]s: growing never moves a slot.
+type Chunk = Arc<[Live]>;
+
+fn live_at(chunks: &[Chunk], slot: u32) -> &Live {
+    &chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_LEN - 1)]
+}
+
+/// A slot no membership holds any more, kept with its owner's ids until the flusher has taken its
+/// last counts and no snapshot that could still count into it is in use.
 #[derive(Debug)]
-pub struct Grant {
-    /// The key's id.
-    pub key_id: Arc<str>,
-    /// The plan's id.
-    pub plan_id: Arc<str>,
-    throttle: Option<Bucket>,
-    /// Per-method overrides: (api, stage, route) → bucket.
-    method_throttles: Vec<((usize, usize, usize), Bucket)>,
-    quota: Option<Arc<QuotaState>>,
-    /// Admitted requests not yet flushed to the store (shared across snapshots).
-    pub meter: Arc<DailyMeter>,
+struct Retired {
+    plan_id: Arc<str>,
+    key_id: Box<str>,
+    seen_by: Weak<Epoch>,
 }
 
-impl Grant {
-    fn throttle_for(&self, m: &RouteMatch<'_>) -> Option<&Bucket> {
-        self.method_throttle_at((m.api, m.stage, m.route))
-            .or(self.throttle.as_ref())
+/// Which slots are taken. Rebuilds and the flusher lock it, never the request path.
+#[derive(Debug, Default)]
+struct SlotBook {
+    chunks: Vec<Chunk>,
+    len: u32,
+    free: Vec<u32>,
+    retired: HashMap<u32, Retired>,
+}
+
+impl SlotBook {
+    fn allocate(&mut self) -> u32 {
+        if let Some(slot) = self.free.pop() {
+            return slot;
+        }
+        if self.len as usize == self.chunks.len() * CHUNK_LEN {
+            self.chunks
+                .push((0..CHUNK_LEN).map(|_| Live::default()).collect());
+        }
+        self.len += 1;
+        self.len - 1
     }
 
-    fn method_throttle_at(&self, at: (usize, usize, usize)) -> Option<&Bucket> {
-        self.method_throttles
-            .iter()
-            .find(|(here, _)| *here == at)
-            .map(|(_, b)| b)
-    }
-
-    /// The throttle that limits this key on the matched route: the per-method one, else the plan's.
-    pub fn bucket_for(&self, m: &RouteMatch<'_>) -> Option<&Gcra> {
-        self.throttle_for(m).map(|b| &b.gcra)
-    }
-
-    /// Whether the matched route has a per-method throttle of its own.
-    pub fn has_method_throttle(&self, m: &RouteMatch<'_>) -> bool {
-        self.method_throttle_at((m.api, m.stage, m.route)).is_some()
-    }
-
-    /// The live quota counter of this membership, if the plan has a quota.
-    pub fn quota(&self) -> Option<&QuotaState> {
-        self.quota.as_deref()
+    /// Frees the retired slots whose counts are all taken and that no snapshot in use can reach. A
+    /// slot is handed to a new membership only then, so no count is ever booked to the wrong one.
+    fn reclaim(&mut self) {
+        let (chunks, free) = (&self.chunks, &mut self.free);
+        self.retired.retain(|&slot, retired| {
+            let live = live_at(chunks, slot);
+            let done = retired.seen_by.strong_count() == 0 && live.meter.is_empty();
+            if done {
+                live.bucket.reset();
+                free.push(slot);
+            }
+            !done
+        });
     }
 }
 
+/// Counts the flusher has not taken: slots queued by their first count since the last take (the
+/// flusher visits these, not a million memberships every second), and counts of an earlier day a
+/// rollover displaced.
+#[derive(Debug, Default)]
+struct Metered {
+    slots: Vec<u32>,
+    displaced: Vec<(u32, EpochDay, u64)>,
+}
+
+/// The live state shared by a gateway's successive snapshots.
+#[derive(Debug, Default)]
+struct Slots {
+    book: Mutex<SlotBook>,
+    metered: Mutex<Metered>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One per snapshot. Each holds on to its successor's, so a snapshot's epoch stays alive while it or
+/// any older snapshot is in use: what a retired slot waits for.
+#[derive(Debug, Default)]
+struct Epoch {
+    newer: OnceLock<Arc<Epoch>>,
+}
+
+/// A usage plan as the request path applies it.
 #[derive(Debug)]
-struct KeyEntry {
-    enabled: bool,
-    /// (api, stage) → the one plan membership that covers it.
-    grants: Vec<((usize, usize), Arc<Grant>)>,
-}
-
-/// A hasher for [`KeyHash`], whose `Hash` impl feeds one u64 of an already uniform digest.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than KeyHash is hashed; stay correct anyway.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-/// A hasher for ids the store hands out (trusted input, hashed a million times at startup): one
-/// multiply per 8 bytes instead of SipHash.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-}
-
-/// What a usage plan covers in the configured APIs, resolved once per plan rather than once per
-/// member key (unknown APIs, stages and methods are reported once, too).
-struct PlanCover<'p> {
-    plan: &'p UsagePlan,
-    /// Shared by the plan's memberships.
+struct PlanRules {
     id: Arc<str>,
-    /// (api, stage) indices.
+    throttle: Option<Gcra>,
+    quota: Option<Quota>,
+    /// (api, stage) indices it covers.
     stages: Vec<(usize, usize)>,
     /// Per-method throttles: (api, stage, route) indices.
     methods: Vec<((usize, usize, usize), ThrottleSettings)>,
 }
 
-impl<'p> PlanCover<'p> {
-    fn resolve(plan: &'p UsagePlan, config: &GatewayConfig) -> Self {
+impl PlanRules {
+    /// Resolves what `plan` covers in the configured APIs (unknown APIs, stages and methods are
+    /// reported once per plan).
+    fn resolve(plan: &UsagePlan, config: &GatewayConfig) -> Self {
         let mut stages = Vec::new();
         let mut methods = Vec::new();
         for api_stage in &plan.api_stages {
@@ -175,13 +192,190 @@ impl<'p> PlanCover<'p> {
             }
         }
         Self {
-            plan,
             id: plan.id.as_str().into(),
+            throttle: plan.throttle.map(Gcra::new),
+            quota: plan.quota.map(Quota::new),
             stages,
             methods,
         }
     }
+
+    fn method_at(&self, m: &RouteMatch<'_>) -> Option<(usize, usize, usize)> {
+        let at = (m.api, m.stage, m.route);
+        self.methods
+            .iter()
+            .any(|(here, _)| *here == at)
+            .then_some(at)
+    }
 }
+
+/// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
+#[derive(Debug, Clone, Copy)]
+struct KeyRec {
+    hash: KeyHash,
+    id_start: u32,
+    /// Index of its first membership; [`DISABLED`] set when the key is disabled.
+    members: u32,
+}
+
+const DISABLED: u32 = 1 << 31;
+
+/// One (key, plan) membership: 8 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    plan: u32,
+    slot: u32,
+}
+
+/// The keys, sorted by value hash, with their memberships in key order.
+#[derive(Debug, Default)]
+struct KeyTable {
+    recs: Vec<KeyRec>,
+    /// `dir[p]..dir[p + 1]`: the records whose hash starts with the `bits`-bit prefix `p`.
+    dir: Vec<u32>,
+    bits: u32,
+    ids: String,
+    /// Record indices in id order, for lookups by id (operator calls, rebuilds).
+    by_id: Vec<u32>,
+    members: Vec<Member>,
+}
+
+impl KeyTable {
+    fn prefix(&self, hash: &KeyHash) -> usize {
+        let lead = u64::from_be_bytes([
+            hash.0[0], hash.0[1], hash.0[2], hash.0[3], hash.0[4], hash.0[5], hash.0[6], hash.0[7],
+        ]);
+        lead.checked_shr(64 - self.bits).unwrap_or(0) as usize
+    }
+
+    fn find(&self, hash: &KeyHash) -> Option<usize> {
+        let p = self.prefix(hash);
+        let range = self.dir[p] as usize..self.dir[p + 1] as usize;
+        range.into_iter().find(|&i| self.recs[i].hash == *hash)
+    }
+
+    fn id(&self, i: usize) -> &str {
+        let end = self
+            .recs
+            .get(i + 1)
+            .map_or(self.ids.len(), |r| r.id_start as usize);
+        &self.ids[self.recs[i].id_start as usize..end]
+    }
+
+    fn enabled(&self, i: usize) -> bool {
+        self.recs[i].members & DISABLED == 0
+    }
+
+    fn members_of(&self, i: usize) -> Range<usize> {
+        let start = (self.recs[i].members & !DISABLED) as usize;
+        let end = self
+            .recs
+            .get(i + 1)
+            .map_or(self.members.len(), |r| (r.members & !DISABLED) as usize);
+        start..end
+    }
+
+    fn by_id(&self, id: &str) -> Option<usize> {
+        let at = self
+            .by_id
+            .binary_search_by(|&i| self.id(i as usize).cmp(id))
+            .ok()?;
+        Some(self.by_id[at] as usize)
+    }
+
+    /// The key a membership belongs to.
+    fn owner(&self, member: usize) -> usize {
+        self.recs
+            .partition_point(|r| (r.members & !DISABLED) as usize <= member)
+            .saturating_sub(1)
+    }
+}
+
+/// One API key's membership in one usage plan, as a request uses it.
+#[derive(Clone, Copy)]
+pub struct Grant<'s> {
+    /// The key's id.
+    pub key_id: &'s str,
+    plan: &'s PlanRules,
+    slot: u32,
+    live: &'s Live,
+    method_buckets: &'s HashMap<(u32, (usize, usize, usize)), Bucket>,
+}
+
+impl std::fmt::Debug for Grant<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("key_id", &self.key_id)
+            .field("plan_id", &self.plan.id)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl<'s> Grant<'s> {
+    /// The plan's id.
+    pub fn plan_id(&self) -> &'s Arc<str> {
+        &self.plan.id
+    }
+
+    /// The bucket that limits this key on the matched route: the per-method one, else the plan's.
+    fn throttle_for(&self, m: &RouteMatch<'_>) -> Option<(&'s Gcra, &'s GcraState)> {
+        match self.plan.method_at(m) {
+            Some(at) => self
+                .method_buckets
+                .get(&(self.slot, at))
+                .map(|b| (&b.gcra, &*b.state)),
+            None => self.plan.throttle.as_ref().map(|g| (g, &self.live.bucket)),
+        }
+    }
+
+    /// The throttle that limits this key on the matched route: the per-method one, else the plan's.
+    pub fn bucket_for(&self, m: &RouteMatch<'_>) -> Option<&'s Gcra> {
+        self.throttle_for(m).map(|(g, _)| g)
+    }
+
+    /// Whether the matched route has a per-method throttle of its own.
+    pub fn has_method_throttle(&self, m: &RouteMatch<'_>) -> bool {
+        self.plan.method_at(m).is_some()
+    }
+
+    /// The plan's quota, if it has one.
+    pub fn quota(&self) -> Option<&'s Quota> {
+        self.plan.quota.as_ref()
+    }
+
+    /// Sets what is left of the quota on this instance (AWS UpdateUsage); returns by how much the
+    /// period's count changed, or `None` when the plan has no quota.
+    pub fn set_remaining(&self, now: u64, remaining: i64) -> Option<i64> {
+        self.quota()
+            .map(|q| q.set_remaining(&self.live.quota, now, remaining))
+    }
+
+    fn remaining_quota(&self, now: u64) -> Option<u64> {
+        self.quota().map(|q| q.remaining(&self.live.quota, now))
+    }
+}
+
+/// A hasher for ids the store hands out (trusted input, hashed a million times at startup): one
+/// multiply per 8 bytes instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+}
+
+type IdMap<'a, V> = HashMap<&'a str, V, BuildHasherDefault<IdHasher>>;
 
 /// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -261,7 +455,7 @@ pub struct SharedAdmission<'s> {
     /// The matched route.
     pub route: &'s Route,
     /// The key's membership, when the route requires a key.
-    pub grant: Option<&'s Arc<Grant>>,
+    pub grant: Option<Grant<'s>>,
     taken: [Option<&'s Bucket>; 2],
 }
 
@@ -292,20 +486,24 @@ struct Routing {
     account: Option<Bucket>,
 }
 
-/// Memberships holding counts the flusher has not taken, each queued by its first count since the
-/// last take: the flusher visits these, not every membership (a million keys are not walked every
-/// second). Shared by a gateway's successive snapshots, like the meters.
-#[derive(Debug, Default)]
-struct MeterQueue(Mutex<Vec<Arc<Grant>>>);
-
 /// Everything the request path reads, immutable except for atomics.
 #[derive(Debug)]
 pub struct Snapshot {
     routing: Arc<Routing>,
-    keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>,
-    grants: Vec<Arc<Grant>>,
-    metered: Arc<MeterQueue>,
+    plans: Vec<PlanRules>,
+    keys: KeyTable,
+    /// Slot → index of the membership holding it here ([`NO_MEMBER`] for slots that are not).
+    owners: Vec<u32>,
+    /// Per-method buckets, by (slot, (api, stage, route)).
+    method_buckets: HashMap<(u32, (usize, usize, usize)), Bucket>,
+    /// The slots' state, as of this snapshot: every slot it gives out is in these chunks.
+    chunks: Vec<Chunk>,
+    slots: Arc<Slots>,
+    epoch: Arc<Epoch>,
+    plans_in_use: usize,
 }
+
+const NO_MEMBER: u32 = u32::MAX;
 
 fn ceil_secs(nanos: u64) -> u64 {
     nanos.div_ceil(NANOS_PER_SEC)
@@ -349,26 +547,41 @@ impl Snapshot {
             stage_buckets,
             account,
         });
+        let slots = Arc::<Slots>::default();
+        let mut book = lock(&slots.book);
         Ok(Self::assemble(
             routing,
             records,
             period_used,
             today.start_nanos(),
             None,
+            (&slots, &mut book),
         ))
     }
 
-    /// A snapshot of changed records that keeps this one's live state at `now`: bucket levels (tokens
-    /// carry over into changed throttles), quota counts of plans whose quota did not change, and
-    /// unflushed metering. `period_used` is consulted only for memberships that are new or whose
-    /// plan's quota changed.
+    /// Replaces the snapshot in `current` by one of changed records that keeps its live state at
+    /// `now`: bucket levels (tokens carry over into changed throttles), quota counts of plans whose
+    /// quota did not change, and unflushed metering. `period_used` is consulted only for memberships
+    /// that are new or whose plan's quota changed. Serialised with other rebuilds and the flusher.
     pub fn rebuild(
-        &self,
+        current: &ArcSwap<Snapshot>,
         records: &Records,
         period_used: &HashMap<(String, String), i64>,
         now: u64,
-    ) -> Self {
-        Self::assemble(self.routing.clone(), records, period_used, now, Some(self))
+    ) {
+        let slots = current.load().slots.clone();
+        let mut book = lock(&slots.book);
+        // Under the lock: the latest one (snapshots are published only under it).
+        let previous = current.load_full();
+        let next = Self::assemble(
+            previous.routing.clone(),
+            records,
+            period_used,
+            now,
+            Some(&previous),
+            (&slots, &mut book),
+        );
+        current.store(Arc::new(next));
     }
 
     fn assemble(
@@ -377,102 +590,185 @@ impl Snapshot {
         period_used: &HashMap<(String, String), i64>,
         now: u64,
         previous: Option<&Snapshot>,
+        (slots, book): (&Arc<Slots>, &mut SlotBook),
     ) -> Self {
-        let today = EpochDay::from_nanos(now);
-        let metered = previous.map_or_else(Arc::default, |p| p.metered.clone());
-        let old: HashMap<(&str, &str), &Grant, BuildHasherDefault<IdHasher>> = previous
-            .map(|p| {
-                p.grants
-                    .iter()
-                    .map(|g| ((&*g.plan_id, &*g.key_id), &**g))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let plans: HashMap<&str, PlanCover<'_>> = records
+        let plans: Vec<PlanRules> = records
             .plans
             .iter()
-            .map(|p| (p.id.as_str(), PlanCover::resolve(p, &routing.config)))
+            .map(|p| PlanRules::resolve(p, &routing.config))
             .collect();
-        let mut keys: HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>> =
-            HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
-        let mut key_index: HashMap<&str, KeyHash, BuildHasherDefault<IdHasher>> =
-            HashMap::with_capacity_and_hasher(records.keys.len(), BuildHasherDefault::default());
-        for key in &records.keys {
-            keys.insert(
-                key.value_hash,
-                KeyEntry {
-                    enabled: key.enabled,
-                    grants: Vec::new(),
-                },
-            );
-            key_index.insert(&key.id, key.value_hash);
-        }
+        let plan_index: IdMap<'_, u32> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (&*p.id, i as u32))
+            .collect();
 
-        let mut grants = Vec::with_capacity(records.bindings.len());
-        for (plan_id, key_id) in &records.bindings {
-            let (Some(cover), Some(hash)) =
-                (plans.get(plan_id.as_str()), key_index.get(key_id.as_str()))
-            else {
-                continue;
-            };
-            let Some(entry) = keys.get_mut(hash) else {
-                continue;
-            };
-            let plan = cover.plan;
-            let before = old.get(&(plan_id.as_str(), key_id.as_str())).copied();
-            let mut covered = Vec::with_capacity(cover.stages.len());
-            for &at in &cover.stages {
-                if let Some((_, other)) = entry.grants.iter().find(|(here, _)| *here == at) {
-                    tracing::warn!(key = %key_id, plan = %plan.id, other = %other.plan_id,
-                        "key is in two plans for one stage; the first one applies");
-                    continue;
-                }
-                covered.push(at);
-            }
-            let method_throttles = cover
-                .methods
-                .iter()
-                .filter(|((a, s, _), _)| covered.contains(&(*a, *s)))
-                .map(|&(at, settings)| {
-                    let prior = before.and_then(|g| g.method_throttle_at(at));
-                    (at, Bucket::new(settings, prior, now))
-                })
-                .collect();
-            let quota = plan.quota.map(|q| {
-                match before
-                    .and_then(|g| g.quota.as_ref())
-                    .filter(|s| *s.settings() == q)
+        let mut order: Vec<u32> = (0..records.keys.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| records.keys[i as usize].value_hash);
+        let key_of = |pos: usize| &records.keys[order[pos] as usize];
+        let position: IdMap<'_, u32> = (0..order.len())
+            .map(|pos| (key_of(pos).id.as_str(), pos as u32))
+            .collect();
+        // (key position, plan): binding order is kept within a key, so the first plan bound wins a
+        // stage two plans of one key cover.
+        let mut bound: Vec<(u32, u32)> = records
+            .bindings
+            .iter()
+            .filter_map(|(p, k)| Some((*position.get(k.as_str())?, *plan_index.get(p.as_str())?)))
+            .collect();
+        drop(position);
+        bound.sort_by_key(|&(pos, _)| pos);
+
+        book.reclaim();
+        let mut kept = vec![false; book.len as usize];
+        let mut method_buckets = HashMap::new();
+        let mut keys = KeyTable {
+            recs: Vec::with_capacity(order.len()),
+            ids: String::with_capacity(records.keys.iter().map(|k| k.id.len()).sum()),
+            members: Vec::with_capacity(bound.len()),
+            ..KeyTable::default()
+        };
+        let mut next_bound = 0;
+        for pos in 0..order.len() {
+            let key = key_of(pos);
+            let first = keys.members.len();
+            keys.recs.push(KeyRec {
+                hash: key.value_hash,
+                id_start: keys.ids.len() as u32,
+                members: first as u32 | if key.enabled { 0 } else { DISABLED },
+            });
+            keys.ids.push_str(&key.id);
+            while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
+                next_bound += 1;
+                let rules = &plans[plan as usize];
+                let before = previous.and_then(|p| p.membership(&rules.id, &key.id));
+                let slot = match before {
+                    Some((slot, _)) => {
+                        kept[slot as usize] = true;
+                        slot
+                    }
+                    None => book.allocate(),
+                };
+                let live = live_at(&book.chunks, slot);
+                let old_rules = before.map(|(_, r)| r);
+                if let (Some(gcra), Some(old)) =
+                    (&rules.throttle, old_rules.and_then(|r| r.throttle.as_ref()))
                 {
-                    Some(same) => same.clone(),
-                    None => {
-                        let used = period_used
-                            .get(&(plan_id.clone(), key_id.clone()))
-                            .copied()
-                            .unwrap_or(0);
-                        Arc::new(QuotaState::new(q, today, used))
+                    if gcra != old {
+                        gcra.carry_over(old, &live.bucket, now);
                     }
                 }
-            });
-            let grant = Arc::new(Grant {
-                key_id: key_id.as_str().into(),
-                plan_id: cover.id.clone(),
-                throttle: plan
-                    .throttle
-                    .map(|t| Bucket::new(t, before.and_then(|g| g.throttle.as_ref()), now)),
-                method_throttles,
-                quota,
-                meter: before.map_or_else(Arc::default, |g| g.meter.clone()),
-            });
-            for at in covered {
-                entry.grants.push((at, grant.clone()));
+                if let Some(quota) = &rules.quota {
+                    let same = old_rules
+                        .and_then(|r| r.quota.as_ref())
+                        .is_some_and(|q| q.settings() == quota.settings());
+                    if !same {
+                        let used = period_used
+                            .get(&(rules.id.to_string(), key.id.clone()))
+                            .copied()
+                            .unwrap_or(0);
+                        quota.set_used(&live.quota, now, used);
+                    }
+                }
+                for &(at, settings) in &rules.methods {
+                    let prior = before.and_then(|(old_slot, _)| {
+                        previous.and_then(|p| p.method_buckets.get(&(old_slot, at)))
+                    });
+                    method_buckets.insert((slot, at), Bucket::new(settings, prior, now));
+                }
+                for earlier in &keys.members[first..] {
+                    let other = &plans[earlier.plan as usize];
+                    if other.stages.iter().any(|s| rules.stages.contains(s)) {
+                        tracing::warn!(key = %key.id, plan = %rules.id, other = %other.id,
+                            "key is in two plans for one stage; the first one applies");
+                    }
+                }
+                keys.members.push(Member { plan, slot });
             }
-            grants.push(grant);
+        }
+        drop(bound);
+
+        let bits = usize::BITS - keys.recs.len().leading_zeros();
+        keys.bits = bits;
+        let mut dir = vec![0; (1 << bits) + 1];
+        let mut at = 0;
+        for (p, start) in dir.iter_mut().enumerate() {
+            while at < keys.recs.len() && keys.prefix(&keys.recs[at].hash) < p {
+                at += 1;
+            }
+            *start = at as u32;
+        }
+        keys.dir = dir;
+        let mut by_id: Vec<u32> = (0..keys.recs.len() as u32).collect();
+        by_id.sort_unstable_by(|&a, &b| keys.id(a as usize).cmp(keys.id(b as usize)));
+        keys.by_id = by_id;
+
+        let epoch = Arc::new(Epoch::default());
+        if let Some(previous) = previous {
+            for i in 0..previous.keys.recs.len() {
+                for m in previous.keys.members_of(i) {
+                    let member = previous.keys.members[m];
+                    if !kept[member.slot as usize] {
+                        book.retired.insert(
+                            member.slot,
+                            Retired {
+                                plan_id: previous.plans[member.plan as usize].id.clone(),
+                                key_id: previous.keys.id(i).into(),
+                                seen_by: Arc::downgrade(&previous.epoch),
+                            },
+                        );
+                    }
+                }
+            }
+            // Only the latest snapshot is rebuilt, under the book's lock: this is its first successor.
+            let _ = previous.epoch.newer.set(epoch.clone());
+        }
+        let mut owners = vec![NO_MEMBER; book.len as usize];
+        let mut in_use = vec![false; plans.len()];
+        for (i, member) in keys.members.iter().enumerate() {
+            owners[member.slot as usize] = i as u32;
+            in_use[member.plan as usize] = true;
         }
         Self {
             routing,
+            plans_in_use: in_use.iter().filter(|&&u| u).count(),
+            plans,
             keys,
-            grants,
-            metered,
+            owners,
+            method_buckets,
+            chunks: book.chunks.clone(),
+            slots: slots.clone(),
+            epoch,
+        }
+    }
+
+    /// The slot of (plan, key) and the rules it was under, if this snapshot has that membership.
+    fn membership(&self, plan_id: &str, key_id: &str) -> Option<(u32, &PlanRules)> {
+        let key = self.keys.by_id(key_id)?;
+        self.keys.members_of(key).find_map(|m| {
+            let member = self.keys.members[m];
+            let rules = &self.plans[member.plan as usize];
+            (*rules.id == *plan_id).then_some((member.slot, rules))
+        })
+    }
+
+    /// The membership of key `key_id` in plan `plan_id`, if it is served.
+    pub fn grant_of(&self, plan_id: &str, key_id: &str) -> Option<Grant<'_>> {
+        let key = self.keys.by_id(key_id)?;
+        self.keys
+            .members_of(key)
+            .map(|m| self.keys.members[m])
+            .find(|member| *self.plans[member.plan as usize].id == *plan_id)
+            .map(|member| self.grant_at(key, member))
+    }
+
+    fn grant_at(&self, key: usize, member: Member) -> Grant<'_> {
+        Grant {
+            key_id: self.keys.id(key),
+            plan: &self.plans[member.plan as usize],
+            slot: member.slot,
+            live: live_at(&self.chunks, member.slot),
+            method_buckets: &self.method_buckets,
         }
     }
 
@@ -483,36 +779,63 @@ impl Snapshot {
 
     /// How many API keys are served.
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.keys.recs.len()
     }
 
     /// How many usage plans have members.
     pub fn plan_count(&self) -> usize {
-        let mut plans: Vec<&str> = self.grants.iter().map(|g| &*g.plan_id).collect();
-        plans.sort_unstable();
-        plans.dedup();
-        plans.len()
-    }
-
-    /// Every (key, plan) membership.
-    pub fn grants(&self) -> &[Arc<Grant>] {
-        &self.grants
+        self.plans_in_use
     }
 
     /// Counts an admitted request of `grant` at `now`.
-    pub fn meter(&self, grant: &Arc<Grant>, now: u64) {
-        if grant.meter.record(EpochDay::from_nanos(now)) {
-            self.metered_queue().push(grant.clone());
+    pub fn meter(&self, grant: &Grant<'_>, now: u64) {
+        let recorded = grant.live.meter.record(EpochDay::from_nanos(now));
+        if recorded.first || recorded.displaced.is_some() {
+            let mut metered = lock(&self.slots.metered);
+            if recorded.first {
+                metered.slots.push(grant.slot);
+            }
+            if let Some((day, count)) = recorded.displaced {
+                metered.displaced.push((grant.slot, day, count));
+            }
         }
     }
 
-    /// The memberships counted since the last call, for the flusher to take their meters.
-    pub fn take_metered(&self) -> Vec<Arc<Grant>> {
-        std::mem::take(&mut *self.metered_queue())
-    }
-
-    fn metered_queue(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Grant>>> {
-        self.metered.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes every count not yet taken from the snapshots `current` has held, as (plan id, key id,
+    /// day, count), memberships removed since included. Serialised with rebuilds.
+    pub fn take_metered(
+        current: &ArcSwap<Snapshot>,
+        mut each: impl FnMut(&str, &str, EpochDay, u64),
+    ) {
+        let slots = current.load().slots.clone();
+        let book = lock(&slots.book);
+        let snap = current.load();
+        let taken = std::mem::take(&mut *lock(&slots.metered));
+        let ids = |slot: u32| -> Option<(&str, &str)> {
+            match snap.owners.get(slot as usize).copied() {
+                Some(member) if member != NO_MEMBER => {
+                    let plan = snap.keys.members[member as usize].plan as usize;
+                    let key = snap.keys.owner(member as usize);
+                    Some((&snap.plans[plan].id, snap.keys.id(key)))
+                }
+                _ => book.retired.get(&slot).map(|r| (&*r.plan_id, &*r.key_id)),
+            }
+        };
+        let counts = taken
+            .displaced
+            .into_iter()
+            .chain(taken.slots.into_iter().filter_map(|slot| {
+                live_at(&book.chunks, slot)
+                    .meter
+                    .take()
+                    .map(|(d, n)| (slot, d, n))
+            }));
+        for (slot, day, count) in counts {
+            match ids(slot) {
+                Some((plan_id, key_id)) => each(plan_id, key_id, day, count),
+                None => tracing::error!(slot, count, "metered slot has no owner; counts dropped"),
+            }
+        }
     }
 
     /// Finds the route for a request.
@@ -531,7 +854,7 @@ impl Snapshot {
         now: u64,
     ) -> Result<Admission<'s>, Refusal> {
         let shared = self.admit_shared(m, api_key, now)?;
-        let Some(grant) = shared.grant else {
+        let Some(grant) = &shared.grant else {
             return Ok(Admission {
                 route: shared.route,
                 key_id: None,
@@ -541,7 +864,7 @@ impl Snapshot {
         match self.admit_key_locally(grant, m, now) {
             Ok(limits) => Ok(Admission {
                 route: shared.route,
-                key_id: Some(&grant.key_id),
+                key_id: Some(grant.key_id),
                 limits,
             }),
             Err(refusal) => {
@@ -579,7 +902,7 @@ impl Snapshot {
                 }
                 let limits = LimitInfo {
                     throttle: None,
-                    quota: grant.and_then(|g| quota_info(g, now, None)),
+                    quota: grant.as_ref().and_then(|g| quota_info(g, now, None)),
                 };
                 return Err(Refusal::TooManyRequests {
                     retry_after_secs: ceil_secs(retry_after).max(1),
@@ -598,18 +921,18 @@ impl Snapshot {
     /// counts the request when admitted.
     pub fn admit_key_locally(
         &self,
-        grant: &Arc<Grant>,
+        grant: &Grant<'_>,
         m: &RouteMatch<'_>,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
         let mut limits = LimitInfo::default();
-        if let Some(bucket) = grant.throttle_for(m) {
-            match bucket.gcra.check(&bucket.state, now) {
+        if let Some((gcra, state)) = grant.throttle_for(m) {
+            match gcra.check(state, now) {
                 ThrottleDecision::Allowed { remaining } => {
-                    limits.throttle = Some(bucket_info(bucket, u64::from(remaining), now));
+                    limits.throttle = Some(bucket_info(gcra, state, u64::from(remaining), now));
                 }
                 ThrottleDecision::Refused { retry_after } => {
-                    limits.throttle = Some(bucket_info(bucket, 0, now));
+                    limits.throttle = Some(bucket_info(gcra, state, 0, now));
                     limits.quota = quota_info(grant, now, None);
                     return Err(Refusal::TooManyRequests {
                         retry_after_secs: ceil_secs(retry_after).max(1),
@@ -618,8 +941,8 @@ impl Snapshot {
                 }
             }
         }
-        if let Some(quota) = &grant.quota {
-            match quota.try_consume(now) {
+        if let Some(quota) = grant.quota() {
+            match quota.try_consume(&grant.live.quota, now) {
                 QuotaDecision::Allowed { remaining, .. } => {
                     limits.quota = quota_info(grant, now, Some(remaining));
                 }
@@ -638,44 +961,48 @@ impl Snapshot {
         Ok(limits)
     }
 
-    fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&[u8]>) -> Result<&Arc<Grant>, Refusal> {
+    fn grant(&self, m: &RouteMatch<'_>, api_key: Option<&[u8]>) -> Result<Grant<'_>, Refusal> {
         let value = api_key.ok_or(Refusal::Forbidden)?;
         // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
         // stored keys: refuse them without hashing.
         if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
             return Err(Refusal::Forbidden);
         }
-        let entry = self
+        let key = self
             .keys
-            .get(&KeyHash::of(value))
-            .filter(|e| e.enabled)
+            .find(&KeyHash::of(value))
+            .filter(|&k| self.keys.enabled(k))
             .ok_or(Refusal::Forbidden)?;
-        entry
-            .grants
-            .iter()
-            .find(|(at, _)| *at == (m.api, m.stage))
-            .map(|(_, g)| g)
+        // The first of its plans that covers the stage.
+        self.keys
+            .members_of(key)
+            .map(|i| self.keys.members[i])
+            .find(|member| {
+                self.plans[member.plan as usize]
+                    .stages
+                    .contains(&(m.api, m.stage))
+            })
+            .map(|member| self.grant_at(key, member))
             .ok_or(Refusal::Forbidden)
     }
 }
 
-fn bucket_info(bucket: &Bucket, remaining: u64, now: u64) -> BucketInfo {
+fn bucket_info(gcra: &Gcra, state: &GcraState, remaining: u64, now: u64) -> BucketInfo {
     BucketInfo {
-        burst: bucket.gcra.burst(),
+        burst: gcra.burst(),
         remaining,
-        reset_secs: ceil_secs(bucket.gcra.until_full(&bucket.state, now)),
-        window_secs: ceil_secs(bucket.gcra.interval().saturating_mul(bucket.gcra.burst())).max(1),
+        reset_secs: ceil_secs(gcra.until_full(state, now)),
+        window_secs: ceil_secs(gcra.interval().saturating_mul(gcra.burst())).max(1),
     }
 }
 
 /// The quota part of the headers; `remaining` when just decided, else read from the counter.
-fn quota_info(grant: &Grant, now: u64, remaining: Option<u64>) -> Option<QuotaInfo> {
-    let quota = grant.quota.as_ref()?;
-    let limit = quota.settings().limit;
+fn quota_info(grant: &Grant<'_>, now: u64, remaining: Option<u64>) -> Option<QuotaInfo> {
+    let quota = grant.quota()?;
     let window: QuotaWindow = quota.window(EpochDay::from_nanos(now));
-    let remaining = remaining.unwrap_or_else(|| quota.remaining(now));
+    let remaining = remaining.or_else(|| grant.remaining_quota(now))?;
     Some(QuotaInfo {
-        limit: u64::from(limit),
+        limit: u64::from(quota.settings().limit),
         remaining,
         reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
         window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
@@ -905,10 +1232,11 @@ mod tests {
             offset: 0,
             period: Period::Day,
         };
-        let s = snap(
+        let cell = ArcSwap::from_pointee(snap(
             config(None, None),
             &records(Some(throttle(1.0, 2)), Some(quota)),
-        );
+        ));
+        let s = cell.load_full();
         let get = "/prod/registrations/42";
         assert_eq!(
             call(&s, "GET", get, Some(KEY), T0)
@@ -949,20 +1277,77 @@ mod tests {
         // The next UTC day the quota is back.
         assert!(call(&s, "GET", get, Some(KEY), midnight).is_ok());
 
-        // The flusher is handed the one membership that counted, once, not every membership.
-        let queued = s.take_metered();
-        assert_eq!(queued.len(), 1);
-        assert!(Arc::ptr_eq(&queued[0], &s.grants()[0]));
-        assert!(s.take_metered().is_empty());
-        let mut days = Vec::new();
-        queued[0].meter.take(&mut days);
-        days.sort();
+        // The flusher is handed what the one membership counted, per day, once.
         assert_eq!(
-            days,
+            taken(&cell),
             vec![
-                (EpochDay::from_nanos(T0), 3),
-                (EpochDay::from_nanos(midnight), 1)
+                counted("key0000001", T0, 3),
+                counted("key0000001", midnight, 1)
             ]
+        );
+        assert!(taken(&cell).is_empty());
+    }
+
+    fn taken(cell: &ArcSwap<Snapshot>) -> Vec<(String, String, EpochDay, u64)> {
+        let mut out = Vec::new();
+        Snapshot::take_metered(cell, |plan, key, day, n| {
+            out.push((plan.into(), key.into(), day, n));
+        });
+        out.sort();
+        out
+    }
+
+    fn counted(key: &str, at: u64, n: u64) -> (String, String, EpochDay, u64) {
+        ("plan01".into(), key.into(), EpochDay::from_nanos(at), n)
+    }
+
+    fn slot_of(cell: &ArcSwap<Snapshot>, key: &str) -> u32 {
+        cell.load().grant_of("plan01", key).unwrap().slot
+    }
+
+    #[test]
+    fn counts_of_a_removed_membership_are_flushed_before_its_slot_is_reused() {
+        let mut rec = records(Some(throttle(100.0, 50)), None);
+        rec.keys[1].enabled = true;
+        let one_plan = rec.bindings.clone();
+        rec.bindings.truncate(1);
+        let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
+        let get = "/prod/registrations/42";
+        let old = cell.load_full();
+        let slot = slot_of(&cell, "key0000001");
+        assert!(call(&old, "GET", get, Some(KEY), T0).is_ok());
+
+        // Key 1 leaves the plan while a request still holds the old snapshot and counts after.
+        rec.bindings.clear();
+        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        assert!(call(&old, "GET", get, Some(KEY), T0).is_ok());
+        assert_eq!(
+            call(&cell.load(), "GET", get, Some(KEY), T0),
+            Err(Refusal::Forbidden)
+        );
+        // Key 2 joins: the retired slot is not reused while the old snapshot is in use.
+        rec.bindings = one_plan[1..].to_vec();
+        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        assert_ne!(slot_of(&cell, "key0000002"), slot);
+        assert_eq!(taken(&cell), vec![counted("key0000001", T0, 2)]);
+
+        // Once the old snapshot is gone and its counts taken, a new membership gets the slot, and
+        // counts under it are its own.
+        drop(old);
+        rec.bindings = one_plan.iter().rev().cloned().collect();
+        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        assert_eq!(slot_of(&cell, "key0000001"), slot, "reused");
+        assert!(call(&cell.load(), "GET", get, Some(KEY), T0).is_ok());
+        assert!(call(&cell.load(), "GET", get, Some(OTHER), T0).is_ok());
+        assert_eq!(
+            taken(&cell),
+            vec![counted("key0000001", T0, 1), counted("key0000002", T0, 1)]
+        );
+        let limits = call(&cell.load(), "GET", get, Some(KEY), T0).unwrap();
+        assert_eq!(
+            limits.throttle.unwrap().remaining,
+            48,
+            "a full bucket, less two"
         );
     }
 
@@ -999,30 +1384,38 @@ mod tests {
             period: Period::Day,
         };
         let mut rec = records(Some(throttle(1.0, 3)), Some(quota));
-        let s = snap(config(None, None), &rec);
+        let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
         let get = "/prod/registrations/42";
         for _ in 0..3 {
-            assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+            assert!(call(&cell.load(), "GET", get, Some(KEY), T0).is_ok());
         }
 
         // Same records: the bucket stays empty, the quota count and the unflushed meter carry over.
-        let s2 = s.rebuild(&rec, &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        let s2 = cell.load_full();
         assert!(matches!(
             call(&s2, "GET", get, Some(KEY), T0),
             Err(Refusal::TooManyRequests { .. })
         ));
         let limits = call(&s2, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap();
         assert_eq!(limits.quota.unwrap().remaining, 6);
-        let mut days = Vec::new();
-        s2.grants()[0].meter.take(&mut days);
-        assert_eq!(days, vec![(EpochDay::from_nanos(T0), 4)]);
+        assert_eq!(taken(&cell), vec![counted("key0000001", T0, 4)]);
+
+        // A slower throttle keeps the tokens the bucket holds (none), not a full new bucket.
+        rec.plans[0].throttle = Some(throttle(0.5, 3));
+        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0 + NANOS_PER_SEC);
+        assert!(matches!(
+            call(&cell.load(), "GET", get, Some(KEY), T0 + NANOS_PER_SEC),
+            Err(Refusal::TooManyRequests { .. })
+        ));
 
         // A raised limit keeps the count; a disabled key is refused at once; a new key works at once.
         rec.plans[0].quota = Some(QuotaSettings { limit: 20, ..quota });
         rec.keys[0].enabled = false;
         rec.keys[1].enabled = true;
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]);
-        let s3 = s2.rebuild(&rec, &used, T0);
+        Snapshot::rebuild(&cell, &rec, &used, T0);
+        let s3 = cell.load_full();
         assert_eq!(
             call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),
             Err(Refusal::Forbidden)
@@ -1030,8 +1423,8 @@ mod tests {
         let limits = call(&s3, "GET", get, Some(OTHER), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(limits.quota.unwrap().remaining, 19);
         rec.keys[0].enabled = true;
-        let s4 = s3.rebuild(&rec, &used, T0);
-        let limits = call(&s4, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC).unwrap();
+        Snapshot::rebuild(&cell, &rec, &used, T0);
+        let limits = call(&cell.load(), "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(
             limits.quota.unwrap().remaining,
             15,
