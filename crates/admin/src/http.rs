@@ -216,7 +216,7 @@ async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
             flag(&q, "includeValues"),
             &paging(&q)?,
         )
-        .await;
+        .await?;
     Ok(reply(StatusCode::OK, &page))
 }
 
@@ -291,7 +291,7 @@ async fn list_plan_keys(
         StatusCode::OK,
         &admin
             .list_plan_keys(&id, q.get("name").map(String::as_str), &paging(&q)?)
-            .await,
+            .await?,
     ))
 }
 

@@ -117,11 +117,11 @@ impl Admin {
             });
         }
 
-        self.write(move |admin, records| {
-            // Plan references and stage clashes are checked against the records, before any write.
+        self.write(move |admin, catalog| {
+            // Plan references and stage clashes are checked before any write.
             let mut accepted = Vec::new();
             for row in rows {
-                match row.plans.iter().find(|p| !records.plans.iter().any(|x| x.id == **p)) {
+                match row.plans.iter().find(|p| catalog.plan(p).is_none()) {
                     Some(unknown) => warnings.push(format!("Line {}: Invalid Usage Plan ID specified: {unknown}", row.line)),
                     None => accepted.push(row),
                 }
@@ -134,28 +134,31 @@ impl Admin {
             for row in accepted {
                 let hash = KeyHash::of(&row.value);
                 let now = admin.now_secs();
-                let key = match records.keys.iter().position(|k| k.value_hash == hash) {
-                    Some(at) => {
-                        let key = &mut records.keys[at];
+                let existing = match catalog.key_with_hash(&hash) {
+                    Some(id) => admin.store.key(&id)?,
+                    None => None,
+                };
+                let key = match existing {
+                    Some(mut key) => {
                         key.name = row.name;
                         key.description = row.description;
                         key.enabled = row.enabled;
                         key.last_updated_date = now;
-                        key.clone()
+                        key
                     }
                     None => {
-                        let key = admin.new_key(row.name, &row.value, row.description, None, row.enabled, records)?;
-                        records.keys.push(key.clone());
+                        let key = admin.new_key(row.name, &row.value, row.description, None, row.enabled, catalog)?;
+                        catalog.added_key(&key);
                         key
                     }
                 };
                 admin.store.put_key(&key)?;
                 for plan_id in &row.plans {
-                    if records.bindings.iter().any(|(p, k)| p == plan_id && *k == key.id) {
+                    if catalog.is_bound(plan_id, &key.id) {
                         continue;
                     }
-                    let stages = records.plans.iter().find(|p| p.id == *plan_id).map(|p| p.api_stages.clone()).unwrap_or_default();
-                    if let Some((other, stage)) = Admin::stage_clash(records, plan_id, &key.id, &stages) {
+                    let stages = catalog.plan(plan_id).map(|p| p.api_stages.clone()).unwrap_or_default();
+                    if let Some((other, stage)) = Admin::stage_clash(catalog, plan_id, &key.id, &stages) {
                         warnings.push(format!(
                             "Line {}: API Key {} is already in usage plan {other}, which covers the same API Stage {}:{}",
                             row.line, key.id, stage.api_id, stage.stage
@@ -163,7 +166,7 @@ impl Admin {
                         continue;
                     }
                     admin.store.bind(plan_id, &key.id)?;
-                    records.bindings.push((plan_id.clone(), key.id.clone()));
+                    catalog.added_binding(plan_id, &key.id);
                     recount.push(plan_id.clone());
                 }
                 ids.push(key.id);

@@ -1,6 +1,9 @@
 //! The control plane's operations on keys, plans, plan keys and usage, independent of HTTP. Every
-//! write goes to the store first, then to the in-memory records, then into a new gateway snapshot, so
-//! it takes effect on the very next data-plane request.
+//! write goes to the store first, then into a new gateway snapshot built from the store, so it takes
+//! effect on the very next data-plane request.
+//!
+//! Nothing here holds all keys: usage plans (few) are kept in memory; keys are read from the store
+//! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,11 +12,11 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
-use tollgate_gateway::GatewayHandle;
 use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
 use tollgate_gateway::limiter::OnStoreFailure;
+use tollgate_gateway::{GatewayHandle, Snapshot};
 use tollgate_store::report::{check_range, plan_usage};
-use tollgate_store::{Records, Store, ids};
+use tollgate_store::{KeyIndex, Store, ids};
 
 use crate::error::{AdminError, unknown_key, unknown_plan};
 use crate::seal::Sealer;
@@ -44,8 +47,65 @@ pub(crate) type Recount = Vec<String>;
 pub struct Admin {
     pub(crate) store: Arc<dyn Store>,
     gateway: GatewayHandle,
-    records: tokio::sync::Mutex<Records>,
+    /// The usage plans; the lock also serialises writes.
+    plans: tokio::sync::Mutex<Vec<UsagePlan>>,
     pub(crate) settings: AdminSettings,
+}
+
+/// What a write checks against: the plans, the keys and memberships the gateway serves, and the keys
+/// and memberships this write has added so far.
+pub(crate) struct Catalog<'a> {
+    pub(crate) plans: &'a mut Vec<UsagePlan>,
+    served: &'a Snapshot,
+    new_keys: Vec<(String, KeyHash)>,
+    new_bindings: Vec<(String, String)>,
+}
+
+impl Catalog<'_> {
+    pub(crate) fn plan(&self, id: &str) -> Option<&UsagePlan> {
+        self.plans.iter().find(|p| p.id == id)
+    }
+
+    pub(crate) fn has_key(&self, id: &str) -> bool {
+        self.served.has_key(id) || self.new_keys.iter().any(|(k, _)| k == id)
+    }
+
+    /// The id of the key with this value hash.
+    pub(crate) fn key_with_hash(&self, hash: &KeyHash) -> Option<String> {
+        self.served
+            .key_with_hash(hash)
+            .map(str::to_owned)
+            .or_else(|| {
+                self.new_keys
+                    .iter()
+                    .find(|(_, h)| h == hash)
+                    .map(|(k, _)| k.clone())
+            })
+    }
+
+    /// The plans key `key_id` is in.
+    pub(crate) fn plans_of(&self, key_id: &str) -> Vec<&str> {
+        let mut plans = self.served.plans_of(key_id);
+        plans.extend(
+            self.new_bindings
+                .iter()
+                .filter(|(_, k)| k == key_id)
+                .map(|(p, _)| p.as_str()),
+        );
+        plans
+    }
+
+    pub(crate) fn is_bound(&self, plan_id: &str, key_id: &str) -> bool {
+        self.plans_of(key_id).contains(&plan_id)
+    }
+
+    pub(crate) fn added_key(&mut self, key: &ApiKey) {
+        self.new_keys.push((key.id.clone(), key.value_hash));
+    }
+
+    pub(crate) fn added_binding(&mut self, plan_id: &str, key_id: &str) {
+        self.new_bindings.push((plan_id.into(), key_id.into()));
+    }
 }
 
 /// A parsed paging request.
@@ -60,21 +120,71 @@ pub struct Paging {
 /// One page of `items` (sorted by `id`), starting at `position`.
 fn page<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, paging: &Paging) -> Page<T> {
     items.sort_by(|a, b| id(a).cmp(id(b)));
-    let limit = match paging.limit {
-        Some(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
-        _ => DEFAULT_LIMIT,
-    };
     let start = paging
         .position
         .as_deref()
         .map_or(0, |p| items.partition_point(|x| id(x) < p));
-    let mut rest: Vec<T> = items.drain(start..).collect();
-    let position = rest.get(limit).map(|x| id(x).to_string());
-    rest.truncate(limit);
-    Page {
-        position,
-        item: rest,
+    match first_page(
+        items.drain(start..).map(Ok::<T, std::convert::Infallible>),
+        id,
+        paging,
+    ) {
+        Ok(page) => page,
+        Err(never) => match never {},
     }
+}
+
+/// The first page of `items`, which come in id order from the page's position on. The next position
+/// is the id of the first item left out.
+fn first_page<T, E>(
+    items: impl Iterator<Item = Result<T, E>>,
+    id: impl Fn(&T) -> &str,
+    paging: &Paging,
+) -> Result<Page<T>, E> {
+    let limit = match paging.limit {
+        Some(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+        _ => DEFAULT_LIMIT,
+    };
+    let mut item = Vec::with_capacity(limit + 1);
+    for next in items {
+        item.push(next?);
+        if item.len() > limit {
+            break;
+        }
+    }
+    let position = item.get(limit).map(|x| id(x).to_string());
+    item.truncate(limit);
+    Ok(Page { position, item })
+}
+
+/// The stored keys in id order from `from` on, read a page at a time.
+fn stored_keys(
+    store: &dyn Store,
+    from: Option<&str>,
+) -> impl Iterator<Item = Result<ApiKey, AdminError>> {
+    const BATCH: usize = 500;
+    let mut from = from.map(str::to_owned);
+    let mut batch = std::collections::VecDeque::new();
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if batch.is_empty() && !done {
+            match store.keys_from(from.as_deref(), BATCH + 1) {
+                Ok(mut keys) => {
+                    // The extra key starts the next batch.
+                    from = (keys.len() > BATCH)
+                        .then(|| keys.pop().map(|k| k.id))
+                        .flatten();
+                    done = from.is_none();
+                    batch.extend(keys);
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e.into()));
+                }
+            }
+        }
+        batch.pop_front().map(Ok)
+    })
 }
 
 fn bad(msg: impl Into<String>) -> AdminError {
@@ -161,17 +271,17 @@ fn parse_number<T: std::str::FromStr>(value: Option<&str>, path: &str) -> Result
 }
 
 impl Admin {
-    /// The control plane over `store` (whose `records` the gateway was built from), driving `gateway`.
+    /// The control plane over `store` (whose `plans` the gateway was built with), driving `gateway`.
     pub fn new(
         store: Arc<dyn Store>,
-        records: Records,
+        plans: Vec<UsagePlan>,
         gateway: GatewayHandle,
         settings: AdminSettings,
     ) -> Self {
         Self {
             store,
             gateway,
-            records: tokio::sync::Mutex::new(records),
+            plans: tokio::sync::Mutex::new(plans),
             settings,
         }
     }
@@ -212,11 +322,11 @@ impl Admin {
     }
 
     /// Adopts records another instance changed (cluster mode) and serves them.
-    pub async fn refresh(&self, fresh: Records) {
-        let mut records = self.records.lock().await;
-        *records = fresh;
+    pub async fn refresh(&self, fresh: KeyIndex) {
+        let mut plans = self.plans.lock().await;
+        plans.clone_from(&fresh.plans);
         self.gateway
-            .reload(&records, &std::collections::HashMap::new());
+            .reload(&fresh, &std::collections::HashMap::new());
     }
 
     /// The credentials requests must be signed with.
@@ -233,29 +343,42 @@ impl Admin {
         EpochDay::from_nanos(self.gateway.clock().now())
     }
 
-    /// Runs a write under the write lock, then serves its records from the next request on.
+    /// Runs a write under the write lock, then serves the store's records from the next request on
+    /// (also when the write failed half-way: what reached the store is served).
     pub(crate) async fn write<T>(
         &self,
-        f: impl FnOnce(&Self, &mut Records) -> Result<(T, Recount), AdminError>,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError>,
     ) -> Result<T, AdminError> {
-        let mut records = self.records.lock().await;
+        let mut plans = self.plans.lock().await;
+        let served = self.gateway.snapshot();
+        let mut catalog = Catalog {
+            plans: &mut plans,
+            served: &served,
+            new_keys: Vec::new(),
+            new_bindings: Vec::new(),
+        };
         // Store calls block; this runs on the multi-threaded runtime, so say so instead of
         // stalling a worker's other tasks.
-        let (out, recount) = tokio::task::block_in_place(|| f(self, &mut records))?;
+        let written = tokio::task::block_in_place(|| f(self, &mut catalog));
+        drop(served);
+        let recount = written.as_ref().map_or(&[][..], |(_, r)| &r[..]);
         if !recount.is_empty() {
             // Quota counts are rebuilt from the store: everything counted so far must be in it.
             self.gateway.flush().await?;
         }
         let today = self.today();
-        let used = tokio::task::block_in_place(|| {
-            tollgate_gateway::period_usage(
+        let (index, used) = tokio::task::block_in_place(|| -> Result<_, AdminError> {
+            let index = self.store.load_index()?;
+            let used = tollgate_gateway::period_usage(
                 &*self.store,
-                records.plans.iter().filter(|p| recount.contains(&p.id)),
+                index.plans.iter().filter(|p| recount.contains(&p.id)),
                 today,
-            )
+            )?;
+            Ok((index, used))
         })?;
-        self.gateway.reload(&records, &used);
-        Ok(out)
+        self.gateway.reload(&index, &used);
+        plans.clone_from(&index.plans);
+        written.map(|(out, _)| out)
     }
 
     fn key_out(&self, key: &ApiKey, include_value: bool) -> ApiKeyOut {
@@ -321,12 +444,12 @@ impl Admin {
         };
         let enabled = input.enabled.unwrap_or(false);
         let (description, customer_id) = (input.description, input.customer_id);
-        self.write(move |admin, records| {
-            let key = admin.new_key(name, &value, description, customer_id, enabled, records)?;
+        self.write(move |admin, catalog| {
+            let key = admin.new_key(name, &value, description, customer_id, enabled, catalog)?;
             admin.store.put_key(&key)?;
+            catalog.added_key(&key);
             let mut out = admin.key_out(&key, false);
             out.value = Some(value);
-            records.keys.push(key);
             Ok((out, Vec::new()))
         })
         .await
@@ -339,10 +462,10 @@ impl Admin {
         description: Option<String>,
         customer_id: Option<String>,
         enabled: bool,
-        records: &Records,
+        catalog: &Catalog<'_>,
     ) -> Result<ApiKey, AdminError> {
         let value_hash = KeyHash::of(value);
-        if records.keys.iter().any(|k| k.value_hash == value_hash) {
+        if catalog.key_with_hash(&value_hash).is_some() {
             return Err(AdminError::Conflict("API Key already exists".into()));
         }
         let id = ids::new_key_id();
@@ -362,13 +485,8 @@ impl Admin {
 
     /// GetApiKey.
     pub async fn get_key(&self, id: &str, include_value: bool) -> Result<ApiKeyOut, AdminError> {
-        let records = self.records.lock().await;
-        let key = records
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .ok_or_else(unknown_key)?;
-        Ok(self.key_out(key, include_value))
+        let key = tokio::task::block_in_place(|| self.store.key(id))?.ok_or_else(unknown_key)?;
+        Ok(self.key_out(&key, include_value))
     }
 
     /// GetApiKeys: `name` is a case-sensitive prefix, `customer_id` exact.
@@ -378,23 +496,29 @@ impl Admin {
         customer_id: Option<&str>,
         include_values: bool,
         paging: &Paging,
-    ) -> Page<ApiKeyOut> {
-        let records = self.records.lock().await;
-        let items = records
-            .keys
-            .iter()
-            .filter(|k| name.is_none_or(|n| k.name.starts_with(n)))
-            .filter(|k| customer_id.is_none_or(|c| k.customer_id.as_deref() == Some(c)))
-            .map(|k| self.key_out(k, include_values))
-            .collect();
-        page(items, |k: &ApiKeyOut| &k.id, paging)
+    ) -> Result<Page<ApiKeyOut>, AdminError> {
+        let keys = stored_keys(&*self.store, paging.position.as_deref()).filter(|k| {
+            k.as_ref().is_err()
+                || k.as_ref().is_ok_and(|k| {
+                    name.is_none_or(|n| k.name.starts_with(n))
+                        && customer_id.is_none_or(|c| k.customer_id.as_deref() == Some(c))
+                })
+        });
+        let page = tokio::task::block_in_place(|| first_page(keys, |k: &ApiKey| &k.id, paging))?;
+        Ok(Page {
+            position: page.position,
+            item: page
+                .item
+                .iter()
+                .map(|k| self.key_out(k, include_values))
+                .collect(),
+        })
     }
 
     /// UpdateApiKey.
     pub async fn update_key(&self, id: &str, ops: Vec<PatchOp>) -> Result<ApiKeyOut, AdminError> {
-        self.write(|admin, records| {
-            let at = records.keys.iter().position(|k| k.id == id).ok_or_else(unknown_key)?;
-            let mut key = records.keys[at].clone();
+        self.write(|admin, _| {
+            let mut key = admin.store.key(id)?.ok_or_else(unknown_key)?;
             for op in &ops {
                 let (verb, path) = (op.op.as_deref().unwrap_or(""), op.path.as_deref().unwrap_or(""));
                 if verb != "replace" {
@@ -416,22 +540,18 @@ impl Admin {
             }
             key.last_updated_date = admin.now_secs();
             admin.store.put_key(&key)?;
-            let out = admin.key_out(&key, false);
-            records.keys[at] = key;
-            Ok((out, Vec::new()))
+            Ok((admin.key_out(&key, false), Vec::new()))
         })
         .await
     }
 
     /// DeleteApiKey: also removes the key from its plans.
     pub async fn delete_key(&self, id: &str) -> Result<(), AdminError> {
-        self.write(|admin, records| {
-            if !records.keys.iter().any(|k| k.id == id) {
+        self.write(|admin, catalog| {
+            if !catalog.has_key(id) {
                 return Err(unknown_key());
             }
             admin.store.delete_key(id)?;
-            records.keys.retain(|k| k.id != id);
-            records.bindings.retain(|(_, k)| k != id);
             Ok(((), Vec::new()))
         })
         .await
@@ -439,7 +559,7 @@ impl Admin {
 
     // ---- usage plans ----
 
-    fn check_plan(&self, plan: &UsagePlan, records: &Records) -> Result<(), AdminError> {
+    fn check_plan(&self, plan: &UsagePlan, catalog: &Catalog<'_>) -> Result<(), AdminError> {
         let snapshot = self.gateway.snapshot();
         let apis = &snapshot.config().apis;
         for (i, stage) in plan.api_stages.iter().enumerate() {
@@ -462,10 +582,24 @@ impl Admin {
                 )));
             }
         }
-        // A key may be in only one plan per API stage.
-        for (plan_id, key_id) in records.bindings.iter().filter(|(p, _)| *p == plan.id) {
+        // A key may be in only one plan per API stage: only plans sharing a stage with this one can
+        // clash, so the plan's members are looked at only if there is one.
+        let shares_a_stage = catalog.plans.iter().any(|other| {
+            other.id != plan.id
+                && other.api_stages.iter().any(|o| {
+                    plan.api_stages
+                        .iter()
+                        .any(|s| s.api_id == o.api_id && s.stage == o.stage)
+                })
+        });
+        let members = if shares_a_stage {
+            catalog.served.keys_of(&plan.id)
+        } else {
+            Vec::new()
+        };
+        for key_id in members {
             if let Some((other, stage)) =
-                Self::stage_clash(records, plan_id, key_id, &plan.api_stages)
+                Self::stage_clash(catalog, &plan.id, key_id, &plan.api_stages)
             {
                 return Err(AdminError::Conflict(format!(
                     "API Key {key_id} is already in usage plan {other}, which covers the same API Stage {}:{}",
@@ -478,16 +612,16 @@ impl Admin {
 
     /// Another plan of `key_id` that covers one of `stages`.
     pub(crate) fn stage_clash<'r>(
-        records: &'r Records,
+        catalog: &'r Catalog<'_>,
         plan_id: &str,
         key_id: &str,
         stages: &'r [ApiStage],
     ) -> Option<(&'r str, &'r ApiStage)> {
-        records
-            .bindings
-            .iter()
-            .filter(|(p, k)| k == key_id && p != plan_id)
-            .filter_map(|(p, _)| records.plans.iter().find(|x| x.id == *p))
+        catalog
+            .plans_of(key_id)
+            .into_iter()
+            .filter(|p| *p != plan_id)
+            .filter_map(|p| catalog.plan(p))
             .find_map(|other| {
                 stages
                     .iter()
@@ -520,11 +654,11 @@ impl Admin {
             throttle: input.throttle.as_ref().map(throttle_from).transpose()?,
             quota: input.quota.as_ref().map(quota_from).transpose()?,
         };
-        self.write(move |admin, records| {
-            admin.check_plan(&plan, records)?;
+        self.write(move |admin, catalog| {
+            admin.check_plan(&plan, catalog)?;
             admin.store.put_plan(&plan)?;
             let out = Self::plan_out(&plan, false);
-            records.plans.push(plan);
+            catalog.plans.push(plan);
             Ok((out, Vec::new()))
         })
         .await
@@ -532,29 +666,19 @@ impl Admin {
 
     /// GetUsagePlan.
     pub async fn get_plan(&self, id: &str) -> Result<UsagePlanOut, AdminError> {
-        let records = self.records.lock().await;
-        let plan = records
-            .plans
-            .iter()
-            .find(|p| p.id == id)
-            .ok_or_else(unknown_plan)?;
+        let plans = self.plans.lock().await;
+        let plan = plans.iter().find(|p| p.id == id).ok_or_else(unknown_plan)?;
         Ok(Self::plan_out(plan, true))
     }
 
     /// GetUsagePlans, optionally only the plans containing `key_id`.
     pub async fn list_plans(&self, key_id: Option<&str>, paging: &Paging) -> Page<UsagePlanOut> {
-        let records = self.records.lock().await;
-        let items = records
-            .plans
+        let plans = self.plans.lock().await;
+        let served = self.gateway.snapshot();
+        let of_key = key_id.map(|k| served.plans_of(k));
+        let items = plans
             .iter()
-            .filter(|p| {
-                key_id.is_none_or(|k| {
-                    records
-                        .bindings
-                        .iter()
-                        .any(|(bp, bk)| *bp == p.id && bk == k)
-                })
-            })
+            .filter(|p| of_key.as_ref().is_none_or(|of| of.contains(&p.id.as_str())))
             .map(|p| Self::plan_out(p, false))
             .collect();
         page(items, |p: &UsagePlanOut| &p.id, paging)
@@ -566,13 +690,13 @@ impl Admin {
         id: &str,
         ops: Vec<PatchOp>,
     ) -> Result<UsagePlanOut, AdminError> {
-        self.write(|admin, records| {
-            let at = records
+        self.write(|admin, catalog| {
+            let at = catalog
                 .plans
                 .iter()
                 .position(|p| p.id == id)
                 .ok_or_else(unknown_plan)?;
-            let before = records.plans[at].clone();
+            let before = catalog.plans[at].clone();
             let mut plan = before.clone();
             let mut quota: Option<QuotaIn> = plan.quota.map(|q| QuotaIn {
                 limit: Some(i64::from(q.limit)),
@@ -583,7 +707,7 @@ impl Admin {
                 apply_plan_op(&mut plan, &mut quota, op)?;
             }
             plan.quota = quota.as_ref().map(quota_from).transpose()?;
-            admin.check_plan(&plan, records)?;
+            admin.check_plan(&plan, catalog)?;
             admin.store.put_plan(&plan)?;
             let out = Self::plan_out(&plan, false);
             let recount = if plan.quota != before.quota {
@@ -591,7 +715,7 @@ impl Admin {
             } else {
                 Vec::new()
             };
-            records.plans[at] = plan;
+            catalog.plans[at] = plan;
             Ok((out, recount))
         })
         .await
@@ -599,13 +723,12 @@ impl Admin {
 
     /// DeleteUsagePlan.
     pub async fn delete_plan(&self, id: &str) -> Result<(), AdminError> {
-        self.write(|admin, records| {
-            if !records.plans.iter().any(|p| p.id == id) {
+        self.write(|admin, catalog| {
+            if catalog.plan(id).is_none() {
                 return Err(unknown_plan());
             }
             admin.store.delete_plan(id)?;
-            records.plans.retain(|p| p.id != id);
-            records.bindings.retain(|(p, _)| p != id);
+            catalog.plans.retain(|p| p.id != id);
             Ok(((), Vec::new()))
         })
         .await
@@ -633,22 +756,21 @@ impl Admin {
         if key_type.as_deref() != Some("API_KEY") {
             return Err(bad("Invalid key type specified: keyType must be API_KEY"));
         }
-        self.write(|admin, records| {
-            let plan = records.plans.iter().find(|p| p.id == plan_id).ok_or_else(unknown_plan)?;
-            let key = records.keys.iter().find(|k| k.id == key_id).ok_or_else(unknown_key)?;
-            if records.bindings.iter().any(|(p, k)| p == plan_id && *k == key_id) {
+        self.write(|admin, catalog| {
+            let plan = catalog.plan(plan_id).ok_or_else(unknown_plan)?;
+            let key = admin.store.key(&key_id)?.ok_or_else(unknown_key)?;
+            if catalog.is_bound(plan_id, &key_id) {
                 return Err(AdminError::Conflict(format!("Usage Plan Key {key_id} already exists in usage plan {plan_id}")));
             }
-            if let Some((other, stage)) = Self::stage_clash(records, plan_id, &key_id, &plan.api_stages) {
+            if let Some((other, stage)) = Self::stage_clash(catalog, plan_id, &key_id, &plan.api_stages) {
                 return Err(AdminError::Conflict(format!(
                     "Usage Plan {plan_id} cannot be added because API Key {key_id} cannot reference multiple Usage Plans with the same API Stage: {}:{} (usage plan {other})",
                     stage.api_id, stage.stage
                 )));
             }
             admin.store.bind(plan_id, &key_id)?;
-            let out = admin.plan_key_out(key);
-            records.bindings.push((plan_id.to_string(), key_id.clone()));
-            Ok((out, vec![plan_id.to_string()]))
+            catalog.added_binding(plan_id, &key_id);
+            Ok((admin.plan_key_out(&key), vec![plan_id.to_string()]))
         })
         .await
     }
@@ -659,20 +781,17 @@ impl Admin {
         plan_id: &str,
         key_id: &str,
     ) -> Result<UsagePlanKeyOut, AdminError> {
-        let records = self.records.lock().await;
-        if !records.plans.iter().any(|p| p.id == plan_id) {
+        if !self.plans.lock().await.iter().any(|p| p.id == plan_id) {
             return Err(unknown_plan());
         }
-        records
-            .bindings
-            .iter()
-            .any(|(p, k)| p == plan_id && k == key_id)
-            .then(|| records.keys.iter().find(|k| k.id == key_id))
-            .flatten()
-            .map(|k| self.plan_key_out(k))
-            .ok_or_else(|| {
-                AdminError::NotFound("Invalid Usage Plan Key identifier specified".into())
-            })
+        let bound = self.gateway.snapshot().plans_of(key_id).contains(&plan_id);
+        let key = match bound {
+            true => tokio::task::block_in_place(|| self.store.key(key_id))?,
+            false => None,
+        };
+        key.map(|k| self.plan_key_out(&k)).ok_or_else(|| {
+            AdminError::NotFound("Invalid Usage Plan Key identifier specified".into())
+        })
     }
 
     /// GetUsagePlanKeys: `name` is a prefix of the key name. An unknown plan has no keys (as AWS).
@@ -681,38 +800,39 @@ impl Admin {
         plan_id: &str,
         name: Option<&str>,
         paging: &Paging,
-    ) -> Page<UsagePlanKeyOut> {
-        let records = self.records.lock().await;
-        let items = records
-            .bindings
+    ) -> Result<Page<UsagePlanKeyOut>, AdminError> {
+        let served = self.gateway.snapshot();
+        let members = served.keys_of(plan_id);
+        let start = paging
+            .position
+            .as_deref()
+            .map_or(0, |p| members.partition_point(|k| *k < p));
+        // Keys are read from the store only as far as the page goes.
+        let keys = members[start..]
             .iter()
-            .filter(|(p, _)| p == plan_id)
-            .filter_map(|(_, k)| records.keys.iter().find(|key| key.id == *k))
-            .filter(|k| name.is_none_or(|n| k.name.starts_with(n)))
-            .map(|k| self.plan_key_out(k))
-            .collect();
-        page(items, |k: &UsagePlanKeyOut| &k.id, paging)
+            .filter_map(|id| self.store.key(id).transpose())
+            .filter(|k| {
+                k.as_ref()
+                    .map_or(true, |k| name.is_none_or(|n| k.name.starts_with(n)))
+            })
+            .map(|k| k.map(|k| self.plan_key_out(&k)));
+        Ok(tokio::task::block_in_place(|| {
+            first_page(keys, |k: &UsagePlanKeyOut| &k.id, paging)
+        })?)
     }
 
     /// DeleteUsagePlanKey.
     pub async fn delete_plan_key(&self, plan_id: &str, key_id: &str) -> Result<(), AdminError> {
-        self.write(|admin, records| {
-            if !records.plans.iter().any(|p| p.id == plan_id) {
+        self.write(|admin, catalog| {
+            if catalog.plan(plan_id).is_none() {
                 return Err(unknown_plan());
             }
-            if !records
-                .bindings
-                .iter()
-                .any(|(p, k)| p == plan_id && k == key_id)
-            {
+            if !catalog.is_bound(plan_id, key_id) {
                 return Err(AdminError::NotFound(
                     "Invalid Usage Plan Key identifier specified".into(),
                 ));
             }
             admin.store.unbind(plan_id, key_id)?;
-            records
-                .bindings
-                .retain(|(p, k)| !(p == plan_id && k == key_id));
             Ok(((), Vec::new()))
         })
         .await
@@ -741,14 +861,15 @@ impl Admin {
         let (from, to) = (parse(start, "start")?, parse(end, "end")?);
         check_range(from, to).map_err(bad)?;
         self.gateway.flush().await?;
-        let records = self.records.lock().await;
-        let plan = records
-            .plans
+        let plans = self.plans.lock().await;
+        let plan = plans
             .iter()
             .find(|p| p.id == plan_id)
             .ok_or_else(unknown_plan)?;
+        let served = self.gateway.snapshot();
+        let members = served.keys_of(plan_id);
         let values = tokio::task::block_in_place(|| {
-            plan_usage(&*self.store, &records, plan, key_id, from, to)
+            plan_usage(&*self.store, &members, plan, key_id, from, to)
         })?;
         let Page { position, item } = page(
             values.into_iter().collect(),
@@ -790,24 +911,19 @@ impl Admin {
             remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
         self.gateway.flush().await?;
         let window_start = {
-            let records = self.records.lock().await;
-            let plan = records
-                .plans
+            let plans = self.plans.lock().await;
+            let plan = plans
                 .iter()
                 .find(|p| p.id == plan_id)
                 .ok_or_else(unknown_plan)?;
-            if !records
-                .bindings
-                .iter()
-                .any(|(p, k)| p == plan_id && k == key_id)
-            {
+            let snapshot = self.gateway.snapshot();
+            if !snapshot.plans_of(key_id).contains(&plan_id) {
                 return Err(unknown_key());
             }
             let quota = plan
                 .quota
                 .ok_or_else(|| bad(format!("Usage plan {plan_id} has no quota")))?;
             let start = QuotaWindow::containing(&quota, self.today()).start;
-            let snapshot = self.gateway.snapshot();
             let now = self.gateway.clock().now();
             let grant = snapshot.grant_of(plan_id, key_id);
             // The local count always follows (cluster mode falls back to it when Redis is down).
@@ -1018,6 +1134,48 @@ fn apply_method_throttle_op(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_keys_are_read_in_batches_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tollgate_store::SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..1203 {
+            let id = format!("key{i:05}");
+            store
+                .put_key(&ApiKey {
+                    id: id.clone(),
+                    name: format!("name{}", i % 3),
+                    description: None,
+                    customer_id: None,
+                    enabled: true,
+                    value_hash: KeyHash::of(format!("batchedKeyValue{i:010}")),
+                    sealed_value: None,
+                    created_date: 0,
+                    last_updated_date: 0,
+                })
+                .unwrap();
+            ids.push(id);
+        }
+        let read: Vec<String> = stored_keys(&store, None).map(|k| k.unwrap().id).collect();
+        assert_eq!(read, ids, "three batches, none repeated or lost");
+        let from: Vec<String> = stored_keys(&store, Some("key00600"))
+            .map(|k| k.unwrap().id)
+            .collect();
+        assert_eq!(from, ids[600..]);
+
+        // A filtered page reads on until it is full, and says where the next one starts.
+        let paging = Paging {
+            limit: Some(400),
+            position: None,
+        };
+        let name2 =
+            stored_keys(&store, None).filter(|k| k.as_ref().is_ok_and(|k| k.name == "name2"));
+        let page = first_page(name2, |k: &ApiKey| &k.id, &paging).unwrap();
+        assert_eq!(page.item.len(), 400);
+        assert_eq!(page.item[399].id, "key01199");
+        assert_eq!(page.position.as_deref(), Some("key01202"));
+    }
 
     #[test]
     fn paging_by_id() {

@@ -13,11 +13,11 @@ use http::Method;
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::{EpochDay, Period, Quota, QuotaCount};
 use tollgate_core::{
-    ApiKey, ApiStage, Gcra, GcraState, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan,
+    ApiStage, Gcra, GcraState, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan,
 };
 use tollgate_gateway::config::{Api, Integration, Route, RouteMethod, Stage};
 use tollgate_gateway::{GatewayConfig, Snapshot};
-use tollgate_store::Records;
+use tollgate_store::KeyIndex;
 
 const NOW: u64 = 1_795_000_000 * NANOS_PER_SEC;
 
@@ -57,7 +57,7 @@ fn config() -> GatewayConfig {
 }
 
 /// `n` keys, all in one plan with a generous throttle and quota.
-fn records(n: usize) -> Records {
+fn records(n: usize) -> KeyIndex {
     let plan = UsagePlan {
         id: "plan01".into(),
         name: "p".into(),
@@ -77,26 +77,13 @@ fn records(n: usize) -> Records {
             period: Period::Month,
         }),
     };
-    let mut r = Records {
-        plans: vec![plan],
-        ..Records::default()
-    };
-    for i in 0..n {
-        let id = format!("k{i:09}");
-        r.keys.push(ApiKey {
-            id: id.clone(),
-            name: id.clone(),
-            description: None,
-            customer_id: None,
-            enabled: true,
-            value_hash: KeyHash::of(value(i)),
-            created_date: 0,
-            last_updated_date: 0,
-            sealed_value: None,
-        });
-        r.bindings.push(("plan01".into(), id));
+    let mut index = KeyIndex::new(vec![plan]);
+    let ids: Vec<String> = (0..n).map(|i| format!("k{i:09}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        index.push_key(id, KeyHash::of(value(i)), true);
     }
-    r
+    index.bind_all(ids.iter().map(|id| ("plan01", id)));
+    index
 }
 
 fn value(i: usize) -> String {

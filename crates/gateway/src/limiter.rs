@@ -609,7 +609,13 @@ mod tests {
             }],
             bindings: vec![("p".into(), "k".into())],
         };
-        Snapshot::build(config, &records, &HashMap::new(), EpochDay(20_000)).unwrap()
+        Snapshot::build(
+            config,
+            &tollgate_store::KeyIndex::from(&records),
+            &HashMap::new(),
+            EpochDay(20_000),
+        )
+        .unwrap()
     }
 
     async fn admitted(limiter: &RedisLimiter, snap: &Snapshot, n: usize) -> usize {

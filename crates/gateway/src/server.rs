@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tollgate_core::Clock;
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
-use tollgate_store::{Records, Store, StoreError, UsageDelta};
+use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
 use crate::conn;
@@ -156,7 +156,7 @@ impl GatewayHandle {
 
     /// Serves `records` from the next request on, keeping live limiter state (see
     /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
-    pub fn reload(&self, records: &Records, period_used: &HashMap<(String, String), i64>) {
+    pub fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>) {
         Snapshot::rebuild(
             &self.shared.snapshot,
             records,
@@ -213,7 +213,7 @@ impl Gateway {
     /// current quota periods' usage; call before serving.
     pub fn open(
         config: GatewayConfig,
-        records: &Records,
+        records: &KeyIndex,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         options: GatewayOptions,

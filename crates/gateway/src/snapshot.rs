@@ -11,7 +11,6 @@
 //! rebuilds, so a change of records neither refills buckets nor loses counts.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
@@ -22,7 +21,7 @@ use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
 use tollgate_core::model::KEY_VALUE_LEN;
 use tollgate_core::quota::{EpochDay, Quota, QuotaCount, QuotaDecision, QuotaWindow};
 use tollgate_core::{KeyHash, ThrottleSettings, UsagePlan};
-use tollgate_store::Records;
+use tollgate_store::KeyIndex;
 
 use crate::config::{GatewayConfig, Route};
 use crate::meter::DailyMeter;
@@ -356,27 +355,6 @@ impl<'s> Grant<'s> {
     }
 }
 
-/// A hasher for ids the store hands out (trusted input, hashed a million times at startup): one
-/// multiply per 8 bytes instead of SipHash.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-}
-
-type IdMap<'a, V> = HashMap<&'a str, V, BuildHasherDefault<IdHasher>>;
-
 /// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitInfo {
@@ -514,7 +492,7 @@ impl Snapshot {
     /// counted in the quota period containing `today` (so limits survive restarts).
     pub fn build(
         config: GatewayConfig,
-        records: &Records,
+        records: &KeyIndex,
         period_used: &HashMap<(String, String), i64>,
         today: EpochDay,
     ) -> Result<Self, SnapshotError> {
@@ -565,7 +543,7 @@ impl Snapshot {
     /// that are new or whose plan's quota changed. Serialised with other rebuilds and the flusher.
     pub fn rebuild(
         current: &ArcSwap<Snapshot>,
-        records: &Records,
+        records: &KeyIndex,
         period_used: &HashMap<(String, String), i64>,
         now: u64,
     ) {
@@ -586,7 +564,7 @@ impl Snapshot {
 
     fn assemble(
         routing: Arc<Routing>,
-        records: &Records,
+        records: &KeyIndex,
         period_used: &HashMap<(String, String), i64>,
         now: u64,
         previous: Option<&Snapshot>,
@@ -597,24 +575,18 @@ impl Snapshot {
             .iter()
             .map(|p| PlanRules::resolve(p, &routing.config))
             .collect();
-        let plan_index: IdMap<'_, u32> = plans
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (&*p.id, i as u32))
-            .collect();
-
-        let mut order: Vec<u32> = (0..records.keys.len() as u32).collect();
-        order.sort_unstable_by_key(|&i| records.keys[i as usize].value_hash);
-        let key_of = |pos: usize| &records.keys[order[pos] as usize];
-        let position: IdMap<'_, u32> = (0..order.len())
-            .map(|pos| (key_of(pos).id.as_str(), pos as u32))
-            .collect();
+        let mut order: Vec<u32> = (0..records.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| records.hash(i as usize));
+        let mut position = vec![0u32; order.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            position[i as usize] = pos as u32;
+        }
         // (key position, plan): binding order is kept within a key, so the first plan bound wins a
         // stage two plans of one key cover.
         let mut bound: Vec<(u32, u32)> = records
-            .bindings
+            .bindings()
             .iter()
-            .filter_map(|(p, k)| Some((*position.get(k.as_str())?, *plan_index.get(p.as_str())?)))
+            .map(|&(plan, key)| (position[key as usize], plan))
             .collect();
         drop(position);
         bound.sort_by_key(|&(pos, _)| pos);
@@ -624,24 +596,24 @@ impl Snapshot {
         let mut method_buckets = HashMap::new();
         let mut keys = KeyTable {
             recs: Vec::with_capacity(order.len()),
-            ids: String::with_capacity(records.keys.iter().map(|k| k.id.len()).sum()),
+            ids: String::with_capacity(records.id_bytes()),
             members: Vec::with_capacity(bound.len()),
             ..KeyTable::default()
         };
         let mut next_bound = 0;
-        for pos in 0..order.len() {
-            let key = key_of(pos);
+        for (pos, &i) in order.iter().enumerate() {
+            let (key_id, i) = (records.id(i as usize), i as usize);
             let first = keys.members.len();
             keys.recs.push(KeyRec {
-                hash: key.value_hash,
+                hash: records.hash(i),
                 id_start: keys.ids.len() as u32,
-                members: first as u32 | if key.enabled { 0 } else { DISABLED },
+                members: first as u32 | if records.enabled(i) { 0 } else { DISABLED },
             });
-            keys.ids.push_str(&key.id);
+            keys.ids.push_str(key_id);
             while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
                 next_bound += 1;
                 let rules = &plans[plan as usize];
-                let before = previous.and_then(|p| p.membership(&rules.id, &key.id));
+                let before = previous.and_then(|p| p.membership(&rules.id, key_id));
                 let slot = match before {
                     Some((slot, _)) => {
                         kept[slot as usize] = true;
@@ -664,7 +636,7 @@ impl Snapshot {
                         .is_some_and(|q| q.settings() == quota.settings());
                     if !same {
                         let used = period_used
-                            .get(&(rules.id.to_string(), key.id.clone()))
+                            .get(&(rules.id.to_string(), key_id.to_owned()))
                             .copied()
                             .unwrap_or(0);
                         quota.set_used(&live.quota, now, used);
@@ -679,7 +651,7 @@ impl Snapshot {
                 for earlier in &keys.members[first..] {
                     let other = &plans[earlier.plan as usize];
                     if other.stages.iter().any(|s| rules.stages.contains(s)) {
-                        tracing::warn!(key = %key.id, plan = %rules.id, other = %other.id,
+                        tracing::warn!(key = %key_id, plan = %rules.id, other = %other.id,
                             "key is in two plans for one stage; the first one applies");
                     }
                 }
@@ -770,6 +742,44 @@ impl Snapshot {
             live: live_at(&self.chunks, member.slot),
             method_buckets: &self.method_buckets,
         }
+    }
+
+    /// Whether key `key_id` exists (enabled or not).
+    pub fn has_key(&self, key_id: &str) -> bool {
+        self.keys.by_id(key_id).is_some()
+    }
+
+    /// The id of the key whose value hashes to `hash`.
+    pub fn key_with_hash(&self, hash: &KeyHash) -> Option<&str> {
+        self.keys.find(hash).map(|k| self.keys.id(k))
+    }
+
+    /// The ids of the plans key `key_id` is in.
+    pub fn plans_of(&self, key_id: &str) -> Vec<&str> {
+        self.keys.by_id(key_id).map_or_else(Vec::new, |k| {
+            self.keys
+                .members_of(k)
+                .map(|m| &*self.plans[self.keys.members[m].plan as usize].id)
+                .collect()
+        })
+    }
+
+    /// The ids of the keys in plan `plan_id`, sorted.
+    pub fn keys_of(&self, plan_id: &str) -> Vec<&str> {
+        let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
+            return Vec::new();
+        };
+        self.keys
+            .by_id
+            .iter()
+            .map(|&k| k as usize)
+            .filter(|&k| {
+                self.keys
+                    .members_of(k)
+                    .any(|m| self.keys.members[m].plan as usize == plan)
+            })
+            .map(|k| self.keys.id(k))
+            .collect()
     }
 
     /// The configuration this snapshot serves.
@@ -1017,6 +1027,7 @@ mod tests {
 
     use super::*;
     use crate::config::{Api, Integration, RouteMethod, Stage};
+    use tollgate_store::Records;
 
     const KEY: &str = "central-system-key-0123456789";
     const OTHER: &str = "another-partner-key-0123456789";
@@ -1108,7 +1119,13 @@ mod tests {
     }
 
     fn snap(cfg: GatewayConfig, rec: &Records) -> Snapshot {
-        Snapshot::build(cfg, rec, &HashMap::new(), EpochDay::from_nanos(T0)).unwrap()
+        Snapshot::build(
+            cfg,
+            &KeyIndex::from(rec),
+            &HashMap::new(),
+            EpochDay::from_nanos(T0),
+        )
+        .unwrap()
     }
 
     fn call(
@@ -1319,7 +1336,7 @@ mod tests {
 
         // Key 1 leaves the plan while a request still holds the old snapshot and counts after.
         rec.bindings.clear();
-        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
         assert!(call(&old, "GET", get, Some(KEY), T0).is_ok());
         assert_eq!(
             call(&cell.load(), "GET", get, Some(KEY), T0),
@@ -1327,7 +1344,7 @@ mod tests {
         );
         // Key 2 joins: the retired slot is not reused while the old snapshot is in use.
         rec.bindings = one_plan[1..].to_vec();
-        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
         assert_ne!(slot_of(&cell, "key0000002"), slot);
         assert_eq!(taken(&cell), vec![counted("key0000001", T0, 2)]);
 
@@ -1335,7 +1352,7 @@ mod tests {
         // counts under it are its own.
         drop(old);
         rec.bindings = one_plan.iter().rev().cloned().collect();
-        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
         assert_eq!(slot_of(&cell, "key0000001"), slot, "reused");
         assert!(call(&cell.load(), "GET", get, Some(KEY), T0).is_ok());
         assert!(call(&cell.load(), "GET", get, Some(OTHER), T0).is_ok());
@@ -1360,7 +1377,13 @@ mod tests {
         };
         let rec = records(None, Some(quota));
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9i64)]);
-        let s = Snapshot::build(config(None, None), &rec, &used, EpochDay::from_nanos(T0)).unwrap();
+        let s = Snapshot::build(
+            config(None, None),
+            &KeyIndex::from(&rec),
+            &used,
+            EpochDay::from_nanos(T0),
+        )
+        .unwrap();
         let get = "/prod/registrations/42";
         assert_eq!(
             call(&s, "GET", get, Some(KEY), T0)
@@ -1391,7 +1414,7 @@ mod tests {
         }
 
         // Same records: the bucket stays empty, the quota count and the unflushed meter carry over.
-        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
         let s2 = cell.load_full();
         assert!(matches!(
             call(&s2, "GET", get, Some(KEY), T0),
@@ -1403,7 +1426,12 @@ mod tests {
 
         // A slower throttle keeps the tokens the bucket holds (none), not a full new bucket.
         rec.plans[0].throttle = Some(throttle(0.5, 3));
-        Snapshot::rebuild(&cell, &rec, &HashMap::new(), T0 + NANOS_PER_SEC);
+        Snapshot::rebuild(
+            &cell,
+            &KeyIndex::from(&rec),
+            &HashMap::new(),
+            T0 + NANOS_PER_SEC,
+        );
         assert!(matches!(
             call(&cell.load(), "GET", get, Some(KEY), T0 + NANOS_PER_SEC),
             Err(Refusal::TooManyRequests { .. })
@@ -1414,7 +1442,7 @@ mod tests {
         rec.keys[0].enabled = false;
         rec.keys[1].enabled = true;
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]);
-        Snapshot::rebuild(&cell, &rec, &used, T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &used, T0);
         let s3 = cell.load_full();
         assert_eq!(
             call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),
@@ -1423,7 +1451,7 @@ mod tests {
         let limits = call(&s3, "GET", get, Some(OTHER), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(limits.quota.unwrap().remaining, 19);
         rec.keys[0].enabled = true;
-        Snapshot::rebuild(&cell, &rec, &used, T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &used, T0);
         let limits = call(&cell.load(), "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(
             limits.quota.unwrap().remaining,

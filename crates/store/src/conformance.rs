@@ -23,6 +23,8 @@ pub fn run_all(store: &dyn Store) {
     quota_adjustments_accumulate(store);
     declared_state_is_applied_by_name(store);
     bulk_writes_match_single_writes(store);
+    keys_are_read_one_by_one_and_in_pages(store);
+    index_holds_what_load_does(store);
 }
 
 fn plan(id: &str) -> UsagePlan {
@@ -88,6 +90,82 @@ pub fn records_roundtrip(store: &dyn Store) {
     let loaded = store.load().unwrap();
     assert!(loaded.keys.contains(&changed));
     assert!(!loaded.keys.contains(&k));
+}
+
+/// `load_index` holds the same plans, keys and bindings as `load`.
+pub fn index_holds_what_load_does(store: &dyn Store) {
+    let p = plan("ix0001");
+    store.put_plan(&p).unwrap();
+    let mut off = key("ixkey00001", "index-value-0123456789");
+    off.enabled = false;
+    store.put_key(&off).unwrap();
+    store.bind("ix0001", "ixkey00001").unwrap();
+    let records = store.load().unwrap();
+    let index = store.load_index().unwrap();
+    let mut keys: Vec<_> = (0..index.len())
+        .map(|i| (index.id(i).to_owned(), index.hash(i), index.enabled(i)))
+        .collect();
+    keys.sort();
+    let mut want: Vec<_> = records
+        .keys
+        .iter()
+        .map(|k| (k.id.clone(), k.value_hash, k.enabled))
+        .collect();
+    want.sort();
+    assert_eq!(keys, want);
+    let mut bindings: Vec<_> = index
+        .bindings()
+        .iter()
+        .map(|&(p, k)| {
+            (
+                index.plans[p as usize].id.clone(),
+                index.id(k as usize).to_owned(),
+            )
+        })
+        .collect();
+    bindings.sort();
+    let mut want = records.bindings.clone();
+    want.sort();
+    assert_eq!(bindings, want);
+    assert!(want.contains(&("ix0001".into(), "ixkey00001".into())));
+    let mut plans = index.plans.clone();
+    plans.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut want = records.plans;
+    want.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(plans, want);
+}
+
+/// `key` reads one key by id; `keys_from` pages through all of them in id order.
+pub fn keys_are_read_one_by_one_and_in_pages(store: &dyn Store) {
+    let mut all = store.load().unwrap().keys;
+    for i in (0..7).rev() {
+        let k = key(
+            &format!("pgkey{i:05}"),
+            &format!("paged-value-{i}-0123456789"),
+        );
+        store.put_key(&k).unwrap();
+        all.push(k);
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let third = &all[all.len() / 3];
+    assert_eq!(store.key(&third.id).unwrap().as_ref(), Some(third));
+    assert_eq!(store.key("no-such-key").unwrap(), None);
+
+    // Pages of three, each asked for with one more: the extra one starts the next page.
+    let mut paged = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let mut page = store.keys_from(from.as_deref(), 4).unwrap();
+        assert!(page.len() <= 4);
+        from = (page.len() == 4)
+            .then(|| page.pop().map(|k| k.id))
+            .flatten();
+        paged.extend(page);
+        if from.is_none() {
+            break;
+        }
+    }
+    assert_eq!(paged, all);
 }
 
 /// `put_records` (pages of many records per round trip where the backend batches) stores exactly

@@ -5,12 +5,14 @@
 
 pub mod conformance;
 pub mod ids;
+mod index;
 pub mod redis;
 pub mod report;
 mod sqlite;
 mod sync;
 pub mod testing;
 
+pub use index::KeyIndex;
 pub use redis::{RedisSettings, RedisStore};
 pub use sqlite::SqliteStore;
 pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};
@@ -105,8 +107,16 @@ fn put_each(store: &(impl Store + ?Sized), records: &Records) -> Result<(), Stor
 pub trait Store: Send + Sync {
     /// Loads every plan, key and binding.
     fn load(&self) -> Result<Records, StoreError>;
+    /// Loads what the gateway serves from. Backends override it to skip reading whole records.
+    fn load_index(&self) -> Result<KeyIndex, StoreError> {
+        Ok(KeyIndex::from(&self.load()?))
+    }
     /// Loads every plan (and nothing of the keys: there may be millions).
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError>;
+    /// One key, by id.
+    fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Up to `limit` keys whose ids sort at or after `from`, in id order: one page of a listing.
+    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError>;
     /// Creates or replaces a plan (matched by id).
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError>;
     /// Creates or replaces a key (matched by id). Fails with [`StoreError::DuplicateKeyValue`] when

@@ -479,27 +479,7 @@ impl Store for RedisStore {
             ..Records::default()
         };
         for (id, body) in keys {
-            let k: StoredKey = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
-                id: id.clone(),
-                reason: e.to_string(),
-            })?;
-            let hash = unhex(&k.value_sha256)
-                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    id: id.clone(),
-                    reason: "bad value hash".into(),
-                })?;
-            records.keys.push(ApiKey {
-                id: k.id,
-                name: k.name,
-                description: k.description,
-                customer_id: k.customer_id,
-                enabled: k.enabled,
-                value_hash: KeyHash(hash),
-                created_date: k.created_date,
-                last_updated_date: k.last_updated_date,
-                sealed_value: k.sealed_value.as_deref().and_then(unhex),
-            });
+            records.keys.push(parse_key(&id, &body)?);
         }
         for member in bindings {
             if let Some((p, k)) = member.split_once(' ') {
@@ -510,6 +490,29 @@ impl Store for RedisStore {
         records.keys.sort_by(|a, b| a.id.cmp(&b.id));
         records.bindings.sort();
         Ok(records)
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let body: Option<String> =
+            self.with(|c| redis::cmd("HGET").arg(keys::KEYS).arg(key_id).query(c))?;
+        body.map(|b| parse_key(key_id, &b)).transpose()
+    }
+
+    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {
+        // Redis keeps no order: the ids are read and sorted, then the page's records fetched.
+        let mut ids: Vec<String> = self.with(|c| redis::cmd("HKEYS").arg(keys::KEYS).query(c))?;
+        ids.retain(|id| from.is_none_or(|f| id.as_str() >= f));
+        ids.sort_unstable();
+        ids.truncate(limit);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bodies: Vec<Option<String>> =
+            self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(&ids).query(c))?;
+        ids.iter()
+            .zip(bodies)
+            .filter_map(|(id, body)| body.map(|b| parse_key(id, &b)))
+            .collect()
     }
 
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
@@ -681,6 +684,29 @@ impl Store for RedisStore {
         }
         Ok(out)
     }
+}
+
+/// A key record as stored in the keys hash.
+fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.to_owned(),
+        reason,
+    };
+    let k: StoredKey = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
+    let hash = unhex(&k.value_sha256)
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| corrupt("bad value hash".into()))?;
+    Ok(ApiKey {
+        id: k.id,
+        name: k.name,
+        description: k.description,
+        customer_id: k.customer_id,
+        enabled: k.enabled,
+        value_hash: KeyHash(hash),
+        created_date: k.created_date,
+        last_updated_date: k.last_updated_date,
+        sealed_value: k.sealed_value.as_deref().and_then(unhex),
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 
-use crate::{Records, Store, StoreError};
+use crate::{Store, StoreError};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -23,12 +23,12 @@ pub fn check_range(from: EpochDay, to: EpochDay) -> Result<(), String> {
     Ok(())
 }
 
-/// Per key id, `[used, remaining]` for each day from `from` to `to` inclusive, for the plan's keys (or
-/// the one key `key_id`). Keys that left the plan but have usage in the range are included, as their
-/// requests were metered under it.
+/// Per key id, `[used, remaining]` for each day from `from` to `to` inclusive, for the plan's keys
+/// `members` (or the one key `key_id`). Keys that left the plan but have usage in the range are
+/// included, as their requests were metered under it.
 pub fn plan_usage(
     store: &dyn Store,
-    records: &Records,
+    members: &[&str],
     plan: &UsagePlan,
     key_id: Option<&str>,
     from: EpochDay,
@@ -43,12 +43,7 @@ pub fn plan_usage(
     let adjustments = store.quota_adjustments(&plan.id, key_id, since, to)?;
     let mut key_ids: Vec<&str> = match key_id {
         Some(k) => vec![k],
-        None => records
-            .bindings
-            .iter()
-            .filter(|(p, _)| *p == plan.id)
-            .map(|(_, k)| k.as_str())
-            .collect(),
+        None => members.to_vec(),
     };
     for row in &rows {
         if !key_ids.contains(&row.key_id.as_str()) {

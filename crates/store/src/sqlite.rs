@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
+use crate::{KeyIndex, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_plans (
@@ -111,49 +111,9 @@ impl Store for SqliteStore {
     fn load(&self) -> Result<Records, StoreError> {
         let plans = self.plans()?;
         let conn = self.conn();
-        let mut keys = Vec::new();
-        let mut stmt = conn
-            .prepare(
-                // In table order: ordering by id would walk the id index and fetch each row apart
-                // (a third of a million-key load); whoever lists keys sorts them.
-                "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
-                        last_updated_date, value_sealed FROM api_keys",
-            )
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, bool>(4)?,
-                    <[u8; 32]>::try_from(r.get_ref(5)?.as_blob()?).ok(),
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, Option<Vec<u8>>>(8)?,
-                ))
-            })
-            .map_err(backend)?;
-        for row in rows {
-            let (id, name, description, customer_id, enabled, hash, created, updated, sealed) =
-                row.map_err(backend)?;
-            let value_hash = hash.map(KeyHash).ok_or_else(|| StoreError::Corrupt {
-                id: id.clone(),
-                reason: "value hash is not 32 bytes".into(),
-            })?;
-            keys.push(ApiKey {
-                id,
-                name,
-                description,
-                customer_id,
-                enabled,
-                value_hash,
-                created_date: created,
-                last_updated_date: updated,
-                sealed_value: sealed,
-            });
-        }
+        // In table order: ordering by id would walk the id index and fetch each row apart (a third
+        // of a million-key load); whoever lists keys sorts them.
+        let keys = select_keys(&conn, "", [])?;
 
         let mut stmt = conn
             .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")
@@ -168,6 +128,55 @@ impl Store for SqliteStore {
             keys,
             bindings,
         })
+    }
+
+    fn load_index(&self) -> Result<KeyIndex, StoreError> {
+        let mut index = KeyIndex::new(self.plans()?);
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, enabled, value_sha256 FROM api_keys")
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            let id = row
+                .get_ref(0)
+                .map_err(backend)?
+                .as_str()
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let hash = row
+                .get_ref(2)
+                .ok()
+                .and_then(|v| v.as_blob().ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    id: id.to_owned(),
+                    reason: "value hash is not 32 bytes".into(),
+                })?;
+            index.push_key(id, KeyHash(hash), row.get::<_, bool>(1).map_err(backend)?);
+        }
+        let mut stmt = conn
+            .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")
+            .map_err(backend)?;
+        let pairs = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        index.bind_all(pairs);
+        Ok(index)
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
+        Ok(select_keys(&self.conn(), "WHERE id = ?1", params![key_id])?.pop())
+    }
+
+    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        select_keys(
+            &self.conn(),
+            "WHERE id >= ?1 ORDER BY id LIMIT ?2",
+            params![from.unwrap_or(""), limit],
+        )
     }
 
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
@@ -348,6 +357,56 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend)
     }
+}
+
+/// The keys `clause` selects (a WHERE / ORDER BY / LIMIT tail over `api_keys`).
+fn select_keys(
+    conn: &Connection,
+    clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<ApiKey>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
+                    last_updated_date, value_sealed FROM api_keys {clause}"
+        ))
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, bool>(4)?,
+                <[u8; 32]>::try_from(r.get_ref(5)?.as_blob()?).ok(),
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, Option<Vec<u8>>>(8)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (id, name, description, customer_id, enabled, hash, created, updated, sealed) =
+            row.map_err(backend)?;
+        let value_hash = hash.map(KeyHash).ok_or_else(|| StoreError::Corrupt {
+            id: id.clone(),
+            reason: "value hash is not 32 bytes".into(),
+        })?;
+        keys.push(ApiKey {
+            id,
+            name,
+            description,
+            customer_id,
+            enabled,
+            value_hash,
+            created_date: created,
+            last_updated_date: updated,
+            sealed_value: sealed,
+        });
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]

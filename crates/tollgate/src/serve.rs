@@ -89,8 +89,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         StoreKind::Sqlite(_) => None,
     };
-    // Loaded once, for the gateway and the admin API (a million keys are not read twice).
-    let records = tokio::task::block_in_place(|| store.load()).context("loading the records")?;
+    // Loaded once, compact: the gateway serves from it, and the admin API keeps only its plans.
+    let records =
+        tokio::task::block_in_place(|| store.load_index()).context("loading the records")?;
     let gateway = tokio::task::block_in_place(|| {
         Gateway::open(
             config.gateway,
@@ -107,7 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
             };
-            let admin = Admin::new(store.clone(), records, gateway.handle(), settings);
+            let admin = Admin::new(store.clone(), records.plans, gateway.handle(), settings);
             Some((Arc::new(admin), admin_config.listen))
         }
         None => None,
@@ -241,7 +242,7 @@ async fn resync(
         if seen == Some(version) {
             continue;
         }
-        let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.load()).await else {
+        let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.load_index()).await else {
             continue;
         };
         match seen {

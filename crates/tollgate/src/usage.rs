@@ -154,7 +154,13 @@ fn offline(
                 .ok_or_else(|| Failure::Usage(format!("no API key {k:?}")))?,
         ),
     };
-    let values = plan_usage(&*store, &records, plan, key_id, from, to)
+    let members: Vec<&str> = records
+        .bindings
+        .iter()
+        .filter(|(p, _)| *p == plan.id)
+        .map(|(_, k)| k.as_str())
+        .collect();
+    let values = plan_usage(&*store, &members, plan, key_id, from, to)
         .map_err(|e| Failure::Runtime(e.into()))?;
     let usage = json!({"usagePlanId": plan.id, "startDate": from.to_string(), "endDate": to.to_string(), "values": values});
     let names = records
