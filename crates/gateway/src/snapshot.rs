@@ -588,7 +588,6 @@ impl Snapshot {
             .iter()
             .map(|&(plan, key)| (position[key as usize], plan))
             .collect();
-        drop(position);
         bound.sort_by_key(|&(pos, _)| pos);
 
         book.reclaim();
@@ -601,11 +600,23 @@ impl Snapshot {
             ..KeyTable::default()
         };
         let mut next_bound = 0;
+        // The previous snapshot's keys are walked alongside, in the same hash order: a key with the
+        // same hash and id keeps its memberships' slots.
+        let mut old_at = 0;
         for (pos, &i) in order.iter().enumerate() {
             let (key_id, i) = (records.id(i as usize), i as usize);
+            let hash = records.hash(i);
+            let old_key = previous.and_then(|p| {
+                let recs = &p.keys.recs;
+                while old_at < recs.len() && recs[old_at].hash < hash {
+                    old_at += 1;
+                }
+                (recs.get(old_at).is_some_and(|r| r.hash == hash) && p.keys.id(old_at) == key_id)
+                    .then_some((p, old_at))
+            });
             let first = keys.members.len();
             keys.recs.push(KeyRec {
-                hash: records.hash(i),
+                hash,
                 id_start: keys.ids.len() as u32,
                 members: first as u32 | if records.enabled(i) { 0 } else { DISABLED },
             });
@@ -613,7 +624,7 @@ impl Snapshot {
             while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
                 next_bound += 1;
                 let rules = &plans[plan as usize];
-                let before = previous.and_then(|p| p.membership(&rules.id, key_id));
+                let before = old_key.and_then(|(p, k)| p.membership(k, &rules.id));
                 let slot = match before {
                     Some((slot, _)) => {
                         kept[slot as usize] = true;
@@ -671,9 +682,17 @@ impl Snapshot {
             *start = at as u32;
         }
         keys.dir = dir;
-        let mut by_id: Vec<u32> = (0..keys.recs.len() as u32).collect();
-        by_id.sort_unstable_by(|&a, &b| keys.id(a as usize).cmp(keys.id(b as usize)));
-        keys.by_id = by_id;
+        keys.by_id = match records.by_id() {
+            sorted if sorted.len() == order.len() => {
+                sorted.iter().map(|&i| position[i as usize]).collect()
+            }
+            _ => {
+                let mut by_id: Vec<u32> = (0..keys.recs.len() as u32).collect();
+                by_id.sort_unstable_by(|&a, &b| keys.id(a as usize).cmp(keys.id(b as usize)));
+                by_id
+            }
+        };
+        drop(position);
 
         let epoch = Arc::new(Epoch::default());
         if let Some(previous) = previous {
@@ -714,9 +733,8 @@ impl Snapshot {
         }
     }
 
-    /// The slot of (plan, key) and the rules it was under, if this snapshot has that membership.
-    fn membership(&self, plan_id: &str, key_id: &str) -> Option<(u32, &PlanRules)> {
-        let key = self.keys.by_id(key_id)?;
+    /// The slot of key record `key`'s membership in `plan_id` and the rules it was under.
+    fn membership(&self, key: usize, plan_id: &str) -> Option<(u32, &PlanRules)> {
         self.keys.members_of(key).find_map(|m| {
             let member = self.keys.members[m];
             let rules = &self.plans[member.plan as usize];

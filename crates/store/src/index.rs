@@ -19,6 +19,8 @@ pub struct KeyIndex {
     enabled: Vec<bool>,
     /// (plan index, key index).
     bindings: Vec<(u32, u32)>,
+    /// Key indices in id order, once [`bind_all`](Self::bind_all) has run.
+    by_id: Vec<u32>,
 }
 
 impl KeyIndex {
@@ -28,6 +30,11 @@ impl KeyIndex {
             plans,
             ..Self::default()
         }
+    }
+
+    /// The plans, the rest let go (a million keys' worth of buffers).
+    pub fn into_plans(self) -> Vec<UsagePlan> {
+        self.plans
     }
 
     /// Adds a key.
@@ -99,6 +106,16 @@ impl KeyIndex {
             }
         }
         self.bindings.extend(bindings);
+        self.by_id = by_id;
+    }
+
+    /// Key indices in id order: empty unless [`bind_all`](Self::bind_all) ran after the last key.
+    pub fn by_id(&self) -> &[u32] {
+        if self.by_id.len() == self.len() {
+            &self.by_id
+        } else {
+            &[]
+        }
     }
 }
 

@@ -157,13 +157,14 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")
             .map_err(backend)?;
+        // Streamed: a million (plan, key) pairs are never held at once.
+        let mut failed = None;
         let pairs = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(backend)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend)?;
+            .map_while(|row| row.map_err(|e| failed = Some(backend(e))).ok());
         index.bind_all(pairs);
-        Ok(index)
+        failed.map_or(Ok(index), Err)
     }
 
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {

@@ -102,13 +102,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             limiter,
         )
     })?;
+    let plans = records.into_plans();
     let admin = match &config.admin {
         Some(admin_config) => {
             let settings = AdminSettings {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
             };
-            let admin = Admin::new(store.clone(), records.plans, gateway.handle(), settings);
+            let admin = Admin::new(store.clone(), plans, gateway.handle(), settings);
             Some((Arc::new(admin), admin_config.listen))
         }
         None => None,
