@@ -115,6 +115,24 @@ pub trait Store: Send + Sync {
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError>;
     /// One key, by id.
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// The key named `name` (the oldest, if several have the name) and the ids of its plans. Backends
+    /// with an index on names override this scan of every record.
+    fn key_named(&self, name: &str) -> Result<Option<(ApiKey, Vec<String>)>, StoreError> {
+        let records = self.load()?;
+        Ok(records
+            .keys
+            .into_iter()
+            .find(|k| k.name == name)
+            .map(|key| {
+                let plans = records
+                    .bindings
+                    .into_iter()
+                    .filter(|(_, k)| *k == key.id)
+                    .map(|(p, _)| p)
+                    .collect();
+                (key, plans)
+            }))
+    }
     /// Up to `limit` keys whose ids sort at or after `from`, in id order: one page of a listing.
     fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError>;
     /// Creates or replaces a plan (matched by id).

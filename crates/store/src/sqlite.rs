@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS usage_plan_keys (
     key_id  TEXT NOT NULL,
     PRIMARY KEY (plan_id, key_id)
 ) WITHOUT ROWID;
+-- A key's plans and a key by name are looked up without reading a million rows.
+CREATE INDEX IF NOT EXISTS usage_plan_keys_by_key ON usage_plan_keys (key_id);
+CREATE INDEX IF NOT EXISTS api_keys_by_name ON api_keys (name);
 CREATE TABLE IF NOT EXISTS usage (
     plan_id TEXT NOT NULL,
     key_id  TEXT NOT NULL,
@@ -169,6 +172,23 @@ impl Store for SqliteStore {
 
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
         Ok(select_keys(&self.conn(), "WHERE id = ?1", params![key_id])?.pop())
+    }
+
+    fn key_named(&self, name: &str) -> Result<Option<(ApiKey, Vec<String>)>, StoreError> {
+        let conn = self.conn();
+        let Some(key) = select_keys(&conn, "WHERE name = ?1 ORDER BY rowid LIMIT 1", [name])?.pop()
+        else {
+            return Ok(None);
+        };
+        let mut stmt = conn
+            .prepare("SELECT plan_id FROM usage_plan_keys WHERE key_id = ?1 ORDER BY plan_id")
+            .map_err(backend)?;
+        let plans = stmt
+            .query_map([&key.id], |r| r.get::<_, String>(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(Some((key, plans)))
     }
 
     fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {

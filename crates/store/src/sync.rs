@@ -2,7 +2,7 @@
 
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
-use crate::{Records, Store, StoreError, ids};
+use crate::{Store, StoreError, ids};
 
 /// A usage plan as a config file declares it (no id: the store assigns or keeps one).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,19 +60,11 @@ pub fn apply_declared(
     now_secs: i64,
     seal: Option<SealFn<'_>>,
 ) -> Result<Vec<GeneratedKey>, StoreError> {
-    // Keys are matched by name, so they are read only when some are declared (there may be millions).
-    let records = if keys.is_empty() {
-        Records {
-            plans: store.plans()?,
-            ..Records::default()
-        }
-    } else {
-        store.load()?
-    };
+    // Keys are looked up one by one, by name: there may be millions of others.
+    let stored_plans = store.plans()?;
     let mut plan_ids = Vec::with_capacity(plans.len());
     for declared in plans {
-        let id = records
-            .plans
+        let id = stored_plans
             .iter()
             .find(|p| p.name == declared.name)
             .map_or_else(ids::new_plan_id, |p| p.id.clone());
@@ -89,7 +81,8 @@ pub fn apply_declared(
 
     let mut generated = Vec::new();
     for declared in keys {
-        let existing = records.keys.iter().find(|k| k.name == declared.name);
+        let (existing, bound) = store.key_named(&declared.name)?.unzip();
+        let existing = existing.as_ref();
         let id = existing.map_or_else(ids::new_key_id, |k| k.id.clone());
         let (value_hash, new_value) = match (&declared.value, existing) {
             (Some(value), _) => (KeyHash::of(value), Some(value.clone())),
@@ -142,8 +135,8 @@ pub fn apply_declared(
                     .map(|(_, id)| id.as_str())
             })
             .collect();
-        for (plan_id, key_id) in &records.bindings {
-            if *key_id == id && !wanted.contains(&plan_id.as_str()) {
+        for plan_id in bound.iter().flatten() {
+            if !wanted.contains(&plan_id.as_str()) {
                 store.unbind(plan_id, &id)?;
             }
         }
