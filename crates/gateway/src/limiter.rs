@@ -596,18 +596,21 @@ mod tests {
                 throttle: Some(throttle),
                 quota,
             }],
-            keys: vec![ApiKey {
-                id: "k".into(),
-                name: "k".into(),
-                description: None,
-                customer_id: None,
-                enabled: true,
-                value_hash: KeyHash::of("limiterTestValue0123456789"),
-                created_date: 0,
-                last_updated_date: 0,
-                sealed_value: None,
-            }],
-            bindings: vec![("p".into(), "k".into())],
+            keys: ["k", "k2"]
+                .into_iter()
+                .map(|id| ApiKey {
+                    id: id.into(),
+                    name: id.into(),
+                    description: None,
+                    customer_id: None,
+                    enabled: true,
+                    value_hash: KeyHash::of(format!("limiterTestValue0123456789{id}")),
+                    created_date: 0,
+                    last_updated_date: 0,
+                    sealed_value: None,
+                })
+                .collect(),
+            bindings: vec![("p".into(), "k".into()), ("p".into(), "k2".into())],
         };
         Snapshot::build(
             config,
@@ -784,11 +787,23 @@ mod tests {
             None,
         );
         let m = snap.route(&Method::GET, "/s/x").unwrap();
-        let grant = &snap.grant_of("p", "k").unwrap();
-        let decisions =
-            futures_util::future::join_all((0..300).map(|_| limiter.decide(grant, &m, "", now)))
-                .await;
-        let admitted = decisions.iter().filter(|d| matches!(d, Ok(Ok(_)))).count();
-        assert_eq!(admitted, 50);
+        let grants = [
+            snap.grant_of("p", "k").unwrap(),
+            snap.grant_of("p", "k2").unwrap(),
+        ];
+        // Two keys' requests interleaved in the same calls: each keeps its own bucket.
+        let decisions = futures_util::future::join_all(
+            (0..600).map(|i| limiter.decide(&grants[i % 2], &m, "", now)),
+        )
+        .await;
+        let admitted = |key| {
+            decisions
+                .iter()
+                .skip(key)
+                .step_by(2)
+                .filter(|d| matches!(d, Ok(Ok(_))))
+                .count()
+        };
+        assert_eq!((admitted(0), admitted(1)), (50, 50));
     }
 }
