@@ -155,7 +155,7 @@ impl GatewayHandle {
     }
 
     /// Serves `records` from the next request on, keeping live limiter state (see
-    /// [`Snapshot::rebuild`]). Callers serialise their writes; this does no locking of its own.
+    /// [`Snapshot::rebuild`], which serialises reloads with each other and with the flusher).
     pub fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>) {
         Snapshot::rebuild(
             &self.shared.snapshot,

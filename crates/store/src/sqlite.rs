@@ -151,10 +151,7 @@ impl Store for SqliteStore {
                 .ok()
                 .and_then(|v| v.as_blob().ok())
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    id: id.to_owned(),
-                    reason: "value hash is not 32 bytes".into(),
-                })?;
+                .ok_or_else(|| bad_hash(id))?;
             index.push_key(id, KeyHash(hash), row.get::<_, bool>(1).map_err(backend)?);
         }
         let mut stmt = conn
@@ -380,6 +377,13 @@ impl Store for SqliteStore {
     }
 }
 
+fn bad_hash(key_id: &str) -> StoreError {
+    StoreError::Corrupt {
+        id: key_id.to_owned(),
+        reason: "value hash is not 32 bytes".into(),
+    }
+}
+
 /// The keys `clause` selects (a WHERE / ORDER BY / LIMIT tail over `api_keys`).
 fn select_keys(
     conn: &Connection,
@@ -411,10 +415,7 @@ fn select_keys(
     for row in rows {
         let (id, name, description, customer_id, enabled, hash, created, updated, sealed) =
             row.map_err(backend)?;
-        let value_hash = hash.map(KeyHash).ok_or_else(|| StoreError::Corrupt {
-            id: id.clone(),
-            reason: "value hash is not 32 bytes".into(),
-        })?;
+        let value_hash = hash.map(KeyHash).ok_or_else(|| bad_hash(&id))?;
         keys.push(ApiKey {
             id,
             name,
