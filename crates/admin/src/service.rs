@@ -6,6 +6,7 @@
 //! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use tollgate_core::clock::NANOS_PER_SEC;
@@ -120,18 +121,16 @@ pub struct Paging {
 /// One page of `items` (sorted by `id`), starting at `position`.
 fn page<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, paging: &Paging) -> Page<T> {
     items.sort_by(|a, b| id(a).cmp(id(b)));
-    let start = paging
+    let start = start_at(&items, &id, paging);
+    first_page_of(items.drain(start..), id, paging)
+}
+
+/// Where in `items`, sorted by `id`, the page at `paging.position` starts.
+fn start_at<T>(items: &[T], id: impl Fn(&T) -> &str, paging: &Paging) -> usize {
+    paging
         .position
         .as_deref()
-        .map_or(0, |p| items.partition_point(|x| id(x) < p));
-    match first_page(
-        items.drain(start..).map(Ok::<T, std::convert::Infallible>),
-        id,
-        paging,
-    ) {
-        Ok(page) => page,
-        Err(never) => match never {},
-    }
+        .map_or(0, |p| items.partition_point(|x| id(x) < p))
 }
 
 /// The first page of `items`, which come in id order from the page's position on. The next position
@@ -155,6 +154,18 @@ fn first_page<T, E>(
     let position = item.get(limit).map(|x| id(x).to_string());
     item.truncate(limit);
     Ok(Page { position, item })
+}
+
+/// [`first_page`] of items that cannot fail.
+fn first_page_of<T>(
+    items: impl Iterator<Item = T>,
+    id: impl Fn(&T) -> &str,
+    paging: &Paging,
+) -> Page<T> {
+    match first_page(items.map(Ok::<T, Infallible>), id, paging) {
+        Ok(page) => page,
+        Err(never) => match never {},
+    }
 }
 
 /// The stored keys in id order from `from` on, read a page at a time.
@@ -803,10 +814,7 @@ impl Admin {
     ) -> Result<Page<UsagePlanKeyOut>, AdminError> {
         let served = self.gateway.snapshot();
         let members = served.keys_of(plan_id);
-        let start = paging
-            .position
-            .as_deref()
-            .map_or(0, |p| members.partition_point(|k| *k < p));
+        let start = start_at(&members, |k| k, paging);
         // Keys are read from the store only as far as the page goes.
         let keys = members[start..]
             .iter()
@@ -868,20 +876,22 @@ impl Admin {
             .ok_or_else(unknown_plan)?;
         let served = self.gateway.snapshot();
         let members = served.keys_of(plan_id);
-        let values = tokio::task::block_in_place(|| {
+        let usage = tokio::task::block_in_place(|| {
             plan_usage(&*self.store, &members, plan, key_id, from, to)
         })?;
-        let Page { position, item } = page(
-            values.into_iter().collect(),
-            |(k, _): &(String, _)| k,
-            paging,
-        );
+        // Reports are computed for the page's keys only: a plan may have a million.
+        let ids = usage.ids();
+        let start = start_at(ids, String::as_str, paging);
+        let Page { position, item } = first_page_of(ids[start..].iter(), |k| k, paging);
         Ok(UsageOut {
             usage_plan_id: plan.id.clone(),
             start_date: from.to_string(),
             end_date: to.to_string(),
             position,
-            values: item.into_iter().collect(),
+            values: item
+                .into_iter()
+                .map(|k| (k.clone(), usage.report(k)))
+                .collect(),
         })
     }
 

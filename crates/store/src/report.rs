@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 
-use crate::{Store, StoreError};
+use crate::{QuotaAdjustment, Store, StoreError, UsageRow};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -23,17 +23,29 @@ pub fn check_range(from: EpochDay, to: EpochDay) -> Result<(), String> {
     Ok(())
 }
 
-/// Per key id, `[used, remaining]` for each day from `from` to `to` inclusive, for the plan's keys
-/// `members` (or the one key `key_id`). Keys that left the plan but have usage in the range are
-/// included, as their requests were metered under it.
-pub fn plan_usage(
+/// A plan's usage records over a report's range, read once; reports are computed per key from them.
+#[derive(Debug)]
+pub struct PlanUsage<'p> {
+    plan: &'p UsagePlan,
+    from: EpochDay,
+    to: EpochDay,
+    /// Ordered by key, then day (as the store returns them).
+    rows: Vec<UsageRow>,
+    adjustments: Vec<QuotaAdjustment>,
+    ids: Vec<String>,
+}
+
+/// Reads what AWS GetUsage reports for the plan's keys `members` (or the one key `key_id`) from `from`
+/// to `to` inclusive. Keys that left the plan but have usage in the range are included, as their
+/// requests were metered under it.
+pub fn plan_usage<'p>(
     store: &dyn Store,
     members: &[&str],
-    plan: &UsagePlan,
+    plan: &'p UsagePlan,
     key_id: Option<&str>,
     from: EpochDay,
     to: EpochDay,
-) -> Result<BTreeMap<String, Vec<[u64; 2]>>, StoreError> {
+) -> Result<PlanUsage<'p>, StoreError> {
     // Remaining on `from` depends on everything since its period began.
     let since = plan
         .quota
@@ -41,31 +53,110 @@ pub fn plan_usage(
         .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
     let rows = store.usage(&plan.id, key_id, since, to)?;
     let adjustments = store.quota_adjustments(&plan.id, key_id, since, to)?;
-    let mut key_ids: Vec<&str> = match key_id {
-        Some(k) => vec![k],
-        None => members.to_vec(),
+    let mut ids: Vec<String> = match key_id {
+        Some(k) => vec![k.to_owned()],
+        None => members.iter().map(|&k| k.to_owned()).collect(),
     };
-    for row in &rows {
-        if !key_ids.contains(&row.key_id.as_str()) {
-            key_ids.push(&row.key_id);
-        }
+    ids.extend(rows.iter().map(|r| r.key_id.clone()));
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(PlanUsage {
+        plan,
+        from,
+        to,
+        rows,
+        adjustments,
+        ids,
+    })
+}
+
+impl PlanUsage<'_> {
+    /// The keys reported, in id order.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
     }
-    let mut values = BTreeMap::new();
-    for key in key_ids {
-        let daily: Vec<(EpochDay, u64)> = rows
+
+    /// `[used, remaining]` for each day of the range, for key `key_id`.
+    pub fn report(&self, key_id: &str) -> Vec<[u64; 2]> {
+        let rows = of_key(&self.rows, key_id, |r| &r.key_id);
+        let daily: Vec<(EpochDay, u64)> = rows.iter().map(|r| (r.day, r.used)).collect();
+        let adjusted: Vec<(EpochDay, i64)> = of_key(&self.adjustments, key_id, |a| &a.key_id)
             .iter()
-            .filter(|r| r.key_id == key)
-            .map(|r| (r.day, r.used))
-            .collect();
-        let adjusted: Vec<(EpochDay, i64)> = adjustments
-            .iter()
-            .filter(|a| a.key_id == key)
             .map(|a| (a.day, a.delta))
             .collect();
-        values.insert(
-            key.to_string(),
-            usage_report(plan.quota.as_ref(), &daily, &adjusted, from, to),
-        );
+        usage_report(
+            self.plan.quota.as_ref(),
+            &daily,
+            &adjusted,
+            self.from,
+            self.to,
+        )
     }
-    Ok(values)
+
+    /// Every key's report.
+    pub fn all(&self) -> BTreeMap<String, Vec<[u64; 2]>> {
+        self.ids
+            .iter()
+            .map(|k| (k.clone(), self.report(k)))
+            .collect()
+    }
+}
+
+/// The run of `items` (ordered by key) that belongs to `key_id`.
+fn of_key<'a, T>(items: &'a [T], key_id: &str, key: impl Fn(&T) -> &String) -> &'a [T] {
+    let start = items.partition_point(|x| key(x).as_str() < key_id);
+    let end = start + items[start..].partition_point(|x| key(x).as_str() == key_id);
+    &items[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_core::{Period, QuotaSettings};
+
+    use super::*;
+    use crate::{SqliteStore, UsageDelta};
+
+    #[test]
+    fn reports_are_per_key_and_include_keys_that_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let plan = UsagePlan {
+            id: "p".into(),
+            name: "p".into(),
+            description: None,
+            api_stages: Vec::new(),
+            throttle: None,
+            quota: Some(QuotaSettings {
+                limit: 10,
+                offset: 0,
+                period: Period::Month,
+            }),
+        };
+        let day = EpochDay::from_date("2026-11-10".parse().unwrap()).unwrap();
+        let delta = |key: &str, day: EpochDay, count| UsageDelta {
+            plan_id: "p".into(),
+            key_id: key.into(),
+            day,
+            count,
+        };
+        store
+            .add_usage(&[
+                delta("b", day, 2),
+                delta("b", day.next(), 3),
+                delta("gone", day, 1),
+                delta("a", EpochDay(day.0 - 1), 4),
+            ])
+            .unwrap();
+        let usage = plan_usage(&store, &["c", "a", "b"], &plan, None, day, day.next()).unwrap();
+        assert_eq!(usage.ids(), ["a", "b", "c", "gone"]);
+        assert_eq!(
+            usage.report("a"),
+            vec![[0, 6], [0, 6]],
+            "earlier days of the period count"
+        );
+        assert_eq!(usage.report("b"), vec![[2, 8], [3, 5]]);
+        assert_eq!(usage.report("c"), vec![[0, 10], [0, 10]]);
+        assert_eq!(usage.report("gone"), vec![[1, 9], [0, 9]]);
+        assert_eq!(usage.all().len(), 4);
+    }
 }

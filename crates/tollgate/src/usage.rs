@@ -161,6 +161,7 @@ fn offline(
         .map(|(_, k)| k.as_str())
         .collect();
     let values = plan_usage(&*store, &members, plan, key_id, from, to)
+        .map(|usage| usage.all())
         .map_err(|e| Failure::Runtime(e.into()))?;
     let usage = json!({"usagePlanId": plan.id, "startDate": from.to_string(), "endDate": to.to_string(), "values": values});
     let names = records
