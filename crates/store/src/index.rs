@@ -88,25 +88,64 @@ impl KeyIndex {
         &mut self,
         pairs: impl IntoIterator<Item = (P, K)>,
     ) {
-        let plans: HashMap<&str, u32> = self
-            .plans
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.id.as_str(), i as u32))
-            .collect();
-        let mut by_id: Vec<u32> = (0..self.len() as u32).collect();
-        by_id.sort_unstable_by(|&a, &b| self.id(a as usize).cmp(self.id(b as usize)));
-        let mut bindings = Vec::new();
+        let mut binder = self.binder();
         for (plan, key) in pairs {
-            let Some(&p) = plans.get(plan.as_ref()) else {
-                continue;
-            };
-            if let Ok(at) = by_id.binary_search_by(|&i| self.id(i as usize).cmp(key.as_ref())) {
-                bindings.push((p, by_id[at]));
+            binder.bind(plan.as_ref(), key.as_ref());
+        }
+        binder.finish();
+    }
+
+    /// A binder for adding bindings a page at a time, once every key is in. A key id pushed twice
+    /// (a paged scan may return one twice) is kept once.
+    pub fn binder(&mut self) -> Binder<'_> {
+        let mut by_id = self.sorted_by_id();
+        if by_id
+            .windows(2)
+            .any(|w| w[0].0 == w[1].0 && self.id(w[0].1 as usize) == self.id(w[1].1 as usize))
+        {
+            self.drop_repeated_ids(&by_id);
+            by_id = self.sorted_by_id();
+        }
+        Binder {
+            plans: self
+                .plans
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.id.clone(), i as u32))
+                .collect(),
+            by_id,
+            bindings: Vec::new(),
+            index: self,
+        }
+    }
+
+    /// (leading bytes of the id, key index) in id order: comparisons mostly stay in this compact
+    /// array instead of reaching into a million ids at random.
+    fn sorted_by_id(&self) -> Vec<(u128, u32)> {
+        let mut by_id: Vec<(u128, u32)> = (0..self.len())
+            .map(|i| (id_prefix(self.id(i)), i as u32))
+            .collect();
+        by_id.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| self.id(a.1 as usize).cmp(self.id(b.1 as usize)))
+        });
+        by_id
+    }
+
+    /// Keeps the first of keys with the same id (`by_id` as from `sorted_by_id`).
+    fn drop_repeated_ids(&mut self, by_id: &[(u128, u32)]) {
+        let mut keep = vec![true; self.len()];
+        for run in by_id.chunk_by(|a, b| self.id(a.1 as usize) == self.id(b.1 as usize)) {
+            let first = run.iter().map(|x| x.1).min().unwrap_or_default();
+            for &(_, i) in run {
+                keep[i as usize] = i == first;
             }
         }
-        self.bindings.extend(bindings);
-        self.by_id = by_id;
+        let mut old = std::mem::take(self);
+        self.plans = std::mem::take(&mut old.plans);
+        for i in (0..old.len()).filter(|&i| keep[i]) {
+            self.push_key(old.id(i), old.hash(i), old.enabled(i));
+        }
     }
 
     /// Key indices in id order: empty unless [`bind_all`](Self::bind_all) ran after the last key.
@@ -119,6 +158,47 @@ impl KeyIndex {
     }
 }
 
+/// Adds bindings to a [`KeyIndex`]; see [`KeyIndex::binder`].
+#[derive(Debug)]
+pub struct Binder<'i> {
+    index: &'i mut KeyIndex,
+    plans: HashMap<String, u32>,
+    by_id: Vec<(u128, u32)>,
+    bindings: Vec<(u32, u32)>,
+}
+
+impl Binder<'_> {
+    /// Adds the binding (plan id, key id), unless it names an unknown plan or key.
+    pub fn bind(&mut self, plan: &str, key: &str) {
+        let Some(&p) = self.plans.get(plan) else {
+            return;
+        };
+        let (index, prefix) = (&*self.index, id_prefix(key));
+        if let Ok(at) = self.by_id.binary_search_by(|&(lead, i)| {
+            lead.cmp(&prefix)
+                .then_with(|| index.id(i as usize).cmp(key))
+        }) {
+            self.bindings.push((p, self.by_id[at].1));
+        }
+    }
+
+    /// Stores the bindings, each once, ordered by plan (plans are in id order) then key.
+    pub fn finish(mut self) {
+        self.bindings.sort_unstable();
+        self.bindings.dedup();
+        self.index.bindings = self.bindings;
+        self.index.by_id = self.by_id.into_iter().map(|(_, i)| i).collect();
+    }
+}
+
+/// An id's first 16 bytes as a number that orders as the ids do (ids hold no NUL bytes).
+fn id_prefix(id: &str) -> u128 {
+    let mut lead = [0u8; 16];
+    let n = id.len().min(16);
+    lead[..n].copy_from_slice(&id.as_bytes()[..n]);
+    u128::from_be_bytes(lead)
+}
+
 impl From<&Records> for KeyIndex {
     fn from(records: &Records) -> Self {
         let mut index = Self::new(records.plans.clone());
@@ -127,5 +207,98 @@ impl From<&Records> for KeyIndex {
         }
         index.bind_all(records.bindings.iter().map(|(p, k)| (p, k)));
         index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(id: &str) -> UsagePlan {
+        UsagePlan {
+            id: id.into(),
+            name: id.into(),
+            description: None,
+            api_stages: Vec::new(),
+            throttle: None,
+            quota: None,
+        }
+    }
+
+    #[test]
+    fn ids_sharing_their_first_sixteen_bytes_sort_and_resolve() {
+        let mut index = KeyIndex::new(vec![plan("p")]);
+        for id in [
+            "sixteen-byte-id-Z",
+            "sixteen-byte-id-A",
+            "sixteen-byte-id",
+            "a",
+        ] {
+            index.push_key(id, KeyHash::of(id), true);
+        }
+        index.bind_all([("p", "sixteen-byte-id-A"), ("p", "sixteen-byte-id")]);
+        let by_id: Vec<&str> = index
+            .by_id()
+            .iter()
+            .map(|&i| index.id(i as usize))
+            .collect();
+        assert_eq!(
+            by_id,
+            [
+                "a",
+                "sixteen-byte-id",
+                "sixteen-byte-id-A",
+                "sixteen-byte-id-Z"
+            ]
+        );
+        let bound: Vec<&str> = index
+            .bindings()
+            .iter()
+            .map(|&(_, k)| index.id(k as usize))
+            .collect();
+        assert_eq!(bound, ["sixteen-byte-id-A", "sixteen-byte-id"]);
+    }
+
+    #[test]
+    fn keys_and_bindings_read_twice_are_kept_once() {
+        let mut index = KeyIndex::new(vec![plan("p1"), plan("p2")]);
+        for id in ["b", "a", "b", "c"] {
+            index.push_key(id, KeyHash::of(format!("value-of-{id}")), id != "c");
+        }
+        let mut binder = index.binder();
+        for (p, k) in [
+            ("p2", "a"),
+            ("p1", "b"),
+            ("p2", "a"),
+            ("p9", "a"),
+            ("p1", "zz"),
+        ] {
+            binder.bind(p, k);
+        }
+        binder.finish();
+        let ids: Vec<&str> = (0..index.len()).map(|i| index.id(i)).collect();
+        assert_eq!(
+            ids,
+            ["b", "a", "c"],
+            "the first of two b's is kept, order kept"
+        );
+        assert!(!index.enabled(2));
+        assert_eq!(index.hash(0), KeyHash::of("value-of-b"));
+        let bound: Vec<(&str, &str)> = index
+            .bindings()
+            .iter()
+            .map(|&(p, k)| (index.plans[p as usize].id.as_str(), index.id(k as usize)))
+            .collect();
+        assert_eq!(
+            bound,
+            [("p1", "b"), ("p2", "a")],
+            "unknown plans and keys are skipped"
+        );
+        let by_id: Vec<&str> = index
+            .by_id()
+            .iter()
+            .map(|&i| index.id(i as usize))
+            .collect();
+        assert_eq!(by_id, ["a", "b", "c"]);
     }
 }

@@ -13,7 +13,7 @@ use redis::{Cmd, ConnectionLike, Script};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
+use crate::{KeyIndex, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
@@ -347,49 +347,70 @@ impl RedisStore {
         }
     }
 
-    fn scan_hash(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let mut out = Vec::new();
+    /// `read`'s answer once no write slipped in during it (the record version is the same before and
+    /// after; at most five tries). Reads scan in pages, so a million keys never block Redis for long,
+    /// and are not atomic.
+    fn consistent<T>(
+        &self,
+        mut read: impl FnMut() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let before = self.version()?;
+            let out = read()?;
+            attempt += 1;
+            if self.version()? == before || attempt == 5 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Visits every entry of a hash (`HSCAN`: field and value) or a set (`SSCAN`), a page at a time.
+    /// An entry can come twice: SCAN's guarantee.
+    fn scan_pages<T: redis::FromRedisValue>(
+        &self,
+        scan: &str,
+        key: &str,
+        mut page: impl FnMut(Vec<T>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut cursor = 0u64;
         loop {
-            let (next, page): (u64, Vec<(String, String)>) = self.with(|c| {
-                redis::cmd("HSCAN")
+            let (next, items): (u64, Vec<T>) = self.with(|c| {
+                redis::cmd(scan)
                     .arg(key)
                     .arg(cursor)
                     .arg("COUNT")
                     .arg(SCAN_PAGE)
                     .query(c)
             })?;
-            out.extend(page);
+            page(items)?;
             if next == 0 {
-                // A field can be returned twice by SCAN; keep one.
-                out.sort();
-                out.dedup_by(|a, b| a.0 == b.0);
-                return Ok(out);
+                return Ok(());
             }
             cursor = next;
         }
     }
 
-    fn scan_set(&self, key: &str) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = self.with(|c| {
-                redis::cmd("SSCAN")
-                    .arg(key)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(SCAN_PAGE)
-                    .query(c)
-            })?;
+    fn scan_hash(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        self.scan_pages("HSCAN", key, |page| {
             out.extend(page);
-            if next == 0 {
-                out.sort();
-                out.dedup();
-                return Ok(out);
-            }
-            cursor = next;
-        }
+            Ok(())
+        })?;
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        Ok(out)
+    }
+
+    fn scan_set(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        self.scan_pages("SSCAN", key, |page| {
+            out.extend(page);
+            Ok(())
+        })?;
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// The record version: changes whenever a plan, key or binding does.
@@ -461,19 +482,13 @@ impl Store for RedisStore {
     }
 
     fn load(&self) -> Result<Records, StoreError> {
-        // Scanned in pages, so a million keys never block Redis for long; the version read before and
-        // after tells whether a write slipped in between, and then the read is repeated.
-        let mut attempt = 0;
-        let (plans, keys, bindings) = loop {
-            let before = self.version()?;
-            let plans = self.scan_hash(keys::PLANS)?;
-            let keys = self.scan_hash(keys::KEYS)?;
-            let bindings = self.scan_set(keys::BINDINGS)?;
-            attempt += 1;
-            if self.version()? == before || attempt == 5 {
-                break (plans, keys, bindings);
-            }
-        };
+        let (plans, keys, bindings) = self.consistent(|| {
+            Ok((
+                self.scan_hash(keys::PLANS)?,
+                self.scan_hash(keys::KEYS)?,
+                self.scan_set(keys::BINDINGS)?,
+            ))
+        })?;
         let mut records = Records {
             plans: parse_plans(plans)?,
             ..Records::default()
@@ -490,6 +505,32 @@ impl Store for RedisStore {
         records.keys.sort_by(|a, b| a.id.cmp(&b.id));
         records.bindings.sort();
         Ok(records)
+    }
+
+    fn load_index(&self) -> Result<KeyIndex, StoreError> {
+        // As `load`, but each page of keys is reduced to what the gateway serves as it arrives.
+        self.consistent(|| {
+            let mut index = KeyIndex::new(parse_plans(self.scan_hash(keys::PLANS)?)?);
+            self.scan_pages("HSCAN", keys::KEYS, |page: Vec<(String, String)>| {
+                for (id, body) in page {
+                    let k: ServedKey<'_> =
+                        serde_json::from_str(&body).map_err(|e| corrupt_key(&id, e.to_string()))?;
+                    index.push_key(&id, parse_hash(&id, &k.value_sha256)?, k.enabled);
+                }
+                Ok(())
+            })?;
+            let mut binder = index.binder();
+            self.scan_pages("SSCAN", keys::BINDINGS, |page: Vec<String>| {
+                for member in page {
+                    if let Some((plan, key)) = member.split_once(' ') {
+                        binder.bind(plan, key);
+                    }
+                }
+                Ok(())
+            })?;
+            binder.finish();
+            Ok(index)
+        })
     }
 
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -688,25 +729,41 @@ impl Store for RedisStore {
 
 /// A key record as stored in the keys hash.
 fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        id: id.to_owned(),
-        reason,
-    };
-    let k: StoredKey = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
-    let hash = unhex(&k.value_sha256)
-        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-        .ok_or_else(|| corrupt("bad value hash".into()))?;
+    let k: StoredKey = serde_json::from_str(body).map_err(|e| corrupt_key(id, e.to_string()))?;
     Ok(ApiKey {
+        value_hash: parse_hash(id, &k.value_sha256)?,
         id: k.id,
         name: k.name,
         description: k.description,
         customer_id: k.customer_id,
         enabled: k.enabled,
-        value_hash: KeyHash(hash),
         created_date: k.created_date,
         last_updated_date: k.last_updated_date,
         sealed_value: k.sealed_value.as_deref().and_then(unhex),
     })
+}
+
+/// What the gateway serves of a stored key (the rest of the record is skipped, not decoded).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServedKey<'a> {
+    enabled: bool,
+    #[serde(borrow)]
+    value_sha256: std::borrow::Cow<'a, str>,
+}
+
+fn parse_hash(id: &str, hex: &str) -> Result<KeyHash, StoreError> {
+    unhex(hex)
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .map(KeyHash)
+        .ok_or_else(|| corrupt_key(id, "bad value hash".into()))
+}
+
+fn corrupt_key(id: &str, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        id: id.to_owned(),
+        reason,
+    }
 }
 
 #[cfg(test)]
