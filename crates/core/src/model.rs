@@ -109,16 +109,6 @@ impl KeyHash {
     }
 }
 
-impl std::hash::Hash for KeyHash {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Already a uniform cryptographic digest: eight of its bytes are a perfect hash, no need to
-        // run SipHash over all 32 on the request path.
-        let mut head = [0u8; 8];
-        head.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(head));
-    }
-}
-
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Only a prefix: enough to tell hashes apart in a debug dump.
