@@ -682,16 +682,11 @@ impl Snapshot {
             *start = at as u32;
         }
         keys.dir = dir;
-        keys.by_id = match records.by_id() {
-            sorted if sorted.len() == order.len() => {
-                sorted.iter().map(|&i| position[i as usize]).collect()
-            }
-            _ => {
-                let mut by_id: Vec<u32> = (0..keys.recs.len() as u32).collect();
-                by_id.sort_unstable_by(|&a, &b| keys.id(a as usize).cmp(keys.id(b as usize)));
-                by_id
-            }
-        };
+        keys.by_id = records
+            .by_id()
+            .iter()
+            .map(|&i| position[i as usize])
+            .collect();
         drop(position);
 
         let epoch = Arc::new(Epoch::default());
@@ -735,20 +730,22 @@ impl Snapshot {
 
     /// The slot of key record `key`'s membership in `plan_id` and the rules it was under.
     fn membership(&self, key: usize, plan_id: &str) -> Option<(u32, &PlanRules)> {
-        self.keys.members_of(key).find_map(|m| {
-            let member = self.keys.members[m];
-            let rules = &self.plans[member.plan as usize];
-            (*rules.id == *plan_id).then_some((member.slot, rules))
-        })
+        self.member_in(key, plan_id)
+            .map(|member| (member.slot, &self.plans[member.plan as usize]))
+    }
+
+    /// Key record `key`'s membership in plan `plan_id`.
+    fn member_in(&self, key: usize, plan_id: &str) -> Option<Member> {
+        self.keys
+            .members_of(key)
+            .map(|m| self.keys.members[m])
+            .find(|member| *self.plans[member.plan as usize].id == *plan_id)
     }
 
     /// The membership of key `key_id` in plan `plan_id`, if it is served.
     pub fn grant_of(&self, plan_id: &str, key_id: &str) -> Option<Grant<'_>> {
         let key = self.keys.by_id(key_id)?;
-        self.keys
-            .members_of(key)
-            .map(|m| self.keys.members[m])
-            .find(|member| *self.plans[member.plan as usize].id == *plan_id)
+        self.member_in(key, plan_id)
             .map(|member| self.grant_at(key, member))
     }
 

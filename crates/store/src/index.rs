@@ -2,6 +2,7 @@
 //! large buffers rather than millions of small allocations (which the allocator keeps resident
 //! long after they are freed).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use tollgate_core::{KeyHash, UsagePlan};
@@ -148,12 +149,12 @@ impl KeyIndex {
         }
     }
 
-    /// Key indices in id order: empty unless [`bind_all`](Self::bind_all) ran after the last key.
-    pub fn by_id(&self) -> &[u32] {
+    /// Key indices in id order: kept since the bindings were added, sorted here if keys came after.
+    pub fn by_id(&self) -> Cow<'_, [u32]> {
         if self.by_id.len() == self.len() {
-            &self.by_id
+            Cow::Borrowed(&self.by_id)
         } else {
-            &[]
+            Cow::Owned(self.sorted_by_id().into_iter().map(|(_, i)| i).collect())
         }
     }
 }
@@ -236,6 +237,23 @@ mod tests {
         ] {
             index.push_key(id, KeyHash::of(id), true);
         }
+        let ids = |index: &KeyIndex| -> Vec<String> {
+            index
+                .by_id()
+                .iter()
+                .map(|&i| index.id(i as usize).to_owned())
+                .collect()
+        };
+        assert_eq!(
+            ids(&index),
+            [
+                "a",
+                "sixteen-byte-id",
+                "sixteen-byte-id-A",
+                "sixteen-byte-id-Z"
+            ],
+            "sorted on demand before any binding"
+        );
         index.bind_all([("p", "sixteen-byte-id-A"), ("p", "sixteen-byte-id")]);
         let by_id: Vec<&str> = index
             .by_id()
