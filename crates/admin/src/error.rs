@@ -19,6 +19,9 @@ pub enum AdminError {
     /// 409 ConflictException.
     #[error("{0}")]
     Conflict(String),
+    /// 413: a body over the limit, refused before it is read.
+    #[error("{0}")]
+    TooLarge(String),
     /// 403, one of the SigV4 error types.
     #[error(transparent)]
     Signature(#[from] SignatureError),
@@ -61,6 +64,11 @@ impl IntoResponse for AdminError {
             }
             AdminError::NotFound(m) => (StatusCode::NOT_FOUND, "NotFoundException", m.clone()),
             AdminError::Conflict(m) => (StatusCode::CONFLICT, "ConflictException", m.clone()),
+            AdminError::TooLarge(m) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLongException",
+                m.clone(),
+            ),
             AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),
             AdminError::Internal(detail) => {
                 tracing::error!(error = %detail, "admin request failed");

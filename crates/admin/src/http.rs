@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -14,15 +15,33 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::error::AdminError;
 use crate::service::{Admin, Paging};
-use crate::sigv4::{self, SignedRequest};
+use crate::sigv4::{self, SignedHead};
 use crate::wire::{CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn};
 
-/// Largest admin request body (CSV imports included).
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest admin request body (CSV imports included): AWS's payload limit.
+const MAX_BODY: usize = 10 * 1024 * 1024;
+/// Largest body read before its signature can be checked (when the client did not sign the
+/// payload's hash in `x-amz-content-sha256`, as the AWS CLI does not): small, so that a client
+/// without the secret cannot make the admin API hold much.
+const MAX_UNVERIFIED_BODY: usize = 1024 * 1024;
+/// How long a client has to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What keeps the admin listener from starving the data plane.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// The most connections held at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head (idle keep-alive time included).
+    pub head_timeout: Duration,
+}
 
 type Shared = State<Arc<Admin>>;
 
@@ -57,19 +76,60 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
+/// Serves the admin API on `listener` until `shutdown` resolves, within `limits`: its own
+/// connection limit (so it cannot take the data plane's descriptors) and a head timeout.
 pub async fn serve(
     admin: Arc<Admin>,
     listener: TcpListener,
+    limits: ListenerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(admin))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let service = TowerToHyperService::new(router(admin));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        limits
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    // Requests in flight finish; idle connections close.
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    Ok(())
 }
 
-/// Verifies SigV4 over the buffered body, then hands the request on. Without configured credentials
-/// (allowed on loopback only) requests pass unauthenticated.
+/// Verifies SigV4, then hands the request on. Everything but the payload is checked before the body
+/// is read; a body whose hash the client signed in `x-amz-content-sha256` is read (up to 10 MB)
+/// only after the signature over that hash checks out, any other body only up to 1 MiB. Without
+/// configured credentials (allowed on loopback only) requests pass unauthenticated.
 async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Response {
     // Load balancers and Prometheus do not sign requests; neither answer holds anything secret.
     let open =
@@ -78,20 +138,60 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return AdminError::BadRequest(format!("Request body is larger than {MAX_BODY} bytes"))
-            .into_response();
-    };
-    let signed = SignedRequest {
+    let head = SignedHead {
         method: &parts.method,
         path: parts.uri.path(),
         query: parts.uri.query().unwrap_or(""),
         headers: &parts.headers,
-        body: &bytes,
     };
-    if let Err(e) = sigv4::verify(&signed, admin.credentials(), admin.now_secs()) {
+    let authorized = match sigv4::check_head(&head, admin.credentials(), admin.now_secs()) {
+        Ok(a) => a,
+        Err(e) => return AdminError::from(e).into_response(),
+    };
+    let claimed = authorized.claimed_payload_hash();
+    let limit = match claimed {
+        Some(hash) => match authorized.verify(hash) {
+            Ok(_) => MAX_BODY,
+            Err(e) => return AdminError::from(e).into_response(),
+        },
+        None => MAX_UNVERIFIED_BODY,
+    };
+    let too_large = || {
+        AdminError::TooLarge(if limit == MAX_BODY {
+            format!("Request Too Long: the body is over {MAX_BODY} bytes")
+        } else {
+            format!(
+                "Request Too Long: a body over {MAX_UNVERIFIED_BODY} bytes needs its SHA-256 signed in x-amz-content-sha256"
+            )
+        })
+        .into_response()
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return AdminError::BadRequest("The request body did not arrive in time".into())
+                .into_response();
+        }
+    };
+    let hash = sigv4::payload_hash(&bytes);
+    let verified = match claimed {
+        Some(claimed) if claimed == hash => Ok(()),
+        Some(_) => Err(sigv4::SignatureError::Mismatch),
+        None => authorized.verify(&hash).map(|_| ()),
+    };
+    if let Err(e) = verified {
         return AdminError::from(e).into_response();
     }
+    drop(authorized);
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }

@@ -346,6 +346,33 @@ pub struct SignedRequest<'a> {
     pub body: &'a [u8],
 }
 
+/// A request's head as the verifier sees it, before its body is read.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The path as received (still percent-encoded).
+    pub path: &'a str,
+    /// The raw query, without `?`.
+    pub query: &'a str,
+    /// All headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// A request whose authorization, access key and time have been checked: what is left is the
+/// signature itself, over the payload's hash.
+#[derive(Debug)]
+pub struct Authorized<'a, 'c> {
+    head: SignedHead<'a>,
+    credentials: &'c Credentials,
+    date_header: &'a str,
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+    signed: Vec<&'a str>,
+    signature: &'a str,
+}
+
 /// Checks a request's SigV4 signature against `known` credentials at time `now_secs`; returns the
 /// access key id that signed it.
 pub fn verify<'c>(
@@ -353,6 +380,29 @@ pub fn verify<'c>(
     known: &'c [Credentials],
     now_secs: i64,
 ) -> Result<&'c str, SignatureError> {
+    let head = SignedHead {
+        method: req.method,
+        path: req.path,
+        query: req.query,
+        headers: req.headers,
+    };
+    let authorized = check_head(&head, known, now_secs)?;
+    let hash = payload_hash(req.body);
+    if let Some(claimed) = authorized.claimed_payload_hash() {
+        if claimed != hash {
+            return Err(SignatureError::Mismatch);
+        }
+    }
+    authorized.verify(&hash)
+}
+
+/// Checks everything but the payload: the `Authorization` header's form, that the access key is
+/// known, the scope, and the request time. What a server can refuse before reading a body.
+pub fn check_head<'a, 'c>(
+    req: &SignedHead<'a>,
+    known: &'c [Credentials],
+    now_secs: i64,
+) -> Result<Authorized<'a, 'c>, SignatureError> {
     let auth = req
         .headers
         .get(http::header::AUTHORIZATION)
@@ -402,7 +452,7 @@ pub fn verify<'c>(
             "Credential should be scoped to correct service: '{SERVICE}'. {credential}"
         )));
     }
-    let creds = known
+    let credentials = known
         .iter()
         .find(|c| c.access_key_id == access_key)
         .ok_or(SignatureError::UnknownAccessKey)?;
@@ -443,58 +493,84 @@ pub fn verify<'c>(
             "'Host' must be a signed header".into(),
         ));
     }
-    let hash = payload_hash(req.body);
-    if let Some(claimed) = req
-        .headers
-        .get("x-amz-content-sha256")
-        .and_then(|v| v.to_str().ok())
-    {
-        if claimed != hash && claimed != "UNSIGNED-PAYLOAD" {
-            return Err(SignatureError::Mismatch);
+    Ok(Authorized {
+        head: *req,
+        credentials,
+        date_header,
+        date,
+        region,
+        service,
+        signed,
+        signature,
+    })
+}
+
+impl<'c> Authorized<'_, 'c> {
+    /// The payload hash the client put in `x-amz-content-sha256`, when it sent one: a signature over
+    /// it can be checked before the body is read (the body must then hash to it).
+    pub fn claimed_payload_hash(&self) -> Option<&str> {
+        self.head
+            .headers
+            .get("x-amz-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| *v != "UNSIGNED-PAYLOAD")
+    }
+
+    /// Checks the signature over the request with a payload hashing to `payload_hash` (hex);
+    /// returns the access key id that signed it.
+    pub fn verify(&self, payload_hash: &str) -> Result<&'c str, SignatureError> {
+        let req = &self.head;
+        let scope = format!(
+            "{}/{}/{}/aws4_request",
+            self.date, self.region, self.service
+        );
+        let key = signing_key(
+            &self.credentials.secret_access_key,
+            self.date,
+            self.region,
+            self.service,
+        );
+        // AWS services other than S3 encode the (already encoded) path a second time; some clients
+        // encode once. Older curl signs the query in the order it sends it. Accept each: every
+        // candidate is an HMAC with the same secret over this very request.
+        let mut once = String::new();
+        uri_encode(&percent_decode(req.path), true, &mut once);
+        let mut twice = String::new();
+        uri_encode(req.path.as_bytes(), true, &mut twice);
+        let mut uris = vec![twice];
+        if once != uris[0] {
+            uris.push(once);
         }
-    }
-    let scope = format!("{date}/{region}/{service}/aws4_request");
-    let key = signing_key(&creds.secret_access_key, date, region, service);
-    // AWS services other than S3 encode the (already encoded) path a second time; some clients
-    // encode once. Older curl signs the query in the order it sends it. Accept each: every candidate
-    // is an HMAC with the same secret over this very request.
-    let mut once = String::new();
-    uri_encode(&percent_decode(req.path), true, &mut once);
-    let mut twice = String::new();
-    uri_encode(req.path.as_bytes(), true, &mut twice);
-    let mut uris = vec![twice];
-    if once != uris[0] {
-        uris.push(once);
-    }
-    let mut queries = vec![canonical_query_in(req.query, true)];
-    let as_sent = canonical_query_in(req.query, false);
-    if as_sent != queries[0] {
-        queries.push(as_sent);
-    }
-    for canonical_uri in &uris {
-        for canonical_query in &queries {
-            let parts = Parts {
-                method: req.method,
-                canonical_uri: canonical_uri.clone(),
-                canonical_query: canonical_query.clone(),
-                headers: req.headers,
-                signed: &signed,
-                payload_hash: &hash,
-            };
-            let Some(to_sign) = string_to_sign(&parts, date_header, &scope) else {
-                return Err(SignatureError::Incomplete(
-                    "a signed header is missing from the request".into(),
-                ));
-            };
-            if constant_time_eq(
-                hex(&hmac(&key, to_sign.as_bytes())).as_bytes(),
-                signature.as_bytes(),
-            ) {
-                return Ok(&creds.access_key_id);
+        let mut queries = vec![canonical_query_in(req.query, true)];
+        let as_sent = canonical_query_in(req.query, false);
+        if as_sent != queries[0] {
+            queries.push(as_sent);
+        }
+        for canonical_uri in &uris {
+            for canonical_query in &queries {
+                let parts = Parts {
+                    method: req.method,
+                    canonical_uri: canonical_uri.clone(),
+                    canonical_query: canonical_query.clone(),
+                    headers: req.headers,
+                    signed: &self.signed,
+                    payload_hash,
+                };
+                let Some(to_sign) = string_to_sign(&parts, self.date_header, &scope) else {
+                    return Err(SignatureError::Incomplete(
+                        "a signed header is missing from the request".into(),
+                    ));
+                };
+                if constant_time_eq(
+                    hex(&hmac(&key, to_sign.as_bytes())).as_bytes(),
+                    self.signature.as_bytes(),
+                ) {
+                    return Ok(&self.credentials.access_key_id);
+                }
             }
         }
+        Err(SignatureError::Mismatch)
     }
-    Err(SignatureError::Mismatch)
 }
 
 #[cfg(test)]

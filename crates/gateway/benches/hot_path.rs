@@ -32,11 +32,14 @@ fn config() -> GatewayConfig {
             headers: vec![],
         },
         cors: None,
+        allow_get_body: false,
     };
     GatewayConfig {
         account_throttle: None,
         rate_limit_headers: false,
         access_log: false,
+        max_request_body: tollgate_gateway::config::DEFAULT_MAX_REQUEST_BODY,
+        kept_fields: Default::default(),
         apis: vec![Api {
             id: "warranty".into(),
             stages: vec![Stage {
@@ -52,6 +55,7 @@ fn config() -> GatewayConfig {
                 route("/health", Method::GET, false),
                 route("/files/{path+}", Method::GET, true),
             ],
+            allow_encoded_slashes: false,
         }],
     }
 }

@@ -9,8 +9,12 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tollgate_core::ThrottleSettings;
 
+use crate::http1::KeptFields;
+
 /// AWS's default integration timeout.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(29);
+/// AWS's request payload limit: 10 MB.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
 
 /// Everything the data plane needs besides the store's records.
 #[derive(Debug, Clone)]
@@ -21,6 +25,10 @@ pub struct GatewayConfig {
     pub rate_limit_headers: bool,
     /// Whether every request is logged (JSON, target `tollgate::access`).
     pub access_log: bool,
+    /// The largest request body accepted, in bytes (413 beyond it).
+    pub max_request_body: u64,
+    /// The client fields that could steer a backend and are forwarded anyway.
+    pub kept_fields: KeptFields,
     /// The APIs served.
     pub apis: Vec<Api>,
 }
@@ -34,6 +42,8 @@ pub struct Api {
     pub stages: Vec<Stage>,
     /// Its routes (AWS resources and methods).
     pub routes: Vec<Route>,
+    /// Whether paths may hold encoded slashes (`%2F`, `%5C`), forwarded as they are.
+    pub allow_encoded_slashes: bool,
 }
 
 /// A deployment of an API, reachable under `base_path`.
@@ -81,6 +91,8 @@ pub struct Route {
     pub integration: Integration,
     /// Cross-origin settings: the gateway answers the preflight and labels responses.
     pub cors: Option<Arc<Cors>>,
+    /// Whether `GET` and `HEAD` requests may carry a body.
+    pub allow_get_body: bool,
 }
 
 /// CORS for a route, as Serverless's `cors:` configures it on AWS.
@@ -167,6 +179,7 @@ pub fn add_preflight_routes(api: &mut Api) {
                 methods: methods.join(","),
             },
             cors: Some(cors.clone()),
+            allow_get_body: false,
         });
     }
     api.routes.extend(added);

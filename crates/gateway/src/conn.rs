@@ -10,23 +10,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{futures::OwnedNotified, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::config::Integration;
+use crate::config::{Integration, Route};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
+use crate::path::{self, PathError};
 use crate::proxy::UpstreamConn;
 use crate::response::{self, UpstreamFailure};
 use crate::server::{Shared, admit_clustered};
 use crate::snapshot::Refusal;
-
-/// How long a client may take to send a request head, idle keep-alive time included (hyper's and
-/// nginx's `client_header_timeout` default is similar).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
 /// only when it fires early or must fire sooner, not once per request.
@@ -84,8 +81,9 @@ pub(crate) async fn serve(
         forwarded: Vec::new(),
         to_upstream: Vec::new(),
         to_client: Vec::new(),
+        path_buf: Vec::new(),
         upstream: None,
-        head_deadline: LazyDeadline::new(now + HEAD_TIMEOUT),
+        head_deadline: LazyDeadline::new(now + shared.head_timeout),
         upstream_deadline: None,
         stop,
     };
@@ -109,6 +107,8 @@ struct Conn<'a> {
     to_upstream: Vec<u8>,
     /// The current response as it goes to the client.
     to_client: Vec<u8>,
+    /// The current request's path, when it had to be normalised.
+    path_buf: Vec<u8>,
     upstream: Option<UpstreamConn>,
     head_deadline: LazyDeadline,
     /// Made on the first forwarded request.
@@ -119,9 +119,13 @@ struct Conn<'a> {
 
 /// How forwarding failed.
 enum Failure {
-    /// The upstream could not be reached or answered nonsense: 502 (504 is the deadline's).
+    /// The upstream could not be reached or answered nonsense: 502.
     Upstream,
-    /// The client went away or sent a malformed body: nothing more to say to it.
+    /// The upstream did not connect, take the body or answer within the route's timeout: 504.
+    Timeout,
+    /// The request body was malformed (400) or too long (413).
+    Body(HeadError),
+    /// The client went away or stalled: nothing more to say to it.
     Client,
 }
 
@@ -133,7 +137,7 @@ impl Conn<'_> {
                 Ok(None) => return,
                 Err(err) => {
                     self.to_client.clear();
-                    let resp = response::full(err.status(), Bytes::new());
+                    let resp = response::bad_request(err);
                     http1::encode_response(&resp, false, false, &mut self.to_client);
                     let _ = self.client.write_all(&self.to_client).await;
                     return;
@@ -147,11 +151,17 @@ impl Conn<'_> {
 
     /// The next request head, or `None` when the client closed, idled out, or the gateway drains.
     async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
-        self.head_deadline.set(Instant::now() + HEAD_TIMEOUT);
+        self.head_deadline
+            .set(Instant::now() + self.shared.head_timeout);
+        let kept = self.shared.snapshot.load().config().kept_fields;
         loop {
             if !self.inbuf.is_empty() {
-                let parsed =
-                    http1::parse_request(self.inbuf.bytes(), &mut self.forwarded, &self.peer_ip)?;
+                let parsed = http1::parse_request(
+                    self.inbuf.bytes(),
+                    &mut self.forwarded,
+                    &self.peer_ip,
+                    kept,
+                )?;
                 if parsed.is_some() {
                     return Ok(parsed);
                 }
@@ -190,15 +200,43 @@ impl Conn<'_> {
         let config = snap.config();
         let started = config.access_log.then(std::time::Instant::now);
         let now = shared.clock.now();
+        let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
+        let head_only = head.method == Method::HEAD;
         let buf = self.inbuf.bytes();
-        // httparse hands out the target as text, so this holds; a failure would only mean no route.
-        let path = std::str::from_utf8(&buf[head.path.clone()]).unwrap_or("");
+
+        // The path is normalised before anything looks at it, and the normalised path is what is
+        // routed and forwarded.
+        let normalized = match path::normalize(&buf[head.path.clone()], &mut self.path_buf) {
+            Ok(n) => n,
+            Err(e) => return self.refuse(&head, e.into(), keep_alive).await,
+        };
+        let path = match normalized {
+            Some(_) => &self.path_buf[..],
+            None => &buf[head.path.clone()],
+        };
+        // ASCII either way: a canonical path holds only RFC 3986 path characters.
+        let path = std::str::from_utf8(path).unwrap_or("");
         let log_path = started.map(|_| path.to_owned());
 
         let matched = snap.route(&head.method, path);
         let route = matched
             .as_ref()
             .map(|m| &config.apis[m.api].routes[m.route]);
+        if let (Some(m), Some(route)) = (&matched, route) {
+            let api = &config.apis[m.api];
+            let refused = match normalized {
+                Some(facts) if facts.encoded_slash && !api.allow_encoded_slashes => {
+                    Err(PathError::EncodedSlash.into())
+                }
+                Some(facts) if facts.min_depth < path::depth(&api.stages[m.stage].base_path) => {
+                    Err(PathError::AboveBase.into())
+                }
+                _ => check_body(&head, route, config.max_request_body),
+            };
+            if let Err(e) = refused {
+                return self.refuse(&head, e, keep_alive).await;
+            }
+        }
         let cors = route.and_then(|r| r.cors.as_deref());
         let origin = cors
             .and(head.origin.clone())
@@ -215,8 +253,6 @@ impl Conn<'_> {
                     .map(|a| (a, path.len() - m.rest.len()))
             }
         };
-        let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
-        let head_only = head.method == Method::HEAD;
 
         let (status, key_id, keep_alive) = match decided {
             Err(refusal) => {
@@ -260,7 +296,12 @@ impl Conn<'_> {
                             BodyLength::Empty | BodyLength::UntilClose => {}
                         }
                         to_upstream.extend_from_slice(b"\r\n");
-                        self.forward(&head, url, *timeout, &extra, keep_alive).await
+                        let exchange = Forward {
+                            url,
+                            timeout: *timeout,
+                            body_limit: config.max_request_body,
+                        };
+                        self.forward(&head, &exchange, &extra, keep_alive).await
                     }
                     Integration::Mock {
                         status,
@@ -289,6 +330,9 @@ impl Conn<'_> {
                 (status, admission.key_id, keep_alive)
             }
         };
+        if self.path_buf.capacity() > MAX_KEPT_PATH {
+            self.path_buf = Vec::new();
+        }
         if let (Some(started), Some(path)) = (started, log_path) {
             // The key's id only: values are secrets and never logged.
             tracing::info!(target: "tollgate::access", method = %head.method, %path, status,
@@ -298,12 +342,23 @@ impl Conn<'_> {
         keep_alive && status != 0
     }
 
+    /// Answers a request refused before admission (a path or body that cannot be accepted);
+    /// returns whether the connection stays open.
+    async fn refuse(&mut self, head: &RequestHead, why: HeadError, keep_alive: bool) -> bool {
+        let keep_alive = self.skip_body(head) && keep_alive;
+        let resp = response::bad_request(why);
+        self.reply(&resp, head.method == Method::HEAD, keep_alive)
+            .await
+            != 0
+            && keep_alive
+    }
+
     /// Consumes the request (head and body) when its body has fully arrived; false when it has not,
     /// and the connection must close instead.
     fn skip_body(&mut self, head: &RequestHead) -> bool {
         self.inbuf.consume(head.len);
         let mut body = BodyProgress::new(head.body);
-        match body.take(self.inbuf.bytes()) {
+        match body.take(self.inbuf.bytes(), None) {
             Ok(n) => self.inbuf.consume(n),
             Err(_) => return false,
         }
@@ -320,185 +375,273 @@ impl Conn<'_> {
         }
     }
 
-    /// Sends the request in `to_upstream` (head, then body) to `url`'s upstream and relays the
-    /// answer. Returns the status sent (0 if the client got nothing more) and whether the client
-    /// connection stays open.
+    /// Sends the request in `to_upstream` (head, then body) to the upstream and relays the answer.
+    /// Returns the status sent (0 if the client got nothing more) and whether the client connection
+    /// stays open.
     async fn forward(
         &mut self,
         head: &RequestHead,
-        url: &Uri,
-        timeout: Duration,
+        to: &Forward<'_>,
         extra: &HeaderMap,
         keep_alive: bool,
     ) -> (u16, bool) {
+        let head_only = head.method == Method::HEAD;
         self.inbuf.consume(head.len);
-        let mut body = BodyProgress::new(head.body);
-        match body.take(self.inbuf.bytes()) {
-            Ok(n) => {
-                self.to_upstream.extend_from_slice(&self.inbuf.bytes()[..n]);
-                self.inbuf.consume(n);
-            }
-            Err(_) => {
+        let mut body = BodyProgress::with_limit(head.body, to.body_limit);
+        match body.take(self.inbuf.bytes(), Some(&mut self.to_upstream)) {
+            Ok(n) => self.inbuf.consume(n),
+            Err(e) => {
                 return (
-                    self.reply_status(HeadError::Malformed.status()).await,
+                    self.reply(&response::bad_request(e), head_only, false)
+                        .await,
                     false,
                 );
             }
         }
-        let deadline = Instant::now() + timeout;
         let mut timer = match self.upstream_deadline.take() {
-            Some(mut timer) => {
-                timer.set(deadline);
-                timer
-            }
-            None => LazyDeadline::new(deadline),
+            Some(timer) => timer,
+            None => LazyDeadline::new(Instant::now() + to.timeout),
         };
-        let sent = tokio::select! {
-            biased;
-            sent = self.send(url, &head.method, head.expect_continue, &mut body, extra) => Some(sent),
-            () = timer.expired() => None,
-        };
+        let proxied = self
+            .proxy(head, to, &mut timer, &mut body, extra, keep_alive)
+            .await;
         self.upstream_deadline = Some(timer);
-        let failure = match sent {
-            Some(Ok(h)) => Ok(h),
-            Some(Err(Failure::Client)) => {
+        match proxied {
+            Ok(done) => done,
+            Err(Failure::Client) => {
                 self.upstream = None;
-                return (0, false);
+                (0, false)
             }
-            Some(Err(Failure::Upstream)) => Err(UpstreamFailure::Unreachable),
-            None => Err(UpstreamFailure::Timeout),
-        };
-        let resp_head = match failure {
-            Ok(h) => h,
             Err(failure) => {
                 self.upstream = None;
+                let resp = match failure {
+                    Failure::Timeout => response::upstream_failure(UpstreamFailure::Timeout),
+                    Failure::Body(e) => response::bad_request(e),
+                    Failure::Upstream | Failure::Client => {
+                        response::upstream_failure(UpstreamFailure::Unreachable)
+                    }
+                };
                 // A request body cut short leaves the client's stream mid-message.
                 let keep_alive = keep_alive && body.done();
-                let resp = response::upstream_failure(failure);
-                let status = self
-                    .reply(&resp, head.method == Method::HEAD, keep_alive)
-                    .await;
-                return (status, keep_alive);
+                let status = self.reply(&resp, head_only, keep_alive).await;
+                (status, keep_alive)
             }
-        };
-
-        let Some(up) = self.upstream.as_mut() else {
-            return (0, false);
-        };
-        // A drain that began while the upstream worked still gets its `Connection: close`.
-        let keep_alive = keep_alive
-            && resp_head.body != BodyLength::UntilClose
-            && !self.shared.draining.load(Ordering::Relaxed);
-        if !keep_alive {
-            self.to_client.extend_from_slice(b"connection: close\r\n");
         }
-        http1::write_header_map(&mut self.to_client, extra);
-        self.to_client.extend_from_slice(b"\r\n");
-        up.buf.consume(resp_head.len);
-        let mut resp_body = BodyProgress::new(resp_head.body);
-        let Ok(n) = resp_body.take(up.buf.bytes()) else {
-            self.upstream = None;
-            return (0, false);
-        };
-        self.to_client.extend_from_slice(&up.buf.bytes()[..n]);
-        up.buf.consume(n);
-        if self.client.write_all(&self.to_client).await.is_err() {
-            self.upstream = None;
-            return (0, false);
-        }
-        let relayed = relay(&mut up.io, &mut up.buf, &mut self.client, &mut resp_body).await;
-        let upstream_clean = relayed.is_ok() && resp_head.reusable && up.buf.is_empty();
-        up.reused = true;
-        up.buf.release();
-        if !upstream_clean {
-            self.upstream = None;
-        }
-        (resp_head.status, keep_alive && relayed.is_ok())
     }
 
-    async fn reply_status(&mut self, status: http::StatusCode) -> u16 {
-        self.reply(&response::full(status, Bytes::new()), false, false)
-            .await
-    }
-
-    /// Writes the request to the upstream (retrying once on a fresh connection when a reused one
-    /// turns out closed before anything could have been processed) and reads the response head, whose
-    /// rewrite is left in `to_client`.
-    async fn send(
+    /// Writes the request head to the upstream (retrying once on a fresh connection when a reused
+    /// one turns out closed and no body has been streamed), streams the body while waiting for the
+    /// answer, and relays the answer. An upstream may answer before it has the whole body (an early
+    /// error, or a server streaming both ways): its answer is relayed while the body keeps flowing,
+    /// and then both connections close.
+    ///
+    /// The route's timeout bounds connecting, each write to the upstream, and the wait for the
+    /// response head, which counts from the end of the body: a slow upload is not the upstream's
+    /// delay. An error before anything reached the client is returned, for the caller to answer.
+    async fn proxy(
         &mut self,
-        url: &Uri,
-        method: &Method,
-        expect_continue: bool,
+        head: &RequestHead,
+        to: &Forward<'_>,
+        timer: &mut LazyDeadline,
         body: &mut BodyProgress,
         extra: &HeaderMap,
-    ) -> Result<ResponseHead, Failure> {
-        let pool = &self.shared.upstreams;
-        let mut up = pool
-            .connect(&mut self.upstream, url)
-            .await
-            .map_err(|_| Failure::Upstream)?;
-        let mut streamed = false;
-        loop {
-            let retryable = up.reused && !streamed;
-            let wrote = up.io.write_all(&self.to_upstream).await;
-            if wrote.is_ok() && !body.done() {
-                if expect_continue {
-                    self.client
-                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                        .await
-                        .map_err(|_| Failure::Client)?;
+        keep_alive: bool,
+    ) -> Result<(u16, bool), Failure> {
+        let shared = self.shared;
+        let pool = &shared.upstreams;
+        let head_timeout = shared.head_timeout;
+        let has_body = !body.done();
+        let mut fresh = false;
+        let (clean, done) = loop {
+            timer.set(Instant::now() + to.timeout);
+            let connecting = async {
+                if fresh {
+                    pool.reconnect(&mut self.upstream, to.url).await
+                } else {
+                    pool.connect(&mut self.upstream, to.url).await
                 }
-                streamed = true;
-                relay(&mut self.client, &mut self.inbuf, &mut up.io, body)
-                    .await
-                    .map_err(|side| match side {
-                        Side::Read => Failure::Client,
-                        Side::Write => Failure::Upstream,
-                    })?;
-            }
-            let answered = if wrote.is_ok() {
-                read_response_head(up, method, extra, &mut self.to_client).await
-            } else {
-                Err(Stale)
             };
-            match answered {
-                Ok(head) => return Ok(head),
+            let up = tokio::select! {
+                biased;
+                up = connecting => up.map_err(|_| Failure::Upstream)?,
+                () = timer.expired() => return Err(Failure::Timeout),
+            };
+            up.carried_body = head.body != BodyLength::Empty;
+            // A streamed body cannot be sent twice.
+            let retryable = up.reused && !has_body;
+            let wrote = tokio::select! {
+                biased;
+                wrote = up.io.write_all(&self.to_upstream) => wrote.is_ok(),
+                () = timer.expired() => return Err(Failure::Timeout),
+            };
+            if !wrote {
+                if retryable {
+                    fresh = true;
+                    continue;
+                }
+                return Err(Failure::Upstream);
+            }
+            let (mut client_read, mut client_write) = self.client.split();
+            if has_body && head.expect_continue {
+                client_write
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await
+                    .map_err(|_| Failure::Client)?;
+            }
+            let (mut up_read, mut up_write) = up.io.split();
+            let mut uploaded = !has_body;
+            let mut upload = std::pin::pin!(upload(
+                &mut client_read,
+                &mut self.inbuf,
+                &mut up_write,
+                body,
+                head_timeout,
+                to.timeout,
+            ));
+            if uploaded {
+                timer.set(Instant::now() + to.timeout);
+            }
+
+            // Until the response head: the upload, then the route's timeout.
+            let answered = {
+                let mut waiting = std::pin::pin!(read_response_head(
+                    &mut up_read,
+                    &mut up.buf,
+                    &head.method,
+                    extra,
+                    &mut self.to_client,
+                ));
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut upload, if !uploaded => {
+                            r?;
+                            uploaded = true;
+                            timer.set(Instant::now() + to.timeout);
+                        }
+                        h = &mut waiting => break h,
+                        () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                    }
+                }
+            };
+            let resp_head = match answered {
+                Ok(h) => h,
                 Err(Stale) if retryable => {
-                    up = pool
-                        .reconnect(&mut self.upstream, url)
-                        .await
-                        .map_err(|_| Failure::Upstream)?;
+                    fresh = true;
+                    continue;
                 }
                 Err(Stale) => return Err(Failure::Upstream),
+            };
+            let early = !uploaded;
+
+            // The response, while whatever is left of the body keeps flowing.
+            let keep_alive = keep_alive
+                && !early
+                && resp_head.body != BodyLength::UntilClose
+                && !shared.draining.load(Ordering::Relaxed);
+            let to_client = &mut self.to_client;
+            if !keep_alive {
+                to_client.extend_from_slice(b"connection: close\r\n");
             }
+            http1::write_header_map(to_client, extra);
+            to_client.extend_from_slice(b"\r\n");
+            up.buf.consume(resp_head.len);
+            let mut resp_body = BodyProgress::new(resp_head.body);
+            let relayed = match resp_body.take(up.buf.bytes(), Some(to_client)) {
+                Ok(n) => {
+                    up.buf.consume(n);
+                    // Err(true): the head reached the client, the body did not.
+                    let mut relaying = std::pin::pin!(async {
+                        client_write.write_all(to_client).await.map_err(|_| false)?;
+                        relay(&mut up_read, &mut up.buf, &mut client_write, &mut resp_body)
+                            .await
+                            .map_err(|()| true)
+                    });
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut relaying => break r,
+                            // Its failure ends the exchange anyway: it closes both connections.
+                            _ = &mut upload, if !uploaded => uploaded = true,
+                        }
+                    }
+                }
+                Err(_) => Err(false),
+            };
+            // Reused only after a clean exchange: the whole request sent before the answer came,
+            // the answer completely framed, and not one byte after it.
+            let clean = relayed.is_ok() && !early && resp_head.reusable && up.buf.is_empty();
+            up.reused = true;
+            up.buf.release();
+            let status = match relayed {
+                Ok(()) | Err(true) => resp_head.status,
+                Err(false) => 0,
+            };
+            break (clean, (status, keep_alive && relayed.is_ok()));
+        };
+        if !clean {
+            self.upstream = None;
         }
+        Ok(done)
+    }
+}
+
+/// Where an admitted request goes.
+struct Forward<'r> {
+    url: &'r Uri,
+    /// The route's timeout.
+    timeout: Duration,
+    /// The most request body bytes accepted.
+    body_limit: u64,
+}
+
+/// The longest normalised path whose buffer a connection keeps between requests.
+const MAX_KEPT_PATH: usize = 4096;
+
+/// Refuses a body `route` does not take: one on `GET` or `HEAD` (where a request hidden in it would
+/// reach a backend that does not read such bodies) unless the route allows it, and one longer than
+/// `limit`.
+fn check_body(head: &RequestHead, route: &Route, limit: u64) -> Result<(), HeadError> {
+    if head.body != BodyLength::Empty
+        && (head.method == Method::GET || head.method == Method::HEAD)
+        && !route.allow_get_body
+    {
+        return Err(HeadError::Malformed(
+            "A body is not allowed on GET or HEAD requests",
+        ));
+    }
+    match head.body {
+        BodyLength::Length(n) if n > limit => Err(HeadError::BodyTooLarge),
+        _ => Ok(()),
     }
 }
 
 /// The upstream closed or failed before a whole response head arrived.
 struct Stale;
 
-/// Reads the upstream's response head, skipping interim (1xx) responses.
-async fn read_response_head(
-    up: &mut UpstreamConn,
+/// Reads the upstream's response head into `buf`, skipping interim (1xx) responses; its rewrite for
+/// the client is left in `to_client`.
+async fn read_response_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut InBuf,
     method: &Method,
     extra: &HeaderMap,
     to_client: &mut Vec<u8>,
 ) -> Result<ResponseHead, Stale> {
     loop {
-        if !up.buf.is_empty() {
+        if !buf.is_empty() {
             to_client.clear();
-            match http1::parse_response(up.buf.bytes(), method, extra, to_client) {
+            match http1::parse_response(buf.bytes(), method, extra, to_client) {
                 Ok(ResponseStart::Final(head)) => return Ok(head),
                 Ok(ResponseStart::Interim(len)) => {
-                    up.buf.consume(len);
+                    buf.consume(len);
                     continue;
                 }
                 Ok(ResponseStart::Partial) => {}
                 Err(_) => return Err(Stale),
             }
         }
-        match up.buf.read_from(&mut up.io).await {
+        match buf.read_from(io).await {
             Ok(n) if n > 0 => {}
             _ => return Err(Stale),
         }
@@ -521,30 +664,67 @@ fn upstream_head(out: &mut Vec<u8>, method: &Method, url: &Uri, rest: &[u8], que
     out.extend_from_slice(b"\r\n");
 }
 
-/// Which side of a relay failed.
-enum Side {
-    Read,
-    Write,
+/// Streams the rest of a request body from the client (bytes read land in `inbuf`; those past the
+/// body stay there) to the upstream, re-encoded when chunked. Each wait for the client is bounded by
+/// `idle`, each write to the upstream by `stall`.
+async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client: &mut R,
+    inbuf: &mut InBuf,
+    up: &mut W,
+    body: &mut BodyProgress,
+    idle: Duration,
+    stall: Duration,
+) -> Result<(), Failure> {
+    let mut scratch = Vec::new();
+    while !body.done() {
+        match tokio::time::timeout(idle, inbuf.read_from(client)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err(Failure::Client),
+        }
+        let (n, data) = if body.reencodes() {
+            scratch.clear();
+            let n = body
+                .take(inbuf.bytes(), Some(&mut scratch))
+                .map_err(Failure::Body)?;
+            (n, &scratch[..])
+        } else {
+            let n = body.take(inbuf.bytes(), None).map_err(Failure::Body)?;
+            (n, &inbuf.bytes()[..n])
+        };
+        match tokio::time::timeout(stall, up.write_all(data)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Failure::Upstream),
+            Err(_) => return Err(Failure::Timeout),
+        }
+        inbuf.consume(n);
+    }
+    Ok(())
 }
 
-/// Copies the rest of a body from `from` to `to` through `buf` (empty on entry, except for bytes past
-/// the body, which stay for the next message).
-async fn relay(
-    from: &mut TcpStream,
+/// Copies the rest of a response body from the upstream to the client through `buf` (empty on
+/// entry, except for bytes past the body, which stay), re-encoding a chunked one.
+async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
     buf: &mut InBuf,
-    to: &mut TcpStream,
+    to: &mut W,
     body: &mut BodyProgress,
-) -> Result<(), Side> {
+) -> Result<(), ()> {
+    let mut scratch = Vec::new();
     while !body.done() {
         match buf.read_from(from).await {
             Ok(0) if matches!(body, BodyProgress::UntilClose) => return Ok(()),
             Ok(n) if n > 0 => {}
-            _ => return Err(Side::Read),
+            _ => return Err(()),
         }
-        let n = body.take(buf.bytes()).map_err(|_| Side::Read)?;
-        to.write_all(&buf.bytes()[..n])
-            .await
-            .map_err(|_| Side::Write)?;
+        let (n, data) = if body.reencodes() {
+            scratch.clear();
+            let n = body.take(buf.bytes(), Some(&mut scratch)).map_err(|_| ())?;
+            (n, &scratch[..])
+        } else {
+            let n = body.take(buf.bytes(), None).map_err(|_| ())?;
+            (n, &buf.bytes()[..n])
+        };
+        to.write_all(data).await.map_err(|_| ())?;
         buf.consume(n);
     }
     Ok(())

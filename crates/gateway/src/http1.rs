@@ -45,6 +45,11 @@ impl InBuf {
         self.len() == 0
     }
 
+    /// Appends bytes read elsewhere.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.data.extend_from_slice(bytes);
+    }
+
     /// Marks the first `n` unconsumed bytes as used.
     pub fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.data.len());
@@ -114,25 +119,84 @@ pub enum BodyLength {
     UntilClose,
 }
 
-/// Why a head was refused.
+/// Why a head (or a body's framing) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// Not HTTP/1.x, or framing that cannot be trusted: 400.
-    Malformed,
-    /// Too big or too many fields: 431.
+    /// Not HTTP/1.x, or framing or fields that cannot be trusted: 400, with what was wrong.
+    Malformed(&'static str),
+    /// A head too big or with too many fields: 431.
     TooLarge,
     /// A transfer coding other than chunked: 501.
     UnsupportedCoding,
+    /// A body over the configured limit: 413.
+    BodyTooLarge,
 }
 
 impl HeadError {
-    /// The status line and reason the client gets.
+    /// The status the client gets.
     pub fn status(self) -> http::StatusCode {
         match self {
-            HeadError::Malformed => http::StatusCode::BAD_REQUEST,
+            HeadError::Malformed(_) => http::StatusCode::BAD_REQUEST,
             HeadError::TooLarge => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::UnsupportedCoding => http::StatusCode::NOT_IMPLEMENTED,
+            HeadError::BodyTooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
         }
+    }
+
+    /// What the client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            HeadError::Malformed(why) => why,
+            HeadError::TooLarge => "Request Header Fields Too Large",
+            HeadError::UnsupportedCoding => "Transfer-Encoding other than chunked is not supported",
+            HeadError::BodyTooLarge => "Request Too Long",
+        }
+    }
+}
+
+/// Request fields a client could steer a backend with, dropped unless the config keeps them:
+/// `X-Original-URL` and `X-Rewrite-URL` re-route requests on IIS and Symfony, the method overrides
+/// turn an admitted `GET` into another method, and `Forwarded` / `X-Real-IP` would let a client
+/// claim an address (tollgate sets `X-Forwarded-*` itself).
+pub const STEERING_FIELDS: [&str; 7] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Which of [`STEERING_FIELDS`] are passed to upstreams anyway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeptFields(u8);
+
+impl KeptFields {
+    /// Keeps also the field `name` (any case); false if it is not one of [`STEERING_FIELDS`].
+    pub fn keep(&mut self, name: &str) -> bool {
+        match STEERING_FIELDS
+            .iter()
+            .position(|f| f.eq_ignore_ascii_case(name))
+        {
+            Some(i) => {
+                self.0 |= 1 << i;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a client's field `name` is dropped.
+    fn drops(self, name: &str) -> bool {
+        // Lengths first: most fields are none of these, and say so in one comparison.
+        if !matches!(name.len(), 9 | 13 | 14 | 17 | 22) {
+            return false;
+        }
+        STEERING_FIELDS
+            .iter()
+            .enumerate()
+            .any(|(i, f)| self.0 & (1 << i) == 0 && is(name, f))
     }
 }
 
@@ -222,13 +286,41 @@ impl<'b> ConnectionHeader<'b> {
 /// A `Content-Length` value: digits only (RFC 9110 §8.6); a repeated header must agree.
 fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, HeadError> {
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return Err(HeadError::Malformed);
+        return Err(HeadError::Malformed("Invalid Content-Length"));
     }
     let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     match seen {
-        Some(prior) if prior != n => Err(HeadError::Malformed),
+        Some(prior) if prior != n => Err(HeadError::Malformed("Conflicting Content-Length fields")),
         _ => Ok(n),
     }
+}
+
+/// Whether `value` is a valid `Host` (RFC 9110 §7.2: `uri-host [ ":" port ]`, or empty): reg-name,
+/// IPv4 or bracketed IPv6 characters, and nothing that could start a path, a query or userinfo.
+fn valid_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b'%'
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// Whether a `Transfer-Encoding` value ends in `chunked` (the only coding whose end we can find).
@@ -241,12 +333,14 @@ fn ends_chunked(value: &[u8]) -> bool {
 
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. On success
 /// `forwarded` holds the header lines to send upstream: the client's, minus hop-by-hop ones and
-/// those the `Connection` header names, minus `Host` and `Expect`, plus `X-Forwarded-For` (the
-/// client's chain with `peer_ip` appended), `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// those the `Connection` header names, minus `Host`, `Expect` and the [`STEERING_FIELDS`] not in
+/// `kept`, plus `X-Forwarded-For` (the client's chain with `peer_ip` appended), `X-Forwarded-Proto`
+/// and `X-Forwarded-Host`.
 pub fn parse_request(
     buf: &[u8],
     forwarded: &mut Vec<u8>,
     peer_ip: &str,
+    kept: KeptFields,
 ) -> Result<Option<RequestHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -255,7 +349,7 @@ pub fn parse_request(
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Malformed),
+        Err(_) => return Err(HeadError::Malformed("Malformed request")),
     };
     if len > MAX_HEAD {
         return Err(HeadError::TooLarge);
@@ -263,11 +357,11 @@ pub fn parse_request(
     let method = req
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-        .ok_or(HeadError::Malformed)?;
-    let target = req.path.ok_or(HeadError::Malformed)?;
+        .ok_or(HeadError::Malformed("Invalid method"))?;
+    let target = req.path.ok_or(HeadError::Malformed("Malformed request"))?;
     // Origin form only: a gateway is not a forward proxy.
     if !target.starts_with('/') {
-        return Err(HeadError::Malformed);
+        return Err(HeadError::Malformed("The request target must be a path"));
     }
     let http10 = req.version == Some(0);
     let (path, query) = match target.split_once('?') {
@@ -282,22 +376,34 @@ pub fn parse_request(
     let mut origin = None;
     let mut expect_continue = false;
     let mut host = None;
+    let mut hosts = 0;
     let mut forwarded_for: Option<&[u8]> = None;
     for h in req.headers.iter() {
         let name = h.name;
         match name.len() {
-            4 if is(name, "host") => host = host.or(Some(h.value)),
+            4 if is(name, "host") => {
+                hosts += 1;
+                host = Some(h.value);
+            }
             6 if is(name, "origin") => origin = origin.or(Some(range_in(buf, h.value))),
             6 if is(name, "expect") => {
                 expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
             }
-            9 if is(name, "x-api-key") => api_key = api_key.or(Some(range_in(buf, h.value))),
+            // Two keys: the upstream might read the one that was not checked.
+            9 if is(name, "x-api-key") => {
+                if api_key.is_some() {
+                    return Err(HeadError::Malformed("More than one x-api-key field"));
+                }
+                api_key = Some(range_in(buf, h.value));
+            }
             10 if is(name, "connection") => conn.add(h.value),
             14 if is(name, "content-length") => length = Some(content_length(h.value, length)?),
             15 if is(name, "x-forwarded-for") => forwarded_for = forwarded_for.or(Some(h.value)),
             17 if is(name, "transfer-encoding") => {
                 if http10 {
-                    return Err(HeadError::Malformed);
+                    return Err(HeadError::Malformed(
+                        "Transfer-Encoding in an HTTP/1.0 request",
+                    ));
                 }
                 if !ends_chunked(h.value) {
                     return Err(HeadError::UnsupportedCoding);
@@ -307,9 +413,20 @@ pub fn parse_request(
             _ => {}
         }
     }
+    // RFC 9112 §3.2: exactly one valid Host (HTTP/1.0 may omit it).
+    match (hosts, host) {
+        (0, _) if !http10 => return Err(HeadError::Malformed("Missing Host field")),
+        (2.., _) => return Err(HeadError::Malformed("More than one Host field")),
+        (_, Some(h)) if !valid_host(h) => return Err(HeadError::Malformed("Invalid Host field")),
+        _ => {}
+    }
     let body = match (chunked, length) {
         // Both: a request-smuggling vector (RFC 9112 §6.1); refuse rather than guess.
-        (true, Some(_)) => return Err(HeadError::Malformed),
+        (true, Some(_)) => {
+            return Err(HeadError::Malformed(
+                "Both Content-Length and Transfer-Encoding",
+            ));
+        }
         (true, None) => BodyLength::Chunked,
         (false, Some(0) | None) => BodyLength::Empty,
         (false, Some(n)) => BodyLength::Length(n),
@@ -322,6 +439,7 @@ pub fn parse_request(
             || is(name, "host")
             || is(name, "expect")
             || (name.len() > 11 && name[..11].eq_ignore_ascii_case("x-forwarded"))
+            || kept.drops(name)
             || conn.names(name)
         {
             continue;
@@ -404,13 +522,15 @@ pub fn parse_response(
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(ResponseStart::Partial),
         Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Malformed),
+        Err(_) => return Err(HeadError::Malformed("Malformed response")),
     };
-    let status = resp.code.ok_or(HeadError::Malformed)?;
+    let status = resp
+        .code
+        .ok_or(HeadError::Malformed("Malformed response"))?;
     if (100..200).contains(&status) {
         // 101 would switch protocols, which the gateway never asks for (Upgrade is not forwarded).
         return if status == 101 {
-            Err(HeadError::Malformed)
+            Err(HeadError::Malformed("Unrequested protocol switch"))
         } else {
             Ok(ResponseStart::Interim(len))
         };
@@ -449,7 +569,12 @@ pub fn parse_response(
             None => BodyLength::UntilClose,
         }
     };
-    let reusable = body != BodyLength::UntilClose && !conn.close && (!http10 || conn.keep_alive);
+    // Both a coding and a length may be an attempt at response splitting: relay by the coding
+    // (RFC 9112 §6.3), then close.
+    let reusable = body != BodyLength::UntilClose
+        && !conn.close
+        && (!http10 || conn.keep_alive)
+        && !(coded && length.is_some());
 
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -539,54 +664,119 @@ fn date_header(out: &mut Vec<u8>) {
     });
 }
 
-/// Where a [`ChunkedReader`] is in the chunked syntax.
+/// Where a [`ChunkedDecoder`] is in the chunked syntax (RFC 9112 §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Chunked {
-    /// In a chunk-size line's hex digits.
+    /// In a chunk-size's hex digits.
     #[default]
     Size,
-    /// After the size: extensions up to the line feed.
-    SizeLine {
-        /// The chunk's size.
-        size: u64,
-    },
+    /// After the digits: whitespace, then `;` or CR.
+    SizeEnd,
+    /// In chunk extensions, up to CR.
+    Extension,
+    /// Expecting the LF of a chunk-size line.
+    SizeLf,
     /// Inside a chunk's data.
     Data {
         /// Bytes left in the chunk.
         left: u64,
     },
-    /// Expecting the CR LF after a chunk's data.
-    DataEnd {
-        /// Whether the CR was seen.
-        cr: bool,
-    },
-    /// At the start of a trailer line (or the final blank line).
+    /// Expecting the CR after a chunk's data.
+    DataCr,
+    /// Expecting the LF after a chunk's data.
+    DataLf,
+    /// At the start of a trailer field line, or of the final CRLF.
     TrailerStart,
-    /// Inside a trailer field line.
-    Trailer,
-    /// After the CR of the final blank line.
+    /// In a trailer field's name.
+    TrailerName,
+    /// In a trailer field's value, up to CR.
+    TrailerValue,
+    /// Expecting the LF of a trailer field line.
+    TrailerLf,
+    /// Expecting the LF of the final CRLF.
     LastLf,
     /// The body is complete.
     Done,
 }
 
-/// Finds where a chunked body ends (RFC 9112 §7.1) without decoding it, so it can be relayed as is.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ChunkedReader {
+/// Most bytes of chunk extensions and trailer fields in one body, as for a head.
+const MAX_CHUNK_METADATA: usize = MAX_HEAD;
+
+/// Reads a chunked body strictly (CRLF line ends only, no control characters, trailer lines that
+/// are header fields) and re-encodes it canonically: the data in chunks, without extensions or
+/// trailers (which tollgate does not forward, as AWS does not). What reaches the other side is then
+/// exactly the data this decoder saw, whatever a sloppy peer would have made of the original.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkedDecoder {
     state: Chunked,
     size: u64,
     digits: u8,
+    metadata: usize,
+    /// Data bytes announced so far.
+    data: u64,
+    /// The most data bytes accepted.
+    limit: u64,
 }
 
-impl ChunkedReader {
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self::with_limit(u64::MAX)
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// A control character other than horizontal tab (a bare CR or LF among them).
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+impl ChunkedDecoder {
+    /// A decoder refusing bodies of more than `limit` data bytes.
+    pub fn with_limit(limit: u64) -> Self {
+        Self {
+            state: Chunked::Size,
+            size: 0,
+            digits: 0,
+            metadata: 0,
+            data: 0,
+            limit,
+        }
+    }
+
     /// Whether the body's end has been seen.
     pub fn done(&self) -> bool {
         self.state == Chunked::Done
     }
 
-    /// Scans `bytes` (the body's next bytes); returns how many belong to the body (fewer than given
-    /// only when the end is inside `bytes`).
-    pub fn scan(&mut self, bytes: &[u8]) -> Result<usize, HeadError> {
+    /// Reads `bytes` (the body's next bytes) and appends their canonical re-encoding to `out` (when
+    /// given). Returns how many bytes belong to the body: fewer than given only when the end is
+    /// inside `bytes`.
+    pub fn decode(
+        &mut self,
+        bytes: &[u8],
+        mut out: Option<&mut Vec<u8>>,
+    ) -> Result<usize, HeadError> {
+        const BAD: HeadError = HeadError::Malformed("Malformed chunked body");
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -596,56 +786,86 @@ impl ChunkedReader {
                         self.size = self.size << 4 | u64::from(d);
                         self.digits += 1;
                     }
-                    None if self.digits > 0 && matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t') => {
-                        self.state = Chunked::SizeLine { size: self.size };
+                    None if self.digits > 0 => {
+                        self.state = Chunked::SizeEnd;
                         continue;
                     }
-                    _ => return Err(HeadError::Malformed),
+                    _ => return Err(BAD),
                 },
-                Chunked::SizeLine { size } => {
-                    if b == b'\n' {
-                        self.size = 0;
-                        self.digits = 0;
-                        self.state = if size == 0 {
-                            Chunked::TrailerStart
-                        } else {
-                            Chunked::Data { left: size }
-                        };
+                Chunked::SizeEnd => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Chunked::Extension,
+                    b'\r' => self.state = Chunked::SizeLf,
+                    _ => return Err(BAD),
+                },
+                Chunked::Extension => match b {
+                    b'\r' => self.state = Chunked::SizeLf,
+                    b if is_ctl(b) => return Err(BAD),
+                    _ => self.metadata_byte()?,
+                },
+                Chunked::SizeLf => {
+                    if b != b'\n' {
+                        return Err(BAD);
                     }
+                    let size = std::mem::take(&mut self.size);
+                    self.digits = 0;
+                    self.state = if size == 0 {
+                        Chunked::TrailerStart
+                    } else {
+                        self.data = self.data.saturating_add(size);
+                        if self.data > self.limit {
+                            return Err(HeadError::BodyTooLarge);
+                        }
+                        Chunked::Data { left: size }
+                    };
                 }
                 Chunked::Data { left } => {
                     let take = left.min((bytes.len() - i) as u64);
-                    i += take as usize;
+                    let span = &bytes[i..i + take as usize];
+                    if let Some(out) = out.as_deref_mut() {
+                        let _ = write!(out, "{:x}\r\n", span.len());
+                        out.extend_from_slice(span);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    i += span.len();
                     self.state = if take == left {
-                        Chunked::DataEnd { cr: false }
+                        Chunked::DataCr
                     } else {
                         Chunked::Data { left: left - take }
                     };
                     continue;
                 }
-                Chunked::DataEnd { cr } => match b {
-                    b'\r' if !cr => self.state = Chunked::DataEnd { cr: true },
-                    b'\n' => self.state = Chunked::Size,
-                    _ => return Err(HeadError::Malformed),
-                },
+                Chunked::DataCr if b == b'\r' => self.state = Chunked::DataLf,
+                Chunked::DataLf if b == b'\n' => self.state = Chunked::Size,
+                Chunked::DataCr | Chunked::DataLf => return Err(BAD),
                 Chunked::TrailerStart => match b {
                     b'\r' => self.state = Chunked::LastLf,
-                    b'\n' => {
-                        self.state = Chunked::Done;
-                        return Ok(i + 1);
+                    b if is_tchar(b) => {
+                        self.metadata_byte()?;
+                        self.state = Chunked::TrailerName;
                     }
-                    _ => self.state = Chunked::Trailer,
+                    _ => return Err(BAD),
                 },
-                Chunked::Trailer => {
-                    if b == b'\n' {
-                        self.state = Chunked::TrailerStart;
-                    }
-                }
+                Chunked::TrailerName => match b {
+                    b':' => self.state = Chunked::TrailerValue,
+                    b if is_tchar(b) => self.metadata_byte()?,
+                    _ => return Err(BAD),
+                },
+                Chunked::TrailerValue => match b {
+                    b'\r' => self.state = Chunked::TrailerLf,
+                    b if is_ctl(b) => return Err(BAD),
+                    _ => self.metadata_byte()?,
+                },
+                Chunked::TrailerLf if b == b'\n' => self.state = Chunked::TrailerStart,
+                Chunked::TrailerLf => return Err(BAD),
                 Chunked::LastLf => {
                     if b != b'\n' {
-                        return Err(HeadError::Malformed);
+                        return Err(BAD);
                     }
                     self.state = Chunked::Done;
+                    if let Some(out) = out {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
                     return Ok(i + 1);
                 }
                 Chunked::Done => return Ok(i),
@@ -654,6 +874,16 @@ impl ChunkedReader {
         }
         Ok(i)
     }
+
+    fn metadata_byte(&mut self) -> Result<(), HeadError> {
+        self.metadata += 1;
+        if self.metadata > MAX_CHUNK_METADATA {
+            return Err(HeadError::Malformed(
+                "Chunk extensions or trailers too large",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Tracks a body being relayed: how much of the peer's next bytes belong to it.
@@ -661,8 +891,8 @@ impl ChunkedReader {
 pub enum BodyProgress {
     /// Bytes left of a fixed-length body.
     Length(u64),
-    /// A chunked body.
-    Chunked(ChunkedReader),
+    /// A chunked body, re-encoded as it is relayed.
+    Chunked(ChunkedDecoder),
     /// Everything until the peer closes.
     UntilClose,
 }
@@ -670,10 +900,16 @@ pub enum BodyProgress {
 impl BodyProgress {
     /// Progress at the start of a body delimited by `length`.
     pub fn new(length: BodyLength) -> Self {
+        Self::with_limit(length, u64::MAX)
+    }
+
+    /// Progress at the start of a body delimited by `length` whose data may not exceed `limit`
+    /// bytes (a fixed length is checked against it before the body is read).
+    pub fn with_limit(length: BodyLength, limit: u64) -> Self {
         match length {
             BodyLength::Empty => BodyProgress::Length(0),
             BodyLength::Length(n) => BodyProgress::Length(n),
-            BodyLength::Chunked => BodyProgress::Chunked(ChunkedReader::default()),
+            BodyLength::Chunked => BodyProgress::Chunked(ChunkedDecoder::with_limit(limit)),
             BodyLength::UntilClose => BodyProgress::UntilClose,
         }
     }
@@ -687,17 +923,28 @@ impl BodyProgress {
         }
     }
 
-    /// Takes the body's share of `bytes`: how many of them belong to it.
-    pub fn take(&mut self, bytes: &[u8]) -> Result<usize, HeadError> {
-        match self {
+    /// Whether what is relayed differs from what was read (so it must go through a buffer).
+    pub fn reencodes(&self) -> bool {
+        matches!(self, BodyProgress::Chunked(_))
+    }
+
+    /// Takes the body's share of `bytes`: returns how many of them belong to it, and appends what
+    /// is to be relayed of them to `out` when given (the bytes themselves, or a chunked body's
+    /// canonical re-encoding).
+    pub fn take(&mut self, bytes: &[u8], out: Option<&mut Vec<u8>>) -> Result<usize, HeadError> {
+        let n = match self {
             BodyProgress::Length(n) => {
                 let take = (*n).min(bytes.len() as u64);
                 *n -= take;
-                Ok(take as usize)
+                take as usize
             }
-            BodyProgress::Chunked(c) => c.scan(bytes),
-            BodyProgress::UntilClose => Ok(bytes.len()),
+            BodyProgress::Chunked(c) => return c.decode(bytes, out),
+            BodyProgress::UntilClose => bytes.len(),
+        };
+        if let Some(out) = out {
+            out.extend_from_slice(&bytes[..n]);
         }
+        Ok(n)
     }
 }
 
@@ -707,7 +954,7 @@ mod tests {
 
     fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
         let mut fwd = Vec::new();
-        let r = parse_request(raw, &mut fwd, "127.0.0.1");
+        let r = parse_request(raw, &mut fwd, "127.0.0.1", KeptFields::default());
         (r, String::from_utf8(fwd).unwrap())
     }
 
@@ -732,35 +979,83 @@ mod tests {
     }
 
     #[test]
+    fn steering_fields_are_dropped_unless_kept() {
+        let raw =
+            b"GET /a HTTP/1.1\r\nHost: gw\r\nX-Original-URL: /admin\r\nx-rewrite-url: /admin\r\n\
+            X-HTTP-Method-Override: PUT\r\nX-Method-Override: PUT\r\nX-HTTP-Method: PUT\r\n\
+            Forwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nX-Keep: 1\r\n\r\n";
+        let (head, fwd) = req(raw);
+        assert!(head.unwrap().is_some());
+        assert!(
+            fwd.starts_with("X-Keep: 1\r\nx-forwarded-for: 127.0.0.1\r\n"),
+            "{fwd}"
+        );
+        let mut kept = KeptFields::default();
+        assert!(kept.keep("X-Real-IP") && kept.keep("x-http-method-override"));
+        assert!(!kept.keep("X-Other"));
+        let mut fwd = Vec::new();
+        parse_request(raw, &mut fwd, "127.0.0.1", kept)
+            .unwrap()
+            .unwrap();
+        let fwd = String::from_utf8(fwd).unwrap();
+        assert!(
+            fwd.starts_with("X-HTTP-Method-Override: PUT\r\nX-Real-IP: 1.2.3.4\r\nX-Keep: 1\r\n"),
+            "{fwd}"
+        );
+    }
+
+    #[test]
     fn request_framing_rules() {
         type Want = Result<Option<BodyLength>, HeadError>;
-        let cases: [(&[u8], Want); 9] = [
-            (b"GET / HTTP/1.1\r\n\r\n", Ok(Some(BodyLength::Empty))),
+        let bad = |why| Err(HeadError::Malformed(why));
+        let cases: [(&[u8], Want); 15] = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Ok(Some(BodyLength::Empty))),
             (b"GET / HTTP/1.1\r\nHost: x\r\n", Ok(None)),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Ok(Some(BodyLength::Chunked)),
             ),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
                 Err(HeadError::UnsupportedCoding),
             ),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-                Err(HeadError::Malformed),
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                bad("Both Content-Length and Transfer-Encoding"),
             ),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-                Err(HeadError::Malformed),
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                bad("Conflicting Content-Length fields"),
             ),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-                Err(HeadError::Malformed),
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                bad("Invalid Content-Length"),
             ),
-            (b"GET http://x/ HTTP/1.1\r\n\r\n", Err(HeadError::Malformed)),
+            (
+                b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                bad("The request target must be a path"),
+            ),
             (
                 b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Err(HeadError::Malformed),
+                bad("Transfer-Encoding in an HTTP/1.0 request"),
+            ),
+            (b"GET / HTTP/1.1\r\n\r\n", bad("Missing Host field")),
+            (b"GET / HTTP/1.0\r\n\r\n", Ok(Some(BodyLength::Empty))),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+                bad("More than one Host field"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+                bad("Invalid Host field"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+                Ok(Some(BodyLength::Empty)),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: a\r\nX-Api-Key: b\r\n\r\n",
+                bad("More than one x-api-key field"),
             ),
         ];
         for (raw, want) in cases {
@@ -771,7 +1066,7 @@ mod tests {
         assert!(!h.unwrap().unwrap().keep_alive);
         let (h, _) = req(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
         assert!(h.unwrap().unwrap().keep_alive);
-        let (h, _) = req(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let (h, _) = req(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert!(!h.unwrap().unwrap().keep_alive);
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(200));
         assert_eq!(req(many.as_bytes()).0.unwrap_err(), HeadError::TooLarge);
@@ -830,7 +1125,7 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
                 Method::GET
             ),
-            (BodyLength::Chunked, true)
+            (BodyLength::Chunked, false)
         );
         assert_eq!(
             body(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET),
@@ -865,29 +1160,93 @@ mod tests {
         );
     }
 
+    fn decode_all(body: &[u8]) -> Result<(usize, Vec<u8>), HeadError> {
+        let mut d = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        let n = d.decode(body, Some(&mut out))?;
+        assert!(d.done(), "{:?}", String::from_utf8_lossy(body));
+        Ok((n, out))
+    }
+
     #[test]
-    fn chunked_end_is_found_across_splits() {
+    fn chunked_bodies_are_reencoded_across_splits() {
         let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
         let end = body.len() - 4;
         for split in 0..body.len() {
-            let mut r = ChunkedReader::default();
-            let a = r.scan(&body[..split]).unwrap();
+            let mut r = ChunkedDecoder::default();
+            let mut out = Vec::new();
+            let a = r.decode(&body[..split], Some(&mut out)).unwrap();
             assert_eq!(a, split.min(end));
             if a < split {
                 continue;
             }
-            let b = r.scan(&body[split..]).unwrap();
+            let b = r.decode(&body[split..], Some(&mut out)).unwrap();
             assert_eq!(a + b, end, "split at {split}");
             assert!(r.done());
+            // The same data, without the extension and the trailer.
+            assert_eq!(dechunk(&out), b"hello0123456789abcdef", "split at {split}");
         }
+    }
+
+    /// The data of a canonical chunked body.
+    fn dechunk(mut body: &[u8]) -> Vec<u8> {
+        let mut data = Vec::new();
+        loop {
+            let eol = body.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap(), 16).unwrap();
+            body = &body[eol + 2..];
+            if size == 0 {
+                assert_eq!(body, b"\r\n");
+                return data;
+            }
+            data.extend_from_slice(&body[..size]);
+            assert_eq!(&body[size..size + 2], b"\r\n");
+            body = &body[size + 2..];
+        }
+    }
+
+    #[test]
+    fn chunked_syntax_is_strict() {
+        assert_eq!(
+            decode_all(b"0\r\n\r\n").unwrap(),
+            (5, b"0\r\n\r\n".to_vec())
+        );
+        assert!(decode_all(b"3 ; a=\"b\"\r\nabc\r\n0\r\nA: b\r\nC:\r\n\r\n").is_ok());
         for bad in [
             &b"zz\r\n"[..],
             b"5\r\nhelloXX",
             b"\r\n",
             b"fffffffffffffffff\r\n",
+            // Bare LF line ends, anywhere.
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"0\r\n\n",
+            // A bare LF hiding in an extension.
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            // A request line where a trailer field belongs.
+            b"0\r\nGET /registrations/666/warranty HTTP/1.1\r\nHost: x\r\n\r\n",
+            // Folded trailer lines.
+            b"0\r\nA: b\r\n c\r\n\r\n",
         ] {
-            assert!(ChunkedReader::default().scan(bad).is_err(), "{bad:?}");
+            let mut d = ChunkedDecoder::default();
+            assert!(
+                d.decode(bad, None).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
+        let mut limited = ChunkedDecoder::with_limit(4);
+        assert_eq!(
+            limited.decode(b"4\r\nabcd\r\n1\r\n", None),
+            Err(HeadError::BodyTooLarge)
+        );
+        let huge_trailer = format!("0\r\nA: {}\r\n\r\n", "b".repeat(MAX_HEAD));
+        assert!(
+            ChunkedDecoder::default()
+                .decode(huge_trailer.as_bytes(), None)
+                .is_err()
+        );
     }
 
     #[tokio::test]

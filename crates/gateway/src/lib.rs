@@ -7,6 +7,7 @@ pub mod http1;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod response;
 pub mod route;
@@ -14,5 +15,8 @@ mod server;
 pub mod snapshot;
 
 pub use config::GatewayConfig;
-pub use server::{Gateway, GatewayError, GatewayHandle, GatewayOptions, period_usage};
+pub use server::{
+    DEFAULT_HEAD_TIMEOUT, DescriptorBudget, Gateway, GatewayError, GatewayHandle, GatewayOptions,
+    period_usage,
+};
 pub use snapshot::Snapshot;

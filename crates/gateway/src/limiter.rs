@@ -562,6 +562,8 @@ mod tests {
             account_throttle: None,
             rate_limit_headers: false,
             access_log: false,
+            max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
+            kept_fields: Default::default(),
             apis: vec![Api {
                 id: "a".into(),
                 stages: vec![Stage {
@@ -580,7 +582,9 @@ mod tests {
                         headers: vec![],
                     },
                     cors: None,
+                    allow_get_body: false,
                 }],
+                allow_encoded_slashes: false,
             }],
         };
         let records = Records {

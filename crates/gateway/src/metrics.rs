@@ -22,6 +22,7 @@ const OUTCOMES: [&str; 7] = [
 pub struct Metrics {
     outcomes: [AtomicU64; 7],
     store_failures: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -41,6 +42,11 @@ impl Metrics {
             Refusal::ServiceUnavailable => 5,
         };
         self.outcomes[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a client connection closed at once because the connection limit was reached.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed call to the shared store.
@@ -69,6 +75,12 @@ impl Metrics {
         let _ = writeln!(out, "tollgate_api_keys {api_keys}");
         out.push_str("# HELP tollgate_usage_plans Usage plans with at least one key.\n# TYPE tollgate_usage_plans gauge\n");
         let _ = writeln!(out, "tollgate_usage_plans {usage_plans}");
+        out.push_str("# HELP tollgate_connections_refused_total Client connections closed at once because maxConnections were open.\n# TYPE tollgate_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
+        );
         if let Some(degraded) = store_degraded {
             out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");
             out.push_str("# TYPE tollgate_store_degraded gauge\n");

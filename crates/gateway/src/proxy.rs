@@ -1,6 +1,12 @@
 //! Connections to HTTP upstreams. Each client connection owns the upstream connection its requests
 //! go over, so a request costs no pool lookup and no hand-off to another task; the shared idle pool
 //! is touched only when a client connection starts, ends, or switches upstream.
+//!
+//! A connection is reused only while nothing is unaccounted for on it: before each reuse it must
+//! have nothing to read (a byte the upstream sent unasked is the answer to a request the gateway did
+//! not send, such as one hidden in a body the upstream did not read), and it goes to another client
+//! only if its last request had no body, since whether an upstream read a body as a body cannot be
+//! known.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,29 +31,61 @@ pub struct UpstreamConn {
     pub buf: InBuf,
     /// Whether it has carried a request before (and so may have been closed by the upstream meanwhile).
     pub reused: bool,
+    /// Whether its last request had a body.
+    pub carried_body: bool,
 }
 
 /// Idle upstream connections, by authority.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    idle: Mutex<Idle>,
+    /// The most idle connections kept, over all upstreams.
+    max_idle: usize,
+}
+
+#[derive(Debug, Default)]
+struct Idle {
+    by_authority: HashMap<String, Vec<TcpStream>>,
+    count: usize,
 }
 
 impl UpstreamPool {
-    fn take(&self, authority: &str) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.get_mut(authority).and_then(Vec::pop)
+    /// A pool keeping at most `max_idle` idle connections (and [`MAX_IDLE_PER_UPSTREAM`] per upstream).
+    pub fn new(max_idle: usize) -> Self {
+        Self {
+            idle: Mutex::default(),
+            max_idle,
+        }
     }
 
-    /// Keeps `conn` for the next client connection, if it is clean.
+    /// An idle connection to `authority` that is still quiet.
+    fn take(&self, authority: &str) -> Option<TcpStream> {
+        loop {
+            let io = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let io = idle.by_authority.get_mut(authority).and_then(Vec::pop)?;
+                idle.count -= 1;
+                io
+            };
+            if is_quiet(&io) {
+                return Some(io);
+            }
+        }
+    }
+
+    /// Keeps `conn` for the next client connection, if nothing is unaccounted for on it.
     pub fn put(&self, conn: UpstreamConn) {
-        if !conn.buf.is_empty() {
+        if !conn.buf.is_empty() || conn.carried_body || !is_quiet(&conn.io) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(conn.authority).or_default();
+        if idle.count >= self.max_idle {
+            return;
+        }
+        let list = idle.by_authority.entry(conn.authority).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(conn.io);
+            idle.count += 1;
         }
     }
 
@@ -60,7 +98,12 @@ impl UpstreamPool {
     ) -> std::io::Result<&'c mut UpstreamConn> {
         let authority = authority(url);
         let conn = match slot.take() {
-            Some(conn) if conn.authority == authority => conn,
+            Some(conn) if conn.authority == authority && is_quiet(&conn.io) => conn,
+            // Bytes the upstream sent unasked, or its close: never reused.
+            Some(conn) if conn.authority == authority => match self.take(authority) {
+                Some(io) => UpstreamConn::new(authority, io, true),
+                None => UpstreamConn::new(authority, open(url).await?, false),
+            },
             other => {
                 if let Some(old) = other {
                     self.put(old);
@@ -94,8 +137,19 @@ impl UpstreamConn {
             io,
             buf: InBuf::default(),
             reused,
+            carried_body: false,
         }
     }
+}
+
+/// Whether an idle connection has nothing to read and is still open. Asks the socket itself
+/// (`MSG_PEEK`): tokio's cached readiness may not have seen bytes that just arrived.
+fn is_quiet(io: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(io).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
 }
 
 /// `url`'s `host[:port]`: what identifies an upstream connection.

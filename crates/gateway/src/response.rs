@@ -12,6 +12,7 @@ use http::header::{
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::config::Cors;
+use crate::http1::HeadError;
 use crate::snapshot::{LimitInfo, Refusal};
 
 /// AWS's error-type header.
@@ -117,6 +118,23 @@ fn finish_429(
     if rate_limit_headers {
         add_rate_limit_headers(headers, limits);
     }
+}
+
+/// A 400 (or 413) for a request that cannot be accepted as sent, saying why.
+pub fn bad_request(err: HeadError) -> Response<Bytes> {
+    let (status, error_type) = match err {
+        HeadError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLongException"),
+        other => (other.status(), "BadRequestException"),
+    };
+    let body = serde_json::json!({ "message": err.message() }).to_string();
+    let mut resp = full(status, body);
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
+    h.insert(
+        X_AMZN_ERROR_TYPE.clone(),
+        HeaderValue::from_static(error_type),
+    );
+    resp
 }
 
 /// The response when the upstream failed, with AWS's messages for integration errors.

@@ -265,12 +265,14 @@ mod tests {
                     },
                     api_key_required: false,
                     cors: None,
+                    allow_get_body: false,
                     integration: Integration::Http {
                         url: "http://u".parse().unwrap(),
                         timeout: Duration::from_secs(1),
                     },
                 })
                 .collect(),
+            allow_encoded_slashes: false,
         }
     }
 

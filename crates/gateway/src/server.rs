@@ -22,6 +22,10 @@ use crate::proxy::UpstreamPool;
 use crate::route::RouteMatch;
 use crate::snapshot::{Admission, LimitInfo, Refusal, Snapshot, SnapshotError};
 
+/// How long a client may take to send a request head by default, idle keep-alive time included
+/// (nginx's `client_header_timeout` is 60 s, hyper's 30 s).
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runtime knobs that are not part of the routing config.
 #[derive(Debug, Clone, Copy)]
 pub struct GatewayOptions {
@@ -29,6 +33,13 @@ pub struct GatewayOptions {
     pub flush_interval: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// How long a client may take to send a request head (idle keep-alive time included), and to
+    /// send the next bytes of a request body.
+    pub head_timeout: Duration,
+    /// The most client connections served at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// The most idle upstream connections kept for reuse, over all upstreams.
+    pub max_idle_upstream: usize,
 }
 
 /// Admits a routed request in cluster mode: key check and instance-wide throttles here, the key's own
@@ -90,12 +101,78 @@ pub(crate) async fn admit_clustered<'s>(
     }
 }
 
+/// How the process's file descriptors are shared out: the admin API and a reserve first, then each
+/// client connection with the upstream connection it may hold, then idle upstream connections (up to
+/// a quarter as many as client connections). So no listener can take the descriptors another needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorBudget {
+    /// Client connections the data plane serves at once.
+    pub max_connections: usize,
+    /// Idle upstream connections kept for reuse.
+    pub max_idle_upstream: usize,
+}
+
+/// Descriptors kept for the listeners, the store, the logs and Redis connections.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+impl DescriptorBudget {
+    /// Shares `limit` descriptors with `admin` admin connections. `wanted` (the configured
+    /// `maxConnections`) must fit; without it the data plane takes what is left.
+    pub fn plan(limit: u64, admin: usize, wanted: Option<usize>) -> Result<Self, String> {
+        let available = limit.saturating_sub(RESERVED_DESCRIPTORS + admin as u64);
+        let needs = |n: u64| n.saturating_mul(2).saturating_add(n / 4);
+        let max = match wanted {
+            Some(n) if needs(n as u64) > available => {
+                return Err(format!(
+                    "maxConnections {n} needs {} file descriptors (2 per connection, for it and its \
+                     upstream, and idle upstream connections), with {} for the admin API and the \
+                     store, but the limit is {limit}: raise the limit (ulimit -n, systemd \
+                     LimitNOFILE) or lower maxConnections",
+                    needs(n as u64),
+                    RESERVED_DESCRIPTORS + admin as u64,
+                ));
+            }
+            Some(n) => n,
+            None => usize::try_from(available * 4 / 9).unwrap_or(usize::MAX),
+        };
+        if max == 0 {
+            return Err(format!(
+                "the file descriptor limit {limit} leaves none for client connections"
+            ));
+        }
+        Ok(Self {
+            max_connections: max,
+            max_idle_upstream: (max / 4).max(1),
+        })
+    }
+}
+
 impl Default for GatewayOptions {
     fn default() -> Self {
         Self {
             flush_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            max_connections: 10_000,
+            max_idle_upstream: 2_500,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DescriptorBudget;
+
+    #[test]
+    fn descriptors_are_shared_without_overlap() {
+        let b = DescriptorBudget::plan(1024, 64, None).unwrap();
+        assert_eq!(b.max_connections, 398);
+        assert!(2 * b.max_connections + b.max_idle_upstream + 64 + 64 <= 1024);
+        let b = DescriptorBudget::plan(1024, 64, Some(100)).unwrap();
+        assert_eq!((b.max_connections, b.max_idle_upstream), (100, 25));
+        let e = DescriptorBudget::plan(1024, 64, Some(1000)).unwrap_err();
+        assert!(e.contains("maxConnections 1000 needs 2250"), "{e}");
+        assert!(DescriptorBudget::plan(100, 64, None).is_err());
     }
 }
 
@@ -120,6 +197,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) upstreams: UpstreamPool,
+    pub(crate) head_timeout: Duration,
     /// Set when the gateway drains: connections finish the request in hand, then close.
     pub(crate) draining: AtomicBool,
     /// Wakes idle connections when draining starts.
@@ -227,7 +305,8 @@ impl Gateway {
             limiter,
             metrics: Metrics::default(),
             clock,
-            upstreams: UpstreamPool::default(),
+            upstreams: UpstreamPool::new(options.max_idle_upstream),
+            head_timeout: options.head_timeout,
             draining: AtomicBool::new(false),
             stop: Arc::default(),
             store,
@@ -259,6 +338,11 @@ impl Gateway {
 
         // Each connection holds a receiver until it ends: the sender sees when all have.
         let (open_tx, open_rx) = watch::channel(());
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.options
+                .max_connections
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -272,8 +356,20 @@ impl Gateway {
                             continue;
                         }
                     };
+                    // Over the limit: closed at once, so that the descriptors it would take stay
+                    // available to the connections being served and their upstreams.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        self.shared.metrics.connection_refused();
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, open_rx.clone()));
+                    let shared = self.shared.clone();
+                    let open = open_rx.clone();
+                    tokio::spawn(async move {
+                        conn::serve(shared, stream, peer, open).await;
+                        drop(slot);
+                    });
                 }
                 () = &mut shutdown => break,
             }

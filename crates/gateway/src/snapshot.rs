@@ -1069,11 +1069,14 @@ mod tests {
                 headers: vec![],
             },
             cors: None,
+            allow_get_body: false,
         };
         GatewayConfig {
             account_throttle: account,
             rate_limit_headers: true,
             access_log: false,
+            max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
+            kept_fields: Default::default(),
             apis: vec![Api {
                 id: "warranty".into(),
                 stages: ["prod", "dev"]
@@ -1090,6 +1093,7 @@ mod tests {
                     route("/registrations/{id}", "GET", true),
                     route("/health", "GET", false),
                 ],
+                allow_encoded_slashes: false,
             }],
         }
     }

@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
+use tollgate_admin::http::ListenerLimits;
 use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::limiter::RedisLimiter;
-use tollgate_gateway::{Gateway, GatewayHandle, GatewayOptions};
+use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions};
 use tollgate_store::{RedisStore, Store, apply_declared};
 
 use crate::config::{Config, StoreKind};
@@ -76,8 +77,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let descriptors = raise_descriptor_limit();
+    let admin_connections = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    let budget = DescriptorBudget::plan(descriptors, admin_connections, config.max_connections)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        descriptors,
+        max_connections = budget.max_connections,
+        max_idle_upstream = budget.max_idle_upstream,
+        admin_max_connections = admin_connections,
+        "connection limits"
+    );
     let options = GatewayOptions {
         flush_interval: config.store.flush_interval,
+        head_timeout: config.header_timeout,
+        max_connections: budget.max_connections,
+        max_idle_upstream: budget.max_idle_upstream,
         ..GatewayOptions::default()
     };
     // Cluster mode: the record version the first snapshot is built from, so the resync loop reloads only
@@ -110,7 +125,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 sealer: config.sealer.clone(),
             };
             let admin = Admin::new(store.clone(), plans, gateway.handle(), settings);
-            Some((Arc::new(admin), admin_config.listen))
+            let limits = ListenerLimits {
+                max_connections: admin_config.max_connections,
+                head_timeout: config.header_timeout,
+            };
+            Some((Arc::new(admin), admin_config.listen, limits))
         }
         None => None,
     };
@@ -126,7 +145,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     if let StoreKind::Redis(settings, _) = &config.store.kind {
         let watcher = RedisStore::new(settings.clone())?;
-        let admin = admin.as_ref().map(|(a, _)| a.clone());
+        let admin = admin.as_ref().map(|(a, _, _)| a.clone());
         let changed = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(subscribe(
             settings.urls[0].clone(),
@@ -148,7 +167,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let admin_task = match admin {
-        Some((admin, admin_addr)) => {
+        Some((admin, admin_addr, limits)) => {
             let admin_listener = tokio::net::TcpListener::bind(admin_addr)
                 .await
                 .with_context(|| format!("binding the admin API to {admin_addr}"))?;
@@ -158,6 +177,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some(tokio::spawn(tollgate_admin::http::serve(
                 admin,
                 admin_listener,
+                limits,
                 stopped(stop_rx.clone()),
             )))
         }
@@ -259,6 +279,18 @@ async fn resync(
         match &admin {
             Some(admin) => admin.refresh(records).await,
             None => gateway.reload(&records, &std::collections::HashMap::new()),
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (a gateway holds two descriptors per
+/// proxied connection) and returns the limit now in force.
+fn raise_descriptor_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
         }
     }
 }

@@ -21,6 +21,12 @@ use tollgate_store::{DeclaredKey, DeclaredPlan};
 pub struct Config {
     /// Where the data plane listens.
     pub listen: SocketAddr,
+    /// The most client connections the data plane holds at once (`None`: as many as the descriptor
+    /// limit allows).
+    pub max_connections: Option<usize>,
+    /// How long a client of either listener may take to send a request head (and, on the data
+    /// plane, the next bytes of a body).
+    pub header_timeout: Duration,
     /// The embedded store.
     pub store: StoreConfig,
     /// Routing and limits.
@@ -42,7 +48,12 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The credentials requests must be signed with; `None` only on a loopback address.
     pub credentials: Option<Credentials>,
+    /// The most connections the admin API holds at once.
+    pub max_connections: usize,
 }
+
+/// The admin API's default connection limit: operators and scripts, not traffic.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Environment variables holding the admin credentials (they override the config file).
 pub const ADMIN_ACCESS_KEY_ENV: &str = "TOLLGATE_ADMIN_ACCESS_KEY_ID";

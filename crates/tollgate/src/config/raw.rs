@@ -66,6 +66,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub access_log: bool,
     #[serde(default)]
+    pub max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub header_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_request_body_size: Option<Spanned<RawSize>>,
+    #[serde(default)]
+    pub keep_client_headers: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default)]
     pub usage_plans: Vec<Spanned<RawPlan>>,
@@ -81,6 +89,17 @@ pub struct RawAdmin {
     pub access_key_id: Option<EnvString>,
     #[serde(default)]
     pub secret_access_key: Option<EnvString>,
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// A size in bytes: a number, or a number with a unit (`KB`, `MB`, `GB`, powers of 1024 as nginx
+/// and AWS count them).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +153,8 @@ impl From<RawThrottle> for tollgate_core::ThrottleSettings {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawApi {
     pub id: String,
+    #[serde(default)]
+    pub allow_encoded_slashes: bool,
     pub stages: Vec<Spanned<RawStage>>,
     pub routes: Vec<Spanned<RawRoute>>,
 }
@@ -165,6 +186,8 @@ pub struct RawRoute {
     pub mock: Option<RawMock>,
     #[serde(default)]
     pub cors: Option<RawCors>,
+    #[serde(default)]
+    pub allow_get_body: bool,
 }
 
 /// `cors: true`, or the settings, as Serverless writes them.

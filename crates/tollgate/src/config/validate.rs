@@ -12,21 +12,22 @@ use tollgate_core::quota::Period;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{
-    Api, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route, RouteMethod, Stage,
-    add_preflight_routes, check_api_stage, check_throttle,
+    Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route,
+    RouteMethod, Stage, add_preflight_routes, check_api_stage, check_throttle,
 };
+use tollgate_gateway::http1::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::limiter::OnStoreFailure;
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{
-    RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawStore, RawThrottle,
-    RawUrls,
+    RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawSize, RawStore,
+    RawThrottle, RawUrls,
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
-    KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
+    DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
 };
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
@@ -53,6 +54,34 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}"))
+}
+
+/// Bytes in a size: `1048576`, `512KB`, `10MB`, `1GB` (powers of 1024).
+pub(crate) fn parse_size(raw: &RawSize) -> Result<u64, String> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(*n),
+        RawSize::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. 1048576, 512KB, 10MB"))?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?}: use KB, MB or GB"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 struct Ctx<'a> {
@@ -278,20 +307,66 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
     };
 
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(n) if n.value == 0 => {
+            return cx.err(&n.referenced, "maxConnections", "must be at least 1");
+        }
+        Some(n) => Some(n.value as usize),
+    };
+    let header_timeout = match &raw.header_timeout {
+        None => tollgate_gateway::DEFAULT_HEAD_TIMEOUT,
+        Some(t) => positive_duration(&cx, &t.value, &t.referenced, "headerTimeout")?,
+    };
+    let max_request_body = match &raw.max_request_body_size {
+        None => DEFAULT_MAX_REQUEST_BODY,
+        Some(size) => match parse_size(&size.value) {
+            Ok(n) => n,
+            Err(e) => return cx.err(&size.referenced, "maxRequestBodySize", e),
+        },
+    };
+    let mut kept_fields = KeptFields::default();
+    if let Some(names) = &raw.keep_client_headers {
+        for name in &names.value {
+            if !kept_fields.keep(name) {
+                return cx.err(
+                    &names.referenced,
+                    "keepClientHeaders",
+                    format!(
+                        "{name:?} is not a field tollgate drops; the list is {}",
+                        STEERING_FIELDS.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
     Ok(Config {
         admin,
         sealer,
         listen,
+        max_connections,
+        header_timeout,
         store,
         gateway: GatewayConfig {
             account_throttle,
             rate_limit_headers: raw.rate_limit_headers,
             access_log: raw.access_log,
+            max_request_body,
+            kept_fields,
             apis,
         },
         plans,
         keys,
     })
+}
+
+/// Whether `path` is one the data plane's normalisation leaves as it is.
+fn is_canonical_path(path: &str) -> bool {
+    matches!(
+        tollgate_gateway::path::normalize(path.as_bytes(), &mut Vec::new()),
+        Ok(None)
+    )
 }
 
 fn positive_duration(
@@ -409,9 +484,15 @@ fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminCo
             format!("the admin API may listen on {} only with credentials ({ADMIN_ACCESS_KEY_ENV} and {ADMIN_SECRET_KEY_ENV})", listen.ip()),
         );
     }
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_ADMIN_MAX_CONNECTIONS,
+        Some(0) => return cx.err(at, "admin.maxConnections", "must be at least 1"),
+        Some(n) => n as usize,
+    };
     Ok(AdminConfig {
         listen,
         credentials,
+        max_connections,
     })
 }
 
@@ -471,6 +552,13 @@ fn validate_api(
                 "must start with / (use / for no prefix)",
             );
         }
+        if !is_canonical_path(&base_path) {
+            return cx.err(
+                at,
+                format!("{sf}.basePath"),
+                "must be a normalised path: no dot segments, percent-escapes or characters to escape",
+            );
+        }
         let throttle = s
             .throttle
             .as_ref()
@@ -493,6 +581,7 @@ fn validate_api(
         id: api.id.clone(),
         stages,
         routes,
+        allow_encoded_slashes: api.allow_encoded_slashes,
     };
     add_preflight_routes(&mut api);
     if let Err(e) = Router::new(std::slice::from_ref(&api)) {
@@ -563,6 +652,14 @@ fn validate_route(
                     "must not have a query string",
                 );
             }
+            // Requests are forwarded under this path as they were normalised: it must be normal too.
+            if !is_canonical_path(uri.path()) {
+                return cx.err(
+                    at,
+                    format!("{field}.upstream"),
+                    "its path must be normalised: no dot segments, empty segments or percent-escapes",
+                );
+            }
             let timeout = match &r.timeout {
                 None => DEFAULT_UPSTREAM_TIMEOUT,
                 Some(t) => match parse_duration(t) {
@@ -631,6 +728,7 @@ fn validate_route(
         method,
         api_key_required: r.api_key_required,
         integration,
+        allow_get_body: r.allow_get_body,
     })
 }
 
