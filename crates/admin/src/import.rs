@@ -1,52 +1,144 @@
-//! ImportApiKeys: AWS's CSV key file. Header names are case-insensitive and may come in any order;
+//! ImportApiKeys: AWS's CSV key file, read as RFC 4180 by the `csv` crate (a quoted field may hold
+//! commas, quotes and line breaks). Header names are case-insensitive and may come in any order;
 //! `Name` and `Key` are required, `Description`, `Enabled` (default true) and `UsagePlanIds` (a
-//! comma-separated list, quoted with `"` or `'`) optional; unknown columns are ignored. Re-importing a
-//! value overwrites the key that has it.
+//! comma-separated list, in double quotes when it has more than one id) optional; unknown columns are
+//! ignored. Re-importing a value overwrites the key that has it; the same value twice in one file is a
+//! warning on the second row.
+//!
+//! The file is parsed and its values hashed before the admin write lock is taken; under the lock,
+//! every lookup is by hash or id and all rows are written in one store batch, so an import is linear
+//! in its rows and holds other writes only for the batch.
+
+use std::collections::BTreeMap;
 
 use tollgate_core::KeyHash;
 use tollgate_core::model::validate_key_value;
+use tollgate_store::Records;
 
 use crate::error::AdminError;
 use crate::service::Admin;
 use crate::wire::ImportOut;
 
-/// Splits one CSV line into trimmed fields; `"…"` and `'…'` quote commas (`""` is a literal quote).
-fn fields(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut field = String::new();
-    let mut quote: Option<char> = None;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) if c == q => {
-                if chars.peek() == Some(&q) {
-                    field.push(q);
-                    chars.next();
-                } else {
-                    quote = None;
-                }
-            }
-            Some(_) => field.push(c),
-            None if (c == '"' || c == '\'') && field.trim().is_empty() => {
-                field.clear();
-                quote = Some(c);
-            }
-            None if c == ',' => out.push(std::mem::take(&mut field).trim().to_string()),
-            None => field.push(c),
-        }
-    }
-    out.push(field.trim().to_string());
-    out
-}
-
 /// One data row, checked.
 struct Row {
-    line: usize,
+    line: u64,
     name: String,
     value: String,
+    hash: KeyHash,
     description: Option<String>,
     enabled: bool,
     plans: Vec<String>,
+}
+
+/// The file's rows that can be imported, and warnings about the others.
+fn parse(body: &[u8]) -> Result<(Vec<Row>, Vec<String>), AdminError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| AdminError::BadRequest("The CSV file is not UTF-8".into()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let header = reader
+        .headers()
+        .map_err(|e| AdminError::BadRequest(format!("Invalid CSV header: {e}")))?
+        .clone();
+    if header.iter().all(str::is_empty) {
+        return Err(AdminError::BadRequest("The CSV file is empty".into()));
+    }
+    let col = |name: &str| header.iter().position(|c| c.eq_ignore_ascii_case(name));
+    let (Some(name_col), Some(key_col)) = (col("name"), col("key")) else {
+        return Err(AdminError::BadRequest(
+            "Invalid CSV header: the Name and Key columns are required".into(),
+        ));
+    };
+    let (desc_col, enabled_col, plans_col) =
+        (col("description"), col("enabled"), col("usageplanids"));
+
+    let mut warnings = Vec::new();
+    let mut rows = Vec::new();
+    let mut first_line_of: BTreeMap<KeyHash, u64> = BTreeMap::new();
+    // Line numbers from byte offsets, counted as the reader moves on: the reader's own count, and
+    // its record positions, include the blank lines it skipped before a record.
+    let (mut counted_to, mut line) = (0usize, 1u64);
+    let mut line_at = |position: Option<&csv::Position>| {
+        let mut at = position
+            .map_or(counted_to, |p| p.byte() as usize)
+            .min(text.len());
+        while matches!(text.as_bytes().get(at), Some(b'\r' | b'\n')) {
+            at += 1;
+        }
+        if at > counted_to {
+            line += text.as_bytes()[counted_to..at]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u64;
+            counted_to = at;
+        }
+        line
+    };
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                warnings.push(format!("Line {}: {e}", line_at(e.position())));
+                continue;
+            }
+        };
+        let line = line_at(record.position());
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() > header.len() {
+            warnings.push(format!(
+                "Line {line}: more fields than the header has (a list of usage plan ids goes in double quotes)"
+            ));
+            continue;
+        }
+        let get = |c: Option<usize>| c.and_then(|c| record.get(c)).unwrap_or("");
+        let value = get(Some(key_col)).to_string();
+        if let Err(msg) = validate_key_value(&value) {
+            warnings.push(format!("Line {line}: {msg}"));
+            continue;
+        }
+        let enabled = match get(enabled_col).to_ascii_lowercase().as_str() {
+            "" | "true" => true,
+            "false" => false,
+            other => {
+                warnings.push(format!(
+                    "Line {line}: invalid Enabled value {other:?} (use true or false)"
+                ));
+                continue;
+            }
+        };
+        let hash = KeyHash::of(&value);
+        if let Some(first) = first_line_of.get(&hash) {
+            warnings.push(format!(
+                "Line {line}: the same key value as line {first}; this row is skipped"
+            ));
+            continue;
+        }
+        first_line_of.insert(hash, line);
+        // A single id in single quotes, as some files have it.
+        let plans = get(plans_col)
+            .trim_matches('\'')
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        rows.push(Row {
+            line,
+            name: get(Some(name_col)).to_string(),
+            value,
+            hash,
+            description: Some(get(desc_col).to_string()).filter(|d| !d.is_empty()),
+            enabled,
+            plans,
+        });
+    }
+    Ok((rows, warnings))
 }
 
 impl Admin {
@@ -56,85 +148,31 @@ impl Admin {
         body: &[u8],
         fail_on_warnings: bool,
     ) -> Result<ImportOut, AdminError> {
-        let text = std::str::from_utf8(body)
-            .map_err(|_| AdminError::BadRequest("The CSV file is not UTF-8".into()))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let (_, header) = lines
-            .next()
-            .ok_or_else(|| AdminError::BadRequest("The CSV file is empty".into()))?;
-        let columns: Vec<String> = fields(header)
-            .iter()
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        let col = |name: &str| columns.iter().position(|c| c == name);
-        let (Some(name_col), Some(key_col)) = (col("name"), col("key")) else {
-            return Err(AdminError::BadRequest(
-                "Invalid CSV header: the Name and Key columns are required".into(),
-            ));
-        };
-        let (desc_col, enabled_col, plans_col) =
-            (col("description"), col("enabled"), col("usageplanids"));
-
-        let mut warnings = Vec::new();
-        let mut rows = Vec::new();
-        for (index, line) in lines {
-            let line_no = index + 1;
-            let f = fields(line);
-            let get = |c: Option<usize>| c.and_then(|c| f.get(c)).map(String::as_str).unwrap_or("");
-            let value = get(Some(key_col)).to_string();
-            if let Err(msg) = validate_key_value(&value) {
-                warnings.push(format!("Line {line_no}: {msg}"));
-                continue;
-            }
-            let enabled = match get(enabled_col).to_ascii_lowercase().as_str() {
-                "" | "true" => true,
-                "false" => false,
-                other => {
-                    warnings.push(format!(
-                        "Line {line_no}: invalid Enabled value {other:?} (use true or false)"
-                    ));
-                    continue;
-                }
-            };
-            let plans = get(plans_col)
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_string)
-                .collect();
-            let description = Some(get(desc_col).to_string()).filter(|d| !d.is_empty());
-            rows.push(Row {
-                line: line_no,
-                name: get(Some(name_col)).to_string(),
-                value,
-                description,
-                enabled,
-                plans,
-            });
-        }
-
+        let (rows, mut warnings) = parse(body)?;
         self.write(move |admin, catalog| {
-            // Plan references and stage clashes are checked before any write.
-            let mut accepted = Vec::new();
+            // Plan references are checked before any write.
+            let mut accepted = Vec::with_capacity(rows.len());
             for row in rows {
                 match row.plans.iter().find(|p| catalog.plan(p).is_none()) {
-                    Some(unknown) => warnings.push(format!("Line {}: Invalid Usage Plan ID specified: {unknown}", row.line)),
+                    Some(unknown) => warnings.push(format!(
+                        "Line {}: Invalid Usage Plan ID specified: {unknown}",
+                        row.line
+                    )),
                     None => accepted.push(row),
                 }
             }
             if fail_on_warnings && !warnings.is_empty() {
-                return Err(AdminError::BadRequest(format!("Import failed with warnings: {}", warnings.join("; "))));
+                return Err(AdminError::BadRequest(format!(
+                    "Import failed with warnings: {}",
+                    warnings.join("; ")
+                )));
             }
+            let mut records = Records::default();
             let mut ids = Vec::with_capacity(accepted.len());
-            let mut recount = Vec::new();
+            let mut recount: Vec<String> = Vec::new();
+            let now = admin.now_secs();
             for row in accepted {
-                let hash = KeyHash::of(&row.value);
-                let now = admin.now_secs();
-                let existing = match catalog.key_with_hash(&hash) {
+                let existing = match catalog.key_with_hash(&row.hash) {
                     Some(id) => admin.store.key(&id)?,
                     None => None,
                 };
@@ -147,30 +185,45 @@ impl Admin {
                         key
                     }
                     None => {
-                        let key = admin.new_key(row.name, &row.value, row.description, None, row.enabled, catalog)?;
+                        let key = admin.new_key(
+                            row.name,
+                            &row.value,
+                            row.description,
+                            None,
+                            row.enabled,
+                            catalog,
+                        )?;
                         catalog.added_key(&key);
                         key
                     }
                 };
-                admin.store.put_key(&key)?;
                 for plan_id in &row.plans {
                     if catalog.is_bound(plan_id, &key.id) {
                         continue;
                     }
-                    let stages = catalog.plan(plan_id).map(|p| p.api_stages.clone()).unwrap_or_default();
-                    if let Some((other, stage)) = Admin::stage_clash(catalog, plan_id, &key.id, &stages) {
+                    let stages = catalog
+                        .plan(plan_id)
+                        .map(|p| p.api_stages.clone())
+                        .unwrap_or_default();
+                    if let Some((other, stage)) =
+                        Admin::stage_clash(catalog, plan_id, &key.id, &stages)
+                    {
                         warnings.push(format!(
                             "Line {}: API Key {} is already in usage plan {other}, which covers the same API Stage {}:{}",
                             row.line, key.id, stage.api_id, stage.stage
                         ));
                         continue;
                     }
-                    admin.store.bind(plan_id, &key.id)?;
+                    records.bindings.push((plan_id.clone(), key.id.clone()));
                     catalog.added_binding(plan_id, &key.id);
-                    recount.push(plan_id.clone());
+                    if !recount.contains(plan_id) {
+                        recount.push(plan_id.clone());
+                    }
                 }
-                ids.push(key.id);
+                ids.push(key.id.clone());
+                records.keys.push(key);
             }
+            admin.store.put_records(&records)?;
             Ok((ImportOut { ids, warnings }, recount))
         })
         .await
@@ -179,22 +232,56 @@ impl Admin {
 
 #[cfg(test)]
 mod tests {
-    use super::fields;
+    use super::parse;
+
+    /// Line, name and plans of each accepted row.
+    type Accepted = Vec<(u64, String, Vec<String>)>;
+
+    fn lines(csv: &str) -> (Accepted, Vec<String>) {
+        let (rows, warnings) = parse(csv.as_bytes()).unwrap();
+        (
+            rows.into_iter()
+                .map(|r| (r.line, r.name, r.plans))
+                .collect(),
+            warnings,
+        )
+    }
 
     #[test]
-    fn csv_fields() {
-        assert_eq!(fields("Key,name"), vec!["Key", "name"]);
-        assert_eq!(
-            fields("key,name, description, enabled, usageplanIds"),
-            vec!["key", "name", "description", "enabled", "usageplanIds"]
+    fn rfc_4180_fields() {
+        let (rows, warnings) = lines(
+            "Key,name,description,enabled,usageplanIds\n\
+             value000000000000000001,\"multi\nline, \"\"quoted\"\" name\",d,TRUE,\"c7y23b,glvrsr\"\n\
+             \n\
+             value000000000000000002,b,,false,'n371pt'\n\
+             value000000000000000001,again,,,\n\
+             value000000000000000003,c,,,c7y23b,glvrsr\n",
         );
         assert_eq!(
-            fields(r#"true,MyFirstApiKey,apikey1234,"c7y23b,glvrsr""#),
-            vec!["true", "MyFirstApiKey", "apikey1234", "c7y23b,glvrsr"]
+            rows,
+            vec![
+                (
+                    2,
+                    "multi\nline, \"quoted\" name".to_string(),
+                    vec!["c7y23b".to_string(), "glvrsr".to_string()]
+                ),
+                (5, "b".to_string(), vec!["n371pt".to_string()]),
+            ]
         );
-        assert_eq!(fields("a,'n371pt,m282qs'"), vec!["a", "n371pt,m282qs"]);
-        assert_eq!(fields(r#"a,"say ""hi""",c"#), vec!["a", r#"say "hi""#, "c"]);
-        assert_eq!(fields("a,,c"), vec!["a", "", "c"]);
-        assert_eq!(fields("it's,x"), vec!["it's", "x"]);
+        assert_eq!(
+            warnings,
+            vec![
+                "Line 6: the same key value as line 2; this row is skipped",
+                "Line 7: more fields than the header has (a list of usage plan ids goes in double quotes)",
+            ]
+        );
+    }
+
+    #[test]
+    fn header_rules() {
+        assert!(parse(b"").is_err());
+        assert!(parse(b"name,description\nx,y\n").is_err());
+        let (rows, _) = lines("\u{feff}NAME,KEY\nn,value000000000000000001\n");
+        assert_eq!(rows.len(), 1);
     }
 }

@@ -5,7 +5,7 @@
 //! Nothing here holds all keys: usage plans (few) are kept in memory; keys are read from the store
 //! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -54,12 +54,13 @@ pub struct Admin {
 }
 
 /// What a write checks against: the plans, the keys and memberships the gateway serves, and the keys
-/// and memberships this write has added so far.
+/// and memberships this write has added so far (kept by hash and by key, so that a write adding many
+/// keys, an import, stays linear).
 pub(crate) struct Catalog<'a> {
     pub(crate) plans: &'a mut Vec<UsagePlan>,
     served: &'a Snapshot,
-    new_keys: Vec<(String, KeyHash)>,
-    new_bindings: Vec<(String, String)>,
+    new_keys: BTreeMap<KeyHash, String>,
+    new_bindings: HashMap<String, Vec<String>>,
 }
 
 impl Catalog<'_> {
@@ -68,7 +69,7 @@ impl Catalog<'_> {
     }
 
     pub(crate) fn has_key(&self, id: &str) -> bool {
-        self.served.has_key(id) || self.new_keys.iter().any(|(k, _)| k == id)
+        self.served.has_key(id) || self.new_keys.values().any(|k| k == id)
     }
 
     /// The id of the key with this value hash.
@@ -76,23 +77,15 @@ impl Catalog<'_> {
         self.served
             .key_with_hash(hash)
             .map(str::to_owned)
-            .or_else(|| {
-                self.new_keys
-                    .iter()
-                    .find(|(_, h)| h == hash)
-                    .map(|(k, _)| k.clone())
-            })
+            .or_else(|| self.new_keys.get(hash).cloned())
     }
 
     /// The plans key `key_id` is in.
     pub(crate) fn plans_of(&self, key_id: &str) -> Vec<&str> {
         let mut plans = self.served.plans_of(key_id);
-        plans.extend(
-            self.new_bindings
-                .iter()
-                .filter(|(_, k)| k == key_id)
-                .map(|(p, _)| p.as_str()),
-        );
+        if let Some(added) = self.new_bindings.get(key_id) {
+            plans.extend(added.iter().map(String::as_str));
+        }
         plans
     }
 
@@ -101,11 +94,14 @@ impl Catalog<'_> {
     }
 
     pub(crate) fn added_key(&mut self, key: &ApiKey) {
-        self.new_keys.push((key.id.clone(), key.value_hash));
+        self.new_keys.insert(key.value_hash, key.id.clone());
     }
 
     pub(crate) fn added_binding(&mut self, plan_id: &str, key_id: &str) {
-        self.new_bindings.push((plan_id.into(), key_id.into()));
+        self.new_bindings
+            .entry(key_id.into())
+            .or_default()
+            .push(plan_id.into());
     }
 }
 
@@ -365,8 +361,8 @@ impl Admin {
         let mut catalog = Catalog {
             plans: &mut plans,
             served: &served,
-            new_keys: Vec::new(),
-            new_bindings: Vec::new(),
+            new_keys: BTreeMap::new(),
+            new_bindings: HashMap::new(),
         };
         // Store calls block; this runs on the multi-threaded runtime, so say so instead of
         // stalling a worker's other tasks.

@@ -402,6 +402,10 @@ async fn flush_loop(
 ) -> Result<(), GatewayError> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Failed flushes in a row: the first is logged, then one in every `REMIND_EVERY`, and the
+    // recovery once, so an outage reads as two lines, not one a second.
+    const REMIND_EVERY: u64 = 60;
+    let mut failures = 0u64;
     loop {
         let stopping = tokio::select! {
             _ = ticker.tick() => false,
@@ -411,8 +415,22 @@ async fn flush_loop(
         if stopping {
             return result;
         }
-        if let Err(err) = result {
-            tracing::error!(error = %err, "metering flush failed; will retry");
+        match result {
+            Ok(()) if failures > 0 => {
+                tracing::info!(
+                    failed_flushes = failures,
+                    "metering flush succeeded again; the usage counted meanwhile is stored"
+                );
+                failures = 0;
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if failures % REMIND_EVERY == 0 {
+                    tracing::error!(error = %err, failed_flushes = failures + 1,
+                        "metering flush failed; usage is kept in memory and retried");
+                }
+                failures += 1;
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ pub use redis::{RedisSettings, RedisStore};
 pub use sqlite::SqliteStore;
 pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};
 
+use std::collections::{HashMap, HashSet};
+
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, UsagePlan};
 
@@ -30,6 +32,9 @@ pub struct Records {
     /// (plan id, key id): AWS's UsagePlanKeys.
     pub bindings: Vec<(String, String)>,
 }
+
+/// A key found by name, and the ids of the plans it is in.
+pub type NamedKey = (ApiKey, Vec<String>);
 
 /// Requests to add to one key's usage under one plan on one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,23 +120,41 @@ pub trait Store: Send + Sync {
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError>;
     /// One key, by id.
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
-    /// The key named `name` (the oldest, if several have the name) and the ids of its plans. Backends
-    /// with an index on names override this scan of every record.
-    fn key_named(&self, name: &str) -> Result<Option<(ApiKey, Vec<String>)>, StoreError> {
+    /// For each of `names`, in order, the key with that name (the oldest, if several have it) and the
+    /// ids of its plans. This default reads every record once; backends with an index on names look
+    /// each one up instead.
+    fn keys_named(&self, names: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
         let records = self.load()?;
-        Ok(records
+        let wanted: HashSet<&str> = names.iter().copied().collect();
+        let mut oldest: HashMap<&str, &ApiKey> = HashMap::new();
+        for key in records
             .keys
-            .into_iter()
-            .find(|k| k.name == name)
-            .map(|key| {
-                let plans = records
-                    .bindings
-                    .into_iter()
-                    .filter(|(_, k)| *k == key.id)
-                    .map(|(p, _)| p)
-                    .collect();
-                (key, plans)
-            }))
+            .iter()
+            .filter(|k| wanted.contains(k.name.as_str()))
+        {
+            oldest
+                .entry(&key.name)
+                .and_modify(|k| {
+                    if (key.created_date, &key.id) < (k.created_date, &k.id) {
+                        *k = key;
+                    }
+                })
+                .or_insert(key);
+        }
+        let mut plans: HashMap<&str, Vec<String>> = HashMap::new();
+        for (plan, key) in &records.bindings {
+            plans.entry(key.as_str()).or_default().push(plan.clone());
+        }
+        Ok(names
+            .iter()
+            .map(|name| {
+                oldest.get(name).map(|key| {
+                    let mut of_key = plans.get(key.id.as_str()).cloned().unwrap_or_default();
+                    of_key.sort();
+                    ((*key).clone(), of_key)
+                })
+            })
+            .collect())
     }
     /// Up to `limit` keys whose ids sort at or after `from`, in id order: one page of a listing.
     fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError>;

@@ -171,13 +171,17 @@ const PUT_KEY: &str = r"
 local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and holder ~= ARGV[1] then return 0 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+-- Unchanged: no version bump, so no instance reloads for nothing.
+if old == ARGV[3] then return 1 end
 if old then
   local oldhash = cjson.decode(old)['valueSha256']
   if oldhash ~= ARGV[2] then redis.call('HDEL', KEYS[2], oldhash) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
+local version = redis.call('INCR', KEYS[3])
+-- A batch announces itself once, at its end.
+if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
 ";
 
@@ -199,10 +203,12 @@ return 1
 /// Records per pipelined round trip in a bulk write.
 const PIPELINE_PAGE: usize = 1000;
 
-/// The `PUT_KEY` call that stores `key` (its value's hash, never the value).
+/// The `PUT_KEY` call that stores `key` (its value's hash, never the value); in a `batch`, it does
+/// not announce the change (the batch does, once).
 fn put_key_call<'s>(
     script: &'s Script,
     key: &ApiKey,
+    batch: bool,
 ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
     let stored = StoredKey {
         id: key.id.clone(),
@@ -223,15 +229,19 @@ fn put_key_call<'s>(
         .arg(&key.id)
         .arg(&stored.value_sha256)
         .arg(body);
+    if batch {
+        call.arg("batch");
+    }
     Ok(call)
 }
 
-/// The `BIND` call that adds (`member`) or removes a membership.
+/// The `BIND` call that adds (`member`) or removes a membership; in a `batch`, unannounced.
 fn binding_call<'s>(
     script: &'s Script,
     plan_id: &str,
     key_id: &str,
     member: bool,
+    batch: bool,
 ) -> redis::ScriptInvocation<'s> {
     let mut call = script.prepare_invoke();
     call.key(keys::BINDINGS)
@@ -242,6 +252,9 @@ fn binding_call<'s>(
         .arg(if member { "1" } else { "0" })
         .arg(plan_id)
         .arg(key_id);
+    if batch {
+        call.arg("batch");
+    }
     call
 }
 
@@ -249,14 +262,16 @@ fn binding_call<'s>(
 const SCAN_PAGE: u32 = 10_000;
 
 const HSET_AND_BUMP: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
 ";
 
-/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, in all three sets, and a version bump. A removed
-/// key's usage stays reachable through the plan's usage index.
+/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, in all three sets, and a version bump when that
+/// changed anything. A removed key's usage stays reachable through the plan's usage index.
 const BIND: &str = r"
 local member = ARGV[2] .. ' ' .. ARGV[3]
+if redis.call('SISMEMBER', KEYS[1], member) == tonumber(ARGV[1]) then return 0 end
 if ARGV[1] == '1' then
   redis.call('SADD', KEYS[1], member)
   redis.call('SADD', KEYS[4], ARGV[2])
@@ -267,7 +282,9 @@ else
   redis.call('SREM', KEYS[5], ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[3])
 end
-return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
+local version = redis.call('INCR', KEYS[2])
+if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
+return 1
 ";
 
 const DELETE_PLAN: &str = r"
@@ -437,7 +454,7 @@ impl RedisStore {
 
     fn set_binding(&self, plan_id: &str, key_id: &str, member: bool) -> Result<(), StoreError> {
         let script = Script::new(BIND);
-        self.with(|c| binding_call(&script, plan_id, key_id, member).invoke::<i64>(c))?;
+        self.with(|c| binding_call(&script, plan_id, key_id, member, false).invoke::<i64>(c))?;
         Ok(())
     }
 
@@ -571,7 +588,7 @@ impl Store for RedisStore {
 
     fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
         let script = Script::new(PUT_KEY);
-        let call = put_key_call(&script, key)?;
+        let call = put_key_call(&script, key, false)?;
         let done: i64 = self.with(|c| call.invoke(c))?;
         if done == 0 {
             return Err(StoreError::DuplicateKeyValue);
@@ -600,23 +617,38 @@ impl Store for RedisStore {
             }
             self.with(|c| pipe.query(c))
         };
-        for page in records.keys.chunks(PIPELINE_PAGE) {
-            let calls = page
-                .iter()
-                .map(|k| put_key_call(&put_key, k))
-                .collect::<Result<Vec<_>, _>>()?;
-            if pipeline(calls)?.contains(&0) {
-                return Err(StoreError::DuplicateKeyValue);
+        // Announced once when done (also after a failure part-way: what was written is served).
+        let announce = || {
+            self.with(|c| {
+                redis::cmd("PUBLISH")
+                    .arg(keys::CHANGES)
+                    .arg("batch")
+                    .query::<i64>(c)
+            })
+        };
+        let written = (|| {
+            for page in records.keys.chunks(PIPELINE_PAGE) {
+                let calls = page
+                    .iter()
+                    .map(|k| put_key_call(&put_key, k, true))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if pipeline(calls)?.contains(&0) {
+                    return Err(StoreError::DuplicateKeyValue);
+                }
             }
+            for page in records.bindings.chunks(PIPELINE_PAGE) {
+                let calls = page
+                    .iter()
+                    .map(|(plan, key)| binding_call(&bind, plan, key, true, true))
+                    .collect();
+                pipeline(calls)?;
+            }
+            Ok(())
+        })();
+        if !records.keys.is_empty() || !records.bindings.is_empty() {
+            announce()?;
         }
-        for page in records.bindings.chunks(PIPELINE_PAGE) {
-            let calls = page
-                .iter()
-                .map(|(plan, key)| binding_call(&bind, plan, key, true))
-                .collect();
-            pipeline(calls)?;
-        }
-        Ok(())
+        written
     }
 
     fn delete_key(&self, key_id: &str) -> Result<(), StoreError> {

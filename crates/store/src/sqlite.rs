@@ -7,7 +7,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{KeyIndex, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
+use crate::{
+    KeyIndex, NamedKey, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_plans (
@@ -79,11 +81,85 @@ impl SqliteStore {
         })
     }
 
+    /// The oldest key named `name`, and its plans.
+    fn key_named(&self, name: &str) -> Result<Option<NamedKey>, StoreError> {
+        let conn = self.conn();
+        let Some(key) = select_keys(&conn, "WHERE name = ?1 ORDER BY rowid LIMIT 1", [name])?.pop()
+        else {
+            return Ok(None);
+        };
+        let mut stmt = conn
+            .prepare("SELECT plan_id FROM usage_plan_keys WHERE key_id = ?1 ORDER BY plan_id")
+            .map_err(backend)?;
+        let plans = stmt
+            .query_map([&key.id], |r| r.get::<_, String>(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(Some((key, plans)))
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back), so
         // a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn put_plan(conn: &Connection, plan: &UsagePlan) -> Result<(), StoreError> {
+    let body = serde_json::to_string(plan).map_err(|e| StoreError::Backend(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO usage_plans (id, name, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET name = excluded.name, body = excluded.body",
+        params![plan.id, plan.name, body],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
+    let holder: Option<String> = conn
+        .query_row(
+            "SELECT id FROM api_keys WHERE value_sha256 = ?1",
+            [&key.value_hash.0[..]],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    if holder.is_some_and(|id| id != key.id) {
+        return Err(StoreError::DuplicateKeyValue);
+    }
+    conn.execute(
+        "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
+                               last_updated_date, value_sealed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
+             customer_id = excluded.customer_id, enabled = excluded.enabled,
+             value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
+             value_sealed = excluded.value_sealed",
+        params![
+            key.id,
+            key.name,
+            key.description,
+            key.customer_id,
+            key.enabled,
+            &key.value_hash.0[..],
+            key.created_date,
+            key.last_updated_date,
+            key.sealed_value
+        ],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn bind(conn: &Connection, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO usage_plan_keys (plan_id, key_id) VALUES (?1, ?2)",
+        [plan_id, key_id],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 fn to_day(v: i64) -> EpochDay {
@@ -171,21 +247,9 @@ impl Store for SqliteStore {
         Ok(select_keys(&self.conn(), "WHERE id = ?1", params![key_id])?.pop())
     }
 
-    fn key_named(&self, name: &str) -> Result<Option<(ApiKey, Vec<String>)>, StoreError> {
-        let conn = self.conn();
-        let Some(key) = select_keys(&conn, "WHERE name = ?1 ORDER BY rowid LIMIT 1", [name])?.pop()
-        else {
-            return Ok(None);
-        };
-        let mut stmt = conn
-            .prepare("SELECT plan_id FROM usage_plan_keys WHERE key_id = ?1 ORDER BY plan_id")
-            .map_err(backend)?;
-        let plans = stmt
-            .query_map([&key.id], |r| r.get::<_, String>(0))
-            .map_err(backend)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend)?;
-        Ok(Some((key, plans)))
+    fn keys_named(&self, names: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
+        // Names are indexed: one lookup each, whatever the number of other keys.
+        names.iter().map(|name| self.key_named(name)).collect()
     }
 
     fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {
@@ -198,52 +262,27 @@ impl Store for SqliteStore {
     }
 
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
-        let body = serde_json::to_string(plan).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.conn()
-            .execute(
-                "INSERT INTO usage_plans (id, name, body) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, body = excluded.body",
-                params![plan.id, plan.name, body],
-            )
-            .map_err(backend)?;
-        Ok(())
+        put_plan(&self.conn(), plan)
     }
 
     fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
-        let conn = self.conn();
-        let holder: Option<String> = conn
-            .query_row(
-                "SELECT id FROM api_keys WHERE value_sha256 = ?1",
-                [&key.value_hash.0[..]],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(backend)?;
-        if holder.is_some_and(|id| id != key.id) {
-            return Err(StoreError::DuplicateKeyValue);
+        put_key(&self.conn(), key)
+    }
+
+    fn put_records(&self, records: &Records) -> Result<(), StoreError> {
+        // One transaction: an import or a migration of many keys is one commit, not one per row.
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        for plan in &records.plans {
+            put_plan(&tx, plan)?;
         }
-        conn.execute(
-            "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
-                                   last_updated_date, value_sealed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
-                 customer_id = excluded.customer_id, enabled = excluded.enabled,
-                 value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
-                 value_sealed = excluded.value_sealed",
-            params![
-                key.id,
-                key.name,
-                key.description,
-                key.customer_id,
-                key.enabled,
-                &key.value_hash.0[..],
-                key.created_date,
-                key.last_updated_date,
-                key.sealed_value
-            ],
-        )
-        .map_err(backend)?;
-        Ok(())
+        for key in &records.keys {
+            put_key(&tx, key)?;
+        }
+        for (plan, key) in &records.bindings {
+            bind(&tx, plan, key)?;
+        }
+        tx.commit().map_err(backend)
     }
 
     fn delete_key(&self, key_id: &str) -> Result<(), StoreError> {
@@ -311,13 +350,7 @@ impl Store for SqliteStore {
     }
 
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT OR IGNORE INTO usage_plan_keys (plan_id, key_id) VALUES (?1, ?2)",
-                [plan_id, key_id],
-            )
-            .map_err(backend)?;
-        Ok(())
+        bind(&self.conn(), plan_id, key_id)
     }
 
     fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {

@@ -2,7 +2,7 @@
 
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
-use crate::{Store, StoreError, ids};
+use crate::{Records, Store, StoreError, ids};
 
 /// A usage plan as a config file declares it (no id: the store assigns or keeps one).
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,9 @@ pub type SealFn<'a> = &'a dyn Fn(&str, &str) -> Vec<u8>;
 /// Creates or updates the declared plans and keys (matched by name) and leaves every other record
 /// alone. A declared key ends up in exactly the declared plans it lists. With `seal`, new and changed
 /// values are also kept encrypted. Returns the values generated for new keys without a configured value.
+///
+/// Only what differs is written: an instance starting with the config the running ones were started
+/// with writes nothing, so a rolling restart of a fleet does not make the others reload.
 pub fn apply_declared(
     store: &dyn Store,
     plans: &[DeclaredPlan],
@@ -60,28 +63,33 @@ pub fn apply_declared(
     now_secs: i64,
     seal: Option<SealFn<'_>>,
 ) -> Result<Vec<GeneratedKey>, StoreError> {
-    // Keys are looked up one by one, by name: there may be millions of others.
     let stored_plans = store.plans()?;
+    // Written as one batch at the end (announced once to the other instances in cluster mode).
+    let mut changed = Records::default();
     let mut plan_ids = Vec::with_capacity(plans.len());
     for declared in plans {
-        let id = stored_plans
-            .iter()
-            .find(|p| p.name == declared.name)
-            .map_or_else(ids::new_plan_id, |p| p.id.clone());
-        store.put_plan(&UsagePlan {
-            id: id.clone(),
+        let stored = stored_plans.iter().find(|p| p.name == declared.name);
+        let plan = UsagePlan {
+            id: stored.map_or_else(ids::new_plan_id, |p| p.id.clone()),
             name: declared.name.clone(),
             description: declared.description.clone(),
             api_stages: declared.api_stages.clone(),
             throttle: declared.throttle,
             quota: declared.quota,
-        })?;
-        plan_ids.push((declared.name.as_str(), id));
+        };
+        plan_ids.push((declared.name.as_str(), plan.id.clone()));
+        if stored != Some(&plan) {
+            changed.plans.push(plan);
+        }
     }
 
+    // Looked up by name in one call: there may be millions of other keys.
+    let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    let found = store.keys_named(&names)?;
     let mut generated = Vec::new();
-    for declared in keys {
-        let (existing, bound) = store.key_named(&declared.name)?.unzip();
+    for (declared, found) in keys.iter().zip(found) {
+        let (existing, bound) = found.unzip();
+        let bound = bound.unwrap_or_default();
         let existing = existing.as_ref();
         let id = existing.map_or_else(ids::new_key_id, |k| k.id.clone());
         let (value_hash, new_value) = match (&declared.value, existing) {
@@ -122,7 +130,7 @@ pub fn apply_declared(
         };
         if existing != Some(&key) {
             key.last_updated_date = now_secs;
-            store.put_key(&key)?;
+            changed.keys.push(key);
         }
 
         let wanted: Vec<&str> = declared
@@ -135,14 +143,17 @@ pub fn apply_declared(
                     .map(|(_, id)| id.as_str())
             })
             .collect();
-        for plan_id in bound.iter().flatten() {
+        for plan_id in &bound {
             if !wanted.contains(&plan_id.as_str()) {
                 store.unbind(plan_id, &id)?;
             }
         }
         for plan_id in wanted {
-            store.bind(plan_id, &id)?;
+            if !bound.iter().any(|b| b == plan_id) {
+                changed.bindings.push((plan_id.to_owned(), id.clone()));
+            }
         }
     }
+    store.put_records(&changed)?;
     Ok(generated)
 }

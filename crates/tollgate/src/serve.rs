@@ -19,6 +19,8 @@ use crate::config::{Config, StoreKind};
 /// How often a cluster instance checks Redis's record version even without a change message: the
 /// periodic resync that catches a message missed while the subscription was down.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How long announcements of record changes must pause before a cluster instance reloads.
+const CHANGES_SETTLE: Duration = Duration::from_millis(50);
 
 /// Runs the gateway described by `config` until SIGTERM or SIGINT.
 pub fn serve(config: Config) -> anyhow::Result<()> {
@@ -251,6 +253,19 @@ async fn resync(
             () = tokio::time::sleep(RESYNC_INTERVAL) => false,
             _ = stop.changed() => return,
         };
+        if announced {
+            // A burst of changes (an import, an instance applying its config) is read once: wait
+            // until the announcements pause, or at most a resync interval.
+            let until = tokio::time::Instant::now() + RESYNC_INTERVAL;
+            loop {
+                tokio::select! {
+                    () = changed.notified() => {}
+                    () = tokio::time::sleep(CHANGES_SETTLE) => break,
+                    () = tokio::time::sleep_until(until) => break,
+                    _ = stop.changed() => return,
+                }
+            }
+        }
         let s = store.clone();
         let checked = tokio::task::spawn_blocking(move || {
             let version = s.version()?;
