@@ -153,7 +153,7 @@ impl Conn<'_> {
     async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
         self.head_deadline
             .set(Instant::now() + self.shared.head_timeout);
-        let kept = self.shared.snapshot.load().config().kept_fields;
+        let kept = self.shared.kept_fields;
         loop {
             if !self.inbuf.is_empty() {
                 let parsed = http1::parse_request(
@@ -205,14 +205,21 @@ impl Conn<'_> {
         let buf = self.inbuf.bytes();
 
         // The path is normalised before anything looks at it, and the normalised path is what is
-        // routed and forwarded.
-        let normalized = match path::normalize(&buf[head.path.clone()], &mut self.path_buf) {
+        // routed and forwarded. A `..` may not climb out of the stage the request addressed.
+        let raw_path = &buf[head.path.clone()];
+        let normalized = match path::normalize(raw_path, &mut self.path_buf) {
+            Ok(Some(facts)) if facts.min_depth < snap.base_depth(raw_path) => {
+                Err(PathError::AboveBase)
+            }
+            other => other,
+        };
+        let normalized = match normalized {
             Ok(n) => n,
             Err(e) => return self.refuse(&head, e.into(), keep_alive).await,
         };
         let path = match normalized {
             Some(_) => &self.path_buf[..],
-            None => &buf[head.path.clone()],
+            None => raw_path,
         };
         // ASCII either way: a canonical path holds only RFC 3986 path characters.
         let path = std::str::from_utf8(path).unwrap_or("");
@@ -466,7 +473,7 @@ impl Conn<'_> {
                 up = connecting => up.map_err(|_| Failure::Upstream)?,
                 () = timer.expired() => return Err(Failure::Timeout),
             };
-            up.carried_body = head.body != BodyLength::Empty;
+            up.carried_body |= head.body != BodyLength::Empty;
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !has_body;
             let wrote = tokio::select! {
@@ -557,12 +564,16 @@ impl Conn<'_> {
                             .await
                             .map_err(|()| true)
                     });
-                    loop {
-                        tokio::select! {
-                            biased;
-                            r = &mut relaying => break r,
-                            // Its failure ends the exchange anyway: it closes both connections.
-                            _ = &mut upload, if !uploaded => uploaded = true,
+                    if uploaded {
+                        relaying.await
+                    } else {
+                        loop {
+                            tokio::select! {
+                                biased;
+                                r = &mut relaying => break r,
+                                // Its failure ends the exchange anyway: both connections close.
+                                _ = &mut upload, if !uploaded => uploaded = true,
+                            }
                         }
                     }
                 }

@@ -1249,6 +1249,129 @@ mod tests {
         );
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use super::{dechunk, req};
+
+        /// Request heads built from pieces attackers use: odd methods, targets, repeated and
+        /// malformed framing fields, bare CR and LF, obsolete folding, NULs.
+        fn head() -> impl Strategy<Value = Vec<u8>> {
+            let line = prop_oneof![
+                Just(b"Host: gw".to_vec()),
+                Just(b"Content-Length: 5".to_vec()),
+                Just(b"Content-Length: 99999999999999999999".to_vec()),
+                Just(b"Transfer-Encoding: chunked".to_vec()),
+                Just(b"Transfer-Encoding: gzip, chunked".to_vec()),
+                Just(b"Transfer-Encoding: chunked, identity".to_vec()),
+                Just(b"Connection: close, x-api-key, host".to_vec()),
+                Just(b"x-api-key: k".to_vec()),
+                Just(b" folded".to_vec()),
+                Just(b"X-Forwarded-For: 1.2.3.4".to_vec()),
+                Just(b"Expect: 100-continue".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..24),
+            ];
+            let target = prop_oneof![
+                Just(b"/prod/a".to_vec()),
+                Just(b"*".to_vec()),
+                Just(b"http://x/".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..32),
+            ];
+            let method = prop_oneof![
+                Just(b"GET".to_vec()),
+                Just(b"POST".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..8),
+            ];
+            let end = prop_oneof![
+                Just(b"\r\n".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r".to_vec())
+            ];
+            (
+                method,
+                target,
+                proptest::collection::vec((line, end.clone()), 0..12),
+                end,
+            )
+                .prop_map(|(m, t, lines, end)| {
+                    let mut out = m;
+                    out.push(b' ');
+                    out.extend(t);
+                    out.extend_from_slice(b" HTTP/1.1\r\n");
+                    for (l, e) in lines {
+                        out.extend(l);
+                        out.extend(e);
+                    }
+                    out.extend(end);
+                    out
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn request_heads_never_panic(raw in head()) {
+                if let (Ok(Some(h)), _) = req(&raw) {
+                    // A head that parses is framed one way only.
+                    prop_assert!(h.len <= raw.len());
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let _ = req(&raw);
+                let mut out = Vec::new();
+                let _ = parse_response(&raw, &Method::GET, &HeaderMap::new(), &mut out);
+                let _ = ChunkedDecoder::default().decode(&raw, Some(&mut out));
+            }
+
+            /// A chunked body, however it is cut into reads, decodes to its data, and the
+            /// re-encoding decodes to the same data.
+            #[test]
+            fn chunked_decoding_keeps_exactly_the_data(
+                chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..8),
+                ext in proptest::option::of("[a-z=\"; ]{0,12}"),
+                trailers in proptest::collection::vec("[A-Za-z-]{1,8}: [ -~]{0,10}", 0..3),
+                cuts in proptest::collection::vec(0usize..400, 0..6),
+            ) {
+                let mut body = Vec::new();
+                let mut data = Vec::new();
+                for c in &chunks {
+                    body.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                    if let Some(e) = &ext {
+                        body.push(b';');
+                        body.extend_from_slice(e.as_bytes());
+                    }
+                    body.extend_from_slice(b"\r\n");
+                    body.extend_from_slice(c);
+                    body.extend_from_slice(b"\r\n");
+                    data.extend_from_slice(c);
+                }
+                body.extend_from_slice(b"0\r\n");
+                for t in &trailers {
+                    body.extend_from_slice(t.as_bytes());
+                    body.extend_from_slice(b"\r\n");
+                }
+                body.extend_from_slice(b"\r\n");
+                let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
+                cuts.sort_unstable();
+                let mut decoder = ChunkedDecoder::default();
+                let mut out = Vec::new();
+                let mut at = 0;
+                for cut in cuts.into_iter().chain([body.len()]) {
+                    if cut < at { continue; }
+                    let n = decoder.decode(&body[at..cut], Some(&mut out)).unwrap();
+                    prop_assert_eq!(n, cut - at);
+                    at = cut;
+                }
+                prop_assert!(decoder.done());
+                prop_assert_eq!(dechunk(&out), data);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn buffers_are_held_only_while_bytes_are() {
         let mut buf = InBuf::default();

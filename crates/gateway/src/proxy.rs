@@ -5,8 +5,7 @@
 //! A connection is reused only while nothing is unaccounted for on it: before each reuse it must
 //! have nothing to read (a byte the upstream sent unasked is the answer to a request the gateway did
 //! not send, such as one hidden in a body the upstream did not read), and it goes to another client
-//! only if its last request had no body, since whether an upstream read a body as a body cannot be
-//! known.
+//! only if it never carried a body, since whether an upstream read a body as a body cannot be known.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,7 +30,9 @@ pub struct UpstreamConn {
     pub buf: InBuf,
     /// Whether it has carried a request before (and so may have been closed by the upstream meanwhile).
     pub reused: bool,
-    /// Whether its last request had a body.
+    /// Whether it has carried a request body. Whether an upstream read a body as a body cannot be
+    /// known (a sloppy one may read it as requests of its own, and answer them later), so such a
+    /// connection serves only the client connection it was opened for, and closes with it.
     pub carried_body: bool,
 }
 

@@ -210,6 +210,18 @@ impl Router {
         Ok(Self { bases, trees })
     }
 
+    /// How many segments the longest base path `path` starts with has (0 when none does): the stage a
+    /// request addresses before its dot segments are resolved.
+    pub fn base_depth(&self, path: &[u8]) -> usize {
+        self.bases
+            .iter()
+            .find(|(base, _, _)| {
+                path.strip_prefix(base.as_bytes())
+                    .is_some_and(|rest| rest.is_empty() || rest[0] == b'/')
+            })
+            .map_or(0, |(base, _, _)| crate::path::depth(base))
+    }
+
     /// Finds the route for `method` and `path` (the request path, without query).
     pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
         for (base, api, stage) in &self.bases {
@@ -344,6 +356,9 @@ mod tests {
             hit(&r, "GET", "/prod/v2/x").map(|h| (h.0, h.1)),
             Some((1, 0))
         );
+        assert_eq!(r.base_depth(b"/prod/v2/../x"), 2);
+        assert_eq!(r.base_depth(b"/prod/../x"), 1);
+        assert_eq!(r.base_depth(b"/production"), 0);
     }
 
     #[test]

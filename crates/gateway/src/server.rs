@@ -16,6 +16,7 @@ use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
 use crate::conn;
+use crate::http1::KeptFields;
 use crate::limiter::{OnStoreFailure, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
@@ -198,6 +199,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) upstreams: UpstreamPool,
     pub(crate) head_timeout: Duration,
+    /// The config's `keepClientHeaders` (the config does not change while serving).
+    pub(crate) kept_fields: KeptFields,
     /// Set when the gateway drains: connections finish the request in hand, then close.
     pub(crate) draining: AtomicBool,
     /// Wakes idle connections when draining starts.
@@ -299,6 +302,7 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records.plans, today)?;
+        let kept_fields = config.kept_fields;
         let snapshot = Snapshot::build(config, records, &used, today)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -307,6 +311,7 @@ impl Gateway {
             clock,
             upstreams: UpstreamPool::new(options.max_idle_upstream),
             head_timeout: options.head_timeout,
+            kept_fields,
             draining: AtomicBool::new(false),
             stop: Arc::default(),
             store,

@@ -868,6 +868,11 @@ impl Snapshot {
         self.routing.router.route(method, path)
     }
 
+    /// How many segments the base path of the stage `path` addresses has (0 when none).
+    pub fn base_depth(&self, path: &[u8]) -> usize {
+        self.routing.router.base_depth(path)
+    }
+
     /// Runs the whole admission pipeline for a routed request presenting `api_key` at `now`, on this
     /// instance's state: the key, the throttles (the key's plan or per-method bucket, the stage's, the
     /// account's: a request must pass all, and a refusal anywhere hands back the tokens the others

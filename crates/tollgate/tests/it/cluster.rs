@@ -381,3 +381,91 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         .unwrap();
     assert!(!again.status.success());
 }
+
+/// How many times an instance logged reloading records another instance changed.
+fn reloads(gw: &Gateway) -> usize {
+    gw.stderr()
+        .matches("records changed in Redis; reloaded")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_restart_writes_nothing_and_a_burst_is_one_reload() {
+    let redis = RedisServer::start();
+    let up = util::upstream().await;
+    let mut config = yaml(
+        &format!("http://{}", up.addr),
+        &redis_store(&format!("\"{}\"", redis.url()), false, ""),
+    );
+    // 1,001 declared keys (with the file's own two).
+    for i in 0..999 {
+        config.push_str(&format!(
+            "  - {{ name: fleet{i}, value: fleetKeyValue{i:020}, usagePlans: [shared] }}\n"
+        ));
+    }
+    let version = || -> u64 {
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("GET")
+            .arg(tollgate_store::redis::keys::VERSION)
+            .query::<Option<u64>>(&mut c)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &dirs {
+        util::write_config(dir.path(), &config);
+    }
+    let first = Gateway::start(dirs[0].path(), &util::admin_env());
+    let before = version();
+    // A second instance with the same config, as in a rolling restart.
+    let second = Gateway::start(dirs[1].path(), &util::admin_env());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(version(), before, "an unchanged config wrote records");
+    assert_eq!(reloads(&first), 0, "{}", first.stderr());
+    assert_eq!(
+        client()
+            .get(
+                &second.url("/prod/echo/x"),
+                Some("fleetKeyValue00000000000000000998")
+            )
+            .await
+            .status,
+        200
+    );
+
+    // A burst of record changes on one instance: the other reloads once for the announced batch (and
+    // at most once more, should its periodic check land in the middle of the batch).
+    let mut csv = String::from("name,key,usageplanids\n");
+    let plan = AdminClient::new(second.admin.unwrap())
+        .plan_id("shared")
+        .await;
+    for i in 0..2000 {
+        csv.push_str(&format!("burst{i},burstKeyValue{i:020},{plan}\n"));
+    }
+    let out = AdminClient::new(second.admin.unwrap())
+        .ok("POST", "/apikeys?mode=import&format=csv", &csv)
+        .await;
+    assert_eq!(out["ids"].as_array().unwrap().len(), 2000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client()
+        .get(
+            &first.url("/prod/echo/x"),
+            Some("burstKeyValue00000000000000001999"),
+        )
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the import never reached the first instance"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = reloads(&first);
+    assert!((1..=2).contains(&n), "{n} reloads for one import");
+}

@@ -14,8 +14,17 @@ mod cluster;
 mod config;
 /// The request pipeline end to end: every status AWS defines, headers, streaming, the mock integration.
 mod data_plane;
+/// Request smuggling against a sloppy upstream: hidden requests never reach it, answers never cross
+/// between clients.
+mod desync;
+/// Listener limits: connection caps, head timeouts, body limits, fields that steer backends; the
+/// admin plane cannot starve the data plane.
+mod limits;
 /// Malformed requests get 4xx and never take the process down.
 mod malformed;
+/// Path confusion: every normalisation trick against a real nginx that normalises; the upstream sees
+/// only paths admitted for the request's key.
+mod paths;
 /// Durable metering: graceful restarts lose nothing, a crash loses at most one flush interval.
 mod persistence;
 /// Serverless Framework files: the seed runs as is, CORS, `import serverless`.

@@ -80,3 +80,31 @@ async fn crash_loses_at_most_one_flush_interval() {
         "remaining after crash {after}: lost more than the last interval"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_outage_loses_nothing_and_its_end_is_logged_once() {
+    let (dir, _up) = setup().await;
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(calls(&gw, 5).await, 995);
+    // Another process holds the database for longer than a write waits (5 s): flushes fail.
+    let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    assert_eq!(calls(&gw, 5).await, 990);
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+    assert_eq!(calls(&gw, 5).await, 985);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stderr_path = gw.stderr_path.clone();
+    assert!(gw.terminate().success());
+    let logs = std::fs::read_to_string(stderr_path).unwrap();
+    assert_eq!(logs.matches("metering flush failed").count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches("metering flush succeeded again").count(),
+        1,
+        "{logs}"
+    );
+    // Every request of the outage was counted on disk.
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(calls(&gw, 1).await, 984);
+}

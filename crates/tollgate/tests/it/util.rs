@@ -439,3 +439,205 @@ impl AdminClient {
             .to_string()
     }
 }
+
+/// Sends `bytes` on a new connection and reads until the peer closes (or 10 s pass): the raw
+/// answer, for requests no HTTP client library would send.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may answer and close before reading everything; a failed write is fine then.
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The status code of the first response in a raw answer.
+pub fn status_of(raw: &str) -> Option<u16> {
+    raw.strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+}
+
+/// A real nginx, from Debian's package, on a free port of 127.0.0.1; stopped when dropped.
+pub struct Nginx {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Nginx {
+    /// Runs nginx with `http` as its `http {}` block, where `{PORT}` is the port it listens on and
+    /// `{DIR}` its directory (logs go there).
+    pub fn start(http: &str) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = tollgate_store::testing::free_port();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n{}\n}}\n",
+            http.replace("{PORT}", &port.to_string())
+                .replace("{DIR}", &dir.path().display().to_string()),
+            d = dir.path().display(),
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx is required for these tests (Debian: apt-get install nginx)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { addr, dir, child }
+    }
+
+    /// A file nginx wrote in its directory.
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_binary() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+/// One request as a [`SloppyUpstream`] understood it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub method: String,
+    pub path: String,
+    pub api_key: Option<String>,
+}
+
+/// An upstream as careless as many small frameworks: it reads a request head and answers it, then
+/// reads the next head from whatever follows. It never reads a body on `GET` nor on paths under
+/// `/sloppy`, and it ends a chunked body at its last chunk without reading trailers. So a request
+/// hidden in a body it skips becomes a request it serves. Each answer names the path it served.
+pub struct SloppyUpstream {
+    pub addr: SocketAddr,
+    pub served: std::sync::Arc<std::sync::Mutex<Vec<Served>>>,
+}
+
+pub async fn sloppy_upstream() -> SloppyUpstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // Blank lines before a request line are skipped, as RFC 9112 allows.
+                    while buf.starts_with(b"\r\n") {
+                        buf.drain(..2);
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let mut lines = head.split("\r\n");
+                    let mut parts = lines.next().unwrap_or("").split(' ');
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let mut length = 0usize;
+                    let mut chunked = false;
+                    let mut api_key = None;
+                    for line in lines {
+                        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                        let value = value.trim();
+                        match name.to_ascii_lowercase().as_str() {
+                            "content-length" => length = value.parse().unwrap_or(0),
+                            "transfer-encoding" => chunked = value.contains("chunked"),
+                            "x-api-key" => api_key = Some(value.to_string()),
+                            _ => {}
+                        }
+                    }
+                    log.lock().unwrap().push(Served {
+                        method: method.clone(),
+                        path: path.clone(),
+                        api_key,
+                    });
+                    let skips_body = method == "GET" || path.starts_with("/sloppy");
+                    if !skips_body && chunked {
+                        // Up to and including the last chunk's size line; trailers are not read.
+                        loop {
+                            if let Some(at) = buf.windows(5).position(|w| w == b"\r\n0\r\n") {
+                                buf.drain(..at + 5);
+                                break;
+                            }
+                            if buf.starts_with(b"0\r\n") {
+                                buf.drain(..3);
+                                break;
+                            }
+                            match stream.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                    } else if !skips_body {
+                        while buf.len() < length {
+                            match stream.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        buf.drain(..length);
+                    }
+                    let body = format!("served {method} {path}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    SloppyUpstream { addr, served }
+}
+
+impl SloppyUpstream {
+    /// Everything it served so far.
+    pub fn served(&self) -> Vec<Served> {
+        self.served.lock().unwrap().clone()
+    }
+}

@@ -1,0 +1,378 @@
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::util::{self, ACCESS_KEY, Gateway, KEY, SECRET_KEY, client};
+
+const PLANS: &str = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
+                     apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
+
+async fn start(extra: &str) -> (tempfile::TempDir, Gateway, util::Upstream) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(
+        dir.path(),
+        &util::config(&format!("http://{}", up.addr), &format!("{extra}{PLANS}")),
+    );
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    (dir, gw, up)
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the peer closes `s` (reads EOF or a reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reads until the end of a response head; returns it.
+fn read_head(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let text = client()
+        .get(&format!("http://{admin}/metrics"), None)
+        .await
+        .body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_limit_are_refused_and_counted() {
+    let (_dir, gw, _up) = start("maxConnections: 4\nadmin: { listen: 127.0.0.1:0 }\n").await;
+    let held: Vec<TcpStream> = (0..4).map(|_| connect(gw.addr)).collect();
+    // Each held connection has been accepted once a request on it is answered.
+    for s in &held {
+        let mut s = s.try_clone().unwrap();
+        s.write_all(b"GET /prod/health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .unwrap();
+        assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    }
+    let mut over = connect(gw.addr);
+    let _ = over.write_all(b"GET /prod/health HTTP/1.1\r\nHost: gw\r\n\r\n");
+    assert!(
+        closed_within(&mut over, Duration::from_secs(5)),
+        "a fifth connection was served"
+    );
+    assert_eq!(
+        metric(gw.admin.unwrap(), "tollgate_connections_refused_total").await,
+        1
+    );
+    drop(held);
+    // Slots come back when connections end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = tokio::task::spawn_blocking({
+            let addr = gw.addr;
+            move || {
+                util::raw_exchange(
+                    addr,
+                    b"GET /prod/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+                )
+            }
+        })
+        .await
+        .unwrap();
+        if util::status_of(&r) == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_heads_are_cut_on_both_listeners() {
+    let (_dir, gw, _up) = start("headerTimeout: 1s\nadmin: { listen: 127.0.0.1:0 }\n").await;
+    for addr in [gw.addr, gw.admin.unwrap()] {
+        let mut s = connect(addr);
+        let started = Instant::now();
+        s.write_all(b"GET /prod/health HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+            .unwrap();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(8)),
+            "{addr}: a half-sent head was kept open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        // An idle keep-alive connection too.
+        let mut idle = connect(addr);
+        assert!(closed_within(&mut idle, Duration::from_secs(8)), "{addr}");
+    }
+}
+
+/// A request head for the admin API signed with the test access key and `secret` over `body`'s hash.
+fn signed_head(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    secret: &str,
+) -> Vec<(String, String)> {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", admin.to_string().parse().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    tollgate_admin::sigv4::sign(
+        &method.parse().unwrap(),
+        path,
+        query,
+        &mut headers,
+        body,
+        &tollgate_admin::sigv4::Credentials {
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: secret.into(),
+        },
+        "eu-west-1",
+        now,
+    );
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Sends a head declaring a `length`-byte body and none of it; returns the answer's head, which must
+/// come without the body having been sent.
+fn head_only(addr: SocketAddr, line: &str, headers: &[(String, String)], length: usize) -> String {
+    let mut s = connect(addr);
+    let mut head = format!("{line}\r\ncontent-length: {length}\r\n");
+    for (k, v) in headers {
+        if k != "content-length" {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    read_head(&mut s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_large_unsigned_bodies_before_reading_them() {
+    let (_dir, gw, _up) = start("admin: { listen: 127.0.0.1:0 }\n").await;
+    let admin = gw.admin.unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        let host = vec![("host".to_string(), admin.to_string())];
+        // No signature at all.
+        let unsigned = head_only(admin, "POST /apikeys HTTP/1.1", &host, 100 << 20);
+        // A signed payload hash, but a signature made without the secret: refused before the body
+        // is read.
+        let forged = signed_head(admin, "POST", "/apikeys", b"{}", "not-the-secret");
+        let forged = head_only(admin, "POST /apikeys HTTP/1.1", &forged, 5 << 20);
+        // Signed, but the payload hash left out (as the AWS CLI does): only small bodies are read
+        // before the signature can be checked.
+        let mut no_hash = signed_head(admin, "POST", "/apikeys", b"{}", SECRET_KEY);
+        no_hash.retain(|(k, _)| k != "x-amz-content-sha256");
+        let no_hash = head_only(admin, "POST /apikeys HTTP/1.1", &no_hash, 2 << 20);
+        // Over AWS's 10 MB, signed or not.
+        let body_hash = signed_head(admin, "POST", "/apikeys", b"{}", SECRET_KEY);
+        let over = head_only(admin, "POST /apikeys HTTP/1.1", &body_hash, 11 << 20);
+        (unsigned, forged, no_hash, over)
+    })
+    .await
+    .unwrap();
+    assert!(answers.0.starts_with("HTTP/1.1 403"), "{}", answers.0);
+    assert!(
+        answers
+            .0
+            .contains("x-amzn-errortype: MissingAuthenticationTokenException"),
+        "{}",
+        answers.0
+    );
+    assert!(answers.1.starts_with("HTTP/1.1 403"), "{}", answers.1);
+    assert!(
+        answers.1.contains("InvalidSignatureException"),
+        "{}",
+        answers.1
+    );
+    assert!(answers.2.starts_with("HTTP/1.1 413"), "{}", answers.2);
+    assert!(answers.3.starts_with("HTTP/1.1 413"), "{}", answers.3);
+
+    // A large body whose hash is signed is read and served: a 2 MB import.
+    let mut csv = String::from("name,key\n");
+    for i in 0..40_000 {
+        csv.push_str(&format!("bulk{i},bulkValue{i:020}\n"));
+    }
+    assert!(csv.len() > 1 << 20);
+    let r = util::AdminClient::new(admin)
+        .call("POST", "/apikeys?mode=import&format=csv", &csv)
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["ids"].as_array().unwrap().len(), 40_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_flood_on_the_admin_port_leaves_the_data_plane_answering() {
+    let (_dir, gw, _up) = start("admin: { listen: 127.0.0.1:0, maxConnections: 8 }\n").await;
+    let admin = gw.admin.unwrap();
+    let flood: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect(admin).ok())
+        .collect();
+    let opened = flood.len();
+    assert!(opened > 8);
+    let c = client();
+    for _ in 0..20 {
+        let r = c.get(&gw.url("/prod/echo/x"), Some(KEY)).await;
+        assert_eq!(r.status, 200);
+    }
+    // The admin API itself served at most its limit; the rest were closed at once.
+    let mut closed = 0;
+    for mut s in flood {
+        if closed_within(&mut s, Duration::from_millis(20)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= opened - 8,
+        "only {closed} of {opened} flood connections were closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_over_the_limit_get_413() {
+    let (_dir, gw, _up) = start("maxRequestBodySize: 1KB\n").await;
+    let addr = gw.addr;
+    let (declared, chunked) = tokio::task::spawn_blocking(move || {
+        let declared = head_only(
+            addr,
+            "POST /prod/echo/body HTTP/1.1",
+            &[
+                ("host".into(), "gw".into()),
+                ("x-api-key".into(), KEY.into()),
+            ],
+            2048,
+        );
+        let chunk = "a".repeat(600);
+        let chunked = util::raw_exchange(
+            addr,
+            format!(
+                "POST /prod/echo/body HTTP/1.1\r\nHost: gw\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        (declared, chunked)
+    })
+    .await
+    .unwrap();
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert_eq!(util::status_of(&chunked), Some(413), "{chunked}");
+    assert!(
+        chunked.ends_with(r#"{"message":"Request Too Long"}"#),
+        "{chunked}"
+    );
+    // Up to the limit is fine.
+    let r = client()
+        .send(
+            "POST",
+            &gw.url("/prod/echo/body"),
+            &[("x-api-key", KEY)],
+            vec![b'x'; 1024],
+        )
+        .await;
+    assert_eq!((r.status, r.body.len()), (200, 1024));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_is_not_a_timeout() {
+    // A route with a 1 s timeout, whose body takes 2 s to arrive.
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(&format!("http://{}", up.addr), PLANS).replace(
+        "      - { path: /public,",
+        &format!(
+            "      - {{ path: /upload/echo/body, method: POST, apiKeyRequired: true, upstream: \"http://{}\", timeout: 1s }}\n      - {{ path: /public,",
+            up.addr
+        ),
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let addr = gw.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = connect(addr);
+        s.write_all(
+            format!(
+                "POST /prod/upload/echo/body HTTP/1.1\r\nHost: gw\r\nx-api-key: {KEY}\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        for b in b"0123456789" {
+            std::thread::sleep(Duration::from_millis(200));
+            s.write_all(&[*b]).unwrap();
+        }
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        got
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("0123456789"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fields_that_steer_backends_are_dropped_unless_kept() {
+    let steering = [
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("Forwarded", "for=10.9.8.7"),
+        ("X-Real-IP", "10.9.8.7"),
+    ];
+    for (extra, kept) in [
+        ("", vec![]),
+        (
+            "keepClientHeaders: [X-Real-IP, Forwarded]\n",
+            vec!["x-real-ip", "forwarded"],
+        ),
+    ] {
+        let (_dir, gw, _up) = start(extra).await;
+        let mut headers: Vec<(&str, &str)> = steering.to_vec();
+        headers.push(("x-api-key", KEY));
+        let r = client()
+            .send("GET", &gw.url("/prod/echo/x"), &headers, "")
+            .await;
+        assert_eq!(r.status, 200);
+        let seen = r.json()["headers"].clone();
+        for (name, _) in steering {
+            let lower = name.to_ascii_lowercase();
+            assert_eq!(
+                seen.get(&lower).is_some(),
+                kept.contains(&lower.as_str()),
+                "{name} with {extra:?}: {seen}"
+            );
+        }
+        assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    }
+}
