@@ -103,31 +103,9 @@ fn uri_encode(input: &[u8], keep_slash: bool, out: &mut String) {
     }
 }
 
+/// The bytes `input` percent-decodes to (malformed escapes stay as they are).
 pub(crate) fn percent_decode(input: &str) -> Vec<u8> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode_str(input).collect()
 }
 
 /// The canonical query string: parameters decoded, re-encoded, sorted by name then value.
@@ -334,14 +312,8 @@ pub fn sign(
 /// A request as the verifier sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct SignedRequest<'a> {
-    /// The method.
-    pub method: &'a Method,
-    /// The path as received (still percent-encoded).
-    pub path: &'a str,
-    /// The raw query, without `?`.
-    pub query: &'a str,
-    /// All headers.
-    pub headers: &'a HeaderMap,
+    /// Everything but the body.
+    pub head: SignedHead<'a>,
     /// The whole body.
     pub body: &'a [u8],
 }
@@ -380,13 +352,7 @@ pub fn verify<'c>(
     known: &'c [Credentials],
     now_secs: i64,
 ) -> Result<&'c str, SignatureError> {
-    let head = SignedHead {
-        method: req.method,
-        path: req.path,
-        query: req.query,
-        headers: req.headers,
-    };
-    let authorized = check_head(&head, known, now_secs)?;
+    let authorized = check_head(&req.head, known, now_secs)?;
     let hash = payload_hash(req.body);
     if let Some(claimed) = authorized.claimed_payload_hash() {
         if claimed != hash {
@@ -636,10 +602,12 @@ mod tests {
         let now = 1_795_000_000;
         let (headers, c) = signed_request(b"{}", now);
         let req = SignedRequest {
-            method: &Method::POST,
-            path: "/apikeys",
-            query: "format=csv&mode=import",
-            headers: &headers,
+            head: SignedHead {
+                method: &Method::POST,
+                path: "/apikeys",
+                query: "format=csv&mode=import",
+                headers: &headers,
+            },
             body: b"{}",
         };
         assert_eq!(
@@ -657,7 +625,10 @@ mod tests {
             Err(SignatureError::Mismatch)
         );
         let bad = SignedRequest {
-            path: "/usageplans",
+            head: SignedHead {
+                path: "/usageplans",
+                ..req.head
+            },
             ..req
         };
         assert_eq!(
@@ -665,7 +636,10 @@ mod tests {
             Err(SignatureError::Mismatch)
         );
         let bad = SignedRequest {
-            query: "mode=import",
+            head: SignedHead {
+                query: "mode=import",
+                ..req.head
+            },
             ..req
         };
         assert_eq!(
@@ -704,10 +678,12 @@ mod tests {
         let req = |h: &HeaderMap| {
             verify(
                 &SignedRequest {
-                    method: &Method::GET,
-                    path: "/",
-                    query: "",
-                    headers: h,
+                    head: SignedHead {
+                        method: &Method::GET,
+                        path: "/",
+                        query: "",
+                        headers: h,
+                    },
                     body: b"",
                 },
                 &c,

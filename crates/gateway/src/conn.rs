@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{futures::OwnedNotified, watch};
+use tokio::sync::{OwnedSemaphorePermit, futures::OwnedNotified, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::{Integration, Route};
@@ -60,13 +60,14 @@ impl LazyDeadline {
     }
 }
 
-/// Serves one client connection until it closes, errs, idles out, or the gateway drains. `open` is
-/// held until then: the gateway counts open connections by it.
+/// Serves one client connection until it closes, errs, idles out, or the gateway drains. `held` is
+/// kept until then: the gateway counts open connections by its receiver, and limits them by its
+/// permit.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
-    open: watch::Receiver<()>,
+    held: (watch::Receiver<()>, OwnedSemaphorePermit),
 ) {
     // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
     let mut stop = Box::pin(shared.stop.clone().notified_owned());
@@ -88,7 +89,7 @@ pub(crate) async fn serve(
         stop,
     };
     conn.run().await;
-    drop(open);
+    drop(held);
     if let Some(up) = conn.upstream.take() {
         shared.upstreams.put(up);
     }
@@ -215,7 +216,12 @@ impl Conn<'_> {
         };
         let normalized = match normalized {
             Ok(n) => n,
-            Err(e) => return self.refuse(&head, e.into(), keep_alive).await,
+            Err(e) => {
+                let path = started.map(|_| String::from_utf8_lossy(raw_path).into_owned());
+                return self
+                    .refuse(&head, e.into(), keep_alive, started, path)
+                    .await;
+            }
         };
         let path = match normalized {
             Some(_) => &self.path_buf[..],
@@ -241,7 +247,7 @@ impl Conn<'_> {
                 _ => check_body(&head, route, config.max_request_body),
             };
             if let Err(e) = refused {
-                return self.refuse(&head, e, keep_alive).await;
+                return self.refuse(&head, e, keep_alive, started, log_path).await;
             }
         }
         let cors = route.and_then(|r| r.cors.as_deref());
@@ -340,24 +346,44 @@ impl Conn<'_> {
         if self.path_buf.capacity() > MAX_KEPT_PATH {
             self.path_buf = Vec::new();
         }
-        if let (Some(started), Some(path)) = (started, log_path) {
-            // The key's id only: values are secrets and never logged.
-            tracing::info!(target: "tollgate::access", method = %head.method, %path, status,
-                key_id = key_id.unwrap_or("-"), peer = %self.peer,
-                micros = started.elapsed().as_micros() as u64);
-        }
+        self.log_access(&head, started, log_path, status, key_id);
         keep_alive && status != 0
     }
 
     /// Answers a request refused before admission (a path or body that cannot be accepted);
     /// returns whether the connection stays open.
-    async fn refuse(&mut self, head: &RequestHead, why: HeadError, keep_alive: bool) -> bool {
+    async fn refuse(
+        &mut self,
+        head: &RequestHead,
+        why: HeadError,
+        keep_alive: bool,
+        started: Option<std::time::Instant>,
+        path: Option<String>,
+    ) -> bool {
         let keep_alive = self.skip_body(head) && keep_alive;
         let resp = response::bad_request(why);
-        self.reply(&resp, head.method == Method::HEAD, keep_alive)
-            .await
-            != 0
-            && keep_alive
+        let status = self
+            .reply(&resp, head.method == Method::HEAD, keep_alive)
+            .await;
+        self.log_access(head, started, path, status, None);
+        status != 0 && keep_alive
+    }
+
+    /// One access-log line, when the access log is on (`started` is set then).
+    fn log_access(
+        &self,
+        head: &RequestHead,
+        started: Option<std::time::Instant>,
+        path: Option<String>,
+        status: u16,
+        key_id: Option<&str>,
+    ) {
+        if let (Some(started), Some(path)) = (started, path) {
+            // The key's id only: values are secrets and never logged.
+            tracing::info!(target: "tollgate::access", method = %head.method, %path, status,
+                key_id = key_id.unwrap_or("-"), peer = %self.peer,
+                micros = started.elapsed().as_micros() as u64);
+        }
     }
 
     /// Consumes the request (head and body) when its body has fully arrived; false when it has not,
@@ -436,11 +462,11 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes the request head to the upstream (retrying once on a fresh connection when a reused
-    /// one turns out closed and no body has been streamed), streams the body while waiting for the
-    /// answer, and relays the answer. An upstream may answer before it has the whole body (an early
-    /// error, or a server streaming both ways): its answer is relayed while the body keeps flowing,
-    /// and then both connections close.
+    /// Writes the request to the upstream (retrying once on a fresh connection when a reused one
+    /// turns out closed and no body has been streamed) and relays the answer. A body still to come
+    /// streams while the answer is awaited; an upstream may answer before it has the whole body (an
+    /// early error, or a server streaming both ways): its answer is relayed while the body keeps
+    /// flowing, and then both connections close.
     ///
     /// The route's timeout bounds connecting, each write to the upstream, and the wait for the
     /// response head, which counts from the end of the body: a slow upload is not the upstream's
@@ -455,129 +481,132 @@ impl Conn<'_> {
         keep_alive: bool,
     ) -> Result<(u16, bool), Failure> {
         let shared = self.shared;
-        let pool = &shared.upstreams;
-        let head_timeout = shared.head_timeout;
-        let has_body = !body.done();
+        let streaming = !body.done();
         let mut fresh = false;
         let (clean, done) = loop {
             timer.set(Instant::now() + to.timeout);
-            let connecting = async {
-                if fresh {
-                    pool.reconnect(&mut self.upstream, to.url).await
-                } else {
-                    pool.connect(&mut self.upstream, to.url).await
+            if fresh || !shared.upstreams.reuse(&mut self.upstream, to.url) {
+                tokio::select! {
+                    biased;
+                    opened = shared.upstreams.open(&mut self.upstream, to.url) => {
+                        opened.map_err(|_| Failure::Upstream)?;
+                    }
+                    () = timer.expired() => return Err(Failure::Timeout),
                 }
-            };
-            let up = tokio::select! {
-                biased;
-                up = connecting => up.map_err(|_| Failure::Upstream)?,
-                () = timer.expired() => return Err(Failure::Timeout),
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                return Err(Failure::Upstream);
             };
             up.carried_body |= head.body != BodyLength::Empty;
             // A streamed body cannot be sent twice.
-            let retryable = up.reused && !has_body;
-            let wrote = tokio::select! {
-                biased;
-                wrote = up.io.write_all(&self.to_upstream) => wrote.is_ok(),
-                () = timer.expired() => return Err(Failure::Timeout),
-            };
-            if !wrote {
-                if retryable {
-                    fresh = true;
-                    continue;
+            let retryable = up.reused && !streaming;
+            let answered = if streaming {
+                let (mut client_read, mut client_write) = self.client.split();
+                if head.expect_continue {
+                    client_write
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .map_err(|_| Failure::Client)?;
                 }
-                return Err(Failure::Upstream);
-            }
-            let (mut client_read, mut client_write) = self.client.split();
-            if has_body && head.expect_continue {
-                client_write
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    .await
-                    .map_err(|_| Failure::Client)?;
-            }
-            let (mut up_read, mut up_write) = up.io.split();
-            let mut uploaded = !has_body;
-            let mut upload = std::pin::pin!(upload(
-                &mut client_read,
-                &mut self.inbuf,
-                &mut up_write,
-                body,
-                head_timeout,
-                to.timeout,
-            ));
-            if uploaded {
-                timer.set(Instant::now() + to.timeout);
-            }
-
-            // Until the response head: the upload, then the route's timeout.
-            let answered = {
-                let mut waiting = std::pin::pin!(read_response_head(
+                let (mut up_read, mut up_write) = up.io.split();
+                let written = tokio::select! {
+                    biased;
+                    w = up_write.write_all(&self.to_upstream) => w.is_ok(),
+                    () = timer.expired() => return Err(Failure::Timeout),
+                };
+                if !written {
+                    return Err(Failure::Upstream);
+                }
+                let mut uploaded = false;
+                let mut upload = std::pin::pin!(upload(
+                    &mut client_read,
+                    &mut self.inbuf,
+                    &mut up_write,
+                    body,
+                    shared.head_timeout,
+                    to.timeout,
+                ));
+                // Until the response head: the upload, then the route's timeout.
+                let answered = {
+                    let mut waiting = std::pin::pin!(read_response_head(
+                        &mut up_read,
+                        &mut up.buf,
+                        &head.method,
+                        extra,
+                        &mut self.to_client,
+                    ));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut upload, if !uploaded => {
+                                r?;
+                                uploaded = true;
+                                timer.set(Instant::now() + to.timeout);
+                            }
+                            h = &mut waiting => break h,
+                            () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                        }
+                    }
+                };
+                let Ok(resp_head) = answered else {
+                    return Err(Failure::Upstream);
+                };
+                // The answer, while whatever is left of the body keeps flowing.
+                let early = !uploaded;
+                let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
+                let mut responding = std::pin::pin!(respond(
+                    &mut client_write,
+                    &mut self.to_client,
                     &mut up_read,
                     &mut up.buf,
-                    &head.method,
+                    &resp_head,
                     extra,
-                    &mut self.to_client,
+                    keep_alive,
                 ));
-                loop {
+                let relayed = loop {
                     tokio::select! {
                         biased;
-                        r = &mut upload, if !uploaded => {
-                            r?;
-                            uploaded = true;
-                            timer.set(Instant::now() + to.timeout);
-                        }
-                        h = &mut waiting => break h,
-                        () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                        r = &mut responding => break r,
+                        // Its failure ends the exchange anyway: both connections close.
+                        _ = &mut upload, if !uploaded => uploaded = true,
                     }
+                };
+                Ok((resp_head, early, keep_alive, relayed))
+            } else {
+                // The whole request is in hand: out it goes, then the answer, within the timeout.
+                let exchanged = tokio::select! {
+                    biased;
+                    h = async {
+                        up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
+                        read_response_head(&mut up.io, &mut up.buf, &head.method, extra, &mut self.to_client).await
+                    } => h,
+                    () = timer.expired() => return Err(Failure::Timeout),
+                };
+                match exchanged {
+                    Ok(resp_head) => {
+                        let keep_alive = keep_alive && shared.keeps_alive(&resp_head);
+                        let relayed = respond(
+                            &mut self.client,
+                            &mut self.to_client,
+                            &mut up.io,
+                            &mut up.buf,
+                            &resp_head,
+                            extra,
+                            keep_alive,
+                        )
+                        .await;
+                        Ok((resp_head, false, keep_alive, relayed))
+                    }
+                    Err(Stale) => Err(()),
                 }
             };
-            let resp_head = match answered {
-                Ok(h) => h,
-                Err(Stale) if retryable => {
+            let (resp_head, early, keep_alive, relayed) = match answered {
+                Ok(done) => done,
+                Err(()) if retryable => {
                     fresh = true;
                     continue;
                 }
-                Err(Stale) => return Err(Failure::Upstream),
-            };
-            let early = !uploaded;
-
-            // The response, while whatever is left of the body keeps flowing.
-            let keep_alive = keep_alive
-                && !early
-                && resp_head.body != BodyLength::UntilClose
-                && !shared.draining.load(Ordering::Relaxed);
-            let to_client = &mut self.to_client;
-            if !keep_alive {
-                to_client.extend_from_slice(b"connection: close\r\n");
-            }
-            http1::write_header_map(to_client, extra);
-            to_client.extend_from_slice(b"\r\n");
-            up.buf.consume(resp_head.len);
-            let mut resp_body = BodyProgress::new(resp_head.body);
-            let relayed = match resp_body.take(up.buf.bytes(), Some(to_client)) {
-                Ok(n) => {
-                    up.buf.consume(n);
-                    // Err(true): the head reached the client, the body did not.
-                    let mut relaying = std::pin::pin!(async {
-                        client_write.write_all(to_client).await.map_err(|_| false)?;
-                        relay(&mut up_read, &mut up.buf, &mut client_write, &mut resp_body)
-                            .await
-                            .map_err(|()| true)
-                    });
-                    if uploaded {
-                        relaying.await
-                    } else {
-                        loop {
-                            tokio::select! {
-                                biased;
-                                r = &mut relaying => break r,
-                                // Its failure ends the exchange anyway: both connections close.
-                                _ = &mut upload, if !uploaded => uploaded = true,
-                            }
-                        }
-                    }
-                }
-                Err(_) => Err(false),
+                Err(()) => return Err(Failure::Upstream),
             };
             // Reused only after a clean exchange: the whole request sent before the answer came,
             // the answer completely framed, and not one byte after it.
@@ -657,6 +686,35 @@ async fn read_response_head<R: AsyncRead + Unpin>(
             _ => return Err(Stale),
         }
     }
+}
+
+/// Finishes the response head rewritten in `to_client` (`Connection: close` unless `keep_alive`,
+/// the gateway's `extra` fields) and sends it with the body to the client. `Err(true)`: the head
+/// reached the client, the body did not; `Err(false)`: nothing did.
+async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client: &mut W,
+    to_client: &mut Vec<u8>,
+    up: &mut R,
+    up_buf: &mut InBuf,
+    resp: &ResponseHead,
+    extra: &HeaderMap,
+    keep_alive: bool,
+) -> Result<(), bool> {
+    if !keep_alive {
+        to_client.extend_from_slice(b"connection: close\r\n");
+    }
+    http1::write_header_map(to_client, extra);
+    to_client.extend_from_slice(b"\r\n");
+    up_buf.consume(resp.len);
+    let mut body = BodyProgress::new(resp.body);
+    let n = body
+        .take(up_buf.bytes(), Some(to_client))
+        .map_err(|_| false)?;
+    up_buf.consume(n);
+    client.write_all(to_client).await.map_err(|_| false)?;
+    relay(up, up_buf, client, &mut body)
+        .await
+        .map_err(|()| true)
 }
 
 /// `METHOD <base path><rest>[?query] HTTP/1.1`, then `Host` (the upstream's own).

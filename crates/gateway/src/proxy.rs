@@ -90,44 +90,36 @@ impl UpstreamPool {
         }
     }
 
-    /// The connection to `url`'s authority in `slot`: the one already there if it goes to the same
-    /// place, else an idle one from the pool, else a new one (the one it replaces goes to the pool).
-    pub async fn connect<'c>(
-        &self,
-        slot: &'c mut Option<UpstreamConn>,
-        url: &Uri,
-    ) -> std::io::Result<&'c mut UpstreamConn> {
+    /// Leaves in `slot` a connection to `url`'s authority that can carry a request at once, if there
+    /// is one: the one already there if it goes to the same place and is quiet, else a quiet idle one
+    /// from the pool (a connection to another place goes to the pool). Returns whether it did; a
+    /// connection that sent bytes unasked, or closed, is dropped.
+    pub fn reuse(&self, slot: &mut Option<UpstreamConn>, url: &Uri) -> bool {
         let authority = authority(url);
-        let conn = match slot.take() {
-            Some(conn) if conn.authority == authority && is_quiet(&conn.io) => conn,
-            // Bytes the upstream sent unasked, or its close: never reused.
-            Some(conn) if conn.authority == authority => match self.take(authority) {
-                Some(io) => UpstreamConn::new(authority, io, true),
-                None => UpstreamConn::new(authority, open(url).await?, false),
-            },
-            other => {
-                if let Some(old) = other {
-                    self.put(old);
-                }
-                match self.take(authority) {
-                    Some(io) => UpstreamConn::new(authority, io, true),
-                    None => UpstreamConn::new(authority, open(url).await?, false),
-                }
+        match slot.take() {
+            Some(conn) if conn.authority == authority && is_quiet(&conn.io) => {
+                *slot = Some(conn);
+                return true;
             }
-        };
-        Ok(slot.insert(conn))
+            Some(conn) if conn.authority == authority => {}
+            Some(other) => self.put(other),
+            None => {}
+        }
+        match self.take(authority) {
+            Some(io) => {
+                *slot = Some(UpstreamConn::new(authority, io, true));
+                true
+            }
+            None => false,
+        }
     }
 
-    /// Replaces the connection in `slot` with a new one to `url` (after the old one turned out to be
-    /// closed).
-    pub async fn reconnect<'c>(
-        &self,
-        slot: &'c mut Option<UpstreamConn>,
-        url: &Uri,
-    ) -> std::io::Result<&'c mut UpstreamConn> {
+    /// Opens a new connection to `url` into `slot`, in place of whatever was there.
+    pub async fn open(&self, slot: &mut Option<UpstreamConn>, url: &Uri) -> std::io::Result<()> {
         *slot = None;
         let io = open(url).await?;
-        Ok(slot.insert(UpstreamConn::new(authority(url), io, false)))
+        *slot = Some(UpstreamConn::new(authority(url), io, false));
+        Ok(())
     }
 }
 

@@ -37,8 +37,12 @@ pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
     resp
 }
 
-fn aws_error(status: StatusCode, error_type: &'static str, body: &'static str) -> Response<Bytes> {
-    let mut resp = full(status, Bytes::from_static(body.as_bytes()));
+fn aws_error(
+    status: StatusCode,
+    error_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Bytes> {
+    let mut resp = full(status, body);
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
     h.insert(
@@ -127,14 +131,7 @@ pub fn bad_request(err: HeadError) -> Response<Bytes> {
         other => (other.status(), "BadRequestException"),
     };
     let body = serde_json::json!({ "message": err.message() }).to_string();
-    let mut resp = full(status, body);
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
-    h.insert(
-        X_AMZN_ERROR_TYPE.clone(),
-        HeaderValue::from_static(error_type),
-    );
-    resp
+    aws_error(status, error_type, body)
 }
 
 /// The response when the upstream failed, with AWS's messages for integration errors.

@@ -211,6 +211,15 @@ pub(crate) struct Shared {
     unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,
 }
 
+impl Shared {
+    /// Whether a client connection may carry another request after relaying a response with
+    /// `head`: not if the response ends when the upstream closes, nor once the gateway drains (a
+    /// drain that began while the upstream worked still gets its `Connection: close`).
+    pub(crate) fn keeps_alive(&self, head: &crate::http1::ResponseHead) -> bool {
+        head.body != crate::http1::BodyLength::UntilClose && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
 /// A gateway ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -369,12 +378,8 @@ impl Gateway {
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let shared = self.shared.clone();
-                    let open = open_rx.clone();
-                    tokio::spawn(async move {
-                        conn::serve(shared, stream, peer, open).await;
-                        drop(slot);
-                    });
+                    let held = (open_rx.clone(), slot);
+                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, held));
                 }
                 () = &mut shutdown => break,
             }
