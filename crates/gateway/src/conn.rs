@@ -578,7 +578,9 @@ impl Conn<'_> {
                     biased;
                     h = async {
                         up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
-                        read_response_head(&mut up.io, &mut up.buf, &head.method, extra, &mut self.to_client).await
+                        let to_client = &mut self.to_client;
+                        read_response_head(&mut up.io, &mut up.buf, &head.method, extra, to_client)
+                            .await
                     } => h,
                     () = timer.expired() => return Err(Failure::Timeout),
                 };
