@@ -49,7 +49,7 @@ pub struct Admin {
     pub(crate) store: Arc<dyn Store>,
     gateway: GatewayHandle,
     /// The usage plans; the lock also serialises writes.
-    plans: tokio::sync::Mutex<Vec<UsagePlan>>,
+    pub(crate) plans: tokio::sync::Mutex<Vec<UsagePlan>>,
     pub(crate) settings: AdminSettings,
 }
 
@@ -357,18 +357,39 @@ impl Admin {
         f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError>,
     ) -> Result<T, AdminError> {
         let mut plans = self.plans.lock().await;
+        let written = self.apply(&mut plans, f);
+        let recount = written.as_ref().map_or(&[][..], |(_, r)| &r[..]);
+        self.serve_store(&mut plans, recount).await?;
+        written.map(|(out, _)| out)
+    }
+
+    /// Runs `f` against what is served now and the store, under the write lock `plans` is from,
+    /// without serving what it wrote (see [`Self::serve_store`]).
+    pub(crate) fn apply<T>(
+        &self,
+        plans: &mut Vec<UsagePlan>,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<T, AdminError>,
+    ) -> Result<T, AdminError> {
         let served = self.gateway.snapshot();
         let mut catalog = Catalog {
-            plans: &mut plans,
+            plans,
             served: &served,
             new_keys: BTreeMap::new(),
             new_bindings: HashMap::new(),
         };
         // Store calls block; this runs on the multi-threaded runtime, so say so instead of
         // stalling a worker's other tasks.
-        let written = tokio::task::block_in_place(|| f(self, &mut catalog));
-        drop(served);
-        let recount = written.as_ref().map_or(&[][..], |(_, r)| &r[..]);
+        tokio::task::block_in_place(|| f(self, &mut catalog))
+    }
+
+    /// Serves the store's records from the next request on, under the write lock `plans` is from;
+    /// the live quota counts of the `recount` plans are rebuilt from the store.
+    pub(crate) async fn serve_store(
+        &self,
+        plans: &mut Vec<UsagePlan>,
+        recount: &[String],
+    ) -> Result<(), AdminError> {
+        let started = std::time::Instant::now();
         if !recount.is_empty() {
             // Quota counts are rebuilt from the store: everything counted so far must be in it.
             self.gateway.flush().await?;
@@ -385,7 +406,12 @@ impl Admin {
         })?;
         self.gateway.reload(&index, &used);
         plans.clone_from(&index.plans);
-        written.map(|(out, _)| out)
+        tracing::debug!(
+            keys = index.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "admin write served"
+        );
+        Ok(())
     }
 
     fn key_out(&self, key: &ApiKey, include_value: bool) -> ApiKeyOut {
