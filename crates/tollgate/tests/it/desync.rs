@@ -5,24 +5,17 @@ use std::time::Duration;
 use crate::util::{self, Gateway, KEY, SloppyUpstream};
 
 fn config(upstream: &str) -> String {
-    format!(
-        r#"listen: 127.0.0.1:0
-store: {{ sqlite: ./tollgate.db }}
-apis:
-  - id: warranty
-    stages: [ {{ name: prod }} ]
-    routes:
-      - {{ path: /health, method: GET, upstream: "http://{upstream}" }}
+    util::config_with_routes(
+        &format!(
+            r#"      - {{ path: /health, method: GET, upstream: "http://{upstream}" }}
       - {{ path: "/search", method: GET, allowGetBody: true, upstream: "http://{upstream}" }}
       - {{ path: "/sloppy/{{x}}", method: POST, upstream: "http://{upstream}" }}
       - {{ path: "/upload", method: POST, upstream: "http://{upstream}" }}
       - {{ path: "/victim/{{n}}", method: GET, apiKeyRequired: true, upstream: "http://{upstream}" }}
       - {{ path: "/registrations/{{id}}/warranty", method: ANY, apiKeyRequired: true, upstream: "http://{upstream}" }}
-usagePlans:
-  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}
-apiKeys:
-  - {{ name: k, value: "${{CENTRAL_KEY}}", usagePlans: [p] }}
 "#
+        ),
+        "",
     )
 }
 

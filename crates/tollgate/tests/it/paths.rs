@@ -11,27 +11,22 @@ fn normalising_upstream() -> Nginx {
 }
 
 fn config(upstream: &str) -> String {
-    format!(
-        r#"listen: 127.0.0.1:0
-store: {{ sqlite: ./tollgate.db }}
-apis:
-  - id: warranty
-    stages: [ {{ name: prod }} ]
-    routes:
-      - {{ path: "/items/{{id}}", method: GET, upstream: "http://{upstream}" }}
+    util::config_with_routes(
+        &format!(
+            r#"      - {{ path: "/items/{{id}}", method: GET, upstream: "http://{upstream}" }}
       - {{ path: "/files/{{path+}}", method: GET, upstream: "http://{upstream}" }}
       - {{ path: "/registrations/{{id}}/warranty", method: ANY, apiKeyRequired: true, upstream: "http://{upstream}" }}
       - {{ path: "/admin/{{proxy+}}", method: ANY, apiKeyRequired: true, upstream: "http://{upstream}/admin" }}
-  - id: objects
+"#
+        ),
+        &format!(
+            r#"  - id: objects
     allowEncodedSlashes: true
     stages: [ {{ name: v1 }} ]
     routes:
       - {{ path: "/objects/{{key}}", method: GET, upstream: "http://{upstream}" }}
-usagePlans:
-  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}
-apiKeys:
-  - {{ name: k, value: "${{CENTRAL_KEY}}", usagePlans: [p] }}
 "#
+        ),
     )
 }
 

@@ -169,6 +169,18 @@ apis:
     )
 }
 
+/// A config serving the API `warranty` at stage `prod` with `routes` (YAML list items, indented as
+/// route entries), then `more_apis` (further list items of `apis`), with the plan `p` on that stage
+/// and the key `k` (`${CENTRAL_KEY}`) in it.
+pub fn config_with_routes(routes: &str, more_apis: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nstore: {{ sqlite: ./tollgate.db }}\napis:\n  - id: warranty\n    \
+         stages: [ {{ name: prod }} ]\n    routes:\n{routes}{more_apis}\
+         usagePlans:\n  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}\n\
+         apiKeys:\n  - {{ name: k, value: \"${{CENTRAL_KEY}}\", usagePlans: [p] }}\n"
+    )
+}
+
 /// A test upstream: echoes the request as JSON (`/echo/...`), streams the request body back
 /// (`/echo/body`), answers after `?ms=` milliseconds (`/slow`).
 pub struct Upstream {
