@@ -236,9 +236,10 @@ impl Admin {
                     key
                 }
                 None => {
+                    // Hashed when the file was read.
                     let key = self.new_key(
                         row.name,
-                        &row.value,
+                        (&row.value, row.hash),
                         row.description,
                         None,
                         row.enabled,

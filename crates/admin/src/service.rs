@@ -478,7 +478,15 @@ impl Admin {
         let enabled = input.enabled.unwrap_or(false);
         let (description, customer_id) = (input.description, input.customer_id);
         self.write(move |admin, catalog| {
-            let key = admin.new_key(name, &value, description, customer_id, enabled, catalog)?;
+            let value_hash = KeyHash::of(&value);
+            let key = admin.new_key(
+                name,
+                (&value, value_hash),
+                description,
+                customer_id,
+                enabled,
+                catalog,
+            )?;
             admin.store.put_key(&key)?;
             catalog.added_key(&key);
             let mut out = admin.key_out(&key, false);
@@ -488,16 +496,16 @@ impl Admin {
         .await
     }
 
+    /// A new key with `value`, whose hash is `value_hash`; a conflict if a key has that value.
     pub(crate) fn new_key(
         &self,
         name: String,
-        value: &str,
+        (value, value_hash): (&str, KeyHash),
         description: Option<String>,
         customer_id: Option<String>,
         enabled: bool,
         catalog: &Catalog<'_>,
     ) -> Result<ApiKey, AdminError> {
-        let value_hash = KeyHash::of(value);
         if catalog.key_with_hash(&value_hash).is_some() {
             return Err(AdminError::Conflict("API Key already exists".into()));
         }

@@ -45,11 +45,6 @@ impl InBuf {
         self.len() == 0
     }
 
-    /// Appends bytes read elsewhere.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.data.extend_from_slice(bytes);
-    }
-
     /// Marks the first `n` unconsumed bytes as used.
     pub fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.data.len());
@@ -299,32 +294,32 @@ fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, HeadError> {
     }
 }
 
-/// Whether `value` is a valid `Host` (RFC 9110 §7.2: `uri-host [ ":" port ]`, or empty): reg-name,
-/// IPv4 or bracketed IPv6 characters, and nothing that could start a path, a query or userinfo.
+/// A set of bytes as a lookup table: the ASCII letters and digits, and `extra`. Byte classes the
+/// request path checks on every request (path segments, `Host`) are tables, built at compile time.
+pub(crate) const fn byte_set(extra: &[u8]) -> [bool; 256] {
+    let mut set = [false; 256];
+    let mut i = 0;
+    while i < extra.len() {
+        set[extra[i] as usize] = true;
+        i += 1;
+    }
+    let mut b = 0u8;
+    while b < 128 {
+        if b.is_ascii_alphanumeric() {
+            set[b as usize] = true;
+        }
+        b += 1;
+    }
+    set
+}
+
+/// Bytes a `Host` may hold (RFC 9110 §7.2: `uri-host [ ":" port ]`): reg-name, IPv4 and bracketed
+/// IPv6 characters, and nothing that could start a path, a query or userinfo.
+static HOST_BYTE: [bool; 256] = byte_set(b"-._~!$&'()*+,=%:[]");
+
+/// Whether `value` is a valid `Host` (or empty, which RFC 9110 allows).
 fn valid_host(value: &[u8]) -> bool {
-    value.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b'='
-                    | b'%'
-                    | b':'
-                    | b'['
-                    | b']'
-            )
-    })
+    value.iter().all(|&b| HOST_BYTE[usize::from(b)])
 }
 
 /// Whether a `Transfer-Encoding` value ends in `chunked` (the only coding whose end we can find).
@@ -728,25 +723,11 @@ impl Default for ChunkedDecoder {
     }
 }
 
+/// Bytes of a field name (RFC 9110 `tchar`).
+static TCHAR: [bool; 256] = byte_set(b"!#$%&'*+-.^_`|~");
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
+    TCHAR[usize::from(b)]
 }
 
 /// A control character other than horizontal tab (a bare CR or LF among them).

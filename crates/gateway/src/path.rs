@@ -17,7 +17,7 @@
 //! Hand-written rather than built on `percent-encoding`: that crate decodes every escape, while this
 //! rule decodes some, keeps others and refuses a few, in one pass over the bytes.
 
-use crate::http1::HeadError;
+use crate::http1::{HeadError, byte_set};
 
 /// Why a request path cannot be normalised safely. Every variant is a 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,24 +82,8 @@ impl PathFacts {
 }
 
 /// Bytes allowed raw in a canonical path segment (RFC 3986 `pchar` minus `%` and `;`): unreserved,
-/// the other sub-delims, `:` and `@`. A table: this runs over every request path.
-static SEGMENT_BYTE: [bool; 256] = {
-    let mut t = [false; 256];
-    let allowed = b"-._~!$&'()*+,=:@";
-    let mut i = 0;
-    while i < allowed.len() {
-        t[allowed[i] as usize] = true;
-        i += 1;
-    }
-    let mut b = 0u8;
-    while b < 128 {
-        if b.is_ascii_alphanumeric() {
-            t[b as usize] = true;
-        }
-        b += 1;
-    }
-    t
-};
+/// the other sub-delims, `:` and `@`.
+static SEGMENT_BYTE: [bool; 256] = byte_set(b"-._~!$&'()*+,=:@");
 
 fn is_segment_byte(b: u8) -> bool {
     SEGMENT_BYTE[usize::from(b)]

@@ -831,6 +831,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes() {
+        use super::RawSize;
+        let size = |t: &str| parse_size(&RawSize::Text(t.into()));
+        assert_eq!(parse_size(&RawSize::Bytes(512)), Ok(512));
+        assert_eq!(size("1048576"), Ok(1 << 20));
+        assert_eq!(size("512KB"), Ok(512 << 10));
+        assert_eq!(size("10MB"), Ok(10 << 20));
+        assert_eq!(size("10 mib"), Ok(10 << 20));
+        assert_eq!(size("1GB"), Ok(1 << 30));
+        assert!(size("10TB").is_err());
+        assert!(size("MB").is_err());
+        assert!(size("99999999999999GB").is_err());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
