@@ -299,6 +299,9 @@ redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
 return 1
 ";
 
+/// The least time a record read or write waits for Redis.
+const RECORDS_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl RedisStore {
     /// A store for `settings`; connects on first use (and again after a failure).
     pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
@@ -317,7 +320,10 @@ impl RedisStore {
     }
 
     fn connect(&self) -> Result<Connection, redis::RedisError> {
-        let t = self.settings.timeout;
+        // Records are never read or written on the request path (the limiter has its own
+        // connection, on the configured timeout): a startup scan, an import's pipelined batches or
+        // a flush on a busy Redis may take longer than a request may wait.
+        let t = self.settings.timeout.max(RECORDS_TIMEOUT);
         if self.settings.cluster {
             let client = redis::cluster::ClusterClientBuilder::new(self.settings.urls.clone())
                 .connection_timeout(t)
