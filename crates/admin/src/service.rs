@@ -14,10 +14,9 @@ use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
-use tollgate_gateway::limiter::OnStoreFailure;
 use tollgate_gateway::{GatewayHandle, Snapshot};
 use tollgate_store::report::{check_range, plan_usage};
-use tollgate_store::{KeyIndex, Store, ids};
+use tollgate_store::{KeyIndex, OnStoreFailure, Store, ids};
 
 use crate::error::{AdminError, unknown_key, unknown_plan};
 use crate::seal::Sealer;
@@ -301,11 +300,7 @@ impl Admin {
                 serde_json::json!({"status": "ok", "store": "sqlite"}),
             ),
             Some(limiter) => {
-                let mode = match limiter.on_failure {
-                    OnStoreFailure::Local => "local",
-                    OnStoreFailure::Allow => "allow",
-                    OnStoreFailure::Deny => "deny",
-                };
+                let mode = limiter.on_failure.name();
                 let degraded = limiter.degraded();
                 let status = if degraded && limiter.on_failure == OnStoreFailure::Deny {
                     http::StatusCode::SERVICE_UNAVAILABLE
@@ -969,10 +964,15 @@ impl Admin {
             // The local count always follows (cluster mode falls back to it when Redis is down).
             let local = grant.and_then(|g| g.set_remaining(now, remaining));
             let live = match (grant, self.gateway.limiter()) {
-                (Some(g), Some(limiter)) => limiter
-                    .set_remaining(&g, remaining, now)
-                    .await
-                    .map_err(|e| AdminError::Internal(e.to_string()))?,
+                (Some(g), Some(limiter)) => match g.quota() {
+                    Some(q) => Some(
+                        limiter
+                            .set_remaining(key_id, plan_id, q.settings(), remaining, now)
+                            .await
+                            .map_err(|e| AdminError::Internal(e.to_string()))?,
+                    ),
+                    None => None,
+                },
                 _ => local,
             };
             let delta = match live {

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, futures::OwnedNotified, watch};
 use tokio::time::{Instant, Sleep};
 
+use crate::admit::{Local, admit};
 use crate::config::{Integration, Route};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
@@ -22,8 +23,8 @@ use crate::http1::{
 use crate::path::{self, PathError};
 use crate::proxy::UpstreamConn;
 use crate::response::{self, UpstreamFailure};
-use crate::server::{Shared, admit_clustered};
-use crate::snapshot::Refusal;
+use crate::shared_limits::SharedLimits;
+use crate::state::Shared;
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
 /// only when it fires early or must fire sooner, not once per request.
@@ -255,17 +256,18 @@ impl Conn<'_> {
             .and(head.origin.clone())
             .and_then(|r| HeaderValue::from_bytes(&buf[r]).ok());
         let api_key = head.api_key.clone().map(|r| &buf[r]);
-        let decided = match (&matched, &shared.limiter) {
-            (None, _) => Err(Refusal::MissingAuthenticationToken),
-            (Some(m), None) => snap
-                .admit(m, api_key, now)
-                .map(|a| (a, path.len() - m.rest.len())),
-            (Some(m), Some(limiter)) => {
-                admit_clustered(&snap, limiter, &shared.metrics, m, api_key, now)
-                    .await
-                    .map(|a| (a, path.len() - m.rest.len()))
+        let decided = match &shared.limiter {
+            None => admit(&snap, &Local(&snap), matched.as_ref(), api_key, now).await,
+            Some(limiter) => {
+                let limits = SharedLimits {
+                    snap: &snap,
+                    limiter,
+                    metrics: &shared.metrics,
+                };
+                admit(&snap, &limits, matched.as_ref(), api_key, now).await
             }
         };
+        let rest_start = matched.as_ref().map_or(0, |m| path.len() - m.rest.len());
 
         let (status, key_id, keep_alive) = match decided {
             Err(refusal) => {
@@ -281,7 +283,7 @@ impl Conn<'_> {
                     keep_alive,
                 )
             }
-            Ok((admission, rest_start)) => {
+            Ok(admission) => {
                 let mut extra = HeaderMap::new();
                 if config.rate_limit_headers {
                     response::add_rate_limit_headers(&mut extra, &admission.limits);

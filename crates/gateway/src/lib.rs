@@ -1,19 +1,37 @@
 //! tollgate's data plane: routes requests to APIs and stages, admits them through the API key, the
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
+//!
+//! Where things are: `server` (accept loop, flusher, the control plane's handle) hands each client
+//! to `conn` (one connection's request loop), which speaks HTTP/1.1 through `http1` (the codec) and
+//! `rewrite` (what a proxy changes in a head), normalises the path (`path`), matches it (`route`),
+//! admits it (`admit`, answering with `limits`; the key's limits on this instance or in Redis,
+//! `shared_limits`) and forwards it (`proxy`, the upstream connections) or answers it (`response`).
+//! What admission reads is a `snapshot` of the records: the `key_table`, the resolved `plans`, and
+//! the live state in `slots` that survives rebuilds; `meter` counts usage per day; `state` is what
+//! all of these share.
 
+mod admit;
 pub mod config;
 mod conn;
 pub mod http1;
-pub mod limiter;
+mod key_table;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod path;
+mod plans;
 pub mod proxy;
 pub mod response;
 pub mod route;
 mod server;
+mod shared_limits;
+mod slots;
 pub mod snapshot;
+mod state;
+#[cfg(test)]
+mod testing;
 
+pub use admit::{Admission, admit_locally};
 pub use config::GatewayConfig;
 pub use server::{
     DEFAULT_HEAD_TIMEOUT, DescriptorBudget, Gateway, GatewayError, GatewayHandle, GatewayOptions,

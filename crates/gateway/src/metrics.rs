@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::snapshot::Refusal;
+use crate::limits::Refusal;
 
 /// Outcomes counted, in rendering order.
 const OUTCOMES: [&str; 7] = [

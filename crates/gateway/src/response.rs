@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::config::Cors;
 use crate::http1::HeadError;
-use crate::snapshot::{LimitInfo, Refusal};
+use crate::limits::{LimitInfo, Refusal};
 
 /// AWS's error-type header.
 pub static X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
@@ -228,7 +228,7 @@ pub fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &LimitInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{BucketInfo, QuotaInfo};
+    use crate::limits::{BucketInfo, QuotaInfo};
 
     #[test]
     fn rate_limit_header_syntax() {

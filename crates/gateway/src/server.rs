@@ -12,16 +12,15 @@ use tokio::sync::watch;
 use tollgate_core::Clock;
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
 use crate::conn;
-use crate::http1::KeptFields;
-use crate::limiter::{OnStoreFailure, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
-use crate::route::RouteMatch;
-use crate::snapshot::{Admission, LimitInfo, Refusal, Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::state::Shared;
 
 /// How long a client may take to send a request head by default, idle keep-alive time included
 /// (nginx's `client_header_timeout` is 60 s, hyper's 30 s).
@@ -41,65 +40,6 @@ pub struct GatewayOptions {
     pub max_connections: usize,
     /// The most idle upstream connections kept for reuse, over all upstreams.
     pub max_idle_upstream: usize,
-}
-
-/// Admits a routed request in cluster mode: key check and instance-wide throttles here, the key's own
-/// limits in Redis, and `onStoreFailure` when Redis cannot answer.
-pub(crate) async fn admit_clustered<'s>(
-    snap: &'s Snapshot,
-    limiter: &RedisLimiter,
-    metrics: &Metrics,
-    m: &RouteMatch<'_>,
-    api_key: Option<&[u8]>,
-    now: u64,
-) -> Result<Admission<'s>, Refusal> {
-    let shared = snap.admit_shared(m, api_key, now)?;
-    let route = shared.route;
-    let Some(grant) = shared.grant else {
-        return Ok(Admission {
-            route,
-            key_id: None,
-            limits: LimitInfo::default(),
-        });
-    };
-    let admitted = |limits| Admission {
-        route,
-        key_id: Some(&*grant.key_id),
-        limits,
-    };
-    let method_key = if grant.has_method_throttle(m) {
-        let api = &snap.config().apis[m.api];
-        format!(
-            "{}:{}:{}",
-            api.id,
-            api.stages[m.stage].name,
-            route.throttle_key()
-        )
-    } else {
-        String::new()
-    };
-    let decided = match limiter.decide(&grant, m, &method_key, now).await {
-        Ok(decided) => decided,
-        Err(_) => {
-            metrics.store_failed();
-            match limiter.on_failure {
-                OnStoreFailure::Local => snap.admit_key_locally(&grant, m, now),
-                OnStoreFailure::Allow => {
-                    // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    snap.meter(&grant, now);
-                    Ok(LimitInfo::default())
-                }
-                OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
-            }
-        }
-    };
-    match decided {
-        Ok(limits) => Ok(admitted(limits)),
-        Err(refusal) => {
-            shared.refund();
-            Err(refusal)
-        }
-    }
 }
 
 /// How the process's file descriptors are shared out: the admin API and a reserve first, then each
@@ -189,35 +129,6 @@ pub enum GatewayError {
     /// A blocking store task panicked or was cancelled.
     #[error("store task failed: {0}")]
     Task(String),
-}
-
-pub(crate) struct Shared {
-    pub(crate) snapshot: ArcSwap<Snapshot>,
-    /// Cluster mode: keys' limits are decided in Redis.
-    pub(crate) limiter: Option<RedisLimiter>,
-    pub(crate) metrics: Metrics,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) upstreams: UpstreamPool,
-    pub(crate) head_timeout: Duration,
-    /// The config's `keepClientHeaders` (the config does not change while serving).
-    pub(crate) kept_fields: KeptFields,
-    /// Set when the gateway drains: connections finish the request in hand, then close.
-    pub(crate) draining: AtomicBool,
-    /// Wakes idle connections when draining starts.
-    pub(crate) stop: Arc<tokio::sync::Notify>,
-    store: Arc<dyn Store>,
-    /// Deltas a failed store write could not save, retried on the next flush. Held across the
-    /// blocking write, never on the request path.
-    unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,
-}
-
-impl Shared {
-    /// Whether a client connection may carry another request after relaying a response with
-    /// `head`: not if the response ends when the upstream closes, nor once the gateway drains (a
-    /// drain that began while the upstream worked still gets its `Connection: close`).
-    pub(crate) fn keeps_alive(&self, head: &crate::http1::ResponseHead) -> bool {
-        head.body != crate::http1::BodyLength::UntilClose && !self.draining.load(Ordering::Relaxed)
-    }
 }
 
 /// A gateway ready to serve.

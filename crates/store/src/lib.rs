@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod ids;
 mod index;
+pub mod limiter;
 pub mod redis;
 pub mod report;
 mod sqlite;
@@ -21,6 +22,38 @@ use std::collections::{HashMap, HashSet};
 
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, UsagePlan};
+
+/// What the data plane does with keyed requests while the shared store cannot decide their limits
+/// (`store.onStoreFailure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreFailure {
+    /// Enforce with this instance's own state, meter locally, write the usage back later.
+    #[default]
+    Local,
+    /// Let keyed requests through (AWS's behaviour when its usage-plan check fails).
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
+impl OnStoreFailure {
+    /// Every mode, in the order the docs list them.
+    pub const ALL: [Self; 3] = [Self::Local, Self::Allow, Self::Deny];
+
+    /// The mode's name in the config and the health report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+
+    /// The mode named `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
 
 /// Everything the gateway needs to build its in-memory snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]

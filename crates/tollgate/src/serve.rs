@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tollgate_admin::http::ListenerLimits;
 use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
-use tollgate_gateway::limiter::RedisLimiter;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions};
+use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{RedisStore, Store, apply_declared};
 
 use crate::config::{Config, StoreKind};

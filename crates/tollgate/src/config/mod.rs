@@ -12,7 +12,7 @@ use std::time::Duration;
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
-use tollgate_gateway::limiter::OnStoreFailure;
+use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 

@@ -16,8 +16,8 @@ use tollgate_gateway::config::{
     RouteMethod, Stage, add_preflight_routes, check_api_stage, check_throttle,
 };
 use tollgate_gateway::http1::{KeptFields, STEERING_FIELDS};
-use tollgate_gateway::limiter::OnStoreFailure;
 use tollgate_gateway::route::{Router, validate_template};
+use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
@@ -416,16 +416,18 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
                 Some(t) => positive_duration(cx, t, at, "store.redis.timeout")?,
             };
             let on_failure = match s.on_store_failure.as_deref() {
-                None | Some("local") => OnStoreFailure::Local,
-                Some("allow") => OnStoreFailure::Allow,
-                Some("deny") => OnStoreFailure::Deny,
-                Some(other) => {
-                    return cx.err(
-                        at,
-                        "store.onStoreFailure",
-                        format!("{other:?} is not one of local, allow, deny"),
-                    );
-                }
+                None => OnStoreFailure::default(),
+                Some(name) => match OnStoreFailure::named(name) {
+                    Some(mode) => mode,
+                    None => {
+                        let names = OnStoreFailure::ALL.map(OnStoreFailure::name).join(", ");
+                        return cx.err(
+                            at,
+                            "store.onStoreFailure",
+                            format!("{name:?} is not one of {names}"),
+                        );
+                    }
+                },
             };
             StoreKind::Redis(
                 RedisSettings {

@@ -1,0 +1,375 @@
+//! Admission, top to bottom: route ▸ key ▸ throttles ▸ quota ▸ meter.
+//!
+//! 1. **Route**: no route for the method and path: 403 `Missing Authentication Token`.
+//! 2. **Key**: a route with `apiKeyRequired` takes the `x-api-key` value, hashes it, and finds the
+//!    enabled key's first plan that covers the stage; anything else: 403 `Forbidden`.
+//! 3. **Throttles**: the key's bucket (the plan's per-method throttle for this route, else the plan
+//!    throttle), the stage's (per-method or default) and the account's. A request must pass every
+//!    one; a refusal anywhere hands back the tokens the others took, so the outcome is the same in
+//!    whatever order they are asked. The two shared by all callers live on this instance and are
+//!    taken first; the key's own comes with its quota from [`KeyLimits`], which may have to ask
+//!    Redis.
+//! 4. **Quota**: only requests the throttles let through count; a spent quota keeps the key's
+//!    token (hammering is not free). 429 `Limit Exceeded`.
+//! 5. **Meter**: an admitted keyed request is counted for (plan, key, UTC day).
+//!
+//! [`KeyLimits`] has two implementations: [`Local`], this instance's atomics (the embedded mode,
+//! and cluster mode's `onStoreFailure: local`), and [`crate::shared_limits::SharedLimits`], the Redis
+//! script every instance shares.
+
+use std::future::Future;
+
+use futures_util::FutureExt as _;
+use tollgate_core::KeyHash;
+use tollgate_core::gcra::ThrottleDecision;
+use tollgate_core::model::KEY_VALUE_LEN;
+use tollgate_core::quota::{EpochDay, QuotaDecision};
+
+use crate::config::Route;
+use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::route::RouteMatch;
+use crate::snapshot::{Grant, Snapshot};
+
+/// An admitted request: where it goes and what to advertise.
+#[derive(Debug)]
+pub struct Admission<'s> {
+    /// The matched route.
+    pub route: &'s Route,
+    /// The key's id, when the route required a key.
+    pub key_id: Option<&'s str>,
+    /// The key's limits after this request.
+    pub limits: LimitInfo,
+}
+
+/// A key's own limits on a route: its bucket, then its quota, and the meter.
+pub(crate) trait KeyLimits {
+    /// Decides `grant`'s bucket and quota for a request on the route `m` matched at `now`, and
+    /// meters it when admitted.
+    fn decide(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> impl Future<Output = Result<LimitInfo, Refusal>>;
+}
+
+/// Runs the whole admission pipeline for a request that matched `m` (or no route) presenting
+/// `api_key` at `now`, with the key's own limits decided by `limits`.
+pub(crate) async fn admit<'s>(
+    snap: &'s Snapshot,
+    limits: &impl KeyLimits,
+    m: Option<&RouteMatch<'_>>,
+    api_key: Option<&[u8]>,
+    now: u64,
+) -> Result<Admission<'s>, Refusal> {
+    // Route.
+    let m = m.ok_or(Refusal::MissingAuthenticationToken)?;
+    let route = snap.route_at(m);
+    // Key.
+    let grant = if route.api_key_required {
+        Some(key(snap, m, api_key)?)
+    } else {
+        None
+    };
+    // Throttles every caller shares.
+    let shared = snap.shared_buckets(m);
+    for (i, bucket) in shared.iter().enumerate() {
+        let Some(bucket) = bucket else { continue };
+        if let ThrottleDecision::Refused { retry_after } = bucket.check(now) {
+            shared[..i].iter().flatten().for_each(|b| b.refund());
+            let limits = LimitInfo {
+                throttle: None,
+                quota: grant.as_ref().and_then(|g| quota_left(g, now)),
+            };
+            return Err(Refusal::throttled(retry_after, limits));
+        }
+    }
+    let Some(grant) = grant else {
+        return Ok(Admission {
+            route,
+            key_id: None,
+            limits: LimitInfo::default(),
+        });
+    };
+    // The key's throttle and quota, and the meter.
+    match limits.decide(&grant, m, now).await {
+        Ok(limits) => Ok(Admission {
+            route,
+            key_id: Some(grant.key_id),
+            limits,
+        }),
+        Err(refusal) => {
+            shared.iter().flatten().for_each(|b| b.refund());
+            Err(refusal)
+        }
+    }
+}
+
+/// [`admit`] on this instance's state alone (the embedded mode), which never waits.
+pub fn admit_locally<'s>(
+    snap: &'s Snapshot,
+    m: Option<&RouteMatch<'_>>,
+    api_key: Option<&[u8]>,
+    now: u64,
+) -> Result<Admission<'s>, Refusal> {
+    admit(snap, &Local(snap), m, api_key, now)
+        .now_or_never()
+        .expect("local limits decide without waiting")
+}
+
+/// The membership of the key presented as `api_key` that covers the stage `m` matched.
+fn key<'s>(
+    snap: &'s Snapshot,
+    m: &RouteMatch<'_>,
+    api_key: Option<&[u8]>,
+) -> Result<Grant<'s>, Refusal> {
+    let value = api_key.ok_or(Refusal::Forbidden)?;
+    // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
+    // stored keys: refuse them without hashing.
+    if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
+        return Err(Refusal::Forbidden);
+    }
+    snap.grant_for(&KeyHash::of(value), m)
+        .ok_or(Refusal::Forbidden)
+}
+
+/// A key's limits on this instance's atomics.
+pub(crate) struct Local<'s>(pub(crate) &'s Snapshot);
+
+impl KeyLimits for Local<'_> {
+    fn decide(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
+        std::future::ready(self.decide_now(grant, m, now))
+    }
+}
+
+impl Local<'_> {
+    /// [`KeyLimits::decide`], which never waits here.
+    pub(crate) fn decide_now(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> Result<LimitInfo, Refusal> {
+        let mut limits = LimitInfo::default();
+        if let Some((gcra, state)) = grant.throttle_for(m) {
+            match gcra.check(state, now) {
+                ThrottleDecision::Allowed { remaining } => {
+                    limits.throttle = Some(BucketInfo::new(
+                        gcra,
+                        u64::from(remaining),
+                        gcra.until_full(state, now),
+                    ));
+                }
+                ThrottleDecision::Refused { retry_after } => {
+                    limits.throttle = Some(BucketInfo::new(gcra, 0, gcra.until_full(state, now)));
+                    limits.quota = quota_left(grant, now);
+                    return Err(Refusal::throttled(retry_after, limits));
+                }
+            }
+        }
+        if let Some(quota) = grant.quota() {
+            let window = quota.window(EpochDay::from_nanos(now));
+            let limit = quota.settings().limit;
+            match quota.try_consume(&grant.live().quota, now) {
+                QuotaDecision::Allowed { remaining, .. } => {
+                    limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
+                }
+                QuotaDecision::Refused { .. } => {
+                    // The bucket's token stays taken: hammering a spent quota is not free.
+                    limits.quota = Some(QuotaInfo::new(limit, window, 0, now));
+                    return Err(Refusal::quota_spent(limits));
+                }
+            }
+        }
+        self.0.meter(grant, now);
+        Ok(limits)
+    }
+}
+
+/// The quota part of a refusal's headers: what the key has left, read from this instance.
+fn quota_left(grant: &Grant<'_>, now: u64) -> Option<QuotaInfo> {
+    let quota = grant.quota()?;
+    let window = quota.window(EpochDay::from_nanos(now));
+    let left = quota.remaining(&grant.live().quota, now);
+    Some(QuotaInfo::new(quota.settings().limit, window, left, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use arc_swap::ArcSwap;
+    use tollgate_core::QuotaSettings;
+    use tollgate_core::clock::NANOS_PER_SEC;
+    use tollgate_core::quota::Period;
+
+    use super::*;
+    use crate::testing::{KEY, OTHER, T0, call, config, counted, records, snap, taken, throttle};
+
+    #[test]
+    fn key_checks() {
+        let s = snap(
+            config(None, None),
+            &records(Some(throttle(100.0, 50)), None),
+        );
+        let put = "/prod/registrations/42/warranty";
+        assert_eq!(
+            call(&s, "GET", "/prod/nowhere", Some(KEY), T0),
+            Err(Refusal::MissingAuthenticationToken)
+        );
+        assert_eq!(call(&s, "PUT", put, None, T0), Err(Refusal::Forbidden));
+        assert_eq!(
+            call(&s, "PUT", put, Some("short"), T0),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            call(&s, "PUT", put, Some("unknown-key-value-0123456789"), T0),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            call(&s, "PUT", put, Some(OTHER), T0),
+            Err(Refusal::Forbidden),
+            "disabled"
+        );
+        assert_eq!(
+            call(&s, "PUT", "/dev/registrations/42/warranty", Some(KEY), T0),
+            Err(Refusal::Forbidden),
+            "the plan does not cover dev"
+        );
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        assert!(
+            call(&s, "GET", "/dev/health", None, T0).is_ok(),
+            "public route"
+        );
+    }
+
+    #[test]
+    fn method_throttle_replaces_plan_throttle() {
+        let s = snap(config(None, None), &records(Some(throttle(100.0, 5)), None));
+        let put = "/prod/registrations/42/warranty";
+        let get = "/prod/registrations/42";
+        // PUT has its own bucket of 2; GET uses the plan's bucket of 5.
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
+        let refused = call(&s, "PUT", put, Some(KEY), T0).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                Refusal::TooManyRequests {
+                    retry_after_secs: 1,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        for _ in 0..5 {
+            assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        }
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        // One second later the PUT bucket has one token again.
+        assert!(call(&s, "PUT", put, Some(KEY), T0 + NANOS_PER_SEC).is_ok());
+    }
+
+    #[test]
+    fn stage_and_account_layers_apply_and_refund_the_key() {
+        // Stage allows 1 per method at once; the key's plan bucket (5) must not be drained by refusals.
+        let s = snap(
+            config(Some(throttle(1.0, 1)), None),
+            &records(Some(throttle(1.0, 5)), None),
+        );
+        let get = "/prod/registrations/42";
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        for _ in 0..10 {
+            assert!(matches!(
+                call(&s, "GET", get, Some(KEY), T0),
+                Err(Refusal::TooManyRequests { .. })
+            ));
+        }
+        let limits = call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC).unwrap();
+        assert_eq!(
+            limits.throttle.unwrap().remaining,
+            4,
+            "refused requests took no key tokens"
+        );
+
+        let s = snap(
+            config(None, Some(throttle(1.0, 2))),
+            &records(Some(throttle(100.0, 50)), None),
+        );
+        assert!(call(&s, "GET", "/prod/health", None, T0).is_ok());
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        assert!(matches!(
+            call(&s, "GET", "/dev/health", None, T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+    }
+
+    #[test]
+    fn quota_counts_only_admitted_requests_and_meters() {
+        let quota = QuotaSettings {
+            limit: 3,
+            offset: 0,
+            period: Period::Day,
+        };
+        let cell = ArcSwap::from_pointee(snap(
+            config(None, None),
+            &records(Some(throttle(1.0, 2)), Some(quota)),
+        ));
+        let s = cell.load_full();
+        let get = "/prod/registrations/42";
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining,
+            2
+        );
+        assert!(call(&s, "GET", get, Some(KEY), T0).is_ok());
+        // Throttled: does not count against the quota.
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0 + NANOS_PER_SEC)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining,
+            0
+        );
+        let refused = call(&s, "GET", get, Some(KEY), T0 + 3 * NANOS_PER_SEC).unwrap_err();
+        let Refusal::LimitExceeded {
+            retry_after_secs,
+            limits,
+        } = refused
+        else {
+            panic!("{refused:?}")
+        };
+        let midnight = EpochDay::from_nanos(T0).next().start_nanos();
+        assert_eq!(
+            retry_after_secs,
+            (midnight - T0 - 3 * NANOS_PER_SEC).div_ceil(NANOS_PER_SEC)
+        );
+        assert_eq!(limits.quota.unwrap().remaining, 0);
+        // The next UTC day the quota is back.
+        assert!(call(&s, "GET", get, Some(KEY), midnight).is_ok());
+
+        // The flusher is handed what the one membership counted, per day, once.
+        assert_eq!(
+            taken(&cell),
+            vec![
+                counted("key0000001", T0, 3),
+                counted("key0000001", midnight, 1)
+            ]
+        );
+        assert!(taken(&cell).is_empty());
+    }
+}

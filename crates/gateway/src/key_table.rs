@@ -1,0 +1,228 @@
+//! The served keys in little memory (about 50 bytes a key), looked up by the hash of a presented
+//! value in one probe of a directory and a short scan.
+//!
+//! Keys sit in one array sorted by value hash behind a directory on the hash's leading bits; their
+//! ids in one string; each key's memberships (a plan index and a live-state slot, 8 bytes) in one
+//! array in key order. It differs from the store's [`tollgate_store::KeyIndex`], which holds the
+//! records as loaded (in store order, with bindings by id): this table is what the request path
+//! reads, built from that index once per rebuild.
+
+use std::ops::Range;
+
+use tollgate_core::KeyHash;
+
+/// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
+#[derive(Debug, Clone, Copy)]
+struct KeyRec {
+    hash: KeyHash,
+    id_start: u32,
+    /// Index of its first membership; [`DISABLED`] set when the key is disabled.
+    members: u32,
+}
+
+const DISABLED: u32 = 1 << 31;
+
+/// One (key, plan) membership: 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Member {
+    /// Index of the plan in the snapshot's plans.
+    pub(crate) plan: u32,
+    /// The slot holding the membership's live state.
+    pub(crate) slot: u32,
+}
+
+/// The keys, sorted by value hash, with their memberships in key order.
+#[derive(Debug, Default)]
+pub(crate) struct KeyTable {
+    recs: Vec<KeyRec>,
+    /// `dir[p]..dir[p + 1]`: the records whose hash starts with the `bits`-bit prefix `p`.
+    dir: Vec<u32>,
+    bits: u32,
+    ids: String,
+    /// Record indices in id order, for lookups by id (operator calls, rebuilds).
+    by_id: Vec<u32>,
+    members: Vec<Member>,
+}
+
+impl KeyTable {
+    /// An empty table with room for `keys` keys, `id_bytes` bytes of ids and `members` memberships.
+    pub(crate) fn with_capacity(keys: usize, id_bytes: usize, members: usize) -> Self {
+        Self {
+            recs: Vec::with_capacity(keys),
+            ids: String::with_capacity(id_bytes),
+            members: Vec::with_capacity(members),
+            ..Self::default()
+        }
+    }
+
+    /// Appends a key; keys must come in hash order, each followed by its memberships.
+    pub(crate) fn push_key(&mut self, hash: KeyHash, id: &str, enabled: bool) {
+        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= hash));
+        self.recs.push(KeyRec {
+            hash,
+            id_start: self.ids.len() as u32,
+            members: self.members.len() as u32 | if enabled { 0 } else { DISABLED },
+        });
+        self.ids.push_str(id);
+    }
+
+    /// Appends a membership of the last key pushed.
+    pub(crate) fn push_member(&mut self, member: Member) {
+        self.members.push(member);
+    }
+
+    /// Makes the table searchable once every key is in: builds the hash directory, and takes
+    /// `by_id`, the record indices (positions in push order) sorted by key id.
+    pub(crate) fn finish(&mut self, by_id: Vec<u32>) {
+        self.bits = usize::BITS - self.recs.len().leading_zeros();
+        let mut dir = vec![0; (1 << self.bits) + 1];
+        let mut at = 0;
+        for (p, start) in dir.iter_mut().enumerate() {
+            while at < self.recs.len() && self.prefix(&self.recs[at].hash) < p {
+                at += 1;
+            }
+            *start = at as u32;
+        }
+        self.dir = dir;
+        self.by_id = by_id;
+    }
+
+    fn prefix(&self, hash: &KeyHash) -> usize {
+        let lead = u64::from_be_bytes([
+            hash.0[0], hash.0[1], hash.0[2], hash.0[3], hash.0[4], hash.0[5], hash.0[6], hash.0[7],
+        ]);
+        lead.checked_shr(64 - self.bits).unwrap_or(0) as usize
+    }
+
+    /// How many keys there are.
+    pub(crate) fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    /// The record of the key whose value hashes to `hash`.
+    pub(crate) fn find(&self, hash: &KeyHash) -> Option<usize> {
+        let p = self.prefix(hash);
+        let range = self.dir[p] as usize..self.dir[p + 1] as usize;
+        range.into_iter().find(|&i| self.recs[i].hash == *hash)
+    }
+
+    /// Record `i`'s value hash.
+    pub(crate) fn hash(&self, i: usize) -> &KeyHash {
+        &self.recs[i].hash
+    }
+
+    /// Record `i`'s key id.
+    pub(crate) fn id(&self, i: usize) -> &str {
+        let end = self
+            .recs
+            .get(i + 1)
+            .map_or(self.ids.len(), |r| r.id_start as usize);
+        &self.ids[self.recs[i].id_start as usize..end]
+    }
+
+    /// Whether record `i`'s key is enabled.
+    pub(crate) fn enabled(&self, i: usize) -> bool {
+        self.recs[i].members & DISABLED == 0
+    }
+
+    /// Record `i`'s memberships, in the order they were bound.
+    pub(crate) fn members_of(&self, i: usize) -> &[Member] {
+        &self.members[self.member_range(i)]
+    }
+
+    fn member_range(&self, i: usize) -> Range<usize> {
+        let start = (self.recs[i].members & !DISABLED) as usize;
+        let end = self
+            .recs
+            .get(i + 1)
+            .map_or(self.members.len(), |r| (r.members & !DISABLED) as usize);
+        start..end
+    }
+
+    /// Every membership, as (index, membership).
+    pub(crate) fn members(&self) -> impl Iterator<Item = (usize, &Member)> {
+        self.members.iter().enumerate()
+    }
+
+    /// Membership number `member`.
+    pub(crate) fn member(&self, member: usize) -> &Member {
+        &self.members[member]
+    }
+
+    /// The record of the key with id `id`.
+    pub(crate) fn by_id(&self, id: &str) -> Option<usize> {
+        let at = self
+            .by_id
+            .binary_search_by(|&i| self.id(i as usize).cmp(id))
+            .ok()?;
+        Some(self.by_id[at] as usize)
+    }
+
+    /// Record indices in key id order.
+    pub(crate) fn in_id_order(&self) -> impl Iterator<Item = usize> {
+        self.by_id.iter().map(|&i| i as usize)
+    }
+
+    /// The key a membership belongs to.
+    pub(crate) fn owner(&self, member: usize) -> usize {
+        self.recs
+            .partition_point(|r| (r.members & !DISABLED) as usize <= member)
+            .saturating_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table of `n` keys `key0`, `key1`…, key `i` in `i % 3` plans, every third key disabled.
+    fn table(n: u32) -> KeyTable {
+        let mut keys: Vec<(KeyHash, String)> = (0..n)
+            .map(|i| (KeyHash::of(format!("value{i}")), format!("key{i}")))
+            .collect();
+        keys.sort();
+        let mut t = KeyTable::with_capacity(keys.len(), 0, 0);
+        for (hash, id) in &keys {
+            let i: u32 = id[3..].parse().unwrap();
+            t.push_key(*hash, id, i % 3 != 2);
+            for plan in 0..i % 3 {
+                t.push_member(Member { plan, slot: i });
+            }
+        }
+        let mut by_id: Vec<u32> = (0..keys.len() as u32).collect();
+        by_id.sort_by(|&a, &b| keys[a as usize].1.cmp(&keys[b as usize].1));
+        t.finish(by_id);
+        t
+    }
+
+    #[test]
+    fn finds_every_key_by_hash_and_by_id() {
+        for n in [0, 1, 2, 3, 100, 1000] {
+            let t = table(n);
+            assert_eq!(t.len(), n as usize);
+            for i in 0..n {
+                let at = t.find(&KeyHash::of(format!("value{i}"))).unwrap();
+                assert_eq!(t.id(at), format!("key{i}"));
+                assert_eq!(t.by_id(&format!("key{i}")), Some(at));
+                assert_eq!(t.enabled(at), i % 3 != 2);
+                let members = t.members_of(at);
+                assert_eq!(members.len(), (i % 3) as usize);
+                assert!(members.iter().all(|m| m.slot == i));
+            }
+            assert_eq!(t.find(&KeyHash::of("not a value")), None);
+            assert_eq!(t.by_id("key-none"), None);
+            let ids: Vec<&str> = t.in_id_order().map(|i| t.id(i)).collect();
+            assert!(ids.is_sorted());
+        }
+    }
+
+    #[test]
+    fn a_membership_knows_its_key() {
+        let t = table(50);
+        for (m, member) in t.members() {
+            let key = t.owner(m);
+            assert!(t.members_of(key).contains(member));
+            assert_eq!(t.id(key), format!("key{}", member.slot));
+        }
+    }
+}

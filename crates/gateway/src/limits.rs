@@ -1,0 +1,116 @@
+//! What admission answers: why a request was refused ([`Refusal`]), and the key's limits a response
+//! advertises in the RateLimit headers ([`LimitInfo`]). Both ways of deciding a key's limits (this
+//! instance's atomics and the shared Redis script) build them here, and [`crate::response`] writes
+//! them.
+
+use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::gcra::Gcra;
+use tollgate_core::quota::QuotaWindow;
+
+/// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitInfo {
+    /// The key's throttle: capacity, tokens left, seconds until full.
+    pub throttle: Option<BucketInfo>,
+    /// The key's quota: limit, left, seconds until the period resets, period length in seconds.
+    pub quota: Option<QuotaInfo>,
+}
+
+/// A throttle's state for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketInfo {
+    /// Bucket capacity.
+    pub burst: u64,
+    /// Tokens left.
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+    /// Seconds an empty bucket takes to fill.
+    pub window_secs: u64,
+}
+
+impl BucketInfo {
+    /// `gcra`'s bucket with `remaining` tokens, full again in `until_full` nanoseconds.
+    pub fn new(gcra: &Gcra, remaining: u64, until_full: u64) -> Self {
+        Self {
+            burst: gcra.burst(),
+            remaining,
+            reset_secs: ceil_secs(until_full),
+            window_secs: ceil_secs(gcra.interval().saturating_mul(gcra.burst())).max(1),
+        }
+    }
+}
+
+/// A quota's state for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaInfo {
+    /// Requests per period.
+    pub limit: u64,
+    /// Requests left in this period.
+    pub remaining: u64,
+    /// Seconds until the period ends.
+    pub reset_secs: u64,
+    /// Length of the current period in seconds.
+    pub window_secs: u64,
+}
+
+impl QuotaInfo {
+    /// A quota of `limit` in the period `window`, with `remaining` requests left at `now`.
+    pub fn new(limit: u32, window: QuotaWindow, remaining: u64, now: u64) -> Self {
+        Self {
+            limit: u64::from(limit),
+            remaining,
+            reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
+            window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
+        }
+    }
+}
+
+/// Why a request was not admitted. Each maps to AWS's status and body in one place
+/// ([`crate::response`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route for this path and method: 403 `Missing Authentication Token`.
+    MissingAuthenticationToken,
+    /// Key missing, unknown, disabled or not in a plan for this stage: 403 `Forbidden`.
+    Forbidden,
+    /// A throttle refused: 429 `Too Many Requests`.
+    TooManyRequests {
+        /// Whole seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+        /// The key's limits, for headers.
+        limits: LimitInfo,
+    },
+    /// The shared store is unavailable and `onStoreFailure: deny`: 503.
+    ServiceUnavailable,
+    /// The key's quota for this period is spent: 429 `Limit Exceeded`.
+    LimitExceeded {
+        /// Whole seconds until the period resets (at least 1).
+        retry_after_secs: u64,
+        /// The key's limits, for headers.
+        limits: LimitInfo,
+    },
+}
+
+impl Refusal {
+    /// A throttle refused; a token frees up in `wait` nanoseconds.
+    pub fn throttled(wait: u64, limits: LimitInfo) -> Self {
+        Self::TooManyRequests {
+            retry_after_secs: ceil_secs(wait).max(1),
+            limits,
+        }
+    }
+
+    /// The quota in `limits` is spent until its period resets.
+    pub fn quota_spent(limits: LimitInfo) -> Self {
+        Self::LimitExceeded {
+            retry_after_secs: limits.quota.map_or(1, |q| q.reset_secs.max(1)),
+            limits,
+        }
+    }
+}
+
+/// Whole seconds, rounded up, in `nanos` nanoseconds.
+pub(crate) fn ceil_secs(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SEC)
+}

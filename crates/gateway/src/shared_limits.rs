@@ -1,0 +1,111 @@
+//! Cluster mode's [`KeyLimits`]: a key's bucket, quota and usage decided by the store's shared
+//! limiter ([`tollgate_store::limiter`]), so every instance enforces the same exact limits; while
+//! Redis cannot answer, `onStoreFailure` decides.
+
+use std::future::Future;
+
+use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_store::OnStoreFailure;
+use tollgate_store::limiter::{KeyCall, RedisLimiter, Verdict};
+
+use crate::admit::{KeyLimits, Local};
+use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::metrics::Metrics;
+use crate::route::RouteMatch;
+use crate::snapshot::{Grant, Snapshot};
+
+/// A key's limits in Redis, for requests served from `snap`.
+pub(crate) struct SharedLimits<'s> {
+    pub(crate) snap: &'s Snapshot,
+    pub(crate) limiter: &'s RedisLimiter,
+    pub(crate) metrics: &'s Metrics,
+}
+
+impl KeyLimits for SharedLimits<'_> {
+    fn decide(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
+        self.decide_shared(grant, m, now)
+    }
+}
+
+impl SharedLimits<'_> {
+    async fn decide_shared(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch<'_>,
+        now: u64,
+    ) -> Result<LimitInfo, Refusal> {
+        let gcra = grant.throttle_for(m).map(|(g, _)| g);
+        // A per-method bucket is named after its route; the plan's bucket has no name.
+        let method = match gcra {
+            Some(_) if grant.has_method_throttle(m) => {
+                let api = &self.snap.config().apis[m.api];
+                let route = self.snap.route_at(m);
+                format!(
+                    "{}:{}:{}",
+                    api.id,
+                    api.stages[m.stage].name,
+                    route.throttle_key()
+                )
+            }
+            _ => String::new(),
+        };
+        let quota = grant.quota().map(|q| q.settings());
+        let call = KeyCall {
+            key_id: grant.key_id,
+            plan_id: grant.plan_id(),
+            method: &method,
+            throttle: gcra,
+            quota,
+        };
+        let Ok(decided) = self.limiter.decide(&call, now).await else {
+            self.metrics.store_failed();
+            return match self.limiter.on_failure {
+                OnStoreFailure::Local => Local(self.snap).decide_now(grant, m, now),
+                OnStoreFailure::Allow => {
+                    // Fail open, as AWS does, but keep metering: the usage is written back later.
+                    self.snap.meter(grant, now);
+                    Ok(LimitInfo::default())
+                }
+                OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),
+            };
+        };
+        let micros = |us: u64| us.saturating_mul(NANOS_PER_SEC / 1_000_000);
+        let bucket =
+            |tokens, until_full_us| gcra.map(|g| BucketInfo::new(g, tokens, micros(until_full_us)));
+        let quota_info = |left| {
+            decided
+                .window
+                .zip(quota)
+                .map(|(w, q)| QuotaInfo::new(q.limit, w, left, now))
+        };
+        match decided.verdict {
+            Verdict::Admitted {
+                tokens,
+                quota_left,
+                until_full_us,
+            } => Ok(LimitInfo {
+                throttle: bucket(tokens, until_full_us),
+                quota: quota_info(quota_left),
+            }),
+            Verdict::Throttled { wait_us } => Err(Refusal::throttled(
+                micros(wait_us),
+                LimitInfo {
+                    throttle: bucket(0, wait_us),
+                    quota: None,
+                },
+            )),
+            Verdict::QuotaSpent {
+                tokens,
+                until_full_us,
+            } => Err(Refusal::quota_spent(LimitInfo {
+                throttle: bucket(tokens, until_full_us),
+                quota: quota_info(0),
+            })),
+        }
+    }
+}

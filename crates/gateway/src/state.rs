@@ -1,0 +1,46 @@
+//! What the accept loop, every connection, the metering flusher and the control plane's handle share
+//! of one running gateway.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tollgate_core::Clock;
+use tollgate_store::limiter::RedisLimiter;
+use tollgate_store::{Store, UsageDelta};
+
+use crate::http1::{BodyLength, KeptFields, ResponseHead};
+use crate::metrics::Metrics;
+use crate::proxy::UpstreamPool;
+use crate::snapshot::Snapshot;
+
+/// One gateway's state, behind an `Arc`.
+pub(crate) struct Shared {
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Cluster mode: keys' limits are decided in Redis.
+    pub(crate) limiter: Option<RedisLimiter>,
+    pub(crate) metrics: Metrics,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) upstreams: UpstreamPool,
+    pub(crate) head_timeout: Duration,
+    /// The config's `keepClientHeaders` (the config does not change while serving).
+    pub(crate) kept_fields: KeptFields,
+    /// Set when the gateway drains: connections finish the request in hand, then close.
+    pub(crate) draining: AtomicBool,
+    /// Wakes idle connections when draining starts.
+    pub(crate) stop: Arc<tokio::sync::Notify>,
+    pub(crate) store: Arc<dyn Store>,
+    /// Deltas a failed store write could not save, retried on the next flush. Held across the
+    /// blocking write, never on the request path.
+    pub(crate) unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,
+}
+
+impl Shared {
+    /// Whether a client connection may carry another request after relaying a response with
+    /// `head`: not if the response ends when the upstream closes, nor once the gateway drains (a
+    /// drain that began while the upstream worked still gets its `Connection: close`).
+    pub(crate) fn keeps_alive(&self, head: &ResponseHead) -> bool {
+        head.body != BodyLength::UntilClose && !self.draining.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,837 @@
+//! Cluster mode's shared limits: a key's throttle bucket, its quota and its per-day usage decided by
+//! one Lua script (`lua/limit.lua`) in one round trip, on Redis's clock, so every instance enforces
+//! the same exact limits. The script's answers are decoded into [`Verdict`]s here, at the boundary:
+//! nothing above this module sees its status numbers.
+//!
+//! All keys the script touches carry the API key's hash tag `{keyId}`, so it runs on Redis Cluster.
+//! Times are microseconds (Lua numbers are doubles: exact up to 2^53).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tollgate_core::gcra::Gcra;
+use tollgate_core::quota::{EpochDay, QuotaWindow};
+
+use tollgate_core::{Clock, QuotaSettings};
+
+use crate::OnStoreFailure;
+use crate::redis::keys;
+
+const COUNTED: &str = include_str!("lua/counted.lua");
+const LIMIT: &str = include_str!("lua/limit.lua");
+const SET_REMAINING: &str = include_str!("lua/set_remaining.lua");
+
+/// The most requests one script call decides.
+const MAX_BATCH: usize = 256;
+
+/// Arguments the script takes per request (after the clock, its first).
+const ARGS_PER_CALL: usize = 7;
+
+/// One request's own limits, as the script is asked about them.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCall<'a> {
+    /// The API key's id (the hash tag of everything the script keeps for it).
+    pub key_id: &'a str,
+    /// The usage plan's id.
+    pub plan_id: &'a str,
+    /// The per-method bucket's name (`api:stage:METHOD /path`), empty for the plan's bucket.
+    pub method: &'a str,
+    /// The bucket that limits the request, if any.
+    pub throttle: Option<&'a Gcra>,
+    /// The plan's quota, if any.
+    pub quota: Option<&'a QuotaSettings>,
+}
+
+/// The script's verdict on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted, and counted in the quota and the day's usage.
+    Admitted {
+        /// Tokens left in the bucket (0 without a throttle).
+        tokens: u64,
+        /// Requests left in the quota period (0 without a quota).
+        quota_left: u64,
+        /// Microseconds until the bucket is full again.
+        until_full_us: u64,
+    },
+    /// The bucket is empty: nothing taken or counted.
+    Throttled {
+        /// Microseconds until a token frees up.
+        wait_us: u64,
+    },
+    /// The quota period's requests are spent. The bucket's token stays taken: hammering a spent
+    /// quota is not free.
+    QuotaSpent {
+        /// Tokens left in the bucket (0 without a throttle).
+        tokens: u64,
+        /// Microseconds until the bucket is full again.
+        until_full_us: u64,
+    },
+}
+
+/// A verdict and the quota window it was reached in (Redis's day decides which, around midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    /// What the script decided.
+    pub verdict: Verdict,
+    /// The quota period the request was counted in or refused by.
+    pub window: Option<QuotaWindow>,
+}
+
+/// The script's raw answer for one request: status, then three status-dependent values.
+type Raw = (i64, i64, i64, i64);
+
+/// What the script answered about one request, before the day was checked.
+enum Answer {
+    Decided(Verdict),
+    /// The quota window sent is not the one containing the script's day.
+    OtherDay(EpochDay),
+}
+
+impl Answer {
+    /// The one place that knows the script's status numbers (`lua/limit.lua` lists them).
+    fn decode((status, a, b, c): Raw) -> Result<Self, LimiterError> {
+        let num = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(match status {
+            0 => Self::Decided(Verdict::Admitted {
+                tokens: num(a),
+                quota_left: num(b),
+                until_full_us: num(c),
+            }),
+            1 => Self::Decided(Verdict::Throttled { wait_us: num(a) }),
+            2 => Self::Decided(Verdict::QuotaSpent {
+                tokens: num(a),
+                until_full_us: num(b),
+            }),
+            3 => Self::OtherDay(EpochDay(u32::try_from(num(a)).unwrap_or(0))),
+            other => {
+                return Err(LimiterError::Redis(format!(
+                    "the limiter script answered status {other}"
+                )));
+            }
+        })
+    }
+}
+
+/// One request waiting for the batcher: whose records the script reads, and its arguments.
+struct Job {
+    key_id: Box<str>,
+    plan_id: Box<str>,
+    method: Box<str>,
+    args: [u64; ARGS_PER_CALL],
+    reply: oneshot::Sender<Result<Raw, LimiterError>>,
+}
+
+impl Job {
+    /// `call`'s arguments for the quota window containing `day`, and the window.
+    fn args(call: &KeyCall<'_>, day: EpochDay) -> ([u64; ARGS_PER_CALL], Option<QuotaWindow>) {
+        // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
+        // bucket's size stays exact.
+        let (interval_us, tolerance_us) = call.throttle.map_or((0, 0), |g| {
+            (
+                (g.interval() / 1000).max(1),
+                g.interval().saturating_mul(g.burst()) / 1000,
+            )
+        });
+        let window = call.quota.map(|q| QuotaWindow::containing(q, day));
+        let args = [
+            u64::from(call.throttle.is_some()),
+            interval_us,
+            tolerance_us,
+            u64::from(call.quota.is_some()),
+            call.quota.map_or(0, |q| u64::from(q.limit)),
+            window.map_or(0, |w| u64::from(w.start.0)),
+            window.map_or(0, |w| u64::from(w.end.0)),
+        ];
+        (args, window)
+    }
+}
+
+/// A Lua script sent by its SHA1, and its source for when Redis has not cached it (a new or restarted
+/// server, or a cluster node).
+struct LuaScript {
+    sha: String,
+    source: String,
+}
+
+impl LuaScript {
+    fn new(source: String) -> Self {
+        Self {
+            sha: Script::new(&source).get_hash().to_owned(),
+            source,
+        }
+    }
+
+    /// An `EVALSHA` of this script with `keys` keys; the caller appends the keys, then the arguments.
+    fn call(&self, keys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(keys);
+        cmd
+    }
+
+    /// Runs `call` (from [`LuaScript::call`]), caching the script and retrying once when Redis lacks it;
+    /// every round trip bounded by `timeout`.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        conn: &Conn,
+        timeout: Duration,
+        call: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let answer = query(conn, timeout, call).await;
+        match answer {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(&self.source);
+                query::<String>(conn, timeout, &load).await?;
+                query(conn, timeout, call).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Sends queued requests to Redis, many per script call: while one call is in flight the next
+/// requests queue, so under load a round trip and a script run are shared by everything that arrived
+/// meanwhile, and when idle a request goes alone at once. Redis Cluster runs a script on one slot, so
+/// there a call carries one API key's requests (its records share the key's hash tag).
+async fn batcher(
+    conn: Conn,
+    script: LuaScript,
+    timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // The first request's wake-up ran this task ahead of the other connections that are ready
+        // now; let them queue theirs first, so the call carries them too.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // Microseconds since the epoch, or 0 for Redis's own clock.
+        let clock_us = clock.as_ref().map_or(0, |c| c.now() / 1000);
+        match &conn {
+            Conn::Single(_) => run_batch(&conn, &script, timeout, clock_us, &mut batch).await,
+            Conn::Cluster(_) => {
+                batch.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+                let mut groups = Vec::new();
+                while let Some(last) = batch.last() {
+                    let key_id = last.key_id.clone();
+                    let at = batch.partition_point(|j| j.key_id < key_id);
+                    groups.push(batch.split_off(at));
+                }
+                futures_util::future::join_all(
+                    groups
+                        .iter_mut()
+                        .map(|group| run_batch(&conn, &script, timeout, clock_us, group)),
+                )
+                .await;
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// One script call for `batch`; every job gets its answer or the call's error.
+async fn run_batch(
+    conn: &Conn,
+    script: &LuaScript,
+    timeout: Duration,
+    clock_us: u64,
+    batch: &mut Vec<Job>,
+) {
+    let mut scratch = String::new();
+    let mut call = script.call(batch.len() * 4);
+    for job in batch.iter() {
+        keys::limiter_keys(&mut scratch, &job.key_id, &job.plan_id, &job.method, |k| {
+            call.arg(k);
+        });
+    }
+    call.arg(clock_us);
+    for job in batch.iter() {
+        for arg in job.args {
+            call.arg(arg);
+        }
+    }
+    let answer = script.eval::<Vec<Raw>>(conn, timeout, &call).await;
+    let err = match answer {
+        Ok(answers) if answers.len() == batch.len() => {
+            for (job, answer) in batch.drain(..).zip(answers) {
+                let _ = job.reply.send(Ok(answer));
+            }
+            return;
+        }
+        Ok(answers) => format!("{} answers for {} requests", answers.len(), batch.len()),
+        Err(e) => e.to_string(),
+    };
+    for job in batch.drain(..) {
+        let _ = job.reply.send(Err(LimiterError::Redis(err.clone())));
+    }
+}
+
+/// Sends `cmd`, bounded by `timeout`.
+async fn query<T: redis::FromRedisValue>(
+    conn: &Conn,
+    timeout: Duration,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let mut conn = conn.clone();
+    within(timeout, async move {
+        match &mut conn {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    })
+    .await
+}
+
+/// `call`'s answer, or a timeout error once `timeout` has passed.
+async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no answer",
+                format!("within {timeout:?}"),
+            )))
+        })
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Why the script could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    /// Redis failed or did not answer in time.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// The shared limiter of one instance.
+pub struct RedisLimiter {
+    conn: Conn,
+    /// Requests for the batcher task.
+    jobs: mpsc::Sender<Job>,
+    set_remaining: LuaScript,
+    timeout: Duration,
+    /// What happens while Redis is unavailable.
+    pub on_failure: OnStoreFailure,
+    degraded: AtomicBool,
+    /// Until when (clock nanos) requests skip Redis after a failure, so a dead Redis costs one
+    /// timeout per interval rather than one per request.
+    skip_until: AtomicU64,
+}
+
+/// How long requests bypass Redis after it failed, before one tries again.
+const BACKOFF_NANOS: u64 = 500_000_000;
+
+impl RedisLimiter {
+    /// A limiter on `urls` (seed nodes when `cluster`), every call bounded by `timeout`, deciding on
+    /// Redis's clock.
+    pub async fn connect(
+        urls: &[String],
+        cluster: bool,
+        timeout: Duration,
+        on_failure: OnStoreFailure,
+    ) -> Result<Self, LimiterError> {
+        Self::connect_with_clock(urls, cluster, timeout, on_failure, None).await
+    }
+
+    /// [`RedisLimiter::connect`], with the script reading `clock` instead of Redis's: for tests that
+    /// replay requests at chosen instants.
+    async fn connect_with_clock(
+        urls: &[String],
+        cluster: bool,
+        timeout: Duration,
+        on_failure: OnStoreFailure,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<Self, LimiterError> {
+        let err = |e: redis::RedisError| LimiterError::Redis(e.to_string());
+        let conn = if cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(err)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(err)?)
+        } else {
+            let url = urls
+                .first()
+                .ok_or_else(|| LimiterError::Redis("no Redis URL".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(err)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            // Lazy: an instance may start while Redis is down and serve in its fallback mode.
+            Conn::Single(client.get_connection_manager_lazy(config).map_err(err)?)
+        };
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        let script = LuaScript::new(format!("{COUNTED}{LIMIT}"));
+        tokio::spawn(batcher(conn.clone(), script, timeout, clock, queue));
+        Ok(Self {
+            conn,
+            jobs,
+            set_remaining: LuaScript::new(format!("{COUNTED}{SET_REMAINING}")),
+            timeout,
+            on_failure,
+            degraded: AtomicBool::new(false),
+            skip_until: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether Redis is currently considered unavailable.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, healthy: bool, now: u64, why: &str) {
+        if !healthy {
+            self.skip_until
+                .store(now.saturating_add(BACKOFF_NANOS), Ordering::Relaxed);
+        }
+        // Logged once per change of state, not per request.
+        if self.degraded.swap(!healthy, Ordering::Relaxed) == healthy {
+            if healthy {
+                tracing::warn!("redis is reachable again; limits are shared again");
+            } else {
+                tracing::error!(error = %why, mode = ?self.on_failure, "redis is unavailable; serving with onStoreFailure");
+            }
+        }
+    }
+
+    /// Decides a keyed request's own limits (its bucket, its quota) and counts it when admitted.
+    /// `now` (this instance's clock) picks the quota window and times the backoff after a failure;
+    /// the bucket runs on Redis's clock. `Err` means Redis could not be asked: the caller applies
+    /// [`OnStoreFailure`].
+    pub async fn decide(&self, call: &KeyCall<'_>, now: u64) -> Result<Decided, LimiterError> {
+        if now < self.skip_until.load(Ordering::Relaxed) {
+            return Err(LimiterError::Redis("backing off after a failure".into()));
+        }
+        let result = match self.decide_on(call, EpochDay::from_nanos(now)).await {
+            // Our clock and Redis's disagree about the day (around midnight): use Redis's day.
+            Ok(Err(day)) => self.decide_on(call, day).await,
+            other => other,
+        };
+        match result {
+            Ok(Ok(decided)) => {
+                self.mark(true, now, "");
+                Ok(decided)
+            }
+            Ok(Err(_)) => Err(LimiterError::Redis(
+                "redis and this instance disagree about the date".into(),
+            )),
+            Err(e) => {
+                self.mark(false, now, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// One ask with the quota window containing `day`; `Ok(Err(day))` when the script's day differs.
+    async fn decide_on(
+        &self,
+        call: &KeyCall<'_>,
+        day: EpochDay,
+    ) -> Result<Result<Decided, EpochDay>, LimiterError> {
+        let (args, window) = Job::args(call, day);
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            key_id: call.key_id.into(),
+            plan_id: call.plan_id.into(),
+            method: call.method.into(),
+            args,
+            reply,
+        };
+        let gone = || LimiterError::Redis("the limiter's batcher stopped".into());
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        let raw = answer.await.map_err(|_| gone())??;
+        Ok(match Answer::decode(raw)? {
+            Answer::Decided(verdict) => Ok(Decided { verdict, window }),
+            Answer::OtherDay(day) => Err(day),
+        })
+    }
+
+    /// AWS UpdateUsage in cluster mode: sets the shared count of `key_id` under `plan_id` (whose
+    /// quota is `quota`) so `remaining` are left in the period containing `now`; returns by how much
+    /// the count changed.
+    pub async fn set_remaining(
+        &self,
+        key_id: &str,
+        plan_id: &str,
+        quota: &QuotaSettings,
+        remaining: i64,
+        now: u64,
+    ) -> Result<i64, LimiterError> {
+        let today = EpochDay::from_nanos(now);
+        let window = QuotaWindow::containing(quota, today);
+        let used = i64::from(quota.limit) - remaining;
+        let mut call = self.set_remaining.call(4);
+        let mut scratch = String::new();
+        keys::limiter_keys(&mut scratch, key_id, plan_id, "", |k| {
+            call.arg(k);
+        });
+        call.arg(window.start.0)
+            .arg(used)
+            .arg(window.end.0)
+            .arg(today.0);
+        self.set_remaining
+            .eval::<i64>(&self.conn, self.timeout, &call)
+            .await
+            .map_err(|e| LimiterError::Redis(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_core::clock::{ManualClock, NANOS_PER_SEC};
+    use tollgate_core::gcra::{GcraState, ThrottleDecision};
+    use tollgate_core::quota::{Period, Quota, QuotaCount, QuotaDecision};
+    use tollgate_core::{SystemClock, ThrottleSettings};
+
+    use super::*;
+    use crate::testing::RedisServer;
+
+    fn gcra(rate_limit: f64, burst_limit: u32) -> Gcra {
+        Gcra::new(ThrottleSettings {
+            rate_limit,
+            burst_limit,
+        })
+    }
+
+    fn day_quota(limit: u32) -> QuotaSettings {
+        QuotaSettings {
+            limit,
+            offset: 0,
+            period: Period::Day,
+        }
+    }
+
+    fn call<'a>(
+        key_id: &'a str,
+        throttle: &'a Gcra,
+        quota: Option<&'a QuotaSettings>,
+    ) -> KeyCall<'a> {
+        KeyCall {
+            key_id,
+            plan_id: "p",
+            method: "",
+            throttle: Some(throttle),
+            quota,
+        }
+    }
+
+    fn admitted(d: &Result<Decided, LimiterError>) -> bool {
+        matches!(
+            d,
+            Ok(Decided {
+                verdict: Verdict::Admitted { .. },
+                ..
+            })
+        )
+    }
+
+    async fn count_admitted(limiter: &RedisLimiter, call: &KeyCall<'_>, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            ok += usize::from(admitted(&limiter.decide(call, SystemClock.now()).await));
+        }
+        ok
+    }
+
+    fn flush_all(redis: &RedisServer) {
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    }
+
+    #[tokio::test]
+    async fn buckets_and_quotas_in_redis() {
+        let redis = RedisServer::start();
+        let limiter = RedisLimiter::connect(
+            &[redis.url()],
+            false,
+            Duration::from_millis(500),
+            OnStoreFailure::Deny,
+        )
+        .await
+        .unwrap();
+
+        // A slow bucket of 3: three pass, the rest wait (the refill is one per 100 s).
+        let slow = gcra(0.01, 3);
+        assert_eq!(
+            count_admitted(&limiter, &call("k", &slow, None), 10).await,
+            3
+        );
+
+        // A rate above a million per second keeps its bucket (it once rounded to zero and refused all).
+        flush_all(&redis);
+        let fast = gcra(1e9, 1_000_000);
+        assert_eq!(
+            count_admitted(&limiter, &call("k", &fast, None), 50).await,
+            50
+        );
+
+        // A quota of 5 a day, from a clean slate (the count starts from the day's usage so far).
+        flush_all(&redis);
+        let quota = day_quota(5);
+        let roomy = gcra(1e6, 1000);
+        let limited = call("k", &roomy, Some(&quota));
+        assert_eq!(count_admitted(&limiter, &limited, 8).await, 5);
+        let changed = limiter
+            .set_remaining("k", "p", &quota, 2, SystemClock.now())
+            .await
+            .unwrap();
+        assert_eq!(changed, -2);
+        assert_eq!(count_admitted(&limiter, &limited, 8).await, 2);
+        assert!(!limiter.degraded());
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_script_calls_and_stay_exact() {
+        let redis = RedisServer::start();
+        let limiter = RedisLimiter::connect(
+            &[redis.url()],
+            false,
+            Duration::from_secs(2),
+            OnStoreFailure::Deny,
+        )
+        .await
+        .unwrap();
+        let quota = day_quota(100);
+        let roomy = gcra(1e6, 100_000);
+        let limited = call("k", &roomy, Some(&quota));
+        let now = SystemClock.now();
+        let decisions =
+            futures_util::future::join_all((0..300).map(|_| limiter.decide(&limited, now))).await;
+        assert_eq!(
+            decisions.iter().filter(|d| admitted(d)).count(),
+            100,
+            "the quota holds under concurrency"
+        );
+        assert!(decisions.iter().all(Result::is_ok), "no call failed");
+
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let used: u64 = redis::cmd("HGET")
+            .arg(keys::usage("k", "p"))
+            .arg(EpochDay::from_nanos(now).0)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(used, 100, "every admitted request is metered once");
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        let calls: u64 = stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            (1..=10).contains(&calls),
+            "300 requests took {calls} script calls"
+        );
+
+        // A burst of 50 (one token per 100 s) holds as exactly under concurrency, for two keys whose
+        // requests are interleaved in the same calls: each keeps its own bucket.
+        redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+        let slow = gcra(0.01, 50);
+        let calls = [call("k", &slow, None), call("k2", &slow, None)];
+        let decisions =
+            futures_util::future::join_all((0..600).map(|i| limiter.decide(&calls[i % 2], now)))
+                .await;
+        let admitted_of = |key| {
+            decisions
+                .iter()
+                .skip(key)
+                .step_by(2)
+                .filter(|d| admitted(d))
+                .count()
+        };
+        assert_eq!((admitted_of(0), admitted_of(1)), (50, 50));
+    }
+
+    /// A key's limits kept by the Rust rules in `tollgate-core`, as the embedded mode keeps them.
+    struct RustSide {
+        gcra: Option<Gcra>,
+        bucket: GcraState,
+        quota: Option<Quota>,
+        count: QuotaCount,
+    }
+
+    impl RustSide {
+        fn decide(&self, now: u64) -> Verdict {
+            let mut tokens = 0;
+            let mut until_full_us = 0;
+            if let Some(g) = &self.gcra {
+                match g.check(&self.bucket, now) {
+                    ThrottleDecision::Allowed { remaining } => {
+                        tokens = u64::from(remaining);
+                        until_full_us = g.until_full(&self.bucket, now) / 1000;
+                    }
+                    ThrottleDecision::Refused { retry_after } => {
+                        return Verdict::Throttled {
+                            wait_us: retry_after / 1000,
+                        };
+                    }
+                }
+            }
+            let mut quota_left = 0;
+            if let Some(q) = &self.quota {
+                match q.try_consume(&self.count, now) {
+                    QuotaDecision::Allowed { remaining, .. } => quota_left = remaining,
+                    QuotaDecision::Refused { .. } => {
+                        return Verdict::QuotaSpent {
+                            tokens,
+                            until_full_us,
+                        };
+                    }
+                }
+            }
+            Verdict::Admitted {
+                tokens,
+                quota_left,
+                until_full_us,
+            }
+        }
+    }
+
+    /// splitmix64: a fixed, seedable sequence, so a failing run can be replayed by its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust
+    /// (`tollgate-core`, the embedded mode) and in Lua (`lua/limit.lua`, cluster mode). The same
+    /// random sequences of requests (several keys, bursts, refills, quota period boundaries) go
+    /// through both, on one manual clock, and every decision must be the same.
+    #[tokio::test]
+    async fn the_lua_script_decides_as_the_rust_rules_do() {
+        let redis = RedisServer::start();
+        // The test's clock starts at the next whole second of real time (so Redis's expiries, which
+        // run on real time, are in the future) and moves only when the sequence says.
+        let start = SystemClock.now().div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC;
+        let clock = Arc::new(ManualClock::new(start));
+        let limiter = RedisLimiter::connect_with_clock(
+            &[redis.url()],
+            false,
+            Duration::from_secs(2),
+            OnStoreFailure::Deny,
+            Some(clock.clone()),
+        )
+        .await
+        .unwrap();
+        // Rates whose token interval is a whole number of microseconds (the script's unit).
+        let shapes: [(Option<(f64, u32)>, Option<QuotaSettings>); 5] = [
+            (Some((1.0, 3)), Some(day_quota(7))),
+            (Some((20.0, 5)), None),
+            (None, Some(day_quota(4))),
+            (
+                Some((0.5, 2)),
+                Some(QuotaSettings {
+                    limit: 12,
+                    offset: 3,
+                    period: Period::Week,
+                }),
+            ),
+            (
+                Some((100.0, 1)),
+                Some(QuotaSettings {
+                    limit: 30,
+                    offset: 0,
+                    period: Period::Month,
+                }),
+            ),
+        ];
+        let mut decisions = 0;
+        for seed in 0..6u64 {
+            flush_all(&redis);
+            clock.set(start);
+            let sides: Vec<RustSide> = shapes
+                .iter()
+                .map(|(t, q)| RustSide {
+                    gcra: t.map(|(rate, burst)| gcra(rate, burst)),
+                    bucket: GcraState::default(),
+                    quota: q.map(Quota::new),
+                    count: QuotaCount::default(),
+                })
+                .collect();
+            let ids: Vec<String> = (0..sides.len()).map(|i| format!("key{i}")).collect();
+            let mut rng = Rng(seed);
+            for step in 0..400 {
+                match rng.below(10) {
+                    // A burst of requests from one key.
+                    0..=5 => {
+                        let k = rng.below(sides.len() as u64) as usize;
+                        for _ in 0..=rng.below(4) {
+                            let now = clock.now();
+                            let side = &sides[k];
+                            let call = KeyCall {
+                                key_id: &ids[k],
+                                plan_id: "p",
+                                method: "",
+                                throttle: side.gcra.as_ref(),
+                                quota: shapes[k].1.as_ref(),
+                            };
+                            let lua = limiter.decide(&call, now).await.unwrap().verdict;
+                            let rust = side.decide(now);
+                            assert_eq!(lua, rust, "seed {seed}, step {step}, key {k}");
+                            decisions += 1;
+                        }
+                    }
+                    // Time for some tokens to come back: up to three seconds, to the microsecond.
+                    6..=8 => clock.advance(rng.below(3_000_000) * 1000),
+                    // To a second before the next UTC midnight: the next steps cross it.
+                    _ => {
+                        let day = EpochDay::from_nanos(clock.now());
+                        clock.set(day.next().start_nanos() - NANOS_PER_SEC);
+                    }
+                }
+            }
+        }
+        assert!(decisions > 3_000, "{decisions} decisions compared");
+    }
+}
