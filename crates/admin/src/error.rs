@@ -40,12 +40,6 @@ impl From<StoreError> for AdminError {
     }
 }
 
-impl From<tollgate_gateway::GatewayError> for AdminError {
-    fn from(e: tollgate_gateway::GatewayError) -> Self {
-        AdminError::Internal(e.to_string())
-    }
-}
-
 /// Shorthand for AWS's message for unknown API key ids.
 pub fn unknown_key() -> AdminError {
     AdminError::NotFound("Invalid API Key identifier specified".into())

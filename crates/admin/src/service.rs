@@ -12,12 +12,12 @@ use std::sync::Arc;
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
+use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
-use tollgate_gateway::config::{PlanError, check_api_stage, check_throttle};
-use tollgate_gateway::{GatewayHandle, Snapshot};
-use tollgate_store::report::{check_range, plan_usage};
-use tollgate_store::{KeyIndex, OnStoreFailure, Store, ids};
+use tollgate_store::report::{check_range, period_usage, plan_usage};
+use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, Store, ids};
 
+use crate::data_plane::DataPlane;
 use crate::error::{AdminError, unknown_key, unknown_plan};
 use crate::seal::Sealer;
 use crate::sigv4::Credentials;
@@ -38,6 +38,8 @@ pub struct AdminSettings {
     pub credentials: Vec<Credentials>,
     /// Set when key values are stored encrypted (`keyValueStorage: encrypted`).
     pub sealer: Option<Sealer>,
+    /// What usage plans may name of the configured APIs.
+    pub apis: Vec<ApiOutline>,
 }
 
 /// The plans whose live quota counts a write invalidates: they are recomputed from the store.
@@ -46,7 +48,7 @@ pub(crate) type Recount = Vec<String>;
 /// The control plane.
 pub struct Admin {
     pub(crate) store: Arc<dyn Store>,
-    gateway: GatewayHandle,
+    gateway: Arc<dyn DataPlane>,
     /// The usage plans; the lock also serialises writes.
     pub(crate) plans: tokio::sync::Mutex<Vec<UsagePlan>>,
     pub(crate) settings: AdminSettings,
@@ -57,7 +59,7 @@ pub struct Admin {
 /// keys, an import, stays linear).
 pub(crate) struct Catalog<'a> {
     pub(crate) plans: &'a mut Vec<UsagePlan>,
-    served: &'a Snapshot,
+    served: &'a dyn Memberships,
     new_keys: BTreeMap<KeyHash, String>,
     new_bindings: HashMap<String, Vec<String>>,
 }
@@ -281,7 +283,7 @@ impl Admin {
     pub fn new(
         store: Arc<dyn Store>,
         plans: Vec<UsagePlan>,
-        gateway: GatewayHandle,
+        gateway: Arc<dyn DataPlane>,
         settings: AdminSettings,
     ) -> Self {
         Self {
@@ -294,15 +296,14 @@ impl Admin {
 
     /// The health answer: status code and body.
     pub fn health(&self) -> (http::StatusCode, serde_json::Value) {
-        match self.gateway.limiter() {
+        match self.gateway.shared_store() {
             None => (
                 http::StatusCode::OK,
                 serde_json::json!({"status": "ok", "store": "sqlite"}),
             ),
-            Some(limiter) => {
-                let mode = limiter.on_failure.name();
-                let degraded = limiter.degraded();
-                let status = if degraded && limiter.on_failure == OnStoreFailure::Deny {
+            Some((degraded, on_failure)) => {
+                let mode = on_failure.name();
+                let status = if degraded && on_failure == OnStoreFailure::Deny {
                     http::StatusCode::SERVICE_UNAVAILABLE
                 } else {
                     http::StatusCode::OK
@@ -338,11 +339,11 @@ impl Admin {
 
     /// Current time, epoch seconds, by the gateway's clock.
     pub fn now_secs(&self) -> i64 {
-        i64::try_from(self.gateway.clock().now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
+        i64::try_from(self.gateway.now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
     }
 
     fn today(&self) -> EpochDay {
-        EpochDay::from_nanos(self.gateway.clock().now())
+        EpochDay::from_nanos(self.gateway.now())
     }
 
     /// Runs a write under the write lock, then serves the store's records from the next request on
@@ -365,10 +366,10 @@ impl Admin {
         plans: &mut Vec<UsagePlan>,
         f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<T, AdminError>,
     ) -> Result<T, AdminError> {
-        let served = self.gateway.snapshot();
+        let served = self.gateway.served();
         let mut catalog = Catalog {
             plans,
-            served: &served,
+            served: &*served,
             new_keys: BTreeMap::new(),
             new_bindings: HashMap::new(),
         };
@@ -387,12 +388,12 @@ impl Admin {
         let started = std::time::Instant::now();
         if !recount.is_empty() {
             // Quota counts are rebuilt from the store: everything counted so far must be in it.
-            self.gateway.flush().await?;
+            self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
         let today = self.today();
         let (index, used) = tokio::task::block_in_place(|| -> Result<_, AdminError> {
             let index = self.store.load_index()?;
-            let used = tollgate_gateway::period_usage(
+            let used = period_usage(
                 &*self.store,
                 index.plans.iter().filter(|p| recount.contains(&p.id)),
                 today,
@@ -596,8 +597,7 @@ impl Admin {
     // ---- usage plans ----
 
     fn check_plan(&self, plan: &UsagePlan, catalog: &Catalog<'_>) -> Result<(), AdminError> {
-        let snapshot = self.gateway.snapshot();
-        let apis = &snapshot.config().apis;
+        let apis = &self.settings.apis;
         for (i, stage) in plan.api_stages.iter().enumerate() {
             check_api_stage(apis, stage, plan.throttle.is_some()).map_err(|e| match e {
                 PlanError::UnknownApi { api, stage } | PlanError::UnknownStage { api, stage } => {
@@ -710,7 +710,7 @@ impl Admin {
     /// GetUsagePlans, optionally only the plans containing `key_id`.
     pub async fn list_plans(&self, key_id: Option<&str>, paging: &Paging) -> Page<UsagePlanOut> {
         let plans = self.plans.lock().await;
-        let served = self.gateway.snapshot();
+        let served = self.gateway.served();
         let of_key = key_id.map(|k| served.plans_of(k));
         let items = plans
             .iter()
@@ -820,7 +820,7 @@ impl Admin {
         if !self.plans.lock().await.iter().any(|p| p.id == plan_id) {
             return Err(unknown_plan());
         }
-        let bound = self.gateway.snapshot().plans_of(key_id).contains(&plan_id);
+        let bound = self.gateway.served().plans_of(key_id).contains(&plan_id);
         let key = match bound {
             true => tokio::task::block_in_place(|| self.store.key(key_id))?,
             false => None,
@@ -837,7 +837,7 @@ impl Admin {
         name: Option<&str>,
         paging: &Paging,
     ) -> Result<Page<UsagePlanKeyOut>, AdminError> {
-        let served = self.gateway.snapshot();
+        let served = self.gateway.served();
         let members = served.keys_of(plan_id);
         let start = start_at(&members, |k| k, paging);
         // Keys are read from the store only as far as the page goes.
@@ -893,13 +893,13 @@ impl Admin {
         };
         let (from, to) = (parse(start, "start")?, parse(end, "end")?);
         check_range(from, to).map_err(bad)?;
-        self.gateway.flush().await?;
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
         let plans = self.plans.lock().await;
         let plan = plans
             .iter()
             .find(|p| p.id == plan_id)
             .ok_or_else(unknown_plan)?;
-        let served = self.gateway.snapshot();
+        let served = self.gateway.served();
         let members = served.keys_of(plan_id);
         let usage = tokio::task::block_in_place(|| {
             plan_usage(&*self.store, &members, plan, key_id, from, to)
@@ -944,14 +944,14 @@ impl Admin {
         }
         let remaining =
             remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
-        self.gateway.flush().await?;
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
         let window_start = {
             let plans = self.plans.lock().await;
             let plan = plans
                 .iter()
                 .find(|p| p.id == plan_id)
                 .ok_or_else(unknown_plan)?;
-            let snapshot = self.gateway.snapshot();
+            let snapshot = self.gateway.served();
             if !snapshot.plans_of(key_id).contains(&plan_id) {
                 return Err(unknown_key());
             }
@@ -959,29 +959,18 @@ impl Admin {
                 .quota
                 .ok_or_else(|| bad(format!("Usage plan {plan_id} has no quota")))?;
             let start = QuotaWindow::containing(&quota, self.today()).start;
-            let now = self.gateway.clock().now();
-            let grant = snapshot.grant_of(plan_id, key_id);
-            // The local count always follows (cluster mode falls back to it when Redis is down).
-            let local = grant.and_then(|g| g.set_remaining(now, remaining));
-            let live = match (grant, self.gateway.limiter()) {
-                (Some(g), Some(limiter)) => match g.quota() {
-                    Some(q) => Some(
-                        limiter
-                            .set_remaining(key_id, plan_id, q.settings(), remaining, now)
-                            .await
-                            .map_err(|e| AdminError::Internal(e.to_string()))?,
-                    ),
-                    None => None,
-                },
-                _ => local,
-            };
+            let live = self
+                .gateway
+                .set_remaining(plan_id, key_id, remaining)
+                .await
+                .map_err(AdminError::Internal)?;
             let delta = match live {
                 Some(delta) => delta,
                 // The key is in the plan but not served (e.g. the plan covers no configured stage):
                 // compute the change from the stored count instead.
                 None => {
                     let used = tokio::task::block_in_place(|| {
-                        tollgate_gateway::period_usage(&*self.store, [plan], self.today())
+                        period_usage(&*self.store, [plan], self.today())
                     })?;
                     let now_used = used
                         .get(&(plan_id.to_string(), key_id.to_string()))

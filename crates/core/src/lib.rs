@@ -6,6 +6,7 @@ pub mod clock;
 pub mod gcra;
 pub mod model;
 pub mod quota;
+pub mod rules;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use gcra::{Gcra, GcraState, ThrottleDecision};

@@ -25,6 +25,14 @@ pub enum Period {
 }
 
 impl Period {
+    /// Every period, in AWS's order.
+    pub const ALL: [Self; 3] = [Self::Day, Self::Week, Self::Month];
+
+    /// The period AWS names `name` (`DAY`, `WEEK`, `MONTH`).
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.to_string() == name)
+    }
+
     /// The largest `offset` this period accepts.
     pub fn max_offset(self) -> u32 {
         match self {

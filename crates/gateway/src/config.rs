@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tollgate_core::ThrottleSettings;
+use tollgate_core::rules::ApiOutline;
 
 use crate::http1::KeptFields;
 
@@ -218,82 +219,21 @@ pub enum Integration {
     },
 }
 
-/// Why a usage plan's API stage does not fit the configured APIs; messages are AWS's where AWS has one.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PlanError {
-    /// No such API.
-    #[error("Invalid API Stage {{api: {api}, stage: {stage}}}: no API {api:?} is configured")]
-    UnknownApi {
-        /// The API id.
-        api: String,
-        /// The stage.
-        stage: String,
-    },
-    /// The API has no such stage.
-    #[error("Invalid API Stage {{api: {api}, stage: {stage}}}: API {api:?} has no stage {stage:?}")]
-    UnknownStage {
-        /// The API id.
-        api: String,
-        /// The stage.
-        stage: String,
-    },
-    /// Per-method throttles need a plan throttle (AWS's rule and message).
-    #[error("Can not define fine grain throttling if usage plan throttle is not defined.")]
-    FineGrainWithoutPlanThrottle,
-    /// A per-method throttle key names no route.
-    #[error("{key:?} names no route of this API; use \"/path/METHOD\", one of: {}", known.join(", "))]
-    UnknownMethod {
-        /// The offending key.
-        key: String,
-        /// The keys that exist.
-        known: Vec<String>,
-    },
-    /// A negative, infinite or NaN rate.
-    #[error("rateLimit must be a number of requests per second, 0 or more")]
-    BadRate,
-}
-
-/// Checks a throttle's values.
-pub fn check_throttle(t: &ThrottleSettings) -> Result<(), PlanError> {
-    if t.rate_limit.is_finite() && t.rate_limit >= 0.0 {
-        Ok(())
-    } else {
-        Err(PlanError::BadRate)
+impl GatewayConfig {
+    /// What usage plans may name of the configured APIs: each API's stages and per-method throttle
+    /// keys.
+    pub fn outline(&self) -> Vec<ApiOutline> {
+        self.apis.iter().map(Api::outline).collect()
     }
 }
 
-/// Checks that `stage` names a configured API stage and that its per-method throttles name routes of
-/// that API (and are allowed: the plan must have a throttle).
-pub fn check_api_stage(
-    apis: &[Api],
-    stage: &tollgate_core::ApiStage,
-    plan_has_throttle: bool,
-) -> Result<(), PlanError> {
-    let api = apis
-        .iter()
-        .find(|a| a.id == stage.api_id)
-        .ok_or_else(|| PlanError::UnknownApi {
-            api: stage.api_id.clone(),
-            stage: stage.stage.clone(),
-        })?;
-    if !api.stages.iter().any(|s| s.name == stage.stage) {
-        return Err(PlanError::UnknownStage {
-            api: stage.api_id.clone(),
-            stage: stage.stage.clone(),
-        });
-    }
-    if !stage.throttle.is_empty() && !plan_has_throttle {
-        return Err(PlanError::FineGrainWithoutPlanThrottle);
-    }
-    let known: Vec<String> = api.routes.iter().map(Route::throttle_key).collect();
-    for (key, t) in &stage.throttle {
-        if !known.contains(key) {
-            return Err(PlanError::UnknownMethod {
-                key: key.clone(),
-                known,
-            });
+impl Api {
+    /// What usage plans may name of this API: its stages and per-method throttle keys.
+    pub fn outline(&self) -> ApiOutline {
+        ApiOutline {
+            id: self.id.clone(),
+            stages: self.stages.iter().map(|s| s.name.clone()).collect(),
+            methods: self.routes.iter().map(Route::throttle_key).collect(),
         }
-        check_throttle(t)?;
     }
-    Ok(())
 }

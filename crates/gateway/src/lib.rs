@@ -35,6 +35,5 @@ pub use admit::{Admission, admit_locally};
 pub use config::GatewayConfig;
 pub use server::{
     DEFAULT_HEAD_TIMEOUT, DescriptorBudget, Gateway, GatewayError, GatewayHandle, GatewayOptions,
-    period_usage,
 };
 pub use snapshot::Snapshot;

@@ -10,9 +10,10 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_core::Clock;
-use tollgate_core::UsagePlan;
-use tollgate_core::quota::{EpochDay, QuotaWindow};
-use tollgate_store::limiter::RedisLimiter;
+use tollgate_core::quota::EpochDay;
+use tollgate_store::OnStoreFailure;
+use tollgate_store::limiter::{LimiterError, RedisLimiter};
+use tollgate_store::report::period_usage;
 use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
@@ -129,6 +130,9 @@ pub enum GatewayError {
     /// A blocking store task panicked or was cancelled.
     #[error("store task failed: {0}")]
     Task(String),
+    /// The shared limiter could not be asked.
+    #[error(transparent)]
+    Limiter(#[from] LimiterError),
 }
 
 /// A gateway ready to serve.
@@ -166,9 +170,37 @@ impl GatewayHandle {
         );
     }
 
-    /// The cluster-mode limiter, if this gateway shares its limits through Redis.
-    pub fn limiter(&self) -> Option<&RedisLimiter> {
-        self.shared.limiter.as_ref()
+    /// In cluster mode, whether Redis is unavailable now and what keyed requests get meanwhile;
+    /// `None` on the embedded store.
+    pub fn shared_store(&self) -> Option<(bool, OnStoreFailure)> {
+        let limiter = self.shared.limiter.as_ref()?;
+        Some((limiter.degraded(), limiter.on_failure))
+    }
+
+    /// AWS UpdateUsage: sets what key `key_id` has left of plan `plan_id`'s quota in the current
+    /// period, on this instance and, in cluster mode, in Redis. Returns by how much the period's
+    /// count changed, or `None` when the membership is not served or the plan has no quota.
+    pub async fn set_remaining(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        remaining: i64,
+    ) -> Result<Option<i64>, GatewayError> {
+        let snap = self.snapshot();
+        let now = self.shared.clock.now();
+        let Some(grant) = snap.grant_of(plan_id, key_id) else {
+            return Ok(None);
+        };
+        // The local count always follows (cluster mode falls back to it when Redis is down).
+        let local = grant.set_remaining(now, remaining);
+        match (&self.shared.limiter, grant.quota()) {
+            (Some(limiter), Some(quota)) => limiter
+                .set_remaining(key_id, plan_id, quota.settings(), remaining, now)
+                .await
+                .map(Some)
+                .map_err(GatewayError::from),
+            _ => Ok(local),
+        }
     }
 
     /// The Prometheus text exposition of the data plane's counters.
@@ -184,29 +216,6 @@ impl GatewayHandle {
     pub async fn flush(&self) -> Result<(), GatewayError> {
         flush_once(&self.shared).await
     }
-}
-
-/// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing
-/// `today`, operator adjustments included: what a (re)built snapshot must start from so quotas survive
-/// restarts and plan changes.
-pub fn period_usage<'p>(
-    store: &dyn Store,
-    plans: impl IntoIterator<Item = &'p UsagePlan>,
-    today: EpochDay,
-) -> Result<HashMap<(String, String), i64>, StoreError> {
-    let mut used = HashMap::new();
-    for plan in plans {
-        let Some(quota) = &plan.quota else { continue };
-        let window = QuotaWindow::containing(quota, today);
-        for row in store.usage(&plan.id, None, window.start, today)? {
-            *used.entry((plan.id.clone(), row.key_id)).or_insert(0) +=
-                i64::try_from(row.used).unwrap_or(i64::MAX);
-        }
-        for adj in store.quota_adjustments(&plan.id, None, window.start, today)? {
-            *used.entry((plan.id.clone(), adj.key_id)).or_insert(0) += adj.delta;
-        }
-    }
-    Ok(used)
 }
 
 impl Gateway {

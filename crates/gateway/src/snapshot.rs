@@ -16,7 +16,7 @@ use http::Method;
 use tollgate_core::KeyHash;
 use tollgate_core::gcra::{Gcra, GcraState};
 use tollgate_core::quota::{EpochDay, Quota};
-use tollgate_store::KeyIndex;
+use tollgate_store::{KeyIndex, Memberships};
 
 use crate::config::{GatewayConfig, Route};
 use crate::key_table::{KeyTable, Member};
@@ -47,7 +47,7 @@ impl std::fmt::Debug for Grant<'_> {
 
 impl<'s> Grant<'s> {
     /// The plan's id.
-    pub fn plan_id(&self) -> &'s str {
+    pub fn plan_id(&self) -> &'s Arc<str> {
         &self.plan.id
     }
 
@@ -389,44 +389,6 @@ impl Snapshot {
         }
     }
 
-    /// Whether key `key_id` exists (enabled or not).
-    pub fn has_key(&self, key_id: &str) -> bool {
-        self.keys.by_id(key_id).is_some()
-    }
-
-    /// The id of the key whose value hashes to `hash`.
-    pub fn key_with_hash(&self, hash: &KeyHash) -> Option<&str> {
-        self.keys.find(hash).map(|k| self.keys.id(k))
-    }
-
-    /// The ids of the plans key `key_id` is in.
-    pub fn plans_of(&self, key_id: &str) -> Vec<&str> {
-        self.keys.by_id(key_id).map_or_else(Vec::new, |k| {
-            self.keys
-                .members_of(k)
-                .iter()
-                .map(|m| &*self.plans[m.plan as usize].id)
-                .collect()
-        })
-    }
-
-    /// The ids of the keys in plan `plan_id`, sorted.
-    pub fn keys_of(&self, plan_id: &str) -> Vec<&str> {
-        let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
-            return Vec::new();
-        };
-        self.keys
-            .in_id_order()
-            .filter(|&k| {
-                self.keys
-                    .members_of(k)
-                    .iter()
-                    .any(|m| m.plan as usize == plan)
-            })
-            .map(|k| self.keys.id(k))
-            .collect()
-    }
-
     /// The configuration this snapshot serves.
     pub fn config(&self) -> &GatewayConfig {
         &self.routing.config
@@ -506,6 +468,46 @@ impl Snapshot {
     /// How many segments the base path of the stage `path` addresses has (0 when none).
     pub fn base_depth(&self, path: &[u8]) -> usize {
         self.routing.router.base_depth(path)
+    }
+}
+
+impl Memberships for Snapshot {
+    /// Whether key `key_id` exists (enabled or not).
+    fn has_key(&self, key_id: &str) -> bool {
+        self.keys.by_id(key_id).is_some()
+    }
+
+    /// The id of the key whose value hashes to `hash`.
+    fn key_with_hash(&self, hash: &KeyHash) -> Option<&str> {
+        self.keys.find(hash).map(|k| self.keys.id(k))
+    }
+
+    /// The ids of the plans key `key_id` is in.
+    fn plans_of(&self, key_id: &str) -> Vec<&str> {
+        self.keys.by_id(key_id).map_or_else(Vec::new, |k| {
+            self.keys
+                .members_of(k)
+                .iter()
+                .map(|m| &*self.plans[m.plan as usize].id)
+                .collect()
+        })
+    }
+
+    /// The ids of the keys in plan `plan_id`, sorted.
+    fn keys_of(&self, plan_id: &str) -> Vec<&str> {
+        let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
+            return Vec::new();
+        };
+        self.keys
+            .in_id_order()
+            .filter(|&k| {
+                self.keys
+                    .members_of(k)
+                    .iter()
+                    .any(|m| m.plan as usize == plan)
+            })
+            .map(|k| self.keys.id(k))
+            .collect()
     }
 }
 

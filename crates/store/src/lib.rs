@@ -55,6 +55,19 @@ impl OnStoreFailure {
     }
 }
 
+/// The keys and plan memberships a data plane serves, as the control plane checks writes against
+/// them (the gateway's snapshot is one).
+pub trait Memberships: Send + Sync {
+    /// Whether key `key_id` exists (enabled or not).
+    fn has_key(&self, key_id: &str) -> bool;
+    /// The id of the key whose value hashes to `hash`.
+    fn key_with_hash(&self, hash: &tollgate_core::KeyHash) -> Option<&str>;
+    /// The ids of the plans key `key_id` is in.
+    fn plans_of(&self, key_id: &str) -> Vec<&str>;
+    /// The ids of the keys in plan `plan_id`, sorted.
+    fn keys_of(&self, plan_id: &str) -> Vec<&str>;
+}
+
 /// Everything the gateway needs to build its in-memory snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Records {

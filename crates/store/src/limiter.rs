@@ -38,8 +38,8 @@ const ARGS_PER_CALL: usize = 7;
 pub struct KeyCall<'a> {
     /// The API key's id (the hash tag of everything the script keeps for it).
     pub key_id: &'a str,
-    /// The usage plan's id.
-    pub plan_id: &'a str,
+    /// The usage plan's id (shared: the request path does not copy it).
+    pub plan_id: &'a Arc<str>,
     /// The per-method bucket's name (`api:stage:METHOD /path`), empty for the plan's bucket.
     pub method: &'a str,
     /// The bucket that limits the request, if any.
@@ -122,7 +122,7 @@ impl Answer {
 /// One request waiting for the batcher: whose records the script reads, and its arguments.
 struct Job {
     key_id: Box<str>,
-    plan_id: Box<str>,
+    plan_id: Arc<str>,
     method: Box<str>,
     args: [u64; ARGS_PER_CALL],
     reply: oneshot::Sender<Result<Raw, LimiterError>>,
@@ -457,7 +457,7 @@ impl RedisLimiter {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             key_id: call.key_id.into(),
-            plan_id: call.plan_id.into(),
+            plan_id: call.plan_id.clone(),
             method: call.method.into(),
             args,
             reply,
@@ -511,6 +511,8 @@ mod tests {
     use super::*;
     use crate::testing::RedisServer;
 
+    static PLAN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "p".into());
+
     fn gcra(rate_limit: f64, burst_limit: u32) -> Gcra {
         Gcra::new(ThrottleSettings {
             rate_limit,
@@ -533,7 +535,7 @@ mod tests {
     ) -> KeyCall<'a> {
         KeyCall {
             key_id,
-            plan_id: "p",
+            plan_id: &PLAN,
             method: "",
             throttle: Some(throttle),
             quota,
@@ -765,7 +767,9 @@ mod tests {
         .await
         .unwrap();
         // Rates whose token interval is a whole number of microseconds (the script's unit).
-        let shapes: [(Option<(f64, u32)>, Option<QuotaSettings>); 5] = [
+        // (rate, burst) and quota of each key.
+        type Shape = (Option<(f64, u32)>, Option<QuotaSettings>);
+        let shapes: [Shape; 5] = [
             (Some((1.0, 3)), Some(day_quota(7))),
             (Some((20.0, 5)), None),
             (None, Some(day_quota(4))),
@@ -811,7 +815,7 @@ mod tests {
                             let side = &sides[k];
                             let call = KeyCall {
                                 key_id: &ids[k],
-                                plan_id: "p",
+                                plan_id: &PLAN,
                                 method: "",
                                 throttle: side.gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),

@@ -1,6 +1,6 @@
 //! AWS GetUsage, computed from a store: one place for the CLI (offline) and the admin API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
@@ -107,6 +107,29 @@ fn of_key<'a, T>(items: &'a [T], key_id: &str, key: impl Fn(&T) -> &String) -> &
     let start = items.partition_point(|x| key(x).as_str() < key_id);
     let end = start + items[start..].partition_point(|x| key(x).as_str() == key_id);
     &items[start..end]
+}
+
+/// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing
+/// `today`, operator adjustments included: what a (re)built snapshot must start from so quotas survive
+/// restarts and plan changes.
+pub fn period_usage<'p>(
+    store: &(impl Store + ?Sized),
+    plans: impl IntoIterator<Item = &'p UsagePlan>,
+    today: EpochDay,
+) -> Result<HashMap<(String, String), i64>, StoreError> {
+    let mut used = HashMap::new();
+    for plan in plans {
+        let Some(quota) = &plan.quota else { continue };
+        let window = QuotaWindow::containing(quota, today);
+        for row in store.usage(&plan.id, None, window.start, today)? {
+            *used.entry((plan.id.clone(), row.key_id)).or_insert(0) +=
+                i64::try_from(row.used).unwrap_or(i64::MAX);
+        }
+        for adj in store.quota_adjustments(&plan.id, None, window.start, today)? {
+            *used.entry((plan.id.clone(), adj.key_id)).or_insert(0) += adj.delta;
+        }
+    }
+    Ok(used)
 }
 
 #[cfg(test)]

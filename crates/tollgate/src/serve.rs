@@ -1,18 +1,20 @@
 //! `tollgate serve`: open the store, apply the declared plans and keys, serve the data plane (and the
 //! admin API, when configured) until a signal.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
+use tollgate_admin::data_plane::{BoxFuture, DataPlane};
 use tollgate_admin::http::ListenerLimits;
 use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions};
 use tollgate_store::limiter::RedisLimiter;
-use tollgate_store::{RedisStore, Store, apply_declared};
+use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
 use crate::config::{Config, StoreKind};
 
@@ -125,8 +127,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let settings = AdminSettings {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
+                apis: gateway.handle().snapshot().config().outline(),
             };
-            let admin = Admin::new(store.clone(), plans, gateway.handle(), settings);
+            let plane = Arc::new(Plane(gateway.handle()));
+            let admin = Admin::new(store.clone(), plans, plane, settings);
             let limits = ListenerLimits {
                 max_connections: admin_config.max_connections,
                 head_timeout: config.header_timeout,
@@ -236,6 +240,49 @@ async fn subscribe(
     }
 }
 
+/// The running gateway, as the admin API drives it.
+struct Plane(GatewayHandle);
+
+impl DataPlane for Plane {
+    fn served(&self) -> Arc<dyn Memberships> {
+        self.0.snapshot()
+    }
+
+    fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>) {
+        self.0.reload(records, period_used);
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { self.0.flush().await.map_err(|e| e.to_string()) })
+    }
+
+    fn set_remaining<'a>(
+        &'a self,
+        plan_id: &'a str,
+        key_id: &'a str,
+        remaining: i64,
+    ) -> BoxFuture<'a, Result<Option<i64>, String>> {
+        Box::pin(async move {
+            self.0
+                .set_remaining(plan_id, key_id, remaining)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.0.clock().now()
+    }
+
+    fn shared_store(&self) -> Option<(bool, OnStoreFailure)> {
+        self.0.shared_store()
+    }
+
+    fn metrics_text(&self) -> String {
+        self.0.metrics_text()
+    }
+}
+
 /// Cluster mode: reloads the records whenever another instance changed them (Redis's record version
 /// moved): at once when the change is announced, else at the next periodic check.
 async fn resync(
@@ -293,7 +340,7 @@ async fn resync(
         seen = Some(version);
         match &admin {
             Some(admin) => admin.refresh(records).await,
-            None => gateway.reload(&records, &std::collections::HashMap::new()),
+            None => gateway.reload(&records, &HashMap::new()),
         }
     }
 }

@@ -9,11 +9,12 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde_saphyr::Location;
 use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::Period;
+use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{
-    Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, PlanError, Route,
-    RouteMethod, Stage, add_preflight_routes, check_api_stage, check_throttle,
+    Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod,
+    Stage, add_preflight_routes,
 };
 use tollgate_gateway::http1::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
@@ -192,6 +193,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             .unwrap_or(raw.listen.referenced);
         return cx.err(&at, "apis", e.to_string());
     }
+    let outline: Vec<ApiOutline> = apis.iter().map(Api::outline).collect();
 
     let mut plans: Vec<DeclaredPlan> = Vec::with_capacity(raw.usage_plans.len());
     for (i, plan) in raw.usage_plans.iter().enumerate() {
@@ -208,7 +210,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             &field,
             &plan.value,
             &plan.referenced,
-            &apis,
+            &outline,
         )?);
     }
 
@@ -739,7 +741,7 @@ fn validate_plan(
     field: &str,
     p: &RawPlan,
     at: &Location,
-    apis: &[Api],
+    apis: &[ApiOutline],
 ) -> Result<DeclaredPlan, ConfigError> {
     if p.name.is_empty() {
         return cx.err(at, format!("{field}.name"), "must not be empty");
@@ -805,17 +807,13 @@ fn validate_quota(
     q: &RawQuota,
     at: &Location,
 ) -> Result<QuotaSettings, ConfigError> {
-    let period = match q.period.to_ascii_uppercase().as_str() {
-        "DAY" => Period::Day,
-        "WEEK" => Period::Week,
-        "MONTH" => Period::Month,
-        _ => {
-            return cx.err(
-                at,
-                format!("{field}.period"),
-                format!("{:?} is not one of DAY, WEEK, MONTH", q.period),
-            );
-        }
+    let Some(period) = Period::named(&q.period.to_ascii_uppercase()) else {
+        let names = Period::ALL.map(|p| p.to_string()).join(", ");
+        return cx.err(
+            at,
+            format!("{field}.period"),
+            format!("{:?} is not one of {names}", q.period),
+        );
     };
     let settings = QuotaSettings {
         limit: q.limit,
