@@ -6,7 +6,46 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::quota::Period;
+/// AWS `QuotaPeriodType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Period {
+    /// A UTC calendar day.
+    Day,
+    /// A week starting on Sunday (plus `offset` days).
+    Week,
+    /// A month starting on the 1st (plus `offset` days).
+    Month,
+}
+
+impl Period {
+    /// Every period, in AWS's order.
+    pub const ALL: [Self; 3] = [Self::Day, Self::Week, Self::Month];
+
+    /// The period AWS names `name` (`DAY`, `WEEK`, `MONTH`).
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.to_string() == name)
+    }
+
+    /// The largest `offset` this period accepts.
+    pub fn max_offset(self) -> u32 {
+        match self {
+            Period::Day => 0,
+            Period::Week => 6,
+            Period::Month => 27,
+        }
+    }
+}
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Period::Day => "DAY",
+            Period::Week => "WEEK",
+            Period::Month => "MONTH",
+        })
+    }
+}
 
 /// AWS `ThrottleSettings`: a token bucket refilled at `rateLimit` per second holding `burstLimit`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

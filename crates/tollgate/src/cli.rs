@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::failure::Failure;
 use crate::manage::{self, KeysCommand, PlansCommand};
 use crate::serverless::{self, ServerlessOptions};
 use crate::{config, migrate, serve, usage};
@@ -187,17 +188,6 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// How a command failed, which decides the exit status.
-#[derive(Debug)]
-pub enum Failure {
-    /// The config file is unusable: exit 64.
-    Config(config::ConfigError),
-    /// The arguments are unusable: exit 64.
-    Usage(String),
-    /// Something failed at run time: exit 1.
-    Runtime(anyhow::Error),
 }
 
 /// JSON lines on stderr; `RUST_LOG` filters (default `info`).

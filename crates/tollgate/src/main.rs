@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod failure;
 mod manage;
 mod migrate;
 mod remote;

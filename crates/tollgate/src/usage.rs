@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use tollgate_core::quota::EpochDay;
 use tollgate_store::report::{check_range, plan_usage};
 
-use crate::cli::Failure;
 use crate::config;
+use crate::failure::Failure;
 use crate::manage::{self, Common, Output};
 use crate::remote::EndpointArgs;
 
