@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sha2::{Digest, Sha256};
+use tollgate_core::model::hex;
 use tollgate_core::quota::EpochDay;
 
 /// The service name requests must be signed for.
@@ -74,14 +75,6 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
         <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(data);
     mac.finalize().into_bytes().into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// Hex SHA-256 of a payload.

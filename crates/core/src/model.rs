@@ -151,12 +151,19 @@ impl KeyHash {
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Only a prefix: enough to tell hashes apart in a debug dump.
-        write!(f, "KeyHash(")?;
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, "…)")
+        write!(f, "KeyHash({}…)", hex(&self.0[..4]))
     }
+}
+
+/// `bytes` as lower-case hex: how digests are written (SigV4, stored value hashes).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 /// AWS `ApiKey`, minus the value: only its hash is kept.
@@ -204,7 +211,7 @@ mod tests {
     #[test]
     fn key_hash_is_sha256() {
         let h = KeyHash::of("abc");
-        assert_eq!(format!("{:02x}{:02x}", h.0[0], h.0[1]), "ba78");
+        assert_eq!(hex(&h.0[..2]), "ba78");
         assert_eq!(format!("{h:?}"), "KeyHash(ba7816bf…)");
     }
 

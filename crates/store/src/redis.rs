@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
+use tollgate_core::model::hex;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
@@ -139,10 +140,6 @@ impl std::fmt::Debug for RedisStore {
 
 fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
