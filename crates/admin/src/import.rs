@@ -332,5 +332,17 @@ mod tests {
         assert!(parse(b"name,description\nx,y\n").is_err());
         let (rows, _) = lines("\u{feff}NAME,KEY\nn,value000000000000000001\n");
         assert_eq!(rows.len(), 1);
+        // Windows line ends (Excel's CSV): no carriage return ends up in a name or value.
+        let (rows, warnings) = lines(
+            "\u{feff}name,key,usageplanIds\r\nn,value000000000000000001,p1\r\n\"m\r\n2\",value000000000000000002,p2\r\n",
+        );
+        assert_eq!(
+            rows,
+            vec![
+                (2, "n".to_string(), vec!["p1".to_string()]),
+                (3, "m\r\n2".to_string(), vec!["p2".to_string()]),
+            ]
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 }

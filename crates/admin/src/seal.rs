@@ -33,15 +33,8 @@ pub enum SealError {
 impl Sealer {
     /// A sealer for a key given as 64 hex characters.
     pub fn from_hex(hex: &str) -> Result<Self, SealError> {
-        let hex = hex.trim();
-        if hex.len() != 64 {
-            return Err(SealError::BadKey);
-        }
         let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or(SealError::BadKey)?, 16)
-                .map_err(|_| SealError::BadKey)?;
-        }
+        hex::decode_to_slice(hex.trim(), &mut key).map_err(|_| SealError::BadKey)?;
         Ok(Self {
             cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::from(key)),
         })

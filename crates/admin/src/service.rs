@@ -23,7 +23,7 @@ use crate::seal::Sealer;
 use crate::sigv4::Credentials;
 use crate::wire::{
     ApiKeyOut, ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, Page, PatchOp, QuotaIn, ThrottleIn,
-    UsageOut, UsagePlanKeyOut, UsagePlanOut,
+    UsageOut, UsagePlanKeyOut, UsagePlanOut, pointer_unescape,
 };
 
 /// AWS's default and largest page sizes.
@@ -262,11 +262,6 @@ fn parse_stage_ref(value: Option<&str>) -> Result<(String, String), AdminError> 
         .filter(|(a, s)| !a.is_empty() && !s.is_empty())
         .ok_or_else(|| bad("Invalid API Stage specified"))?;
     Ok((api.to_string(), stage.to_string()))
-}
-
-/// JSON-Pointer unescaping: `~1` is `/`, `~0` is `~`.
-fn unescape(segment: &str) -> String {
-    segment.replace("~1", "/").replace("~0", "~")
 }
 
 fn parse_number<T: std::str::FromStr>(value: Option<&str>, path: &str) -> Result<T, AdminError> {
@@ -1095,7 +1090,7 @@ fn apply_method_throttle_op(
     };
     let rest = &path["/apiStages/".len()..];
     let (stage_ref, tail) = rest.split_once('/').ok_or_else(invalid)?;
-    let (api_id, stage) = parse_stage_ref(Some(&unescape(stage_ref)))?;
+    let (api_id, stage) = parse_stage_ref(Some(&pointer_unescape(stage_ref)))?;
     let tail = tail.strip_prefix("throttle").ok_or_else(invalid)?;
     let plan_id = plan.id.clone();
     // A new method throttle starts as a copy of the plan's, then the operation changes one member.
@@ -1129,7 +1124,7 @@ fn apply_method_throttle_op(
             _ => Err(invalid()),
         };
     }
-    let unescaped = unescape(tail.strip_prefix('/').ok_or_else(invalid)?);
+    let unescaped = pointer_unescape(tail.strip_prefix('/').ok_or_else(invalid)?);
     let (method_key, field) = match unescaped.rsplit_once('/') {
         Some((head, f @ ("rateLimit" | "burstLimit"))) => (head.to_string(), Some(f)),
         _ => (unescaped.clone(), None),

@@ -1,10 +1,22 @@
 //! AWS API Gateway's JSON shapes for keys, plans, plan keys and usage, exactly as botocore's service
-//! model names them (`item` for lists, `values` for usage, epoch-second timestamps).
+//! model names them (`item` for lists, `values` for usage, epoch-second timestamps). The request
+//! shapes (`…In`) are what the service reads and what the CLI sends.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
+
+/// A JSON-Pointer segment (RFC 6901) as a patch operation's `path` writes it: `~` as `~0`, `/` as
+/// `~1` (a method throttle's resource path holds slashes).
+pub fn pointer_escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// The segment [`pointer_escape`] wrote.
+pub fn pointer_unescape(segment: &str) -> String {
+    segment.replace("~1", "/").replace("~0", "~")
+}
 
 /// AWS `ApiKey`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -111,104 +123,144 @@ pub struct ImportOut {
 }
 
 /// CreateApiKey's body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateApiKeyIn {
     /// Name.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Description.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Enabled (AWS default: false).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Value (generated when absent or empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     /// Customer id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<String>,
     /// Accepted and ignored, as tollgate has no legacy stage keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stage_keys: Option<serde_json::Value>,
     /// Accepted and ignored: ids are always distinct.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub generate_distinct_id: Option<bool>,
     /// Accepted and ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tags: Option<serde_json::Value>,
 }
 
 /// ThrottleSettings as sent: every member optional.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ThrottleIn {
     /// Requests per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<f64>,
     /// Bucket size.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub burst_limit: Option<i64>,
 }
 
 /// QuotaSettings as sent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaIn {
     /// Requests per period.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<i64>,
     /// Day shift.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
     /// DAY, WEEK or MONTH.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub period: Option<String>,
 }
 
 /// ApiStage as sent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiStageIn {
     /// The API id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_id: Option<String>,
     /// The stage name.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
     /// Per-method throttles.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle: Option<BTreeMap<String, ThrottleIn>>,
 }
 
 /// CreateUsagePlan's body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateUsagePlanIn {
     /// Name (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Description.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Covered API stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_stages: Option<Vec<ApiStageIn>>,
     /// Per-key throttle.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle: Option<ThrottleIn>,
     /// Per-key quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaIn>,
     /// Accepted and ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tags: Option<serde_json::Value>,
 }
 
 /// CreateUsagePlanKey's body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateUsagePlanKeyIn {
     /// The API key's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     /// Must be `API_KEY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_type: Option<String>,
 }
 
 /// One JSON-Patch-like operation, as AWS takes them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PatchOp {
     /// add, remove, replace, move, copy, test.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<String>,
     /// The target path.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// The new value, always a string.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     /// Source path for move/copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
 }
 
+impl PatchOp {
+    /// An `op` on `path`, with `value` when the operation takes one (AWS's values are strings).
+    pub fn new(op: &str, path: impl Into<String>, value: Option<String>) -> Self {
+        Self {
+            op: Some(op.to_owned()),
+            path: Some(path.into()),
+            value,
+            from: None,
+        }
+    }
+}
+
 /// The body of every Update* call.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PatchIn {
     /// The operations, applied in order.

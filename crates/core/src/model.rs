@@ -151,19 +151,8 @@ impl KeyHash {
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Only a prefix: enough to tell hashes apart in a debug dump.
-        write!(f, "KeyHash({}…)", hex(&self.0[..4]))
+        write!(f, "KeyHash({}…)", hex::encode(&self.0[..4]))
     }
-}
-
-/// `bytes` as lower-case hex: how digests are written (SigV4, stored value hashes).
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
 }
 
 /// AWS `ApiKey`, minus the value: only its hash is kept.
@@ -211,7 +200,7 @@ mod tests {
     #[test]
     fn key_hash_is_sha256() {
         let h = KeyHash::of("abc");
-        assert_eq!(hex(&h.0[..2]), "ba78");
+        assert_eq!(hex::encode(&h.0[..2]), "ba78");
         assert_eq!(format!("{h:?}"), "KeyHash(ba7816bf…)");
     }
 

@@ -28,7 +28,7 @@ use tollgate_core::quota::{EpochDay, QuotaDecision};
 use crate::config::Route;
 use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
 use crate::route::RouteMatch;
-use crate::snapshot::{Grant, Snapshot};
+use crate::snapshot::{Grant, KeyBucket, Snapshot};
 
 /// An admitted request: where it goes and what to advertise.
 #[derive(Debug)]
@@ -48,7 +48,7 @@ pub(crate) trait KeyLimits {
     fn decide(
         &self,
         grant: &Grant<'_>,
-        m: &RouteMatch<'_>,
+        m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>>;
 }
@@ -58,7 +58,7 @@ pub(crate) trait KeyLimits {
 pub(crate) async fn admit<'s>(
     snap: &'s Snapshot,
     limits: &impl KeyLimits,
-    m: Option<&RouteMatch<'_>>,
+    m: Option<&RouteMatch>,
     api_key: Option<&[u8]>,
     now: u64,
 ) -> Result<Admission<'s>, Refusal> {
@@ -108,7 +108,7 @@ pub(crate) async fn admit<'s>(
 /// [`admit`] on this instance's state alone (the embedded mode), which never waits.
 pub fn admit_locally<'s>(
     snap: &'s Snapshot,
-    m: Option<&RouteMatch<'_>>,
+    m: Option<&RouteMatch>,
     api_key: Option<&[u8]>,
     now: u64,
 ) -> Result<Admission<'s>, Refusal> {
@@ -120,7 +120,7 @@ pub fn admit_locally<'s>(
 /// The membership of the key presented as `api_key` that covers the stage `m` matched.
 fn key<'s>(
     snap: &'s Snapshot,
-    m: &RouteMatch<'_>,
+    m: &RouteMatch,
     api_key: Option<&[u8]>,
 ) -> Result<Grant<'s>, Refusal> {
     let value = api_key.ok_or(Refusal::Forbidden)?;
@@ -140,7 +140,7 @@ impl KeyLimits for Local<'_> {
     fn decide(
         &self,
         grant: &Grant<'_>,
-        m: &RouteMatch<'_>,
+        m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
         std::future::ready(self.decide_now(grant, m, now))
@@ -152,11 +152,11 @@ impl Local<'_> {
     pub(crate) fn decide_now(
         &self,
         grant: &Grant<'_>,
-        m: &RouteMatch<'_>,
+        m: &RouteMatch,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
         let mut limits = LimitInfo::default();
-        if let Some((gcra, state)) = grant.throttle_for(m) {
+        if let Some(KeyBucket { gcra, state, .. }) = grant.throttle_for(m) {
             match gcra.check(state, now) {
                 ThrottleDecision::Allowed { remaining } => {
                     limits.throttle = Some(BucketInfo::new(

@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tollgate_core::ThrottleSettings;
 use tollgate_core::rules::ApiOutline;
 
-use crate::http1::KeptFields;
+use crate::rewrite::KeptFields;
 
 /// AWS's default integration timeout.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(29);

@@ -15,15 +15,19 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, futures::OwnedNotified, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::admit::{Local, admit};
-use crate::config::{Integration, Route};
+use crate::admit::{Admission, Local, admit};
+use crate::config::{Cors, GatewayConfig, Integration, Route};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
+use crate::limits::Refusal;
 use crate::path::{self, PathError};
 use crate::proxy::UpstreamConn;
 use crate::response::{self, UpstreamFailure};
+use crate::rewrite;
+use crate::route::RouteMatch;
 use crate::shared_limits::SharedLimits;
+use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
@@ -158,7 +162,7 @@ impl Conn<'_> {
         let kept = self.shared.kept_fields;
         loop {
             if !self.inbuf.is_empty() {
-                let parsed = http1::parse_request(
+                let parsed = rewrite::request_head(
                     self.inbuf.bytes(),
                     &mut self.forwarded,
                     &self.peer_ip,
@@ -195,197 +199,206 @@ impl Conn<'_> {
         }
     }
 
-    /// Answers one request; returns whether the connection stays open.
+    /// Answers one request; returns whether the connection stays open. The phases, in order:
+    /// route (the path normalised, matched, and the route's rules on paths and bodies), admit (key,
+    /// throttles, quota, meter), answer (forward, mock or preflight; or the refusal), log.
     async fn exchange(&mut self, head: RequestHead) -> bool {
-        let shared = self.shared;
-        let snap = shared.snapshot.load_full();
-        let config = snap.config();
-        let started = config.access_log.then(std::time::Instant::now);
-        let now = shared.clock.now();
-        let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
-        let head_only = head.method == Method::HEAD;
-        let buf = self.inbuf.bytes();
-
-        // The path is normalised before anything looks at it, and the normalised path is what is
-        // routed and forwarded. A `..` may not climb out of the stage the request addressed.
-        let raw_path = &buf[head.path.clone()];
-        let normalized = match path::normalize(raw_path, &mut self.path_buf) {
-            Ok(Some(facts)) if facts.min_depth < snap.base_depth(raw_path) => {
-                Err(PathError::AboveBase)
+        let snap = self.shared.snapshot.load_full();
+        let mut ex = self.begin(&snap, head);
+        let status = match self.route(&snap, &mut ex) {
+            Err(bad) => {
+                self.reply_gateway(&mut ex, &response::bad_request(bad))
+                    .await
             }
+            Ok(matched) => match self.admit(&snap, &ex, matched).await {
+                Ok(admission) => self.answer(&mut ex, matched, admission).await,
+                Err(refusal) => self.refuse(&mut ex, refusal).await,
+            },
+        };
+        self.finish(&ex, status)
+    }
+
+    /// What every phase needs to know about the request, read once.
+    fn begin<'s>(&self, snap: &'s Snapshot, head: RequestHead) -> Exchange<'s> {
+        let config = snap.config();
+        Exchange {
+            config,
+            now: self.shared.clock.now(),
+            keep_alive: head.keep_alive && !self.shared.draining.load(Ordering::Relaxed),
+            head_only: head.method == Method::HEAD,
+            started: config.access_log.then(std::time::Instant::now),
+            log_path: None,
+            normalized: false,
+            cors: None,
+            origin: None,
+            key_id: None,
+            head,
+        }
+    }
+
+    /// Phase 1, route. The path is normalised before anything looks at it, and the normalised path
+    /// is what is routed and forwarded; a `..` may not climb out of the stage the request addressed.
+    /// `Ok(None)`: no route matched (admission refuses that).
+    fn route<'s>(
+        &mut self,
+        snap: &'s Snapshot,
+        ex: &mut Exchange<'s>,
+    ) -> Result<Option<RouteMatch>, HeadError> {
+        let raw = &self.inbuf.bytes()[ex.head.path.clone()];
+        let facts = match path::normalize(raw, &mut self.path_buf) {
+            Ok(Some(facts)) if facts.min_depth < snap.base_depth(raw) => Err(PathError::AboveBase),
             other => other,
         };
-        let normalized = match normalized {
-            Ok(n) => n,
+        let facts = match facts {
+            Ok(facts) => facts,
             Err(e) => {
-                let path = started.map(|_| String::from_utf8_lossy(raw_path).into_owned());
-                return self
-                    .refuse(&head, e.into(), keep_alive, started, path)
-                    .await;
+                if ex.started.is_some() {
+                    ex.log_path = Some(String::from_utf8_lossy(raw).into_owned());
+                }
+                return Err(e.into());
             }
         };
-        let path = match normalized {
-            Some(_) => &self.path_buf[..],
-            None => raw_path,
-        };
-        // ASCII either way: a canonical path holds only RFC 3986 path characters.
-        let path = std::str::from_utf8(path).unwrap_or("");
-        let log_path = started.map(|_| path.to_owned());
-
-        let matched = snap.route(&head.method, path);
-        let route = matched
-            .as_ref()
-            .map(|m| &config.apis[m.api].routes[m.route]);
-        if let (Some(m), Some(route)) = (&matched, route) {
-            let api = &config.apis[m.api];
-            let refused = match normalized {
-                Some(facts) if facts.encoded_slash && !api.allow_encoded_slashes => {
-                    Err(PathError::EncodedSlash.into())
-                }
-                Some(facts) if facts.min_depth < path::depth(&api.stages[m.stage].base_path) => {
-                    Err(PathError::AboveBase.into())
-                }
-                _ => check_body(&head, route, config.max_request_body),
-            };
-            if let Err(e) = refused {
-                return self.refuse(&head, e, keep_alive, started, log_path).await;
-            }
+        ex.normalized = facts.is_some();
+        let path = routed_path(&self.inbuf, &self.path_buf, ex);
+        if ex.started.is_some() {
+            ex.log_path = Some(path.to_owned());
         }
-        let cors = route.and_then(|r| r.cors.as_deref());
-        let origin = cors
-            .and(head.origin.clone())
-            .and_then(|r| HeaderValue::from_bytes(&buf[r]).ok());
-        let api_key = head.api_key.clone().map(|r| &buf[r]);
-        let decided = match &shared.limiter {
-            None => admit(&snap, &Local(&snap), matched.as_ref(), api_key, now).await,
+        let Some(m) = snap.route(&ex.head.method, path) else {
+            return Ok(None);
+        };
+        let api = &ex.config.apis[m.api];
+        let route = &api.routes[m.route];
+        match facts {
+            Some(facts) if facts.encoded_slash && !api.allow_encoded_slashes => {
+                return Err(PathError::EncodedSlash.into());
+            }
+            Some(facts) if facts.min_depth < path::depth(&api.stages[m.stage].base_path) => {
+                return Err(PathError::AboveBase.into());
+            }
+            _ => check_body(&ex.head, route, ex.config.max_request_body)?,
+        }
+        ex.cors = route.cors.as_deref();
+        ex.origin = ex
+            .cors
+            .and(ex.head.origin.clone())
+            .and_then(|r| HeaderValue::from_bytes(&self.inbuf.bytes()[r]).ok());
+        Ok(Some(m))
+    }
+
+    /// Phase 2, admit ([`crate::admit`]), on this instance's limits or on those every instance
+    /// shares.
+    async fn admit<'s>(
+        &self,
+        snap: &'s Snapshot,
+        ex: &Exchange<'s>,
+        m: Option<RouteMatch>,
+    ) -> Result<Admission<'s>, Refusal> {
+        let api_key = ex.head.api_key.clone().map(|r| &self.inbuf.bytes()[r]);
+        match &self.shared.limiter {
+            None => admit(snap, &Local(snap), m.as_ref(), api_key, ex.now).await,
             Some(limiter) => {
                 let limits = SharedLimits {
-                    snap: &snap,
+                    snap,
                     limiter,
-                    metrics: &shared.metrics,
+                    metrics: &self.shared.metrics,
                 };
-                admit(&snap, &limits, matched.as_ref(), api_key, now).await
+                admit(snap, &limits, m.as_ref(), api_key, ex.now).await
             }
-        };
-        let rest_start = matched.as_ref().map_or(0, |m| path.len() - m.rest.len());
+        }
+    }
 
-        let (status, key_id, keep_alive) = match decided {
-            Err(refusal) => {
-                shared.metrics.refused(&refusal);
-                let mut resp = response::refusal(refusal, config.rate_limit_headers);
-                if let Some(cors) = cors {
-                    response::add_cors_headers(resp.headers_mut(), cors, origin.as_ref());
-                }
-                let keep_alive = self.skip_body(&head) && keep_alive;
-                (
-                    self.reply(&resp, head_only, keep_alive).await,
-                    None,
-                    keep_alive,
-                )
-            }
-            Ok(admission) => {
-                let mut extra = HeaderMap::new();
-                if config.rate_limit_headers {
-                    response::add_rate_limit_headers(&mut extra, &admission.limits);
-                }
-                if let Some(cors) = cors {
-                    response::add_cors_headers(&mut extra, cors, origin.as_ref());
-                }
-                let (status, keep_alive) = match &admission.route.integration {
-                    Integration::Http { url, timeout } => {
-                        let query = head.query.clone().map(|q| &buf[q]);
-                        let rest = &path.as_bytes()[rest_start..];
-                        let to_upstream = &mut self.to_upstream;
-                        upstream_head(to_upstream, &head.method, url, rest, query);
-                        to_upstream.extend_from_slice(&self.forwarded);
-                        match head.body {
-                            BodyLength::Length(n) => {
-                                to_upstream.extend_from_slice(b"content-length: ");
-                                to_upstream
-                                    .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                                to_upstream.extend_from_slice(b"\r\n");
-                            }
-                            BodyLength::Chunked => {
-                                to_upstream.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                            }
-                            BodyLength::Empty | BodyLength::UntilClose => {}
-                        }
-                        to_upstream.extend_from_slice(b"\r\n");
-                        let exchange = Forward {
-                            url,
-                            timeout: *timeout,
-                            body_limit: config.max_request_body,
-                        };
-                        self.forward(&head, &exchange, &extra, keep_alive).await
-                    }
-                    Integration::Mock {
-                        status,
-                        body,
-                        headers,
-                    } => {
-                        let mut resp = Response::new(body.clone());
-                        *resp.status_mut() = *status;
-                        for (name, value) in headers {
-                            resp.headers_mut().insert(name.clone(), value.clone());
-                        }
-                        resp.headers_mut().extend(extra);
-                        let keep_alive = self.skip_body(&head) && keep_alive;
-                        (self.reply(&resp, head_only, keep_alive).await, keep_alive)
-                    }
-                    Integration::Preflight { methods } => {
-                        let mut resp = response::preflight(cors, methods, origin.as_ref());
-                        resp.headers_mut().extend(extra);
-                        let keep_alive = self.skip_body(&head) && keep_alive;
-                        (self.reply(&resp, head_only, keep_alive).await, keep_alive)
-                    }
+    /// Phase 3, answer an admitted request: forward it to the upstream, or write the route's mock
+    /// or preflight answer; either way with the RateLimit and CORS headers. Returns the status
+    /// sent, 0 when the client got nothing more.
+    async fn answer<'s>(
+        &mut self,
+        ex: &mut Exchange<'s>,
+        m: Option<RouteMatch>,
+        admission: Admission<'s>,
+    ) -> u16 {
+        ex.key_id = admission.key_id;
+        let mut extra = HeaderMap::new();
+        if ex.config.rate_limit_headers {
+            response::add_rate_limit_headers(&mut extra, &admission.limits);
+        }
+        if let Some(cors) = ex.cors {
+            response::add_cors_headers(&mut extra, cors, ex.origin.as_ref());
+        }
+        let status = match &admission.route.integration {
+            Integration::Http { url, timeout } => {
+                let rest_start = m.map_or(0, |m| m.rest_start);
+                self.upstream_request(ex, rest_start, url);
+                let to = Forward {
+                    url,
+                    timeout: *timeout,
+                    body_limit: ex.config.max_request_body,
                 };
-                if status != 0 {
-                    shared.metrics.admitted(status);
+                let (status, keep_alive) = self.forward(&ex.head, &to, &extra, ex.keep_alive).await;
+                ex.keep_alive = keep_alive;
+                status
+            }
+            Integration::Mock {
+                status,
+                body,
+                headers,
+            } => {
+                let mut resp = Response::new(body.clone());
+                *resp.status_mut() = *status;
+                for (name, value) in headers {
+                    resp.headers_mut().insert(name.clone(), value.clone());
                 }
-                (status, admission.key_id, keep_alive)
+                resp.headers_mut().extend(extra);
+                self.reply_gateway(ex, &resp).await
+            }
+            Integration::Preflight { methods } => {
+                let mut resp = response::preflight(ex.cors, methods, ex.origin.as_ref());
+                resp.headers_mut().extend(extra);
+                self.reply_gateway(ex, &resp).await
             }
         };
+        if status != 0 {
+            self.shared.metrics.admitted(status);
+        }
+        status
+    }
+
+    /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
+    async fn refuse(&mut self, ex: &mut Exchange<'_>, refusal: Refusal) -> u16 {
+        self.shared.metrics.refused(&refusal);
+        let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
+        if let Some(cors) = ex.cors {
+            response::add_cors_headers(resp.headers_mut(), cors, ex.origin.as_ref());
+        }
+        self.reply_gateway(ex, &resp).await
+    }
+
+    /// Phase 4, log: the access-log line, when the access log is on; returns whether the
+    /// connection stays open.
+    fn finish(&mut self, ex: &Exchange<'_>, status: u16) -> bool {
         if self.path_buf.capacity() > MAX_KEPT_PATH {
             self.path_buf = Vec::new();
         }
-        self.log_access(&head, started, log_path, status, key_id);
-        keep_alive && status != 0
-    }
-
-    /// Answers a request refused before admission (a path or body that cannot be accepted);
-    /// returns whether the connection stays open.
-    async fn refuse(
-        &mut self,
-        head: &RequestHead,
-        why: HeadError,
-        keep_alive: bool,
-        started: Option<std::time::Instant>,
-        path: Option<String>,
-    ) -> bool {
-        let keep_alive = self.skip_body(head) && keep_alive;
-        let resp = response::bad_request(why);
-        let status = self
-            .reply(&resp, head.method == Method::HEAD, keep_alive)
-            .await;
-        self.log_access(head, started, path, status, None);
-        status != 0 && keep_alive
-    }
-
-    /// One access-log line, when the access log is on (`started` is set then).
-    fn log_access(
-        &self,
-        head: &RequestHead,
-        started: Option<std::time::Instant>,
-        path: Option<String>,
-        status: u16,
-        key_id: Option<&str>,
-    ) {
-        if let (Some(started), Some(path)) = (started, path) {
+        if let (Some(started), Some(path)) = (ex.started, &ex.log_path) {
             // The key's id only: values are secrets and never logged.
-            tracing::info!(target: "tollgate::access", method = %head.method, %path, status,
-                key_id = key_id.unwrap_or("-"), peer = %self.peer,
+            tracing::info!(target: "tollgate::access", method = %ex.head.method, %path, status,
+                key_id = ex.key_id.unwrap_or("-"), peer = %self.peer,
                 micros = started.elapsed().as_micros() as u64);
         }
+        ex.keep_alive && status != 0
+    }
+
+    /// The request as it goes upstream, into `to_upstream`: the route's URL joined with the routed
+    /// path after the base path (from `rest_start`) and the client's query, the rewritten fields,
+    /// and the body's framing.
+    fn upstream_request(&mut self, ex: &Exchange<'_>, rest_start: usize, url: &Uri) {
+        let path = routed_path(&self.inbuf, &self.path_buf, ex);
+        let rest = path.as_bytes().get(rest_start..).unwrap_or_default();
+        let query = ex.head.query.clone().map(|q| &self.inbuf.bytes()[q]);
+        let out = &mut self.to_upstream;
+        upstream_head(out, &ex.head.method, url, rest, query);
+        out.extend_from_slice(&self.forwarded);
+        http1::framing_line(out, ex.head.body);
+        out.extend_from_slice(b"\r\n");
     }
 
     /// Consumes the request (head and body) when its body has fully arrived; false when it has not,
@@ -398,6 +411,13 @@ impl Conn<'_> {
             Err(_) => return false,
         }
         body.done()
+    }
+
+    /// Writes a response the gateway made instead of the upstream, closing the connection after it
+    /// when the request's body is not all in hand; returns its status, 0 when the client is gone.
+    async fn reply_gateway(&mut self, ex: &mut Exchange<'_>, resp: &Response<Bytes>) -> u16 {
+        ex.keep_alive = self.skip_body(&ex.head) && ex.keep_alive;
+        self.reply(resp, ex.head_only, ex.keep_alive).await
     }
 
     /// Writes a response the gateway made; returns its status, or 0 when the client is gone.
@@ -639,6 +659,37 @@ struct Forward<'r> {
     body_limit: u64,
 }
 
+/// What the phases of one exchange share.
+struct Exchange<'s> {
+    head: RequestHead,
+    config: &'s GatewayConfig,
+    /// The clock's reading admission uses.
+    now: u64,
+    keep_alive: bool,
+    head_only: bool,
+    /// When the access log is on: when the exchange started, and the path it logs.
+    started: Option<std::time::Instant>,
+    log_path: Option<String>,
+    /// Whether the path routed and forwarded is the normalised one in `path_buf` (else the
+    /// client's own).
+    normalized: bool,
+    /// The matched route's CORS settings, and the client's `Origin` when they apply.
+    cors: Option<&'s Cors>,
+    origin: Option<HeaderValue>,
+    key_id: Option<&'s str>,
+}
+
+/// The path routed and forwarded: the client's own, or its normalised form. ASCII either way: a
+/// canonical path holds only RFC 3986 path characters.
+fn routed_path<'b>(inbuf: &'b InBuf, path_buf: &'b [u8], ex: &Exchange<'_>) -> &'b str {
+    let path = if ex.normalized {
+        path_buf
+    } else {
+        &inbuf.bytes()[ex.head.path.clone()]
+    };
+    std::str::from_utf8(path).unwrap_or("")
+}
+
 /// The longest normalised path whose buffer a connection keeps between requests.
 const MAX_KEPT_PATH: usize = 4096;
 
@@ -675,7 +726,7 @@ async fn read_response_head<R: AsyncRead + Unpin>(
     loop {
         if !buf.is_empty() {
             to_client.clear();
-            match http1::parse_response(buf.bytes(), method, extra, to_client) {
+            match rewrite::response_head(buf.bytes(), method, extra, to_client) {
                 Ok(ResponseStart::Final(head)) => return Ok(head),
                 Ok(ResponseStart::Interim(len)) => {
                     buf.consume(len);

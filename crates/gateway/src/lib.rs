@@ -2,8 +2,8 @@
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 //!
 //! Where things are: `server` (accept loop, flusher, the control plane's handle) hands each client
-//! to `conn` (one connection's request loop), which speaks HTTP/1.1 through `http1` (the codec, and
-//! the proxy's rewrite of heads), normalises the path (`path`), matches it (`route`),
+//! to `conn` (one connection's request loop, in named phases), which speaks HTTP/1.1 through `http1`
+//! (the codec) and `rewrite` (which fields pass the proxy, `X-Forwarded-*`), normalises the path (`path`), matches it (`route`),
 //! admits it (`admit`, answering with `limits`; the key's limits on this instance or in Redis,
 //! `shared_limits`) and forwards it (`proxy`, the upstream connections) or answers it (`response`).
 //! What admission reads is a `snapshot` of the records: the `key_table`, the resolved `plans`, and
@@ -22,6 +22,7 @@ pub mod path;
 mod plans;
 pub mod proxy;
 pub mod response;
+pub mod rewrite;
 pub mod route;
 mod server;
 mod shared_limits;

@@ -68,12 +68,12 @@ impl PlanRules {
     }
 
     /// Whether the plan covers the stage `m` matched.
-    pub(crate) fn covers(&self, m: &RouteMatch<'_>) -> bool {
+    pub(crate) fn covers(&self, m: &RouteMatch) -> bool {
         self.stages.contains(&(m.api, m.stage))
     }
 
     /// Where the matched route is, when the plan has a per-method throttle for it.
-    pub(crate) fn method_at(&self, m: &RouteMatch<'_>) -> Option<RouteAt> {
+    pub(crate) fn method_at(&self, m: &RouteMatch) -> Option<RouteAt> {
         let at = (m.api, m.stage, m.route);
         self.methods
             .iter()

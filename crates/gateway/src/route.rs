@@ -10,15 +10,23 @@ use crate::config::{Api, RouteMethod};
 
 /// Where a request landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteMatch<'p> {
+pub struct RouteMatch {
     /// Index of the API in the config.
     pub api: usize,
     /// Index of the stage within the API.
     pub stage: usize,
     /// Index of the route within the API.
     pub route: usize,
-    /// The request path after the stage's base path: empty or starting with `/`.
-    pub rest: &'p str,
+    /// Where, in the routed path, the part after the stage's base path starts (that part is empty
+    /// or starts with `/`).
+    pub rest_start: usize,
+}
+
+impl RouteMatch {
+    /// The part of `path` (the one routed) after the stage's base path.
+    pub fn rest<'p>(&self, path: &'p str) -> &'p str {
+        path.get(self.rest_start..).unwrap_or("")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -223,7 +231,7 @@ impl Router {
     }
 
     /// Finds the route for `method` and `path` (the request path, without query).
-    pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
+    pub fn route(&self, method: &Method, path: &str) -> Option<RouteMatch> {
         for (base, api, stage) in &self.bases {
             let Some(rest) = path.strip_prefix(&**base) else {
                 continue;
@@ -240,7 +248,7 @@ impl Router {
                     api: *api,
                     stage: *stage,
                     route,
-                    rest,
+                    rest_start: base.len(),
                 });
         }
         None
@@ -290,7 +298,7 @@ mod tests {
 
     fn hit(r: &Router, method: &str, path: &str) -> Option<(usize, usize, usize, String)> {
         r.route(&method.parse().unwrap(), path)
-            .map(|m| (m.api, m.stage, m.route, m.rest.to_string()))
+            .map(|m| (m.api, m.stage, m.route, m.rest(path).to_string()))
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl KeyLimits for SharedLimits<'_> {
     fn decide(
         &self,
         grant: &Grant<'_>,
-        m: &RouteMatch<'_>,
+        m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
         self.decide_shared(grant, m, now)
@@ -36,13 +36,14 @@ impl SharedLimits<'_> {
     async fn decide_shared(
         &self,
         grant: &Grant<'_>,
-        m: &RouteMatch<'_>,
+        m: &RouteMatch,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
-        let gcra = grant.throttle_for(m).map(|(g, _)| g);
+        let bucket = grant.throttle_for(m);
+        let gcra = bucket.as_ref().map(|b| b.gcra);
         // A per-method bucket is named after its route; the plan's bucket has no name.
-        let method = match gcra {
-            Some(_) if grant.has_method_throttle(m) => {
+        let method = match bucket {
+            Some(b) if b.per_method => {
                 let api = &self.snap.config().apis[m.api];
                 let route = self.snap.route_at(m);
                 format!(

@@ -35,6 +35,14 @@ pub struct Grant<'s> {
     method_buckets: &'s HashMap<(u32, RouteAt), Bucket>,
 }
 
+/// The bucket limiting a key on a route, and its state on this instance.
+pub(crate) struct KeyBucket<'s> {
+    pub gcra: &'s Gcra,
+    pub state: &'s GcraState,
+    /// The route's per-method bucket, rather than the plan's.
+    pub per_method: bool,
+}
+
 impl std::fmt::Debug for Grant<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Grant")
@@ -53,19 +61,22 @@ impl<'s> Grant<'s> {
 
     /// The bucket that limits this key on the matched route, with its state on this instance: the
     /// per-method one, else the plan's.
-    pub(crate) fn throttle_for(&self, m: &RouteMatch<'_>) -> Option<(&'s Gcra, &'s GcraState)> {
+    pub(crate) fn throttle_for(&self, m: &RouteMatch) -> Option<KeyBucket<'s>> {
         match self.plan.method_at(m) {
             Some(at) => self
                 .method_buckets
                 .get(&(self.slot, at))
-                .map(|b| (&b.gcra, &*b.state)),
-            None => self.plan.throttle.as_ref().map(|g| (g, &self.live.bucket)),
+                .map(|b| KeyBucket {
+                    gcra: &b.gcra,
+                    state: &b.state,
+                    per_method: true,
+                }),
+            None => self.plan.throttle.as_ref().map(|gcra| KeyBucket {
+                gcra,
+                state: &self.live.bucket,
+                per_method: false,
+            }),
         }
-    }
-
-    /// Whether the matched route has a per-method throttle of its own.
-    pub(crate) fn has_method_throttle(&self, m: &RouteMatch<'_>) -> bool {
-        self.plan.method_at(m).is_some()
     }
 
     /// The plan's quota, if it has one.
@@ -370,7 +381,7 @@ impl Snapshot {
 
     /// The membership of the enabled key whose value hashes to `hash` in the first of its plans
     /// that covers the stage `m` matched.
-    pub(crate) fn grant_for(&self, hash: &KeyHash, m: &RouteMatch<'_>) -> Option<Grant<'_>> {
+    pub(crate) fn grant_for(&self, hash: &KeyHash, m: &RouteMatch) -> Option<Grant<'_>> {
         let key = self.keys.find(hash).filter(|&k| self.keys.enabled(k))?;
         self.keys
             .members_of(key)
@@ -395,13 +406,13 @@ impl Snapshot {
     }
 
     /// The route `m` matched.
-    pub(crate) fn route_at(&self, m: &RouteMatch<'_>) -> &Route {
+    pub(crate) fn route_at(&self, m: &RouteMatch) -> &Route {
         &self.routing.config.apis[m.api].routes[m.route]
     }
 
     /// The throttles every caller of the route `m` matched shares on this instance: the stage's
     /// (per-method or default), then the account's.
-    pub(crate) fn shared_buckets(&self, m: &RouteMatch<'_>) -> [Option<&Bucket>; 2] {
+    pub(crate) fn shared_buckets(&self, m: &RouteMatch) -> [Option<&Bucket>; 2] {
         [
             self.routing.stage_buckets[m.api][m.stage][m.route].as_ref(),
             self.routing.account.as_ref(),
@@ -461,7 +472,7 @@ impl Snapshot {
     }
 
     /// Finds the route for a request.
-    pub fn route<'p>(&self, method: &Method, path: &'p str) -> Option<RouteMatch<'p>> {
+    pub fn route(&self, method: &Method, path: &str) -> Option<RouteMatch> {
         self.routing.router.route(method, path)
     }
 

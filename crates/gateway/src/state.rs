@@ -10,9 +10,10 @@ use tollgate_core::Clock;
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{Store, UsageDelta};
 
-use crate::http1::{BodyLength, KeptFields, ResponseHead};
+use crate::http1::{BodyLength, ResponseHead};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
+use crate::rewrite::KeptFields;
 use crate::snapshot::Snapshot;
 
 /// One gateway's state, behind an `Arc`.

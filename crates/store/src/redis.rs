@@ -10,7 +10,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
-use tollgate_core::model::hex;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
@@ -142,13 +141,6 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect()
-}
-
 /// An API key as stored: the value only as its hash (and sealed, when configured).
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -213,10 +205,10 @@ fn put_key_call<'s>(
         description: key.description.clone(),
         customer_id: key.customer_id.clone(),
         enabled: key.enabled,
-        value_sha256: hex(&key.value_hash.0),
+        value_sha256: hex::encode(key.value_hash.0),
         created_date: key.created_date,
         last_updated_date: key.last_updated_date,
-        sealed_value: key.sealed_value.as_deref().map(hex),
+        sealed_value: key.sealed_value.as_deref().map(hex::encode),
     };
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut call = script.prepare_invoke();
@@ -774,7 +766,7 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
         enabled: k.enabled,
         created_date: k.created_date,
         last_updated_date: k.last_updated_date,
-        sealed_value: k.sealed_value.as_deref().and_then(unhex),
+        sealed_value: k.sealed_value.as_deref().and_then(|s| hex::decode(s).ok()),
     })
 }
 
@@ -788,10 +780,10 @@ struct ServedKey<'a> {
 }
 
 fn parse_hash(id: &str, hex: &str) -> Result<KeyHash, StoreError> {
-    unhex(hex)
-        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-        .map(KeyHash)
-        .ok_or_else(|| corrupt_key(id, "bad value hash".into()))
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex, &mut hash)
+        .map_err(|e| corrupt_key(id, format!("bad value hash: {e}")))?;
+    Ok(KeyHash(hash))
 }
 
 fn corrupt_key(id: &str, reason: String) -> StoreError {

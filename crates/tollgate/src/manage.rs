@@ -7,6 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use http::Method;
 use serde_json::{Value, json};
+use tollgate_admin::wire::{
+    ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, PatchOp, QuotaIn,
+    ThrottleIn, pointer_escape,
+};
 
 use crate::remote::{EndpointArgs, Remote, encode};
 
@@ -331,10 +335,15 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             customer_id,
             disabled,
         } => {
-            let body = json!({"name": name, "value": value, "description": description, "customerId": customer_id, "enabled": !disabled});
-            let out = common
-                .remote()?
-                .json(Method::POST, "/apikeys", &strip_nulls(body))?;
+            let body = CreateApiKeyIn {
+                name: Some(name),
+                value,
+                description,
+                customer_id,
+                enabled: Some(!disabled),
+                ..CreateApiKeyIn::default()
+            };
+            let out = common.remote()?.json(Method::POST, "/apikeys", &body)?;
             print(common.output, &out, KEY_COLUMNS);
         }
         KeysCommand::List {
@@ -360,7 +369,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let out = common.remote()?.json(
                 Method::GET,
                 &format!("/apikeys/{}?includeValue={include_value}", encode(&id)),
-                &Value::Null,
+                &(),
             )?;
             print(common.output, &out, KEY_COLUMNS);
         }
@@ -375,7 +384,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let mut ops = Vec::new();
             let mut replace = |path: &str, value: Option<String>| {
                 if let Some(v) = value {
-                    ops.push(json!({"op": "replace", "path": path, "value": v}));
+                    ops.push(PatchOp::new("replace", path, Some(v)));
                 }
             };
             replace("/name", name);
@@ -388,16 +397,16 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let out = common.remote()?.json(
                 Method::PATCH,
                 &format!("/apikeys/{}", encode(&id)),
-                &json!({"patchOperations": ops}),
+                &PatchIn {
+                    patch_operations: ops,
+                },
             )?;
             print(common.output, &out, KEY_COLUMNS);
         }
         KeysCommand::Delete { common, id } => {
-            common.remote()?.json(
-                Method::DELETE,
-                &format!("/apikeys/{}", encode(&id)),
-                &Value::Null,
-            )?;
+            common
+                .remote()?
+                .json(Method::DELETE, &format!("/apikeys/{}", encode(&id)), &())?;
             println!("deleted API key {id}");
         }
         KeysCommand::Import {
@@ -434,24 +443,13 @@ fn list_all(remote: &Remote, path: &str, query: &[String]) -> anyhow::Result<Val
     loop {
         let mut q = query.to_vec();
         q.extend(position.as_ref().map(|p| format!("position={}", encode(p))));
-        let page = remote.json(
-            Method::GET,
-            &format!("{path}?{}", q.join("&")),
-            &Value::Null,
-        )?;
+        let page = remote.json(Method::GET, &format!("{path}?{}", q.join("&")), &())?;
         items.extend(page["item"].as_array().cloned().unwrap_or_default());
         match page.get("position").and_then(Value::as_str) {
             Some(p) => position = Some(p.to_string()),
             None => return Ok(json!({ "item": items })),
         }
     }
-}
-
-fn strip_nulls(mut v: Value) -> Value {
-    if let Value::Object(map) = &mut v {
-        map.retain(|_, x| !x.is_null());
-    }
-    v
 }
 
 /// `API:STAGE/path/METHOD=RATE,BURST` → (api, stage, "/path/METHOD", rate, burst).
@@ -471,36 +469,56 @@ fn parse_method_throttle(spec: &str) -> anyhow::Result<(String, String, String, 
     ))
 }
 
-fn plan_body(name: Option<String>, f: &PlanFlags) -> anyhow::Result<Value> {
-    let mut stages: Vec<Value> = Vec::new();
+fn plan_body(name: String, f: &PlanFlags) -> anyhow::Result<CreateUsagePlanIn> {
+    let stage_in = |api: &str, stage: &str| ApiStageIn {
+        api_id: Some(api.to_owned()),
+        stage: Some(stage.to_owned()),
+        throttle: None,
+    };
+    let mut stages = Vec::new();
     for s in &f.api_stages {
         let (api, stage) = s
             .split_once(':')
             .with_context(|| format!("--api-stage {s:?}: expected API:STAGE"))?;
-        stages.push(json!({"apiId": api, "stage": stage}));
+        stages.push(stage_in(api, stage));
     }
     for spec in &f.method_throttles {
         let (api, stage, method, rate, burst) = parse_method_throttle(spec)?;
         let at = match stages
             .iter()
-            .position(|s| s["apiId"] == api.as_str() && s["stage"] == stage.as_str())
+            .position(|s| s.api_id.as_ref() == Some(&api) && s.stage.as_ref() == Some(&stage))
         {
             Some(at) => at,
             None => {
-                stages.push(json!({"apiId": api, "stage": stage}));
+                stages.push(stage_in(&api, &stage));
                 stages.len() - 1
             }
         };
-        stages[at]["throttle"][method] = json!({"rateLimit": rate, "burstLimit": burst});
+        stages[at].throttle.get_or_insert_default().insert(
+            method,
+            ThrottleIn {
+                rate_limit: Some(rate),
+                burst_limit: Some(i64::from(burst)),
+            },
+        );
     }
-    let throttle = (f.rate_limit.is_some() || f.burst_limit.is_some())
-        .then(|| json!({"rateLimit": f.rate_limit.unwrap_or(0.0), "burstLimit": f.burst_limit.unwrap_or(0)}));
-    let quota = f
-        .quota_limit
-        .map(|limit| json!({"limit": limit, "period": f.quota_period.clone().unwrap_or_else(|| "MONTH".into()), "offset": f.quota_offset.unwrap_or(0)}));
-    Ok(strip_nulls(
-        json!({"name": name, "description": f.description, "apiStages": stages, "throttle": throttle, "quota": quota}),
-    ))
+    let throttle = (f.rate_limit.is_some() || f.burst_limit.is_some()).then(|| ThrottleIn {
+        rate_limit: Some(f.rate_limit.unwrap_or(0.0)),
+        burst_limit: Some(f.burst_limit.map_or(0, i64::from)),
+    });
+    let quota = f.quota_limit.map(|limit| QuotaIn {
+        limit: Some(i64::from(limit)),
+        period: Some(f.quota_period.clone().unwrap_or_else(|| "MONTH".into())),
+        offset: Some(i64::from(f.quota_offset.unwrap_or(0))),
+    });
+    Ok(CreateUsagePlanIn {
+        name: Some(name),
+        description: f.description.clone(),
+        api_stages: Some(stages),
+        throttle,
+        quota,
+        tags: None,
+    })
 }
 
 /// Runs `tollgate plans …`.
@@ -511,11 +529,10 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             name,
             flags,
         } => {
-            let out = common.remote()?.json(
-                Method::POST,
-                "/usageplans",
-                &plan_body(Some(name), &flags)?,
-            )?;
+            let out =
+                common
+                    .remote()?
+                    .json(Method::POST, "/usageplans", &plan_body(name, &flags)?)?;
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::List { common, key_id } => {
@@ -525,11 +542,10 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::Get { common, id } => {
-            let out = common.remote()?.json(
-                Method::GET,
-                &format!("/usageplans/{}", encode(&id)),
-                &Value::Null,
-            )?;
+            let out =
+                common
+                    .remote()?
+                    .json(Method::GET, &format!("/usageplans/{}", encode(&id)), &())?;
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::Update {
@@ -541,7 +557,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             remove_throttle,
             remove_quota,
         } => {
-            let op = |op: &str, path: &str, value: String| json!({"op": op, "path": path, "value": value});
+            let op = |op: &str, path: &str, value: String| PatchOp::new(op, path, Some(value));
             let mut ops = Vec::new();
             if let Some(n) = name {
                 ops.push(op("replace", "/name", n));
@@ -550,10 +566,10 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
                 ops.push(op("replace", "/description", d.clone()));
             }
             if remove_throttle {
-                ops.push(json!({"op": "remove", "path": "/throttle"}));
+                ops.push(PatchOp::new("remove", "/throttle", None));
             }
             if remove_quota {
-                ops.push(json!({"op": "remove", "path": "/quota"}));
+                ops.push(PatchOp::new("remove", "/quota", None));
             }
             let numbers = [
                 (
@@ -583,7 +599,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
                 let (api, stage, method, rate, burst) = parse_method_throttle(spec)?;
                 let base = format!(
                     "/apiStages/{api}:{stage}/throttle/{}",
-                    method.replace('~', "~0").replace('/', "~1")
+                    pointer_escape(&method)
                 );
                 ops.push(op(
                     "replace",
@@ -602,23 +618,26 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             let out = common.remote()?.json(
                 Method::PATCH,
                 &format!("/usageplans/{}", encode(&id)),
-                &json!({"patchOperations": ops}),
+                &PatchIn {
+                    patch_operations: ops,
+                },
             )?;
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::Delete { common, id } => {
-            common.remote()?.json(
-                Method::DELETE,
-                &format!("/usageplans/{}", encode(&id)),
-                &Value::Null,
-            )?;
+            common
+                .remote()?
+                .json(Method::DELETE, &format!("/usageplans/{}", encode(&id)), &())?;
             println!("deleted usage plan {id}");
         }
         PlansCommand::AddKey { common, plan, key } => {
             let out = common.remote()?.json(
                 Method::POST,
                 &format!("/usageplans/{}/keys", encode(&plan)),
-                &json!({"keyId": key, "keyType": "API_KEY"}),
+                &CreateUsagePlanKeyIn {
+                    key_id: Some(key),
+                    key_type: Some("API_KEY".into()),
+                },
             )?;
             print(common.output, &out, PLAN_KEY_COLUMNS);
         }
@@ -626,7 +645,7 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             common.remote()?.json(
                 Method::DELETE,
                 &format!("/usageplans/{}/keys/{}", encode(&plan), encode(&key)),
-                &Value::Null,
+                &(),
             )?;
             println!("removed API key {key} from usage plan {plan}");
         }
@@ -649,7 +668,13 @@ pub fn set_remaining(
     key: &str,
     remaining: i64,
 ) -> anyhow::Result<Value> {
-    let body = json!({"patchOperations": [{"op": "replace", "path": "/remaining", "value": remaining.to_string()}]});
+    let body = PatchIn {
+        patch_operations: vec![PatchOp::new(
+            "replace",
+            "/remaining",
+            Some(remaining.to_string()),
+        )],
+    };
     common.remote()?.json(
         Method::PATCH,
         &format!("/usageplans/{}/keys/{}/usage", encode(plan), encode(key)),
@@ -676,7 +701,7 @@ pub fn remote_usage(
     common.remote()?.json(
         Method::GET,
         &format!("/usageplans/{}/usage?{q}", encode(plan)),
-        &Value::Null,
+        &(),
     )
 }
 

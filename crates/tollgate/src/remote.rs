@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tollgate_admin::sigv4::{self, Credentials};
 
-use crate::config::{ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV};
+use crate::config::admin_credentials;
 
 /// Where the admin API is and how to sign for it.
 #[derive(Debug, clap::Args)]
@@ -44,15 +44,7 @@ impl Remote {
         if endpoint.scheme_str() != Some("http") || endpoint.authority().is_none() {
             bail!("--endpoint must be an http:// URL with a host, like http://127.0.0.1:8081");
         }
-        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-        let credentials = match (env(ADMIN_ACCESS_KEY_ENV), env(ADMIN_SECRET_KEY_ENV)) {
-            (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
-                access_key_id,
-                secret_access_key,
-            }),
-            (None, None) => None,
-            _ => bail!("set both {ADMIN_ACCESS_KEY_ENV} and {ADMIN_SECRET_KEY_ENV}, or neither"),
-        };
+        let credentials = admin_credentials((None, None)).map_err(|why| anyhow!(why))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -135,8 +127,14 @@ impl Remote {
         Ok(json)
     }
 
-    /// A JSON request.
-    pub fn json(&self, method: Method, path: &str, body: &Value) -> anyhow::Result<Value> {
+    /// A JSON request; a body serialising to `null` (such as `()`) sends none.
+    pub fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<Value> {
+        let body = serde_json::to_value(body)?;
         let text = if body.is_null() {
             String::new()
         } else {
@@ -146,15 +144,7 @@ impl Remote {
     }
 }
 
-/// Percent-encodes a query value.
+/// Percent-encodes a query value or path segment as SigV4 does, so what is signed is what is sent.
 pub fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(value, sigv4::COMPONENT).to_string()
 }

@@ -16,7 +16,7 @@ use tollgate_gateway::config::{
     Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod,
     Stage, add_preflight_routes,
 };
-use tollgate_gateway::http1::{KeptFields, STEERING_FIELDS};
+use tollgate_gateway::rewrite::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
@@ -29,9 +29,9 @@ use super::raw::{
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
     DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
+    admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
-use tollgate_admin::sigv4::Credentials;
 
 /// Parses `500ms`, `1s`, `2m`, `1h` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -462,24 +462,13 @@ fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminCo
             format!("{:?} is not an address like 127.0.0.1:8081", raw.listen.0),
         );
     };
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let access_key_id =
-        env(ADMIN_ACCESS_KEY_ENV).or_else(|| raw.access_key_id.as_ref().map(|v| v.0.clone()));
-    let secret_access_key =
-        env(ADMIN_SECRET_KEY_ENV).or_else(|| raw.secret_access_key.as_ref().map(|v| v.0.clone()));
-    let credentials = match (access_key_id, secret_access_key) {
-        (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
-            access_key_id,
-            secret_access_key,
-        }),
-        (None, None) => None,
-        _ => {
-            return cx.err(
-                at,
-                "admin",
-                format!("give both an access key id and a secret access key ({ADMIN_ACCESS_KEY_ENV}, {ADMIN_SECRET_KEY_ENV}), or neither"),
-            );
-        }
+    let file = (
+        raw.access_key_id.as_ref().map(|v| v.0.as_str()),
+        raw.secret_access_key.as_ref().map(|v| v.0.as_str()),
+    );
+    let credentials = match admin_credentials(file) {
+        Ok(credentials) => credentials,
+        Err(why) => return cx.err(at, "admin", why),
     };
     if credentials.is_none() && !listen.ip().is_loopback() {
         return cx.err(

@@ -1,0 +1,336 @@
+//! The proxy's rewrite of message heads (RFC 9110 §7.6): what of a client's request reaches the
+//! upstream, and what of the upstream's response reaches the client. Hop-by-hop fields and those a
+//! `Connection` field names are dropped both ways, as are request fields a client could steer a
+//! backend with; `X-Forwarded-For`, `-Proto` and `-Host` are set by the gateway, never passed on.
+//! Parsing and framing are [`crate::http1`]'s; this module only decides which fields go through.
+
+use http::{HeaderMap, Method};
+
+use crate::http1::{
+    self, BodyLength, HeadError, MAX_HEADERS, RequestHead, ResponseHead, ResponseStart,
+    header_line, is,
+};
+
+/// Request fields a client could steer a backend with, dropped unless the config keeps them:
+/// `X-Original-URL` and `X-Rewrite-URL` re-route requests on IIS and Symfony, the method overrides
+/// turn an admitted `GET` into another method, and `Forwarded` / `X-Real-IP` would let a client
+/// claim an address (tollgate sets `X-Forwarded-*` itself).
+pub const STEERING_FIELDS: [&str; 7] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Which of [`STEERING_FIELDS`] are passed to upstreams anyway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeptFields(u8);
+
+impl KeptFields {
+    /// Keeps also the field `name` (any case); false if it is not one of [`STEERING_FIELDS`].
+    pub fn keep(&mut self, name: &str) -> bool {
+        match STEERING_FIELDS
+            .iter()
+            .position(|f| f.eq_ignore_ascii_case(name))
+        {
+            Some(i) => {
+                self.0 |= 1 << i;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a client's field `name` is dropped. By length first: this runs for every field of
+    /// every request, and most fields are none of these.
+    fn drops(self, name: &str) -> bool {
+        let bit = match name.len() {
+            9 if is(name, "forwarded") => 5,
+            9 if is(name, "x-real-ip") => 6,
+            13 if is(name, "x-rewrite-url") => 1,
+            13 if is(name, "x-http-method") => 4,
+            14 if is(name, "x-original-url") => 0,
+            17 if is(name, "x-method-override") => 3,
+            22 if is(name, "x-http-method-override") => 2,
+            _ => return false,
+        };
+        self.0 & (1 << bit) == 0
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
+/// `Transfer-Encoding` and `Content-Length` are re-emitted by whoever frames the message.
+fn is_hop_by_hop(name: &str) -> bool {
+    match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "trailer") || is(name, "upgrade"),
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        14 => is(name, "content-length"),
+        16 => is(name, "proxy-connection"),
+        17 => is(name, "transfer-encoding"),
+        18 => is(name, "proxy-authenticate"),
+        19 => is(name, "proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// Parses a request head at the start of `buf` (`Ok(None)`: incomplete, read more). On success
+/// `forwarded` holds the header lines to send upstream: the client's, minus hop-by-hop ones and
+/// those the `Connection` header names, minus `Host`, `Expect` and the [`STEERING_FIELDS`] not in
+/// `kept`, plus `X-Forwarded-For` (the client's chain with `peer_ip` appended), `X-Forwarded-Proto`
+/// and `X-Forwarded-Host`.
+pub fn request_head(
+    buf: &[u8],
+    forwarded: &mut Vec<u8>,
+    peer_ip: &str,
+    kept: KeptFields,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Some(parsed) = http1::parse_request(buf, &mut fields)? else {
+        return Ok(None);
+    };
+    forwarded.clear();
+    let mut forwarded_for: Option<&[u8]> = None;
+    for h in parsed.fields {
+        let name = h.name;
+        // Field names are tokens (ASCII), so the slice is on a character boundary.
+        if name.len() > 11 && name[..11].eq_ignore_ascii_case("x-forwarded") {
+            if forwarded_for.is_none() && is(name, "x-forwarded-for") {
+                forwarded_for = Some(h.value);
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || is(name, "host")
+            || is(name, "expect")
+            || kept.drops(name)
+            || parsed.connection.names(name)
+        {
+            continue;
+        }
+        header_line(forwarded, name.as_bytes(), h.value);
+    }
+    forwarded.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prior) = forwarded_for {
+        forwarded.extend_from_slice(prior);
+        forwarded.extend_from_slice(b", ");
+    }
+    forwarded.extend_from_slice(peer_ip.as_bytes());
+    forwarded.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = parsed.host {
+        header_line(forwarded, b"x-forwarded-host", host);
+    }
+    Ok(Some(parsed.head))
+}
+
+/// Parses the response head at the start of `buf` (the answer to a `method` request) and appends its
+/// rewrite for the client to `out`: the status line as HTTP/1.1, the headers minus hop-by-hop ones
+/// and those in `replaced` (the gateway sets them itself), the framing, and a `Date` if the upstream
+/// sent none. The blank line is left to the caller, which may add headers.
+pub fn response_head(
+    buf: &[u8],
+    method: &Method,
+    replaced: &HeaderMap,
+    out: &mut Vec<u8>,
+) -> Result<ResponseStart<ResponseHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let parsed = match http1::parse_response(buf, method, &mut fields)? {
+        ResponseStart::Final(parsed) => parsed,
+        ResponseStart::Partial => return Ok(ResponseStart::Partial),
+        ResponseStart::Interim(len) => return Ok(ResponseStart::Interim(len)),
+    };
+    http1::status_line(out, parsed.head.status, parsed.reason);
+    for h in parsed.fields {
+        let name = h.name;
+        if (is_hop_by_hop(name) && !is(name, "content-length"))
+            || parsed.connection.names(name)
+            || (!replaced.is_empty() && !is(name, "vary") && replaced.contains_key(name))
+        {
+            continue;
+        }
+        // A coded body's length is the coding's business (RFC 9112 §6.3 rule 3).
+        if parsed.coded && is(name, "content-length") {
+            continue;
+        }
+        header_line(out, name.as_bytes(), h.value);
+    }
+    if parsed.head.body == BodyLength::Chunked {
+        http1::framing_line(out, BodyLength::Chunked);
+    }
+    if !parsed.has_date {
+        http1::date_header(out);
+    }
+    Ok(ResponseStart::Final(parsed.head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
+        let mut fwd = Vec::new();
+        let r = request_head(raw, &mut fwd, "127.0.0.1", KeptFields::default());
+        (r, String::from_utf8(fwd).unwrap())
+    }
+
+    #[test]
+    fn request_head_rewrite() {
+        let raw = b"POST /prod/a?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+            x-api-key: k1\r\nX-Forwarded-For: 10.0.0.1\r\nContent-Length: 3\r\nTE: trailers\r\n\
+            Expect: 100-continue\r\nAccept: */*\r\n\r\nabc";
+        let (head, fwd) = req(raw);
+        let head = head.unwrap().unwrap();
+        assert_eq!(&raw[head.path.clone()], b"/prod/a");
+        assert_eq!(&raw[head.query.clone().unwrap()], b"x=1");
+        assert_eq!(&raw[head.api_key.clone().unwrap()], b"k1");
+        assert_eq!(head.body, BodyLength::Length(3));
+        assert!(head.keep_alive && head.expect_continue);
+        assert_eq!(&raw[head.len..], b"abc");
+        assert_eq!(
+            fwd,
+            "x-api-key: k1\r\nAccept: */*\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: gw\r\n"
+        );
+    }
+
+    #[test]
+    fn steering_fields_are_dropped_unless_kept() {
+        let raw =
+            b"GET /a HTTP/1.1\r\nHost: gw\r\nX-Original-URL: /admin\r\nx-rewrite-url: /admin\r\n\
+            X-HTTP-Method-Override: PUT\r\nX-Method-Override: PUT\r\nX-HTTP-Method: PUT\r\n\
+            Forwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nX-Keep: 1\r\n\r\n";
+        let (head, fwd) = req(raw);
+        assert!(head.unwrap().is_some());
+        assert!(
+            fwd.starts_with("X-Keep: 1\r\nx-forwarded-for: 127.0.0.1\r\n"),
+            "{fwd}"
+        );
+        for (i, name) in STEERING_FIELDS.iter().enumerate() {
+            let mut one = KeptFields::default();
+            assert!(one.keep(&name.to_ascii_uppercase()));
+            for (j, other) in STEERING_FIELDS.iter().enumerate() {
+                assert_eq!(one.drops(other), i != j, "{name} kept, {other}");
+            }
+        }
+        let mut kept = KeptFields::default();
+        assert!(kept.keep("X-Real-IP") && kept.keep("x-http-method-override"));
+        assert!(!kept.keep("X-Other"));
+        let mut fwd = Vec::new();
+        request_head(raw, &mut fwd, "127.0.0.1", kept)
+            .unwrap()
+            .unwrap();
+        let fwd = String::from_utf8(fwd).unwrap();
+        assert!(
+            fwd.starts_with("X-HTTP-Method-Override: PUT\r\nX-Real-IP: 1.2.3.4\r\nX-Keep: 1\r\n"),
+            "{fwd}"
+        );
+    }
+
+    fn resp(
+        raw: &[u8],
+        method: Method,
+    ) -> (Result<ResponseStart<ResponseHead>, HeadError>, String) {
+        let mut out = Vec::new();
+        let r = response_head(raw, &method, &HeaderMap::new(), &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_head_rewrite_and_framing() {
+        let (r, out) = resp(
+            b"HTTP/1.1 200 OK\r\nDate: d\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 2\r\nX-Up: yes\r\n\r\nok",
+            Method::GET,
+        );
+        assert_eq!(
+            r.unwrap(),
+            ResponseStart::Final(ResponseHead {
+                len: 110,
+                status: 200,
+                body: BodyLength::Length(2),
+                reusable: true
+            })
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 2\r\nX-Up: yes\r\n"
+        );
+
+        let body = |raw: &[u8], m| match resp(raw, m).0.unwrap() {
+            ResponseStart::Final(h) => (h.body, h.reusable),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            body(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+                Method::HEAD
+            ),
+            (BodyLength::Empty, true)
+        );
+        assert_eq!(
+            body(b"HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET),
+            (BodyLength::Empty, true)
+        );
+        assert_eq!(
+            body(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET),
+            (BodyLength::UntilClose, false)
+        );
+        assert_eq!(
+            body(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                Method::GET
+            ),
+            (BodyLength::Chunked, false)
+        );
+        assert_eq!(
+            body(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET),
+            (BodyLength::Length(1), false)
+        );
+        assert_eq!(
+            body(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                Method::GET
+            ),
+            (BodyLength::Length(1), false)
+        );
+        assert_eq!(
+            resp(b"HTTP/1.1 100 Continue\r\n\r\n", Method::GET)
+                .0
+                .unwrap(),
+            ResponseStart::Interim(25)
+        );
+        assert!(
+            resp(b"HTTP/1.1 101 Switching\r\n\r\n", Method::GET)
+                .0
+                .is_err()
+        );
+        // Chunked replaces the upstream's length; a Date is added when missing.
+        let (_, out) = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::GET,
+        );
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: "),
+            "{out}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+        /// Whatever the bytes, rewriting never panics, and a request it accepts always carries the
+        /// gateway's own X-Forwarded-For.
+        #[test]
+        fn rewriting_arbitrary_bytes_never_panics(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        ) {
+            if let (Ok(Some(_)), fwd) = req(&raw) {
+                proptest::prop_assert!(fwd.contains("x-forwarded-for: "));
+            }
+            let _ = resp(&raw, Method::GET);
+        }
+    }
+}
