@@ -5,7 +5,9 @@
 # depend on what else the machine is doing, so they judge a change where timings on a shared 2-core
 # box cannot. The kernel's share (the loopback TCP both sides pay alike) is not counted.
 #
-#   bench/instructions.sh [--requests N]
+#   bench/instructions.sh [--requests N] [--keep DIR]
+#
+# --keep DIR copies each target's callgrind profile to DIR (LABEL.callgrind), for callgrind_annotate.
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
@@ -15,10 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=4000
+KEEP=
 while [ $# -gt 0 ]; do
     case "$1" in
         --requests) REQUESTS=$2; shift 2 ;;
-        *) echo "usage: bench/instructions.sh [--requests N]" >&2; exit 64 ;;
+        --keep) KEEP=$2; shift 2 ;;
+        *) echo "usage: bench/instructions.sh [--requests N] [--keep DIR]" >&2; exit 64 ;;
     esac
 done
 
@@ -46,6 +50,10 @@ count() {
     local total
     total=$(callgrind_annotate "$WORK/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     kill "$pid"; wait "$pid" 2>/dev/null || true
+    if [ -n "$KEEP" ]; then
+        mkdir -p "$KEEP"
+        cp "$WORK/cg.$pid.1" "$KEEP/${label// /-}.callgrind"
+    fi
     printf '%-34s %12d\n' "$label" $((total / REQUESTS))
 }
 

@@ -21,7 +21,7 @@ require() {
 # Builds tollgate, makes $WORK, and stops every pid added to PIDS when the script exits.
 setup() {
     cargo build --release -q -p tollgate
-    TOLLGATE=$PWD/target/release/tollgate
+    TOLLGATE=${CARGO_TARGET_DIR:-$PWD/target}/release/tollgate
     WORK=$(mktemp -d)
     PIDS=()
     trap cleanup EXIT

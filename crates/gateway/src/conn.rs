@@ -1,6 +1,6 @@
-//! One client connection: read a request head, admit it, answer it (forward it, or write a mock, a
-//! preflight or a refusal), and go on while keep-alive holds. Everything a request needs lives in
-//! buffers this task owns and reuses, so the common exchange allocates nothing.
+//! One client connection: read a request head, run the exchange's phases (route, admit, answer,
+//! log; see [`Conn::exchange`]), and go on while keep-alive holds. Everything a request needs lives
+//! in buffers this task owns and reuses, so the common exchange allocates nothing.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -201,20 +201,31 @@ impl Conn<'_> {
 
     /// Answers one request; returns whether the connection stays open. The phases, in order:
     /// route (the path normalised, matched, and the route's rules on paths and bodies), admit (key,
-    /// throttles, quota, meter), answer (forward, mock or preflight; or the refusal), log.
+    /// throttles, quota, meter), answer (what to send: the upstream's answer, a mock, a preflight or
+    /// a refusal), send, log.
     async fn exchange(&mut self, head: RequestHead) -> bool {
         let snap = self.shared.snapshot.load_full();
         let mut ex = self.begin(&snap, head);
-        let status = match self.route(&snap, &mut ex) {
-            Err(bad) => {
-                self.reply_gateway(&mut ex, &response::bad_request(bad))
-                    .await
-            }
+        let answer = match self.route(&snap, &mut ex) {
+            Err(bad) => Answer::Respond(response::bad_request(bad)),
             Ok(matched) => match self.admit(&snap, &ex, matched).await {
-                Ok(admission) => self.answer(&mut ex, matched, admission).await,
-                Err(refusal) => self.refuse(&mut ex, refusal).await,
+                Ok(admission) => self.answer(&mut ex, matched, admission),
+                Err(refusal) => self.refuse(&ex, refusal),
             },
         };
+        // Sent from here, not from a phase of its own: the forwarding future is the largest, and
+        // each async layer around it costs a copy of it per request.
+        let status = match answer {
+            Answer::Forward(to, extra) => {
+                let (status, keep_alive) = self.forward(&ex.head, &to, &extra, ex.keep_alive).await;
+                ex.keep_alive = keep_alive;
+                status
+            }
+            Answer::Respond(resp) => self.reply_gateway(&mut ex, &resp).await,
+        };
+        if status != 0 && ex.admitted {
+            self.shared.metrics.admitted(status);
+        }
         self.finish(&ex, status)
     }
 
@@ -232,6 +243,7 @@ impl Conn<'_> {
             cors: None,
             origin: None,
             key_id: None,
+            admitted: false,
             head,
         }
     }
@@ -307,16 +319,16 @@ impl Conn<'_> {
         }
     }
 
-    /// Phase 3, answer an admitted request: forward it to the upstream, or write the route's mock
-    /// or preflight answer; either way with the RateLimit and CORS headers. Returns the status
-    /// sent, 0 when the client got nothing more.
-    async fn answer<'s>(
+    /// Phase 3, answer an admitted request: forward it to the upstream, or answer with the route's
+    /// mock or preflight; either way with the RateLimit and CORS headers.
+    fn answer<'s>(
         &mut self,
         ex: &mut Exchange<'s>,
         m: Option<RouteMatch>,
         admission: Admission<'s>,
-    ) -> u16 {
+    ) -> Answer<'s> {
         ex.key_id = admission.key_id;
+        ex.admitted = true;
         let mut extra = HeaderMap::new();
         if ex.config.rate_limit_headers {
             response::add_rate_limit_headers(&mut extra, &admission.limits);
@@ -324,18 +336,15 @@ impl Conn<'_> {
         if let Some(cors) = ex.cors {
             response::add_cors_headers(&mut extra, cors, ex.origin.as_ref());
         }
-        let status = match &admission.route.integration {
+        match &admission.route.integration {
             Integration::Http { url, timeout } => {
-                let rest_start = m.map_or(0, |m| m.rest_start);
-                self.upstream_request(ex, rest_start, url);
+                self.upstream_request(ex, m.map_or(0, |m| m.rest_start), url);
                 let to = Forward {
                     url,
                     timeout: *timeout,
                     body_limit: ex.config.max_request_body,
                 };
-                let (status, keep_alive) = self.forward(&ex.head, &to, &extra, ex.keep_alive).await;
-                ex.keep_alive = keep_alive;
-                status
+                Answer::Forward(to, extra)
             }
             Integration::Mock {
                 status,
@@ -348,28 +357,24 @@ impl Conn<'_> {
                     resp.headers_mut().insert(name.clone(), value.clone());
                 }
                 resp.headers_mut().extend(extra);
-                self.reply_gateway(ex, &resp).await
+                Answer::Respond(resp)
             }
             Integration::Preflight { methods } => {
                 let mut resp = response::preflight(ex.cors, methods, ex.origin.as_ref());
                 resp.headers_mut().extend(extra);
-                self.reply_gateway(ex, &resp).await
+                Answer::Respond(resp)
             }
-        };
-        if status != 0 {
-            self.shared.metrics.admitted(status);
         }
-        status
     }
 
     /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
-    async fn refuse(&mut self, ex: &mut Exchange<'_>, refusal: Refusal) -> u16 {
+    fn refuse<'s>(&self, ex: &Exchange<'s>, refusal: Refusal) -> Answer<'s> {
         self.shared.metrics.refused(&refusal);
         let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
         if let Some(cors) = ex.cors {
             response::add_cors_headers(resp.headers_mut(), cors, ex.origin.as_ref());
         }
-        self.reply_gateway(ex, &resp).await
+        Answer::Respond(resp)
     }
 
     /// Phase 4, log: the access-log line, when the access log is on; returns whether the
@@ -677,6 +682,17 @@ struct Exchange<'s> {
     cors: Option<&'s Cors>,
     origin: Option<HeaderValue>,
     key_id: Option<&'s str>,
+    /// Whether admission let the request through.
+    admitted: bool,
+}
+
+/// What an exchange sends back.
+enum Answer<'s> {
+    /// The upstream's answer to the request in `to_upstream`, with these fields added.
+    Forward(Forward<'s>, HeaderMap),
+    /// The gateway's own answer: a mock, a preflight, a refusal, or the error for a request that
+    /// could not be accepted.
+    Respond(Response<Bytes>),
 }
 
 /// The path routed and forwarded: the client's own, or its normalised form. ASCII either way: a

@@ -2,13 +2,13 @@
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 //!
 //! Where things are: `server` (accept loop, flusher, the control plane's handle) hands each client
-//! to `conn` (one connection's request loop, in named phases), which speaks HTTP/1.1 through `http1`
-//! (the codec) and `rewrite` (which fields pass the proxy, `X-Forwarded-*`), normalises the path (`path`), matches it (`route`),
-//! admits it (`admit`, answering with `limits`; the key's limits on this instance or in Redis,
-//! `shared_limits`) and forwards it (`proxy`, the upstream connections) or answers it (`response`).
-//! What admission reads is a `snapshot` of the records: the `key_table`, the resolved `plans`, and
-//! the live state in `slots` that survives rebuilds; `meter` counts usage per day; `state` is what
-//! all of these share.
+//! to `conn` (one connection's request loop, in named phases: route, admit, answer, log), which
+//! speaks HTTP/1.1 through `http1` (the codec) and `rewrite` (which fields pass the proxy,
+//! `X-Forwarded-*`), normalises the path (`path`), matches it (`route`), admits it (`admit`,
+//! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`) and
+//! forwards it (`proxy`, the upstream connections) or answers it (`response`). What admission reads
+//! is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live state in
+//! `slots` that survives rebuilds; `meter` counts usage per day; `state` is what all of these share.
 
 mod admit;
 pub mod config;
