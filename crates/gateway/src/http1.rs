@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Response};
 /// The largest request or response head accepted (nginx: 4 buffers of 8 KiB for large headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields a head may have.
-pub(crate) const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 128;
 /// At most this many names in one `Connection` header are honoured as hop-by-hop.
 const MAX_CONNECTION_NAMES: usize = 8;
 
@@ -265,24 +265,24 @@ fn ends_chunked(value: &[u8]) -> bool {
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
-/// A request head parsed in place: how it is framed, and its fields as they came, for the proxy to
-/// rewrite.
-pub(crate) struct ParsedRequest<'h, 'b> {
-    pub head: RequestHead,
+/// A parsed request head's fields as they came, handed to the proxy's rewrite.
+pub(crate) struct RequestFields<'h, 'b> {
     pub fields: &'h [httparse::Header<'b>],
     /// What the `Connection` fields named.
-    pub connection: ConnectionHeader<'b>,
+    pub connection: &'h ConnectionHeader<'b>,
     /// The `Host` value, valid when present.
     pub host: Option<&'b [u8]>,
 }
 
-/// Parses a request head at the start of `buf`, its fields into `fields`. `Ok(None)`: incomplete,
-/// read more. Framing that could be read two ways (RFC 9112 §6.1, §3.2) is refused.
-pub(crate) fn parse_request<'h, 'b>(
-    buf: &'b [u8],
-    fields: &'h mut [httparse::Header<'b>; MAX_HEADERS],
-) -> Result<Option<ParsedRequest<'h, 'b>>, HeadError> {
-    let mut req = httparse::Request::new(fields);
+/// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. Framing that
+/// could be read two ways (RFC 9112 §6.1, §3.2) is refused. The fields of a head accepted are
+/// handed to `rewrite` while they are still in place (no copy of them is returned).
+pub(crate) fn parse_request(
+    buf: &[u8],
+    rewrite: impl FnOnce(&RequestFields<'_, '_>),
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
@@ -373,21 +373,21 @@ pub(crate) fn parse_request<'h, 'b>(
     } else {
         !connection.close
     };
-    Ok(Some(ParsedRequest {
-        head: RequestHead {
-            len,
-            method,
-            path: range_in(buf, path.as_bytes()),
-            query,
-            api_key,
-            origin,
-            body,
-            keep_alive,
-            expect_continue,
-        },
+    rewrite(&RequestFields {
         fields: req.headers,
-        connection,
+        connection: &connection,
         host,
+    });
+    Ok(Some(RequestHead {
+        len,
+        method,
+        path: range_in(buf, path.as_bytes()),
+        query,
+        api_key,
+        origin,
+        body,
+        keep_alive,
+        expect_continue,
     }))
 }
 
@@ -412,37 +412,39 @@ pub struct ResponseHead {
     pub reusable: bool,
 }
 
-/// What a peer's bytes hold so far.
+/// What the upstream's bytes hold so far.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ResponseStart<T> {
+pub enum ResponseStart {
     /// Not a whole head yet.
     Partial,
     /// An interim (1xx) response of this many bytes, to skip.
     Interim(usize),
     /// A final response head.
-    Final(T),
+    Final(ResponseHead),
 }
 
-/// A final response head parsed in place: how it is framed, and its fields as they came.
-pub(crate) struct ParsedResponse<'h, 'b> {
-    pub head: ResponseHead,
+/// A final response head's fields as they came, handed to the proxy's rewrite.
+pub(crate) struct ResponseFields<'h, 'b> {
+    pub head: &'h ResponseHead,
     pub reason: &'b str,
     pub fields: &'h [httparse::Header<'b>],
     /// What the `Connection` fields named.
-    pub connection: ConnectionHeader<'b>,
+    pub connection: &'h ConnectionHeader<'b>,
     /// A `Transfer-Encoding` was present: any `Content-Length` is the coding's business.
     pub coded: bool,
     pub has_date: bool,
 }
 
-/// Parses the response head at the start of `buf` (the answer to a `method` request), its fields
-/// into `fields`, and decides its framing (RFC 9112 §6.3, in its order).
-pub(crate) fn parse_response<'h, 'b>(
-    buf: &'b [u8],
+/// Parses the response head at the start of `buf` (the answer to a `method` request) and decides
+/// its framing (RFC 9112 §6.3, in its order). The fields of a final head are handed to `rewrite`
+/// while they are still in place.
+pub(crate) fn parse_response(
+    buf: &[u8],
     method: &Method,
-    fields: &'h mut [httparse::Header<'b>; MAX_HEADERS],
-) -> Result<ResponseStart<ParsedResponse<'h, 'b>>, HeadError> {
-    let mut resp = httparse::Response::new(fields);
+    rewrite: impl FnOnce(&ResponseFields<'_, '_>),
+) -> Result<ResponseStart, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(ResponseStart::Partial),
@@ -499,19 +501,21 @@ pub(crate) fn parse_response<'h, 'b>(
         && !connection.close
         && (!http10 || connection.keep_alive)
         && !(coded && length.is_some());
-    Ok(ResponseStart::Final(ParsedResponse {
-        head: ResponseHead {
-            len,
-            status,
-            body,
-            reusable,
-        },
+    let head = ResponseHead {
+        len,
+        status,
+        body,
+        reusable,
+    };
+    rewrite(&ResponseFields {
+        head: &head,
         reason: resp.reason.unwrap_or_default(),
         fields: resp.headers,
-        connection,
+        connection: &connection,
         coded,
         has_date,
-    }))
+    });
+    Ok(ResponseStart::Final(head))
 }
 
 /// Appends a status line, as HTTP/1.1.
@@ -867,8 +871,7 @@ mod tests {
     use super::*;
 
     fn req(raw: &[u8]) -> Result<Option<RequestHead>, HeadError> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        parse_request(raw, &mut fields).map(|p| p.map(|p| p.head))
+        parse_request(raw, |_| {})
     }
 
     #[test]
@@ -1103,8 +1106,7 @@ mod tests {
             #[test]
             fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
                 let _ = req(&raw);
-                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let _ = parse_response(&raw, &Method::GET, &mut fields);
+                let _ = parse_response(&raw, &Method::GET, |_| {});
                 let mut out = Vec::new();
                 let _ = ChunkedDecoder::default().decode(&raw, Some(&mut out));
             }

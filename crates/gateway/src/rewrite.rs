@@ -7,7 +7,7 @@
 use http::{HeaderMap, Method};
 
 use crate::http1::{
-    self, BodyLength, HeadError, MAX_HEADERS, RequestHead, ResponseHead, ResponseStart,
+    self, BodyLength, HeadError, RequestFields, RequestHead, ResponseFields, ResponseStart,
     header_line, is,
 };
 
@@ -88,10 +88,18 @@ pub fn request_head(
     peer_ip: &str,
     kept: KeptFields,
 ) -> Result<Option<RequestHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let Some(parsed) = http1::parse_request(buf, &mut fields)? else {
-        return Ok(None);
-    };
+    http1::parse_request(buf, |parsed| {
+        forward_request_fields(parsed, forwarded, peer_ip, kept);
+    })
+}
+
+/// The request header lines for the upstream, into `forwarded` (see [`request_head`]).
+fn forward_request_fields(
+    parsed: &RequestFields<'_, '_>,
+    forwarded: &mut Vec<u8>,
+    peer_ip: &str,
+    kept: KeptFields,
+) {
     forwarded.clear();
     let mut forwarded_for: Option<&[u8]> = None;
     for h in parsed.fields {
@@ -123,7 +131,6 @@ pub fn request_head(
     if let Some(host) = parsed.host {
         header_line(forwarded, b"x-forwarded-host", host);
     }
-    Ok(Some(parsed.head))
 }
 
 /// Parses the response head at the start of `buf` (the answer to a `method` request) and appends its
@@ -135,13 +142,14 @@ pub fn response_head(
     method: &Method,
     replaced: &HeaderMap,
     out: &mut Vec<u8>,
-) -> Result<ResponseStart<ResponseHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let parsed = match http1::parse_response(buf, method, &mut fields)? {
-        ResponseStart::Final(parsed) => parsed,
-        ResponseStart::Partial => return Ok(ResponseStart::Partial),
-        ResponseStart::Interim(len) => return Ok(ResponseStart::Interim(len)),
-    };
+) -> Result<ResponseStart, HeadError> {
+    http1::parse_response(buf, method, |parsed| {
+        response_fields(parsed, replaced, out);
+    })
+}
+
+/// The response head for the client, into `out` (see [`response_head`]).
+fn response_fields(parsed: &ResponseFields<'_, '_>, replaced: &HeaderMap, out: &mut Vec<u8>) {
     http1::status_line(out, parsed.head.status, parsed.reason);
     for h in parsed.fields {
         let name = h.name;
@@ -163,12 +171,12 @@ pub fn response_head(
     if !parsed.has_date {
         http1::date_header(out);
     }
-    Ok(ResponseStart::Final(parsed.head))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http1::ResponseHead;
 
     fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
         let mut fwd = Vec::new();
@@ -229,10 +237,7 @@ mod tests {
         );
     }
 
-    fn resp(
-        raw: &[u8],
-        method: Method,
-    ) -> (Result<ResponseStart<ResponseHead>, HeadError>, String) {
+    fn resp(raw: &[u8], method: Method) -> (Result<ResponseStart, HeadError>, String) {
         let mut out = Vec::new();
         let r = response_head(raw, &method, &HeaderMap::new(), &mut out);
         (r, String::from_utf8(out).unwrap())
