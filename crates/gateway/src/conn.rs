@@ -338,7 +338,7 @@ impl Conn<'_> {
         }
         match &admission.route.integration {
             Integration::Http { url, timeout } => {
-                self.upstream_request(ex, m.map_or(0, |m| m.rest_start), url);
+                self.upstream_request(ex, m, url);
                 let to = Forward {
                     url,
                     timeout: *timeout,
@@ -393,11 +393,11 @@ impl Conn<'_> {
     }
 
     /// The request as it goes upstream, into `to_upstream`: the route's URL joined with the routed
-    /// path after the base path (from `rest_start`) and the client's query, the rewritten fields,
-    /// and the body's framing.
-    fn upstream_request(&mut self, ex: &Exchange<'_>, rest_start: usize, url: &Uri) {
+    /// path after the stage's base path and the client's query, the rewritten fields, and the
+    /// body's framing.
+    fn upstream_request(&mut self, ex: &Exchange<'_>, m: Option<RouteMatch>, url: &Uri) {
         let path = routed_path(&self.inbuf, &self.path_buf, ex);
-        let rest = path.as_bytes().get(rest_start..).unwrap_or_default();
+        let rest = m.map_or(path, |m| m.rest(path)).as_bytes();
         let query = ex.head.query.clone().map(|q| &self.inbuf.bytes()[q]);
         let out = &mut self.to_upstream;
         upstream_head(out, &ex.head.method, url, rest, query);
