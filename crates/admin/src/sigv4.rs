@@ -211,9 +211,15 @@ pub fn amz_date(unix_secs: i64) -> String {
         .to_string()
 }
 
-/// The Unix time an `X-Amz-Date` value names; exactly 16 characters, as AWS sends it.
+/// The Unix time an `X-Amz-Date` value names: digits exactly where AWS puts them (jiff alone would
+/// also take signs and padded fields).
 fn parse_amz_date(text: &str) -> Option<i64> {
-    if text.len() != 16 {
+    let b = text.as_bytes();
+    if b.len() != 16
+        || b[8] != b'T'
+        || b[15] != b'Z'
+        || !b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+    {
         return None;
     }
     let at = jiff::civil::DateTime::strptime(AMZ_DATE, text).ok()?;
@@ -680,6 +686,8 @@ mod tests {
         assert_eq!(parse_amz_date("20150830T123600Z"), Some(1_440_938_160));
         assert_eq!(parse_amz_date("20151330T123600Z"), None);
         assert_eq!(parse_amz_date("garbage"), None);
+        assert_eq!(parse_amz_date("2015083 T123600Z"), None);
+        assert_eq!(parse_amz_date("+2015830T123600Z"), None);
     }
 
     #[test]

@@ -202,12 +202,13 @@ fn quota_left(grant: &Grant<'_>, now: u64) -> Option<QuotaInfo> {
 #[cfg(test)]
 mod tests {
     use arc_swap::ArcSwap;
-    use tollgate_core::QuotaSettings;
     use tollgate_core::clock::NANOS_PER_SEC;
     use tollgate_core::quota::Period;
 
     use super::*;
-    use crate::testing::{KEY, OTHER, T0, call, config, counted, records, snap, taken, throttle};
+    use crate::testing::{
+        KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
+    };
 
     #[test]
     fn key_checks() {
@@ -312,11 +313,7 @@ mod tests {
 
     #[test]
     fn quota_counts_only_admitted_requests_and_meters() {
-        let quota = QuotaSettings {
-            limit: 3,
-            offset: 0,
-            period: Period::Day,
-        };
+        let quota = quota(3, Period::Day);
         let cell = ArcSwap::from_pointee(snap(
             config(None, None),
             &records(Some(throttle(1.0, 2)), Some(quota)),

@@ -532,7 +532,9 @@ mod tests {
 
     use super::*;
     use crate::limits::Refusal;
-    use crate::testing::{KEY, OTHER, T0, call, config, counted, records, snap, taken, throttle};
+    use crate::testing::{
+        KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
+    };
 
     fn slot_of(cell: &ArcSwap<Snapshot>, key: &str) -> u32 {
         cell.load().grant_of("plan01", key).unwrap().slot
@@ -586,11 +588,7 @@ mod tests {
 
     #[test]
     fn restored_usage_counts_against_the_quota() {
-        let quota = QuotaSettings {
-            limit: 10,
-            offset: 0,
-            period: Period::Month,
-        };
+        let quota = quota(10, Period::Month);
         let rec = records(None, Some(quota));
         let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9i64)]);
         let s = Snapshot::build(
@@ -617,11 +615,7 @@ mod tests {
 
     #[test]
     fn rebuild_keeps_live_state_and_applies_changes_at_once() {
-        let quota = QuotaSettings {
-            limit: 10,
-            offset: 0,
-            period: Period::Day,
-        };
+        let quota = quota(10, Period::Day);
         let mut rec = records(Some(throttle(1.0, 3)), Some(quota));
         let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
         let get = "/prod/registrations/42";

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use arc_swap::ArcSwap;
 use tollgate_core::clock::NANOS_PER_SEC;
-use tollgate_core::quota::EpochDay;
+use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 use tollgate_store::{KeyIndex, Records};
 
@@ -22,6 +22,14 @@ pub(crate) fn throttle(rate: f64, burst: u32) -> ThrottleSettings {
     ThrottleSettings {
         rate_limit: rate,
         burst_limit: burst,
+    }
+}
+
+pub(crate) fn quota(limit: u32, period: Period) -> QuotaSettings {
+    QuotaSettings {
+        limit,
+        offset: 0,
+        period,
     }
 }
 

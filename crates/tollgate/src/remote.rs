@@ -44,7 +44,7 @@ impl Remote {
         if endpoint.scheme_str() != Some("http") || endpoint.authority().is_none() {
             bail!("--endpoint must be an http:// URL with a host, like http://127.0.0.1:8081");
         }
-        let credentials = admin_credentials((None, None)).map_err(|why| anyhow!(why))?;
+        let credentials = admin_credentials(None, None).map_err(|why| anyhow!(why))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

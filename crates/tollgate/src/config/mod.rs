@@ -60,14 +60,16 @@ pub const ADMIN_ACCESS_KEY_ENV: &str = "TOLLGATE_ADMIN_ACCESS_KEY_ID";
 /// See [`ADMIN_ACCESS_KEY_ENV`].
 pub const ADMIN_SECRET_KEY_ENV: &str = "TOLLGATE_ADMIN_SECRET_ACCESS_KEY";
 /// The admin credentials: each half from the environment ([`ADMIN_ACCESS_KEY_ENV`],
-/// [`ADMIN_SECRET_KEY_ENV`]; empty counts as unset), else from `file` (the config file's).
-/// `Ok(None)` when neither half is given; `Err` when only one is.
+/// [`ADMIN_SECRET_KEY_ENV`]; empty counts as unset), else the config file's. `Ok(None)` when
+/// neither half is given; `Err` when only one is.
 pub fn admin_credentials(
-    file: (Option<&str>, Option<&str>),
+    file_access_key_id: Option<&str>,
+    file_secret_access_key: Option<&str>,
 ) -> Result<Option<Credentials>, String> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let access_key_id = env(ADMIN_ACCESS_KEY_ENV).or_else(|| file.0.map(str::to_owned));
-    let secret_access_key = env(ADMIN_SECRET_KEY_ENV).or_else(|| file.1.map(str::to_owned));
+    let access_key_id = env(ADMIN_ACCESS_KEY_ENV).or_else(|| file_access_key_id.map(str::to_owned));
+    let secret_access_key =
+        env(ADMIN_SECRET_KEY_ENV).or_else(|| file_secret_access_key.map(str::to_owned));
     match (access_key_id, secret_access_key) {
         (Some(access_key_id), Some(secret_access_key)) => Ok(Some(Credentials {
             access_key_id,

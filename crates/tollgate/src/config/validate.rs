@@ -462,11 +462,10 @@ fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminCo
             format!("{:?} is not an address like 127.0.0.1:8081", raw.listen.0),
         );
     };
-    let file = (
+    let credentials = match admin_credentials(
         raw.access_key_id.as_ref().map(|v| v.0.as_str()),
         raw.secret_access_key.as_ref().map(|v| v.0.as_str()),
-    );
-    let credentials = match admin_credentials(file) {
+    ) {
         Ok(credentials) => credentials,
         Err(why) => return cx.err(at, "admin", why),
     };
