@@ -311,10 +311,10 @@ async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
     let q = query(q);
     let page = admin
         .list_keys(
-            q.get("name").map(String::as_str),
-            q.get("customerId").map(String::as_str),
+            q.get("name").cloned(),
+            q.get("customerId").cloned(),
             flag(&q, "includeValues"),
-            &paging(&q)?,
+            paging(&q)?,
         )
         .await?;
     Ok(reply(StatusCode::OK, &page))
@@ -390,7 +390,7 @@ async fn list_plan_keys(
     Ok(reply(
         StatusCode::OK,
         &admin
-            .list_plan_keys(&id, q.get("name").map(String::as_str), &paging(&q)?)
+            .list_plan_keys(&id, q.get("name").cloned(), paging(&q)?)
             .await?,
     ))
 }

@@ -10,13 +10,14 @@
 //! batch of rows, so an import is linear in its rows and holds other writes for one batch at a time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tollgate_core::KeyHash;
 use tollgate_core::model::validate_key_value;
 use tollgate_store::Records;
 
 use crate::error::AdminError;
-use crate::service::{Admin, Catalog};
+use crate::service::{Admin, Catalog, Recount, to_the_end};
 use crate::wire::ImportOut;
 
 /// One data row, checked.
@@ -150,7 +151,7 @@ impl Admin {
     /// lock is taken, its rows are written in batches, each under the lock (another write can come
     /// between two), and what was written is served once at the end, also after a failure half-way.
     pub async fn import_keys(
-        &self,
+        self: &Arc<Self>,
         body: &[u8],
         fail_on_warnings: bool,
     ) -> Result<ImportOut, AdminError> {
@@ -179,27 +180,40 @@ impl Admin {
                 warnings.join("; ")
             )));
         }
-        let mut ids = Vec::with_capacity(accepted.len());
-        let mut recount: Vec<String> = Vec::new();
-        let mut rows = accepted.into_iter();
-        let mut written = Ok(());
-        loop {
-            let batch: Vec<Row> = rows.by_ref().take(BATCH_ROWS).collect();
-            if batch.is_empty() {
-                break;
+        let admin = Arc::clone(self);
+        to_the_end(async move {
+            let mut done = Imported {
+                ids: Vec::with_capacity(accepted.len()),
+                recount: Vec::new(),
+                warnings,
+            };
+            let mut rows = accepted.into_iter();
+            let mut written = Ok(());
+            loop {
+                let batch: Vec<Row> = rows.by_ref().take(BATCH_ROWS).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                let plans = admin.lock_plans().await;
+                let (_, batch_done) = admin
+                    .apply(plans, |admin, catalog| admin.import_batch(batch, catalog))
+                    .await?;
+                match batch_done {
+                    Ok(batch_done) => done.add(batch_done),
+                    Err(e) => {
+                        written = Err(e);
+                        break;
+                    }
+                }
             }
-            let mut plans = self.plans.lock().await;
-            let done = self.apply(&mut plans, |admin, catalog| {
-                admin.import_batch(batch, catalog, &mut ids, &mut recount, &mut warnings)
-            });
-            if let Err(e) = done {
-                written = Err(e);
-                break;
-            }
-        }
-        let mut plans = self.plans.lock().await;
-        self.serve_store(&mut plans, &recount).await?;
-        written.map(|()| ImportOut { ids, warnings })
+            let mut plans = admin.lock_plans().await;
+            admin.serve_store(&mut plans, done.recount).await?;
+            written.map(|()| ImportOut {
+                ids: done.ids,
+                warnings: done.warnings,
+            })
+        })
+        .await
     }
 
     /// Writes one batch of rows: new keys created, existing ones (by value) updated, memberships
@@ -208,10 +222,13 @@ impl Admin {
         &self,
         batch: Vec<Row>,
         catalog: &mut Catalog<'_>,
-        ids: &mut Vec<String>,
-        recount: &mut Vec<String>,
-        warnings: &mut Vec<String>,
-    ) -> Result<(), AdminError> {
+    ) -> Result<Imported, AdminError> {
+        let mut done = Imported::default();
+        let Imported {
+            ids,
+            recount,
+            warnings,
+        } = &mut done;
         let mut records = Records::default();
         let now = self.now_secs();
         for row in batch {
@@ -275,7 +292,28 @@ impl Admin {
             records.keys.push(key);
         }
         self.store.put_records(&records)?;
-        Ok(())
+        Ok(done)
+    }
+}
+
+/// What an import (or one batch of it) did: the ids of the keys of its rows, the plans whose quota
+/// counts it changed, its warnings.
+#[derive(Default)]
+struct Imported {
+    ids: Vec<String>,
+    recount: Recount,
+    warnings: Vec<String>,
+}
+
+impl Imported {
+    fn add(&mut self, batch: Imported) {
+        self.ids.extend(batch.ids);
+        for plan in batch.recount {
+            if !self.recount.contains(&plan) {
+                self.recount.push(plan);
+            }
+        }
+        self.warnings.extend(batch.warnings);
     }
 }
 

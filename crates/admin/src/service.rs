@@ -2,11 +2,16 @@
 //! write goes to the store first, then into a new gateway snapshot built from the store, so it takes
 //! effect on the very next data-plane request.
 //!
+//! Store calls block (SQLite's file, the Redis connection): they run on tokio's blocking pool, all
+//! through [`Admin::blocking`], never on an async worker. A write, once begun, runs to its end and
+//! is served even if its caller hangs up.
+//!
 //! Nothing here holds all keys: usage plans (few) are kept in memory; keys are read from the store
 //! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use tollgate_core::clock::NANOS_PER_SEC;
@@ -49,10 +54,14 @@ pub(crate) type Recount = Vec<String>;
 pub struct Admin {
     pub(crate) store: Arc<dyn Store>,
     gateway: Arc<dyn DataPlane>,
-    /// The usage plans; the lock also serialises writes.
-    pub(crate) plans: tokio::sync::Mutex<Vec<UsagePlan>>,
+    /// The usage plans; the lock also serialises writes. Shared so that a write can hold it on a
+    /// blocking thread ([`Admin::apply`]).
+    pub(crate) plans: Arc<tokio::sync::Mutex<Vec<UsagePlan>>>,
     pub(crate) settings: AdminSettings,
 }
+
+/// The usage plans, held under the write lock.
+pub(crate) type HeldPlans = tokio::sync::OwnedMutexGuard<Vec<UsagePlan>>;
 
 /// What a write checks against: the plans, the keys and memberships the gateway serves, and the keys
 /// and memberships this write has added so far (kept by hash and by key, so that a write adding many
@@ -195,6 +204,16 @@ fn stored_keys(
     })
 }
 
+/// Runs `work` to its end even if the caller goes away (a client that hangs up mid-write): a write
+/// that has begun is finished and served.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl Future<Output = Result<T, AdminError>> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| AdminError::Internal(format!("admin write: {e}")))?
+}
+
 fn bad(msg: impl Into<String>) -> AdminError {
     AdminError::BadRequest(msg.into())
 }
@@ -284,7 +303,7 @@ impl Admin {
         Self {
             store,
             gateway,
-            plans: tokio::sync::Mutex::new(plans),
+            plans: Arc::new(tokio::sync::Mutex::new(plans)),
             settings,
         }
     }
@@ -341,44 +360,68 @@ impl Admin {
         EpochDay::from_nanos(self.gateway.now())
     }
 
-    /// Runs a write under the write lock, then serves the store's records from the next request on
-    /// (also when the write failed half-way: what reached the store is served).
-    pub(crate) async fn write<T>(
-        &self,
-        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError>,
+    /// Runs `f`, which calls the store, on tokio's blocking pool. Store calls block (SQLite's file,
+    /// the Redis connection); this is the one place the control plane waits for them, so no async
+    /// worker is held up by one.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let mut plans = self.plans.lock().await;
-        let written = self.apply(&mut plans, f);
-        let recount = written.as_ref().map_or(&[][..], |(_, r)| &r[..]);
-        self.serve_store(&mut plans, recount).await?;
-        written.map(|(out, _)| out)
+        let admin = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&admin))
+            .await
+            .map_err(|e| AdminError::Internal(format!("store call: {e}")))?
     }
 
-    /// Runs `f` against what is served now and the store, under the write lock `plans` is from,
-    /// without serving what it wrote (see [`Self::serve_store`]).
-    pub(crate) fn apply<T>(
-        &self,
-        plans: &mut Vec<UsagePlan>,
-        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<T, AdminError>,
+    /// Takes the write lock.
+    pub(crate) async fn lock_plans(&self) -> HeldPlans {
+        Arc::clone(&self.plans).lock_owned().await
+    }
+
+    /// Runs a write under the write lock, then serves the store's records from the next request on
+    /// (also when the write failed half-way: what reached the store is served).
+    pub(crate) async fn write<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let served = self.gateway.served();
-        let mut catalog = Catalog {
-            plans,
-            served: &*served,
-            new_keys: BTreeMap::new(),
-            new_bindings: HashMap::new(),
-        };
-        // Store calls block; this runs on the multi-threaded runtime, so say so instead of
-        // stalling a worker's other tasks.
-        tokio::task::block_in_place(|| f(self, &mut catalog))
+        let admin = Arc::clone(self);
+        to_the_end(async move {
+            let plans = admin.lock_plans().await;
+            let (mut plans, written) = admin.apply(plans, f).await?;
+            let recount = written.as_ref().map_or(Vec::new(), |(_, r)| r.clone());
+            admin.serve_store(&mut plans, recount).await?;
+            written.map(|(out, _)| out)
+        })
+        .await
+    }
+
+    /// Runs `f` against what is served now and the store, under the write lock `plans` is, without
+    /// serving what it wrote (see [`Self::serve_store`]); gives the lock back with `f`'s result.
+    pub(crate) async fn apply<T: Send + 'static>(
+        self: &Arc<Self>,
+        mut plans: HeldPlans,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<T, AdminError> + Send + 'static,
+    ) -> Result<(HeldPlans, Result<T, AdminError>), AdminError> {
+        self.blocking(move |admin| {
+            let served = admin.gateway.served();
+            let mut catalog = Catalog {
+                plans: &mut plans,
+                served: &*served,
+                new_keys: BTreeMap::new(),
+                new_bindings: HashMap::new(),
+            };
+            let out = f(admin, &mut catalog);
+            Ok((plans, out))
+        })
+        .await
     }
 
     /// Serves the store's records from the next request on, under the write lock `plans` is from;
     /// the live quota counts of the `recount` plans are rebuilt from the store.
     pub(crate) async fn serve_store(
-        &self,
-        plans: &mut Vec<UsagePlan>,
-        recount: &[String],
+        self: &Arc<Self>,
+        plans: &mut HeldPlans,
+        recount: Recount,
     ) -> Result<(), AdminError> {
         let started = std::time::Instant::now();
         if !recount.is_empty() {
@@ -386,15 +429,17 @@ impl Admin {
             self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
         let today = self.today();
-        let (index, used) = tokio::task::block_in_place(|| -> Result<_, AdminError> {
-            let index = self.store.load_index()?;
-            let used = period_usage(
-                &*self.store,
-                index.plans.iter().filter(|p| recount.contains(&p.id)),
-                today,
-            )?;
-            Ok((index, used))
-        })?;
+        let (index, used) = self
+            .blocking(move |admin| {
+                let index = admin.store.load_index()?;
+                let used = period_usage(
+                    &*admin.store,
+                    index.plans.iter().filter(|p| recount.contains(&p.id)),
+                    today,
+                )?;
+                Ok((index, used))
+            })
+            .await?;
         self.gateway.reload(&index, &used);
         plans.clone_from(&index.plans);
         tracing::debug!(
@@ -447,7 +492,10 @@ impl Admin {
     // ---- API keys ----
 
     /// CreateApiKey.
-    pub async fn create_key(&self, input: CreateApiKeyIn) -> Result<ApiKeyOut, AdminError> {
+    pub async fn create_key(
+        self: &Arc<Self>,
+        input: CreateApiKeyIn,
+    ) -> Result<ApiKeyOut, AdminError> {
         let name = input.name.unwrap_or_default();
         if name.chars().count() > 1024 {
             return Err(bad("Invalid API Key name, can be at most 1024 characters."));
@@ -516,27 +564,40 @@ impl Admin {
     }
 
     /// GetApiKey.
-    pub async fn get_key(&self, id: &str, include_value: bool) -> Result<ApiKeyOut, AdminError> {
-        let key = tokio::task::block_in_place(|| self.store.key(id))?.ok_or_else(unknown_key)?;
-        Ok(self.key_out(&key, include_value))
+    pub async fn get_key(
+        self: &Arc<Self>,
+        id: &str,
+        include_value: bool,
+    ) -> Result<ApiKeyOut, AdminError> {
+        let id = id.to_owned();
+        let key = self
+            .blocking(move |admin| Ok(admin.store.key(&id)?))
+            .await?;
+        Ok(self.key_out(&key.ok_or_else(unknown_key)?, include_value))
     }
 
     /// GetApiKeys: `name` is a case-sensitive prefix, `customer_id` exact.
     pub async fn list_keys(
-        &self,
-        name: Option<&str>,
-        customer_id: Option<&str>,
+        self: &Arc<Self>,
+        name: Option<String>,
+        customer_id: Option<String>,
         include_values: bool,
-        paging: &Paging,
+        paging: Paging,
     ) -> Result<Page<ApiKeyOut>, AdminError> {
-        let keys = stored_keys(&*self.store, paging.position.as_deref()).filter(|k| {
-            k.as_ref().is_err()
-                || k.as_ref().is_ok_and(|k| {
-                    name.is_none_or(|n| k.name.starts_with(n))
-                        && customer_id.is_none_or(|c| k.customer_id.as_deref() == Some(c))
-                })
-        });
-        let page = tokio::task::block_in_place(|| first_page(keys, |k: &ApiKey| &k.id, paging))?;
+        let page = self
+            .blocking(move |admin| {
+                let keys = stored_keys(&*admin.store, paging.position.as_deref()).filter(|k| {
+                    k.as_ref().is_err()
+                        || k.as_ref().is_ok_and(|k| {
+                            name.as_ref().is_none_or(|n| k.name.starts_with(n.as_str()))
+                                && customer_id
+                                    .as_ref()
+                                    .is_none_or(|c| k.customer_id.as_ref() == Some(c))
+                        })
+                });
+                first_page(keys, |k: &ApiKey| &k.id, &paging)
+            })
+            .await?;
         Ok(Page {
             position: page.position,
             item: page
@@ -548,9 +609,14 @@ impl Admin {
     }
 
     /// UpdateApiKey.
-    pub async fn update_key(&self, id: &str, ops: Vec<PatchOp>) -> Result<ApiKeyOut, AdminError> {
-        self.write(|admin, _| {
-            let mut key = admin.store.key(id)?.ok_or_else(unknown_key)?;
+    pub async fn update_key(
+        self: &Arc<Self>,
+        id: &str,
+        ops: Vec<PatchOp>,
+    ) -> Result<ApiKeyOut, AdminError> {
+        let id = id.to_owned();
+        self.write(move |admin, _| {
+            let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
             for op in &ops {
                 let (verb, path) = (op.op.as_deref().unwrap_or(""), op.path.as_deref().unwrap_or(""));
                 if verb != "replace" {
@@ -578,12 +644,13 @@ impl Admin {
     }
 
     /// DeleteApiKey: also removes the key from its plans.
-    pub async fn delete_key(&self, id: &str) -> Result<(), AdminError> {
-        self.write(|admin, catalog| {
-            if !catalog.has_key(id) {
+    pub async fn delete_key(self: &Arc<Self>, id: &str) -> Result<(), AdminError> {
+        let id = id.to_owned();
+        self.write(move |admin, catalog| {
+            if !catalog.has_key(&id) {
                 return Err(unknown_key());
             }
-            admin.store.delete_key(id)?;
+            admin.store.delete_key(&id)?;
             Ok(((), Vec::new()))
         })
         .await
@@ -667,7 +734,10 @@ impl Admin {
     }
 
     /// CreateUsagePlan.
-    pub async fn create_plan(&self, input: CreateUsagePlanIn) -> Result<UsagePlanOut, AdminError> {
+    pub async fn create_plan(
+        self: &Arc<Self>,
+        input: CreateUsagePlanIn,
+    ) -> Result<UsagePlanOut, AdminError> {
         let name = input
             .name
             .filter(|n| !n.is_empty())
@@ -717,11 +787,12 @@ impl Admin {
 
     /// UpdateUsagePlan.
     pub async fn update_plan(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         ops: Vec<PatchOp>,
     ) -> Result<UsagePlanOut, AdminError> {
-        self.write(|admin, catalog| {
+        let id = id.to_owned();
+        self.write(move |admin, catalog| {
             let at = catalog
                 .plans
                 .iter()
@@ -753,12 +824,13 @@ impl Admin {
     }
 
     /// DeleteUsagePlan.
-    pub async fn delete_plan(&self, id: &str) -> Result<(), AdminError> {
-        self.write(|admin, catalog| {
-            if catalog.plan(id).is_none() {
+    pub async fn delete_plan(self: &Arc<Self>, id: &str) -> Result<(), AdminError> {
+        let id = id.to_owned();
+        self.write(move |admin, catalog| {
+            if catalog.plan(&id).is_none() {
                 return Err(unknown_plan());
             }
-            admin.store.delete_plan(id)?;
+            admin.store.delete_plan(&id)?;
             catalog.plans.retain(|p| p.id != id);
             Ok(((), Vec::new()))
         })
@@ -778,7 +850,7 @@ impl Admin {
 
     /// CreateUsagePlanKey.
     pub async fn create_plan_key(
-        &self,
+        self: &Arc<Self>,
         plan_id: &str,
         key_id: Option<String>,
         key_type: Option<String>,
@@ -787,7 +859,9 @@ impl Admin {
         if key_type.as_deref() != Some("API_KEY") {
             return Err(bad("Invalid key type specified: keyType must be API_KEY"));
         }
-        self.write(|admin, catalog| {
+        let plan_id = plan_id.to_owned();
+        self.write(move |admin, catalog| {
+            let plan_id = plan_id.as_str();
             let plan = catalog.plan(plan_id).ok_or_else(unknown_plan)?;
             let key = admin.store.key(&key_id)?.ok_or_else(unknown_key)?;
             if catalog.is_bound(plan_id, &key_id) {
@@ -808,7 +882,7 @@ impl Admin {
 
     /// GetUsagePlanKey.
     pub async fn get_plan_key(
-        &self,
+        self: &Arc<Self>,
         plan_id: &str,
         key_id: &str,
     ) -> Result<UsagePlanKeyOut, AdminError> {
@@ -817,7 +891,11 @@ impl Admin {
         }
         let bound = self.gateway.served().plans_of(key_id).contains(&plan_id);
         let key = match bound {
-            true => tokio::task::block_in_place(|| self.store.key(key_id))?,
+            true => {
+                let key_id = key_id.to_owned();
+                self.blocking(move |admin| Ok(admin.store.key(&key_id)?))
+                    .await?
+            }
             false => None,
         };
         key.map(|k| self.plan_key_out(&k)).ok_or_else(|| {
@@ -827,31 +905,40 @@ impl Admin {
 
     /// GetUsagePlanKeys: `name` is a prefix of the key name. An unknown plan has no keys (as AWS).
     pub async fn list_plan_keys(
-        &self,
+        self: &Arc<Self>,
         plan_id: &str,
-        name: Option<&str>,
-        paging: &Paging,
+        name: Option<String>,
+        paging: Paging,
     ) -> Result<Page<UsagePlanKeyOut>, AdminError> {
         let served = self.gateway.served();
-        let members = served.keys_of(plan_id);
-        let start = start_at(&members, |k| k, paging);
-        // Keys are read from the store only as far as the page goes.
-        let keys = members[start..]
-            .iter()
-            .filter_map(|id| self.store.key(id).transpose())
-            .filter(|k| {
-                k.as_ref()
-                    .map_or(true, |k| name.is_none_or(|n| k.name.starts_with(n)))
-            })
-            .map(|k| k.map(|k| self.plan_key_out(&k)));
-        Ok(tokio::task::block_in_place(|| {
-            first_page(keys, |k: &UsagePlanKeyOut| &k.id, paging)
-        })?)
+        let plan_id = plan_id.to_owned();
+        self.blocking(move |admin| {
+            let members = served.keys_of(&plan_id);
+            let start = start_at(&members, |k| k, &paging);
+            // Keys are read from the store only as far as the page goes.
+            let keys = members[start..]
+                .iter()
+                .filter_map(|id| admin.store.key(id).transpose())
+                .filter(|k| {
+                    k.as_ref().map_or(true, |k| {
+                        name.as_ref().is_none_or(|n| k.name.starts_with(n.as_str()))
+                    })
+                })
+                .map(|k| k.map(|k| admin.plan_key_out(&k)));
+            Ok(first_page(keys, |k: &UsagePlanKeyOut| &k.id, &paging)?)
+        })
+        .await
     }
 
     /// DeleteUsagePlanKey.
-    pub async fn delete_plan_key(&self, plan_id: &str, key_id: &str) -> Result<(), AdminError> {
-        self.write(|admin, catalog| {
+    pub async fn delete_plan_key(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: &str,
+    ) -> Result<(), AdminError> {
+        let (plan_id, key_id) = (plan_id.to_owned(), key_id.to_owned());
+        self.write(move |admin, catalog| {
+            let (plan_id, key_id) = (plan_id.as_str(), key_id.as_str());
             if catalog.plan(plan_id).is_none() {
                 return Err(unknown_plan());
             }
@@ -870,7 +957,7 @@ impl Admin {
 
     /// GetUsage, in real time: metering is flushed first.
     pub async fn usage(
-        &self,
+        self: &Arc<Self>,
         plan_id: &str,
         key_id: Option<&str>,
         start: Option<&str>,
@@ -889,35 +976,41 @@ impl Admin {
         let (from, to) = (parse(start, "start")?, parse(end, "end")?);
         check_range(from, to).map_err(bad)?;
         self.gateway.flush().await.map_err(AdminError::Internal)?;
-        let plans = self.plans.lock().await;
-        let plan = plans
+        let plan = self
+            .plans
+            .lock()
+            .await
             .iter()
             .find(|p| p.id == plan_id)
+            .cloned()
             .ok_or_else(unknown_plan)?;
         let served = self.gateway.served();
-        let members = served.keys_of(plan_id);
-        let usage = tokio::task::block_in_place(|| {
-            plan_usage(&*self.store, &members, plan, key_id, from, to)
-        })?;
-        // Reports are computed for the page's keys only: a plan may have a million.
-        let ids = usage.ids();
-        let start = start_at(ids, String::as_str, paging);
-        let Page { position, item } = first_page_of(ids[start..].iter(), |k| k, paging);
-        Ok(UsageOut {
-            usage_plan_id: plan.id.clone(),
-            start_date: from.to_string(),
-            end_date: to.to_string(),
-            position,
-            values: item
-                .into_iter()
-                .map(|k| (k.clone(), usage.report(k)))
-                .collect(),
+        let (plan_id, key_id) = (plan_id.to_owned(), key_id.map(str::to_owned));
+        let paging = paging.clone();
+        self.blocking(move |admin| {
+            let members = served.keys_of(&plan_id);
+            let usage = plan_usage(&*admin.store, &members, &plan, key_id.as_deref(), from, to)?;
+            // Reports are computed for the page's keys only: a plan may have a million.
+            let ids = usage.ids();
+            let start = start_at(ids, String::as_str, &paging);
+            let Page { position, item } = first_page_of(ids[start..].iter(), |k| k, &paging);
+            Ok(UsageOut {
+                usage_plan_id: plan.id.clone(),
+                start_date: from.to_string(),
+                end_date: to.to_string(),
+                position,
+                values: item
+                    .into_iter()
+                    .map(|k| (k.clone(), usage.report(k)))
+                    .collect(),
+            })
         })
+        .await
     }
 
     /// UpdateUsage: `replace /remaining` sets what the key has left in the current period.
     pub async fn update_usage(
-        &self,
+        self: &Arc<Self>,
         plan_id: &str,
         key_id: &str,
         ops: Vec<PatchOp>,
@@ -940,46 +1033,47 @@ impl Admin {
         let remaining =
             remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
         self.gateway.flush().await.map_err(AdminError::Internal)?;
-        let window_start = {
-            let plans = self.plans.lock().await;
+        let admin = Arc::clone(self);
+        let (plan, key) = (plan_id.to_owned(), key_id.to_owned());
+        // The live count and the stored adjustment change together, even if the caller goes away.
+        let window_start = to_the_end(async move {
+            let plans = admin.lock_plans().await;
             let plan = plans
                 .iter()
-                .find(|p| p.id == plan_id)
+                .find(|p| p.id == plan)
+                .cloned()
                 .ok_or_else(unknown_plan)?;
-            let snapshot = self.gateway.served();
-            if !snapshot.plans_of(key_id).contains(&plan_id) {
+            if !admin.gateway.served().plans_of(&key).contains(&&*plan.id) {
                 return Err(unknown_key());
             }
             let quota = plan
                 .quota
-                .ok_or_else(|| bad(format!("Usage plan {plan_id} has no quota")))?;
-            let start = QuotaWindow::containing(&quota, self.today()).start;
-            let live = self
+                .ok_or_else(|| bad(format!("Usage plan {} has no quota", plan.id)))?;
+            let today = admin.today();
+            let live = admin
                 .gateway
-                .set_remaining(plan_id, key_id, remaining)
+                .set_remaining(&plan.id, &key, remaining)
                 .await
                 .map_err(AdminError::Internal)?;
-            let delta = match live {
-                Some(delta) => delta,
-                // The key is in the plan but not served (e.g. the plan covers no configured stage):
-                // compute the change from the stored count instead.
-                None => {
-                    let used = tokio::task::block_in_place(|| {
-                        period_usage(&*self.store, [plan], self.today())
-                    })?;
-                    let now_used = used
-                        .get(&(plan_id.to_string(), key_id.to_string()))
-                        .copied()
-                        .unwrap_or(0);
-                    i64::from(quota.limit) - remaining - now_used
-                }
-            };
-            tokio::task::block_in_place(|| {
-                self.store
-                    .adjust_quota(plan_id, key_id, self.today(), delta)
-            })?;
-            start
-        };
+            admin
+                .blocking(move |admin| {
+                    let delta = match live {
+                        Some(delta) => delta,
+                        // The key is in the plan but not served (e.g. the plan covers no configured
+                        // stage): the change is computed from the stored count instead.
+                        None => {
+                            let used = period_usage(&*admin.store, [&plan], today)?;
+                            let now_used = used.get(&(plan.id.clone(), key.clone())).copied();
+                            i64::from(quota.limit) - remaining - now_used.unwrap_or(0)
+                        }
+                    };
+                    Ok(admin.store.adjust_quota(&plan.id, &key, today, delta)?)
+                })
+                .await?;
+            drop(plans);
+            Ok(QuotaWindow::containing(&quota, today).start)
+        })
+        .await?;
         let paging = Paging::default();
         self.usage(
             plan_id,

@@ -680,6 +680,51 @@ async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
     );
 }
 
+/// A write whose caller hangs up while the store is busy is still finished, and served: the key it
+/// added to a plan is let through by the data plane.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_is_finished_and_served_after_its_caller_hangs_up() {
+    let (dir, gw, admin, _up) = start("", &[]).await;
+    let plan = admin
+        .ok(
+            "POST",
+            "/usageplans",
+            r#"{"name":"late","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
+        )
+        .await;
+    let value = "lateKeyValue0123456789abcd";
+    let key = admin
+        .ok(
+            "POST",
+            "/apikeys",
+            &json!({"name": "late", "enabled": true, "value": value}).to_string(),
+        )
+        .await;
+    // Another writer holds the database, so the binding waits in the store (busy timeout 5 s)
+    // while its caller gives up.
+    let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let bind = json!({"keyId": key["id"], "keyType": "API_KEY"}).to_string();
+    let path = format!("/usageplans/{}/keys", plan["id"].as_str().unwrap());
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(700),
+        admin.call("POST", &path, &bind),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered while the database was held");
+    db.execute_batch("COMMIT").unwrap();
+
+    let url = gw.url("/prod/echo/late");
+    let started = std::time::Instant::now();
+    while client().get(&url, Some(value)).await.status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the write was not served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn csv_import_as_aws_documents_it() {
     let (_dir, gw, admin, _up) = start("", &[]).await;
