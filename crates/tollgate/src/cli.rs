@@ -152,11 +152,7 @@ pub fn run() -> ExitCode {
             .map_err(Failure::Runtime),
         Command::Import(ImportCommand::Serverless { file, flags }) => flags
             .options(file)
-            .and_then(|o| {
-                serverless::to_native(&o)
-                    .and_then(|n| serverless::to_yaml(&n, &o.file))
-                    .map_err(Failure::Config)
-            })
+            .and_then(|o| serverless::import(&o).map_err(Failure::Config))
             .map(|yaml| print!("{yaml}")),
         Command::Check { config } => config::load(&config)
             .map(|c| {

@@ -140,6 +140,25 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// An error about `field` of `file`, written at `at`.
+    pub fn at(
+        file: &Path,
+        at: serde_saphyr::Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            // Values given on the command line (`tollgate serve --serverless … --listen`) have
+            // no place in the file.
+            position: (at != serde_saphyr::Location::UNKNOWN).then(|| (at.line(), at.column())),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
@@ -169,6 +188,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config `text`, reporting errors against `path`.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+    validate(path, raw)
+}
+
+/// Validates a config read from `path` (`tollgate.yaml`, or a `serverless.yml` read into these
+/// types: its locations are the user's own file's).
+pub fn validate(path: &Path, raw: raw::RawConfig) -> Result<Config, ConfigError> {
     validate::validate(path, raw)
 }
 

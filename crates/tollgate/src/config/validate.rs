@@ -96,12 +96,7 @@ impl Ctx<'_> {
         field: impl Into<String>,
         message: impl Into<String>,
     ) -> Result<T, ConfigError> {
-        Err(ConfigError {
-            file: self.file.to_path_buf(),
-            position: Some((at.line(), at.column())),
-            field: field.into(),
-            message: message.into(),
-        })
+        Err(ConfigError::at(self.file, *at, field, message))
     }
 
     fn throttle(
