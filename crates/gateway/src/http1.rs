@@ -4,6 +4,7 @@
 //! No header maps are built on the request path: heads are copied, not re-encoded.
 use std::cell::RefCell;
 use std::io::Write as _;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -281,9 +282,11 @@ pub(crate) fn parse_request(
     buf: &[u8],
     rewrite: impl FnOnce(&RequestFields<'_, '_>),
 ) -> Result<Option<RequestHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    // Left uninitialised: httparse writes the fields it parses, and initialising 128 of them
+    // cost ~350 instructions a head (measured with bench/instructions.sh).
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -443,9 +446,14 @@ pub(crate) fn parse_response(
     method: &Method,
     rewrite: impl FnOnce(&ResponseFields<'_, '_>),
 ) -> Result<ResponseStart, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
+    // Uninitialised, as in parse_request.
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(ResponseStart::Partial),
         Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
