@@ -276,7 +276,7 @@ pub struct RawPlan {
     pub quota: Option<Spanned<RawQuota>>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawApiStage {
     pub api_id: String,

@@ -411,23 +411,14 @@ fn plans(
     api_stage: &Spanned<RawApiStage>,
 ) -> Result<Plans, ConfigError> {
     let path = doc.setting("usagePlan");
-    let plan = |name: String, description, settings: PlanSettings, at: &FieldPath| {
-        sited(
-            RawPlan {
-                name,
-                description,
-                api_stages: vec![sited(
-                    RawApiStage {
-                        api_id: api_stage.value.api_id.clone(),
-                        stage: api_stage.value.stage.clone(),
-                        throttle: BTreeMap::new(),
-                    },
-                    api_stage.referenced,
-                )],
-                throttle: settings.throttle,
-                quota: settings.quota.map(|q| sited(q, doc.at(&at.key("quota")))),
-            },
-            doc.at(at),
+    let plan = |name, description, settings, at: &FieldPath| {
+        let quota_at = doc.at(&at.key("quota"));
+        plan_on(
+            api_stage,
+            name,
+            description,
+            settings,
+            (doc.at(at), quota_at),
         )
     };
     let mut out = Plans {
@@ -562,25 +553,34 @@ fn keys(
     }
     if needs_default && plans.plans.is_empty() {
         // Serverless creates a plan for the keys even when usagePlan is not given.
-        plans.plans.push(sited(
-            RawPlan {
-                name: default_plan,
-                description: None,
-                api_stages: vec![sited(
-                    RawApiStage {
-                        api_id: api_stage.value.api_id.clone(),
-                        stage: api_stage.value.stage.clone(),
-                        throttle: BTreeMap::new(),
-                    },
-                    api_stage.referenced,
-                )],
-                throttle: None,
-                quota: None,
-            },
-            doc.at(&path),
-        ));
+        let none = PlanSettings {
+            quota: None,
+            throttle: None,
+        };
+        let at = doc.at(&path);
+        plans
+            .plans
+            .push(plan_on(api_stage, default_plan, None, none, (at, at)));
     }
     Ok(keys)
+}
+
+/// A usage plan on the service's one API stage, written at `at` (its quota at `quota_at`).
+fn plan_on(
+    api_stage: &Spanned<RawApiStage>,
+    name: String,
+    description: Option<String>,
+    settings: PlanSettings,
+    (at, quota_at): (Location, Location),
+) -> Spanned<RawPlan> {
+    let plan = RawPlan {
+        name,
+        description,
+        api_stages: vec![api_stage.clone()],
+        throttle: settings.throttle,
+        quota: settings.quota.map(|q| sited(q, quota_at)),
+    };
+    sited(plan, at)
 }
 
 /// The validated config for `opts`, through the native validator.
