@@ -11,11 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, futures::OwnedNotified, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::admit::{Admission, Local, admit};
+use crate::client::ClientIo;
 use crate::config::{Cors, GatewayConfig, Integration, Route};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
@@ -29,6 +29,7 @@ use crate::route::RouteMatch;
 use crate::shared_limits::SharedLimits;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
+use crate::tls::TlsInfo;
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
 /// only when it fires early or must fire sooner, not once per request.
@@ -68,10 +69,11 @@ impl LazyDeadline {
 /// Serves one client connection until it closes, errs, idles out, or the gateway drains. `held` is
 /// kept until then: the gateway counts open connections by its receiver, and limits them by its
 /// permit.
-pub(crate) async fn serve(
+pub(crate) async fn serve<C: ClientIo>(
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: C,
     peer: SocketAddr,
+    tls: Option<TlsInfo>,
     held: (watch::Receiver<()>, OwnedSemaphorePermit),
 ) {
     // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
@@ -83,6 +85,7 @@ pub(crate) async fn serve(
         client,
         peer,
         peer_ip: peer.ip().to_string(),
+        tls,
         inbuf: InBuf::default(),
         forwarded: Vec::new(),
         to_upstream: Vec::new(),
@@ -100,11 +103,13 @@ pub(crate) async fn serve(
     }
 }
 
-struct Conn<'a> {
+struct Conn<'a, C> {
     shared: &'a Shared,
-    client: TcpStream,
+    client: C,
     peer: SocketAddr,
     peer_ip: String,
+    /// What the TLS handshake settled, on a TLS connection.
+    tls: Option<TlsInfo>,
     /// Bytes from the client not yet handled.
     inbuf: InBuf,
     /// The current request's header lines as they go upstream.
@@ -135,7 +140,7 @@ enum Failure {
     Client,
 }
 
-impl Conn<'_> {
+impl<C: ClientIo> Conn<'_, C> {
     async fn run(&mut self) {
         loop {
             let head = match self.read_head().await {
@@ -166,6 +171,7 @@ impl Conn<'_> {
                     self.inbuf.bytes(),
                     &mut self.forwarded,
                     &self.peer_ip,
+                    C::SCHEME,
                     kept,
                 )?;
                 if parsed.is_some() {
@@ -185,7 +191,7 @@ impl Conn<'_> {
                 r = async {
                     // Between requests, wait for bytes before taking a buffer.
                     if idle {
-                        std::future::poll_fn(|cx| client.poll_read_ready(cx)).await?;
+                        std::future::poll_fn(|cx| client.poll_readable(cx)).await?;
                     }
                     inbuf.read_from(client).await
                 } => r,
@@ -385,9 +391,18 @@ impl Conn<'_> {
         }
         if let (Some(started), Some(path)) = (ex.started, &ex.log_path) {
             // The key's id only: values are secrets and never logged.
-            tracing::info!(target: "tollgate::access", method = %ex.head.method, %path, status,
-                key_id = ex.key_id.unwrap_or("-"), peer = %self.peer,
-                micros = started.elapsed().as_micros() as u64);
+            let (method, key_id, micros) = (
+                &ex.head.method,
+                ex.key_id.unwrap_or("-"),
+                started.elapsed().as_micros() as u64,
+            );
+            match &self.tls {
+                None => tracing::info!(target: "tollgate::access", %method, %path, status,
+                    key_id, peer = %self.peer, micros),
+                Some(tls) => tracing::info!(target: "tollgate::access", %method, %path, status,
+                    key_id, peer = %self.peer, micros, tls = tls.version,
+                    client_cert = tls.client_subject.as_deref().unwrap_or("-")),
+            }
         }
         ex.keep_alive && status != 0
     }
@@ -528,7 +543,7 @@ impl Conn<'_> {
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !streaming;
             let answered = if streaming {
-                let (mut client_read, mut client_write) = self.client.split();
+                let (mut client_read, mut client_write) = self.client.halves();
                 if head.expect_continue {
                     client_write
                         .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -1,8 +1,9 @@
 //! tollgate's data plane: routes requests to APIs and stages, admits them through the API key, the
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 //!
-//! Where things are: `server` (accept loop, flusher, the control plane's handle) hands each client
-//! to `conn` (one connection's request loop, in named phases: route, admit, answer, log), which
+//! Where things are: `server` (accept loops, flusher, the control plane's handle; TLS handshakes
+//! with `tls`'s certificates) hands each client, plain or TLS (`client`), to `conn` (one
+//! connection's request loop, in named phases: route, admit, answer, log), which
 //! speaks HTTP/1.1 through `http1` (the codec) and `rewrite` (which fields pass the proxy,
 //! `X-Forwarded-*`), normalises the path (`path`), matches it (`route`), admits it (`admit`,
 //! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`) and
@@ -11,6 +12,7 @@
 //! `slots` that survives rebuilds; `meter` counts usage per day; `state` is what all of these share.
 
 mod admit;
+mod client;
 pub mod config;
 mod conn;
 pub mod http1;
@@ -31,10 +33,12 @@ pub mod snapshot;
 mod state;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 
 pub use admit::{Admission, admit_locally};
 pub use config::GatewayConfig;
 pub use server::{
     DEFAULT_HEAD_TIMEOUT, DescriptorBudget, Gateway, GatewayError, GatewayHandle, GatewayOptions,
+    Listeners,
 };
 pub use snapshot::Snapshot;

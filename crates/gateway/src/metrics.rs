@@ -23,6 +23,7 @@ pub struct Metrics {
     outcomes: [AtomicU64; 7],
     store_failures: AtomicU64,
     connections_refused: AtomicU64,
+    handshakes_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -47,6 +48,11 @@ impl Metrics {
     /// Counts a client connection closed at once because the connection limit was reached.
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a TLS handshake that failed or timed out.
+    pub fn handshake_failed(&self) {
+        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed call to the shared store.
@@ -80,6 +86,12 @@ impl Metrics {
             out,
             "tollgate_connections_refused_total {}",
             self.connections_refused.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP tollgate_tls_handshakes_failed_total TLS handshakes that failed or timed out.\n# TYPE tollgate_tls_handshakes_failed_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_tls_handshakes_failed_total {}",
+            self.handshakes_failed.load(Ordering::Relaxed)
         );
         if let Some(degraded) = store_degraded {
             out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");

@@ -81,15 +81,16 @@ fn is_hop_by_hop(name: &str) -> bool {
 /// `forwarded` holds the header lines to send upstream: the client's, minus hop-by-hop ones and
 /// those the `Connection` header names, minus `Host`, `Expect` and the [`STEERING_FIELDS`] not in
 /// `kept`, plus `X-Forwarded-For` (the client's chain with `peer_ip` appended), `X-Forwarded-Proto`
-/// and `X-Forwarded-Host`.
+/// (`scheme`, how the client reached the gateway) and `X-Forwarded-Host`.
 pub fn request_head(
     buf: &[u8],
     forwarded: &mut Vec<u8>,
     peer_ip: &str,
+    scheme: &str,
     kept: KeptFields,
 ) -> Result<Option<RequestHead>, HeadError> {
     http1::parse_request(buf, |parsed| {
-        forward_request_fields(parsed, forwarded, peer_ip, kept);
+        forward_request_fields(parsed, forwarded, (peer_ip, scheme), kept);
     })
 }
 
@@ -97,7 +98,7 @@ pub fn request_head(
 fn forward_request_fields(
     parsed: &RequestFields<'_, '_>,
     forwarded: &mut Vec<u8>,
-    peer_ip: &str,
+    (peer_ip, scheme): (&str, &str),
     kept: KeptFields,
 ) {
     forwarded.clear();
@@ -127,7 +128,9 @@ fn forward_request_fields(
         forwarded.extend_from_slice(b", ");
     }
     forwarded.extend_from_slice(peer_ip.as_bytes());
-    forwarded.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    forwarded.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    forwarded.extend_from_slice(scheme.as_bytes());
+    forwarded.extend_from_slice(b"\r\n");
     if let Some(host) = parsed.host {
         header_line(forwarded, b"x-forwarded-host", host);
     }
@@ -180,7 +183,7 @@ mod tests {
 
     fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
         let mut fwd = Vec::new();
-        let r = request_head(raw, &mut fwd, "127.0.0.1", KeptFields::default());
+        let r = request_head(raw, &mut fwd, "127.0.0.1", "http", KeptFields::default());
         (r, String::from_utf8(fwd).unwrap())
     }
 
@@ -227,7 +230,7 @@ mod tests {
         assert!(kept.keep("X-Real-IP") && kept.keep("x-http-method-override"));
         assert!(!kept.keep("X-Other"));
         let mut fwd = Vec::new();
-        request_head(raw, &mut fwd, "127.0.0.1", kept)
+        request_head(raw, &mut fwd, "127.0.0.1", "http", kept)
             .unwrap()
             .unwrap();
         let fwd = String::from_utf8(fwd).unwrap();

@@ -2,13 +2,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tollgate_core::Clock;
 use tollgate_core::quota::EpochDay;
 use tollgate_store::OnStoreFailure;
@@ -22,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::Shared;
+use crate::tls::TlsInfo;
 
 /// How long a client may take to send a request head by default, idle keep-alive time included
 /// (nginx's `client_header_timeout` is 60 s, hyper's 30 s).
@@ -256,11 +259,11 @@ impl Gateway {
         }
     }
 
-    /// Serves `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// Serves `listeners` until `shutdown` resolves, then stops accepting, lets in-flight requests
     /// finish (up to the drain timeout) and flushes metering one last time.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -278,33 +281,42 @@ impl Gateway {
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
         tokio::pin!(shutdown);
+        let Listeners { plain, tls } = listeners;
         loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(err) => {
-                            // Out of descriptors and the like: back off instead of spinning.
-                            tracing::warn!(error = %err, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    // Over the limit: closed at once, so that the descriptors it would take stay
-                    // available to the connections being served and their upstreams.
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        self.shared.metrics.connection_refused();
-                        drop(stream);
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let held = (open_rx.clone(), slot);
-                    tokio::spawn(conn::serve(self.shared.clone(), stream, peer, held));
-                }
+            let (accepted, over_tls) = tokio::select! {
+                a = accept(plain.as_ref()) => (a, false),
+                a = accept(tls.as_ref().map(|(l, _)| l)) => (a, true),
                 () = &mut shutdown => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Over the limit: closed at once, so that the descriptors it would take stay
+            // available to the connections being served and their upstreams.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                self.shared.metrics.connection_refused();
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let held = (open_rx.clone(), slot);
+            let shared = self.shared.clone();
+            match (&tls, over_tls) {
+                (Some((_, acceptor)), true) => {
+                    tokio::spawn(handshake(shared, acceptor.clone(), stream, peer, held));
+                }
+                _ => {
+                    tokio::spawn(conn::serve(shared, stream, peer, None, held));
+                }
             }
         }
-        drop(listener);
+        drop((plain, tls));
         drop(open_rx);
         tracing::info!("shutting down: draining in-flight requests");
         self.shared.draining.store(true, Ordering::Relaxed);
@@ -319,6 +331,48 @@ impl Gateway {
         match flusher.await {
             Ok(result) => result,
             Err(err) => Err(GatewayError::Task(err.to_string())),
+        }
+    }
+}
+
+/// Where the data plane listens: plain HTTP, TLS, or both.
+#[derive(Default)]
+pub struct Listeners {
+    /// Plain HTTP/1.1.
+    pub plain: Option<TcpListener>,
+    /// HTTPS, with the acceptor that terminates TLS.
+    pub tls: Option<(TcpListener, TlsAcceptor)>,
+}
+
+/// The next connection on `listener`; never, without one.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a TLS handshake, then serves the connection. A client that stalls mid-handshake or sends
+/// garbage holds only this task, and only until the head timeout.
+async fn handshake(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    held: (watch::Receiver<()>, tokio::sync::OwnedSemaphorePermit),
+) {
+    match tokio::time::timeout(shared.head_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let info = TlsInfo::of(tls.get_ref().1);
+            conn::serve(shared, tls, peer, Some(info), held).await;
+        }
+        Ok(Err(err)) => {
+            shared.metrics.handshake_failed();
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed();
+            tracing::debug!(%peer, "TLS handshake timed out");
         }
     }
 }

@@ -12,7 +12,7 @@ use tollgate_admin::data_plane::{BoxFuture, DataPlane};
 use tollgate_admin::http::ListenerLimits;
 use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
-use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions};
+use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions, Listeners};
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
@@ -168,10 +168,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let mut listeners = Listeners::default();
+    if let Some(listen) = config.listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        listeners.plain = Some(listener);
+    }
+    if let Some(tls) = &config.tls {
+        let listener = tokio::net::TcpListener::bind(tls.listen)
+            .await
+            .with_context(|| format!("binding {} (tls.listen)", tls.listen))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        listeners.tls = Some((listener, acceptor));
+        tokio::spawn(tls.certificates.clone().watch(
+            CERTIFICATE_CHECK,
+            hangups()?,
+            stopped(stop_rx.clone()),
+        ));
+    }
     let admin_task = match admin {
         Some((admin, admin_addr, limits)) => {
             let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -189,11 +204,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing::info!(%addr, "listening");
-    println!("tollgate: listening on http://{addr}");
+    if let Some((listener, _)) = &listeners.tls {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "listening (HTTPS)");
+        println!("tollgate: listening on https://{addr}");
+    }
+    if let Some(listener) = &listeners.plain {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "listening");
+        println!("tollgate: listening on http://{addr}");
+    }
     let _ = std::io::stdout().flush();
 
-    gateway.serve(listener, stopped(stop_rx)).await?;
+    gateway.serve(listeners, stopped(stop_rx)).await?;
     if let Some(task) = admin_task {
         task.await.context("admin API task")?.context("admin API")?;
     }
@@ -358,6 +381,19 @@ fn raise_descriptor_limit() -> u64 {
 }
 
 /// Resolves on SIGTERM or SIGINT.
+/// How often the certificate files are looked at for a replacement.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
+
+/// Every SIGHUP, as a stream (SIGHUP reloads the TLS certificates).
+fn hangups() -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>> {
+    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    Ok(Box::pin(futures_util::stream::unfold(
+        signal,
+        |mut signal| async move { signal.recv().await.map(|()| ((), signal)) },
+    )))
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -7,11 +7,13 @@ mod validate;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::tls::Certificates;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
@@ -19,8 +21,10 @@ use tollgate_store::{DeclaredKey, DeclaredPlan};
 /// The validated configuration of one gateway instance.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the data plane listens.
-    pub listen: SocketAddr,
+    /// Where the data plane listens for plain HTTP, if it does.
+    pub listen: Option<SocketAddr>,
+    /// Where it listens for HTTPS, and how it terminates TLS.
+    pub tls: Option<TlsListener>,
     /// The most client connections the data plane holds at once (`None`: as many as the descriptor
     /// limit allows).
     pub max_connections: Option<usize>,
@@ -39,6 +43,17 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Set when key values are kept encrypted (`keyValueStorage: encrypted`).
     pub sealer: Option<Sealer>,
+}
+
+/// The data plane's HTTPS listener: the certificates were read and checked when the config was.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The certificates served, by SNI; reloaded in place.
+    pub certificates: Arc<Certificates>,
+    /// The rustls configuration serving them.
+    pub server: Arc<rustls::ServerConfig>,
 }
 
 /// The control plane's listener and credentials.

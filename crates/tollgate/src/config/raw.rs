@@ -60,7 +60,10 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawConfig {
-    pub listen: Spanned<EnvString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Spanned<EnvString>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Spanned<RawTls>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<Spanned<RawStore>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +90,34 @@ pub struct RawConfig {
     pub usage_plans: Vec<Spanned<RawPlan>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<Spanned<RawKey>>,
+}
+
+/// `tls:`, the data plane's HTTPS listener.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawTls {
+    pub listen: EnvString,
+    pub certificates: Vec<Spanned<RawCertFiles>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<Spanned<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCertFiles {
+    pub cert: EnvString,
+    pub key: EnvString,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawClientAuth {
+    pub ca: EnvString,
+    /// Whether a client without a certificate is refused (the default, as AWS's mutual TLS).
+    #[serde(default = "enabled_by_default", skip_serializing_if = "is_true")]
+    pub required: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -18,17 +19,20 @@ use tollgate_gateway::config::{
 };
 use tollgate_gateway::rewrite::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
+use tollgate_gateway::tls::{
+    self, CertFiles, Certificates, ClientAuth, MinVersion, TlsError, TlsSettings,
+};
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{
-    RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawSize, RawStore,
-    RawThrottle, RawUrls,
+    EnvString, RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawSize,
+    RawStore, RawThrottle, RawTls, RawUrls,
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
-    DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
+    DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind, TlsListener,
     admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
@@ -99,6 +103,22 @@ impl Ctx<'_> {
         Err(ConfigError::at(self.file, *at, field, message))
     }
 
+    /// A listening address.
+    fn address(
+        &self,
+        raw: &EnvString,
+        at: &Location,
+        field: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        raw.0.parse().or_else(|_| {
+            self.err(
+                at,
+                field,
+                format!("{:?} is not an address like 127.0.0.1:8080", raw.0),
+            )
+        })
+    }
+
     fn throttle(
         &self,
         t: &RawThrottle,
@@ -140,19 +160,21 @@ impl Ctx<'_> {
 
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let cx = Ctx { file };
-    let listen: SocketAddr = match raw.listen.value.0.parse() {
-        Ok(addr) => addr,
-        Err(_) => {
-            return cx.err(
-                &raw.listen.referenced,
-                "listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:8080",
-                    raw.listen.value.0
-                ),
-            );
-        }
+    let listen = match &raw.listen {
+        Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
+        None => None,
     };
+    let tls = match &raw.tls {
+        Some(tls) => Some(validate_tls(&cx, &tls.value, &tls.referenced)?),
+        None => None,
+    };
+    if listen.is_none() && tls.is_none() {
+        return cx.err(
+            &Location::UNKNOWN,
+            "listen",
+            "give listen (plain HTTP), tls.listen (HTTPS), or both",
+        );
+    }
 
     let store = match &raw.store {
         None => StoreConfig {
@@ -181,11 +203,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
     // Routing conflicts across APIs (two stages on one base path).
     if let Err(e) = Router::new(&apis) {
-        let at = raw
-            .apis
-            .first()
-            .map(|a| a.referenced)
-            .unwrap_or(raw.listen.referenced);
+        let at = raw.apis.first().map_or(Location::UNKNOWN, |a| a.referenced);
         return cx.err(&at, "apis", e.to_string());
     }
     let outline: Vec<ApiOutline> = apis.iter().map(Api::outline).collect();
@@ -342,6 +360,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         admin,
         sealer,
         listen,
+        tls,
         max_connections,
         header_timeout,
         store,
@@ -449,14 +468,73 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
     })
 }
 
-fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminConfig, ConfigError> {
-    let Ok(listen) = raw.listen.0.parse::<SocketAddr>() else {
-        return cx.err(
-            at,
-            "admin.listen",
-            format!("{:?} is not an address like 127.0.0.1:8081", raw.listen.0),
-        );
+/// The HTTPS listener: every certificate and key read and checked now, before anything binds.
+fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener, ConfigError> {
+    let listen = cx.address(&raw.listen, at, "tls.listen")?;
+    if raw.certificates.is_empty() {
+        return cx.err(at, "tls.certificates", "give at least one { cert, key }");
+    }
+    let files: Vec<CertFiles> = raw
+        .certificates
+        .iter()
+        .map(|c| CertFiles {
+            cert: PathBuf::from(&c.value.cert.0),
+            key: PathBuf::from(&c.value.key.0),
+        })
+        .collect();
+    let min_version = match raw
+        .min_version
+        .as_ref()
+        .map(|v| (v.value.as_str(), v.referenced))
+    {
+        None | Some(("1.2", _)) => MinVersion::Tls12,
+        Some(("1.3", _)) => MinVersion::Tls13,
+        Some((other, vat)) => {
+            return cx.err(
+                &vat,
+                "tls.minVersion",
+                format!("{other:?}: use \"1.2\" or \"1.3\" (older versions are not offered)"),
+            );
+        }
     };
+    let client_auth = raw.client_auth.as_ref().map(|c| ClientAuth {
+        ca: PathBuf::from(&c.value.ca.0),
+        required: c.value.required,
+    });
+    // Which field a file at fault came from, and where that field is written.
+    let field_of = |e: &TlsError| -> (String, Location) {
+        for (i, (c, f)) in raw.certificates.iter().zip(&files).enumerate() {
+            if e.file == f.cert {
+                return (format!("tls.certificates[{i}].cert"), c.referenced);
+            }
+            if e.file == f.key {
+                return (format!("tls.certificates[{i}].key"), c.referenced);
+            }
+        }
+        match &raw.client_auth {
+            Some(c) => ("tls.clientAuth.ca".into(), c.referenced),
+            None => ("tls".into(), *at),
+        }
+    };
+    let fail = |e: TlsError| {
+        let (field, at) = field_of(&e);
+        ConfigError::at(cx.file, at, field, e.to_string())
+    };
+    let certificates = Arc::new(Certificates::load(&files).map_err(fail)?);
+    let settings = TlsSettings {
+        min_version,
+        client_auth,
+    };
+    let server = tls::server_config(&settings, certificates.clone()).map_err(fail)?;
+    Ok(TlsListener {
+        listen,
+        certificates,
+        server: Arc::new(server),
+    })
+}
+
+fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminConfig, ConfigError> {
+    let listen = cx.address(&raw.listen, at, "admin.listen")?;
     let credentials = match admin_credentials(
         raw.access_key_id.as_ref().map(|v| v.0.as_str()),
         raw.secret_access_key.as_ref().map(|v| v.0.as_str()),

@@ -284,7 +284,8 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         on_store_failure: None,
     };
     Ok(RawConfig {
-        listen: sited(EnvString(opts.listen.clone()), Location::UNKNOWN),
+        listen: Some(sited(EnvString(opts.listen.clone()), Location::UNKNOWN)),
+        tls: None,
         store: Some(sited(upstream_store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {

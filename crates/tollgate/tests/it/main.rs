@@ -29,5 +29,7 @@ mod paths;
 mod persistence;
 /// Serverless Framework files: the seed runs as is, CORS, `import serverless`.
 mod serverless;
+/// HTTPS at the edge: real handshakes with curl and rustls clients, SNI, reloads, mTLS, `check`.
+mod tls;
 /// `tollgate usage` reports AWS GetUsage's shape.
 mod usage;

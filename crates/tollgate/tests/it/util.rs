@@ -22,6 +22,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The admin API's address, when the config has one.
     pub admin: Option<SocketAddr>,
+    /// The HTTPS listener's address, when the config has one.
+    pub tls: Option<SocketAddr>,
     /// Everything the process printed on stdout before and after "listening".
     pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
     pub stderr_path: PathBuf,
@@ -30,6 +32,16 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `tollgate serve --config <dir>/tollgate.yaml` and waits until it listens.
     pub fn start(dir: &Path, envs: &[(&str, &str)]) -> Gateway {
+        Self::launch(dir, envs, "http")
+    }
+
+    /// [`Gateway::start`] for a config whose data plane listens for HTTPS only (`addr` is the
+    /// HTTPS listener's).
+    pub fn start_tls(dir: &Path, envs: &[(&str, &str)]) -> Gateway {
+        Self::launch(dir, envs, "https")
+    }
+
+    fn launch(dir: &Path, envs: &[(&str, &str)], scheme: &'static str) -> Gateway {
         let stderr_path = dir.join(format!(
             "stderr-{}.log",
             std::time::SystemTime::now()
@@ -55,8 +67,11 @@ impl Gateway {
         let sink = seen.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("tollgate: listening on http://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                for scheme in ["http", "https"] {
+                    let prefix = format!("tollgate: listening on {scheme}://");
+                    if let Some(addr) = line.strip_prefix(&prefix) {
+                        let _ = tx.send((scheme, addr.parse::<SocketAddr>().unwrap()));
+                    }
                 }
                 if let Some(addr) = line.strip_prefix("tollgate: admin API on http://") {
                     let _ = admin_tx.send(addr.parse::<SocketAddr>().unwrap());
@@ -66,22 +81,30 @@ impl Gateway {
                 s.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "gateway did not start: {}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
+        // The HTTPS line, when there is one, comes before the plain one.
+        let mut tls = None;
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(("https", addr)) if scheme == "https" => break addr,
+                Ok(("https", addr)) => tls = Some(addr),
+                Ok((_, addr)) => break addr,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "gateway did not start: {}",
+                        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                    );
+                }
             }
         };
+        let tls = if scheme == "https" { Some(addr) } else { tls };
         // The admin line, when there is one, comes before the data plane's.
         let admin = admin_rx.try_recv().ok();
         Gateway {
             child,
             addr,
             admin,
+            tls,
             stdout: seen,
             stderr_path,
         }

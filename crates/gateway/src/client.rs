@@ -1,0 +1,61 @@
+//! A client connection's byte stream: plain TCP, or TLS over it. The connection loop is written
+//! once over [`ClientIo`] and compiled for each.
+
+use std::io;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// What the connection loop needs of a client's stream beyond reading and writing.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The read half of [`ClientIo::halves`].
+    type Reader<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    /// The write half of [`ClientIo::halves`].
+    type Writer<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+
+    /// `http` or `https`: what `X-Forwarded-Proto` tells the upstream.
+    const SCHEME: &'static str;
+
+    /// Read and write halves, to upload a body while the answer comes back.
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+
+    /// Ready when a read may find bytes: an idle connection takes no read buffer until then.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ClientIo for TcpStream {
+    type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+    const SCHEME: &'static str = "http";
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        self.split()
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl ClientIo for TlsStream<TcpStream> {
+    type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
+    const SCHEME: &'static str = "https";
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        // Both halves drive one TLS session, so they share it behind tokio's lock; only a
+        // streamed upload takes this path.
+        tokio::io::split(self)
+    }
+
+    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The TLS session may already hold decrypted bytes the socket's readiness cannot show.
+        Poll::Ready(Ok(()))
+    }
+}

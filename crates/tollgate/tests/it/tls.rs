@@ -1,0 +1,497 @@
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::util::{self, Gateway, KEY};
+
+type Issuer = CertifiedIssuer<'static, KeyPair>;
+
+fn ca(name: &str) -> Issuer {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A certificate for `names` signed by `ca`: (PEM, key PEM, DER).
+fn leaf(
+    ca: &Issuer,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String, CertificateDer<'static>) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, names[0]);
+    p.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem(), cert.der().clone())
+}
+
+/// Writes a server certificate for `names` signed by `ca` as `<name>.crt`/`<name>.key`; its DER.
+fn server_cert(dir: &Path, name: &str, ca: &Issuer, names: &[&str]) -> CertificateDer<'static> {
+    let (cert, key, der) = leaf(ca, names, ExtendedKeyUsagePurpose::ServerAuth);
+    std::fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+    der
+}
+
+/// A gateway on HTTPS only, in front of a real upstream, with `tls_extra` added to its `tls:` block
+/// (`gw.addr` is the HTTPS listener's).
+async fn start(dir: &Path, tls_extra: &str, top_extra: &str) -> (Gateway, util::Upstream) {
+    start_on(dir, tls_extra, top_extra, false).await
+}
+
+/// [`start`], also on plain HTTP when `plain` (then `gw.addr` is the plain listener's, `gw.tls` the
+/// HTTPS one's).
+async fn start_on(
+    dir: &Path,
+    tls_extra: &str,
+    top_extra: &str,
+    plain: bool,
+) -> (Gateway, util::Upstream) {
+    let up = util::upstream().await;
+    let routes = format!(
+        "      - {{ path: \"/echo/{{rest+}}\", method: ANY, apiKeyRequired: true, upstream: \"http://{}\" }}\n",
+        up.addr
+    );
+    let yaml = util::config_with_routes(&routes, "").replacen(
+        "listen: 127.0.0.1:0\n",
+        &format!(
+            "{}tls:\n  listen: 127.0.0.1:0\n  certificates:\n    - {{ cert: api.crt, key: api.key }}\n    - {{ cert: partner.crt, key: partner.key }}\n{tls_extra}{top_extra}",
+            if plain { "listen: 127.0.0.1:0\n" } else { "" }
+        ),
+        1,
+    );
+    util::write_config(dir, &yaml);
+    let gw = if plain {
+        Gateway::start(dir, &util::admin_env())
+    } else {
+        Gateway::start_tls(dir, &util::admin_env())
+    };
+    (gw, up)
+}
+
+/// A TLS client trusting `roots`, offering `client` (chain and key PEM) when given.
+fn connector(roots: &[&CertificateDer<'static>], client: Option<(&str, &str)>) -> TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add((*r).clone()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(tollgate_gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            use rustls::pki_types::pem::PemObject as _;
+            let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A handshake with `addr` as `server_name`: the stream and the leaf certificate served.
+async fn handshake(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    server_name: &str,
+) -> std::io::Result<(
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_string()).unwrap();
+    let tls = connector.connect(name, tcp).await?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    Ok((tls, leaf))
+}
+
+/// An HTTP/1.1 client on one TLS connection (kept alive across requests).
+async fn http_over(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// GET `path` with the key: status and body.
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), hyper::Error> {
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .header("x-api-key", KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn curl(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_over_https_gets_the_same_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = ca("test CA");
+    server_cert(dir.path(), "api", &issuer, &["api.test", "127.0.0.1"]);
+    server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
+    std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
+    let (gw, _up) = start_on(dir.path(), "", "", true).await;
+    let port = gw.tls.unwrap().port();
+    let resolve = format!("api.test:{port}:127.0.0.1");
+    let url = format!("https://api.test:{port}/prod/echo/a");
+    let key = format!("x-api-key: {KEY}");
+    let cacert = dir.path().join("ca.pem");
+    let cacert = cacert.to_str().unwrap();
+    let base = ["--cacert", cacert, "--resolve", resolve.as_str()];
+
+    let (code, out) = curl(&[&base[..], &["-H", key.as_str(), url.as_str()]].concat());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.ends_with("\n200"), "{out}");
+    assert!(out.contains("\"x-forwarded-proto\":\"https\""), "{out}");
+    // The whole pipeline: no key, 403 with AWS's body.
+    let (_, out) = curl(&[&base[..], &[url.as_str()]].concat());
+    assert!(out.ends_with("{\"message\":\"Forbidden\"}\n403"), "{out}");
+    // TLS 1.3, and 1.2 (the default minimum); nothing older.
+    let (code, out) = curl(&[&base[..], &["--tlsv1.3", "-H", key.as_str(), url.as_str()]].concat());
+    assert_eq!((code, out.ends_with("\n200")), (Some(0), true), "{out}");
+    let (code, out) = curl(
+        &[
+            &base[..],
+            &[
+                "--tlsv1.2",
+                "--tls-max",
+                "1.2",
+                "-H",
+                key.as_str(),
+                url.as_str(),
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!((code, out.ends_with("\n200")), (Some(0), true), "{out}");
+    let (code, _) = curl(&[&base[..], &["--tlsv1", "--tls-max", "1.1", url.as_str()]].concat());
+    assert_eq!(code, Some(35), "TLS 1.1 refused in the handshake");
+    // Not plain HTTP on the TLS port; the plain listener beside it says so upstream.
+    let (code, _) = curl(&[format!("http://127.0.0.1:{port}/prod/echo/a").as_str()]);
+    assert_ne!(code, Some(0));
+    let (_, out) = curl(&["-H", key.as_str(), gw.url("/prod/echo/a").as_str()]);
+    assert!(out.contains("\"x-forwarded-proto\":\"http\""), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_picks_the_certificate_and_reloads_keep_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ca("first CA");
+    let api = server_cert(dir.path(), "api", &first, &["api.test", "127.0.0.1"]);
+    let partner = server_cert(dir.path(), "partner", &first, &["partner.test"]);
+    let (gw, _up) = start(dir.path(), "", "").await;
+    let trusts_first = connector(&[first.der()], None);
+
+    let (_, served) = handshake(&trusts_first, gw.addr, "partner.test")
+        .await
+        .unwrap();
+    assert_eq!(served, partner, "SNI partner.test");
+    let (_, served) = handshake(&trusts_first, gw.addr, "api.test").await.unwrap();
+    assert_eq!(served, api, "SNI api.test");
+    // No SNI (an IP address): the first certificate.
+    let (open, served) = handshake(&trusts_first, gw.addr, "127.0.0.1")
+        .await
+        .unwrap();
+    assert_eq!(served, api, "the default");
+    let mut open = http_over(open).await;
+    assert_eq!(
+        get(&mut open, "api.test", "/prod/echo/a").await.unwrap().0,
+        200
+    );
+
+    // SIGHUP after the files were replaced: new handshakes get the new certificate.
+    let second = ca("second CA");
+    let renewed = server_cert(dir.path(), "api", &second, &["api.test", "127.0.0.1"]);
+    let trusts_second = connector(&[second.der()], None);
+    Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    let served = eventually(|| handshake(&trusts_second, gw.addr, "api.test")).await;
+    assert_eq!(served, renewed);
+    assert!(handshake(&trusts_first, gw.addr, "api.test").await.is_err());
+    let started = Instant::now();
+    while !gw.stderr().contains("\"signalled\":true") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not reload: {}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The connection opened before carries on.
+    assert_eq!(
+        get(&mut open, "api.test", "/prod/echo/b").await.unwrap().0,
+        200
+    );
+
+    // Replaced on disk without a signal, as cert-manager and certbot do: picked up by itself.
+    let third = ca("third CA");
+    let again = server_cert(dir.path(), "api", &third, &["api.test", "127.0.0.1"]);
+    let trusts_third = connector(&[third.der()], None);
+    let served = eventually(|| handshake(&trusts_third, gw.addr, "api.test")).await;
+    assert_eq!(served, again);
+
+    // A broken replacement: one clear error, and the certificate in service stays.
+    std::fs::write(dir.path().join("api.crt"), "not a certificate").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    while !gw.stderr().contains("TLS certificates not reloaded") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.stderr().contains("api.crt"), "{}", gw.stderr());
+    let (tls, served) = handshake(&trusts_third, gw.addr, "api.test").await.unwrap();
+    assert_eq!(served, again);
+    let mut sender = http_over(tls).await;
+    assert_eq!(
+        get(&mut sender, "api.test", "/prod/echo/c")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+/// Retries `attempt` until it succeeds (a reload is not instant), at most 10 s.
+async fn eventually<F, Fut, T, S>(attempt: F) -> CertificateDer<'static>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(T, S)>>,
+    S: Into<CertificateDer<'static>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Ok((_, served)) = attempt().await {
+            return served.into();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = ca("server CA");
+    server_cert(dir.path(), "api", &servers, &["api.test"]);
+    server_cert(dir.path(), "partner", &servers, &["partner.test"]);
+    let clients = ca("partners CA");
+    std::fs::write(dir.path().join("partners-ca.pem"), clients.pem()).unwrap();
+    let (gw, _up) = start(
+        dir.path(),
+        "  clientAuth: { ca: partners-ca.pem }\n",
+        "accessLog: true\n",
+    )
+    .await;
+
+    // Without a certificate: the handshake fails (under TLS 1.3 the client learns it on its
+    // first read).
+    let anonymous = connector(&[servers.der()], None);
+    let refused = match handshake(&anonymous, gw.addr, "api.test").await {
+        Err(_) => true,
+        Ok((tls, _)) => get(&mut http_over(tls).await, "api.test", "/prod/echo/a")
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate got an answer");
+    // With one from another CA: refused too.
+    let stranger = ca("stranger CA");
+    let (cert, key, _) = leaf(
+        &stranger,
+        &["central.partner"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let outsider = connector(&[servers.der()], Some((&cert, &key)));
+    let refused = match handshake(&outsider, gw.addr, "api.test").await {
+        Err(_) => true,
+        Ok((tls, _)) => get(&mut http_over(tls).await, "api.test", "/prod/echo/a")
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate from another CA got an answer");
+    // With one from the CA: served, and the access log says who and how.
+    let (cert, key, _) = leaf(
+        &clients,
+        &["central.partner"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let partner = connector(&[servers.der()], Some((&cert, &key)));
+    let (tls, _) = handshake(&partner, gw.addr, "api.test").await.unwrap();
+    let (status, _) = get(&mut http_over(tls).await, "api.test", "/prod/echo/a")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    while !gw.stderr().contains("CN=central.partner") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gw.stderr().contains("\"tls\":\"TLSv1.3\""),
+        "{}",
+        gw.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_stalled_handshakes_do_not_hold_up_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = ca("test CA");
+    server_cert(dir.path(), "api", &issuer, &["api.test"]);
+    server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
+    let (gw, _up) = start(dir.path(), "", "headerTimeout: 1s\n").await;
+    // A client that opens and says nothing, and one that sends a malformed TLS record.
+    let _stalled = TcpStream::connect(gw.addr).await.unwrap();
+    let mut garbage = TcpStream::connect(gw.addr).await.unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05hello world, not a handshake\r\n\r\n")
+        .await
+        .unwrap();
+    let client = connector(&[issuer.der()], None);
+    for _ in 0..3 {
+        let (tls, _) = handshake(&client, gw.addr, "api.test").await.unwrap();
+        let (status, _) = get(&mut http_over(tls).await, "api.test", "/prod/echo/a")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    // The garbage connection was closed; the stalled one is, after the head timeout.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            match garbage.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the malformed connection stayed open");
+}
+
+#[test]
+fn check_names_the_file_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = ca("test CA");
+    server_cert(dir.path(), "api", &issuer, &["api.test"]);
+    server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
+    // Expired.
+    let mut p = CertificateParams::new(vec!["old.test".to_string()]).unwrap();
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    std::fs::write(
+        dir.path().join("old.crt"),
+        p.signed_by(&key, &issuer).unwrap().pem(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("old.key"), key.serialize_pem()).unwrap();
+    let check = |certificates: &str, extra: &str| {
+        let yaml = format!(
+            "tls:\n  listen: 127.0.0.1:0\n  certificates:\n{certificates}{extra}apis: []\n"
+        );
+        std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", "--config", "tollgate.yaml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out) = check("    - { cert: api.crt, key: api.key }\n", "");
+    assert_eq!(code, Some(0), "{out}");
+    let cases = [
+        (
+            "    - { cert: api.crt, key: partner.key }\n",
+            "",
+            "tls.certificates[0].key: partner.key: this key does not belong to the certificate in api.crt",
+        ),
+        (
+            "    - { cert: api.crt, key: api.key }\n    - { cert: old.crt, key: old.key }\n",
+            "",
+            "tls.certificates[1].cert: old.crt: the certificate expired on",
+        ),
+        (
+            "    - { cert: missing.crt, key: api.key }\n",
+            "",
+            "tls.certificates[0].cert: missing.crt: no certificate read",
+        ),
+        (
+            "    - { cert: api.crt, key: api.key }\n",
+            "  minVersion: \"1.1\"\n",
+            "tls.minVersion: \"1.1\": use \"1.2\" or \"1.3\"",
+        ),
+        (
+            "    - { cert: api.crt, key: api.key }\n",
+            "  clientAuth: { ca: nowhere.pem }\n",
+            "tls.clientAuth.ca: nowhere.pem",
+        ),
+    ];
+    for (certificates, extra, expect) in cases {
+        let (code, out) = check(certificates, extra);
+        assert_eq!(code, Some(64), "{out}");
+        assert!(out.contains(expect), "{expect:?} not in {out:?}");
+        assert!(out.contains("tollgate.yaml:"), "{out}");
+    }
+}
