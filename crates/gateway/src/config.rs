@@ -202,6 +202,8 @@ pub enum Integration {
         url: Uri,
         /// How long to wait for the upstream's response head before answering 504.
         timeout: Duration,
+        /// For an `https` URL: how TLS to it is set up.
+        tls: Option<UpstreamTls>,
     },
     /// A fixed response (AWS MOCK).
     Mock {
@@ -217,6 +219,23 @@ pub enum Integration {
         /// `Access-Control-Allow-Methods`.
         methods: String,
     },
+}
+
+/// TLS to an `https` upstream: the client configuration, shared by the routes that use the same
+/// one, and the name the upstream's certificate must hold (the URL's host, also sent as SNI).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The rustls client configuration.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The URL's host.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl UpstreamTls {
+    /// What tells connections made with different configurations apart in the idle pool.
+    pub fn pool_id(&self) -> usize {
+        Arc::as_ptr(&self.config) as usize
+    }
 }
 
 impl GatewayConfig {

@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::admit::{Admission, Local, admit};
 use crate::client::ClientIo;
-use crate::config::{Cors, GatewayConfig, Integration, Route};
+use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
@@ -343,10 +343,11 @@ impl<C: ClientIo> Conn<'_, C> {
             response::add_cors_headers(&mut extra, cors, ex.origin.as_ref());
         }
         match &admission.route.integration {
-            Integration::Http { url, timeout } => {
+            Integration::Http { url, timeout, tls } => {
                 self.upstream_request(ex, m, url);
                 let to = Forward {
                     url,
+                    tls: tls.as_ref(),
                     timeout: *timeout,
                     body_limit: ex.config.max_request_body,
                 };
@@ -527,11 +528,16 @@ impl<C: ClientIo> Conn<'_, C> {
         let mut fresh = false;
         let (clean, done) = loop {
             timer.set(Instant::now() + to.timeout);
-            if fresh || !shared.upstreams.reuse(&mut self.upstream, to.url) {
+            if fresh || !shared.upstreams.reuse(&mut self.upstream, to.url, to.tls) {
                 tokio::select! {
                     biased;
-                    opened = shared.upstreams.open(&mut self.upstream, to.url) => {
-                        opened.map_err(|_| Failure::Upstream)?;
+                    opened = shared.upstreams.open(&mut self.upstream, to.url, to.tls) => {
+                        opened.map_err(|e| {
+                            // The why (refused, a certificate that does not verify, …) is only
+                            // here: the client gets AWS's 502.
+                            tracing::warn!(upstream = %to.url, error = %e, "upstream connection failed");
+                            Failure::Upstream
+                        })?;
                     }
                     () = timer.expired() => return Err(Failure::Timeout),
                 }
@@ -550,7 +556,7 @@ impl<C: ClientIo> Conn<'_, C> {
                         .await
                         .map_err(|_| Failure::Client)?;
                 }
-                let (mut up_read, mut up_write) = up.io.split();
+                let (mut up_read, mut up_write) = up.io.halves();
                 let written = tokio::select! {
                     biased;
                     w = up_write.write_all(&self.to_upstream) => w.is_ok(),
@@ -673,6 +679,8 @@ impl<C: ClientIo> Conn<'_, C> {
 /// Where an admitted request goes.
 struct Forward<'r> {
     url: &'r Uri,
+    /// For an `https` upstream.
+    tls: Option<&'r UpstreamTls>,
     /// The route's timeout.
     timeout: Duration,
     /// The most request body bytes accepted.

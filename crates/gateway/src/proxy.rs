@@ -1,6 +1,7 @@
-//! Connections to HTTP upstreams. Each client connection owns the upstream connection its requests
-//! go over, so a request costs no pool lookup and no hand-off to another task; the shared idle pool
-//! is touched only when a client connection starts, ends, or switches upstream.
+//! Connections to HTTP upstreams, plain or over TLS. Each client connection owns the upstream
+//! connection its requests go over, so a request costs no pool lookup and no hand-off to another
+//! task; the shared idle pool is touched only when a client connection starts, ends, or switches
+//! upstream.
 //!
 //! A connection is reused only while nothing is unaccounted for on it: before each reuse it must
 //! have nothing to read (a byte the upstream sent unasked is the answer to a request the gateway did
@@ -8,24 +9,42 @@
 //! only if it never carried a body, since whether an upstream read a body as a body cannot be known.
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
 use http::Uri;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
+use crate::config::UpstreamTls;
 use crate::http1::InBuf;
 
 /// Idle connections kept per upstream: enough for a client fleet's reconnects, bounded so a burst of
 /// short-lived clients cannot hoard descriptors.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
+/// The bytes to and from an upstream.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the session is large, and most upstreams are plain).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 /// A keep-alive connection to one upstream, and the bytes read from it.
 #[derive(Debug)]
 pub struct UpstreamConn {
     /// The `host[:port]` it is connected to.
     pub authority: String,
-    /// The socket.
-    pub io: TcpStream,
+    /// 0 for plain TCP, else the TLS configuration it was opened with ([`UpstreamTls::pool_id`]).
+    pub tls_id: usize,
+    /// The connection.
+    pub io: UpstreamIo,
     /// Bytes read and not yet relayed.
     pub buf: InBuf,
     /// Whether it has carried a request before (and so may have been closed by the upstream meanwhile).
@@ -46,7 +65,8 @@ pub struct UpstreamPool {
 
 #[derive(Debug, Default)]
 struct Idle {
-    by_authority: HashMap<String, Vec<TcpStream>>,
+    /// By authority: each connection with its `tls_id`.
+    by_authority: HashMap<String, Vec<(usize, UpstreamIo)>>,
     count: usize,
 }
 
@@ -59,24 +79,26 @@ impl UpstreamPool {
         }
     }
 
-    /// An idle connection to `authority` that is still quiet.
-    fn take(&self, authority: &str) -> Option<TcpStream> {
+    /// An idle connection to `authority`, made with `tls_id`, that is still quiet.
+    fn take(&self, authority: &str, tls_id: usize) -> Option<UpstreamIo> {
         loop {
-            let io = {
+            let mut io = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                let io = idle.by_authority.get_mut(authority).and_then(Vec::pop)?;
+                let list = idle.by_authority.get_mut(authority)?;
+                let at = list.iter().rposition(|(id, _)| *id == tls_id)?;
+                let (_, io) = list.swap_remove(at);
                 idle.count -= 1;
                 io
             };
-            if is_quiet(&io) {
+            if io.is_quiet() {
                 return Some(io);
             }
         }
     }
 
     /// Keeps `conn` for the next client connection, if nothing is unaccounted for on it.
-    pub fn put(&self, conn: UpstreamConn) {
-        if !conn.buf.is_empty() || conn.carried_body || !is_quiet(&conn.io) {
+    pub fn put(&self, mut conn: UpstreamConn) {
+        if !conn.buf.is_empty() || conn.carried_body || !conn.io.is_quiet() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,48 +107,68 @@ impl UpstreamPool {
         }
         let list = idle.by_authority.entry(conn.authority).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(conn.io);
+            list.push((conn.tls_id, conn.io));
             idle.count += 1;
         }
     }
 
-    /// Leaves in `slot` a connection to `url`'s authority that can carry a request at once, if there
-    /// is one: the one already there if it goes to the same place and is quiet, else a quiet idle one
-    /// from the pool (a connection to another place goes to the pool). Returns whether it did; a
-    /// connection that sent bytes unasked, or closed, is dropped.
-    pub fn reuse(&self, slot: &mut Option<UpstreamConn>, url: &Uri) -> bool {
+    /// Leaves in `slot` a connection to `url`'s authority (over `tls`, when given) that can carry a
+    /// request at once, if there is one: the one already there if it goes to the same place and is
+    /// quiet, else a quiet idle one from the pool (a connection to another place goes to the pool).
+    /// Returns whether it did; a connection that sent bytes unasked, or closed, is dropped.
+    pub fn reuse(
+        &self,
+        slot: &mut Option<UpstreamConn>,
+        url: &Uri,
+        tls: Option<&UpstreamTls>,
+    ) -> bool {
         let authority = authority(url);
-        match slot.take() {
-            Some(conn) if conn.authority == authority && is_quiet(&conn.io) => {
-                *slot = Some(conn);
-                return true;
+        let tls_id = tls.map_or(0, UpstreamTls::pool_id);
+        match slot.as_mut() {
+            Some(conn) if conn.authority == authority && conn.tls_id == tls_id => {
+                if conn.io.is_quiet() {
+                    return true;
+                }
+                // It sent bytes unasked, or closed: dropped.
+                *slot = None;
             }
-            Some(conn) if conn.authority == authority => {}
-            Some(other) => self.put(other),
+            Some(_) => {
+                if let Some(other) = slot.take() {
+                    self.put(other);
+                }
+            }
             None => {}
         }
-        match self.take(authority) {
+        match self.take(authority, tls_id) {
             Some(io) => {
-                *slot = Some(UpstreamConn::new(authority, io, true));
+                *slot = Some(UpstreamConn::new(authority, tls_id, io, true));
                 true
             }
             None => false,
         }
     }
 
-    /// Opens a new connection to `url` into `slot`, in place of whatever was there.
-    pub async fn open(&self, slot: &mut Option<UpstreamConn>, url: &Uri) -> std::io::Result<()> {
+    /// Opens a new connection to `url` (over `tls`, when given) into `slot`, in place of whatever
+    /// was there.
+    pub async fn open(
+        &self,
+        slot: &mut Option<UpstreamConn>,
+        url: &Uri,
+        tls: Option<&UpstreamTls>,
+    ) -> io::Result<()> {
         *slot = None;
-        let io = open(url).await?;
-        *slot = Some(UpstreamConn::new(authority(url), io, false));
+        let io = open(url, tls).await?;
+        let tls_id = tls.map_or(0, UpstreamTls::pool_id);
+        *slot = Some(UpstreamConn::new(authority(url), tls_id, io, false));
         Ok(())
     }
 }
 
 impl UpstreamConn {
-    fn new(authority: &str, io: TcpStream, reused: bool) -> Self {
+    fn new(authority: &str, tls_id: usize, io: UpstreamIo, reused: bool) -> Self {
         Self {
             authority: authority.to_owned(),
+            tls_id,
             io,
             buf: InBuf::default(),
             reused,
@@ -135,14 +177,45 @@ impl UpstreamConn {
     }
 }
 
-/// Whether an idle connection has nothing to read and is still open. Asks the socket itself
-/// (`MSG_PEEK`): tokio's cached readiness may not have seen bytes that just arrived.
-fn is_quiet(io: &TcpStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    matches!(
-        socket2::SockRef::from(io).peek(&mut byte),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-    )
+impl UpstreamIo {
+    /// Whether an idle connection has nothing to read and is still open. Asks the socket itself
+    /// (`MSG_PEEK`): tokio's cached readiness may not have seen bytes that just arrived. Over TLS,
+    /// the session must hold no decrypted bytes either.
+    fn is_quiet(&mut self) -> bool {
+        let tcp = match self {
+            UpstreamIo::Plain(tcp) => &*tcp,
+            UpstreamIo::Tls(tls) => {
+                let (tcp, session) = tls.get_mut();
+                let mut byte = [0u8; 1];
+                match io::Read::read(&mut session.reader(), &mut byte) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Bytes, or the upstream's close_notify.
+                    _ => return false,
+                }
+                &*tcp
+            }
+        };
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut byte),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Read and write halves, to upload a body while the answer comes back.
+    pub fn halves(&mut self) -> (UpstreamReader<'_>, UpstreamWriter<'_>) {
+        match self {
+            UpstreamIo::Plain(tcp) => {
+                let (r, w) = tcp.split();
+                (UpstreamReader::Plain(r), UpstreamWriter::Plain(w))
+            }
+            UpstreamIo::Tls(tls) => {
+                // Both halves drive one TLS session, behind tokio's lock.
+                let (r, w) = tokio::io::split(&mut **tls);
+                (UpstreamReader::Tls(r), UpstreamWriter::Tls(w))
+            }
+        }
+    }
 }
 
 /// `url`'s `host[:port]`: what identifies an upstream connection.
@@ -150,10 +223,115 @@ fn authority(url: &Uri) -> &str {
     url.authority().map_or("", |a| a.as_str())
 }
 
-async fn open(url: &Uri) -> std::io::Result<TcpStream> {
-    // The config accepts only http URLs with an authority; brackets are URI syntax, not the address.
+async fn open(url: &Uri, tls: Option<&UpstreamTls>) -> io::Result<UpstreamIo> {
+    // The config accepts only http(s) URLs with an authority; brackets are URI syntax, not the
+    // address.
     let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
-    let io = TcpStream::connect((host, url.port_u16().unwrap_or(80))).await?;
-    io.set_nodelay(true)?;
-    Ok(io)
+    let default_port = if tls.is_some() { 443 } else { 80 };
+    let tcp = TcpStream::connect((host, url.port_u16().unwrap_or(default_port))).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => Ok(UpstreamIo::Plain(tcp)),
+        Some(tls) => {
+            let connector = TlsConnector::from(tls.config.clone());
+            let stream = connector.connect(tls.server_name.clone(), tcp).await?;
+            Ok(UpstreamIo::Tls(Box::new(stream)))
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The read half of [`UpstreamIo::halves`].
+pub enum UpstreamReader<'a> {
+    /// Of plain TCP.
+    Plain(tokio::net::tcp::ReadHalf<'a>),
+    /// Of a TLS session.
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// The write half of [`UpstreamIo::halves`].
+pub enum UpstreamWriter<'a> {
+    /// Of plain TCP.
+    Plain(tokio::net::tcp::WriteHalf<'a>),
+    /// Of a TLS session.
+    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamReader<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamReader::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            UpstreamReader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamWriter<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamWriter::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            UpstreamWriter::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamWriter::Plain(w) => Pin::new(w).poll_flush(cx),
+            UpstreamWriter::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamWriter::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            UpstreamWriter::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
 }

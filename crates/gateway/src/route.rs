@@ -289,6 +289,7 @@ mod tests {
                     integration: Integration::Http {
                         url: "http://u".parse().unwrap(),
                         timeout: Duration::from_secs(1),
+                        tls: None,
                     },
                 })
                 .collect(),

@@ -348,6 +348,134 @@ pub fn server_config(
     Ok(config)
 }
 
+/// How the gateway reaches `https` upstreams: whom it trusts, and what it shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsFiles {
+    /// PEM file of the CAs an upstream's certificate must chain to; none: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate for upstreams that require mTLS.
+    pub client: Option<CertFiles>,
+    /// Accept any certificate (logged as a warning at startup).
+    pub insecure_skip_verify: bool,
+}
+
+/// The system's root certificates, read once.
+fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_string(), ToString::to_string);
+        return Err(tls_err(
+            Path::new("system certificates"),
+            format!("no root certificate could be read ({why}); give upstreamTls.ca"),
+        ));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
+}
+
+/// The client side of TLS to upstreams: TLS 1.2 and 1.3, ALPN `http/1.1` (upstreams stay HTTP/1.1).
+pub fn client_config(files: &UpstreamTlsFiles) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| tls_err(Path::new("upstreamTls"), e.to_string()))?;
+    let builder = if files.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+    } else {
+        let roots = match &files.ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certs(ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| tls_err(ca, format!("unusable CA certificate: {e}")))?;
+                }
+                Arc::new(roots)
+            }
+            None => system_roots()?,
+        };
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &files.client {
+        None => builder.with_no_client_auth(),
+        Some(pair) => {
+            let served = check_pair(pair, SystemTime::now())?;
+            let chain = served.key.cert.clone();
+            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| {
+                tls_err(
+                    &pair.key,
+                    format!("no private key read: {}", pem_reason(&e)),
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| tls_err(&pair.key, e.to_string()))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// `upstreamTls.insecureSkipVerify`: any certificate is accepted (signatures are still checked, so
+/// the peer holds the key of the certificate it shows).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// What a TLS connection's handshake settled, for the access log.
 #[derive(Debug, Clone, Default)]
 pub struct TlsInfo {

@@ -168,6 +168,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
+    if config.insecure_upstream_tls {
+        tracing::warn!(
+            "upstreamTls.insecureSkipVerify: the certificates of some https upstreams are not verified; anyone on the path to them can read and change their traffic"
+        );
+    }
     let mut listeners = Listeners::default();
     if let Some(listen) = config.listen {
         let listener = tokio::net::TcpListener::bind(listen)

@@ -25,6 +25,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// Where it listens for HTTPS, and how it terminates TLS.
     pub tls: Option<TlsListener>,
+    /// Whether a route skips verifying its `https` upstream's certificate (warned about at startup).
+    pub insecure_upstream_tls: bool,
     /// The most client connections the data plane holds at once (`None`: as many as the descriptor
     /// limit allows).
     pub max_connections: Option<usize>,

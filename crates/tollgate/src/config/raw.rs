@@ -65,6 +65,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<Spanned<RawUpstreamTls>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<Spanned<RawStore>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_throttle: Option<Spanned<RawThrottle>>,
@@ -102,6 +104,20 @@ pub struct RawTls {
     pub min_version: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+/// `upstreamTls:`, globally or on a route: how `https` upstreams are reached.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawUpstreamTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<EnvString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<EnvString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<EnvString>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -227,6 +243,8 @@ pub struct RawRoute {
     pub cors: Option<RawCors>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_get_body: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<RawUpstreamTls>,
 }
 
 /// `cors: true`, or the settings, as Serverless writes them.

@@ -1,5 +1,6 @@
 //! Raw config → runtime config: every check that YAML types cannot express.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
-use serde_saphyr::Location;
+use rustls::pki_types::ServerName;
+use serde_saphyr::{Location, Spanned};
 use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{
     Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod,
     Stage, add_preflight_routes,
@@ -20,7 +23,7 @@ use tollgate_gateway::config::{
 use tollgate_gateway::rewrite::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_gateway::tls::{
-    self, CertFiles, Certificates, ClientAuth, MinVersion, TlsError, TlsSettings,
+    self, CertFiles, Certificates, ClientAuth, MinVersion, TlsError, TlsSettings, UpstreamTlsFiles,
 };
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
@@ -28,7 +31,7 @@ use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{
     EnvString, RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawSize,
-    RawStore, RawThrottle, RawTls, RawUrls,
+    RawStore, RawThrottle, RawTls, RawUpstreamTls, RawUrls,
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
@@ -91,6 +94,13 @@ pub(crate) fn parse_size(raw: &RawSize) -> Result<u64, String> {
 
 struct Ctx<'a> {
     file: &'a Path,
+    /// The file's `upstreamTls`, for `https` routes without their own.
+    upstream_tls: Option<&'a Spanned<RawUpstreamTls>>,
+    /// The TLS client configurations built so far, shared by the routes with the same settings
+    /// (so their connections share the idle pool).
+    client_configs: RefCell<Vec<(UpstreamTlsFiles, Arc<rustls::ClientConfig>)>>,
+    /// Whether a route skips verifying its upstream's certificate.
+    insecure_upstream: Cell<bool>,
 }
 
 impl Ctx<'_> {
@@ -101,6 +111,78 @@ impl Ctx<'_> {
         message: impl Into<String>,
     ) -> Result<T, ConfigError> {
         Err(ConfigError::at(self.file, *at, field, message))
+    }
+
+    /// TLS to the `https` upstream `url`: the route's own settings, else the file's, else the
+    /// system's roots.
+    fn upstream_tls(
+        &self,
+        url: &Uri,
+        own: Option<&RawUpstreamTls>,
+        at: &Location,
+        field: &str,
+    ) -> Result<UpstreamTls, ConfigError> {
+        let config = match (own, self.upstream_tls) {
+            (Some(own), _) => self.client_config(own, at, &format!("{field}.upstreamTls"))?,
+            (None, Some(global)) => {
+                self.client_config(&global.value, &global.referenced, "upstreamTls")?
+            }
+            (None, None) => {
+                self.client_config(&RawUpstreamTls::default(), at, &format!("{field}.upstream"))?
+            }
+        };
+        let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+        let server_name = ServerName::try_from(host.to_string()).or_else(|_| {
+            self.err(
+                at,
+                format!("{field}.upstream"),
+                format!("{host:?} cannot be checked against a certificate"),
+            )
+        })?;
+        Ok(UpstreamTls {
+            config,
+            server_name,
+        })
+    }
+
+    /// The TLS client configuration for `raw` (written at `at` as `field`), built once for all
+    /// the routes with the same settings.
+    fn client_config(
+        &self,
+        raw: &RawUpstreamTls,
+        at: &Location,
+        field: &str,
+    ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        let client = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => Some(CertFiles {
+                cert: PathBuf::from(&cert.0),
+                key: PathBuf::from(&key.0),
+            }),
+            (None, None) => None,
+            _ => return self.err(at, field, "give both cert and key, or neither"),
+        };
+        let files = UpstreamTlsFiles {
+            ca: raw.ca.as_ref().map(|ca| PathBuf::from(&ca.0)),
+            client,
+            insecure_skip_verify: raw.insecure_skip_verify,
+        };
+        self.insecure_upstream
+            .set(self.insecure_upstream.get() || files.insecure_skip_verify);
+        let known = self
+            .client_configs
+            .borrow()
+            .iter()
+            .find(|(f, _)| *f == files)
+            .map(|(_, c)| c.clone());
+        if let Some(config) = known {
+            return Ok(config);
+        }
+        let config =
+            Arc::new(tls::client_config(&files).or_else(|e| self.err(at, field, e.to_string()))?);
+        self.client_configs
+            .borrow_mut()
+            .push((files, config.clone()));
+        Ok(config)
     }
 
     /// A listening address.
@@ -159,7 +241,16 @@ impl Ctx<'_> {
 }
 
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-    let cx = Ctx { file };
+    let cx = Ctx {
+        file,
+        upstream_tls: raw.upstream_tls.as_ref(),
+        client_configs: RefCell::default(),
+        insecure_upstream: Cell::new(false),
+    };
+    // Checked even when no route uses it yet.
+    if let Some(global) = &raw.upstream_tls {
+        cx.client_config(&global.value, &global.referenced, "upstreamTls")?;
+    }
     let listen = match &raw.listen {
         Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
         None => None,
@@ -361,6 +452,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         sealer,
         listen,
         tls,
+        insecure_upstream_tls: cx.insecure_upstream.get(),
         max_connections,
         header_timeout,
         store,
@@ -703,11 +795,22 @@ fn validate_route(
                     );
                 }
             };
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            let https = match uri.scheme_str() {
+                Some("http") => false,
+                Some("https") => true,
+                _ => {
+                    return cx.err(
+                        at,
+                        format!("{field}.upstream"),
+                        format!("{:?} must be an http:// or https:// URL with a host", url.0),
+                    );
+                }
+            };
+            if uri.authority().is_none() {
                 return cx.err(
                     at,
                     format!("{field}.upstream"),
-                    format!("{:?} must be an http:// URL with a host", url.0),
+                    format!("{:?} must be an http:// or https:// URL with a host", url.0),
                 );
             }
             if uri.query().is_some() {
@@ -735,7 +838,22 @@ fn validate_route(
                     Err(e) => return cx.err(at, format!("{field}.timeout"), e),
                 },
             };
-            Integration::Http { url: uri, timeout }
+            let tls = match (https, &r.upstream_tls) {
+                (false, None) => None,
+                (false, Some(_)) => {
+                    return cx.err(
+                        at,
+                        format!("{field}.upstreamTls"),
+                        "only an https:// upstream takes upstreamTls",
+                    );
+                }
+                (true, own) => Some(cx.upstream_tls(&uri, own.as_ref(), at, field)?),
+            };
+            Integration::Http {
+                url: uri,
+                timeout,
+                tls,
+            }
         }
         (None, Some(mock)) => {
             if r.timeout.is_some() {

@@ -286,6 +286,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
     Ok(RawConfig {
         listen: Some(sited(EnvString(opts.listen.clone()), Location::UNKNOWN)),
         tls: None,
+        upstream_tls: None,
         store: Some(sited(upstream_store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {
@@ -386,6 +387,7 @@ fn routes(doc: &Doc<'_>, opts: &ServerlessOptions) -> Result<Vec<Spanned<RawRout
                 mock: None,
                 cors,
                 allow_get_body: false,
+                upstream_tls: None,
             };
             routes.push(sited(route, doc.at(&path)));
         }

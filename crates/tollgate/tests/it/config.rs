@@ -98,7 +98,7 @@ fn bad_configs_name_file_line_and_field() {
         ),
         (
             "upstream: \"http://127.0.0.1:9\"",
-            "upstream: \"https://example.com\"",
+            "upstream: \"ftp://example.com\"",
             "apis[0].routes[0].upstream",
         ),
         (

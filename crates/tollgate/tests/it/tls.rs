@@ -495,3 +495,164 @@ fn check_names_the_file_at_fault() {
         assert!(out.contains("tollgate.yaml:"), "{out}");
     }
 }
+
+/// An HTTPS upstream on 127.0.0.1 (the echo server of `util`), its certificate from `issuer`; with
+/// `clients`, it requires a client certificate from that CA. The counter counts its handshakes.
+async fn https_upstream(
+    issuer: &Issuer,
+    clients: Option<&Issuer>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject as _;
+    let (cert, key, _) = leaf(
+        issuer,
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = tollgate_gateway::tls::provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(util::upstream_handle);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_upstreams_are_verified_and_may_take_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let internal = ca("internal CA");
+    let other = ca("other CA");
+    let upstream_clients = ca("gateway clients CA");
+    std::fs::write(dir.path().join("internal-ca.pem"), internal.pem()).unwrap();
+    std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
+    let (cert, key, _) = leaf(
+        &upstream_clients,
+        &["tollgate"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    std::fs::write(dir.path().join("client.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("client.key"), key).unwrap();
+    let (plain_tls, handshakes) = https_upstream(&internal, None).await;
+    let (mtls, _) = https_upstream(&internal, Some(&upstream_clients)).await;
+
+    let route = |path: &str, upstream: String, tls: &str| {
+        format!(
+            "      - {{ path: \"/{path}/{{rest+}}\", method: ANY, apiKeyRequired: true, upstream: \"{upstream}\"{tls} }}\n"
+        )
+    };
+    let routes = [
+        route(
+            "verified",
+            format!("https://localhost:{}", plain_tls.port()),
+            "",
+        ),
+        route(
+            "wrong-ca",
+            format!("https://localhost:{}", plain_tls.port()),
+            ", upstreamTls: { ca: other-ca.pem }",
+        ),
+        route(
+            "skip",
+            format!("https://localhost:{}", plain_tls.port()),
+            ", upstreamTls: { insecureSkipVerify: true }",
+        ),
+        route(
+            "mtls",
+            format!("https://127.0.0.1:{}/base", mtls.port()),
+            ", upstreamTls: { ca: internal-ca.pem, cert: client.crt, key: client.key }",
+        ),
+        route(
+            "mtls-without",
+            format!("https://127.0.0.1:{}", mtls.port()),
+            "",
+        ),
+    ]
+    .concat();
+    let yaml = format!(
+        "{}upstreamTls: {{ ca: internal-ca.pem }}\n",
+        util::config_with_routes(&routes, "")
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    assert!(
+        gw.stderr().contains("insecureSkipVerify"),
+        "{}",
+        gw.stderr()
+    );
+    let c = util::client();
+
+    // Verified against the file's CA, over one kept-alive upstream connection.
+    for _ in 0..3 {
+        let r = c.get(&gw.url("/prod/verified/a?x=1"), Some(KEY)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["uri"], "/verified/a?x=1");
+        assert_eq!(r.json()["headers"]["x-forwarded-proto"], "http");
+    }
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one kept-alive TLS connection upstream"
+    );
+    // A certificate from another CA: 502 with AWS's body, and the log says why.
+    let r = c.get(&gw.url("/prod/wrong-ca/a"), Some(KEY)).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["message"], "Internal server error");
+    assert!(
+        gw.stderr().contains("upstream connection failed"),
+        "{}",
+        gw.stderr()
+    );
+    assert!(gw.stderr().contains("UnknownIssuer"), "{}", gw.stderr());
+    // Unverified, when asked for.
+    assert_eq!(c.get(&gw.url("/prod/skip/a"), Some(KEY)).await.status, 200);
+    // An upstream that requires a client certificate: with one, 200 (under the URL's base path);
+    // without, 502.
+    let r = c.get(&gw.url("/prod/mtls/a"), Some(KEY)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["uri"], "/base/mtls/a");
+    assert_eq!(
+        c.get(&gw.url("/prod/mtls-without/a"), Some(KEY))
+            .await
+            .status,
+        502
+    );
+}

@@ -229,7 +229,7 @@ pub async fn upstream() -> Upstream {
     Upstream { addr }
 }
 
-async fn upstream_handle(
+pub async fn upstream_handle(
     req: Request<Incoming>,
 ) -> Result<Response<http_body_util::Either<Incoming, Full<Bytes>>>, Infallible> {
     let path = req.uri().path().to_string();
