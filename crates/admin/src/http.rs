@@ -19,6 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::error::AdminError;
 use crate::service::{Admin, Paging};
@@ -39,7 +40,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ListenerLimits {
     /// The most connections held at once; more are closed as soon as accepted.
     pub max_connections: usize,
-    /// How long a client may take to send a request head (idle keep-alive time included).
+    /// How long a client may take to send a request head (idle keep-alive time included), and to
+    /// finish a TLS handshake.
     pub head_timeout: Duration,
 }
 
@@ -77,10 +79,12 @@ pub fn router(admin: Arc<Admin>) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves, within `limits`: its own
-/// connection limit (so it cannot take the data plane's descriptors) and a head timeout.
+/// connection limit (so it cannot take the data plane's descriptors) and a head timeout; over TLS
+/// when `tls` is given.
 pub async fn serve(
     admin: Arc<Admin>,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -111,11 +115,28 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 };
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(slot);
-                });
+                let (http, service) = (http.clone(), service.clone());
+                match &tls {
+                    None => {
+                        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                            drop(slot);
+                        });
+                    }
+                    Some(acceptor) => {
+                        let (acceptor, watcher) = (acceptor.clone(), graceful.watcher());
+                        tokio::spawn(async move {
+                            // A stalled or broken handshake holds only this task, and only as long
+                            // as a request head may take.
+                            let handshake = tokio::time::timeout(limits.head_timeout, acceptor.accept(stream));
+                            if let Ok(Ok(stream)) = handshake.await {
+                                let _ = watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await;
+                            }
+                            drop(slot);
+                        });
+                    }
+                }
             }
             () = &mut shutdown => break,
         }

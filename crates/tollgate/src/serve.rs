@@ -16,7 +16,7 @@ use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions,
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
-use crate::config::{Config, StoreKind};
+use crate::config::{Config, StoreKind, TlsTermination};
 
 /// How often a cluster instance checks Redis's record version even without a change message: the
 /// periodic resync that catches a message missed while the subscription was down.
@@ -135,7 +135,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 max_connections: admin_config.max_connections,
                 head_timeout: config.header_timeout,
             };
-            Some((Arc::new(admin), admin_config.listen, limits))
+            Some((Arc::new(admin), admin_config, limits))
         }
         None => None,
     };
@@ -184,25 +184,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(tls.listen)
             .await
             .with_context(|| format!("binding {} (tls.listen)", tls.listen))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        let acceptor = terminate(&tls.tls, stopped(stop_rx.clone()))?;
         listeners.tls = Some((listener, acceptor));
-        tokio::spawn(tls.certificates.clone().watch(
-            CERTIFICATE_CHECK,
-            hangups()?,
-            stopped(stop_rx.clone()),
-        ));
     }
     let admin_task = match admin {
-        Some((admin, admin_addr, limits)) => {
+        Some((admin, admin_config, limits)) => {
+            let admin_addr = admin_config.listen;
             let admin_listener = tokio::net::TcpListener::bind(admin_addr)
                 .await
                 .with_context(|| format!("binding the admin API to {admin_addr}"))?;
             let bound = admin_listener.local_addr()?;
+            let tls = match &admin_config.tls {
+                Some(tls) => Some(terminate(tls, stopped(stop_rx.clone()))?),
+                None => None,
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
             tracing::info!(addr = %bound, "admin API listening");
-            println!("tollgate: admin API on http://{bound}");
+            println!("tollgate: admin API on {scheme}://{bound}");
             Some(tokio::spawn(tollgate_admin::http::serve(
                 admin,
                 admin_listener,
+                tls,
                 limits,
                 stopped(stop_rx.clone()),
             )))
@@ -388,6 +390,20 @@ fn raise_descriptor_limit() -> u64 {
 /// Resolves on SIGTERM or SIGINT.
 /// How often the certificate files are looked at for a replacement.
 const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
+
+/// The acceptor for a listener terminating TLS as `tls` says; its certificates are reloaded on
+/// SIGHUP and when their files change, until `stop`.
+fn terminate(
+    tls: &TlsTermination,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    tokio::spawn(
+        tls.certificates
+            .clone()
+            .watch(CERTIFICATE_CHECK, hangups()?, stop),
+    );
+    Ok(tokio_rustls::TlsAcceptor::from(tls.server.clone()))
+}
 
 /// Every SIGHUP, as a stream (SIGHUP reloads the TLS certificates).
 fn hangups() -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>> {

@@ -47,11 +47,18 @@ pub struct Config {
     pub sealer: Option<Sealer>,
 }
 
-/// The data plane's HTTPS listener: the certificates were read and checked when the config was.
+/// The data plane's HTTPS listener.
 #[derive(Debug, Clone)]
 pub struct TlsListener {
     /// Where it listens.
     pub listen: SocketAddr,
+    /// How it terminates TLS.
+    pub tls: TlsTermination,
+}
+
+/// TLS termination on a listener: the certificates were read and checked when the config was.
+#[derive(Debug, Clone)]
+pub struct TlsTermination {
     /// The certificates served, by SNI; reloaded in place.
     pub certificates: Arc<Certificates>,
     /// The rustls configuration serving them.
@@ -67,6 +74,8 @@ pub struct AdminConfig {
     pub credentials: Option<Credentials>,
     /// The most connections the admin API holds at once.
     pub max_connections: usize,
+    /// HTTPS instead of plain HTTP, when configured.
+    pub tls: Option<TlsTermination>,
 }
 
 /// The admin API's default connection limit: operators and scripts, not traffic.

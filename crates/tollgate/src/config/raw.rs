@@ -94,11 +94,12 @@ pub struct RawConfig {
     pub api_keys: Vec<Spanned<RawKey>>,
 }
 
-/// `tls:`, the data plane's HTTPS listener.
+/// `tls:`, the data plane's HTTPS listener, or `admin.tls` (which listens on `admin.listen`).
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawTls {
-    pub listen: EnvString,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<EnvString>,
     pub certificates: Vec<Spanned<RawCertFiles>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_version: Option<Spanned<String>>,
@@ -146,6 +147,8 @@ pub struct RawAdmin {
     pub secret_access_key: Option<EnvString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Spanned<RawTls>>,
 }
 
 /// A size in bytes: a number, or a number with a unit (`KB`, `MB`, `GB`, powers of 1024 as nginx

@@ -36,7 +36,7 @@ use super::raw::{
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
     DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind, TlsListener,
-    admin_credentials,
+    TlsTermination, admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
 
@@ -560,11 +560,31 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
     })
 }
 
-/// The HTTPS listener: every certificate and key read and checked now, before anything binds.
+/// The data plane's HTTPS listener.
 fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener, ConfigError> {
-    let listen = cx.address(&raw.listen, at, "tls.listen")?;
+    let Some(listen) = &raw.listen else {
+        return cx.err(at, "tls.listen", "give the address HTTPS is served on");
+    };
+    Ok(TlsListener {
+        listen: cx.address(listen, at, "tls.listen")?,
+        tls: validate_termination(cx, raw, at, "tls")?,
+    })
+}
+
+/// TLS termination as `raw` (the field `name`) sets it: every certificate and key read and checked
+/// now, before anything binds.
+fn validate_termination(
+    cx: &Ctx<'_>,
+    raw: &RawTls,
+    at: &Location,
+    name: &str,
+) -> Result<TlsTermination, ConfigError> {
     if raw.certificates.is_empty() {
-        return cx.err(at, "tls.certificates", "give at least one { cert, key }");
+        return cx.err(
+            at,
+            format!("{name}.certificates"),
+            "give at least one { cert, key }",
+        );
     }
     let files: Vec<CertFiles> = raw
         .certificates
@@ -584,7 +604,7 @@ fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener
         Some((other, vat)) => {
             return cx.err(
                 &vat,
-                "tls.minVersion",
+                format!("{name}.minVersion"),
                 format!("{other:?}: use \"1.2\" or \"1.3\" (older versions are not offered)"),
             );
         }
@@ -597,15 +617,15 @@ fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener
     let field_of = |e: &TlsError| -> (String, Location) {
         for (i, (c, f)) in raw.certificates.iter().zip(&files).enumerate() {
             if e.file == f.cert {
-                return (format!("tls.certificates[{i}].cert"), c.referenced);
+                return (format!("{name}.certificates[{i}].cert"), c.referenced);
             }
             if e.file == f.key {
-                return (format!("tls.certificates[{i}].key"), c.referenced);
+                return (format!("{name}.certificates[{i}].key"), c.referenced);
             }
         }
         match &raw.client_auth {
-            Some(c) => ("tls.clientAuth.ca".into(), c.referenced),
-            None => ("tls".into(), *at),
+            Some(c) => (format!("{name}.clientAuth.ca"), c.referenced),
+            None => (name.to_string(), *at),
         }
     };
     let fail = |e: TlsError| {
@@ -618,8 +638,7 @@ fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener
         client_auth,
     };
     let server = tls::server_config(&settings, certificates.clone()).map_err(fail)?;
-    Ok(TlsListener {
-        listen,
+    Ok(TlsTermination {
         certificates,
         server: Arc::new(server),
     })
@@ -646,10 +665,27 @@ fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminCo
         Some(0) => return cx.err(at, "admin.maxConnections", "must be at least 1"),
         Some(n) => n as usize,
     };
+    let tls = match &raw.tls {
+        None => None,
+        Some(tls) if tls.value.listen.is_some() => {
+            return cx.err(
+                &tls.referenced,
+                "admin.tls.listen",
+                "the admin API listens on admin.listen, over TLS when admin.tls is given",
+            );
+        }
+        Some(tls) => Some(validate_termination(
+            cx,
+            &tls.value,
+            &tls.referenced,
+            "admin.tls",
+        )?),
+    };
     Ok(AdminConfig {
         listen,
         credentials,
         max_connections,
+        tls,
     })
 }
 

@@ -296,6 +296,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
                     access_key_id: None,
                     secret_access_key: None,
                     max_connections: None,
+                    tls: None,
                 },
                 Location::UNKNOWN,
             )

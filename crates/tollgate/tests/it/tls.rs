@@ -656,3 +656,57 @@ async fn https_upstreams_are_verified_and_may_take_a_client_certificate() {
         502
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = ca("admin CA");
+    server_cert(dir.path(), "admin", &issuer, &["admin.test"]);
+    server_cert(dir.path(), "api", &issuer, &["api.test"]);
+    server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
+    std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
+    let (gw, _up) = start(
+        dir.path(),
+        "",
+        "admin: { listen: 127.0.0.1:0, tls: { certificates: [ { cert: admin.crt, key: admin.key } ], minVersion: \"1.3\" } }\n",
+    )
+    .await;
+    let admin = gw.admin.unwrap();
+    let resolve = format!("admin.test:{}:127.0.0.1", admin.port());
+    let cacert = dir.path().join("ca.pem");
+    let cacert = cacert.to_str().unwrap();
+    let url = |path: &str| format!("https://admin.test:{}{path}", admin.port());
+    let (code, out) = curl(&["--cacert", cacert, "--resolve", &resolve, &url("/health")]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("\"status\":\"ok\"") && out.ends_with("\n200"),
+        "{out}"
+    );
+    // Signed operations work over it as over plain HTTP.
+    let user = format!("{}:{}", util::ACCESS_KEY, util::SECRET_KEY);
+    let (_, out) = curl(&[
+        "--cacert",
+        cacert,
+        "--resolve",
+        &resolve,
+        "--aws-sigv4",
+        "aws:amz:us-east-1:apigateway",
+        "--user",
+        &user,
+        &url("/apikeys"),
+    ]);
+    assert!(out.ends_with("\n200") && out.contains("\"item\""), "{out}");
+    // Plain HTTP, and TLS 1.2 (below this listener's minimum), are refused.
+    let (code, _) = curl(&[&format!("http://127.0.0.1:{}/health", admin.port())]);
+    assert_ne!(code, Some(0));
+    let (code, _) = curl(&[
+        "--cacert",
+        cacert,
+        "--resolve",
+        &resolve,
+        "--tls-max",
+        "1.2",
+        &url("/health"),
+    ]);
+    assert_eq!(code, Some(35));
+}

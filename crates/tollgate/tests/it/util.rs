@@ -73,7 +73,10 @@ impl Gateway {
                         let _ = tx.send((scheme, addr.parse::<SocketAddr>().unwrap()));
                     }
                 }
-                if let Some(addr) = line.strip_prefix("tollgate: admin API on http://") {
+                let admin = line
+                    .strip_prefix("tollgate: admin API on http://")
+                    .or_else(|| line.strip_prefix("tollgate: admin API on https://"));
+                if let Some(addr) = admin {
                     let _ = admin_tx.send(addr.parse::<SocketAddr>().unwrap());
                 }
                 let mut s = sink.lock().unwrap();
