@@ -11,6 +11,7 @@
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
+# The last two targets do the same job over TLS 1.3.
 # Note: under valgrind, SHA-256 runs its portable code (valgrind does not emulate the SHA extensions
 # the native build uses), which adds ~3.4k instructions to tollgate's count.
 set -euo pipefail
@@ -27,8 +28,9 @@ while [ $# -gt 0 ]; do
 done
 
 . bench/lib.sh
-require nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo
+require nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo openssl
 setup
+tls_cert "$WORK"
 
 UP=$(free_port)
 upstream_config "$UP" >"$WORK/up.conf"
@@ -37,15 +39,18 @@ PIDS+=($!)
 wait_port "$UP"
 
 # count LABEL PORT COMMAND...: runs COMMAND under callgrind and prints LABEL and instructions/request.
+# With SCHEME=https the requests go over TLS 1.3, trusting $WORK/cert.pem.
+SCHEME=http
 count() {
     local label=$1 port=$2; shift 2
+    local url="$SCHEME://127.0.0.1:$port/x"
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$@" >"$WORK/$label.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
-    python3 bench/keepalive.py "http://127.0.0.1:$port/x" "$KEY" --requests 200
+    python3 bench/keepalive.py "$url" "$KEY" --requests 200 --cafile "$WORK/cert.pem"
     callgrind_control -z "$pid" >/dev/null 2>&1
-    python3 bench/keepalive.py "http://127.0.0.1:$port/x" "$KEY" --requests "$REQUESTS"
+    python3 bench/keepalive.py "$url" "$KEY" --requests "$REQUESTS" --cafile "$WORK/cert.pem"
     callgrind_control -d "$pid" >/dev/null 2>&1
     local total
     total=$(callgrind_annotate "$WORK/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
@@ -74,3 +79,13 @@ wait_port "$RPORT"
 PORT=$(free_port)
 tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate-redis.yaml"
 count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"
+
+# The same job over TLS 1.3 (one ECDSA P-256 certificate, keep-alive: record encryption, not handshakes).
+SCHEME=https
+PORT=$(free_port)
+nginx_auth_config "$PORT" "$WORK/keys.map" 1000000r/s 1000000 "$WORK" "master_process off;" "$WORK" >"$WORK/nginx-tls.conf"
+count "nginx key map + limit_req, TLS 1.3" "$PORT" nginx -c "$WORK/nginx-tls.conf" -p "$WORK"
+
+PORT=$(free_port)
+tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-tls.db }" bench 1000000000 100000000 "$KEY" "$WORK" >"$WORK/tollgate-tls.yaml"
+count "tollgate embedded, TLS 1.3" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-tls.yaml"

@@ -53,11 +53,24 @@ http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
 CONF
 }
 
-# tollgate_config PORT STORE PLAN RATE BURST [KEY]: one API proxying everything to the upstream on $UP
-# under one keyed route, one plan with that throttle, and (given KEY) one key in it.
+# tls_cert DIR: an ECDSA P-256 certificate for 127.0.0.1 and bench.test, self-signed (its own CA), as
+# DIR/cert.pem and DIR/key.pem: the one certificate every TLS target serves.
+tls_cert() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench.test -addext "subjectAltName=DNS:bench.test,IP:127.0.0.1" \
+        -keyout "$1/key.pem" -out "$1/cert.pem" >/dev/null 2>&1
+}
+
+# tollgate_config PORT STORE PLAN RATE BURST [KEY [CERT_DIR]]: one API proxying everything to the
+# upstream on $UP under one keyed route, one plan with that throttle, (given KEY) one key in it, and
+# (given CERT_DIR, see tls_cert) HTTPS only, TLS 1.3, on PORT.
 tollgate_config() {
+    if [ -n "${7:-}" ]; then
+        printf 'tls: { listen: 127.0.0.1:%s, minVersion: "1.3", certificates: [ { cert: %s/cert.pem, key: %s/key.pem } ] }\n' "$1" "$7" "$7"
+    else
+        printf 'listen: 127.0.0.1:%s\n' "$1"
+    fi
     cat <<CONF
-listen: 127.0.0.1:$1
 store: $2
 apis:
   - id: bench
@@ -74,11 +87,15 @@ CONF
     fi
 }
 
-# nginx_auth_config PORT MAP RATE BURST DIR [MAIN]: nginx doing the job tollgate does: x-api-key looked
-# up in MAP (a file of `"value" name;` lines), each key limited by limit_req (RATE such as 100r/s, a
-# burst of BURST, 429 beyond), forwarded to the upstream on $UP with keep-alive. MAIN goes into the main
-# context (e.g. `master_process off;`).
+# nginx_auth_config PORT MAP RATE BURST DIR [MAIN [CERT_DIR]]: nginx doing the job tollgate does:
+# x-api-key looked up in MAP (a file of `"value" name;` lines), each key limited by limit_req (RATE such
+# as 100r/s, a burst of BURST, 429 beyond), forwarded to the upstream on $UP with keep-alive. MAIN goes
+# into the main context (e.g. `master_process off;`). Given CERT_DIR (see tls_cert): HTTPS only, TLS 1.3.
 nginx_auth_config() {
+    local listen="listen 127.0.0.1:$1;"
+    if [ -n "${7:-}" ]; then
+        listen="listen 127.0.0.1:$1 ssl; ssl_certificate $7/cert.pem; ssl_certificate_key $7/key.pem; ssl_protocols TLSv1.3;"
+    fi
     cat <<CONF
 worker_processes 1; daemon off; ${6:-} pid $5/nginx.pid; error_log $5/error.log;
 events { worker_connections 4096; }
@@ -87,7 +104,7 @@ http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
   map \$http_x_api_key \$api_client { default ""; include $2; }
   limit_req_zone \$api_client zone=perkey:64m rate=$3;
   upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
-  server { listen 127.0.0.1:$1;
+  server { $listen
     location / {
       if (\$api_client = "") { return 403; }
       limit_req zone=perkey burst=$4 nodelay; limit_req_status 429;
