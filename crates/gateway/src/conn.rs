@@ -22,7 +22,7 @@ use crate::http1::{
 };
 use crate::limits::Refusal;
 use crate::path::{self, PathError};
-use crate::proxy::UpstreamConn;
+use crate::proxy::{self, UpstreamConn};
 use crate::response::{self, UpstreamFailure};
 use crate::rewrite;
 use crate::route::RouteMatch;
@@ -556,7 +556,7 @@ impl<C: ClientIo> Conn<'_, C> {
                         .await
                         .map_err(|_| Failure::Client)?;
                 }
-                let (mut up_read, mut up_write) = up.io.halves();
+                let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
                 let written = tokio::select! {
                     biased;
                     w = up_write.write_all(&self.to_upstream) => w.is_ok(),

@@ -10,15 +10,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 
 use http::Uri;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use crate::config::UpstreamTls;
 use crate::http1::InBuf;
@@ -27,14 +25,16 @@ use crate::http1::InBuf;
 /// short-lived clients cannot hoard descriptors.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
-/// The bytes to and from an upstream.
-#[derive(Debug)]
-pub enum UpstreamIo {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS over TCP (boxed: the session is large, and most upstreams are plain).
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// The bytes to and from an upstream: plain TCP (`Left`) or TLS over it (`Right`; boxed, the session
+/// is large and most upstreams are plain). tokio-util's `Either` reads and writes whichever it holds.
+pub type UpstreamIo = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+
+/// The read half of [`halves`].
+pub type UpstreamReader<'a> =
+    Either<tokio::net::tcp::ReadHalf<'a>, tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>>;
+/// The write half of [`halves`].
+pub type UpstreamWriter<'a> =
+    Either<tokio::net::tcp::WriteHalf<'a>, tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>>;
 
 /// A keep-alive connection to one upstream, and the bytes read from it.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ impl UpstreamPool {
                 idle.count -= 1;
                 io
             };
-            if io.is_quiet() {
+            if is_quiet(&mut io) {
                 return Some(io);
             }
         }
@@ -98,7 +98,7 @@ impl UpstreamPool {
 
     /// Keeps `conn` for the next client connection, if nothing is unaccounted for on it.
     pub fn put(&self, mut conn: UpstreamConn) {
-        if !conn.buf.is_empty() || conn.carried_body || !conn.io.is_quiet() {
+        if !conn.buf.is_empty() || conn.carried_body || !is_quiet(&mut conn.io) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,7 +126,7 @@ impl UpstreamPool {
         let tls_id = tls.map_or(0, UpstreamTls::pool_id);
         match slot.as_mut() {
             Some(conn) if conn.authority == authority && conn.tls_id == tls_id => {
-                if conn.io.is_quiet() {
+                if is_quiet(&mut conn.io) {
                     return true;
                 }
                 // It sent bytes unasked, or closed: dropped.
@@ -177,43 +177,41 @@ impl UpstreamConn {
     }
 }
 
-impl UpstreamIo {
-    /// Whether an idle connection has nothing to read and is still open. Asks the socket itself
-    /// (`MSG_PEEK`): tokio's cached readiness may not have seen bytes that just arrived. Over TLS,
-    /// the session must hold no decrypted bytes either.
-    fn is_quiet(&mut self) -> bool {
-        let tcp = match self {
-            UpstreamIo::Plain(tcp) => &*tcp,
-            UpstreamIo::Tls(tls) => {
-                let (tcp, session) = tls.get_mut();
-                let mut byte = [0u8; 1];
-                match io::Read::read(&mut session.reader(), &mut byte) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // Bytes, or the upstream's close_notify.
-                    _ => return false,
-                }
-                &*tcp
+/// Whether an idle connection has nothing to read and is still open. Asks the socket itself
+/// (`MSG_PEEK`): tokio's cached readiness may not have seen bytes that just arrived. Over TLS, the
+/// session must hold no decrypted bytes either.
+fn is_quiet(io: &mut UpstreamIo) -> bool {
+    let tcp = match io {
+        Either::Left(tcp) => &*tcp,
+        Either::Right(tls) => {
+            let (tcp, session) = tls.get_mut();
+            let mut byte = [0u8; 1];
+            match io::Read::read(&mut session.reader(), &mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Bytes, or the upstream's close_notify.
+                _ => return false,
             }
-        };
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        matches!(
-            socket2::SockRef::from(tcp).peek(&mut byte),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock
-        )
-    }
+            &*tcp
+        }
+    };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
 
-    /// Read and write halves, to upload a body while the answer comes back.
-    pub fn halves(&mut self) -> (UpstreamReader<'_>, UpstreamWriter<'_>) {
-        match self {
-            UpstreamIo::Plain(tcp) => {
-                let (r, w) = tcp.split();
-                (UpstreamReader::Plain(r), UpstreamWriter::Plain(w))
-            }
-            UpstreamIo::Tls(tls) => {
-                // Both halves drive one TLS session, behind tokio's lock.
-                let (r, w) = tokio::io::split(&mut **tls);
-                (UpstreamReader::Tls(r), UpstreamWriter::Tls(w))
-            }
+/// Read and write halves of `io`, to upload a body while the answer comes back.
+pub fn halves(io: &mut UpstreamIo) -> (UpstreamReader<'_>, UpstreamWriter<'_>) {
+    match io {
+        Either::Left(tcp) => {
+            let (r, w) = tcp.split();
+            (Either::Left(r), Either::Left(w))
+        }
+        Either::Right(tls) => {
+            // Both halves drive one TLS session, behind tokio's lock.
+            let (r, w) = tokio::io::split(&mut **tls);
+            (Either::Right(r), Either::Right(w))
         }
     }
 }
@@ -231,107 +229,11 @@ async fn open(url: &Uri, tls: Option<&UpstreamTls>) -> io::Result<UpstreamIo> {
     let tcp = TcpStream::connect((host, url.port_u16().unwrap_or(default_port))).await?;
     tcp.set_nodelay(true)?;
     match tls {
-        None => Ok(UpstreamIo::Plain(tcp)),
+        None => Ok(Either::Left(tcp)),
         Some(tls) => {
             let connector = TlsConnector::from(tls.config.clone());
             let stream = connector.connect(tls.server_name.clone(), tcp).await?;
-            Ok(UpstreamIo::Tls(Box::new(stream)))
-        }
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
-            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
-        }
-    }
-}
-
-/// The read half of [`UpstreamIo::halves`].
-pub enum UpstreamReader<'a> {
-    /// Of plain TCP.
-    Plain(tokio::net::tcp::ReadHalf<'a>),
-    /// Of a TLS session.
-    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
-}
-
-/// The write half of [`UpstreamIo::halves`].
-pub enum UpstreamWriter<'a> {
-    /// Of plain TCP.
-    Plain(tokio::net::tcp::WriteHalf<'a>),
-    /// Of a TLS session.
-    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamReader<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamReader::Plain(r) => Pin::new(r).poll_read(cx, buf),
-            UpstreamReader::Tls(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamWriter<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamWriter::Plain(w) => Pin::new(w).poll_write(cx, buf),
-            UpstreamWriter::Tls(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamWriter::Plain(w) => Pin::new(w).poll_flush(cx),
-            UpstreamWriter::Tls(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamWriter::Plain(w) => Pin::new(w).poll_shutdown(cx),
-            UpstreamWriter::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            Ok(Either::Right(Box::new(stream)))
         }
     }
 }
