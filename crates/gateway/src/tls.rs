@@ -115,11 +115,6 @@ impl Certificates {
         Ok(())
     }
 
-    /// The files served, in order.
-    pub fn files(&self) -> &[CertFiles] {
-        &self.files
-    }
-
     /// The certificate for `server_name` (the default one without a match, or without SNI).
     fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let served = self.served.load();
@@ -477,7 +472,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 }
 
 /// What a TLS connection's handshake settled, for the access log.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TlsInfo {
     /// `TLSv1.2` or `TLSv1.3`.
     pub version: &'static str,
