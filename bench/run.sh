@@ -7,6 +7,9 @@
 # Layout (steady numbers on 2 cores): wrk alone on CPU 0; the system under test and the upstream on
 # CPU 1; one worker for nginx and HAProxy, a tokio runtime that sees one CPU for tollgate; keep-alive on
 # both sides; a warm-up before counting; repetitions interleaved (A B C A B C …), medians reported.
+# The TLS targets terminate TLS 1.3 with one ECDSA P-256 certificate, nginx and tollgate alike, on
+# keep-alive connections (`*-tls`) and with a new connection, so a handshake, per request (`*-tls-new`,
+# the client sends `Connection: close`); their ratio is against nginx doing the same.
 # Installs nothing: it says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +30,9 @@ while [ $# -gt 0 ]; do
 done
 
 . bench/lib.sh
-require nginx haproxy wrk redis-server taskset python3 cargo
+require nginx haproxy wrk redis-server taskset python3 cargo openssl
 setup
+tls_cert "$WORK"
 
 # start NAME COMMAND...: runs on CPU 1, remembers the pid as PID_<NAME>.
 start() {
@@ -133,6 +137,17 @@ target_tollgate() {
     sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
     start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
 }
+target_nginx_tls() {
+    local port=$1 keys=$2 dir="$WORK/nginx-tls-$1"; mkdir -p "$dir"
+    nginx_auth_config "$port" "$WORK/keys-$keys/nginx.map" 1000000r/s 1000000 "$dir" "" "$WORK" >"$dir/nginx.conf"
+    start "sut" nginx -c "$dir/nginx.conf" -p "$dir"
+}
+target_tollgate_tls() {
+    local port=$1 keys=$2 dir="$WORK/tollgate-tls-$1"; mkdir -p "$dir"
+    sed -e "s|^listen: 127.0.0.1:0|tls: { listen: 127.0.0.1:$port, minVersion: \"1.3\", certificates: [ { cert: $WORK/cert.pem, key: $WORK/key.pem } ] }|" \
+        "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
+}
 target_tollgate_redis() {
     local port=$1 keys=$2 dir="$WORK/tollgate-redis-$1"; mkdir -p "$dir"
     local var="REDIS_PORT_$keys" rport
@@ -166,9 +181,10 @@ rss_kb() {
     echo "$t"
 }
 
-# measure LABEL KIND KEYS: one run; appends "label rps p50 p99 cpu_us rss_kb" to $WORK/results.
+# measure LABEL KIND KEYS [close]: one run; appends "label rps p50 p99 cpu_us rss_kb" to
+# $WORK/results. With `close`, every request asks for its connection to be closed after it.
 measure() {
-    local label=$1 kind=$2 keys=$3 port url pids
+    local label=$1 kind=$2 keys=$3 close=${4:-} port url pids
     if [ "$kind" = upstream ]; then
         port=$UP; pids=("$PID_upstream")
     else
@@ -179,11 +195,14 @@ measure() {
         [ "$kind" = tollgate_redis ] && pids+=("$PID_redis")
     fi
     url="http://127.0.0.1:$port/x"
-    local check; check=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $KEY" "$url")
+    case "$kind" in *_tls) url="https://127.0.0.1:$port/x" ;; esac
+    local fields=(-H "x-api-key: $KEY")
+    [ "$close" = close ] && fields+=(-H "Connection: close")
+    local check; check=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$WORK/cert.pem" -H "x-api-key: $KEY" "$url")
     [ "$check" = 200 ] || { echo "$label answered $check" >&2; cat "$WORK/sut.log" >&2 || true; exit 1; }
-    taskset -c 0 wrk -t1 -c"$CONNS" -d1s -H "x-api-key: $KEY" "$url" >/dev/null   # warm-up
+    taskset -c 0 wrk -t1 -c"$CONNS" -d1s "${fields[@]}" "$url" >/dev/null   # warm-up
     local before; before=$(cpu_ticks_all "${pids[@]}")
-    local out; out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "x-api-key: $KEY" "$url")
+    local out; out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${fields[@]}" "$url")
     local after; after=$(cpu_ticks_all "${pids[@]}")
     local rps requests p50 p99
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -207,6 +226,8 @@ TARGETS+=("upstream-alone upstream $first" "nginx-proxy nginx_proxy $first")
 for n in $KEYSETS; do
     TARGETS+=("nginx-auth/$n nginx_auth $n" "haproxy-auth/$n haproxy_auth $n" "tollgate/$n tollgate $n" "tollgate-redis/$n tollgate_redis $n")
 done
+TARGETS+=("nginx-tls/$first nginx_tls $first" "tollgate-tls/$first tollgate_tls $first"
+    "nginx-tls-new/$first nginx_tls $first close" "tollgate-tls-new/$first tollgate_tls $first close")
 
 : >"$WORK/results"
 for rep in $(seq 1 "$REPS"); do
@@ -214,7 +235,7 @@ for rep in $(seq 1 "$REPS"); do
         # shellcheck disable=SC2086
         set -- $t
         echo "rep $rep/$REPS: $1" >&2
-        measure "$1" "$2" "$3"
+        measure "$1" "$2" "$3" "${4:-}"
     done
 done
 
@@ -234,15 +255,23 @@ def med(label):
     return (statistics.median(r[0] for r in runs), statistics.median(ms(r[1]) for r in runs),
             statistics.median(ms(r[2]) for r in runs), statistics.median(r[3] for r in runs),
             statistics.median(r[4] for r in runs))
+# Each target against nginx doing the same: plain targets against nginx-auth, TLS ones against nginx
+# over TLS with the same kind of connections.
+def kind(label):
+    for k in ("-tls-new", "-tls"):
+        if label.split("/")[0].endswith(k):
+            return "nginx" + k
+    return "nginx-auth"
 base = {}
 for label in rows:
-    if label.startswith("nginx-auth/"):
-        base[label.split("/")[1]] = med(label)[0]
-print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MB':>8} {'vs nginx-auth':>14}")
+    if label.startswith("nginx-"):
+        base[(label.split("/")[0], label.split("/")[1])] = med(label)[0]
+print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MB':>8} {'vs nginx':>14}")
 for label in rows:
     rps, p50, p99, cpu, rss = med(label)
-    n = label.split("/")[1] if "/" in label else next(iter(base), None)
-    ratio = f"{rps / base[n]:.2f}x" if n in base else "-"
+    n = label.split("/")[1] if "/" in label else min(k[1] for k in base)
+    b = base.get((kind(label), n))
+    ratio = f"{rps / b:.2f}x" if b else "-"
     print(f"{label:<24} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>11.1f} {rss / 1024:>8.1f} {ratio:>14}")
 # Resident bytes per key: the growth between the smallest and the largest key set, per added key.
 sets = sorted({int(l.split("/")[1]) for l in rows if "/" in l})
