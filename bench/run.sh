@@ -264,8 +264,8 @@ def kind(label):
     return "nginx-auth"
 base = {}
 for label in rows:
-    if label.startswith("nginx-"):
-        base[(label.split("/")[0], label.split("/")[1])] = med(label)[0]
+    if label.startswith("nginx-") and "/" in label:
+        base[tuple(label.split("/"))] = med(label)[0]
 print(f"{'target':<24} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MB':>8} {'vs nginx':>14}")
 for label in rows:
     rps, p50, p99, cpu, rss = med(label)
