@@ -205,12 +205,18 @@ fn name_matches(pattern: &str, name: &str) -> bool {
 }
 
 fn read_all(files: &[CertFiles], now: SystemTime) -> Result<Vec<Served>, TlsError> {
-    files.iter().map(|f| check_pair(f, now)).collect()
+    files
+        .iter()
+        .map(|f| check_pair(f, now).map(|(served, _)| served))
+        .collect()
 }
 
 /// Reads one chain and its key, and checks that the key is the certificate's and that the
-/// certificate is valid at `now`.
-fn check_pair(files: &CertFiles, now: SystemTime) -> Result<Served, TlsError> {
+/// certificate is valid at `now`; also gives the key as read (a client configuration takes it so).
+fn check_pair(
+    files: &CertFiles,
+    now: SystemTime,
+) -> Result<(Served, PrivateKeyDer<'static>), TlsError> {
     let (cert_file, key_file) = (&files.cert, &files.key);
     let chain = read_certs(cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file)
@@ -218,7 +224,7 @@ fn check_pair(files: &CertFiles, now: SystemTime) -> Result<Served, TlsError> {
     let provider = provider();
     let signing = provider
         .key_provider
-        .load_private_key(key)
+        .load_private_key(key.clone_key())
         .map_err(|e| tls_err(key_file, format!("unusable private key: {e}")))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| {
@@ -254,10 +260,11 @@ fn check_pair(files: &CertFiles, now: SystemTime) -> Result<Served, TlsError> {
         }
         leaf_names(&leaf)
     };
-    Ok(Served {
+    let served = Served {
         names,
         key: Arc::new(certified),
-    })
+    };
+    Ok((served, key))
 }
 
 fn read_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -404,14 +411,8 @@ pub fn client_config(files: &UpstreamTlsFiles) -> Result<rustls::ClientConfig, T
     let mut config = match &files.client {
         None => builder.with_no_client_auth(),
         Some(pair) => {
-            let served = check_pair(pair, SystemTime::now())?;
+            let (served, key) = check_pair(pair, SystemTime::now())?;
             let chain = served.key.cert.clone();
-            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| {
-                tls_err(
-                    &pair.key,
-                    format!("no private key read: {}", pem_reason(&e)),
-                )
-            })?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| tls_err(&pair.key, e.to_string()))?

@@ -184,12 +184,8 @@ impl Doc<'_> {
     /// The typed value at `path`; `None` when it is absent or null.
     fn read<T: DeserializeOwned>(&self, path: &FieldPath) -> Result<Option<T>, ConfigError> {
         self.node(path)
-            .map(|n| n.read(path).map_err(|e| self.read_err(e)))
+            .map(|n| n.read(path).map_err(|e| read_error(self.file, e)))
             .transpose()
-    }
-
-    fn read_err(&self, e: ReadError) -> ConfigError {
-        ConfigError::at(self.file, e.at, e.path.to_string(), e.message)
     }
 
     /// A setting of `provider.apiGateway` (v2.18+), else of `provider` (v1).
@@ -202,6 +198,11 @@ impl Doc<'_> {
             provider.key(name)
         }
     }
+}
+
+/// A typed read of `file`'s tree that failed, as a config error at its place.
+fn read_error(file: &Path, e: ReadError) -> ConfigError {
+    ConfigError::at(file, e.at, e.path.to_string(), e.message)
 }
 
 /// `value` at `at` in the user's file.
@@ -239,7 +240,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
             let v = vars.resolve(v, &stage_path)?;
             let stage = v
                 .read::<String>(&stage_path)
-                .map_err(|e| ConfigError::at(file, e.at, e.path.to_string(), e.message))?;
+                .map_err(|e| read_error(file, e))?;
             (stage, v.at)
         }
         (None, None) => ("dev".to_string(), Location::UNKNOWN),
@@ -277,7 +278,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
     let mut plans = plans(&doc, &service, &stage, &api_stage)?;
     let keys = keys(&doc, &mut plans, &service, &stage, &api_stage)?;
 
-    let upstream_store = RawStore {
+    let store = RawStore {
         sqlite: Some(EnvString(opts.store.clone())),
         redis: None,
         flush_interval: None,
@@ -287,7 +288,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         listen: Some(sited(EnvString(opts.listen.clone()), Location::UNKNOWN)),
         tls: None,
         upstream_tls: None,
-        store: Some(sited(upstream_store, Location::UNKNOWN)),
+        store: Some(sited(store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {
             sited(
@@ -509,12 +510,8 @@ fn keys(
     };
     for (i, item) in items.iter().enumerate() {
         let at = path.index(i);
-        match &item.node {
-            // `{planName: [keys…]}` groups keys under a named plan.
-            Node::Map(entries)
-                if entries.len() == 1 && matches!(entries[0].2.node, Node::Seq(_)) =>
-            {
-                let (plan, _, group) = &entries[0];
+        match key_group(item) {
+            Some((plan, keys_in_group)) => {
                 let native = plans.names.get(plan).ok_or_else(|| {
                     doc.err(
                         &at,
@@ -523,14 +520,11 @@ fn keys(
                         ),
                     )
                 })?;
-                let Node::Seq(group) = &group.node else {
-                    continue;
-                };
-                for j in 0..group.len() {
+                for j in 0..keys_in_group {
                     one(&at.key(plan).index(j), native)?;
                 }
             }
-            _ => {
+            None => {
                 if plans.names.len() > 1 {
                     let name = item.get("name").unwrap_or(item);
                     let name = match &name.node {
@@ -585,6 +579,26 @@ fn plan_on(
         quota: settings.quota.map(|q| sited(q, quota_at)),
     };
     sited(plan, at)
+}
+
+/// `{planName: [keys…]}`, which groups keys under a named plan: the plan and how many keys.
+fn key_group(item: &Sited) -> Option<(&str, usize)> {
+    match &item.node {
+        Node::Map(entries) => match entries.as_slice() {
+            [
+                (
+                    plan,
+                    _,
+                    Sited {
+                        node: Node::Seq(keys),
+                        ..
+                    },
+                ),
+            ] => Some((plan, keys.len())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The validated config for `opts`, through the native validator.
