@@ -128,11 +128,12 @@ async fn handshake(
     Ok((tls, leaf))
 }
 
-/// An HTTP/1.1 client on one TLS connection (kept alive across requests).
-async fn http_over(
-    tls: tokio_rustls::client::TlsStream<TcpStream>,
-) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+/// An HTTP/1.1 client on one connection, plain or TLS (kept alive across requests).
+async fn http_over<T>(io: T) -> hyper::client::conn::http1::SendRequest<Full<Bytes>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
     tokio::spawn(conn);
@@ -150,6 +151,7 @@ async fn get(
         .header("x-api-key", KEY)
         .body(Full::new(Bytes::new()))
         .unwrap();
+    sender.ready().await?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
@@ -621,11 +623,14 @@ async fn https_upstreams_are_verified_and_may_take_a_client_certificate() {
     let c = util::client();
 
     // Verified against the file's CA, over one kept-alive upstream connection.
+    // One client connection, so that its upstream connection is the one to reuse.
+    let mut one = http_over(TcpStream::connect(gw.addr).await.unwrap()).await;
     for _ in 0..3 {
-        let r = c.get(&gw.url("/prod/verified/a?x=1"), Some(KEY)).await;
-        assert_eq!(r.status, 200);
-        assert_eq!(r.json()["uri"], "/verified/a?x=1");
-        assert_eq!(r.json()["headers"]["x-forwarded-proto"], "http");
+        let (status, body) = get(&mut one, "gw", "/prod/verified/a?x=1").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echo["uri"], "/verified/a?x=1");
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
     }
     assert_eq!(
         handshakes.load(std::sync::atomic::Ordering::SeqCst),
