@@ -22,6 +22,9 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// `http` or `https`: what `X-Forwarded-Proto` tells the upstream.
     const SCHEME: &'static str;
 
+    /// Whether a client may open with the HTTP/2 preface, without TLS's ALPN (h2c).
+    const PRIOR_KNOWLEDGE: bool = false;
+
     /// Read and write halves, to upload a body while the answer comes back.
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
 
@@ -33,6 +36,7 @@ impl ClientIo for TcpStream {
     type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
     type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
     const SCHEME: &'static str = "http";
+    const PRIOR_KNOWLEDGE: bool = true;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         self.split()

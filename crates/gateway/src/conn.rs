@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::{OwnedSemaphorePermit, futures::OwnedNotified, watch};
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::admit::{Admission, Local, admit};
@@ -66,16 +66,15 @@ impl LazyDeadline {
     }
 }
 
-/// Serves one client connection until it closes, errs, idles out, or the gateway drains. `held` is
-/// kept until then: the gateway counts open connections by its receiver, and limits them by its
-/// permit.
+/// Serves one client connection until it closes, errs, idles out, or the gateway drains. Returns
+/// the connection and the bytes read from it when it opened with the HTTP/2 preface instead, for
+/// [`crate::h2`] to serve.
 pub(crate) async fn serve<C: ClientIo>(
     shared: Arc<Shared>,
     client: C,
     peer: SocketAddr,
     tls: Option<TlsInfo>,
-    held: (watch::Receiver<()>, OwnedSemaphorePermit),
-) {
+) -> Option<(C, Vec<u8>)> {
     // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
     let mut stop = Box::pin(shared.stop.clone().notified_owned());
     stop.as_mut().enable();
@@ -96,11 +95,11 @@ pub(crate) async fn serve<C: ClientIo>(
         upstream_deadline: None,
         stop,
     };
-    conn.run().await;
-    drop(held);
+    let http2 = conn.run().await;
     if let Some(up) = conn.upstream.take() {
         shared.upstreams.put(up);
     }
+    http2.then(|| (conn.client, conn.inbuf.bytes().to_vec()))
 }
 
 struct Conn<'a, C> {
@@ -141,21 +140,34 @@ enum Failure {
 }
 
 impl<C: ClientIo> Conn<'_, C> {
-    async fn run(&mut self) {
+    /// Serves requests until the connection ends; true when it turned out to open with the HTTP/2
+    /// preface (and HTTP/2 is on).
+    async fn run(&mut self) -> bool {
+        let mut first = true;
         loop {
             let head = match self.read_head().await {
                 Ok(Some(head)) => head,
-                Ok(None) => return,
+                Ok(None) => return false,
+                // Not an HTTP/1 request line, so this costs HTTP/1 nothing.
+                Err(_)
+                    if first
+                        && C::PRIOR_KNOWLEDGE
+                        && self.shared.http2.is_some()
+                        && self.inbuf.bytes().starts_with(crate::h2::PREFACE_LINE) =>
+                {
+                    return true;
+                }
                 Err(err) => {
                     self.to_client.clear();
                     let resp = response::bad_request(err);
                     http1::encode_response(&resp, false, false, &mut self.to_client);
                     let _ = self.client.write_all(&self.to_client).await;
-                    return;
+                    return false;
                 }
             };
+            first = false;
             if !self.exchange(head).await {
-                return;
+                return false;
             }
         }
     }

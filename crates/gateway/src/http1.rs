@@ -697,10 +697,22 @@ impl ChunkedDecoder {
     /// Reads `bytes` (the body's next bytes) and appends their canonical re-encoding to `out` (when
     /// given). Returns how many bytes belong to the body: fewer than given only when the end is
     /// inside `bytes`.
-    pub fn decode(
+    pub fn decode(&mut self, bytes: &[u8], out: Option<&mut Vec<u8>>) -> Result<usize, HeadError> {
+        self.decode_into(bytes, out, true)
+    }
+
+    /// As [`ChunkedDecoder::decode`], appending the body's data alone (for a peer that frames
+    /// data itself, as HTTP/2 does).
+    pub fn decode_data(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, HeadError> {
+        self.decode_into(bytes, Some(out), false)
+    }
+
+    #[inline(always)]
+    fn decode_into(
         &mut self,
         bytes: &[u8],
         mut out: Option<&mut Vec<u8>>,
+        framed: bool,
     ) -> Result<usize, HeadError> {
         const BAD: HeadError = HeadError::Malformed("Malformed chunked body");
         let mut i = 0;
@@ -749,9 +761,13 @@ impl ChunkedDecoder {
                     let take = left.min((bytes.len() - i) as u64);
                     let span = &bytes[i..i + take as usize];
                     if let Some(out) = out.as_deref_mut() {
-                        let _ = write!(out, "{:x}\r\n", span.len());
+                        if framed {
+                            let _ = write!(out, "{:x}\r\n", span.len());
+                        }
                         out.extend_from_slice(span);
-                        out.extend_from_slice(b"\r\n");
+                        if framed {
+                            out.extend_from_slice(b"\r\n");
+                        }
                     }
                     i += span.len();
                     self.state = if take == left {
@@ -789,7 +805,7 @@ impl ChunkedDecoder {
                         return Err(BAD);
                     }
                     self.state = Chunked::Done;
-                    if let Some(out) = out {
+                    if let (Some(out), true) = (out, framed) {
                         out.extend_from_slice(b"0\r\n\r\n");
                     }
                     return Ok(i + 1);
@@ -852,6 +868,14 @@ impl BodyProgress {
     /// Whether what is relayed differs from what was read (so it must go through a buffer).
     pub fn reencodes(&self) -> bool {
         matches!(self, BodyProgress::Chunked(_))
+    }
+
+    /// As [`BodyProgress::take`], appending the body's data alone: a chunked body is decoded.
+    pub fn take_data(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, HeadError> {
+        match self {
+            BodyProgress::Chunked(c) => c.decode_data(bytes, out),
+            _ => self.take(bytes, Some(out)),
+        }
     }
 
     /// Takes the body's share of `bytes`: returns how many of them belong to it, and appends what

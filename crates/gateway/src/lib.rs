@@ -3,7 +3,8 @@
 //!
 //! Where things are: `server` (accept loops, flusher, the control plane's handle; TLS handshakes
 //! with `tls`'s certificates) hands each client, plain or TLS (`client`), to `conn` (one
-//! connection's request loop, in named phases: route, admit, answer, log), which
+//! connection's request loop, in named phases: route, admit, answer, log; an HTTP/2 client's
+//! streams reach it through `h2`, one HTTP/1.1 request per stream), which
 //! speaks HTTP/1.1 through `http1` (the codec) and `rewrite` (which fields pass the proxy,
 //! `X-Forwarded-*`), normalises the path (`path`), matches it (`route`), admits it (`admit`,
 //! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`) and
@@ -15,6 +16,7 @@ mod admit;
 mod client;
 pub mod config;
 mod conn;
+pub mod h2;
 pub mod http1;
 mod key_table;
 pub mod limits;

@@ -24,6 +24,7 @@ pub struct Metrics {
     store_failures: AtomicU64,
     connections_refused: AtomicU64,
     handshakes_failed: AtomicU64,
+    rapid_resets: AtomicU64,
 }
 
 impl Metrics {
@@ -53,6 +54,11 @@ impl Metrics {
     /// Counts a TLS handshake that failed or timed out.
     pub fn handshake_failed(&self) {
         self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an HTTP/2 connection cut off for resetting most of its streams.
+    pub fn http2_rapid_reset(&self) {
+        self.rapid_resets.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed call to the shared store.
@@ -92,6 +98,12 @@ impl Metrics {
             out,
             "tollgate_tls_handshakes_failed_total {}",
             self.handshakes_failed.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP tollgate_http2_rapid_reset_total HTTP/2 connections closed with ENHANCE_YOUR_CALM for cancelling most of their streams (CVE-2023-44487).\n# TYPE tollgate_http2_rapid_reset_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_http2_rapid_reset_total {}",
+            self.rapid_resets.load(Ordering::Relaxed)
         );
         if let Some(degraded) = store_degraded {
             out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");

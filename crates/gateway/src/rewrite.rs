@@ -63,7 +63,7 @@ impl KeptFields {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
 /// `Transfer-Encoding` and `Content-Length` are re-emitted by whoever frames the message.
-fn is_hop_by_hop(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     match name.len() {
         2 => is(name, "te"),
         7 => is(name, "trailer") || is(name, "upgrade"),

@@ -20,6 +20,7 @@ use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
 use crate::conn;
+use crate::h2::{self, Http2Settings, Rewind};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -44,6 +45,8 @@ pub struct GatewayOptions {
     pub max_connections: usize,
     /// The most idle upstream connections kept for reuse, over all upstreams.
     pub max_idle_upstream: usize,
+    /// HTTP/2 to clients (ALPN `h2` on TLS, prior knowledge on plain), when on.
+    pub http2: Option<Http2Settings>,
 }
 
 /// How the process's file descriptors are shared out: the admin API and a reserve first, then each
@@ -100,6 +103,7 @@ impl Default for GatewayOptions {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: 10_000,
             max_idle_upstream: 2_500,
+            http2: Some(Http2Settings::default()),
         }
     }
 }
@@ -243,6 +247,7 @@ impl Gateway {
             clock,
             upstreams: UpstreamPool::new(options.max_idle_upstream),
             head_timeout: options.head_timeout,
+            http2: options.http2,
             kept_fields,
             draining: AtomicBool::new(false),
             stop: Arc::default(),
@@ -312,7 +317,7 @@ impl Gateway {
                     tokio::spawn(handshake(shared, acceptor.clone(), stream, peer, held));
                 }
                 _ => {
-                    tokio::spawn(conn::serve(shared, stream, peer, None, held));
+                    tokio::spawn(serve_plain(shared, stream, peer, held));
                 }
             }
         }
@@ -352,6 +357,18 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
     }
 }
 
+/// Serves a plain connection: HTTP/1.1, or HTTP/2 when it opens with the preface.
+async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
+    if let Some((stream, read)) = conn::serve(shared.clone(), stream, peer, None).await {
+        h2::serve(shared, Rewind::new(read, stream), peer, None).await;
+    }
+    drop(held);
+}
+
+/// What a connection holds until it ends: the gateway counts open connections by the receiver, and
+/// limits them by the permit.
+type Held = (watch::Receiver<()>, tokio::sync::OwnedSemaphorePermit);
+
 /// Runs a TLS handshake, then serves the connection. A client that stalls mid-handshake or sends
 /// garbage holds only this task, and only until the head timeout.
 async fn handshake(
@@ -359,12 +376,16 @@ async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
-    held: (watch::Receiver<()>, tokio::sync::OwnedSemaphorePermit),
+    _held: Held,
 ) {
     match tokio::time::timeout(shared.head_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let info = TlsInfo::of(tls.get_ref().1);
-            conn::serve(shared, tls, peer, Some(info), held).await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                h2::serve(shared, tls, peer, Some(info)).await;
+            } else {
+                conn::serve(shared, tls, peer, Some(info)).await;
+            }
         }
         Ok(Err(err)) => {
             shared.metrics.handshake_failed();

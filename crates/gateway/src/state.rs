@@ -10,6 +10,7 @@ use tollgate_core::Clock;
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{Store, UsageDelta};
 
+use crate::h2::Http2Settings;
 use crate::http1::{BodyLength, ResponseHead};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
@@ -25,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) upstreams: UpstreamPool,
     pub(crate) head_timeout: Duration,
+    /// HTTP/2 to clients, when on.
+    pub(crate) http2: Option<Http2Settings>,
     /// The config's `keepClientHeaders` (the config does not change while serving).
     pub(crate) kept_fields: KeptFields,
     /// Set when the gateway drains: connections finish the request in hand, then close.

@@ -53,6 +53,8 @@ pub struct TlsSettings {
     pub min_version: MinVersion,
     /// Client certificates, when asked for.
     pub client_auth: Option<ClientAuth>,
+    /// Whether ALPN offers HTTP/2 (before HTTP/1.1).
+    pub http2: bool,
 }
 
 /// A TLS file that cannot be used, and why.
@@ -311,7 +313,7 @@ fn leaf_names(leaf: &X509Certificate<'_>) -> Vec<String> {
 }
 
 /// The server side of TLS for `settings`, serving `certificates` (shared, so that a reload
-/// reaches the running listener). ALPN offers HTTP/1.1.
+/// reaches the running listener). ALPN offers HTTP/1.1, after HTTP/2 when `settings` say so.
 pub fn server_config(
     settings: &TlsSettings,
     certificates: Arc<Certificates>,
@@ -346,7 +348,11 @@ pub fn server_config(
         }
     };
     let mut config = builder.with_cert_resolver(certificates);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if settings.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(config)
 }
 

@@ -97,6 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         head_timeout: config.header_timeout,
         max_connections: budget.max_connections,
         max_idle_upstream: budget.max_idle_upstream,
+        http2: config.http2,
         ..GatewayOptions::default()
     };
     // Cluster mode: the record version the first snapshot is built from, so the resync loop reloads only

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::h2::Http2Settings;
 use tollgate_gateway::tls::Certificates;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
@@ -27,6 +28,8 @@ pub struct Config {
     pub tls: Option<TlsListener>,
     /// Whether a route skips verifying its `https` upstream's certificate (warned about at startup).
     pub insecure_upstream_tls: bool,
+    /// HTTP/2 to clients, unless turned off.
+    pub http2: Option<Http2Settings>,
     /// The most client connections the data plane holds at once (`None`: as many as the descriptor
     /// limit allows).
     pub max_connections: Option<usize>,

@@ -67,6 +67,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<Spanned<RawUpstreamTls>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2: Option<Spanned<RawHttp2>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<Spanned<RawStore>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_throttle: Option<Spanned<RawThrottle>>,
@@ -105,6 +107,16 @@ pub struct RawTls {
     pub min_version: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+/// `http2:`, HTTP/2 to clients (on unless `enabled: false`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawHttp2 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// `upstreamTls:`, globally or on a route: how `https` upstreams are reached.

@@ -20,6 +20,7 @@ use tollgate_gateway::config::{
     Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod,
     Stage, add_preflight_routes,
 };
+use tollgate_gateway::h2::Http2Settings;
 use tollgate_gateway::rewrite::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_gateway::tls::{
@@ -255,8 +256,30 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
         None => None,
     };
+    let http2 = match &raw.http2 {
+        None => Some(Http2Settings::default()),
+        Some(h) if h.value.enabled == Some(false) => None,
+        Some(h) => match h.value.max_concurrent_streams {
+            None => Some(Http2Settings::default()),
+            Some(n @ 1..=10_000) => Some(Http2Settings {
+                max_concurrent_streams: n,
+            }),
+            Some(n) => {
+                return cx.err(
+                    &h.referenced,
+                    "http2.maxConcurrentStreams",
+                    format!("{n}: give 1 to 10000"),
+                );
+            }
+        },
+    };
     let tls = match &raw.tls {
-        Some(tls) => Some(validate_tls(&cx, &tls.value, &tls.referenced)?),
+        Some(tls) => Some(validate_tls(
+            &cx,
+            &tls.value,
+            &tls.referenced,
+            http2.is_some(),
+        )?),
         None => None,
     };
     if listen.is_none() && tls.is_none() {
@@ -453,6 +476,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         listen,
         tls,
         insecure_upstream_tls: cx.insecure_upstream.get(),
+        http2,
         max_connections,
         header_timeout,
         store,
@@ -561,13 +585,18 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
 }
 
 /// The data plane's HTTPS listener.
-fn validate_tls(cx: &Ctx<'_>, raw: &RawTls, at: &Location) -> Result<TlsListener, ConfigError> {
+fn validate_tls(
+    cx: &Ctx<'_>,
+    raw: &RawTls,
+    at: &Location,
+    http2: bool,
+) -> Result<TlsListener, ConfigError> {
     let Some(listen) = &raw.listen else {
         return cx.err(at, "tls.listen", "give the address HTTPS is served on");
     };
     Ok(TlsListener {
         listen: cx.address(listen, at, "tls.listen")?,
-        tls: validate_termination(cx, raw, at, "tls")?,
+        tls: validate_termination(cx, raw, at, "tls", http2)?,
     })
 }
 
@@ -578,6 +607,7 @@ fn validate_termination(
     raw: &RawTls,
     at: &Location,
     name: &str,
+    http2: bool,
 ) -> Result<TlsTermination, ConfigError> {
     if raw.certificates.is_empty() {
         return cx.err(
@@ -636,6 +666,7 @@ fn validate_termination(
     let settings = TlsSettings {
         min_version,
         client_auth,
+        http2,
     };
     let server = tls::server_config(&settings, certificates.clone()).map_err(fail)?;
     Ok(TlsTermination {
@@ -679,6 +710,7 @@ fn validate_admin(cx: &Ctx<'_>, raw: &RawAdmin, at: &Location) -> Result<AdminCo
             &tls.value,
             &tls.referenced,
             "admin.tls",
+            false,
         )?),
     };
     Ok(AdminConfig {

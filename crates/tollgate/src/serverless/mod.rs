@@ -288,6 +288,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         listen: Some(sited(EnvString(opts.listen.clone()), Location::UNKNOWN)),
         tls: None,
         upstream_tls: None,
+        http2: None,
         store: Some(sited(store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {

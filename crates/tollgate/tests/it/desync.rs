@@ -2,6 +2,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::http2;
 use crate::util::{self, Gateway, KEY, SloppyUpstream};
 
 fn config(upstream: &str) -> String {
@@ -210,5 +211,173 @@ async fn responses_never_cross_between_clients() {
             .any(|s| s.path.starts_with("/prod/victim/")),
         "{:?}",
         up.served()
+    );
+}
+
+/// One HTTP/2 connection (prior knowledge) carrying `frames`; the first byte of the gateway's
+/// first response header block (`0x88` is `:status: 200`), if it sent one before going quiet.
+async fn h2_attack(addr: std::net::SocketAddr, frames: &[u8]) -> Option<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    http2::frame(&mut out, 4, 0, 0, &[]);
+    out.extend_from_slice(frames);
+    s.write_all(&out).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+            if buf[at + 3] == 1 && buf.len() > at + 9 {
+                return Some(buf[at + 9]);
+            }
+            at += 9 + len;
+        }
+    }
+    None
+}
+
+/// The same attacks over HTTP/2: a stream's fields and DATA cannot say anything to the pipeline
+/// that HTTP/1.1 could not, and what HTTP/1.1 refuses is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_streams_cannot_smuggle_past_the_pipeline() {
+    let (_dir, gw, up) = start().await;
+    let get = |path: &'static str| -> Vec<(&'static str, &'static str)> {
+        vec![
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "gw"),
+            (":path", path),
+        ]
+    };
+    let with = |mut fields: Vec<(&'static str, &'static str)>,
+                more: &[(&'static str, &'static str)]| {
+        fields.extend_from_slice(more);
+        http2::header_block(&fields)
+    };
+    let hidden = HIDDEN.as_bytes();
+    let chunked_hidden = format!("{:x}\r\n{HIDDEN}\r\n0\r\n\r\n", HIDDEN.len());
+    // (what, HEADERS block, END_STREAM on HEADERS, DATA to follow)
+    type Attack<'a> = (&'a str, Vec<u8>, bool, Option<&'a [u8]>);
+    let attacks: Vec<Attack<'_>> = vec![
+        (
+            "a body past content-length: 0",
+            with(get("/prod/health"), &[("content-length", "0")]),
+            false,
+            Some(hidden),
+        ),
+        (
+            "a chunked coding",
+            with(get("/prod/health"), &[("transfer-encoding", "chunked")]),
+            false,
+            Some(chunked_hidden.as_bytes()),
+        ),
+        (
+            "a body on GET",
+            with(get("/prod/health"), &[]),
+            false,
+            Some(hidden),
+        ),
+        (
+            "CR LF in :path",
+            with(
+                get("/prod/health HTTP/1.1\r\nHost: x\r\n\r\nGET /registrations/666/warranty"),
+                &[],
+            ),
+            true,
+            None,
+        ),
+        (
+            "a space in :path",
+            with(get("/prod/health /registrations/666/warranty"), &[]),
+            true,
+            None,
+        ),
+        (
+            "CR LF in a value",
+            with(
+                get("/prod/health"),
+                &[("x-a", "1\r\nGET /registrations/666/warranty HTTP/1.1")],
+            ),
+            true,
+            None,
+        ),
+        (
+            "a request line as :method",
+            http2::header_block(&[
+                (":method", "GET /registrations/666/warranty HTTP/1.1\r\n"),
+                (":scheme", "http"),
+                (":authority", "gw"),
+                (":path", "/prod/health"),
+            ]),
+            true,
+            None,
+        ),
+        (
+            "encoded slashes",
+            with(
+                get("/prod/victim/..%2f..%2fregistrations%2f666%2fwarranty"),
+                &[],
+            ),
+            true,
+            None,
+        ),
+        (
+            "dot segments",
+            with(get("/prod/victim/1/../../registrations/666/warranty"), &[]),
+            true,
+            None,
+        ),
+        (
+            "an absolute :path",
+            with(get("http://x/registrations/666/warranty"), &[]),
+            true,
+            None,
+        ),
+        ("an asterisk :path", with(get("*"), &[]), true, None),
+        (
+            "CR LF in :authority",
+            http2::header_block(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "gw\r\nx-api-key: k"),
+                (":path", "/prod/victim/1"),
+            ]),
+            true,
+            None,
+        ),
+    ];
+    for (what, block, ended, data) in attacks {
+        let mut frames = Vec::new();
+        http2::frame(&mut frames, 1, 0x4 | if ended { 0x1 } else { 0 }, 1, &block);
+        if let Some(data) = data {
+            http2::frame(&mut frames, 0, 0x1, 1, data);
+        }
+        let status = h2_attack(gw.addr, &frames).await;
+        assert_ne!(status, Some(0x88), "{what}: answered 200");
+    }
+    assert!(
+        !reached_private(&up),
+        "a hidden request reached the upstream: {:?}",
+        up.served()
+    );
+    // The same connection kind still serves a keyed request.
+    let mut frames = Vec::new();
+    http2::frame(
+        &mut frames,
+        1,
+        0x5,
+        1,
+        &with(get("/prod/victim/1"), &[("x-api-key", KEY)]),
+    );
+    assert_eq!(h2_attack(gw.addr, &frames).await, Some(0x88));
+    assert_eq!(
+        up.served().last().map(|s| s.path.as_str()),
+        Some("/victim/1")
     );
 }

@@ -17,6 +17,9 @@ mod data_plane;
 /// Request smuggling against a sloppy upstream: hidden requests never reach it, answers never cross
 /// between clients.
 mod desync;
+/// HTTP/2 to clients: ALPN and prior knowledge, multiplexed streams each admitted and counted once,
+/// header bounds, the rapid-reset pattern.
+mod http2;
 /// Listener limits: connection caps, head timeouts, body limits, fields that steer backends; the
 /// admin plane cannot starve the data plane.
 mod limits;

@@ -20,7 +20,7 @@ use crate::util::{self, Gateway, KEY};
 
 type Issuer = CertifiedIssuer<'static, KeyPair>;
 
-fn ca(name: &str) -> Issuer {
+pub(crate) fn ca(name: &str) -> Issuer {
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name.push(DnType::CommonName, name);
@@ -47,7 +47,12 @@ fn leaf(
 }
 
 /// Writes a server certificate for `names` signed by `ca` as `<name>.crt`/`<name>.key`; its DER.
-fn server_cert(dir: &Path, name: &str, ca: &Issuer, names: &[&str]) -> CertificateDer<'static> {
+pub(crate) fn server_cert(
+    dir: &Path,
+    name: &str,
+    ca: &Issuer,
+    names: &[&str],
+) -> CertificateDer<'static> {
     let (cert, key, der) = leaf(ca, names, ExtendedKeyUsagePurpose::ServerAuth);
     std::fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
     std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
@@ -91,7 +96,18 @@ async fn start_on(
 }
 
 /// A TLS client trusting `roots`, offering `client` (chain and key PEM) when given.
-fn connector(roots: &[&CertificateDer<'static>], client: Option<(&str, &str)>) -> TlsConnector {
+pub(crate) fn connector(
+    roots: &[&CertificateDer<'static>],
+    client: Option<(&str, &str)>,
+) -> TlsConnector {
+    TlsConnector::from(Arc::new(client_config(roots, client)))
+}
+
+/// The settings of [`connector`].
+pub(crate) fn client_config(
+    roots: &[&CertificateDer<'static>],
+    client: Option<(&str, &str)>,
+) -> rustls::ClientConfig {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add((*r).clone()).unwrap();
@@ -100,7 +116,7 @@ fn connector(roots: &[&CertificateDer<'static>], client: Option<(&str, &str)>) -
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(store);
-    let config = match client {
+    match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             use rustls::pki_types::pem::PemObject as _;
@@ -108,8 +124,7 @@ fn connector(roots: &[&CertificateDer<'static>], client: Option<(&str, &str)>) -
             let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
-    };
-    TlsConnector::from(Arc::new(config))
+    }
 }
 
 /// A handshake with `addr` as `server_name`: the stream and the leaf certificate served.
@@ -158,7 +173,7 @@ async fn get(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn curl(args: &[&str]) -> (Option<i32>, String) {
+pub(crate) fn curl(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new("curl")
         .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
         .args(args)

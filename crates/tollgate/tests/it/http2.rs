@@ -1,0 +1,457 @@
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls::{self as tls_util, ca, curl, server_cert};
+use crate::util::{self, AdminClient, Gateway, KEY};
+
+const QUOTA_KEY: &str = "quotaKey0123456789abcdefghijkl";
+const BURST_KEY: &str = "burstKey0123456789abcdefghijkl";
+
+/// A gateway on plain HTTP and HTTPS (`api.test`, signed by the CA written to `ca.pem`) in front
+/// of a real upstream, with an admin API; `http2` is put at the config's top level. Keys: `KEY` in
+/// an unlimited plan, `QUOTA_KEY` with a quota of 30 a day, `BURST_KEY` with a burst of 10 and
+/// hardly any refill.
+async fn start(dir: &Path, http2: &str) -> (Gateway, rustls::pki_types::CertificateDer<'static>) {
+    let issuer = ca("test CA");
+    server_cert(dir, "api", &issuer, &["api.test"]);
+    std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
+    let up = util::upstream().await;
+    let yaml = format!(
+        r#"listen: 127.0.0.1:0
+tls:
+  listen: 127.0.0.1:0
+  certificates: [ {{ cert: api.crt, key: api.key }} ]
+{http2}
+store: {{ sqlite: ./tollgate.db, flushInterval: 100ms }}
+rateLimitHeaders: true
+accessLog: true
+admin: {{ listen: 127.0.0.1:0 }}
+apis:
+  - id: warranty
+    stages: [ {{ name: prod }} ]
+    routes:
+      - {{ path: "/echo/{{rest+}}", method: ANY, apiKeyRequired: true, upstream: "http://{up}" }}
+      - {{ path: /slow, method: GET, apiKeyRequired: true, upstream: "http://{up}" }}
+usagePlans:
+  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}
+  - {{ name: quota, apiStages: [ {{ apiId: warranty, stage: prod }} ], quota: {{ limit: 30, period: DAY }} }}
+  - {{ name: burst, apiStages: [ {{ apiId: warranty, stage: prod }} ], throttle: {{ rateLimit: 0.001, burstLimit: 10 }} }}
+apiKeys:
+  - {{ name: k, value: "${{CENTRAL_KEY}}", usagePlans: [p] }}
+  - {{ name: q, value: "{QUOTA_KEY}", usagePlans: [quota] }}
+  - {{ name: b, value: "{BURST_KEY}", usagePlans: [burst] }}
+"#,
+        up = up.addr
+    );
+    util::write_config(dir, &yaml);
+    let gw = Gateway::start(dir, &util::admin_env());
+    (gw, issuer.der().clone())
+}
+
+/// An HTTP/2 connection negotiated by ALPN on `addr` (as `api.test`).
+async fn h2_over_tls(
+    addr: SocketAddr,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+) -> h2::client::SendRequest<Bytes> {
+    let mut config = tls_util::client_config(&[ca], None);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("api.test").unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// GET `path` on a stream of `client`, with `key` when given; the response head and body.
+async fn get(
+    client: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    key: Option<&str>,
+) -> Result<(http::response::Parts, Bytes), h2::Error> {
+    let mut req = http::Request::get(format!("https://api.test{path}"));
+    if let Some(key) = key {
+        req = req.header("x-api-key", key);
+    }
+    let req = req.body(()).unwrap();
+    *client = client.clone().ready().await?;
+    let (resp, _) = client.send_request(req, true)?;
+    read(resp).await
+}
+
+async fn read(
+    resp: h2::client::ResponseFuture,
+) -> Result<(http::response::Parts, Bytes), h2::Error> {
+    let (parts, mut body) = resp.await?.into_parts();
+    let mut all = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        all.extend_from_slice(&chunk);
+    }
+    Ok((parts, all.into()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_gets_the_same_pipeline_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "").await;
+    let port = gw.tls.unwrap().port();
+    let resolve = format!("api.test:{port}:127.0.0.1");
+    let url = format!("https://api.test:{port}/prod/echo/a?x=1");
+    let key = format!("x-api-key: {KEY}");
+    let cacert = dir.path().join("ca.pem");
+    let base = [
+        "--cacert",
+        cacert.to_str().unwrap(),
+        "--resolve",
+        resolve.as_str(),
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ];
+
+    // ALPN picks HTTP/2; the upstream gets HTTP/1.1 with the same rewrite as ever.
+    let (code, out) = curl(&[&base[..], &["--http2", "-H", key.as_str(), url.as_str()]].concat());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.ends_with("\n200 2"), "{out}");
+    assert!(out.contains("\"x-forwarded-proto\":\"https\""), "{out}");
+    assert!(out.contains("\"uri\":\"/echo/a?x=1\""), "{out}");
+    assert!(out.contains("\"x-forwarded-host\":\"api.test:"), "{out}");
+    // Refusals keep AWS's bodies.
+    let (_, out) = curl(&[&base[..], &["--http2", url.as_str()]].concat());
+    assert!(out.ends_with("{\"message\":\"Forbidden\"}\n403 2"), "{out}");
+    // Bodies both ways: with a length, and without one (sent chunked to the upstream).
+    let body_url = format!("https://api.test:{port}/prod/echo/body");
+    let (_, out) = curl(
+        &[
+            &base[..],
+            &[
+                "--http2",
+                "-H",
+                key.as_str(),
+                "--data-binary",
+                "hello h2",
+                body_url.as_str(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(out.ends_with("hello h2\n200 2"), "{out}");
+    let streamed = Command::new("curl")
+        .args(["-s", "-o", "-"])
+        .args(base)
+        .args(["--http2", "-H", key.as_str(), "-T", "-", body_url.as_str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = streamed.stdin.as_ref().unwrap();
+        stdin.write_all(&vec![b'z'; 100_000]).unwrap();
+    }
+    let out = streamed.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.ends_with("\n200 2"),
+        "{}",
+        &out[out.len().saturating_sub(20)..]
+    );
+    assert_eq!(out.len(), 100_000 + "\n200 2".len());
+    // HTTP/1.1 is still offered on the same port.
+    let (_, out) = curl(&[&base[..], &["--http1.1", "-H", key.as_str(), url.as_str()]].concat());
+    assert!(out.ends_with("\n200 1.1"), "{out}");
+
+    // h2c with prior knowledge on the plain listener.
+    let plain = gw.url("/prod/echo/a");
+    let (_, out) = curl(&[
+        "-w",
+        "\n%{http_code} %{http_version}",
+        "--http2-prior-knowledge",
+        "-H",
+        key.as_str(),
+        plain.as_str(),
+    ]);
+    assert!(out.ends_with("\n200 2"), "{out}");
+    assert!(out.contains("\"x-forwarded-proto\":\"http\""), "{out}");
+    // The access log has each stream.
+    let log = gw.stderr();
+    assert!(
+        log.matches("\"path\":\"/prod/echo/a\"").count() >= 4,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multiplexed_streams_are_admitted_and_counted_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, ca) = start(dir.path(), "").await;
+    let mut client = h2_over_tls(gw.tls.unwrap(), &ca).await;
+
+    // 100 streams at once on one connection: 40 against a quota of 30, 20 against a burst of
+    // 10, 20 with a key that does not exist, 20 without a key.
+    let mut kinds = Vec::new();
+    kinds.extend(std::iter::repeat_n(Some(QUOTA_KEY), 40));
+    kinds.extend(std::iter::repeat_n(Some(BURST_KEY), 20));
+    kinds.extend(std::iter::repeat_n(
+        Some("noSuchKey0123456789abcdefghijk"),
+        20,
+    ));
+    kinds.extend(std::iter::repeat_n(None, 20));
+    let mut pending = Vec::new();
+    for (i, key) in kinds.iter().enumerate() {
+        let mut req = http::Request::get(format!("https://api.test/prod/echo/{i}"));
+        if let Some(key) = key {
+            req = req.header("x-api-key", *key);
+        }
+        client = client.ready().await.unwrap();
+        let (resp, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+        pending.push(tokio::spawn(read(resp)));
+    }
+    let mut answers = std::collections::BTreeMap::<(Option<&str>, u16, String), usize>::new();
+    for (i, (key, task)) in kinds.iter().zip(pending).enumerate() {
+        let (parts, body) = task.await.unwrap().unwrap();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let what = if parts.status == 200 {
+            // Each stream got its own answer: the upstream saw this stream's path.
+            assert!(body.contains(&format!("\"uri\":\"/echo/{i}\"")), "{body}");
+            "upstream".to_string()
+        } else {
+            body
+        };
+        *answers
+            .entry((*key, parts.status.as_u16(), what))
+            .or_default() += 1;
+    }
+    let limit_exceeded = r#"{"message":"Limit Exceeded"}"#.to_string();
+    let too_many = r#"{"message":"Too Many Requests"}"#.to_string();
+    let forbidden = r#"{"message":"Forbidden"}"#.to_string();
+    let expected = std::collections::BTreeMap::from([
+        ((Some(QUOTA_KEY), 200, "upstream".to_string()), 30),
+        ((Some(QUOTA_KEY), 429, limit_exceeded), 10),
+        ((Some(BURST_KEY), 200, "upstream".to_string()), 10),
+        ((Some(BURST_KEY), 429, too_many), 10),
+        (
+            (
+                Some("noSuchKey0123456789abcdefghijk"),
+                403,
+                forbidden.clone(),
+            ),
+            20,
+        ),
+        ((None, 403, forbidden), 20),
+    ]);
+    assert_eq!(answers, expected);
+
+    // Metered once per admitted stream: the stored usage says 30.
+    let admin = AdminClient::new(gw.admin.unwrap());
+    let plan_id = admin.plan_id("quota").await;
+    let today = util::today();
+    let usage_path = format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}");
+    let usage = admin.ok("GET", &usage_path, "").await;
+    let values = usage["values"].as_object().unwrap();
+    assert_eq!(values.len(), 1, "{usage}");
+    assert_eq!(
+        values.values().next().unwrap(),
+        &serde_json::json!([[30, 0]])
+    );
+
+    // The connection goes on: a stream with a header list over the bound is refused on its own,
+    // the next one is served.
+    let req = http::Request::get("https://api.test/prod/echo/big")
+        .header("x-api-key", KEY)
+        .header("x-big", "b".repeat(70 * 1024))
+        .body(())
+        .unwrap();
+    client = client.ready().await.unwrap();
+    let refused = match client.send_request(req, true) {
+        Ok((resp, _)) => read(resp).await.map(|(p, _)| p.status.as_u16()),
+        Err(e) => Err(e),
+    };
+    assert!(
+        matches!(refused, Ok(431) | Err(_)),
+        "an oversized header list is refused: {refused:?}"
+    );
+    let (parts, _) = get(&mut client, "/prod/echo/after", Some(KEY))
+        .await
+        .unwrap();
+    assert_eq!(parts.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_are_bounded_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, ca) = start(dir.path(), "http2: { maxConcurrentStreams: 3 }").await;
+    let mut client = h2_over_tls(gw.tls.unwrap(), &ca).await;
+    let (parts, _) = get(&mut client, "/prod/echo/a", Some(KEY)).await.unwrap();
+    assert_eq!(parts.status, 200);
+    assert_eq!(client.current_max_send_streams(), 3);
+
+    // Off: ALPN offers HTTP/1.1 only, and prior knowledge gets an HTTP/1 answer.
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "http2: { enabled: false }").await;
+    let cacert = dir.path().join("ca.pem");
+    let port = gw.tls.unwrap().port();
+    let resolve = format!("api.test:{port}:127.0.0.1");
+    let url = format!("https://api.test:{port}/prod/echo/a");
+    let key = format!("x-api-key: {KEY}");
+    let (_, out) = curl(&[
+        "--cacert",
+        cacert.to_str().unwrap(),
+        "--resolve",
+        resolve.as_str(),
+        "-w",
+        "\n%{http_code} %{http_version}",
+        "--http2",
+        "-H",
+        key.as_str(),
+        url.as_str(),
+    ]);
+    assert!(out.ends_with("\n200 1.1"), "{out}");
+    let (_, out) = curl(&["--http2-prior-knowledge", gw.url("/prod/echo/a").as_str()]);
+    assert!(!out.ends_with("200"), "{out}");
+}
+
+/// Appends an HTTP/2 frame. The attacker below writes frames itself: a well-behaved client library
+/// does not put a stream it has already cancelled on the wire.
+pub(crate) fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A header block of literal fields without indexing or Huffman coding (RFC 7541 §6.2.2).
+pub(crate) fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127, "one-byte lengths");
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// CVE-2023-44487 against `addr`: HEADERS, then RST_STREAM, stream after stream, answers never
+/// read; in batches of 50 streams, or one at a time with the reset 1 ms after its request when
+/// `paced` (so that the gateway has begun work on it). Returns how many streams were opened before
+/// the gateway closed the connection, and its GOAWAY's error code.
+async fn flood(addr: SocketAddr, paced: bool) -> (u32, Option<u32>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut from_gw, mut to_gw) = TcpStream::connect(addr).await.unwrap().into_split();
+    let block = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "api.test"),
+        // Answered after 200 ms: a reset 1 ms after the request always finds its work under way.
+        (":path", "/prod/slow?ms=200"),
+        ("x-api-key", KEY),
+    ]);
+    let flood = tokio::spawn(async move {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frame(&mut out, 4, 0, 0, &[]);
+        let mut stream = 1u32;
+        while stream < 40_000 {
+            for _ in 0..if paced { 1 } else { 50 } {
+                frame(&mut out, 1, 0x4 | 0x1, stream, &block);
+                if paced {
+                    if to_gw.write_all(&out).await.is_err() {
+                        return stream / 2;
+                    }
+                    out.clear();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                frame(&mut out, 3, 0, stream, &0x8u32.to_be_bytes());
+                stream += 2;
+            }
+            if to_gw.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        stream / 2
+    });
+    // The gateway's frames until it closes; the GOAWAY's error code.
+    let told = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut goaway = None;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match from_gw.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 7 && len >= 8 {
+                    goaway = Some(u32::from_be_bytes(buf[13..17].try_into().unwrap()));
+                }
+                buf.drain(..9 + len);
+            }
+        }
+        goaway
+    });
+    let goaway = tokio::time::timeout(Duration::from_secs(60), told)
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    (flood.await.unwrap(), goaway)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rapid_reset_is_cut_off_without_stalling_other_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "").await;
+    let (mut other, conn) = h2::client::handshake(TcpStream::connect(gw.addr).await.unwrap())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let addr = gw.addr;
+    // Resets that arrive with their requests are refused by h2 before any work (its pending-accept
+    // limit); resets that arrive after the work has begun are counted by the gateway.
+    let floods = tokio::spawn(async move { (flood(addr, false).await, flood(addr, true).await) });
+
+    // Meanwhile another client is served.
+    for i in 0..20 {
+        let (parts, _) = get(&mut other, &format!("/prod/echo/other{i}"), Some(KEY))
+            .await
+            .unwrap();
+        assert_eq!(parts.status, 200);
+    }
+    let (burst, paced) = floods.await.unwrap();
+    assert_eq!(burst.1, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    assert_eq!(paced.1, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    // (A burst's count says only what the socket took; paced streams were each seen.)
+    assert!(paced.0 < 1_000, "cut off after {} streams", paced.0);
+    // Still serving, and both cut-offs are counted.
+    let (parts, _) = get(&mut other, "/prod/echo/after", Some(KEY))
+        .await
+        .unwrap();
+    assert_eq!(parts.status, 200);
+    let metrics = util::client()
+        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
+        .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("tollgate_http2_rapid_reset_total 2"),
+        "{text}"
+    );
+}
