@@ -13,7 +13,7 @@ require() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "missing: ${missing[*]}" >&2
-        echo "on Debian: apt-get install nginx-light haproxy wrk redis-server valgrind util-linux python3" >&2
+        echo "on Debian: apt-get install nginx-light haproxy wrk nghttp2-client redis-server valgrind util-linux python3" >&2
         exit 1
     fi
 }
@@ -90,11 +90,12 @@ CONF
 # nginx_auth_config PORT MAP RATE BURST DIR [MAIN [CERT_DIR]]: nginx doing the job tollgate does:
 # x-api-key looked up in MAP (a file of `"value" name;` lines), each key limited by limit_req (RATE such
 # as 100r/s, a burst of BURST, 429 beyond), forwarded to the upstream on $UP with keep-alive. MAIN goes
-# into the main context (e.g. `master_process off;`). Given CERT_DIR (see tls_cert): HTTPS only, TLS 1.3.
+# into the main context (e.g. `master_process off;`). Given CERT_DIR (see tls_cert): HTTPS only, TLS 1.3,
+# ALPN offering HTTP/2 and HTTP/1.1 (as tollgate's listener does).
 nginx_auth_config() {
     local listen="listen 127.0.0.1:$1;"
     if [ -n "${7:-}" ]; then
-        listen="listen 127.0.0.1:$1 ssl; ssl_certificate $7/cert.pem; ssl_certificate_key $7/key.pem; ssl_protocols TLSv1.3;"
+        listen="listen 127.0.0.1:$1 ssl http2; ssl_certificate $7/cert.pem; ssl_certificate_key $7/key.pem; ssl_protocols TLSv1.3;"
     fi
     cat <<CONF
 worker_processes 1; daemon off; ${6:-} pid $5/nginx.pid; error_log $5/error.log;

@@ -9,7 +9,9 @@
 # both sides; a warm-up before counting; repetitions interleaved (A B C A B C …), medians reported.
 # The TLS targets terminate TLS 1.3 with one ECDSA P-256 certificate, nginx and tollgate alike, on
 # keep-alive connections (`*-tls`) and with a new connection, so a handshake, per request (`*-tls-new`,
-# the client sends `Connection: close`); their ratio is against nginx doing the same.
+# the client sends `Connection: close`); their ratio is against nginx doing the same. The HTTP/2 targets
+# (`*-h2`) are the same TLS listeners driven by h2load (32 connections, 10 streams each); h2load reports
+# no percentiles, so their p50 column holds its mean and p99 is blank.
 # Installs nothing: it says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 
 . bench/lib.sh
-require nginx haproxy wrk redis-server taskset python3 cargo openssl
+require nginx haproxy wrk h2load redis-server taskset python3 cargo openssl
 setup
 tls_cert "$WORK"
 
@@ -148,6 +150,8 @@ target_tollgate_tls() {
         "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
     start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
 }
+target_nginx_h2() { target_nginx_tls "$@"; }
+target_tollgate_h2() { target_tollgate_tls "$@"; }
 target_tollgate_redis() {
     local port=$1 keys=$2 dir="$WORK/tollgate-redis-$1"; mkdir -p "$dir"
     local var="REDIS_PORT_$keys" rport
@@ -195,20 +199,36 @@ measure() {
         [ "$kind" = tollgate_redis ] && pids+=("$PID_redis")
     fi
     url="http://127.0.0.1:$port/x"
-    case "$kind" in *_tls) url="https://127.0.0.1:$port/x" ;; esac
+    case "$kind" in *_tls | *_h2) url="https://127.0.0.1:$port/x" ;; esac
     local fields=(-H "x-api-key: $KEY")
     [ "$close" = close ] && fields+=(-H "Connection: close")
     local check; check=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$WORK/cert.pem" -H "x-api-key: $KEY" "$url")
     [ "$check" = 200 ] || { echo "$label answered $check" >&2; cat "$WORK/sut.log" >&2 || true; exit 1; }
-    taskset -c 0 wrk -t1 -c"$CONNS" -d1s "${fields[@]}" "$url" >/dev/null   # warm-up
-    local before; before=$(cpu_ticks_all "${pids[@]}")
-    local out; out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${fields[@]}" "$url")
-    local after; after=$(cpu_ticks_all "${pids[@]}")
-    local rps requests p50 p99
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    local rps requests p50 p99 before after out
+    case "$kind" in
+    *_h2)
+        local h2=(-t1 -c"$CONNS" -m10 "${fields[@]}")
+        taskset -c 0 h2load "${h2[@]}" -D 1 "$url" >/dev/null   # warm-up
+        before=$(cpu_ticks_all "${pids[@]}")
+        out=$(taskset -c 0 h2load "${h2[@]}" -D "$DURATION" "$url")
+        after=$(cpu_ticks_all "${pids[@]}")
+        grep -q ' 0 failed, 0 errored' <<<"$out" || { echo "$label: h2load saw failures" >&2; echo "$out" >&2; exit 1; }
+        rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+        requests=$(awk '/^requests:/ {print $8}' <<<"$out")
+        p50=$(awk '/^time for request:/ {print $6}' <<<"$out")
+        p99=-
+        ;;
+    *)
+        taskset -c 0 wrk -t1 -c"$CONNS" -d1s "${fields[@]}" "$url" >/dev/null   # warm-up
+        before=$(cpu_ticks_all "${pids[@]}")
+        out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${fields[@]}" "$url")
+        after=$(cpu_ticks_all "${pids[@]}")
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+        p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+        ;;
+    esac
     local cpu_us; cpu_us=$(python3 -c "print(f'{($after - $before) / $TICK * 1e6 / max($requests, 1):.1f}')")
     echo "$label $rps $p50 $p99 $cpu_us $(rss_kb "${pids[@]}")" >>"$WORK/results"
     if [ "$kind" != upstream ]; then
@@ -227,7 +247,8 @@ for n in $KEYSETS; do
     TARGETS+=("nginx-auth/$n nginx_auth $n" "haproxy-auth/$n haproxy_auth $n" "tollgate/$n tollgate $n" "tollgate-redis/$n tollgate_redis $n")
 done
 TARGETS+=("nginx-tls/$first nginx_tls $first" "tollgate-tls/$first tollgate_tls $first"
-    "nginx-tls-new/$first nginx_tls $first close" "tollgate-tls-new/$first tollgate_tls $first close")
+    "nginx-tls-new/$first nginx_tls $first close" "tollgate-tls-new/$first tollgate_tls $first close"
+    "nginx-h2/$first nginx_h2 $first" "tollgate-h2/$first tollgate_h2 $first")
 
 : >"$WORK/results"
 for rep in $(seq 1 "$REPS"); do
@@ -246,6 +267,8 @@ for line in open(sys.argv[1]):
     label, rps, p50, p99, cpu, rss = line.split()
     rows.setdefault(label, []).append((float(rps), p50, p99, float(cpu), int(rss)))
 def ms(v):
+    if v == "-":
+        return float("nan")
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
             return float(v[: -len(unit)]) * f
@@ -258,7 +281,7 @@ def med(label):
 # Each target against nginx doing the same: plain targets against nginx-auth, TLS ones against nginx
 # over TLS with the same kind of connections.
 def kind(label):
-    for k in ("-tls-new", "-tls"):
+    for k in ("-tls-new", "-tls", "-h2"):
         if label.split("/")[0].endswith(k):
             return "nginx" + k
     return "nginx-auth"

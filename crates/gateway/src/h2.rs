@@ -148,13 +148,19 @@ where
                 _ = poll_fn(|cx| conn.poll_closed(cx)) => break,
             },
         };
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            shared.metrics.connection_refused();
+            let mut respond = respond;
+            respond.send_reset(Reason::REFUSED_STREAM);
+            continue;
+        };
         let job = Stream {
             shared: shared.clone(),
             peer,
             tls: tls.clone(),
             resets: resets.clone(),
             active: active.clone(),
-            _permit: permit,
+            _held: (permit, slot),
         };
         if https {
             tokio::spawn(job.serve::<true>(request, respond));
@@ -180,7 +186,8 @@ struct Stream {
     resets: Arc<AtomicUsize>,
     /// Set when a stream ends, for the connection's idle check.
     active: Arc<AtomicBool>,
-    _permit: OwnedSemaphorePermit,
+    /// Its place among the connection's running streams, and among the gateway's slots.
+    _held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// How a stream ended early.

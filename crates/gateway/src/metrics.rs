@@ -46,7 +46,8 @@ impl Metrics {
         self.outcomes[at].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a client connection closed at once because the connection limit was reached.
+    /// Counts a client connection closed, or an HTTP/2 stream refused, at once because the
+    /// connection limit was reached.
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
@@ -87,7 +88,7 @@ impl Metrics {
         let _ = writeln!(out, "tollgate_api_keys {api_keys}");
         out.push_str("# HELP tollgate_usage_plans Usage plans with at least one key.\n# TYPE tollgate_usage_plans gauge\n");
         let _ = writeln!(out, "tollgate_usage_plans {usage_plans}");
-        out.push_str("# HELP tollgate_connections_refused_total Client connections closed at once because maxConnections were open.\n# TYPE tollgate_connections_refused_total counter\n");
+        out.push_str("# HELP tollgate_connections_refused_total Client connections closed (or HTTP/2 streams refused) at once because maxConnections were in use.\n# TYPE tollgate_connections_refused_total counter\n");
         let _ = writeln!(
             out,
             "tollgate_connections_refused_total {}",

@@ -248,6 +248,11 @@ impl Gateway {
             upstreams: UpstreamPool::new(options.max_idle_upstream),
             head_timeout: options.head_timeout,
             http2: options.http2,
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                options
+                    .max_connections
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             kept_fields,
             draining: AtomicBool::new(false),
             stop: Arc::default(),
@@ -280,11 +285,6 @@ impl Gateway {
 
         // Each connection holds a receiver until it ends: the sender sees when all have.
         let (open_tx, open_rx) = watch::channel(());
-        let slots = Arc::new(tokio::sync::Semaphore::new(
-            self.options
-                .max_connections
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
         tokio::pin!(shutdown);
         let Listeners { plain, tls } = listeners;
         loop {
@@ -304,7 +304,7 @@ impl Gateway {
             };
             // Over the limit: closed at once, so that the descriptors it would take stay
             // available to the connections being served and their upstreams.
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Ok(slot) = self.shared.slots.clone().try_acquire_owned() else {
                 self.shared.metrics.connection_refused();
                 drop(stream);
                 continue;

@@ -28,6 +28,10 @@ pub(crate) struct Shared {
     pub(crate) head_timeout: Duration,
     /// HTTP/2 to clients, when on.
     pub(crate) http2: Option<Http2Settings>,
+    /// `maxConnections`: a client connection holds one slot while open, and so does each HTTP/2
+    /// stream while it runs (it may hold an upstream connection of its own), so that the
+    /// descriptors they take stay within the budget.
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
     /// The config's `keepClientHeaders` (the config does not change while serving).
     pub(crate) kept_fields: KeptFields,
     /// Set when the gateway drains: connections finish the request in hand, then close.

@@ -299,6 +299,35 @@ async fn streams_are_bounded_per_connection() {
     assert_eq!(parts.status, 200);
     assert_eq!(client.current_max_send_streams(), 3);
 
+    // Each running stream takes one of the gateway's maxConnections slots (it may hold an upstream
+    // connection, a descriptor, of its own): with 3, the connection and two streams; the rest are
+    // refused at once, for the client to retry.
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, ca) = start(dir.path(), "maxConnections: 3").await;
+    let mut client = h2_over_tls(gw.tls.unwrap(), &ca).await;
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        let req = http::Request::get("https://api.test/prod/slow?ms=500")
+            .header("x-api-key", KEY)
+            .body(())
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        pending.push(tokio::spawn(read(resp)));
+    }
+    let mut served = 0;
+    let mut refused = 0;
+    for task in pending {
+        match task.await.unwrap() {
+            Ok((parts, _)) if parts.status == 200 => served += 1,
+            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((served, refused), (2, 3));
+    let (parts, _) = get(&mut client, "/prod/echo/after", Some(KEY)).await.unwrap();
+    assert_eq!(parts.status, 200, "the slots are given back");
+
     // Off: ALPN offers HTTP/1.1 only, and prior knowledge gets an HTTP/1 answer.
     let dir = tempfile::tempdir().unwrap();
     let (gw, _) = start(dir.path(), "http2: { enabled: false }").await;
