@@ -11,7 +11,7 @@
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
-# The last two targets do the same job over TLS 1.3.
+# The last four targets do the same job over TLS 1.3: HTTP/1.1, then HTTP/2 (h2load).
 # Note: under valgrind, SHA-256 runs its portable code (valgrind does not emulate the SHA extensions
 # the native build uses), which adds ~3.4k instructions to tollgate's count.
 set -euo pipefail
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
 done
 
 . bench/lib.sh
-require nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo openssl
+require nginx redis-server valgrind callgrind_control callgrind_annotate python3 cargo openssl h2load
 setup
 tls_cert "$WORK"
 
@@ -38,26 +38,39 @@ nginx -c "$WORK/up.conf" -p "$WORK" >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port "$UP"
 
+# drive URL N: N keyed requests over 4 keep-alive connections: HTTP/1.1 (bench/keepalive.py), or with
+# CLIENT=h2load HTTP/2 (one stream at a time on each connection, so the count is per request, as above).
+CLIENT=keepalive
+drive() {
+    if [ "$CLIENT" = h2load ]; then
+        h2load -n "$2" -c4 -m1 -H "x-api-key: $KEY" "$1" >"$WORK/h2load.out"
+        grep -q " $2 succeeded" "$WORK/h2load.out" || { cat "$WORK/h2load.out" >&2; exit 1; }
+    else
+        python3 bench/keepalive.py "$1" "$KEY" --requests "$2" --cafile "$WORK/cert.pem"
+    fi
+}
+
 # count LABEL PORT COMMAND...: runs COMMAND under callgrind and prints LABEL and instructions/request.
 # With SCHEME=https the requests go over TLS 1.3, trusting $WORK/cert.pem.
 SCHEME=http
 count() {
     local label=$1 port=$2; shift 2
+    local file=${label//[ \/]/-}
     local url="$SCHEME://127.0.0.1:$port/x"
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$@" >"$WORK/$label.log" 2>&1 &
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$@" >"$WORK/$file.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
-    python3 bench/keepalive.py "$url" "$KEY" --requests 200 --cafile "$WORK/cert.pem"
+    drive "$url" 200
     callgrind_control -z "$pid" >/dev/null 2>&1
-    python3 bench/keepalive.py "$url" "$KEY" --requests "$REQUESTS" --cafile "$WORK/cert.pem"
+    drive "$url" "$REQUESTS"
     callgrind_control -d "$pid" >/dev/null 2>&1
     local total
     total=$(callgrind_annotate "$WORK/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     kill "$pid"; wait "$pid" 2>/dev/null || true
     if [ -n "$KEEP" ]; then
         mkdir -p "$KEEP"
-        cp "$WORK/cg.$pid.1" "$KEEP/${label// /-}.callgrind"
+        cp "$WORK/cg.$pid.1" "$KEEP/$file.callgrind"
     fi
     printf '%-34s %12d\n' "$label" $((total / REQUESTS))
 }
@@ -80,12 +93,17 @@ PORT=$(free_port)
 tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate-redis.yaml"
 count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"
 
-# The same job over TLS 1.3 (one ECDSA P-256 certificate, keep-alive: record encryption, not handshakes).
+# The same job over TLS 1.3 (one ECDSA P-256 certificate, keep-alive: record encryption, not handshakes),
+# over HTTP/1.1 and then over HTTP/2 on the same listeners (ALPN h2; h2load, one stream at a time).
 SCHEME=https
-PORT=$(free_port)
-nginx_auth_config "$PORT" "$WORK/keys.map" 1000000r/s 1000000 "$WORK" "master_process off;" "$WORK" >"$WORK/nginx-tls.conf"
-count "nginx key map + limit_req, TLS 1.3" "$PORT" nginx -c "$WORK/nginx-tls.conf" -p "$WORK"
+for CLIENT in keepalive h2load; do
+    proto="TLS 1.3"
+    [ "$CLIENT" = h2load ] && proto="HTTP/2"
+    PORT=$(free_port)
+    nginx_auth_config "$PORT" "$WORK/keys.map" 1000000r/s 1000000 "$WORK" "master_process off;" "$WORK" >"$WORK/nginx-$CLIENT.conf"
+    count "nginx key map + limit_req, $proto" "$PORT" nginx -c "$WORK/nginx-$CLIENT.conf" -p "$WORK"
 
-PORT=$(free_port)
-tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-tls.db }" bench 1000000000 100000000 "$KEY" "$WORK" >"$WORK/tollgate-tls.yaml"
-count "tollgate embedded, TLS 1.3" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-tls.yaml"
+    PORT=$(free_port)
+    tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-$CLIENT.db }" bench 1000000000 100000000 "$KEY" "$WORK" >"$WORK/tollgate-$CLIENT.yaml"
+    count "tollgate embedded, $proto" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-$CLIENT.yaml"
+done

@@ -75,6 +75,19 @@ async fn h2_over_tls(
     client
 }
 
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`, and the task driving it.
+async fn h2c(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let (client, conn) = h2::client::handshake(TcpStream::connect(addr).await.unwrap())
+        .await
+        .unwrap();
+    (client, tokio::spawn(conn))
+}
+
 /// GET `path` on a stream of `client`, with `key` when given; the response head and body.
 async fn get(
     client: &mut h2::client::SendRequest<Bytes>,
@@ -325,7 +338,9 @@ async fn streams_are_bounded_per_connection() {
         }
     }
     assert_eq!((served, refused), (2, 3));
-    let (parts, _) = get(&mut client, "/prod/echo/after", Some(KEY)).await.unwrap();
+    let (parts, _) = get(&mut client, "/prod/echo/after", Some(KEY))
+        .await
+        .unwrap();
     assert_eq!(parts.status, 200, "the slots are given back");
 
     // Off: ALPN offers HTTP/1.1 only, and prior knowledge gets an HTTP/1 answer.
@@ -449,10 +464,7 @@ async fn flood(addr: SocketAddr, paced: bool) -> (u32, Option<u32>) {
 async fn rapid_reset_is_cut_off_without_stalling_other_connections() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, _) = start(dir.path(), "").await;
-    let (mut other, conn) = h2::client::handshake(TcpStream::connect(gw.addr).await.unwrap())
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut other, _) = h2c(gw.addr).await;
     let addr = gw.addr;
     // Resets that arrive with their requests are refused by h2 before any work (its pending-accept
     // limit); resets that arrive after the work has begun are counted by the gateway.
@@ -483,4 +495,35 @@ async fn rapid_reset_is_cut_off_without_stalling_other_connections() {
         text.contains("tollgate_http2_rapid_reset_total 2"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_close_and_a_drain_finishes_streams_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "headerTimeout: 1s").await;
+
+    // No stream for one to two header timeouts: the gateway says goodbye.
+    let (mut idle, idle_conn) = h2c(gw.addr).await;
+    let (parts, _) = get(&mut idle, "/prod/echo/a", Some(KEY)).await.unwrap();
+    assert_eq!(parts.status, 200);
+    tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .unwrap();
+
+    // SIGTERM with a stream in flight: it is answered, then the connection and the process end.
+    let (mut busy, _) = h2c(gw.addr).await;
+    let req = http::Request::get("http://api.test/prod/slow?ms=700")
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    busy = busy.ready().await.unwrap();
+    let (resp, _) = busy.send_request(req, true).unwrap();
+    let in_flight = tokio::spawn(read(resp));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::task::spawn_blocking(move || gw.terminate());
+    let (parts, _) = in_flight.await.unwrap().unwrap();
+    assert_eq!(parts.status, 200);
+    assert!(stopped.await.unwrap().success());
 }
