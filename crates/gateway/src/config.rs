@@ -256,3 +256,20 @@ impl Api {
         }
     }
 }
+
+/// The data plane's HTTP/2 settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// The most streams a client may have open on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        // RFC 9113 recommends no fewer than 100 (nginx: 128); a bound keeps one client's fan-out
+        // within reach of the connection limit.
+        Self {
+            max_concurrent_streams: 100,
+        }
+    }
+}

@@ -68,7 +68,7 @@ impl LazyDeadline {
 
 /// Serves one client connection until it closes, errs, idles out, or the gateway drains. Returns
 /// the connection and the bytes read from it when it opened with the HTTP/2 preface instead, for
-/// [`crate::h2`] to serve.
+/// the HTTP/2 server to take over.
 pub(crate) async fn serve<C: ClientIo>(
     shared: Arc<Shared>,
     client: C,
@@ -153,7 +153,7 @@ impl<C: ClientIo> Conn<'_, C> {
                     if first
                         && C::PRIOR_KNOWLEDGE
                         && self.shared.http2.is_some()
-                        && self.inbuf.bytes().starts_with(crate::h2::PREFACE_LINE) =>
+                        && self.inbuf.bytes().starts_with(http1::HTTP2_PREFACE_LINE) =>
                 {
                     return true;
                 }

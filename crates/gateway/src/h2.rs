@@ -33,26 +33,6 @@ use crate::rewrite::is_hop_by_hop;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
 
-/// The data plane's HTTP/2 settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Http2Settings {
-    /// The most streams a client may have open on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-    pub max_concurrent_streams: u32,
-}
-
-impl Default for Http2Settings {
-    fn default() -> Self {
-        // nginx's and Envoy's default is 100 and 2^31; 100 keeps one client's fan-out bounded.
-        Self {
-            max_concurrent_streams: 100,
-        }
-    }
-}
-
-/// The first line of the HTTP/2 connection preface (RFC 9113 §3.4): a plain connection that opens
-/// with it speaks HTTP/2 with prior knowledge.
-pub(crate) const PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
-
 /// Bytes in flight between a stream and its pipeline, each way.
 const PIPE: usize = 64 * 1024;
 

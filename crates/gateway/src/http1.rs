@@ -13,6 +13,10 @@ use http::{HeaderMap, Method, Response};
 
 /// The largest request or response head accepted (nginx: 4 buffers of 8 KiB for large headers).
 pub const MAX_HEAD: usize = 64 * 1024;
+/// The first line of the HTTP/2 connection preface (RFC 9113 §3.4): a plain connection that opens
+/// with it speaks HTTP/2 with prior knowledge.
+pub(crate) const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// The most header fields a head may have.
 const MAX_HEADERS: usize = 128;
 /// At most this many names in one `Connection` header are honoured as hop-by-hop.

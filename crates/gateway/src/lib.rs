@@ -16,7 +16,7 @@ mod admit;
 mod client;
 pub mod config;
 mod conn;
-pub mod h2;
+mod h2;
 pub mod http1;
 mod key_table;
 pub mod limits;

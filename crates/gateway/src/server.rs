@@ -19,8 +19,9 @@ use tollgate_store::report::period_usage;
 use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::config::GatewayConfig;
+use crate::config::Http2Settings;
 use crate::conn;
-use crate::h2::{self, Http2Settings, Rewind};
+use crate::h2::{self, Rewind};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
 use crate::snapshot::{Snapshot, SnapshotError};

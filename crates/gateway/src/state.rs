@@ -10,7 +10,7 @@ use tollgate_core::Clock;
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{Store, UsageDelta};
 
-use crate::h2::Http2Settings;
+use crate::config::Http2Settings;
 use crate::http1::{BodyLength, ResponseHead};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
-use tollgate_gateway::h2::Http2Settings;
+use tollgate_gateway::config::Http2Settings;
 use tollgate_gateway::tls::Certificates;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;

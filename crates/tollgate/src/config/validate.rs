@@ -15,12 +15,12 @@ use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::config::Http2Settings;
 use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{
     Api, DEFAULT_MAX_REQUEST_BODY, DEFAULT_UPSTREAM_TIMEOUT, Integration, Route, RouteMethod,
     Stage, add_preflight_routes,
 };
-use tollgate_gateway::h2::Http2Settings;
 use tollgate_gateway::rewrite::{KeptFields, STEERING_FIELDS};
 use tollgate_gateway::route::{Router, validate_template};
 use tollgate_gateway::tls::{
