@@ -153,7 +153,7 @@ impl<C: ClientIo> Conn<'_, C> {
                     if first
                         && C::PRIOR_KNOWLEDGE
                         && self.shared.http2.is_some()
-                        && self.inbuf.bytes().starts_with(http1::HTTP2_PREFACE_LINE) =>
+                        && self.inbuf.bytes().starts_with(http1::HTTP2_PREFACE_START) =>
                 {
                     return true;
                 }

@@ -13,9 +13,10 @@ use http::{HeaderMap, Method, Response};
 
 /// The largest request or response head accepted (nginx: 4 buffers of 8 KiB for large headers).
 pub const MAX_HEAD: usize = 64 * 1024;
-/// The first line of the HTTP/2 connection preface (RFC 9113 §3.4): a plain connection that opens
-/// with it speaks HTTP/2 with prior knowledge.
-pub(crate) const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// How the HTTP/2 connection preface begins (RFC 9113 §3.4): a plain connection whose first request
+/// line starts so, which the parser refuses as soon as it sees the version, speaks HTTP/2 with prior
+/// knowledge (the HTTP/2 server checks the rest of the preface).
+pub(crate) const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
 
 /// The most header fields a head may have.
 const MAX_HEADERS: usize = 128;

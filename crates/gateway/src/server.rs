@@ -18,8 +18,7 @@ use tollgate_store::limiter::{LimiterError, RedisLimiter};
 use tollgate_store::report::period_usage;
 use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
-use crate::config::GatewayConfig;
-use crate::config::Http2Settings;
+use crate::config::{GatewayConfig, Http2Settings};
 use crate::conn;
 use crate::h2::{self, Rewind};
 use crate::metrics::Metrics;

@@ -527,3 +527,50 @@ async fn idle_connections_close_and_a_drain_finishes_streams_in_flight() {
     assert_eq!(parts.status, 200);
     assert!(stopped.await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preface_split_across_reads_is_still_http2() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    // The HTTP/1 parser gives up at the version, before the preface's first line is whole.
+    s.write_all(b"PRI * HTTP/2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut rest = b".0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut rest, 4, 0, 0, &[]);
+    let block = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "api.test"),
+        (":path", "/prod/echo/split"),
+        ("x-api-key", KEY),
+    ]);
+    frame(&mut rest, 1, 0x4 | 0x1, 1, &block);
+    s.write_all(&rest).await.unwrap();
+    // The gateway's SETTINGS, then (maybe after other frames) the stream's HEADERS: `:status: 200`.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let status = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        let mut found = None;
+        while buf.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+            if buf[at + 3] == 1 && buf.len() > at + 9 {
+                found = Some(buf[at + 9]);
+                break;
+            }
+            at += 9 + len;
+        }
+        if let Some(first) = found {
+            break first;
+        }
+    };
+    assert_eq!(status, 0x88);
+}
