@@ -30,6 +30,7 @@ use crate::shared_limits::SharedLimits;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
+use crate::trace::RequestId;
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
 /// only when it fires early or must fire sooner, not once per request.
@@ -160,7 +161,8 @@ impl<C: ClientIo> Conn<'_, C> {
                 Err(err) => {
                     self.to_client.clear();
                     let resp = response::bad_request(err);
-                    http1::encode_response(&resp, false, false, &mut self.to_client);
+                    let id = RequestId::new();
+                    http1::encode_response(&resp, false, false, &id, &mut self.to_client);
                     let _ = self.client.write_all(&self.to_client).await;
                     return false;
                 }
@@ -252,6 +254,7 @@ impl<C: ClientIo> Conn<'_, C> {
         let config = snap.config();
         Exchange {
             config,
+            id: RequestId::new(),
             now: self.shared.clock.now(),
             keep_alive: head.keep_alive && !self.shared.draining.load(Ordering::Relaxed),
             head_only: head.method == Method::HEAD,
@@ -362,6 +365,7 @@ impl<C: ClientIo> Conn<'_, C> {
                     tls: tls.as_ref(),
                     timeout: *timeout,
                     body_limit: ex.config.max_request_body,
+                    id: ex.id,
                 };
                 Answer::Forward(to, extra)
             }
@@ -410,11 +414,13 @@ impl<C: ClientIo> Conn<'_, C> {
                 started.elapsed().as_micros() as u64,
             );
             match &self.tls {
-                None => tracing::info!(target: "tollgate::access", %method, %path, status,
-                    key_id, peer = %self.peer, micros),
-                Some(tls) => tracing::info!(target: "tollgate::access", %method, %path, status,
-                    key_id, peer = %self.peer, micros, tls = tls.version,
-                    client_cert = tls.client_subject.as_deref().unwrap_or("-")),
+                None => tracing::info!(target: "tollgate::access", request_id = %ex.id, %method,
+                    %path, status, key_id, peer = %self.peer, micros),
+                Some(tls) => {
+                    tracing::info!(target: "tollgate::access", request_id = %ex.id, %method,
+                    %path, status, key_id, peer = %self.peer, micros, tls = tls.version,
+                    client_cert = tls.client_subject.as_deref().unwrap_or("-"))
+                }
             }
         }
         ex.keep_alive && status != 0
@@ -430,6 +436,8 @@ impl<C: ClientIo> Conn<'_, C> {
         let out = &mut self.to_upstream;
         upstream_head(out, &ex.head.method, url, rest, query);
         out.extend_from_slice(&self.forwarded);
+        let traceparent = ex.head.traceparent.clone().map(|r| &self.inbuf.bytes()[r]);
+        ex.id.upstream_fields(traceparent, out);
         http1::framing_line(out, ex.head.body);
         out.extend_from_slice(b"\r\n");
     }
@@ -450,13 +458,19 @@ impl<C: ClientIo> Conn<'_, C> {
     /// when the request's body is not all in hand; returns its status, 0 when the client is gone.
     async fn reply_gateway(&mut self, ex: &mut Exchange<'_>, resp: &Response<Bytes>) -> u16 {
         ex.keep_alive = self.skip_body(&ex.head) && ex.keep_alive;
-        self.reply(resp, ex.head_only, ex.keep_alive).await
+        self.reply(resp, ex.head_only, ex.keep_alive, &ex.id).await
     }
 
     /// Writes a response the gateway made; returns its status, or 0 when the client is gone.
-    async fn reply(&mut self, resp: &Response<Bytes>, head_only: bool, keep_alive: bool) -> u16 {
+    async fn reply(
+        &mut self,
+        resp: &Response<Bytes>,
+        head_only: bool,
+        keep_alive: bool,
+        id: &RequestId,
+    ) -> u16 {
         self.to_client.clear();
-        http1::encode_response(resp, head_only, keep_alive, &mut self.to_client);
+        http1::encode_response(resp, head_only, keep_alive, id, &mut self.to_client);
         match self.client.write_all(&self.to_client).await {
             Ok(()) => resp.status().as_u16(),
             Err(_) => 0,
@@ -480,7 +494,7 @@ impl<C: ClientIo> Conn<'_, C> {
             Ok(n) => self.inbuf.consume(n),
             Err(e) => {
                 return (
-                    self.reply(&response::bad_request(e), head_only, false)
+                    self.reply(&response::bad_request(e), head_only, false, &to.id)
                         .await,
                     false,
                 );
@@ -511,7 +525,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 };
                 // A request body cut short leaves the client's stream mid-message.
                 let keep_alive = keep_alive && body.done();
-                let status = self.reply(&resp, head_only, keep_alive).await;
+                let status = self.reply(&resp, head_only, keep_alive, &to.id).await;
                 (status, keep_alive)
             }
         }
@@ -547,7 +561,8 @@ impl<C: ClientIo> Conn<'_, C> {
                         opened.map_err(|e| {
                             // The why (refused, a certificate that does not verify, …) is only
                             // here: the client gets AWS's 502.
-                            tracing::warn!(upstream = %to.url, error = %e, "upstream connection failed");
+                            tracing::warn!(request_id = %to.id, upstream = %to.url, error = %e,
+                                "upstream connection failed");
                             Failure::Upstream
                         })?;
                     }
@@ -592,7 +607,7 @@ impl<C: ClientIo> Conn<'_, C> {
                         &mut up_read,
                         &mut up.buf,
                         &head.method,
-                        extra,
+                        (extra, &to.id),
                         &mut self.to_client,
                     ));
                     loop {
@@ -639,7 +654,8 @@ impl<C: ClientIo> Conn<'_, C> {
                     h = async {
                         up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
                         let to_client = &mut self.to_client;
-                        read_response_head(&mut up.io, &mut up.buf, &head.method, extra, to_client)
+                        let added = (extra, &to.id);
+                        read_response_head(&mut up.io, &mut up.buf, &head.method, added, to_client)
                             .await
                     } => h,
                     () = timer.expired() => return Err(Failure::Timeout),
@@ -697,12 +713,16 @@ struct Forward<'r> {
     timeout: Duration,
     /// The most request body bytes accepted.
     body_limit: u64,
+    /// The request's id, for the answer and the logs.
+    id: RequestId,
 }
 
 /// What the phases of one exchange share.
 struct Exchange<'s> {
     head: RequestHead,
     config: &'s GatewayConfig,
+    /// The request's `x-amzn-RequestId`.
+    id: RequestId,
     /// The clock's reading admission uses.
     now: u64,
     keep_alive: bool,
@@ -766,19 +786,23 @@ fn check_body(head: &RequestHead, route: &Route, limit: u64) -> Result<(), HeadE
 struct Stale;
 
 /// Reads the upstream's response head into `buf`, skipping interim (1xx) responses; its rewrite for
-/// the client is left in `to_client`.
+/// the client, with the request's id and without the fields in `extra` (which come later), is left in
+/// `to_client`.
 async fn read_response_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut InBuf,
     method: &Method,
-    extra: &HeaderMap,
+    (extra, id): (&HeaderMap, &RequestId),
     to_client: &mut Vec<u8>,
 ) -> Result<ResponseHead, Stale> {
     loop {
         if !buf.is_empty() {
             to_client.clear();
             match rewrite::response_head(buf.bytes(), method, extra, to_client) {
-                Ok(ResponseStart::Final(head)) => return Ok(head),
+                Ok(ResponseStart::Final(head)) => {
+                    http1::request_id_line(to_client, id);
+                    return Ok(head);
+                }
                 Ok(ResponseStart::Interim(len)) => {
                     buf.consume(len);
                     continue;

@@ -32,6 +32,7 @@ use crate::response;
 use crate::rewrite::is_hop_by_hop;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
+use crate::trace::RequestId;
 
 /// Bytes in flight between a stream and its pipeline, each way.
 const PIPE: usize = 64 * 1024;
@@ -222,7 +223,8 @@ impl Stream {
                 // Answered here: the pipeline never sees a request line it could read otherwise.
                 let mut out = Vec::new();
                 let resp = response::bad_request(HeadError::Malformed(why));
-                http1::encode_response(&resp, parts.method == Method::HEAD, false, &mut out);
+                let head_only = parts.method == Method::HEAD;
+                http1::encode_response(&resp, head_only, false, &RequestId::new(), &mut out);
                 relay(&mut &out[..], &parts.method, &mut respond).await
             }
         };

@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response};
 
+use crate::trace::RequestId;
+
 /// The largest request or response head accepted (nginx: 4 buffers of 8 KiB for large headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// How the HTTP/2 connection preface begins (RFC 9113 §3.4): a plain connection whose first request
@@ -169,6 +171,8 @@ pub struct RequestHead {
     pub api_key: Option<Range<usize>>,
     /// The `Origin` value.
     pub origin: Option<Range<usize>>,
+    /// The first `traceparent` value.
+    pub traceparent: Option<Range<usize>>,
     /// How the body is delimited.
     pub body: BodyLength,
     /// Whether the client wants the connection kept open afterwards.
@@ -321,6 +325,7 @@ pub(crate) fn parse_request(
     let mut chunked = false;
     let mut api_key = None;
     let mut origin = None;
+    let mut traceparent = None;
     let mut expect_continue = false;
     let mut host = None;
     let mut hosts = 0;
@@ -343,6 +348,9 @@ pub(crate) fn parse_request(
                 api_key = Some(range_in(buf, h.value));
             }
             10 if is(name, "connection") => connection.add(h.value),
+            11 if is(name, "traceparent") => {
+                traceparent = traceparent.or(Some(range_in(buf, h.value)));
+            }
             14 if is(name, "content-length") => length = Some(content_length(h.value, length)?),
             17 if is(name, "transfer-encoding") => {
                 if http10 {
@@ -393,6 +401,7 @@ pub(crate) fn parse_request(
         query,
         api_key,
         origin,
+        traceparent,
         body,
         keep_alive,
         expect_continue,
@@ -554,12 +563,14 @@ pub(crate) fn framing_line(out: &mut Vec<u8>, body: BodyLength) {
     }
 }
 
-/// Appends a response the gateway wrote itself: status line, its headers, `Date`, the length, and
-/// `Connection: close` unless `keep_alive`; then the body (none for a `HEAD` request).
+/// Appends a response the gateway wrote itself: status line, its headers, the request's id, `Date`,
+/// the length, and `Connection: close` unless `keep_alive`; then the body (none for a `HEAD`
+/// request).
 pub fn encode_response(
     resp: &Response<Bytes>,
     head_only: bool,
     keep_alive: bool,
+    id: &RequestId,
     out: &mut Vec<u8>,
 ) {
     let status = resp.status();
@@ -569,6 +580,7 @@ pub fn encode_response(
         status.canonical_reason().unwrap_or(""),
     );
     write_header_map(out, resp.headers());
+    request_id_line(out, id);
     date_header(out);
     let _ = write!(out, "content-length: {}\r\n", resp.body().len());
     if !keep_alive {
@@ -578,6 +590,11 @@ pub fn encode_response(
     if !head_only {
         out.extend_from_slice(resp.body());
     }
+}
+
+/// Appends `x-amzn-RequestId` (AWS's spelling) with `id`.
+pub(crate) fn request_id_line(out: &mut Vec<u8>, id: &RequestId) {
+    header_line(out, b"x-amzn-RequestId", id.as_str().as_bytes());
 }
 
 /// Appends every field of `headers` as header lines.
@@ -1216,11 +1233,12 @@ mod tests {
         r.headers_mut()
             .insert("x-amzn-errortype", "ForbiddenException".parse().unwrap());
         let mut out = Vec::new();
-        encode_response(&r, false, false, &mut out);
+        let id = RequestId::new();
+        encode_response(&r, false, false, &id, &mut out);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with(
-            "HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\ndate: "
-        ));
+        assert!(text.starts_with(&format!(
+            "HTTP/1.1 403 Forbidden\r\nx-amzn-errortype: ForbiddenException\r\nx-amzn-RequestId: {id}\r\ndate: "
+        )));
         assert!(
             text.ends_with(" GMT\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"),
             "{text}"

@@ -36,6 +36,7 @@ mod state;
 #[cfg(test)]
 mod testing;
 pub mod tls;
+pub mod trace;
 
 pub use admit::{Admission, admit_locally};
 pub use config::GatewayConfig;

@@ -112,9 +112,12 @@ fn forward_request_fields(
             }
             continue;
         }
+        // The gateway's own trace fields replace the client's (see `trace`).
         if is_hop_by_hop(name)
             || is(name, "host")
             || is(name, "expect")
+            || is(name, "traceparent")
+            || is(name, "x-amzn-requestid")
             || kept.drops(name)
             || parsed.connection.names(name)
         {
@@ -156,8 +159,10 @@ fn response_fields(parsed: &ResponseFields<'_, '_>, replaced: &HeaderMap, out: &
     http1::status_line(out, parsed.head.status, parsed.reason);
     for h in parsed.fields {
         let name = h.name;
+        // The gateway answers with its own request id (AWS's gateway does too).
         if (is_hop_by_hop(name) && !is(name, "content-length"))
             || parsed.connection.names(name)
+            || is(name, "x-amzn-requestid")
             || (!replaced.is_empty() && !is(name, "vary") && replaced.contains_key(name))
         {
             continue;

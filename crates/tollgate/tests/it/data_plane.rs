@@ -403,3 +403,107 @@ async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
     .await
     .unwrap();
 }
+
+/// AWS's shape of a request id: a version-4 UUID in lower-case hex.
+fn is_request_id(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            14 => b == b'4',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
+}
+
+#[tokio::test]
+async fn every_answer_has_a_request_id_that_the_upstream_and_the_log_share() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(&format!("http://{}", up.addr), PLANS)
+        .replace("rateLimitHeaders: true", "rateLimitHeaders: true\naccessLog: true")
+        // An upstream nothing listens on, for a 502.
+        .replace(
+            "      - { path: /public,",
+            "      - { path: /down, method: GET, upstream: \"http://127.0.0.1:9\" }\n      - { path: /public,",
+        );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    let c = client();
+
+    // Proxied: the upstream gets the same id, and a traceparent starting a trace named after it.
+    // A client's own x-amzn-RequestId is not passed on.
+    let r = c
+        .send(
+            "GET",
+            &gw.url("/prod/echo/a"),
+            &[("x-api-key", KEY), ("x-amzn-requestid", "spoofed")],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-amzn-requestid").unwrap().to_string();
+    assert!(is_request_id(&id), "{id}");
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-amzn-requestid"], id.as_str());
+    let tp = h["traceparent"].as_str().unwrap();
+    assert_eq!(tp.len(), 55, "{tp}");
+    assert_eq!(&tp[3..35], id.replace('-', ""), "{tp}");
+    assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+
+    // A client's traceparent is continued: its trace and flags, the gateway as the parent.
+    let theirs = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = c
+        .send(
+            "GET",
+            &gw.url("/prod/echo/a"),
+            &[("x-api-key", KEY), ("traceparent", theirs)],
+            "",
+        )
+        .await;
+    let tp = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"),
+        "{tp}"
+    );
+    assert_ne!(&tp[36..52], "00f067aa0ba902b7");
+
+    // Refused, mocked, no route, malformed, unreachable: each answer has an id of its own.
+    let mut ids = vec![id];
+    for (status, r) in [
+        (403, c.get(&gw.url("/prod/echo/a"), None).await),
+        (200, c.get(&gw.url("/prod/health"), None).await),
+        (403, c.get(&gw.url("/prod/nowhere"), None).await),
+        (502, c.get(&gw.url("/prod/down"), None).await),
+    ] {
+        assert_eq!(r.status, status);
+        let id = r.header("x-amzn-requestid").unwrap().to_string();
+        assert!(is_request_id(&id), "{id}");
+        ids.push(id);
+    }
+    let raw = util::raw_exchange(gw.addr, b"GET /prod/health HTTP/1.1\r\n\r\n");
+    assert_eq!(util::status_of(&raw), Some(400));
+    assert!(
+        raw.to_ascii_lowercase().contains("\r\nx-amzn-requestid: "),
+        "{raw}"
+    );
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "{ids:?}");
+
+    // The access log names each one, and the log line about the unreachable upstream does too.
+    let stderr_path = gw.stderr_path.clone();
+    assert!(gw.terminate().success());
+    let logs = std::fs::read_to_string(stderr_path).unwrap();
+    for id in &ids {
+        assert!(
+            logs.contains(&format!("\"request_id\":\"{id}\"")),
+            "{id} not logged: {logs}"
+        );
+    }
+    let failed = logs
+        .lines()
+        .find(|l| l.contains("upstream connection failed"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(failed.contains(&ids[4]), "{failed}");
+}

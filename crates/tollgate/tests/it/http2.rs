@@ -236,6 +236,7 @@ async fn multiplexed_streams_are_admitted_and_counted_one_by_one() {
     let mut answers = std::collections::BTreeMap::<(Option<&str>, u16, String), usize>::new();
     for (i, (key, task)) in kinds.iter().zip(pending).enumerate() {
         let (parts, body) = task.await.unwrap().unwrap();
+        assert!(parts.headers.contains_key("x-amzn-requestid"), "{parts:?}");
         let body = String::from_utf8_lossy(&body).into_owned();
         let what = if parts.status == 200 {
             // Each stream got its own answer: the upstream saw this stream's path.
