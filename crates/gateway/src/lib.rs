@@ -12,6 +12,7 @@
 //! is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live state in
 //! `slots` that survives rebuilds; `meter` counts usage per day; `state` is what all of these share.
 
+pub mod access_log;
 mod admit;
 mod client;
 pub mod config;
