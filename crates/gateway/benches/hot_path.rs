@@ -37,7 +37,7 @@ fn config() -> GatewayConfig {
     GatewayConfig {
         account_throttle: None,
         rate_limit_headers: false,
-        access_log: false,
+        access_log: None,
         max_request_body: tollgate_gateway::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
         apis: vec![Api {

@@ -3,12 +3,18 @@
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 
 /// The format used when `accessLog: true` names none: every variable tollgate knows, as JSON.
-pub const DEFAULT_FORMAT: &str = r#"{"requestId":"$context.requestId","requestTime":"$context.requestTime","httpMethod":"$context.httpMethod","path":"$context.path","resourcePath":"$context.resourcePath","apiId":"$context.apiId","stage":"$context.stage","status":"$context.status","responseLength":"$context.responseLength","responseLatency":"$context.responseLatency","integrationLatency":"$context.integrationLatency","integrationStatus":"$context.integration.status","ip":"$context.identity.sourceIp","userAgent":"$context.identity.userAgent","apiKeyId":"$context.identity.apiKeyId","errorMessage":"$context.error.message","errorResponseType":"$context.error.responseType","protocol":"$context.protocol"}"#;
+pub const DEFAULT_FORMAT: &str = r#"{"requestId":"$context.requestId","requestTime":"$context.requestTime","httpMethod":"$context.httpMethod","path":"$context.path","resourcePath":"$context.resourcePath","apiId":"$context.apiId","stage":"$context.stage","status":"$context.status","responseLength":"$context.responseLength","responseLatency":"$context.responseLatency","integrationLatency":"$context.integrationLatency","integrationStatus":"$context.integration.status","ip":"$context.identity.sourceIp","userAgent":"$context.identity.userAgent","apiKeyId":"$context.identity.apiKeyId","errorMessage":"$context.error.message","errorResponseType":"$context.error.responseType","protocol":"$context.protocol","tlsVersion":"$context.tlsVersion","clientCert":"$context.identity.clientCert.subjectDN"}"#;
 
 /// One `$context` variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,8 @@ enum Var {
     ErrorMessageString,
     ErrorResponseType,
     Protocol,
+    TlsVersion,
+    ClientCertSubject,
 }
 
 /// The variables by their names after `$context.` (AWS's names; some have two, as AWS's do).
@@ -60,6 +68,9 @@ const VARS: &[(&str, Var)] = &[
     ("error.messageString", Var::ErrorMessageString),
     ("error.responseType", Var::ErrorResponseType),
     ("protocol", Var::Protocol),
+    // tollgate's own: the TLS version a client connection negotiated.
+    ("tlsVersion", Var::TlsVersion),
+    ("identity.clientCert.subjectDN", Var::ClientCertSubject),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +113,10 @@ pub(crate) struct Record<'a> {
     /// AWS's gateway response type (`THROTTLED`, `QUOTA_EXCEEDED`, …).
     pub error_response_type: Option<&'a str>,
     pub protocol: &'a str,
+    /// `TLSv1.2` or `TLSv1.3`, over TLS.
+    pub tls_version: Option<&'a str>,
+    /// The client certificate's subject, under mTLS.
+    pub client_cert_subject: Option<&'a str>,
 }
 
 impl LogFormat {
@@ -196,6 +211,8 @@ fn value(var: Var, r: &Record<'_>, out: &mut String) {
         },
         Var::ErrorResponseType => opt_text(out, r.error_response_type),
         Var::Protocol => escaped(out, r.protocol),
+        Var::TlsVersion => opt_text(out, r.tls_version),
+        Var::ClientCertSubject => opt_text(out, r.client_cert_subject),
     }
 }
 
@@ -255,6 +272,130 @@ fn request_time(nanos: u64, out: &mut String) {
     });
 }
 
+/// The access log's settings: the line's format, and the file it goes to (stderr without one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// The compiled format.
+    pub format: LogFormat,
+    /// The file lines are appended to; `None`: stderr.
+    pub path: Option<PathBuf>,
+}
+
+/// Lines waiting for the writer; more are dropped (and counted) rather than waited for.
+const QUEUE: usize = 16 * 1024;
+
+/// Where lines go: a bounded queue to a thread of its own that writes them, so that a slow disk or
+/// a blocked stderr never holds up a request.
+pub(crate) struct Sink {
+    lines: SyncSender<String>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl Sink {
+    /// Opens the destination (so that an unwritable file fails at startup) and starts the writer.
+    pub(crate) fn start(path: Option<PathBuf>) -> io::Result<Self> {
+        let (lines, queue) = sync_channel::<String>(QUEUE);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let out = Output::open(path)?;
+        let asked = reopen.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(out, &queue, &asked))?;
+        Ok(Self { lines, reopen })
+    }
+
+    /// Queues one line; false when the queue was full and the line was dropped.
+    pub(crate) fn send(&self, line: String) -> bool {
+        self.lines.try_send(line).is_ok()
+    }
+
+    /// Has the writer open its file again before the next line (after logrotate moved it).
+    pub(crate) fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+        // An empty line wakes an idle writer; it is not written.
+        let _ = self.lines.try_send(String::new());
+    }
+}
+
+/// The writer's destination.
+enum Output {
+    Stderr,
+    File(PathBuf, BufWriter<File>),
+}
+
+impl Output {
+    fn open(path: Option<PathBuf>) -> io::Result<Self> {
+        Ok(match path {
+            None => Output::Stderr,
+            Some(path) => {
+                let file = OpenOptions::new().create(true).append(true).open(&path)?;
+                Output::File(path, BufWriter::new(file))
+            }
+        })
+    }
+
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        match self {
+            Output::Stderr => {
+                let mut err = io::stderr().lock();
+                err.write_all(line.as_bytes())?;
+                err.write_all(b"\n")
+            }
+            Output::File(_, w) => {
+                w.write_all(line.as_bytes())?;
+                w.write_all(b"\n")
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Stderr => Ok(()),
+            Output::File(_, w) => w.flush(),
+        }
+    }
+}
+
+/// The writer thread: lines as they come, flushed whenever the queue runs dry, the file reopened
+/// when asked. It ends when the gateway drops its sink.
+fn write_lines(mut out: Output, queue: &Receiver<String>, reopen: &AtomicBool) {
+    let mut failing = false;
+    loop {
+        let line = match queue.try_recv() {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = out.flush();
+                match queue.recv() {
+                    Ok(line) => line,
+                    Err(_) => return,
+                }
+            }
+        };
+        if reopen.swap(false, Ordering::Relaxed) {
+            if let Output::File(path, w) = &mut out {
+                let _ = w.flush();
+                match OpenOptions::new().create(true).append(true).open(&*path) {
+                    Ok(file) => *w = BufWriter::new(file),
+                    Err(e) => tracing::error!(path = %path.display(), error = %e,
+                        "access log not reopened; writing on to the file open before"),
+                }
+            }
+        }
+        if line.is_empty() {
+            continue;
+        }
+        // One error line per outage, not one per request.
+        match out.write(&line) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "access log write failed; lines are lost until it works again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +421,8 @@ mod tests {
             error_message: Some("Limit Exceeded"),
             error_response_type: Some("QUOTA_EXCEEDED"),
             protocol: "HTTP/1.1",
+            tls_version: Some("TLSv1.3"),
+            client_cert_subject: Some("CN=partner"),
         }
     }
 
@@ -298,7 +441,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         let out = line(&all, &r);
-        for expected in [
+        let expected = [
             "requestId=c6af9ac6-7b61-41e6-9a41-93e8deadbeef",
             "extendedRequestId=c6af9ac6-7b61-41e6-9a41-93e8deadbeef",
             "requestTime=30/Nov/2026:06:26:49 +0000",
@@ -322,10 +465,13 @@ mod tests {
             "error.messageString=\\\"Limit Exceeded\\\"",
             "error.responseType=QUOTA_EXCEEDED",
             "protocol=HTTP/1.1",
-        ] {
+            "tlsVersion=TLSv1.3",
+            "identity.clientCert.subjectDN=CN=partner",
+        ];
+        assert_eq!(expected.len(), VARS.len(), "one expectation a variable");
+        for expected in expected {
             assert!(out.contains(expected), "{expected} missing from {out}");
         }
-        assert_eq!(out.matches('=').count(), VARS.len());
     }
 
     #[test]
@@ -338,7 +484,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["key"], "58v93i1885");
         assert_eq!(v["status"], "429");
-        assert_eq!(v["agent"], "partner \"agent\"\r\nx", "escaped, so still one JSON line");
+        assert_eq!(
+            v["agent"], "partner \"agent\"\r\nx",
+            "escaped, so still one JSON line"
+        );
         let clf = line(
             r#"$context.identity.sourceIp - - [$context.requestTime] "$context.httpMethod $context.path $context.protocol" $context.status $context.responseLength $context.requestId."#,
             &r,
@@ -349,7 +498,7 @@ mod tests {
         );
         // The default is JSON with every variable.
         let all: serde_json::Value = serde_json::from_str(&line(DEFAULT_FORMAT, &r)).unwrap();
-        assert_eq!(all.as_object().unwrap().len(), 18);
+        assert_eq!(all.as_object().unwrap().len(), 20);
         assert_eq!(all["integrationStatus"], "-");
     }
 
@@ -358,7 +507,10 @@ mod tests {
         let e = LogFormat::parse("$context.identity.apiKey").unwrap_err();
         assert!(e.contains("never logged"), "{e}");
         let e = LogFormat::parse(r#"{"x":"$context.authorizer.claims"}"#).unwrap_err();
-        assert!(e.starts_with("$context.authorizer.claims is not a variable"), "{e}");
+        assert!(
+            e.starts_with("$context.authorizer.claims is not a variable"),
+            "{e}"
+        );
         assert!(LogFormat::parse("no variables").is_err());
     }
 }

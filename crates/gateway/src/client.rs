@@ -22,6 +22,10 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// `http` or `https`: what `X-Forwarded-Proto` tells the upstream.
     const SCHEME: &'static str;
 
+    /// The protocol the client speaks, as AWS's `$context.protocol` names it (HTTP/1.0 is told by
+    /// the request).
+    const PROTOCOL: &'static str = "HTTP/1.1";
+
     /// Whether a client may open with the HTTP/2 preface, without TLS's ALPN (h2c).
     const PRIOR_KNOWLEDGE: bool = false;
 

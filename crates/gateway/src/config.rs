@@ -10,6 +10,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tollgate_core::ThrottleSettings;
 use tollgate_core::rules::ApiOutline;
 
+use crate::access_log::AccessLogConfig;
 use crate::rewrite::KeptFields;
 
 /// AWS's default integration timeout.
@@ -24,8 +25,8 @@ pub struct GatewayConfig {
     pub account_throttle: Option<ThrottleSettings>,
     /// Whether metered responses carry `RateLimit-Policy` / `RateLimit` headers.
     pub rate_limit_headers: bool,
-    /// Whether every request is logged (JSON, target `tollgate::access`).
-    pub access_log: bool,
+    /// The access log, when on: every request's line, in its format.
+    pub access_log: Option<AccessLogConfig>,
     /// The largest request body accepted, in bytes (413 beyond it).
     pub max_request_body: u64,
     /// The client fields that could steer a backend and are forwarded anyway.

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::Record;
 use crate::admit::{Admission, Local, admit};
 use crate::client::ClientIo;
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
@@ -83,7 +84,6 @@ pub(crate) async fn serve<C: ClientIo>(
     let mut conn = Conn {
         shared: &shared,
         client,
-        peer,
         peer_ip: peer.ip().to_string(),
         tls,
         inbuf: InBuf::default(),
@@ -95,6 +95,8 @@ pub(crate) async fn serve<C: ClientIo>(
         head_deadline: LazyDeadline::new(now + shared.head_timeout),
         upstream_deadline: None,
         stop,
+        upstream_answer: None,
+        failure: None,
     };
     let http2 = conn.run().await;
     if let Some(up) = conn.upstream.take() {
@@ -106,7 +108,6 @@ pub(crate) async fn serve<C: ClientIo>(
 struct Conn<'a, C> {
     shared: &'a Shared,
     client: C,
-    peer: SocketAddr,
     peer_ip: String,
     /// What the TLS handshake settled, on a TLS connection.
     tls: Option<TlsInfo>,
@@ -126,6 +127,10 @@ struct Conn<'a, C> {
     upstream_deadline: Option<LazyDeadline>,
     /// Wakes an idle connection when the gateway drains.
     stop: Pin<Box<OwnedNotified>>,
+    /// The last forwarded request's answer from the upstream: its status and declared body length.
+    upstream_answer: Option<(u16, Option<u64>)>,
+    /// Why the last forwarding failed: AWS's message and gateway response type.
+    failure: Option<(&'static str, &'static str)>,
 }
 
 /// How forwarding failed.
@@ -227,21 +232,39 @@ impl<C: ClientIo> Conn<'_, C> {
         let snap = self.shared.snapshot.load_full();
         let mut ex = self.begin(&snap, head);
         let answer = match self.route(&snap, &mut ex) {
-            Err(bad) => Answer::Respond(response::bad_request(bad)),
-            Ok(matched) => match self.admit(&snap, &ex, matched).await {
-                Ok(admission) => self.answer(&mut ex, matched, admission),
-                Err(refusal) => self.refuse(&ex, refusal),
-            },
+            Err(bad) => {
+                ex.error = Some(response::bad_request_error(bad));
+                Answer::Respond(response::bad_request(bad))
+            }
+            Ok(matched) => {
+                ex.matched = matched;
+                match self.admit(&snap, &ex, matched).await {
+                    Ok(admission) => self.answer(&mut ex, matched, admission),
+                    Err(refusal) => self.refuse(&mut ex, refusal),
+                }
+            }
         };
         // Sent from here, not from a phase of its own: the forwarding future is the largest, and
         // each async layer around it costs a copy of it per request.
         let status = match answer {
             Answer::Forward(to, extra) => {
+                let sent = ex.started.map(|_| std::time::Instant::now());
                 let (status, keep_alive) = self.forward(&ex.head, &to, &extra, ex.keep_alive).await;
                 ex.keep_alive = keep_alive;
+                if let Some(sent) = sent {
+                    ex.integration_ms = Some(sent.elapsed().as_millis() as u64);
+                    ex.error = self.failure;
+                }
                 status
             }
-            Answer::Respond(resp) => self.reply_gateway(&mut ex, &resp).await,
+            Answer::Respond(resp) => {
+                ex.response_length = Some(if ex.head_only {
+                    0
+                } else {
+                    resp.body().len() as u64
+                });
+                self.reply_gateway(&mut ex, &resp).await
+            }
         };
         if status != 0 && ex.admitted {
             self.shared.metrics.admitted(status);
@@ -258,8 +281,13 @@ impl<C: ClientIo> Conn<'_, C> {
             now: self.shared.clock.now(),
             keep_alive: head.keep_alive && !self.shared.draining.load(Ordering::Relaxed),
             head_only: head.method == Method::HEAD,
-            started: config.access_log.then(std::time::Instant::now),
+            started: config.access_log.is_some().then(std::time::Instant::now),
             log_path: None,
+            user_agent: None,
+            matched: None,
+            error: None,
+            response_length: None,
+            integration_ms: None,
             normalized: false,
             cors: None,
             origin: None,
@@ -277,6 +305,13 @@ impl<C: ClientIo> Conn<'_, C> {
         snap: &'s Snapshot,
         ex: &mut Exchange<'s>,
     ) -> Result<Option<RouteMatch>, HeadError> {
+        if ex.started.is_some() {
+            ex.user_agent = ex
+                .head
+                .user_agent
+                .clone()
+                .map(|r| String::from_utf8_lossy(&self.inbuf.bytes()[r]).into_owned());
+        }
         let raw = &self.inbuf.bytes()[ex.head.path.clone()];
         let facts = match path::normalize(raw, &mut self.path_buf) {
             Ok(Some(facts)) if facts.min_depth < snap.base_depth(raw) => Err(PathError::AboveBase),
@@ -391,8 +426,9 @@ impl<C: ClientIo> Conn<'_, C> {
     }
 
     /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
-    fn refuse<'s>(&self, ex: &Exchange<'s>, refusal: Refusal) -> Answer<'s> {
+    fn refuse<'s>(&self, ex: &mut Exchange<'s>, refusal: Refusal) -> Answer<'s> {
         self.shared.metrics.refused(&refusal);
+        ex.error = Some(response::refusal_error(&refusal));
         let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
         if let Some(cors) = ex.cors {
             response::add_cors_headers(resp.headers_mut(), cors, ex.origin.as_ref());
@@ -406,21 +442,53 @@ impl<C: ClientIo> Conn<'_, C> {
         if self.path_buf.capacity() > MAX_KEPT_PATH {
             self.path_buf = Vec::new();
         }
-        if let (Some(started), Some(path)) = (ex.started, &ex.log_path) {
-            // The key's id only: values are secrets and never logged.
-            let (method, key_id, micros) = (
-                &ex.head.method,
-                ex.key_id.unwrap_or("-"),
-                started.elapsed().as_micros() as u64,
-            );
-            match &self.tls {
-                None => tracing::info!(target: "tollgate::access", request_id = %ex.id, %method,
-                    %path, status, key_id, peer = %self.peer, micros),
-                Some(tls) => {
-                    tracing::info!(target: "tollgate::access", request_id = %ex.id, %method,
-                    %path, status, key_id, peer = %self.peer, micros, tls = tls.version,
-                    client_cert = tls.client_subject.as_deref().unwrap_or("-"))
-                }
+        if let (Some(started), Some(path), Some((log, sink))) = (
+            ex.started,
+            &ex.log_path,
+            ex.config
+                .access_log
+                .as_ref()
+                .zip(self.shared.access_log.as_ref()),
+        ) {
+            let m = ex.matched.map(|m| {
+                let api = &ex.config.apis[m.api];
+                (api, &api.stages[m.stage], &api.routes[m.route])
+            });
+            let (response_length, integration_status) = match self.upstream_answer {
+                Some((status, length)) if ex.integration_ms.is_some() => (length, Some(status)),
+                _ => (ex.response_length, None),
+            };
+            let record = Record {
+                request_id: ex.id.as_str(),
+                start_nanos: ex.now,
+                http_method: ex.head.method.as_str(),
+                resource_path: m.map(|(_, _, route)| route.path.as_str()),
+                path,
+                stage: m.map(|(_, stage, _)| stage.name.as_str()),
+                api_id: m.map(|(api, _, _)| api.id.as_str()),
+                status,
+                response_length,
+                response_latency_ms: started.elapsed().as_millis() as u64,
+                integration_latency_ms: ex.integration_ms,
+                integration_status,
+                source_ip: &self.peer_ip,
+                user_agent: ex.user_agent.as_deref(),
+                // The key's id only: values are secrets and never logged.
+                api_key_id: ex.key_id,
+                error_message: ex.error.map(|e| e.0),
+                error_response_type: ex.error.map(|e| e.1),
+                protocol: if ex.head.http10 {
+                    "HTTP/1.0"
+                } else {
+                    C::PROTOCOL
+                },
+                tls_version: self.tls.as_ref().map(|t| t.version),
+                client_cert_subject: self.tls.as_ref().and_then(|t| t.client_subject.as_deref()),
+            };
+            let mut line = String::with_capacity(512);
+            log.format.render(&record, &mut line);
+            if !sink.send(line) {
+                self.shared.metrics.access_log_dropped();
             }
         }
         ex.keep_alive && status != 0
@@ -488,11 +556,14 @@ impl<C: ClientIo> Conn<'_, C> {
         keep_alive: bool,
     ) -> (u16, bool) {
         let head_only = head.method == Method::HEAD;
+        self.upstream_answer = None;
+        self.failure = None;
         self.inbuf.consume(head.len);
         let mut body = BodyProgress::with_limit(head.body, to.body_limit);
         match body.take(self.inbuf.bytes(), Some(&mut self.to_upstream)) {
             Ok(n) => self.inbuf.consume(n),
             Err(e) => {
+                self.failure = Some(response::bad_request_error(e));
                 return (
                     self.reply(&response::bad_request(e), head_only, false, &to.id)
                         .await,
@@ -516,13 +587,18 @@ impl<C: ClientIo> Conn<'_, C> {
             }
             Err(failure) => {
                 self.upstream = None;
-                let resp = match failure {
-                    Failure::Timeout => response::upstream_failure(UpstreamFailure::Timeout),
-                    Failure::Body(e) => response::bad_request(e),
-                    Failure::Upstream | Failure::Client => {
-                        response::upstream_failure(UpstreamFailure::Unreachable)
-                    }
+                let (resp, error) = match failure {
+                    Failure::Body(e) => (response::bad_request(e), response::bad_request_error(e)),
+                    Failure::Timeout => (
+                        response::upstream_failure(UpstreamFailure::Timeout),
+                        response::upstream_failure_error(UpstreamFailure::Timeout),
+                    ),
+                    Failure::Upstream | Failure::Client => (
+                        response::upstream_failure(UpstreamFailure::Unreachable),
+                        response::upstream_failure_error(UpstreamFailure::Unreachable),
+                    ),
                 };
+                self.failure = Some(error);
                 // A request body cut short leaves the client's stream mid-message.
                 let keep_alive = keep_alive && body.done();
                 let status = self.reply(&resp, head_only, keep_alive, &to.id).await;
@@ -679,7 +755,15 @@ impl<C: ClientIo> Conn<'_, C> {
                 }
             };
             let (resp_head, early, keep_alive, relayed) = match answered {
-                Ok(done) => done,
+                Ok(done) => {
+                    let length = match done.0.body {
+                        BodyLength::Empty => Some(0),
+                        BodyLength::Length(n) => Some(n),
+                        BodyLength::Chunked | BodyLength::UntilClose => None,
+                    };
+                    self.upstream_answer = Some((done.0.status, length));
+                    done
+                }
                 Err(()) if retryable => {
                     fresh = true;
                     continue;
@@ -730,6 +814,16 @@ struct Exchange<'s> {
     /// When the access log is on: when the exchange started, and the path it logs.
     started: Option<std::time::Instant>,
     log_path: Option<String>,
+    /// The client's `User-Agent`, when the access log is on.
+    user_agent: Option<String>,
+    /// The route it matched.
+    matched: Option<RouteMatch>,
+    /// Why it was refused or failed: AWS's message and gateway response type.
+    error: Option<(&'static str, &'static str)>,
+    /// The body length of an answer the gateway wrote.
+    response_length: Option<u64>,
+    /// How long forwarding took, when the access log is on.
+    integration_ms: Option<u64>,
     /// Whether the path routed and forwarded is the normalised one in `path_buf` (else the
     /// client's own).
     normalized: bool,

@@ -496,6 +496,7 @@ impl<const HTTPS: bool> ClientIo for Bridge<HTTPS> {
     type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
     type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
     const SCHEME: &'static str = if HTTPS { "https" } else { "http" };
+    const PROTOCOL: &'static str = "HTTP/2.0";
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         tokio::io::split(self)

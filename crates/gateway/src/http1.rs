@@ -173,6 +173,10 @@ pub struct RequestHead {
     pub origin: Option<Range<usize>>,
     /// The first `traceparent` value.
     pub traceparent: Option<Range<usize>>,
+    /// The first `User-Agent` value.
+    pub user_agent: Option<Range<usize>>,
+    /// An HTTP/1.0 request.
+    pub http10: bool,
     /// How the body is delimited.
     pub body: BodyLength,
     /// Whether the client wants the connection kept open afterwards.
@@ -326,6 +330,7 @@ pub(crate) fn parse_request(
     let mut api_key = None;
     let mut origin = None;
     let mut traceparent = None;
+    let mut user_agent = None;
     let mut expect_continue = false;
     let mut host = None;
     let mut hosts = 0;
@@ -348,6 +353,9 @@ pub(crate) fn parse_request(
                 api_key = Some(range_in(buf, h.value));
             }
             10 if is(name, "connection") => connection.add(h.value),
+            10 if is(name, "user-agent") => {
+                user_agent = user_agent.or(Some(range_in(buf, h.value)));
+            }
             11 if is(name, "traceparent") => {
                 traceparent = traceparent.or(Some(range_in(buf, h.value)));
             }
@@ -402,6 +410,8 @@ pub(crate) fn parse_request(
         api_key,
         origin,
         traceparent,
+        user_agent,
+        http10,
         body,
         keep_alive,
         expect_continue,

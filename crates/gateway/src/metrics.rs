@@ -25,6 +25,7 @@ pub struct Metrics {
     connections_refused: AtomicU64,
     handshakes_failed: AtomicU64,
     rapid_resets: AtomicU64,
+    access_log_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -60,6 +61,11 @@ impl Metrics {
     /// Counts an HTTP/2 connection cut off for resetting most of its streams.
     pub fn http2_rapid_reset(&self) {
         self.rapid_resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an access-log line dropped because the writer was that far behind.
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed call to the shared store.
@@ -105,6 +111,12 @@ impl Metrics {
             out,
             "tollgate_http2_rapid_reset_total {}",
             self.rapid_resets.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP tollgate_access_log_dropped_total Access-log lines dropped because the writer could not keep up.\n# TYPE tollgate_access_log_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_access_log_dropped_total {}",
+            self.access_log_dropped.load(Ordering::Relaxed)
         );
         if let Some(degraded) = store_degraded {
             out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");

@@ -150,6 +150,37 @@ pub fn upstream_failure(failure: UpstreamFailure) -> Response<Bytes> {
     }
 }
 
+/// AWS's `$context.error.message` and `$context.error.responseType` (its gateway response types)
+/// for a refusal.
+pub fn refusal_error(refusal: &Refusal) -> (&'static str, &'static str) {
+    match refusal {
+        Refusal::MissingAuthenticationToken => (
+            "Missing Authentication Token",
+            "MISSING_AUTHENTICATION_TOKEN",
+        ),
+        Refusal::Forbidden => ("Forbidden", "INVALID_API_KEY"),
+        Refusal::TooManyRequests { .. } => ("Too Many Requests", "THROTTLED"),
+        Refusal::LimitExceeded { .. } => ("Limit Exceeded", "QUOTA_EXCEEDED"),
+        Refusal::ServiceUnavailable => ("Service Unavailable", "DEFAULT_5XX"),
+    }
+}
+
+/// The same for a request that could not be accepted as sent ([`bad_request`]).
+pub fn bad_request_error(err: HeadError) -> (&'static str, &'static str) {
+    match err {
+        HeadError::BodyTooLarge => (err.message(), "REQUEST_TOO_LARGE"),
+        other => (other.message(), "DEFAULT_4XX"),
+    }
+}
+
+/// The same for an upstream that failed ([`upstream_failure`]).
+pub fn upstream_failure_error(failure: UpstreamFailure) -> (&'static str, &'static str) {
+    match failure {
+        UpstreamFailure::Unreachable => ("Internal server error", "INTEGRATION_FAILURE"),
+        UpstreamFailure::Timeout => ("Endpoint request timed out", "INTEGRATION_TIMEOUT"),
+    }
+}
+
 /// The CORS preflight answer: 200, empty, with the allowed origin, methods and headers.
 pub fn preflight(
     cors: Option<&Cors>,

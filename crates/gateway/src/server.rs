@@ -18,6 +18,7 @@ use tollgate_store::limiter::{LimiterError, RedisLimiter};
 use tollgate_store::report::period_usage;
 use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
+use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
 use crate::conn;
 use crate::h2::{self, Rewind};
@@ -140,6 +141,9 @@ pub enum GatewayError {
     /// The shared limiter could not be asked.
     #[error(transparent)]
     Limiter(#[from] LimiterError),
+    /// The access log's file could not be opened.
+    #[error("accessLog.path {0}: {1}")]
+    AccessLog(String, std::io::Error),
 }
 
 /// A gateway ready to serve.
@@ -210,6 +214,13 @@ impl GatewayHandle {
         }
     }
 
+    /// Has the access log's file opened again (`SIGUSR1`, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        if let Some(sink) = &self.shared.access_log {
+            sink.reopen();
+        }
+    }
+
     /// The Prometheus text exposition of the data plane's counters.
     pub fn metrics_text(&self) -> String {
         let snap = self.snapshot();
@@ -239,6 +250,16 @@ impl Gateway {
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records.plans, today)?;
         let kept_fields = config.kept_fields;
+        let access_log = match &config.access_log {
+            Some(log) => Some(Sink::start(log.path.clone()).map_err(|e| {
+                let path = log
+                    .path
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("stderr"));
+                GatewayError::AccessLog(path.display().to_string(), e)
+            })?),
+            None => None,
+        };
         let snapshot = Snapshot::build(config, records, &used, today)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -257,6 +278,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             stop: Arc::default(),
             store,
+            access_log,
             unflushed: tokio::sync::Mutex::new(Vec::new()),
         });
         Ok(Self { shared, options })

@@ -10,6 +10,7 @@ use tollgate_core::Clock;
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{Store, UsageDelta};
 
+use crate::access_log::Sink;
 use crate::config::Http2Settings;
 use crate::http1::{BodyLength, ResponseHead};
 use crate::metrics::Metrics;
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     /// Wakes idle connections when draining starts.
     pub(crate) stop: Arc<tokio::sync::Notify>,
     pub(crate) store: Arc<dyn Store>,
+    /// Where access-log lines go, when the access log is on.
+    pub(crate) access_log: Option<Sink>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
     /// blocking write, never on the request path.
     pub(crate) unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,

@@ -52,7 +52,7 @@ pub(crate) fn config(
     GatewayConfig {
         account_throttle: account,
         rate_limit_headers: true,
-        access_log: false,
+        access_log: None,
         max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
         apis: vec![Api {

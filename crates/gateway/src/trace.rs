@@ -8,7 +8,9 @@ use std::hash::{BuildHasher as _, Hasher as _};
 /// the gateway starts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RequestId {
-    bits: [u64; 2],
+    /// The 128 bits in hex: the trace id of a trace the gateway starts.
+    hex: [u8; 32],
+    /// The UUID form.
     text: [u8; 36],
 }
 
@@ -43,13 +45,12 @@ fn fresh() -> [u64; 2] {
     })
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_into(out: &mut [u8], mut v: u64) {
-    for b in out.iter_mut().rev() {
-        *b = HEX[(v & 0xf) as usize];
-        v >>= 4;
-    }
+/// `v` as 16 lower-case hex digits.
+fn hex16(v: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    // Infallible: 8 bytes take exactly 16 digits.
+    let _ = hex::encode_to_slice(v.to_be_bytes(), &mut out);
+    out
 }
 
 impl RequestId {
@@ -59,16 +60,16 @@ impl RequestId {
         // Version 4, variant 10: the shape of AWS's ids.
         hi = (hi & !0xf000) | 0x4000;
         lo = (lo & !(0b11 << 62)) | (0b10 << 62);
+        let mut hex = [0u8; 32];
+        hex[..16].copy_from_slice(&hex16(hi));
+        hex[16..].copy_from_slice(&hex16(lo));
         let mut text = [b'-'; 36];
-        hex_into(&mut text[0..8], hi >> 32);
-        hex_into(&mut text[9..13], (hi >> 16) & 0xffff);
-        hex_into(&mut text[14..18], hi & 0xffff);
-        hex_into(&mut text[19..23], lo >> 48);
-        hex_into(&mut text[24..36], lo & 0xffff_ffff_ffff);
-        Self {
-            bits: [hi, lo],
-            text,
-        }
+        text[0..8].copy_from_slice(&hex[0..8]);
+        text[9..13].copy_from_slice(&hex[8..12]);
+        text[14..18].copy_from_slice(&hex[12..16]);
+        text[19..23].copy_from_slice(&hex[16..20]);
+        text[24..36].copy_from_slice(&hex[20..32]);
+        Self { hex, text }
     }
 
     /// The id as AWS shows it: `xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`.
@@ -84,8 +85,7 @@ impl RequestId {
         out.extend_from_slice(b"x-amzn-requestid: ");
         out.extend_from_slice(&self.text);
         out.extend_from_slice(b"\r\ntraceparent: 00-");
-        let mut span = [0u8; 16];
-        hex_into(&mut span, fresh()[0] | 1);
+        let span = hex16(fresh()[0] | 1);
         match client_traceparent.and_then(parse_traceparent) {
             Some((trace, flags)) => {
                 out.extend_from_slice(trace);
@@ -95,10 +95,7 @@ impl RequestId {
                 out.extend_from_slice(flags);
             }
             None => {
-                let mut trace = [0u8; 32];
-                hex_into(&mut trace[..16], self.bits[0]);
-                hex_into(&mut trace[16..], self.bits[1]);
-                out.extend_from_slice(&trace);
+                out.extend_from_slice(&self.hex);
                 out.push(b'-');
                 out.extend_from_slice(&span);
                 // Not sampled: the gateway records no spans of its own.

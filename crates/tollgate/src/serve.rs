@@ -146,6 +146,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    // SIGUSR1 reopens the access log's file, as logrotate's postrotate expects.
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("listening for SIGUSR1")?;
+    let handle = gateway.handle();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            handle.reopen_access_log();
+        }
+    });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

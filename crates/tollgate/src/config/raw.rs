@@ -78,8 +78,8 @@ pub struct RawConfig {
     pub key_value_storage: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub rate_limit_headers: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub access_log: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<Spanned<RawAccessLog>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<Spanned<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +107,24 @@ pub struct RawTls {
     pub min_version: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+/// `accessLog:`: `true` (the default format, on stderr), or a format and a file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawAccessLog {
+    On(bool),
+    Settings(RawAccessLogSettings),
+}
+
+/// `accessLog: { format, path }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAccessLogSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<EnvString>,
 }
 
 /// `http2:`, HTTP/2 to clients (on unless `enabled: false`).

@@ -15,6 +15,7 @@ use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::access_log::{AccessLogConfig, DEFAULT_FORMAT, LogFormat};
 use tollgate_gateway::config::Http2Settings;
 use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{
@@ -31,8 +32,8 @@ use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{
-    EnvString, RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute, RawSize,
-    RawStore, RawThrottle, RawTls, RawUpstreamTls, RawUrls,
+    EnvString, RawAccessLog, RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute,
+    RawSize, RawStore, RawThrottle, RawTls, RawUpstreamTls, RawUrls,
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
@@ -436,6 +437,22 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
     };
 
+    let access_log = match &raw.access_log {
+        None => None,
+        Some(a) => match &a.value {
+            RawAccessLog::On(false) => None,
+            RawAccessLog::On(true) => Some(AccessLogConfig {
+                format: LogFormat::parse(DEFAULT_FORMAT)
+                    .map_err(|e| ConfigError::at(cx.file, a.referenced, "accessLog", e))?,
+                path: None,
+            }),
+            RawAccessLog::Settings(settings) => Some(AccessLogConfig {
+                format: LogFormat::parse(settings.format.as_deref().unwrap_or(DEFAULT_FORMAT))
+                    .map_err(|e| ConfigError::at(cx.file, a.referenced, "accessLog.format", e))?,
+                path: settings.path.as_ref().map(|p| PathBuf::from(&p.0)),
+            }),
+        },
+    };
     let max_connections = match &raw.max_connections {
         None => None,
         Some(n) if n.value == 0 => {
@@ -483,7 +500,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         gateway: GatewayConfig {
             account_throttle,
             rate_limit_headers: raw.rate_limit_headers,
-            access_log: raw.access_log,
+            access_log,
             max_request_body,
             kept_fields,
             apis,

@@ -305,7 +305,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         }),
         key_value_storage: None,
         rate_limit_headers: false,
-        access_log: false,
+        access_log: None,
         max_connections: None,
         header_timeout: None,
         max_request_body_size: None,

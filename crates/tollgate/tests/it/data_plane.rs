@@ -260,10 +260,10 @@ async fn key_values_never_reach_the_logs() {
     assert!(gw.terminate().success());
     let logs = std::fs::read_to_string(stderr_path).unwrap();
     assert!(
-        logs.contains("tollgate::access"),
+        logs.contains("\"requestId\":"),
         "access log missing: {logs}"
     );
-    assert!(logs.contains("\"status\":403"));
+    assert!(logs.contains("\"status\":\"403\""));
     assert!(!logs.contains(KEY), "a key value was logged");
     assert!(
         !logs.contains("wrongKeyValue0123456789abcdef"),
@@ -497,7 +497,7 @@ async fn every_answer_has_a_request_id_that_the_upstream_and_the_log_share() {
     let logs = std::fs::read_to_string(stderr_path).unwrap();
     for id in &ids {
         assert!(
-            logs.contains(&format!("\"request_id\":\"{id}\"")),
+            logs.contains(&format!("\"requestId\":\"{id}\"")),
             "{id} not logged: {logs}"
         );
     }
@@ -506,4 +506,113 @@ async fn every_answer_has_a_request_id_that_the_upstream_and_the_log_share() {
         .find(|l| l.contains("upstream connection failed"))
         .unwrap_or_else(|| panic!("{logs}"));
     assert!(failed.contains(&ids[4]), "{failed}");
+}
+
+/// Waits until `path` holds `n` lines; returns them.
+async fn lines_of(path: &std::path::Path, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} does not hold {n} lines: {:?}",
+        path.display(),
+        std::fs::read_to_string(path)
+    );
+}
+
+#[tokio::test]
+async fn the_access_log_takes_aws_context_variables_and_reopens_on_sigusr1() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let format = r#"$context.identity.sourceIp - $context.identity.apiKeyId [$context.requestTime] "$context.httpMethod $context.path $context.protocol" $context.status $context.responseLength $context.requestId $context.apiId/$context.stage $context.resourcePath ua=$context.identity.userAgent err=$context.error.responseType:$context.error.messageString int=$context.integration.status"#;
+    let yaml = util::config(&format!("http://{}", up.addr), PLANS).replace(
+        "rateLimitHeaders: true",
+        &format!("rateLimitHeaders: true\naccessLog:\n  format: '{format}'\n  path: access.log"),
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    let c = client();
+    let tiny = "tinyKeyValue0123456789abcdef";
+    let ua = [("user-agent", "partner \"batch\" 1.0")];
+    let ok = c
+        .send(
+            "GET",
+            &gw.url("/prod/echo/a?x=1"),
+            &[("x-api-key", tiny), ua[0]],
+            "",
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    for _ in 0..2 {
+        assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(tiny)).await.status, 200);
+    }
+    assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(tiny)).await.status, 429);
+    assert_eq!(c.get(&gw.url("/prod/echo/a"), None).await.status, 403);
+    assert_eq!(c.get(&gw.url("/prod/health"), None).await.status, 200);
+
+    let log = dir.path().join("access.log");
+    let lines = lines_of(&log, 6).await;
+    let id = ok.header("x-amzn-requestid").unwrap();
+    let first = &lines[0];
+    assert!(first.starts_with("127.0.0.1 - "), "{first}");
+    assert!(
+        first.contains(&format!(
+            "\"GET /prod/echo/a HTTP/1.1\" 200 {} {id} warranty/prod /echo/{{rest+}} ua=partner \\\"batch\\\" 1.0 err=-:- int=200",
+            ok.body.len()
+        )),
+        "{first}"
+    );
+    assert!(!first.contains(tiny), "no key values: {first}");
+    assert!(
+        lines[3].contains("\" 429 28 ")
+            && lines[3].contains("err=QUOTA_EXCEEDED:\\\"Limit Exceeded\\\" int=-"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].contains(" - - [") && lines[4].contains("err=INVALID_API_KEY:\\\"Forbidden\\\""),
+        "{}",
+        lines[4]
+    );
+    assert!(
+        lines[5].contains("/health ") && lines[5].contains("int=-"),
+        "{}",
+        lines[5]
+    );
+
+    // logrotate: the file is moved, SIGUSR1, and new lines go to a new file.
+    std::fs::rename(&log, dir.path().join("access.log.1")).unwrap();
+    util::signal(&gw.child, "USR1");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(c.get(&gw.url("/prod/health"), None).await.status, 200);
+    let fresh = lines_of(&log, 1).await;
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("access.log.1"))
+            .unwrap()
+            .lines()
+            .count(),
+        6
+    );
+
+    // A key value cannot be asked for; an unknown variable is named, with where it was written.
+    let bad = yaml.replace("$context.identity.apiKeyId", "$context.identity.apiKey");
+    util::write_config(dir.path(), &bad);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("tollgate.yaml"))
+        .env("CENTRAL_KEY", KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("accessLog.format") && err.contains("never logged"),
+        "{err}"
+    );
 }

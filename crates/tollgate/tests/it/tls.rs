@@ -401,7 +401,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        gw.stderr().contains("\"tls\":\"TLSv1.3\""),
+        gw.stderr().contains("\"tlsVersion\":\"TLSv1.3\""),
         "{}",
         gw.stderr()
     );
