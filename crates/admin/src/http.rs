@@ -228,7 +228,9 @@ async fn metrics(State(admin): Shared) -> Response {
     let mut resp = (StatusCode::OK, admin.metrics_text()).into_response();
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
     );
     resp
 }

@@ -229,6 +229,8 @@ impl<C: ClientIo> Conn<'_, C> {
     /// throttles, quota, meter), answer (what to send: the upstream's answer, a mock, a preflight or
     /// a refusal), send, log.
     async fn exchange(&mut self, head: RequestHead) -> bool {
+        let shared = self.shared;
+        let _in_flight = shared.metrics.request_started();
         let snap = self.shared.snapshot.load_full();
         let mut ex = self.begin(&snap, head);
         let answer = match self.route(&snap, &mut ex) {

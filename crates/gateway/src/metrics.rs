@@ -1,12 +1,19 @@
-//! Counters of what the data plane decided, and the Prometheus text rendering of them. A handful of
-//! atomics on the request path; no labels carry key values (nor key ids: cardinality).
+//! The data plane's metrics and their exposition, with the `prometheus-client` crate. The request
+//! path holds handles resolved once (a labelled counter is looked up when the gateway starts, not
+//! per request), so counting costs an atomic add. No label carries a key value or key id
+//! (cardinality, and secrets).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
 use crate::limits::Refusal;
 
-/// Outcomes counted, in rendering order.
+/// Outcomes counted, in the order of [`Metrics::outcomes`].
 const OUTCOMES: [&str; 7] = [
     "admitted",
     "no_route",
@@ -17,22 +24,128 @@ const OUTCOMES: [&str; 7] = [
     "upstream_error",
 ];
 
-/// Request counters by outcome, plus cluster-mode store failures.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+/// The data plane's counters and gauges.
+#[derive(Debug)]
 pub struct Metrics {
-    outcomes: [AtomicU64; 7],
-    store_failures: AtomicU64,
-    connections_refused: AtomicU64,
-    handshakes_failed: AtomicU64,
-    rapid_resets: AtomicU64,
-    access_log_dropped: AtomicU64,
+    registry: Registry,
+    outcomes: [Counter; 7],
+    connections_refused: Counter,
+    handshakes_failed: Counter,
+    rapid_resets: Counter,
+    access_log_dropped: Counter,
+    open_connections: Gauge,
+    in_flight: Gauge,
+    api_keys: Gauge,
+    usage_plans: Gauge,
+    /// Cluster mode only: Redis's state.
+    store: Option<(Gauge, Counter)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(false)
+    }
 }
 
 impl Metrics {
+    /// The metrics of a gateway; `cluster`: it decides limits in Redis, whose state is shown too.
+    pub fn new(cluster: bool) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Outcome, Counter>::default();
+        registry.register(
+            "tollgate_requests",
+            "Requests by what the gateway decided",
+            requests.clone(),
+        );
+        let outcomes = OUTCOMES.map(|outcome| requests.get_or_create(&Outcome { outcome }).clone());
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let connections_refused = counter(
+            &mut registry,
+            "tollgate_connections_refused",
+            "Client connections closed (or HTTP/2 streams refused) at once because maxConnections were in use",
+        );
+        let handshakes_failed = counter(
+            &mut registry,
+            "tollgate_tls_handshakes_failed",
+            "TLS handshakes that failed or timed out",
+        );
+        let rapid_resets = counter(
+            &mut registry,
+            "tollgate_http2_rapid_reset",
+            "HTTP/2 connections closed with ENHANCE_YOUR_CALM for cancelling most of their streams (CVE-2023-44487)",
+        );
+        let access_log_dropped = counter(
+            &mut registry,
+            "tollgate_access_log_dropped",
+            "Access-log lines dropped because the writer could not keep up",
+        );
+        let open_connections = gauge(
+            &mut registry,
+            "tollgate_open_connections",
+            "Client connections open on the data plane",
+        );
+        let in_flight = gauge(
+            &mut registry,
+            "tollgate_requests_in_flight",
+            "Requests (HTTP/2 streams included) being answered",
+        );
+        let api_keys = gauge(&mut registry, "tollgate_api_keys", "API keys served");
+        let usage_plans = gauge(
+            &mut registry,
+            "tollgate_usage_plans",
+            "Usage plans with at least one key",
+        );
+        let store = cluster.then(|| {
+            let degraded = gauge(
+                &mut registry,
+                "tollgate_store_degraded",
+                "1 while Redis is unavailable and onStoreFailure applies",
+            );
+            let failures = counter(
+                &mut registry,
+                "tollgate_store_failures",
+                "Calls to Redis that failed or timed out",
+            );
+            (degraded, failures)
+        });
+        registry.register(
+            "tollgate_build",
+            "The running build",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self {
+            registry,
+            outcomes,
+            connections_refused,
+            handshakes_failed,
+            rapid_resets,
+            access_log_dropped,
+            open_connections,
+            in_flight,
+            api_keys,
+            usage_plans,
+            store,
+        }
+    }
+
     /// Counts an admitted request whose answer had `status`.
     pub fn admitted(&self, status: u16) {
         let at = if status == 502 || status == 504 { 6 } else { 0 };
-        self.outcomes[at].fetch_add(1, Ordering::Relaxed);
+        self.outcomes[at].inc();
     }
 
     /// Counts a refusal.
@@ -44,94 +157,79 @@ impl Metrics {
             Refusal::LimitExceeded { .. } => 4,
             Refusal::ServiceUnavailable => 5,
         };
-        self.outcomes[at].fetch_add(1, Ordering::Relaxed);
+        self.outcomes[at].inc();
     }
 
     /// Counts a client connection closed, or an HTTP/2 stream refused, at once because the
     /// connection limit was reached.
     pub fn connection_refused(&self) {
-        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+        self.connections_refused.inc();
     }
 
     /// Counts a TLS handshake that failed or timed out.
     pub fn handshake_failed(&self) {
-        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_failed.inc();
     }
 
     /// Counts an HTTP/2 connection cut off for resetting most of its streams.
     pub fn http2_rapid_reset(&self) {
-        self.rapid_resets.fetch_add(1, Ordering::Relaxed);
+        self.rapid_resets.inc();
     }
 
     /// Counts an access-log line dropped because the writer was that far behind.
     pub fn access_log_dropped(&self) {
-        self.access_log_dropped.fetch_add(1, Ordering::Relaxed);
+        self.access_log_dropped.inc();
     }
 
     /// Counts a failed call to the shared store.
     pub fn store_failed(&self) {
-        self.store_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, failures)) = &self.store {
+            failures.inc();
+        }
     }
 
-    /// The Prometheus text exposition of these counters and the given gauges.
+    /// A client connection is open until the guard is dropped.
+    pub(crate) fn connection_opened(&self) -> GaugeGuard<'_> {
+        GaugeGuard::new(&self.open_connections)
+    }
+
+    /// A request is being answered until the guard is dropped.
+    pub(crate) fn request_started(&self) -> GaugeGuard<'_> {
+        GaugeGuard::new(&self.in_flight)
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition, with the given gauges.
     pub fn render(
         &self,
         store_degraded: Option<bool>,
         api_keys: usize,
         usage_plans: usize,
     ) -> String {
+        self.api_keys.set(api_keys as i64);
+        self.usage_plans.set(usage_plans as i64);
+        if let (Some((gauge, _)), Some(degraded)) = (&self.store, store_degraded) {
+            gauge.set(i64::from(degraded));
+        }
         let mut out = String::new();
-        out.push_str("# HELP tollgate_requests_total Requests by what the gateway decided.\n");
-        out.push_str("# TYPE tollgate_requests_total counter\n");
-        for (name, n) in OUTCOMES.iter().zip(&self.outcomes) {
-            let _ = writeln!(
-                out,
-                "tollgate_requests_total{{outcome=\"{name}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP tollgate_api_keys API keys served.\n# TYPE tollgate_api_keys gauge\n");
-        let _ = writeln!(out, "tollgate_api_keys {api_keys}");
-        out.push_str("# HELP tollgate_usage_plans Usage plans with at least one key.\n# TYPE tollgate_usage_plans gauge\n");
-        let _ = writeln!(out, "tollgate_usage_plans {usage_plans}");
-        out.push_str("# HELP tollgate_connections_refused_total Client connections closed (or HTTP/2 streams refused) at once because maxConnections were in use.\n# TYPE tollgate_connections_refused_total counter\n");
-        let _ = writeln!(
-            out,
-            "tollgate_connections_refused_total {}",
-            self.connections_refused.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP tollgate_tls_handshakes_failed_total TLS handshakes that failed or timed out.\n# TYPE tollgate_tls_handshakes_failed_total counter\n");
-        let _ = writeln!(
-            out,
-            "tollgate_tls_handshakes_failed_total {}",
-            self.handshakes_failed.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP tollgate_http2_rapid_reset_total HTTP/2 connections closed with ENHANCE_YOUR_CALM for cancelling most of their streams (CVE-2023-44487).\n# TYPE tollgate_http2_rapid_reset_total counter\n");
-        let _ = writeln!(
-            out,
-            "tollgate_http2_rapid_reset_total {}",
-            self.rapid_resets.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP tollgate_access_log_dropped_total Access-log lines dropped because the writer could not keep up.\n# TYPE tollgate_access_log_dropped_total counter\n");
-        let _ = writeln!(
-            out,
-            "tollgate_access_log_dropped_total {}",
-            self.access_log_dropped.load(Ordering::Relaxed)
-        );
-        if let Some(degraded) = store_degraded {
-            out.push_str("# HELP tollgate_store_degraded 1 while Redis is unavailable and onStoreFailure applies.\n");
-            out.push_str("# TYPE tollgate_store_degraded gauge\n");
-            let _ = writeln!(out, "tollgate_store_degraded {}", u8::from(degraded));
-            out.push_str(
-                "# HELP tollgate_store_failures_total Calls to Redis that failed or timed out.\n",
-            );
-            out.push_str("# TYPE tollgate_store_failures_total counter\n");
-            let _ = writeln!(
-                out,
-                "tollgate_store_failures_total {}",
-                self.store_failures.load(Ordering::Relaxed)
-            );
-        }
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Holds one unit of a gauge: added when made, taken back when dropped (also when the future
+/// holding it is cancelled).
+pub(crate) struct GaugeGuard<'a>(&'a Gauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

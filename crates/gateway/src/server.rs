@@ -250,6 +250,7 @@ impl Gateway {
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records.plans, today)?;
         let kept_fields = config.kept_fields;
+        let metrics = Metrics::new(limiter.is_some());
         let access_log = match &config.access_log {
             Some(log) => Some(Sink::start(log.path.clone()).map_err(|e| {
                 let path = log
@@ -264,7 +265,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             limiter,
-            metrics: Metrics::default(),
+            metrics,
             clock,
             upstreams: UpstreamPool::new(options.max_idle_upstream),
             head_timeout: options.head_timeout,
@@ -381,10 +382,11 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 
 /// Serves a plain connection: HTTP/1.1, or HTTP/2 when it opens with the preface.
 async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
+    let open = shared.metrics.connection_opened();
     if let Some((stream, read)) = conn::serve(shared.clone(), stream, peer, None).await {
-        h2::serve(shared, Rewind::new(read, stream), peer, None).await;
+        h2::serve(shared.clone(), Rewind::new(read, stream), peer, None).await;
     }
-    drop(held);
+    drop((open, held));
 }
 
 /// What a connection holds until it ends: the gateway counts open connections by the receiver, and
@@ -402,11 +404,12 @@ async fn handshake(
 ) {
     match tokio::time::timeout(shared.head_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
+            let _open = shared.metrics.connection_opened();
             let info = TlsInfo::of(tls.get_ref().1);
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                h2::serve(shared, tls, peer, Some(info)).await;
+                h2::serve(shared.clone(), tls, peer, Some(info)).await;
             } else {
-                conn::serve(shared, tls, peer, Some(info)).await;
+                conn::serve(shared.clone(), tls, peer, Some(info)).await;
             }
         }
         Ok(Err(err)) => {

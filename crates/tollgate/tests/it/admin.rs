@@ -1191,3 +1191,82 @@ async fn the_aws_cli_works_unchanged() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("(NotFoundException) when calling the GetApiKey operation: Invalid API Key identifier specified"));
 }
+
+/// The samples of an OpenMetrics exposition: `name{labels}` to value. Every line must be a comment,
+/// a sample, or the closing `# EOF`.
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        assert!(
+            out.insert(series.to_string(), value).is_none(),
+            "{series} twice"
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_openmetrics_with_their_names_and_labels() {
+    let plans = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
+                 apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
+    let (_dir, gw, _admin, _up) = start(plans, &[]).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
+    }
+    assert_eq!(c.get(&gw.url("/prod/echo/a"), None).await.status, 403);
+    assert_eq!(c.get(&gw.url("/prod/nowhere"), Some(KEY)).await.status, 403);
+    let r = c
+        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
+        .await;
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    let s = samples(&text);
+    let at = |series: &str| {
+        *s.get(series)
+            .unwrap_or_else(|| panic!("{series} missing: {text}"))
+    };
+    assert_eq!(at(r#"tollgate_requests_total{outcome="admitted"}"#), 3.0);
+    assert_eq!(at(r#"tollgate_requests_total{outcome="forbidden"}"#), 1.0);
+    assert_eq!(at(r#"tollgate_requests_total{outcome="no_route"}"#), 1.0);
+    assert_eq!(at("tollgate_requests_in_flight"), 0.0);
+    // The client's pooled connection may still be open.
+    assert!(
+        (0.0..=5.0).contains(&at("tollgate_open_connections")),
+        "{text}"
+    );
+    assert_eq!(at("tollgate_api_keys"), 1.0);
+    assert_eq!(
+        at(&format!(
+            "tollgate_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    for name in [
+        "tollgate_connections_refused_total",
+        "tollgate_tls_handshakes_failed_total",
+        "tollgate_http2_rapid_reset_total",
+        "tollgate_access_log_dropped_total",
+        "tollgate_usage_plans",
+    ] {
+        assert!(s.contains_key(name), "{name} missing: {text}");
+    }
+    // Redis's state only in cluster mode; no key value or key id anywhere.
+    assert!(!text.contains("tollgate_store_degraded"), "{text}");
+    assert!(!text.contains(KEY));
+    let admin = AdminClient::new(gw.admin.unwrap());
+    let keys = admin.ok("GET", "/apikeys", "").await;
+    for key in keys["item"].as_array().unwrap() {
+        assert!(
+            !text.contains(key["id"].as_str().unwrap()),
+            "a key id in {text}"
+        );
+    }
+}
