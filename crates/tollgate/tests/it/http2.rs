@@ -117,23 +117,31 @@ async fn read(
     Ok((parts, all.into()))
 }
 
+/// curl's arguments to reach `api.test` on `port` (127.0.0.1) trusting the CA in `dir`, and to print
+/// the status and the HTTP version after the body.
+fn api_args(dir: &Path, port: u16) -> Vec<String> {
+    let cacert = dir.join("ca.pem");
+    [
+        "--cacert",
+        cacert.to_str().unwrap(),
+        "--resolve",
+        &format!("api.test:{port}:127.0.0.1"),
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn curl_gets_the_same_pipeline_over_http2() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, _) = start(dir.path(), "").await;
     let port = gw.tls.unwrap().port();
-    let resolve = format!("api.test:{port}:127.0.0.1");
     let url = format!("https://api.test:{port}/prod/echo/a?x=1");
     let key = format!("x-api-key: {KEY}");
-    let cacert = dir.path().join("ca.pem");
-    let base = [
-        "--cacert",
-        cacert.to_str().unwrap(),
-        "--resolve",
-        resolve.as_str(),
-        "-w",
-        "\n%{http_code} %{http_version}",
-    ];
+    let base = api_args(dir.path(), port);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
 
     // ALPN picks HTTP/2; the upstream gets HTTP/1.1 with the same rewrite as ever.
     let (code, out) = curl(&[&base[..], &["--http2", "-H", key.as_str(), url.as_str()]].concat());
@@ -164,7 +172,7 @@ async fn curl_gets_the_same_pipeline_over_http2() {
     assert!(out.ends_with("hello h2\n200 2"), "{out}");
     let streamed = Command::new("curl")
         .args(["-s", "-o", "-"])
-        .args(base)
+        .args(&base)
         .args(["--http2", "-H", key.as_str(), "-T", "-", body_url.as_str()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -347,23 +355,12 @@ async fn streams_are_bounded_per_connection() {
     // Off: ALPN offers HTTP/1.1 only, and prior knowledge gets an HTTP/1 answer.
     let dir = tempfile::tempdir().unwrap();
     let (gw, _) = start(dir.path(), "http2: { enabled: false }").await;
-    let cacert = dir.path().join("ca.pem");
     let port = gw.tls.unwrap().port();
-    let resolve = format!("api.test:{port}:127.0.0.1");
     let url = format!("https://api.test:{port}/prod/echo/a");
     let key = format!("x-api-key: {KEY}");
-    let (_, out) = curl(&[
-        "--cacert",
-        cacert.to_str().unwrap(),
-        "--resolve",
-        resolve.as_str(),
-        "-w",
-        "\n%{http_code} %{http_version}",
-        "--http2",
-        "-H",
-        key.as_str(),
-        url.as_str(),
-    ]);
+    let base = api_args(dir.path(), port);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    let (_, out) = curl(&[&base[..], &["--http2", "-H", key.as_str(), url.as_str()]].concat());
     assert!(out.ends_with("\n200 1.1"), "{out}");
     let (_, out) = curl(&["--http2-prior-knowledge", gw.url("/prod/echo/a").as_str()]);
     assert!(!out.ends_with("200"), "{out}");
