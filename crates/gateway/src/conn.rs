@@ -248,15 +248,13 @@ impl<C: ClientIo> Conn<'_, C> {
         };
         // Sent from here, not from a phase of its own: the forwarding future is the largest, and
         // each async layer around it costs a copy of it per request.
+        let mut sent = None;
         let status = match answer {
             Answer::Forward(to, extra) => {
-                let sent = ex.started.map(|_| std::time::Instant::now());
+                sent = Some(shared.clock.now());
                 let (status, keep_alive) = self.forward(&ex.head, &to, &extra, ex.keep_alive).await;
                 ex.keep_alive = keep_alive;
-                if let Some(sent) = sent {
-                    ex.integration_ms = Some(sent.elapsed().as_millis() as u64);
-                    ex.error = self.failure;
-                }
+                ex.error = self.failure;
                 status
             }
             Answer::Respond(resp) => {
@@ -268,8 +266,19 @@ impl<C: ClientIo> Conn<'_, C> {
                 self.reply_gateway(&mut ex, &resp).await
             }
         };
-        if status != 0 && ex.admitted {
-            self.shared.metrics.admitted(status);
+        if status != 0 {
+            if ex.admitted {
+                shared.metrics.admitted(status);
+            }
+            // The clock's readings, not the monotonic clock's: the exchange began with one.
+            let end = shared.clock.now();
+            let secs = |from: u64| end.saturating_sub(from) as f64 / 1e9;
+            let integration = sent.map(secs);
+            ex.integration_ms = integration.map(|s| (s * 1e3) as u64);
+            let m = ex.matched;
+            shared
+                .metrics
+                .observe(m, &ex.head.method, status, secs(ex.now), integration);
         }
         self.finish(&ex, status)
     }
@@ -824,7 +833,7 @@ struct Exchange<'s> {
     error: Option<(&'static str, &'static str)>,
     /// The body length of an answer the gateway wrote.
     response_length: Option<u64>,
-    /// How long forwarding took, when the access log is on.
+    /// How long forwarding took.
     integration_ms: Option<u64>,
     /// Whether the path routed and forwarded is the normalised one in `path_buf` (else the
     /// client's own).

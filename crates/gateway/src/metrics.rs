@@ -3,15 +3,21 @@
 //! per request), so counting costs an atomic add. No label carries a key value or key id
 //! (cardinality, and secrets).
 
+use std::sync::RwLock;
+
+use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::config::GatewayConfig;
 use crate::limits::Refusal;
+use crate::route::RouteMatch;
 
 /// Outcomes counted, in the order of [`Metrics::outcomes`].
 const OUTCOMES: [&str; 7] = [
@@ -29,6 +35,109 @@ struct Outcome {
     outcome: &'static str,
 }
 
+/// Where a request went (OpenTelemetry's `http.route` is the template, never the raw path), and how it
+/// was answered. Unmatched requests have empty `api`, `stage` and `route`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    api: String,
+    stage: String,
+    route: String,
+    method: &'static str,
+    status_code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    api: String,
+    stage: String,
+    route: String,
+}
+
+/// OpenTelemetry's default buckets for HTTP durations, in seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// The methods a label may name; any other is `_OTHER` (OpenTelemetry's convention), so that a client
+/// cannot grow the series without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "_OTHER",
+    }
+}
+
+/// One route of one stage: its labels, the integration histogram, and the duration histograms met
+/// so far by method and status (looked up under a read lock, without hashing labels).
+#[derive(Debug)]
+struct RouteCell {
+    labels: RouteLabels,
+    integration: Histogram,
+    seen: RwLock<Vec<(&'static str, u16, Histogram)>>,
+}
+
+/// The route cells of the configured APIs, indexed without a map.
+#[derive(Debug, Default)]
+struct RouteCells {
+    cells: Vec<RouteCell>,
+    /// Per API: where its cells start, and its routes per stage.
+    apis: Vec<(usize, usize)>,
+}
+
+impl RouteCells {
+    fn new(
+        config: &GatewayConfig,
+        integration: &Family<RouteLabels, Histogram, fn() -> Histogram>,
+    ) -> Self {
+        let mut cells = Vec::new();
+        let mut apis = Vec::new();
+        let cell = |labels: RouteLabels| RouteCell {
+            integration: integration.get_or_create(&labels).clone(),
+            labels,
+            seen: RwLock::default(),
+        };
+        for api in &config.apis {
+            apis.push((cells.len(), api.routes.len()));
+            for stage in &api.stages {
+                for route in &api.routes {
+                    cells.push(cell(RouteLabels {
+                        api: api.id.clone(),
+                        stage: stage.name.clone(),
+                        route: route.path.clone(),
+                    }));
+                }
+            }
+        }
+        // The last cell: requests no route matched.
+        cells.push(cell(RouteLabels {
+            api: String::new(),
+            stage: String::new(),
+            route: String::new(),
+        }));
+        Self { cells, apis }
+    }
+
+    fn of(&self, m: Option<RouteMatch>) -> Option<&RouteCell> {
+        match m {
+            Some(m) => {
+                let (start, routes) = *self.apis.get(m.api)?;
+                self.cells.get(start + m.stage * routes + m.route)
+            }
+            None => self.cells.last(),
+        }
+    }
+}
+
 /// The data plane's counters and gauges.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,18 +153,32 @@ pub struct Metrics {
     usage_plans: Gauge,
     /// Cluster mode only: Redis's state.
     store: Option<(Gauge, Counter)>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new(false)
-    }
+    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    routes: RouteCells,
 }
 
 impl Metrics {
-    /// The metrics of a gateway; `cluster`: it decides limits in Redis, whose state is shown too.
-    pub fn new(cluster: bool) -> Self {
+    /// The metrics of a gateway serving `config`; `cluster`: it decides limits in Redis, whose
+    /// state is shown too.
+    pub fn new(config: &GatewayConfig, cluster: bool) -> Self {
         let mut registry = Registry::default();
+        let durations = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        registry.register(
+            "tollgate_request_duration_seconds",
+            "Time from a request's head to the end of its answer, by route and status",
+            durations.clone(),
+        );
+        let integration = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        registry.register(
+            "tollgate_integration_duration_seconds",
+            "Time the upstream took to take the request and answer it, by route",
+            integration.clone(),
+        );
+        let routes = RouteCells::new(config, &integration);
         let requests = Family::<Outcome, Counter>::default();
         registry.register(
             "tollgate_requests",
@@ -139,6 +262,48 @@ impl Metrics {
             api_keys,
             usage_plans,
             store,
+            durations,
+            routes,
+        }
+    }
+
+    /// Records one answered request: how long it took (seconds), where it went and its status;
+    /// and, when it was forwarded, how long the upstream took.
+    pub(crate) fn observe(
+        &self,
+        m: Option<RouteMatch>,
+        method: &Method,
+        status: u16,
+        secs: f64,
+        integration_secs: Option<f64>,
+    ) {
+        let Some(cell) = self.routes.of(m) else {
+            return;
+        };
+        if let Some(secs) = integration_secs {
+            cell.integration.observe(secs);
+        }
+        let method = method_label(method);
+        let seen = cell.seen.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, h)) = seen.iter().find(|(m, s, _)| *m == method && *s == status) {
+            h.observe(secs);
+            return;
+        }
+        drop(seen);
+        let h = self
+            .durations
+            .get_or_create(&RequestLabels {
+                api: cell.labels.api.clone(),
+                stage: cell.labels.stage.clone(),
+                route: cell.labels.route.clone(),
+                method,
+                status_code: status,
+            })
+            .clone();
+        h.observe(secs);
+        let mut seen = cell.seen.write().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|(m, s, _)| *m == method && *s == status) {
+            seen.push((method, status, h));
         }
     }
 

@@ -250,7 +250,7 @@ impl Gateway {
         let today = EpochDay::from_nanos(clock.now());
         let used = period_usage(&*store, &records.plans, today)?;
         let kept_fields = config.kept_fields;
-        let metrics = Metrics::new(limiter.is_some());
+        let metrics = Metrics::new(&config, limiter.is_some());
         let access_log = match &config.access_log {
             Some(log) => Some(Sink::start(log.path.clone()).map_err(|e| {
                 let path = log

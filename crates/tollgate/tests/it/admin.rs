@@ -1219,6 +1219,11 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
     }
     assert_eq!(c.get(&gw.url("/prod/echo/a"), None).await.status, 403);
     assert_eq!(c.get(&gw.url("/prod/nowhere"), Some(KEY)).await.status, 403);
+    // A method of the client's choosing does not become a label of its own.
+    let odd = c
+        .send("FROB", &gw.url("/prod/echo/a"), &[("x-api-key", KEY)], "")
+        .await;
+    assert_eq!(odd.status, 200);
     let r = c
         .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
         .await;
@@ -1232,7 +1237,48 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         *s.get(series)
             .unwrap_or_else(|| panic!("{series} missing: {text}"))
     };
-    assert_eq!(at(r#"tollgate_requests_total{outcome="admitted"}"#), 3.0);
+    assert_eq!(at(r#"tollgate_requests_total{outcome="admitted"}"#), 4.0);
+    // Durations by route template, method and status; unmatched requests have no route.
+    let route = r#"api="warranty",stage="prod",route="/echo/{rest+}""#;
+    let count = |labels: &str| {
+        at(&format!(
+            "tollgate_request_duration_seconds_count{{{labels}}}"
+        ))
+    };
+    assert_eq!(
+        count(&format!(r#"{route},method="GET",status_code="200""#)),
+        3.0
+    );
+    assert_eq!(
+        count(&format!(r#"{route},method="GET",status_code="403""#)),
+        1.0
+    );
+    assert_eq!(
+        count(&format!(r#"{route},method="_OTHER",status_code="200""#)),
+        1.0
+    );
+    assert_eq!(
+        count(r#"api="",stage="",route="",method="GET",status_code="403""#),
+        1.0
+    );
+    assert!(
+        !text.contains("FROB") && !text.contains("/prod/echo/a"),
+        "{text}"
+    );
+    let buckets = s
+        .keys()
+        .filter(|k| {
+            k.starts_with("tollgate_request_duration_seconds_bucket{")
+                && k.contains(r#"method="GET",status_code="200""#)
+        })
+        .count();
+    assert_eq!(buckets, 15, "14 bounds and +Inf");
+    assert_eq!(
+        at(&format!(
+            "tollgate_integration_duration_seconds_count{{{route}}}"
+        )),
+        4.0
+    );
     assert_eq!(at(r#"tollgate_requests_total{outcome="forbidden"}"#), 1.0);
     assert_eq!(at(r#"tollgate_requests_total{outcome="no_route"}"#), 1.0);
     assert_eq!(at("tollgate_requests_in_flight"), 0.0);
