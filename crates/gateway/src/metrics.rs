@@ -4,6 +4,7 @@
 //! (cardinality, and secrets).
 
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -44,6 +45,11 @@ struct RequestLabels {
     route: String,
     method: &'static str,
     status_code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreOperation {
+    operation: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +161,12 @@ pub struct Metrics {
     store: Option<(Gauge, Counter)>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     routes: RouteCells,
+    /// The metering flusher's writes: their duration, their failures, the deltas waiting, and when
+    /// (clock nanoseconds) nothing was last left waiting.
+    usage_writes: (Histogram, Counter),
+    flush_pending: Gauge,
+    flush_lag: Gauge,
+    flushed_at: AtomicU64,
 }
 
 impl Metrics {
@@ -179,6 +191,28 @@ impl Metrics {
             integration.clone(),
         );
         let routes = RouteCells::new(config, &integration);
+        let store_durations =
+            Family::<StoreOperation, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS)
+            });
+        registry.register(
+            "tollgate_store_operation_duration_seconds",
+            "Time the store took for an operation the data plane asked of it",
+            store_durations.clone(),
+        );
+        let store_errors = Family::<StoreOperation, Counter>::default();
+        registry.register(
+            "tollgate_store_operation_errors",
+            "Store operations that failed",
+            store_errors.clone(),
+        );
+        let add_usage = StoreOperation {
+            operation: "add_usage",
+        };
+        let usage_writes = (
+            store_durations.get_or_create(&add_usage).clone(),
+            store_errors.get_or_create(&add_usage).clone(),
+        );
         let requests = Family::<Outcome, Counter>::default();
         registry.register(
             "tollgate_requests",
@@ -232,6 +266,16 @@ impl Metrics {
             "tollgate_usage_plans",
             "Usage plans with at least one key",
         );
+        let flush_pending = gauge(
+            &mut registry,
+            "tollgate_metering_pending",
+            "Metered usage deltas waiting to be written to the store",
+        );
+        let flush_lag = gauge(
+            &mut registry,
+            "tollgate_metering_flush_lag_seconds",
+            "Seconds since the metering flusher last left nothing waiting",
+        );
         let store = cluster.then(|| {
             let degraded = gauge(
                 &mut registry,
@@ -264,6 +308,10 @@ impl Metrics {
             store,
             durations,
             routes,
+            usage_writes,
+            flush_pending,
+            flush_lag,
+            flushed_at: AtomicU64::new(0),
         }
     }
 
@@ -363,13 +411,38 @@ impl Metrics {
         GaugeGuard::new(&self.in_flight)
     }
 
-    /// The Prometheus (OpenMetrics) text exposition, with the given gauges.
+    /// Records one write of metered usage: how long it took and whether it worked, and how many
+    /// deltas are left waiting (`now`: the clock's reading).
+    pub(crate) fn usage_written(&self, secs: f64, ok: bool, pending: usize, now: u64) {
+        self.usage_writes.0.observe(secs);
+        if !ok {
+            self.usage_writes.1.inc();
+        }
+        self.flushed(pending, now);
+    }
+
+    /// Records a flush that left `pending` deltas waiting.
+    pub(crate) fn flushed(&self, pending: usize, now: u64) {
+        self.flush_pending.set(pending as i64);
+        if pending == 0 {
+            self.flushed_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition, with the given gauges (`now`: the clock's
+    /// reading).
     pub fn render(
         &self,
         store_degraded: Option<bool>,
         api_keys: usize,
         usage_plans: usize,
+        now: u64,
     ) -> String {
+        let flushed_at = self.flushed_at.load(Ordering::Relaxed);
+        if flushed_at > 0 {
+            self.flush_lag
+                .set((now.saturating_sub(flushed_at) / 1_000_000_000) as i64);
+        }
         self.api_keys.set(api_keys as i64);
         self.usage_plans.set(usage_plans as i64);
         if let (Some((gauge, _)), Some(degraded)) = (&self.store, store_degraded) {

@@ -225,9 +225,12 @@ impl GatewayHandle {
     pub fn metrics_text(&self) -> String {
         let snap = self.snapshot();
         let degraded = self.shared.limiter.as_ref().map(RedisLimiter::degraded);
-        self.shared
-            .metrics
-            .render(degraded, snap.key_count(), snap.plan_count())
+        self.shared.metrics.render(
+            degraded,
+            snap.key_count(),
+            snap.plan_count(),
+            self.shared.clock.now(),
+        )
     }
 
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
@@ -477,19 +480,25 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
         });
     });
     if pending.is_empty() {
+        shared.metrics.flushed(0, shared.clock.now());
         return Ok(());
     }
     let batch = std::mem::take(&mut *pending);
     let store = shared.store.clone();
+    let started = std::time::Instant::now();
     let (batch, result) = tokio::task::spawn_blocking(move || {
         let r = store.add_usage(&batch);
         (batch, r)
     })
     .await
     .map_err(|e| GatewayError::Task(e.to_string()))?;
+    let took = started.elapsed().as_secs_f64();
+    let now = shared.clock.now();
     if let Err(err) = result {
+        shared.metrics.usage_written(took, false, batch.len(), now);
         *pending = batch;
         return Err(err.into());
     }
+    shared.metrics.usage_written(took, true, 0, now);
     Ok(())
 }

@@ -1316,3 +1316,48 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metering_flushes_are_measured_and_a_failing_store_shows() {
+    let plans = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
+                 apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
+    let (dir, gw, _admin, _up) = start(plans, &[]).await;
+    let c = client();
+    let metrics_url = format!("http://{}/metrics", gw.admin.unwrap());
+    // Polls the exposition until `ok` holds of it (at most 20 s).
+    let until = |ok: fn(&std::collections::BTreeMap<String, f64>) -> bool| {
+        let (c, url) = (client(), metrics_url.clone());
+        async move {
+            for _ in 0..200 {
+                let body = c.get(&url, None).await.body;
+                let s = samples(std::str::from_utf8(&body).unwrap());
+                if ok(&s) {
+                    return s;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("the metrics never got there");
+        }
+    };
+    const WRITES: &str =
+        r#"tollgate_store_operation_duration_seconds_count{operation="add_usage"}"#;
+    const ERRORS: &str = r#"tollgate_store_operation_errors_total{operation="add_usage"}"#;
+    const PENDING: &str = "tollgate_metering_pending";
+    for _ in 0..3 {
+        assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
+    }
+    let s = until(|s| s.get(WRITES).is_some_and(|n| *n >= 1.0)).await;
+    assert_eq!(s[ERRORS], 0.0);
+    assert_eq!(s[PENDING], 0.0);
+    assert!(s["tollgate_metering_flush_lag_seconds"] <= 5.0);
+
+    // Another writer holds the database: the flush fails (after SQLite's 5 s busy timeout), the
+    // usage waits, and both show; then it is written.
+    let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
+    let s = until(|s| s[ERRORS] >= 1.0).await;
+    assert!(s[PENDING] >= 1.0, "{s:?}");
+    db.execute_batch("COMMIT").unwrap();
+    until(|s| s[PENDING] == 0.0).await;
+}
