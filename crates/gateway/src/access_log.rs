@@ -287,14 +287,23 @@ const QUEUE: usize = 16 * 1024;
 /// Where lines go: a bounded queue to a thread of its own that writes them, so that a slow disk or
 /// a blocked stderr never holds up a request.
 pub(crate) struct Sink {
-    lines: SyncSender<String>,
+    lines: SyncSender<Message>,
     reopen: Arc<AtomicBool>,
+}
+
+/// What the writer is sent.
+enum Message {
+    Line(String),
+    /// Look at the reopen flag now.
+    Wake,
+    /// Write out everything queued before this, then say so.
+    Flush(SyncSender<()>),
 }
 
 impl Sink {
     /// Opens the destination (so that an unwritable file fails at startup) and starts the writer.
     pub(crate) fn start(path: Option<PathBuf>) -> io::Result<Self> {
-        let (lines, queue) = sync_channel::<String>(QUEUE);
+        let (lines, queue) = sync_channel::<Message>(QUEUE);
         let reopen = Arc::new(AtomicBool::new(false));
         let out = Output::open(path)?;
         let asked = reopen.clone();
@@ -306,14 +315,22 @@ impl Sink {
 
     /// Queues one line; false when the queue was full and the line was dropped.
     pub(crate) fn send(&self, line: String) -> bool {
-        self.lines.try_send(line).is_ok()
+        self.lines.try_send(Message::Line(line)).is_ok()
+    }
+
+    /// Waits (at most `wait`) until every line queued so far is written: at shutdown, so that the
+    /// last requests' lines are not lost with the process. Blocks: call it off the async workers.
+    pub(crate) fn finish(&self, wait: std::time::Duration) {
+        let (done, written) = sync_channel(1);
+        if self.lines.send(Message::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(wait);
+        }
     }
 
     /// Has the writer open its file again before the next line (after logrotate moved it).
     pub(crate) fn reopen(&self) {
         self.reopen.store(true, Ordering::Relaxed);
-        // An empty line wakes an idle writer; it is not written.
-        let _ = self.lines.try_send(String::new());
+        let _ = self.lines.try_send(Message::Wake);
     }
 }
 
@@ -358,15 +375,15 @@ impl Output {
 
 /// The writer thread: lines as they come, flushed whenever the queue runs dry, the file reopened
 /// when asked. It ends when the gateway drops its sink.
-fn write_lines(mut out: Output, queue: &Receiver<String>, reopen: &AtomicBool) {
+fn write_lines(mut out: Output, queue: &Receiver<Message>, reopen: &AtomicBool) {
     let mut failing = false;
     loop {
-        let line = match queue.try_recv() {
-            Ok(line) => line,
+        let message = match queue.try_recv() {
+            Ok(message) => message,
             Err(_) => {
                 let _ = out.flush();
                 match queue.recv() {
-                    Ok(line) => line,
+                    Ok(message) => message,
                     Err(_) => return,
                 }
             }
@@ -381,9 +398,15 @@ fn write_lines(mut out: Output, queue: &Receiver<String>, reopen: &AtomicBool) {
                 }
             }
         }
-        if line.is_empty() {
-            continue;
-        }
+        let line = match message {
+            Message::Line(line) => line,
+            Message::Wake => continue,
+            Message::Flush(done) => {
+                let _ = out.flush();
+                let _ = done.try_send(());
+                continue;
+            }
+        };
         // One error line per outage, not one per request.
         match out.write(&line) {
             Ok(()) => failing = false,

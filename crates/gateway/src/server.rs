@@ -359,10 +359,18 @@ impl Gateway {
             tracing::warn!(timeout = ?self.options.drain_timeout, "drain timeout passed; closing remaining connections");
         }
         let _ = stop_tx.send(true);
-        match flusher.await {
+        let flushed = match flusher.await {
             Ok(result) => result,
             Err(err) => Err(GatewayError::Task(err.to_string())),
-        }
+        };
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(sink) = &shared.access_log {
+                sink.finish(Duration::from_secs(5));
+            }
+        })
+        .await;
+        flushed
     }
 }
 

@@ -600,6 +600,14 @@ async fn the_access_log_takes_aws_context_variables_and_reopens_on_sigusr1() {
         6
     );
 
+    // A graceful stop writes the last lines out before the process ends.
+    for _ in 0..50 {
+        assert_eq!(c.get(&gw.url("/prod/health"), None).await.status, 200);
+    }
+    assert!(gw.terminate().success());
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(written.lines().count(), 51, "{written}");
+
     // A key value cannot be asked for; an unknown variable is named, with where it was written.
     let bad = yaml.replace("$context.identity.apiKeyId", "$context.identity.apiKey");
     util::write_config(dir.path(), &bad);
