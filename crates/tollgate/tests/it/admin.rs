@@ -1210,9 +1210,7 @@ fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_openmetrics_with_their_names_and_labels() {
-    let plans = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
-                 apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
-    let (_dir, gw, _admin, _up) = start(plans, &[]).await;
+    let (_dir, gw, _admin, _up) = start(util::ONE_PLAN, &[]).await;
     let c = client();
     for _ in 0..3 {
         assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
@@ -1319,9 +1317,7 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metering_flushes_are_measured_and_a_failing_store_shows() {
-    let plans = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
-                 apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
-    let (dir, gw, _admin, _up) = start(plans, &[]).await;
+    let (dir, gw, _admin, _up) = start(util::ONE_PLAN, &[]).await;
     let c = client();
     let metrics_url = format!("http://{}/metrics", gw.admin.unwrap());
     // Polls the exposition until `ok` holds of it (at most 20 s).

@@ -4,15 +4,15 @@ use std::time::{Duration, Instant};
 
 use crate::util::{self, ACCESS_KEY, Gateway, KEY, SECRET_KEY, client};
 
-const PLANS: &str = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
-                     apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
-
 async fn start(extra: &str) -> (tempfile::TempDir, Gateway, util::Upstream) {
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
     util::write_config(
         dir.path(),
-        &util::config(&format!("http://{}", up.addr), &format!("{extra}{PLANS}")),
+        &util::config(
+            &format!("http://{}", up.addr),
+            &format!("{extra}{}", util::ONE_PLAN),
+        ),
     );
     let gw = Gateway::start(dir.path(), &util::admin_env());
     (dir, gw, up)
@@ -306,7 +306,7 @@ async fn a_slow_upload_is_not_a_timeout() {
     // A route with a 1 s timeout, whose body takes 2 s to arrive.
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = util::config(&format!("http://{}", up.addr), PLANS).replace(
+    let yaml = util::config(&format!("http://{}", up.addr), util::ONE_PLAN).replace(
         "      - { path: /public,",
         &format!(
             "      - {{ path: /upload/echo/body, method: POST, apiKeyRequired: true, upstream: \"http://{}\", timeout: 1s }}\n      - {{ path: /public,",

@@ -29,10 +29,9 @@ fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<u16> {
 async fn malformed_requests_get_4xx_and_never_crash() {
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let plans = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\napiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
     util::write_config(
         dir.path(),
-        &util::config(&format!("http://{}", up.addr), plans),
+        &util::config(&format!("http://{}", up.addr), util::ONE_PLAN),
     );
     let mut gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
     let addr = gw.addr;

@@ -16,6 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub const KEY: &str = "centralSystemKey0123456789abcdef";
 
+/// The plan `p` on stage `prod` of the API `warranty`, and the key `k` (`${CENTRAL_KEY}`) in it: YAML
+/// to append to [`config`].
+pub const ONE_PLAN: &str = "usagePlans:\n  - { name: p, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
+                            apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [p] }\n";
+
 /// A running `tollgate serve`; killed when dropped.
 pub struct Gateway {
     pub child: Child,
@@ -201,9 +206,7 @@ apis:
 pub fn config_with_routes(routes: &str, more_apis: &str) -> String {
     format!(
         "listen: 127.0.0.1:0\nstore: {{ sqlite: ./tollgate.db }}\napis:\n  - id: warranty\n    \
-         stages: [ {{ name: prod }} ]\n    routes:\n{routes}{more_apis}\
-         usagePlans:\n  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}\n\
-         apiKeys:\n  - {{ name: k, value: \"${{CENTRAL_KEY}}\", usagePlans: [p] }}\n"
+         stages: [ {{ name: prod }} ]\n    routes:\n{routes}{more_apis}{ONE_PLAN}"
     )
 }
 
