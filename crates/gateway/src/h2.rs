@@ -9,7 +9,7 @@
 //! declared); the pipeline's answer becomes the stream's HEADERS and DATA. Upstreams stay HTTP/1.1.
 
 use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -325,9 +325,7 @@ async fn upload<W: AsyncWrite + Unpin>(
         }
         let written = if chunked {
             frame.clear();
-            let _ = write!(frame, "{n:x}\r\n");
-            frame.extend_from_slice(&data);
-            frame.extend_from_slice(b"\r\n");
+            http1::chunk(&mut frame, &data);
             to.write_all(&frame).await
         } else {
             to.write_all(&data).await

@@ -792,14 +792,10 @@ impl ChunkedDecoder {
                 Chunked::Data { left } => {
                     let take = left.min((bytes.len() - i) as u64);
                     let span = &bytes[i..i + take as usize];
-                    if let Some(out) = out.as_deref_mut() {
-                        if framed {
-                            let _ = write!(out, "{:x}\r\n", span.len());
-                        }
-                        out.extend_from_slice(span);
-                        if framed {
-                            out.extend_from_slice(b"\r\n");
-                        }
+                    match out.as_deref_mut() {
+                        Some(out) if framed => chunk(out, span),
+                        Some(out) => out.extend_from_slice(span),
+                        None => {}
                     }
                     i += span.len();
                     self.state = if take == left {
@@ -858,6 +854,13 @@ impl ChunkedDecoder {
         }
         Ok(())
     }
+}
+
+/// Appends `data` as one chunk of a chunked body.
+pub(crate) fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Tracks a body being relayed: how much of the peer's next bytes belong to it.
