@@ -69,6 +69,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
             get(get_plan_key).delete(delete_plan_key),
         )
         .route("/usageplans/{id}/usage", get(get_usage))
+        .route("/tollgate/usageplans/{id}/usage", get(get_usage_detail))
         .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -429,14 +430,23 @@ async fn delete_plan_key(State(admin): Shared, Path((id, key)): Path<(String, St
 
 async fn get_usage(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result {
     let q = query(q);
+    let arg = |name: &str| q.get(name).map(String::as_str);
+    let (key, start, end) = (arg("keyId"), arg("startDate"), arg("endDate"));
+    let out = admin.usage(&id, key, start, end, &paging(&q)?).await?;
+    Ok(reply(StatusCode::OK, &out))
+}
+
+/// tollgate's own: GetUsage's query, each day with the requests refused.
+async fn get_usage_detail(
+    State(admin): Shared,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result {
+    let q = query(q);
+    let arg = |name: &str| q.get(name).map(String::as_str);
+    let (key, start, end) = (arg("keyId"), arg("startDate"), arg("endDate"));
     let out = admin
-        .usage(
-            &id,
-            q.get("keyId").map(String::as_str),
-            q.get("startDate").map(String::as_str),
-            q.get("endDate").map(String::as_str),
-            &paging(&q)?,
-        )
+        .usage_detail(&id, key, start, end, &paging(&q)?)
         .await?;
     Ok(reply(StatusCode::OK, &out))
 }

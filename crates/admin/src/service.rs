@@ -19,7 +19,7 @@ use tollgate_core::model::validate_key_value;
 use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
-use tollgate_store::report::{check_range, period_usage, plan_usage};
+use tollgate_store::report::{DayDetail, PlanUsage, check_range, period_usage, plan_usage};
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, Store, ids};
 
 use crate::data_plane::DataPlane;
@@ -450,7 +450,7 @@ impl Admin {
         Ok(())
     }
 
-    fn key_out(&self, key: &ApiKey, include_value: bool) -> ApiKeyOut {
+    fn key_out(&self, key: &ApiKey, include_value: bool, last_used: Option<u64>) -> ApiKeyOut {
         ApiKeyOut {
             id: key.id.clone(),
             value: if include_value { self.open(key) } else { None },
@@ -460,6 +460,7 @@ impl Admin {
             enabled: key.enabled,
             created_date: key.created_date,
             last_updated_date: key.last_updated_date,
+            last_used_date: last_used,
             stage_keys: Vec::new(),
             tags: BTreeMap::new(),
         }
@@ -528,7 +529,7 @@ impl Admin {
             )?;
             admin.store.put_key(&key)?;
             catalog.added_key(&key);
-            let mut out = admin.key_out(&key, false);
+            let mut out = admin.key_out(&key, false, None);
             out.value = Some(value);
             Ok((out, Vec::new()))
         })
@@ -570,10 +571,15 @@ impl Admin {
         include_value: bool,
     ) -> Result<ApiKeyOut, AdminError> {
         let id = id.to_owned();
-        let key = self
-            .blocking(move |admin| Ok(admin.store.key(&id)?))
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let (key, last_used) = self
+            .blocking(move |admin| {
+                let key = admin.store.key(&id)?;
+                Ok((key, admin.store.last_used(&[&id])?))
+            })
             .await?;
-        Ok(self.key_out(&key.ok_or_else(unknown_key)?, include_value))
+        let key = key.ok_or_else(unknown_key)?;
+        Ok(self.key_out(&key, include_value, last_used.first().copied().flatten()))
     }
 
     /// GetApiKeys: `name` is a case-sensitive prefix, `customer_id` exact.
@@ -584,7 +590,8 @@ impl Admin {
         include_values: bool,
         paging: Paging,
     ) -> Result<Page<ApiKeyOut>, AdminError> {
-        let page = self
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let (page, last_used) = self
             .blocking(move |admin| {
                 let keys = stored_keys(&*admin.store, paging.position.as_deref()).filter(|k| {
                     k.as_ref().is_err()
@@ -595,7 +602,10 @@ impl Admin {
                                     .is_none_or(|c| k.customer_id.as_ref() == Some(c))
                         })
                 });
-                first_page(keys, |k: &ApiKey| &k.id, &paging)
+                let page = first_page(keys, |k: &ApiKey| &k.id, &paging)?;
+                let ids: Vec<&str> = page.item.iter().map(|k| k.id.as_str()).collect();
+                let last_used = admin.store.last_used(&ids)?;
+                Ok((page, last_used))
             })
             .await?;
         Ok(Page {
@@ -603,7 +613,8 @@ impl Admin {
             item: page
                 .item
                 .iter()
-                .map(|k| self.key_out(k, include_values))
+                .zip(last_used)
+                .map(|(k, at)| self.key_out(k, include_values, at))
                 .collect(),
         })
     }
@@ -638,7 +649,8 @@ impl Admin {
             }
             key.last_updated_date = admin.now_secs();
             admin.store.put_key(&key)?;
-            Ok((admin.key_out(&key, false), Vec::new()))
+            let last_used = admin.store.last_used(&[&id])?.pop().flatten();
+            Ok((admin.key_out(&key, false, last_used), Vec::new()))
         })
         .await
     }
@@ -964,6 +976,39 @@ impl Admin {
         end: Option<&str>,
         paging: &Paging,
     ) -> Result<UsageOut, AdminError> {
+        self.usage_of(plan_id, key_id, (start, end), paging, false, |u, k| {
+            u.report(k)
+        })
+        .await
+    }
+
+    /// tollgate's detailed usage: GetUsage's numbers per day, and the requests refused by a
+    /// throttle and for the spent quota.
+    pub async fn usage_detail(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: Option<&str>,
+        start: Option<&str>,
+        end: Option<&str>,
+        paging: &Paging,
+    ) -> Result<UsageOut<DayDetail>, AdminError> {
+        self.usage_of(plan_id, key_id, (start, end), paging, true, |u, k| {
+            u.detail(k)
+        })
+        .await
+    }
+
+    /// A usage report over the range `dates` (`YYYY-MM-DD`), a page of keys at a time, each key's
+    /// days made by `per_key`; `refusals`: it reads them.
+    async fn usage_of<V: Send + 'static>(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: Option<&str>,
+        dates: (Option<&str>, Option<&str>),
+        paging: &Paging,
+        refusals: bool,
+        per_key: fn(&PlanUsage<'_>, &str) -> Vec<V>,
+    ) -> Result<UsageOut<V>, AdminError> {
         let parse = |v: Option<&str>, which: &str| {
             v.and_then(|t| t.parse::<jiff::civil::Date>().ok())
                 .and_then(EpochDay::from_date)
@@ -973,7 +1018,7 @@ impl Admin {
                     ))
                 })
         };
-        let (from, to) = (parse(start, "start")?, parse(end, "end")?);
+        let (from, to) = (parse(dates.0, "start")?, parse(dates.1, "end")?);
         check_range(from, to).map_err(bad)?;
         self.gateway.flush().await.map_err(AdminError::Internal)?;
         let plan = self
@@ -989,7 +1034,11 @@ impl Admin {
         let paging = paging.clone();
         self.blocking(move |admin| {
             let members = served.keys_of(&plan_id);
-            let usage = plan_usage(&*admin.store, &members, &plan, key_id.as_deref(), from, to)?;
+            let store = &*admin.store;
+            let mut usage = plan_usage(store, &members, &plan, key_id.as_deref(), from, to)?;
+            if refusals {
+                usage = usage.with_refusals(store, key_id.as_deref())?;
+            }
             // Reports are computed for the page's keys only: a plan may have a million.
             let ids = usage.ids();
             let start = start_at(ids, String::as_str, &paging);
@@ -1001,7 +1050,7 @@ impl Admin {
                 position,
                 values: item
                     .into_iter()
-                    .map(|k| (k.clone(), usage.report(k)))
+                    .map(|k| (k.clone(), per_key(&usage, k)))
                     .collect(),
             })
         })

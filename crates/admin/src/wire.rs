@@ -41,6 +41,9 @@ pub struct ApiKeyOut {
     pub created_date: i64,
     /// Epoch seconds.
     pub last_updated_date: i64,
+    /// tollgate's own: when the key was last presented (epoch seconds, to the minute), if ever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_date: Option<u64>,
     /// Legacy stage keys: always empty.
     pub stage_keys: Vec<String>,
     /// Tags: always empty.
@@ -96,10 +99,10 @@ pub struct Page<T> {
     pub item: Vec<T>,
 }
 
-/// AWS `Usage`.
+/// AWS `Usage` (`V`: `[used, remaining]`), or tollgate's detailed usage (`V`: [`DayDetail`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct UsageOut {
+pub struct UsageOut<V = [u64; 2]> {
     /// The plan.
     pub usage_plan_id: String,
     /// First day, `YYYY-MM-DD`.
@@ -109,8 +112,8 @@ pub struct UsageOut {
     /// Token for the next page of keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<String>,
-    /// Per key id, `[used, remaining]` per day.
-    pub values: BTreeMap<String, Vec<[u64; 2]>>,
+    /// Per key id, one value per day.
+    pub values: BTreeMap<String, Vec<V>>,
 }
 
 /// AWS `ImportApiKeys` result.

@@ -13,7 +13,7 @@ use crate::model::QuotaSettings;
 const NANOS_PER_DAY: u64 = 86_400 * NANOS_PER_SEC;
 
 /// A UTC calendar day, counted from 1970-01-01 (day 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EpochDay(pub u32);
 
 impl EpochDay {

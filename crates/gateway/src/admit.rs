@@ -11,7 +11,8 @@
 //!    Redis.
 //! 4. **Quota**: only requests the throttles let through count; a spent quota keeps the key's
 //!    token (hammering is not free). 429 `Limit Exceeded`.
-//! 5. **Meter**: an admitted keyed request is counted for (plan, key, UTC day).
+//! 5. **Meter**: an admitted keyed request is counted for (plan, key, UTC day); so is one refused by a
+//!    throttle or for its quota, in counts of their own, and the key's last use is noted.
 //!
 //! [`KeyLimits`] has two implementations: [`Local`], this instance's atomics (the embedded mode,
 //! and cluster mode's `onStoreFailure: local`), and [`crate::shared_limits::SharedLimits`], the Redis
@@ -26,7 +27,8 @@ use tollgate_core::model::KEY_VALUE_LEN;
 use tollgate_core::quota::{EpochDay, QuotaDecision};
 
 use crate::config::Route;
-use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::limits::{BucketInfo, KeyRejected, LimitInfo, QuotaInfo, Refusal};
+use crate::meter::Counted;
 use crate::route::RouteMatch;
 use crate::snapshot::{Grant, KeyBucket, Snapshot};
 
@@ -35,10 +37,28 @@ use crate::snapshot::{Grant, KeyBucket, Snapshot};
 pub struct Admission<'s> {
     /// The matched route.
     pub route: &'s Route,
-    /// The key's id, when the route required a key.
-    pub key_id: Option<&'s str>,
+    /// The key's membership, when the route required a key.
+    pub grant: Option<Grant<'s>>,
     /// The key's limits after this request.
     pub limits: LimitInfo,
+}
+
+/// A refused request: why, and the key's membership when the key was accepted.
+#[derive(Debug)]
+pub struct Refused<'s> {
+    /// Why, as the client is told.
+    pub refusal: Refusal,
+    /// The membership whose limits refused it.
+    pub grant: Option<Grant<'s>>,
+}
+
+impl From<Refusal> for Refused<'_> {
+    fn from(refusal: Refusal) -> Self {
+        Self {
+            refusal,
+            grant: None,
+        }
+    }
 }
 
 /// A key's own limits on a route: its bucket, then its quota, and the meter.
@@ -61,15 +81,28 @@ pub(crate) async fn admit<'s>(
     m: Option<&RouteMatch>,
     api_key: Option<&[u8]>,
     now: u64,
-) -> Result<Admission<'s>, Refusal> {
+) -> Result<Admission<'s>, Refused<'s>> {
     // Route.
     let m = m.ok_or(Refusal::MissingAuthenticationToken)?;
     let route = snap.route_at(m);
     // Key.
     let grant = if route.api_key_required {
-        Some(key(snap, m, api_key)?)
+        let grant = key(snap, m, api_key)?;
+        snap.saw(&grant, now);
+        Some(grant)
     } else {
         None
+    };
+    let refused = |refusal: Refusal| {
+        if let Some(g) = &grant {
+            let counted = match refusal {
+                Refusal::TooManyRequests { .. } => Some(Counted::Throttled),
+                Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
+                _ => None,
+            };
+            counted.inspect(|&c| snap.count(g, c, now));
+        }
+        Refused { refusal, grant }
     };
     // Throttles every caller shares.
     let shared = snap.shared_buckets(m);
@@ -81,26 +114,26 @@ pub(crate) async fn admit<'s>(
                 throttle: None,
                 quota: grant.as_ref().and_then(|g| quota_left(g, now)),
             };
-            return Err(Refusal::throttled(retry_after, limits));
+            return Err(refused(Refusal::throttled(retry_after, limits)));
         }
     }
-    let Some(grant) = grant else {
+    let Some(g) = grant else {
         return Ok(Admission {
             route,
-            key_id: None,
+            grant,
             limits: LimitInfo::default(),
         });
     };
     // The key's throttle and quota, and the meter.
-    match limits.decide(&grant, m, now).await {
+    match limits.decide(&g, m, now).await {
         Ok(limits) => Ok(Admission {
             route,
-            key_id: Some(grant.key_id),
+            grant,
             limits,
         }),
         Err(refusal) => {
             shared.iter().flatten().for_each(|b| b.refund());
-            Err(refusal)
+            Err(refused(refusal))
         }
     }
 }
@@ -111,7 +144,7 @@ pub fn admit_locally<'s>(
     m: Option<&RouteMatch>,
     api_key: Option<&[u8]>,
     now: u64,
-) -> Result<Admission<'s>, Refusal> {
+) -> Result<Admission<'s>, Refused<'s>> {
     admit(snap, &Local(snap), m, api_key, now)
         .now_or_never()
         .expect("local limits decide without waiting")
@@ -123,14 +156,14 @@ fn key<'s>(
     m: &RouteMatch,
     api_key: Option<&[u8]>,
 ) -> Result<Grant<'s>, Refusal> {
-    let value = api_key.ok_or(Refusal::Forbidden)?;
+    let value = api_key.ok_or(Refusal::Forbidden(KeyRejected::Missing))?;
     // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
     // stored keys: refuse them without hashing.
     if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
-        return Err(Refusal::Forbidden);
+        return Err(Refusal::Forbidden(KeyRejected::Invalid));
     }
     snap.grant_for(&KeyHash::of(value), m)
-        .ok_or(Refusal::Forbidden)
+        .map_err(Refusal::Forbidden)
 }
 
 /// A key's limits on this instance's atomics.
@@ -186,7 +219,7 @@ impl Local<'_> {
                 }
             }
         }
-        self.0.meter(grant, now);
+        self.0.count(grant, Counted::Admitted, now);
         Ok(limits)
     }
 }
@@ -206,6 +239,7 @@ mod tests {
     use tollgate_core::quota::Period;
 
     use super::*;
+    use crate::snapshot::Taken;
     use crate::testing::{
         KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
     };
@@ -221,23 +255,26 @@ mod tests {
             call(&s, "GET", "/prod/nowhere", Some(KEY), T0),
             Err(Refusal::MissingAuthenticationToken)
         );
-        assert_eq!(call(&s, "PUT", put, None, T0), Err(Refusal::Forbidden));
+        let forbidden = Refusal::Forbidden;
+        assert_eq!(
+            call(&s, "PUT", put, None, T0),
+            Err(forbidden(KeyRejected::Missing))
+        );
         assert_eq!(
             call(&s, "PUT", put, Some("short"), T0),
-            Err(Refusal::Forbidden)
+            Err(forbidden(KeyRejected::Invalid))
         );
         assert_eq!(
             call(&s, "PUT", put, Some("unknown-key-value-0123456789"), T0),
-            Err(Refusal::Forbidden)
+            Err(forbidden(KeyRejected::Invalid))
         );
         assert_eq!(
             call(&s, "PUT", put, Some(OTHER), T0),
-            Err(Refusal::Forbidden),
-            "disabled"
+            Err(forbidden(KeyRejected::Disabled))
         );
         assert_eq!(
             call(&s, "PUT", "/dev/registrations/42/warranty", Some(KEY), T0),
-            Err(Refusal::Forbidden),
+            Err(forbidden(KeyRejected::Invalid)),
             "the plan does not cover dev"
         );
         assert!(call(&s, "PUT", put, Some(KEY), T0).is_ok());
@@ -368,5 +405,39 @@ mod tests {
             ]
         );
         assert!(taken(&cell).is_empty());
+    }
+
+    #[test]
+    fn refusals_are_counted_by_kind_and_the_key_is_seen() {
+        let cell = ArcSwap::from_pointee(snap(
+            config(None, None),
+            &records(Some(throttle(0.001, 3)), Some(quota(2, Period::Day))),
+        ));
+        let s = cell.load_full();
+        let get = "/prod/registrations/42";
+        let outcomes: Vec<_> = (0..5)
+            .map(|_| call(&s, "GET", get, Some(KEY), T0).map(|_| ()))
+            .collect();
+        assert!(outcomes[..2].iter().all(Result::is_ok), "{outcomes:?}");
+        assert!(matches!(outcomes[2], Err(Refusal::LimitExceeded { .. })));
+        assert!(matches!(outcomes[3], Err(Refusal::TooManyRequests { .. })));
+        // Keys that were not accepted leave nothing to count.
+        assert!(call(&s, "GET", get, Some(OTHER), T0).is_err());
+        let mut all = Vec::new();
+        Snapshot::take_metered(&cell, |plan, key, taken| {
+            all.push((plan.to_owned(), key.to_owned(), taken));
+        });
+        all.sort_by_key(|(_, _, t)| format!("{t:?}"));
+        let day = EpochDay::from_nanos(T0);
+        let at = |t| ("plan01".to_owned(), "key0000001".to_owned(), t);
+        assert_eq!(
+            all,
+            vec![
+                at(Taken::Count(Counted::Admitted, day, 2)),
+                at(Taken::Count(Counted::QuotaExceeded, day, 1)),
+                at(Taken::Count(Counted::Throttled, day, 2)),
+                at(Taken::Seen(T0 / NANOS_PER_SEC / 60 * 60)),
+            ]
+        );
     }
 }

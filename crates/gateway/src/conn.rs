@@ -15,13 +15,13 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::Record;
-use crate::admit::{Admission, Local, admit};
+use crate::admit::{Admission, Local, Refused, admit};
 use crate::client::ClientIo;
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
-use crate::limits::Refusal;
+use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
 use crate::response::{self, UpstreamFailure};
@@ -242,7 +242,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 ex.matched = matched;
                 match self.admit(&snap, &ex, matched).await {
                     Ok(admission) => self.answer(&mut ex, matched, admission),
-                    Err(refusal) => self.refuse(&mut ex, refusal),
+                    Err(refused) => self.refuse(&mut ex, refused),
                 }
             }
         };
@@ -267,9 +267,6 @@ impl<C: ClientIo> Conn<'_, C> {
             }
         };
         if status != 0 {
-            if ex.admitted {
-                shared.metrics.admitted(status);
-            }
             // The clock's readings, not the monotonic clock's: the exchange began with one.
             let end = shared.clock.now();
             let secs = |from: u64| end.saturating_sub(from) as f64 / 1e9;
@@ -303,7 +300,6 @@ impl<C: ClientIo> Conn<'_, C> {
             cors: None,
             origin: None,
             key_id: None,
-            admitted: false,
             head,
         }
     }
@@ -371,9 +367,9 @@ impl<C: ClientIo> Conn<'_, C> {
         snap: &'s Snapshot,
         ex: &Exchange<'s>,
         m: Option<RouteMatch>,
-    ) -> Result<Admission<'s>, Refusal> {
+    ) -> Result<Admission<'s>, Refused<'s>> {
         let api_key = ex.head.api_key.clone().map(|r| &self.inbuf.bytes()[r]);
-        match &self.shared.limiter {
+        let decided = match &self.shared.limiter {
             None => admit(snap, &Local(snap), m.as_ref(), api_key, ex.now).await,
             Some(limiter) => {
                 let limits = SharedLimits {
@@ -383,7 +379,15 @@ impl<C: ClientIo> Conn<'_, C> {
                 };
                 admit(snap, &limits, m.as_ref(), api_key, ex.now).await
             }
-        }
+        };
+        let (grant, decision) = match &decided {
+            Ok(a) => (a.grant.as_ref(), Decision::Allowed),
+            Err(r) => (r.grant.as_ref(), Decision::from(&r.refusal)),
+        };
+        self.shared
+            .metrics
+            .decided(m, grant.map(|g| g.plan_id()), decision);
+        decided
     }
 
     /// Phase 3, answer an admitted request: forward it to the upstream, or answer with the route's
@@ -394,8 +398,7 @@ impl<C: ClientIo> Conn<'_, C> {
         m: Option<RouteMatch>,
         admission: Admission<'s>,
     ) -> Answer<'s> {
-        ex.key_id = admission.key_id;
-        ex.admitted = true;
+        ex.key_id = admission.grant.map(|g| g.key_id);
         let mut extra = HeaderMap::new();
         if ex.config.rate_limit_headers {
             response::add_rate_limit_headers(&mut extra, &admission.limits);
@@ -437,8 +440,9 @@ impl<C: ClientIo> Conn<'_, C> {
     }
 
     /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
-    fn refuse<'s>(&self, ex: &mut Exchange<'s>, refusal: Refusal) -> Answer<'s> {
-        self.shared.metrics.refused(&refusal);
+    fn refuse<'s>(&self, ex: &mut Exchange<'s>, refused: Refused<'s>) -> Answer<'s> {
+        let refusal = refused.refusal;
+        ex.key_id = refused.grant.map(|g| g.key_id);
         ex.error = Some(response::refusal_error(&refusal));
         let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
         if let Some(cors) = ex.cors {
@@ -841,9 +845,8 @@ struct Exchange<'s> {
     /// The matched route's CORS settings, and the client's `Origin` when they apply.
     cors: Option<&'s Cors>,
     origin: Option<HeaderValue>,
+    /// The key's id, once admission accepted the key.
     key_id: Option<&'s str>,
-    /// Whether admission let the request through.
-    admitted: bool,
 }
 
 /// What an exchange sends back.

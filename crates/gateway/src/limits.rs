@@ -73,7 +73,7 @@ pub enum Refusal {
     /// No route for this path and method: 403 `Missing Authentication Token`.
     MissingAuthenticationToken,
     /// Key missing, unknown, disabled or not in a plan for this stage: 403 `Forbidden`.
-    Forbidden,
+    Forbidden(KeyRejected),
     /// A throttle refused: 429 `Too Many Requests`.
     TooManyRequests {
         /// Whole seconds until a retry can succeed (at least 1).
@@ -90,6 +90,17 @@ pub enum Refusal {
         /// The key's limits, for headers.
         limits: LimitInfo,
     },
+}
+
+/// Why a key was not accepted (the client sees the same 403 for each; metrics tell them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRejected {
+    /// No `x-api-key`.
+    Missing,
+    /// No such key, or not in a plan that covers the stage.
+    Invalid,
+    /// The key is disabled.
+    Disabled,
 }
 
 impl Refusal {

@@ -1,8 +1,59 @@
-//! Per-day request counting for one (key, plan), lock-free on the request path.
+//! Per-day request counting for one (key, plan), and when the key was last presented; lock-free on
+//! the request path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
+
+/// What a membership counts per day: the requests admitted (AWS's usage) and those refused by a
+/// throttle or for a spent quota (tollgate's own history of who is hammering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counted {
+    /// Admitted, and metered against the quota.
+    Admitted = 0,
+    /// Refused by a throttle (429 Too Many Requests).
+    Throttled = 1,
+    /// Refused for the spent quota (429 Limit Exceeded).
+    QuotaExceeded = 2,
+}
+
+impl Counted {
+    /// Every kind, in the order of a membership's meters.
+    pub const ALL: [Self; 3] = [Self::Admitted, Self::Throttled, Self::QuotaExceeded];
+}
+
+/// The minute a key was last presented (with its membership's plan covering the stage), kept until
+/// the flusher takes it: one word, `minute | UNTAKEN`.
+#[derive(Debug, Default)]
+pub struct LastSeen(AtomicU64);
+
+const UNTAKEN: u64 = 1 << 63;
+const NANOS_PER_MINUTE: u64 = 60 * NANOS_PER_SEC;
+
+impl LastSeen {
+    /// Notes a request at `now`; returns whether the flusher must be told (the first change since
+    /// it last took the minute). Costs one load while the minute has not moved.
+    pub fn saw(&self, now: u64) -> bool {
+        let minute = now / NANOS_PER_MINUTE;
+        if self.0.load(Ordering::Relaxed) & !UNTAKEN >= minute {
+            return false;
+        }
+        let before = self.0.fetch_max(minute | UNTAKEN, Ordering::AcqRel);
+        before & UNTAKEN == 0
+    }
+
+    /// Takes the minute not yet taken, as epoch seconds.
+    pub fn take(&self) -> Option<u64> {
+        let before = self.0.fetch_and(!UNTAKEN, Ordering::AcqRel);
+        (before & UNTAKEN != 0).then_some((before & !UNTAKEN) * 60)
+    }
+
+    /// Whether the last minute has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.0.load(Ordering::Acquire) & UNTAKEN == 0
+    }
+}
 
 /// Counts admitted requests of the current UTC day until the flusher takes them: one word, so a
 /// million memberships cost 8 bytes each.
@@ -116,6 +167,28 @@ mod tests {
         assert!(m.is_empty());
         assert!(m.record(EpochDay(11)).first, "the first count after a take");
         assert_eq!(m.take(), Some((EpochDay(11), 1)));
+    }
+
+    #[test]
+    fn last_seen_moves_forward_and_is_taken_once() {
+        let seen = LastSeen::default();
+        assert!(seen.is_empty());
+        assert_eq!(seen.take(), None);
+        let t = 29_000_000 * NANOS_PER_MINUTE;
+        assert!(seen.saw(t + 5), "the first sight tells the flusher");
+        assert!(
+            !seen.saw(t + 59 * NANOS_PER_SEC),
+            "the same minute: nothing to do"
+        );
+        assert!(!seen.saw(t + NANOS_PER_MINUTE), "already queued");
+        assert!(!seen.saw(t), "an older reading does not go back");
+        assert!(!seen.is_empty());
+        assert_eq!(seen.take(), Some((29_000_000 + 1) * 60));
+        assert!(seen.is_empty());
+        assert_eq!(seen.take(), None);
+        assert!(!seen.saw(t + NANOS_PER_MINUTE), "taken, and not newer");
+        assert!(seen.saw(t + 2 * NANOS_PER_MINUTE));
+        assert_eq!(seen.take(), Some((29_000_000 + 2) * 60));
     }
 
     #[test]

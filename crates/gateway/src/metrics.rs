@@ -3,8 +3,8 @@
 //! per request), so counting costs an atomic add. No label carries a key value or key id
 //! (cardinality, and secrets).
 
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,23 +17,68 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::GatewayConfig;
-use crate::limits::Refusal;
+use crate::limits::{KeyRejected, Refusal};
 use crate::route::RouteMatch;
 
-/// Outcomes counted, in the order of [`Metrics::outcomes`].
-const OUTCOMES: [&str; 7] = [
-    "admitted",
-    "no_route",
-    "forbidden",
-    "throttled",
-    "quota_exceeded",
-    "store_unavailable",
-    "upstream_error",
-];
+/// What admission decided about a request (the `decision` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Let through.
+    Allowed,
+    /// No route for the method and path.
+    NoRoute,
+    /// The route wants a key and none came.
+    MissingKey,
+    /// No such key, or none in a plan for the stage.
+    InvalidKey,
+    /// The key is disabled.
+    DisabledKey,
+    /// A throttle refused.
+    Throttled,
+    /// The quota is spent.
+    QuotaExceeded,
+    /// Redis could not decide and `onStoreFailure: deny`.
+    StoreUnavailable,
+}
 
+impl Decision {
+    /// The label's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::NoRoute => "no_route",
+            Self::MissingKey => "missing_key",
+            Self::InvalidKey => "invalid_key",
+            Self::DisabledKey => "disabled_key",
+            Self::Throttled => "throttled",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl From<&Refusal> for Decision {
+    fn from(refusal: &Refusal) -> Self {
+        match refusal {
+            Refusal::MissingAuthenticationToken => Self::NoRoute,
+            Refusal::Forbidden(KeyRejected::Missing) => Self::MissingKey,
+            Refusal::Forbidden(KeyRejected::Invalid) => Self::InvalidKey,
+            Refusal::Forbidden(KeyRejected::Disabled) => Self::DisabledKey,
+            Refusal::TooManyRequests { .. } => Self::Throttled,
+            Refusal::LimitExceeded { .. } => Self::QuotaExceeded,
+            Refusal::ServiceUnavailable => Self::StoreUnavailable,
+        }
+    }
+}
+
+/// A decision about a request to a stage, under the usage plan of the key it presented (empty when
+/// it presented none that was accepted).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Outcome {
-    outcome: &'static str,
+struct DecisionLabels {
+    api: String,
+    stage: String,
+    usage_plan: String,
+    decision: &'static str,
 }
 
 /// Where a request went (OpenTelemetry's `http.route` is the template, never the raw path), and how it
@@ -83,21 +128,71 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// The metrics of one family met so far under a cell, found by a small key under a read lock
+/// without hashing labels; a new one is made (and registered in the family) once.
+#[derive(Debug)]
+struct Seen<K, M>(RwLock<Vec<(K, M)>>);
+
+impl<K, M> Default for Seen<K, M> {
+    fn default() -> Self {
+        Self(RwLock::default())
+    }
+}
+
+impl<K, M> Seen<K, M> {
+    /// Applies `f` to the metric whose key `is` accepts, made by `make` the first time.
+    fn with(&self, is: impl Fn(&K) -> bool, make: impl FnOnce() -> (K, M), f: impl Fn(&M)) {
+        let seen = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = seen.iter().find(|(k, _)| is(k)) {
+            return f(m);
+        }
+        drop(seen);
+        let mut seen = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match seen.iter().find(|(k, _)| is(k)) {
+            Some((_, m)) => f(m),
+            None => {
+                let (k, m) = make();
+                f(&m);
+                seen.push((k, m));
+            }
+        }
+    }
+}
+
+/// Whether `seen`, a plan's id kept by a [`Seen`], is `plan`: the snapshot's own `Arc` is compared by
+/// address first, so the request path rarely compares strings.
+fn same_plan(seen: &Option<Arc<str>>, plan: Option<&Arc<str>>) -> bool {
+    match (seen, plan) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// One route of one stage: its labels, the integration histogram, and the duration histograms met
-/// so far by method and status (looked up under a read lock, without hashing labels).
+/// so far by method and status.
 #[derive(Debug)]
 struct RouteCell {
     labels: RouteLabels,
     integration: Histogram,
-    seen: RwLock<Vec<(&'static str, u16, Histogram)>>,
+    seen: Seen<(&'static str, u16), Histogram>,
 }
 
-/// The route cells of the configured APIs, indexed without a map.
+/// One stage: the decision counters met so far by plan and decision.
+#[derive(Debug)]
+struct StageCell {
+    api: String,
+    stage: String,
+    decisions: Seen<(Option<Arc<str>>, Decision), Counter>,
+}
+
+/// The route and stage cells of the configured APIs, indexed without a map.
 #[derive(Debug, Default)]
 struct RouteCells {
     cells: Vec<RouteCell>,
-    /// Per API: where its cells start, and its routes per stage.
-    apis: Vec<(usize, usize)>,
+    stages: Vec<StageCell>,
+    /// Per API: where its cells start, its routes per stage, and where its stages start.
+    apis: Vec<(usize, usize, usize)>,
 }
 
 impl RouteCells {
@@ -106,15 +201,22 @@ impl RouteCells {
         integration: &Family<RouteLabels, Histogram, fn() -> Histogram>,
     ) -> Self {
         let mut cells = Vec::new();
+        let mut stages = Vec::new();
         let mut apis = Vec::new();
         let cell = |labels: RouteLabels| RouteCell {
             integration: integration.get_or_create(&labels).clone(),
             labels,
-            seen: RwLock::default(),
+            seen: Seen::default(),
+        };
+        let stage_cell = |api: &str, stage: &str| StageCell {
+            api: api.to_owned(),
+            stage: stage.to_owned(),
+            decisions: Seen::default(),
         };
         for api in &config.apis {
-            apis.push((cells.len(), api.routes.len()));
+            apis.push((cells.len(), api.routes.len(), stages.len()));
             for stage in &api.stages {
+                stages.push(stage_cell(&api.id, &stage.name));
                 for route in &api.routes {
                     cells.push(cell(RouteLabels {
                         api: api.id.clone(),
@@ -124,22 +226,34 @@ impl RouteCells {
                 }
             }
         }
-        // The last cell: requests no route matched.
+        // The last cells: requests no route matched.
         cells.push(cell(RouteLabels {
             api: String::new(),
             stage: String::new(),
             route: String::new(),
         }));
-        Self { cells, apis }
+        stages.push(stage_cell("", ""));
+        Self {
+            cells,
+            stages,
+            apis,
+        }
     }
 
     fn of(&self, m: Option<RouteMatch>) -> Option<&RouteCell> {
         match m {
             Some(m) => {
-                let (start, routes) = *self.apis.get(m.api)?;
+                let (start, routes, _) = *self.apis.get(m.api)?;
                 self.cells.get(start + m.stage * routes + m.route)
             }
             None => self.cells.last(),
+        }
+    }
+
+    fn stage_of(&self, m: Option<RouteMatch>) -> Option<&StageCell> {
+        match m {
+            Some(m) => self.stages.get(self.apis.get(m.api)?.2 + m.stage),
+            None => self.stages.last(),
         }
     }
 }
@@ -148,7 +262,7 @@ impl RouteCells {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    outcomes: [Counter; 7],
+    decisions: Family<DecisionLabels, Counter>,
     connections_refused: Counter,
     handshakes_failed: Counter,
     rapid_resets: Counter,
@@ -213,13 +327,12 @@ impl Metrics {
             store_durations.get_or_create(&add_usage).clone(),
             store_errors.get_or_create(&add_usage).clone(),
         );
-        let requests = Family::<Outcome, Counter>::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
-            "tollgate_requests",
-            "Requests by what the gateway decided",
-            requests.clone(),
+            "tollgate_decisions",
+            "Requests by what admission decided, per stage and usage plan",
+            decisions.clone(),
         );
-        let outcomes = OUTCOMES.map(|outcome| requests.get_or_create(&Outcome { outcome }).clone());
         let counter = |registry: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
             registry.register(name, help, c.clone());
@@ -296,7 +409,7 @@ impl Metrics {
         );
         Self {
             registry,
-            outcomes,
+            decisions,
             connections_refused,
             handshakes_failed,
             rapid_resets,
@@ -332,45 +445,48 @@ impl Metrics {
             cell.integration.observe(secs);
         }
         let method = method_label(method);
-        let seen = cell.seen.read().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, h)) = seen.iter().find(|(m, s, _)| *m == method && *s == status) {
-            h.observe(secs);
-            return;
-        }
-        drop(seen);
-        let h = self
-            .durations
-            .get_or_create(&RequestLabels {
+        let make = || {
+            let labels = RequestLabels {
                 api: cell.labels.api.clone(),
                 stage: cell.labels.stage.clone(),
                 route: cell.labels.route.clone(),
                 method,
                 status_code: status,
-            })
-            .clone();
-        h.observe(secs);
-        let mut seen = cell.seen.write().unwrap_or_else(|e| e.into_inner());
-        if !seen.iter().any(|(m, s, _)| *m == method && *s == status) {
-            seen.push((method, status, h));
-        }
-    }
-
-    /// Counts an admitted request whose answer had `status`.
-    pub fn admitted(&self, status: u16) {
-        let at = if status == 502 || status == 504 { 6 } else { 0 };
-        self.outcomes[at].inc();
-    }
-
-    /// Counts a refusal.
-    pub fn refused(&self, refusal: &Refusal) {
-        let at = match refusal {
-            Refusal::MissingAuthenticationToken => 1,
-            Refusal::Forbidden => 2,
-            Refusal::TooManyRequests { .. } => 3,
-            Refusal::LimitExceeded { .. } => 4,
-            Refusal::ServiceUnavailable => 5,
+            };
+            (
+                (method, status),
+                self.durations.get_or_create(&labels).clone(),
+            )
         };
-        self.outcomes[at].inc();
+        cell.seen
+            .with(|&k| k == (method, status), make, |h| h.observe(secs));
+    }
+
+    /// Counts what admission decided about a request that matched `m`, under `plan` (the plan of
+    /// the key it presented, once the key was accepted).
+    pub(crate) fn decided(
+        &self,
+        m: Option<RouteMatch>,
+        plan: Option<&Arc<str>>,
+        decision: Decision,
+    ) {
+        let Some(cell) = self.routes.stage_of(m) else {
+            return;
+        };
+        let make = || {
+            let labels = DecisionLabels {
+                api: cell.api.clone(),
+                stage: cell.stage.clone(),
+                usage_plan: plan.map(|p| p.to_string()).unwrap_or_default(),
+                decision: decision.name(),
+            };
+            let counter = self.decisions.get_or_create(&labels).clone();
+            ((plan.cloned(), decision), counter)
+        };
+        let is = |(p, d): &(Option<Arc<str>>, Decision)| *d == decision && same_plan(p, plan);
+        cell.decisions.with(is, make, |c| {
+            c.inc();
+        });
     }
 
     /// Counts a client connection closed, or an HTTP/2 stream refused, at once because the

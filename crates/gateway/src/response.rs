@@ -70,7 +70,7 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Bytes> {
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             resp
         }
-        Refusal::Forbidden => aws_error(
+        Refusal::Forbidden(_) => aws_error(
             StatusCode::FORBIDDEN,
             "ForbiddenException",
             r#"{"message":"Forbidden"}"#,
@@ -158,7 +158,7 @@ pub fn refusal_error(refusal: &Refusal) -> (&'static str, &'static str) {
             "Missing Authentication Token",
             "MISSING_AUTHENTICATION_TOKEN",
         ),
-        Refusal::Forbidden => ("Forbidden", "INVALID_API_KEY"),
+        Refusal::Forbidden(_) => ("Forbidden", "INVALID_API_KEY"),
         Refusal::TooManyRequests { .. } => ("Too Many Requests", "THROTTLED"),
         Refusal::LimitExceeded { .. } => ("Limit Exceeded", "QUOTA_EXCEEDED"),
         Refusal::ServiceUnavailable => ("Service Unavailable", "DEFAULT_5XX"),

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tollgate_core::Clock;
+use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::limiter::{LimiterError, RedisLimiter};
@@ -22,9 +23,10 @@ use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
 use crate::conn;
 use crate::h2::{self, Rewind};
+use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError, Taken};
 use crate::state::Shared;
 use crate::tls::TlsInfo;
 
@@ -479,13 +481,27 @@ async fn flush_loop(
 async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     // One flush at a time: the lock also orders a retried batch before newer counts.
     let mut pending = shared.unflushed.lock().await;
-    Snapshot::take_metered(&shared.snapshot, |plan_id, key_id, day, count| {
-        pending.push(UsageDelta {
+    Snapshot::take_metered(&shared.snapshot, |plan_id, key_id, taken| {
+        let mut delta = UsageDelta {
             plan_id: plan_id.to_owned(),
             key_id: key_id.to_owned(),
-            day,
-            count,
-        });
+            ..UsageDelta::default()
+        };
+        match taken {
+            Taken::Count(counted, day, n) => {
+                delta.day = day;
+                *match counted {
+                    Counted::Admitted => &mut delta.count,
+                    Counted::Throttled => &mut delta.throttled,
+                    Counted::QuotaExceeded => &mut delta.quota_exceeded,
+                } = n;
+            }
+            Taken::Seen(at) => {
+                delta.day = EpochDay::from_nanos(at * NANOS_PER_SEC);
+                delta.last_used = Some(at);
+            }
+        }
+        pending.push(delta);
     });
     if pending.is_empty() {
         shared.metrics.flushed(0, shared.clock.now());

@@ -10,6 +10,7 @@ use tollgate_store::limiter::{KeyCall, RedisLimiter, Verdict};
 
 use crate::admit::{KeyLimits, Local};
 use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::route::RouteMatch;
 use crate::snapshot::{Grant, Snapshot};
@@ -69,7 +70,7 @@ impl SharedLimits<'_> {
                 OnStoreFailure::Local => Local(self.snap).decide_now(grant, m, now),
                 OnStoreFailure::Allow => {
                     // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    self.snap.meter(grant, now);
+                    self.snap.count(grant, Counted::Admitted, now);
                     Ok(LimitInfo::default())
                 }
                 OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),

@@ -1,7 +1,7 @@
 //! Live state that survives rebuilds: each (key, plan) membership's bucket, quota count and meter in
 //! a numbered slot, and the token buckets that outlive a snapshot.
 //!
-//! A slot holds 24 bytes of atomics in chunked arrays shared by successive snapshots and keeps its
+//! A slot holds 48 bytes of atomics in chunked arrays shared by successive snapshots and keeps its
 //! number across rebuilds, so a change of records neither refills buckets nor loses counts. A slot a
 //! membership gives up is retired, and handed out again only once the flusher has taken its last
 //! counts and no snapshot that could still count into it is in use. The request path only touches
@@ -14,7 +14,7 @@ use tollgate_core::ThrottleSettings;
 use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
 use tollgate_core::quota::{EpochDay, QuotaCount};
 
-use crate::meter::DailyMeter;
+use crate::meter::{Counted, DailyMeter, LastSeen};
 
 /// One token bucket with its own state: the stage, account and per-method throttles.
 #[derive(Debug)]
@@ -57,7 +57,16 @@ pub(crate) struct Live {
     /// The plan's bucket (per-method buckets are [`Bucket`]s of their own).
     pub(crate) bucket: GcraState,
     pub(crate) quota: QuotaCount,
-    pub(crate) meter: DailyMeter,
+    /// Per [`Counted`] kind.
+    pub(crate) meters: [DailyMeter; 3],
+    pub(crate) seen: LastSeen,
+}
+
+impl Live {
+    /// Whether the flusher has taken everything counted here.
+    fn is_taken(&self) -> bool {
+        self.meters.iter().all(DailyMeter::is_empty) && self.seen.is_empty()
+    }
 }
 
 const CHUNK_BITS: u32 = 12;
@@ -109,7 +118,7 @@ impl SlotBook {
         let (chunks, free) = (&self.chunks, &mut self.free);
         self.retired.retain(|&slot, retired| {
             let live = live_at(chunks, slot);
-            let done = retired.seen_by.strong_count() == 0 && live.meter.is_empty();
+            let done = retired.seen_by.strong_count() == 0 && live.is_taken();
             if done {
                 live.bucket.reset();
                 free.push(slot);
@@ -119,13 +128,13 @@ impl SlotBook {
     }
 }
 
-/// Counts the flusher has not taken: slots queued by their first count since the last take (the
-/// flusher visits these, not a million memberships every second), and counts of an earlier day a
-/// rollover displaced.
+/// Counts the flusher has not taken: slots queued by their first count or sight since the last take
+/// (the flusher visits these, not a million memberships every second; a slot may be queued once per
+/// meter), and counts of an earlier day a rollover displaced.
 #[derive(Debug, Default)]
 pub(crate) struct Metered {
     pub(crate) slots: Vec<u32>,
-    pub(crate) displaced: Vec<(u32, EpochDay, u64)>,
+    pub(crate) displaced: Vec<(u32, Counted, EpochDay, u64)>,
 }
 
 /// The live state shared by a gateway's successive snapshots.
@@ -136,18 +145,25 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Counts an admitted request in slot `slot` (whose state is `live`) at `now`, queueing the slot
-    /// for the flusher on its first count since the last take.
-    pub(crate) fn meter(&self, slot: u32, live: &Live, now: u64) {
-        let recorded = live.meter.record(EpochDay::from_nanos(now));
+    /// Counts a request of kind `counted` in slot `slot` (whose state is `live`) at `now`, queueing
+    /// the slot for the flusher on that meter's first count since the last take.
+    pub(crate) fn count(&self, slot: u32, live: &Live, counted: Counted, now: u64) {
+        let recorded = live.meters[counted as usize].record(EpochDay::from_nanos(now));
         if recorded.first || recorded.displaced.is_some() {
             let mut metered = lock(&self.metered);
             if recorded.first {
                 metered.slots.push(slot);
             }
             if let Some((day, count)) = recorded.displaced {
-                metered.displaced.push((slot, day, count));
+                metered.displaced.push((slot, counted, day, count));
             }
+        }
+    }
+
+    /// Notes that slot `slot`'s key was presented at `now`, queueing the slot when the minute moved.
+    pub(crate) fn saw(&self, slot: u32, live: &Live, now: u64) {
+        if live.seen.saw(now) {
+            lock(&self.metered).slots.push(slot);
         }
     }
 }
@@ -195,7 +211,8 @@ mod tests {
             },
         );
         let live = live_at(&book.chunks, slot);
-        slots.meter(slot, live, 0);
+        slots.count(slot, live, Counted::Admitted, 0);
+        slots.count(slot, live, Counted::Admitted, 0);
         assert_eq!(lock(&slots.metered).slots, vec![slot], "queued once");
 
         // Still seen by a snapshot, and holding a count: kept.
@@ -204,7 +221,18 @@ mod tests {
         drop(epoch);
         book.reclaim();
         assert!(book.retired.contains_key(&slot), "its count is not taken");
-        assert!(live_at(&book.chunks, slot).meter.take().is_some());
+        assert!(live_at(&book.chunks, slot).meters[0].take().is_some());
+        slots.saw(
+            slot,
+            live_at(&book.chunks, slot),
+            1_800_000_000 * 1_000_000_000,
+        );
+        book.reclaim();
+        assert!(
+            book.retired.contains_key(&slot),
+            "its last sight is not taken"
+        );
+        assert!(live_at(&book.chunks, slot).seen.take().is_some());
         book.reclaim();
         assert!(book.retired.is_empty());
         assert_eq!(book.allocate(), slot, "handed out again");

@@ -20,6 +20,8 @@ use tollgate_store::{KeyIndex, Memberships};
 
 use crate::config::{GatewayConfig, Route};
 use crate::key_table::{KeyTable, Member};
+use crate::limits::KeyRejected;
+use crate::meter::Counted;
 use crate::plans::{PlanRules, RouteAt};
 use crate::route::{RouteError, RouteMatch, Router};
 use crate::slots::{Bucket, Chunk, Epoch, Live, Retired, SlotBook, Slots, live_at, lock};
@@ -95,6 +97,15 @@ impl<'s> Grant<'s> {
         self.quota()
             .map(|q| q.set_remaining(&self.live.quota, now, remaining))
     }
+}
+
+/// What one take of the meters found for a membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Requests of one kind on one UTC day.
+    Count(Counted, EpochDay, u64),
+    /// The key was last presented at this time (epoch seconds, to the minute).
+    Seen(u64),
 }
 
 /// Why a snapshot could not be built.
@@ -381,13 +392,21 @@ impl Snapshot {
 
     /// The membership of the enabled key whose value hashes to `hash` in the first of its plans
     /// that covers the stage `m` matched.
-    pub(crate) fn grant_for(&self, hash: &KeyHash, m: &RouteMatch) -> Option<Grant<'_>> {
-        let key = self.keys.find(hash).filter(|&k| self.keys.enabled(k))?;
+    pub(crate) fn grant_for(
+        &self,
+        hash: &KeyHash,
+        m: &RouteMatch,
+    ) -> Result<Grant<'_>, KeyRejected> {
+        let key = self.keys.find(hash).ok_or(KeyRejected::Invalid)?;
+        if !self.keys.enabled(key) {
+            return Err(KeyRejected::Disabled);
+        }
         self.keys
             .members_of(key)
             .iter()
             .find(|member| self.plans[member.plan as usize].covers(m))
             .map(|&member| self.grant_at(key, member))
+            .ok_or(KeyRejected::Invalid)
     }
 
     fn grant_at(&self, key: usize, member: Member) -> Grant<'_> {
@@ -429,17 +448,19 @@ impl Snapshot {
         self.plans_in_use
     }
 
-    /// Counts an admitted request of `grant` at `now`.
-    pub fn meter(&self, grant: &Grant<'_>, now: u64) {
-        self.slots.meter(grant.slot, grant.live, now);
+    /// Counts a request of `grant` at `now` as `counted`.
+    pub fn count(&self, grant: &Grant<'_>, counted: Counted, now: u64) {
+        self.slots.count(grant.slot, grant.live, counted, now);
     }
 
-    /// Takes every count not yet taken from the snapshots `current` has held, as (plan id, key id,
-    /// day, count), memberships removed since included. Serialised with rebuilds.
-    pub fn take_metered(
-        current: &ArcSwap<Snapshot>,
-        mut each: impl FnMut(&str, &str, EpochDay, u64),
-    ) {
+    /// Notes that `grant`'s key was presented at `now` (its `lastUsedDate`).
+    pub(crate) fn saw(&self, grant: &Grant<'_>, now: u64) {
+        self.slots.saw(grant.slot, grant.live, now);
+    }
+
+    /// Takes every count and sight not yet taken from the snapshots `current` has held, with their
+    /// (plan id, key id), memberships removed since included. Serialised with rebuilds.
+    pub fn take_metered(current: &ArcSwap<Snapshot>, mut each: impl FnMut(&str, &str, Taken)) {
         let slots = current.load().slots.clone();
         let book = lock(&slots.book);
         let snap = current.load();
@@ -454,19 +475,22 @@ impl Snapshot {
                 _ => book.retired.get(&slot).map(|r| (&*r.plan_id, &*r.key_id)),
             }
         };
-        let counts = taken
+        let displaced = taken
             .displaced
             .into_iter()
-            .chain(taken.slots.into_iter().filter_map(|slot| {
-                live_at(&book.chunks, slot)
-                    .meter
-                    .take()
-                    .map(|(d, n)| (slot, d, n))
-            }));
-        for (slot, day, count) in counts {
+            .map(|(slot, counted, day, n)| (slot, Taken::Count(counted, day, n)));
+        let current = taken.slots.into_iter().flat_map(|slot| {
+            let live = live_at(&book.chunks, slot);
+            let counts = Counted::ALL.into_iter().filter_map(move |counted| {
+                let (day, n) = live.meters[counted as usize].take()?;
+                Some((slot, Taken::Count(counted, day, n)))
+            });
+            counts.chain(live.seen.take().map(|at| (slot, Taken::Seen(at))))
+        });
+        for (slot, taken) in displaced.chain(current) {
             match ids(slot) {
-                Some((plan_id, key_id)) => each(plan_id, key_id, day, count),
-                None => tracing::error!(slot, count, "metered slot has no owner; counts dropped"),
+                Some((plan_id, key_id)) => each(plan_id, key_id, taken),
+                None => tracing::error!(slot, ?taken, "metered slot has no owner; counts dropped"),
             }
         }
     }
@@ -558,7 +582,7 @@ mod tests {
         assert!(call(&old, "GET", get, Some(KEY), T0).is_ok());
         assert_eq!(
             call(&cell.load(), "GET", get, Some(KEY), T0),
-            Err(Refusal::Forbidden)
+            Err(Refusal::Forbidden(KeyRejected::Invalid))
         );
         // Key 2 joins: the retired slot is not reused while the old snapshot is in use.
         rec.bindings = one_plan[1..].to_vec();
@@ -656,7 +680,7 @@ mod tests {
         let s3 = cell.load_full();
         assert_eq!(
             call(&s3, "GET", get, Some(KEY), T0 + 5 * NANOS_PER_SEC),
-            Err(Refusal::Forbidden)
+            Err(Refusal::Forbidden(KeyRejected::Disabled))
         );
         let limits = call(&s3, "GET", get, Some(OTHER), T0 + 5 * NANOS_PER_SEC).unwrap();
         assert_eq!(limits.quota.unwrap().remaining, 19);

@@ -12,7 +12,8 @@ use tollgate_store::{KeyIndex, Records};
 use crate::admit::admit_locally;
 use crate::config::{Api, GatewayConfig, Integration, Route, RouteMethod, Stage};
 use crate::limits::{LimitInfo, Refusal};
-use crate::snapshot::Snapshot;
+use crate::meter::Counted;
+use crate::snapshot::{Snapshot, Taken};
 
 pub(crate) const KEY: &str = "central-system-key-0123456789";
 pub(crate) const OTHER: &str = "another-partner-key-0123456789";
@@ -136,14 +137,18 @@ pub(crate) fn call(
     now: u64,
 ) -> Result<LimitInfo, Refusal> {
     let m = s.route(&method.parse().unwrap(), path);
-    admit_locally(s, m.as_ref(), key.map(str::as_bytes), now).map(|a| a.limits)
+    admit_locally(s, m.as_ref(), key.map(str::as_bytes), now)
+        .map(|a| a.limits)
+        .map_err(|r| r.refusal)
 }
 
-/// What the flusher would be handed now, as (plan id, key id, day, count), sorted.
+/// The admitted counts the flusher would be handed now, as (plan id, key id, day, count), sorted.
 pub(crate) fn taken(cell: &ArcSwap<Snapshot>) -> Vec<(String, String, EpochDay, u64)> {
     let mut out = Vec::new();
-    Snapshot::take_metered(cell, |plan, key, day, n| {
-        out.push((plan.into(), key.into(), day, n));
+    Snapshot::take_metered(cell, |plan, key, taken| {
+        if let Taken::Count(Counted::Admitted, day, n) = taken {
+            out.push((plan.into(), key.into(), day, n));
+        }
     });
     out.sort();
     out

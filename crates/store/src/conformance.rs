@@ -9,8 +9,8 @@ use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    DeclaredKey, DeclaredPlan, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow,
-    apply_declared,
+    DeclaredKey, DeclaredPlan, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
+    UsageRow, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -19,6 +19,7 @@ pub fn run_all(store: &dyn Store) {
     duplicate_values_conflict(store);
     bindings_are_idempotent(store);
     usage_accumulates_and_filters(store);
+    refusals_and_last_use_are_kept_apart_from_usage(store);
     deletes_take_memberships_along(store);
     quota_adjustments_accumulate(store);
     declared_state_is_applied_by_name(store);
@@ -251,6 +252,7 @@ pub fn usage_accumulates_and_filters(store: &dyn Store) {
         key_id: key.into(),
         day: EpochDay(day),
         count,
+        ..UsageDelta::default()
     };
     store
         .add_usage(&[d("k1", 10, 2), d("k1", 11, 1), d("k2", 10, 5)])
@@ -279,6 +281,69 @@ pub fn usage_accumulates_and_filters(store: &dyn Store) {
             .usage("other", None, EpochDay(0), EpochDay(100))
             .unwrap()
             .is_empty()
+    );
+}
+
+pub fn refusals_and_last_use_are_kept_apart_from_usage(store: &dyn Store) {
+    let refused = |key: &str, day: u32, throttled: u64, quota_exceeded: u64| UsageDelta {
+        plan_id: "refp01".into(),
+        key_id: key.into(),
+        day: EpochDay(day),
+        throttled,
+        quota_exceeded,
+        ..UsageDelta::default()
+    };
+    let seen = |key: &str, at: u64| UsageDelta {
+        plan_id: "refp01".into(),
+        key_id: key.into(),
+        day: EpochDay((at / 86_400) as u32),
+        last_used: Some(at),
+        ..UsageDelta::default()
+    };
+    store
+        .add_usage(&[
+            refused("rk1", 20, 3, 0),
+            refused("rk1", 21, 0, 4),
+            seen("rk1", 1_800_000_060),
+            refused("rk2", 20, 1, 1),
+        ])
+        .unwrap();
+    store
+        .add_usage(&[refused("rk1", 20, 2, 5), seen("rk1", 1_800_000_000)])
+        .unwrap();
+    let row = |key: &str, day: u32, throttled: u64, quota_exceeded: u64| RefusalRow {
+        key_id: key.into(),
+        day: EpochDay(day),
+        throttled,
+        quota_exceeded,
+    };
+    assert_eq!(
+        store
+            .refusals("refp01", None, EpochDay(0), EpochDay(100))
+            .unwrap(),
+        vec![
+            row("rk1", 20, 5, 5),
+            row("rk1", 21, 0, 4),
+            row("rk2", 20, 1, 1)
+        ]
+    );
+    assert_eq!(
+        store
+            .refusals("refp01", Some("rk1"), EpochDay(21), EpochDay(21))
+            .unwrap(),
+        vec![row("rk1", 21, 0, 4)]
+    );
+    assert!(
+        store
+            .usage("refp01", None, EpochDay(0), EpochDay(100))
+            .unwrap()
+            .is_empty(),
+        "refusals are not usage"
+    );
+    assert_eq!(
+        store.last_used(&["rk1", "rk2", "nokey"]).unwrap(),
+        vec![Some(1_800_000_060), None, None],
+        "the latest use is kept"
     );
 }
 
@@ -398,6 +463,13 @@ pub fn deletes_take_memberships_along(store: &dyn Store) {
         .unwrap();
     store.bind("del001", "delkey0001").unwrap();
     store.bind("del002", "delkey0001").unwrap();
+    let seen = UsageDelta {
+        plan_id: "del002".into(),
+        key_id: "delkey0001".into(),
+        last_used: Some(1_800_000_000),
+        ..UsageDelta::default()
+    };
+    store.add_usage(&[seen]).unwrap();
     store.delete_plan("del001").unwrap();
     let r = store.load().unwrap();
     assert!(!r.plans.iter().any(|p| p.id == "del001"));
@@ -407,6 +479,7 @@ pub fn deletes_take_memberships_along(store: &dyn Store) {
     let r = store.load().unwrap();
     assert!(!r.keys.iter().any(|k| k.id == "delkey0001"));
     assert!(!r.bindings.iter().any(|(_, k)| k == "delkey0001"));
+    assert_eq!(store.last_used(&["delkey0001"]).unwrap(), vec![None]);
     // Its value is free again.
     store
         .put_key(&key("delkey0002", "delete-me-value-0123456789"))

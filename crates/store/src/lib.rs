@@ -82,8 +82,8 @@ pub struct Records {
 /// A key found by name, and the ids of the plans it is in.
 pub type NamedKey = (ApiKey, Vec<String>);
 
-/// Requests to add to one key's usage under one plan on one UTC day.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Requests to add to one key's counts under one plan on one UTC day, and when it was last used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageDelta {
     /// The usage plan.
     pub plan_id: String,
@@ -91,8 +91,14 @@ pub struct UsageDelta {
     pub key_id: String,
     /// The UTC day.
     pub day: EpochDay,
-    /// Requests to add.
+    /// Requests admitted: AWS's usage.
     pub count: u64,
+    /// Requests refused by a throttle.
+    pub throttled: u64,
+    /// Requests refused for the spent quota.
+    pub quota_exceeded: u64,
+    /// When the key was presented (epoch seconds); a key's `lastUsedDate` is the latest of these.
+    pub last_used: Option<u64>,
 }
 
 /// One key's usage under one plan on one day.
@@ -104,6 +110,19 @@ pub struct UsageRow {
     pub day: EpochDay,
     /// Requests counted that day.
     pub used: u64,
+}
+
+/// One key's refused requests under one plan on one day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRow {
+    /// The API key.
+    pub key_id: String,
+    /// The UTC day.
+    pub day: EpochDay,
+    /// Requests refused by a throttle.
+    pub throttled: u64,
+    /// Requests refused for the spent quota.
+    pub quota_exceeded: u64,
 }
 
 /// A change of one key's remaining quota made on one day (positive: fewer requests left).
@@ -222,8 +241,19 @@ pub trait Store: Send + Sync {
     fn put_records(&self, records: &Records) -> Result<(), StoreError> {
         put_each(self, records)
     }
-    /// Adds counted requests, all in one transaction.
+    /// Adds counted requests and notes last uses, all in one transaction.
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Per-day refused requests of a plan's keys (or one key) from `from` to `to` inclusive, ordered
+    /// by key then day; days without refusals are absent.
+    fn refusals(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<RefusalRow>, StoreError>;
+    /// For each of `key_ids`, in order, when it was last used (epoch seconds), if ever.
+    fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, key) on `day`: what AWS UpdateUsage
     /// (`replace /remaining`) records, so a changed remaining count survives restarts.
     fn adjust_quota(

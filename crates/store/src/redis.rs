@@ -13,7 +13,9 @@ use redis::{Cmd, ConnectionLike, Script};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{KeyIndex, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow};
+use crate::{
+    KeyIndex, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta, UsageRow,
+};
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
@@ -46,6 +48,16 @@ pub mod keys {
     pub fn usage_index(plan_id: &str) -> String {
         format!("{{tg}}:usage:{plan_id}")
     }
+    /// Requests of a key refused by a throttle under a plan: day → count.
+    pub fn throttled(key_id: &str, plan_id: &str) -> String {
+        per_key_name(key_id, "rt", plan_id, None)
+    }
+    /// Requests of a key refused for the spent quota under a plan: day → count.
+    pub fn quota_exceeded(key_id: &str, plan_id: &str) -> String {
+        per_key_name(key_id, "rq", plan_id, None)
+    }
+    /// When each key was last used: key id → epoch seconds.
+    pub const LAST_USED: &str = "{tg}:lastused";
     /// Quota adjustments of a key under a plan: day → delta.
     pub fn adjustments(key_id: &str, plan_id: &str) -> String {
         per_key_name(key_id, "a", plan_id, None)
@@ -185,7 +197,15 @@ for _, plan in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   redis.call('SADD', '{tg}:usage:' .. plan, ARGV[1])
 end
 redis.call('DEL', KEYS[5])
+redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
+return 1
+";
+
+/// Keeps the later of the stored and the given last use of key `ARGV[1]`.
+const NOTE_LAST_USED: &str = r"
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0
+if tonumber(ARGV[2]) > at then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 ";
 
@@ -654,6 +674,7 @@ impl Store for RedisStore {
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
                 .key(keys::key_plans(key_id))
+                .key(keys::LAST_USED)
                 .arg(key_id)
                 .invoke::<i64>(c)
         })?;
@@ -721,11 +742,33 @@ impl Store for RedisStore {
         if deltas.is_empty() {
             return Ok(());
         }
+        let note_last_used = Script::new(NOTE_LAST_USED);
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.with(|c| {
             for d in deltas {
-                let n = i64::try_from(d.count).unwrap_or(i64::MAX);
-                Cmd::hincr(keys::usage(&d.key_id, &d.plan_id), d.day.0, n).query::<i64>(c)?;
-                Cmd::sadd(keys::usage_index(&d.plan_id), &d.key_id).query::<i64>(c)?;
+                let counts = [
+                    (keys::usage(&d.key_id, &d.plan_id), d.count),
+                    (keys::throttled(&d.key_id, &d.plan_id), d.throttled),
+                    (
+                        keys::quota_exceeded(&d.key_id, &d.plan_id),
+                        d.quota_exceeded,
+                    ),
+                ];
+                let mut counted = false;
+                for (hash, count) in counts.into_iter().filter(|(_, v)| *v > 0) {
+                    Cmd::hincr(hash, d.day.0, n(count)).query::<i64>(c)?;
+                    counted = true;
+                }
+                if counted {
+                    Cmd::sadd(keys::usage_index(&d.plan_id), &d.key_id).query::<i64>(c)?;
+                }
+                if let Some(at) = d.last_used {
+                    note_last_used
+                        .key(keys::LAST_USED)
+                        .arg(&d.key_id)
+                        .arg(at)
+                        .invoke::<i64>(c)?;
+                }
             }
             Ok(())
         })
@@ -751,6 +794,48 @@ impl Store for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    fn refusals(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<RefusalRow>, StoreError> {
+        let mut out = Vec::new();
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        for key in self.indexed_keys(plan_id, &keys::usage_index(plan_id), key_id)? {
+            let mut days: std::collections::BTreeMap<EpochDay, (u64, u64)> = Default::default();
+            for (day, n) in self.days(&keys::throttled(&key, plan_id), from, to)? {
+                days.entry(day).or_default().0 = count(n);
+            }
+            for (day, n) in self.days(&keys::quota_exceeded(&key, plan_id), from, to)? {
+                days.entry(day).or_default().1 = count(n);
+            }
+            out.extend(
+                days.into_iter()
+                    .map(|(day, (throttled, quota_exceeded))| RefusalRow {
+                        key_id: key.clone(),
+                        day,
+                        throttled,
+                        quota_exceeded,
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with(|c| {
+            redis::cmd("HMGET")
+                .arg(keys::LAST_USED)
+                .arg(key_ids)
+                .query(c)
+        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 
-use crate::{QuotaAdjustment, Store, StoreError, UsageRow};
+use crate::{QuotaAdjustment, RefusalRow, Store, StoreError, UsageRow};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -32,7 +32,23 @@ pub struct PlanUsage<'p> {
     /// Ordered by key, then day (as the store returns them).
     rows: Vec<UsageRow>,
     adjustments: Vec<QuotaAdjustment>,
+    /// Read only for [`PlanUsage::detail`].
+    refusals: Vec<RefusalRow>,
     ids: Vec<String>,
+}
+
+/// One day of one key in a detailed report: AWS's `[used, remaining]` and the requests refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DayDetail {
+    /// Requests admitted.
+    pub used: u64,
+    /// Quota left at the end of the day (AWS's second number).
+    pub remaining: u64,
+    /// Requests refused by a throttle.
+    pub throttled: u64,
+    /// Requests refused for the spent quota.
+    pub quota_exceeded: u64,
 }
 
 /// Reads what AWS GetUsage reports for the plan's keys `members` (or the one key `key_id`) from `from`
@@ -66,6 +82,7 @@ pub fn plan_usage<'p>(
         to,
         rows,
         adjustments,
+        refusals: Vec::new(),
         ids,
     })
 }
@@ -91,6 +108,37 @@ impl PlanUsage<'_> {
             self.from,
             self.to,
         )
+    }
+
+    /// Reads the refused requests too, for [`PlanUsage::detail`].
+    pub fn with_refusals(
+        mut self,
+        store: &dyn Store,
+        key_id: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        self.refusals = store.refusals(&self.plan.id, key_id, self.from, self.to)?;
+        Ok(self)
+    }
+
+    /// Each day of the range for key `key_id`: its report, and its refusals (read by
+    /// [`PlanUsage::with_refusals`]).
+    pub fn detail(&self, key_id: &str) -> Vec<DayDetail> {
+        let mut days: Vec<DayDetail> = self
+            .report(key_id)
+            .into_iter()
+            .map(|[used, remaining]| DayDetail {
+                used,
+                remaining,
+                ..DayDetail::default()
+            })
+            .collect();
+        for r in of_key(&self.refusals, key_id, |r| &r.key_id) {
+            if let Some(day) = days.get_mut(r.day.0.wrapping_sub(self.from.0) as usize) {
+                day.throttled = r.throttled;
+                day.quota_exceeded = r.quota_exceeded;
+            }
+        }
+        days
     }
 
     /// Every key's report.
@@ -161,6 +209,7 @@ mod tests {
             key_id: key.into(),
             day,
             count,
+            ..UsageDelta::default()
         };
         store
             .add_usage(&[

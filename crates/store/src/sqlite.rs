@@ -8,7 +8,8 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::{
-    KeyIndex, NamedKey, QuotaAdjustment, Records, Store, StoreError, UsageDelta, UsageRow,
+    KeyIndex, NamedKey, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
+    UsageRow,
 };
 
 const SCHEMA: &str = "
@@ -42,6 +43,18 @@ CREATE TABLE IF NOT EXISTS usage (
     day     INTEGER NOT NULL,        -- days since 1970-01-01 UTC
     used    INTEGER NOT NULL,
     PRIMARY KEY (plan_id, key_id, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refusals (
+    plan_id        TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    day            INTEGER NOT NULL,
+    throttled      INTEGER NOT NULL,
+    quota_exceeded INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, key_id, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_last_used (
+    key_id TEXT PRIMARY KEY,
+    at     INTEGER NOT NULL          -- epoch seconds
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quota_adjustments (
     plan_id TEXT NOT NULL,
@@ -316,6 +329,8 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         tx.execute("DELETE FROM api_keys WHERE id = ?1", [key_id])
             .map_err(backend)?;
+        tx.execute("DELETE FROM key_last_used WHERE key_id = ?1", [key_id])
+            .map_err(backend)?;
         tx.commit().map_err(backend)
     }
 
@@ -391,16 +406,42 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
         {
-            let mut stmt = tx
+            let mut used = tx
                 .prepare_cached(
                     "INSERT INTO usage (plan_id, key_id, day, used) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(plan_id, key_id, day) DO UPDATE SET used = used + excluded.used",
                 )
                 .map_err(backend)?;
+            let mut refused = tx
+                .prepare_cached(
+                    "INSERT INTO refusals (plan_id, key_id, day, throttled, quota_exceeded)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(plan_id, key_id, day) DO UPDATE SET
+                       throttled = throttled + excluded.throttled,
+                       quota_exceeded = quota_exceeded + excluded.quota_exceeded",
+                )
+                .map_err(backend)?;
+            let mut seen = tx
+                .prepare_cached(
+                    "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
+                     ON CONFLICT(key_id) DO UPDATE SET at = max(at, excluded.at)",
+                )
+                .map_err(backend)?;
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             for d in deltas {
-                let count = i64::try_from(d.count).unwrap_or(i64::MAX);
-                stmt.execute(params![d.plan_id, d.key_id, d.day.0, count])
-                    .map_err(backend)?;
+                if d.count > 0 {
+                    used.execute(params![d.plan_id, d.key_id, d.day.0, n(d.count)])
+                        .map_err(backend)?;
+                }
+                if d.throttled > 0 || d.quota_exceeded > 0 {
+                    let (t, q) = (n(d.throttled), n(d.quota_exceeded));
+                    refused
+                        .execute(params![d.plan_id, d.key_id, d.day.0, t, q])
+                        .map_err(backend)?;
+                }
+                if let Some(at) = d.last_used {
+                    seen.execute(params![d.key_id, n(at)]).map_err(backend)?;
+                }
             }
         }
         tx.commit().map_err(backend)
@@ -431,6 +472,51 @@ impl Store for SqliteStore {
             })
             .map_err(backend)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+    }
+
+    fn refusals(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<RefusalRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT key_id, day, throttled, quota_exceeded FROM refusals
+                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
+                 ORDER BY key_id, day",
+            )
+            .map_err(backend)?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        let rows = stmt
+            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
+                Ok(RefusalRow {
+                    key_id: r.get(0)?,
+                    day: to_day(r.get(1)?),
+                    throttled: count(r.get(2)?),
+                    quota_exceeded: count(r.get(3)?),
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+    }
+
+    fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT at FROM key_last_used WHERE key_id = ?1")
+            .map_err(backend)?;
+        key_ids
+            .iter()
+            .map(|id| {
+                stmt.query_row([id], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map(|at| at.map(|a| u64::try_from(a).unwrap_or(0)))
+                    .map_err(backend)
+            })
+            .collect()
     }
 }
 
@@ -508,6 +594,7 @@ mod tests {
             key_id: "k".into(),
             day: EpochDay(5),
             count: 3,
+            ..UsageDelta::default()
         };
         SqliteStore::open(&path)
             .unwrap()

@@ -264,6 +264,13 @@ fn print(output: Output, value: &Value, columns: &[(&str, &str)]) {
                             o.get("burstLimit").unwrap_or(&Value::Null)
                         )
                     }
+                    Value::Number(n) if field == "lastUsedDate" => n
+                        .as_i64()
+                        .and_then(|secs| jiff::Timestamp::from_second(secs).ok())
+                        .map_or_else(
+                            || n.to_string(),
+                            |t| t.strftime("%Y-%m-%d %H:%MZ").to_string(),
+                        ),
                     Value::Object(o) if field == "quota" => format!(
                         "{}/{} +{}",
                         o.get("limit").unwrap_or(&Value::Null),
@@ -313,6 +320,7 @@ const KEY_COLUMNS: &[(&str, &str)] = &[
     ("NAME", "name"),
     ("ENABLED", "enabled"),
     ("CUSTOMER", "customerId"),
+    ("LAST USED", "lastUsedDate"),
     ("VALUE", "value"),
 ];
 const PLAN_COLUMNS: &[(&str, &str)] = &[
@@ -689,6 +697,7 @@ pub fn remote_usage(
     key: Option<&str>,
     from: &str,
     to: &str,
+    detail: bool,
 ) -> anyhow::Result<Value> {
     let mut q = format!(
         "startDate={}&endDate={}&limit=500",
@@ -698,9 +707,10 @@ pub fn remote_usage(
     if let Some(k) = key {
         q.push_str(&format!("&keyId={}", encode(k)));
     }
+    let prefix = if detail { "/tollgate" } else { "" };
     common.remote()?.json(
         Method::GET,
-        &format!("/usageplans/{}/usage?{q}", encode(plan)),
+        &format!("{prefix}/usageplans/{}/usage?{q}", encode(plan)),
         &(),
     )
 }

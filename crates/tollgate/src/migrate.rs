@@ -1,6 +1,6 @@
 //! `tollgate migrate --from sqlite:./tollgate.db --to redis://…`: copies keys (hashes and sealed
-//! values), plans, memberships, usage history and quota adjustments between stores, so outgrowing one
-//! machine keeps every record.
+//! values), plans, memberships, usage history (refused requests and last uses included) and quota
+//! adjustments between stores, so outgrowing one machine keeps every record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,22 +51,45 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
         .put_records(&records)
         .context("writing the records")?;
     let mut rows = 0;
+    let all = (EpochDay(0), EpochDay(u32::MAX));
     for plan in &records.plans {
-        let usage = source.usage(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))?;
+        let usage = source.usage(&plan.id, None, all.0, all.1)?;
+        let refusals = source.refusals(&plan.id, None, all.0, all.1)?;
         rows += usage.len();
-        let deltas: Vec<UsageDelta> = usage
-            .into_iter()
-            .map(|r| UsageDelta {
-                plan_id: plan.id.clone(),
-                key_id: r.key_id,
-                day: r.day,
-                count: r.used,
-            })
-            .collect();
-        target.add_usage(&deltas)?;
+        let delta = |key_id, day| UsageDelta {
+            plan_id: plan.id.clone(),
+            key_id,
+            day,
+            ..UsageDelta::default()
+        };
+        let used = usage.into_iter().map(|r| UsageDelta {
+            count: r.used,
+            ..delta(r.key_id, r.day)
+        });
+        let refused = refusals.into_iter().map(|r| UsageDelta {
+            throttled: r.throttled,
+            quota_exceeded: r.quota_exceeded,
+            ..delta(r.key_id, r.day)
+        });
+        target.add_usage(&used.chain(refused).collect::<Vec<_>>())?;
         for adj in source.quota_adjustments(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))? {
             target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.delta)?;
         }
+    }
+    let ids: Vec<&str> = records.keys.iter().map(|k| k.id.as_str()).collect();
+    for page in ids.chunks(10_000) {
+        let seen: Vec<UsageDelta> = page
+            .iter()
+            .zip(source.last_used(page)?)
+            .filter_map(|(id, at)| {
+                Some(UsageDelta {
+                    key_id: (*id).to_owned(),
+                    last_used: Some(at?),
+                    ..UsageDelta::default()
+                })
+            })
+            .collect();
+        target.add_usage(&seen)?;
     }
     Ok((
         records.plans.len(),

@@ -1,6 +1,7 @@
 //! `tollgate usage`: per-day `[used, remaining]` of a plan's keys in AWS GetUsage's shape, read from
 //! the store directly (`--config`, works offline) or through the admin API (`--endpoint`); and
-//! `tollgate usage set-remaining` (AWS UpdateUsage).
+//! `tollgate usage set-remaining` (AWS UpdateUsage). `--detail` adds the requests refused by a
+//! throttle and for the spent quota each day (tollgate's own report; GetUsage stays AWS's).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ pub struct UsageCommand {
     /// Last day, YYYY-MM-DD (UTC), inclusive.
     #[arg(long)]
     to: Option<String>,
+    /// Also show the requests refused each day, by a throttle and for the spent quota.
+    #[arg(long)]
+    detail: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -93,7 +97,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
     let to = parse_day("to", cmd.to.as_deref())?;
     check_range(from, to).map_err(Failure::Usage)?;
     match (&cmd.config, &cmd.endpoint) {
-        (Some(config), _) => offline(config, plan, cmd.key.as_deref(), from, to, cmd.output),
+        (Some(config), _) => offline(config, cmd, plan, from, to),
         (None, Some(endpoint)) => {
             let common = Common::new(
                 EndpointArgs {
@@ -108,6 +112,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
                 cmd.key.as_deref(),
                 &from.to_string(),
                 &to.to_string(),
+                cmd.detail,
             )
             .map_err(Failure::Runtime)?;
             print(&out, cmd.output, &BTreeMap::new())
@@ -120,12 +125,12 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
 
 fn offline(
     config: &std::path::Path,
+    cmd: &UsageCommand,
     plan: &str,
-    key: Option<&str>,
     from: EpochDay,
     to: EpochDay,
-    output: Output,
 ) -> Result<(), Failure> {
+    let (key, output) = (cmd.key.as_deref(), cmd.output);
     let config = config::load(config).map_err(Failure::Config)?;
     let store = config
         .store
@@ -160,9 +165,16 @@ fn offline(
         .filter(|(p, _)| *p == plan.id)
         .map(|(_, k)| k.as_str())
         .collect();
-    let values = plan_usage(&*store, &members, plan, key_id, from, to)
-        .map(|usage| usage.all())
-        .map_err(|e| Failure::Runtime(e.into()))?;
+    let runtime = |e: tollgate_store::StoreError| Failure::Runtime(e.into());
+    let usage = plan_usage(&*store, &members, plan, key_id, from, to).map_err(runtime)?;
+    let values = if cmd.detail {
+        let usage = usage.with_refusals(&*store, key_id).map_err(runtime)?;
+        let detail: BTreeMap<&String, _> =
+            usage.ids().iter().map(|k| (k, usage.detail(k))).collect();
+        json!(detail)
+    } else {
+        json!(usage.all())
+    };
     let usage = json!({"usagePlanId": plan.id, "startDate": from.to_string(), "endDate": to.to_string(), "values": values});
     let names = records
         .keys
@@ -193,16 +205,39 @@ fn print(usage: &Value, output: Output, names: &BTreeMap<String, String>) -> Res
         start,
         usage["endDate"].as_str().unwrap_or("")
     );
-    println!(
+    let values = usage["values"].as_object();
+    // A detailed report's days are objects; GetUsage's are `[used, remaining]`.
+    let detail = values
+        .and_then(|v| v.values().next())
+        .and_then(|days| days.get(0))
+        .is_some_and(Value::is_object);
+    print!(
         "{:<12} {:<24} {:<10} {:>10} {:>10}",
         "KEY ID", "KEY NAME", "DATE", "USED", "REMAINING"
     );
-    for (key_id, days) in usage["values"].as_object().into_iter().flatten() {
+    println!(
+        "{}",
+        if detail {
+            "  THROTTLED  QUOTA EXCEEDED"
+        } else {
+            ""
+        }
+    );
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    for (key_id, days) in values.into_iter().flatten() {
         let name = names.get(key_id).map_or("", String::as_str);
         let mut day = first;
-        for pair in days.as_array().into_iter().flatten() {
-            let (used, remaining) = (pair[0].as_u64().unwrap_or(0), pair[1].as_u64().unwrap_or(0));
-            println!("{key_id:<12} {name:<24} {day} {used:>10} {remaining:>10}");
+        for v in days.as_array().into_iter().flatten() {
+            if detail {
+                let (used, remaining) = (n(&v["used"]), n(&v["remaining"]));
+                let (throttled, exceeded) = (n(&v["throttled"]), n(&v["quotaExceeded"]));
+                println!(
+                    "{key_id:<12} {name:<24} {day} {used:>10} {remaining:>10} {throttled:>10} {exceeded:>14}"
+                );
+            } else {
+                let (used, remaining) = (n(&v[0]), n(&v[1]));
+                println!("{key_id:<12} {name:<24} {day} {used:>10} {remaining:>10}");
+            }
             day = day.next();
         }
     }

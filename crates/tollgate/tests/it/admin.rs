@@ -48,10 +48,7 @@ async fn signatures_are_verified() {
         .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
         .await;
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
-    assert!(
-        text.contains("tollgate_requests_total{outcome=\"admitted\"}"),
-        "{text}"
-    );
+    assert!(text.contains("# TYPE tollgate_decisions counter"), "{text}");
     assert!(!text.contains(KEY), "no key values in metrics");
 
     admin.secret = "wrong".into();
@@ -1210,12 +1207,14 @@ fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_openmetrics_with_their_names_and_labels() {
-    let (_dir, gw, _admin, _up) = start(util::ONE_PLAN, &[]).await;
+    let (_dir, gw, admin, _up) = start(util::ONE_PLAN, &[]).await;
     let c = client();
     for _ in 0..3 {
         assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
     }
     assert_eq!(c.get(&gw.url("/prod/echo/a"), None).await.status, 403);
+    let unknown = Some("no-such-key-0123456789abcdef");
+    assert_eq!(c.get(&gw.url("/prod/echo/a"), unknown).await.status, 403);
     assert_eq!(c.get(&gw.url("/prod/nowhere"), Some(KEY)).await.status, 403);
     // A method of the client's choosing does not become a label of its own.
     let odd = c
@@ -1235,7 +1234,19 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         *s.get(series)
             .unwrap_or_else(|| panic!("{series} missing: {text}"))
     };
-    assert_eq!(at(r#"tollgate_requests_total{outcome="admitted"}"#), 4.0);
+    // Decisions per stage and usage plan (by id, as AWS's tools name plans).
+    let plan = &admin.ok("GET", "/usageplans", "").await["item"][0]["id"];
+    let plan = plan.as_str().unwrap();
+    let decided = |api_stage: &str, plan: &str, decision: &str| {
+        at(&format!(
+            r#"tollgate_decisions_total{{{api_stage},usage_plan="{plan}",decision="{decision}"}}"#
+        ))
+    };
+    let prod = r#"api="warranty",stage="prod""#;
+    assert_eq!(decided(prod, plan, "allowed"), 4.0);
+    assert_eq!(decided(prod, "", "missing_key"), 1.0);
+    assert_eq!(decided(prod, "", "invalid_key"), 1.0);
+    assert_eq!(decided(r#"api="",stage="""#, "", "no_route"), 1.0);
     // Durations by route template, method and status; unmatched requests have no route.
     let route = r#"api="warranty",stage="prod",route="/echo/{rest+}""#;
     let count = |labels: &str| {
@@ -1249,7 +1260,7 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
     );
     assert_eq!(
         count(&format!(r#"{route},method="GET",status_code="403""#)),
-        1.0
+        2.0
     );
     assert_eq!(
         count(&format!(r#"{route},method="_OTHER",status_code="200""#)),
@@ -1277,8 +1288,6 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         )),
         4.0
     );
-    assert_eq!(at(r#"tollgate_requests_total{outcome="forbidden"}"#), 1.0);
-    assert_eq!(at(r#"tollgate_requests_total{outcome="no_route"}"#), 1.0);
     assert_eq!(at("tollgate_requests_in_flight"), 0.0);
     // The client's pooled connection may still be open.
     assert!(
@@ -1356,4 +1365,149 @@ async fn metering_flushes_are_measured_and_a_failing_store_shows() {
     assert!(s[PENDING] >= 1.0, "{s:?}");
     db.execute_batch("COMMIT").unwrap();
     until(|s| s[PENDING] == 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_requests_and_last_use_are_kept_per_key_across_a_restart() {
+    let plans = "usagePlans:\n  - name: tight\n    apiStages: [ { apiId: warranty, stage: prod } ]\n    \
+                 throttle: { rateLimit: 0.001, burstLimit: 3 }\n    quota: { limit: 2, period: DAY }\n\
+                 apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [tight] }\n  \
+                 - { name: idle, value: idleKeyValue0123456789abcdef, usagePlans: [tight] }\n";
+    let (dir, gw, admin, _up) = start(plans, &[]).await;
+    let c = client();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Two admitted, then the quota (a token taken), then the bucket is empty: 2 throttled.
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let r = c.get(&gw.url("/prod/echo/r"), Some(KEY)).await;
+        seen.push((r.status, r.json()["message"].as_str().map(str::to_owned)));
+    }
+    let msg = |m: &str| Some(m.to_string());
+    assert_eq!(
+        seen,
+        vec![
+            (200, None),
+            (200, None),
+            (429, msg("Limit Exceeded")),
+            (429, msg("Too Many Requests")),
+            (429, msg("Too Many Requests")),
+        ]
+    );
+    let keys = admin.ok("GET", "/apikeys", "").await;
+    let key_id = |name: &str| {
+        keys["item"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (central, idle) = (key_id("central-system"), key_id("idle"));
+    let plan = admin.ok("GET", "/usageplans", "").await["item"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let today = util::today();
+    let detail_path =
+        format!("/tollgate/usageplans/{plan}/usage?startDate={today}&endDate={today}");
+    let check = |admin: AdminClient| {
+        let (central, idle, plan, detail_path, today) = (
+            central.clone(),
+            idle.clone(),
+            plan.clone(),
+            detail_path.clone(),
+            today.clone(),
+        );
+        async move {
+            // lastUsedDate: to the minute, in GetApiKey and GetApiKeys; absent for a key never used.
+            let key = admin.ok("GET", &format!("/apikeys/{central}"), "").await;
+            let used = key["lastUsedDate"].as_u64().expect("lastUsedDate");
+            assert_eq!(used % 60, 0, "{key}");
+            assert!(
+                before - 60 <= used && used <= before + 120,
+                "{used} vs {before}"
+            );
+            let listed = admin.ok("GET", "/apikeys", "").await;
+            for k in listed["item"].as_array().unwrap() {
+                let expected = if k["id"] == central.as_str() {
+                    json!(used)
+                } else {
+                    json!(null)
+                };
+                assert_eq!(k["lastUsedDate"], expected, "{k}");
+            }
+            // AWS's GetUsage is unchanged: [used, remaining].
+            let usage = admin
+                .ok(
+                    "GET",
+                    &format!("/usageplans/{plan}/usage?startDate={today}&endDate={today}"),
+                    "",
+                )
+                .await;
+            assert_eq!(usage["values"][&central], json!([[2, 0]]), "{usage}");
+            // tollgate's own: the refusals beside it.
+            let detail = admin.ok("GET", &detail_path, "").await;
+            assert_eq!(
+                detail["values"][&central],
+                json!([{"used": 2, "remaining": 0, "throttled": 2, "quotaExceeded": 1}]),
+                "{detail}"
+            );
+            assert_eq!(
+                detail["values"][&idle],
+                json!([{"used": 0, "remaining": 2, "throttled": 0, "quotaExceeded": 0}])
+            );
+            assert_eq!(detail["usagePlanId"], json!(plan));
+            admin
+        }
+    };
+    let admin = check(admin).await;
+    drop(admin);
+    assert!(gw.terminate().success());
+
+    // Across a restart, from the store.
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let admin = check(AdminClient::new(gw.admin.unwrap())).await;
+    drop(admin);
+    assert!(gw.terminate().success());
+
+    // And offline from the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["usage", "--config", "tollgate.yaml", "--plan", "tight"])
+        .args(["--key", "central-system", "--detail"])
+        .args(["--from", &today, "--to", &today])
+        .current_dir(dir.path())
+        .envs(util::admin_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&central))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            central.as_str(),
+            "central-system",
+            &today.to_string(),
+            "2",
+            "0",
+            "2",
+            "1"
+        ],
+        "{table}"
+    );
+    assert!(table.contains("THROTTLED  QUOTA EXCEEDED"), "{table}");
 }
