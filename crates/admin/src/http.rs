@@ -47,9 +47,9 @@ pub struct ListenerLimits {
 
 type Shared = State<Arc<Admin>>;
 
-/// The admin API's routes.
-pub fn router(admin: Arc<Admin>) -> Router {
-    Router::new()
+/// The admin API's routes, and the dashboard's (`secure`: served over TLS).
+pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
+    let aws = Router::new()
         .route("/apikeys", get(list_keys).post(create_key))
         .route(
             "/apikeys/{id}",
@@ -76,7 +76,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .fallback(unknown_operation)
         .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(admin)
+        .with_state(admin.clone());
+    crate::dashboard::router(admin, secure).merge(aws)
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves, within `limits`: its own
@@ -89,7 +90,7 @@ pub async fn serve(
     limits: ListenerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router(admin));
+    let service = TowerToHyperService::new(router(admin, tls.is_some()));
     let slots = Arc::new(tokio::sync::Semaphore::new(
         limits
             .max_connections
@@ -296,7 +297,7 @@ fn json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
         .map_err(|e| AdminError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
-fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut resp = (status, body).into_response();

@@ -53,7 +53,7 @@ pub(crate) type Recount = Vec<String>;
 /// The control plane.
 pub struct Admin {
     pub(crate) store: Arc<dyn Store>,
-    gateway: Arc<dyn DataPlane>,
+    pub(crate) gateway: Arc<dyn DataPlane>,
     /// The usage plans; the lock also serialises writes. Shared so that a write can hold it on a
     /// blocking thread ([`Admin::apply`]).
     pub(crate) plans: Arc<tokio::sync::Mutex<Vec<UsagePlan>>>,
@@ -356,7 +356,7 @@ impl Admin {
         i64::try_from(self.gateway.now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
     }
 
-    fn today(&self) -> EpochDay {
+    pub(crate) fn today(&self) -> EpochDay {
         EpochDay::from_nanos(self.gateway.now())
     }
 

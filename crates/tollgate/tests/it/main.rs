@@ -12,6 +12,8 @@ mod admin;
 mod cluster;
 /// Config validation: exit codes and file:line:field messages, `check`, nothing bound on failure.
 mod config;
+/// The dashboard in headless Chromium: sign in, keys, a key's 90 days, disabling it; sessions and CSRF.
+mod dashboard;
 /// The request pipeline end to end: every status AWS defines, headers, streaming, the mock integration.
 mod data_plane;
 /// Request smuggling against a sloppy upstream: hidden requests never reach it, answers never cross

@@ -1,0 +1,314 @@
+// tollgate's dashboard: plain DOM, no framework and no build step. Text from the server is only ever
+// set as text (never as HTML), and every change carries the session's CSRF token.
+"use strict";
+
+const state = { csrf: null, keys: [], sort: { by: "name", dir: 1 }, near: false };
+
+function h(tag, attrs, ...children) {
+  const svg = ["svg", "rect", "line", "polyline", "text", "g", "title"].includes(tag);
+  const el = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+async function api(path, options = {}) {
+  const headers = { "content-type": "application/json" };
+  if (options.method && options.method !== "GET") headers["x-csrf-token"] = state.csrf || "";
+  const resp = await fetch("/dashboard/api/" + path, { credentials: "same-origin", ...options, headers });
+  if (resp.status === 401) { showLogin(); throw new Error("Signed out"); }
+  const body = resp.status === 204 ? null : await resp.json();
+  if (!resp.ok) throw new Error((body && body.message) || resp.statusText);
+  return body;
+}
+
+const fmt = (n) => Number(n || 0).toLocaleString("en-US");
+const when = (secs) => secs ? new Date(secs * 1000).toISOString().slice(0, 16).replace("T", " ") + "Z" : "never";
+
+function showLogin() {
+  document.getElementById("login").hidden = false;
+  document.getElementById("view").replaceChildren();
+  document.getElementById("nav").hidden = true;
+  document.getElementById("logout").hidden = true;
+}
+
+async function start() {
+  document.getElementById("login-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const form = new FormData(e.target);
+    const resp = await fetch("/dashboard/login", {
+      method: "POST", credentials: "same-origin", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ accessKeyId: form.get("accessKeyId"), secretAccessKey: form.get("secretAccessKey") }),
+    });
+    const body = await resp.json();
+    if (!resp.ok) { document.getElementById("login-error").textContent = body.message; return; }
+    e.target.reset();
+    await signedIn();
+  });
+  document.getElementById("logout").addEventListener("click", async () => {
+    await api("../logout", { method: "POST" }).catch(() => {});
+    showLogin();
+  });
+  window.addEventListener("hashchange", route);
+  await signedIn();
+}
+
+async function signedIn() {
+  let session;
+  try { session = await api("session"); } catch { return; }
+  state.csrf = session.csrf;
+  document.getElementById("login").hidden = true;
+  document.getElementById("nav").hidden = false;
+  document.getElementById("logout").hidden = !session.login;
+  document.getElementById("user").textContent = session.user;
+  await route();
+}
+
+async function route() {
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const view = document.getElementById("view");
+  const page = hash.startsWith("/keys/") ? "keys" : hash === "/keys" ? "keys" : hash === "/plans" ? "plans" : "overview";
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
+  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  try {
+    if (hash.startsWith("/keys/")) await keyPage(view, decodeURIComponent(hash.slice(6)));
+    else if (hash === "/keys") await keysPage(view);
+    else if (hash === "/plans") await plansPage(view);
+    else await overviewPage(view);
+  } catch (err) {
+    view.replaceChildren(h("p", { class: "error" }, err.message));
+  }
+}
+
+// A stacked daily bar chart (allowed, throttled, quota exceeded), with an optional line.
+function chart(days, series, line) {
+  const W = 900, H = 260, L = 48, B = 24, T = 10;
+  const totals = days.map((_, i) => series.reduce((s, x) => s + (x.values[i] || 0), 0));
+  const top = Math.max(1, ...totals, ...(line ? [line.limit, ...line.values.filter((v) => v !== null)] : []));
+  const y = (v) => T + (H - T - B) * (1 - v / top);
+  const bw = (W - L) / days.length;
+  const svg = h("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "data-days": days.length });
+  for (const frac of [0, 0.5, 1]) {
+    const v = Math.round(top * frac);
+    svg.append(h("line", { x1: L, x2: W, y1: y(v), y2: y(v), stroke: "#e4e7ec" }));
+    svg.append(h("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 11, fill: "#667085" }, fmt(v)));
+  }
+  days.forEach((day, i) => {
+    let base = 0;
+    const g = h("g", { class: "day", "data-date": day });
+    for (const s of series) {
+      const v = s.values[i] || 0;
+      if (v > 0) {
+        g.append(h("rect", { x: L + i * bw + 1, width: Math.max(1, bw - 2), y: y(base + v), height: y(base) - y(base + v), fill: s.color },
+          h("title", {}, `${day}: ${fmt(v)} ${s.name}`)));
+      }
+      base += v;
+    }
+    svg.append(g);
+    if (i % Math.ceil(days.length / 6) === 0) {
+      svg.append(h("text", { x: L + i * bw, y: H - 6, "font-size": 11, fill: "#667085" }, day.slice(5)));
+    }
+  });
+  if (line) {
+    const points = line.values.map((v, i) => v === null ? null : `${L + i * bw + bw / 2},${y(v)}`).filter(Boolean).join(" ");
+    svg.append(h("line", { x1: L, x2: W, y1: y(line.limit), y2: y(line.limit), stroke: "#c2410c", "stroke-dasharray": "6 4", class: "quota-limit" }));
+    svg.append(h("polyline", { points, fill: "none", stroke: "#2f5fd0", "stroke-width": 2, class: "quota-line" }));
+  }
+  const legend = h("div", { class: "legend" }, series.map((s) => h("span", {}, h("i", { class: s.cls }), s.name)),
+    line ? h("span", {}, h("i", { class: "line" }), line.name) : null,
+    line ? h("span", {}, h("i", { class: "limit" }), `quota ${fmt(line.limit)}`) : null);
+  return h("div", {}, svg, legend);
+}
+
+const SERIES = (allowed, throttled, quota) => [
+  { name: "allowed", values: allowed, color: "#2e7d5b", cls: "allowed" },
+  { name: "throttled (429)", values: throttled, color: "#e0a100", cls: "throttled" },
+  { name: "quota exceeded (429)", values: quota, color: "#c2410c", cls: "quota" },
+];
+
+// p50 and p99 of the request duration histogram in /metrics, as Prometheus' histogram_quantile
+// computes them (linear within a bucket).
+async function latency() {
+  const text = await (await fetch("/metrics")).text();
+  const buckets = new Map();
+  for (const line of text.split("\n")) {
+    const m = line.match(/^tollgate_request_duration_seconds_bucket\{le="([^"]+)".*\} (\d+)/);
+    if (m) buckets.set(m[1], (buckets.get(m[1]) || 0) + Number(m[2]));
+  }
+  const bounds = [...buckets.entries()].map(([le, n]) => [le === "+Inf" ? Infinity : Number(le), n]).sort((a, b) => a[0] - b[0]);
+  const total = bounds.length ? bounds[bounds.length - 1][1] : 0;
+  const q = (p) => {
+    if (!total) return null;
+    const rank = p * total;
+    let prevLe = 0, prevN = 0;
+    for (const [le, n] of bounds) {
+      if (n >= rank) return le === Infinity ? prevLe : prevLe + (le - prevLe) * (rank - prevN) / Math.max(1, n - prevN);
+      prevLe = le; prevN = n;
+    }
+    return prevLe;
+  };
+  return { p50: q(0.5), p99: q(0.99), count: total };
+}
+
+const ms = (s) => s === null ? "–" : (s * 1000).toFixed(s < 0.01 ? 2 : 0) + " ms";
+
+async function overviewPage(view) {
+  const [o, lat] = await Promise.all([api("overview"), latency()]);
+  const sum = (a) => a.reduce((x, y) => x + y, 0);
+  const allowed = sum(o.allowed), refused = sum(o.throttled) + sum(o.quotaExceeded);
+  const share = allowed + refused ? (100 * refused / (allowed + refused)).toFixed(1) + "%" : "–";
+  const top = (items, empty) => items.length
+    ? h("ol", { class: "top" }, items.map((k) => h("li", {}, h("a", { href: `#/keys/${encodeURIComponent(k.id)}` }, k.name || k.id), h("b", {}, fmt(k.count)))))
+    : h("p", { class: "muted" }, empty);
+  view.replaceChildren(
+    h("h1", {}, "Overview"),
+    h("div", { class: "stats" },
+      h("div", { class: "stat" }, h("b", { id: "stat-allowed" }, fmt(allowed)), h("span", {}, "allowed, 30 days")),
+      h("div", { class: "stat" }, h("b", {}, fmt(refused)), h("span", {}, "refused 429, 30 days")),
+      h("div", { class: "stat" }, h("b", { id: "stat-429" }, share), h("span", {}, "429 share")),
+      h("div", { class: "stat" }, h("b", {}, ms(lat.p50)), h("span", {}, "p50 latency (this instance)")),
+      h("div", { class: "stat" }, h("b", {}, ms(lat.p99)), h("span", {}, "p99 latency (this instance)"))),
+    h("div", { class: "card" }, h("h2", {}, "Requests per day with a key, by decision"),
+      chart(o.days, SERIES(o.allowed, o.throttled, o.quotaExceeded))),
+    h("div", { class: "grid2" },
+      h("div", { class: "card" }, h("h2", {}, "Top consumers"), top(o.topByVolume, "No requests yet.")),
+      h("div", { class: "card" }, h("h2", {}, "Most refused"), top(o.topByRefusals, "Nobody was refused."))));
+}
+
+function quotaCell(plans) {
+  const q = plans.map((p) => p.quota).filter(Boolean);
+  if (!q.length) return h("span", { class: "muted" }, "no quota");
+  return h("div", {}, q.map((x) => h("div", { class: "quota" },
+    h("progress", { value: x.used, max: x.limit }), " ",
+    h("span", { class: "mono" }, `${fmt(x.used)} / ${fmt(x.limit)}`), " ",
+    h("span", { class: "muted hide-narrow" }, `resets ${x.resets}`))));
+}
+
+const quotaShare = (k) => Math.max(0, ...k.plans.map((p) => p.quota ? p.quota.used / Math.max(1, p.quota.limit) : 0));
+
+async function keysPage(view) {
+  const search = h("input", { type: "search", id: "key-search", placeholder: "Name starts with…" });
+  const near = h("input", { type: "checkbox", id: "near-quota" });
+  near.checked = state.near;
+  const body = h("tbody", { id: "keys-body" });
+  const note = h("p", { class: "muted" });
+  const columns = [["name", "Name"], ["plans", "Plans"], ["enabled", "Enabled"], ["lastUsedDate", "Last used"], ["quota", "This period"]];
+  const head = h("tr", {}, columns.map(([by, label]) => h("th", {
+    class: "sortable", "data-sort": by,
+    onclick: () => { state.sort = { by, dir: state.sort.by === by ? -state.sort.dir : 1 }; render(); },
+  }, label)));
+  const value = (k, by) => by === "plans" ? k.plans.map((p) => p.name).join(",") : by === "quota" ? quotaShare(k) : by === "lastUsedDate" ? (k.lastUsedDate || 0) : k[by];
+  function render() {
+    const { by, dir } = state.sort;
+    const rows = state.keys.filter((k) => !near.checked || quotaShare(k) >= 0.8)
+      .sort((a, b) => (value(a, by) > value(b, by) ? 1 : value(a, by) < value(b, by) ? -1 : 0) * dir);
+    body.replaceChildren(...rows.map((k) => h("tr", { "data-key": k.id },
+      h("td", {}, h("a", { href: `#/keys/${encodeURIComponent(k.id)}` }, k.name), h("div", { class: "muted mono" }, k.id)),
+      h("td", {}, k.plans.map((p) => p.name).join(", ") || h("span", { class: "muted" }, "none")),
+      h("td", {}, h("span", { class: "pill " + (k.enabled ? "on" : "off") }, k.enabled ? "enabled" : "disabled")),
+      h("td", { class: "mono" }, when(k.lastUsedDate)),
+      h("td", {}, quotaCell(k.plans)))));
+    note.textContent = `${rows.length} key(s)` + (state.more ? " shown; narrow the search to see others" : "");
+  }
+  async function load() {
+    const q = search.value.trim();
+    const data = await api("keys" + (q ? "?q=" + encodeURIComponent(q) : ""));
+    state.keys = data.keys; state.more = data.more;
+    render();
+  }
+  let timer;
+  search.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(load, 250); });
+  near.addEventListener("change", () => { state.near = near.checked; render(); });
+  const plans = (await api("plans")).plans;
+  view.replaceChildren(
+    h("h1", {}, "API keys"),
+    h("div", { class: "toolbar" }, search, h("label", {}, near, " at 80% of a quota or more")),
+    h("div", { class: "table-wrap" }, h("table", { id: "keys-table" }, h("thead", {}, head), body)),
+    note,
+    createKeyForm(plans));
+  await load();
+}
+
+function createKeyForm(plans) {
+  const out = h("div", { id: "created" });
+  const name = h("input", { name: "name", id: "new-key-name", required: true });
+  const plan = h("select", { name: "plan", id: "new-key-plan" }, h("option", { value: "" }, "(no plan)"),
+    plans.map((p) => h("option", { value: p.id }, p.name)));
+  const form = h("form", { class: "inline-form", onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      const key = await api("keys", { method: "POST", body: JSON.stringify({ name: name.value, usagePlanId: plan.value }) });
+      out.replaceChildren(h("div", { class: "secret" },
+        h("b", {}, `Key ${key.name} (${key.id}) created. `), "Its value is shown this once: ",
+        h("code", { id: "new-key-value" }, key.value)));
+      name.value = "";
+    } catch (err) { out.replaceChildren(h("p", { class: "error" }, err.message)); }
+  } }, h("label", {}, "Name", name), h("label", {}, "Usage plan", plan), h("button", { type: "submit" }, "Create key"));
+  return h("div", { class: "card" }, h("h2", {}, "Create a key"), form, out);
+}
+
+async function keyPage(view, id) {
+  const d = await api("keys/" + encodeURIComponent(id));
+  const k = d.key;
+  const toggle = h("button", { id: "toggle-enabled", class: k.enabled ? "danger" : "", onclick: async () => {
+    toggle.disabled = true;
+    await api(`keys/${encodeURIComponent(id)}/enabled`, { method: "POST", body: JSON.stringify({ enabled: !k.enabled }) });
+    await route();
+  } }, k.enabled ? "Disable key" : "Enable key");
+  const sections = d.plans.map((p) => {
+    const days = p.days;
+    const limit = p.quota ? p.quota.limit : null;
+    const line = limit === null ? null : {
+      name: `used this ${p.quota.period.toLowerCase()}`,
+      values: days.map((x) => limit - x.remaining),
+      limit,
+    };
+    const remaining = h("input", { type: "number", min: 0, name: "remaining", class: "remaining" });
+    const msg = h("span", { class: "muted" });
+    const form = limit === null ? null : h("form", { class: "inline-form", onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        await api(`keys/${encodeURIComponent(id)}/remaining`, { method: "POST", body: JSON.stringify({ usagePlanId: p.id, remaining: Number(remaining.value) }) });
+        await route();
+      } catch (err) { msg.textContent = err.message; }
+    } }, h("label", {}, "Left this period", remaining), h("button", { type: "submit" }, "Set"), msg);
+    const today = days[days.length - 1] || { remaining: limit };
+    return h("div", { class: "card plan", "data-plan": p.id },
+      h("h2", {}, `Plan ${p.name}`),
+      h("p", { class: "muted" },
+        p.throttle ? `Throttle ${p.throttle.rateLimit}/s, burst ${p.throttle.burstLimit}. ` : "No throttle. ",
+        limit === null ? "No quota." : `Quota ${fmt(limit)} per ${p.quota.period.toLowerCase()}; ${fmt(today.remaining)} left now.`),
+      chart(d.days, SERIES(days.map((x) => x.used), days.map((x) => x.throttled), days.map((x) => x.quotaExceeded)), line),
+      form);
+  });
+  view.replaceChildren(
+    h("p", {}, h("a", { href: "#/keys" }, "← Keys")),
+    h("h1", {}, k.name, " ", h("span", { id: "key-state", class: "pill " + (k.enabled ? "on" : "off") }, k.enabled ? "enabled" : "disabled")),
+    h("p", { class: "muted" }, h("span", { class: "mono" }, k.id), ` · created ${when(k.createdDate)} · last used ${when(k.lastUsedDate)}`),
+    h("div", { class: "toolbar" }, toggle),
+    ...(sections.length ? sections : [h("p", { class: "muted" }, "This key is in no usage plan.")]));
+}
+
+async function plansPage(view) {
+  const plans = (await api("plans")).plans;
+  view.replaceChildren(
+    h("h1", {}, "Usage plans"),
+    h("div", { class: "table-wrap" }, h("table", { id: "plans-table" },
+      h("thead", {}, h("tr", {}, ["Name", "Throttle", "Quota", "API stages", "Keys", "This period"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, plans.map((p) => h("tr", { "data-plan": p.id },
+        h("td", {}, p.name, h("div", { class: "muted mono" }, p.id)),
+        h("td", {}, p.throttle ? `${p.throttle.rateLimit}/s, burst ${p.throttle.burstLimit}` : "–"),
+        h("td", {}, p.quota ? `${fmt(p.quota.limit)} / ${p.quota.period.toLowerCase()}` : "–"),
+        h("td", {}, p.apiStages.map((s) => `${s.apiId}:${s.stage}`).join(", ") || "–"),
+        h("td", {}, fmt(p.keys)),
+        h("td", {}, fmt(p.usedThisPeriod), p.resets ? h("div", { class: "muted" }, `resets ${p.resets}`) : null)))))));
+}
+
+start();

@@ -1,0 +1,436 @@
+//! The dashboard in a real browser: Debian's Chromium driven through chromedriver's W3C WebDriver
+//! endpoint. The few WebDriver calls are JSON over the tests' own HTTP client rather than a WebDriver
+//! crate: a dozen requests do not earn a dependency tree.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::util::{self, ACCESS_KEY, Gateway, HttpClient, KEY, SECRET_KEY, client};
+
+/// The key under which W3C WebDriver names an element.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A chromedriver process and one headless Chromium session; both end when dropped.
+struct Browser {
+    driver: Child,
+    base: String,
+    http: HttpClient,
+    shots: PathBuf,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start(shots: &Path) -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "chromedriver (Debian's chromium-driver) must be installed: .ci/run installs it",
+            );
+        let base = format!("http://127.0.0.1:{port}");
+        let http = client();
+        let profile = tempfile::tempdir().unwrap();
+        let mut browser = Browser {
+            driver,
+            base,
+            http,
+            shots: shots.to_owned(),
+            _profile: profile,
+        };
+        // Listening first (the client treats a refused connection as a failure), then ready.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let status_url = format!("{}/status", browser.base);
+        for _ in 0..100 {
+            let status = browser.http.send("GET", &status_url, &[], "").await;
+            if status.json()["value"]["ready"] == true {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1280,900",
+                         format!("--user-data-dir={}", browser._profile.path().display())],
+            },
+        }}});
+        let session = browser.call("POST", "/session", caps).await;
+        let id = session["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {session}"))
+            .to_string();
+        browser.base = format!("{}/session/{id}", browser.base);
+        browser
+    }
+
+    /// A WebDriver command's value; a WebDriver error fails the test.
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let v = self.try_call(method, path, body).await;
+        assert!(v.get("error").is_none(), "{method} {path}: {v}");
+        v
+    }
+
+    /// A WebDriver command's value, or its error object.
+    async fn try_call(&self, method: &str, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .send(
+                method,
+                &format!("{}{path}", self.base),
+                &[("content-type", "application/json")],
+                if method == "GET" {
+                    String::new()
+                } else {
+                    body.to_string()
+                },
+            )
+            .await;
+        r.json()["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call("POST", "/url", json!({ "url": url })).await;
+    }
+
+    /// The first element `css` selects, waiting up to 15 s for it to appear.
+    async fn find(&self, css: &str) -> String {
+        for _ in 0..150 {
+            let v = self
+                .try_call(
+                    "POST",
+                    "/element",
+                    json!({"using": "css selector", "value": css}),
+                )
+                .await;
+            if let Some(id) = v[ELEMENT].as_str() {
+                return id.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no element {css}: {}",
+            self.script("return document.body.innerText").await
+        )
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        let v = self
+            .call(
+                "POST",
+                "/elements",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v.as_array().map_or(0, Vec::len)
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let el = self.find(css).await;
+        let v = self
+            .call("GET", &format!("/element/{el}/text"), Value::Null)
+            .await;
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until the element `css` selects reads `want`.
+    async fn until_text(&self, css: &str, want: &str) {
+        for _ in 0..150 {
+            if self.text(css).await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css} never read {want:?}: {:?}", self.text(css).await);
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css).await;
+        self.call(
+            "POST",
+            &format!("/element/{el}/value"),
+            json!({ "text": text }),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.find(css).await;
+        self.call("POST", &format!("/element/{el}/click"), json!({}))
+            .await;
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    async fn attribute(&self, css: &str, name: &str) -> String {
+        let el = self.find(css).await;
+        let v = self
+            .call(
+                "GET",
+                &format!("/element/{el}/attribute/{name}"),
+                Value::Null,
+            )
+            .await;
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Saves a PNG of the page as `name`.png; returns its size in bytes.
+    async fn screenshot(&self, name: &str) -> usize {
+        let v = self.call("GET", "/screenshot", Value::Null).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or_default())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(self.shots.join(format!("{name}.png")), &png).unwrap();
+        png.len()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+const PLANS: &str = "usagePlans:\n  - name: partners\n    apiStages: [ { apiId: warranty, stage: prod } ]\n    \
+                     throttle: { rateLimit: 0.001, burstLimit: 6 }\n    quota: { limit: 10, period: DAY }\n\
+                     apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [partners] }\n  \
+                     - { name: quiet-partner, value: quietKeyValue0123456789abcdef, usagePlans: [partners] }\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(
+        &format!("http://{}", up.addr),
+        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let c = client();
+    // Six admitted, then the bucket is empty: two throttled.
+    for expected in [200, 200, 200, 200, 200, 200, 429, 429] {
+        assert_eq!(
+            c.get(&gw.url("/prod/echo/d"), Some(KEY)).await.status,
+            expected
+        );
+    }
+    let shots = std::env::var_os("TOLLGATE_SCREENSHOTS")
+        .map_or_else(|| dir.path().join("screenshots"), PathBuf::from);
+    std::fs::create_dir_all(&shots).unwrap();
+    let b = Browser::start(&shots).await;
+    let admin = format!("http://{}", gw.admin.unwrap());
+
+    // Signed out: the login form; a wrong secret is refused.
+    b.goto(&format!("{admin}/dashboard")).await;
+    b.find("#login:not([hidden]) #access-key-id").await;
+    b.screenshot("login").await;
+    b.type_into("#access-key-id", ACCESS_KEY).await;
+    b.type_into("#secret-access-key", "not-the-secret").await;
+    b.click("#sign-in").await;
+    b.until_text("#login-error", "The access key id or secret is not valid")
+        .await;
+    b.type_into("#access-key-id", "").await;
+    b.script("document.getElementById('access-key-id').value = ''; document.getElementById('secret-access-key').value = '';").await;
+    b.type_into("#access-key-id", ACCESS_KEY).await;
+    b.type_into("#secret-access-key", SECRET_KEY).await;
+    b.click("#sign-in").await;
+
+    // The overview: 30 days, today's 6 allowed and 2 throttled.
+    b.until_text("#stat-allowed", "6").await;
+    assert_eq!(b.text("#stat-429").await, "25.0%");
+    assert_eq!(b.attribute("svg.chart", "data-days").await, "30");
+    let cookie = b.script("return document.cookie").await;
+    assert_eq!(cookie, json!(""), "the session cookie is HttpOnly");
+    b.screenshot("overview").await;
+
+    // The keys table: both keys, the quota use as a bar.
+    b.goto(&format!("{admin}/dashboard#/keys")).await;
+    b.find("tr[data-key] progress").await;
+    assert_eq!(b.count("#keys-body tr").await, 2);
+    let table = b.text("#keys-table").await;
+    assert!(
+        table.contains("central-system") && table.contains("quiet-partner"),
+        "{table}"
+    );
+    assert!(
+        table.contains("6 / 10") && table.contains("never"),
+        "{table}"
+    );
+    // The 80% filter keeps none of them (6 of 10 is 60%); sorting by name descending.
+    b.click("#near-quota").await;
+    assert_eq!(b.count("#keys-body tr").await, 0);
+    b.click("#near-quota").await;
+    b.click("th[data-sort=name]").await;
+    let first = b.text("#keys-body tr:first-child td:first-child a").await;
+    assert_eq!(first, "quiet-partner", "name, descending");
+    b.click("th[data-sort=name]").await;
+    b.screenshot("keys").await;
+
+    // The key: 90 days, today's outcomes, the quota line; disable it.
+    b.click("#keys-body a").await;
+    b.find("svg.chart").await;
+    assert_eq!(b.text("#view h1").await, "central-system enabled");
+    assert_eq!(b.attribute("svg.chart", "data-days").await, "90");
+    assert_eq!(b.count("svg.chart g.day").await, 90);
+    assert_eq!(
+        b.count("svg.chart g.day rect").await,
+        2,
+        "allowed and throttled, today only"
+    );
+    assert_eq!(b.count("svg.chart polyline.quota-line").await, 1);
+    assert_eq!(b.count("svg.chart line.quota-limit").await, 1);
+    b.screenshot("key").await;
+    b.click("#toggle-enabled").await;
+    b.until_text("#key-state", "disabled").await;
+    assert_eq!(
+        c.get(&gw.url("/prod/echo/d"), Some(KEY)).await.status,
+        403,
+        "disabled at once"
+    );
+
+    // Plans, and a phone-sized window.
+    b.goto(&format!("{admin}/dashboard#/plans")).await;
+    b.find("#plans-table tr[data-plan]").await;
+    let plans = b.text("#plans-table").await;
+    assert!(
+        plans.contains("partners") && plans.contains("10 / day"),
+        "{plans}"
+    );
+    b.screenshot("plans").await;
+    b.call("POST", "/window/rect", json!({"width": 390, "height": 844}))
+        .await;
+    b.goto(&format!("{admin}/dashboard#/keys")).await;
+    b.find("tr[data-key]").await;
+    b.screenshot("keys-phone").await;
+    drop(b);
+    assert!(gw.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(
+        &format!("http://{}", up.addr),
+        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let admin = format!("http://{}", gw.admin.unwrap());
+    let c = client();
+    let page = c.get(&format!("{admin}/dashboard"), None).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-security-policy")
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    assert_eq!(
+        c.get(&format!("{admin}/dashboard/api/keys"), None)
+            .await
+            .status,
+        401
+    );
+    let forged = [("cookie", "tollgate_session=AKID.9999999999.00.00")];
+    let r = c
+        .send("GET", &format!("{admin}/dashboard/api/keys"), &forged, "")
+        .await;
+    assert_eq!(r.status, 401);
+
+    let login = |secret: &'static str| {
+        let body = json!({"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}).to_string();
+        let (c, url) = (client(), format!("{admin}/dashboard/login"));
+        async move {
+            c.send("POST", &url, &[("content-type", "application/json")], body)
+                .await
+        }
+    };
+    assert_eq!(login("wrong").await.status, 403);
+    let ok = login(SECRET_KEY).await;
+    assert_eq!(ok.status, 200);
+    let set = ok.header("set-cookie").unwrap().to_string();
+    for attr in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/dashboard",
+        "Max-Age=43200",
+    ] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    let session = set.split(';').next().unwrap().to_string();
+    let csrf = ok.json()["csrf"].as_str().unwrap().to_string();
+    let keys = c
+        .send(
+            "GET",
+            &format!("{admin}/dashboard/api/keys"),
+            &[("cookie", &session)],
+            "",
+        )
+        .await;
+    assert_eq!(keys.status, 200);
+    let id = keys.json()["keys"][0]["id"].as_str().unwrap().to_string();
+    let disable = |token: Option<String>| {
+        let (c, url, session) = (
+            client(),
+            format!("{admin}/dashboard/api/keys/{id}/enabled"),
+            session.clone(),
+        );
+        async move {
+            let mut headers = vec![
+                ("cookie", session.as_str()),
+                ("content-type", "application/json"),
+            ];
+            if let Some(t) = &token {
+                headers.push(("x-csrf-token", t.as_str()));
+            }
+            c.send("POST", &url, &headers, r#"{"enabled":false}"#).await
+        }
+    };
+    assert_eq!(disable(None).await.status, 403, "no token");
+    assert_eq!(
+        disable(Some("00".repeat(32))).await.status,
+        403,
+        "a wrong token"
+    );
+    let done = disable(Some(csrf.clone())).await;
+    assert_eq!(done.status, 200, "{:?}", done.body);
+    assert_eq!(done.json()["enabled"], false);
+    // The admin API itself still wants SigV4, cookie or not.
+    let r = c
+        .send(
+            "GET",
+            &format!("{admin}/apikeys"),
+            &[("cookie", &session)],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(gw.terminate().success());
+}
