@@ -271,8 +271,9 @@ pub struct Metrics {
     in_flight: Gauge,
     api_keys: Gauge,
     usage_plans: Gauge,
-    /// Cluster mode only: Redis's state.
-    store: Option<(Gauge, Counter)>,
+    /// Cluster mode only: Redis's state, and the limiter calls each request makes (their duration and
+    /// failures).
+    store: Option<(Gauge, Histogram, Counter)>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     routes: RouteCells,
     /// The metering flusher's writes: their duration, their failures, the deltas waiting, and when
@@ -395,12 +396,12 @@ impl Metrics {
                 "tollgate_store_degraded",
                 "1 while Redis is unavailable and onStoreFailure applies",
             );
-            let failures = counter(
-                &mut registry,
-                "tollgate_store_failures",
-                "Calls to Redis that failed or timed out",
-            );
-            (degraded, failures)
+            let decide = StoreOperation {
+                operation: "decide",
+            };
+            let calls = store_durations.get_or_create(&decide).clone();
+            let errors = store_errors.get_or_create(&decide).clone();
+            (degraded, calls, errors)
         });
         registry.register(
             "tollgate_build",
@@ -510,10 +511,13 @@ impl Metrics {
         self.access_log_dropped.inc();
     }
 
-    /// Counts a failed call to the shared store.
-    pub fn store_failed(&self) {
-        if let Some((_, failures)) = &self.store {
-            failures.inc();
+    /// Records a request's call to the shared limiter: how long it took and whether it answered.
+    pub(crate) fn store_called(&self, secs: f64, ok: bool) {
+        if let Some((_, calls, errors)) = &self.store {
+            calls.observe(secs);
+            if !ok {
+                errors.inc();
+            }
         }
     }
 
@@ -561,7 +565,7 @@ impl Metrics {
         }
         self.api_keys.set(api_keys as i64);
         self.usage_plans.set(usage_plans as i64);
-        if let (Some((gauge, _)), Some(degraded)) = (&self.store, store_degraded) {
+        if let (Some((gauge, ..)), Some(degraded)) = (&self.store, store_degraded) {
             gauge.set(i64::from(degraded));
         }
         let mut out = String::new();

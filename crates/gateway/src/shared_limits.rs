@@ -64,8 +64,11 @@ impl SharedLimits<'_> {
             throttle: gcra,
             quota,
         };
-        let Ok(decided) = self.limiter.decide(&call, now).await else {
-            self.metrics.store_failed();
+        let started = std::time::Instant::now();
+        let decided = self.limiter.decide(&call, now).await;
+        self.metrics
+            .store_called(started.elapsed().as_secs_f64(), decided.is_ok());
+        let Ok(decided) = decided else {
             return match self.limiter.on_failure {
                 OnStoreFailure::Local => Local(self.snap).decide_now(grant, m, now),
                 OnStoreFailure::Allow => {

@@ -108,6 +108,23 @@ async fn two_instances_share_exact_limits() {
         .await;
     let values: Vec<&serde_json::Value> = usage["values"].as_object().unwrap().values().collect();
     assert_eq!(values, vec![&json!([[40, 0]])]);
+    // The refusals both instances counted, and the key's last use, are in Redis too: the other
+    // instance's within its flush interval.
+    let detail_path =
+        format!("/tollgate/usageplans/{plan_id}/usage?startDate={today}&endDate={today}");
+    let expected = json!([{"used": 40, "remaining": 0, "throttled": 0, "quotaExceeded": 60}]);
+    let mut detail = json!(null);
+    for _ in 0..50 {
+        detail = admin.ok("GET", &detail_path, "").await;
+        if detail["values"].as_object().unwrap().values().next() == Some(&expected) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (key_id, days) = detail["values"].as_object().unwrap().iter().next().unwrap();
+    assert_eq!(days, &expected);
+    let key = admin.ok("GET", &format!("/apikeys/{key_id}"), "").await;
+    assert!(key["lastUsedDate"].as_u64().is_some(), "{key}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -230,10 +247,17 @@ async fn store_failure_modes_and_recovery() {
         let metrics =
             String::from_utf8(c.get(&admin_url("/metrics"), None).await.body.to_vec()).unwrap();
         assert!(metrics.contains("tollgate_store_degraded 1"), "{metrics}");
-        assert!(
-            !metrics.contains("tollgate_store_failures_total 0\n"),
-            "{metrics}"
-        );
+        let series = |name: &str| -> f64 {
+            let line = metrics.lines().find(|l| l.starts_with(name));
+            let value = line.and_then(|l| l.rsplit_once(' '));
+            value.map_or(0.0, |(_, v)| v.parse().unwrap())
+        };
+        let decide = r#"{operation="decide"}"#;
+        let errors = series(&format!("tollgate_store_operation_errors_total{decide} "));
+        let calls = series(&format!(
+            "tollgate_store_operation_duration_seconds_count{decide} "
+        ));
+        assert!(errors >= 1.0 && calls >= errors, "{metrics}");
         redis.restart();
         // Back on Redis: its quota count picks up where it was (5 used of 40), so a request decided
         // there reports 34 left; one decided locally could not know that.
