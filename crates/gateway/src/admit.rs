@@ -139,6 +139,9 @@ pub(crate) async fn admit<'s>(
 }
 
 /// [`admit`] on this instance's state alone (the embedded mode), which never waits.
+// A refusal is as common as an admission under load (and under attack): it stays on the stack rather
+// than costing an allocation each.
+#[allow(clippy::result_large_err)]
 pub fn admit_locally<'s>(
     snap: &'s Snapshot,
     m: Option<&RouteMatch>,

@@ -1235,8 +1235,7 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
             .unwrap_or_else(|| panic!("{series} missing: {text}"))
     };
     // Decisions per stage and usage plan (by id, as AWS's tools name plans).
-    let plan = &admin.ok("GET", "/usageplans", "").await["item"][0]["id"];
-    let plan = plan.as_str().unwrap();
+    let plan = &admin.plan_id("p").await;
     let decided = |api_stage: &str, plan: &str, decision: &str| {
         at(&format!(
             r#"tollgate_decisions_total{{{api_stage},usage_plan="{plan}",decision="{decision}"}}"#
@@ -1409,10 +1408,7 @@ async fn refused_requests_and_last_use_are_kept_per_key_across_a_restart() {
             .to_string()
     };
     let (central, idle) = (key_id("central-system"), key_id("idle"));
-    let plan = admin.ok("GET", "/usageplans", "").await["item"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let plan = admin.plan_id("tight").await;
     let today = util::today();
     let detail_path =
         format!("/tollgate/usageplans/{plan}/usage?startDate={today}&endDate={today}");
