@@ -546,12 +546,7 @@ async fn set_enabled(
     body: Bytes,
 ) -> Answer {
     let input: EnabledIn = parse(&body, "Expected enabled")?;
-    let op = PatchOp {
-        op: Some("replace".into()),
-        path: Some("/enabled".into()),
-        value: Some(input.enabled.to_string()),
-        ..PatchOp::default()
-    };
+    let op = PatchOp::replace("/enabled", input.enabled);
     Ok(reply(
         StatusCode::OK,
         &dash.admin.update_key(&id, vec![op]).await?,
@@ -572,12 +567,7 @@ async fn set_remaining(
     body: Bytes,
 ) -> Answer {
     let input: RemainingIn = parse(&body, "Expected usagePlanId and remaining")?;
-    let op = PatchOp {
-        op: Some("replace".into()),
-        path: Some("/remaining".into()),
-        value: Some(input.remaining.to_string()),
-        ..PatchOp::default()
-    };
+    let op = PatchOp::replace("/remaining", input.remaining);
     let usage = dash
         .admin
         .update_usage(&input.usage_plan_id, &id, vec![op])

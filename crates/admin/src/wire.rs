@@ -251,6 +251,18 @@ pub struct PatchOp {
 }
 
 impl PatchOp {
+    /// `replace` of `path` with `value`.
+    pub fn replace(path: &str, value: impl ToString) -> Self {
+        Self {
+            op: Some("replace".into()),
+            path: Some(path.into()),
+            value: Some(value.to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+impl PatchOp {
     /// An `op` on `path`, with `value` when the operation takes one (AWS's values are strings).
     pub fn new(op: &str, path: impl Into<String>, value: Option<String>) -> Self {
         Self {

@@ -222,8 +222,8 @@ const PLANS: &str = "usagePlans:\n  - name: partners\n    apiStages: [ { apiId: 
                      apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [partners] }\n  \
                      - { name: quiet-partner, value: quietKeyValue0123456789abcdef, usagePlans: [partners] }\n";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
+/// A gateway with an admin listener (and its credentials) serving [`PLANS`].
+async fn start() -> (tempfile::TempDir, Gateway, util::Upstream) {
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = util::config(
@@ -232,6 +232,12 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     );
     util::write_config(dir.path(), &yaml);
     let gw = Gateway::start(dir.path(), &util::admin_env());
+    (dir, gw, up)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
+    let (dir, gw, _up) = start().await;
     let c = client();
     // Six admitted, then the bucket is empty: two throttled.
     for expected in [200, 200, 200, 200, 200, 200, 429, 429] {
@@ -334,14 +340,7 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
-    let up = util::upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = util::config(
-        &format!("http://{}", up.addr),
-        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
-    );
-    util::write_config(dir.path(), &yaml);
-    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let (_dir, gw, _up) = start().await;
     let admin = format!("http://{}", gw.admin.unwrap());
     let c = client();
     let page = c.get(&format!("{admin}/dashboard"), None).await;
