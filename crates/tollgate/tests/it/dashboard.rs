@@ -222,8 +222,8 @@ const PLANS: &str = "usagePlans:\n  - name: partners\n    apiStages: [ { apiId: 
                      apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [partners] }\n  \
                      - { name: quiet-partner, value: quietKeyValue0123456789abcdef, usagePlans: [partners] }\n";
 
-/// A gateway with an admin listener (and its credentials) serving [`PLANS`].
-async fn start() -> (tempfile::TempDir, Gateway, util::Upstream) {
+/// A gateway with an admin listener serving [`PLANS`], started with `envs`.
+async fn start(envs: &[(&str, &str)]) -> (tempfile::TempDir, Gateway, util::Upstream) {
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = util::config(
@@ -231,13 +231,13 @@ async fn start() -> (tempfile::TempDir, Gateway, util::Upstream) {
         &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
     );
     util::write_config(dir.path(), &yaml);
-    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let gw = Gateway::start(dir.path(), envs);
     (dir, gw, up)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
-    let (dir, gw, _up) = start().await;
+    let (dir, gw, _up) = start(&util::admin_env()).await;
     let c = client();
     // Six admitted, then the bucket is empty: two throttled.
     for expected in [200, 200, 200, 200, 200, 200, 429, 429] {
@@ -340,7 +340,7 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
-    let (_dir, gw, _up) = start().await;
+    let (_dir, gw, _up) = start(&util::admin_env()).await;
     let admin = format!("http://{}", gw.admin.unwrap());
     let c = client();
     let page = c.get(&format!("{admin}/dashboard"), None).await;
@@ -431,5 +431,34 @@ async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
         )
         .await;
     assert_eq!(r.status, 403);
+    assert!(gw.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_credentials_only_loopback_hosts_are_served() {
+    let (_dir, gw, _up) = start(&[("CENTRAL_KEY", KEY)]).await;
+    let addr = gw.admin.unwrap();
+    let c = client();
+    let url = |path: &str| format!("http://{addr}/dashboard/api/{path}");
+    // A page of another origin that resolves to 127.0.0.1 (DNS rebinding) sends its own Host.
+    let rebound = c
+        .send("GET", &url("keys"), &[("host", "evil.example:8081")], "")
+        .await;
+    assert_eq!(rebound.status, 403);
+    let session = c.get(&url("session"), None).await;
+    assert_eq!(session.status, 200);
+    assert_eq!(session.json()["login"], false);
+    let csrf = session.json()["csrf"].as_str().unwrap().to_string();
+    let keys = c.get(&url("keys"), None).await.json();
+    let id = keys["keys"][0]["id"].as_str().unwrap().to_string();
+    let path = url(&format!("keys/{id}/enabled"));
+    let json = ("content-type", "application/json");
+    let r = c.send("POST", &path, &[json], r#"{"enabled":false}"#).await;
+    assert_eq!(r.status, 403, "a change without the token");
+    let token = ("x-csrf-token", csrf.as_str());
+    let r = c
+        .send("POST", &path, &[json, token], r#"{"enabled":false}"#)
+        .await;
+    assert_eq!(r.status, 200);
     assert!(gw.terminate().success());
 }
