@@ -142,11 +142,24 @@ impl Browser {
         v.as_array().map_or(0, Vec::len)
     }
 
+    /// `command` (a path under `/element/{id}`) on the element `css` selects. The page re-renders
+    /// as data arrives, so an element found may be replaced before the command reaches it: then it
+    /// is found again.
+    async fn on_element(&self, css: &str, method: &str, command: &str, body: Value) -> Value {
+        for _ in 0..50 {
+            let el = self.find(css).await;
+            let path = format!("/element/{el}{command}");
+            let v = self.try_call(method, &path, body.clone()).await;
+            if v["error"] != "stale element reference" {
+                assert!(v.get("error").is_none(), "{method} {path}: {v}");
+                return v;
+            }
+        }
+        panic!("{css} kept going stale");
+    }
+
     async fn text(&self, css: &str) -> String {
-        let el = self.find(css).await;
-        let v = self
-            .call("GET", &format!("/element/{el}/text"), Value::Null)
-            .await;
+        let v = self.on_element(css, "GET", "/text", Value::Null).await;
         v.as_str().unwrap_or_default().to_string()
     }
 
@@ -162,19 +175,12 @@ impl Browser {
     }
 
     async fn type_into(&self, css: &str, text: &str) {
-        let el = self.find(css).await;
-        self.call(
-            "POST",
-            &format!("/element/{el}/value"),
-            json!({ "text": text }),
-        )
-        .await;
+        self.on_element(css, "POST", "/value", json!({ "text": text }))
+            .await;
     }
 
     async fn click(&self, css: &str) {
-        let el = self.find(css).await;
-        self.call("POST", &format!("/element/{el}/click"), json!({}))
-            .await;
+        self.on_element(css, "POST", "/click", json!({})).await;
     }
 
     async fn script(&self, script: &str) -> Value {
@@ -187,14 +193,8 @@ impl Browser {
     }
 
     async fn attribute(&self, css: &str, name: &str) -> String {
-        let el = self.find(css).await;
-        let v = self
-            .call(
-                "GET",
-                &format!("/element/{el}/attribute/{name}"),
-                Value::Null,
-            )
-            .await;
+        let command = format!("/attribute/{name}");
+        let v = self.on_element(css, "GET", &command, Value::Null).await;
         v.as_str().unwrap_or_default().to_string()
     }
 
