@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, post};
 use bytes::Bytes;
 use http::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tollgate_core::model::Tags;
 
 use crate::error::AdminError;
 use crate::service::{Admin, Paging};
@@ -71,6 +72,11 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
         .route("/usageplans/{id}/usage", get(get_usage))
         .route("/tollgate/usageplans/{id}/usage", get(get_usage_detail))
         .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
+        .route(
+            "/tags/{*arn}",
+            get(get_tags).put(tag_resource).delete(untag_resource),
+        )
+        .route("/tollgate/apikeys/find", post(find_key))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_operation)
@@ -219,6 +225,52 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
         .await
 }
 
+#[derive(Default, serde::Deserialize)]
+struct TagsIn {
+    tags: Option<Tags>,
+}
+
+/// GetTags.
+async fn get_tags(State(admin): Shared, Path(arn): Path<String>) -> Result {
+    let tags = admin.tags(&arn).await?;
+    Ok(reply(StatusCode::OK, &serde_json::json!({ "tags": tags })))
+}
+
+/// TagResource: 204.
+async fn tag_resource(State(admin): Shared, Path(arn): Path<String>, body: Bytes) -> Result {
+    let input: TagsIn = json(&body)?;
+    let tags = input
+        .tags
+        .ok_or_else(|| AdminError::BadRequest("Tags are required".into()))?;
+    admin.retag(&arn, tags, Vec::new()).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// UntagResource (`?tagKeys=a&tagKeys=b`): 204.
+async fn untag_resource(
+    State(admin): Shared,
+    Path(arn): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result {
+    let keys = query_all(q.as_deref(), "tagKeys");
+    if keys.is_empty() {
+        return Err(AdminError::BadRequest("Tag keys are required".into()));
+    }
+    admin.retag(&arn, Tags::new(), keys).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Default, serde::Deserialize)]
+struct FindIn {
+    value: String,
+}
+
+/// tollgate's own: which key a value belongs to (POST, so that the value stays out of URLs and logs).
+async fn find_key(State(admin): Shared, body: Bytes) -> Result {
+    let input: FindIn = json(&body)?;
+    Ok(reply(StatusCode::OK, &admin.find_key(&input.value).await?))
+}
+
 /// Liveness and the shared store's state: 200 while the gateway serves, 503 when it refuses keyed
 /// requests because Redis is down and `onStoreFailure: deny`.
 async fn health(State(admin): Shared) -> Response {
@@ -254,10 +306,9 @@ async fn unknown_operation() -> Response {
     resp
 }
 
-/// Query parameters, decoded.
-fn query(raw: Option<String>) -> BTreeMap<String, String> {
-    raw.as_deref()
-        .unwrap_or("")
+/// Query parameters, decoded, in order (a name may come more than once).
+fn query_pairs(raw: Option<&str>) -> impl Iterator<Item = (String, String)> + '_ {
+    raw.unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -267,6 +318,18 @@ fn query(raw: Option<String>) -> BTreeMap<String, String> {
             };
             (decode(k), decode(v))
         })
+}
+
+/// Query parameters, decoded; the last of a repeated name.
+fn query(raw: Option<String>) -> BTreeMap<String, String> {
+    query_pairs(raw.as_deref()).collect()
+}
+
+/// Every value of the query parameter `name`.
+fn query_all(raw: Option<&str>, name: &str) -> Vec<String> {
+    query_pairs(raw)
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v)
         .collect()
 }
 

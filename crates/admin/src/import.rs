@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tollgate_core::KeyHash;
 use tollgate_core::model::validate_key_value;
+use tollgate_core::{ApiKey, KeyHash};
 use tollgate_store::Records;
 
 use crate::error::AdminError;
@@ -254,14 +254,13 @@ impl Admin {
                 }
                 None => {
                     // Hashed when the file was read.
-                    let key = self.new_key(
-                        row.name,
-                        (&row.value, row.hash),
-                        row.description,
-                        None,
-                        row.enabled,
-                        catalog,
-                    )?;
+                    let draft = ApiKey {
+                        name: row.name,
+                        description: row.description,
+                        enabled: row.enabled,
+                        ..ApiKey::default()
+                    };
+                    let key = self.new_key(draft, (&row.value, row.hash), catalog)?;
                     catalog.added_key(&key);
                     key
                 }

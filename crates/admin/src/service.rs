@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tollgate_core::clock::NANOS_PER_SEC;
-use tollgate_core::model::validate_key_value;
+use tollgate_core::model::{EXPIRES_TAG, Tags, parse_expiry, validate_key_value, validate_tags};
 use tollgate_core::quota::{EpochDay, Period, QuotaWindow};
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
@@ -45,6 +45,35 @@ pub struct AdminSettings {
     pub sealer: Option<Sealer>,
     /// What usage plans may name of the configured APIs.
     pub apis: Vec<ApiOutline>,
+}
+
+/// What an ARN names: `arn:aws:apigateway:{region}::/apikeys/{id}` or `…::/usageplans/{id}`.
+enum Tagged {
+    Key(String),
+    Plan(String),
+}
+
+impl Tagged {
+    fn parse(arn: &str) -> Result<Self, AdminError> {
+        let invalid = || bad(format!("Invalid resource ARN specified: {arn}"));
+        let mut parts = arn.splitn(6, ':');
+        let head: Vec<&str> = parts.by_ref().take(5).collect();
+        let resource = parts.next().ok_or_else(invalid)?;
+        match head.as_slice() {
+            ["arn", partition, "apigateway", _region, ""] if partition.starts_with("aws") => {}
+            _ => return Err(invalid()),
+        }
+        let (kind, id) = resource
+            .strip_prefix('/')
+            .and_then(|r| r.split_once('/'))
+            .filter(|(_, id)| !id.is_empty() && !id.contains('/'))
+            .ok_or_else(invalid)?;
+        match kind {
+            "apikeys" => Ok(Self::Key(id.to_owned())),
+            "usageplans" => Ok(Self::Plan(id.to_owned())),
+            _ => Err(invalid()),
+        }
+    }
 }
 
 /// The plans whose live quota counts a write invalidates: they are recomputed from the store.
@@ -462,7 +491,10 @@ impl Admin {
             last_updated_date: key.last_updated_date,
             last_used_date: last_used,
             stage_keys: Vec::new(),
-            tags: BTreeMap::new(),
+            tags: key.tags.clone(),
+            expires_at: key.tags.get(EXPIRES_TAG).cloned(),
+            value_prefix: (!key.value_prefix.is_empty()).then(|| key.value_prefix.clone()),
+            value_length: (key.value_length > 0).then_some(key.value_length),
         }
     }
 
@@ -478,6 +510,7 @@ impl Admin {
         }
     }
 
+    /// `with_tags`: always answer `tags` (GetUsagePlan), else only when there are some.
     fn plan_out(plan: &UsagePlan, with_tags: bool) -> UsagePlanOut {
         UsagePlanOut {
             id: plan.id.clone(),
@@ -486,7 +519,8 @@ impl Admin {
             api_stages: plan.api_stages.clone(),
             throttle: plan.throttle,
             quota: plan.quota,
-            tags: with_tags.then(BTreeMap::new),
+            product_code: plan.product_code.clone(),
+            tags: (with_tags || !plan.tags.is_empty()).then(|| plan.tags.clone()),
         }
     }
 
@@ -515,18 +549,22 @@ impl Admin {
             }
             None => ids::new_key_value(),
         };
-        let enabled = input.enabled.unwrap_or(false);
-        let (description, customer_id) = (input.description, input.customer_id);
+        let mut tags = input.tags.unwrap_or_default();
+        if let Some(at) = input.expires_at {
+            tags.insert(EXPIRES_TAG.into(), at);
+        }
+        validate_tags(&tags).map_err(bad)?;
+        let draft = ApiKey {
+            name,
+            description: input.description,
+            customer_id: input.customer_id,
+            enabled: input.enabled.unwrap_or(false),
+            tags,
+            ..ApiKey::default()
+        };
         self.write(move |admin, catalog| {
             let value_hash = KeyHash::of(&value);
-            let key = admin.new_key(
-                name,
-                (&value, value_hash),
-                description,
-                customer_id,
-                enabled,
-                catalog,
-            )?;
+            let key = admin.new_key(draft, (&value, value_hash), catalog)?;
             admin.store.put_key(&key)?;
             catalog.added_key(&key);
             let mut out = admin.key_out(&key, false, None);
@@ -536,14 +574,12 @@ impl Admin {
         .await
     }
 
-    /// A new key with `value`, whose hash is `value_hash`; a conflict if a key has that value.
+    /// A new key as `draft` describes it (name, description, customer id, enabled, tags) with
+    /// `value`, whose hash is `value_hash`; a conflict if a key has that value.
     pub(crate) fn new_key(
         &self,
-        name: String,
+        draft: ApiKey,
         (value, value_hash): (&str, KeyHash),
-        description: Option<String>,
-        customer_id: Option<String>,
-        enabled: bool,
         catalog: &Catalog<'_>,
     ) -> Result<ApiKey, AdminError> {
         if catalog.key_with_hash(&value_hash).is_some() {
@@ -551,17 +587,16 @@ impl Admin {
         }
         let id = ids::new_key_id();
         let now = self.now_secs();
-        Ok(ApiKey {
+        let mut key = ApiKey {
             sealed_value: self.settings.sealer.as_ref().map(|s| s.seal(&id, value)),
             id,
-            name,
-            description,
-            customer_id,
-            enabled,
             value_hash,
             created_date: now,
             last_updated_date: now,
-        })
+            ..draft
+        };
+        key.set_value_hint(value);
+        Ok(key)
     }
 
     /// GetApiKey.
@@ -630,6 +665,20 @@ impl Admin {
             let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
             for op in &ops {
                 let (verb, path) = (op.op.as_deref().unwrap_or(""), op.path.as_deref().unwrap_or(""));
+                // tollgate's own path: the expiry, kept as its tag.
+                if path == "/expiresAt" {
+                    match (verb, &op.value) {
+                        ("replace" | "add", Some(at)) => {
+                            parse_expiry(at).map_err(bad)?;
+                            key.tags.insert(EXPIRES_TAG.into(), at.clone());
+                        }
+                        ("remove", _) => {
+                            key.tags.remove(EXPIRES_TAG);
+                        }
+                        _ => return Err(bad("Invalid expiresAt: replace it with an RFC 3339 time, or remove it")),
+                    }
+                    continue;
+                }
                 if verb != "replace" {
                     return Err(bad(format!("Invalid patch path  '{path}' specified for op '{verb}'. Must be one of: {KEY_PATHS}")));
                 }
@@ -651,6 +700,77 @@ impl Admin {
             admin.store.put_key(&key)?;
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
             Ok((admin.key_out(&key, false, last_used), Vec::new()))
+        })
+        .await
+    }
+
+    /// tollgate's own: the key whose value is `value`, found by its hash (values are not kept).
+    pub async fn find_key(self: &Arc<Self>, value: &str) -> Result<ApiKeyOut, AdminError> {
+        let hash = KeyHash::of(value);
+        let id = self
+            .gateway
+            .served()
+            .key_with_hash(&hash)
+            .map(str::to_owned)
+            .ok_or_else(|| AdminError::NotFound("No API key has this value".into()))?;
+        self.get_key(&id, false).await
+    }
+
+    // ---- tags ----
+
+    /// GetTags.
+    pub async fn tags(self: &Arc<Self>, arn: &str) -> Result<Tags, AdminError> {
+        match Tagged::parse(arn)? {
+            Tagged::Key(id) => {
+                let key = self
+                    .blocking(move |admin| Ok(admin.store.key(&id)?))
+                    .await?;
+                Ok(key.ok_or_else(unknown_key)?.tags)
+            }
+            Tagged::Plan(id) => {
+                let plans = self.plans.lock().await;
+                let plan = plans.iter().find(|p| p.id == id).ok_or_else(unknown_plan)?;
+                Ok(plan.tags.clone())
+            }
+        }
+    }
+
+    /// TagResource (`add`: the tags to set) and UntagResource (`remove`: the tag keys to drop).
+    pub async fn retag(
+        self: &Arc<Self>,
+        arn: &str,
+        add: Tags,
+        remove: Vec<String>,
+    ) -> Result<(), AdminError> {
+        let tagged = Tagged::parse(arn)?;
+        let retag = move |tags: &mut Tags| {
+            tags.extend(add);
+            for k in &remove {
+                tags.remove(k);
+            }
+            validate_tags(tags).map_err(bad)
+        };
+        self.write(move |admin, catalog| {
+            match tagged {
+                Tagged::Key(id) => {
+                    let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
+                    retag(&mut key.tags)?;
+                    key.last_updated_date = admin.now_secs();
+                    admin.store.put_key(&key)?;
+                }
+                Tagged::Plan(id) => {
+                    let plan = catalog
+                        .plans
+                        .iter_mut()
+                        .find(|p| p.id == id)
+                        .ok_or_else(unknown_plan)?;
+                    let mut changed = plan.clone();
+                    retag(&mut changed.tags)?;
+                    admin.store.put_plan(&changed)?;
+                    *plan = changed;
+                }
+            }
+            Ok(((), Vec::new()))
         })
         .await
     }
@@ -766,7 +886,10 @@ impl Admin {
                 .collect::<Result<_, _>>()?,
             throttle: input.throttle.as_ref().map(throttle_from).transpose()?,
             quota: input.quota.as_ref().map(quota_from).transpose()?,
+            tags: input.tags.unwrap_or_default(),
+            product_code: None,
         };
+        validate_tags(&plan.tags).map_err(bad)?;
         self.write(move |admin, catalog| {
             admin.check_plan(&plan, catalog)?;
             admin.store.put_plan(&plan)?;
@@ -874,8 +997,9 @@ impl Admin {
         let plan_id = plan_id.to_owned();
         self.write(move |admin, catalog| {
             let plan_id = plan_id.as_str();
-            let plan = catalog.plan(plan_id).ok_or_else(unknown_plan)?;
+            // AWS checks the key first: both unknown is "Invalid API Key identifier specified".
             let key = admin.store.key(&key_id)?.ok_or_else(unknown_key)?;
+            let plan = catalog.plan(plan_id).ok_or_else(unknown_plan)?;
             if catalog.is_bound(plan_id, &key_id) {
                 return Err(AdminError::Conflict(format!("Usage Plan Key {key_id} already exists in usage plan {plan_id}")));
             }
@@ -1158,8 +1282,9 @@ fn apply_plan_op(
                 .to_string();
         }
         ("replace", "/description") => plan.description = value.map(str::to_string),
-        // Marketplace product codes have no meaning here; accepted so scripts run unchanged.
-        ("replace", "/productCode") => {}
+        // A Marketplace product code means nothing here, but it is kept and returned, as AWS does.
+        ("replace" | "add", "/productCode") => plan.product_code = value.map(str::to_string),
+        ("remove", "/productCode") => plan.product_code = None,
         (_, "/throttle/rateLimit") if set => {
             let t = plan.throttle.get_or_insert(ThrottleSettings {
                 rate_limit: 0.0,
@@ -1320,6 +1445,7 @@ mod tests {
                     sealed_value: None,
                     created_date: 0,
                     last_updated_date: 0,
+                    ..ApiKey::default()
                 })
                 .unwrap();
             ids.push(id);
@@ -1398,6 +1524,7 @@ mod tests {
             }],
             throttle: None,
             quota: None,
+            ..UsagePlan::default()
         }
     }
 

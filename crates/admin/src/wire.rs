@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tollgate_core::model::Tags;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 
 /// A JSON-Pointer segment (RFC 6901) as a patch operation's `path` writes it: `~` as `~0`, `/` as
@@ -46,8 +47,17 @@ pub struct ApiKeyOut {
     pub last_used_date: Option<u64>,
     /// Legacy stage keys: always empty.
     pub stage_keys: Vec<String>,
-    /// Tags: always empty.
-    pub tags: BTreeMap<String, String>,
+    /// Tags.
+    pub tags: Tags,
+    /// tollgate's own: when the key stops working (RFC 3339), from the tag `tollgate:expiresAt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// tollgate's own: the value's first 4 characters, kept in the clear to tell keys apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_prefix: Option<String>,
+    /// tollgate's own: the value's length in characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_length: Option<u32>,
 }
 
 /// AWS `UsagePlan`.
@@ -69,9 +79,12 @@ pub struct UsagePlanOut {
     /// Per-key quota.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaSettings>,
-    /// Tags (present on Get, absent on Create and in lists, as AWS does).
+    /// AWS Marketplace product code.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tags: Option<BTreeMap<String, String>>,
+    pub product_code: Option<String>,
+    /// Tags: always on Get; on Create and in lists only when there are some, as AWS does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Tags>,
 }
 
 /// AWS `UsagePlanKey`.
@@ -150,9 +163,12 @@ pub struct CreateApiKeyIn {
     /// Accepted and ignored: ids are always distinct.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generate_distinct_id: Option<bool>,
-    /// Accepted and ignored.
+    /// Tags.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tags: Option<serde_json::Value>,
+    pub tags: Option<Tags>,
+    /// tollgate's own: when the key stops working (RFC 3339), kept as the tag `tollgate:expiresAt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// ThrottleSettings as sent: every member optional.
@@ -216,9 +232,9 @@ pub struct CreateUsagePlanIn {
     /// Per-key quota.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaIn>,
-    /// Accepted and ignored.
+    /// Tags.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tags: Option<serde_json::Value>,
+    pub tags: Option<Tags>,
 }
 
 /// CreateUsagePlanKey's body.

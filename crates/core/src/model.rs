@@ -116,7 +116,7 @@ pub struct ApiStage {
 }
 
 /// AWS `UsagePlan`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsagePlan {
     /// Store-assigned id (6 lowercase alphanumerics).
@@ -135,10 +135,65 @@ pub struct UsagePlan {
     /// Per-key quota, shared across the plan's stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaSettings>,
+    /// AWS tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: Tags,
+    /// AWS Marketplace product code: kept and returned, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_code: Option<String>,
+}
+
+/// AWS resource tags: key → value.
+pub type Tags = BTreeMap<String, String>;
+
+/// The most tags a resource may carry (AWS's limit).
+pub const MAX_TAGS: usize = 50;
+
+/// The reserved tag carrying a key's expiry (RFC 3339), so that AWS's own tools can set it.
+pub const EXPIRES_TAG: &str = "tollgate:expiresAt";
+
+/// Checks tags the way AWS does: at most 50, keys of 1 to 128 characters not starting with `aws:`,
+/// values of at most 256; and that [`EXPIRES_TAG`] holds a time. With AWS's messages where AWS has one.
+pub fn validate_tags(tags: &Tags) -> Result<(), String> {
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "Too many tags: a resource can have at most {MAX_TAGS}"
+        ));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 {
+            return Err("Invalid tag key. Tag keys must be 1 to 128 characters long".into());
+        }
+        if k.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:")) {
+            return Err(
+                "Invalid tag key. Tag keys cannot start with 'aws:' (case insensitive)".into(),
+            );
+        }
+        if v.chars().count() > 256 {
+            return Err(format!(
+                "Invalid tag value for key '{k}'. Tag values can be at most 256 characters long"
+            ));
+        }
+        if k == EXPIRES_TAG {
+            parse_expiry(v)?;
+        }
+    }
+    Ok(())
+}
+
+/// An expiry as written in [`EXPIRES_TAG`] or `expiresAt`: an RFC 3339 time, as epoch nanoseconds.
+pub fn parse_expiry(text: &str) -> Result<u64, String> {
+    let at: jiff::Timestamp = text.parse().map_err(|_| {
+        format!(
+            "Invalid expiresAt '{text}': expected an RFC 3339 time such as 2027-01-31T00:00:00Z"
+        )
+    })?;
+    u64::try_from(at.as_nanosecond())
+        .map_err(|_| format!("Invalid expiresAt '{text}': before 1970"))
 }
 
 /// SHA-256 of an API key value: all tollgate keeps of the value by default.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
@@ -156,7 +211,7 @@ impl fmt::Debug for KeyHash {
 }
 
 /// AWS `ApiKey`, minus the value: only its hash is kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApiKey {
     /// Store-assigned id (10 lowercase alphanumerics).
     pub id: String,
@@ -176,6 +231,27 @@ pub struct ApiKey {
     pub created_date: i64,
     /// Last change, epoch seconds.
     pub last_updated_date: i64,
+    /// AWS tags ([`EXPIRES_TAG`] among them).
+    pub tags: Tags,
+    /// The value's first 4 characters (empty for keys stored before tollgate kept them).
+    pub value_prefix: String,
+    /// The value's length in characters (0 when not known).
+    pub value_length: u32,
+}
+
+impl ApiKey {
+    /// When the key stops working (epoch nanoseconds), from its [`EXPIRES_TAG`].
+    pub fn expires_at(&self) -> Option<u64> {
+        self.tags
+            .get(EXPIRES_TAG)
+            .and_then(|v| parse_expiry(v).ok())
+    }
+
+    /// Records what is kept in the clear of `value`: its first 4 characters and its length.
+    pub fn set_value_hint(&mut self, value: &str) {
+        self.value_prefix = value.chars().take(4).collect();
+        self.value_length = u32::try_from(value.chars().count()).unwrap_or(u32::MAX);
+    }
 }
 
 /// Length bounds AWS puts on a key value.

@@ -17,7 +17,7 @@ use tollgate_core::{
 };
 use tollgate_gateway::config::{Api, Integration, Route, RouteMethod, Stage};
 use tollgate_gateway::{GatewayConfig, Snapshot, admit_locally};
-use tollgate_store::KeyIndex;
+use tollgate_store::{KeyIndex, KeyTerms};
 
 const NOW: u64 = 1_795_000_000 * NANOS_PER_SEC;
 
@@ -80,11 +80,16 @@ fn records(n: usize) -> KeyIndex {
             offset: 0,
             period: Period::Month,
         }),
+        ..UsagePlan::default()
     };
     let mut index = KeyIndex::new(vec![plan]);
     let ids: Vec<String> = (0..n).map(|i| format!("k{i:09}")).collect();
     for (i, id) in ids.iter().enumerate() {
-        index.push_key(id, KeyHash::of(value(i)), true);
+        let terms = KeyTerms {
+            enabled: true,
+            expires_at: None,
+        };
+        index.push_key(id, KeyHash::of(value(i)), terms);
     }
     index.bind_all(ids.iter().map(|id| ("plan01", id)));
     index

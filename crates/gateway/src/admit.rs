@@ -87,7 +87,7 @@ pub(crate) async fn admit<'s>(
     let route = snap.route_at(m);
     // Key.
     let grant = if route.api_key_required {
-        let grant = key(snap, m, api_key)?;
+        let grant = key(snap, m, api_key, now)?;
         snap.saw(&grant, now);
         Some(grant)
     } else {
@@ -153,11 +153,12 @@ pub fn admit_locally<'s>(
         .expect("local limits decide without waiting")
 }
 
-/// The membership of the key presented as `api_key` that covers the stage `m` matched.
+/// The membership of the key presented as `api_key` that covers the stage `m` matched, at `now`.
 fn key<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch,
     api_key: Option<&[u8]>,
+    now: u64,
 ) -> Result<Grant<'s>, Refusal> {
     let value = api_key.ok_or(Refusal::Forbidden(KeyRejected::Missing))?;
     // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
@@ -165,7 +166,7 @@ fn key<'s>(
     if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
         return Err(Refusal::Forbidden(KeyRejected::Invalid));
     }
-    snap.grant_for(&KeyHash::of(value), m)
+    snap.grant_for(&KeyHash::of(value), m, now)
         .map_err(Refusal::Forbidden)
 }
 

@@ -7,20 +7,25 @@
 //! records as loaded (in store order, with bindings by id): this table is what the request path
 //! reads, built from that index once per rebuild.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use tollgate_core::KeyHash;
+use tollgate_store::KeyTerms;
 
 /// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
 #[derive(Debug, Clone, Copy)]
 struct KeyRec {
     hash: KeyHash,
     id_start: u32,
-    /// Index of its first membership; [`DISABLED`] set when the key is disabled.
+    /// Index of its first membership, with [`DISABLED`] and [`EXPIRES`] as flags.
     members: u32,
 }
 
 const DISABLED: u32 = 1 << 31;
+/// Set when the key has an expiry (in [`KeyTable::expiries`]): keys without one pay no lookup.
+const EXPIRES: u32 = 1 << 30;
+const FLAGS: u32 = DISABLED | EXPIRES;
 
 /// One (key, plan) membership: 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,8 @@ pub(crate) struct KeyTable {
     /// Record indices in id order, for lookups by id (operator calls, rebuilds).
     by_id: Vec<u32>,
     members: Vec<Member>,
+    /// Record index → expiry (epoch nanoseconds), for the few keys that have one.
+    expiries: HashMap<u32, u64>,
 }
 
 impl KeyTable {
@@ -56,12 +63,20 @@ impl KeyTable {
     }
 
     /// Appends a key; keys must come in hash order, each followed by its memberships.
-    pub(crate) fn push_key(&mut self, hash: KeyHash, id: &str, enabled: bool) {
+    pub(crate) fn push_key(&mut self, hash: KeyHash, id: &str, terms: KeyTerms) {
         debug_assert!(self.recs.last().is_none_or(|r| r.hash <= hash));
+        let mut members = self.members.len() as u32;
+        if !terms.enabled {
+            members |= DISABLED;
+        }
+        if let Some(at) = terms.expires_at {
+            members |= EXPIRES;
+            self.expiries.insert(self.recs.len() as u32, at);
+        }
         self.recs.push(KeyRec {
             hash,
             id_start: self.ids.len() as u32,
-            members: self.members.len() as u32 | if enabled { 0 } else { DISABLED },
+            members,
         });
         self.ids.push_str(id);
     }
@@ -125,17 +140,25 @@ impl KeyTable {
         self.recs[i].members & DISABLED == 0
     }
 
+    /// When record `i`'s key expires (epoch nanoseconds), if it does.
+    pub(crate) fn expires_at(&self, i: usize) -> Option<u64> {
+        if self.recs[i].members & EXPIRES == 0 {
+            return None;
+        }
+        self.expiries.get(&(i as u32)).copied()
+    }
+
     /// Record `i`'s memberships, in the order they were bound.
     pub(crate) fn members_of(&self, i: usize) -> &[Member] {
         &self.members[self.member_range(i)]
     }
 
     fn member_range(&self, i: usize) -> Range<usize> {
-        let start = (self.recs[i].members & !DISABLED) as usize;
+        let start = (self.recs[i].members & !FLAGS) as usize;
         let end = self
             .recs
             .get(i + 1)
-            .map_or(self.members.len(), |r| (r.members & !DISABLED) as usize);
+            .map_or(self.members.len(), |r| (r.members & !FLAGS) as usize);
         start..end
     }
 
@@ -166,7 +189,7 @@ impl KeyTable {
     /// The key a membership belongs to.
     pub(crate) fn owner(&self, member: usize) -> usize {
         self.recs
-            .partition_point(|r| (r.members & !DISABLED) as usize <= member)
+            .partition_point(|r| (r.members & !FLAGS) as usize <= member)
             .saturating_sub(1)
     }
 }
@@ -175,7 +198,8 @@ impl KeyTable {
 mod tests {
     use super::*;
 
-    /// A table of `n` keys `key0`, `key1`…, key `i` in `i % 3` plans, every third key disabled.
+    /// A table of `n` keys `key0`, `key1`…, key `i` in `i % 3` plans, every third key disabled, every
+    /// fourth expiring at `i`.
     fn table(n: u32) -> KeyTable {
         let mut keys: Vec<(KeyHash, String)> = (0..n)
             .map(|i| (KeyHash::of(format!("value{i}")), format!("key{i}")))
@@ -184,7 +208,11 @@ mod tests {
         let mut t = KeyTable::with_capacity(keys.len(), 0, 0);
         for (hash, id) in &keys {
             let i: u32 = id[3..].parse().unwrap();
-            t.push_key(*hash, id, i % 3 != 2);
+            let terms = KeyTerms {
+                enabled: i % 3 != 2,
+                expires_at: (i % 4 == 0).then_some(u64::from(i)),
+            };
+            t.push_key(*hash, id, terms);
             for plan in 0..i % 3 {
                 t.push_member(Member { plan, slot: i });
             }
@@ -205,6 +233,7 @@ mod tests {
                 assert_eq!(t.id(at), format!("key{i}"));
                 assert_eq!(t.by_id(&format!("key{i}")), Some(at));
                 assert_eq!(t.enabled(at), i % 3 != 2);
+                assert_eq!(t.expires_at(at), (i % 4 == 0).then_some(u64::from(i)));
                 let members = t.members_of(at);
                 assert_eq!(members.len(), (i % 3) as usize);
                 assert!(members.iter().all(|m| m.slot == i));

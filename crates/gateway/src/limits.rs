@@ -101,6 +101,8 @@ pub enum KeyRejected {
     Invalid,
     /// The key is disabled.
     Disabled,
+    /// The key's expiry has passed.
+    Expired,
 }
 
 impl Refusal {

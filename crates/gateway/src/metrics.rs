@@ -33,6 +33,8 @@ pub enum Decision {
     InvalidKey,
     /// The key is disabled.
     DisabledKey,
+    /// The key's expiry has passed.
+    Expired,
     /// A throttle refused.
     Throttled,
     /// The quota is spent.
@@ -50,6 +52,7 @@ impl Decision {
             Self::MissingKey => "missing_key",
             Self::InvalidKey => "invalid_key",
             Self::DisabledKey => "disabled_key",
+            Self::Expired => "expired",
             Self::Throttled => "throttled",
             Self::QuotaExceeded => "quota_exceeded",
             Self::StoreUnavailable => "store_unavailable",
@@ -64,6 +67,7 @@ impl From<&Refusal> for Decision {
             Refusal::Forbidden(KeyRejected::Missing) => Self::MissingKey,
             Refusal::Forbidden(KeyRejected::Invalid) => Self::InvalidKey,
             Refusal::Forbidden(KeyRejected::Disabled) => Self::DisabledKey,
+            Refusal::Forbidden(KeyRejected::Expired) => Self::Expired,
             Refusal::TooManyRequests { .. } => Self::Throttled,
             Refusal::LimitExceeded { .. } => Self::QuotaExceeded,
             Refusal::ServiceUnavailable => Self::StoreUnavailable,

@@ -114,6 +114,7 @@ mod tests {
             ],
             throttle: None,
             quota: None,
+            ..UsagePlan::default()
         };
         let rules = PlanRules::resolve(&plan, &config);
         assert_eq!(rules.stages, vec![(0, 1), (0, 0)]);

@@ -268,7 +268,7 @@ impl Snapshot {
                 (old_at < old.len() && *old.hash(old_at) == hash && old.id(old_at) == key_id)
                     .then_some((p, old_at))
             });
-            keys.push_key(hash, key_id, records.enabled(i));
+            keys.push_key(hash, key_id, records.terms(i));
             members_here.clear();
             while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
                 next_bound += 1;
@@ -390,16 +390,20 @@ impl Snapshot {
             .map(|member| self.grant_at(key, member))
     }
 
-    /// The membership of the enabled key whose value hashes to `hash` in the first of its plans
-    /// that covers the stage `m` matched.
+    /// The membership of the enabled key, unexpired at `now`, whose value hashes to `hash` in the
+    /// first of its plans that covers the stage `m` matched.
     pub(crate) fn grant_for(
         &self,
         hash: &KeyHash,
         m: &RouteMatch,
+        now: u64,
     ) -> Result<Grant<'_>, KeyRejected> {
         let key = self.keys.find(hash).ok_or(KeyRejected::Invalid)?;
         if !self.keys.enabled(key) {
             return Err(KeyRejected::Disabled);
+        }
+        if self.keys.expires_at(key).is_some_and(|at| now >= at) {
+            return Err(KeyRejected::Expired);
         }
         self.keys
             .members_of(key)

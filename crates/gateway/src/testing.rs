@@ -91,6 +91,7 @@ pub(crate) fn records(
         sealed_value: None,
         created_date: 0,
         last_updated_date: 0,
+        ..ApiKey::default()
     };
     Records {
         plans: vec![UsagePlan {
@@ -107,6 +108,7 @@ pub(crate) fn records(
             }],
             throttle: plan_throttle,
             quota,
+            ..UsagePlan::default()
         }],
         keys: vec![
             key("key0000001", KEY, true),

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 
+use tollgate_core::model::EXPIRES_TAG;
 use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    DeclaredKey, DeclaredPlan, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
-    UsageRow, apply_declared,
+    DeclaredKey, DeclaredPlan, KeyTerms, QuotaAdjustment, Records, RefusalRow, Store, StoreError,
+    UsageDelta, UsageRow, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -53,11 +54,13 @@ fn plan(id: &str) -> UsagePlan {
             offset: 2,
             period: Period::Month,
         }),
+        tags: BTreeMap::from([("team".to_string(), "partners".to_string())]),
+        product_code: Some("prod-code".into()),
     }
 }
 
 fn key(id: &str, value: &str) -> ApiKey {
-    ApiKey {
+    let mut key = ApiKey {
         id: id.into(),
         name: format!("key-{id}"),
         description: None,
@@ -67,7 +70,17 @@ fn key(id: &str, value: &str) -> ApiKey {
         sealed_value: Some(vec![1, 2, 3]),
         created_date: 1_700_000_000,
         last_updated_date: 1_700_000_000,
-    }
+        tags: BTreeMap::from([
+            ("owner".to_string(), "central".to_string()),
+            (
+                EXPIRES_TAG.to_string(),
+                "2027-01-31T00:00:00.000000001Z".to_string(),
+            ),
+        ]),
+        ..ApiKey::default()
+    };
+    key.set_value_hint(value);
+    key
 }
 
 pub fn records_roundtrip(store: &dyn Store) {
@@ -104,15 +117,15 @@ pub fn index_holds_what_load_does(store: &dyn Store) {
     let records = store.load().unwrap();
     let index = store.load_index().unwrap();
     let mut keys: Vec<_> = (0..index.len())
-        .map(|i| (index.id(i).to_owned(), index.hash(i), index.enabled(i)))
+        .map(|i| (index.id(i).to_owned(), index.hash(i), index.terms(i)))
         .collect();
-    keys.sort();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
     let mut want: Vec<_> = records
         .keys
         .iter()
-        .map(|k| (k.id.clone(), k.value_hash, k.enabled))
+        .map(|k| (k.id.clone(), k.value_hash, KeyTerms::of(k)))
         .collect();
-    want.sort();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(keys, want);
     let mut bindings: Vec<_> = index
         .bindings()
@@ -358,6 +371,7 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
             offset: 0,
             period: Period::Day,
         }),
+        tags: Default::default(),
     };
     let declared_key = |name: &str, value: Option<&str>, plans: &[&str]| DeclaredKey {
         name: name.into(),
@@ -366,6 +380,7 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
         customer_id: None,
         enabled: true,
         plans: plans.iter().map(|p| p.to_string()).collect(),
+        tags: Default::default(),
     };
     let plans = [declared_plan("decl-a", 5), declared_plan("decl-b", 6)];
     let keys = [

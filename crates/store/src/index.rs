@@ -5,11 +5,30 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use tollgate_core::{KeyHash, UsagePlan};
+use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::Records;
 
-/// Plans in full; per key only its id, value hash and whether it is enabled; bindings by position.
+/// What the gateway needs of a key besides its id and value hash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyTerms {
+    /// Disabled keys are refused.
+    pub enabled: bool,
+    /// From this instant (epoch nanoseconds) the key is refused.
+    pub expires_at: Option<u64>,
+}
+
+impl KeyTerms {
+    /// `key`'s terms.
+    pub fn of(key: &ApiKey) -> Self {
+        Self {
+            enabled: key.enabled,
+            expires_at: key.expires_at(),
+        }
+    }
+}
+
+/// Plans in full; per key only its id, value hash and terms; bindings by position.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyIndex {
     /// All usage plans.
@@ -18,6 +37,8 @@ pub struct KeyIndex {
     id_ends: Vec<u32>,
     hashes: Vec<KeyHash>,
     enabled: Vec<bool>,
+    /// (key index, expiry) of the few keys that expire, in key order.
+    expiries: Vec<(u32, u64)>,
     /// (plan index, key index).
     bindings: Vec<(u32, u32)>,
     /// Key indices in id order, once [`bind_all`](Self::bind_all) has run.
@@ -39,12 +60,15 @@ impl KeyIndex {
     }
 
     /// Adds a key.
-    pub fn push_key(&mut self, id: &str, hash: KeyHash, enabled: bool) {
+    pub fn push_key(&mut self, id: &str, hash: KeyHash, terms: KeyTerms) {
+        if let Some(at) = terms.expires_at {
+            self.expiries.push((self.hashes.len() as u32, at));
+        }
         self.ids.push_str(id);
         self.id_ends
             .push(u32::try_from(self.ids.len()).unwrap_or(u32::MAX));
         self.hashes.push(hash);
-        self.enabled.push(enabled);
+        self.enabled.push(terms.enabled);
     }
 
     /// How many keys there are.
@@ -73,9 +97,17 @@ impl KeyIndex {
         self.hashes[i]
     }
 
-    /// Whether key `i` is enabled.
-    pub fn enabled(&self, i: usize) -> bool {
-        self.enabled[i]
+    /// Key `i`'s terms.
+    pub fn terms(&self, i: usize) -> KeyTerms {
+        let expires_at = self
+            .expiries
+            .binary_search_by_key(&(i as u32), |&(k, _)| k)
+            .ok()
+            .map(|at| self.expiries[at].1);
+        KeyTerms {
+            enabled: self.enabled[i],
+            expires_at,
+        }
     }
 
     /// (plan index, key index) of every binding, in the order they were added.
@@ -145,7 +177,7 @@ impl KeyIndex {
         let mut old = std::mem::take(self);
         self.plans = std::mem::take(&mut old.plans);
         for i in (0..old.len()).filter(|&i| keep[i]) {
-            self.push_key(old.id(i), old.hash(i), old.enabled(i));
+            self.push_key(old.id(i), old.hash(i), old.terms(i));
         }
     }
 
@@ -204,7 +236,7 @@ impl From<&Records> for KeyIndex {
     fn from(records: &Records) -> Self {
         let mut index = Self::new(records.plans.clone());
         for key in &records.keys {
-            index.push_key(&key.id, key.value_hash, key.enabled);
+            index.push_key(&key.id, key.value_hash, KeyTerms::of(key));
         }
         index.bind_all(records.bindings.iter().map(|(p, k)| (p, k)));
         index
@@ -223,6 +255,7 @@ mod tests {
             api_stages: Vec::new(),
             throttle: None,
             quota: None,
+            ..UsagePlan::default()
         }
     }
 
@@ -235,7 +268,14 @@ mod tests {
             "sixteen-byte-id",
             "a",
         ] {
-            index.push_key(id, KeyHash::of(id), true);
+            index.push_key(
+                id,
+                KeyHash::of(id),
+                KeyTerms {
+                    enabled: true,
+                    expires_at: None,
+                },
+            );
         }
         let ids = |index: &KeyIndex| -> Vec<String> {
             index
@@ -281,7 +321,11 @@ mod tests {
     fn keys_and_bindings_read_twice_are_kept_once() {
         let mut index = KeyIndex::new(vec![plan("p1"), plan("p2")]);
         for id in ["b", "a", "b", "c"] {
-            index.push_key(id, KeyHash::of(format!("value-of-{id}")), id != "c");
+            let terms = KeyTerms {
+                enabled: id != "c",
+                expires_at: (id == "b").then_some(7),
+            };
+            index.push_key(id, KeyHash::of(format!("value-of-{id}")), terms);
         }
         let mut binder = index.binder();
         for (p, k) in [
@@ -300,7 +344,9 @@ mod tests {
             ["b", "a", "c"],
             "the first of two b's is kept, order kept"
         );
-        assert!(!index.enabled(2));
+        assert!(!index.terms(2).enabled);
+        assert_eq!(index.terms(0).expires_at, Some(7), "kept with the first b");
+        assert_eq!(index.terms(1).expires_at, None);
         assert_eq!(index.hash(0), KeyHash::of("value-of-b"));
         let bound: Vec<(&str, &str)> = index
             .bindings()

@@ -13,7 +13,7 @@ mod sqlite;
 mod sync;
 pub mod testing;
 
-pub use index::KeyIndex;
+pub use index::{KeyIndex, KeyTerms};
 pub use redis::{RedisSettings, RedisStore};
 pub use sqlite::SqliteStore;
 pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};

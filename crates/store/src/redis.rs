@@ -6,15 +6,18 @@
 //! `{tg}:version` and publishes it on `tollgate:changes`, which instances subscribe to (and poll, in case
 //! a message was missed) to reload.
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
+use tollgate_core::model::Tags;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::{
-    KeyIndex, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta, UsageRow,
+    KeyIndex, KeyTerms, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
+    UsageRow,
 };
 
 /// Key names, in one place for the store and the data plane's limiter script.
@@ -166,6 +169,15 @@ struct StoredKey {
     created_date: i64,
     last_updated_date: i64,
     sealed_value: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tags: Tags,
+    #[serde(default)]
+    value_prefix: String,
+    #[serde(default)]
+    value_length: u32,
+    /// Derived from the expiry tag, for the gateway's index (which reads nothing else of the tags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
 }
 
 const PUT_KEY: &str = r"
@@ -229,6 +241,10 @@ fn put_key_call<'s>(
         created_date: key.created_date,
         last_updated_date: key.last_updated_date,
         sealed_value: key.sealed_value.as_deref().map(hex::encode),
+        tags: key.tags.clone(),
+        value_prefix: key.value_prefix.clone(),
+        value_length: key.value_length,
+        expires_at: key.expires_at(),
     };
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut call = script.prepare_invoke();
@@ -547,7 +563,11 @@ impl Store for RedisStore {
                 for (id, body) in page {
                     let k: ServedKey<'_> =
                         serde_json::from_str(&body).map_err(|e| corrupt_key(&id, e.to_string()))?;
-                    index.push_key(&id, parse_hash(&id, &k.value_sha256)?, k.enabled);
+                    let terms = KeyTerms {
+                        enabled: k.enabled,
+                        expires_at: k.expires_at,
+                    };
+                    index.push_key(&id, parse_hash(&id, &k.value_sha256)?, terms);
                 }
                 Ok(())
             })?;
@@ -852,6 +872,9 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
         created_date: k.created_date,
         last_updated_date: k.last_updated_date,
         sealed_value: k.sealed_value.as_deref().and_then(|s| hex::decode(s).ok()),
+        tags: k.tags,
+        value_prefix: k.value_prefix,
+        value_length: k.value_length,
     })
 }
 
@@ -860,6 +883,8 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
 #[serde(rename_all = "camelCase")]
 struct ServedKey<'a> {
     enabled: bool,
+    #[serde(default)]
+    expires_at: Option<u64>,
     #[serde(borrow)]
     value_sha256: std::borrow::Cow<'a, str>,
 }

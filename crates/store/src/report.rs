@@ -202,6 +202,7 @@ mod tests {
                 offset: 0,
                 period: Period::Month,
             }),
+            ..UsagePlan::default()
         };
         let day = EpochDay::from_date("2026-11-10".parse().unwrap()).unwrap();
         let delta = |key: &str, day: EpochDay, count| UsageDelta {

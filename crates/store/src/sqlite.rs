@@ -4,12 +4,13 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tollgate_core::model::Tags;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::{
-    KeyIndex, NamedKey, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
-    UsageRow,
+    KeyIndex, KeyTerms, NamedKey, QuotaAdjustment, Records, RefusalRow, Store, StoreError,
+    UsageDelta, UsageRow,
 };
 
 const SCHEMA: &str = "
@@ -89,6 +90,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -117,6 +119,37 @@ impl SqliteStore {
         // a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Columns added since the first schema, by `user_version`: a database written by an older tollgate
+/// gains them on open, in one transaction (so two processes opening it at once agree).
+const MIGRATIONS: &[&str] = &[
+    // 1: tags, what is kept in the clear of a value, and the expiry the gateway's index reads.
+    "ALTER TABLE api_keys ADD COLUMN tags TEXT;
+     ALTER TABLE api_keys ADD COLUMN value_prefix TEXT NOT NULL DEFAULT '';
+     ALTER TABLE api_keys ADD COLUMN value_length INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE api_keys ADD COLUMN expires_at INTEGER;",
+];
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
+    let migrated = (|| {
+        let version: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(backend)?;
+        for step in MIGRATIONS.iter().skip(version as usize) {
+            conn.execute_batch(step).map_err(backend)?;
+        }
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() as u32)
+            .map_err(backend)
+    })();
+    let end = if migrated.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    conn.execute_batch(end).map_err(backend)?;
+    migrated
 }
 
 /// A batch of more rows than this gets a bigger page cache while it runs.
@@ -148,14 +181,24 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
     if holder.is_some_and(|id| id != key.id) {
         return Err(StoreError::DuplicateKeyValue);
     }
+    let tags = (!key.tags.is_empty())
+        .then(|| serde_json::to_string(&key.tags))
+        .transpose()
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let expires_at = key
+        .expires_at()
+        .map(|at| i64::try_from(at).unwrap_or(i64::MAX));
     conn.prepare_cached(
         "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
-                               last_updated_date, value_sealed)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                               last_updated_date, value_sealed, tags, value_prefix, value_length,
+                               expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
              customer_id = excluded.customer_id, enabled = excluded.enabled,
              value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
-             value_sealed = excluded.value_sealed",
+             value_sealed = excluded.value_sealed, tags = excluded.tags,
+             value_prefix = excluded.value_prefix, value_length = excluded.value_length,
+             expires_at = excluded.expires_at",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -167,7 +210,11 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
             &key.value_hash.0[..],
             key.created_date,
             key.last_updated_date,
-            key.sealed_value
+            key.sealed_value,
+            tags,
+            key.value_prefix,
+            key.value_length,
+            expires_at
         ])
     })
     .map_err(backend)?;
@@ -232,7 +279,7 @@ impl Store for SqliteStore {
         let mut index = KeyIndex::new(self.plans()?);
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT id, enabled, value_sha256 FROM api_keys")
+            .prepare("SELECT id, enabled, value_sha256, expires_at FROM api_keys")
             .map_err(backend)?;
         let mut rows = stmt.query([]).map_err(backend)?;
         while let Some(row) = rows.next().map_err(backend)? {
@@ -247,7 +294,14 @@ impl Store for SqliteStore {
                 .and_then(|v| v.as_blob().ok())
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| bad_hash(id))?;
-            index.push_key(id, KeyHash(hash), row.get::<_, bool>(1).map_err(backend)?);
+            let terms = KeyTerms {
+                enabled: row.get::<_, bool>(1).map_err(backend)?,
+                expires_at: row
+                    .get::<_, Option<i64>>(3)
+                    .map_err(backend)?
+                    .map(|at| u64::try_from(at).unwrap_or(0)),
+            };
+            index.push_key(id, KeyHash(hash), terms);
         }
         let mut stmt = conn
             .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")
@@ -536,7 +590,8 @@ fn select_keys(
     let mut stmt = conn
         .prepare(&format!(
             "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
-                    last_updated_date, value_sealed FROM api_keys {clause}"
+                    last_updated_date, value_sealed, tags, value_prefix, value_length
+             FROM api_keys {clause}"
         ))
         .map_err(backend)?;
     let rows = stmt
@@ -551,14 +606,36 @@ fn select_keys(
                 r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, Option<Vec<u8>>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, u32>(11)?,
             ))
         })
         .map_err(backend)?;
     let mut keys = Vec::new();
     for row in rows {
-        let (id, name, description, customer_id, enabled, hash, created, updated, sealed) =
-            row.map_err(backend)?;
+        let (
+            id,
+            name,
+            description,
+            customer_id,
+            enabled,
+            hash,
+            created,
+            updated,
+            sealed,
+            tags,
+            prefix,
+            length,
+        ) = row.map_err(backend)?;
         let value_hash = hash.map(KeyHash).ok_or_else(|| bad_hash(&id))?;
+        let tags = match tags {
+            Some(t) => serde_json::from_str(&t).map_err(|e| StoreError::Corrupt {
+                id: id.clone(),
+                reason: format!("tags: {e}"),
+            })?,
+            None => Tags::new(),
+        };
         keys.push(ApiKey {
             id,
             name,
@@ -569,6 +646,9 @@ fn select_keys(
             created_date: created,
             last_updated_date: updated,
             sealed_value: sealed,
+            tags,
+            value_prefix: prefix,
+            value_length: length,
         });
     }
     Ok(keys)

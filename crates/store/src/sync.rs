@@ -1,5 +1,6 @@
 //! Applying the plans and keys a config file declares to a store, matched by name.
 
+use tollgate_core::model::Tags;
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{Records, Store, StoreError, ids};
@@ -17,6 +18,8 @@ pub struct DeclaredPlan {
     pub throttle: Option<ThrottleSettings>,
     /// Per-key quota.
     pub quota: Option<QuotaSettings>,
+    /// AWS tags.
+    pub tags: Tags,
 }
 
 /// An API key as a config file declares it.
@@ -34,6 +37,8 @@ pub struct DeclaredKey {
     pub enabled: bool,
     /// Names of the declared plans the key belongs to (exactly these, after applying).
     pub plans: Vec<String>,
+    /// AWS tags (the expiry among them).
+    pub tags: Tags,
 }
 
 /// A key whose value tollgate generated: the only time the value is ever visible.
@@ -76,6 +81,9 @@ pub fn apply_declared(
             api_stages: declared.api_stages.clone(),
             throttle: declared.throttle,
             quota: declared.quota,
+            tags: declared.tags.clone(),
+            // Not in the config: what the admin API set stays.
+            product_code: stored.and_then(|p| p.product_code.clone()),
         };
         plan_ids.push((declared.name.as_str(), plan.id.clone()));
         if stored != Some(&plan) {
@@ -111,10 +119,10 @@ pub fn apply_declared(
         let sealed_value = match (
             seal,
             unchanged.and_then(|k| k.sealed_value.clone()),
-            new_value,
+            &new_value,
         ) {
             (_, Some(kept), _) => Some(kept),
-            (Some(seal), None, Some(value)) => Some(seal(&id, &value)),
+            (Some(seal), None, Some(value)) => Some(seal(&id, value)),
             _ => None,
         };
         let mut key = ApiKey {
@@ -127,7 +135,13 @@ pub fn apply_declared(
             created_date: existing.map_or(now_secs, |k| k.created_date),
             last_updated_date: existing.map_or(now_secs, |k| k.last_updated_date),
             sealed_value,
+            tags: declared.tags.clone(),
+            value_prefix: existing.map(|k| k.value_prefix.clone()).unwrap_or_default(),
+            value_length: existing.map_or(0, |k| k.value_length),
         };
+        if let Some(value) = &new_value {
+            key.set_value_hint(value);
+        }
         if existing != Some(&key) {
             key.last_updated_date = now_secs;
             changed.keys.push(key);

@@ -356,6 +356,8 @@ pub struct RawPlan {
     pub throttle: Option<RawThrottle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Spanned<RawQuota>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -390,6 +392,11 @@ pub struct RawKey {
     pub enabled: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage_plans: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// When the key stops working (RFC 3339); kept as the tag `tollgate:expiresAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 fn enabled_by_default() -> bool {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
-use tollgate_core::model::validate_key_value;
+use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage, check_throttle};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
@@ -389,6 +389,16 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
                 }
             }
         }
+        let mut tags = k.tags.clone();
+        if let Some(expires) = &k.expires_at {
+            if let Err(msg) = parse_expiry(expires) {
+                return cx.err(at, format!("{field}.expiresAt"), msg);
+            }
+            tags.insert(EXPIRES_TAG.into(), expires.clone());
+        }
+        if let Err(msg) = validate_tags(&tags) {
+            return cx.err(at, format!("{field}.tags"), msg);
+        }
         keys.push(DeclaredKey {
             name: k.name.clone(),
             value: k.value.as_ref().map(|v| v.0.clone()),
@@ -396,6 +406,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             customer_id: k.customer_id.clone(),
             enabled: k.enabled,
             plans: k.usage_plans.clone(),
+            tags,
         });
     }
 
@@ -1056,12 +1067,16 @@ fn validate_plan(
         }
         api_stages.push(stage);
     }
+    if let Err(msg) = validate_tags(&p.tags) {
+        return cx.err(at, format!("{field}.tags"), msg);
+    }
     Ok(DeclaredPlan {
         name: p.name.clone(),
         description: p.description.clone(),
         api_stages,
         throttle,
         quota,
+        tags: p.tags.clone(),
     })
 }
 

@@ -505,6 +505,8 @@ fn keys(
             customer_id: settings.customer_id,
             enabled: settings.enabled.unwrap_or(true),
             usage_plans: vec![plan.to_string()],
+            tags: BTreeMap::new(),
+            expires_at: None,
         };
         keys.push(sited(key, doc.at(at)));
         Ok(())
@@ -578,6 +580,7 @@ fn plan_on(
         api_stages: vec![api_stage.clone()],
         throttle: settings.throttle,
         quota: settings.quota.map(|q| sited(q, quota_at)),
+        tags: BTreeMap::new(),
     };
     sited(plan, at)
 }

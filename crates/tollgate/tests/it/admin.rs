@@ -1042,33 +1042,38 @@ async fn cli_manages_the_whole_lifecycle() {
     );
 }
 
-/// The real AWS CLI against the admin API. CI installs it (`.ci/run`) and sets
-/// TOLLGATE_REQUIRE_AWSCLI=1; elsewhere the test is skipped when `aws` is not installed.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_aws_cli_works_unchanged() {
-    let installed = Command::new("aws")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !installed {
-        assert!(
-            std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
-            "the AWS CLI is required but not installed"
-        );
-        eprintln!("skipped: the AWS CLI is not installed");
-        return;
+/// `aws apigateway …` against a gateway's admin API, signed with the test credentials. CI installs
+/// the AWS CLI (`.ci/run`) and sets TOLLGATE_REQUIRE_AWSCLI=1; elsewhere its tests are skipped when
+/// `aws` is not installed.
+struct AwsCli {
+    endpoint: String,
+}
+
+impl AwsCli {
+    /// The AWS CLI, or `None` (the test is skipped) when it is not installed and not required.
+    fn for_gateway(gw: &Gateway) -> Option<AwsCli> {
+        let installed = Command::new("aws")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
+                "the AWS CLI is required but not installed"
+            );
+            eprintln!("skipped: the AWS CLI is not installed");
+            return None;
+        }
+        Some(AwsCli {
+            endpoint: format!("http://{}", gw.admin.unwrap()),
+        })
     }
-    let (_dir, gw, _admin, _up) = start("", &[]).await;
-    let endpoint = format!("http://{}", gw.admin.unwrap());
-    let aws = |args: &[&str]| -> Value {
+
+    /// The answer as JSON, or what the CLI printed on stderr.
+    fn run(&self, args: &[&str]) -> Result<Value, String> {
         let out = Command::new("aws")
-            .args([
-                "--endpoint-url",
-                &endpoint,
-                "--output",
-                "json",
-                "apigateway",
-            ])
+            .args(["--endpoint-url", &self.endpoint, "--output", "json"])
+            .arg("apigateway")
             .args(args)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -1077,13 +1082,33 @@ async fn the_aws_cli_works_unchanged() {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "aws {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    /// The answer of a call that must succeed.
+    fn ok(&self, args: &[&str]) -> Value {
+        self.run(args)
+            .unwrap_or_else(|e| panic!("aws {args:?}: {e}"))
+    }
+
+    /// The error of a call that must fail.
+    fn fails(&self, args: &[&str]) -> String {
+        self.run(args)
+            .err()
+            .unwrap_or_else(|| panic!("aws {args:?} succeeded"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_cli_works_unchanged() {
+    let (_dir, gw, _admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
     };
+    let aws = |args: &[&str]| cli.ok(args);
     let key = aws(&[
         "create-api-key",
         "--name",
@@ -1172,21 +1197,174 @@ async fn the_aws_cli_works_unchanged() {
     ]);
     aws(&["delete-api-key", "--api-key", &key_id]);
     aws(&["delete-usage-plan", "--usage-plan-id", &plan_id]);
-    let out = Command::new("aws")
-        .args([
-            "--endpoint-url",
-            &endpoint,
-            "apigateway",
-            "get-api-key",
-            "--api-key",
-            &key_id,
-        ])
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_DEFAULT_REGION", "eu-west-1")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(NotFoundException) when calling the GetApiKey operation: Invalid API Key identifier specified"));
+    let err = cli.fails(&["get-api-key", "--api-key", &key_id]);
+    assert!(err.contains("(NotFoundException) when calling the GetApiKey operation: Invalid API Key identifier specified"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
+    let (dir, gw, _admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
+    };
+    let value = "taggedKeyValue0123456789";
+    let key = cli.ok(&[
+        "create-api-key",
+        "--name",
+        "tagged",
+        "--enabled",
+        "--value",
+        value,
+        "--tags",
+        "team=partners,env=prod",
+    ]);
+    assert_eq!(key["tags"], json!({"team": "partners", "env": "prod"}));
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let plan = cli.ok(&[
+        "create-usage-plan",
+        "--name",
+        "tagged-plan",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+        "--tags",
+        "cost-centre=42",
+    ]);
+    assert_eq!(plan["tags"], json!({"cost-centre": "42"}));
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    cli.ok(&[
+        "create-usage-plan-key",
+        "--usage-plan-id",
+        &plan_id,
+        "--key-id",
+        &key_id,
+        "--key-type",
+        "API_KEY",
+    ]);
+    let key_arn = format!("arn:aws:apigateway:eu-west-1::/apikeys/{key_id}");
+    let plan_arn = format!("arn:aws:apigateway:eu-west-1::/usageplans/{plan_id}");
+    let c = client();
+    let url = gw.url("/prod/echo/tags");
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+
+    // An expiry in the past, set the way AWS's tools set tags: refused at once, as a disabled key is.
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        "owner=ops,tollgate:expiresAt=2020-01-01T00:00:00Z",
+    ]);
+    let r = c.get(&url, Some(value)).await;
+    assert_eq!(
+        (r.status, r.json()["message"].clone()),
+        (403, json!("Forbidden"))
+    );
+    let key = cli.ok(&["get-api-key", "--api-key", &key_id]);
+    assert_eq!(key["tags"]["owner"], "ops");
+    let raw = client()
+        .send(
+            "GET",
+            &format!("http://{}/metrics", gw.admin.unwrap()),
+            &[],
+            "",
+        )
+        .await;
+    let metrics = String::from_utf8(raw.body.to_vec()).unwrap();
+    assert!(metrics.contains(r#"decision="expired"} 1"#), "{metrics}");
+    cli.ok(&[
+        "untag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tag-keys",
+        "tollgate:expiresAt",
+    ]);
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    let tags = cli.ok(&["get-tags", "--resource-arn", &key_arn]);
+    assert_eq!(
+        tags["tags"],
+        json!({"team": "partners", "env": "prod", "owner": "ops"})
+    );
+
+    // AWS's limits and messages.
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        "aws:x=1",
+    ]);
+    assert!(
+        err.contains("(BadRequestException)") && err.contains("Tag keys cannot start with 'aws:'"),
+        "{err}"
+    );
+    let many: Vec<String> = (0..48).map(|i| format!("t{i}=v")).collect();
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        &many.join(","),
+    ]);
+    assert!(err.contains("at most 50"), "{err}");
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        "tollgate:expiresAt=soon",
+    ]);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let err = cli.fails(&[
+        "get-tags",
+        "--resource-arn",
+        "arn:aws:apigateway:eu-west-1::/apikeys/nokey00000",
+    ]);
+    assert!(err.contains("(NotFoundException)"), "{err}");
+
+    // Plans: tags, and productCode by add as well as replace.
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &plan_arn,
+        "--tags",
+        "tier=gold",
+    ]);
+    let plan = cli.ok(&[
+        "update-usage-plan",
+        "--usage-plan-id",
+        &plan_id,
+        "--patch-operations",
+        "op=add,path=/productCode,value=pc-1",
+    ]);
+    assert_eq!(plan["productCode"], "pc-1");
+    // CreateUsagePlanKey with neither the key nor the plan: the key is checked first.
+    let err = cli.fails(&[
+        "create-usage-plan-key",
+        "--usage-plan-id",
+        "noplan",
+        "--key-id",
+        "nokey00000",
+        "--key-type",
+        "API_KEY",
+    ]);
+    assert!(
+        err.contains("(NotFoundException)") && err.contains("Invalid API Key identifier specified"),
+        "{err}"
+    );
+
+    // Across a restart.
+    assert!(gw.terminate().success());
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let cli = AwsCli::for_gateway(&gw).unwrap();
+    let tags = cli.ok(&["get-tags", "--resource-arn", &key_arn]);
+    assert_eq!(
+        tags["tags"],
+        json!({"team": "partners", "env": "prod", "owner": "ops"})
+    );
+    let plan = cli.ok(&["get-usage-plan", "--usage-plan-id", &plan_id]);
+    assert_eq!(plan["tags"], json!({"cost-centre": "42", "tier": "gold"}));
+    assert_eq!(plan["productCode"], "pc-1");
+    assert!(gw.terminate().success());
 }
 
 /// The samples of an OpenMetrics exposition: `name{labels}` to value. Every line must be a comment,
