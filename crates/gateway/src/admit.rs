@@ -444,4 +444,40 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn an_expiry_refuses_from_its_instant_on() {
+        let mut rec = records(None, None);
+        let at = T0 + 5 * NANOS_PER_SEC + 123_456_789;
+        let stamp = jiff::Timestamp::from_nanosecond(i128::from(at)).unwrap();
+        rec.keys[0]
+            .tags
+            .insert(tollgate_core::model::EXPIRES_TAG.into(), stamp.to_string());
+        let s = snap(config(None, None), &rec);
+        let put = "/prod/registrations/42/warranty";
+        assert!(
+            call(&s, "PUT", put, Some(KEY), at - 1).is_ok(),
+            "a nanosecond before"
+        );
+        let expired = Err(Refusal::Forbidden(KeyRejected::Expired));
+        assert_eq!(
+            call(&s, "PUT", put, Some(KEY), at),
+            expired,
+            "at the instant"
+        );
+        assert_eq!(
+            call(&s, "PUT", put, Some(KEY), at + 1),
+            expired,
+            "a nanosecond after"
+        );
+        // A disabled key says so first; a key without an expiry never expires.
+        rec.keys[0].enabled = false;
+        let s = snap(config(None, None), &rec);
+        assert_eq!(
+            call(&s, "PUT", put, Some(KEY), at),
+            Err(Refusal::Forbidden(KeyRejected::Disabled))
+        );
+        let s = snap(config(None, None), &records(None, None));
+        assert!(call(&s, "PUT", put, Some(KEY), u64::MAX).is_ok());
+    }
 }
