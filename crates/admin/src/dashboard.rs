@@ -546,7 +546,7 @@ async fn set_enabled(
     body: Bytes,
 ) -> Answer {
     let input: EnabledIn = parse(&body, "Expected enabled")?;
-    let op = PatchOp::replace("/enabled", input.enabled);
+    let op = PatchOp::new("replace", "/enabled", Some(input.enabled.to_string()));
     Ok(reply(
         StatusCode::OK,
         &dash.admin.update_key(&id, vec![op]).await?,
@@ -567,7 +567,7 @@ async fn set_remaining(
     body: Bytes,
 ) -> Answer {
     let input: RemainingIn = parse(&body, "Expected usagePlanId and remaining")?;
-    let op = PatchOp::replace("/remaining", input.remaining);
+    let op = PatchOp::new("replace", "/remaining", Some(input.remaining.to_string()));
     let usage = dash
         .admin
         .update_usage(&input.usage_plan_id, &id, vec![op])

@@ -25,7 +25,9 @@ use tollgate_core::model::Tags;
 use crate::error::AdminError;
 use crate::service::{Admin, Paging};
 use crate::sigv4::{self, SignedHead};
-use crate::wire::{CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn};
+use crate::wire::{
+    CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, RotateApiKeyIn,
+};
 
 /// Largest admin request body (CSV imports included): AWS's payload limit.
 const MAX_BODY: usize = 10 * 1024 * 1024;
@@ -77,6 +79,7 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
             get(get_tags).put(tag_resource).delete(untag_resource),
         )
         .route("/tollgate/apikeys/find", post(find_key))
+        .route("/tollgate/apikeys/{id}/rotate", post(rotate_key))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_operation)
@@ -258,6 +261,12 @@ async fn untag_resource(
     }
     admin.retag(&arn, Tags::new(), keys).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// tollgate's own: a new value for a key, the old one kept for a grace period.
+async fn rotate_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+    let input: RotateApiKeyIn = json(&body)?;
+    Ok(reply(StatusCode::OK, &admin.rotate_key(&id, input).await?))
 }
 
 #[derive(Default, serde::Deserialize)]

@@ -27,8 +27,8 @@ use crate::error::{AdminError, unknown_key, unknown_plan};
 use crate::seal::Sealer;
 use crate::sigv4::Credentials;
 use crate::wire::{
-    ApiKeyOut, ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, Page, PatchOp, QuotaIn, ThrottleIn,
-    UsageOut, UsagePlanKeyOut, UsagePlanOut, pointer_unescape,
+    ApiKeyOut, ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, Page, PatchOp, QuotaIn,
+    RotateApiKeyIn, ThrottleIn, UsageOut, UsagePlanKeyOut, UsagePlanOut, pointer_unescape,
 };
 
 /// AWS's default and largest page sizes.
@@ -45,6 +45,15 @@ pub struct AdminSettings {
     pub sealer: Option<Sealer>,
     /// What usage plans may name of the configured APIs.
     pub apis: Vec<ApiOutline>,
+}
+
+/// How long a rotated key's old value keeps working when the rotation does not say.
+const DEFAULT_GRACE_SECS: u64 = 86_400;
+
+/// Epoch nanoseconds as RFC 3339, as `expiresAt` is written.
+fn rfc3339(nanos: u64) -> String {
+    jiff::Timestamp::from_nanosecond(i128::from(nanos))
+        .map_or_else(|_| nanos.to_string(), |t| t.to_string())
 }
 
 /// What an ARN names: `arn:aws:apigateway:{region}::/apikeys/{id}` or `…::/usageplans/{id}`.
@@ -495,6 +504,7 @@ impl Admin {
             expires_at: key.tags.get(EXPIRES_TAG).cloned(),
             value_prefix: (!key.value_prefix.is_empty()).then(|| key.value_prefix.clone()),
             value_length: (key.value_length > 0).then_some(key.value_length),
+            previous_value_expires_at: key.previous.map(|p| rfc3339(p.until)),
         }
     }
 
@@ -714,6 +724,46 @@ impl Admin {
             .map(str::to_owned)
             .ok_or_else(|| AdminError::NotFound("No API key has this value".into()))?;
         self.get_key(&id, false).await
+    }
+
+    /// tollgate's own: gives key `id` a new value (`input.value`, or a generated one, in the answer
+    /// only). The current value keeps working for `input.grace_seconds` (a day by default); an
+    /// earlier rotation's grace ends at once. The same key: its id, plans, buckets, quota count and
+    /// history go on.
+    pub async fn rotate_key(
+        self: &Arc<Self>,
+        id: &str,
+        input: RotateApiKeyIn,
+    ) -> Result<ApiKeyOut, AdminError> {
+        let value = match input.value.filter(|v| !v.is_empty()) {
+            Some(v) => {
+                validate_key_value(&v).map_err(bad)?;
+                v
+            }
+            None => ids::new_key_value(),
+        };
+        let grace = input.grace_seconds.unwrap_or(DEFAULT_GRACE_SECS);
+        let id = id.to_owned();
+        self.write(move |admin, catalog| {
+            let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
+            let hash = KeyHash::of(&value);
+            if catalog.key_with_hash(&hash).is_some() {
+                return Err(AdminError::Conflict("API Key already exists".into()));
+            }
+            let until = admin
+                .gateway
+                .now()
+                .saturating_add(grace.saturating_mul(NANOS_PER_SEC));
+            key.rotate(&value, hash, until);
+            key.sealed_value = admin.settings.sealer.as_ref().map(|s| s.seal(&id, &value));
+            key.last_updated_date = admin.now_secs();
+            admin.store.put_key(&key)?;
+            let last_used = admin.store.last_used(&[&id])?.pop().flatten();
+            let mut out = admin.key_out(&key, false, last_used);
+            out.value = Some(value);
+            Ok((out, Vec::new()))
+        })
+        .await
     }
 
     // ---- tags ----

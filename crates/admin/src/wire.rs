@@ -58,6 +58,21 @@ pub struct ApiKeyOut {
     /// tollgate's own: the value's length in characters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value_length: Option<u32>,
+    /// tollgate's own: after a rotation, until when (RFC 3339) the value before it is still accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_value_expires_at: Option<String>,
+}
+
+/// tollgate's RotateApiKey body.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateApiKeyIn {
+    /// The new value (generated when absent or empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// How long the current value keeps working, in seconds (default: a day).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<u64>,
 }
 
 /// AWS `UsagePlan`.
@@ -264,18 +279,6 @@ pub struct PatchOp {
     /// Source path for move/copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-}
-
-impl PatchOp {
-    /// `replace` of `path` with `value`.
-    pub fn replace(path: &str, value: impl ToString) -> Self {
-        Self {
-            op: Some("replace".into()),
-            path: Some(path.into()),
-            value: Some(value.to_string()),
-            ..Self::default()
-        }
-    }
 }
 
 impl PatchOp {

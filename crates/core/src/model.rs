@@ -193,7 +193,7 @@ pub fn parse_expiry(text: &str) -> Result<u64, String> {
 }
 
 /// SHA-256 of an API key value: all tollgate keeps of the value by default.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
@@ -237,6 +237,17 @@ pub struct ApiKey {
     pub value_prefix: String,
     /// The value's length in characters (0 when not known).
     pub value_length: u32,
+    /// The value before the last rotation, still accepted until its grace period ends.
+    pub previous: Option<PreviousValue>,
+}
+
+/// A rotated key's old value: its hash, and the instant (epoch nanoseconds) it stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousValue {
+    /// SHA-256 of the old value.
+    pub hash: KeyHash,
+    /// From this instant the old value is refused.
+    pub until: u64,
 }
 
 impl ApiKey {
@@ -245,6 +256,17 @@ impl ApiKey {
         self.tags
             .get(EXPIRES_TAG)
             .and_then(|v| parse_expiry(v).ok())
+    }
+
+    /// Gives the key the value `value` (whose hash is `hash`); the current value stays accepted until
+    /// `until` (epoch nanoseconds), replacing any earlier grace at once: at most two values live.
+    pub fn rotate(&mut self, value: &str, hash: KeyHash, until: u64) {
+        self.previous = Some(PreviousValue {
+            hash: self.value_hash,
+            until,
+        });
+        self.value_hash = hash;
+        self.set_value_hint(value);
     }
 
     /// Records what is kept in the clear of `value`: its first 4 characters and its length.

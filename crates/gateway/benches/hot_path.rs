@@ -87,7 +87,7 @@ fn records(n: usize) -> KeyIndex {
     for (i, id) in ids.iter().enumerate() {
         let terms = KeyTerms {
             enabled: true,
-            expires_at: None,
+            ..KeyTerms::default()
         };
         index.push_key(id, KeyHash::of(value(i)), terms);
     }

@@ -49,6 +49,8 @@ pub(crate) struct KeyTable {
     members: Vec<Member>,
     /// Record index → expiry (epoch nanoseconds), for the few keys that have one.
     expiries: HashMap<u32, u64>,
+    /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
+    previous: HashMap<KeyHash, (u32, u64)>,
 }
 
 impl KeyTable {
@@ -72,6 +74,10 @@ impl KeyTable {
         if let Some(at) = terms.expires_at {
             members |= EXPIRES;
             self.expiries.insert(self.recs.len() as u32, at);
+        }
+        if let Some(old) = terms.previous {
+            self.previous
+                .insert(old.hash, (self.recs.len() as u32, old.until));
         }
         self.recs.push(KeyRec {
             hash,
@@ -119,6 +125,23 @@ impl KeyTable {
         let p = self.prefix(hash);
         let range = self.dir[p] as usize..self.dir[p + 1] as usize;
         range.into_iter().find(|&i| self.recs[i].hash == *hash)
+    }
+
+    /// The record of the key whose value before its last rotation hashes to `hash`, while that
+    /// value's grace lasts at `now`. Only asked when [`KeyTable::find`] found nothing.
+    pub(crate) fn find_previous(&self, hash: &KeyHash, now: u64) -> Option<usize> {
+        if self.previous.is_empty() {
+            return None;
+        }
+        let &(rec, until) = self.previous.get(hash)?;
+        (now < until).then_some(rec as usize)
+    }
+
+    /// The record of the key whose current value, or old value still in (or past) its grace,
+    /// hashes to `hash`: a value two keys may not share.
+    pub(crate) fn holder(&self, hash: &KeyHash) -> Option<usize> {
+        self.find(hash)
+            .or_else(|| self.previous.get(hash).map(|&(rec, _)| rec as usize))
     }
 
     /// Record `i`'s value hash.
@@ -211,6 +234,7 @@ mod tests {
             let terms = KeyTerms {
                 enabled: i % 3 != 2,
                 expires_at: (i % 4 == 0).then_some(u64::from(i)),
+                previous: None,
             };
             t.push_key(*hash, id, terms);
             for plan in 0..i % 3 {

@@ -255,7 +255,8 @@ impl Snapshot {
         let mut members_here = Vec::new();
         let mut next_bound = 0;
         // The previous snapshot's keys are walked alongside, in the same hash order: a key with the
-        // same hash and id keeps its memberships' slots.
+        // same hash and id keeps its memberships' slots. A key whose value changed (a rotation) is
+        // found by its id instead, so its buckets and quota count carry on.
         let mut old_at = 0;
         for (pos, &i) in order.iter().enumerate() {
             let (key_id, i) = (records.id(i as usize), i as usize);
@@ -265,8 +266,10 @@ impl Snapshot {
                 while old_at < old.len() && *old.hash(old_at) < hash {
                     old_at += 1;
                 }
-                (old_at < old.len() && *old.hash(old_at) == hash && old.id(old_at) == key_id)
-                    .then_some((p, old_at))
+                let same =
+                    old_at < old.len() && *old.hash(old_at) == hash && old.id(old_at) == key_id;
+                same.then_some((p, old_at))
+                    .or_else(|| old.by_id(key_id).map(|k| (p, k)))
             });
             keys.push_key(hash, key_id, records.terms(i));
             members_here.clear();
@@ -390,15 +393,19 @@ impl Snapshot {
             .map(|member| self.grant_at(key, member))
     }
 
-    /// The membership of the enabled key, unexpired at `now`, whose value hashes to `hash` in the
-    /// first of its plans that covers the stage `m` matched.
+    /// The membership of the enabled key, unexpired at `now`, whose value (or old value, in its grace
+    /// period at `now`) hashes to `hash`, in the first of its plans that covers the stage `m` matched.
     pub(crate) fn grant_for(
         &self,
         hash: &KeyHash,
         m: &RouteMatch,
         now: u64,
     ) -> Result<Grant<'_>, KeyRejected> {
-        let key = self.keys.find(hash).ok_or(KeyRejected::Invalid)?;
+        let key = self
+            .keys
+            .find(hash)
+            .or_else(|| self.keys.find_previous(hash, now))
+            .ok_or(KeyRejected::Invalid)?;
         if !self.keys.enabled(key) {
             return Err(KeyRejected::Disabled);
         }
@@ -518,7 +525,7 @@ impl Memberships for Snapshot {
 
     /// The id of the key whose value hashes to `hash`.
     fn key_with_hash(&self, hash: &KeyHash) -> Option<&str> {
-        self.keys.find(hash).map(|k| self.keys.id(k))
+        self.keys.holder(hash).map(|k| self.keys.id(k))
     }
 
     /// The ids of the plans key `key_id` is in.
@@ -559,7 +566,7 @@ mod tests {
     use tollgate_core::quota::Period;
 
     use super::*;
-    use crate::limits::Refusal;
+    use crate::limits::{KeyRejected, Refusal};
     use crate::testing::{
         KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
     };
@@ -639,6 +646,76 @@ mod tests {
             call(&s, "GET", get, Some(KEY), T0),
             Err(Refusal::LimitExceeded { .. })
         ));
+    }
+
+    #[test]
+    fn a_rotated_key_keeps_its_state_and_its_old_value_until_the_grace_ends() {
+        let mut rec = records(Some(throttle(0.001, 5)), Some(quota(4, Period::Day)));
+        let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
+        let get = "/prod/registrations/42";
+        for _ in 0..2 {
+            assert!(call(&cell.load(), "GET", get, Some(KEY), T0).is_ok());
+        }
+        let slot = slot_of(&cell, "key0000001");
+
+        // Rotated, with a grace period ending at `until`.
+        let new = "rotated-central-value-0123456789";
+        let until = T0 + 60 * NANOS_PER_SEC;
+        rec.keys[0].rotate(new, KeyHash::of(new), until);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        assert_eq!(slot_of(&cell, "key0000001"), slot, "the same membership");
+        let s = cell.load_full();
+        // The quota count and the bucket carry on: 2 of 4 used, 3 of 5 tokens left.
+        let limits = call(&s, "GET", get, Some(new), T0).unwrap();
+        assert_eq!(limits.quota.unwrap().remaining, 1);
+        assert_eq!(limits.throttle.unwrap().remaining, 2);
+        let limits = call(&s, "GET", get, Some(KEY), until - 1).unwrap();
+        assert_eq!(
+            limits.quota.unwrap().remaining,
+            0,
+            "the old value, a nanosecond before"
+        );
+        let invalid = Err(Refusal::Forbidden(KeyRejected::Invalid));
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), until),
+            invalid,
+            "at the instant"
+        );
+        assert_eq!(call(&s, "GET", get, Some(KEY), until + 1), invalid);
+        assert!(matches!(
+            call(&s, "GET", get, Some(new), until),
+            Err(Refusal::LimitExceeded { .. })
+        ));
+        assert_eq!(
+            taken(&cell),
+            vec![counted("key0000001", T0, 4)],
+            "one membership counted every request, whichever value"
+        );
+
+        // A second rotation ends the first grace at once: at most two values live.
+        let third = "third-central-value-0123456789";
+        rec.keys[0].rotate(third, KeyHash::of(third), until);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        let s = cell.load_full();
+        assert_eq!(
+            call(&s, "GET", get, Some(KEY), T0),
+            invalid,
+            "the first value"
+        );
+        assert!(
+            matches!(
+                call(&s, "GET", get, Some(new), until - 1),
+                Err(Refusal::TooManyRequests { .. } | Refusal::LimitExceeded { .. })
+            ),
+            "the second value, in its grace (and out of tokens)"
+        );
+        use tollgate_store::Memberships as _;
+        assert_eq!(
+            s.key_with_hash(&KeyHash::of(new)),
+            Some("key0000001"),
+            "not reusable"
+        );
+        assert_eq!(s.key_with_hash(&KeyHash::of(KEY)), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use tollgate_core::model::EXPIRES_TAG;
+use tollgate_core::model::{EXPIRES_TAG, PreviousValue};
 use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
@@ -77,6 +77,10 @@ fn key(id: &str, value: &str) -> ApiKey {
                 "2027-01-31T00:00:00.000000001Z".to_string(),
             ),
         ]),
+        previous: Some(PreviousValue {
+            hash: KeyHash::of(format!("before-{value}")),
+            until: 1_800_000_000_123_456_789,
+        }),
         ..ApiKey::default()
     };
     key.set_value_hint(value);

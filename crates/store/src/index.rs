@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use tollgate_core::model::PreviousValue;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::Records;
@@ -16,6 +17,8 @@ pub struct KeyTerms {
     pub enabled: bool,
     /// From this instant (epoch nanoseconds) the key is refused.
     pub expires_at: Option<u64>,
+    /// The value before the last rotation and when it stops working.
+    pub previous: Option<PreviousValue>,
 }
 
 impl KeyTerms {
@@ -24,6 +27,7 @@ impl KeyTerms {
         Self {
             enabled: key.enabled,
             expires_at: key.expires_at(),
+            previous: key.previous,
         }
     }
 }
@@ -39,6 +43,8 @@ pub struct KeyIndex {
     enabled: Vec<bool>,
     /// (key index, expiry) of the few keys that expire, in key order.
     expiries: Vec<(u32, u64)>,
+    /// (key index, old value) of the few keys in a rotation's grace period, in key order.
+    previous: Vec<(u32, PreviousValue)>,
     /// (plan index, key index).
     bindings: Vec<(u32, u32)>,
     /// Key indices in id order, once [`bind_all`](Self::bind_all) has run.
@@ -63,6 +69,9 @@ impl KeyIndex {
     pub fn push_key(&mut self, id: &str, hash: KeyHash, terms: KeyTerms) {
         if let Some(at) = terms.expires_at {
             self.expiries.push((self.hashes.len() as u32, at));
+        }
+        if let Some(previous) = terms.previous {
+            self.previous.push((self.hashes.len() as u32, previous));
         }
         self.ids.push_str(id);
         self.id_ends
@@ -99,14 +108,21 @@ impl KeyIndex {
 
     /// Key `i`'s terms.
     pub fn terms(&self, i: usize) -> KeyTerms {
+        let i32 = i as u32;
         let expires_at = self
             .expiries
-            .binary_search_by_key(&(i as u32), |&(k, _)| k)
+            .binary_search_by_key(&i32, |&(k, _)| k)
             .ok()
             .map(|at| self.expiries[at].1);
+        let previous = self
+            .previous
+            .binary_search_by_key(&i32, |&(k, _)| k)
+            .ok()
+            .map(|at| self.previous[at].1);
         KeyTerms {
             enabled: self.enabled[i],
             expires_at,
+            previous,
         }
     }
 
@@ -268,14 +284,11 @@ mod tests {
             "sixteen-byte-id",
             "a",
         ] {
-            index.push_key(
-                id,
-                KeyHash::of(id),
-                KeyTerms {
-                    enabled: true,
-                    expires_at: None,
-                },
-            );
+            let terms = KeyTerms {
+                enabled: true,
+                ..KeyTerms::default()
+            };
+            index.push_key(id, KeyHash::of(id), terms);
         }
         let ids = |index: &KeyIndex| -> Vec<String> {
             index
@@ -324,6 +337,7 @@ mod tests {
             let terms = KeyTerms {
                 enabled: id != "c",
                 expires_at: (id == "b").then_some(7),
+                previous: None,
             };
             index.push_key(id, KeyHash::of(format!("value-of-{id}")), terms);
         }

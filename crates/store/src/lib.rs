@@ -60,7 +60,7 @@ impl OnStoreFailure {
 pub trait Memberships: Send + Sync {
     /// Whether key `key_id` exists (enabled or not).
     fn has_key(&self, key_id: &str) -> bool;
-    /// The id of the key whose value hashes to `hash`.
+    /// The id of the key whose value, or value before its last rotation, hashes to `hash`.
     fn key_with_hash(&self, hash: &tollgate_core::KeyHash) -> Option<&str>;
     /// The ids of the plans key `key_id` is in.
     fn plans_of(&self, key_id: &str) -> Vec<&str>;

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
-use tollgate_core::model::Tags;
+use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
@@ -178,6 +178,32 @@ struct StoredKey {
     /// Derived from the expiry tag, for the gateway's index (which reads nothing else of the tags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at: Option<u64>,
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    previous: Option<StoredPrevious>,
+}
+
+/// A rotated key's old value in its stored record.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPrevious {
+    previous_sha256: String,
+    previous_until: u64,
+}
+
+impl StoredPrevious {
+    fn of(previous: Option<PreviousValue>) -> Option<Self> {
+        previous.map(|p| Self {
+            previous_sha256: hex::encode(p.hash.0),
+            previous_until: p.until,
+        })
+    }
+
+    fn parse(&self, id: &str) -> Result<PreviousValue, StoreError> {
+        Ok(PreviousValue {
+            hash: parse_hash(id, &self.previous_sha256)?,
+            until: self.previous_until,
+        })
+    }
 }
 
 const PUT_KEY: &str = r"
@@ -245,6 +271,7 @@ fn put_key_call<'s>(
         value_prefix: key.value_prefix.clone(),
         value_length: key.value_length,
         expires_at: key.expires_at(),
+        previous: StoredPrevious::of(key.previous),
     };
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut call = script.prepare_invoke();
@@ -566,6 +593,7 @@ impl Store for RedisStore {
                     let terms = KeyTerms {
                         enabled: k.enabled,
                         expires_at: k.expires_at,
+                        previous: k.previous.map(|p| p.parse(&id)).transpose()?,
                     };
                     index.push_key(&id, parse_hash(&id, &k.value_sha256)?, terms);
                 }
@@ -875,6 +903,7 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
         tags: k.tags,
         value_prefix: k.value_prefix,
         value_length: k.value_length,
+        previous: k.previous.map(|p| p.parse(id)).transpose()?,
     })
 }
 
@@ -885,6 +914,8 @@ struct ServedKey<'a> {
     enabled: bool,
     #[serde(default)]
     expires_at: Option<u64>,
+    #[serde(default, flatten)]
+    previous: Option<StoredPrevious>,
     #[serde(borrow)]
     value_sha256: std::borrow::Cow<'a, str>,
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tollgate_core::model::Tags;
+use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
@@ -129,6 +129,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE api_keys ADD COLUMN value_prefix TEXT NOT NULL DEFAULT '';
      ALTER TABLE api_keys ADD COLUMN value_length INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE api_keys ADD COLUMN expires_at INTEGER;",
+    // 2: the value before a rotation, accepted until the end of its grace period.
+    "ALTER TABLE api_keys ADD COLUMN previous_sha256 BLOB;
+     ALTER TABLE api_keys ADD COLUMN previous_until INTEGER;",
 ];
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -191,14 +194,15 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
                                last_updated_date, value_sealed, tags, value_prefix, value_length,
-                               expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                               expires_at, previous_sha256, previous_until)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
              customer_id = excluded.customer_id, enabled = excluded.enabled,
              value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
              value_sealed = excluded.value_sealed, tags = excluded.tags,
              value_prefix = excluded.value_prefix, value_length = excluded.value_length,
-             expires_at = excluded.expires_at",
+             expires_at = excluded.expires_at, previous_sha256 = excluded.previous_sha256,
+             previous_until = excluded.previous_until",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -214,7 +218,9 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
             tags,
             key.value_prefix,
             key.value_length,
-            expires_at
+            expires_at,
+            key.previous.map(|p| p.hash.0.to_vec()),
+            key.previous.map(|p| i64::try_from(p.until).unwrap_or(i64::MAX)),
         ])
     })
     .map_err(backend)?;
@@ -279,7 +285,10 @@ impl Store for SqliteStore {
         let mut index = KeyIndex::new(self.plans()?);
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT id, enabled, value_sha256, expires_at FROM api_keys")
+            .prepare(
+                "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until
+                 FROM api_keys",
+            )
             .map_err(backend)?;
         let mut rows = stmt.query([]).map_err(backend)?;
         while let Some(row) = rows.next().map_err(backend)? {
@@ -300,6 +309,7 @@ impl Store for SqliteStore {
                     .get::<_, Option<i64>>(3)
                     .map_err(backend)?
                     .map(|at| u64::try_from(at).unwrap_or(0)),
+                previous: previous_value(row, 4)?,
             };
             index.push_key(id, KeyHash(hash), terms);
         }
@@ -590,68 +600,61 @@ fn select_keys(
     let mut stmt = conn
         .prepare(&format!(
             "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
-                    last_updated_date, value_sealed, tags, value_prefix, value_length
+                    last_updated_date, value_sealed, tags, value_prefix, value_length,
+                    previous_sha256, previous_until
              FROM api_keys {clause}"
         ))
         .map_err(backend)?;
-    let rows = stmt
-        .query_map(params, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, bool>(4)?,
-                <[u8; 32]>::try_from(r.get_ref(5)?.as_blob()?).ok(),
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, Option<Vec<u8>>>(8)?,
-                r.get::<_, Option<String>>(9)?,
-                r.get::<_, String>(10)?,
-                r.get::<_, u32>(11)?,
-            ))
-        })
-        .map_err(backend)?;
+    let mut rows = stmt.query(params).map_err(backend)?;
     let mut keys = Vec::new();
-    for row in rows {
-        let (
-            id,
-            name,
-            description,
-            customer_id,
-            enabled,
-            hash,
-            created,
-            updated,
-            sealed,
-            tags,
-            prefix,
-            length,
-        ) = row.map_err(backend)?;
-        let value_hash = hash.map(KeyHash).ok_or_else(|| bad_hash(&id))?;
-        let tags = match tags {
-            Some(t) => serde_json::from_str(&t).map_err(|e| StoreError::Corrupt {
-                id: id.clone(),
-                reason: format!("tags: {e}"),
-            })?,
+    while let Some(r) = rows.next().map_err(backend)? {
+        let id: String = r.get(0).map_err(backend)?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: id.clone(),
+            reason,
+        };
+        let hash = r.get_ref(5).ok().and_then(|v| v.as_blob().ok());
+        let value_hash = hash
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(KeyHash)
+            .ok_or_else(|| bad_hash(&id))?;
+        let tags = match r.get::<_, Option<String>>(9).map_err(backend)? {
+            Some(t) => serde_json::from_str(&t).map_err(|e| corrupt(format!("tags: {e}")))?,
             None => Tags::new(),
         };
+        let previous = previous_value(r, 12).map_err(|e| corrupt(e.to_string()))?;
         keys.push(ApiKey {
-            id,
-            name,
-            description,
-            customer_id,
-            enabled,
+            name: r.get(1).map_err(backend)?,
+            description: r.get(2).map_err(backend)?,
+            customer_id: r.get(3).map_err(backend)?,
+            enabled: r.get(4).map_err(backend)?,
             value_hash,
-            created_date: created,
-            last_updated_date: updated,
-            sealed_value: sealed,
+            created_date: r.get(6).map_err(backend)?,
+            last_updated_date: r.get(7).map_err(backend)?,
+            sealed_value: r.get(8).map_err(backend)?,
             tags,
-            value_prefix: prefix,
-            value_length: length,
+            value_prefix: r.get(10).map_err(backend)?,
+            value_length: r.get(11).map_err(backend)?,
+            previous,
+            id,
         });
     }
     Ok(keys)
+}
+
+/// The old value's hash and grace end in columns `at` and `at + 1`, if the key was rotated.
+fn previous_value(row: &rusqlite::Row<'_>, at: usize) -> Result<Option<PreviousValue>, StoreError> {
+    let hash = row.get::<_, Option<Vec<u8>>>(at).map_err(backend)?;
+    let until = row.get::<_, Option<i64>>(at + 1).map_err(backend)?;
+    let (Some(hash), Some(until)) = (hash, until) else {
+        return Ok(None);
+    };
+    let hash = <[u8; 32]>::try_from(hash.as_slice())
+        .map_err(|_| StoreError::Backend("previous value hash is not 32 bytes".into()))?;
+    Ok(Some(PreviousValue {
+        hash: KeyHash(hash),
+        until: u64::try_from(until).unwrap_or(0),
+    }))
 }
 
 #[cfg(test)]

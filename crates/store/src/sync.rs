@@ -138,6 +138,8 @@ pub fn apply_declared(
             tags: declared.tags.clone(),
             value_prefix: existing.map(|k| k.value_prefix.clone()).unwrap_or_default(),
             value_length: existing.map_or(0, |k| k.value_length),
+            // A rotation's grace survives a restart; a value changed in the config has none.
+            previous: unchanged.and_then(|k| k.previous),
         };
         if let Some(value) = &new_value {
             key.set_value_hint(value);

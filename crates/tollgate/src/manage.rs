@@ -1,6 +1,7 @@
 //! `tollgate keys …`, `tollgate plans …`, `tollgate usage set-remaining`: the admin API from the
 //! command line, as readable tables or the API's JSON.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -9,7 +10,7 @@ use http::Method;
 use serde_json::{Value, json};
 use tollgate_admin::wire::{
     ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, PatchOp, QuotaIn,
-    ThrottleIn, pointer_escape,
+    RotateApiKeyIn, ThrottleIn, pointer_escape,
 };
 
 use crate::remote::{EndpointArgs, Remote, encode};
@@ -56,6 +57,12 @@ pub enum KeysCommand {
         /// Create it disabled (AWS's default is disabled; tollgate's CLI enables unless told).
         #[arg(long)]
         disabled: bool,
+        /// A tag, as KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// When the key stops working, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     /// List keys.
     List {
@@ -99,6 +106,53 @@ pub enum KeysCommand {
         /// Enable or disable.
         #[arg(long)]
         enabled: Option<bool>,
+        /// When the key stops working, RFC 3339.
+        #[arg(long, conflicts_with = "no_expiry")]
+        expires_at: Option<String>,
+        /// Remove the key's expiry.
+        #[arg(long)]
+        no_expiry: bool,
+    },
+    /// Give a key a new value; the current one keeps working for a grace period.
+    Rotate {
+        #[command(flatten)]
+        common: Common,
+        /// Key id.
+        id: String,
+        /// The new value (20-128 characters; generated when absent). Shown once.
+        #[arg(long)]
+        value: Option<String>,
+        /// How long the current value keeps working: 30m, 24h, 7d, 0 (default 24h).
+        #[arg(long, default_value = "24h", value_parser = parse_grace)]
+        grace: u64,
+    },
+    /// Which key a value belongs to (found by its hash; values are not kept).
+    Find {
+        #[command(flatten)]
+        common: Common,
+        /// The value a partner sent.
+        #[arg(long)]
+        value: String,
+    },
+    /// Add or change tags on a key.
+    Tag {
+        #[command(flatten)]
+        common: Common,
+        /// Key id.
+        id: String,
+        /// Tags, as KEY=VALUE.
+        #[arg(required = true, value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Remove tags from a key.
+    Untag {
+        #[command(flatten)]
+        common: Common,
+        /// Key id.
+        id: String,
+        /// Tag keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
     },
     /// Delete a key (and its plan memberships).
     Delete {
@@ -160,6 +214,9 @@ pub enum PlansCommand {
         name: String,
         #[command(flatten)]
         flags: PlanFlags,
+        /// A tag, as KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// List usage plans.
     List {
@@ -245,6 +302,10 @@ fn print(output: Output, value: &Value, columns: &[(&str, &str)]) {
             let cell = |row: &Value, field: &str| -> String {
                 match &row[field] {
                     Value::Null => "-".into(),
+                    // The first 4 characters and the length: enough to tell keys apart.
+                    Value::String(p) if field == "valuePrefix" => {
+                        format!("{p}…({})", row["valueLength"].as_u64().unwrap_or(0))
+                    }
                     Value::String(s) => s.clone(),
                     Value::Array(a) if field == "apiStages" => a
                         .iter()
@@ -320,8 +381,17 @@ const KEY_COLUMNS: &[(&str, &str)] = &[
     ("NAME", "name"),
     ("ENABLED", "enabled"),
     ("CUSTOMER", "customerId"),
+    ("VALUE STARTS", "valuePrefix"),
+    ("EXPIRES", "expiresAt"),
     ("LAST USED", "lastUsedDate"),
     ("VALUE", "value"),
+];
+/// A rotation's answer: the new value, and until when the old one works.
+const ROTATED_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("VALUE", "value"),
+    ("OLD VALUE WORKS UNTIL", "previousValueExpiresAt"),
 ];
 const PLAN_COLUMNS: &[(&str, &str)] = &[
     ("ID", "id"),
@@ -342,6 +412,8 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             description,
             customer_id,
             disabled,
+            tags,
+            expires_at,
         } => {
             let body = CreateApiKeyIn {
                 name: Some(name),
@@ -349,6 +421,8 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 description,
                 customer_id,
                 enabled: Some(!disabled),
+                tags: (!tags.is_empty()).then(|| tags.into_iter().collect()),
+                expires_at,
                 ..CreateApiKeyIn::default()
             };
             let out = common.remote()?.json(Method::POST, "/apikeys", &body)?;
@@ -388,8 +462,13 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             description,
             customer_id,
             enabled,
+            expires_at,
+            no_expiry,
         } => {
             let mut ops = Vec::new();
+            if no_expiry {
+                ops.push(PatchOp::new("remove", "/expiresAt", None));
+            }
             let mut replace = |path: &str, value: Option<String>| {
                 if let Some(v) = value {
                     ops.push(PatchOp::new("replace", path, Some(v)));
@@ -399,8 +478,11 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             replace("/description", description);
             replace("/customerId", customer_id);
             replace("/enabled", enabled.map(|e| e.to_string()));
+            replace("/expiresAt", expires_at);
             if ops.is_empty() {
-                bail!("nothing to change: give --name, --description, --customer-id or --enabled");
+                bail!(
+                    "nothing to change: give --name, --description, --customer-id, --enabled, --expires-at or --no-expiry"
+                );
             }
             let out = common.remote()?.json(
                 Method::PATCH,
@@ -410,6 +492,42 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 },
             )?;
             print(common.output, &out, KEY_COLUMNS);
+        }
+        KeysCommand::Rotate {
+            common,
+            id,
+            value,
+            grace,
+        } => {
+            let body = RotateApiKeyIn {
+                value,
+                grace_seconds: Some(grace),
+            };
+            let path = format!("/tollgate/apikeys/{}/rotate", encode(&id));
+            let out = common.remote()?.json(Method::POST, &path, &body)?;
+            print(common.output, &out, ROTATED_COLUMNS);
+        }
+        KeysCommand::Find { common, value } => {
+            let body = json!({ "value": value });
+            let out = common
+                .remote()?
+                .json(Method::POST, "/tollgate/apikeys/find", &body)?;
+            print(common.output, &out, KEY_COLUMNS);
+        }
+        KeysCommand::Tag { common, id, tags } => {
+            let body = json!({ "tags": tags.into_iter().collect::<BTreeMap<_, _>>() });
+            let remote = common.remote()?;
+            remote.json(Method::PUT, &tags_path(&common, "apikeys", &id), &body)?;
+            println!("tagged API key {id}");
+        }
+        KeysCommand::Untag { common, id, keys } => {
+            let query: Vec<String> = keys
+                .iter()
+                .map(|k| format!("tagKeys={}", encode(k)))
+                .collect();
+            let path = format!("{}?{}", tags_path(&common, "apikeys", &id), query.join("&"));
+            common.remote()?.json(Method::DELETE, &path, &())?;
+            println!("untagged API key {id}");
         }
         KeysCommand::Delete { common, id } => {
             common
@@ -442,6 +560,28 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `/tags/{arn}` for the resource `kind` (`apikeys`, `usageplans`) `id`, the ARN in `common`'s region.
+fn tags_path(common: &Common, kind: &str, id: &str) -> String {
+    let arn = format!(
+        "arn:aws:apigateway:{}::/{kind}/{id}",
+        common.endpoint.region
+    );
+    format!("/tags/{}", encode(&arn))
+}
+
+/// `KEY=VALUE`.
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// A grace period in whole seconds.
+fn parse_grace(text: &str) -> Result<u64, String> {
+    crate::config::parse_duration(text).map(|d| d.as_secs())
 }
 
 /// Follows `position` until the list ends.
@@ -536,11 +676,11 @@ pub fn plans(cmd: PlansCommand) -> anyhow::Result<()> {
             common,
             name,
             flags,
+            tags,
         } => {
-            let out =
-                common
-                    .remote()?
-                    .json(Method::POST, "/usageplans", &plan_body(name, &flags)?)?;
+            let mut body = plan_body(name, &flags)?;
+            body.tags = (!tags.is_empty()).then(|| tags.into_iter().collect());
+            let out = common.remote()?.json(Method::POST, "/usageplans", &body)?;
             print(common.output, &out, PLAN_COLUMNS);
         }
         PlansCommand::List { common, key_id } => {

@@ -4,6 +4,8 @@
 pub mod raw;
 mod validate;
 
+pub(crate) use validate::parse_duration;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

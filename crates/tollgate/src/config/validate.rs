@@ -42,7 +42,7 @@ use super::{
 };
 use tollgate_admin::seal::Sealer;
 
-/// Parses `500ms`, `1s`, `2m`, `1h` (a bare number is seconds).
+/// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -57,9 +57,10 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "invalid duration unit {other:?} in {text:?}: use ms, s, m or h"
+                "invalid duration unit {other:?} in {text:?}: use ms, s, m, h or d"
             ));
         }
     };
