@@ -14,7 +14,7 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 
 /// The format used when `accessLog: true` names none: every variable tollgate knows, as JSON.
-pub const DEFAULT_FORMAT: &str = r#"{"requestId":"$context.requestId","requestTime":"$context.requestTime","httpMethod":"$context.httpMethod","path":"$context.path","resourcePath":"$context.resourcePath","apiId":"$context.apiId","stage":"$context.stage","status":"$context.status","responseLength":"$context.responseLength","responseLatency":"$context.responseLatency","integrationLatency":"$context.integrationLatency","integrationStatus":"$context.integration.status","ip":"$context.identity.sourceIp","userAgent":"$context.identity.userAgent","apiKeyId":"$context.identity.apiKeyId","errorMessage":"$context.error.message","errorResponseType":"$context.error.responseType","protocol":"$context.protocol","tlsVersion":"$context.tlsVersion","clientCert":"$context.identity.clientCert.subjectDN"}"#;
+pub const DEFAULT_FORMAT: &str = r#"{"requestId":"$context.requestId","requestTime":"$context.requestTime","httpMethod":"$context.httpMethod","path":"$context.path","resourcePath":"$context.resourcePath","apiId":"$context.apiId","stage":"$context.stage","status":"$context.status","responseLength":"$context.responseLength","responseLatency":"$context.responseLatency","integrationLatency":"$context.integrationLatency","integrationStatus":"$context.integration.status","ip":"$context.identity.sourceIp","userAgent":"$context.identity.userAgent","apiKeyId":"$context.identity.apiKeyId","errorMessage":"$context.error.message","errorResponseType":"$context.error.responseType","protocol":"$context.protocol","tlsVersion":"$context.tlsVersion","clientCert":"$context.identity.clientCert.subjectDN","decision":"$context.decision"}"#;
 
 /// One `$context` variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,7 @@ enum Var {
     Protocol,
     TlsVersion,
     ClientCertSubject,
+    Decision,
 }
 
 /// The variables by their names after `$context.` (AWS's names; some have two, as AWS's do).
@@ -71,6 +72,9 @@ const VARS: &[(&str, Var)] = &[
     // tollgate's own: the TLS version a client connection negotiated.
     ("tlsVersion", Var::TlsVersion),
     ("identity.clientCert.subjectDN", Var::ClientCertSubject),
+    // tollgate's own: what admission decided (the metrics' `decision`: `allowed`, `invalid_key`,
+    // `expired`, …), finer than AWS's error types.
+    ("decision", Var::Decision),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +121,8 @@ pub(crate) struct Record<'a> {
     pub tls_version: Option<&'a str>,
     /// The client certificate's subject, under mTLS.
     pub client_cert_subject: Option<&'a str>,
+    /// What admission decided, when the request got that far.
+    pub decision: Option<&'a str>,
 }
 
 impl LogFormat {
@@ -213,6 +219,7 @@ fn value(var: Var, r: &Record<'_>, out: &mut String) {
         Var::Protocol => escaped(out, r.protocol),
         Var::TlsVersion => opt_text(out, r.tls_version),
         Var::ClientCertSubject => opt_text(out, r.client_cert_subject),
+        Var::Decision => opt_text(out, r.decision),
     }
 }
 
@@ -446,6 +453,7 @@ mod tests {
             protocol: "HTTP/1.1",
             tls_version: Some("TLSv1.3"),
             client_cert_subject: Some("CN=partner"),
+            decision: Some("quota_exceeded"),
         }
     }
 
@@ -490,6 +498,7 @@ mod tests {
             "protocol=HTTP/1.1",
             "tlsVersion=TLSv1.3",
             "identity.clientCert.subjectDN=CN=partner",
+            "decision=quota_exceeded",
         ];
         assert_eq!(expected.len(), VARS.len(), "one expectation a variable");
         for expected in expected {
@@ -521,7 +530,7 @@ mod tests {
         );
         // The default is JSON with every variable.
         let all: serde_json::Value = serde_json::from_str(&line(DEFAULT_FORMAT, &r)).unwrap();
-        assert_eq!(all.as_object().unwrap().len(), 20);
+        assert_eq!(all.as_object().unwrap().len(), 21);
         assert_eq!(all["integrationStatus"], "-");
     }
 

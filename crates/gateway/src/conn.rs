@@ -240,7 +240,9 @@ impl<C: ClientIo> Conn<'_, C> {
             }
             Ok(matched) => {
                 ex.matched = matched;
-                match self.admit(&snap, &ex, matched).await {
+                let (decided, decision) = self.admit(&snap, &ex, matched).await;
+                ex.decision = Some(decision);
+                match decided {
                     Ok(admission) => self.answer(&mut ex, matched, admission),
                     Err(refused) => self.refuse(&mut ex, refused),
                 }
@@ -300,6 +302,7 @@ impl<C: ClientIo> Conn<'_, C> {
             cors: None,
             origin: None,
             key_id: None,
+            decision: None,
             head,
         }
     }
@@ -361,13 +364,13 @@ impl<C: ClientIo> Conn<'_, C> {
     }
 
     /// Phase 2, admit ([`crate::admit`]), on this instance's limits or on those every instance
-    /// shares.
+    /// shares; counted in the metrics, and told as a [`Decision`] for the access log.
     async fn admit<'s>(
         &self,
         snap: &'s Snapshot,
         ex: &Exchange<'s>,
         m: Option<RouteMatch>,
-    ) -> Result<Admission<'s>, Refused<'s>> {
+    ) -> (Result<Admission<'s>, Refused<'s>>, Decision) {
         let api_key = ex.head.api_key.clone().map(|r| &self.inbuf.bytes()[r]);
         let decided = match &self.shared.limiter {
             None => admit(snap, &Local(snap), m.as_ref(), api_key, ex.now).await,
@@ -387,7 +390,7 @@ impl<C: ClientIo> Conn<'_, C> {
         self.shared
             .metrics
             .decided(m, grant.map(|g| g.plan_id()), decision);
-        decided
+        (decided, decision)
     }
 
     /// Phase 3, answer an admitted request: forward it to the upstream, or answer with the route's
@@ -499,6 +502,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 },
                 tls_version: self.tls.as_ref().map(|t| t.version),
                 client_cert_subject: self.tls.as_ref().and_then(|t| t.client_subject.as_deref()),
+                decision: ex.decision.map(Decision::name),
             };
             let mut line = String::with_capacity(512);
             log.format.render(&record, &mut line);
@@ -847,6 +851,8 @@ struct Exchange<'s> {
     origin: Option<HeaderValue>,
     /// The key's id, once admission accepted the key.
     key_id: Option<&'s str>,
+    /// What admission decided.
+    decision: Option<Decision>,
 }
 
 /// What an exchange sends back.
