@@ -101,6 +101,17 @@ pub fn apply_declared(
         let existing = existing.as_ref();
         let id = existing.map_or_else(ids::new_key_id, |k| k.id.clone());
         let (value_hash, new_value) = match (&declared.value, existing) {
+            // The configured value is the one a rotation replaced: the rotation stands (a restart
+            // must not undo it), and the config's value works until its grace ends.
+            (Some(value), Some(key))
+                if key
+                    .previous
+                    .is_some_and(|p| p.hash == KeyHash::of(value)) =>
+            {
+                tracing::warn!(key = %key.id, name = %key.name,
+                    "this key was rotated: the value in the config is its old one, accepted only until its grace period ends; put the new value in the config");
+                (key.value_hash, None)
+            }
             (Some(value), _) => (KeyHash::of(value), Some(value.clone())),
             (None, Some(key)) => (key.value_hash, None),
             (None, None) => {

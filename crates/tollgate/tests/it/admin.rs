@@ -1685,3 +1685,125 @@ async fn refused_requests_and_last_use_are_kept_per_key_across_a_restart() {
     );
     assert!(table.contains("THROTTLED  QUOTA EXCEEDED"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_rotate_with_a_grace_period_expire_and_are_found_by_value() {
+    let plans = "usagePlans:\n  - name: daily\n    apiStages: [ { apiId: warranty, stage: prod } ]\n    \
+                 quota: { limit: 100, period: DAY }\n\
+                 apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [daily], \
+                 tags: { team: partners }, expiresAt: \"2099-01-01T00:00:00Z\" }\n";
+    let (dir, gw, admin, _up) = start(plans, &[]).await;
+    let json = |gw: &Gateway, args: &[&str]| -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&cli(gw, &all)).unwrap()
+    };
+    let c = client();
+    let url = gw.url("/prod/echo/rotate");
+    for _ in 0..3 {
+        assert_eq!(c.get(&url, Some(KEY)).await.status, 200);
+    }
+    // The config's tags and expiry, and what is kept of the value: its first 4 characters.
+    let found = json(&gw, &["keys", "find", "--value", KEY]);
+    let id = found["id"].as_str().unwrap().to_string();
+    assert_eq!(found["name"], "central-system");
+    assert_eq!(found["tags"]["team"], "partners");
+    assert_eq!(found["expiresAt"], "2099-01-01T00:00:00Z");
+    assert_eq!(
+        (found["valuePrefix"].clone(), found["valueLength"].clone()),
+        (json!("cent"), json!(KEY.len()))
+    );
+    let table = cli(&gw, &["keys", "list"]);
+    assert!(
+        table.contains("VALUE STARTS") && table.contains(&format!("cent…({})", KEY.len())),
+        "{table}"
+    );
+    assert!(!table.contains(KEY), "no value in a listing");
+
+    // Rotated: a new value, shown once; the old one keeps working through the grace period.
+    let rotated = json(&gw, &["keys", "rotate", &id, "--grace", "1h"]);
+    let new = rotated["value"].as_str().unwrap().to_string();
+    assert_eq!((rotated["id"].as_str(), new.len()), (Some(id.as_str()), 40));
+    assert!(rotated["previousValueExpiresAt"].is_string(), "{rotated}");
+    let r = c.get(&url, Some(&new)).await;
+    assert_eq!(
+        (r.status, util::quota_remaining(&r)),
+        (200, 96),
+        "the same quota count"
+    );
+    assert_eq!(
+        c.get(&url, Some(KEY)).await.status,
+        200,
+        "the old value, in its grace"
+    );
+    assert_eq!(
+        json(&gw, &["keys", "find", "--value", &new])["id"],
+        id.as_str()
+    );
+    let again = json(&gw, &["keys", "get", &id]);
+    assert_eq!(again["valuePrefix"], &new[..4]);
+    assert!(again.get("value").is_none(), "shown once");
+
+    // Across a restart the grace goes on, to the same instant.
+    assert!(gw.terminate().success());
+    drop(admin);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let url = gw.url("/prod/echo/rotate");
+    assert_eq!(
+        c.get(&url, Some(KEY)).await.status,
+        200,
+        "still in its grace"
+    );
+    let r = c.get(&url, Some(&new)).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 93));
+    let after = json(&gw, &["keys", "get", &id]);
+    assert_eq!(
+        after["previousValueExpiresAt"],
+        rotated["previousValueExpiresAt"]
+    );
+
+    // A second rotation ends the first grace at once; --grace 0 ends it now.
+    let third = "thirdValueForCentral0123456789";
+    json(
+        &gw,
+        &["keys", "rotate", &id, "--value", third, "--grace", "0"],
+    );
+    assert_eq!(c.get(&url, Some(KEY)).await.status, 403, "the first value");
+    assert_eq!(
+        c.get(&url, Some(&new)).await.status,
+        403,
+        "the second value, grace 0"
+    );
+    assert_eq!(c.get(&url, Some(third)).await.status, 200);
+    // A value another key holds (or held, in its grace) is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "create", "--name", "copycat", "--value", third])
+        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
+        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("API Key already exists"));
+
+    // Expiry from the CLI: in the past, refused at once; removed, back.
+    json(
+        &gw,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--expires-at",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(c.get(&url, Some(third)).await.status, 403);
+    json(&gw, &["keys", "update", &id, "--no-expiry"]);
+    assert_eq!(c.get(&url, Some(third)).await.status, 200);
+    cli(&gw, &["keys", "tag", &id, "owner=ops"]);
+    cli(&gw, &["keys", "untag", &id, "team"]);
+    assert_eq!(
+        json(&gw, &["keys", "get", &id])["tags"],
+        json!({"owner": "ops"})
+    );
+    assert!(gw.terminate().success());
+}
