@@ -104,9 +104,7 @@ pub fn apply_declared(
             // The configured value is the one a rotation replaced: the rotation stands (a restart
             // must not undo it), and the config's value works until its grace ends.
             (Some(value), Some(key))
-                if key
-                    .previous
-                    .is_some_and(|p| p.hash == KeyHash::of(value)) =>
+                if key.previous.is_some_and(|p| p.hash == KeyHash::of(value)) =>
             {
                 tracing::warn!(key = %key.id, name = %key.name,
                     "this key was rotated: the value in the config is its old one, accepted only until its grace period ends; put the new value in the config");

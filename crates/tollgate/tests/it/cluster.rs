@@ -195,6 +195,97 @@ async fn an_admin_change_on_one_instance_reaches_the_other_within_a_second() {
     );
 }
 
+/// Waits (at most a second) until `url` answers `status` to `value`.
+async fn until_status(url: &str, value: &str, status: u16) {
+    let (c, started) = (client(), Instant::now());
+    loop {
+        let got = c.get(url, Some(value)).await.status;
+        if got == status {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{value}: still {got}, not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_on_one_instance_is_honoured_by_the_other_to_the_same_instant() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+    let (a, b) = (
+        AdminClient::new(gws[0].admin.unwrap()),
+        AdminClient::new(gws[1].admin.unwrap()),
+    );
+    let old = "rotatingKeyValue0123456789";
+    let key = a
+        .ok(
+            "POST",
+            "/apikeys",
+            &json!({"name": "rotating", "enabled": true, "value": old}).to_string(),
+        )
+        .await;
+    let id = key["id"].as_str().unwrap();
+    let plan_id = a.plan_id("quota-only").await;
+    a.ok(
+        "POST",
+        &format!("/usageplans/{plan_id}/keys"),
+        &json!({"keyId": id, "keyType": "API_KEY"}).to_string(),
+    )
+    .await;
+    let on_b = gws[1].url("/dev/echo/rotating");
+    until_status(&on_b, old, 200).await;
+    let r = client().get(&on_b, Some(old)).await;
+    assert_eq!(util::quota_remaining(&r), 38, "40, less two");
+
+    // Rotated on A: B takes the new value and keeps the old one until the same instant.
+    let new = "rotatedKeyValue0123456789";
+    let rotate = format!("/tollgate/apikeys/{id}/rotate");
+    let rotated = a
+        .ok(
+            "POST",
+            &rotate,
+            &json!({"value": new, "graceSeconds": 3600}).to_string(),
+        )
+        .await;
+    until_status(&on_b, new, 200).await;
+    let r = client().get(&on_b, Some(old)).await;
+    assert_eq!(r.status, 200, "the old value on B, in its grace");
+    let r = client()
+        .get(&gws[0].url("/dev/echo/rotating"), Some(new))
+        .await;
+    assert_eq!(
+        util::quota_remaining(&r),
+        35,
+        "one quota count, in Redis, for both values"
+    );
+    let seen_by_b = b.ok("GET", &format!("/apikeys/{id}"), "").await;
+    assert_eq!(
+        seen_by_b["previousValueExpiresAt"],
+        rotated["previousValueExpiresAt"]
+    );
+
+    // Rotated again with no grace: both older values are refused on B as on A.
+    let third = "thirdRotatedValue0123456789";
+    a.ok(
+        "POST",
+        &rotate,
+        &json!({"value": third, "graceSeconds": 0}).to_string(),
+    )
+    .await;
+    until_status(&on_b, third, 200).await;
+    for gone in [old, new] {
+        until_status(&on_b, gone, 403).await;
+        let r = client()
+            .get(&gws[0].url("/dev/echo/rotating"), Some(gone))
+            .await;
+        assert_eq!(r.status, 403);
+    }
+}
+
 /// Kills Redis under traffic: each mode behaves as configured, no request hangs, and the instance
 /// returns to Redis by itself.
 #[tokio::test(flavor = "multi_thread")]
@@ -338,7 +429,8 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         .ok(
             "POST",
             "/apikeys",
-            r#"{"name":"api-made","enabled":true,"value":"apiMadeKeyValue0123456789"}"#,
+            r#"{"name":"api-made","enabled":true,"value":"apiMadeKeyValue0123456789",
+                "tags":{"team":"b"},"expiresAt":"2099-01-01T00:00:00Z"}"#,
         )
         .await;
     let plan_id = admin.plan_id("quota-only").await;
@@ -349,6 +441,11 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
             &json!({"keyId": created["id"], "keyType": "API_KEY"}).to_string(),
         )
         .await;
+    // Rotated, its old value in a grace period of an hour.
+    let created_id = created["id"].as_str().unwrap();
+    let rotate = format!("/tollgate/apikeys/{created_id}/rotate");
+    let body = r#"{"value":"rotatedApiMadeValue0123456789","graceSeconds":3600}"#;
+    let before = admin.ok("POST", &rotate, body).await;
     assert!(gw.terminate().success());
 
     let redis = RedisServer::start();
@@ -386,12 +483,27 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         32,
         "40 - 7 used before the move - this one"
     );
-    assert_eq!(
-        c.get(&gw.url("/dev/echo/m"), Some("apiMadeKeyValue0123456789"))
-            .await
-            .status,
-        200
-    );
+    for value in ["apiMadeKeyValue0123456789", "rotatedApiMadeValue0123456789"] {
+        let r = c.get(&gw.url("/dev/echo/m"), Some(value)).await;
+        assert_eq!(
+            r.status, 200,
+            "{value}: the new value and the old one in its grace"
+        );
+    }
+    // Tags, the expiry, the value's first characters and the grace came along.
+    let admin = AdminClient::new(gw.admin.unwrap());
+    let after = admin.ok("GET", &format!("/apikeys/{created_id}"), "").await;
+    for field in [
+        "tags",
+        "expiresAt",
+        "valuePrefix",
+        "valueLength",
+        "previousValueExpiresAt",
+    ] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    assert_eq!(after["valuePrefix"], "rota");
+    assert!(after["lastUsedDate"].is_u64(), "{after}");
     // Migrating into a store that has keys is refused.
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args([
