@@ -1807,3 +1807,158 @@ async fn keys_rotate_with_a_grace_period_expire_and_are_found_by_value() {
     );
     assert!(gw.terminate().success());
 }
+
+/// Members of botocore's shapes that tollgate does not answer, and why (README, "The admin API").
+const NOT_ANSWERED: &[(&str, &str, &str)] = &[(
+    "ApiKeys",
+    "warnings",
+    "AWS fills it only for keys it cannot list; tollgate has none",
+)];
+
+/// botocore's API Gateway service model, as the installed AWS CLI reads it; `None` (the test is
+/// skipped) when botocore is not installed and not required.
+fn botocore_model() -> Option<Value> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, botocore.loaders as l; \
+             print(json.dumps(l.Loader().load_service_model('apigateway', 'service-2')))",
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
+        _ => {
+            assert!(
+                std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
+                "botocore (with the AWS CLI) is required but not installed"
+            );
+            eprintln!("skipped: botocore is not installed");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_botocore_model_is_accepted_and_answered_member_by_member() {
+    let Some(model) = botocore_model() else {
+        return;
+    };
+    let shapes = &model["shapes"];
+    // The body members of a request shape (those not in the path or the query).
+    let body_members = |shape: &str| -> std::collections::BTreeSet<String> {
+        let members = shapes[shape]["members"].as_object().unwrap();
+        members
+            .iter()
+            .filter(|(_, m)| m.get("location").is_none())
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let keys_of = |v: &Value| -> std::collections::BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let key_hex = "8f1c2b3a4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+    let (_dir, _gw, admin, _up) = start(
+        "keyValueStorage: encrypted\n",
+        &[("TOLLGATE_KEY_ENCRYPTION_KEY", key_hex)],
+    )
+    .await;
+
+    // Every member of each create request is sent, and accepted.
+    let create_key = json!({
+        "name": "model", "description": "d", "enabled": true, "generateDistinctId": true,
+        "value": "modelKeyValue0123456789", "stageKeys": [], "customerId": "c1",
+        "tags": {"t": "v"},
+    });
+    assert_eq!(keys_of(&create_key), body_members("CreateApiKeyRequest"));
+    let key = admin.ok("POST", "/apikeys", &create_key.to_string()).await;
+    let id = key["id"].as_str().unwrap().to_string();
+    let second = admin.ok("POST", "/apikeys", r#"{"name":"model-2"}"#).await;
+    let create_plan = json!({
+        "name": "model-plan", "description": "d",
+        "apiStages": [{"apiId": "warranty", "stage": "prod",
+                       "throttle": {"/pets/{id}/GET": {"rateLimit": 1.0, "burstLimit": 1}}}],
+        "throttle": {"rateLimit": 10.0, "burstLimit": 20},
+        "quota": {"limit": 100, "offset": 0, "period": "DAY"},
+        "tags": {"t": "v"},
+    });
+    assert_eq!(
+        keys_of(&create_plan),
+        body_members("CreateUsagePlanRequest")
+    );
+    let plan = admin
+        .ok("POST", "/usageplans", &create_plan.to_string())
+        .await;
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    let add = json!({"op": "add", "path": "/productCode", "value": "pc"});
+    let patch = json!({ "patchOperations": [add] }).to_string();
+    admin
+        .ok("PATCH", &format!("/usageplans/{plan_id}"), &patch)
+        .await;
+    let create_plan_key = json!({"keyId": id, "keyType": "API_KEY"});
+    assert_eq!(
+        keys_of(&create_plan_key),
+        body_members("CreateUsagePlanKeyRequest")
+    );
+    let plan_keys = format!("/usageplans/{plan_id}/keys");
+    admin
+        .ok("POST", &plan_keys, &create_plan_key.to_string())
+        .await;
+    let other = json!({"keyId": second["id"], "keyType": "API_KEY"});
+    admin.ok("POST", &plan_keys, &other.to_string()).await;
+
+    // Every member of each answer is there under its wire name, nested shapes included.
+    let today = util::today();
+    let answers = [
+        (
+            "ApiKey",
+            admin
+                .ok("GET", &format!("/apikeys/{id}?includeValue=true"), "")
+                .await,
+        ),
+        ("ApiKeys", admin.ok("GET", "/apikeys?limit=1", "").await),
+        (
+            "UsagePlan",
+            admin.ok("GET", &format!("/usageplans/{plan_id}"), "").await,
+        ),
+        (
+            "UsagePlanKey",
+            admin
+                .ok("GET", &format!("/usageplans/{plan_id}/keys/{id}"), "")
+                .await,
+        ),
+        (
+            "Usage",
+            admin
+                .ok(
+                    "GET",
+                    &format!(
+                        "/usageplans/{plan_id}/usage?startDate={today}&endDate={today}&limit=1"
+                    ),
+                    "",
+                )
+                .await,
+        ),
+    ];
+    let plan_answer = &answers[2].1;
+    let nested = [
+        ("ApiStage", plan_answer["apiStages"][0].clone()),
+        ("ThrottleSettings", plan_answer["throttle"].clone()),
+        ("QuotaSettings", plan_answer["quota"].clone()),
+    ];
+    let mut walked = 0;
+    for (shape, answer) in answers.iter().chain(&nested) {
+        for (name, member) in shapes[shape]["members"].as_object().unwrap() {
+            let wire = member["locationName"].as_str().unwrap_or(name);
+            if NOT_ANSWERED.iter().any(|(s, m, _)| s == shape && m == name) {
+                continue;
+            }
+            walked += 1;
+            // Lists are read a key at a time, of two: `position` names the next page.
+            assert!(
+                answer.get(wire).is_some(),
+                "{shape}.{name} (`{wire}`) missing from {answer}"
+            );
+        }
+    }
+    assert!(walked > 30, "walked {walked} members");
+}
