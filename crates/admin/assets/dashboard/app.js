@@ -291,7 +291,10 @@ async function keyPage(view, id) {
   view.replaceChildren(
     h("p", {}, h("a", { href: "#/keys" }, "← Keys")),
     h("h1", {}, k.name, " ", h("span", { id: "key-state", class: "pill " + (k.enabled ? "on" : "off") }, k.enabled ? "enabled" : "disabled")),
-    h("p", { class: "muted" }, h("span", { class: "mono" }, k.id), ` · created ${when(k.createdDate)} · last used ${when(k.lastUsedDate)}`),
+    h("p", { class: "muted" }, h("span", { class: "mono" }, k.id), ` · created ${when(k.createdDate)} · last used ${when(k.lastUsedDate)}`,
+      k.valuePrefix ? ` · value starts ${k.valuePrefix}… (${k.valueLength} characters)` : "",
+      k.expiresAt ? ` · expires ${k.expiresAt}` : "",
+      k.previousValueExpiresAt ? ` · the previous value works until ${k.previousValueExpiresAt}` : ""),
     h("div", { class: "toolbar" }, toggle),
     ...(sections.length ? sections : [h("p", { class: "muted" }, "This key is in no usage plan.")]));
 }
