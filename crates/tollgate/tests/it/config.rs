@@ -131,6 +131,21 @@ fn bad_configs_name_file_line_and_field() {
             "listen: 127.0.0.1:0\nstore: { sqlite: ./x.db, flushInterval: soon }\n",
             "store.flushInterval",
         ),
+        (
+            "usagePlans: [central-batch] }",
+            "usagePlans: [central-batch], expiresAt: next-tuesday }",
+            "tollgate.yaml:13:5: apiKeys[0].expiresAt: Invalid expiresAt 'next-tuesday': expected an RFC 3339 time",
+        ),
+        (
+            "usagePlans: [central-batch] }",
+            "usagePlans: [central-batch], tags: { \"AWS:team\": x } }",
+            "tollgate.yaml:13:5: apiKeys[0].tags: Invalid tag key. Tag keys cannot start with 'aws:' (case insensitive)",
+        ),
+        (
+            "quota: { limit: 1000, offset: 2, period: MONTH }",
+            "quota: { limit: 1000, offset: 2, period: MONTH }\n    tags: { \"\": x }",
+            "usagePlans[0].tags: Invalid tag key. Tag keys must be 1 to 128 characters long",
+        ),
     ];
     for (from, to, expect) in cases {
         assert!(GOOD.contains(from), "case does not apply: {from}");
