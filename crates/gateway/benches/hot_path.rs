@@ -40,6 +40,7 @@ fn config() -> GatewayConfig {
         access_log: None,
         max_request_body: tollgate_gateway::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
+        verify: None,
         apis: vec![Api {
             id: "warranty".into(),
             stages: vec![Stage {

@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub kept_fields: KeptFields,
     /// The APIs served.
     pub apis: Vec<Api>,
+    /// The decision endpoint for forward-auth, when it is on.
+    pub verify: Option<crate::verify::VerifySettings>,
 }
 
 /// One API (AWS RestApi): a set of routes deployed to one or more stages.

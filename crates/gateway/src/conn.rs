@@ -32,6 +32,7 @@ use crate::snapshot::Snapshot;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
 use crate::trace::RequestId;
+use crate::verify::{self, Proxy};
 
 /// A deadline on one reusable timer: moving it later costs a store, and the timer is re-registered
 /// only when it fires early or must fire sooner, not once per request.
@@ -71,11 +72,13 @@ impl LazyDeadline {
 /// Serves one client connection until it closes, errs, idles out, or the gateway drains. Returns
 /// the connection and the bytes read from it when it opened with the HTTP/2 preface instead, for
 /// the HTTP/2 server to take over.
+/// With `role` [`Role::Verify`], each request is a decision request from another proxy.
 pub(crate) async fn serve<C: ClientIo>(
     shared: Arc<Shared>,
     client: C,
     peer: SocketAddr,
     tls: Option<TlsInfo>,
+    role: Role,
 ) -> Option<(C, Vec<u8>)> {
     // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
     let mut stop = Box::pin(shared.stop.clone().notified_owned());
@@ -97,6 +100,7 @@ pub(crate) async fn serve<C: ClientIo>(
         stop,
         upstream_answer: None,
         failure: None,
+        role,
     };
     let http2 = conn.run().await;
     if let Some(up) = conn.upstream.take() {
@@ -131,6 +135,16 @@ struct Conn<'a, C> {
     upstream_answer: Option<(u16, Option<u64>)>,
     /// Why the last forwarding failed: AWS's message and gateway response type.
     failure: Option<(&'static str, &'static str)>,
+    role: Role,
+}
+
+/// What a connection's requests are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Requests to admit and forward (the data plane).
+    Proxy,
+    /// Decision requests: admit the original request they describe, and say so ([`crate::verify`]).
+    Verify,
 }
 
 /// How forwarding failed.
@@ -233,7 +247,19 @@ impl<C: ClientIo> Conn<'_, C> {
         let _in_flight = shared.metrics.request_started();
         let snap = self.shared.snapshot.load_full();
         let mut ex = self.begin(&snap, head);
-        let answer = match self.route(&snap, &mut ex) {
+        let verify = match (self.role, &ex.config.verify) {
+            (Role::Verify, Some(settings)) => Some(verify::take_original(
+                self.inbuf.bytes(),
+                &mut ex.head,
+                settings,
+            )),
+            _ => None,
+        };
+        let original = match verify {
+            Some(Err(bad)) => Err(bad),
+            _ => self.route(&snap, &mut ex),
+        };
+        let answer = match original {
             Err(bad) => {
                 ex.error = Some(response::bad_request_error(bad));
                 Answer::Respond(response::bad_request(bad))
@@ -259,7 +285,11 @@ impl<C: ClientIo> Conn<'_, C> {
                 ex.error = self.failure;
                 status
             }
-            Answer::Respond(resp) => {
+            Answer::Respond(mut resp) => {
+                let nginx = ex.config.verify.as_ref().map(|v| v.proxy) == Some(Proxy::Nginx);
+                if self.role == Role::Verify && nginx {
+                    resp = verify::for_nginx(resp, ex.error.map_or("", |e| e.0));
+                }
                 ex.response_length = Some(if ex.head_only {
                     0
                 } else {
@@ -405,6 +435,9 @@ impl<C: ClientIo> Conn<'_, C> {
         let mut extra = HeaderMap::new();
         if ex.config.rate_limit_headers {
             response::add_rate_limit_headers(&mut extra, &admission.limits);
+        }
+        if self.role == Role::Verify {
+            return Answer::Respond(verify::allowed(extra, ex.key_id));
         }
         if let Some(cors) = ex.cors {
             response::add_cors_headers(&mut extra, cors, ex.origin.as_ref());

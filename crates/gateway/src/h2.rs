@@ -197,7 +197,8 @@ impl Stream {
                     shared,
                     Bridge::<HTTPS>(far),
                     self.peer,
-                    self.tls.clone()
+                    self.tls.clone(),
+                    conn::Role::Proxy,
                 ));
                 let mut upload = pin!(upload(&head, body, chunked, &mut to_pipeline));
                 let mut answer = pin!(relay(&mut from_pipeline, &parts.method, &mut respond));

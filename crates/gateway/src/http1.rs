@@ -21,7 +21,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub(crate) const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
 
 /// The most header fields a head may have.
-const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 /// At most this many names in one `Connection` header are honoured as hop-by-hop.
 const MAX_CONNECTION_NAMES: usize = 8;
 

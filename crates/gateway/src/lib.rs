@@ -38,6 +38,7 @@ mod state;
 mod testing;
 pub mod tls;
 pub mod trace;
+pub mod verify;
 
 pub use admit::{Admission, admit_locally};
 pub use config::GatewayConfig;

@@ -21,7 +21,7 @@ use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
-use crate::conn;
+use crate::conn::{self, Role};
 use crate::h2::{self, Rewind};
 use crate::meter::Counted;
 use crate::metrics::Metrics;
@@ -314,11 +314,12 @@ impl Gateway {
         // Each connection holds a receiver until it ends: the sender sees when all have.
         let (open_tx, open_rx) = watch::channel(());
         tokio::pin!(shutdown);
-        let Listeners { plain, tls } = listeners;
+        let Listeners { plain, tls, verify } = listeners;
         loop {
-            let (accepted, over_tls) = tokio::select! {
-                a = accept(plain.as_ref()) => (a, false),
-                a = accept(tls.as_ref().map(|(l, _)| l)) => (a, true),
+            let (accepted, door) = tokio::select! {
+                a = accept(plain.as_ref()) => (a, Door::Plain),
+                a = accept(tls.as_ref().map(|(l, _)| l)) => (a, Door::Tls),
+                a = accept(verify.as_ref()) => (a, Door::Verify),
                 () = &mut shutdown => break,
             };
             let (stream, peer) = match accepted {
@@ -340,16 +341,19 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let held = (open_rx.clone(), slot);
             let shared = self.shared.clone();
-            match (&tls, over_tls) {
-                (Some((_, acceptor)), true) => {
+            match (&tls, door) {
+                (Some((_, acceptor)), Door::Tls) => {
                     tokio::spawn(handshake(shared, acceptor.clone(), stream, peer, held));
+                }
+                (_, Door::Verify) => {
+                    tokio::spawn(serve_verify(shared, stream, peer, held));
                 }
                 _ => {
                     tokio::spawn(serve_plain(shared, stream, peer, held));
                 }
             }
         }
-        drop((plain, tls));
+        drop((plain, tls, verify));
         drop(open_rx);
         tracing::info!("shutting down: draining in-flight requests");
         self.shared.draining.store(true, Ordering::Relaxed);
@@ -376,13 +380,23 @@ impl Gateway {
     }
 }
 
-/// Where the data plane listens: plain HTTP, TLS, or both.
+/// Where the data plane listens: plain HTTP, TLS, or both; and the decision endpoint.
 #[derive(Default)]
 pub struct Listeners {
     /// Plain HTTP/1.1.
     pub plain: Option<TcpListener>,
     /// HTTPS, with the acceptor that terminates TLS.
     pub tls: Option<(TcpListener, TlsAcceptor)>,
+    /// Decision requests from another proxy (forward-auth), plain HTTP/1.1.
+    pub verify: Option<TcpListener>,
+}
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Door {
+    Plain,
+    Tls,
+    Verify,
 }
 
 /// The next connection on `listener`; never, without one.
@@ -396,9 +410,17 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 /// Serves a plain connection: HTTP/1.1, or HTTP/2 when it opens with the preface.
 async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
     let open = shared.metrics.connection_opened();
-    if let Some((stream, read)) = conn::serve(shared.clone(), stream, peer, None).await {
+    if let Some((stream, read)) = conn::serve(shared.clone(), stream, peer, None, Role::Proxy).await
+    {
         h2::serve(shared.clone(), Rewind::new(read, stream), peer, None).await;
     }
+    drop((open, held));
+}
+
+/// Serves a connection of decision requests (HTTP/1.1; the proxies asking speak it).
+async fn serve_verify(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
+    let open = shared.metrics.connection_opened();
+    conn::serve(shared.clone(), stream, peer, None, Role::Verify).await;
     drop((open, held));
 }
 
@@ -422,7 +444,7 @@ async fn handshake(
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 h2::serve(shared.clone(), tls, peer, Some(info)).await;
             } else {
-                conn::serve(shared.clone(), tls, peer, Some(info)).await;
+                conn::serve(shared.clone(), tls, peer, Some(info), Role::Proxy).await;
             }
         }
         Ok(Err(err)) => {

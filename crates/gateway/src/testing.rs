@@ -56,6 +56,7 @@ pub(crate) fn config(
         access_log: None,
         max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
+        verify: None,
         apis: vec![Api {
             id: "warranty".into(),
             stages: ["prod", "dev"]

@@ -197,6 +197,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let acceptor = terminate(&tls.tls, stopped(stop_rx.clone()))?;
         listeners.tls = Some((listener, acceptor));
     }
+    if let Some(addr) = config.verify_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (verify.listen)"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "decision endpoint listening");
+        println!("tollgate: decisions on http://{bound}");
+        listeners.verify = Some(listener);
+    }
     let admin_task = match admin {
         Some((admin, admin_config, limits)) => {
             let admin_addr = admin_config.listen;

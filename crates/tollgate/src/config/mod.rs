@@ -28,6 +28,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// Where it listens for HTTPS, and how it terminates TLS.
     pub tls: Option<TlsListener>,
+    /// Where the decision endpoint for forward-auth listens, if it does.
+    pub verify_listen: Option<SocketAddr>,
     /// Whether a route skips verifying its `https` upstream's certificate (warned about at startup).
     pub insecure_upstream_tls: bool,
     /// HTTP/2 to clients, unless turned off.

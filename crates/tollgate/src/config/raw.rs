@@ -75,6 +75,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Spanned<RawAdmin>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Spanned<RawVerify>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_value_storage: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub rate_limit_headers: bool,
@@ -179,6 +181,18 @@ pub struct RawAdmin {
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `verify:`, the decision endpoint for forward-auth.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawVerify {
+    pub listen: EnvString,
+    /// `nginx`, `caddy`, `traefik` or `envoy`: whose fields describe the original request.
+    pub proxy: String,
+    /// Envoy's `path_prefix`, taken off a decision request's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
 }
 
 /// A size in bytes: a number, or a number with a unit (`KB`, `MB`, `GB`, powers of 1024 as nginx

@@ -41,6 +41,7 @@ use super::{
     TlsTermination, admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
+use tollgate_gateway::verify::{Proxy, VerifySettings};
 
 /// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -257,6 +258,28 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     let listen = match &raw.listen {
         Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
         None => None,
+    };
+    let verify = match &raw.verify {
+        None => None,
+        Some(v) => {
+            let at = &v.referenced;
+            let listen = cx.address(&v.value.listen, at, "verify.listen")?;
+            let Some(proxy) = Proxy::named(&v.value.proxy) else {
+                return cx.err(
+                    at,
+                    "verify.proxy",
+                    format!(
+                        "{:?} is not one of nginx, caddy, traefik, envoy",
+                        v.value.proxy
+                    ),
+                );
+            };
+            let path_prefix = v.value.path_prefix.clone().unwrap_or_default();
+            if !(path_prefix.is_empty() || path_prefix.starts_with('/')) {
+                return cx.err(at, "verify.pathPrefix", "must start with /");
+            }
+            Some((listen, VerifySettings { proxy, path_prefix }))
+        }
     };
     let http2 = match &raw.http2 {
         None => Some(Http2Settings::default()),
@@ -499,10 +522,12 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
     }
 
+    let (verify_listen, verify) = verify.unzip();
     Ok(Config {
         admin,
         sealer,
         listen,
+        verify_listen,
         tls,
         insecure_upstream_tls: cx.insecure_upstream.get(),
         http2,
@@ -516,6 +541,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             max_request_body,
             kept_fields,
             apis,
+            verify,
         },
         plans,
         keys,

@@ -303,6 +303,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
                 Location::UNKNOWN,
             )
         }),
+        verify: None,
         key_value_storage: None,
         rate_limit_headers: false,
         access_log: None,

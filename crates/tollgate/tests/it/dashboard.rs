@@ -303,7 +303,10 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     b.find("svg.chart").await;
     assert_eq!(b.text("#view h1").await, "central-system enabled");
     let meta = b.text("#view h1 + p").await;
-    assert!(meta.contains("value starts cent… (32 characters)"), "{meta}");
+    assert!(
+        meta.contains("value starts cent… (32 characters)"),
+        "{meta}"
+    );
     assert_eq!(b.attribute("svg.chart", "data-days").await, "90");
     assert_eq!(b.count("svg.chart g.day").await, 90);
     assert_eq!(

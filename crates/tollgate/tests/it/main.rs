@@ -19,6 +19,8 @@ mod data_plane;
 /// Request smuggling against a sloppy upstream: hidden requests never reach it, answers never cross
 /// between clients.
 mod desync;
+/// Forward-auth: the real nginx and Caddy in front of an upstream, tollgate deciding.
+mod forward_auth;
 /// HTTP/2 to clients: ALPN and prior knowledge, multiplexed streams each admitted and counted once,
 /// header bounds, the rapid-reset pattern.
 mod http2;

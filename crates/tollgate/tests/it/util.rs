@@ -122,6 +122,16 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The decision endpoint's address (`verify.listen`), from the line the gateway printed.
+    pub fn verify_addr(&self) -> SocketAddr {
+        let seen = self.stdout.lock().unwrap();
+        let line = seen
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate: decisions on http://"))
+            .unwrap_or_else(|| panic!("no decision endpoint in: {seen}"));
+        line.parse().unwrap()
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         signal(&self.child, "TERM");
@@ -549,6 +559,56 @@ impl Nginx {
     /// A file nginx wrote in its directory.
     pub fn read(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+/// A Caddy server run by the test (`caddy run`), with its state in a temporary directory.
+pub struct Caddy {
+    pub addr: SocketAddr,
+    /// Its Caddyfile, state and log, removed when it stops.
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Caddy {
+    /// Runs Caddy with `caddyfile`, where `{PORT}` is the port it listens on.
+    pub fn start(caddyfile: &str) -> Caddy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = tollgate_store::testing::free_port();
+        let file = dir.path().join("Caddyfile");
+        std::fs::write(&file, caddyfile.replace("{PORT}", &port.to_string())).unwrap();
+        let child = Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("caddy.log")).unwrap())
+            .spawn()
+            .expect("caddy is required for these tests (Debian: apt-get install caddy)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "caddy did not start: {}",
+                std::fs::read_to_string(dir.path().join("caddy.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Caddy {
+            addr,
+            _dir: dir,
+            child,
+        }
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
