@@ -11,6 +11,7 @@
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
+# "tollgate decision (verify)" answers the same requests as the decision endpoint for another proxy.
 # The last four targets do the same job over TLS 1.3: HTTP/1.1, then HTTP/2 (h2load).
 # Note: under valgrind, SHA-256 runs its portable code (valgrind does not emulate the SHA extensions
 # the native build uses), which adds ~3.4k instructions to tollgate's count.
@@ -92,6 +93,16 @@ wait_port "$RPORT"
 PORT=$(free_port)
 tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate-redis.yaml"
 count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"
+
+# The decision endpoint (forward-auth): the same keyed requests asked about, in Envoy's convention
+# (the request's own method and path), answered 200 without being forwarded.
+PORT=$(free_port)
+VPORT=$(free_port)
+{
+    tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-verify.db }" bench 1000000000 100000000 "$KEY"
+    printf 'verify: { listen: 127.0.0.1:%s, proxy: envoy }\n' "$VPORT"
+} >"$WORK/tollgate-verify.yaml"
+count "tollgate decision (verify)" "$VPORT" "$TOLLGATE" serve --config "$WORK/tollgate-verify.yaml"
 
 # The same job over TLS 1.3 (one ECDSA P-256 certificate, keep-alive: record encryption, not handshakes),
 # over HTTP/1.1 and then over HTTP/2 on the same listeners (ALPN h2; h2load, one stream at a time).
