@@ -11,7 +11,9 @@
 # keep-alive connections (`*-tls`) and with a new connection, so a handshake, per request (`*-tls-new`,
 # the client sends `Connection: close`); their ratio is against nginx doing the same. The HTTP/2 targets
 # (`*-h2`) are the same TLS listeners driven by h2load (32 connections, 10 streams each); h2load reports
-# no percentiles, so their p50 column holds its mean and p99 is blank.
+# no percentiles, so their p50 column holds its mean and p99 is blank. `tollgate-verify-behind-nginx` is
+# nginx proxying with auth_request to tollgate's decision endpoint (forward-auth; both on CPU 1), against
+# nginx doing the job alone.
 # Installs nothing: it says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -150,6 +152,30 @@ target_tollgate_tls() {
         "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
     start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
 }
+# nginx in front, tollgate deciding (auth_request to its decision endpoint): the forward-auth setup.
+target_tollgate_verify() {
+    local port=$1 keys=$2 dir="$WORK/tollgate-verify-$1" vport; mkdir -p "$dir"
+    vport=$(free_port)
+    sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$(free_port)\nverify: { listen: 127.0.0.1:$vport, proxy: nginx }|" \
+        "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    start "decider" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
+    wait_port "$vport"
+    cat >"$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 10000000; }
+  upstream decider { server 127.0.0.1:$vport; keepalive 128; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$port;
+    location / { auth_request /_tollgate; error_page 403 = @refused;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location = /_tollgate { internal; proxy_pass http://decider; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_pass_request_body off; proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI \$request_uri; proxy_set_header X-Original-Method \$request_method; }
+    location @refused { return 403 '{"message":"Forbidden"}'; } } }
+CONF
+    start "sut" nginx -c "$dir/nginx.conf" -p "$dir"
+}
 target_nginx_h2() { target_nginx_tls "$@"; }
 target_tollgate_h2() { target_tollgate_tls "$@"; }
 target_tollgate_redis() {
@@ -197,6 +223,7 @@ measure() {
         wait_port "$port"
         pids=("$PID_sut")
         [ "$kind" = tollgate_redis ] && pids+=("$PID_redis")
+        [ "$kind" = tollgate_verify ] && pids+=("$PID_decider")
     fi
     url="http://127.0.0.1:$port/x"
     case "$kind" in *_tls | *_h2) url="https://127.0.0.1:$port/x" ;; esac
@@ -234,6 +261,9 @@ measure() {
     if [ "$kind" != upstream ]; then
         kill "$PID_sut"; wait "$PID_sut" 2>/dev/null || true
     fi
+    if [ "$kind" = tollgate_verify ]; then
+        kill "$PID_decider"; wait "$PID_decider" 2>/dev/null || true
+    fi
 }
 
 TARGETS=()
@@ -248,7 +278,8 @@ for n in $KEYSETS; do
 done
 TARGETS+=("nginx-tls/$first nginx_tls $first" "tollgate-tls/$first tollgate_tls $first"
     "nginx-tls-new/$first nginx_tls $first close" "tollgate-tls-new/$first tollgate_tls $first close"
-    "nginx-h2/$first nginx_h2 $first" "tollgate-h2/$first tollgate_h2 $first")
+    "nginx-h2/$first nginx_h2 $first" "tollgate-h2/$first tollgate_h2 $first"
+    "tollgate-verify-behind-nginx/$first tollgate_verify $first")
 
 : >"$WORK/results"
 for rep in $(seq 1 "$REPS"); do
