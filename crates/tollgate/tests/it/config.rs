@@ -132,6 +132,11 @@ fn bad_configs_name_file_line_and_field() {
             "store.flushInterval",
         ),
         (
+            "listen: 127.0.0.1:0\n",
+            "listen: 127.0.0.1:0\nverify: { listen: 127.0.0.1:0, proxy: apache }\n",
+            "tollgate.yaml:2:9: verify.proxy: \"apache\" is not one of nginx, caddy, traefik, envoy",
+        ),
+        (
             "usagePlans: [central-batch] }",
             "usagePlans: [central-batch], expiresAt: next-tuesday }",
             "tollgate.yaml:13:5: apiKeys[0].expiresAt: Invalid expiresAt 'next-tuesday': expected an RFC 3339 time",
