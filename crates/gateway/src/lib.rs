@@ -19,6 +19,7 @@ pub mod config;
 mod conn;
 mod h2;
 pub mod http1;
+pub mod jwt;
 mod key_table;
 pub mod limits;
 pub mod meter;
