@@ -33,6 +33,7 @@ fn config() -> GatewayConfig {
         },
         cors: None,
         allow_get_body: false,
+        authorizer: None,
     };
     GatewayConfig {
         account_throttle: None,
@@ -90,7 +91,7 @@ fn records(n: usize) -> KeyIndex {
             enabled: true,
             ..KeyTerms::default()
         };
-        index.push_key(id, KeyHash::of(value(i)), terms);
+        index.push_key(id, id, KeyHash::of(value(i)), terms);
     }
     index.bind_all(ids.iter().map(|id| ("plan01", id)));
     index

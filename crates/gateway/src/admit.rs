@@ -61,6 +61,17 @@ impl From<Refusal> for Refused<'_> {
     }
 }
 
+/// How a caller says which API key is theirs.
+#[derive(Debug, Clone, Copy)]
+pub enum Presented<'a> {
+    /// The `x-api-key` value, if any.
+    ApiKey(Option<&'a [u8]>),
+    /// A JWT caller's verified claim naming the key by its name.
+    KeyName(&'a str),
+    /// A JWT caller's verified claim holding the key's value (AWS's `usageIdentifierKey`).
+    KeyValue(&'a [u8]),
+}
+
 /// A key's own limits on a route: its bucket, then its quota, and the meter.
 pub(crate) trait KeyLimits {
     /// Decides `grant`'s bucket and quota for a request on the route `m` matched at `now`, and
@@ -74,12 +85,12 @@ pub(crate) trait KeyLimits {
 }
 
 /// Runs the whole admission pipeline for a request that matched `m` (or no route) presenting
-/// `api_key` at `now`, with the key's own limits decided by `limits`.
+/// `presented` at `now`, with the key's own limits decided by `limits`.
 pub(crate) async fn admit<'s>(
     snap: &'s Snapshot,
     limits: &impl KeyLimits,
     m: Option<&RouteMatch>,
-    api_key: Option<&[u8]>,
+    presented: Presented<'_>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
     // Route.
@@ -87,7 +98,7 @@ pub(crate) async fn admit<'s>(
     let route = snap.route_at(m);
     // Key.
     let grant = if route.api_key_required {
-        let grant = key(snap, m, api_key, now)?;
+        let grant = key(snap, m, presented, now)?;
         snap.saw(&grant, now);
         Some(grant)
     } else {
@@ -148,19 +159,25 @@ pub fn admit_locally<'s>(
     api_key: Option<&[u8]>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
-    admit(snap, &Local(snap), m, api_key, now)
+    admit(snap, &Local(snap), m, Presented::ApiKey(api_key), now)
         .now_or_never()
         .expect("local limits decide without waiting")
 }
 
-/// The membership of the key presented as `api_key` that covers the stage `m` matched, at `now`.
+/// The membership of the key `presented` that covers the stage `m` matched, at `now`.
 fn key<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch,
-    api_key: Option<&[u8]>,
+    presented: Presented<'_>,
     now: u64,
 ) -> Result<Grant<'s>, Refusal> {
-    let value = api_key.ok_or(Refusal::Forbidden(KeyRejected::Missing))?;
+    let value = match presented {
+        Presented::ApiKey(value) => value.ok_or(Refusal::Forbidden(KeyRejected::Missing))?,
+        Presented::KeyValue(value) => value,
+        Presented::KeyName(name) => {
+            return snap.grant_by_name(name, m, now).map_err(Refusal::Forbidden);
+        }
+    };
     // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
     // stored keys: refuse them without hashing.
     if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {

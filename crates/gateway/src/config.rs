@@ -97,6 +97,8 @@ pub struct Route {
     pub cors: Option<Arc<Cors>>,
     /// Whether `GET` and `HEAD` requests may carry a body.
     pub allow_get_body: bool,
+    /// With a key required: the JWT authorizer identifying the caller instead of `x-api-key`.
+    pub authorizer: Option<Arc<crate::jwt::Authorizer>>,
 }
 
 /// CORS for a route, as Serverless's `cors:` configures it on AWS.
@@ -184,6 +186,7 @@ pub fn add_preflight_routes(api: &mut Api) {
             },
             cors: Some(cors.clone()),
             allow_get_body: false,
+            authorizer: None,
         });
     }
     api.routes.extend(added);

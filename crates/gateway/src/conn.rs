@@ -15,12 +15,14 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::Record;
-use crate::admit::{Admission, Local, Refused, admit};
+use crate::admit::{Admission, Local, Presented, Refused, admit};
 use crate::client::ClientIo;
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
+use crate::jwt::UsageIdentifier;
+use crate::limits::Refusal;
 use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
@@ -266,7 +268,7 @@ impl<C: ClientIo> Conn<'_, C> {
             }
             Ok(matched) => {
                 ex.matched = matched;
-                let (decided, decision) = self.admit(&snap, &ex, matched).await;
+                let (decided, decision) = self.admit(&snap, &mut ex, matched).await;
                 ex.decision = Some(decision);
                 match decided {
                     Ok(admission) => self.answer(&mut ex, matched, admission),
@@ -333,6 +335,7 @@ impl<C: ClientIo> Conn<'_, C> {
             origin: None,
             key_id: None,
             decision: None,
+            subject: None,
             head,
         }
     }
@@ -398,19 +401,45 @@ impl<C: ClientIo> Conn<'_, C> {
     async fn admit<'s>(
         &self,
         snap: &'s Snapshot,
-        ex: &Exchange<'s>,
+        ex: &mut Exchange<'s>,
         m: Option<RouteMatch>,
     ) -> (Result<Admission<'s>, Refused<'s>>, Decision) {
-        let api_key = ex.head.api_key.clone().map(|r| &self.inbuf.bytes()[r]);
+        let bytes = self.inbuf.bytes();
+        // A keyed route with an authorizer: the caller's key comes from its verified token.
+        let authorizer = m
+            .map(|m| snap.route_at(&m))
+            .filter(|r| r.api_key_required)
+            .and_then(|r| r.authorizer.as_deref());
+        if let Some(a) = authorizer {
+            let token = ex.head.authorization.clone().map(|r| &bytes[r]);
+            match a.verify(token, ex.now) {
+                Ok(subject) => ex.subject = subject,
+                Err(e) => {
+                    tracing::debug!(id = %ex.id.as_str(), authorizer = %a.settings.name, error = %e, "token refused");
+                    let decision = Decision::Unauthorized;
+                    self.shared.metrics.decided(m, None, decision);
+                    return (Err(Refusal::Unauthorized.into()), decision);
+                }
+            }
+        }
+        let presented = match (authorizer, &ex.subject) {
+            (None, _) => Presented::ApiKey(ex.head.api_key.clone().map(|r| &bytes[r])),
+            (Some(a), Some(s)) if a.settings.identifier == UsageIdentifier::Name => {
+                Presented::KeyName(s)
+            }
+            (Some(_), Some(s)) => Presented::KeyValue(s.as_bytes()),
+            // A valid token naming no key.
+            (Some(_), None) => Presented::ApiKey(None),
+        };
         let decided = match &self.shared.limiter {
-            None => admit(snap, &Local(snap), m.as_ref(), api_key, ex.now).await,
+            None => admit(snap, &Local(snap), m.as_ref(), presented, ex.now).await,
             Some(limiter) => {
                 let limits = SharedLimits {
                     snap,
                     limiter,
                     metrics: &self.shared.metrics,
                 };
-                admit(snap, &limits, m.as_ref(), api_key, ex.now).await
+                admit(snap, &limits, m.as_ref(), presented, ex.now).await
             }
         };
         let (grant, decision) = match &decided {
@@ -558,6 +587,14 @@ impl<C: ClientIo> Conn<'_, C> {
         out.extend_from_slice(&self.forwarded);
         let traceparent = ex.head.traceparent.clone().map(|r| &self.inbuf.bytes()[r]);
         ex.id.upstream_fields(traceparent, out);
+        // Verified, so backends need not verify again; a value that could not be a field is left out.
+        if let Some(subject) = ex
+            .subject
+            .as_deref()
+            .filter(|s| s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        {
+            http1::header_line(out, b"x-tollgate-subject", subject.as_bytes());
+        }
         http1::framing_line(out, ex.head.body);
         out.extend_from_slice(b"\r\n");
     }
@@ -886,6 +923,8 @@ struct Exchange<'s> {
     key_id: Option<&'s str>,
     /// What admission decided.
     decision: Option<Decision>,
+    /// A JWT caller's identifying claim, forwarded as `X-Tollgate-Subject`.
+    subject: Option<String>,
 }
 
 /// What an exchange sends back.

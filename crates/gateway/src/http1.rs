@@ -175,6 +175,8 @@ pub struct RequestHead {
     pub traceparent: Option<Range<usize>>,
     /// The first `User-Agent` value.
     pub user_agent: Option<Range<usize>>,
+    /// The `Authorization` value (a JWT caller's token).
+    pub authorization: Option<Range<usize>>,
     /// An HTTP/1.0 request.
     pub http10: bool,
     /// How the body is delimited.
@@ -331,6 +333,7 @@ pub(crate) fn parse_request(
     let mut origin = None;
     let mut traceparent = None;
     let mut user_agent = None;
+    let mut authorization = None;
     let mut expect_continue = false;
     let mut host = None;
     let mut hosts = 0;
@@ -358,6 +361,13 @@ pub(crate) fn parse_request(
             }
             11 if is(name, "traceparent") => {
                 traceparent = traceparent.or(Some(range_in(buf, h.value)));
+            }
+            // Two tokens: the upstream might read the one that was not checked.
+            13 if is(name, "authorization") => {
+                if authorization.is_some() {
+                    return Err(HeadError::Malformed("More than one Authorization field"));
+                }
+                authorization = Some(range_in(buf, h.value));
             }
             14 if is(name, "content-length") => length = Some(content_length(h.value, length)?),
             17 if is(name, "transfer-encoding") => {
@@ -411,6 +421,7 @@ pub(crate) fn parse_request(
         origin,
         traceparent,
         user_agent,
+        authorization,
         http10,
         body,
         keep_alive,

@@ -51,6 +51,8 @@ pub(crate) struct KeyTable {
     expiries: HashMap<u32, u64>,
     /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
     previous: HashMap<KeyHash, (u32, u64)>,
+    /// Key name → record index (the oldest of a name), only when a JWT authorizer names keys by name.
+    by_name: HashMap<Box<str>, u32>,
 }
 
 impl KeyTable {
@@ -142,6 +144,18 @@ impl KeyTable {
     pub(crate) fn holder(&self, hash: &KeyHash) -> Option<usize> {
         self.find(hash)
             .or_else(|| self.previous.get(hash).map(|&(rec, _)| rec as usize))
+    }
+
+    /// Makes keys findable by name: `names` holds (record index, name), oldest first.
+    pub(crate) fn name_keys<'n>(&mut self, names: impl Iterator<Item = (u32, &'n str)>) {
+        for (rec, name) in names {
+            self.by_name.entry(name.into()).or_insert(rec);
+        }
+    }
+
+    /// The record of the key named `name` (when keys are findable by name).
+    pub(crate) fn by_name(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).map(|&rec| rec as usize)
     }
 
     /// Record `i`'s value hash.

@@ -74,6 +74,9 @@ pub enum Refusal {
     MissingAuthenticationToken,
     /// Key missing, unknown, disabled or not in a plan for this stage: 403 `Forbidden`.
     Forbidden(KeyRejected),
+    /// A JWT caller's token is missing, invalid or expired: 401 `Unauthorized`, as AWS's
+    /// authorizers answer.
+    Unauthorized,
     /// A throttle refused: 429 `Too Many Requests`.
     TooManyRequests {
         /// Whole seconds until a retry can succeed (at least 1).

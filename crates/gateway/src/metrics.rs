@@ -35,6 +35,8 @@ pub enum Decision {
     DisabledKey,
     /// The key's expiry has passed.
     Expired,
+    /// A JWT caller's token was missing, invalid or expired.
+    Unauthorized,
     /// A throttle refused.
     Throttled,
     /// The quota is spent.
@@ -53,6 +55,7 @@ impl Decision {
             Self::InvalidKey => "invalid_key",
             Self::DisabledKey => "disabled_key",
             Self::Expired => "expired",
+            Self::Unauthorized => "unauthorized",
             Self::Throttled => "throttled",
             Self::QuotaExceeded => "quota_exceeded",
             Self::StoreUnavailable => "store_unavailable",
@@ -68,6 +71,7 @@ impl From<&Refusal> for Decision {
             Refusal::Forbidden(KeyRejected::Invalid) => Self::InvalidKey,
             Refusal::Forbidden(KeyRejected::Disabled) => Self::DisabledKey,
             Refusal::Forbidden(KeyRejected::Expired) => Self::Expired,
+            Refusal::Unauthorized => Self::Unauthorized,
             Refusal::TooManyRequests { .. } => Self::Throttled,
             Refusal::LimitExceeded { .. } => Self::QuotaExceeded,
             Refusal::ServiceUnavailable => Self::StoreUnavailable,

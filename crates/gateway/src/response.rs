@@ -75,6 +75,11 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Bytes> {
             "ForbiddenException",
             r#"{"message":"Forbidden"}"#,
         ),
+        Refusal::Unauthorized => aws_error(
+            StatusCode::UNAUTHORIZED,
+            "UnauthorizedException",
+            r#"{"message":"Unauthorized"}"#,
+        ),
         Refusal::TooManyRequests {
             retry_after_secs,
             limits,
@@ -159,6 +164,7 @@ pub fn refusal_error(refusal: &Refusal) -> (&'static str, &'static str) {
             "MISSING_AUTHENTICATION_TOKEN",
         ),
         Refusal::Forbidden(_) => ("Forbidden", "INVALID_API_KEY"),
+        Refusal::Unauthorized => ("Unauthorized", "UNAUTHORIZED"),
         Refusal::TooManyRequests { .. } => ("Too Many Requests", "THROTTLED"),
         Refusal::LimitExceeded { .. } => ("Limit Exceeded", "QUOTA_EXCEEDED"),
         Refusal::ServiceUnavailable => ("Service Unavailable", "DEFAULT_5XX"),

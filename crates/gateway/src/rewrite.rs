@@ -112,6 +112,10 @@ fn forward_request_fields(
             }
             continue;
         }
+        // The gateway's own fields (a JWT caller's subject): a client cannot forge them.
+        if name.len() > 11 && name[..11].eq_ignore_ascii_case("x-tollgate-") {
+            continue;
+        }
         // The gateway's own trace fields replace the client's (see `trace`).
         if is_hop_by_hop(name)
             || is(name, "host")

@@ -286,6 +286,7 @@ mod tests {
                     api_key_required: false,
                     cors: None,
                     allow_get_body: false,
+                    authorizer: None,
                     integration: Integration::Http {
                         url: "http://u".parse().unwrap(),
                         timeout: Duration::from_secs(1),

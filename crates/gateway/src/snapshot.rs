@@ -19,6 +19,7 @@ use tollgate_core::quota::{EpochDay, Quota};
 use tollgate_store::{KeyIndex, Memberships};
 
 use crate::config::{GatewayConfig, Route};
+use crate::jwt::UsageIdentifier;
 use crate::key_table::{KeyTable, Member};
 use crate::limits::KeyRejected;
 use crate::meter::Counted;
@@ -331,6 +332,15 @@ impl Snapshot {
                 .map(|&i| position[i as usize])
                 .collect(),
         );
+        let by_name = routing.config.apis.iter().flat_map(|a| &a.routes).any(|r| {
+            r.authorizer
+                .as_ref()
+                .is_some_and(|a| a.settings.identifier == UsageIdentifier::Name)
+        });
+        if by_name {
+            // Records in load order (oldest first in SQLite), so a shared name finds the oldest key.
+            keys.name_keys((0..records.len()).map(|i| (position[i], records.name(i))));
+        }
         drop(position);
 
         let epoch = Arc::new(Epoch::default());
@@ -406,6 +416,12 @@ impl Snapshot {
             .find(hash)
             .or_else(|| self.keys.find_previous(hash, now))
             .ok_or(KeyRejected::Invalid)?;
+        self.grant_of_key(key, m, now)
+    }
+
+    /// The membership of the key at record `key`, when it is enabled and unexpired at `now`, in the
+    /// first of its plans that covers the stage `m` matched.
+    fn grant_of_key(&self, key: usize, m: &RouteMatch, now: u64) -> Result<Grant<'_>, KeyRejected> {
         if !self.keys.enabled(key) {
             return Err(KeyRejected::Disabled);
         }
@@ -418,6 +434,18 @@ impl Snapshot {
             .find(|member| self.plans[member.plan as usize].covers(m))
             .map(|&member| self.grant_at(key, member))
             .ok_or(KeyRejected::Invalid)
+    }
+
+    /// The membership of the enabled, unexpired (at `now`) key named `name` in the first of its
+    /// plans that covers the stage `m` matched: a JWT caller's key.
+    pub(crate) fn grant_by_name(
+        &self,
+        name: &str,
+        m: &RouteMatch,
+        now: u64,
+    ) -> Result<Grant<'_>, KeyRejected> {
+        let key = self.keys.by_name(name).ok_or(KeyRejected::Invalid)?;
+        self.grant_of_key(key, m, now)
     }
 
     fn grant_at(&self, key: usize, member: Member) -> Grant<'_> {

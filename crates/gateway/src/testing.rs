@@ -49,6 +49,7 @@ pub(crate) fn config(
         },
         cors: None,
         allow_get_body: false,
+        authorizer: None,
     };
     GatewayConfig {
         account_throttle: account,

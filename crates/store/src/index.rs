@@ -39,6 +39,9 @@ pub struct KeyIndex {
     pub plans: Vec<UsagePlan>,
     ids: String,
     id_ends: Vec<u32>,
+    /// The keys' names, as `ids` (JWT callers may name their key by name).
+    names: String,
+    name_ends: Vec<u32>,
     hashes: Vec<KeyHash>,
     enabled: Vec<bool>,
     /// (key index, expiry) of the few keys that expire, in key order.
@@ -66,7 +69,10 @@ impl KeyIndex {
     }
 
     /// Adds a key.
-    pub fn push_key(&mut self, id: &str, hash: KeyHash, terms: KeyTerms) {
+    pub fn push_key(&mut self, id: &str, name: &str, hash: KeyHash, terms: KeyTerms) {
+        self.names.push_str(name);
+        self.name_ends
+            .push(u32::try_from(self.names.len()).unwrap_or(u32::MAX));
         if let Some(at) = terms.expires_at {
             self.expiries.push((self.hashes.len() as u32, at));
         }
@@ -99,6 +105,12 @@ impl KeyIndex {
     pub fn id(&self, i: usize) -> &str {
         let start = i.checked_sub(1).map_or(0, |p| self.id_ends[p] as usize);
         &self.ids[start..self.id_ends[i] as usize]
+    }
+
+    /// Key `i`'s name.
+    pub fn name(&self, i: usize) -> &str {
+        let start = i.checked_sub(1).map_or(0, |p| self.name_ends[p] as usize);
+        &self.names[start..self.name_ends[i] as usize]
     }
 
     /// Key `i`'s value hash.
@@ -193,7 +205,7 @@ impl KeyIndex {
         let mut old = std::mem::take(self);
         self.plans = std::mem::take(&mut old.plans);
         for i in (0..old.len()).filter(|&i| keep[i]) {
-            self.push_key(old.id(i), old.hash(i), old.terms(i));
+            self.push_key(old.id(i), old.name(i), old.hash(i), old.terms(i));
         }
     }
 
@@ -252,7 +264,7 @@ impl From<&Records> for KeyIndex {
     fn from(records: &Records) -> Self {
         let mut index = Self::new(records.plans.clone());
         for key in &records.keys {
-            index.push_key(&key.id, key.value_hash, KeyTerms::of(key));
+            index.push_key(&key.id, &key.name, key.value_hash, KeyTerms::of(key));
         }
         index.bind_all(records.bindings.iter().map(|(p, k)| (p, k)));
         index
@@ -288,7 +300,7 @@ mod tests {
                 enabled: true,
                 ..KeyTerms::default()
             };
-            index.push_key(id, KeyHash::of(id), terms);
+            index.push_key(id, id, KeyHash::of(id), terms);
         }
         let ids = |index: &KeyIndex| -> Vec<String> {
             index
@@ -339,7 +351,12 @@ mod tests {
                 expires_at: (id == "b").then_some(7),
                 previous: None,
             };
-            index.push_key(id, KeyHash::of(format!("value-of-{id}")), terms);
+            index.push_key(
+                id,
+                &format!("name-{id}"),
+                KeyHash::of(format!("value-of-{id}")),
+                terms,
+            );
         }
         let mut binder = index.binder();
         for (p, k) in [

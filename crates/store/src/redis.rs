@@ -595,7 +595,7 @@ impl Store for RedisStore {
                         expires_at: k.expires_at,
                         previous: k.previous.map(|p| p.parse(&id)).transpose()?,
                     };
-                    index.push_key(&id, parse_hash(&id, &k.value_sha256)?, terms);
+                    index.push_key(&id, &k.name, parse_hash(&id, &k.value_sha256)?, terms);
                 }
                 Ok(())
             })?;
@@ -911,6 +911,8 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ServedKey<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
     enabled: bool,
     #[serde(default)]
     expires_at: Option<u64>,

@@ -286,7 +286,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until
+                "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until, name
                  FROM api_keys",
             )
             .map_err(backend)?;
@@ -311,7 +311,12 @@ impl Store for SqliteStore {
                     .map(|at| u64::try_from(at).unwrap_or(0)),
                 previous: previous_value(row, 4)?,
             };
-            index.push_key(id, KeyHash(hash), terms);
+            let name = row
+                .get_ref(6)
+                .map_err(backend)?
+                .as_str()
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            index.push_key(id, name, KeyHash(hash), terms);
         }
         let mut stmt = conn
             .prepare("SELECT plan_id, key_id FROM usage_plan_keys ORDER BY plan_id, key_id")

@@ -257,8 +257,31 @@ pub struct RawApi {
     pub id: String,
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_encoded_slashes: bool,
+    /// `HEADER` (default) or `AUTHORIZER`, as AWS names them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_source: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorizers: Vec<Spanned<RawAuthorizer>>,
     pub stages: Vec<Spanned<RawStage>>,
     pub routes: Vec<Spanned<RawRoute>>,
+}
+
+/// A JWT authorizer: whose tokens, and which claim names the caller's API key.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAuthorizer {
+    pub name: String,
+    /// A JWKS file.
+    pub jwks: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_identifier_claim: Option<String>,
+    /// `name` (default) or `value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_identifier_is: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -292,6 +315,9 @@ pub struct RawRoute {
     pub allow_get_body: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<RawUpstreamTls>,
+    /// The API's JWT authorizer identifying the caller (with `apiKeySource: AUTHORIZER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorizer: Option<String>,
 }
 
 /// `cors: true`, or the settings, as Serverless writes them.

@@ -41,6 +41,7 @@ use super::{
     TlsTermination, admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
+use tollgate_gateway::jwt::{Authorizer, AuthorizerSettings, UsageIdentifier};
 use tollgate_gateway::verify::{Proxy, VerifySettings};
 
 /// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
@@ -792,14 +793,100 @@ fn validate_api(
             "an API needs at least one stage",
         );
     }
+    let by_authorizer = match api.api_key_source.as_deref() {
+        None | Some("HEADER") => false,
+        Some("AUTHORIZER") => true,
+        Some(other) => {
+            return cx.err(
+                at,
+                format!("{field}.apiKeySource"),
+                format!("{other:?} is not one of HEADER, AUTHORIZER"),
+            );
+        }
+    };
+    let mut authorizers: Vec<Arc<Authorizer>> = Vec::new();
+    for (i, a) in api.authorizers.iter().enumerate() {
+        let (af, at) = (format!("{field}.authorizers[{i}]"), &a.referenced);
+        let a = &a.value;
+        if authorizers.iter().any(|o| o.settings.name == a.name) {
+            return cx.err(
+                at,
+                format!("{af}.name"),
+                format!("duplicate authorizer {:?}", a.name),
+            );
+        }
+        let identifier = match a.usage_identifier_is.as_deref() {
+            None | Some("name") => UsageIdentifier::Name,
+            Some("value") => UsageIdentifier::Value,
+            Some(other) => {
+                return cx.err(
+                    at,
+                    format!("{af}.usageIdentifierIs"),
+                    format!("{other:?} is not one of name, value"),
+                );
+            }
+        };
+        if a.jwks.starts_with("https://") || a.jwks.starts_with("http://") {
+            return cx.err(
+                at,
+                format!("{af}.jwks"),
+                "a JWKS by URL is not supported yet: give a file (and refresh it from your IdP)",
+            );
+        }
+        let settings = AuthorizerSettings {
+            name: a.name.clone(),
+            jwks: PathBuf::from(&a.jwks),
+            issuer: a.issuer.clone(),
+            audience: a.audience.clone(),
+            claim: a
+                .usage_identifier_claim
+                .clone()
+                .unwrap_or_else(|| "sub".into()),
+            identifier,
+        };
+        match Authorizer::load(settings, 0) {
+            Ok(loaded) => authorizers.push(Arc::new(loaded)),
+            Err(e) => return cx.err(at, format!("{af}.jwks"), e),
+        }
+    }
     let mut routes = Vec::with_capacity(api.routes.len());
     for (i, route) in api.routes.iter().enumerate() {
-        routes.push(validate_route(
-            cx,
-            &format!("{field}.routes[{i}]"),
-            &route.value,
-            &route.referenced,
-        )?);
+        let rf = format!("{field}.routes[{i}]");
+        let mut validated = validate_route(cx, &rf, &route.value, &route.referenced)?;
+        let named = route.value.authorizer.as_deref();
+        let at = &route.referenced;
+        validated.authorizer = match (named, by_authorizer, validated.api_key_required) {
+            (None, false, _) | (None, true, false) => None,
+            (Some(_), false, _) => {
+                return cx.err(at, format!("{rf}.authorizer"), "an authorizer identifies the caller only with the API's apiKeySource: AUTHORIZER");
+            }
+            (Some(_), true, false) => {
+                return cx.err(
+                    at,
+                    format!("{rf}.authorizer"),
+                    "an authorizer names the caller's API key: set apiKeyRequired: true",
+                );
+            }
+            (Some(name), true, true) => {
+                match authorizers.iter().find(|a| a.settings.name == name) {
+                    Some(a) => Some(a.clone()),
+                    None => {
+                        return cx.err(
+                            at,
+                            format!("{rf}.authorizer"),
+                            format!("no authorizer named {name:?} in this API's authorizers"),
+                        );
+                    }
+                }
+            }
+            (None, true, true) => match authorizers.as_slice() {
+                [only] => Some(only.clone()),
+                _ => {
+                    return cx.err(at, format!("{rf}.authorizer"), "with apiKeySource: AUTHORIZER, a keyed route names one of the API's authorizers");
+                }
+            },
+        };
+        routes.push(validated);
     }
     let throttle_keys: Vec<String> = routes.iter().map(Route::throttle_key).collect();
 
@@ -1035,6 +1122,7 @@ fn validate_route(
         api_key_required: r.api_key_required,
         integration,
         allow_get_body: r.allow_get_body,
+        authorizer: None,
     })
 }
 

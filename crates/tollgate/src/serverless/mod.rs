@@ -315,6 +315,8 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
             RawApi {
                 id: service,
                 allow_encoded_slashes: false,
+                api_key_source: None,
+                authorizers: Vec::new(),
                 stages: vec![sited(
                     RawStage {
                         name: stage,
@@ -391,6 +393,7 @@ fn routes(doc: &Doc<'_>, opts: &ServerlessOptions) -> Result<Vec<Spanned<RawRout
                 mock: None,
                 cors,
                 allow_get_body: false,
+                authorizer: None,
                 upstream_tls: None,
             };
             routes.push(sited(route, doc.at(&path)));

@@ -132,6 +132,21 @@ fn bad_configs_name_file_line_and_field() {
             "store.flushInterval",
         ),
         (
+            "  - id: warranty\n",
+            "  - id: warranty\n    apiKeySource: COOKIE\n",
+            "tollgate.yaml:3:5: apis[0].apiKeySource: \"COOKIE\" is not one of HEADER, AUTHORIZER",
+        ),
+        (
+            "  - id: warranty\n",
+            "  - id: warranty\n    apiKeySource: AUTHORIZER\n    authorizers: [ { name: idp, jwks: ./missing.json } ]\n",
+            "apis[0].authorizers[0].jwks: ./missing.json: No such file",
+        ),
+        (
+            "  - id: warranty\n",
+            "  - id: warranty\n    apiKeySource: AUTHORIZER\n",
+            "apis[0].routes[0].authorizer: with apiKeySource: AUTHORIZER, a keyed route names one of the API's authorizers",
+        ),
+        (
             "listen: 127.0.0.1:0\n",
             "listen: 127.0.0.1:0\nverify: { listen: 127.0.0.1:0, proxy: apache }\n",
             "tollgate.yaml:2:9: verify.proxy: \"apache\" is not one of nginx, caddy, traefik, envoy",

@@ -24,6 +24,8 @@ mod forward_auth;
 /// HTTP/2 to clients: ALPN and prior knowledge, multiplexed streams each admitted and counted once,
 /// header bounds, the rapid-reset pattern.
 mod http2;
+/// Callers with JWTs: apiKeySource AUTHORIZER, a verified claim naming the key.
+mod jwt;
 /// Listener limits: connection caps, head timeouts, body limits, fields that steer backends; the
 /// admin plane cannot starve the data plane.
 mod limits;
