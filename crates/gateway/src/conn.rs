@@ -412,7 +412,7 @@ impl<C: ClientIo> Conn<'_, C> {
             .and_then(|r| r.authorizer.as_deref());
         if let Some(a) = authorizer {
             let token = ex.head.authorization.clone().map(|r| &bytes[r]);
-            match a.verify(token, ex.now) {
+            match a.verify(token, ex.now).await {
                 Ok(subject) => ex.subject = subject,
                 Err(e) => {
                     tracing::debug!(id = %ex.id.as_str(), authorizer = %a.settings.name, error = %e, "token refused");

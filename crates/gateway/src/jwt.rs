@@ -8,8 +8,8 @@
 //! gateway's clock, with a minute's leeway. The JWKS keys are cached; decisions are not.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
@@ -35,8 +35,8 @@ pub enum UsageIdentifier {
 pub struct AuthorizerSettings {
     /// Its name, which routes refer to.
     pub name: String,
-    /// The JWKS file.
-    pub jwks: PathBuf,
+    /// The JWKS: a file, or an `https://` URL.
+    pub jwks: String,
     /// The `iss` required, if any.
     pub issuer: Option<String>,
     /// An `aud` required, if any.
@@ -54,10 +54,41 @@ struct VerifyKey {
     key: DecodingKey,
 }
 
+/// Where a JWKS is read from.
+enum JwksSource {
+    File(String),
+    /// Fetched with an agent trusting what https upstreams trust (`upstreamTls`).
+    Url(String, ureq::Agent),
+}
+
+/// How long a JWKS fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl JwksSource {
+    fn describe(&self) -> &str {
+        match self {
+            Self::File(path) | Self::Url(path, _) => path,
+        }
+    }
+
+    fn read(&self) -> Result<String, String> {
+        match self {
+            Self::File(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}")),
+            Self::Url(url, agent) => agent
+                .get(url)
+                .call()
+                .map_err(|e| format!("{url}: {e}"))?
+                .into_string()
+                .map_err(|e| format!("{url}: {e}")),
+        }
+    }
+}
+
 /// A configured authorizer, with its JWKS keys.
 pub struct Authorizer {
     /// Its settings.
     pub settings: AuthorizerSettings,
+    source: Arc<JwksSource>,
     keys: ArcSwap<Vec<VerifyKey>>,
     /// When the JWKS was last read (clock nanoseconds).
     read_at: Mutex<u64>,
@@ -95,11 +126,12 @@ pub enum TokenError {
     NotYetValid,
 }
 
-/// Reads a JWKS file's keys that tollgate accepts: RSA (RS256), EC P-256 (ES256), Ed25519 (EdDSA).
-fn read_jwks(path: &std::path::Path) -> Result<Vec<VerifyKey>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Reads the JWKS keys that tollgate accepts: RSA (RS256), EC P-256 (ES256), Ed25519 (EdDSA).
+fn read_jwks(source: &JwksSource) -> Result<Vec<VerifyKey>, String> {
+    let text = source.read()?;
+    let path = source.describe();
     let set: JwkSet =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{path}: not a JWKS: {e}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
         let alg = match &jwk.algorithm {
@@ -113,7 +145,7 @@ fn read_jwks(path: &std::path::Path) -> Result<Vec<VerifyKey>, String> {
             // HMAC secrets and other curves: never.
             _ => continue,
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: {e}", path.display()))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{path}: {e}"))?;
         keys.push(VerifyKey {
             kid: jwk.common.key_id.clone(),
             alg,
@@ -121,28 +153,43 @@ fn read_jwks(path: &std::path::Path) -> Result<Vec<VerifyKey>, String> {
         });
     }
     if keys.is_empty() {
-        return Err(format!(
-            "{}: no RSA, P-256 or Ed25519 key in the JWKS",
-            path.display()
-        ));
+        return Err(format!("{path}: no RSA, P-256 or Ed25519 key in the JWKS"));
     }
     Ok(keys)
 }
 
 impl Authorizer {
-    /// The authorizer `settings` declare, its JWKS read now (`now`: the clock's reading).
-    pub fn load(settings: AuthorizerSettings, now: u64) -> Result<Self, String> {
-        let keys = read_jwks(&settings.jwks)?;
+    /// The authorizer `settings` declare, its JWKS read now (`now`: the clock's reading); a JWKS
+    /// URL must be `https`, fetched trusting `tls`.
+    pub fn load(
+        settings: AuthorizerSettings,
+        tls: Arc<rustls::ClientConfig>,
+        now: u64,
+    ) -> Result<Self, String> {
+        let source = if settings.jwks.starts_with("https://") {
+            let agent = ureq::AgentBuilder::new()
+                .tls_config(tls)
+                .timeout(FETCH_TIMEOUT)
+                .redirects(0)
+                .build();
+            JwksSource::Url(settings.jwks.clone(), agent)
+        } else if settings.jwks.contains("://") {
+            return Err(format!("{}: a JWKS URL must be https", settings.jwks));
+        } else {
+            JwksSource::File(settings.jwks.clone())
+        };
+        let keys = read_jwks(&source)?;
         Ok(Self {
             settings,
+            source: Arc::new(source),
             keys: ArcSwap::from_pointee(keys),
             read_at: Mutex::new(now),
         })
     }
 
-    /// Reads the JWKS again, unless it was read less than [`REFRESH_EVERY`] ago: a token with an
-    /// unknown `kid` may be signed with a key added since.
-    fn refresh(&self, now: u64) -> bool {
+    /// Reads the JWKS again (on a blocking thread: a file, or a fetch), unless it was read less
+    /// than [`REFRESH_EVERY`] ago: a token with an unknown `kid` may be signed with a key added since.
+    async fn refresh(&self, now: u64) -> bool {
         {
             let mut read_at = self.read_at.lock().unwrap_or_else(|e| e.into_inner());
             if now.saturating_sub(*read_at) < REFRESH_EVERY {
@@ -150,7 +197,11 @@ impl Authorizer {
             }
             *read_at = now;
         }
-        match read_jwks(&self.settings.jwks) {
+        let source = self.source.clone();
+        let read = tokio::task::spawn_blocking(move || read_jwks(&source))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match read {
             Ok(keys) => {
                 self.keys.store(keys.into());
                 true
@@ -165,7 +216,7 @@ impl Authorizer {
     /// The identifying claim of the token in `authorization` (an `Authorization` field's value),
     /// once its signature, issuer, audience and times check out at `now`; `None` for a valid token
     /// without that claim (it names no key).
-    pub fn verify(
+    pub async fn verify(
         &self,
         authorization: Option<&[u8]>,
         now: u64,
@@ -185,7 +236,7 @@ impl Authorizer {
                 .position(|k| k.alg == header.alg && (header.kid.is_none() || k.kid == header.kid))
         };
         let mut keys = self.keys.load_full();
-        if pick(&keys).is_none() && self.refresh(now) {
+        if pick(&keys).is_none() && self.refresh(now).await {
             keys = self.keys.load_full();
         }
         let key = pick(&keys)
@@ -330,12 +381,23 @@ pub(crate) mod tests {
 
     const NOW: u64 = 1_800_000_000 * NANOS_PER_SEC;
 
+    /// TLS settings for authorizers whose JWKS is a file (they never connect).
+    pub(crate) fn no_tls() -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
     fn bearer(token: &str) -> Vec<u8> {
         format!("Bearer {token}").into_bytes()
     }
 
-    #[test]
-    fn tokens_are_checked_as_aws_authorizers_would() {
+    #[tokio::test]
+    async fn tokens_are_checked_as_aws_authorizers_would() {
         let dir = tempfile::tempdir().unwrap();
         let (ec, ed, rsa) = (
             Signer::ec("ec1"),
@@ -346,13 +408,13 @@ pub(crate) mod tests {
         write_jwks(&jwks, &[&ec, &ed, &rsa]);
         let settings = AuthorizerSettings {
             name: "partners".into(),
-            jwks: jwks.clone(),
+            jwks: jwks.display().to_string(),
             issuer: Some("https://idp.example.com/".into()),
             audience: Some("warranty-api".into()),
             claim: "sub".into(),
             identifier: UsageIdentifier::Name,
         };
-        let auth = Authorizer::load(settings, NOW).unwrap();
+        let auth = Authorizer::load(settings, no_tls(), NOW).unwrap();
         let secs = NOW / NANOS_PER_SEC;
         let claims = |exp: u64| {
             json!({"sub": "central-system", "iss": "https://idp.example.com/",
@@ -362,29 +424,35 @@ pub(crate) mod tests {
         for signer in [&ec, &ed, &rsa] {
             let t = bearer(&signer.token(&good));
             assert_eq!(
-                auth.verify(Some(&t), NOW),
+                auth.verify(Some(&t), NOW).await,
                 Ok(Some("central-system".into())),
                 "{:?}",
                 signer.alg
             );
         }
-        let check = |token: String| auth.verify(Some(&bearer(&token)), NOW);
+        let check = |token: String| {
+            let value = bearer(&token);
+            let auth = &auth;
+            async move { auth.verify(Some(&value), NOW).await }
+        };
         // Expired (beyond the leeway), not yet valid, and the leeway itself.
         assert_eq!(
-            check(ec.token(&claims(secs - LEEWAY_SECS))),
+            check(ec.token(&claims(secs - LEEWAY_SECS))).await,
             Err(TokenError::Expired)
         );
         assert!(
-            check(ec.token(&claims(secs - LEEWAY_SECS + 1))).is_ok(),
+            check(ec.token(&claims(secs - LEEWAY_SECS + 1)))
+                .await
+                .is_ok(),
             "within the leeway"
         );
         let mut early = good.clone();
         early["nbf"] = json!(secs + LEEWAY_SECS + 1);
-        assert_eq!(check(ec.token(&early)), Err(TokenError::NotYetValid));
+        assert_eq!(check(ec.token(&early)).await, Err(TokenError::NotYetValid));
         let mut no_exp = good.clone();
         no_exp.as_object_mut().unwrap().remove("exp");
         assert_eq!(
-            check(ec.token(&no_exp)),
+            check(ec.token(&no_exp)).await,
             Err(TokenError::Expired),
             "exp is required"
         );
@@ -393,14 +461,14 @@ pub(crate) mod tests {
             let mut wrong = good.clone();
             wrong[claim] = json!(value);
             assert!(
-                matches!(check(ec.token(&wrong)), Err(TokenError::Invalid(_))),
+                matches!(check(ec.token(&wrong)).await, Err(TokenError::Invalid(_))),
                 "{claim}"
             );
         }
         // Signed by another key under a known kid.
         let impostor = Signer::ec("ec1");
         assert!(matches!(
-            check(impostor.token(&good)),
+            check(impostor.token(&good)).await,
             Err(TokenError::Invalid(_))
         ));
         // alg: none.
@@ -409,65 +477,69 @@ pub(crate) mod tests {
             B64.encode(br#"{"alg":"none","typ":"JWT"}"#),
             B64.encode(good.to_string())
         );
-        assert!(matches!(check(none), Err(TokenError::Invalid(_))));
+        assert!(matches!(check(none).await, Err(TokenError::Invalid(_))));
         // HS256 keyed with the RSA public key: the classic confusion.
         let secret = EncodingKey::from_secret(rsa.public_pem.as_deref().unwrap().as_bytes());
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some("rsa1".into());
         let hs = jsonwebtoken::encode(&header, &good, &secret).unwrap();
-        assert!(matches!(check(hs), Err(TokenError::Invalid(_))));
+        assert!(matches!(check(hs).await, Err(TokenError::Invalid(_))));
         let secret = EncodingKey::from_secret(rsa.jwk["n"].as_str().unwrap().as_bytes());
         let hs = jsonwebtoken::encode(&header, &good, &secret).unwrap();
-        assert!(matches!(check(hs), Err(TokenError::Invalid(_))));
+        assert!(matches!(check(hs).await, Err(TokenError::Invalid(_))));
         // No token, another scheme, garbage.
-        assert_eq!(auth.verify(None, NOW), Err(TokenError::Missing));
+        assert_eq!(auth.verify(None, NOW).await, Err(TokenError::Missing));
         assert_eq!(
-            auth.verify(Some(b"Basic abc"), NOW),
+            auth.verify(Some(b"Basic abc"), NOW).await,
             Err(TokenError::Missing)
         );
-        assert!(matches!(check("a.b.c".into()), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            check("a.b.c".into()).await,
+            Err(TokenError::Invalid(_))
+        ));
         // A valid token without the identifying claim names no key.
         let mut anonymous = good.clone();
         anonymous.as_object_mut().unwrap().remove("sub");
-        assert_eq!(check(ec.token(&anonymous)), Ok(None));
+        assert_eq!(check(ec.token(&anonymous)).await, Ok(None));
     }
 
-    #[test]
-    fn an_unknown_kid_rereads_the_jwks_at_most_every_ten_seconds() {
+    #[tokio::test]
+    async fn an_unknown_kid_rereads_the_jwks_at_most_every_ten_seconds() {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = (Signer::ec("old"), Signer::ed("new"));
         let jwks = dir.path().join("jwks.json");
         write_jwks(&jwks, &[&old]);
         let settings = AuthorizerSettings {
             name: "p".into(),
-            jwks: jwks.clone(),
+            jwks: jwks.display().to_string(),
             issuer: None,
             audience: None,
             claim: "client_id".into(),
             identifier: UsageIdentifier::Value,
         };
-        let auth = Authorizer::load(settings, NOW).unwrap();
+        let auth = Authorizer::load(settings, no_tls(), NOW).unwrap();
         let claims = json!({"client_id": "abc", "exp": NOW / NANOS_PER_SEC + 300});
         let token = bearer(&new.token(&claims));
         // The IdP rotates its keys; tollgate learns of the new one on a token naming it.
         write_jwks(&jwks, &[&old, &new]);
         assert!(
             matches!(
-                auth.verify(Some(&token), NOW + 1),
+                auth.verify(Some(&token), NOW + 1).await,
                 Err(TokenError::Invalid(_))
             ),
             "read moments ago"
         );
         let later = NOW + REFRESH_EVERY;
         assert_eq!(
-            auth.verify(Some(&token), later),
+            auth.verify(Some(&token), later).await,
             Ok(Some("abc".into())),
             "re-read, then accepted"
         );
         // A kid still unknown after the re-read is refused.
         let stranger = bearer(&Signer::ec("stranger").token(&claims));
         assert!(matches!(
-            auth.verify(Some(&stranger), later + 2 * REFRESH_EVERY),
+            auth.verify(Some(&stranger), later + 2 * REFRESH_EVERY)
+                .await,
             Err(TokenError::Invalid(_))
         ));
     }

@@ -826,16 +826,20 @@ fn validate_api(
                 );
             }
         };
-        if a.jwks.starts_with("https://") || a.jwks.starts_with("http://") {
-            return cx.err(
-                at,
-                format!("{af}.jwks"),
-                "a JWKS by URL is not supported yet: give a file (and refresh it from your IdP)",
-            );
-        }
+        // A JWKS URL is fetched trusting what https upstreams trust.
+        let default_tls = RawUpstreamTls {
+            ca: None,
+            cert: None,
+            key: None,
+            insecure_skip_verify: false,
+        };
+        let tls = match cx.upstream_tls {
+            Some(global) => cx.client_config(&global.value, &global.referenced, "upstreamTls")?,
+            None => cx.client_config(&default_tls, at, &format!("{af}.jwks"))?,
+        };
         let settings = AuthorizerSettings {
             name: a.name.clone(),
-            jwks: PathBuf::from(&a.jwks),
+            jwks: a.jwks.clone(),
             issuer: a.issuer.clone(),
             audience: a.audience.clone(),
             claim: a
@@ -844,7 +848,7 @@ fn validate_api(
                 .unwrap_or_else(|| "sub".into()),
             identifier,
         };
-        match Authorizer::load(settings, 0) {
+        match Authorizer::load(settings, tls, 0) {
             Ok(loaded) => authorizers.push(Arc::new(loaded)),
             Err(e) => return cx.err(at, format!("{af}.jwks"), e),
         }

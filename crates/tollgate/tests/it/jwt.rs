@@ -1,6 +1,9 @@
 //! Callers with JWTs (AWS's `apiKeySource: AUTHORIZER`): a verified claim names the API key whose
 //! plan applies; tokens minted here with a generated P-256 key.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -155,5 +158,112 @@ apiKeys:
         .await;
     assert_eq!(r.status, 429, "the same key, the same spent bucket");
     assert_eq!(c.get(&gw.url("/prod/public"), None).await.status, 200);
+    assert!(gw.terminate().success());
+}
+
+/// An IdP's JWKS endpoint over HTTPS: serves `jwks` to each GET, counting them.
+async fn jwks_endpoint(
+    dir: &std::path::Path,
+    jwks: Arc<Mutex<String>>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = crate::tls::ca("IdP CA");
+    std::fs::write(dir.join("idp-ca.pem"), ca.pem()).unwrap();
+    crate::tls::server_cert(dir, "idp", &ca, &["127.0.0.1"]);
+    let chain = vec![CertificateDer::from_pem_file(dir.join("idp.crt")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(dir.join("idp.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(tollgate_gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, jwks, counted) = (acceptor.clone(), jwks.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = jwks.lock().unwrap().clone();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, fetches)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jwks_by_https_url_is_fetched_and_refetched_for_an_unknown_kid() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (Signer::new("k1"), Signer::new("k2"));
+    let set = |signers: &[&Signer]| {
+        let keys: Vec<&Value> = signers.iter().map(|s| &s.jwk).collect();
+        json!({ "keys": keys }).to_string()
+    };
+    let served = Arc::new(Mutex::new(set(&[&first])));
+    let (idp, fetches) = jwks_endpoint(dir.path(), served.clone()).await;
+    let yaml = format!(
+        r#"listen: 127.0.0.1:0
+store: {{ sqlite: ./tollgate.db }}
+upstreamTls: {{ ca: idp-ca.pem }}
+apis:
+  - id: warranty
+    apiKeySource: AUTHORIZER
+    authorizers: [ {{ name: idp, jwks: "https://127.0.0.1:{port}/.well-known/jwks.json" }} ]
+    stages: [ {{ name: prod }} ]
+    routes:
+      - {{ path: "/echo/{{rest+}}", method: GET, apiKeyRequired: true, upstream: "http://{up}" }}
+usagePlans:
+  - {{ name: p, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}
+apiKeys:
+  - {{ name: central-system, value: "${{CENTRAL_KEY}}", usagePlans: [p] }}
+"#,
+        port = idp.port(),
+        up = up.addr
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched at startup");
+    let call = |signer: &Signer| {
+        let token = signer.token(json!({"sub": "central-system", "exp": now() + 300}));
+        let (c, url) = (client(), gw.url("/prod/echo/x"));
+        async move {
+            let bearer = format!("Bearer {token}");
+            c.send("GET", &url, &[("authorization", &bearer)], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(call(&first).await, 200);
+    // The IdP adds a key: the first token naming it makes tollgate fetch the JWKS again.
+    *served.lock().unwrap() = set(&[&first, &second]);
+    assert_eq!(call(&second).await, 200);
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    // A kid the IdP does not have: refused, and not fetched again so soon.
+    assert_eq!(call(&Signer::new("k3")).await, 401);
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
     assert!(gw.terminate().success());
 }
