@@ -956,7 +956,7 @@ mod tests {
     fn request_framing_rules() {
         type Want = Result<Option<BodyLength>, HeadError>;
         let bad = |why| Err(HeadError::Malformed(why));
-        let cases: [(&[u8], Want); 15] = [
+        let cases: [(&[u8], Want); 16] = [
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Ok(Some(BodyLength::Empty))),
             (b"GET / HTTP/1.1\r\nHost: x\r\n", Ok(None)),
             (
@@ -996,6 +996,10 @@ mod tests {
             (
                 b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
                 bad("Invalid Host field"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n\r\n",
+                bad("More than one Authorization field"),
             ),
             (
                 b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
