@@ -10,7 +10,10 @@
 //! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`) and
 //! forwards it (`proxy`, the upstream connections) or answers it (`response`). What admission reads
 //! is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live state in
-//! `slots` that survives rebuilds; `meter` counts usage per day; `state` is what all of these share.
+//! `slots` that survives rebuilds; `meter` counts usage (and refusals, and last use) per day; `state` is
+//! what all of these share. A JWT caller's key comes from `jwt` (its authorizer's verified claim); a
+//! proxy in front asks `verify`'s decision endpoint instead of being proxied; `trace`, `access_log` and
+//! `metrics` say what happened.
 
 pub mod access_log;
 mod admit;
