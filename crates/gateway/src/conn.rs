@@ -74,6 +74,7 @@ impl LazyDeadline {
 /// Serves one client connection until it closes, errs, idles out, or the gateway drains. Returns
 /// the connection and the bytes read from it when it opened with the HTTP/2 preface instead, for
 /// the HTTP/2 server to take over.
+///
 /// With `role` [`Role::Verify`], each request is a decision request from another proxy.
 pub(crate) async fn serve<C: ClientIo>(
     shared: Arc<Shared>,

@@ -26,6 +26,8 @@ const DISABLED: u32 = 1 << 31;
 /// Set when the key has an expiry (in [`KeyTable::expiries`]): keys without one pay no lookup.
 const EXPIRES: u32 = 1 << 30;
 const FLAGS: u32 = DISABLED | EXPIRES;
+/// A name more than one key has: it names none of them.
+const AMBIGUOUS: u32 = u32::MAX;
 
 /// One (key, plan) membership: 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +53,8 @@ pub(crate) struct KeyTable {
     expiries: HashMap<u32, u64>,
     /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
     previous: HashMap<KeyHash, (u32, u64)>,
-    /// Key name → record index (the oldest of a name), only when a JWT authorizer names keys by name.
+    /// Key name → record index, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a
+    /// name two keys share).
     by_name: HashMap<Box<str>, u32>,
 }
 
@@ -146,16 +149,28 @@ impl KeyTable {
             .or_else(|| self.previous.get(hash).map(|&(rec, _)| rec as usize))
     }
 
-    /// Makes keys findable by name: `names` holds (record index, name), oldest first.
-    pub(crate) fn name_keys<'n>(&mut self, names: impl Iterator<Item = (u32, &'n str)>) {
+    /// Makes keys findable by name: `names` holds (record index, name). A name two keys share
+    /// names neither (a token must not pick one of them by chance); returns how many such names.
+    pub(crate) fn name_keys<'n>(&mut self, names: impl Iterator<Item = (u32, &'n str)>) -> usize {
+        let mut shared = 0;
         for (rec, name) in names {
-            self.by_name.entry(name.into()).or_insert(rec);
+            self.by_name
+                .entry(name.into())
+                .and_modify(|r| {
+                    shared += usize::from(*r != AMBIGUOUS);
+                    *r = AMBIGUOUS;
+                })
+                .or_insert(rec);
         }
+        shared
     }
 
-    /// The record of the key named `name` (when keys are findable by name).
+    /// The record of the one key named `name` (when keys are findable by name).
     pub(crate) fn by_name(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).map(|&rec| rec as usize)
+        self.by_name
+            .get(name)
+            .filter(|&&rec| rec != AMBIGUOUS)
+            .map(|&rec| rec as usize)
     }
 
     /// Record `i`'s value hash.
@@ -291,5 +306,15 @@ mod tests {
             assert!(t.members_of(key).contains(member));
             assert_eq!(t.id(key), format!("key{}", member.slot));
         }
+    }
+
+    #[test]
+    fn a_shared_name_names_no_key() {
+        let mut t = table(4);
+        let shared = t.name_keys([(0, "solo"), (1, "twin"), (2, "twin"), (3, "twin")].into_iter());
+        assert_eq!(shared, 1, "one name shared");
+        assert_eq!(t.by_name("solo"), Some(0));
+        assert_eq!(t.by_name("twin"), None);
+        assert_eq!(t.by_name("nobody"), None);
     }
 }

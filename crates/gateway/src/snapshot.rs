@@ -338,8 +338,13 @@ impl Snapshot {
                 .is_some_and(|a| a.settings.identifier == UsageIdentifier::Name)
         });
         if by_name {
-            // Records in load order (oldest first in SQLite), so a shared name finds the oldest key.
-            keys.name_keys((0..records.len()).map(|i| (position[i], records.name(i))));
+            let shared = keys.name_keys((0..records.len()).map(|i| (position[i], records.name(i))));
+            if shared > 0 {
+                tracing::warn!(
+                    names = shared,
+                    "API key names shared by several keys name none of them for JWT callers"
+                );
+            }
         }
         drop(position);
 
