@@ -109,25 +109,17 @@ async fn forged_original_uri_decides_nothing(front: std::net::SocketAddr) {
     assert_eq!(client().send("GET", &url, &forged, "").await.status, 403);
 }
 
-/// The recipe in `examples/`, pointed at the test's addresses.
-fn recipe(
-    name: &str,
-    front_port: &str,
-    verify: std::net::SocketAddr,
-    up: &util::Upstream,
-) -> String {
+/// The recipe in `examples/`, pointed at the test's addresses; the proxy's own port is left as
+/// `{PORT}` for the server helpers to fill.
+fn recipe(name: &str, verify: std::net::SocketAddr, up: &util::Upstream) -> String {
     let text = std::fs::read_to_string(
         concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/").to_owned() + name,
     )
     .unwrap();
-    for (from, _) in [
-        ("127.0.0.1:8080", ()),
-        ("127.0.0.1:8090", ()),
-        ("127.0.0.1:9000", ()),
-    ] {
+    for from in ["127.0.0.1:8080", "127.0.0.1:8090", "127.0.0.1:9000"] {
         assert!(text.contains(from), "{name} no longer has {from}");
     }
-    text.replace("127.0.0.1:8080", &format!("127.0.0.1:{front_port}"))
+    text.replace("127.0.0.1:8080", "127.0.0.1:{PORT}")
         .replace("127.0.0.1:8090", &verify.to_string())
         .replace("127.0.0.1:9000", &up.addr.to_string())
 }
@@ -136,12 +128,7 @@ fn recipe(
 async fn nginx_auth_request_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "nginx");
-    let nginx = Nginx::start(&recipe(
-        "nginx-forward-auth.conf",
-        "{PORT}",
-        gw.verify_addr(),
-        &up,
-    ));
+    let nginx = Nginx::start(&recipe("nginx-forward-auth.conf", gw.verify_addr(), &up));
     decisions_hold(nginx.addr, &gw).await;
     // nginx replaces the client's own X-Original-URI.
     forged_original_uri_decides_nothing(nginx.addr).await;
@@ -151,12 +138,7 @@ async fn nginx_auth_request_with_tollgate_deciding() {
 async fn caddy_forward_auth_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "caddy");
-    let caddy = Caddy::start(&recipe(
-        "Caddyfile.forward-auth",
-        "{PORT}",
-        gw.verify_addr(),
-        &up,
-    ));
+    let caddy = Caddy::start(&recipe("Caddyfile.forward-auth", gw.verify_addr(), &up));
     decisions_hold(caddy.addr, &gw).await;
     // Caddy passes the client's own fields on to the decision request: only its own count.
     forged_original_uri_decides_nothing(caddy.addr).await;
