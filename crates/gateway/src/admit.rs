@@ -105,13 +105,13 @@ pub(crate) async fn admit<'s>(
         None
     };
     let refused = |refusal: Refusal| {
-        if let Some(g) = &grant {
-            let counted = match refusal {
-                Refusal::TooManyRequests { .. } => Some(Counted::Throttled),
-                Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
-                _ => None,
-            };
-            counted.inspect(|&c| snap.count(g, c, now));
+        let counted = match refusal {
+            Refusal::TooManyRequests { .. } => Some(Counted::Throttled),
+            Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
+            _ => None,
+        };
+        if let (Some(g), Some(c)) = (&grant, counted) {
+            snap.count(g, c, now);
         }
         Refused { refusal, grant }
     };

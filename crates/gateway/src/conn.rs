@@ -289,8 +289,11 @@ impl<C: ClientIo> Conn<'_, C> {
                 status
             }
             Answer::Respond(mut resp) => {
-                let nginx = ex.config.verify.as_ref().map(|v| v.proxy) == Some(Proxy::Nginx);
-                if self.role == Role::Verify && nginx {
+                // Only the decision endpoint's answers to nginx are reshaped; the data plane pays a
+                // comparison.
+                if self.role == Role::Verify
+                    && ex.config.verify.as_ref().map(|v| v.proxy) == Some(Proxy::Nginx)
+                {
                     resp = verify::for_nginx(resp, ex.error.map_or("", |e| e.0));
                 }
                 ex.response_length = Some(if ex.head_only {
