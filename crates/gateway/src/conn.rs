@@ -255,6 +255,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 self.inbuf.bytes(),
                 &mut ex.head,
                 settings,
+                self.shared.kept_fields,
             )),
             _ => None,
         };
@@ -414,10 +415,11 @@ impl<C: ClientIo> Conn<'_, C> {
             .map(|m| snap.route_at(&m))
             .filter(|r| r.api_key_required)
             .and_then(|r| r.authorizer.as_deref());
+        let mut claim = None;
         if let Some(a) = authorizer {
             let token = ex.head.authorization.clone().map(|r| &bytes[r]);
             match a.verify(token, ex.now).await {
-                Ok(subject) => ex.subject = subject,
+                Ok(subject) => claim = subject,
                 Err(e) => {
                     tracing::debug!(id = %ex.id.as_str(), authorizer = %a.settings.name, error = %e, "token refused");
                     let decision = Decision::Unauthorized;
@@ -426,7 +428,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 }
             }
         }
-        let presented = match (authorizer, &ex.subject) {
+        let presented = match (authorizer, &claim) {
             (None, _) => Presented::ApiKey(ex.head.api_key.clone().map(|r| &bytes[r])),
             (Some(a), Some(s)) if a.settings.identifier == UsageIdentifier::Name => {
                 Presented::KeyName(s)
@@ -453,6 +455,12 @@ impl<C: ClientIo> Conn<'_, C> {
         self.shared
             .metrics
             .decided(m, grant.map(|g| g.plan_id()), decision);
+        // A claim holding the key's value is a secret: the backend gets the key's id instead.
+        ex.subject = match authorizer.map(|a| a.settings.identifier) {
+            Some(UsageIdentifier::Name) => claim,
+            Some(UsageIdentifier::Value) => grant.map(|g| g.key_id.to_owned()),
+            None => None,
+        };
         (decided, decision)
     }
 
@@ -589,8 +597,12 @@ impl<C: ClientIo> Conn<'_, C> {
         let out = &mut self.to_upstream;
         upstream_head(out, &ex.head.method, url, rest, query);
         out.extend_from_slice(&self.forwarded);
-        let traceparent = ex.head.traceparent.clone().map(|r| &self.inbuf.bytes()[r]);
-        ex.id.upstream_fields(traceparent, out);
+        let field = |r: Option<std::ops::Range<usize>>| r.map(|r| &self.inbuf.bytes()[r]);
+        let (parent, state) = (
+            field(ex.head.traceparent.clone()),
+            field(ex.head.tracestate.clone()),
+        );
+        ex.id.upstream_fields(parent, state, out);
         // Verified, so backends need not verify again; a value that could not be a field is left out.
         if let Some(subject) = ex
             .subject
@@ -927,7 +939,8 @@ struct Exchange<'s> {
     key_id: Option<&'s str>,
     /// What admission decided.
     decision: Option<Decision>,
-    /// A JWT caller's identifying claim, forwarded as `X-Tollgate-Subject`.
+    /// A JWT caller's identifying claim (or, when the claim is the key's value, the key's id),
+    /// forwarded as `X-Tollgate-Subject`.
     subject: Option<String>,
 }
 

@@ -173,6 +173,8 @@ pub struct RequestHead {
     pub origin: Option<Range<usize>>,
     /// The first `traceparent` value.
     pub traceparent: Option<Range<usize>>,
+    /// The first `tracestate` value (forwarded only with the trace it belongs to).
+    pub tracestate: Option<Range<usize>>,
     /// The first `User-Agent` value.
     pub user_agent: Option<Range<usize>>,
     /// The `Authorization` value (a JWT caller's token).
@@ -281,6 +283,19 @@ fn ends_chunked(value: &[u8]) -> bool {
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
+/// A request method, as the gateway routes it. Methods are case-sensitive (RFC 9110 §9.1), but
+/// Flask, Django and Rails upper-case them: a `delete` that no `DELETE` route would match could
+/// reach a backend that reads it as `DELETE`. So a method with a lower-case letter is refused
+/// outright (every standard and registered method is upper case).
+pub(crate) fn parse_method(raw: &[u8]) -> Result<Method, HeadError> {
+    if raw.iter().any(u8::is_ascii_lowercase) {
+        return Err(HeadError::Malformed(
+            "Method names are case-sensitive: send them in upper case",
+        ));
+    }
+    Method::from_bytes(raw).map_err(|_| HeadError::Malformed("Invalid method"))
+}
+
 /// A parsed request head's fields as they came, handed to the proxy's rewrite.
 pub(crate) struct RequestFields<'h, 'b> {
     pub fields: &'h [httparse::Header<'b>],
@@ -311,10 +326,7 @@ pub(crate) fn parse_request(
     if len > MAX_HEAD {
         return Err(HeadError::TooLarge);
     }
-    let method = req
-        .method
-        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-        .ok_or(HeadError::Malformed("Invalid method"))?;
+    let method = parse_method(req.method.unwrap_or_default().as_bytes())?;
     let target = req.path.ok_or(HeadError::Malformed("Malformed request"))?;
     // Origin form only: a gateway is not a forward proxy.
     if !target.starts_with('/') {
@@ -332,6 +344,7 @@ pub(crate) fn parse_request(
     let mut api_key = None;
     let mut origin = None;
     let mut traceparent = None;
+    let mut tracestate = None;
     let mut user_agent = None;
     let mut authorization = None;
     let mut expect_continue = false;
@@ -358,6 +371,9 @@ pub(crate) fn parse_request(
             10 if is(name, "connection") => connection.add(h.value),
             10 if is(name, "user-agent") => {
                 user_agent = user_agent.or(Some(range_in(buf, h.value)));
+            }
+            10 if is(name, "tracestate") => {
+                tracestate = tracestate.or(Some(range_in(buf, h.value)));
             }
             11 if is(name, "traceparent") => {
                 traceparent = traceparent.or(Some(range_in(buf, h.value)));
@@ -420,6 +436,7 @@ pub(crate) fn parse_request(
         api_key,
         origin,
         traceparent,
+        tracestate,
         user_agent,
         authorization,
         http10,

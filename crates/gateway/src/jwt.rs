@@ -16,6 +16,9 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tollgate_core::clock::NANOS_PER_SEC;
 
+/// How far ahead `exp` may be, in seconds: a year. IdPs issue tokens for minutes or hours; one that
+/// never expires (`exp` near `u64::MAX`) would be a credential nobody can take back.
+const MAX_LIFETIME_SECS: u64 = 366 * 24 * 3600;
 /// How far `exp` and `nbf` may be off, in seconds (clocks drift).
 const LEEWAY_SECS: u64 = 60;
 /// The least time between two re-reads of the JWKS for a `kid` it does not hold.
@@ -260,13 +263,51 @@ impl Authorizer {
         )
         .map_err(invalid)?;
         let claims = data.claims;
+        // jsonwebtoken checks `iss` and `aud` only when the token has them: a configured one is
+        // required here, with the type RFC 7519 gives it (`iss` a string; `aud` a string or an
+        // array of strings).
+        let claim_invalid = |why: &str| TokenError::Invalid(why.to_owned());
+        if let Some(iss) = &self.settings.issuer {
+            match claims.get("iss") {
+                Some(serde_json::Value::String(got)) if got == iss => {}
+                _ => {
+                    return Err(claim_invalid(
+                        "iss is missing, not a string, or another issuer",
+                    ));
+                }
+            }
+        }
+        if let Some(aud) = &self.settings.audience {
+            let ours = match claims.get("aud") {
+                Some(serde_json::Value::String(got)) => got == aud,
+                Some(serde_json::Value::Array(all))
+                    if all.iter().all(serde_json::Value::is_string) =>
+                {
+                    all.iter().any(|a| a.as_str() == Some(aud.as_str()))
+                }
+                _ => false,
+            };
+            if !ours {
+                return Err(claim_invalid(
+                    "aud is missing, mistyped, or for another audience",
+                ));
+            }
+        }
         let secs = now / NANOS_PER_SEC;
-        let time = |name: &str| claims.get(name).and_then(serde_json::Value::as_u64);
-        match time("exp") {
+        let time = |name: &str| match claims.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                TokenError::Invalid(format!("{name} is not a whole number of seconds"))
+            }),
+        };
+        match time("exp")? {
+            Some(exp) if exp > secs.saturating_add(MAX_LIFETIME_SECS) => {
+                return Err(claim_invalid("exp is further than a year ahead"));
+            }
             Some(exp) if secs < exp.saturating_add(LEEWAY_SECS) => {}
             _ => return Err(TokenError::Expired),
         }
-        if time("nbf").is_some_and(|nbf| secs.saturating_add(LEEWAY_SECS) < nbf) {
+        if time("nbf")?.is_some_and(|nbf| secs.saturating_add(LEEWAY_SECS) < nbf) {
             return Err(TokenError::NotYetValid);
         }
         Ok(match claims.get(&self.settings.claim) {
@@ -456,15 +497,45 @@ pub(crate) mod tests {
             Err(TokenError::Expired),
             "exp is required"
         );
-        // Wrong issuer, wrong audience.
-        for (claim, value) in [("iss", "https://evil.example.com/"), ("aud", "another-api")] {
+        // Wrong, missing, null or mistyped issuer and audience; an exp or nbf that is no number of
+        // seconds; an exp too far ahead.
+        for (claim, value) in [
+            ("iss", json!("https://evil.example.com/")),
+            ("aud", json!("another-api")),
+            ("iss", json!(null)),
+            ("aud", json!(null)),
+            ("iss", json!(["https://idp.example.com/"])),
+            ("aud", json!({"warranty-api": true})),
+            ("aud", json!(["warranty-api", 1])),
+            ("aud", json!(7)),
+            ("exp", json!(format!("{}", secs + 300))),
+            ("exp", json!(secs as f64 + 300.5)),
+            ("exp", json!(secs + MAX_LIFETIME_SECS + 1)),
+            ("exp", json!(u64::MAX)),
+            ("nbf", json!("0")),
+        ] {
             let mut wrong = good.clone();
-            wrong[claim] = json!(value);
+            wrong[claim] = value.clone();
             assert!(
                 matches!(check(ec.token(&wrong)).await, Err(TokenError::Invalid(_))),
-                "{claim}"
+                "{claim}: {value}"
             );
         }
+        for claim in ["iss", "aud"] {
+            let mut without = good.clone();
+            without.as_object_mut().unwrap().remove(claim);
+            assert!(
+                matches!(check(ec.token(&without)).await, Err(TokenError::Invalid(_))),
+                "{claim} is required when configured"
+            );
+        }
+        // An aud array naming this audience among others is for it.
+        let mut many = good.clone();
+        many["aud"] = json!(["other-api", "warranty-api"]);
+        assert!(check(ec.token(&many)).await.is_ok());
+        let mut long = good.clone();
+        long["exp"] = json!(secs + MAX_LIFETIME_SECS);
+        assert!(check(ec.token(&long)).await.is_ok(), "a year ahead");
         // Signed by another key under a known kid.
         let impostor = Signer::ec("ec1");
         assert!(matches!(

@@ -25,11 +25,46 @@ pub const STEERING_FIELDS: [&str; 7] = [
     "x-real-ip",
 ];
 
-/// Which of [`STEERING_FIELDS`] are passed to upstreams anyway.
+/// Which of [`STEERING_FIELDS`] are passed to upstreams anyway, and whether field names with `_` are
+/// (the bit above the steering fields': `underscoresInHeaders`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeptFields(u8);
 
+/// [`KeptFields`]'s bit for field names with `_`.
+const UNDERSCORES: u8 = 1 << STEERING_FIELDS.len();
+
 impl KeptFields {
+    /// Keeps also client fields whose names hold `_`, as nginx's `underscores_in_headers on`; but
+    /// never one that a CGI-style server would read as a field the gateway checks, drops or sets.
+    pub fn keep_underscores(&mut self) {
+        self.0 |= UNDERSCORES;
+    }
+
+    /// Whether a client's field `name` holding `_` is dropped. CGI-style servers (wsgiref, older
+    /// gunicorn and Puma) read `_` as `-`, so `X_Tollgate_Subject` would reach them as the gateway's
+    /// own `X-Tollgate-Subject`: by default every such name is dropped (nginx does the same); kept,
+    /// a name is still dropped when, read with `-`, it is one the gateway reads, sets or may drop.
+    pub(crate) fn drops_underscored(self, name: &str) -> bool {
+        if self.0 & UNDERSCORES == 0 {
+            return true;
+        }
+        let mut dashed = [0u8; 64];
+        let Some(dashed) = dashed.get_mut(..name.len()) else {
+            // Longer than any field the gateway has a rule for.
+            return false;
+        };
+        for (d, b) in dashed.iter_mut().zip(name.bytes()) {
+            *d = if b == b'_' { b'-' } else { b };
+        }
+        // Field names are tokens (ASCII), and `-` for `_` keeps them so.
+        let dashed = std::str::from_utf8(dashed).unwrap_or_default();
+        // Every steering field's twin, kept or not: a kept one reaches the backend as the client
+        // wrote it, once.
+        is_gateway_field(dashed)
+            || KeptFields::default().drops(dashed)
+            || is_read_by_gateway(dashed)
+    }
+
     /// Keeps also the field `name` (any case); false if it is not one of [`STEERING_FIELDS`].
     pub fn keep(&mut self, name: &str) -> bool {
         match STEERING_FIELDS
@@ -44,9 +79,9 @@ impl KeptFields {
         }
     }
 
-    /// Whether a client's field `name` is dropped. By length first: this runs for every field of
-    /// every request, and most fields are none of these.
-    fn drops(self, name: &str) -> bool {
+    /// Whether a client's field `name` is one of the [`STEERING_FIELDS`] not kept. By length first:
+    /// this runs for every field of every request, and most fields are none of these.
+    pub(crate) fn drops(self, name: &str) -> bool {
         let bit = match name.len() {
             9 if is(name, "forwarded") => 5,
             9 if is(name, "x-real-ip") => 6,
@@ -59,6 +94,28 @@ impl KeptFields {
         };
         self.0 & (1 << bit) == 0
     }
+}
+
+/// Whether the client's field `name` is one the gateway sets or replaces itself: `X-Forwarded-*`,
+/// its own `X-Tollgate-*` (a JWT caller's subject, a key's id), `Host`, `Expect` and the trace
+/// fields, besides hop-by-hop ones.
+fn is_gateway_field(name: &str) -> bool {
+    // Field names are tokens (ASCII), so the slice is on a character boundary.
+    (name.len() > 11
+        && (name[..11].eq_ignore_ascii_case("x-forwarded")
+            || name[..11].eq_ignore_ascii_case("x-tollgate-")))
+        || is_hop_by_hop(name)
+        || is(name, "host")
+        || is(name, "expect")
+        || is(name, "traceparent")
+        || is(name, "tracestate")
+        || is(name, "x-amzn-requestid")
+}
+
+/// Whether the gateway reads the field `name` to decide (the caller's key or token): forwarded as
+/// checked, so a twin must not reach the backend beside it.
+fn is_read_by_gateway(name: &str) -> bool {
+    is(name, "x-api-key") || is(name, "authorization")
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
@@ -105,25 +162,14 @@ fn forward_request_fields(
     let mut forwarded_for: Option<&[u8]> = None;
     for h in parsed.fields {
         let name = h.name;
-        // Field names are tokens (ASCII), so the slice is on a character boundary.
-        if name.len() > 11 && name[..11].eq_ignore_ascii_case("x-forwarded") {
-            if forwarded_for.is_none() && is(name, "x-forwarded-for") {
-                forwarded_for = Some(h.value);
-            }
-            continue;
+        if forwarded_for.is_none() && is(name, "x-forwarded-for") {
+            forwarded_for = Some(h.value);
         }
-        // The gateway's own fields (a JWT caller's subject): a client cannot forge them.
-        if name.len() > 11 && name[..11].eq_ignore_ascii_case("x-tollgate-") {
-            continue;
-        }
-        // The gateway's own trace fields replace the client's (see `trace`).
-        if is_hop_by_hop(name)
-            || is(name, "host")
-            || is(name, "expect")
-            || is(name, "traceparent")
-            || is(name, "x-amzn-requestid")
+        // The gateway's own fields replace the client's (the trace fields: see `trace`).
+        if is_gateway_field(name)
             || kept.drops(name)
             || parsed.connection.names(name)
+            || (name.as_bytes().contains(&b'_') && kept.drops_underscored(name))
         {
             continue;
         }
@@ -247,6 +293,36 @@ mod tests {
             fwd.starts_with("X-HTTP-Method-Override: PUT\r\nX-Real-IP: 1.2.3.4\r\nX-Keep: 1\r\n"),
             "{fwd}"
         );
+    }
+
+    #[test]
+    fn underscore_names_are_dropped_unless_kept_and_never_as_twins() {
+        let raw = b"GET /a HTTP/1.1\r\nHost: gw\r\nX_Tollgate_Subject: partner-a\r\n\
+            X_Tollgate_Key_Id: k\r\nX_HTTP_Method_Override: DELETE\r\nX_Original_URL: /admin\r\n\
+            X_Real_IP: 1.2.3.4\r\nX_Forwarded_Host: evil\r\nX_Forwarded_Proto: https\r\n\
+            X_API_KEY: other\r\nTrace_Parent: x\r\nTransfer_Encoding: chunked\r\nX_Custom: 1\r\n\
+            X-Keep: 1\r\n\r\n";
+        let (head, fwd) = req(raw);
+        assert!(head.unwrap().is_some());
+        assert!(!fwd.contains('_'), "{fwd}");
+        assert!(fwd.starts_with("X-Keep: 1\r\nx-forwarded-for: "), "{fwd}");
+        let mut kept = KeptFields::default();
+        kept.keep_underscores();
+        let mut fwd = Vec::new();
+        request_head(raw, &mut fwd, "127.0.0.1", "http", kept)
+            .unwrap()
+            .unwrap();
+        let fwd = String::from_utf8(fwd).unwrap();
+        // Kept: names nobody reads as the gateway's; never the twins of what it checks or sets.
+        assert!(
+            fwd.starts_with("Trace_Parent: x\r\nX_Custom: 1\r\nX-Keep: 1\r\n"),
+            "{fwd}"
+        );
+        assert_eq!(fwd.matches('_').count(), 2, "{fwd}");
+        // A steering field kept by the config keeps its twin out all the same.
+        assert!(kept.keep("x-http-method-override"));
+        assert!(kept.drops_underscored("X_HTTP_Method_Override"));
+        assert!(!kept.drops_underscored(&"a_".repeat(40)));
     }
 
     fn resp(raw: &[u8], method: Method) -> (Result<ResponseStart, HeadError>, String) {

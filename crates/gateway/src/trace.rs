@@ -94,9 +94,15 @@ impl RequestId {
     }
 
     /// Appends the upstream's trace fields: `x-amzn-requestid`, and `traceparent` continuing the
-    /// client's valid `traceparent` (same trace and flags, the gateway as the new parent) or starting
-    /// a trace whose id is this request's.
-    pub fn upstream_fields(&self, client_traceparent: Option<&[u8]>, out: &mut Vec<u8>) {
+    /// client's valid `traceparent` (same trace and flags, the gateway as the new parent, and the
+    /// client's `tracestate` with it) or starting a trace whose id is this request's (a `tracestate`
+    /// describes the trace it came with, so it goes when that trace does).
+    pub fn upstream_fields(
+        &self,
+        client_traceparent: Option<&[u8]>,
+        client_tracestate: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) {
         out.extend_from_slice(b"x-amzn-requestid: ");
         out.extend_from_slice(&self.text);
         out.extend_from_slice(b"\r\ntraceparent: 00-");
@@ -108,6 +114,10 @@ impl RequestId {
                 out.extend_from_slice(&span);
                 out.push(b'-');
                 out.extend_from_slice(flags);
+                if let Some(state) = client_tracestate {
+                    out.extend_from_slice(b"\r\ntracestate: ");
+                    out.extend_from_slice(state);
+                }
             }
             None => {
                 out.extend_from_slice(&self.hex);
@@ -219,7 +229,7 @@ mod tests {
 
     fn fields(id: &RequestId, client: Option<&str>) -> String {
         let mut out = Vec::new();
-        id.upstream_fields(client.map(str::as_bytes), &mut out);
+        id.upstream_fields(client.map(str::as_bytes), Some(b"vendor=state"), &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -251,6 +261,10 @@ mod tests {
             "the gateway is the new parent"
         );
         assert_eq!(&tp[52..], "-01", "the client's flags are kept");
+        assert!(
+            continued.ends_with("\r\ntracestate: vendor=state\r\n"),
+            "{continued}"
+        );
         // A later version with more fields is read as version 00 reads it.
         let later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes";
         assert!(fields(&id, Some(later)).contains("-4bf92f3577b34da6a3ce929d0e0e4736-"));
@@ -268,6 +282,10 @@ mod tests {
         ] {
             let tp = fields(&id, Some(bad));
             assert!(tp.contains(&trace_of_id), "{bad:?} is not continued: {tp}");
+            assert!(
+                !tp.contains("tracestate"),
+                "{bad:?}: its tracestate goes with it"
+            );
         }
     }
 }

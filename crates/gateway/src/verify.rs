@@ -18,12 +18,16 @@
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 
 use crate::http1::{HeadError, RequestHead, is};
+use crate::rewrite::KeptFields;
 
-/// The header naming the admitted key's id, for the proxy to pass upstream or log.
+/// The header naming the admitted key's id, for the proxy to pass upstream or log: always answered
+/// ([`NO_KEY`] on a public route), so a proxy that copies it replaces the client's own.
 pub const KEY_ID_HEADER: &str = "x-tollgate-key-id";
+/// [`KEY_ID_HEADER`]'s value when no key was checked.
+pub const NO_KEY: &str = "-";
 /// nginx's convention: the refusal's real status.
 pub const STATUS_HEADER: &str = "x-tollgate-status";
 /// nginx's convention: AWS's message for the refusal.
@@ -63,10 +67,16 @@ pub struct VerifySettings {
 
 /// Puts the original request's method, path and query into `head` (the decision request's head, in
 /// `buf`), as `settings.proxy` tells them.
+///
+/// The proxy forwards the client's fields as they came, and the data plane's drops cannot apply
+/// there: so a request carrying a field that could steer the backend (one of the
+/// [`STEERING_FIELDS`](crate::rewrite::STEERING_FIELDS) not `kept`) or, unless `kept`, a field name with `_` (read as `-` by CGI-style
+/// servers) is refused, so that what was decided on is what the backend reads.
 pub(crate) fn take_original(
     buf: &[u8],
     head: &mut RequestHead,
     settings: &VerifySettings,
+    kept: KeptFields,
 ) -> Result<(), HeadError> {
     // The head parsed once already (so this cannot fail where it did not); read again on this
     // listener only, so that the data plane's parser looks for none of these fields.
@@ -74,6 +84,18 @@ pub(crate) fn take_original(
     let mut req = httparse::Request::new(&mut fields);
     req.parse(&buf[..head.len])
         .map_err(|_| HeadError::Malformed("Malformed request"))?;
+    for h in req.headers.iter() {
+        if kept.drops(h.name) {
+            return Err(HeadError::Malformed(
+                "A field that can steer the backend (X-HTTP-Method-Override, X-Original-URL, …) is not allowed",
+            ));
+        }
+        if h.name.contains('_') && kept.drops_underscored(h.name) {
+            return Err(HeadError::Malformed(
+                "Field names with '_' are not allowed (servers may read them as '-')",
+            ));
+        }
+    }
     let field = |name: &str| {
         req.headers
             .iter()
@@ -105,8 +127,7 @@ pub(crate) fn take_original(
     let method = method.ok_or(HeadError::Malformed(
         "The original method is missing (X-Original-Method or X-Forwarded-Method)",
     ))?;
-    head.method =
-        Method::from_bytes(method).map_err(|_| HeadError::Malformed("Invalid original method"))?;
+    head.method = crate::http1::parse_method(method)?;
     // Origin form only, as on the data plane.
     if !uri.starts_with(b"/") {
         return Err(HeadError::Malformed("The original URI must be a path"));
@@ -129,14 +150,15 @@ pub(crate) fn take_original(
 }
 
 /// The answer letting a request through: 200, the key's limits in the `extra` fields (RateLimit),
-/// and the key's id.
+/// and the key's id ([`NO_KEY`] on a public route).
 pub(crate) fn allowed(extra: HeaderMap, key_id: Option<&str>) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::new());
     *resp.headers_mut() = extra;
-    if let Some(id) = key_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static(KEY_ID_HEADER), id);
-    }
+    let id = key_id
+        .and_then(|id| HeaderValue::from_str(id).ok())
+        .unwrap_or(HeaderValue::from_static(NO_KEY));
+    resp.headers_mut()
+        .insert(HeaderName::from_static(KEY_ID_HEADER), id);
     resp
 }
 
@@ -170,7 +192,7 @@ mod tests {
             proxy,
             path_prefix: prefix.into(),
         };
-        take_original(buf, &mut head, &settings)?;
+        take_original(buf, &mut head, &settings, KeptFields::default())?;
         let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&buf[r]).into_owned();
         Ok((
             head.method.to_string(),
@@ -248,6 +270,41 @@ mod tests {
     }
 
     #[test]
+    fn what_the_backend_could_read_otherwise_is_refused() {
+        let with = |field: &str| {
+            format!(
+                "GET /auth HTTP/1.1\r\nHost: t\r\nX-Original-URI: /prod/a\r\nX-Original-Method: GET\r\n{field}\r\n\r\n"
+            )
+        };
+        for bad in [
+            "X-HTTP-Method-Override: DELETE",
+            "x-original-url: /prod/secret",
+            "X_HTTP_Method_Override: DELETE",
+            "X_Tollgate_Key_Id: someone",
+            "X_Original_URL: /prod/secret",
+        ] {
+            assert!(original(&with(bad), Proxy::Nginx, "").is_err(), "{bad}");
+        }
+        let lower = with("").replace("Method: GET", "Method: delete");
+        assert!(original(&lower, Proxy::Nginx, "").is_err(), "{lower}");
+        assert!(original(&with("X-Other: 1"), Proxy::Nginx, "").is_ok());
+        // Kept by the config: an underscore name that is nobody's twin, a steering field listed.
+        let buf = with("X_Custom: 1\r\nX-HTTP-Method-Override: PUT");
+        let mut head = parse_request(buf.as_bytes(), |_| {}).unwrap().unwrap();
+        let settings = VerifySettings {
+            proxy: Proxy::Nginx,
+            path_prefix: String::new(),
+        };
+        let mut kept = KeptFields::default();
+        kept.keep_underscores();
+        assert!(kept.keep("x-http-method-override"));
+        assert!(take_original(buf.as_bytes(), &mut head, &settings, kept).is_ok());
+        let twin = with("X_Tollgate_Subject: someone");
+        let mut head = parse_request(twin.as_bytes(), |_| {}).unwrap().unwrap();
+        assert!(take_original(twin.as_bytes(), &mut head, &settings, kept).is_err());
+    }
+
+    #[test]
     fn nginx_gets_403_with_the_real_status() {
         let mut r = Response::new(Bytes::from_static(b"{\"message\":\"Too Many Requests\"}"));
         *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
@@ -261,5 +318,7 @@ mod tests {
         let ok = for_nginx(allowed(HeaderMap::new(), Some("k1")), "");
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(ok.headers()[KEY_ID_HEADER], "k1");
+        let public = allowed(HeaderMap::new(), None);
+        assert_eq!(public.headers()[KEY_ID_HEADER], NO_KEY);
     }
 }

@@ -90,6 +90,9 @@ pub struct RawConfig {
     pub max_request_body_size: Option<Spanned<RawSize>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_client_headers: Option<Spanned<Vec<String>>>,
+    /// Forward client fields whose names hold `_` (nginx's `underscores_in_headers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underscores_in_headers: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

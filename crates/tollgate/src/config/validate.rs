@@ -523,6 +523,10 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
     }
 
+    if raw.underscores_in_headers == Some(true) {
+        kept_fields.keep_underscores();
+    }
+
     let (verify_listen, verify) = verify.unzip();
     Ok(Config {
         admin,

@@ -311,6 +311,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         header_timeout: None,
         max_request_body_size: None,
         keep_client_headers: None,
+        underscores_in_headers: None,
         apis: vec![sited(
             RawApi {
                 id: service,

@@ -8,6 +8,9 @@ mod util;
 
 /// The AWS-compatible admin API: SigV4, every operation's shape and errors, live effect on the data plane.
 mod admin;
+/// What is checked is what the backend reads: methods and `_` field names as Flask on wsgiref reads
+/// them, over HTTP/1.1, HTTP/2 and the decision endpoint.
+mod backend_reads;
 /// Cluster mode: instances sharing exact limits through real redis-server processes (and a cluster).
 mod cluster;
 /// Config validation: exit codes and file:line:field messages, `check`, nothing bound on failure.

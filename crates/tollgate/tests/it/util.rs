@@ -742,3 +742,43 @@ impl SloppyUpstream {
         self.served.lock().unwrap().clone()
     }
 }
+
+/// A Flask app on the stdlib's wsgiref server (`backends/cgi_echo.py`): a CGI-style backend that
+/// reads `_` in a field name as `-` and upper-cases methods, and answers with the method, path and
+/// fields it read. Stopped when dropped.
+pub struct CgiBackend {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl CgiBackend {
+    pub fn start() -> CgiBackend {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/backends/cgi_echo.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 is required for these tests");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Ok(port) = line.trim().parse::<u16>() else {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("the Flask backend did not start (pip install flask): {err}");
+        };
+        CgiBackend {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+        }
+    }
+}
+
+impl Drop for CgiBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
