@@ -109,6 +109,36 @@ async fn forged_original_uri_decides_nothing(front: std::net::SocketAddr) {
     assert_eq!(client().send("GET", &url, &forged, "").await.status, 403);
 }
 
+/// Through the proxy at `front`, on a public route: the backend gets tollgate's `-` as the key's id,
+/// never the client's own; a field that steers backends is refused, so the backend never reads a
+/// method or path tollgate did not decide on; and a field named with `_` never reaches it.
+async fn what_the_backend_reads_is_what_was_decided(front: std::net::SocketAddr) {
+    let c = client();
+    let url = format!("http://{front}/prod/public");
+    let r = c.send("GET", &url, &[("x-tollgate-key-id", "forged")], "").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["headers"]["x-tollgate-key-id"], "-");
+    for (name, value) in [
+        ("x-http-method-override", "DELETE"),
+        ("x-original-url", "/prod/echo/secret"),
+        ("x-rewrite-url", "/prod/echo/secret"),
+    ] {
+        let r = c.send("GET", &url, &[(name, value)], "").await;
+        assert_eq!(r.status, 400, "{name}: {:?}", r.body);
+        assert!(
+            r.json()["message"].as_str().unwrap().contains("steer"),
+            "{name}: {:?}",
+            r.body
+        );
+    }
+    let r = c.send("GET", &url, &[("X_Tollgate_Key_Id", "forged")], "").await;
+    // nginx drops the field itself (underscores_in_headers off); Caddy passes it and tollgate refuses.
+    match r.status {
+        200 => assert_eq!(r.json()["headers"].get("x_tollgate_key_id"), None),
+        status => assert_eq!(status, 400, "{:?}", r.body),
+    }
+}
+
 /// The recipe in `examples/`, pointed at the test's addresses; the proxy's own port is left as
 /// `{PORT}` for the server helpers to fill.
 fn recipe(name: &str, verify: std::net::SocketAddr, up: &util::Upstream) -> String {
@@ -130,6 +160,7 @@ async fn nginx_auth_request_with_tollgate_deciding() {
     let (_dir, gw) = gateway(&up, "nginx");
     let nginx = Nginx::start(&recipe("nginx-forward-auth.conf", gw.verify_addr(), &up));
     decisions_hold(nginx.addr, &gw).await;
+    what_the_backend_reads_is_what_was_decided(nginx.addr).await;
     // nginx replaces the client's own X-Original-URI.
     forged_original_uri_decides_nothing(nginx.addr).await;
 }
@@ -140,6 +171,7 @@ async fn caddy_forward_auth_with_tollgate_deciding() {
     let (_dir, gw) = gateway(&up, "caddy");
     let caddy = Caddy::start(&recipe("Caddyfile.forward-auth", gw.verify_addr(), &up));
     decisions_hold(caddy.addr, &gw).await;
+    what_the_backend_reads_is_what_was_decided(caddy.addr).await;
     // Caddy passes the client's own fields on to the decision request: only its own count.
     forged_original_uri_decides_nothing(caddy.addr).await;
 }
