@@ -230,7 +230,9 @@ fn opt_text(out: &mut String, v: Option<&str>) {
     }
 }
 
-/// `v` escaped as inside a JSON string.
+/// `v` escaped as inside a JSON string, and so that no line reader splits the record: besides JSON's
+/// controls, the C1 controls (U+0085 is NEL) and U+2028/U+2029 (line and paragraph separators,
+/// line ends to `str.splitlines()` and JavaScript) are written as `\uXXXX`.
 fn escaped(out: &mut String, v: &str) {
     for c in v.chars() {
         match c {
@@ -239,7 +241,11 @@ fn escaped(out: &mut String, v: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+            c if (c as u32) < 0x20
+                || ('\u{7f}'..='\u{9f}').contains(&c)
+                || c == '\u{2028}'
+                || c == '\u{2029}' =>
+            {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -532,6 +538,31 @@ mod tests {
         let all: serde_json::Value = serde_json::from_str(&line(DEFAULT_FORMAT, &r)).unwrap();
         assert_eq!(all.as_object().unwrap().len(), 21);
         assert_eq!(all["integrationStatus"], "-");
+    }
+
+    #[test]
+    fn no_line_reader_splits_a_record() {
+        let mut r = record();
+        let agent = "a\u{85}b\u{2028}c\u{2029}d\u{9f}e\u{7f}f\u{a0}g\n";
+        r.user_agent = Some(agent);
+        r.client_cert_subject = Some("CN=x\u{2028}y");
+        let out = line(DEFAULT_FORMAT, &r);
+        // Python's str.splitlines() and JavaScript's line terminators, besides \n and \r.
+        for sep in [
+            '\n', '\r', '\u{b}', '\u{c}', '\u{1c}', '\u{1d}', '\u{1e}', '\u{85}', '\u{2028}',
+            '\u{2029}',
+        ] {
+            assert!(!out.contains(sep), "{sep:?} in {out}");
+        }
+        assert!(
+            out.contains(r"a\u0085b\u2028c\u2029d\u009fe\u007ff"),
+            "{out}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            back["userAgent"], agent,
+            "the JSON still reads back as it came"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
 
 /// A certificate chain and its private key, as PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -499,7 +499,7 @@ impl TlsInfo {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(|leaf| X509Certificate::from_der(leaf).ok())
-            .map(|(_, leaf)| leaf.subject().to_string());
+            .map(|(_, leaf)| rfc4514(leaf.subject()));
         Self {
             version,
             client_subject,
@@ -507,9 +507,103 @@ impl TlsInfo {
     }
 }
 
+/// A distinguished name as RFC 4514 writes it: the RDNs last to first, `+` within one, the short
+/// names of §3 (other types as dotted OIDs with the value's DER in hex, §2.4), and the characters
+/// §2.4 requires escaped. A subject is the client's text; this keeps it one unambiguous string.
+fn rfc4514(name: &X509Name<'_>) -> String {
+    use std::fmt::Write as _;
+    use x509_parser::der_parser::asn1_rs::ToDer as _;
+    let mut out = String::new();
+    for (i, rdn) in name
+        .iter_rdn()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .enumerate()
+    {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = attr.attr_type().to_id_string();
+            let short = match oid.as_str() {
+                "2.5.4.3" => Some("CN"),
+                "2.5.4.7" => Some("L"),
+                "2.5.4.8" => Some("ST"),
+                "2.5.4.10" => Some("O"),
+                "2.5.4.11" => Some("OU"),
+                "2.5.4.6" => Some("C"),
+                "2.5.4.9" => Some("STREET"),
+                "0.9.2342.19200300.100.1.25" => Some("DC"),
+                "0.9.2342.19200300.100.1.1" => Some("UID"),
+                _ => None,
+            };
+            match (short, attr.as_str()) {
+                (Some(short), Ok(value)) => {
+                    out.push_str(short);
+                    out.push('=');
+                    escape_dn_value(&mut out, value);
+                }
+                _ => {
+                    out.push_str(short.unwrap_or(&oid));
+                    out.push_str("=#");
+                    for b in attr.attr_value().to_der_vec().unwrap_or_default() {
+                        let _ = write!(out, "{b:02x}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An attribute value escaped as RFC 4514 §2.4 says: `"+,;<>\` and NUL always, `#` and space
+/// first, space last; other controls too (as `\XX`), so that a log line holds no raw control.
+fn escape_dn_value(out: &mut String, value: &str) {
+    use std::fmt::Write as _;
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut utf8 = [0u8; 4];
+                for b in c.encode_utf8(&mut utf8).bytes() {
+                    let _ = write!(out, "\\{b:02x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_subjects_are_written_as_rfc_4514_does() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CountryName, "DE");
+        dn.push(rcgen::DnType::OrganizationName, "Acme, Inc; <x>");
+        dn.push(rcgen::DnType::CommonName, "#partner+1\u{2028}\u{85}\\ ");
+        params.distinguished_name = dn;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (_, parsed) = X509Certificate::from_der(cert.der()).unwrap();
+        assert_eq!(
+            rfc4514(parsed.subject()),
+            "CN=\\#partner\\+1\u{2028}\\c2\\85\\\\\\ ,O=Acme\\, Inc\\; \\<x\\>,C=DE"
+        );
+    }
 
     fn pair(dir: &Path, name: &str, hosts: &[&str]) -> CertFiles {
         let cert = rcgen::generate_simple_self_signed(

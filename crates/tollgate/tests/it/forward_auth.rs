@@ -115,7 +115,9 @@ async fn forged_original_uri_decides_nothing(front: std::net::SocketAddr) {
 async fn what_the_backend_reads_is_what_was_decided(front: std::net::SocketAddr) {
     let c = client();
     let url = format!("http://{front}/prod/public");
-    let r = c.send("GET", &url, &[("x-tollgate-key-id", "forged")], "").await;
+    let r = c
+        .send("GET", &url, &[("x-tollgate-key-id", "forged")], "")
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["headers"]["x-tollgate-key-id"], "-");
     for (name, value) in [
@@ -131,7 +133,9 @@ async fn what_the_backend_reads_is_what_was_decided(front: std::net::SocketAddr)
             r.body
         );
     }
-    let r = c.send("GET", &url, &[("X_Tollgate_Key_Id", "forged")], "").await;
+    let r = c
+        .send("GET", &url, &[("X_Tollgate_Key_Id", "forged")], "")
+        .await;
     // nginx drops the field itself (underscores_in_headers off); Caddy passes it and tollgate refuses.
     match r.status {
         200 => assert_eq!(r.json()["headers"].get("x_tollgate_key_id"), None),
