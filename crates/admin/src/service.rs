@@ -1242,7 +1242,14 @@ impl Admin {
         for op in &ops {
             match (op.op.as_deref(), op.path.as_deref()) {
                 (Some("replace"), Some("/remaining")) => {
-                    remaining = Some(parse_number::<i64>(op.value.as_deref(), "/remaining")?);
+                    let n = parse_number::<i64>(op.value.as_deref(), "/remaining")?;
+                    if !(0..=tollgate_core::MAX_REMAINING).contains(&n) {
+                        return Err(bad(format!(
+                            "Invalid value {n} for /remaining: it must be between 0 and {}",
+                            tollgate_core::MAX_REMAINING
+                        )));
+                    }
+                    remaining = Some(n);
                 }
                 (verb, path) => {
                     return Err(bad(format!(
@@ -1287,7 +1294,10 @@ impl Admin {
                         None => {
                             let used = period_usage(&*admin.store, [&plan], today)?;
                             let now_used = used.get(&(plan.id.clone(), key.clone())).copied();
-                            i64::from(quota.limit) - remaining - now_used.unwrap_or(0)
+                            i64::from(quota.limit)
+                                .checked_sub(remaining)
+                                .and_then(|d| d.checked_sub(now_used.unwrap_or(0)))
+                                .ok_or_else(|| bad("The stored usage is out of range"))?
                         }
                     };
                     Ok(admin.store.adjust_quota(&plan.id, &key, today, delta)?)

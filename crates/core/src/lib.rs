@@ -11,4 +11,4 @@ pub mod rules;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use gcra::{Gcra, GcraState, ThrottleDecision};
 pub use model::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
-pub use quota::{EpochDay, Period, Quota, QuotaCount, QuotaWindow};
+pub use quota::{EpochDay, MAX_REMAINING, Period, Quota, QuotaCount, QuotaWindow};

@@ -152,6 +152,10 @@ pub struct Quota {
 #[derive(Debug, Default)]
 pub struct QuotaCount(AtomicU64);
 
+/// The most a key may be given to spend in a period (AWS UpdateUsage `remaining`): AWS's quota limit
+/// is an Integer, and a period's count is held in 32 bits, so `limit - remaining` always fits.
+pub const MAX_REMAINING: i64 = i32::MAX as i64;
+
 fn pack_count(start: EpochDay, used: i64) -> u64 {
     let used = i32::try_from(used).unwrap_or(if used < 0 { i32::MIN } else { i32::MAX });
     (u64::from(start.0) << 32) | u64::from(used as u32)

@@ -531,4 +531,17 @@ pub fn quota_adjustments_accumulate(store: &dyn Store) {
             .unwrap(),
         vec![adj("k1", 22, 1)]
     );
+    // Past the range either way, an addition is refused and changes nothing.
+    let max = crate::MAX_ADJUSTMENT;
+    store.adjust_quota("adjp01", "k3", EpochDay(20), max).unwrap();
+    assert!(store.adjust_quota("adjp01", "k3", EpochDay(20), 1).is_err());
+    assert!(store.adjust_quota("adjp01", "k3", EpochDay(20), i64::MAX).is_err());
+    store.adjust_quota("adjp01", "k4", EpochDay(20), -max).unwrap();
+    assert!(store.adjust_quota("adjp01", "k4", EpochDay(20), i64::MIN).is_err());
+    assert_eq!(
+        store
+            .quota_adjustments("adjp01", None, EpochDay(20), EpochDay(20))
+            .unwrap()[2..],
+        [adj("k3", 20, max), adj("k4", 20, -max)]
+    );
 }

@@ -136,6 +136,45 @@ pub struct QuotaAdjustment {
     pub delta: i64,
 }
 
+/// The largest quota adjustment a day may hold, either way: UpdateUsage's `remaining` is at most
+/// [`tollgate_core::MAX_REMAINING`], so one day's adjustments stay far inside this; a stored row
+/// outside it was written by something else and is not applied.
+pub const MAX_ADJUSTMENT: i64 = 1 << 53;
+
+/// A stored adjustment of (plan, key) on `day` as read (`None`: not an integer), when it can be
+/// applied; otherwise it is logged with the key and plan and left out, so one bad row costs neither
+/// a start nor a usage report.
+pub(crate) fn readable_adjustment(
+    plan_id: &str,
+    key_id: &str,
+    day: EpochDay,
+    delta: Option<i64>,
+) -> Option<i64> {
+    match delta {
+        Some(d) if d.unsigned_abs() <= MAX_ADJUSTMENT.unsigned_abs() => Some(d),
+        _ => {
+            tracing::warn!(
+                plan_id,
+                key_id,
+                day = day.0,
+                ?delta,
+                "a stored quota adjustment is not an integer in range; left out"
+            );
+            None
+        }
+    }
+}
+
+/// `stored + delta`, the day's adjustment after one more, while it stays within [`MAX_ADJUSTMENT`].
+pub(crate) fn added_adjustment(stored: i64, delta: i64) -> Result<i64, StoreError> {
+    stored
+        .checked_add(delta)
+        .filter(|sum| sum.unsigned_abs() <= MAX_ADJUSTMENT.unsigned_abs())
+        .ok_or_else(|| {
+            StoreError::Backend(format!("quota adjustment out of range: {stored} + {delta}"))
+        })
+}
+
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -757,10 +757,14 @@ impl Store for RedisStore {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError> {
-        self.with(|c| {
-            Cmd::hincr(keys::adjustments(key_id, plan_id), day.0, delta).query::<i64>(c)?;
-            Cmd::sadd(keys::adjustments_index(plan_id), key_id).query::<i64>(c)
-        })?;
+        // HINCRBY refuses to overflow; the range is checked on the result, and undone past it.
+        let hash = keys::adjustments(key_id, plan_id);
+        let sum: i64 = self.with(|c| Cmd::hincr(&hash, day.0, delta).query(c))?;
+        if let Err(e) = crate::added_adjustment(sum - delta, delta) {
+            self.with(|c| Cmd::hincr(&hash, day.0, -delta).query::<i64>(c))?;
+            return Err(e);
+        }
+        self.with(|c| Cmd::sadd(keys::adjustments_index(plan_id), key_id).query::<i64>(c))?;
         Ok(())
     }
 
@@ -774,6 +778,8 @@ impl Store for RedisStore {
         let mut out = Vec::new();
         for key in self.indexed_keys(plan_id, &keys::adjustments_index(plan_id), key_id)? {
             for (day, delta) in self.days(&keys::adjustments(&key, plan_id), from, to)? {
+                let delta =
+                    crate::readable_adjustment(plan_id, &key, day, Some(delta)).unwrap_or(0);
                 if delta != 0 {
                     out.push(QuotaAdjustment {
                         key_id: key.clone(),

@@ -170,11 +170,12 @@ pub fn period_usage<'p>(
         let Some(quota) = &plan.quota else { continue };
         let window = QuotaWindow::containing(quota, today);
         for row in store.usage(&plan.id, None, window.start, today)? {
-            *used.entry((plan.id.clone(), row.key_id)).or_insert(0) +=
-                i64::try_from(row.used).unwrap_or(i64::MAX);
+            let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0i64);
+            *n = n.saturating_add(i64::try_from(row.used).unwrap_or(i64::MAX));
         }
         for adj in store.quota_adjustments(&plan.id, None, window.start, today)? {
-            *used.entry((plan.id.clone(), adj.key_id)).or_insert(0) += adj.delta;
+            let n = used.entry((plan.id.clone(), adj.key_id)).or_insert(0);
+            *n = n.saturating_add(adj.delta);
         }
     }
     Ok(used)

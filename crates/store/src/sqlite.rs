@@ -420,14 +420,31 @@ impl Store for SqliteStore {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO quota_adjustments (plan_id, key_id, day, delta) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(plan_id, key_id, day) DO UPDATE SET delta = delta + excluded.delta",
-                params![plan_id, key_id, day.0, delta],
+        // Added here, checked, not by SQL: SQLite turns an integer overflow into a REAL.
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let stored: Option<rusqlite::types::Value> = tx
+            .query_row(
+                "SELECT delta FROM quota_adjustments WHERE plan_id = ?1 AND key_id = ?2 AND day = ?3",
+                params![plan_id, key_id, day.0],
+                |r| r.get(0),
             )
+            .optional()
             .map_err(backend)?;
-        Ok(())
+        let stored = match stored {
+            None => Some(0),
+            Some(rusqlite::types::Value::Integer(n)) => Some(n),
+            Some(_) => None,
+        };
+        // A row that cannot be read is replaced: it was being left out anyway.
+        let stored = crate::readable_adjustment(plan_id, key_id, day, stored).unwrap_or(0);
+        let sum = crate::added_adjustment(stored, delta)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO quota_adjustments (plan_id, key_id, day, delta) VALUES (?1, ?2, ?3, ?4)",
+            params![plan_id, key_id, day.0, sum],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
     }
 
     fn quota_adjustments(
@@ -447,14 +464,21 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         let rows = stmt
             .query_map(params![plan_id, key_id, from.0, to.0], |r| {
-                Ok(QuotaAdjustment {
-                    key_id: r.get(0)?,
-                    day: to_day(r.get(1)?),
-                    delta: r.get(2)?,
-                })
+                let delta = match r.get_ref(2)? {
+                    rusqlite::types::ValueRef::Integer(n) => Some(n),
+                    _ => None,
+                };
+                Ok((r.get::<_, String>(0)?, to_day(r.get(1)?), delta))
             })
             .map_err(backend)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        let mut out = Vec::new();
+        for row in rows {
+            let (key_id, day, delta) = row.map_err(backend)?;
+            if let Some(delta) = crate::readable_adjustment(plan_id, &key_id, day, delta) {
+                out.push(QuotaAdjustment { key_id, day, delta });
+            }
+        }
+        Ok(out)
     }
 
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {

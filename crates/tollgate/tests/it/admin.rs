@@ -1962,3 +1962,93 @@ async fn the_botocore_model_is_accepted_and_answered_member_by_member() {
     }
     assert!(walked > 30, "walked {walked} members");
 }
+
+/// UpdateUsage takes `remaining` between 0 and 2^31-1 only, answering anything else with AWS's 400;
+/// a stored adjustment that is not an integer in range (written by an older version or by hand) is
+/// logged with its key and plan and left out, and the gateway still starts and reports.
+#[tokio::test(flavor = "multi_thread")]
+async fn extreme_usage_updates_are_refused_and_a_bad_stored_row_costs_nothing() {
+    let plans = "usagePlans:\n  - { name: q, apiStages: [ { apiId: warranty, stage: prod } ], \
+                 quota: { limit: 10, period: MONTH } }\n\
+                 apiKeys:\n  - { name: k, value: \"${CENTRAL_KEY}\", usagePlans: [q] }\n";
+    let (dir, gw, admin, _up) = start(plans, &[]).await;
+    let plan_id = admin.plan_id("q").await;
+    let key_id = admin.ok("GET", "/apikeys?name=k", "").await["item"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/usageplans/{plan_id}/keys/{key_id}/usage");
+    let body = |value: &str| {
+        format!(
+            r#"{{"patchOperations":[{{"op":"replace","path":"/remaining","value":"{value}"}}]}}"#
+        )
+    };
+    for bad in [
+        "-1",
+        "-9223372036854775808",
+        "9223372036854775807",
+        "2147483648",
+        "1e3",
+        "x",
+    ] {
+        let r = admin.call("PATCH", &path, &body(bad)).await;
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+        assert_eq!(
+            r.header("x-amzn-errortype"),
+            Some("BadRequestException"),
+            "{bad}"
+        );
+    }
+    let c = client();
+    let url = gw.url("/prod/echo/a");
+    assert_eq!(util::quota_remaining(&c.get(&url, Some(KEY)).await), 9);
+    // The largest grant: exactly that many left, stored as an integer.
+    let r = admin.call("PATCH", &path, &body("2147483647")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c.get(&url, Some(KEY)).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 2147483646));
+    assert_eq!(admin.call("PATCH", &path, &body("0")).await.status, 200);
+    assert_eq!(c.get(&url, Some(KEY)).await.status, 429);
+    gw.terminate();
+
+    // A REAL and an out-of-range integer where adjustments are kept, as a corrupt store would hold.
+    let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+    let today = util::today();
+    let day: i64 = db
+        .query_row("SELECT MAX(day) FROM quota_adjustments", [], |r| r.get(0))
+        .unwrap();
+    db.execute(
+        "UPDATE quota_adjustments SET delta = -9.2233720368547758e18 WHERE day = ?1",
+        [day],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO quota_adjustments (plan_id, key_id, day, delta) VALUES (?1, ?2, ?3, ?4)",
+        rusqlite::params![plan_id, key_id, day - 1, i64::MIN],
+    )
+    .unwrap();
+    drop(db);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let admin = AdminClient::new(gw.admin.unwrap());
+    let usage = admin
+        .ok(
+            "GET",
+            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
+            "",
+        )
+        .await;
+    // Both rows left out: 2 requests used of 10, none refused for them.
+    assert_eq!(usage["values"][&key_id], json!([[2, 8]]), "{usage}");
+    let r = client().get(&gw.url("/prod/echo/a"), Some(KEY)).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 7));
+    let log = gw.stderr();
+    assert!(
+        log.contains("quota adjustment") && log.contains(&key_id) && log.contains(&plan_id),
+        "{log}"
+    );
+    // UpdateUsage over the bad row replaces it.
+    let r = admin.call("PATCH", &path, &body("5")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = client().get(&gw.url("/prod/echo/a"), Some(KEY)).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 4));
+}
