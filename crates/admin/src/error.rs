@@ -22,6 +22,12 @@ pub enum AdminError {
     /// 413: a body over the limit, refused before it is read.
     #[error("{0}")]
     TooLarge(String),
+    /// 403 AccessDeniedException: a request the admin listener does not take from this caller.
+    #[error("{0}")]
+    AccessDenied(String),
+    /// 415 UnsupportedMediaTypeException: a write in a format the operation does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// 403, one of the SigV4 error types.
     #[error(transparent)]
     Signature(#[from] SignatureError),
@@ -61,6 +67,14 @@ impl IntoResponse for AdminError {
             AdminError::TooLarge(m) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLongException",
+                m.clone(),
+            ),
+            AdminError::AccessDenied(m) => {
+                (StatusCode::FORBIDDEN, "AccessDeniedException", m.clone())
+            }
+            AdminError::UnsupportedMediaType(m) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaTypeException",
                 m.clone(),
             ),
             AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),

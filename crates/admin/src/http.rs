@@ -166,7 +166,18 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
     // Load balancers and Prometheus do not sign requests; neither answer holds anything secret.
     let open =
         matches!(req.uri().path(), "/health" | "/metrics") && req.method() == http::Method::GET;
-    if admin.credentials().is_empty() || open {
+    if admin.credentials().is_empty() {
+        let import = req.uri().path() == "/apikeys"
+            && req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "mode=import"));
+        if let Err(e) = crate::local::check(req.method(), req.headers(), import) {
+            return e.into_response();
+        }
+        return next.run(req).await;
+    }
+    if open {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();

@@ -6,6 +6,7 @@ pub mod data_plane;
 pub mod error;
 pub mod http;
 mod import;
+mod local;
 pub mod seal;
 pub mod service;
 pub mod sigv4;

@@ -533,11 +533,23 @@ pub fn quota_adjustments_accumulate(store: &dyn Store) {
     );
     // Past the range either way, an addition is refused and changes nothing.
     let max = crate::MAX_ADJUSTMENT;
-    store.adjust_quota("adjp01", "k3", EpochDay(20), max).unwrap();
+    store
+        .adjust_quota("adjp01", "k3", EpochDay(20), max)
+        .unwrap();
     assert!(store.adjust_quota("adjp01", "k3", EpochDay(20), 1).is_err());
-    assert!(store.adjust_quota("adjp01", "k3", EpochDay(20), i64::MAX).is_err());
-    store.adjust_quota("adjp01", "k4", EpochDay(20), -max).unwrap();
-    assert!(store.adjust_quota("adjp01", "k4", EpochDay(20), i64::MIN).is_err());
+    assert!(
+        store
+            .adjust_quota("adjp01", "k3", EpochDay(20), i64::MAX)
+            .is_err()
+    );
+    store
+        .adjust_quota("adjp01", "k4", EpochDay(20), -max)
+        .unwrap();
+    assert!(
+        store
+            .adjust_quota("adjp01", "k4", EpochDay(20), i64::MIN)
+            .is_err()
+    );
     assert_eq!(
         store
             .quota_adjustments("adjp01", None, EpochDay(20), EpochDay(20))

@@ -76,7 +76,8 @@ impl Remote {
             .unwrap_or_default();
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, HeaderValue::from_str(authority)?);
-        if !body.is_empty() {
+        // Every write says what it is: an admin listener without credentials takes no other.
+        if !body.is_empty() || method != Method::GET {
             headers.insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_str(content_type)?,

@@ -25,6 +25,11 @@ struct Browser {
 
 impl Browser {
     async fn start(shots: &Path) -> Browser {
+        Self::start_with(shots, &[]).await
+    }
+
+    /// [`Browser::start`] with more Chromium arguments.
+    async fn start_with(shots: &Path, extra_args: &[&str]) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -63,14 +68,18 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut args = vec![
+            "--headless=new".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--window-size=1280,900".into(),
+            format!("--user-data-dir={}", browser._profile.path().display()),
+        ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--window-size=1280,900",
-                         format!("--user-data-dir={}", browser._profile.path().display())],
-            },
+            "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
         }}});
         let session = browser.call("POST", "/session", caps).await;
         let id = session["sessionId"]
@@ -188,6 +197,17 @@ impl Browser {
             "POST",
             "/execute/sync",
             json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    /// Runs `script` as an async function's body (`done(value)` ends it); its value.
+    async fn script_async(&self, script: &str) -> Value {
+        let body = format!("const done = arguments[arguments.length - 1]; {script}");
+        self.call(
+            "POST",
+            "/execute/async",
+            json!({ "script": body, "args": [] }),
         )
         .await
     }
@@ -466,4 +486,138 @@ async fn without_credentials_only_loopback_hosts_are_served() {
         .await;
     assert_eq!(r.status, 200);
     assert!(gw.terminate().success());
+}
+
+/// Serves `html` at every path of a new listener on 127.0.0.1 (an attacker's site).
+async fn serve_page(html: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let html = html.clone();
+                    async move {
+                        let mut resp = hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(html),
+                        ));
+                        resp.headers_mut()
+                            .insert("content-type", "text/html".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Without credentials, a page elsewhere can neither write the admin API (a cross-site form posting
+/// JSON as text/plain, the classic) nor read or write it from a name that rebinds to 127.0.0.1; the
+/// CLI on the same machine still can.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_credentials_no_web_page_drives_the_admin_api() {
+    let (dir, gw, _up) = start(&[("CENTRAL_KEY", KEY)]).await;
+    let admin = gw.admin.unwrap();
+    let stolen = "attackerChosenKeyValue0123456789";
+    // The JSON body hides in a text/plain form field: `{"name":"evil",…,"x":"=` + `"}`.
+    let body_start = format!(r#"{{"name":"evil","value":"{stolen}","enabled":true,"x":""#);
+    let page = format!(
+        "<html><body><form id=f method=POST action='http://{admin}/apikeys' enctype='text/plain'>\
+         <input type=hidden name='{}' value='\"}}'></form>\
+         <script>document.getElementById('f').submit()</script></body></html>",
+        body_start.replace('\'', "&#39;")
+    );
+    let site = serve_page(page).await;
+    let shots = dir.path().join("shots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let b = Browser::start_with(
+        &shots,
+        &["--host-resolver-rules=MAP rebound.test 127.0.0.1"],
+    )
+    .await;
+    // Another site (localhost is not 127.0.0.1's site): the form posts and navigates.
+    b.goto(&format!("http://localhost:{}/", site.port())).await;
+    for _ in 0..50 {
+        let url = b.call("GET", "/url", Value::Null).await;
+        if url.as_str().is_some_and(|u| u.contains("/apikeys")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = b.script("return document.body.innerText").await;
+    assert!(
+        shown.as_str().unwrap_or_default().contains("Cross-origin"),
+        "the form's answer: {shown}"
+    );
+    // A page on a name that resolves to 127.0.0.1 reads and writes with its own Host.
+    b.goto(&format!("http://rebound.test:{}/health", admin.port()))
+        .await;
+    let tried = b
+        .script_async(&format!(
+            "Promise.all([\
+               fetch('/apikeys').then(r => r.status),\
+               fetch('/apikeys', {{method: 'POST', headers: {{'content-type': 'application/json'}},\
+                 body: JSON.stringify({{name: 'rebound', value: '{stolen}', enabled: true}})}}).then(r => r.status),\
+             ]).then(done, e => done(String(e)))"
+        ))
+        .await;
+    assert_eq!(tried, json!([403, 403]), "rebinding");
+    // No key came of it: the data plane refuses the value, the keys are the config's.
+    let c = client();
+    let r = c.get(&gw.url("/prod/echo/a"), Some(stolen)).await;
+    assert_eq!(r.status, 403);
+    let keys = c.get(&format!("http://{admin}/apikeys"), None).await.json();
+    let mut names: Vec<&str> = keys["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["central-system", "quiet-partner"]);
+    // A write that is not JSON, a cross-origin one, and a rebinding Host, without a browser too.
+    let url = format!("http://{admin}/apikeys");
+    let body = format!(r#"{{"name":"plain","value":"{stolen}","enabled":true}}"#);
+    for (headers, status) in [
+        (vec![("content-type", "text/plain")], 415),
+        (vec![], 415),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("origin", "http://evil.example"),
+            ],
+            403,
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            403,
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("host", "rebound.test"),
+            ],
+            403,
+        ),
+    ] {
+        let r = c.send("POST", &url, &headers, body.clone()).await;
+        assert_eq!(r.status, status, "{headers:?}: {:?}", r.body);
+        assert!(r.header("x-amzn-errortype").is_some(), "AWS's shape");
+    }
+    let r = c
+        .send("POST", &url, &[("content-type", "application/json")], body)
+        .await;
+    assert_eq!(
+        r.status, 201,
+        "the same machine's JSON client: {:?}",
+        r.body
+    );
 }
