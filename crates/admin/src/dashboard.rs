@@ -27,6 +27,7 @@ use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::report::{period_usage, plan_usage};
 
 use crate::error::AdminError;
+use crate::failures::ClientAddr;
 use crate::http::reply;
 use crate::service::{Admin, Paging};
 use crate::wire::{CreateApiKeyIn, PatchOp};
@@ -63,6 +64,8 @@ struct Sessions {
 struct Session {
     user: String,
     nonce: String,
+    /// The user's sign-outs when it was issued: a later sign-out ends it.
+    epoch: u64,
 }
 
 impl Sessions {
@@ -99,37 +102,46 @@ impl Sessions {
         hex::encode(self.mac(&["csrf", nonce]).finalize().into_bytes())
     }
 
-    /// The cookie for a new session of `user`.
-    fn issue(&self, user: &str, now: i64) -> (Session, String) {
+    /// The cookie for a new session of `user`, whose sign-outs so far are `epoch`.
+    fn issue(&self, user: &str, epoch: u64, now: i64) -> (Session, String) {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).expect("the operating system's random source failed");
         let nonce = hex::encode(nonce);
         let expires = (now + SESSION_SECS).to_string();
+        let epoch_text = epoch.to_string();
         let mac = hex::encode(
-            self.mac(&["session", user, &expires, &nonce])
+            self.mac(&["session", user, &expires, &epoch_text, &nonce])
                 .finalize()
                 .into_bytes(),
         );
-        let value = format!("{user}.{expires}.{nonce}.{mac}");
+        let value = format!("{user}.{expires}.{epoch_text}.{nonce}.{mac}");
         let session = Session {
             user: user.to_owned(),
             nonce,
+            epoch,
         };
         (session, value)
     }
 
-    /// The session a cookie value holds, if its signature checks out and it has not expired.
+    /// The session a cookie value holds, if its signature checks out and it has not expired (its
+    /// epoch is the caller's to compare with the store's).
     fn check(&self, value: &str, now: i64) -> Option<Session> {
-        let mut parts = value.rsplitn(4, '.');
-        let (mac, nonce, expires, user) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let mut parts = value.rsplitn(5, '.');
+        let (mac, nonce, epoch, expires, user) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
         let mac = hex::decode(mac).ok()?;
-        self.mac(&["session", user, expires, nonce])
+        self.mac(&["session", user, expires, epoch, nonce])
             .verify_slice(&mac)
             .ok()?;
         (expires.parse::<i64>().ok()? > now).then(|| Session {
             user: user.to_owned(),
             nonce: nonce.to_owned(),
+            epoch: epoch.parse().unwrap_or(u64::MAX),
         })
     }
 
@@ -234,13 +246,27 @@ async fn signed_in(State(dash): State<Arc<Dashboard>>, mut req: Request, next: N
         Session {
             user: "local".into(),
             nonce: "loopback".into(),
+            epoch: 0,
         }
     } else {
-        match cookie(headers, COOKIE).and_then(|v| dash.sessions.check(v, dash.admin.now_secs())) {
-            Some(s) => s,
-            None => return refuse(StatusCode::UNAUTHORIZED, "Unauthorized"),
+        let Some(s) =
+            cookie(headers, COOKIE).and_then(|v| dash.sessions.check(v, dash.admin.now_secs()))
+        else {
+            return refuse(StatusCode::UNAUTHORIZED, "Unauthorized");
+        };
+        // Signed out since (on any instance, before any restart): over.
+        let user = s.user.clone();
+        match dash
+            .admin
+            .blocking(move |a| Ok(a.store.session_epoch(&user)?))
+            .await
+        {
+            Ok(epoch) if epoch == s.epoch => s,
+            Ok(_) => return refuse(StatusCode::UNAUTHORIZED, "Unauthorized"),
+            Err(e) => return e.into_response(),
         }
     };
+    let headers = req.headers();
     if req.method() != http::Method::GET {
         let token = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
         let ok = token.and_then(|t| hex::decode(t).ok()).is_some_and(|t| {
@@ -264,8 +290,13 @@ struct LoginIn {
     secret_access_key: String,
 }
 
-async fn login(State(dash): State<Arc<Dashboard>>, body: Bytes) -> Answer {
+async fn login(
+    State(dash): State<Arc<Dashboard>>,
+    addr: Option<axum::Extension<ClientAddr>>,
+    body: Bytes,
+) -> Answer {
     let input: LoginIn = parse(&body, "Expected accessKeyId and secretAccessKey")?;
+    let attempt = dash.admin.credentials_attempt(addr.map(|a| a.0.0))?;
     // Compared as MACs: constant time, whatever the lengths.
     let given = dash
         .sessions
@@ -287,9 +318,15 @@ async fn login(State(dash): State<Arc<Dashboard>>, body: Bytes) -> Answer {
             "The access key id or secret is not valid",
         ));
     };
+    dash.admin.failed.succeeded(attempt);
+    let user = known.access_key_id.clone();
+    let epoch = dash
+        .admin
+        .blocking(move |a| Ok(a.store.session_epoch(&user)?))
+        .await?;
     let (session, value) = dash
         .sessions
-        .issue(&known.access_key_id, dash.admin.now_secs());
+        .issue(&known.access_key_id, epoch, dash.admin.now_secs());
     let mut resp = reply(
         StatusCode::OK,
         &json!({ "user": session.user, "csrf": dash.sessions.csrf(&session.nonce) }),
@@ -301,11 +338,21 @@ async fn login(State(dash): State<Arc<Dashboard>>, body: Bytes) -> Answer {
     Ok(resp)
 }
 
-async fn logout(State(dash): State<Arc<Dashboard>>) -> Response {
+/// Signs out: the cookie is cleared, and the user's sessions end server-side (a copy of the cookie
+/// kept elsewhere is refused from now on).
+async fn logout(
+    State(dash): State<Arc<Dashboard>>,
+    axum::Extension(s): axum::Extension<Session>,
+) -> Answer {
+    if !dash.admin.credentials().is_empty() {
+        dash.admin
+            .blocking(move |a| Ok(a.store.end_sessions(&s.user)?))
+            .await?;
+    }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()
         .insert(header::SET_COOKIE, dash.sessions.set_cookie("", 0));
-    resp
+    Ok(resp)
 }
 
 async fn session(
@@ -615,12 +662,14 @@ mod tests {
             key: [7; 32],
             secure: false,
         };
-        let (session, value) = dash.issue("AKIDEXAMPLE", 1_000);
+        let (session, value) = dash.issue("AKIDEXAMPLE", 3, 1_000);
         let back = dash.check(&value, 1_000).expect("valid");
         assert_eq!(
-            (back.user.as_str(), back.nonce.as_str()),
-            ("AKIDEXAMPLE", session.nonce.as_str())
+            (back.user.as_str(), back.nonce.as_str(), back.epoch),
+            ("AKIDEXAMPLE", session.nonce.as_str(), 3)
         );
+        let older = value.replacen(".3.", ".4.", 1);
+        assert!(dash.check(&older, 1_000).is_none(), "another epoch");
         assert!(
             dash.check(&value, 1_000 + SESSION_SECS).is_none(),
             "expired"

@@ -28,6 +28,9 @@ pub enum AdminError {
     /// 415 UnsupportedMediaTypeException: a write in a format the operation does not take.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429 TooManyRequestsException: too many failed credentials; try again after these seconds.
+    #[error("Too many failed attempts; retry after {0} s")]
+    TooManyRequests(u64),
     /// 403, one of the SigV4 error types.
     #[error(transparent)]
     Signature(#[from] SignatureError),
@@ -77,6 +80,11 @@ impl IntoResponse for AdminError {
                 "UnsupportedMediaTypeException",
                 m.clone(),
             ),
+            AdminError::TooManyRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                self.to_string(),
+            ),
             AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),
             AdminError::Internal(detail) => {
                 tracing::error!(error = %detail, "admin request failed");
@@ -95,6 +103,9 @@ impl IntoResponse for AdminError {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-amzn-errortype", HeaderValue::from_static(error_type));
+        if let AdminError::TooManyRequests(wait) = self {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
+        }
         resp
     }
 }

@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tollgate_core::model::Tags;
 
 use crate::error::AdminError;
+use crate::failures::ClientAddr;
 use crate::service::{Admin, Paging};
 use crate::sigv4::{self, SignedHead};
 use crate::wire::{
@@ -113,8 +114,8 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(err) => {
                         // Out of descriptors and the like: back off instead of spinning.
                         tracing::warn!(error = %err, "admin accept failed");
@@ -127,6 +128,12 @@ pub async fn serve(
                     continue;
                 };
                 let (http, service) = (http.clone(), service.clone());
+                // Each request knows its client's address (failed credentials back off by it).
+                let peer = ClientAddr(peer.ip());
+                let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer);
+                    hyper::service::Service::call(&service, req)
+                });
                 match &tls {
                     None => {
                         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -180,6 +187,11 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
     if open {
         return next.run(req).await;
     }
+    let addr = req.extensions().get::<ClientAddr>().map(|a| a.0);
+    let attempt = match admin.credentials_attempt(addr) {
+        Ok(attempt) => attempt,
+        Err(e) => return e.into_response(),
+    };
     let (parts, body) = req.into_parts();
     let head = SignedHead {
         method: &parts.method,
@@ -235,6 +247,7 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
         return AdminError::from(e).into_response();
     }
     drop(authorized);
+    admin.failed.succeeded(attempt);
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }

@@ -96,6 +96,8 @@ pub struct Admin {
     /// blocking thread ([`Admin::apply`]).
     pub(crate) plans: Arc<tokio::sync::Mutex<Vec<UsagePlan>>>,
     pub(crate) settings: AdminSettings,
+    /// Failed logins and signatures, backing off by client address and overall.
+    pub(crate) failed: crate::failures::FailedCredentials,
 }
 
 /// The usage plans, held under the write lock.
@@ -343,6 +345,7 @@ impl Admin {
             gateway,
             plans: Arc::new(tokio::sync::Mutex::new(plans)),
             settings,
+            failed: crate::failures::FailedCredentials::new(),
         }
     }
 
@@ -387,6 +390,20 @@ impl Admin {
     /// The credentials requests must be signed with.
     pub fn credentials(&self) -> &[Credentials] {
         &self.settings.credentials
+    }
+
+    /// A try at credentials from `addr` (a login, a signature), if failures have not used up its
+    /// budget; `Err` answers 429 with the wait.
+    pub(crate) fn credentials_attempt(
+        &self,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<crate::failures::Attempt, AdminError> {
+        self.failed
+            .attempt(addr, self.gateway.now())
+            .map_err(|wait| {
+                tracing::warn!(client = ?addr, wait, "failed credentials: backing off");
+                AdminError::TooManyRequests(wait)
+            })
     }
 
     /// Current time, epoch seconds, by the gateway's clock.

@@ -27,6 +27,15 @@ pub fn run_all(store: &dyn Store) {
     bulk_writes_match_single_writes(store);
     keys_are_read_one_by_one_and_in_pages(store);
     index_holds_what_load_does(store);
+    sign_outs_end_sessions_by_epoch(store);
+}
+
+pub fn sign_outs_end_sessions_by_epoch(store: &dyn Store) {
+    assert_eq!(store.session_epoch("AKIDEXAMPLE").unwrap(), 0);
+    assert_eq!(store.end_sessions("AKIDEXAMPLE").unwrap(), 1);
+    assert_eq!(store.end_sessions("AKIDEXAMPLE").unwrap(), 2);
+    assert_eq!(store.session_epoch("AKIDEXAMPLE").unwrap(), 2);
+    assert_eq!(store.session_epoch("another").unwrap(), 0);
 }
 
 fn plan(id: &str) -> UsagePlan {

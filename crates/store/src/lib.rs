@@ -293,6 +293,11 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<RefusalRow>, StoreError>;
     /// For each of `key_ids`, in order, when it was last used (epoch seconds), if ever.
     fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError>;
+    /// The dashboard's session epoch of `user` (an admin access key id): 0 until its first
+    /// sign-out. A session signed under an older epoch is over, on every instance and after restarts.
+    fn session_epoch(&self, user: &str) -> Result<u64, StoreError>;
+    /// Ends every dashboard session of `user` (sign-out): its epoch goes up by one; returns it.
+    fn end_sessions(&self, user: &str) -> Result<u64, StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, key) on `day`: what AWS UpdateUsage
     /// (`replace /remaining`) records, so a changed remaining count survives restarts.
     fn adjust_quota(

@@ -38,6 +38,8 @@ pub mod keys {
     pub fn plan_keys(plan_id: &str) -> String {
         format!("{{tg}}:pk:{plan_id}")
     }
+    /// The dashboard's session epochs: admin access key id → epoch (bumped by a sign-out).
+    pub const SESSIONS: &str = "{tg}:sessions";
     /// Bumped on every record change.
     pub const VERSION: &str = "{tg}:version";
     /// Channel announcing record changes (the scripts publish the new version on it).
@@ -878,6 +880,15 @@ impl Store for RedisStore {
             );
         }
         Ok(out)
+    }
+
+    fn session_epoch(&self, user: &str) -> Result<u64, StoreError> {
+        let epoch: Option<u64> = self.with(|c| Cmd::hget(keys::SESSIONS, user).query(c))?;
+        Ok(epoch.unwrap_or(0))
+    }
+
+    fn end_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self.with(|c| Cmd::hincr(keys::SESSIONS, user, 1).query(c))?)
     }
 
     fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {

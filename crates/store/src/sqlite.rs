@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS key_last_used (
     key_id TEXT PRIMARY KEY,
     at     INTEGER NOT NULL          -- epoch seconds
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dashboard_sessions (
+    user  TEXT PRIMARY KEY,          -- an admin access key id
+    epoch INTEGER NOT NULL           -- sessions signed under an older one are over
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quota_adjustments (
     plan_id TEXT NOT NULL,
     key_id  TEXT NOT NULL,
@@ -594,6 +598,32 @@ impl Store for SqliteStore {
             })
             .map_err(backend)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+    }
+
+    fn session_epoch(&self, user: &str) -> Result<u64, StoreError> {
+        let epoch: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT epoch FROM dashboard_sessions WHERE user = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        Ok(epoch.map_or(0, |e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    fn end_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        let epoch: i64 = self
+            .conn()
+            .query_row(
+                "INSERT INTO dashboard_sessions (user, epoch) VALUES (?1, 1)
+                 ON CONFLICT(user) DO UPDATE SET epoch = epoch + 1 RETURNING epoch",
+                [user],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        Ok(u64::try_from(epoch).unwrap_or(0))
     }
 
     fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {

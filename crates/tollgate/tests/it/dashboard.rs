@@ -621,3 +621,100 @@ async fn without_credentials_no_web_page_drives_the_admin_api() {
         r.body
     );
 }
+
+/// A dashboard login over `c`: the answer.
+async fn login(c: &HttpClient, admin: &str, secret: &str) -> util::Reply {
+    let body = json!({"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}).to_string();
+    c.send(
+        "POST",
+        &format!("{admin}/dashboard/login"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
+}
+
+/// Guessing secrets over one keep-alive connection backs off after ten failures (429 with
+/// Retry-After, before any secret is compared), for logins and SigV4 alike; a sign-out ends the
+/// session on the server, so a copy of the cookie is refused, after a restart too.
+#[tokio::test(flavor = "multi_thread")]
+async fn guessing_backs_off_and_signing_out_ends_the_session() {
+    let (dir, gw, _up) = start(&util::admin_env()).await;
+    let admin = format!("http://{}", gw.admin.unwrap());
+    let c = client();
+    // An operator's session, and a copy of its cookie kept elsewhere.
+    let ok = login(&c, &admin, SECRET_KEY).await;
+    assert_eq!(ok.status, 200);
+    let session = ok
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let csrf = ok.json()["csrf"].as_str().unwrap().to_string();
+    let keys = format!("{admin}/dashboard/api/keys");
+    let get_keys = |cookie: String| {
+        let (c, url) = (client(), keys.clone());
+        async move {
+            c.send("GET", &url, &[("cookie", cookie.as_str())], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(get_keys(session.clone()).await, 200);
+
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(login(&c, &admin, "wrongSecret").await.status);
+    }
+    assert_eq!(statuses[..10], [403; 10]);
+    let r = login(&c, &admin, "wrongSecret").await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (429, Some("TooManyRequestsException"))
+    );
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=6).contains(&wait), "{wait}");
+    // Even the right secret waits now: nothing is compared while backing off.
+    assert_eq!(login(&c, &admin, SECRET_KEY).await.status, 429);
+    // So do signatures from the same address.
+    let signed = util::AdminClient::new(gw.admin.unwrap());
+    assert_eq!(signed.call("GET", "/apikeys", "").await.status, 429);
+
+    // Sign-out: the cookie and every copy of it are over.
+    let r = c
+        .send(
+            "POST",
+            &format!("{admin}/dashboard/logout"),
+            &[
+                ("cookie", session.as_str()),
+                ("x-csrf-token", csrf.as_str()),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_eq!(get_keys(session.clone()).await, 401);
+    assert!(gw.terminate().success());
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let admin = format!("http://{}", gw.admin.unwrap());
+    let keys = format!("{admin}/dashboard/api/keys");
+    let r = client()
+        .send("GET", &keys, &[("cookie", session.as_str())], "")
+        .await;
+    assert_eq!(r.status, 401, "still over after a restart");
+    let again = login(&client(), &admin, SECRET_KEY).await;
+    assert_eq!(again.status, 200, "a new session after the restart");
+    let fresh = again
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = client()
+        .send("GET", &keys, &[("cookie", fresh.as_str())], "")
+        .await;
+    assert_eq!(r.status, 200);
+}
