@@ -67,3 +67,31 @@ impl ClientIo for TlsStream<TcpStream> {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Writes all of `data` to a client, giving up (`TimedOut`) when no byte goes out for `idle`: a
+/// client that stops reading holds its slot and its upstream connection only that long (nginx's
+/// `send_timeout`). A write that completes at once, the common case, arms no timer.
+pub(crate) async fn write_all_progressing<W: AsyncWrite + Unpin + ?Sized>(
+    to: &mut W,
+    mut data: &[u8],
+    idle: std::time::Duration,
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    while !data.is_empty() {
+        let ready = std::future::poll_fn(|cx| {
+            Poll::Ready(std::pin::Pin::new(&mut *to).poll_write(cx, data))
+        })
+        .await;
+        let n = match ready {
+            Poll::Ready(n) => n?,
+            Poll::Pending => tokio::time::timeout(idle, to.write(data))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}

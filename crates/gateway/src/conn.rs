@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::Record;
 use crate::admit::{Admission, Local, Presented, Refused, admit};
-use crate::client::ClientIo;
+use crate::client::{ClientIo, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
@@ -185,7 +185,8 @@ impl<C: ClientIo> Conn<'_, C> {
                     let resp = response::bad_request(err);
                     let id = RequestId::new();
                     http1::encode_response(&resp, false, false, &id, &mut self.to_client);
-                    let _ = self.client.write_all(&self.to_client).await;
+                    let idle = self.shared.head_timeout;
+                    let _ = write_all_progressing(&mut self.client, &self.to_client, idle).await;
                     return false;
                 }
             };
@@ -644,7 +645,8 @@ impl<C: ClientIo> Conn<'_, C> {
     ) -> u16 {
         self.to_client.clear();
         http1::encode_response(resp, head_only, keep_alive, id, &mut self.to_client);
-        match self.client.write_all(&self.to_client).await {
+        let idle = self.shared.head_timeout;
+        match write_all_progressing(&mut self.client, &self.to_client, idle).await {
             Ok(()) => resp.status().as_u16(),
             Err(_) => 0,
         }
@@ -759,8 +761,8 @@ impl<C: ClientIo> Conn<'_, C> {
             let answered = if streaming {
                 let (mut client_read, mut client_write) = self.client.halves();
                 if head.expect_continue {
-                    client_write
-                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+                    write_all_progressing(&mut client_write, interim, shared.head_timeout)
                         .await
                         .map_err(|_| Failure::Client)?;
                 }
@@ -816,8 +818,8 @@ impl<C: ClientIo> Conn<'_, C> {
                     &mut up_read,
                     &mut up.buf,
                     &resp_head,
-                    extra,
-                    keep_alive,
+                    (extra, keep_alive),
+                    shared.head_timeout,
                 ));
                 let relayed = loop {
                     tokio::select! {
@@ -850,8 +852,8 @@ impl<C: ClientIo> Conn<'_, C> {
                             &mut up.io,
                             &mut up.buf,
                             &resp_head,
-                            extra,
-                            keep_alive,
+                            (extra, keep_alive),
+                            shared.head_timeout,
                         )
                         .await;
                         Ok((resp_head, false, keep_alive, relayed))
@@ -1022,16 +1024,17 @@ async fn read_response_head<R: AsyncRead + Unpin>(
 }
 
 /// Finishes the response head rewritten in `to_client` (`Connection: close` unless `keep_alive`,
-/// the gateway's `extra` fields) and sends it with the body to the client. `Err(true)`: the head
-/// reached the client, the body did not; `Err(false)`: nothing did.
+/// the gateway's `extra` fields) and sends it with the body to the client, each write within `idle`
+/// of progress. `Err(true)`: the head reached the client, the body did not; `Err(false)`: nothing
+/// did.
 async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client: &mut W,
     to_client: &mut Vec<u8>,
     up: &mut R,
     up_buf: &mut InBuf,
     resp: &ResponseHead,
-    extra: &HeaderMap,
-    keep_alive: bool,
+    (extra, keep_alive): (&HeaderMap, bool),
+    idle: Duration,
 ) -> Result<(), bool> {
     if !keep_alive {
         to_client.extend_from_slice(b"connection: close\r\n");
@@ -1044,8 +1047,10 @@ async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         .take(up_buf.bytes(), Some(to_client))
         .map_err(|_| false)?;
     up_buf.consume(n);
-    client.write_all(to_client).await.map_err(|_| false)?;
-    relay(up, up_buf, client, &mut body)
+    write_all_progressing(client, to_client, idle)
+        .await
+        .map_err(|_| false)?;
+    relay(up, up_buf, client, &mut body, idle)
         .await
         .map_err(|()| true)
 }
@@ -1104,12 +1109,14 @@ async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// Copies the rest of a response body from the upstream to the client through `buf` (empty on
-/// entry, except for bytes past the body, which stay), re-encoding a chunked one.
+/// entry, except for bytes past the body, which stay), re-encoding a chunked one; a client that
+/// takes nothing for `idle` ends it.
 async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     buf: &mut InBuf,
     to: &mut W,
     body: &mut BodyProgress,
+    idle: Duration,
 ) -> Result<(), ()> {
     let mut scratch = Vec::new();
     while !body.done() {
@@ -1126,7 +1133,9 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let n = body.take(buf.bytes(), None).map_err(|_| ())?;
             (n, &buf.bytes()[..n])
         };
-        to.write_all(data).await.map_err(|_| ())?;
+        write_all_progressing(to, data, idle)
+            .await
+            .map_err(|_| ())?;
         buf.consume(n);
     }
     Ok(())

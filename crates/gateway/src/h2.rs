@@ -61,8 +61,10 @@ where
     };
     let https = tls.is_some();
     // Streams whose work is still running: a stream the client resets leaves h2's count at once,
-    // but leaves this one only when its task has ended, so resets cannot pile up work.
-    let running = Arc::new(Semaphore::new(max));
+    // but leaves this one only when its task has ended, so resets cannot pile up work. At most a
+    // fair share of the gateway's slots (a quarter): one connection's streams cannot take them all.
+    let share = max.min((shared.max_slots / 4).max(1));
+    let running = Arc::new(Semaphore::new(share));
     let resets = Arc::new(AtomicUsize::new(0));
     let active = Arc::new(AtomicBool::new(false));
     let mut stop = pin!(shared.stop.clone().notified_owned());
@@ -85,7 +87,7 @@ where
             () = &mut idle, if !closing => {
                 // Idle for between one and two head timeouts: no stream began or ended since the
                 // last look, and none is running.
-                if !active.swap(false, Ordering::Relaxed) && running.available_permits() == max {
+                if !active.swap(false, Ordering::Relaxed) && running.available_permits() == share {
                     conn.graceful_shutdown();
                     closing = true;
                 } else {
@@ -175,6 +177,9 @@ struct Stream {
 enum Gone {
     /// The client reset it.
     Reset,
+    /// The client gave no flow-control credit for a head timeout: the stream was reset, and
+    /// counts against the connection like a client's reset.
+    Stalled,
     /// The pipeline or the client's body failed; the stream is dropped, which resets it.
     Broken,
 }
@@ -201,7 +206,8 @@ impl Stream {
                     conn::Role::Proxy,
                 ));
                 let mut upload = pin!(upload(&head, body, chunked, &mut to_pipeline));
-                let mut answer = pin!(relay(&mut from_pipeline, &parts.method, &mut respond));
+                let idle = self.shared.head_timeout;
+                let mut answer = pin!(relay(&mut from_pipeline, &parts.method, &mut respond, idle));
                 let (mut served, mut uploaded) = (false, false);
                 let answered = loop {
                     tokio::select! {
@@ -226,10 +232,16 @@ impl Stream {
                 let resp = response::bad_request(HeadError::Malformed(why));
                 let head_only = parts.method == Method::HEAD;
                 http1::encode_response(&resp, head_only, false, &RequestId::new(), &mut out);
-                relay(&mut &out[..], &parts.method, &mut respond).await
+                relay(
+                    &mut &out[..],
+                    &parts.method,
+                    &mut respond,
+                    self.shared.head_timeout,
+                )
+                .await
             }
         };
-        if let Err(Gone::Reset) = outcome {
+        if let Err(Gone::Reset | Gone::Stalled) = outcome {
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
         self.active.store(true, Ordering::Relaxed);
@@ -344,11 +356,12 @@ async fn upload<W: AsyncWrite + Unpin>(
 
 /// Reads the pipeline's HTTP/1.1 answer from `from` and sends it on the stream: the head as
 /// HEADERS (without HTTP/1's connection fields), the body's data as DATA within the client's flow
-/// control.
+/// control, waiting at most `idle` for credit.
 async fn relay<R: AsyncRead + Unpin>(
     from: &mut R,
     method: &Method,
     respond: &mut SendResponse<Bytes>,
+    idle: std::time::Duration,
 ) -> Result<(), Gone> {
     let mut buf = InBuf::default();
     let mut response = None;
@@ -392,7 +405,7 @@ async fn relay<R: AsyncRead + Unpin>(
                 .map_err(|_| Gone::Broken)?;
             buf.consume(n);
             if !data.is_empty() || body.done() {
-                send_data(&mut send, &data, body.done()).await?;
+                send_data(&mut send, &data, body.done(), idle).await?;
             }
             if body.done() {
                 return Ok(());
@@ -416,16 +429,27 @@ async fn relay<R: AsyncRead + Unpin>(
 }
 
 /// Sends `data` as DATA frames as the client's flow control allows, the last one ending the
-/// stream when `end`.
-async fn send_data(send: &mut SendStream<Bytes>, mut data: &[u8], end: bool) -> Result<(), Gone> {
+/// stream when `end`. A client that grants no credit for `idle` (a window left at zero, a socket
+/// not read) gets the stream reset: what the stream holds (a slot, a pipeline, an upstream
+/// connection) is freed.
+async fn send_data(
+    send: &mut SendStream<Bytes>,
+    mut data: &[u8],
+    end: bool,
+    idle: std::time::Duration,
+) -> Result<(), Gone> {
     if data.is_empty() {
         return send.send_data(Bytes::new(), end).map_err(|_| Gone::Reset);
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(n)) => n,
-            _ => return Err(Gone::Reset),
+        let granted = match tokio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
+            Ok(Some(Ok(n))) => n,
+            Ok(_) => return Err(Gone::Reset),
+            Err(_) => {
+                send.send_reset(Reason::CANCEL);
+                return Err(Gone::Stalled);
+            }
         };
         let (now, rest) = data.split_at(granted.min(data.len()));
         if now.is_empty() {

@@ -267,6 +267,9 @@ impl Gateway {
             None => None,
         };
         let snapshot = Snapshot::build(config, records, &used, today)?;
+        let max_slots = options
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             limiter,
@@ -275,11 +278,8 @@ impl Gateway {
             upstreams: UpstreamPool::new(options.max_idle_upstream),
             head_timeout: options.head_timeout,
             http2: options.http2,
-            slots: Arc::new(tokio::sync::Semaphore::new(
-                options
-                    .max_connections
-                    .min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_slots)),
+            max_slots,
             kept_fields,
             draining: AtomicBool::new(false),
             stop: Arc::default(),

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     /// stream while it runs (it may hold an upstream connection of its own), so that the
     /// descriptors they take stay within the budget.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    /// How many [`Shared::slots`] there are.
+    pub(crate) max_slots: usize,
     /// The config's `keepClientHeaders` (the config does not change while serving).
     pub(crate) kept_fields: KeptFields,
     /// Set when the gateway drains: connections finish the request in hand, then close.

@@ -572,3 +572,61 @@ async fn a_preface_split_across_reads_is_still_http2() {
     };
     assert_eq!(status, 0x88);
 }
+
+/// One HTTP/2 connection that leaves every stream's window at zero (SETTINGS_INITIAL_WINDOW_SIZE 0,
+/// never a WINDOW_UPDATE) holds at most a quarter of `maxConnections`, and each stalled stream is
+/// reset after a header timeout without credit, its slot freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_left_without_credit_are_reset_and_hold_a_fair_share() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(
+        dir.path(),
+        &util::config(
+            &format!("http://{}", up.addr),
+            &format!("maxConnections: 40\nheaderTimeout: 1s\n{}", util::ONE_PLAN),
+        ),
+    );
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut streams = Vec::new();
+    // As many as there are slots: without a fair share, they would take them all.
+    for _ in 0..40 {
+        let req = http::Request::get("http://gw/prod/echo/stall")
+            .header("x-api-key", KEY)
+            .body(())
+            .unwrap();
+        let mut client = client.clone().ready().await.unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        streams.push(tokio::spawn(async move {
+            let (parts, mut body) = resp.await?.into_parts();
+            assert_eq!(parts.status, 200);
+            // Never released: the window stays at zero.
+            match body.data().await {
+                Some(Err(e)) => Err::<(), _>(e),
+                other => panic!("a stream without credit got {other:?}"),
+            }
+        }));
+    }
+    // While the streams stall, the other slots serve everyone else.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = util::client();
+    for _ in 0..5 {
+        assert_eq!(c.get(&gw.url("/prod/health"), None).await.status, 200);
+    }
+    // Each stalled stream is reset (CANCEL), ten at a time, each after a header timeout.
+    for s in streams {
+        let e = tokio::time::timeout(Duration::from_secs(20), s)
+            .await
+            .expect("a stalled stream was never reset")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+    }
+}

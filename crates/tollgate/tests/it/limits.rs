@@ -376,3 +376,60 @@ async fn fields_that_steer_backends_are_dropped_unless_kept() {
         assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     }
 }
+
+/// Clients that never read a large answer hold their slot (and upstream connection) only for a
+/// header timeout without progress: then the gateway closes them, and others are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_stop_reading_are_cut_and_their_slots_come_back() {
+    let (_dir, gw, _up) = start("maxConnections: 3\nheaderTimeout: 1s\n").await;
+    let ask = format!("GET /prod/echo/big?mb=40 HTTP/1.1\r\nHost: gw\r\nx-api-key: {KEY}\r\n\r\n");
+    let mut stalled: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect(gw.addr);
+            s.write_all(ask.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // The answers have begun (the upstream was asked), and nobody reads them.
+    for s in &mut stalled {
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    loop {
+        let r = tokio::task::spawn_blocking({
+            let addr = gw.addr;
+            move || {
+                util::raw_exchange(
+                    addr,
+                    b"GET /prod/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+                )
+            }
+        })
+        .await
+        .unwrap();
+        if util::status_of(&r) == Some(200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled readers kept every slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each stalled connection was closed: what was sent ends well short of 40 MB.
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        assert!(total < 40 << 20, "{total} bytes: the whole answer");
+    }
+}

@@ -221,7 +221,7 @@ pub fn config_with_routes(routes: &str, more_apis: &str) -> String {
 }
 
 /// A test upstream: echoes the request as JSON (`/echo/...`), streams the request body back
-/// (`/echo/body`), answers after `?ms=` milliseconds (`/slow`).
+/// (`/echo/body`), answers `?mb=` megabytes (`…/big`), answers after `?ms=` milliseconds (`/slow`).
 pub struct Upstream {
     pub addr: SocketAddr,
 }
@@ -251,6 +251,17 @@ pub async fn upstream_handle(
     let path = req.uri().path().to_string();
     if path.ends_with("/echo/body") {
         return Ok(Response::new(http_body_util::Either::Left(req.into_body())));
+    }
+    if path.ends_with("/big") {
+        // `?mb=` megabytes of zeros: an answer larger than any socket buffer.
+        let mb: usize = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("mb="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let body = Full::new(Bytes::from(vec![0u8; mb << 20]));
+        return Ok(Response::new(http_body_util::Either::Right(body)));
     }
     if path == "/slow" {
         let ms: u64 = req
