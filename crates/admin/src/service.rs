@@ -49,6 +49,9 @@ pub struct AdminSettings {
 
 /// How long a rotated key's old value keeps working when the rotation does not say.
 const DEFAULT_GRACE_SECS: u64 = 86_400;
+/// The longest grace a rotation gives the old value: 30 days. A rotation is often a leak's answer,
+/// and a grace of years would leave the leaked value working as if nothing had happened.
+const MAX_GRACE_SECS: u64 = 30 * 86_400;
 
 /// Epoch nanoseconds as RFC 3339, as `expiresAt` is written.
 fn rfc3339(nanos: u64) -> String {
@@ -760,6 +763,11 @@ impl Admin {
             None => ids::new_key_value(),
         };
         let grace = input.grace_seconds.unwrap_or(DEFAULT_GRACE_SECS);
+        if grace > MAX_GRACE_SECS {
+            return Err(bad(format!(
+                "graceSeconds must be at most {MAX_GRACE_SECS} (30 days)"
+            )));
+        }
         let id = id.to_owned();
         self.write(move |admin, catalog| {
             let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;

@@ -190,9 +190,26 @@ impl Stream {
         request: http::Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
-        let (parts, body) = request.into_parts();
+        let (parts, mut body) = request.into_parts();
         let mut head = Vec::with_capacity(256);
-        let ended = body.is_end_stream();
+        let mut ended = body.is_end_stream();
+        // A GET or HEAD whose END_STREAM comes on an empty DATA frame has no body: it is told
+        // so before its head is written, or it would go on as a (refused) chunked body.
+        let mut first = None;
+        let bodiless = matches!(parts.method, Method::GET | Method::HEAD)
+            && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        while bodiless && !ended && first.is_none() {
+            match tokio::time::timeout(self.shared.head_timeout, body.data()).await {
+                Ok(None) => ended = true,
+                Ok(Some(Ok(data))) if data.is_empty() => {}
+                // Its credit goes back once the pipeline takes it, as any DATA's.
+                Ok(Some(Ok(data))) => first = Some(data),
+                // A reset or a broken body: the stream is over; its head is never sent.
+                Ok(Some(Err(_))) => return,
+                // Still open after a head timeout: it goes on as a body.
+                Err(_) => break,
+            }
+        }
         let outcome = match request_head(&parts, ended, &mut head) {
             Ok(chunked) => {
                 let (near, far) = tokio::io::duplex(PIPE);
@@ -205,7 +222,7 @@ impl Stream {
                     self.tls.clone(),
                     conn::Role::Proxy,
                 ));
-                let mut upload = pin!(upload(&head, body, chunked, &mut to_pipeline));
+                let mut upload = pin!(upload(&head, first, body, chunked, &mut to_pipeline));
                 let idle = self.shared.head_timeout;
                 let mut answer = pin!(relay(&mut from_pipeline, &parts.method, &mut respond, idle));
                 let (mut served, mut uploaded) = (false, false);
@@ -311,11 +328,12 @@ fn request_head(
     Ok(chunked)
 }
 
-/// Sends the request head, then the stream's DATA as its body, returning flow-control credit as
-/// the pipeline takes the bytes. `Err`: the client reset the stream, or its body broke the
-/// protocol (and h2 reset it).
+/// Sends the request head, then the stream's DATA (after `first`, already taken) as its body,
+/// returning flow-control credit as the pipeline takes the bytes. `Err`: the client reset the
+/// stream, or its body broke the protocol (and h2 reset it).
 async fn upload<W: AsyncWrite + Unpin>(
     head: &[u8],
+    first: Option<Bytes>,
     mut body: RecvStream,
     chunked: bool,
     to: &mut W,
@@ -324,8 +342,12 @@ async fn upload<W: AsyncWrite + Unpin>(
     // ends with the stream, which is fine.
     let _ = to.write_all(head).await;
     let mut frame = Vec::new();
-    while let Some(data) = body.data().await {
-        let data = data.map_err(|e| {
+    let mut first = first.map(Ok);
+    while let Some(data) = match first.take() {
+        Some(data) => Some(data),
+        None => body.data().await,
+    } {
+        let data = data.map_err(|e: h2::Error| {
             if e.is_reset() && e.is_remote() {
                 Gone::Reset
             } else {

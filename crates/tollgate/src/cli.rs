@@ -156,6 +156,9 @@ pub fn run() -> ExitCode {
             .map(|yaml| print!("{yaml}")),
         Command::Check { config } => config::load(&config)
             .map(|c| {
+                for w in &c.warnings {
+                    eprintln!("tollgate: warning: {w}");
+                }
                 println!(
                     "{}: ok ({} APIs, {} usage plans, {} API keys)",
                     config.display(),

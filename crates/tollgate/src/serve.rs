@@ -178,6 +178,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     if config.insecure_upstream_tls {
         tracing::warn!(
             "upstreamTls.insecureSkipVerify: the certificates of some https upstreams are not verified; anyone on the path to them can read and change their traffic"

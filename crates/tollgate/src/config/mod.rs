@@ -52,6 +52,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Set when key values are kept encrypted (`keyValueStorage: encrypted`).
     pub sealer: Option<Sealer>,
+    /// What is valid but risky, each naming its file, line and field: printed by `check`, logged
+    /// by `serve`.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The data plane's HTTPS listener.

@@ -106,9 +106,18 @@ struct Ctx<'a> {
     client_configs: RefCell<Vec<(UpstreamTlsFiles, Arc<rustls::ClientConfig>)>>,
     /// Whether a route skips verifying its upstream's certificate.
     insecure_upstream: Cell<bool>,
+    /// What is valid but probably not what the operator meant (`check` prints them, `serve` logs
+    /// them).
+    warnings: RefCell<Vec<ConfigError>>,
 }
 
 impl Ctx<'_> {
+    fn warn(&self, at: &Location, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings
+            .borrow_mut()
+            .push(ConfigError::at(self.file, *at, field, message));
+    }
+
     fn err<T>(
         &self,
         at: &Location,
@@ -251,6 +260,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         upstream_tls: raw.upstream_tls.as_ref(),
         client_configs: RefCell::default(),
         insecure_upstream: Cell::new(false),
+        warnings: RefCell::default(),
     };
     // Checked even when no route uses it yet.
     if let Some(global) = &raw.upstream_tls {
@@ -265,6 +275,11 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         Some(v) => {
             let at = &v.referenced;
             let listen = cx.address(&v.value.listen, at, "verify.listen")?;
+            if !listen.ip().is_loopback() {
+                cx.warn(at, "verify.listen", format!(
+                    "{listen} is not a loopback address: the decision endpoint answers whoever asks, about whatever request they describe; keep it on loopback or a private network only your proxy reaches"
+                ));
+            }
             let Some(proxy) = Proxy::named(&v.value.proxy) else {
                 return cx.err(
                     at,
@@ -527,6 +542,17 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         kept_fields.keep_underscores();
     }
 
+    // Plain HTTP serves the same APIs: a client without a certificate goes there instead.
+    if let (Some(plain), Some(t)) = (&raw.listen, &raw.tls) {
+        if t.value
+            .client_auth
+            .as_ref()
+            .is_some_and(|c| c.value.required)
+        {
+            cx.warn(&plain.referenced, "listen", "tls.clientAuth requires client certificates, but listen serves the same APIs over plain HTTP without them: mTLS can be bypassed there (drop listen, or keep it on an address clients cannot reach)");
+        }
+    }
+
     let (verify_listen, verify) = verify.unzip();
     Ok(Config {
         admin,
@@ -550,6 +576,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
         plans,
         keys,
+        warnings: cx.warnings.take(),
     })
 }
 
@@ -841,6 +868,9 @@ fn validate_api(
             Some(global) => cx.client_config(&global.value, &global.referenced, "upstreamTls")?,
             None => cx.client_config(&default_tls, at, &format!("{af}.jwks"))?,
         };
+        if a.issuer.is_none() && a.audience.is_none() {
+            cx.warn(at, &af, "neither issuer nor audience is set: any token the JWKS's keys signed, for any application of that IdP, is accepted");
+        }
         let settings = AuthorizerSettings {
             name: a.name.clone(),
             jwks: a.jwks.clone(),

@@ -1762,6 +1762,21 @@ async fn keys_rotate_with_a_grace_period_expire_and_are_found_by_value() {
         rotated["previousValueExpiresAt"]
     );
 
+    // A grace beyond 30 days is refused, and changes nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "rotate", &id, "--grace", "31d"])
+        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
+        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("graceSeconds must be at most 2592000"),
+        "{said}"
+    );
+    assert_eq!(c.get(&url, Some(&new)).await.status, 200);
+
     // A second rotation ends the first grace at once; --grace 0 ends it now.
     let third = "thirdValueForCentral0123456789";
     json(

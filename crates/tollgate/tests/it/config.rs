@@ -240,3 +240,60 @@ fn missing_file_is_a_config_error() {
     assert_eq!(code, 64);
     assert!(err.contains("absent.yaml: cannot read"), "{err}");
 }
+
+#[test]
+fn check_warns_of_what_is_valid_but_risky() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = crate::tls::ca("server CA");
+    crate::tls::server_cert(dir.path(), "api", &servers, &["api.test"]);
+    std::fs::write(
+        dir.path().join("partners-ca.pem"),
+        crate::tls::ca("partners CA").pem(),
+    )
+    .unwrap();
+    let raw = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .public_key_raw()
+        .to_vec();
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1",
+                                 "x": b64(&raw[1..33]), "y": b64(&raw[33..65])});
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        serde_json::json!({ "keys": [jwk] }).to_string(),
+    )
+    .unwrap();
+    let yaml = r#"listen: 127.0.0.1:0
+tls:
+  listen: 127.0.0.1:0
+  certificates: [ { cert: api.crt, key: api.key } ]
+  clientAuth: { ca: partners-ca.pem }
+verify: { listen: 0.0.0.0:0, proxy: nginx }
+apis:
+  - id: warranty
+    apiKeySource: AUTHORIZER
+    authorizers:
+      - { name: anyone, jwks: jwks.json }
+    stages: [ { name: prod } ]
+    routes:
+      - { path: /a, method: GET, apiKeyRequired: true, upstream: "http://127.0.0.1:9" }
+"#;
+    util::write_config(dir.path(), yaml);
+    let (code, out, err) = tollgate(dir.path(), &["check", "--config", "tollgate.yaml"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (line, field, says) in [
+        (1, "listen", "mTLS can be bypassed"),
+        (6, "verify.listen", "not a loopback address"),
+        (11, "apis[0].authorizers[0]", "neither issuer nor audience"),
+    ] {
+        let want = format!("tollgate: warning: tollgate.yaml:{line}:");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&want) && l.contains(field) && l.contains(says)),
+            "{field}: {err}"
+        );
+    }
+}

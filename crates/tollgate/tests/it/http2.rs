@@ -630,3 +630,33 @@ async fn streams_left_without_credit_are_reset_and_hold_a_fair_share() {
         assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
     }
 }
+
+/// A GET whose END_STREAM comes on an empty DATA frame (HEADERS without END_STREAM, then DATA with
+/// no bytes) is a bodiless request: served, not refused as a GET with a body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_ended_by_an_empty_data_frame_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "").await;
+    let (mut client, _conn) = h2c(gw.addr).await;
+    let req = http::Request::get("http://gw/prod/echo/empty-data")
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    client = client.ready().await.unwrap();
+    let (resp, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(Bytes::new(), true).unwrap();
+    let (parts, body) = read(resp).await.unwrap();
+    assert_eq!(parts.status, 200, "{body:?}");
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["method"], "GET");
+    assert!(echo["headers"].get("transfer-encoding").is_none(), "{echo}");
+    // With bytes in its DATA, it is still a GET with a body: refused.
+    let req = http::Request::get("http://gw/prod/echo/with-data")
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    client = client.ready().await.unwrap();
+    let (resp, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(Bytes::from_static(b"x"), true).unwrap();
+    assert_eq!(read(resp).await.unwrap().0.status, 400);
+}

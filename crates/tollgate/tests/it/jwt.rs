@@ -37,6 +37,9 @@ impl Signer {
     }
 }
 
+/// A key that JWT callers name by value.
+const MACHINE_KEY: &str = "machineKeyValue0123456789abcd";
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -80,6 +83,7 @@ usagePlans:
 apiKeys:
   - {{ name: central-system, value: "${{CENTRAL_KEY}}", usagePlans: [partners] }}
   - {{ name: off-plan, value: offPlanKeyValue0123456789 }}
+  - {{ name: machine, value: {MACHINE_KEY}, usagePlans: [partners] }}
 "#,
         jwks = jwks.display()
     );
@@ -119,6 +123,13 @@ apiKeys:
         Some(Signer::new("idp-1").token(claims("central-system", now() + 300))),
         Some(signer.token(json!({"sub": "central-system", "iss": "https://evil/", "aud": "warranty-api", "exp": now() + 300}))),
         Some("not.a.token".into()),
+        // The same IdP's tokens for no audience, or with the claims mistyped (Cognito access
+        // tokens and client-credentials tokens often carry no aud).
+        Some(signer.token(json!({"sub": "central-system", "iss": "https://idp.example.com/", "exp": now() + 300}))),
+        Some(signer.token(json!({"sub": "central-system", "iss": "https://idp.example.com/", "aud": null, "exp": now() + 300}))),
+        Some(signer.token(json!({"sub": "central-system", "aud": "warranty-api", "exp": now() + 300}))),
+        Some(signer.token(json!({"sub": "central-system", "iss": ["https://idp.example.com/"], "aud": "warranty-api", "exp": now() + 300}))),
+        Some(signer.token(json!({"sub": "central-system", "iss": "https://idp.example.com/", "aud": "warranty-api", "exp": u64::MAX}))),
     ] {
         let r = get(bad.clone(), &[]).await;
         assert_eq!((r.status, r.json()), (401, unauthorized.clone()), "{bad:?}");
@@ -146,7 +157,27 @@ apiKeys:
         (429, json!({"message": "Too Many Requests"}))
     );
 
-    // By value, as AWS's usageIdentifierKey: the claim holds the key's value.
+    // By value, as AWS's usageIdentifierKey: the claim holds the key's value, a secret, so the
+    // backend gets the key's id instead.
+    let token = signer.token(json!({"client_id": MACHINE_KEY, "exp": now() + 300}));
+    let r = c
+        .send(
+            "GET",
+            &gw.url("/prod/machine/x"),
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let subject = r.json()["headers"]["x-tollgate-subject"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(subject, MACHINE_KEY);
+    assert!(
+        subject.len() == 10 && subject.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "the key's id: {subject}"
+    );
     let machine = signer.token(json!({"client_id": KEY, "exp": now() + 300}));
     let r = c
         .send(
