@@ -888,7 +888,7 @@ impl Store for RedisStore {
     }
 
     fn end_sessions(&self, user: &str) -> Result<u64, StoreError> {
-        Ok(self.with(|c| Cmd::hincr(keys::SESSIONS, user, 1).query(c))?)
+        self.with(|c| Cmd::hincr(keys::SESSIONS, user, 1).query(c))
     }
 
     fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {

@@ -624,3 +624,55 @@ async fn the_access_log_takes_aws_context_variables_and_reopens_on_sigusr1() {
         "{err}"
     );
 }
+
+/// Line separators a client puts in a field (NEL, U+2028, U+2029, C1 controls) are escaped in the
+/// access log: Python's `str.splitlines()`, which splits at all of them, reads one JSON record per
+/// request.
+#[tokio::test]
+async fn no_line_reader_splits_an_access_log_record() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(&format!("http://{}", up.addr), PLANS).replace(
+        "rateLimitHeaders: true",
+        "rateLimitHeaders: true\naccessLog: { path: access.log }",
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    let agents: [&[u8]; 4] = [
+        "a\u{85}b".as_bytes(),
+        "a\u{2028}b".as_bytes(),
+        "a\u{2029}b\u{9b}c".as_bytes(),
+        b"plain",
+    ];
+    for agent in agents {
+        let mut req =
+            b"GET /prod/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nUser-Agent: ".to_vec();
+        req.extend_from_slice(agent);
+        req.extend_from_slice(b"\r\n\r\n");
+        let answer = util::raw_exchange(gw.addr, &req);
+        assert_eq!(util::status_of(&answer), Some(200), "{answer}");
+    }
+    let log = dir.path().join("access.log");
+    lines_of(&log, agents.len()).await;
+    let read = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys\n\
+             lines = open(sys.argv[1], encoding='utf-8').read().splitlines()\n\
+             print(json.dumps([json.loads(l)['userAgent'] for l in lines]))",
+        )
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let agents_read: Vec<String> = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(
+        agents_read,
+        ["a\u{85}b", "a\u{2028}b", "a\u{2029}b\u{9b}c", "plain"],
+        "one record per request, each reading back as sent"
+    );
+}
