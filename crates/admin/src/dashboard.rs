@@ -647,14 +647,7 @@ async fn plans(State(dash): State<Arc<Dashboard>>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
+    use crate::local::tests::headers;
 
     #[test]
     fn sessions_are_signed_and_expire() {

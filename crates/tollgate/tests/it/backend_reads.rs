@@ -127,6 +127,16 @@ const TWINS: [(&str, &str); 8] = [
     ("X_API_KEY", "notTheCheckedKey0123456789"),
 ];
 
+/// What the backend read of a public request through the gateway at `addr` carrying all of
+/// [`TWINS`] and `X_Custom: 1`.
+fn twins_through(addr: SocketAddr) -> Value {
+    let twins: String = TWINS.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+    let head = format!(
+        "GET /prod/open/x HTTP/1.1\r\nHost: gw\r\n{twins}X_Custom: 1\r\nConnection: close\r\n\r\n"
+    );
+    backend_saw(&raw_exchange(addr, head.as_bytes()))
+}
+
 /// Asserts that the backend saw none of [`TWINS`]' values under any name.
 fn saw_no_twin(saw: &Value, how: &str) {
     let headers = saw["headers"].as_object().unwrap();
@@ -154,13 +164,7 @@ async fn underscore_twins_never_reach_a_cgi_backend() {
     );
 
     let (_dir, gw) = gateway(&flask, "");
-    let twins: String = TWINS.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
-    let r = raw_exchange(
-        gw.addr,
-        format!("GET /prod/open/x HTTP/1.1\r\nHost: gw\r\n{twins}X_Custom: 1\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    );
-    let saw = backend_saw(&r);
+    let saw = twins_through(gw.addr);
     saw_no_twin(&saw, "HTTP/1.1");
     assert!(
         saw["headers"].get("x-custom").is_none(),
@@ -204,13 +208,7 @@ async fn underscore_twins_never_reach_a_cgi_backend() {
 async fn underscores_in_headers_keeps_other_names_but_never_twins() {
     let flask = CgiBackend::start();
     let (_dir, gw) = gateway(&flask, "underscoresInHeaders: true");
-    let twins: String = TWINS.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
-    let r = raw_exchange(
-        gw.addr,
-        format!("GET /prod/open/x HTTP/1.1\r\nHost: gw\r\n{twins}X_Custom: 1\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    );
-    let saw = backend_saw(&r);
+    let saw = twins_through(gw.addr);
     saw_no_twin(&saw, "underscoresInHeaders");
     assert_eq!(saw["headers"]["x-custom"], "1", "{saw}");
     let r = client()

@@ -622,6 +622,12 @@ async fn without_credentials_no_web_page_drives_the_admin_api() {
     );
 }
 
+/// The `name=value` of the session cookie a login's answer sets.
+fn session_cookie(login: &util::Reply) -> String {
+    let set = login.header("set-cookie").unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
 /// A dashboard login over `c`: the answer.
 async fn login(c: &HttpClient, admin: &str, secret: &str) -> util::Reply {
     let body = json!({"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}).to_string();
@@ -645,13 +651,7 @@ async fn guessing_backs_off_and_signing_out_ends_the_session() {
     // An operator's session, and a copy of its cookie kept elsewhere.
     let ok = login(&c, &admin, SECRET_KEY).await;
     assert_eq!(ok.status, 200);
-    let session = ok
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let session = session_cookie(&ok);
     let csrf = ok.json()["csrf"].as_str().unwrap().to_string();
     let keys = format!("{admin}/dashboard/api/keys");
     let get_keys = |cookie: String| {
@@ -706,13 +706,7 @@ async fn guessing_backs_off_and_signing_out_ends_the_session() {
     assert_eq!(r.status, 401, "still over after a restart");
     let again = login(&client(), &admin, SECRET_KEY).await;
     assert_eq!(again.status, 200, "a new session after the restart");
-    let fresh = again
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let fresh = session_cookie(&again);
     let r = client()
         .send("GET", &keys, &[("cookie", fresh.as_str())], "")
         .await;

@@ -322,31 +322,45 @@ async fn streams_are_bounded_per_connection() {
     assert_eq!(client.current_max_send_streams(), 3);
 
     // Each running stream takes one of the gateway's maxConnections slots (it may hold an upstream
-    // connection, a descriptor, of its own): with 3, the connection and two streams; the rest are
-    // refused at once, for the client to retry.
+    // connection, a descriptor, of its own), and one connection's streams at most a quarter of them
+    // (the rest wait their turn): with 8, two streams at a time, and all five served.
     let dir = tempfile::tempdir().unwrap();
-    let (gw, ca) = start(dir.path(), "maxConnections: 3").await;
-    let mut client = h2_over_tls(gw.tls.unwrap(), &ca).await;
-    let mut pending = Vec::new();
-    for _ in 0..5 {
-        let req = http::Request::get("https://api.test/prod/slow?ms=500")
-            .header("x-api-key", KEY)
-            .body(())
-            .unwrap();
-        client = client.ready().await.unwrap();
-        let (resp, _) = client.send_request(req, true).unwrap();
-        pending.push(tokio::spawn(read(resp)));
-    }
-    let mut served = 0;
-    let mut refused = 0;
-    for task in pending {
-        match task.await.unwrap() {
-            Ok((parts, _)) if parts.status == 200 => served += 1,
-            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => refused += 1,
-            other => panic!("{other:?}"),
+    let (gw, ca) = start(dir.path(), "maxConnections: 8").await;
+    let slow_streams = |client: h2::client::SendRequest<Bytes>, ms: u64| async move {
+        let mut client = client;
+        let mut pending = Vec::new();
+        for _ in 0..5 {
+            let req = http::Request::get(format!("https://api.test/prod/slow?ms={ms}"))
+                .header("x-api-key", KEY)
+                .body(())
+                .unwrap();
+            client = client.ready().await.unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            pending.push(tokio::spawn(read(resp)));
         }
-    }
-    assert_eq!((served, refused), (2, 3));
+        let (mut served, mut refused) = (0, 0);
+        for task in pending {
+            match task.await.unwrap() {
+                Ok((parts, _)) if parts.status == 200 => served += 1,
+                Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        (served, refused)
+    };
+    let client = h2_over_tls(gw.tls.unwrap(), &ca).await;
+    assert_eq!(slow_streams(client, 200).await, (5, 0));
+    // With the other slots held by connections of their own (six, and this one), a stream that
+    // finds none free is refused at once, for the client to retry.
+    let held: Vec<_> = (0..6)
+        .map(|_| std::net::TcpStream::connect(gw.tls.unwrap()).unwrap())
+        .collect();
+    let mut client = h2_over_tls(gw.tls.unwrap(), &ca).await;
+    let (parts, _) = get(&mut client, "/prod/echo/a", Some(KEY)).await.unwrap();
+    assert_eq!(parts.status, 200, "the last slot");
+    // The first stream holds the last slot for two seconds, well past the others' refusals.
+    assert_eq!(slow_streams(client.clone(), 2000).await, (1, 4));
+    drop(held);
     let (parts, _) = get(&mut client, "/prod/echo/after", Some(KEY))
         .await
         .unwrap();
