@@ -30,6 +30,24 @@ pub const STEERING_FIELDS: [&str; 7] = [
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeptFields(u8);
 
+/// The first of [`STEERING_FIELDS`] that claims an address rather than a method or a path.
+const ADDRESS_CLAIMS: u8 = 5;
+
+/// `name`'s place in [`STEERING_FIELDS`], if it is one. By length first: this runs for every field
+/// of every request, and most fields are none of these.
+fn steering_bit(name: &str) -> Option<u8> {
+    Some(match name.len() {
+        9 if is(name, "forwarded") => 5,
+        9 if is(name, "x-real-ip") => 6,
+        13 if is(name, "x-rewrite-url") => 1,
+        13 if is(name, "x-http-method") => 4,
+        14 if is(name, "x-original-url") => 0,
+        17 if is(name, "x-method-override") => 3,
+        22 if is(name, "x-http-method-override") => 2,
+        _ => return None,
+    })
+}
+
 /// [`KeptFields`]'s bit for field names with `_`.
 const UNDERSCORES: u8 = 1 << STEERING_FIELDS.len();
 
@@ -79,20 +97,16 @@ impl KeptFields {
         }
     }
 
-    /// Whether a client's field `name` is one of the [`STEERING_FIELDS`] not kept. By length first:
-    /// this runs for every field of every request, and most fields are none of these.
+    /// Whether a client's field `name` is one of the [`STEERING_FIELDS`] not kept.
     pub(crate) fn drops(self, name: &str) -> bool {
-        let bit = match name.len() {
-            9 if is(name, "forwarded") => 5,
-            9 if is(name, "x-real-ip") => 6,
-            13 if is(name, "x-rewrite-url") => 1,
-            13 if is(name, "x-http-method") => 4,
-            14 if is(name, "x-original-url") => 0,
-            17 if is(name, "x-method-override") => 3,
-            22 if is(name, "x-http-method-override") => 2,
-            _ => return false,
-        };
-        self.0 & (1 << bit) == 0
+        steering_bit(name).is_some_and(|bit| self.0 & (1 << bit) == 0)
+    }
+
+    /// Whether a client's field `name` is one of the [`STEERING_FIELDS`] that change the method or
+    /// the path a backend serves, not kept. The address claims (`Forwarded`, `X-Real-IP`) are left
+    /// out: proxies in front of the decision endpoint set them themselves (Traefik's `X-Real-Ip`).
+    pub(crate) fn steers_route(self, name: &str) -> bool {
+        steering_bit(name).is_some_and(|bit| bit < ADDRESS_CLAIMS && self.0 & (1 << bit) == 0)
     }
 }
 

@@ -69,9 +69,10 @@ pub struct VerifySettings {
 /// `buf`), as `settings.proxy` tells them.
 ///
 /// The proxy forwards the client's fields as they came, and the data plane's drops cannot apply
-/// there: so a request carrying a field that could steer the backend (one of the
-/// [`STEERING_FIELDS`](crate::rewrite::STEERING_FIELDS) not `kept`) or, unless `kept`, a field name with `_` (read as `-` by CGI-style
-/// servers) is refused, so that what was decided on is what the backend reads.
+/// there: so a request carrying a field that could make the backend serve another method or path
+/// (one of the [`STEERING_FIELDS`](crate::rewrite::STEERING_FIELDS) not `kept`) or, unless `kept`, a
+/// field name with `_` (read as `-` by CGI-style servers) is refused, so that what was decided on is
+/// what the backend reads.
 pub(crate) fn take_original(
     buf: &[u8],
     head: &mut RequestHead,
@@ -85,7 +86,7 @@ pub(crate) fn take_original(
     req.parse(&buf[..head.len])
         .map_err(|_| HeadError::Malformed("Malformed request"))?;
     for h in req.headers.iter() {
-        if kept.drops(h.name) {
+        if kept.steers_route(h.name) {
             return Err(HeadError::Malformed(
                 "A field that can steer the backend (X-HTTP-Method-Override, X-Original-URL, …) is not allowed",
             ));
@@ -288,6 +289,9 @@ mod tests {
         let lower = with("").replace("Method: GET", "Method: delete");
         assert!(original(&lower, Proxy::Nginx, "").is_err(), "{lower}");
         assert!(original(&with("X-Other: 1"), Proxy::Nginx, "").is_ok());
+        // Address claims are the proxies' own (Traefik sets X-Real-Ip): not refused.
+        assert!(original(&with("X-Real-Ip: 10.0.0.1"), Proxy::Nginx, "").is_ok());
+        assert!(original(&with("Forwarded: for=10.0.0.1"), Proxy::Nginx, "").is_ok());
         // Kept by the config: an underscore name that is nobody's twin, a steering field listed.
         let buf = with("X_Custom: 1\r\nX-HTTP-Method-Override: PUT");
         let mut head = parse_request(buf.as_bytes(), |_| {}).unwrap().unwrap();
