@@ -196,7 +196,8 @@ impl Stream {
         // A GET or HEAD whose END_STREAM comes on an empty DATA frame has no body: it is told
         // so before its head is written, or it would go on as a (refused) chunked body.
         let mut first = None;
-        let bodiless = matches!(parts.method, Method::GET | Method::HEAD)
+        let bodiless = !ended
+            && matches!(parts.method, Method::GET | Method::HEAD)
             && !parts.headers.contains_key(header::CONTENT_LENGTH);
         while bodiless && !ended && first.is_none() {
             match tokio::time::timeout(self.shared.head_timeout, body.data()).await {
@@ -465,13 +466,21 @@ async fn send_data(
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let granted = match tokio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
-            Ok(Some(Ok(n))) => n,
-            Ok(_) => return Err(Gone::Reset),
-            Err(_) => {
-                send.send_reset(Reason::CANCEL);
-                return Err(Gone::Stalled);
+        // Credit already there, the common case, arms no timer.
+        let capacity = match poll_fn(|cx| Poll::Ready(send.poll_capacity(cx))).await {
+            Poll::Ready(capacity) => capacity,
+            Poll::Pending => {
+                match tokio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
+                    Ok(capacity) => capacity,
+                    Err(_) => {
+                        send.send_reset(Reason::CANCEL);
+                        return Err(Gone::Stalled);
+                    }
+                }
             }
+        };
+        let Some(Ok(granted)) = capacity else {
+            return Err(Gone::Reset);
         };
         let (now, rest) = data.split_at(granted.min(data.len()));
         if now.is_empty() {
