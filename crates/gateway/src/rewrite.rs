@@ -66,10 +66,10 @@ impl KeptFields {
         if self.0 & UNDERSCORES == 0 {
             return true;
         }
-        let mut dashed = [0u8; 64];
+        let mut dashed = [0u8; 128];
         let Some(dashed) = dashed.get_mut(..name.len()) else {
-            // Longer than any field the gateway has a rule for.
-            return false;
+            // Past any name an API means to use: dropped rather than read through.
+            return true;
         };
         for (d, b) in dashed.iter_mut().zip(name.bytes()) {
             *d = if b == b'_' { b'-' } else { b };
@@ -336,7 +336,8 @@ mod tests {
         // A steering field kept by the config keeps its twin out all the same.
         assert!(kept.keep("x-http-method-override"));
         assert!(kept.drops_underscored("X_HTTP_Method_Override"));
-        assert!(!kept.drops_underscored(&"a_".repeat(40)));
+        assert!(!kept.drops_underscored(&"a_".repeat(60)));
+        assert!(kept.drops_underscored(&format!("X_Tollgate_{}", "a".repeat(120))));
     }
 
     fn resp(raw: &[u8], method: Method) -> (Result<ResponseStart, HeadError>, String) {
