@@ -1042,9 +1042,8 @@ async fn cli_manages_the_whole_lifecycle() {
     );
 }
 
-/// `aws apigateway …` against a gateway's admin API, signed with the test credentials. CI installs
-/// the AWS CLI (`.ci/run`) and sets TOLLGATE_REQUIRE_AWSCLI=1; elsewhere its tests are skipped when
-/// `aws` is not installed.
+/// `aws apigateway …` against a gateway's admin API, signed with the test credentials; its tests
+/// are skipped where the AWS CLI is not installed (see [`util::have`]).
 struct AwsCli {
     endpoint: String,
 }
@@ -1052,16 +1051,7 @@ struct AwsCli {
 impl AwsCli {
     /// The AWS CLI, or `None` (the test is skipped) when it is not installed and not required.
     fn for_gateway(gw: &Gateway) -> Option<AwsCli> {
-        let installed = Command::new("aws")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !installed {
-            assert!(
-                std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
-                "the AWS CLI is required but not installed"
-            );
-            eprintln!("skipped: the AWS CLI is not installed");
+        if !util::have("aws", &["--version"], "pip install awscli") {
             return None;
         }
         Some(AwsCli {
@@ -1831,8 +1821,11 @@ const NOT_ANSWERED: &[(&str, &str, &str)] = &[(
 )];
 
 /// botocore's API Gateway service model, as the installed AWS CLI reads it; `None` (the test is
-/// skipped) when botocore is not installed and not required.
+/// skipped) when botocore is not installed (see [`util::have`]).
 fn botocore_model() -> Option<Value> {
+    if !util::have("python3", &["-c", "import botocore"], "pip install awscli") {
+        return None;
+    }
     let out = Command::new("python3")
         .args([
             "-c",
@@ -1840,17 +1833,13 @@ fn botocore_model() -> Option<Value> {
              print(json.dumps(l.Loader().load_service_model('apigateway', 'service-2')))",
         ])
         .output();
-    match out {
-        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
-        _ => {
-            assert!(
-                std::env::var_os("TOLLGATE_REQUIRE_AWSCLI").is_none(),
-                "botocore (with the AWS CLI) is required but not installed"
-            );
-            eprintln!("skipped: botocore is not installed");
-            None
-        }
-    }
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -630,6 +630,9 @@ async fn the_access_log_takes_aws_context_variables_and_reopens_on_sigusr1() {
 /// request.
 #[tokio::test]
 async fn no_line_reader_splits_an_access_log_record() {
+    if !util::have("python3", &["--version"], "Debian: apt-get install python3") {
+        return;
+    }
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = util::config(&format!("http://{}", up.addr), PLANS).replace(

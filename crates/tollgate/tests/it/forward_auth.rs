@@ -162,7 +162,10 @@ fn recipe(name: &str, verify: std::net::SocketAddr, up: &util::Upstream) -> Stri
 async fn nginx_auth_request_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "nginx");
-    let nginx = Nginx::start(&recipe("nginx-forward-auth.conf", gw.verify_addr(), &up));
+    let Some(nginx) = Nginx::start(&recipe("nginx-forward-auth.conf", gw.verify_addr(), &up))
+    else {
+        return;
+    };
     decisions_hold(nginx.addr, &gw).await;
     what_the_backend_reads_is_what_was_decided(nginx.addr).await;
     // nginx replaces the client's own X-Original-URI.
@@ -173,7 +176,9 @@ async fn nginx_auth_request_with_tollgate_deciding() {
 async fn caddy_forward_auth_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "caddy");
-    let caddy = Caddy::start(&recipe("Caddyfile.forward-auth", gw.verify_addr(), &up));
+    let Some(caddy) = Caddy::start(&recipe("Caddyfile.forward-auth", gw.verify_addr(), &up)) else {
+        return;
+    };
     decisions_hold(caddy.addr, &gw).await;
     what_the_backend_reads_is_what_was_decided(caddy.addr).await;
     // Caddy passes the client's own fields on to the decision request: only its own count.

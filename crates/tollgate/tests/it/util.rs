@@ -522,6 +522,53 @@ pub fn status_of(raw: &str) -> Option<u16> {
         .and_then(|c| c.parse().ok())
 }
 
+/// The variable that makes every outside program the tests use mandatory (`scripts/test` and CI set it).
+pub const REQUIRE_TOOLS: &str = "TOLLGATE_REQUIRE_TOOLS";
+
+/// Whether `program` runs here (`args`: a harmless invocation that succeeds when it works). When it
+/// does not, the test asking is skipped with a note on the real stderr (so `cargo test` shows it
+/// whatever it captures), or fails when [`REQUIRE_TOOLS`] is set. `install` says how to get it.
+pub fn have(program: &str, args: &[&str], install: &str) -> bool {
+    let works = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        assert!(
+            std::env::var_os(REQUIRE_TOOLS).is_none(),
+            "{program} is required ({REQUIRE_TOOLS} is set) but does not run: {install}"
+        );
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: it needs {program}, which does not run here ({install}; scripts/test installs it)"
+        );
+    }
+    works
+}
+
+/// [`have`] for nginx.
+pub fn have_nginx() -> bool {
+    have(
+        nginx_binary(),
+        &["-v"],
+        "Debian: apt-get install nginx-light",
+    )
+}
+
+/// [`have`] for Caddy.
+pub fn have_caddy() -> bool {
+    have("caddy", &["version"], "Debian: apt-get install caddy")
+}
+
+/// [`have`] for Flask (under `python3`).
+pub fn have_flask() -> bool {
+    have("python3", &["-c", "import flask"], "pip install flask")
+}
+
 /// A real nginx, from Debian's package, on a free port of 127.0.0.1; stopped when dropped.
 pub struct Nginx {
     pub addr: SocketAddr,
@@ -531,8 +578,11 @@ pub struct Nginx {
 
 impl Nginx {
     /// Runs nginx with `http` as its `http {}` block, where `{PORT}` is the port it listens on and
-    /// `{DIR}` its directory (logs go there).
-    pub fn start(http: &str) -> Nginx {
+    /// `{DIR}` its directory (logs go there); `None` when nginx is not installed (see [`have`]).
+    pub fn start(http: &str) -> Option<Nginx> {
+        if !have_nginx() {
+            return None;
+        }
         let dir = tempfile::tempdir().unwrap();
         let port = tollgate_store::testing::free_port();
         let conf = format!(
@@ -564,7 +614,7 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { addr, dir, child }
+        Some(Nginx { addr, dir, child })
     }
 
     /// A file nginx wrote in its directory.
@@ -582,8 +632,12 @@ pub struct Caddy {
 }
 
 impl Caddy {
-    /// Runs Caddy with `caddyfile`, where `{PORT}` is the port it listens on.
-    pub fn start(caddyfile: &str) -> Caddy {
+    /// Runs Caddy with `caddyfile`, where `{PORT}` is the port it listens on; `None` when Caddy is
+    /// not installed (see [`have`]).
+    pub fn start(caddyfile: &str) -> Option<Caddy> {
+        if !have_caddy() {
+            return None;
+        }
         let dir = tempfile::tempdir().unwrap();
         let port = tollgate_store::testing::free_port();
         let file = dir.path().join("Caddyfile");
@@ -608,11 +662,11 @@ impl Caddy {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Caddy {
+        Some(Caddy {
             addr,
             _dir: dir,
             child,
-        }
+        })
     }
 }
 
@@ -763,7 +817,11 @@ pub struct CgiBackend {
 }
 
 impl CgiBackend {
-    pub fn start() -> CgiBackend {
+    /// `None` when Flask is not installed (see [`have`]).
+    pub fn start() -> Option<CgiBackend> {
+        if !have_flask() {
+            return None;
+        }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/backends/cgi_echo.py");
         let mut child = Command::new("python3")
             .arg(script)
@@ -780,10 +838,10 @@ impl CgiBackend {
             let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
             panic!("the Flask backend did not start (pip install flask): {err}");
         };
-        CgiBackend {
+        Some(CgiBackend {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
-        }
+        })
     }
 }
 
