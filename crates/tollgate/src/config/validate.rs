@@ -323,11 +323,12 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         )?),
         None => None,
     };
-    if listen.is_none() && tls.is_none() {
+    // A gateway that only decides for another proxy (forward-auth) needs no data plane listener.
+    if listen.is_none() && tls.is_none() && raw.verify.is_none() {
         return cx.err(
             &Location::UNKNOWN,
             "listen",
-            "give listen (plain HTTP), tls.listen (HTTPS), or both",
+            "give listen (plain HTTP), tls.listen (HTTPS), verify.listen (decisions for another proxy only), or several",
         );
     }
 

@@ -143,18 +143,28 @@ async fn what_the_backend_reads_is_what_was_decided(front: std::net::SocketAddr)
     }
 }
 
-/// The recipe in `examples/`, pointed at the test's addresses; the proxy's own port is left as
-/// `{PORT}` for the server helpers to fill.
-fn recipe(name: &str, verify: std::net::SocketAddr, up: &util::Upstream) -> String {
+/// The recipe in `examples/`, pointed at the test's addresses: its proxy's port (`listen`), its
+/// decision endpoint's and the backend's (9000). The proxy's own port is left as `{PORT}` for the
+/// server helpers to fill.
+fn recipe(
+    name: &str,
+    (listen, decisions): (u16, u16),
+    verify: std::net::SocketAddr,
+    up: &util::Upstream,
+) -> String {
     let text = std::fs::read_to_string(
         concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/").to_owned() + name,
     )
     .unwrap();
-    for from in ["127.0.0.1:8080", "127.0.0.1:8090", "127.0.0.1:9000"] {
+    let (listen, decisions) = (
+        format!("127.0.0.1:{listen}"),
+        format!("127.0.0.1:{decisions}"),
+    );
+    for from in [&listen, &decisions, "127.0.0.1:9000"] {
         assert!(text.contains(from), "{name} no longer has {from}");
     }
-    text.replace("127.0.0.1:8080", "127.0.0.1:{PORT}")
-        .replace("127.0.0.1:8090", &verify.to_string())
+    text.replace(&listen, "127.0.0.1:{PORT}")
+        .replace(&decisions, &verify.to_string())
         .replace("127.0.0.1:9000", &up.addr.to_string())
 }
 
@@ -162,8 +172,12 @@ fn recipe(name: &str, verify: std::net::SocketAddr, up: &util::Upstream) -> Stri
 async fn nginx_auth_request_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "nginx");
-    let Some(nginx) = Nginx::start(&recipe("nginx-forward-auth.conf", gw.verify_addr(), &up))
-    else {
+    let Some(nginx) = Nginx::start(&recipe(
+        "nginx-forward-auth.conf",
+        (8088, 8090),
+        gw.verify_addr(),
+        &up,
+    )) else {
         return;
     };
     decisions_hold(nginx.addr, &gw).await;
@@ -176,7 +190,12 @@ async fn nginx_auth_request_with_tollgate_deciding() {
 async fn caddy_forward_auth_with_tollgate_deciding() {
     let up = util::upstream().await;
     let (_dir, gw) = gateway(&up, "caddy");
-    let Some(caddy) = Caddy::start(&recipe("Caddyfile.forward-auth", gw.verify_addr(), &up)) else {
+    let Some(caddy) = Caddy::start(&recipe(
+        "Caddyfile.forward-auth",
+        (8089, 8091),
+        gw.verify_addr(),
+        &up,
+    )) else {
         return;
     };
     decisions_hold(caddy.addr, &gw).await;
@@ -232,4 +251,109 @@ async fn the_decision_endpoint_answers_in_each_convention() {
         c.get(&gw.url("/prod/echo/direct"), Some(KEY)).await.status,
         200
     );
+}
+
+/// The lines of the README's `sh` block that begins with `first`.
+fn readme_block(first: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme
+        .find(&format!("```sh\n{first}"))
+        .unwrap_or_else(|| panic!("no README block begins with {first:?}"));
+    let block = &readme[start + "```sh\n".len()..];
+    let end = block.find("```").unwrap();
+    block[..end].lines().map(str::to_owned).collect()
+}
+
+/// Background commands of a README block, each in a process group of its own; stopped when dropped.
+struct Started(Vec<std::process::Child>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "TERM", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a README block as written, in a copy of `examples/` (so its files stay clean), with the
+/// test's own build standing in for `cargo run --release -p tollgate --`: the lines ending in `&`
+/// are started, then each `curl` line must answer the status its comment names.
+fn run_readme_block(first: &str) {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let copied = std::process::Command::new("cp")
+        .args(["-r", examples])
+        .arg(dir.path().join("examples"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let shell = |line: &str| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg("-c")
+            .arg(line.replace("cargo run --release -p tollgate --", bin))
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path());
+        cmd
+    };
+    let mut started = Started(Vec::new());
+    for line in readme_block(first) {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        if let Some(background) = line.strip_suffix('&') {
+            let child = shell(background)
+                .process_group(0)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            started.0.push(child);
+            continue;
+        }
+        let (command, expected) = line
+            .split_once("  #")
+            .expect("a curl line says what it gets");
+        let status = expected
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_end_matches(',');
+        assert!(command.trim_start().starts_with("curl "), "{line}");
+        // The servers just started: the first answer may take a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let out = shell(command).output().unwrap();
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            if answer.starts_with(&format!("HTTP/1.1 {status}")) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{line}: {answer}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    drop(started);
+}
+
+/// The README's try-out of both recipes, as written, with the real nginx and Caddy and a real
+/// backend (Python's http.server), on the ports the examples give.
+#[test]
+fn the_readme_recipes_run_as_written() {
+    if !(util::have_nginx() && util::have_caddy()) {
+        return;
+    }
+    run_readme_block("# The nginx recipe");
+    run_readme_block("# The Caddy recipe");
 }
