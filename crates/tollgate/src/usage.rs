@@ -135,7 +135,7 @@ fn offline(
     let store = config
         .store
         .kind
-        .open()
+        .open_existing()
         .map_err(|e| Failure::Runtime(e.into()))?;
     let records = store.load().map_err(|e| Failure::Runtime(e.into()))?;
     let plan = records

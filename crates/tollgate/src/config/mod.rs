@@ -154,6 +154,22 @@ impl StoreKind {
         })
     }
 
+    /// Opens a store that must already be there, for commands that only read (`usage`): a SQLite
+    /// file that does not exist is an error naming it, never a new empty database.
+    pub fn open_existing(
+        &self,
+    ) -> Result<std::sync::Arc<dyn tollgate_store::Store>, tollgate_store::StoreError> {
+        if let StoreKind::Sqlite(path) = self {
+            if !path.exists() {
+                return Err(tollgate_store::StoreError::NotFound(format!(
+                    "no store at {} (the config's store.sqlite; `tollgate serve` creates it)",
+                    path.display()
+                )));
+            }
+        }
+        self.open()
+    }
+
     /// How to name it in messages.
     pub fn describe(&self) -> String {
         match self {

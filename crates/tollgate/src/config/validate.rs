@@ -99,6 +99,9 @@ pub(crate) fn parse_size(raw: &RawSize) -> Result<u64, String> {
 
 struct Ctx<'a> {
     file: &'a Path,
+    /// The config file's directory: relative paths in it are read from there, wherever the
+    /// process runs (as Caddy and docker compose do).
+    dir: &'a Path,
     /// The file's `upstreamTls`, for `https` routes without their own.
     upstream_tls: Option<&'a Spanned<RawUpstreamTls>>,
     /// The TLS client configurations built so far, shared by the routes with the same settings
@@ -112,6 +115,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A path written in the config, relative to the config file's directory.
+    fn path(&self, written: &str) -> PathBuf {
+        self.dir.join(written)
+    }
+
     fn warn(&self, at: &Location, field: impl Into<String>, message: impl Into<String>) {
         self.warnings
             .borrow_mut()
@@ -169,14 +177,14 @@ impl Ctx<'_> {
     ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
         let client = match (&raw.cert, &raw.key) {
             (Some(cert), Some(key)) => Some(CertFiles {
-                cert: PathBuf::from(&cert.0),
-                key: PathBuf::from(&key.0),
+                cert: self.path(&cert.0),
+                key: self.path(&key.0),
             }),
             (None, None) => None,
             _ => return self.err(at, field, "give both cert and key, or neither"),
         };
         let files = UpstreamTlsFiles {
-            ca: raw.ca.as_ref().map(|ca| PathBuf::from(&ca.0)),
+            ca: raw.ca.as_ref().map(|ca| self.path(&ca.0)),
             client,
             insecure_skip_verify: raw.insecure_skip_verify,
         };
@@ -257,6 +265,7 @@ impl Ctx<'_> {
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let cx = Ctx {
         file,
+        dir: file.parent().unwrap_or(Path::new("")),
         upstream_tls: raw.upstream_tls.as_ref(),
         client_configs: RefCell::default(),
         insecure_upstream: Cell::new(false),
@@ -334,7 +343,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
 
     let store = match &raw.store {
         None => StoreConfig {
-            kind: StoreKind::Sqlite(PathBuf::from("./tollgate.db")),
+            kind: StoreKind::Sqlite(cx.path("tollgate.db")),
             flush_interval: Duration::from_secs(1),
         },
         Some(s) => validate_store(&cx, &s.value, &s.referenced)?,
@@ -501,7 +510,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             RawAccessLog::Settings(settings) => Some(AccessLogConfig {
                 format: LogFormat::parse(settings.format.as_deref().unwrap_or(DEFAULT_FORMAT))
                     .map_err(|e| ConfigError::at(cx.file, a.referenced, "accessLog.format", e))?,
-                path: settings.path.as_ref().map(|p| PathBuf::from(&p.0)),
+                path: settings.path.as_ref().map(|p| cx.path(&p.0)),
             }),
         },
     };
@@ -609,8 +618,8 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
     };
     let kind = match (&s.sqlite, &s.redis) {
         (Some(_), Some(_)) => return cx.err(at, "store", "give sqlite or redis, not both"),
-        (Some(path), None) => StoreKind::Sqlite(PathBuf::from(&path.0)),
-        (None, None) => StoreKind::Sqlite(PathBuf::from("./tollgate.db")),
+        (Some(path), None) => StoreKind::Sqlite(cx.path(&path.0)),
+        (None, None) => StoreKind::Sqlite(cx.path("tollgate.db")),
         (None, Some(r)) => {
             let urls: Vec<String> = match &r.url {
                 RawUrls::One(u) => vec![u.0.clone()],
@@ -708,8 +717,8 @@ fn validate_termination(
         .certificates
         .iter()
         .map(|c| CertFiles {
-            cert: PathBuf::from(&c.value.cert.0),
-            key: PathBuf::from(&c.value.key.0),
+            cert: cx.path(&c.value.cert.0),
+            key: cx.path(&c.value.key.0),
         })
         .collect();
     let min_version = match raw
@@ -728,7 +737,7 @@ fn validate_termination(
         }
     };
     let client_auth = raw.client_auth.as_ref().map(|c| ClientAuth {
-        ca: PathBuf::from(&c.value.ca.0),
+        ca: cx.path(&c.value.ca.0),
         required: c.value.required,
     });
     // Which field a file at fault came from, and where that field is written.
@@ -874,7 +883,12 @@ fn validate_api(
         }
         let settings = AuthorizerSettings {
             name: a.name.clone(),
-            jwks: a.jwks.clone(),
+            // A file is read from the config's directory; a URL is what it says.
+            jwks: if a.jwks.starts_with("https://") {
+                a.jwks.clone()
+            } else {
+                cx.path(&a.jwks).to_string_lossy().into_owned()
+            },
             issuer: a.issuer.clone(),
             audience: a.audience.clone(),
             claim: a

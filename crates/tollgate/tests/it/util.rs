@@ -37,16 +37,21 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `tollgate serve --config <dir>/tollgate.yaml` and waits until it listens.
     pub fn start(dir: &Path, envs: &[(&str, &str)]) -> Gateway {
-        Self::launch(dir, envs, "http")
+        Self::launch(dir, dir, envs, "http")
+    }
+
+    /// [`Gateway::start`] with another working directory: `cwd`.
+    pub fn start_from(dir: &Path, cwd: &Path, envs: &[(&str, &str)]) -> Gateway {
+        Self::launch(dir, cwd, envs, "http")
     }
 
     /// [`Gateway::start`] for a config whose data plane listens for HTTPS only (`addr` is the
     /// HTTPS listener's).
     pub fn start_tls(dir: &Path, envs: &[(&str, &str)]) -> Gateway {
-        Self::launch(dir, envs, "https")
+        Self::launch(dir, dir, envs, "https")
     }
 
-    fn launch(dir: &Path, envs: &[(&str, &str)], scheme: &'static str) -> Gateway {
+    fn launch(dir: &Path, cwd: &Path, envs: &[(&str, &str)], scheme: &'static str) -> Gateway {
         let stderr_path = dir.join(format!(
             "stderr-{}.log",
             std::time::SystemTime::now()
@@ -58,7 +63,7 @@ impl Gateway {
         cmd.arg("serve")
             .arg("--config")
             .arg(dir.join("tollgate.yaml"))
-            .current_dir(dir);
+            .current_dir(cwd);
         cmd.stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap());
         for (k, v) in envs {
