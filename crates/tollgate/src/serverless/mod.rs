@@ -612,7 +612,15 @@ fn key_group(item: &Sited) -> Option<(&str, usize)> {
 
 /// The validated config for `opts`, through the native validator.
 pub fn load(opts: &ServerlessOptions) -> Result<Config, ConfigError> {
-    config::validate(&opts.file, to_native(opts)?)
+    // `--store` comes from the command line: relative to where the command runs. Paths in a file
+    // are relative to the file, so it is made absolute before the file's rules apply.
+    let mut opts = opts.clone();
+    if Path::new(&opts.store).is_relative() {
+        if let Ok(cwd) = std::env::current_dir() {
+            opts.store = cwd.join(&opts.store).to_string_lossy().into_owned();
+        }
+    }
+    config::validate(&opts.file, to_native(&opts)?)
 }
 
 /// What `tollgate import serverless` prints: the native config as YAML, once it validates.
