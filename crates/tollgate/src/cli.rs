@@ -94,28 +94,48 @@ struct ServerlessFlags {
     /// Stage (default: provider.stage, else dev).
     #[arg(long)]
     stage: Option<String>,
-    /// Data-plane address (serverless.yml only).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Store, as sqlite:PATH (serverless.yml only).
-    #[arg(long, default_value = "sqlite:./tollgate.db")]
-    store: String,
+    /// Data-plane address (serverless.yml only) [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Store, as sqlite:PATH, relative to where the command runs (serverless.yml only)
+    /// [default: sqlite:./tollgate.db].
+    #[arg(long)]
+    store: Option<String>,
     /// Admin API address (serverless.yml only; credentials from the environment).
     #[arg(long)]
     admin: Option<String>,
 }
 
 impl ServerlessFlags {
+    /// The flags given on the command line (each applies to a serverless.yml only).
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("--upstream", self.upstream.is_some()),
+            ("--function", !self.functions.is_empty()),
+            ("--stage", self.stage.is_some()),
+            ("--listen", self.listen.is_some()),
+            ("--store", self.store.is_some()),
+            ("--admin", self.admin.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
     fn options(&self, file: PathBuf) -> Result<ServerlessOptions, Failure> {
-        let store = self.store.strip_prefix("sqlite:").ok_or_else(|| {
-            Failure::Usage(format!("--store {:?}: expected sqlite:PATH", self.store))
-        })?;
+        let spec = self.store.as_deref().unwrap_or("sqlite:./tollgate.db");
+        let store = spec
+            .strip_prefix("sqlite:")
+            .ok_or_else(|| Failure::Usage(format!("--store {spec:?}: expected sqlite:PATH")))?;
         Ok(ServerlessOptions {
             file,
             stage: self.stage.clone(),
             upstream: self.upstream.clone(),
             functions: self.functions.clone(),
-            listen: self.listen.clone(),
+            listen: self
+                .listen
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
             store: store.to_string(),
             admin: self.admin.clone(),
         })
@@ -131,7 +151,13 @@ pub fn run() -> ExitCode {
             serverless,
             flags,
         } => {
+            let given = flags.given();
             let loaded = match (config, serverless) {
+                // A tollgate.yaml says these itself: a flag it would ignore is refused.
+                (Some(_), _) if !given.is_empty() => Err(Failure::Usage(format!(
+                    "{} apply to --serverless only: with --config, the file says them (listen:, store:, admin:, routes' upstream:)",
+                    given.join(", ")
+                ))),
                 (Some(config), _) => config::load(&config).map_err(Failure::Config),
                 (None, Some(file)) => flags
                     .options(file)

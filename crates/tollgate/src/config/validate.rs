@@ -215,11 +215,19 @@ impl Ctx<'_> {
         field: &str,
     ) -> Result<SocketAddr, ConfigError> {
         raw.0.parse().or_else(|_| {
-            self.err(
-                at,
-                field,
-                format!("{:?} is not an address like 127.0.0.1:8080", raw.0),
-            )
+            // A name (localhost:8080) could resolve to several addresses, or change: not taken.
+            let named = raw.0.rsplit_once(':').is_some_and(|(host, port)| {
+                port.parse::<u16>().is_ok() && host.chars().any(|c| c.is_ascii_alphabetic())
+            });
+            let why = if named {
+                format!(
+                    "{:?}: host names are not supported here; give an IP address and port, like 127.0.0.1:8080 or [::1]:8080",
+                    raw.0
+                )
+            } else {
+                format!("{:?} is not an address like 127.0.0.1:8080", raw.0)
+            };
+            self.err(at, field, why)
         })
     }
 

@@ -297,3 +297,37 @@ apis:
         );
     }
 }
+
+#[test]
+fn flags_a_config_would_ignore_are_refused_and_host_names_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(dir.path(), GOOD);
+    let (code, _, err) = tollgate(
+        dir.path(),
+        &[
+            "serve",
+            "--config",
+            "tollgate.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "sqlite:x.db",
+        ],
+        &[("CENTRAL_KEY", "centralSystemKey0123456789abcdef")],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("--listen, --store apply to --serverless only"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x.db").exists());
+    let (code, out) = check(
+        &GOOD.replace("listen: 127.0.0.1:0", "listen: localhost:8080"),
+        &[("CENTRAL_KEY", "centralSystemKey0123456789abcdef")],
+    );
+    assert_eq!(code, 64);
+    assert!(
+        out.contains("listen: \"localhost:8080\": host names are not supported here"),
+        "{out}"
+    );
+}

@@ -228,6 +228,16 @@ async fn curl_over_https_gets_the_same_pipeline() {
     assert_eq!((code, out.ends_with("\n200")), (Some(0), true), "{out}");
     let (code, _) = curl(&[&base[..], &["--tlsv1", "--tls-max", "1.1", url.as_str()]].concat());
     assert_eq!(code, Some(35), "TLS 1.1 refused in the handshake");
+    // The server's cipher order, not the client's: ChaCha20 listed first, AES-256-GCM chosen.
+    let chosen = Command::new("curl")
+        .args(base)
+        .args(["-sv", "-o", "/dev/null", "--tls-max", "1.2", "--ciphers"])
+        .arg("ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384")
+        .arg(&url)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&chosen.stderr);
+    assert!(said.contains("/ ECDHE-ECDSA-AES256-GCM-SHA384"), "{said}");
     // Not plain HTTP on the TLS port; the plain listener beside it says so upstream.
     let (code, _) = curl(&[format!("http://127.0.0.1:{port}/prod/echo/a").as_str()]);
     assert_ne!(code, Some(0));
