@@ -31,6 +31,9 @@ pub struct UsageCommand {
     /// Region to sign for.
     #[arg(long, default_value = "us-east-1")]
     region: String,
+    /// For an https:// endpoint: the PEM file of the CAs it chains to (env TOLLGATE_CA_BUNDLE).
+    #[arg(long, env = "TOLLGATE_CA_BUNDLE")]
+    ca_bundle: Option<std::path::PathBuf>,
     /// The usage plan, by name or id.
     #[arg(long)]
     plan: Option<String>,
@@ -103,6 +106,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
                 EndpointArgs {
                     endpoint: endpoint.clone(),
                     region: cmd.region.clone(),
+                    ca_bundle: cmd.ca_bundle.clone(),
                 },
                 cmd.output,
             );

@@ -691,7 +691,7 @@ async fn https_upstreams_are_verified_and_may_take_a_client_certificate() {
 async fn the_admin_api_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let issuer = ca("admin CA");
-    server_cert(dir.path(), "admin", &issuer, &["admin.test"]);
+    server_cert(dir.path(), "admin", &issuer, &["admin.test", "127.0.0.1"]);
     server_cert(dir.path(), "api", &issuer, &["api.test"]);
     server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
     std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
@@ -701,6 +701,38 @@ async fn the_admin_api_over_tls() {
         "admin: { listen: 127.0.0.1:0, tls: { certificates: [ { cert: admin.crt, key: admin.key } ], minVersion: \"1.3\" } }\n",
     )
     .await;
+    // The tollgate CLI over HTTPS: trusting the CA in --ca-bundle (the system's roots do not).
+    let cli = |extra: &[&str], signed: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["keys", "list", "--endpoint"])
+            .arg(format!("https://127.0.0.1:{}", gw.admin.unwrap().port()))
+            .args(extra)
+            .env_remove("TOLLGATE_ADMIN_ACCESS_KEY_ID")
+            .env_remove("TOLLGATE_ADMIN_SECRET_ACCESS_KEY");
+        if signed {
+            cmd.env("TOLLGATE_ADMIN_ACCESS_KEY_ID", util::ACCESS_KEY)
+                .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", util::SECRET_KEY);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let ca_bundle = dir.path().join("ca.pem");
+    let ca_bundle = ca_bundle.to_str().unwrap();
+    let (ok, out) = cli(&["--ca-bundle", ca_bundle], true);
+    assert!(ok && out.contains("cent…(32)"), "{out}");
+    let (ok, out) = cli(&[], true);
+    assert!(!ok && out.contains("cannot reach the admin API"), "{out}");
+    let (ok, out) = cli(&["--ca-bundle", ca_bundle], false);
+    assert!(
+        !ok && out
+            .contains("set TOLLGATE_ADMIN_ACCESS_KEY_ID and TOLLGATE_ADMIN_SECRET_ACCESS_KEY"),
+        "{out}"
+    );
     let admin = gw.admin.unwrap();
     let resolve = format!("admin.test:{}:127.0.0.1", admin.port());
     let cacert = dir.path().join("ca.pem");
