@@ -90,7 +90,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
     }) = &cmd.action
     {
         let out = manage::set_remaining(common, plan, key, *remaining).map_err(Failure::Runtime)?;
-        return print(&out, common.output(), &BTreeMap::new());
+        return print(&out, common.output(), &BTreeMap::new(), None);
     }
     let plan = cmd
         .plan
@@ -119,7 +119,7 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
                 cmd.detail,
             )
             .map_err(Failure::Runtime)?;
-            print(&out, cmd.output, &BTreeMap::new())
+            print(&out, cmd.output, &BTreeMap::new(), None)
         }
         (None, None) => Err(Failure::Usage(
             "give --config FILE (read the store) or --endpoint URL (ask the admin API)".into(),
@@ -185,11 +185,16 @@ fn offline(
         .iter()
         .map(|k| (k.id.clone(), k.name.clone()))
         .collect();
-    print(&usage, output, &names)
+    print(&usage, output, &names, Some(&plan.name))
 }
 
-/// Prints a Usage: JSON as is, or one row per key and day.
-fn print(usage: &Value, output: Output, names: &BTreeMap<String, String>) -> Result<(), Failure> {
+/// Prints a Usage: JSON as is, or one row per key and day, under the plan's name when known.
+fn print(
+    usage: &Value,
+    output: Output,
+    names: &BTreeMap<String, String>,
+    plan_name: Option<&str>,
+) -> Result<(), Failure> {
     if let Output::Json = output {
         println!(
             "{}",
@@ -203,10 +208,13 @@ fn print(usage: &Value, output: Output, names: &BTreeMap<String, String>) -> Res
         .ok()
         .and_then(EpochDay::from_date)
         .unwrap_or(EpochDay(0));
+    let id = usage["usagePlanId"].as_str().unwrap_or("");
+    let plan = match plan_name {
+        Some(name) => format!("{name} ({id})"),
+        None => id.to_owned(),
+    };
     println!(
-        "usage plan {}, {} to {}",
-        usage["usagePlanId"].as_str().unwrap_or(""),
-        start,
+        "usage plan {plan}, {start} to {}",
         usage["endDate"].as_str().unwrap_or("")
     );
     let values = usage["values"].as_object();
