@@ -43,6 +43,7 @@ impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::DuplicateKeyValue => AdminError::Conflict("API Key already exists".into()),
+            held @ StoreError::ValueHeld { .. } => AdminError::Conflict(held.to_string()),
             StoreError::NotFound(what) => AdminError::NotFound(what),
             other => AdminError::Internal(other.to_string()),
         }

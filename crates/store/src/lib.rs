@@ -181,6 +181,18 @@ pub enum StoreError {
     /// Another key already has this value (AWS: "API Key already exists").
     #[error("API Key already exists")]
     DuplicateKeyValue,
+    /// A declared key's value is another key's in the store.
+    #[error(
+        "API Key already exists: the value of API key {declared:?} is held by API key {holder_name:?} ({holder_id}); give it another value, or remove that key"
+    )]
+    ValueHeld {
+        /// The declared key's name.
+        declared: String,
+        /// The key holding the value.
+        holder_id: String,
+        /// Its name.
+        holder_name: String,
+    },
     /// A record the operation refers to does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -179,6 +179,28 @@ pub fn apply_declared(
             }
         }
     }
-    store.put_records(&changed)?;
-    Ok(generated)
+    match store.put_records(&changed) {
+        Err(StoreError::DuplicateKeyValue) => Err(value_holder(store, &changed.keys)),
+        other => other.map(|()| generated),
+    }
+}
+
+/// Which of `keys` has a value another key holds, and which key that is: read from the index only
+/// on this error path (it may hold millions of keys).
+fn value_holder(store: &dyn Store, keys: &[ApiKey]) -> StoreError {
+    let Ok(index) = store.load_index() else {
+        return StoreError::DuplicateKeyValue;
+    };
+    for key in keys {
+        let holder =
+            (0..index.len()).find(|&i| index.hash(i) == key.value_hash && index.id(i) != key.id);
+        if let Some(i) = holder {
+            return StoreError::ValueHeld {
+                declared: key.name.clone(),
+                holder_id: index.id(i).to_owned(),
+                holder_name: index.name(i).to_owned(),
+            };
+        }
+    }
+    StoreError::DuplicateKeyValue
 }

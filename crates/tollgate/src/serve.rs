@@ -68,7 +68,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
         )
     })
-    .context("applying the config's plans and keys")?;
+    .with_context(|| {
+        format!(
+            "applying the config's plans and keys to the store {}",
+            config.store.kind.describe()
+        )
+    })?;
     {
         // The one time a generated value is shown: on stdout for the operator, never in the logs.
         let mut out = std::io::stdout().lock();

@@ -331,3 +331,24 @@ fn flags_a_config_would_ignore_are_refused_and_host_names_are_named() {
         "{out}"
     );
 }
+
+#[test]
+fn a_declared_value_another_key_holds_names_that_key_and_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("CENTRAL_KEY", "centralSystemKey0123456789abcdef")];
+    util::write_config(dir.path(), GOOD);
+    let gw = util::Gateway::start(dir.path(), &env);
+    assert!(gw.terminate().success());
+    // The same value under another name, in the same store (as two examples sharing a directory).
+    util::write_config(
+        dir.path(),
+        &GOOD.replace("name: central-system", "name: partner-b"),
+    );
+    let (code, _, err) = tollgate(dir.path(), &["serve", "--config", "tollgate.yaml"], &env);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the value of API key \"partner-b\" is held by API key \"central-system\" (")
+            && err.contains("tollgate.db"),
+        "{err}"
+    );
+}

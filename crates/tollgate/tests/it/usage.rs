@@ -85,7 +85,9 @@ apiKeys:
     assert!(table.contains("central-system"), "{table}");
     let plan_id = json["usagePlanId"].as_str().unwrap();
     assert!(
-        table.starts_with(&format!("usage plan central-batch ({plan_id}), {today} to {today}\n")),
+        table.starts_with(&format!(
+            "usage plan central-batch ({plan_id}), {today} to {today}\n"
+        )),
         "the plan by name, as the README shows: {table}"
     );
     assert!(
