@@ -112,9 +112,13 @@ struct RouteLabels {
     route: String,
 }
 
-/// OpenTelemetry's default buckets for HTTP durations, in seconds.
-const DURATION_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+/// Buckets for HTTP durations, in seconds: OpenTelemetry's defaults, below which a gateway's own
+/// answers (tens of microseconds) and a proxied request on a LAN (a fraction of a millisecond) fall,
+/// so six sub-millisecond bounds come first; with 5 ms as the first, `histogram_quantile` put the
+/// p50 of 0.2 ms requests at 2.5 ms.
+const DURATION_BUCKETS: [f64; 20] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25,
+    0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
 fn duration_histogram() -> Histogram {

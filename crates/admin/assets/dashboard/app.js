@@ -149,6 +149,8 @@ async function latency() {
     const rank = p * total;
     let prevLe = 0, prevN = 0;
     for (const [le, n] of bounds) {
+      // In the first bucket the histogram says only "under its bound".
+      if (n >= rank && prevLe === 0) return { under: le };
       if (n >= rank) return le === Infinity ? prevLe : prevLe + (le - prevLe) * (rank - prevN) / Math.max(1, n - prevN);
       prevLe = le; prevN = n;
     }
@@ -157,7 +159,9 @@ async function latency() {
   return { p50: q(0.5), p99: q(0.99), count: total };
 }
 
-const ms = (s) => s === null ? "–" : (s * 1000).toFixed(s < 0.01 ? 2 : 0) + " ms";
+const ms = (s) => s === null ? "–"
+  : typeof s === "object" ? "< " + ms(s.under)
+  : (s * 1000).toFixed(s < 0.01 ? 2 : 0) + " ms";
 
 async function overviewPage(view) {
   const [o, lat] = await Promise.all([api("overview"), latency()]);
