@@ -135,9 +135,9 @@ fn offline(
     to: EpochDay,
 ) -> Result<(), Failure> {
     let (key, output) = (cmd.key.as_deref(), cmd.output);
-    let config = config::load(config).map_err(Failure::Config)?;
+    // Only the store: a report needs no key values (their `${VAR}`s may be unset here).
+    let config = config::load_store(config).map_err(Failure::Config)?;
     let store = config
-        .store
         .kind
         .open_existing()
         .map_err(|e| Failure::Runtime(e.into()))?;
@@ -149,7 +149,7 @@ fn offline(
         .ok_or_else(|| {
             Failure::Usage(format!(
                 "no usage plan {plan:?} in {}",
-                config.store.kind.describe()
+                config.kind.describe()
             ))
         })?;
     let key_id = match key {

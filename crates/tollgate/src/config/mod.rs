@@ -228,13 +228,29 @@ impl std::error::Error for ConfigError {}
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read(path)?)
+}
+
+/// The text of the config file at `path`.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         position: None,
         field: String::new(),
         message: format!("cannot read: {e}"),
-    })?;
-    parse(path, &text)
+    })
+}
+
+/// The store the config at `path` names, read alone (the rest of the file is not validated, so
+/// `${VAR}`s of key values need not be set): for commands that only read the store.
+pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
+    #[derive(serde::Deserialize)]
+    struct StoreOnly {
+        #[serde(default)]
+        store: Option<serde_saphyr::Spanned<raw::RawStore>>,
+    }
+    let raw: StoreOnly = serde_saphyr::from_str(&read(path)?).map_err(|e| yaml_error(path, &e))?;
+    validate::store_only(path, raw.store.as_ref())
 }
 
 /// Parses and validates config `text`, reporting errors against `path`.

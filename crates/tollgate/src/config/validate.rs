@@ -270,15 +270,42 @@ impl Ctx<'_> {
     }
 }
 
+impl<'a> Ctx<'a> {
+    fn new(file: &'a Path, upstream_tls: Option<&'a Spanned<RawUpstreamTls>>) -> Self {
+        Ctx {
+            file,
+            dir: file.parent().unwrap_or(Path::new("")),
+            upstream_tls,
+            client_configs: RefCell::default(),
+            insecure_upstream: Cell::new(false),
+            warnings: RefCell::default(),
+        }
+    }
+}
+
+/// The store a config at `file` names (`raw`, its `store:`), the rest of the file unread: what a
+/// command that only reads the store needs (`usage`), without the keys' values or certificates.
+pub(super) fn store_only(
+    file: &Path,
+    raw: Option<&Spanned<RawStore>>,
+) -> Result<StoreConfig, ConfigError> {
+    let cx = Ctx::new(file, None);
+    match raw {
+        None => Ok(default_store(&cx)),
+        Some(s) => validate_store(&cx, &s.value, &s.referenced),
+    }
+}
+
+/// The store of a config without `store:`: `tollgate.db` beside it.
+fn default_store(cx: &Ctx<'_>) -> StoreConfig {
+    StoreConfig {
+        kind: StoreKind::Sqlite(cx.path("tollgate.db")),
+        flush_interval: Duration::from_secs(1),
+    }
+}
+
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-    let cx = Ctx {
-        file,
-        dir: file.parent().unwrap_or(Path::new("")),
-        upstream_tls: raw.upstream_tls.as_ref(),
-        client_configs: RefCell::default(),
-        insecure_upstream: Cell::new(false),
-        warnings: RefCell::default(),
-    };
+    let cx = Ctx::new(file, raw.upstream_tls.as_ref());
     // Checked even when no route uses it yet.
     if let Some(global) = &raw.upstream_tls {
         cx.client_config(&global.value, &global.referenced, "upstreamTls")?;
@@ -350,10 +377,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
 
     let store = match &raw.store {
-        None => StoreConfig {
-            kind: StoreKind::Sqlite(cx.path("tollgate.db")),
-            flush_interval: Duration::from_secs(1),
-        },
+        None => default_store(&cx),
         Some(s) => validate_store(&cx, &s.value, &s.referenced)?,
     };
 
