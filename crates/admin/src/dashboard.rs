@@ -255,12 +255,7 @@ async fn signed_in(State(dash): State<Arc<Dashboard>>, mut req: Request, next: N
             return refuse(StatusCode::UNAUTHORIZED, "Unauthorized");
         };
         // Signed out since (on any instance, before any restart): over.
-        let user = s.user.clone();
-        match dash
-            .admin
-            .blocking(move |a| Ok(a.store.session_epoch(&user)?))
-            .await
-        {
+        match session_epoch(&dash, &s.user).await {
             Ok(epoch) if epoch == s.epoch => s,
             Ok(_) => return refuse(StatusCode::UNAUTHORIZED, "Unauthorized"),
             Err(e) => return e.into_response(),
@@ -281,6 +276,14 @@ async fn signed_in(State(dash): State<Arc<Dashboard>>, mut req: Request, next: N
     }
     req.extensions_mut().insert(session);
     next.run(req).await
+}
+
+/// How many times `user` has signed out, as the store keeps it.
+async fn session_epoch(dash: &Dashboard, user: &str) -> Result<u64, AdminError> {
+    let user = user.to_owned();
+    dash.admin
+        .blocking(move |a| Ok(a.store.session_epoch(&user)?))
+        .await
 }
 
 #[derive(Deserialize)]
@@ -319,11 +322,7 @@ async fn login(
         ));
     };
     dash.admin.failed.succeeded(attempt);
-    let user = known.access_key_id.clone();
-    let epoch = dash
-        .admin
-        .blocking(move |a| Ok(a.store.session_epoch(&user)?))
-        .await?;
+    let epoch = session_epoch(&dash, &known.access_key_id).await?;
     let (session, value) = dash
         .sessions
         .issue(&known.access_key_id, epoch, dash.admin.now_secs());

@@ -175,10 +175,7 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
         matches!(req.uri().path(), "/health" | "/metrics") && req.method() == http::Method::GET;
     if admin.credentials().is_empty() {
         let import = req.uri().path() == "/apikeys"
-            && req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|p| p == "mode=import"));
+            && is_import(&query(req.uri().query().map(str::to_owned)));
         if let Err(e) = crate::local::check(req.method(), req.headers(), import) {
             return e.into_response();
         }
@@ -366,6 +363,11 @@ fn query_all(raw: Option<&str>, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether a `POST /apikeys` with query `q` is ImportApiKeys (`mode=import`).
+fn is_import(q: &BTreeMap<String, String>) -> bool {
+    q.get("mode").map(String::as_str) == Some("import")
+}
+
 fn flag(q: &BTreeMap<String, String>, name: &str) -> bool {
     q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
@@ -415,7 +417,7 @@ type Result<T = Response> = std::result::Result<T, AdminError>;
 
 async fn create_key(State(admin): Shared, RawQuery(q): RawQuery, body: Bytes) -> Result {
     let q = query(q);
-    if q.get("mode").map(String::as_str) == Some("import") {
+    if is_import(&q) {
         if q.get("format").map(String::as_str) != Some("csv") {
             return Err(AdminError::BadRequest(
                 "Invalid format specified: only csv is supported".into(),

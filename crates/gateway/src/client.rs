@@ -68,9 +68,22 @@ impl ClientIo for TlsStream<TcpStream> {
     }
 }
 
+/// `wait`'s output, or `None` when it is not ready within `idle`. A wait that is ready at once, the
+/// common case on the request path, arms no timer (a timer costs more than the write it guards).
+pub(crate) async fn within<F: std::future::Future>(
+    idle: std::time::Duration,
+    wait: F,
+) -> Option<F::Output> {
+    let mut wait = std::pin::pin!(wait);
+    match std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => tokio::time::timeout(idle, wait).await.ok(),
+    }
+}
+
 /// Writes all of `data` to a client, giving up (`TimedOut`) when no byte goes out for `idle`: a
 /// client that stops reading holds its slot and its upstream connection only that long (nginx's
-/// `send_timeout`). A write that completes at once, the common case, arms no timer.
+/// `send_timeout`).
 pub(crate) async fn write_all_progressing<W: AsyncWrite + Unpin + ?Sized>(
     to: &mut W,
     mut data: &[u8],
@@ -78,16 +91,9 @@ pub(crate) async fn write_all_progressing<W: AsyncWrite + Unpin + ?Sized>(
 ) -> io::Result<()> {
     use tokio::io::AsyncWriteExt as _;
     while !data.is_empty() {
-        let ready = std::future::poll_fn(|cx| {
-            Poll::Ready(std::pin::Pin::new(&mut *to).poll_write(cx, data))
-        })
-        .await;
-        let n = match ready {
-            Poll::Ready(n) => n?,
-            Poll::Pending => tokio::time::timeout(idle, to.write(data))
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
-        };
+        let n = within(idle, to.write(data))
+            .await
+            .ok_or(io::ErrorKind::TimedOut)??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

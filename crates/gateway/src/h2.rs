@@ -23,7 +23,7 @@ use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, DuplexStream, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::client::ClientIo;
+use crate::client::{ClientIo, within};
 use crate::conn;
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields, ResponseStart,
@@ -466,18 +466,9 @@ async fn send_data(
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        // Credit already there, the common case, arms no timer.
-        let capacity = match poll_fn(|cx| Poll::Ready(send.poll_capacity(cx))).await {
-            Poll::Ready(capacity) => capacity,
-            Poll::Pending => {
-                match tokio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
-                    Ok(capacity) => capacity,
-                    Err(_) => {
-                        send.send_reset(Reason::CANCEL);
-                        return Err(Gone::Stalled);
-                    }
-                }
-            }
+        let Some(capacity) = within(idle, poll_fn(|cx| send.poll_capacity(cx))).await else {
+            send.send_reset(Reason::CANCEL);
+            return Err(Gone::Stalled);
         };
         let Some(Ok(granted)) = capacity else {
             return Err(Gone::Reset);

@@ -651,7 +651,7 @@ fn validate_store(cx: &Ctx<'_>, s: &RawStore, at: &Location) -> Result<StoreConf
     let kind = match (&s.sqlite, &s.redis) {
         (Some(_), Some(_)) => return cx.err(at, "store", "give sqlite or redis, not both"),
         (Some(path), None) => StoreKind::Sqlite(cx.path(&path.0)),
-        (None, None) => StoreKind::Sqlite(cx.path("tollgate.db")),
+        (None, None) => default_store(cx).kind,
         (None, Some(r)) => {
             let urls: Vec<String> = match &r.url {
                 RawUrls::One(u) => vec![u.0.clone()],
