@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tollgate_core::model::Tags;
 
 use crate::error::AdminError;
+use crate::exposition::Exposition;
 use crate::failures::ClientAddr;
 use crate::service::{Admin, Paging};
 use crate::sigv4::{self, SignedHead};
@@ -308,13 +309,17 @@ async fn health(State(admin): Shared) -> Response {
     reply(status, &body)
 }
 
-async fn metrics(State(admin): Shared) -> Response {
-    let mut resp = (StatusCode::OK, admin.metrics_text()).into_response();
+/// The data plane's metrics, in the format the scraper's `Accept` asks for.
+async fn metrics(State(admin): Shared, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let format = Exposition::negotiate(accept);
+    let mut resp = (StatusCode::OK, format.write(admin.metrics_text())).into_response();
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        http::HeaderValue::from_static(format.content_type()),
     );
     resp
 }

@@ -4,6 +4,7 @@
 mod dashboard;
 pub mod data_plane;
 pub mod error;
+mod exposition;
 pub mod failures;
 pub mod http;
 mod import;

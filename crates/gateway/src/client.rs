@@ -8,6 +8,34 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+/// The HTTP version a request came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http10,
+    Http11,
+    Http2,
+}
+
+impl Protocol {
+    /// As AWS's `$context.protocol` names it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Http10 => "HTTP/1.0",
+            Self::Http11 => "HTTP/1.1",
+            Self::Http2 => "HTTP/2.0",
+        }
+    }
+
+    /// As OpenTelemetry's `network.protocol.version` names it.
+    pub(crate) fn version(self) -> &'static str {
+        match self {
+            Self::Http10 => "1.0",
+            Self::Http11 => "1.1",
+            Self::Http2 => "2",
+        }
+    }
+}
+
 /// What the connection loop needs of a client's stream beyond reading and writing.
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The read half of [`ClientIo::halves`].
@@ -22,9 +50,8 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// `http` or `https`: what `X-Forwarded-Proto` tells the upstream.
     const SCHEME: &'static str;
 
-    /// The protocol the client speaks, as AWS's `$context.protocol` names it (HTTP/1.0 is told by
-    /// the request).
-    const PROTOCOL: &'static str = "HTTP/1.1";
+    /// The protocol the client speaks (HTTP/1.0 is told by the request).
+    const PROTOCOL: Protocol = Protocol::Http11;
 
     /// Whether a client may open with the HTTP/2 preface, without TLS's ALPN (h2c).
     const PRIOR_KNOWLEDGE: bool = false;

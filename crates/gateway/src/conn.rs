@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::Record;
 use crate::admit::{Admission, Local, Presented, Refused, admit};
-use crate::client::{ClientIo, write_all_progressing};
+use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
@@ -313,11 +313,21 @@ impl<C: ClientIo> Conn<'_, C> {
             let integration = sent.map(secs);
             ex.integration_ms = integration.map(|s| (s * 1e3) as u64);
             let m = ex.matched;
+            let how = (C::SCHEME, Self::protocol(&ex));
             shared
                 .metrics
-                .observe(m, &ex.head.method, status, secs(ex.now), integration);
+                .observe(m, &ex.head.method, how, status, secs(ex.now), integration);
         }
         self.finish(&ex, status)
+    }
+
+    /// The HTTP version the request came in.
+    fn protocol(ex: &Exchange<'_>) -> Protocol {
+        if ex.head.http10 {
+            Protocol::Http10
+        } else {
+            C::PROTOCOL
+        }
     }
 
     /// What every phase needs to know about the request, read once.
@@ -570,11 +580,7 @@ impl<C: ClientIo> Conn<'_, C> {
                 api_key_id: ex.key_id,
                 error_message: ex.error.map(|e| e.0),
                 error_response_type: ex.error.map(|e| e.1),
-                protocol: if ex.head.http10 {
-                    "HTTP/1.0"
-                } else {
-                    C::PROTOCOL
-                },
+                protocol: Self::protocol(ex).name(),
                 tls_version: self.tls.as_ref().map(|t| t.version),
                 client_cert_subject: self.tls.as_ref().and_then(|t| t.client_subject.as_deref()),
                 decision: ex.decision.map(Decision::name),

@@ -23,7 +23,7 @@ use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, DuplexStream, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::client::{ClientIo, within};
+use crate::client::{ClientIo, Protocol, within};
 use crate::conn;
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields, ResponseStart,
@@ -541,7 +541,7 @@ impl<const HTTPS: bool> ClientIo for Bridge<HTTPS> {
     type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
     type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
     const SCHEME: &'static str = if HTTPS { "https" } else { "http" };
-    const PROTOCOL: &'static str = "HTTP/2.0";
+    const PROTOCOL: Protocol = Protocol::Http2;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         tokio::io::split(self)

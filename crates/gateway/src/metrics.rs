@@ -7,15 +7,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use http::Method;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
+use crate::client::Protocol;
 use crate::config::GatewayConfig;
 use crate::limits::{KeyRejected, Refusal};
 use crate::route::RouteMatch;
@@ -89,15 +92,18 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
-/// Where a request went (OpenTelemetry's `http.route` is the template, never the raw path), and how it
-/// was answered. Unmatched requests have empty `api`, `stage` and `route`.
+/// Where a request went, how it came and how it was answered, named after OpenTelemetry's HTTP
+/// server attributes (`http.route` is the template, never the raw path). Unmatched requests have
+/// empty `api`, `stage` and `http_route`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     api: String,
     stage: String,
-    route: String,
-    method: &'static str,
-    status_code: u16,
+    http_route: String,
+    http_request_method: &'static str,
+    http_response_status_code: u16,
+    url_scheme: &'static str,
+    network_protocol_version: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,7 +115,7 @@ struct StoreOperation {
 struct RouteLabels {
     api: String,
     stage: String,
-    route: String,
+    http_route: String,
 }
 
 /// Buckets for HTTP durations, in seconds: OpenTelemetry's defaults, below which a gateway's own
@@ -181,13 +187,16 @@ fn same_plan(seen: &Option<Arc<str>>, plan: Option<&Arc<str>>) -> bool {
     }
 }
 
+/// How a request came and was answered: method label, status, scheme and protocol.
+type Answered = (&'static str, u16, &'static str, Protocol);
+
 /// One route of one stage: its labels, the integration histogram, and the duration histograms met
-/// so far by method and status.
+/// so far by how requests came and were answered.
 #[derive(Debug)]
 struct RouteCell {
     labels: RouteLabels,
     integration: Histogram,
-    seen: Seen<(&'static str, u16), Histogram>,
+    seen: Seen<Answered, Histogram>,
 }
 
 /// One stage: the decision counters met so far by plan and decision.
@@ -233,7 +242,7 @@ impl RouteCells {
                     cells.push(cell(RouteLabels {
                         api: api.id.clone(),
                         stage: stage.name.clone(),
-                        route: route.path.clone(),
+                        http_route: route.path.clone(),
                     }));
                 }
             }
@@ -242,7 +251,7 @@ impl RouteCells {
         cells.push(cell(RouteLabels {
             api: String::new(),
             stage: String::new(),
-            route: String::new(),
+            http_route: String::new(),
         }));
         stages.push(stage_cell("", ""));
         Self {
@@ -270,6 +279,29 @@ impl RouteCells {
     }
 }
 
+/// The `tollgate_usage_plan_info{id,name}` series, one per usage plan served: other series name a
+/// plan by id (as AWS's tools do), and a query joins on this for the name people read.
+#[derive(Debug, Default)]
+struct PlanNames(RwLock<Vec<(Arc<str>, Arc<str>)>>);
+
+impl Collector for PlanNames {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let plans = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let mut family = encoder.encode_descriptor(
+            "tollgate_usage_plan",
+            "Usage plans served, by id and name",
+            None,
+            MetricType::Info,
+        )?;
+        let none: [(&str, &str); 0] = [];
+        for (id, name) in plans.iter() {
+            let labels = [("id", &**id), ("name", &**name)];
+            family.encode_family(&labels)?.encode_info(&none)?;
+        }
+        Ok(())
+    }
+}
+
 /// The data plane's counters and gauges.
 #[derive(Debug)]
 pub struct Metrics {
@@ -294,6 +326,7 @@ pub struct Metrics {
     flush_pending: Gauge,
     flush_lag: Gauge,
     flushed_at: AtomicU64,
+    plan_names: Arc<PlanNames>,
 }
 
 impl Metrics {
@@ -304,27 +337,30 @@ impl Metrics {
         let durations = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_histogram,
         );
-        registry.register(
-            "tollgate_request_duration_seconds",
-            "Time from a request's head to the end of its answer, by route and status",
+        registry.register_with_unit(
+            "tollgate_request_duration",
+            "Time from a request's head to the end of its answer, by route, method, status, scheme and protocol",
+            Unit::Seconds,
             durations.clone(),
         );
         let integration = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_histogram,
         );
-        registry.register(
-            "tollgate_integration_duration_seconds",
+        registry.register_with_unit(
+            "tollgate_integration_duration",
             "Time the upstream took to take the request and answer it, by route",
+            Unit::Seconds,
             integration.clone(),
         );
         let routes = RouteCells::new(config, &integration);
         let store_durations =
-            Family::<StoreOperation, Histogram, fn() -> Histogram>::new_with_constructor(|| {
-                Histogram::new(DURATION_BUCKETS)
-            });
-        registry.register(
-            "tollgate_store_operation_duration_seconds",
+            Family::<StoreOperation, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register_with_unit(
+            "tollgate_store_operation_duration",
             "Time the store took for an operation the data plane asked of it",
+            Unit::Seconds,
             store_durations.clone(),
         );
         let store_errors = Family::<StoreOperation, Counter>::default();
@@ -397,10 +433,12 @@ impl Metrics {
             "tollgate_metering_pending",
             "Metered usage deltas waiting to be written to the store",
         );
-        let flush_lag = gauge(
-            &mut registry,
-            "tollgate_metering_flush_lag_seconds",
-            "Seconds since the metering flusher last left nothing waiting",
+        let flush_lag = Gauge::default();
+        registry.register_with_unit(
+            "tollgate_metering_flush_lag",
+            "Time since the metering flusher last left nothing waiting",
+            Unit::Seconds,
+            flush_lag.clone(),
         );
         let store = cluster.then(|| {
             let degraded = gauge(
@@ -420,6 +458,8 @@ impl Metrics {
             "The running build",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let plan_names = Arc::<PlanNames>::default();
+        registry.register_collector(Box::new(plan_names.clone()));
         Self {
             registry,
             decisions,
@@ -438,15 +478,17 @@ impl Metrics {
             flush_pending,
             flush_lag,
             flushed_at: AtomicU64::new(0),
+            plan_names,
         }
     }
 
-    /// Records one answered request: how long it took (seconds), where it went and its status;
-    /// and, when it was forwarded, how long the upstream took.
+    /// Records one answered request: how long it took (seconds), where it went, how it came (scheme
+    /// and protocol) and its status; and, when it was forwarded, how long the upstream took.
     pub(crate) fn observe(
         &self,
         m: Option<RouteMatch>,
         method: &Method,
+        (scheme, protocol): (&'static str, Protocol),
         status: u16,
         secs: f64,
         integration_secs: Option<f64>,
@@ -462,17 +504,20 @@ impl Metrics {
             let labels = RequestLabels {
                 api: cell.labels.api.clone(),
                 stage: cell.labels.stage.clone(),
-                route: cell.labels.route.clone(),
-                method,
-                status_code: status,
+                http_route: cell.labels.http_route.clone(),
+                http_request_method: method,
+                http_response_status_code: status,
+                url_scheme: scheme,
+                network_protocol_version: protocol.version(),
             };
             (
-                (method, status),
+                (method, status, scheme, protocol),
                 self.durations.get_or_create(&labels).clone(),
             )
         };
+        let answered = (method, status, scheme, protocol);
         cell.seen
-            .with(|&k| k == (method, status), make, |h| h.observe(secs));
+            .with(|&k| k == answered, make, |h| h.observe(secs));
     }
 
     /// Counts what admission decided about a request that matched `m`, under `plan` (the plan of
@@ -561,15 +606,20 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus (OpenMetrics) text exposition, with the given gauges (`now`: the clock's
-    /// reading).
-    pub fn render(
+    /// The OpenMetrics text exposition, with the given gauges and the usage plans served (`now`:
+    /// the clock's reading).
+    pub fn render<'p>(
         &self,
         store_degraded: Option<bool>,
         api_keys: usize,
-        usage_plans: usize,
+        (usage_plans, plans): (usize, impl Iterator<Item = (&'p Arc<str>, &'p Arc<str>)>),
         now: u64,
     ) -> String {
+        {
+            let mut names = self.plan_names.0.write().unwrap_or_else(|e| e.into_inner());
+            names.clear();
+            names.extend(plans.map(|(id, name)| (id.clone(), name.clone())));
+        }
         let flushed_at = self.flushed_at.load(Ordering::Relaxed);
         if flushed_at > 0 {
             self.flush_lag

@@ -17,6 +17,8 @@ pub(crate) type RouteAt = (usize, usize, usize);
 #[derive(Debug)]
 pub(crate) struct PlanRules {
     pub(crate) id: Arc<str>,
+    /// The operator's name for it, for the metrics.
+    pub(crate) name: Arc<str>,
     pub(crate) throttle: Option<Gcra>,
     pub(crate) quota: Option<Quota>,
     /// (api, stage) indices it covers.
@@ -60,6 +62,7 @@ impl PlanRules {
         }
         Self {
             id: plan.id.as_str().into(),
+            name: plan.name.as_str().into(),
             throttle: plan.throttle.map(Gcra::new),
             quota: plan.quota.map(Quota::new),
             stages,

@@ -223,14 +223,14 @@ impl GatewayHandle {
         }
     }
 
-    /// The Prometheus text exposition of the data plane's counters.
+    /// The OpenMetrics text exposition of the data plane's counters.
     pub fn metrics_text(&self) -> String {
         let snap = self.snapshot();
         let degraded = self.shared.limiter.as_ref().map(RedisLimiter::degraded);
         self.shared.metrics.render(
             degraded,
             snap.key_count(),
-            snap.plan_count(),
+            (snap.plan_count(), snap.plan_names()),
             self.shared.clock.now(),
         )
     }

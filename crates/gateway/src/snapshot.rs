@@ -492,6 +492,11 @@ impl Snapshot {
         self.plans_in_use
     }
 
+    /// The usage plans served: their ids and names.
+    pub fn plan_names(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
+        self.plans.iter().map(|p| (&p.id, &p.name))
+    }
+
     /// Counts a request of `grant` at `now` as `counted`.
     pub fn count(&self, grant: &Grant<'_>, counted: Counted, now: u64) {
         self.slots.count(grant.slot, grant.live, counted, now);

@@ -1357,10 +1357,9 @@ async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     assert!(gw.terminate().success());
 }
 
-/// The samples of an OpenMetrics exposition: `name{labels}` to value. Every line must be a comment,
-/// a sample, or the closing `# EOF`.
+/// The samples of a text exposition (either format): `name{labels}` to value. Every line must be a
+/// comment or a sample.
 fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
-    assert!(text.ends_with("# EOF\n"), "{text}");
     let mut out = std::collections::BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
@@ -1374,7 +1373,7 @@ fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn metrics_are_openmetrics_with_their_names_and_labels() {
+async fn metrics_have_their_names_and_labels_in_either_format() {
     let (_dir, gw, admin, _up) = start(util::ONE_PLAN, &[]).await;
     let c = client();
     for _ in 0..3 {
@@ -1389,15 +1388,56 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         .send("FROB", &gw.url("/prod/echo/a"), &[("x-api-key", KEY)], "")
         .await;
     assert_eq!(odd.status, 200);
-    let r = c
-        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
-        .await;
+    // What Prometheus asks for.
+    let metrics_url = format!("http://{}/metrics", gw.admin.unwrap());
+    let accept = [("accept", PROMETHEUS_ACCEPT)];
+    let r = c.send("GET", &metrics_url, &accept, "").await;
     assert_eq!(
         r.header("content-type"),
         Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
+    let open = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# TYPE tollgate_request_duration_seconds histogram\n# UNIT tollgate_request_duration_seconds seconds\n"),
+        "{open}"
+    );
+    assert!(
+        open.contains("# TYPE tollgate_decisions counter\n"),
+        "{open}"
+    );
+    // The classic format by default, with the same samples.
+    let r = c.get(&metrics_url, None).await;
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
     let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE tollgate_decisions_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE tollgate_build_info gauge\n"),
+        "{text}"
+    );
     let s = samples(&text);
+    assert_eq!(
+        samples(&open).keys().collect::<Vec<_>>(),
+        s.keys().collect::<Vec<_>>()
+    );
+    if util::have(
+        "promtool",
+        &["--version"],
+        "Debian: apt-get install prometheus",
+    ) {
+        let lint = promtool_check_metrics(&text);
+        assert!(lint.is_empty(), "promtool check metrics: {lint}\n{text}");
+    }
     let at = |series: &str| {
         *s.get(series)
             .unwrap_or_else(|| panic!("{series} missing: {text}"))
@@ -1414,29 +1454,31 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
     assert_eq!(decided(prod, "", "missing_key"), 1.0);
     assert_eq!(decided(prod, "", "invalid_key"), 1.0);
     assert_eq!(decided(r#"api="",stage="""#, "", "no_route"), 1.0);
-    // Durations by route template, method and status; unmatched requests have no route.
-    let route = r#"api="warranty",stage="prod",route="/echo/{rest+}""#;
+    // Usage plans by name, to join on.
+    assert_eq!(
+        at(&format!(
+            r#"tollgate_usage_plan_info{{id="{plan}",name="p"}}"#
+        )),
+        1.0
+    );
+    // Durations by route template, method, status, scheme and protocol (OpenTelemetry's names);
+    // unmatched requests have no route.
+    let route = r#"api="warranty",stage="prod",http_route="/echo/{rest+}""#;
+    let how = |method: &str, status: u16| {
+        format!(
+            r#"http_request_method="{method}",http_response_status_code="{status}",url_scheme="http",network_protocol_version="1.1""#
+        )
+    };
     let count = |labels: &str| {
         at(&format!(
             "tollgate_request_duration_seconds_count{{{labels}}}"
         ))
     };
-    assert_eq!(
-        count(&format!(r#"{route},method="GET",status_code="200""#)),
-        3.0
-    );
-    assert_eq!(
-        count(&format!(r#"{route},method="GET",status_code="403""#)),
-        2.0
-    );
-    assert_eq!(
-        count(&format!(r#"{route},method="_OTHER",status_code="200""#)),
-        1.0
-    );
-    assert_eq!(
-        count(r#"api="",stage="",route="",method="GET",status_code="403""#),
-        1.0
-    );
+    assert_eq!(count(&format!("{route},{}", how("GET", 200))), 3.0);
+    assert_eq!(count(&format!("{route},{}", how("GET", 403))), 2.0);
+    assert_eq!(count(&format!("{route},{}", how("_OTHER", 200))), 1.0);
+    let unmatched = r#"api="",stage="",http_route="""#;
+    assert_eq!(count(&format!("{unmatched},{}", how("GET", 403))), 1.0);
     assert!(
         !text.contains("FROB") && !text.contains("/prod/echo/a"),
         "{text}"
@@ -1445,7 +1487,7 @@ async fn metrics_are_openmetrics_with_their_names_and_labels() {
         .keys()
         .filter(|k| {
             k.starts_with("tollgate_request_duration_seconds_bucket{")
-                && k.contains(r#"method="GET",status_code="200""#)
+                && k.contains(&how("GET", 200))
         })
         .count();
     assert_eq!(buckets, 21, "20 bounds and +Inf");
@@ -2065,4 +2107,71 @@ async fn extreme_usage_updates_are_refused_and_a_bad_stored_row_costs_nothing() 
     assert_eq!(r.status, 200, "{:?}", r.body);
     let r = client().get(&gw.url("/prod/echo/a"), Some(KEY)).await;
     assert_eq!((r.status, util::quota_remaining(&r)), (200, 4));
+}
+
+/// The `Accept` Prometheus 2.x scrapes with.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// What `promtool check metrics` says of `text`: nothing when it is clean.
+fn promtool_check_metrics(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        said
+    } else {
+        format!("exit {}: {said}", out.status)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scrapes_and_places_fast_answers_under_a_millisecond() {
+    let (_dir, gw, admin, _up) = start(util::ONE_PLAN, &[]).await;
+    let Some(prometheus) = util::Prometheus::start(gw.admin.unwrap()) else {
+        return;
+    };
+    let c = client();
+    // Answers the gateway gives itself take tens of microseconds, even in a debug build.
+    for _ in 0..200 {
+        assert_eq!(c.get(&gw.url("/prod/echo/a"), None).await.status, 403);
+    }
+    for _ in 0..20 {
+        assert_eq!(c.get(&gw.url("/prod/echo/a"), Some(KEY)).await.status, 200);
+    }
+    let sent = r#"sum(tollgate_request_duration_seconds_count{http_response_status_code="403"})"#;
+    prometheus.until(sent, |v| v == 200.0).await;
+    // The scrape negotiated OpenMetrics and every sample went in.
+    let targets = prometheus.api("targets").await;
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{targets}");
+    assert_eq!(target["lastError"], "", "{targets}");
+    let p50 = prometheus
+        .query(r#"histogram_quantile(0.5, sum by (le) (tollgate_request_duration_seconds_bucket{http_response_status_code="403"}))"#)
+        .await;
+    assert!(p50 > 0.0 && p50 < 0.001, "p50 {p50} s");
+    // A plan's name joins onto its id.
+    let plan = admin.plan_id("p").await;
+    let joined = prometheus
+        .query(&format!(
+            r#"sum(tollgate_decisions_total{{usage_plan="{plan}",decision="allowed"}} * on (usage_plan) group_left(name) label_replace(tollgate_usage_plan_info{{name="p"}}, "usage_plan", "$1", "id", "(.*)"))"#
+        ))
+        .await;
+    assert_eq!(joined, 20.0);
 }

@@ -192,7 +192,8 @@ async fn curl_over_https_gets_the_same_pipeline() {
     server_cert(dir.path(), "api", &issuer, &["api.test", "127.0.0.1"]);
     server_cert(dir.path(), "partner", &issuer, &["partner.test"]);
     std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
-    let (gw, _up) = start_on(dir.path(), "", "", true).await;
+    let admin = "admin: { listen: 127.0.0.1:0 }\n";
+    let (gw, _up) = start_on(dir.path(), "", admin, true).await;
     let port = gw.tls.unwrap().port();
     let resolve = format!("api.test:{port}:127.0.0.1");
     let url = format!("https://api.test:{port}/prod/echo/a");
@@ -243,6 +244,23 @@ async fn curl_over_https_gets_the_same_pipeline() {
     assert_ne!(code, Some(0));
     let (_, out) = curl(&["-H", key.as_str(), gw.url("/prod/echo/a").as_str()]);
     assert!(out.contains("\"x-forwarded-proto\":\"http\""), "{out}");
+    // curl speaks HTTP/2 over TLS when it can; HTTP/1.1 too, and the metrics tell the three apart.
+    let (code, out) = curl(&[&base[..], &["--http1.1", "-H", key.as_str(), url.as_str()]].concat());
+    assert_eq!((code, out.ends_with("\n200")), (Some(0), true), "{out}");
+    let metrics = util::client()
+        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
+        .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    for (how, n) in [
+        (r#"url_scheme="https",network_protocol_version="1.1""#, 1),
+        (r#"url_scheme="https",network_protocol_version="2""#, 3),
+        (r#"url_scheme="http",network_protocol_version="1.1""#, 1),
+    ] {
+        let series = format!(
+            r#"tollgate_request_duration_seconds_count{{api="warranty",stage="prod",http_route="/echo/{{rest+}}",http_request_method="GET",http_response_status_code="200",{how}}} {n}"#
+        );
+        assert!(text.contains(&series), "{series}: {text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

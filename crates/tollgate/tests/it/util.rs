@@ -689,6 +689,119 @@ impl Drop for Nginx {
     }
 }
 
+/// A real Prometheus (Debian's `prometheus` package) scraping one target every second, with its
+/// data in a temporary directory; stopped when dropped.
+pub struct Prometheus {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Prometheus {
+    /// Runs Prometheus scraping `/metrics` at `target`; `None` when it is not installed (see
+    /// [`have`]).
+    pub fn start(target: SocketAddr) -> Option<Prometheus> {
+        if !have(
+            "prometheus",
+            &["--version"],
+            "Debian: apt-get install prometheus",
+        ) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{ scrape_interval: 1s }}\n\
+                 scrape_configs:\n  - {{ job_name: tollgate, static_configs: [{{ targets: [\"{target}\"] }}] }}\n"
+            ),
+        )
+        .unwrap();
+        // Prometheus cannot say which port it took, so it is given one; one another process took
+        // in between makes it exit, and it is tried again.
+        for _ in 0..3 {
+            let port = tollgate_store::testing::free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let mut child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Some(Prometheus { addr, dir, child });
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "prometheus did not start: {}",
+                    std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!(
+            "prometheus did not start: {}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+    }
+
+    /// `GET /api/v1/{path}`, as JSON.
+    pub async fn api(&self, path: &str) -> serde_json::Value {
+        let r = client()
+            .get(&format!("http://{}/api/v1/{path}", self.addr), None)
+            .await;
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The value of an instant query with one result, if it has one yet.
+    pub async fn try_query(&self, query: &str) -> Option<f64> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(query, percent_encoding::NON_ALPHANUMERIC);
+        let r = self.api(&format!("query?query={encoded}")).await;
+        r["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// The value of an instant query with one result.
+    pub async fn query(&self, query: &str) -> f64 {
+        self.try_query(query)
+            .await
+            .unwrap_or_else(|| panic!("no result for {query}: {}", self.log()))
+    }
+
+    /// Waits (at most 30 s) until `query`'s value satisfies `ok`.
+    pub async fn until(&self, query: &str, ok: impl Fn(f64) -> bool) {
+        for _ in 0..120 {
+            if self.try_query(query).await.is_some_and(&ok) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("{query} never got there: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn nginx_binary() -> &'static str {
     if Path::new("/usr/sbin/nginx").exists() {
         "/usr/sbin/nginx"
