@@ -8,24 +8,47 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_saphyr::Spanned;
 
 /// A string in which `${VAR}` is replaced by the environment variable `VAR` (unset: an error at the
-/// place in the file where it is used).
+/// place in the file where it is used). The second field is how it is written back, when it came
+/// from variables that should stay variables (`import serverless` keeps `${env:KEY}` as `${KEY}`,
+/// so a key value never lands in a generated file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvString(pub String);
+pub struct EnvString(pub String, pub Option<String>);
+
+impl EnvString {
+    /// `text` as it is, to be written back as it is.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into(), None)
+    }
+}
 
 impl<'de> Deserialize<'de> for EnvString {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
         expand_env(&raw, |name| std::env::var(name).ok())
-            .map(EnvString)
+            .map(EnvString::new)
             .map_err(serde::de::Error::custom)
     }
 }
 
 impl Serialize for EnvString {
-    /// Written so that reading it back gives this text: a literal `${` is escaped as `$${`.
+    /// Written so that reading it back gives this text: as its variables when it has them,
+    /// otherwise with a literal `${` escaped as `$${`.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0.replace("${", "$${"))
+        match &self.1 {
+            Some(written) => s.serialize_str(written),
+            None => s.serialize_str(&escape_env(&self.0)),
+        }
     }
+}
+
+/// `text` as an [`EnvString`] that reads back as it is: a literal `${` is escaped as `$${`.
+pub(crate) fn escape_env(text: &str) -> String {
+    text.replace("${", "$${")
+}
+
+/// Whether `${name}` names an environment variable here.
+pub(crate) fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Replaces each `${NAME}` in `raw` with `lookup(NAME)`; `$${` escapes a literal `${`.
@@ -45,7 +68,7 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
             .find('}')
             .ok_or_else(|| format!("unterminated variable in {raw:?}: missing }}"))?;
         let name = &after[..end];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if !is_env_name(name) {
             return Err(format!("invalid environment variable name {name:?}"));
         }
         let value =

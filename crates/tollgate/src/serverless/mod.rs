@@ -279,13 +279,13 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
     let keys = keys(&doc, &mut plans, &service, &stage, &api_stage)?;
 
     let store = RawStore {
-        sqlite: Some(EnvString(opts.store.clone())),
+        sqlite: Some(EnvString::new(opts.store.clone())),
         redis: None,
         flush_interval: None,
         on_store_failure: None,
     };
     Ok(RawConfig {
-        listen: Some(sited(EnvString(opts.listen.clone()), Location::UNKNOWN)),
+        listen: Some(sited(EnvString::new(opts.listen.clone()), Location::UNKNOWN)),
         tls: None,
         upstream_tls: None,
         http2: None,
@@ -294,7 +294,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         admin: opts.admin.as_ref().map(|listen| {
             sited(
                 RawAdmin {
-                    listen: EnvString(listen.clone()),
+                    listen: EnvString::new(listen.clone()),
                     access_key_id: None,
                     secret_access_key: None,
                     max_connections: None,
@@ -389,7 +389,7 @@ fn routes(doc: &Doc<'_>, opts: &ServerlessOptions) -> Result<Vec<Spanned<RawRout
                 path: format!("/{}", route_path.trim_matches('/')),
                 method,
                 api_key_required: private,
-                upstream: Some(EnvString(upstream.clone())),
+                upstream: Some(EnvString::new(upstream.clone())),
                 timeout: None,
                 mock: None,
                 cors,
@@ -505,7 +505,14 @@ fn keys(
         });
         let key = RawKey {
             name,
-            value: settings.value.map(EnvString),
+            // A value from the environment is written back as its variable, never as the value.
+            value: settings.value.map(|v| {
+                let written = match doc.node(&at.key("value")).map(|v| &v.node) {
+                    Some(Node::Env(_, written)) => Some(written.clone()),
+                    _ => None,
+                };
+                EnvString(v, written)
+            }),
             description: settings.description,
             customer_id: settings.customer_id,
             enabled: settings.enabled.unwrap_or(true),
@@ -536,7 +543,7 @@ fn keys(
                 if plans.names.len() > 1 {
                     let name = item.get("name").unwrap_or(item);
                     let name = match &name.node {
-                        Node::Str(name) => name.as_str(),
+                        Node::Str(name) | Node::Env(name, _) => name.as_str(),
                         _ => "?",
                     };
                     return Err(doc.err(

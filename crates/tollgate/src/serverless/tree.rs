@@ -26,6 +26,8 @@ pub enum Node {
     Int(i64),
     Float(f64),
     Str(String),
+    /// Text that environment variables gave, and how tollgate's config writes it (`${NAME}`).
+    Env(String, String),
     Seq(Vec<Sited>),
     /// Entries in file order: each key, where it is written, its value.
     Map(Vec<(String, Location, Sited)>),
@@ -117,7 +119,7 @@ struct Key(String);
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Node::deserialize(d)? {
-            Node::Str(s) => Ok(Key(s)),
+            Node::Str(s) | Node::Env(s, _) => Ok(Key(s)),
             Node::Int(i) => Ok(Key(i.to_string())),
             Node::Float(f) => Ok(Key(f.to_string())),
             Node::Bool(b) => Ok(Key(b.to_string())),
@@ -242,7 +244,7 @@ impl<'de> Deserializer<'de> for At<'_> {
             Node::Bool(b) => v.visit_bool(*b),
             Node::Int(i) => v.visit_i64(*i),
             Node::Float(f) => v.visit_f64(*f),
-            Node::Str(s) => v.visit_str(s),
+            Node::Str(s) | Node::Env(s, _) => v.visit_str(s),
             Node::Seq(items) => v.visit_seq(Items {
                 items: items.iter().enumerate(),
                 path: &self.path,

@@ -8,6 +8,7 @@ use serde_saphyr::Location;
 
 use super::tree::{FieldPath, Node, Sited, Step};
 use crate::config::ConfigError;
+use crate::config::raw::{escape_env, is_env_name};
 
 /// How deep `${self:…}` references may nest (a cycle would not end).
 const MAX_DEPTH: usize = 16;
@@ -59,6 +60,8 @@ impl Vars<'_> {
         Ok(Sited { node, at: v.at })
     }
 
+    /// `s` with its variables resolved. Text that an environment variable gave becomes a
+    /// [`Node::Env`], which remembers how tollgate's own config writes it.
     fn resolve_string(
         &self,
         s: &str,
@@ -66,42 +69,57 @@ impl Vars<'_> {
         path: &FieldPath,
         depth: usize,
     ) -> Result<Sited, ConfigError> {
-        let text = |t: String| Sited {
-            node: Node::Str(t),
-            at,
-        };
-        let Some(start) = s.find("${") else {
-            return Ok(text(s.to_string()));
-        };
-        let end = closing_brace(s, start)
-            .ok_or_else(|| self.err(at, path, format!("unterminated variable in {s:?}")))?;
-        let whole = &s[start..=end];
-        let value = self.expression(&s[start + 2..end], whole, at, path, depth)?;
-        if start == 0 && end == s.len() - 1 {
-            // The whole string is one variable: the value keeps its type (number, mapping, …).
-            return Ok(Sited {
-                node: value.node,
-                at,
-            });
-        }
-        let inserted = match value.node {
-            Node::Str(t) => t,
-            Node::Int(n) => n.to_string(),
-            Node::Float(n) => n.to_string(),
-            Node::Bool(b) => b.to_string(),
-            _ => {
-                return Err(self.err(
-                    at,
-                    path,
-                    format!("{whole} is not text and cannot be part of {s:?}"),
-                ));
+        let sited = |node| Sited { node, at };
+        // The resolved text, and its template while one can be written (`None` once a piece makes
+        // it ambiguous).
+        let (mut value, mut written) = (String::new(), Some(String::new()));
+        let mut literal = String::new();
+        let mut from_env = false;
+        let mut rest = s;
+        while let Some(start) = rest.find("${") {
+            let end = closing_brace(rest, start)
+                .ok_or_else(|| self.err(at, path, format!("unterminated variable in {s:?}")))?;
+            let whole = &rest[start..=end];
+            let found = self.expression(&rest[start + 2..end], whole, at, path, depth)?;
+            if start == 0 && end == s.len() - 1 && rest.len() == s.len() {
+                // The whole string is one variable: the value keeps its type (number, mapping, …).
+                return Ok(sited(found.node));
             }
-        };
-        let rest = match self.resolve_string(&s[end + 1..], at, path, depth)?.node {
-            Node::Str(rest) => rest,
-            _ => String::new(),
-        };
-        Ok(text(format!("{}{inserted}{rest}", &s[..start])))
+            literal.push_str(&rest[..start]);
+            let inserted = match found.node {
+                Node::Str(t) => t,
+                Node::Env(t, template) => {
+                    from_env = true;
+                    // `$` then `${X}` would read back as the literal `${X}`.
+                    written = written
+                        .filter(|_| !literal.ends_with('$'))
+                        .map(|w| w + &escape_env(&literal) + &template);
+                    value.push_str(&literal);
+                    literal.clear();
+                    value.push_str(&t);
+                    rest = &rest[end + 1..];
+                    continue;
+                }
+                Node::Int(n) => n.to_string(),
+                Node::Float(n) => n.to_string(),
+                Node::Bool(b) => b.to_string(),
+                _ => {
+                    return Err(self.err(
+                        at,
+                        path,
+                        format!("{whole} is not text and cannot be part of {s:?}"),
+                    ));
+                }
+            };
+            literal.push_str(&inserted);
+            rest = &rest[end + 1..];
+        }
+        literal.push_str(rest);
+        value.push_str(&literal);
+        Ok(sited(match written {
+            Some(w) if from_env => Node::Env(value, w + &escape_env(&literal)),
+            _ => Node::Str(value),
+        }))
     }
 
     /// One `${…}`: the first of its comma-separated sources that has a value.
@@ -146,11 +164,20 @@ impl Vars<'_> {
                     }
                 }
             } else if let Some(name) = source.strip_prefix("env:") {
-                let v = std::env::var(name.trim()).ok();
+                let name = name.trim();
+                let v = std::env::var(name).ok();
                 if v.is_none() {
-                    missing.push(format!("environment variable {} is not set", name.trim()));
+                    missing.push(format!("environment variable {name} is not set"));
                 }
-                v.as_deref().and_then(text)
+                // Names tollgate's config can write as `${NAME}` stay variables there.
+                v.map(|v| Sited {
+                    node: if is_env_name(name) {
+                        Node::Env(v, format!("${{{name}}}"))
+                    } else {
+                        Node::Str(v)
+                    },
+                    at,
+                })
             } else if let Some(target) = source.strip_prefix("self:") {
                 let steps: Vec<Step> = target
                     .trim()

@@ -131,3 +131,63 @@ fn import_prints_a_config_that_checks() {
             .contains("--upstream URL or --function updateRegistrationWarranty=URL")
     );
 }
+
+#[test]
+fn import_keeps_environment_variables_as_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("serverless.yml");
+    std::fs::write(
+        &file,
+        "service: orders\nprovider:\n  name: aws\n  apiGateway:\n    apiKeys:\n      \
+         - { name: whole, value: '${env:TG_IMPORT_KEY}' }\n      \
+         - { name: part, value: 'acme-${env:TG_IMPORT_KEY}-${self:custom.tier}' }\n      \
+         - { name: fallback, value: \"${env:TG_IMPORT_UNSET, 'fallbackValue0123456789abc'}\" }\n\
+         custom: { tier: gold }\nfunctions:\n  f: { events: [ { http: { path: x, method: get, private: true } } ] }\n",
+    )
+    .unwrap();
+    let secret = "partnerSecretValue0123456789";
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["import", "serverless"])
+        .arg(&file)
+        .args(["--upstream", "http://127.0.0.1:9000"])
+        .env("TG_IMPORT_KEY", secret)
+        .env_remove("TG_IMPORT_UNSET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    // The key value stays in the environment; what came from the file is written as it is.
+    assert!(!yaml.contains(secret), "{yaml}");
+    assert!(yaml.contains("value: ${TG_IMPORT_KEY}"), "{yaml}");
+    assert!(yaml.contains("value: acme-${TG_IMPORT_KEY}-gold"), "{yaml}");
+    assert!(yaml.contains("value: fallbackValue0123456789abc"), "{yaml}");
+    std::fs::write(dir.path().join("tollgate.yaml"), &yaml).unwrap();
+    let check = |env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["check", "--config", "tollgate.yaml"])
+            .current_dir(dir.path())
+            .env_remove("TG_IMPORT_KEY");
+        if let Some(v) = env {
+            cmd.env("TG_IMPORT_KEY", v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = check(Some(secret));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the variable, the generated config says which one it needs.
+    let out = check(None);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("environment variable TG_IMPORT_KEY is not set"),
+        "{said}"
+    );
+}
