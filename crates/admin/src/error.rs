@@ -31,6 +31,10 @@ pub enum AdminError {
     /// 429 TooManyRequestsException: too many failed credentials; try again after these seconds.
     #[error("Too many failed attempts; retry after {0} s")]
     TooManyRequests(u64),
+    /// 503 ServiceUnavailableException: too many unverified request bodies at once; try again
+    /// after these seconds.
+    #[error("Too many request bodies awaiting their signature check; retry after {0} s")]
+    ServiceUnavailable(u64),
     /// 403, one of the SigV4 error types.
     #[error(transparent)]
     Signature(#[from] SignatureError),
@@ -86,6 +90,11 @@ impl IntoResponse for AdminError {
                 "TooManyRequestsException",
                 self.to_string(),
             ),
+            AdminError::ServiceUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+                self.to_string(),
+            ),
             AdminError::Signature(e) => (StatusCode::FORBIDDEN, e.error_type(), e.to_string()),
             AdminError::Internal(detail) => {
                 tracing::error!(error = %detail, "admin request failed");
@@ -104,7 +113,7 @@ impl IntoResponse for AdminError {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-amzn-errortype", HeaderValue::from_static(error_type));
-        if let AdminError::TooManyRequests(wait) = self {
+        if let AdminError::TooManyRequests(wait) | AdminError::ServiceUnavailable(wait) = self {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
         }
         resp

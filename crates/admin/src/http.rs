@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tollgate_core::model::Tags;
 
+use crate::body;
 use crate::error::AdminError;
 use crate::exposition::Exposition;
 use crate::failures::ClientAddr;
@@ -30,15 +31,6 @@ use crate::sigv4::{self, SignedHead};
 use crate::wire::{
     CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, RotateApiKeyIn,
 };
-
-/// Largest admin request body (CSV imports included): AWS's payload limit.
-const MAX_BODY: usize = 10 * 1024 * 1024;
-/// Largest body read before its signature can be checked (when the client did not sign the
-/// payload's hash in `x-amz-content-sha256`, as the AWS CLI does not): small, so that a client
-/// without the secret cannot make the admin API hold much.
-const MAX_UNVERIFIED_BODY: usize = 1024 * 1024;
-/// How long a client has to send a request body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What keeps the admin listener from starving the data plane.
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +78,7 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_operation)
         .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .with_state(admin.clone());
     crate::dashboard::router(admin, secure).merge(aws)
 }
@@ -167,9 +159,10 @@ pub async fn serve(
 }
 
 /// Verifies SigV4, then hands the request on. Everything but the payload is checked before the body
-/// is read; a body whose hash the client signed in `x-amz-content-sha256` is read (up to 10 MB)
-/// only after the signature over that hash checks out, any other body only up to 1 MiB. Without
-/// configured credentials (allowed on loopback only) requests pass unauthenticated.
+/// is read; a body whose hash the client signed in `x-amz-content-sha256` is read only after the
+/// signature over that hash checks out, any other within the listener's budget of unverified bytes
+/// ([`body`](crate::body)). Without configured credentials (allowed on loopback only) requests pass
+/// unauthenticated.
 async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Response {
     // Load balancers and Prometheus do not sign requests; neither answer holds anything secret.
     let open =
@@ -202,51 +195,33 @@ async fn authenticate(State(admin): Shared, req: Request, next: Next) -> Respons
         Err(e) => return AdminError::from(e).into_response(),
     };
     let claimed = authorized.claimed_payload_hash();
-    let limit = match claimed {
+    let budget = match claimed {
         Some(hash) => match authorized.verify(hash) {
-            Ok(_) => MAX_BODY,
+            Ok(_) => None,
             Err(e) => return AdminError::from(e).into_response(),
         },
-        None => MAX_UNVERIFIED_BODY,
-    };
-    let too_large = || {
-        AdminError::TooLarge(if limit == MAX_BODY {
-            format!("Request Too Long: the body is over {MAX_BODY} bytes")
-        } else {
-            format!(
-                "Request Too Long: a body over {MAX_UNVERIFIED_BODY} bytes needs its SHA-256 signed in x-amz-content-sha256"
-            )
-        })
-        .into_response()
+        None => Some(&admin.unverified),
     };
     let declared = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large();
-    }
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return too_large(),
-        Err(_) => {
-            return AdminError::BadRequest("The request body did not arrive in time".into())
-                .into_response();
-        }
+    let read = match body::read(body, declared, budget).await {
+        Ok(read) => read,
+        Err(e) => return e.into_response(),
     };
-    let hash = sigv4::payload_hash(&bytes);
     let verified = match claimed {
-        Some(claimed) if claimed == hash => Ok(()),
+        Some(claimed) if claimed == read.sha256 => Ok(()),
         Some(_) => Err(sigv4::SignatureError::Mismatch),
-        None => authorized.verify(&hash).map(|_| ()),
+        None => authorized.verify(&read.sha256).map(|_| ()),
     };
     if let Err(e) = verified {
         return AdminError::from(e).into_response();
     }
     drop(authorized);
     admin.failed.succeeded(attempt);
-    next.run(Request::from_parts(parts, Body::from(bytes)))
+    next.run(Request::from_parts(parts, Body::from(read.bytes)))
         .await
 }
 

@@ -101,6 +101,8 @@ pub struct Admin {
     pub(crate) settings: AdminSettings,
     /// Failed logins and signatures, backing off by client address and overall.
     pub(crate) failed: crate::failures::FailedCredentials,
+    /// Request bodies read before their signature can be checked share this.
+    pub(crate) unverified: crate::body::UnverifiedBudget,
 }
 
 /// The usage plans, held under the write lock.
@@ -349,6 +351,7 @@ impl Admin {
             plans: Arc::new(tokio::sync::Mutex::new(plans)),
             settings,
             failed: crate::failures::FailedCredentials::new(),
+            unverified: crate::body::UnverifiedBudget::default(),
         }
     }
 

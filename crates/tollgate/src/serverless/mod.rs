@@ -285,7 +285,10 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         on_store_failure: None,
     };
     Ok(RawConfig {
-        listen: Some(sited(EnvString::new(opts.listen.clone()), Location::UNKNOWN)),
+        listen: Some(sited(
+            EnvString::new(opts.listen.clone()),
+            Location::UNKNOWN,
+        )),
         tls: None,
         upstream_tls: None,
         http2: None,

@@ -1093,6 +1093,47 @@ impl AwsCli {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_aws_cli_imports_100k_keys_in_one_call() {
+    let (dir, gw, admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
+    };
+    let plan = admin
+        .ok(
+            "POST",
+            "/usageplans",
+            r#"{"name":"bulk","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
+        )
+        .await;
+    let plan_id = plan["id"].as_str().unwrap();
+    // 6.8 MB, sent as the AWS CLI sends it: the payload's hash unsigned.
+    let value = |i: u32| format!("bulkImportedKeyValue{i:08}abcdefgh");
+    let mut csv = String::from("Name,key,Enabled,usageplanIds\n");
+    for i in 0..100_000 {
+        csv.push_str(&format!("bulk-{i:06},{},TRUE,{plan_id}\n", value(i)));
+    }
+    assert!(csv.len() > 6_000_000, "{}", csv.len());
+    let file = dir.path().join("keys.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let body = format!("fileb://{}", file.display());
+    let out = cli.ok(&["import-api-keys", "--format", "csv", "--body", &body]);
+    assert_eq!(out["ids"].as_array().unwrap().len(), 100_000);
+    assert_eq!(out["warnings"], json!([]));
+    for i in [0, 54_321, 99_999] {
+        let r = client()
+            .get(&gw.url("/prod/echo/bulk"), Some(&value(i)))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // Over AWS's 10 MB: refused as AWS refuses it, before it is all held.
+    let big = dir.path().join("big.csv");
+    std::fs::write(&big, csv.repeat(2)).unwrap();
+    let body = format!("fileb://{}", big.display());
+    let said = cli.fails(&["import-api-keys", "--format", "csv", "--body", &body]);
+    assert!(said.contains("RequestTooLongException"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_aws_cli_works_unchanged() {
     let (_dir, gw, _admin, _up) = start("", &[]).await;
     let Some(cli) = AwsCli::for_gateway(&gw) else {
