@@ -29,12 +29,15 @@ use tollgate_store::report::{period_usage, plan_usage};
 use crate::error::AdminError;
 use crate::failures::ClientAddr;
 use crate::http::reply;
-use crate::service::{Admin, Paging};
+use crate::service::{Admin, NameQuery, Paging};
 use crate::wire::{CreateApiKeyIn, PatchOp};
 
 const INDEX: &str = include_str!("../assets/dashboard/index.html");
 const SCRIPT: &str = include_str!("../assets/dashboard/app.js");
 const STYLE: &str = include_str!("../assets/dashboard/style.css");
+/// The dashboard's icon, served at `/favicon.ico` where browsers look for it (as SVG, which they
+/// render whatever the name).
+const ICON: &str = include_str!("../assets/dashboard/favicon.svg");
 
 const COOKIE: &str = "tollgate_session";
 /// How long a session lasts.
@@ -184,6 +187,10 @@ pub(crate) fn router(admin: Arc<Admin>, secure: bool) -> Router {
         .route(
             "/dashboard/style.css",
             get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/favicon.ico",
+            get(|| async { asset(ICON, "image/svg+xml") }),
         )
         .route("/dashboard/login", post(login))
         .merge(api)
@@ -389,7 +396,7 @@ async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
     let to = admin.today();
     let from = EpochDay(to.0.saturating_sub(29));
     let plans = admin.plans.lock().await.clone();
-    let overview = admin
+    let mut overview = admin
         .blocking(move |admin| {
             let n = (to.0 - from.0 + 1) as usize;
             let mut days = vec![[0u64; 3]; n];
@@ -432,10 +439,12 @@ async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
             }))
         })
         .await?;
+    // Refusals for the key come from the data plane's counters: most carry no key to store them by.
+    overview["forbidden"] = json!(admin.gateway.forbidden());
     Ok(reply(StatusCode::OK, &overview))
 }
 
-/// Up to [`KEYS_SHOWN`] keys whose name starts with `q`: their plans, last use, and this period's
+/// Up to [`KEYS_SHOWN`] keys whose name starts with `q` in any case: their plans, last use, and this period's
 /// quota use per plan with the date it resets.
 async fn keys(State(dash): State<Arc<Dashboard>>, RawQuery(q): RawQuery) -> Answer {
     let admin = &dash.admin;
@@ -447,7 +456,8 @@ async fn keys(State(dash): State<Arc<Dashboard>>, RawQuery(q): RawQuery) -> Answ
                 .decode_utf8_lossy()
                 .into_owned()
         })
-        .filter(|v| !v.is_empty());
+        .filter(|v| !v.is_empty())
+        .map(|v| NameQuery::any_case(&v));
     let paging = Paging {
         limit: Some(KEYS_SHOWN),
         position: None,
@@ -519,7 +529,10 @@ async fn key_detail(State(dash): State<Arc<Dashboard>>, Path(id): Path<String>) 
     let admin = &dash.admin;
     let key = admin.get_key(&id, false).await?;
     let to = admin.today();
-    let from = EpochDay(to.0.saturating_sub(89));
+    // From its creation, at most 90 days.
+    let created_at = u64::try_from(key.created_date).unwrap_or(0);
+    let created = EpochDay::from_nanos(created_at.saturating_mul(1_000_000_000));
+    let from = EpochDay(to.0.saturating_sub(89)).max(created).min(to);
     let plans = admin.plans.lock().await.clone();
     let mut of_key = Vec::new();
     for plan_id in admin.gateway.served().plans_of(&id) {
@@ -531,8 +544,19 @@ async fn key_detail(State(dash): State<Arc<Dashboard>>, Path(id): Path<String>) 
         let usage = admin
             .usage_detail(&plan.id, Some(&id), Some(&start), Some(&end), &paging)
             .await?;
+        // Per-method throttles, as `apiId:stage /path/METHOD`.
+        let methods: BTreeMap<String, _> = plan
+            .api_stages
+            .iter()
+            .flat_map(|s| {
+                s.throttle
+                    .iter()
+                    .map(move |(m, t)| (format!("{}:{} {m}", s.api_id, s.stage), t))
+            })
+            .collect();
         of_key.push(json!({
             "id": plan.id, "name": plan.name, "quota": plan.quota, "throttle": plan.throttle,
+            "methodThrottles": methods,
             "days": usage.values.get(&id).cloned().unwrap_or_default(),
         }));
     }

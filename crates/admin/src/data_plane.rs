@@ -40,6 +40,9 @@ pub trait DataPlane: Send + Sync {
     /// meanwhile; `None` on the embedded store.
     fn shared_store(&self) -> Option<(bool, OnStoreFailure)>;
 
-    /// The data plane's metrics, Prometheus text.
+    /// The data plane's metrics, OpenMetrics text.
     fn metrics_text(&self) -> String;
+
+    /// Requests refused 403 for their key (none, unknown, disabled, expired) since it started.
+    fn forbidden(&self) -> u64;
 }

@@ -26,7 +26,7 @@ use crate::body;
 use crate::error::AdminError;
 use crate::exposition::Exposition;
 use crate::failures::ClientAddr;
-use crate::service::{Admin, Paging};
+use crate::service::{Admin, NameQuery, Paging};
 use crate::sigv4::{self, SignedHead};
 use crate::wire::{
     CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, RotateApiKeyIn,
@@ -414,7 +414,7 @@ async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
     let q = query(q);
     let page = admin
         .list_keys(
-            q.get("name").cloned(),
+            q.get("name").cloned().map(NameQuery::Prefix),
             q.get("customerId").cloned(),
             flag(&q, "includeValues"),
             paging(&q)?,

@@ -160,6 +160,33 @@ impl Catalog<'_> {
     }
 }
 
+/// What a key's name must start with.
+#[derive(Debug, Clone)]
+pub enum NameQuery {
+    /// As written: GetApiKeys's `name`, as AWS matches it.
+    Prefix(String),
+    /// In any case (held in lower case): the dashboard's search.
+    PrefixAnyCase(String),
+}
+
+impl NameQuery {
+    /// A prefix to match in any case.
+    pub fn any_case(prefix: &str) -> Self {
+        Self::PrefixAnyCase(prefix.to_lowercase())
+    }
+
+    /// Whether `name` starts with the query.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Prefix(p) => name.starts_with(p.as_str()),
+            Self::PrefixAnyCase(p) => {
+                let mut name = name.chars().flat_map(char::to_lowercase);
+                p.chars().all(|c| name.next() == Some(c))
+            }
+        }
+    }
+}
+
 /// A parsed paging request.
 #[derive(Debug, Clone, Default)]
 pub struct Paging {
@@ -650,10 +677,10 @@ impl Admin {
         Ok(self.key_out(&key, include_value, last_used.first().copied().flatten()))
     }
 
-    /// GetApiKeys: `name` is a case-sensitive prefix, `customer_id` exact.
+    /// GetApiKeys: keys whose name `name` matches, and whose customer is `customer_id`.
     pub async fn list_keys(
         self: &Arc<Self>,
-        name: Option<String>,
+        name: Option<NameQuery>,
         customer_id: Option<String>,
         include_values: bool,
         paging: Paging,
@@ -664,7 +691,7 @@ impl Admin {
                 let keys = stored_keys(&*admin.store, paging.position.as_deref()).filter(|k| {
                     k.as_ref().is_err()
                         || k.as_ref().is_ok_and(|k| {
-                            name.as_ref().is_none_or(|n| k.name.starts_with(n.as_str()))
+                            name.as_ref().is_none_or(|n| n.matches(&k.name))
                                 && customer_id
                                     .as_ref()
                                     .is_none_or(|c| k.customer_id.as_ref() == Some(c))

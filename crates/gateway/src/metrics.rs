@@ -49,6 +49,14 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Whether the answer was 403 for the key: none, unknown, disabled or expired.
+    pub fn forbids_the_key(self) -> bool {
+        matches!(
+            self,
+            Self::MissingKey | Self::InvalidKey | Self::DisabledKey | Self::Expired
+        )
+    }
+
     /// The label's value.
     pub fn name(self) -> &'static str {
         match self {
@@ -158,6 +166,15 @@ impl<K, M> Default for Seen<K, M> {
 }
 
 impl<K, M> Seen<K, M> {
+    /// The sum of `count` over the metrics whose key `is` accepts.
+    fn sum(&self, is: impl Fn(&K) -> bool, count: impl Fn(&M) -> u64) -> u64 {
+        let seen = self.0.read().unwrap_or_else(|e| e.into_inner());
+        seen.iter()
+            .filter(|(k, _)| is(k))
+            .map(|(_, m)| count(m))
+            .sum()
+    }
+
     /// Applies `f` to the metric whose key `is` accepts, made by `make` the first time.
     fn with(&self, is: impl Fn(&K) -> bool, make: impl FnOnce() -> (K, M), f: impl Fn(&M)) {
         let seen = self.0.read().unwrap_or_else(|e| e.into_inner());
@@ -545,6 +562,18 @@ impl Metrics {
         cell.decisions.with(is, make, |c| {
             c.inc();
         });
+    }
+
+    /// Requests refused 403 for their key since the gateway started.
+    pub fn forbidden(&self) -> u64 {
+        self.routes
+            .stages
+            .iter()
+            .map(|cell| {
+                cell.decisions
+                    .sum(|(_, d)| d.forbids_the_key(), Counter::get)
+            })
+            .sum()
     }
 
     /// Counts a client connection closed, or an HTTP/2 stream refused, at once because the

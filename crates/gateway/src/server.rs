@@ -235,6 +235,11 @@ impl GatewayHandle {
         )
     }
 
+    /// Requests refused 403 for their key (none, unknown, disabled, expired) since it started.
+    pub fn forbidden(&self) -> u64 {
+        self.shared.metrics.forbidden()
+    }
+
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
     pub async fn flush(&self) -> Result<(), GatewayError> {
         flush_once(&self.shared).await

@@ -338,6 +338,10 @@ impl DataPlane for Plane {
     fn metrics_text(&self) -> String {
         self.0.metrics_text()
     }
+
+    fn forbidden(&self) -> u64 {
+        self.0.forbidden()
+    }
 }
 
 /// Cluster mode: reloads the records whenever another instance changed them (Redis's record version

@@ -5,7 +5,7 @@
 const state = { csrf: null, keys: [], sort: { by: "name", dir: 1 }, near: false };
 
 function h(tag, attrs, ...children) {
-  const svg = ["svg", "rect", "line", "polyline", "text", "g", "title"].includes(tag);
+  const svg = ["svg", "rect", "line", "polyline", "circle", "text", "g", "title"].includes(tag);
   const el = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
@@ -87,39 +87,52 @@ async function route() {
   }
 }
 
-// A stacked daily bar chart (allowed, throttled, quota exceeded), with an optional line.
+// A daily bar chart: per day, admitted requests and, beside them, refusals (throttled and quota
+// exceeded stacked), so refusals are never read against the quota line; with an optional line. On a
+// phone the drawing is narrower, so its text stays readable when scaled down.
 function chart(days, series, line) {
-  const W = 900, H = 260, L = 48, B = 24, T = 10;
-  const totals = days.map((_, i) => series.reduce((s, x) => s + (x.values[i] || 0), 0));
-  const top = Math.max(1, ...totals, ...(line ? [line.limit, ...line.values.filter((v) => v !== null)] : []));
+  const narrow = window.matchMedia("(max-width: 640px)").matches;
+  const W = narrow ? 420 : 900, H = narrow ? 220 : 260, L = 48, B = 24, T = 10, font = narrow ? 13 : 11;
+  const sides = [0, 1].map((side) => days.map((_, i) =>
+    series.filter((x) => x.side === side).reduce((s, x) => s + (x.values[i] || 0), 0)));
+  const top = Math.max(1, ...sides.flat(), ...(line ? [line.limit, ...line.values.filter((v) => v !== null)] : []));
   const y = (v) => T + (H - T - B) * (1 - v / top);
   const bw = (W - L) / days.length;
   const svg = h("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "data-days": days.length });
   for (const frac of [0, 0.5, 1]) {
     const v = Math.round(top * frac);
     svg.append(h("line", { x1: L, x2: W, y1: y(v), y2: y(v), stroke: "#e4e7ec" }));
-    svg.append(h("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 11, fill: "#667085" }, fmt(v)));
+    svg.append(h("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": font, fill: "#667085" }, fmt(v)));
   }
+  // A few days (a new key's) do not make bars as wide as the chart.
+  const half = Math.max(1, Math.min(bw - 2, 48) / 2);
+  const left = (i) => L + i * bw + (bw - 2 * half) / 2;
   days.forEach((day, i) => {
-    let base = 0;
+    const base = [0, 0];
     const g = h("g", { class: "day", "data-date": day });
     for (const s of series) {
       const v = s.values[i] || 0;
+      const at = base[s.side];
       if (v > 0) {
-        g.append(h("rect", { x: L + i * bw + 1, width: Math.max(1, bw - 2), y: y(base + v), height: y(base) - y(base + v), fill: s.color },
+        g.append(h("rect", { x: left(i) + s.side * half, width: half, y: y(at + v), height: y(at) - y(at + v), fill: s.color, class: s.cls },
           h("title", {}, `${day}: ${fmt(v)} ${s.name}`)));
       }
-      base += v;
+      base[s.side] += v;
     }
     svg.append(g);
-    if (i % Math.ceil(days.length / 6) === 0) {
-      svg.append(h("text", { x: L + i * bw, y: H - 6, "font-size": 11, fill: "#667085" }, day.slice(5)));
+    if (i % Math.ceil(days.length / (narrow ? 3 : 6)) === 0) {
+      svg.append(h("text", { x: L + i * bw, y: H - 6, "font-size": font, fill: "#667085" }, day.slice(5)));
     }
   });
   if (line) {
     const points = line.values.map((v, i) => v === null ? null : `${L + i * bw + bw / 2},${y(v)}`).filter(Boolean).join(" ");
     svg.append(h("line", { x1: L, x2: W, y1: y(line.limit), y2: y(line.limit), stroke: "#c2410c", "stroke-dasharray": "6 4", class: "quota-limit" }));
     svg.append(h("polyline", { points, fill: "none", stroke: "#2f5fd0", "stroke-width": 2, class: "quota-line" }));
+    // One day has no line to draw: its point is marked.
+    if (!points.includes(" ") && points) {
+      const [cx, cy] = points.split(",");
+      svg.append(h("circle", { cx, cy, r: 4, fill: "#2f5fd0" }));
+    }
   }
   const legend = h("div", { class: "legend" }, series.map((s) => h("span", {}, h("i", { class: s.cls }), s.name)),
     line ? h("span", {}, h("i", { class: "line" }), line.name) : null,
@@ -127,10 +140,11 @@ function chart(days, series, line) {
   return h("div", {}, svg, legend);
 }
 
+// Admitted requests on the left of each day (side 0), refusals on the right (side 1).
 const SERIES = (allowed, throttled, quota) => [
-  { name: "allowed", values: allowed, color: "#2e7d5b", cls: "allowed" },
-  { name: "throttled (429)", values: throttled, color: "#e0a100", cls: "throttled" },
-  { name: "quota exceeded (429)", values: quota, color: "#c2410c", cls: "quota" },
+  { name: "allowed", values: allowed, color: "#2e7d5b", cls: "allowed", side: 0 },
+  { name: "throttled (429)", values: throttled, color: "#e0a100", cls: "throttled", side: 1 },
+  { name: "quota exceeded (429)", values: quota, color: "#c2410c", cls: "quota", side: 1 },
 ];
 
 // p50 and p99 of the request duration histogram in /metrics, as Prometheus' histogram_quantile
@@ -177,6 +191,7 @@ async function overviewPage(view) {
       h("div", { class: "stat" }, h("b", { id: "stat-allowed" }, fmt(allowed)), h("span", {}, "allowed, 30 days")),
       h("div", { class: "stat" }, h("b", {}, fmt(refused)), h("span", {}, "refused 429, 30 days")),
       h("div", { class: "stat" }, h("b", { id: "stat-429" }, share), h("span", {}, "429 share")),
+      h("div", { class: "stat" }, h("b", { id: "stat-403" }, fmt(o.forbidden)), h("span", { title: "No key, an unknown, disabled or expired one; this instance since it started" }, "refused 403 (this instance)")),
       h("div", { class: "stat" }, h("b", {}, ms(lat.p50)), h("span", {}, "p50 latency (this instance)")),
       h("div", { class: "stat" }, h("b", {}, ms(lat.p99)), h("span", {}, "p99 latency (this instance)"))),
     h("div", { class: "card" }, h("h2", {}, "Requests per day with a key, by decision"),
@@ -198,14 +213,15 @@ function quotaCell(plans) {
 const quotaShare = (k) => Math.max(0, ...k.plans.map((p) => p.quota ? p.quota.used / Math.max(1, p.quota.limit) : 0));
 
 async function keysPage(view) {
-  const search = h("input", { type: "search", id: "key-search", placeholder: "Name starts with…" });
+  const search = h("input", { type: "search", id: "key-search", placeholder: "Name starts with…", title: "Any case" });
   const near = h("input", { type: "checkbox", id: "near-quota" });
   near.checked = state.near;
   const body = h("tbody", { id: "keys-body" });
   const note = h("p", { class: "muted" });
-  const columns = [["name", "Name"], ["plans", "Plans"], ["enabled", "Enabled"], ["lastUsedDate", "Last used"], ["quota", "This period"]];
-  const head = h("tr", {}, columns.map(([by, label]) => h("th", {
-    class: "sortable", "data-sort": by,
+  // On a phone, the plans and last use give way to the quota.
+  const columns = [["name", "Name"], ["plans", "Plans", "hide-narrow"], ["enabled", "Enabled"], ["lastUsedDate", "Last used", "hide-narrow"], ["quota", "This period"]];
+  const head = h("tr", {}, columns.map(([by, label, cls]) => h("th", {
+    class: "sortable " + (cls || ""), "data-sort": by,
     onclick: () => { state.sort = { by, dir: state.sort.by === by ? -state.sort.dir : 1 }; render(); },
   }, label)));
   const value = (k, by) => by === "plans" ? k.plans.map((p) => p.name).join(",") : by === "quota" ? quotaShare(k) : by === "lastUsedDate" ? (k.lastUsedDate || 0) : k[by];
@@ -215,9 +231,9 @@ async function keysPage(view) {
       .sort((a, b) => (value(a, by) > value(b, by) ? 1 : value(a, by) < value(b, by) ? -1 : 0) * dir);
     body.replaceChildren(...rows.map((k) => h("tr", { "data-key": k.id },
       h("td", {}, h("a", { href: `#/keys/${encodeURIComponent(k.id)}` }, k.name), h("div", { class: "muted mono" }, k.id)),
-      h("td", {}, k.plans.map((p) => p.name).join(", ") || h("span", { class: "muted" }, "none")),
+      h("td", { class: "hide-narrow" }, k.plans.map((p) => p.name).join(", ") || h("span", { class: "muted" }, "none")),
       h("td", {}, h("span", { class: "pill " + (k.enabled ? "on" : "off") }, k.enabled ? "enabled" : "disabled")),
-      h("td", { class: "mono" }, when(k.lastUsedDate)),
+      h("td", { class: "mono hide-narrow" }, when(k.lastUsedDate)),
       h("td", {}, quotaCell(k.plans)))));
     note.textContent = `${rows.length} key(s)` + (state.more ? " shown; narrow the search to see others" : "");
   }
@@ -236,11 +252,12 @@ async function keysPage(view) {
     h("div", { class: "toolbar" }, search, h("label", {}, near, " at 80% of a quota or more")),
     h("div", { class: "table-wrap" }, h("table", { id: "keys-table" }, h("thead", {}, head), body)),
     note,
-    createKeyForm(plans));
+    createKeyForm(plans, load));
   await load();
 }
 
-function createKeyForm(plans) {
+// The form creating a key; `created` runs once one is (the list shows it at once).
+function createKeyForm(plans, created) {
   const out = h("div", { id: "created" });
   const name = h("input", { name: "name", id: "new-key-name", required: true });
   const plan = h("select", { name: "plan", id: "new-key-plan" }, h("option", { value: "" }, "(no plan)"),
@@ -249,10 +266,15 @@ function createKeyForm(plans) {
     e.preventDefault();
     try {
       const key = await api("keys", { method: "POST", body: JSON.stringify({ name: name.value, usagePlanId: plan.value }) });
+      const value = h("code", { id: "new-key-value" }, key.value);
+      const copy = h("button", { type: "button", id: "copy-key-value", class: "secondary", onclick: async () => {
+        try { await navigator.clipboard.writeText(key.value); copy.textContent = "Copied"; }
+        catch { getSelection().selectAllChildren(value); copy.textContent = "Selected: press Ctrl+C"; }
+      } }, "Copy");
       out.replaceChildren(h("div", { class: "secret" },
-        h("b", {}, `Key ${key.name} (${key.id}) created. `), "Its value is shown this once: ",
-        h("code", { id: "new-key-value" }, key.value)));
+        h("b", {}, `Key ${key.name} (${key.id}) created. `), "Its value is shown this once: ", value, " ", copy));
       name.value = "";
+      await created();
     } catch (err) { out.replaceChildren(h("p", { class: "error" }, err.message)); }
   } }, h("label", {}, "Name", name), h("label", {}, "Usage plan", plan), h("button", { type: "submit" }, "Create key"));
   return h("div", { class: "card" }, h("h2", {}, "Create a key"), form, out);
@@ -261,11 +283,19 @@ function createKeyForm(plans) {
 async function keyPage(view, id) {
   const d = await api("keys/" + encodeURIComponent(id));
   const k = d.key;
-  const toggle = h("button", { id: "toggle-enabled", class: k.enabled ? "danger" : "", onclick: async () => {
-    toggle.disabled = true;
+  const change = async () => {
     await api(`keys/${encodeURIComponent(id)}/enabled`, { method: "POST", body: JSON.stringify({ enabled: !k.enabled }) });
     await route();
-  } }, k.enabled ? "Disable key" : "Enable key");
+  };
+  // Disabling cuts a partner off at once: it is confirmed first.
+  const toolbar = h("div", { class: "toolbar" });
+  const ask = () => toolbar.replaceChildren(
+    h("span", { class: "error" }, `Disable ${k.name}? Requests with its value get 403 at once.`),
+    h("button", { id: "confirm-disable", class: "danger", onclick: change }, "Disable"),
+    h("button", { class: "secondary", onclick: () => toolbar.replaceChildren(toggle) }, "Cancel"));
+  const toggle = h("button", { id: "toggle-enabled", class: k.enabled ? "danger" : "", onclick: k.enabled ? ask : change },
+    k.enabled ? "Disable key" : "Enable key");
+  toolbar.append(toggle);
   const sections = d.plans.map((p) => {
     const days = p.days;
     const limit = p.quota ? p.quota.limit : null;
@@ -284,11 +314,14 @@ async function keyPage(view, id) {
       } catch (err) { msg.textContent = err.message; }
     } }, h("label", {}, "Left this period", remaining), h("button", { type: "submit" }, "Set"), msg);
     const today = days[days.length - 1] || { remaining: limit };
+    const methods = Object.entries(p.methodThrottles || {});
     return h("div", { class: "card plan", "data-plan": p.id },
       h("h2", {}, `Plan ${p.name}`),
       h("p", { class: "muted" },
         p.throttle ? `Throttle ${p.throttle.rateLimit}/s, burst ${p.throttle.burstLimit}. ` : "No throttle. ",
         limit === null ? "No quota." : `Quota ${fmt(limit)} per ${p.quota.period.toLowerCase()}; ${fmt(today.remaining)} left now.`),
+      methods.length ? h("ul", { class: "methods muted" }, methods.map(([m, t]) =>
+        h("li", {}, h("span", { class: "mono" }, m), `: ${t.rateLimit}/s, burst ${t.burstLimit}`))) : null,
       chart(d.days, SERIES(days.map((x) => x.used), days.map((x) => x.throttled), days.map((x) => x.quotaExceeded)), line),
       form);
   });
@@ -299,7 +332,7 @@ async function keyPage(view, id) {
       k.valuePrefix ? ` · value starts ${k.valuePrefix}… (${k.valueLength} characters)` : "",
       k.expiresAt ? ` · expires ${k.expiresAt}` : "",
       k.previousValueExpiresAt ? ` · the previous value works until ${k.previousValueExpiresAt}` : ""),
-    h("div", { class: "toolbar" }, toggle),
+    toolbar,
     ...(sections.length ? sections : [h("p", { class: "muted" }, "This key is in no usage plan.")]));
 }
 

@@ -195,6 +195,17 @@ impl Browser {
             .await;
     }
 
+    /// Waits (at most 10 s) until `css` matches `n` elements.
+    async fn until_count(&self, css: &str, n: usize) {
+        for _ in 0..100 {
+            if self.count(css).await == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css}: {} elements, not {n}", self.count(css).await);
+    }
+
     async fn click(&self, css: &str) {
         self.on_element(css, "POST", "/click", json!({})).await;
     }
@@ -257,7 +268,8 @@ impl Drop for Browser {
     }
 }
 
-const PLANS: &str = "usagePlans:\n  - name: partners\n    apiStages: [ { apiId: warranty, stage: prod } ]\n    \
+// The per-method throttle is the plan's own, so the bucket is the same; the key page lists it.
+const PLANS: &str = "usagePlans:\n  - name: partners\n    apiStages: [ { apiId: warranty, stage: prod, throttle: { \"/echo/{rest+}/ANY\": { rateLimit: 0.001, burstLimit: 6 } } } ]\n    \
                      throttle: { rateLimit: 0.001, burstLimit: 6 }\n    quota: { limit: 10, period: DAY }\n\
                      apiKeys:\n  - { name: central-system, value: \"${CENTRAL_KEY}\", usagePlans: [partners] }\n  \
                      - { name: quiet-partner, value: quietKeyValue0123456789abcdef, usagePlans: [partners] }\n";
@@ -286,6 +298,10 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
             expected
         );
     }
+    // Refused 403: no key, an unknown one.
+    assert_eq!(c.get(&gw.url("/prod/echo/d"), None).await.status, 403);
+    let unknown = Some("unknownKeyValue0123456789abcdef");
+    assert_eq!(c.get(&gw.url("/prod/echo/d"), unknown).await.status, 403);
     let shots = std::env::var_os("TOLLGATE_SCREENSHOTS")
         .map_or_else(|| dir.path().join("screenshots"), PathBuf::from);
     std::fs::create_dir_all(&shots).unwrap();
@@ -312,6 +328,16 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     // The overview: 30 days, today's 6 allowed and 2 throttled.
     b.until_text("#stat-allowed", "6").await;
     assert_eq!(b.text("#stat-429").await, "25.0%");
+    assert_eq!(b.text("#stat-403").await, "2");
+    // Refusals stand beside the admitted requests, not on top of them.
+    let beside = b
+        .script(
+            "const a = document.querySelector('svg.chart rect.allowed').getBBox(); \
+             const t = document.querySelector('svg.chart rect.throttled').getBBox(); \
+             return [t.x >= a.x + a.width - 0.01, Math.abs(t.y + t.height - a.y - a.height) < 0.01];",
+        )
+        .await;
+    assert_eq!(beside, json!([true, true]), "beside, on the same baseline");
     assert_eq!(b.attribute("svg.chart", "data-days").await, "30");
     let cookie = b.script("return document.cookie").await;
     assert_eq!(cookie, json!(""), "the session cookie is HttpOnly");
@@ -338,9 +364,31 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     let first = b.text("#keys-body tr:first-child td:first-child a").await;
     assert_eq!(first, "quiet-partner", "name, descending");
     b.click("th[data-sort=name]").await;
+    // Search ignores case.
+    b.type_into("#key-search", "QUIET").await;
+    b.until_count("#keys-body tr", 1).await;
+    assert!(b.text("#keys-body").await.contains("quiet-partner"));
+    b.script("document.getElementById('key-search').value = ''; document.getElementById('key-search').dispatchEvent(new Event('input'));").await;
+    b.until_count("#keys-body tr", 2).await;
+    // A created key is listed at once, its value shown once with a copy button.
+    b.type_into("#new-key-name", "new-partner").await;
+    b.click("form.inline-form button[type=submit]").await;
+    b.find("#new-key-value").await;
+    b.until_count("#keys-body tr", 3).await;
+    let value = b.text("#new-key-value").await;
+    assert_eq!(value.len(), 40, "{value}");
+    b.click("#copy-key-value").await;
+    let copied = b.text("#copy-key-value").await;
+    assert!(
+        copied == "Copied" || copied.starts_with("Selected"),
+        "{copied}"
+    );
     b.screenshot("keys").await;
 
-    // The key: 90 days, today's outcomes, the quota line; disable it.
+    // The key: from its creation (today), today's outcomes, the quota line, the per-method
+    // throttle; disabling it asks first.
+    b.goto(&format!("{admin}/dashboard#/keys")).await;
+    b.find("tr[data-key]").await;
     b.click("#keys-body a").await;
     b.find("svg.chart").await;
     assert_eq!(b.text("#view h1").await, "central-system enabled");
@@ -349,8 +397,8 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
         meta.contains("value starts cent… (32 characters)"),
         "{meta}"
     );
-    assert_eq!(b.attribute("svg.chart", "data-days").await, "90");
-    assert_eq!(b.count("svg.chart g.day").await, 90);
+    assert_eq!(b.attribute("svg.chart", "data-days").await, "1");
+    assert_eq!(b.count("svg.chart g.day").await, 1);
     assert_eq!(
         b.count("svg.chart g.day rect").await,
         2,
@@ -358,8 +406,17 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     );
     assert_eq!(b.count("svg.chart polyline.quota-line").await, 1);
     assert_eq!(b.count("svg.chart line.quota-limit").await, 1);
+    let methods = b.text("ul.methods").await;
+    assert_eq!(methods, "warranty:prod /echo/{rest+}/ANY: 0.001/s, burst 6");
     b.screenshot("key").await;
     b.click("#toggle-enabled").await;
+    b.find("#confirm-disable").await;
+    assert_eq!(
+        c.get(&gw.url("/prod/echo/d"), Some(KEY)).await.status,
+        429,
+        "still enabled until confirmed"
+    );
+    b.click("#confirm-disable").await;
     b.until_text("#key-state", "disabled").await;
     assert_eq!(
         c.get(&gw.url("/prod/echo/d"), Some(KEY)).await.status,
@@ -380,7 +437,20 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
         .await;
     b.goto(&format!("{admin}/dashboard#/keys")).await;
     b.find("tr[data-key]").await;
+    // The quota column fits on the phone's screen.
+    let fits = b
+        .script("return document.querySelector('th[data-sort=quota]').getBoundingClientRect().right <= window.innerWidth")
+        .await;
+    assert_eq!(fits, json!(true));
     b.screenshot("keys-phone").await;
+    // The chart's axis text stays readable (at least 10 px) on the phone.
+    b.goto(&format!("{admin}/dashboard#/")).await;
+    b.find("svg.chart text").await;
+    let px = b
+        .script("return document.querySelector('svg.chart text').getBoundingClientRect().height")
+        .await;
+    assert!(px.as_f64().unwrap() >= 10.0, "{px}");
+    b.screenshot("overview-phone").await;
     drop(b);
     assert!(gw.terminate().success());
 }
@@ -392,6 +462,11 @@ async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
     let c = client();
     let page = c.get(&format!("{admin}/dashboard"), None).await;
     assert_eq!(page.status, 200);
+    // Where browsers look for an icon, without signing in.
+    let icon = c.get(&format!("{admin}/favicon.ico"), None).await;
+    assert_eq!(icon.status, 200);
+    assert_eq!(icon.header("content-type"), Some("image/svg+xml"));
+    assert!(icon.body.starts_with(b"<svg"));
     assert!(
         page.header("content-security-policy")
             .unwrap()
