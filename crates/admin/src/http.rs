@@ -455,7 +455,7 @@ async fn list_plans(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
         StatusCode::OK,
         &admin
             .list_plans(q.get("keyId").map(String::as_str), &paging(&q)?)
-            .await,
+            .await?,
     ))
 }
 

@@ -196,11 +196,30 @@ pub struct Paging {
     pub position: Option<String>,
 }
 
-/// One page of `items` (sorted by `id`), starting at `position`.
-fn page<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, paging: &Paging) -> Page<T> {
-    items.sort_by(|a, b| id(a).cmp(id(b)));
-    let start = start_at(&items, &id, paging);
-    first_page_of(items.drain(start..), id, paging)
+/// One page of `items`, in their order, from the place `paging.position` on (an index).
+fn page_in_order<T>(items: Vec<T>, paging: &Paging) -> Result<Page<T>, AdminError> {
+    let start = usize::try_from(numbered_position(paging)?.unwrap_or(0)).unwrap_or(usize::MAX);
+    let numbered = items.into_iter().enumerate().skip(start);
+    let Page { position, item } = first_page_of(numbered, |(i, _)| i.to_string(), paging);
+    Ok(Page {
+        position,
+        item: item.into_iter().map(|(_, x)| x).collect(),
+    })
+}
+
+/// `paging.position` where positions are numbers (places in creation order).
+fn numbered_position(paging: &Paging) -> Result<Option<u64>, AdminError> {
+    paging
+        .position
+        .as_deref()
+        .map(|p| {
+            p.parse().map_err(|_| {
+                bad(format!(
+                    "Invalid position {p:?}: not one a previous page gave"
+                ))
+            })
+        })
+        .transpose()
 }
 
 /// Where in `items`, sorted by `id`, the page at `paging.position` starts.
@@ -211,11 +230,11 @@ fn start_at<T>(items: &[T], id: impl Fn(&T) -> &str, paging: &Paging) -> usize {
         .map_or(0, |p| items.partition_point(|x| id(x) < p))
 }
 
-/// The first page of `items`, which come in id order from the page's position on. The next position
-/// is the id of the first item left out.
+/// The first page of `items`, which come in order from the page's position on. The next position
+/// is `position_of` the first item left out.
 fn first_page<T, E>(
     items: impl Iterator<Item = Result<T, E>>,
-    id: impl Fn(&T) -> &str,
+    position_of: impl Fn(&T) -> String,
     paging: &Paging,
 ) -> Result<Page<T>, E> {
     let limit = match paging.limit {
@@ -229,7 +248,7 @@ fn first_page<T, E>(
             break;
         }
     }
-    let position = item.get(limit).map(|x| id(x).to_string());
+    let position = item.get(limit).map(position_of);
     item.truncate(limit);
     Ok(Page { position, item })
 }
@@ -237,31 +256,32 @@ fn first_page<T, E>(
 /// [`first_page`] of items that cannot fail.
 fn first_page_of<T>(
     items: impl Iterator<Item = T>,
-    id: impl Fn(&T) -> &str,
+    position_of: impl Fn(&T) -> String,
     paging: &Paging,
 ) -> Page<T> {
-    match first_page(items.map(Ok::<T, Infallible>), id, paging) {
+    match first_page(items.map(Ok::<T, Infallible>), position_of, paging) {
         Ok(page) => page,
         Err(never) => match never {},
     }
 }
 
-/// The stored keys in id order from `from` on, read a page at a time.
+/// The stored keys in creation order from place `from` on, each with its place, read a page at a
+/// time.
 fn stored_keys(
     store: &dyn Store,
-    from: Option<&str>,
-) -> impl Iterator<Item = Result<ApiKey, AdminError>> {
+    from: Option<u64>,
+) -> impl Iterator<Item = Result<(u64, ApiKey), AdminError>> {
     const BATCH: usize = 500;
-    let mut from = from.map(str::to_owned);
+    let mut from = from;
     let mut batch = std::collections::VecDeque::new();
     let mut done = false;
     std::iter::from_fn(move || {
         if batch.is_empty() && !done {
-            match store.keys_from(from.as_deref(), BATCH + 1) {
+            match store.keys_from(from, BATCH + 1) {
                 Ok(mut keys) => {
                     // The extra key starts the next batch.
                     from = (keys.len() > BATCH)
-                        .then(|| keys.pop().map(|k| k.id))
+                        .then(|| keys.pop().map(|(place, _)| place))
                         .flatten();
                     done = from.is_none();
                     batch.extend(keys);
@@ -686,19 +706,24 @@ impl Admin {
         paging: Paging,
     ) -> Result<Page<ApiKeyOut>, AdminError> {
         self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let from = numbered_position(&paging)?;
         let (page, last_used) = self
             .blocking(move |admin| {
-                let keys = stored_keys(&*admin.store, paging.position.as_deref()).filter(|k| {
+                let keys = stored_keys(&*admin.store, from).filter(|k| {
                     k.as_ref().is_err()
-                        || k.as_ref().is_ok_and(|k| {
+                        || k.as_ref().is_ok_and(|(_, k)| {
                             name.as_ref().is_none_or(|n| n.matches(&k.name))
                                 && customer_id
                                     .as_ref()
                                     .is_none_or(|c| k.customer_id.as_ref() == Some(c))
                         })
                 });
-                let page = first_page(keys, |k: &ApiKey| &k.id, &paging)?;
-                let ids: Vec<&str> = page.item.iter().map(|k| k.id.as_str()).collect();
+                let page = first_page(
+                    keys,
+                    |(place, _): &(u64, ApiKey)| place.to_string(),
+                    &paging,
+                )?;
+                let ids: Vec<&str> = page.item.iter().map(|(_, k)| k.id.as_str()).collect();
                 let last_used = admin.store.last_used(&ids)?;
                 Ok((page, last_used))
             })
@@ -709,7 +734,7 @@ impl Admin {
                 .item
                 .iter()
                 .zip(last_used)
-                .map(|(k, at)| self.key_out(k, include_values, at))
+                .map(|((_, k), at)| self.key_out(k, include_values, at))
                 .collect(),
         })
     }
@@ -1013,7 +1038,11 @@ impl Admin {
     }
 
     /// GetUsagePlans, optionally only the plans containing `key_id`.
-    pub async fn list_plans(&self, key_id: Option<&str>, paging: &Paging) -> Page<UsagePlanOut> {
+    pub async fn list_plans(
+        &self,
+        key_id: Option<&str>,
+        paging: &Paging,
+    ) -> Result<Page<UsagePlanOut>, AdminError> {
         let plans = self.plans.lock().await;
         let served = self.gateway.served();
         let of_key = key_id.map(|k| served.plans_of(k));
@@ -1022,7 +1051,7 @@ impl Admin {
             .filter(|p| of_key.as_ref().is_none_or(|of| of.contains(&p.id.as_str())))
             .map(|p| Self::plan_out(p, false))
             .collect();
-        page(items, |p: &UsagePlanOut| &p.id, paging)
+        page_in_order(items, paging)
     }
 
     /// UpdateUsagePlan.
@@ -1166,7 +1195,11 @@ impl Admin {
                     })
                 })
                 .map(|k| k.map(|k| admin.plan_key_out(&k)));
-            Ok(first_page(keys, |k: &UsagePlanKeyOut| &k.id, &paging)?)
+            Ok(first_page(
+                keys,
+                |k: &UsagePlanKeyOut| k.id.clone(),
+                &paging,
+            )?)
         })
         .await
     }
@@ -1271,7 +1304,8 @@ impl Admin {
             // Reports are computed for the page's keys only: a plan may have a million.
             let ids = usage.ids();
             let start = start_at(ids, String::as_str, &paging);
-            let Page { position, item } = first_page_of(ids[start..].iter(), |k| k, &paging);
+            let Page { position, item } =
+                first_page_of(ids[start..].iter(), |k| k.to_string(), &paging);
             Ok(UsageOut {
                 usage_plan_id: plan.id.clone(),
                 start_date: from.to_string(),
@@ -1543,11 +1577,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stored_keys_are_read_in_batches_in_id_order() {
+    fn stored_keys_are_read_in_batches_in_creation_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = tollgate_store::SqliteStore::open(&dir.path().join("t.db")).unwrap();
         let mut ids = Vec::new();
-        for i in 0..1203 {
+        // Created in the order opposite to their ids'.
+        for i in (0..1203).rev() {
             let id = format!("key{i:05}");
             store
                 .put_key(&ApiKey {
@@ -1565,10 +1600,17 @@ mod tests {
                 .unwrap();
             ids.push(id);
         }
-        let read: Vec<String> = stored_keys(&store, None).map(|k| k.unwrap().id).collect();
-        assert_eq!(read, ids, "three batches, none repeated or lost");
-        let from: Vec<String> = stored_keys(&store, Some("key00600"))
-            .map(|k| k.unwrap().id)
+        let read: Vec<(u64, String)> = stored_keys(&store, None)
+            .map(|k| k.map(|(place, k)| (place, k.id)).unwrap())
+            .collect();
+        let read_ids: Vec<&String> = read.iter().map(|(_, id)| id).collect();
+        assert_eq!(
+            read_ids,
+            ids.iter().collect::<Vec<_>>(),
+            "three batches, none repeated or lost"
+        );
+        let from: Vec<String> = stored_keys(&store, Some(read[600].0))
+            .map(|k| k.unwrap().1.id)
             .collect();
         assert_eq!(from, ids[600..]);
 
@@ -1578,53 +1620,54 @@ mod tests {
             position: None,
         };
         let name2 =
-            stored_keys(&store, None).filter(|k| k.as_ref().is_ok_and(|k| k.name == "name2"));
-        let page = first_page(name2, |k: &ApiKey| &k.id, &paging).unwrap();
+            stored_keys(&store, None).filter(|k| k.as_ref().is_ok_and(|(_, k)| k.name == "name2"));
+        let page = first_page(
+            name2,
+            |(place, _): &(u64, ApiKey)| place.to_string(),
+            &paging,
+        )
+        .unwrap();
         assert_eq!(page.item.len(), 400);
-        assert_eq!(page.item[399].id, "key01199");
-        assert_eq!(page.position.as_deref(), Some("key01202"));
+        // name2 is every third key created, from `key01202` down: the 400th is `key00005`, and
+        // the next page starts at the 401st, `key00002`.
+        assert_eq!(page.item[399].1.id, "key00005");
+        assert_eq!(
+            page.position.as_deref(),
+            Some(read[1200].0.to_string().as_str())
+        );
     }
 
     #[test]
-    fn paging_by_id() {
-        let items: Vec<String> = (0..7).map(|i| format!("id{i}")).collect();
-        let p = page(
-            items.clone(),
-            |s: &String| s,
-            &Paging {
-                limit: Some(3),
-                position: None,
-            },
+    fn paging_in_order() {
+        let items: Vec<String> = (0..7).map(|i| format!("id{}", 7 - i)).collect();
+        let at = |position: Option<String>, limit| Paging {
+            limit: Some(limit),
+            position,
+        };
+        let p = page_in_order(items.clone(), &at(None, 3)).unwrap();
+        assert_eq!(p.item, vec!["id7", "id6", "id5"]);
+        assert_eq!(p.position.as_deref(), Some("3"));
+        let p = page_in_order(items.clone(), &at(p.position, 3)).unwrap();
+        assert_eq!(p.item, vec!["id4", "id3", "id2"]);
+        let p = page_in_order(items.clone(), &at(p.position, 3)).unwrap();
+        assert_eq!((p.item, p.position), (vec!["id1".to_string()], None));
+        assert_eq!(
+            page_in_order(items.clone(), &at(None, -1))
+                .unwrap()
+                .item
+                .len(),
+            7
         );
-        assert_eq!(p.item, vec!["id0", "id1", "id2"]);
-        assert_eq!(p.position.as_deref(), Some("id3"));
-        let p = page(
-            items.clone(),
-            |s: &String| s,
-            &Paging {
-                limit: Some(3),
-                position: p.position,
-            },
+        assert!(
+            page_in_order(items.clone(), &at(Some("99".into()), 3))
+                .unwrap()
+                .item
+                .is_empty()
         );
-        assert_eq!(p.item, vec!["id3", "id4", "id5"]);
-        let p = page(
-            items.clone(),
-            |s: &String| s,
-            &Paging {
-                limit: Some(3),
-                position: p.position,
-            },
-        );
-        assert_eq!((p.item, p.position), (vec!["id6".to_string()], None));
-        let p = page(
-            items,
-            |s: &String| s,
-            &Paging {
-                limit: Some(-1),
-                position: None,
-            },
-        );
-        assert_eq!(p.item.len(), 7);
+        assert!(matches!(
+            page_in_order(items, &at(Some("id3".into()), 3)),
+            Err(AdminError::BadRequest(_))
+        ));
     }
 
     fn plan() -> UsagePlan {

@@ -169,9 +169,12 @@ pub fn index_holds_what_load_does(store: &dyn Store) {
     assert_eq!(plans, want);
 }
 
-/// `key` reads one key by id; `keys_from` pages through all of them in id order.
+/// `key` reads one key by id; `keys_from` pages through all of them in creation order (as `load`
+/// and `plans` list theirs), each with a rising place; a rewrite keeps a key's place, and a deleted
+/// key's is passed over.
 pub fn keys_are_read_one_by_one_and_in_pages(store: &dyn Store) {
     let mut all = store.load().unwrap().keys;
+    // Ids that sort against the order they are created in.
     for i in (0..7).rev() {
         let k = key(
             &format!("pgkey{i:05}"),
@@ -180,26 +183,48 @@ pub fn keys_are_read_one_by_one_and_in_pages(store: &dyn Store) {
         store.put_key(&k).unwrap();
         all.push(k);
     }
-    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let at = all.len() - 7;
+    all[at].name = "renamed".into();
+    store.put_key(&all[at]).unwrap();
+    let gone = all.remove(at + 3);
+    store.delete_key(&gone.id).unwrap();
+    assert_eq!(
+        store.load().unwrap().keys,
+        all,
+        "load lists keys as created"
+    );
     let third = &all[all.len() / 3];
     assert_eq!(store.key(&third.id).unwrap().as_ref(), Some(third));
     assert_eq!(store.key("no-such-key").unwrap(), None);
 
     // Pages of three, each asked for with one more: the extra one starts the next page.
     let mut paged = Vec::new();
-    let mut from: Option<String> = None;
+    let mut from = None;
     loop {
-        let mut page = store.keys_from(from.as_deref(), 4).unwrap();
+        let mut page = store.keys_from(from, 4).unwrap();
         assert!(page.len() <= 4);
         from = (page.len() == 4)
-            .then(|| page.pop().map(|k| k.id))
+            .then(|| page.pop().map(|(place, _)| place))
             .flatten();
         paged.extend(page);
         if from.is_none() {
             break;
         }
     }
+    assert!(paged.windows(2).all(|w| w[0].0 < w[1].0), "rising places");
+    let paged: Vec<ApiKey> = paged.into_iter().map(|(_, k)| k).collect();
     assert_eq!(paged, all);
+
+    // Plans too, as created, whatever their ids.
+    for id in ["zz0001", "aa0001"] {
+        store.put_plan(&plan(id)).unwrap();
+    }
+    let ids: Vec<String> = store.plans().unwrap().into_iter().map(|p| p.id).collect();
+    let (z, a) = (
+        ids.iter().position(|id| id == "zz0001"),
+        ids.iter().position(|id| id == "aa0001"),
+    );
+    assert!(z < a && a == Some(ids.len() - 1), "{ids:?}");
 }
 
 /// `put_records` (pages of many records per round trip where the backend batches) stores exactly

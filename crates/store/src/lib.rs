@@ -232,7 +232,7 @@ pub trait Store: Send + Sync {
     fn load_index(&self) -> Result<KeyIndex, StoreError> {
         Ok(KeyIndex::from(&self.load()?))
     }
-    /// Loads every plan (and nothing of the keys: there may be millions).
+    /// Loads every plan (and nothing of the keys: there may be millions), in creation order.
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError>;
     /// One key, by id.
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
@@ -272,8 +272,10 @@ pub trait Store: Send + Sync {
             })
             .collect())
     }
-    /// Up to `limit` keys whose ids sort at or after `from`, in id order: one page of a listing.
-    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError>;
+    /// Up to `limit` keys in creation order from place `from` on (the first when `None`), each
+    /// with its place: one page of a listing. A store gives each new key a place after all others'
+    /// (a rewrite keeps it), so pages neither repeat nor skip a key as others come and go.
+    fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError>;
     /// Creates or replaces a plan (matched by id).
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError>;
     /// Creates or replaces a key (matched by id). Fails with [`StoreError::DuplicateKeyValue`] when

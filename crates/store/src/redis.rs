@@ -6,7 +6,7 @@
 //! `{tg}:version` and publishes it on `tollgate:changes`, which instances subscribe to (and poll, in case
 //! a message was missed) to reload.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +28,12 @@ pub mod keys {
     pub const KEYS: &str = "{tg}:keys";
     /// Value hash (hex) → key id, for uniqueness.
     pub const VALUES: &str = "{tg}:values";
+    /// Keys in creation order: key id → place (see [`PLACES`]).
+    pub const KEY_ORDER: &str = "{tg}:order:keys";
+    /// Plans in creation order: plan id → place.
+    pub const PLAN_ORDER: &str = "{tg}:order:plans";
+    /// The last place given: each new key or plan takes the next.
+    pub const PLACES: &str = "{tg}:order:last";
     /// Plan memberships, members `"<planId> <keyId>"`.
     pub const BINDINGS: &str = "{tg}:bindings";
     /// The plans of one key (kept beside `BINDINGS` so deletes and reports touch only that key's).
@@ -211,6 +217,10 @@ impl StoredPrevious {
 const PUT_KEY: &str = r"
 local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and holder ~= ARGV[1] then return 0 end
+-- A new key's place in listings is after every other's; a rewrite keeps it.
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[1])
+end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 -- Unchanged: no version bump, so no instance reloads for nothing.
 if old == ARGV[3] then return 1 end
@@ -238,6 +248,7 @@ for _, plan in ipairs(redis.call('SMEMBERS', KEYS[5])) do
 end
 redis.call('DEL', KEYS[5])
 redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
 return 1
 ";
@@ -280,6 +291,8 @@ fn put_key_call<'s>(
     call.key(keys::KEYS)
         .key(keys::VALUES)
         .key(keys::VERSION)
+        .key(keys::KEY_ORDER)
+        .key(keys::PLACES)
         .arg(&key.id)
         .arg(&stored.value_sha256)
         .arg(body);
@@ -315,7 +328,10 @@ fn binding_call<'s>(
 /// Fields per SCAN page when loading records.
 const SCAN_PAGE: u32 = 10_000;
 
-const HSET_AND_BUMP: &str = r"
+const PUT_PLAN: &str = r"
+if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
+end
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
@@ -349,7 +365,25 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('SADD', '{tg}:usage:' .. ARGV[1], key)
 end
 redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
+return 1
+";
+
+/// With `ARGV[1]` = `place`: places the records of hash `KEYS[1]` named in the rest of `ARGV`, in
+/// that order, that are still there and have no place in `KEYS[2]` yet (written before places were
+/// kept, or by an older version). With `drop`: removes the places of those that are gone.
+const TIDY_PLACES: &str = r"
+local place = ARGV[1] == 'place'
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local there = redis.call('HEXISTS', KEYS[1], id) == 1
+  if place and there and not redis.call('ZSCORE', KEYS[2], id) then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), id)
+  elseif not place and not there then
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
 return 1
 ";
 
@@ -479,6 +513,111 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Makes the places in `order` match the records of `hash`: each record without one gets one
+    /// (after the others, ordered by `created` of its id, then by id), and places of records gone
+    /// are dropped. Two counts when nothing is amiss, as after the first start of this version.
+    fn tidy_places(
+        &self,
+        hash: &str,
+        order: &str,
+        created: impl Fn(&[String]) -> Result<Vec<i64>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let records: u64 = self.with(|c| redis::cmd("HLEN").arg(hash).query(c))?;
+        let places: u64 = self.with(|c| redis::cmd("ZCARD").arg(order).query(c))?;
+        if records == places {
+            return Ok(());
+        }
+        // Places first: a record written in between is then a record with a place, which the
+        // script leaves alone, never a place without its record.
+        let placed: Vec<String> =
+            self.with(|c| redis::cmd("ZRANGE").arg(order).arg(0).arg(-1).query(c))?;
+        let ids: Vec<String> = self.with(|c| redis::cmd("HKEYS").arg(hash).query(c))?;
+        let (is_placed, is_record): (HashSet<&str>, HashSet<&str>) = (
+            placed.iter().map(String::as_str).collect(),
+            ids.iter().map(String::as_str).collect(),
+        );
+        let gone: Vec<&String> = placed
+            .iter()
+            .filter(|id| !is_record.contains(id.as_str()))
+            .collect();
+        let mut unplaced: Vec<String> = ids
+            .iter()
+            .filter(|id| !is_placed.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let dates = created(&unplaced)?;
+        let mut dated: Vec<(i64, String)> = dates.into_iter().zip(unplaced.drain(..)).collect();
+        dated.sort();
+        let script = Script::new(TIDY_PLACES);
+        let run = |mode: &str, ids: &[&String]| {
+            self.with(|c| {
+                script
+                    .key(hash)
+                    .key(order)
+                    .key(keys::PLACES)
+                    .arg(mode)
+                    .arg(ids)
+                    .invoke::<i64>(c)
+            })
+        };
+        for page in gone.chunks(PIPELINE_PAGE) {
+            run("drop", page)?;
+        }
+        let unplaced: Vec<&String> = dated.iter().map(|(_, id)| id).collect();
+        for page in unplaced.chunks(PIPELINE_PAGE) {
+            run("place", page)?;
+        }
+        Ok(())
+    }
+
+    /// Every key id with its place, once each key has one.
+    fn key_places(&self) -> Result<HashMap<String, u64>, StoreError> {
+        self.tidy_key_places()?;
+        self.places(keys::KEY_ORDER)
+    }
+
+    /// [`Self::tidy_places`] for keys: unplaced ones go in the order they were created.
+    fn tidy_key_places(&self) -> Result<(), StoreError> {
+        self.tidy_places(keys::KEYS, keys::KEY_ORDER, |ids| {
+            let mut dates = Vec::with_capacity(ids.len());
+            for page in ids.chunks(PIPELINE_PAGE) {
+                let bodies: Vec<Option<String>> =
+                    self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(page).query(c))?;
+                for (id, body) in page.iter().zip(bodies) {
+                    let created = match body {
+                        Some(b) => parse_key(id, &b)?.created_date,
+                        None => 0,
+                    };
+                    dates.push(created);
+                }
+            }
+            Ok(dates)
+        })
+    }
+
+    /// The places in `order`, by id.
+    fn places(&self, order: &str) -> Result<HashMap<String, u64>, StoreError> {
+        let placed: Vec<(String, u64)> = self.with(|c| {
+            redis::cmd("ZRANGE")
+                .arg(order)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(c)
+        })?;
+        Ok(placed.into_iter().collect())
+    }
+
+    /// Every plan, in creation order (plans placed by this version's first start go by id).
+    fn ordered_plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
+        self.tidy_places(keys::PLANS, keys::PLAN_ORDER, |ids| Ok(vec![0; ids.len()]))?;
+        let places = self.places(keys::PLAN_ORDER)?;
+        let mut plans = parse_plans(self.scan_hash(keys::PLANS)?)?;
+        plans
+            .sort_by_cached_key(|p| (places.get(&p.id).copied().unwrap_or(u64::MAX), p.id.clone()));
+        Ok(plans)
+    }
+
     fn scan_set(&self, key: &str) -> Result<Vec<String>, StoreError> {
         let mut out: Vec<String> = Vec::new();
         self.scan_pages("SSCAN", key, |page| {
@@ -555,19 +694,20 @@ fn parse_plans(stored: Vec<(String, String)>) -> Result<Vec<UsagePlan>, StoreErr
 
 impl Store for RedisStore {
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
-        parse_plans(self.scan_hash(keys::PLANS)?)
+        self.ordered_plans()
     }
 
     fn load(&self) -> Result<Records, StoreError> {
-        let (plans, keys, bindings) = self.consistent(|| {
+        let (plans, keys, bindings, places) = self.consistent(|| {
             Ok((
-                self.scan_hash(keys::PLANS)?,
+                self.ordered_plans()?,
                 self.scan_hash(keys::KEYS)?,
                 self.scan_set(keys::BINDINGS)?,
+                self.key_places()?,
             ))
         })?;
         let mut records = Records {
-            plans: parse_plans(plans)?,
+            plans,
             ..Records::default()
         };
         for (id, body) in keys {
@@ -578,8 +718,9 @@ impl Store for RedisStore {
                 records.bindings.push((p.to_string(), k.to_string()));
             }
         }
-        records.plans.sort_by(|a, b| a.id.cmp(&b.id));
-        records.keys.sort_by(|a, b| a.id.cmp(&b.id));
+        records
+            .keys
+            .sort_by_cached_key(|k| (places.get(&k.id).copied().unwrap_or(u64::MAX), k.id.clone()));
         records.bindings.sort();
         Ok(records)
     }
@@ -587,7 +728,7 @@ impl Store for RedisStore {
     fn load_index(&self) -> Result<KeyIndex, StoreError> {
         // As `load`, but each page of keys is reduced to what the gateway serves as it arrives.
         self.consistent(|| {
-            let mut index = KeyIndex::new(parse_plans(self.scan_hash(keys::PLANS)?)?);
+            let mut index = KeyIndex::new(self.ordered_plans()?);
             self.scan_pages("HSCAN", keys::KEYS, |page: Vec<(String, String)>| {
                 for (id, body) in page {
                     let k: ServedKey<'_> =
@@ -621,29 +762,51 @@ impl Store for RedisStore {
         body.map(|b| parse_key(key_id, &b)).transpose()
     }
 
-    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {
-        // Redis keeps no order: the ids are read and sorted, then the page's records fetched.
-        let mut ids: Vec<String> = self.with(|c| redis::cmd("HKEYS").arg(keys::KEYS).query(c))?;
-        ids.retain(|id| from.is_none_or(|f| id.as_str() >= f));
-        ids.sort_unstable();
-        ids.truncate(limit);
-        if ids.is_empty() {
-            return Ok(Vec::new());
+    fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError> {
+        self.tidy_key_places()?;
+        let mut from = from.unwrap_or(0);
+        let mut out = Vec::with_capacity(limit.min(PIPELINE_PAGE));
+        // A place whose key was deleted since is passed over.
+        while out.len() < limit {
+            let want = limit - out.len();
+            let placed: Vec<(String, u64)> = self.with(|c| {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(keys::KEY_ORDER)
+                    .arg(from)
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(want)
+                    .query(c)
+            })?;
+            let Some(&(_, last)) = placed.last() else {
+                break;
+            };
+            let ids: Vec<&String> = placed.iter().map(|(id, _)| id).collect();
+            let bodies: Vec<Option<String>> =
+                self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(&ids).query(c))?;
+            for ((id, place), body) in placed.iter().zip(bodies) {
+                if let Some(b) = body {
+                    out.push((*place, parse_key(id, &b)?));
+                }
+            }
+            if placed.len() < want {
+                break;
+            }
+            from = last + 1;
         }
-        let bodies: Vec<Option<String>> =
-            self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(&ids).query(c))?;
-        ids.iter()
-            .zip(bodies)
-            .filter_map(|(id, body)| body.map(|b| parse_key(id, &b)))
-            .collect()
+        Ok(out)
     }
 
     fn put_plan(&self, plan: &UsagePlan) -> Result<(), StoreError> {
         let body = serde_json::to_string(plan).map_err(|e| StoreError::Backend(e.to_string()))?;
         self.with(|c| {
-            Script::new(HSET_AND_BUMP)
+            Script::new(PUT_PLAN)
                 .key(keys::PLANS)
                 .key(keys::VERSION)
+                .key(keys::PLAN_ORDER)
+                .key(keys::PLACES)
                 .arg(&plan.id)
                 .arg(body)
                 .invoke::<i64>(c)
@@ -725,6 +888,7 @@ impl Store for RedisStore {
                 .key(keys::VERSION)
                 .key(keys::key_plans(key_id))
                 .key(keys::LAST_USED)
+                .key(keys::KEY_ORDER)
                 .arg(key_id)
                 .invoke::<i64>(c)
         })?;
@@ -738,6 +902,7 @@ impl Store for RedisStore {
                 .key(keys::BINDINGS)
                 .key(keys::VERSION)
                 .key(keys::plan_keys(plan_id))
+                .key(keys::PLAN_ORDER)
                 .arg(plan_id)
                 .invoke::<i64>(c)
         })?;
@@ -973,6 +1138,73 @@ mod tests {
     fn conformance_on_redis() {
         let server = RedisServer::start();
         crate::conformance::run_all(&store(vec![server.url()], false));
+    }
+
+    #[test]
+    fn records_from_before_places_get_them_in_creation_order() {
+        let server = RedisServer::start();
+        let s = store(vec![server.url()], false);
+        for (id, created) in [("old3", 30), ("old1", 10), ("old2", 20)] {
+            s.put_key(&ApiKey {
+                id: id.into(),
+                name: id.into(),
+                value_hash: KeyHash::of(format!("{id}-value-0123456789")),
+                created_date: created,
+                ..ApiKey::default()
+            })
+            .unwrap();
+        }
+        for id in ["zzplan", "aaplan"] {
+            s.put_plan(&UsagePlan {
+                id: id.into(),
+                name: id.into(),
+                ..UsagePlan::default()
+            })
+            .unwrap();
+        }
+        // As an older version leaves them: no places, and a place whose key it deleted.
+        s.with(|c| {
+            redis::pipe()
+                .del(keys::KEY_ORDER)
+                .del(keys::PLAN_ORDER)
+                .zadd(keys::KEY_ORDER, "ghost", 1)
+                .query::<()>(c)
+        })
+        .unwrap();
+        let listed: Vec<(u64, String)> = s
+            .keys_from(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(place, k)| (place, k.id))
+            .collect();
+        let ids: Vec<&str> = listed.iter().map(|(_, id)| id.as_str()).collect();
+        assert_eq!(ids, ["old1", "old2", "old3"], "by creation date");
+        assert!(listed.windows(2).all(|w| w[0].0 < w[1].0));
+        let ghost: Option<u64> = s
+            .with(|c| {
+                redis::cmd("ZSCORE")
+                    .arg(keys::KEY_ORDER)
+                    .arg("ghost")
+                    .query(c)
+            })
+            .unwrap();
+        assert_eq!(ghost, None);
+        let plans: Vec<String> = s.plans().unwrap().into_iter().map(|p| p.id).collect();
+        assert_eq!(
+            plans,
+            ["aaplan", "zzplan"],
+            "by id: plans have no creation date"
+        );
+        // Keys written from now on come after them.
+        s.put_key(&ApiKey {
+            id: "new0".into(),
+            name: "new0".into(),
+            value_hash: KeyHash::of("new0-value-0123456789"),
+            ..ApiKey::default()
+        })
+        .unwrap();
+        let last = s.load().unwrap().keys.pop().unwrap();
+        assert_eq!(last.id, "new0");
     }
 
     #[test]

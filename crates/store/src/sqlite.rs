@@ -247,7 +247,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut plans = Vec::new();
         let mut stmt = conn
-            .prepare("SELECT id, body FROM usage_plans ORDER BY id")
+            .prepare("SELECT id, body FROM usage_plans ORDER BY rowid")
             .map_err(backend)?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -344,12 +344,15 @@ impl Store for SqliteStore {
         names.iter().map(|name| self.key_named(name)).collect()
     }
 
-    fn keys_from(&self, from: Option<&str>, limit: usize) -> Result<Vec<ApiKey>, StoreError> {
+    fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError> {
+        // A key's place is its rowid: rows are numbered as they are inserted, and an upsert
+        // keeps a row's number.
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        select_keys(
+        let from = i64::try_from(from.unwrap_or(0)).unwrap_or(i64::MAX);
+        select_placed_keys(
             &self.conn(),
-            "WHERE id >= ?1 ORDER BY id LIMIT ?2",
-            params![from.unwrap_or(""), limit],
+            "WHERE rowid >= ?1 ORDER BY rowid LIMIT ?2",
+            params![from, limit],
         )
     }
 
@@ -650,17 +653,18 @@ fn bad_hash(key_id: &str) -> StoreError {
     }
 }
 
-/// The keys `clause` selects (a WHERE / ORDER BY / LIMIT tail over `api_keys`).
-fn select_keys(
+/// The keys `clause` selects (a WHERE / ORDER BY / LIMIT tail over `api_keys`), each with its place
+/// (rowid).
+fn select_placed_keys(
     conn: &Connection,
     clause: &str,
     params: impl rusqlite::Params,
-) -> Result<Vec<ApiKey>, StoreError> {
+) -> Result<Vec<(u64, ApiKey)>, StoreError> {
     let mut stmt = conn
         .prepare(&format!(
             "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
                     last_updated_date, value_sealed, tags, value_prefix, value_length,
-                    previous_sha256, previous_until
+                    previous_sha256, previous_until, rowid
              FROM api_keys {clause}"
         ))
         .map_err(backend)?;
@@ -682,7 +686,8 @@ fn select_keys(
             None => Tags::new(),
         };
         let previous = previous_value(r, 12).map_err(|e| corrupt(e.to_string()))?;
-        keys.push(ApiKey {
+        let place: i64 = r.get(14).map_err(backend)?;
+        let key = ApiKey {
             name: r.get(1).map_err(backend)?,
             description: r.get(2).map_err(backend)?,
             customer_id: r.get(3).map_err(backend)?,
@@ -696,9 +701,22 @@ fn select_keys(
             value_length: r.get(11).map_err(backend)?,
             previous,
             id,
-        });
+        };
+        keys.push((u64::try_from(place).unwrap_or(0), key));
     }
     Ok(keys)
+}
+
+/// The keys `clause` selects (a WHERE / ORDER BY / LIMIT tail over `api_keys`).
+fn select_keys(
+    conn: &Connection,
+    clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<ApiKey>, StoreError> {
+    Ok(select_placed_keys(conn, clause, params)?
+        .into_iter()
+        .map(|(_, key)| key)
+        .collect())
 }
 
 /// The old value's hash and grace end in columns `at` and `at + 1`, if the key was rotated.

@@ -213,9 +213,43 @@ async fn api_key_lifecycle() {
         .chain(page2["item"].as_array().unwrap())
         .map(|k| k["name"].as_str().unwrap())
         .collect();
-    let mut sorted = names.clone();
-    sorted.sort();
-    assert_eq!(sorted, vec!["partner-a", "partner-b", "partner-c"]);
+    assert_eq!(
+        names,
+        vec!["partner-a", "partner-b", "partner-c"],
+        "in creation order, whatever the ids"
+    );
+    let r = admin.call("GET", "/apikeys?position=nonsense", "").await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (400, Some("BadRequestException"))
+    );
+    // Plans too: created z then a, listed z then a, a page at a time.
+    for name in ["zulu-plan", "alpha-plan"] {
+        admin
+            .ok("POST", "/usageplans", &format!(r#"{{"name":"{name}"}}"#))
+            .await;
+    }
+    let first = admin.ok("GET", "/usageplans?limit=1", "").await;
+    let position = first["position"].as_str().unwrap();
+    let second = admin
+        .ok(
+            "GET",
+            &format!("/usageplans?limit=5&position={position}"),
+            "",
+        )
+        .await;
+    let plans: Vec<&str> = first["item"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["item"].as_array().unwrap())
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let (z, a) = (
+        plans.iter().position(|n| *n == "zulu-plan").unwrap(),
+        plans.iter().position(|n| *n == "alpha-plan").unwrap(),
+    );
+    assert_eq!((z + 1, a + 1), (plans.len() - 1, plans.len()), "{plans:?}");
     assert_eq!(
         admin.ok("GET", "/apikeys?name=Partner", "").await["item"],
         json!([]),
