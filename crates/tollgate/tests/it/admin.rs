@@ -487,17 +487,11 @@ async fn usage_plan_lifecycle() {
         "NotFoundException",
         "Invalid API Key identifier specified",
     );
-    let other = admin
-        .ok(
-            "POST",
-            "/usageplans",
-            r#"{"name":"silver","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
-        )
-        .await;
+    let other_id = admin.create_prod_plan("silver").await;
     let r = admin
         .call(
             "POST",
-            &format!("/usageplans/{}/keys", other["id"].as_str().unwrap()),
+            &format!("/usageplans/{other_id}/keys"),
             &json!({"keyId": key_id, "keyType": "API_KEY"}).to_string(),
         )
         .await;
@@ -716,13 +710,7 @@ async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_is_finished_and_served_after_its_caller_hangs_up() {
     let (dir, gw, admin, _up) = start("", &[]).await;
-    let plan = admin
-        .ok(
-            "POST",
-            "/usageplans",
-            r#"{"name":"late","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
-        )
-        .await;
+    let plan_id = admin.create_prod_plan("late").await;
     let value = "lateKeyValue0123456789abcd";
     let key = admin
         .ok(
@@ -736,7 +724,7 @@ async fn a_write_is_finished_and_served_after_its_caller_hangs_up() {
     let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
     db.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let bind = json!({"keyId": key["id"], "keyType": "API_KEY"}).to_string();
-    let path = format!("/usageplans/{}/keys", plan["id"].as_str().unwrap());
+    let path = format!("/usageplans/{plan_id}/keys");
     let gave_up = tokio::time::timeout(
         std::time::Duration::from_millis(700),
         admin.call("POST", &path, &bind),
@@ -759,14 +747,7 @@ async fn a_write_is_finished_and_served_after_its_caller_hangs_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn csv_import_as_aws_documents_it() {
     let (_dir, gw, admin, _up) = start("", &[]).await;
-    let plan = admin
-        .ok(
-            "POST",
-            "/usageplans",
-            r#"{"name":"imported","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
-        )
-        .await;
-    let plan_id = plan["id"].as_str().unwrap();
+    let plan_id = &admin.create_prod_plan("imported").await;
     let other = admin.ok("POST", "/usageplans", r#"{"name":"other"}"#).await;
     let other_id = other["id"].as_str().unwrap();
 
@@ -1132,14 +1113,7 @@ async fn the_aws_cli_imports_100k_keys_in_one_call() {
     let Some(cli) = AwsCli::for_gateway(&gw) else {
         return;
     };
-    let plan = admin
-        .ok(
-            "POST",
-            "/usageplans",
-            r#"{"name":"bulk","apiStages":[{"apiId":"warranty","stage":"prod"}]}"#,
-        )
-        .await;
-    let plan_id = plan["id"].as_str().unwrap();
+    let plan_id = admin.create_prod_plan("bulk").await;
     // 6.8 MB, sent as the AWS CLI sends it: the payload's hash unsigned.
     let value = |i: u32| format!("bulkImportedKeyValue{i:08}abcdefgh");
     let mut csv = String::from("Name,key,Enabled,usageplanIds\n");

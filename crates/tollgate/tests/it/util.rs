@@ -492,6 +492,14 @@ pub fn today() -> String {
 }
 
 impl AdminClient {
+    /// Creates a usage plan named `name` on the `warranty` API's `prod` stage; its id.
+    pub async fn create_prod_plan(&self, name: &str) -> String {
+        let body =
+            format!(r#"{{"name":"{name}","apiStages":[{{"apiId":"warranty","stage":"prod"}}]}}"#);
+        let plan = self.ok("POST", "/usageplans", &body).await;
+        plan["id"].as_str().unwrap().to_string()
+    }
+
     /// The id of the usage plan named `name`.
     pub async fn plan_id(&self, name: &str) -> String {
         let plans = self.ok("GET", "/usageplans", "").await;
