@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_store::Series;
 use tollgate_store::report::{period_usage, plan_usage};
 
 use crate::error::AdminError;
@@ -401,16 +402,18 @@ async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
             let n = (to.0 - from.0 + 1) as usize;
             let mut days = vec![[0u64; 3]; n];
             let mut by_key: HashMap<String, [u64; 2]> = HashMap::new();
+            // Per day: allowed, throttled, quota exceeded; per key: allowed, refused.
+            let series = [
+                (Series::Used, 0, 0),
+                (Series::Throttled, 1, 1),
+                (Series::QuotaExceeded, 2, 1),
+            ];
             for plan in &plans {
-                for r in admin.store.usage(&plan.id, None, from, to)? {
-                    days[(r.day.0 - from.0) as usize][0] += r.used;
-                    by_key.entry(r.key_id).or_default()[0] += r.used;
-                }
-                for r in admin.store.refusals(&plan.id, None, from, to)? {
-                    let day = &mut days[(r.day.0 - from.0) as usize];
-                    day[1] += r.throttled;
-                    day[2] += r.quota_exceeded;
-                    by_key.entry(r.key_id).or_default()[1] += r.throttled + r.quota_exceeded;
+                for (series, on_day, of_key) in series {
+                    for r in admin.store.series(series, &plan.id, None, from, to)? {
+                        days[(r.day.0 - from.0) as usize][on_day] += r.count();
+                        by_key.entry(r.key_id.clone()).or_default()[of_key] += r.count();
+                    }
                 }
             }
             let top = |i: usize| -> Result<Vec<Value>, AdminError> {

@@ -10,8 +10,8 @@ use tollgate_core::quota::{EpochDay, Period};
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    DeclaredKey, DeclaredPlan, KeyTerms, QuotaAdjustment, Records, RefusalRow, Store, StoreError,
-    UsageDelta, UsageRow, apply_declared,
+    DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series, Store, StoreError, UsageDelta,
+    apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -36,6 +36,15 @@ pub fn sign_outs_end_sessions_by_epoch(store: &dyn Store) {
     assert_eq!(store.end_sessions("AKIDEXAMPLE").unwrap(), 2);
     assert_eq!(store.session_epoch("AKIDEXAMPLE").unwrap(), 2);
     assert_eq!(store.session_epoch("another").unwrap(), 0);
+}
+
+/// A key's value in a series on a day.
+fn day(key: &str, day: u32, value: i64) -> DayValue {
+    DayValue {
+        key_id: key.into(),
+        day: EpochDay(day),
+        value,
+    }
 }
 
 fn plan(id: &str) -> UsagePlan {
@@ -310,29 +319,17 @@ pub fn usage_accumulates_and_filters(store: &dyn Store) {
         .unwrap();
     store.add_usage(&[d("k1", 10, 3)]).unwrap();
     store.add_usage(&[]).unwrap();
-    let row = |key: &str, day: u32, used: u64| UsageRow {
-        key_id: key.into(),
-        day: EpochDay(day),
-        used,
+    let used = |plan, key, from, to| {
+        store
+            .series(Series::Used, plan, key, EpochDay(from), EpochDay(to))
+            .unwrap()
     };
     assert_eq!(
-        store
-            .usage("usep01", None, EpochDay(0), EpochDay(100))
-            .unwrap(),
-        vec![row("k1", 10, 5), row("k1", 11, 1), row("k2", 10, 5)]
+        used("usep01", None, 0, 100),
+        vec![day("k1", 10, 5), day("k1", 11, 1), day("k2", 10, 5)]
     );
-    assert_eq!(
-        store
-            .usage("usep01", Some("k1"), EpochDay(11), EpochDay(11))
-            .unwrap(),
-        vec![row("k1", 11, 1)]
-    );
-    assert!(
-        store
-            .usage("other", None, EpochDay(0), EpochDay(100))
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(used("usep01", Some("k1"), 11, 11), vec![day("k1", 11, 1)]);
+    assert!(used("other", None, 0, 100).is_empty());
 }
 
 pub fn refusals_and_last_use_are_kept_apart_from_usage(store: &dyn Store) {
@@ -362,33 +359,26 @@ pub fn refusals_and_last_use_are_kept_apart_from_usage(store: &dyn Store) {
     store
         .add_usage(&[refused("rk1", 20, 2, 5), seen("rk1", 1_800_000_000)])
         .unwrap();
-    let row = |key: &str, day: u32, throttled: u64, quota_exceeded: u64| RefusalRow {
-        key_id: key.into(),
-        day: EpochDay(day),
-        throttled,
-        quota_exceeded,
+    let of = |series, key, from, to| {
+        store
+            .series(series, "refp01", key, EpochDay(from), EpochDay(to))
+            .unwrap()
     };
     assert_eq!(
-        store
-            .refusals("refp01", None, EpochDay(0), EpochDay(100))
-            .unwrap(),
-        vec![
-            row("rk1", 20, 5, 5),
-            row("rk1", 21, 0, 4),
-            row("rk2", 20, 1, 1)
-        ]
+        of(Series::Throttled, None, 0, 100),
+        vec![day("rk1", 20, 5), day("rk2", 20, 1)]
     );
     assert_eq!(
-        store
-            .refusals("refp01", Some("rk1"), EpochDay(21), EpochDay(21))
-            .unwrap(),
-        vec![row("rk1", 21, 0, 4)]
+        of(Series::QuotaExceeded, None, 0, 100),
+        vec![day("rk1", 20, 5), day("rk1", 21, 4), day("rk2", 20, 1)]
     );
+    assert_eq!(
+        of(Series::QuotaExceeded, Some("rk1"), 21, 21),
+        vec![day("rk1", 21, 4)]
+    );
+    assert!(of(Series::Throttled, Some("rk1"), 21, 21).is_empty());
     assert!(
-        store
-            .usage("refp01", None, EpochDay(0), EpochDay(100))
-            .unwrap()
-            .is_empty(),
+        of(Series::Used, None, 0, 100).is_empty(),
         "refusals are not usage"
     );
     assert_eq!(
@@ -548,23 +538,22 @@ pub fn quota_adjustments_accumulate(store: &dyn Store) {
         .unwrap();
     store.adjust_quota("adjp01", "k1", EpochDay(22), 1).unwrap();
     store.adjust_quota("adjp01", "k2", EpochDay(20), 3).unwrap();
-    let adj = |key: &str, day: u32, delta: i64| QuotaAdjustment {
-        key_id: key.into(),
-        day: EpochDay(day),
-        delta,
+    let adjusted = |key, from, to| {
+        store
+            .series(
+                Series::QuotaAdjustment,
+                "adjp01",
+                key,
+                EpochDay(from),
+                EpochDay(to),
+            )
+            .unwrap()
     };
     assert_eq!(
-        store
-            .quota_adjustments("adjp01", None, EpochDay(0), EpochDay(21))
-            .unwrap(),
-        vec![adj("k1", 20, -2), adj("k2", 20, 3)]
+        adjusted(None, 0, 21),
+        vec![day("k1", 20, -2), day("k2", 20, 3)]
     );
-    assert_eq!(
-        store
-            .quota_adjustments("adjp01", Some("k1"), EpochDay(21), EpochDay(30))
-            .unwrap(),
-        vec![adj("k1", 22, 1)]
-    );
+    assert_eq!(adjusted(Some("k1"), 21, 30), vec![day("k1", 22, 1)]);
     // Past the range either way, an addition is refused and changes nothing.
     let max = crate::MAX_ADJUSTMENT;
     store
@@ -585,9 +574,7 @@ pub fn quota_adjustments_accumulate(store: &dyn Store) {
             .is_err()
     );
     assert_eq!(
-        store
-            .quota_adjustments("adjp01", None, EpochDay(20), EpochDay(20))
-            .unwrap()[2..],
-        [adj("k3", 20, max), adj("k4", 20, -max)]
+        adjusted(None, 20, 20)[2..],
+        [day("k3", 20, max), day("k4", 20, -max)]
     );
 }

@@ -3,6 +3,7 @@
 //! [`Store`] is the one interface the gateway and the CLI use; [`SqliteStore`] is the embedded
 //! default. Every implementation must pass [`conformance`].
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod ids;
 mod index;
@@ -11,6 +12,7 @@ pub mod redis;
 pub mod report;
 mod sqlite;
 mod sync;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use index::{KeyIndex, KeyTerms};
@@ -101,39 +103,35 @@ pub struct UsageDelta {
     pub last_used: Option<u64>,
 }
 
-/// One key's usage under one plan on one day.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    /// The API key.
-    pub key_id: String,
-    /// The UTC day.
-    pub day: EpochDay,
-    /// Requests counted that day.
-    pub used: u64,
-}
-
-/// One key's refused requests under one plan on one day.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RefusalRow {
-    /// The API key.
-    pub key_id: String,
-    /// The UTC day.
-    pub day: EpochDay,
+/// What a per-day series of a plan's keys counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    /// Requests admitted (and counted against the quota).
+    Used,
     /// Requests refused by a throttle.
-    pub throttled: u64,
-    /// Requests refused for the spent quota.
-    pub quota_exceeded: u64,
+    Throttled,
+    /// Requests refused because the quota was spent.
+    QuotaExceeded,
+    /// Changes to a quota period's count made through UpdateUsage (positive: fewer requests left).
+    QuotaAdjustment,
 }
 
-/// A change of one key's remaining quota made on one day (positive: fewer requests left).
+/// One key's value in a [`Series`] on one day.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuotaAdjustment {
+pub struct DayValue {
     /// The API key.
     pub key_id: String,
-    /// The UTC day it was made.
+    /// The UTC day.
     pub day: EpochDay,
-    /// Requests added to the period's count.
-    pub delta: i64,
+    /// Requests (or, for an adjustment, requests added to the count); never 0.
+    pub value: i64,
+}
+
+impl DayValue {
+    /// The value as a count of requests (a series other than adjustments is never negative).
+    pub fn count(&self) -> u64 {
+        u64::try_from(self.value).unwrap_or(0)
+    }
 }
 
 /// The largest quota adjustment a day may hold, either way: UpdateUsage's `remaining` is at most
@@ -296,15 +294,6 @@ pub trait Store: Send + Sync {
     }
     /// Adds counted requests and notes last uses, all in one transaction.
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
-    /// Per-day refused requests of a plan's keys (or one key) from `from` to `to` inclusive, ordered
-    /// by key then day; days without refusals are absent.
-    fn refusals(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<RefusalRow>, StoreError>;
     /// For each of `key_ids`, in order, when it was last used (epoch seconds), if ever.
     fn last_used(&self, key_ids: &[&str]) -> Result<Vec<Option<u64>>, StoreError>;
     /// The dashboard's session epoch of `user` (an admin access key id): 0 until its first
@@ -321,22 +310,14 @@ pub trait Store: Send + Sync {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError>;
-    /// Quota adjustments of a plan's keys (or one key) from `from` to `to` inclusive, ordered by key
-    /// then day.
-    fn quota_adjustments(
+    /// The days of `series` with a value, for a plan's keys (or one key) from `from` to `to`
+    /// inclusive, ordered by key then day.
+    fn series(
         &self,
+        series: Series,
         plan_id: &str,
         key_id: Option<&str>,
         from: EpochDay,
         to: EpochDay,
-    ) -> Result<Vec<QuotaAdjustment>, StoreError>;
-    /// Per-day usage of a plan's keys (or one key) from `from` to `to` inclusive, ordered by key then
-    /// day; days without requests are absent.
-    fn usage(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<UsageRow>, StoreError>;
+    ) -> Result<Vec<DayValue>, StoreError>;
 }

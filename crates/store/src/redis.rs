@@ -15,10 +15,7 @@ use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
-use crate::{
-    KeyIndex, KeyTerms, QuotaAdjustment, Records, RefusalRow, Store, StoreError, UsageDelta,
-    UsageRow,
-};
+use crate::{DayValue, KeyIndex, KeyTerms, Records, Series, Store, StoreError, UsageDelta};
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
@@ -693,6 +690,41 @@ fn parse_plans(stored: Vec<(String, String)>) -> Result<Vec<UsagePlan>, StoreErr
 }
 
 impl Store for RedisStore {
+    fn series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<DayValue>, StoreError> {
+        let (index, days_of): (String, fn(&str, &str) -> String) = match series {
+            Series::Used => (keys::usage_index(plan_id), keys::usage),
+            Series::Throttled => (keys::usage_index(plan_id), keys::throttled),
+            Series::QuotaExceeded => (keys::usage_index(plan_id), keys::quota_exceeded),
+            Series::QuotaAdjustment => (keys::adjustments_index(plan_id), keys::adjustments),
+        };
+        let mut out = Vec::new();
+        for key in self.indexed_keys(plan_id, &index, key_id)? {
+            for (day, value) in self.days(&days_of(&key, plan_id), from, to)? {
+                let value = match series {
+                    Series::QuotaAdjustment => {
+                        crate::readable_adjustment(plan_id, &key, day, Some(value)).unwrap_or(0)
+                    }
+                    _ => value.max(0),
+                };
+                if value != 0 {
+                    out.push(DayValue {
+                        key_id: key.clone(),
+                        day,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
         self.ordered_plans()
     }
@@ -935,30 +967,6 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    fn quota_adjustments(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<QuotaAdjustment>, StoreError> {
-        let mut out = Vec::new();
-        for key in self.indexed_keys(plan_id, &keys::adjustments_index(plan_id), key_id)? {
-            for (day, delta) in self.days(&keys::adjustments(&key, plan_id), from, to)? {
-                let delta =
-                    crate::readable_adjustment(plan_id, &key, day, Some(delta)).unwrap_or(0);
-                if delta != 0 {
-                    out.push(QuotaAdjustment {
-                        key_id: key.clone(),
-                        day,
-                        delta,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
         if deltas.is_empty() {
             return Ok(());
@@ -993,58 +1001,6 @@ impl Store for RedisStore {
             }
             Ok(())
         })
-    }
-
-    fn usage(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let mut out = Vec::new();
-        for key in self.indexed_keys(plan_id, &keys::usage_index(plan_id), key_id)? {
-            for (day, used) in self.days(&keys::usage(&key, plan_id), from, to)? {
-                if used > 0 {
-                    out.push(UsageRow {
-                        key_id: key.clone(),
-                        day,
-                        used: u64::try_from(used).unwrap_or(0),
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn refusals(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<RefusalRow>, StoreError> {
-        let mut out = Vec::new();
-        let count = |v: i64| u64::try_from(v).unwrap_or(0);
-        for key in self.indexed_keys(plan_id, &keys::usage_index(plan_id), key_id)? {
-            let mut days: std::collections::BTreeMap<EpochDay, (u64, u64)> = Default::default();
-            for (day, n) in self.days(&keys::throttled(&key, plan_id), from, to)? {
-                days.entry(day).or_default().0 = count(n);
-            }
-            for (day, n) in self.days(&keys::quota_exceeded(&key, plan_id), from, to)? {
-                days.entry(day).or_default().1 = count(n);
-            }
-            out.extend(
-                days.into_iter()
-                    .map(|(day, (throttled, quota_exceeded))| RefusalRow {
-                        key_id: key.clone(),
-                        day,
-                        throttled,
-                        quota_exceeded,
-                    }),
-            );
-        }
-        Ok(out)
     }
 
     fn session_epoch(&self, user: &str) -> Result<u64, StoreError> {

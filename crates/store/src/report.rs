@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 
-use crate::{QuotaAdjustment, RefusalRow, Store, StoreError, UsageRow};
+use crate::{DayValue, Series, Store, StoreError};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -29,11 +29,12 @@ pub struct PlanUsage<'p> {
     plan: &'p UsagePlan,
     from: EpochDay,
     to: EpochDay,
-    /// Ordered by key, then day (as the store returns them).
-    rows: Vec<UsageRow>,
-    adjustments: Vec<QuotaAdjustment>,
+    /// Each ordered by key, then day (as the store returns them).
+    used: Vec<DayValue>,
+    adjustments: Vec<DayValue>,
     /// Read only for [`PlanUsage::detail`].
-    refusals: Vec<RefusalRow>,
+    throttled: Vec<DayValue>,
+    quota_exceeded: Vec<DayValue>,
     ids: Vec<String>,
 }
 
@@ -67,22 +68,23 @@ pub fn plan_usage<'p>(
         .quota
         .as_ref()
         .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
-    let rows = store.usage(&plan.id, key_id, since, to)?;
-    let adjustments = store.quota_adjustments(&plan.id, key_id, since, to)?;
+    let used = store.series(Series::Used, &plan.id, key_id, since, to)?;
+    let adjustments = store.series(Series::QuotaAdjustment, &plan.id, key_id, since, to)?;
     let mut ids: Vec<String> = match key_id {
         Some(k) => vec![k.to_owned()],
         None => members.iter().map(|&k| k.to_owned()).collect(),
     };
-    ids.extend(rows.iter().map(|r| r.key_id.clone()));
+    ids.extend(used.iter().map(|r| r.key_id.clone()));
     ids.sort_unstable();
     ids.dedup();
     Ok(PlanUsage {
         plan,
         from,
         to,
-        rows,
+        used,
         adjustments,
-        refusals: Vec::new(),
+        throttled: Vec::new(),
+        quota_exceeded: Vec::new(),
         ids,
     })
 }
@@ -95,11 +97,13 @@ impl PlanUsage<'_> {
 
     /// `[used, remaining]` for each day of the range, for key `key_id`.
     pub fn report(&self, key_id: &str) -> Vec<[u64; 2]> {
-        let rows = of_key(&self.rows, key_id, |r| &r.key_id);
-        let daily: Vec<(EpochDay, u64)> = rows.iter().map(|r| (r.day, r.used)).collect();
-        let adjusted: Vec<(EpochDay, i64)> = of_key(&self.adjustments, key_id, |a| &a.key_id)
+        let daily: Vec<(EpochDay, u64)> = of_key(&self.used, key_id)
             .iter()
-            .map(|a| (a.day, a.delta))
+            .map(|r| (r.day, r.count()))
+            .collect();
+        let adjusted: Vec<(EpochDay, i64)> = of_key(&self.adjustments, key_id)
+            .iter()
+            .map(|a| (a.day, a.value))
             .collect();
         usage_report(
             self.plan.quota.as_ref(),
@@ -116,7 +120,9 @@ impl PlanUsage<'_> {
         store: &dyn Store,
         key_id: Option<&str>,
     ) -> Result<Self, StoreError> {
-        self.refusals = store.refusals(&self.plan.id, key_id, self.from, self.to)?;
+        let (plan, from, to) = (self.plan.id.as_str(), self.from, self.to);
+        self.throttled = store.series(Series::Throttled, plan, key_id, from, to)?;
+        self.quota_exceeded = store.series(Series::QuotaExceeded, plan, key_id, from, to)?;
         Ok(self)
     }
 
@@ -132,10 +138,15 @@ impl PlanUsage<'_> {
                 ..DayDetail::default()
             })
             .collect();
-        for r in of_key(&self.refusals, key_id, |r| &r.key_id) {
-            if let Some(day) = days.get_mut(r.day.0.wrapping_sub(self.from.0) as usize) {
-                day.throttled = r.throttled;
-                day.quota_exceeded = r.quota_exceeded;
+        let at = |r: &DayValue| r.day.0.wrapping_sub(self.from.0) as usize;
+        for r in of_key(&self.throttled, key_id) {
+            if let Some(day) = days.get_mut(at(r)) {
+                day.throttled = r.count();
+            }
+        }
+        for r in of_key(&self.quota_exceeded, key_id) {
+            if let Some(day) = days.get_mut(at(r)) {
+                day.quota_exceeded = r.count();
             }
         }
         days
@@ -151,9 +162,9 @@ impl PlanUsage<'_> {
 }
 
 /// The run of `items` (ordered by key) that belongs to `key_id`.
-fn of_key<'a, T>(items: &'a [T], key_id: &str, key: impl Fn(&T) -> &String) -> &'a [T] {
-    let start = items.partition_point(|x| key(x).as_str() < key_id);
-    let end = start + items[start..].partition_point(|x| key(x).as_str() == key_id);
+fn of_key<'a>(items: &'a [DayValue], key_id: &str) -> &'a [DayValue] {
+    let start = items.partition_point(|x| x.key_id.as_str() < key_id);
+    let end = start + items[start..].partition_point(|x| x.key_id == key_id);
     &items[start..end]
 }
 
@@ -169,13 +180,12 @@ pub fn period_usage<'p>(
     for plan in plans {
         let Some(quota) = &plan.quota else { continue };
         let window = QuotaWindow::containing(quota, today);
-        for row in store.usage(&plan.id, None, window.start, today)? {
-            let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0i64);
-            *n = n.saturating_add(i64::try_from(row.used).unwrap_or(i64::MAX));
-        }
-        for adj in store.quota_adjustments(&plan.id, None, window.start, today)? {
-            let n = used.entry((plan.id.clone(), adj.key_id)).or_insert(0);
-            *n = n.saturating_add(adj.delta);
+        // Requests counted, then operators' adjustments.
+        for series in [Series::Used, Series::QuotaAdjustment] {
+            for row in store.series(series, &plan.id, None, window.start, today)? {
+                let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0i64);
+                *n = n.saturating_add(row.value);
+            }
         }
     }
     Ok(used)

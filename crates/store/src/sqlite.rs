@@ -9,8 +9,7 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::{
-    KeyIndex, KeyTerms, NamedKey, QuotaAdjustment, Records, RefusalRow, Store, StoreError,
-    UsageDelta, UsageRow,
+    DayValue, KeyIndex, KeyTerms, NamedKey, Records, Series, Store, StoreError, UsageDelta,
 };
 
 const SCHEMA: &str = "
@@ -243,6 +242,53 @@ fn to_day(v: i64) -> EpochDay {
 }
 
 impl Store for SqliteStore {
+    fn series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        key_id: Option<&str>,
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<DayValue>, StoreError> {
+        let (table, column) = match series {
+            Series::Used => ("usage", "used"),
+            Series::Throttled => ("refusals", "throttled"),
+            Series::QuotaExceeded => ("refusals", "quota_exceeded"),
+            Series::QuotaAdjustment => ("quota_adjustments", "delta"),
+        };
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT key_id, day, {column} FROM {table}
+                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
+                   AND {column} IS NOT 0
+                 ORDER BY key_id, day"
+            ))
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
+                let value = match r.get_ref(2)? {
+                    rusqlite::types::ValueRef::Integer(n) => Some(n),
+                    _ => None,
+                };
+                Ok((r.get::<_, String>(0)?, to_day(r.get(1)?), value))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key_id, day, value) = row.map_err(backend)?;
+            let value = match series {
+                // Written only through checked arithmetic; one that is not is left out, and said.
+                Series::QuotaAdjustment => crate::readable_adjustment(plan_id, &key_id, day, value),
+                _ => value.filter(|n| *n > 0),
+            };
+            if let Some(value) = value {
+                out.push(DayValue { key_id, day, value });
+            }
+        }
+        Ok(out)
+    }
+
     fn plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
         let conn = self.conn();
         let mut plans = Vec::new();
@@ -454,40 +500,6 @@ impl Store for SqliteStore {
         tx.commit().map_err(backend)
     }
 
-    fn quota_adjustments(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<QuotaAdjustment>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT key_id, day, delta FROM quota_adjustments
-                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
-                 ORDER BY key_id, day",
-            )
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
-                let delta = match r.get_ref(2)? {
-                    rusqlite::types::ValueRef::Integer(n) => Some(n),
-                    _ => None,
-                };
-                Ok((r.get::<_, String>(0)?, to_day(r.get(1)?), delta))
-            })
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (key_id, day, delta) = row.map_err(backend)?;
-            if let Some(delta) = crate::readable_adjustment(plan_id, &key_id, day, delta) {
-                out.push(QuotaAdjustment { key_id, day, delta });
-            }
-        }
-        Ok(out)
-    }
-
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError> {
         bind(&self.conn(), plan_id, key_id)
     }
@@ -545,62 +557,6 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().map_err(backend)
-    }
-
-    fn usage(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT key_id, day, used FROM usage
-                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
-                 ORDER BY key_id, day",
-            )
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
-                Ok(UsageRow {
-                    key_id: r.get(0)?,
-                    day: to_day(r.get(1)?),
-                    used: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                })
-            })
-            .map_err(backend)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-    }
-
-    fn refusals(
-        &self,
-        plan_id: &str,
-        key_id: Option<&str>,
-        from: EpochDay,
-        to: EpochDay,
-    ) -> Result<Vec<RefusalRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT key_id, day, throttled, quota_exceeded FROM refusals
-                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
-                 ORDER BY key_id, day",
-            )
-            .map_err(backend)?;
-        let count = |v: i64| u64::try_from(v).unwrap_or(0);
-        let rows = stmt
-            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
-                Ok(RefusalRow {
-                    key_id: r.get(0)?,
-                    day: to_day(r.get(1)?),
-                    throttled: count(r.get(2)?),
-                    quota_exceeded: count(r.get(3)?),
-                })
-            })
-            .map_err(backend)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(backend)
     }
 
     fn session_epoch(&self, user: &str) -> Result<u64, StoreError> {
@@ -762,14 +718,14 @@ mod tests {
             .unwrap();
         let rows = SqliteStore::open(&path)
             .unwrap()
-            .usage("p", None, EpochDay(0), EpochDay(9))
+            .series(Series::Used, "p", None, EpochDay(0), EpochDay(9))
             .unwrap();
         assert_eq!(
             rows,
-            vec![UsageRow {
+            vec![DayValue {
                 key_id: "k".into(),
                 day: EpochDay(5),
-                used: 3
+                value: 3
             }]
         );
     }

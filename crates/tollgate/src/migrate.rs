@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tollgate_core::quota::EpochDay;
-use tollgate_store::{RedisSettings, RedisStore, SqliteStore, Store, UsageDelta};
+use tollgate_store::{RedisSettings, RedisStore, Series, SqliteStore, Store, UsageDelta};
 
 /// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
 fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
@@ -53,27 +53,36 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
     let mut rows = 0;
     let all = (EpochDay(0), EpochDay(u32::MAX));
     for plan in &records.plans {
-        let usage = source.usage(&plan.id, None, all.0, all.1)?;
-        let refusals = source.refusals(&plan.id, None, all.0, all.1)?;
-        rows += usage.len();
-        let delta = |key_id, day| UsageDelta {
-            plan_id: plan.id.clone(),
-            key_id,
-            day,
-            ..UsageDelta::default()
-        };
-        let used = usage.into_iter().map(|r| UsageDelta {
-            count: r.used,
-            ..delta(r.key_id, r.day)
-        });
-        let refused = refusals.into_iter().map(|r| UsageDelta {
-            throttled: r.throttled,
-            quota_exceeded: r.quota_exceeded,
-            ..delta(r.key_id, r.day)
-        });
-        target.add_usage(&used.chain(refused).collect::<Vec<_>>())?;
-        for adj in source.quota_adjustments(&plan.id, None, EpochDay(0), EpochDay(u32::MAX))? {
-            target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.delta)?;
+        // Each counted series goes where `add_usage` takes it.
+        for series in [Series::Used, Series::Throttled, Series::QuotaExceeded] {
+            let days = source.series(series, &plan.id, None, all.0, all.1)?;
+            if series == Series::Used {
+                rows += days.len();
+            }
+            let deltas: Vec<UsageDelta> = days
+                .into_iter()
+                .map(|r| {
+                    let n = r.count();
+                    let (count, throttled, quota_exceeded) = match series {
+                        Series::Used => (n, 0, 0),
+                        Series::Throttled => (0, n, 0),
+                        _ => (0, 0, n),
+                    };
+                    UsageDelta {
+                        plan_id: plan.id.clone(),
+                        key_id: r.key_id,
+                        day: r.day,
+                        count,
+                        throttled,
+                        quota_exceeded,
+                        ..UsageDelta::default()
+                    }
+                })
+                .collect();
+            target.add_usage(&deltas)?;
+        }
+        for adj in source.series(Series::QuotaAdjustment, &plan.id, None, all.0, all.1)? {
+            target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
         }
     }
     let ids: Vec<&str> = records.keys.iter().map(|k| k.id.as_str()).collect();
@@ -97,4 +106,65 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
         records.bindings.len(),
         rows,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_core::UsagePlan;
+
+    use super::*;
+
+    #[test]
+    fn every_series_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from.db"), dir.path().join("to.db"));
+        let source = SqliteStore::open(&from).unwrap();
+        source
+            .put_plan(&UsagePlan {
+                id: "p1".into(),
+                name: "p1".into(),
+                ..UsagePlan::default()
+            })
+            .unwrap();
+        let day = |d| UsageDelta {
+            plan_id: "p1".into(),
+            key_id: "k1".into(),
+            day: EpochDay(d),
+            ..UsageDelta::default()
+        };
+        source
+            .add_usage(&[
+                UsageDelta {
+                    count: 5,
+                    throttled: 2,
+                    ..day(10)
+                },
+                UsageDelta {
+                    quota_exceeded: 3,
+                    ..day(11)
+                },
+            ])
+            .unwrap();
+        source.adjust_quota("p1", "k1", EpochDay(11), -4).unwrap();
+        migrate(
+            &format!("sqlite:{}", from.display()),
+            &format!("sqlite:{}", to.display()),
+        )
+        .unwrap();
+        let target = SqliteStore::open(&to).unwrap();
+        for series in [
+            Series::Used,
+            Series::Throttled,
+            Series::QuotaExceeded,
+            Series::QuotaAdjustment,
+        ] {
+            let read = |store: &SqliteStore| {
+                store
+                    .series(series, "p1", None, EpochDay(0), EpochDay(99))
+                    .unwrap()
+            };
+            assert_eq!(read(&target), read(&source), "{series:?}");
+            assert_eq!(read(&target).len(), 1, "{series:?}");
+        }
+    }
 }
