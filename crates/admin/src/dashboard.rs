@@ -27,9 +27,9 @@ use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::Series;
 use tollgate_store::report::{period_usage, plan_usage};
 
+use crate::answer::{Answer, reply};
 use crate::error::AdminError;
 use crate::failures::ClientAddr;
-use crate::http::reply;
 use crate::service::{Admin, NameQuery, Paging};
 use crate::wire::{CreateApiKeyIn, PatchOp};
 
@@ -47,8 +47,6 @@ const SESSION_SECS: i64 = 12 * 3600;
 const KEYS_SHOWN: i64 = 500;
 
 type HmacSha256 = Hmac<Sha256>;
-/// What a data handler answers: JSON, or AWS's error shape and status.
-type Answer = Result<Response, AdminError>;
 
 /// The dashboard's state: the control plane and its sessions.
 struct Dashboard {

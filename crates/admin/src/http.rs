@@ -16,12 +16,12 @@ use http::{HeaderMap, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tollgate_core::model::Tags;
 
+use crate::answer::{Answer, reply};
 use crate::body;
 use crate::error::AdminError;
 use crate::exposition::Exposition;
@@ -231,13 +231,13 @@ struct TagsIn {
 }
 
 /// GetTags.
-async fn get_tags(State(admin): Shared, Path(arn): Path<String>) -> Result {
+async fn get_tags(State(admin): Shared, Path(arn): Path<String>) -> Answer {
     let tags = admin.tags(&arn).await?;
     Ok(reply(StatusCode::OK, &serde_json::json!({ "tags": tags })))
 }
 
 /// TagResource: 204.
-async fn tag_resource(State(admin): Shared, Path(arn): Path<String>, body: Bytes) -> Result {
+async fn tag_resource(State(admin): Shared, Path(arn): Path<String>, body: Bytes) -> Answer {
     let input: TagsIn = json(&body)?;
     let tags = input
         .tags
@@ -251,7 +251,7 @@ async fn untag_resource(
     State(admin): Shared,
     Path(arn): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result {
+) -> Answer {
     let keys = query_all(q.as_deref(), "tagKeys");
     if keys.is_empty() {
         return Err(AdminError::BadRequest("Tag keys are required".into()));
@@ -261,7 +261,7 @@ async fn untag_resource(
 }
 
 /// tollgate's own: a new value for a key, the old one kept for a grace period.
-async fn rotate_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+async fn rotate_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let input: RotateApiKeyIn = json(&body)?;
     Ok(reply(StatusCode::OK, &admin.rotate_key(&id, input).await?))
 }
@@ -272,7 +272,7 @@ struct FindIn {
 }
 
 /// tollgate's own: which key a value belongs to (POST, so that the value stays out of URLs and logs).
-async fn find_key(State(admin): Shared, body: Bytes) -> Result {
+async fn find_key(State(admin): Shared, body: Bytes) -> Answer {
     let input: FindIn = json(&body)?;
     Ok(reply(StatusCode::OK, &admin.find_key(&input.value).await?))
 }
@@ -352,7 +352,7 @@ fn flag(q: &BTreeMap<String, String>, name: &str) -> bool {
     q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
-fn paging(q: &BTreeMap<String, String>) -> Result<Paging> {
+fn paging(q: &BTreeMap<String, String>) -> Answer<Paging> {
     let limit = match q.get("limit") {
         None => None,
         Some(v) => Some(
@@ -367,7 +367,7 @@ fn paging(q: &BTreeMap<String, String>) -> Result<Paging> {
 }
 
 /// A JSON body; an empty body is the type's default (every member absent).
-fn json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
+fn json<T: DeserializeOwned + Default>(body: &Bytes) -> Answer<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -375,27 +375,11 @@ fn json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
         .map_err(|e| AdminError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
-pub(crate) fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut resp = (status, body).into_response();
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Err(e) => AdminError::Internal(e.to_string()).into_response(),
-    }
-}
-
 fn accepted() -> Response {
     StatusCode::ACCEPTED.into_response()
 }
 
-type Result<T = Response> = std::result::Result<T, AdminError>;
-
-async fn create_key(State(admin): Shared, RawQuery(q): RawQuery, body: Bytes) -> Result {
+async fn create_key(State(admin): Shared, RawQuery(q): RawQuery, body: Bytes) -> Answer {
     let q = query(q);
     if is_import(&q) {
         if q.get("format").map(String::as_str) != Some("csv") {
@@ -410,7 +394,7 @@ async fn create_key(State(admin): Shared, RawQuery(q): RawQuery, body: Bytes) ->
     Ok(reply(StatusCode::CREATED, &out))
 }
 
-async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
+async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Answer {
     let q = query(q);
     let page = admin
         .list_keys(
@@ -423,7 +407,7 @@ async fn list_keys(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
     Ok(reply(StatusCode::OK, &page))
 }
 
-async fn get_key(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result {
+async fn get_key(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Answer {
     let q = query(q);
     Ok(reply(
         StatusCode::OK,
@@ -431,7 +415,7 @@ async fn get_key(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQ
     ))
 }
 
-async fn update_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+async fn update_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let patch: PatchIn = json(&body)?;
     Ok(reply(
         StatusCode::OK,
@@ -439,17 +423,17 @@ async fn update_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -
     ))
 }
 
-async fn delete_key(State(admin): Shared, Path(id): Path<String>) -> Result {
+async fn delete_key(State(admin): Shared, Path(id): Path<String>) -> Answer {
     admin.delete_key(&id).await?;
     Ok(accepted())
 }
 
-async fn create_plan(State(admin): Shared, body: Bytes) -> Result {
+async fn create_plan(State(admin): Shared, body: Bytes) -> Answer {
     let out = admin.create_plan(json::<CreateUsagePlanIn>(&body)?).await?;
     Ok(reply(StatusCode::CREATED, &out))
 }
 
-async fn list_plans(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
+async fn list_plans(State(admin): Shared, RawQuery(q): RawQuery) -> Answer {
     let q = query(q);
     Ok(reply(
         StatusCode::OK,
@@ -459,11 +443,11 @@ async fn list_plans(State(admin): Shared, RawQuery(q): RawQuery) -> Result {
     ))
 }
 
-async fn get_plan(State(admin): Shared, Path(id): Path<String>) -> Result {
+async fn get_plan(State(admin): Shared, Path(id): Path<String>) -> Answer {
     Ok(reply(StatusCode::OK, &admin.get_plan(&id).await?))
 }
 
-async fn update_plan(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+async fn update_plan(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let patch: PatchIn = json(&body)?;
     Ok(reply(
         StatusCode::OK,
@@ -471,12 +455,12 @@ async fn update_plan(State(admin): Shared, Path(id): Path<String>, body: Bytes) 
     ))
 }
 
-async fn delete_plan(State(admin): Shared, Path(id): Path<String>) -> Result {
+async fn delete_plan(State(admin): Shared, Path(id): Path<String>) -> Answer {
     admin.delete_plan(&id).await?;
     Ok(accepted())
 }
 
-async fn create_plan_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Result {
+async fn create_plan_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let input: CreateUsagePlanKeyIn = json(&body)?;
     let out = admin
         .create_plan_key(&id, input.key_id, input.key_type)
@@ -488,7 +472,7 @@ async fn list_plan_keys(
     State(admin): Shared,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result {
+) -> Answer {
     let q = query(q);
     Ok(reply(
         StatusCode::OK,
@@ -498,16 +482,16 @@ async fn list_plan_keys(
     ))
 }
 
-async fn get_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Result {
+async fn get_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Answer {
     Ok(reply(StatusCode::OK, &admin.get_plan_key(&id, &key).await?))
 }
 
-async fn delete_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Result {
+async fn delete_plan_key(State(admin): Shared, Path((id, key)): Path<(String, String)>) -> Answer {
     admin.delete_plan_key(&id, &key).await?;
     Ok(accepted())
 }
 
-async fn get_usage(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result {
+async fn get_usage(State(admin): Shared, Path(id): Path<String>, RawQuery(q): RawQuery) -> Answer {
     let q = query(q);
     let arg = |name: &str| q.get(name).map(String::as_str);
     let (key, start, end) = (arg("keyId"), arg("startDate"), arg("endDate"));
@@ -520,7 +504,7 @@ async fn get_usage_detail(
     State(admin): Shared,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result {
+) -> Answer {
     let q = query(q);
     let arg = |name: &str| q.get(name).map(String::as_str);
     let (key, start, end) = (arg("keyId"), arg("startDate"), arg("endDate"));
@@ -534,7 +518,7 @@ async fn update_usage(
     State(admin): Shared,
     Path((id, key)): Path<(String, String)>,
     body: Bytes,
-) -> Result {
+) -> Answer {
     let patch: PatchIn = json(&body)?;
     Ok(reply(
         StatusCode::OK,
