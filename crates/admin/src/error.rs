@@ -54,6 +54,11 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// A 400 BadRequestException saying `msg`.
+pub(crate) fn bad(msg: impl Into<String>) -> AdminError {
+    AdminError::BadRequest(msg.into())
+}
+
 /// Shorthand for AWS's message for unknown API key ids.
 pub fn unknown_key() -> AdminError {
     AdminError::NotFound("Invalid API Key identifier specified".into())

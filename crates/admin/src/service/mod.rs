@@ -1,0 +1,304 @@
+//! The control plane's operations on keys, plans, plan keys and usage, independent of HTTP. Every
+//! write goes to the store first, then into a new gateway snapshot built from the store, so it takes
+//! effect on the very next data-plane request.
+//!
+//! Store calls block (SQLite's file, the Redis connection): they run on tokio's blocking pool, all
+//! through [`Admin::blocking`], never on an async worker. A write, once begun, runs to its end and
+//! is served even if its caller hangs up.
+//!
+//! Nothing here holds all keys: usage plans (few) are kept in memory; keys are read from the store
+//! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
+
+mod keys;
+mod paging;
+mod patch;
+mod plans;
+mod tags;
+mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+
+use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::quota::EpochDay;
+use tollgate_core::rules::ApiOutline;
+use tollgate_core::{ApiKey, KeyHash, UsagePlan};
+use tollgate_store::report::period_usage;
+use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, Store};
+
+use crate::data_plane::DataPlane;
+use crate::error::AdminError;
+use crate::seal::Sealer;
+use crate::sigv4::Credentials;
+
+pub use keys::NameQuery;
+pub use paging::Paging;
+
+/// How the control plane is set up.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// Accepted SigV4 credentials; empty means requests are not authenticated (loopback only).
+    pub credentials: Vec<Credentials>,
+    /// Set when key values are stored encrypted (`keyValueStorage: encrypted`).
+    pub sealer: Option<Sealer>,
+    /// What usage plans may name of the configured APIs.
+    pub apis: Vec<ApiOutline>,
+}
+
+/// The plans whose live quota counts a write invalidates: they are recomputed from the store.
+pub(crate) type Recount = Vec<String>;
+
+/// The control plane.
+pub struct Admin {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) gateway: Arc<dyn DataPlane>,
+    /// The usage plans; the lock also serialises writes. Shared so that a write can hold it on a
+    /// blocking thread ([`Admin::apply`]).
+    pub(crate) plans: Arc<tokio::sync::Mutex<Vec<UsagePlan>>>,
+    pub(crate) settings: AdminSettings,
+    /// Failed logins and signatures, backing off by client address and overall.
+    pub(crate) failed: crate::failures::FailedCredentials,
+    /// Request bodies read before their signature can be checked share this.
+    pub(crate) unverified: crate::body::UnverifiedBudget,
+}
+
+/// The usage plans, held under the write lock.
+pub(crate) type HeldPlans = tokio::sync::OwnedMutexGuard<Vec<UsagePlan>>;
+
+/// What a write checks against: the plans, the keys and memberships the gateway serves, and the keys
+/// and memberships this write has added so far (kept by hash and by key, so that a write adding many
+/// keys, an import, stays linear).
+pub(crate) struct Catalog<'a> {
+    pub(crate) plans: &'a mut Vec<UsagePlan>,
+    served: &'a dyn Memberships,
+    new_keys: BTreeMap<KeyHash, String>,
+    new_bindings: HashMap<String, Vec<String>>,
+}
+
+impl Catalog<'_> {
+    pub(crate) fn plan(&self, id: &str) -> Option<&UsagePlan> {
+        self.plans.iter().find(|p| p.id == id)
+    }
+
+    pub(crate) fn has_key(&self, id: &str) -> bool {
+        self.served.has_key(id) || self.new_keys.values().any(|k| k == id)
+    }
+
+    /// The id of the key with this value hash.
+    pub(crate) fn key_with_hash(&self, hash: &KeyHash) -> Option<String> {
+        self.served
+            .key_with_hash(hash)
+            .map(str::to_owned)
+            .or_else(|| self.new_keys.get(hash).cloned())
+    }
+
+    /// The plans key `key_id` is in.
+    pub(crate) fn plans_of(&self, key_id: &str) -> Vec<&str> {
+        let mut plans = self.served.plans_of(key_id);
+        if let Some(added) = self.new_bindings.get(key_id) {
+            plans.extend(added.iter().map(String::as_str));
+        }
+        plans
+    }
+
+    pub(crate) fn is_bound(&self, plan_id: &str, key_id: &str) -> bool {
+        self.plans_of(key_id).contains(&plan_id)
+    }
+
+    pub(crate) fn added_key(&mut self, key: &ApiKey) {
+        self.new_keys.insert(key.value_hash, key.id.clone());
+    }
+
+    pub(crate) fn added_binding(&mut self, plan_id: &str, key_id: &str) {
+        self.new_bindings
+            .entry(key_id.into())
+            .or_default()
+            .push(plan_id.into());
+    }
+}
+
+/// Runs `work` to its end even if the caller goes away (a client that hangs up mid-write): a write
+/// that has begun is finished and served.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl Future<Output = Result<T, AdminError>> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| AdminError::Internal(format!("admin write: {e}")))?
+}
+
+impl Admin {
+    /// The control plane over `store` (whose `plans` the gateway was built with), driving `gateway`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        plans: Vec<UsagePlan>,
+        gateway: Arc<dyn DataPlane>,
+        settings: AdminSettings,
+    ) -> Self {
+        Self {
+            store,
+            gateway,
+            plans: Arc::new(tokio::sync::Mutex::new(plans)),
+            settings,
+            failed: crate::failures::FailedCredentials::new(),
+            unverified: crate::body::UnverifiedBudget::default(),
+        }
+    }
+
+    /// The health answer: status code and body.
+    pub fn health(&self) -> (http::StatusCode, serde_json::Value) {
+        match self.gateway.shared_store() {
+            None => (
+                http::StatusCode::OK,
+                serde_json::json!({"status": "ok", "store": "sqlite"}),
+            ),
+            Some((degraded, on_failure)) => {
+                let mode = on_failure.name();
+                let status = if degraded && on_failure == OnStoreFailure::Deny {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
+                let body = serde_json::json!({
+                    "status": if degraded { "degraded" } else { "ok" },
+                    "store": "redis",
+                    "redis": if degraded { "unavailable" } else { "ok" },
+                    "onStoreFailure": mode,
+                });
+                (status, body)
+            }
+        }
+    }
+
+    /// The data plane's counters, for Prometheus.
+    pub fn metrics_text(&self) -> String {
+        self.gateway.metrics_text()
+    }
+
+    /// Adopts records another instance changed (cluster mode) and serves them.
+    pub async fn refresh(&self, fresh: KeyIndex) {
+        let mut plans = self.plans.lock().await;
+        plans.clone_from(&fresh.plans);
+        self.gateway
+            .reload(&fresh, &std::collections::HashMap::new());
+    }
+
+    /// The credentials requests must be signed with.
+    pub fn credentials(&self) -> &[Credentials] {
+        &self.settings.credentials
+    }
+
+    /// A try at credentials from `addr` (a login, a signature), if failures have not used up its
+    /// budget; `Err` answers 429 with the wait.
+    pub(crate) fn credentials_attempt(
+        &self,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<crate::failures::Attempt, AdminError> {
+        self.failed
+            .attempt(addr, self.gateway.now())
+            .map_err(|wait| {
+                tracing::warn!(client = ?addr, wait, "failed credentials: backing off");
+                AdminError::TooManyRequests(wait)
+            })
+    }
+
+    /// Current time, epoch seconds, by the gateway's clock.
+    pub fn now_secs(&self) -> i64 {
+        i64::try_from(self.gateway.now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) fn today(&self) -> EpochDay {
+        EpochDay::from_nanos(self.gateway.now())
+    }
+
+    /// Runs `f`, which calls the store, on tokio's blocking pool. Store calls block (SQLite's file,
+    /// the Redis connection); this is the one place the control plane waits for them, so no async
+    /// worker is held up by one.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let admin = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&admin))
+            .await
+            .map_err(|e| AdminError::Internal(format!("store call: {e}")))?
+    }
+
+    /// Takes the write lock.
+    pub(crate) async fn lock_plans(&self) -> HeldPlans {
+        Arc::clone(&self.plans).lock_owned().await
+    }
+
+    /// Runs a write under the write lock, then serves the store's records from the next request on
+    /// (also when the write failed half-way: what reached the store is served).
+    pub(crate) async fn write<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let admin = Arc::clone(self);
+        to_the_end(async move {
+            let plans = admin.lock_plans().await;
+            let (mut plans, written) = admin.apply(plans, f).await?;
+            let recount = written.as_ref().map_or(Vec::new(), |(_, r)| r.clone());
+            admin.serve_store(&mut plans, recount).await?;
+            written.map(|(out, _)| out)
+        })
+        .await
+    }
+
+    /// Runs `f` against what is served now and the store, under the write lock `plans` is, without
+    /// serving what it wrote (see [`Self::serve_store`]); gives the lock back with `f`'s result.
+    pub(crate) async fn apply<T: Send + 'static>(
+        self: &Arc<Self>,
+        mut plans: HeldPlans,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<T, AdminError> + Send + 'static,
+    ) -> Result<(HeldPlans, Result<T, AdminError>), AdminError> {
+        self.blocking(move |admin| {
+            let served = admin.gateway.served();
+            let mut catalog = Catalog {
+                plans: &mut plans,
+                served: &*served,
+                new_keys: BTreeMap::new(),
+                new_bindings: HashMap::new(),
+            };
+            let out = f(admin, &mut catalog);
+            Ok((plans, out))
+        })
+        .await
+    }
+
+    /// Serves the store's records from the next request on, under the write lock `plans` is from;
+    /// the live quota counts of the `recount` plans are rebuilt from the store.
+    pub(crate) async fn serve_store(
+        self: &Arc<Self>,
+        plans: &mut HeldPlans,
+        recount: Recount,
+    ) -> Result<(), AdminError> {
+        let started = std::time::Instant::now();
+        if !recount.is_empty() {
+            // Quota counts are rebuilt from the store: everything counted so far must be in it.
+            self.gateway.flush().await.map_err(AdminError::Internal)?;
+        }
+        let today = self.today();
+        let (index, used) = self
+            .blocking(move |admin| {
+                let index = admin.store.load_index()?;
+                let used = period_usage(
+                    &*admin.store,
+                    index.plans.iter().filter(|p| recount.contains(&p.id)),
+                    today,
+                )?;
+                Ok((index, used))
+            })
+            .await?;
+        self.gateway.reload(&index, &used);
+        plans.clone_from(&index.plans);
+        tracing::debug!(
+            keys = index.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "admin write served"
+        );
+        Ok(())
+    }
+}

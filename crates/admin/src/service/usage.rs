@@ -1,0 +1,194 @@
+//! GetUsage, the detailed usage, and UpdateUsage.
+
+use std::sync::Arc;
+
+use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_store::report::{DayDetail, PlanUsage, check_range, period_usage, plan_usage};
+
+use super::paging::{Paging, first_page_of, start_at};
+use super::patch::parse_number;
+use super::{Admin, to_the_end};
+use crate::error::{AdminError, bad, unknown_key, unknown_plan};
+use crate::wire::{Page, PatchOp, UsageOut};
+
+impl Admin {
+    // ---- usage ----
+
+    /// GetUsage, in real time: metering is flushed first.
+    pub async fn usage(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: Option<&str>,
+        start: Option<&str>,
+        end: Option<&str>,
+        paging: &Paging,
+    ) -> Result<UsageOut, AdminError> {
+        self.usage_of(plan_id, key_id, (start, end), paging, false, |u, k| {
+            u.report(k)
+        })
+        .await
+    }
+
+    /// tollgate's detailed usage: GetUsage's numbers per day, and the requests refused by a
+    /// throttle and for the spent quota.
+    pub async fn usage_detail(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: Option<&str>,
+        start: Option<&str>,
+        end: Option<&str>,
+        paging: &Paging,
+    ) -> Result<UsageOut<DayDetail>, AdminError> {
+        self.usage_of(plan_id, key_id, (start, end), paging, true, |u, k| {
+            u.detail(k)
+        })
+        .await
+    }
+
+    /// A usage report over the range `dates` (`YYYY-MM-DD`), a page of keys at a time, each key's
+    /// days made by `per_key`; `refusals`: it reads them.
+    async fn usage_of<V: Send + 'static>(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: Option<&str>,
+        dates: (Option<&str>, Option<&str>),
+        paging: &Paging,
+        refusals: bool,
+        per_key: fn(&PlanUsage<'_>, &str) -> Vec<V>,
+    ) -> Result<UsageOut<V>, AdminError> {
+        let parse = |v: Option<&str>, which: &str| {
+            v.and_then(|t| t.parse::<jiff::civil::Date>().ok())
+                .and_then(EpochDay::from_date)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "Invalid {which} date specified: expected YYYY-MM-DD"
+                    ))
+                })
+        };
+        let (from, to) = (parse(dates.0, "start")?, parse(dates.1, "end")?);
+        check_range(from, to).map_err(bad)?;
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let plan = self
+            .plans
+            .lock()
+            .await
+            .iter()
+            .find(|p| p.id == plan_id)
+            .cloned()
+            .ok_or_else(unknown_plan)?;
+        let served = self.gateway.served();
+        let (plan_id, key_id) = (plan_id.to_owned(), key_id.map(str::to_owned));
+        let paging = paging.clone();
+        self.blocking(move |admin| {
+            let members = served.keys_of(&plan_id);
+            let store = &*admin.store;
+            let mut usage = plan_usage(store, &members, &plan, key_id.as_deref(), from, to)?;
+            if refusals {
+                usage = usage.with_refusals(store, key_id.as_deref())?;
+            }
+            // Reports are computed for the page's keys only: a plan may have a million.
+            let ids = usage.ids();
+            let start = start_at(ids, String::as_str, &paging);
+            let Page { position, item } =
+                first_page_of(ids[start..].iter(), |k| k.to_string(), &paging);
+            Ok(UsageOut {
+                usage_plan_id: plan.id.clone(),
+                start_date: from.to_string(),
+                end_date: to.to_string(),
+                position,
+                values: item
+                    .into_iter()
+                    .map(|k| (k.clone(), per_key(&usage, k)))
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    /// UpdateUsage: `replace /remaining` sets what the key has left in the current period.
+    pub async fn update_usage(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: &str,
+        ops: Vec<PatchOp>,
+    ) -> Result<UsageOut, AdminError> {
+        let mut remaining = None;
+        for op in &ops {
+            match (op.op.as_deref(), op.path.as_deref()) {
+                (Some("replace"), Some("/remaining")) => {
+                    let n = parse_number::<i64>(op.value.as_deref(), "/remaining")?;
+                    if !(0..=tollgate_core::MAX_REMAINING).contains(&n) {
+                        return Err(bad(format!(
+                            "Invalid value {n} for /remaining: it must be between 0 and {}",
+                            tollgate_core::MAX_REMAINING
+                        )));
+                    }
+                    remaining = Some(n);
+                }
+                (verb, path) => {
+                    return Err(bad(format!(
+                        "Invalid patch path  '{}' specified for op '{}'. Must be one of: [/remaining]",
+                        path.unwrap_or(""),
+                        verb.unwrap_or("")
+                    )));
+                }
+            }
+        }
+        let remaining =
+            remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let admin = Arc::clone(self);
+        let (plan, key) = (plan_id.to_owned(), key_id.to_owned());
+        // The live count and the stored adjustment change together, even if the caller goes away.
+        let window_start = to_the_end(async move {
+            let plans = admin.lock_plans().await;
+            let plan = plans
+                .iter()
+                .find(|p| p.id == plan)
+                .cloned()
+                .ok_or_else(unknown_plan)?;
+            if !admin.gateway.served().plans_of(&key).contains(&&*plan.id) {
+                return Err(unknown_key());
+            }
+            let quota = plan
+                .quota
+                .ok_or_else(|| bad(format!("Usage plan {} has no quota", plan.id)))?;
+            let today = admin.today();
+            let live = admin
+                .gateway
+                .set_remaining(&plan.id, &key, remaining)
+                .await
+                .map_err(AdminError::Internal)?;
+            admin
+                .blocking(move |admin| {
+                    let delta = match live {
+                        Some(delta) => delta,
+                        // The key is in the plan but not served (e.g. the plan covers no configured
+                        // stage): the change is computed from the stored count instead.
+                        None => {
+                            let used = period_usage(&*admin.store, [&plan], today)?;
+                            let now_used = used.get(&(plan.id.clone(), key.clone())).copied();
+                            i64::from(quota.limit)
+                                .checked_sub(remaining)
+                                .and_then(|d| d.checked_sub(now_used.unwrap_or(0)))
+                                .ok_or_else(|| bad("The stored usage is out of range"))?
+                        }
+                    };
+                    Ok(admin.store.adjust_quota(&plan.id, &key, today, delta)?)
+                })
+                .await?;
+            drop(plans);
+            Ok(QuotaWindow::containing(&quota, today).start)
+        })
+        .await?;
+        let paging = Paging::default();
+        self.usage(
+            plan_id,
+            Some(key_id),
+            Some(&window_start.to_string()),
+            Some(&self.today().to_string()),
+            &paging,
+        )
+        .await
+    }
+}
