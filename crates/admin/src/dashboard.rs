@@ -30,8 +30,8 @@ use tollgate_store::report::{period_usage, plan_usage};
 use crate::answer::{Answer, reply};
 use crate::error::AdminError;
 use crate::failures::ClientAddr;
-use crate::service::{Admin, NameQuery, Paging};
-use crate::wire::{CreateApiKeyIn, PatchOp};
+use crate::service::{Admin, KeyChange, NameQuery, Paging};
+use crate::wire::CreateApiKeyIn;
 
 const INDEX: &str = include_str!("../assets/dashboard/index.html");
 const SCRIPT: &str = include_str!("../assets/dashboard/app.js");
@@ -603,10 +603,10 @@ async fn set_enabled(
     body: Bytes,
 ) -> Answer {
     let input: EnabledIn = parse(&body, "Expected enabled")?;
-    let op = PatchOp::new("replace", "/enabled", Some(input.enabled.to_string()));
+    let change = vec![KeyChange::Enabled(input.enabled)];
     Ok(reply(
         StatusCode::OK,
-        &dash.admin.update_key(&id, vec![op]).await?,
+        &dash.admin.change_key(&id, change).await?,
     ))
 }
 
@@ -624,10 +624,9 @@ async fn set_remaining(
     body: Bytes,
 ) -> Answer {
     let input: RemainingIn = parse(&body, "Expected usagePlanId and remaining")?;
-    let op = PatchOp::new("replace", "/remaining", Some(input.remaining.to_string()));
     let usage = dash
         .admin
-        .update_usage(&input.usage_plan_id, &id, vec![op])
+        .set_remaining(&input.usage_plan_id, &id, input.remaining)
         .await?;
     Ok(reply(StatusCode::OK, &usage))
 }

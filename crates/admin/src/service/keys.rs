@@ -14,6 +14,51 @@ use crate::wire::{ApiKeyOut, CreateApiKeyIn, Page, PatchOp, RotateApiKeyIn};
 
 const KEY_PATHS: &str = "[/description, /enabled, /name, /customerId]";
 
+/// One change UpdateApiKey can make to a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// `/name`.
+    Name(String),
+    /// `/description`.
+    Description(Option<String>),
+    /// `/enabled`: a disabled key is refused (403) from the next request on.
+    Enabled(bool),
+    /// `/customerId`.
+    CustomerId(Option<String>),
+    /// tollgate's own: the expiry (RFC 3339), kept as its tag; `None` removes it.
+    ExpiresAt(Option<String>),
+}
+
+impl KeyChange {
+    /// The change a patch operation asks for.
+    fn of(op: &PatchOp) -> Result<Self, AdminError> {
+        let (verb, path) = (
+            op.op.as_deref().unwrap_or(""),
+            op.path.as_deref().unwrap_or(""),
+        );
+        let value = op.value.clone();
+        Ok(match (verb, path) {
+            ("replace" | "add", "/expiresAt") if value.is_some() => Self::ExpiresAt(value),
+            ("remove", "/expiresAt") => Self::ExpiresAt(None),
+            (_, "/expiresAt") => {
+                return Err(bad(
+                    "Invalid expiresAt: replace it with an RFC 3339 time, or remove it",
+                ));
+            }
+            ("replace", "/description") => Self::Description(value),
+            // AWS treats anything but "true" as false.
+            ("replace", "/enabled") => Self::Enabled(value.as_deref() == Some("true")),
+            ("replace", "/name") => Self::Name(value.unwrap_or_default()),
+            ("replace", "/customerId") => Self::CustomerId(value),
+            _ => {
+                return Err(bad(format!(
+                    "Invalid patch path  '{path}' specified for op '{verb}'. Must be one of: {KEY_PATHS}"
+                )));
+            }
+        })
+    }
+}
+
 /// How long a rotated key's old value keeps working when the rotation does not say.
 const DEFAULT_GRACE_SECS: u64 = 86_400;
 /// The longest grace a rotation gives the old value: 30 days. A rotation is often a leak's answer,
@@ -221,45 +266,37 @@ impl Admin {
         })
     }
 
-    /// UpdateApiKey.
+    /// UpdateApiKey: AWS's patch operations, and tollgate's `/expiresAt`.
     pub async fn update_key(
         self: &Arc<Self>,
         id: &str,
         ops: Vec<PatchOp>,
     ) -> Result<ApiKeyOut, AdminError> {
+        let changes = ops.iter().map(KeyChange::of).collect::<Result<_, _>>()?;
+        self.change_key(id, changes).await
+    }
+
+    /// Makes `changes` to key `id`, in order.
+    pub async fn change_key(
+        self: &Arc<Self>,
+        id: &str,
+        changes: Vec<KeyChange>,
+    ) -> Result<ApiKeyOut, AdminError> {
         let id = id.to_owned();
         self.write(move |admin, _| {
             let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
-            for op in &ops {
-                let (verb, path) = (op.op.as_deref().unwrap_or(""), op.path.as_deref().unwrap_or(""));
-                // tollgate's own path: the expiry, kept as its tag.
-                if path == "/expiresAt" {
-                    match (verb, &op.value) {
-                        ("replace" | "add", Some(at)) => {
-                            parse_expiry(at).map_err(bad)?;
-                            key.tags.insert(EXPIRES_TAG.into(), at.clone());
-                        }
-                        ("remove", _) => {
-                            key.tags.remove(EXPIRES_TAG);
-                        }
-                        _ => return Err(bad("Invalid expiresAt: replace it with an RFC 3339 time, or remove it")),
+            for change in changes {
+                match change {
+                    KeyChange::Name(name) => key.name = name,
+                    KeyChange::Description(d) => key.description = d,
+                    KeyChange::Enabled(on) => key.enabled = on,
+                    KeyChange::CustomerId(c) => key.customer_id = c,
+                    KeyChange::ExpiresAt(Some(at)) => {
+                        parse_expiry(&at).map_err(bad)?;
+                        key.tags.insert(EXPIRES_TAG.into(), at);
                     }
-                    continue;
-                }
-                if verb != "replace" {
-                    return Err(bad(format!("Invalid patch path  '{path}' specified for op '{verb}'. Must be one of: {KEY_PATHS}")));
-                }
-                let value = op.value.clone();
-                match path {
-                    "/description" => key.description = value,
-                    // AWS treats anything but "true" as false.
-                    "/enabled" => key.enabled = value.as_deref() == Some("true"),
-                    "/name" => key.name = value.unwrap_or_default(),
-                    "/customerId" => key.customer_id = value,
-                    _ => {
-                        return Err(bad(format!(
-                            "Invalid patch path  '{path}' specified for op 'replace'. Must be one of: {KEY_PATHS}"
-                        )));
+                    KeyChange::ExpiresAt(None) => {
+                        key.tags.remove(EXPIRES_TAG);
                     }
                 }
             }

@@ -32,7 +32,7 @@ use crate::error::AdminError;
 use crate::seal::Sealer;
 use crate::sigv4::Credentials;
 
-pub use keys::NameQuery;
+pub use keys::{KeyChange, NameQuery};
 pub use paging::Paging;
 
 /// How the control plane is set up.

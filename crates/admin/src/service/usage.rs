@@ -116,14 +116,7 @@ impl Admin {
         for op in &ops {
             match (op.op.as_deref(), op.path.as_deref()) {
                 (Some("replace"), Some("/remaining")) => {
-                    let n = parse_number::<i64>(op.value.as_deref(), "/remaining")?;
-                    if !(0..=tollgate_core::MAX_REMAINING).contains(&n) {
-                        return Err(bad(format!(
-                            "Invalid value {n} for /remaining: it must be between 0 and {}",
-                            tollgate_core::MAX_REMAINING
-                        )));
-                    }
-                    remaining = Some(n);
+                    remaining = Some(parse_number::<i64>(op.value.as_deref(), "/remaining")?);
                 }
                 (verb, path) => {
                     return Err(bad(format!(
@@ -136,6 +129,23 @@ impl Admin {
         }
         let remaining =
             remaining.ok_or_else(|| bad("Invalid patch: replace /remaining is required"))?;
+        self.set_remaining(plan_id, key_id, remaining).await
+    }
+
+    /// Sets what `key_id` has left of `plan_id`'s quota this period (0 to
+    /// [`tollgate_core::MAX_REMAINING`]); answers the period's usage so far.
+    pub async fn set_remaining(
+        self: &Arc<Self>,
+        plan_id: &str,
+        key_id: &str,
+        remaining: i64,
+    ) -> Result<UsageOut, AdminError> {
+        if !(0..=tollgate_core::MAX_REMAINING).contains(&remaining) {
+            return Err(bad(format!(
+                "Invalid value {remaining} for /remaining: it must be between 0 and {}",
+                tollgate_core::MAX_REMAINING
+            )));
+        }
         self.gateway.flush().await.map_err(AdminError::Internal)?;
         let admin = Arc::clone(self);
         let (plan, key) = (plan_id.to_owned(), key_id.to_owned());
