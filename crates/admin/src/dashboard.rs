@@ -442,6 +442,13 @@ async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
         .await?;
     // Refusals for the key come from the data plane's counters: most carry no key to store them by.
     overview["forbidden"] = json!(admin.gateway.forbidden());
+    let quantile = |q| {
+        admin
+            .gateway
+            .latency(q)
+            .map(|(seconds, under)| json!({ "seconds": seconds, "under": under }))
+    };
+    overview["latency"] = json!({ "p50": quantile(0.5), "p99": quantile(0.99) });
     Ok(reply(StatusCode::OK, &overview))
 }
 

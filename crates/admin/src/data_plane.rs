@@ -45,4 +45,8 @@ pub trait DataPlane: Send + Sync {
 
     /// Requests refused 403 for their key (none, unknown, disabled, expired) since it started.
     fn forbidden(&self) -> u64;
+
+    /// The `q`-quantile of request durations since it started, as Prometheus estimates it from the
+    /// histogram: seconds, and whether it is only known to be under that (the first bucket).
+    fn latency(&self, q: f64) -> Option<(f64, bool)>;
 }

@@ -139,6 +139,48 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
+/// Every answered request's duration, counted by [`DURATION_BUCKETS`] bound (the last count: above
+/// them all), for the dashboard's latency figures. `prometheus-client` does not hand its buckets
+/// back, and reading the exposition back would be parsing our own text.
+#[derive(Debug, Default)]
+struct AllDurations([AtomicU64; DURATION_BUCKETS.len() + 1]);
+
+impl AllDurations {
+    fn observe(&self, secs: f64) {
+        let bucket = DURATION_BUCKETS.partition_point(|bound| *bound < secs);
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q`-quantile as Prometheus's `histogram_quantile` estimates it (linear within a bucket):
+    /// seconds, and whether it fell in the first bucket, where it is only known to be under that
+    /// bound. `None` before the first request.
+    fn quantile(&self, q: f64) -> Option<(f64, bool)> {
+        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut below = 0u64;
+        for (i, &n) in counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                return Some(match (i, DURATION_BUCKETS.get(i)) {
+                    (0, _) => (DURATION_BUCKETS[0], true),
+                    // Above every bound: the largest bound, as Prometheus answers.
+                    (_, None) => (DURATION_BUCKETS[DURATION_BUCKETS.len() - 1], false),
+                    (_, Some(&upper)) => {
+                        let lower = DURATION_BUCKETS[i - 1];
+                        let within = (rank - below as f64) / n as f64;
+                        (lower + (upper - lower) * within, false)
+                    }
+                });
+            }
+            below += n;
+        }
+        None
+    }
+}
+
 /// The methods a label may name; any other is `_OTHER` (OpenTelemetry's convention), so that a client
 /// cannot grow the series without bound.
 fn method_label(method: &Method) -> &'static str {
@@ -344,6 +386,7 @@ pub struct Metrics {
     flush_lag: Gauge,
     flushed_at: AtomicU64,
     plan_names: Arc<PlanNames>,
+    all_durations: AllDurations,
 }
 
 impl Metrics {
@@ -496,6 +539,7 @@ impl Metrics {
             flush_lag,
             flushed_at: AtomicU64::new(0),
             plan_names,
+            all_durations: AllDurations::default(),
         }
     }
 
@@ -510,6 +554,7 @@ impl Metrics {
         secs: f64,
         integration_secs: Option<f64>,
     ) {
+        self.all_durations.observe(secs);
         let Some(cell) = self.routes.of(m) else {
             return;
         };
@@ -562,6 +607,12 @@ impl Metrics {
         cell.decisions.with(is, make, |c| {
             c.inc();
         });
+    }
+
+    /// The `q`-quantile of every request's duration since the gateway started: seconds, and whether
+    /// it is only known to be under that (the first bucket); `None` before the first request.
+    pub fn latency(&self, q: f64) -> Option<(f64, bool)> {
+        self.all_durations.quantile(q)
     }
 
     /// Requests refused 403 for their key since the gateway started.
@@ -680,5 +731,33 @@ impl<'a> GaugeGuard<'a> {
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_estimated_as_prometheus_does() {
+        let all = AllDurations::default();
+        assert_eq!(all.quantile(0.5), None);
+        // 10 answers in (0.1 ms, 0.25 ms], 10 in (0.25 ms, 0.5 ms].
+        for _ in 0..10 {
+            all.observe(0.0002);
+            all.observe(0.0004);
+        }
+        let (p50, under) = all.quantile(0.5).unwrap();
+        assert!(!under && (p50 - 0.00025).abs() < 1e-12, "{p50}");
+        let (p99, _) = all.quantile(0.99).unwrap();
+        assert!((p99 - (0.00025 + 0.00025 * 0.98)).abs() < 1e-12, "{p99}");
+        // In the first bucket: only "under 50 µs" is known.
+        let fast = AllDurations::default();
+        fast.observe(0.00001);
+        assert_eq!(fast.quantile(0.5), Some((0.00005, true)));
+        // Above every bound: the largest.
+        let slow = AllDurations::default();
+        slow.observe(60.0);
+        assert_eq!(slow.quantile(0.99), Some((10.0, false)));
     }
 }

@@ -240,6 +240,11 @@ impl GatewayHandle {
         self.shared.metrics.forbidden()
     }
 
+    /// The `q`-quantile of request durations since it started (see [`Metrics::latency`]).
+    pub fn latency(&self, q: f64) -> Option<(f64, bool)> {
+        self.shared.metrics.latency(q)
+    }
+
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
     pub async fn flush(&self) -> Result<(), GatewayError> {
         flush_once(&self.shared).await

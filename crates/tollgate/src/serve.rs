@@ -342,6 +342,10 @@ impl DataPlane for Plane {
     fn forbidden(&self) -> u64 {
         self.0.forbidden()
     }
+
+    fn latency(&self, q: f64) -> Option<(f64, bool)> {
+        self.0.latency(q)
+    }
 }
 
 /// Cluster mode: reloads the records whenever another instance changed them (Redis's record version

@@ -147,38 +147,13 @@ const SERIES = (allowed, throttled, quota) => [
   { name: "quota exceeded (429)", values: quota, color: "#c2410c", cls: "quota", side: 1 },
 ];
 
-// p50 and p99 of the request duration histogram in /metrics, as Prometheus' histogram_quantile
-// computes them (linear within a bucket).
-async function latency() {
-  const text = await (await fetch("/metrics")).text();
-  const buckets = new Map();
-  for (const line of text.split("\n")) {
-    const m = line.match(/^tollgate_request_duration_seconds_bucket\{le="([^"]+)".*\} (\d+)/);
-    if (m) buckets.set(m[1], (buckets.get(m[1]) || 0) + Number(m[2]));
-  }
-  const bounds = [...buckets.entries()].map(([le, n]) => [le === "+Inf" ? Infinity : Number(le), n]).sort((a, b) => a[0] - b[0]);
-  const total = bounds.length ? bounds[bounds.length - 1][1] : 0;
-  const q = (p) => {
-    if (!total) return null;
-    const rank = p * total;
-    let prevLe = 0, prevN = 0;
-    for (const [le, n] of bounds) {
-      // In the first bucket the histogram says only "under its bound".
-      if (n >= rank && prevLe === 0) return { under: le };
-      if (n >= rank) return le === Infinity ? prevLe : prevLe + (le - prevLe) * (rank - prevN) / Math.max(1, n - prevN);
-      prevLe = le; prevN = n;
-    }
-    return prevLe;
-  };
-  return { p50: q(0.5), p99: q(0.99), count: total };
-}
-
-const ms = (s) => s === null ? "–"
-  : typeof s === "object" ? "< " + ms(s.under)
-  : (s * 1000).toFixed(s < 0.01 ? 2 : 0) + " ms";
+// A latency quantile from the overview: in the first bucket it is only known to be under the bound.
+const ms = (q) => !q ? "–"
+  : (q.under ? "< " : "") + (q.seconds * 1000).toFixed(q.seconds < 0.01 ? 2 : 0) + " ms";
 
 async function overviewPage(view) {
-  const [o, lat] = await Promise.all([api("overview"), latency()]);
+  const o = await api("overview");
+  const lat = o.latency;
   const sum = (a) => a.reduce((x, y) => x + y, 0);
   const allowed = sum(o.allowed), refused = sum(o.throttled) + sum(o.quotaExceeded);
   const share = allowed + refused ? (100 * refused / (allowed + refused)).toFixed(1) + "%" : "–";
@@ -192,7 +167,7 @@ async function overviewPage(view) {
       h("div", { class: "stat" }, h("b", {}, fmt(refused)), h("span", {}, "refused 429, 30 days")),
       h("div", { class: "stat" }, h("b", { id: "stat-429" }, share), h("span", {}, "429 share")),
       h("div", { class: "stat" }, h("b", { id: "stat-403" }, fmt(o.forbidden)), h("span", { title: "No key, an unknown, disabled or expired one; this instance since it started" }, "refused 403 (this instance)")),
-      h("div", { class: "stat" }, h("b", {}, ms(lat.p50)), h("span", {}, "p50 latency (this instance)")),
+      h("div", { class: "stat" }, h("b", { id: "stat-p50" }, ms(lat.p50)), h("span", {}, "p50 latency (this instance)")),
       h("div", { class: "stat" }, h("b", {}, ms(lat.p99)), h("span", {}, "p99 latency (this instance)"))),
     h("div", { class: "card" }, h("h2", {}, "Requests per day with a key, by decision"),
       chart(o.days, SERIES(o.allowed, o.throttled, o.quotaExceeded))),

@@ -329,6 +329,9 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     b.until_text("#stat-allowed", "6").await;
     assert_eq!(b.text("#stat-429").await, "25.0%");
     assert_eq!(b.text("#stat-403").await, "2");
+    // Latency from the data plane's histogram: the proxied requests took well under a second.
+    let p50 = b.text("#stat-p50").await;
+    assert!(p50.ends_with(" ms") && !p50.starts_with('–'), "{p50}");
     // Refusals stand beside the admitted requests, not on top of them.
     let beside = b
         .script(
