@@ -14,6 +14,10 @@
 //! 5. **Meter**: an admitted keyed request is counted for (plan, key, UTC day); so is one refused by a
 //!    throttle or for its quota, in counts of their own, and the key's last use is noted.
 //!
+//! Before the key, [`admit_caller`] works out who is calling: the `x-api-key` value, or on a route
+//! with an authorizer the key its verified JWT names; and it says what was decided ([`Decision`]),
+//! for the metrics and the access log, and whom to name to the backend.
+//!
 //! [`KeyLimits`] has two implementations: [`Local`], this instance's atomics (the embedded mode,
 //! and cluster mode's `onStoreFailure: local`), and [`crate::shared_limits::SharedLimits`], the Redis
 //! script every instance shares.
@@ -26,10 +30,15 @@ use tollgate_core::gcra::ThrottleDecision;
 use tollgate_core::model::KEY_VALUE_LEN;
 use tollgate_core::quota::{EpochDay, QuotaDecision};
 
+use tollgate_store::limiter::RedisLimiter;
+
 use crate::config::Route;
+use crate::jwt::UsageIdentifier;
 use crate::limits::{BucketInfo, KeyRejected, LimitInfo, QuotaInfo, Refusal};
 use crate::meter::Counted;
+use crate::metrics::{Decision, Metrics};
 use crate::route::RouteMatch;
+use crate::shared_limits::SharedLimits;
 use crate::snapshot::{Grant, KeyBucket, Snapshot};
 
 /// An admitted request: where it goes and what to advertise.
@@ -70,6 +79,96 @@ pub enum Presented<'a> {
     KeyName(&'a str),
     /// A JWT caller's verified claim holding the key's value (AWS's `usageIdentifierKey`).
     KeyValue(&'a [u8]),
+}
+
+/// What a request says about who is calling, as the client sent it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Credentials<'a> {
+    /// The `x-api-key` value.
+    pub(crate) api_key: Option<&'a [u8]>,
+    /// The `Authorization` value (a bearer JWT, on routes with an authorizer).
+    pub(crate) authorization: Option<&'a [u8]>,
+}
+
+/// What admission decided about a request.
+#[derive(Debug)]
+pub(crate) struct Decided<'s> {
+    pub(crate) outcome: Result<Admission<'s>, Refused<'s>>,
+    /// Its label, as the metrics and the access log name it.
+    pub(crate) decision: Decision,
+    /// Whom to name to the backend (`X-Tollgate-Subject`): a JWT caller's claim naming its key, or
+    /// the key's id when the claim held the key's value (a secret).
+    pub(crate) subject: Option<String>,
+}
+
+/// Works out who is calling from `credentials` (on a keyed route with an authorizer, the key its
+/// verified token names), then admits the request `id`, which matched `m`, at `now`: on this
+/// instance's limits, or with `limiter` on those every instance shares. The decision is counted in
+/// `metrics`.
+pub(crate) async fn admit_caller<'s>(
+    snap: &'s Snapshot,
+    limiter: Option<&RedisLimiter>,
+    metrics: &Metrics,
+    id: &str,
+    m: Option<RouteMatch>,
+    credentials: Credentials<'_>,
+    now: u64,
+) -> Decided<'s> {
+    let authorizer = m
+        .map(|m| snap.route_at(&m))
+        .filter(|r| r.api_key_required)
+        .and_then(|r| r.authorizer.as_deref());
+    let mut claim = None;
+    if let Some(a) = authorizer {
+        match a.verify(credentials.authorization, now).await {
+            Ok(subject) => claim = subject,
+            Err(e) => {
+                tracing::debug!(%id, authorizer = %a.settings.name, error = %e, "token refused");
+                let decision = Decision::Unauthorized;
+                metrics.decided(m, None, decision);
+                return Decided {
+                    outcome: Err(Refusal::Unauthorized.into()),
+                    decision,
+                    subject: None,
+                };
+            }
+        }
+    }
+    let presented = match (authorizer, &claim) {
+        (None, _) => Presented::ApiKey(credentials.api_key),
+        (Some(a), Some(s)) if a.settings.identifier == UsageIdentifier::Name => {
+            Presented::KeyName(s)
+        }
+        (Some(_), Some(s)) => Presented::KeyValue(s.as_bytes()),
+        // A valid token naming no key.
+        (Some(_), None) => Presented::ApiKey(None),
+    };
+    let outcome = match limiter {
+        None => admit(snap, &Local(snap), m.as_ref(), presented, now).await,
+        Some(limiter) => {
+            let limits = SharedLimits {
+                snap,
+                limiter,
+                metrics,
+            };
+            admit(snap, &limits, m.as_ref(), presented, now).await
+        }
+    };
+    let (grant, decision) = match &outcome {
+        Ok(a) => (a.grant.as_ref(), Decision::Allowed),
+        Err(r) => (r.grant.as_ref(), Decision::from(&r.refusal)),
+    };
+    metrics.decided(m, grant.map(|g| g.plan_id()), decision);
+    let subject = match authorizer.map(|a| a.settings.identifier) {
+        Some(UsageIdentifier::Name) => claim,
+        Some(UsageIdentifier::Value) => grant.map(|g| g.key_id.to_owned()),
+        None => None,
+    };
+    Decided {
+        outcome,
+        decision,
+        subject,
+    }
 }
 
 /// A key's own limits on a route: its bucket, then its quota, and the meter.

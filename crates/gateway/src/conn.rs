@@ -15,21 +15,18 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::Record;
-use crate::admit::{Admission, Local, Presented, Refused, admit};
+use crate::admit::{Admission, Credentials, Refused, admit_caller};
 use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::http1::{
     self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
 };
-use crate::jwt::UsageIdentifier;
-use crate::limits::Refusal;
 use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
 use crate::response::{self, UpstreamFailure};
 use crate::rewrite;
 use crate::route::RouteMatch;
-use crate::shared_limits::SharedLimits;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
@@ -412,8 +409,8 @@ impl<C: ClientIo> Conn<'_, C> {
         Ok(Some(m))
     }
 
-    /// Phase 2, admit ([`crate::admit`]), on this instance's limits or on those every instance
-    /// shares; counted in the metrics, and told as a [`Decision`] for the access log.
+    /// Phase 2, admit ([`crate::admit`]): who is calling, and whether it may; told as a
+    /// [`Decision`] for the access log.
     async fn admit<'s>(
         &self,
         snap: &'s Snapshot,
@@ -421,58 +418,23 @@ impl<C: ClientIo> Conn<'_, C> {
         m: Option<RouteMatch>,
     ) -> (Result<Admission<'s>, Refused<'s>>, Decision) {
         let bytes = self.inbuf.bytes();
-        // A keyed route with an authorizer: the caller's key comes from its verified token.
-        let authorizer = m
-            .map(|m| snap.route_at(&m))
-            .filter(|r| r.api_key_required)
-            .and_then(|r| r.authorizer.as_deref());
-        let mut claim = None;
-        if let Some(a) = authorizer {
-            let token = ex.head.authorization.clone().map(|r| &bytes[r]);
-            match a.verify(token, ex.now).await {
-                Ok(subject) => claim = subject,
-                Err(e) => {
-                    tracing::debug!(id = %ex.id.as_str(), authorizer = %a.settings.name, error = %e, "token refused");
-                    let decision = Decision::Unauthorized;
-                    self.shared.metrics.decided(m, None, decision);
-                    return (Err(Refusal::Unauthorized.into()), decision);
-                }
-            }
-        }
-        let presented = match (authorizer, &claim) {
-            (None, _) => Presented::ApiKey(ex.head.api_key.clone().map(|r| &bytes[r])),
-            (Some(a), Some(s)) if a.settings.identifier == UsageIdentifier::Name => {
-                Presented::KeyName(s)
-            }
-            (Some(_), Some(s)) => Presented::KeyValue(s.as_bytes()),
-            // A valid token naming no key.
-            (Some(_), None) => Presented::ApiKey(None),
+        let credentials = Credentials {
+            api_key: ex.head.api_key.clone().map(|r| &bytes[r]),
+            authorization: ex.head.authorization.clone().map(|r| &bytes[r]),
         };
-        let decided = match &self.shared.limiter {
-            None => admit(snap, &Local(snap), m.as_ref(), presented, ex.now).await,
-            Some(limiter) => {
-                let limits = SharedLimits {
-                    snap,
-                    limiter,
-                    metrics: &self.shared.metrics,
-                };
-                admit(snap, &limits, m.as_ref(), presented, ex.now).await
-            }
-        };
-        let (grant, decision) = match &decided {
-            Ok(a) => (a.grant.as_ref(), Decision::Allowed),
-            Err(r) => (r.grant.as_ref(), Decision::from(&r.refusal)),
-        };
-        self.shared
-            .metrics
-            .decided(m, grant.map(|g| g.plan_id()), decision);
-        // A claim holding the key's value is a secret: the backend gets the key's id instead.
-        ex.subject = match authorizer.map(|a| a.settings.identifier) {
-            Some(UsageIdentifier::Name) => claim,
-            Some(UsageIdentifier::Value) => grant.map(|g| g.key_id.to_owned()),
-            None => None,
-        };
-        (decided, decision)
+        let shared = self.shared;
+        let decided = admit_caller(
+            snap,
+            shared.limiter.as_ref(),
+            &shared.metrics,
+            ex.id.as_str(),
+            m,
+            credentials,
+            ex.now,
+        )
+        .await;
+        ex.subject = decided.subject;
+        (decided.outcome, decided.decision)
     }
 
     /// Phase 3, answer an admitted request: forward it to the upstream, or answer with the route's
