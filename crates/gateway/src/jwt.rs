@@ -162,12 +162,11 @@ fn read_jwks(source: &JwksSource) -> Result<Vec<VerifyKey>, String> {
 }
 
 impl Authorizer {
-    /// The authorizer `settings` declare, its JWKS read now (`now`: the clock's reading); a JWKS
-    /// URL must be `https`, fetched trusting `tls`.
-    pub fn load(
+    /// The authorizer `settings` declare, without its keys yet ([`Authorizer::read_keys`] reads
+    /// them); a JWKS URL must be `https`, fetched trusting `tls`.
+    pub fn new(
         settings: AuthorizerSettings,
         tls: Arc<rustls::ClientConfig>,
-        now: u64,
     ) -> Result<Self, String> {
         let source = if settings.jwks.starts_with("https://") {
             let agent = ureq::AgentBuilder::new()
@@ -181,13 +180,36 @@ impl Authorizer {
         } else {
             JwksSource::File(settings.jwks.clone())
         };
-        let keys = read_jwks(&source)?;
         Ok(Self {
             settings,
             source: Arc::new(source),
-            keys: ArcSwap::from_pointee(keys),
-            read_at: Mutex::new(now),
+            keys: ArcSwap::from_pointee(Vec::new()),
+            read_at: Mutex::new(0),
         })
+    }
+
+    /// Whether its JWKS is fetched over the network (rather than read from a file).
+    pub fn fetches(&self) -> bool {
+        matches!(*self.source, JwksSource::Url(..))
+    }
+
+    /// Reads its JWKS now (blocking: a file, or a fetch; `now`: the clock's reading).
+    pub fn read_keys(&self, now: u64) -> Result<(), String> {
+        let keys = read_jwks(&self.source)?;
+        self.keys.store(keys.into());
+        *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        Ok(())
+    }
+
+    /// [`Authorizer::new`], its keys read now.
+    pub fn load(
+        settings: AuthorizerSettings,
+        tls: Arc<rustls::ClientConfig>,
+        now: u64,
+    ) -> Result<Self, String> {
+        let authorizer = Self::new(settings, tls)?;
+        authorizer.read_keys(now)?;
+        Ok(authorizer)
     }
 
     /// Reads the JWKS again (on a blocking thread: a file, or a fetch), unless it was read less

@@ -54,11 +54,14 @@ enum Command {
     /// Convert other formats to a tollgate config.
     #[command(subcommand)]
     Import(ImportCommand),
-    /// Validate a config file and exit.
+    /// Validate a config file and exit; JWKS files are read, JWKS URLs fetched only with --online.
     Check {
         /// The config file (tollgate.yaml).
         #[arg(long, short)]
         config: PathBuf,
+        /// Also fetch the authorizers' JWKS URLs, as `serve` does before it serves.
+        #[arg(long)]
+        online: bool,
     },
     /// Report per-day usage of a plan's keys, like AWS GetUsage; or change what a key has left.
     Usage(usage::UsageCommand),
@@ -166,10 +169,13 @@ pub fn run() -> ExitCode {
                     "give --config FILE or --serverless FILE".into(),
                 )),
             };
-            loaded.and_then(|c| {
-                init_logging();
-                serve::serve(c).map_err(Failure::Runtime)
-            })
+            // The authorizers' keys are read (fetched) before anything is served.
+            loaded
+                .and_then(|c| c.read_jwks(true).map(|()| c).map_err(Failure::Config))
+                .and_then(|c| {
+                    init_logging();
+                    serve::serve(c).map_err(Failure::Runtime)
+                })
         }
         Command::Migrate { from, to } => migrate::migrate(&from, &to)
             .map(|(plans, keys, bindings, rows)| {
@@ -180,7 +186,8 @@ pub fn run() -> ExitCode {
             .options(file)
             .and_then(|o| serverless::import(&o).map_err(Failure::Config))
             .map(|yaml| print!("{yaml}")),
-        Command::Check { config } => config::load(&config)
+        Command::Check { config, online } => config::load(&config)
+            .and_then(|c| c.read_jwks(online).map(|()| c))
             .map(|c| {
                 for w in &c.warnings {
                     eprintln!("tollgate: warning: {w}");

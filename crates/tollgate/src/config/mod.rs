@@ -16,6 +16,7 @@ use tollgate_admin::seal::Sealer;
 use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::Http2Settings;
+use tollgate_gateway::jwt::Authorizer;
 use tollgate_gateway::tls::Certificates;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
@@ -55,6 +56,33 @@ pub struct Config {
     /// What is valid but risky, each naming its file, line and field: printed by `check`, logged
     /// by `serve`.
     pub warnings: Vec<ConfigError>,
+    /// The authorizers' JWKS, read by [`Config::read_jwks`] rather than while validating.
+    pub jwks: Vec<JwksToRead>,
+}
+
+/// An authorizer whose JWKS is still to be read, and where the config names it (for errors).
+#[derive(Debug, Clone)]
+pub struct JwksToRead {
+    pub(crate) authorizer: Arc<Authorizer>,
+    /// The error to give, its message left empty.
+    pub(crate) written: ConfigError,
+}
+
+impl Config {
+    /// Reads every authorizer's JWKS: its files, and with `online` its `https` URLs (fetched).
+    /// Validation does no I/O of the network: `serve` reads them all before it serves, `check`
+    /// fetches only when asked.
+    pub fn read_jwks(&self, online: bool) -> Result<(), ConfigError> {
+        for j in &self.jwks {
+            if online || !j.authorizer.fetches() {
+                j.authorizer.read_keys(0).map_err(|message| ConfigError {
+                    message,
+                    ..j.written.clone()
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The data plane's HTTPS listener.

@@ -37,8 +37,8 @@ use super::raw::{
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
-    DEFAULT_ADMIN_MAX_CONNECTIONS, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind, TlsListener,
-    TlsTermination, admin_credentials,
+    DEFAULT_ADMIN_MAX_CONNECTIONS, JwksToRead, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind,
+    TlsListener, TlsTermination, admin_credentials,
 };
 use tollgate_admin::seal::Sealer;
 use tollgate_gateway::jwt::{Authorizer, AuthorizerSettings, UsageIdentifier};
@@ -112,6 +112,8 @@ struct Ctx<'a> {
     /// What is valid but probably not what the operator meant (`check` prints them, `serve` logs
     /// them).
     warnings: RefCell<Vec<ConfigError>>,
+    /// The authorizers whose JWKS is read after validation, each with where it is written.
+    jwks: RefCell<Vec<JwksToRead>>,
 }
 
 impl Ctx<'_> {
@@ -279,6 +281,7 @@ impl<'a> Ctx<'a> {
             client_configs: RefCell::default(),
             insecure_upstream: Cell::new(false),
             warnings: RefCell::default(),
+            jwks: RefCell::default(),
         }
     }
 }
@@ -619,6 +622,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         plans,
         keys,
         warnings: cx.warnings.take(),
+        jwks: cx.jwks.take(),
     })
 }
 
@@ -929,8 +933,16 @@ fn validate_api(
                 .unwrap_or_else(|| "sub".into()),
             identifier,
         };
-        match Authorizer::load(settings, tls, 0) {
-            Ok(loaded) => authorizers.push(Arc::new(loaded)),
+        // Its keys are read once the whole file is valid ([`Config::read_jwks`]): a URL is a fetch.
+        match Authorizer::new(settings, tls) {
+            Ok(authorizer) => {
+                let authorizer = Arc::new(authorizer);
+                cx.jwks.borrow_mut().push(JwksToRead {
+                    authorizer: authorizer.clone(),
+                    written: ConfigError::at(cx.file, *at, format!("{af}.jwks"), ""),
+                });
+                authorizers.push(authorizer);
+            }
             Err(e) => return cx.err(at, format!("{af}.jwks"), e),
         }
     }

@@ -276,6 +276,21 @@ apiKeys:
         up = up.addr
     );
     util::write_config(dir.path(), &yaml);
+    // `check` needs no network; `check --online` fetches, as `serve` does before it serves.
+    let check = |online: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", "--config", "tollgate.yaml"])
+            .args(online)
+            .current_dir(dir.path())
+            .env("CENTRAL_KEY", KEY)
+            .output()
+            .unwrap()
+    };
+    assert!(check(&[]).status.success());
+    assert_eq!(fetches.load(Ordering::SeqCst), 0, "check fetched nothing");
+    assert!(check(&["--online"]).status.success());
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "check --online fetched");
+    fetches.store(0, Ordering::SeqCst);
     let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
     assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched at startup");
     let call = |signer: &Signer| {
@@ -297,4 +312,45 @@ apiKeys:
     assert_eq!(call(&Signer::new("k3")).await, 401);
     assert_eq!(fetches.load(Ordering::SeqCst), 2);
     assert!(gw.terminate().success());
+}
+
+#[test]
+fn an_unreachable_jwks_url_fails_serve_and_check_online_not_check() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let yaml = r#"listen: 127.0.0.1:0
+store: { sqlite: ./tollgate.db }
+apis:
+  - id: warranty
+    apiKeySource: AUTHORIZER
+    authorizers: [ { name: idp, jwks: "https://127.0.0.1:1/jwks.json", issuer: "https://idp.test/" } ]
+    stages: [ { name: prod } ]
+    routes:
+      - { path: "/echo/{rest+}", method: GET, apiKeyRequired: true, upstream: "http://127.0.0.1:9" }
+"#;
+    util::write_config(dir.path(), yaml);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    assert!(
+        run(&["check", "--config", "tollgate.yaml"])
+            .status
+            .success()
+    );
+    for args in [
+        &["check", "--config", "tollgate.yaml", "--online"][..],
+        &["serve", "--config", "tollgate.yaml"][..],
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("tollgate.yaml:6:") && said.contains("apis[0].authorizers[0].jwks"),
+            "{args:?}: {said}"
+        );
+    }
 }
