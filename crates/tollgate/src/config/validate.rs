@@ -32,8 +32,8 @@ use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
 use super::raw::{
-    EnvString, RawAccessLog, RawAdmin, RawApi, RawConfig, RawCors, RawPlan, RawQuota, RawRoute,
-    RawSize, RawStore, RawThrottle, RawTls, RawUpstreamTls, RawUrls,
+    EnvString, RawAccessLog, RawAdmin, RawApi, RawConfig, RawCors, RawHttp2, RawKey, RawPlan,
+    RawQuota, RawRoute, RawSize, RawStore, RawThrottle, RawTls, RawUpstreamTls, RawUrls, RawVerify,
 };
 use super::{
     ADMIN_ACCESS_KEY_ENV, ADMIN_SECRET_KEY_ENV, AdminConfig, Config, ConfigError,
@@ -319,48 +319,9 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     };
     let verify = match &raw.verify {
         None => None,
-        Some(v) => {
-            let at = &v.referenced;
-            let listen = cx.address(&v.value.listen, at, "verify.listen")?;
-            if !listen.ip().is_loopback() {
-                cx.warn(at, "verify.listen", format!(
-                    "{listen} is not a loopback address: the decision endpoint answers whoever asks, about whatever request they describe; keep it on loopback or a private network only your proxy reaches"
-                ));
-            }
-            let Some(proxy) = Proxy::named(&v.value.proxy) else {
-                return cx.err(
-                    at,
-                    "verify.proxy",
-                    format!(
-                        "{:?} is not one of nginx, caddy, traefik, envoy",
-                        v.value.proxy
-                    ),
-                );
-            };
-            let path_prefix = v.value.path_prefix.clone().unwrap_or_default();
-            if !(path_prefix.is_empty() || path_prefix.starts_with('/')) {
-                return cx.err(at, "verify.pathPrefix", "must start with /");
-            }
-            Some((listen, VerifySettings { proxy, path_prefix }))
-        }
+        Some(v) => Some(validate_verify(&cx, &v.value, &v.referenced)?),
     };
-    let http2 = match &raw.http2 {
-        None => Some(Http2Settings::default()),
-        Some(h) if h.value.enabled == Some(false) => None,
-        Some(h) => match h.value.max_concurrent_streams {
-            None => Some(Http2Settings::default()),
-            Some(n @ 1..=10_000) => Some(Http2Settings {
-                max_concurrent_streams: n,
-            }),
-            Some(n) => {
-                return cx.err(
-                    &h.referenced,
-                    "http2.maxConcurrentStreams",
-                    format!("{n}: give 1 to 10000"),
-                );
-            }
-        },
-    };
+    let http2 = validate_http2(&cx, raw.http2.as_ref())?;
     let tls = match &raw.tls {
         Some(tls) => Some(validate_tls(
             &cx,
@@ -389,8 +350,87 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         None => None,
     };
 
-    let mut apis = Vec::with_capacity(raw.apis.len());
-    for (i, api) in raw.apis.iter().enumerate() {
+    let apis = validate_apis(&cx, &raw.apis)?;
+    let outline: Vec<ApiOutline> = apis.iter().map(Api::outline).collect();
+
+    let plans = validate_plans(&cx, &raw.usage_plans, &outline)?;
+
+    let keys = validate_keys(&cx, &raw.api_keys, &plans)?;
+
+    let admin = raw
+        .admin
+        .as_ref()
+        .map(|a| validate_admin(&cx, &a.value, &a.referenced))
+        .transpose()?;
+    let sealer = match &raw.key_value_storage {
+        None => None,
+        Some(kvs) => validate_key_value_storage(&cx, kvs)?,
+    };
+
+    let access_log = validate_access_log(&cx, raw.access_log.as_ref())?;
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(n) if n.value == 0 => {
+            return cx.err(&n.referenced, "maxConnections", "must be at least 1");
+        }
+        Some(n) => Some(n.value as usize),
+    };
+    let header_timeout = match &raw.header_timeout {
+        None => tollgate_gateway::DEFAULT_HEAD_TIMEOUT,
+        Some(t) => positive_duration(&cx, &t.value, &t.referenced, "headerTimeout")?,
+    };
+    let max_request_body = match &raw.max_request_body_size {
+        None => DEFAULT_MAX_REQUEST_BODY,
+        Some(size) => match parse_size(&size.value) {
+            Ok(n) => n,
+            Err(e) => return cx.err(&size.referenced, "maxRequestBodySize", e),
+        },
+    };
+    let kept_fields = validate_kept_fields(&cx, &raw)?;
+
+    // Plain HTTP serves the same APIs: a client without a certificate goes there instead.
+    if let (Some(plain), Some(t)) = (&raw.listen, &raw.tls) {
+        if t.value
+            .client_auth
+            .as_ref()
+            .is_some_and(|c| c.value.required)
+        {
+            cx.warn(&plain.referenced, "listen", "tls.clientAuth requires client certificates, but listen serves the same APIs over plain HTTP without them: mTLS can be bypassed there (drop listen, or keep it on an address clients cannot reach)");
+        }
+    }
+
+    let (verify_listen, verify) = verify.unzip();
+    Ok(Config {
+        admin,
+        sealer,
+        listen,
+        verify_listen,
+        tls,
+        insecure_upstream_tls: cx.insecure_upstream.get(),
+        http2,
+        max_connections,
+        header_timeout,
+        store,
+        gateway: GatewayConfig {
+            account_throttle,
+            rate_limit_headers: raw.rate_limit_headers,
+            access_log,
+            max_request_body,
+            kept_fields,
+            apis,
+            verify,
+        },
+        plans,
+        keys,
+        warnings: cx.warnings.take(),
+        jwks: cx.jwks.take(),
+    })
+}
+
+/// `apis:`: each valid, with a unique id, and no two stages on one base path.
+fn validate_apis(cx: &Ctx<'_>, raw: &[Spanned<RawApi>]) -> Result<Vec<Api>, ConfigError> {
+    let mut apis = Vec::with_capacity(raw.len());
+    for (i, api) in raw.iter().enumerate() {
         let field = format!("apis[{i}]");
         if apis.iter().any(|a: &Api| a.id == api.value.id) {
             return cx.err(
@@ -399,17 +439,24 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
                 format!("duplicate API id {:?}", api.value.id),
             );
         }
-        apis.push(validate_api(&cx, &field, &api.value, &api.referenced)?);
+        apis.push(validate_api(cx, &field, &api.value, &api.referenced)?);
     }
     // Routing conflicts across APIs (two stages on one base path).
     if let Err(e) = Router::new(&apis) {
-        let at = raw.apis.first().map_or(Location::UNKNOWN, |a| a.referenced);
+        let at = raw.first().map_or(Location::UNKNOWN, |a| a.referenced);
         return cx.err(&at, "apis", e.to_string());
     }
-    let outline: Vec<ApiOutline> = apis.iter().map(Api::outline).collect();
+    Ok(apis)
+}
 
-    let mut plans: Vec<DeclaredPlan> = Vec::with_capacity(raw.usage_plans.len());
-    for (i, plan) in raw.usage_plans.iter().enumerate() {
+/// `usagePlans:`: each valid, with a unique name, on the configured APIs.
+fn validate_plans(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawPlan>],
+    outline: &[ApiOutline],
+) -> Result<Vec<DeclaredPlan>, ConfigError> {
+    let mut plans: Vec<DeclaredPlan> = Vec::with_capacity(raw.len());
+    for (i, plan) in raw.iter().enumerate() {
         let field = format!("usagePlans[{i}]");
         if plans.iter().any(|p| p.name == plan.value.name) {
             return cx.err(
@@ -419,17 +466,75 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             );
         }
         plans.push(validate_plan(
-            &cx,
+            cx,
             &field,
             &plan.value,
             &plan.referenced,
-            &outline,
+            outline,
         )?);
     }
+    Ok(plans)
+}
 
-    let mut keys: Vec<DeclaredKey> = Vec::with_capacity(raw.api_keys.len());
+/// `verify:`: where the decision endpoint listens, and for which proxy.
+fn validate_verify(
+    cx: &Ctx<'_>,
+    raw: &RawVerify,
+    at: &Location,
+) -> Result<(SocketAddr, VerifySettings), ConfigError> {
+    let listen = cx.address(&raw.listen, at, "verify.listen")?;
+    if !listen.ip().is_loopback() {
+        cx.warn(at, "verify.listen", format!(
+            "{listen} is not a loopback address: the decision endpoint answers whoever asks, about whatever request they describe; keep it on loopback or a private network only your proxy reaches"
+        ));
+    }
+    let Some(proxy) = Proxy::named(&raw.proxy) else {
+        return cx.err(
+            at,
+            "verify.proxy",
+            format!("{:?} is not one of nginx, caddy, traefik, envoy", raw.proxy),
+        );
+    };
+    let path_prefix = raw.path_prefix.clone().unwrap_or_default();
+    if !(path_prefix.is_empty() || path_prefix.starts_with('/')) {
+        return cx.err(at, "verify.pathPrefix", "must start with /");
+    }
+    Ok((listen, VerifySettings { proxy, path_prefix }))
+}
+
+/// `http2:`: on unless turned off, with its stream limit.
+fn validate_http2(
+    cx: &Ctx<'_>,
+    raw: Option<&Spanned<RawHttp2>>,
+) -> Result<Option<Http2Settings>, ConfigError> {
+    Ok(match raw {
+        None => Some(Http2Settings::default()),
+        Some(h) if h.value.enabled == Some(false) => None,
+        Some(h) => match h.value.max_concurrent_streams {
+            None => Some(Http2Settings::default()),
+            Some(n @ 1..=10_000) => Some(Http2Settings {
+                max_concurrent_streams: n,
+            }),
+            Some(n) => {
+                return cx.err(
+                    &h.referenced,
+                    "http2.maxConcurrentStreams",
+                    format!("{n}: give 1 to 10000"),
+                );
+            }
+        },
+    })
+}
+
+/// `apiKeys:`: each with a valid, unique value, in declared plans that cover each API stage once.
+fn validate_keys(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawKey>],
+    plans: &[DeclaredPlan],
+) -> Result<Vec<DeclaredKey>, ConfigError> {
+    let mut keys: Vec<DeclaredKey> = Vec::with_capacity(raw.len());
     let mut values = HashSet::new();
-    for (i, key) in raw.api_keys.iter().enumerate() {
+    for (i, key) in raw.iter().enumerate() {
         let field = format!("apiKeys[{i}]");
         let at = &key.referenced;
         let k = &key.value;
@@ -494,46 +599,51 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             tags,
         });
     }
+    Ok(keys)
+}
 
-    let admin = raw
-        .admin
-        .as_ref()
-        .map(|a| validate_admin(&cx, &a.value, &a.referenced))
-        .transpose()?;
-    let sealer = match &raw.key_value_storage {
-        None => None,
-        Some(kvs) => match kvs.value.as_str() {
-            "hashed" => None,
-            "encrypted" => {
-                let Ok(hex) = std::env::var(KEY_ENCRYPTION_KEY_ENV) else {
-                    return cx.err(
-                        &kvs.referenced,
-                        "keyValueStorage",
-                        format!("encrypted storage needs the key in {KEY_ENCRYPTION_KEY_ENV} (64 hex characters)"),
-                    );
-                };
-                match Sealer::from_hex(&hex) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        return cx.err(
-                            &kvs.referenced,
-                            "keyValueStorage",
-                            format!("{KEY_ENCRYPTION_KEY_ENV}: {e}"),
-                        );
-                    }
-                }
-            }
-            other => {
+/// `keyValueStorage:`: `hashed`, or `encrypted` with the key from the environment.
+fn validate_key_value_storage(
+    cx: &Ctx<'_>,
+    kvs: &Spanned<String>,
+) -> Result<Option<Sealer>, ConfigError> {
+    Ok(match kvs.value.as_str() {
+        "hashed" => None,
+        "encrypted" => {
+            let Ok(hex) = std::env::var(KEY_ENCRYPTION_KEY_ENV) else {
                 return cx.err(
                     &kvs.referenced,
                     "keyValueStorage",
-                    format!("{other:?} is not one of hashed, encrypted"),
+                    format!("encrypted storage needs the key in {KEY_ENCRYPTION_KEY_ENV} (64 hex characters)"),
                 );
+            };
+            match Sealer::from_hex(&hex) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return cx.err(
+                        &kvs.referenced,
+                        "keyValueStorage",
+                        format!("{KEY_ENCRYPTION_KEY_ENV}: {e}"),
+                    );
+                }
             }
-        },
-    };
+        }
+        other => {
+            return cx.err(
+                &kvs.referenced,
+                "keyValueStorage",
+                format!("{other:?} is not one of hashed, encrypted"),
+            );
+        }
+    })
+}
 
-    let access_log = match &raw.access_log {
+/// `accessLog:`: off, AWS's default format, or a format and a file.
+fn validate_access_log(
+    cx: &Ctx<'_>,
+    raw: Option<&Spanned<RawAccessLog>>,
+) -> Result<Option<AccessLogConfig>, ConfigError> {
+    Ok(match raw {
         None => None,
         Some(a) => match &a.value {
             RawAccessLog::On(false) => None,
@@ -548,25 +658,12 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
                 path: settings.path.as_ref().map(|p| cx.path(&p.0)),
             }),
         },
-    };
-    let max_connections = match &raw.max_connections {
-        None => None,
-        Some(n) if n.value == 0 => {
-            return cx.err(&n.referenced, "maxConnections", "must be at least 1");
-        }
-        Some(n) => Some(n.value as usize),
-    };
-    let header_timeout = match &raw.header_timeout {
-        None => tollgate_gateway::DEFAULT_HEAD_TIMEOUT,
-        Some(t) => positive_duration(&cx, &t.value, &t.referenced, "headerTimeout")?,
-    };
-    let max_request_body = match &raw.max_request_body_size {
-        None => DEFAULT_MAX_REQUEST_BODY,
-        Some(size) => match parse_size(&size.value) {
-            Ok(n) => n,
-            Err(e) => return cx.err(&size.referenced, "maxRequestBodySize", e),
-        },
-    };
+    })
+}
+
+/// `keepClientHeaders:` and `underscoresInHeaders:`: the client fields kept that the gateway would
+/// drop.
+fn validate_kept_fields(cx: &Ctx<'_>, raw: &RawConfig) -> Result<KeptFields, ConfigError> {
     let mut kept_fields = KeptFields::default();
     if let Some(names) = &raw.keep_client_headers {
         for name in &names.value {
@@ -586,44 +683,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     if raw.underscores_in_headers == Some(true) {
         kept_fields.keep_underscores();
     }
-
-    // Plain HTTP serves the same APIs: a client without a certificate goes there instead.
-    if let (Some(plain), Some(t)) = (&raw.listen, &raw.tls) {
-        if t.value
-            .client_auth
-            .as_ref()
-            .is_some_and(|c| c.value.required)
-        {
-            cx.warn(&plain.referenced, "listen", "tls.clientAuth requires client certificates, but listen serves the same APIs over plain HTTP without them: mTLS can be bypassed there (drop listen, or keep it on an address clients cannot reach)");
-        }
-    }
-
-    let (verify_listen, verify) = verify.unzip();
-    Ok(Config {
-        admin,
-        sealer,
-        listen,
-        verify_listen,
-        tls,
-        insecure_upstream_tls: cx.insecure_upstream.get(),
-        http2,
-        max_connections,
-        header_timeout,
-        store,
-        gateway: GatewayConfig {
-            account_throttle,
-            rate_limit_headers: raw.rate_limit_headers,
-            access_log,
-            max_request_body,
-            kept_fields,
-            apis,
-            verify,
-        },
-        plans,
-        keys,
-        warnings: cx.warnings.take(),
-        jwks: cx.jwks.take(),
-    })
+    Ok(kept_fields)
 }
 
 /// Whether `path` is one the data plane's normalisation leaves as it is.
