@@ -1,0 +1,466 @@
+//! Raw config → runtime config: every check that YAML types cannot express, a section at a time
+//! (listeners, APIs and routes, plans and keys, settings). Validation reads local files
+//! (certificates, keys) but never the network: an authorizer's JWKS is read after it.
+
+mod apis;
+mod listeners;
+mod plans;
+mod settings;
+
+use apis::validate_apis;
+use listeners::{validate_admin, validate_http2, validate_tls, validate_verify};
+use plans::{validate_keys, validate_plans};
+use settings::{
+    validate_access_log, validate_kept_fields, validate_key_value_storage, validate_store,
+};
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use rustls::pki_types::ServerName;
+use serde_saphyr::{Location, Spanned};
+use tollgate_core::ThrottleSettings;
+use tollgate_core::rules::{ApiOutline, PlanError, check_throttle};
+use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::config::UpstreamTls;
+use tollgate_gateway::config::{Api, DEFAULT_MAX_REQUEST_BODY};
+use tollgate_gateway::tls::{self, CertFiles, UpstreamTlsFiles};
+
+use super::raw::{EnvString, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls};
+use super::{Config, ConfigError, JwksToRead, StoreConfig, StoreKind};
+
+/// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1s, 2m"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {text:?}: use ms, s, m, h or d"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}"))
+}
+
+/// Bytes in a size: `1048576`, `512KB`, `10MB`, `1GB` (powers of 1024).
+pub(crate) fn parse_size(raw: &RawSize) -> Result<u64, String> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(*n),
+        RawSize::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. 1048576, 512KB, 10MB"))?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?}: use KB, MB or GB"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    /// The config file's directory: relative paths in it are read from there, wherever the
+    /// process runs (as Caddy and docker compose do).
+    dir: &'a Path,
+    /// The file's `upstreamTls`, for `https` routes without their own.
+    upstream_tls: Option<&'a Spanned<RawUpstreamTls>>,
+    /// The TLS client configurations built so far, shared by the routes with the same settings
+    /// (so their connections share the idle pool).
+    client_configs: RefCell<Vec<(UpstreamTlsFiles, Arc<rustls::ClientConfig>)>>,
+    /// Whether a route skips verifying its upstream's certificate.
+    insecure_upstream: Cell<bool>,
+    /// What is valid but probably not what the operator meant (`check` prints them, `serve` logs
+    /// them).
+    warnings: RefCell<Vec<ConfigError>>,
+    /// The authorizers whose JWKS is read after validation, each with where it is written.
+    jwks: RefCell<Vec<JwksToRead>>,
+}
+
+impl Ctx<'_> {
+    /// A path written in the config, relative to the config file's directory.
+    fn path(&self, written: &str) -> PathBuf {
+        self.dir.join(written)
+    }
+
+    fn warn(&self, at: &Location, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings
+            .borrow_mut()
+            .push(ConfigError::at(self.file, *at, field, message));
+    }
+
+    fn err<T>(
+        &self,
+        at: &Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::at(self.file, *at, field, message))
+    }
+
+    /// TLS to the `https` upstream `url`: the route's own settings, else the file's, else the
+    /// system's roots.
+    fn upstream_tls(
+        &self,
+        url: &Uri,
+        own: Option<&RawUpstreamTls>,
+        at: &Location,
+        field: &str,
+    ) -> Result<UpstreamTls, ConfigError> {
+        let config = match (own, self.upstream_tls) {
+            (Some(own), _) => self.client_config(own, at, &format!("{field}.upstreamTls"))?,
+            (None, Some(global)) => {
+                self.client_config(&global.value, &global.referenced, "upstreamTls")?
+            }
+            (None, None) => {
+                self.client_config(&RawUpstreamTls::default(), at, &format!("{field}.upstream"))?
+            }
+        };
+        let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+        let server_name = ServerName::try_from(host.to_string()).or_else(|_| {
+            self.err(
+                at,
+                format!("{field}.upstream"),
+                format!("{host:?} cannot be checked against a certificate"),
+            )
+        })?;
+        Ok(UpstreamTls {
+            config,
+            server_name,
+        })
+    }
+
+    /// The TLS client configuration for `raw` (written at `at` as `field`), built once for all
+    /// the routes with the same settings.
+    fn client_config(
+        &self,
+        raw: &RawUpstreamTls,
+        at: &Location,
+        field: &str,
+    ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        let client = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => Some(CertFiles {
+                cert: self.path(&cert.0),
+                key: self.path(&key.0),
+            }),
+            (None, None) => None,
+            _ => return self.err(at, field, "give both cert and key, or neither"),
+        };
+        let files = UpstreamTlsFiles {
+            ca: raw.ca.as_ref().map(|ca| self.path(&ca.0)),
+            client,
+            insecure_skip_verify: raw.insecure_skip_verify,
+        };
+        self.insecure_upstream
+            .set(self.insecure_upstream.get() || files.insecure_skip_verify);
+        let known = self
+            .client_configs
+            .borrow()
+            .iter()
+            .find(|(f, _)| *f == files)
+            .map(|(_, c)| c.clone());
+        if let Some(config) = known {
+            return Ok(config);
+        }
+        let config =
+            Arc::new(tls::client_config(&files).or_else(|e| self.err(at, field, e.to_string()))?);
+        self.client_configs
+            .borrow_mut()
+            .push((files, config.clone()));
+        Ok(config)
+    }
+
+    /// A listening address.
+    fn address(
+        &self,
+        raw: &EnvString,
+        at: &Location,
+        field: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        raw.0.parse().or_else(|_| {
+            // A name (localhost:8080) could resolve to several addresses, or change: not taken.
+            let named = raw.0.rsplit_once(':').is_some_and(|(host, port)| {
+                port.parse::<u16>().is_ok() && host.chars().any(|c| c.is_ascii_alphabetic())
+            });
+            let why = if named {
+                format!(
+                    "{:?}: host names are not supported here; give an IP address and port, like 127.0.0.1:8080 or [::1]:8080",
+                    raw.0
+                )
+            } else {
+                format!("{:?} is not an address like 127.0.0.1:8080", raw.0)
+            };
+            self.err(at, field, why)
+        })
+    }
+
+    fn throttle(
+        &self,
+        t: &RawThrottle,
+        at: &Location,
+        field: &str,
+    ) -> Result<ThrottleSettings, ConfigError> {
+        let settings = ThrottleSettings::from(*t);
+        match check_throttle(&settings) {
+            Ok(()) => Ok(settings),
+            Err(e) => self.err(at, format!("{field}.rateLimit"), e.to_string()),
+        }
+    }
+
+    /// Checks a `"/path/METHOD"` → throttle map against the API's routes (`known` throttle keys).
+    fn method_throttles(
+        &self,
+        raw: &BTreeMap<String, RawThrottle>,
+        known: &[String],
+        at: &Location,
+        field: &str,
+    ) -> Result<BTreeMap<String, ThrottleSettings>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (key, t) in raw {
+            if !known.contains(key) {
+                let e = PlanError::UnknownMethod {
+                    key: key.clone(),
+                    known: known.to_vec(),
+                };
+                return self.err(at, field, e.to_string());
+            }
+            out.insert(
+                key.clone(),
+                self.throttle(t, at, &format!("{field}[{key:?}]"))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(file: &'a Path, upstream_tls: Option<&'a Spanned<RawUpstreamTls>>) -> Self {
+        Ctx {
+            file,
+            dir: file.parent().unwrap_or(Path::new("")),
+            upstream_tls,
+            client_configs: RefCell::default(),
+            insecure_upstream: Cell::new(false),
+            warnings: RefCell::default(),
+            jwks: RefCell::default(),
+        }
+    }
+}
+
+/// The store a config at `file` names (`raw`, its `store:`), the rest of the file unread: what a
+/// command that only reads the store needs (`usage`), without the keys' values or certificates.
+pub(super) fn store_only(
+    file: &Path,
+    raw: Option<&Spanned<RawStore>>,
+) -> Result<StoreConfig, ConfigError> {
+    let cx = Ctx::new(file, None);
+    match raw {
+        None => Ok(default_store(&cx)),
+        Some(s) => validate_store(&cx, &s.value, &s.referenced),
+    }
+}
+
+/// The store of a config without `store:`: `tollgate.db` beside it.
+fn default_store(cx: &Ctx<'_>) -> StoreConfig {
+    StoreConfig {
+        kind: StoreKind::Sqlite(cx.path("tollgate.db")),
+        flush_interval: Duration::from_secs(1),
+    }
+}
+
+pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let cx = Ctx::new(file, raw.upstream_tls.as_ref());
+    // Checked even when no route uses it yet.
+    if let Some(global) = &raw.upstream_tls {
+        cx.client_config(&global.value, &global.referenced, "upstreamTls")?;
+    }
+    let listen = match &raw.listen {
+        Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
+        None => None,
+    };
+    let verify = match &raw.verify {
+        None => None,
+        Some(v) => Some(validate_verify(&cx, &v.value, &v.referenced)?),
+    };
+    let http2 = validate_http2(&cx, raw.http2.as_ref())?;
+    let tls = match &raw.tls {
+        Some(tls) => Some(validate_tls(
+            &cx,
+            &tls.value,
+            &tls.referenced,
+            http2.is_some(),
+        )?),
+        None => None,
+    };
+    // A gateway that only decides for another proxy (forward-auth) needs no data plane listener.
+    if listen.is_none() && tls.is_none() && raw.verify.is_none() {
+        return cx.err(
+            &Location::UNKNOWN,
+            "listen",
+            "give listen (plain HTTP), tls.listen (HTTPS), verify.listen (decisions for another proxy only), or several",
+        );
+    }
+
+    let store = match &raw.store {
+        None => default_store(&cx),
+        Some(s) => validate_store(&cx, &s.value, &s.referenced)?,
+    };
+
+    let account_throttle = match &raw.account_throttle {
+        Some(t) => Some(cx.throttle(&t.value, &t.referenced, "accountThrottle")?),
+        None => None,
+    };
+
+    let apis = validate_apis(&cx, &raw.apis)?;
+    let outline: Vec<ApiOutline> = apis.iter().map(Api::outline).collect();
+
+    let plans = validate_plans(&cx, &raw.usage_plans, &outline)?;
+
+    let keys = validate_keys(&cx, &raw.api_keys, &plans)?;
+
+    let admin = raw
+        .admin
+        .as_ref()
+        .map(|a| validate_admin(&cx, &a.value, &a.referenced))
+        .transpose()?;
+    let sealer = match &raw.key_value_storage {
+        None => None,
+        Some(kvs) => validate_key_value_storage(&cx, kvs)?,
+    };
+
+    let access_log = validate_access_log(&cx, raw.access_log.as_ref())?;
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(n) if n.value == 0 => {
+            return cx.err(&n.referenced, "maxConnections", "must be at least 1");
+        }
+        Some(n) => Some(n.value as usize),
+    };
+    let header_timeout = match &raw.header_timeout {
+        None => tollgate_gateway::DEFAULT_HEAD_TIMEOUT,
+        Some(t) => positive_duration(&cx, &t.value, &t.referenced, "headerTimeout")?,
+    };
+    let max_request_body = match &raw.max_request_body_size {
+        None => DEFAULT_MAX_REQUEST_BODY,
+        Some(size) => match parse_size(&size.value) {
+            Ok(n) => n,
+            Err(e) => return cx.err(&size.referenced, "maxRequestBodySize", e),
+        },
+    };
+    let kept_fields = validate_kept_fields(&cx, &raw)?;
+
+    // Plain HTTP serves the same APIs: a client without a certificate goes there instead.
+    if let (Some(plain), Some(t)) = (&raw.listen, &raw.tls) {
+        if t.value
+            .client_auth
+            .as_ref()
+            .is_some_and(|c| c.value.required)
+        {
+            cx.warn(&plain.referenced, "listen", "tls.clientAuth requires client certificates, but listen serves the same APIs over plain HTTP without them: mTLS can be bypassed there (drop listen, or keep it on an address clients cannot reach)");
+        }
+    }
+
+    let (verify_listen, verify) = verify.unzip();
+    Ok(Config {
+        admin,
+        sealer,
+        listen,
+        verify_listen,
+        tls,
+        insecure_upstream_tls: cx.insecure_upstream.get(),
+        http2,
+        max_connections,
+        header_timeout,
+        store,
+        gateway: GatewayConfig {
+            account_throttle,
+            rate_limit_headers: raw.rate_limit_headers,
+            access_log,
+            max_request_body,
+            kept_fields,
+            apis,
+            verify,
+        },
+        plans,
+        keys,
+        warnings: cx.warnings.take(),
+        jwks: cx.jwks.take(),
+    })
+}
+
+fn positive_duration(
+    cx: &Ctx<'_>,
+    text: &str,
+    at: &Location,
+    field: &str,
+) -> Result<Duration, ConfigError> {
+    match parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => cx.err(at, field, "must be more than zero"),
+        Err(e) => cx.err(at, field, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        use super::RawSize;
+        let size = |t: &str| parse_size(&RawSize::Text(t.into()));
+        assert_eq!(parse_size(&RawSize::Bytes(512)), Ok(512));
+        assert_eq!(size("1048576"), Ok(1 << 20));
+        assert_eq!(size("512KB"), Ok(512 << 10));
+        assert_eq!(size("10MB"), Ok(10 << 20));
+        assert_eq!(size("10 mib"), Ok(10 << 20));
+        assert_eq!(size("1GB"), Ok(1 << 30));
+        assert!(size("10TB").is_err());
+        assert!(size("MB").is_err());
+        assert!(size("99999999999999GB").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("29").unwrap(), Duration::from_secs(29));
+        assert_eq!(parse_duration("0.5s").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}
