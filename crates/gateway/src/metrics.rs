@@ -9,13 +9,14 @@ use std::sync::{Arc, RwLock};
 use http::Method;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::client::Protocol;
@@ -135,50 +136,89 @@ const DURATION_BUCKETS: [f64; 20] = [
     0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+/// A duration histogram over [`DURATION_BUCKETS`], in atomics: an observation is two atomic
+/// additions, where `prometheus-client`'s histogram takes a lock each time (measured: the request
+/// path's one lock). Its counts also give the dashboard's latency quantiles, which
+/// `prometheus-client` would not hand back. Clones share the counts.
+#[derive(Debug, Clone, Default)]
+struct Durations(Arc<DurationCounts>);
+
+#[derive(Debug, Default)]
+struct DurationCounts {
+    /// Per bound, the observations at or under it and over the one before (the last: above
+    /// every bound).
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
 }
 
-/// Every answered request's duration, counted by [`DURATION_BUCKETS`] bound (the last count: above
-/// them all), for the dashboard's latency figures. `prometheus-client` does not hand its buckets
-/// back, and reading the exposition back would be parsing our own text.
-#[derive(Debug, Default)]
-struct AllDurations([AtomicU64; DURATION_BUCKETS.len() + 1]);
-
-impl AllDurations {
+impl Durations {
     fn observe(&self, secs: f64) {
         let bucket = DURATION_BUCKETS.partition_point(|bound| *bound < secs);
-        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+        self.0.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_nanos
+            .fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
     }
 
-    /// The `q`-quantile as Prometheus's `histogram_quantile` estimates it (linear within a bucket):
-    /// seconds, and whether it fell in the first bucket, where it is only known to be under that
-    /// bound. `None` before the first request.
-    fn quantile(&self, q: f64) -> Option<(f64, bool)> {
-        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
+    /// Adds this histogram's counts to `into`.
+    fn add_to(&self, into: &mut [u64; DURATION_BUCKETS.len() + 1]) {
+        for (sum, n) in into.iter_mut().zip(&self.0.buckets) {
+            *sum += n.load(Ordering::Relaxed);
         }
-        let rank = q * total as f64;
-        let mut below = 0u64;
-        for (i, &n) in counts.iter().enumerate() {
-            if n > 0 && (below + n) as f64 >= rank {
-                return Some(match (i, DURATION_BUCKETS.get(i)) {
-                    (0, _) => (DURATION_BUCKETS[0], true),
-                    // Above every bound: the largest bound, as Prometheus answers.
-                    (_, None) => (DURATION_BUCKETS[DURATION_BUCKETS.len() - 1], false),
-                    (_, Some(&upper)) => {
-                        let lower = DURATION_BUCKETS[i - 1];
-                        let within = (rank - below as f64) / n as f64;
-                        (lower + (upper - lower) * within, false)
-                    }
-                });
-            }
-            below += n;
-        }
-        None
     }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        let mut counts = [0u64; DURATION_BUCKETS.len() + 1];
+        self.add_to(&mut counts);
+        // Per bucket: the encoder makes them cumulative.
+        let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+            .iter()
+            .chain([f64::INFINITY].iter())
+            .copied()
+            .zip(counts)
+            .collect();
+        let count = counts.iter().sum();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The `q`-quantile of `counts` (per bucket, as [`Durations`] keeps them), as Prometheus's
+/// `histogram_quantile` estimates it (linear within a bucket): seconds, and whether it fell in the
+/// first bucket, where it is only known to be under that bound. `None` without observations.
+fn quantile(counts: &[u64; DURATION_BUCKETS.len() + 1], q: f64) -> Option<(f64, bool)> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in counts.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            return Some(match (i, DURATION_BUCKETS.get(i)) {
+                (0, _) => (DURATION_BUCKETS[0], true),
+                // Above every bound: the largest bound, as Prometheus answers.
+                (_, None) => (DURATION_BUCKETS[DURATION_BUCKETS.len() - 1], false),
+                (_, Some(&upper)) => {
+                    let lower = DURATION_BUCKETS[i - 1];
+                    let within = (rank - below as f64) / n as f64;
+                    (lower + (upper - lower) * within, false)
+                }
+            });
+        }
+        below += n;
+    }
+    None
 }
 
 /// The methods a label may name; any other is `_OTHER` (OpenTelemetry's convention), so that a client
@@ -208,6 +248,12 @@ impl<K, M> Default for Seen<K, M> {
 }
 
 impl<K, M> Seen<K, M> {
+    /// Applies `f` to every metric met so far.
+    fn each(&self, f: impl FnMut(&M)) {
+        let seen = self.0.read().unwrap_or_else(|e| e.into_inner());
+        seen.iter().map(|(_, m)| m).for_each(f);
+    }
+
     /// The sum of `count` over the metrics whose key `is` accepts.
     fn sum(&self, is: impl Fn(&K) -> bool, count: impl Fn(&M) -> u64) -> u64 {
         let seen = self.0.read().unwrap_or_else(|e| e.into_inner());
@@ -254,8 +300,8 @@ type Answered = (&'static str, u16, &'static str, Protocol);
 #[derive(Debug)]
 struct RouteCell {
     labels: RouteLabels,
-    integration: Histogram,
-    seen: Seen<Answered, Histogram>,
+    integration: Durations,
+    seen: Seen<Answered, Durations>,
 }
 
 /// One stage: the decision counters met so far by plan and decision.
@@ -276,10 +322,7 @@ struct RouteCells {
 }
 
 impl RouteCells {
-    fn new(
-        config: &GatewayConfig,
-        integration: &Family<RouteLabels, Histogram, fn() -> Histogram>,
-    ) -> Self {
+    fn new(config: &GatewayConfig, integration: &Family<RouteLabels, Durations>) -> Self {
         let mut cells = Vec::new();
         let mut stages = Vec::new();
         let mut apis = Vec::new();
@@ -376,17 +419,16 @@ pub struct Metrics {
     usage_plans: Gauge,
     /// Cluster mode only: Redis's state, and the limiter calls each request makes (their duration and
     /// failures).
-    store: Option<(Gauge, Histogram, Counter)>,
-    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    store: Option<(Gauge, Durations, Counter)>,
+    durations: Family<RequestLabels, Durations>,
     routes: RouteCells,
     /// The metering flusher's writes: their duration, their failures, the deltas waiting, and when
     /// (clock nanoseconds) nothing was last left waiting.
-    usage_writes: (Histogram, Counter),
+    usage_writes: (Durations, Counter),
     flush_pending: Gauge,
     flush_lag: Gauge,
     flushed_at: AtomicU64,
     plan_names: Arc<PlanNames>,
-    all_durations: AllDurations,
 }
 
 impl Metrics {
@@ -394,18 +436,14 @@ impl Metrics {
     /// state is shown too.
     pub fn new(config: &GatewayConfig, cluster: bool) -> Self {
         let mut registry = Registry::default();
-        let durations = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram,
-        );
+        let durations = Family::<RequestLabels, Durations>::default();
         registry.register_with_unit(
             "tollgate_request_duration",
             "Time from a request's head to the end of its answer, by route, method, status, scheme and protocol",
             Unit::Seconds,
             durations.clone(),
         );
-        let integration = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram,
-        );
+        let integration = Family::<RouteLabels, Durations>::default();
         registry.register_with_unit(
             "tollgate_integration_duration",
             "Time the upstream took to take the request and answer it, by route",
@@ -413,10 +451,7 @@ impl Metrics {
             integration.clone(),
         );
         let routes = RouteCells::new(config, &integration);
-        let store_durations =
-            Family::<StoreOperation, Histogram, fn() -> Histogram>::new_with_constructor(
-                duration_histogram,
-            );
+        let store_durations = Family::<StoreOperation, Durations>::default();
         registry.register_with_unit(
             "tollgate_store_operation_duration",
             "Time the store took for an operation the data plane asked of it",
@@ -539,7 +574,6 @@ impl Metrics {
             flush_lag,
             flushed_at: AtomicU64::new(0),
             plan_names,
-            all_durations: AllDurations::default(),
         }
     }
 
@@ -554,7 +588,6 @@ impl Metrics {
         secs: f64,
         integration_secs: Option<f64>,
     ) {
-        self.all_durations.observe(secs);
         let Some(cell) = self.routes.of(m) else {
             return;
         };
@@ -612,7 +645,11 @@ impl Metrics {
     /// The `q`-quantile of every request's duration since the gateway started: seconds, and whether
     /// it is only known to be under that (the first bucket); `None` before the first request.
     pub fn latency(&self, q: f64) -> Option<(f64, bool)> {
-        self.all_durations.quantile(q)
+        let mut counts = [0u64; DURATION_BUCKETS.len() + 1];
+        for cell in &self.routes.cells {
+            cell.seen.each(|h| h.add_to(&mut counts));
+        }
+        quantile(&counts, q)
     }
 
     /// Requests refused 403 for their key since the gateway started.
@@ -740,24 +777,49 @@ mod tests {
 
     #[test]
     fn quantiles_are_estimated_as_prometheus_does() {
-        let all = AllDurations::default();
-        assert_eq!(all.quantile(0.5), None);
+        let counts = |h: &Durations| {
+            let mut c = [0u64; DURATION_BUCKETS.len() + 1];
+            h.add_to(&mut c);
+            c
+        };
+        let all = Durations::default();
+        assert_eq!(quantile(&counts(&all), 0.5), None);
         // 10 answers in (0.1 ms, 0.25 ms], 10 in (0.25 ms, 0.5 ms].
         for _ in 0..10 {
             all.observe(0.0002);
             all.observe(0.0004);
         }
-        let (p50, under) = all.quantile(0.5).unwrap();
+        let (p50, under) = quantile(&counts(&all), 0.5).unwrap();
         assert!(!under && (p50 - 0.00025).abs() < 1e-12, "{p50}");
-        let (p99, _) = all.quantile(0.99).unwrap();
+        let (p99, _) = quantile(&counts(&all), 0.99).unwrap();
         assert!((p99 - (0.00025 + 0.00025 * 0.98)).abs() < 1e-12, "{p99}");
         // In the first bucket: only "under 50 µs" is known.
-        let fast = AllDurations::default();
+        let fast = Durations::default();
         fast.observe(0.00001);
-        assert_eq!(fast.quantile(0.5), Some((0.00005, true)));
+        assert_eq!(quantile(&counts(&fast), 0.5), Some((0.00005, true)));
         // Above every bound: the largest.
-        let slow = AllDurations::default();
+        let slow = Durations::default();
         slow.observe(60.0);
-        assert_eq!(slow.quantile(0.99), Some((10.0, false)));
+        assert_eq!(quantile(&counts(&slow), 0.99), Some((10.0, false)));
+    }
+
+    #[test]
+    fn durations_are_exposed_as_a_prometheus_histogram() {
+        let h = Durations::default();
+        h.observe(0.0002);
+        h.observe(0.003);
+        let mut registry = Registry::default();
+        registry.register_with_unit("d", "D", Unit::Seconds, h);
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        assert!(out.contains("d_seconds_sum 0.0032\n"), "{out}");
+        assert!(out.contains("d_seconds_count 2\n"), "{out}");
+        assert!(out.contains("d_seconds_bucket{le=\"0.0001\"} 0\n"), "{out}");
+        assert!(
+            out.contains("d_seconds_bucket{le=\"0.00025\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("d_seconds_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("d_seconds_bucket{le=\"+Inf\"} 2\n"), "{out}");
     }
 }
