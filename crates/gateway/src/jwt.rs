@@ -201,17 +201,6 @@ impl Authorizer {
         Ok(())
     }
 
-    /// [`Authorizer::new`], its keys read now.
-    pub fn load(
-        settings: AuthorizerSettings,
-        tls: Arc<rustls::ClientConfig>,
-        now: u64,
-    ) -> Result<Self, String> {
-        let authorizer = Self::new(settings, tls)?;
-        authorizer.read_keys(now)?;
-        Ok(authorizer)
-    }
-
     /// Reads the JWKS again (on a blocking thread: a file, or a fetch), unless it was read less
     /// than [`REFRESH_EVERY`] ago: a token with an unknown `kid` may be signed with a key added since.
     async fn refresh(&self, now: u64) -> bool {
@@ -477,7 +466,8 @@ pub(crate) mod tests {
             claim: "sub".into(),
             identifier: UsageIdentifier::Name,
         };
-        let auth = Authorizer::load(settings, no_tls(), NOW).unwrap();
+        let auth = Authorizer::new(settings, no_tls()).unwrap();
+        auth.read_keys(NOW).unwrap();
         let secs = NOW / NANOS_PER_SEC;
         let claims = |exp: u64| {
             json!({"sub": "central-system", "iss": "https://idp.example.com/",
@@ -610,7 +600,8 @@ pub(crate) mod tests {
             claim: "client_id".into(),
             identifier: UsageIdentifier::Value,
         };
-        let auth = Authorizer::load(settings, no_tls(), NOW).unwrap();
+        let auth = Authorizer::new(settings, no_tls()).unwrap();
+        auth.read_keys(NOW).unwrap();
         let claims = json!({"client_id": "abc", "exp": NOW / NANOS_PER_SEC + 300});
         let token = bearer(&new.token(&claims));
         // The IdP rotates its keys; tollgate learns of the new one on a token naming it.
