@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
@@ -18,9 +18,8 @@ use crate::access_log::Record;
 use crate::admit::{Admission, Credentials, Refused, admit_caller};
 use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
-use crate::http1::{
-    self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead, ResponseStart,
-};
+use crate::forward::{Failure, Relayed, Stale, read_response_head, respond, upload, upstream_head};
+use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead};
 use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
@@ -145,18 +144,6 @@ pub(crate) enum Role {
     Proxy,
     /// Decision requests: admit the original request they describe, and say so ([`crate::verify`]).
     Verify,
-}
-
-/// How forwarding failed.
-enum Failure {
-    /// The upstream could not be reached or answered nonsense: 502.
-    Upstream,
-    /// The upstream did not connect, take the body or answer within the route's timeout: 504.
-    Timeout,
-    /// The request body was malformed (400) or too long (413).
-    Body(HeadError),
-    /// The client went away or stalled: nothing more to say to it.
-    Client,
 }
 
 impl<C: ClientIo> Conn<'_, C> {
@@ -847,14 +834,15 @@ impl<C: ClientIo> Conn<'_, C> {
             };
             // Reused only after a clean exchange: the whole request sent before the answer came,
             // the answer completely framed, and not one byte after it.
-            let clean = relayed.is_ok() && !early && resp_head.reusable && up.buf.is_empty();
+            let whole = relayed == Relayed::Whole;
+            let clean = whole && !early && resp_head.reusable && up.buf.is_empty();
             up.reused = true;
             up.buf.release();
             let status = match relayed {
-                Ok(()) | Err(true) => resp_head.status,
-                Err(false) => 0,
+                Relayed::Whole | Relayed::HeadOnly => resp_head.status,
+                Relayed::Nothing => 0,
             };
-            break (clean, (status, keep_alive && relayed.is_ok()));
+            break (clean, (status, keep_alive && whole));
         };
         if !clean {
             self.upstream = None;
@@ -952,192 +940,5 @@ fn check_body(head: &RequestHead, route: &Route, limit: u64) -> Result<(), HeadE
     match head.body {
         BodyLength::Length(n) if n > limit => Err(HeadError::BodyTooLarge),
         _ => Ok(()),
-    }
-}
-
-/// The upstream closed or failed before a whole response head arrived.
-struct Stale;
-
-/// Reads the upstream's response head into `buf`, skipping interim (1xx) responses; its rewrite for
-/// the client, with the request's id and without the fields in `extra` (which come later), is left in
-/// `to_client`.
-async fn read_response_head<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut InBuf,
-    method: &Method,
-    (extra, id): (&HeaderMap, &RequestId),
-    to_client: &mut Vec<u8>,
-) -> Result<ResponseHead, Stale> {
-    loop {
-        if !buf.is_empty() {
-            to_client.clear();
-            match rewrite::response_head(buf.bytes(), method, extra, to_client) {
-                Ok(ResponseStart::Final(head)) => {
-                    http1::request_id_line(to_client, id);
-                    return Ok(head);
-                }
-                Ok(ResponseStart::Interim(len)) => {
-                    buf.consume(len);
-                    continue;
-                }
-                Ok(ResponseStart::Partial) => {}
-                Err(_) => return Err(Stale),
-            }
-        }
-        match buf.read_from(io).await {
-            Ok(n) if n > 0 => {}
-            _ => return Err(Stale),
-        }
-    }
-}
-
-/// Finishes the response head rewritten in `to_client` (`Connection: close` unless `keep_alive`,
-/// the gateway's `extra` fields) and sends it with the body to the client, each write within `idle`
-/// of progress. `Err(true)`: the head reached the client, the body did not; `Err(false)`: nothing
-/// did.
-async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    client: &mut W,
-    to_client: &mut Vec<u8>,
-    up: &mut R,
-    up_buf: &mut InBuf,
-    resp: &ResponseHead,
-    (extra, keep_alive): (&HeaderMap, bool),
-    idle: Duration,
-) -> Result<(), bool> {
-    if !keep_alive {
-        to_client.extend_from_slice(b"connection: close\r\n");
-    }
-    http1::write_header_map(to_client, extra);
-    to_client.extend_from_slice(b"\r\n");
-    up_buf.consume(resp.len);
-    let mut body = BodyProgress::new(resp.body);
-    let n = body
-        .take(up_buf.bytes(), Some(to_client))
-        .map_err(|_| false)?;
-    up_buf.consume(n);
-    write_all_progressing(client, to_client, idle)
-        .await
-        .map_err(|_| false)?;
-    relay(up, up_buf, client, &mut body, idle)
-        .await
-        .map_err(|()| true)
-}
-
-/// `METHOD <base path><rest>[?query] HTTP/1.1`, then `Host` (the upstream's own).
-fn upstream_head(out: &mut Vec<u8>, method: &Method, url: &Uri, rest: &[u8], query: Option<&[u8]>) {
-    out.clear();
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(url.path().trim_end_matches('/').as_bytes());
-    out.extend_from_slice(if rest.is_empty() { b"/" } else { rest });
-    if let Some(q) = query {
-        out.push(b'?');
-        out.extend_from_slice(q);
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(url.authority().map_or("", |a| a.as_str()).as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Streams the rest of a request body from the client (bytes read land in `inbuf`; those past the
-/// body stay there) to the upstream, re-encoded when chunked. Each wait for the client is bounded by
-/// `idle`, each write to the upstream by `stall`.
-async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    client: &mut R,
-    inbuf: &mut InBuf,
-    up: &mut W,
-    body: &mut BodyProgress,
-    idle: Duration,
-    stall: Duration,
-) -> Result<(), Failure> {
-    let mut scratch = Vec::new();
-    while !body.done() {
-        match tokio::time::timeout(idle, inbuf.read_from(client)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Err(Failure::Client),
-        }
-        let (n, data) = if body.reencodes() {
-            scratch.clear();
-            let n = body
-                .take(inbuf.bytes(), Some(&mut scratch))
-                .map_err(Failure::Body)?;
-            (n, &scratch[..])
-        } else {
-            let n = body.take(inbuf.bytes(), None).map_err(Failure::Body)?;
-            (n, &inbuf.bytes()[..n])
-        };
-        match tokio::time::timeout(stall, up.write_all(data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Failure::Upstream),
-            Err(_) => return Err(Failure::Timeout),
-        }
-        inbuf.consume(n);
-    }
-    Ok(())
-}
-
-/// Copies the rest of a response body from the upstream to the client through `buf` (empty on
-/// entry, except for bytes past the body, which stay), re-encoding a chunked one; a client that
-/// takes nothing for `idle` ends it.
-async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    from: &mut R,
-    buf: &mut InBuf,
-    to: &mut W,
-    body: &mut BodyProgress,
-    idle: Duration,
-) -> Result<(), ()> {
-    let mut scratch = Vec::new();
-    while !body.done() {
-        match buf.read_from(from).await {
-            Ok(0) if matches!(body, BodyProgress::UntilClose) => return Ok(()),
-            Ok(n) if n > 0 => {}
-            _ => return Err(()),
-        }
-        let (n, data) = if body.reencodes() {
-            scratch.clear();
-            let n = body.take(buf.bytes(), Some(&mut scratch)).map_err(|_| ())?;
-            (n, &scratch[..])
-        } else {
-            let n = body.take(buf.bytes(), None).map_err(|_| ())?;
-            (n, &buf.bytes()[..n])
-        };
-        write_all_progressing(to, data, idle)
-            .await
-            .map_err(|_| ())?;
-        buf.consume(n);
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_head_joins_base_path_rest_and_query() {
-        let mut out = Vec::new();
-        let head = |out: &mut Vec<u8>, url: &str, rest: &str, q: Option<&str>| {
-            let url: Uri = url.parse().unwrap();
-            upstream_head(
-                out,
-                &Method::GET,
-                &url,
-                rest.as_bytes(),
-                q.map(str::as_bytes),
-            );
-            String::from_utf8(out.clone()).unwrap()
-        };
-        assert_eq!(
-            head(&mut out, "http://127.0.0.1:9000", "/a/b", Some("x=1")),
-            "GET /a/b?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"
-        );
-        assert_eq!(
-            head(&mut out, "http://h:1/api/", "/a", None),
-            "GET /api/a HTTP/1.1\r\nhost: h:1\r\n"
-        );
-        assert_eq!(
-            head(&mut out, "http://h:1/api/", "", None),
-            "GET /api/ HTTP/1.1\r\nhost: h:1\r\n"
-        );
     }
 }

@@ -20,6 +20,7 @@ mod admit;
 mod client;
 pub mod config;
 mod conn;
+mod forward;
 mod h2;
 pub mod http1;
 pub mod jwt;
