@@ -19,7 +19,7 @@ use crate::admit::{Admission, Credentials, Refused, admit_caller};
 use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::forward::{Failure, Relayed, Stale, read_response_head, respond, upload, upstream_head};
-use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead};
+use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead};
 use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
@@ -690,7 +690,7 @@ impl<C: ClientIo> Conn<'_, C> {
         let shared = self.shared;
         let streaming = !body.done();
         let mut fresh = false;
-        let (clean, done) = loop {
+        loop {
             timer.set(Instant::now() + to.timeout);
             if fresh || !shared.upstreams.reuse(&mut self.upstream, to.url, to.tls) {
                 tokio::select! {
@@ -707,148 +707,190 @@ impl<C: ClientIo> Conn<'_, C> {
                     () = timer.expired() => return Err(Failure::Timeout),
                 }
             }
-            let Some(up) = self.upstream.as_mut() else {
-                return Err(Failure::Upstream);
-            };
+            // Out of `self` while it is used, so the exchange can use the rest of `self`; back in
+            // only after a clean exchange.
+            let mut up = self.upstream.take().ok_or(Failure::Upstream)?;
             up.carried_body |= head.body != BodyLength::Empty;
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !streaming;
-            let answered = if streaming {
-                let (mut client_read, mut client_write) = self.client.halves();
-                if head.expect_continue {
-                    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
-                    write_all_progressing(&mut client_write, interim, shared.head_timeout)
-                        .await
-                        .map_err(|_| Failure::Client)?;
-                }
-                let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
-                let written = tokio::select! {
-                    biased;
-                    w = up_write.write_all(&self.to_upstream) => w.is_ok(),
-                    () = timer.expired() => return Err(Failure::Timeout),
-                };
-                if !written {
-                    return Err(Failure::Upstream);
-                }
-                let mut uploaded = false;
-                let mut upload = std::pin::pin!(upload(
-                    &mut client_read,
-                    &mut self.inbuf,
-                    &mut up_write,
-                    body,
-                    shared.head_timeout,
-                    to.timeout,
-                ));
-                // Until the response head: the upload, then the route's timeout.
-                let answered = {
-                    let mut waiting = std::pin::pin!(read_response_head(
-                        &mut up_read,
-                        &mut up.buf,
-                        &head.method,
-                        (extra, &to.id),
-                        &mut self.to_client,
-                    ));
-                    loop {
-                        tokio::select! {
-                            biased;
-                            r = &mut upload, if !uploaded => {
-                                r?;
-                                uploaded = true;
-                                timer.set(Instant::now() + to.timeout);
-                            }
-                            h = &mut waiting => break h,
-                            () = timer.expired(), if uploaded => return Err(Failure::Timeout),
-                        }
-                    }
-                };
-                let Ok(resp_head) = answered else {
-                    return Err(Failure::Upstream);
-                };
-                // The answer, while whatever is left of the body keeps flowing.
-                let early = !uploaded;
-                let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
-                let mut responding = std::pin::pin!(respond(
-                    &mut client_write,
-                    &mut self.to_client,
-                    &mut up_read,
-                    &mut up.buf,
-                    &resp_head,
-                    (extra, keep_alive),
-                    shared.head_timeout,
-                ));
-                let relayed = loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut responding => break r,
-                        // Its failure ends the exchange anyway: both connections close.
-                        _ = &mut upload, if !uploaded => uploaded = true,
-                    }
-                };
-                Ok((resp_head, early, keep_alive, relayed))
+            let exchanged = if streaming {
+                self.exchange_streaming(&mut up, head, to, timer, body, (extra, keep_alive))
+                    .await?
             } else {
-                // The whole request is in hand: out it goes, then the answer, within the timeout.
-                let exchanged = tokio::select! {
-                    biased;
-                    h = async {
-                        up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
-                        let to_client = &mut self.to_client;
-                        let added = (extra, &to.id);
-                        read_response_head(&mut up.io, &mut up.buf, &head.method, added, to_client)
-                            .await
-                    } => h,
-                    () = timer.expired() => return Err(Failure::Timeout),
-                };
-                match exchanged {
-                    Ok(resp_head) => {
-                        let keep_alive = keep_alive && shared.keeps_alive(&resp_head);
-                        let relayed = respond(
-                            &mut self.client,
-                            &mut self.to_client,
-                            &mut up.io,
-                            &mut up.buf,
-                            &resp_head,
-                            (extra, keep_alive),
-                            shared.head_timeout,
-                        )
-                        .await;
-                        Ok((resp_head, false, keep_alive, relayed))
-                    }
-                    Err(Stale) => Err(()),
-                }
+                self.exchange_whole(&mut up, head, to, timer, (extra, keep_alive))
+                    .await?
             };
-            let (resp_head, early, keep_alive, relayed) = match answered {
-                Ok(done) => {
-                    let length = match done.0.body {
-                        BodyLength::Empty => Some(0),
-                        BodyLength::Length(n) => Some(n),
-                        BodyLength::Chunked | BodyLength::UntilClose => None,
-                    };
-                    self.upstream_answer = Some((done.0.status, length));
-                    done
-                }
-                Err(()) if retryable => {
+            let answered = match exchanged {
+                Ok(answered) => answered,
+                Err(Stale) if retryable => {
                     fresh = true;
                     continue;
                 }
-                Err(()) => return Err(Failure::Upstream),
+                Err(Stale) => return Err(Failure::Upstream),
             };
+            let length = match answered.head.body {
+                BodyLength::Empty => Some(0),
+                BodyLength::Length(n) => Some(n),
+                BodyLength::Chunked | BodyLength::UntilClose => None,
+            };
+            self.upstream_answer = Some((answered.head.status, length));
             // Reused only after a clean exchange: the whole request sent before the answer came,
             // the answer completely framed, and not one byte after it.
-            let whole = relayed == Relayed::Whole;
-            let clean = whole && !early && resp_head.reusable && up.buf.is_empty();
-            up.reused = true;
-            up.buf.release();
-            let status = match relayed {
-                Relayed::Whole | Relayed::HeadOnly => resp_head.status,
+            let whole = answered.relayed == Relayed::Whole;
+            if whole && !answered.early && answered.head.reusable && up.buf.is_empty() {
+                up.reused = true;
+                up.buf.release();
+                self.upstream = Some(up);
+            }
+            let status = match answered.relayed {
+                Relayed::Whole | Relayed::HeadOnly => answered.head.status,
                 Relayed::Nothing => 0,
             };
-            break (clean, (status, keep_alive && whole));
-        };
-        if !clean {
-            self.upstream = None;
+            return Ok((status, answered.keep_alive && whole));
         }
-        Ok(done)
     }
+
+    /// Sends the head, streams the body while the answer is awaited, and relays the answer while
+    /// whatever is left of the body keeps flowing (an upstream may answer early).
+    async fn exchange_streaming(
+        &mut self,
+        up: &mut UpstreamConn,
+        head: &RequestHead,
+        to: &Forward<'_>,
+        timer: &mut LazyDeadline,
+        body: &mut BodyProgress,
+        (extra, keep_alive): (&HeaderMap, bool),
+    ) -> Result<Result<Answered, Stale>, Failure> {
+        let shared = self.shared;
+        let (mut client_read, mut client_write) = self.client.halves();
+        if head.expect_continue {
+            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+            write_all_progressing(&mut client_write, interim, shared.head_timeout)
+                .await
+                .map_err(|_| Failure::Client)?;
+        }
+        let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
+        let written = tokio::select! {
+            biased;
+            w = up_write.write_all(&self.to_upstream) => w.is_ok(),
+            () = timer.expired() => return Err(Failure::Timeout),
+        };
+        if !written {
+            return Err(Failure::Upstream);
+        }
+        let mut uploaded = false;
+        let mut upload = std::pin::pin!(upload(
+            &mut client_read,
+            &mut self.inbuf,
+            &mut up_write,
+            body,
+            shared.head_timeout,
+            to.timeout,
+        ));
+        // Until the response head: the upload, then the route's timeout.
+        let answered = {
+            let mut waiting = std::pin::pin!(read_response_head(
+                &mut up_read,
+                &mut up.buf,
+                &head.method,
+                (extra, &to.id),
+                &mut self.to_client,
+            ));
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut upload, if !uploaded => {
+                        r?;
+                        uploaded = true;
+                        timer.set(Instant::now() + to.timeout);
+                    }
+                    h = &mut waiting => break h,
+                    () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                }
+            }
+        };
+        let Ok(resp_head) = answered else {
+            return Err(Failure::Upstream);
+        };
+        // The answer, while whatever is left of the body keeps flowing.
+        let early = !uploaded;
+        let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
+        let mut responding = std::pin::pin!(respond(
+            &mut client_write,
+            &mut self.to_client,
+            &mut up_read,
+            &mut up.buf,
+            &resp_head,
+            (extra, keep_alive),
+            shared.head_timeout,
+        ));
+        let relayed = loop {
+            tokio::select! {
+                biased;
+                r = &mut responding => break r,
+                // Its failure ends the exchange anyway: both connections close.
+                _ = &mut upload, if !uploaded => uploaded = true,
+            }
+        };
+        Ok(Ok(Answered {
+            head: resp_head,
+            early,
+            keep_alive,
+            relayed,
+        }))
+    }
+
+    /// The whole request is in hand: out it goes, then the answer, within the route's timeout.
+    /// `Stale` when the upstream closed before answering (a reused connection may be retried).
+    async fn exchange_whole(
+        &mut self,
+        up: &mut UpstreamConn,
+        head: &RequestHead,
+        to: &Forward<'_>,
+        timer: &mut LazyDeadline,
+        (extra, keep_alive): (&HeaderMap, bool),
+    ) -> Result<Result<Answered, Stale>, Failure> {
+        let exchanged = tokio::select! {
+            biased;
+            h = async {
+                up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
+                let added = (extra, &to.id);
+                read_response_head(&mut up.io, &mut up.buf, &head.method, added, &mut self.to_client)
+                    .await
+            } => h,
+            () = timer.expired() => return Err(Failure::Timeout),
+        };
+        let Ok(resp_head) = exchanged else {
+            return Ok(Err(Stale));
+        };
+        let keep_alive = keep_alive && self.shared.keeps_alive(&resp_head);
+        let relayed = respond(
+            &mut self.client,
+            &mut self.to_client,
+            &mut up.io,
+            &mut up.buf,
+            &resp_head,
+            (extra, keep_alive),
+            self.shared.head_timeout,
+        )
+        .await;
+        Ok(Ok(Answered {
+            head: resp_head,
+            early: false,
+            keep_alive,
+            relayed,
+        }))
+    }
+}
+
+/// An upstream's answer, as it went to the client.
+struct Answered {
+    head: ResponseHead,
+    /// It came before the whole request body was sent.
+    early: bool,
+    /// The client's connection may carry another request.
+    keep_alive: bool,
+    relayed: Relayed,
 }
 
 /// Where an admitted request goes.
