@@ -707,18 +707,28 @@ impl<C: ClientIo> Conn<'_, C> {
                     () = timer.expired() => return Err(Failure::Timeout),
                 }
             }
-            // Out of `self` while it is used, so the exchange can use the rest of `self`; back in
-            // only after a clean exchange.
-            let mut up = self.upstream.take().ok_or(Failure::Upstream)?;
+            let Some(up) = self.upstream.as_mut() else {
+                return Err(Failure::Upstream);
+            };
             up.carried_body |= head.body != BodyLength::Empty;
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !streaming;
+            let sides = Sides {
+                client: &mut self.client,
+                inbuf: &mut self.inbuf,
+                to_upstream: &self.to_upstream,
+                to_client: &mut self.to_client,
+            };
+            let req = Outgoing {
+                head,
+                to,
+                extra,
+                keep_alive,
+            };
             let exchanged = if streaming {
-                self.exchange_streaming(&mut up, head, to, timer, body, (extra, keep_alive))
-                    .await?
+                exchange_streaming(sides, shared, up, &req, timer, body).await?
             } else {
-                self.exchange_whole(&mut up, head, to, timer, (extra, keep_alive))
-                    .await?
+                exchange_whole(sides, shared, up, &req, timer).await?
             };
             let answered = match exchanged {
                 Ok(answered) => answered,
@@ -737,10 +747,11 @@ impl<C: ClientIo> Conn<'_, C> {
             // Reused only after a clean exchange: the whole request sent before the answer came,
             // the answer completely framed, and not one byte after it.
             let whole = answered.relayed == Relayed::Whole;
-            if whole && !answered.early && answered.head.reusable && up.buf.is_empty() {
-                up.reused = true;
-                up.buf.release();
-                self.upstream = Some(up);
+            let clean = whole && !answered.early && answered.head.reusable && up.buf.is_empty();
+            up.reused = true;
+            up.buf.release();
+            if !clean {
+                self.upstream = None;
             }
             let status = match answered.relayed {
                 Relayed::Whole | Relayed::HeadOnly => answered.head.status,
@@ -749,138 +760,169 @@ impl<C: ClientIo> Conn<'_, C> {
             return Ok((status, answered.keep_alive && whole));
         }
     }
+}
 
-    /// Sends the head, streams the body while the answer is awaited, and relays the answer while
-    /// whatever is left of the body keeps flowing (an upstream may answer early).
-    async fn exchange_streaming(
-        &mut self,
-        up: &mut UpstreamConn,
-        head: &RequestHead,
-        to: &Forward<'_>,
-        timer: &mut LazyDeadline,
-        body: &mut BodyProgress,
-        (extra, keep_alive): (&HeaderMap, bool),
-    ) -> Result<Result<Answered, Stale>, Failure> {
-        let shared = self.shared;
-        let (mut client_read, mut client_write) = self.client.halves();
-        if head.expect_continue {
-            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
-            write_all_progressing(&mut client_write, interim, shared.head_timeout)
-                .await
-                .map_err(|_| Failure::Client)?;
-        }
-        let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
-        let written = tokio::select! {
-            biased;
-            w = up_write.write_all(&self.to_upstream) => w.is_ok(),
-            () = timer.expired() => return Err(Failure::Timeout),
-        };
-        if !written {
-            return Err(Failure::Upstream);
-        }
-        let mut uploaded = false;
-        let mut upload = std::pin::pin!(upload(
-            &mut client_read,
-            &mut self.inbuf,
-            &mut up_write,
-            body,
-            shared.head_timeout,
-            to.timeout,
-        ));
-        // Until the response head: the upload, then the route's timeout.
-        let answered = {
-            let mut waiting = std::pin::pin!(read_response_head(
-                &mut up_read,
-                &mut up.buf,
-                &head.method,
-                (extra, &to.id),
-                &mut self.to_client,
-            ));
-            loop {
-                tokio::select! {
-                    biased;
-                    r = &mut upload, if !uploaded => {
-                        r?;
-                        uploaded = true;
-                        timer.set(Instant::now() + to.timeout);
-                    }
-                    h = &mut waiting => break h,
-                    () = timer.expired(), if uploaded => return Err(Failure::Timeout),
-                }
-            }
-        };
-        let Ok(resp_head) = answered else {
-            return Err(Failure::Upstream);
-        };
-        // The answer, while whatever is left of the body keeps flowing.
-        let early = !uploaded;
-        let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
-        let mut responding = std::pin::pin!(respond(
-            &mut client_write,
-            &mut self.to_client,
+/// Sends the head, streams the body while the answer is awaited, and relays the answer while
+/// whatever is left of the body keeps flowing (an upstream may answer early).
+async fn exchange_streaming<C: ClientIo>(
+    sides: Sides<'_, C>,
+    shared: &Shared,
+    up: &mut UpstreamConn,
+    req: &Outgoing<'_>,
+    timer: &mut LazyDeadline,
+    body: &mut BodyProgress,
+) -> Result<Result<Answered, Stale>, Failure> {
+    let Outgoing {
+        head,
+        to,
+        extra,
+        keep_alive,
+    } = *req;
+    let (mut client_read, mut client_write) = sides.client.halves();
+    if head.expect_continue {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        write_all_progressing(&mut client_write, interim, shared.head_timeout)
+            .await
+            .map_err(|_| Failure::Client)?;
+    }
+    let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
+    let written = tokio::select! {
+        biased;
+        w = up_write.write_all(sides.to_upstream) => w.is_ok(),
+        () = timer.expired() => return Err(Failure::Timeout),
+    };
+    if !written {
+        return Err(Failure::Upstream);
+    }
+    let mut uploaded = false;
+    let mut upload = std::pin::pin!(upload(
+        &mut client_read,
+        sides.inbuf,
+        &mut up_write,
+        body,
+        shared.head_timeout,
+        to.timeout,
+    ));
+    // Until the response head: the upload, then the route's timeout.
+    let answered = {
+        let mut waiting = std::pin::pin!(read_response_head(
             &mut up_read,
             &mut up.buf,
-            &resp_head,
-            (extra, keep_alive),
-            shared.head_timeout,
+            &head.method,
+            (extra, &to.id),
+            &mut *sides.to_client,
         ));
-        let relayed = loop {
+        loop {
             tokio::select! {
                 biased;
-                r = &mut responding => break r,
-                // Its failure ends the exchange anyway: both connections close.
-                _ = &mut upload, if !uploaded => uploaded = true,
+                r = &mut upload, if !uploaded => {
+                    r?;
+                    uploaded = true;
+                    timer.set(Instant::now() + to.timeout);
+                }
+                h = &mut waiting => break h,
+                () = timer.expired(), if uploaded => return Err(Failure::Timeout),
             }
-        };
-        Ok(Ok(Answered {
-            head: resp_head,
-            early,
-            keep_alive,
-            relayed,
-        }))
-    }
-
-    /// The whole request is in hand: out it goes, then the answer, within the route's timeout.
-    /// `Stale` when the upstream closed before answering (a reused connection may be retried).
-    async fn exchange_whole(
-        &mut self,
-        up: &mut UpstreamConn,
-        head: &RequestHead,
-        to: &Forward<'_>,
-        timer: &mut LazyDeadline,
-        (extra, keep_alive): (&HeaderMap, bool),
-    ) -> Result<Result<Answered, Stale>, Failure> {
-        let exchanged = tokio::select! {
+        }
+    };
+    let Ok(resp_head) = answered else {
+        return Err(Failure::Upstream);
+    };
+    // The answer, while whatever is left of the body keeps flowing.
+    let early = !uploaded;
+    let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
+    let mut responding = std::pin::pin!(respond(
+        &mut client_write,
+        &mut *sides.to_client,
+        &mut up_read,
+        &mut up.buf,
+        &resp_head,
+        (extra, keep_alive),
+        shared.head_timeout,
+    ));
+    let relayed = loop {
+        tokio::select! {
             biased;
-            h = async {
-                up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
-                let added = (extra, &to.id);
-                read_response_head(&mut up.io, &mut up.buf, &head.method, added, &mut self.to_client)
-                    .await
-            } => h,
-            () = timer.expired() => return Err(Failure::Timeout),
-        };
-        let Ok(resp_head) = exchanged else {
-            return Ok(Err(Stale));
-        };
-        let keep_alive = keep_alive && self.shared.keeps_alive(&resp_head);
-        let relayed = respond(
-            &mut self.client,
-            &mut self.to_client,
-            &mut up.io,
-            &mut up.buf,
-            &resp_head,
-            (extra, keep_alive),
-            self.shared.head_timeout,
-        )
-        .await;
-        Ok(Ok(Answered {
-            head: resp_head,
-            early: false,
-            keep_alive,
-            relayed,
-        }))
-    }
+            r = &mut responding => break r,
+            // Its failure ends the exchange anyway: both connections close.
+            _ = &mut upload, if !uploaded => uploaded = true,
+        }
+    };
+    Ok(Ok(Answered {
+        head: resp_head,
+        early,
+        keep_alive,
+        relayed,
+    }))
+}
+
+/// The whole request is in hand: out it goes, then the answer, within the route's timeout.
+/// `Stale` when the upstream closed before answering (a reused connection may be retried).
+async fn exchange_whole<C: ClientIo>(
+    sides: Sides<'_, C>,
+    shared: &Shared,
+    up: &mut UpstreamConn,
+    req: &Outgoing<'_>,
+    timer: &mut LazyDeadline,
+) -> Result<Result<Answered, Stale>, Failure> {
+    let Outgoing {
+        head,
+        to,
+        extra,
+        keep_alive,
+    } = *req;
+    let exchanged = tokio::select! {
+        biased;
+        h = async {
+            up.io.write_all(sides.to_upstream).await.map_err(|_| Stale)?;
+            let added = (extra, &to.id);
+            read_response_head(&mut up.io, &mut up.buf, &head.method, added, &mut *sides.to_client)
+                .await
+        } => h,
+        () = timer.expired() => return Err(Failure::Timeout),
+    };
+    let Ok(resp_head) = exchanged else {
+        return Ok(Err(Stale));
+    };
+    let keep_alive = keep_alive && shared.keeps_alive(&resp_head);
+    let relayed = respond(
+        sides.client,
+        &mut *sides.to_client,
+        &mut up.io,
+        &mut up.buf,
+        &resp_head,
+        (extra, keep_alive),
+        shared.head_timeout,
+    )
+    .await;
+    Ok(Ok(Answered {
+        head: resp_head,
+        early: false,
+        keep_alive,
+        relayed,
+    }))
+}
+
+/// The connection's parts an exchange with the upstream uses, borrowed apart from the upstream
+/// connection itself.
+struct Sides<'a, C> {
+    client: &'a mut C,
+    /// Bytes from the client not yet handled (the body's, and any after it).
+    inbuf: &'a mut InBuf,
+    /// The request as it goes upstream.
+    to_upstream: &'a [u8],
+    /// The response as it goes to the client.
+    to_client: &'a mut Vec<u8>,
+}
+
+/// The request being forwarded, and what its answer gets.
+#[derive(Clone, Copy)]
+struct Outgoing<'r> {
+    head: &'r RequestHead,
+    to: &'r Forward<'r>,
+    /// The gateway's own fields for the answer.
+    extra: &'r HeaderMap,
+    keep_alive: bool,
 }
 
 /// An upstream's answer, as it went to the client.
