@@ -19,7 +19,7 @@ use crate::admit::{Admission, Credentials, Refused, admit_caller};
 use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::config::{Cors, GatewayConfig, Integration, Route, UpstreamTls};
 use crate::forward::{Failure, Relayed, Stale, read_response_head, respond, upload, upstream_head};
-use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead, ResponseHead};
+use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, RequestHead};
 use crate::metrics::Decision;
 use crate::path::{self, PathError};
 use crate::proxy::{self, UpstreamConn};
@@ -690,7 +690,7 @@ impl<C: ClientIo> Conn<'_, C> {
         let shared = self.shared;
         let streaming = !body.done();
         let mut fresh = false;
-        loop {
+        let (clean, done) = loop {
             timer.set(Instant::now() + to.timeout);
             if fresh || !shared.upstreams.reuse(&mut self.upstream, to.url, to.tls) {
                 tokio::select! {
@@ -713,226 +713,142 @@ impl<C: ClientIo> Conn<'_, C> {
             up.carried_body |= head.body != BodyLength::Empty;
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !streaming;
-            let sides = Sides {
-                client: &mut self.client,
-                inbuf: &mut self.inbuf,
-                to_upstream: &self.to_upstream,
-                to_client: &mut self.to_client,
-            };
-            let req = Outgoing {
-                head,
-                to,
-                extra,
-                keep_alive,
-            };
-            let exchanged = if streaming {
-                exchange_streaming(sides, shared, up, &req, timer, body).await?
+            let answered = if streaming {
+                let (mut client_read, mut client_write) = self.client.halves();
+                if head.expect_continue {
+                    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+                    write_all_progressing(&mut client_write, interim, shared.head_timeout)
+                        .await
+                        .map_err(|_| Failure::Client)?;
+                }
+                let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
+                let written = tokio::select! {
+                    biased;
+                    w = up_write.write_all(&self.to_upstream) => w.is_ok(),
+                    () = timer.expired() => return Err(Failure::Timeout),
+                };
+                if !written {
+                    return Err(Failure::Upstream);
+                }
+                let mut uploaded = false;
+                let mut upload = std::pin::pin!(upload(
+                    &mut client_read,
+                    &mut self.inbuf,
+                    &mut up_write,
+                    body,
+                    shared.head_timeout,
+                    to.timeout,
+                ));
+                // Until the response head: the upload, then the route's timeout.
+                let answered = {
+                    let mut waiting = std::pin::pin!(read_response_head(
+                        &mut up_read,
+                        &mut up.buf,
+                        &head.method,
+                        (extra, &to.id),
+                        &mut self.to_client,
+                    ));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut upload, if !uploaded => {
+                                r?;
+                                uploaded = true;
+                                timer.set(Instant::now() + to.timeout);
+                            }
+                            h = &mut waiting => break h,
+                            () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                        }
+                    }
+                };
+                let Ok(resp_head) = answered else {
+                    return Err(Failure::Upstream);
+                };
+                // The answer, while whatever is left of the body keeps flowing.
+                let early = !uploaded;
+                let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
+                let mut responding = std::pin::pin!(respond(
+                    &mut client_write,
+                    &mut self.to_client,
+                    &mut up_read,
+                    &mut up.buf,
+                    &resp_head,
+                    (extra, keep_alive),
+                    shared.head_timeout,
+                ));
+                let relayed = loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut responding => break r,
+                        // Its failure ends the exchange anyway: both connections close.
+                        _ = &mut upload, if !uploaded => uploaded = true,
+                    }
+                };
+                Ok((resp_head, early, keep_alive, relayed))
             } else {
-                exchange_whole(sides, shared, up, &req, timer).await?
+                // The whole request is in hand: out it goes, then the answer, within the timeout.
+                let exchanged = tokio::select! {
+                    biased;
+                    h = async {
+                        up.io.write_all(&self.to_upstream).await.map_err(|_| Stale)?;
+                        let to_client = &mut self.to_client;
+                        let added = (extra, &to.id);
+                        read_response_head(&mut up.io, &mut up.buf, &head.method, added, to_client)
+                            .await
+                    } => h,
+                    () = timer.expired() => return Err(Failure::Timeout),
+                };
+                match exchanged {
+                    Ok(resp_head) => {
+                        let keep_alive = keep_alive && shared.keeps_alive(&resp_head);
+                        let relayed = respond(
+                            &mut self.client,
+                            &mut self.to_client,
+                            &mut up.io,
+                            &mut up.buf,
+                            &resp_head,
+                            (extra, keep_alive),
+                            shared.head_timeout,
+                        )
+                        .await;
+                        Ok((resp_head, false, keep_alive, relayed))
+                    }
+                    Err(Stale) => Err(()),
+                }
             };
-            let answered = match exchanged {
-                Ok(answered) => answered,
-                Err(Stale) if retryable => {
+            let (resp_head, early, keep_alive, relayed) = match answered {
+                Ok(done) => {
+                    let length = match done.0.body {
+                        BodyLength::Empty => Some(0),
+                        BodyLength::Length(n) => Some(n),
+                        BodyLength::Chunked | BodyLength::UntilClose => None,
+                    };
+                    self.upstream_answer = Some((done.0.status, length));
+                    done
+                }
+                Err(()) if retryable => {
                     fresh = true;
                     continue;
                 }
-                Err(Stale) => return Err(Failure::Upstream),
+                Err(()) => return Err(Failure::Upstream),
             };
-            let length = match answered.head.body {
-                BodyLength::Empty => Some(0),
-                BodyLength::Length(n) => Some(n),
-                BodyLength::Chunked | BodyLength::UntilClose => None,
-            };
-            self.upstream_answer = Some((answered.head.status, length));
             // Reused only after a clean exchange: the whole request sent before the answer came,
             // the answer completely framed, and not one byte after it.
-            let whole = answered.relayed == Relayed::Whole;
-            let clean = whole && !answered.early && answered.head.reusable && up.buf.is_empty();
+            let whole = relayed == Relayed::Whole;
+            let clean = whole && !early && resp_head.reusable && up.buf.is_empty();
             up.reused = true;
             up.buf.release();
-            if !clean {
-                self.upstream = None;
-            }
-            let status = match answered.relayed {
-                Relayed::Whole | Relayed::HeadOnly => answered.head.status,
+            let status = match relayed {
+                Relayed::Whole | Relayed::HeadOnly => resp_head.status,
                 Relayed::Nothing => 0,
             };
-            return Ok((status, answered.keep_alive && whole));
+            break (clean, (status, keep_alive && whole));
+        };
+        if !clean {
+            self.upstream = None;
         }
+        Ok(done)
     }
-}
-
-/// Sends the head, streams the body while the answer is awaited, and relays the answer while
-/// whatever is left of the body keeps flowing (an upstream may answer early).
-async fn exchange_streaming<C: ClientIo>(
-    sides: Sides<'_, C>,
-    shared: &Shared,
-    up: &mut UpstreamConn,
-    req: &Outgoing<'_>,
-    timer: &mut LazyDeadline,
-    body: &mut BodyProgress,
-) -> Result<Result<Answered, Stale>, Failure> {
-    let Outgoing {
-        head,
-        to,
-        extra,
-        keep_alive,
-    } = *req;
-    let (mut client_read, mut client_write) = sides.client.halves();
-    if head.expect_continue {
-        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
-        write_all_progressing(&mut client_write, interim, shared.head_timeout)
-            .await
-            .map_err(|_| Failure::Client)?;
-    }
-    let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
-    let written = tokio::select! {
-        biased;
-        w = up_write.write_all(sides.to_upstream) => w.is_ok(),
-        () = timer.expired() => return Err(Failure::Timeout),
-    };
-    if !written {
-        return Err(Failure::Upstream);
-    }
-    let mut uploaded = false;
-    let mut upload = std::pin::pin!(upload(
-        &mut client_read,
-        sides.inbuf,
-        &mut up_write,
-        body,
-        shared.head_timeout,
-        to.timeout,
-    ));
-    // Until the response head: the upload, then the route's timeout.
-    let answered = {
-        let mut waiting = std::pin::pin!(read_response_head(
-            &mut up_read,
-            &mut up.buf,
-            &head.method,
-            (extra, &to.id),
-            &mut *sides.to_client,
-        ));
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut upload, if !uploaded => {
-                    r?;
-                    uploaded = true;
-                    timer.set(Instant::now() + to.timeout);
-                }
-                h = &mut waiting => break h,
-                () = timer.expired(), if uploaded => return Err(Failure::Timeout),
-            }
-        }
-    };
-    let Ok(resp_head) = answered else {
-        return Err(Failure::Upstream);
-    };
-    // The answer, while whatever is left of the body keeps flowing.
-    let early = !uploaded;
-    let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
-    let mut responding = std::pin::pin!(respond(
-        &mut client_write,
-        &mut *sides.to_client,
-        &mut up_read,
-        &mut up.buf,
-        &resp_head,
-        (extra, keep_alive),
-        shared.head_timeout,
-    ));
-    let relayed = loop {
-        tokio::select! {
-            biased;
-            r = &mut responding => break r,
-            // Its failure ends the exchange anyway: both connections close.
-            _ = &mut upload, if !uploaded => uploaded = true,
-        }
-    };
-    Ok(Ok(Answered {
-        head: resp_head,
-        early,
-        keep_alive,
-        relayed,
-    }))
-}
-
-/// The whole request is in hand: out it goes, then the answer, within the route's timeout.
-/// `Stale` when the upstream closed before answering (a reused connection may be retried).
-async fn exchange_whole<C: ClientIo>(
-    sides: Sides<'_, C>,
-    shared: &Shared,
-    up: &mut UpstreamConn,
-    req: &Outgoing<'_>,
-    timer: &mut LazyDeadline,
-) -> Result<Result<Answered, Stale>, Failure> {
-    let Outgoing {
-        head,
-        to,
-        extra,
-        keep_alive,
-    } = *req;
-    let exchanged = tokio::select! {
-        biased;
-        h = async {
-            up.io.write_all(sides.to_upstream).await.map_err(|_| Stale)?;
-            let added = (extra, &to.id);
-            read_response_head(&mut up.io, &mut up.buf, &head.method, added, &mut *sides.to_client)
-                .await
-        } => h,
-        () = timer.expired() => return Err(Failure::Timeout),
-    };
-    let Ok(resp_head) = exchanged else {
-        return Ok(Err(Stale));
-    };
-    let keep_alive = keep_alive && shared.keeps_alive(&resp_head);
-    let relayed = respond(
-        sides.client,
-        &mut *sides.to_client,
-        &mut up.io,
-        &mut up.buf,
-        &resp_head,
-        (extra, keep_alive),
-        shared.head_timeout,
-    )
-    .await;
-    Ok(Ok(Answered {
-        head: resp_head,
-        early: false,
-        keep_alive,
-        relayed,
-    }))
-}
-
-/// The connection's parts an exchange with the upstream uses, borrowed apart from the upstream
-/// connection itself.
-struct Sides<'a, C> {
-    client: &'a mut C,
-    /// Bytes from the client not yet handled (the body's, and any after it).
-    inbuf: &'a mut InBuf,
-    /// The request as it goes upstream.
-    to_upstream: &'a [u8],
-    /// The response as it goes to the client.
-    to_client: &'a mut Vec<u8>,
-}
-
-/// The request being forwarded, and what its answer gets.
-#[derive(Clone, Copy)]
-struct Outgoing<'r> {
-    head: &'r RequestHead,
-    to: &'r Forward<'r>,
-    /// The gateway's own fields for the answer.
-    extra: &'r HeaderMap,
-    keep_alive: bool,
-}
-
-/// An upstream's answer, as it went to the client.
-struct Answered {
-    head: ResponseHead,
-    /// It came before the whole request body was sent.
-    early: bool,
-    /// The client's connection may carry another request.
-    keep_alive: bool,
-    relayed: Relayed,
 }
 
 /// Where an admitted request goes.
