@@ -33,6 +33,11 @@ pub enum UsageIdentifier {
     Value,
 }
 
+impl UsageIdentifier {
+    /// The names `usageIdentifierIs` takes, each with what it names.
+    pub const NAMES: [(&str, Self); 2] = [("name", Self::Name), ("value", Self::Value)];
+}
+
 /// An authorizer as the config declares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizerSettings {

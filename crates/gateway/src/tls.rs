@@ -37,6 +37,11 @@ pub enum MinVersion {
     Tls13,
 }
 
+impl MinVersion {
+    /// The names `minVersion` takes, each with what it names.
+    pub const NAMES: [(&str, Self); 2] = [("1.2", Self::Tls12), ("1.3", Self::Tls13)];
+}
+
 /// Client certificates (mTLS): the CA they must chain to, and whether one is required.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientAuth {

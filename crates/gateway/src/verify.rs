@@ -45,15 +45,13 @@ pub enum Proxy {
 }
 
 impl Proxy {
-    /// The proxy named `name` in the config.
-    pub fn named(name: &str) -> Option<Self> {
-        match name {
-            "nginx" => Some(Self::Nginx),
-            "caddy" | "traefik" => Some(Self::Forwarded),
-            "envoy" => Some(Self::Envoy),
-            _ => None,
-        }
-    }
+    /// The names `verify.proxy` takes, each with the proxy it names.
+    pub const NAMES: [(&str, Self); 4] = [
+        ("nginx", Self::Nginx),
+        ("caddy", Self::Forwarded),
+        ("traefik", Self::Forwarded),
+        ("envoy", Self::Envoy),
+    ];
 }
 
 /// The decision endpoint's settings.

@@ -525,7 +525,7 @@ fn check_names_the_file_at_fault() {
         (
             "    - { cert: api.crt, key: api.key }\n",
             "  minVersion: \"1.1\"\n",
-            "tls.minVersion: \"1.1\": use \"1.2\" or \"1.3\"",
+            "tls.minVersion: \"1.1\" is not one of 1.2, 1.3",
         ),
         (
             "    - { cert: api.crt, key: api.key }\n",

@@ -56,14 +56,10 @@ pub(super) fn validate_api(
         );
     }
     let by_authorizer = match api.api_key_source.as_deref() {
-        None | Some("HEADER") => false,
-        Some("AUTHORIZER") => true,
-        Some(other) => {
-            return cx.err(
-                at,
-                format!("{field}.apiKeySource"),
-                format!("{other:?} is not one of HEADER, AUTHORIZER"),
-            );
+        None => false,
+        Some(written) => {
+            let sources = [("HEADER", false), ("AUTHORIZER", true)];
+            cx.one_of(&sources, written, at, format!("{field}.apiKeySource"))?
         }
     };
     let mut authorizers: Vec<Arc<Authorizer>> = Vec::new();
@@ -78,15 +74,13 @@ pub(super) fn validate_api(
             );
         }
         let identifier = match a.usage_identifier_is.as_deref() {
-            None | Some("name") => UsageIdentifier::Name,
-            Some("value") => UsageIdentifier::Value,
-            Some(other) => {
-                return cx.err(
-                    at,
-                    format!("{af}.usageIdentifierIs"),
-                    format!("{other:?} is not one of name, value"),
-                );
-            }
+            None => UsageIdentifier::Name,
+            Some(written) => cx.one_of(
+                &UsageIdentifier::NAMES,
+                written,
+                at,
+                format!("{af}.usageIdentifierIs"),
+            )?,
         };
         // A JWKS URL is fetched trusting what https upstreams trust.
         let default_tls = RawUpstreamTls {

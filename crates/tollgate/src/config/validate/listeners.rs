@@ -30,13 +30,7 @@ pub(super) fn validate_verify(
             "{listen} is not a loopback address: the decision endpoint answers whoever asks, about whatever request they describe; keep it on loopback or a private network only your proxy reaches"
         ));
     }
-    let Some(proxy) = Proxy::named(&raw.proxy) else {
-        return cx.err(
-            at,
-            "verify.proxy",
-            format!("{:?} is not one of nginx, caddy, traefik, envoy", raw.proxy),
-        );
-    };
+    let proxy = cx.one_of(&Proxy::NAMES, &raw.proxy, at, "verify.proxy")?;
     let path_prefix = raw.path_prefix.clone().unwrap_or_default();
     if !(path_prefix.is_empty() || path_prefix.starts_with('/')) {
         return cx.err(at, "verify.pathPrefix", "must start with /");
@@ -108,20 +102,14 @@ pub(super) fn validate_termination(
             key: cx.path(&c.value.key.0),
         })
         .collect();
-    let min_version = match raw
-        .min_version
-        .as_ref()
-        .map(|v| (v.value.as_str(), v.referenced))
-    {
-        None | Some(("1.2", _)) => MinVersion::Tls12,
-        Some(("1.3", _)) => MinVersion::Tls13,
-        Some((other, vat)) => {
-            return cx.err(
-                &vat,
-                format!("{name}.minVersion"),
-                format!("{other:?}: use \"1.2\" or \"1.3\" (older versions are not offered)"),
-            );
-        }
+    let min_version = match &raw.min_version {
+        None => MinVersion::default(),
+        Some(v) => cx.one_of(
+            &MinVersion::NAMES,
+            &v.value,
+            &v.referenced,
+            format!("{name}.minVersion"),
+        )?,
     };
     let client_auth = raw.client_auth.as_ref().map(|c| ClientAuth {
         ca: cx.path(&c.value.ca.0),

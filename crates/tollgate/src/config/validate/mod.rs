@@ -118,6 +118,28 @@ impl Ctx<'_> {
             .push(ConfigError::at(self.file, *at, field, message));
     }
 
+    /// What `written` (the field `field`, at `at`) names among `names`, or an error listing them:
+    /// each enum's names are defined once, beside it.
+    fn one_of<T: Copy>(
+        &self,
+        names: &[(&str, T)],
+        written: &str,
+        at: &Location,
+        field: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        match names.iter().find(|(name, _)| *name == written) {
+            Some(&(_, value)) => Ok(value),
+            None => {
+                let list: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+                self.err(
+                    at,
+                    field,
+                    format!("{written:?} is not one of {}", list.join(", ")),
+                )
+            }
+        }
+    }
+
     fn err<T>(
         &self,
         at: &Location,

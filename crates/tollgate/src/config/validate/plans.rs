@@ -115,6 +115,7 @@ pub(super) fn validate_quota(
     q: &RawQuota,
     at: &Location,
 ) -> Result<QuotaSettings, ConfigError> {
+    // Any case, as the Serverless Framework takes it.
     let Some(period) = Period::named(&q.period.to_ascii_uppercase()) else {
         let names = Period::ALL.map(|p| p.to_string()).join(", ");
         return cx.err(

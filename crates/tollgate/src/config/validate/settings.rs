@@ -52,17 +52,10 @@ pub(super) fn validate_store(
             };
             let on_failure = match s.on_store_failure.as_deref() {
                 None => OnStoreFailure::default(),
-                Some(name) => match OnStoreFailure::named(name) {
-                    Some(mode) => mode,
-                    None => {
-                        let names = OnStoreFailure::ALL.map(OnStoreFailure::name).join(", ");
-                        return cx.err(
-                            at,
-                            "store.onStoreFailure",
-                            format!("{name:?} is not one of {names}"),
-                        );
-                    }
-                },
+                Some(written) => {
+                    let names = OnStoreFailure::ALL.map(|mode| (mode.name(), mode));
+                    cx.one_of(&names, written, at, "store.onStoreFailure")?
+                }
             };
             StoreKind::Redis(
                 RedisSettings {
