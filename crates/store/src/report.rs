@@ -138,17 +138,16 @@ impl PlanUsage<'_> {
                 ..DayDetail::default()
             })
             .collect();
-        let at = |r: &DayValue| r.day.0.wrapping_sub(self.from.0) as usize;
-        for r in of_key(&self.throttled, key_id) {
-            if let Some(day) = days.get_mut(at(r)) {
-                day.throttled = r.count();
+        // Each refusal series into its field of the days it has.
+        let mut fill = |series: &[DayValue], set: fn(&mut DayDetail, u64)| {
+            for r in of_key(series, key_id) {
+                if let Some(day) = days.get_mut(r.day.0.wrapping_sub(self.from.0) as usize) {
+                    set(day, r.count());
+                }
             }
-        }
-        for r in of_key(&self.quota_exceeded, key_id) {
-            if let Some(day) = days.get_mut(at(r)) {
-                day.quota_exceeded = r.count();
-            }
-        }
+        };
+        fill(&self.throttled, |d, n| d.throttled = n);
+        fill(&self.quota_exceeded, |d, n| d.quota_exceeded = n);
         days
     }
 
