@@ -50,9 +50,6 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// `http` or `https`: what `X-Forwarded-Proto` tells the upstream.
     const SCHEME: &'static str;
 
-    /// The protocol the client speaks (HTTP/1.0 is told by the request).
-    const PROTOCOL: Protocol = Protocol::Http11;
-
     /// Whether a client may open with the HTTP/2 preface, without TLS's ALPN (h2c).
     const PRIOR_KNOWLEDGE: bool = false;
 

@@ -4,13 +4,34 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Uri};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use crate::client::write_all_progressing;
-use crate::http1::{self, BodyProgress, HeadError, InBuf, ResponseHead, ResponseStart};
+use crate::config::UpstreamTls;
+use crate::deadline::LazyDeadline;
+use crate::http1::{
+    self, BodyProgress, HeadError, InBuf, ResponseFields, ResponseHead, ResponseStart,
+};
+use crate::proxy::UpstreamConn;
+use crate::response::{self, UpstreamFailure};
 use crate::rewrite;
+use crate::state::Shared;
 use crate::trace::RequestId;
+
+/// Where an admitted request goes.
+pub(crate) struct Forward<'r> {
+    pub(crate) url: &'r Uri,
+    /// For an `https` upstream.
+    pub(crate) tls: Option<&'r UpstreamTls>,
+    /// The route's timeout.
+    pub(crate) timeout: Duration,
+    /// The most request body bytes accepted.
+    pub(crate) body_limit: u64,
+    /// The request's id, for the answer and the logs.
+    pub(crate) id: RequestId,
+}
 
 /// How forwarding failed.
 pub(crate) enum Failure {
@@ -22,6 +43,23 @@ pub(crate) enum Failure {
     Body(HeadError),
     /// The client went away or stalled: nothing more to say to it.
     Client,
+}
+
+impl Failure {
+    /// AWS's answer for the failure, and its message and gateway response type.
+    pub(crate) fn answer(self) -> (Response<Bytes>, (&'static str, &'static str)) {
+        match self {
+            Self::Body(e) => (response::bad_request(e), response::bad_request_error(e)),
+            Self::Timeout => (
+                response::upstream_failure(UpstreamFailure::Timeout),
+                response::upstream_failure_error(UpstreamFailure::Timeout),
+            ),
+            Self::Upstream | Self::Client => (
+                response::upstream_failure(UpstreamFailure::Unreachable),
+                response::upstream_failure_error(UpstreamFailure::Unreachable),
+            ),
+        }
+    }
 }
 
 /// How far an answer got to the client.
@@ -38,24 +76,43 @@ pub(crate) enum Relayed {
 /// The upstream closed or failed before a whole response head arrived.
 pub(crate) struct Stale;
 
-/// Reads the upstream's response head into `buf`, skipping interim (1xx) responses; its rewrite for
-/// the client, with the request's id and without the fields in `extra` (which come later), is left in
-/// `to_client`.
+/// Leaves in `slot` a connection to the upstream `to` names: one that can be reused unless `fresh`,
+/// else a new one, opened before `timer` expires.
+pub(crate) async fn connect(
+    shared: &Shared,
+    slot: &mut Option<UpstreamConn>,
+    to: &Forward<'_>,
+    fresh: bool,
+    timer: &mut LazyDeadline,
+) -> Result<(), Failure> {
+    if !fresh && shared.upstreams.reuse(slot, to.url, to.tls) {
+        return Ok(());
+    }
+    tokio::select! {
+        biased;
+        opened = shared.upstreams.open(slot, to.url, to.tls) => opened.map_err(|e| {
+            // The why (refused, a certificate that does not verify, …) is only here: the client
+            // gets AWS's 502.
+            tracing::warn!(request_id = %to.id, upstream = %to.url, error = %e,
+                "upstream connection failed");
+            Failure::Upstream
+        }),
+        () = timer.expired() => Err(Failure::Timeout),
+    }
+}
+
+/// Reads the upstream's response head (the answer to a `method` request) into `buf`, skipping
+/// interim (1xx) responses; a final head's fields go to `rewrite` while they are in place.
 pub(crate) async fn read_response_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut InBuf,
     method: &Method,
-    (extra, id): (&HeaderMap, &RequestId),
-    to_client: &mut Vec<u8>,
+    mut rewrite: impl FnMut(&ResponseFields<'_, '_>),
 ) -> Result<ResponseHead, Stale> {
     loop {
         if !buf.is_empty() {
-            to_client.clear();
-            match rewrite::response_head(buf.bytes(), method, extra, to_client) {
-                Ok(ResponseStart::Final(head)) => {
-                    http1::request_id_line(to_client, id);
-                    return Ok(head);
-                }
+            match http1::parse_response(buf.bytes(), method, &mut rewrite) {
+                Ok(ResponseStart::Final(head)) => return Ok(head),
                 Ok(ResponseStart::Interim(len)) => {
                     buf.consume(len);
                     continue;
@@ -68,6 +125,20 @@ pub(crate) async fn read_response_head<R: AsyncRead + Unpin>(
             Ok(n) if n > 0 => {}
             _ => return Err(Stale),
         }
+    }
+}
+
+/// The rewrite of a final response head for an HTTP/1.1 client, into `to_client`, with the
+/// request's id and without the fields in `extra` (which [`respond`] adds).
+pub(crate) fn for_client<'a>(
+    to_client: &'a mut Vec<u8>,
+    extra: &'a HeaderMap,
+    id: &'a RequestId,
+) -> impl FnMut(&ResponseFields<'_, '_>) + 'a {
+    move |fields| {
+        to_client.clear();
+        rewrite::response_fields(fields, extra, to_client);
+        http1::request_id_line(to_client, id);
     }
 }
 

@@ -1,12 +1,11 @@
 //! HTTP/2 to clients: ALPN `h2` on the TLS listener, prior knowledge (h2c) on the plain one. The
 //! framing, flow control and stream states are the `h2` crate's.
 //!
-//! Each stream is handed to the connection pipeline of [`crate::conn`] as one HTTP/1.1 request over
-//! an in-memory pipe, so routing, path normalisation, the key check, limits, metering, forwarding
-//! and the access log are one piece of code with one set of defences, whatever protocol the client
-//! speaks. The stream's pseudo-header fields become a request line checked here, its fields header
-//! lines that the HTTP/1 parser checks again, its DATA the body (chunked when no length was
-//! declared); the pipeline's answer becomes the stream's HEADERS and DATA. Upstreams stay HTTP/1.1.
+//! Each stream is an [`exchange`]'s [`Session`]: routing, path normalisation, the key check, limits,
+//! metering and the access log are the same code as for HTTP/1.1, with one set of defences. The
+//! stream's head is laid out once as the head the one request parser reads ([`request_head`]), its
+//! DATA streams to the upstream (chunked when no length was declared), and the upstream's response
+//! head maps to the stream's HEADERS once, its body to DATA. Upstreams stay HTTP/1.1.
 
 use std::future::poll_fn;
 use std::io;
@@ -15,27 +14,31 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::OptionFuture;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, DuplexStream, ReadBuf};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-use crate::client::{ClientIo, Protocol, within};
-use crate::conn;
-use crate::http1::{
-    self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields, ResponseStart,
-};
+use crate::client::{Protocol, within};
+use crate::deadline::LazyDeadline;
+use crate::exchange::{Endpoint, Exchange, Pipeline, Session, exchange};
+use crate::forward::{Failure, Forward, Stale, connect, read_response_head};
+use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields};
+use crate::proxy::{self, UpstreamConn};
 use crate::response;
-use crate::rewrite::is_hop_by_hop;
+use crate::rewrite::{self, is_hop_by_hop};
 use crate::state::Shared;
 use crate::tls::TlsInfo;
 use crate::trace::RequestId;
 
-/// Bytes in flight between a stream and its pipeline, each way.
-const PIPE: usize = 64 * 1024;
+/// The most bytes of a stream's answer h2 buffers before the client's flow control takes them.
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves one HTTP/2 connection until it closes, idles out, misbehaves, or the gateway drains.
 pub(crate) async fn serve<I>(shared: Arc<Shared>, io: I, peer: SocketAddr, tls: Option<TlsInfo>)
@@ -49,7 +52,7 @@ where
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(http1::MAX_HEAD as u32)
-        .max_send_buffer_size(PIPE)
+        .max_send_buffer_size(SEND_BUFFER)
         .handshake::<_, Bytes>(io);
     let mut conn = match tokio::time::timeout(shared.head_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
@@ -174,13 +177,15 @@ struct Stream {
 }
 
 /// How a stream ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gone {
     /// The client reset it.
     Reset,
     /// The client gave no flow-control credit for a head timeout: the stream was reset, and
     /// counts against the connection like a client's reset.
     Stalled,
-    /// The pipeline or the client's body failed; the stream is dropped, which resets it.
+    /// The client's body broke the protocol, or the upstream's answer broke off after its head:
+    /// the stream was reset.
     Broken,
 }
 
@@ -188,99 +193,302 @@ impl Stream {
     async fn serve<const HTTPS: bool>(
         self,
         request: http::Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
+        respond: SendResponse<Bytes>,
     ) {
         let (parts, mut body) = request.into_parts();
-        let mut head = Vec::with_capacity(256);
+        let shared = &*self.shared;
         let mut ended = body.is_end_stream();
         // A GET or HEAD whose END_STREAM comes on an empty DATA frame has no body: it is told
-        // so before its head is written, or it would go on as a (refused) chunked body.
+        // so before its head is read, or it would go on as a (refused) chunked body.
         let mut first = None;
         let bodiless = !ended
             && matches!(parts.method, Method::GET | Method::HEAD)
             && !parts.headers.contains_key(header::CONTENT_LENGTH);
         while bodiless && !ended && first.is_none() {
-            match tokio::time::timeout(self.shared.head_timeout, body.data()).await {
+            match tokio::time::timeout(shared.head_timeout, body.data()).await {
                 Ok(None) => ended = true,
                 Ok(Some(Ok(data))) if data.is_empty() => {}
-                // Its credit goes back once the pipeline takes it, as any DATA's.
+                // Its credit goes back once the upstream takes it, as any DATA's.
                 Ok(Some(Ok(data))) => first = Some(data),
-                // A reset or a broken body: the stream is over; its head is never sent.
+                // A reset or a broken body: the stream is over; its head is never read.
                 Ok(Some(Err(_))) => return,
                 // Still open after a head timeout: it goes on as a body.
                 Err(_) => break,
             }
         }
-        let outcome = match request_head(&parts, ended, &mut head) {
-            Ok(chunked) => {
-                let (near, far) = tokio::io::duplex(PIPE);
-                let (mut from_pipeline, mut to_pipeline) = tokio::io::split(near);
-                let shared = self.shared.clone();
-                let mut pipeline = pin!(conn::serve(
-                    shared,
-                    Bridge::<HTTPS>(far),
-                    self.peer,
-                    self.tls.clone(),
-                    conn::Role::Proxy,
-                ));
-                let mut upload = pin!(upload(&head, first, body, chunked, &mut to_pipeline));
-                let idle = self.shared.head_timeout;
-                let mut answer = pin!(relay(&mut from_pipeline, &parts.method, &mut respond, idle));
-                let (mut served, mut uploaded) = (false, false);
-                let answered = loop {
-                    tokio::select! {
-                        biased;
-                        _ = &mut pipeline, if !served => served = true,
-                        u = &mut upload, if !uploaded => match u {
-                            Ok(()) => uploaded = true,
-                            Err(gone) => break Err(gone),
-                        },
-                        a = &mut answer => break a,
-                    }
-                };
-                if answered.is_ok() && !served {
-                    // Its access-log line comes after the bytes it wrote.
-                    pipeline.await;
-                }
-                answered
-            }
-            Err(why) => {
-                // Answered here: the pipeline never sees a request line it could read otherwise.
-                let mut out = Vec::new();
-                let resp = response::bad_request(HeadError::Malformed(why));
-                let head_only = parts.method == Method::HEAD;
-                http1::encode_response(&resp, head_only, false, &RequestId::new(), &mut out);
-                relay(
-                    &mut &out[..],
-                    &parts.method,
-                    &mut respond,
-                    self.shared.head_timeout,
-                )
-                .await
-            }
+        let peer_ip = self.peer.ip().to_string();
+        let mut p = Pipeline::new(shared, peer_ip, self.tls.clone(), Endpoint::Proxy);
+        let mut session = StreamSession::<HTTPS> {
+            respond,
+            body: (!ended).then_some(body),
+            first,
+            upstream: None,
+            gone: None,
         };
-        if let Err(Gone::Reset | Gone::Stalled) = outcome {
+        let head = request_head(&parts, ended, &mut p.inbuf)
+            .map_err(HeadError::Malformed)
+            .and_then(|()| p.parse_head::<StreamSession<HTTPS>>());
+        match head {
+            Ok(Some(head)) => {
+                exchange(&mut session, &mut p, head).await;
+            }
+            // Whole, so never incomplete; but if it were, it is not a request to serve.
+            Ok(None) => {
+                session
+                    .bad_request(HeadError::Malformed("Malformed request"), &parts, shared)
+                    .await
+            }
+            // Answered here: the exchange never sees a head it could not read.
+            Err(bad) => session.bad_request(bad, &parts, shared).await,
+        }
+        if let Some(up) = session.upstream.take() {
+            shared.upstreams.put(up);
+        }
+        if let Some(Gone::Reset | Gone::Stalled) = session.gone {
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
         self.active.store(true, Ordering::Relaxed);
     }
 }
 
-/// Writes the HTTP/1.1 head of the stream's request (`parts`, whose body `ended` already) to
-/// `out`; returns whether the body follows chunked.
+/// One stream, as the exchange's client side. `HTTPS`: the stream came over TLS.
+struct StreamSession<const HTTPS: bool> {
+    respond: SendResponse<Bytes>,
+    /// The request's DATA still to come, unless its head ended the stream.
+    body: Option<RecvStream>,
+    /// DATA read before the head was handed over.
+    first: Option<Bytes>,
+    upstream: Option<UpstreamConn>,
+    /// How the stream ended early, if it did.
+    gone: Option<Gone>,
+}
+
+impl<const HTTPS: bool> StreamSession<HTTPS> {
+    /// Answers a head the exchange could not read.
+    async fn bad_request(&mut self, bad: HeadError, parts: &http::request::Parts, shared: &Shared) {
+        let resp = response::bad_request(bad);
+        let head_only = parts.method == Method::HEAD;
+        let idle = shared.head_timeout;
+        send_answer(
+            &mut self.respond,
+            &resp,
+            head_only,
+            &RequestId::new(),
+            idle,
+            &mut self.gone,
+        )
+        .await;
+    }
+}
+
+impl<const HTTPS: bool> Session for StreamSession<HTTPS> {
+    const SCHEME: &'static str = if HTTPS { "https" } else { "http" };
+    const PROTOCOL: Protocol = Protocol::Http2;
+
+    async fn reply(
+        &mut self,
+        p: &mut Pipeline<'_>,
+        ex: &mut Exchange<'_>,
+        resp: &Response<Bytes>,
+    ) -> u16 {
+        let idle = p.shared.head_timeout;
+        send_answer(
+            &mut self.respond,
+            resp,
+            ex.head_only,
+            &ex.id,
+            idle,
+            &mut self.gone,
+        )
+        .await
+    }
+
+    async fn forward(
+        &mut self,
+        p: &mut Pipeline<'_>,
+        ex: &Exchange<'_>,
+        to: &Forward<'_>,
+        extra: &HeaderMap,
+    ) -> (u16, bool) {
+        p.upstream_answer = None;
+        p.failure = None;
+        let status = match self.proxy(p, ex, to, extra).await {
+            Ok(status) => status,
+            Err(Failure::Client) => {
+                self.upstream = None;
+                0
+            }
+            Err(failure) => {
+                self.upstream = None;
+                let (resp, error) = failure.answer();
+                p.failure = Some(error);
+                let idle = p.shared.head_timeout;
+                let (head_only, id) = (ex.head_only, &ex.id);
+                send_answer(
+                    &mut self.respond,
+                    &resp,
+                    head_only,
+                    id,
+                    idle,
+                    &mut self.gone,
+                )
+                .await
+            }
+        };
+        (status, false)
+    }
+}
+
+impl<const HTTPS: bool> StreamSession<HTTPS> {
+    /// Writes the request to the upstream (retrying once on a fresh connection when a reused one
+    /// turns out closed and the stream has no body), streams the stream's DATA after it, and relays
+    /// the answer as HEADERS and DATA. An upstream that answers before it has the whole body has its
+    /// answer relayed while the body keeps flowing; the upstream connection then closes.
+    ///
+    /// The route's timeout bounds connecting, each write to the upstream, and the wait for the
+    /// response head, which counts from the end of the body. An error before anything reached the
+    /// client is returned, for the caller to answer.
+    async fn proxy(
+        &mut self,
+        p: &mut Pipeline<'_>,
+        ex: &Exchange<'_>,
+        to: &Forward<'_>,
+        extra: &HeaderMap,
+    ) -> Result<u16, Failure> {
+        let shared = p.shared;
+        let Self {
+            respond,
+            body,
+            first,
+            upstream,
+            gone,
+        } = self;
+        let (method, has_body) = (&ex.head.method, body.is_some());
+        let chunked = ex.head.body == BodyLength::Chunked;
+        let mut timer = LazyDeadline::new(Instant::now() + to.timeout);
+        let mut fresh = false;
+        let (status, clean) = loop {
+            timer.set(Instant::now() + to.timeout);
+            connect(shared, upstream, to, fresh, &mut timer).await?;
+            let Some(up) = upstream.as_mut() else {
+                return Err(Failure::Upstream);
+            };
+            up.carried_body |= ex.head.body != BodyLength::Empty;
+            let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
+            let written = tokio::select! {
+                biased;
+                w = up_write.write_all(&p.to_upstream) => w.is_ok(),
+                () = timer.expired() => return Err(Failure::Timeout),
+            };
+            let mut uploaded = !has_body;
+            let mut uploading = pin!(OptionFuture::from(body.as_mut().map(|body| {
+                upload(
+                    first.take(),
+                    body,
+                    chunked,
+                    to.body_limit,
+                    &mut up_write,
+                    to.timeout,
+                )
+            })));
+            let mut answer = None;
+            let head = if written {
+                let parse = |f: &ResponseFields<'_, '_>| answer = h2_response(f, extra, &to.id);
+                let mut waiting =
+                    pin!(read_response_head(&mut up_read, &mut up.buf, method, parse));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+                            *gone = Some(Gone::Reset);
+                            return Err(Failure::Client);
+                        }
+                        u = &mut uploading, if !uploaded => {
+                            if let Some(Err(failure)) = u {
+                                if let Failure::Client = failure {
+                                    *gone = Some(Gone::Reset);
+                                }
+                                return Err(failure);
+                            }
+                            uploaded = true;
+                            timer.set(Instant::now() + to.timeout);
+                        }
+                        h = &mut waiting => break h,
+                        () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+                    }
+                }
+            } else {
+                Err(Stale)
+            };
+            let (head, response) = match (head, answer) {
+                (Ok(head), Some(response)) => (head, response),
+                (Ok(_), None) => return Err(Failure::Upstream),
+                // A reused connection the upstream had closed: once more on a new one.
+                (Err(Stale), _) if up.reused && !has_body && !fresh => {
+                    fresh = true;
+                    continue;
+                }
+                (Err(Stale), _) => return Err(Failure::Upstream),
+            };
+            p.upstream_answer = Some((head.status, head.body.declared()));
+            let early = !uploaded;
+            let empty = head.body == BodyLength::Empty;
+            let Ok(mut send) = respond.send_response(response, empty) else {
+                *gone = Some(Gone::Reset);
+                return Err(Failure::Client);
+            };
+            up.buf.consume(head.len);
+            // The answer, while whatever is left of the body keeps flowing.
+            let relayed = if empty {
+                Ok(())
+            } else {
+                let idle = shared.head_timeout;
+                let mut relaying =
+                    pin!(relay(&mut up_read, &mut up.buf, head.body, &mut send, idle));
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut relaying => break r,
+                        // Its failure ends the exchange anyway: the upstream connection closes.
+                        _ = &mut uploading, if !uploaded => uploaded = true,
+                    }
+                }
+            };
+            if let Err(why) = relayed {
+                *gone = Some(why);
+            }
+            // Reused only after a clean exchange: the whole request sent before the answer came,
+            // the answer completely framed, and not one byte after it.
+            let clean = relayed.is_ok() && !early && head.reusable && up.buf.is_empty();
+            up.reused = true;
+            up.buf.release();
+            break (head.status, clean);
+        };
+        if !clean {
+            *upstream = None;
+        }
+        Ok(status)
+    }
+}
+
+/// Lays out the stream's request (`parts`, whose body `ended` already) in `inbuf` as the HTTP/1.1
+/// head the one request parser reads, so that an HTTP/2 request passes the same checks as any
+/// other: the pseudo-header fields become its request line (checked here: nothing that could end it
+/// early), `:authority` its `Host`, the cookie fields one `Cookie` (RFC 9113 §8.2.3); a body
+/// without a declared length is framed as chunked, which is how it goes upstream.
 fn request_head(
     parts: &http::request::Parts,
     ended: bool,
-    out: &mut Vec<u8>,
-) -> Result<bool, &'static str> {
+    inbuf: &mut InBuf,
+) -> Result<(), &'static str> {
     if parts.method == Method::CONNECT {
         return Err("CONNECT is not supported");
     }
-    // Only an origin-form target may become a request line: nothing that could end it early.
     let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
     if !target.starts_with('/') || !target.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err("Malformed request target");
     }
+    let mut out = Vec::with_capacity(512);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -291,7 +499,7 @@ fn request_head(
         None => parts.headers.get(header::HOST).map(HeaderValue::as_bytes),
     };
     if let Some(host) = host {
-        http1::header_line(out, b"host", host);
+        http1::header_line(&mut out, b"host", host);
     }
     let mut cookies: Option<Vec<u8>> = None;
     let mut length = false;
@@ -300,7 +508,6 @@ fn request_head(
         match name {
             "host" | "expect" => continue,
             "content-length" => length = true,
-            // HTTP/2 splits cookies into fields; HTTP/1.1 allows one (RFC 9113 §8.2.3).
             "cookie" => {
                 match &mut cookies {
                     Some(joined) => {
@@ -311,114 +518,85 @@ fn request_head(
                 }
                 continue;
             }
-            // h2 refuses connection-specific fields; none frames or steers the HTTP/1 request.
+            // h2 refuses connection-specific fields; none frames or steers the request.
             name if is_hop_by_hop(name) => continue,
             _ => {}
         }
-        http1::header_line(out, name.as_bytes(), value.as_bytes());
+        http1::header_line(&mut out, name.as_bytes(), value.as_bytes());
     }
     if let Some(cookies) = cookies {
-        http1::header_line(out, b"cookie", &cookies);
+        http1::header_line(&mut out, b"cookie", &cookies);
     }
-    let chunked = !ended && !length;
-    if chunked {
-        http1::framing_line(out, BodyLength::Chunked);
+    if !ended && !length {
+        http1::framing_line(&mut out, BodyLength::Chunked);
     }
-    // One request per pipe.
+    // One request per stream.
     out.extend_from_slice(b"connection: close\r\n\r\n");
-    Ok(chunked)
+    *inbuf = InBuf::from(out);
+    Ok(())
 }
 
-/// Sends the request head, then the stream's DATA (after `first`, already taken) as its body,
-/// returning flow-control credit as the pipeline takes the bytes. `Err`: the client reset the
-/// stream, or its body broke the protocol (and h2 reset it).
+/// Sends the stream's DATA (after `first`, already taken) to the upstream as the request's body,
+/// chunked when `chunked`, returning flow-control credit as the upstream takes the bytes. More than
+/// `limit` bytes is 413; each write to the upstream is bounded by `stall`. A client's reset is
+/// [`Failure::Client`].
 async fn upload<W: AsyncWrite + Unpin>(
-    head: &[u8],
-    first: Option<Bytes>,
-    mut body: RecvStream,
+    mut first: Option<Bytes>,
+    body: &mut RecvStream,
     chunked: bool,
+    limit: u64,
     to: &mut W,
-) -> Result<(), Gone> {
-    // The pipeline may stop reading (a refusal does not wait for the body): waiting for it then
-    // ends with the stream, which is fine.
-    let _ = to.write_all(head).await;
+    stall: Duration,
+) -> Result<(), Failure> {
     let mut frame = Vec::new();
-    let mut first = first.map(Ok);
+    let mut sent = 0u64;
     while let Some(data) = match first.take() {
-        Some(data) => Some(data),
+        Some(data) => Some(Ok(data)),
         None => body.data().await,
     } {
-        let data = data.map_err(|e: h2::Error| {
-            if e.is_reset() && e.is_remote() {
-                Gone::Reset
-            } else {
-                Gone::Broken
-            }
-        })?;
+        let data = data.map_err(|_: h2::Error| Failure::Client)?;
         let n = data.len();
         if n == 0 {
             continue;
         }
-        let written = if chunked {
+        sent += n as u64;
+        if sent > limit {
+            return Err(Failure::Body(HeadError::BodyTooLarge));
+        }
+        let bytes = if chunked {
             frame.clear();
             http1::chunk(&mut frame, &data);
-            to.write_all(&frame).await
+            &frame[..]
         } else {
-            to.write_all(&data).await
+            &data[..]
         };
-        if written.is_err() {
-            return Ok(());
+        match within(stall, to.write_all(bytes)).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return Err(Failure::Upstream),
+            None => return Err(Failure::Timeout),
         }
         let _ = body.flow_control().release_capacity(n);
     }
     if chunked {
-        let _ = to.write_all(b"0\r\n\r\n").await;
+        match within(stall, to.write_all(b"0\r\n\r\n")).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return Err(Failure::Upstream),
+            None => return Err(Failure::Timeout),
+        }
     }
     Ok(())
 }
 
-/// Reads the pipeline's HTTP/1.1 answer from `from` and sends it on the stream: the head as
-/// HEADERS (without HTTP/1's connection fields), the body's data as DATA within the client's flow
-/// control, waiting at most `idle` for credit.
+/// Relays the rest of the upstream's answer (a body framed as `length`, whose first bytes may be in
+/// `buf`) to the client as DATA within its flow control, waiting at most `idle` for credit.
 async fn relay<R: AsyncRead + Unpin>(
     from: &mut R,
-    method: &Method,
-    respond: &mut SendResponse<Bytes>,
-    idle: std::time::Duration,
+    buf: &mut InBuf,
+    length: BodyLength,
+    send: &mut SendStream<Bytes>,
+    idle: Duration,
 ) -> Result<(), Gone> {
-    let mut buf = InBuf::default();
-    let mut response = None;
-    let head = loop {
-        if !buf.is_empty() {
-            match http1::parse_response(buf.bytes(), method, |f| response = h2_response(f)) {
-                Ok(ResponseStart::Final(head)) => break head,
-                Ok(ResponseStart::Interim(n)) => {
-                    buf.consume(n);
-                    continue;
-                }
-                Ok(ResponseStart::Partial) => {}
-                Err(_) => return Err(Gone::Broken),
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return Err(Gone::Reset),
-            n = buf.read_from(from) => match n {
-                Ok(n) if n > 0 => {}
-                _ => return Err(Gone::Broken),
-            },
-        }
-    };
-    let response = response.ok_or(Gone::Broken)?;
-    buf.consume(head.len);
-    let empty = head.body == BodyLength::Empty;
-    let mut send = respond
-        .send_response(response, empty)
-        .map_err(|_| Gone::Reset)?;
-    if empty {
-        return Ok(());
-    }
-    let mut body = BodyProgress::new(head.body);
+    let mut body = BodyProgress::new(length);
     let mut data = Vec::new();
     loop {
         if !buf.is_empty() {
@@ -428,7 +606,7 @@ async fn relay<R: AsyncRead + Unpin>(
                 .map_err(|_| Gone::Broken)?;
             buf.consume(n);
             if !data.is_empty() || body.done() {
-                send_data(&mut send, &data, body.done(), idle).await?;
+                send_data(send, &data, body.done(), idle).await?;
             }
             if body.done() {
                 return Ok(());
@@ -453,13 +631,12 @@ async fn relay<R: AsyncRead + Unpin>(
 
 /// Sends `data` as DATA frames as the client's flow control allows, the last one ending the
 /// stream when `end`. A client that grants no credit for `idle` (a window left at zero, a socket
-/// not read) gets the stream reset: what the stream holds (a slot, a pipeline, an upstream
-/// connection) is freed.
+/// not read) gets the stream reset: what the stream holds (a slot, an upstream connection) is freed.
 async fn send_data(
     send: &mut SendStream<Bytes>,
     mut data: &[u8],
     end: bool,
-    idle: std::time::Duration,
+    idle: Duration,
 ) -> Result<(), Gone> {
     if data.is_empty() {
         return send.send_data(Bytes::new(), end).map_err(|_| Gone::Reset);
@@ -484,72 +661,78 @@ async fn send_data(
     Ok(())
 }
 
-/// The HTTP/2 response for the pipeline's response head: its status and fields, less those that
-/// only mean something to an HTTP/1.1 connection.
-fn h2_response(f: &ResponseFields<'_, '_>) -> Option<Response<()>> {
+/// Sends the gateway's own answer `resp` on the stream: its status and fields, the request's id,
+/// `Date` and `Content-Length`, then its body unless `head_only`. Returns the status, or 0 when the
+/// client is gone (why, in `gone`).
+async fn send_answer(
+    respond: &mut SendResponse<Bytes>,
+    resp: &Response<Bytes>,
+    head_only: bool,
+    id: &RequestId,
+    idle: Duration,
+    gone: &mut Option<Gone>,
+) -> u16 {
+    let mut head = Response::new(());
+    *head.status_mut() = resp.status();
+    let fields = head.headers_mut();
+    fields.clone_from(resp.headers());
+    add_gateway_fields(fields, id);
+    fields.insert(header::CONTENT_LENGTH, HeaderValue::from(resp.body().len()));
+    let end = head_only || resp.body().is_empty();
+    let Ok(mut send) = respond.send_response(head, end) else {
+        *gone = Some(Gone::Reset);
+        return 0;
+    };
+    if !end {
+        if let Err(why) = send_data(&mut send, resp.body(), true, idle).await {
+            *gone = Some(why);
+            return 0;
+        }
+    }
+    resp.status().as_u16()
+}
+
+/// `x-amzn-RequestId` and `Date`, as every answer carries them.
+fn add_gateway_fields(fields: &mut HeaderMap, id: &RequestId) {
+    if let Ok(id) = HeaderValue::from_str(id.as_str()) {
+        fields.insert(HeaderName::from_static("x-amzn-requestid"), id);
+    }
+    if !fields.contains_key(header::DATE) {
+        http1::date(|date| {
+            if let Ok(date) = HeaderValue::from_bytes(date) {
+                fields.insert(header::DATE, date);
+            }
+        });
+    }
+}
+
+/// The HTTP/2 response for the upstream's response head: its status, the fields the proxy's rewrite
+/// passes (none that only mean something to an HTTP/1.1 connection), the gateway's `extra` fields
+/// and the request's id.
+fn h2_response(
+    f: &ResponseFields<'_, '_>,
+    extra: &HeaderMap,
+    id: &RequestId,
+) -> Option<Response<()>> {
     let mut response = Response::new(());
     *response.status_mut() = StatusCode::from_u16(f.head.status).ok()?;
-    let headers = response.headers_mut();
+    let fields = response.headers_mut();
     for h in f.fields {
-        let keep = !(is_hop_by_hop(h.name) || f.connection.names(h.name))
-            || (!f.coded && http1::is(h.name, "content-length"));
-        if !keep {
+        if !rewrite::passes_response_field(f, h.name, extra) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
             HeaderValue::from_bytes(h.value),
         ) {
-            headers.append(name, value);
+            fields.append(name, value);
         }
     }
+    for (name, value) in extra {
+        fields.append(name, value.clone());
+    }
+    add_gateway_fields(fields, id);
     Some(response)
-}
-
-/// A stream's end of the pipe, as the pipeline's client. `HTTPS`: the stream came over TLS.
-pub(crate) struct Bridge<const HTTPS: bool>(DuplexStream);
-
-impl<const HTTPS: bool> AsyncRead for Bridge<HTTPS> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<const HTTPS: bool> AsyncWrite for Bridge<HTTPS> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl<const HTTPS: bool> ClientIo for Bridge<HTTPS> {
-    type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
-    type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
-    const SCHEME: &'static str = if HTTPS { "https" } else { "http" };
-    const PROTOCOL: Protocol = Protocol::Http2;
-
-    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
-        tokio::io::split(self)
-    }
-
-    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// A plain connection whose first bytes were read as the start of an HTTP/1 request before they

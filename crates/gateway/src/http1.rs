@@ -33,6 +33,13 @@ pub struct InBuf {
     start: usize,
 }
 
+impl From<Vec<u8>> for InBuf {
+    /// Bytes already in hand, as if read.
+    fn from(data: Vec<u8>) -> Self {
+        Self { data, start: 0 }
+    }
+}
+
 /// How much a read asks for at once.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -119,6 +126,17 @@ pub enum BodyLength {
     Chunked,
     /// Until the sender closes (responses only).
     UntilClose,
+}
+
+impl BodyLength {
+    /// The length the head declared: none for a chunked body or one that runs until close.
+    pub fn declared(self) -> Option<u64> {
+        match self {
+            Self::Empty => Some(0),
+            Self::Length(n) => Some(n),
+            Self::Chunked | Self::UntilClose => None,
+        }
+    }
 }
 
 /// Why a head (or a body's framing) was refused.
@@ -644,6 +662,15 @@ pub fn write_header_map(out: &mut Vec<u8>, headers: &HeaderMap) {
 
 /// Appends `date: <IMF-fixdate>\r\n`, formatted at most once a second per thread.
 pub(crate) fn date_header(out: &mut Vec<u8>) {
+    date(|date| {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Hands the current time as an HTTP date to `with`: formatted once a second per thread.
+pub(crate) fn date<T>(with: impl FnOnce(&[u8]) -> T) -> T {
     thread_local! {
         static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [b' '; 29])) };
     }
@@ -658,10 +685,8 @@ pub(crate) fn date_header(out: &mut Vec<u8>) {
                 c.0 = secs;
             }
         }
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(&c.1);
-        out.extend_from_slice(b"\r\n");
-    });
+        with(&c.1)
+    })
 }
 
 /// Where a [`ChunkedDecoder`] is in the chunked syntax (RFC 9112 §7.1).

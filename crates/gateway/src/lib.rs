@@ -20,6 +20,8 @@ mod admit;
 mod client;
 pub mod config;
 mod conn;
+mod deadline;
+mod exchange;
 mod forward;
 mod h2;
 pub mod http1;

@@ -219,23 +219,16 @@ pub fn response_head(
 }
 
 /// The response head for the client, into `out` (see [`response_head`]).
-fn response_fields(parsed: &ResponseFields<'_, '_>, replaced: &HeaderMap, out: &mut Vec<u8>) {
+pub(crate) fn response_fields(
+    parsed: &ResponseFields<'_, '_>,
+    replaced: &HeaderMap,
+    out: &mut Vec<u8>,
+) {
     http1::status_line(out, parsed.head.status, parsed.reason);
     for h in parsed.fields {
-        let name = h.name;
-        // The gateway answers with its own request id (AWS's gateway does too).
-        if (is_hop_by_hop(name) && !is(name, "content-length"))
-            || parsed.connection.names(name)
-            || is(name, "x-amzn-requestid")
-            || (!replaced.is_empty() && !is(name, "vary") && replaced.contains_key(name))
-        {
-            continue;
+        if passes_response_field(parsed, h.name, replaced) {
+            header_line(out, h.name.as_bytes(), h.value);
         }
-        // A coded body's length is the coding's business (RFC 9112 §6.3 rule 3).
-        if parsed.coded && is(name, "content-length") {
-            continue;
-        }
-        header_line(out, name.as_bytes(), h.value);
     }
     if parsed.head.body == BodyLength::Chunked {
         http1::framing_line(out, BodyLength::Chunked);
@@ -243,6 +236,22 @@ fn response_fields(parsed: &ResponseFields<'_, '_>, replaced: &HeaderMap, out: &
     if !parsed.has_date {
         http1::date_header(out);
     }
+}
+
+/// Whether the upstream's response field `name` reaches the client: not a hop-by-hop one (nor one
+/// its `Connection` names), not its request id (the gateway answers with its own, as AWS's does),
+/// not one of the gateway's `replaced` ones, and not a coded body's length (RFC 9112 §6.3 rule 3).
+pub(crate) fn passes_response_field(
+    parsed: &ResponseFields<'_, '_>,
+    name: &str,
+    replaced: &HeaderMap,
+) -> bool {
+    let length = is(name, "content-length");
+    !((is_hop_by_hop(name) && !length)
+        || parsed.connection.names(name)
+        || is(name, "x-amzn-requestid")
+        || (!replaced.is_empty() && !is(name, "vary") && replaced.contains_key(name))
+        || (parsed.coded && length))
 }
 
 #[cfg(test)]

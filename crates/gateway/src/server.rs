@@ -21,7 +21,8 @@ use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
-use crate::conn::{self, Role};
+use crate::conn;
+use crate::exchange::Endpoint;
 use crate::h2::{self, Rewind};
 use crate::meter::Counted;
 use crate::metrics::Metrics;
@@ -420,7 +421,8 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 /// Serves a plain connection: HTTP/1.1, or HTTP/2 when it opens with the preface.
 async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
     let open = shared.metrics.connection_opened();
-    if let Some((stream, read)) = conn::serve(shared.clone(), stream, peer, None, Role::Proxy).await
+    if let Some((stream, read)) =
+        conn::serve(shared.clone(), stream, peer, None, Endpoint::Proxy).await
     {
         h2::serve(shared.clone(), Rewind::new(read, stream), peer, None).await;
     }
@@ -430,7 +432,7 @@ async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, h
 /// Serves a connection of decision requests (HTTP/1.1; the proxies asking speak it).
 async fn serve_verify(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, held: Held) {
     let open = shared.metrics.connection_opened();
-    conn::serve(shared.clone(), stream, peer, None, Role::Verify).await;
+    conn::serve(shared.clone(), stream, peer, None, Endpoint::Decide).await;
     drop((open, held));
 }
 
@@ -454,7 +456,7 @@ async fn handshake(
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 h2::serve(shared.clone(), tls, peer, Some(info)).await;
             } else {
-                conn::serve(shared.clone(), tls, peer, Some(info), Role::Proxy).await;
+                conn::serve(shared.clone(), tls, peer, Some(info), Endpoint::Proxy).await;
             }
         }
         Ok(Err(err)) => {
