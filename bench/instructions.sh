@@ -5,8 +5,9 @@
 # depend on what else the machine is doing, so they judge a change where timings on a shared 2-core
 # box cannot. The kernel's share (the loopback TCP both sides pay alike) is not counted.
 #
-#   bench/instructions.sh [--requests N] [--keep DIR]
+#   bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT]
 #
+# --only TEXT counts only the targets whose label contains TEXT ("HTTP/2", "tollgate", …).
 # --keep DIR copies each target's callgrind profile to DIR (LABEL.callgrind), for callgrind_annotate.
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
@@ -20,11 +21,13 @@ cd "$(dirname "$0")/.."
 
 REQUESTS=4000
 KEEP=
+ONLY=
 while [ $# -gt 0 ]; do
     case "$1" in
         --requests) REQUESTS=$2; shift 2 ;;
         --keep) KEEP=$2; shift 2 ;;
-        *) echo "usage: bench/instructions.sh [--requests N] [--keep DIR]" >&2; exit 64 ;;
+        --only) ONLY=$2; shift 2 ;;
+        *) echo "usage: bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT]" >&2; exit 64 ;;
     esac
 done
 
@@ -56,6 +59,7 @@ drive() {
 SCHEME=http
 count() {
     local label=$1 port=$2; shift 2
+    [[ "$label" == *"$ONLY"* ]] || return 0
     local file=${label//[ \/]/-}
     local url="$SCHEME://127.0.0.1:$port/x"
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$@" >"$WORK/$file.log" 2>&1 &

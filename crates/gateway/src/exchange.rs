@@ -8,6 +8,7 @@
 //! both hand over a [`RequestHead`] parsed by the one parser, with its bytes in [`Pipeline::inbuf`].
 
 use bytes::Bytes;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use http::{HeaderMap, HeaderValue, Method, Response, Uri};
@@ -60,7 +61,8 @@ pub(crate) trait Session {
 /// What a connection's (or a stream's) exchanges keep, reused from one request to the next.
 pub(crate) struct Pipeline<'a> {
     pub(crate) shared: &'a Shared,
-    pub(crate) peer_ip: String,
+    /// The client's address, as `X-Forwarded-For` and the access log tell it.
+    pub(crate) peer_ip: Arc<str>,
     /// What the TLS handshake settled, on a TLS connection.
     pub(crate) tls: Option<TlsInfo>,
     /// Bytes from the client not yet handled: the request head (parsed in place) and what follows.
@@ -90,7 +92,7 @@ pub(crate) enum Endpoint {
 impl<'a> Pipeline<'a> {
     pub(crate) fn new(
         shared: &'a Shared,
-        peer_ip: String,
+        peer_ip: Arc<str>,
         tls: Option<TlsInfo>,
         endpoint: Endpoint,
     ) -> Self {
@@ -99,8 +101,9 @@ impl<'a> Pipeline<'a> {
             peer_ip,
             tls,
             inbuf: InBuf::default(),
-            forwarded: Vec::new(),
-            to_upstream: Vec::new(),
+            // Sized for a common request, so that building one does not grow them step by step.
+            forwarded: Vec::with_capacity(1024),
+            to_upstream: Vec::with_capacity(2048),
             path_buf: Vec::new(),
             upstream_answer: None,
             failure: None,

@@ -7,6 +7,7 @@
 //! DATA streams to the upstream (chunked when no length was declared), and the upstream's response
 //! head maps to the stream's HEADERS once, its body to DATA. Upstreams stay HTTP/1.1.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::OptionFuture;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
@@ -63,6 +64,7 @@ where
         Err(_) => return,
     };
     let https = tls.is_some();
+    let peer_ip: Arc<str> = peer.ip().to_string().into();
     // Streams whose work is still running: a stream the client resets leaves h2's count at once,
     // but leaves this one only when its task has ended, so resets cannot pile up work. At most a
     // fair share of the gateway's slots (a quarter): one connection's streams cannot take them all.
@@ -142,7 +144,7 @@ where
         };
         let job = Stream {
             shared: shared.clone(),
-            peer,
+            peer_ip: peer_ip.clone(),
             tls: tls.clone(),
             resets: resets.clone(),
             active: active.clone(),
@@ -166,7 +168,7 @@ fn rapid_reset(shared: &Shared, peer: SocketAddr, streams: usize, resets: usize)
 /// What one stream's task holds.
 struct Stream {
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer_ip: Arc<str>,
     tls: Option<TlsInfo>,
     /// Streams of this connection the client reset.
     resets: Arc<AtomicUsize>,
@@ -216,7 +218,7 @@ impl Stream {
                 Err(_) => break,
             }
         }
-        let peer_ip = self.peer.ip().to_string();
+        let peer_ip = self.peer_ip.clone();
         let mut p = Pipeline::new(shared, peer_ip, self.tls.clone(), Endpoint::Proxy);
         let mut session = StreamSession::<HTTPS> {
             respond,
@@ -230,7 +232,9 @@ impl Stream {
             .and_then(|()| p.parse_head::<StreamSession<HTTPS>>());
         match head {
             Ok(Some(head)) => {
-                exchange(&mut session, &mut p, head).await;
+                // On the heap: the stream's task is spawned (moved) small, and the exchange, the
+                // largest future, is made once in place.
+                Box::pin(exchange(&mut session, &mut p, head)).await;
             }
             // Whole, so never incomplete; but if it were, it is not a request to serve.
             Ok(None) => {
@@ -488,7 +492,7 @@ fn request_head(
     if !target.starts_with('/') || !target.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err("Malformed request target");
     }
-    let mut out = Vec::with_capacity(512);
+    let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -694,16 +698,33 @@ async fn send_answer(
 
 /// `x-amzn-RequestId` and `Date`, as every answer carries them.
 fn add_gateway_fields(fields: &mut HeaderMap, id: &RequestId) {
-    if let Ok(id) = HeaderValue::from_str(id.as_str()) {
+    if let Ok(mut id) = HeaderValue::from_str(id.as_str()) {
+        // Unique to each answer: kept out of HPACK's table, where it would only push out fields
+        // that repeat.
+        id.set_sensitive(true);
         fields.insert(HeaderName::from_static("x-amzn-requestid"), id);
     }
     if !fields.contains_key(header::DATE) {
-        http1::date(|date| {
-            if let Ok(date) = HeaderValue::from_bytes(date) {
-                fields.insert(header::DATE, date);
-            }
-        });
+        fields.insert(header::DATE, date());
     }
+}
+
+/// The current time as a `Date` value, made once a second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static CACHED: RefCell<HeaderValue> = const { RefCell::new(HeaderValue::from_static("")) };
+    }
+    http1::date(|now| {
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_bytes() != now {
+                if let Ok(value) = HeaderValue::from_bytes(now) {
+                    *c = value;
+                }
+            }
+            c.clone()
+        })
+    })
 }
 
 /// The HTTP/2 response for the upstream's response head: its status, the fields the proxy's rewrite
@@ -717,13 +738,21 @@ fn h2_response(
     let mut response = Response::new(());
     *response.status_mut() = StatusCode::from_u16(f.head.status).ok()?;
     let fields = response.headers_mut();
+    fields.reserve(f.fields.len() + extra.len() + 2);
+    // The values, copied once into one buffer that each field's value is a slice of.
+    let mut values = BytesMut::with_capacity(f.fields.iter().map(|h| h.value.len()).sum());
     for h in f.fields {
+        values.extend_from_slice(h.value);
+    }
+    let mut values = values.freeze();
+    for h in f.fields {
+        let value = values.split_to(h.value.len());
         if !rewrite::passes_response_field(f, h.name, extra) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
+            HeaderValue::from_maybe_shared(value),
         ) {
             fields.append(name, value);
         }
