@@ -18,9 +18,10 @@ use crate::client::{ClientIo, Protocol, write_all_progressing};
 use crate::deadline::LazyDeadline;
 use crate::exchange::{Endpoint, Exchange, Pipeline, Session, exchange};
 use crate::forward::{
-    Failure, Forward, Relayed, Stale, connect, for_client, read_response_head, respond, upload,
+    Failure, Forward, Relayed, Stale, connect, for_client, read_response_head, respond, settle,
+    upload,
 };
-use crate::http1::{self, BodyLength, BodyProgress, HeadError, RequestHead};
+use crate::http1::{self, BodyLength, BodyProgress, HeadError, RequestHead, ResponseHead};
 use crate::proxy::{self, UpstreamConn};
 use crate::response;
 use crate::state::Shared;
@@ -271,77 +272,8 @@ impl<C: ClientIo> Conn<C> {
             // A streamed body cannot be sent twice.
             let retryable = up.reused && !streaming;
             let answered = if streaming {
-                let (mut client_read, mut client_write) = self.client.halves();
-                if head.expect_continue {
-                    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
-                    write_all_progressing(&mut client_write, interim, shared.head_timeout)
-                        .await
-                        .map_err(|_| Failure::Client)?;
-                }
-                let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
-                let written = tokio::select! {
-                    biased;
-                    w = up_write.write_all(&p.to_upstream) => w.is_ok(),
-                    () = timer.expired() => return Err(Failure::Timeout),
-                };
-                if !written {
-                    return Err(Failure::Upstream);
-                }
-                let mut uploaded = false;
-                let mut upload = std::pin::pin!(upload(
-                    &mut client_read,
-                    &mut p.inbuf,
-                    &mut up_write,
-                    body,
-                    shared.head_timeout,
-                    to.timeout,
-                ));
-                // Until the response head: the upload, then the route's timeout.
-                let answered = {
-                    let rewrite = for_client(&mut self.to_client, extra, &to.id);
-                    let mut waiting = std::pin::pin!(read_response_head(
-                        &mut up_read,
-                        &mut up.buf,
-                        &head.method,
-                        rewrite,
-                    ));
-                    loop {
-                        tokio::select! {
-                            biased;
-                            r = &mut upload, if !uploaded => {
-                                r?;
-                                uploaded = true;
-                                timer.set(Instant::now() + to.timeout);
-                            }
-                            h = &mut waiting => break h,
-                            () = timer.expired(), if uploaded => return Err(Failure::Timeout),
-                        }
-                    }
-                };
-                let Ok(resp_head) = answered else {
-                    return Err(Failure::Upstream);
-                };
-                // The answer, while whatever is left of the body keeps flowing.
-                let early = !uploaded;
-                let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
-                let mut responding = std::pin::pin!(respond(
-                    &mut client_write,
-                    &mut self.to_client,
-                    &mut up_read,
-                    &mut up.buf,
-                    &resp_head,
-                    (extra, keep_alive),
-                    shared.head_timeout,
-                ));
-                let relayed = loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut responding => break r,
-                        // Its failure ends the exchange anyway: both connections close.
-                        _ = &mut upload, if !uploaded => uploaded = true,
-                    }
-                };
-                Ok((resp_head, early, keep_alive, relayed))
+                let client = (&mut self.client, &mut self.to_client);
+                Ok(streamed(client, up, p, (head, to, extra), (timer, body), keep_alive).await?)
             } else {
                 // The whole request is in hand: out it goes, then the answer, within the timeout.
                 let exchanged = tokio::select! {
@@ -382,12 +314,8 @@ impl<C: ClientIo> Conn<C> {
                 }
                 Err(()) => return Err(Failure::Upstream),
             };
-            // Reused only after a clean exchange: the whole request sent before the answer came,
-            // the answer completely framed, and not one byte after it.
             let whole = relayed == Relayed::Whole;
-            let clean = whole && !early && resp_head.reusable && up.buf.is_empty();
-            up.reused = true;
-            up.buf.release();
+            let clean = settle(up, &resp_head, whole, early);
             let status = match relayed {
                 Relayed::Whole | Relayed::HeadOnly => resp_head.status,
                 Relayed::Nothing => 0,
@@ -399,4 +327,91 @@ impl<C: ClientIo> Conn<C> {
         }
         Ok(done)
     }
+}
+
+/// [`Conn::proxy`] for a request whose body is still to come: the head goes up, the body streams
+/// while the answer is awaited (after a `100 Continue` when the client asked for one), and the
+/// answer is relayed while whatever is left of the body keeps flowing. Returns the answer's head,
+/// whether it came before the whole body went up, whether the client connection stays open, and
+/// how far the answer got.
+async fn streamed<C: ClientIo>(
+    (client, to_client): (&mut C, &mut Vec<u8>),
+    up: &mut UpstreamConn,
+    p: &mut Pipeline<'_>,
+    (head, to, extra): (&RequestHead, &Forward<'_>, &HeaderMap),
+    (timer, body): (&mut LazyDeadline, &mut BodyProgress),
+    keep_alive: bool,
+) -> Result<(ResponseHead, bool, bool, Relayed), Failure> {
+    let shared = p.shared;
+    let (mut client_read, mut client_write) = client.halves();
+    if head.expect_continue {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        write_all_progressing(&mut client_write, interim, shared.head_timeout)
+            .await
+            .map_err(|_| Failure::Client)?;
+    }
+    let (mut up_read, mut up_write) = proxy::halves(&mut up.io);
+    let written = tokio::select! {
+        biased;
+        w = up_write.write_all(&p.to_upstream) => w.is_ok(),
+        () = timer.expired() => return Err(Failure::Timeout),
+    };
+    if !written {
+        return Err(Failure::Upstream);
+    }
+    let mut uploaded = false;
+    let mut upload = std::pin::pin!(upload(
+        &mut client_read,
+        &mut p.inbuf,
+        &mut up_write,
+        body,
+        shared.head_timeout,
+        to.timeout,
+    ));
+    // Until the response head: the upload, then the route's timeout.
+    let answered = {
+        let rewrite = for_client(to_client, extra, &to.id);
+        let mut waiting = std::pin::pin!(read_response_head(
+            &mut up_read,
+            &mut up.buf,
+            &head.method,
+            rewrite,
+        ));
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut upload, if !uploaded => {
+                    r?;
+                    uploaded = true;
+                    timer.set(Instant::now() + to.timeout);
+                }
+                h = &mut waiting => break h,
+                () = timer.expired(), if uploaded => return Err(Failure::Timeout),
+            }
+        }
+    };
+    let Ok(resp_head) = answered else {
+        return Err(Failure::Upstream);
+    };
+    // The answer, while whatever is left of the body keeps flowing.
+    let early = !uploaded;
+    let keep_alive = !early && keep_alive && shared.keeps_alive(&resp_head);
+    let mut responding = std::pin::pin!(respond(
+        &mut client_write,
+        to_client,
+        &mut up_read,
+        &mut up.buf,
+        &resp_head,
+        (extra, keep_alive),
+        shared.head_timeout,
+    ));
+    let relayed = loop {
+        tokio::select! {
+            biased;
+            r = &mut responding => break r,
+            // Its failure ends the exchange anyway: both connections close.
+            _ = &mut upload, if !uploaded => uploaded = true,
+        }
+    };
+    Ok((resp_head, early, keep_alive, relayed))
 }

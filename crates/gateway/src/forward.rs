@@ -101,6 +101,16 @@ pub(crate) async fn connect(
     }
 }
 
+/// Marks `up` as having carried an exchange whose answer had `head`; returns whether it may carry
+/// another: only after a clean exchange, the whole request sent before the answer came (not
+/// `early`), the answer completely framed and relayed (`whole`), and not one byte after it.
+pub(crate) fn settle(up: &mut UpstreamConn, head: &ResponseHead, whole: bool, early: bool) -> bool {
+    let clean = whole && !early && head.reusable && up.buf.is_empty();
+    up.reused = true;
+    up.buf.release();
+    clean
+}
+
 /// Reads the upstream's response head (the answer to a `method` request) into `buf`, skipping
 /// interim (1xx) responses; a final head's fields go to `rewrite` while they are in place.
 pub(crate) async fn read_response_head<R: AsyncRead + Unpin>(

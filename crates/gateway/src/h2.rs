@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::client::{Protocol, within};
 use crate::deadline::LazyDeadline;
 use crate::exchange::{Endpoint, Exchange, Pipeline, Session, exchange};
-use crate::forward::{Failure, Forward, Stale, connect, read_response_head};
+use crate::forward::{Failure, Forward, Stale, connect, read_response_head, settle};
 use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields};
 use crate::proxy::{self, UpstreamConn};
 use crate::response;
@@ -371,7 +371,7 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
         let chunked = ex.head.body == BodyLength::Chunked;
         let mut timer = LazyDeadline::new(Instant::now() + to.timeout);
         let mut fresh = false;
-        let (status, clean) = loop {
+        let (head, whole, early) = loop {
             timer.set(Instant::now() + to.timeout);
             connect(shared, upstream, to, fresh, &mut timer).await?;
             let Some(up) = upstream.as_mut() else {
@@ -461,17 +461,15 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
             if let Err(why) = relayed {
                 *gone = Some(why);
             }
-            // Reused only after a clean exchange: the whole request sent before the answer came,
-            // the answer completely framed, and not one byte after it.
-            let clean = relayed.is_ok() && !early && head.reusable && up.buf.is_empty();
-            up.reused = true;
-            up.buf.release();
-            break (head.status, clean);
+            break (head, relayed.is_ok(), early);
         };
-        if !clean {
-            *upstream = None;
+        // Back to the pool when the stream ends, only after a clean exchange.
+        if let Some(up) = upstream.as_mut() {
+            if !settle(up, &head, whole, early) {
+                *upstream = None;
+            }
         }
-        Ok(status)
+        Ok(head.status)
     }
 }
 

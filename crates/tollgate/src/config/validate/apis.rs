@@ -11,7 +11,7 @@ use tollgate_gateway::jwt::{Authorizer, AuthorizerSettings, UsageIdentifier};
 use tollgate_gateway::route::{Router, validate_template};
 
 use super::{Ctx, parse_duration};
-use crate::config::raw::{RawApi, RawCors, RawRoute, RawUpstreamTls};
+use crate::config::raw::{RawApi, RawCors, RawMock, RawRoute, RawUpstreamTls};
 use crate::config::{ConfigError, JwksToRead};
 
 /// `apis:`: each valid, with a unique id, and no two stages on one base path.
@@ -62,6 +62,39 @@ pub(super) fn validate_api(
             cx.one_of(&sources, written, at, format!("{field}.apiKeySource"))?
         }
     };
+    let authorizers = validate_authorizers(cx, field, api)?;
+    let mut routes = Vec::with_capacity(api.routes.len());
+    for (i, route) in api.routes.iter().enumerate() {
+        let rf = format!("{field}.routes[{i}]");
+        let mut validated = validate_route(cx, &rf, &route.value, &route.referenced)?;
+        let named = route.value.authorizer.as_deref();
+        let keyed = (by_authorizer, validated.api_key_required);
+        validated.authorizer =
+            route_authorizer(cx, &rf, &route.referenced, named, keyed, &authorizers)?;
+        routes.push(validated);
+    }
+    let throttle_keys: Vec<String> = routes.iter().map(Route::throttle_key).collect();
+
+    let stages = validate_stages(cx, field, api, &throttle_keys)?;
+    let mut api = Api {
+        id: api.id.clone(),
+        stages,
+        routes,
+        allow_encoded_slashes: api.allow_encoded_slashes,
+    };
+    add_preflight_routes(&mut api);
+    if let Err(e) = Router::new(std::slice::from_ref(&api)) {
+        return cx.err(at, format!("{field}.routes"), e.to_string());
+    }
+    Ok(api)
+}
+
+/// The API's `authorizers`, each to have its keys read once the whole file is valid.
+fn validate_authorizers(
+    cx: &Ctx<'_>,
+    field: &str,
+    api: &RawApi,
+) -> Result<Vec<Arc<Authorizer>>, ConfigError> {
     let mut authorizers: Vec<Arc<Authorizer>> = Vec::new();
     for (i, a) in api.authorizers.iter().enumerate() {
         let (af, at) = (format!("{field}.authorizers[{i}]"), &a.referenced);
@@ -125,47 +158,61 @@ pub(super) fn validate_api(
             Err(e) => return cx.err(at, format!("{af}.jwks"), e),
         }
     }
-    let mut routes = Vec::with_capacity(api.routes.len());
-    for (i, route) in api.routes.iter().enumerate() {
-        let rf = format!("{field}.routes[{i}]");
-        let mut validated = validate_route(cx, &rf, &route.value, &route.referenced)?;
-        let named = route.value.authorizer.as_deref();
-        let at = &route.referenced;
-        validated.authorizer = match (named, by_authorizer, validated.api_key_required) {
-            (None, false, _) | (None, true, false) => None,
-            (Some(_), false, _) => {
-                return cx.err(at, format!("{rf}.authorizer"), "an authorizer identifies the caller only with the API's apiKeySource: AUTHORIZER");
-            }
-            (Some(_), true, false) => {
+    Ok(authorizers)
+}
+
+/// The authorizer that identifies a route's callers: the one it names, or the API's only one, when
+/// the API takes keys from an authorizer (`keyed.0`) and the route requires one (`keyed.1`).
+fn route_authorizer(
+    cx: &Ctx<'_>,
+    rf: &str,
+    at: &Location,
+    named: Option<&str>,
+    keyed: (bool, bool),
+    authorizers: &[Arc<Authorizer>],
+) -> Result<Option<Arc<Authorizer>>, ConfigError> {
+    Ok(match (named, keyed.0, keyed.1) {
+        (None, false, _) | (None, true, false) => None,
+        (Some(_), false, _) => {
+            return cx.err(
+                at,
+                format!("{rf}.authorizer"),
+                "an authorizer identifies the caller only with the API's apiKeySource: AUTHORIZER",
+            );
+        }
+        (Some(_), true, false) => {
+            return cx.err(
+                at,
+                format!("{rf}.authorizer"),
+                "an authorizer names the caller's API key: set apiKeyRequired: true",
+            );
+        }
+        (Some(name), true, true) => match authorizers.iter().find(|a| a.settings.name == name) {
+            Some(a) => Some(a.clone()),
+            None => {
                 return cx.err(
                     at,
                     format!("{rf}.authorizer"),
-                    "an authorizer names the caller's API key: set apiKeyRequired: true",
+                    format!("no authorizer named {name:?} in this API's authorizers"),
                 );
             }
-            (Some(name), true, true) => {
-                match authorizers.iter().find(|a| a.settings.name == name) {
-                    Some(a) => Some(a.clone()),
-                    None => {
-                        return cx.err(
-                            at,
-                            format!("{rf}.authorizer"),
-                            format!("no authorizer named {name:?} in this API's authorizers"),
-                        );
-                    }
-                }
+        },
+        (None, true, true) => match authorizers {
+            [only] => Some(only.clone()),
+            _ => {
+                return cx.err(at, format!("{rf}.authorizer"), "with apiKeySource: AUTHORIZER, a keyed route names one of the API's authorizers");
             }
-            (None, true, true) => match authorizers.as_slice() {
-                [only] => Some(only.clone()),
-                _ => {
-                    return cx.err(at, format!("{rf}.authorizer"), "with apiKeySource: AUTHORIZER, a keyed route names one of the API's authorizers");
-                }
-            },
-        };
-        routes.push(validated);
-    }
-    let throttle_keys: Vec<String> = routes.iter().map(Route::throttle_key).collect();
+        },
+    })
+}
 
+/// The API's `stages`: unique names, normalised base paths, their throttles.
+fn validate_stages(
+    cx: &Ctx<'_>,
+    field: &str,
+    api: &RawApi,
+    throttle_keys: &[String],
+) -> Result<Vec<Stage>, ConfigError> {
     let mut stages = Vec::with_capacity(api.stages.len());
     for (i, stage) in api.stages.iter().enumerate() {
         let sf = format!("{field}.stages[{i}]");
@@ -209,7 +256,7 @@ pub(super) fn validate_api(
             .transpose()?;
         let method_throttle = cx.method_throttles(
             &s.method_throttle,
-            &throttle_keys,
+            throttle_keys,
             at,
             &format!("{sf}.methodThrottle"),
         )?;
@@ -220,17 +267,7 @@ pub(super) fn validate_api(
             method_throttle,
         });
     }
-    let mut api = Api {
-        id: api.id.clone(),
-        stages,
-        routes,
-        allow_encoded_slashes: api.allow_encoded_slashes,
-    };
-    add_preflight_routes(&mut api);
-    if let Err(e) = Router::new(std::slice::from_ref(&api)) {
-        return cx.err(at, format!("{field}.routes"), e.to_string());
-    }
-    Ok(api)
+    Ok(stages)
 }
 
 pub(super) fn validate_route(
@@ -270,122 +307,8 @@ pub(super) fn validate_route(
                 "a route needs exactly one of upstream (an http:// URL) or mock",
             );
         }
-        (Some(url), None) => {
-            let uri: Uri = match url.0.parse() {
-                Ok(u) => u,
-                Err(e) => {
-                    return cx.err(
-                        at,
-                        format!("{field}.upstream"),
-                        format!("{:?} is not a URL: {e}", url.0),
-                    );
-                }
-            };
-            let https = match uri.scheme_str() {
-                Some("http") => false,
-                Some("https") => true,
-                _ => {
-                    return cx.err(
-                        at,
-                        format!("{field}.upstream"),
-                        format!("{:?} must be an http:// or https:// URL with a host", url.0),
-                    );
-                }
-            };
-            if uri.authority().is_none() {
-                return cx.err(
-                    at,
-                    format!("{field}.upstream"),
-                    format!("{:?} must be an http:// or https:// URL with a host", url.0),
-                );
-            }
-            if uri.query().is_some() {
-                return cx.err(
-                    at,
-                    format!("{field}.upstream"),
-                    "must not have a query string",
-                );
-            }
-            // Requests are forwarded under this path as they were normalised: it must be normal too.
-            if !is_canonical_path(uri.path()) {
-                return cx.err(
-                    at,
-                    format!("{field}.upstream"),
-                    "its path must be normalised: no dot segments, empty segments or percent-escapes",
-                );
-            }
-            let timeout = match &r.timeout {
-                None => DEFAULT_UPSTREAM_TIMEOUT,
-                Some(t) => match parse_duration(t) {
-                    Ok(d) if !d.is_zero() => d,
-                    Ok(_) => {
-                        return cx.err(at, format!("{field}.timeout"), "must be more than zero");
-                    }
-                    Err(e) => return cx.err(at, format!("{field}.timeout"), e),
-                },
-            };
-            let tls = match (https, &r.upstream_tls) {
-                (false, None) => None,
-                (false, Some(_)) => {
-                    return cx.err(
-                        at,
-                        format!("{field}.upstreamTls"),
-                        "only an https:// upstream takes upstreamTls",
-                    );
-                }
-                (true, own) => Some(cx.upstream_tls(&uri, own.as_ref(), at, field)?),
-            };
-            Integration::Http {
-                url: uri,
-                timeout,
-                tls,
-            }
-        }
-        (None, Some(mock)) => {
-            if r.timeout.is_some() {
-                return cx.err(
-                    at,
-                    format!("{field}.timeout"),
-                    "only upstream routes have a timeout",
-                );
-            }
-            let Ok(status) = StatusCode::from_u16(mock.status_code) else {
-                return cx.err(
-                    at,
-                    format!("{field}.mock.statusCode"),
-                    "must be an HTTP status code (100-999)",
-                );
-            };
-            let mut headers = Vec::with_capacity(mock.headers.len() + 1);
-            for (name, value) in &mock.headers {
-                match (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(value),
-                ) {
-                    (Ok(n), Ok(v)) => headers.push((n, v)),
-                    _ => {
-                        return cx.err(
-                            at,
-                            format!("{field}.mock.headers.{name}"),
-                            "invalid header name or value",
-                        );
-                    }
-                }
-            }
-            if !headers.iter().any(|(n, _)| n == http::header::CONTENT_TYPE)
-                && !mock.body.is_empty()
-            {
-                headers.push((
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                ));
-            }
-            Integration::Mock {
-                status,
-                body: mock.body.clone().into(),
-                headers,
-            }
-        }
+        (Some(url), None) => http_integration(cx, field, r, &url.0, at)?,
+        (None, Some(mock)) => mock_integration(cx, field, r, mock, at)?,
     };
     Ok(Route {
         cors: r
@@ -399,6 +322,137 @@ pub(super) fn validate_route(
         integration,
         allow_get_body: r.allow_get_body,
         authorizer: None,
+    })
+}
+
+/// A route's `upstream` (`url`), with its timeout and TLS settings.
+fn http_integration(
+    cx: &Ctx<'_>,
+    field: &str,
+    r: &RawRoute,
+    url: &str,
+    at: &Location,
+) -> Result<Integration, ConfigError> {
+    let uri: Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return cx.err(
+                at,
+                format!("{field}.upstream"),
+                format!("{:?} is not a URL: {e}", url),
+            );
+        }
+    };
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return cx.err(
+                at,
+                format!("{field}.upstream"),
+                format!("{:?} must be an http:// or https:// URL with a host", url),
+            );
+        }
+    };
+    if uri.authority().is_none() {
+        return cx.err(
+            at,
+            format!("{field}.upstream"),
+            format!("{:?} must be an http:// or https:// URL with a host", url),
+        );
+    }
+    if uri.query().is_some() {
+        return cx.err(
+            at,
+            format!("{field}.upstream"),
+            "must not have a query string",
+        );
+    }
+    // Requests are forwarded under this path as they were normalised: it must be normal too.
+    if !is_canonical_path(uri.path()) {
+        return cx.err(
+            at,
+            format!("{field}.upstream"),
+            "its path must be normalised: no dot segments, empty segments or percent-escapes",
+        );
+    }
+    let timeout = match &r.timeout {
+        None => DEFAULT_UPSTREAM_TIMEOUT,
+        Some(t) => match parse_duration(t) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                return cx.err(at, format!("{field}.timeout"), "must be more than zero");
+            }
+            Err(e) => return cx.err(at, format!("{field}.timeout"), e),
+        },
+    };
+    let tls = match (https, &r.upstream_tls) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return cx.err(
+                at,
+                format!("{field}.upstreamTls"),
+                "only an https:// upstream takes upstreamTls",
+            );
+        }
+        (true, own) => Some(cx.upstream_tls(&uri, own.as_ref(), at, field)?),
+    };
+    Ok(Integration::Http {
+        url: uri,
+        timeout,
+        tls,
+    })
+}
+
+/// A route's `mock`: its status, headers (a body gets a JSON `Content-Type` unless one is set) and
+/// body.
+fn mock_integration(
+    cx: &Ctx<'_>,
+    field: &str,
+    r: &RawRoute,
+    mock: &RawMock,
+    at: &Location,
+) -> Result<Integration, ConfigError> {
+    if r.timeout.is_some() {
+        return cx.err(
+            at,
+            format!("{field}.timeout"),
+            "only upstream routes have a timeout",
+        );
+    }
+    let Ok(status) = StatusCode::from_u16(mock.status_code) else {
+        return cx.err(
+            at,
+            format!("{field}.mock.statusCode"),
+            "must be an HTTP status code (100-999)",
+        );
+    };
+    let mut headers = Vec::with_capacity(mock.headers.len() + 1);
+    for (name, value) in &mock.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => {
+                return cx.err(
+                    at,
+                    format!("{field}.mock.headers.{name}"),
+                    "invalid header name or value",
+                );
+            }
+        }
+    }
+    if !headers.iter().any(|(n, _)| n == http::header::CONTENT_TYPE) && !mock.body.is_empty() {
+        headers.push((
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ));
+    }
+    Ok(Integration::Mock {
+        status,
+        body: mock.body.clone().into(),
+        headers,
     })
 }
 
