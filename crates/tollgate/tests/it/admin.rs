@@ -1924,14 +1924,19 @@ const NOT_ANSWERED: &[(&str, &str, &str)] = &[(
 /// botocore's API Gateway service model, as the installed AWS CLI reads it; `None` (the test is
 /// skipped) when botocore is not installed (see [`util::have`]).
 fn botocore_model() -> Option<Value> {
-    if !util::have("python3", &["-c", "import botocore"], "pip install awscli") {
+    // The AWS CLI since 1.44 carries its own botocore (`awscli.botocore`); before, it used the
+    // `botocore` package.
+    let loaders = "try:\n    import awscli.botocore.loaders as l\nexcept ImportError:\n    import botocore.loaders as l\n";
+    if !util::have("python3", &["-c", loaders], "pip install awscli") {
         return None;
     }
     let out = Command::new("python3")
         .args([
             "-c",
-            "import json, botocore.loaders as l; \
-             print(json.dumps(l.Loader().load_service_model('apigateway', 'service-2')))",
+            &format!(
+                "{loaders}import json\n\
+                 print(json.dumps(l.Loader().load_service_model('apigateway', 'service-2')))"
+            ),
         ])
         .output();
     let out = out.unwrap();
