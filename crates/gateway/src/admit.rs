@@ -19,27 +19,25 @@
 //! for the metrics and the access log, and whom to name to the backend.
 //!
 //! [`KeyLimits`] has two implementations: [`Local`], this instance's atomics (the embedded mode,
-//! and cluster mode's `onStoreFailure: local`), and [`crate::shared_limits::SharedLimits`], the Redis
-//! script every instance shares.
-
-use std::future::Future;
+//! and cluster mode's `onStoreFailure: local`, in [`crate::local_limits`]), and
+//! [`crate::shared_limits::SharedLimits`], the Redis script every instance shares.
 
 use futures_util::FutureExt as _;
 use tollgate_core::KeyHash;
 use tollgate_core::gcra::ThrottleDecision;
 use tollgate_core::model::KEY_VALUE_LEN;
-use tollgate_core::quota::{EpochDay, QuotaDecision};
 
 use tollgate_store::limiter::RedisLimiter;
 
 use crate::config::Route;
 use crate::jwt::UsageIdentifier;
-use crate::limits::{BucketInfo, KeyRejected, LimitInfo, QuotaInfo, Refusal};
+use crate::limits::{KeyRejected, LimitInfo, Refusal};
+use crate::local_limits::{KeyLimits, Local, quota_left};
 use crate::meter::Counted;
 use crate::metrics::{Decision, Metrics};
 use crate::route::RouteMatch;
 use crate::shared_limits::SharedLimits;
-use crate::snapshot::{Grant, KeyBucket, Snapshot};
+use crate::snapshot::{Grant, Snapshot};
 
 /// An admitted request: where it goes and what to advertise.
 #[derive(Debug)]
@@ -171,18 +169,6 @@ pub(crate) async fn admit_caller<'s>(
     }
 }
 
-/// A key's own limits on a route: its bucket, then its quota, and the meter.
-pub(crate) trait KeyLimits {
-    /// Decides `grant`'s bucket and quota for a request on the route `m` matched at `now`, and
-    /// meters it when admitted.
-    fn decide(
-        &self,
-        grant: &Grant<'_>,
-        m: &RouteMatch,
-        now: u64,
-    ) -> impl Future<Output = Result<LimitInfo, Refusal>>;
-}
-
 /// Runs the whole admission pipeline for a request that matched `m` (or no route) presenting
 /// `presented` at `now`, with the key's own limits decided by `limits`.
 pub(crate) async fn admit<'s>(
@@ -286,77 +272,11 @@ fn key<'s>(
         .map_err(Refusal::Forbidden)
 }
 
-/// A key's limits on this instance's atomics.
-pub(crate) struct Local<'s>(pub(crate) &'s Snapshot);
-
-impl KeyLimits for Local<'_> {
-    fn decide(
-        &self,
-        grant: &Grant<'_>,
-        m: &RouteMatch,
-        now: u64,
-    ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
-        std::future::ready(self.decide_now(grant, m, now))
-    }
-}
-
-impl Local<'_> {
-    /// [`KeyLimits::decide`], which never waits here.
-    pub(crate) fn decide_now(
-        &self,
-        grant: &Grant<'_>,
-        m: &RouteMatch,
-        now: u64,
-    ) -> Result<LimitInfo, Refusal> {
-        let mut limits = LimitInfo::default();
-        if let Some(KeyBucket { gcra, state, .. }) = grant.throttle_for(m) {
-            match gcra.check(state, now) {
-                ThrottleDecision::Allowed { remaining } => {
-                    limits.throttle = Some(BucketInfo::new(
-                        gcra,
-                        u64::from(remaining),
-                        gcra.until_full(state, now),
-                    ));
-                }
-                ThrottleDecision::Refused { retry_after } => {
-                    limits.throttle = Some(BucketInfo::new(gcra, 0, gcra.until_full(state, now)));
-                    limits.quota = quota_left(grant, now);
-                    return Err(Refusal::throttled(retry_after, limits));
-                }
-            }
-        }
-        if let Some(quota) = grant.quota() {
-            let window = quota.window(EpochDay::from_nanos(now));
-            let limit = quota.settings().limit;
-            match quota.try_consume(&grant.live().quota, now) {
-                QuotaDecision::Allowed { remaining, .. } => {
-                    limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
-                }
-                QuotaDecision::Refused { .. } => {
-                    // The bucket's token stays taken: hammering a spent quota is not free.
-                    limits.quota = Some(QuotaInfo::new(limit, window, 0, now));
-                    return Err(Refusal::quota_spent(limits));
-                }
-            }
-        }
-        self.0.count(grant, Counted::Admitted, now);
-        Ok(limits)
-    }
-}
-
-/// The quota part of a refusal's headers: what the key has left, read from this instance.
-fn quota_left(grant: &Grant<'_>, now: u64) -> Option<QuotaInfo> {
-    let quota = grant.quota()?;
-    let window = quota.window(EpochDay::from_nanos(now));
-    let left = quota.remaining(&grant.live().quota, now);
-    Some(QuotaInfo::new(quota.settings().limit, window, left, now))
-}
-
 #[cfg(test)]
 mod tests {
     use arc_swap::ArcSwap;
     use tollgate_core::clock::NANOS_PER_SEC;
-    use tollgate_core::quota::Period;
+    use tollgate_core::quota::{EpochDay, Period};
 
     use super::*;
     use crate::snapshot::Taken;

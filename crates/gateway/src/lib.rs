@@ -2,18 +2,18 @@
 //! usage plan's throttles and quota, forwards them to the upstream and meters them.
 //!
 //! Where things are: `server` (accept loops, flusher, the control plane's handle; TLS handshakes
-//! with `tls`'s certificates) hands each client, plain or TLS (`client`), to `conn` (one
-//! connection's request loop, in named phases: route, admit, answer, log; an HTTP/2 client's
-//! streams reach it through `h2`, one HTTP/1.1 request per stream), which
-//! speaks HTTP/1.1 through `http1` (the codec) and `rewrite` (which fields pass the proxy,
-//! `X-Forwarded-*`), normalises the path (`path`), matches it (`route`), admits it (`admit`,
-//! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`) and
-//! forwards it (`proxy`, the upstream connections) or answers it (`response`). What admission reads
-//! is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live state in
-//! `slots` that survives rebuilds; `meter` counts usage (and refusals, and last use) per day; `state` is
-//! what all of these share. A JWT caller's key comes from `jwt` (its authorizer's verified claim); a
-//! proxy in front asks `verify`'s decision endpoint instead of being proxied; `trace`, `access_log` and
-//! `metrics` say what happened.
+//! with `tls`'s certificates) hands each client, plain or TLS (`client`), to `conn` (an HTTP/1.1
+//! connection's request loop) or, for HTTP/2, to `h2` (one task per stream). Both are sessions of
+//! `exchange`, the one exchange every request goes through, in named phases: route, admit, answer,
+//! send, log. Heads are parsed and framed by `http1` (the codec) and `rewrite` (which fields pass the
+//! proxy, `X-Forwarded-*`); the path is normalised (`path`), matched (`route`) and admitted (`admit`,
+//! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`), then
+//! forwarded (`forward`'s pieces, over `proxy`'s upstream connections) or answered (`response`). What
+//! admission reads is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live
+//! state in `slots` that survives rebuilds; `meter` counts usage (and refusals, and last use) per day;
+//! `state` is what all of these share. A JWT caller's key comes from `jwt` (its authorizer's verified
+//! claim); a proxy in front asks `verify`'s decision endpoint instead of being proxied; `trace`,
+//! `access_log` and `metrics` say what happened.
 
 pub mod access_log;
 mod admit;
@@ -28,6 +28,7 @@ pub mod http1;
 pub mod jwt;
 mod key_table;
 pub mod limits;
+mod local_limits;
 pub mod meter;
 pub mod metrics;
 pub mod path;

@@ -8,8 +8,8 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::limiter::{KeyCall, RedisLimiter, Verdict};
 
-use crate::admit::{KeyLimits, Local};
 use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::local_limits::{KeyLimits, Local};
 use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::route::RouteMatch;

@@ -1,0 +1,91 @@
+//! A key's own limits on a route, as admission asks for them ([`KeyLimits`]), and their
+//! implementation on this instance's atomics ([`Local`]): the embedded mode, and cluster mode's
+//! `onStoreFailure: local`. The Redis one is [`crate::shared_limits`].
+
+use std::future::Future;
+
+use tollgate_core::gcra::ThrottleDecision;
+use tollgate_core::quota::{EpochDay, QuotaDecision};
+
+use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::meter::Counted;
+use crate::route::RouteMatch;
+use crate::snapshot::{Grant, KeyBucket, Snapshot};
+
+/// A key's own limits on a route: its bucket, then its quota, and the meter.
+pub(crate) trait KeyLimits {
+    /// Decides `grant`'s bucket and quota for a request on the route `m` matched at `now`, and
+    /// meters it when admitted.
+    fn decide(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch,
+        now: u64,
+    ) -> impl Future<Output = Result<LimitInfo, Refusal>>;
+}
+
+/// A key's limits on this instance's atomics.
+pub(crate) struct Local<'s>(pub(crate) &'s Snapshot);
+
+impl KeyLimits for Local<'_> {
+    fn decide(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch,
+        now: u64,
+    ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
+        std::future::ready(self.decide_now(grant, m, now))
+    }
+}
+
+impl Local<'_> {
+    /// [`KeyLimits::decide`], which never waits here.
+    pub(crate) fn decide_now(
+        &self,
+        grant: &Grant<'_>,
+        m: &RouteMatch,
+        now: u64,
+    ) -> Result<LimitInfo, Refusal> {
+        let mut limits = LimitInfo::default();
+        if let Some(KeyBucket { gcra, state, .. }) = grant.throttle_for(m) {
+            match gcra.check(state, now) {
+                ThrottleDecision::Allowed { remaining } => {
+                    limits.throttle = Some(BucketInfo::new(
+                        gcra,
+                        u64::from(remaining),
+                        gcra.until_full(state, now),
+                    ));
+                }
+                ThrottleDecision::Refused { retry_after } => {
+                    limits.throttle = Some(BucketInfo::new(gcra, 0, gcra.until_full(state, now)));
+                    limits.quota = quota_left(grant, now);
+                    return Err(Refusal::throttled(retry_after, limits));
+                }
+            }
+        }
+        if let Some(quota) = grant.quota() {
+            let window = quota.window(EpochDay::from_nanos(now));
+            let limit = quota.settings().limit;
+            match quota.try_consume(&grant.live().quota, now) {
+                QuotaDecision::Allowed { remaining, .. } => {
+                    limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
+                }
+                QuotaDecision::Refused { .. } => {
+                    // The bucket's token stays taken: hammering a spent quota is not free.
+                    limits.quota = Some(QuotaInfo::new(limit, window, 0, now));
+                    return Err(Refusal::quota_spent(limits));
+                }
+            }
+        }
+        self.0.count(grant, Counted::Admitted, now);
+        Ok(limits)
+    }
+}
+
+/// The quota part of a refusal's headers: what the key has left, read from this instance.
+pub(crate) fn quota_left(grant: &Grant<'_>, now: u64) -> Option<QuotaInfo> {
+    let quota = grant.quota()?;
+    let window = quota.window(EpochDay::from_nanos(now));
+    let left = quota.remaining(&grant.live().quota, now);
+    Some(QuotaInfo::new(quota.settings().limit, window, left, now))
+}
