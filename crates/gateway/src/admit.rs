@@ -37,7 +37,7 @@ use crate::meter::Counted;
 use crate::metrics::{Decision, Metrics};
 use crate::route::RouteMatch;
 use crate::shared_limits::SharedLimits;
-use crate::snapshot::{Grant, Snapshot};
+use crate::snapshot::{Membership, Snapshot};
 
 /// An admitted request: where it goes and what to advertise.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ pub struct Admission<'s> {
     /// The matched route.
     pub route: &'s Route,
     /// The key's membership, when the route required a key.
-    pub grant: Option<Grant<'s>>,
+    pub membership: Option<Membership<'s>>,
     /// The key's limits after this request.
     pub limits: LimitInfo,
 }
@@ -56,21 +56,21 @@ pub struct Refused<'s> {
     /// Why, as the client is told.
     pub refusal: Refusal,
     /// The membership whose limits refused it.
-    pub grant: Option<Grant<'s>>,
+    pub membership: Option<Membership<'s>>,
 }
 
 impl From<Refusal> for Refused<'_> {
     fn from(refusal: Refusal) -> Self {
         Self {
             refusal,
-            grant: None,
+            membership: None,
         }
     }
 }
 
 /// How a caller says which API key is theirs.
 #[derive(Debug, Clone, Copy)]
-pub enum Presented<'a> {
+pub enum CallerKey<'a> {
     /// The `x-api-key` value, if any.
     ApiKey(Option<&'a [u8]>),
     /// A JWT caller's verified claim naming the key by its name.
@@ -133,13 +133,13 @@ pub(crate) async fn admit_caller<'s>(
         }
     }
     let presented = match (authorizer, &claim) {
-        (None, _) => Presented::ApiKey(credentials.api_key),
+        (None, _) => CallerKey::ApiKey(credentials.api_key),
         (Some(a), Some(s)) if a.settings.identifier == UsageIdentifier::Name => {
-            Presented::KeyName(s)
+            CallerKey::KeyName(s)
         }
-        (Some(_), Some(s)) => Presented::KeyValue(s.as_bytes()),
+        (Some(_), Some(s)) => CallerKey::KeyValue(s.as_bytes()),
         // A valid token naming no key.
-        (Some(_), None) => Presented::ApiKey(None),
+        (Some(_), None) => CallerKey::ApiKey(None),
     };
     let outcome = match limiter {
         None => admit(snap, &Local(snap), m.as_ref(), presented, now).await,
@@ -152,14 +152,14 @@ pub(crate) async fn admit_caller<'s>(
             admit(snap, &limits, m.as_ref(), presented, now).await
         }
     };
-    let (grant, decision) = match &outcome {
-        Ok(a) => (a.grant.as_ref(), Decision::Allowed),
-        Err(r) => (r.grant.as_ref(), Decision::from(&r.refusal)),
+    let (membership, decision) = match &outcome {
+        Ok(a) => (a.membership.as_ref(), Decision::Allowed),
+        Err(r) => (r.membership.as_ref(), Decision::from(&r.refusal)),
     };
-    metrics.decided(m, grant.map(|g| g.plan_id()), decision);
+    metrics.decided(m, membership.map(|g| g.plan_id()), decision);
     let subject = match authorizer.map(|a| a.settings.identifier) {
         Some(UsageIdentifier::Name) => claim,
-        Some(UsageIdentifier::Value) => grant.map(|g| g.key_id.to_owned()),
+        Some(UsageIdentifier::Value) => membership.map(|g| g.key_id.to_owned()),
         None => None,
     };
     Decided {
@@ -175,17 +175,17 @@ pub(crate) async fn admit<'s>(
     snap: &'s Snapshot,
     limits: &impl KeyLimits,
     m: Option<&RouteMatch>,
-    presented: Presented<'_>,
+    presented: CallerKey<'_>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
     // Route.
     let m = m.ok_or(Refusal::MissingAuthenticationToken)?;
     let route = snap.route_at(m);
     // Key.
-    let grant = if route.api_key_required {
-        let grant = key(snap, m, presented, now)?;
-        snap.saw(&grant, now);
-        Some(grant)
+    let membership = if route.api_key_required {
+        let membership = key(snap, m, presented, now)?;
+        snap.saw(&membership, now);
+        Some(membership)
     } else {
         None
     };
@@ -195,10 +195,13 @@ pub(crate) async fn admit<'s>(
             Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
             _ => None,
         };
-        if let (Some(g), Some(c)) = (&grant, counted) {
+        if let (Some(g), Some(c)) = (&membership, counted) {
             snap.count(g, c, now);
         }
-        Refused { refusal, grant }
+        Refused {
+            refusal,
+            membership,
+        }
     };
     // Throttles every caller shares.
     let shared = snap.shared_buckets(m);
@@ -208,15 +211,15 @@ pub(crate) async fn admit<'s>(
             shared[..i].iter().flatten().for_each(|b| b.refund());
             let limits = LimitInfo {
                 throttle: None,
-                quota: grant.as_ref().and_then(|g| quota_left(g, now)),
+                quota: membership.as_ref().and_then(|g| quota_left(g, now)),
             };
             return Err(refused(Refusal::throttled(retry_after, limits)));
         }
     }
-    let Some(g) = grant else {
+    let Some(g) = membership else {
         return Ok(Admission {
             route,
-            grant,
+            membership,
             limits: LimitInfo::default(),
         });
     };
@@ -224,7 +227,7 @@ pub(crate) async fn admit<'s>(
     match limits.decide(&g, m, now).await {
         Ok(limits) => Ok(Admission {
             route,
-            grant,
+            membership,
             limits,
         }),
         Err(refusal) => {
@@ -244,7 +247,7 @@ pub fn admit_locally<'s>(
     api_key: Option<&[u8]>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
-    admit(snap, &Local(snap), m, Presented::ApiKey(api_key), now)
+    admit(snap, &Local(snap), m, CallerKey::ApiKey(api_key), now)
         .now_or_never()
         .expect("local limits decide without waiting")
 }
@@ -253,14 +256,16 @@ pub fn admit_locally<'s>(
 fn key<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch,
-    presented: Presented<'_>,
+    presented: CallerKey<'_>,
     now: u64,
-) -> Result<Grant<'s>, Refusal> {
+) -> Result<Membership<'s>, Refusal> {
     let value = match presented {
-        Presented::ApiKey(value) => value.ok_or(Refusal::Forbidden(KeyRejected::Missing))?,
-        Presented::KeyValue(value) => value,
-        Presented::KeyName(name) => {
-            return snap.grant_by_name(name, m, now).map_err(Refusal::Forbidden);
+        CallerKey::ApiKey(value) => value.ok_or(Refusal::Forbidden(KeyRejected::Missing))?,
+        CallerKey::KeyValue(value) => value,
+        CallerKey::KeyName(name) => {
+            return snap
+                .membership_by_name(name, m, now)
+                .map_err(Refusal::Forbidden);
         }
     };
     // Values outside AWS's length bounds (20-128 characters, so at most 4 bytes each) cannot be
@@ -268,7 +273,7 @@ fn key<'s>(
     if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
         return Err(Refusal::Forbidden(KeyRejected::Invalid));
     }
-    snap.grant_for(&KeyHash::of(value), m, now)
+    snap.membership_for(&KeyHash::of(value), m, now)
         .map_err(Refusal::Forbidden)
 }
 

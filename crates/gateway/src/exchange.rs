@@ -231,7 +231,7 @@ impl Pipeline<'_> {
             Err(bad) => self.bad_request(ex, bad),
             Ok(matched) => match self.admit(snap, ex, matched).await {
                 Ok(admission) => {
-                    ex.key_id = admission.grant.map(|g| g.key_id);
+                    ex.key_id = admission.membership.map(|g| g.key_id);
                     let mut extra = HeaderMap::new();
                     if ex.config.rate_limit_headers {
                         response::add_rate_limit_headers(&mut extra, &admission.limits);
@@ -347,7 +347,7 @@ impl Pipeline<'_> {
         m: Option<RouteMatch>,
         admission: Admission<'s>,
     ) -> Answer<'s> {
-        ex.key_id = admission.grant.map(|g| g.key_id);
+        ex.key_id = admission.membership.map(|g| g.key_id);
         let mut extra = HeaderMap::new();
         if ex.config.rate_limit_headers {
             response::add_rate_limit_headers(&mut extra, &admission.limits);
@@ -391,7 +391,7 @@ impl Pipeline<'_> {
     /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
     fn refuse<'s>(&self, ex: &mut Exchange<'s>, refused: Refused<'s>) -> Response<Bytes> {
         let refusal = refused.refusal;
-        ex.key_id = refused.grant.map(|g| g.key_id);
+        ex.key_id = refused.membership.map(|g| g.key_id);
         ex.error = Some(response::refusal_error(&refusal));
         let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
         if let Some(cors) = ex.cors {

@@ -180,7 +180,7 @@ struct Stream {
 
 /// How a stream ended early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
+enum Ended {
     /// The client reset it.
     Reset,
     /// The client gave no flow-control credit for a head timeout: the stream was reset, and
@@ -248,7 +248,7 @@ impl Stream {
         if let Some(up) = session.upstream.take() {
             shared.upstreams.put(up);
         }
-        if let Some(Gone::Reset | Gone::Stalled) = session.gone {
+        if let Some(Ended::Reset | Ended::Stalled) = session.gone {
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
         self.active.store(true, Ordering::Relaxed);
@@ -264,7 +264,7 @@ struct StreamSession<const HTTPS: bool> {
     first: Option<Bytes>,
     upstream: Option<UpstreamConn>,
     /// How the stream ended early, if it did.
-    gone: Option<Gone>,
+    gone: Option<Ended>,
 }
 
 impl<const HTTPS: bool> StreamSession<HTTPS> {
@@ -404,13 +404,13 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
                     tokio::select! {
                         biased;
                         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-                            *gone = Some(Gone::Reset);
+                            *gone = Some(Ended::Reset);
                             return Err(Failure::Client);
                         }
                         u = &mut uploading, if !uploaded => {
                             if let Some(Err(failure)) = u {
                                 if let Failure::Client = failure {
-                                    *gone = Some(Gone::Reset);
+                                    *gone = Some(Ended::Reset);
                                 }
                                 return Err(failure);
                             }
@@ -438,7 +438,7 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
             let early = !uploaded;
             let empty = head.body == BodyLength::Empty;
             let Ok(mut send) = respond.send_response(response, empty) else {
-                *gone = Some(Gone::Reset);
+                *gone = Some(Ended::Reset);
                 return Err(Failure::Client);
             };
             up.buf.consume(head.len);
@@ -597,7 +597,7 @@ async fn relay<R: AsyncRead + Unpin>(
     length: BodyLength,
     send: &mut SendStream<Bytes>,
     idle: Duration,
-) -> Result<(), Gone> {
+) -> Result<(), Ended> {
     let mut body = BodyProgress::new(length);
     let mut data = Vec::new();
     loop {
@@ -605,7 +605,7 @@ async fn relay<R: AsyncRead + Unpin>(
             data.clear();
             let n = body
                 .take_data(buf.bytes(), &mut data)
-                .map_err(|_| Gone::Broken)?;
+                .map_err(|_| Ended::Broken)?;
             buf.consume(n);
             if !data.is_empty() || body.done() {
                 send_data(send, &data, body.done(), idle).await?;
@@ -616,15 +616,15 @@ async fn relay<R: AsyncRead + Unpin>(
         }
         tokio::select! {
             biased;
-            _ = poll_fn(|cx| send.poll_reset(cx)) => return Err(Gone::Reset),
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return Err(Ended::Reset),
             n = buf.read_from(from) => match n {
                 Ok(0) if matches!(body, BodyProgress::UntilClose) => {
-                    return send.send_data(Bytes::new(), true).map_err(|_| Gone::Reset);
+                    return send.send_data(Bytes::new(), true).map_err(|_| Ended::Reset);
                 }
                 Ok(n) if n > 0 => {}
                 _ => {
                     send.send_reset(Reason::INTERNAL_ERROR);
-                    return Err(Gone::Broken);
+                    return Err(Ended::Broken);
                 }
             },
         }
@@ -639,25 +639,25 @@ async fn send_data(
     mut data: &[u8],
     end: bool,
     idle: Duration,
-) -> Result<(), Gone> {
+) -> Result<(), Ended> {
     if data.is_empty() {
-        return send.send_data(Bytes::new(), end).map_err(|_| Gone::Reset);
+        return send.send_data(Bytes::new(), end).map_err(|_| Ended::Reset);
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let Some(capacity) = within(idle, poll_fn(|cx| send.poll_capacity(cx))).await else {
             send.send_reset(Reason::CANCEL);
-            return Err(Gone::Stalled);
+            return Err(Ended::Stalled);
         };
         let Some(Ok(granted)) = capacity else {
-            return Err(Gone::Reset);
+            return Err(Ended::Reset);
         };
         let (now, rest) = data.split_at(granted.min(data.len()));
         if now.is_empty() {
             continue;
         }
         send.send_data(Bytes::copy_from_slice(now), end && rest.is_empty())
-            .map_err(|_| Gone::Reset)?;
+            .map_err(|_| Ended::Reset)?;
         data = rest;
     }
     Ok(())
@@ -672,7 +672,7 @@ async fn send_answer(
     head_only: bool,
     id: &RequestId,
     idle: Duration,
-    gone: &mut Option<Gone>,
+    gone: &mut Option<Ended>,
 ) -> u16 {
     let mut head = Response::new(());
     *head.status_mut() = resp.status();
@@ -682,7 +682,7 @@ async fn send_answer(
     fields.insert(header::CONTENT_LENGTH, HeaderValue::from(resp.body().len()));
     let end = head_only || resp.body().is_empty();
     let Ok(mut send) = respond.send_response(head, end) else {
-        *gone = Some(Gone::Reset);
+        *gone = Some(Ended::Reset);
         return 0;
     };
     if !end {

@@ -10,15 +10,15 @@ use tollgate_core::quota::{EpochDay, QuotaDecision};
 use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
 use crate::meter::Counted;
 use crate::route::RouteMatch;
-use crate::snapshot::{Grant, KeyBucket, Snapshot};
+use crate::snapshot::{KeyBucket, Membership, Snapshot};
 
 /// A key's own limits on a route: its bucket, then its quota, and the meter.
 pub(crate) trait KeyLimits {
-    /// Decides `grant`'s bucket and quota for a request on the route `m` matched at `now`, and
+    /// Decides `membership`'s bucket and quota for a request on the route `m` matched at `now`, and
     /// meters it when admitted.
     fn decide(
         &self,
-        grant: &Grant<'_>,
+        membership: &Membership<'_>,
         m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>>;
@@ -30,11 +30,11 @@ pub(crate) struct Local<'s>(pub(crate) &'s Snapshot);
 impl KeyLimits for Local<'_> {
     fn decide(
         &self,
-        grant: &Grant<'_>,
+        membership: &Membership<'_>,
         m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
-        std::future::ready(self.decide_now(grant, m, now))
+        std::future::ready(self.decide_now(membership, m, now))
     }
 }
 
@@ -42,12 +42,12 @@ impl Local<'_> {
     /// [`KeyLimits::decide`], which never waits here.
     pub(crate) fn decide_now(
         &self,
-        grant: &Grant<'_>,
+        membership: &Membership<'_>,
         m: &RouteMatch,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
         let mut limits = LimitInfo::default();
-        if let Some(KeyBucket { gcra, state, .. }) = grant.throttle_for(m) {
+        if let Some(KeyBucket { gcra, state, .. }) = membership.throttle_for(m) {
             match gcra.check(state, now) {
                 ThrottleDecision::Allowed { remaining } => {
                     limits.throttle = Some(BucketInfo::new(
@@ -58,15 +58,15 @@ impl Local<'_> {
                 }
                 ThrottleDecision::Refused { retry_after } => {
                     limits.throttle = Some(BucketInfo::new(gcra, 0, gcra.until_full(state, now)));
-                    limits.quota = quota_left(grant, now);
+                    limits.quota = quota_left(membership, now);
                     return Err(Refusal::throttled(retry_after, limits));
                 }
             }
         }
-        if let Some(quota) = grant.quota() {
+        if let Some(quota) = membership.quota() {
             let window = quota.window(EpochDay::from_nanos(now));
             let limit = quota.settings().limit;
-            match quota.try_consume(&grant.live().quota, now) {
+            match quota.try_consume(&membership.live().quota, now) {
                 QuotaDecision::Allowed { remaining, .. } => {
                     limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
                 }
@@ -77,15 +77,15 @@ impl Local<'_> {
                 }
             }
         }
-        self.0.count(grant, Counted::Admitted, now);
+        self.0.count(membership, Counted::Admitted, now);
         Ok(limits)
     }
 }
 
 /// The quota part of a refusal's headers: what the key has left, read from this instance.
-pub(crate) fn quota_left(grant: &Grant<'_>, now: u64) -> Option<QuotaInfo> {
-    let quota = grant.quota()?;
+pub(crate) fn quota_left(membership: &Membership<'_>, now: u64) -> Option<QuotaInfo> {
+    let quota = membership.quota()?;
     let window = quota.window(EpochDay::from_nanos(now));
-    let left = quota.remaining(&grant.live().quota, now);
+    let left = quota.remaining(&membership.live().quota, now);
     Some(QuotaInfo::new(quota.settings().limit, window, left, now))
 }

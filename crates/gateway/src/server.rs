@@ -202,12 +202,12 @@ impl GatewayHandle {
     ) -> Result<Option<i64>, GatewayError> {
         let snap = self.snapshot();
         let now = self.shared.clock.now();
-        let Some(grant) = snap.grant_of(plan_id, key_id) else {
+        let Some(membership) = snap.membership_of(plan_id, key_id) else {
             return Ok(None);
         };
         // The local count always follows (cluster mode falls back to it when Redis is down).
-        let local = grant.set_remaining(now, remaining);
-        match (&self.shared.limiter, grant.quota()) {
+        let local = membership.set_remaining(now, remaining);
+        match (&self.shared.limiter, membership.quota()) {
             (Some(limiter), Some(quota)) => limiter
                 .set_remaining(key_id, plan_id, quota.settings(), remaining, now)
                 .await
@@ -328,9 +328,9 @@ impl Gateway {
         let Listeners { plain, tls, verify } = listeners;
         loop {
             let (accepted, door) = tokio::select! {
-                a = accept(plain.as_ref()) => (a, Door::Plain),
-                a = accept(tls.as_ref().map(|(l, _)| l)) => (a, Door::Tls),
-                a = accept(verify.as_ref()) => (a, Door::Verify),
+                a = accept(plain.as_ref()) => (a, Listener::Plain),
+                a = accept(tls.as_ref().map(|(l, _)| l)) => (a, Listener::Tls),
+                a = accept(verify.as_ref()) => (a, Listener::Verify),
                 () = &mut shutdown => break,
             };
             let (stream, peer) = match accepted {
@@ -353,10 +353,10 @@ impl Gateway {
             let held = (open_rx.clone(), slot);
             let shared = self.shared.clone();
             match (&tls, door) {
-                (Some((_, acceptor)), Door::Tls) => {
+                (Some((_, acceptor)), Listener::Tls) => {
                     tokio::spawn(handshake(shared, acceptor.clone(), stream, peer, held));
                 }
-                (_, Door::Verify) => {
+                (_, Listener::Verify) => {
                     tokio::spawn(serve_verify(shared, stream, peer, held));
                 }
                 _ => {
@@ -404,7 +404,7 @@ pub struct Listeners {
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Door {
+enum Listener {
     Plain,
     Tls,
     Verify,

@@ -13,7 +13,7 @@ use crate::local_limits::{KeyLimits, Local};
 use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::route::RouteMatch;
-use crate::snapshot::{Grant, Snapshot};
+use crate::snapshot::{Membership, Snapshot};
 
 /// A key's limits in Redis, for requests served from `snap`.
 pub(crate) struct SharedLimits<'s> {
@@ -25,22 +25,22 @@ pub(crate) struct SharedLimits<'s> {
 impl KeyLimits for SharedLimits<'_> {
     fn decide(
         &self,
-        grant: &Grant<'_>,
+        membership: &Membership<'_>,
         m: &RouteMatch,
         now: u64,
     ) -> impl Future<Output = Result<LimitInfo, Refusal>> {
-        self.decide_shared(grant, m, now)
+        self.decide_shared(membership, m, now)
     }
 }
 
 impl SharedLimits<'_> {
     async fn decide_shared(
         &self,
-        grant: &Grant<'_>,
+        membership: &Membership<'_>,
         m: &RouteMatch,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
-        let bucket = grant.throttle_for(m);
+        let bucket = membership.throttle_for(m);
         let gcra = bucket.as_ref().map(|b| b.gcra);
         // A per-method bucket is named after its route; the plan's bucket has no name.
         let method = match bucket {
@@ -56,10 +56,10 @@ impl SharedLimits<'_> {
             }
             _ => String::new(),
         };
-        let quota = grant.quota().map(|q| q.settings());
+        let quota = membership.quota().map(|q| q.settings());
         let call = KeyCall {
-            key_id: grant.key_id,
-            plan_id: grant.plan_id(),
+            key_id: membership.key_id,
+            plan_id: membership.plan_id(),
             method: &method,
             throttle: gcra,
             quota,
@@ -70,10 +70,10 @@ impl SharedLimits<'_> {
             .store_called(started.elapsed().as_secs_f64(), decided.is_ok());
         let Ok(decided) = decided else {
             return match self.limiter.on_failure {
-                OnStoreFailure::Local => Local(self.snap).decide_now(grant, m, now),
+                OnStoreFailure::Local => Local(self.snap).decide_now(membership, m, now),
                 OnStoreFailure::Allow => {
                     // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    self.snap.count(grant, Counted::Admitted, now);
+                    self.snap.count(membership, Counted::Admitted, now);
                     Ok(LimitInfo::default())
                 }
                 OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),

@@ -29,7 +29,7 @@ use crate::slots::{Bucket, Chunk, Epoch, Live, Retired, SlotBook, Slots, live_at
 
 /// One API key's membership in one usage plan, as a request uses it.
 #[derive(Clone, Copy)]
-pub struct Grant<'s> {
+pub struct Membership<'s> {
     /// The key's id.
     pub key_id: &'s str,
     plan: &'s PlanRules,
@@ -46,9 +46,9 @@ pub(crate) struct KeyBucket<'s> {
     pub per_method: bool,
 }
 
-impl std::fmt::Debug for Grant<'_> {
+impl std::fmt::Debug for Membership<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grant")
+        f.debug_struct("Membership")
             .field("key_id", &self.key_id)
             .field("plan_id", &self.plan.id)
             .field("slot", &self.slot)
@@ -56,7 +56,7 @@ impl std::fmt::Debug for Grant<'_> {
     }
 }
 
-impl<'s> Grant<'s> {
+impl<'s> Membership<'s> {
     /// The plan's id.
     pub fn plan_id(&self) -> &'s Arc<str> {
         &self.plan.id
@@ -402,31 +402,36 @@ impl Snapshot {
     }
 
     /// The membership of key `key_id` in plan `plan_id`, if it is served.
-    pub fn grant_of(&self, plan_id: &str, key_id: &str) -> Option<Grant<'_>> {
+    pub fn membership_of(&self, plan_id: &str, key_id: &str) -> Option<Membership<'_>> {
         let key = self.keys.by_id(key_id)?;
         self.member_in(key, plan_id)
-            .map(|member| self.grant_at(key, member))
+            .map(|member| self.membership_at(key, member))
     }
 
     /// The membership of the enabled key, unexpired at `now`, whose value (or old value, in its grace
     /// period at `now`) hashes to `hash`, in the first of its plans that covers the stage `m` matched.
-    pub(crate) fn grant_for(
+    pub(crate) fn membership_for(
         &self,
         hash: &KeyHash,
         m: &RouteMatch,
         now: u64,
-    ) -> Result<Grant<'_>, KeyRejected> {
+    ) -> Result<Membership<'_>, KeyRejected> {
         let key = self
             .keys
             .find(hash)
             .or_else(|| self.keys.find_previous(hash, now))
             .ok_or(KeyRejected::Invalid)?;
-        self.grant_of_key(key, m, now)
+        self.membership_of_key(key, m, now)
     }
 
     /// The membership of the key at record `key`, when it is enabled and unexpired at `now`, in the
     /// first of its plans that covers the stage `m` matched.
-    fn grant_of_key(&self, key: usize, m: &RouteMatch, now: u64) -> Result<Grant<'_>, KeyRejected> {
+    fn membership_of_key(
+        &self,
+        key: usize,
+        m: &RouteMatch,
+        now: u64,
+    ) -> Result<Membership<'_>, KeyRejected> {
         if !self.keys.enabled(key) {
             return Err(KeyRejected::Disabled);
         }
@@ -437,24 +442,24 @@ impl Snapshot {
             .members_of(key)
             .iter()
             .find(|member| self.plans[member.plan as usize].covers(m))
-            .map(|&member| self.grant_at(key, member))
+            .map(|&member| self.membership_at(key, member))
             .ok_or(KeyRejected::Invalid)
     }
 
     /// The membership of the enabled, unexpired (at `now`) key named `name` in the first of its
     /// plans that covers the stage `m` matched: a JWT caller's key.
-    pub(crate) fn grant_by_name(
+    pub(crate) fn membership_by_name(
         &self,
         name: &str,
         m: &RouteMatch,
         now: u64,
-    ) -> Result<Grant<'_>, KeyRejected> {
+    ) -> Result<Membership<'_>, KeyRejected> {
         let key = self.keys.by_name(name).ok_or(KeyRejected::Invalid)?;
-        self.grant_of_key(key, m, now)
+        self.membership_of_key(key, m, now)
     }
 
-    fn grant_at(&self, key: usize, member: Member) -> Grant<'_> {
-        Grant {
+    fn membership_at(&self, key: usize, member: Member) -> Membership<'_> {
+        Membership {
             key_id: self.keys.id(key),
             plan: &self.plans[member.plan as usize],
             slot: member.slot,
@@ -497,14 +502,15 @@ impl Snapshot {
         self.plans.iter().map(|p| (&p.id, &p.name))
     }
 
-    /// Counts a request of `grant` at `now` as `counted`.
-    pub fn count(&self, grant: &Grant<'_>, counted: Counted, now: u64) {
-        self.slots.count(grant.slot, grant.live, counted, now);
+    /// Counts a request of `membership` at `now` as `counted`.
+    pub fn count(&self, membership: &Membership<'_>, counted: Counted, now: u64) {
+        self.slots
+            .count(membership.slot, membership.live, counted, now);
     }
 
-    /// Notes that `grant`'s key was presented at `now` (its `lastUsedDate`).
-    pub(crate) fn saw(&self, grant: &Grant<'_>, now: u64) {
-        self.slots.saw(grant.slot, grant.live, now);
+    /// Notes that `membership`'s key was presented at `now` (its `lastUsedDate`).
+    pub(crate) fn saw(&self, membership: &Membership<'_>, now: u64) {
+        self.slots.saw(membership.slot, membership.live, now);
     }
 
     /// Takes every count and sight not yet taken from the snapshots `current` has held, with their
@@ -610,7 +616,7 @@ mod tests {
     };
 
     fn slot_of(cell: &ArcSwap<Snapshot>, key: &str) -> u32 {
-        cell.load().grant_of("plan01", key).unwrap().slot
+        cell.load().membership_of("plan01", key).unwrap().slot
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::config::raw::{
     RawRoute, RawStage, RawStore, RawThrottle,
 };
 use crate::config::{self, Config, ConfigError};
-use tree::{FieldPath, Node, ReadError, Sited};
+use tree::{FieldPath, Located, Node, ReadError};
 use vars::Vars;
 
 /// How to turn a serverless.yml into a gateway.
@@ -164,7 +164,7 @@ impl<'de, M: Deserialize<'de>, L: Deserialize<'de>> Deserialize<'de> for MapOrLi
 /// The document with its variables resolved.
 struct Doc<'a> {
     file: &'a Path,
-    root: Sited,
+    root: Located,
 }
 
 impl Doc<'_> {
@@ -177,7 +177,7 @@ impl Doc<'_> {
         self.root.find(&path.0).map_or(Location::UNKNOWN, |n| n.at)
     }
 
-    fn node(&self, path: &FieldPath) -> Option<&Sited> {
+    fn node(&self, path: &FieldPath) -> Option<&Located> {
         self.root.find(&path.0).filter(|n| n.node != Node::Null)
     }
 
@@ -217,7 +217,8 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         |field: &str, message: String| ConfigError::at(file, Location::UNKNOWN, field, message);
     let text =
         std::fs::read_to_string(file).map_err(|e| no_place("", format!("cannot read: {e}")))?;
-    let written: Sited = serde_saphyr::from_str(&text).map_err(|e| config::yaml_error(file, &e))?;
+    let written: Located =
+        serde_saphyr::from_str(&text).map_err(|e| config::yaml_error(file, &e))?;
     if !matches!(written.node, Node::Map(_)) {
         return Err(ConfigError::at(
             file,
@@ -601,14 +602,14 @@ fn plan_on(
 }
 
 /// `{planName: [keys…]}`, which groups keys under a named plan: the plan and how many keys.
-fn key_group(item: &Sited) -> Option<(&str, usize)> {
+fn key_group(item: &Located) -> Option<(&str, usize)> {
     match &item.node {
         Node::Map(entries) => match entries.as_slice() {
             [
                 (
                     plan,
                     _,
-                    Sited {
+                    Located {
                         node: Node::Seq(keys),
                         ..
                     },

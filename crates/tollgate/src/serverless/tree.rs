@@ -1,6 +1,6 @@
 //! `serverless.yml` as a tree whose every node knows where it is in the user's file. Variables are
 //! resolved on it ([`super::vars`]), then the typed structs of [`super`] are read from it with serde
-//! ([`Sited::read`]), so an error, from a variable or from a field's type, points into the file the
+//! ([`Located::read`]), so an error, from a variable or from a field's type, points into the file the
 //! user wrote.
 
 use std::fmt;
@@ -13,7 +13,7 @@ use serde_saphyr::{Location, Spanned};
 
 /// A node and where it is written (for a resolved variable: where the variable is used).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sited {
+pub struct Located {
     pub node: Node,
     pub at: Location,
 }
@@ -28,14 +28,14 @@ pub enum Node {
     Str(String),
     /// Text that environment variables gave, and how tollgate's config writes it (`${NAME}`).
     Env(String, String),
-    Seq(Vec<Sited>),
+    Seq(Vec<Located>),
     /// Entries in file order: each key, where it is written, its value.
-    Map(Vec<(String, Location, Sited)>),
+    Map(Vec<(String, Location, Located)>),
 }
 
-impl Sited {
+impl Located {
     /// The entry `key` of a mapping.
-    pub fn get(&self, key: &str) -> Option<&Sited> {
+    pub fn get(&self, key: &str) -> Option<&Located> {
         match &self.node {
             Node::Map(entries) => entries.iter().find(|(k, _, _)| k == key).map(|(_, _, v)| v),
             _ => None,
@@ -43,7 +43,7 @@ impl Sited {
     }
 
     /// The node at `path` below this one, if there is one.
-    pub fn find(&self, path: &[Step]) -> Option<&Sited> {
+    pub fn find(&self, path: &[Step]) -> Option<&Located> {
         path.iter()
             .try_fold(self, |at, step| match (step, &at.node) {
                 (Step::Key(k), _) => at.get(k),
@@ -103,10 +103,10 @@ impl fmt::Display for FieldPath {
 
 // ---- reading the tree from YAML, every node with its location ----
 
-impl<'de> Deserialize<'de> for Sited {
+impl<'de> Deserialize<'de> for Located {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let spanned = Spanned::<Node>::deserialize(d)?;
-        Ok(Sited {
+        Ok(Located {
             node: spanned.value,
             at: spanned.referenced,
         })
@@ -174,7 +174,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Sited>()? {
+        while let Some(item) = seq.next_element::<Located>()? {
             items.push(item);
         }
         Ok(Node::Seq(items))
@@ -182,7 +182,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
         let mut entries = Vec::new();
         while let Some(key) = map.next_key::<Spanned<Key>>()? {
-            let value = map.next_value::<Sited>()?;
+            let value = map.next_value::<Located>()?;
             entries.push((key.value.0, key.referenced, value));
         }
         Ok(Node::Map(entries))
@@ -230,7 +230,7 @@ impl ReadError {
 
 /// A node being read, and its path.
 struct At<'a> {
-    node: &'a Sited,
+    node: &'a Located,
     path: FieldPath,
 }
 
@@ -238,7 +238,7 @@ impl<'de> Deserializer<'de> for At<'_> {
     type Error = ReadError;
 
     fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, ReadError> {
-        let Sited { node, at } = self.node;
+        let Located { node, at } = self.node;
         let read = match node {
             Node::Null => v.visit_unit(),
             Node::Bool(b) => v.visit_bool(*b),
@@ -276,7 +276,7 @@ struct Items<'a, I> {
     path: &'a FieldPath,
 }
 
-impl<'de, 'a, I: Iterator<Item = (usize, &'a Sited)>> SeqAccess<'de> for Items<'a, I> {
+impl<'de, 'a, I: Iterator<Item = (usize, &'a Located)>> SeqAccess<'de> for Items<'a, I> {
     type Error = ReadError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
@@ -297,11 +297,13 @@ impl<'de, 'a, I: Iterator<Item = (usize, &'a Sited)>> SeqAccess<'de> for Items<'
 
 struct Entries<'a, I> {
     entries: I,
-    value: Option<(&'a str, &'a Sited)>,
+    value: Option<(&'a str, &'a Located)>,
     path: &'a FieldPath,
 }
 
-impl<'de, 'a, I: Iterator<Item = &'a (String, Location, Sited)>> MapAccess<'de> for Entries<'a, I> {
+impl<'de, 'a, I: Iterator<Item = &'a (String, Location, Located)>> MapAccess<'de>
+    for Entries<'a, I>
+{
     type Error = ReadError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
@@ -342,7 +344,7 @@ mod tests {
         names: Vec<String>,
     }
 
-    fn tree(yaml: &str) -> Sited {
+    fn tree(yaml: &str) -> Located {
         serde_saphyr::from_str(yaml).unwrap()
     }
 

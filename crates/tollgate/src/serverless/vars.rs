@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_saphyr::Location;
 
-use super::tree::{FieldPath, Node, Sited, Step};
+use super::tree::{FieldPath, Located, Node, Step};
 use crate::config::ConfigError;
 use crate::config::raw::{escape_env, is_env_name};
 
@@ -17,7 +17,7 @@ const MAX_DEPTH: usize = 16;
 pub struct Vars<'a> {
     pub file: &'a Path,
     /// The document as written.
-    pub root: &'a Sited,
+    pub root: &'a Located,
     /// `--stage`.
     pub opt_stage: Option<&'a str>,
     /// The stage, once known (`${sls:stage}` cannot be used before).
@@ -30,11 +30,16 @@ impl Vars<'_> {
     }
 
     /// `v` with every variable in it resolved.
-    pub fn resolve(&self, v: &Sited, path: &FieldPath) -> Result<Sited, ConfigError> {
+    pub fn resolve(&self, v: &Located, path: &FieldPath) -> Result<Located, ConfigError> {
         self.resolve_at(v, path, 0)
     }
 
-    fn resolve_at(&self, v: &Sited, path: &FieldPath, depth: usize) -> Result<Sited, ConfigError> {
+    fn resolve_at(
+        &self,
+        v: &Located,
+        path: &FieldPath,
+        depth: usize,
+    ) -> Result<Located, ConfigError> {
         if depth > MAX_DEPTH {
             return Err(self.err(v.at, path, "variables nest too deeply (a ${self:…} cycle?)"));
         }
@@ -57,7 +62,7 @@ impl Vars<'_> {
             ),
             other => other.clone(),
         };
-        Ok(Sited { node, at: v.at })
+        Ok(Located { node, at: v.at })
     }
 
     /// `s` with its variables resolved. Text that an environment variable gave becomes a
@@ -68,8 +73,8 @@ impl Vars<'_> {
         at: Location,
         path: &FieldPath,
         depth: usize,
-    ) -> Result<Sited, ConfigError> {
-        let sited = |node| Sited { node, at };
+    ) -> Result<Located, ConfigError> {
+        let sited = |node| Located { node, at };
         // The resolved text, and its template while one can be written (`None` once a piece makes
         // it ambiguous).
         let (mut value, mut written) = (String::new(), Some(String::new()));
@@ -130,9 +135,9 @@ impl Vars<'_> {
         at: Location,
         path: &FieldPath,
         depth: usize,
-    ) -> Result<Sited, ConfigError> {
+    ) -> Result<Located, ConfigError> {
         let text = |t: &str| {
-            Some(Sited {
+            Some(Located {
                 node: Node::Str(t.to_string()),
                 at,
             })
@@ -145,12 +150,12 @@ impl Vars<'_> {
             } else if let Some(lit) = quoted(source) {
                 text(lit)
             } else if let Ok(n) = source.parse::<i64>() {
-                Some(Sited {
+                Some(Located {
                     node: Node::Int(n),
                     at,
                 })
             } else if let Ok(n) = source.parse::<f64>() {
-                Some(Sited {
+                Some(Located {
                     node: Node::Float(n),
                     at,
                 })
@@ -170,7 +175,7 @@ impl Vars<'_> {
                     missing.push(format!("environment variable {name} is not set"));
                 }
                 // Names tollgate's config can write as `${NAME}` stay variables there.
-                v.map(|v| Sited {
+                v.map(|v| Located {
                     node: if is_env_name(name) {
                         Node::Env(v, format!("${{{name}}}"))
                     } else {
@@ -187,7 +192,7 @@ impl Vars<'_> {
                     .collect();
                 match self.root.find(&steps) {
                     None
-                    | Some(Sited {
+                    | Some(Located {
                         node: Node::Null, ..
                     }) => {
                         missing.push(format!("{} is not in the file", target.trim()));
