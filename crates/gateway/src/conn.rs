@@ -409,8 +409,14 @@ async fn streamed<C: ClientIo>(
         tokio::select! {
             biased;
             r = &mut responding => break r,
-            // Its failure ends the exchange anyway: both connections close.
-            _ = &mut upload, if !uploaded => uploaded = true,
+            u = &mut upload, if !uploaded => {
+                uploaded = true;
+                // A body refused or broken off: the upstream will not finish its answer, so both
+                // connections close rather than wait for it.
+                if u.is_err() {
+                    break Relayed::HeadOnly;
+                }
+            }
         }
     };
     Ok((resp_head, early, keep_alive, relayed))

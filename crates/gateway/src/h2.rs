@@ -447,16 +447,28 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
                 Ok(())
             } else {
                 let idle = shared.head_timeout;
-                let mut relaying =
-                    pin!(relay(&mut up_read, &mut up.buf, head.body, &mut send, idle));
-                loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut relaying => break r,
-                        // Its failure ends the exchange anyway: the upstream connection closes.
-                        _ = &mut uploading, if !uploaded => uploaded = true,
+                let relayed = {
+                    let mut relaying =
+                        pin!(relay(&mut up_read, &mut up.buf, head.body, &mut send, idle));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut relaying => break r,
+                            u = &mut uploading, if !uploaded => {
+                                uploaded = true;
+                                // A body refused or broken off: the upstream will not finish its
+                                // answer, so the stream is cut rather than left waiting.
+                                if let Some(Err(_)) = u {
+                                    break Err(Ended::Broken);
+                                }
+                            }
+                        }
                     }
+                };
+                if relayed == Err(Ended::Broken) {
+                    send.send_reset(Reason::CANCEL);
                 }
+                relayed
             };
             if let Err(why) = relayed {
                 *gone = Some(why);

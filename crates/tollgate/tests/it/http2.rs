@@ -674,3 +674,52 @@ async fn a_get_ended_by_an_empty_data_frame_is_served() {
     stream.send_data(Bytes::from_static(b"x"), true).unwrap();
     assert_eq!(read(resp).await.unwrap().0.status, 400);
 }
+
+/// `maxRequestBodySize` holds over HTTP/2 as over HTTP/1.1: a declared length over it is refused
+/// before anything goes upstream, and a body without one is cut off once it passes it: with 413, or,
+/// when the upstream (this one echoes as it reads) has already answered, by resetting the stream, so
+/// that neither side waits for the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_the_limit_are_refused_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = start(dir.path(), "maxRequestBodySize: 1KB").await;
+    let (mut client, _conn) = h2c(gw.addr).await;
+    // POSTs `data` (in `frames` DATA frames) to the echo route, with `content-length` when
+    // `declared`.
+    async fn post(
+        client: &mut h2::client::SendRequest<Bytes>,
+        data: &[u8],
+        frames: usize,
+        declared: bool,
+    ) -> Result<(http::response::Parts, Bytes), h2::Error> {
+        let mut req = http::Request::post("http://gw/prod/echo/body").header("x-api-key", KEY);
+        if declared {
+            req = req.header("content-length", data.len());
+        }
+        *client = client.clone().ready().await.unwrap();
+        let (resp, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
+        let size = data.len().div_ceil(frames);
+        for (i, chunk) in data.chunks(size).enumerate() {
+            stream.reserve_capacity(chunk.len());
+            let last = (i + 1) * size >= data.len();
+            // The gateway may answer and reset the stream before it has taken every frame.
+            let _ = stream.send_data(Bytes::copy_from_slice(chunk), last);
+        }
+        tokio::time::timeout(Duration::from_secs(30), read(resp))
+            .await
+            .expect("the stream was left waiting")
+    }
+    let (parts, _) = post(&mut client, &[b'a'; 2000], 2, true).await.unwrap();
+    assert_eq!(parts.status, 413);
+    for _ in 0..5 {
+        match post(&mut client, &[b'b'; 1800], 3, false).await {
+            Ok((parts, body)) => assert_eq!(parts.status, 413, "{body:?}"),
+            Err(e) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+        }
+    }
+    let (parts, body) = post(&mut client, &[b'c'; 1024], 4, false).await.unwrap();
+    assert_eq!(parts.status, 200);
+    assert_eq!(&body[..], &[b'c'; 1024][..]);
+    let (parts, _) = post(&mut client, &[b'd'; 1024], 1, true).await.unwrap();
+    assert_eq!(parts.status, 200);
+}
