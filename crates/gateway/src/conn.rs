@@ -196,8 +196,6 @@ impl<C: ClientIo> Session for Conn<C> {
     ) -> (u16, bool) {
         let (head, keep_alive) = (&ex.head, ex.keep_alive);
         let head_only = head.method == Method::HEAD;
-        p.upstream_answer = None;
-        p.failure = None;
         p.inbuf.consume(head.len);
         let mut body = BodyProgress::with_limit(head.body, to.body_limit);
         match body.take(p.inbuf.bytes(), Some(&mut p.to_upstream)) {

@@ -46,8 +46,8 @@ pub(crate) trait Session {
     ) -> u16;
 
     /// Sends the request in [`Pipeline::to_upstream`], then its body, to the upstream and relays the
-    /// answer with the `extra` fields, leaving [`Pipeline::upstream_answer`] and
-    /// [`Pipeline::failure`] set. Returns the status sent (0 if the client got nothing more) and
+    /// answer with the `extra` fields, setting [`Pipeline::upstream_answer`] (once an answer came)
+    /// and [`Pipeline::failure`] (when forwarding failed). Returns the status sent (0 if the client got nothing more) and
     /// whether the client connection stays open.
     async fn forward(
         &mut self,
@@ -150,6 +150,8 @@ pub(crate) async fn exchange<S: Session>(
     let status = match answer {
         Answer::Forward(to, extra) => {
             sent = Some(shared.clock.now());
+            p.upstream_answer = None;
+            p.failure = None;
             let (status, keep_alive) = session.forward(p, &ex, &to, &extra).await;
             ex.keep_alive = keep_alive;
             ex.error = p.failure;

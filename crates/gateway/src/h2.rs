@@ -227,22 +227,17 @@ impl Stream {
             upstream: None,
             gone: None,
         };
+        // The head is whole, so the parser never finds it incomplete.
         let head = request_head(&parts, ended, &mut p.inbuf)
             .map_err(HeadError::Malformed)
-            .and_then(|()| p.parse_head::<StreamSession<HTTPS>>());
+            .and_then(|()| p.parse_head::<StreamSession<HTTPS>>())
+            .and_then(|head| head.ok_or(HeadError::Malformed("Malformed request")));
         match head {
-            Ok(Some(head)) => {
+            Ok(head) => {
                 // On the heap: the stream's task is spawned (moved) small, and the exchange, the
                 // largest future, is made once in place.
                 Box::pin(exchange(&mut session, &mut p, head)).await;
             }
-            // Whole, so never incomplete; but if it were, it is not a request to serve.
-            Ok(None) => {
-                session
-                    .bad_request(HeadError::Malformed("Malformed request"), &parts, shared)
-                    .await
-            }
-            // Answered here: the exchange never sees a head it could not read.
             Err(bad) => session.bad_request(bad, &parts, shared).await,
         }
         if let Some(up) = session.upstream.take() {
@@ -272,16 +267,38 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
     async fn bad_request(&mut self, bad: HeadError, parts: &http::request::Parts, shared: &Shared) {
         let resp = response::bad_request(bad);
         let head_only = parts.method == Method::HEAD;
-        let idle = shared.head_timeout;
-        send_answer(
-            &mut self.respond,
-            &resp,
-            head_only,
-            &RequestId::new(),
-            idle,
-            &mut self.gone,
-        )
-        .await;
+        self.answer(&resp, head_only, &RequestId::new(), shared.head_timeout)
+            .await;
+    }
+
+    /// Sends the gateway's own answer `resp` on the stream: its status and fields, the request's
+    /// id, `Date` and `Content-Length`, then its body unless `head_only`. Returns the status, or 0
+    /// when the client is gone (why, in [`StreamSession::gone`]).
+    async fn answer(
+        &mut self,
+        resp: &Response<Bytes>,
+        head_only: bool,
+        id: &RequestId,
+        idle: Duration,
+    ) -> u16 {
+        let mut head = Response::new(());
+        *head.status_mut() = resp.status();
+        let fields = head.headers_mut();
+        fields.clone_from(resp.headers());
+        add_gateway_fields(fields, id);
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from(resp.body().len()));
+        let end = head_only || resp.body().is_empty();
+        let Ok(mut send) = self.respond.send_response(head, end) else {
+            self.gone = Some(Ended::Reset);
+            return 0;
+        };
+        if !end {
+            if let Err(why) = send_data(&mut send, resp.body(), true, idle).await {
+                self.gone = Some(why);
+                return 0;
+            }
+        }
+        resp.status().as_u16()
     }
 }
 
@@ -296,15 +313,7 @@ impl<const HTTPS: bool> Session for StreamSession<HTTPS> {
         resp: &Response<Bytes>,
     ) -> u16 {
         let idle = p.shared.head_timeout;
-        send_answer(
-            &mut self.respond,
-            resp,
-            ex.head_only,
-            &ex.id,
-            idle,
-            &mut self.gone,
-        )
-        .await
+        self.answer(resp, ex.head_only, &ex.id, idle).await
     }
 
     async fn forward(
@@ -314,8 +323,6 @@ impl<const HTTPS: bool> Session for StreamSession<HTTPS> {
         to: &Forward<'_>,
         extra: &HeaderMap,
     ) -> (u16, bool) {
-        p.upstream_answer = None;
-        p.failure = None;
         let status = match self.proxy(p, ex, to, extra).await {
             Ok(status) => status,
             Err(Failure::Client) => {
@@ -327,16 +334,7 @@ impl<const HTTPS: bool> Session for StreamSession<HTTPS> {
                 let (resp, error) = failure.answer();
                 p.failure = Some(error);
                 let idle = p.shared.head_timeout;
-                let (head_only, id) = (ex.head_only, &ex.id);
-                send_answer(
-                    &mut self.respond,
-                    &resp,
-                    head_only,
-                    id,
-                    idle,
-                    &mut self.gone,
-                )
-                .await
+                self.answer(&resp, ex.head_only, &ex.id, idle).await
             }
         };
         (status, false)
@@ -673,37 +671,6 @@ async fn send_data(
         data = rest;
     }
     Ok(())
-}
-
-/// Sends the gateway's own answer `resp` on the stream: its status and fields, the request's id,
-/// `Date` and `Content-Length`, then its body unless `head_only`. Returns the status, or 0 when the
-/// client is gone (why, in `gone`).
-async fn send_answer(
-    respond: &mut SendResponse<Bytes>,
-    resp: &Response<Bytes>,
-    head_only: bool,
-    id: &RequestId,
-    idle: Duration,
-    gone: &mut Option<Ended>,
-) -> u16 {
-    let mut head = Response::new(());
-    *head.status_mut() = resp.status();
-    let fields = head.headers_mut();
-    fields.clone_from(resp.headers());
-    add_gateway_fields(fields, id);
-    fields.insert(header::CONTENT_LENGTH, HeaderValue::from(resp.body().len()));
-    let end = head_only || resp.body().is_empty();
-    let Ok(mut send) = respond.send_response(head, end) else {
-        *gone = Some(Ended::Reset);
-        return 0;
-    };
-    if !end {
-        if let Err(why) = send_data(&mut send, resp.body(), true, idle).await {
-            *gone = Some(why);
-            return 0;
-        }
-    }
-    resp.status().as_u16()
 }
 
 /// `x-amzn-RequestId` and `Date`, as every answer carries them.
