@@ -27,7 +27,7 @@ use crate::snapshot::Snapshot;
 use crate::state::Shared;
 use crate::tls::TlsInfo;
 use crate::trace::RequestId;
-use crate::verify::{self, Proxy, VerifySettings};
+use crate::verify::{self, Proxy};
 
 /// The client side of an exchange: how the request's body is read and the answer written.
 pub(crate) trait Session {
@@ -134,9 +134,9 @@ pub(crate) async fn exchange<S: Session>(
     let _in_flight = shared.metrics.request_started();
     let snap = shared.snapshot.load_full();
     let mut ex = p.begin(&snap, head);
-    let answer = match (p.endpoint, &ex.config.verify) {
-        (Endpoint::Decide, Some(settings)) => p.decide(&snap, &mut ex, settings).await,
-        _ => match p.route(&snap, &mut ex) {
+    let answer = match p.endpoint {
+        Endpoint::Decide => p.decide(&snap, &mut ex).await,
+        Endpoint::Proxy => match p.route(&snap, &mut ex) {
             Err(bad) => Answer::Respond(p.bad_request(&mut ex, bad)),
             Ok(matched) => match p.admit(&snap, &mut ex, matched).await {
                 Ok(admission) => p.answer(&mut ex, matched, admission),
@@ -220,14 +220,13 @@ impl Pipeline<'_> {
     /// The decision endpoint's exchange: the original request the proxy describes is routed and
     /// admitted as the data plane would, and the answer says whether it may pass, in the form the
     /// proxy asking takes.
-    async fn decide<'s>(
-        &mut self,
-        snap: &'s Snapshot,
-        ex: &mut Exchange<'s>,
-        settings: &VerifySettings,
-    ) -> Answer<'s> {
+    async fn decide<'s>(&mut self, snap: &'s Snapshot, ex: &mut Exchange<'s>) -> Answer<'s> {
+        let settings = ex.config.verify.as_ref();
         let kept = self.shared.kept_fields;
-        let original = verify::take_original(self.inbuf.bytes(), &mut ex.head, settings, kept)
+        let original = settings
+            .map_or(Ok(()), |settings| {
+                verify::take_original(self.inbuf.bytes(), &mut ex.head, settings, kept)
+            })
             .and_then(|()| self.route(snap, ex));
         let resp = match original {
             Err(bad) => self.bad_request(ex, bad),
@@ -243,8 +242,8 @@ impl Pipeline<'_> {
                 Err(refused) => self.refuse(ex, refused),
             },
         };
-        Answer::Respond(match settings.proxy {
-            Proxy::Nginx => verify::for_nginx(resp, ex.error.map_or("", |e| e.0)),
+        Answer::Respond(match settings.map(|s| s.proxy) {
+            Some(Proxy::Nginx) => verify::for_nginx(resp, ex.error.map_or("", |e| e.0)),
             _ => resp,
         })
     }
