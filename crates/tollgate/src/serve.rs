@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +17,7 @@ use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions,
 use tollgate_store::limiter::RedisLimiter;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
-use crate::config::{Config, StoreKind, TlsTermination};
+use crate::config::{AdminConfig, Config, StoreKind, TlsListener, TlsTermination};
 
 /// How often a cluster instance checks Redis's record version even without a change message: the
 /// periodic resync that catches a message missed while the subscription was down.
@@ -39,72 +40,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .kind
         .open()
         .with_context(|| format!("opening the store {}", config.store.kind.describe()))?;
-    let limiter = match &config.store.kind {
-        StoreKind::Sqlite(_) => None,
-        StoreKind::Redis(settings, on_failure) => Some(
-            RedisLimiter::connect(
-                &settings.urls,
-                settings.cluster,
-                settings.timeout,
-                *on_failure,
-            )
-            .await
-            .context("connecting to Redis")?,
-        ),
-    };
-    let now_secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let seal = config
-        .sealer
-        .clone()
-        .map(|s| move |id: &str, value: &str| s.seal(id, value));
-    let generated = tokio::task::block_in_place(|| {
-        apply_declared(
-            &*store,
-            &config.plans,
-            &config.keys,
-            now_secs,
-            seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
-        )
-    })
-    .with_context(|| {
-        format!(
-            "applying the config's plans and keys to the store {}",
-            config.store.kind.describe()
-        )
-    })?;
-    {
-        // The one time a generated value is shown: on stdout for the operator, never in the logs.
-        let mut out = std::io::stdout().lock();
-        for key in &generated {
-            let _ = writeln!(
-                out,
-                "tollgate: generated API key {:?} (id {}): {}  <- shown once, store it now",
-                key.name, key.id, key.value
-            );
-        }
-    }
+    let limiter = connect_limiter(&config).await?;
+    apply_declared_records(&config, &*store)?;
 
-    let descriptors = raise_descriptor_limit();
-    let admin_connections = config.admin.as_ref().map_or(0, |a| a.max_connections);
-    let budget = DescriptorBudget::plan(descriptors, admin_connections, config.max_connections)
-        .map_err(anyhow::Error::msg)?;
-    tracing::info!(
-        descriptors,
-        max_connections = budget.max_connections,
-        max_idle_upstream = budget.max_idle_upstream,
-        admin_max_connections = admin_connections,
-        "connection limits"
-    );
-    let options = GatewayOptions {
-        flush_interval: config.store.flush_interval,
-        head_timeout: config.header_timeout,
-        max_connections: budget.max_connections,
-        max_idle_upstream: budget.max_idle_upstream,
-        http2: config.http2,
-        ..GatewayOptions::default()
-    };
+    let options = gateway_options(&config)?;
     // Cluster mode: the record version the first snapshot is built from, so the resync loop reloads only
     // what changes after it (a million keys are not loaded twice at startup).
     let loaded_version = match &config.store.kind {
@@ -146,23 +85,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    // SIGUSR1 reopens the access log's file, as logrotate's postrotate expects.
-    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        .context("listening for SIGUSR1")?;
-    let handle = gateway.handle();
-    tokio::spawn(async move {
-        while usr1.recv().await.is_some() {
-            handle.reopen_access_log();
-        }
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let stop_rx = watch_signals(gateway.handle())?;
 
     if let StoreKind::Redis(settings, _) = &config.store.kind {
         let watcher = RedisStore::new(settings.clone())?;
@@ -191,51 +114,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "upstreamTls.insecureSkipVerify: the certificates of some https upstreams are not verified; anyone on the path to them can read and change their traffic"
         );
     }
-    let mut listeners = Listeners::default();
-    if let Some(listen) = config.listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        listeners.plain = Some(listener);
-    }
-    if let Some(tls) = &config.tls {
-        let listener = tokio::net::TcpListener::bind(tls.listen)
-            .await
-            .with_context(|| format!("binding {} (tls.listen)", tls.listen))?;
-        let acceptor = terminate(&tls.tls, stopped(stop_rx.clone()))?;
-        listeners.tls = Some((listener, acceptor));
-    }
-    if let Some(addr) = config.verify_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr} (verify.listen)"))?;
-        let bound = listener.local_addr()?;
-        tracing::info!(addr = %bound, "decision endpoint listening");
-        println!("tollgate: decisions on http://{bound}");
-        listeners.verify = Some(listener);
-    }
+    let addresses = (config.listen, config.tls.as_ref(), config.verify_listen);
+    let listeners = bind_listeners(addresses, &stop_rx).await?;
     let admin_task = match admin {
-        Some((admin, admin_config, limits)) => {
-            let admin_addr = admin_config.listen;
-            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .with_context(|| format!("binding the admin API to {admin_addr}"))?;
-            let bound = admin_listener.local_addr()?;
-            let tls = match &admin_config.tls {
-                Some(tls) => Some(terminate(tls, stopped(stop_rx.clone()))?),
-                None => None,
-            };
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            tracing::info!(addr = %bound, "admin API listening");
-            println!("tollgate: admin API on {scheme}://{bound}");
-            Some(tokio::spawn(tollgate_admin::http::serve(
-                admin,
-                admin_listener,
-                tls,
-                limits,
-                stopped(stop_rx.clone()),
-            )))
-        }
+        Some(admin) => Some(start_admin(admin, &stop_rx).await?),
         None => None,
     };
     if let Some((listener, _)) = &listeners.tls {
@@ -256,6 +138,169 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGTERM and SIGINT become the stop every task watches; SIGUSR1 reopens the access log's file, as
+/// logrotate's postrotate expects.
+fn watch_signals(handle: GatewayHandle) -> anyhow::Result<watch::Receiver<bool>> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("listening for SIGUSR1")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            handle.reopen_access_log();
+        }
+    });
+    Ok(stop_rx)
+}
+
+/// Connects to Redis for the shared limits, in cluster mode.
+async fn connect_limiter(config: &Config) -> anyhow::Result<Option<RedisLimiter>> {
+    Ok(match &config.store.kind {
+        StoreKind::Sqlite(_) => None,
+        StoreKind::Redis(settings, on_failure) => Some(
+            RedisLimiter::connect(
+                &settings.urls,
+                settings.cluster,
+                settings.timeout,
+                *on_failure,
+            )
+            .await
+            .context("connecting to Redis")?,
+        ),
+    })
+}
+
+/// Applies the config's plans and keys to the store; a value generated for a key is shown once, on
+/// stdout.
+fn apply_declared_records(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let seal = config
+        .sealer
+        .clone()
+        .map(|s| move |id: &str, value: &str| s.seal(id, value));
+    let generated = tokio::task::block_in_place(|| {
+        apply_declared(
+            store,
+            &config.plans,
+            &config.keys,
+            now_secs,
+            seal.as_ref().map(|f| f as &dyn Fn(&str, &str) -> Vec<u8>),
+        )
+    })
+    .with_context(|| {
+        format!(
+            "applying the config's plans and keys to the store {}",
+            config.store.kind.describe()
+        )
+    })?;
+    {
+        // The one time a generated value is shown: on stdout for the operator, never in the logs.
+        let mut out = std::io::stdout().lock();
+        for key in &generated {
+            let _ = writeln!(
+                out,
+                "tollgate: generated API key {:?} (id {}): {}  <- shown once, store it now",
+                key.name, key.id, key.value
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The gateway's options: the connection budget the descriptor limit allows, logged.
+fn gateway_options(config: &Config) -> anyhow::Result<GatewayOptions> {
+    let descriptors = raise_descriptor_limit();
+    let admin_connections = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    let budget = DescriptorBudget::plan(descriptors, admin_connections, config.max_connections)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        descriptors,
+        max_connections = budget.max_connections,
+        max_idle_upstream = budget.max_idle_upstream,
+        admin_max_connections = admin_connections,
+        "connection limits"
+    );
+    Ok(GatewayOptions {
+        flush_interval: config.store.flush_interval,
+        head_timeout: config.header_timeout,
+        max_connections: budget.max_connections,
+        max_idle_upstream: budget.max_idle_upstream,
+        http2: config.http2,
+        ..GatewayOptions::default()
+    })
+}
+
+/// Binds the data plane's listeners: plain, TLS (with its certificates watched until `stop_rx`
+/// says stop) and the decision endpoint's.
+async fn bind_listeners(
+    (listen, tls, verify_listen): (Option<SocketAddr>, Option<&TlsListener>, Option<SocketAddr>),
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Listeners> {
+    let mut listeners = Listeners::default();
+    if let Some(listen) = listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        listeners.plain = Some(listener);
+    }
+    if let Some(tls) = tls {
+        let listener = tokio::net::TcpListener::bind(tls.listen)
+            .await
+            .with_context(|| format!("binding {} (tls.listen)", tls.listen))?;
+        let acceptor = terminate(&tls.tls, stopped(stop_rx.clone()))?;
+        listeners.tls = Some((listener, acceptor));
+    }
+    if let Some(addr) = verify_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (verify.listen)"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "decision endpoint listening");
+        println!("tollgate: decisions on http://{bound}");
+        listeners.verify = Some(listener);
+    }
+    Ok(listeners)
+}
+
+/// What the admin API serves with: the service, its listener's settings and its limits.
+type AdminParts<'c> = (Arc<Admin>, &'c AdminConfig, ListenerLimits);
+
+/// Binds the admin API's listener and serves it until `stop_rx` says stop.
+async fn start_admin(
+    (admin, admin_config, limits): AdminParts<'_>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let admin_addr = admin_config.listen;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API to {admin_addr}"))?;
+    let bound = admin_listener.local_addr()?;
+    let tls = match &admin_config.tls {
+        Some(tls) => Some(terminate(tls, stopped(stop_rx.clone()))?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %bound, "admin API listening");
+    println!("tollgate: admin API on {scheme}://{bound}");
+    Ok(tokio::spawn(tollgate_admin::http::serve(
+        admin,
+        admin_listener,
+        tls,
+        limits,
+        stopped(stop_rx.clone()),
+    )))
+}
+
+/// Resolves once `rx` says stop.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Cluster mode: wakes `changed` whenever a record change is published on Redis (on any node of a
