@@ -4,11 +4,10 @@
 //! backend with; `X-Forwarded-For`, `-Proto` and `-Host` are set by the gateway, never passed on.
 //! Parsing and framing are [`crate::http1`]'s; this module only decides which fields go through.
 
-use http::{HeaderMap, Method};
+use http::HeaderMap;
 
 use crate::http1::{
-    self, BodyLength, HeadError, RequestFields, RequestHead, ResponseFields, ResponseStart,
-    header_line, is,
+    self, BodyLength, HeadError, RequestFields, RequestHead, ResponseFields, header_line, is,
 };
 
 /// Request fields a client could steer a backend with, dropped unless the config keeps them:
@@ -203,22 +202,9 @@ fn forward_request_fields(
     }
 }
 
-/// Parses the response head at the start of `buf` (the answer to a `method` request) and appends its
-/// rewrite for the client to `out`: the status line as HTTP/1.1, the headers minus hop-by-hop ones
-/// and those in `replaced` (the gateway sets them itself), the framing, and a `Date` if the upstream
-/// sent none. The blank line is left to the caller, which may add headers.
-pub fn response_head(
-    buf: &[u8],
-    method: &Method,
-    replaced: &HeaderMap,
-    out: &mut Vec<u8>,
-) -> Result<ResponseStart, HeadError> {
-    http1::parse_response(buf, method, |parsed| {
-        response_fields(parsed, replaced, out);
-    })
-}
-
-/// The response head for the client, into `out` (see [`response_head`]).
+/// The rewrite of a parsed response head for the client, into `out`: the status line as HTTP/1.1,
+/// the fields [`passes_response_field`] lets through, the framing, and a `Date` if the upstream sent
+/// none. The blank line is left to the caller, which may add fields.
 pub(crate) fn response_fields(
     parsed: &ResponseFields<'_, '_>,
     replaced: &HeaderMap,
@@ -256,8 +242,10 @@ pub(crate) fn passes_response_field(
 
 #[cfg(test)]
 mod tests {
+    use http::Method;
+
     use super::*;
-    use crate::http1::ResponseHead;
+    use crate::http1::{ResponseHead, ResponseStart};
 
     fn req(raw: &[u8]) -> (Result<Option<RequestHead>, HeadError>, String) {
         req_keeping(raw, KeptFields::default())
@@ -353,7 +341,8 @@ mod tests {
 
     fn resp(raw: &[u8], method: Method) -> (Result<ResponseStart, HeadError>, String) {
         let mut out = Vec::new();
-        let r = response_head(raw, &method, &HeaderMap::new(), &mut out);
+        let none = HeaderMap::new();
+        let r = http1::parse_response(raw, &method, |f| response_fields(f, &none, &mut out));
         (r, String::from_utf8(out).unwrap())
     }
 
