@@ -85,35 +85,27 @@ pub(super) fn validate_key_value_storage(
     cx: &Ctx<'_>,
     kvs: &Spanned<String>,
 ) -> Result<Option<Sealer>, ConfigError> {
-    Ok(match kvs.value.as_str() {
-        "hashed" => None,
-        "encrypted" => {
-            let Ok(hex) = std::env::var(KEY_ENCRYPTION_KEY_ENV) else {
-                return cx.err(
-                    &kvs.referenced,
-                    "keyValueStorage",
-                    format!("encrypted storage needs the key in {KEY_ENCRYPTION_KEY_ENV} (64 hex characters)"),
-                );
-            };
-            match Sealer::from_hex(&hex) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    return cx.err(
-                        &kvs.referenced,
-                        "keyValueStorage",
-                        format!("{KEY_ENCRYPTION_KEY_ENV}: {e}"),
-                    );
-                }
-            }
-        }
-        other => {
-            return cx.err(
-                &kvs.referenced,
-                "keyValueStorage",
-                format!("{other:?} is not one of hashed, encrypted"),
-            );
-        }
-    })
+    let storage = [("hashed", false), ("encrypted", true)];
+    if !cx.one_of(&storage, &kvs.value, &kvs.referenced, "keyValueStorage")? {
+        return Ok(None);
+    }
+    let Ok(hex) = std::env::var(KEY_ENCRYPTION_KEY_ENV) else {
+        return cx.err(
+            &kvs.referenced,
+            "keyValueStorage",
+            format!(
+                "encrypted storage needs the key in {KEY_ENCRYPTION_KEY_ENV} (64 hex characters)"
+            ),
+        );
+    };
+    match Sealer::from_hex(&hex) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => cx.err(
+            &kvs.referenced,
+            "keyValueStorage",
+            format!("{KEY_ENCRYPTION_KEY_ENV}: {e}"),
+        ),
+    }
 }
 
 /// `accessLog:`: off, AWS's default format, or a format and a file.
