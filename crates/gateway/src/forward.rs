@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Response, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
-use crate::client::write_all_progressing;
+use crate::client::{within, write_all_progressing};
 use crate::config::UpstreamTls;
 use crate::deadline::LazyDeadline;
 use crate::http1::{
@@ -236,14 +236,24 @@ pub(crate) async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let n = body.take(inbuf.bytes(), None).map_err(Failure::Body)?;
             (n, &inbuf.bytes()[..n])
         };
-        match tokio::time::timeout(stall, up.write_all(data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Failure::Upstream),
-            Err(_) => return Err(Failure::Timeout),
-        }
+        write_up(up, data, stall).await?;
         inbuf.consume(n);
     }
     Ok(())
+}
+
+/// Writes `data` to the upstream within `stall`: a failed write is [`Failure::Upstream`], a stalled
+/// one [`Failure::Timeout`].
+pub(crate) async fn write_up<W: AsyncWrite + Unpin>(
+    up: &mut W,
+    data: &[u8],
+    stall: Duration,
+) -> Result<(), Failure> {
+    match within(stall, up.write_all(data)).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(Failure::Upstream),
+        None => Err(Failure::Timeout),
+    }
 }
 
 /// Copies the rest of a response body from the upstream to the client through `buf` (empty on

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::client::{Protocol, within};
 use crate::deadline::LazyDeadline;
 use crate::exchange::{Endpoint, Exchange, Pipeline, Session, exchange};
-use crate::forward::{Failure, Forward, Stale, connect, read_response_head, settle};
+use crate::forward::{Failure, Forward, Stale, connect, read_response_head, settle, write_up};
 use crate::http1::{self, BodyLength, BodyProgress, HeadError, InBuf, ResponseFields};
 use crate::proxy::{self, UpstreamConn};
 use crate::response;
@@ -406,11 +406,13 @@ impl<const HTTPS: bool> StreamSession<HTTPS> {
                             return Err(Failure::Client);
                         }
                         u = &mut uploading, if !uploaded => {
-                            if let Some(Err(failure)) = u {
-                                if let Failure::Client = failure {
-                                    *gone = Some(Ended::Reset);
+                            match u {
+                                Some(Err(Stopped::Forwarding(failure))) => return Err(failure),
+                                Some(Err(Stopped::Client(why))) => {
+                                    *gone = Some(why);
+                                    return Err(Failure::Client);
                                 }
-                                return Err(failure);
+                                Some(Ok(())) | None => {}
                             }
                             uploaded = true;
                             timer.set(Instant::now() + to.timeout);
@@ -548,10 +550,18 @@ fn request_head(
     Ok(())
 }
 
+/// How a stream's upload stopped early.
+enum Stopped {
+    /// Forwarding failed (the body was too long, the upstream failed or stalled): the caller
+    /// answers as for any failure.
+    Forwarding(Failure),
+    /// The client's side of the stream ended: reset by the client, or broken and reset by h2.
+    Client(Ended),
+}
+
 /// Sends the stream's DATA (after `first`, already taken) to the upstream as the request's body,
 /// chunked when `chunked`, returning flow-control credit as the upstream takes the bytes. More than
-/// `limit` bytes is 413; each write to the upstream is bounded by `stall`. A client's reset is
-/// [`Failure::Client`].
+/// `limit` bytes is 413; each write to the upstream is bounded by `stall`.
 async fn upload<W: AsyncWrite + Unpin>(
     mut first: Option<Bytes>,
     body: &mut RecvStream,
@@ -559,21 +569,27 @@ async fn upload<W: AsyncWrite + Unpin>(
     limit: u64,
     to: &mut W,
     stall: Duration,
-) -> Result<(), Failure> {
+) -> Result<(), Stopped> {
     let mut frame = Vec::new();
     let mut sent = 0u64;
     while let Some(data) = match first.take() {
         Some(data) => Some(Ok(data)),
         None => body.data().await,
     } {
-        let data = data.map_err(|_: h2::Error| Failure::Client)?;
+        let data = data.map_err(|e: h2::Error| {
+            Stopped::Client(if e.is_reset() && e.is_remote() {
+                Ended::Reset
+            } else {
+                Ended::Broken
+            })
+        })?;
         let n = data.len();
         if n == 0 {
             continue;
         }
         sent += n as u64;
         if sent > limit {
-            return Err(Failure::Body(HeadError::BodyTooLarge));
+            return Err(Stopped::Forwarding(Failure::Body(HeadError::BodyTooLarge)));
         }
         let bytes = if chunked {
             frame.clear();
@@ -582,19 +598,15 @@ async fn upload<W: AsyncWrite + Unpin>(
         } else {
             &data[..]
         };
-        match within(stall, to.write_all(bytes)).await {
-            Some(Ok(())) => {}
-            Some(Err(_)) => return Err(Failure::Upstream),
-            None => return Err(Failure::Timeout),
-        }
+        write_up(to, bytes, stall)
+            .await
+            .map_err(Stopped::Forwarding)?;
         let _ = body.flow_control().release_capacity(n);
     }
     if chunked {
-        match within(stall, to.write_all(b"0\r\n\r\n")).await {
-            Some(Ok(())) => {}
-            Some(Err(_)) => return Err(Failure::Upstream),
-            None => return Err(Failure::Timeout),
-        }
+        write_up(to, b"0\r\n\r\n", stall)
+            .await
+            .map_err(Stopped::Forwarding)?;
     }
     Ok(())
 }
