@@ -156,10 +156,10 @@ pub(crate) async fn admit_caller<'s>(
         Ok(a) => (a.membership.as_ref(), Decision::Allowed),
         Err(r) => (r.membership.as_ref(), Decision::from(&r.refusal)),
     };
-    metrics.decided(m, membership.map(|g| g.plan_id()), decision);
+    metrics.decided(m, membership.map(|m| m.plan_id()), decision);
     let subject = match authorizer.map(|a| a.settings.identifier) {
         Some(UsageIdentifier::Name) => claim,
-        Some(UsageIdentifier::Value) => membership.map(|g| g.key_id.to_owned()),
+        Some(UsageIdentifier::Value) => membership.map(|m| m.key_id.to_owned()),
         None => None,
     };
     Decided {
@@ -195,8 +195,8 @@ pub(crate) async fn admit<'s>(
             Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
             _ => None,
         };
-        if let (Some(g), Some(c)) = (&membership, counted) {
-            snap.count(g, c, now);
+        if let (Some(m), Some(c)) = (&membership, counted) {
+            snap.count(m, c, now);
         }
         Refused {
             refusal,
@@ -211,7 +211,7 @@ pub(crate) async fn admit<'s>(
             shared[..i].iter().flatten().for_each(|b| b.refund());
             let limits = LimitInfo {
                 throttle: None,
-                quota: membership.as_ref().and_then(|g| quota_left(g, now)),
+                quota: membership.as_ref().and_then(|m| quota_left(m, now)),
             };
             return Err(refused(Refusal::throttled(retry_after, limits)));
         }

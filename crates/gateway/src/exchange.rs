@@ -231,14 +231,7 @@ impl Pipeline<'_> {
         let resp = match original {
             Err(bad) => self.bad_request(ex, bad),
             Ok(matched) => match self.admit(snap, ex, matched).await {
-                Ok(admission) => {
-                    ex.key_id = admission.membership.map(|g| g.key_id);
-                    let mut extra = HeaderMap::new();
-                    if ex.config.rate_limit_headers {
-                        response::add_rate_limit_headers(&mut extra, &admission.limits);
-                    }
-                    verify::allowed(extra, ex.key_id)
-                }
+                Ok(admission) => verify::allowed(admitted(ex, &admission), ex.key_id),
                 Err(refused) => self.refuse(ex, refused),
             },
         };
@@ -348,11 +341,7 @@ impl Pipeline<'_> {
         m: Option<RouteMatch>,
         admission: Admission<'s>,
     ) -> Answer<'s> {
-        ex.key_id = admission.membership.map(|g| g.key_id);
-        let mut extra = HeaderMap::new();
-        if ex.config.rate_limit_headers {
-            response::add_rate_limit_headers(&mut extra, &admission.limits);
-        }
+        let mut extra = admitted(ex, &admission);
         if let Some(cors) = ex.cors {
             response::add_cors_headers(&mut extra, cors, ex.origin.as_ref());
         }
@@ -392,7 +381,7 @@ impl Pipeline<'_> {
     /// Phase 3, answer a refused request: AWS's error, with the RateLimit and CORS headers.
     fn refuse<'s>(&self, ex: &mut Exchange<'s>, refused: Refused<'s>) -> Response<Bytes> {
         let refusal = refused.refusal;
-        ex.key_id = refused.membership.map(|g| g.key_id);
+        ex.key_id = refused.membership.map(|m| m.key_id);
         ex.error = Some(response::refusal_error(&refusal));
         let mut resp = response::refusal(refusal, ex.config.rate_limit_headers);
         if let Some(cors) = ex.cors {
@@ -530,6 +519,17 @@ enum Answer<'s> {
     /// The gateway's own answer: a mock, a preflight, a refusal, a decision, or the error for a
     /// request that could not be accepted.
     Respond(Response<Bytes>),
+}
+
+/// Notes the admitted key's id, and returns the fields every admitted request's answer carries: the
+/// RateLimit headers, when the config asks for them.
+fn admitted<'s>(ex: &mut Exchange<'s>, admission: &Admission<'s>) -> HeaderMap {
+    ex.key_id = admission.membership.map(|m| m.key_id);
+    let mut extra = HeaderMap::new();
+    if ex.config.rate_limit_headers {
+        response::add_rate_limit_headers(&mut extra, &admission.limits);
+    }
+    extra
 }
 
 /// The path routed and forwarded: the client's own, or its normalised form. ASCII either way: a
