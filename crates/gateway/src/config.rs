@@ -12,6 +12,7 @@ use tollgate_core::rules::ApiOutline;
 
 use crate::access_log::AccessLogConfig;
 use crate::rewrite::KeptFields;
+use crate::tls::ClientTls;
 
 /// AWS's default integration timeout.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(29);
@@ -231,8 +232,8 @@ pub enum Integration {
 /// one, and the name the upstream's certificate must hold (the URL's host, also sent as SNI).
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
-    /// The rustls client configuration.
-    pub config: Arc<rustls::ClientConfig>,
+    /// The client configuration (opened before the config is served).
+    pub client: Arc<ClientTls>,
     /// The URL's host.
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
@@ -240,7 +241,7 @@ pub struct UpstreamTls {
 impl UpstreamTls {
     /// What tells connections made with different configurations apart in the idle pool.
     pub fn pool_id(&self) -> usize {
-        Arc::as_ptr(&self.config) as usize
+        Arc::as_ptr(&self.client) as usize
     }
 }
 

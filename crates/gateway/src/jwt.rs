@@ -16,6 +16,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tollgate_core::clock::NANOS_PER_SEC;
 
+use crate::tls::ClientTls;
+
 /// How far ahead `exp` may be, in seconds: a year. IdPs issue tokens for minutes or hours; one that
 /// never expires (`exp` near `u64::MAX`) would be a credential nobody can take back.
 const MAX_LIFETIME_SECS: u64 = 366 * 24 * 3600;
@@ -65,8 +67,8 @@ struct VerifyKey {
 /// Where a JWKS is read from.
 enum JwksSource {
     File(String),
-    /// Fetched with an agent trusting what https upstreams trust (`upstreamTls`).
-    Url(String, ureq::Agent),
+    /// Fetched trusting what https upstreams trust (`upstreamTls`).
+    Url(String, Arc<ClientTls>),
 }
 
 /// How long a JWKS fetch may take.
@@ -82,7 +84,15 @@ impl JwksSource {
     fn read(&self) -> Result<String, String> {
         match self {
             Self::File(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}")),
-            Self::Url(url, agent) => agent
+            Self::Url(url, tls) => ureq::AgentBuilder::new()
+                .tls_config(
+                    tls.config()
+                        .ok_or_else(|| format!("{url}: its TLS configuration was never opened"))?
+                        .clone(),
+                )
+                .timeout(FETCH_TIMEOUT)
+                .redirects(0)
+                .build()
                 .get(url)
                 .call()
                 .map_err(|e| format!("{url}: {e}"))?
@@ -168,18 +178,10 @@ fn read_jwks(source: &JwksSource) -> Result<Vec<VerifyKey>, String> {
 
 impl Authorizer {
     /// The authorizer `settings` declare, without its keys yet ([`Authorizer::read_keys`] reads
-    /// them); a JWKS URL must be `https`, fetched trusting `tls`.
-    pub fn new(
-        settings: AuthorizerSettings,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Result<Self, String> {
+    /// them); a JWKS URL must be `https`, fetched trusting `tls` (opened by then).
+    pub fn new(settings: AuthorizerSettings, tls: Arc<ClientTls>) -> Result<Self, String> {
         let source = if settings.jwks.starts_with("https://") {
-            let agent = ureq::AgentBuilder::new()
-                .tls_config(tls)
-                .timeout(FETCH_TIMEOUT)
-                .redirects(0)
-                .build();
-            JwksSource::Url(settings.jwks.clone(), agent)
+            JwksSource::Url(settings.jwks.clone(), tls)
         } else if settings.jwks.contains("://") {
             return Err(format!("{}: a JWKS URL must be https", settings.jwks));
         } else {
@@ -345,6 +347,7 @@ pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::tls::UpstreamTlsFiles;
 
     /// A signing key and its JWK, for minting tokens in tests.
     pub(crate) struct Signer {
@@ -438,15 +441,10 @@ pub(crate) mod tests {
 
     const NOW: u64 = 1_800_000_000 * NANOS_PER_SEC;
 
-    /// TLS settings for authorizers whose JWKS is a file (they never connect).
-    pub(crate) fn no_tls() -> Arc<rustls::ClientConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        Arc::new(config)
+    /// TLS settings for authorizers whose JWKS is a file (they never connect, so it is never
+    /// opened).
+    pub(crate) fn no_tls() -> Arc<ClientTls> {
+        Arc::new(ClientTls::new(UpstreamTlsFiles::default()))
     }
 
     fn bearer(token: &str) -> Vec<u8> {

@@ -231,7 +231,11 @@ async fn open(url: &Uri, tls: Option<&UpstreamTls>) -> io::Result<UpstreamIo> {
     match tls {
         None => Ok(Either::Left(tcp)),
         Some(tls) => {
-            let connector = TlsConnector::from(tls.config.clone());
+            // Opened with the config, before anything is served.
+            let config = tls.client.config().ok_or_else(|| {
+                io::Error::other("the upstream's TLS configuration was never opened")
+            })?;
+            let connector = TlsConnector::from(config.clone());
             let stream = connector.connect(tls.server_name.clone(), tcp).await?;
             Ok(Either::Right(Box::new(stream)))
         }

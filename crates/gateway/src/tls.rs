@@ -375,6 +375,43 @@ pub struct UpstreamTlsFiles {
     pub insecure_skip_verify: bool,
 }
 
+/// A TLS client configuration for `https` upstreams (and JWKS URLs), described by its files and
+/// built from them by [`ClientTls::open`]: validating a config reads no file.
+#[derive(Debug)]
+pub struct ClientTls {
+    files: UpstreamTlsFiles,
+    config: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+impl ClientTls {
+    /// The configuration `files` describe, not built yet.
+    pub fn new(files: UpstreamTlsFiles) -> Self {
+        Self {
+            files,
+            config: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// What it is made of.
+    pub fn files(&self) -> &UpstreamTlsFiles {
+        &self.files
+    }
+
+    /// Reads its files and builds the configuration (once; later calls keep the first).
+    pub fn open(&self) -> Result<(), TlsError> {
+        if self.config.get().is_none() {
+            let config = Arc::new(client_config(&self.files)?);
+            let _ = self.config.set(config);
+        }
+        Ok(())
+    }
+
+    /// The configuration, once opened.
+    pub fn config(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.config.get()
+    }
+}
+
 /// The system's root certificates, read once.
 fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
     static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();

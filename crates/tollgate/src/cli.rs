@@ -54,7 +54,8 @@ enum Command {
     /// Convert other formats to a tollgate config.
     #[command(subcommand)]
     Import(ImportCommand),
-    /// Validate a config file and exit; JWKS files are read, JWKS URLs fetched only with --online.
+    /// Validate a config file and exit. The files it names (certificates, keys, CAs, JWKS) are
+    /// read and checked; JWKS URLs are fetched only with --online.
     Check {
         /// The config file (tollgate.yaml).
         #[arg(long, short)]
@@ -169,9 +170,10 @@ pub fn run() -> ExitCode {
                     "give --config FILE or --serverless FILE".into(),
                 )),
             };
-            // The authorizers' keys are read (fetched) before anything is served.
+            // Certificates, TLS configurations and the authorizers' keys are read (fetched) before
+            // anything is served.
             loaded
-                .and_then(|c| c.read_jwks(true).map(|()| c).map_err(Failure::Config))
+                .and_then(|c| c.open(true).map(|()| c).map_err(Failure::Config))
                 .and_then(|c| {
                     init_logging();
                     serve::serve(c).map_err(Failure::Runtime)
@@ -187,7 +189,7 @@ pub fn run() -> ExitCode {
             .and_then(|o| serverless::import(&o).map_err(Failure::Config))
             .map(|yaml| print!("{yaml}")),
         Command::Check { config, online } => config::load(&config)
-            .and_then(|c| c.read_jwks(online).map(|()| c))
+            .and_then(|c| c.open(online).map(|()| c))
             .map(|c| {
                 for w in &c.warnings {
                     eprintln!("tollgate: warning: {w}");

@@ -477,12 +477,16 @@ fn terminate(
     tls: &TlsTermination,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let opened = tls
+        .opened()
+        .context("the TLS listener's certificates were never opened")?;
     tokio::spawn(
-        tls.certificates
+        opened
+            .certificates
             .clone()
             .watch(CERTIFICATE_CHECK, hangups()?, stop),
     );
-    Ok(tokio_rustls::TlsAcceptor::from(tls.server.clone()))
+    Ok(tokio_rustls::TlsAcceptor::from(opened.server.clone()))
 }
 
 /// Every SIGHUP, as a stream (SIGHUP reloads the TLS certificates).

@@ -17,7 +17,7 @@ use tollgate_admin::sigv4::Credentials;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::Http2Settings;
 use tollgate_gateway::jwt::Authorizer;
-use tollgate_gateway::tls::Certificates;
+use tollgate_gateway::tls::{self, CertFiles, Certificates, ClientTls, TlsError, TlsSettings};
 use tollgate_store::OnStoreFailure;
 use tollgate_store::RedisSettings;
 use tollgate_store::{DeclaredKey, DeclaredPlan};
@@ -56,29 +56,48 @@ pub struct Config {
     /// What is valid but risky, each naming its file, line and field: printed by `check`, logged
     /// by `serve`.
     pub warnings: Vec<ConfigError>,
-    /// The authorizers' JWKS, read by [`Config::read_jwks`] rather than while validating.
-    pub jwks: Vec<JwksToRead>,
+    /// The TLS client configurations of `https` upstreams and JWKS URLs, built by
+    /// [`Config::open`].
+    pub clients: Vec<ToOpen<Arc<ClientTls>>>,
+    /// The authorizers, whose JWKS [`Config::open`] reads.
+    pub jwks: Vec<ToOpen<Arc<Authorizer>>>,
 }
 
-/// An authorizer whose JWKS is still to be read, and where the config names it (for errors).
+/// Something the config names on disk or on the network, opened by [`Config::open`] rather than
+/// while validating, and where the config names it (for errors).
 #[derive(Debug, Clone)]
-pub struct JwksToRead {
-    pub(crate) authorizer: Arc<Authorizer>,
+pub struct ToOpen<T> {
+    pub(crate) what: T,
     /// The error to give, its message left empty.
     pub(crate) written: ConfigError,
 }
 
+impl<T> ToOpen<T> {
+    fn failed(&self, message: String) -> ConfigError {
+        ConfigError {
+            message,
+            ..self.written.clone()
+        }
+    }
+}
+
 impl Config {
-    /// Reads every authorizer's JWKS: its files, and with `online` its `https` URLs (fetched).
-    /// Validation does no I/O of the network: `serve` reads them all before it serves, `check`
-    /// fetches only when asked.
-    pub fn read_jwks(&self, online: bool) -> Result<(), ConfigError> {
+    /// Opens what the config names: the listeners' certificates, the TLS client configurations and
+    /// the authorizers' JWKS files, and with `online` their `https` URLs (fetched). Validation does
+    /// no I/O: `serve` opens everything before it serves; `check` reads the files, and fetches only
+    /// when asked. Each error names the file, line and field that names what failed.
+    pub fn open(&self, online: bool) -> Result<(), ConfigError> {
+        let listeners = self.tls.iter().map(|l| &l.tls);
+        for termination in listeners.chain(self.admin.iter().filter_map(|a| a.tls.as_ref())) {
+            termination.open()?;
+        }
+        // Before the JWKS: a URL is fetched trusting what https upstreams trust.
+        for c in &self.clients {
+            c.what.open().map_err(|e| c.failed(e.to_string()))?;
+        }
         for j in &self.jwks {
-            if online || !j.authorizer.fetches() {
-                j.authorizer.read_keys(0).map_err(|message| ConfigError {
-                    message,
-                    ..j.written.clone()
-                })?;
+            if online || !j.what.fetches() {
+                j.what.read_keys(0).map_err(|e| j.failed(e))?;
             }
         }
         Ok(())
@@ -94,13 +113,72 @@ pub struct TlsListener {
     pub tls: TlsTermination,
 }
 
-/// TLS termination on a listener: the certificates were read and checked when the config was.
+/// TLS termination on a listener: its certificate files and settings, opened by [`Config::open`]
+/// (the certificates read and checked, the rustls configuration built).
 #[derive(Debug, Clone)]
 pub struct TlsTermination {
+    pub(crate) files: Vec<CertFiles>,
+    pub(crate) settings: TlsSettings,
+    /// The field naming each file (certificates, keys, the client CA), and where it is written.
+    pub(crate) written: Vec<(PathBuf, ConfigError)>,
+    /// Where the termination itself is written, for an error no file is at fault for.
+    pub(crate) whole: ConfigError,
+    opened: std::sync::OnceLock<Terminating>,
+}
+
+/// A termination opened: what a listener serves.
+#[derive(Debug, Clone)]
+pub struct Terminating {
     /// The certificates served, by SNI; reloaded in place.
     pub certificates: Arc<Certificates>,
     /// The rustls configuration serving them.
     pub server: Arc<rustls::ServerConfig>,
+}
+
+impl TlsTermination {
+    pub(crate) fn new(
+        files: Vec<CertFiles>,
+        settings: TlsSettings,
+        written: Vec<(PathBuf, ConfigError)>,
+        whole: ConfigError,
+    ) -> Self {
+        Self {
+            files,
+            settings,
+            written,
+            whole,
+            opened: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reads the certificates and builds the server configuration (once).
+    fn open(&self) -> Result<(), ConfigError> {
+        if self.opened.get().is_some() {
+            return Ok(());
+        }
+        let certificates = Arc::new(Certificates::load(&self.files).map_err(|e| self.fault(e))?);
+        let server =
+            tls::server_config(&self.settings, certificates.clone()).map_err(|e| self.fault(e))?;
+        let _ = self.opened.set(Terminating {
+            certificates,
+            server: Arc::new(server),
+        });
+        Ok(())
+    }
+
+    /// What it serves, once [`Config::open`] opened it.
+    pub fn opened(&self) -> Option<&Terminating> {
+        self.opened.get()
+    }
+
+    /// `e` as an error naming the field that names the file at fault.
+    fn fault(&self, e: TlsError) -> ConfigError {
+        let written = self.written.iter().find(|(file, _)| *file == e.file);
+        ConfigError {
+            message: e.to_string(),
+            ..written.map_or(&self.whole, |(_, w)| w).clone()
+        }
+    }
 }
 
 /// The control plane's listener and credentials.

@@ -12,7 +12,7 @@ use tollgate_gateway::route::{Router, validate_template};
 
 use super::{Ctx, parse_duration};
 use crate::config::raw::{RawApi, RawCors, RawMock, RawRoute, RawUpstreamTls};
-use crate::config::{ConfigError, JwksToRead};
+use crate::config::{ConfigError, ToOpen};
 
 /// `apis:`: each valid, with a unique id, and no two stages on one base path.
 pub(super) fn validate_apis(
@@ -123,8 +123,8 @@ fn validate_authorizers(
             insecure_skip_verify: false,
         };
         let tls = match cx.upstream_tls {
-            Some(global) => cx.client_config(&global.value, &global.referenced, "upstreamTls")?,
-            None => cx.client_config(&default_tls, at, &format!("{af}.jwks"))?,
+            Some(global) => cx.client_tls(&global.value, &global.referenced, "upstreamTls")?,
+            None => cx.client_tls(&default_tls, at, &format!("{af}.jwks"))?,
         };
         if a.issuer.is_none() && a.audience.is_none() {
             cx.warn(at, &af, "neither issuer nor audience is set: any token the JWKS's keys signed, for any application of that IdP, is accepted");
@@ -145,13 +145,13 @@ fn validate_authorizers(
                 .unwrap_or_else(|| "sub".into()),
             identifier,
         };
-        // Its keys are read once the whole file is valid ([`Config::read_jwks`]): a URL is a fetch.
+        // Its keys are read once the whole file is valid ([`Config::open`]): a URL is a fetch.
         match Authorizer::new(settings, tls) {
             Ok(authorizer) => {
                 let authorizer = Arc::new(authorizer);
-                cx.jwks.borrow_mut().push(JwksToRead {
-                    authorizer: authorizer.clone(),
-                    written: ConfigError::at(cx.file, *at, format!("{af}.jwks"), ""),
+                cx.jwks.borrow_mut().push(ToOpen {
+                    what: authorizer.clone(),
+                    written: cx.error(at, format!("{af}.jwks")),
                 });
                 authorizers.push(authorizer);
             }

@@ -1,14 +1,11 @@
-//! Where the gateway listens: plain HTTP, TLS (its certificates read and checked now), the
-//! decision endpoint, HTTP/2, the admin API.
+//! Where the gateway listens: plain HTTP, TLS (its certificate files named, read when the config is
+//! opened), the decision endpoint, HTTP/2, the admin API.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use serde_saphyr::{Location, Spanned};
 use tollgate_gateway::config::Http2Settings;
-use tollgate_gateway::tls::{
-    self, CertFiles, Certificates, ClientAuth, MinVersion, TlsError, TlsSettings,
-};
+use tollgate_gateway::tls::{CertFiles, ClientAuth, MinVersion, TlsSettings};
 use tollgate_gateway::verify::{Proxy, VerifySettings};
 
 use super::Ctx;
@@ -78,8 +75,8 @@ pub(super) fn validate_tls(
     })
 }
 
-/// TLS termination as `raw` (the field `name`) sets it: every certificate and key read and checked
-/// now, before anything binds.
+/// TLS termination as `raw` (the field `name`) sets it: its files are read and checked when the
+/// config is opened ([`crate::config::Config::open`]), before anything binds.
 pub(super) fn validate_termination(
     cx: &Ctx<'_>,
     raw: &RawTls,
@@ -115,36 +112,29 @@ pub(super) fn validate_termination(
         ca: cx.path(&c.value.ca.0),
         required: c.value.required,
     });
-    // Which field a file at fault came from, and where that field is written.
-    let field_of = |e: &TlsError| -> (String, Location) {
-        for (i, (c, f)) in raw.certificates.iter().zip(&files).enumerate() {
-            if e.file == f.cert {
-                return (format!("{name}.certificates[{i}].cert"), c.referenced);
-            }
-            if e.file == f.key {
-                return (format!("{name}.certificates[{i}].key"), c.referenced);
-            }
-        }
-        match &raw.client_auth {
-            Some(c) => (format!("{name}.clientAuth.ca"), c.referenced),
-            None => (name.to_string(), *at),
-        }
+    // Which field names each file, and where it is written: for the errors of opening them.
+    let mut written = Vec::new();
+    for (i, (c, f)) in raw.certificates.iter().zip(&files).enumerate() {
+        let field = format!("{name}.certificates[{i}]");
+        written.push((
+            f.cert.clone(),
+            cx.error(&c.referenced, format!("{field}.cert")),
+        ));
+        written.push((
+            f.key.clone(),
+            cx.error(&c.referenced, format!("{field}.key")),
+        ));
+    }
+    let whole = match &raw.client_auth {
+        Some(c) => cx.error(&c.referenced, format!("{name}.clientAuth.ca")),
+        None => cx.error(at, name),
     };
-    let fail = |e: TlsError| {
-        let (field, at) = field_of(&e);
-        ConfigError::at(cx.file, at, field, e.to_string())
-    };
-    let certificates = Arc::new(Certificates::load(&files).map_err(fail)?);
     let settings = TlsSettings {
         min_version,
         client_auth,
         http2,
     };
-    let server = tls::server_config(&settings, certificates.clone()).map_err(fail)?;
-    Ok(TlsTermination {
-        certificates,
-        server: Arc::new(server),
-    })
+    Ok(TlsTermination::new(files, settings, written, whole))
 }
 
 pub(super) fn validate_admin(

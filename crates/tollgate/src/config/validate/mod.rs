@@ -1,6 +1,7 @@
 //! Raw config → runtime config: every check that YAML types cannot express, a section at a time
-//! (listeners, APIs and routes, plans and keys, settings). Validation reads local files
-//! (certificates, keys) but never the network: an authorizer's JWKS is read after it.
+//! (listeners, APIs and routes, plans and keys, settings). Validation does no I/O: the files and
+//! URLs the config names (certificates, keys, CAs, JWKS) are opened after it, by
+//! [`Config::open`], with errors that name where the config names them.
 
 mod apis;
 mod listeners;
@@ -29,10 +30,11 @@ use tollgate_core::rules::{ApiOutline, PlanError, check_throttle};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{Api, DEFAULT_MAX_REQUEST_BODY};
-use tollgate_gateway::tls::{self, CertFiles, UpstreamTlsFiles};
+use tollgate_gateway::jwt::Authorizer;
+use tollgate_gateway::tls::{CertFiles, ClientTls, UpstreamTlsFiles};
 
 use super::raw::{EnvString, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls};
-use super::{Config, ConfigError, JwksToRead, StoreConfig, StoreKind};
+use super::{Config, ConfigError, StoreConfig, StoreKind, ToOpen};
 
 /// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -94,16 +96,16 @@ struct Ctx<'a> {
     dir: &'a Path,
     /// The file's `upstreamTls`, for `https` routes without their own.
     upstream_tls: Option<&'a Spanned<RawUpstreamTls>>,
-    /// The TLS client configurations built so far, shared by the routes with the same settings
-    /// (so their connections share the idle pool).
-    client_configs: RefCell<Vec<(UpstreamTlsFiles, Arc<rustls::ClientConfig>)>>,
+    /// The TLS client configurations named so far, shared by the routes with the same settings
+    /// (so their connections share the idle pool), each with where it is first written.
+    clients: RefCell<Vec<ToOpen<Arc<ClientTls>>>>,
     /// Whether a route skips verifying its upstream's certificate.
     insecure_upstream: Cell<bool>,
     /// What is valid but probably not what the operator meant (`check` prints them, `serve` logs
     /// them).
     warnings: RefCell<Vec<ConfigError>>,
     /// The authorizers whose JWKS is read after validation, each with where it is written.
-    jwks: RefCell<Vec<JwksToRead>>,
+    jwks: RefCell<Vec<ToOpen<Arc<Authorizer>>>>,
 }
 
 impl Ctx<'_> {
@@ -140,6 +142,11 @@ impl Ctx<'_> {
         }
     }
 
+    /// Where the field `field` is written, for an error found later (its message left empty).
+    fn error(&self, at: &Location, field: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.file, *at, field, "")
+    }
+
     fn err<T>(
         &self,
         at: &Location,
@@ -159,12 +166,12 @@ impl Ctx<'_> {
         field: &str,
     ) -> Result<UpstreamTls, ConfigError> {
         let config = match (own, self.upstream_tls) {
-            (Some(own), _) => self.client_config(own, at, &format!("{field}.upstreamTls"))?,
+            (Some(own), _) => self.client_tls(own, at, &format!("{field}.upstreamTls"))?,
             (None, Some(global)) => {
-                self.client_config(&global.value, &global.referenced, "upstreamTls")?
+                self.client_tls(&global.value, &global.referenced, "upstreamTls")?
             }
             (None, None) => {
-                self.client_config(&RawUpstreamTls::default(), at, &format!("{field}.upstream"))?
+                self.client_tls(&RawUpstreamTls::default(), at, &format!("{field}.upstream"))?
             }
         };
         let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
@@ -176,19 +183,19 @@ impl Ctx<'_> {
             )
         })?;
         Ok(UpstreamTls {
-            config,
+            client: config,
             server_name,
         })
     }
 
-    /// The TLS client configuration for `raw` (written at `at` as `field`), built once for all
-    /// the routes with the same settings.
-    fn client_config(
+    /// The TLS client configuration for `raw` (written at `at` as `field`), one for all the routes
+    /// with the same settings, built when the config is opened.
+    fn client_tls(
         &self,
         raw: &RawUpstreamTls,
         at: &Location,
         field: &str,
-    ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    ) -> Result<Arc<ClientTls>, ConfigError> {
         let client = match (&raw.cert, &raw.key) {
             (Some(cert), Some(key)) => Some(CertFiles {
                 cert: self.path(&cert.0),
@@ -204,21 +211,16 @@ impl Ctx<'_> {
         };
         self.insecure_upstream
             .set(self.insecure_upstream.get() || files.insecure_skip_verify);
-        let known = self
-            .client_configs
-            .borrow()
-            .iter()
-            .find(|(f, _)| *f == files)
-            .map(|(_, c)| c.clone());
-        if let Some(config) = known {
-            return Ok(config);
+        let mut clients = self.clients.borrow_mut();
+        if let Some(known) = clients.iter().find(|c| *c.what.files() == files) {
+            return Ok(known.what.clone());
         }
-        let config =
-            Arc::new(tls::client_config(&files).or_else(|e| self.err(at, field, e.to_string()))?);
-        self.client_configs
-            .borrow_mut()
-            .push((files, config.clone()));
-        Ok(config)
+        let client = Arc::new(ClientTls::new(files));
+        clients.push(ToOpen {
+            what: client.clone(),
+            written: self.error(at, field),
+        });
+        Ok(client)
     }
 
     /// A listening address.
@@ -290,7 +292,7 @@ impl<'a> Ctx<'a> {
             file,
             dir: file.parent().unwrap_or(Path::new("")),
             upstream_tls,
-            client_configs: RefCell::default(),
+            clients: RefCell::default(),
             insecure_upstream: Cell::new(false),
             warnings: RefCell::default(),
             jwks: RefCell::default(),
@@ -321,9 +323,9 @@ fn default_store(cx: &Ctx<'_>) -> StoreConfig {
 
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let cx = Ctx::new(file, raw.upstream_tls.as_ref());
-    // Checked even when no route uses it yet.
+    // Opened even when no route uses it yet.
     if let Some(global) = &raw.upstream_tls {
-        cx.client_config(&global.value, &global.referenced, "upstreamTls")?;
+        cx.client_tls(&global.value, &global.referenced, "upstreamTls")?;
     }
     let listen = match &raw.listen {
         Some(listen) => Some(cx.address(&listen.value, &listen.referenced, "listen")?),
@@ -435,6 +437,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         plans,
         keys,
         warnings: cx.warnings.take(),
+        clients: cx.clients.take(),
         jwks: cx.jwks.take(),
     })
 }
@@ -469,6 +472,31 @@ mod tests {
         assert!(size("10TB").is_err());
         assert!(size("MB").is_err());
         assert!(size("99999999999999GB").is_err());
+    }
+
+    /// Validation reads no file: what a config names is opened by `Config::open`, whose errors
+    /// name the file, line and field naming what failed.
+    #[test]
+    fn validation_opens_nothing() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let config = |tls: &str| {
+            format!(
+                "{tls}apis:\n  - id: a\n    stages: [ {{ name: prod, basePath: / }} ]\n    routes:\n      - {{ path: /x, method: GET, upstream: \"https://127.0.0.1:1\", upstreamTls: {{ ca: ca.pem }} }}\n    authorizers:\n      - {{ name: idp, jwks: jwks.json, issuer: i }}\n"
+            )
+        };
+        let opened = |text: &str| {
+            let c = crate::config::parse(file, text).expect("valid without its files");
+            c.open(false).expect_err("its files are missing")
+        };
+        let e = opened(&config(
+            "tls: { listen: 127.0.0.1:0, certificates: [ { cert: a.crt, key: a.key } ] }\n",
+        ));
+        assert_eq!(e.field, "tls.certificates[0].cert", "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+        assert!(e.message.contains("a.crt"), "{e}");
+        let e = opened(&config("listen: 127.0.0.1:0\n"));
+        assert_eq!(e.field, "apis[0].routes[0].upstreamTls", "{e}");
+        assert!(e.message.contains("ca.pem"), "{e}");
     }
 
     #[test]
