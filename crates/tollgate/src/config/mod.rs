@@ -117,12 +117,12 @@ pub struct TlsListener {
 /// (the certificates read and checked, the rustls configuration built).
 #[derive(Debug, Clone)]
 pub struct TlsTermination {
-    pub(crate) files: Vec<CertFiles>,
-    pub(crate) settings: TlsSettings,
+    files: Vec<CertFiles>,
+    settings: TlsSettings,
     /// The field naming each file (certificates, keys, the client CA), and where it is written.
-    pub(crate) written: Vec<(PathBuf, ConfigError)>,
+    written: Vec<(PathBuf, ConfigError)>,
     /// Where the termination itself is written, for an error no file is at fault for.
-    pub(crate) whole: ConfigError,
+    whole: ConfigError,
     opened: std::sync::OnceLock<Terminating>,
 }
 
