@@ -6,6 +6,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::source_ips::{IpNetworks, SOURCE_IPS_TAG};
+
 /// AWS `QuotaPeriodType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -153,7 +155,7 @@ pub const MAX_TAGS: usize = 50;
 pub const EXPIRES_TAG: &str = "tollgate:expiresAt";
 
 /// Checks tags the way AWS does: at most 50, keys of 1 to 128 characters not starting with `aws:`,
-/// values of at most 256; and that [`EXPIRES_TAG`] holds a time. With AWS's messages where AWS has one.
+/// values of at most 256; and that [`EXPIRES_TAG`] holds a time and [`SOURCE_IPS_TAG`] CIDRs. With AWS's messages where AWS has one.
 pub fn validate_tags(tags: &Tags) -> Result<(), String> {
     if tags.len() > MAX_TAGS {
         return Err(format!(
@@ -176,6 +178,9 @@ pub fn validate_tags(tags: &Tags) -> Result<(), String> {
         }
         if k == EXPIRES_TAG {
             parse_expiry(v)?;
+        }
+        if k == SOURCE_IPS_TAG {
+            IpNetworks::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
         }
     }
     Ok(())
@@ -256,6 +261,11 @@ impl ApiKey {
         self.tags
             .get(EXPIRES_TAG)
             .and_then(|v| parse_expiry(v).ok())
+    }
+
+    /// The networks the key may be used from, from its [`SOURCE_IPS_TAG`] (none: anywhere).
+    pub fn source_ips(&self) -> Option<IpNetworks> {
+        self.tags.get(SOURCE_IPS_TAG).map(|v| IpNetworks::stored(v))
     }
 
     /// Gives the key the value `value` (whose hash is `hash`); the current value stays accepted until

@@ -16,7 +16,10 @@ use tollgate_core::{
     ApiStage, Gcra, GcraState, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan,
 };
 use tollgate_gateway::config::{Api, Integration, Route, RouteMethod, Stage};
-use tollgate_gateway::{GatewayConfig, Snapshot, admit_locally};
+use tollgate_gateway::{ClientAddress, GatewayConfig, Snapshot, admit_locally};
+
+const PEER: ClientAddress<'static> =
+    ClientAddress::peer(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 use tollgate_store::{KeyIndex, KeyTerms};
 
 const NOW: u64 = 1_795_000_000 * NANOS_PER_SEC;
@@ -41,6 +44,7 @@ fn config() -> GatewayConfig {
         access_log: None,
         max_request_body: tollgate_gateway::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
+        trusted_proxies: None,
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),
@@ -157,13 +161,13 @@ fn benches(c: &mut Criterion) {
                 let m = big
                     .route(&Method::GET, black_box("/prod/registrations"))
                     .unwrap();
-                black_box(admit_locally(&big, Some(&m), Some(key.as_bytes()), NOW).is_ok())
+                black_box(admit_locally(&big, Some(&m), Some(key.as_bytes()), PEER, NOW).is_ok())
             })
         },
     );
     c.bench_function("key lookup among 1M keys (hash + miss, refused)", |b| {
         let unknown: &[u8] = b"noSuchKeyValue00000000000000000000000000";
-        b.iter(|| black_box(admit_locally(&big, Some(&m), Some(unknown), NOW).is_err()))
+        b.iter(|| black_box(admit_locally(&big, Some(&m), Some(unknown), PEER, NOW).is_err()))
     });
 }
 

@@ -29,6 +29,7 @@ use tollgate_core::model::KEY_VALUE_LEN;
 
 use tollgate_store::limiter::RedisLimiter;
 
+use crate::client_ip::ClientAddress;
 use crate::config::Route;
 use crate::jwt::UsageIdentifier;
 use crate::limits::{KeyRejected, LimitInfo, Refusal};
@@ -80,12 +81,14 @@ pub enum CallerKey<'a> {
 }
 
 /// What a request says about who is calling, as the client sent it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Credentials<'a> {
     /// The `x-api-key` value.
     pub(crate) api_key: Option<&'a [u8]>,
     /// The `Authorization` value (a bearer JWT, on routes with an authorizer).
     pub(crate) authorization: Option<&'a [u8]>,
+    /// Where the request came from, for keys with a source-IP allowlist.
+    pub(crate) from: ClientAddress<'a>,
 }
 
 /// What admission decided about a request.
@@ -142,14 +145,24 @@ pub(crate) async fn admit_caller<'s>(
         (Some(_), None) => CallerKey::ApiKey(None),
     };
     let outcome = match limiter {
-        None => admit(snap, &Local(snap), m.as_ref(), presented, now).await,
+        None => {
+            admit(
+                snap,
+                &Local(snap),
+                m.as_ref(),
+                presented,
+                credentials.from,
+                now,
+            )
+            .await
+        }
         Some(limiter) => {
             let limits = SharedLimits {
                 snap,
                 limiter,
                 metrics,
             };
-            admit(snap, &limits, m.as_ref(), presented, now).await
+            admit(snap, &limits, m.as_ref(), presented, credentials.from, now).await
         }
     };
     let (membership, decision) = match &outcome {
@@ -170,12 +183,13 @@ pub(crate) async fn admit_caller<'s>(
 }
 
 /// Runs the whole admission pipeline for a request that matched `m` (or no route) presenting
-/// `presented` at `now`, with the key's own limits decided by `limits`.
+/// `presented` from `from` at `now`, with the key's own limits decided by `limits`.
 pub(crate) async fn admit<'s>(
     snap: &'s Snapshot,
     limits: &impl KeyLimits,
     m: Option<&RouteMatch>,
     presented: CallerKey<'_>,
+    from: ClientAddress<'_>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
     // Route.
@@ -183,7 +197,7 @@ pub(crate) async fn admit<'s>(
     let route = snap.route_at(m);
     // Key.
     let membership = if route.api_key_required {
-        let membership = key(snap, m, presented, now)?;
+        let membership = key(snap, m, presented, &from, now)?;
         snap.saw(&membership, now);
         Some(membership)
     } else {
@@ -245,18 +259,20 @@ pub fn admit_locally<'s>(
     snap: &'s Snapshot,
     m: Option<&RouteMatch>,
     api_key: Option<&[u8]>,
+    from: ClientAddress<'_>,
     now: u64,
 ) -> Result<Admission<'s>, Refused<'s>> {
-    admit(snap, &Local(snap), m, CallerKey::ApiKey(api_key), now)
+    admit(snap, &Local(snap), m, CallerKey::ApiKey(api_key), from, now)
         .now_or_never()
         .expect("local limits decide without waiting")
 }
 
-/// The membership of the key `presented` that covers the stage `m` matched, at `now`.
+/// The membership of the key `presented` (from `from`) that covers the stage `m` matched, at `now`.
 fn key<'s>(
     snap: &'s Snapshot,
     m: &RouteMatch,
     presented: CallerKey<'_>,
+    from: &ClientAddress<'_>,
     now: u64,
 ) -> Result<Membership<'s>, Refusal> {
     let value = match presented {
@@ -264,7 +280,7 @@ fn key<'s>(
         CallerKey::KeyValue(value) => value,
         CallerKey::KeyName(name) => {
             return snap
-                .membership_by_name(name, m, now)
+                .membership_by_name(name, m, from, now)
                 .map_err(Refusal::Forbidden);
         }
     };
@@ -273,13 +289,14 @@ fn key<'s>(
     if value.len() < *KEY_VALUE_LEN.start() || value.len() > 4 * *KEY_VALUE_LEN.end() {
         return Err(Refusal::Forbidden(KeyRejected::Invalid));
     }
-    snap.membership_for(&KeyHash::of(value), m, now)
+    snap.membership_for(&KeyHash::of(value), m, from, now)
         .map_err(Refusal::Forbidden)
 }
 
 #[cfg(test)]
 mod tests {
     use arc_swap::ArcSwap;
+    use tollgate_core::IpNetworks;
     use tollgate_core::clock::NANOS_PER_SEC;
     use tollgate_core::quota::{EpochDay, Period};
 
@@ -288,6 +305,78 @@ mod tests {
     use crate::testing::{
         KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
     };
+
+    #[test]
+    fn a_key_is_used_only_from_its_networks_and_spends_nothing_elsewhere() {
+        let mut rec = records(None, None);
+        rec.keys[0].tags.insert(
+            tollgate_core::source_ips::SOURCE_IPS_TAG.into(),
+            "203.0.113.0/24,2001:db8::/32".into(),
+        );
+        let s = snap(config(None, None), &rec);
+        let put = "/prod/registrations/42/warranty";
+        let m = s.route(&http::Method::PUT, put);
+        let at = |ip: &str| ClientAddress::peer(ip.parse().unwrap());
+        let from = |ip: &str| {
+            admit_locally(&s, m.as_ref(), Some(KEY.as_bytes()), at(ip), T0).map_err(|r| r.refusal)
+        };
+        let forbidden = Err(Refusal::Forbidden(KeyRejected::SourceIp));
+        // Refused from elsewhere, however often: the route's burst is not spent.
+        for _ in 0..3 {
+            assert_eq!(from("198.51.100.1").map(|_| ()), forbidden);
+            assert_eq!(from("2001:db9::1").map(|_| ()), forbidden);
+        }
+        assert_eq!(
+            Decision::from(&Refusal::Forbidden(KeyRejected::SourceIp)).name(),
+            "ip_forbidden"
+        );
+        assert!(
+            from("::ffff:203.0.113.7").is_ok(),
+            "an IPv4 client on an IPv6 socket"
+        );
+        assert!(from("2001:db8::5").is_ok());
+        // The route's burst of 2 is spent now (and only now): the next is throttled.
+        assert!(matches!(
+            from("2001:db8::5").map(|_| ()),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        // Behind a trusted proxy, the client it names; an untrusted peer's word is not taken.
+        let lb = IpNetworks::parse("10.0.0.0/8").unwrap();
+        let behind = |chain: &'static str, peer: &str| ClientAddress {
+            peer: peer.parse().unwrap(),
+            chain: chain.as_bytes(),
+            trusted: Some(&lb),
+            vouched: false,
+        };
+        let key = |from: ClientAddress<'_>| {
+            super::key(
+                &s,
+                m.as_ref().unwrap(),
+                CallerKey::ApiKey(Some(KEY.as_bytes())),
+                &from,
+                T0,
+            )
+            .map(|_| ())
+        };
+        assert_eq!(
+            key(behind("198.51.100.1, 10.0.0.9", "10.0.0.9")),
+            Err(Refusal::Forbidden(KeyRejected::SourceIp))
+        );
+        assert_eq!(key(behind("203.0.113.1, 10.0.0.9", "10.0.0.9")), Ok(()));
+        assert_eq!(
+            key(behind("203.0.113.1, 198.51.100.1", "198.51.100.1")),
+            Err(Refusal::Forbidden(KeyRejected::SourceIp))
+        );
+        // A key without a list is used from anywhere.
+        let s = snap(
+            config(None, None),
+            &records(Some(throttle(100.0, 50)), None),
+        );
+        let m = s.route(&http::Method::PUT, put);
+        assert!(
+            admit_locally(&s, m.as_ref(), Some(KEY.as_bytes()), at("198.51.100.1"), T0).is_ok()
+        );
+    }
 
     #[test]
     fn key_checks() {

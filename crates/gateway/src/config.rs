@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
-use tollgate_core::ThrottleSettings;
 use tollgate_core::rules::ApiOutline;
+use tollgate_core::{IpNetworks, ThrottleSettings};
 
 use crate::access_log::AccessLogConfig;
 use crate::rewrite::KeptFields;
@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub apis: Vec<Api>,
     /// The decision endpoint for forward-auth, when it is on.
     pub verify: Option<crate::verify::VerifySettings>,
+    /// The proxies whose `X-Forwarded-For` names the client, for keys with a source-IP allowlist.
+    pub trusted_proxies: Option<IpNetworks>,
 }
 
 /// One API (AWS RestApi): a set of routes deployed to one or more stages.

@@ -41,7 +41,8 @@ pub(crate) async fn serve<C: ClientIo>(
     // Enabled before the first look at `draining`, so a drain signalled after that look wakes it.
     let mut stop = Box::pin(shared.stop.clone().notified_owned());
     stop.as_mut().enable();
-    let mut pipeline = Pipeline::new(&shared, peer.ip().to_string().into(), tls, endpoint);
+    let ip = peer.ip();
+    let mut pipeline = Pipeline::new(&shared, ip, ip.to_string().into(), tls, endpoint);
     let mut conn = Conn {
         client,
         to_client: Vec::new(),

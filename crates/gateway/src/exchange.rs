@@ -8,6 +8,8 @@
 //! both hand over a [`RequestHead`] parsed by the one parser, with its bytes in [`Pipeline::inbuf`].
 
 use bytes::Bytes;
+use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +18,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use crate::access_log::Record;
 use crate::admit::{Admission, Credentials, Refused, admit_caller};
 use crate::client::Protocol;
+use crate::client_ip::ClientAddress;
 use crate::config::{Cors, GatewayConfig, Integration, Route};
 use crate::forward::{Forward, upstream_head};
 use crate::http1::{self, BodyLength, HeadError, InBuf, RequestHead};
@@ -61,7 +64,9 @@ pub(crate) trait Session {
 /// What a connection's (or a stream's) exchanges keep, reused from one request to the next.
 pub(crate) struct Pipeline<'a> {
     pub(crate) shared: &'a Shared,
-    /// The client's address, as `X-Forwarded-For` and the access log tell it.
+    /// The socket's peer.
+    peer: IpAddr,
+    /// The peer's address, as `X-Forwarded-For` and the access log tell it.
     pub(crate) peer_ip: Arc<str>,
     /// What the TLS handshake settled, on a TLS connection.
     pub(crate) tls: Option<TlsInfo>,
@@ -69,6 +74,8 @@ pub(crate) struct Pipeline<'a> {
     pub(crate) inbuf: InBuf,
     /// The current request's header lines as they go upstream.
     pub(crate) forwarded: Vec<u8>,
+    /// Where its `X-Forwarded-For` chain sits in [`Pipeline::forwarded`].
+    forwarded_for: Range<usize>,
     /// The current request's head as it goes upstream (kept until answered, for a retry).
     pub(crate) to_upstream: Vec<u8>,
     /// The current request's path, when it had to be normalised.
@@ -92,13 +99,16 @@ pub(crate) enum Endpoint {
 impl<'a> Pipeline<'a> {
     pub(crate) fn new(
         shared: &'a Shared,
+        peer: IpAddr,
         peer_ip: Arc<str>,
         tls: Option<TlsInfo>,
         endpoint: Endpoint,
     ) -> Self {
         Self {
             shared,
+            peer,
             peer_ip,
+            forwarded_for: 0..0,
             tls,
             inbuf: InBuf::default(),
             // Sized for a common request, so that building one does not grow them step by step.
@@ -117,6 +127,7 @@ impl<'a> Pipeline<'a> {
         crate::rewrite::request_head(
             self.inbuf.bytes(),
             &mut self.forwarded,
+            &mut self.forwarded_for,
             &self.peer_ip,
             S::SCHEME,
             self.shared.kept_fields,
@@ -316,6 +327,15 @@ impl Pipeline<'_> {
         let credentials = Credentials {
             api_key: ex.head.api_key.clone().map(|r| &bytes[r]),
             authorization: ex.head.authorization.clone().map(|r| &bytes[r]),
+            from: ClientAddress {
+                peer: self.peer,
+                chain: self
+                    .forwarded
+                    .get(self.forwarded_for.clone())
+                    .unwrap_or_default(),
+                trusted: ex.config.trusted_proxies.as_ref(),
+                vouched: self.endpoint == Endpoint::Decide,
+            },
         };
         let shared = self.shared;
         let decided = admit_caller(

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -144,6 +144,7 @@ where
         };
         let job = Stream {
             shared: shared.clone(),
+            peer: peer.ip(),
             peer_ip: peer_ip.clone(),
             tls: tls.clone(),
             resets: resets.clone(),
@@ -168,6 +169,7 @@ fn rapid_reset(shared: &Shared, peer: SocketAddr, streams: usize, resets: usize)
 /// What one stream's task holds.
 struct Stream {
     shared: Arc<Shared>,
+    peer: IpAddr,
     peer_ip: Arc<str>,
     tls: Option<TlsInfo>,
     /// Streams of this connection the client reset.
@@ -219,7 +221,13 @@ impl Stream {
             }
         }
         let peer_ip = self.peer_ip.clone();
-        let mut p = Pipeline::new(shared, peer_ip, self.tls.clone(), Endpoint::Proxy);
+        let mut p = Pipeline::new(
+            shared,
+            self.peer,
+            peer_ip,
+            self.tls.clone(),
+            Endpoint::Proxy,
+        );
         let mut session = StreamSession::<HTTPS> {
             respond,
             body: (!ended).then_some(body),

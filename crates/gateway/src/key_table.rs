@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use tollgate_core::KeyHash;
+use tollgate_core::{IpNetworks, KeyHash};
 use tollgate_store::KeyTerms;
 
 /// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
@@ -18,14 +18,17 @@ use tollgate_store::KeyTerms;
 struct KeyRec {
     hash: KeyHash,
     id_start: u32,
-    /// Index of its first membership, with [`DISABLED`] and [`EXPIRES`] as flags.
+    /// Index of its first membership, with [`DISABLED`], [`EXPIRES`] and [`SOURCES`] as flags.
     members: u32,
 }
 
 const DISABLED: u32 = 1 << 31;
 /// Set when the key has an expiry (in [`KeyTable::expiries`]): keys without one pay no lookup.
 const EXPIRES: u32 = 1 << 30;
-const FLAGS: u32 = DISABLED | EXPIRES;
+/// Set when the key has a source-IP allowlist (in [`KeyTable::sources`]): keys without one pay no
+/// lookup.
+const SOURCES: u32 = 1 << 29;
+const FLAGS: u32 = DISABLED | EXPIRES | SOURCES;
 /// A name more than one key has: it names none of them.
 const AMBIGUOUS: u32 = u32::MAX;
 
@@ -51,6 +54,8 @@ pub(crate) struct KeyTable {
     members: Vec<Member>,
     /// Record index → expiry (epoch nanoseconds), for the few keys that have one.
     expiries: HashMap<u32, u64>,
+    /// Record index → the networks the key may be used from, for the few keys that have a list.
+    sources: HashMap<u32, IpNetworks>,
     /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
     previous: HashMap<KeyHash, (u32, u64)>,
     /// Key name → record index, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a
@@ -79,6 +84,10 @@ impl KeyTable {
         if let Some(at) = terms.expires_at {
             members |= EXPIRES;
             self.expiries.insert(self.recs.len() as u32, at);
+        }
+        if let Some(sources) = terms.sources {
+            members |= SOURCES;
+            self.sources.insert(self.recs.len() as u32, sources);
         }
         if let Some(old) = terms.previous {
             self.previous
@@ -200,6 +209,14 @@ impl KeyTable {
         self.expiries.get(&(i as u32)).copied()
     }
 
+    /// The networks record `i`'s key may be used from, if it has a list.
+    pub(crate) fn sources(&self, i: usize) -> Option<&IpNetworks> {
+        if self.recs[i].members & SOURCES == 0 {
+            return None;
+        }
+        self.sources.get(&(i as u32))
+    }
+
     /// Record `i`'s memberships, in the order they were bound.
     pub(crate) fn members_of(&self, i: usize) -> &[Member] {
         &self.members[self.member_range(i)]
@@ -264,6 +281,7 @@ mod tests {
                 enabled: i % 3 != 2,
                 expires_at: (i % 4 == 0).then_some(u64::from(i)),
                 previous: None,
+                sources: None,
             };
             t.push_key(*hash, id, terms);
             for plan in 0..i % 3 {

@@ -18,6 +18,7 @@
 pub mod access_log;
 mod admit;
 mod client;
+mod client_ip;
 pub mod config;
 mod conn;
 mod deadline;
@@ -49,6 +50,7 @@ mod trace;
 pub mod verify;
 
 pub use admit::{Admission, admit_locally};
+pub use client_ip::ClientAddress;
 pub use config::GatewayConfig;
 pub use server::{
     DEFAULT_HEAD_TIMEOUT, DescriptorBudget, Gateway, GatewayError, GatewayHandle, GatewayOptions,

@@ -106,6 +106,8 @@ pub enum KeyRejected {
     Disabled,
     /// The key's expiry has passed.
     Expired,
+    /// The key may not be used from where the request came (its source-IP allowlist).
+    SourceIp,
 }
 
 impl Refusal {

@@ -39,6 +39,8 @@ pub enum Decision {
     DisabledKey,
     /// The key's expiry has passed.
     Expired,
+    /// The key may not be used from the request's source address.
+    IpForbidden,
     /// A JWT caller's token was missing, invalid or expired.
     Unauthorized,
     /// A throttle refused.
@@ -54,7 +56,11 @@ impl Decision {
     pub fn forbids_the_key(self) -> bool {
         matches!(
             self,
-            Self::MissingKey | Self::InvalidKey | Self::DisabledKey | Self::Expired
+            Self::MissingKey
+                | Self::InvalidKey
+                | Self::DisabledKey
+                | Self::Expired
+                | Self::IpForbidden
         )
     }
 
@@ -67,6 +73,7 @@ impl Decision {
             Self::InvalidKey => "invalid_key",
             Self::DisabledKey => "disabled_key",
             Self::Expired => "expired",
+            Self::IpForbidden => "ip_forbidden",
             Self::Unauthorized => "unauthorized",
             Self::Throttled => "throttled",
             Self::QuotaExceeded => "quota_exceeded",
@@ -83,6 +90,7 @@ impl From<&Refusal> for Decision {
             Refusal::Forbidden(KeyRejected::Invalid) => Self::InvalidKey,
             Refusal::Forbidden(KeyRejected::Disabled) => Self::DisabledKey,
             Refusal::Forbidden(KeyRejected::Expired) => Self::Expired,
+            Refusal::Forbidden(KeyRejected::SourceIp) => Self::IpForbidden,
             Refusal::Unauthorized => Self::Unauthorized,
             Refusal::TooManyRequests { .. } => Self::Throttled,
             Refusal::LimitExceeded { .. } => Self::QuotaExceeded,

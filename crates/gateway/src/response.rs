@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::config::Cors;
 use crate::http1::HeadError;
-use crate::limits::{LimitInfo, Refusal};
+use crate::limits::{KeyRejected, LimitInfo, Refusal};
 
 /// AWS's error-type header.
 pub static X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
@@ -163,6 +163,8 @@ pub fn refusal_error(refusal: &Refusal) -> (&'static str, &'static str) {
             "Missing Authentication Token",
             "MISSING_AUTHENTICATION_TOKEN",
         ),
+        // AWS's type for a caller its resource policy turns away by address.
+        Refusal::Forbidden(KeyRejected::SourceIp) => ("Forbidden", "ACCESS_DENIED"),
         Refusal::Forbidden(_) => ("Forbidden", "INVALID_API_KEY"),
         Refusal::Unauthorized => ("Unauthorized", "UNAUTHORIZED"),
         Refusal::TooManyRequests { .. } => ("Too Many Requests", "THROTTLED"),

@@ -4,6 +4,8 @@
 //! backend with; `X-Forwarded-For`, `-Proto` and `-Host` are set by the gateway, never passed on.
 //! Parsing and framing are [`crate::http1`]'s; this module only decides which fields go through.
 
+use std::ops::Range;
+
 use http::HeaderMap;
 
 use crate::http1::{
@@ -150,33 +152,38 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
 /// Parses a request head at the start of `buf` (`Ok(None)`: incomplete, read more). On success
 /// `forwarded` holds the header lines to send upstream: the client's, minus hop-by-hop ones and
 /// those the `Connection` header names, minus `Host`, `Expect` and the [`STEERING_FIELDS`] not in
-/// `kept`, plus `X-Forwarded-For` (the client's chain with `peer_ip` appended), `X-Forwarded-Proto`
-/// (`scheme`, how the client reached the gateway) and `X-Forwarded-Host`.
+/// `kept`, plus `X-Forwarded-For` (the client's chain, all its fields in order, with `peer_ip`
+/// appended; where it sits in `forwarded` is put in `chain`), `X-Forwarded-Proto` (`scheme`, how the
+/// client reached the gateway) and `X-Forwarded-Host`.
 pub fn request_head(
     buf: &[u8],
     forwarded: &mut Vec<u8>,
+    chain: &mut Range<usize>,
     peer_ip: &str,
     scheme: &str,
     kept: KeptFields,
 ) -> Result<Option<RequestHead>, HeadError> {
     http1::parse_request(buf, |parsed| {
-        forward_request_fields(parsed, forwarded, (peer_ip, scheme), kept);
+        *chain = forward_request_fields(parsed, forwarded, (peer_ip, scheme), kept);
     })
 }
 
-/// The request header lines for the upstream, into `forwarded` (see [`request_head`]).
+/// The request header lines for the upstream, into `forwarded` (see [`request_head`]); returns where
+/// the `X-Forwarded-For` chain sits in it.
 fn forward_request_fields(
     parsed: &RequestFields<'_, '_>,
     forwarded: &mut Vec<u8>,
     (peer_ip, scheme): (&str, &str),
     kept: KeptFields,
-) {
+) -> Range<usize> {
     forwarded.clear();
     let mut forwarded_for: Option<&[u8]> = None;
+    let mut more = false;
     for h in parsed.fields {
         let name = h.name;
-        if forwarded_for.is_none() && is(name, "x-forwarded-for") {
-            forwarded_for = Some(h.value);
+        if is(name, "x-forwarded-for") {
+            more |= forwarded_for.is_some();
+            forwarded_for = forwarded_for.or(Some(h.value));
         }
         // The gateway's own fields replace the client's (the trace fields: see `trace`).
         if is_gateway_field(name)
@@ -189,17 +196,33 @@ fn forward_request_fields(
         header_line(forwarded, name.as_bytes(), h.value);
     }
     forwarded.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(prior) = forwarded_for {
-        forwarded.extend_from_slice(prior);
-        forwarded.extend_from_slice(b", ");
+    let start = forwarded.len();
+    // Several fields are one list, in order (RFC 9110 §5.3): a proxy that adds a field of its own
+    // rather than appending to the client's is read as it meant.
+    let mut prior = |value: &[u8]| {
+        if !value.trim_ascii().is_empty() {
+            forwarded.extend_from_slice(value);
+            forwarded.extend_from_slice(b", ");
+        }
+    };
+    match forwarded_for {
+        Some(value) if !more => prior(value),
+        Some(_) => parsed
+            .fields
+            .iter()
+            .filter(|h| is(h.name, "x-forwarded-for"))
+            .for_each(|h| prior(h.value)),
+        None => {}
     }
     forwarded.extend_from_slice(peer_ip.as_bytes());
+    let chain = start..forwarded.len();
     forwarded.extend_from_slice(b"\r\nx-forwarded-proto: ");
     forwarded.extend_from_slice(scheme.as_bytes());
     forwarded.extend_from_slice(b"\r\n");
     if let Some(host) = parsed.host {
         header_line(forwarded, b"x-forwarded-host", host);
     }
+    chain
 }
 
 /// The rewrite of a parsed response head for the client, into `out`: the status line as HTTP/1.1,
@@ -257,7 +280,7 @@ mod tests {
         kept: KeptFields,
     ) -> (Result<Option<RequestHead>, HeadError>, String) {
         let mut fwd = Vec::new();
-        let r = request_head(raw, &mut fwd, "127.0.0.1", "http", kept);
+        let r = request_head(raw, &mut fwd, &mut (0..0), "127.0.0.1", "http", kept);
         (r, String::from_utf8(fwd).unwrap())
     }
 
@@ -278,6 +301,31 @@ mod tests {
             fwd,
             "x-api-key: k1\r\nAccept: */*\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: gw\r\n"
+        );
+    }
+
+    #[test]
+    fn every_forwarded_for_field_is_one_chain() {
+        let raw = b"GET /a HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 203.0.113.9\r\nX: 1\r\n\
+            x-forwarded-for: 10.0.0.2,10.0.0.3\r\nX-Forwarded-For:  \r\n\r\n";
+        let mut fwd = Vec::new();
+        let mut chain = 0..0;
+        let head = request_head(
+            raw,
+            &mut fwd,
+            &mut chain,
+            "10.0.0.1",
+            "http",
+            KeptFields::default(),
+        );
+        assert!(head.unwrap().is_some());
+        assert_eq!(&fwd[chain], b"203.0.113.9, 10.0.0.2,10.0.0.3, 10.0.0.1");
+        assert!(
+            String::from_utf8_lossy(&fwd).starts_with(
+                "X: 1\r\nx-forwarded-for: 203.0.113.9, 10.0.0.2,10.0.0.3, 10.0.0.1\r\n"
+            ),
+            "{}",
+            String::from_utf8_lossy(&fwd)
         );
     }
 

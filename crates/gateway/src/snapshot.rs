@@ -18,6 +18,7 @@ use tollgate_core::gcra::{Gcra, GcraState};
 use tollgate_core::quota::{EpochDay, Quota};
 use tollgate_store::{KeyIndex, Memberships};
 
+use crate::client_ip::ClientAddress;
 use crate::config::{GatewayConfig, Route};
 use crate::jwt::UsageIdentifier;
 use crate::key_table::{KeyTable, Member};
@@ -408,12 +409,14 @@ impl Snapshot {
             .map(|member| self.membership_at(key, member))
     }
 
-    /// The membership of the enabled key, unexpired at `now`, whose value (or old value, in its grace
-    /// period at `now`) hashes to `hash`, in the first of its plans that covers the stage `m` matched.
+    /// The membership of the enabled key, unexpired at `now` and used from where it may be
+    /// (`from`), whose value (or old value, in its grace period at `now`) hashes to `hash`, in the
+    /// first of its plans that covers the stage `m` matched.
     pub(crate) fn membership_for(
         &self,
         hash: &KeyHash,
         m: &RouteMatch,
+        from: &ClientAddress<'_>,
         now: u64,
     ) -> Result<Membership<'_>, KeyRejected> {
         let key = self
@@ -421,15 +424,16 @@ impl Snapshot {
             .find(hash)
             .or_else(|| self.keys.find_previous(hash, now))
             .ok_or(KeyRejected::Invalid)?;
-        self.membership_of_key(key, m, now)
+        self.membership_of_key(key, m, from, now)
     }
 
-    /// The membership of the key at record `key`, when it is enabled and unexpired at `now`, in the
-    /// first of its plans that covers the stage `m` matched.
+    /// The membership of the key at record `key`, when it is enabled, unexpired at `now` and used
+    /// from where it may be (`from`), in the first of its plans that covers the stage `m` matched.
     fn membership_of_key(
         &self,
         key: usize,
         m: &RouteMatch,
+        from: &ClientAddress<'_>,
         now: u64,
     ) -> Result<Membership<'_>, KeyRejected> {
         if !self.keys.enabled(key) {
@@ -437,6 +441,13 @@ impl Snapshot {
         }
         if self.keys.expires_at(key).is_some_and(|at| now >= at) {
             return Err(KeyRejected::Expired);
+        }
+        if self
+            .keys
+            .sources(key)
+            .is_some_and(|allowed| !from.within(allowed))
+        {
+            return Err(KeyRejected::SourceIp);
         }
         self.keys
             .members_of(key)
@@ -446,16 +457,17 @@ impl Snapshot {
             .ok_or(KeyRejected::Invalid)
     }
 
-    /// The membership of the enabled, unexpired (at `now`) key named `name` in the first of its
-    /// plans that covers the stage `m` matched: a JWT caller's key.
+    /// The membership of the enabled, unexpired (at `now`) key named `name`, used from where it may
+    /// be, in the first of its plans that covers the stage `m` matched: a JWT caller's key.
     pub(crate) fn membership_by_name(
         &self,
         name: &str,
         m: &RouteMatch,
+        from: &ClientAddress<'_>,
         now: u64,
     ) -> Result<Membership<'_>, KeyRejected> {
         let key = self.keys.by_name(name).ok_or(KeyRejected::Invalid)?;
-        self.membership_of_key(key, m, now)
+        self.membership_of_key(key, m, from, now)
     }
 
     fn membership_at(&self, key: usize, member: Member) -> Membership<'_> {

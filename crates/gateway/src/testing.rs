@@ -10,6 +10,7 @@ use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, 
 use tollgate_store::{KeyIndex, Records};
 
 use crate::admit::admit_locally;
+use crate::client_ip::ClientAddress;
 use crate::config::{Api, GatewayConfig, Integration, Route, RouteMethod, Stage};
 use crate::limits::{LimitInfo, Refusal};
 use crate::meter::Counted;
@@ -18,6 +19,9 @@ use crate::snapshot::{Snapshot, Taken};
 pub(crate) const KEY: &str = "central-system-key-0123456789";
 pub(crate) const OTHER: &str = "another-partner-key-0123456789";
 pub(crate) const T0: u64 = 1_795_000_000 * NANOS_PER_SEC; // 2026-11-19
+/// A client reached directly, from loopback.
+pub(crate) const PEER: ClientAddress<'static> =
+    ClientAddress::peer(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
 pub(crate) fn throttle(rate: f64, burst: u32) -> ThrottleSettings {
     ThrottleSettings {
@@ -57,6 +61,7 @@ pub(crate) fn config(
         access_log: None,
         max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
+        trusted_proxies: None,
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),
@@ -141,7 +146,7 @@ pub(crate) fn call(
     now: u64,
 ) -> Result<LimitInfo, Refusal> {
     let m = s.route(&method.parse().unwrap(), path);
-    admit_locally(s, m.as_ref(), key.map(str::as_bytes), now)
+    admit_locally(s, m.as_ref(), key.map(str::as_bytes), PEER, now)
         .map(|a| a.limits)
         .map_err(|r| r.refusal)
 }

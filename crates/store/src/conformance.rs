@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use tollgate_core::model::{EXPIRES_TAG, PreviousValue};
 use tollgate_core::quota::{EpochDay, Period};
+use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
@@ -93,6 +94,10 @@ fn key(id: &str, value: &str) -> ApiKey {
             (
                 EXPIRES_TAG.to_string(),
                 "2027-01-31T00:00:00.000000001Z".to_string(),
+            ),
+            (
+                SOURCE_IPS_TAG.to_string(),
+                "203.0.113.0/24,2001:db8::/32".to_string(),
             ),
         ]),
         previous: Some(PreviousValue {

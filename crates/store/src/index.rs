@@ -5,13 +5,14 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use tollgate_core::IpNetworks;
 use tollgate_core::model::PreviousValue;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
 use crate::Records;
 
 /// What the gateway needs of a key besides its id and value hash.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyTerms {
     /// Disabled keys are refused.
     pub enabled: bool,
@@ -19,6 +20,8 @@ pub struct KeyTerms {
     pub expires_at: Option<u64>,
     /// The value before the last rotation and when it stops working.
     pub previous: Option<PreviousValue>,
+    /// The networks the key may be used from (none: anywhere).
+    pub sources: Option<IpNetworks>,
 }
 
 impl KeyTerms {
@@ -28,6 +31,7 @@ impl KeyTerms {
             enabled: key.enabled,
             expires_at: key.expires_at(),
             previous: key.previous,
+            sources: key.source_ips(),
         }
     }
 }
@@ -48,6 +52,8 @@ pub struct KeyIndex {
     expiries: Vec<(u32, u64)>,
     /// (key index, old value) of the few keys in a rotation's grace period, in key order.
     previous: Vec<(u32, PreviousValue)>,
+    /// (key index, allowlist) of the few keys with one, in key order.
+    sources: Vec<(u32, IpNetworks)>,
     /// (plan index, key index).
     bindings: Vec<(u32, u32)>,
     /// Key indices in id order, once [`bind_all`](Self::bind_all) has run.
@@ -78,6 +84,9 @@ impl KeyIndex {
         }
         if let Some(previous) = terms.previous {
             self.previous.push((self.hashes.len() as u32, previous));
+        }
+        if let Some(sources) = terms.sources {
+            self.sources.push((self.hashes.len() as u32, sources));
         }
         self.ids.push_str(id);
         self.id_ends
@@ -131,10 +140,16 @@ impl KeyIndex {
             .binary_search_by_key(&i32, |&(k, _)| k)
             .ok()
             .map(|at| self.previous[at].1);
+        let sources = self
+            .sources
+            .binary_search_by_key(&i32, |(k, _)| *k)
+            .ok()
+            .map(|at| self.sources[at].1.clone());
         KeyTerms {
             enabled: self.enabled[i],
             expires_at,
             previous,
+            sources,
         }
     }
 
@@ -350,6 +365,7 @@ mod tests {
                 enabled: id != "c",
                 expires_at: (id == "b").then_some(7),
                 previous: None,
+                sources: None,
             };
             index.push_key(
                 id,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use redis::{Cmd, ConnectionLike, Script};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
-use tollgate_core::{ApiKey, KeyHash, UsagePlan};
+use tollgate_core::source_ips::SOURCE_IPS_TAG;
+use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{DayValue, KeyIndex, KeyTerms, Records, Series, Store, StoreError, UsageDelta};
 
@@ -183,6 +184,9 @@ struct StoredKey {
     /// Derived from the expiry tag, for the gateway's index (which reads nothing else of the tags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at: Option<u64>,
+    /// The allowlist tag's value, for the gateway's index likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allowed_source_ips: Option<String>,
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     previous: Option<StoredPrevious>,
 }
@@ -281,6 +285,7 @@ fn put_key_call<'s>(
         value_prefix: key.value_prefix.clone(),
         value_length: key.value_length,
         expires_at: key.expires_at(),
+        allowed_source_ips: key.tags.get(SOURCE_IPS_TAG).cloned(),
         previous: StoredPrevious::of(key.previous),
     };
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -769,6 +774,7 @@ impl Store for RedisStore {
                         enabled: k.enabled,
                         expires_at: k.expires_at,
                         previous: k.previous.map(|p| p.parse(&id)).transpose()?,
+                        sources: k.allowed_source_ips.as_deref().map(IpNetworks::stored),
                     };
                     index.push_key(&id, &k.name, parse_hash(&id, &k.value_sha256)?, terms);
                 }
@@ -1054,6 +1060,8 @@ struct ServedKey<'a> {
     enabled: bool,
     #[serde(default)]
     expires_at: Option<u64>,
+    #[serde(default, borrow)]
+    allowed_source_ips: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, flatten)]
     previous: Option<StoredPrevious>,
     #[serde(borrow)]

@@ -6,7 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
-use tollgate_core::{ApiKey, KeyHash, UsagePlan};
+use tollgate_core::source_ips::SOURCE_IPS_TAG;
+use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
     DayValue, KeyIndex, KeyTerms, NamedKey, Records, Series, Store, StoreError, UsageDelta,
@@ -135,6 +136,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: the value before a rotation, accepted until the end of its grace period.
     "ALTER TABLE api_keys ADD COLUMN previous_sha256 BLOB;
      ALTER TABLE api_keys ADD COLUMN previous_until INTEGER;",
+    // 3: the source-IP allowlist the gateway's index reads (the tag's value).
+    "ALTER TABLE api_keys ADD COLUMN allowed_source_ips TEXT;",
 ];
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -197,15 +200,16 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
                                last_updated_date, value_sealed, tags, value_prefix, value_length,
-                               expires_at, previous_sha256, previous_until)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                               expires_at, previous_sha256, previous_until, allowed_source_ips)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
              customer_id = excluded.customer_id, enabled = excluded.enabled,
              value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
              value_sealed = excluded.value_sealed, tags = excluded.tags,
              value_prefix = excluded.value_prefix, value_length = excluded.value_length,
              expires_at = excluded.expires_at, previous_sha256 = excluded.previous_sha256,
-             previous_until = excluded.previous_until",
+             previous_until = excluded.previous_until,
+             allowed_source_ips = excluded.allowed_source_ips",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -224,6 +228,7 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
             expires_at,
             key.previous.map(|p| p.hash.0.to_vec()),
             key.previous.map(|p| i64::try_from(p.until).unwrap_or(i64::MAX)),
+            key.tags.get(SOURCE_IPS_TAG),
         ])
     })
     .map_err(backend)?;
@@ -336,7 +341,8 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until, name
+                "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until, name,
+                        allowed_source_ips
                  FROM api_keys",
             )
             .map_err(backend)?;
@@ -360,6 +366,12 @@ impl Store for SqliteStore {
                     .map_err(backend)?
                     .map(|at| u64::try_from(at).unwrap_or(0)),
                 previous: previous_value(row, 4)?,
+                sources: row
+                    .get_ref(7)
+                    .map_err(backend)?
+                    .as_str_or_null()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                    .map(IpNetworks::stored),
             };
             let name = row
                 .get_ref(6)

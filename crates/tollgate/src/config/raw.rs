@@ -116,6 +116,9 @@ pub struct RawConfig {
     /// Forward client fields whose names hold `_` (nginx's `underscores_in_headers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underscores_in_headers: Option<bool>,
+    /// The proxies whose `X-Forwarded-For` names the client (CIDRs), for source-IP allowlists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -463,6 +466,9 @@ pub struct RawKey {
     /// When the key stops working (RFC 3339); kept as the tag `tollgate:expiresAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The networks the key may be used from (CIDRs); kept as the tag `tollgate:allowedSourceIps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_source_ips: Option<Vec<String>>,
 }
 
 fn enabled_by_default() -> bool {

@@ -293,6 +293,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         tls: None,
         upstream_tls: None,
         http2: None,
+        trusted_proxies: None,
         store: Some(sited(store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {
@@ -523,6 +524,7 @@ fn keys(
             usage_plans: vec![plan.to_string()],
             tags: BTreeMap::new(),
             expires_at: None,
+            allowed_source_ips: None,
         };
         keys.push(sited(key, doc.at(at)));
         Ok(())

@@ -25,7 +25,7 @@ use std::time::Duration;
 use http::Uri;
 use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
-use tollgate_core::ThrottleSettings;
+use tollgate_core::{IpNetworks, ThrottleSettings};
 use tollgate_core::rules::{ApiOutline, PlanError, check_throttle};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::UpstreamTls;
@@ -401,6 +401,13 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
     };
     let kept_fields = validate_kept_fields(&cx, &raw)?;
+    let trusted_proxies = match &raw.trusted_proxies {
+        None => None,
+        Some(list) => Some(
+            IpNetworks::parse(&list.value.join(","))
+                .or_else(|msg| cx.err(&list.referenced, "trustedProxies", msg))?,
+        ),
+    };
 
     // Plain HTTP serves the same APIs: a client without a certificate goes there instead.
     if let (Some(plain), Some(t)) = (&raw.listen, &raw.tls) {
@@ -433,6 +440,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             kept_fields,
             apis,
             verify,
+            trusted_proxies,
         },
         plans,
         keys,

@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet};
 
 use serde_saphyr::{Location, Spanned};
+use tollgate_core::IpNetworks;
 use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
+use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage};
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
@@ -194,6 +196,17 @@ pub(super) fn validate_keys(
                 return cx.err(at, format!("{field}.expiresAt"), msg);
             }
             tags.insert(EXPIRES_TAG.into(), expires.clone());
+        }
+        if let Some(written) = &k.allowed_source_ips {
+            let field = format!("{field}.allowedSourceIps");
+            let list = IpNetworks::parse(&written.join(","))
+                .or_else(|msg| cx.err(at, &field, msg))?;
+            let tag = list.to_tag();
+            // Kept as a tag, whose values AWS bounds.
+            if tag.chars().count() > 256 {
+                return cx.err(at, field, format!("{tag:?} is longer than the 256 characters a tag value holds: use wider networks"));
+            }
+            tags.insert(SOURCE_IPS_TAG.into(), tag);
         }
         if let Err(msg) = validate_tags(&tags) {
             return cx.err(at, format!("{field}.tags"), msg);
