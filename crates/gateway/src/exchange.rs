@@ -121,6 +121,19 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// Where the current request came from (see [`crate::client_ip`]).
+    fn client<'p>(&'p self, config: &'p GatewayConfig) -> ClientAddress<'p> {
+        ClientAddress {
+            peer: self.peer,
+            chain: self
+                .forwarded
+                .get(self.forwarded_for.clone())
+                .unwrap_or_default(),
+            trusted: config.trusted_proxies.as_ref(),
+            vouched: self.endpoint == Endpoint::Decide,
+        }
+    }
+
     /// Parses the request head at the start of [`Pipeline::inbuf`] (`Ok(None)`: incomplete), with
     /// its fields for the upstream into [`Pipeline::forwarded`].
     pub(crate) fn parse_head<S: Session>(&mut self) -> Result<Option<RequestHead>, HeadError> {
@@ -327,15 +340,7 @@ impl Pipeline<'_> {
         let credentials = Credentials {
             api_key: ex.head.api_key.clone().map(|r| &bytes[r]),
             authorization: ex.head.authorization.clone().map(|r| &bytes[r]),
-            from: ClientAddress {
-                peer: self.peer,
-                chain: self
-                    .forwarded
-                    .get(self.forwarded_for.clone())
-                    .unwrap_or_default(),
-                trusted: ex.config.trusted_proxies.as_ref(),
-                vouched: self.endpoint == Endpoint::Decide,
-            },
+            from: self.client(ex.config),
         };
         let shared = self.shared;
         let decided = admit_caller(
@@ -432,6 +437,13 @@ impl Pipeline<'_> {
                 Some((status, length)) if ex.integration_ms.is_some() => (length, Some(status)),
                 _ => (ex.response_length, None),
             };
+            // Behind trusted proxies, the client they name (as nginx's realip module logs it).
+            let source_ip = ex
+                .config
+                .trusted_proxies
+                .as_ref()
+                .and_then(|_| self.client(ex.config).resolve())
+                .map(|ip| ip.to_string());
             let record = Record {
                 request_id: ex.id.as_str(),
                 start_nanos: ex.now,
@@ -445,7 +457,7 @@ impl Pipeline<'_> {
                 response_latency_ms: started.elapsed().as_millis() as u64,
                 integration_latency_ms: ex.integration_ms,
                 integration_status,
-                source_ip: &self.peer_ip,
+                source_ip: source_ip.as_deref().unwrap_or(&self.peer_ip),
                 user_agent: ex.user_agent.as_deref(),
                 // The key's id only: values are secrets and never logged.
                 api_key_id: ex.key_id,

@@ -1241,6 +1241,118 @@ async fn the_aws_cli_works_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_source_ip_allowlist_set_through_the_aws_cli_survives_a_restart() {
+    let (dir, gw, _admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
+    };
+    let value = "allowlistedKeyValue0123456789";
+    let key = cli.ok(&[
+        "create-api-key",
+        "--name",
+        "partner",
+        "--enabled",
+        "--value",
+        value,
+    ]);
+    let key_id = key["id"].as_str().unwrap().to_string();
+    let plan = cli.ok(&[
+        "create-usage-plan",
+        "--name",
+        "partners",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    cli.ok(&[
+        "create-usage-plan-key",
+        "--usage-plan-id",
+        &plan_id,
+        "--key-id",
+        &key_id,
+        "--key-type",
+        "API_KEY",
+    ]);
+    let key_arn = format!("arn:aws:apigateway:eu-west-1::/apikeys/{key_id}");
+    let tag = |list: &str| format!(r#"{{"tollgate:allowedSourceIps": "{list}"}}"#);
+    let c = client();
+    let url = gw.url("/prod/echo/allowlist");
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+
+    // A malformed list is refused with AWS's error shape, naming the tag and the CIDR.
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        &tag("127.0.0.0/8,10.0.0.0/33"),
+    ]);
+    assert!(
+        err.contains("(BadRequestException)")
+            && err.contains("tollgate:allowedSourceIps")
+            && err.contains("'10.0.0.0/33' is not a CIDR"),
+        "{err}"
+    );
+    assert_eq!(
+        c.get(&url, Some(value)).await.status,
+        200,
+        "nothing was kept"
+    );
+
+    // Loopback, IPv4 and IPv6: let through. Elsewhere only: 403, before any limit.
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        &tag("127.0.0.0/8, ::1"),
+    ]);
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        &tag("203.0.113.0/24,2001:db8::/32"),
+    ]);
+    let r = c.get(&url, Some(value)).await;
+    assert_eq!((r.status, r.json()), (403, json!({"message": "Forbidden"})));
+    let raw = client()
+        .send(
+            "GET",
+            &format!("http://{}/metrics", gw.admin.unwrap()),
+            &[],
+            "",
+        )
+        .await;
+    let metrics = String::from_utf8(raw.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains(r#"decision="ip_forbidden"} 1"#),
+        "{metrics}"
+    );
+    let key = cli.ok(&["get-api-key", "--api-key", &key_id]);
+    assert_eq!(
+        key["tags"]["tollgate:allowedSourceIps"],
+        "203.0.113.0/24,2001:db8::/32"
+    );
+
+    // Across a restart.
+    assert!(gw.terminate().success());
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let url = gw.url("/prod/echo/allowlist");
+    assert_eq!(c.get(&url, Some(value)).await.status, 403);
+    let cli = AwsCli::for_gateway(&gw).unwrap();
+    cli.ok(&[
+        "untag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tag-keys",
+        "tollgate:allowedSourceIps",
+    ]);
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     let (dir, gw, _admin, _up) = start("", &[]).await;
     let Some(cli) = AwsCli::for_gateway(&gw) else {

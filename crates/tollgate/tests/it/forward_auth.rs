@@ -6,6 +6,9 @@ use serde_json::json;
 use crate::util::{self, AdminClient, Caddy, Gateway, KEY, Nginx, client};
 
 const QUOTA_KEY: &str = "quotaOnlyKeyValue0123456789";
+/// Keys that may be used only from loopback, and only from a documentation network.
+const LOOPBACK_KEY: &str = "loopbackOnlyKeyValue0123456789";
+const FAR_KEY: &str = "farOnlyKeyValue0123456789";
 
 /// A gateway whose decision endpoint follows `proxy`'s convention: `KEY` in a plan with a burst of 3,
 /// `QUOTA_KEY` in one with a quota of 2.
@@ -16,9 +19,12 @@ fn gateway(up: &util::Upstream, proxy: &str) -> (tempfile::TempDir, Gateway) {
          usagePlans:\n  - name: burst\n    apiStages: [ {{ apiId: warranty, stage: prod }} ]\n    \
          throttle: {{ rateLimit: 0.001, burstLimit: 3 }}\n  \
          - name: quota\n    apiStages: [ {{ apiId: warranty, stage: prod }} ]\n    \
-         quota: {{ limit: 2, period: DAY }}\n\
+         quota: {{ limit: 2, period: DAY }}\n  \
+         - name: open\n    apiStages: [ {{ apiId: warranty, stage: prod }} ]\n\
          apiKeys:\n  - {{ name: central, value: \"${{CENTRAL_KEY}}\", usagePlans: [burst] }}\n  \
-         - {{ name: quota-only, value: {QUOTA_KEY}, usagePlans: [quota] }}\n"
+         - {{ name: quota-only, value: {QUOTA_KEY}, usagePlans: [quota] }}\n  \
+         - {{ name: loopback-only, value: {LOOPBACK_KEY}, usagePlans: [open], allowedSourceIps: [127.0.0.0/8, \"::1\"] }}\n  \
+         - {{ name: far-only, value: {FAR_KEY}, usagePlans: [open], allowedSourceIps: [203.0.113.0/24] }}\n"
     );
     util::write_config(
         dir.path(),
@@ -42,6 +48,18 @@ async fn decisions_hold(front: std::net::SocketAddr, gw: &Gateway) {
     let keys = central.ok("GET", "/apikeys?name=central", "").await;
     let central_id = keys["item"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(echo["headers"]["x-tollgate-key-id"], central_id.as_str());
+    // A key used from where it may be (the proxy names the client: loopback), and one that may not.
+    assert_eq!(
+        c.get(&url("/prod/echo/near"), Some(LOOPBACK_KEY))
+            .await
+            .status,
+        200
+    );
+    let r = c.get(&url("/prod/echo/far"), Some(FAR_KEY)).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (403, json!({ "message": "Forbidden" }))
+    );
     // A public route needs no key; a route that does not exist, no key, or a wrong one: 403.
     assert_eq!(c.get(&url("/prod/public"), None).await.status, 200);
     for (path, key, message) in [

@@ -34,6 +34,8 @@ mod jwt;
 mod limits;
 /// Malformed requests get 4xx and never take the process down.
 mod malformed;
+/// Partner accounts: source-IP allowlists behind trusted proxies and not, on both stores.
+mod partners;
 /// Path confusion: every normalisation trick against a real nginx that normalises; the upstream sees
 /// only paths admitted for the request's key.
 mod paths;

@@ -25,8 +25,8 @@ use std::time::Duration;
 use http::Uri;
 use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
-use tollgate_core::{IpNetworks, ThrottleSettings};
 use tollgate_core::rules::{ApiOutline, PlanError, check_throttle};
+use tollgate_core::{IpNetworks, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{Api, DEFAULT_MAX_REQUEST_BODY};
@@ -505,6 +505,40 @@ mod tests {
         let e = opened(&config("listen: 127.0.0.1:0\n"));
         assert_eq!(e.field, "apis[0].routes[0].upstreamTls", "{e}");
         assert!(e.message.contains("ca.pem"), "{e}");
+    }
+
+    /// A malformed network is named with its field and line, in a key's list and in the proxies'.
+    #[test]
+    fn networks_are_checked_where_they_are_written() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let base = "listen: 127.0.0.1:0\napis:\n  - id: a\n    stages: [ { name: prod } ]\n    routes:\n      - { path: /x, method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:1\" }\nusagePlans:\n  - { name: p, apiStages: [ { apiId: a, stage: prod } ] }\n";
+        let key = |list: &str| {
+            format!(
+                "{base}apiKeys:\n  - {{ name: k, value: partnerKeyValue0123456789, usagePlans: [p], allowedSourceIps: {list} }}\n"
+            )
+        };
+        let e = crate::config::parse(file, &key("[10.0.0.0/8, 10.0.0.0/33]")).unwrap_err();
+        assert_eq!(e.field, "apiKeys[0].allowedSourceIps", "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(10), "{e}");
+        assert!(e.message.contains("'10.0.0.0/33' is not a CIDR"), "{e}");
+        let c = crate::config::parse(file, &key("[\"2001:db8::/32\", 198.51.100.7]")).unwrap();
+        assert_eq!(
+            c.keys[0]
+                .tags
+                .get("tollgate:allowedSourceIps")
+                .map(String::as_str),
+            Some("2001:db8::/32,198.51.100.7/32")
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
+        let e = crate::config::parse(file, &key(&format!("[{}]", many.join(", ")))).unwrap_err();
+        assert!(e.message.contains("256 characters"), "{e}");
+        let e = crate::config::parse(file, &format!("trustedProxies: [lb.internal]\n{base}"))
+            .unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.position.map(|p| p.0)),
+            ("trustedProxies", Some(1)),
+            "{e}"
+        );
     }
 
     #[test]

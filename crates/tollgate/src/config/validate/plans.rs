@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 use serde_saphyr::{Location, Spanned};
 use tollgate_core::IpNetworks;
 use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
-use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage};
+use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
 
@@ -199,8 +199,8 @@ pub(super) fn validate_keys(
         }
         if let Some(written) = &k.allowed_source_ips {
             let field = format!("{field}.allowedSourceIps");
-            let list = IpNetworks::parse(&written.join(","))
-                .or_else(|msg| cx.err(at, &field, msg))?;
+            let list =
+                IpNetworks::parse(&written.join(",")).or_else(|msg| cx.err(at, &field, msg))?;
             let tag = list.to_tag();
             // Kept as a tag, whose values AWS bounds.
             if tag.chars().count() > 256 {

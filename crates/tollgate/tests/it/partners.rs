@@ -1,0 +1,169 @@
+//! Partner accounts: keys used only from their networks (IPv4 and IPv6, behind trusted proxies and
+//! not), on SQLite and on a real redis-server, across restarts, and through the decision endpoint.
+
+use serde_json::json;
+use tollgate_store::testing::RedisServer;
+
+use crate::util::{self, Gateway, client};
+
+const V4_KEY: &str = "loopbackV4KeyValue0123456789";
+const V6_KEY: &str = "loopbackV6KeyValue0123456789";
+const PARTNER_KEY: &str = "partnerOfficeKeyValue0123456789";
+
+/// A gateway on every address (IPv4 and IPv6), `store` its store, trusting `::1` as a proxy: keys
+/// for 127.0.0.0/8 only, for ::1 only, and for 203.0.113.0/24 only (a partner's office, reached
+/// through the proxy); a decision endpoint in Envoy's convention.
+fn gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Gateway {
+    let extra = "admin: { listen: 127.0.0.1:0 }\ntrustedProxies: [\"::1/128\"]\n\
+        accessLog: { path: access.log }\n\
+        verify: { listen: 127.0.0.1:0, proxy: envoy }\n\
+        usagePlans:\n  - { name: partners, apiStages: [ { apiId: warranty, stage: prod } ] }\n\
+        apiKeys:\n\
+        \x20 - { name: v4, value: loopbackV4KeyValue0123456789, usagePlans: [partners], allowedSourceIps: [127.0.0.0/8] }\n\
+        \x20 - { name: v6, value: loopbackV6KeyValue0123456789, usagePlans: [partners], allowedSourceIps: [\"::1\"] }\n\
+        \x20 - { name: partner, value: partnerOfficeKeyValue0123456789, usagePlans: [partners], allowedSourceIps: [\"203.0.113.0/24\", \"2001:db8::/32\"] }\n";
+    let yaml = util::config(&format!("http://{}", up.addr), extra)
+        .replace("listen: 127.0.0.1:0\nstore:", "listen: \"[::]:0\"\nstore:")
+        .replace(
+            "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+            store,
+        );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+/// Each key from where it may and may not be used, directly and behind the trusted proxy; the
+/// access log in `dir` names the client the proxy named.
+async fn allowlists_hold(gw: &Gateway, dir: &std::path::Path) {
+    let c = client();
+    let port = gw.addr.port();
+    let v4 = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let v6 = |path: &str| format!("http://[::1]:{port}{path}");
+    let forbidden = (403, json!({ "message": "Forbidden" }));
+    let status = |r: util::Reply| (r.status, r.json());
+
+    assert_eq!(c.get(&v4("/prod/echo/a"), Some(V4_KEY)).await.status, 200);
+    assert_eq!(
+        status(c.get(&v6("/prod/echo/a"), Some(V4_KEY)).await),
+        forbidden
+    );
+    // ::1 is a trusted proxy that names nobody before it: it is the client.
+    assert_eq!(c.get(&v6("/prod/echo/a"), Some(V6_KEY)).await.status, 200);
+    assert_eq!(
+        status(c.get(&v4("/prod/echo/a"), Some(V6_KEY)).await),
+        forbidden
+    );
+
+    let via = |url: String, chain: &'static [&'static str]| {
+        let c = client();
+        async move {
+            let mut headers = vec![("x-api-key", PARTNER_KEY)];
+            headers.extend(chain.iter().map(|hop| ("x-forwarded-for", *hop)));
+            c.send("GET", &url, &headers, "").await
+        }
+    };
+    // Through the trusted proxy, from the office: let through, and the backend reads the chain
+    // that was checked.
+    let r = via(v6("/prod/echo/b"), &["203.0.113.5"]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-forwarded-for"], "203.0.113.5, ::1");
+    assert_eq!(via(v6("/prod/echo/b"), &["2001:db8::9"]).await.status, 200);
+    // A client that writes the office's address itself, before the hop the proxy added (in the
+    // same field, or in a field of its own): the hop the proxy added is the client.
+    assert_eq!(
+        status(via(v6("/prod/echo/b"), &["203.0.113.5, 198.51.100.1"]).await),
+        forbidden
+    );
+    let r = via(v6("/prod/echo/b"), &["203.0.113.5", "198.51.100.1"]).await;
+    assert_eq!(status(r), forbidden);
+    // Written off the request path: read once the line is there.
+    let mut logged = String::new();
+    for _ in 0..200 {
+        logged = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        if logged.contains("198.51.100.1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let last: serde_json::Value = serde_json::from_str(logged.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["ip"], &last["decision"], &last["status"]),
+        (
+            &json!("198.51.100.1"),
+            &json!("ip_forbidden"),
+            &json!("403")
+        ),
+        "{logged}"
+    );
+    // An untrusted peer's X-Forwarded-For is not read at all.
+    assert_eq!(
+        status(via(v4("/prod/echo/b"), &["203.0.113.5"]).await),
+        forbidden
+    );
+    // A trusted hop naming no address: refused, never let through.
+    assert_eq!(
+        status(via(v6("/prod/echo/b"), &["unknown"]).await),
+        forbidden
+    );
+
+    // The decision endpoint: the client is what the proxy asking names.
+    let verify = gw.verify_addr();
+    let ask = |chain: Option<&'static str>| {
+        let c = client();
+        async move {
+            let mut headers = vec![("x-api-key", PARTNER_KEY)];
+            headers.extend(chain.map(|hop| ("x-forwarded-for", hop)));
+            c.send("GET", &format!("http://{verify}/prod/echo/c"), &headers, "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(ask(Some("203.0.113.77")).await, 200);
+    assert_eq!(ask(Some("198.51.100.1")).await, 403);
+    assert_eq!(ask(None).await, 403, "a proxy that names no client");
+
+    let metrics = client()
+        .send(
+            "GET",
+            &format!("http://{}/metrics", gw.admin.unwrap()),
+            &[],
+            "",
+        )
+        .await;
+    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        // Six on the data plane, two decisions; the plan is named only for keys it admits.
+        metrics.contains(r#"usage_plan="",decision="ip_forbidden"} 8"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_used_only_from_their_networks_on_sqlite_across_a_restart() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = "store: { sqlite: ./tollgate.db, flushInterval: 200ms }";
+    let gw = gateway(&up, dir.path(), store);
+    allowlists_hold(&gw, dir.path()).await;
+    assert!(gw.terminate().success());
+    let gw = gateway(&up, dir.path(), store);
+    allowlists_hold(&gw, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_used_only_from_their_networks_on_redis_across_a_restart() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let up = util::upstream().await;
+    let store = format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url());
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&up, dir.path(), &store);
+    allowlists_hold(&gw, dir.path()).await;
+    assert!(gw.terminate().success());
+    // Another instance, from what Redis keeps.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&up, dir.path(), &store);
+    allowlists_hold(&gw, dir.path()).await;
+}
