@@ -186,26 +186,36 @@ impl Quota {
         fresh
     }
 
-    /// Counts one request of `count` at `now` if the period has room for it.
-    pub fn try_consume(&self, count: &QuotaCount, now: u64) -> QuotaDecision {
+    /// Spends `cost` (a request's cost: 1 unless its route says otherwise) of `count`'s period at
+    /// `now` if the period has that much left; never part of it. A cost of 0 spends nothing and is
+    /// never refused.
+    pub fn try_consume(&self, count: &QuotaCount, cost: u32, now: u64) -> QuotaDecision {
         let window = self.window(EpochDay::from_nanos(now));
         let limit = i64::from(self.settings.limit);
+        let cost = i64::from(cost);
         let mut current = count.0.load(Ordering::Acquire);
         loop {
             let used = used_in(current, window);
-            if used >= limit {
+            let left = |used: i64| u64::try_from(limit - used).unwrap_or(0);
+            if cost == 0 {
+                return QuotaDecision::Allowed {
+                    remaining: left(used),
+                    resets_at: window.end,
+                };
+            }
+            if used + cost > limit {
                 return QuotaDecision::Refused {
                     resets_at: window.end,
                 };
             }
-            let next = pack_count(window.start, used + 1);
+            let next = pack_count(window.start, used + cost);
             match count
                 .0
                 .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
                     return QuotaDecision::Allowed {
-                        remaining: (limit - used - 1).unsigned_abs(),
+                        remaining: left(used + cost),
                         resets_at: window.end,
                     };
                 }
@@ -367,21 +377,21 @@ mod tests {
         let c = QuotaCount::default();
         quota.set_used(&c, now, 1);
         assert_eq!(
-            quota.try_consume(&c, now),
+            quota.try_consume(&c, 1, now),
             QuotaDecision::Allowed {
                 remaining: 1,
                 resets_at: today.next()
             }
         );
         assert_eq!(
-            quota.try_consume(&c, now),
+            quota.try_consume(&c, 1, now),
             QuotaDecision::Allowed {
                 remaining: 0,
                 resets_at: today.next()
             }
         );
         assert_eq!(
-            quota.try_consume(&c, now),
+            quota.try_consume(&c, 1, now),
             QuotaDecision::Refused {
                 resets_at: today.next()
             }
@@ -391,9 +401,31 @@ mod tests {
         let tomorrow = today.next().start_nanos();
         assert_eq!(quota.used(&c, tomorrow), 0);
         assert!(matches!(
-            quota.try_consume(&c, tomorrow),
+            quota.try_consume(&c, 1, tomorrow),
             QuotaDecision::Allowed { remaining: 2, .. }
         ));
+    }
+
+    #[test]
+    fn a_request_spends_its_cost_whole_or_not_at_all() {
+        let today = day(2026, 11, 27);
+        let now = today.start_nanos() + 5;
+        // A limit of 3 (see `q`), spent by costs.
+        let quota = Quota::new(q(Period::Day, 0));
+        let c = QuotaCount::default();
+        let spend = |cost| match quota.try_consume(&c, cost, now) {
+            QuotaDecision::Allowed { remaining, .. } => Some(remaining),
+            QuotaDecision::Refused { .. } => None,
+        };
+        assert_eq!(spend(2), Some(1));
+        assert_eq!(spend(2), None, "more than is left: nothing is spent");
+        assert_eq!(quota.used(&c, now), 2);
+        assert_eq!(spend(0), Some(1), "free");
+        assert_eq!(spend(1), Some(0));
+        assert_eq!(spend(1), None);
+        assert_eq!(spend(0), Some(0), "free even when the quota is spent");
+        assert_eq!(quota.used(&c, now), 3);
+        assert_eq!(spend(4), None, "more than the whole limit");
     }
 
     #[test]
@@ -412,7 +444,7 @@ mod tests {
         assert_eq!(quota.used(&c, now), -2);
         for left in (0..5).rev() {
             assert_eq!(
-                quota.try_consume(&c, now),
+                quota.try_consume(&c, 1, now),
                 QuotaDecision::Allowed {
                     remaining: left,
                     resets_at: today.next()
@@ -420,13 +452,13 @@ mod tests {
             );
         }
         assert!(matches!(
-            quota.try_consume(&c, now),
+            quota.try_consume(&c, 1, now),
             QuotaDecision::Refused { .. }
         ));
         assert_eq!(quota.set_remaining(&c, now, 0), 0);
         assert_eq!(quota.set_remaining(&c, now, 1), -1);
         assert!(matches!(
-            quota.try_consume(&c, now),
+            quota.try_consume(&c, 1, now),
             QuotaDecision::Allowed { remaining: 0, .. }
         ));
     }

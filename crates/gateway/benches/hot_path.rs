@@ -37,6 +37,7 @@ fn config() -> GatewayConfig {
         cors: None,
         allow_get_body: false,
         authorizer: None,
+        cost: 1,
     };
     GatewayConfig {
         account_throttle: None,
@@ -126,7 +127,7 @@ fn benches(c: &mut Criterion) {
     });
     let count = QuotaCount::default();
     c.bench_function("quota check", |b| {
-        b.iter(|| black_box(quota.try_consume(&count, black_box(NOW))))
+        b.iter(|| black_box(quota.try_consume(&count, 1, black_box(NOW))))
     });
 
     let small = Snapshot::build(

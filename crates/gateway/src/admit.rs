@@ -210,7 +210,7 @@ pub(crate) async fn admit<'s>(
             _ => None,
         };
         if let (Some(m), Some(c)) = (&membership, counted) {
-            snap.count(m, c, now);
+            snap.count(m, c, 1, now);
         }
         Refused {
             refusal,
@@ -539,6 +539,29 @@ mod tests {
             ]
         );
         assert!(taken(&cell).is_empty());
+    }
+
+    #[test]
+    fn a_route_spends_its_cost_of_the_quota_and_is_metered_by_it() {
+        let mut cfg = config(None, None);
+        // GET /registrations/{id} costs 5; PUT …/warranty is free.
+        cfg.apis[0].routes[1].cost = 5;
+        cfg.apis[0].routes[0].cost = 0;
+        let cell = ArcSwap::from_pointee(snap(cfg, &records(None, Some(quota(12, Period::Day)))));
+        let s = cell.load_full();
+        let get = "/prod/registrations/42";
+        let left = |r: Result<LimitInfo, Refusal>| r.map(|l| l.quota.unwrap().remaining);
+        assert_eq!(left(call(&s, "GET", get, Some(KEY), T0)), Ok(7));
+        assert_eq!(left(call(&s, "GET", get, Some(KEY), T0)), Ok(2));
+        // 5 is more than the 2 left: refused whole, nothing spent; a free route still passes.
+        assert!(matches!(
+            call(&s, "GET", get, Some(KEY), T0),
+            Err(Refusal::LimitExceeded { .. })
+        ));
+        let put = "/prod/registrations/42/warranty";
+        assert_eq!(left(call(&s, "PUT", put, Some(KEY), T0)), Ok(2));
+        // Usage is what was spent: 10, not 3 requests (the free one is not metered).
+        assert_eq!(taken(&cell), vec![counted("key0000001", T0, 10)]);
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct Route {
     pub allow_get_body: bool,
     /// With a key required: the JWT authorizer identifying the caller instead of `x-api-key`.
     pub authorizer: Option<Arc<crate::jwt::Authorizer>>,
+    /// What one admitted request spends of its key's quota and usage (1 unless the route says; 0
+    /// is free). Throttles count requests whatever the cost.
+    pub cost: u32,
 }
 
 /// CORS for a route, as Serverless's `cors:` configures it on AWS.
@@ -190,6 +193,7 @@ pub fn add_preflight_routes(api: &mut Api) {
             cors: Some(cors.clone()),
             allow_get_body: false,
             authorizer: None,
+            cost: 1,
         });
     }
     api.routes.extend(added);

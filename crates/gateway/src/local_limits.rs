@@ -47,6 +47,7 @@ impl Local<'_> {
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
         let mut limits = LimitInfo::default();
+        let cost = self.0.route_at(m).cost;
         if let Some(KeyBucket { gcra, state, .. }) = membership.throttle_for(m) {
             match gcra.check(state, now) {
                 ThrottleDecision::Allowed { remaining } => {
@@ -66,7 +67,7 @@ impl Local<'_> {
         if let Some(quota) = membership.quota() {
             let window = quota.window(EpochDay::from_nanos(now));
             let limit = quota.settings().limit;
-            match quota.try_consume(&membership.live().quota, now) {
+            match quota.try_consume(&membership.live().quota, cost, now) {
                 QuotaDecision::Allowed { remaining, .. } => {
                     limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
                 }
@@ -77,7 +78,7 @@ impl Local<'_> {
                 }
             }
         }
-        self.0.count(membership, Counted::Admitted, now);
+        self.0.count(membership, Counted::Admitted, cost, now);
         Ok(limits)
     }
 }

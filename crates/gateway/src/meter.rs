@@ -83,15 +83,15 @@ fn unpack(v: u64) -> (EpochDay, u32) {
 }
 
 impl DailyMeter {
-    /// Counts one request on `day`.
-    pub fn record(&self, day: EpochDay) -> Recorded {
+    /// Counts `n` (at least 1) on `day`.
+    pub fn record(&self, day: EpochDay, n: u32) -> Recorded {
         let mut current = self.current.load(Ordering::Relaxed);
         loop {
             let (seen_day, count) = unpack(current);
             let next = if seen_day == day {
-                pack(day, count.saturating_add(1))
+                pack(day, count.saturating_add(n))
             } else {
-                pack(day, 1)
+                pack(day, n)
             };
             match self.current.compare_exchange_weak(
                 current,
@@ -146,16 +146,16 @@ mod tests {
         let m = DailyMeter::default();
         assert_eq!(m.take(), None);
         assert!(m.is_empty());
-        assert!(m.record(EpochDay(10)).first, "the first count");
+        assert!(m.record(EpochDay(10), 1).first, "the first count");
         assert_eq!(
-            m.record(EpochDay(10)),
+            m.record(EpochDay(10), 1),
             Recorded {
                 first: false,
                 displaced: None
             }
         );
         assert_eq!(
-            m.record(EpochDay(11)),
+            m.record(EpochDay(11), 1),
             Recorded {
                 first: false,
                 displaced: Some((EpochDay(10), 2))
@@ -165,7 +165,10 @@ mod tests {
         assert_eq!(m.take(), Some((EpochDay(11), 1)));
         assert_eq!(m.take(), None);
         assert!(m.is_empty());
-        assert!(m.record(EpochDay(11)).first, "the first count after a take");
+        assert!(
+            m.record(EpochDay(11), 1).first,
+            "the first count after a take"
+        );
         assert_eq!(m.take(), Some((EpochDay(11), 1)));
     }
 
@@ -200,7 +203,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut displaced = 0;
                     for i in 0..10_000u32 {
-                        let r = m.record(EpochDay(100 + (i + t) / 5_000));
+                        let r = m.record(EpochDay(100 + (i + t) / 5_000), 1);
                         displaced += r.displaced.map_or(0, |(_, n)| n);
                     }
                     displaced

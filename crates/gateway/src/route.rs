@@ -287,6 +287,7 @@ mod tests {
                     cors: None,
                     allow_get_body: false,
                     authorizer: None,
+                    cost: 1,
                     integration: Integration::Http {
                         url: "http://u".parse().unwrap(),
                         timeout: Duration::from_secs(1),

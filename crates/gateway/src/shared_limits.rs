@@ -57,12 +57,14 @@ impl SharedLimits<'_> {
             _ => String::new(),
         };
         let quota = membership.quota().map(|q| q.settings());
+        let route = self.snap.route_at(m);
         let call = KeyCall {
             key_id: membership.key_id,
             plan_id: membership.plan_id(),
             method: &method,
             throttle: gcra,
             quota,
+            cost: route.cost,
         };
         let started = std::time::Instant::now();
         let decided = self.limiter.decide(&call, now).await;
@@ -73,7 +75,8 @@ impl SharedLimits<'_> {
                 OnStoreFailure::Local => Local(self.snap).decide_now(membership, m, now),
                 OnStoreFailure::Allow => {
                     // Fail open, as AWS does, but keep metering: the usage is written back later.
-                    self.snap.count(membership, Counted::Admitted, now);
+                    self.snap
+                        .count(membership, Counted::Admitted, route.cost, now);
                     Ok(LimitInfo::default())
                 }
                 OnStoreFailure::Deny => Err(Refusal::ServiceUnavailable),

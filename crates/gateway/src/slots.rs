@@ -145,10 +145,13 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Counts a request of kind `counted` in slot `slot` (whose state is `live`) at `now`, queueing
+    /// Counts `n` of kind `counted` in slot `slot` (whose state is `live`) at `now`, queueing
     /// the slot for the flusher on that meter's first count since the last take.
-    pub(crate) fn count(&self, slot: u32, live: &Live, counted: Counted, now: u64) {
-        let recorded = live.meters[counted as usize].record(EpochDay::from_nanos(now));
+    pub(crate) fn count(&self, slot: u32, live: &Live, counted: Counted, n: u32, now: u64) {
+        if n == 0 {
+            return;
+        }
+        let recorded = live.meters[counted as usize].record(EpochDay::from_nanos(now), n);
         if recorded.first || recorded.displaced.is_some() {
             let mut metered = lock(&self.metered);
             if recorded.first {
@@ -211,8 +214,8 @@ mod tests {
             },
         );
         let live = live_at(&book.chunks, slot);
-        slots.count(slot, live, Counted::Admitted, 0);
-        slots.count(slot, live, Counted::Admitted, 0);
+        slots.count(slot, live, Counted::Admitted, 1, 0);
+        slots.count(slot, live, Counted::Admitted, 1, 0);
         assert_eq!(lock(&slots.metered).slots, vec![slot], "queued once");
 
         // Still seen by a snapshot, and holding a count: kept.

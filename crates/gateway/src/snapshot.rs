@@ -514,10 +514,11 @@ impl Snapshot {
         self.plans.iter().map(|p| (&p.id, &p.name))
     }
 
-    /// Counts a request of `membership` at `now` as `counted`.
-    pub fn count(&self, membership: &Membership<'_>, counted: Counted, now: u64) {
+    /// Counts `n` for a request of `membership` at `now` as `counted` (an admitted request counts
+    /// its cost).
+    pub fn count(&self, membership: &Membership<'_>, counted: Counted, n: u32, now: u64) {
         self.slots
-            .count(membership.slot, membership.live, counted, now);
+            .count(membership.slot, membership.live, counted, n, now);
     }
 
     /// Notes that `membership`'s key was presented at `now` (its `lastUsedDate`).

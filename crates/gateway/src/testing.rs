@@ -54,6 +54,7 @@ pub(crate) fn config(
         cors: None,
         allow_get_body: false,
         authorizer: None,
+        cost: 1,
     };
     GatewayConfig {
         account_throttle: account,

@@ -31,7 +31,7 @@ const SET_REMAINING: &str = include_str!("lua/set_remaining.lua");
 const MAX_BATCH: usize = 256;
 
 /// Arguments the script takes per request (after the clock, its first).
-const ARGS_PER_CALL: usize = 7;
+const ARGS_PER_CALL: usize = 8;
 
 /// One request's own limits, as the script is asked about them.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +46,8 @@ pub struct KeyCall<'a> {
     pub throttle: Option<&'a Gcra>,
     /// The plan's quota, if any.
     pub quota: Option<&'a QuotaSettings>,
+    /// What the request spends of the quota and the day's usage (its route's `cost`).
+    pub cost: u32,
 }
 
 /// The script's verdict on one request.
@@ -148,6 +150,7 @@ impl Job {
             call.quota.map_or(0, |q| u64::from(q.limit)),
             window.map_or(0, |w| u64::from(w.start.0)),
             window.map_or(0, |w| u64::from(w.end.0)),
+            u64::from(call.cost),
         ];
         (args, window)
     }
@@ -539,6 +542,7 @@ mod tests {
             method: "",
             throttle: Some(throttle),
             quota,
+            cost: 1,
         }
     }
 
@@ -693,7 +697,7 @@ mod tests {
     }
 
     impl RustSide {
-        fn decide(&self, now: u64) -> Verdict {
+        fn decide(&self, cost: u32, now: u64) -> Verdict {
             let mut tokens = 0;
             let mut until_full_us = 0;
             if let Some(g) = &self.gcra {
@@ -711,7 +715,7 @@ mod tests {
             }
             let mut quota_left = 0;
             if let Some(q) = &self.quota {
-                match q.try_consume(&self.count, now) {
+                match q.try_consume(&self.count, cost, now) {
                     QuotaDecision::Allowed { remaining, .. } => quota_left = remaining,
                     QuotaDecision::Refused { .. } => {
                         return Verdict::QuotaSpent {
@@ -748,8 +752,8 @@ mod tests {
 
     /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust
     /// (`tollgate-core`, the embedded mode) and in Lua (`lua/limit.lua`, cluster mode). The same
-    /// random sequences of requests (several keys, bursts, refills, quota period boundaries) go
-    /// through both, on one manual clock, and every decision must be the same.
+    /// random sequences of requests (several keys, bursts, refills, quota period boundaries, costs
+    /// from 0 to 3) go through both, on one manual clock, and every decision must be the same.
     #[tokio::test]
     async fn the_lua_script_decides_as_the_rust_rules_do() {
         let redis = RedisServer::start();
@@ -805,6 +809,8 @@ mod tests {
                 .collect();
             let ids: Vec<String> = (0..sides.len()).map(|i| format!("key{i}")).collect();
             let mut rng = Rng(seed);
+            // What each key spent, as the embedded mode meters it (admitted requests' costs).
+            let mut spent = vec![0u64; sides.len()];
             for step in 0..400 {
                 match rng.below(10) {
                     // A burst of requests from one key.
@@ -813,16 +819,22 @@ mod tests {
                         for _ in 0..=rng.below(4) {
                             let now = clock.now();
                             let side = &sides[k];
+                            // Mostly 1, as most routes cost; sometimes free, sometimes more.
+                            let cost = [1, 1, 0, 2, 3][rng.below(5) as usize];
                             let call = KeyCall {
                                 key_id: &ids[k],
                                 plan_id: &PLAN,
                                 method: "",
                                 throttle: side.gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),
+                                cost,
                             };
                             let lua = limiter.decide(&call, now).await.unwrap().verdict;
-                            let rust = side.decide(now);
+                            let rust = side.decide(cost, now);
                             assert_eq!(lua, rust, "seed {seed}, step {step}, key {k}");
+                            if matches!(rust, Verdict::Admitted { .. }) {
+                                spent[k] += u64::from(cost);
+                            }
                             decisions += 1;
                         }
                     }
@@ -834,6 +846,18 @@ mod tests {
                         clock.set(day.next().start_nanos() - NANOS_PER_SEC);
                     }
                 }
+            }
+            // The script meters what was spent, day by day, as the embedded mode does.
+            let mut c = redis::Client::open(redis.url())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            for (k, id) in ids.iter().enumerate() {
+                let days: std::collections::HashMap<u32, u64> = redis::cmd("HGETALL")
+                    .arg(keys::usage(id, &PLAN))
+                    .query(&mut c)
+                    .unwrap();
+                assert_eq!(days.values().sum::<u64>(), spent[k], "seed {seed}, key {k}");
             }
         }
         assert!(decisions > 3_000, "{decisions} decisions compared");

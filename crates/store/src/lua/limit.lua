@@ -1,10 +1,10 @@
--- Decides a batch of requests on one reading of the clock: four KEYS and seven ARGV per request
+-- Decides a batch of requests on one reading of the clock: four KEYS and eight ARGV per request
 -- after ARGV[1], the clock in microseconds (0: Redis's own TIME, which is what instances share;
 -- tests pass theirs). Answers one {verdict, a, b, c} per request, in order, in whole microseconds
 -- (exact in Lua's doubles, returned as integers):
 --   {0, tokens left, quota left, microseconds until the bucket is full}   admitted and counted
 --   {1, microseconds until a token frees up, 0, 0}                        throttled
---   {2, tokens left, microseconds until the bucket is full, 0}            quota spent
+--   {2, tokens left, microseconds until the bucket is full, 0}            quota too low for the cost
 --   {3, the clock's day, 0, 0}                                            the window is not today's
 -- A key's state is read once and written once per batch however many of its requests the batch
 -- holds: a hot key costs Lua arithmetic per request, not Redis commands.
@@ -23,6 +23,8 @@ local function decide(K, A)
   local interval, tolerance = tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
   local has_quota = ARGV[A + 4] == '1'
   local limit, ws, we = tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
+  -- What the request spends of the quota and the usage, whole or not at all; 0 spends nothing.
+  local cost = tonumber(ARGV[A + 8])
   if has_quota and (day < ws or day >= we) then return {3, day, 0, 0} end
   local tokens, ahead = -1, 0
   if ARGV[A + 1] == '1' then
@@ -47,16 +49,18 @@ local function decide(K, A)
       end
       quotas[KEYS[K + 2]] = q
     end
-    if q.used >= limit then return {2, tokens, ahead, 0} end
-    q.used = q.used + 1
-    q.dirty = true
-    remaining = limit - q.used
+    if cost > 0 and q.used + cost > limit then return {2, tokens, ahead, 0} end
+    if cost > 0 then
+      q.used = q.used + cost
+      q.dirty = true
+    end
+    remaining = math.max(0, limit - q.used)
   end
-  usage[KEYS[K + 3]] = (usage[KEYS[K + 3]] or 0) + 1
+  usage[KEYS[K + 3]] = (usage[KEYS[K + 3]] or 0) + cost
   return {0, tokens, remaining, ahead}
 end
 local out = {}
-for i = 0, #KEYS / 4 - 1 do out[i + 1] = decide(i * 4, 1 + i * 7) end
+for i = 0, #KEYS / 4 - 1 do out[i + 1] = decide(i * 4, 1 + i * 8) end
 for key, tat in pairs(tats) do
   redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
@@ -67,5 +71,7 @@ for key, q in pairs(quotas) do
     if q.fresh then redis.call('EXPIREAT', key, (q.we + 2) * 86400) end
   end
 end
-for key, n in pairs(usage) do redis.call('HINCRBY', key, day, n) end
+for key, n in pairs(usage) do
+  if n > 0 then redis.call('HINCRBY', key, day, n) end
+end
 return out

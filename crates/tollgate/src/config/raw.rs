@@ -347,6 +347,9 @@ pub struct RawRoute {
     /// The API's JWT authorizer identifying the caller (with `apiKeySource: AUTHORIZER`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorizer: Option<String>,
+    /// What one admitted request spends of its key's quota (default 1; 0 is free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<i64>,
 }
 
 /// `cors: true`, or the settings, as Serverless writes them.

@@ -401,6 +401,7 @@ fn routes(doc: &Doc<'_>, opts: &ServerlessOptions) -> Result<Vec<Spanned<RawRout
                 allow_get_body: false,
                 authorizer: None,
                 upstream_tls: None,
+                cost: None,
             };
             routes.push(sited(route, doc.at(&path)));
         }

@@ -1,6 +1,7 @@
 //! APIs, their stages, authorizers and routes.
 
 use std::sync::Arc;
+use tollgate_core::quota::MAX_REMAINING;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde_saphyr::{Location, Spanned};
@@ -310,6 +311,28 @@ pub(super) fn validate_route(
         (Some(url), None) => http_integration(cx, field, r, &url.0, at)?,
         (None, Some(mock)) => mock_integration(cx, field, r, mock, at)?,
     };
+    let cost = match r.cost {
+        None => 1,
+        Some(cost) => {
+            match u32::try_from(cost) {
+                Ok(cost) if i64::from(cost) <= MAX_REMAINING => cost,
+                _ => {
+                    return cx.err(
+                    at,
+                    format!("{field}.cost"),
+                    format!("{cost} is not a cost: give a whole number from 0 (free) to {MAX_REMAINING}"),
+                );
+                }
+            }
+        }
+    };
+    if r.cost.is_some() && !r.api_key_required {
+        cx.warn(
+            at,
+            format!("{field}.cost"),
+            "a route that needs no key spends no quota: its cost counts for nothing",
+        );
+    }
     Ok(Route {
         cors: r
             .cors
@@ -322,6 +345,7 @@ pub(super) fn validate_route(
         integration,
         allow_get_body: r.allow_get_body,
         authorizer: None,
+        cost,
     })
 }
 
