@@ -1,5 +1,6 @@
 //! Partner accounts: keys used only from their networks (IPv4 and IPv6, behind trusted proxies and
-//! not), on SQLite and on a real redis-server, across restarts, and through the decision endpoint.
+//! not, and through the decision endpoint), and routes that cost more than one request; on SQLite
+//! and on a real redis-server, across restarts.
 
 use serde_json::json;
 use tollgate_store::testing::RedisServer;
@@ -166,4 +167,94 @@ async fn keys_are_used_only_from_their_networks_on_redis_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(&up, dir.path(), &store);
     allowlists_hold(&gw, dir.path()).await;
+}
+
+const COST_KEY: &str = "exportingPartnerKeyValue0123456789";
+
+/// A gateway whose plan has a quota of 12 a day, with an export route costing 5, a free status
+/// route, and the echo route at the default cost of 1.
+fn costly_gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Gateway {
+    let upstream = format!("http://{}", up.addr);
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{store}\nadmin: {{ listen: 127.0.0.1:0 }}\nrateLimitHeaders: true\n\
+         apis:\n  - id: warranty\n    stages: [ {{ name: prod }} ]\n    routes:\n\
+         \x20     - {{ path: /export, method: GET, apiKeyRequired: true, upstream: \"{upstream}\", cost: 5 }}\n\
+         \x20     - {{ path: /status, method: GET, apiKeyRequired: true, upstream: \"{upstream}\", cost: 0 }}\n\
+         \x20     - {{ path: \"/echo/{{rest+}}\", method: ANY, apiKeyRequired: true, upstream: \"{upstream}\" }}\n\
+         usagePlans:\n  - {{ name: exports, apiStages: [ {{ apiId: warranty, stage: prod }} ], quota: {{ limit: 12, period: DAY }} }}\n\
+         apiKeys:\n  - {{ name: exporter, value: {COST_KEY}, usagePlans: [exports] }}\n"
+    );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+/// What the key spent today, as GetUsage reports it: `[used, remaining]`.
+async fn spent_today(gw: &Gateway) -> serde_json::Value {
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let plans = admin.ok("GET", "/usageplans", "").await;
+    let plan_id = plans["item"][0]["id"].as_str().unwrap().to_string();
+    let today = util::today();
+    let usage = admin
+        .ok(
+            "GET",
+            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
+            "",
+        )
+        .await;
+    let values = usage["values"].as_object().unwrap();
+    values.values().next().unwrap()[0].clone()
+}
+
+async fn costs_hold(store: &str) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = costly_gateway(&up, dir.path(), store);
+    let get = |gw: &Gateway, path: &str| {
+        let url = gw.url(path);
+        let c = client();
+        async move { c.get(&url, Some(COST_KEY)).await }
+    };
+    let r = get(&gw, "/prod/export").await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 7));
+    let r = get(&gw, "/prod/export").await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 2));
+    // 5 is more than the 2 left: refused whole, nothing spent.
+    let r = get(&gw, "/prod/export").await;
+    assert_eq!(
+        (r.status, r.json()),
+        (429, json!({ "message": "Limit Exceeded" }))
+    );
+    // The free route passes, spending nothing; the echo route spends its 1.
+    let r = get(&gw, "/prod/status").await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 2));
+    let r = get(&gw, "/prod/echo/x").await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 1));
+    // GetUsage reports what was spent (11), not the requests admitted (4), right away.
+    assert_eq!(spent_today(&gw).await, json!([11, 1]));
+
+    // Across a restart, the spent quota holds.
+    assert!(gw.terminate().success());
+    let gw = costly_gateway(&up, dir.path(), store);
+    assert_eq!(get(&gw, "/prod/export").await.status, 429);
+    assert_eq!(get(&gw, "/prod/echo/y").await.status, 200);
+    assert_eq!(get(&gw, "/prod/echo/z").await.status, 429);
+    assert_eq!(get(&gw, "/prod/status").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_spend_their_cost_on_sqlite_across_a_restart() {
+    costs_hold("store: { sqlite: ./tollgate.db, flushInterval: 200ms }").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_spend_their_cost_on_redis_across_a_restart() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = RedisServer::start();
+    costs_hold(&format!(
+        "store: {{ redis: {{ url: \"{}\" }} }}",
+        redis.url()
+    ))
+    .await;
 }

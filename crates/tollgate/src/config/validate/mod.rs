@@ -541,6 +541,35 @@ mod tests {
         );
     }
 
+    /// A route's cost is a whole number from 0; a negative one is named with its field and line.
+    #[test]
+    fn costs_are_whole_numbers_from_zero() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let config = |cost: &str| {
+            format!(
+                "listen: 127.0.0.1:0\napis:\n  - id: a\n    stages: [ {{ name: prod }} ]\n    routes:\n      - {{ path: /x, method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:1\", cost: {cost} }}\n"
+            )
+        };
+        let route = |c: &Config| c.gateway.apis[0].routes[0].cost;
+        assert_eq!(
+            crate::config::parse(file, &config("0")).map(|c| route(&c)),
+            Ok(0)
+        );
+        assert_eq!(
+            crate::config::parse(file, &config("25")).map(|c| route(&c)),
+            Ok(25)
+        );
+        for bad in ["-1", "4294967296"] {
+            let e = crate::config::parse(file, &config(bad)).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.position.map(|p| p.0)),
+                ("apis[0].routes[0].cost", Some(6)),
+                "{e}"
+            );
+            assert!(e.message.contains("from 0 (free)"), "{e}");
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
