@@ -44,10 +44,7 @@ async fn signatures_are_verified() {
         (health.status, health.json()["status"].clone()),
         (200, json!("ok"))
     );
-    let metrics = client()
-        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
-        .await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = gw.metrics().await;
     assert!(text.contains("tollgate_build_info{"), "{text}");
     assert!(!text.contains(KEY), "no key values in metrics");
 
@@ -1317,15 +1314,7 @@ async fn a_source_ip_allowlist_set_through_the_aws_cli_survives_a_restart() {
     ]);
     let r = c.get(&url, Some(value)).await;
     assert_eq!((r.status, r.json()), (403, json!({"message": "Forbidden"})));
-    let raw = client()
-        .send(
-            "GET",
-            &format!("http://{}/metrics", gw.admin.unwrap()),
-            &[],
-            "",
-        )
-        .await;
-    let metrics = String::from_utf8(raw.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"decision="ip_forbidden"} 1"#),
         "{metrics}"
@@ -1412,15 +1401,7 @@ async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     );
     let key = cli.ok(&["get-api-key", "--api-key", &key_id]);
     assert_eq!(key["tags"]["owner"], "ops");
-    let raw = client()
-        .send(
-            "GET",
-            &format!("http://{}/metrics", gw.admin.unwrap()),
-            &[],
-            "",
-        )
-        .await;
-    let metrics = String::from_utf8(raw.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains(r#"decision="expired"} 1"#), "{metrics}");
     cli.ok(&[
         "untag-resource",

@@ -499,10 +499,7 @@ async fn rapid_reset_is_cut_off_without_stalling_other_connections() {
         .await
         .unwrap();
     assert_eq!(parts.status, 200);
-    let metrics = util::client()
-        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
-        .await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = gw.metrics().await;
     assert!(
         text.contains("tollgate_http2_rapid_reset_total 2"),
         "{text}"

@@ -123,15 +123,7 @@ async fn allowlists_hold(gw: &Gateway, dir: &std::path::Path) {
     assert_eq!(ask(Some("198.51.100.1")).await, 403);
     assert_eq!(ask(None).await, 403, "a proxy that names no client");
 
-    let metrics = client()
-        .send(
-            "GET",
-            &format!("http://{}/metrics", gw.admin.unwrap()),
-            &[],
-            "",
-        )
-        .await;
-    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         // Six on the data plane, two decisions; the plan is named only for keys it admits.
         metrics.contains(r#"usage_plan="",decision="ip_forbidden"} 8"#),

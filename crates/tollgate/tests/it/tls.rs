@@ -247,10 +247,7 @@ async fn curl_over_https_gets_the_same_pipeline() {
     // curl speaks HTTP/2 over TLS when it can; HTTP/1.1 too, and the metrics tell the three apart.
     let (code, out) = curl(&[&base[..], &["--http1.1", "-H", key.as_str(), url.as_str()]].concat());
     assert_eq!((code, out.ends_with("\n200")), (Some(0), true), "{out}");
-    let metrics = util::client()
-        .get(&format!("http://{}/metrics", gw.admin.unwrap()), None)
-        .await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = gw.metrics().await;
     for (how, n) in [
         (r#"url_scheme="https",network_protocol_version="1.1""#, 1),
         (r#"url_scheme="https",network_protocol_version="2""#, 3),

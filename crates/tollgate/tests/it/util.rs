@@ -127,6 +127,13 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// What the admin API's `/metrics` says now, as text.
+    pub async fn metrics(&self) -> String {
+        let admin = self.admin.expect("an admin API serves /metrics");
+        let r = client().get(&format!("http://{admin}/metrics"), None).await;
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
     /// The decision endpoint's address (`verify.listen`), from the line the gateway printed.
     pub fn verify_addr(&self) -> SocketAddr {
         let seen = self.stdout.lock().unwrap();
