@@ -601,13 +601,7 @@ async fn changes_apply_to_the_very_next_request_and_usage_is_real_time() {
 
     // GetUsage counts every admitted call, right away.
     let today = util::today();
-    let usage = admin
-        .ok(
-            "GET",
-            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
-            "",
-        )
-        .await;
+    let usage = admin.usage_today(plan_id).await;
     assert_eq!(usage["values"][key_id], json!([[5, 0]]));
     assert_eq!(usage["usagePlanId"], plan_id);
 
@@ -1096,6 +1090,19 @@ impl AwsCli {
             .unwrap_or_else(|e| panic!("aws {args:?}: {e}"))
     }
 
+    /// CreateUsagePlanKey: the key `key_id` into the plan `plan_id`.
+    fn add_to_plan(&self, plan_id: &str, key_id: &str) {
+        self.ok(&[
+            "create-usage-plan-key",
+            "--usage-plan-id",
+            plan_id,
+            "--key-id",
+            key_id,
+            "--key-type",
+            "API_KEY",
+        ]);
+    }
+
     /// The error of a call that must fail.
     fn fails(&self, args: &[&str]) -> String {
         self.run(args)
@@ -1261,15 +1268,7 @@ async fn a_source_ip_allowlist_set_through_the_aws_cli_survives_a_restart() {
         "apiId=warranty,stage=prod",
     ]);
     let plan_id = plan["id"].as_str().unwrap().to_string();
-    cli.ok(&[
-        "create-usage-plan-key",
-        "--usage-plan-id",
-        &plan_id,
-        "--key-id",
-        &key_id,
-        "--key-type",
-        "API_KEY",
-    ]);
+    cli.add_to_plan(&plan_id, &key_id);
     let key_arn = format!("arn:aws:apigateway:eu-west-1::/apikeys/{key_id}");
     let tag = |list: &str| format!(r#"{{"tollgate:allowedSourceIps": "{list}"}}"#);
     let c = client();
@@ -1371,15 +1370,7 @@ async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     ]);
     assert_eq!(plan["tags"], json!({"cost-centre": "42"}));
     let plan_id = plan["id"].as_str().unwrap().to_string();
-    cli.ok(&[
-        "create-usage-plan-key",
-        "--usage-plan-id",
-        &plan_id,
-        "--key-id",
-        &key_id,
-        "--key-type",
-        "API_KEY",
-    ]);
+    cli.add_to_plan(&plan_id, &key_id);
     let key_arn = format!("arn:aws:apigateway:eu-west-1::/apikeys/{key_id}");
     let plan_arn = format!("arn:aws:apigateway:eu-west-1::/usageplans/{plan_id}");
     let c = client();
@@ -2216,7 +2207,6 @@ async fn extreme_usage_updates_are_refused_and_a_bad_stored_row_costs_nothing() 
 
     // A REAL and an out-of-range integer where adjustments are kept, as a corrupt store would hold.
     let db = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
-    let today = util::today();
     let day: i64 = db
         .query_row("SELECT MAX(day) FROM quota_adjustments", [], |r| r.get(0))
         .unwrap();
@@ -2233,13 +2223,7 @@ async fn extreme_usage_updates_are_refused_and_a_bad_stored_row_costs_nothing() 
     drop(db);
     let gw = Gateway::start(dir.path(), &util::admin_env());
     let admin = AdminClient::new(gw.admin.unwrap());
-    let usage = admin
-        .ok(
-            "GET",
-            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
-            "",
-        )
-        .await;
+    let usage = admin.usage_today(&plan_id).await;
     // Both rows left out: 2 requests used of 10, none refused for them.
     assert_eq!(usage["values"][&key_id], json!([[2, 8]]), "{usage}");
     let r = client().get(&gw.url("/prod/echo/a"), Some(KEY)).await;

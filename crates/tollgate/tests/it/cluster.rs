@@ -98,18 +98,12 @@ async fn two_instances_share_exact_limits() {
     // Usage is counted in Redis: either instance's GetUsage sees all of it.
     let admin = AdminClient::new(gws[1].admin.unwrap());
     let plan_id = admin.plan_id("quota-only").await;
-    let today = util::today();
-    let usage = admin
-        .ok(
-            "GET",
-            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
-            "",
-        )
-        .await;
+    let usage = admin.usage_today(&plan_id).await;
     let values: Vec<&serde_json::Value> = usage["values"].as_object().unwrap().values().collect();
     assert_eq!(values, vec![&json!([[40, 0]])]);
     // The refusals both instances counted, and the key's last use, are in Redis too: the other
     // instance's within its flush interval.
+    let today = util::today();
     let detail_path =
         format!("/tollgate/usageplans/{plan_id}/usage?startDate={today}&endDate={today}");
     let expected = json!([{"used": 40, "remaining": 0, "throttled": 0, "quotaExceeded": 60}]);

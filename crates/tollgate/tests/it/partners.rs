@@ -183,16 +183,7 @@ fn costly_gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Ga
 /// What the key spent today, as GetUsage reports it: `[used, remaining]`.
 async fn spent_today(gw: &Gateway) -> serde_json::Value {
     let admin = util::AdminClient::new(gw.admin.unwrap());
-    let plans = admin.ok("GET", "/usageplans", "").await;
-    let plan_id = plans["item"][0]["id"].as_str().unwrap().to_string();
-    let today = util::today();
-    let usage = admin
-        .ok(
-            "GET",
-            &format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}"),
-            "",
-        )
-        .await;
+    let usage = admin.usage_today(&admin.plan_id("exports").await).await;
     let values = usage["values"].as_object().unwrap();
     values.values().next().unwrap()[0].clone()
 }

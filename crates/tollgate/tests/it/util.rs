@@ -508,6 +508,13 @@ impl AdminClient {
     }
 
     /// The id of the usage plan named `name`.
+    /// GetUsage of the plan `plan_id` for today (UTC).
+    pub async fn usage_today(&self, plan_id: &str) -> serde_json::Value {
+        let today = today();
+        let path = format!("/usageplans/{plan_id}/usage?startDate={today}&endDate={today}");
+        self.ok("GET", &path, "").await
+    }
+
     pub async fn plan_id(&self, name: &str) -> String {
         let plans = self.ok("GET", "/usageplans", "").await;
         let plan = plans["item"]
