@@ -2,16 +2,18 @@
 //!
 //! 1. **Route**: no route for the method and path: 403 `Missing Authentication Token`.
 //! 2. **Key**: a route with `apiKeyRequired` takes the `x-api-key` value, hashes it, and finds the
-//!    enabled key's first plan that covers the stage; anything else: 403 `Forbidden`.
+//!    enabled, unexpired key's first plan that covers the stage, when the request comes from where
+//!    the key may be used ([`crate::client_ip`]); anything else: 403 `Forbidden`.
 //! 3. **Throttles**: the key's bucket (the plan's per-method throttle for this route, else the plan
 //!    throttle), the stage's (per-method or default) and the account's. A request must pass every
 //!    one; a refusal anywhere hands back the tokens the others took, so the outcome is the same in
 //!    whatever order they are asked. The two shared by all callers live on this instance and are
 //!    taken first; the key's own comes with its quota from [`KeyLimits`], which may have to ask
 //!    Redis.
-//! 4. **Quota**: only requests the throttles let through count; a spent quota keeps the key's
-//!    token (hammering is not free). 429 `Limit Exceeded`.
-//! 5. **Meter**: an admitted keyed request is counted for (plan, key, UTC day); so is one refused by a
+//! 4. **Quota**: only requests the throttles let through count, each spending its route's `cost`
+//!    whole or not at all; a spent quota keeps the key's token (hammering is not free). 429 `Limit
+//!    Exceeded`.
+//! 5. **Meter**: an admitted keyed request counts its cost for (plan, key, UTC day); so does one refused by a
 //!    throttle or for its quota, in counts of their own, and the key's last use is noted.
 //!
 //! Before the key, [`admit_caller`] works out who is calling: the `x-api-key` value, or on a route

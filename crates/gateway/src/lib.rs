@@ -7,7 +7,8 @@
 //! `exchange`, the one exchange every request goes through, in named phases: route, admit, answer,
 //! send, log. Heads are parsed and framed by `http1` (the codec) and `rewrite` (which fields pass the
 //! proxy, `X-Forwarded-*`); the path is normalised (`path`), matched (`route`) and admitted (`admit`,
-//! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`), then
+//! answering with `limits`; the key's limits on this instance or in Redis, `shared_limits`; where the
+//! request came from, for keys used only from some networks, `client_ip`), then
 //! forwarded (`forward`'s pieces, over `proxy`'s upstream connections) or answered (`response`). What
 //! admission reads is a `snapshot` of the records: the `key_table`, the resolved `plans`, and the live
 //! state in `slots` that survives rebuilds; `meter` counts usage (and refusals, and last use) per day;
