@@ -40,13 +40,13 @@ impl SharedLimits<'_> {
         m: &RouteMatch,
         now: u64,
     ) -> Result<LimitInfo, Refusal> {
+        let route = self.snap.route_at(m);
         let bucket = membership.throttle_for(m);
         let gcra = bucket.as_ref().map(|b| b.gcra);
         // A per-method bucket is named after its route; the plan's bucket has no name.
         let method = match bucket {
             Some(b) if b.per_method => {
                 let api = &self.snap.config().apis[m.api];
-                let route = self.snap.route_at(m);
                 format!(
                     "{}:{}:{}",
                     api.id,
@@ -57,7 +57,6 @@ impl SharedLimits<'_> {
             _ => String::new(),
         };
         let quota = membership.quota().map(|q| q.settings());
-        let route = self.snap.route_at(m);
         let call = KeyCall {
             key_id: membership.key_id,
             plan_id: membership.plan_id(),
