@@ -76,7 +76,7 @@ async fn h2_over_tls(
 }
 
 /// An HTTP/2 connection with prior knowledge (h2c) to `addr`, and the task driving it.
-async fn h2c(
+pub(crate) async fn h2c(
     addr: SocketAddr,
 ) -> (
     h2::client::SendRequest<Bytes>,
@@ -104,7 +104,7 @@ async fn get(
     read(resp).await
 }
 
-async fn read(
+pub(crate) async fn read(
     resp: h2::client::ResponseFuture,
 ) -> Result<(http::response::Parts, Bytes), h2::Error> {
     let (parts, mut body) = resp.await?.into_parts();

@@ -96,6 +96,23 @@ async fn allowlists_hold(gw: &Gateway, dir: &std::path::Path) {
         ),
         "{logged}"
     );
+    // Over HTTP/2 (prior knowledge), the same chain and the same rules.
+    let (h2, _conn) = crate::http2::h2c(format!("[::1]:{port}").parse().unwrap()).await;
+    let over_h2 = |hops: &'static [&'static str]| {
+        let mut h2 = h2.clone();
+        async move {
+            let mut req =
+                http::Request::get("http://api.test/prod/echo/h2").header("x-api-key", PARTNER_KEY);
+            for hop in hops {
+                req = req.header("x-forwarded-for", *hop);
+            }
+            h2 = h2.ready().await.unwrap();
+            let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+            crate::http2::read(resp).await.unwrap().0.status.as_u16()
+        }
+    };
+    assert_eq!(over_h2(&["203.0.113.5"]).await, 200);
+    assert_eq!(over_h2(&["203.0.113.5", "198.51.100.1"]).await, 403);
     // An untrusted peer's X-Forwarded-For is not read at all.
     assert_eq!(
         status(via(v4("/prod/echo/b"), &["203.0.113.5"]).await),
@@ -125,8 +142,8 @@ async fn allowlists_hold(gw: &Gateway, dir: &std::path::Path) {
 
     let metrics = gw.metrics().await;
     assert!(
-        // Six on the data plane, two decisions; the plan is named only for keys it admits.
-        metrics.contains(r#"usage_plan="",decision="ip_forbidden"} 8"#),
+        // Seven on the data plane, two decisions; the plan is named only for keys it admits.
+        metrics.contains(r#"usage_plan="",decision="ip_forbidden"} 9"#),
         "{metrics}"
     );
 }
