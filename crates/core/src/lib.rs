@@ -7,10 +7,12 @@ pub mod gcra;
 pub mod model;
 pub mod quota;
 pub mod rules;
+pub mod sharing;
 pub mod source_ips;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use gcra::{Gcra, GcraState, ThrottleDecision};
 pub use model::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 pub use quota::{EpochDay, MAX_REMAINING, Period, Quota, QuotaCount, QuotaWindow};
+pub use sharing::ShareBy;
 pub use source_ips::IpNetworks;

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::sharing::{LIMITS_SHARE_BY_TAG, ShareBy};
 use crate::source_ips::{IpNetworks, SOURCE_IPS_TAG};
 
 /// AWS `QuotaPeriodType`.
@@ -145,6 +146,16 @@ pub struct UsagePlan {
     pub product_code: Option<String>,
 }
 
+impl UsagePlan {
+    /// What the plan's keys share their limits by, from its [`LIMITS_SHARE_BY_TAG`] (none: each key
+    /// has its own). A value that does not parse (written past validation) shares nothing.
+    pub fn limits_share_by(&self) -> Option<ShareBy> {
+        self.tags
+            .get(LIMITS_SHARE_BY_TAG)
+            .and_then(|v| ShareBy::parse(v).ok())
+    }
+}
+
 /// AWS resource tags: key → value.
 pub type Tags = BTreeMap<String, String>;
 
@@ -155,7 +166,8 @@ pub const MAX_TAGS: usize = 50;
 pub const EXPIRES_TAG: &str = "tollgate:expiresAt";
 
 /// Checks tags the way AWS does: at most 50, keys of 1 to 128 characters not starting with `aws:`,
-/// values of at most 256; and that [`EXPIRES_TAG`] holds a time and [`SOURCE_IPS_TAG`] CIDRs. With AWS's messages where AWS has one.
+/// values of at most 256; and that [`EXPIRES_TAG`] holds a time, [`SOURCE_IPS_TAG`] CIDRs and
+/// [`LIMITS_SHARE_BY_TAG`] a [`ShareBy`]. With AWS's messages where AWS has one.
 pub fn validate_tags(tags: &Tags) -> Result<(), String> {
     if tags.len() > MAX_TAGS {
         return Err(format!(
@@ -181,6 +193,9 @@ pub fn validate_tags(tags: &Tags) -> Result<(), String> {
         }
         if k == SOURCE_IPS_TAG {
             IpNetworks::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
+        }
+        if k == LIMITS_SHARE_BY_TAG {
+            ShareBy::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
         }
     }
     Ok(())

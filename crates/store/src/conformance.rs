@@ -11,8 +11,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series, Store, StoreError, UsageDelta,
-    apply_declared,
+    CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series, Store,
+    StoreError, UsageDelta, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -24,6 +24,7 @@ pub fn run_all(store: &dyn Store) {
     refusals_and_last_use_are_kept_apart_from_usage(store);
     deletes_take_memberships_along(store);
     quota_adjustments_accumulate(store);
+    customers_are_counted_apart_from_keys(store);
     declared_state_is_applied_by_name(store);
     bulk_writes_match_single_writes(store);
     keys_are_read_one_by_one_and_in_pages(store);
@@ -581,5 +582,76 @@ pub fn quota_adjustments_accumulate(store: &dyn Store) {
     assert_eq!(
         adjusted(None, 20, 20)[2..],
         [day("k3", 20, max), day("k4", 20, -max)]
+    );
+}
+
+pub fn customers_are_counted_apart_from_keys(store: &dyn Store) {
+    let d = |customer: &str, day: u32, count: u64| CustomerDelta {
+        plan_id: "cusp01".into(),
+        customer_id: customer.into(),
+        day: EpochDay(day),
+        count,
+    };
+    // A customer may be named as a key is: their counts still stay apart.
+    store
+        .add_customer_usage(&[d("acme", 10, 2), d("acme", 11, 1), d("k1", 10, 4)])
+        .unwrap();
+    store
+        .add_customer_usage(&[d("acme", 10, 3), d("ac}me", 10, 9), d("zero", 10, 0)])
+        .unwrap();
+    store
+        .adjust_customer_quota("cusp01", "acme", EpochDay(11), -2)
+        .unwrap();
+    store
+        .adjust_customer_quota("cusp01", "acme", EpochDay(11), 5)
+        .unwrap();
+    let of = |series, customers: &[&str], from, to| {
+        store
+            .customer_series(series, "cusp01", customers, EpochDay(from), EpochDay(to))
+            .unwrap()
+    };
+    assert_eq!(
+        of(
+            Series::Used,
+            &["k1", "acme", "ac}me", "zero", "acme"],
+            0,
+            99
+        ),
+        vec![
+            day("acme", 10, 5),
+            day("acme", 11, 1),
+            day("ac}me", 10, 9),
+            day("k1", 10, 4)
+        ],
+        "by customer, then day; each customer once"
+    );
+    assert_eq!(
+        of(Series::Used, &["acme"], 11, 11),
+        vec![day("acme", 11, 1)]
+    );
+    assert_eq!(
+        of(Series::QuotaAdjustment, &["acme", "k1"], 0, 99),
+        vec![day("acme", 11, 3)]
+    );
+    assert!(of(Series::Throttled, &["acme"], 0, 99).is_empty());
+    assert!(
+        store
+            .series(Series::Used, "cusp01", None, EpochDay(0), EpochDay(99))
+            .unwrap()
+            .is_empty(),
+        "no key's usage"
+    );
+    let max = crate::MAX_ADJUSTMENT;
+    store
+        .adjust_customer_quota("cusp01", "big", EpochDay(1), max)
+        .unwrap();
+    assert!(
+        store
+            .adjust_customer_quota("cusp01", "big", EpochDay(1), 1)
+            .is_err()
+    );
+    assert_eq!(
+        of(Series::QuotaAdjustment, &["big"], 0, 9),
+        vec![day("big", 1, max)]
     );
 }

@@ -22,6 +22,8 @@ pub struct KeyTerms {
     pub previous: Option<PreviousValue>,
     /// The networks the key may be used from (none: anywhere).
     pub sources: Option<IpNetworks>,
+    /// AWS `customerId`: whose limits the key draws on in a plan that shares them by customer.
+    pub customer_id: Option<Box<str>>,
 }
 
 impl KeyTerms {
@@ -32,6 +34,7 @@ impl KeyTerms {
             expires_at: key.expires_at(),
             previous: key.previous,
             sources: key.source_ips(),
+            customer_id: key.customer_id.as_deref().map(Box::from),
         }
     }
 }
@@ -54,6 +57,9 @@ pub struct KeyIndex {
     previous: Vec<(u32, PreviousValue)>,
     /// (key index, allowlist) of the few keys with one, in key order.
     sources: Vec<(u32, IpNetworks)>,
+    /// (key index, end in `customer_ids`) of the keys with a `customerId`, in key order.
+    customers: Vec<(u32, u32)>,
+    customer_ids: String,
     /// (plan index, key index).
     bindings: Vec<(u32, u32)>,
     /// Key indices in id order, once [`bind_all`](Self::bind_all) has run.
@@ -87,6 +93,11 @@ impl KeyIndex {
         }
         if let Some(sources) = terms.sources {
             self.sources.push((self.hashes.len() as u32, sources));
+        }
+        if let Some(customer) = terms.customer_id {
+            self.customer_ids.push_str(&customer);
+            let end = u32::try_from(self.customer_ids.len()).unwrap_or(u32::MAX);
+            self.customers.push((self.hashes.len() as u32, end));
         }
         self.ids.push_str(id);
         self.id_ends
@@ -150,7 +161,20 @@ impl KeyIndex {
             expires_at,
             previous,
             sources,
+            customer_id: self.customer(i).map(Box::from),
         }
+    }
+
+    /// Key `i`'s `customerId`, if it has one.
+    pub fn customer(&self, i: usize) -> Option<&str> {
+        let at = self
+            .customers
+            .binary_search_by_key(&(i as u32), |&(k, _)| k)
+            .ok()?;
+        let start = at
+            .checked_sub(1)
+            .map_or(0, |p| self.customers[p].1 as usize);
+        Some(&self.customer_ids[start..self.customers[at].1 as usize])
     }
 
     /// (plan index, key index) of every binding, in the order they were added.
@@ -366,6 +390,7 @@ mod tests {
                 expires_at: (id == "b").then_some(7),
                 previous: None,
                 sources: None,
+                customer_id: (id == "a").then(|| "acme".into()),
             };
             index.push_key(
                 id,
@@ -394,6 +419,8 @@ mod tests {
         assert!(!index.terms(2).enabled);
         assert_eq!(index.terms(0).expires_at, Some(7), "kept with the first b");
         assert_eq!(index.terms(1).expires_at, None);
+        assert_eq!(index.customer(1), Some("acme"), "kept with its key");
+        assert_eq!(index.customer(0), None);
         assert_eq!(index.hash(0), KeyHash::of("value-of-b"));
         let bound: Vec<(&str, &str)> = index
             .bindings()

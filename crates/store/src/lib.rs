@@ -103,6 +103,30 @@ pub struct UsageDelta {
     pub last_used: Option<u64>,
 }
 
+/// Requests to add to a customer's shared count under one plan on one UTC day: what the keys of one
+/// `customerId` spent together in a plan that shares limits by customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerDelta {
+    /// The usage plan.
+    pub plan_id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// The UTC day.
+    pub day: EpochDay,
+    /// Requests admitted (their cost): the customer's usage.
+    pub count: u64,
+}
+
+/// Whose limits and counts a record keeps: one API key's, or those one customer's keys share in a
+/// plan that shares limits by customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Holder<'a> {
+    /// An API key, by id.
+    Key(&'a str),
+    /// A customer, by `customerId`.
+    Customer(&'a str),
+}
+
 /// What a per-day series of a plan's keys counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Series {
@@ -116,10 +140,10 @@ pub enum Series {
     QuotaAdjustment,
 }
 
-/// One key's value in a [`Series`] on one day.
+/// One key's (or, in a customer's series, one customer's) value in a [`Series`] on one day.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DayValue {
-    /// The API key.
+    /// The API key (or the customer).
     pub key_id: String,
     /// The UTC day.
     pub day: EpochDay,
@@ -310,6 +334,28 @@ pub trait Store: Send + Sync {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError>;
+    /// Adds customers' shared counts, all in one transaction.
+    fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError>;
+    /// Adds `delta` to the quota adjustment of (plan, customer) on `day`: UpdateUsage on a key of a
+    /// plan that shares limits by customer changes what the customer has left.
+    fn adjust_customer_quota(
+        &self,
+        plan_id: &str,
+        customer_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError>;
+    /// The days of `series` (`Used` or `QuotaAdjustment`; the others are counted per key) with a
+    /// value for `customers` under a plan, from `from` to `to` inclusive, ordered by customer then
+    /// day; each value's `key_id` is the customer's id.
+    fn customer_series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        customers: &[&str],
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<DayValue>, StoreError>;
     /// The days of `series` with a value, for a plan's keys (or one key) from `from` to `to`
     /// inclusive, ordered by key then day.
     fn series(

@@ -20,8 +20,8 @@ use tollgate_core::quota::{EpochDay, QuotaWindow};
 
 use tollgate_core::{Clock, QuotaSettings};
 
-use crate::OnStoreFailure;
 use crate::redis::keys;
+use crate::{Holder, OnStoreFailure};
 
 const COUNTED: &str = include_str!("lua/counted.lua");
 const LIMIT: &str = include_str!("lua/limit.lua");
@@ -36,8 +36,9 @@ const ARGS_PER_CALL: usize = 8;
 /// One request's own limits, as the script is asked about them.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyCall<'a> {
-    /// The API key's id (the hash tag of everything the script keeps for it).
-    pub key_id: &'a str,
+    /// Whose bucket, quota and usage the script keeps: the API key's, or its customer's in a plan
+    /// that shares limits by customer (the hash tag of everything the script keeps for it).
+    pub holder: Holder<'a>,
     /// The usage plan's id (shared: the request path does not copy it).
     pub plan_id: &'a Arc<str>,
     /// The per-method bucket's name (`api:stage:METHOD /path`), empty for the plan's bucket.
@@ -123,7 +124,8 @@ impl Answer {
 
 /// One request waiting for the batcher: whose records the script reads, and its arguments.
 struct Job {
-    key_id: Box<str>,
+    /// The holder's id, and whether it is a customer's.
+    holder: (bool, Box<str>),
     plan_id: Arc<str>,
     method: Box<str>,
     args: [u64; ARGS_PER_CALL],
@@ -131,6 +133,13 @@ struct Job {
 }
 
 impl Job {
+    fn holder(&self) -> Holder<'_> {
+        match &self.holder {
+            (false, id) => Holder::Key(id),
+            (true, id) => Holder::Customer(id),
+        }
+    }
+
     /// `call`'s arguments for the quota window containing `day`, and the window.
     fn args(call: &KeyCall<'_>, day: EpochDay) -> ([u64; ARGS_PER_CALL], Option<QuotaWindow>) {
         // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
@@ -226,11 +235,11 @@ async fn batcher(
         match &conn {
             Conn::Single(_) => run_batch(&conn, &script, timeout, clock_us, &mut batch).await,
             Conn::Cluster(_) => {
-                batch.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+                batch.sort_by(|a, b| a.holder.cmp(&b.holder));
                 let mut groups = Vec::new();
                 while let Some(last) = batch.last() {
-                    let key_id = last.key_id.clone();
-                    let at = batch.partition_point(|j| j.key_id < key_id);
+                    let holder = last.holder.clone();
+                    let at = batch.partition_point(|j| j.holder < holder);
                     groups.push(batch.split_off(at));
                 }
                 futures_util::future::join_all(
@@ -256,7 +265,7 @@ async fn run_batch(
     let mut scratch = String::new();
     let mut call = script.call(batch.len() * 4);
     for job in batch.iter() {
-        keys::limiter_keys(&mut scratch, &job.key_id, &job.plan_id, &job.method, |k| {
+        keys::limiter_keys(&mut scratch, job.holder(), &job.plan_id, &job.method, |k| {
             call.arg(k);
         });
     }
@@ -459,7 +468,10 @@ impl RedisLimiter {
         let (args, window) = Job::args(call, day);
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            key_id: call.key_id.into(),
+            holder: match call.holder {
+                Holder::Key(id) => (false, id.into()),
+                Holder::Customer(id) => (true, id.into()),
+            },
             plan_id: call.plan_id.clone(),
             method: call.method.into(),
             args,
@@ -474,12 +486,12 @@ impl RedisLimiter {
         })
     }
 
-    /// AWS UpdateUsage in cluster mode: sets the shared count of `key_id` under `plan_id` (whose
-    /// quota is `quota`) so `remaining` are left in the period containing `now`; returns by how much
-    /// the count changed.
+    /// AWS UpdateUsage in cluster mode: sets the shared count of `holder` (a key, or the customer
+    /// whose keys share it) under `plan_id` (whose quota is `quota`) so `remaining` are left in the
+    /// period containing `now`; returns by how much the count changed.
     pub async fn set_remaining(
         &self,
-        key_id: &str,
+        holder: Holder<'_>,
         plan_id: &str,
         quota: &QuotaSettings,
         remaining: i64,
@@ -490,7 +502,7 @@ impl RedisLimiter {
         let used = i64::from(quota.limit) - remaining;
         let mut call = self.set_remaining.call(4);
         let mut scratch = String::new();
-        keys::limiter_keys(&mut scratch, key_id, plan_id, "", |k| {
+        keys::limiter_keys(&mut scratch, holder, plan_id, "", |k| {
             call.arg(k);
         });
         call.arg(window.start.0)
@@ -537,7 +549,7 @@ mod tests {
         quota: Option<&'a QuotaSettings>,
     ) -> KeyCall<'a> {
         KeyCall {
-            key_id,
+            holder: Holder::Key(key_id),
             plan_id: &PLAN,
             method: "",
             throttle: Some(throttle),
@@ -606,7 +618,7 @@ mod tests {
         let limited = call("k", &roomy, Some(&quota));
         assert_eq!(count_admitted(&limiter, &limited, 8).await, 5);
         let changed = limiter
-            .set_remaining("k", "p", &quota, 2, SystemClock.now())
+            .set_remaining(Holder::Key("k"), "p", &quota, 2, SystemClock.now())
             .await
             .unwrap();
         assert_eq!(changed, -2);
@@ -752,8 +764,8 @@ mod tests {
 
     /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust
     /// (`tollgate-core`, the embedded mode) and in Lua (`lua/limit.lua`, cluster mode). The same
-    /// random sequences of requests (several keys, bursts, refills, quota period boundaries, costs
-    /// from 0 to 3) go through both, on one manual clock, and every decision must be the same.
+    /// random sequences of requests (several keys and a customer whose keys share limits, bursts,
+    /// refills, quota period boundaries, costs from 0 to 3) go through both, on one manual clock, and every decision must be the same.
     #[tokio::test]
     async fn the_lua_script_decides_as_the_rust_rules_do() {
         let redis = RedisServer::start();
@@ -773,7 +785,7 @@ mod tests {
         // Rates whose token interval is a whole number of microseconds (the script's unit).
         // (rate, burst) and quota of each key.
         type Shape = (Option<(f64, u32)>, Option<QuotaSettings>);
-        let shapes: [Shape; 5] = [
+        let shapes: [Shape; 6] = [
             (Some((1.0, 3)), Some(day_quota(7))),
             (Some((20.0, 5)), None),
             (None, Some(day_quota(4))),
@@ -793,7 +805,11 @@ mod tests {
                     period: Period::Month,
                 }),
             ),
+            // The customer whose keys share limits: its calls come from several keys.
+            (Some((2.0, 4)), Some(day_quota(9))),
         ];
+        // The last side is a customer's, with an id that would break a careless key name.
+        let customer = "acme}:u:{key0";
         let mut decisions = 0;
         for seed in 0..6u64 {
             flush_all(&redis);
@@ -808,6 +824,10 @@ mod tests {
                 })
                 .collect();
             let ids: Vec<String> = (0..sides.len()).map(|i| format!("key{i}")).collect();
+            let holder = |k: usize| match k {
+                5 => Holder::Customer(customer),
+                _ => Holder::Key(&ids[k]),
+            };
             let mut rng = Rng(seed);
             // What each key spent, as the embedded mode meters it (admitted requests' costs).
             let mut spent = vec![0u64; sides.len()];
@@ -822,7 +842,7 @@ mod tests {
                             // Mostly 1, as most routes cost; sometimes free, sometimes more.
                             let cost = [1, 1, 0, 2, 3][rng.below(5) as usize];
                             let call = KeyCall {
-                                key_id: &ids[k],
+                                holder: holder(k),
                                 plan_id: &PLAN,
                                 method: "",
                                 throttle: side.gcra.as_ref(),
@@ -853,10 +873,12 @@ mod tests {
                 .get_connection()
                 .unwrap();
             for (k, id) in ids.iter().enumerate() {
-                let days: std::collections::HashMap<u32, u64> = redis::cmd("HGETALL")
-                    .arg(keys::usage(id, &PLAN))
-                    .query(&mut c)
-                    .unwrap();
+                let usage = match holder(k) {
+                    Holder::Key(_) => keys::usage(id, &PLAN),
+                    Holder::Customer(c) => keys::customer_usage(c, &PLAN),
+                };
+                let days: std::collections::HashMap<u32, u64> =
+                    redis::cmd("HGETALL").arg(usage).query(&mut c).unwrap();
                 assert_eq!(days.values().sum::<u64>(), spent[k], "seed {seed}, key {k}");
             }
         }

@@ -16,10 +16,14 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
-use crate::{DayValue, KeyIndex, KeyTerms, Records, Series, Store, StoreError, UsageDelta};
+use crate::{
+    CustomerDelta, DayValue, KeyIndex, KeyTerms, Records, Series, Store, StoreError, UsageDelta,
+};
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
+    use crate::Holder;
+
     /// All usage plans: id → JSON.
     pub const PLANS: &str = "{tg}:plans";
     /// All API keys: id → JSON (hash of the value, never the value).
@@ -76,40 +80,63 @@ pub mod keys {
         format!("{{tg}}:adj:{plan_id}")
     }
 
-    /// The four records the data plane's limiter script keeps for a key under a plan, in its `KEYS`
-    /// order, each handed to `each` in turn from one reused buffer (the request path allocates no
-    /// names): the token bucket (`method` empty for the plan throttle), the live quota count (`s`
-    /// window start day, `u` used), the per-day usage and the quota adjustments.
+    /// A customer's shared count under a plan: day → count.
+    pub fn customer_usage(customer_id: &str, plan_id: &str) -> String {
+        let mut name = String::new();
+        write_name(&mut name, Holder::Customer(customer_id), "u", plan_id, None);
+        name
+    }
+    /// Quota adjustments of a customer under a plan: day → delta.
+    pub fn customer_adjustments(customer_id: &str, plan_id: &str) -> String {
+        let mut name = String::new();
+        write_name(&mut name, Holder::Customer(customer_id), "a", plan_id, None);
+        name
+    }
+
+    /// The four records the data plane's limiter script keeps for a key (or a customer) under a
+    /// plan, in its `KEYS` order, each handed to `each` in turn from one reused buffer (the request
+    /// path allocates no names): the token bucket (`method` empty for the plan throttle), the live
+    /// quota count (`s` window start day, `u` used), the per-day usage and the quota adjustments.
     pub fn limiter_keys(
         scratch: &mut String,
-        key_id: &str,
+        holder: Holder<'_>,
         plan_id: &str,
         method: &str,
         mut each: impl FnMut(&str),
     ) {
         for (kind, suffix) in [("t", Some(method)), ("q", None), ("u", None), ("a", None)] {
             scratch.clear();
-            write_per_key_name(scratch, key_id, kind, plan_id, suffix);
+            write_name(scratch, holder, kind, plan_id, suffix);
             each(scratch);
         }
     }
 
     fn per_key_name(key_id: &str, kind: &str, plan_id: &str, suffix: Option<&str>) -> String {
         let mut name = String::new();
-        write_per_key_name(&mut name, key_id, kind, plan_id, suffix);
+        write_name(&mut name, Holder::Key(key_id), kind, plan_id, suffix);
         name
     }
 
-    /// `tg:{<keyId>}:<kind>:<planId>[:<suffix>]`: the key id is the hash tag, so everything the
-    /// limiter keeps for one API key lives in one Redis Cluster slot.
-    fn write_per_key_name(
+    /// `tg:{<keyId>}:<kind>:<planId>[:<suffix>]`, or `tg:{c<length>:<customerId>}:…` for a
+    /// customer: the holder is the hash tag, so everything the limiter keeps for one API key (or
+    /// customer) lives in one Redis Cluster slot. Key ids are alphanumeric and a customer's id is
+    /// free text, so its length goes first: no two holders' names meet.
+    fn write_name(
         out: &mut String,
-        key_id: &str,
+        holder: Holder<'_>,
         kind: &str,
         plan_id: &str,
         suffix: Option<&str>,
     ) {
-        for part in ["tg:{", key_id, "}:", kind, ":", plan_id] {
+        use std::fmt::Write as _;
+        out.push_str("tg:{");
+        match holder {
+            Holder::Key(key_id) => out.push_str(key_id),
+            Holder::Customer(customer_id) => {
+                let _ = write!(out, "c{}:{customer_id}", customer_id.len());
+            }
+        }
+        for part in ["}:", kind, ":", plan_id] {
             out.push_str(part);
         }
         if let Some(suffix) = suffix {
@@ -661,6 +688,45 @@ impl RedisStore {
 
     /// The keys whose per-day hashes to read: `key_id`, or the plan's members and every key in its
     /// `index` (usage is counted by the data plane's script, which cannot touch the index's slot).
+    /// Appends the days of `series` from `from` to `to` kept in the hash `days` of `holder`.
+    fn read_series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        days: &str,
+        holder: String,
+        (from, to): (EpochDay, EpochDay),
+        out: &mut Vec<DayValue>,
+    ) -> Result<(), StoreError> {
+        for (day, value) in self.days(days, from, to)? {
+            let value = match series {
+                Series::QuotaAdjustment => {
+                    crate::readable_adjustment(plan_id, &holder, day, Some(value)).unwrap_or(0)
+                }
+                _ => value.max(0),
+            };
+            if value != 0 {
+                out.push(DayValue {
+                    key_id: holder.clone(),
+                    day,
+                    value,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to day `day` of the adjustments hash `hash`, within [`crate::MAX_ADJUSTMENT`].
+    fn adjust(&self, hash: &str, day: EpochDay, delta: i64) -> Result<(), StoreError> {
+        // HINCRBY refuses to overflow; the range is checked on the result, and undone past it.
+        let sum: i64 = self.with(|c| Cmd::hincr(hash, day.0, delta).query(c))?;
+        if let Err(e) = crate::added_adjustment(sum - delta, delta) {
+            self.with(|c| Cmd::hincr(hash, day.0, -delta).query::<i64>(c))?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn indexed_keys(
         &self,
         plan_id: &str,
@@ -711,21 +777,38 @@ impl Store for RedisStore {
         };
         let mut out = Vec::new();
         for key in self.indexed_keys(plan_id, &index, key_id)? {
-            for (day, value) in self.days(&days_of(&key, plan_id), from, to)? {
-                let value = match series {
-                    Series::QuotaAdjustment => {
-                        crate::readable_adjustment(plan_id, &key, day, Some(value)).unwrap_or(0)
-                    }
-                    _ => value.max(0),
-                };
-                if value != 0 {
-                    out.push(DayValue {
-                        key_id: key.clone(),
-                        day,
-                        value,
-                    });
-                }
-            }
+            self.read_series(
+                series,
+                plan_id,
+                &days_of(&key, plan_id),
+                key,
+                (from, to),
+                &mut out,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn customer_series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        customers: &[&str],
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<DayValue>, StoreError> {
+        let days_of: fn(&str, &str) -> String = match series {
+            Series::Used => keys::customer_usage,
+            Series::QuotaAdjustment => keys::customer_adjustments,
+            Series::Throttled | Series::QuotaExceeded => return Ok(Vec::new()),
+        };
+        let mut customers = customers.to_vec();
+        customers.sort_unstable();
+        customers.dedup();
+        let mut out = Vec::new();
+        for c in customers {
+            let hash = days_of(c, plan_id);
+            self.read_series(series, plan_id, &hash, c.to_owned(), (from, to), &mut out)?;
         }
         Ok(out)
     }
@@ -775,6 +858,7 @@ impl Store for RedisStore {
                         expires_at: k.expires_at,
                         previous: k.previous.map(|p| p.parse(&id)).transpose()?,
                         sources: k.allowed_source_ips.as_deref().map(IpNetworks::stored),
+                        customer_id: k.customer_id.as_deref().map(Box::from),
                     };
                     index.push_key(&id, &k.name, parse_hash(&id, &k.value_sha256)?, terms);
                 }
@@ -962,15 +1046,34 @@ impl Store for RedisStore {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError> {
-        // HINCRBY refuses to overflow; the range is checked on the result, and undone past it.
-        let hash = keys::adjustments(key_id, plan_id);
-        let sum: i64 = self.with(|c| Cmd::hincr(&hash, day.0, delta).query(c))?;
-        if let Err(e) = crate::added_adjustment(sum - delta, delta) {
-            self.with(|c| Cmd::hincr(&hash, day.0, -delta).query::<i64>(c))?;
-            return Err(e);
-        }
+        self.adjust(&keys::adjustments(key_id, plan_id), day, delta)?;
         self.with(|c| Cmd::sadd(keys::adjustments_index(plan_id), key_id).query::<i64>(c))?;
         Ok(())
+    }
+
+    fn adjust_customer_quota(
+        &self,
+        plan_id: &str,
+        customer_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        self.adjust(
+            &keys::customer_adjustments(customer_id, plan_id),
+            day,
+            delta,
+        )
+    }
+
+    fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.with(|c| {
+            for d in deltas.iter().filter(|d| d.count > 0) {
+                let hash = keys::customer_usage(&d.customer_id, &d.plan_id);
+                Cmd::hincr(hash, d.day.0, n(d.count)).query::<i64>(c)?;
+            }
+            Ok(())
+        })
     }
 
     fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
@@ -1062,6 +1165,8 @@ struct ServedKey<'a> {
     expires_at: Option<u64>,
     #[serde(default, borrow)]
     allowed_source_ips: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    customer_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, flatten)]
     previous: Option<StoredPrevious>,
     #[serde(borrow)]

@@ -10,7 +10,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    DayValue, KeyIndex, KeyTerms, NamedKey, Records, Series, Store, StoreError, UsageDelta,
+    CustomerDelta, DayValue, KeyIndex, KeyTerms, NamedKey, Records, Series, Store, StoreError,
+    UsageDelta,
 };
 
 const SCHEMA: &str = "
@@ -60,6 +61,21 @@ CREATE TABLE IF NOT EXISTS key_last_used (
 CREATE TABLE IF NOT EXISTS dashboard_sessions (
     user  TEXT PRIMARY KEY,          -- an admin access key id
     epoch INTEGER NOT NULL           -- sessions signed under an older one are over
+) WITHOUT ROWID;
+-- A customer's shared count in a plan that shares limits by customer, beside its keys' own.
+CREATE TABLE IF NOT EXISTS customer_usage (
+    plan_id     TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    day         INTEGER NOT NULL,
+    used        INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, customer_id, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS customer_adjustments (
+    plan_id     TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    day         INTEGER NOT NULL,
+    delta       INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, customer_id, day)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quota_adjustments (
     plan_id TEXT NOT NULL,
@@ -242,6 +258,86 @@ fn bind(conn: &Connection, plan_id: &str, key_id: &str) -> Result<(), StoreError
     Ok(())
 }
 
+/// Appends the days of `series`, read from `column` of `table` whose holder (key or customer) is
+/// in `holder`, with a value for a plan's holders (or the one `id`) in `days`, ordered by holder
+/// then day.
+fn read_series(
+    conn: &Connection,
+    (table, holder, column): (&str, &str, &str),
+    series: Series,
+    plan_id: &str,
+    id: Option<&str>,
+    (from, to): (EpochDay, EpochDay),
+    out: &mut Vec<DayValue>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {holder}, day, {column} FROM {table}
+             WHERE plan_id = ?1 AND (?2 IS NULL OR {holder} = ?2) AND day BETWEEN ?3 AND ?4
+               AND {column} IS NOT 0
+             ORDER BY {holder}, day"
+        ))
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params![plan_id, id, from.0, to.0], |r| {
+            let value = match r.get_ref(2)? {
+                rusqlite::types::ValueRef::Integer(n) => Some(n),
+                _ => None,
+            };
+            Ok((r.get::<_, String>(0)?, to_day(r.get(1)?), value))
+        })
+        .map_err(backend)?;
+    for row in rows {
+        let (key_id, day, value) = row.map_err(backend)?;
+        let value = match series {
+            // Written only through checked arithmetic; one that is not is left out, and said.
+            Series::QuotaAdjustment => crate::readable_adjustment(plan_id, &key_id, day, value),
+            _ => value.filter(|n| *n > 0),
+        };
+        if let Some(value) = value {
+            out.push(DayValue { key_id, day, value });
+        }
+    }
+    Ok(())
+}
+
+/// Adds `delta` to the adjustment in `table` of (plan, `id` in column `holder`) on `day`.
+fn adjust(
+    conn: &mut Connection,
+    (table, holder): (&str, &str),
+    plan_id: &str,
+    id: &str,
+    day: EpochDay,
+    delta: i64,
+) -> Result<(), StoreError> {
+    // Added here, checked, not by SQL: SQLite turns an integer overflow into a REAL.
+    let tx = conn.transaction().map_err(backend)?;
+    let stored: Option<rusqlite::types::Value> = tx
+        .query_row(
+            &format!("SELECT delta FROM {table} WHERE plan_id = ?1 AND {holder} = ?2 AND day = ?3"),
+            params![plan_id, id, day.0],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    let stored = match stored {
+        None => Some(0),
+        Some(rusqlite::types::Value::Integer(n)) => Some(n),
+        Some(_) => None,
+    };
+    // A row that cannot be read is replaced: it was being left out anyway.
+    let stored = crate::readable_adjustment(plan_id, id, day, stored).unwrap_or(0);
+    let sum = crate::added_adjustment(stored, delta)?;
+    tx.execute(
+        &format!(
+            "INSERT OR REPLACE INTO {table} (plan_id, {holder}, day, delta) VALUES (?1, ?2, ?3, ?4)"
+        ),
+        params![plan_id, id, day.0, sum],
+    )
+    .map_err(backend)?;
+    tx.commit().map_err(backend)
+}
+
 fn to_day(v: i64) -> EpochDay {
     EpochDay(u32::try_from(v).unwrap_or(0))
 }
@@ -262,34 +358,47 @@ impl Store for SqliteStore {
             Series::QuotaAdjustment => ("quota_adjustments", "delta"),
         };
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT key_id, day, {column} FROM {table}
-                 WHERE plan_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND day BETWEEN ?3 AND ?4
-                   AND {column} IS NOT 0
-                 ORDER BY key_id, day"
-            ))
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map(params![plan_id, key_id, from.0, to.0], |r| {
-                let value = match r.get_ref(2)? {
-                    rusqlite::types::ValueRef::Integer(n) => Some(n),
-                    _ => None,
-                };
-                Ok((r.get::<_, String>(0)?, to_day(r.get(1)?), value))
-            })
-            .map_err(backend)?;
         let mut out = Vec::new();
-        for row in rows {
-            let (key_id, day, value) = row.map_err(backend)?;
-            let value = match series {
-                // Written only through checked arithmetic; one that is not is left out, and said.
-                Series::QuotaAdjustment => crate::readable_adjustment(plan_id, &key_id, day, value),
-                _ => value.filter(|n| *n > 0),
-            };
-            if let Some(value) = value {
-                out.push(DayValue { key_id, day, value });
-            }
+        read_series(
+            &conn,
+            (table, "key_id", column),
+            series,
+            plan_id,
+            key_id,
+            (from, to),
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    fn customer_series(
+        &self,
+        series: Series,
+        plan_id: &str,
+        customers: &[&str],
+        from: EpochDay,
+        to: EpochDay,
+    ) -> Result<Vec<DayValue>, StoreError> {
+        let (table, column) = match series {
+            Series::Used => ("customer_usage", "used"),
+            Series::QuotaAdjustment => ("customer_adjustments", "delta"),
+            Series::Throttled | Series::QuotaExceeded => return Ok(Vec::new()),
+        };
+        let mut customers = customers.to_vec();
+        customers.sort_unstable();
+        customers.dedup();
+        let conn = self.conn();
+        let mut out = Vec::new();
+        for customer in customers {
+            read_series(
+                &conn,
+                (table, "customer_id", column),
+                series,
+                plan_id,
+                Some(customer),
+                (from, to),
+                &mut out,
+            )?;
         }
         Ok(out)
     }
@@ -342,7 +451,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare(
                 "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until, name,
-                        allowed_source_ips
+                        allowed_source_ips, customer_id
                  FROM api_keys",
             )
             .map_err(backend)?;
@@ -372,6 +481,12 @@ impl Store for SqliteStore {
                     .as_str_or_null()
                     .map_err(|e| StoreError::Backend(e.to_string()))?
                     .map(IpNetworks::stored),
+                customer_id: row
+                    .get_ref(8)
+                    .map_err(backend)?
+                    .as_str_or_null()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                    .map(Box::from),
             };
             let name = row
                 .get_ref(6)
@@ -485,30 +600,37 @@ impl Store for SqliteStore {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError> {
-        // Added here, checked, not by SQL: SQLite turns an integer overflow into a REAL.
+        let table = ("quota_adjustments", "key_id");
+        adjust(&mut self.conn(), table, plan_id, key_id, day, delta)
+    }
+
+    fn adjust_customer_quota(
+        &self,
+        plan_id: &str,
+        customer_id: &str,
+        day: EpochDay,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let table = ("customer_adjustments", "customer_id");
+        adjust(&mut self.conn(), table, plan_id, customer_id, day, delta)
+    }
+
+    fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
-        let stored: Option<rusqlite::types::Value> = tx
-            .query_row(
-                "SELECT delta FROM quota_adjustments WHERE plan_id = ?1 AND key_id = ?2 AND day = ?3",
-                params![plan_id, key_id, day.0],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(backend)?;
-        let stored = match stored {
-            None => Some(0),
-            Some(rusqlite::types::Value::Integer(n)) => Some(n),
-            Some(_) => None,
-        };
-        // A row that cannot be read is replaced: it was being left out anyway.
-        let stored = crate::readable_adjustment(plan_id, key_id, day, stored).unwrap_or(0);
-        let sum = crate::added_adjustment(stored, delta)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO quota_adjustments (plan_id, key_id, day, delta) VALUES (?1, ?2, ?3, ?4)",
-            params![plan_id, key_id, day.0, sum],
-        )
-        .map_err(backend)?;
+        {
+            let mut used = tx
+                .prepare_cached(
+                    "INSERT INTO customer_usage (plan_id, customer_id, day, used) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(plan_id, customer_id, day) DO UPDATE SET used = used + excluded.used",
+                )
+                .map_err(backend)?;
+            for d in deltas.iter().filter(|d| d.count > 0) {
+                let count = i64::try_from(d.count).unwrap_or(i64::MAX);
+                used.execute(params![d.plan_id, d.customer_id, d.day.0, count])
+                    .map_err(backend)?;
+            }
+        }
         tx.commit().map_err(backend)
     }
 

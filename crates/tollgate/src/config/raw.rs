@@ -428,6 +428,10 @@ pub struct RawPlan {
     pub throttle: Option<RawThrottle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Spanned<RawQuota>>,
+    /// `customerId`: the keys of one customer share the plan's buckets and quota; kept as the tag
+    /// `tollgate:limitsShareBy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_share_by: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
 }

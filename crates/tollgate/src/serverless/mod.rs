@@ -599,6 +599,7 @@ fn plan_on(
         api_stages: vec![api_stage.clone()],
         throttle: settings.throttle,
         quota: settings.quota.map(|q| sited(q, quota_at)),
+        limits_share_by: None,
         tags: BTreeMap::new(),
     };
     sited(plan, at)

@@ -7,6 +7,7 @@ use tollgate_core::IpNetworks;
 use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage};
+use tollgate_core::sharing::{LIMITS_SHARE_BY_TAG, ShareBy};
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
 use tollgate_store::{DeclaredKey, DeclaredPlan};
@@ -98,7 +99,13 @@ pub(super) fn validate_plan(
         }
         api_stages.push(stage);
     }
-    if let Err(msg) = validate_tags(&p.tags) {
+    let mut tags = p.tags.clone();
+    if let Some(share_by) = &p.limits_share_by {
+        let share_by = ShareBy::parse(share_by)
+            .or_else(|msg| cx.err(at, format!("{field}.limitsShareBy"), msg))?;
+        tags.insert(LIMITS_SHARE_BY_TAG.into(), share_by.to_string());
+    }
+    if let Err(msg) = validate_tags(&tags) {
         return cx.err(at, format!("{field}.tags"), msg);
     }
     Ok(DeclaredPlan {
@@ -107,7 +114,7 @@ pub(super) fn validate_plan(
         api_stages,
         throttle,
         quota,
-        tags: p.tags.clone(),
+        tags,
     })
 }
 
