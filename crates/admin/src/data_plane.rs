@@ -1,11 +1,11 @@
 //! What the control plane needs of the data plane, and nothing more: the binary wires the running
 //! gateway in (dependency inversion: this crate does not know the gateway's types).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tollgate_store::report::PeriodUsed;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure};
 
 /// A boxed future, for a trait the admin API holds as an object.
@@ -18,7 +18,7 @@ pub trait DataPlane: Send + Sync {
 
     /// Serves `records` from the next request on, keeping live limiter state; memberships in
     /// `period_used` (per (plan id, key id)) restart their quota count from it.
-    fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>);
+    fn reload(&self, records: &KeyIndex, period_used: &PeriodUsed);
 
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
     fn flush(&self) -> BoxFuture<'_, Result<(), String>>;

@@ -4,7 +4,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use tollgate_gateway::{ClientAddress, GatewayConfig, Snapshot, admit_locally};
 
 const PEER: ClientAddress<'static> =
     ClientAddress::peer(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+use tollgate_store::report::PeriodUsed;
 use tollgate_store::{KeyIndex, KeyTerms};
 
 const NOW: u64 = 1_795_000_000 * NANOS_PER_SEC;
@@ -133,7 +134,7 @@ fn benches(c: &mut Criterion) {
     let small = Snapshot::build(
         config(),
         &records(1),
-        &HashMap::new(),
+        &PeriodUsed::default(),
         EpochDay::from_nanos(NOW),
     )
     .unwrap();
@@ -146,7 +147,7 @@ fn benches(c: &mut Criterion) {
     let big = Snapshot::build(
         config(),
         &records(1_000_000),
-        &HashMap::new(),
+        &PeriodUsed::default(),
         EpochDay::from_nanos(NOW),
     )
     .unwrap();

@@ -583,8 +583,8 @@ mod tests {
         // Keys that were not accepted leave nothing to count.
         assert!(call(&s, "GET", get, Some(OTHER), T0).is_err());
         let mut all = Vec::new();
-        Snapshot::take_metered(&cell, |plan, key, taken| {
-            all.push((plan.to_owned(), key.to_owned(), taken));
+        Snapshot::take_metered(&cell, |plan, holder, taken| {
+            all.push((plan.to_owned(), crate::testing::holder_name(holder), taken));
         });
         all.sort_by_key(|(_, _, t)| format!("{t:?}"));
         let day = EpochDay::from_nanos(T0);

@@ -282,6 +282,7 @@ mod tests {
                 expires_at: (i % 4 == 0).then_some(u64::from(i)),
                 previous: None,
                 sources: None,
+                customer_id: None,
             };
             t.push_key(*hash, id, terms);
             for plan in 0..i % 3 {

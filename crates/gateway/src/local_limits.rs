@@ -67,7 +67,7 @@ impl Local<'_> {
         if let Some(quota) = membership.quota() {
             let window = quota.window(EpochDay::from_nanos(now));
             let limit = quota.settings().limit;
-            match quota.try_consume(&membership.live().quota, cost, now) {
+            match quota.try_consume(membership.quota_count(), cost, now) {
                 QuotaDecision::Allowed { remaining, .. } => {
                     limits.quota = Some(QuotaInfo::new(limit, window, remaining, now));
                 }
@@ -87,6 +87,6 @@ impl Local<'_> {
 pub(crate) fn quota_left(membership: &Membership<'_>, now: u64) -> Option<QuotaInfo> {
     let quota = membership.quota()?;
     let window = quota.window(EpochDay::from_nanos(now));
-    let left = quota.remaining(&membership.live().quota, now);
+    let left = quota.remaining(membership.quota_count(), now);
     Some(QuotaInfo::new(quota.settings().limit, window, left, now))
 }

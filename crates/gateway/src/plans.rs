@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tollgate_core::gcra::Gcra;
 use tollgate_core::quota::Quota;
-use tollgate_core::{ThrottleSettings, UsagePlan};
+use tollgate_core::{ShareBy, ThrottleSettings, UsagePlan};
 
 use crate::config::GatewayConfig;
 use crate::route::RouteMatch;
@@ -25,6 +25,8 @@ pub(crate) struct PlanRules {
     pub(crate) stages: Vec<(usize, usize)>,
     /// Per-method throttles.
     pub(crate) methods: Vec<(RouteAt, ThrottleSettings)>,
+    /// What its keys share their limits by (none: each key has its own).
+    pub(crate) share_by: Option<ShareBy>,
 }
 
 impl PlanRules {
@@ -67,6 +69,7 @@ impl PlanRules {
             quota: plan.quota.map(Quota::new),
             stages,
             methods,
+            share_by: plan.limits_share_by(),
         }
     }
 

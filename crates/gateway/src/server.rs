@@ -1,6 +1,5 @@
 //! The running gateway: accept loop, per-request handling, metering flusher, graceful shutdown.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +15,8 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::limiter::{LimiterError, RedisLimiter};
-use tollgate_store::report::period_usage;
-use tollgate_store::{KeyIndex, Store, StoreError, UsageDelta};
+use tollgate_store::report::{PeriodUsed, period_used};
+use tollgate_store::{CustomerDelta, Holder, KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
@@ -175,7 +174,7 @@ impl GatewayHandle {
 
     /// Serves `records` from the next request on, keeping live limiter state (see
     /// [`Snapshot::rebuild`], which serialises reloads with each other and with the flusher).
-    pub fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>) {
+    pub fn reload(&self, records: &KeyIndex, period_used: &PeriodUsed) {
         Snapshot::rebuild(
             &self.shared.snapshot,
             records,
@@ -192,8 +191,9 @@ impl GatewayHandle {
     }
 
     /// AWS UpdateUsage: sets what key `key_id` has left of plan `plan_id`'s quota in the current
-    /// period, on this instance and, in cluster mode, in Redis. Returns by how much the period's
-    /// count changed, or `None` when the membership is not served or the plan has no quota.
+    /// period (its customer's, when the plan shares limits by customer), on this instance and, in
+    /// cluster mode, in Redis. Returns by how much the period's count changed, or `None` when the
+    /// membership is not served or the plan has no quota.
     pub async fn set_remaining(
         &self,
         plan_id: &str,
@@ -209,7 +209,13 @@ impl GatewayHandle {
         let local = membership.set_remaining(now, remaining);
         match (&self.shared.limiter, membership.quota()) {
             (Some(limiter), Some(quota)) => limiter
-                .set_remaining(key_id, plan_id, quota.settings(), remaining, now)
+                .set_remaining(
+                    membership.holder(),
+                    plan_id,
+                    quota.settings(),
+                    remaining,
+                    now,
+                )
                 .await
                 .map(Some)
                 .map_err(GatewayError::from),
@@ -264,7 +270,7 @@ impl Gateway {
         limiter: Option<RedisLimiter>,
     ) -> Result<Self, GatewayError> {
         let today = EpochDay::from_nanos(clock.now());
-        let used = period_usage(&*store, &records.plans, today)?;
+        let used = period_used(&*store, records, |_| true, today)?;
         let kept_fields = config.kept_fields;
         let metrics = Metrics::new(&config, limiter.is_some());
         let access_log = match &config.access_log {
@@ -296,7 +302,7 @@ impl Gateway {
             stop: Arc::default(),
             store,
             access_log,
-            unflushed: tokio::sync::Mutex::new(Vec::new()),
+            unflushed: tokio::sync::Mutex::default(),
         });
         Ok(Self { shared, options })
     }
@@ -515,7 +521,23 @@ async fn flush_loop(
 async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     // One flush at a time: the lock also orders a retried batch before newer counts.
     let mut pending = shared.unflushed.lock().await;
-    Snapshot::take_metered(&shared.snapshot, |plan_id, key_id, taken| {
+    let (keys, customers) = &mut *pending;
+    Snapshot::take_metered(&shared.snapshot, |plan_id, holder, taken| {
+        let key_id = match holder {
+            Holder::Key(key_id) => key_id,
+            Holder::Customer(customer_id) => {
+                // A customer's shared meter counts only what its keys were admitted for.
+                if let Taken::Count(Counted::Admitted, day, count) = taken {
+                    customers.push(CustomerDelta {
+                        plan_id: plan_id.to_owned(),
+                        customer_id: customer_id.to_owned(),
+                        day,
+                        count,
+                    });
+                }
+                return;
+            }
+        };
         let mut delta = UsageDelta {
             plan_id: plan_id.to_owned(),
             key_id: key_id.to_owned(),
@@ -535,25 +557,32 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
                 delta.last_used = Some(at);
             }
         }
-        pending.push(delta);
+        keys.push(delta);
     });
-    if pending.is_empty() {
+    if keys.is_empty() && customers.is_empty() {
         shared.metrics.flushed(0, shared.clock.now());
         return Ok(());
     }
-    let batch = std::mem::take(&mut *pending);
+    let batch = (std::mem::take(keys), std::mem::take(customers));
     let store = shared.store.clone();
     let started = std::time::Instant::now();
     let (batch, result) = tokio::task::spawn_blocking(move || {
-        let r = store.add_usage(&batch);
-        (batch, r)
+        let (mut keys, customers) = batch;
+        // Written in turn; what was written is not kept for the retry.
+        let r = store.add_usage(&keys).and_then(|()| {
+            keys.clear();
+            store.add_customer_usage(&customers)
+        });
+        ((keys, customers), r)
     })
     .await
     .map_err(|e| GatewayError::Task(e.to_string()))?;
     let took = started.elapsed().as_secs_f64();
     let now = shared.clock.now();
     if let Err(err) = result {
-        shared.metrics.usage_written(took, false, batch.len(), now);
+        shared
+            .metrics
+            .usage_written(took, false, batch.0.len() + batch.1.len(), now);
         *pending = batch;
         return Err(err.into());
     }

@@ -58,7 +58,7 @@ impl SharedLimits<'_> {
         };
         let quota = membership.quota().map(|q| q.settings());
         let call = KeyCall {
-            key_id: membership.key_id,
+            holder: membership.holder(),
             plan_id: membership.plan_id(),
             method: &method,
             throttle: gcra,
@@ -95,10 +95,17 @@ impl SharedLimits<'_> {
                 tokens,
                 quota_left,
                 until_full_us,
-            } => Ok(LimitInfo {
-                throttle: bucket(tokens, until_full_us),
-                quota: quota_info(quota_left),
-            }),
+            } => {
+                if membership.customer().is_some() {
+                    // The script counted the customer's usage; the key's own is metered here.
+                    self.snap
+                        .count_key(membership, Counted::Admitted, route.cost, now);
+                }
+                Ok(LimitInfo {
+                    throttle: bucket(tokens, until_full_us),
+                    quota: quota_info(quota_left),
+                })
+            }
             Verdict::Throttled { wait_us } => Err(Refusal::throttled(
                 micros(wait_us),
                 LimitInfo {

@@ -85,8 +85,21 @@ pub(crate) fn live_at(chunks: &[Chunk], slot: u32) -> &Live {
 #[derive(Debug)]
 pub(crate) struct Retired {
     pub(crate) plan_id: Arc<str>,
-    pub(crate) key_id: Box<str>,
+    /// The key's id, or the customer's when `customer`.
+    pub(crate) id: Box<str>,
+    pub(crate) customer: bool,
     pub(crate) seen_by: Weak<Epoch>,
+}
+
+impl Retired {
+    /// Whose counts the slot held.
+    pub(crate) fn holder(&self) -> tollgate_store::Holder<'_> {
+        if self.customer {
+            tollgate_store::Holder::Customer(&self.id)
+        } else {
+            tollgate_store::Holder::Key(&self.id)
+        }
+    }
 }
 
 /// Which slots are taken. Rebuilds and the flusher lock it, never the request path.
@@ -209,7 +222,8 @@ mod tests {
             slot,
             Retired {
                 plan_id: "p".into(),
-                key_id: "k".into(),
+                id: "k".into(),
+                customer: false,
                 seen_by: Arc::downgrade(&epoch),
             },
         );

@@ -15,8 +15,10 @@ use arc_swap::ArcSwap;
 use http::Method;
 use tollgate_core::KeyHash;
 use tollgate_core::gcra::{Gcra, GcraState};
-use tollgate_core::quota::{EpochDay, Quota};
-use tollgate_store::{KeyIndex, Memberships};
+use tollgate_core::quota::{EpochDay, Quota, QuotaCount};
+use tollgate_core::sharing::customer_of;
+use tollgate_store::report::PeriodUsed;
+use tollgate_store::{Holder, KeyIndex, Memberships};
 
 use crate::client_ip::ClientAddress;
 use crate::config::{GatewayConfig, Route};
@@ -36,7 +38,26 @@ pub struct Membership<'s> {
     plan: &'s PlanRules,
     slot: u32,
     live: &'s Live,
+    /// The customer whose limits the key draws on, when the plan shares them by customer.
+    customer: Option<Shared<'s>>,
     method_buckets: &'s HashMap<(u32, RouteAt), Bucket>,
+}
+
+/// The limits a customer's keys share in a plan: its id, and the slot holding its buckets, quota
+/// count and shared meter.
+#[derive(Clone, Copy)]
+struct Shared<'s> {
+    id: &'s str,
+    slot: u32,
+    live: &'s Live,
+}
+
+/// The customer of a plan that shares limits by customer, and the slot its keys share.
+#[derive(Debug)]
+struct CustomerGroup {
+    plan: u32,
+    id: Box<str>,
+    slot: u32,
 }
 
 /// The bucket limiting a key on a route, and its state on this instance.
@@ -63,21 +84,33 @@ impl<'s> Membership<'s> {
         &self.plan.id
     }
 
+    /// Whose limits the key draws on: its own, or its customer's.
+    pub(crate) fn holder(&self) -> Holder<'s> {
+        match self.customer {
+            Some(c) => Holder::Customer(c.id),
+            None => Holder::Key(self.key_id),
+        }
+    }
+
+    /// The slot and state holding the key's limits: its customer's, or its own.
+    fn limits_slot(&self) -> (u32, &'s Live) {
+        self.customer
+            .map_or((self.slot, self.live), |c| (c.slot, c.live))
+    }
+
     /// The bucket that limits this key on the matched route, with its state on this instance: the
     /// per-method one, else the plan's.
     pub(crate) fn throttle_for(&self, m: &RouteMatch) -> Option<KeyBucket<'s>> {
+        let (slot, live) = self.limits_slot();
         match self.plan.method_at(m) {
-            Some(at) => self
-                .method_buckets
-                .get(&(self.slot, at))
-                .map(|b| KeyBucket {
-                    gcra: &b.gcra,
-                    state: &b.state,
-                    per_method: true,
-                }),
+            Some(at) => self.method_buckets.get(&(slot, at)).map(|b| KeyBucket {
+                gcra: &b.gcra,
+                state: &b.state,
+                per_method: true,
+            }),
             None => self.plan.throttle.as_ref().map(|gcra| KeyBucket {
                 gcra,
-                state: &self.live.bucket,
+                state: &live.bucket,
                 per_method: false,
             }),
         }
@@ -88,16 +121,22 @@ impl<'s> Membership<'s> {
         self.plan.quota.as_ref()
     }
 
-    /// The membership's quota count on this instance.
-    pub(crate) fn live(&self) -> &'s Live {
-        self.live
+    /// The quota count the membership spends on this instance: its customer's, or its own.
+    pub(crate) fn quota_count(&self) -> &'s QuotaCount {
+        &self.limits_slot().1.quota
     }
 
-    /// Sets what is left of the quota on this instance (AWS UpdateUsage); returns by how much the
-    /// period's count changed, or `None` when the plan has no quota.
+    /// The customer whose limits the key shares, if the plan shares them and the key has one.
+    pub fn customer(&self) -> Option<&'s str> {
+        self.customer.map(|c| c.id)
+    }
+
+    /// Sets what is left of the quota on this instance (AWS UpdateUsage; the customer's, when the
+    /// key shares its customer's); returns by how much the period's count changed, or `None` when
+    /// the plan has no quota.
     pub fn set_remaining(&self, now: u64, remaining: i64) -> Option<i64> {
         self.quota()
-            .map(|q| q.set_remaining(&self.live.quota, now, remaining))
+            .map(|q| q.set_remaining(self.quota_count(), now, remaining))
     }
 }
 
@@ -136,8 +175,14 @@ pub struct Snapshot {
     keys: KeyTable,
     /// Slot → index of the membership holding it here ([`NO_MEMBER`] for slots that are not).
     owners: Vec<u32>,
-    /// Per-method buckets, by (slot, where).
+    /// Per-method buckets, by (slot, where): a membership's, or a customer's its keys share.
     method_buckets: HashMap<(u32, RouteAt), Bucket>,
+    /// The customers of plans that share limits by customer.
+    customers: Vec<CustomerGroup>,
+    /// Plan → customer id → its group in `customers`.
+    customer_index: HashMap<u32, HashMap<Box<str>, u32>>,
+    /// A sharing membership's slot → its customer's group in `customers`.
+    shared_by: HashMap<u32, u32>,
     /// The slots' state, as of this snapshot: every slot it gives out is in these chunks.
     chunks: Vec<Chunk>,
     slots: Arc<Slots>,
@@ -146,14 +191,17 @@ pub struct Snapshot {
 }
 
 const NO_MEMBER: u32 = u32::MAX;
+/// Marks an owner that is a customer group (the rest is its index) rather than a membership.
+const CUSTOMER: u32 = 1 << 31;
 
 impl Snapshot {
-    /// Builds the first snapshot. `period_used` gives, per (plan id, key id), the requests already
-    /// counted in the quota period containing `today` (so limits survive restarts).
+    /// Builds the first snapshot. `period_used` gives, per key (and customer) and plan, the
+    /// requests already counted in the quota period containing `today` (so limits survive
+    /// restarts).
     pub fn build(
         config: GatewayConfig,
         records: &KeyIndex,
-        period_used: &HashMap<(String, String), i64>,
+        period_used: &PeriodUsed,
         today: EpochDay,
     ) -> Result<Self, SnapshotError> {
         let router = Router::new(&config.apis)?;
@@ -204,7 +252,7 @@ impl Snapshot {
     pub fn rebuild(
         current: &ArcSwap<Snapshot>,
         records: &KeyIndex,
-        period_used: &HashMap<(String, String), i64>,
+        period_used: &PeriodUsed,
         now: u64,
     ) {
         let slots = current.load().slots.clone();
@@ -225,7 +273,7 @@ impl Snapshot {
     fn assemble(
         routing: Arc<Routing>,
         records: &KeyIndex,
-        period_used: &HashMap<(String, String), i64>,
+        period_used: &PeriodUsed,
         now: u64,
         previous: Option<&Snapshot>,
         (slots, book): (&Arc<Slots>, &mut SlotBook),
@@ -253,6 +301,9 @@ impl Snapshot {
         book.reclaim();
         let mut kept = vec![false; book.len as usize];
         let mut method_buckets = HashMap::new();
+        let mut customers = Vec::new();
+        let mut groups: HashMap<u32, HashMap<Box<str>, u32>> = HashMap::new();
+        let mut shared_by = HashMap::new();
         let mut keys = KeyTable::with_capacity(order.len(), records.id_bytes(), bound.len());
         let mut members_here = Vec::new();
         let mut next_bound = 0;
@@ -286,32 +337,55 @@ impl Snapshot {
                     }
                     None => book.allocate(),
                 };
-                let live = live_at(&book.chunks, slot);
-                let old_rules = before.map(|(_, r)| r);
-                if let (Some(gcra), Some(old)) =
-                    (&rules.throttle, old_rules.and_then(|r| r.throttle.as_ref()))
-                {
-                    if gcra != old {
-                        gcra.carry_over(old, &live.bucket, now);
+                match customer_of(rules.share_by, records.customer(i)) {
+                    None => {
+                        let limits = Limits {
+                            rules,
+                            before: before.map(|(_, r)| r),
+                            previous,
+                            now,
+                        };
+                        let used = || period_used.key(&rules.id, key_id);
+                        limits.start(slot, live_at(&book.chunks, slot), used, &mut method_buckets);
                     }
-                }
-                if let Some(quota) = &rules.quota {
-                    let same = old_rules
-                        .and_then(|r| r.quota.as_ref())
-                        .is_some_and(|q| q.settings() == quota.settings());
-                    if !same {
-                        let used = period_used
-                            .get(&(rules.id.to_string(), key_id.to_owned()))
-                            .copied()
-                            .unwrap_or(0);
-                        quota.set_used(&live.quota, now, used);
+                    Some(customer) => {
+                        let known = groups.get(&plan).and_then(|g| g.get(customer)).copied();
+                        let group = match known {
+                            Some(group) => group,
+                            None => {
+                                let before =
+                                    previous.and_then(|p| p.customer_group(&rules.id, customer));
+                                let shared = match before {
+                                    Some((slot, _)) => {
+                                        kept[slot as usize] = true;
+                                        slot
+                                    }
+                                    None => book.allocate(),
+                                };
+                                let limits = Limits {
+                                    rules,
+                                    before: before.map(|(_, r)| r),
+                                    previous,
+                                    now,
+                                };
+                                let used = || period_used.customer(&rules.id, customer);
+                                let live = live_at(&book.chunks, shared);
+                                limits.start(shared, live, used, &mut method_buckets);
+                                let group = customers.len() as u32;
+                                customers.push(CustomerGroup {
+                                    plan,
+                                    id: customer.into(),
+                                    slot: shared,
+                                });
+                                groups
+                                    .entry(plan)
+                                    .or_default()
+                                    .insert(customer.into(), group);
+                                group
+                            }
+                        };
+                        shared_by.insert(slot, group);
                     }
-                }
-                for &(at, settings) in &rules.methods {
-                    let prior = before.and_then(|(old_slot, _)| {
-                        previous.and_then(|p| p.method_buckets.get(&(old_slot, at)))
-                    });
-                    method_buckets.insert((slot, at), Bucket::new(settings, prior, now));
                 }
                 for &earlier in &members_here {
                     let other: &PlanRules = &plans[earlier as usize];
@@ -358,12 +432,24 @@ impl Snapshot {
                             member.slot,
                             Retired {
                                 plan_id: previous.plans[member.plan as usize].id.clone(),
-                                key_id: previous.keys.id(i).into(),
+                                id: previous.keys.id(i).into(),
+                                customer: false,
                                 seen_by: Arc::downgrade(&previous.epoch),
                             },
                         );
                     }
                 }
+            }
+            for group in previous.customers.iter().filter(|g| !kept[g.slot as usize]) {
+                book.retired.insert(
+                    group.slot,
+                    Retired {
+                        plan_id: previous.plans[group.plan as usize].id.clone(),
+                        id: group.id.clone(),
+                        customer: true,
+                        seen_by: Arc::downgrade(&previous.epoch),
+                    },
+                );
             }
             // Only the latest snapshot is rebuilt, under the book's lock: this is its first successor.
             let _ = previous.epoch.newer.set(epoch.clone());
@@ -374,6 +460,9 @@ impl Snapshot {
             owners[member.slot as usize] = i as u32;
             in_use[member.plan as usize] = true;
         }
+        for (g, group) in customers.iter().enumerate() {
+            owners[group.slot as usize] = CUSTOMER | g as u32;
+        }
         Self {
             routing,
             plans_in_use: in_use.iter().filter(|&&u| u).count(),
@@ -381,6 +470,9 @@ impl Snapshot {
             keys,
             owners,
             method_buckets,
+            customer_index: groups,
+            customers,
+            shared_by,
             chunks: book.chunks.clone(),
             slots: slots.clone(),
             epoch,
@@ -391,6 +483,14 @@ impl Snapshot {
     fn membership(&self, key: usize, plan_id: &str) -> Option<(u32, &PlanRules)> {
         self.member_in(key, plan_id)
             .map(|member| (member.slot, &self.plans[member.plan as usize]))
+    }
+
+    /// The slot of customer `customer`'s shared limits in plan `plan_id` and the rules they were
+    /// under.
+    fn customer_group(&self, plan_id: &str, customer: &str) -> Option<(u32, &PlanRules)> {
+        let plan = self.plans.iter().position(|p| *p.id == *plan_id)?;
+        let group = *self.customer_index.get(&(plan as u32))?.get(customer)?;
+        Some((self.customers[group as usize].slot, &self.plans[plan]))
     }
 
     /// Key record `key`'s membership in plan `plan_id`.
@@ -471,11 +571,25 @@ impl Snapshot {
     }
 
     fn membership_at(&self, key: usize, member: Member) -> Membership<'_> {
+        let plan = &self.plans[member.plan as usize];
+        // Only a sharing plan's memberships look their customer up.
+        let customer = plan
+            .share_by
+            .and_then(|_| self.shared_by.get(&member.slot))
+            .map(|&g| {
+                let group = &self.customers[g as usize];
+                Shared {
+                    id: &group.id,
+                    slot: group.slot,
+                    live: live_at(&self.chunks, group.slot),
+                }
+            });
         Membership {
             key_id: self.keys.id(key),
-            plan: &self.plans[member.plan as usize],
+            plan,
             slot: member.slot,
             live: live_at(&self.chunks, member.slot),
+            customer,
             method_buckets: &self.method_buckets,
         }
     }
@@ -515,8 +629,17 @@ impl Snapshot {
     }
 
     /// Counts `n` for a request of `membership` at `now` as `counted` (an admitted request counts
-    /// its cost).
+    /// its cost), and an admitted one in its customer's shared meter too.
     pub fn count(&self, membership: &Membership<'_>, counted: Counted, n: u32, now: u64) {
+        self.count_key(membership, counted, n, now);
+        if let (Some(c), Counted::Admitted) = (membership.customer, counted) {
+            self.slots.count(c.slot, c.live, counted, n, now);
+        }
+    }
+
+    /// Counts `n` for a request of `membership` at `now` as `counted` in the key's own meter only
+    /// (where the shared store counted its customer's).
+    pub fn count_key(&self, membership: &Membership<'_>, counted: Counted, n: u32, now: u64) {
         self.slots
             .count(membership.slot, membership.live, counted, n, now);
     }
@@ -527,20 +650,31 @@ impl Snapshot {
     }
 
     /// Takes every count and sight not yet taken from the snapshots `current` has held, with their
-    /// (plan id, key id), memberships removed since included. Serialised with rebuilds.
-    pub fn take_metered(current: &ArcSwap<Snapshot>, mut each: impl FnMut(&str, &str, Taken)) {
+    /// plan id and holder (a key, or a customer's shared meter), memberships removed since
+    /// included. Serialised with rebuilds.
+    pub fn take_metered(
+        current: &ArcSwap<Snapshot>,
+        mut each: impl FnMut(&str, Holder<'_>, Taken),
+    ) {
         let slots = current.load().slots.clone();
         let book = lock(&slots.book);
         let snap = current.load();
         let taken = std::mem::take(&mut *lock(&slots.metered));
-        let ids = |slot: u32| -> Option<(&str, &str)> {
+        let ids = |slot: u32| -> Option<(&str, Holder<'_>)> {
             match snap.owners.get(slot as usize).copied() {
-                Some(member) if member != NO_MEMBER => {
+                Some(NO_MEMBER) | None => {
+                    book.retired.get(&slot).map(|r| (&*r.plan_id, r.holder()))
+                }
+                Some(owner) if owner & CUSTOMER != 0 => {
+                    let group = &snap.customers[(owner & !CUSTOMER) as usize];
+                    let plan = &snap.plans[group.plan as usize].id;
+                    Some((plan, Holder::Customer(&group.id)))
+                }
+                Some(member) => {
                     let plan = snap.keys.member(member as usize).plan as usize;
                     let key = snap.keys.owner(member as usize);
-                    Some((&snap.plans[plan].id, snap.keys.id(key)))
+                    Some((&snap.plans[plan].id, Holder::Key(snap.keys.id(key))))
                 }
-                _ => book.retired.get(&slot).map(|r| (&*r.plan_id, &*r.key_id)),
             }
         };
         let displaced = taken
@@ -557,7 +691,7 @@ impl Snapshot {
         });
         for (slot, taken) in displaced.chain(current) {
             match ids(slot) {
-                Some((plan_id, key_id)) => each(plan_id, key_id, taken),
+                Some((plan_id, holder)) => each(plan_id, holder, taken),
                 None => tracing::error!(slot, ?taken, "metered slot has no owner; counts dropped"),
             }
         }
@@ -571,6 +705,55 @@ impl Snapshot {
     /// How many segments the base path of the stage `path` addresses has (0 when none).
     pub fn base_depth(&self, path: &[u8]) -> usize {
         self.routing.router.base_depth(path)
+    }
+}
+
+/// The limits a slot keeps for a plan's rules (a membership's own, or a customer's its keys
+/// share), as a rebuild starts them.
+struct Limits<'a> {
+    rules: &'a PlanRules,
+    /// The rules the slot was under in `previous`, when it was.
+    before: Option<&'a PlanRules>,
+    previous: Option<&'a Snapshot>,
+    now: u64,
+}
+
+impl Limits<'_> {
+    /// Starts the limits in `slot` (state `live`): tokens carry over into a changed throttle, the
+    /// quota count carries on unless the quota changed (then it starts from `used`), per-method
+    /// buckets keep their tokens.
+    fn start(
+        &self,
+        slot: u32,
+        live: &Live,
+        used: impl FnOnce() -> i64,
+        method_buckets: &mut HashMap<(u32, RouteAt), Bucket>,
+    ) {
+        let (rules, now) = (self.rules, self.now);
+        if let (Some(gcra), Some(old)) = (
+            &rules.throttle,
+            self.before.and_then(|r| r.throttle.as_ref()),
+        ) {
+            if gcra != old {
+                gcra.carry_over(old, &live.bucket, now);
+            }
+        }
+        if let Some(quota) = &rules.quota {
+            let same = self
+                .before
+                .and_then(|r| r.quota.as_ref())
+                .is_some_and(|q| q.settings() == quota.settings());
+            if !same {
+                quota.set_used(&live.quota, now, used());
+            }
+        }
+        for &(at, settings) in &rules.methods {
+            let prior = self
+                .before
+                .and(self.previous)
+                .and_then(|p| p.method_buckets.get(&(slot, at)));
+            method_buckets.insert((slot, at), Bucket::new(settings, prior, now));
+        }
     }
 }
 
@@ -623,7 +806,7 @@ mod tests {
     use tollgate_core::quota::Period;
 
     use super::*;
-    use crate::limits::{KeyRejected, Refusal};
+    use crate::limits::{KeyRejected, LimitInfo, Refusal};
     use crate::testing::{
         KEY, OTHER, T0, call, config, counted, quota, records, snap, taken, throttle,
     };
@@ -646,7 +829,7 @@ mod tests {
 
         // Key 1 leaves the plan while a request still holds the old snapshot and counts after.
         rec.bindings.clear();
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         assert!(call(&old, "GET", get, Some(KEY), T0).is_ok());
         assert_eq!(
             call(&cell.load(), "GET", get, Some(KEY), T0),
@@ -654,7 +837,7 @@ mod tests {
         );
         // Key 2 joins: the retired slot is not reused while the old snapshot is in use.
         rec.bindings = one_plan[1..].to_vec();
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         assert_ne!(slot_of(&cell, "key0000002"), slot);
         assert_eq!(taken(&cell), vec![counted("key0000001", T0, 2)]);
 
@@ -662,7 +845,7 @@ mod tests {
         // counts under it are its own.
         drop(old);
         rec.bindings = one_plan.iter().rev().cloned().collect();
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         assert_eq!(slot_of(&cell, "key0000001"), slot, "reused");
         assert!(call(&cell.load(), "GET", get, Some(KEY), T0).is_ok());
         assert!(call(&cell.load(), "GET", get, Some(OTHER), T0).is_ok());
@@ -682,7 +865,10 @@ mod tests {
     fn restored_usage_counts_against_the_quota() {
         let quota = quota(10, Period::Month);
         let rec = records(None, Some(quota));
-        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9i64)]);
+        let used = PeriodUsed {
+            keys: HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 9i64)]),
+            ..PeriodUsed::default()
+        };
         let s = Snapshot::build(
             config(None, None),
             &KeyIndex::from(&rec),
@@ -719,7 +905,7 @@ mod tests {
         let new = "rotated-central-value-0123456789";
         let until = T0 + 60 * NANOS_PER_SEC;
         rec.keys[0].rotate(new, KeyHash::of(new), until);
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         assert_eq!(slot_of(&cell, "key0000001"), slot, "the same membership");
         let s = cell.load_full();
         // The quota count and the bucket carry on: 2 of 4 used, 3 of 5 tokens left.
@@ -752,7 +938,7 @@ mod tests {
         // A second rotation ends the first grace at once: at most two values live.
         let third = "third-central-value-0123456789";
         rec.keys[0].rotate(third, KeyHash::of(third), until);
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         let s = cell.load_full();
         assert_eq!(
             call(&s, "GET", get, Some(KEY), T0),
@@ -786,7 +972,7 @@ mod tests {
         }
 
         // Same records: the bucket stays empty, the quota count and the unflushed meter carry over.
-        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &HashMap::new(), T0);
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
         let s2 = cell.load_full();
         assert!(matches!(
             call(&s2, "GET", get, Some(KEY), T0),
@@ -801,7 +987,7 @@ mod tests {
         Snapshot::rebuild(
             &cell,
             &KeyIndex::from(&rec),
-            &HashMap::new(),
+            &PeriodUsed::default(),
             T0 + NANOS_PER_SEC,
         );
         assert!(matches!(
@@ -813,7 +999,10 @@ mod tests {
         rec.plans[0].quota = Some(QuotaSettings { limit: 20, ..quota });
         rec.keys[0].enabled = false;
         rec.keys[1].enabled = true;
-        let used = HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]);
+        let used = PeriodUsed {
+            keys: HashMap::from([(("plan01".to_string(), "key0000001".to_string()), 4i64)]),
+            ..PeriodUsed::default()
+        };
         Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &used, T0);
         let s3 = cell.load_full();
         assert_eq!(
@@ -829,6 +1018,107 @@ mod tests {
             limits.quota.unwrap().remaining,
             15,
             "20 - 4 used - this one"
+        );
+    }
+
+    #[test]
+    fn keys_of_one_customer_share_its_buckets_and_quota_and_keep_their_own_meters() {
+        use tollgate_core::sharing::LIMITS_SHARE_BY_TAG;
+        let third = "third-partner-key-0123456789";
+        let mut rec = records(Some(throttle(0.001, 3)), Some(quota(4, Period::Day)));
+        rec.plans[0]
+            .tags
+            .insert(LIMITS_SHARE_BY_TAG.into(), "customerId".into());
+        rec.keys[1].enabled = true;
+        for k in &mut rec.keys {
+            k.customer_id = Some("acme".into());
+        }
+        let mut lone = rec.keys[1].clone();
+        (lone.id, lone.value_hash, lone.customer_id) =
+            ("key0000003".into(), KeyHash::of(third), None);
+        rec.keys.push(lone);
+        rec.bindings.push(("plan01".into(), "key0000003".into()));
+        let used = PeriodUsed {
+            customers: HashMap::from([(("plan01".into(), "acme".into()), 1i64)]),
+            ..PeriodUsed::default()
+        };
+        let cell = ArcSwap::from_pointee(
+            Snapshot::build(
+                config(None, None),
+                &KeyIndex::from(&rec),
+                &used,
+                EpochDay::from_nanos(T0),
+            )
+            .unwrap(),
+        );
+        let get = "/prod/registrations/42";
+        // The customer had spent 1 of 4 before: its two keys share the 3 left, and 3 tokens.
+        let left = |r: Result<LimitInfo, Refusal>| {
+            r.map(|l| (l.quota.unwrap().remaining, l.throttle.unwrap().remaining))
+        };
+        assert_eq!(
+            left(call(&cell.load(), "GET", get, Some(KEY), T0)),
+            Ok((2, 2))
+        );
+        assert_eq!(
+            left(call(&cell.load(), "GET", get, Some(OTHER), T0)),
+            Ok((1, 1))
+        );
+        assert_eq!(
+            left(call(&cell.load(), "GET", get, Some(KEY), T0)),
+            Ok((0, 0))
+        );
+        assert!(matches!(
+            call(&cell.load(), "GET", get, Some(OTHER), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        // A key without a customerId keeps its own.
+        assert_eq!(
+            left(call(&cell.load(), "GET", get, Some(third), T0)),
+            Ok((3, 2))
+        );
+
+        // A rebuild keeps the customer's state; the key that leaves the customer gets its own.
+        rec.keys[1].customer_id = Some("other".into());
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
+        assert!(matches!(
+            call(&cell.load(), "GET", get, Some(KEY), T0),
+            Err(Refusal::TooManyRequests { .. })
+        ));
+        assert_eq!(
+            left(call(&cell.load(), "GET", get, Some(OTHER), T0)),
+            Ok((3, 2))
+        );
+        let s = cell.load_full();
+        let m = s.membership_of("plan01", "key0000001").unwrap();
+        assert_eq!(m.customer(), Some("acme"));
+        assert_eq!(m.holder(), Holder::Customer("acme"));
+        assert_eq!(
+            s.membership_of("plan01", "key0000003").unwrap().holder(),
+            Holder::Key("key0000003")
+        );
+        // Each key's own admitted requests, and each customer's together.
+        assert_eq!(
+            taken(&cell),
+            vec![
+                counted("customer:acme", T0, 3),
+                counted("customer:other", T0, 1),
+                counted("key0000001", T0, 2),
+                counted("key0000002", T0, 2),
+                counted("key0000003", T0, 1),
+            ]
+        );
+
+        // The customer's last key leaves it: its shared counts not yet taken are still taken.
+        assert!(call(&s, "GET", get, Some(OTHER), T0).is_ok());
+        rec.keys[1].customer_id = None;
+        Snapshot::rebuild(&cell, &KeyIndex::from(&rec), &PeriodUsed::default(), T0);
+        assert_eq!(
+            taken(&cell),
+            vec![
+                counted("customer:other", T0, 1),
+                counted("key0000002", T0, 1)
+            ]
         );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tollgate_core::Clock;
 use tollgate_store::limiter::RedisLimiter;
-use tollgate_store::{Store, UsageDelta};
+use tollgate_store::{CustomerDelta, Store, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::Http2Settings;
@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     pub(crate) access_log: Option<Sink>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
     /// blocking write, never on the request path.
-    pub(crate) unflushed: tokio::sync::Mutex<Vec<UsageDelta>>,
+    pub(crate) unflushed: tokio::sync::Mutex<(Vec<UsageDelta>, Vec<CustomerDelta>)>,
 }
 
 impl Shared {

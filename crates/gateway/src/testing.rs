@@ -1,7 +1,9 @@
 //! Fixtures for the data plane's unit tests: one API with two stages, a plan with a per-method
 //! throttle, an enabled and a disabled key, and a call through the embedded admission pipeline.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use tollgate_store::report::PeriodUsed;
 
 use arc_swap::ArcSwap;
 use tollgate_core::clock::NANOS_PER_SEC;
@@ -133,7 +135,7 @@ pub(crate) fn snap(cfg: GatewayConfig, rec: &Records) -> Snapshot {
     Snapshot::build(
         cfg,
         &KeyIndex::from(rec),
-        &HashMap::new(),
+        &PeriodUsed::default(),
         EpochDay::from_nanos(T0),
     )
     .unwrap()
@@ -155,13 +157,21 @@ pub(crate) fn call(
 /// The admitted counts the flusher would be handed now, as (plan id, key id, day, count), sorted.
 pub(crate) fn taken(cell: &ArcSwap<Snapshot>) -> Vec<(String, String, EpochDay, u64)> {
     let mut out = Vec::new();
-    Snapshot::take_metered(cell, |plan, key, taken| {
+    Snapshot::take_metered(cell, |plan, holder, taken| {
         if let Taken::Count(Counted::Admitted, day, n) = taken {
-            out.push((plan.into(), key.into(), day, n));
+            out.push((plan.into(), holder_name(holder), day, n));
         }
     });
     out.sort();
     out
+}
+
+/// A key's id, or `customer:` and a customer's id.
+pub(crate) fn holder_name(holder: tollgate_store::Holder<'_>) -> String {
+    match holder {
+        tollgate_store::Holder::Key(k) => k.to_owned(),
+        tollgate_store::Holder::Customer(c) => format!("customer:{c}"),
+    }
 }
 
 pub(crate) fn counted(key: &str, at: u64, n: u64) -> (String, String, EpochDay, u64) {

@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
+use tollgate_core::sharing::customer_of;
 
-use crate::{DayValue, Series, Store, StoreError};
+use crate::{DayValue, Holder, KeyIndex, Series, Store, StoreError};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -36,6 +37,12 @@ pub struct PlanUsage<'p> {
     throttled: Vec<DayValue>,
     quota_exceeded: Vec<DayValue>,
     ids: Vec<String>,
+    /// Read only for [`PlanUsage::with_customers`]: key id → the customer whose limits it shares,
+    /// and the customers' counts from the period's start.
+    customer_of: HashMap<String, String>,
+    customer_used: Vec<DayValue>,
+    customer_adjustments: Vec<DayValue>,
+    since: EpochDay,
 }
 
 /// One day of one key in a detailed report: AWS's `[used, remaining]` and the requests refused.
@@ -86,6 +93,10 @@ pub fn plan_usage<'p>(
         throttled: Vec::new(),
         quota_exceeded: Vec::new(),
         ids,
+        customer_of: HashMap::new(),
+        customer_used: Vec::new(),
+        customer_adjustments: Vec::new(),
+        since,
     })
 }
 
@@ -95,22 +106,51 @@ impl PlanUsage<'_> {
         &self.ids
     }
 
-    /// `[used, remaining]` for each day of the range, for key `key_id`.
+    /// Reads the counts of the customers whose limits keys share, for the keys of `customer_of`
+    /// (key id → customer id): their reports then show what the customer has left.
+    pub fn with_customers(
+        mut self,
+        store: &dyn Store,
+        customer_of: HashMap<String, String>,
+    ) -> Result<Self, StoreError> {
+        let customers: Vec<&str> = customer_of.values().map(String::as_str).collect();
+        let (plan, since, to) = (self.plan.id.as_str(), self.since, self.to);
+        self.customer_used = store.customer_series(Series::Used, plan, &customers, since, to)?;
+        self.customer_adjustments =
+            store.customer_series(Series::QuotaAdjustment, plan, &customers, since, to)?;
+        self.customer_of = customer_of;
+        Ok(self)
+    }
+
+    /// `[used, remaining]` for each day of the range, for key `key_id`: what it used, and what its
+    /// quota (its customer's, when it shares its customer's limits) had left.
     pub fn report(&self, key_id: &str) -> Vec<[u64; 2]> {
-        let daily: Vec<(EpochDay, u64)> = of_key(&self.used, key_id)
-            .iter()
-            .map(|r| (r.day, r.count()))
-            .collect();
-        let adjusted: Vec<(EpochDay, i64)> = of_key(&self.adjustments, key_id)
-            .iter()
-            .map(|a| (a.day, a.value))
-            .collect();
-        usage_report(
-            self.plan.quota.as_ref(),
-            &daily,
-            &adjusted,
-            self.from,
-            self.to,
+        let own = report_of(self, &self.used, &self.adjustments, key_id);
+        match self.customer_of.get(key_id) {
+            None => own,
+            Some(customer) => {
+                let shared = report_of(
+                    self,
+                    &self.customer_used,
+                    &self.customer_adjustments,
+                    customer,
+                );
+                own.iter()
+                    .zip(shared)
+                    .map(|([used, _], [_, remaining])| [*used, remaining])
+                    .collect()
+            }
+        }
+    }
+
+    /// `[used, remaining]` for each day of the range, for customer `customer_id` (read by
+    /// [`PlanUsage::with_customers`]): what its keys used together, and what it has left.
+    pub fn customer_report(&self, customer_id: &str) -> Vec<[u64; 2]> {
+        report_of(
+            self,
+            &self.customer_used,
+            &self.customer_adjustments,
+            customer_id,
         )
     }
 
@@ -160,11 +200,129 @@ impl PlanUsage<'_> {
     }
 }
 
+/// The report of `holder` from its `used` and `adjustments` rows.
+fn report_of(
+    usage: &PlanUsage<'_>,
+    used: &[DayValue],
+    adjustments: &[DayValue],
+    holder: &str,
+) -> Vec<[u64; 2]> {
+    let daily: Vec<(EpochDay, u64)> = of_key(used, holder)
+        .iter()
+        .map(|r| (r.day, r.count()))
+        .collect();
+    let adjusted: Vec<(EpochDay, i64)> = of_key(adjustments, holder)
+        .iter()
+        .map(|a| (a.day, a.value))
+        .collect();
+    usage_report(
+        usage.plan.quota.as_ref(),
+        &daily,
+        &adjusted,
+        usage.from,
+        usage.to,
+    )
+}
+
 /// The run of `items` (ordered by key) that belongs to `key_id`.
 fn of_key<'a>(items: &'a [DayValue], key_id: &str) -> &'a [DayValue] {
     let start = items.partition_point(|x| x.key_id.as_str() < key_id);
     let end = start + items[start..].partition_point(|x| x.key_id == key_id);
     &items[start..end]
+}
+
+/// What was already counted in the quota periods containing a day: where a (re)built snapshot's
+/// quota counts start from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodUsed {
+    /// Per (plan id, key id).
+    pub keys: HashMap<(String, String), i64>,
+    /// Per (plan id, customer id), in plans that share limits by customer.
+    pub customers: HashMap<(String, String), i64>,
+}
+
+impl PeriodUsed {
+    /// What key `key_id` counted under plan `plan_id` (0 when nothing).
+    pub fn key(&self, plan_id: &str, key_id: &str) -> i64 {
+        lookup(&self.keys, plan_id, key_id)
+    }
+
+    /// What customer `customer_id`'s keys counted together under plan `plan_id` (0 when nothing).
+    pub fn customer(&self, plan_id: &str, customer_id: &str) -> i64 {
+        lookup(&self.customers, plan_id, customer_id)
+    }
+}
+
+fn lookup(used: &HashMap<(String, String), i64>, plan_id: &str, id: &str) -> i64 {
+    // Only rebuilds look up, once per new membership: the owned pair is not on the request path.
+    used.get(&(plan_id.to_owned(), id.to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// What `holder` (a key, or a customer whose keys share the plan's limits) counted in `plan`'s
+/// quota period containing `today`, operator adjustments included (0 without a quota).
+pub fn used_in_period(
+    store: &(impl Store + ?Sized),
+    plan: &UsagePlan,
+    holder: Holder<'_>,
+    today: EpochDay,
+) -> Result<i64, StoreError> {
+    let Some(quota) = &plan.quota else {
+        return Ok(0);
+    };
+    let window = QuotaWindow::containing(quota, today);
+    let mut used = 0i64;
+    for series in [Series::Used, Series::QuotaAdjustment] {
+        let rows = match holder {
+            Holder::Key(key_id) => {
+                store.series(series, &plan.id, Some(key_id), window.start, today)?
+            }
+            Holder::Customer(customer_id) => {
+                store.customer_series(series, &plan.id, &[customer_id], window.start, today)?
+            }
+        };
+        used = rows.iter().fold(used, |n, r| n.saturating_add(r.value));
+    }
+    Ok(used)
+}
+
+/// [`period_usage`] of the plans `index` holds that `recount` picks, and of the customers whose
+/// keys share a plan's limits. Customers are read for every sharing plan: a rebuild starts a
+/// customer's count from it whenever the customer is new to the snapshot (its first key bound, or
+/// its keys rebound), which `recount` cannot tell; one read per customer of such plans.
+pub fn period_used(
+    store: &(impl Store + ?Sized),
+    index: &KeyIndex,
+    recount: impl Fn(&UsagePlan) -> bool,
+    today: EpochDay,
+) -> Result<PeriodUsed, StoreError> {
+    let keys = period_usage(store, index.plans.iter().filter(|p| recount(p)), today)?;
+    let mut customers = HashMap::new();
+    for (p, plan) in index.plans.iter().enumerate() {
+        let Some(quota) = &plan.quota else {
+            continue;
+        };
+        let Some(share_by) = plan.limits_share_by() else {
+            continue;
+        };
+        let of_plan: Vec<&str> = index
+            .bindings()
+            .iter()
+            .filter(|&&(bp, _)| bp as usize == p)
+            .filter_map(|&(_, k)| customer_of(Some(share_by), index.customer(k as usize)))
+            .collect();
+        let window = QuotaWindow::containing(quota, today);
+        for series in [Series::Used, Series::QuotaAdjustment] {
+            for row in store.customer_series(series, &plan.id, &of_plan, window.start, today)? {
+                let n = customers
+                    .entry((plan.id.clone(), row.key_id))
+                    .or_insert(0i64);
+                *n = n.saturating_add(row.value);
+            }
+        }
+    }
+    Ok(PeriodUsed { keys, customers })
 }
 
 /// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing

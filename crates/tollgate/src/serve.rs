@@ -1,7 +1,6 @@
 //! `tollgate serve`: open the store, apply the declared plans and keys, serve the data plane (and the
 //! admin API, when configured) until a signal.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions, Listeners};
 use tollgate_store::limiter::RedisLimiter;
+use tollgate_store::report::PeriodUsed;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
 use crate::config::{AdminConfig, Config, StoreKind, TlsListener, TlsTermination};
@@ -350,7 +350,7 @@ impl DataPlane for Plane {
         self.0.snapshot()
     }
 
-    fn reload(&self, records: &KeyIndex, period_used: &HashMap<(String, String), i64>) {
+    fn reload(&self, records: &KeyIndex, period_used: &PeriodUsed) {
         self.0.reload(records, period_used);
     }
 
@@ -450,7 +450,7 @@ async fn resync(
         seen = Some(version);
         match &admin {
             Some(admin) => admin.refresh(records).await,
-            None => gateway.reload(&records, &HashMap::new()),
+            None => gateway.reload(&records, &PeriodUsed::default()),
         }
     }
 }

@@ -24,7 +24,7 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::rules::ApiOutline;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
-use tollgate_store::report::period_usage;
+use tollgate_store::report::{PeriodUsed, period_used};
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, Store};
 
 use crate::data_plane::DataPlane;
@@ -180,8 +180,7 @@ impl Admin {
     pub async fn refresh(&self, fresh: KeyIndex) {
         let mut plans = self.plans.lock().await;
         plans.clone_from(&fresh.plans);
-        self.gateway
-            .reload(&fresh, &std::collections::HashMap::new());
+        self.gateway.reload(&fresh, &PeriodUsed::default());
     }
 
     /// The credentials requests must be signed with.
@@ -276,7 +275,9 @@ impl Admin {
         recount: Recount,
     ) -> Result<(), AdminError> {
         let started = std::time::Instant::now();
-        if !recount.is_empty() {
+        // A customer new to the snapshot (e.g. its keys rebound) starts from the store too.
+        let sharing = plans.iter().any(|p| p.limits_share_by().is_some());
+        if !recount.is_empty() || sharing {
             // Quota counts are rebuilt from the store: everything counted so far must be in it.
             self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
@@ -284,11 +285,7 @@ impl Admin {
         let (index, used) = self
             .blocking(move |admin| {
                 let index = admin.store.load_index()?;
-                let used = period_usage(
-                    &*admin.store,
-                    index.plans.iter().filter(|p| recount.contains(&p.id)),
-                    today,
-                )?;
+                let used = period_used(&*admin.store, &index, |p| recount.contains(&p.id), today)?;
                 Ok((index, used))
             })
             .await?;

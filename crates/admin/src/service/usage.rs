@@ -1,9 +1,12 @@
 //! GetUsage, the detailed usage, and UpdateUsage.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tollgate_core::quota::{EpochDay, QuotaWindow};
-use tollgate_store::report::{DayDetail, PlanUsage, check_range, period_usage, plan_usage};
+use tollgate_core::sharing::customer_of;
+use tollgate_store::Holder;
+use tollgate_store::report::{DayDetail, PlanUsage, check_range, plan_usage, used_in_period};
 
 use super::paging::{Paging, first_page_of, start_at};
 use super::patch::parse_number;
@@ -90,7 +93,18 @@ impl Admin {
             let ids = usage.ids();
             let start = start_at(ids, String::as_str, &paging);
             let Page { position, item } =
-                first_page_of(ids[start..].iter(), |k| k.to_string(), &paging);
+                first_page_of(ids[start..].iter().cloned(), |k| k.clone(), &paging);
+            if let Some(share_by) = plan.limits_share_by() {
+                let mut customers = HashMap::new();
+                for key in &item {
+                    let record = store.key(key)?;
+                    let customer_id = record.as_ref().and_then(|k| k.customer_id.as_deref());
+                    if let Some(c) = customer_of(Some(share_by), customer_id) {
+                        customers.insert(key.clone(), c.to_owned());
+                    }
+                }
+                usage = usage.with_customers(store, customers)?;
+            }
             Ok(UsageOut {
                 usage_plan_id: plan.id.clone(),
                 start_date: from.to_string(),
@@ -98,7 +112,10 @@ impl Admin {
                 position,
                 values: item
                     .into_iter()
-                    .map(|k| (k.clone(), per_key(&usage, k)))
+                    .map(|k| {
+                        let days = per_key(&usage, &k);
+                        (k, days)
+                    })
                     .collect(),
             })
         })
@@ -171,20 +188,31 @@ impl Admin {
                 .map_err(AdminError::Internal)?;
             admin
                 .blocking(move |admin| {
+                    let record = admin.store.key(&key)?.ok_or_else(unknown_key)?;
+                    // A key that shares its customer's limits changes what the customer has left.
+                    let customer =
+                        customer_of(plan.limits_share_by(), record.customer_id.as_deref());
+                    let holder = customer.map_or(Holder::Key(&key), Holder::Customer);
                     let delta = match live {
                         Some(delta) => delta,
                         // The key is in the plan but not served (e.g. the plan covers no configured
                         // stage): the change is computed from the stored count instead.
                         None => {
-                            let used = period_usage(&*admin.store, [&plan], today)?;
-                            let now_used = used.get(&(plan.id.clone(), key.clone())).copied();
+                            let now_used = used_in_period(&*admin.store, &plan, holder, today)?;
                             i64::from(quota.limit)
                                 .checked_sub(remaining)
-                                .and_then(|d| d.checked_sub(now_used.unwrap_or(0)))
+                                .and_then(|d| d.checked_sub(now_used))
                                 .ok_or_else(|| bad("The stored usage is out of range"))?
                         }
                     };
-                    Ok(admin.store.adjust_quota(&plan.id, &key, today, delta)?)
+                    Ok(match holder {
+                        Holder::Key(key) => {
+                            admin.store.adjust_quota(&plan.id, key, today, delta)?
+                        }
+                        Holder::Customer(c) => admin
+                            .store
+                            .adjust_customer_quota(&plan.id, c, today, delta)?,
+                    })
                 })
                 .await?;
             drop(plans);
