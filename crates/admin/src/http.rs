@@ -67,6 +67,10 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
         )
         .route("/usageplans/{id}/usage", get(get_usage))
         .route("/tollgate/usageplans/{id}/usage", get(get_usage_detail))
+        .route(
+            "/tollgate/usageplans/{id}/customers/{customer}/usage",
+            get(get_customer_usage),
+        )
         .route("/usageplans/{id}/keys/{key}/usage", patch(update_usage))
         .route(
             "/tags/{*arn}",
@@ -510,6 +514,19 @@ async fn get_usage_detail(
     let (key, start, end) = (arg("keyId"), arg("startDate"), arg("endDate"));
     let out = admin
         .usage_detail(&id, key, start, end, &paging(&q)?)
+        .await?;
+    Ok(reply(StatusCode::OK, &out))
+}
+
+async fn get_customer_usage(
+    State(admin): Shared,
+    Path((id, customer)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Answer {
+    let q = query(q);
+    let arg = |name: &str| q.get(name).map(String::as_str);
+    let out = admin
+        .customer_usage(&id, &customer, arg("startDate"), arg("endDate"))
         .await?;
     Ok(reply(StatusCode::OK, &out))
 }

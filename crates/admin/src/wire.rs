@@ -144,6 +144,24 @@ pub struct UsageOut<V = [u64; 2]> {
     pub values: BTreeMap<String, Vec<V>>,
 }
 
+/// A customer's usage in a plan that shares limits by customer (tollgate's own report, in GetUsage's
+/// terms): `items` its keys together, `values` each key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerUsageOut {
+    /// The plan.
+    pub usage_plan_id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// First day, `YYYY-MM-DD`.
+    pub start_date: String,
+    /// Last day, `YYYY-MM-DD`.
+    pub end_date: String,
+    /// The days.
+    #[serde(flatten)]
+    pub usage: tollgate_store::report::CustomerUsage,
+}
+
 /// AWS `ImportApiKeys` result.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImportOut {

@@ -795,6 +795,33 @@ impl Memberships for Snapshot {
             .map(|k| self.keys.id(k))
             .collect()
     }
+
+    fn customers_of(&self, plan_id: &str) -> Vec<(&str, Vec<&str>)> {
+        let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
+            return Vec::new();
+        };
+        let Some(groups) = self.customer_index.get(&(plan as u32)) else {
+            return Vec::new();
+        };
+        let mut customers: Vec<(&str, Vec<&str>)> =
+            groups.keys().map(|c| (&**c, Vec::new())).collect();
+        customers.sort_unstable();
+        for key in self.keys.in_id_order() {
+            for member in self.keys.members_of(key) {
+                if member.plan as usize != plan {
+                    continue;
+                }
+                let Some(&group) = self.shared_by.get(&member.slot) else {
+                    continue;
+                };
+                let id = &*self.customers[group as usize].id;
+                if let Ok(at) = customers.binary_search_by(|(c, _)| (*c).cmp(id)) {
+                    customers[at].1.push(self.keys.id(key));
+                }
+            }
+        }
+        customers
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,9 @@ pub trait Memberships: Send + Sync {
     fn plans_of(&self, key_id: &str) -> Vec<&str>;
     /// The ids of the keys in plan `plan_id`, sorted.
     fn keys_of(&self, plan_id: &str) -> Vec<&str>;
+    /// The customers whose keys share plan `plan_id`'s limits, each with the ids of its keys in
+    /// it (sorted), in customer order.
+    fn customers_of(&self, plan_id: &str) -> Vec<(&str, Vec<&str>)>;
 }
 
 /// Everything the gateway needs to build its in-memory snapshot.

@@ -70,11 +70,7 @@ pub fn plan_usage<'p>(
     from: EpochDay,
     to: EpochDay,
 ) -> Result<PlanUsage<'p>, StoreError> {
-    // Remaining on `from` depends on everything since its period began.
-    let since = plan
-        .quota
-        .as_ref()
-        .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from));
+    let since = report_start(plan, from);
     let used = store.series(Series::Used, &plan.id, key_id, since, to)?;
     let adjustments = store.series(Series::QuotaAdjustment, &plan.id, key_id, since, to)?;
     let mut ids: Vec<String> = match key_id {
@@ -98,6 +94,14 @@ pub fn plan_usage<'p>(
         customer_adjustments: Vec::new(),
         since,
     })
+}
+
+/// The first day a report from `from` reads: remaining on `from` depends on everything since its
+/// quota period began.
+fn report_start(plan: &UsagePlan, from: EpochDay) -> EpochDay {
+    plan.quota
+        .as_ref()
+        .map_or(from, |q| QuotaWindow::containing(q, from).start.min(from))
 }
 
 impl PlanUsage<'_> {
@@ -198,6 +202,66 @@ impl PlanUsage<'_> {
             .map(|k| (k.clone(), self.report(k)))
             .collect()
     }
+}
+
+/// A customer's usage in a plan that shares limits by customer, over a report's range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerUsage {
+    /// `[used, remaining]` per day: what its keys used together, what the customer had left.
+    pub items: Vec<[u64; 2]>,
+    /// Per key of the customer: `[used, remaining]` per day, its own use and the customer's left.
+    pub values: BTreeMap<String, Vec<[u64; 2]>>,
+}
+
+/// What customer `customer_id` used of `plan` from `from` to `to` inclusive, in total and through
+/// each of `keys` (its keys in the plan).
+pub fn customer_usage(
+    store: &dyn Store,
+    plan: &UsagePlan,
+    customer_id: &str,
+    keys: &[&str],
+    from: EpochDay,
+    to: EpochDay,
+) -> Result<CustomerUsage, StoreError> {
+    let (since, plan_id) = (report_start(plan, from), plan.id.as_str());
+    let mut ids: Vec<String> = keys.iter().map(|&k| k.to_owned()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let (mut used, mut adjustments) = (Vec::new(), Vec::new());
+    for key in &ids {
+        let key = Some(key.as_str());
+        used.extend(store.series(Series::Used, plan_id, key, since, to)?);
+        adjustments.extend(store.series(Series::QuotaAdjustment, plan_id, key, since, to)?);
+    }
+    let customer = [customer_id];
+    let usage = PlanUsage {
+        plan,
+        from,
+        to,
+        used,
+        adjustments,
+        throttled: Vec::new(),
+        quota_exceeded: Vec::new(),
+        customer_of: ids
+            .iter()
+            .map(|k| (k.clone(), customer_id.to_owned()))
+            .collect(),
+        ids,
+        customer_used: store.customer_series(Series::Used, plan_id, &customer, since, to)?,
+        customer_adjustments: store.customer_series(
+            Series::QuotaAdjustment,
+            plan_id,
+            &customer,
+            since,
+            to,
+        )?,
+        since,
+    };
+    Ok(CustomerUsage {
+        items: usage.customer_report(customer_id),
+        values: usage.all(),
+    })
 }
 
 /// The report of `holder` from its `used` and `adjustments` rows.
@@ -399,5 +463,71 @@ mod tests {
         assert_eq!(usage.report("c"), vec![[0, 10], [0, 10]]);
         assert_eq!(usage.report("gone"), vec![[1, 9], [0, 9]]);
         assert_eq!(usage.all().len(), 4);
+    }
+
+    #[test]
+    fn keys_that_share_their_customers_limits_report_its_remaining() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let plan = UsagePlan {
+            id: "p".into(),
+            name: "p".into(),
+            quota: Some(QuotaSettings {
+                limit: 10,
+                offset: 0,
+                period: Period::Month,
+            }),
+            ..UsagePlan::default()
+        };
+        let day = EpochDay::from_date("2026-11-10".parse().unwrap()).unwrap();
+        let delta = |key: &str, count| UsageDelta {
+            plan_id: "p".into(),
+            key_id: key.into(),
+            day,
+            count,
+            ..UsageDelta::default()
+        };
+        store
+            .add_usage(&[delta("a", 2), delta("b", 3), delta("c", 1)])
+            .unwrap();
+        let shared = |count| crate::CustomerDelta {
+            plan_id: "p".into(),
+            customer_id: "acme".into(),
+            day,
+            count,
+        };
+        // The day before the range is in the period: it counts for what is left.
+        store
+            .add_customer_usage(&[
+                shared(5),
+                crate::CustomerDelta {
+                    day: EpochDay(day.0 - 1),
+                    ..shared(1)
+                },
+            ])
+            .unwrap();
+        store.adjust_customer_quota("p", "acme", day, 1).unwrap();
+
+        let usage = customer_usage(&store, &plan, "acme", &["b", "a"], day, day).unwrap();
+        assert_eq!(usage.items, vec![[5, 3]], "10 - 1 - 5 - 1 adjusted");
+        assert_eq!(
+            usage.values,
+            BTreeMap::from([("a".into(), vec![[2, 3]]), ("b".into(), vec![[3, 3]])])
+        );
+        let none = customer_usage(&store, &plan, "nobody", &[], day, day).unwrap();
+        assert_eq!(none.items, vec![[0, 10]]);
+        assert!(none.values.is_empty());
+
+        // GetUsage: keys that share report the customer's remaining; the others their own.
+        let usage = plan_usage(&store, &["a", "b", "c"], &plan, None, day, day)
+            .unwrap()
+            .with_customers(
+                &store,
+                HashMap::from([("a".into(), "acme".into()), ("b".into(), "acme".into())]),
+            )
+            .unwrap();
+        assert_eq!(usage.report("a"), vec![[2, 3]]);
+        assert_eq!(usage.report("b"), vec![[3, 3]]);
+        assert_eq!(usage.report("c"), vec![[1, 9]]);
     }
 }

@@ -855,6 +855,27 @@ pub fn remote_usage(
     )
 }
 
+/// A customer's usage in a plan that shares limits by customer, per day from `from` to `to`.
+pub fn remote_customer_usage(
+    common: &Common,
+    plan: &str,
+    customer: &str,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<Value> {
+    common.remote()?.json(
+        Method::GET,
+        &format!(
+            "/tollgate/usageplans/{}/customers/{}/usage?startDate={}&endDate={}",
+            encode(plan),
+            encode(customer),
+            encode(from),
+            encode(to)
+        ),
+        &(),
+    )
+}
+
 impl Common {
     /// Flags built from parts (for commands with their own flag layout).
     pub fn new(endpoint: EndpointArgs, output: Output) -> Self {

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tollgate_core::quota::EpochDay;
-use tollgate_store::report::{check_range, plan_usage};
+use tollgate_core::sharing::customer_of;
+use tollgate_store::report::{check_range, customer_usage, plan_usage};
 
 use crate::config;
 use crate::failure::Failure;
@@ -40,6 +41,10 @@ pub struct UsageCommand {
     /// One key, by name or id (default: every key of the plan).
     #[arg(long)]
     key: Option<String>,
+    /// One customer of a plan that shares limits by customer: its keys' use together, what it has
+    /// left, and each of its keys.
+    #[arg(long, conflicts_with_all = ["key", "detail"])]
+    customer: Option<String>,
     /// First day, YYYY-MM-DD (UTC).
     #[arg(long)]
     from: Option<String>,
@@ -110,14 +115,15 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
                 },
                 cmd.output,
             );
-            let out = manage::remote_usage(
-                &common,
-                plan,
-                cmd.key.as_deref(),
-                &from.to_string(),
-                &to.to_string(),
-                cmd.detail,
-            )
+            let (from, to) = (from.to_string(), to.to_string());
+            let out = match &cmd.customer {
+                Some(customer) => {
+                    manage::remote_customer_usage(&common, plan, customer, &from, &to)
+                }
+                None => {
+                    manage::remote_usage(&common, plan, cmd.key.as_deref(), &from, &to, cmd.detail)
+                }
+            }
             .map_err(Failure::Runtime)?;
             print(&out, cmd.output, &BTreeMap::new(), None)
         }
@@ -170,7 +176,41 @@ fn offline(
         .map(|(_, k)| k.as_str())
         .collect();
     let runtime = |e: tollgate_store::StoreError| Failure::Runtime(e.into());
-    let usage = plan_usage(&*store, &members, plan, key_id, from, to).map_err(runtime)?;
+    let names = records
+        .keys
+        .iter()
+        .map(|k| (k.id.clone(), k.name.clone()))
+        .collect();
+    let share_by = plan.limits_share_by();
+    if let Some(customer) = &cmd.customer {
+        if share_by.is_none() {
+            return Err(Failure::Usage(format!(
+                "usage plan {:?} does not share limits by customer (limitsShareBy)",
+                plan.name
+            )));
+        }
+        let keys: Vec<&str> = records
+            .keys
+            .iter()
+            .filter(|k| members.contains(&k.id.as_str()))
+            .filter(|k| customer_of(share_by, k.customer_id.as_deref()) == Some(customer))
+            .map(|k| k.id.as_str())
+            .collect();
+        let usage = customer_usage(&*store, plan, customer, &keys, from, to).map_err(runtime)?;
+        let usage = json!({"usagePlanId": plan.id, "customerId": customer, "startDate": from.to_string(), "endDate": to.to_string(), "items": usage.items, "values": usage.values});
+        return print(&usage, output, &names, Some(&plan.name));
+    }
+    // Keys that share their customer's limits report what the customer has left.
+    let shared = records
+        .keys
+        .iter()
+        .filter_map(|k| {
+            customer_of(share_by, k.customer_id.as_deref()).map(|c| (k.id.clone(), c.to_owned()))
+        })
+        .collect();
+    let usage = plan_usage(&*store, &members, plan, key_id, from, to)
+        .and_then(|u| u.with_customers(&*store, shared))
+        .map_err(runtime)?;
     let values = if cmd.detail {
         let usage = usage.with_refusals(&*store, key_id).map_err(runtime)?;
         let detail: BTreeMap<&String, _> =
@@ -180,11 +220,6 @@ fn offline(
         json!(usage.all())
     };
     let usage = json!({"usagePlanId": plan.id, "startDate": from.to_string(), "endDate": to.to_string(), "values": values});
-    let names = records
-        .keys
-        .iter()
-        .map(|k| (k.id.clone(), k.name.clone()))
-        .collect();
     print(&usage, output, &names, Some(&plan.name))
 }
 
@@ -236,6 +271,19 @@ fn print(
         }
     );
     let n = |v: &Value| v.as_u64().unwrap_or(0);
+    // A customer's report: its keys together first.
+    if let (Some(customer), Some(days)) = (usage["customerId"].as_str(), usage["items"].as_array())
+    {
+        let mut day = first;
+        for v in days {
+            let (used, remaining) = (n(&v[0]), n(&v[1]));
+            println!(
+                "{:<12} {customer:<24} {day} {used:>10} {remaining:>10}",
+                "(customer)"
+            );
+            day = day.next();
+        }
+    }
     for (key_id, days) in values.into_iter().flatten() {
         let name = names.get(key_id).map_or("", String::as_str);
         let mut day = first;

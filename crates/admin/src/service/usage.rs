@@ -4,18 +4,51 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_core::sharing::LIMITS_SHARE_BY_TAG;
 use tollgate_core::sharing::customer_of;
 use tollgate_store::Holder;
-use tollgate_store::report::{DayDetail, PlanUsage, check_range, plan_usage, used_in_period};
+use tollgate_store::report::{
+    DayDetail, PlanUsage, check_range, customer_usage, plan_usage, used_in_period,
+};
 
 use super::paging::{Paging, first_page_of, start_at};
 use super::patch::parse_number;
 use super::{Admin, to_the_end};
 use crate::error::{AdminError, bad, unknown_key, unknown_plan};
-use crate::wire::{Page, PatchOp, UsageOut};
+use crate::wire::{CustomerUsageOut, Page, PatchOp, UsageOut};
+
+/// A report's range from its `YYYY-MM-DD` dates, checked.
+fn report_range(
+    start: Option<&str>,
+    end: Option<&str>,
+) -> Result<(EpochDay, EpochDay), AdminError> {
+    let parse = |v: Option<&str>, which: &str| {
+        v.and_then(|t| t.parse::<jiff::civil::Date>().ok())
+            .and_then(EpochDay::from_date)
+            .ok_or_else(|| {
+                bad(format!(
+                    "Invalid {which} date specified: expected YYYY-MM-DD"
+                ))
+            })
+    };
+    let (from, to) = (parse(start, "start")?, parse(end, "end")?);
+    check_range(from, to).map_err(bad)?;
+    Ok((from, to))
+}
 
 impl Admin {
     // ---- usage ----
+
+    /// The plan `plan_id`, as last written.
+    async fn plan(&self, plan_id: &str) -> Result<tollgate_core::UsagePlan, AdminError> {
+        self.plans
+            .lock()
+            .await
+            .iter()
+            .find(|p| p.id == plan_id)
+            .cloned()
+            .ok_or_else(unknown_plan)
+    }
 
     /// GetUsage, in real time: metering is flushed first.
     pub async fn usage(
@@ -48,6 +81,49 @@ impl Admin {
         .await
     }
 
+    /// What customer `customer_id`'s keys used together of a plan that shares limits by customer,
+    /// and each of them, per day from `start` to `end` (`YYYY-MM-DD`); metering is flushed first.
+    pub async fn customer_usage(
+        self: &Arc<Self>,
+        plan_id: &str,
+        customer_id: &str,
+        start: Option<&str>,
+        end: Option<&str>,
+    ) -> Result<CustomerUsageOut, AdminError> {
+        let (from, to) = report_range(start, end)?;
+        self.gateway.flush().await.map_err(AdminError::Internal)?;
+        let plan = self.plan(plan_id).await?;
+        if plan.limits_share_by().is_none() {
+            return Err(bad(format!(
+                "Usage plan {plan_id} does not share limits by customer: set limitsShareBy (the tag {LIMITS_SHARE_BY_TAG}=customerId)"
+            )));
+        }
+        let served = self.gateway.served();
+        let customer = customer_id.to_owned();
+        self.blocking(move |admin| {
+            let customers = served.customers_of(&plan.id);
+            let keys = customers
+                .iter()
+                .find(|(c, _)| *c == customer)
+                .map(|(_, keys)| keys.as_slice())
+                .unwrap_or_default();
+            let usage = customer_usage(&*admin.store, &plan, &customer, keys, from, to)?;
+            if keys.is_empty() && usage.items.iter().all(|[used, _]| *used == 0) {
+                return Err(AdminError::NotFound(
+                    "Invalid customer identifier specified: no key of the plan has it".into(),
+                ));
+            }
+            Ok(CustomerUsageOut {
+                usage_plan_id: plan.id.clone(),
+                customer_id: customer,
+                start_date: from.to_string(),
+                end_date: to.to_string(),
+                usage,
+            })
+        })
+        .await
+    }
+
     /// A usage report over the range `dates` (`YYYY-MM-DD`), a page of keys at a time, each key's
     /// days made by `per_key`; `refusals`: it reads them.
     async fn usage_of<V: Send + 'static>(
@@ -59,26 +135,9 @@ impl Admin {
         refusals: bool,
         per_key: fn(&PlanUsage<'_>, &str) -> Vec<V>,
     ) -> Result<UsageOut<V>, AdminError> {
-        let parse = |v: Option<&str>, which: &str| {
-            v.and_then(|t| t.parse::<jiff::civil::Date>().ok())
-                .and_then(EpochDay::from_date)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "Invalid {which} date specified: expected YYYY-MM-DD"
-                    ))
-                })
-        };
-        let (from, to) = (parse(dates.0, "start")?, parse(dates.1, "end")?);
-        check_range(from, to).map_err(bad)?;
+        let (from, to) = report_range(dates.0, dates.1)?;
         self.gateway.flush().await.map_err(AdminError::Internal)?;
-        let plan = self
-            .plans
-            .lock()
-            .await
-            .iter()
-            .find(|p| p.id == plan_id)
-            .cloned()
-            .ok_or_else(unknown_plan)?;
+        let plan = self.plan(plan_id).await?;
         let served = self.gateway.served();
         let (plan_id, key_id) = (plan_id.to_owned(), key_id.map(str::to_owned));
         let paging = paging.clone();

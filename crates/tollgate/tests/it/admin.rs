@@ -3,7 +3,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::util::{
-    self, ACCESS_KEY, AdminClient, Gateway, KEY, SECRET_KEY, assert_aws_error, client,
+    self, ACCESS_KEY, AdminClient, Gateway, KEY, SECRET_KEY, assert_aws_error, cli, client,
 };
 
 const ADMIN_CONFIG: &str = "admin: { listen: 127.0.0.1:0 }\n";
@@ -897,23 +897,6 @@ fn admin_on_a_public_address_needs_credentials() {
         err.contains("admin.listen: the admin API may listen on 0.0.0.0 only with credentials"),
         "{err}"
     );
-}
-
-/// Runs the `tollgate` CLI against the admin API with the test credentials; returns stdout or panics.
-fn cli(gw: &Gateway, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
-        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tollgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -258,3 +258,190 @@ async fn routes_spend_their_cost_on_redis_across_a_restart() {
     ))
     .await;
 }
+
+const ACME_PROD: &str = "acmeProductionKeyValue0123456789";
+const ACME_STAGING: &str = "acmeStagingKeyValue0123456789";
+const SOLO: &str = "soloPartnerKeyValue0123456789";
+
+/// A gateway whose plan shares limits by customer: 6 a day and a bucket of 7 (refilled once in
+/// 1000 s) for each customer; two keys of `acme`, one key without a customer.
+fn sharing_gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Gateway {
+    let extra = "admin: { listen: 127.0.0.1:0 }\n\
+        usagePlans:\n  - { name: shared, limitsShareBy: customerId, apiStages: [ { apiId: warranty, stage: prod } ], \
+        throttle: { rateLimit: 0.001, burstLimit: 7 }, quota: { limit: 6, period: DAY } }\n\
+        apiKeys:\n\
+        \x20 - { name: acme-prod, value: acmeProductionKeyValue0123456789, customerId: acme, usagePlans: [shared] }\n\
+        \x20 - { name: acme-staging, value: acmeStagingKeyValue0123456789, customerId: acme, usagePlans: [shared] }\n\
+        \x20 - { name: solo, value: soloPartnerKeyValue0123456789, usagePlans: [shared] }\n";
+    let yaml = util::config(&format!("http://{}", up.addr), extra).replace(
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+        store,
+    );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+async fn customer_limits_hold(store: &str) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sharing_gateway(&up, dir.path(), store);
+    let get = |gw: &Gateway, key: &'static str| {
+        let url = gw.url("/prod/echo/x");
+        let c = client();
+        async move { c.get(&url, Some(key)).await }
+    };
+    // The customer's quota goes down whichever of its keys spends it.
+    for left in [5, 4, 3, 2] {
+        let r = get(&gw, ACME_PROD).await;
+        assert_eq!((r.status, util::quota_remaining(&r)), (200, left));
+    }
+    for left in [1, 0] {
+        let r = get(&gw, ACME_STAGING).await;
+        assert_eq!((r.status, util::quota_remaining(&r)), (200, left));
+    }
+    let r = get(&gw, ACME_STAGING).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (429, json!({ "message": "Limit Exceeded" }))
+    );
+    // Seven tokens taken from one bucket: the production key, which took four, is throttled.
+    let r = get(&gw, ACME_PROD).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (429, json!({ "message": "Too Many Requests" }))
+    );
+    // A key without a customerId keeps its own.
+    let r = get(&gw, SOLO).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 5));
+
+    // GetUsage: each key's own count, and what its quota (the customer's) has left.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let plan_id = admin.plan_id("shared").await;
+    let keys = admin.ok("GET", "/apikeys", "").await;
+    let id_of = |name: &str| {
+        keys["item"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (prod, staging, solo) = (id_of("acme-prod"), id_of("acme-staging"), id_of("solo"));
+    let usage = admin.usage_today(&plan_id).await;
+    assert_eq!(
+        usage["values"],
+        json!({ &prod: [[4, 0]], &staging: [[2, 0]], &solo: [[1, 5]] })
+    );
+    // The customer's report: its keys together, and each.
+    let today = util::today();
+    let path = format!(
+        "/tollgate/usageplans/{plan_id}/customers/acme/usage?startDate={today}&endDate={today}"
+    );
+    let report = admin.ok("GET", &path, "").await;
+    assert_eq!(report["customerId"], "acme");
+    assert_eq!(report["items"], json!([[6, 0]]));
+    assert_eq!(
+        report["values"],
+        json!({ &prod: [[4, 0]], &staging: [[2, 0]] })
+    );
+    let unknown = format!(
+        "/tollgate/usageplans/{plan_id}/customers/nobody/usage?startDate={today}&endDate={today}"
+    );
+    let r = admin.call("GET", &unknown, "").await;
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (404, Some("NotFoundException"))
+    );
+    let cli = util::cli(
+        &gw,
+        &[
+            "usage",
+            "--plan",
+            &plan_id,
+            "--customer",
+            "acme",
+            "--from",
+            &today,
+            "--to",
+            &today,
+            "--output",
+            "json",
+        ],
+    );
+    let cli: serde_json::Value = serde_json::from_str(&cli).unwrap();
+    assert_eq!(cli["items"], json!([[6, 0]]));
+
+    // Across a restart, the customer's spent quota holds for every key of it.
+    assert!(gw.terminate().success());
+    let gw = sharing_gateway(&up, dir.path(), store);
+    assert_eq!(get(&gw, ACME_STAGING).await.status, 429);
+    assert_eq!(get(&gw, SOLO).await.status, 200);
+    // UpdateUsage through one key gives the customer, and so its other key, back what it sets.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let patch = r#"{"patchOperations":[{"op":"replace","path":"/remaining","value":"1"}]}"#;
+    admin
+        .ok(
+            "PATCH",
+            &format!("/usageplans/{plan_id}/keys/{staging}/usage"),
+            patch,
+        )
+        .await;
+    // The customer's bucket stays empty for a long while: what was set is read back, not spent.
+    let report = admin.ok("GET", &path, "").await;
+    assert_eq!(report["items"], json!([[6, 1]]));
+    assert_eq!(
+        admin.usage_today(&plan_id).await["values"][&prod],
+        json!([[4, 1]])
+    );
+    assert!(gw.terminate().success());
+
+    // Offline, from the store alone.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "usage",
+            "--config",
+            "tollgate.yaml",
+            "--plan",
+            "shared",
+            "--customer",
+            "acme",
+            "--from",
+            &today,
+            "--to",
+            &today,
+            "--output",
+            "json",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(offline["items"], json!([[6, 1]]));
+    assert_eq!(offline["values"][&staging], json!([[2, 1]]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_of_one_customer_share_its_limits_on_sqlite_across_a_restart() {
+    customer_limits_hold("store: { sqlite: ./tollgate.db, flushInterval: 200ms }").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_of_one_customer_share_its_limits_on_redis_across_a_restart() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = RedisServer::start();
+    customer_limits_hold(&format!(
+        "store: {{ redis: {{ url: \"{}\" }} }}",
+        redis.url()
+    ))
+    .await;
+}

@@ -394,6 +394,23 @@ pub const ACCESS_KEY: &str = "AKIDTOLLGATETEST";
 pub const SECRET_KEY: &str = "tollgate/test/secret+key";
 
 /// The environment that gives a gateway the test admin credentials.
+/// Runs the `tollgate` CLI against the admin API with the test credentials; returns stdout or panics.
+pub fn cli(gw: &Gateway, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("TOLLGATE_ENDPOINT", format!("http://{}", gw.admin.unwrap()))
+        .env("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("TOLLGATE_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn admin_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY),
@@ -507,7 +524,6 @@ impl AdminClient {
         plan["id"].as_str().unwrap().to_string()
     }
 
-    /// The id of the usage plan named `name`.
     /// GetUsage of the plan `plan_id` for today (UTC).
     pub async fn usage_today(&self, plan_id: &str) -> serde_json::Value {
         let today = today();
@@ -515,6 +531,7 @@ impl AdminClient {
         self.ok("GET", &path, "").await
     }
 
+    /// The id of the usage plan named `name`.
     pub async fn plan_id(&self, name: &str) -> String {
         let plans = self.ok("GET", "/usageplans", "").await;
         let plan = plans["item"]
