@@ -264,14 +264,13 @@ impl Admin {
                                 .ok_or_else(|| bad("The stored usage is out of range"))?
                         }
                     };
-                    Ok(match holder {
-                        Holder::Key(key) => {
-                            admin.store.adjust_quota(&plan.id, key, today, delta)?
+                    match holder {
+                        Holder::Key(key) => admin.store.adjust_quota(&plan.id, key, today, delta),
+                        Holder::Customer(c) => {
+                            admin.store.adjust_customer_quota(&plan.id, c, today, delta)
                         }
-                        Holder::Customer(c) => admin
-                            .store
-                            .adjust_customer_quota(&plan.id, c, today, delta)?,
-                    })
+                    }
+                    .map_err(AdminError::from)
                 })
                 .await?;
             drop(plans);
