@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tollgate_core::quota::EpochDay;
-use tollgate_store::{RedisSettings, RedisStore, Series, SqliteStore, Store, UsageDelta};
+use tollgate_store::{
+    CustomerDelta, RedisSettings, RedisStore, Series, SqliteStore, Store, UsageDelta,
+};
 
 /// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
 fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
@@ -52,6 +54,14 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
         .context("writing the records")?;
     let mut rows = 0;
     let all = (EpochDay(0), EpochDay(u32::MAX));
+    // The customers' shared counts are read by customer: those the keys name.
+    let mut customers: Vec<&str> = records
+        .keys
+        .iter()
+        .filter_map(|k| k.customer_id.as_deref())
+        .collect();
+    customers.sort_unstable();
+    customers.dedup();
     for plan in &records.plans {
         // Each counted series goes where `add_usage` takes it.
         for series in [Series::Used, Series::Throttled, Series::QuotaExceeded] {
@@ -83,6 +93,23 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
         }
         for adj in source.series(Series::QuotaAdjustment, &plan.id, None, all.0, all.1)? {
             target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
+        }
+        let shared = source.customer_series(Series::Used, &plan.id, &customers, all.0, all.1)?;
+        rows += shared.len();
+        let deltas: Vec<CustomerDelta> = shared
+            .into_iter()
+            .map(|r| CustomerDelta {
+                plan_id: plan.id.clone(),
+                count: r.count(),
+                customer_id: r.key_id,
+                day: r.day,
+            })
+            .collect();
+        target.add_customer_usage(&deltas)?;
+        let adjusted =
+            source.customer_series(Series::QuotaAdjustment, &plan.id, &customers, all.0, all.1)?;
+        for adj in adjusted {
+            target.adjust_customer_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
         }
     }
     let ids: Vec<&str> = records.keys.iter().map(|k| k.id.as_str()).collect();

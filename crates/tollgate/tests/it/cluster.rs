@@ -13,12 +13,26 @@ const PLANS: &str = r#"usagePlans:
   - name: quota-only
     apiStages: [ { apiId: warranty, stage: dev } ]
     quota: { limit: 40, period: DAY }
+  - name: acme-shared
+    limitsShareBy: customerId
+    apiStages:
+      - apiId: warranty
+        stage: partner
+        throttle: { "/registrations/{id}/warranty/PUT": { rateLimit: 0.01, burstLimit: 10 } }
+    throttle: { rateLimit: 1000, burstLimit: 1000 }
+    quota: { limit: 30, period: DAY }
 apiKeys:
   - { name: central-system, value: "${CENTRAL_KEY}", usagePlans: [shared] }
   - { name: quota-key, value: quotaKeyValue0123456789abc, usagePlans: [quota-only] }
+  - { name: acme-a, value: acmeKeyAValue0123456789, customerId: acme, usagePlans: [acme-shared] }
+  - { name: acme-b, value: acmeKeyBValue0123456789, customerId: acme, usagePlans: [acme-shared] }
 "#;
 
-/// The common test config, on Redis instead of SQLite, with a second stage for the quota-only plan.
+/// The two keys of the customer `acme`, which share `acme-shared`'s limits.
+const ACME: [&str; 2] = ["acmeKeyAValue0123456789", "acmeKeyBValue0123456789"];
+
+/// The common test config, on Redis instead of SQLite, with a second stage for the quota-only plan
+/// and a third for the customer's.
 fn yaml(upstream: &str, store: &str) -> String {
     util::config(
         upstream,
@@ -30,7 +44,7 @@ fn yaml(upstream: &str, store: &str) -> String {
     )
     .replace(
         "      - name: prod\n",
-        "      - name: prod\n      - name: dev\n",
+        "      - name: prod\n      - name: dev\n      - name: partner\n",
     )
 }
 
@@ -47,11 +61,23 @@ async fn two_instances(store: &str) -> (Vec<tempfile::TempDir>, Vec<Gateway>, ut
     (dirs, gws, up)
 }
 
-/// Fires `n` requests, alternating between the instances, `parallel` at a time; counts statuses.
+/// Fires `n` GETs, alternating between the instances, `parallel` at a time; counts statuses.
 async fn fire(
     gws: &[Gateway],
     path: &str,
     key: &str,
+    n: usize,
+    parallel: usize,
+) -> std::collections::BTreeMap<u16, usize> {
+    fire_keys(gws, ("GET", path), &[key], n, parallel).await
+}
+
+/// Fires `n` requests, alternating between the instances and, every other request, between
+/// `keys`, `parallel` at a time; counts statuses.
+async fn fire_keys(
+    gws: &[Gateway],
+    (method, path): (&'static str, &str),
+    keys: &[&str],
     n: usize,
     parallel: usize,
 ) -> std::collections::BTreeMap<u16, usize> {
@@ -62,8 +88,14 @@ async fn fire(
         let tasks: Vec<_> = chunk
             .iter()
             .map(|i| {
-                let (c, url, key) = (c.clone(), urls[i % urls.len()].clone(), key.to_string());
-                tokio::spawn(async move { c.get(&url, Some(&key)).await.status })
+                let url = urls[i % urls.len()].clone();
+                let key = keys[i / urls.len() % keys.len()].to_string();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    c.send(method, &url, &[("x-api-key", &key)], "")
+                        .await
+                        .status
+                })
             })
             .collect();
         for t in tasks {
@@ -119,6 +151,54 @@ async fn two_instances_share_exact_limits() {
     assert_eq!(days, &expected);
     let key = admin.ok("GET", &format!("/apikeys/{key_id}"), "").await;
     assert!(key["lastUsedDate"].as_u64().is_some(), "{key}");
+}
+
+/// Two keys of one customer hammer two instances at once: never more than the customer's limits.
+async fn a_customers_keys_share_exact_limits(gws: &[Gateway]) {
+    // The per-method bucket of 10 (one token per 100 s) is the customer's, on both instances.
+    let put = ("PUT", "/partner/registrations/7/warranty");
+    let counts = fire_keys(gws, put, &ACME, 40, 10).await;
+    let burst = counts.get(&200).copied().unwrap_or(0);
+    assert!((10..=11).contains(&burst), "{counts:?}");
+    // The quota of 30: what the burst left, exactly, whichever key and instance asks.
+    let counts = fire_keys(gws, ("GET", "/partner/echo/q"), &ACME, 80, 8).await;
+    assert_eq!(counts.get(&200), Some(&(30 - burst)), "{counts:?}");
+    // The customer's total is counted in Redis: either instance sees all of it at once. Each key's
+    // own count is metered by the instance that admitted it: the other one's within its flush
+    // interval.
+    let admin = AdminClient::new(gws[1].admin.unwrap());
+    let plan_id = admin.plan_id("acme-shared").await;
+    let today = util::today();
+    let path = format!(
+        "/tollgate/usageplans/{plan_id}/customers/acme/usage?startDate={today}&endDate={today}"
+    );
+    let report = admin.ok("GET", &path, "").await;
+    assert_eq!(report["items"], json!([[30, 0]]), "{report}");
+    let per_key = |report: &serde_json::Value| -> u64 {
+        report["values"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|days| days[0][0].as_u64().unwrap())
+            .sum()
+    };
+    let mut report = report;
+    for _ in 0..50 {
+        if per_key(&report) == 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        report = admin.ok("GET", &path, "").await;
+    }
+    assert_eq!(per_key(&report), 30, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_a_customers_exact_limits() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+    a_customers_keys_share_exact_limits(&gws).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -400,6 +480,7 @@ async fn a_redis_cluster_works() {
         (10..=11).contains(&counts.get(&200).copied().unwrap_or(0)),
         "{counts:?}"
     );
+    a_customers_keys_share_exact_limits(&gws).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -416,6 +497,11 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
     let key = "quotaKeyValue0123456789abc";
     for _ in 0..7 {
         assert_eq!(c.get(&gw.url("/dev/echo/m"), Some(key)).await.status, 200);
+    }
+    // The customer's shared count moves too.
+    for _ in 0..5 {
+        let r = c.get(&gw.url("/partner/echo/m"), Some(ACME[0])).await;
+        assert_eq!(r.status, 200);
     }
     // A key created through the admin API: only its hash exists, and it must still work afterwards.
     let admin = AdminClient::new(gw.admin.unwrap());
@@ -459,7 +545,7 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("2 usage plans, 3 API keys"),
+        String::from_utf8_lossy(&out.stdout).contains("3 usage plans, 5 API keys"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -476,6 +562,12 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         util::quota_remaining(&r),
         32,
         "40 - 7 used before the move - this one"
+    );
+    let r = c.get(&gw.url("/partner/echo/m"), Some(ACME[1])).await;
+    assert_eq!(
+        (r.status, util::quota_remaining(&r)),
+        (200, 24),
+        "30 - 5 the customer's other key used before the move - this one"
     );
     for value in ["apiMadeKeyValue0123456789", "rotatedApiMadeValue0123456789"] {
         let r = c.get(&gw.url("/dev/echo/m"), Some(value)).await;
