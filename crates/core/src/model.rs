@@ -154,6 +154,12 @@ impl UsagePlan {
             .get(LIMITS_SHARE_BY_TAG)
             .and_then(|v| ShareBy::parse(v).ok())
     }
+
+    /// Whether the quota counts of this plan, changed from `before`, start again from what the
+    /// store counted: its quota, or what its keys share, changed.
+    pub fn recounts_from(&self, before: &UsagePlan) -> bool {
+        self.quota != before.quota || self.limits_share_by() != before.limits_share_by()
+    }
 }
 
 /// AWS resource tags: key → value.

@@ -339,9 +339,12 @@ impl Snapshot {
                 };
                 match customer_of(rules.share_by, records.customer(i)) {
                     None => {
+                        // A key that drew on its customer's limits until now has its own again:
+                        // they start from the store, as a new membership's do.
+                        let was_shared = previous.is_some_and(|p| p.shared_by.contains_key(&slot));
                         let limits = Limits {
                             rules,
-                            before: before.map(|(_, r)| r),
+                            before: before.map(|(_, r)| r).filter(|_| !was_shared),
                             previous,
                             now,
                         };
@@ -739,10 +742,10 @@ impl Limits<'_> {
             }
         }
         if let Some(quota) = &rules.quota {
-            let same = self
-                .before
-                .and_then(|r| r.quota.as_ref())
-                .is_some_and(|q| q.settings() == quota.settings());
+            let same = self.before.is_some_and(|r| {
+                r.share_by == rules.share_by
+                    && r.quota.as_ref().map(Quota::settings) == Some(quota.settings())
+            });
             if !same {
                 quota.set_used(&live.quota, now, used());
             }

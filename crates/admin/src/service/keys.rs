@@ -283,8 +283,9 @@ impl Admin {
         changes: Vec<KeyChange>,
     ) -> Result<ApiKeyOut, AdminError> {
         let id = id.to_owned();
-        self.write(move |admin, _| {
+        self.write(move |admin, catalog| {
             let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
+            let customer_before = key.customer_id.clone();
             for change in changes {
                 match change {
                     KeyChange::Name(name) => key.name = name,
@@ -303,7 +304,21 @@ impl Admin {
             key.last_updated_date = admin.now_secs();
             admin.store.put_key(&key)?;
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
-            Ok((admin.key_out(&key, false, last_used), Vec::new()))
+            // A key that joins or leaves a customer draws on other counts in the plans that share
+            // limits by customer: they start again from the store.
+            let mut recount = Vec::new();
+            if key.customer_id != customer_before {
+                let served = admin.gateway.served();
+                let of_key = served.plans_of(&id);
+                recount.extend(
+                    catalog
+                        .plans
+                        .iter()
+                        .filter(|p| p.limits_share_by().is_some() && of_key.contains(&&*p.id))
+                        .map(|p| p.id.clone()),
+                );
+            }
+            Ok((admin.key_out(&key, false, last_used), recount))
         })
         .await
     }

@@ -191,7 +191,7 @@ impl Admin {
             admin.check_plan(&plan, catalog)?;
             admin.store.put_plan(&plan)?;
             let out = Self::plan_out(&plan, false);
-            let recount = if plan.quota != before.quota {
+            let recount = if plan.recounts_from(&before) {
                 vec![plan.id.clone()]
             } else {
                 Vec::new()

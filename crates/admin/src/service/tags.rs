@@ -72,6 +72,7 @@ impl Admin {
             validate_tags(tags).map_err(bad)
         };
         self.write(move |admin, catalog| {
+            let mut recount = Vec::new();
             match tagged {
                 Tagged::Key(id) => {
                     let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
@@ -88,10 +89,13 @@ impl Admin {
                     let mut changed = plan.clone();
                     retag(&mut changed.tags)?;
                     admin.store.put_plan(&changed)?;
+                    if changed.recounts_from(plan) {
+                        recount.push(changed.id.clone());
+                    }
                     *plan = changed;
                 }
             }
-            Ok(((), Vec::new()))
+            Ok(((), recount))
         })
         .await
     }

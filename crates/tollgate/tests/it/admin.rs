@@ -1324,6 +1324,144 @@ async fn a_source_ip_allowlist_set_through_the_aws_cli_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn limits_shared_by_customer_switched_through_the_aws_cli_survive_a_restart() {
+    let (dir, gw, _admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
+    };
+    let values = [
+        "acmeProdKeyValue0123456789",
+        "acmeStagingKeyValue0123456789",
+    ];
+    let ids: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let name = format!("acme-{i}");
+            let key = cli.ok(&[
+                "create-api-key",
+                "--name",
+                &name,
+                "--enabled",
+                "--value",
+                value,
+                "--customer-id",
+                "acme",
+            ]);
+            key["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let plan = cli.ok(&[
+        "create-usage-plan",
+        "--name",
+        "acme",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+        "--quota",
+        "limit=4,period=DAY",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    for id in &ids {
+        cli.add_to_plan(&plan_id, id);
+    }
+    let plan_arn = format!("arn:aws:apigateway:eu-west-1::/usageplans/{plan_id}");
+    let c = client();
+    let url = gw.url("/prod/echo/shared");
+    let left = |r: util::Reply| {
+        (
+            r.status,
+            (r.status == 200).then(|| util::quota_remaining(&r)),
+        )
+    };
+    // Each key its own quota at first.
+    assert_eq!(left(c.get(&url, Some(values[0])).await), (200, Some(3)));
+    assert_eq!(left(c.get(&url, Some(values[1])).await), (200, Some(3)));
+
+    // An unknown way to share is refused, naming the tag and the choice.
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &plan_arn,
+        "--tags",
+        "tollgate:limitsShareBy=customerID",
+    ]);
+    assert!(
+        err.contains("(BadRequestException)")
+            && err.contains("tollgate:limitsShareBy")
+            && err.contains("\"customerId\""),
+        "{err}"
+    );
+    // Shared from now on: one quota for the customer, counted from here.
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &plan_arn,
+        "--tags",
+        "tollgate:limitsShareBy=customerId",
+    ]);
+    assert_eq!(left(c.get(&url, Some(values[0])).await), (200, Some(3)));
+    assert_eq!(left(c.get(&url, Some(values[1])).await), (200, Some(2)));
+    assert_eq!(left(c.get(&url, Some(values[0])).await), (200, Some(1)));
+    // GetUsage: each key's own use today, and what the customer has left.
+    let today = util::today();
+    let usage = cli.ok(&[
+        "get-usage",
+        "--usage-plan-id",
+        &plan_id,
+        "--start-date",
+        &today,
+        "--end-date",
+        &today,
+    ]);
+    assert_eq!(
+        usage["items"],
+        json!({ &ids[0]: [[3, 1]], &ids[1]: [[2, 1]] }),
+        "{usage}"
+    );
+
+    // Across a restart, the customer's count holds.
+    assert!(gw.terminate().success());
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let url = gw.url("/prod/echo/shared");
+    assert_eq!(left(c.get(&url, Some(values[1])).await), (200, Some(0)));
+    assert_eq!(left(c.get(&url, Some(values[0])).await), (429, None));
+    let cli = AwsCli::for_gateway(&gw).unwrap();
+    // A key moved to another customer draws on that customer's limits: nothing spent yet.
+    let set_customer = |cli: &AwsCli, customer: &str| {
+        let op = format!("op=replace,path=/customerId,value={customer}");
+        cli.ok(&[
+            "update-api-key",
+            "--api-key",
+            &ids[1],
+            "--patch-operations",
+            &op,
+        ]);
+    };
+    set_customer(&cli, "other");
+    assert_eq!(left(c.get(&url, Some(values[1])).await), (200, Some(3)));
+    // Without a customer, its own quota again: all it used today counts.
+    set_customer(&cli, "");
+    assert_eq!(
+        left(c.get(&url, Some(values[1])).await),
+        (429, None),
+        "it used 4"
+    );
+    // Not shared any more: each key's own count, from what it used today.
+    cli.ok(&[
+        "untag-resource",
+        "--resource-arn",
+        &plan_arn,
+        "--tag-keys",
+        "tollgate:limitsShareBy",
+    ]);
+    assert_eq!(
+        left(c.get(&url, Some(values[0])).await),
+        (200, Some(0)),
+        "4 - 3 used - this one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     let (dir, gw, _admin, _up) = start("", &[]).await;
     let Some(cli) = AwsCli::for_gateway(&gw) else {

@@ -507,6 +507,29 @@ mod tests {
         assert!(e.message.contains("ca.pem"), "{e}");
     }
 
+    /// How a plan shares limits is checked where it is written; it is kept as the plan's tag.
+    #[test]
+    fn limits_share_by_is_checked_and_kept_as_a_tag() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let plan = |share_by: &str| {
+            format!(
+                "listen: 127.0.0.1:0\napis:\n  - id: a\n    stages: [ {{ name: prod }} ]\n    routes:\n      - {{ path: /x, method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:1\" }}\nusagePlans:\n  - {{ name: p, limitsShareBy: {share_by}, apiStages: [ {{ apiId: a, stage: prod }} ] }}\n"
+            )
+        };
+        let e = crate::config::parse(file, &plan("customer")).unwrap_err();
+        assert_eq!(e.field, "usagePlans[0].limitsShareBy", "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(8), "{e}");
+        assert!(e.message.contains("\"customerId\""), "{e}");
+        let c = crate::config::parse(file, &plan("customerId")).unwrap();
+        assert_eq!(
+            c.plans[0]
+                .tags
+                .get("tollgate:limitsShareBy")
+                .map(String::as_str),
+            Some("customerId")
+        );
+    }
+
     /// A malformed network is named with its field and line, in a key's list and in the proxies'.
     #[test]
     fn networks_are_checked_where_they_are_written() {
