@@ -74,13 +74,14 @@ async function signedIn() {
 async function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   const view = document.getElementById("view");
-  const page = hash.startsWith("/keys/") ? "keys" : hash === "/keys" ? "keys" : hash === "/plans" ? "plans" : "overview";
+  const page = hash.startsWith("/keys") ? "keys" : hash === "/plans" ? "plans" : hash === "/customers" ? "customers" : "overview";
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
   view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   try {
     if (hash.startsWith("/keys/")) await keyPage(view, decodeURIComponent(hash.slice(6)));
     else if (hash === "/keys") await keysPage(view);
     else if (hash === "/plans") await plansPage(view);
+    else if (hash === "/customers") await customersPage(view);
     else await overviewPage(view);
   } catch (err) {
     view.replaceChildren(h("p", { class: "error" }, err.message));
@@ -324,6 +325,23 @@ async function plansPage(view) {
         h("td", {}, p.apiStages.map((s) => `${s.apiId}:${s.stage}`).join(", ") || "–"),
         h("td", {}, fmt(p.keys)),
         h("td", {}, fmt(p.usedThisPeriod), p.resets ? h("div", { class: "muted" }, `resets ${p.resets}`) : null)))))));
+}
+
+// Customers of plans that share limits by customer: what their keys used together, what is left.
+async function customersPage(view) {
+  const customers = (await api("customers")).customers;
+  const table = h("div", { class: "table-wrap" }, h("table", { id: "customers-table" },
+    h("thead", {}, h("tr", {}, ["Customer", "Usage plan", "Keys", "This period", "Left"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, customers.map((c) => h("tr", { "data-customer": c.customerId, "data-plan": c.usagePlanId },
+      h("td", { class: "mono" }, c.customerId),
+      h("td", {}, c.usagePlanName),
+      h("td", {}, ...c.keys.map((k) => h("div", {}, h("a", { href: `#/keys/${encodeURIComponent(k.id)}` }, k.name || k.id)))),
+      h("td", { class: "used" }, fmt(c.usedThisPeriod)),
+      h("td", { class: "left" }, c.remaining === null ? "–" : fmt(c.remaining), c.resets ? h("div", { class: "muted" }, `resets ${c.resets}`) : null))))));
+  view.replaceChildren(
+    h("h1", {}, "Customers"),
+    customers.length ? table
+      : h("p", { class: "muted" }, "No usage plan shares its limits by customer: give one limitsShareBy: customerId (or the tag tollgate:limitsShareBy=customerId)."));
 }
 
 start();

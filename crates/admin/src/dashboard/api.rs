@@ -10,8 +10,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_core::quota::{EpochDay, QuotaWindow};
-use tollgate_store::Series;
-use tollgate_store::report::{period_usage, plan_usage};
+use tollgate_store::report::{period_usage, plan_usage, used_in_period};
+use tollgate_store::{Holder, Series};
 
 use super::{Dashboard, parse};
 use crate::answer::{Answer, reply};
@@ -318,6 +318,43 @@ pub(super) async fn plans(State(dash): State<Arc<Dashboard>>) -> Answer {
                 })
                 .collect();
             Ok(json!({ "plans": rows }))
+        })
+        .await?;
+    Ok(reply(StatusCode::OK, &listed))
+}
+
+/// The customers whose keys share a plan's limits (plans with `limitsShareBy`): each with its keys,
+/// what they used together this period and what the customer has left.
+pub(super) async fn customers(State(dash): State<Arc<Dashboard>>) -> Answer {
+    let admin = &dash.admin;
+    admin.gateway.flush().await.map_err(AdminError::Internal)?;
+    let plans = admin.plans.lock().await.clone();
+    let served = admin.gateway.served();
+    let today = admin.today();
+    let listed = admin
+        .blocking(move |admin| {
+            let mut rows = Vec::new();
+            for p in plans.iter().filter(|p| p.limits_share_by().is_some()) {
+                let resets = p
+                    .quota
+                    .as_ref()
+                    .map(|q| QuotaWindow::containing(q, today).end.to_string());
+                for (customer, keys) in served.customers_of(&p.id) {
+                    let used = used_in_period(&*admin.store, p, Holder::Customer(customer), today)?;
+                    let mut named = Vec::with_capacity(keys.len());
+                    for id in keys {
+                        let name = admin.store.key(id)?.map(|k| k.name);
+                        named.push(json!({ "id": id, "name": name }));
+                    }
+                    rows.push(json!({
+                        "customerId": customer, "usagePlanId": p.id, "usagePlanName": p.name,
+                        "keys": named, "usedThisPeriod": used,
+                        "remaining": p.quota.map(|q| (i64::from(q.limit) - used).max(0)),
+                        "resets": resets,
+                    }));
+                }
+            }
+            Ok(json!({ "customers": rows }))
         })
         .await?;
     Ok(reply(StatusCode::OK, &listed))

@@ -49,6 +49,7 @@ pub(crate) fn router(admin: Arc<Admin>, secure: bool) -> Router {
             post(api::set_remaining),
         )
         .route("/dashboard/api/plans", get(api::plans))
+        .route("/dashboard/api/customers", get(api::customers))
         .route("/dashboard/logout", post(session::logout))
         .layer(middleware::from_fn_with_state(
             dash.clone(),

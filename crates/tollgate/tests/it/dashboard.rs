@@ -458,6 +458,77 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     assert!(gw.terminate().success());
 }
 
+/// Signs in with the test credentials and waits for the overview.
+async fn sign_in(b: &Browser, admin: &str) {
+    b.goto(&format!("{admin}/dashboard")).await;
+    b.find("#login:not([hidden]) #access-key-id").await;
+    b.type_into("#access-key-id", ACCESS_KEY).await;
+    b.type_into("#secret-access-key", SECRET_KEY).await;
+    b.click("#sign-in").await;
+    b.find("#stat-allowed").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_customers_view_shows_what_a_customers_keys_used_together() {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plans = "usagePlans:\n  - { name: partners, limitsShareBy: customerId, apiStages: [ { apiId: warranty, stage: prod } ], quota: { limit: 10, period: DAY } }\n\
+        apiKeys:\n\
+        \x20 - { name: acme-prod, value: acmeProdKeyValue0123456789, customerId: acme, usagePlans: [partners] }\n\
+        \x20 - { name: acme-staging, value: acmeStagingKeyValue0123456789, customerId: acme, usagePlans: [partners] }\n\
+        \x20 - { name: globex, value: globexKeyValue0123456789, customerId: globex, usagePlans: [partners] }\n\
+        \x20 - { name: solo, value: soloKeyValue0123456789abc, usagePlans: [partners] }\n";
+    let yaml = util::config(
+        &format!("http://{}", up.addr),
+        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{plans}"),
+    );
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    let c = client();
+    for (key, n) in [
+        ("acmeProdKeyValue0123456789", 3),
+        ("acmeStagingKeyValue0123456789", 2),
+        ("globexKeyValue0123456789", 1),
+        ("soloKeyValue0123456789abc", 4),
+    ] {
+        for _ in 0..n {
+            assert_eq!(c.get(&gw.url("/prod/echo/c"), Some(key)).await.status, 200);
+        }
+    }
+    let shots = std::env::var_os("TOLLGATE_SCREENSHOTS")
+        .map_or_else(|| dir.path().join("screenshots"), PathBuf::from);
+    std::fs::create_dir_all(&shots).unwrap();
+    let Some(b) = Browser::start(&shots).await else {
+        return;
+    };
+    let admin = format!("http://{}", gw.admin.unwrap());
+    sign_in(&b, &admin).await;
+    b.click("nav a[data-page=customers]").await;
+    b.find("#customers-table tr[data-customer]").await;
+    // One row per customer; the key without a customer has none.
+    assert_eq!(b.count("#customers-table tbody tr").await, 2);
+    let acme = "#customers-table tr[data-customer=acme]";
+    assert_eq!(b.text(&format!("{acme} td.used")).await, "5");
+    assert!(b.text(&format!("{acme} td.left")).await.starts_with('5'));
+    let keys = b.text(&format!("{acme} td:nth-child(3)")).await;
+    assert!(
+        keys.contains("acme-prod") && keys.contains("acme-staging"),
+        "{keys}"
+    );
+    let globex = "#customers-table tr[data-customer=globex]";
+    assert_eq!(b.text(&format!("{globex} td.used")).await, "1");
+    assert!(b.text(&format!("{globex} td.left")).await.starts_with('9'));
+    assert!(b.text("#customers-table").await.contains("partners"));
+    b.screenshot("customers").await;
+    // A key of the customer opens its own page.
+    let first = b.text(&format!("{acme} a")).await;
+    b.click(&format!("{acme} a")).await;
+    b.find("svg.chart").await;
+    assert!(b.text("#view h1").await.starts_with(&first), "{first}");
+    drop(b);
+    assert!(gw.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token() {
     let (_dir, gw, _up) = start(&util::admin_env()).await;
