@@ -13,6 +13,7 @@
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
 # "tollgate decision (verify)" answers the same requests as the decision endpoint for another proxy.
+# "…, customer's key" serve the same key as one customer's in a plan that shares limits by customer.
 # The last four targets do the same job over TLS 1.3: HTTP/1.1, then HTTP/2 (h2load).
 # Note: under valgrind, SHA-256 runs its portable code (valgrind does not emulate the SHA extensions
 # the native build uses), which adds ~3.4k instructions to tollgate's count.
@@ -97,6 +98,20 @@ wait_port "$RPORT"
 PORT=$(free_port)
 tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" >"$WORK/tollgate-redis.yaml"
 count "tollgate on Redis" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis.yaml"
+
+# The same key as one customer's, in a plan that shares limits by customer (limitsShareBy): what the
+# feature costs the keys that use it, on each store.
+by_customer() {
+    sed -e 's/^  - name: bench$/&\n    limitsShareBy: customerId/' \
+        -e 's/usagePlans: \[bench\] }/customerId: acme, usagePlans: [bench] }/'
+}
+PORT=$(free_port)
+tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-customer.db }" bench 1000000000 100000000 "$KEY" | by_customer >"$WORK/tollgate-customer.yaml"
+grep -q "customerId: acme" "$WORK/tollgate-customer.yaml"
+count "tollgate embedded, customer's key" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-customer.yaml"
+PORT=$(free_port)
+tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" | by_customer >"$WORK/tollgate-redis-customer.yaml"
+count "tollgate on Redis, customer's key" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis-customer.yaml"
 
 # The decision endpoint (forward-auth): the same keyed requests asked about, in Envoy's convention
 # (the request's own method and path), answered 200 without being forwarded.

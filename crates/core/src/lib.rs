@@ -3,6 +3,7 @@
 //! deterministic given a clock reading, so it is where most unit tests live.
 
 pub mod clock;
+pub mod credits;
 pub mod gcra;
 pub mod model;
 pub mod quota;
@@ -11,6 +12,7 @@ pub mod sharing;
 pub mod source_ips;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use credits::{CreditDecision, Credits, Refill};
 pub use gcra::{Gcra, GcraState, ThrottleDecision};
 pub use model::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 pub use quota::{EpochDay, MAX_REMAINING, Period, Quota, QuotaCount, QuotaWindow};

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::credits::{CREDIT_REFILL_TAG, Refill};
 use crate::sharing::{LIMITS_SHARE_BY_TAG, ShareBy};
 use crate::source_ips::{IpNetworks, SOURCE_IPS_TAG};
 
@@ -172,8 +173,8 @@ pub const MAX_TAGS: usize = 50;
 pub const EXPIRES_TAG: &str = "tollgate:expiresAt";
 
 /// Checks tags the way AWS does: at most 50, keys of 1 to 128 characters not starting with `aws:`,
-/// values of at most 256; and that [`EXPIRES_TAG`] holds a time, [`SOURCE_IPS_TAG`] CIDRs and
-/// [`LIMITS_SHARE_BY_TAG`] a [`ShareBy`]. With AWS's messages where AWS has one.
+/// values of at most 256; and that [`EXPIRES_TAG`] holds a time, [`SOURCE_IPS_TAG`] CIDRs,
+/// [`LIMITS_SHARE_BY_TAG`] a [`ShareBy`] and [`CREDIT_REFILL_TAG`] a [`Refill`]. With AWS's messages where AWS has one.
 pub fn validate_tags(tags: &Tags) -> Result<(), String> {
     if tags.len() > MAX_TAGS {
         return Err(format!(
@@ -199,6 +200,9 @@ pub fn validate_tags(tags: &Tags) -> Result<(), String> {
         }
         if k == SOURCE_IPS_TAG {
             IpNetworks::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
+        }
+        if k == CREDIT_REFILL_TAG {
+            Refill::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
         }
         if k == LIMITS_SHARE_BY_TAG {
             ShareBy::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
@@ -282,6 +286,13 @@ impl ApiKey {
         self.tags
             .get(EXPIRES_TAG)
             .and_then(|v| parse_expiry(v).ok())
+    }
+
+    /// The key's credit refill, from its [`CREDIT_REFILL_TAG`].
+    pub fn refill(&self) -> Option<Refill> {
+        self.tags
+            .get(CREDIT_REFILL_TAG)
+            .and_then(|v| Refill::parse(v).ok())
     }
 
     /// The networks the key may be used from, from its [`SOURCE_IPS_TAG`] (none: anywhere).

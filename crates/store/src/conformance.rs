@@ -11,8 +11,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series, Store,
-    StoreError, UsageDelta, apply_declared,
+    CreditSpend, CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series,
+    Store, StoreError, UsageDelta, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -25,6 +25,7 @@ pub fn run_all(store: &dyn Store) {
     deletes_take_memberships_along(store);
     quota_adjustments_accumulate(store);
     customers_are_counted_apart_from_keys(store);
+    credits_are_added_once_and_spent_down_to_zero(store);
     declared_state_is_applied_by_name(store);
     bulk_writes_match_single_writes(store);
     keys_are_read_one_by_one_and_in_pages(store);
@@ -653,5 +654,54 @@ pub fn customers_are_counted_apart_from_keys(store: &dyn Store) {
     assert_eq!(
         of(Series::QuotaAdjustment, &["big"], 0, 9),
         vec![day("big", 1, max)]
+    );
+}
+
+pub fn credits_are_added_once_and_spent_down_to_zero(store: &dyn Store) {
+    let balances = |s: &dyn Store| -> Vec<(String, u64, Option<EpochDay>)> {
+        s.credit_balances()
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.key_id.starts_with("crk"))
+            .map(|b| (b.key_id, b.balance, b.refilled))
+            .collect()
+    };
+    assert!(balances(store).is_empty());
+    assert!(store.add_credits("crk1", "order-1", 100, 1).unwrap());
+    assert!(
+        !store.add_credits("crk1", "order-1", 100, 2).unwrap(),
+        "once per idempotency key"
+    );
+    assert!(store.add_credits("crk1", "order-2", 50, 3).unwrap());
+    assert!(
+        store.add_credits("crk2", "order-1", 7, 3).unwrap(),
+        "per key"
+    );
+    let spend = |key: &str, day: u32, spent: u64| CreditSpend {
+        key_id: key.into(),
+        day: EpochDay(day),
+        spent,
+    };
+    store
+        .spend_credits(&[
+            spend("crk1", 10, 30),
+            spend("crk1", 11, 20),
+            spend("crk2", 10, 0),
+        ])
+        .unwrap();
+    assert_eq!(
+        balances(store),
+        vec![("crk1".into(), 100, None), ("crk2".into(), 7, None)]
+    );
+    // Spent down to exactly zero (the data plane never spends more than there is).
+    store.spend_credits(&[spend("crk2", 11, 7)]).unwrap();
+    // A refill's entry marks its period.
+    let day = EpochDay(20_000);
+    let entry = tollgate_core::credits::refill_entry(day);
+    assert!(store.add_credits("crk2", &entry, 10, 4).unwrap());
+    assert!(!store.add_credits("crk2", &entry, 10, 5).unwrap());
+    assert_eq!(
+        balances(store),
+        vec![("crk1".into(), 100, None), ("crk2".into(), 10, Some(day))]
     );
 }

@@ -120,6 +120,28 @@ pub struct CustomerDelta {
     pub count: u64,
 }
 
+/// Credits admitted requests of one key spent on one UTC day (their cost).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreditSpend {
+    /// The API key.
+    pub key_id: String,
+    /// The UTC day.
+    pub day: EpochDay,
+    /// Credits spent.
+    pub spent: u64,
+}
+
+/// A key's credits as the store holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreditBalance {
+    /// The API key.
+    pub key_id: String,
+    /// What its ledger added, less what it spent (never below 0).
+    pub balance: u64,
+    /// The first day of the refill period it was last refilled in.
+    pub refilled: Option<EpochDay>,
+}
+
 /// Whose limits and counts a record keeps: one API key's, or those one customer's keys share in a
 /// plan that shares limits by customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -337,6 +359,20 @@ pub trait Store: Send + Sync {
         day: EpochDay,
         delta: i64,
     ) -> Result<(), StoreError>;
+    /// Adds `amount` credits to key `key_id`'s ledger under `idempotency_key`, once: `false` when
+    /// that idempotency key was used before for the key (nothing is added then). A refill's entry
+    /// ([`tollgate_core::credits::refill_entry`]) also marks its period refilled.
+    fn add_credits(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+        amount: u64,
+        at: i64,
+    ) -> Result<bool, StoreError>;
+    /// Records credits spent, all in one transaction.
+    fn spend_credits(&self, spent: &[CreditSpend]) -> Result<(), StoreError>;
+    /// Every key with credits (a ledger entry), with its balance.
+    fn credit_balances(&self) -> Result<Vec<CreditBalance>, StoreError>;
     /// Adds customers' shared counts, all in one transaction.
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, customer) on `day`: UpdateUsage on a key of a

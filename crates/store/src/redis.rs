@@ -11,13 +11,15 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
+use tollgate_core::credits::{MAX_CREDITS, refilled_by};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    CustomerDelta, DayValue, KeyIndex, KeyTerms, Records, Series, Store, StoreError, UsageDelta,
+    CreditBalance, CreditSpend, CustomerDelta, DayValue, KeyIndex, KeyTerms, Records, Series,
+    Store, StoreError, UsageDelta,
 };
 
 /// Key names, in one place for the store and the data plane's limiter script.
@@ -79,6 +81,17 @@ pub mod keys {
     pub fn adjustments_index(plan_id: &str) -> String {
         format!("{{tg}}:adj:{plan_id}")
     }
+
+    /// A key's credits: `b` the balance, `w` the first day of the refill period last refilled in.
+    pub fn credits(key_id: &str) -> String {
+        format!("tg:{{{key_id}}}:cr")
+    }
+    /// A key's credit ledger: idempotency key → amount added.
+    pub fn credit_ledger(key_id: &str) -> String {
+        format!("tg:{{{key_id}}}:crl")
+    }
+    /// The keys with credits.
+    pub const CREDIT_KEYS: &str = "{tg}:credits";
 
     /// A customer's shared count under a plan: day → count.
     pub fn customer_usage(customer_id: &str, plan_id: &str) -> String {
@@ -285,6 +298,26 @@ return 1
 const NOTE_LAST_USED: &str = r"
 local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0
 if tonumber(ARGV[2]) > at then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+";
+
+/// Adds to a key's credits once per idempotency key. KEYS: the ledger, the credits. ARGV: the
+/// idempotency key, the amount, the refill period's first day it marks (0: not a refill), the most
+/// credits a key may hold.
+const ADD_CREDITS: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local b = tonumber(redis.call('HGET', KEYS[2], 'b')) or 0
+b = math.min(math.max(b, 0) + tonumber(ARGV[2]), tonumber(ARGV[4]))
+redis.call('HSET', KEYS[2], 'b', string.format('%.0f', b))
+local day = tonumber(ARGV[3])
+if day > (tonumber(redis.call('HGET', KEYS[2], 'w')) or 0) then redis.call('HSET', KEYS[2], 'w', day) end
+return 1
+";
+
+/// Takes what was spent off a key's credits, down to 0. KEYS: the credits. ARGV: the amount.
+const SPEND_CREDITS: &str = r"
+local b = tonumber(redis.call('HGET', KEYS[1], 'b')) or 0
+redis.call('HSET', KEYS[1], 'b', string.format('%.0f', math.max(b - tonumber(ARGV[1]), 0)))
 return 1
 ";
 
@@ -1063,6 +1096,63 @@ impl Store for RedisStore {
             day,
             delta,
         )
+    }
+
+    fn add_credits(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+        amount: u64,
+        _at: i64,
+    ) -> Result<bool, StoreError> {
+        let refilled = refilled_by(idempotency_key).map_or(0, |d| d.0);
+        let added: i64 = self.with(|c| {
+            Script::new(ADD_CREDITS)
+                .key(keys::credit_ledger(key_id))
+                .key(keys::credits(key_id))
+                .arg(idempotency_key)
+                .arg(amount.min(MAX_CREDITS))
+                .arg(refilled)
+                .arg(MAX_CREDITS)
+                .invoke(c)
+        })?;
+        // Apart from the script: the index lives in another cluster slot (and adding twice is safe).
+        self.with(|c| Cmd::sadd(keys::CREDIT_KEYS, key_id).query::<i64>(c))?;
+        Ok(added == 1)
+    }
+
+    fn spend_credits(&self, spent: &[CreditSpend]) -> Result<(), StoreError> {
+        let script = Script::new(SPEND_CREDITS);
+        self.with(|c| {
+            for s in spent.iter().filter(|s| s.spent > 0) {
+                script
+                    .key(keys::credits(&s.key_id))
+                    .arg(s.spent.min(MAX_CREDITS))
+                    .invoke::<i64>(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn credit_balances(&self) -> Result<Vec<CreditBalance>, StoreError> {
+        let mut ids: Vec<String> = self.with(|c| Cmd::smembers(keys::CREDIT_KEYS).query(c))?;
+        ids.sort_unstable();
+        let mut out = Vec::with_capacity(ids.len());
+        for key_id in ids {
+            let (b, w): (Option<i64>, Option<u32>) = self.with(|c| {
+                redis::cmd("HMGET")
+                    .arg(keys::credits(&key_id))
+                    .arg("b")
+                    .arg("w")
+                    .query(c)
+            })?;
+            out.push(CreditBalance {
+                key_id,
+                balance: b.map_or(0, |b| u64::try_from(b).unwrap_or(0)),
+                refilled: w.filter(|&w| w > 0).map(EpochDay),
+            });
+        }
+        Ok(out)
     }
 
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {

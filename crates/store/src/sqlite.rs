@@ -1,17 +1,19 @@
 //! The embedded store: one SQLite file in WAL mode.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tollgate_core::credits::{MAX_CREDITS, refilled_by};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    CustomerDelta, DayValue, KeyIndex, KeyTerms, NamedKey, Records, Series, Store, StoreError,
-    UsageDelta,
+    CreditBalance, CreditSpend, CustomerDelta, DayValue, KeyIndex, KeyTerms, NamedKey, Records,
+    Series, Store, StoreError, UsageDelta,
 };
 
 const SCHEMA: &str = "
@@ -61,6 +63,21 @@ CREATE TABLE IF NOT EXISTS key_last_used (
 CREATE TABLE IF NOT EXISTS dashboard_sessions (
     user  TEXT PRIMARY KEY,          -- an admin access key id
     epoch INTEGER NOT NULL           -- sessions signed under an older one are over
+) WITHOUT ROWID;
+-- A key's credits: what was added (top-ups, the opening balance, refills), once per idempotency key,
+-- and what admitted requests spent per day; the balance is the difference.
+CREATE TABLE IF NOT EXISTS credit_ledger (
+    key_id          TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    amount          INTEGER NOT NULL,
+    at              INTEGER NOT NULL,  -- epoch seconds
+    PRIMARY KEY (key_id, idempotency_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credit_spend (
+    key_id TEXT NOT NULL,
+    day    INTEGER NOT NULL,
+    spent  INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID;
 -- A customer's shared count in a plan that shares limits by customer, beside its keys' own.
 CREATE TABLE IF NOT EXISTS customer_usage (
@@ -613,6 +630,90 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let table = ("customer_adjustments", "customer_id");
         adjust(&mut self.conn(), table, plan_id, customer_id, day, delta)
+    }
+
+    fn add_credits(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+        amount: u64,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        let amount = i64::try_from(amount.min(MAX_CREDITS)).unwrap_or(0);
+        let added = self
+            .conn()
+            .execute(
+                "INSERT OR IGNORE INTO credit_ledger (key_id, idempotency_key, amount, at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![key_id, idempotency_key, amount, at],
+            )
+            .map_err(backend)?;
+        Ok(added == 1)
+    }
+
+    fn spend_credits(&self, spent: &[CreditSpend]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut add = tx
+                .prepare_cached(
+                    "INSERT INTO credit_spend (key_id, day, spent) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(key_id, day) DO UPDATE SET spent = spent + excluded.spent",
+                )
+                .map_err(backend)?;
+            for s in spent.iter().filter(|s| s.spent > 0) {
+                let n = i64::try_from(s.spent.min(MAX_CREDITS)).unwrap_or(0);
+                add.execute(params![s.key_id, s.day.0, n])
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn credit_balances(&self) -> Result<Vec<CreditBalance>, StoreError> {
+        let conn = self.conn();
+        // (added, spent, last refill) per key; summed here, not by SQL: SQLite turns an integer
+        // overflow into a REAL.
+        let mut keys: BTreeMap<String, (u64, u64, Option<EpochDay>)> = BTreeMap::new();
+        let mut ledger = conn
+            .prepare("SELECT key_id, amount, idempotency_key FROM credit_ledger")
+            .map_err(backend)?;
+        let rows = ledger
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(backend)?;
+        for row in rows {
+            let (key_id, amount, entry) = row.map_err(backend)?;
+            let k = keys.entry(key_id).or_default();
+            k.0 = k.0.saturating_add(u64::try_from(amount).unwrap_or(0));
+            k.2 = k.2.max(refilled_by(&entry));
+        }
+        let mut spend = conn
+            .prepare("SELECT key_id, spent FROM credit_spend")
+            .map_err(backend)?;
+        let rows = spend
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(backend)?;
+        for row in rows {
+            let (key_id, spent) = row.map_err(backend)?;
+            // Spending without a ledger entry is no account.
+            if let Some(k) = keys.get_mut(&key_id) {
+                k.1 = k.1.saturating_add(u64::try_from(spent).unwrap_or(0));
+            }
+        }
+        Ok(keys
+            .into_iter()
+            .map(|(key_id, (added, spent, refilled))| CreditBalance {
+                key_id,
+                balance: added.saturating_sub(spent).min(MAX_CREDITS),
+                refilled,
+            })
+            .collect())
     }
 
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
