@@ -33,6 +33,14 @@ pub trait DataPlane: Send + Sync {
         remaining: i64,
     ) -> BoxFuture<'a, Result<Option<i64>, String>>;
 
+    /// Key `key_id`'s credit balance on this instance, if it holds credits here (in cluster mode
+    /// Redis holds the exact one).
+    fn credit_balance(&self, key_id: &str) -> Option<u64>;
+
+    /// Adds `n` credits to key `key_id` on this instance; `false` when it holds none here yet (a
+    /// reload with its stored balance gives it them).
+    fn add_credits(&self, key_id: &str, n: u64) -> bool;
+
     /// The data plane's clock, nanoseconds since the epoch.
     fn now(&self) -> u64;
 

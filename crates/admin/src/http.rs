@@ -29,7 +29,7 @@ use crate::failures::ClientAddr;
 use crate::service::{Admin, NameQuery, Paging};
 use crate::sigv4::{self, SignedHead};
 use crate::wire::{
-    CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, RotateApiKeyIn,
+    CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, CreditsIn, PatchIn, RotateApiKeyIn,
 };
 
 /// What keeps the admin listener from starving the data plane.
@@ -78,6 +78,7 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
         )
         .route("/tollgate/apikeys/find", post(find_key))
         .route("/tollgate/apikeys/{id}/rotate", post(rotate_key))
+        .route("/tollgate/apikeys/{id}/credits", post(add_credits))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_operation)
@@ -268,6 +269,12 @@ async fn untag_resource(
 async fn rotate_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let input: RotateApiKeyIn = json(&body)?;
     Ok(reply(StatusCode::OK, &admin.rotate_key(&id, input).await?))
+}
+
+/// tollgate's own: adds prepaid credits to a key, once per idempotency key.
+async fn add_credits(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
+    let input: CreditsIn = json(&body)?;
+    Ok(reply(StatusCode::OK, &admin.add_credits(&id, input).await?))
 }
 
 #[derive(Default, serde::Deserialize)]

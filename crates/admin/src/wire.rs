@@ -61,6 +61,52 @@ pub struct ApiKeyOut {
     /// tollgate's own: after a rotation, until when (RFC 3339) the value before it is still accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_value_expires_at: Option<String>,
+    /// tollgate's own, on GetApiKey: the key's prepaid credits, when it holds some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsOut>,
+}
+
+/// A key's prepaid credits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditsOut {
+    /// Credits left.
+    pub balance: u64,
+    /// What the balance comes back up to, each period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RefillOut>,
+}
+
+/// A credits refill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefillOut {
+    /// The amount.
+    pub amount: u64,
+    /// `DAY`, `WEEK` or `MONTH`.
+    pub period: String,
+}
+
+/// tollgate's AddCredits body.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditsIn {
+    /// Credits to add.
+    pub add: Option<i64>,
+    /// Adds once per API key: a repeat adds nothing.
+    pub idempotency_key: Option<String>,
+}
+
+/// tollgate's AddCredits answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditsAdded {
+    /// The API key.
+    pub id: String,
+    /// Whether this call added them (`false`: the idempotency key was used before).
+    pub added: bool,
+    /// The key's credits now.
+    pub credits: CreditsOut,
 }
 
 /// tollgate's RotateApiKey body.

@@ -167,6 +167,13 @@ impl Credits {
         }
     }
 
+    /// Sets the balance (to what the shared store answered, so this instance can carry on from it
+    /// when it must decide alone).
+    pub fn set(&self, balance: u64) {
+        self.balance
+            .store(balance.min(MAX_CREDITS), Ordering::Release);
+    }
+
     /// Adds `n` credits (a top-up), up to [`MAX_CREDITS`].
     pub fn add(&self, n: u64) {
         let _ = self

@@ -269,6 +269,8 @@ pub struct ApiKey {
     pub value_length: u32,
     /// The value before the last rotation, still accepted until its grace period ends.
     pub previous: Option<PreviousValue>,
+    /// The key holds credits (it was given some, or has a refill): its requests spend them.
+    pub credits: bool,
 }
 
 /// A rotated key's old value: its hash, and the instant (epoch nanoseconds) it stops working.

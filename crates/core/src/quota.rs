@@ -224,6 +224,18 @@ impl Quota {
         }
     }
 
+    /// Gives back `cost` that [`Quota::try_consume`] spent at `now` for a request refused further
+    /// on (its credits), unless the period has turned since.
+    pub fn give_back(&self, count: &QuotaCount, cost: u32, now: u64) {
+        let window = self.window(EpochDay::from_nanos(now));
+        let _ = count
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                ((current >> 32) as u32 == window.start.0)
+                    .then(|| pack_count(window.start, used_in(current, window) - i64::from(cost)))
+            });
+    }
+
     /// Requests `count` holds in the period containing `now` (negative after a grant above the
     /// limit).
     pub fn used(&self, count: &QuotaCount, now: u64) -> i64 {

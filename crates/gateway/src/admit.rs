@@ -226,8 +226,8 @@ pub(crate) async fn admit<'s>(
         if let ThrottleDecision::Refused { retry_after } = bucket.check(now) {
             shared[..i].iter().flatten().for_each(|b| b.refund());
             let limits = LimitInfo {
-                throttle: None,
                 quota: membership.as_ref().and_then(|m| quota_left(m, now)),
+                ..LimitInfo::default()
             };
             return Err(refused(Refusal::throttled(retry_after, limits)));
         }

@@ -13,12 +13,15 @@ use std::ops::Range;
 use tollgate_core::{IpNetworks, KeyHash};
 use tollgate_store::KeyTerms;
 
+use crate::slots::KeyAccount;
+
 /// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
 #[derive(Debug, Clone, Copy)]
 struct KeyRec {
     hash: KeyHash,
     id_start: u32,
-    /// Index of its first membership, with [`DISABLED`], [`EXPIRES`] and [`SOURCES`] as flags.
+    /// Index of its first membership, with [`DISABLED`], [`EXPIRES`], [`SOURCES`] and [`CREDITS`]
+    /// as flags.
     members: u32,
 }
 
@@ -28,7 +31,9 @@ const EXPIRES: u32 = 1 << 30;
 /// Set when the key has a source-IP allowlist (in [`KeyTable::sources`]): keys without one pay no
 /// lookup.
 const SOURCES: u32 = 1 << 29;
-const FLAGS: u32 = DISABLED | EXPIRES | SOURCES;
+/// Set when the key holds credits (in [`KeyTable::credits`]): keys without pay no lookup.
+const CREDITS: u32 = 1 << 28;
+const FLAGS: u32 = DISABLED | EXPIRES | SOURCES | CREDITS;
 /// A name more than one key has: it names none of them.
 const AMBIGUOUS: u32 = u32::MAX;
 
@@ -56,6 +61,8 @@ pub(crate) struct KeyTable {
     expiries: HashMap<u32, u64>,
     /// Record index → the networks the key may be used from, for the few keys that have a list.
     sources: HashMap<u32, IpNetworks>,
+    /// Record index → the key's credits, for the keys that hold some.
+    credits: HashMap<u32, KeyAccount>,
     /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
     previous: HashMap<KeyHash, (u32, u64)>,
     /// Key name → record index, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a
@@ -99,6 +106,14 @@ impl KeyTable {
             members,
         });
         self.ids.push_str(id);
+    }
+
+    /// Gives the last key pushed its credits.
+    pub(crate) fn set_credits(&mut self, account: KeyAccount) {
+        if let Some(rec) = self.recs.last_mut() {
+            rec.members |= CREDITS;
+            self.credits.insert(self.recs.len() as u32 - 1, account);
+        }
     }
 
     /// Appends a membership of the last key pushed.
@@ -217,6 +232,19 @@ impl KeyTable {
         self.sources.get(&(i as u32))
     }
 
+    /// Record `i`'s credits, if it holds some.
+    pub(crate) fn credits(&self, i: usize) -> Option<&KeyAccount> {
+        if self.recs[i].members & CREDITS == 0 {
+            return None;
+        }
+        self.credits.get(&(i as u32))
+    }
+
+    /// Every key's credits, with the record index.
+    pub(crate) fn accounts(&self) -> impl Iterator<Item = (usize, &KeyAccount)> {
+        self.credits.iter().map(|(&i, a)| (i as usize, a))
+    }
+
     /// Record `i`'s memberships, in the order they were bound.
     pub(crate) fn members_of(&self, i: usize) -> &[Member] {
         &self.members[self.member_range(i)]
@@ -283,6 +311,8 @@ mod tests {
                 previous: None,
                 sources: None,
                 customer_id: None,
+                refill: None,
+                credits: false,
             };
             t.push_key(*hash, id, terms);
             for plan in 0..i % 3 {

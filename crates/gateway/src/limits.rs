@@ -4,8 +4,9 @@
 //! them.
 
 use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::credits::Refill;
 use tollgate_core::gcra::Gcra;
-use tollgate_core::quota::QuotaWindow;
+use tollgate_core::quota::{EpochDay, QuotaWindow};
 
 /// The limits a response can advertise (IETF RateLimit headers) or a refusal explains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -14,6 +15,34 @@ pub struct LimitInfo {
     pub throttle: Option<BucketInfo>,
     /// The key's quota: limit, left, seconds until the period resets, period length in seconds.
     pub quota: Option<QuotaInfo>,
+    /// The key's credits: the balance, and its refill.
+    pub credits: Option<CreditInfo>,
+}
+
+/// A key's credits for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditInfo {
+    /// Credits left.
+    pub remaining: u64,
+    /// With a refill: what the balance comes back up to, when (seconds until the period ends) and
+    /// the period's length in seconds.
+    pub refill: Option<QuotaInfo>,
+}
+
+impl CreditInfo {
+    /// `remaining` credits at `now`, with `refill`.
+    pub fn new(remaining: u64, refill: Option<&Refill>, now: u64) -> Self {
+        let refill = refill.map(|r| {
+            let window = r.window(EpochDay::from_nanos(now));
+            QuotaInfo {
+                limit: r.amount,
+                remaining,
+                reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
+                window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
+            }
+        });
+        Self { remaining, refill }
+    }
 }
 
 /// A throttle's state for headers.
@@ -93,6 +122,14 @@ pub enum Refusal {
         /// The key's limits, for headers.
         limits: LimitInfo,
     },
+    /// The key's credits are fewer than the request's cost: 429 `Limit Exceeded`, as AWS says of
+    /// a spent allowance.
+    CreditsExhausted {
+        /// With a refill, whole seconds until the next one (at least 1).
+        retry_after_secs: Option<u64>,
+        /// The key's limits, for headers.
+        limits: LimitInfo,
+    },
 }
 
 /// Why a key was not accepted (the client sees the same 403 for each; metrics tell them apart).
@@ -115,6 +152,15 @@ impl Refusal {
     pub fn throttled(wait: u64, limits: LimitInfo) -> Self {
         Self::TooManyRequests {
             retry_after_secs: ceil_secs(wait).max(1),
+            limits,
+        }
+    }
+
+    /// The credits in `limits` are fewer than the cost (until a refill, if any).
+    pub fn credits_exhausted(limits: LimitInfo) -> Self {
+        let refill = limits.credits.and_then(|c| c.refill);
+        Self::CreditsExhausted {
+            retry_after_secs: refill.map(|r| r.reset_secs.max(1)),
             limits,
         }
     }

@@ -4,10 +4,11 @@
 
 use std::future::Future;
 
+use tollgate_core::credits::CreditDecision;
 use tollgate_core::gcra::ThrottleDecision;
 use tollgate_core::quota::{EpochDay, QuotaDecision};
 
-use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::limits::{BucketInfo, CreditInfo, LimitInfo, QuotaInfo, Refusal};
 use crate::meter::Counted;
 use crate::route::RouteMatch;
 use crate::snapshot::{KeyBucket, Membership, Snapshot};
@@ -77,6 +78,27 @@ impl Local<'_> {
                     return Err(Refusal::quota_spent(limits));
                 }
             }
+        }
+        // Credits, after the quota: a request they refuse gives its quota back.
+        if let Some(account) = membership.credits() {
+            if let Some(refill) = &account.refill {
+                account.live.refill(refill, now);
+            }
+            let (left, spent) = match account.live.credits.try_spend(cost) {
+                CreditDecision::Spent { left } => (left, true),
+                CreditDecision::Exhausted { left } => (left, false),
+            };
+            limits.credits = Some(CreditInfo::new(left, account.refill.as_ref(), now));
+            if !spent {
+                if let Some(quota) = membership.quota() {
+                    quota.give_back(membership.quota_count(), cost, now);
+                    if let Some(q) = &mut limits.quota {
+                        q.remaining += u64::from(cost);
+                    }
+                }
+                return Err(Refusal::credits_exhausted(limits));
+            }
+            account.live.spent(cost, now);
         }
         self.0.count(membership, Counted::Admitted, cost, now);
         Ok(limits)

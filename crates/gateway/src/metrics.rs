@@ -47,6 +47,8 @@ pub enum Decision {
     Throttled,
     /// The quota is spent.
     QuotaExceeded,
+    /// The key's credits are fewer than the request's cost.
+    CreditsExhausted,
     /// Redis could not decide and `onStoreFailure: deny`.
     StoreUnavailable,
 }
@@ -77,6 +79,7 @@ impl Decision {
             Self::Unauthorized => "unauthorized",
             Self::Throttled => "throttled",
             Self::QuotaExceeded => "quota_exceeded",
+            Self::CreditsExhausted => "credits_exhausted",
             Self::StoreUnavailable => "store_unavailable",
         }
     }
@@ -94,6 +97,7 @@ impl From<&Refusal> for Decision {
             Refusal::Unauthorized => Self::Unauthorized,
             Refusal::TooManyRequests { .. } => Self::Throttled,
             Refusal::LimitExceeded { .. } => Self::QuotaExceeded,
+            Refusal::CreditsExhausted { .. } => Self::CreditsExhausted,
             Refusal::ServiceUnavailable => Self::StoreUnavailable,
         }
     }

@@ -100,21 +100,33 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Bytes> {
         Refusal::LimitExceeded {
             retry_after_secs,
             limits,
-        } => {
-            let mut resp = aws_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "LimitExceededException",
-                r#"{"message":"Limit Exceeded"}"#,
-            );
-            finish_429(
-                resp.headers_mut(),
-                retry_after_secs,
-                &limits,
-                rate_limit_headers,
-            );
-            resp
-        }
+        } => limit_exceeded(Some(retry_after_secs), &limits, rate_limit_headers),
+        Refusal::CreditsExhausted {
+            retry_after_secs,
+            limits,
+        } => limit_exceeded(retry_after_secs, &limits, rate_limit_headers),
     }
+}
+
+/// AWS's 429 for a spent allowance (a quota, or credits).
+fn limit_exceeded(
+    retry_after_secs: Option<u64>,
+    limits: &LimitInfo,
+    rate_limit_headers: bool,
+) -> Response<Bytes> {
+    let mut resp = aws_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "LimitExceededException",
+        r#"{"message":"Limit Exceeded"}"#,
+    );
+    let headers = resp.headers_mut();
+    if let Some(secs) = retry_after_secs {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if rate_limit_headers {
+        add_rate_limit_headers(headers, limits);
+    }
+    resp
 }
 
 fn finish_429(
@@ -168,7 +180,9 @@ pub fn refusal_error(refusal: &Refusal) -> (&'static str, &'static str) {
         Refusal::Forbidden(_) => ("Forbidden", "INVALID_API_KEY"),
         Refusal::Unauthorized => ("Unauthorized", "UNAUTHORIZED"),
         Refusal::TooManyRequests { .. } => ("Too Many Requests", "THROTTLED"),
-        Refusal::LimitExceeded { .. } => ("Limit Exceeded", "QUOTA_EXCEEDED"),
+        Refusal::LimitExceeded { .. } | Refusal::CreditsExhausted { .. } => {
+            ("Limit Exceeded", "QUOTA_EXCEEDED")
+        }
         Refusal::ServiceUnavailable => ("Service Unavailable", "DEFAULT_5XX"),
     }
 }
@@ -254,20 +268,48 @@ pub fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &LimitInfo) {
         let _ = write!(policy, "{sep}\"quota\";q={};w={}", q.limit, q.window_secs);
         let _ = write!(state, "{sep}\"quota\";r={};t={}", q.remaining, q.reset_secs);
     }
-    if policy.is_empty() {
+    // Credits: with a refill, a policy of its amount per period and the time until it; without,
+    // only what is left (a balance has no window).
+    if let Some(c) = &limits.credits {
+        let sep = if state.is_empty() { "" } else { ", " };
+        match &c.refill {
+            Some(r) => {
+                let psep = if policy.is_empty() { "" } else { ", " };
+                let _ = write!(
+                    policy,
+                    "{psep}\"credits\";q={};w={}",
+                    r.limit, r.window_secs
+                );
+                let _ = write!(
+                    state,
+                    "{sep}\"credits\";r={};t={}",
+                    c.remaining, r.reset_secs
+                );
+            }
+            None => {
+                let _ = write!(state, "{sep}\"credits\";r={}", c.remaining);
+            }
+        }
+    }
+    if state.is_empty() {
         return;
     }
     // Built only from digits and fixed ASCII, so always a valid header value.
-    if let (Ok(p), Ok(s)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
-        headers.insert(RATELIMIT_POLICY.clone(), p);
+    if let Ok(s) = HeaderValue::try_from(state) {
         headers.insert(RATELIMIT.clone(), s);
+    }
+    if policy.is_empty() {
+        return;
+    }
+    if let Ok(p) = HeaderValue::try_from(policy) {
+        headers.insert(RATELIMIT_POLICY.clone(), p);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::{BucketInfo, QuotaInfo};
+    use crate::limits::{BucketInfo, CreditInfo, QuotaInfo};
 
     #[test]
     fn rate_limit_header_syntax() {
@@ -285,6 +327,7 @@ mod tests {
                 reset_secs: 3600,
                 window_secs: 2_592_000,
             }),
+            credits: None,
         };
         add_rate_limit_headers(&mut h, &limits);
         assert_eq!(
@@ -292,6 +335,30 @@ mod tests {
             r#""burst";q=50;w=1, "quota";q=1000;w=2592000"#
         );
         assert_eq!(h["ratelimit"], r#""burst";r=49;t=1, "quota";r=998;t=3600"#);
+
+        // Credits: with a refill, its amount per period and the time until it.
+        let mut h = HeaderMap::new();
+        let refill = QuotaInfo {
+            limit: 500,
+            remaining: 42,
+            reset_secs: 7200,
+            window_secs: 86_400,
+        };
+        let credits = |refill| LimitInfo {
+            credits: Some(CreditInfo {
+                remaining: 42,
+                refill,
+            }),
+            ..LimitInfo::default()
+        };
+        add_rate_limit_headers(&mut h, &credits(Some(refill)));
+        assert_eq!(h["ratelimit-policy"], r#""credits";q=500;w=86400"#);
+        assert_eq!(h["ratelimit"], r#""credits";r=42;t=7200"#);
+        // Without: only the balance.
+        let mut h = HeaderMap::new();
+        add_rate_limit_headers(&mut h, &credits(None));
+        assert_eq!(h["ratelimit"], r#""credits";r=42"#);
+        assert!(h.get("ratelimit-policy").is_none());
 
         let mut h = HeaderMap::new();
         add_rate_limit_headers(&mut h, &LimitInfo::default());

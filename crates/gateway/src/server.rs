@@ -16,7 +16,7 @@ use tollgate_core::quota::EpochDay;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::limiter::{LimiterError, RedisLimiter};
 use tollgate_store::report::{PeriodUsed, period_used};
-use tollgate_store::{CustomerDelta, Holder, KeyIndex, Store, StoreError, UsageDelta};
+use tollgate_store::{CreditSpend, CustomerDelta, Holder, KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::{GatewayConfig, Http2Settings};
@@ -27,7 +27,7 @@ use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
 use crate::snapshot::{Snapshot, SnapshotError, Taken};
-use crate::state::Shared;
+use crate::state::{Shared, Unflushed};
 use crate::tls::TlsInfo;
 
 /// How long a client may take to send a request head by default, idle keep-alive time included
@@ -270,7 +270,12 @@ impl Gateway {
         limiter: Option<RedisLimiter>,
     ) -> Result<Self, GatewayError> {
         let today = EpochDay::from_nanos(clock.now());
-        let used = period_used(&*store, records, |_| true, today)?;
+        let mut used = period_used(&*store, records, |_| true, today)?;
+        used.credits = store
+            .credit_balances()?
+            .into_iter()
+            .map(|b| (b.key_id.clone(), b))
+            .collect();
         let kept_fields = config.kept_fields;
         let metrics = Metrics::new(&config, limiter.is_some());
         let access_log = match &config.access_log {
@@ -521,7 +526,12 @@ async fn flush_loop(
 async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     // One flush at a time: the lock also orders a retried batch before newer counts.
     let mut pending = shared.unflushed.lock().await;
-    let (keys, customers) = &mut *pending;
+    let Unflushed {
+        keys,
+        customers,
+        spent,
+        refills,
+    } = &mut *pending;
     Snapshot::take_metered(&shared.snapshot, |plan_id, holder, taken| {
         let key_id = match holder {
             Holder::Key(key_id) => key_id,
@@ -559,30 +569,36 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
         }
         keys.push(delta);
     });
-    if keys.is_empty() && customers.is_empty() {
+    shared.snapshot.load().take_credits(|key_id, events| {
+        for (day, n) in events.spent {
+            spent.push(CreditSpend {
+                key_id: key_id.to_owned(),
+                day,
+                spent: n,
+            });
+        }
+        for (day, added) in events.refills {
+            refills.push((key_id.to_owned(), day, added));
+        }
+    });
+    if pending.len() == 0 {
         shared.metrics.flushed(0, shared.clock.now());
         return Ok(());
     }
-    let batch = (std::mem::take(keys), std::mem::take(customers));
+    let mut batch = std::mem::take(&mut *pending);
     let store = shared.store.clone();
     let started = std::time::Instant::now();
+    let secs = i64::try_from(shared.clock.now() / NANOS_PER_SEC).unwrap_or(i64::MAX);
     let (batch, result) = tokio::task::spawn_blocking(move || {
-        let (mut keys, customers) = batch;
-        // Written in turn; what was written is not kept for the retry.
-        let r = store.add_usage(&keys).and_then(|()| {
-            keys.clear();
-            store.add_customer_usage(&customers)
-        });
-        ((keys, customers), r)
+        let r = batch.write(&*store, secs);
+        (batch, r)
     })
     .await
     .map_err(|e| GatewayError::Task(e.to_string()))?;
     let took = started.elapsed().as_secs_f64();
     let now = shared.clock.now();
     if let Err(err) = result {
-        shared
-            .metrics
-            .usage_written(took, false, batch.0.len() + batch.1.len(), now);
+        shared.metrics.usage_written(took, false, batch.len(), now);
         *pending = batch;
         return Err(err.into());
     }

@@ -8,7 +8,7 @@ use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_store::OnStoreFailure;
 use tollgate_store::limiter::{KeyCall, RedisLimiter, Verdict};
 
-use crate::limits::{BucketInfo, LimitInfo, QuotaInfo, Refusal};
+use crate::limits::{BucketInfo, CreditInfo, LimitInfo, QuotaInfo, Refusal};
 use crate::local_limits::{KeyLimits, Local};
 use crate::meter::Counted;
 use crate::metrics::Metrics;
@@ -57,6 +57,7 @@ impl SharedLimits<'_> {
             _ => String::new(),
         };
         let quota = membership.quota().map(|q| q.settings());
+        let account = membership.credits();
         let call = KeyCall {
             holder: membership.holder(),
             plan_id: membership.plan_id(),
@@ -64,6 +65,7 @@ impl SharedLimits<'_> {
             throttle: gcra,
             quota,
             cost: route.cost,
+            credits: account.map(|a| (membership.key_id, a.refill.as_ref())),
         };
         let started = std::time::Instant::now();
         let decided = self.limiter.decide(&call, now).await;
@@ -90,11 +92,19 @@ impl SharedLimits<'_> {
                 .zip(quota)
                 .map(|(w, q)| QuotaInfo::new(q.limit, w, left, now))
         };
+        let credit_info = |left| {
+            account.map(|a| {
+                // This instance's balance follows, for when it must decide alone.
+                a.live.credits.set(left);
+                CreditInfo::new(left, a.refill.as_ref(), now)
+            })
+        };
         match decided.verdict {
             Verdict::Admitted {
                 tokens,
                 quota_left,
                 until_full_us,
+                credits_left,
             } => {
                 if membership.customer().is_some() {
                     // The script counted the customer's usage; the key's own is metered here.
@@ -104,13 +114,14 @@ impl SharedLimits<'_> {
                 Ok(LimitInfo {
                     throttle: bucket(tokens, until_full_us),
                     quota: quota_info(quota_left),
+                    credits: credits_left.and_then(credit_info),
                 })
             }
             Verdict::Throttled { wait_us } => Err(Refusal::throttled(
                 micros(wait_us),
                 LimitInfo {
                     throttle: bucket(0, wait_us),
-                    quota: None,
+                    ..LimitInfo::default()
                 },
             )),
             Verdict::QuotaSpent {
@@ -119,6 +130,17 @@ impl SharedLimits<'_> {
             } => Err(Refusal::quota_spent(LimitInfo {
                 throttle: bucket(tokens, until_full_us),
                 quota: quota_info(0),
+                credits: None,
+            })),
+            Verdict::CreditsExhausted {
+                tokens,
+                until_full_us,
+                quota_left,
+                credits_left,
+            } => Err(Refusal::credits_exhausted(LimitInfo {
+                throttle: bucket(tokens, until_full_us),
+                quota: quota_info(quota_left),
+                credits: credit_info(credits_left),
             })),
         }
     }

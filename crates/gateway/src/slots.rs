@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tollgate_core::ThrottleSettings;
+use tollgate_core::credits::{Credits, Refill};
 use tollgate_core::gcra::{Gcra, GcraState, ThrottleDecision};
 use tollgate_core::quota::{EpochDay, QuotaCount};
 
@@ -49,6 +50,68 @@ impl Bucket {
     pub(crate) fn refund(&self) {
         self.gcra.refund(&self.state);
     }
+}
+
+/// A key's credits on this instance, shared by successive snapshots (a change of records keeps the
+/// balance): the balance and its last refill, and what was spent and refilled since the flusher
+/// last took them.
+#[derive(Debug, Default)]
+pub(crate) struct KeyCredits {
+    pub(crate) credits: Credits,
+    pub(crate) spent: DailyMeter,
+    /// Rare events the flusher writes: spending displaced by a new day, and refills (the period's
+    /// first day, what was added).
+    pending: Mutex<CreditEvents>,
+}
+
+/// What a key's credits owe the ledger, besides today's spending.
+#[derive(Debug, Default)]
+pub(crate) struct CreditEvents {
+    pub(crate) spent: Vec<(EpochDay, u64)>,
+    pub(crate) refills: Vec<(EpochDay, u64)>,
+}
+
+impl KeyCredits {
+    /// Credits holding `balance`, last refilled in the period starting on `refilled`.
+    pub(crate) fn new(balance: u64, refilled: Option<EpochDay>) -> Self {
+        Self {
+            credits: Credits::new(balance, refilled),
+            ..Self::default()
+        }
+    }
+
+    /// Records `cost` spent at `now`.
+    pub(crate) fn spent(&self, cost: u32, now: u64) {
+        if cost == 0 {
+            return;
+        }
+        let recorded = self.spent.record(EpochDay::from_nanos(now), cost);
+        if let Some(displaced) = recorded.displaced {
+            lock(&self.pending).spent.push(displaced);
+        }
+    }
+
+    /// Brings the balance up to `refill`'s amount when this period's refill is due, and notes it
+    /// for the ledger.
+    pub(crate) fn refill(&self, refill: &Refill, now: u64) {
+        if let Some(done) = self.credits.refill(refill, now) {
+            lock(&self.pending).refills.push(done);
+        }
+    }
+
+    /// Takes what the ledger has not been told yet.
+    pub(crate) fn take(&self) -> CreditEvents {
+        let mut events = std::mem::take(&mut *lock(&self.pending));
+        events.spent.extend(self.spent.take());
+        events
+    }
+}
+
+/// A key's credits as a snapshot serves them: the live state, and the key's refill.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyAccount {
+    pub(crate) live: Arc<KeyCredits>,
+    pub(crate) refill: Option<Refill>,
 }
 
 /// The live state of one membership: what its requests change.

@@ -28,7 +28,10 @@ use crate::limits::KeyRejected;
 use crate::meter::Counted;
 use crate::plans::{PlanRules, RouteAt};
 use crate::route::{RouteError, RouteMatch, Router};
-use crate::slots::{Bucket, Chunk, Epoch, Live, Retired, SlotBook, Slots, live_at, lock};
+use crate::slots::{
+    Bucket, Chunk, CreditEvents, Epoch, KeyAccount, KeyCredits, Live, Retired, SlotBook, Slots,
+    live_at, lock,
+};
 
 /// One API key's membership in one usage plan, as a request uses it.
 #[derive(Clone, Copy)]
@@ -40,6 +43,8 @@ pub struct Membership<'s> {
     live: &'s Live,
     /// The customer whose limits the key draws on, when the plan shares them by customer.
     customer: Option<Shared<'s>>,
+    /// The key's credits, if it holds some.
+    credits: Option<&'s KeyAccount>,
     method_buckets: &'s HashMap<(u32, RouteAt), Bucket>,
 }
 
@@ -124,6 +129,11 @@ impl<'s> Membership<'s> {
     /// The quota count the membership spends on this instance: its customer's, or its own.
     pub(crate) fn quota_count(&self) -> &'s QuotaCount {
         &self.limits_slot().1.quota
+    }
+
+    /// The key's credits, if it holds some.
+    pub(crate) fn credits(&self) -> Option<&'s KeyAccount> {
+        self.credits
     }
 
     /// The customer whose limits the key shares, if the plan shares them and the key has one.
@@ -324,7 +334,22 @@ impl Snapshot {
                 same.then_some((p, old_at))
                     .or_else(|| old.by_id(key_id).map(|k| (p, k)))
             });
-            keys.push_key(hash, key_id, records.terms(i));
+            let terms = records.terms(i);
+            let (refill, holds_credits) = (terms.refill, terms.credits || terms.refill.is_some());
+            keys.push_key(hash, key_id, terms);
+            if holds_credits {
+                // The live balance carries on; a key new to credits here starts from the store's.
+                let live = old_key
+                    .and_then(|(p, k)| p.keys.credits(k))
+                    .map(|a| a.live.clone())
+                    .unwrap_or_else(|| {
+                        let stored = period_used.credits.get(key_id);
+                        Arc::new(stored.map_or_else(KeyCredits::default, |b| {
+                            KeyCredits::new(b.balance, b.refilled)
+                        }))
+                    });
+                keys.set_credits(KeyAccount { live, refill });
+            }
             members_here.clear();
             while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
                 next_bound += 1;
@@ -593,6 +618,7 @@ impl Snapshot {
             slot: member.slot,
             live: live_at(&self.chunks, member.slot),
             customer,
+            credits: self.keys.credits(key),
             method_buckets: &self.method_buckets,
         }
     }
@@ -698,6 +724,32 @@ impl Snapshot {
                 None => tracing::error!(slot, ?taken, "metered slot has no owner; counts dropped"),
             }
         }
+    }
+
+    /// Takes what every key's credits owe the ledger: per key id, the spending and the refills since
+    /// the last take.
+    pub(crate) fn take_credits(&self, mut each: impl FnMut(&str, CreditEvents)) {
+        for (key, account) in self.keys.accounts() {
+            let events = account.live.take();
+            if !events.spent.is_empty() || !events.refills.is_empty() {
+                each(self.keys.id(key), events);
+            }
+        }
+    }
+
+    /// The balance of key `key_id`'s credits on this instance, if it holds some.
+    pub fn credit_balance(&self, key_id: &str) -> Option<u64> {
+        let key = self.keys.by_id(key_id)?;
+        self.keys.credits(key).map(|a| a.live.credits.balance())
+    }
+
+    /// Adds `n` credits to key `key_id` on this instance; `false` when it holds none here yet.
+    pub fn add_credits(&self, key_id: &str, n: u64) -> bool {
+        let Some(account) = self.keys.by_id(key_id).and_then(|k| self.keys.credits(k)) else {
+            return false;
+        };
+        account.live.credits.add(n);
+        true
     }
 
     /// Finds the route for a request.

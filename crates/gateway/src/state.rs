@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tollgate_core::Clock;
+use tollgate_core::credits::refill_entry;
+use tollgate_core::quota::EpochDay;
 use tollgate_store::limiter::RedisLimiter;
-use tollgate_store::{CustomerDelta, Store, UsageDelta};
+use tollgate_store::{CreditSpend, CustomerDelta, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
 use crate::config::Http2Settings;
@@ -46,7 +48,7 @@ pub(crate) struct Shared {
     pub(crate) access_log: Option<Sink>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
     /// blocking write, never on the request path.
-    pub(crate) unflushed: tokio::sync::Mutex<(Vec<UsageDelta>, Vec<CustomerDelta>)>,
+    pub(crate) unflushed: tokio::sync::Mutex<Unflushed>,
 }
 
 impl Shared {
@@ -55,5 +57,49 @@ impl Shared {
     /// drain that began while the upstream worked still gets its `Connection: close`).
     pub(crate) fn keeps_alive(&self, head: &ResponseHead) -> bool {
         head.body != BodyLength::UntilClose && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Metering taken from the snapshots and not yet in the store, in the order it is written.
+#[derive(Debug, Default)]
+pub(crate) struct Unflushed {
+    pub(crate) keys: Vec<UsageDelta>,
+    pub(crate) customers: Vec<CustomerDelta>,
+    pub(crate) spent: Vec<CreditSpend>,
+    /// (key id, the refill period's first day, what it added): ledger entries, written once each.
+    pub(crate) refills: Vec<(String, EpochDay, u64)>,
+}
+
+impl Unflushed {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.customers.is_empty()
+            && self.spent.is_empty()
+            && self.refills.is_empty()
+    }
+
+    /// How many records are waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len() + self.customers.len() + self.spent.len() + self.refills.len()
+    }
+
+    /// Writes everything to `store` in turn, `now` (epoch seconds) the refills' time; what was
+    /// written is let go at once, so a failure part-way leaves only the rest for the retry (the
+    /// writes that add to counts must not be repeated).
+    pub(crate) fn write(&mut self, store: &dyn Store, now: i64) -> Result<(), StoreError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        store.add_usage(&self.keys)?;
+        self.keys.clear();
+        store.add_customer_usage(&self.customers)?;
+        self.customers.clear();
+        store.spend_credits(&self.spent)?;
+        self.spent.clear();
+        while let Some((key_id, day, added)) = self.refills.last() {
+            store.add_credits(key_id, &refill_entry(*day), *added, now)?;
+            self.refills.pop();
+        }
+        Ok(())
     }
 }

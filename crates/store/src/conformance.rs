@@ -416,6 +416,7 @@ pub fn declared_state_is_applied_by_name(store: &dyn Store) {
         enabled: true,
         plans: plans.iter().map(|p| p.to_string()).collect(),
         tags: Default::default(),
+        opening_credits: None,
     };
     let plans = [declared_plan("decl-a", 5), declared_plan("decl-b", 6)];
     let keys = [

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use tollgate_core::IpNetworks;
+use tollgate_core::credits::Refill;
 use tollgate_core::model::PreviousValue;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 
@@ -24,6 +25,10 @@ pub struct KeyTerms {
     pub sources: Option<IpNetworks>,
     /// AWS `customerId`: whose limits the key draws on in a plan that shares them by customer.
     pub customer_id: Option<Box<str>>,
+    /// Its credits' refill.
+    pub refill: Option<Refill>,
+    /// It holds credits.
+    pub credits: bool,
 }
 
 impl KeyTerms {
@@ -35,6 +40,8 @@ impl KeyTerms {
             previous: key.previous,
             sources: key.source_ips(),
             customer_id: key.customer_id.as_deref().map(Box::from),
+            refill: key.refill(),
+            credits: key.credits,
         }
     }
 }
@@ -57,6 +64,10 @@ pub struct KeyIndex {
     previous: Vec<(u32, PreviousValue)>,
     /// (key index, allowlist) of the few keys with one, in key order.
     sources: Vec<(u32, IpNetworks)>,
+    /// (key index, refill) of the few keys with one, in key order.
+    refills: Vec<(u32, Refill)>,
+    /// The keys that hold credits, in key order.
+    with_credits: Vec<u32>,
     /// (key index, end in `customer_ids`) of the keys with a `customerId`, in key order.
     customers: Vec<(u32, u32)>,
     customer_ids: String,
@@ -93,6 +104,12 @@ impl KeyIndex {
         }
         if let Some(sources) = terms.sources {
             self.sources.push((self.hashes.len() as u32, sources));
+        }
+        if let Some(refill) = terms.refill {
+            self.refills.push((self.hashes.len() as u32, refill));
+        }
+        if terms.credits {
+            self.with_credits.push(self.hashes.len() as u32);
         }
         if let Some(customer) = terms.customer_id {
             self.customer_ids.push_str(&customer);
@@ -162,6 +179,12 @@ impl KeyIndex {
             previous,
             sources,
             customer_id: self.customer(i).map(Box::from),
+            refill: self
+                .refills
+                .binary_search_by_key(&i32, |&(k, _)| k)
+                .ok()
+                .map(|at| self.refills[at].1),
+            credits: self.with_credits.binary_search(&i32).is_ok(),
         }
     }
 
@@ -391,6 +414,8 @@ mod tests {
                 previous: None,
                 sources: None,
                 customer_id: (id == "a").then(|| "acme".into()),
+                refill: None,
+                credits: false,
             };
             index.push_key(
                 id,

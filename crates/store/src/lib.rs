@@ -18,7 +18,7 @@ pub mod testing;
 pub use index::{KeyIndex, KeyTerms};
 pub use redis::{RedisSettings, RedisStore};
 pub use sqlite::SqliteStore;
-pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, SealFn, apply_declared};
+pub use sync::{DeclaredKey, DeclaredPlan, GeneratedKey, OPENING_CREDITS, SealFn, apply_declared};
 
 use std::collections::{HashMap, HashSet};
 
@@ -373,6 +373,14 @@ pub trait Store: Send + Sync {
     fn spend_credits(&self, spent: &[CreditSpend]) -> Result<(), StoreError>;
     /// Every key with credits (a ledger entry), with its balance.
     fn credit_balances(&self) -> Result<Vec<CreditBalance>, StoreError>;
+    /// Key `key_id`'s credits, if it has a ledger entry. This default reads every key's; backends
+    /// that can read one key's do.
+    fn credit_balance(&self, key_id: &str) -> Result<Option<CreditBalance>, StoreError> {
+        Ok(self
+            .credit_balances()?
+            .into_iter()
+            .find(|b| b.key_id == key_id))
+    }
     /// Adds customers' shared counts, all in one transaction.
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, customer) on `day`: UpdateUsage on a key of a

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tollgate_core::gcra::Gcra;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 
+use tollgate_core::credits::Refill;
 use tollgate_core::{Clock, QuotaSettings};
 
 use crate::redis::keys;
@@ -30,8 +31,11 @@ const SET_REMAINING: &str = include_str!("lua/set_remaining.lua");
 /// The most requests one script call decides.
 const MAX_BATCH: usize = 256;
 
-/// Arguments the script takes per request (after the clock, its first).
-const ARGS_PER_CALL: usize = 8;
+/// Arguments the script takes per request (after the clock, its first); a request with credits
+/// takes [`CREDIT_ARGS`] more.
+const ARGS_PER_CALL: usize = 7;
+/// The refill's amount, period start and end.
+const CREDIT_ARGS: usize = 3;
 
 /// One request's own limits, as the script is asked about them.
 #[derive(Debug, Clone, Copy)]
@@ -47,14 +51,16 @@ pub struct KeyCall<'a> {
     pub throttle: Option<&'a Gcra>,
     /// The plan's quota, if any.
     pub quota: Option<&'a QuotaSettings>,
-    /// What the request spends of the quota and the day's usage (its route's `cost`).
+    /// What the request spends of the quota, the credits and the day's usage (its route's `cost`).
     pub cost: u32,
+    /// The API key's credits, when it holds some: its id (their hash tag) and refill.
+    pub credits: Option<(&'a str, Option<&'a Refill>)>,
 }
 
 /// The script's verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Admitted, and counted in the quota and the day's usage.
+    /// Admitted, and counted in the quota, the credits and the day's usage.
     Admitted {
         /// Tokens left in the bucket (0 without a throttle).
         tokens: u64,
@@ -62,6 +68,8 @@ pub enum Verdict {
         quota_left: u64,
         /// Microseconds until the bucket is full again.
         until_full_us: u64,
+        /// Credits left, when the key holds some.
+        credits_left: Option<u64>,
     },
     /// The bucket is empty: nothing taken or counted.
     Throttled {
@@ -76,6 +84,18 @@ pub enum Verdict {
         /// Microseconds until the bucket is full again.
         until_full_us: u64,
     },
+    /// The key's credits are fewer than the cost: nothing spent of them or of the quota (the
+    /// bucket's token stays taken, as for a spent quota).
+    CreditsExhausted {
+        /// Tokens left in the bucket (0 without a throttle).
+        tokens: u64,
+        /// Microseconds until the bucket is full again.
+        until_full_us: u64,
+        /// Requests left in the quota period (0 without a quota).
+        quota_left: u64,
+        /// The balance.
+        credits_left: u64,
+    },
 }
 
 /// A verdict and the quota window it was reached in (Redis's day decides which, around midnight).
@@ -87,8 +107,8 @@ pub struct Decided {
     pub window: Option<QuotaWindow>,
 }
 
-/// The script's raw answer for one request: status, then three status-dependent values.
-type Raw = (i64, i64, i64, i64);
+/// The script's raw answer for one request: status, three status-dependent values, the credits.
+type Raw = (i64, i64, i64, i64, i64);
 
 /// What the script answered about one request, before the day was checked.
 enum Answer {
@@ -99,13 +119,14 @@ enum Answer {
 
 impl Answer {
     /// The one place that knows the script's status numbers (`lua/limit.lua` lists them).
-    fn decode((status, a, b, c): Raw) -> Result<Self, LimiterError> {
+    fn decode((status, a, b, c, credits): Raw) -> Result<Self, LimiterError> {
         let num = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(match status {
             0 => Self::Decided(Verdict::Admitted {
                 tokens: num(a),
                 quota_left: num(b),
                 until_full_us: num(c),
+                credits_left: u64::try_from(credits).ok(),
             }),
             1 => Self::Decided(Verdict::Throttled { wait_us: num(a) }),
             2 => Self::Decided(Verdict::QuotaSpent {
@@ -113,6 +134,12 @@ impl Answer {
                 until_full_us: num(b),
             }),
             3 => Self::OtherDay(EpochDay(u32::try_from(num(a)).unwrap_or(0))),
+            4 => Self::Decided(Verdict::CreditsExhausted {
+                tokens: num(a),
+                until_full_us: num(b),
+                quota_left: num(c),
+                credits_left: num(credits),
+            }),
             other => {
                 return Err(LimiterError::Redis(format!(
                     "the limiter script answered status {other}"
@@ -128,7 +155,10 @@ struct Job {
     holder: (bool, Box<str>),
     plan_id: Arc<str>,
     method: Box<str>,
-    args: [u64; ARGS_PER_CALL],
+    /// The API key whose credits the request spends, if any.
+    credits: Option<Box<str>>,
+    /// [`ARGS_PER_CALL`] arguments, then [`CREDIT_ARGS`] with credits.
+    args: [u64; ARGS_PER_CALL + CREDIT_ARGS],
     reply: oneshot::Sender<Result<Raw, LimiterError>>,
 }
 
@@ -140,8 +170,22 @@ impl Job {
         }
     }
 
-    /// `call`'s arguments for the quota window containing `day`, and the window.
-    fn args(call: &KeyCall<'_>, day: EpochDay) -> ([u64; ARGS_PER_CALL], Option<QuotaWindow>) {
+    /// The arguments the script reads of this request.
+    fn args(&self) -> &[u64] {
+        let n = ARGS_PER_CALL
+            + if self.credits.is_some() {
+                CREDIT_ARGS
+            } else {
+                0
+            };
+        &self.args[..n]
+    }
+
+    /// `call`'s arguments for the quota (and refill) period containing `day`, and the quota window.
+    fn args_for(
+        call: &KeyCall<'_>,
+        day: EpochDay,
+    ) -> ([u64; ARGS_PER_CALL + CREDIT_ARGS], Option<QuotaWindow>) {
         // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
         // bucket's size stays exact.
         let (interval_us, tolerance_us) = call.throttle.map_or((0, 0), |g| {
@@ -151,15 +195,22 @@ impl Job {
             )
         });
         let window = call.quota.map(|q| QuotaWindow::containing(q, day));
+        let refill = call.credits.and_then(|(_, r)| r);
+        let refilled = refill.map(|r| r.window(day));
+        let flags = u64::from(call.throttle.is_some())
+            | u64::from(call.quota.is_some()) << 1
+            | u64::from(call.credits.is_some()) << 2;
         let args = [
-            u64::from(call.throttle.is_some()),
+            flags,
             interval_us,
             tolerance_us,
-            u64::from(call.quota.is_some()),
             call.quota.map_or(0, |q| u64::from(q.limit)),
             window.map_or(0, |w| u64::from(w.start.0)),
             window.map_or(0, |w| u64::from(w.end.0)),
             u64::from(call.cost),
+            refill.map_or(0, |r| r.amount),
+            refilled.map_or(0, |w| u64::from(w.start.0)),
+            refilled.map_or(0, |w| u64::from(w.end.0)),
         ];
         (args, window)
     }
@@ -263,16 +314,20 @@ async fn run_batch(
     batch: &mut Vec<Job>,
 ) {
     let mut scratch = String::new();
-    let mut call = script.call(batch.len() * 4);
+    let with_credits = batch.iter().filter(|j| j.credits.is_some()).count();
+    let mut call = script.call(batch.len() * 4 + with_credits);
     for job in batch.iter() {
         keys::limiter_keys(&mut scratch, job.holder(), &job.plan_id, &job.method, |k| {
             call.arg(k);
         });
+        if let Some(key_id) = &job.credits {
+            call.arg(keys::credits(key_id));
+        }
     }
     call.arg(clock_us);
     for job in batch.iter() {
-        for arg in job.args {
-            call.arg(arg);
+        for arg in job.args() {
+            call.arg(*arg);
         }
     }
     let answer = script.eval::<Vec<Raw>>(conn, timeout, &call).await;
@@ -436,6 +491,17 @@ impl RedisLimiter {
     /// the bucket runs on Redis's clock. `Err` means Redis could not be asked: the caller applies
     /// [`OnStoreFailure`].
     pub async fn decide(&self, call: &KeyCall<'_>, now: u64) -> Result<Decided, LimiterError> {
+        // One script runs on one Redis Cluster slot: a customer's limits and a key's credits are in
+        // two.
+        if matches!(self.conn, Conn::Cluster(_))
+            && matches!(call.holder, Holder::Customer(_))
+            && call.credits.is_some()
+        {
+            return Err(LimiterError::Redis(
+                "on Redis Cluster a key's credits cannot be spent with its customer's shared limits"
+                    .into(),
+            ));
+        }
         if now < self.skip_until.load(Ordering::Relaxed) {
             return Err(LimiterError::Redis("backing off after a failure".into()));
         }
@@ -465,7 +531,7 @@ impl RedisLimiter {
         call: &KeyCall<'_>,
         day: EpochDay,
     ) -> Result<Result<Decided, EpochDay>, LimiterError> {
-        let (args, window) = Job::args(call, day);
+        let (args, window) = Job::args_for(call, day);
         let (reply, answer) = oneshot::channel();
         let job = Job {
             holder: match call.holder {
@@ -474,6 +540,7 @@ impl RedisLimiter {
             },
             plan_id: call.plan_id.clone(),
             method: call.method.into(),
+            credits: call.credits.map(|(key_id, _)| key_id.into()),
             args,
             reply,
         };
@@ -518,7 +585,9 @@ impl RedisLimiter {
 
 #[cfg(test)]
 mod tests {
+    use crate::Store as _;
     use tollgate_core::clock::{ManualClock, NANOS_PER_SEC};
+    use tollgate_core::credits::{CreditDecision, Credits};
     use tollgate_core::gcra::{GcraState, ThrottleDecision};
     use tollgate_core::quota::{Period, Quota, QuotaCount, QuotaDecision};
     use tollgate_core::{SystemClock, ThrottleSettings};
@@ -555,6 +624,7 @@ mod tests {
             throttle: Some(throttle),
             quota,
             cost: 1,
+            credits: None,
         }
     }
 
@@ -706,6 +776,7 @@ mod tests {
         bucket: GcraState,
         quota: Option<Quota>,
         count: QuotaCount,
+        credits: Option<(Credits, Option<Refill>)>,
     }
 
     impl RustSide {
@@ -737,10 +808,34 @@ mod tests {
                     }
                 }
             }
+            // As the embedded mode does (the gateway's `local_limits`): the refill, then the cost,
+            // the quota given back when the credits refuse.
+            let mut credits_left = None;
+            if let Some((credits, refill)) = &self.credits {
+                if let Some(refill) = refill {
+                    credits.refill(refill, now);
+                }
+                match credits.try_spend(cost) {
+                    CreditDecision::Spent { left } => credits_left = Some(left),
+                    CreditDecision::Exhausted { left } => {
+                        if let Some(q) = &self.quota {
+                            q.give_back(&self.count, cost, now);
+                            quota_left += u64::from(cost);
+                        }
+                        return Verdict::CreditsExhausted {
+                            tokens,
+                            until_full_us,
+                            quota_left,
+                            credits_left: left,
+                        };
+                    }
+                }
+            }
             Verdict::Admitted {
                 tokens,
                 quota_left,
                 until_full_us,
+                credits_left,
             }
         }
     }
@@ -765,7 +860,8 @@ mod tests {
     /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust
     /// (`tollgate-core`, the embedded mode) and in Lua (`lua/limit.lua`, cluster mode). The same
     /// random sequences of requests (several keys and a customer whose keys share limits, bursts,
-    /// refills, quota period boundaries, costs from 0 to 3) go through both, on one manual clock, and every decision must be the same.
+    /// refills, quota period boundaries, costs from 0 to 3, credits with and without a refill and
+    /// top-ups) go through both, on one manual clock, and every decision must be the same.
     #[tokio::test]
     async fn the_lua_script_decides_as_the_rust_rules_do() {
         let redis = RedisServer::start();
@@ -810,20 +906,45 @@ mod tests {
         ];
         // The last side is a customer's, with an id that would break a careless key name.
         let customer = "acme}:u:{key0";
-        let mut decisions = 0;
+        // Credits of some sides: the opening balance, and the refill.
+        let weekly = Refill::new(5, Period::Week).unwrap();
+        let daily = Refill::new(6, Period::Day).unwrap();
+        let credit_shapes: [Option<(u64, Option<&Refill>)>; 6] = [
+            None,
+            Some((0, Some(&daily))),
+            None,
+            Some((15, None)),
+            None,
+            Some((4, Some(&weekly))),
+        ];
+        let store = crate::RedisStore::new(crate::RedisSettings {
+            urls: vec![redis.url()],
+            cluster: false,
+            timeout: Duration::from_secs(2),
+        })
+        .unwrap();
+        let (mut decisions, mut exhausted) = (0, 0);
         for seed in 0..6u64 {
             flush_all(&redis);
             clock.set(start);
             let sides: Vec<RustSide> = shapes
                 .iter()
-                .map(|(t, q)| RustSide {
+                .zip(credit_shapes)
+                .map(|((t, q), c)| RustSide {
                     gcra: t.map(|(rate, burst)| gcra(rate, burst)),
                     bucket: GcraState::default(),
                     quota: q.map(Quota::new),
                     count: QuotaCount::default(),
+                    credits: c
+                        .map(|(balance, refill)| (Credits::new(balance, None), refill.copied())),
                 })
                 .collect();
             let ids: Vec<String> = (0..sides.len()).map(|i| format!("key{i}")).collect();
+            for (k, c) in credit_shapes.iter().enumerate() {
+                if let Some((balance, _)) = c {
+                    assert!(store.add_credits(&ids[k], "opening", *balance, 0).unwrap());
+                }
+            }
             let holder = |k: usize| match k {
                 5 => Holder::Customer(customer),
                 _ => Holder::Key(&ids[k]),
@@ -848,6 +969,7 @@ mod tests {
                                 throttle: side.gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),
                                 cost,
+                                credits: credit_shapes[k].map(|(_, r)| (ids[k].as_str(), r)),
                             };
                             let lua = limiter.decide(&call, now).await.unwrap().verdict;
                             let rust = side.decide(cost, now);
@@ -855,11 +977,25 @@ mod tests {
                             if matches!(rust, Verdict::Admitted { .. }) {
                                 spent[k] += u64::from(cost);
                             }
+                            if matches!(rust, Verdict::CreditsExhausted { .. }) {
+                                exhausted += 1;
+                            }
                             decisions += 1;
                         }
                     }
                     // Time for some tokens to come back: up to three seconds, to the microsecond.
-                    6..=8 => clock.advance(rng.below(3_000_000) * 1000),
+                    6..=7 => clock.advance(rng.below(3_000_000) * 1000),
+                    // A top-up of a key with credits (twice under one idempotency key).
+                    8 => {
+                        let k = [1, 3, 5][rng.below(3) as usize];
+                        let n = rng.below(5);
+                        let idem = format!("order-{step}");
+                        assert!(store.add_credits(&ids[k], &idem, n, 0).unwrap());
+                        assert!(!store.add_credits(&ids[k], &idem, n, 0).unwrap());
+                        if let Some((credits, _)) = &sides[k].credits {
+                            credits.add(n);
+                        }
+                    }
                     // To a second before the next UTC midnight: the next steps cross it.
                     _ => {
                         let day = EpochDay::from_nanos(clock.now());
@@ -880,8 +1016,17 @@ mod tests {
                 let days: std::collections::HashMap<u32, u64> =
                     redis::cmd("HGETALL").arg(usage).query(&mut c).unwrap();
                 assert_eq!(days.values().sum::<u64>(), spent[k], "seed {seed}, key {k}");
+                if let Some((credits, _)) = &sides[k].credits {
+                    let b: u64 = redis::cmd("HGET")
+                        .arg(keys::credits(id))
+                        .arg("b")
+                        .query(&mut c)
+                        .unwrap();
+                    assert_eq!(b, credits.balance(), "seed {seed}, key {k}: the balance");
+                }
             }
         }
         assert!(decisions > 3_000, "{decisions} decisions compared");
+        assert!(exhausted > 50, "{exhausted} refused for their credits");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionLike, Script};
-use tollgate_core::credits::{MAX_CREDITS, refilled_by};
+use tollgate_core::credits::{CREDIT_REFILL_TAG, MAX_CREDITS, Refill, refilled_by};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
@@ -227,6 +227,11 @@ struct StoredKey {
     /// The allowlist tag's value, for the gateway's index likewise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     allowed_source_ips: Option<String>,
+    /// The credit refill tag's value, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credit_refill: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    credits: bool,
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     previous: Option<StoredPrevious>,
 }
@@ -346,6 +351,8 @@ fn put_key_call<'s>(
         value_length: key.value_length,
         expires_at: key.expires_at(),
         allowed_source_ips: key.tags.get(SOURCE_IPS_TAG).cloned(),
+        credit_refill: key.tags.get(CREDIT_REFILL_TAG).cloned(),
+        credits: key.credits,
         previous: StoredPrevious::of(key.previous),
     };
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -892,6 +899,11 @@ impl Store for RedisStore {
                         previous: k.previous.map(|p| p.parse(&id)).transpose()?,
                         sources: k.allowed_source_ips.as_deref().map(IpNetworks::stored),
                         customer_id: k.customer_id.as_deref().map(Box::from),
+                        refill: k
+                            .credit_refill
+                            .as_deref()
+                            .and_then(|r| Refill::parse(r).ok()),
+                        credits: k.credits,
                     };
                     index.push_key(&id, &k.name, parse_hash(&id, &k.value_sha256)?, terms);
                 }
@@ -1139,20 +1151,24 @@ impl Store for RedisStore {
         ids.sort_unstable();
         let mut out = Vec::with_capacity(ids.len());
         for key_id in ids {
-            let (b, w): (Option<i64>, Option<u32>) = self.with(|c| {
-                redis::cmd("HMGET")
-                    .arg(keys::credits(&key_id))
-                    .arg("b")
-                    .arg("w")
-                    .query(c)
-            })?;
-            out.push(CreditBalance {
-                key_id,
-                balance: b.map_or(0, |b| u64::try_from(b).unwrap_or(0)),
-                refilled: w.filter(|&w| w > 0).map(EpochDay),
-            });
+            out.extend(self.credit_balance(&key_id)?);
         }
         Ok(out)
+    }
+
+    fn credit_balance(&self, key_id: &str) -> Result<Option<CreditBalance>, StoreError> {
+        let (b, w): (Option<i64>, Option<u32>) = self.with(|c| {
+            redis::cmd("HMGET")
+                .arg(keys::credits(key_id))
+                .arg("b")
+                .arg("w")
+                .query(c)
+        })?;
+        Ok(b.map(|b| CreditBalance {
+            key_id: key_id.to_owned(),
+            balance: u64::try_from(b).unwrap_or(0),
+            refilled: w.filter(|&w| w > 0).map(EpochDay),
+        }))
     }
 
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
@@ -1241,6 +1257,7 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
         value_prefix: k.value_prefix,
         value_length: k.value_length,
         previous: k.previous.map(|p| p.parse(id)).transpose()?,
+        credits: k.credits,
     })
 }
 
@@ -1257,6 +1274,10 @@ struct ServedKey<'a> {
     allowed_source_ips: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     customer_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    credit_refill: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    credits: bool,
     #[serde(default, flatten)]
     previous: Option<StoredPrevious>,
     #[serde(borrow)]

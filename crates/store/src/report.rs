@@ -6,7 +6,7 @@ use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow, usage_report};
 use tollgate_core::sharing::customer_of;
 
-use crate::{DayValue, Holder, KeyIndex, Series, Store, StoreError};
+use crate::{CreditBalance, DayValue, Holder, KeyIndex, Series, Store, StoreError};
 
 /// The longest range one usage report covers: a year (reports are computed day by day).
 pub const MAX_REPORT_DAYS: u32 = 366;
@@ -303,6 +303,9 @@ pub struct PeriodUsed {
     pub keys: HashMap<(String, String), i64>,
     /// Per (plan id, customer id), in plans that share limits by customer.
     pub customers: HashMap<(String, String), i64>,
+    /// Keys' credits, by key id, for keys whose credits the data plane does not hold yet (all of
+    /// them at a start).
+    pub credits: HashMap<String, CreditBalance>,
 }
 
 impl PeriodUsed {
@@ -386,7 +389,11 @@ pub fn period_used(
             }
         }
     }
-    Ok(PeriodUsed { keys, customers })
+    Ok(PeriodUsed {
+        keys,
+        customers,
+        credits: HashMap::new(),
+    })
 }
 
 /// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing

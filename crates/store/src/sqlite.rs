@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tollgate_core::credits::{MAX_CREDITS, refilled_by};
+use tollgate_core::credits::{CREDIT_REFILL_TAG, MAX_CREDITS, Refill, refilled_by};
 use tollgate_core::model::{PreviousValue, Tags};
 use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
@@ -171,6 +171,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE api_keys ADD COLUMN previous_until INTEGER;",
     // 3: the source-IP allowlist the gateway's index reads (the tag's value).
     "ALTER TABLE api_keys ADD COLUMN allowed_source_ips TEXT;",
+    // 4: whether the key holds credits, and its refill (the tag's value) for the gateway's index.
+    "ALTER TABLE api_keys ADD COLUMN credits INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE api_keys ADD COLUMN credit_refill TEXT;",
 ];
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -233,8 +236,9 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO api_keys (id, name, description, customer_id, enabled, value_sha256, created_date,
                                last_updated_date, value_sealed, tags, value_prefix, value_length,
-                               expires_at, previous_sha256, previous_until, allowed_source_ips)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                               expires_at, previous_sha256, previous_until, allowed_source_ips,
+                               credit_refill, credits)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
          ON CONFLICT(id) DO UPDATE SET name = excluded.name, description = excluded.description,
              customer_id = excluded.customer_id, enabled = excluded.enabled,
              value_sha256 = excluded.value_sha256, last_updated_date = excluded.last_updated_date,
@@ -242,7 +246,8 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
              value_prefix = excluded.value_prefix, value_length = excluded.value_length,
              expires_at = excluded.expires_at, previous_sha256 = excluded.previous_sha256,
              previous_until = excluded.previous_until,
-             allowed_source_ips = excluded.allowed_source_ips",
+             allowed_source_ips = excluded.allowed_source_ips,
+             credit_refill = excluded.credit_refill, credits = excluded.credits",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -262,6 +267,8 @@ fn put_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
             key.previous.map(|p| p.hash.0.to_vec()),
             key.previous.map(|p| i64::try_from(p.until).unwrap_or(i64::MAX)),
             key.tags.get(SOURCE_IPS_TAG),
+            key.tags.get(CREDIT_REFILL_TAG),
+            key.credits,
         ])
     })
     .map_err(backend)?;
@@ -468,7 +475,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare(
                 "SELECT id, enabled, value_sha256, expires_at, previous_sha256, previous_until, name,
-                        allowed_source_ips, customer_id
+                        allowed_source_ips, customer_id, credit_refill, credits
                  FROM api_keys",
             )
             .map_err(backend)?;
@@ -504,6 +511,13 @@ impl Store for SqliteStore {
                     .as_str_or_null()
                     .map_err(|e| StoreError::Backend(e.to_string()))?
                     .map(Box::from),
+                refill: row
+                    .get_ref(9)
+                    .map_err(backend)?
+                    .as_str_or_null()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                    .and_then(|r| Refill::parse(r).ok()),
+                credits: row.get::<_, bool>(10).map_err(backend)?,
             };
             let name = row
                 .get_ref(6)
@@ -855,7 +869,7 @@ fn select_placed_keys(
         .prepare(&format!(
             "SELECT id, name, description, customer_id, enabled, value_sha256, created_date,
                     last_updated_date, value_sealed, tags, value_prefix, value_length,
-                    previous_sha256, previous_until, rowid
+                    previous_sha256, previous_until, rowid, credits
              FROM api_keys {clause}"
         ))
         .map_err(backend)?;
@@ -891,6 +905,7 @@ fn select_placed_keys(
             value_prefix: r.get(10).map_err(backend)?,
             value_length: r.get(11).map_err(backend)?,
             previous,
+            credits: r.get(15).map_err(backend)?,
             id,
         };
         keys.push((u64::try_from(place).unwrap_or(0), key));

@@ -39,7 +39,13 @@ pub struct DeclaredKey {
     pub plans: Vec<String>,
     /// AWS tags (the expiry among them).
     pub tags: Tags,
+    /// The credits it opens with (`credits.balance`), when it holds credits: added once, when the
+    /// key first gets them; later changes go through the admin API.
+    pub opening_credits: Option<u64>,
 }
+
+/// The credit ledger's idempotency key of a declared key's opening balance.
+pub const OPENING_CREDITS: &str = "opening";
 
 /// A key whose value tollgate generated: the only time the value is ever visible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +101,7 @@ pub fn apply_declared(
     let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
     let found = store.keys_named(&names)?;
     let mut generated = Vec::new();
+    let mut openings = Vec::new();
     for (declared, found) in keys.iter().zip(found) {
         let (existing, bound) = found.unzip();
         let bound = bound.unwrap_or_default();
@@ -149,7 +156,12 @@ pub fn apply_declared(
             value_length: existing.map_or(0, |k| k.value_length),
             // A rotation's grace survives a restart; a value changed in the config has none.
             previous: unchanged.and_then(|k| k.previous),
+            // Credits once held stay (their balance lives in the ledger).
+            credits: existing.is_some_and(|k| k.credits) || declared.opening_credits.is_some(),
         };
+        if let Some(balance) = declared.opening_credits {
+            openings.push((id.clone(), balance));
+        }
         if let Some(value) = &new_value {
             key.set_value_hint(value);
         }
@@ -181,7 +193,13 @@ pub fn apply_declared(
     }
     match store.put_records(&changed) {
         Err(StoreError::DuplicateKeyValue) => Err(value_holder(store, &changed.keys)),
-        other => other.map(|()| generated),
+        Err(other) => Err(other),
+        Ok(()) => {
+            for (id, balance) in openings {
+                store.add_credits(&id, OPENING_CREDITS, balance, now_secs)?;
+            }
+            Ok(generated)
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use tollgate_admin::wire::{
     ApiStageIn, CreateApiKeyIn, CreateUsagePlanIn, CreateUsagePlanKeyIn, PatchIn, PatchOp, QuotaIn,
     RotateApiKeyIn, ThrottleIn, pointer_escape,
 };
+use tollgate_core::credits::{CREDIT_REFILL_TAG, Refill};
 
 use crate::remote::{EndpointArgs, Remote, encode};
 
@@ -133,6 +134,23 @@ pub enum KeysCommand {
         /// The value a partner sent.
         #[arg(long)]
         value: String,
+    },
+    /// Add prepaid credits to a key (once per idempotency key), and set or remove its refill.
+    Credits {
+        #[command(flatten)]
+        common: Common,
+        /// Key id.
+        id: String,
+        /// Credits to add.
+        #[arg(long)]
+        add: Option<u64>,
+        /// Adds once: the same idempotency key again adds nothing (default: every call adds).
+        #[arg(long, requires = "add")]
+        idempotency_key: Option<String>,
+        /// Bring the balance back up to AMOUNT at the key's first use in each PERIOD, as
+        /// 1000/MONTH (DAY, WEEK or MONTH); `none` removes the refill.
+        #[arg(long)]
+        refill: Option<String>,
     },
     /// Add or change tags on a key.
     Tag {
@@ -300,7 +318,11 @@ fn print(output: Output, value: &Value, columns: &[(&str, &str)]) {
                 _ => vec![value],
             };
             let cell = |row: &Value, field: &str| -> String {
-                match &row[field] {
+                let value = match field.strip_prefix('/') {
+                    Some(_) => row.pointer(field).unwrap_or(&Value::Null),
+                    None => &row[field],
+                };
+                match value {
                     Value::Null => "-".into(),
                     // The first 4 characters and the length: enough to tell keys apart.
                     Value::String(p) if field == "valuePrefix" => {
@@ -387,6 +409,14 @@ const KEY_COLUMNS: &[(&str, &str)] = &[
     ("VALUE", "value"),
 ];
 /// A rotation's answer: the new value, and until when the old one works.
+/// JSON pointers reach into the answer's `credits`.
+const CREDIT_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("ADDED", "added"),
+    ("BALANCE", "/credits/balance"),
+    ("REFILL", "/credits/refill/amount"),
+    ("EACH", "/credits/refill/period"),
+];
 const ROTATED_COLUMNS: &[(&str, &str)] = &[
     ("ID", "id"),
     ("NAME", "name"),
@@ -506,6 +536,42 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let path = format!("/tollgate/apikeys/{}/rotate", encode(&id));
             let out = common.remote()?.json(Method::POST, &path, &body)?;
             print(common.output, &out, ROTATED_COLUMNS);
+        }
+        KeysCommand::Credits {
+            common,
+            id,
+            add,
+            idempotency_key,
+            refill,
+        } => {
+            if add.is_none() && refill.is_none() {
+                bail!("give --add N, --refill AMOUNT/PERIOD, or both");
+            }
+            let remote = common.remote()?;
+            let tags = tags_path(&common, "apikeys", &id);
+            match refill.as_deref() {
+                None => {}
+                Some("none") => {
+                    let path = format!("{tags}?tagKeys={}", encode(CREDIT_REFILL_TAG));
+                    remote.json(Method::DELETE, &path, &())?;
+                }
+                Some(text) => {
+                    let refill =
+                        Refill::parse(text).map_err(|e| anyhow::anyhow!("--refill: {e}"))?;
+                    let tag = BTreeMap::from([(CREDIT_REFILL_TAG, refill.to_tag())]);
+                    let body = json!({ "tags": tag });
+                    remote.json(Method::PUT, &tags, &body)?;
+                }
+            }
+            let out = match add {
+                Some(add) => {
+                    let body = json!({ "add": add, "idempotencyKey": idempotency_key });
+                    let path = format!("/tollgate/apikeys/{}/credits", encode(&id));
+                    remote.json(Method::POST, &path, &body)?
+                }
+                None => remote.json(Method::GET, &format!("/apikeys/{}", encode(&id)), &())?,
+            };
+            print(common.output, &out, CREDIT_COLUMNS);
         }
         KeysCommand::Find { common, value } => {
             let body = json!({ "value": value });

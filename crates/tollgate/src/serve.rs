@@ -372,6 +372,14 @@ impl DataPlane for Plane {
         })
     }
 
+    fn credit_balance(&self, key_id: &str) -> Option<u64> {
+        self.0.snapshot().credit_balance(key_id)
+    }
+
+    fn add_credits(&self, key_id: &str, n: u64) -> bool {
+        self.0.snapshot().add_credits(key_id, n)
+    }
+
     fn now(&self) -> u64 {
         self.0.clock().now()
     }

@@ -116,6 +116,7 @@ impl Admin {
             value_prefix: (!key.value_prefix.is_empty()).then(|| key.value_prefix.clone()),
             value_length: (key.value_length > 0).then_some(key.value_length),
             previous_value_expires_at: key.previous.map(|p| rfc3339(p.until)),
+            credits: None,
         }
     }
 
@@ -214,14 +215,16 @@ impl Admin {
     ) -> Result<ApiKeyOut, AdminError> {
         let id = id.to_owned();
         self.gateway.flush().await.map_err(AdminError::Internal)?;
-        let (key, last_used) = self
+        let (key, last_used, credits) = self
             .blocking(move |admin| {
-                let key = admin.store.key(&id)?;
-                Ok((key, admin.store.last_used(&[&id])?))
+                let key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
+                let credits = admin.credits_out(&key)?;
+                Ok((key, admin.store.last_used(&[&id])?, credits))
             })
             .await?;
-        let key = key.ok_or_else(unknown_key)?;
-        Ok(self.key_out(&key, include_value, last_used.first().copied().flatten()))
+        let mut out = self.key_out(&key, include_value, last_used.first().copied().flatten());
+        out.credits = credits;
+        Ok(out)
     }
 
     /// GetApiKeys: keys whose name `name` matches, and whose customer is `customer_id`.

@@ -9,6 +9,7 @@
 //! Nothing here holds all keys: usage plans (few) are kept in memory; keys are read from the store
 //! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
+mod credits;
 mod keys;
 mod paging;
 mod patch;
@@ -25,7 +26,7 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::rules::ApiOutline;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 use tollgate_store::report::{PeriodUsed, period_used};
-use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, Store};
+use tollgate_store::{CreditBalance, KeyIndex, Memberships, OnStoreFailure, Store};
 
 use crate::data_plane::DataPlane;
 use crate::error::AdminError;
@@ -274,6 +275,16 @@ impl Admin {
         plans: &mut HeldPlans,
         recount: Recount,
     ) -> Result<(), AdminError> {
+        self.serve_store_with(plans, recount, HashMap::new()).await
+    }
+
+    /// [`Self::serve_store`], with the stored `credits` of keys new to credits on this instance.
+    pub(crate) async fn serve_store_with(
+        self: &Arc<Self>,
+        plans: &mut HeldPlans,
+        recount: Recount,
+        credits: HashMap<String, CreditBalance>,
+    ) -> Result<(), AdminError> {
         let started = std::time::Instant::now();
         // A customer new to the snapshot (e.g. its keys rebound) starts from the store too.
         let sharing = plans.iter().any(|p| p.limits_share_by().is_some());
@@ -285,7 +296,9 @@ impl Admin {
         let (index, used) = self
             .blocking(move |admin| {
                 let index = admin.store.load_index()?;
-                let used = period_used(&*admin.store, &index, |p| recount.contains(&p.id), today)?;
+                let mut used =
+                    period_used(&*admin.store, &index, |p| recount.contains(&p.id), today)?;
+                used.credits = credits;
                 Ok((index, used))
             })
             .await?;

@@ -1,11 +1,16 @@
--- Decides a batch of requests on one reading of the clock: four KEYS and eight ARGV per request
--- after ARGV[1], the clock in microseconds (0: Redis's own TIME, which is what instances share;
--- tests pass theirs). Answers one {verdict, a, b, c} per request, in order, in whole microseconds
--- (exact in Lua's doubles, returned as integers):
---   {0, tokens left, quota left, microseconds until the bucket is full}   admitted and counted
---   {1, microseconds until a token frees up, 0, 0}                        throttled
---   {2, tokens left, microseconds until the bucket is full, 0}            quota too low for the cost
---   {3, the clock's day, 0, 0}                                            the window is not today's
+-- Decides a batch of requests on one reading of the clock: ARGV[1] is the clock in microseconds (0:
+-- Redis's own TIME, which is what instances share; tests pass theirs). Each request then has four
+-- KEYS (bucket, quota, usage, adjustments) and seven ARGV (flags: 1 throttle + 2 quota + 4 credits,
+-- interval, tolerance, limit, window start, window end, cost); a request with credits has a fifth
+-- key (the key's credits: `b` balance, `w` first day of the refill period last refilled in) and
+-- three more ARGV (refill amount, 0 for none; refill period start; its end).
+-- Answers one {verdict, a, b, c, credits} per request, in order, in whole microseconds (exact in
+-- Lua's doubles, returned as integers), `credits` the balance after it (-1 without credits):
+--   {0, tokens left, quota left, microseconds until the bucket is full, credits}   admitted
+--   {1, microseconds until a token frees up, 0, 0, -1}                            throttled
+--   {2, tokens left, microseconds until the bucket is full, 0, -1}                quota too low
+--   {3, the clock's day, 0, 0, -1}                                                a window is not today's
+--   {4, tokens left, microseconds until the bucket is full, quota left, credits}  credits too low
 -- A key's state is read once and written once per batch however many of its requests the batch
 -- holds: a hot key costs Lua arithmetic per request, not Redis commands.
 local now, day
@@ -18,28 +23,36 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   day = math.floor(tonumber(t[1]) / 86400)
 end
-local tats, quotas, usage = {}, {}, {}
-local function decide(K, A)
+local tats, quotas, usage, credits = {}, {}, {}, {}
+local function decide(K, A, has_credits)
+  local flags = tonumber(ARGV[A + 1])
+  local has_throttle, has_quota = flags % 2 == 1, math.floor(flags / 2) % 2 == 1
   local interval, tolerance = tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
-  local has_quota = ARGV[A + 4] == '1'
-  local limit, ws, we = tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
-  -- What the request spends of the quota and the usage, whole or not at all; 0 spends nothing.
-  local cost = tonumber(ARGV[A + 8])
-  if has_quota and (day < ws or day >= we) then return {3, day, 0, 0} end
+  local limit, ws, we = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6])
+  -- What the request spends of the quota, the credits and the usage, whole or not at all; 0 spends
+  -- nothing.
+  local cost = tonumber(ARGV[A + 7])
+  if has_quota and (day < ws or day >= we) then return {3, day, 0, 0, -1} end
+  local refill, rs, re = 0, 0, 0
+  if has_credits then
+    refill, rs, re = tonumber(ARGV[A + 8]), tonumber(ARGV[A + 9]), tonumber(ARGV[A + 10])
+    if refill > 0 and (day < rs or day >= re) then return {3, day, 0, 0, -1} end
+  end
   local tokens, ahead = -1, 0
-  if ARGV[A + 1] == '1' then
+  if has_throttle then
     local tat = tats[KEYS[K + 1]] or tonumber(redis.call('GET', KEYS[K + 1]) or '0')
     if tat < now then tat = now end
     local new_tat = tat + interval
     ahead = new_tat - now
-    if ahead > tolerance then return {1, ahead - tolerance, 0, 0} end
+    if ahead > tolerance then return {1, ahead - tolerance, 0, 0, -1} end
     tokens = math.floor((tolerance - ahead) / interval)
     -- Taken even if the quota refuses: hammering a spent quota is not free.
     tats[KEYS[K + 1]] = new_tat
   end
+  local q
   local remaining = -1
   if has_quota then
-    local q = quotas[KEYS[K + 2]]
+    q = quotas[KEYS[K + 2]]
     if not q then
       local h = redis.call('HMGET', KEYS[K + 2], 's', 'u')
       if tonumber(h[1]) == ws then
@@ -49,18 +62,44 @@ local function decide(K, A)
       end
       quotas[KEYS[K + 2]] = q
     end
-    if cost > 0 and q.used + cost > limit then return {2, tokens, ahead, 0} end
-    if cost > 0 then
-      q.used = q.used + cost
-      q.dirty = true
+    if cost > 0 and q.used + cost > limit then return {2, tokens, ahead, 0, -1} end
+    remaining = math.max(0, limit - q.used)
+  end
+  -- Credits, after the quota: a refill first (back up to its amount, once a period), then the cost.
+  local c
+  if has_credits then
+    c = credits[KEYS[K + 5]]
+    if not c then
+      local h = redis.call('HMGET', KEYS[K + 5], 'b', 'w')
+      c = {b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0}
+      credits[KEYS[K + 5]] = c
     end
+    if refill > 0 and c.w ~= rs then
+      c.b = math.max(c.b, refill)
+      c.w = rs
+      c.dirty = true
+    end
+    if c.b < cost then return {4, tokens, ahead, remaining, c.b} end
+    if cost > 0 then
+      c.b = c.b - cost
+      c.dirty = true
+    end
+  end
+  if has_quota and cost > 0 then
+    q.used = q.used + cost
+    q.dirty = true
     remaining = math.max(0, limit - q.used)
   end
   usage[KEYS[K + 3]] = (usage[KEYS[K + 3]] or 0) + cost
-  return {0, tokens, remaining, ahead}
+  return {0, tokens, remaining, ahead, c and c.b or -1}
 end
 local out = {}
-for i = 0, #KEYS / 4 - 1 do out[i + 1] = decide(i * 4, 1 + i * 8) end
+local K, A = 0, 1
+while K < #KEYS do
+  local has_credits = math.floor(tonumber(ARGV[A + 1]) / 4) % 2 == 1
+  out[#out + 1] = decide(K, A, has_credits)
+  if has_credits then K, A = K + 5, A + 10 else K, A = K + 4, A + 7 end
+end
 for key, tat in pairs(tats) do
   redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
@@ -70,6 +109,9 @@ for key, q in pairs(quotas) do
     -- The count outlives its period by two days; set once per period, not per request.
     if q.fresh then redis.call('EXPIREAT', key, (q.we + 2) * 86400) end
   end
+end
+for key, c in pairs(credits) do
+  if c.dirty then redis.call('HSET', key, 'b', string.format('%.0f', c.b), 'w', c.w) end
 end
 for key, n in pairs(usage) do
   if n > 0 then redis.call('HINCRBY', key, day, n) end

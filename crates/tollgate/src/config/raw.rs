@@ -476,6 +476,25 @@ pub struct RawKey {
     /// The networks the key may be used from (CIDRs); kept as the tag `tollgate:allowedSourceIps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_source_ips: Option<Vec<String>>,
+    /// Prepaid credits: the opening balance and a refill (kept as the tag `tollgate:creditRefill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<RawCredits>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCredits {
+    #[serde(default)]
+    pub balance: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RawRefill>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRefill {
+    pub amount: u64,
+    pub period: String,
 }
 
 fn enabled_by_default() -> bool {

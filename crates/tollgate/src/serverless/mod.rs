@@ -526,6 +526,7 @@ fn keys(
             tags: BTreeMap::new(),
             expires_at: None,
             allowed_source_ips: None,
+            credits: None,
         };
         keys.push(sited(key, doc.at(at)));
         Ok(())

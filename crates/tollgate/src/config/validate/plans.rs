@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_saphyr::{Location, Spanned};
 use tollgate_core::IpNetworks;
+use tollgate_core::credits::{CREDIT_REFILL_TAG, MAX_CREDITS, Refill};
 use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage};
@@ -215,6 +216,35 @@ pub(super) fn validate_keys(
             }
             tags.insert(SOURCE_IPS_TAG.into(), tag);
         }
+        let mut opening_credits = None;
+        if let Some(credits) = &k.credits {
+            let field = format!("{field}.credits");
+            if k.usage_plans.is_empty() {
+                return cx.err(at, field, "credits on a key in no usage plan: its requests spend them through a plan; list one in usagePlans");
+            }
+            if credits.balance > MAX_CREDITS {
+                return cx.err(
+                    at,
+                    format!("{field}.balance"),
+                    format!("at most {MAX_CREDITS}"),
+                );
+            }
+            if let Some(r) = &credits.refill {
+                let field = format!("{field}.refill");
+                let Some(period) = Period::named(&r.period.to_ascii_uppercase()) else {
+                    let names = Period::ALL.map(|p| p.to_string()).join(", ");
+                    return cx.err(
+                        at,
+                        format!("{field}.period"),
+                        format!("{:?} is not one of {names}", r.period),
+                    );
+                };
+                let refill = Refill::new(r.amount, period)
+                    .or_else(|msg| cx.err(at, format!("{field}.amount"), msg))?;
+                tags.insert(CREDIT_REFILL_TAG.into(), refill.to_tag());
+            }
+            opening_credits = Some(credits.balance);
+        }
         if let Err(msg) = validate_tags(&tags) {
             return cx.err(at, format!("{field}.tags"), msg);
         }
@@ -226,6 +256,7 @@ pub(super) fn validate_keys(
             enabled: k.enabled,
             plans: k.usage_plans.clone(),
             tags,
+            opening_credits,
         });
     }
     Ok(keys)
