@@ -19,29 +19,43 @@ pub struct LimitInfo {
     pub credits: Option<CreditInfo>,
 }
 
-/// A key's credits for headers.
+/// A key's credits for headers (kept small: it rides in every refusal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreditInfo {
     /// Credits left.
     pub remaining: u64,
-    /// With a refill: what the balance comes back up to, when (seconds until the period ends) and
-    /// the period's length in seconds.
-    pub refill: Option<QuotaInfo>,
+    /// What a refill brings the balance back up to (0: no refill).
+    pub refill: u64,
+    /// With a refill: seconds until the next one.
+    pub reset_secs: u32,
+    /// With a refill: the refill period's length in days.
+    pub window_days: u32,
 }
 
 impl CreditInfo {
+    /// With a refill, whole seconds until it (at least 1): when a refused request may succeed.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        (self.refill > 0).then(|| u64::from(self.reset_secs.max(1)))
+    }
+
     /// `remaining` credits at `now`, with `refill`.
     pub fn new(remaining: u64, refill: Option<&Refill>, now: u64) -> Self {
-        let refill = refill.map(|r| {
-            let window = r.window(EpochDay::from_nanos(now));
-            QuotaInfo {
-                limit: r.amount,
+        let Some(r) = refill else {
+            return Self {
                 remaining,
-                reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
-                window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
-            }
-        });
-        Self { remaining, refill }
+                refill: 0,
+                reset_secs: 0,
+                window_days: 0,
+            };
+        };
+        let window = r.window(EpochDay::from_nanos(now));
+        let reset = ceil_secs(window.end.start_nanos().saturating_sub(now));
+        Self {
+            remaining,
+            refill: r.amount,
+            reset_secs: u32::try_from(reset).unwrap_or(u32::MAX),
+            window_days: window.end.0 - window.start.0,
+        }
     }
 }
 
@@ -125,9 +139,7 @@ pub enum Refusal {
     /// The key's credits are fewer than the request's cost: 429 `Limit Exceeded`, as AWS says of
     /// a spent allowance.
     CreditsExhausted {
-        /// With a refill, whole seconds until the next one (at least 1).
-        retry_after_secs: Option<u64>,
-        /// The key's limits, for headers.
+        /// The key's limits, for headers (with a refill, the time until it is the retry time).
         limits: LimitInfo,
     },
 }
@@ -158,11 +170,7 @@ impl Refusal {
 
     /// The credits in `limits` are fewer than the cost (until a refill, if any).
     pub fn credits_exhausted(limits: LimitInfo) -> Self {
-        let refill = limits.credits.and_then(|c| c.refill);
-        Self::CreditsExhausted {
-            retry_after_secs: refill.map(|r| r.reset_secs.max(1)),
-            limits,
-        }
+        Self::CreditsExhausted { limits }
     }
 
     /// The quota in `limits` is spent until its period resets.

@@ -101,10 +101,10 @@ pub fn refusal(refusal: Refusal, rate_limit_headers: bool) -> Response<Bytes> {
             retry_after_secs,
             limits,
         } => limit_exceeded(Some(retry_after_secs), &limits, rate_limit_headers),
-        Refusal::CreditsExhausted {
-            retry_after_secs,
-            limits,
-        } => limit_exceeded(retry_after_secs, &limits, rate_limit_headers),
+        Refusal::CreditsExhausted { limits } => {
+            let retry = limits.credits.and_then(|c| c.retry_after_secs());
+            limit_exceeded(retry, &limits, rate_limit_headers)
+        }
     }
 }
 
@@ -272,23 +272,17 @@ pub fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &LimitInfo) {
     // only what is left (a balance has no window).
     if let Some(c) = &limits.credits {
         let sep = if state.is_empty() { "" } else { ", " };
-        match &c.refill {
-            Some(r) => {
-                let psep = if policy.is_empty() { "" } else { ", " };
-                let _ = write!(
-                    policy,
-                    "{psep}\"credits\";q={};w={}",
-                    r.limit, r.window_secs
-                );
-                let _ = write!(
-                    state,
-                    "{sep}\"credits\";r={};t={}",
-                    c.remaining, r.reset_secs
-                );
-            }
-            None => {
-                let _ = write!(state, "{sep}\"credits\";r={}", c.remaining);
-            }
+        if c.refill > 0 {
+            let psep = if policy.is_empty() { "" } else { ", " };
+            let window = u64::from(c.window_days) * 86_400;
+            let _ = write!(policy, "{psep}\"credits\";q={};w={window}", c.refill);
+            let _ = write!(
+                state,
+                "{sep}\"credits\";r={};t={}",
+                c.remaining, c.reset_secs
+            );
+        } else {
+            let _ = write!(state, "{sep}\"credits\";r={}", c.remaining);
         }
     }
     if state.is_empty() {
@@ -338,25 +332,21 @@ mod tests {
 
         // Credits: with a refill, its amount per period and the time until it.
         let mut h = HeaderMap::new();
-        let refill = QuotaInfo {
-            limit: 500,
-            remaining: 42,
-            reset_secs: 7200,
-            window_secs: 86_400,
-        };
         let credits = |refill| LimitInfo {
             credits: Some(CreditInfo {
                 remaining: 42,
                 refill,
+                reset_secs: 7200,
+                window_days: 1,
             }),
             ..LimitInfo::default()
         };
-        add_rate_limit_headers(&mut h, &credits(Some(refill)));
+        add_rate_limit_headers(&mut h, &credits(500));
         assert_eq!(h["ratelimit-policy"], r#""credits";q=500;w=86400"#);
         assert_eq!(h["ratelimit"], r#""credits";r=42;t=7200"#);
         // Without: only the balance.
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, &credits(None));
+        add_rate_limit_headers(&mut h, &credits(0));
         assert_eq!(h["ratelimit"], r#""credits";r=42"#);
         assert!(h.get("ratelimit-policy").is_none());
 

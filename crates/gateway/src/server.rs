@@ -581,7 +581,7 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
             refills.push((key_id.to_owned(), day, added));
         }
     });
-    if pending.len() == 0 {
+    if pending.is_empty() {
         shared.metrics.flushed(0, shared.clock.now());
         return Ok(());
     }

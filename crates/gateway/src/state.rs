@@ -71,7 +71,7 @@ pub(crate) struct Unflushed {
 }
 
 impl Unflushed {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty()
             && self.customers.is_empty()
             && self.spent.is_empty()

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use tollgate_core::credits::refill_entry;
 use tollgate_core::quota::EpochDay;
 use tollgate_store::{
-    CustomerDelta, RedisSettings, RedisStore, Series, SqliteStore, Store, UsageDelta,
+    CustomerDelta, OPENING_CREDITS, RedisSettings, RedisStore, Series, SqliteStore, Store,
+    UsageDelta,
 };
 
 /// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
@@ -110,6 +112,14 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
             source.customer_series(Series::QuotaAdjustment, &plan.id, &customers, all.0, all.1)?;
         for adj in adjusted {
             target.adjust_customer_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
+        }
+    }
+    // Credits move as their balance (and the refill period they were last refilled in), as the
+    // opening entry: a declared key's opening balance is in it, and is not added again.
+    for b in source.credit_balances()? {
+        target.add_credits(&b.key_id, OPENING_CREDITS, b.balance, 0)?;
+        if let Some(day) = b.refilled {
+            target.add_credits(&b.key_id, &refill_entry(day), 0, 0)?;
         }
     }
     let ids: Vec<&str> = records.keys.iter().map(|k| k.id.as_str()).collect();

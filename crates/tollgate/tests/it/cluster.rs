@@ -26,6 +26,7 @@ apiKeys:
   - { name: quota-key, value: quotaKeyValue0123456789abc, usagePlans: [quota-only] }
   - { name: acme-a, value: acmeKeyAValue0123456789, customerId: acme, usagePlans: [acme-shared] }
   - { name: acme-b, value: acmeKeyBValue0123456789, customerId: acme, usagePlans: [acme-shared] }
+  - { name: prepaid, value: prepaidKeyValue0123456789, usagePlans: [quota-only], credits: { balance: 25 } }
 "#;
 
 /// The two keys of the customer `acme`, which share `acme-shared`'s limits.
@@ -132,7 +133,11 @@ async fn two_instances_share_exact_limits() {
     let plan_id = admin.plan_id("quota-only").await;
     let usage = admin.usage_today(&plan_id).await;
     let values: Vec<&serde_json::Value> = usage["values"].as_object().unwrap().values().collect();
-    assert_eq!(values, vec![&json!([[40, 0]])]);
+    assert_eq!(
+        values,
+        vec![&json!([[40, 0]]), &json!([[0, 40]])],
+        "the other key: unused"
+    );
     // The refusals both instances counted, and the key's last use, are in Redis too: the other
     // instance's within its flush interval.
     let today = util::today();
@@ -142,12 +147,22 @@ async fn two_instances_share_exact_limits() {
     let mut detail = json!(null);
     for _ in 0..50 {
         detail = admin.ok("GET", &detail_path, "").await;
-        if detail["values"].as_object().unwrap().values().next() == Some(&expected) {
+        if detail["values"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|d| d == &expected)
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let (key_id, days) = detail["values"].as_object().unwrap().iter().next().unwrap();
+    let (key_id, days) = detail["values"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, days)| days[0]["used"] != 0)
+        .unwrap();
     assert_eq!(days, &expected);
     let key = admin.ok("GET", &format!("/apikeys/{key_id}"), "").await;
     assert!(key["lastUsedDate"].as_u64().is_some(), "{key}");
@@ -191,6 +206,28 @@ async fn a_customers_keys_share_exact_limits(gws: &[Gateway]) {
         report = admin.ok("GET", &path, "").await;
     }
     assert_eq!(per_key(&report), 30, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_spend_credits_to_exactly_zero() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+    let counts = fire(&gws, "/dev/echo/p", "prepaidKeyValue0123456789", 60, 12).await;
+    assert_eq!(counts.get(&200), Some(&25), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&35), "{counts:?}");
+    // Zero, never below, from either instance; a top-up through one is spent through the other.
+    let admin = AdminClient::new(gws[0].admin.unwrap());
+    let keys = admin.ok("GET", "/apikeys?name=prepaid", "").await;
+    let id = keys["item"][0]["id"].as_str().unwrap().to_owned();
+    let key = admin.ok("GET", &format!("/apikeys/{id}"), "").await;
+    assert_eq!(key["credits"]["balance"], 0, "{key}");
+    let body = r#"{"add": 3, "idempotencyKey": "order-7"}"#;
+    admin
+        .ok("POST", &format!("/tollgate/apikeys/{id}/credits"), body)
+        .await;
+    let counts = fire(&gws[1..], "/dev/echo/p", "prepaidKeyValue0123456789", 5, 1).await;
+    assert_eq!(counts.get(&200), Some(&3), "{counts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -498,6 +535,12 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
     for _ in 0..7 {
         assert_eq!(c.get(&gw.url("/dev/echo/m"), Some(key)).await.status, 200);
     }
+    for _ in 0..2 {
+        let r = c
+            .get(&gw.url("/dev/echo/m"), Some("prepaidKeyValue0123456789"))
+            .await;
+        assert_eq!(r.status, 200);
+    }
     // The customer's shared count moves too.
     for _ in 0..5 {
         let r = c.get(&gw.url("/partner/echo/m"), Some(ACME[0])).await;
@@ -545,7 +588,7 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("3 usage plans, 5 API keys"),
+        String::from_utf8_lossy(&out.stdout).contains("3 usage plans, 6 API keys"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -568,6 +611,15 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         (r.status, util::quota_remaining(&r)),
         (200, 24),
         "30 - 5 the customer's other key used before the move - this one"
+    );
+    // Credits move with their balance: 25 less the 2 spent before the move.
+    let r = c
+        .get(&gw.url("/dev/echo/m"), Some("prepaidKeyValue0123456789"))
+        .await;
+    assert_eq!(
+        r.header("ratelimit")
+            .map(|h| h.contains("\"credits\";r=22")),
+        Some(true)
     );
     for value in ["apiMadeKeyValue0123456789", "rotatedApiMadeValue0123456789"] {
         let r = c.get(&gw.url("/dev/echo/m"), Some(value)).await;

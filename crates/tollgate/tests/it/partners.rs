@@ -445,3 +445,193 @@ async fn keys_of_one_customer_share_its_limits_on_redis_across_a_restart() {
     ))
     .await;
 }
+
+const PREPAID: &str = "prepaidPartnerKeyValue0123456789";
+const REFILLED: &str = "refilledPartnerKeyValue0123456789";
+
+/// A gateway with a prepaid key (10 credits) and a key whose credits come back up to 3 a day, an
+/// export route costing 5 and a free one; the plan's quota is far away.
+fn prepaid_gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Gateway {
+    let upstream = format!("http://{}", up.addr);
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{store}\nadmin: {{ listen: 127.0.0.1:0 }}\nrateLimitHeaders: true\n\
+         accessLog: {{ path: access.log }}\n\
+         apis:\n  - id: warranty\n    stages: [ {{ name: prod }} ]\n    routes:\n\
+         \x20     - {{ path: /export, method: GET, apiKeyRequired: true, upstream: \"{upstream}\", cost: 5 }}\n\
+         \x20     - {{ path: /status, method: GET, apiKeyRequired: true, upstream: \"{upstream}\", cost: 0 }}\n\
+         \x20     - {{ path: \"/echo/{{rest+}}\", method: ANY, apiKeyRequired: true, upstream: \"{upstream}\" }}\n\
+         usagePlans:\n  - {{ name: prepaid, apiStages: [ {{ apiId: warranty, stage: prod }} ], quota: {{ limit: 1000, period: DAY }} }}\n\
+         apiKeys:\n\
+         \x20 - {{ name: prepaid, value: {PREPAID}, usagePlans: [prepaid], credits: {{ balance: 10 }} }}\n\
+         \x20 - {{ name: refilled, value: {REFILLED}, usagePlans: [prepaid], credits: {{ refill: {{ amount: 3, period: DAY }} }} }}\n"
+    );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+/// What the RateLimit header says of the credits.
+fn credits_left(r: &util::Reply) -> Option<String> {
+    let header = r.header("ratelimit")?;
+    header
+        .split(", ")
+        .find(|item| item.starts_with("\"credits\""))
+        .map(str::to_owned)
+}
+
+async fn credits_hold(store: &str) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = prepaid_gateway(&up, dir.path(), store);
+    let get = |gw: &Gateway, key: &'static str, path: &str| {
+        let url = gw.url(path);
+        let c = client();
+        async move { c.get(&url, Some(key)).await }
+    };
+    let r = get(&gw, PREPAID, "/prod/export").await;
+    assert_eq!(
+        (r.status, credits_left(&r).as_deref()),
+        (200, Some("\"credits\";r=5"))
+    );
+    let r = get(&gw, PREPAID, "/prod/export").await;
+    assert_eq!(
+        (r.status, credits_left(&r).as_deref()),
+        (200, Some("\"credits\";r=0"))
+    );
+    // Empty: AWS's 429 for a spent allowance, nothing spent of the quota, no retry time without a
+    // refill; the free route still passes.
+    let r = get(&gw, PREPAID, "/prod/echo/x").await;
+    assert_eq!(
+        (r.status, r.json(), r.header("retry-after")),
+        (429, json!({ "message": "Limit Exceeded" }), None)
+    );
+    assert_eq!(credits_left(&r).as_deref(), Some("\"credits\";r=0"));
+    assert_eq!(util::quota_remaining(&r), 990);
+    assert_eq!(get(&gw, PREPAID, "/prod/status").await.status, 200);
+    // A refill: back up to 3 at the first use today; refused until tomorrow once spent.
+    for left in [2, 1, 0] {
+        let r = get(&gw, REFILLED, "/prod/echo/r").await;
+        assert_eq!(r.status, 200);
+        let item = credits_left(&r).unwrap();
+        assert!(
+            item.starts_with(&format!("\"credits\";r={left};t=")),
+            "{item}"
+        );
+    }
+    let r = get(&gw, REFILLED, "/prod/echo/r").await;
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some(), "until the refill");
+
+    // The metrics and the access log name the decision.
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"decision="credits_exhausted"} 2"#),
+        "{metrics}"
+    );
+    let mut logged = String::new();
+    for _ in 0..200 {
+        logged = std::fs::read_to_string(dir.path().join("access.log")).unwrap_or_default();
+        if logged.matches("credits_exhausted").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(logged.matches("credits_exhausted").count(), 2, "{logged}");
+
+    // A top-up, twice with one idempotency key: added once. GetApiKey shows the balance.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let keys = admin.ok("GET", "/apikeys", "").await;
+    let id_of = |name: &str| {
+        keys["item"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let prepaid = id_of("prepaid");
+    let top_up = |cli_args: &[&str]| {
+        let mut args = vec!["keys", "credits", &prepaid, "--output", "json"];
+        args.extend_from_slice(cli_args);
+        serde_json::from_str::<serde_json::Value>(&util::cli(&gw, &args)).unwrap()
+    };
+    let once = top_up(&["--add", "7", "--idempotency-key", "order-1"]);
+    assert_eq!(
+        (&once["added"], &once["credits"]["balance"]),
+        (&json!(true), &json!(7))
+    );
+    let again = top_up(&["--add", "7", "--idempotency-key", "order-1"]);
+    assert_eq!(
+        (&again["added"], &again["credits"]["balance"]),
+        (&json!(false), &json!(7))
+    );
+    assert_eq!(get(&gw, PREPAID, "/prod/export").await.status, 200);
+    let key = admin.ok("GET", &format!("/apikeys/{prepaid}"), "").await;
+    assert_eq!(key["credits"], json!({ "balance": 2 }));
+    let refilled = admin
+        .ok("GET", &format!("/apikeys/{}", id_of("refilled")), "")
+        .await;
+    assert_eq!(
+        refilled["credits"],
+        json!({ "balance": 0, "refill": { "amount": 3, "period": "DAY" } })
+    );
+    // Bad input is refused, naming what is wrong.
+    let path = format!("/tollgate/apikeys/{prepaid}/credits");
+    let r = admin.call("POST", &path, r#"{"add": -5}"#).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid add"),
+        "{:?}",
+        r.body
+    );
+    let r = admin
+        .call("POST", &path, r#"{"add": 1, "idempotencyKey": "opening"}"#)
+        .await;
+    assert_eq!(r.status, 400);
+    let r = admin
+        .call(
+            "POST",
+            "/tollgate/apikeys/nosuchkey0/credits",
+            r#"{"add": 1}"#,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+
+    // Across a restart: the balance holds, the opening balance is not added again.
+    assert!(gw.terminate().success());
+    let gw = prepaid_gateway(&up, dir.path(), store);
+    assert_eq!(get(&gw, PREPAID, "/prod/export").await.status, 429);
+    let r = get(&gw, PREPAID, "/prod/echo/y").await;
+    assert_eq!(
+        (r.status, credits_left(&r).as_deref()),
+        (200, Some("\"credits\";r=1"))
+    );
+    assert_eq!(
+        get(&gw, REFILLED, "/prod/echo/r").await.status,
+        429,
+        "refilled once a day"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepaid_credits_are_spent_exactly_on_sqlite_across_a_restart() {
+    credits_hold("store: { sqlite: ./tollgate.db, flushInterval: 200ms }").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepaid_credits_are_spent_exactly_on_redis_across_a_restart() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = RedisServer::start();
+    credits_hold(&format!(
+        "store: {{ redis: {{ url: \"{}\" }} }}",
+        redis.url()
+    ))
+    .await;
+}

@@ -530,6 +530,43 @@ mod tests {
         );
     }
 
+    /// Credits are checked where they are written; the refill is kept as the key's tag.
+    #[test]
+    fn credits_are_checked_and_the_refill_kept_as_a_tag() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let key = |plans: &str, credits: &str| {
+            format!(
+                "listen: 127.0.0.1:0\napis:\n  - id: a\n    stages: [ {{ name: prod }} ]\n    routes:\n      - {{ path: /x, method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:1\" }}\nusagePlans:\n  - {{ name: p, apiStages: [ {{ apiId: a, stage: prod }} ] }}\napiKeys:\n  - {{ name: k, value: partnerKeyValue0123456789, usagePlans: [{plans}], credits: {credits} }}\n"
+            )
+        };
+        let e = crate::config::parse(file, &key("", "{ balance: 5 }")).unwrap_err();
+        assert_eq!(e.field, "apiKeys[0].credits", "{e}");
+        assert!(e.message.contains("no usage plan"), "{e}");
+        let e = crate::config::parse(file, &key("p", "{ refill: { amount: 5, period: YEAR } }"))
+            .unwrap_err();
+        assert_eq!(e.field, "apiKeys[0].credits.refill.period", "{e}");
+        let e = crate::config::parse(file, &key("p", "{ refill: { amount: 0, period: DAY } }"))
+            .unwrap_err();
+        assert_eq!(e.field, "apiKeys[0].credits.refill.amount", "{e}");
+        assert!(crate::config::parse(file, &key("p", "{ balance: -5 }")).is_err());
+        let c = crate::config::parse(
+            file,
+            &key(
+                "p",
+                "{ balance: 5, refill: { amount: 100, period: month } }",
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.keys[0].opening_credits, Some(5));
+        assert_eq!(
+            c.keys[0]
+                .tags
+                .get("tollgate:creditRefill")
+                .map(String::as_str),
+            Some("100/MONTH")
+        );
+    }
+
     /// A malformed network is named with its field and line, in a key's list and in the proxies'.
     #[test]
     fn networks_are_checked_where_they_are_written() {
