@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::report::{period_usage, plan_usage, used_in_period};
 use tollgate_store::{Holder, Series};
@@ -287,6 +288,13 @@ pub(super) async fn set_remaining(
     Ok(reply(StatusCode::OK, &usage))
 }
 
+/// The day plan `p`'s quota period containing `today` ends, `YYYY-MM-DD`.
+fn resets(p: &UsagePlan, today: EpochDay) -> Option<String> {
+    p.quota
+        .as_ref()
+        .map(|q| QuotaWindow::containing(q, today).end.to_string())
+}
+
 /// Every plan: its limits, stages, number of keys and the requests counted this period.
 pub(super) async fn plans(State(dash): State<Arc<Dashboard>>) -> Answer {
     let admin = &dash.admin;
@@ -305,10 +313,7 @@ pub(super) async fn plans(State(dash): State<Arc<Dashboard>>) -> Answer {
                         .filter(|((plan, _), _)| *plan == p.id)
                         .map(|(_, n)| *n)
                         .sum();
-                    let resets = p
-                        .quota
-                        .as_ref()
-                        .map(|q| QuotaWindow::containing(q, today).end.to_string());
+                    let resets = resets(p, today);
                     json!({
                         "id": p.id, "name": p.name, "description": p.description,
                         "apiStages": p.api_stages, "throttle": p.throttle, "quota": p.quota,
@@ -335,10 +340,7 @@ pub(super) async fn customers(State(dash): State<Arc<Dashboard>>) -> Answer {
         .blocking(move |admin| {
             let mut rows = Vec::new();
             for p in plans.iter().filter(|p| p.limits_share_by().is_some()) {
-                let resets = p
-                    .quota
-                    .as_ref()
-                    .map(|q| QuotaWindow::containing(q, today).end.to_string());
+                let resets = resets(p, today);
                 for (customer, keys) in served.customers_of(&p.id) {
                     let used = used_in_period(&*admin.store, p, Holder::Customer(customer), today)?;
                     let mut named = Vec::with_capacity(keys.len());

@@ -7,6 +7,16 @@ use tollgate_store::testing::RedisServer;
 
 use crate::util::{self, Gateway, client};
 
+/// A real redis-server for a test, when one is installed (see [`util::have`]).
+fn redis() -> Option<RedisServer> {
+    util::have("redis-server", &["--version"], "apt install redis-server").then(RedisServer::start)
+}
+
+/// The `store:` line of a gateway on `redis`.
+fn on_redis(redis: &RedisServer) -> String {
+    format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url())
+}
+
 const V4_KEY: &str = "loopbackV4KeyValue0123456789";
 const V6_KEY: &str = "loopbackV6KeyValue0123456789";
 const PARTNER_KEY: &str = "partnerOfficeKeyValue0123456789";
@@ -162,12 +172,11 @@ async fn keys_are_used_only_from_their_networks_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_are_used_only_from_their_networks_on_redis_across_a_restart() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = redis() else {
         return;
-    }
-    let redis = RedisServer::start();
+    };
     let up = util::upstream().await;
-    let store = format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url());
+    let store = on_redis(&redis);
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(&up, dir.path(), &store);
     allowlists_hold(&gw, dir.path()).await;
@@ -248,15 +257,10 @@ async fn routes_spend_their_cost_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_spend_their_cost_on_redis_across_a_restart() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    costs_hold(&format!(
-        "store: {{ redis: {{ url: \"{}\" }} }}",
-        redis.url()
-    ))
-    .await;
+    };
+    costs_hold(&on_redis(&redis)).await;
 }
 
 const ACME_PROD: &str = "acmeProductionKeyValue0123456789";
@@ -435,15 +439,10 @@ async fn keys_of_one_customer_share_its_limits_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_of_one_customer_share_its_limits_on_redis_across_a_restart() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    customer_limits_hold(&format!(
-        "store: {{ redis: {{ url: \"{}\" }} }}",
-        redis.url()
-    ))
-    .await;
+    };
+    customer_limits_hold(&on_redis(&redis)).await;
 }
 
 const PREPAID: &str = "prepaidPartnerKeyValue0123456789";
@@ -625,13 +624,8 @@ async fn prepaid_credits_are_spent_exactly_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prepaid_credits_are_spent_exactly_on_redis_across_a_restart() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    credits_hold(&format!(
-        "store: {{ redis: {{ url: \"{}\" }} }}",
-        redis.url()
-    ))
-    .await;
+    };
+    credits_hold(&on_redis(&redis)).await;
 }
