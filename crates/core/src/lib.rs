@@ -8,6 +8,7 @@ pub mod gcra;
 pub mod model;
 pub mod quota;
 pub mod rules;
+pub mod shadow;
 pub mod sharing;
 pub mod source_ips;
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::credits::{CREDIT_REFILL_TAG, Refill};
+use crate::shadow::{ENFORCEMENT_TAG, Enforcement, SHADOW_HEADERS_TAG, parse_switch};
 use crate::sharing::{LIMITS_SHARE_BY_TAG, ShareBy};
 use crate::source_ips::{IpNetworks, SOURCE_IPS_TAG};
 
@@ -157,9 +158,12 @@ impl UsagePlan {
     }
 
     /// Whether the quota counts of this plan, changed from `before`, start again from what the
-    /// store counted: its quota, or what its keys share, changed.
+    /// store counted: its quota, what its keys share, or its enforcement (shadow counts are kept
+    /// apart) changed.
     pub fn recounts_from(&self, before: &UsagePlan) -> bool {
-        self.quota != before.quota || self.limits_share_by() != before.limits_share_by()
+        self.quota != before.quota
+            || self.limits_share_by() != before.limits_share_by()
+            || self.enforcement() != before.enforcement()
     }
 }
 
@@ -174,7 +178,8 @@ pub const EXPIRES_TAG: &str = "tollgate:expiresAt";
 
 /// Checks tags the way AWS does: at most 50, keys of 1 to 128 characters not starting with `aws:`,
 /// values of at most 256; and that [`EXPIRES_TAG`] holds a time, [`SOURCE_IPS_TAG`] CIDRs,
-/// [`LIMITS_SHARE_BY_TAG`] a [`ShareBy`] and [`CREDIT_REFILL_TAG`] a [`Refill`]. With AWS's messages where AWS has one.
+/// [`LIMITS_SHARE_BY_TAG`] a [`ShareBy`], [`CREDIT_REFILL_TAG`] a [`Refill`], [`ENFORCEMENT_TAG`] an
+/// [`Enforcement`] and [`SHADOW_HEADERS_TAG`] `true` or `false`. With AWS's messages where AWS has one.
 pub fn validate_tags(tags: &Tags) -> Result<(), String> {
     if tags.len() > MAX_TAGS {
         return Err(format!(
@@ -203,6 +208,12 @@ pub fn validate_tags(tags: &Tags) -> Result<(), String> {
         }
         if k == CREDIT_REFILL_TAG {
             Refill::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
+        }
+        if k == ENFORCEMENT_TAG {
+            Enforcement::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
+        }
+        if k == SHADOW_HEADERS_TAG {
+            parse_switch(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;
         }
         if k == LIMITS_SHARE_BY_TAG {
             ShareBy::parse(v).map_err(|e| format!("Invalid tag value for key '{k}': {e}"))?;

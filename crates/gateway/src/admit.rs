@@ -51,6 +51,8 @@ pub struct Admission<'s> {
     pub membership: Option<Membership<'s>>,
     /// The key's limits after this request.
     pub limits: LimitInfo,
+    /// Let through by a plan in shadow that would have refused it: which refusal.
+    pub shadow: Option<Decision>,
 }
 
 /// A refused request: why, and the key's membership when the key was accepted.
@@ -168,7 +170,7 @@ pub(crate) async fn admit_caller<'s>(
         }
     };
     let (membership, decision) = match &outcome {
-        Ok(a) => (a.membership.as_ref(), Decision::Allowed),
+        Ok(a) => (a.membership.as_ref(), a.shadow.unwrap_or(Decision::Allowed)),
         Err(r) => (r.membership.as_ref(), Decision::from(&r.refusal)),
     };
     metrics.decided(m, membership.map(|m| m.plan_id()), decision);
@@ -206,12 +208,7 @@ pub(crate) async fn admit<'s>(
         None
     };
     let refused = |refusal: Refusal| {
-        let counted = match refusal {
-            Refusal::TooManyRequests { .. } => Some(Counted::Throttled),
-            Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
-            _ => None,
-        };
-        if let (Some(m), Some(c)) = (&membership, counted) {
+        if let (Some(m), Some(c)) = (&membership, counted_as(&refusal)) {
             snap.count(m, c, 1, now);
         }
         Refused {
@@ -237,6 +234,7 @@ pub(crate) async fn admit<'s>(
             route,
             membership,
             limits: LimitInfo::default(),
+            shadow: None,
         });
     };
     // The key's throttle and quota, and the meter.
@@ -245,11 +243,34 @@ pub(crate) async fn admit<'s>(
             route,
             membership,
             limits,
+            shadow: None,
         }),
+        // A plan tried in shadow refuses nothing of its own: the request passes, and the refusal
+        // it would have been is counted (in the shadow's meters) and named.
+        Err(refusal) if g.shadow() && Decision::in_shadow(&refusal).is_some() => {
+            if let Some(c) = counted_as(&refusal) {
+                snap.count(&g, c, 1, now);
+            }
+            Ok(Admission {
+                route,
+                membership,
+                limits: refusal.limits().unwrap_or_default(),
+                shadow: Decision::in_shadow(&refusal),
+            })
+        }
         Err(refusal) => {
             shared.iter().flatten().for_each(|b| b.refund());
             Err(refused(refusal))
         }
+    }
+}
+
+/// The per-day meter a refusal by a key's own limits counts in.
+fn counted_as(refusal: &Refusal) -> Option<Counted> {
+    match refusal {
+        Refusal::TooManyRequests { .. } => Some(Counted::Throttled),
+        Refusal::LimitExceeded { .. } => Some(Counted::QuotaExceeded),
+        _ => None,
     }
 }
 

@@ -558,7 +558,8 @@ enum Answer<'s> {
 fn admitted<'s>(ex: &mut Exchange<'s>, admission: &Admission<'s>) -> HeaderMap {
     ex.key_id = admission.membership.map(|m| m.key_id);
     let mut extra = HeaderMap::new();
-    if ex.config.rate_limit_headers {
+    let shown = admission.membership.is_none_or(|m| m.shows_limits());
+    if ex.config.rate_limit_headers && shown {
         response::add_rate_limit_headers(&mut extra, &admission.limits);
     }
     extra

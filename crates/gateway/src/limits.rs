@@ -168,6 +168,16 @@ impl Refusal {
         }
     }
 
+    /// The key's limits a refusal by them carries.
+    pub fn limits(&self) -> Option<LimitInfo> {
+        match self {
+            Self::TooManyRequests { limits, .. }
+            | Self::LimitExceeded { limits, .. }
+            | Self::CreditsExhausted { limits } => Some(*limits),
+            _ => None,
+        }
+    }
+
     /// The credits in `limits` are fewer than the cost (until a refill, if any).
     pub fn credits_exhausted(limits: LimitInfo) -> Self {
         Self::CreditsExhausted { limits }

@@ -81,10 +81,19 @@ impl Local<'_> {
         }
         // Credits, after the quota: a request they refuse gives its quota back.
         if let Some(account) = membership.credits() {
+            // A plan in shadow spends credits of its own, and tells the ledger nothing.
+            let (credits, shadow) = match membership.shadow() {
+                true => (&account.live.shadow, true),
+                false => (&account.live.credits, false),
+            };
             if let Some(refill) = &account.refill {
-                account.live.refill(refill, now);
+                if shadow {
+                    credits.refill(refill, now);
+                } else {
+                    account.live.refill(refill, now);
+                }
             }
-            let (left, spent) = match account.live.credits.try_spend(cost) {
+            let (left, spent) = match credits.try_spend(cost) {
                 CreditDecision::Spent { left } => (left, true),
                 CreditDecision::Exhausted { left } => (left, false),
             };
@@ -98,7 +107,9 @@ impl Local<'_> {
                 }
                 return Err(Refusal::credits_exhausted(limits));
             }
-            account.live.spent(cost, now);
+            if !shadow {
+                account.live.spent(cost, now);
+            }
         }
         self.0.count(membership, Counted::Admitted, cost, now);
         Ok(limits)

@@ -49,6 +49,12 @@ pub enum Decision {
     QuotaExceeded,
     /// The key's credits are fewer than the request's cost.
     CreditsExhausted,
+    /// Let through by a plan in shadow whose throttle would have refused it.
+    ShadowThrottled,
+    /// Let through by a plan in shadow whose quota would have refused it.
+    ShadowQuotaExceeded,
+    /// Let through by a plan in shadow whose credits would have refused it.
+    ShadowCreditsExhausted,
     /// Redis could not decide and `onStoreFailure: deny`.
     StoreUnavailable,
 }
@@ -80,7 +86,22 @@ impl Decision {
             Self::Throttled => "throttled",
             Self::QuotaExceeded => "quota_exceeded",
             Self::CreditsExhausted => "credits_exhausted",
+            Self::ShadowThrottled => "shadow_throttled",
+            Self::ShadowQuotaExceeded => "shadow_quota_exceeded",
+            Self::ShadowCreditsExhausted => "shadow_credits_exhausted",
             Self::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl Decision {
+    /// What a plan in shadow lets through instead of `refusal`, when its own limits refused.
+    pub fn in_shadow(refusal: &Refusal) -> Option<Self> {
+        match refusal {
+            Refusal::TooManyRequests { .. } => Some(Self::ShadowThrottled),
+            Refusal::LimitExceeded { .. } => Some(Self::ShadowQuotaExceeded),
+            Refusal::CreditsExhausted { .. } => Some(Self::ShadowCreditsExhausted),
+            _ => None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tollgate_core::gcra::Gcra;
 use tollgate_core::quota::Quota;
+use tollgate_core::shadow::Enforcement;
 use tollgate_core::{ShareBy, ThrottleSettings, UsagePlan};
 
 use crate::config::GatewayConfig;
@@ -27,6 +28,12 @@ pub(crate) struct PlanRules {
     pub(crate) methods: Vec<(RouteAt, ThrottleSettings)>,
     /// What its keys share their limits by (none: each key has its own).
     pub(crate) share_by: Option<ShareBy>,
+    /// The name its counts are kept under: its id, or in shadow its shadow name.
+    pub(crate) counts_as: Arc<str>,
+    /// In shadow: its limits refuse nothing.
+    pub(crate) shadow: bool,
+    /// In shadow, the RateLimit headers are sent too.
+    pub(crate) shadow_headers: bool,
 }
 
 impl PlanRules {
@@ -70,6 +77,9 @@ impl PlanRules {
             stages,
             methods,
             share_by: plan.limits_share_by(),
+            counts_as: plan.counts_as().into(),
+            shadow: plan.enforcement() == Enforcement::Shadow,
+            shadow_headers: plan.shadow_headers(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_store::OnStoreFailure;
-use tollgate_store::limiter::{KeyCall, RedisLimiter, Verdict};
+use tollgate_store::limiter::{CreditCall, KeyCall, RedisLimiter, Verdict};
 
 use crate::limits::{BucketInfo, CreditInfo, LimitInfo, QuotaInfo, Refusal};
 use crate::local_limits::{KeyLimits, Local};
@@ -60,12 +60,16 @@ impl SharedLimits<'_> {
         let account = membership.credits();
         let call = KeyCall {
             holder: membership.holder(),
-            plan_id: membership.plan_id(),
+            plan_id: membership.counts_as(),
             method: &method,
             throttle: gcra,
             quota,
             cost: route.cost,
-            credits: account.map(|a| (membership.key_id, a.refill.as_ref())),
+            credits: account.map(|a| CreditCall {
+                key_id: membership.key_id,
+                refill: a.refill.as_ref(),
+                shadow: membership.shadow(),
+            }),
         };
         let started = std::time::Instant::now();
         let decided = self.limiter.decide(&call, now).await;
@@ -95,7 +99,11 @@ impl SharedLimits<'_> {
         let credit_info = |left| {
             account.map(|a| {
                 // This instance's balance follows, for when it must decide alone.
-                a.live.credits.set(left);
+                let live = match membership.shadow() {
+                    true => &a.live.shadow,
+                    false => &a.live.credits,
+                };
+                live.set(left);
                 CreditInfo::new(left, a.refill.as_ref(), now)
             })
         };

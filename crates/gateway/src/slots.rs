@@ -58,6 +58,9 @@ impl Bucket {
 #[derive(Debug, Default)]
 pub(crate) struct KeyCredits {
     pub(crate) credits: Credits,
+    /// What plans in shadow spend instead (never written to the ledger): it starts from the
+    /// balance and follows its top-ups.
+    pub(crate) shadow: Credits,
     pub(crate) spent: DailyMeter,
     /// Rare events the flusher writes: spending displaced by a new day, and refills (the period's
     /// first day, what was added).
@@ -76,8 +79,15 @@ impl KeyCredits {
     pub(crate) fn new(balance: u64, refilled: Option<EpochDay>) -> Self {
         Self {
             credits: Credits::new(balance, refilled),
+            shadow: Credits::new(balance, refilled),
             ..Self::default()
         }
+    }
+
+    /// Adds `n` credits (a top-up), to the balance and to what plans in shadow spend.
+    pub(crate) fn add(&self, n: u64) {
+        self.credits.add(n);
+        self.shadow.add(n);
     }
 
     /// Records `cost` spent at `now`.

@@ -89,6 +89,22 @@ impl<'s> Membership<'s> {
         &self.plan.id
     }
 
+    /// The name the plan's counts are kept under (its shadow name in shadow).
+    pub(crate) fn counts_as(&self) -> &'s Arc<str> {
+        &self.plan.counts_as
+    }
+
+    /// Whether the plan is tried in shadow: its limits refuse nothing.
+    pub(crate) fn shadow(&self) -> bool {
+        self.plan.shadow
+    }
+
+    /// Whether the response carries the RateLimit headers: always, except in shadow without
+    /// `shadowHeaders`.
+    pub(crate) fn shows_limits(&self) -> bool {
+        !self.plan.shadow || self.plan.shadow_headers
+    }
+
     /// Whose limits the key draws on: its own, or its customer's.
     pub(crate) fn holder(&self) -> Holder<'s> {
         match self.customer {
@@ -373,7 +389,7 @@ impl Snapshot {
                             previous,
                             now,
                         };
-                        let used = || period_used.key(&rules.id, key_id);
+                        let used = || period_used.key(&rules.counts_as, key_id);
                         limits.start(slot, live_at(&book.chunks, slot), used, &mut method_buckets);
                     }
                     Some(customer) => {
@@ -396,7 +412,7 @@ impl Snapshot {
                                     previous,
                                     now,
                                 };
-                                let used = || period_used.customer(&rules.id, customer);
+                                let used = || period_used.customer(&rules.counts_as, customer);
                                 let live = live_at(&book.chunks, shared);
                                 limits.start(shared, live, used, &mut method_buckets);
                                 let group = customers.len() as u32;
@@ -459,7 +475,7 @@ impl Snapshot {
                         book.retired.insert(
                             member.slot,
                             Retired {
-                                plan_id: previous.plans[member.plan as usize].id.clone(),
+                                plan_id: previous.plans[member.plan as usize].counts_as.clone(),
                                 id: previous.keys.id(i).into(),
                                 customer: false,
                                 seen_by: Arc::downgrade(&previous.epoch),
@@ -472,7 +488,7 @@ impl Snapshot {
                 book.retired.insert(
                     group.slot,
                     Retired {
-                        plan_id: previous.plans[group.plan as usize].id.clone(),
+                        plan_id: previous.plans[group.plan as usize].counts_as.clone(),
                         id: group.id.clone(),
                         customer: true,
                         seen_by: Arc::downgrade(&previous.epoch),
@@ -696,13 +712,13 @@ impl Snapshot {
                 }
                 Some(owner) if owner & CUSTOMER != 0 => {
                     let group = &snap.customers[(owner & !CUSTOMER) as usize];
-                    let plan = &snap.plans[group.plan as usize].id;
+                    let plan = &snap.plans[group.plan as usize].counts_as;
                     Some((plan, Holder::Customer(&group.id)))
                 }
                 Some(member) => {
                     let plan = snap.keys.member(member as usize).plan as usize;
                     let key = snap.keys.owner(member as usize);
-                    Some((&snap.plans[plan].id, Holder::Key(snap.keys.id(key))))
+                    Some((&snap.plans[plan].counts_as, Holder::Key(snap.keys.id(key))))
                 }
             }
         };
@@ -748,7 +764,7 @@ impl Snapshot {
         let Some(account) = self.keys.by_id(key_id).and_then(|k| self.keys.credits(k)) else {
             return false;
         };
-        account.live.credits.add(n);
+        account.live.add(n);
         true
     }
 
@@ -776,7 +792,7 @@ struct Limits<'a> {
 impl Limits<'_> {
     /// Starts the limits in `slot` (state `live`): tokens carry over into a changed throttle, the
     /// quota count carries on unless the quota changed (then it starts from `used`), per-method
-    /// buckets keep their tokens.
+    /// buckets keep their tokens; a switch in or out of shadow starts all of them afresh.
     fn start(
         &self,
         slot: u32,
@@ -785,16 +801,19 @@ impl Limits<'_> {
         method_buckets: &mut HashMap<(u32, RouteAt), Bucket>,
     ) {
         let (rules, now) = (self.rules, self.now);
-        if let (Some(gcra), Some(old)) = (
-            &rules.throttle,
-            self.before.and_then(|r| r.throttle.as_ref()),
-        ) {
+        // Shadow counters are kept apart: a plan switched in or out of shadow starts clean.
+        let before = self.before.filter(|r| r.shadow == rules.shadow);
+        if self.before.is_some() && before.is_none() {
+            live.bucket.reset();
+        }
+        if let (Some(gcra), Some(old)) = (&rules.throttle, before.and_then(|r| r.throttle.as_ref()))
+        {
             if gcra != old {
                 gcra.carry_over(old, &live.bucket, now);
             }
         }
         if let Some(quota) = &rules.quota {
-            let same = self.before.is_some_and(|r| {
+            let same = before.is_some_and(|r| {
                 r.share_by == rules.share_by
                     && r.quota.as_ref().map(Quota::settings) == Some(quota.settings())
             });
@@ -803,8 +822,7 @@ impl Limits<'_> {
             }
         }
         for &(at, settings) in &rules.methods {
-            let prior = self
-                .before
+            let prior = before
                 .and(self.previous)
                 .and_then(|p| p.method_buckets.get(&(slot, at)));
             method_buckets.insert((slot, at), Bucket::new(settings, prior, now));

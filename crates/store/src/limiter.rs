@@ -53,8 +53,19 @@ pub struct KeyCall<'a> {
     pub quota: Option<&'a QuotaSettings>,
     /// What the request spends of the quota, the credits and the day's usage (its route's `cost`).
     pub cost: u32,
-    /// The API key's credits, when it holds some: its id (their hash tag) and refill.
-    pub credits: Option<(&'a str, Option<&'a Refill>)>,
+    /// The API key's credits, when it holds some.
+    pub credits: Option<CreditCall<'a>>,
+}
+
+/// The credits a request spends.
+#[derive(Debug, Clone, Copy)]
+pub struct CreditCall<'a> {
+    /// The API key's id (their hash tag).
+    pub key_id: &'a str,
+    /// Their refill.
+    pub refill: Option<&'a Refill>,
+    /// Spend the credits of plans in shadow, apart from the balance.
+    pub shadow: bool,
 }
 
 /// The script's verdict on one request.
@@ -195,11 +206,12 @@ impl Job {
             )
         });
         let window = call.quota.map(|q| QuotaWindow::containing(q, day));
-        let refill = call.credits.and_then(|(_, r)| r);
+        let refill = call.credits.and_then(|c| c.refill);
         let refilled = refill.map(|r| r.window(day));
         let flags = u64::from(call.throttle.is_some())
             | u64::from(call.quota.is_some()) << 1
-            | u64::from(call.credits.is_some()) << 2;
+            | u64::from(call.credits.is_some()) << 2
+            | u64::from(call.credits.is_some_and(|c| c.shadow)) << 3;
         let args = [
             flags,
             interval_us,
@@ -540,7 +552,7 @@ impl RedisLimiter {
             },
             plan_id: call.plan_id.clone(),
             method: call.method.into(),
-            credits: call.credits.map(|(key_id, _)| key_id.into()),
+            credits: call.credits.map(|c| c.key_id.into()),
             args,
             reply,
         };
@@ -860,8 +872,8 @@ mod tests {
     /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust
     /// (`tollgate-core`, the embedded mode) and in Lua (`lua/limit.lua`, cluster mode). The same
     /// random sequences of requests (several keys and a customer whose keys share limits, bursts,
-    /// refills, quota period boundaries, costs from 0 to 3, credits with and without a refill and
-    /// top-ups) go through both, on one manual clock, and every decision must be the same.
+    /// refills, quota period boundaries, costs from 0 to 3, credits with and without a refill, in
+    /// shadow, and top-ups) go through both, on one manual clock, and every decision must be the same.
     #[tokio::test]
     async fn the_lua_script_decides_as_the_rust_rules_do() {
         let redis = RedisServer::start();
@@ -952,6 +964,7 @@ mod tests {
             let mut rng = Rng(seed);
             // What each key spent, as the embedded mode meters it (admitted requests' costs).
             let mut spent = vec![0u64; sides.len()];
+            let mut topped_up = vec![0u64; sides.len()];
             for step in 0..400 {
                 match rng.below(10) {
                     // A burst of requests from one key.
@@ -969,7 +982,12 @@ mod tests {
                                 throttle: side.gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),
                                 cost,
-                                credits: credit_shapes[k].map(|(_, r)| (ids[k].as_str(), r)),
+                                credits: credit_shapes[k].map(|(_, refill)| CreditCall {
+                                    key_id: ids[k].as_str(),
+                                    refill,
+                                    // One key's credits are spent by a plan in shadow.
+                                    shadow: k == 3,
+                                }),
                             };
                             let lua = limiter.decide(&call, now).await.unwrap().verdict;
                             let rust = side.decide(cost, now);
@@ -995,6 +1013,7 @@ mod tests {
                         if let Some((credits, _)) = &sides[k].credits {
                             credits.add(n);
                         }
+                        topped_up[k] += n;
                     }
                     // To a second before the next UTC midnight: the next steps cross it.
                     _ => {
@@ -1019,10 +1038,22 @@ mod tests {
                 if let Some((credits, _)) = &sides[k].credits {
                     let b: u64 = redis::cmd("HGET")
                         .arg(keys::credits(id))
-                        .arg("b")
+                        .arg(if k == 3 { "sb" } else { "b" })
                         .query(&mut c)
                         .unwrap();
                     assert_eq!(b, credits.balance(), "seed {seed}, key {k}: the balance");
+                }
+                if k == 3 {
+                    let b: u64 = redis::cmd("HGET")
+                        .arg(keys::credits(id))
+                        .arg("b")
+                        .query(&mut c)
+                        .unwrap();
+                    assert_eq!(
+                        b,
+                        15 + topped_up[k],
+                        "seed {seed}: shadow spends none of it"
+                    );
                 }
             }
         }

@@ -311,9 +311,14 @@ return 1
 /// credits a key may hold.
 const ADD_CREDITS: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local b = tonumber(redis.call('HGET', KEYS[2], 'b')) or 0
-b = math.min(math.max(b, 0) + tonumber(ARGV[2]), tonumber(ARGV[4]))
-redis.call('HSET', KEYS[2], 'b', string.format('%.0f', b))
+-- The balance, and what plans in shadow spend (once they have started).
+for _, field in ipairs({'b', 'sb'}) do
+  local b = tonumber(redis.call('HGET', KEYS[2], field))
+  if b or field == 'b' then
+    b = math.min(math.max(b or 0, 0) + tonumber(ARGV[2]), tonumber(ARGV[4]))
+    redis.call('HSET', KEYS[2], field, string.format('%.0f', b))
+  end
+end
 local day = tonumber(ARGV[3])
 if day > (tonumber(redis.call('HGET', KEYS[2], 'w')) or 0) then redis.call('HSET', KEYS[2], 'w', day) end
 return 1

@@ -71,8 +71,9 @@ pub fn plan_usage<'p>(
     to: EpochDay,
 ) -> Result<PlanUsage<'p>, StoreError> {
     let since = report_start(plan, from);
-    let used = store.series(Series::Used, &plan.id, key_id, since, to)?;
-    let adjustments = store.series(Series::QuotaAdjustment, &plan.id, key_id, since, to)?;
+    let counts_as = plan.counts_as();
+    let used = store.series(Series::Used, &counts_as, key_id, since, to)?;
+    let adjustments = store.series(Series::QuotaAdjustment, &counts_as, key_id, since, to)?;
     let mut ids: Vec<String> = match key_id {
         Some(k) => vec![k.to_owned()],
         None => members.iter().map(|&k| k.to_owned()).collect(),
@@ -118,7 +119,8 @@ impl PlanUsage<'_> {
         customer_of: HashMap<String, String>,
     ) -> Result<Self, StoreError> {
         let customers: Vec<&str> = customer_of.values().map(String::as_str).collect();
-        let (plan, since, to) = (self.plan.id.as_str(), self.since, self.to);
+        let (plan, since, to) = (self.plan.counts_as(), self.since, self.to);
+        let plan = &*plan;
         self.customer_used = store.customer_series(Series::Used, plan, &customers, since, to)?;
         self.customer_adjustments =
             store.customer_series(Series::QuotaAdjustment, plan, &customers, since, to)?;
@@ -164,7 +166,8 @@ impl PlanUsage<'_> {
         store: &dyn Store,
         key_id: Option<&str>,
     ) -> Result<Self, StoreError> {
-        let (plan, from, to) = (self.plan.id.as_str(), self.from, self.to);
+        let (plan, from, to) = (self.plan.counts_as(), self.from, self.to);
+        let plan = &*plan;
         self.throttled = store.series(Series::Throttled, plan, key_id, from, to)?;
         self.quota_exceeded = store.series(Series::QuotaExceeded, plan, key_id, from, to)?;
         Ok(self)
@@ -224,7 +227,8 @@ pub fn customer_usage(
     from: EpochDay,
     to: EpochDay,
 ) -> Result<CustomerUsage, StoreError> {
-    let (since, plan_id) = (report_start(plan, from), plan.id.as_str());
+    let (since, counts_as) = (report_start(plan, from), plan.counts_as());
+    let plan_id = &*counts_as;
     let mut ids: Vec<String> = keys.iter().map(|&k| k.to_owned()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -299,9 +303,9 @@ fn of_key<'a>(items: &'a [DayValue], key_id: &str) -> &'a [DayValue] {
 /// quota counts start from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeriodUsed {
-    /// Per (plan id, key id).
+    /// Per (the name the plan counts as, key id): its id, or in shadow its shadow name.
     pub keys: HashMap<(String, String), i64>,
-    /// Per (plan id, customer id), in plans that share limits by customer.
+    /// Per (the name the plan counts as, customer id), in plans that share limits by customer.
     pub customers: HashMap<(String, String), i64>,
     /// Keys' credits, by key id, for keys whose credits the data plane does not hold yet (all of
     /// them at a start).
@@ -340,13 +344,14 @@ pub fn used_in_period(
     };
     let window = QuotaWindow::containing(quota, today);
     let mut used = 0i64;
+    let plan_id = &*plan.counts_as();
     for series in [Series::Used, Series::QuotaAdjustment] {
         let rows = match holder {
             Holder::Key(key_id) => {
-                store.series(series, &plan.id, Some(key_id), window.start, today)?
+                store.series(series, plan_id, Some(key_id), window.start, today)?
             }
             Holder::Customer(customer_id) => {
-                store.customer_series(series, &plan.id, &[customer_id], window.start, today)?
+                store.customer_series(series, plan_id, &[customer_id], window.start, today)?
             }
         };
         used = rows.iter().fold(used, |n, r| n.saturating_add(r.value));
@@ -381,9 +386,10 @@ pub fn period_used(
             .collect();
         let window = QuotaWindow::containing(quota, today);
         for series in [Series::Used, Series::QuotaAdjustment] {
-            for row in store.customer_series(series, &plan.id, &of_plan, window.start, today)? {
+            let counts_as = plan.counts_as();
+            for row in store.customer_series(series, &counts_as, &of_plan, window.start, today)? {
                 let n = customers
-                    .entry((plan.id.clone(), row.key_id))
+                    .entry((counts_as.to_string(), row.key_id))
                     .or_insert(0i64);
                 *n = n.saturating_add(row.value);
             }
@@ -396,7 +402,7 @@ pub fn period_used(
     })
 }
 
-/// Requests already counted, per (plan id, key id), in each of `plans`' quota period containing
+/// Requests already counted, per (the name a plan counts as, key id), in each of `plans`' quota period containing
 /// `today`, operator adjustments included: what a (re)built snapshot must start from so quotas survive
 /// restarts and plan changes.
 pub fn period_usage<'p>(
@@ -410,8 +416,11 @@ pub fn period_usage<'p>(
         let window = QuotaWindow::containing(quota, today);
         // Requests counted, then operators' adjustments.
         for series in [Series::Used, Series::QuotaAdjustment] {
-            for row in store.series(series, &plan.id, None, window.start, today)? {
-                let n = used.entry((plan.id.clone(), row.key_id)).or_insert(0i64);
+            let counts_as = plan.counts_as();
+            for row in store.series(series, &counts_as, None, window.start, today)? {
+                let n = used
+                    .entry((counts_as.to_string(), row.key_id))
+                    .or_insert(0i64);
                 *n = n.saturating_add(row.value);
             }
         }

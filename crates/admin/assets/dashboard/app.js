@@ -141,11 +141,13 @@ function chart(days, series, line) {
   return h("div", {}, svg, legend);
 }
 
-// Admitted requests on the left of each day (side 0), refusals on the right (side 1).
-const SERIES = (allowed, throttled, quota) => [
+// Admitted requests on the left of each day (side 0), refusals on the right (side 1); with
+// `shadow`, what plans tried in shadow let through but would have refused, beside the refusals.
+const SERIES = (allowed, throttled, quota, shadow) => [
   { name: "allowed", values: allowed, color: "#2e7d5b", cls: "allowed", side: 0 },
   { name: "throttled (429)", values: throttled, color: "#e0a100", cls: "throttled", side: 1 },
   { name: "quota exceeded (429)", values: quota, color: "#c2410c", cls: "quota", side: 1 },
+  ...(shadow ? [{ name: "would have refused (shadow)", values: shadow, color: "#7c6fd6", cls: "shadow", side: 1 }] : []),
 ];
 
 // A latency quantile from the overview: in the first bucket it is only known to be under the bound.
@@ -157,6 +159,7 @@ async function overviewPage(view) {
   const lat = o.latency;
   const sum = (a) => a.reduce((x, y) => x + y, 0);
   const allowed = sum(o.allowed), refused = sum(o.throttled) + sum(o.quotaExceeded);
+  const wouldHave = sum(o.wouldHaveRefused);
   const share = allowed + refused ? (100 * refused / (allowed + refused)).toFixed(1) + "%" : "–";
   const top = (items, empty) => items.length
     ? h("ol", { class: "top" }, items.map((k) => h("li", {}, h("a", { href: `#/keys/${encodeURIComponent(k.id)}` }, k.name || k.id), h("b", {}, fmt(k.count)))))
@@ -168,10 +171,11 @@ async function overviewPage(view) {
       h("div", { class: "stat" }, h("b", {}, fmt(refused)), h("span", {}, "refused 429, 30 days")),
       h("div", { class: "stat" }, h("b", { id: "stat-429" }, share), h("span", {}, "429 share")),
       h("div", { class: "stat" }, h("b", { id: "stat-403" }, fmt(o.forbidden)), h("span", { title: "No key, an unknown, disabled or expired one; this instance since it started" }, "refused 403 (this instance)")),
+      wouldHave ? h("div", { class: "stat" }, h("b", { id: "stat-shadow" }, fmt(wouldHave)), h("span", { title: "Let through by plans tried in shadow (enforcement: shadow); enforced, they would have been refused 429" }, "would have refused, 30 days")) : null,
       h("div", { class: "stat" }, h("b", { id: "stat-p50" }, ms(lat.p50)), h("span", {}, "p50 latency (this instance)")),
       h("div", { class: "stat" }, h("b", {}, ms(lat.p99)), h("span", {}, "p99 latency (this instance)"))),
     h("div", { class: "card" }, h("h2", {}, "Requests per day with a key, by decision"),
-      chart(o.days, SERIES(o.allowed, o.throttled, o.quotaExceeded))),
+      chart(o.days, SERIES(o.allowed, o.throttled, o.quotaExceeded, wouldHave ? o.wouldHaveRefused : null))),
     h("div", { class: "grid2" },
       h("div", { class: "card" }, h("h2", {}, "Top consumers"), top(o.topByVolume, "No requests yet.")),
       h("div", { class: "card" }, h("h2", {}, "Most refused"), top(o.topByRefusals, "Nobody was refused."))));

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_core::UsagePlan;
 use tollgate_core::quota::{EpochDay, QuotaWindow};
+use tollgate_core::shadow::shadow_counts;
 use tollgate_store::report::{period_usage, plan_usage, used_in_period};
 use tollgate_store::{Holder, Series};
 
@@ -45,19 +46,28 @@ pub(super) async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
     let mut overview = admin
         .blocking(move |admin| {
             let n = (to.0 - from.0 + 1) as usize;
-            let mut days = vec![[0u64; 3]; n];
+            let mut days = vec![[0u64; 4]; n];
             let mut by_key: HashMap<String, [u64; 2]> = HashMap::new();
-            // Per day: allowed, throttled, quota exceeded; per key: allowed, refused.
+            // Per day: allowed, throttled, quota exceeded, let through by a plan in shadow that
+            // would have refused; per key: allowed, refused. A plan's counts in shadow are kept
+            // under its shadow name, whatever it does now.
             let series = [
-                (Series::Used, 0, 0),
-                (Series::Throttled, 1, 1),
-                (Series::QuotaExceeded, 2, 1),
+                (Series::Used, false, 0, Some(0)),
+                (Series::Throttled, false, 1, Some(1)),
+                (Series::QuotaExceeded, false, 2, Some(1)),
+                (Series::Used, true, 0, Some(0)),
+                (Series::Throttled, true, 3, None),
+                (Series::QuotaExceeded, true, 3, None),
             ];
             for plan in &plans {
-                for (series, on_day, of_key) in series {
-                    for r in admin.store.series(series, &plan.id, None, from, to)? {
+                let shadow = shadow_counts(&plan.id);
+                for (series, in_shadow, on_day, of_key) in series {
+                    let counts_as = if in_shadow { &shadow } else { &plan.id };
+                    for r in admin.store.series(series, counts_as, None, from, to)? {
                         days[(r.day.0 - from.0) as usize][on_day] += r.count();
-                        by_key.entry(r.key_id.clone()).or_default()[of_key] += r.count();
+                        if let Some(of_key) = of_key {
+                            by_key.entry(r.key_id.clone()).or_default()[of_key] += r.count();
+                        }
                     }
                 }
             }
@@ -82,6 +92,7 @@ pub(super) async fn overview(State(dash): State<Arc<Dashboard>>) -> Answer {
                 "allowed": days.iter().map(|d| d[0]).collect::<Vec<_>>(),
                 "throttled": days.iter().map(|d| d[1]).collect::<Vec<_>>(),
                 "quotaExceeded": days.iter().map(|d| d[2]).collect::<Vec<_>>(),
+                "wouldHaveRefused": days.iter().map(|d| d[3]).collect::<Vec<_>>(),
                 "topByVolume": top(0)?,
                 "topByRefusals": top(1)?,
             }))
@@ -310,7 +321,7 @@ pub(super) async fn plans(State(dash): State<Arc<Dashboard>>) -> Answer {
                 .map(|p| {
                     let period: i64 = used
                         .iter()
-                        .filter(|((plan, _), _)| *plan == p.id)
+                        .filter(|((plan, _), _)| *plan == *p.counts_as())
                         .map(|(_, n)| *n)
                         .sum();
                     let resets = resets(p, today);

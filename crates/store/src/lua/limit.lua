@@ -26,6 +26,8 @@ end
 local tats, quotas, usage, credits = {}, {}, {}, {}
 local function decide(K, A, has_credits)
   local flags = tonumber(ARGV[A + 1])
+  local b, w = 'b', 'w'
+  if math.floor(flags / 8) % 2 == 1 then b, w = 'sb', 'sw' end
   local has_throttle, has_quota = flags % 2 == 1, math.floor(flags / 2) % 2 == 1
   local interval, tolerance = tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
   local limit, ws, we = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6])
@@ -68,11 +70,14 @@ local function decide(K, A, has_credits)
   -- Credits, after the quota: a refill first (back up to its amount, once a period), then the cost.
   local c
   if has_credits then
-    c = credits[KEYS[K + 5]]
+    local ck = KEYS[K + 5] .. b
+    c = credits[ck]
     if not c then
-      local h = redis.call('HMGET', KEYS[K + 5], 'b', 'w')
-      c = {b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0}
-      credits[KEYS[K + 5]] = c
+      local h = redis.call('HMGET', KEYS[K + 5], b, w, 'b', 'w')
+      -- Shadow credits start from the balance.
+      if not h[1] then h[1], h[2] = h[3], h[4] end
+      c = {key = KEYS[K + 5], b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
+      credits[ck] = c
     end
     if refill > 0 and c.w ~= rs then
       c.b = math.max(c.b, refill)
@@ -110,8 +115,8 @@ for key, q in pairs(quotas) do
     if q.fresh then redis.call('EXPIREAT', key, (q.we + 2) * 86400) end
   end
 end
-for key, c in pairs(credits) do
-  if c.dirty then redis.call('HSET', key, 'b', string.format('%.0f', c.b), 'w', c.w) end
+for _, c in pairs(credits) do
+  if c.dirty then redis.call('HSET', c.key, c.bf, string.format('%.0f', c.b), c.wf, c.w) end
 end
 for key, n in pairs(usage) do
   if n > 0 then redis.call('HINCRBY', key, day, n) end

@@ -432,6 +432,12 @@ pub struct RawPlan {
     /// `tollgate:limitsShareBy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits_share_by: Option<String>,
+    /// `enforce` (default) or `shadow`; kept as the tag `tollgate:enforcement`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<String>,
+    /// In shadow, send the RateLimit headers too; kept as the tag `tollgate:shadowHeaders`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_headers: Option<bool>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
 }

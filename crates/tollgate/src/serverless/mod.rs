@@ -601,6 +601,8 @@ fn plan_on(
         throttle: settings.throttle,
         quota: settings.quota.map(|q| sited(q, quota_at)),
         limits_share_by: None,
+        enforcement: None,
+        shadow_headers: None,
         tags: BTreeMap::new(),
     };
     sited(plan, at)

@@ -469,7 +469,7 @@ async fn sign_in(b: &Browser, admin: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_customers_view_shows_what_a_customers_keys_used_together() {
+async fn the_customers_view_and_the_series_of_what_shadow_would_have_refused() {
     let up = util::upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let plans = "usagePlans:\n  - { name: partners, limitsShareBy: customerId, apiStages: [ { apiId: warranty, stage: prod } ], quota: { limit: 10, period: DAY } }\n\
@@ -477,14 +477,30 @@ async fn the_customers_view_shows_what_a_customers_keys_used_together() {
         \x20 - { name: acme-prod, value: acmeProdKeyValue0123456789, customerId: acme, usagePlans: [partners] }\n\
         \x20 - { name: acme-staging, value: acmeStagingKeyValue0123456789, customerId: acme, usagePlans: [partners] }\n\
         \x20 - { name: globex, value: globexKeyValue0123456789, customerId: globex, usagePlans: [partners] }\n\
-        \x20 - { name: solo, value: soloKeyValue0123456789abc, usagePlans: [partners] }\n";
+        \x20 - { name: solo, value: soloKeyValue0123456789abc, usagePlans: [partners] }\n\
+        \x20 - { name: tried, value: triedKeyValue0123456789abc, usagePlans: [tried] }\n";
+    let plans = plans.replace(
+        "apiKeys:",
+        "  - { name: tried, enforcement: shadow, apiStages: [ { apiId: warranty, stage: dev } ], quota: { limit: 1, period: DAY } }\napiKeys:",
+    );
     let yaml = util::config(
         &format!("http://{}", up.addr),
         &format!("admin: {{ listen: 127.0.0.1:0 }}\n{plans}"),
+    )
+    .replace(
+        "      - name: prod\n",
+        "      - name: prod\n      - name: dev\n",
     );
     util::write_config(dir.path(), &yaml);
     let gw = Gateway::start(dir.path(), &util::admin_env());
     let c = client();
+    // The plan in shadow lets all three through; enforced, it would have refused two.
+    for _ in 0..3 {
+        let r = c
+            .get(&gw.url("/dev/echo/t"), Some("triedKeyValue0123456789abc"))
+            .await;
+        assert_eq!(r.status, 200);
+    }
     for (key, n) in [
         ("acmeProdKeyValue0123456789", 3),
         ("acmeStagingKeyValue0123456789", 2),
@@ -503,6 +519,17 @@ async fn the_customers_view_shows_what_a_customers_keys_used_together() {
     };
     let admin = format!("http://{}", gw.admin.unwrap());
     sign_in(&b, &admin).await;
+    // The overview: what plans in shadow would have refused, as a series of its own.
+    b.until_text("#stat-shadow", "2").await;
+    assert!(b.count("svg.chart rect.shadow").await >= 1);
+    let legend = b.text(".legend").await;
+    assert!(legend.contains("would have refused (shadow)"), "{legend}");
+    assert_eq!(
+        b.text("#stat-allowed").await,
+        "11",
+        "the shadow's admitted count too"
+    );
+    b.screenshot("overview-shadow").await;
     b.click("nav a[data-page=customers]").await;
     b.find("#customers-table tr[data-customer]").await;
     // One row per customer; the key without a customer has none.

@@ -629,3 +629,145 @@ async fn prepaid_credits_are_spent_exactly_on_redis_across_a_restart() {
     };
     credits_hold(&on_redis(&redis)).await;
 }
+
+const TRIED: &str = "triedInShadowKeyValue0123456789";
+const SHOWN: &str = "shadowWithHeadersKeyValue0123456789";
+
+/// A gateway whose plan `tried` is in shadow (a bucket of 4 refilled once in 1000 s, 3 a day), and
+/// a plan in shadow that sends the RateLimit headers.
+fn shadow_gateway(up: &util::Upstream, dir: &std::path::Path, store: &str) -> Gateway {
+    let extra = "admin: { listen: 127.0.0.1:0 }\naccessLog: { path: access.log }\n\
+        usagePlans:\n\
+        \x20 - { name: tried, enforcement: shadow, apiStages: [ { apiId: warranty, stage: prod } ], \
+        throttle: { rateLimit: 0.001, burstLimit: 4 }, quota: { limit: 3, period: DAY } }\n\
+        \x20 - { name: shown, enforcement: shadow, shadowHeaders: true, apiStages: [ { apiId: warranty, stage: prod } ], \
+        quota: { limit: 1, period: DAY } }\n\
+        apiKeys:\n\
+        \x20 - { name: tried, value: triedInShadowKeyValue0123456789, usagePlans: [tried] }\n\
+        \x20 - { name: shown, value: shadowWithHeadersKeyValue0123456789, usagePlans: [shown] }\n";
+    let yaml = util::config(&format!("http://{}", up.addr), extra).replace(
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+        store,
+    );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+async fn shadow_holds(store: &str) {
+    let up = util::upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = shadow_gateway(&up, dir.path(), store);
+    let get = |gw: &Gateway, key: &'static str| {
+        let url = gw.url("/prod/echo/s");
+        let c = client();
+        async move { c.get(&url, Some(key)).await }
+    };
+    // Nothing is refused; no RateLimit headers, which would tell a partner of limits not enforced.
+    for _ in 0..8 {
+        let r = get(&gw, TRIED).await;
+        assert_eq!((r.status, r.header("ratelimit")), (200, None));
+    }
+    // Exactly what enforcing would have done: 3 admitted, the 4th token spent on a refused quota,
+    // then the empty bucket.
+    let metrics = gw.metrics().await;
+    for (decision, n) in [
+        ("allowed", 3),
+        ("shadow_quota_exceeded", 1),
+        ("shadow_throttled", 4),
+    ] {
+        assert!(
+            metrics.contains(&format!("decision=\"{decision}\"}} {n}")),
+            "{decision}: {metrics}"
+        );
+    }
+    // With shadowHeaders, the headers say what enforcing would.
+    let r = get(&gw, SHOWN).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 0));
+    let r = get(&gw, SHOWN).await;
+    assert_eq!((r.status, util::quota_remaining(&r)), (200, 0));
+    // The access log names the decision.
+    let mut logged = String::new();
+    for _ in 0..200 {
+        logged = std::fs::read_to_string(dir.path().join("access.log")).unwrap_or_default();
+        if logged.contains("shadow_quota_exceeded") && logged.lines().count() >= 10 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        logged.matches("\"shadow_throttled\"").count(),
+        4,
+        "{logged}"
+    );
+    // The plan's usage is what enforcing would have admitted; the refusals are in the detail.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let plan_id = admin.plan_id("tried").await;
+    let usage = admin.usage_today(&plan_id).await;
+    let days = usage["values"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(days, json!([[3, 0]]));
+    let today = util::today();
+    let path = format!("/tollgate/usageplans/{plan_id}/usage?startDate={today}&endDate={today}");
+    let detail = admin.ok("GET", &path, "").await;
+    let day = &detail["values"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()[0];
+    assert_eq!(
+        (&day["throttled"], &day["quotaExceeded"]),
+        (&json!(4), &json!(1))
+    );
+
+    // Across a restart, the shadow's counts hold: it would still refuse (for the quota; on Redis,
+    // where the bucket outlives the restart too, for the empty bucket first).
+    assert!(gw.terminate().success());
+    let gw = shadow_gateway(&up, dir.path(), store);
+    assert_eq!(get(&gw, TRIED).await.status, 200);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("decision=\"shadow_quota_exceeded\"} 1")
+            || metrics.contains("decision=\"shadow_throttled\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("decision=\"allowed\""), "{metrics}");
+
+    // Enforced from now on (the tag removed, as the AWS CLI's untag-resource does): it starts
+    // clean, with a full bucket and all of today's quota, and refuses.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let arn = format!("arn:aws:apigateway:us-east-1::/usageplans/{plan_id}");
+    let untag = format!(
+        "/tags/{}?tagKeys=tollgate%3Aenforcement",
+        arn.replace(':', "%3A").replace('/', "%2F")
+    );
+    let r = admin.call("DELETE", &untag, "").await;
+    assert!(r.status < 300, "{}", r.status);
+    for left in [2, 1, 0] {
+        let r = get(&gw, TRIED).await;
+        assert_eq!((r.status, util::quota_remaining(&r)), (200, left));
+    }
+    let r = get(&gw, TRIED).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (429, json!({ "message": "Limit Exceeded" }))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_in_shadow_refuses_nothing_and_counts_apart_on_sqlite() {
+    shadow_holds("store: { sqlite: ./tollgate.db, flushInterval: 200ms }").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_in_shadow_refuses_nothing_and_counts_apart_on_redis() {
+    let Some(redis) = redis() else {
+        return;
+    };
+    shadow_holds(&on_redis(&redis)).await;
+}

@@ -8,6 +8,7 @@ use tollgate_core::credits::{CREDIT_REFILL_TAG, MAX_CREDITS, Refill};
 use tollgate_core::model::{EXPIRES_TAG, parse_expiry, validate_key_value, validate_tags};
 use tollgate_core::quota::Period;
 use tollgate_core::rules::{ApiOutline, PlanError, check_api_stage};
+use tollgate_core::shadow::{ENFORCEMENT_TAG, Enforcement, SHADOW_HEADERS_TAG};
 use tollgate_core::sharing::{LIMITS_SHARE_BY_TAG, ShareBy};
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiStage, QuotaSettings, ThrottleSettings};
@@ -105,6 +106,14 @@ pub(super) fn validate_plan(
         let share_by = ShareBy::parse(share_by)
             .or_else(|msg| cx.err(at, format!("{field}.limitsShareBy"), msg))?;
         tags.insert(LIMITS_SHARE_BY_TAG.into(), share_by.to_string());
+    }
+    if let Some(enforcement) = &p.enforcement {
+        let enforcement = Enforcement::parse(enforcement)
+            .or_else(|msg| cx.err(at, format!("{field}.enforcement"), msg))?;
+        tags.insert(ENFORCEMENT_TAG.into(), enforcement.to_string());
+    }
+    if let Some(on) = p.shadow_headers {
+        tags.insert(SHADOW_HEADERS_TAG.into(), on.to_string());
     }
     if let Err(msg) = validate_tags(&tags) {
         return cx.err(at, format!("{field}.tags"), msg);
