@@ -13,7 +13,8 @@
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
 # "tollgate decision (verify)" answers the same requests as the decision endpoint for another proxy.
-# "…, customer's key" serve the same key as one customer's in a plan that shares limits by customer.
+# "…, customer's key" serve the same key as one customer's in a plan that shares limits by customer;
+# "…, credits key" the same key holding prepaid credits.
 # The last four targets do the same job over TLS 1.3: HTTP/1.1, then HTTP/2 (h2load).
 # Note: under valgrind, SHA-256 runs its portable code (valgrind does not emulate the SHA extensions
 # the native build uses), which adds ~3.4k instructions to tollgate's count.
@@ -112,6 +113,15 @@ count "tollgate embedded, customer's key" "$PORT" "$TOLLGATE" serve --config "$W
 PORT=$(free_port)
 tollgate_config "$PORT" "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" bench 1000000000 100000000 "$KEY" | by_customer >"$WORK/tollgate-redis-customer.yaml"
 count "tollgate on Redis, customer's key" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-redis-customer.yaml"
+
+# The same key holding prepaid credits (more than the run spends): what spending them costs.
+with_credits() {
+    sed -e 's/usagePlans: \[bench\] }/usagePlans: [bench], credits: { balance: 1000000000 } }/'
+}
+PORT=$(free_port)
+tollgate_config "$PORT" "{ sqlite: $WORK/tollgate-credits.db }" bench 1000000000 100000000 "$KEY" | with_credits >"$WORK/tollgate-credits.yaml"
+grep -q "credits:" "$WORK/tollgate-credits.yaml"
+count "tollgate embedded, credits key" "$PORT" "$TOLLGATE" serve --config "$WORK/tollgate-credits.yaml"
 
 # The decision endpoint (forward-auth): the same keyed requests asked about, in Envoy's convention
 # (the request's own method and path), answered 200 without being forwarded.

@@ -1462,6 +1462,97 @@ async fn limits_shared_by_customer_switched_through_the_aws_cli_survive_a_restar
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn shadow_mode_and_a_credit_refill_switched_through_the_aws_cli() {
+    let (_dir, gw, _admin, _up) = start("", &[]).await;
+    let Some(cli) = AwsCli::for_gateway(&gw) else {
+        return;
+    };
+    let value = "shadowTriedKeyValue0123456789";
+    let key = cli.ok(&[
+        "create-api-key",
+        "--name",
+        "tried",
+        "--enabled",
+        "--value",
+        value,
+    ]);
+    let key_id = key["id"].as_str().unwrap().to_string();
+    // A malformed value is refused, naming the tag and the choices.
+    let err = cli.fails(&[
+        "create-usage-plan",
+        "--name",
+        "tried",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+        "--quota",
+        "limit=1,period=DAY",
+        "--tags",
+        "tollgate:enforcement=dry-run",
+    ]);
+    assert!(
+        err.contains("(BadRequestException)") && err.contains("tollgate:enforcement"),
+        "{err}"
+    );
+    let plan = cli.ok(&[
+        "create-usage-plan",
+        "--name",
+        "tried",
+        "--api-stages",
+        "apiId=warranty,stage=prod",
+        "--quota",
+        "limit=1,period=DAY",
+        "--tags",
+        "tollgate:enforcement=shadow",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    cli.add_to_plan(&plan_id, &key_id);
+    let c = client();
+    let url = gw.url("/prod/echo/tried");
+    for _ in 0..3 {
+        assert_eq!(c.get(&url, Some(value)).await.status, 200, "in shadow");
+    }
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"decision="shadow_quota_exceeded"} 2"#),
+        "{metrics}"
+    );
+    // Enforced: clean, then refused.
+    let plan_arn = format!("arn:aws:apigateway:eu-west-1::/usageplans/{plan_id}");
+    cli.ok(&[
+        "untag-resource",
+        "--resource-arn",
+        &plan_arn,
+        "--tag-keys",
+        "tollgate:enforcement",
+    ]);
+    assert_eq!(c.get(&url, Some(value)).await.status, 200);
+    assert_eq!(c.get(&url, Some(value)).await.status, 429);
+
+    // A credit refill set as a tag: the key holds credits, shown by GetApiKey.
+    let key_arn = format!("arn:aws:apigateway:eu-west-1::/apikeys/{key_id}");
+    let err = cli.fails(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        "tollgate:creditRefill=5/YEAR",
+    ]);
+    assert!(
+        err.contains("tollgate:creditRefill") && err.contains("1000/MONTH"),
+        "{err}"
+    );
+    cli.ok(&[
+        "tag-resource",
+        "--resource-arn",
+        &key_arn,
+        "--tags",
+        "tollgate:creditRefill=5/DAY",
+    ]);
+    let key = cli.ok(&["get-api-key", "--api-key", &key_id]);
+    assert_eq!(key["tags"]["tollgate:creditRefill"], "5/DAY");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tags_and_expiry_through_the_aws_cli_survive_a_restart() {
     let (dir, gw, _admin, _up) = start("", &[]).await;
     let Some(cli) = AwsCli::for_gateway(&gw) else {
