@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tollgate_core::credits::refill_entry;
 use tollgate_core::quota::EpochDay;
+use tollgate_core::shadow::shadow_counts;
 use tollgate_store::{
     CustomerDelta, OPENING_CREDITS, RedisSettings, RedisStore, Series, SqliteStore, Store,
     UsageDelta,
@@ -64,10 +65,16 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
         .collect();
     customers.sort_unstable();
     customers.dedup();
-    for plan in &records.plans {
+    // Each plan's counts, and those it kept in shadow.
+    let names = records
+        .plans
+        .iter()
+        .flat_map(|p| [p.id.clone(), shadow_counts(&p.id)]);
+    for plan_id in names {
+        let plan_id = plan_id.as_str();
         // Each counted series goes where `add_usage` takes it.
         for series in [Series::Used, Series::Throttled, Series::QuotaExceeded] {
-            let days = source.series(series, &plan.id, None, all.0, all.1)?;
+            let days = source.series(series, plan_id, None, all.0, all.1)?;
             if series == Series::Used {
                 rows += days.len();
             }
@@ -81,7 +88,7 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
                         _ => (0, 0, n),
                     };
                     UsageDelta {
-                        plan_id: plan.id.clone(),
+                        plan_id: plan_id.to_owned(),
                         key_id: r.key_id,
                         day: r.day,
                         count,
@@ -93,15 +100,15 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
                 .collect();
             target.add_usage(&deltas)?;
         }
-        for adj in source.series(Series::QuotaAdjustment, &plan.id, None, all.0, all.1)? {
-            target.adjust_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
+        for adj in source.series(Series::QuotaAdjustment, plan_id, None, all.0, all.1)? {
+            target.adjust_quota(plan_id, &adj.key_id, adj.day, adj.value)?;
         }
-        let shared = source.customer_series(Series::Used, &plan.id, &customers, all.0, all.1)?;
+        let shared = source.customer_series(Series::Used, plan_id, &customers, all.0, all.1)?;
         rows += shared.len();
         let deltas: Vec<CustomerDelta> = shared
             .into_iter()
             .map(|r| CustomerDelta {
-                plan_id: plan.id.clone(),
+                plan_id: plan_id.to_owned(),
                 count: r.count(),
                 customer_id: r.key_id,
                 day: r.day,
@@ -109,9 +116,9 @@ pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usi
             .collect();
         target.add_customer_usage(&deltas)?;
         let adjusted =
-            source.customer_series(Series::QuotaAdjustment, &plan.id, &customers, all.0, all.1)?;
+            source.customer_series(Series::QuotaAdjustment, plan_id, &customers, all.0, all.1)?;
         for adj in adjusted {
-            target.adjust_customer_quota(&plan.id, &adj.key_id, adj.day, adj.value)?;
+            target.adjust_customer_quota(plan_id, &adj.key_id, adj.day, adj.value)?;
         }
     }
     // Credits move as their balance (and the refill period they were last refilled in), as the

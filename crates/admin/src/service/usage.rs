@@ -264,11 +264,13 @@ impl Admin {
                                 .ok_or_else(|| bad("The stored usage is out of range"))?
                         }
                     };
+                    // A plan in shadow keeps its counts under its shadow name.
+                    let counts_as = &*plan.counts_as();
                     match holder {
-                        Holder::Key(key) => admin.store.adjust_quota(&plan.id, key, today, delta),
-                        Holder::Customer(c) => {
-                            admin.store.adjust_customer_quota(&plan.id, c, today, delta)
-                        }
+                        Holder::Key(key) => admin.store.adjust_quota(counts_as, key, today, delta),
+                        Holder::Customer(c) => admin
+                            .store
+                            .adjust_customer_quota(counts_as, c, today, delta),
                     }
                     .map_err(AdminError::from)
                 })
