@@ -59,54 +59,60 @@ impl CreditInfo {
     }
 }
 
-/// A throttle's state for headers.
+/// A throttle's state for headers. Its fields are 32 bits (a bucket holds at most `u32::MAX`, and
+/// the seconds saturate): the limits ride in every admission, so they stay small.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketInfo {
     /// Bucket capacity.
-    pub burst: u64,
+    pub burst: u32,
     /// Tokens left.
-    pub remaining: u64,
+    pub remaining: u32,
     /// Seconds until the bucket is full again.
-    pub reset_secs: u64,
+    pub reset_secs: u32,
     /// Seconds an empty bucket takes to fill.
-    pub window_secs: u64,
+    pub window_secs: u32,
 }
 
 impl BucketInfo {
     /// `gcra`'s bucket with `remaining` tokens, full again in `until_full` nanoseconds.
     pub fn new(gcra: &Gcra, remaining: u64, until_full: u64) -> Self {
         Self {
-            burst: gcra.burst(),
-            remaining,
-            reset_secs: ceil_secs(until_full),
-            window_secs: ceil_secs(gcra.interval().saturating_mul(gcra.burst())).max(1),
+            burst: sat32(gcra.burst()),
+            remaining: sat32(remaining),
+            reset_secs: sat32(ceil_secs(until_full)),
+            window_secs: sat32(ceil_secs(gcra.interval().saturating_mul(gcra.burst())).max(1)),
         }
     }
 }
 
-/// A quota's state for headers.
+/// A quota's state for headers (32 bits, as AWS's quota limit is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaInfo {
     /// Requests per period.
-    pub limit: u64,
+    pub limit: u32,
     /// Requests left in this period.
-    pub remaining: u64,
+    pub remaining: u32,
     /// Seconds until the period ends.
-    pub reset_secs: u64,
+    pub reset_secs: u32,
     /// Length of the current period in seconds.
-    pub window_secs: u64,
+    pub window_secs: u32,
 }
 
 impl QuotaInfo {
     /// A quota of `limit` in the period `window`, with `remaining` requests left at `now`.
     pub fn new(limit: u32, window: QuotaWindow, remaining: u64, now: u64) -> Self {
         Self {
-            limit: u64::from(limit),
-            remaining,
-            reset_secs: ceil_secs(window.end.start_nanos().saturating_sub(now)),
-            window_secs: u64::from(window.end.0 - window.start.0) * 86_400,
+            limit,
+            remaining: sat32(remaining),
+            reset_secs: sat32(ceil_secs(window.end.start_nanos().saturating_sub(now))),
+            window_secs: (window.end.0 - window.start.0) * 86_400,
         }
     }
+}
+
+/// `n`, or `u32::MAX` when it does not fit.
+fn sat32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Why a request was not admitted. Each maps to AWS's status and body in one place
@@ -186,7 +192,7 @@ impl Refusal {
     /// The quota in `limits` is spent until its period resets.
     pub fn quota_spent(limits: LimitInfo) -> Self {
         Self::LimitExceeded {
-            retry_after_secs: limits.quota.map_or(1, |q| q.reset_secs.max(1)),
+            retry_after_secs: limits.quota.map_or(1, |q| u64::from(q.reset_secs.max(1))),
             limits,
         }
     }

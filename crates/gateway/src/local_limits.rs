@@ -102,7 +102,7 @@ impl Local<'_> {
                 if let Some(quota) = membership.quota() {
                     quota.give_back(membership.quota_count(), cost, now);
                     if let Some(q) = &mut limits.quota {
-                        q.remaining += u64::from(cost);
+                        q.remaining = q.remaining.saturating_add(cost);
                     }
                 }
                 return Err(Refusal::credits_exhausted(limits));

@@ -48,12 +48,11 @@ pub struct Membership<'s> {
     method_buckets: &'s HashMap<(u32, RouteAt), Bucket>,
 }
 
-/// The limits a customer's keys share in a plan: its id, and the slot holding its buckets, quota
-/// count and shared meter.
+/// The limits a customer's keys share in a plan: its group (id and slot), and the slot's state (its
+/// buckets, quota count and shared meter).
 #[derive(Clone, Copy)]
 struct Shared<'s> {
-    id: &'s str,
-    slot: u32,
+    group: &'s CustomerGroup,
     live: &'s Live,
 }
 
@@ -108,7 +107,7 @@ impl<'s> Membership<'s> {
     /// Whose limits the key draws on: its own, or its customer's.
     pub(crate) fn holder(&self) -> Holder<'s> {
         match self.customer {
-            Some(c) => Holder::Customer(c.id),
+            Some(c) => Holder::Customer(&c.group.id),
             None => Holder::Key(self.key_id),
         }
     }
@@ -116,7 +115,7 @@ impl<'s> Membership<'s> {
     /// The slot and state holding the key's limits: its customer's, or its own.
     fn limits_slot(&self) -> (u32, &'s Live) {
         self.customer
-            .map_or((self.slot, self.live), |c| (c.slot, c.live))
+            .map_or((self.slot, self.live), |c| (c.group.slot, c.live))
     }
 
     /// The bucket that limits this key on the matched route, with its state on this instance: the
@@ -154,7 +153,7 @@ impl<'s> Membership<'s> {
 
     /// The customer whose limits the key shares, if the plan shares them and the key has one.
     pub fn customer(&self) -> Option<&'s str> {
-        self.customer.map(|c| c.id)
+        self.customer.map(|c| &*c.group.id)
     }
 
     /// Sets what is left of the quota on this instance (AWS UpdateUsage; the customer's, when the
@@ -623,8 +622,7 @@ impl Snapshot {
             .map(|&g| {
                 let group = &self.customers[g as usize];
                 Shared {
-                    id: &group.id,
-                    slot: group.slot,
+                    group,
                     live: live_at(&self.chunks, group.slot),
                 }
             });
@@ -678,7 +676,7 @@ impl Snapshot {
     pub fn count(&self, membership: &Membership<'_>, counted: Counted, n: u32, now: u64) {
         self.count_key(membership, counted, n, now);
         if let (Some(c), Counted::Admitted) = (membership.customer, counted) {
-            self.slots.count(c.slot, c.live, counted, n, now);
+            self.slots.count(c.group.slot, c.live, counted, n, now);
         }
     }
 
