@@ -13,6 +13,10 @@ const PLANS: &str = r#"usagePlans:
   - name: quota-only
     apiStages: [ { apiId: warranty, stage: dev } ]
     quota: { limit: 40, period: DAY }
+  - name: trial
+    enforcement: shadow
+    apiStages: [ { apiId: warranty, stage: dev } ]
+    quota: { limit: 5, period: DAY }
   - name: acme-shared
     limitsShareBy: customerId
     apiStages:
@@ -27,6 +31,7 @@ apiKeys:
   - { name: acme-a, value: acmeKeyAValue0123456789, customerId: acme, usagePlans: [acme-shared] }
   - { name: acme-b, value: acmeKeyBValue0123456789, customerId: acme, usagePlans: [acme-shared] }
   - { name: prepaid, value: prepaidKeyValue0123456789, usagePlans: [quota-only], credits: { balance: 25 } }
+  - { name: trial, value: trialKeyValue0123456789abc, usagePlans: [trial] }
 "#;
 
 /// The two keys of the customer `acme`, which share `acme-shared`'s limits.
@@ -520,6 +525,21 @@ async fn a_redis_cluster_works() {
         "{counts:?}"
     );
     a_customers_keys_share_exact_limits(&gws).await;
+    // Credits to exactly zero, and a plan in shadow, on the cluster too.
+    let counts = fire(&gws, "/dev/echo/p", "prepaidKeyValue0123456789", 40, 8).await;
+    assert_eq!(counts.get(&200), Some(&25), "{counts:?}");
+    let counts = fire(&gws, "/dev/echo/t", "trialKeyValue0123456789abc", 12, 4).await;
+    assert_eq!(counts.get(&200), Some(&12), "in shadow: {counts:?}");
+    let mut would_have = 0.0;
+    for gw in &gws {
+        let metrics = gw.metrics().await;
+        let line = metrics
+            .lines()
+            .find(|l| l.contains("decision=\"shadow_quota_exceeded\""))
+            .unwrap_or("x 0");
+        would_have += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    assert_eq!(would_have, 7.0, "12 let through, 5 within the quota");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -590,7 +610,7 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("3 usage plans, 6 API keys"),
+        String::from_utf8_lossy(&out.stdout).contains("4 usage plans, 7 API keys"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
