@@ -113,6 +113,7 @@ impl<'s> Membership<'s> {
     }
 
     /// The slot and state holding the key's limits: its customer's, or its own.
+    #[inline]
     fn limits_slot(&self) -> (u32, &'s Live) {
         self.customer
             .map_or((self.slot, self.live), |c| (c.group.slot, c.live))
@@ -120,6 +121,8 @@ impl<'s> Membership<'s> {
 
     /// The bucket that limits this key on the matched route, with its state on this instance: the
     /// per-method one, else the plan's.
+    // Inlined (callgrind): out of line, the request path paid ~35 instructions for the call.
+    #[inline]
     pub(crate) fn throttle_for(&self, m: &RouteMatch) -> Option<KeyBucket<'s>> {
         let (slot, live) = self.limits_slot();
         match self.plan.method_at(m) {
@@ -142,6 +145,7 @@ impl<'s> Membership<'s> {
     }
 
     /// The quota count the membership spends on this instance: its customer's, or its own.
+    #[inline]
     pub(crate) fn quota_count(&self) -> &'s QuotaCount {
         &self.limits_slot().1.quota
     }

@@ -1733,6 +1733,14 @@ async fn metrics_have_their_names_and_labels_in_either_format() {
         .send("FROB", &gw.url("/prod/echo/a"), &[("x-api-key", KEY)], "")
         .await;
     assert_eq!(odd.status, 200);
+    // The two scrapes compared below must see the same series: the flusher's first write adds
+    // some, so it is waited for.
+    for _ in 0..200 {
+        if gw.metrics().await.contains("operation=\"add_usage\"") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     // What Prometheus asks for.
     let metrics_url = format!("http://{}/metrics", gw.admin.unwrap());
     let accept = [("accept", PROMETHEUS_ACCEPT)];
