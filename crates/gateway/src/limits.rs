@@ -202,3 +202,15 @@ impl Refusal {
 pub(crate) fn ceil_secs(nanos: u64) -> u64 {
     nanos.div_ceil(NANOS_PER_SEC)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limits ride in every admission and refusal: they stay as small as before credits.
+    #[test]
+    fn limits_stay_small() {
+        assert_eq!(std::mem::size_of::<LimitInfo>(), 72);
+        assert!(std::mem::size_of::<Refusal>() <= 88);
+    }
+}
