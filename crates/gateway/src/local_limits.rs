@@ -82,10 +82,8 @@ impl Local<'_> {
         // Credits, after the quota: a request they refuse gives its quota back.
         if let Some(account) = membership.credits() {
             // A plan in shadow spends credits of its own, and tells the ledger nothing.
-            let (credits, shadow) = match membership.shadow() {
-                true => (&account.live.shadow, true),
-                false => (&account.live.credits, false),
-            };
+            let shadow = membership.shadow();
+            let credits = account.live.spent_by(shadow);
             if let Some(refill) = &account.refill {
                 if shadow {
                     credits.refill(refill, now);

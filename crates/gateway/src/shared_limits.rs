@@ -99,11 +99,7 @@ impl SharedLimits<'_> {
         let credit_info = |left| {
             account.map(|a| {
                 // This instance's balance follows, for when it must decide alone.
-                let live = match membership.shadow() {
-                    true => &a.live.shadow,
-                    false => &a.live.credits,
-                };
-                live.set(left);
+                a.live.spent_by(membership.shadow()).set(left);
                 CreditInfo::new(left, a.refill.as_ref(), now)
             })
         };

@@ -84,6 +84,11 @@ impl KeyCredits {
         }
     }
 
+    /// The credits a plan spends: the balance, or in shadow its own.
+    pub(crate) fn spent_by(&self, shadow: bool) -> &Credits {
+        if shadow { &self.shadow } else { &self.credits }
+    }
+
     /// Adds `n` credits (a top-up), to the balance and to what plans in shadow spend.
     pub(crate) fn add(&self, n: u64) {
         self.credits.add(n);
