@@ -1968,19 +1968,10 @@ async fn refused_requests_and_last_use_are_kept_per_key_across_a_restart() {
             (429, msg("Too Many Requests")),
         ]
     );
-    let keys = admin.ok("GET", "/apikeys", "").await;
-    let key_id = |name: &str| {
-        keys["item"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (central, idle) = (key_id("central-system"), key_id("idle"));
+    let (central, idle) = (
+        admin.key_id("central-system").await,
+        admin.key_id("idle").await,
+    );
     let plan = admin.plan_id("tight").await;
     let today = util::today();
     let detail_path =

@@ -381,7 +381,15 @@ async fn an_operator_signs_in_reads_the_keys_and_disables_one() {
     let value = b.text("#new-key-value").await;
     assert_eq!(value.len(), 40, "{value}");
     b.click("#copy-key-value").await;
-    let copied = b.text("#copy-key-value").await;
+    // The button answers once the clipboard has (it is asynchronous).
+    let mut copied = b.text("#copy-key-value").await;
+    for _ in 0..100 {
+        if copied != "Copy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        copied = b.text("#copy-key-value").await;
+    }
     assert!(
         copied == "Copied" || copied.starts_with("Selected"),
         "{copied}"

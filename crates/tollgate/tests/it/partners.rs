@@ -321,19 +321,11 @@ async fn customer_limits_hold(store: &str) {
     // GetUsage: each key's own count, and what its quota (the customer's) has left.
     let admin = util::AdminClient::new(gw.admin.unwrap());
     let plan_id = admin.plan_id("shared").await;
-    let keys = admin.ok("GET", "/apikeys", "").await;
-    let id_of = |name: &str| {
-        keys["item"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let (prod, staging, solo) = (id_of("acme-prod"), id_of("acme-staging"), id_of("solo"));
+    let (prod, staging, solo) = (
+        admin.key_id("acme-prod").await,
+        admin.key_id("acme-staging").await,
+        admin.key_id("solo").await,
+    );
     let usage = admin.usage_today(&plan_id).await;
     assert_eq!(
         usage["values"],
@@ -538,19 +530,7 @@ async fn credits_hold(store: &str) {
 
     // A top-up, twice with one idempotency key: added once. GetApiKey shows the balance.
     let admin = util::AdminClient::new(gw.admin.unwrap());
-    let keys = admin.ok("GET", "/apikeys", "").await;
-    let id_of = |name: &str| {
-        keys["item"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let prepaid = id_of("prepaid");
+    let prepaid = admin.key_id("prepaid").await;
     let top_up = |cli_args: &[&str]| {
         let mut args = vec!["keys", "credits", &prepaid, "--output", "json"];
         args.extend_from_slice(cli_args);
@@ -569,9 +549,8 @@ async fn credits_hold(store: &str) {
     assert_eq!(get(&gw, PREPAID, "/prod/export").await.status, 200);
     let key = admin.ok("GET", &format!("/apikeys/{prepaid}"), "").await;
     assert_eq!(key["credits"], json!({ "balance": 2 }));
-    let refilled = admin
-        .ok("GET", &format!("/apikeys/{}", id_of("refilled")), "")
-        .await;
+    let refilled = admin.key_id("refilled").await;
+    let refilled = admin.ok("GET", &format!("/apikeys/{refilled}"), "").await;
     assert_eq!(
         refilled["credits"],
         json!({ "balance": 0, "refill": { "amount": 3, "period": "DAY" } })

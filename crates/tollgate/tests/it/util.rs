@@ -531,6 +531,20 @@ impl AdminClient {
         self.ok("GET", &path, "").await
     }
 
+    /// The id of the API key named `name`.
+    pub async fn key_id(&self, name: &str) -> String {
+        let keys = self.ok("GET", "/apikeys", "").await;
+        let key = keys["item"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name);
+        key.unwrap_or_else(|| panic!("no key {name}: {keys}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// The id of the usage plan named `name`.
     pub async fn plan_id(&self, name: &str) -> String {
         let plans = self.ok("GET", "/usageplans", "").await;
