@@ -10,6 +10,7 @@ pub mod quota;
 pub mod rules;
 pub mod shadow;
 pub mod sharing;
+pub mod signature;
 pub mod source_ips;
 
 pub use clock::{Clock, ManualClock, SystemClock};

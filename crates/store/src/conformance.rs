@@ -11,8 +11,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, UsagePlan};
 
 use crate::{
-    CreditSpend, CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, KeyTerms, Records, Series,
-    Store, StoreError, UsageDelta, apply_declared,
+    Attempt, CreditSpend, CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, EventStatus,
+    KeyTerms, OutboxEvent, Records, Series, Store, StoreError, UsageDelta, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -26,6 +26,7 @@ pub fn run_all(store: &dyn Store) {
     quota_adjustments_accumulate(store);
     customers_are_counted_apart_from_keys(store);
     credits_are_added_once_and_spent_down_to_zero(store);
+    events_are_claimed_once_and_leased_until_delivered(store);
     declared_state_is_applied_by_name(store);
     bulk_writes_match_single_writes(store);
     keys_are_read_one_by_one_and_in_pages(store);
@@ -705,4 +706,81 @@ pub fn credits_are_added_once_and_spent_down_to_zero(store: &dyn Store) {
         balances(store),
         vec![("crk1".into(), 100, None), ("crk2".into(), 10, Some(day))]
     );
+}
+
+pub fn events_are_claimed_once_and_leased_until_delivered(store: &dyn Store) {
+    let event = |id: &str, next_at: i64| OutboxEvent {
+        id: id.into(),
+        webhook: "ops".into(),
+        body: format!(r#"{{"id":"{id}"}}"#),
+        created: 100,
+        attempts: 0,
+        next_at,
+        status: EventStatus::Pending,
+        last_error: None,
+    };
+    assert!(
+        store
+            .enqueue_event("claim-a", &event("evt-a", 100))
+            .unwrap()
+    );
+    assert!(
+        !store
+            .enqueue_event("claim-a", &event("evt-a2", 100))
+            .unwrap(),
+        "claimed once"
+    );
+    assert!(
+        store
+            .enqueue_event("claim-b", &event("evt-b", 150))
+            .unwrap()
+    );
+    let ids =
+        |events: Vec<OutboxEvent>| -> Vec<String> { events.into_iter().map(|e| e.id).collect() };
+    assert_eq!(ids(store.lease_events(120, 130, 10).unwrap()), ["evt-a"]);
+    assert!(
+        store.lease_events(125, 135, 10).unwrap().is_empty(),
+        "leased"
+    );
+    // The lease ran out: due again.
+    let leased = store.lease_events(160, 190, 10).unwrap();
+    assert_eq!(ids(leased.clone()), ["evt-a", "evt-b"]);
+    assert_eq!(leased[0].body, r#"{"id":"evt-a"}"#);
+    store
+        .record_attempt(
+            "evt-a",
+            &Attempt::Retry {
+                at: 200,
+                error: "503".into(),
+            },
+        )
+        .unwrap();
+    store.record_attempt("evt-b", &Attempt::Delivered).unwrap();
+    assert_eq!(
+        ids(store.events(EventStatus::Pending, 10).unwrap()),
+        ["evt-a"]
+    );
+    let again = store.lease_events(200, 230, 10).unwrap();
+    assert_eq!(
+        (again[0].attempts, again[0].last_error.as_deref()),
+        (1, Some("503"))
+    );
+    store
+        .record_attempt(
+            "evt-a",
+            &Attempt::Failed {
+                error: "refused".into(),
+            },
+        )
+        .unwrap();
+    assert!(store.lease_events(1_000, 1_030, 10).unwrap().is_empty());
+    let failed = store.events(EventStatus::Failed, 10).unwrap();
+    assert_eq!((failed.len(), failed[0].attempts), (1, 2));
+    assert!(
+        !store.retry_event("evt-b", 300).unwrap(),
+        "delivered: not failed"
+    );
+    assert!(store.retry_event("evt-a", 300).unwrap());
+    assert!(store.events(EventStatus::Failed, 10).unwrap().is_empty());
+    assert_eq!(ids(store.lease_events(300, 330, 10).unwrap()), ["evt-a"]);
 }

@@ -142,6 +142,70 @@ pub struct CreditBalance {
     pub refilled: Option<EpochDay>,
 }
 
+/// An event in the outbox: waiting to be delivered to its webhook, or kept after every delivery
+/// failed for a day.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxEvent {
+    /// The event's id (its JSON's `id`): receivers deduplicate on it.
+    pub id: String,
+    /// The webhook it goes to, by name.
+    pub webhook: String,
+    /// The event, as JSON.
+    pub body: String,
+    /// When it was queued, epoch seconds.
+    pub created: i64,
+    /// Deliveries tried.
+    pub attempts: u32,
+    /// When the next delivery is due, epoch seconds.
+    pub next_at: i64,
+    /// Where it stands.
+    pub status: EventStatus,
+    /// Why the last delivery failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Where an event stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Waiting for its next delivery.
+    Pending,
+    /// Every delivery failed for a day: kept until retried.
+    Failed,
+}
+
+impl EventStatus {
+    /// The status named `name` (`pending`, `failed`).
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "pending" => Some(Self::Pending),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// How a delivery went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The webhook took it: the event leaves the outbox.
+    Delivered,
+    /// It failed; the next try is due at `at` (epoch seconds).
+    Retry {
+        /// When.
+        at: i64,
+        /// Why it failed.
+        error: String,
+    },
+    /// It failed, and no more tries are due: kept as failed.
+    Failed {
+        /// Why it failed.
+        error: String,
+    },
+}
+
 /// Whose limits and counts a record keeps: one API key's, or those one customer's keys share in a
 /// plan that shares limits by customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -381,6 +445,23 @@ pub trait Store: Send + Sync {
             .into_iter()
             .find(|b| b.key_id == key_id))
     }
+    /// Queues `event` for delivery once: `false` (and nothing queued) when `claim` was made before,
+    /// by this instance or another. The claim and the queued event are written together.
+    fn enqueue_event(&self, claim: &str, event: &OutboxEvent) -> Result<bool, StoreError>;
+    /// Up to `limit` pending events due at `now`, each leased until `lease_until` (other instances
+    /// skip them meanwhile; a lease that runs out makes them due again).
+    fn lease_events(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError>;
+    /// Records how the delivery of event `id` went.
+    fn record_attempt(&self, id: &str, attempt: &Attempt) -> Result<(), StoreError>;
+    /// Up to `limit` events with `status`, oldest first.
+    fn events(&self, status: EventStatus, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
+    /// Makes failed event `id` due again at `now`; `false` when no failed event has that id.
+    fn retry_event(&self, id: &str, now: i64) -> Result<bool, StoreError>;
     /// Adds customers' shared counts, all in one transaction.
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, customer) on `day`: UpdateUsage on a key of a

@@ -18,8 +18,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    CreditBalance, CreditSpend, CustomerDelta, DayValue, KeyIndex, KeyTerms, Records, Series,
-    Store, StoreError, UsageDelta,
+    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, KeyIndex, KeyTerms,
+    OutboxEvent, Records, Series, Store, StoreError, UsageDelta,
 };
 
 /// Key names, in one place for the store and the data plane's limiter script.
@@ -92,6 +92,16 @@ pub mod keys {
     }
     /// The keys with credits.
     pub const CREDIT_KEYS: &str = "{tg}:credits";
+    /// An event claim, made once (`SET NX`).
+    pub fn event_claim(claim: &str) -> String {
+        format!("{{tg}}:ev:claim:{claim}")
+    }
+    /// The outbox: event id → the event as JSON.
+    pub const EVENTS: &str = "{tg}:ev";
+    /// Pending events by when they are due.
+    pub const EVENTS_DUE: &str = "{tg}:ev:due";
+    /// Failed events by when they were queued.
+    pub const EVENTS_FAILED: &str = "{tg}:ev:failed";
 
     /// A customer's shared count under a plan: day → count.
     pub fn customer_usage(customer_id: &str, plan_id: &str) -> String {
@@ -330,6 +340,43 @@ local b = tonumber(redis.call('HGET', KEYS[1], 'b')) or 0
 redis.call('HSET', KEYS[1], 'b', string.format('%.0f', math.max(b - tonumber(ARGV[1]), 0)))
 return 1
 ";
+
+/// Claims an event and queues it, or does nothing when it was claimed before. KEYS: the claim, the
+/// outbox, the due set. ARGV: the event's id, its JSON, when it is due, how long the claim lasts (s).
+const ENQUEUE_EVENT: &str = r"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return 1
+";
+
+/// Leases the due events. KEYS: the outbox, the due set. ARGV: now, the lease's end, how many.
+const LEASE_EVENTS: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+if #ids == 0 then return {} end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[2], id) end
+return redis.call('HMGET', KEYS[1], unpack(ids))
+";
+
+/// Saves an event where it now stands (one script: Redis Cluster clients do not pipeline). KEYS:
+/// the outbox, the due set, the failed set. ARGV: the id, then `delete`, or its JSON, `due` or
+/// `failed`, and its score there.
+const SAVE_EVENT: &str = r"
+if ARGV[2] == 'delete' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local into, out = KEYS[2], KEYS[3]
+if ARGV[3] == 'failed' then into, out = KEYS[3], KEYS[2] end
+redis.call('ZREM', out, ARGV[1])
+redis.call('ZADD', into, ARGV[4], ARGV[1])
+return 1
+";
+
+/// How long an event's claim is kept: past any period a claim stands for (a month and a week).
+const EVENT_CLAIM_SECS: i64 = 40 * 86_400;
 
 /// Records per pipelined round trip in a bulk write.
 const PIPELINE_PAGE: usize = 1000;
@@ -761,6 +808,31 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Saves event `id` where it stands (`None`: delivered, gone).
+    fn save_event(&self, id: &str, event: Option<&OutboxEvent>) -> Result<(), StoreError> {
+        let script = Script::new(SAVE_EVENT);
+        let mut call = script.prepare_invoke();
+        call.key(keys::EVENTS)
+            .key(keys::EVENTS_DUE)
+            .key(keys::EVENTS_FAILED)
+            .arg(id);
+        match event {
+            None => {
+                call.arg("delete");
+            }
+            Some(e) => {
+                let json =
+                    serde_json::to_string(e).map_err(|e| StoreError::Backend(e.to_string()))?;
+                match e.status {
+                    EventStatus::Pending => call.arg(json).arg("due").arg(e.next_at),
+                    EventStatus::Failed => call.arg(json).arg("failed").arg(e.created),
+                };
+            }
+        }
+        self.with(|c| call.invoke::<i64>(c))?;
+        Ok(())
+    }
+
     /// Adds `delta` to day `day` of the adjustments hash `hash`, within [`crate::MAX_ADJUSTMENT`].
     fn adjust(&self, hash: &str, day: EpochDay, delta: i64) -> Result<(), StoreError> {
         // HINCRBY refuses to overflow; the range is checked on the result, and undone past it.
@@ -1176,6 +1248,103 @@ impl Store for RedisStore {
         }))
     }
 
+    fn enqueue_event(&self, claim: &str, event: &OutboxEvent) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(event).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let queued: i64 = self.with(|c| {
+            Script::new(ENQUEUE_EVENT)
+                .key(keys::event_claim(claim))
+                .key(keys::EVENTS)
+                .key(keys::EVENTS_DUE)
+                .arg(&event.id)
+                .arg(&json)
+                .arg(event.next_at)
+                .arg(EVENT_CLAIM_SECS)
+                .invoke(c)
+        })?;
+        Ok(queued == 1)
+    }
+
+    fn lease_events(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let found: Vec<Option<String>> = self.with(|c| {
+            Script::new(LEASE_EVENTS)
+                .key(keys::EVENTS)
+                .key(keys::EVENTS_DUE)
+                .arg(now)
+                .arg(lease_until)
+                .arg(limit)
+                .invoke(c)
+        })?;
+        found
+            .into_iter()
+            .flatten()
+            .map(|j| parse_event(&j))
+            .collect()
+    }
+
+    fn record_attempt(&self, id: &str, attempt: &Attempt) -> Result<(), StoreError> {
+        if let Attempt::Delivered = attempt {
+            return self.save_event(id, None);
+        }
+        let Some(json) = self.with(|c| Cmd::hget(keys::EVENTS, id).query::<Option<String>>(c))?
+        else {
+            return Ok(());
+        };
+        let mut event = parse_event(&json)?;
+        event.attempts += 1;
+        match attempt {
+            Attempt::Retry { at, error } => {
+                (event.next_at, event.last_error) = (*at, Some(error.clone()));
+            }
+            Attempt::Failed { error } => {
+                (event.status, event.last_error) = (EventStatus::Failed, Some(error.clone()));
+            }
+            Attempt::Delivered => {}
+        }
+        self.save_event(id, Some(&event))
+    }
+
+    fn events(&self, status: EventStatus, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        let set = match status {
+            EventStatus::Pending => keys::EVENTS_DUE,
+            EventStatus::Failed => keys::EVENTS_FAILED,
+        };
+        let end = isize::try_from(limit)
+            .unwrap_or(isize::MAX)
+            .saturating_sub(1);
+        let ids: Vec<String> = self.with(|c| Cmd::zrange(set, 0, end).query(c))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Option<String>> =
+            self.with(|c| redis::cmd("HMGET").arg(keys::EVENTS).arg(&ids).query(c))?;
+        let mut events: Vec<OutboxEvent> = found
+            .into_iter()
+            .flatten()
+            .map(|j| parse_event(&j))
+            .collect::<Result<_, _>>()?;
+        events.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(events)
+    }
+
+    fn retry_event(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let Some(json) = self.with(|c| Cmd::hget(keys::EVENTS, id).query::<Option<String>>(c))?
+        else {
+            return Ok(false);
+        };
+        let mut event = parse_event(&json)?;
+        if event.status != EventStatus::Failed {
+            return Ok(false);
+        }
+        (event.status, event.next_at) = (EventStatus::Pending, now);
+        self.save_event(id, Some(&event))?;
+        Ok(true)
+    }
+
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.with(|c| {
@@ -1243,6 +1412,14 @@ impl Store for RedisStore {
                 .query(c)
         })
     }
+}
+
+/// An outbox event as stored.
+fn parse_event(json: &str) -> Result<OutboxEvent, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        id: "outbox event".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// A key record as stored in the keys hash.

@@ -12,8 +12,8 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    CreditBalance, CreditSpend, CustomerDelta, DayValue, KeyIndex, KeyTerms, NamedKey, Records,
-    Series, Store, StoreError, UsageDelta,
+    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, KeyIndex, KeyTerms,
+    NamedKey, OutboxEvent, Records, Series, Store, StoreError, UsageDelta,
 };
 
 const SCHEMA: &str = "
@@ -79,6 +79,22 @@ CREATE TABLE IF NOT EXISTS credit_spend (
     spent  INTEGER NOT NULL,
     PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID;
+-- Events: a claim made once per event a fleet may fire, and the outbox of deliveries (a delivered
+-- event leaves it; one that failed for a day stays, failed, until retried).
+CREATE TABLE IF NOT EXISTS event_claims (
+    claim TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id         TEXT PRIMARY KEY,
+    webhook    TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    created    INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL,
+    next_at    INTEGER NOT NULL,
+    status     TEXT NOT NULL,     -- pending or failed
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_at);
 -- A customer's shared count in a plan that shares limits by customer, beside its keys' own.
 CREATE TABLE IF NOT EXISTS customer_usage (
     plan_id     TEXT NOT NULL,
@@ -360,6 +376,42 @@ fn adjust(
     )
     .map_err(backend)?;
     tx.commit().map_err(backend)
+}
+
+fn status_name(status: EventStatus) -> &'static str {
+    match status {
+        EventStatus::Pending => "pending",
+        EventStatus::Failed => "failed",
+    }
+}
+
+/// The outbox events `clause` selects.
+fn select_events(
+    conn: &Connection,
+    clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<OutboxEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT id, webhook, body, created, attempts, next_at, status, last_error FROM outbox {clause}"
+        ))
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params, |r| {
+            let status: String = r.get(6)?;
+            Ok(OutboxEvent {
+                id: r.get(0)?,
+                webhook: r.get(1)?,
+                body: r.get(2)?,
+                created: r.get(3)?,
+                attempts: r.get(4)?,
+                next_at: r.get(5)?,
+                status: EventStatus::named(&status).unwrap_or(EventStatus::Failed),
+                last_error: r.get(7)?,
+            })
+        })
+        .map_err(backend)?;
+    rows.collect::<Result<_, _>>().map_err(backend)
 }
 
 fn to_day(v: i64) -> EpochDay {
@@ -728,6 +780,97 @@ impl Store for SqliteStore {
                 refilled,
             })
             .collect())
+    }
+
+    fn enqueue_event(&self, claim: &str, event: &OutboxEvent) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let claimed = tx
+            .execute(
+                "INSERT OR IGNORE INTO event_claims (claim) VALUES (?1)",
+                [claim],
+            )
+            .map_err(backend)?;
+        if claimed == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO outbox (id, webhook, body, created, attempts, next_at, status, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                event.id,
+                event.webhook,
+                event.body,
+                event.created,
+                event.attempts,
+                event.next_at,
+                status_name(event.status),
+                event.last_error
+            ],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(true)
+    }
+
+    fn lease_events(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let events = select_events(
+            &tx,
+            "WHERE status = 'pending' AND next_at <= ?1 ORDER BY next_at LIMIT ?2",
+            params![now, limit as i64],
+        )?;
+        for e in &events {
+            tx.execute(
+                "UPDATE outbox SET next_at = ?2 WHERE id = ?1",
+                params![e.id, lease_until],
+            )
+            .map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(events)
+    }
+
+    fn record_attempt(&self, id: &str, attempt: &Attempt) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match attempt {
+            Attempt::Delivered => conn.execute("DELETE FROM outbox WHERE id = ?1", [id]),
+            Attempt::Retry { at, error } => conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3 WHERE id = ?1",
+                params![id, at, error],
+            ),
+            Attempt::Failed { error } => conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, status = 'failed', last_error = ?2 WHERE id = ?1",
+                params![id, error],
+            ),
+        }
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    fn events(&self, status: EventStatus, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        select_events(
+            &self.conn(),
+            "WHERE status = ?1 ORDER BY created, id LIMIT ?2",
+            params![status_name(status), limit as i64],
+        )
+    }
+
+    fn retry_event(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE outbox SET status = 'pending', next_at = ?2 WHERE id = ?1 AND status = 'failed'",
+                params![id, now],
+            )
+            .map_err(backend)?;
+        Ok(changed == 1)
     }
 
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
