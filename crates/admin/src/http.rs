@@ -79,6 +79,9 @@ pub fn router(admin: Arc<Admin>, secure: bool) -> Router {
         .route("/tollgate/apikeys/find", post(find_key))
         .route("/tollgate/apikeys/{id}/rotate", post(rotate_key))
         .route("/tollgate/apikeys/{id}/credits", post(add_credits))
+        .route("/tollgate/events", get(list_events))
+        .route("/tollgate/events/{id}/retry", post(retry_event))
+        .route("/tollgate/webhooks/{name}/test", post(test_webhook))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_operation)
@@ -269,6 +272,23 @@ async fn untag_resource(
 async fn rotate_key(State(admin): Shared, Path(id): Path<String>, body: Bytes) -> Answer {
     let input: RotateApiKeyIn = json(&body)?;
     Ok(reply(StatusCode::OK, &admin.rotate_key(&id, input).await?))
+}
+
+/// tollgate's own: the outbox's pending or failed (`?status=`) events.
+async fn list_events(State(admin): Shared, RawQuery(q): RawQuery) -> Answer {
+    let q = query(q);
+    let out = admin.events(q.get("status").map(String::as_str)).await?;
+    Ok(reply(StatusCode::OK, &out))
+}
+
+/// tollgate's own: a failed event delivered again.
+async fn retry_event(State(admin): Shared, Path(id): Path<String>) -> Answer {
+    Ok(reply(StatusCode::OK, &admin.retry_event(&id).await?))
+}
+
+/// tollgate's own: a test event sent to a webhook.
+async fn test_webhook(State(admin): Shared, Path(name): Path<String>) -> Answer {
+    Ok(reply(StatusCode::OK, &admin.test_webhook(&name).await?))
 }
 
 /// tollgate's own: adds prepaid credits to a key, once per idempotency key.

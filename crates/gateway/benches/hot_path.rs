@@ -47,6 +47,7 @@ fn config() -> GatewayConfig {
         max_request_body: tollgate_gateway::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
         trusted_proxies: None,
+        webhooks: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     pub verify: Option<crate::verify::VerifySettings>,
     /// The proxies whose `X-Forwarded-For` names the client, for keys with a source-IP allowlist.
     pub trusted_proxies: Option<IpNetworks>,
+    /// Where events are delivered.
+    pub webhooks: Vec<crate::webhooks::Webhook>,
 }
 
 /// One API (AWS RestApi): a set of routes deployed to one or more stages.

@@ -49,6 +49,7 @@ mod testing;
 pub mod tls;
 mod trace;
 pub mod verify;
+pub mod webhooks;
 
 pub use admit::{Admission, admit_locally};
 pub use client_ip::ClientAddress;

@@ -327,6 +327,11 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let deliverer = tokio::spawn(crate::webhooks::deliver_loop(
+            self.shared.clone(),
+            WEBHOOK_POLL,
+            stop_rx.clone(),
+        ));
         let flusher = tokio::spawn(flush_loop(
             self.shared.clone(),
             self.options.flush_interval,
@@ -387,6 +392,8 @@ impl Gateway {
             tracing::warn!(timeout = ?self.options.drain_timeout, "drain timeout passed; closing remaining connections");
         }
         let _ = stop_tx.send(true);
+        // A delivery under way finishes (or its lease runs out and another instance sends it).
+        let _ = deliverer.await;
         let flushed = match flusher.await {
             Ok(result) => result,
             Err(err) => Err(GatewayError::Task(err.to_string())),
@@ -480,6 +487,9 @@ async fn handshake(
         }
     }
 }
+
+/// How often each instance looks for webhook deliveries that are due.
+const WEBHOOK_POLL: Duration = Duration::from_secs(1);
 
 /// Writes metered usage every `interval` and once more when told to stop. Deltas a failed write could
 /// not store are kept and retried, so a store outage delays metering but loses none of it.

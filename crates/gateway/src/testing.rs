@@ -65,6 +65,7 @@ pub(crate) fn config(
         max_request_body: crate::config::DEFAULT_MAX_REQUEST_BODY,
         kept_fields: Default::default(),
         trusted_proxies: None,
+        webhooks: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

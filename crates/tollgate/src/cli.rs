@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::failure::Failure;
-use crate::manage::{self, KeysCommand, PlansCommand};
+use crate::manage::{self, EventsCommand, KeysCommand, PlansCommand};
 use crate::serverless::{self, ServerlessOptions};
 use crate::{config, migrate, serve, usage};
 
@@ -72,6 +72,9 @@ enum Command {
     /// Manage usage plans and their keys through the admin API.
     #[command(subcommand)]
     Plans(PlansCommand),
+    /// Webhook events through the admin API: list failed or pending ones, retry one, send a test.
+    #[command(subcommand)]
+    Events(EventsCommand),
 }
 
 /// `tollgate import …`
@@ -206,6 +209,7 @@ pub fn run() -> ExitCode {
         Command::Usage(args) => usage::run(&args),
         Command::Keys(cmd) => manage::keys(cmd).map_err(Failure::Runtime),
         Command::Plans(cmd) => manage::plans(cmd).map_err(Failure::Runtime),
+        Command::Events(cmd) => manage::events(cmd).map_err(Failure::Runtime),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -409,6 +409,64 @@ const KEY_COLUMNS: &[(&str, &str)] = &[
     ("VALUE", "value"),
 ];
 /// A rotation's answer: the new value, and until when the old one works.
+/// `tollgate events`.
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// The outbox's events: failed ones (default), or pending ones.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// `failed` or `pending`.
+        #[arg(long, default_value = "failed")]
+        status: String,
+    },
+    /// Deliver a failed event again.
+    Retry {
+        #[command(flatten)]
+        common: Common,
+        /// Event id.
+        id: String,
+    },
+    /// Send a test event to a webhook.
+    Test {
+        #[command(flatten)]
+        common: Common,
+        /// Webhook name.
+        webhook: String,
+    },
+}
+
+/// Runs `tollgate events`.
+pub fn events(cmd: EventsCommand) -> anyhow::Result<()> {
+    match cmd {
+        EventsCommand::List { common, status } => {
+            let path = format!("/tollgate/events?status={}", encode(&status));
+            let out = common.remote()?.json(Method::GET, &path, &())?;
+            print(common.output, &out, EVENT_COLUMNS);
+        }
+        EventsCommand::Retry { common, id } => {
+            let path = format!("/tollgate/events/{}/retry", encode(&id));
+            let out = common.remote()?.json(Method::POST, &path, &())?;
+            print(common.output, &out, EVENT_COLUMNS);
+        }
+        EventsCommand::Test { common, webhook } => {
+            let path = format!("/tollgate/webhooks/{}/test", encode(&webhook));
+            let out = common.remote()?.json(Method::POST, &path, &())?;
+            print(common.output, &out, EVENT_COLUMNS);
+        }
+    }
+    Ok(())
+}
+
+const EVENT_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("TYPE", "/event/type"),
+    ("WEBHOOK", "webhook"),
+    ("STATUS", "status"),
+    ("ATTEMPTS", "attempts"),
+    ("LAST ERROR", "lastError"),
+];
+
 /// JSON pointers reach into the answer's `credits`.
 const CREDIT_COLUMNS: &[(&str, &str)] = &[
     ("ID", "id"),

@@ -73,6 +73,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 credentials: admin_config.credentials.clone().into_iter().collect(),
                 sealer: config.sealer.clone(),
                 apis: gateway.handle().snapshot().config().outline(),
+                webhooks: gateway
+                    .handle()
+                    .snapshot()
+                    .config()
+                    .webhooks
+                    .iter()
+                    .map(|w| w.name.clone())
+                    .collect(),
             };
             let plane = Arc::new(Plane(gateway.handle()));
             let admin = Admin::new(store.clone(), plans, plane, settings);

@@ -10,6 +10,7 @@
 //! (one, or a page at a time) and memberships from the gateway's snapshot, which has them anyway.
 
 mod credits;
+mod events;
 mod keys;
 mod paging;
 mod patch;
@@ -45,6 +46,8 @@ pub struct AdminSettings {
     pub sealer: Option<Sealer>,
     /// What usage plans may name of the configured APIs.
     pub apis: Vec<ApiOutline>,
+    /// The configured webhooks' names.
+    pub webhooks: Vec<String>,
 }
 
 /// The plans whose live quota counts a write invalidates: they are recomputed from the store.

@@ -120,6 +120,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<Spanned<RawWebhook>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage_plans: Vec<Spanned<RawPlan>>,
@@ -485,6 +487,21 @@ pub struct RawKey {
     /// Prepaid credits: the opening balance and a refill (kept as the tag `tollgate:creditRefill`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<RawCredits>,
+}
+
+/// `webhooks[]`: where events are delivered.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawWebhook {
+    pub name: String,
+    pub url: EnvString,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<EnvString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// How long deliveries are retried (default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

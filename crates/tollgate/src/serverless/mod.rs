@@ -294,6 +294,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         upstream_tls: None,
         http2: None,
         trusted_proxies: None,
+        webhooks: Vec::new(),
         store: Some(sited(store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {

@@ -32,8 +32,11 @@ use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{Api, DEFAULT_MAX_REQUEST_BODY};
 use tollgate_gateway::jwt::Authorizer;
 use tollgate_gateway::tls::{CertFiles, ClientTls, UpstreamTlsFiles};
+use tollgate_gateway::webhooks::{Webhook, WebhookFormat};
 
-use super::raw::{EnvString, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls};
+use super::raw::{
+    EnvString, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls, RawWebhook,
+};
 use super::{Config, ConfigError, StoreConfig, StoreKind, ToOpen};
 
 /// Parses `500ms`, `1s`, `2m`, `1h`, `7d` (a bare number is seconds).
@@ -401,6 +404,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
     };
     let kept_fields = validate_kept_fields(&cx, &raw)?;
+    let webhooks = validate_webhooks(&cx, &raw.webhooks)?;
     let trusted_proxies = match &raw.trusted_proxies {
         None => None,
         Some(list) => Some(
@@ -441,6 +445,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             apis,
             verify,
             trusted_proxies,
+            webhooks,
         },
         plans,
         keys,
@@ -448,6 +453,81 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         clients: cx.clients.take(),
         jwks: cx.jwks.take(),
     })
+}
+
+/// How long deliveries are retried unless a webhook says otherwise: a day, as the issue names it
+/// (Stripe retries for three).
+const DEFAULT_RETRY_FOR: u64 = 86_400;
+
+/// `webhooks:`: each with a unique name, an http(s) URL and, for JSON, a secret to sign with.
+fn validate_webhooks(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawWebhook>],
+) -> Result<Vec<Webhook>, ConfigError> {
+    let mut webhooks: Vec<Webhook> = Vec::with_capacity(raw.len());
+    for (i, w) in raw.iter().enumerate() {
+        let (field, at, w) = (format!("webhooks[{i}]"), &w.referenced, &w.value);
+        if w.name.is_empty() || webhooks.iter().any(|o| o.name == w.name) {
+            return cx.err(
+                at,
+                format!("{field}.name"),
+                format!("{:?}: a webhook needs a name of its own", w.name),
+            );
+        }
+        let url = w.url.0.clone();
+        let host = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .and_then(|rest| rest.split('/').next())
+            .filter(|host| !host.is_empty());
+        if host.is_none() {
+            return cx.err(
+                at,
+                format!("{field}.url"),
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+        let format = match &w.format {
+            None => WebhookFormat::Json,
+            Some(name) => WebhookFormat::named(name).ok_or(()).or_else(|()| {
+                cx.err(
+                    at,
+                    format!("{field}.format"),
+                    format!("{name:?} is not json or slack"),
+                )
+            })?,
+        };
+        let secret = w
+            .secret
+            .as_ref()
+            .map(|s| s.0.clone())
+            .filter(|s| !s.is_empty());
+        if secret.is_none() && format == WebhookFormat::Json {
+            return cx.err(
+                at,
+                format!("{field}.secret"),
+                "a JSON webhook signs what it sends: give it a secret (e.g. \"${WEBHOOK_SECRET}\")",
+            );
+        }
+        let retry_for = match &w.retry_for {
+            None => DEFAULT_RETRY_FOR,
+            Some(t) => positive_duration(cx, t, at, &format!("{field}.retryFor"))?.as_secs(),
+        };
+        let default_tls = RawUpstreamTls::default();
+        let tls = match cx.upstream_tls {
+            Some(global) => cx.client_tls(&global.value, &global.referenced, "upstreamTls")?,
+            None => cx.client_tls(&default_tls, at, &format!("{field}.url"))?,
+        };
+        webhooks.push(Webhook {
+            name: w.name.clone(),
+            url,
+            secret,
+            format,
+            retry_for,
+            tls,
+        });
+    }
+    Ok(webhooks)
 }
 
 fn positive_duration(
