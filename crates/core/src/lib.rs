@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod credits;
+pub mod event;
 pub mod gcra;
 pub mod model;
 pub mod quota;

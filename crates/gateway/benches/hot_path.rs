@@ -48,6 +48,7 @@ fn config() -> GatewayConfig {
         kept_fields: Default::default(),
         trusted_proxies: None,
         webhooks: Vec::new(),
+        alerts: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

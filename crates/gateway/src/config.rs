@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub trusted_proxies: Option<IpNetworks>,
     /// Where events are delivered.
     pub webhooks: Vec<crate::webhooks::Webhook>,
+    /// What fires events.
+    pub alerts: Vec<crate::alerts::Alert>,
 }
 
 /// One API (AWS RestApi): a set of routes deployed to one or more stages.

@@ -355,6 +355,9 @@ impl Pipeline<'_> {
         .await;
         ex.subject = decided.subject;
         ex.decision = Some(decided.decision);
+        if let Ok(admission) = &decided.outcome {
+            shared.alerts.admitted(admission, ex.now);
+        }
         decided.outcome
     }
 

@@ -18,6 +18,7 @@
 
 pub mod access_log;
 mod admit;
+pub mod alerts;
 mod client;
 mod client_ip;
 pub mod config;

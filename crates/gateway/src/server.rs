@@ -19,6 +19,7 @@ use tollgate_store::report::{PeriodUsed, period_used};
 use tollgate_store::{CreditSpend, CustomerDelta, Holder, KeyIndex, Store, StoreError, UsageDelta};
 
 use crate::access_log::Sink;
+use crate::alerts::Alerts;
 use crate::config::{GatewayConfig, Http2Settings};
 use crate::conn;
 use crate::exchange::Endpoint;
@@ -152,6 +153,8 @@ pub enum GatewayError {
 pub struct Gateway {
     shared: Arc<Shared>,
     options: GatewayOptions,
+    /// Alerts' crossings, claimed by a task that runs while the gateway serves.
+    crossings: Option<tokio::sync::mpsc::Receiver<crate::alerts::Crossing>>,
 }
 
 /// What the control plane holds of a running gateway: the live snapshot, and the means to replace it
@@ -288,6 +291,7 @@ impl Gateway {
             })?),
             None => None,
         };
+        let (alerts, crossings) = Alerts::new(config.alerts.clone());
         let snapshot = Snapshot::build(config, records, &used, today)?;
         let max_slots = options
             .max_connections
@@ -306,10 +310,15 @@ impl Gateway {
             draining: AtomicBool::new(false),
             stop: Arc::default(),
             store,
+            alerts,
             access_log,
             unflushed: tokio::sync::Mutex::default(),
         });
-        Ok(Self { shared, options })
+        Ok(Self {
+            shared,
+            options,
+            crossings,
+        })
     }
 
     /// A handle for the control plane.
@@ -327,6 +336,9 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        if let Some(crossings) = self.crossings {
+            tokio::spawn(crate::alerts::claim_loop(self.shared.clone(), crossings));
+        }
         let deliverer = tokio::spawn(crate::webhooks::deliver_loop(
             self.shared.clone(),
             WEBHOOK_POLL,

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     /// Wakes idle connections when draining starts.
     pub(crate) stop: Arc<tokio::sync::Notify>,
     pub(crate) store: Arc<dyn Store>,
+    /// The configured alerts, and where the request path hands their crossings.
+    pub(crate) alerts: crate::alerts::Alerts,
     /// Where access-log lines go, when the access log is on.
     pub(crate) access_log: Option<Sink>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the

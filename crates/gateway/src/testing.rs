@@ -66,6 +66,7 @@ pub(crate) fn config(
         kept_fields: Default::default(),
         trusted_proxies: None,
         webhooks: Vec::new(),
+        alerts: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

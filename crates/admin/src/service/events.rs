@@ -6,10 +6,9 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tollgate_store::{EventStatus, OutboxEvent, ids};
 
-use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::event::rfc3339_secs;
 
 use super::Admin;
-use super::keys::rfc3339;
 use crate::error::{AdminError, bad};
 
 /// The most events one listing answers.
@@ -59,7 +58,7 @@ impl Admin {
             "id": id,
             "type": "webhook.test",
             "webhook": name,
-            "time": rfc3339(u64::try_from(now).unwrap_or(0) * NANOS_PER_SEC),
+            "time": rfc3339_secs(now),
         });
         let event = OutboxEvent {
             id: id.clone(),

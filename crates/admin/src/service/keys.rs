@@ -66,7 +66,7 @@ const DEFAULT_GRACE_SECS: u64 = 86_400;
 const MAX_GRACE_SECS: u64 = 30 * 86_400;
 
 /// Epoch nanoseconds as RFC 3339, as `expiresAt` is written.
-pub(super) fn rfc3339(nanos: u64) -> String {
+fn rfc3339(nanos: u64) -> String {
     jiff::Timestamp::from_nanosecond(i128::from(nanos))
         .map_or_else(|_| nanos.to_string(), |t| t.to_string())
 }

@@ -122,6 +122,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<Spanned<RawWebhook>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<Spanned<RawAlert>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage_plans: Vec<Spanned<RawPlan>>,
@@ -487,6 +489,19 @@ pub struct RawKey {
     /// Prepaid credits: the opening balance and a refill (kept as the tag `tollgate:creditRefill`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<RawCredits>,
+}
+
+/// `alerts[]`: what fires events.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAlert {
+    pub name: String,
+    pub on: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thresholds: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub webhook: String,
 }
 
 /// `webhooks[]`: where events are delivered.

@@ -276,3 +276,218 @@ async fn two_instances_deliver_each_event_once() {
     ids.dedup();
     assert_eq!((ids.len(), got_later), (10, 10), "ten events, each once");
 }
+
+const TIGHT: &str = "tightKeyValue0123456789abc";
+const ACME: [&str; 2] = [
+    "acmeAlertKeyAValue0123456789",
+    "acmeAlertKeyBValue0123456789",
+];
+
+/// A gateway alerting at 80% and 100% of each key's quota (10 a day), and at 100% of a customer's
+/// (5 a day, shared by two keys).
+fn alerting_gateway(
+    up: &util::Upstream,
+    hook: &Receiver,
+    dir: &std::path::Path,
+    store: &str,
+) -> Gateway {
+    let extra = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         webhooks:\n  - {{ name: ops, url: \"http://{hook}/hooks\", secret: \"{SECRET}\" }}\n\
+         alerts:\n\
+         \x20 - {{ name: quota-warn, on: quota, thresholds: [80, 100], scope: key, webhook: ops }}\n\
+         \x20 - {{ name: customer-out, on: quota, thresholds: [100], scope: customer, webhook: ops }}\n\
+         usagePlans:\n\
+         \x20 - {{ name: tight, apiStages: [ {{ apiId: warranty, stage: prod }} ], quota: {{ limit: 10, period: DAY }} }}\n\
+         \x20 - {{ name: shared, limitsShareBy: customerId, apiStages: [ {{ apiId: warranty, stage: dev }} ], quota: {{ limit: 5, period: DAY }} }}\n\
+         apiKeys:\n\
+         \x20 - {{ name: tight, value: {TIGHT}, usagePlans: [tight] }}\n\
+         \x20 - {{ name: acme-a, value: {a}, customerId: acme, usagePlans: [shared] }}\n\
+         \x20 - {{ name: acme-b, value: {b}, customerId: acme, usagePlans: [shared] }}\n",
+        hook = hook.addr,
+        a = ACME[0],
+        b = ACME[1]
+    );
+    let yaml = util::config(&format!("http://{}", up.addr), &extra)
+        .replace(
+            "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+            store,
+        )
+        .replace(
+            "      - name: prod\n",
+            "      - name: prod\n      - name: dev\n",
+        );
+    util::write_config(dir, &yaml);
+    Gateway::start(dir, &util::admin_env())
+}
+
+/// The events the receiver took, parsed.
+fn events_of(got: &[(http::HeaderMap, Bytes)]) -> Vec<serde_json::Value> {
+    got.iter()
+        .map(|(_, body)| serde_json::from_slice(body).unwrap())
+        .collect()
+}
+
+async fn alerts_hold(store: &str) {
+    let up = util::upstream().await;
+    let hook = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = alerting_gateway(&up, &hook, dir.path(), store);
+    let c = util::client();
+    let statuses = |n: usize, path: &'static str, key: &'static str| {
+        let (c, url) = (&c, gw.url(path));
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(c.get(&url, Some(key)).await.status);
+            }
+            out
+        }
+    };
+    // Hammered past its quota: one event at 80%, one at 100%.
+    let got = statuses(12, "/prod/echo/a", TIGHT).await;
+    assert_eq!(got.iter().filter(|s| **s == 200).count(), 10);
+    let events = events_of(&hook.until(2).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hook.got.lock().unwrap().len(), 2, "once each");
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let (key_id, plan_id) = (admin.key_id("tight").await, admin.plan_id("tight").await);
+    let today = util::today();
+    let mut thresholds: Vec<u64> = events
+        .iter()
+        .map(|e| e["threshold"].as_u64().unwrap())
+        .collect();
+    thresholds.sort_unstable();
+    assert_eq!(thresholds, [80, 100]);
+    let at_80 = events.iter().find(|e| e["threshold"] == 80).unwrap();
+    assert_eq!(at_80["type"], "quota.threshold");
+    assert_eq!(
+        (
+            &at_80["keyId"],
+            &at_80["keyName"],
+            &at_80["usagePlanId"],
+            &at_80["usagePlanName"]
+        ),
+        (
+            &json!(key_id),
+            &json!("tight"),
+            &json!(plan_id),
+            &json!("tight")
+        )
+    );
+    assert_eq!((&at_80["used"], &at_80["limit"]), (&json!(8), &json!(10)));
+    assert_eq!(at_80["periodStart"], today.as_str());
+    assert!(at_80["id"].as_str().unwrap().starts_with("evt_"));
+
+    // Given back what it had (UpdateUsage), it crosses again: nothing fires twice in a period.
+    let patch = r#"{"patchOperations":[{"op":"replace","path":"/remaining","value":"10"}]}"#;
+    admin
+        .ok(
+            "PATCH",
+            &format!("/usageplans/{plan_id}/keys/{key_id}/usage"),
+            patch,
+        )
+        .await;
+    assert_eq!(statuses(10, "/prod/echo/b", TIGHT).await, vec![200; 10]);
+
+    // A customer's two keys together reach its quota: one event for the customer; the key alert
+    // watches what the keys draw on (the customer's count) and fires for the key that crossed.
+    statuses(3, "/dev/echo/c", ACME[0]).await;
+    statuses(2, "/dev/echo/c", ACME[1]).await;
+    let events = events_of(&hook.until(5).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        hook.got.lock().unwrap().len(),
+        5,
+        "the given-back key fired nothing more"
+    );
+    let customer: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["alert"] == "customer-out")
+        .collect();
+    assert_eq!(customer.len(), 1, "{events:?}");
+    assert_eq!(
+        (
+            &customer[0]["scope"],
+            &customer[0]["customerId"],
+            &customer[0]["used"]
+        ),
+        (&json!("customer"), &json!("acme"), &json!(5))
+    );
+    let by_key: Vec<(&serde_json::Value, &serde_json::Value)> = events[2..]
+        .iter()
+        .filter(|e| e["alert"] == "quota-warn")
+        .map(|e| (&e["keyName"], &e["threshold"]))
+        .collect();
+    assert_eq!(by_key.len(), 2, "{events:?}");
+    assert!(
+        by_key.contains(&(&json!("acme-b"), &json!(80))),
+        "{events:?}"
+    );
+    assert!(
+        by_key.contains(&(&json!("acme-b"), &json!(100))),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_alerts_fire_once_per_period_on_sqlite() {
+    alerts_hold("store: { sqlite: ./tollgate.db, flushInterval: 200ms }").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_alerts_fire_once_per_period_on_redis() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = tollgate_store::testing::RedisServer::start();
+    alerts_hold(&format!(
+        "store: {{ redis: {{ url: \"{}\" }} }}",
+        redis.url()
+    ))
+    .await;
+}
+
+/// Two instances on one Redis crossing 80% at once still deliver exactly one event.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_crossing_at_once_fire_once() {
+    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+        return;
+    }
+    let redis = tollgate_store::testing::RedisServer::start();
+    let store = format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url());
+    let up = util::upstream().await;
+    let hook = Receiver::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let gws: Vec<Gateway> = dirs
+        .iter()
+        .map(|d| alerting_gateway(&up, &hook, d.path(), &store))
+        .collect();
+    // Both instances, many requests in flight at once: the quota counts are shared, and whichever
+    // instance sees a crossing claims it; the other finds it claimed.
+    let c = Arc::new(util::client());
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (c, url) = (c.clone(), gws[i % 2].url("/prod/echo/x"));
+            tokio::spawn(async move { c.get(&url, Some(TIGHT)).await.status })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap() == 200);
+    }
+    assert_eq!(ok, 10);
+    let got = hook.until(2).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let events = events_of(&hook.got.lock().unwrap());
+    let mut thresholds: Vec<u64> = events
+        .iter()
+        .map(|e| e["threshold"].as_u64().unwrap())
+        .collect();
+    thresholds.sort_unstable();
+    assert_eq!(
+        (got.len(), thresholds),
+        (2, vec![80, 100]),
+        "one event per threshold"
+    );
+}

@@ -28,6 +28,7 @@ use serde_saphyr::{Location, Spanned};
 use tollgate_core::rules::{ApiOutline, PlanError, check_throttle};
 use tollgate_core::{IpNetworks, ThrottleSettings};
 use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::alerts::{Alert, AlertOn, AlertScope};
 use tollgate_gateway::config::UpstreamTls;
 use tollgate_gateway::config::{Api, DEFAULT_MAX_REQUEST_BODY};
 use tollgate_gateway::jwt::Authorizer;
@@ -35,7 +36,7 @@ use tollgate_gateway::tls::{CertFiles, ClientTls, UpstreamTlsFiles};
 use tollgate_gateway::webhooks::{Webhook, WebhookFormat};
 
 use super::raw::{
-    EnvString, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls, RawWebhook,
+    EnvString, RawAlert, RawConfig, RawSize, RawStore, RawThrottle, RawUpstreamTls, RawWebhook,
 };
 use super::{Config, ConfigError, StoreConfig, StoreKind, ToOpen};
 
@@ -405,6 +406,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     };
     let kept_fields = validate_kept_fields(&cx, &raw)?;
     let webhooks = validate_webhooks(&cx, &raw.webhooks)?;
+    let alerts = validate_alerts(&cx, &raw.alerts, &webhooks)?;
     let trusted_proxies = match &raw.trusted_proxies {
         None => None,
         Some(list) => Some(
@@ -446,6 +448,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             verify,
             trusted_proxies,
             webhooks,
+            alerts,
         },
         plans,
         keys,
@@ -530,6 +533,81 @@ fn validate_webhooks(
     Ok(webhooks)
 }
 
+/// `alerts:`: each with a unique name, watching what this version watches, sent to a webhook.
+fn validate_alerts(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawAlert>],
+    webhooks: &[Webhook],
+) -> Result<Vec<Alert>, ConfigError> {
+    let mut alerts: Vec<Alert> = Vec::with_capacity(raw.len());
+    for (i, a) in raw.iter().enumerate() {
+        let (field, at, a) = (format!("alerts[{i}]"), &a.referenced, &a.value);
+        if a.name.is_empty() || alerts.iter().any(|o| o.name == a.name) {
+            return cx.err(
+                at,
+                format!("{field}.name"),
+                format!("{:?}: an alert needs a name of its own", a.name),
+            );
+        }
+        if !webhooks.iter().any(|w| w.name == a.webhook) {
+            let known: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
+            return cx.err(
+                at,
+                format!("{field}.webhook"),
+                format!(
+                    "{:?} names no webhook; the webhooks are: {}",
+                    a.webhook,
+                    known.join(", ")
+                ),
+            );
+        }
+        let on = match a.on.as_str() {
+            "quota" => {
+                if a.thresholds.is_empty() || a.thresholds.iter().any(|t| !(1..=100).contains(t)) {
+                    return cx.err(at, format!("{field}.thresholds"), "give the percentages of the quota to alert at, each 1 to 100, e.g. [80, 100]");
+                }
+                let scope = match &a.scope {
+                    None => AlertScope::Key,
+                    Some(name) => AlertScope::named(name).ok_or(()).or_else(|()| {
+                        cx.err(
+                            at,
+                            format!("{field}.scope"),
+                            format!("{name:?} is not key or customer"),
+                        )
+                    })?,
+                };
+                let mut thresholds = a.thresholds.clone();
+                thresholds.sort_unstable();
+                thresholds.dedup();
+                AlertOn::Quota { thresholds, scope }
+            }
+            "credits" | "expiry" => {
+                return cx.err(
+                    at,
+                    format!("{field}.on"),
+                    format!(
+                        "alerts on {} are not in this version yet; on: quota is",
+                        a.on
+                    ),
+                );
+            }
+            other => {
+                return cx.err(
+                    at,
+                    format!("{field}.on"),
+                    format!("{other:?} is not quota, credits or expiry"),
+                );
+            }
+        };
+        alerts.push(Alert {
+            name: a.name.clone(),
+            on,
+            webhook: a.webhook.clone(),
+        });
+    }
+    Ok(alerts)
+}
+
 fn positive_duration(
     cx: &Ctx<'_>,
     text: &str,
@@ -608,6 +686,47 @@ mod tests {
                 .map(String::as_str),
             Some("customerId")
         );
+    }
+
+    /// Webhooks and alerts are checked where they are written, naming the field.
+    #[test]
+    fn webhooks_and_alerts_are_checked() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let base = "listen: 127.0.0.1:0\napis:\n  - id: a\n    stages: [ { name: prod } ]\n    routes:\n      - { path: /x, method: GET, apiKeyRequired: true, upstream: \"http://127.0.0.1:1\" }\n";
+        let with =
+            |webhooks: &str, alerts: &str| format!("{base}webhooks:\n{webhooks}alerts:\n{alerts}");
+        let ops = "  - { name: ops, url: \"http://127.0.0.1:9/h\", secret: s3cret }\n";
+        let quota = |rest: &str| format!("  - {{ name: q, on: quota, webhook: ops{rest} }}\n");
+        let field = |yaml: String| crate::config::parse(file, &yaml).unwrap_err().field;
+        assert_eq!(
+            field(with(ops, &quota(", thresholds: [80, 101]"))),
+            "alerts[0].thresholds"
+        );
+        assert_eq!(
+            field(with(ops, &quota(", thresholds: []"))),
+            "alerts[0].thresholds"
+        );
+        assert_eq!(
+            field(with(ops, &quota(", thresholds: [80], scope: plan"))),
+            "alerts[0].scope"
+        );
+        let unknown = "  - { name: q, on: quota, thresholds: [80], webhook: pager }\n";
+        assert_eq!(field(with(ops, unknown)), "alerts[0].webhook");
+        let later = "  - { name: c, on: credits, webhook: ops }\n";
+        assert_eq!(field(with(ops, later)), "alerts[0].on");
+        let unsigned = "  - { name: ops, url: \"http://127.0.0.1:9/h\" }\n";
+        assert_eq!(
+            field(with(unsigned, &quota(", thresholds: [80]"))),
+            "webhooks[0].secret"
+        );
+        let ftp = "  - { name: ops, url: \"ftp://h/\", secret: s }\n";
+        assert_eq!(
+            field(with(ftp, &quota(", thresholds: [80]"))),
+            "webhooks[0].url"
+        );
+        let c =
+            crate::config::parse(file, &with(ops, &quota(", thresholds: [100, 80, 80]"))).unwrap();
+        assert_eq!(c.gateway.alerts.len(), 1);
     }
 
     /// Credits are checked where they are written; the refill is kept as the key's tag.
