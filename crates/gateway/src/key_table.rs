@@ -224,6 +224,11 @@ impl KeyTable {
         self.expiries.get(&(i as u32)).copied()
     }
 
+    /// Every key with an expiry: (record index, epoch nanoseconds).
+    pub(crate) fn expiries(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.expiries.iter().map(|(&i, &at)| (i as usize, at))
+    }
+
     /// The networks record `i`'s key may be used from, if it has a list.
     pub(crate) fn sources(&self, i: usize) -> Option<&IpNetworks> {
         if self.recs[i].members & SOURCES == 0 {

@@ -339,6 +339,7 @@ impl Gateway {
         if let Some(crossings) = self.crossings {
             tokio::spawn(crate::alerts::claim_loop(self.shared.clone(), crossings));
         }
+        let expiries = tokio::spawn(crate::alerts::expiry_loop(self.shared.clone()));
         let deliverer = tokio::spawn(crate::webhooks::deliver_loop(
             self.shared.clone(),
             WEBHOOK_POLL,
@@ -404,6 +405,7 @@ impl Gateway {
             tracing::warn!(timeout = ?self.options.drain_timeout, "drain timeout passed; closing remaining connections");
         }
         let _ = stop_tx.send(true);
+        expiries.abort();
         // A delivery under way finishes (or its lease runs out and another instance sends it).
         let _ = deliverer.await;
         let flushed = match flusher.await {

@@ -755,6 +755,15 @@ impl Snapshot {
         }
     }
 
+    /// The keys that expire after `from` and no later than `until` (epoch nanoseconds), with when.
+    pub(crate) fn expiring(&self, from: u64, until: u64) -> Vec<(&str, u64)> {
+        self.keys
+            .expiries()
+            .filter(|&(_, at)| from < at && at <= until)
+            .map(|(k, at)| (self.keys.id(k), at))
+            .collect()
+    }
+
     /// The balance of key `key_id`'s credits on this instance, if it holds some.
     pub fn credit_balance(&self, key_id: &str) -> Option<u64> {
         let key = self.keys.by_id(key_id)?;

@@ -501,6 +501,12 @@ pub struct RawAlert {
     pub thresholds: Vec<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// `on: credits`: the level a balance falls below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<u64>,
+    /// `on: expiry`: how long before an expiry (`7d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<String>,
     pub webhook: String,
 }
 

@@ -491,3 +491,62 @@ async fn two_instances_crossing_at_once_fire_once() {
         "one event per threshold"
     );
 }
+
+/// A key falling below its credits level fires once; a key nearing its expiry fires once, also
+/// across a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn credits_and_expiry_alerts_fire_once() {
+    let up = util::upstream().await;
+    let hook = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let soon =
+        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 72 * 3600).unwrap();
+    let extra = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         webhooks:\n  - {{ name: ops, url: \"http://{hook}/hooks\", secret: \"{SECRET}\" }}\n\
+         alerts:\n\
+         \x20 - {{ name: low-credit, on: credits, below: 3, webhook: ops }}\n\
+         \x20 - {{ name: expiring, on: expiry, within: 7d, webhook: ops }}\n\
+         usagePlans:\n  - {{ name: prepaid, apiStages: [ {{ apiId: warranty, stage: prod }} ] }}\n\
+         apiKeys:\n\
+         \x20 - {{ name: prepaid, value: prepaidAlertKeyValue0123456789, usagePlans: [prepaid], credits: {{ balance: 5 }} }}\n\
+         \x20 - {{ name: leaving, value: leavingKeyValue0123456789abc, usagePlans: [prepaid], expiresAt: \"{soon}\" }}\n",
+        hook = hook.addr
+    );
+    let yaml = util::config(&format!("http://{}", up.addr), &extra);
+    util::write_config(dir.path(), &yaml);
+    let gw = Gateway::start(dir.path(), &util::admin_env());
+    // The expiry: at once.
+    let got = events_of(&hook.until(1).await);
+    assert_eq!(
+        (&got[0]["type"], &got[0]["keyName"]),
+        (&json!("key.expiring"), &json!("leaving"))
+    );
+    assert_eq!(
+        got[0]["expiresAt"],
+        soon.round(jiff::Unit::Second).unwrap().to_string()
+    );
+    // The credits: 5, 4, 3 left after each request… the one that leaves 2 crosses below 3.
+    let c = util::client();
+    for _ in 0..5 {
+        assert_eq!(
+            c.get(
+                &gw.url("/prod/echo/p"),
+                Some("prepaidAlertKeyValue0123456789")
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let got = events_of(&hook.until(2).await);
+    assert_eq!(
+        (&got[1]["type"], &got[1]["balance"], &got[1]["threshold"]),
+        (&json!("credits.low"), &json!(2), &json!(3))
+    );
+    // Restarted: nothing fires again.
+    assert!(gw.terminate().success());
+    let _gw = Gateway::start(dir.path(), &util::admin_env());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(hook.got.lock().unwrap().len(), 2);
+}

@@ -581,15 +581,28 @@ fn validate_alerts(
                 thresholds.dedup();
                 AlertOn::Quota { thresholds, scope }
             }
-            "credits" | "expiry" => {
-                return cx.err(
-                    at,
-                    format!("{field}.on"),
-                    format!(
-                        "alerts on {} are not in this version yet; on: quota is",
-                        a.on
-                    ),
-                );
+            "credits" => match a.below {
+                Some(below) if below > 0 => AlertOn::Credits { below },
+                _ => {
+                    return cx.err(
+                        at,
+                        format!("{field}.below"),
+                        "give the balance to alert below, a whole number of credits from 1",
+                    );
+                }
+            },
+            "expiry" => {
+                let Some(within) = &a.within else {
+                    return cx.err(
+                        at,
+                        format!("{field}.within"),
+                        "give how long before a key's expiry to alert, e.g. 7d",
+                    );
+                };
+                let within = positive_duration(cx, within, at, &format!("{field}.within"))?;
+                AlertOn::Expiry {
+                    within: within.as_secs(),
+                }
             }
             other => {
                 return cx.err(
@@ -712,8 +725,12 @@ mod tests {
         );
         let unknown = "  - { name: q, on: quota, thresholds: [80], webhook: pager }\n";
         assert_eq!(field(with(ops, unknown)), "alerts[0].webhook");
-        let later = "  - { name: c, on: credits, webhook: ops }\n";
-        assert_eq!(field(with(ops, later)), "alerts[0].on");
+        let no_level = "  - { name: c, on: credits, webhook: ops }\n";
+        assert_eq!(field(with(ops, no_level)), "alerts[0].below");
+        let no_time = "  - { name: e, on: expiry, webhook: ops }\n";
+        assert_eq!(field(with(ops, no_time)), "alerts[0].within");
+        let odd = "  - { name: o, on: spend, webhook: ops }\n";
+        assert_eq!(field(with(ops, odd)), "alerts[0].on");
         let unsigned = "  - { name: ops, url: \"http://127.0.0.1:9/h\" }\n";
         assert_eq!(
             field(with(unsigned, &quota(", thresholds: [80]"))),
