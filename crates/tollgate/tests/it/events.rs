@@ -236,25 +236,19 @@ async fn webhooks_are_delivered_signed_retried_and_kept_when_failed_on_sqlite() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn webhooks_are_delivered_signed_retried_and_kept_when_failed_on_redis() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = util::redis() else {
         return;
-    }
-    let redis = tollgate_store::testing::RedisServer::start();
-    deliveries_hold(&format!(
-        "store: {{ redis: {{ url: \"{}\" }} }}",
-        redis.url()
-    ))
-    .await;
+    };
+    deliveries_hold(&util::on_redis(&redis)).await;
 }
 
 /// Two instances on one Redis deliver each event once.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_deliver_each_event_once() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = util::redis() else {
         return;
-    }
-    let redis = tollgate_store::testing::RedisServer::start();
-    let store = format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url());
+    };
+    let store = util::on_redis(&redis);
     let up = util::upstream().await;
     let hook = Receiver::start().await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -437,25 +431,19 @@ async fn quota_alerts_fire_once_per_period_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn quota_alerts_fire_once_per_period_on_redis() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = util::redis() else {
         return;
-    }
-    let redis = tollgate_store::testing::RedisServer::start();
-    alerts_hold(&format!(
-        "store: {{ redis: {{ url: \"{}\" }} }}",
-        redis.url()
-    ))
-    .await;
+    };
+    alerts_hold(&util::on_redis(&redis)).await;
 }
 
 /// Two instances on one Redis crossing 80% at once still deliver exactly one event.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_crossing_at_once_fire_once() {
-    if !util::have("redis-server", &["--version"], "apt install redis-server") {
+    let Some(redis) = util::redis() else {
         return;
-    }
-    let redis = tollgate_store::testing::RedisServer::start();
-    let store = format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url());
+    };
+    let store = util::on_redis(&redis);
     let up = util::upstream().await;
     let hook = Receiver::start().await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];

@@ -3,19 +3,8 @@
 //! and on a real redis-server, across restarts.
 
 use serde_json::json;
-use tollgate_store::testing::RedisServer;
 
 use crate::util::{self, Gateway, client};
-
-/// A real redis-server for a test, when one is installed (see [`util::have`]).
-fn redis() -> Option<RedisServer> {
-    util::have("redis-server", &["--version"], "apt install redis-server").then(RedisServer::start)
-}
-
-/// The `store:` line of a gateway on `redis`.
-fn on_redis(redis: &RedisServer) -> String {
-    format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url())
-}
 
 const V4_KEY: &str = "loopbackV4KeyValue0123456789";
 const V6_KEY: &str = "loopbackV6KeyValue0123456789";
@@ -172,11 +161,11 @@ async fn keys_are_used_only_from_their_networks_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_are_used_only_from_their_networks_on_redis_across_a_restart() {
-    let Some(redis) = redis() else {
+    let Some(redis) = util::redis() else {
         return;
     };
     let up = util::upstream().await;
-    let store = on_redis(&redis);
+    let store = util::on_redis(&redis);
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(&up, dir.path(), &store);
     allowlists_hold(&gw, dir.path()).await;
@@ -257,10 +246,10 @@ async fn routes_spend_their_cost_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_spend_their_cost_on_redis_across_a_restart() {
-    let Some(redis) = redis() else {
+    let Some(redis) = util::redis() else {
         return;
     };
-    costs_hold(&on_redis(&redis)).await;
+    costs_hold(&util::on_redis(&redis)).await;
 }
 
 const ACME_PROD: &str = "acmeProductionKeyValue0123456789";
@@ -431,10 +420,10 @@ async fn keys_of_one_customer_share_its_limits_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_of_one_customer_share_its_limits_on_redis_across_a_restart() {
-    let Some(redis) = redis() else {
+    let Some(redis) = util::redis() else {
         return;
     };
-    customer_limits_hold(&on_redis(&redis)).await;
+    customer_limits_hold(&util::on_redis(&redis)).await;
 }
 
 const PREPAID: &str = "prepaidPartnerKeyValue0123456789";
@@ -603,10 +592,10 @@ async fn prepaid_credits_are_spent_exactly_on_sqlite_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prepaid_credits_are_spent_exactly_on_redis_across_a_restart() {
-    let Some(redis) = redis() else {
+    let Some(redis) = util::redis() else {
         return;
     };
-    credits_hold(&on_redis(&redis)).await;
+    credits_hold(&util::on_redis(&redis)).await;
 }
 
 const TRIED: &str = "triedInShadowKeyValue0123456789";
@@ -745,8 +734,8 @@ async fn a_plan_in_shadow_refuses_nothing_and_counts_apart_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_in_shadow_refuses_nothing_and_counts_apart_on_redis() {
-    let Some(redis) = redis() else {
+    let Some(redis) = util::redis() else {
         return;
     };
-    shadow_holds(&on_redis(&redis)).await;
+    shadow_holds(&util::on_redis(&redis)).await;
 }

@@ -411,6 +411,17 @@ pub fn cli(gw: &Gateway, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A real redis-server for a test, when one is installed (see [`have`]).
+pub fn redis() -> Option<tollgate_store::testing::RedisServer> {
+    have("redis-server", &["--version"], "apt install redis-server")
+        .then(tollgate_store::testing::RedisServer::start)
+}
+
+/// The `store:` line of a gateway on `redis`.
+pub fn on_redis(redis: &tollgate_store::testing::RedisServer) -> String {
+    format!("store: {{ redis: {{ url: \"{}\" }} }}", redis.url())
+}
+
 pub fn admin_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("TOLLGATE_ADMIN_ACCESS_KEY_ID", ACCESS_KEY),
