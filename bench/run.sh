@@ -13,7 +13,8 @@
 # (`*-h2`) are the same TLS listeners driven by h2load (32 connections, 10 streams each); h2load reports
 # no percentiles, so their p50 column holds its mean and p99 is blank. `tollgate-verify-behind-nginx` is
 # nginx proxying with auth_request to tollgate's decision endpoint (forward-auth; both on CPU 1), against
-# nginx doing the job alone.
+# nginx doing the job alone. `tollgate-durable` stores each admitted request's count before answering
+# (`store: { durability: request }`).
 # Installs nothing: it says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,6 +140,16 @@ CONF
 target_tollgate() {
     local port=$1 keys=$2 dir="$WORK/tollgate-$1"; mkdir -p "$dir"
     sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
+}
+# tollgate with `durability: request`: each admitted request's count is stored (group commit) before
+# its response is sent.
+target_tollgate_durable() {
+    local port=$1 keys=$2 dir="$WORK/tollgate-durable-$1"; mkdir -p "$dir"
+    sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" \
+        -e "s|store: { sqlite: \(.*\) }|store: { sqlite: \1, durability: request }|" \
+        "$WORK/keys-$keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    grep -q "durability: request" "$dir/tollgate.yaml"
     start "sut" "$TOLLGATE" serve --config "$dir/tollgate.yaml"
 }
 target_nginx_tls() {
@@ -276,6 +287,7 @@ TARGETS+=("upstream-alone upstream $first" "nginx-proxy nginx_proxy $first")
 for n in $KEYSETS; do
     TARGETS+=("nginx-auth/$n nginx_auth $n" "haproxy-auth/$n haproxy_auth $n" "tollgate/$n tollgate $n" "tollgate-redis/$n tollgate_redis $n")
 done
+TARGETS+=("tollgate-durable/$first tollgate_durable $first")
 TARGETS+=("nginx-tls/$first nginx_tls $first" "tollgate-tls/$first tollgate_tls $first"
     "nginx-tls-new/$first nginx_tls $first close" "tollgate-tls-new/$first tollgate_tls $first close"
     "nginx-h2/$first nginx_h2 $first" "tollgate-h2/$first tollgate_h2 $first"

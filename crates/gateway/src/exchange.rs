@@ -357,6 +357,15 @@ impl Pipeline<'_> {
         ex.decision = Some(decided.decision);
         if let Ok(admission) = &decided.outcome {
             shared.alerts.admitted(admission, ex.now);
+            // `durability: request`: a keyed request goes on once its count is stored (in cluster
+            // mode the limit script stored it already).
+            if let (Some(group), Some(_), None) =
+                (&shared.durable, &admission.membership, &shared.limiter)
+            {
+                if !group.stored().await {
+                    return Err(crate::limits::Refusal::ServiceUnavailable.into());
+                }
+            }
         }
         decided.outcome
     }

@@ -28,7 +28,7 @@ use crate::meter::Counted;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamPool;
 use crate::snapshot::{Snapshot, SnapshotError, Taken};
-use crate::state::{Shared, Unflushed};
+use crate::state::{GroupCommit, Shared, Unflushed};
 use crate::tls::TlsInfo;
 
 /// How long a client may take to send a request head by default, idle keep-alive time included
@@ -40,6 +40,9 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct GatewayOptions {
     /// How often metered usage is written to the store.
     pub flush_interval: Duration,
+    /// `durability: request`: an admitted request's count is stored before its response is sent
+    /// (group commit: one write for every request waiting).
+    pub durable_requests: bool,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a client may take to send a request head (idle keep-alive time included), and to
@@ -103,6 +106,7 @@ impl Default for GatewayOptions {
     fn default() -> Self {
         Self {
             flush_interval: Duration::from_secs(1),
+            durable_requests: false,
             drain_timeout: Duration::from_secs(30),
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: 10_000,
@@ -311,6 +315,7 @@ impl Gateway {
             stop: Arc::default(),
             store,
             alerts,
+            durable: options.durable_requests.then(GroupCommit::default),
             access_log,
             unflushed: tokio::sync::Mutex::default(),
         });
@@ -502,6 +507,15 @@ async fn handshake(
     }
 }
 
+/// Resolves when a request waits for its count to be stored (`durability: request`); never
+/// otherwise.
+async fn asked(shared: &Shared) {
+    match &shared.durable {
+        Some(group) => group.asked.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How often each instance looks for webhook deliveries that are due.
 const WEBHOOK_POLL: Duration = Duration::from_secs(1);
 
@@ -521,9 +535,14 @@ async fn flush_loop(
     loop {
         let stopping = tokio::select! {
             _ = ticker.tick() => false,
+            () = asked(&shared) => false,
             _ = stop.changed() => true,
         };
+        let generation = shared.durable.as_ref().map(GroupCommit::start);
         let result = flush_once(&shared).await;
+        if let (Some(group), Some(generation)) = (&shared.durable, generation) {
+            group.done(generation, result.is_ok());
+        }
         if stopping {
             return result;
         }

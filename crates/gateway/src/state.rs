@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     /// The configured alerts, and where the request path hands their crossings.
     pub(crate) alerts: crate::alerts::Alerts,
+    /// `durability: request`: admitted requests wait for the write that stores their count.
+    pub(crate) durable: Option<GroupCommit>,
     /// Where access-log lines go, when the access log is on.
     pub(crate) access_log: Option<Sink>,
     /// Deltas a failed store write could not save, retried on the next flush. Held across the
@@ -103,5 +105,56 @@ impl Unflushed {
             self.refills.pop();
         }
         Ok(())
+    }
+}
+
+/// Group commit for `durability: request`: a request whose count is metered asks for a flush and
+/// waits for one that started after its count was, so every request waiting then shares one write.
+#[derive(Debug)]
+pub(crate) struct GroupCommit {
+    /// Flushes started.
+    started: std::sync::atomic::AtomicU64,
+    /// The last flush finished, and whether it stored everything.
+    finished: tokio::sync::watch::Sender<(u64, bool)>,
+    /// Wakes the flusher.
+    pub(crate) asked: tokio::sync::Notify,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            started: Default::default(),
+            finished: tokio::sync::watch::Sender::new((0, true)),
+            asked: Default::default(),
+        }
+    }
+}
+
+impl GroupCommit {
+    /// A flush starts: it takes every count metered before this; its number.
+    pub(crate) fn start(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Flush `generation` finished (`stored`: everything it took is in the store).
+    pub(crate) fn done(&self, generation: u64, stored: bool) {
+        self.finished.send_replace((generation, stored));
+    }
+
+    /// Waits until what was metered before this call is stored: `false` when the write failed
+    /// (the counts are kept and written later, but not before the answer).
+    pub(crate) async fn stored(&self) -> bool {
+        let needed = self.started.load(Ordering::Acquire) + 1;
+        let mut finished = self.finished.subscribe();
+        self.asked.notify_one();
+        loop {
+            let (generation, stored) = *finished.borrow_and_update();
+            if generation >= needed {
+                return stored;
+            }
+            if finished.changed().await.is_err() {
+                return false;
+            }
+        }
     }
 }

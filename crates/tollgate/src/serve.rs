@@ -237,6 +237,7 @@ fn gateway_options(config: &Config) -> anyhow::Result<GatewayOptions> {
     );
     Ok(GatewayOptions {
         flush_interval: config.store.flush_interval,
+        durable_requests: config.store.durable_requests,
         head_timeout: config.header_timeout,
         max_connections: budget.max_connections,
         max_idle_upstream: budget.max_idle_upstream,

@@ -234,6 +234,8 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// How often metered usage is written.
     pub flush_interval: Duration,
+    /// `durability: request`: an admitted request's count is stored before its response is sent.
+    pub durable_requests: bool,
 }
 
 /// The embedded store or the shared one.

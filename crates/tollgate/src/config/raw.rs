@@ -246,6 +246,10 @@ pub struct RawStore {
     pub redis: Option<RawRedis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_interval: Option<String>,
+    /// `interval` (default) or `request`: each admitted request's count is stored before its
+    /// response is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_store_failure: Option<String>,
 }

@@ -283,6 +283,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         sqlite: Some(EnvString::new(opts.store.clone())),
         redis: None,
         flush_interval: None,
+        durability: None,
         on_store_failure: None,
     };
     Ok(RawConfig {

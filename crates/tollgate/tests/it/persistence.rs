@@ -108,3 +108,101 @@ async fn a_store_outage_loses_nothing_and_its_end_is_logged_once() {
     let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
     assert_eq!(calls(&gw, 1).await, 984);
 }
+
+/// `durability: request`: killed with SIGKILL at random points in the middle of a run, many times,
+/// the gateway's GetUsage after each restart counts at least every 200 the clients received, and at
+/// most every request the upstream was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_request_durability_a_kill_9_loses_no_answered_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    // An upstream that counts what it is sent.
+    let forwarded = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let seen = forwarded.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = util::config(
+        &format!("http://{up_addr}"),
+        &format!("admin: {{ listen: 127.0.0.1:0 }}\n{PLANS}"),
+    )
+    .replace(
+        "store: { sqlite: ./tollgate.db, flushInterval: 200ms }",
+        "store: { sqlite: ./tollgate.db, flushInterval: 10s, durability: request }",
+    );
+    util::write_config(dir.path(), &yaml);
+    let envs = util::admin_env();
+    let answered = Arc::new(AtomicU64::new(0));
+    // A fixed sequence of kill points, so a failure can be replayed.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..8 {
+        let gw = Gateway::start(dir.path(), &envs);
+        let url = gw.url("/prod/echo/k");
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                let (url, answered) = (url.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    while let Some(r) = c.try_get(&url, KEY).await {
+                        if r.status == 200 {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(50 + seed % 300)).await;
+        tokio::task::spawn_blocking(move || gw.kill9())
+            .await
+            .unwrap();
+        for c in clients {
+            let _ = c.await;
+        }
+        // After each restart: at least what was answered, at most what was forwarded.
+        let gw = Gateway::start(dir.path(), &envs);
+        let admin = util::AdminClient::new(gw.admin.unwrap());
+        let plan = admin.plan_id("monthly").await;
+        let usage = admin.usage_today(&plan).await;
+        let used = usage["values"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|days| days[0][0].as_u64().unwrap())
+            .sum::<u64>();
+        let (ok, sent) = (
+            answered.load(Ordering::SeqCst),
+            forwarded.load(Ordering::SeqCst),
+        );
+        assert!(
+            ok <= used && used <= sent,
+            "round {round}: {ok} answered, {used} counted, {sent} forwarded"
+        );
+        assert!(gw.terminate().success());
+    }
+    assert!(
+        answered.load(Ordering::SeqCst) > 50,
+        "the runs answered requests"
+    );
+}

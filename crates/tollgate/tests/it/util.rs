@@ -359,6 +359,21 @@ impl HttpClient {
         }
     }
 
+    /// A keyed GET, or `None` when the connection failed (the gateway went away).
+    pub async fn try_get(&self, url: &str, key: &str) -> Option<Reply> {
+        let req = Request::builder()
+            .uri(url)
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let (parts, body) = self.0.request(req).await.ok()?.into_parts();
+        Some(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: body.collect().await.ok()?.to_bytes(),
+        })
+    }
+
     pub async fn get(&self, url: &str, key: Option<&str>) -> Reply {
         match key {
             Some(k) => {

@@ -322,6 +322,7 @@ fn default_store(cx: &Ctx<'_>) -> StoreConfig {
     StoreConfig {
         kind: StoreKind::Sqlite(cx.path("tollgate.db")),
         flush_interval: Duration::from_secs(1),
+        durable_requests: false,
     }
 }
 
@@ -698,6 +699,29 @@ mod tests {
                 .get("tollgate:limitsShareBy")
                 .map(String::as_str),
             Some("customerId")
+        );
+    }
+
+    /// `store.durability` is `interval` or `request`.
+    #[test]
+    fn durability_is_named() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let with = |d: &str| {
+            format!("listen: 127.0.0.1:0\nstore: {{ sqlite: ./t.db, durability: {d} }}\n")
+        };
+        let e = crate::config::parse(file, &with("always")).unwrap_err();
+        assert_eq!(e.field, "store.durability", "{e}");
+        assert!(
+            crate::config::parse(file, &with("request"))
+                .unwrap()
+                .store
+                .durable_requests
+        );
+        assert!(
+            !crate::config::parse(file, &with("interval"))
+                .unwrap()
+                .store
+                .durable_requests
         );
     }
 

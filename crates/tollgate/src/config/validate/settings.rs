@@ -74,9 +74,17 @@ pub(super) fn validate_store(
             "only a redis store can fail over",
         );
     }
+    let durable_requests = match s.durability.as_deref() {
+        None => false,
+        Some(written) => {
+            let names = [("interval", false), ("request", true)];
+            cx.one_of(&names, written, at, "store.durability")?
+        }
+    };
     Ok(StoreConfig {
         kind,
         flush_interval,
+        durable_requests,
     })
 }
 
