@@ -133,7 +133,11 @@ impl Default for GroupCommit {
 impl GroupCommit {
     /// A flush starts: it takes every count metered before this; its number.
     pub(crate) fn start(&self) -> u64 {
-        self.started.fetch_add(1, Ordering::AcqRel) + 1
+        let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        // Pairs with the fence in `stored`: a request that read the number before this one had
+        // metered its count before the flush takes the meters.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        generation
     }
 
     /// Flush `generation` finished (`stored`: everything it took is in the store).
@@ -144,7 +148,8 @@ impl GroupCommit {
     /// Waits until what was metered before this call is stored: `false` when the write failed
     /// (the counts are kept and written later, but not before the answer).
     pub(crate) async fn stored(&self) -> bool {
-        let needed = self.started.load(Ordering::Acquire) + 1;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let needed = self.started.load(Ordering::SeqCst) + 1;
         let mut finished = self.finished.subscribe();
         self.asked.notify_one();
         loop {
