@@ -355,7 +355,8 @@ pub(crate) async fn expiry_loop(shared: Arc<Shared>) {
 fn expiring(shared: &Shared) -> Result<(), String> {
     let now = shared.clock.now();
     let secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
-    let snap = shared.snapshot.load();
+    // Held across store calls: an owned snapshot, not a guard.
+    let snap = shared.snapshot.load_full();
     for alert in &shared.alerts.alerts {
         let AlertOn::Expiry { within } = alert.on else {
             continue;

@@ -104,7 +104,8 @@ fn deliver_due(shared: &Shared) -> Result<(), String> {
         .store
         .lease_events(now, now + LEASE_SECS, BATCH)
         .map_err(|e| e.to_string())?;
-    let snap = shared.snapshot.load();
+    // Held across deliveries (seconds each at worst): an owned snapshot, not a guard.
+    let snap = shared.snapshot.load_full();
     for event in events {
         let webhook = snap
             .config()
