@@ -7,6 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 
+/// Whole seconds since the epoch in `nanos` (as records and events write times).
+pub fn epoch_secs(nanos: u64) -> i64 {
+    i64::try_from(nanos / NANOS_PER_SEC).unwrap_or(i64::MAX)
+}
+
 /// A source of wall-clock time in nanoseconds since the Unix epoch (UTC).
 ///
 /// Wall time rather than a monotonic clock because quota periods are calendar periods and, in cluster

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::clock::{NANOS_PER_SEC, epoch_secs};
 use tollgate_core::event::{event_id, rfc3339_secs};
 use tollgate_core::quota::{EpochDay, QuotaWindow};
 use tollgate_store::{EventStatus, OutboxEvent};
@@ -230,7 +230,7 @@ fn claim(shared: &Shared, c: &Crossing) -> Result<(), String> {
         .plan_names()
         .find(|(id, _)| ***id == *c.plan_id)
         .map(|(_, name)| name.to_string());
-    let secs = i64::try_from(c.at / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    let secs = epoch_secs(c.at);
     let customer = c
         .customer
         .as_deref()
@@ -354,7 +354,7 @@ pub(crate) async fn expiry_loop(shared: Arc<Shared>) {
 /// Claims the expiry alerts due now. Blocking.
 fn expiring(shared: &Shared) -> Result<(), String> {
     let now = shared.clock.now();
-    let secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    let secs = epoch_secs(now);
     // Held across store calls: an owned snapshot, not a guard.
     let snap = shared.snapshot.load_full();
     for alert in &shared.alerts.alerts {
@@ -365,7 +365,7 @@ fn expiring(shared: &Shared) -> Result<(), String> {
         for (key_id, at) in snap.expiring(now, until) {
             let claim = format!("expiry|{}|{key_id}|{at}", alert.name);
             let key = shared.store.key(key_id).map_err(|e| e.to_string())?;
-            let at_secs = i64::try_from(at / NANOS_PER_SEC).unwrap_or(i64::MAX);
+            let at_secs = epoch_secs(at);
             let body = json!({
                 "type": "key.expiring",
                 "alert": alert.name,

@@ -631,7 +631,7 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
     let mut batch = std::mem::take(&mut *pending);
     let store = shared.store.clone();
     let started = std::time::Instant::now();
-    let secs = i64::try_from(shared.clock.now() / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    let secs = tollgate_core::clock::epoch_secs(shared.clock.now());
     let (batch, result) = tokio::task::spawn_blocking(move || {
         let r = batch.write(&*store, secs);
         (batch, r)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tollgate_core::clock::NANOS_PER_SEC;
+use tollgate_core::clock::epoch_secs;
 use tollgate_core::signature::{SIGNATURE_HEADER, sign};
 use tollgate_store::{Attempt, OutboxEvent};
 
@@ -99,7 +99,7 @@ pub(crate) async fn deliver_loop(
 
 /// Leases the due events and delivers each. Blocking.
 fn deliver_due(shared: &Shared) -> Result<(), String> {
-    let now = secs(shared.clock.now());
+    let now = epoch_secs(shared.clock.now());
     let events = shared
         .store
         .lease_events(now, now + LEASE_SECS, BATCH)
@@ -113,14 +113,14 @@ fn deliver_due(shared: &Shared) -> Result<(), String> {
             .iter()
             .find(|w| w.name == event.webhook);
         let sent = match webhook {
-            Some(w) => post(w, &event, secs(shared.clock.now())),
+            Some(w) => post(w, &event, epoch_secs(shared.clock.now())),
             None => Err(format!("no webhook {:?} is configured", event.webhook)),
         };
         let attempt = match sent {
             Ok(()) => Attempt::Delivered,
             Err(error) => {
                 let retry_for = webhook.map_or(0, |w| w.retry_for);
-                let now = secs(shared.clock.now());
+                let now = epoch_secs(shared.clock.now());
                 match next_try(event.created, event.attempts, retry_for, now) {
                     Some(at) => Attempt::Retry { at, error },
                     None => {
@@ -194,10 +194,6 @@ fn slack_message(event: &str) -> String {
         about
     );
     serde_json::json!({ "text": text }).to_string()
-}
-
-fn secs(nanos: u64) -> i64 {
-    i64::try_from(nanos / NANOS_PER_SEC).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -384,15 +384,10 @@ pub fn period_used(
             .filter(|&&(bp, _)| bp as usize == p)
             .filter_map(|&(_, k)| customer_of(Some(share_by), index.customer(k as usize)))
             .collect();
-        let window = QuotaWindow::containing(quota, today);
+        let (window, counts_as) = (QuotaWindow::containing(quota, today), plan.counts_as());
         for series in [Series::Used, Series::QuotaAdjustment] {
-            let counts_as = plan.counts_as();
-            for row in store.customer_series(series, &counts_as, &of_plan, window.start, today)? {
-                let n = customers
-                    .entry((counts_as.to_string(), row.key_id))
-                    .or_insert(0i64);
-                *n = n.saturating_add(row.value);
-            }
+            let rows = store.customer_series(series, &counts_as, &of_plan, window.start, today)?;
+            tally(&mut customers, &counts_as, rows);
         }
     }
     Ok(PeriodUsed {
@@ -413,19 +408,24 @@ pub fn period_usage<'p>(
     let mut used = HashMap::new();
     for plan in plans {
         let Some(quota) = &plan.quota else { continue };
-        let window = QuotaWindow::containing(quota, today);
+        let (window, counts_as) = (QuotaWindow::containing(quota, today), plan.counts_as());
         // Requests counted, then operators' adjustments.
         for series in [Series::Used, Series::QuotaAdjustment] {
-            let counts_as = plan.counts_as();
-            for row in store.series(series, &counts_as, None, window.start, today)? {
-                let n = used
-                    .entry((counts_as.to_string(), row.key_id))
-                    .or_insert(0i64);
-                *n = n.saturating_add(row.value);
-            }
+            let rows = store.series(series, &counts_as, None, window.start, today)?;
+            tally(&mut used, &counts_as, rows);
         }
     }
     Ok(used)
+}
+
+/// Adds each of `rows` to its holder's total under the name a plan counts as.
+fn tally(totals: &mut HashMap<(String, String), i64>, counts_as: &str, rows: Vec<DayValue>) {
+    for row in rows {
+        let n = totals
+            .entry((counts_as.to_owned(), row.key_id))
+            .or_insert(0);
+        *n = n.saturating_add(row.value);
+    }
 }
 
 #[cfg(test)]

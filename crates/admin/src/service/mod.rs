@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
-use tollgate_core::clock::NANOS_PER_SEC;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::rules::ApiOutline;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
@@ -208,7 +207,7 @@ impl Admin {
 
     /// Current time, epoch seconds, by the gateway's clock.
     pub fn now_secs(&self) -> i64 {
-        i64::try_from(self.gateway.now() / NANOS_PER_SEC).unwrap_or(i64::MAX)
+        tollgate_core::clock::epoch_secs(self.gateway.now())
     }
 
     pub(crate) fn today(&self) -> EpochDay {
