@@ -10,7 +10,9 @@ use crate::clock::NANOS_PER_SEC;
 pub use crate::model::Period;
 use crate::model::QuotaSettings;
 
-const NANOS_PER_DAY: u64 = 86_400 * NANOS_PER_SEC;
+/// Seconds in a UTC day (no leap seconds: Unix time).
+pub const SECS_PER_DAY: i64 = 86_400;
+const NANOS_PER_DAY: u64 = SECS_PER_DAY.unsigned_abs() * NANOS_PER_SEC;
 
 /// A UTC calendar day, counted from 1970-01-01 (day 0).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -25,6 +27,16 @@ impl EpochDay {
     /// The first nanosecond of this day.
     pub fn start_nanos(self) -> u64 {
         u64::from(self.0) * NANOS_PER_DAY
+    }
+
+    /// The day containing `secs` since the epoch (day 0 before it).
+    pub fn from_secs(secs: i64) -> Self {
+        Self(u32::try_from(secs.max(0) / SECS_PER_DAY).unwrap_or(u32::MAX))
+    }
+
+    /// The first second of this day.
+    pub fn start_secs(self) -> i64 {
+        i64::from(self.0) * SECS_PER_DAY
     }
 
     /// The civil date of this day.

@@ -12,7 +12,8 @@ use tollgate_core::{ApiKey, ApiStage, KeyHash, QuotaSettings, ThrottleSettings, 
 
 use crate::{
     Attempt, CreditSpend, CustomerDelta, DayValue, DeclaredKey, DeclaredPlan, EventStatus,
-    KeyTerms, OutboxEvent, Records, Series, Store, StoreError, UsageDelta, apply_declared,
+    ExportBatch, ExportCommit, ExportMark, ExportState, KeyTerms, OutboxEvent, Records, Series,
+    Store, StoreError, UsageDelta, apply_declared,
 };
 
 /// Runs every conformance check against `store`, which must start empty.
@@ -27,6 +28,7 @@ pub fn run_all(store: &dyn Store) {
     customers_are_counted_apart_from_keys(store);
     credits_are_added_once_and_spent_down_to_zero(store);
     events_are_claimed_once_and_leased_until_delivered(store);
+    exports_commit_once_per_version(store);
     declared_state_is_applied_by_name(store);
     bulk_writes_match_single_writes(store);
     keys_are_read_one_by_one_and_in_pages(store);
@@ -783,4 +785,136 @@ pub fn events_are_claimed_once_and_leased_until_delivered(store: &dyn Store) {
     assert!(store.retry_event("evt-a", 300).unwrap());
     assert!(store.events(EventStatus::Failed, 10).unwrap().is_empty());
     assert_eq!(ids(store.lease_events(300, 330, 10).unwrap()), ["evt-a"]);
+}
+
+pub fn exports_commit_once_per_version(store: &dyn Store) {
+    let ex = "ledger";
+    assert_eq!(store.export_state(ex).unwrap(), ExportState::default());
+    let mark = |day: u32, holder: &str, counts: [u64; 3]| ExportMark {
+        day: EpochDay(day),
+        plan_id: "p".into(),
+        holder: holder.into(),
+        counts,
+    };
+    let batch = |start: i64, end: i64| ExportBatch {
+        start,
+        end,
+        records: format!(r#"[{{"w":{start}}}]"#),
+        delivered: false,
+    };
+    let (b1, b2) = (
+        batch(86_400 * 10, 86_400 * 10 + 60),
+        batch(86_400 * 11, 86_400 * 11 + 60),
+    );
+    // A customer id made to break careless field names.
+    let marks = [
+        mark(10, "k:a", [3, 1, 0]),
+        mark(10, "c:x\"] [y", [5, 0, 2]),
+        mark(11, "k:a", [1, 0, 0]),
+    ];
+    let commit = ExportCommit {
+        version: 0,
+        cursor: Some(86_400 * 10 + 60),
+        marks: &marks,
+        batch: Some(&b1),
+        keep_from: 0,
+    };
+    assert!(store.commit_export(ex, &commit).unwrap());
+    assert!(
+        !store.commit_export(ex, &commit).unwrap(),
+        "the version moved on"
+    );
+    assert_eq!(
+        store.export_state(ex).unwrap(),
+        ExportState {
+            version: 1,
+            cursor: Some(86_400 * 10 + 60)
+        }
+    );
+    let mut day10 = store.export_marks(ex, EpochDay(10)).unwrap();
+    day10.sort_by(|a, b| a.holder.cmp(&b.holder));
+    assert_eq!(day10, vec![marks[1].clone(), marks[0].clone()]);
+    assert_eq!(
+        store.export_marks(ex, EpochDay(11)).unwrap(),
+        vec![marks[2].clone()]
+    );
+    assert!(
+        store
+            .export_marks("other", EpochDay(10))
+            .unwrap()
+            .is_empty()
+    );
+
+    // A commit without a cursor keeps it; a mark is replaced, not added to.
+    let again = [mark(10, "k:a", [4, 1, 0])];
+    let commit = ExportCommit {
+        version: 1,
+        cursor: None,
+        marks: &again,
+        batch: Some(&b2),
+        keep_from: 0,
+    };
+    assert!(store.commit_export(ex, &commit).unwrap());
+    assert_eq!(
+        store.export_state(ex).unwrap().cursor,
+        Some(86_400 * 10 + 60)
+    );
+    assert!(
+        store
+            .export_marks(ex, EpochDay(10))
+            .unwrap()
+            .contains(&again[0])
+    );
+    let window_exists = ExportCommit {
+        version: 2,
+        cursor: None,
+        marks: &[],
+        batch: Some(&b2),
+        keep_from: 0,
+    };
+    assert!(
+        store.commit_export(ex, &window_exists).is_err(),
+        "a window is made once"
+    );
+
+    let all = store.export_batches(ex, 0, i64::MAX, false).unwrap();
+    assert_eq!(all, vec![b1.clone(), b2.clone()]);
+    store.export_delivered(ex, b1.start, b1.end).unwrap();
+    assert_eq!(
+        store.export_batches(ex, 0, i64::MAX, true).unwrap(),
+        vec![b2.clone()]
+    );
+    let delivered = ExportBatch {
+        delivered: true,
+        ..b1.clone()
+    };
+    assert_eq!(
+        store
+            .export_batches(ex, b1.start, b1.start + 1, false)
+            .unwrap(),
+        vec![delivered]
+    );
+    assert!(
+        store
+            .export_batches(ex, b1.start + 1, b2.start, false)
+            .unwrap()
+            .is_empty()
+    );
+
+    // Old windows and marks age out.
+    let version = store.export_state(ex).unwrap().version;
+    let prune = ExportCommit {
+        version,
+        cursor: None,
+        marks: &[],
+        batch: None,
+        keep_from: 86_400 * 11,
+    };
+    assert!(store.commit_export(ex, &prune).unwrap());
+    assert_eq!(
+        store.export_batches(ex, 0, i64::MAX, false).unwrap(),
+        vec![b2]
+    );
+    assert!(store.export_marks(ex, EpochDay(10)).unwrap().is_empty());
+    assert_eq!(store.export_marks(ex, EpochDay(11)).unwrap().len(), 1);
 }

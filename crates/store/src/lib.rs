@@ -206,6 +206,59 @@ pub enum Attempt {
     },
 }
 
+/// What an exporter has sent of one holder's counts under a plan on one UTC day: the day's totals
+/// as they stood when its last window closed, so the next window sends what came since.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportMark {
+    /// The UTC day.
+    pub day: EpochDay,
+    /// The usage plan.
+    pub plan_id: String,
+    /// Whose counts (the exporter's own name for a key or a customer; opaque to the store).
+    pub holder: String,
+    /// Admitted (their cost), throttled, refused for the quota.
+    pub counts: [u64; 3],
+}
+
+/// The usage records an exporter made for one window, kept until delivered (and after, for
+/// replays, until they age out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportBatch {
+    /// The window's start, epoch seconds.
+    pub start: i64,
+    /// Its end (exclusive).
+    pub end: i64,
+    /// The records, as JSON.
+    pub records: String,
+    /// Whether the exporter's receiver took them.
+    pub delivered: bool,
+}
+
+/// An exporter's place: every commit moves its version on, so two instances (or a backfill) never
+/// both commit what they computed from one state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportState {
+    /// Commits made.
+    pub version: u64,
+    /// The end of the last window exported live (none before its first).
+    pub cursor: Option<i64>,
+}
+
+/// One exporter commit: what it moves its state to, given the state it was computed from.
+#[derive(Debug, Clone, Default)]
+pub struct ExportCommit<'a> {
+    /// The version it was computed from: the commit is made only while it is still current.
+    pub version: u64,
+    /// The new cursor (none: unchanged).
+    pub cursor: Option<i64>,
+    /// Marks to write, replacing the same (day, plan, holder).
+    pub marks: &'a [ExportMark],
+    /// The window's records, when it has any: a new window (an existing one is an error).
+    pub batch: Option<&'a ExportBatch>,
+    /// Batches that start before this and marks of days before it are deleted (epoch seconds).
+    pub keep_from: i64,
+}
+
 /// Whose limits and counts a record keeps: one API key's, or those one customer's keys share in a
 /// plan that shares limits by customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -462,6 +515,24 @@ pub trait Store: Send + Sync {
     fn events(&self, status: EventStatus, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
     /// Makes failed event `id` due again at `now`; `false` when no failed event has that id.
     fn retry_event(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// Exporter `exporter`'s version and cursor (both empty before its first commit).
+    fn export_state(&self, exporter: &str) -> Result<ExportState, StoreError>;
+    /// Exporter `exporter`'s marks of `day`.
+    fn export_marks(&self, exporter: &str, day: EpochDay) -> Result<Vec<ExportMark>, StoreError>;
+    /// Makes `commit`, all at once: `false` (and nothing written) when the exporter's version is
+    /// no longer `commit.version`.
+    fn commit_export(&self, exporter: &str, commit: &ExportCommit<'_>) -> Result<bool, StoreError>;
+    /// Exporter `exporter`'s batches starting from `from` to before `to`, in window order; only
+    /// the undelivered ones when `pending`.
+    fn export_batches(
+        &self,
+        exporter: &str,
+        from: i64,
+        to: i64,
+        pending: bool,
+    ) -> Result<Vec<ExportBatch>, StoreError>;
+    /// Marks exporter `exporter`'s batch of window `start`..`end` delivered.
+    fn export_delivered(&self, exporter: &str, start: i64, end: i64) -> Result<(), StoreError>;
     /// Adds customers' shared counts, all in one transaction.
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError>;
     /// Adds `delta` to the quota adjustment of (plan, customer) on `day`: UpdateUsage on a key of a

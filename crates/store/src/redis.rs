@@ -18,12 +18,15 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, KeyIndex, KeyTerms,
-    OutboxEvent, Records, Series, Store, StoreError, UsageDelta,
+    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, ExportBatch,
+    ExportCommit, ExportMark, ExportState, KeyIndex, KeyTerms, OutboxEvent, Records, Series, Store,
+    StoreError, UsageDelta,
 };
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
+    use tollgate_core::quota::EpochDay;
+
     use crate::Holder;
 
     /// All usage plans: id → JSON.
@@ -102,6 +105,27 @@ pub mod keys {
     pub const EVENTS_DUE: &str = "{tg}:ev:due";
     /// Failed events by when they were queued.
     pub const EVENTS_FAILED: &str = "{tg}:ev:failed";
+
+    /// An exporter's place: `v` its version, `cursor` the end of its last live window.
+    pub fn export(exporter: &str) -> String {
+        format!("{{tg}}:xp:{exporter}")
+    }
+    /// What an exporter sent of a day's totals: `["plan","holder"]` → `"used throttled refused"`.
+    pub fn export_marks(exporter: &str, day: EpochDay) -> String {
+        format!("{{tg}}:xp:{exporter}:m:{}", day.0)
+    }
+    /// An exporter's batches: `start-end` → the records' JSON.
+    pub fn export_batches(exporter: &str) -> String {
+        format!("{{tg}}:xp:{exporter}:b")
+    }
+    /// An exporter's windows by start.
+    pub fn export_windows(exporter: &str) -> String {
+        format!("{{tg}}:xp:{exporter}:w")
+    }
+    /// An exporter's undelivered windows by start.
+    pub fn export_pending(exporter: &str) -> String {
+        format!("{{tg}}:xp:{exporter}:p")
+    }
 
     /// A customer's shared count under a plan: day → count.
     pub fn customer_usage(customer_id: &str, plan_id: &str) -> String {
@@ -374,6 +398,43 @@ redis.call('ZREM', out, ARGV[1])
 redis.call('ZADD', into, ARGV[4], ARGV[1])
 return 1
 ";
+
+/// Makes an exporter's commit while its version is `ARGV[1]`. KEYS: its place, batches, windows,
+/// pending windows, the marks of the day before the oldest kept (deleted; older ones went before,
+/// or expire), then the mark hashes. ARGV: the version, the cursor (`''`: unchanged), the
+/// batch's window (`''`: none), its start and records, the oldest window kept, the marks' time to
+/// live, then (mark hash's index in KEYS, field, value) per mark.
+const COMMIT_EXPORT: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[3] ~= '' then
+  if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[5]) == 0 then
+    return redis.error_reply('an export batch of window ' .. ARGV[3] .. ' exists')
+  end
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'v', v + 1)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'cursor', ARGV[2]) end
+for i = 8, #ARGV, 3 do
+  local k = KEYS[tonumber(ARGV[i])]
+  redis.call('HSET', k, ARGV[i + 1], ARGV[i + 2])
+  redis.call('EXPIRE', k, ARGV[7])
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
+for _, w in ipairs(old) do
+  redis.call('HDEL', KEYS[2], w)
+  redis.call('ZREM', KEYS[4], w)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
+redis.call('DEL', KEYS[5])
+return 1
+";
+
+/// The field of an export batch's window.
+fn export_window(start: i64, end: i64) -> String {
+    format!("{start}-{end}")
+}
 
 /// How long an event's claim is kept: past any period a claim stands for (a month and a week).
 const EVENT_CLAIM_SECS: i64 = 40 * 86_400;
@@ -1306,6 +1367,145 @@ impl Store for RedisStore {
             Attempt::Delivered => {}
         }
         self.save_event(id, Some(&event))
+    }
+
+    fn export_state(&self, exporter: &str) -> Result<ExportState, StoreError> {
+        let (version, cursor): (Option<u64>, Option<i64>) = self.with(|c| {
+            redis::cmd("HMGET")
+                .arg(keys::export(exporter))
+                .arg("v")
+                .arg("cursor")
+                .query(c)
+        })?;
+        Ok(ExportState {
+            version: version.unwrap_or(0),
+            cursor,
+        })
+    }
+
+    fn export_marks(&self, exporter: &str, day: EpochDay) -> Result<Vec<ExportMark>, StoreError> {
+        let name = keys::export_marks(exporter, day);
+        let all: HashMap<String, String> = self.with(|c| Cmd::hgetall(&name).query(c))?;
+        all.into_iter()
+            .map(|(field, value)| {
+                let corrupt = |reason: &str| StoreError::Corrupt {
+                    id: format!("{name} {field}"),
+                    reason: reason.into(),
+                };
+                let (plan_id, holder): (String, String) =
+                    serde_json::from_str(&field).map_err(|_| corrupt("not [plan, holder]"))?;
+                let mut counts = [0u64; 3];
+                let mut parts = value.split(' ');
+                for c in &mut counts {
+                    *c = parts
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .ok_or_else(|| corrupt("not three counts"))?;
+                }
+                Ok(ExportMark {
+                    day,
+                    plan_id,
+                    holder,
+                    counts,
+                })
+            })
+            .collect()
+    }
+
+    fn commit_export(&self, exporter: &str, commit: &ExportCommit<'_>) -> Result<bool, StoreError> {
+        let script = Script::new(COMMIT_EXPORT);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(keys::export(exporter))
+            .key(keys::export_batches(exporter))
+            .key(keys::export_windows(exporter))
+            .key(keys::export_pending(exporter))
+            .key(keys::export_marks(
+                exporter,
+                EpochDay(EpochDay::from_secs(commit.keep_from).0.saturating_sub(1)),
+            ));
+        let mut days: Vec<EpochDay> = commit.marks.iter().map(|m| m.day).collect();
+        days.sort_unstable();
+        days.dedup();
+        for day in &days {
+            invocation.key(keys::export_marks(exporter, *day));
+        }
+        let (window, start, records) = commit.batch.map_or((String::new(), 0, ""), |b| {
+            (export_window(b.start, b.end), b.start, b.records.as_str())
+        });
+        invocation
+            .arg(commit.version)
+            .arg(commit.cursor.map(|c| c.to_string()).unwrap_or_default())
+            .arg(window)
+            .arg(start)
+            .arg(records)
+            .arg(commit.keep_from)
+            .arg(EVENT_CLAIM_SECS);
+        for m in commit.marks {
+            let index = days.binary_search(&m.day).unwrap_or(0) + 6;
+            let field = serde_json::to_string(&(&m.plan_id, &m.holder))
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let [u, t, q] = m.counts;
+            invocation.arg(index).arg(field).arg(format!("{u} {t} {q}"));
+        }
+        let made: i64 = self.with(|c| invocation.invoke(c))?;
+        Ok(made == 1)
+    }
+
+    fn export_batches(
+        &self,
+        exporter: &str,
+        from: i64,
+        to: i64,
+        pending: bool,
+    ) -> Result<Vec<ExportBatch>, StoreError> {
+        let to = format!("({to}");
+        let (windows, undelivered): (Vec<String>, Vec<String>) = self.with(|c| {
+            let windows = if pending {
+                keys::export_pending(exporter)
+            } else {
+                keys::export_windows(exporter)
+            };
+            let all: Vec<String> = Cmd::zrangebyscore(windows, from, &to).query(c)?;
+            let undelivered: Vec<String> =
+                Cmd::zrangebyscore(keys::export_pending(exporter), from, &to).query(c)?;
+            Ok((all, undelivered))
+        })?;
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Option<String>> = self.with(|c| {
+            redis::cmd("HMGET")
+                .arg(keys::export_batches(exporter))
+                .arg(&windows)
+                .query(c)
+        })?;
+        let mut batches = Vec::with_capacity(windows.len());
+        for (window, records) in windows.iter().zip(found) {
+            let Some(records) = records else { continue };
+            let (start, end) = window
+                .split_once('-')
+                .and_then(|(s, e)| Some((s.parse().ok()?, e.parse().ok()?)))
+                .ok_or_else(|| StoreError::Corrupt {
+                    id: format!("{} {window}", keys::export_batches(exporter)),
+                    reason: "not a window start-end".into(),
+                })?;
+            batches.push(ExportBatch {
+                start,
+                end,
+                records,
+                delivered: !undelivered.contains(window),
+            });
+        }
+        batches.sort_by_key(|b| (b.start, b.end));
+        Ok(batches)
+    }
+
+    fn export_delivered(&self, exporter: &str, start: i64, end: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            Cmd::zrem(keys::export_pending(exporter), export_window(start, end)).query::<i64>(c)
+        })?;
+        Ok(())
     }
 
     fn events(&self, status: EventStatus, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {

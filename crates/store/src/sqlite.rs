@@ -12,8 +12,9 @@ use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
 use crate::{
-    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, KeyIndex, KeyTerms,
-    NamedKey, OutboxEvent, Records, Series, Store, StoreError, UsageDelta,
+    Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, ExportBatch,
+    ExportCommit, ExportMark, ExportState, KeyIndex, KeyTerms, NamedKey, OutboxEvent, Records,
+    Series, Store, StoreError, UsageDelta,
 };
 
 const SCHEMA: &str = "
@@ -95,6 +96,31 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_at);
+-- Usage exporters: each one's place (a version every commit moves on, and the end of the last
+-- window exported live), what it sent of each day's totals, and the records of each window.
+CREATE TABLE IF NOT EXISTS export_state (
+    exporter TEXT PRIMARY KEY,
+    version  INTEGER NOT NULL,
+    cursor   INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS export_marks (
+    exporter       TEXT NOT NULL,
+    day            INTEGER NOT NULL,
+    plan_id        TEXT NOT NULL,
+    holder         TEXT NOT NULL,
+    used           INTEGER NOT NULL,
+    throttled      INTEGER NOT NULL,
+    quota_exceeded INTEGER NOT NULL,
+    PRIMARY KEY (exporter, day, plan_id, holder)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS export_batches (
+    exporter     TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    window_end   INTEGER NOT NULL,
+    records      TEXT NOT NULL,
+    delivered    INTEGER NOT NULL,
+    PRIMARY KEY (exporter, window_start, window_end)
+) WITHOUT ROWID;
 -- A customer's shared count in a plan that shares limits by customer, beside its keys' own.
 CREATE TABLE IF NOT EXISTS customer_usage (
     plan_id     TEXT NOT NULL,
@@ -871,6 +897,147 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
         Ok(changed == 1)
+    }
+
+    fn export_state(&self, exporter: &str) -> Result<ExportState, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT version, cursor FROM export_state WHERE exporter = ?1",
+                [exporter],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )
+            .optional()
+            .map_err(backend)?;
+        Ok(
+            row.map_or_else(ExportState::default, |(version, cursor)| ExportState {
+                version: u64::try_from(version).unwrap_or(0),
+                cursor,
+            }),
+        )
+    }
+
+    fn export_marks(&self, exporter: &str, day: EpochDay) -> Result<Vec<ExportMark>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT plan_id, holder, used, throttled, quota_exceeded FROM export_marks
+                 WHERE exporter = ?1 AND day = ?2",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![exporter, day.0], |r| {
+                let count = |i: usize| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
+                Ok(ExportMark {
+                    day,
+                    plan_id: r.get(0)?,
+                    holder: r.get(1)?,
+                    counts: [count(2)?, count(3)?, count(4)?],
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
+    fn commit_export(&self, exporter: &str, commit: &ExportCommit<'_>) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let version: i64 = tx
+            .query_row(
+                "SELECT version FROM export_state WHERE exporter = ?1",
+                [exporter],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?
+            .unwrap_or(0);
+        if u64::try_from(version).ok() != Some(commit.version) {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO export_state (exporter, version, cursor) VALUES (?1, ?2 + 1, ?3)
+             ON CONFLICT (exporter) DO UPDATE SET version = ?2 + 1,
+                 cursor = coalesce(?3, export_state.cursor)",
+            params![exporter, version, commit.cursor],
+        )
+        .map_err(backend)?;
+        {
+            let mut mark = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO export_marks
+                     (exporter, day, plan_id, holder, used, throttled, quota_exceeded)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(backend)?;
+            for m in commit.marks {
+                let [used, throttled, refused] =
+                    m.counts.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+                mark.execute(params![
+                    exporter, m.day.0, m.plan_id, m.holder, used, throttled, refused
+                ])
+                .map_err(backend)?;
+            }
+        }
+        if let Some(b) = commit.batch {
+            tx.execute(
+                "INSERT INTO export_batches (exporter, window_start, window_end, records, delivered)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![exporter, b.start, b.end, b.records, b.delivered],
+            )
+            .map_err(backend)?;
+        }
+        tx.execute(
+            "DELETE FROM export_batches WHERE exporter = ?1 AND window_start < ?2",
+            params![exporter, commit.keep_from],
+        )
+        .map_err(backend)?;
+        tx.execute(
+            "DELETE FROM export_marks WHERE exporter = ?1 AND day < ?2",
+            params![exporter, EpochDay::from_secs(commit.keep_from).0],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(true)
+    }
+
+    fn export_batches(
+        &self,
+        exporter: &str,
+        from: i64,
+        to: i64,
+        pending: bool,
+    ) -> Result<Vec<ExportBatch>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT window_start, window_end, records, delivered FROM export_batches
+                 WHERE exporter = ?1 AND window_start >= ?2 AND window_start < ?3
+                   AND (delivered = 0 OR ?4 = 0)
+                 ORDER BY window_start, window_end",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![exporter, from, to, pending], |r| {
+                Ok(ExportBatch {
+                    start: r.get(0)?,
+                    end: r.get(1)?,
+                    records: r.get(2)?,
+                    delivered: r.get(3)?,
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
+    fn export_delivered(&self, exporter: &str, start: i64, end: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE export_batches SET delivered = 1
+                 WHERE exporter = ?1 AND window_start = ?2 AND window_end = ?3",
+                params![exporter, start, end],
+            )
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn add_customer_usage(&self, deltas: &[CustomerDelta]) -> Result<(), StoreError> {
