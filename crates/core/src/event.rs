@@ -5,8 +5,13 @@ use sha2::{Digest, Sha256};
 /// The id of the event `claim` names: the same wherever and however often it is made, so an
 /// instance that fires an event another already fired makes the same one.
 pub fn event_id(claim: &str) -> String {
+    hashed_id("evt", claim)
+}
+
+/// `<prefix>_` and 24 hex digits of `claim`'s SHA-256: an id that `claim` alone decides.
+pub fn hashed_id(prefix: &str, claim: &str) -> String {
     format!(
-        "evt_{}",
+        "{prefix}_{}",
         &hex::encode(Sha256::digest(claim.as_bytes()))[..24]
     )
 }

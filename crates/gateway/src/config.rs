@@ -42,6 +42,8 @@ pub struct GatewayConfig {
     pub webhooks: Vec<crate::webhooks::Webhook>,
     /// What fires events.
     pub alerts: Vec<crate::alerts::Alert>,
+    /// Where usage is exported.
+    pub exporters: Vec<crate::exporters::Exporter>,
 }
 
 /// One API (AWS RestApi): a set of routes deployed to one or more stages.

@@ -25,6 +25,7 @@ pub mod config;
 mod conn;
 mod deadline;
 mod exchange;
+pub mod exporters;
 mod forward;
 mod h2;
 mod http1;

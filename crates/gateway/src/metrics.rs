@@ -149,6 +149,11 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExporterLabels {
+    exporter: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StoreOperation {
     operation: &'static str,
 }
@@ -462,6 +467,12 @@ pub struct Metrics {
     flush_lag: Gauge,
     flushed_at: AtomicU64,
     plan_names: Arc<PlanNames>,
+    /// Per exporter: seconds since the end of the last window it delivered, and its failed
+    /// deliveries.
+    exports: (
+        Family<ExporterLabels, Gauge>,
+        Family<ExporterLabels, Counter>,
+    ),
 }
 
 impl Metrics {
@@ -588,6 +599,28 @@ impl Metrics {
         );
         let plan_names = Arc::<PlanNames>::default();
         registry.register_collector(Box::new(plan_names.clone()));
+        let exports = (
+            Family::<ExporterLabels, Gauge>::default(),
+            Family::<ExporterLabels, Counter>::default(),
+        );
+        registry.register_with_unit(
+            "tollgate_export_lag",
+            "Time since the end of the last window an exporter delivered, per exporter",
+            Unit::Seconds,
+            exports.0.clone(),
+        );
+        registry.register(
+            "tollgate_export_failures",
+            "Deliveries of an exporter's records that failed (retried)",
+            exports.1.clone(),
+        );
+        for ex in &config.exporters {
+            let labels = ExporterLabels {
+                exporter: ex.name.clone(),
+            };
+            drop(exports.0.get_or_create(&labels));
+            drop(exports.1.get_or_create(&labels));
+        }
         Self {
             registry,
             decisions,
@@ -607,6 +640,7 @@ impl Metrics {
             flush_lag,
             flushed_at: AtomicU64::new(0),
             plan_names,
+            exports,
         }
     }
 
@@ -699,6 +733,22 @@ impl Metrics {
 
     /// Counts a client connection closed, or an HTTP/2 stream refused, at once because the
     /// connection limit was reached.
+    /// Exporter `exporter` has delivered everything up to `secs` seconds ago.
+    pub(crate) fn export_lag(&self, exporter: &str, secs: i64) {
+        let labels = ExporterLabels {
+            exporter: exporter.to_owned(),
+        };
+        self.exports.0.get_or_create(&labels).set(secs);
+    }
+
+    /// A delivery of exporter `exporter` failed.
+    pub(crate) fn export_failed(&self, exporter: &str) {
+        let labels = ExporterLabels {
+            exporter: exporter.to_owned(),
+        };
+        self.exports.1.get_or_create(&labels).inc();
+    }
+
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
     }

@@ -350,6 +350,11 @@ impl Gateway {
             WEBHOOK_POLL,
             stop_rx.clone(),
         ));
+        let exporter = tokio::spawn(crate::exporters::export_loop(
+            self.shared.clone(),
+            2 * self.options.flush_interval,
+            stop_rx.clone(),
+        ));
         let flusher = tokio::spawn(flush_loop(
             self.shared.clone(),
             self.options.flush_interval,
@@ -413,6 +418,7 @@ impl Gateway {
         expiries.abort();
         // A delivery under way finishes (or its lease runs out and another instance sends it).
         let _ = deliverer.await;
+        let _ = exporter.await;
         let flushed = match flusher.await {
             Ok(result) => result,
             Err(err) => Err(GatewayError::Task(err.to_string())),

@@ -67,6 +67,7 @@ pub(crate) fn config(
         trusted_proxies: None,
         webhooks: Vec::new(),
         alerts: Vec::new(),
+        exporters: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

@@ -145,32 +145,45 @@ pub fn post(webhook: &Webhook, event: &OutboxEvent, now: i64) -> Result<(), Stri
         WebhookFormat::Json => event.body.clone(),
         WebhookFormat::Slack => slack_message(&event.body),
     };
-    let mut agent = ureq::AgentBuilder::new()
-        .timeout(DELIVERY_TIMEOUT)
-        .redirects(0);
-    if webhook.url.starts_with("https://") {
-        let tls = webhook
-            .tls
-            .config()
-            .ok_or("its TLS configuration was never opened")?;
-        agent = agent.tls_config(tls.clone());
-    }
-    let mut request = agent
-        .build()
-        .post(&webhook.url)
+    let mut request = post_to(&webhook.url, &webhook.tls)?
         .set("Content-Type", "application/json")
-        .set(
-            "User-Agent",
-            concat!("tollgate/", env!("CARGO_PKG_VERSION")),
-        )
         .set("Tollgate-Event-Id", &event.id);
     if let Some(secret) = &webhook.secret {
         request = request.set(SIGNATURE_HEADER, &sign(secret, now, body.as_bytes()));
     }
-    match request.send_string(&body) {
+    sent(&webhook.url, request.send_string(&body))
+}
+
+/// A POST to `url` (`https` with `tls`), following no redirects, within the delivery timeout.
+pub(crate) fn post_to(url: &str, tls: &ClientTls) -> Result<ureq::Request, String> {
+    let mut agent = ureq::AgentBuilder::new()
+        .timeout(DELIVERY_TIMEOUT)
+        .redirects(0);
+    if url.starts_with("https://") {
+        let tls = tls
+            .config()
+            .ok_or("its TLS configuration was never opened")?;
+        agent = agent.tls_config(tls.clone());
+    }
+    Ok(agent.build().post(url).set(
+        "User-Agent",
+        concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+    ))
+}
+
+/// `Ok` when the POST to `url` was answered 2xx; otherwise what went wrong, with what the
+/// receiver said (its first 200 bytes).
+pub(crate) fn sent(url: &str, result: Result<ureq::Response, ureq::Error>) -> Result<(), String> {
+    match result {
         Ok(_) => Ok(()),
-        Err(ureq::Error::Status(code, _)) => Err(format!("{} answered {code}", webhook.url)),
-        Err(e) => Err(format!("{}: {e}", webhook.url)),
+        Err(ureq::Error::Status(code, response)) => {
+            let said = response.into_string().unwrap_or_default();
+            let said: String = said.chars().take(200).collect();
+            Err(format!("{url} answered {code} {said}")
+                .trim_end()
+                .to_owned())
+        }
+        Err(e) => Err(format!("{url}: {e}")),
     }
 }
 

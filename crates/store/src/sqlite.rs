@@ -121,6 +121,8 @@ CREATE TABLE IF NOT EXISTS export_batches (
     delivered    INTEGER NOT NULL,
     PRIMARY KEY (exporter, window_start, window_end)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS export_pending ON export_batches (exporter, window_start)
+    WHERE delivered = 0;
 -- A customer's shared count in a plan that shares limits by customer, beside its keys' own.
 CREATE TABLE IF NOT EXISTS customer_usage (
     plan_id     TEXT NOT NULL,
@@ -1008,16 +1010,21 @@ impl Store for SqliteStore {
         pending: bool,
     ) -> Result<Vec<ExportBatch>, StoreError> {
         let conn = self.conn();
+        // Two statements, so that the pending ones are read through their own index.
         let mut stmt = conn
-            .prepare_cached(
+            .prepare_cached(if pending {
                 "SELECT window_start, window_end, records, delivered FROM export_batches
                  WHERE exporter = ?1 AND window_start >= ?2 AND window_start < ?3
-                   AND (delivered = 0 OR ?4 = 0)
-                 ORDER BY window_start, window_end",
-            )
+                   AND delivered = 0
+                 ORDER BY window_start, window_end"
+            } else {
+                "SELECT window_start, window_end, records, delivered FROM export_batches
+                 WHERE exporter = ?1 AND window_start >= ?2 AND window_start < ?3
+                 ORDER BY window_start, window_end"
+            })
             .map_err(backend)?;
         let rows = stmt
-            .query_map(params![exporter, from, to, pending], |r| {
+            .query_map(params![exporter, from, to], |r| {
                 Ok(ExportBatch {
                     start: r.get(0)?,
                     end: r.get(1)?,

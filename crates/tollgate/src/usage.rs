@@ -12,6 +12,8 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::sharing::customer_of;
 use tollgate_store::report::{check_range, customer_usage, plan_usage};
 
+use tollgate_gateway::exporters::backfill;
+
 use crate::config;
 use crate::failure::Failure;
 use crate::manage::{self, Common, Output};
@@ -75,6 +77,25 @@ enum UsageAction {
         #[arg(long)]
         remaining: i64,
     },
+    /// Backfill an exporter: send what it has not sent of the days from --from to --to (the
+    /// days before it started), and deliver their windows it has not delivered.
+    Export {
+        /// The config file: the exporter and the store it keeps its place in.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The exporter, by name.
+        #[arg(long)]
+        exporter: String,
+        /// First day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD (UTC), inclusive.
+        #[arg(long)]
+        to: String,
+        /// Send the days' windows again, delivered or not, with the same ids.
+        #[arg(long)]
+        replay: bool,
+    },
 }
 
 fn parse_day(flag: &str, text: Option<&str>) -> Result<EpochDay, Failure> {
@@ -96,6 +117,16 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
     {
         let out = manage::set_remaining(common, plan, key, *remaining).map_err(Failure::Runtime)?;
         return print(&out, common.output(), &BTreeMap::new(), None);
+    }
+    if let Some(UsageAction::Export {
+        config,
+        exporter,
+        from,
+        to,
+        replay,
+    }) = &cmd.action
+    {
+        return export(config, exporter, (from, to), *replay);
     }
     let plan = cmd
         .plan
@@ -131,6 +162,53 @@ pub fn run(cmd: &UsageCommand) -> Result<(), Failure> {
             "give --config FILE (read the store) or --endpoint URL (ask the admin API)".into(),
         )),
     }
+}
+
+/// Runs `tollgate usage export`.
+fn export(
+    path: &std::path::Path,
+    exporter: &str,
+    (from, to): (&str, &str),
+    replay: bool,
+) -> Result<(), Failure> {
+    let (from, to) = (parse_day("from", Some(from))?, parse_day("to", Some(to))?);
+    check_range(from, to).map_err(Failure::Usage)?;
+    let config = config::load(path)
+        .and_then(|c| c.open(false).map(|()| c))
+        .map_err(Failure::Config)?;
+    let ex = config
+        .gateway
+        .exporters
+        .iter()
+        .find(|e| e.name == exporter)
+        .ok_or_else(|| {
+            let names: Vec<&str> = config
+                .gateway
+                .exporters
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect();
+            Failure::Usage(format!(
+                "no exporter {exporter:?} in {}; its exporters are: {}",
+                path.display(),
+                names.join(", ")
+            ))
+        })?;
+    let store = config
+        .store
+        .kind
+        .open_existing()
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let records = store.load().map_err(|e| Failure::Runtime(e.into()))?;
+    let now =
+        tollgate_core::clock::epoch_secs(tollgate_core::Clock::now(&tollgate_core::SystemClock));
+    let done = backfill(&*store, ex, &records, (from, to), replay, now)
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("exporter {exporter:?}: {e}")))?;
+    println!(
+        "{exporter}: {} days taken into windows of their own; {} windows delivered ({} records)",
+        done.days, done.windows, done.records
+    );
+    Ok(())
 }
 
 fn offline(

@@ -124,6 +124,8 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<Spanned<RawAlert>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exporters: Vec<Spanned<RawExporter>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<Spanned<RawApi>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage_plans: Vec<Spanned<RawPlan>>,
@@ -512,6 +514,32 @@ pub struct RawAlert {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub within: Option<String>,
     pub webhook: String,
+}
+
+/// `exporters[]`: where usage is exported.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawExporter {
+    pub name: String,
+    /// `file`, `cloudevents` or `stripe`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `type: file`: the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `type: file`: `ndjson` or `csv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<EnvString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<EnvString>,
+    /// Stripe's meter `event_name`; the CloudEvents' `type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_name: Option<String>,
+    /// A window's length (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 /// `webhooks[]`: where events are delivered.

@@ -297,6 +297,7 @@ pub fn to_native(opts: &ServerlessOptions) -> Result<RawConfig, ConfigError> {
         trusted_proxies: None,
         webhooks: Vec::new(),
         alerts: Vec::new(),
+        exporters: Vec::new(),
         store: Some(sited(store, Location::UNKNOWN)),
         account_throttle: None,
         admin: opts.admin.as_ref().map(|listen| {

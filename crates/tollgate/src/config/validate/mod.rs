@@ -4,11 +4,13 @@
 //! [`Config::open`], with errors that name where the config names them.
 
 mod apis;
+mod exporters;
 mod listeners;
 mod plans;
 mod settings;
 
 use apis::validate_apis;
+use exporters::validate_exporters;
 use listeners::{validate_admin, validate_http2, validate_tls, validate_verify};
 use plans::{validate_keys, validate_plans};
 use settings::{
@@ -408,6 +410,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     let kept_fields = validate_kept_fields(&cx, &raw)?;
     let webhooks = validate_webhooks(&cx, &raw.webhooks)?;
     let alerts = validate_alerts(&cx, &raw.alerts, &webhooks)?;
+    let exporters = validate_exporters(&cx, &raw.exporters)?;
     let trusted_proxies = match &raw.trusted_proxies {
         None => None,
         Some(list) => Some(
@@ -450,6 +453,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             trusted_proxies,
             webhooks,
             alerts,
+            exporters,
         },
         plans,
         keys,
@@ -478,19 +482,7 @@ fn validate_webhooks(
                 format!("{:?}: a webhook needs a name of its own", w.name),
             );
         }
-        let url = w.url.0.clone();
-        let host = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"))
-            .and_then(|rest| rest.split('/').next())
-            .filter(|host| !host.is_empty());
-        if host.is_none() {
-            return cx.err(
-                at,
-                format!("{field}.url"),
-                format!("{url:?} is not an http:// or https:// URL"),
-            );
-        }
+        let url = http_url(cx, &w.url.0, at, &format!("{field}.url"))?;
         let format = match &w.format {
             None => WebhookFormat::Json,
             Some(name) => WebhookFormat::named(name).ok_or(()).or_else(|()| {
@@ -517,11 +509,7 @@ fn validate_webhooks(
             None => DEFAULT_RETRY_FOR,
             Some(t) => positive_duration(cx, t, at, &format!("{field}.retryFor"))?.as_secs(),
         };
-        let default_tls = RawUpstreamTls::default();
-        let tls = match cx.upstream_tls {
-            Some(global) => cx.client_tls(&global.value, &global.referenced, "upstreamTls")?,
-            None => cx.client_tls(&default_tls, at, &format!("{field}.url"))?,
-        };
+        let tls = cx.delivery_tls(at, &format!("{field}.url"))?;
         webhooks.push(Webhook {
             name: w.name.clone(),
             url,
@@ -532,6 +520,34 @@ fn validate_webhooks(
         });
     }
     Ok(webhooks)
+}
+
+/// `url` (the field `field`), when it is an http:// or https:// URL with a host.
+fn http_url(cx: &Ctx<'_>, url: &str, at: &Location, field: &str) -> Result<String, ConfigError> {
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .and_then(|rest| rest.split('/').next())
+        .filter(|host| !host.is_empty());
+    match host {
+        Some(_) => Ok(url.to_owned()),
+        None => cx.err(
+            at,
+            field,
+            format!("{url:?} is not an http:// or https:// URL"),
+        ),
+    }
+}
+
+impl Ctx<'_> {
+    /// What deliveries to the URL at `field` trust: the file's `upstreamTls`, else the system's
+    /// roots.
+    fn delivery_tls(&self, at: &Location, field: &str) -> Result<Arc<ClientTls>, ConfigError> {
+        match self.upstream_tls {
+            Some(global) => self.client_tls(&global.value, &global.referenced, "upstreamTls"),
+            None => self.client_tls(&RawUpstreamTls::default(), at, field),
+        }
+    }
 }
 
 /// `alerts:`: each with a unique name, watching what this version watches, sent to a webhook.
