@@ -49,6 +49,7 @@ fn config() -> GatewayConfig {
         trusted_proxies: None,
         webhooks: Vec::new(),
         alerts: Vec::new(),
+        exporters: Vec::new(),
         verify: None,
         apis: vec![Api {
             id: "warranty".into(),

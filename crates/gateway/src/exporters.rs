@@ -265,7 +265,8 @@ pub struct Window<'d> {
     pub start: i64,
     /// Its end (exclusive).
     pub end: i64,
-    /// The days whose totals it takes what they gained.
+    /// The days whose totals it takes what they gained: its own last; one before it only where
+    /// the exporter sent something of it (a day it never sent is a backfill's).
     pub days: &'d [EpochDay],
     /// The exporter's version it is computed from.
     pub version: u64,
@@ -291,6 +292,9 @@ pub fn export_window(
             .into_iter()
             .map(|m| ((m.plan_id, m.holder), m.counts))
             .collect();
+        if sent.is_empty() && Some(&day) != window.days.last() {
+            continue;
+        }
         for (at, counts) in totals(store, plans, customers, day)? {
             let before = sent.get(&at).copied().unwrap_or_default();
             if counts.iter().zip(before).all(|(&c, b)| c <= b) {
@@ -397,12 +401,10 @@ fn window_of(secs: i64, interval: i64) -> i64 {
 }
 
 /// The live window due at `now` for an exporter at `cursor` whose counts settle `settle` seconds
-/// after a window ends: from the cursor (or, at the exporter's first, the window in progress) to
-/// the last settled window's end, within the cursor's day (a start after downtime catches up a
-/// day at a time).
-pub fn due_window(cursor: Option<i64>, interval: i64, settle: i64, now: i64) -> Option<(i64, i64)> {
+/// after a window ends: from the cursor to the last settled window's end, within the cursor's
+/// day (a start after downtime catches up a day at a time).
+pub fn due_window(start: i64, interval: i64, settle: i64, now: i64) -> Option<(i64, i64)> {
     let settled = window_of(now - settle, interval);
-    let start = cursor.unwrap_or(settled);
     let day_end = EpochDay::from_secs(start).next().start_secs();
     let end = settled.min(day_end);
     (end > start).then_some((start, end))
@@ -681,22 +683,30 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
     let store = &*shared.store;
     let now = epoch_secs(shared.clock.now());
     let state = store.export_state(&ex.name).map_err(|e| e.to_string())?;
-    if let Some((start, end)) = due_window(state.cursor, ex.interval, settle, now) {
+    if state.cursor.is_none() {
+        // The exporter's first run: it starts with the window in progress.
+        let start = ExportCommit {
+            version: state.version,
+            cursor: Some(window_of(now, ex.interval)),
+            keep_from: now.saturating_sub(KEEP_SECS),
+            ..ExportCommit::default()
+        };
+        store
+            .commit_export(&ex.name, &start)
+            .map_err(|e| e.to_string())?;
+    } else if let Some((start, end)) = state
+        .cursor
+        .and_then(|cursor| due_window(cursor, ex.interval, settle, now))
+    {
         let plans = store.plans().map_err(|e| e.to_string())?;
         let customers = Customers::served(&**shared.snapshot.load(), &plans);
         let day = EpochDay::from_secs(start);
-        // The day before too (what was written to it after its last window, a write-back),
-        // except at the exporter's first window: earlier days are a backfill's.
+        // The day before too: what was written to it after its last window (a write-back).
         let days = [EpochDay(day.0.saturating_sub(1)), day];
-        let days = if state.cursor.is_some() {
-            &days[..]
-        } else {
-            &days[1..]
-        };
         let window = Window {
             start,
             end,
-            days,
+            days: &days,
             version: state.version,
             live: true,
         };
@@ -745,16 +755,14 @@ mod tests {
     #[test]
     fn windows_close_once_settled_and_stay_within_a_day() {
         let day = 20_000 * SECS_PER_DAY;
-        // First run: the window in progress comes first.
-        assert_eq!(due_window(None, 60, 2, day + 125), None);
-        assert_eq!(due_window(Some(day + 60), 60, 2, day + 121), None);
+        assert_eq!(due_window(day + 60, 60, 2, day + 121), None);
         assert_eq!(
-            due_window(Some(day + 60), 60, 2, day + 122),
+            due_window(day + 60, 60, 2, day + 122),
             Some((day + 60, day + 120))
         );
         // After downtime, the rest of the cursor's day at once, then the next.
         assert_eq!(
-            due_window(Some(day + 60), 60, 2, day + 3 * SECS_PER_DAY),
+            due_window(day + 60, 60, 2, day + 3 * SECS_PER_DAY),
             Some((day + 60, day + SECS_PER_DAY))
         );
     }

@@ -25,6 +25,7 @@ mod desync;
 
 /// Webhooks: signed deliveries to a real receiver, retried, kept when failed, sent once by a fleet.
 mod events;
+mod exports;
 /// Forward-auth: the real nginx and Caddy in front of an upstream, tollgate deciding.
 mod forward_auth;
 /// HTTP/2 to clients: ALPN and prior knowledge, multiplexed streams each admitted and counted once,
