@@ -537,3 +537,181 @@ async fn exports_equal_get_usage_on_redis() {
     );
     exports_equal_get_usage(Some(&store)).await;
 }
+
+/// Runs `tollgate usage export` with `args` on the config in `dir`; its output.
+fn export_cli(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["usage", "export", "--config"])
+        .arg(dir.join("tollgate.yaml"))
+        .args(args)
+        .envs([
+            ("STRIPE_KEY", STRIPE_KEY),
+            ("OPENMETER_TOKEN", OPENMETER_TOKEN),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_sends_the_days_before_the_exporter_once_and_replays_them() {
+    use tollgate_core::quota::EpochDay;
+    use tollgate_store::{SqliteStore, Store, UsageDelta};
+
+    let up = util::upstream().await;
+    let rx = Receivers::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    util::write_config(dir.path(), &config(&up, &rx, None));
+    // The store as the config declares it, then a day of use before any exporter ran.
+    assert!(start(dir.path()).terminate().success());
+    let today: EpochDay = EpochDay::from_secs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+    );
+    let yesterday = EpochDay(today.0 - 1);
+    let (plan, key) = {
+        let store = SqliteStore::open(&dir.path().join("tollgate.db")).unwrap();
+        let records = store.load().unwrap();
+        let plan = records
+            .plans
+            .iter()
+            .find(|p| p.name == "metered")
+            .unwrap()
+            .id
+            .clone();
+        let key = records
+            .keys
+            .iter()
+            .find(|k| k.name == "beta")
+            .unwrap()
+            .id
+            .clone();
+        let delta = UsageDelta {
+            plan_id: plan.clone(),
+            key_id: key.clone(),
+            day: yesterday,
+            count: 5,
+            throttled: 1,
+            quota_exceeded: 0,
+            last_used: None,
+        };
+        store.add_usage(&[delta]).unwrap();
+        (plan, key)
+    };
+    let day = yesterday.to_string();
+    let file = dir
+        .path()
+        .join("usage")
+        .join(format!("ledger-{day}T000000Z-86400s.ndjson"));
+
+    let out = export_cli(
+        dir.path(),
+        &["--exporter", "ledger", "--from", &day, "--to", &day],
+    );
+    assert!(
+        out.contains("1 days taken") && out.contains("1 windows delivered (1 records)"),
+        "{out}"
+    );
+    let first = std::fs::read_to_string(&file).unwrap();
+    let record: Value = serde_json::from_str(first.trim()).unwrap();
+    assert_eq!(
+        (record["usagePlanId"].as_str(), record["keyId"].as_str()),
+        (Some(plan.as_str()), Some(key.as_str()))
+    );
+    assert_eq!(
+        (record["value"].as_u64(), record["throttled"].as_u64()),
+        (Some(5), Some(1))
+    );
+    assert_eq!(record["stripeCustomerId"], "cus_beta");
+
+    // Sent: again, nothing; replayed, the same record; today is the live exporter's.
+    let out = export_cli(
+        dir.path(),
+        &["--exporter", "ledger", "--from", &day, "--to", &day],
+    );
+    assert!(
+        out.contains("0 days taken") && out.contains("0 windows delivered"),
+        "{out}"
+    );
+    std::fs::remove_file(&file).unwrap();
+    let out = export_cli(
+        dir.path(),
+        &[
+            "--exporter",
+            "ledger",
+            "--from",
+            &day,
+            "--to",
+            &day,
+            "--replay",
+        ],
+    );
+    assert!(out.contains("1 windows delivered (1 records)"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+    let today = today.to_string();
+    let out = export_cli(
+        dir.path(),
+        &["--exporter", "ledger", "--from", &day, "--to", &today],
+    );
+    assert!(out.contains("0 days taken"), "{out}");
+
+    // Stripe takes it with the same identifier.
+    export_cli(
+        dir.path(),
+        &["--exporter", "billing", "--from", &day, "--to", &day],
+    );
+    export_cli(
+        dir.path(),
+        &[
+            "--exporter",
+            "billing",
+            "--from",
+            &day,
+            "--to",
+            &day,
+            "--replay",
+        ],
+    );
+    {
+        let t = rx.taken.lock().unwrap();
+        assert_eq!(t.stripe_posts, 2);
+        let sent: Vec<_> = t.stripe.iter().collect();
+        assert_eq!(
+            sent,
+            vec![(
+                &record["id"].as_str().unwrap().to_owned(),
+                &("cus_beta".to_owned(), 5)
+            )]
+        );
+        assert!(t.broken.is_empty(), "{:?}", t.broken);
+    }
+
+    // The live exporter starts today: yesterday, backfilled, is not sent again.
+    let gw = start(dir.path());
+    assert!(
+        send(&gw, 2, "/prod/registrations/1/warranty", BETA)
+            .await
+            .iter()
+            .all(|s| *s == 200)
+    );
+    let mut values = BTreeMap::new();
+    for _ in 0..100 {
+        values = sums(
+            file_records(dir.path(), "ledger").values(),
+            |r| r["windowStart"].as_str().unwrap_or_default()[..10].to_owned(),
+            "value",
+        );
+        if values.get(&today) == Some(&2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(values, BTreeMap::from([(day, 5), (today, 2)]));
+}

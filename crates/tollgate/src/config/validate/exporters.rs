@@ -156,3 +156,79 @@ pub(super) fn validate_exporters(
     }
     Ok(exporters)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tollgate_gateway::exporters::{FileFormat, Sink};
+
+    /// Exporters are checked where they are written, naming the field.
+    #[test]
+    fn exporters_are_checked() {
+        let file = Path::new("/nonexistent/tollgate.yaml");
+        let with = |exporter: &str| format!("listen: 127.0.0.1:0\nexporters:\n  - {exporter}\n");
+        let field = |exporter: &str| {
+            crate::config::parse(file, &with(exporter))
+                .unwrap_err()
+                .field
+        };
+        let cases = [
+            ("{ name: a, type: file }", "exporters[0].path"),
+            ("{ name: a/b, type: file, path: u }", "exporters[0].name"),
+            (
+                "{ name: a, type: file, path: u, format: xml }",
+                "exporters[0].format",
+            ),
+            (
+                "{ name: a, type: file, path: u, interval: 7m }",
+                "exporters[0].interval",
+            ),
+            (
+                "{ name: a, type: file, path: u, interval: 1500ms }",
+                "exporters[0].interval",
+            ),
+            (
+                "{ name: a, type: file, path: u, url: \"http://h/\" }",
+                "exporters[0].url",
+            ),
+            ("{ name: a, type: kafka }", "exporters[0].type"),
+            ("{ name: a, type: cloudevents }", "exporters[0].url"),
+            (
+                "{ name: a, type: cloudevents, url: \"ftp://h/\" }",
+                "exporters[0].url",
+            ),
+            (
+                "{ name: a, type: cloudevents, url: \"http://h/\", path: u }",
+                "exporters[0].path",
+            ),
+            (
+                "{ name: a, type: stripe, eventName: e }",
+                "exporters[0].secret",
+            ),
+            (
+                "{ name: a, type: stripe, secret: s }",
+                "exporters[0].eventName",
+            ),
+        ];
+        for (exporter, expected) in cases {
+            assert_eq!(field(exporter), expected, "{exporter}");
+        }
+        let twice = "{ name: a, type: file, path: u }\n  - { name: a, type: file, path: v }";
+        assert_eq!(field(twice), "exporters[1].name");
+
+        let ok = "{ name: ledger, type: file, path: usage, format: csv, interval: 5m }\n  - { name: billing, type: stripe, secret: sk, eventName: api_requests }";
+        let c = crate::config::parse(file, &with(ok)).unwrap();
+        let [ledger, billing] = &c.gateway.exporters[..] else {
+            panic!("{:?}", c.gateway.exporters)
+        };
+        assert_eq!(ledger.interval, 300);
+        assert!(
+            matches!(&ledger.sink, Sink::File { dir, format: FileFormat::Csv } if dir == Path::new("/nonexistent/usage"))
+        );
+        assert_eq!(billing.interval, 3_600);
+        assert!(
+            matches!(&billing.sink, Sink::Stripe { url, .. } if url == "https://api.stripe.com")
+        );
+    }
+}
