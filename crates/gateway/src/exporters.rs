@@ -275,7 +275,7 @@ pub struct Window<'d> {
 }
 
 /// Makes exporter `ex`'s records of `window` and commits them, with the new marks and (live) the
-/// cursor, unless another instance committed first (`Ok(false)`). Blocking.
+/// cursor: how many records, or `None` when another instance committed first. Blocking.
 pub fn export_window(
     store: &dyn Store,
     ex: &Exporter,
@@ -283,7 +283,7 @@ pub fn export_window(
     customers: &Customers,
     window: &Window<'_>,
     now: i64,
-) -> Result<bool, StoreError> {
+) -> Result<Option<usize>, StoreError> {
     let mut marks = Vec::new();
     let mut gained = Totals::new();
     for &day in window.days {
@@ -332,7 +332,9 @@ pub fn export_window(
         batch: batch.as_ref(),
         keep_from: now.saturating_sub(KEEP_SECS),
     };
-    store.commit_export(&ex.name, &commit)
+    Ok(store
+        .commit_export(&ex.name, &commit)?
+        .then_some(records.len()))
 }
 
 /// The records of what each holder `gained` in the window `start..end`.
@@ -565,7 +567,7 @@ fn write_file(
 /// What a backfill did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Backfilled {
-    /// Days taken into a window of their own (what the exporter had not sent of them).
+    /// Days made into a window of their own (with use the exporter had not sent).
     pub days: usize,
     /// Windows delivered.
     pub windows: usize,
@@ -609,11 +611,14 @@ pub fn backfill(
                 version: state.version,
                 live: false,
             };
-            if !export_window(store, ex, &records.plans, &customers, &window, now).map_err(fail)? {
+            match export_window(store, ex, &records.plans, &customers, &window, now)
+                .map_err(fail)?
+            {
                 // A live window committed meanwhile: compute this day again from its state.
-                continue;
+                None => continue,
+                Some(0) => {}
+                Some(_) => done.days += 1,
             }
-            done.days += 1;
         }
         day = day.next();
     }

@@ -205,7 +205,7 @@ fn export(
     let done = backfill(&*store, ex, &records, (from, to), replay, now)
         .map_err(|e| Failure::Runtime(anyhow::anyhow!("exporter {exporter:?}: {e}")))?;
     println!(
-        "{exporter}: {} days taken into windows of their own; {} windows delivered ({} records)",
+        "{exporter}: {} days exported; {} windows delivered ({} records)",
         done.days, done.windows, done.records
     );
     Ok(())

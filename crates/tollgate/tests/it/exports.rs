@@ -616,7 +616,7 @@ async fn a_backfill_sends_the_days_before_the_exporter_once_and_replays_them() {
         &["--exporter", "ledger", "--from", &day, "--to", &day],
     );
     assert!(
-        out.contains("1 days taken") && out.contains("1 windows delivered (1 records)"),
+        out.contains("1 days exported") && out.contains("1 windows delivered (1 records)"),
         "{out}"
     );
     let first = std::fs::read_to_string(&file).unwrap();
@@ -637,7 +637,7 @@ async fn a_backfill_sends_the_days_before_the_exporter_once_and_replays_them() {
         &["--exporter", "ledger", "--from", &day, "--to", &day],
     );
     assert!(
-        out.contains("0 days taken") && out.contains("0 windows delivered"),
+        out.contains("0 days exported") && out.contains("0 windows delivered"),
         "{out}"
     );
     std::fs::remove_file(&file).unwrap();
@@ -660,7 +660,7 @@ async fn a_backfill_sends_the_days_before_the_exporter_once_and_replays_them() {
         dir.path(),
         &["--exporter", "ledger", "--from", &day, "--to", &today],
     );
-    assert!(out.contains("0 days taken"), "{out}");
+    assert!(out.contains("0 days exported"), "{out}");
 
     // Stripe takes it with the same identifier.
     export_cli(
