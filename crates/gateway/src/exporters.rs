@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -141,7 +142,7 @@ pub struct UsageRecord {
 /// The customers whose keys share each plan's limits, with their keys' ids: an exporter reads
 /// their counts as one.
 #[derive(Debug, Default)]
-pub struct Customers(HashMap<String, Vec<(String, Vec<String>)>>);
+pub struct Customers(HashMap<String, BTreeMap<String, Vec<String>>>);
 
 impl Customers {
     /// Those `memberships` serves, for `plans`.
@@ -179,15 +180,12 @@ impl Customers {
                 }
             }
         }
-        Self(
-            of.into_iter()
-                .map(|(plan, customers)| (plan, customers.into_iter().collect()))
-                .collect(),
-        )
+        Self(of)
     }
 
-    fn of(&self, plan_id: &str) -> &[(String, Vec<String>)] {
-        self.0.get(plan_id).map_or(&[], Vec::as_slice)
+    /// Plan `plan_id`'s customers, each with its keys (none: the plan does not share limits).
+    fn of(&self, plan_id: &str) -> Option<&BTreeMap<String, Vec<String>>> {
+        self.0.get(plan_id)
     }
 }
 
@@ -222,18 +220,16 @@ fn totals(
                 of_key.entry(v.key_id.clone()).or_default()[i] += v.count();
             }
         }
-        let shared = customers.of(&plan.id);
-        let customer_of_key: HashMap<&str, &str> = shared
-            .iter()
-            .flat_map(|(c, keys)| keys.iter().map(move |k| (k.as_str(), c.as_str())))
-            .collect();
-        let mut of_customer: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
-        if !shared.is_empty() {
-            let ids: Vec<&str> = shared.iter().map(|(c, _)| c.as_str()).collect();
+        let mut customer_of_key: HashMap<&str, &str> = HashMap::new();
+        let mut of_customer: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+        if let Some(shared) = customers.of(&plan.id).filter(|c| !c.is_empty()) {
+            for (c, keys) in shared {
+                customer_of_key.extend(keys.iter().map(|k| (k.as_str(), c.as_str())));
+            }
+            let ids: Vec<&str> = shared.keys().map(String::as_str).collect();
             for v in store.customer_series(Series::Used, &plan.id, &ids, day, day)? {
-                if let Some((c, _)) = shared.iter().find(|(c, _)| *c == v.key_id) {
-                    of_customer.entry(c).or_default()[0] += v.count();
-                }
+                let count = v.count();
+                of_customer.entry(v.key_id).or_default()[0] += count;
             }
         }
         for (key, counts) in of_key {
@@ -241,7 +237,7 @@ fn totals(
                 // The customer's admitted count is its own (the keys' together); its refusals
                 // are its keys'.
                 Some(c) => {
-                    let sum = of_customer.entry(c).or_default();
+                    let sum = of_customer.entry((*c).to_owned()).or_default();
                     sum[1] += counts[1];
                     sum[2] += counts[2];
                 }
@@ -251,7 +247,7 @@ fn totals(
             }
         }
         for (c, counts) in of_customer {
-            out.insert((plan.id.clone(), customer_holder(c)), counts);
+            out.insert((plan.id.clone(), customer_holder(&c)), counts);
         }
     }
     out.retain(|_, counts| counts.iter().any(|&c| c > 0));
@@ -362,9 +358,9 @@ fn make_records(
                 let mut stripe = None;
                 for k in customers
                     .of(plan_id)
-                    .iter()
-                    .filter(|(of, _)| of == c)
-                    .flat_map(|(_, keys)| keys)
+                    .and_then(|of| of.get(c))
+                    .into_iter()
+                    .flatten()
                 {
                     stripe = stripe.or(key(k)?.as_ref().and_then(tagged));
                 }
@@ -412,8 +408,9 @@ pub fn due_window(start: i64, interval: i64, settle: i64, now: i64) -> Option<(i
     (end > start).then_some((start, end))
 }
 
-/// Delivers `batch`'s records to `ex`'s sink. Blocking.
-pub fn deliver(ex: &Exporter, batch: &ExportBatch) -> Result<(), String> {
+/// Delivers `batch`'s records to `ex`'s sink. Blocking; a Stripe batch (a request per record)
+/// stops early once `stopping` is set, to be sent whole again later.
+pub fn deliver(ex: &Exporter, batch: &ExportBatch, stopping: &AtomicBool) -> Result<(), String> {
     let records: Vec<UsageRecord> =
         serde_json::from_str(&batch.records).map_err(|e| format!("a stored batch: {e}"))?;
     match &ex.sink {
@@ -441,6 +438,9 @@ pub fn deliver(ex: &Exporter, batch: &ExportBatch) -> Result<(), String> {
             let url = format!("{}/v1/billing/meter_events", url.trim_end_matches('/'));
             let timestamp = batch.start.to_string();
             for r in records.iter().filter(|r| r.value > 0) {
+                if stopping.load(Ordering::Relaxed) {
+                    return Err("stopped before the batch was sent whole".into());
+                }
                 let Some(customer) = &r.stripe_customer_id else {
                     tracing::warn!(exporter = %ex.name, record = %r.id, key = ?r.key_id,
                         "usage not sent to Stripe: the key has no customerId nor tollgate:stripeCustomerId tag");
@@ -627,7 +627,7 @@ pub fn backfill(
         .export_batches(&ex.name, start, end, !replay)
         .map_err(fail)?
     {
-        deliver(ex, &batch)?;
+        deliver(ex, &batch, &AtomicBool::new(false))?;
         store
             .export_delivered(&ex.name, batch.start, batch.end)
             .map_err(fail)?;
@@ -723,7 +723,7 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
     let mut through = pending.first().map(|b| b.start);
     if now >= backoff.until {
         for batch in &pending {
-            match deliver(ex, batch) {
+            match deliver(ex, batch, &shared.draining) {
                 Ok(()) => {
                     store
                         .export_delivered(&ex.name, batch.start, batch.end)

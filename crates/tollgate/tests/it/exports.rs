@@ -490,10 +490,9 @@ async fn exports_equal_get_usage(store: Option<&str>) {
         (ids, t.stripe_posts)
     };
     let today = util::today();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["usage", "export", "--config"])
-        .arg(dir.path().join("tollgate.yaml"))
-        .args([
+    export_cli(
+        dir.path(),
+        &[
             "--exporter",
             "billing",
             "--from",
@@ -501,18 +500,7 @@ async fn exports_equal_get_usage(store: Option<&str>) {
             "--to",
             &today,
             "--replay",
-        ])
-        .envs([
-            ("STRIPE_KEY", STRIPE_KEY),
-            ("OPENMETER_TOKEN", OPENMETER_TOKEN),
-            ("CENTRAL_KEY", util::KEY),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     let t = rx.taken.lock().unwrap();
     let mut again: Vec<String> = t.stripe.keys().cloned().collect();
