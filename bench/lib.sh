@@ -112,3 +112,27 @@ http { access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
       proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 }
+
+# sqlite_keys N DIR: a tollgate store DIR/tollgate.db (and its config DIR/tollgate.yaml, plan `bench`,
+# no throttle to speak of) holding N keys in the plan, the i-th valued benchmarkKeyValue<i, 23 digits>
+# (KEY is the 42nd): tollgate creates its schema and the plan, then the keys go in by SQL.
+sqlite_keys() {
+    local n=$1 dir=$2
+    tollgate_config 0 "{ sqlite: $dir/tollgate.db }" bench 1000000000 100000000 >"$dir/tollgate.yaml"
+    timeout 10 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >/dev/null 2>&1 &
+    local pid=$!
+    sleep 1; kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+    python3 - "$n" "$dir/tollgate.db" <<'PY'
+import hashlib, sqlite3, sys
+n, db = int(sys.argv[1]), sys.argv[2]
+c = sqlite3.connect(db)
+plan = c.execute("SELECT id FROM usage_plans WHERE name = 'bench'").fetchone()[0]
+def rows():
+    for i in range(n):
+        v = f"benchmarkKeyValue{i:023d}".encode()
+        yield (f"k{i:09d}", f"k{i}", hashlib.sha256(v).digest())
+c.executemany("INSERT INTO api_keys (id, name, enabled, value_sha256, created_date, last_updated_date) VALUES (?, ?, 1, ?, 0, 0)", rows())
+c.executemany("INSERT INTO usage_plan_keys (plan_id, key_id) VALUES (?, ?)", ((plan, f"k{i:09d}") for i in range(n)))
+c.commit()
+PY
+}

@@ -67,24 +67,7 @@ with open(f"{d}/nginx.map", "w") as a, open(f"{d}/haproxy.map", "w") as b:
         a.write(f'"{v}" k{i};\n')
         b.write(f"{v} k{i}\n")
 PY
-    # tollgate: let it create its schema and the plan, then add the keys to the plan.
-    tollgate_config 0 "{ sqlite: $dir/tollgate.db }" bench 1000000000 100000000 >"$dir/tollgate.yaml"
-    timeout 10 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >/dev/null 2>&1 &
-    local pid=$!
-    sleep 1; kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-    python3 - "$n" "$dir/tollgate.db" <<'PY'
-import hashlib, sqlite3, sys
-n, db = int(sys.argv[1]), sys.argv[2]
-c = sqlite3.connect(db)
-plan = c.execute("SELECT id FROM usage_plans WHERE name = 'bench'").fetchone()[0]
-def rows():
-    for i in range(n):
-        v = f"benchmarkKeyValue{i:023d}".encode()
-        yield (f"k{i:09d}", f"k{i}", hashlib.sha256(v).digest())
-c.executemany("INSERT INTO api_keys (id, name, enabled, value_sha256, created_date, last_updated_date) VALUES (?, ?, 1, ?, 0, 0)", rows())
-c.executemany("INSERT INTO usage_plan_keys (plan_id, key_id) VALUES (?, ?)", ((plan, f"k{i:09d}") for i in range(n)))
-c.commit()
-PY
+    sqlite_keys "$n" "$dir"
     # A Redis holding the same keys, for the cluster-mode target (started once per key set).
     local rport; rport=$(free_port)
     start "redis_$n" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no

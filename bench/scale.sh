@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The control plane at scale: with N keys (default a million) in one plan, on the embedded store and
+# on Redis, how long a start takes, what a key write costs (CreateApiKey + CreateUsagePlanKey through
+# the admin API, one after another, while wrk drives the data plane), what the data plane's p99 does
+# meanwhile against an idle run, and the resident memory of tollgate (and Redis) over the writes.
+#
+#   bench/scale.sh [--keys N] [--writes N] [--duration SECONDS]
+#
+# Prints a table per store; asserts nothing (BENCHMARKS.md records the runs). Installs nothing: it
+# says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEYS=1000000
+WRITES=100
+DURATION=10
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --keys) KEYS=$2; shift 2 ;;
+        --writes) WRITES=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--duration SECONDS]" >&2; exit 64 ;;
+    esac
+done
+
+. bench/lib.sh
+require nginx wrk redis-server redis-cli taskset python3 cargo curl
+setup
+
+AK=AKIDSCALEBENCH
+SK=scale/bench/secret
+export TOLLGATE_ADMIN_ACCESS_KEY_ID=$AK TOLLGATE_ADMIN_SECRET_ACCESS_KEY=$SK
+
+UP=$(free_port)
+mkdir -p "$WORK/up"
+upstream_config "$UP" >"$WORK/up/nginx.conf"
+taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$UP"
+
+echo "making $KEYS keys…" >&2
+mkdir -p "$WORK/keys"
+sqlite_keys "$KEYS" "$WORK/keys"
+PLAN=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"SELECT id FROM usage_plans WHERE name='bench'\").fetchone()[0])" "$WORK/keys/tollgate.db")
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# admin PORT PATH BODY: a signed POST; prints the answer, then its time in seconds on a line of its own.
+admin() {
+    curl -s --aws-sigv4 "aws:amz:us-east-1:apigateway" --user "$AK:$SK" \
+        -H 'content-type: application/json' -d "$3" -w '\n%{time_total}\n' "http://127.0.0.1:$1$2"
+}
+
+# p99 of wrk's --latency output, in ms.
+wrk_p99() { awk '$1 == "99%" { v = $2; if (v ~ /us$/) { sub(/us/, "", v); v /= 1000 } else if (v ~ /ms$/) { sub(/ms/, "", v) } else if (v ~ /s$/) { sub(/s/, "", v); v *= 1000 } print v }' "$1"; }
+
+# run NAME STORE: one store's measures.
+run() {
+    local name=$1 store=$2 dir="$WORK/$1" port aport t0 t1 pid
+    mkdir -p "$dir"
+    port=$(free_port); aport=$(free_port)
+    sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" -e "s|^store: .*|store: $store|" \
+        "$WORK/keys/tollgate.yaml" >"$dir/tollgate.yaml"
+    printf 'admin: { listen: 127.0.0.1:%s }\n' "$aport" >>"$dir/tollgate.yaml"
+    t0=$(date +%s.%N)
+    taskset -c 1 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >"$dir/log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    wait_port "$port"
+    t1=$(date +%s.%N)
+    local start_s; start_s=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+    sleep 2
+    local rss0; rss0=$(rss_kb "$pid")
+
+    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/idle.wrk"
+    taskset -c 0 wrk -t1 -c32 -d"$((DURATION * 30))s" --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/busy.wrk" &
+    local wrk=$!
+    : >"$dir/writes"
+    local i out id t_key t_bind
+    for i in $(seq 1 "$WRITES"); do
+        out=$(admin "$aport" /apikeys "{\"name\":\"scale-$i\",\"enabled\":true}")
+        id=$(printf '%s\n' "$out" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        t_key=$(printf '%s\n' "$out" | tail -1)
+        out=$(admin "$aport" "/usageplans/$PLAN/keys" "{\"keyId\":\"$id\",\"keyType\":\"API_KEY\"}")
+        t_bind=$(printf '%s\n' "$out" | tail -1)
+        python3 -c "print($t_key + $t_bind)" >>"$dir/writes"
+        [ $((i % 10)) -eq 0 ] && echo "$(rss_kb "$pid")" >>"$dir/rss"
+    done
+    kill -INT "$wrk" 2>/dev/null || true; wait "$wrk" 2>/dev/null || true
+    local rss1; rss1=$(rss_kb "$pid")
+    local redis_bytes=0
+    if [ -n "${3:-}" ]; then
+        redis_bytes=$(redis-cli -p "$3" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+    fi
+    python3 - "$name" "$KEYS" "$start_s" "$rss0" "$rss1" "$dir/writes" "$(wrk_p99 "$dir/idle.wrk")" "$(wrk_p99 "$dir/busy.wrk")" "$redis_bytes" <<'PY'
+import statistics, sys
+name, keys, start, rss0, rss1, writes, idle, busy, redis = sys.argv[1:]
+w = sorted(float(x) * 1000 for x in open(writes))
+p = lambda q: w[min(len(w) - 1, int(q * len(w)))]
+keys, rss0, rss1, redis = int(keys), int(rss0), int(rss1), int(redis)
+print(f"| {name} | {keys:,} | {start} s | {p(0.5):.1f} / {p(0.99):.1f} ms | {rss0 / 1024:.0f} → {rss1 / 1024:.0f} MB ({rss1 / rss0:.2f}x) | {idle} → {busy} ms | {(rss0 * 1024 + redis) / keys:.0f} |")
+PY
+    kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+}
+
+echo "| store | keys | start | write p50 / p99 | tollgate RSS, start → after writes | data-plane p99, idle → writing | bytes per key (tollgate at start + Redis) |"
+echo "|---|---|---|---|---|---|---|"
+run embedded "{ sqlite: $WORK/keys/tollgate.db }"
+
+RPORT=$(free_port)
+taskset -c 1 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+wait_port "$RPORT"
+echo "migrating $KEYS keys to Redis…" >&2
+"$TOLLGATE" migrate --from "sqlite:$WORK/keys/tollgate.db" --to "redis://127.0.0.1:$RPORT" >/dev/null
+run redis "{ redis: { url: \"redis://127.0.0.1:$RPORT\" } }" "$RPORT"
