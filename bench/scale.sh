@@ -72,7 +72,8 @@ run() {
     local rss0; rss0=$(rss_kb "$pid")
 
     taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/idle.wrk"
-    taskset -c 0 wrk -t1 -c32 -d"$((DURATION * 30))s" --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/busy.wrk" &
+    # Until the writes are done (SIGINT makes wrk report).
+    taskset -c 0 wrk -t1 -c32 -d3600s --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/busy.wrk" &
     local wrk=$!
     : >"$dir/writes"
     local i out id t_key t_bind
