@@ -408,12 +408,12 @@ pub fn due_window(start: i64, interval: i64, settle: i64, now: i64) -> Option<(i
     (end > start).then_some((start, end))
 }
 
-/// Delivers `batch`'s records to `ex`'s sink. Blocking; a Stripe batch (a request per record)
-/// stops early once `stopping` is set, to be sent whole again later.
-pub fn deliver(ex: &Exporter, batch: &ExportBatch, stopping: &AtomicBool) -> Result<(), String> {
+/// Delivers `batch`'s records to `ex`'s sink: how many. Blocking; a Stripe batch (a request per
+/// record) stops early once `stopping` is set, to be sent whole again later.
+pub fn deliver(ex: &Exporter, batch: &ExportBatch, stopping: &AtomicBool) -> Result<usize, String> {
     let records: Vec<UsageRecord> =
         serde_json::from_str(&batch.records).map_err(|e| format!("a stored batch: {e}"))?;
-    match &ex.sink {
+    let sent = match &ex.sink {
         Sink::File { dir, format } => write_file(dir, &ex.name, *format, batch, &records),
         Sink::CloudEvents {
             url,
@@ -464,7 +464,8 @@ pub fn deliver(ex: &Exporter, batch: &ExportBatch, stopping: &AtomicBool) -> Res
             }
             Ok(())
         }
-    }
+    };
+    sent.map(|()| records.len())
 }
 
 /// A record as a CloudEvent (OpenMeter reads `subject` as the customer, `data.value` by its
@@ -627,13 +628,11 @@ pub fn backfill(
         .export_batches(&ex.name, start, end, !replay)
         .map_err(fail)?
     {
-        deliver(ex, &batch, &AtomicBool::new(false))?;
+        done.records += deliver(ex, &batch, &AtomicBool::new(false))?;
         store
             .export_delivered(&ex.name, batch.start, batch.end)
             .map_err(fail)?;
         done.windows += 1;
-        done.records +=
-            serde_json::from_str::<Vec<serde_json::Value>>(&batch.records).map_or(0, |r| r.len());
     }
     Ok(done)
 }
@@ -688,6 +687,8 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
     let store = &*shared.store;
     let now = epoch_secs(shared.clock.now());
     let state = store.export_state(&ex.name).map_err(|e| e.to_string())?;
+    // Where the exporter stands after this run (as it stood, when another instance moved first).
+    let mut cursor = state.cursor;
     if state.cursor.is_none() {
         // The exporter's first run: it starts with the window in progress.
         let start = ExportCommit {
@@ -696,9 +697,12 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
             keep_from: now.saturating_sub(KEEP_SECS),
             ..ExportCommit::default()
         };
-        store
+        if store
             .commit_export(&ex.name, &start)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+        {
+            cursor = start.cursor;
+        }
     } else if let Some((start, end)) = state
         .cursor
         .and_then(|cursor| due_window(cursor, ex.interval, settle, now))
@@ -715,7 +719,12 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
             version: state.version,
             live: true,
         };
-        export_window(store, ex, &plans, &customers, &window, now).map_err(|e| e.to_string())?;
+        if export_window(store, ex, &plans, &customers, &window, now)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            cursor = Some(end);
+        }
     }
     let pending = store
         .export_batches(&ex.name, i64::MIN, i64::MAX, true)
@@ -724,7 +733,7 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
     if now >= backoff.until {
         for batch in &pending {
             match deliver(ex, batch, &shared.draining) {
-                Ok(()) => {
+                Ok(_) => {
                     store
                         .export_delivered(&ex.name, batch.start, batch.end)
                         .map_err(|e| e.to_string())?;
@@ -744,8 +753,7 @@ fn run(shared: &Shared, ex: &Exporter, settle: i64, backoff: &mut Backoff) -> Re
             }
         }
     }
-    let state = store.export_state(&ex.name).map_err(|e| e.to_string())?;
-    if let Some(through) = through.or(state.cursor) {
+    if let Some(through) = through.or(cursor) {
         shared
             .metrics
             .export_lag(&ex.name, now.saturating_sub(through));

@@ -1460,16 +1460,15 @@ impl Store for RedisStore {
         pending: bool,
     ) -> Result<Vec<ExportBatch>, StoreError> {
         let to = format!("({to}");
-        let (windows, undelivered): (Vec<String>, Vec<String>) = self.with(|c| {
-            let windows = if pending {
-                keys::export_pending(exporter)
-            } else {
-                keys::export_windows(exporter)
-            };
-            let all: Vec<String> = Cmd::zrangebyscore(windows, from, &to).query(c)?;
-            let undelivered: Vec<String> =
-                Cmd::zrangebyscore(keys::export_pending(exporter), from, &to).query(c)?;
-            Ok((all, undelivered))
+        // Listing the pending ones, all are undelivered; listing all, the pending set says which.
+        let (windows, undelivered): (Vec<String>, Option<HashSet<String>>) = self.with(|c| {
+            let pending_set = keys::export_pending(exporter);
+            if pending {
+                return Ok((Cmd::zrangebyscore(pending_set, from, &to).query(c)?, None));
+            }
+            let all = Cmd::zrangebyscore(keys::export_windows(exporter), from, &to).query(c)?;
+            let undelivered = Cmd::zrangebyscore(pending_set, from, &to).query(c)?;
+            Ok((all, Some(undelivered)))
         })?;
         if windows.is_empty() {
             return Ok(Vec::new());
@@ -1494,7 +1493,7 @@ impl Store for RedisStore {
                 start,
                 end,
                 records,
-                delivered: !undelivered.contains(window),
+                delivered: undelivered.as_ref().is_some_and(|u| !u.contains(window)),
             });
         }
         batches.sort_by_key(|b| (b.start, b.end));
