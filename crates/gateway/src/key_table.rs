@@ -1,19 +1,32 @@
-//! The served keys in little memory (about 50 bytes a key), looked up by the hash of a presented
-//! value in one probe of a directory and a short scan.
+//! The served keys in little memory (about 70 bytes a key), looked up by the hash of a presented
+//! value in one probe of a directory and a short scan, and changed a few keys at a time.
 //!
-//! Keys sit in one array sorted by value hash behind a directory on the hash's leading bits; their
-//! ids in one string; each key's memberships (a plan index and a live-state slot, 8 bytes) in one
-//! array in key order. It differs from the store's [`tollgate_store::KeyIndex`], which holds the
-//! records as loaded (in store order, with bindings by id): this table is what the request path
-//! reads, built from that index once per rebuild.
+//! Keys sit in 4,096 shards by the leading bits of their value hash. A shard holds its keys sorted by
+//! hash behind a directory on the next bits, their ids in one string, and each key's memberships (a
+//! plan index, a live-state slot and a customer's group: 12 bytes) in one array in key order. A
+//! shard is immutable and shared by the snapshots that did not change it: a write of a few keys
+//! builds the few shards they fall in again (a few hundred keys each at a million), never the table
+//! (see [`KeyTable::with_changes`]). Ids are found through a second set of shards by the hash of
+//! the id.
+//!
+//! It differs from the store's [`tollgate_store::KeyIndex`], which holds the records as loaded (in
+//! store order, with bindings by id): this table is what the request path reads.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::ops::Range;
+use std::sync::Arc;
 
+use tollgate_core::model::PreviousValue;
 use tollgate_core::{IpNetworks, KeyHash};
-use tollgate_store::KeyTerms;
 
-use crate::slots::KeyAccount;
+use crate::plans::RouteAt;
+use crate::slots::{Bucket, KeyAccount};
+
+/// 4,096 shards: a write at a million keys builds shards of ~250 keys again and copies 32 KiB of
+/// shard pointers; smaller shards would make that copy the larger cost.
+const SHARD_BITS: u32 = 12;
+const SHARDS: usize = 1 << SHARD_BITS;
 
 /// A key's record: 40 bytes. Its id and its memberships run up to the next record's.
 #[derive(Debug, Clone, Copy)]
@@ -26,36 +39,66 @@ struct KeyRec {
 }
 
 const DISABLED: u32 = 1 << 31;
-/// Set when the key has an expiry (in [`KeyTable::expiries`]): keys without one pay no lookup.
+/// Set when the key has an expiry (in [`Shard::expiries`]): keys without one pay no lookup.
 const EXPIRES: u32 = 1 << 30;
-/// Set when the key has a source-IP allowlist (in [`KeyTable::sources`]): keys without one pay no
+/// Set when the key has a source-IP allowlist (in [`Shard::sources`]): keys without one pay no
 /// lookup.
 const SOURCES: u32 = 1 << 29;
-/// Set when the key holds credits (in [`KeyTable::credits`]): keys without pay no lookup.
+/// Set when the key holds credits (in [`Shard::credits`]): keys without pay no lookup.
 const CREDITS: u32 = 1 << 28;
 const FLAGS: u32 = DISABLED | EXPIRES | SOURCES | CREDITS;
 /// A name more than one key has: it names none of them.
-const AMBIGUOUS: u32 = u32::MAX;
+const AMBIGUOUS: KeyRef = KeyRef {
+    shard: u32::MAX,
+    at: u32::MAX,
+};
 
-/// One (key, plan) membership: 8 bytes.
+/// [`Member::group`] of a membership that does not share its customer's limits.
+pub(crate) const NO_GROUP: u32 = u32::MAX;
+
+/// One (key, plan) membership: 12 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Member {
     /// Index of the plan in the snapshot's plans.
     pub(crate) plan: u32,
     /// The slot holding the membership's live state.
     pub(crate) slot: u32,
+    /// The slot of the customer's group whose limits it draws on, or [`NO_GROUP`].
+    pub(crate) group: u32,
 }
 
-/// The keys, sorted by value hash, with their memberships in key order.
+/// Where a key is in one table: its shard and its place there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyRef {
+    shard: u32,
+    at: u32,
+}
+
+/// A key as a write hands it to [`KeyTable::with_changes`], and as a changed shard gives its
+/// unchanged keys back to be built again.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) hash: KeyHash,
+    pub(crate) id: Box<str>,
+    pub(crate) enabled: bool,
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) sources: Option<IpNetworks>,
+    pub(crate) previous: Option<PreviousValue>,
+    pub(crate) credits: Option<KeyAccount>,
+    pub(crate) members: Vec<Member>,
+    /// The per-method buckets of its memberships' slots.
+    pub(crate) methods: Vec<((u32, RouteAt), Bucket)>,
+}
+
+/// Some of the keys, sorted by value hash, with their memberships in key order.
 #[derive(Debug, Default)]
-pub(crate) struct KeyTable {
+struct Shard {
     recs: Vec<KeyRec>,
-    /// `dir[p]..dir[p + 1]`: the records whose hash starts with the `bits`-bit prefix `p`.
+    /// `dir[p]..dir[p + 1]`: the records whose hash continues (after the shard's bits) with the
+    /// `bits`-bit prefix `p`.
     dir: Vec<u32>,
     bits: u32,
     ids: String,
-    /// Record indices in id order, for lookups by id (operator calls, rebuilds).
-    by_id: Vec<u32>,
     members: Vec<Member>,
     /// Record index → expiry (epoch nanoseconds), for the few keys that have one.
     expiries: HashMap<u32, u64>,
@@ -63,196 +106,142 @@ pub(crate) struct KeyTable {
     sources: HashMap<u32, IpNetworks>,
     /// Record index → the key's credits, for the keys that hold some.
     credits: HashMap<u32, KeyAccount>,
-    /// Old value hash → (record index, end of its grace), for the few keys in a rotation's grace.
-    previous: HashMap<KeyHash, (u32, u64)>,
-    /// Key name → record index, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a
-    /// name two keys share).
-    by_name: HashMap<Box<str>, u32>,
+    /// Record index → its value before its last rotation, for the few keys in a rotation's grace.
+    previous: HashMap<u32, PreviousValue>,
+    /// Per-method buckets, by (membership slot, where), of the plans that have them.
+    methods: HashMap<(u32, RouteAt), Bucket>,
 }
 
-impl KeyTable {
-    /// An empty table with room for `keys` keys, `id_bytes` bytes of ids and `members` memberships.
-    pub(crate) fn with_capacity(keys: usize, id_bytes: usize, members: usize) -> Self {
+/// The keys, in shards by value hash, with an index by id.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyTable {
+    shards: Vec<Arc<Shard>>,
+    /// By the hash of the id: (id hash, leading 8 bytes of the value hash), sorted.
+    ids: Vec<Arc<[(u64, u64)]>>,
+    /// Old value hash → (the key's value hash, end of its grace), for the few keys in a rotation's
+    /// grace; copied whole by a write that changes it.
+    previous: Arc<HashMap<KeyHash, (KeyHash, u64)>>,
+    /// Key name → key, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a name two
+    /// keys share). Such a table is built whole on every write (see [`KeyTable::names_keys`]).
+    by_name: Arc<HashMap<Box<str>, KeyRef>>,
+    len: usize,
+}
+
+impl Default for KeyTable {
+    fn default() -> Self {
+        let empty = Arc::new(Shard::finished(Shard::default()));
         Self {
-            recs: Vec::with_capacity(keys),
-            ids: String::with_capacity(id_bytes),
-            members: Vec::with_capacity(members),
-            ..Self::default()
+            shards: vec![empty; SHARDS],
+            ids: vec![Arc::from([]); SHARDS],
+            previous: Arc::default(),
+            by_name: Arc::default(),
+            len: 0,
         }
     }
+}
 
+/// One key of a table, as the request path and the control plane read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Key<'t> {
+    shard: &'t Shard,
+    at: u32,
+    place: KeyRef,
+}
+
+/// The first 8 bytes of a value hash, as a number: what shards and directories are cut on.
+fn lead(hash: &KeyHash) -> u64 {
+    let h = &hash.0;
+    u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+fn shard_of(lead: u64) -> usize {
+    (lead >> (64 - SHARD_BITS)) as usize
+}
+
+/// A fixed hash of a key id: which id shard holds it.
+fn id_hash(id: &str) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+}
+
+impl Shard {
     /// Appends a key; keys must come in hash order, each followed by its memberships.
-    pub(crate) fn push_key(&mut self, hash: KeyHash, id: &str, terms: KeyTerms) {
-        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= hash));
+    fn push(&mut self, e: &Entry) {
+        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= e.hash));
+        let at = self.recs.len() as u32;
         let mut members = self.members.len() as u32;
-        if !terms.enabled {
+        if !e.enabled {
             members |= DISABLED;
         }
-        if let Some(at) = terms.expires_at {
+        if let Some(t) = e.expires_at {
             members |= EXPIRES;
-            self.expiries.insert(self.recs.len() as u32, at);
+            self.expiries.insert(at, t);
         }
-        if let Some(sources) = terms.sources {
+        if let Some(sources) = &e.sources {
             members |= SOURCES;
-            self.sources.insert(self.recs.len() as u32, sources);
+            self.sources.insert(at, sources.clone());
         }
-        if let Some(old) = terms.previous {
-            self.previous
-                .insert(old.hash, (self.recs.len() as u32, old.until));
+        if let Some(account) = &e.credits {
+            members |= CREDITS;
+            self.credits.insert(at, account.clone());
+        }
+        if let Some(p) = e.previous {
+            self.previous.insert(at, p);
         }
         self.recs.push(KeyRec {
-            hash,
+            hash: e.hash,
             id_start: self.ids.len() as u32,
             members,
         });
-        self.ids.push_str(id);
-    }
-
-    /// Gives the last key pushed its credits.
-    pub(crate) fn set_credits(&mut self, account: KeyAccount) {
-        if let Some(rec) = self.recs.last_mut() {
-            rec.members |= CREDITS;
-            self.credits.insert(self.recs.len() as u32 - 1, account);
+        self.ids.push_str(&e.id);
+        self.members.extend_from_slice(&e.members);
+        for (at, bucket) in &e.methods {
+            self.methods.insert(*at, bucket.clone());
         }
     }
 
-    /// Appends a membership of the last key pushed.
-    pub(crate) fn push_member(&mut self, member: Member) {
-        self.members.push(member);
-    }
-
-    /// Makes the table searchable once every key is in: builds the hash directory, and takes
-    /// `by_id`, the record indices (positions in push order) sorted by key id.
-    pub(crate) fn finish(&mut self, by_id: Vec<u32>) {
+    /// The shard, searchable: its directory built, its buffers trimmed.
+    fn finished(mut self) -> Self {
         self.bits = usize::BITS - self.recs.len().leading_zeros();
         let mut dir = vec![0; (1 << self.bits) + 1];
         let mut at = 0;
         for (p, start) in dir.iter_mut().enumerate() {
-            while at < self.recs.len() && self.prefix(&self.recs[at].hash) < p {
+            while at < self.recs.len() && self.prefix(lead(&self.recs[at].hash)) < p {
                 at += 1;
             }
             *start = at as u32;
         }
         self.dir = dir;
-        self.by_id = by_id;
+        self.recs.shrink_to_fit();
+        self.ids.shrink_to_fit();
+        self.members.shrink_to_fit();
+        self
     }
 
-    fn prefix(&self, hash: &KeyHash) -> usize {
-        let lead = u64::from_be_bytes([
-            hash.0[0], hash.0[1], hash.0[2], hash.0[3], hash.0[4], hash.0[5], hash.0[6], hash.0[7],
-        ]);
-        lead.checked_shr(64 - self.bits).unwrap_or(0) as usize
+    /// The directory entry of a hash whose leading 8 bytes are `lead`.
+    fn prefix(&self, lead: u64) -> usize {
+        (lead << SHARD_BITS)
+            .checked_shr(64 - self.bits)
+            .unwrap_or(0) as usize
     }
 
-    /// How many keys there are.
-    pub(crate) fn len(&self) -> usize {
-        self.recs.len()
+    /// The records whose hash starts with `lead`'s directory prefix.
+    fn candidates(&self, lead: u64) -> Range<usize> {
+        let p = self.prefix(lead);
+        self.dir[p] as usize..self.dir[p + 1] as usize
     }
 
-    /// The record of the key whose value hashes to `hash`.
-    pub(crate) fn find(&self, hash: &KeyHash) -> Option<usize> {
-        let p = self.prefix(hash);
-        let range = self.dir[p] as usize..self.dir[p + 1] as usize;
-        range.into_iter().find(|&i| self.recs[i].hash == *hash)
+    fn find(&self, hash: &KeyHash) -> Option<u32> {
+        self.candidates(lead(hash))
+            .find(|&i| self.recs[i].hash == *hash)
+            .map(|i| i as u32)
     }
 
-    /// The record of the key whose value before its last rotation hashes to `hash`, while that
-    /// value's grace lasts at `now`. Only asked when [`KeyTable::find`] found nothing.
-    pub(crate) fn find_previous(&self, hash: &KeyHash, now: u64) -> Option<usize> {
-        if self.previous.is_empty() {
-            return None;
-        }
-        let &(rec, until) = self.previous.get(hash)?;
-        (now < until).then_some(rec as usize)
-    }
-
-    /// The record of the key whose current value, or old value still in (or past) its grace,
-    /// hashes to `hash`: a value two keys may not share.
-    pub(crate) fn holder(&self, hash: &KeyHash) -> Option<usize> {
-        self.find(hash)
-            .or_else(|| self.previous.get(hash).map(|&(rec, _)| rec as usize))
-    }
-
-    /// Makes keys findable by name: `names` holds (record index, name). A name two keys share
-    /// names neither (a token must not pick one of them by chance); returns how many such names.
-    pub(crate) fn name_keys<'n>(&mut self, names: impl Iterator<Item = (u32, &'n str)>) -> usize {
-        let mut shared = 0;
-        for (rec, name) in names {
-            self.by_name
-                .entry(name.into())
-                .and_modify(|r| {
-                    shared += usize::from(*r != AMBIGUOUS);
-                    *r = AMBIGUOUS;
-                })
-                .or_insert(rec);
-        }
-        shared
-    }
-
-    /// The record of the one key named `name` (when keys are findable by name).
-    pub(crate) fn by_name(&self, name: &str) -> Option<usize> {
-        self.by_name
-            .get(name)
-            .filter(|&&rec| rec != AMBIGUOUS)
-            .map(|&rec| rec as usize)
-    }
-
-    /// Record `i`'s value hash.
-    pub(crate) fn hash(&self, i: usize) -> &KeyHash {
-        &self.recs[i].hash
-    }
-
-    /// Record `i`'s key id.
-    pub(crate) fn id(&self, i: usize) -> &str {
+    fn id(&self, i: usize) -> &str {
         let end = self
             .recs
             .get(i + 1)
             .map_or(self.ids.len(), |r| r.id_start as usize);
         &self.ids[self.recs[i].id_start as usize..end]
-    }
-
-    /// Whether record `i`'s key is enabled.
-    pub(crate) fn enabled(&self, i: usize) -> bool {
-        self.recs[i].members & DISABLED == 0
-    }
-
-    /// When record `i`'s key expires (epoch nanoseconds), if it does.
-    pub(crate) fn expires_at(&self, i: usize) -> Option<u64> {
-        if self.recs[i].members & EXPIRES == 0 {
-            return None;
-        }
-        self.expiries.get(&(i as u32)).copied()
-    }
-
-    /// Every key with an expiry: (record index, epoch nanoseconds).
-    pub(crate) fn expiries(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.expiries.iter().map(|(&i, &at)| (i as usize, at))
-    }
-
-    /// The networks record `i`'s key may be used from, if it has a list.
-    pub(crate) fn sources(&self, i: usize) -> Option<&IpNetworks> {
-        if self.recs[i].members & SOURCES == 0 {
-            return None;
-        }
-        self.sources.get(&(i as u32))
-    }
-
-    /// Record `i`'s credits, if it holds some.
-    pub(crate) fn credits(&self, i: usize) -> Option<&KeyAccount> {
-        if self.recs[i].members & CREDITS == 0 {
-            return None;
-        }
-        self.credits.get(&(i as u32))
-    }
-
-    /// Every key's credits, with the record index.
-    pub(crate) fn accounts(&self) -> impl Iterator<Item = (usize, &KeyAccount)> {
-        self.credits.iter().map(|(&i, a)| (i as usize, a))
-    }
-
-    /// Record `i`'s memberships, in the order they were bound.
-    pub(crate) fn members_of(&self, i: usize) -> &[Member] {
-        &self.members[self.member_range(i)]
     }
 
     fn member_range(&self, i: usize) -> Range<usize> {
@@ -264,111 +253,435 @@ impl KeyTable {
         start..end
     }
 
-    /// Every membership, as (index, membership).
-    pub(crate) fn members(&self) -> impl Iterator<Item = (usize, &Member)> {
-        self.members.iter().enumerate()
-    }
-
-    /// Membership number `member`.
-    pub(crate) fn member(&self, member: usize) -> &Member {
-        &self.members[member]
-    }
-
-    /// The record of the key with id `id`.
-    pub(crate) fn by_id(&self, id: &str) -> Option<usize> {
-        let at = self
-            .by_id
-            .binary_search_by(|&i| self.id(i as usize).cmp(id))
-            .ok()?;
-        Some(self.by_id[at] as usize)
-    }
-
-    /// Record indices in key id order.
-    pub(crate) fn in_id_order(&self) -> impl Iterator<Item = usize> {
-        self.by_id.iter().map(|&i| i as usize)
-    }
-
-    /// The key a membership belongs to.
-    pub(crate) fn owner(&self, member: usize) -> usize {
-        self.recs
-            .partition_point(|r| (r.members & !FLAGS) as usize <= member)
-            .saturating_sub(1)
+    /// Record `i` in full, to be pushed into a shard again.
+    fn entry(&self, i: usize) -> Entry {
+        let at = i as u32;
+        let members = self.members[self.member_range(i)].to_vec();
+        let methods = if self.methods.is_empty() {
+            Vec::new()
+        } else {
+            self.methods
+                .iter()
+                .filter(|((slot, _), _)| members.iter().any(|m| m.slot == *slot))
+                .map(|(k, b)| (*k, b.clone()))
+                .collect()
+        };
+        Entry {
+            hash: self.recs[i].hash,
+            id: self.id(i).into(),
+            enabled: self.recs[i].members & DISABLED == 0,
+            expires_at: self.expiries.get(&at).copied(),
+            sources: self.sources.get(&at).cloned(),
+            previous: self.previous.get(&at).copied(),
+            credits: self.credits.get(&at).cloned(),
+            members,
+            methods,
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl<'t> Key<'t> {
+    fn rec(&self) -> &'t KeyRec {
+        &self.shard.recs[self.at as usize]
+    }
 
-    /// A table of `n` keys `key0`, `key1`…, key `i` in `i % 3` plans, every third key disabled, every
-    /// fourth expiring at `i`.
-    fn table(n: u32) -> KeyTable {
-        let mut keys: Vec<(KeyHash, String)> = (0..n)
-            .map(|i| (KeyHash::of(format!("value{i}")), format!("key{i}")))
+    /// Where the key is in its table.
+    pub(crate) fn place(&self) -> KeyRef {
+        self.place
+    }
+
+    /// Its value hash.
+    pub(crate) fn hash(&self) -> &'t KeyHash {
+        &self.rec().hash
+    }
+
+    /// Its id.
+    pub(crate) fn id(&self) -> &'t str {
+        self.shard.id(self.at as usize)
+    }
+
+    /// Whether it is enabled.
+    pub(crate) fn enabled(&self) -> bool {
+        self.rec().members & DISABLED == 0
+    }
+
+    /// When it expires (epoch nanoseconds), if it does.
+    pub(crate) fn expires_at(&self) -> Option<u64> {
+        if self.rec().members & EXPIRES == 0 {
+            return None;
+        }
+        self.shard.expiries.get(&self.at).copied()
+    }
+
+    /// The networks it may be used from, if it has a list.
+    pub(crate) fn sources(&self) -> Option<&'t IpNetworks> {
+        if self.rec().members & SOURCES == 0 {
+            return None;
+        }
+        self.shard.sources.get(&self.at)
+    }
+
+    /// Its credits, if it holds some.
+    pub(crate) fn credits(&self) -> Option<&'t KeyAccount> {
+        if self.rec().members & CREDITS == 0 {
+            return None;
+        }
+        self.shard.credits.get(&self.at)
+    }
+
+    /// Its memberships, in the order they were bound.
+    pub(crate) fn members(&self) -> &'t [Member] {
+        &self.shard.members[self.shard.member_range(self.at as usize)]
+    }
+
+    /// The per-method buckets of the key's shard, by (membership slot, where).
+    pub(crate) fn methods(&self) -> &'t HashMap<(u32, RouteAt), Bucket> {
+        &self.shard.methods
+    }
+}
+
+/// Builds a table from keys given in hash order ([`KeyTable::build`]).
+#[derive(Debug)]
+pub(crate) struct TableBuilder {
+    shards: Vec<Shard>,
+    /// The shard keys go into now: keys come in hash order, so shards fill one after another.
+    at: usize,
+    previous: HashMap<KeyHash, (KeyHash, u64)>,
+    len: usize,
+}
+
+impl TableBuilder {
+    /// Appends a key, which must come after the keys pushed before it in hash order.
+    pub(crate) fn push(&mut self, e: &Entry) {
+        let s = shard_of(lead(&e.hash));
+        debug_assert!(s >= self.at);
+        self.at = s;
+        if let Some(p) = e.previous {
+            self.previous.insert(p.hash, (e.hash, p.until));
+        }
+        self.shards[s].push(e);
+        self.len += 1;
+    }
+
+    /// The table, searchable.
+    pub(crate) fn finish(self) -> KeyTable {
+        let shards: Vec<Arc<Shard>> = self
+            .shards
+            .into_iter()
+            .map(|s| Arc::new(s.finished()))
             .collect();
-        keys.sort();
-        let mut t = KeyTable::with_capacity(keys.len(), 0, 0);
-        for (hash, id) in &keys {
-            let i: u32 = id[3..].parse().unwrap();
-            let terms = KeyTerms {
-                enabled: i % 3 != 2,
-                expires_at: (i % 4 == 0).then_some(u64::from(i)),
-                previous: None,
-                sources: None,
-                customer_id: None,
-                refill: None,
-                credits: false,
-            };
-            t.push_key(*hash, id, terms);
-            for plan in 0..i % 3 {
-                t.push_member(Member { plan, slot: i });
+        let mut ids: Vec<Vec<(u64, u64)>> = vec![Vec::new(); SHARDS];
+        for shard in &shards {
+            for (i, rec) in shard.recs.iter().enumerate() {
+                let h = id_hash(shard.id(i));
+                ids[shard_of(h)].push((h, lead(&rec.hash)));
             }
         }
-        let mut by_id: Vec<u32> = (0..keys.len() as u32).collect();
-        by_id.sort_by(|&a, &b| keys[a as usize].1.cmp(&keys[b as usize].1));
-        t.finish(by_id);
-        t
+        KeyTable {
+            shards,
+            ids: ids
+                .into_iter()
+                .map(|mut s| {
+                    s.sort_unstable();
+                    Arc::from(s)
+                })
+                .collect(),
+            previous: Arc::new(self.previous),
+            by_name: Arc::default(),
+            len: self.len,
+        }
+    }
+}
+
+impl KeyTable {
+    /// A builder of a table from keys in hash order.
+    pub(crate) fn build() -> TableBuilder {
+        TableBuilder {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            at: 0,
+            previous: HashMap::new(),
+            len: 0,
+        }
     }
 
-    #[test]
-    fn finds_every_key_by_hash_and_by_id() {
-        for n in [0, 1, 2, 3, 100, 1000] {
-            let t = table(n);
-            assert_eq!(t.len(), n as usize);
-            for i in 0..n {
-                let at = t.find(&KeyHash::of(format!("value{i}"))).unwrap();
-                assert_eq!(t.id(at), format!("key{i}"));
-                assert_eq!(t.by_id(&format!("key{i}")), Some(at));
-                assert_eq!(t.enabled(at), i % 3 != 2);
-                assert_eq!(t.expires_at(at), (i % 4 == 0).then_some(u64::from(i)));
-                let members = t.members_of(at);
-                assert_eq!(members.len(), (i % 3) as usize);
-                assert!(members.iter().all(|m| m.slot == i));
+    /// This table with the keys whose ids are in `gone` taken out and `added` put in (an id may be
+    /// in both: the key changed), sharing every shard neither touches. Returns the shards it built
+    /// again, whose memberships moved. Names are not kept (see [`KeyTable::name_keys`]).
+    pub(crate) fn with_changes(&self, gone: &[Key<'_>], added: Vec<Entry>) -> (Self, Vec<u32>) {
+        let indexed: Vec<(u64, u64)> = added
+            .iter()
+            .map(|e| (id_hash(&e.id), lead(&e.hash)))
+            .collect();
+        let mut by_shard: HashMap<usize, Vec<Entry>> = HashMap::new();
+        for e in added {
+            by_shard.entry(shard_of(lead(&e.hash))).or_default().push(e);
+        }
+        let mut removed: HashMap<usize, Vec<u32>> = HashMap::new();
+        for key in gone {
+            removed
+                .entry(key.place.shard as usize)
+                .or_default()
+                .push(key.at);
+        }
+        let mut touched: Vec<usize> = by_shard.keys().chain(removed.keys()).copied().collect();
+        touched.sort_unstable();
+        touched.dedup();
+
+        let mut next = self.clone();
+        let mut len = self.len;
+        for &s in &touched {
+            let out = removed.remove(&s).unwrap_or_default();
+            let old = &self.shards[s];
+            let mut entries: Vec<Entry> = (0..old.recs.len())
+                .filter(|i| !out.contains(&(*i as u32)))
+                .map(|i| old.entry(i))
+                .collect();
+            len -= old.recs.len() - entries.len();
+            let new = by_shard.remove(&s).unwrap_or_default();
+            len += new.len();
+            entries.extend(new);
+            entries.sort_by(|a, b| a.hash.cmp(&b.hash));
+            let mut shard = Shard::default();
+            for e in &entries {
+                shard.push(e);
             }
-            assert_eq!(t.find(&KeyHash::of("not a value")), None);
-            assert_eq!(t.by_id("key-none"), None);
-            let ids: Vec<&str> = t.in_id_order().map(|i| t.id(i)).collect();
-            assert!(ids.is_sorted());
+            next.shards[s] = Arc::new(shard.finished());
+        }
+        next.len = len;
+
+        // The id index: out with the gone keys' places, in with the added ones'.
+        let mut id_changes: HashMap<usize, (Vec<(u64, u64)>, Vec<(u64, u64)>)> = HashMap::new();
+        for key in gone {
+            let h = id_hash(key.id());
+            let change = id_changes.entry(shard_of(h)).or_default();
+            change.0.push((h, lead(key.hash())));
+        }
+        for (h, lead) in indexed {
+            id_changes.entry(shard_of(h)).or_default().1.push((h, lead));
+        }
+        for (s, (out, new)) in id_changes {
+            let mut entries: Vec<(u64, u64)> = self.ids[s].to_vec();
+            for pair in out {
+                if let Some(at) = entries.iter().position(|&e| e == pair) {
+                    entries.swap_remove(at);
+                }
+            }
+            entries.extend(new);
+            entries.sort_unstable();
+            next.ids[s] = Arc::from(entries);
+        }
+
+        // Rotations' old values, when a changed key had or has one.
+        let had = gone.iter().any(|k| k.shard.previous.contains_key(&k.at));
+        let has: Vec<(KeyHash, KeyHash, u64)> = touched
+            .iter()
+            .flat_map(|&s| {
+                let shard = &next.shards[s];
+                shard
+                    .previous
+                    .iter()
+                    .map(|(&at, p)| (p.hash, shard.recs[at as usize].hash, p.until))
+            })
+            .collect();
+        if had || !has.is_empty() {
+            let mut previous = (*self.previous).clone();
+            for key in gone {
+                if let Some(p) = key.shard.previous.get(&key.at) {
+                    previous.remove(&p.hash);
+                }
+            }
+            for (old, current, until) in has {
+                previous.insert(old, (current, until));
+            }
+            next.previous = Arc::new(previous);
+        }
+        next.by_name = Arc::default();
+        (next, touched.into_iter().map(|s| s as u32).collect())
+    }
+
+    /// How many keys there are.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn key(&self, place: KeyRef) -> Key<'_> {
+        Key {
+            shard: &self.shards[place.shard as usize],
+            at: place.at,
+            place,
         }
     }
 
-    #[test]
-    fn a_membership_knows_its_key() {
-        let t = table(50);
-        for (m, member) in t.members() {
-            let key = t.owner(m);
-            assert!(t.members_of(key).contains(member));
-            assert_eq!(t.id(key), format!("key{}", member.slot));
-        }
+    /// The key whose value hashes to `hash`.
+    #[inline]
+    pub(crate) fn find(&self, hash: &KeyHash) -> Option<Key<'_>> {
+        let s = shard_of(lead(hash));
+        let shard = &self.shards[s];
+        shard.find(hash).map(|at| Key {
+            shard,
+            at,
+            place: KeyRef {
+                shard: s as u32,
+                at,
+            },
+        })
     }
 
-    #[test]
-    fn a_shared_name_names_no_key() {
-        let mut t = table(4);
-        let shared = t.name_keys([(0, "solo"), (1, "twin"), (2, "twin"), (3, "twin")].into_iter());
-        assert_eq!(shared, 1, "one name shared");
-        assert_eq!(t.by_name("solo"), Some(0));
-        assert_eq!(t.by_name("twin"), None);
-        assert_eq!(t.by_name("nobody"), None);
+    /// The key whose value before its last rotation hashes to `hash`, while that value's grace
+    /// lasts at `now`. Only asked when [`KeyTable::find`] found nothing.
+    pub(crate) fn find_previous(&self, hash: &KeyHash, now: u64) -> Option<Key<'_>> {
+        if self.previous.is_empty() {
+            return None;
+        }
+        let &(current, until) = self.previous.get(hash)?;
+        if now >= until {
+            return None;
+        }
+        self.find(&current)
+    }
+
+    /// The key whose current value, or old value still in (or past) its grace, hashes to `hash`: a
+    /// value two keys may not share.
+    pub(crate) fn holder(&self, hash: &KeyHash) -> Option<Key<'_>> {
+        self.find(hash).or_else(|| {
+            let (current, _) = self.previous.get(hash)?;
+            self.find(current)
+        })
+    }
+
+    /// The key with id `id`.
+    pub(crate) fn by_id(&self, id: &str) -> Option<Key<'_>> {
+        let h = id_hash(id);
+        let s = &self.ids[shard_of(h)];
+        let from = s.partition_point(|&(e, _)| e < h);
+        s[from..]
+            .iter()
+            .take_while(|&&(e, _)| e == h)
+            .find_map(|&(_, lead)| {
+                let at = shard_of(lead);
+                let shard = &self.shards[at];
+                shard
+                    .candidates(lead)
+                    .find(|&i| self::lead(&shard.recs[i].hash) == lead && shard.id(i) == id)
+                    .map(|i| {
+                        self.key(KeyRef {
+                            shard: at as u32,
+                            at: i as u32,
+                        })
+                    })
+            })
+    }
+
+    /// Makes keys findable by name: `names` holds (key, name). A name two keys share names neither
+    /// (a token must not pick one of them by chance); returns how many such names.
+    pub(crate) fn name_keys<'n>(
+        &mut self,
+        names: impl Iterator<Item = (KeyRef, &'n str)>,
+    ) -> usize {
+        let mut shared = 0;
+        let mut by_name = HashMap::new();
+        for (place, name) in names {
+            by_name
+                .entry(name.into())
+                .and_modify(|r| {
+                    shared += usize::from(*r != AMBIGUOUS);
+                    *r = AMBIGUOUS;
+                })
+                .or_insert(place);
+        }
+        self.by_name = Arc::new(by_name);
+        shared
+    }
+
+    /// The one key named `name` (when keys are findable by name).
+    pub(crate) fn by_name(&self, name: &str) -> Option<Key<'_>> {
+        self.by_name
+            .get(name)
+            .filter(|&&r| r != AMBIGUOUS)
+            .map(|&r| self.key(r))
+    }
+
+    /// Every key, in hash order.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = Key<'_>> {
+        self.shards.iter().enumerate().flat_map(|(s, shard)| {
+            (0..shard.recs.len() as u32).map(move |at| Key {
+                shard,
+                at,
+                place: KeyRef {
+                    shard: s as u32,
+                    at,
+                },
+            })
+        })
+    }
+
+    /// The keys of shard `s`, with the index each membership has in it (what [`KeyTable::member`]
+    /// takes).
+    pub(crate) fn members_in(&self, s: u32) -> impl Iterator<Item = (u32, &Member)> {
+        self.shards[s as usize]
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i as u32, m))
+    }
+
+    /// How many shards there are.
+    pub(crate) fn shards(&self) -> u32 {
+        SHARDS as u32
+    }
+
+    /// Membership `member` of shard `s`, with its key.
+    pub(crate) fn member(&self, s: u32, member: u32) -> Option<(Key<'_>, Member)> {
+        let shard = &self.shards.get(s as usize)?;
+        let m = *shard.members.get(member as usize)?;
+        let at = shard
+            .recs
+            .partition_point(|r| (r.members & !FLAGS) <= member)
+            .checked_sub(1)?;
+        Some((
+            self.key(KeyRef {
+                shard: s,
+                at: at as u32,
+            }),
+            m,
+        ))
+    }
+
+    /// Every key with an expiry, with when (epoch nanoseconds).
+    pub(crate) fn expiries(&self) -> impl Iterator<Item = (Key<'_>, u64)> {
+        self.shards.iter().enumerate().flat_map(move |(s, shard)| {
+            shard.expiries.iter().map(move |(&at, &t)| {
+                (
+                    Key {
+                        shard,
+                        at,
+                        place: KeyRef {
+                            shard: s as u32,
+                            at,
+                        },
+                    },
+                    t,
+                )
+            })
+        })
+    }
+
+    /// Every key's credits, with the key.
+    pub(crate) fn accounts(&self) -> impl Iterator<Item = (Key<'_>, &KeyAccount)> {
+        self.shards.iter().enumerate().flat_map(move |(s, shard)| {
+            shard.credits.iter().map(move |(&at, a)| {
+                (
+                    Key {
+                        shard,
+                        at,
+                        place: KeyRef {
+                            shard: s as u32,
+                            at,
+                        },
+                    },
+                    a,
+                )
+            })
+        })
     }
 }

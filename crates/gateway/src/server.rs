@@ -190,6 +190,24 @@ impl GatewayHandle {
         );
     }
 
+    /// Serves the keys whose ids are in `touched` as `changed` holds them (a touched key it lacks is
+    /// gone), building again only what they touch (see [`Snapshot::change_keys`]); `false` when the
+    /// change needs a [`GatewayHandle::reload`] instead.
+    pub fn change_keys(
+        &self,
+        changed: &KeyIndex,
+        touched: &[String],
+        period_used: &PeriodUsed,
+    ) -> bool {
+        Snapshot::change_keys(
+            &self.shared.snapshot,
+            changed,
+            touched,
+            period_used,
+            self.shared.clock.now(),
+        )
+    }
+
     /// In cluster mode, whether Redis is unavailable now and what keyed requests get meanwhile;
     /// `None` on the embedded store.
     pub fn shared_store(&self) -> Option<(bool, OnStoreFailure)> {

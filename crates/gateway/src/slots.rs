@@ -18,7 +18,7 @@ use tollgate_core::quota::{EpochDay, QuotaCount};
 use crate::meter::{Counted, DailyMeter, LastSeen};
 
 /// One token bucket with its own state: the stage, account and per-method throttles.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Bucket {
     pub(crate) gcra: Gcra,
     /// Shared with the same bucket in the snapshot this one replaced (carried over in place when its
@@ -187,7 +187,12 @@ pub(crate) struct SlotBook {
     pub(crate) len: u32,
     free: Vec<u32>,
     pub(crate) retired: HashMap<u32, Retired>,
+    /// Slot → who holds it in the latest snapshot, as the snapshot encodes it ([`NO_OWNER`]: none).
+    pub(crate) owners: Vec<u64>,
 }
+
+/// [`SlotBook::owners`] of a slot no one holds.
+pub(crate) const NO_OWNER: u64 = u64::MAX;
 
 impl SlotBook {
     /// A slot for a new membership: a free one, else the next (a new chunk when the last is full).
@@ -201,6 +206,15 @@ impl SlotBook {
         }
         self.len += 1;
         self.len - 1
+    }
+
+    /// Records who holds slot `slot` now.
+    pub(crate) fn own(&mut self, slot: u32, owner: u64) {
+        let at = slot as usize;
+        if at >= self.owners.len() {
+            self.owners.resize(at + 1, NO_OWNER);
+        }
+        self.owners[at] = owner;
     }
 
     /// Frees the retired slots whose counts are all taken and that no snapshot in use can reach. A

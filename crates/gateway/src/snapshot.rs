@@ -4,33 +4,33 @@
 //! ([`crate::slots`]). A request does one lookup for its key and a handful of atomic operations, no
 //! locks, no I/O; what it does with them is [`crate::admit`].
 //!
-//! This file builds snapshots (first build, and rebuilds that keep every membership's live state),
-//! answers the control plane's questions about what is served, and hands metered counts to the
-//! flusher.
+//! This file builds snapshots (first build, rebuilds that keep every membership's live state, and
+//! changes of a few keys that build only what they touch), answers the control plane's questions
+//! about what is served, and hands metered counts to the flusher.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::Method;
-use tollgate_core::KeyHash;
 use tollgate_core::gcra::{Gcra, GcraState};
 use tollgate_core::quota::{EpochDay, Quota, QuotaCount};
 use tollgate_core::sharing::customer_of;
+use tollgate_core::{KeyHash, UsagePlan};
 use tollgate_store::report::PeriodUsed;
 use tollgate_store::{Holder, KeyIndex, Memberships};
 
 use crate::client_ip::ClientAddress;
 use crate::config::{GatewayConfig, Route};
 use crate::jwt::UsageIdentifier;
-use crate::key_table::{KeyTable, Member};
+use crate::key_table::{Entry, Key, KeyTable, Member, NO_GROUP};
 use crate::limits::KeyRejected;
 use crate::meter::Counted;
 use crate::plans::{PlanRules, RouteAt};
 use crate::route::{RouteError, RouteMatch, Router};
 use crate::slots::{
-    Bucket, Chunk, CreditEvents, Epoch, KeyAccount, KeyCredits, Live, Retired, SlotBook, Slots,
-    live_at, lock,
+    Bucket, Chunk, CreditEvents, Epoch, KeyAccount, KeyCredits, Live, NO_OWNER, Retired, SlotBook,
+    Slots, live_at, lock,
 };
 
 /// One API key's membership in one usage plan, as a request uses it.
@@ -45,11 +45,12 @@ pub struct Membership<'s> {
     customer: Option<Shared<'s>>,
     /// The key's credits, if it holds some.
     credits: Option<&'s KeyAccount>,
-    method_buckets: &'s HashMap<(u32, RouteAt), Bucket>,
+    /// The per-method buckets of the key's shard, by (slot, where).
+    methods: &'s HashMap<(u32, RouteAt), Bucket>,
 }
 
-/// The limits a customer's keys share in a plan: its group (id and slot), and the slot's state (its
-/// buckets, quota count and shared meter).
+/// The limits a customer's keys share in a plan: its group, and the slot's state (its buckets,
+/// quota count and shared meter).
 #[derive(Clone, Copy)]
 struct Shared<'s> {
     group: &'s CustomerGroup,
@@ -57,11 +58,15 @@ struct Shared<'s> {
 }
 
 /// The customer of a plan that shares limits by customer, and the slot its keys share.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CustomerGroup {
     plan: u32,
     id: Box<str>,
     slot: u32,
+    /// How many memberships draw on it: at none, it is retired.
+    members: u32,
+    /// Its per-method buckets.
+    methods: Vec<(RouteAt, Bucket)>,
 }
 
 /// The bucket limiting a key on a route, and its state on this instance.
@@ -126,11 +131,22 @@ impl<'s> Membership<'s> {
     pub(crate) fn throttle_for(&self, m: &RouteMatch) -> Option<KeyBucket<'s>> {
         let (slot, live) = self.limits_slot();
         match self.plan.method_at(m) {
-            Some(at) => self.method_buckets.get(&(slot, at)).map(|b| KeyBucket {
-                gcra: &b.gcra,
-                state: &b.state,
-                per_method: true,
-            }),
+            Some(at) => {
+                let bucket = match self.customer {
+                    Some(c) => c
+                        .group
+                        .methods
+                        .iter()
+                        .find(|(a, _)| *a == at)
+                        .map(|(_, b)| b),
+                    None => self.methods.get(&(slot, at)),
+                };
+                bucket.map(|b| KeyBucket {
+                    gcra: &b.gcra,
+                    state: &b.state,
+                    per_method: true,
+                })
+            }
             None => self.plan.throttle.as_ref().map(|gcra| KeyBucket {
                 gcra,
                 state: &live.bucket,
@@ -194,34 +210,275 @@ struct Routing {
     /// [api][stage][route]: the stage's per-method throttle, shared by all callers.
     stage_buckets: Vec<Vec<Vec<Option<Bucket>>>>,
     account: Option<Bucket>,
+    /// A JWT authorizer names keys by name.
+    names_keys: bool,
 }
 
 /// Everything the request path reads, immutable except for atomics.
 #[derive(Debug)]
 pub struct Snapshot {
     routing: Arc<Routing>,
-    plans: Vec<PlanRules>,
+    plans: Arc<[PlanRules]>,
+    /// The plans as stored, which `plans` resolves.
+    plan_records: Arc<[UsagePlan]>,
     keys: KeyTable,
-    /// Slot → index of the membership holding it here ([`NO_MEMBER`] for slots that are not).
-    owners: Vec<u32>,
-    /// Per-method buckets, by (slot, where): a membership's, or a customer's its keys share.
-    method_buckets: HashMap<(u32, RouteAt), Bucket>,
-    /// The customers of plans that share limits by customer.
-    customers: Vec<CustomerGroup>,
-    /// Plan → customer id → its group in `customers`.
-    customer_index: HashMap<u32, HashMap<Box<str>, u32>>,
-    /// A sharing membership's slot → its customer's group in `customers`.
-    shared_by: HashMap<u32, u32>,
+    /// The customers of plans that share limits by customer, by the slot they share.
+    customers: Arc<HashMap<u32, CustomerGroup>>,
+    /// (plan, customer id) → the slot of its group in `customers`.
+    customer_index: Arc<HashMap<(u32, Box<str>), u32>>,
     /// The slots' state, as of this snapshot: every slot it gives out is in these chunks.
     chunks: Vec<Chunk>,
     slots: Arc<Slots>,
     epoch: Arc<Epoch>,
-    plans_in_use: usize,
+    /// Per plan, how many memberships it has.
+    plan_members: Arc<[u32]>,
 }
 
-const NO_MEMBER: u32 = u32::MAX;
-/// Marks an owner that is a customer group (the rest is its index) rather than a membership.
-const CUSTOMER: u32 = 1 << 31;
+/// Marks a slot's owner in [`SlotBook::owners`] that is a customer's group (with its slot), rather
+/// than a membership (its key's shard, and its index there: [`member_owner`]).
+const CUSTOMER: u64 = 1 << 63;
+
+fn member_owner(shard: u32, member: u32) -> u64 {
+    (u64::from(shard) << 32) | u64::from(member)
+}
+
+/// The slots a rebuild keeps from the snapshot it replaces.
+enum Kept {
+    /// A whole rebuild: one flag per slot.
+    All(Vec<bool>),
+    /// A change of a few keys.
+    Few(HashSet<u32>),
+}
+
+impl Kept {
+    fn keep(&mut self, slot: u32) {
+        match self {
+            Kept::All(flags) => flags[slot as usize] = true,
+            Kept::Few(set) => {
+                set.insert(slot);
+            }
+        }
+    }
+
+    fn has(&self, slot: u32) -> bool {
+        match self {
+            Kept::All(flags) => flags.get(slot as usize).copied().unwrap_or(false),
+            Kept::Few(set) => set.contains(&slot),
+        }
+    }
+}
+
+/// What a build or a change of keys works with: the plans, the live state's book, the snapshot it
+/// replaces, and the customers' groups as they become.
+struct Assembly<'a> {
+    plans: &'a [PlanRules],
+    period_used: &'a PeriodUsed,
+    now: u64,
+    previous: Option<&'a Snapshot>,
+    book: &'a mut SlotBook,
+    kept: Kept,
+    customers: HashMap<u32, CustomerGroup>,
+    customer_index: HashMap<(u32, Box<str>), u32>,
+    plan_members: Vec<u32>,
+}
+
+impl Assembly<'_> {
+    /// The entry of key `i` of `records`, bound to the plans `bound` (indices in `plans`, in the
+    /// order they were bound), which was `old` in the snapshot replaced: its memberships keep their
+    /// slots and live state, new ones start from the store's counts.
+    fn entry(
+        &mut self,
+        records: &KeyIndex,
+        i: usize,
+        bound: &[u32],
+        old: Option<Key<'_>>,
+    ) -> Entry {
+        let (key_id, hash, terms) = (records.id(i), records.hash(i), records.terms(i));
+        let credits = (terms.credits || terms.refill.is_some()).then(|| {
+            // The live balance carries on; a key new to credits here starts from the store's.
+            let live = old
+                .and_then(|k| k.credits())
+                .map(|a| a.live.clone())
+                .unwrap_or_else(|| {
+                    let stored = self.period_used.credits.get(key_id);
+                    Arc::new(stored.map_or_else(KeyCredits::default, |b| {
+                        KeyCredits::new(b.balance, b.refilled)
+                    }))
+                });
+            KeyAccount {
+                live,
+                refill: terms.refill,
+            }
+        });
+        let mut members = Vec::with_capacity(bound.len());
+        let mut methods = Vec::new();
+        for &plan in bound {
+            let plans = self.plans;
+            let rules = &plans[plan as usize];
+            let before = old.and_then(|k| {
+                let p = self.previous?;
+                let member = p.member_in(k, &rules.id)?;
+                Some((member, &p.plans[member.plan as usize], k))
+            });
+            let slot = match before {
+                Some((m, _, _)) => {
+                    self.kept.keep(m.slot);
+                    m.slot
+                }
+                None => self.book.allocate(),
+            };
+            let group = match customer_of(rules.share_by, records.customer(i)) {
+                None => {
+                    // A key that drew on its customer's limits until now has its own again: they
+                    // start from the store, as a new membership's do.
+                    let own = before.filter(|(m, _, _)| m.group == NO_GROUP);
+                    let limits = Limits {
+                        rules,
+                        before: own.map(|(_, r, _)| r),
+                        now: self.now,
+                    };
+                    let used = || self.period_used.key(&rules.counts_as, key_id);
+                    let prior = |at| own.and_then(|(_, _, k)| k.methods().get(&(slot, at)));
+                    let mut started = Vec::new();
+                    limits.start(live_at(&self.book.chunks, slot), used, prior, &mut started);
+                    methods.extend(started.into_iter().map(|(at, b)| ((slot, at), b)));
+                    NO_GROUP
+                }
+                Some(customer) => self.group(plan, customer),
+            };
+            for earlier in &members {
+                let Member { plan: other, .. } = earlier;
+                let other = &self.plans[*other as usize];
+                if other.stages.iter().any(|s| rules.stages.contains(s)) {
+                    tracing::warn!(key = %key_id, plan = %rules.id, other = %other.id,
+                        "key is in two plans for one stage; the first one applies");
+                }
+            }
+            self.plan_members[plan as usize] += 1;
+            members.push(Member { plan, slot, group });
+        }
+        Entry {
+            hash,
+            id: key_id.into(),
+            enabled: terms.enabled,
+            expires_at: terms.expires_at,
+            sources: terms.sources,
+            previous: terms.previous,
+            credits,
+            members,
+            methods,
+        }
+    }
+
+    /// The slot of customer `customer`'s group in plan `plan`, which gains a membership: the group
+    /// as it is, or as it was in the snapshot replaced, or a new one starting from the store's count.
+    fn group(&mut self, plan: u32, customer: &str) -> u32 {
+        let known = self.customer_index.get(&(plan, customer.into())).copied();
+        let slot = match known {
+            Some(slot) => slot,
+            None => {
+                let rules = &self.plans[plan as usize];
+                let before = self.previous.and_then(|p| {
+                    let group = p.customer_group(&rules.id, customer)?;
+                    Some((group, &p.plans[group.plan as usize]))
+                });
+                let slot = match before {
+                    Some((g, _)) => {
+                        self.kept.keep(g.slot);
+                        g.slot
+                    }
+                    None => self.book.allocate(),
+                };
+                let limits = Limits {
+                    rules,
+                    before: before.map(|(_, r)| r),
+                    now: self.now,
+                };
+                let used = || self.period_used.customer(&rules.counts_as, customer);
+                let prior = |at| {
+                    before
+                        .and_then(|(g, _)| g.methods.iter().find(|(a, _)| *a == at).map(|(_, b)| b))
+                };
+                let mut methods = Vec::new();
+                limits.start(live_at(&self.book.chunks, slot), used, prior, &mut methods);
+                self.customers.insert(
+                    slot,
+                    CustomerGroup {
+                        plan,
+                        id: customer.into(),
+                        slot,
+                        members: 0,
+                        methods,
+                    },
+                );
+                self.customer_index.insert((plan, customer.into()), slot);
+                slot
+            }
+        };
+        if let Some(group) = self.customers.get_mut(&slot) {
+            group.members += 1;
+        }
+        slot
+    }
+
+    /// Retires slot `slot`, which `previous` gave to `id` (a key's, or a customer's) under
+    /// `plan_id`: its counts are taken before it is handed out again.
+    fn retire(&mut self, slot: u32, plan_id: Arc<str>, id: &str, customer: bool) {
+        let Some(previous) = self.previous else {
+            return;
+        };
+        self.book.own(slot, NO_OWNER);
+        self.book.retired.insert(
+            slot,
+            Retired {
+                plan_id,
+                id: id.into(),
+                customer,
+                seen_by: Arc::downgrade(&previous.epoch),
+            },
+        );
+    }
+
+    /// The snapshot of `keys`, its slots' owners recorded (those of `shards`, or all).
+    fn finish(
+        self,
+        routing: Arc<Routing>,
+        (plans, plan_records): (Arc<[PlanRules]>, Arc<[UsagePlan]>),
+        keys: KeyTable,
+        shards: Option<Vec<u32>>,
+        slots: &Arc<Slots>,
+    ) -> Snapshot {
+        let book = self.book;
+        if shards.is_none() {
+            book.owners.clear();
+        }
+        for s in shards.unwrap_or_else(|| (0..keys.shards()).collect()) {
+            for (i, member) in keys.members_in(s) {
+                book.own(member.slot, member_owner(s, i));
+            }
+        }
+        for &slot in self.customers.keys() {
+            book.own(slot, CUSTOMER | u64::from(slot));
+        }
+        let epoch = Arc::new(Epoch::default());
+        if let Some(previous) = self.previous {
+            // Only the latest snapshot is rebuilt, under the book's lock: this is its first successor.
+            let _ = previous.epoch.newer.set(epoch.clone());
+        }
+        Snapshot {
+            routing,
+            plans,
+            plan_records,
+            keys,
+            customers: Arc::new(self.customers),
+            customer_index: Arc::new(self.customer_index),
+            chunks: book.chunks.clone(),
+            slots: slots.clone(),
+            epoch,
+            plan_members: self.plan_members.into(),
+        }
+    }
+}
 
 impl Snapshot {
     /// Builds the first snapshot. `period_used` gives, per key (and customer) and plan, the
@@ -256,11 +513,17 @@ impl Snapshot {
             })
             .collect();
         let account = config.account_throttle.map(|t| Bucket::new(t, None, 0));
+        let names_keys = config.apis.iter().flat_map(|a| &a.routes).any(|r| {
+            r.authorizer
+                .as_ref()
+                .is_some_and(|a| a.settings.identifier == UsageIdentifier::Name)
+        });
         let routing = Arc::new(Routing {
             config,
             router,
             stage_buckets,
             account,
+            names_keys,
         });
         let slots = Arc::<Slots>::default();
         let mut book = lock(&slots.book);
@@ -299,6 +562,97 @@ impl Snapshot {
         current.store(Arc::new(next));
     }
 
+    /// Replaces the snapshot in `current` by one where the keys whose ids are in `touched` are as
+    /// `changed` holds them (with their bindings; a touched key `changed` lacks is gone), at `now`.
+    /// Only the shards of the table those keys fall in are built again, and every other key keeps
+    /// its live state untouched. `changed` must hold the plans the snapshot serves, in its order,
+    /// and `period_used` the stored counts of its keys and customers. Returns `false`, changing
+    /// nothing, when it cannot apply the change alone (the plans differ, or keys are named by name):
+    /// then the caller rebuilds. Serialised with other rebuilds and the flusher.
+    pub fn change_keys(
+        current: &ArcSwap<Snapshot>,
+        changed: &KeyIndex,
+        touched: &[String],
+        period_used: &PeriodUsed,
+        now: u64,
+    ) -> bool {
+        let slots = current.load().slots.clone();
+        let mut book = lock(&slots.book);
+        let previous = current.load_full();
+        if *changed.plans != *previous.plan_records || previous.routing.names_keys {
+            return false;
+        }
+        book.reclaim();
+        let gone: Vec<Key<'_>> = touched
+            .iter()
+            .filter_map(|id| previous.keys.by_id(id))
+            .collect();
+        let mut assembly = Assembly {
+            plans: &previous.plans,
+            period_used,
+            now,
+            previous: Some(&previous),
+            book: &mut book,
+            kept: Kept::Few(HashSet::new()),
+            customers: (*previous.customers).clone(),
+            customer_index: (*previous.customer_index).clone(),
+            plan_members: previous.plan_members.to_vec(),
+        };
+        // The memberships going are counted out before the new ones are counted in: a group keeps
+        // its slot while a changed key stays in it.
+        for key in &gone {
+            for m in key.members() {
+                assembly.plan_members[m.plan as usize] -= 1;
+                if let Some(group) = assembly.customers.get_mut(&m.group) {
+                    group.members -= 1;
+                }
+            }
+        }
+        let mut bound: HashMap<u32, Vec<u32>> = HashMap::new();
+        for &(plan, key) in changed.bindings() {
+            bound.entry(key).or_default().push(plan);
+        }
+        let added: Vec<Entry> = (0..changed.len())
+            .map(|i| {
+                let old = gone.iter().find(|k| k.id() == changed.id(i)).copied();
+                let plans = bound.remove(&(i as u32)).unwrap_or_default();
+                assembly.entry(changed, i, &plans, old)
+            })
+            .collect();
+        for key in &gone {
+            for m in key.members() {
+                if !assembly.kept.has(m.slot) {
+                    let plan_id = previous.plans[m.plan as usize].counts_as.clone();
+                    assembly.retire(m.slot, plan_id, key.id(), false);
+                }
+            }
+        }
+        let empty: Vec<CustomerGroup> = assembly
+            .customers
+            .values()
+            .filter(|g| g.members == 0)
+            .cloned()
+            .collect();
+        for group in empty {
+            assembly.customers.remove(&group.slot);
+            assembly
+                .customer_index
+                .remove(&(group.plan, group.id.clone()));
+            let plan_id = previous.plans[group.plan as usize].counts_as.clone();
+            assembly.retire(group.slot, plan_id, &group.id, true);
+        }
+        let (keys, shards) = previous.keys.with_changes(&gone, added);
+        let next = assembly.finish(
+            previous.routing.clone(),
+            (previous.plans.clone(), previous.plan_records.clone()),
+            keys,
+            Some(shards),
+            &slots,
+        );
+        current.store(Arc::new(next));
+        true
+    }
+
     fn assemble(
         routing: Arc<Routing>,
         records: &KeyIndex,
@@ -307,160 +661,61 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         (slots, book): (&Arc<Slots>, &mut SlotBook),
     ) -> Self {
-        let plans: Vec<PlanRules> = records
+        let plans: Arc<[PlanRules]> = records
             .plans
             .iter()
             .map(|p| PlanRules::resolve(p, &routing.config))
             .collect();
         let mut order: Vec<u32> = (0..records.len() as u32).collect();
         order.sort_unstable_by_key(|&i| records.hash(i as usize));
-        let mut position = vec![0u32; order.len()];
-        for (pos, &i) in order.iter().enumerate() {
-            position[i as usize] = pos as u32;
-        }
-        // (key position, plan): binding order is kept within a key, so the first plan bound wins a
-        // stage two plans of one key cover.
+        // Each key's plans, in binding order: the first plan bound wins a stage two plans of one
+        // key cover.
         let mut bound: Vec<(u32, u32)> = records
             .bindings()
             .iter()
-            .map(|&(plan, key)| (position[key as usize], plan))
+            .map(|&(plan, key)| (key, plan))
             .collect();
-        bound.sort_by_key(|&(pos, _)| pos);
+        bound.sort_by_key(|&(key, _)| key);
 
         book.reclaim();
-        let mut kept = vec![false; book.len as usize];
-        let mut method_buckets = HashMap::new();
-        let mut customers = Vec::new();
-        let mut groups: HashMap<u32, HashMap<Box<str>, u32>> = HashMap::new();
-        let mut shared_by = HashMap::new();
-        let mut keys = KeyTable::with_capacity(order.len(), records.id_bytes(), bound.len());
-        let mut members_here = Vec::new();
-        let mut next_bound = 0;
-        // The previous snapshot's keys are walked alongside, in the same hash order: a key with the
-        // same hash and id keeps its memberships' slots. A key whose value changed (a rotation) is
-        // found by its id instead, so its buckets and quota count carry on.
-        let mut old_at = 0;
-        for (pos, &i) in order.iter().enumerate() {
-            let (key_id, i) = (records.id(i as usize), i as usize);
-            let hash = records.hash(i);
-            let old_key = previous.and_then(|p| {
-                let old = &p.keys;
-                while old_at < old.len() && *old.hash(old_at) < hash {
-                    old_at += 1;
-                }
-                let same =
-                    old_at < old.len() && *old.hash(old_at) == hash && old.id(old_at) == key_id;
-                same.then_some((p, old_at))
-                    .or_else(|| old.by_id(key_id).map(|k| (p, k)))
+        let kept = Kept::All(vec![false; book.len as usize]);
+        let mut assembly = Assembly {
+            plans: &plans,
+            period_used,
+            now,
+            previous,
+            book,
+            kept,
+            customers: HashMap::new(),
+            customer_index: HashMap::new(),
+            plan_members: vec![0; plans.len()],
+        };
+        let mut table = KeyTable::build();
+        for &i in &order {
+            let (key_id, hash) = (records.id(i as usize), records.hash(i as usize));
+            // Found by value hash, or by id when its value changed (a rotation): its buckets and
+            // quota count carry on.
+            let old = previous.and_then(|p| {
+                p.keys
+                    .find(&hash)
+                    .filter(|k| k.id() == key_id)
+                    .or_else(|| p.keys.by_id(key_id))
             });
-            let terms = records.terms(i);
-            let (refill, holds_credits) = (terms.refill, terms.credits || terms.refill.is_some());
-            keys.push_key(hash, key_id, terms);
-            if holds_credits {
-                // The live balance carries on; a key new to credits here starts from the store's.
-                let live = old_key
-                    .and_then(|(p, k)| p.keys.credits(k))
-                    .map(|a| a.live.clone())
-                    .unwrap_or_else(|| {
-                        let stored = period_used.credits.get(key_id);
-                        Arc::new(stored.map_or_else(KeyCredits::default, |b| {
-                            KeyCredits::new(b.balance, b.refilled)
-                        }))
-                    });
-                keys.set_credits(KeyAccount { live, refill });
-            }
-            members_here.clear();
-            while let Some(&(_, plan)) = bound.get(next_bound).filter(|(p, _)| *p as usize == pos) {
-                next_bound += 1;
-                let rules = &plans[plan as usize];
-                let before = old_key.and_then(|(p, k)| p.membership(k, &rules.id));
-                let slot = match before {
-                    Some((slot, _)) => {
-                        kept[slot as usize] = true;
-                        slot
-                    }
-                    None => book.allocate(),
-                };
-                match customer_of(rules.share_by, records.customer(i)) {
-                    None => {
-                        // A key that drew on its customer's limits until now has its own again:
-                        // they start from the store, as a new membership's do.
-                        let was_shared = previous.is_some_and(|p| p.shared_by.contains_key(&slot));
-                        let limits = Limits {
-                            rules,
-                            before: before.map(|(_, r)| r).filter(|_| !was_shared),
-                            previous,
-                            now,
-                        };
-                        let used = || period_used.key(&rules.counts_as, key_id);
-                        limits.start(slot, live_at(&book.chunks, slot), used, &mut method_buckets);
-                    }
-                    Some(customer) => {
-                        let known = groups.get(&plan).and_then(|g| g.get(customer)).copied();
-                        let group = match known {
-                            Some(group) => group,
-                            None => {
-                                let before =
-                                    previous.and_then(|p| p.customer_group(&rules.id, customer));
-                                let shared = match before {
-                                    Some((slot, _)) => {
-                                        kept[slot as usize] = true;
-                                        slot
-                                    }
-                                    None => book.allocate(),
-                                };
-                                let limits = Limits {
-                                    rules,
-                                    before: before.map(|(_, r)| r),
-                                    previous,
-                                    now,
-                                };
-                                let used = || period_used.customer(&rules.counts_as, customer);
-                                let live = live_at(&book.chunks, shared);
-                                limits.start(shared, live, used, &mut method_buckets);
-                                let group = customers.len() as u32;
-                                customers.push(CustomerGroup {
-                                    plan,
-                                    id: customer.into(),
-                                    slot: shared,
-                                });
-                                groups
-                                    .entry(plan)
-                                    .or_default()
-                                    .insert(customer.into(), group);
-                                group
-                            }
-                        };
-                        shared_by.insert(slot, group);
-                    }
-                }
-                for &earlier in &members_here {
-                    let other: &PlanRules = &plans[earlier as usize];
-                    if other.stages.iter().any(|s| rules.stages.contains(s)) {
-                        tracing::warn!(key = %key_id, plan = %rules.id, other = %other.id,
-                            "key is in two plans for one stage; the first one applies");
-                    }
-                }
-                keys.push_member(Member { plan, slot });
-                members_here.push(plan);
-            }
+            let from = bound.partition_point(|&(k, _)| k < i);
+            let to = bound.partition_point(|&(k, _)| k <= i);
+            let plans_of: Vec<u32> = bound[from..to].iter().map(|&(_, p)| p).collect();
+            let entry = assembly.entry(records, i as usize, &plans_of, old);
+            table.push(&entry);
         }
         drop(bound);
-
-        keys.finish(
-            records
-                .by_id()
-                .iter()
-                .map(|&i| position[i as usize])
-                .collect(),
-        );
-        let by_name = routing.config.apis.iter().flat_map(|a| &a.routes).any(|r| {
-            r.authorizer
-                .as_ref()
-                .is_some_and(|a| a.settings.identifier == UsageIdentifier::Name)
-        });
-        if by_name {
-            let shared = keys.name_keys((0..records.len()).map(|i| (position[i], records.name(i))));
+        let mut keys = table.finish();
+        if routing.names_keys {
+            let names = (0..records.len()).filter_map(|i| {
+                let key = keys.find(&records.hash(i))?;
+                Some((key.place(), records.name(i)))
+            });
+            let names: Vec<_> = names.collect();
+            let shared = keys.name_keys(names.into_iter());
             if shared > 0 {
                 tracing::warn!(
                     names = shared,
@@ -468,82 +723,37 @@ impl Snapshot {
                 );
             }
         }
-        drop(position);
 
-        let epoch = Arc::new(Epoch::default());
         if let Some(previous) = previous {
-            for i in 0..previous.keys.len() {
-                for member in previous.keys.members_of(i) {
-                    if !kept[member.slot as usize] {
-                        book.retired.insert(
-                            member.slot,
-                            Retired {
-                                plan_id: previous.plans[member.plan as usize].counts_as.clone(),
-                                id: previous.keys.id(i).into(),
-                                customer: false,
-                                seen_by: Arc::downgrade(&previous.epoch),
-                            },
-                        );
+            for key in previous.keys.keys() {
+                for member in key.members() {
+                    if !assembly.kept.has(member.slot) {
+                        let plan_id = previous.plans[member.plan as usize].counts_as.clone();
+                        assembly.retire(member.slot, plan_id, key.id(), false);
                     }
                 }
             }
-            for group in previous.customers.iter().filter(|g| !kept[g.slot as usize]) {
-                book.retired.insert(
-                    group.slot,
-                    Retired {
-                        plan_id: previous.plans[group.plan as usize].counts_as.clone(),
-                        id: group.id.clone(),
-                        customer: true,
-                        seen_by: Arc::downgrade(&previous.epoch),
-                    },
-                );
+            for group in previous.customers.values() {
+                if !assembly.kept.has(group.slot) {
+                    let plan_id = previous.plans[group.plan as usize].counts_as.clone();
+                    assembly.retire(group.slot, plan_id, &group.id, true);
+                }
             }
-            // Only the latest snapshot is rebuilt, under the book's lock: this is its first successor.
-            let _ = previous.epoch.newer.set(epoch.clone());
         }
-        let mut owners = vec![NO_MEMBER; book.len as usize];
-        let mut in_use = vec![false; plans.len()];
-        for (i, member) in keys.members() {
-            owners[member.slot as usize] = i as u32;
-            in_use[member.plan as usize] = true;
-        }
-        for (g, group) in customers.iter().enumerate() {
-            owners[group.slot as usize] = CUSTOMER | g as u32;
-        }
-        Self {
-            routing,
-            plans_in_use: in_use.iter().filter(|&&u| u).count(),
-            plans,
-            keys,
-            owners,
-            method_buckets,
-            customer_index: groups,
-            customers,
-            shared_by,
-            chunks: book.chunks.clone(),
-            slots: slots.clone(),
-            epoch,
-        }
+        let plan_records = records.plans.clone().into();
+        assembly.finish(routing, (plans.clone(), plan_records), keys, None, slots)
     }
 
-    /// The slot of key record `key`'s membership in `plan_id` and the rules it was under.
-    fn membership(&self, key: usize, plan_id: &str) -> Option<(u32, &PlanRules)> {
-        self.member_in(key, plan_id)
-            .map(|member| (member.slot, &self.plans[member.plan as usize]))
-    }
-
-    /// The slot of customer `customer`'s shared limits in plan `plan_id` and the rules they were
-    /// under.
-    fn customer_group(&self, plan_id: &str, customer: &str) -> Option<(u32, &PlanRules)> {
+    /// The customer `customer`'s group in plan `plan_id`.
+    fn customer_group(&self, plan_id: &str, customer: &str) -> Option<&CustomerGroup> {
         let plan = self.plans.iter().position(|p| *p.id == *plan_id)?;
-        let group = *self.customer_index.get(&(plan as u32))?.get(customer)?;
-        Some((self.customers[group as usize].slot, &self.plans[plan]))
+        let slot = *self.customer_index.get(&(plan as u32, customer.into()))?;
+        self.customers.get(&slot)
     }
 
-    /// Key record `key`'s membership in plan `plan_id`.
-    fn member_in(&self, key: usize, plan_id: &str) -> Option<Member> {
-        self.keys
-            .members_of(key)
+    /// `key`'s membership in plan `plan_id`.
+    fn member_in(&self, key: Key<'_>, plan_id: &str) -> Option<Member> {
+        key.members()
             .iter()
             .find(|member| *self.plans[member.plan as usize].id == *plan_id)
             .copied()
@@ -574,30 +784,25 @@ impl Snapshot {
         self.membership_of_key(key, m, from, now)
     }
 
-    /// The membership of the key at record `key`, when it is enabled, unexpired at `now` and used
-    /// from where it may be (`from`), in the first of its plans that covers the stage `m` matched.
-    fn membership_of_key(
-        &self,
-        key: usize,
+    /// The membership of `key`, when it is enabled, unexpired at `now` and used from where it may
+    /// be (`from`), in the first of its plans that covers the stage `m` matched.
+    fn membership_of_key<'s>(
+        &'s self,
+        key: Key<'s>,
         m: &RouteMatch,
         from: &ClientAddress<'_>,
         now: u64,
-    ) -> Result<Membership<'_>, KeyRejected> {
-        if !self.keys.enabled(key) {
+    ) -> Result<Membership<'s>, KeyRejected> {
+        if !key.enabled() {
             return Err(KeyRejected::Disabled);
         }
-        if self.keys.expires_at(key).is_some_and(|at| now >= at) {
+        if key.expires_at().is_some_and(|at| now >= at) {
             return Err(KeyRejected::Expired);
         }
-        if self
-            .keys
-            .sources(key)
-            .is_some_and(|allowed| !from.within(allowed))
-        {
+        if key.sources().is_some_and(|allowed| !from.within(allowed)) {
             return Err(KeyRejected::SourceIp);
         }
-        self.keys
-            .members_of(key)
+        key.members()
             .iter()
             .find(|member| self.plans[member.plan as usize].covers(m))
             .map(|&member| self.membership_at(key, member))
@@ -617,27 +822,24 @@ impl Snapshot {
         self.membership_of_key(key, m, from, now)
     }
 
-    fn membership_at(&self, key: usize, member: Member) -> Membership<'_> {
+    fn membership_at<'s>(&'s self, key: Key<'s>, member: Member) -> Membership<'s> {
         let plan = &self.plans[member.plan as usize];
         // Only a sharing plan's memberships look their customer up.
         let customer = plan
             .share_by
-            .and_then(|_| self.shared_by.get(&member.slot))
-            .map(|&g| {
-                let group = &self.customers[g as usize];
-                Shared {
-                    group,
-                    live: live_at(&self.chunks, group.slot),
-                }
+            .and_then(|_| self.customers.get(&member.group))
+            .map(|group| Shared {
+                group,
+                live: live_at(&self.chunks, group.slot),
             });
         Membership {
-            key_id: self.keys.id(key),
+            key_id: key.id(),
             plan,
             slot: member.slot,
             live: live_at(&self.chunks, member.slot),
             customer,
-            credits: self.keys.credits(key),
-            method_buckets: &self.method_buckets,
+            credits: key.credits(),
+            methods: key.methods(),
         }
     }
 
@@ -667,7 +869,7 @@ impl Snapshot {
 
     /// How many usage plans have members.
     pub fn plan_count(&self) -> usize {
-        self.plans_in_use
+        self.plan_members.iter().filter(|&&n| n > 0).count()
     }
 
     /// The usage plans served: their ids and names.
@@ -708,19 +910,17 @@ impl Snapshot {
         let snap = current.load();
         let taken = std::mem::take(&mut *lock(&slots.metered));
         let ids = |slot: u32| -> Option<(&str, Holder<'_>)> {
-            match snap.owners.get(slot as usize).copied() {
-                Some(NO_MEMBER) | None => {
-                    book.retired.get(&slot).map(|r| (&*r.plan_id, r.holder()))
-                }
+            match book.owners.get(slot as usize).copied() {
+                Some(NO_OWNER) | None => book.retired.get(&slot).map(|r| (&*r.plan_id, r.holder())),
                 Some(owner) if owner & CUSTOMER != 0 => {
-                    let group = &snap.customers[(owner & !CUSTOMER) as usize];
+                    let group = snap.customers.get(&slot)?;
                     let plan = &snap.plans[group.plan as usize].counts_as;
                     Some((plan, Holder::Customer(&group.id)))
                 }
-                Some(member) => {
-                    let plan = snap.keys.member(member as usize).plan as usize;
-                    let key = snap.keys.owner(member as usize);
-                    Some((&snap.plans[plan].counts_as, Holder::Key(snap.keys.id(key))))
+                Some(owner) => {
+                    let (key, member) = snap.keys.member((owner >> 32) as u32, owner as u32)?;
+                    let plan = &snap.plans[member.plan as usize].counts_as;
+                    Some((plan, Holder::Key(key.id())))
                 }
             }
         };
@@ -750,7 +950,7 @@ impl Snapshot {
         for (key, account) in self.keys.accounts() {
             let events = account.live.take();
             if !events.spent.is_empty() || !events.refills.is_empty() {
-                each(self.keys.id(key), events);
+                each(key.id(), events);
             }
         }
     }
@@ -760,19 +960,19 @@ impl Snapshot {
         self.keys
             .expiries()
             .filter(|&(_, at)| from < at && at <= until)
-            .map(|(k, at)| (self.keys.id(k), at))
+            .map(|(k, at)| (k.id(), at))
             .collect()
     }
 
     /// The balance of key `key_id`'s credits on this instance, if it holds some.
     pub fn credit_balance(&self, key_id: &str) -> Option<u64> {
         let key = self.keys.by_id(key_id)?;
-        self.keys.credits(key).map(|a| a.live.credits.balance())
+        key.credits().map(|a| a.live.credits.balance())
     }
 
     /// Adds `n` credits to key `key_id` on this instance; `false` when it holds none here yet.
     pub fn add_credits(&self, key_id: &str, n: u64) -> bool {
-        let Some(account) = self.keys.by_id(key_id).and_then(|k| self.keys.credits(k)) else {
+        let Some(account) = self.keys.by_id(key_id).and_then(|k| k.credits()) else {
             return false;
         };
         account.live.add(n);
@@ -794,22 +994,22 @@ impl Snapshot {
 /// share), as a rebuild starts them.
 struct Limits<'a> {
     rules: &'a PlanRules,
-    /// The rules the slot was under in `previous`, when it was.
+    /// The rules the slot was under in the snapshot replaced, when it was.
     before: Option<&'a PlanRules>,
-    previous: Option<&'a Snapshot>,
     now: u64,
 }
 
 impl Limits<'_> {
-    /// Starts the limits in `slot` (state `live`): tokens carry over into a changed throttle, the
+    /// Starts the limits in a slot (state `live`): tokens carry over into a changed throttle, the
     /// quota count carries on unless the quota changed (then it starts from `used`), per-method
-    /// buckets keep their tokens; a switch in or out of shadow starts all of them afresh.
-    fn start(
+    /// buckets keep their tokens (`prior` gives the slot's bucket before, where) and go into `out`;
+    /// a switch in or out of shadow starts all of them afresh.
+    fn start<'b>(
         &self,
-        slot: u32,
         live: &Live,
         used: impl FnOnce() -> i64,
-        method_buckets: &mut HashMap<(u32, RouteAt), Bucket>,
+        prior: impl Fn(RouteAt) -> Option<&'b Bucket>,
+        out: &mut Vec<(RouteAt, Bucket)>,
     ) {
         let (rules, now) = (self.rules, self.now);
         // Shadow counters are kept apart: a plan switched in or out of shadow starts clean.
@@ -833,10 +1033,8 @@ impl Limits<'_> {
             }
         }
         for &(at, settings) in &rules.methods {
-            let prior = before
-                .and(self.previous)
-                .and_then(|p| p.method_buckets.get(&(slot, at)));
-            method_buckets.insert((slot, at), Bucket::new(settings, prior, now));
+            let prior = before.and_then(|_| prior(at));
+            out.push((at, Bucket::new(settings, prior, now)));
         }
     }
 }
@@ -849,14 +1047,13 @@ impl Memberships for Snapshot {
 
     /// The id of the key whose value hashes to `hash`.
     fn key_with_hash(&self, hash: &KeyHash) -> Option<&str> {
-        self.keys.holder(hash).map(|k| self.keys.id(k))
+        self.keys.holder(hash).map(|k| k.id())
     }
 
     /// The ids of the plans key `key_id` is in.
     fn plans_of(&self, key_id: &str) -> Vec<&str> {
         self.keys.by_id(key_id).map_or_else(Vec::new, |k| {
-            self.keys
-                .members_of(k)
+            k.members()
                 .iter()
                 .map(|m| &*self.plans[m.plan as usize].id)
                 .collect()
@@ -868,41 +1065,45 @@ impl Memberships for Snapshot {
         let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
             return Vec::new();
         };
-        self.keys
-            .in_id_order()
-            .filter(|&k| {
-                self.keys
-                    .members_of(k)
-                    .iter()
-                    .any(|m| m.plan as usize == plan)
-            })
-            .map(|k| self.keys.id(k))
-            .collect()
+        let mut ids: Vec<&str> = self
+            .keys
+            .keys()
+            .filter(|k| k.members().iter().any(|m| m.plan as usize == plan))
+            .map(|k| k.id())
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn customers_of(&self, plan_id: &str) -> Vec<(&str, Vec<&str>)> {
         let Some(plan) = self.plans.iter().position(|p| *p.id == *plan_id) else {
             return Vec::new();
         };
-        let Some(groups) = self.customer_index.get(&(plan as u32)) else {
-            return Vec::new();
-        };
-        let mut customers: Vec<(&str, Vec<&str>)> =
-            groups.keys().map(|c| (&**c, Vec::new())).collect();
+        let mut customers: Vec<(&str, Vec<&str>)> = self
+            .customers
+            .values()
+            .filter(|g| g.plan as usize == plan)
+            .map(|g| (&*g.id, Vec::new()))
+            .collect();
+        if customers.is_empty() {
+            return customers;
+        }
         customers.sort_unstable();
-        for key in self.keys.in_id_order() {
-            for member in self.keys.members_of(key) {
+        for key in self.keys.keys() {
+            for member in key.members() {
                 if member.plan as usize != plan {
                     continue;
                 }
-                let Some(&group) = self.shared_by.get(&member.slot) else {
+                let Some(group) = self.customers.get(&member.group) else {
                     continue;
                 };
-                let id = &*self.customers[group as usize].id;
-                if let Ok(at) = customers.binary_search_by(|(c, _)| (*c).cmp(id)) {
-                    customers[at].1.push(self.keys.id(key));
+                if let Ok(at) = customers.binary_search_by(|(c, _)| (*c).cmp(&group.id)) {
+                    customers[at].1.push(key.id());
                 }
             }
+        }
+        for (_, keys) in &mut customers {
+            keys.sort_unstable();
         }
         customers
     }
