@@ -4,7 +4,7 @@
 # the admin API, one after another, while wrk drives the data plane), what the data plane's p99 does
 # meanwhile against an idle run, and the resident memory of tollgate (and Redis) over the writes.
 #
-#   bench/scale.sh [--keys N] [--writes N] [--duration SECONDS]
+#   bench/scale.sh [--keys N] [--writes N] [--duration SECONDS] [--stores embedded|redis|both]
 #
 # Prints a table per store; asserts nothing (BENCHMARKS.md records the runs). Installs nothing: it
 # says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
@@ -14,12 +14,14 @@ cd "$(dirname "$0")/.."
 KEYS=1000000
 WRITES=100
 DURATION=10
+STORES=both
 while [ $# -gt 0 ]; do
     case "$1" in
         --keys) KEYS=$2; shift 2 ;;
         --writes) WRITES=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
-        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--duration SECONDS]" >&2; exit 64 ;;
+        --stores) STORES=$2; shift 2 ;;
+        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--duration SECONDS] [--stores embedded|redis|both]" >&2; exit 64 ;;
     esac
 done
 
@@ -105,7 +107,8 @@ PY
 
 echo "| store | keys | start | write p50 / p99 | tollgate RSS, start → after writes | data-plane p99, idle → writing | bytes per key (tollgate at start + Redis) |"
 echo "|---|---|---|---|---|---|---|"
-run embedded "{ sqlite: $WORK/keys/tollgate.db }"
+[ "$STORES" = redis ] || run embedded "{ sqlite: $WORK/keys/tollgate.db }"
+[ "$STORES" = embedded ] && exit 0
 
 RPORT=$(free_port)
 taskset -c 1 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &

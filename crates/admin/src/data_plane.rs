@@ -20,6 +20,12 @@ pub trait DataPlane: Send + Sync {
     /// `period_used` (per (plan id, key id)) restart their quota count from it.
     fn reload(&self, records: &KeyIndex, period_used: &PeriodUsed);
 
+    /// Serves the keys whose ids are in `touched` as `changed` holds them (with their bindings; a
+    /// touched key it lacks is gone), keeping every other key as it is; `false`, changing nothing,
+    /// when it needs a [`DataPlane::reload`] instead.
+    fn change_keys(&self, changed: &KeyIndex, touched: &[String], period_used: &PeriodUsed)
+    -> bool;
+
     /// Writes all metering counted so far to the store, so that reads of usage are exact.
     fn flush(&self) -> BoxFuture<'_, Result<(), String>>;
 

@@ -17,7 +17,7 @@ use tollgate_core::{ApiKey, KeyHash};
 use tollgate_store::Records;
 
 use crate::error::AdminError;
-use crate::service::{Admin, Catalog, Recount, to_the_end};
+use crate::service::{Admin, Catalog, Recount, Written, to_the_end};
 use crate::wire::ImportOut;
 
 /// One data row, checked.
@@ -207,7 +207,12 @@ impl Admin {
                 }
             }
             let mut plans = admin.lock_plans().await;
-            admin.serve_store(&mut plans, done.recount).await?;
+            let changed = match &written {
+                Ok(()) => Written::Keys(done.ids.clone()),
+                // What reached the store before the failure is served, whatever it was.
+                Err(_) => Written::Plans(done.recount),
+            };
+            admin.serve_store(&mut plans, changed).await?;
             written.map(|()| ImportOut {
                 ids: done.ids,
                 warnings: done.warnings,

@@ -440,7 +440,7 @@ impl KeyTable {
             let new = by_shard.remove(&s).unwrap_or_default();
             len += new.len();
             entries.extend(new);
-            entries.sort_by(|a, b| a.hash.cmp(&b.hash));
+            entries.sort_by_key(|e| e.hash);
             let mut shard = Shard::default();
             for e in &entries {
                 shard.push(e);
@@ -450,7 +450,9 @@ impl KeyTable {
         next.len = len;
 
         // The id index: out with the gone keys' places, in with the added ones'.
-        let mut id_changes: HashMap<usize, (Vec<(u64, u64)>, Vec<(u64, u64)>)> = HashMap::new();
+        // Per id shard: the entries going, and those coming.
+        type IdChange = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+        let mut id_changes: HashMap<usize, IdChange> = HashMap::new();
         for key in gone {
             let h = id_hash(key.id());
             let change = id_changes.entry(shard_of(h)).or_default();
@@ -683,5 +685,162 @@ impl KeyTable {
                 )
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Key `i`: id `key{i}`, value `value{i}`, in `i % 3` plans (slots `i`), every third disabled,
+    /// every fourth expiring at `i`.
+    fn entry(i: u32) -> Entry {
+        Entry {
+            hash: KeyHash::of(format!("value{i}")),
+            id: format!("key{i}").into(),
+            enabled: i % 3 != 2,
+            expires_at: (i % 4 == 0).then_some(u64::from(i)),
+            sources: None,
+            previous: None,
+            credits: None,
+            members: (0..i % 3)
+                .map(|plan| Member {
+                    plan,
+                    slot: i,
+                    group: NO_GROUP,
+                })
+                .collect(),
+            methods: Vec::new(),
+        }
+    }
+
+    fn table(ids: impl Iterator<Item = u32>) -> KeyTable {
+        let mut entries: Vec<Entry> = ids.map(entry).collect();
+        entries.sort_by_key(|e| e.hash);
+        let mut t = KeyTable::build();
+        for e in &entries {
+            t.push(e);
+        }
+        t.finish()
+    }
+
+    /// `t` holds the keys `present` as [`entry`] makes them, none of `absent`, and `others` more.
+    fn check(
+        t: &KeyTable,
+        present: impl Iterator<Item = u32>,
+        absent: impl Iterator<Item = u32>,
+        others: usize,
+    ) {
+        let mut n = others;
+        for i in present {
+            n += 1;
+            let key = t.find(&KeyHash::of(format!("value{i}"))).unwrap();
+            assert_eq!(key.id(), format!("key{i}"));
+            assert_eq!(
+                t.by_id(&format!("key{i}")).map(|k| k.place()),
+                Some(key.place())
+            );
+            assert_eq!(key.enabled(), i % 3 != 2);
+            assert_eq!(key.expires_at(), (i % 4 == 0).then_some(u64::from(i)));
+            assert_eq!(key.members().len(), (i % 3) as usize);
+            assert!(key.members().iter().all(|m| m.slot == i));
+        }
+        for i in absent {
+            assert!(t.find(&KeyHash::of(format!("value{i}"))).is_none(), "{i}");
+            assert!(t.by_id(&format!("key{i}")).is_none(), "{i}");
+        }
+        assert_eq!(t.len(), n);
+        assert_eq!(t.keys().count(), n);
+        let hashes: Vec<KeyHash> = t.keys().map(|k| *k.hash()).collect();
+        assert!(hashes.is_sorted(), "hash order");
+        for s in 0..t.shards() {
+            for (m, member) in t.members_in(s) {
+                let (key, found) = t.member(s, m).unwrap();
+                assert_eq!(found, *member);
+                assert!(key.members().contains(member));
+            }
+        }
+    }
+
+    #[test]
+    fn finds_every_key_by_hash_and_by_id() {
+        for n in [0, 1, 2, 3, 100, 20_000] {
+            let t = table(0..n);
+            check(&t, 0..n, n..n + 10, 0);
+            assert!(t.find(&KeyHash::of("not a value")).is_none());
+            assert!(t.by_id("key-none").is_none());
+        }
+    }
+
+    #[test]
+    fn a_change_builds_only_the_shards_it_touches() {
+        let t = table(0..20_000);
+        // Out: 10 and 11; changed: 12 (now disabled, by a new value); in: 20,000 and 20,001.
+        let gone: Vec<Key<'_>> = ["key10", "key11", "key12"]
+            .iter()
+            .map(|id| t.by_id(id).unwrap())
+            .collect();
+        let mut twelve = entry(12);
+        twelve.enabled = false;
+        twelve.hash = KeyHash::of("value12-new");
+        let (next, rebuilt) = t.with_changes(&gone, vec![entry(20_000), entry(20_001), twelve]);
+        assert!(rebuilt.len() <= 7, "{rebuilt:?}");
+        check(&next, (0..10).chain(13..20_002), 10..12, 1);
+        let key = next.by_id("key12").unwrap();
+        assert!(!key.enabled());
+        assert_eq!(
+            next.find(&KeyHash::of("value12-new")).map(|k| k.id()),
+            Some("key12")
+        );
+        assert!(next.find(&KeyHash::of("value12")).is_none());
+        // Every other shard is the one the old table has.
+        let shared = (0..SHARDS)
+            .filter(|&s| Arc::ptr_eq(&t.shards[s], &next.shards[s]))
+            .count();
+        assert_eq!(shared, SHARDS - rebuilt.len());
+        // The old table is untouched.
+        check(&t, 0..20_000, 20_000..20_002, 0);
+    }
+
+    #[test]
+    fn an_old_value_finds_its_key_through_a_change_and_goes_with_it() {
+        let mut rotated = entry(5);
+        rotated.hash = KeyHash::of("value5-new");
+        rotated.previous = Some(PreviousValue {
+            hash: KeyHash::of("value5"),
+            until: 100,
+        });
+        let t = table(0..50);
+        let gone = vec![t.by_id("key5").unwrap()];
+        let (t, _) = t.with_changes(&gone, vec![rotated]);
+        let old = KeyHash::of("value5");
+        assert_eq!(t.find_previous(&old, 99).map(|k| k.id()), Some("key5"));
+        assert!(t.find_previous(&old, 100).is_none(), "its grace is over");
+        assert_eq!(t.holder(&old).map(|k| k.id()), Some("key5"));
+        // Another change of the same key carries the old value; its deletion ends it.
+        let gone = vec![t.by_id("key7").unwrap()];
+        let (t, _) = t.with_changes(&gone, vec![entry(7)]);
+        assert_eq!(t.find_previous(&old, 99).map(|k| k.id()), Some("key5"));
+        let gone = vec![t.by_id("key5").unwrap()];
+        let (t, _) = t.with_changes(&gone, Vec::new());
+        assert!(t.find_previous(&old, 99).is_none());
+        assert!(t.holder(&old).is_none());
+    }
+
+    #[test]
+    fn a_shared_name_names_no_key() {
+        let mut t = table(0..4);
+        let place = |i: u32| t.by_id(&format!("key{i}")).unwrap().place();
+        let names = [
+            (place(0), "solo"),
+            (place(1), "twin"),
+            (place(2), "twin"),
+            (place(3), "twin"),
+        ];
+        let shared = t.name_keys(names.into_iter());
+        assert_eq!(shared, 1, "one name shared");
+        assert_eq!(t.by_name("solo").map(|k| k.id()), Some("key0"));
+        assert!(t.by_name("twin").is_none());
+        assert!(t.by_name("nobody").is_none());
     }
 }

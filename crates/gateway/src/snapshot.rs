@@ -1434,3 +1434,310 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod change_tests {
+    use std::collections::BTreeMap;
+
+    use tollgate_core::clock::NANOS_PER_SEC;
+    use tollgate_core::quota::Period;
+    use tollgate_core::sharing::LIMITS_SHARE_BY_TAG;
+    use tollgate_core::{ApiKey, ApiStage, UsagePlan};
+    use tollgate_store::Records;
+
+    use super::*;
+    use crate::limits::Refusal;
+    use crate::testing::{T0, call, config, quota, snap, taken, throttle};
+
+    fn value(i: usize) -> String {
+        format!("partner-value-{i:05}-0123456789")
+    }
+
+    /// 300 keys in plan01 (prod, a per-method throttle); every third also in plan02 (dev, limits
+    /// shared by customer, five customers); every seventh disabled.
+    fn fleet() -> Records {
+        let mut rec = crate::testing::records(Some(throttle(1000.0, 1000)), None);
+        rec.plans[0].quota = Some(quota(1000, Period::Day));
+        let mut shared = UsagePlan {
+            id: "plan02".into(),
+            name: "shared".into(),
+            api_stages: vec![ApiStage {
+                api_id: "warranty".into(),
+                stage: "dev".into(),
+                throttle: BTreeMap::from([(
+                    "/registrations/{id}/warranty/PUT".into(),
+                    throttle(1000.0, 1000),
+                )]),
+            }],
+            quota: Some(quota(1000, Period::Day)),
+            ..UsagePlan::default()
+        };
+        shared
+            .tags
+            .insert(LIMITS_SHARE_BY_TAG.into(), "customerId".into());
+        rec.plans.push(shared);
+        rec.keys.clear();
+        rec.bindings.clear();
+        for i in 0..300 {
+            rec.keys.push(ApiKey {
+                id: format!("k{i:04}"),
+                name: format!("k{i:04}"),
+                enabled: i % 7 != 0,
+                value_hash: KeyHash::of(value(i)),
+                customer_id: (i % 3 == 0).then(|| format!("c{}", i % 5)),
+                ..ApiKey::default()
+            });
+            rec.bindings.push(("plan01".into(), format!("k{i:04}")));
+            if i % 3 == 0 {
+                rec.bindings.push(("plan02".into(), format!("k{i:04}")));
+            }
+        }
+        rec
+    }
+
+    /// The keys `ids` of `rec`, with their plans, as the store hands a write's keys over.
+    fn changed(rec: &Records, ids: &[String]) -> KeyIndex {
+        let found: Vec<(ApiKey, Vec<String>)> = ids
+            .iter()
+            .filter_map(|id| rec.keys.iter().find(|k| k.id == *id))
+            .map(|k| {
+                let mut plans: Vec<String> = rec
+                    .bindings
+                    .iter()
+                    .filter(|(_, key)| *key == k.id)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                plans.sort();
+                (k.clone(), plans)
+            })
+            .collect();
+        KeyIndex::of_keys(rec.plans.clone(), &found)
+    }
+
+    /// What a request with each value (those of `values`) gets, on each stage: admitted, or why not.
+    fn answers(s: &Snapshot, values: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in values {
+            for stage in ["prod", "dev"] {
+                let path = format!("/{stage}/registrations/42");
+                let got = match call(s, "GET", &path, Some(v), T0) {
+                    Ok(_) => "ok".to_string(),
+                    Err(Refusal::Forbidden(why)) => format!("{why:?}"),
+                    Err(other) => format!("{other:?}"),
+                };
+                out.push(got);
+            }
+        }
+        out
+    }
+
+    fn served(s: &Snapshot, rec: &Records) -> Vec<String> {
+        let mut out = vec![format!("{} keys, {} plans", s.key_count(), s.plan_count())];
+        for plan in ["plan01", "plan02"] {
+            out.push(format!("{:?}", s.keys_of(plan)));
+            out.push(format!("{:?}", s.customers_of(plan)));
+        }
+        for k in &rec.keys {
+            out.push(format!(
+                "{} {:?} {:?} {:?}",
+                k.id,
+                s.has_key(&k.id),
+                s.key_with_hash(&k.value_hash),
+                s.plans_of(&k.id)
+            ));
+            for plan in ["plan01", "plan02"] {
+                let holder = s
+                    .membership_of(plan, &k.id)
+                    .map(|m| crate::testing::holder_name(m.holder()));
+                out.push(format!("{plan} {holder:?}"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_change_of_keys_serves_what_a_rebuild_would() {
+        let mut rec = fleet();
+        let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
+        let mut values: Vec<String> = (0..300).map(value).collect();
+        values.push("never-issued-value-0123456789".into());
+        let new = "a-brand-new-partner-value-0123456789".to_string();
+        values.push(new.clone());
+        let rotated = "the-rotated-partner-value-0123456789".to_string();
+        values.push(rotated.clone());
+
+        type Step = Box<dyn Fn(&mut Records) -> Vec<String>>;
+        let steps: Vec<(&str, Step)> = vec![
+            ("a key and its plan, in one write", {
+                let new = new.clone();
+                Box::new(move |rec: &mut Records| {
+                    rec.keys.push(ApiKey {
+                        id: "knew".into(),
+                        name: "knew".into(),
+                        enabled: true,
+                        value_hash: KeyHash::of(&new),
+                        customer_id: Some("c1".into()),
+                        ..ApiKey::default()
+                    });
+                    rec.bindings.push(("plan01".into(), "knew".into()));
+                    rec.bindings.push(("plan02".into(), "knew".into()));
+                    vec!["knew".into()]
+                })
+            }),
+            (
+                "a key leaves a plan",
+                Box::new(|rec: &mut Records| {
+                    rec.bindings
+                        .retain(|(p, k)| !(p == "plan01" && k == "k0003"));
+                    vec!["k0003".into()]
+                }),
+            ),
+            (
+                "keys disabled and enabled",
+                Box::new(|rec: &mut Records| {
+                    rec.keys[6].enabled = false;
+                    rec.keys[7].enabled = true;
+                    vec!["k0006".into(), "k0007".into()]
+                }),
+            ),
+            (
+                "a key deleted",
+                Box::new(|rec: &mut Records| {
+                    rec.keys.retain(|k| k.id != "k0009");
+                    rec.bindings.retain(|(_, k)| k != "k0009");
+                    vec!["k0009".into()]
+                }),
+            ),
+            ("a key rotated", {
+                let rotated = rotated.clone();
+                Box::new(move |rec: &mut Records| {
+                    let k = rec.keys.iter_mut().find(|k| k.id == "k0010").unwrap();
+                    k.rotate(&rotated, KeyHash::of(&rotated), T0 + 60 * NANOS_PER_SEC);
+                    vec!["k0010".into()]
+                })
+            }),
+            (
+                "customers changed: one to a new customer, one to none",
+                Box::new(|rec: &mut Records| {
+                    rec.keys[12].customer_id = Some("cnew".into());
+                    rec.keys[15].customer_id = None;
+                    vec!["k0012".into(), "k0015".into()]
+                }),
+            ),
+            (
+                "the last key of a customer leaves it",
+                Box::new(|rec: &mut Records| {
+                    rec.keys[12].customer_id = Some("c2".into());
+                    vec!["k0012".into()]
+                }),
+            ),
+            (
+                "a key touched that does not exist",
+                Box::new(|_: &mut Records| vec!["nobody".into()]),
+            ),
+        ];
+        for (what, step) in steps {
+            let touched = step(&mut rec);
+            let index = changed(&rec, &touched);
+            let done = Snapshot::change_keys(&cell, &index, &touched, &PeriodUsed::default(), T0);
+            assert!(done, "{what}: applied alone");
+            let rebuilt = snap(config(None, None), &rec);
+            assert_eq!(
+                served(&cell.load(), &rec),
+                served(&rebuilt, &rec),
+                "{what}: served as a rebuild serves"
+            );
+            assert_eq!(
+                answers(&cell.load(), &values),
+                answers(&rebuilt, &values),
+                "{what}: requests answered as a rebuild answers them"
+            );
+        }
+        // The rotated key's old value works in its grace; the new key counts for itself and its
+        // customer; every count is booked to its holder after all those shards were built again.
+        assert!(
+            call(
+                &cell.load(),
+                "GET",
+                "/prod/registrations/42",
+                Some(&value(10)),
+                T0
+            )
+            .is_ok()
+        );
+        let counts = taken(&cell);
+        let of = |holder: &str| -> u64 {
+            counts
+                .iter()
+                .filter(|(_, h, _, _)| h == holder)
+                .map(|(_, _, _, n)| n)
+                .sum()
+        };
+        let steps = 8;
+        assert_eq!(of("knew"), 2 * steps, "prod and dev, each step");
+        assert_eq!(
+            of("k0010"),
+            4 + 4 * 2 + 1,
+            "prod, each step; its old value and new one from the rotation on; and one more"
+        );
+        assert!(of("customer:c1") >= steps, "the new key's dev requests");
+    }
+
+    #[test]
+    fn a_change_of_keys_keeps_the_others_state_and_its_own() {
+        let mut rec = fleet();
+        let cell = ArcSwap::from_pointee(snap(config(None, None), &rec));
+        rec.plans[0].quota = Some(quota(1000, Period::Day));
+        let get = "/prod/registrations/42";
+        let left = |v: &str| {
+            call(&cell.load(), "GET", get, Some(v), T0)
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining
+        };
+        for _ in 0..3 {
+            left(&value(1));
+        }
+        assert_eq!(left(&value(2)), 999);
+        // Key 2 changes (a new name), key 1 does not: both carry on from where they were.
+        rec.keys[2].name = "renamed".into();
+        let touched = vec!["k0002".to_string()];
+        let index = changed(&rec, &touched);
+        assert!(Snapshot::change_keys(
+            &cell,
+            &index,
+            &touched,
+            &PeriodUsed::default(),
+            T0
+        ));
+        assert_eq!(left(&value(1)), 996);
+        assert_eq!(left(&value(2)), 998);
+        // Disabled, then enabled again: the count is kept.
+        for enabled in [false, true] {
+            rec.keys[2].enabled = enabled;
+            let index = changed(&rec, &touched);
+            assert!(Snapshot::change_keys(
+                &cell,
+                &index,
+                &touched,
+                &PeriodUsed::default(),
+                T0
+            ));
+        }
+        assert_eq!(left(&value(2)), 997);
+        // A change that needs the plans read again is refused, and nothing changes.
+        let mut other_plans = rec.clone();
+        other_plans.plans[0].quota = Some(quota(5, Period::Day));
+        let index = changed(&other_plans, &touched);
+        let before = cell.load_full();
+        assert!(!Snapshot::change_keys(
+            &cell,
+            &index,
+            &touched,
+            &PeriodUsed::default(),
+            T0
+        ));
+        assert!(Arc::ptr_eq(&before, &cell.load_full()));
+    }
+}

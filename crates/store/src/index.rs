@@ -86,6 +86,20 @@ impl KeyIndex {
         }
     }
 
+    /// An index of `keys` (each with the ids of its plans) over `plans`: the few keys a write
+    /// changed.
+    pub fn of_keys(plans: Vec<UsagePlan>, keys: &[crate::NamedKey]) -> Self {
+        let mut index = Self::new(plans);
+        for (key, _) in keys {
+            index.push_key(&key.id, &key.name, key.value_hash, KeyTerms::of(key));
+        }
+        index.bind_all(
+            keys.iter()
+                .flat_map(|(k, plans)| plans.iter().map(move |p| (p, &k.id))),
+        );
+        index
+    }
+
     /// The plans, the rest let go (a million keys' worth of buffers).
     pub fn into_plans(self) -> Vec<UsagePlan> {
         self.plans

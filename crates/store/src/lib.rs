@@ -436,6 +436,35 @@ pub trait Store: Send + Sync {
             })
             .collect())
     }
+    /// For each of `ids`, in order, the key with that id and the ids of its plans, sorted: what a
+    /// write of a few keys serves again. This default reads every record once; backends look each
+    /// one up instead.
+    fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
+        let records = self.load()?;
+        let mut found: HashMap<&str, NamedKey> = HashMap::new();
+        let wanted: HashSet<&str> = ids.iter().copied().collect();
+        for key in records
+            .keys
+            .iter()
+            .filter(|k| wanted.contains(k.id.as_str()))
+        {
+            found.insert(&key.id, (key.clone(), Vec::new()));
+        }
+        for (plan, key) in &records.bindings {
+            if let Some((_, plans)) = found.get_mut(key.as_str()) {
+                plans.push(plan.clone());
+            }
+        }
+        Ok(ids
+            .iter()
+            .map(|id| {
+                found.remove(id).map(|(key, mut plans)| {
+                    plans.sort();
+                    (key, plans)
+                })
+            })
+            .collect())
+    }
     /// Up to `limit` keys in creation order from place `from` on (the first when `None`), each
     /// with its place: one page of a listing. A store gives each new key a place after all others'
     /// (a rewrite keeps it), so pages neither repeat nor skip a key as others come and go.

@@ -1067,6 +1067,31 @@ impl Store for RedisStore {
         body.map(|b| parse_key(key_id, &b)).transpose()
     }
 
+    fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<crate::NamedKey>>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for page in ids.chunks(PIPELINE_PAGE) {
+            // One round trip a page: the records, then each key's plans.
+            let (bodies, plans): (Vec<Option<String>>, Vec<Vec<String>>) = self.with(|c| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HMGET").arg(keys::KEYS).arg(page);
+                for id in page {
+                    pipe.cmd("SMEMBERS").arg(keys::key_plans(id));
+                }
+                let mut all = pipe.query::<Vec<redis::Value>>(c)?.into_iter();
+                let bodies = all.next().map(redis::from_redis_value).transpose()?;
+                let plans = all.map(redis::from_redis_value).collect::<Result<_, _>>()?;
+                let bodies = bodies.unwrap_or_default();
+                Ok((bodies, plans))
+            })?;
+            for ((id, body), mut of_key) in page.iter().zip(bodies).zip(plans) {
+                let key = body.map(|b| parse_key(id, &b)).transpose()?;
+                of_key.sort();
+                found.push(key.map(|k| (k, of_key)));
+            }
+        }
+        Ok(found)
+    }
+
     fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError> {
         self.tidy_key_places()?;
         let mut from = from.unwrap_or(0);

@@ -359,6 +359,33 @@ pub fn used_in_period(
     Ok(used)
 }
 
+/// What the keys `index` holds (the few a write changed) counted in their plans' quota periods
+/// containing `today`, and their customers in plans that share limits by customer: what their new
+/// memberships start from. Reads each binding's own counts, not its plan's.
+pub fn keys_period_used(
+    store: &(impl Store + ?Sized),
+    index: &KeyIndex,
+    today: EpochDay,
+) -> Result<PeriodUsed, StoreError> {
+    let mut used = PeriodUsed::default();
+    for &(p, k) in index.bindings() {
+        let plan = &index.plans[p as usize];
+        if plan.quota.is_none() {
+            continue;
+        }
+        let key_id = index.id(k as usize);
+        let counts_as = plan.counts_as().to_string();
+        let n = used_in_period(store, plan, Holder::Key(key_id), today)?;
+        used.keys.insert((counts_as.clone(), key_id.to_owned()), n);
+        let customer = customer_of(plan.limits_share_by(), index.customer(k as usize));
+        if let Some(customer) = customer {
+            let n = used_in_period(store, plan, Holder::Customer(customer), today)?;
+            used.customers.insert((counts_as, customer.to_owned()), n);
+        }
+    }
+    Ok(used)
+}
+
 /// [`period_usage`] of the plans `index` holds that `recount` picks, and of the customers whose
 /// keys share a plan's limits. Customers are read for every sharing plan: a rebuild starts a
 /// customer's count from it whenever the customer is new to the snapshot (its first key bound, or

@@ -179,9 +179,13 @@ impl SqliteStore {
 
     /// The oldest key named `name`, and its plans.
     fn key_named(&self, name: &str) -> Result<Option<NamedKey>, StoreError> {
+        self.key_with_plans("WHERE name = ?1 ORDER BY rowid LIMIT 1", name)
+    }
+
+    /// The first key `filter` (with `?1` for `arg`) selects, and the ids of its plans, sorted.
+    fn key_with_plans(&self, filter: &str, arg: &str) -> Result<Option<NamedKey>, StoreError> {
         let conn = self.conn();
-        let Some(key) = select_keys(&conn, "WHERE name = ?1 ORDER BY rowid LIMIT 1", [name])?.pop()
-        else {
+        let Some(key) = select_keys(&conn, filter, [arg])?.pop() else {
             return Ok(None);
         };
         let mut stmt = conn
@@ -626,6 +630,12 @@ impl Store for SqliteStore {
     fn keys_named(&self, names: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
         // Names are indexed: one lookup each, whatever the number of other keys.
         names.iter().map(|name| self.key_named(name)).collect()
+    }
+
+    fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
+        ids.iter()
+            .map(|id| self.key_with_plans("WHERE id = ?1", id))
+            .collect()
     }
 
     fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError> {

@@ -363,6 +363,15 @@ impl DataPlane for Plane {
         self.0.reload(records, period_used);
     }
 
+    fn change_keys(
+        &self,
+        changed: &KeyIndex,
+        touched: &[String],
+        period_used: &PeriodUsed,
+    ) -> bool {
+        self.0.change_keys(changed, touched, period_used)
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { self.0.flush().await.map_err(|e| e.to_string()) })
     }

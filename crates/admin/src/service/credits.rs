@@ -7,7 +7,7 @@ use tollgate_core::ApiKey;
 use tollgate_core::credits::{MAX_CREDITS, refilled_by};
 use tollgate_store::{OPENING_CREDITS, ids};
 
-use super::{Admin, to_the_end};
+use super::{Admin, Written, to_the_end};
 use crate::error::{AdminError, bad, unknown_key};
 use crate::wire::{CreditsAdded, CreditsIn, CreditsOut, RefillOut};
 
@@ -73,7 +73,9 @@ impl Admin {
             if added && !admin.gateway.add_credits(&key.id, add) {
                 // New to credits here: served from its stored balance.
                 let credits: HashMap<_, _> = stored.map(|b| (key.id.clone(), b)).into_iter().collect();
-                admin.serve_store_with(&mut plans, Vec::new(), credits).await?;
+                admin
+                    .serve_store_with(&mut plans, Written::Keys(vec![key.id.clone()]), credits)
+                    .await?;
             }
             drop(plans);
             let credits = admin

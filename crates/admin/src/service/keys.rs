@@ -8,7 +8,7 @@ use tollgate_core::{ApiKey, KeyHash};
 use tollgate_store::ids;
 
 use super::paging::{Paging, first_page, numbered_position, stored_keys};
-use super::{Admin, Catalog};
+use super::{Admin, Catalog, Written};
 use crate::error::{AdminError, bad, unknown_key};
 use crate::wire::{ApiKeyOut, CreateApiKeyIn, Page, PatchOp, RotateApiKeyIn};
 
@@ -177,7 +177,7 @@ impl Admin {
             catalog.added_key(&key);
             let mut out = admin.key_out(&key, false, None);
             out.value = Some(value);
-            Ok((out, Vec::new()))
+            Ok((out, Written::Keys(vec![key.id])))
         })
         .await
     }
@@ -286,9 +286,8 @@ impl Admin {
         changes: Vec<KeyChange>,
     ) -> Result<ApiKeyOut, AdminError> {
         let id = id.to_owned();
-        self.write(move |admin, catalog| {
+        self.write(move |admin, _| {
             let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
-            let customer_before = key.customer_id.clone();
             for change in changes {
                 match change {
                     KeyChange::Name(name) => key.name = name,
@@ -307,21 +306,12 @@ impl Admin {
             key.last_updated_date = admin.now_secs();
             admin.store.put_key(&key)?;
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
-            // A key that joins or leaves a customer draws on other counts in the plans that share
-            // limits by customer: they start again from the store.
-            let mut recount = Vec::new();
-            if key.customer_id != customer_before {
-                let served = admin.gateway.served();
-                let of_key = served.plans_of(&id);
-                recount.extend(
-                    catalog
-                        .plans
-                        .iter()
-                        .filter(|p| p.limits_share_by().is_some() && of_key.contains(&&*p.id))
-                        .map(|p| p.id.clone()),
-                );
-            }
-            Ok((admin.key_out(&key, false, last_used), recount))
+            // A key that joins or leaves a customer draws on that customer's counts, or its own,
+            // from the store (see `Admin::serve_keys`).
+            Ok((
+                admin.key_out(&key, false, last_used),
+                Written::Keys(vec![id]),
+            ))
         })
         .await
     }
@@ -378,7 +368,7 @@ impl Admin {
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
             let mut out = admin.key_out(&key, false, last_used);
             out.value = Some(value);
-            Ok((out, Vec::new()))
+            Ok((out, Written::Keys(vec![id])))
         })
         .await
     }

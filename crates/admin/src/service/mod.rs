@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tollgate_core::quota::EpochDay;
 use tollgate_core::rules::ApiOutline;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
-use tollgate_store::report::{PeriodUsed, period_used};
+use tollgate_store::report::{PeriodUsed, keys_period_used, period_used};
 use tollgate_store::{CreditBalance, KeyIndex, Memberships, OnStoreFailure, Store};
 
 use crate::data_plane::DataPlane;
@@ -51,6 +51,20 @@ pub struct AdminSettings {
 
 /// The plans whose live quota counts a write invalidates: they are recomputed from the store.
 pub(crate) type Recount = Vec<String>;
+
+/// Up to this many keys written at once (an import) are read alone; more, and reading every record
+/// again costs less than reading each of them and its counts.
+const KEYS_SERVED_ALONE: usize = 10_000;
+
+/// What a write changed: what is served again after it.
+#[derive(Debug, Clone)]
+pub(crate) enum Written {
+    /// These keys (their records or their plans): only they are read and served again.
+    Keys(Vec<String>),
+    /// Plans: every record is read and served again, the live quota counts of these plans
+    /// recomputed from the store.
+    Plans(Recount),
+}
 
 /// The control plane.
 pub struct Admin {
@@ -236,14 +250,21 @@ impl Admin {
     /// (also when the write failed half-way: what reached the store is served).
     pub(crate) async fn write<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Recount), AdminError> + Send + 'static,
+        f: impl FnOnce(&Self, &mut Catalog<'_>) -> Result<(T, Written), AdminError> + Send + 'static,
     ) -> Result<T, AdminError> {
         let admin = Arc::clone(self);
         to_the_end(async move {
             let plans = admin.lock_plans().await;
             let (mut plans, written) = admin.apply(plans, f).await?;
-            let recount = written.as_ref().map_or(Vec::new(), |(_, r)| r.clone());
-            admin.serve_store(&mut plans, recount).await?;
+            match &written {
+                Ok((_, changed)) => admin.serve_store(&mut plans, changed.clone()).await?,
+                // What reached the store before the failure is served, whatever it was.
+                Err(_) => {
+                    admin
+                        .serve_store(&mut plans, Written::Plans(Vec::new()))
+                        .await?
+                }
+            }
             written.map(|(out, _)| out)
         })
         .await
@@ -270,18 +291,87 @@ impl Admin {
         .await
     }
 
-    /// Serves the store's records from the next request on, under the write lock `plans` is from;
-    /// the live quota counts of the `recount` plans are rebuilt from the store.
+    /// Serves what `written` changed in the store from the next request on, under the write lock
+    /// `plans` is from.
     pub(crate) async fn serve_store(
         self: &Arc<Self>,
         plans: &mut HeldPlans,
-        recount: Recount,
+        written: Written,
     ) -> Result<(), AdminError> {
-        self.serve_store_with(plans, recount, HashMap::new()).await
+        self.serve_store_with(plans, written, HashMap::new()).await
     }
 
     /// [`Self::serve_store`], with the stored `credits` of keys new to credits on this instance.
     pub(crate) async fn serve_store_with(
+        self: &Arc<Self>,
+        plans: &mut HeldPlans,
+        written: Written,
+        credits: HashMap<String, CreditBalance>,
+    ) -> Result<(), AdminError> {
+        match written {
+            Written::Keys(ids) if ids.len() <= KEYS_SERVED_ALONE => {
+                if self.serve_keys(plans, ids, credits.clone()).await? {
+                    return Ok(());
+                }
+                self.serve_all(plans, Vec::new(), credits).await
+            }
+            Written::Keys(_) => self.serve_all(plans, Vec::new(), credits).await,
+            Written::Plans(recount) => self.serve_all(plans, recount, credits).await,
+        }
+    }
+
+    /// Serves keys `ids` as the store holds them now (with their plans, or gone), reading only
+    /// them: a write of a few keys costs what it changed, whatever the number of other keys. Their
+    /// new memberships and customers start from the store's counts. `false` when the data plane
+    /// needs everything read again instead (see `Snapshot::change_keys`).
+    async fn serve_keys(
+        self: &Arc<Self>,
+        plans: &HeldPlans,
+        ids: Vec<String>,
+        credits: HashMap<String, CreditBalance>,
+    ) -> Result<bool, AdminError> {
+        let started = std::time::Instant::now();
+        let (today, plans) = (self.today(), plans.to_vec());
+        let (index, ids) = self
+            .blocking(move |admin| {
+                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let found: Vec<_> = admin
+                    .store
+                    .keys_by_id(&refs)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                Ok((KeyIndex::of_keys(plans, &found), ids))
+            })
+            .await?;
+        let quota = index
+            .bindings()
+            .iter()
+            .any(|&(p, _)| index.plans[p as usize].quota.is_some());
+        if quota {
+            // New memberships start from the store's counts: everything counted so far is in it.
+            self.gateway.flush().await.map_err(AdminError::Internal)?;
+        }
+        let (index, ids, mut used) = self
+            .blocking(move |admin| {
+                let used = keys_period_used(&*admin.store, &index, today)?;
+                Ok((index, ids, used))
+            })
+            .await?;
+        used.credits = credits;
+        let served = self.gateway.change_keys(&index, &ids, &used);
+        tracing::debug!(
+            keys = ids.len(),
+            served,
+            us = started.elapsed().as_micros() as u64,
+            "admin write of keys served"
+        );
+        Ok(served)
+    }
+
+    /// Serves every record in the store from the next request on; the live quota counts of the
+    /// `recount` plans are rebuilt from the store.
+    async fn serve_all(
         self: &Arc<Self>,
         plans: &mut HeldPlans,
         recount: Recount,

@@ -9,7 +9,7 @@ use tollgate_store::ids;
 
 use super::paging::{Paging, first_page, page_in_order, start_at};
 use super::patch::{api_stage_from, apply_plan_op, quota_from, throttle_from};
-use super::{Admin, Catalog};
+use super::{Admin, Catalog, Written};
 use crate::error::{AdminError, bad, unknown_key, unknown_plan};
 use crate::wire::{CreateUsagePlanIn, Page, PatchOp, QuotaIn, UsagePlanKeyOut, UsagePlanOut};
 
@@ -135,7 +135,7 @@ impl Admin {
             admin.store.put_plan(&plan)?;
             let out = Self::plan_out(&plan, false);
             catalog.plans.push(plan);
-            Ok((out, Vec::new()))
+            Ok((out, Written::Plans(Vec::new())))
         })
         .await
     }
@@ -197,7 +197,7 @@ impl Admin {
                 Vec::new()
             };
             catalog.plans[at] = plan;
-            Ok((out, recount))
+            Ok((out, Written::Plans(recount)))
         })
         .await
     }
@@ -211,7 +211,7 @@ impl Admin {
             }
             admin.store.delete_plan(&id)?;
             catalog.plans.retain(|p| p.id != id);
-            Ok(((), Vec::new()))
+            Ok(((), Written::Plans(Vec::new())))
         })
         .await
     }
@@ -255,7 +255,7 @@ impl Admin {
             }
             admin.store.bind(plan_id, &key_id)?;
             catalog.added_binding(plan_id, &key_id);
-            Ok((admin.plan_key_out(&key), vec![plan_id.to_string()]))
+            Ok((admin.plan_key_out(&key), Written::Keys(vec![key_id])))
         })
         .await
     }
@@ -332,7 +332,7 @@ impl Admin {
                 ));
             }
             admin.store.unbind(plan_id, key_id)?;
-            Ok(((), Vec::new()))
+            Ok(((), Written::Keys(vec![key_id.to_owned()])))
         })
         .await
     }

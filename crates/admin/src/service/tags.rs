@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tollgate_core::model::{Tags, validate_tags};
 
-use super::Admin;
+use super::{Admin, Written};
 use crate::error::{AdminError, bad, unknown_key, unknown_plan};
 
 /// What an ARN names: `arn:aws:apigateway:{region}::/apikeys/{id}` or `…::/usageplans/{id}`.
@@ -71,31 +71,31 @@ impl Admin {
             }
             validate_tags(tags).map_err(bad)
         };
-        self.write(move |admin, catalog| {
-            let mut recount = Vec::new();
-            match tagged {
-                Tagged::Key(id) => {
-                    let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
-                    retag(&mut key.tags)?;
-                    key.last_updated_date = admin.now_secs();
-                    admin.store.put_key(&key)?;
-                }
-                Tagged::Plan(id) => {
-                    let plan = catalog
-                        .plans
-                        .iter_mut()
-                        .find(|p| p.id == id)
-                        .ok_or_else(unknown_plan)?;
-                    let mut changed = plan.clone();
-                    retag(&mut changed.tags)?;
-                    admin.store.put_plan(&changed)?;
-                    if changed.recounts_from(plan) {
-                        recount.push(changed.id.clone());
-                    }
-                    *plan = changed;
-                }
+        self.write(move |admin, catalog| match tagged {
+            Tagged::Key(id) => {
+                let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
+                retag(&mut key.tags)?;
+                key.last_updated_date = admin.now_secs();
+                admin.store.put_key(&key)?;
+                Ok(((), Written::Keys(vec![id])))
             }
-            Ok(((), recount))
+            Tagged::Plan(id) => {
+                let plan = catalog
+                    .plans
+                    .iter_mut()
+                    .find(|p| p.id == id)
+                    .ok_or_else(unknown_plan)?;
+                let mut changed = plan.clone();
+                retag(&mut changed.tags)?;
+                admin.store.put_plan(&changed)?;
+                let recount = if changed.recounts_from(plan) {
+                    vec![changed.id.clone()]
+                } else {
+                    Vec::new()
+                };
+                *plan = changed;
+                Ok(((), Written::Plans(recount)))
+            }
         })
         .await
     }
@@ -108,7 +108,7 @@ impl Admin {
                 return Err(unknown_key());
             }
             admin.store.delete_key(&id)?;
-            Ok(((), Vec::new()))
+            Ok(((), Written::Keys(vec![id])))
         })
         .await
     }
