@@ -55,6 +55,8 @@ pub mod keys {
     pub const SESSIONS: &str = "{tg}:sessions";
     /// Bumped on every record change.
     pub const VERSION: &str = "{tg}:version";
+    /// The last record changes: members `"<version> <key id>"` (`*` for a plan), scored by version.
+    pub const CHANGE_LOG: &str = "{tg}:changelog";
     /// Channel announcing record changes (the scripts publish the new version on it).
     pub const CHANGES: &str = "tollgate:changes";
 
@@ -294,7 +296,22 @@ impl StoredPrevious {
     }
 }
 
-const PUT_KEY: &str = r"
+/// The Lua function the scripts that change records call after bumping the version: `LOG(log,
+/// version, id)` notes the change in [`keys::CHANGE_LOG`], which keeps the last 10,000 (an instance
+/// further behind reads everything again).
+macro_rules! change_log {
+    () => {
+        "local function LOG(log, version, id)
+  redis.call('ZADD', log, version, version .. ' ' .. id)
+  redis.call('ZREMRANGEBYRANK', log, 0, -10001)
+end
+"
+    };
+}
+
+const PUT_KEY: &str = concat!(
+    change_log!(),
+    r"
 local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and holder ~= ARGV[1] then return 0 end
 -- A new key's place in listings is after every other's; a rewrite keeps it.
@@ -311,12 +328,16 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 local version = redis.call('INCR', KEYS[3])
+LOG(KEYS[6], version, ARGV[1])
 -- A batch announces itself once, at its end.
 if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
-";
+"
+);
 
-const DELETE_KEY: &str = r"
+const DELETE_KEY: &str = concat!(
+    change_log!(),
+    r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -329,9 +350,12 @@ end
 redis.call('DEL', KEYS[5])
 redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
-redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[4]))
+local version = redis.call('INCR', KEYS[4])
+LOG(KEYS[8], version, ARGV[1])
+redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
-";
+"
+);
 
 /// Keeps the later of the stored and the given last use of key `ARGV[1]`.
 const NOTE_LAST_USED: &str = r"
@@ -475,6 +499,7 @@ fn put_key_call<'s>(
         .key(keys::VERSION)
         .key(keys::KEY_ORDER)
         .key(keys::PLACES)
+        .key(keys::CHANGE_LOG)
         .arg(&key.id)
         .arg(&stored.value_sha256)
         .arg(body);
@@ -498,6 +523,7 @@ fn binding_call<'s>(
         .key(keys::usage_index(plan_id))
         .key(keys::key_plans(key_id))
         .key(keys::plan_keys(plan_id))
+        .key(keys::CHANGE_LOG)
         .arg(if member { "1" } else { "0" })
         .arg(plan_id)
         .arg(key_id);
@@ -510,18 +536,25 @@ fn binding_call<'s>(
 /// Fields per SCAN page when loading records.
 const SCAN_PAGE: u32 = 10_000;
 
-const PUT_PLAN: &str = r"
+const PUT_PLAN: &str = concat!(
+    change_log!(),
+    r"
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[1])
 end
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[2]))
-";
+local version = redis.call('INCR', KEYS[2])
+LOG(KEYS[5], version, '*')
+return redis.call('PUBLISH', 'tollgate:changes', version)
+"
+);
 
 /// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, in all three sets, and a version bump when that
 /// changed anything. A removed key's usage stays reachable through the plan's usage index.
-const BIND: &str = r"
+const BIND: &str = concat!(
+    change_log!(),
+    r"
 local member = ARGV[2] .. ' ' .. ARGV[3]
 if redis.call('SISMEMBER', KEYS[1], member) == tonumber(ARGV[1]) then return 0 end
 if ARGV[1] == '1' then
@@ -535,11 +568,15 @@ else
   redis.call('SADD', KEYS[3], ARGV[3])
 end
 local version = redis.call('INCR', KEYS[2])
+LOG(KEYS[6], version, ARGV[3])
 if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
-";
+"
+);
 
-const DELETE_PLAN: &str = r"
+const DELETE_PLAN: &str = concat!(
+    change_log!(),
+    r"
 redis.call('HDEL', KEYS[1], ARGV[1])
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('SREM', KEYS[2], ARGV[1] .. ' ' .. key)
@@ -548,9 +585,12 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
 end
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('PUBLISH', 'tollgate:changes', redis.call('INCR', KEYS[3]))
+local version = redis.call('INCR', KEYS[3])
+LOG(KEYS[6], version, '*')
+redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
-";
+"
+);
 
 /// With `ARGV[1]` = `place`: places the records of hash `KEYS[1]` named in the rest of `ARGV`, in
 /// that order, that are still there and have no place in `KEYS[2]` yet (written before places were
@@ -815,6 +855,38 @@ impl RedisStore {
     pub fn version(&self) -> Result<u64, StoreError> {
         self.with(|c| Cmd::get(keys::VERSION).query::<Option<u64>>(c))
             .map(|v| v.unwrap_or(0))
+    }
+
+    /// What changed since version `seen`: the record version now, and the ids of the keys changed
+    /// since (each once), when the change log holds every change since and none was a plan's.
+    /// `None` for the ids means everything must be read again: a plan changed, or the log no longer
+    /// reaches back to `seen` (it keeps the last 10,000), or Redis lost data.
+    pub fn changes_since(&self, seen: u64) -> Result<(u64, Option<Vec<String>>), StoreError> {
+        let (version, logged): (Option<u64>, Vec<String>) = self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("GET")
+                .arg(keys::VERSION)
+                .cmd("ZRANGEBYSCORE")
+                .arg(keys::CHANGE_LOG)
+                .arg(format!("({seen}"))
+                .arg("+inf")
+                .query(c)
+        })?;
+        let version = version.unwrap_or(0);
+        if version < seen || logged.len() as u64 != version - seen {
+            return Ok((version, None));
+        }
+        let mut ids = Vec::with_capacity(logged.len());
+        for (entry, expected) in logged.iter().zip(seen + 1..) {
+            match entry.split_once(' ') {
+                Some((v, id)) if v.parse() == Ok(expected) && id != "*" => ids.push(id.to_owned()),
+                _ => return Ok((version, None)),
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok((version, Some(ids)))
     }
 
     fn days(
@@ -1137,6 +1209,7 @@ impl Store for RedisStore {
                 .key(keys::VERSION)
                 .key(keys::PLAN_ORDER)
                 .key(keys::PLACES)
+                .key(keys::CHANGE_LOG)
                 .arg(&plan.id)
                 .arg(body)
                 .invoke::<i64>(c)
@@ -1219,6 +1292,7 @@ impl Store for RedisStore {
                 .key(keys::key_plans(key_id))
                 .key(keys::LAST_USED)
                 .key(keys::KEY_ORDER)
+                .key(keys::CHANGE_LOG)
                 .arg(key_id)
                 .invoke::<i64>(c)
         })?;
@@ -1233,6 +1307,7 @@ impl Store for RedisStore {
                 .key(keys::VERSION)
                 .key(keys::plan_keys(plan_id))
                 .key(keys::PLAN_ORDER)
+                .key(keys::CHANGE_LOG)
                 .arg(plan_id)
                 .invoke::<i64>(c)
         })?;

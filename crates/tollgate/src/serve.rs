@@ -419,8 +419,9 @@ impl DataPlane for Plane {
     }
 }
 
-/// Cluster mode: reloads the records whenever another instance changed them (Redis's record version
-/// moved): at once when the change is announced, else at the next periodic check.
+/// Cluster mode: serves what another instance changed whenever Redis's record version moves: at once
+/// when the change is announced, else at the next periodic check. Changed keys that Redis's change
+/// log names are read alone; anything else (a plan, or a gap in the log) reloads every record.
 async fn resync(
     store: RedisStore,
     mut seen: Option<u64>,
@@ -450,17 +451,44 @@ async fn resync(
             }
         }
         let s = store.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            let version = s.version()?;
-            Ok::<_, tollgate_store::StoreError>((version, s.clone()))
+        let checked = tokio::task::spawn_blocking(move || match seen {
+            Some(before) => s.changes_since(before),
+            None => s.version().map(|v| (v, None)),
         })
         .await;
-        let Ok(Ok((version, s))) = checked else {
+        let Ok(Ok((version, changed))) = checked else {
             continue;
         };
         if seen == Some(version) {
             continue;
         }
+        if let Some(ids) = changed.filter(|_| seen.is_some_and(|before| version > before)) {
+            // Only keys changed, and the log says which: they are read alone.
+            let s = store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let found: Vec<_> = s.keys_by_id(&refs)?.into_iter().flatten().collect();
+                Ok::<_, tollgate_store::StoreError>((KeyIndex::of_keys(s.plans()?, &found), ids))
+            })
+            .await;
+            if let Ok(Ok((index, ids))) = read {
+                let served = match &admin {
+                    Some(admin) => admin.refresh_keys(&index, &ids).await,
+                    None => gateway.change_keys(&index, &ids, &PeriodUsed::default()),
+                };
+                if served {
+                    tracing::info!(
+                        version,
+                        announced,
+                        keys = ids.len(),
+                        "keys changed in Redis; served"
+                    );
+                    seen = Some(version);
+                    continue;
+                }
+            }
+        }
+        let s = store.clone();
         let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.load_index()).await else {
             continue;
         };

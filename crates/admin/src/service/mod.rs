@@ -200,6 +200,14 @@ impl Admin {
         self.gateway.reload(&fresh, &PeriodUsed::default());
     }
 
+    /// Serves keys `ids` as another instance changed them (cluster mode), as `changed` holds them,
+    /// under the write lock; `false` when everything must be read again instead.
+    pub async fn refresh_keys(&self, changed: &KeyIndex, ids: &[String]) -> bool {
+        let _plans = self.plans.lock().await;
+        self.gateway
+            .change_keys(changed, ids, &PeriodUsed::default())
+    }
+
     /// The credentials requests must be signed with.
     pub fn credentials(&self) -> &[Credentials] {
         &self.settings.credentials

@@ -313,6 +313,92 @@ async fn an_admin_change_on_one_instance_reaches_the_other_within_a_second() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_written_on_one_instance_are_read_alone_by_the_other() {
+    let redis = RedisServer::start();
+    let (_dirs, gws, _up) =
+        two_instances(&redis_store(&format!("\"{}\"", redis.url()), false, "")).await;
+    let a = AdminClient::new(gws[0].admin.unwrap());
+    let (url, value) = (gws[1].url("/dev/echo/alone"), "aloneKeyValue0123456789abcd");
+    let full = |gw: &Gateway| {
+        gw.stderr()
+            .matches("records changed in Redis; reloaded")
+            .count()
+    };
+    let alone = |gw: &Gateway| gw.stderr().matches("keys changed in Redis; served").count();
+    let reloaded = full(&gws[1]);
+
+    // A key and its plan: served by the other instance at once, read alone.
+    let key = a
+        .ok(
+            "POST",
+            "/apikeys",
+            &json!({"name": "alone", "enabled": true, "value": value}).to_string(),
+        )
+        .await;
+    let key_id = key["id"].as_str().unwrap().to_owned();
+    let plan_id = a.plan_id("quota-only").await;
+    a.ok(
+        "POST",
+        &format!("/usageplans/{plan_id}/keys"),
+        &json!({"keyId": key_id, "keyType": "API_KEY"}).to_string(),
+    )
+    .await;
+    until_status(&url, value, 200).await;
+    // Deleted: refused at once.
+    a.ok("DELETE", &format!("/apikeys/{key_id}"), "").await;
+    until_status(&url, value, 403).await;
+    assert_eq!(full(&gws[1]), reloaded, "{}", gws[1].stderr());
+    assert!(alone(&gws[1]) >= 2, "{}", gws[1].stderr());
+    // The writing instance does not read everything again for its own writes either.
+    assert_eq!(full(&gws[0]), 0, "{}", gws[0].stderr());
+
+    // A plan's change reads everything again.
+    a.ok(
+        "PATCH",
+        &format!("/usageplans/{plan_id}"),
+        r#"{"patchOperations":[{"op":"replace","path":"/description","value":"changed"}]}"#,
+    )
+    .await;
+    let started = Instant::now();
+    while full(&gws[1]) == reloaded {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{}",
+            gws[1].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A change the log does not hold (made by an older tollgate, or the log lost): the other
+    // instance reads everything at its next look, and serves what changed.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let reloaded = full(&gws[1]);
+    redis::cmd("INCR")
+        .arg(tollgate_store::redis::keys::VERSION)
+        .query::<i64>(&mut c)
+        .unwrap();
+    let later = "laterKeyValue0123456789abcd";
+    let key = a
+        .ok(
+            "POST",
+            "/apikeys",
+            &json!({"name": "later", "enabled": true, "value": later}).to_string(),
+        )
+        .await;
+    a.ok(
+        "POST",
+        &format!("/usageplans/{plan_id}/keys"),
+        &json!({"keyId": key["id"], "keyType": "API_KEY"}).to_string(),
+    )
+    .await;
+    until_status(&url.replace("alone", "later"), later, 200).await;
+    assert!(full(&gws[1]) > reloaded, "{}", gws[1].stderr());
+}
+
 /// Waits (at most a second) until `url` answers `status` to `value`.
 async fn until_status(url: &str, value: &str, status: u16) {
     let (c, started) = (client(), Instant::now());
@@ -678,11 +764,12 @@ async fn migrate_from_sqlite_keeps_keys_plans_and_usage() {
     assert!(!again.status.success());
 }
 
-/// How many times an instance logged reloading records another instance changed.
+/// How many times an instance logged serving records another instance changed (all of them read
+/// again, or the changed keys alone).
 fn reloads(gw: &Gateway) -> usize {
-    gw.stderr()
-        .matches("records changed in Redis; reloaded")
-        .count()
+    let log = gw.stderr();
+    log.matches("records changed in Redis; reloaded").count()
+        + log.matches("keys changed in Redis; served").count()
 }
 
 #[tokio::test(flavor = "multi_thread")]
