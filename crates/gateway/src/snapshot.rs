@@ -277,8 +277,9 @@ struct Assembly<'a> {
     previous: Option<&'a Snapshot>,
     book: &'a mut SlotBook,
     kept: Kept,
-    customers: HashMap<u32, CustomerGroup>,
-    customer_index: HashMap<(u32, Box<str>), u32>,
+    /// Shared with the snapshot replaced until a change of keys changes them.
+    customers: Arc<HashMap<u32, CustomerGroup>>,
+    customer_index: Arc<HashMap<(u32, Box<str>), u32>>,
     plan_members: Vec<u32>,
 }
 
@@ -401,7 +402,8 @@ impl Assembly<'_> {
                 };
                 let mut methods = Vec::new();
                 limits.start(live_at(&self.book.chunks, slot), used, prior, &mut methods);
-                self.customers.insert(
+                self.book.own(slot, CUSTOMER | u64::from(slot));
+                Arc::make_mut(&mut self.customers).insert(
                     slot,
                     CustomerGroup {
                         plan,
@@ -411,11 +413,11 @@ impl Assembly<'_> {
                         methods,
                     },
                 );
-                self.customer_index.insert((plan, customer.into()), slot);
+                Arc::make_mut(&mut self.customer_index).insert((plan, customer.into()), slot);
                 slot
             }
         };
-        if let Some(group) = self.customers.get_mut(&slot) {
+        if let Some(group) = Arc::make_mut(&mut self.customers).get_mut(&slot) {
             group.members += 1;
         }
         slot
@@ -449,16 +451,10 @@ impl Assembly<'_> {
         slots: &Arc<Slots>,
     ) -> Snapshot {
         let book = self.book;
-        if shards.is_none() {
-            book.owners.clear();
-        }
         for s in shards.unwrap_or_else(|| (0..keys.shards()).collect()) {
             for (i, member) in keys.members_in(s) {
                 book.own(member.slot, member_owner(s, i));
             }
-        }
-        for &slot in self.customers.keys() {
-            book.own(slot, CUSTOMER | u64::from(slot));
         }
         let epoch = Arc::new(Epoch::default());
         if let Some(previous) = self.previous {
@@ -470,8 +466,8 @@ impl Assembly<'_> {
             plans,
             plan_records,
             keys,
-            customers: Arc::new(self.customers),
-            customer_index: Arc::new(self.customer_index),
+            customers: self.customers,
+            customer_index: self.customer_index,
             chunks: book.chunks.clone(),
             slots: slots.clone(),
             epoch,
@@ -594,17 +590,22 @@ impl Snapshot {
             previous: Some(&previous),
             book: &mut book,
             kept: Kept::Few(HashSet::new()),
-            customers: (*previous.customers).clone(),
-            customer_index: (*previous.customer_index).clone(),
+            customers: previous.customers.clone(),
+            customer_index: previous.customer_index.clone(),
             plan_members: previous.plan_members.to_vec(),
         };
         // The memberships going are counted out before the new ones are counted in: a group keeps
         // its slot while a changed key stays in it.
+        let mut left = Vec::new();
         for key in &gone {
             for m in key.members() {
                 assembly.plan_members[m.plan as usize] -= 1;
-                if let Some(group) = assembly.customers.get_mut(&m.group) {
-                    group.members -= 1;
+                if m.group != NO_GROUP {
+                    let customers = Arc::make_mut(&mut assembly.customers);
+                    if let Some(group) = customers.get_mut(&m.group) {
+                        group.members -= 1;
+                        left.push(m.group);
+                    }
                 }
             }
         }
@@ -627,17 +628,18 @@ impl Snapshot {
                 }
             }
         }
-        let empty: Vec<CustomerGroup> = assembly
-            .customers
-            .values()
-            .filter(|g| g.members == 0)
-            .cloned()
-            .collect();
-        for group in empty {
-            assembly.customers.remove(&group.slot);
-            assembly
-                .customer_index
-                .remove(&(group.plan, group.id.clone()));
+        left.sort_unstable();
+        left.dedup();
+        for slot in left {
+            let customers = Arc::make_mut(&mut assembly.customers);
+            let Some(group) = customers.remove_entry(&slot).map(|(_, g)| g) else {
+                continue;
+            };
+            if group.members > 0 {
+                customers.insert(slot, group);
+                continue;
+            }
+            Arc::make_mut(&mut assembly.customer_index).remove(&(group.plan, group.id.clone()));
             let plan_id = previous.plans[group.plan as usize].counts_as.clone();
             assembly.retire(group.slot, plan_id, &group.id, true);
         }
@@ -678,6 +680,7 @@ impl Snapshot {
         bound.sort_by_key(|&(key, _)| key);
 
         book.reclaim();
+        book.owners.clear();
         let kept = Kept::All(vec![false; book.len as usize]);
         let mut assembly = Assembly {
             plans: &plans,
@@ -686,8 +689,8 @@ impl Snapshot {
             previous,
             book,
             kept,
-            customers: HashMap::new(),
-            customer_index: HashMap::new(),
+            customers: Arc::default(),
+            customer_index: Arc::default(),
             plan_members: vec![0; plans.len()],
         };
         let mut table = KeyTable::build();
