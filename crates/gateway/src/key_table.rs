@@ -75,11 +75,11 @@ pub(crate) struct KeyRef {
 }
 
 /// A key as a write hands it to [`KeyTable::with_changes`], and as a changed shard gives its
-/// unchanged keys back to be built again.
-#[derive(Debug, Clone)]
+/// unchanged keys back to be built again. A build reuses one for every key.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Entry {
     pub(crate) hash: KeyHash,
-    pub(crate) id: Box<str>,
+    pub(crate) id: String,
     pub(crate) enabled: bool,
     pub(crate) expires_at: Option<u64>,
     pub(crate) sources: Option<IpNetworks>,
@@ -268,7 +268,7 @@ impl Shard {
         };
         Entry {
             hash: self.recs[i].hash,
-            id: self.id(i).into(),
+            id: self.id(i).to_owned(),
             enabled: self.recs[i].members & DISABLED == 0,
             expires_at: self.expiries.get(&at).copied(),
             sources: self.sources.get(&at).cloned(),

@@ -284,16 +284,17 @@ struct Assembly<'a> {
 }
 
 impl Assembly<'_> {
-    /// The entry of key `i` of `records`, bound to the plans `bound` (indices in `plans`, in the
-    /// order they were bound), which was `old` in the snapshot replaced: its memberships keep their
-    /// slots and live state, new ones start from the store's counts.
+    /// Makes `out` the entry of key `i` of `records`, bound to the plans `bound` (indices in
+    /// `plans`, in the order they were bound), which was `old` in the snapshot replaced: its
+    /// memberships keep their slots and live state, new ones start from the store's counts. `out`
+    /// is reused: a build of a million keys allocates nothing per key for it.
     fn entry(
         &mut self,
         records: &KeyIndex,
-        i: usize,
-        bound: &[u32],
+        (i, bound): (usize, &[u32]),
         old: Option<Key<'_>>,
-    ) -> Entry {
+        out: &mut Entry,
+    ) {
         let (key_id, hash, terms) = (records.id(i), records.hash(i), records.terms(i));
         let credits = (terms.credits || terms.refill.is_some()).then(|| {
             // The live balance carries on; a key new to credits here starts from the store's.
@@ -311,8 +312,9 @@ impl Assembly<'_> {
                 refill: terms.refill,
             }
         });
-        let mut members = Vec::with_capacity(bound.len());
-        let mut methods = Vec::new();
+        let (members, methods) = (&mut out.members, &mut out.methods);
+        members.clear();
+        methods.clear();
         for &plan in bound {
             let plans = self.plans;
             let rules = &plans[plan as usize];
@@ -347,7 +349,7 @@ impl Assembly<'_> {
                 }
                 Some(customer) => self.group(plan, customer),
             };
-            for earlier in &members {
+            for earlier in members.iter() {
                 let Member { plan: other, .. } = earlier;
                 let other = &self.plans[*other as usize];
                 if other.stages.iter().any(|s| rules.stages.contains(s)) {
@@ -358,17 +360,14 @@ impl Assembly<'_> {
             self.plan_members[plan as usize] += 1;
             members.push(Member { plan, slot, group });
         }
-        Entry {
-            hash,
-            id: key_id.into(),
-            enabled: terms.enabled,
-            expires_at: terms.expires_at,
-            sources: terms.sources,
-            previous: terms.previous,
-            credits,
-            members,
-            methods,
-        }
+        out.hash = hash;
+        out.id.clear();
+        out.id.push_str(key_id);
+        out.enabled = terms.enabled;
+        out.expires_at = terms.expires_at;
+        out.sources = terms.sources;
+        out.previous = terms.previous;
+        out.credits = credits;
     }
 
     /// The slot of customer `customer`'s group in plan `plan`, which gains a membership: the group
@@ -613,11 +612,14 @@ impl Snapshot {
         for &(plan, key) in changed.bindings() {
             bound.entry(key).or_default().push(plan);
         }
+        let by_id: HashMap<&str, Key<'_>> = gone.iter().map(|k| (k.id(), *k)).collect();
         let added: Vec<Entry> = (0..changed.len())
             .map(|i| {
-                let old = gone.iter().find(|k| k.id() == changed.id(i)).copied();
+                let old = by_id.get(changed.id(i)).copied();
                 let plans = bound.remove(&(i as u32)).unwrap_or_default();
-                assembly.entry(changed, i, &plans, old)
+                let mut entry = Entry::default();
+                assembly.entry(changed, (i, &plans), old, &mut entry);
+                entry
             })
             .collect();
         for key in &gone {
@@ -694,6 +696,7 @@ impl Snapshot {
             plan_members: vec![0; plans.len()],
         };
         let mut table = KeyTable::build();
+        let (mut entry, mut plans_of) = (Entry::default(), Vec::new());
         for &i in &order {
             let (key_id, hash) = (records.id(i as usize), records.hash(i as usize));
             // Found by value hash, or by id when its value changed (a rotation): its buckets and
@@ -706,8 +709,9 @@ impl Snapshot {
             });
             let from = bound.partition_point(|&(k, _)| k < i);
             let to = bound.partition_point(|&(k, _)| k <= i);
-            let plans_of: Vec<u32> = bound[from..to].iter().map(|&(_, p)| p).collect();
-            let entry = assembly.entry(records, i as usize, &plans_of, old);
+            plans_of.clear();
+            plans_of.extend(bound[from..to].iter().map(|&(_, p)| p));
+            assembly.entry(records, (i as usize, &plans_of), old, &mut entry);
             table.push(&entry);
         }
         drop(bound);
