@@ -697,7 +697,7 @@ mod tests {
     fn entry(i: u32) -> Entry {
         Entry {
             hash: KeyHash::of(format!("value{i}")),
-            id: format!("key{i}").into(),
+            id: format!("key{i}"),
             enabled: i % 3 != 2,
             expires_at: (i % 4 == 0).then_some(u64::from(i)),
             sources: None,
