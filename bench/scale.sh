@@ -4,7 +4,11 @@
 # the admin API, one after another, while wrk drives the data plane), what the data plane's p99 does
 # meanwhile against an idle run, and the resident memory of tollgate (and Redis) over the writes.
 #
-#   bench/scale.sh [--keys N] [--writes N] [--duration SECONDS] [--stores embedded|redis|both]
+#   bench/scale.sh [--keys N] [--writes N] [--clients N] [--duration SECONDS] [--stores embedded|redis|both]
+#
+# A write is a signup: CreateApiKey, then CreateUsagePlanKey, from --clients writers at once (default 1;
+# the issue's "10,000 concurrent signups" is --writes 10000 --clients 8). wrk's refused requests
+# (non-2xx, socket errors) while writing are counted.
 #
 # Prints a table per store; asserts nothing (BENCHMARKS.md records the runs). Installs nothing: it
 # says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
@@ -15,18 +19,21 @@ KEYS=1000000
 WRITES=100
 DURATION=10
 STORES=both
+CLIENTS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --keys) KEYS=$2; shift 2 ;;
         --writes) WRITES=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --stores) STORES=$2; shift 2 ;;
-        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--duration SECONDS] [--stores embedded|redis|both]" >&2; exit 64 ;;
+        --clients) CLIENTS=$2; shift 2 ;;
+        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--clients N] [--duration SECONDS] [--stores embedded|redis|both]" >&2; exit 64 ;;
     esac
 done
 
 . bench/lib.sh
-require nginx wrk redis-server redis-cli taskset python3 cargo curl
+require nginx wrk redis-server redis-cli taskset python3 cargo
+python3 -c 'import botocore' 2>/dev/null || { echo "bench/scale.sh needs botocore (pip install botocore) to sign admin calls" >&2; exit 69; }
 setup
 
 AK=AKIDSCALEBENCH
@@ -47,11 +54,8 @@ PLAN=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execut
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# admin PORT PATH BODY: a signed POST; prints the answer, then its time in seconds on a line of its own.
-admin() {
-    curl -s --aws-sigv4 "aws:amz:us-east-1:apigateway" --user "$AK:$SK" \
-        -H 'content-type: application/json' -d "$3" -w '\n%{time_total}\n' "http://127.0.0.1:$1$2"
-}
+# refused WRK_OUTPUT: the requests wrk did not get a 2xx for (non-2xx answers, socket errors).
+refused() { awk '/Non-2xx/ { n += $NF } /Socket errors/ { for (i = 4; i <= NF; i += 2) { v = $i; sub(/,/, "", v); n += v } } END { print n + 0 }' "$1"; }
 
 # p99 of wrk's --latency output, in ms.
 wrk_p99() { awk '$1 == "99%" { v = $2; if (v ~ /us$/) { sub(/us/, "", v); v /= 1000 } else if (v ~ /ms$/) { sub(/ms/, "", v) } else if (v ~ /s$/) { sub(/s/, "", v); v *= 1000 } print v }' "$1"; }
@@ -77,36 +81,65 @@ run() {
     # Until the writes are done (SIGINT makes wrk report).
     taskset -c 0 wrk -t1 -c32 -d3600s --latency -H "x-api-key: $KEY" "http://127.0.0.1:$port/x" >"$dir/busy.wrk" &
     local wrk=$!
-    : >"$dir/writes"
-    local i out id t_key t_bind
-    for i in $(seq 1 "$WRITES"); do
-        out=$(admin "$aport" /apikeys "{\"name\":\"scale-$i\",\"enabled\":true}")
-        id=$(printf '%s\n' "$out" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-        t_key=$(printf '%s\n' "$out" | tail -1)
-        out=$(admin "$aport" "/usageplans/$PLAN/keys" "{\"keyId\":\"$id\",\"keyType\":\"API_KEY\"}")
-        t_bind=$(printf '%s\n' "$out" | tail -1)
-        python3 -c "print($t_key + $t_bind)" >>"$dir/writes"
-        [ $((i % 10)) -eq 0 ] && echo "$(rss_kb "$pid")" >>"$dir/rss"
-    done
+    # Signups (CreateApiKey, then CreateUsagePlanKey), CLIENTS at once, each signed with botocore's SigV4
+    # on a kept-alive connection: a signup's time into writes, the RSS every 100 into rss.
+    python3 - "$aport" "$PLAN" "$WRITES" "$CLIENTS" "$pid" "$dir" "$AK" "$SK" <<'PY'
+import http.client, json, sys, threading, time
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+port, plan, writes, clients, pid, out, ak, sk = sys.argv[1:]
+writes, clients, creds = int(writes), int(clients), Credentials(ak, sk)
+times, lock, done = [], threading.Lock(), [0]
+def rss():
+    return next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS"))
+def post(conn, path, body):
+    req = AWSRequest(method="POST", url=f"http://127.0.0.1:{port}{path}", data=body,
+                     headers={"content-type": "application/json"})
+    SigV4Auth(creds, "apigateway", "us-east-1").add_auth(req)
+    conn.request("POST", path, body=body, headers=dict(req.headers))
+    r = conn.getresponse()
+    data = r.read()
+    if r.status not in (200, 201):
+        raise SystemExit(f"{path}: {r.status} {data[:200]!r}")
+    return json.loads(data)
+def client(c):
+    conn = http.client.HTTPConnection("127.0.0.1", int(port))
+    for i in range(c, writes, clients):
+        t = time.monotonic()
+        key = post(conn, "/apikeys", json.dumps({"name": f"signup-{i}", "enabled": True}))
+        post(conn, f"/usageplans/{plan}/keys", json.dumps({"keyId": key["id"], "keyType": "API_KEY"}))
+        with lock:
+            times.append(time.monotonic() - t)
+            done[0] += 1
+            if done[0] % 100 == 0:
+                open(f"{out}/rss", "a").write(rss() + "\n")
+threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+for t in threads: t.start()
+for t in threads: t.join()
+open(f"{out}/writes", "w").write("".join(f"{t}\n" for t in times))
+if len(times) != writes:
+    raise SystemExit(f"{writes - len(times)} signups failed")
+PY
     kill -INT "$wrk" 2>/dev/null || true; wait "$wrk" 2>/dev/null || true
     local rss1; rss1=$(rss_kb "$pid")
     local redis_bytes=0
     if [ -n "${3:-}" ]; then
         redis_bytes=$(redis-cli -p "$3" info memory | awk -F: '/^used_memory:/ {print $2+0}')
     fi
-    python3 - "$name" "$KEYS" "$start_s" "$rss0" "$rss1" "$dir/writes" "$(wrk_p99 "$dir/idle.wrk")" "$(wrk_p99 "$dir/busy.wrk")" "$redis_bytes" <<'PY'
+    python3 - "$name" "$KEYS" "$start_s" "$rss0" "$rss1" "$dir/writes" "$(wrk_p99 "$dir/idle.wrk")" "$(wrk_p99 "$dir/busy.wrk")" "$redis_bytes" "$(refused "$dir/busy.wrk")" <<'PY'
 import statistics, sys
-name, keys, start, rss0, rss1, writes, idle, busy, redis = sys.argv[1:]
+name, keys, start, rss0, rss1, writes, idle, busy, redis, refused = sys.argv[1:]
 w = sorted(float(x) * 1000 for x in open(writes))
 p = lambda q: w[min(len(w) - 1, int(q * len(w)))]
 keys, rss0, rss1, redis = int(keys), int(rss0), int(rss1), int(redis)
-print(f"| {name} | {keys:,} | {start} s | {p(0.5):.1f} / {p(0.99):.1f} ms | {rss0 / 1024:.0f} → {rss1 / 1024:.0f} MB ({rss1 / rss0:.2f}x) | {idle} → {busy} ms | {(rss0 * 1024 + redis) / keys:.0f} |")
+print(f"| {name} | {keys:,} | {start} s | {p(0.5):.1f} / {p(0.99):.1f} ms | {rss0 / 1024:.0f} → {rss1 / 1024:.0f} MB ({rss1 / rss0:.2f}x) | {idle} → {busy} ms | {refused} | {(rss0 * 1024 + redis) / keys:.0f} |")
 PY
     kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
 }
 
-echo "| store | keys | start | write p50 / p99 | tollgate RSS, start → after writes | data-plane p99, idle → writing | bytes per key (tollgate at start + Redis) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| store | keys | start | signup p50 / p99 ($CLIENTS at once) | tollgate RSS, start → after writes | data-plane p99, idle → writing | refused while writing | bytes per key (tollgate at start + Redis) |"
+echo "|---|---|---|---|---|---|---|---|"
 [ "$STORES" = redis ] || run embedded "{ sqlite: $WORK/keys/tollgate.db }"
 [ "$STORES" = embedded ] && exit 0
 

@@ -17,6 +17,10 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
+mod pages;
+
+pub use pages::REFRESH_AFTER;
+
 use crate::{
     Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, ExportBatch,
     ExportCommit, ExportMark, ExportState, KeyIndex, KeyTerms, OutboxEvent, Records, Series, Store,
@@ -57,6 +61,10 @@ pub mod keys {
     pub const VERSION: &str = "{tg}:version";
     /// The last record changes: members `"<version> <key id>"` (`*` for a plan), scored by version.
     pub const CHANGE_LOG: &str = "{tg}:changelog";
+    /// The record version the key pages hold (absent while they are written, or never were).
+    pub const PAGES_VERSION: &str = "{tg}:pages:version";
+    /// Held by the instance writing key pages.
+    pub const PAGES_LOCK: &str = "{tg}:pages:lock";
     /// Channel announcing record changes (the scripts publish the new version on it).
     pub const CHANGES: &str = "tollgate:changes";
 
@@ -463,6 +471,35 @@ fn export_window(start: i64, end: i64) -> String {
 /// How long an event's claim is kept: past any period a claim stands for (a month and a week).
 const EVENT_CLAIM_SECS: i64 = 40 * 86_400;
 
+/// A key page's name, and its body (none when the page is missing).
+type NamedPage = (String, Option<Vec<u8>>);
+
+/// Key pages per round trip (~100 KB each at a million keys).
+const PAGES_PER_TRIP: usize = 32;
+
+/// How long the key pages' lock holds at most, should its holder die.
+const PAGES_LOCK_MS: u64 = 120_000;
+
+/// The records of keys `ARGV` (`KEYS[1]` is the records' hash) and the plans of each (`KEYS[2…]`,
+/// their plan sets, in the same order).
+const KEYS_BY_ID: &str = r"
+local plans = {}
+for i = 2, #KEYS do plans[#plans + 1] = redis.call('SMEMBERS', KEYS[i]) end
+return {redis.call('HMGET', KEYS[1], unpack(ARGV)), plans}
+";
+
+/// The record version and the change log's entries after `ARGV[1]` (an exclusive score).
+const CHANGES_SINCE: &str = r"
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {version, redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')}
+";
+
+/// Deletes lock `KEYS[1]` if `ARGV[1]` still holds it.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
 /// Records per pipelined round trip in a bulk write.
 const PIPELINE_PAGE: usize = 1000;
 
@@ -473,25 +510,7 @@ fn put_key_call<'s>(
     key: &ApiKey,
     batch: bool,
 ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
-    let stored = StoredKey {
-        id: key.id.clone(),
-        name: key.name.clone(),
-        description: key.description.clone(),
-        customer_id: key.customer_id.clone(),
-        enabled: key.enabled,
-        value_sha256: hex::encode(key.value_hash.0),
-        created_date: key.created_date,
-        last_updated_date: key.last_updated_date,
-        sealed_value: key.sealed_value.as_deref().map(hex::encode),
-        tags: key.tags.clone(),
-        value_prefix: key.value_prefix.clone(),
-        value_length: key.value_length,
-        expires_at: key.expires_at(),
-        allowed_source_ips: key.tags.get(SOURCE_IPS_TAG).cloned(),
-        credit_refill: key.tags.get(CREDIT_REFILL_TAG).cloned(),
-        credits: key.credits,
-        previous: StoredPrevious::of(key.previous),
-    };
+    let stored = StoredKey::of(key);
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut call = script.prepare_invoke();
     call.key(keys::KEYS)
@@ -507,6 +526,31 @@ fn put_key_call<'s>(
         call.arg("batch");
     }
     Ok(call)
+}
+
+impl StoredKey {
+    /// `key` as stored.
+    fn of(key: &ApiKey) -> Self {
+        Self {
+            id: key.id.clone(),
+            name: key.name.clone(),
+            description: key.description.clone(),
+            customer_id: key.customer_id.clone(),
+            enabled: key.enabled,
+            value_sha256: hex::encode(key.value_hash.0),
+            created_date: key.created_date,
+            last_updated_date: key.last_updated_date,
+            sealed_value: key.sealed_value.as_deref().map(hex::encode),
+            tags: key.tags.clone(),
+            value_prefix: key.value_prefix.clone(),
+            value_length: key.value_length,
+            expires_at: key.expires_at(),
+            allowed_source_ips: key.tags.get(SOURCE_IPS_TAG).cloned(),
+            credit_refill: key.tags.get(CREDIT_REFILL_TAG).cloned(),
+            credits: key.credits,
+            previous: StoredPrevious::of(key.previous),
+        }
+    }
 }
 
 /// The `BIND` call that adds (`member`) or removes a membership; in a `batch`, unannounced.
@@ -851,6 +895,163 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The index from the key pages and the keys changed since they were written, when the change
+    /// log reaches back to them; `None` when it does not, or a page is missing (see [`pages`]).
+    fn index_from_pages(&self) -> Result<Option<KeyIndex>, StoreError> {
+        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
+        let Some(at) = at else {
+            return Ok(None);
+        };
+        let (_, Some(changed)) = self.changes_since(at)? else {
+            return Ok(None);
+        };
+        let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
+        let all: Vec<usize> = (0..pages::PAGES).collect();
+        let mut index = KeyIndex::new(self.ordered_plans()?);
+        for (name, body) in self.read_pages(&all, pages::keys_page)? {
+            let Some(body) = body else {
+                return Ok(None);
+            };
+            pages::read_keys(&name, &body, |id, k| {
+                if !skip.contains(id) {
+                    let (key_name, hash, terms) = served(id, k)?;
+                    index.push_key(id, &key_name, hash, terms);
+                }
+                Ok(())
+            })?;
+        }
+        let refs: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let found: Vec<crate::NamedKey> = self.keys_by_id(&refs)?.into_iter().flatten().collect();
+        for (key, _) in &found {
+            index.push_key(&key.id, &key.name, key.value_hash, KeyTerms::of(key));
+        }
+        let mut binder = index.binder();
+        for (name, body) in self.read_pages(&all, pages::plans_page)? {
+            let Some(body) = body else {
+                return Ok(None);
+            };
+            pages::read_plans(&name, &body, |plan, key| {
+                if !skip.contains(key) {
+                    binder.bind(plan, key);
+                }
+            })?;
+        }
+        for (key, plans) in &found {
+            for plan in plans {
+                binder.bind(plan, &key.id);
+            }
+        }
+        binder.finish();
+        tracing::info!(
+            pages_at = at,
+            changed = changed.len(),
+            "records read from the key pages"
+        );
+        Ok(Some(index))
+    }
+
+    /// Pages `which` (named by `name`), read a few dozen per round trip: (name, body).
+    fn read_pages(
+        &self,
+        which: &[usize],
+        name: fn(usize) -> String,
+    ) -> Result<Vec<NamedPage>, StoreError> {
+        let mut out = Vec::with_capacity(which.len());
+        for chunk in which.chunks(PAGES_PER_TRIP) {
+            // One MGET (a cluster client does not pipeline; the pages are under `{tg}`).
+            let names: Vec<String> = chunk.iter().map(|&p| name(p)).collect();
+            let bodies: Vec<Option<Vec<u8>>> =
+                self.with(|c| redis::cmd("MGET").arg(&names).query(c))?;
+            out.extend(names.into_iter().zip(bodies));
+        }
+        Ok(out)
+    }
+
+    /// Writes `pages` (whole pages) and then the version they hold, under the pages' lock; does
+    /// nothing when another instance holds it.
+    fn write_pages(&self, version: u64, pages: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError> {
+        let token = crate::ids::new_key_value();
+        let locked: Option<String> = self.with(|c| {
+            redis::cmd("SET")
+                .arg(keys::PAGES_LOCK)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(PAGES_LOCK_MS)
+                .query(c)
+        })?;
+        if locked.is_none() {
+            return Ok(false);
+        }
+        let written = (|| {
+            for chunk in pages.chunks(PAGES_PER_TRIP) {
+                let mut mset = redis::cmd("MSET");
+                for (name, body) in chunk {
+                    mset.arg(name).arg(body);
+                }
+                self.with(|c| mset.query::<()>(c))?;
+            }
+            self.with(|c| Cmd::set(keys::PAGES_VERSION, version).query::<()>(c))
+        })();
+        let _ = self.with(|c| {
+            Script::new(UNLOCK)
+                .key(keys::PAGES_LOCK)
+                .arg(&token)
+                .invoke::<i64>(c)
+        });
+        written.map(|()| true)
+    }
+
+    /// Brings the key pages up to date when they are `behind` changes or more behind the records:
+    /// rewrites the pages of the keys changed since, under the pages' lock. `false` when there was
+    /// nothing to do, or another instance is at it, or the change log no longer reaches back (the
+    /// next start then reads every record and writes all pages).
+    pub fn refresh_pages(&self, behind: u64) -> Result<bool, StoreError> {
+        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
+        let Some(at) = at else {
+            return Ok(false);
+        };
+        let (now, Some(changed)) = self.changes_since(at)? else {
+            return Ok(false);
+        };
+        if now < at.saturating_add(behind) {
+            return Ok(false);
+        }
+        let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
+        let mut touched: Vec<usize> = changed.iter().map(|id| pages::page_of(id)).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let mut writer = pages::PageWriter::new();
+        for (name, body) in self.read_pages(&touched, pages::keys_page)? {
+            pages::read_keys(&name, &body.unwrap_or_default(), |id, k| {
+                if skip.contains(id) {
+                    Ok(())
+                } else {
+                    writer.key(id, &k)
+                }
+            })?;
+        }
+        let mut kept = Vec::new();
+        for (name, body) in self.read_pages(&touched, pages::plans_page)? {
+            pages::read_plans(&name, &body.unwrap_or_default(), |plan, key| {
+                if !skip.contains(key) {
+                    kept.push((plan.to_owned(), key.to_owned()));
+                }
+            })?;
+        }
+        for (plan, key) in &kept {
+            writer.binding(plan, key)?;
+        }
+        let refs: Vec<&str> = changed.iter().map(String::as_str).collect();
+        for (key, plans) in self.keys_by_id(&refs)?.into_iter().flatten() {
+            writer.api_key(&key)?;
+            for plan in &plans {
+                writer.binding(plan, &key.id)?;
+            }
+        }
+        self.write_pages(now, writer.finish(Some(&touched))?)
+    }
+
     /// The record version: changes whenever a plan, key or binding does.
     pub fn version(&self) -> Result<u64, StoreError> {
         self.with(|c| Cmd::get(keys::VERSION).query::<Option<u64>>(c))
@@ -862,18 +1063,15 @@ impl RedisStore {
     /// `None` for the ids means everything must be read again: a plan changed, or the log no longer
     /// reaches back to `seen` (it keeps the last 10,000), or Redis lost data.
     pub fn changes_since(&self, seen: u64) -> Result<(u64, Option<Vec<String>>), StoreError> {
-        let (version, logged): (Option<u64>, Vec<String>) = self.with(|c| {
-            redis::pipe()
-                .atomic()
-                .cmd("GET")
-                .arg(keys::VERSION)
-                .cmd("ZRANGEBYSCORE")
-                .arg(keys::CHANGE_LOG)
+        // One script, so that the version and the log are read at one instant (a cluster runs no
+        // MULTI across connections; both keys are under `{tg}`).
+        let (version, logged): (u64, Vec<String>) = self.with(|c| {
+            Script::new(CHANGES_SINCE)
+                .key(keys::VERSION)
+                .key(keys::CHANGE_LOG)
                 .arg(format!("({seen}"))
-                .arg("+inf")
-                .query(c)
+                .invoke(c)
         })?;
-        let version = version.unwrap_or(0);
         if version < seen || logged.len() as u64 != version - seen {
             return Ok((version, None));
         }
@@ -1096,26 +1294,24 @@ impl Store for RedisStore {
     }
 
     fn load_index(&self) -> Result<KeyIndex, StoreError> {
-        // As `load`, but each page of keys is reduced to what the gateway serves as it arrives.
-        self.consistent(|| {
+        if let Some(index) = self.index_from_pages()? {
+            return Ok(index);
+        }
+        // Every record, as `load` reads them but each page of keys reduced to what the gateway
+        // serves as it arrives; and pages of them written for the next start, when no record
+        // changed while they were read.
+        let mut attempt = 0;
+        loop {
+            let before = self.version()?;
+            let mut pages = pages::PageWriter::new();
             let mut index = KeyIndex::new(self.ordered_plans()?);
             self.scan_pages("HSCAN", keys::KEYS, |page: Vec<(String, String)>| {
                 for (id, body) in page {
                     let k: ServedKey<'_> =
                         serde_json::from_str(&body).map_err(|e| corrupt_key(&id, e.to_string()))?;
-                    let terms = KeyTerms {
-                        enabled: k.enabled,
-                        expires_at: k.expires_at,
-                        previous: k.previous.map(|p| p.parse(&id)).transpose()?,
-                        sources: k.allowed_source_ips.as_deref().map(IpNetworks::stored),
-                        customer_id: k.customer_id.as_deref().map(Box::from),
-                        refill: k
-                            .credit_refill
-                            .as_deref()
-                            .and_then(|r| Refill::parse(r).ok()),
-                        credits: k.credits,
-                    };
-                    index.push_key(&id, &k.name, parse_hash(&id, &k.value_sha256)?, terms);
+                    pages.key(&id, &k)?;
+                    let (name, hash, terms) = served(&id, k)?;
+                    index.push_key(&id, &name, hash, terms);
                 }
                 Ok(())
             })?;
@@ -1124,13 +1320,28 @@ impl Store for RedisStore {
                 for member in page {
                     if let Some((plan, key)) = member.split_once(' ') {
                         binder.bind(plan, key);
+                        pages.binding(plan, key)?;
                     }
                 }
                 Ok(())
             })?;
             binder.finish();
-            Ok(index)
-        })
+            attempt += 1;
+            if self.version()? == before {
+                let written = pages.finish(None).and_then(|p| {
+                    // Readers of older pages fall back to reading every record meanwhile.
+                    self.with(|c| Cmd::del(keys::PAGES_VERSION).query::<i64>(c))?;
+                    self.write_pages(before, p)
+                });
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "could not write the key pages; the next start reads every record again");
+                }
+                return Ok(index);
+            }
+            if attempt == 5 {
+                return Ok(index);
+            }
+        }
     }
 
     fn key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -1142,18 +1353,15 @@ impl Store for RedisStore {
     fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<crate::NamedKey>>, StoreError> {
         let mut found = Vec::with_capacity(ids.len());
         for page in ids.chunks(PIPELINE_PAGE) {
-            // One round trip a page: the records, then each key's plans.
+            // One script a page: the records, then each key's plans (a cluster client does not
+            // pipeline; every key read is under `{tg}`).
             let (bodies, plans): (Vec<Option<String>>, Vec<Vec<String>>) = self.with(|c| {
-                let mut pipe = redis::pipe();
-                pipe.cmd("HMGET").arg(keys::KEYS).arg(page);
+                let script = Script::new(KEYS_BY_ID);
+                let mut call = script.key(keys::KEYS);
                 for id in page {
-                    pipe.cmd("SMEMBERS").arg(keys::key_plans(id));
+                    call.key(keys::key_plans(id)).arg(*id);
                 }
-                let mut all = pipe.query::<Vec<redis::Value>>(c)?.into_iter();
-                let bodies = all.next().map(redis::from_redis_value).transpose()?;
-                let plans = all.map(redis::from_redis_value).collect::<Result<_, _>>()?;
-                let bodies = bodies.unwrap_or_default();
-                Ok((bodies, plans))
+                call.invoke(c)
             })?;
             for ((id, body), mut of_key) in page.iter().zip(bodies).zip(plans) {
                 let key = body.map(|b| parse_key(id, &b)).transpose()?;
@@ -1765,6 +1973,23 @@ struct ServedKey<'a> {
     value_sha256: std::borrow::Cow<'a, str>,
 }
 
+/// What the gateway serves of key `id`: its name, value hash and terms.
+fn served(id: &str, k: ServedKey<'_>) -> Result<(String, KeyHash, KeyTerms), StoreError> {
+    let terms = KeyTerms {
+        enabled: k.enabled,
+        expires_at: k.expires_at,
+        previous: k.previous.map(|p| p.parse(id)).transpose()?,
+        sources: k.allowed_source_ips.as_deref().map(IpNetworks::stored),
+        customer_id: k.customer_id.as_deref().map(Box::from),
+        refill: k
+            .credit_refill
+            .as_deref()
+            .and_then(|r| Refill::parse(r).ok()),
+        credits: k.credits,
+    };
+    Ok((k.name.into_owned(), parse_hash(id, &k.value_sha256)?, terms))
+}
+
 fn parse_hash(id: &str, hex: &str) -> Result<KeyHash, StoreError> {
     let mut hash = [0u8; 32];
     hex::decode_to_slice(hex, &mut hash)
@@ -1866,6 +2091,123 @@ mod tests {
         .unwrap();
         let last = s.load().unwrap().keys.pop().unwrap();
         assert_eq!(last.id, "new0");
+    }
+
+    /// What an index serves, in an order of its own: each key's id, name, value hash, terms and
+    /// plans.
+    fn served_view(index: &KeyIndex) -> Vec<(String, String, KeyHash, KeyTerms, Vec<String>)> {
+        let mut plans: HashMap<usize, Vec<String>> = HashMap::new();
+        for &(p, k) in index.bindings() {
+            plans
+                .entry(k as usize)
+                .or_default()
+                .push(index.plans[p as usize].id.clone());
+        }
+        let mut out: Vec<_> = (0..index.len())
+            .map(|i| {
+                let mut of_key = plans.remove(&i).unwrap_or_default();
+                of_key.sort();
+                let (id, name) = (index.id(i).to_owned(), index.name(i).to_owned());
+                (id, name, index.hash(i), index.terms(i), of_key)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn pages_version(s: &RedisStore) -> Option<u64> {
+        s.with(|c| Cmd::get(keys::PAGES_VERSION).query(c)).unwrap()
+    }
+
+    fn a_start_reads_the_pages_and_what_changed_since(s: &RedisStore) {
+        let plan = |id: &str| UsagePlan {
+            id: id.into(),
+            name: id.into(),
+            ..UsagePlan::default()
+        };
+        let key = |i: usize| {
+            let mut key = ApiKey {
+                id: format!("key{i:03}"),
+                name: format!("name, \"{i}\""),
+                enabled: i % 5 != 0,
+                value_hash: KeyHash::of(format!("value-{i}-0123456789")),
+                customer_id: (i % 3 == 0).then(|| format!("c{i}")),
+                ..ApiKey::default()
+            };
+            if i % 7 == 0 {
+                key.tags.insert(SOURCE_IPS_TAG.into(), "10.0.0.0/8".into());
+                key.tags
+                    .insert(CREDIT_REFILL_TAG.into(), "100/month".into());
+                key.credits = true;
+            }
+            key
+        };
+        let records = Records {
+            plans: vec![plan("p1"), plan("p2")],
+            keys: (0..300).map(key).collect(),
+            bindings: (0..300)
+                .flat_map(|i| {
+                    let mut b = vec![("p1".to_string(), format!("key{i:03}"))];
+                    if i % 2 == 0 {
+                        b.push(("p2".to_string(), format!("key{i:03}")));
+                    }
+                    b
+                })
+                .collect(),
+        };
+        s.put_records(&records).unwrap();
+        let truth = |s: &RedisStore| served_view(&KeyIndex::from(&s.load().unwrap()));
+
+        // The first start reads every record, and writes the pages as of the version it read.
+        assert_eq!(pages_version(s), None);
+        assert_eq!(served_view(&s.load_index().unwrap()), truth(s));
+        assert_eq!(pages_version(s), Some(s.version().unwrap()));
+
+        // Changes after them: a start reads the pages and the changed keys.
+        let mut changed = key(2);
+        changed.enabled = !changed.enabled;
+        changed.value_hash = KeyHash::of("rotated-0123456789");
+        s.put_key(&changed).unwrap();
+        s.delete_key("key003").unwrap();
+        s.unbind("p1", "key004").unwrap();
+        s.put_key(&key(300)).unwrap();
+        s.bind("p2", "key300").unwrap();
+        let at = pages_version(s);
+        assert_eq!(served_view(&s.load_index().unwrap()), truth(s));
+        assert_eq!(pages_version(s), at, "read from the pages");
+
+        // Brought up to date by the pages the changes touched.
+        assert!(!s.refresh_pages(100).unwrap(), "not far enough behind");
+        assert!(s.refresh_pages(5).unwrap());
+        assert_eq!(pages_version(s), Some(s.version().unwrap()));
+        assert_eq!(
+            s.changes_since(s.version().unwrap()).unwrap().1,
+            Some(Vec::new())
+        );
+        assert_eq!(served_view(&s.load_index().unwrap()), truth(s));
+
+        // A change the log does not hold (an older tollgate's): every record is read again.
+        s.with(|c| Cmd::incr(keys::VERSION, 1).query::<u64>(c))
+            .unwrap();
+        s.put_key(&key(301)).unwrap();
+        assert_eq!(served_view(&s.load_index().unwrap()), truth(s));
+        assert_eq!(
+            pages_version(s),
+            Some(s.version().unwrap()),
+            "written again"
+        );
+    }
+
+    #[test]
+    fn a_start_reads_the_pages_on_redis() {
+        let server = RedisServer::start();
+        a_start_reads_the_pages_and_what_changed_since(&store(vec![server.url()], false));
+    }
+
+    #[test]
+    fn a_start_reads_the_pages_on_a_redis_cluster() {
+        let cluster = RedisCluster::start(3);
+        a_start_reads_the_pages_and_what_changed_since(&store(cluster.urls(), true));
     }
 
     #[test]

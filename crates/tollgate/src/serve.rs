@@ -14,6 +14,7 @@ use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions, Listeners};
 use tollgate_store::limiter::RedisLimiter;
+use tollgate_store::redis::REFRESH_AFTER;
 use tollgate_store::report::PeriodUsed;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
@@ -54,8 +55,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         StoreKind::Sqlite(_) => None,
     };
     // Loaded once, compact: the gateway serves from it, and the admin API keeps only its plans.
+    let started = std::time::Instant::now();
     let records =
         tokio::task::block_in_place(|| store.load_index()).context("loading the records")?;
+    let loaded = started.elapsed();
     let gateway = tokio::task::block_in_place(|| {
         Gateway::open(
             config.gateway,
@@ -66,6 +69,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             limiter,
         )
     })?;
+    tracing::info!(
+        keys = records.len(),
+        load_ms = loaded.as_millis() as u64,
+        build_ms = (started.elapsed() - loaded).as_millis() as u64,
+        "records loaded and served"
+    );
     let plans = records.into_plans();
     let admin = match &config.admin {
         Some(admin_config) => {
@@ -484,6 +493,7 @@ async fn resync(
                         "keys changed in Redis; served"
                     );
                     seen = Some(version);
+                    refresh_pages(&store).await;
                     continue;
                 }
             }
@@ -506,6 +516,19 @@ async fn resync(
             Some(admin) => admin.refresh(records).await,
             None => gateway.reload(&records, &PeriodUsed::default()),
         }
+        refresh_pages(&store).await;
+    }
+}
+
+/// Keeps the key pages a start reads near the records: rewrites those the last changes touched once
+/// they are [`REFRESH_AFTER`] changes behind (one instance at a time).
+async fn refresh_pages(store: &Arc<RedisStore>) {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || s.refresh_pages(REFRESH_AFTER)).await {
+        Ok(Ok(true)) => tracing::info!("key pages brought up to date"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not bring the key pages up to date"),
+        Err(e) => tracing::warn!(error = %e, "could not bring the key pages up to date"),
     }
 }
 
