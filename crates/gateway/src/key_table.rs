@@ -115,7 +115,8 @@ struct Shard {
 /// The keys, in shards by value hash, with an index by id.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyTable {
-    shards: Vec<Arc<Shard>>,
+    /// An array: a shard number (12 bits of a hash) needs no bounds check on the request path.
+    shards: Box<[Arc<Shard>; SHARDS]>,
     /// By the hash of the id: (id hash, leading 8 bytes of the value hash), sorted.
     ids: Vec<Arc<[(u64, u64)]>>,
     /// Old value hash → (the key's value hash, end of its grace), for the few keys in a rotation's
@@ -131,7 +132,7 @@ impl Default for KeyTable {
     fn default() -> Self {
         let empty = Arc::new(Shard::finished(Shard::default()));
         Self {
-            shards: vec![empty; SHARDS],
+            shards: Box::new(std::array::from_fn(|_| empty.clone())),
             ids: vec![Arc::from([]); SHARDS],
             previous: Arc::default(),
             by_name: Arc::default(),
@@ -230,8 +231,10 @@ impl Shard {
         self.dir[p] as usize..self.dir[p + 1] as usize
     }
 
-    fn find(&self, hash: &KeyHash) -> Option<u32> {
-        self.candidates(lead(hash))
+    /// The record of `hash`, whose leading 8 bytes are `lead`.
+    #[inline]
+    fn find(&self, lead: u64, hash: &KeyHash) -> Option<u32> {
+        self.candidates(lead)
             .find(|&i| self.recs[i].hash == *hash)
             .map(|i| i as u32)
     }
@@ -365,13 +368,14 @@ impl TableBuilder {
 
     /// The table, searchable.
     pub(crate) fn finish(self) -> KeyTable {
-        let shards: Vec<Arc<Shard>> = self
-            .shards
-            .into_iter()
-            .map(|s| Arc::new(s.finished()))
-            .collect();
+        let mut built = self.shards.into_iter().map(|s| Arc::new(s.finished()));
+        let shards: Box<[Arc<Shard>; SHARDS]> = Box::new(std::array::from_fn(|_| {
+            built
+                .next()
+                .unwrap_or_else(|| Arc::new(Shard::default().finished()))
+        }));
         let mut ids: Vec<Vec<(u64, u64)>> = vec![Vec::new(); SHARDS];
-        for shard in &shards {
+        for shard in shards.iter() {
             for (i, rec) in shard.recs.iter().enumerate() {
                 let h = id_hash(shard.id(i));
                 ids[shard_of(h)].push((h, lead(&rec.hash)));
@@ -517,9 +521,10 @@ impl KeyTable {
     /// The key whose value hashes to `hash`.
     #[inline]
     pub(crate) fn find(&self, hash: &KeyHash) -> Option<Key<'_>> {
-        let s = shard_of(lead(hash));
+        let lead = lead(hash);
+        let s = shard_of(lead);
         let shard = &self.shards[s];
-        shard.find(hash).map(|at| Key {
+        shard.find(lead, hash).map(|at| Key {
             shard,
             at,
             place: KeyRef {

@@ -474,8 +474,9 @@ const EVENT_CLAIM_SECS: i64 = 40 * 86_400;
 /// A key page's name, and its body (none when the page is missing).
 type NamedPage = (String, Option<Vec<u8>>);
 
-/// Key pages per round trip (~100 KB each at a million keys).
-const PAGES_PER_TRIP: usize = 32;
+/// Key pages per round trip (~8 KB each at a million keys): Redis spends a millisecond or so on
+/// each such command, and the data plane's calls wait meanwhile.
+const PAGES_PER_TRIP: usize = 128;
 
 /// How long the key pages' lock holds at most, should its holder die.
 const PAGES_LOCK_MS: u64 = 120_000;
@@ -1021,7 +1022,7 @@ impl RedisStore {
         let mut touched: Vec<usize> = changed.iter().map(|id| pages::page_of(id)).collect();
         touched.sort_unstable();
         touched.dedup();
-        let mut writer = pages::PageWriter::new();
+        let mut writer = pages::PageWriter::default();
         for (name, body) in self.read_pages(&touched, pages::keys_page)? {
             pages::read_keys(&name, &body.unwrap_or_default(), |id, k| {
                 if skip.contains(id) {
@@ -1303,7 +1304,7 @@ impl Store for RedisStore {
         let mut attempt = 0;
         loop {
             let before = self.version()?;
-            let mut pages = pages::PageWriter::new();
+            let mut pages = pages::PageWriter::default();
             let mut index = KeyIndex::new(self.ordered_plans()?);
             self.scan_pages("HSCAN", keys::KEYS, |page: Vec<(String, String)>| {
                 for (id, body) in page {

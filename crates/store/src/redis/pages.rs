@@ -1,6 +1,6 @@
 //! A start's fast read: what the gateway serves of every key (its fields in `{tg}:keys`, and its
-//! plans), kept again in 1,024 pages of CSV, so that a start reads 2,048 values instead of scanning a
-//! million records and a million memberships.
+//! plans), kept again in 16,384 pages of CSV, so that a start reads them (a few hundred values per
+//! round trip) instead of scanning a million records and a million memberships.
 //!
 //! Pages hold the records exactly as they were at the version `{tg}:pages` names. A start reads them,
 //! then the keys the change log says changed since (see [`super::RedisStore::changes_since`]); when
@@ -17,8 +17,9 @@ use tollgate_core::{ApiKey, KeyHash};
 use super::ServedKey;
 use crate::StoreError;
 
-/// How many pages: ~1,000 keys each at a million.
-pub(super) const PAGES: usize = 1024;
+/// How many pages: ~60 keys (~8 KB) each at a million, so that bringing the pages up to date after
+/// a thousand changes rewrites ~1,000 small pages, not most of the large ones.
+pub(super) const PAGES: usize = 16_384;
 
 /// Pages this many changes behind the records are brought up to date (see
 /// [`super::RedisStore::refresh_pages`]): well within the change log's 10,000.
@@ -49,15 +50,17 @@ fn read_optional(field: &str) -> Option<Cow<'_, str>> {
     field.strip_prefix('=').map(Cow::Borrowed)
 }
 
-/// Pages being written: their rows, each page's keys and plans apart.
+/// Pages being written: their rows, each page's keys and plans apart, made as rows come.
+#[derive(Default)]
 pub(super) struct PageWriter {
-    keys: Vec<csv::Writer<Vec<u8>>>,
-    plans: Vec<csv::Writer<Vec<u8>>>,
+    pages: std::collections::BTreeMap<usize, [csv::Writer<Vec<u8>>; 2]>,
 }
 
 fn writer() -> csv::Writer<Vec<u8>> {
+    // A small buffer: a whole write holds two writers per page.
     csv::WriterBuilder::new()
         .has_headers(false)
+        .buffer_capacity(256)
         .from_writer(Vec::new())
 }
 
@@ -66,12 +69,8 @@ fn write_error(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl PageWriter {
-    /// Writers of the pages `pages` names (all of them for a whole write).
-    pub(super) fn new() -> Self {
-        Self {
-            keys: (0..PAGES).map(|_| writer()).collect(),
-            plans: (0..PAGES).map(|_| writer()).collect(),
-        }
+    fn page(&mut self, p: usize) -> &mut [csv::Writer<Vec<u8>>; 2] {
+        self.pages.entry(p).or_insert_with(|| [writer(), writer()])
     }
 
     /// Adds key `id` as Redis's record `k` has it.
@@ -84,7 +83,7 @@ impl PageWriter {
                 .unwrap_or_default(),
         );
         let previous = k.previous.as_ref().map(|p| p.previous_sha256.as_str());
-        self.keys[page_of(id)]
+        self.page(page_of(id))[0]
             .write_record([
                 id,
                 &k.name,
@@ -111,21 +110,24 @@ impl PageWriter {
 
     /// Adds key `key`'s membership of plan `plan`.
     pub(super) fn binding(&mut self, plan: &str, key: &str) -> Result<(), StoreError> {
-        self.plans[page_of(key)]
+        self.page(page_of(key))[1]
             .write_record([plan, key])
             .map_err(write_error)
     }
 
-    /// The pages' names and contents, keys then plans, for the pages `which` (all when `None`).
+    /// The pages' names and contents, keys then plans, for the pages `which` (all of them when
+    /// `None`, empty ones included: a start takes a missing page for pages not all written).
     pub(super) fn finish(
-        self,
+        mut self,
         which: Option<&[usize]>,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for (p, (keys, plans)) in self.keys.into_iter().zip(self.plans).enumerate() {
-            if which.is_some_and(|w| !w.contains(&p)) {
-                continue;
-            }
+        let which: Vec<usize> = which.map_or_else(|| (0..PAGES).collect(), <[usize]>::to_vec);
+        let mut out = Vec::with_capacity(2 * which.len());
+        for p in which {
+            let [keys, plans] = self
+                .pages
+                .remove(&p)
+                .unwrap_or_else(|| [writer(), writer()]);
             out.push((keys_page(p), keys.into_inner().map_err(write_error)?));
             out.push((plans_page(p), plans.into_inner().map_err(write_error)?));
         }
@@ -226,7 +228,7 @@ mod tests {
         key.tags
             .insert("tollgate:allowedSourceIps".into(), "10.0.0.0/8,::1".into());
         key.rotate("new", KeyHash::of("new"), 42);
-        let mut pages = PageWriter::new();
+        let mut pages = PageWriter::default();
         pages.api_key(&key).unwrap();
         pages.binding("plan,1", &key.id).unwrap();
         let p = page_of(&key.id);
