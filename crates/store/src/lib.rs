@@ -87,6 +87,45 @@ pub struct Records {
 /// A key found by name, and the ids of the plans it is in.
 pub type NamedKey = (ApiKey, Vec<String>);
 
+/// For each of `names`, the oldest key of `records` with that name, and the ids of its plans,
+/// sorted.
+pub(crate) fn keys_named_in(records: Records, names: &[&str]) -> Vec<Option<NamedKey>> {
+    let wanted: HashSet<&str> = names.iter().copied().collect();
+    let mut plans: HashMap<String, Vec<String>> = HashMap::new();
+    for (plan, key) in records.bindings {
+        plans.entry(key).or_default().push(plan);
+    }
+    let found = records
+        .keys
+        .into_iter()
+        .filter(|k| wanted.contains(k.name.as_str()))
+        .map(|k| {
+            let of_key = plans.remove(&k.id).unwrap_or_default();
+            (k, of_key)
+        });
+    oldest_named(names, found)
+}
+
+/// For each of `names`, the oldest of `found` (keys with their plans) that has that name (by
+/// creation date, then id), its plans sorted.
+pub(crate) fn oldest_named(
+    names: &[&str],
+    found: impl IntoIterator<Item = NamedKey>,
+) -> Vec<Option<NamedKey>> {
+    let mut oldest: HashMap<String, NamedKey> = HashMap::new();
+    for (key, mut plans) in found {
+        if !names.contains(&key.name.as_str()) {
+            continue;
+        }
+        let older = |k: &ApiKey| (key.created_date, &key.id) < (k.created_date, &k.id);
+        if oldest.get(&key.name).is_none_or(|(k, _)| older(k)) {
+            plans.sort();
+            oldest.insert(key.name.clone(), (key, plans));
+        }
+    }
+    names.iter().map(|n| oldest.get(*n).cloned()).collect()
+}
+
 /// Requests to add to one key's counts under one plan on one UTC day, and when it was last used.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageDelta {
@@ -404,37 +443,11 @@ pub trait Store: Send + Sync {
     /// ids of its plans. This default reads every record once; backends with an index on names look
     /// each one up instead.
     fn keys_named(&self, names: &[&str]) -> Result<Vec<Option<NamedKey>>, StoreError> {
-        let records = self.load()?;
-        let wanted: HashSet<&str> = names.iter().copied().collect();
-        let mut oldest: HashMap<&str, &ApiKey> = HashMap::new();
-        for key in records
-            .keys
-            .iter()
-            .filter(|k| wanted.contains(k.name.as_str()))
-        {
-            oldest
-                .entry(&key.name)
-                .and_modify(|k| {
-                    if (key.created_date, &key.id) < (k.created_date, &k.id) {
-                        *k = key;
-                    }
-                })
-                .or_insert(key);
+        if names.is_empty() {
+            // A config that declares no keys: a million records are not read for nothing.
+            return Ok(Vec::new());
         }
-        let mut plans: HashMap<&str, Vec<String>> = HashMap::new();
-        for (plan, key) in &records.bindings {
-            plans.entry(key.as_str()).or_default().push(plan.clone());
-        }
-        Ok(names
-            .iter()
-            .map(|name| {
-                oldest.get(name).map(|key| {
-                    let mut of_key = plans.get(key.id.as_str()).cloned().unwrap_or_default();
-                    of_key.sort();
-                    ((*key).clone(), of_key)
-                })
-            })
-            .collect())
+        Ok(keys_named_in(self.load()?, names))
     }
     /// For each of `ids`, in order, the key with that id and the ids of its plans, sorted: what a
     /// write of a few keys serves again. This default reads every record once; backends look each

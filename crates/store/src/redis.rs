@@ -951,6 +951,34 @@ impl RedisStore {
         Ok(Some(index))
     }
 
+    /// The ids of the keys that may have one of `names`: those the key pages give one of them, and
+    /// those changed since the pages were written. `None` when the pages cannot tell.
+    fn ids_named(&self, names: &[&str]) -> Result<Option<Vec<String>>, StoreError> {
+        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
+        let Some(at) = at else {
+            return Ok(None);
+        };
+        let (_, Some(mut ids)) = self.changes_since(at)? else {
+            return Ok(None);
+        };
+        let wanted: HashSet<&str> = names.iter().copied().collect();
+        let all: Vec<usize> = (0..pages::PAGES).collect();
+        for (name, body) in self.read_pages(&all, pages::keys_page)? {
+            let Some(body) = body else {
+                return Ok(None);
+            };
+            pages::read_keys(&name, &body, |id, k| {
+                if wanted.contains(&*k.name) {
+                    ids.push(id.to_owned());
+                }
+                Ok(())
+            })?;
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Some(ids))
+    }
+
     /// Pages `which` (named by `name`), read a few dozen per round trip: (name, body).
     fn read_pages(
         &self,
@@ -1349,6 +1377,19 @@ impl Store for RedisStore {
         let body: Option<String> =
             self.with(|c| redis::cmd("HGET").arg(keys::KEYS).arg(key_id).query(c))?;
         body.map(|b| parse_key(key_id, &b)).transpose()
+    }
+
+    fn keys_named(&self, names: &[&str]) -> Result<Vec<Option<crate::NamedKey>>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Names are not indexed: the key pages say which keys have them, else every record is read.
+        let Some(ids) = self.ids_named(names)? else {
+            return Ok(crate::keys_named_in(self.load()?, names));
+        };
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let found = self.keys_by_id(&refs)?.into_iter().flatten();
+        Ok(crate::oldest_named(names, found))
     }
 
     fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<crate::NamedKey>>, StoreError> {
@@ -2176,6 +2217,20 @@ mod tests {
         let at = pages_version(s);
         assert_eq!(served_view(&s.load_index().unwrap()), truth(s));
         assert_eq!(pages_version(s), at, "read from the pages");
+        // Keys found by name through the pages, changed ones included.
+        let mut renamed = key(7);
+        renamed.name = "name, \"5\"".into();
+        renamed.created_date = -1;
+        s.put_key(&renamed).unwrap();
+        let names = ["name, \"5\"", "name, \"2\"", "nobody"];
+        let by_name = s.keys_named(&names).unwrap();
+        assert_eq!(by_name, crate::keys_named_in(s.load().unwrap(), &names));
+        assert_eq!(
+            by_name[0].as_ref().map(|(k, _)| k.id.as_str()),
+            Some("key007"),
+            "the oldest"
+        );
+        assert!(by_name[1].is_some() && by_name[2].is_none());
 
         // Brought up to date by the pages the changes touched.
         assert!(!s.refresh_pages(100).unwrap(), "not far enough behind");
