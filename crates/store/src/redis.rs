@@ -1040,12 +1040,13 @@ impl RedisStore {
         let Some(at) = at else {
             return Ok(false);
         };
+        // Asked after every change an instance serves: the versions alone say whether to go on.
+        if self.version()? < at.saturating_add(behind) {
+            return Ok(false);
+        }
         let (now, Some(changed)) = self.changes_since(at)? else {
             return Ok(false);
         };
-        if now < at.saturating_add(behind) {
-            return Ok(false);
-        }
         let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
         let mut touched: Vec<usize> = changed.iter().map(|id| pages::page_of(id)).collect();
         touched.sort_unstable();
