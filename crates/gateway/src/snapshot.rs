@@ -1710,27 +1710,17 @@ mod change_tests {
         // Key 2 changes (a new name), key 1 does not: both carry on from where they were.
         rec.keys[2].name = "renamed".into();
         let touched = vec!["k0002".to_string()];
-        let index = changed(&rec, &touched);
-        assert!(Snapshot::change_keys(
-            &cell,
-            &index,
-            &touched,
-            &PeriodUsed::default(),
-            T0
-        ));
+        let apply = |rec: &Records| {
+            let index = changed(rec, &touched);
+            Snapshot::change_keys(&cell, &index, &touched, &PeriodUsed::default(), T0)
+        };
+        assert!(apply(&rec));
         assert_eq!(left(&value(1)), 996);
         assert_eq!(left(&value(2)), 998);
         // Disabled, then enabled again: the count is kept.
         for enabled in [false, true] {
             rec.keys[2].enabled = enabled;
-            let index = changed(&rec, &touched);
-            assert!(Snapshot::change_keys(
-                &cell,
-                &index,
-                &touched,
-                &PeriodUsed::default(),
-                T0
-            ));
+            assert!(apply(&rec));
         }
         assert_eq!(left(&value(2)), 997);
         // A change that needs the plans read again is refused, and nothing changes.

@@ -139,17 +139,29 @@ fn corrupt(page: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("key page {page}: {e}"))
 }
 
-/// Each key of a keys page, as the records have it: `each(id, key)`.
-pub(super) fn read_keys(
+/// Each row of page `name`: `each(row)`.
+fn rows(
     name: &str,
     page: &[u8],
-    mut each: impl FnMut(&str, ServedKey<'_>) -> Result<(), StoreError>,
+    mut each: impl FnMut(&csv::StringRecord) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut rows = csv::ReaderBuilder::new()
         .has_headers(false)
         .from_reader(page);
     let mut row = csv::StringRecord::new();
     while rows.read_record(&mut row).map_err(|e| corrupt(name, e))? {
+        each(&row)?;
+    }
+    Ok(())
+}
+
+/// Each key of a keys page, as the records have it: `each(id, key)`.
+pub(super) fn read_keys(
+    name: &str,
+    page: &[u8],
+    mut each: impl FnMut(&str, ServedKey<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    rows(name, page, |row| {
         let [
             id,
             key_name,
@@ -190,9 +202,8 @@ pub(super) fn read_keys(
             previous,
             value_sha256: Cow::Borrowed(hash),
         };
-        each(id, key)?;
-    }
-    Ok(())
+        each(id, key)
+    })
 }
 
 /// Each membership of a plans page: `each(plan, key)`.
@@ -201,14 +212,10 @@ pub(super) fn read_plans(
     page: &[u8],
     mut each: impl FnMut(&str, &str),
 ) -> Result<(), StoreError> {
-    let mut rows = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .from_reader(page);
-    let mut row = csv::StringRecord::new();
-    while rows.read_record(&mut row).map_err(|e| corrupt(name, e))? {
+    rows(name, page, |row| {
         each(row.get(0).unwrap_or(""), row.get(1).unwrap_or(""));
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
