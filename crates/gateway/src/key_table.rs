@@ -284,6 +284,15 @@ impl Shard {
 }
 
 impl<'t> Key<'t> {
+    /// Record `at` of `shard`, shard number `s`.
+    fn new(shard: &'t Shard, s: usize, at: u32) -> Self {
+        let place = KeyRef {
+            shard: s as u32,
+            at,
+        };
+        Key { shard, at, place }
+    }
+
     fn rec(&self) -> &'t KeyRec {
         &self.shard.recs[self.at as usize]
     }
@@ -524,14 +533,7 @@ impl KeyTable {
         let lead = lead(hash);
         let s = shard_of(lead);
         let shard = &self.shards[s];
-        shard.find(lead, hash).map(|at| Key {
-            shard,
-            at,
-            place: KeyRef {
-                shard: s as u32,
-                at,
-            },
-        })
+        shard.find(lead, hash).map(|at| Key::new(shard, s, at))
     }
 
     /// The key whose value before its last rotation hashes to `hash`, while that value's grace
@@ -611,14 +613,7 @@ impl KeyTable {
     /// Every key, in hash order.
     pub(crate) fn keys(&self) -> impl Iterator<Item = Key<'_>> {
         self.shards.iter().enumerate().flat_map(|(s, shard)| {
-            (0..shard.recs.len() as u32).map(move |at| Key {
-                shard,
-                at,
-                place: KeyRef {
-                    shard: s as u32,
-                    at,
-                },
-            })
+            (0..shard.recs.len() as u32).map(move |at| Key::new(shard, s, at))
         })
     }
 
@@ -657,38 +652,20 @@ impl KeyTable {
     /// Every key with an expiry, with when (epoch nanoseconds).
     pub(crate) fn expiries(&self) -> impl Iterator<Item = (Key<'_>, u64)> {
         self.shards.iter().enumerate().flat_map(move |(s, shard)| {
-            shard.expiries.iter().map(move |(&at, &t)| {
-                (
-                    Key {
-                        shard,
-                        at,
-                        place: KeyRef {
-                            shard: s as u32,
-                            at,
-                        },
-                    },
-                    t,
-                )
-            })
+            shard
+                .expiries
+                .iter()
+                .map(move |(&at, &t)| (Key::new(shard, s, at), t))
         })
     }
 
     /// Every key's credits, with the key.
     pub(crate) fn accounts(&self) -> impl Iterator<Item = (Key<'_>, &KeyAccount)> {
         self.shards.iter().enumerate().flat_map(move |(s, shard)| {
-            shard.credits.iter().map(move |(&at, a)| {
-                (
-                    Key {
-                        shard,
-                        at,
-                        place: KeyRef {
-                            shard: s as u32,
-                            at,
-                        },
-                    },
-                    a,
-                )
-            })
+            shard
+                .credits
+                .iter()
+                .map(move |(&at, a)| (Key::new(shard, s, at), a))
         })
     }
 }
