@@ -1,4 +1,4 @@
-//! The served keys in little memory (about 70 bytes a key), looked up by the hash of a presented
+//! The served keys in little memory (about 85 bytes a key), looked up by the hash of a presented
 //! value in one probe of a directory and a short scan, and changed a few keys at a time.
 //!
 //! Keys sit in 4,096 shards by the leading bits of their value hash. A shard holds its keys sorted by
