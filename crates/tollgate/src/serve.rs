@@ -481,17 +481,13 @@ async fn resync(
             })
             .await;
             if let Ok(Ok((index, ids))) = read {
+                let keys = ids.len();
                 let served = match &admin {
-                    Some(admin) => admin.refresh_keys(&index, &ids).await,
+                    Some(admin) => admin.refresh_keys(index, ids).await,
                     None => gateway.change_keys(&index, &ids, &PeriodUsed::default()),
                 };
                 if served {
-                    tracing::info!(
-                        version,
-                        announced,
-                        keys = ids.len(),
-                        "keys changed in Redis; served"
-                    );
+                    tracing::info!(version, announced, keys, "keys changed in Redis; served");
                     seen = Some(version);
                     refresh_pages(&store).await;
                     continue;

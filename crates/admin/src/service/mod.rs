@@ -15,6 +15,7 @@ mod keys;
 mod paging;
 mod patch;
 mod plans;
+mod pool;
 mod tags;
 mod usage;
 
@@ -78,7 +79,12 @@ pub struct Admin {
     pub(crate) failed: crate::failures::FailedCredentials,
     /// Request bodies read before their signature can be checked share this.
     pub(crate) unverified: crate::body::UnverifiedBudget,
+    /// Where store calls and changes of what is served run: below the data plane's priority.
+    pool: pool::Pool,
 }
+
+/// The control plane's threads: writes are serialised, reads (listings, usage) may run beside them.
+const ADMIN_THREADS: usize = 4;
 
 /// The usage plans, held under the write lock.
 pub(crate) type HeldPlans = tokio::sync::OwnedMutexGuard<Vec<UsagePlan>>;
@@ -160,6 +166,7 @@ impl Admin {
             settings,
             failed: crate::failures::FailedCredentials::new(),
             unverified: crate::body::UnverifiedBudget::default(),
+            pool: pool::Pool::new(ADMIN_THREADS),
         }
     }
 
@@ -194,18 +201,31 @@ impl Admin {
     }
 
     /// Adopts records another instance changed (cluster mode) and serves them.
-    pub async fn refresh(&self, fresh: KeyIndex) {
+    pub async fn refresh(self: &Arc<Self>, fresh: KeyIndex) {
         let mut plans = self.plans.lock().await;
         plans.clone_from(&fresh.plans);
-        self.gateway.reload(&fresh, &PeriodUsed::default());
+        let served = self
+            .blocking(move |admin| {
+                admin.gateway.reload(&fresh, &PeriodUsed::default());
+                Ok(())
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "could not serve the records another instance changed");
+        }
     }
 
     /// Serves keys `ids` as another instance changed them (cluster mode), as `changed` holds them,
     /// under the write lock; `false` when everything must be read again instead.
-    pub async fn refresh_keys(&self, changed: &KeyIndex, ids: &[String]) -> bool {
+    pub async fn refresh_keys(self: &Arc<Self>, changed: KeyIndex, ids: Vec<String>) -> bool {
         let _plans = self.plans.lock().await;
-        self.gateway
-            .change_keys(changed, ids, &PeriodUsed::default())
+        self.blocking(move |admin| {
+            Ok(admin
+                .gateway
+                .change_keys(&changed, &ids, &PeriodUsed::default()))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The credentials requests must be signed with.
@@ -236,15 +256,17 @@ impl Admin {
         EpochDay::from_nanos(self.gateway.now())
     }
 
-    /// Runs `f`, which calls the store, on tokio's blocking pool. Store calls block (SQLite's file,
-    /// the Redis connection); this is the one place the control plane waits for them, so no async
-    /// worker is held up by one.
+    /// Runs `f`, which calls the store or changes what is served, on the control plane's own
+    /// threads, below the data plane's priority. Store calls block (SQLite's file, the Redis
+    /// connection) and a change of what is served takes CPU; this is the one place the control plane
+    /// waits for them, so no async worker is held up by one.
     pub(crate) async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
     ) -> Result<T, AdminError> {
         let admin = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&admin))
+        self.pool
+            .run(move || f(&admin))
             .await
             .map_err(|e| AdminError::Internal(format!("store call: {e}")))?
     }
@@ -360,14 +382,14 @@ impl Admin {
             // New memberships start from the store's counts: everything counted so far is in it.
             self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
-        let (index, ids, mut used) = self
+        let (ids, served) = self
             .blocking(move |admin| {
-                let used = keys_period_used(&*admin.store, &index, today)?;
-                Ok((index, ids, used))
+                let mut used = keys_period_used(&*admin.store, &index, today)?;
+                used.credits = credits;
+                let served = admin.gateway.change_keys(&index, &ids, &used);
+                Ok((ids, served))
             })
             .await?;
-        used.credits = credits;
-        let served = self.gateway.change_keys(&index, &ids, &used);
         tracing::debug!(
             keys = ids.len(),
             served,
@@ -393,19 +415,19 @@ impl Admin {
             self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
         let today = self.today();
-        let (index, used) = self
+        let (keys, stored_plans) = self
             .blocking(move |admin| {
                 let index = admin.store.load_index()?;
                 let mut used =
                     period_used(&*admin.store, &index, |p| recount.contains(&p.id), today)?;
                 used.credits = credits;
-                Ok((index, used))
+                admin.gateway.reload(&index, &used);
+                Ok((index.len(), index.into_plans()))
             })
             .await?;
-        self.gateway.reload(&index, &used);
-        plans.clone_from(&index.plans);
+        **plans = stored_plans;
         tracing::debug!(
-            keys = index.len(),
+            keys,
             ms = started.elapsed().as_millis() as u64,
             "admin write served"
         );

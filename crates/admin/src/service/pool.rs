@@ -1,0 +1,101 @@
+//! The threads the control plane's store calls and snapshot changes run on: a few of their own,
+//! below the data plane's priority, so that a burst of admin writes takes the CPU the data plane
+//! leaves rather than the CPU it needs (tokio's blocking pool is shared with the data plane's own
+//! blocking work, whose priority must not drop).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+
+/// How much nicer than the data plane (Linux `nice`, 0 to 19): at 10 the scheduler gives these
+/// threads about a tenth of what a data-plane thread gets when both want the CPU.
+const NICER_BY: i32 = 10;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of low-priority threads running jobs in order of arrival.
+pub(crate) struct Pool {
+    jobs: Mutex<Sender<Job>>,
+}
+
+impl Pool {
+    /// `threads` threads, named `tollgate-admin-<n>`.
+    pub(crate) fn new(threads: usize) -> Self {
+        let (jobs, queue) = channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..threads {
+            let queue = Arc::clone(&queue);
+            let spawned = std::thread::Builder::new()
+                .name(format!("tollgate-admin-{n}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        let job = match queue.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        // A job that panics answers nothing (its caller sees an error); the
+                        // thread carries on.
+                        let _ = catch_unwind(AssertUnwindSafe(job));
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start a control-plane thread");
+            }
+        }
+        Self {
+            jobs: Mutex::new(jobs),
+        }
+    }
+
+    /// Runs `f` on one of the threads; `Err` when it panicked or no thread runs.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(f());
+        });
+        self.jobs
+            .lock()
+            .map_err(|_| "the control plane's threads are gone".to_owned())?
+            .send(job)
+            .map_err(|_| "the control plane's threads are gone".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "a control-plane call failed".to_owned())
+    }
+}
+
+/// Makes the calling thread nicer than the data plane's (Linux keeps a nice value per thread).
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICER_BY) {
+        tracing::warn!(error = %e, "could not lower a control-plane thread's priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_jobs_on_nicer_threads_and_survives_a_panic() {
+        let pool = Pool::new(2);
+        let name = pool
+            .run(|| std::thread::current().name().map(str::to_owned))
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("tollgate-admin-"));
+        let nice = pool
+            .run(|| rustix::process::getpriority_process(Some(rustix::thread::gettid())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(nice >= NICER_BY, "nice {nice}");
+        assert!(pool.run(|| panic!("a job that fails")).await.is_err());
+        assert_eq!(pool.run(|| 42).await, Ok(42), "the threads carry on");
+    }
+}
