@@ -896,14 +896,24 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The record version the key pages hold, if they are all written.
+    fn pages_at(&self) -> Result<Option<u64>, StoreError> {
+        self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))
+    }
+
+    /// The version the key pages hold and the ids of the keys changed since, when there are pages
+    /// and the change log reaches back to them.
+    fn changed_since_pages(&self) -> Result<Option<(u64, Vec<String>)>, StoreError> {
+        let Some(at) = self.pages_at()? else {
+            return Ok(None);
+        };
+        Ok(self.changes_since(at)?.1.map(|changed| (at, changed)))
+    }
+
     /// The index from the key pages and the keys changed since they were written, when the change
     /// log reaches back to them; `None` when it does not, or a page is missing (see [`pages`]).
     fn index_from_pages(&self) -> Result<Option<KeyIndex>, StoreError> {
-        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
-        let Some(at) = at else {
-            return Ok(None);
-        };
-        let (_, Some(changed)) = self.changes_since(at)? else {
+        let Some((at, changed)) = self.changed_since_pages()? else {
             return Ok(None);
         };
         let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
@@ -954,11 +964,7 @@ impl RedisStore {
     /// The ids of the keys that may have one of `names`: those the key pages give one of them, and
     /// those changed since the pages were written. `None` when the pages cannot tell.
     fn ids_named(&self, names: &[&str]) -> Result<Option<Vec<String>>, StoreError> {
-        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
-        let Some(at) = at else {
-            return Ok(None);
-        };
-        let (_, Some(mut ids)) = self.changes_since(at)? else {
+        let Some((_, mut ids)) = self.changed_since_pages()? else {
             return Ok(None);
         };
         let wanted: HashSet<&str> = names.iter().copied().collect();
@@ -1036,8 +1042,7 @@ impl RedisStore {
     /// nothing to do, or another instance is at it, or the change log no longer reaches back (the
     /// next start then reads every record and writes all pages).
     pub fn refresh_pages(&self, behind: u64) -> Result<bool, StoreError> {
-        let at: Option<u64> = self.with(|c| Cmd::get(keys::PAGES_VERSION).query(c))?;
-        let Some(at) = at else {
+        let Some(at) = self.pages_at()? else {
             return Ok(false);
         };
         // Asked after every change an instance serves: the versions alone say whether to go on.
@@ -2159,7 +2164,7 @@ mod tests {
     }
 
     fn pages_version(s: &RedisStore) -> Option<u64> {
-        s.with(|c| Cmd::get(keys::PAGES_VERSION).query(c)).unwrap()
+        s.pages_at().unwrap()
     }
 
     fn a_start_reads_the_pages_and_what_changed_since(s: &RedisStore) {
