@@ -5,10 +5,12 @@
 # depend on what else the machine is doing, so they judge a change where timings on a shared 2-core
 # box cannot. The kernel's share (the loopback TCP both sides pay alike) is not counted.
 #
-#   bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT]
+#   bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT] [--profile NAME]
 #
 # --only TEXT counts only the targets whose label contains TEXT ("HTTP/2", "tollgate", …).
 # --keep DIR copies each target's callgrind profile to DIR (LABEL.callgrind), for callgrind_annotate.
+# --profile profiling builds tollgate with line tables (the same code as release), so
+# `callgrind_annotate --auto=yes` can tell which lines the instructions go to.
 #
 # Each target starts under valgrind, takes 200 warm-up requests, has its counters zeroed, serves N
 # keyed requests over 4 keep-alive connections (bench/keepalive.py), and has its counters dumped.
@@ -29,7 +31,8 @@ while [ $# -gt 0 ]; do
         --requests) REQUESTS=$2; shift 2 ;;
         --keep) KEEP=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
-        *) echo "usage: bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT]" >&2; exit 64 ;;
+        --profile) PROFILE=$2; shift 2 ;;
+        *) echo "usage: bench/instructions.sh [--requests N] [--keep DIR] [--only TEXT] [--profile NAME]" >&2; exit 64 ;;
     esac
 done
 

@@ -19,9 +19,11 @@ require() {
 }
 
 # Builds tollgate, makes $WORK, and stops every pid added to PIDS when the script exits.
+# PROFILE (default release) picks the cargo profile: `profiling` is release with line tables.
 setup() {
-    cargo build --release -q -p tollgate
-    TOLLGATE=${CARGO_TARGET_DIR:-$PWD/target}/release/tollgate
+    local profile=${PROFILE:-release}
+    cargo build --profile "$profile" -q -p tollgate
+    TOLLGATE=${CARGO_TARGET_DIR:-$PWD/target}/$profile/tollgate
     WORK=$(mktemp -d)
     PIDS=()
     trap cleanup EXIT

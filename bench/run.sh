@@ -3,6 +3,10 @@
 # per key, proxy with keep-alive), and against the upstream alone, measured in one run on one machine.
 #
 #   bench/run.sh [--reps N] [--duration SECONDS] [--keys "1000 1000000"] [--no-accuracy]
+#                [--only "LABEL ..."] [--profile NAME]
+#
+# --only runs just the targets whose label contains one of the words (e.g. "tollgate/1000
+# tollgate-redis/1000 nginx-auth/1000"); --profile picks the cargo profile (bench/instructions.sh).
 #
 # Layout (steady numbers on 2 cores): wrk alone on CPU 0; the system under test and the upstream on
 # CPU 1; one worker for nginx and HAProxy, a tokio runtime that sees one CPU for tollgate; keep-alive on
@@ -24,13 +28,16 @@ DURATION=5
 KEYSETS="1000 1000000"
 CONNS=32
 ACCURACY=1
+ONLY=
 while [ $# -gt 0 ]; do
     case "$1" in
         --reps) REPS=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --keys) KEYSETS=$2; shift 2 ;;
         --no-accuracy) ACCURACY=0; shift ;;
-        *) echo "usage: bench/run.sh [--reps N] [--duration SECONDS] [--keys \"1000 1000000\"]" >&2; exit 64 ;;
+        --only) ONLY=$2; shift 2 ;;
+        --profile) PROFILE=$2; shift 2 ;;
+        *) echo "usage: bench/run.sh [--reps N] [--duration SECONDS] [--keys \"1000 1000000\"] [--no-accuracy] [--only \"LABEL ...\"] [--profile NAME]" >&2; exit 64 ;;
     esac
 done
 
@@ -276,11 +283,20 @@ TARGETS+=("nginx-tls/$first nginx_tls $first" "tollgate-tls/$first tollgate_tls 
     "nginx-h2/$first nginx_h2 $first" "tollgate-h2/$first tollgate_h2 $first"
     "tollgate-verify-behind-nginx/$first tollgate_verify $first")
 
+# selected LABEL: whether --only lets LABEL run.
+selected() {
+    [ -z "$ONLY" ] && return 0
+    local word
+    for word in $ONLY; do [[ "$1" == *"$word"* ]] && return 0; done
+    return 1
+}
+
 : >"$WORK/results"
 for rep in $(seq 1 "$REPS"); do
     for t in "${TARGETS[@]}"; do
         # shellcheck disable=SC2086
         set -- $t
+        selected "$1" || continue
         echo "rep $rep/$REPS: $1" >&2
         measure "$1" "$2" "$3" "${4:-}"
     done

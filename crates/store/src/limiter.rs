@@ -7,6 +7,7 @@
 //! Times are microseconds (Lua numbers are doubles: exact up to 2^53).
 
 use std::future::Future;
+use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -31,11 +32,17 @@ const SET_REMAINING: &str = include_str!("lua/set_remaining.lua");
 /// The most requests one script call decides.
 const MAX_BATCH: usize = 256;
 
-/// Arguments the script takes per request (after the clock, its first); a request with credits
-/// takes [`CREDIT_ARGS`] more.
-const ARGS_PER_CALL: usize = 7;
-/// The refill's amount, period start and end.
-const CREDIT_ARGS: usize = 3;
+/// The numbers the script reads of one request, after its flags and its names' places in `KEYS`
+/// (`RECORD` in `lua/limit.lua`): interval, tolerance, limit, window start and end, cost, and the
+/// credits' refill amount, period start and end (0 without credits).
+const NUMBERS: usize = 9;
+/// One request's record in the script's second argument: flags (1 byte), the places in `KEYS` of
+/// its limits' four names and of its credits' name (4 bytes each, 1-based, 0 for none), then the
+/// [`NUMBERS`] (8 bytes each), all little-endian: one binary argument for the whole batch instead of
+/// ten decimal ones a request, which Redis would parse one by one and Lua convert with `tonumber`.
+const RECORD_BYTES: usize = 1 + 4 + 4 + 8 * NUMBERS;
+/// One answer in the script's reply (`ANSWER` in `lua/limit.lua`): five signed 8-byte integers.
+const ANSWER_BYTES: usize = 5 * 8;
 
 /// One request's own limits, as the script is asked about them.
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +136,16 @@ enum Answer {
 }
 
 impl Answer {
+    /// One answer of [`ANSWER_BYTES`] as the script packed it.
+    fn raw(bytes: &[u8]) -> Raw {
+        let at = |i: usize| {
+            let mut n = [0; 8];
+            n.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            i64::from_le_bytes(n)
+        };
+        (at(0), at(1), at(2), at(3), at(4))
+    }
+
     /// The one place that knows the script's status numbers (`lua/limit.lua` lists them).
     fn decode((status, a, b, c, credits): Raw) -> Result<Self, LimiterError> {
         let num = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -168,8 +185,9 @@ struct Job {
     method: Box<str>,
     /// The API key whose credits the request spends, if any.
     credits: Option<Box<str>>,
-    /// [`ARGS_PER_CALL`] arguments, then [`CREDIT_ARGS`] with credits.
-    args: [u64; ARGS_PER_CALL + CREDIT_ARGS],
+    /// Flags: 1 throttle, 2 quota, 4 the credits of a plan in shadow.
+    flags: u8,
+    numbers: [u64; NUMBERS],
     reply: oneshot::Sender<Result<Raw, LimiterError>>,
 }
 
@@ -181,22 +199,14 @@ impl Job {
         }
     }
 
-    /// The arguments the script reads of this request.
-    fn args(&self) -> &[u64] {
-        let n = ARGS_PER_CALL
-            + if self.credits.is_some() {
-                CREDIT_ARGS
-            } else {
-                0
-            };
-        &self.args[..n]
+    /// Whether `self` and `other` touch the same bucket, quota and usage.
+    fn same_limits(&self, other: &Job) -> bool {
+        self.holder == other.holder && self.plan_id == other.plan_id && self.method == other.method
     }
 
-    /// `call`'s arguments for the quota (and refill) period containing `day`, and the quota window.
-    fn args_for(
-        call: &KeyCall<'_>,
-        day: EpochDay,
-    ) -> ([u64; ARGS_PER_CALL + CREDIT_ARGS], Option<QuotaWindow>) {
+    /// `call`'s flags and numbers for the quota (and refill) period containing `day`, and the quota
+    /// window.
+    fn numbers_for(call: &KeyCall<'_>, day: EpochDay) -> (u8, [u64; NUMBERS], Option<QuotaWindow>) {
         // Microseconds for Lua's doubles; rates above 1M/s round to one token per microsecond, the
         // bucket's size stays exact.
         let (interval_us, tolerance_us) = call.throttle.map_or((0, 0), |g| {
@@ -208,12 +218,10 @@ impl Job {
         let window = call.quota.map(|q| QuotaWindow::containing(q, day));
         let refill = call.credits.and_then(|c| c.refill);
         let refilled = refill.map(|r| r.window(day));
-        let flags = u64::from(call.throttle.is_some())
-            | u64::from(call.quota.is_some()) << 1
-            | u64::from(call.credits.is_some()) << 2
-            | u64::from(call.credits.is_some_and(|c| c.shadow)) << 3;
-        let args = [
-            flags,
+        let flags = u8::from(call.throttle.is_some())
+            | u8::from(call.quota.is_some()) << 1
+            | u8::from(call.credits.is_some_and(|c| c.shadow)) << 2;
+        let numbers = [
             interval_us,
             tolerance_us,
             call.quota.map_or(0, |q| u64::from(q.limit)),
@@ -224,7 +232,109 @@ impl Job {
             refilled.map_or(0, |w| u64::from(w.start.0)),
             refilled.map_or(0, |w| u64::from(w.end.0)),
         ];
-        (args, window)
+        (flags, numbers, window)
+    }
+}
+
+/// A group of names in `KEYS` a batch shares: one holder's limits under one plan and bucket (four
+/// names), or one API key's credits (one).
+#[derive(Clone, Copy)]
+struct Named {
+    /// The first job that named it.
+    job: usize,
+    credits: bool,
+    /// Its first name's place in `KEYS`, 1-based as Lua counts.
+    at: u32,
+}
+
+/// Encodes a batch for the script, in buffers kept from batch to batch: a key the batch asks about
+/// many times (a busy partner) is named once in `KEYS`, and each request's record points at its
+/// names, so Redis parses and Lua looks up each name once a batch.
+#[derive(Default)]
+struct Encoder {
+    /// The groups named so far in this batch, found by their hash.
+    named: hashbrown::HashTable<Named>,
+    /// The groups in `KEYS` order.
+    order: Vec<Named>,
+    /// The records ([`RECORD_BYTES`] each).
+    records: Vec<u8>,
+    /// The name being written.
+    scratch: String,
+}
+
+impl Encoder {
+    /// The script call for `batch` on the clock `clock_us`.
+    fn encode(&mut self, script: &LuaScript, clock_us: u64, batch: &[Job]) -> redis::Cmd {
+        let hasher = foldhash::fast::FixedState::default();
+        self.named.clear();
+        self.order.clear();
+        self.records.clear();
+        self.records.reserve(batch.len() * RECORD_BYTES);
+        let mut names = 0u32;
+        for (i, job) in batch.iter().enumerate() {
+            let mut place = |credits: bool, hash: u64, width: u32| {
+                let same = |n: &Named| {
+                    n.credits == credits
+                        && if credits {
+                            batch[n.job].credits == job.credits
+                        } else {
+                            batch[n.job].same_limits(job)
+                        }
+                };
+                if let Some(n) = self.named.find(hash, same) {
+                    return n.at;
+                }
+                let named = Named {
+                    job: i,
+                    credits,
+                    at: names + 1,
+                };
+                names += width;
+                self.order.push(named);
+                let rehash = |n: &Named| group_hash(&hasher, &batch[n.job], n.credits);
+                self.named.insert_unique(hash, named, rehash);
+                named.at
+            };
+            let limits = place(false, group_hash(&hasher, job, false), 4);
+            let credits = match job.credits {
+                Some(_) => place(true, group_hash(&hasher, job, true), 1),
+                None => 0,
+            };
+            self.records.push(job.flags);
+            self.records.extend_from_slice(&limits.to_le_bytes());
+            self.records.extend_from_slice(&credits.to_le_bytes());
+            for n in job.numbers {
+                self.records.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+        let mut call = script.call(names as usize);
+        for n in &self.order {
+            let job = &batch[n.job];
+            match (&job.credits, n.credits) {
+                (Some(key_id), true) => {
+                    call.arg(keys::credits(key_id));
+                }
+                _ => keys::limiter_keys(
+                    &mut self.scratch,
+                    job.holder(),
+                    &job.plan_id,
+                    &job.method,
+                    |k| {
+                        call.arg(k);
+                    },
+                ),
+            }
+        }
+        call.arg(clock_us).arg(self.records.as_slice());
+        call
+    }
+}
+
+/// The hash of `job`'s limits, or of its credits, in [`Encoder::named`].
+fn group_hash(hasher: &foldhash::fast::FixedState, job: &Job, credits: bool) -> u64 {
+    match (&job.credits, credits) {
+        (Some(id), true) => hasher.hash_one(&**id),
+        _ => hasher.hash_one((&job.holder, &*job.plan_id, &*job.method)),
     }
 }
 
@@ -283,6 +393,7 @@ async fn batcher(
     mut jobs: mpsc::Receiver<Job>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut encoder = Encoder::default();
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // The first request's wake-up ran this task ahead of the other connections that are ready
         // now; let them queue theirs first, so the call carries them too.
@@ -296,7 +407,10 @@ async fn batcher(
         // Microseconds since the epoch, or 0 for Redis's own clock.
         let clock_us = clock.as_ref().map_or(0, |c| c.now() / 1000);
         match &conn {
-            Conn::Single(_) => run_batch(&conn, &script, timeout, clock_us, &mut batch).await,
+            Conn::Single(_) => {
+                let call = encoder.encode(&script, clock_us, &batch);
+                run_batch(&conn, &script, timeout, &call, &mut batch).await;
+            }
             Conn::Cluster(_) => {
                 batch.sort_by(|a, b| a.holder.cmp(&b.holder));
                 let mut groups = Vec::new();
@@ -305,10 +419,15 @@ async fn batcher(
                     let at = batch.partition_point(|j| j.holder < holder);
                     groups.push(batch.split_off(at));
                 }
+                let calls: Vec<_> = groups
+                    .iter()
+                    .map(|group| encoder.encode(&script, clock_us, group))
+                    .collect();
                 futures_util::future::join_all(
                     groups
                         .iter_mut()
-                        .map(|group| run_batch(&conn, &script, timeout, clock_us, group)),
+                        .zip(&calls)
+                        .map(|(group, call)| run_batch(&conn, &script, timeout, call, group)),
                 )
                 .await;
             }
@@ -317,40 +436,28 @@ async fn batcher(
     }
 }
 
-/// One script call for `batch`; every job gets its answer or the call's error.
+/// Runs `call` (from [`Encoder::encode`]) for `batch`; every job gets its answer or the call's
+/// error.
 async fn run_batch(
     conn: &Conn,
     script: &LuaScript,
     timeout: Duration,
-    clock_us: u64,
+    call: &redis::Cmd,
     batch: &mut Vec<Job>,
 ) {
-    let mut scratch = String::new();
-    let with_credits = batch.iter().filter(|j| j.credits.is_some()).count();
-    let mut call = script.call(batch.len() * 4 + with_credits);
-    for job in batch.iter() {
-        keys::limiter_keys(&mut scratch, job.holder(), &job.plan_id, &job.method, |k| {
-            call.arg(k);
-        });
-        if let Some(key_id) = &job.credits {
-            call.arg(keys::credits(key_id));
-        }
-    }
-    call.arg(clock_us);
-    for job in batch.iter() {
-        for arg in job.args() {
-            call.arg(*arg);
-        }
-    }
-    let answer = script.eval::<Vec<Raw>>(conn, timeout, &call).await;
+    let answer = script.eval::<Vec<u8>>(conn, timeout, call).await;
     let err = match answer {
-        Ok(answers) if answers.len() == batch.len() => {
-            for (job, answer) in batch.drain(..).zip(answers) {
-                let _ = job.reply.send(Ok(answer));
+        Ok(answers) if answers.len() == batch.len() * ANSWER_BYTES => {
+            for (job, answer) in batch.drain(..).zip(answers.chunks_exact(ANSWER_BYTES)) {
+                let _ = job.reply.send(Ok(Answer::raw(answer)));
             }
             return;
         }
-        Ok(answers) => format!("{} answers for {} requests", answers.len(), batch.len()),
+        Ok(answers) => format!(
+            "{} bytes of answers for {} requests",
+            answers.len(),
+            batch.len()
+        ),
         Err(e) => e.to_string(),
     };
     for job in batch.drain(..) {
@@ -543,7 +650,7 @@ impl RedisLimiter {
         call: &KeyCall<'_>,
         day: EpochDay,
     ) -> Result<Result<Decided, EpochDay>, LimiterError> {
-        let (args, window) = Job::args_for(call, day);
+        let (flags, numbers, window) = Job::numbers_for(call, day);
         let (reply, answer) = oneshot::channel();
         let job = Job {
             holder: match call.holder {
@@ -553,7 +660,8 @@ impl RedisLimiter {
             plan_id: call.plan_id.clone(),
             method: call.method.into(),
             credits: call.credits.map(|c| c.key_id.into()),
-            args,
+            flags,
+            numbers,
             reply,
         };
         let gone = || LimiterError::Redis("the limiter's batcher stopped".into());
@@ -780,6 +888,35 @@ mod tests {
                 .count()
         };
         assert_eq!((admitted_of(0), admitted_of(1)), (50, 50));
+
+        // A key's plan bucket and a per-method bucket of the same plan in the same calls: two
+        // buckets of 50, one quota of 70 (whose names the call holds under each bucket).
+        redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+        let quota = day_quota(70);
+        let plan = call("k", &slow, Some(&quota));
+        let per_method = KeyCall {
+            method: "api:prod:GET /x",
+            ..plan
+        };
+        let calls = [plan, per_method];
+        let decisions =
+            futures_util::future::join_all((0..200).map(|i| limiter.decide(&calls[i % 2], now)))
+                .await;
+        let count = |f: fn(&Verdict) -> bool| {
+            decisions
+                .iter()
+                .filter(|d| d.as_ref().is_ok_and(|d| f(&d.verdict)))
+                .count()
+        };
+        assert_eq!(
+            (
+                count(|v| matches!(v, Verdict::Admitted { .. })),
+                count(|v| matches!(v, Verdict::QuotaSpent { .. })),
+                count(|v| matches!(v, Verdict::Throttled { .. })),
+            ),
+            (70, 30, 100),
+            "the quota is shared, each bucket is its own"
+        );
     }
 
     /// A key's limits kept by the Rust rules in `tollgate-core`, as the embedded mode keeps them.
@@ -967,19 +1104,27 @@ mod tests {
             let mut topped_up = vec![0u64; sides.len()];
             for step in 0..400 {
                 match rng.below(10) {
-                    // A burst of requests from one key.
+                    // A burst of requests, mostly from one key, sent together: the script decides
+                    // them in one call (or a few), in order, naming a key the call shares once.
                     0..=5 => {
-                        let k = rng.below(sides.len() as u64) as usize;
-                        for _ in 0..=rng.below(4) {
-                            let now = clock.now();
-                            let side = &sides[k];
-                            // Mostly 1, as most routes cost; sometimes free, sometimes more.
-                            let cost = [1, 1, 0, 2, 3][rng.below(5) as usize];
-                            let call = KeyCall {
+                        let first = rng.below(sides.len() as u64) as usize;
+                        let burst: Vec<(usize, u32)> = (0..=rng.below(6))
+                            .map(|_| {
+                                let k = match rng.below(3) {
+                                    0 => rng.below(sides.len() as u64) as usize,
+                                    _ => first,
+                                };
+                                // Mostly 1, as most routes cost; sometimes free, sometimes more.
+                                (k, [1, 1, 0, 2, 3][rng.below(5) as usize])
+                            })
+                            .collect();
+                        let calls: Vec<KeyCall> = burst
+                            .iter()
+                            .map(|&(k, cost)| KeyCall {
                                 holder: holder(k),
                                 plan_id: &PLAN,
                                 method: "",
-                                throttle: side.gcra.as_ref(),
+                                throttle: sides[k].gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),
                                 cost,
                                 credits: credit_shapes[k].map(|(_, refill)| CreditCall {
@@ -988,10 +1133,20 @@ mod tests {
                                     // One key's credits are spent by a plan in shadow.
                                     shadow: k == 3,
                                 }),
-                            };
-                            let lua = limiter.decide(&call, now).await.unwrap().verdict;
-                            let rust = side.decide(cost, now);
-                            assert_eq!(lua, rust, "seed {seed}, step {step}, key {k}");
+                            })
+                            .collect();
+                        let now = clock.now();
+                        let lua = futures_util::future::join_all(
+                            calls.iter().map(|call| limiter.decide(call, now)),
+                        )
+                        .await;
+                        for (&(k, cost), lua) in burst.iter().zip(lua) {
+                            let rust = sides[k].decide(cost, now);
+                            assert_eq!(
+                                lua.unwrap().verdict,
+                                rust,
+                                "seed {seed}, step {step}, key {k}"
+                            );
                             if matches!(rust, Verdict::Admitted { .. }) {
                                 spent[k] += u64::from(cost);
                             }

@@ -1,11 +1,12 @@
 -- Decides a batch of requests on one reading of the clock: ARGV[1] is the clock in microseconds (0:
--- Redis's own TIME, which is what instances share; tests pass theirs). Each request then has four
--- KEYS (bucket, quota, usage, adjustments) and seven ARGV (flags: 1 throttle + 2 quota + 4 credits,
--- interval, tolerance, limit, window start, window end, cost); a request with credits has a fifth
--- key (the key's credits: `b` balance, `w` first day of the refill period last refilled in) and
--- three more ARGV (refill amount, 0 for none; refill period start; its end).
--- Answers one {verdict, a, b, c, credits} per request, in order, in whole microseconds (exact in
--- Lua's doubles, returned as integers), `credits` the balance after it (-1 without credits):
+-- Redis's own TIME, which is what instances share; tests pass theirs). ARGV[2] holds one RECORD a
+-- request (limiter.rs builds them): flags (1 throttle + 2 quota + 4 the credits of a plan in shadow);
+-- the place in KEYS of its limits' four names (bucket, quota, usage, adjustments); the place of its
+-- credits' name (`b` balance, `w` first day of the refill period last refilled in; 0 without
+-- credits); interval, tolerance, limit, window start, window end, cost; refill amount (0 for none),
+-- refill period start, its end. A name the batch shares is in KEYS once.
+-- Answers one ANSWER {verdict, a, b, c, credits} per request, in order, packed in one string, in
+-- whole microseconds (exact in Lua's doubles), `credits` the balance after it (-1 without credits):
 --   {0, tokens left, quota left, microseconds until the bucket is full, credits}   admitted
 --   {1, microseconds until a token frees up, 0, 0, -1}                            throttled
 --   {2, tokens left, microseconds until the bucket is full, 0, -1}                quota too low
@@ -23,60 +24,55 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   day = math.floor(tonumber(t[1]) / 86400)
 end
+local RECORD, ANSWER = '<BI4I4I8I8I8I8I8I8I8I8I8', '<i8i8i8i8i8'
+local pack = struct.pack
 local tats, quotas, usage, credits = {}, {}, {}, {}
-local function decide(K, A, has_credits)
-  local flags = tonumber(ARGV[A + 1])
+-- What the request spends of the quota, the credits and the usage (`cost`) is spent whole or not
+-- at all; 0 spends nothing.
+local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
   local b, w = 'b', 'w'
-  if math.floor(flags / 8) % 2 == 1 then b, w = 'sb', 'sw' end
+  if math.floor(flags / 4) % 2 == 1 then b, w = 'sb', 'sw' end
   local has_throttle, has_quota = flags % 2 == 1, math.floor(flags / 2) % 2 == 1
-  local interval, tolerance = tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
-  local limit, ws, we = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6])
-  -- What the request spends of the quota, the credits and the usage, whole or not at all; 0 spends
-  -- nothing.
-  local cost = tonumber(ARGV[A + 7])
-  if has_quota and (day < ws or day >= we) then return {3, day, 0, 0, -1} end
-  local refill, rs, re = 0, 0, 0
-  if has_credits then
-    refill, rs, re = tonumber(ARGV[A + 8]), tonumber(ARGV[A + 9]), tonumber(ARGV[A + 10])
-    if refill > 0 and (day < rs or day >= re) then return {3, day, 0, 0, -1} end
-  end
+  local has_credits = C > 0
+  if has_quota and (day < ws or day >= we) then return pack(ANSWER, 3, day, 0, 0, -1) end
+  if has_credits and refill > 0 and (day < rs or day >= re) then return pack(ANSWER, 3, day, 0, 0, -1) end
   local tokens, ahead = -1, 0
   if has_throttle then
-    local tat = tats[KEYS[K + 1]] or tonumber(redis.call('GET', KEYS[K + 1]) or '0')
+    local tat = tats[KEYS[K]] or tonumber(redis.call('GET', KEYS[K]) or '0')
     if tat < now then tat = now end
     local new_tat = tat + interval
     ahead = new_tat - now
-    if ahead > tolerance then return {1, ahead - tolerance, 0, 0, -1} end
+    if ahead > tolerance then return pack(ANSWER, 1, ahead - tolerance, 0, 0, -1) end
     tokens = math.floor((tolerance - ahead) / interval)
     -- Taken even if the quota refuses: hammering a spent quota is not free.
-    tats[KEYS[K + 1]] = new_tat
+    tats[KEYS[K]] = new_tat
   end
   local q
   local remaining = -1
   if has_quota then
-    q = quotas[KEYS[K + 2]]
+    q = quotas[KEYS[K + 1]]
     if not q then
-      local h = redis.call('HMGET', KEYS[K + 2], 's', 'u')
+      local h = redis.call('HMGET', KEYS[K + 1], 's', 'u')
       if tonumber(h[1]) == ws then
         q = {used = tonumber(h[2]) or 0, ws = ws, we = we, fresh = false}
       else
-        q = {used = counted(KEYS[K + 3], KEYS[K + 4], ws, day), ws = ws, we = we, fresh = true}
+        q = {used = counted(KEYS[K + 2], KEYS[K + 3], ws, day), ws = ws, we = we, fresh = true}
       end
-      quotas[KEYS[K + 2]] = q
+      quotas[KEYS[K + 1]] = q
     end
-    if cost > 0 and q.used + cost > limit then return {2, tokens, ahead, 0, -1} end
+    if cost > 0 and q.used + cost > limit then return pack(ANSWER, 2, tokens, ahead, 0, -1) end
     remaining = math.max(0, limit - q.used)
   end
   -- Credits, after the quota: a refill first (back up to its amount, once a period), then the cost.
   local c
   if has_credits then
-    local ck = KEYS[K + 5] .. b
+    local ck = KEYS[C] .. b
     c = credits[ck]
     if not c then
-      local h = redis.call('HMGET', KEYS[K + 5], b, w, 'b', 'w')
+      local h = redis.call('HMGET', KEYS[C], b, w, 'b', 'w')
       -- Shadow credits start from the balance.
       if not h[1] then h[1], h[2] = h[3], h[4] end
-      c = {key = KEYS[K + 5], b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
+      c = {key = KEYS[C], b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
       credits[ck] = c
     end
     if refill > 0 and c.w ~= rs then
@@ -84,7 +80,7 @@ local function decide(K, A, has_credits)
       c.w = rs
       c.dirty = true
     end
-    if c.b < cost then return {4, tokens, ahead, remaining, c.b} end
+    if c.b < cost then return pack(ANSWER, 4, tokens, ahead, remaining, c.b) end
     if cost > 0 then
       c.b = c.b - cost
       c.dirty = true
@@ -95,15 +91,15 @@ local function decide(K, A, has_credits)
     q.dirty = true
     remaining = math.max(0, limit - q.used)
   end
-  usage[KEYS[K + 3]] = (usage[KEYS[K + 3]] or 0) + cost
-  return {0, tokens, remaining, ahead, c and c.b or -1}
+  usage[KEYS[K + 2]] = (usage[KEYS[K + 2]] or 0) + cost
+  return pack(ANSWER, 0, tokens, remaining, ahead, c and c.b or -1)
 end
 local out = {}
-local K, A = 0, 1
-while K < #KEYS do
-  local has_credits = math.floor(tonumber(ARGV[A + 1]) / 4) % 2 == 1
-  out[#out + 1] = decide(K, A, has_credits)
-  if has_credits then K, A = K + 5, A + 10 else K, A = K + 4, A + 7 end
+local records, at = ARGV[2], 1
+while at < #records do
+  local flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re
+  flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re, at = struct.unpack(RECORD, records, at)
+  out[#out + 1] = decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
 end
 for key, tat in pairs(tats) do
   redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -121,4 +117,4 @@ end
 for key, n in pairs(usage) do
   if n > 0 then redis.call('HINCRBY', key, day, n) end
 end
-return out
+return table.concat(out)
