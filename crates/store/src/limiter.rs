@@ -11,9 +11,9 @@ use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::Script;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
+use redis::{IntoConnectionInfo as _, Script};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::gcra::Gcra;
@@ -24,6 +24,9 @@ use tollgate_core::{Clock, QuotaSettings};
 
 use crate::redis::keys;
 use crate::{Holder, OnStoreFailure};
+
+mod wire;
+use wire::Wire;
 
 const COUNTED: &str = include_str!("lua/counted.lua");
 const LIMIT: &str = include_str!("lua/limit.lua");
@@ -263,8 +266,8 @@ struct Encoder {
 }
 
 impl Encoder {
-    /// The script call for `batch` on the clock `clock_us`.
-    fn encode(&mut self, script: &LuaScript, clock_us: u64, batch: &[Job]) -> redis::Cmd {
+    /// Writes the script call for `batch` on the clock `clock_us` to `call`.
+    fn encode(&mut self, script: &LuaScript, clock_us: u64, batch: &[Job], call: &mut impl Call) {
         let hasher = foldhash::fast::FixedState::default();
         self.named.clear();
         self.order.clear();
@@ -307,26 +310,55 @@ impl Encoder {
                 self.records.extend_from_slice(&n.to_le_bytes());
             }
         }
-        let mut call = script.call(names as usize);
+        call.evalsha(&script.sha, names as usize, 2);
         for n in &self.order {
             let job = &batch[n.job];
             match (&job.credits, n.credits) {
-                (Some(key_id), true) => {
-                    call.arg(keys::credits(key_id));
-                }
+                (Some(key_id), true) => call.arg(keys::credits(key_id).as_bytes()),
                 _ => keys::limiter_keys(
                     &mut self.scratch,
                     job.holder(),
                     &job.plan_id,
                     &job.method,
-                    |k| {
-                        call.arg(k);
-                    },
+                    |k| call.arg(k.as_bytes()),
                 ),
             }
         }
-        call.arg(clock_us).arg(self.records.as_slice());
-        call
+        call.arg(itoa::Buffer::new().format(clock_us).as_bytes());
+        call.arg(&self.records);
+    }
+}
+
+/// Where [`Encoder::encode`] writes a script call: a `redis::Cmd` (on Redis Cluster), or the RESP
+/// bytes of the batcher's own connection.
+trait Call {
+    /// Starts over with `EVALSHA sha` of `keys` names, which `args` more arguments follow.
+    fn evalsha(&mut self, sha: &str, keys: usize, args: usize);
+    fn arg(&mut self, arg: &[u8]);
+}
+
+impl Call for redis::Cmd {
+    fn evalsha(&mut self, sha: &str, keys: usize, _: usize) {
+        self.clear();
+        self.arg("EVALSHA").arg(sha).arg(keys);
+    }
+
+    fn arg(&mut self, arg: &[u8]) {
+        redis::Cmd::arg(self, arg);
+    }
+}
+
+impl Call for Vec<u8> {
+    fn evalsha(&mut self, sha: &str, keys: usize, args: usize) {
+        self.clear();
+        wire::array(self, 3 + keys + args);
+        wire::bulk(self, b"EVALSHA");
+        wire::bulk(self, sha.as_bytes());
+        wire::bulk(self, itoa::Buffer::new().format(keys).as_bytes());
+    }
+
+    fn arg(&mut self, arg: &[u8]) {
+        wire::bulk(self, arg);
     }
 }
 
@@ -381,12 +413,20 @@ impl LuaScript {
     }
 }
 
+/// How the batcher reaches Redis.
+enum Route {
+    /// One server, on the batcher's own connection.
+    Single(Box<Wire>),
+    /// Redis Cluster, through the `redis` crate's client (which follows the slots).
+    Cluster(Conn),
+}
+
 /// Sends queued requests to Redis, many per script call: while one call is in flight the next
 /// requests queue, so under load a round trip and a script run are shared by everything that arrived
 /// meanwhile, and when idle a request goes alone at once. Redis Cluster runs a script on one slot, so
 /// there a call carries one API key's requests (its records share the key's hash tag).
 async fn batcher(
-    conn: Conn,
+    mut route: Route,
     script: LuaScript,
     timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
@@ -406,12 +446,13 @@ async fn batcher(
         }
         // Microseconds since the epoch, or 0 for Redis's own clock.
         let clock_us = clock.as_ref().map_or(0, |c| c.now() / 1000);
-        match &conn {
-            Conn::Single(_) => {
-                let call = encoder.encode(&script, clock_us, &batch);
-                run_batch(&conn, &script, timeout, &call, &mut batch).await;
+        match &mut route {
+            Route::Single(wire) => {
+                encoder.encode(&script, clock_us, &batch, &mut wire.out);
+                let answers = eval_on_wire(wire, &script, timeout).await;
+                answer(&mut batch, answers);
             }
-            Conn::Cluster(_) => {
+            Route::Cluster(conn) => {
                 batch.sort_by(|a, b| a.holder.cmp(&b.holder));
                 let mut groups = Vec::new();
                 while let Some(last) = batch.last() {
@@ -419,16 +460,20 @@ async fn batcher(
                     let at = batch.partition_point(|j| j.holder < holder);
                     groups.push(batch.split_off(at));
                 }
-                let calls: Vec<_> = groups
+                let calls: Vec<redis::Cmd> = groups
                     .iter()
-                    .map(|group| encoder.encode(&script, clock_us, group))
+                    .map(|group| {
+                        let mut call = redis::Cmd::new();
+                        encoder.encode(&script, clock_us, group, &mut call);
+                        call
+                    })
                     .collect();
-                futures_util::future::join_all(
-                    groups
-                        .iter_mut()
-                        .zip(&calls)
-                        .map(|(group, call)| run_batch(&conn, &script, timeout, call, group)),
-                )
+                futures_util::future::join_all(groups.iter_mut().zip(&calls).map(
+                    |(group, call)| async {
+                        let answers = script.eval::<Vec<u8>>(conn, timeout, call).await;
+                        answer(group, answers.as_deref().map_err(|e| e.to_string()));
+                    },
+                ))
                 .await;
             }
         }
@@ -436,17 +481,33 @@ async fn batcher(
     }
 }
 
-/// Runs `call` (from [`Encoder::encode`]) for `batch`; every job gets its answer or the call's
-/// error.
-async fn run_batch(
-    conn: &Conn,
+/// Sends the script call in `wire`'s buffer; loads the script and sends it again when Redis lacks
+/// it (a new or restarted server). Answers the reply's bytes, or why there are none.
+async fn eval_on_wire<'w>(
+    wire: &'w mut Wire,
     script: &LuaScript,
     timeout: Duration,
-    call: &redis::Cmd,
-    batch: &mut Vec<Job>,
-) {
-    let answer = script.eval::<Vec<u8>>(conn, timeout, call).await;
-    let err = match answer {
+) -> Result<&'w [u8], String> {
+    match wire.call(timeout).await.map_err(|e| e.to_string())? {
+        Err(e) if e.starts_with("NOSCRIPT") => {
+            let call = std::mem::take(&mut wire.out);
+            wire::command(
+                &mut wire.out,
+                &[b"SCRIPT", b"LOAD", script.source.as_bytes()],
+            );
+            let loaded = wire.call(timeout).await;
+            wire.out = call;
+            loaded.map_err(|e| e.to_string())??;
+            wire.call(timeout).await.map_err(|e| e.to_string())??;
+        }
+        answered => answered?,
+    }
+    Ok(wire.reply())
+}
+
+/// Gives every job of `batch` its answer from `answers` (the script's reply), or the call's error.
+fn answer(batch: &mut Vec<Job>, answers: Result<&[u8], String>) {
+    let err = match answers {
         Ok(answers) if answers.len() == batch.len() * ANSWER_BYTES => {
             for (job, answer) in batch.drain(..).zip(answers.chunks_exact(ANSWER_BYTES)) {
                 let _ = job.reply.send(Ok(Answer::raw(answer)));
@@ -458,7 +519,7 @@ async fn run_batch(
             answers.len(),
             batch.len()
         ),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
     for job in batch.drain(..) {
         let _ = job.reply.send(Err(LimiterError::Redis(err.clone())));
@@ -571,9 +632,18 @@ impl RedisLimiter {
             // Lazy: an instance may start while Redis is down and serve in its fallback mode.
             Conn::Single(client.get_connection_manager_lazy(config).map_err(err)?)
         };
+        let route = match &conn {
+            Conn::Single(_) => {
+                let url = urls.first().map_or("", String::as_str);
+                Route::Single(Box::new(Wire::new(
+                    url.into_connection_info().map_err(err)?,
+                )))
+            }
+            Conn::Cluster(_) => Route::Cluster(conn.clone()),
+        };
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
         let script = LuaScript::new(format!("{COUNTED}{LIMIT}"));
-        tokio::spawn(batcher(conn.clone(), script, timeout, clock, queue));
+        tokio::spawn(batcher(route, script, timeout, clock, queue));
         Ok(Self {
             conn,
             jobs,
@@ -1004,6 +1074,119 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
+    }
+
+    /// The batcher's own connection: it authenticates and picks the URL's database, comes back
+    /// after Redis restarts (and loads the script again), and drops a connection whose answer came
+    /// too late, so that answer is never read as the next call's.
+    #[tokio::test]
+    async fn the_limiters_connection_follows_the_url_and_starts_over_after_a_failure() {
+        let mut redis = RedisServer::start_with_password("s3cret");
+        let url = |auth: &str| format!("redis://:{auth}@127.0.0.1:{}/2", redis.port);
+        let connect = |url: String| async move {
+            RedisLimiter::connect(&[url], false, Duration::from_secs(2), OnStoreFailure::Deny)
+                .await
+                .unwrap()
+        };
+        let slow = gcra(0.01, 3);
+        let limiter = connect(url("s3cret")).await;
+        assert_eq!(
+            count_admitted(&limiter, &call("k", &slow, None), 5).await,
+            3
+        );
+        let mut c = redis::Client::open(url("s3cret"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let usage = keys::usage("k", "p");
+        assert!(
+            redis::cmd("EXISTS")
+                .arg(&usage)
+                .query::<bool>(&mut c)
+                .unwrap(),
+            "in db 2"
+        );
+        redis::cmd("SELECT").arg(0).query::<()>(&mut c).unwrap();
+        assert!(
+            !redis::cmd("EXISTS")
+                .arg(&usage)
+                .query::<bool>(&mut c)
+                .unwrap(),
+            "not in db 0"
+        );
+
+        let wrong = connect(url("wrong")).await;
+        let refused = wrong
+            .decide(&call("k", &slow, None), SystemClock.now())
+            .await;
+        assert!(
+            matches!(&refused, Err(LimiterError::Redis(e)) if e.contains("AUTH")),
+            "{refused:?}"
+        );
+
+        // A restarted server (the script is gone from it): the first call after it fails, the next
+        // connects again and loads the script; the bucket kept its state on disk.
+        redis.kill();
+        let now = SystemClock.now();
+        assert!(limiter.decide(&call("k", &slow, None), now).await.is_err());
+        redis.restart();
+        let later = now + 2 * NANOS_PER_SEC;
+        let decided = limiter.decide(&call("k2", &slow, None), later).await;
+        assert!(admitted(&decided), "{decided:?}");
+        let spent = limiter.decide(&call("k", &slow, None), later).await;
+        assert!(
+            matches!(&spent, Ok(d) if matches!(d.verdict, Verdict::Throttled { .. })),
+            "{spent:?}"
+        );
+
+        // A server that answers after the timeout: that connection is dropped, and the next call
+        // goes on a new one, whose answer it gets.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            // An answer to one request: admitted, nothing of anything left, no credits.
+            let mut admitted = vec![0u8; ANSWER_BYTES];
+            admitted[32..].copy_from_slice(&(-1i64).to_le_bytes());
+            let mut reply = format!("${ANSWER_BYTES}\r\n").into_bytes();
+            reply.extend_from_slice(&admitted);
+            reply.extend_from_slice(b"\r\n");
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let first = counter.fetch_add(1, Ordering::Relaxed) == 0;
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 65536];
+                    while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                        if first {
+                            tokio::time::sleep(Duration::from_millis(600)).await;
+                        }
+                        if s.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let limiter = RedisLimiter::connect(
+            &[format!("redis://127.0.0.1:{port}")],
+            false,
+            Duration::from_millis(200),
+            OnStoreFailure::Deny,
+        )
+        .await
+        .unwrap();
+        let now = SystemClock.now();
+        assert!(limiter.decide(&call("k", &slow, None), now).await.is_err());
+        // Past the late answer, and past the backoff after a failure.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let decided = limiter
+            .decide(&call("k", &slow, None), now + NANOS_PER_SEC)
+            .await;
+        assert!(admitted(&decided), "{decided:?}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2, "a new connection");
     }
 
     /// Exactness in both modes is the product's promise, and the limits are written twice: in Rust

@@ -24,6 +24,8 @@ const PERSIST: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
 /// One `redis-server`.
 pub struct RedisServer {
     pub port: u16,
+    /// The password it asks for, if any.
+    password: Option<String>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -48,10 +50,11 @@ fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {
         .expect("redis-server must be installed (Debian package redis-server)")
 }
 
-fn wait_for_ping(port: u16) {
+fn wait_for_ping(port: u16, password: Option<&str>) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let auth = password.map_or(String::new(), |p| format!(":{p}@"));
     loop {
-        let up = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        let up = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
             .is_ok();
@@ -74,21 +77,40 @@ impl RedisServer {
 
     /// Starts a standalone server on `port`.
     pub fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let child = spawn(port, dir.path(), PERSIST);
-        wait_for_ping(port);
-        Self {
+        Self::start_as(port, None)
+    }
+
+    /// Starts a standalone server that asks clients for `password`.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_as(free_port(), Some(password.to_owned()))
+    }
+
+    fn start_as(port: u16, password: Option<String>) -> Self {
+        let mut server = Self {
             port,
-            child: Some(child),
-            _dir: dir,
+            password,
+            child: None,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        server.child = Some(server.spawn());
+        server
+    }
+
+    /// A new process of this server, answering.
+    fn spawn(&self) -> Child {
+        let mut args = PERSIST.to_vec();
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass", p]);
         }
+        let child = spawn(self.port, self._dir.path(), &args);
+        wait_for_ping(self.port, self.password.as_deref());
+        child
     }
 
     /// Starts the server again (after [`kill`](Self::kill)) on the same port with the same data.
     pub fn restart(&mut self) {
         self.kill();
-        let mut child = spawn(self.port, self._dir.path(), PERSIST);
-        wait_for_ping(self.port);
+        let mut child = self.spawn();
         // The answer must have come from this server, not from whatever took the port meanwhile.
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -146,7 +168,7 @@ impl RedisCluster {
             })
             .collect();
         for p in &ports {
-            wait_for_ping(*p);
+            wait_for_ping(*p, None);
         }
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
