@@ -39,11 +39,13 @@ const MAX_BATCH: usize = 256;
 /// (`RECORD` in `lua/limit.lua`): interval, tolerance, limit, window start and end, cost, and the
 /// credits' refill amount, period start and end (0 without credits).
 const NUMBERS: usize = 9;
-/// One request's record in the script's second argument: flags (1 byte), the places in `KEYS` of
-/// its limits' four names and of its credits' name (4 bytes each, 1-based, 0 for none), then the
-/// [`NUMBERS`] (8 bytes each), all little-endian: one binary argument for the whole batch instead of
-/// ten decimal ones a request, which Redis would parse one by one and Lua convert with `tonumber`.
-const RECORD_BYTES: usize = 1 + 4 + 4 + 8 * NUMBERS;
+/// A record in the script's second argument: how many requests in a row it stands for (2 bytes),
+/// their flags (1 byte), the places in `KEYS` of their limits' four names and of their credits' name
+/// (4 bytes each, 1-based, 0 for none), then the [`NUMBERS`] (8 bytes each), all little-endian. One
+/// binary argument for the whole batch, instead of ten decimal ones a request that Redis would parse
+/// one by one and Lua convert with `tonumber`; a busy key's requests on one route (the same record
+/// again and again) are one record, which Lua reads once.
+const RECORD_BYTES: usize = 2 + 1 + 4 + 4 + 8 * NUMBERS;
 /// One answer in the script's reply (`ANSWER` in `lua/limit.lua`): five signed 8-byte integers.
 const ANSWER_BYTES: usize = 5 * 8;
 
@@ -274,6 +276,8 @@ impl Encoder {
         self.records.clear();
         self.records.reserve(batch.len() * RECORD_BYTES);
         let mut names = 0u32;
+        // Where the last record starts, and how many requests it stands for.
+        let mut last: Option<(usize, u16)> = None;
         for (i, job) in batch.iter().enumerate() {
             let mut place = |credits: bool, hash: u64, width: u32| {
                 let same = |n: &Named| {
@@ -303,11 +307,22 @@ impl Encoder {
                 Some(_) => place(true, group_hash(&hasher, job, true), 1),
                 None => 0,
             };
+            let start = self.records.len();
+            self.records.extend_from_slice(&1u16.to_le_bytes());
             self.records.push(job.flags);
             self.records.extend_from_slice(&limits.to_le_bytes());
             self.records.extend_from_slice(&credits.to_le_bytes());
             for n in job.numbers {
                 self.records.extend_from_slice(&n.to_le_bytes());
+            }
+            match last {
+                Some((at, count)) if self.records[at + 2..start] == self.records[start + 2..] => {
+                    self.records.truncate(start);
+                    let count = count + 1;
+                    self.records[at..at + 2].copy_from_slice(&count.to_le_bytes());
+                    last = Some((at, count));
+                }
+                _ => last = Some((start, 1)),
             }
         }
         call.evalsha(&script.sha, names as usize, 2);

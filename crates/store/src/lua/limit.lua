@@ -1,6 +1,7 @@
 -- Decides a batch of requests on one reading of the clock: ARGV[1] is the clock in microseconds (0:
--- Redis's own TIME, which is what instances share; tests pass theirs). ARGV[2] holds one RECORD a
--- request (limiter.rs builds them): flags (1 throttle + 2 quota + 4 the credits of a plan in shadow);
+-- Redis's own TIME, which is what instances share; tests pass theirs). ARGV[2] holds the RECORDs
+-- (limiter.rs builds them), each for as many requests in a row as its first number says, then:
+-- flags (1 throttle + 2 quota + 4 the credits of a plan in shadow);
 -- the place in KEYS of its limits' four names (bucket, quota, usage, adjustments); the place of its
 -- credits' name (`b` balance, `w` first day of the refill period last refilled in; 0 without
 -- credits); interval, tolerance, limit, window start, window end, cost; refill amount (0 for none),
@@ -24,15 +25,16 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   day = math.floor(tonumber(t[1]) / 86400)
 end
-local RECORD, ANSWER = '<BI4I4I8I8I8I8I8I8I8I8I8', '<i8i8i8i8i8'
-local pack = struct.pack
+local RECORD, ANSWER = '<I2BI4I4I8I8I8I8I8I8I8I8I8', '<i8i8i8i8i8'
+-- Locals: globals are looked up by name on every use.
+local KEYS, pack, floor, max = KEYS, struct.pack, math.floor, math.max
 local tats, quotas, usage, credits = {}, {}, {}, {}
 -- What the request spends of the quota, the credits and the usage (`cost`) is spent whole or not
 -- at all; 0 spends nothing.
 local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
   local b, w = 'b', 'w'
-  if math.floor(flags / 4) % 2 == 1 then b, w = 'sb', 'sw' end
-  local has_throttle, has_quota = flags % 2 == 1, math.floor(flags / 2) % 2 == 1
+  if floor(flags / 4) % 2 == 1 then b, w = 'sb', 'sw' end
+  local has_throttle, has_quota = flags % 2 == 1, floor(flags / 2) % 2 == 1
   local has_credits = C > 0
   if has_quota and (day < ws or day >= we) then return pack(ANSWER, 3, day, 0, 0, -1) end
   if has_credits and refill > 0 and (day < rs or day >= re) then return pack(ANSWER, 3, day, 0, 0, -1) end
@@ -43,7 +45,7 @@ local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, ref
     local new_tat = tat + interval
     ahead = new_tat - now
     if ahead > tolerance then return pack(ANSWER, 1, ahead - tolerance, 0, 0, -1) end
-    tokens = math.floor((tolerance - ahead) / interval)
+    tokens = floor((tolerance - ahead) / interval)
     -- Taken even if the quota refuses: hammering a spent quota is not free.
     tats[KEYS[K]] = new_tat
   end
@@ -61,7 +63,7 @@ local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, ref
       quotas[KEYS[K + 1]] = q
     end
     if cost > 0 and q.used + cost > limit then return pack(ANSWER, 2, tokens, ahead, 0, -1) end
-    remaining = math.max(0, limit - q.used)
+    remaining = max(0, limit - q.used)
   end
   -- Credits, after the quota: a refill first (back up to its amount, once a period), then the cost.
   local c
@@ -72,11 +74,11 @@ local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, ref
       local h = redis.call('HMGET', KEYS[C], b, w, 'b', 'w')
       -- Shadow credits start from the balance.
       if not h[1] then h[1], h[2] = h[3], h[4] end
-      c = {key = KEYS[C], b = math.max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
+      c = {key = KEYS[C], b = max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
       credits[ck] = c
     end
     if refill > 0 and c.w ~= rs then
-      c.b = math.max(c.b, refill)
+      c.b = max(c.b, refill)
       c.w = rs
       c.dirty = true
     end
@@ -89,17 +91,20 @@ local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, ref
   if has_quota and cost > 0 then
     q.used = q.used + cost
     q.dirty = true
-    remaining = math.max(0, limit - q.used)
+    remaining = max(0, limit - q.used)
   end
   usage[KEYS[K + 2]] = (usage[KEYS[K + 2]] or 0) + cost
   return pack(ANSWER, 0, tokens, remaining, ahead, c and c.b or -1)
 end
-local out = {}
+local out, n = {}, 0
 local records, at = ARGV[2], 1
 while at < #records do
-  local flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re
-  flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re, at = struct.unpack(RECORD, records, at)
-  out[#out + 1] = decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
+  local count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re
+  count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re, at = struct.unpack(RECORD, records, at)
+  for _ = 1, count do
+    n = n + 1
+    out[n] = decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
+  end
 end
 for key, tat in pairs(tats) do
   redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
