@@ -919,11 +919,12 @@ impl RedisStore {
         let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
         let all: Vec<usize> = (0..pages::PAGES).collect();
         let mut index = KeyIndex::new(self.ordered_plans()?);
+        let mut reader = pages::PageReader::default();
         for (name, body) in self.read_pages(&all, pages::keys_page)? {
             let Some(body) = body else {
                 return Ok(None);
             };
-            pages::read_keys(&name, &body, |id, k| {
+            reader.keys(&name, body, |id, k| {
                 if !skip.contains(id) {
                     let (key_name, hash, terms) = served(id, k)?;
                     index.push_key(id, &key_name, hash, terms);
@@ -941,7 +942,7 @@ impl RedisStore {
             let Some(body) = body else {
                 return Ok(None);
             };
-            pages::read_plans(&name, &body, |plan, key| {
+            reader.plans(&name, body, |plan, key| {
                 if !skip.contains(key) {
                     binder.bind(plan, key);
                 }
@@ -969,11 +970,12 @@ impl RedisStore {
         };
         let wanted: HashSet<&str> = names.iter().copied().collect();
         let all: Vec<usize> = (0..pages::PAGES).collect();
+        let mut reader = pages::PageReader::default();
         for (name, body) in self.read_pages(&all, pages::keys_page)? {
             let Some(body) = body else {
                 return Ok(None);
             };
-            pages::read_keys(&name, &body, |id, k| {
+            reader.keys(&name, body, |id, k| {
                 if wanted.contains(&*k.name) {
                     ids.push(id.to_owned());
                 }
@@ -1057,8 +1059,9 @@ impl RedisStore {
         touched.sort_unstable();
         touched.dedup();
         let mut writer = pages::PageWriter::default();
+        let mut reader = pages::PageReader::default();
         for (name, body) in self.read_pages(&touched, pages::keys_page)? {
-            pages::read_keys(&name, &body.unwrap_or_default(), |id, k| {
+            reader.keys(&name, body.unwrap_or_default(), |id, k| {
                 if skip.contains(id) {
                     Ok(())
                 } else {
@@ -1068,7 +1071,7 @@ impl RedisStore {
         }
         let mut kept = Vec::new();
         for (name, body) in self.read_pages(&touched, pages::plans_page)? {
-            pages::read_plans(&name, &body.unwrap_or_default(), |plan, key| {
+            reader.plans(&name, body.unwrap_or_default(), |plan, key| {
                 if !skip.contains(key) {
                     kept.push((plan.to_owned(), key.to_owned()));
                 }
