@@ -34,6 +34,8 @@ const SET_REMAINING: &str = include_str!("lua/set_remaining.lua");
 
 /// The most requests one script call decides.
 const MAX_BATCH: usize = 256;
+// A record's count of identical requests is 2 bytes.
+const _: () = assert!(MAX_BATCH <= u16::MAX as usize);
 
 /// The numbers the script reads of one request, after its flags and its names' places in `KEYS`
 /// (`RECORD` in `lua/limit.lua`): interval, tolerance, limit, window start and end, cost, and the
