@@ -474,6 +474,9 @@ const EVENT_CLAIM_SECS: i64 = 40 * 86_400;
 /// A key page's name, and its body (none when the page is missing).
 type NamedPage = (String, Option<Vec<u8>>);
 
+/// A key page's name and its body.
+type Page = (String, Vec<u8>);
+
 /// Key pages per round trip (~8 KB each at a million keys): Redis spends a millisecond or so on
 /// each such command, and the data plane's calls wait meanwhile.
 const PAGES_PER_TRIP: usize = 128;
@@ -917,13 +920,12 @@ impl RedisStore {
             return Ok(None);
         };
         let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
-        let all: Vec<usize> = (0..pages::PAGES).collect();
+        let Some(keys_pages) = self.all_pages(pages::keys_page)? else {
+            return Ok(None);
+        };
         let mut index = KeyIndex::new(self.ordered_plans()?);
         let mut reader = pages::PageReader::default();
-        for (name, body) in self.read_pages(&all, pages::keys_page)? {
-            let Some(body) = body else {
-                return Ok(None);
-            };
+        for (name, body) in keys_pages {
             reader.keys(&name, body, |id, k| {
                 if !skip.contains(id) {
                     let (key_name, hash, terms) = served(id, k)?;
@@ -937,11 +939,11 @@ impl RedisStore {
         for (key, _) in &found {
             index.push_key(&key.id, &key.name, key.value_hash, KeyTerms::of(key));
         }
+        let Some(plans_pages) = self.all_pages(pages::plans_page)? else {
+            return Ok(None);
+        };
         let mut binder = index.binder();
-        for (name, body) in self.read_pages(&all, pages::plans_page)? {
-            let Some(body) = body else {
-                return Ok(None);
-            };
+        for (name, body) in plans_pages {
             reader.plans(&name, body, |plan, key| {
                 if !skip.contains(key) {
                     binder.bind(plan, key);
@@ -969,12 +971,11 @@ impl RedisStore {
             return Ok(None);
         };
         let wanted: HashSet<&str> = names.iter().copied().collect();
-        let all: Vec<usize> = (0..pages::PAGES).collect();
+        let Some(keys_pages) = self.all_pages(pages::keys_page)? else {
+            return Ok(None);
+        };
         let mut reader = pages::PageReader::default();
-        for (name, body) in self.read_pages(&all, pages::keys_page)? {
-            let Some(body) = body else {
-                return Ok(None);
-            };
+        for (name, body) in keys_pages {
             reader.keys(&name, body, |id, k| {
                 if wanted.contains(&*k.name) {
                     ids.push(id.to_owned());
@@ -985,6 +986,16 @@ impl RedisStore {
         ids.sort_unstable();
         ids.dedup();
         Ok(Some(ids))
+    }
+
+    /// Every page named by `name` (keys or plans): (name, body); `None` when one is missing.
+    fn all_pages(&self, name: fn(usize) -> String) -> Result<Option<Vec<Page>>, StoreError> {
+        let all: Vec<usize> = (0..pages::PAGES).collect();
+        Ok(self
+            .read_pages(&all, name)?
+            .into_iter()
+            .map(|(name, body)| body.map(|b| (name, b)))
+            .collect())
     }
 
     /// Pages `which` (named by `name`), read a few dozen per round trip: (name, body).
@@ -1006,7 +1017,7 @@ impl RedisStore {
 
     /// Writes `pages` (whole pages) and then the version they hold, under the pages' lock; does
     /// nothing when another instance holds it.
-    fn write_pages(&self, version: u64, pages: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError> {
+    fn write_pages(&self, version: u64, pages: Vec<Page>) -> Result<bool, StoreError> {
         let token = crate::ids::new_key_value();
         let locked: Option<String> = self.with(|c| {
             redis::cmd("SET")
@@ -2024,8 +2035,12 @@ struct ServedKey<'a> {
     value_sha256: std::borrow::Cow<'a, str>,
 }
 
-/// What the gateway serves of key `id`: its name, value hash and terms.
-fn served(id: &str, k: ServedKey<'_>) -> Result<(String, KeyHash, KeyTerms), StoreError> {
+/// What the gateway serves of key `id`: its name (borrowed from the page or record it was read
+/// from, as the index copies it), value hash and terms.
+fn served<'k>(
+    id: &str,
+    k: ServedKey<'k>,
+) -> Result<(std::borrow::Cow<'k, str>, KeyHash, KeyTerms), StoreError> {
     let terms = KeyTerms {
         enabled: k.enabled,
         expires_at: k.expires_at,
@@ -2038,7 +2053,7 @@ fn served(id: &str, k: ServedKey<'_>) -> Result<(String, KeyHash, KeyTerms), Sto
             .and_then(|r| Refill::parse(r).ok()),
         credits: k.credits,
     };
-    Ok((k.name.into_owned(), parse_hash(id, &k.value_sha256)?, terms))
+    Ok((k.name, parse_hash(id, &k.value_sha256)?, terms))
 }
 
 fn parse_hash(id: &str, hex: &str) -> Result<KeyHash, StoreError> {
