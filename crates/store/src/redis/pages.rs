@@ -120,7 +120,7 @@ impl PageWriter {
     pub(super) fn finish(
         mut self,
         which: Option<&[usize]>,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<super::Page>, StoreError> {
         let which: Vec<usize> = which.map_or_else(|| (0..PAGES).collect(), <[usize]>::to_vec);
         let mut out = Vec::with_capacity(2 * which.len());
         for p in which {
