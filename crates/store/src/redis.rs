@@ -17,6 +17,7 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
+mod layout;
 mod pages;
 
 pub use pages::REFRESH_AFTER;
@@ -45,13 +46,7 @@ pub mod keys {
     pub const PLAN_ORDER: &str = "{tg}:order:plans";
     /// The last place given: each new key or plan takes the next.
     pub const PLACES: &str = "{tg}:order:last";
-    /// Plan memberships, members `"<planId> <keyId>"`.
-    pub const BINDINGS: &str = "{tg}:bindings";
-    /// The plans of one key (kept beside `BINDINGS` so deletes and reports touch only that key's).
-    pub fn key_plans(key_id: &str) -> String {
-        format!("{{tg}}:kp:{key_id}")
-    }
-    /// The keys of one plan.
+    /// The keys of one plan: the only place memberships are kept (see [`super::layout`]).
     pub fn plan_keys(plan_id: &str) -> String {
         format!("{{tg}}:pk:{plan_id}")
     }
@@ -246,24 +241,28 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// An API key as stored: the value only as its hash (and sealed, when configured).
+/// An API key as stored: the value only as its hash (and sealed, when configured). What is absent,
+/// empty or zero is left out, as is the id (the record's field in `{tg}:keys`): a million records
+/// take ~160 bytes each in Redis instead of ~320 (records written before still read).
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct StoredKey {
-    id: String,
     name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     customer_id: Option<String>,
     enabled: bool,
     value_sha256: String,
     created_date: i64,
     last_updated_date: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed_value: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     tags: Tags,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     value_prefix: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     value_length: u32,
     /// Derived from the expiry tag, for the gateway's index (which reads nothing else of the tags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -349,17 +348,17 @@ const DELETE_KEY: &str = concat!(
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
 redis.call('HDEL', KEYS[1], ARGV[1])
-for _, plan in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  redis.call('SREM', KEYS[3], plan .. ' ' .. ARGV[1])
-  redis.call('SREM', '{tg}:pk:' .. plan, ARGV[1])
-  -- Its usage under that plan stays reachable.
-  redis.call('SADD', '{tg}:usage:' .. plan, ARGV[1])
+-- Memberships are kept by plan alone: one check per plan.
+for _, plan in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if redis.call('SREM', '{tg}:pk:' .. plan, ARGV[1]) == 1 then
+    -- Its usage under that plan stays reachable.
+    redis.call('SADD', '{tg}:usage:' .. plan, ARGV[1])
+  end
 end
-redis.call('DEL', KEYS[5])
-redis.call('HDEL', KEYS[6], ARGV[1])
-redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
 local version = redis.call('INCR', KEYS[4])
-LOG(KEYS[8], version, ARGV[1])
+LOG(KEYS[7], version, ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
 "
@@ -484,11 +483,17 @@ const PAGES_PER_TRIP: usize = 128;
 /// How long the key pages' lock holds at most, should its holder die.
 const PAGES_LOCK_MS: u64 = 120_000;
 
-/// The records of keys `ARGV` (`KEYS[1]` is the records' hash) and the plans of each (`KEYS[2…]`,
-/// their plan sets, in the same order).
+/// The records of keys `ARGV` (`KEYS[1]` is the records' hash) and the plans of each, in the same
+/// order (`KEYS[2]` is the plans' hash: memberships are kept by plan alone).
 const KEYS_BY_ID: &str = r"
 local plans = {}
-for i = 2, #KEYS do plans[#plans + 1] = redis.call('SMEMBERS', KEYS[i]) end
+for i = 1, #ARGV do plans[i] = {} end
+for _, plan in ipairs(redis.call('HKEYS', KEYS[2])) do
+  local set = '{tg}:pk:' .. plan
+  for i = 1, #ARGV do
+    if redis.call('SISMEMBER', set, ARGV[i]) == 1 then table.insert(plans[i], plan) end
+  end
+end
 return {redis.call('HMGET', KEYS[1], unpack(ARGV)), plans}
 ";
 
@@ -532,11 +537,14 @@ fn put_key_call<'s>(
     Ok(call)
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 impl StoredKey {
     /// `key` as stored.
     fn of(key: &ApiKey) -> Self {
         Self {
-            id: key.id.clone(),
             name: key.name.clone(),
             description: key.description.clone(),
             customer_id: key.customer_id.clone(),
@@ -566,11 +574,9 @@ fn binding_call<'s>(
     batch: bool,
 ) -> redis::ScriptInvocation<'s> {
     let mut call = script.prepare_invoke();
-    call.key(keys::BINDINGS)
+    call.key(keys::plan_keys(plan_id))
         .key(keys::VERSION)
         .key(keys::usage_index(plan_id))
-        .key(keys::key_plans(key_id))
-        .key(keys::plan_keys(plan_id))
         .key(keys::CHANGE_LOG)
         .arg(if member { "1" } else { "0" })
         .arg(plan_id)
@@ -598,25 +604,21 @@ return redis.call('PUBLISH', 'tollgate:changes', version)
 "
 );
 
-/// `SADD` (ARGV[1] = 1) or `SREM` (0) of a binding, in all three sets, and a version bump when that
-/// changed anything. A removed key's usage stays reachable through the plan's usage index.
+/// `SADD` (ARGV[1] = 1) or `SREM` (0) of key `ARGV[3]` in plan `ARGV[2]`'s set `KEYS[1]`, and a
+/// version bump when that changed anything. A removed key's usage stays reachable through the plan's
+/// usage index.
 const BIND: &str = concat!(
     change_log!(),
     r"
-local member = ARGV[2] .. ' ' .. ARGV[3]
-if redis.call('SISMEMBER', KEYS[1], member) == tonumber(ARGV[1]) then return 0 end
+if redis.call('SISMEMBER', KEYS[1], ARGV[3]) == tonumber(ARGV[1]) then return 0 end
 if ARGV[1] == '1' then
-  redis.call('SADD', KEYS[1], member)
-  redis.call('SADD', KEYS[4], ARGV[2])
-  redis.call('SADD', KEYS[5], ARGV[3])
+  redis.call('SADD', KEYS[1], ARGV[3])
 else
-  redis.call('SREM', KEYS[1], member)
-  redis.call('SREM', KEYS[4], ARGV[2])
-  redis.call('SREM', KEYS[5], ARGV[3])
+  redis.call('SREM', KEYS[1], ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[3])
 end
 local version = redis.call('INCR', KEYS[2])
-LOG(KEYS[6], version, ARGV[3])
+LOG(KEYS[4], version, ARGV[3])
 if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
 "
@@ -626,15 +628,15 @@ const DELETE_PLAN: &str = concat!(
     change_log!(),
     r"
 redis.call('HDEL', KEYS[1], ARGV[1])
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  redis.call('SREM', KEYS[2], ARGV[1] .. ' ' .. key)
-  redis.call('SREM', '{tg}:kp:' .. key, ARGV[1])
-  redis.call('SADD', '{tg}:usage:' .. ARGV[1], key)
+-- Its keys' usage under it stays reachable.
+local members = redis.call('SMEMBERS', KEYS[2])
+for i = 1, #members, 1000 do
+  redis.call('SADD', '{tg}:usage:' .. ARGV[1], unpack(members, i, math.min(i + 999, #members)))
 end
-redis.call('DEL', KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
 local version = redis.call('INCR', KEYS[3])
-LOG(KEYS[6], version, '*')
+LOG(KEYS[5], version, '*')
 redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
 "
@@ -708,7 +710,10 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let mut guard = self.lock();
         if guard.is_none() {
-            *guard = Some(self.connect().map_err(backend)?);
+            let mut conn = self.connect().map_err(backend)?;
+            // On every new connection: Redis may have restarted empty, or been moved meanwhile.
+            layout::ensure(conn.get(), &self.settings.urls[0])?;
+            *guard = Some(conn);
         }
         let conn = guard
             .as_mut()
@@ -1316,24 +1321,26 @@ impl Store for RedisStore {
 
     fn load(&self) -> Result<Records, StoreError> {
         let (plans, keys, bindings, places) = self.consistent(|| {
+            let plans = self.ordered_plans()?;
+            let mut bindings = Vec::new();
+            for plan in &plans {
+                let members = self.scan_set(&keys::plan_keys(&plan.id))?;
+                bindings.extend(members.into_iter().map(|k| (plan.id.clone(), k)));
+            }
             Ok((
-                self.ordered_plans()?,
+                plans,
                 self.scan_hash(keys::KEYS)?,
-                self.scan_set(keys::BINDINGS)?,
+                bindings,
                 self.key_places()?,
             ))
         })?;
         let mut records = Records {
             plans,
+            bindings,
             ..Records::default()
         };
         for (id, body) in keys {
             records.keys.push(parse_key(&id, &body)?);
-        }
-        for member in bindings {
-            if let Some((p, k)) = member.split_once(' ') {
-                records.bindings.push((p.to_string(), k.to_string()));
-            }
         }
         records
             .keys
@@ -1364,16 +1371,17 @@ impl Store for RedisStore {
                 }
                 Ok(())
             })?;
+            let plan_ids: Vec<String> = index.plans.iter().map(|p| p.id.clone()).collect();
             let mut binder = index.binder();
-            self.scan_pages("SSCAN", keys::BINDINGS, |page: Vec<String>| {
-                for member in page {
-                    if let Some((plan, key)) = member.split_once(' ') {
-                        binder.bind(plan, key);
-                        pages.binding(plan, key)?;
+            for plan in &plan_ids {
+                self.scan_pages("SSCAN", &keys::plan_keys(plan), |page: Vec<String>| {
+                    for key in page {
+                        binder.bind(plan, &key);
+                        pages.binding(plan, &key)?;
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
+            }
             binder.finish();
             attempt += 1;
             if self.version()? == before {
@@ -1418,12 +1426,11 @@ impl Store for RedisStore {
             // One script a page: the records, then each key's plans (a cluster client does not
             // pipeline; every key read is under `{tg}`).
             let (bodies, plans): (Vec<Option<String>>, Vec<Vec<String>>) = self.with(|c| {
-                let script = Script::new(KEYS_BY_ID);
-                let mut call = script.key(keys::KEYS);
-                for id in page {
-                    call.key(keys::key_plans(id)).arg(*id);
-                }
-                call.invoke(c)
+                Script::new(KEYS_BY_ID)
+                    .key(keys::KEYS)
+                    .key(keys::PLANS)
+                    .arg(page)
+                    .invoke(c)
             })?;
             for ((id, body), mut of_key) in page.iter().zip(bodies).zip(plans) {
                 let key = body.map(|b| parse_key(id, &b)).transpose()?;
@@ -1557,9 +1564,8 @@ impl Store for RedisStore {
             Script::new(DELETE_KEY)
                 .key(keys::KEYS)
                 .key(keys::VALUES)
-                .key(keys::BINDINGS)
+                .key(keys::PLANS)
                 .key(keys::VERSION)
-                .key(keys::key_plans(key_id))
                 .key(keys::LAST_USED)
                 .key(keys::KEY_ORDER)
                 .key(keys::CHANGE_LOG)
@@ -1573,9 +1579,8 @@ impl Store for RedisStore {
         self.with(|c| {
             Script::new(DELETE_PLAN)
                 .key(keys::PLANS)
-                .key(keys::BINDINGS)
-                .key(keys::VERSION)
                 .key(keys::plan_keys(plan_id))
+                .key(keys::VERSION)
                 .key(keys::PLAN_ORDER)
                 .key(keys::CHANGE_LOG)
                 .arg(plan_id)
@@ -1996,7 +2001,7 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
     let k: StoredKey = serde_json::from_str(body).map_err(|e| corrupt_key(id, e.to_string()))?;
     Ok(ApiKey {
         value_hash: parse_hash(id, &k.value_sha256)?,
-        id: k.id,
+        id: id.to_owned(),
         name: k.name,
         description: k.description,
         customer_id: k.customer_id,
@@ -2294,6 +2299,144 @@ mod tests {
     fn conformance_on_a_redis_cluster() {
         let cluster = RedisCluster::start(3);
         crate::conformance::run_all(&store(cluster.urls(), true));
+    }
+
+    #[test]
+    fn a_redis_of_layout_1_is_moved_once_no_older_instance_is_connected() {
+        use std::io::{Read, Write};
+
+        let server = RedisServer::start();
+        let s = store(vec![server.url()], false);
+        let plan = |id: &str| UsagePlan {
+            id: id.into(),
+            name: id.into(),
+            ..UsagePlan::default()
+        };
+        let records = Records {
+            plans: vec![plan("p1"), plan("p2")],
+            keys: (0..50)
+                .map(|i| ApiKey {
+                    id: format!("key{i:03}"),
+                    name: format!("k{i}"),
+                    enabled: true,
+                    value_hash: KeyHash::of(format!("value-{i}-0123456789")),
+                    ..ApiKey::default()
+                })
+                .collect(),
+            bindings: (0..50)
+                .flat_map(|i| {
+                    let mut b = vec![("p1".to_string(), format!("key{i:03}"))];
+                    if i % 2 == 0 {
+                        b.push(("p2".to_string(), format!("key{i:03}")));
+                    }
+                    b
+                })
+                .collect(),
+        };
+        s.put_records(&records).unwrap();
+        s.add_usage(&[UsageDelta {
+            plan_id: "p1".into(),
+            key_id: "key001".into(),
+            day: EpochDay(10),
+            count: 7,
+            ..UsageDelta::default()
+        }])
+        .unwrap();
+        let before = s.load().unwrap();
+        let used = |s: &RedisStore| {
+            s.series(Series::Used, "p1", None, EpochDay(0), EpochDay(100))
+                .unwrap()
+        };
+        let used_before = used(&s);
+        assert_eq!(used_before.len(), 1);
+        // As an older tollgate leaves them: each membership kept three ways, and one that only
+        // `{tg}:bindings` holds.
+        s.with(|c| {
+            let mut pipe = redis::pipe();
+            pipe.del(layout::LAYOUT_KEY).del("{tg}:bindings");
+            for (p, k) in &records.bindings {
+                pipe.sadd("{tg}:bindings", format!("{p} {k}"))
+                    .sadd(format!("{{tg}}:kp:{k}"), p);
+            }
+            pipe.srem(keys::plan_keys("p2"), "key000");
+            // A record as older versions wrote them: its id, and nulls and zeros spelled out.
+            let old = serde_json::json!({
+                "id": "key001", "name": "k1", "description": null, "customerId": null,
+                "enabled": true, "valueSha256": hex::encode(KeyHash::of("value-1-0123456789").0),
+                "createdDate": 0, "lastUpdatedDate": 0, "sealedValue": null, "valuePrefix": "",
+                "valueLength": 0,
+            });
+            pipe.hset(keys::KEYS, "key001", old.to_string());
+            pipe.query::<()>(c)
+        })
+        .unwrap();
+        let per_key_sets = |s: &RedisStore| -> usize {
+            s.with(|c| {
+                let mut exists = redis::cmd("EXISTS");
+                for i in 0..50 {
+                    exists.arg(format!("{{tg}}:kp:key{i:03}"));
+                }
+                exists.query(c)
+            })
+            .unwrap()
+        };
+        assert_eq!(per_key_sets(&s), 50);
+
+        // An older instance is connected: refused, and nothing moved.
+        let mut older = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        older.write_all(b"SUBSCRIBE tollgate:changes\r\n").unwrap();
+        let _ = older.read(&mut [0u8; 64]).unwrap();
+        let err = store(vec![server.url()], false).load().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1 older tollgate instance(s) are connected"),
+            "{err}"
+        );
+        assert_eq!(per_key_sets(&s), 50);
+        drop(older);
+        let numsub = |s: &RedisStore| -> u64 {
+            s.with(|c| {
+                redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(keys::CHANGES)
+                    .query::<(String, u64)>(c)
+            })
+            .unwrap()
+            .1
+        };
+        while numsub(&s) > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        // Once it is gone, the first connection moves them: the same records and usage, the
+        // memberships kept once.
+        let moved = store(vec![server.url()], false);
+        assert_eq!(moved.load().unwrap(), before);
+        assert_eq!(used(&moved), used_before);
+        assert_eq!(per_key_sets(&moved), 0);
+        let (kind, at): (String, u32) = moved
+            .with(|c| {
+                redis::pipe()
+                    .cmd("TYPE")
+                    .arg("{tg}:bindings")
+                    .get(layout::LAYOUT_KEY)
+                    .query(c)
+            })
+            .unwrap();
+        assert_eq!((kind.as_str(), at), ("string", layout::LAYOUT));
+        // An older tollgate's scripts trip on what is left there instead of reading nothing.
+        let older = moved.with(|c| {
+            redis::cmd("SISMEMBER")
+                .arg("{tg}:bindings")
+                .arg("p1 key001")
+                .query::<i64>(c)
+        });
+        assert!(
+            older.is_err_and(|e| e.to_string().contains("WRONGTYPE")),
+            "an older tollgate reads the memberships"
+        );
+        // Again: nothing more to do.
+        assert_eq!(store(vec![server.url()], false).load().unwrap(), before);
     }
 
     #[test]

@@ -1,0 +1,180 @@
+//! Which layout of records Redis holds, and the move from an older one.
+//!
+//! Layout 2 keeps a plan's memberships once, in the plan's set `{tg}:pk:<planId>`. Layout 1 (up to
+//! issue 28) kept each one three times: there, in `{tg}:bindings` (members `"<planId> <keyId>"`)
+//! and in a set per key `{tg}:kp:<keyId>`, ~260 bytes a key in Redis's memory. A key's plans are now
+//! found by asking each plan's set (AWS caps an account at 300 plans).
+//!
+//! The first connection of this version to a Redis without `{tg}:layout` moves it: it removes the
+//! per-key sets and `{tg}:bindings` (the plans' sets already hold every membership, and are
+//! completed from `{tg}:bindings` first), and leaves a string at `{tg}:bindings` so that an older
+//! tollgate fails loudly (`WRONGTYPE`) instead of reading no memberships or keeping them apart. It
+//! refuses while an older instance is connected (subscribed to `tollgate:changes`): that one would
+//! keep serving what it read before, deleted keys included. Every step can run again.
+
+use std::time::{Duration, Instant};
+
+use redis::{Cmd, ConnectionLike, Script};
+
+use super::keys;
+use crate::StoreError;
+
+/// The layout this version writes.
+pub(super) const LAYOUT: u32 = 2;
+
+/// The layout Redis holds (absent: layout 1, or an empty Redis).
+pub(super) const LAYOUT_KEY: &str = "{tg}:layout";
+
+/// Layout 1's set of every membership; in layout 2, a string saying where they went.
+const BINDINGS: &str = "{tg}:bindings";
+
+/// What layout 2 leaves at [`BINDINGS`] for an older tollgate to trip on.
+const MOVED: &str = "tollgate layout 2: memberships are in {tg}:pk:<planId> only";
+
+/// Held by the instance moving the layout.
+const LOCK: &str = "{tg}:layout:lock";
+
+/// How long the move's lock holds at most, should its holder die; another instance waits as long.
+const LOCK_MS: u64 = 300_000;
+
+/// Memberships per script call while moving.
+const CHUNK: usize = 1000;
+
+/// Adds each `"<planId> <keyId>"` of `ARGV` to its plan's set and removes the key's own set
+/// (`KEYS[1]`, the layout, only routes the call to the node of `{tg}` on a cluster).
+const MOVE_MEMBERSHIPS: &str = r"
+for i = 1, #ARGV do
+  local plan, key = string.match(ARGV[i], '^(%S+) (%S+)$')
+  if plan then
+    redis.call('SADD', '{tg}:pk:' .. plan, key)
+    redis.call('DEL', '{tg}:kp:' .. key)
+  end
+end
+return 1
+";
+
+/// Ends the move: `{tg}:bindings` becomes the string `ARGV[1]`, the layout `ARGV[2]`.
+const FINISH: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+";
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Makes sure Redis holds layout [`LAYOUT`], moving an older one (see the module's notes); `url`
+/// names Redis in the messages.
+pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
+    let started = Instant::now();
+    loop {
+        let layout: Option<u32> = Cmd::get(LAYOUT_KEY).query(c).map_err(backend)?;
+        match layout {
+            Some(LAYOUT) => return Ok(()),
+            Some(newer) => {
+                return Err(StoreError::Backend(format!(
+                    "Redis at {url} holds tollgate's records in layout {newer}, written by a newer \
+                     tollgate; this one reads layout {LAYOUT}: run the newer version"
+                )));
+            }
+            None => {}
+        }
+        let token = crate::ids::new_key_value();
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(LOCK)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_MS)
+            .query(c)
+            .map_err(backend)?;
+        if locked.is_none() {
+            // Another instance is moving it.
+            if started.elapsed() > Duration::from_millis(LOCK_MS) {
+                return Err(StoreError::Backend(format!(
+                    "Redis at {url}: another tollgate has been moving the records to layout \
+                     {LAYOUT} for {} s; try again once it is done",
+                    LOCK_MS / 1000
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let moved = move_to_layout_2(c, url);
+        let _ = Script::new(super::UNLOCK)
+            .key(LOCK)
+            .arg(&token)
+            .invoke::<i64>(c);
+        return moved;
+    }
+}
+
+/// The move from layout 1 (or an empty Redis), under the lock.
+fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
+    let kind: String = redis::cmd("TYPE").arg(BINDINGS).query(c).map_err(backend)?;
+    if kind == "set" {
+        // Asked of the node instances subscribe on (the first URL, on a cluster too: a cluster
+        // counts subscribers per node).
+        let subscribed: (String, u64) = redis::Client::open(url)
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut node| {
+                redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(keys::CHANGES)
+                    .query(&mut node)
+            })
+            .map_err(backend)?;
+        if subscribed.1 > 0 {
+            return Err(StoreError::Backend(format!(
+                "Redis at {url} holds tollgate's records in layout 1, and {} older tollgate \
+                 instance(s) are connected to it (subscribed to {}). Stop them, then start this \
+                 version again: its first start moves the records to layout {LAYOUT}, which older \
+                 versions cannot read",
+                subscribed.1,
+                keys::CHANGES
+            )));
+        }
+        let mut members: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(BINDINGS)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(10_000)
+                .query(c)
+                .map_err(backend)?;
+            members.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let script = Script::new(MOVE_MEMBERSHIPS);
+        for chunk in members.chunks(CHUNK) {
+            script
+                .key(LAYOUT_KEY)
+                .arg(chunk)
+                .invoke::<i64>(c)
+                .map_err(backend)?;
+        }
+        tracing::info!(
+            memberships = members.len(),
+            "Redis records moved to layout {LAYOUT}: memberships kept once"
+        );
+    } else if kind != "none" && kind != "string" {
+        return Err(StoreError::Backend(format!(
+            "Redis at {url}: {BINDINGS} is a {kind}; tollgate's layout 1 keeps a set there"
+        )));
+    }
+    Script::new(FINISH)
+        .key(BINDINGS)
+        .key(LAYOUT_KEY)
+        .arg(MOVED)
+        .arg(LAYOUT)
+        .invoke::<i64>(c)
+        .map_err(backend)?;
+    Ok(())
+}
