@@ -17,16 +17,39 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::source_ips::SOURCE_IPS_TAG;
 use tollgate_core::{ApiKey, IpNetworks, KeyHash, UsagePlan};
 
-mod layout;
-mod pages;
-
-pub use pages::REFRESH_AFTER;
-
 use crate::{
     Attempt, CreditBalance, CreditSpend, CustomerDelta, DayValue, EventStatus, ExportBatch,
     ExportCommit, ExportMark, ExportState, KeyIndex, KeyTerms, OutboxEvent, Records, Series, Store,
     StoreError, UsageDelta,
 };
+
+/// Places per set of [`keys::key_order`], for the constant and the scripts alike: under
+/// Redis's default `zset-max-listpack-entries` (128), so each set stays a compact list.
+macro_rules! order_bucket {
+    () => {
+        128
+    };
+}
+
+/// The Lua function `ORDER(place)`: the name of the set of [`keys::key_order`] that holds `place`.
+macro_rules! key_order {
+    () => {
+        concat!(
+            "local function ORDER(place)
+  return '{tg}:order:keys:' .. string.format('%d', math.floor(place / ",
+            order_bucket!(),
+            "))
+end
+"
+        )
+    };
+}
+
+// After the macros the modules use.
+mod layout;
+mod pages;
+
+pub use pages::REFRESH_AFTER;
 
 /// Key names, in one place for the store and the data plane's limiter script.
 pub mod keys {
@@ -40,8 +63,14 @@ pub mod keys {
     pub const KEYS: &str = "{tg}:keys";
     /// Value hash (hex) → key id, for uniqueness.
     pub const VALUES: &str = "{tg}:values";
-    /// Keys in creation order: key id → place (see [`PLACES`]).
-    pub const KEY_ORDER: &str = "{tg}:order:keys";
+    /// Keys in creation order, [`ORDER_BUCKET`] places to a set: the one holding `place`, key id →
+    /// place (see [`PLACES`]). Small sets, which Redis keeps as compact lists (~20 bytes a key,
+    /// against ~100 in one set of a million); a key's record holds its place.
+    pub fn key_order(place: u64) -> String {
+        format!("{{tg}}:order:keys:{}", place / ORDER_BUCKET)
+    }
+    /// Places per set of [`key_order`] (also in the scripts, through `order_bucket!`).
+    pub const ORDER_BUCKET: u64 = order_bucket!();
     /// Plans in creation order: plan id → place.
     pub const PLAN_ORDER: &str = "{tg}:order:plans";
     /// The last place given: each new key or plan takes the next.
@@ -277,6 +306,9 @@ struct StoredKey {
     credits: bool,
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     previous: Option<StoredPrevious>,
+    /// Its place in listings, given (and written) by the script that stores it.
+    #[serde(default, skip_serializing)]
+    place: Option<u64>,
 }
 
 /// A rotated key's old value in its stored record.
@@ -318,24 +350,30 @@ end
 
 const PUT_KEY: &str = concat!(
     change_log!(),
+    key_order!(),
     r"
 local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and holder ~= ARGV[1] then return 0 end
--- A new key's place in listings is after every other's; a rewrite keeps it.
-if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[1])
-end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
--- Unchanged: no version bump, so no instance reloads for nothing.
-if old == ARGV[3] then return 1 end
+local place, oldhash
 if old then
-  local oldhash = cjson.decode(old)['valueSha256']
-  if oldhash ~= ARGV[2] then redis.call('HDEL', KEYS[2], oldhash) end
+  local o = cjson.decode(old)
+  place, oldhash = o['place'], o['valueSha256']
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+-- A new key's place in listings is after every other's; a rewrite keeps it.
+if not place then
+  place = redis.call('INCR', KEYS[4])
+  redis.call('ZADD', ORDER(place), place, ARGV[1])
+end
+-- The record holds its place (ARGV[3] is a JSON object: '}' ends it).
+local body = string.sub(ARGV[3], 1, -2) .. ',\34place\34:' .. string.format('%d', place) .. '}'
+-- Unchanged: no version bump, so no instance reloads for nothing.
+if old == body then return 1 end
+if oldhash and oldhash ~= ARGV[2] then redis.call('HDEL', KEYS[2], oldhash) end
+redis.call('HSET', KEYS[1], ARGV[1], body)
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 local version = redis.call('INCR', KEYS[3])
-LOG(KEYS[6], version, ARGV[1])
+LOG(KEYS[5], version, ARGV[1])
 -- A batch announces itself once, at its end.
 if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
@@ -344,9 +382,14 @@ return 1
 
 const DELETE_KEY: &str = concat!(
     change_log!(),
+    key_order!(),
     r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['valueSha256']) end
+if old then
+  local o = cjson.decode(old)
+  redis.call('HDEL', KEYS[2], o['valueSha256'])
+  if o['place'] then redis.call('ZREM', ORDER(o['place']), ARGV[1]) end
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 -- Memberships are kept by plan alone: one check per plan.
 for _, plan in ipairs(redis.call('HKEYS', KEYS[3])) do
@@ -356,9 +399,8 @@ for _, plan in ipairs(redis.call('HKEYS', KEYS[3])) do
   end
 end
 redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
 local version = redis.call('INCR', KEYS[4])
-LOG(KEYS[7], version, ARGV[1])
+LOG(KEYS[6], version, ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
 "
@@ -503,6 +545,33 @@ local version = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {version, redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')}
 ";
 
+/// Up to `ARGV[2]` keys from place `ARGV[1]` on, in place order, from the sets of
+/// [`keys::key_order`] up to the last place given (`KEYS[1]`): their ids with their places, and
+/// their records in `KEYS[2]`.
+const KEYS_FROM: &str = concat!(
+    key_order!(),
+    r"
+local from, want = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local placed, ids = {}, {}
+-- Set by set: the places of deleted keys are simply not there.
+while #ids < want and from <= last do
+  local got = redis.call('ZRANGEBYSCORE', ORDER(from), from, '+inf', 'WITHSCORES', 'LIMIT', 0, want - #ids)
+  for i = 1, #got, 2 do
+    placed[#placed + 1] = {got[i], got[i + 1]}
+    ids[#ids + 1] = got[i]
+  end
+  from = (math.floor(from / ",
+    order_bucket!(),
+    r") + 1) * ",
+    order_bucket!(),
+    r"
+end
+if #ids == 0 then return {{}, {}} end
+return {placed, redis.call('HMGET', KEYS[2], unpack(ids))}
+"
+);
+
 /// Deletes lock `KEYS[1]` if `ARGV[1]` still holds it.
 const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -525,7 +594,6 @@ fn put_key_call<'s>(
     call.key(keys::KEYS)
         .key(keys::VALUES)
         .key(keys::VERSION)
-        .key(keys::KEY_ORDER)
         .key(keys::PLACES)
         .key(keys::CHANGE_LOG)
         .arg(&key.id)
@@ -561,6 +629,7 @@ impl StoredKey {
             credit_refill: key.tags.get(CREDIT_REFILL_TAG).cloned(),
             credits: key.credits,
             previous: StoredPrevious::of(key.previous),
+            place: None,
         }
     }
 }
@@ -642,9 +711,9 @@ return 1
 "
 );
 
-/// With `ARGV[1]` = `place`: places the records of hash `KEYS[1]` named in the rest of `ARGV`, in
-/// that order, that are still there and have no place in `KEYS[2]` yet (written before places were
-/// kept, or by an older version). With `drop`: removes the places of those that are gone.
+/// With `ARGV[1]` = `place`: places the plans (`KEYS[1]`) named in the rest of `ARGV`, in that
+/// order, that are still there and have no place in `KEYS[2]` yet (written before places were
+/// kept). With `drop`: removes the places of those that are gone.
 const TIDY_PLACES: &str = r"
 local place = ARGV[1] == 'place'
 for i = 2, #ARGV do
@@ -788,15 +857,11 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Makes the places in `order` match the records of `hash`: each record without one gets one
-    /// (after the others, ordered by `created` of its id, then by id), and places of records gone
-    /// are dropped. Two counts when nothing is amiss, as after the first start of this version.
-    fn tidy_places(
-        &self,
-        hash: &str,
-        order: &str,
-        created: impl Fn(&[String]) -> Result<Vec<i64>, StoreError>,
-    ) -> Result<(), StoreError> {
+    /// Makes the plans' places match the plans: each plan without one (written by a version from
+    /// before places) gets one after the others, by id, and places of plans gone are dropped. Two
+    /// counts when nothing is amiss.
+    fn tidy_plan_places(&self) -> Result<(), StoreError> {
+        let (hash, order) = (keys::PLANS, keys::PLAN_ORDER);
         let records: u64 = self.with(|c| redis::cmd("HLEN").arg(hash).query(c))?;
         let places: u64 = self.with(|c| redis::cmd("ZCARD").arg(order).query(c))?;
         if records == places {
@@ -815,14 +880,11 @@ impl RedisStore {
             .iter()
             .filter(|id| !is_record.contains(id.as_str()))
             .collect();
-        let mut unplaced: Vec<String> = ids
+        let mut unplaced: Vec<&String> = ids
             .iter()
             .filter(|id| !is_placed.contains(id.as_str()))
-            .cloned()
             .collect();
-        let dates = created(&unplaced)?;
-        let mut dated: Vec<(i64, String)> = dates.into_iter().zip(unplaced.drain(..)).collect();
-        dated.sort();
+        unplaced.sort();
         let script = Script::new(TIDY_PLACES);
         let run = |mode: &str, ids: &[&String]| {
             self.with(|c| {
@@ -838,36 +900,10 @@ impl RedisStore {
         for page in gone.chunks(PIPELINE_PAGE) {
             run("drop", page)?;
         }
-        let unplaced: Vec<&String> = dated.iter().map(|(_, id)| id).collect();
         for page in unplaced.chunks(PIPELINE_PAGE) {
             run("place", page)?;
         }
         Ok(())
-    }
-
-    /// Every key id with its place, once each key has one.
-    fn key_places(&self) -> Result<HashMap<String, u64>, StoreError> {
-        self.tidy_key_places()?;
-        self.places(keys::KEY_ORDER)
-    }
-
-    /// [`Self::tidy_places`] for keys: unplaced ones go in the order they were created.
-    fn tidy_key_places(&self) -> Result<(), StoreError> {
-        self.tidy_places(keys::KEYS, keys::KEY_ORDER, |ids| {
-            let mut dates = Vec::with_capacity(ids.len());
-            for page in ids.chunks(PIPELINE_PAGE) {
-                let bodies: Vec<Option<String>> =
-                    self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(page).query(c))?;
-                for (id, body) in page.iter().zip(bodies) {
-                    let created = match body {
-                        Some(b) => parse_key(id, &b)?.created_date,
-                        None => 0,
-                    };
-                    dates.push(created);
-                }
-            }
-            Ok(dates)
-        })
     }
 
     /// The places in `order`, by id.
@@ -885,7 +921,7 @@ impl RedisStore {
 
     /// Every plan, in creation order (plans placed by this version's first start go by id).
     fn ordered_plans(&self) -> Result<Vec<UsagePlan>, StoreError> {
-        self.tidy_places(keys::PLANS, keys::PLAN_ORDER, |ids| Ok(vec![0; ids.len()]))?;
+        self.tidy_plan_places()?;
         let places = self.places(keys::PLAN_ORDER)?;
         let mut plans = parse_plans(self.scan_hash(keys::PLANS)?)?;
         plans
@@ -925,35 +961,35 @@ impl RedisStore {
             return Ok(None);
         };
         let skip: HashSet<&str> = changed.iter().map(String::as_str).collect();
-        let Some(keys_pages) = self.all_pages(pages::keys_page)? else {
-            return Ok(None);
-        };
         let mut index = KeyIndex::new(self.ordered_plans()?);
         let mut reader = pages::PageReader::default();
-        for (name, body) in keys_pages {
-            reader.keys(&name, body, |id, k| {
+        let all = self.each_page(pages::keys_page, |name, body| {
+            reader.keys(name, body, |id, k| {
                 if !skip.contains(id) {
                     let (key_name, hash, terms) = served(id, k)?;
                     index.push_key(id, &key_name, hash, terms);
                 }
                 Ok(())
-            })?;
+            })
+        })?;
+        if !all {
+            return Ok(None);
         }
         let refs: Vec<&str> = changed.iter().map(String::as_str).collect();
         let found: Vec<crate::NamedKey> = self.keys_by_id(&refs)?.into_iter().flatten().collect();
         for (key, _) in &found {
             index.push_key(&key.id, &key.name, key.value_hash, KeyTerms::of(key));
         }
-        let Some(plans_pages) = self.all_pages(pages::plans_page)? else {
-            return Ok(None);
-        };
         let mut binder = index.binder();
-        for (name, body) in plans_pages {
-            reader.plans(&name, body, |plan, key| {
+        let all = self.each_page(pages::plans_page, |name, body| {
+            reader.plans(name, body, |plan, key| {
                 if !skip.contains(key) {
                     binder.bind(plan, key);
                 }
-            })?;
+            })
+        })?;
+        if !all {
+            return Ok(None);
         }
         for (key, plans) in &found {
             for plan in plans {
@@ -976,31 +1012,41 @@ impl RedisStore {
             return Ok(None);
         };
         let wanted: HashSet<&str> = names.iter().copied().collect();
-        let Some(keys_pages) = self.all_pages(pages::keys_page)? else {
-            return Ok(None);
-        };
         let mut reader = pages::PageReader::default();
-        for (name, body) in keys_pages {
-            reader.keys(&name, body, |id, k| {
+        let all = self.each_page(pages::keys_page, |name, body| {
+            reader.keys(name, body, |id, k| {
                 if wanted.contains(&*k.name) {
                     ids.push(id.to_owned());
                 }
                 Ok(())
-            })?;
+            })
+        })?;
+        if !all {
+            return Ok(None);
         }
         ids.sort_unstable();
         ids.dedup();
         Ok(Some(ids))
     }
 
-    /// Every page named by `name` (keys or plans): (name, body); `None` when one is missing.
-    fn all_pages(&self, name: fn(usize) -> String) -> Result<Option<Vec<Page>>, StoreError> {
+    /// Hands every page named by `name` (keys or plans) to `each` (name, body) as it is read, a
+    /// round trip's worth at a time: a start never holds them all (~100 MB at a million keys, which
+    /// the allocator would keep). `false` when one is missing (`each` has seen those before it).
+    fn each_page(
+        &self,
+        name: fn(usize) -> String,
+        mut each: impl FnMut(&str, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<bool, StoreError> {
         let all: Vec<usize> = (0..pages::PAGES).collect();
-        Ok(self
-            .read_pages(&all, name)?
-            .into_iter()
-            .map(|(name, body)| body.map(|b| (name, b)))
-            .collect())
+        for chunk in all.chunks(PAGES_PER_TRIP) {
+            for (name, body) in self.read_pages(chunk, name)? {
+                let Some(body) = body else {
+                    return Ok(false);
+                };
+                each(&name, body)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Pages `which` (named by `name`), read a few dozen per round trip: (name, body).
@@ -1320,31 +1366,27 @@ impl Store for RedisStore {
     }
 
     fn load(&self) -> Result<Records, StoreError> {
-        let (plans, keys, bindings, places) = self.consistent(|| {
+        let (plans, keys, bindings) = self.consistent(|| {
             let plans = self.ordered_plans()?;
             let mut bindings = Vec::new();
             for plan in &plans {
                 let members = self.scan_set(&keys::plan_keys(&plan.id))?;
                 bindings.extend(members.into_iter().map(|k| (plan.id.clone(), k)));
             }
-            Ok((
-                plans,
-                self.scan_hash(keys::KEYS)?,
-                bindings,
-                self.key_places()?,
-            ))
+            Ok((plans, self.scan_hash(keys::KEYS)?, bindings))
         })?;
+        let mut placed = Vec::with_capacity(keys.len());
+        for (id, body) in keys {
+            placed.push(parse_placed_key(&id, &body)?);
+        }
+        placed.sort_by(|(a, at), (b, bt)| {
+            (at.unwrap_or(u64::MAX), &a.id).cmp(&(bt.unwrap_or(u64::MAX), &b.id))
+        });
         let mut records = Records {
             plans,
+            keys: placed.into_iter().map(|(key, _)| key).collect(),
             bindings,
-            ..Records::default()
         };
-        for (id, body) in keys {
-            records.keys.push(parse_key(&id, &body)?);
-        }
-        records
-            .keys
-            .sort_by_cached_key(|k| (places.get(&k.id).copied().unwrap_or(u64::MAX), k.id.clone()));
         records.bindings.sort();
         Ok(records)
     }
@@ -1442,38 +1484,28 @@ impl Store for RedisStore {
     }
 
     fn keys_from(&self, from: Option<u64>, limit: usize) -> Result<Vec<(u64, ApiKey)>, StoreError> {
-        self.tidy_key_places()?;
-        let mut from = from.unwrap_or(0);
         let mut out = Vec::with_capacity(limit.min(PIPELINE_PAGE));
-        // A place whose key was deleted since is passed over.
+        let mut from = from.unwrap_or(0);
         while out.len() < limit {
-            let want = limit - out.len();
-            let placed: Vec<(String, u64)> = self.with(|c| {
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(keys::KEY_ORDER)
+            let want = (limit - out.len()).min(PIPELINE_PAGE);
+            let (placed, bodies): (Vec<(String, u64)>, Vec<Option<String>>) = self.with(|c| {
+                Script::new(KEYS_FROM)
+                    .key(keys::PLACES)
+                    .key(keys::KEYS)
                     .arg(from)
-                    .arg("+inf")
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
                     .arg(want)
-                    .query(c)
+                    .invoke(c)
             })?;
-            let Some(&(_, last)) = placed.last() else {
-                break;
-            };
-            let ids: Vec<&String> = placed.iter().map(|(id, _)| id).collect();
-            let bodies: Vec<Option<String>> =
-                self.with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(&ids).query(c))?;
             for ((id, place), body) in placed.iter().zip(bodies) {
+                // A key deleted between the two reads of a record is passed over.
                 if let Some(b) = body {
                     out.push((*place, parse_key(id, &b)?));
                 }
             }
-            if placed.len() < want {
-                break;
+            match placed.last() {
+                Some(&(_, last)) if placed.len() == want => from = last + 1,
+                _ => break,
             }
-            from = last + 1;
         }
         Ok(out)
     }
@@ -1567,7 +1599,6 @@ impl Store for RedisStore {
                 .key(keys::PLANS)
                 .key(keys::VERSION)
                 .key(keys::LAST_USED)
-                .key(keys::KEY_ORDER)
                 .key(keys::CHANGE_LOG)
                 .arg(key_id)
                 .invoke::<i64>(c)
@@ -1998,8 +2029,13 @@ fn parse_event(json: &str) -> Result<OutboxEvent, StoreError> {
 
 /// A key record as stored in the keys hash.
 fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
+    parse_placed_key(id, body).map(|(key, _)| key)
+}
+
+/// Key `id` from its record, and its place in listings (none in records from before layout 2).
+fn parse_placed_key(id: &str, body: &str) -> Result<(ApiKey, Option<u64>), StoreError> {
     let k: StoredKey = serde_json::from_str(body).map_err(|e| corrupt_key(id, e.to_string()))?;
-    Ok(ApiKey {
+    let key = ApiKey {
         value_hash: parse_hash(id, &k.value_sha256)?,
         id: id.to_owned(),
         name: k.name,
@@ -2014,7 +2050,8 @@ fn parse_key(id: &str, body: &str) -> Result<ApiKey, StoreError> {
         value_length: k.value_length,
         previous: k.previous.map(|p| p.parse(id)).transpose()?,
         credits: k.credits,
-    })
+    };
+    Ok((key, k.place))
 }
 
 /// What the gateway serves of a stored key (the rest of the record is skipped, not decoded).
@@ -2098,13 +2135,14 @@ mod tests {
     }
 
     #[test]
-    fn records_from_before_places_get_them_in_creation_order() {
+    fn layout_1_places_move_into_the_records_and_unplaced_keys_go_last_by_creation() {
         let server = RedisServer::start();
         let s = store(vec![server.url()], false);
-        for (id, created) in [("old3", 30), ("old1", 10), ("old2", 20)] {
+        let ids = ["old3", "old1", "placed", "old2"];
+        for (id, created) in ids.iter().zip([30, 10, 40, 20]) {
             s.put_key(&ApiKey {
-                id: id.into(),
-                name: id.into(),
+                id: (*id).into(),
+                name: (*id).into(),
                 value_hash: KeyHash::of(format!("{id}-value-0123456789")),
                 created_date: created,
                 ..ApiKey::default()
@@ -2119,49 +2157,109 @@ mod tests {
             })
             .unwrap();
         }
-        // As an older version leaves them: no places, and a place whose key it deleted.
+        // As layout 1 leaves them: records without places, one set of every key's place (holding
+        // one key, and a key it deleted), no places of plans.
+        let bodies: Vec<String> = s
+            .with(|c| redis::cmd("HMGET").arg(keys::KEYS).arg(&ids).query(c))
+            .unwrap();
         s.with(|c| {
-            redis::pipe()
-                .del(keys::KEY_ORDER)
+            let mut pipe = redis::pipe();
+            pipe.del(layout::LAYOUT_KEY)
+                .del("{tg}:bindings")
+                .del(keys::key_order(0))
                 .del(keys::PLAN_ORDER)
-                .zadd(keys::KEY_ORDER, "ghost", 1)
-                .query::<()>(c)
+                .zadd("{tg}:order:keys", "placed", 1)
+                .zadd("{tg}:order:keys", "ghost", 2);
+            for (id, body) in ids.iter().zip(&bodies) {
+                let cut = body.rfind(",\"place\"").unwrap();
+                pipe.hset(keys::KEYS, *id, format!("{}}}", &body[..cut]));
+            }
+            pipe.query::<()>(c)
         })
         .unwrap();
-        let listed: Vec<(u64, String)> = s
+        let moved = store(vec![server.url()], false);
+        let listed: Vec<(u64, String)> = moved
             .keys_from(None, 10)
             .unwrap()
             .into_iter()
             .map(|(place, k)| (place, k.id))
             .collect();
-        let ids: Vec<&str> = listed.iter().map(|(_, id)| id.as_str()).collect();
-        assert_eq!(ids, ["old1", "old2", "old3"], "by creation date");
+        let in_order: Vec<&str> = listed.iter().map(|(_, id)| id.as_str()).collect();
+        assert_eq!(
+            in_order,
+            ["placed", "old1", "old2", "old3"],
+            "layout 1's places, then by creation date"
+        );
+        assert_eq!(listed[0].0, 1, "a place layout 1 gave is kept");
         assert!(listed.windows(2).all(|w| w[0].0 < w[1].0));
-        let ghost: Option<u64> = s
-            .with(|c| {
-                redis::cmd("ZSCORE")
-                    .arg(keys::KEY_ORDER)
-                    .arg("ghost")
-                    .query(c)
-            })
-            .unwrap();
-        assert_eq!(ghost, None);
-        let plans: Vec<String> = s.plans().unwrap().into_iter().map(|p| p.id).collect();
+        let load: Vec<String> = moved
+            .load()
+            .unwrap()
+            .keys
+            .into_iter()
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(load, in_order, "loaded in the same order");
+        let plans: Vec<String> = moved.plans().unwrap().into_iter().map(|p| p.id).collect();
         assert_eq!(
             plans,
             ["aaplan", "zzplan"],
             "by id: plans have no creation date"
         );
-        // Keys written from now on come after them.
-        s.put_key(&ApiKey {
-            id: "new0".into(),
-            name: "new0".into(),
-            value_hash: KeyHash::of("new0-value-0123456789"),
-            ..ApiKey::default()
-        })
-        .unwrap();
-        let last = s.load().unwrap().keys.pop().unwrap();
-        assert_eq!(last.id, "new0");
+        // Keys written from now on come after them; layout 1's set is gone.
+        moved
+            .put_key(&ApiKey {
+                id: "new0".into(),
+                name: "new0".into(),
+                value_hash: KeyHash::of("new0-value-0123456789"),
+                ..ApiKey::default()
+            })
+            .unwrap();
+        assert_eq!(moved.load().unwrap().keys.pop().unwrap().id, "new0");
+        let old_set: bool = moved
+            .with(|c| Cmd::exists("{tg}:order:keys").query(c))
+            .unwrap();
+        assert!(!old_set);
+    }
+
+    #[test]
+    fn listings_walk_the_order_sets_past_deleted_keys() {
+        let server = RedisServer::start();
+        let s = store(vec![server.url()], false);
+        let id = |i: usize| format!("walk{i:04}");
+        for i in 0..300 {
+            s.put_key(&ApiKey {
+                id: id(i),
+                name: id(i),
+                value_hash: KeyHash::of(format!("walk-value-{i}-0123456789")),
+                ..ApiKey::default()
+            })
+            .unwrap();
+        }
+        // Places 1-300 in sets of 128: the middle set emptied whole, the others partly.
+        for i in (100..270).chain([0, 299]) {
+            s.delete_key(&id(i)).unwrap();
+        }
+        let want: Vec<String> = (1..100).chain(270..299).map(id).collect();
+        let mut got = Vec::new();
+        let mut from = None;
+        loop {
+            let page = s.keys_from(from, 7).unwrap();
+            assert!(page.len() <= 7);
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            got.extend(page.into_iter().map(|(_, k)| k.id));
+            from = Some(last + 1);
+        }
+        assert_eq!(got, want);
+        let all: Vec<String> = s
+            .keys_from(None, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, k)| k.id)
+            .collect();
+        assert_eq!(all, want);
     }
 
     /// What an index serves, in an order of its own: each key's id, name, value hash, terms and
@@ -2367,6 +2465,12 @@ mod tests {
                 "valueLength": 0,
             });
             pipe.hset(keys::KEYS, "key001", old.to_string());
+            // Layout 1's one set of every key's place.
+            pipe.del(keys::key_order(0));
+            for (id, body) in Cmd::hgetall(keys::KEYS).query::<Vec<(String, String)>>(c)? {
+                let record: serde_json::Value = serde_json::from_str(&body).unwrap();
+                pipe.zadd("{tg}:order:keys", id, record["place"].as_u64().unwrap());
+            }
             pipe.query::<()>(c)
         })
         .unwrap();
