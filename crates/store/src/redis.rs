@@ -45,6 +45,21 @@ end
     };
 }
 
+/// The Lua function `VALUE(hash)`: where value hash `hash` (hex) names its key, for uniqueness (the
+/// scripts alone read and write it). 65,536 small hashes `{tg}:values:<first four hex digits>`,
+/// each field the rest of the value hash in bytes: ~55 bytes a key, against ~130 in one hash of
+/// hex. Up to 128 fields a hash (Redis's default `hash-max-listpack-entries`) at 8 million keys,
+/// so each stays a compact list.
+macro_rules! key_value {
+    () => {
+        "local function VALUE(hash)
+  local rest = string.gsub(string.sub(hash, 5), '%x%x', function(x) return string.char(tonumber(x, 16)) end)
+  return '{tg}:values:' .. string.sub(hash, 1, 4), rest
+end
+"
+    };
+}
+
 // After the macros the modules use.
 mod layout;
 mod pages;
@@ -61,8 +76,6 @@ pub mod keys {
     pub const PLANS: &str = "{tg}:plans";
     /// All API keys: id → JSON (hash of the value, never the value).
     pub const KEYS: &str = "{tg}:keys";
-    /// Value hash (hex) → key id, for uniqueness.
-    pub const VALUES: &str = "{tg}:values";
     /// Keys in creation order, [`ORDER_BUCKET`] places to a set: the one holding `place`, key id →
     /// place (see [`PLACES`]). Small sets, which Redis keeps as compact lists (~20 bytes a key,
     /// against ~100 in one set of a million); a key's record holds its place.
@@ -351,8 +364,10 @@ end
 const PUT_KEY: &str = concat!(
     change_log!(),
     key_order!(),
+    key_value!(),
     r"
-local holder = redis.call('HGET', KEYS[2], ARGV[2])
+local values, value = VALUE(ARGV[2])
+local holder = redis.call('HGET', values, value)
 if holder and holder ~= ARGV[1] then return 0 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local place, oldhash
@@ -362,18 +377,18 @@ if old then
 end
 -- A new key's place in listings is after every other's; a rewrite keeps it.
 if not place then
-  place = redis.call('INCR', KEYS[4])
+  place = redis.call('INCR', KEYS[3])
   redis.call('ZADD', ORDER(place), place, ARGV[1])
 end
 -- The record holds its place (ARGV[3] is a JSON object: '}' ends it).
 local body = string.sub(ARGV[3], 1, -2) .. ',\34place\34:' .. string.format('%d', place) .. '}'
 -- Unchanged: no version bump, so no instance reloads for nothing.
 if old == body then return 1 end
-if oldhash and oldhash ~= ARGV[2] then redis.call('HDEL', KEYS[2], oldhash) end
+if oldhash and oldhash ~= ARGV[2] then redis.call('HDEL', VALUE(oldhash)) end
 redis.call('HSET', KEYS[1], ARGV[1], body)
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-local version = redis.call('INCR', KEYS[3])
-LOG(KEYS[5], version, ARGV[1])
+redis.call('HSET', values, value, ARGV[1])
+local version = redis.call('INCR', KEYS[2])
+LOG(KEYS[4], version, ARGV[1])
 -- A batch announces itself once, at its end.
 if ARGV[4] ~= 'batch' then redis.call('PUBLISH', 'tollgate:changes', version) end
 return 1
@@ -383,24 +398,25 @@ return 1
 const DELETE_KEY: &str = concat!(
     change_log!(),
     key_order!(),
+    key_value!(),
     r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then
   local o = cjson.decode(old)
-  redis.call('HDEL', KEYS[2], o['valueSha256'])
+  redis.call('HDEL', VALUE(o['valueSha256']))
   if o['place'] then redis.call('ZREM', ORDER(o['place']), ARGV[1]) end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 -- Memberships are kept by plan alone: one check per plan.
-for _, plan in ipairs(redis.call('HKEYS', KEYS[3])) do
+for _, plan in ipairs(redis.call('HKEYS', KEYS[2])) do
   if redis.call('SREM', '{tg}:pk:' .. plan, ARGV[1]) == 1 then
     -- Its usage under that plan stays reachable.
     redis.call('SADD', '{tg}:usage:' .. plan, ARGV[1])
   end
 end
-redis.call('HDEL', KEYS[5], ARGV[1])
-local version = redis.call('INCR', KEYS[4])
-LOG(KEYS[6], version, ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+local version = redis.call('INCR', KEYS[3])
+LOG(KEYS[5], version, ARGV[1])
 redis.call('PUBLISH', 'tollgate:changes', version)
 return 1
 "
@@ -592,7 +608,6 @@ fn put_key_call<'s>(
     let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut call = script.prepare_invoke();
     call.key(keys::KEYS)
-        .key(keys::VALUES)
         .key(keys::VERSION)
         .key(keys::PLACES)
         .key(keys::CHANGE_LOG)
@@ -1595,7 +1610,6 @@ impl Store for RedisStore {
         self.with(|c| {
             Script::new(DELETE_KEY)
                 .key(keys::KEYS)
-                .key(keys::VALUES)
                 .key(keys::PLANS)
                 .key(keys::VERSION)
                 .key(keys::LAST_USED)
@@ -2465,8 +2479,13 @@ mod tests {
                 "valueLength": 0,
             });
             pipe.hset(keys::KEYS, "key001", old.to_string());
-            // Layout 1's one set of every key's place.
+            // Layout 1's one set of every key's place, and one hash of every value's hash.
             pipe.del(keys::key_order(0));
+            for key in &before.keys {
+                let hex = hex::encode(key.value_hash.0);
+                pipe.del(format!("{{tg}}:values:{}", &hex[..4]))
+                    .hset("{tg}:values", hex, &key.id);
+            }
             for (id, body) in Cmd::hgetall(keys::KEYS).query::<Vec<(String, String)>>(c)? {
                 let record: serde_json::Value = serde_json::from_str(&body).unwrap();
                 pipe.zadd("{tg}:order:keys", id, record["place"].as_u64().unwrap());
@@ -2541,6 +2560,19 @@ mod tests {
         );
         // Again: nothing more to do.
         assert_eq!(store(vec![server.url()], false).load().unwrap(), before);
+        // Values stay unique, and a deleted key's value is free again.
+        let mut twin = before.keys[5].clone();
+        twin.id = "twin".into();
+        assert!(matches!(
+            moved.put_key(&twin),
+            Err(StoreError::DuplicateKeyValue)
+        ));
+        moved.delete_key("key005").unwrap();
+        moved.put_key(&twin).unwrap();
+        let layout_1_sets: usize = moved
+            .with(|c| Cmd::exists(&["{tg}:values", "{tg}:order:keys"]).query(c))
+            .unwrap();
+        assert_eq!(layout_1_sets, 0);
     }
 
     #[test]

@@ -39,6 +39,9 @@ const BINDINGS: &str = "{tg}:bindings";
 /// Layout 1's keys in creation order: key id → place.
 const KEY_ORDER: &str = "{tg}:order:keys";
 
+/// Layout 1's value hashes (hex) → key id.
+const VALUES: &str = "{tg}:values";
+
 /// What layout 2 leaves at [`BINDINGS`] for an older tollgate to trip on.
 const MOVED: &str = "tollgate layout 2: memberships are in {tg}:pk:<planId> only";
 
@@ -83,6 +86,19 @@ for i = 1, #ARGV do
     end
     redis.call('ZADD', ORDER(place), place, id)
   end
+end
+return 1
+"
+);
+
+/// Writes each (value hash, key id) pair of `ARGV` where layout 2 keeps it (`KEYS[1]`, the
+/// layout, only routes the call on a cluster).
+const MOVE_VALUES: &str = concat!(
+    key_value!(),
+    r"
+for i = 1, #ARGV, 2 do
+  local values, value = VALUE(ARGV[i])
+  redis.call('HSET', values, value, ARGV[i + 1])
 end
 return 1
 "
@@ -209,8 +225,11 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
     }
     if has_keys {
         place_keys(c)?;
+        move_values(c)?;
     }
-    Cmd::del(KEY_ORDER).query::<()>(c).map_err(backend)?;
+    Cmd::del(&[KEY_ORDER, VALUES])
+        .query::<()>(c)
+        .map_err(backend)?;
     Script::new(FINISH)
         .key(BINDINGS)
         .key(LAYOUT_KEY)
@@ -267,4 +286,30 @@ fn place_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
             .map_err(backend)?;
     }
     Ok(())
+}
+
+/// Moves layout 1's value hashes into layout 2's small hashes (see [`MOVE_VALUES`]).
+fn move_values(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
+    let script = Script::new(MOVE_VALUES);
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(VALUES)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(CHUNK)
+            .query(c)
+            .map_err(backend)?;
+        if !page.is_empty() {
+            let mut call = script.key(LAYOUT_KEY);
+            for (hash, id) in &page {
+                call.arg(hash).arg(id);
+            }
+            call.invoke::<i64>(c).map_err(backend)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
