@@ -31,7 +31,8 @@ macro_rules! order_bucket {
     };
 }
 
-/// The Lua function `ORDER(place)`: the name of the set of [`keys::key_order`] that holds `place`.
+/// The Lua functions `ORDER(place)`, the name of the set of [`keys::key_order`] that holds
+/// `place`, and `PLACED(record, place)`, a key's record (`StoredKey`'s JSON) holding its place.
 macro_rules! key_order {
     () => {
         concat!(
@@ -39,6 +40,10 @@ macro_rules! key_order {
   return '{tg}:order:keys:' .. string.format('%d', math.floor(place / ",
             order_bucket!(),
             "))
+end
+-- A record is a JSON object: '}' ends it.
+local function PLACED(record, place)
+  return string.sub(record, 1, -2) .. ',\\34place\\34:' .. string.format('%d', place) .. '}'
 end
 "
         )
@@ -380,8 +385,7 @@ if not place then
   place = redis.call('INCR', KEYS[3])
   redis.call('ZADD', ORDER(place), place, ARGV[1])
 end
--- The record holds its place (ARGV[3] is a JSON object: '}' ends it).
-local body = string.sub(ARGV[3], 1, -2) .. ',\34place\34:' .. string.format('%d', place) .. '}'
+local body = PLACED(ARGV[3], place)
 -- Unchanged: no version bump, so no instance reloads for nothing.
 if old == body then return 1 end
 if oldhash and oldhash ~= ARGV[2] then redis.call('HDEL', VALUE(oldhash)) end
@@ -605,7 +609,7 @@ fn put_key_call<'s>(
     batch: bool,
 ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
     let stored = StoredKey::of(key);
-    let body = serde_json::to_string(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let body = stored.json()?;
     let mut call = script.prepare_invoke();
     call.key(keys::KEYS)
         .key(keys::VERSION)
@@ -625,6 +629,11 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl StoredKey {
+    /// The record: its JSON (the scripts add its place).
+    fn json(&self) -> Result<String, StoreError> {
+        serde_json::to_string(self).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
     /// `key` as stored.
     fn of(key: &ApiKey) -> Self {
         Self {
@@ -2558,6 +2567,15 @@ mod tests {
             older.is_err_and(|e| e.to_string().contains("WRONGTYPE")),
             "an older tollgate reads the memberships"
         );
+        // The older record is written again as this version writes them.
+        let record: String = moved
+            .with(|c| Cmd::hget(keys::KEYS, "key001").query(c))
+            .unwrap();
+        assert!(
+            !record.contains("null") && !record.contains("\"id\""),
+            "{record}"
+        );
+        assert!(record.contains(",\"place\":"), "{record}");
         // Again: nothing more to do.
         assert_eq!(store(vec![server.url()], false).load().unwrap(), before);
         // Values stay unique, and a deleted key's value is free again.

@@ -7,13 +7,13 @@
 //!   (AWS caps an account at 300 plans).
 //! - **The listing order is kept in small sets** of 128 places (see [`keys::key_order`]), and each
 //!   key's record holds its place; layout 1 kept one sorted set of every key (~100 bytes a key).
-//! - **Records leave out what is empty** (see `StoredKey`), ~100 bytes a key; records written
-//!   before read as they are.
+//! - **Records leave out what is empty** (see `StoredKey`), ~100 bytes a key.
 //!
 //! The first connection of this version to a Redis without `{tg}:layout` moves it: memberships
 //! (the plans' sets are completed from `{tg}:bindings`, then the per-key sets and `{tg}:bindings`
-//! go), then places (each record gets its place from layout 1's set, those without one after
-//! every other in creation order, as layout 1's listings put them). It leaves a string at
+//! go), then records (each written again, with its place from layout 1's set, those without one
+//! after every other in creation order, as layout 1's listings put them), then value hashes. It
+//! leaves a string at
 //! `{tg}:bindings`, so that an older tollgate fails loudly (`WRONGTYPE`) instead of reading no
 //! memberships or keeping them apart. It refuses while an older instance is connected (subscribed
 //! to `tollgate:changes`): that one would keep serving what it read before, deleted keys included.
@@ -67,25 +67,15 @@ end
 return 1
 ";
 
-/// Gives each key of `ARGV` its place in its record (`KEYS[1]`) and in its set of
-/// [`keys::key_order`]: the one its record holds, else its place in layout 1's set (`KEYS[2]`), else
-/// the next place (`KEYS[3]`).
-const PLACE_KEYS: &str = concat!(
+/// Writes each key of `ARGV` (id, record, place or empty) into `KEYS[1]` with its place (the next
+/// one of `KEYS[2]` when it has none), and into its set of [`keys::key_order`].
+const REWRITE_KEYS: &str = concat!(
     key_order!(),
     r"
-for i = 1, #ARGV do
-  local id = ARGV[i]
-  local record = redis.call('HGET', KEYS[1], id)
-  if record then
-    local place = cjson.decode(record)['place']
-    if not place then
-      place = tonumber(redis.call('ZSCORE', KEYS[2], id)) or redis.call('INCR', KEYS[3])
-      -- A record is a JSON object: '}' ends it.
-      record = string.sub(record, 1, -2) .. ',\34place\34:' .. string.format('%d', place) .. '}'
-      redis.call('HSET', KEYS[1], id, record)
-    end
-    redis.call('ZADD', ORDER(place), place, id)
-  end
+for i = 1, #ARGV, 3 do
+  local place = tonumber(ARGV[i + 2]) or redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], ARGV[i], PLACED(ARGV[i + 1], place))
+  redis.call('ZADD', ORDER(place), place, ARGV[i])
 end
 return 1
 "
@@ -224,7 +214,7 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
         )));
     }
     if has_keys {
-        place_keys(c)?;
+        rewrite_keys(c)?;
         move_values(c)?;
     }
     Cmd::del(&[KEY_ORDER, VALUES])
@@ -240,9 +230,10 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Gives every key its place in layout 2 (see [`PLACE_KEYS`]): first those layout 1 placed, then
-/// the others by creation date and id.
-fn place_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
+/// Writes every record again as layout 2 does (see `StoredKey`: empty fields left out, its place
+/// kept), and its place in its set of [`keys::key_order`]: first the keys layout 1 placed, in their
+/// places, then the others by creation date and id.
+fn rewrite_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
     let placed: Vec<(String, u64)> = redis::cmd("ZRANGE")
         .arg(KEY_ORDER)
         .arg(0)
@@ -258,34 +249,45 @@ fn place_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
         .filter(|id| !is_placed.contains(id.as_str()))
         .collect();
     for chunk in loose.chunks(CHUNK) {
-        let bodies: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(keys::KEYS)
-            .arg(chunk)
-            .query(c)
-            .map_err(backend)?;
-        for (id, body) in chunk.iter().zip(bodies) {
+        for (id, body) in chunk.iter().zip(records(c, chunk)?) {
             if let Some(body) = body {
                 unplaced.push((super::parse_key(id, &body)?.created_date, id));
             }
         }
     }
     unplaced.sort();
-    let script = Script::new(PLACE_KEYS);
-    let in_order = placed
+    let in_order: Vec<(&String, Option<u64>)> = placed
         .iter()
-        .map(|(id, _)| id)
-        .chain(unplaced.iter().map(|(_, id)| *id))
-        .collect::<Vec<_>>();
+        .map(|(id, place)| (id, Some(*place)))
+        .chain(unplaced.iter().map(|(_, id)| (*id, None)))
+        .collect();
+    let script = Script::new(REWRITE_KEYS);
     for chunk in in_order.chunks(CHUNK) {
-        script
-            .key(keys::KEYS)
-            .key(KEY_ORDER)
-            .key(keys::PLACES)
-            .arg(chunk)
-            .invoke::<i64>(c)
-            .map_err(backend)?;
+        let ids: Vec<&String> = chunk.iter().map(|(id, _)| *id).collect();
+        let mut call = script.prepare_invoke();
+        call.key(keys::KEYS).key(keys::PLACES);
+        // A place layout 1 kept for a key since deleted has no record: passed over.
+        for ((id, layout_1_place), body) in chunk.iter().zip(records(c, &ids)?) {
+            if let Some(body) = body {
+                let (key, place) = super::parse_placed_key(id, &body)?;
+                let place = place.or(*layout_1_place);
+                call.arg(*id)
+                    .arg(super::StoredKey::of(&key).json()?)
+                    .arg(place.map(|p| p.to_string()).unwrap_or_default());
+            }
+        }
+        call.invoke::<i64>(c).map_err(backend)?;
     }
     Ok(())
+}
+
+/// The records of keys `ids`.
+fn records(c: &mut dyn ConnectionLike, ids: &[&String]) -> Result<Vec<Option<String>>, StoreError> {
+    redis::cmd("HMGET")
+        .arg(keys::KEYS)
+        .arg(ids)
+        .query(c)
+        .map_err(backend)
 }
 
 /// Moves layout 1's value hashes into layout 2's small hashes (see [`MOVE_VALUES`]).
@@ -301,7 +303,8 @@ fn move_values(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
             .query(c)
             .map_err(backend)?;
         if !page.is_empty() {
-            let mut call = script.key(LAYOUT_KEY);
+            let mut call = script.prepare_invoke();
+            call.key(LAYOUT_KEY);
             for (hash, id) in &page {
                 call.arg(hash).arg(id);
             }
