@@ -154,6 +154,7 @@ pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreE
 
 /// The move from layout 1 (or an empty Redis), under the lock.
 fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
+    let started = Instant::now();
     let kind: String = redis::cmd("TYPE").arg(BINDINGS).query(c).map_err(backend)?;
     let has_keys: bool = Cmd::exists(keys::KEYS).query(c).map_err(backend)?;
     if kind == "set" || has_keys {
@@ -204,10 +205,6 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
                 .invoke::<i64>(c)
                 .map_err(backend)?;
         }
-        tracing::info!(
-            memberships = members.len(),
-            "Redis records moved to layout {LAYOUT}: memberships kept once"
-        );
     } else if kind != "none" && kind != "string" {
         return Err(StoreError::Backend(format!(
             "Redis at {url}: {BINDINGS} is a {kind}; tollgate's layout 1 keeps a set there"
@@ -216,6 +213,12 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
     if has_keys {
         rewrite_keys(c)?;
         move_values(c)?;
+    }
+    if kind == "set" || has_keys {
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "Redis records moved to layout {LAYOUT}"
+        );
     }
     Cmd::del(&[KEY_ORDER, VALUES])
         .query::<()>(c)
