@@ -2443,12 +2443,32 @@ mod tests {
         crate::conformance::run_all(&store(cluster.urls(), true));
     }
 
+    /// Runs `pipe`'s commands one after another (a cluster client does not pipeline).
+    fn each_command(c: &mut dyn ConnectionLike, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
+        for cmd in pipe.cmd_iter() {
+            cmd.query::<redis::Value>(c)?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_redis_of_layout_1_is_moved_once_no_older_instance_is_connected() {
+        let server = RedisServer::start();
+        a_redis_of_layout_1_is_moved(vec![server.url()], false, server.port);
+    }
+
+    #[test]
+    fn a_redis_cluster_of_layout_1_is_moved_once_no_older_instance_is_connected() {
+        let cluster = RedisCluster::start(3);
+        a_redis_of_layout_1_is_moved(cluster.urls(), true, cluster.ports[0]);
+    }
+
+    /// Layout 1 made by hand on `urls`, then moved; `port` is the first URL's, where instances
+    /// subscribe.
+    fn a_redis_of_layout_1_is_moved(urls: Vec<String>, cluster: bool, port: u16) {
         use std::io::{Read, Write};
 
-        let server = RedisServer::start();
-        let s = store(vec![server.url()], false);
+        let s = store(urls.clone(), cluster);
         let plan = |id: &str| UsagePlan {
             id: id.into(),
             name: id.into(),
@@ -2520,7 +2540,7 @@ mod tests {
                 let record: serde_json::Value = serde_json::from_str(&body).unwrap();
                 pipe.zadd("{tg}:order:keys", id, record["place"].as_u64().unwrap());
             }
-            pipe.query::<()>(c)
+            each_command(c, &pipe)
         })
         .unwrap();
         let per_key_sets = |s: &RedisStore| -> usize {
@@ -2536,10 +2556,10 @@ mod tests {
         assert_eq!(per_key_sets(&s), 50);
 
         // An older instance is connected: refused, and nothing moved.
-        let mut older = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let mut older = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         older.write_all(b"SUBSCRIBE tollgate:changes\r\n").unwrap();
         let _ = older.read(&mut [0u8; 64]).unwrap();
-        let err = store(vec![server.url()], false).load().unwrap_err();
+        let err = store(urls.clone(), cluster).load().unwrap_err();
         assert!(
             err.to_string()
                 .contains("1 older tollgate instance(s) are connected"),
@@ -2547,33 +2567,35 @@ mod tests {
         );
         assert_eq!(per_key_sets(&s), 50);
         drop(older);
-        let numsub = |s: &RedisStore| -> u64 {
-            s.with(|c| {
-                redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg(keys::CHANGES)
-                    .query::<(String, u64)>(c)
-            })
+        // Subscribers are counted per node: asked of the first URL's.
+        let mut node = redis::Client::open(urls[0].as_str())
             .unwrap()
-            .1
+            .get_connection()
+            .unwrap();
+        let mut numsub = || -> u64 {
+            redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(keys::CHANGES)
+                .query::<(String, u64)>(&mut node)
+                .unwrap()
+                .1
         };
-        while numsub(&s) > 0 {
+        while numsub() > 0 {
             std::thread::sleep(Duration::from_millis(10));
         }
 
         // Once it is gone, the first connection moves them: the same records and usage, the
         // memberships kept once.
-        let moved = store(vec![server.url()], false);
+        let moved = store(urls.clone(), cluster);
         assert_eq!(moved.load().unwrap(), before);
         assert_eq!(used(&moved), used_before);
         assert_eq!(per_key_sets(&moved), 0);
         let (kind, at): (String, u32) = moved
             .with(|c| {
-                redis::pipe()
-                    .cmd("TYPE")
-                    .arg("{tg}:bindings")
-                    .get(layout::LAYOUT_KEY)
-                    .query(c)
+                Ok((
+                    redis::cmd("TYPE").arg("{tg}:bindings").query(c)?,
+                    Cmd::get(layout::LAYOUT_KEY).query(c)?,
+                ))
             })
             .unwrap();
         assert_eq!((kind.as_str(), at), ("string", layout::LAYOUT));
@@ -2598,7 +2620,7 @@ mod tests {
         );
         assert!(record.contains(",\"place\":"), "{record}");
         // Again: nothing more to do.
-        assert_eq!(store(vec![server.url()], false).load().unwrap(), before);
+        assert_eq!(store(urls.clone(), cluster).load().unwrap(), before);
         // Values stay unique, and a deleted key's value is free again.
         let mut twin = before.keys[5].clone();
         twin.id = "twin".into();
