@@ -5,6 +5,8 @@
 //! the data plane's script keeps for that key (see `keys` below). Every record change bumps
 //! `{tg}:version` and publishes it on `tollgate:changes`, which instances subscribe to (and poll, in case
 //! a message was missed) to reload.
+//!
+//! What Redis keeps of each key, and the move from an older layout, are in the `layout` module.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -93,7 +95,7 @@ pub mod keys {
     pub const PLAN_ORDER: &str = "{tg}:order:plans";
     /// The last place given: each new key or plan takes the next.
     pub const PLACES: &str = "{tg}:order:last";
-    /// The keys of one plan: the only place memberships are kept (see [`super::layout`]).
+    /// The keys of one plan: the only place memberships are kept (see the `layout` module).
     pub fn plan_keys(plan_id: &str) -> String {
         format!("{{tg}}:pk:{plan_id}")
     }
@@ -2328,6 +2330,19 @@ mod tests {
         out
     }
 
+    /// Plans `p1` (keys `key000` to `n - 1`) and `p2` (the even ones among them).
+    fn in_two_plans(n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .flat_map(|i| {
+                let mut b = vec![("p1".to_string(), format!("key{i:03}"))];
+                if i % 2 == 0 {
+                    b.push(("p2".to_string(), format!("key{i:03}")));
+                }
+                b
+            })
+            .collect()
+    }
+
     fn pages_version(s: &RedisStore) -> Option<u64> {
         s.pages_at().unwrap()
     }
@@ -2358,15 +2373,7 @@ mod tests {
         let records = Records {
             plans: vec![plan("p1"), plan("p2")],
             keys: (0..300).map(key).collect(),
-            bindings: (0..300)
-                .flat_map(|i| {
-                    let mut b = vec![("p1".to_string(), format!("key{i:03}"))];
-                    if i % 2 == 0 {
-                        b.push(("p2".to_string(), format!("key{i:03}")));
-                    }
-                    b
-                })
-                .collect(),
+            bindings: in_two_plans(300),
         };
         s.put_records(&records).unwrap();
         let truth = |s: &RedisStore| served_view(&KeyIndex::from(&s.load().unwrap()));
@@ -2485,15 +2492,7 @@ mod tests {
                     ..ApiKey::default()
                 })
                 .collect(),
-            bindings: (0..50)
-                .flat_map(|i| {
-                    let mut b = vec![("p1".to_string(), format!("key{i:03}"))];
-                    if i % 2 == 0 {
-                        b.push(("p2".to_string(), format!("key{i:03}")));
-                    }
-                    b
-                })
-                .collect(),
+            bindings: in_two_plans(50),
         };
         s.put_records(&records).unwrap();
         s.add_usage(&[UsageDelta {
