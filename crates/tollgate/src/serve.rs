@@ -14,7 +14,6 @@ use tollgate_admin::service::{Admin, AdminSettings};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions, Listeners};
 use tollgate_store::limiter::RedisLimiter;
-use tollgate_store::redis::REFRESH_AFTER;
 use tollgate_store::report::PeriodUsed;
 use tollgate_store::{KeyIndex, Memberships, OnStoreFailure, RedisStore, Store, apply_declared};
 
@@ -489,7 +488,6 @@ async fn resync(
                 if served {
                     tracing::info!(version, announced, keys, "keys changed in Redis; served");
                     seen = Some(version);
-                    refresh_pages(&store).await;
                     continue;
                 }
             }
@@ -512,19 +510,6 @@ async fn resync(
             Some(admin) => admin.refresh(records).await,
             None => gateway.reload(&records, &PeriodUsed::default()),
         }
-        refresh_pages(&store).await;
-    }
-}
-
-/// Keeps the key pages a start reads near the records: rewrites those the last changes touched once
-/// they are [`REFRESH_AFTER`] changes behind (one instance at a time).
-async fn refresh_pages(store: &Arc<RedisStore>) {
-    let s = store.clone();
-    match tokio::task::spawn_blocking(move || s.refresh_pages(REFRESH_AFTER)).await {
-        Ok(Ok(true)) => tracing::info!("key pages brought up to date"),
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not bring the key pages up to date"),
-        Err(e) => tracing::warn!(error = %e, "could not bring the key pages up to date"),
     }
 }
 

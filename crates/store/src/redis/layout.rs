@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, ConnectionLike, Script};
 
-use super::{backend, keys};
+use super::{backend, keys, pages};
 use crate::StoreError;
 
 /// The layout this version writes.
@@ -36,6 +36,13 @@ pub(super) const LAYOUT_KEY: &str = "{tg}:layout";
 
 /// Layout 1's set of every membership; in layout 2, a string saying where they went.
 const BINDINGS: &str = "{tg}:bindings";
+
+/// Layout 1's records: key id → JSON.
+const RECORDS: &str = "{tg}:keys";
+
+/// Layout 1's record version its key pages held, and their lock: layout 2's pages are the records.
+const PAGES_VERSION: &str = "{tg}:pages:version";
+const PAGES_LOCK: &str = "{tg}:pages:lock";
 
 /// Layout 1's keys in creation order: key id → place.
 const KEY_ORDER: &str = "{tg}:order:keys";
@@ -68,15 +75,24 @@ end
 return 1
 ";
 
-/// Writes each key of `ARGV` (id, record, place or empty) into `KEYS[1]` with its place (the next
-/// one of `KEYS[2]` when it has none), and into its set of [`keys::key_order`].
-const REWRITE_KEYS: &str = concat!(
+/// Places layout 1 did not give: each key of `ARGV` still in the records (`KEYS[1]`) and without
+/// a place in layout 1's set (`KEYS[2]`) gets the next one (`KEYS[3]`), in that order.
+const PLACE_UNPLACED: &str = r"
+for i = 1, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[i])
+  end
+end
+return 1
+";
+
+/// Puts each (key id, place) pair of `ARGV` in its set of [`keys::key_order`] (`KEYS[1]`, the
+/// layout, only routes the call on a cluster).
+const ORDER_KEYS: &str = concat!(
     key_order!(),
     r"
-for i = 1, #ARGV, 3 do
-  local place = tonumber(ARGV[i + 2]) or redis.call('INCR', KEYS[2])
-  redis.call('HSET', KEYS[1], ARGV[i], PLACED(ARGV[i + 1], place))
-  redis.call('ZADD', ORDER(place), place, ARGV[i])
+for i = 1, #ARGV, 2 do
+  redis.call('ZADD', ORDER(tonumber(ARGV[i + 1])), ARGV[i + 1], ARGV[i])
 end
 return 1
 "
@@ -153,7 +169,7 @@ pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreE
 fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
     let started = Instant::now();
     let kind: String = redis::cmd("TYPE").arg(BINDINGS).query(c).map_err(backend)?;
-    let has_keys: bool = Cmd::exists(keys::KEYS).query(c).map_err(backend)?;
+    let has_keys: bool = Cmd::exists(RECORDS).query(c).map_err(backend)?;
     if kind == "set" || has_keys {
         // Asked of the node instances subscribe on (the first URL, on a cluster too: a cluster
         // counts subscribers per node).
@@ -208,7 +224,7 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
         )));
     }
     if has_keys {
-        rewrite_keys(c)?;
+        write_pages(c)?;
         move_values(c)?;
     }
     if kind == "set" || has_keys {
@@ -217,7 +233,7 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
             "Redis records moved to layout {LAYOUT}"
         );
     }
-    Cmd::del(&[KEY_ORDER, VALUES])
+    Cmd::del(&[RECORDS, KEY_ORDER, VALUES, PAGES_VERSION, PAGES_LOCK])
         .query::<()>(c)
         .map_err(backend)?;
     Script::new(FINISH)
@@ -230,24 +246,24 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Writes every record again as layout 2 does (see `StoredKey`: empty fields left out, its place
-/// kept), and its place in its set of [`keys::key_order`]: first the keys layout 1 placed, in their
-/// places, then the others by creation date and id.
-fn rewrite_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
-    let placed: Vec<(String, u64)> = redis::cmd("ZRANGE")
+/// Writes the key pages from layout 1's records (each as layout 2 writes it, with its place) and
+/// the plans' sets, and each key's place in its set of [`keys::key_order`]. Keys layout 1 did not
+/// place go after the others, by creation date and id, as its listings put them; their places are
+/// written to layout 1's set first, so that a move run again gives them the same.
+fn write_pages(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
+    let placed: Vec<String> = redis::cmd("ZRANGE")
         .arg(KEY_ORDER)
         .arg(0)
         .arg(-1)
-        .arg("WITHSCORES")
         .query(c)
         .map_err(backend)?;
-    let ids: Vec<String> = Cmd::hkeys(keys::KEYS).query(c).map_err(backend)?;
-    let is_placed: HashSet<&str> = placed.iter().map(|(id, _)| id.as_str()).collect();
-    let mut unplaced: Vec<(i64, &String)> = Vec::new();
+    let ids: Vec<String> = Cmd::hkeys(RECORDS).query(c).map_err(backend)?;
+    let is_placed: HashSet<&str> = placed.iter().map(String::as_str).collect();
     let loose: Vec<&String> = ids
         .iter()
         .filter(|id| !is_placed.contains(id.as_str()))
         .collect();
+    let mut unplaced: Vec<(i64, &String)> = Vec::new();
     for chunk in loose.chunks(CHUNK) {
         for (id, body) in chunk.iter().zip(records(c, chunk)?) {
             if let Some(body) = body {
@@ -256,27 +272,56 @@ fn rewrite_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
         }
     }
     unplaced.sort();
-    let in_order: Vec<(&String, Option<u64>)> = placed
-        .iter()
-        .map(|(id, place)| (id, Some(*place)))
-        .chain(unplaced.iter().map(|(_, id)| (*id, None)))
-        .collect();
-    let script = Script::new(REWRITE_KEYS);
-    for chunk in in_order.chunks(CHUNK) {
-        let ids: Vec<&String> = chunk.iter().map(|(id, _)| *id).collect();
+    let script = Script::new(PLACE_UNPLACED);
+    for chunk in unplaced.chunks(CHUNK) {
         let mut call = script.prepare_invoke();
-        call.key(keys::KEYS).key(keys::PLACES);
+        call.key(RECORDS).key(KEY_ORDER).key(keys::PLACES);
+        for (_, id) in chunk {
+            call.arg(*id);
+        }
+        call.invoke::<i64>(c).map_err(backend)?;
+    }
+    let places: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg(KEY_ORDER)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(c)
+        .map_err(backend)?;
+    let mut pages = pages::PageWriter::default();
+    let order = Script::new(ORDER_KEYS);
+    for chunk in places.chunks(CHUNK) {
+        let ids: Vec<&String> = chunk.iter().map(|(id, _)| id).collect();
+        let mut call = order.prepare_invoke();
+        call.key(LAYOUT_KEY);
         // A place layout 1 kept for a key since deleted has no record: passed over.
-        for ((id, layout_1_place), body) in chunk.iter().zip(records(c, &ids)?) {
+        for ((id, place), body) in chunk.iter().zip(records(c, &ids)?) {
             if let Some(body) = body {
-                let (key, place) = super::parse_placed_key(id, &body)?;
-                let place = place.or(*layout_1_place);
-                call.arg(*id)
-                    .arg(super::StoredKey::of(&key).json()?)
-                    .arg(place.map(|p| p.to_string()).unwrap_or_default());
+                let key = super::parse_key(id, &body)?;
+                pages.key(
+                    id,
+                    &super::placed(&super::StoredKey::of(&key).json()?, *place),
+                );
+                call.arg(id).arg(place);
             }
         }
         call.invoke::<i64>(c).map_err(backend)?;
+    }
+    let plans: Vec<String> = Cmd::hkeys(keys::PLANS).query(c).map_err(backend)?;
+    for plan in &plans {
+        let members: Vec<String> = Cmd::smembers(keys::plan_keys(plan))
+            .query(c)
+            .map_err(backend)?;
+        for key in &members {
+            pages.binding(plan, key);
+        }
+    }
+    for chunk in pages.finish().chunks(super::PAGES_PER_TRIP) {
+        let mut mset = redis::cmd("MSET");
+        for (name, body) in chunk {
+            mset.arg(name).arg(body);
+        }
+        mset.query::<()>(c).map_err(backend)?;
     }
     Ok(())
 }
@@ -284,7 +329,7 @@ fn rewrite_keys(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
 /// The records of keys `ids`.
 fn records(c: &mut dyn ConnectionLike, ids: &[&String]) -> Result<Vec<Option<String>>, StoreError> {
     redis::cmd("HMGET")
-        .arg(keys::KEYS)
+        .arg(RECORDS)
         .arg(ids)
         .query(c)
         .map_err(backend)
