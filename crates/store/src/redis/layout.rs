@@ -1,24 +1,27 @@
 //! Which layout of records Redis holds, and the move from an older one.
 //!
-//! Layout 2 takes ~630 bytes a key less of Redis's memory than layout 1 (up to issue 28; 1,104 →
-//! 476 MB with a million keys):
-//! - **A plan's memberships are kept once**, in the plan's set `{tg}:pk:<planId>`. Layout 1 kept
-//!   each one three times: there, in `{tg}:bindings` (members `"<planId> <keyId>"`) and in a set per
-//!   key `{tg}:kp:<keyId>` (~260 bytes a key). A key's plans are found by asking each plan's set
-//!   (AWS caps an account at 300 plans).
+//! Layout 2 keeps a million keys in a third of layout 1's memory (up to issue 28; measured figures
+//! in BENCHMARKS.md):
+//! - **The key pages are the records.** Every key's record is a row of its keys page (see
+//!   `pages`), written in place by the scripts; layout 1 kept each record in `{tg}:keys` (~370 bytes
+//!   a key) and what the gateway serves of it again in pages refreshed behind the records.
+//! - **A plan's memberships are kept once** in the plan's set `{tg}:pk:<planId>`, and as rows of
+//!   the key's plans page for a start to read. Layout 1 also kept them in `{tg}:bindings` (members
+//!   `"<planId> <keyId>"`) and in a set per key `{tg}:kp:<keyId>` (~260 bytes a key).
 //! - **The listing order is kept in small sets** of 128 places (see [`keys::key_order`]), and each
-//!   key's record holds its place; layout 1 kept one sorted set of every key (~100 bytes a key).
-//! - **Records leave out what is empty or default** (see `StoredKey`), ~150 bytes a key.
-//! - **Value hashes are kept in small hashes** (see `key_value!`), ~75 bytes a key.
+//!   record holds its place; layout 1 kept one sorted set of every key (~100 bytes a key).
+//! - **Value hashes are kept in small hashes** (see `key_value!`), ~75 bytes a key less.
+//! - **Records leave out what is empty or default** (see `StoredKey`).
 //!
 //! The first connection of this version to a Redis without `{tg}:layout` moves it: memberships
-//! (the plans' sets are completed from `{tg}:bindings`, then the per-key sets and `{tg}:bindings`
-//! go), then records (each written again, with its place from layout 1's set, those without one
-//! after every other in creation order, as layout 1's listings put them), then value hashes. It
-//! leaves a string at `{tg}:bindings`, so that an older tollgate fails loudly (`WRONGTYPE`) instead
-//! of reading no memberships or keeping them apart. It refuses while an older instance is connected (subscribed
+//! (the plans' sets are completed from `{tg}:bindings`, then the per-key sets go), then records
+//! (the key pages written whole from `{tg}:keys` and the plans' sets, each key with its place
+//! from layout 1's set, those without one after every other in creation order, as layout 1's
+//! listings put them), then value hashes; then layout 1's structures go. It leaves a string at
+//! `{tg}:bindings`, so that an older tollgate fails loudly (`WRONGTYPE`) instead of reading no
+//! memberships or keeping them apart. It refuses while an older instance is connected (subscribed
 //! to `tollgate:changes`): that one would keep serving what it read before, deleted keys included.
-//! Every step can run again.
+//! Every step can run again: layout 1's records go last.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
