@@ -73,6 +73,14 @@ pub(super) fn plan_rows<'p>(
     rows(name, page, b',')
 }
 
+/// Appends the row `<first><separator><second>\n` (what [`rows`] splits).
+fn push_row(page: &mut Vec<u8>, first: &str, separator: u8, second: &str) {
+    page.extend_from_slice(first.as_bytes());
+    page.push(separator);
+    page.extend_from_slice(second.as_bytes());
+    page.push(b'\n');
+}
+
 /// Pages written whole (by the move from an older layout): rows by page.
 #[derive(Default)]
 pub(super) struct PageWriter {
@@ -86,20 +94,12 @@ impl PageWriter {
 
     /// Adds key `id`'s row: its record, with its place.
     pub(super) fn key(&mut self, id: &str, record: &str) {
-        let page = &mut self.page(page_of(id))[0];
-        page.extend_from_slice(id.as_bytes());
-        page.push(b' ');
-        page.extend_from_slice(record.as_bytes());
-        page.push(b'\n');
+        push_row(&mut self.page(page_of(id))[0], id, b' ', record);
     }
 
     /// Adds key `key`'s membership of plan `plan`.
     pub(super) fn binding(&mut self, plan: &str, key: &str) {
-        let page = &mut self.page(page_of(key))[1];
-        page.extend_from_slice(plan.as_bytes());
-        page.push(b',');
-        page.extend_from_slice(key.as_bytes());
-        page.push(b'\n');
+        push_row(&mut self.page(page_of(key))[1], plan, b',', key);
     }
 
     /// Every page's name and contents, keys then plans, empty ones included (they replace what
