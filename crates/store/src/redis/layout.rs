@@ -62,7 +62,7 @@ const LOCK: &str = "{tg}:layout:lock";
 /// How long the move's lock holds at most, should its holder die; another instance waits as long.
 const LOCK_MS: u64 = 300_000;
 
-/// Memberships per script call while moving.
+/// Records, memberships or value hashes per script call while moving.
 const CHUNK: usize = 1000;
 
 /// Adds each `"<planId> <keyId>"` of `ARGV` to its plan's set and removes the key's own set
