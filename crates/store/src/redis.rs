@@ -25,16 +25,20 @@ use crate::{
     StoreError, UsageDelta,
 };
 
-/// Places per set of [`keys::key_order`], for the constant and the scripts alike: under
-/// Redis's default `zset-max-listpack-entries` (128), so each set stays a compact list.
+/// Places per set of `key_order!`: under Redis's default `zset-max-listpack-entries` (128), so each
+/// set stays a compact list.
 macro_rules! order_bucket {
     () => {
         128
     };
 }
 
-/// The Lua functions `ORDER(place)`, the name of the set of [`keys::key_order`] that holds
-/// `place`, and `PLACED(record, place)`, a key's record (`StoredKey`'s JSON) holding its place.
+/// Keys in creation order, `order_bucket!` places to a set `{tg}:order:keys:<place / 128>`: key id
+/// → place (see [`keys::PLACES`]). Small sets, which Redis keeps as compact lists (~20 bytes a key,
+/// against ~100 in one set of a million); a key's record holds its place. The scripts alone read
+/// and write them, through the Lua functions this gives: `ORDER(place)`, the name of the set that
+/// holds `place`, and `PLACED(record, place)`, a key's record (`StoredKey`'s JSON) holding its
+/// place.
 macro_rules! key_order {
     () => {
         concat!(
@@ -106,14 +110,6 @@ pub mod keys {
 
     /// All usage plans: id → JSON.
     pub const PLANS: &str = "{tg}:plans";
-    /// Keys in creation order, [`ORDER_BUCKET`] places to a set: the one holding `place`, key id →
-    /// place (see [`PLACES`]). Small sets, which Redis keeps as compact lists (~20 bytes a key,
-    /// against ~100 in one set of a million); a key's record holds its place.
-    pub fn key_order(place: u64) -> String {
-        format!("{{tg}}:order:keys:{}", place / ORDER_BUCKET)
-    }
-    /// Places per set of [`key_order`] (also in the scripts, through `order_bucket!`).
-    pub const ORDER_BUCKET: u64 = order_bucket!();
     /// Plans in creation order: plan id → place.
     pub const PLAN_ORDER: &str = "{tg}:order:plans";
     /// The last place given: each new key or plan takes the next.
@@ -595,7 +591,7 @@ return {version, redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')}
 ";
 
 /// Up to `ARGV[2]` keys from place `ARGV[1]` on, in place order, from the sets of
-/// [`keys::key_order`] up to the last place given (`KEYS[1]`): their ids with their places.
+/// `key_order!` up to the last place given (`KEYS[1]`): their ids with their places.
 const KEYS_FROM: &str = concat!(
     key_order!(),
     r"
@@ -728,10 +724,10 @@ fn binding_call<'s>(
     Ok(call)
 }
 
-/// `id`, if the key pages can hold it (see [`pages::valid_id`]): ids tollgate makes always can.
-fn checked_id(id: &str) -> Result<&str, StoreError> {
+/// Refuses `id` unless the key pages can hold it (see [`pages::valid_id`]): ids tollgate makes can.
+fn checked_id(id: &str) -> Result<(), StoreError> {
     if pages::valid_id(id) {
-        Ok(id)
+        Ok(())
     } else {
         Err(StoreError::Backend(format!(
             "the id {id:?} holds a character other than letters, digits, '-' and '_'"
@@ -2081,7 +2077,7 @@ mod tests {
             let mut pipe = redis::pipe();
             pipe.del(layout::LAYOUT_KEY).del("{tg}:bindings");
             for bucket in 0..16 {
-                pipe.del(keys::key_order(bucket * keys::ORDER_BUCKET));
+                pipe.del(format!("{{tg}}:order:keys:{bucket}"));
             }
             for key in &now.keys {
                 let page = pages::page_of(&key.id);

@@ -8,7 +8,7 @@
 //! - **A plan's memberships are kept once** in the plan's set `{tg}:pk:<planId>`, and as rows of
 //!   the key's plans page for a start to read. Layout 1 also kept them in `{tg}:bindings` (members
 //!   `"<planId> <keyId>"`) and in a set per key `{tg}:kp:<keyId>` (~260 bytes a key).
-//! - **The listing order is kept in small sets** of 128 places (see [`keys::key_order`]), and each
+//! - **The listing order is kept in small sets** of 128 places (see `key_order!`), and each
 //!   record holds its place; layout 1 kept one sorted set of every key (~100 bytes a key).
 //! - **Value hashes are kept in small hashes** (see `key_value!`), ~75 bytes a key less.
 //! - **Records leave out what is empty or default** (see `StoredKey`).
@@ -89,7 +89,7 @@ end
 return 1
 ";
 
-/// Puts each (key id, place) pair of `ARGV` in its set of [`keys::key_order`] (`KEYS[1]`, the
+/// Puts each (key id, place) pair of `ARGV` in its set of `key_order!` (`KEYS[1]`, the
 /// layout, only routes the call on a cluster).
 const ORDER_KEYS: &str = concat!(
     key_order!(),
@@ -250,7 +250,7 @@ fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreEr
 }
 
 /// Writes the key pages from layout 1's records (each as layout 2 writes it, with its place) and
-/// the plans' sets, and each key's place in its set of [`keys::key_order`]. Keys layout 1 did not
+/// the plans' sets, and each key's place in its set of `key_order!`. Keys layout 1 did not
 /// place go after the others, by creation date and id, as its listings put them; their places are
 /// written to layout 1's set first, so that a move run again gives them the same.
 fn write_pages(c: &mut dyn ConnectionLike) -> Result<(), StoreError> {
