@@ -21,6 +21,7 @@ pub fn run_all(store: &dyn Store) {
     records_roundtrip(store);
     duplicate_values_conflict(store);
     bindings_are_idempotent(store);
+    writes_answer_what_a_read_finds(store);
     usage_accumulates_and_filters(store);
     refusals_and_last_use_are_kept_apart_from_usage(store);
     deletes_take_memberships_along(store);
@@ -297,6 +298,49 @@ pub fn duplicate_values_conflict(store: &dyn Store) {
     store
         .put_key(&key("dupkey0001", "the-same-value-0123456789"))
         .unwrap();
+}
+
+/// `put_key_read` and `bind_read` answer the key as `keys_by_id` reads it right after: the record
+/// as stored and its plans, sorted, for a new key, a rewritten one in plans, and a membership
+/// already there; a value another key holds is refused and nothing is written.
+pub fn writes_answer_what_a_read_finds(store: &dyn Store) {
+    let read = |id: &str| store.keys_by_id(&[id]).unwrap().pop().flatten();
+    for id in ["wrp2", "wrp1"] {
+        store.put_plan(&plan(id)).unwrap();
+    }
+    let mut k = key("wrkey00001", "written-and-read-0123456789");
+    k.description = Some("a \"quoted\" description,\nover two lines".into());
+    let answered = store.put_key_read(&k).unwrap();
+    assert_eq!(answered, Some((k.clone(), vec![])));
+    assert_eq!(answered, read(&k.id));
+
+    for p in ["wrp2", "wrp1", "wrp2"] {
+        let answered = store.bind_read(p, &k.id).unwrap();
+        assert_eq!(answered, read(&k.id));
+    }
+    assert_eq!(
+        read(&k.id).map(|(_, plans)| plans),
+        Some(vec!["wrp1".to_owned(), "wrp2".to_owned()])
+    );
+
+    k.name = "renamed".into();
+    k.enabled = false;
+    let answered = store.put_key_read(&k).unwrap();
+    assert_eq!(
+        answered,
+        Some((k.clone(), vec!["wrp1".to_owned(), "wrp2".to_owned()]))
+    );
+    assert_eq!(answered, read(&k.id));
+    // Unchanged: the same answer.
+    assert_eq!(store.put_key_read(&k).unwrap(), answered);
+
+    let clash = key("wrkey00002", "written-and-read-0123456789");
+    let err = store.put_key_read(&clash).unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateKeyValue), "{err:?}");
+    assert_eq!(read(&clash.id), None);
+    // A membership of a key that is not there answers no key.
+    assert_eq!(store.bind_read("wrp1", "wrnokey001").unwrap(), None);
+    store.unbind("wrp1", "wrnokey001").unwrap();
 }
 
 pub fn bindings_are_idempotent(store: &dyn Store) {

@@ -495,6 +495,18 @@ pub trait Store: Send + Sync {
     fn bind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
     /// Removes a key from a plan (idempotent).
     fn unbind(&self, plan_id: &str, key_id: &str) -> Result<(), StoreError>;
+    /// [`Self::put_key`], answering the key as the store holds it right after the write, as
+    /// [`Self::keys_by_id`] does: what the writer serves. This default reads it back; a backend
+    /// with round trips answers with the write.
+    fn put_key_read(&self, key: &ApiKey) -> Result<Option<NamedKey>, StoreError> {
+        self.put_key(key)?;
+        Ok(self.keys_by_id(&[&key.id])?.pop().flatten())
+    }
+    /// [`Self::bind`], answering as [`Self::put_key_read`] does.
+    fn bind_read(&self, plan_id: &str, key_id: &str) -> Result<Option<NamedKey>, StoreError> {
+        self.bind(plan_id, key_id)?;
+        Ok(self.keys_by_id(&[key_id])?.pop().flatten())
+    }
     /// Writes every plan, key and binding of `records` (what `tollgate migrate` copies); a backend
     /// with round trips batches them.
     fn put_records(&self, records: &Records) -> Result<(), StoreError> {

@@ -173,11 +173,11 @@ impl Admin {
         self.write(move |admin, catalog| {
             let value_hash = KeyHash::of(&value);
             let key = admin.new_key(draft, (&value, value_hash), catalog)?;
-            admin.store.put_key(&key)?;
+            let written = admin.store.put_key_read(&key)?;
             catalog.added_key(&key);
             let mut out = admin.key_out(&key, false, None);
             out.value = Some(value);
-            Ok((out, Written::Keys(vec![key.id])))
+            Ok((out, Written::Read(key.id, written.map(Box::new))))
         })
         .await
     }
@@ -304,13 +304,13 @@ impl Admin {
                 }
             }
             key.last_updated_date = admin.now_secs();
-            admin.store.put_key(&key)?;
+            let written = admin.store.put_key_read(&key)?;
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
             // A key that joins or leaves a customer draws on that customer's counts, or its own,
             // from the store (see `Admin::serve_keys`).
             Ok((
                 admin.key_out(&key, false, last_used),
-                Written::Keys(vec![id]),
+                Written::Read(id, written.map(Box::new)),
             ))
         })
         .await
@@ -364,11 +364,11 @@ impl Admin {
             key.rotate(&value, hash, until);
             key.sealed_value = admin.settings.sealer.as_ref().map(|s| s.seal(&id, &value));
             key.last_updated_date = admin.now_secs();
-            admin.store.put_key(&key)?;
+            let written = admin.store.put_key_read(&key)?;
             let last_used = admin.store.last_used(&[&id])?.pop().flatten();
             let mut out = admin.key_out(&key, false, last_used);
             out.value = Some(value);
-            Ok((out, Written::Keys(vec![id])))
+            Ok((out, Written::Read(id, written.map(Box::new))))
         })
         .await
     }

@@ -27,7 +27,7 @@ use tollgate_core::quota::EpochDay;
 use tollgate_core::rules::ApiOutline;
 use tollgate_core::{ApiKey, KeyHash, UsagePlan};
 use tollgate_store::report::{PeriodUsed, keys_period_used, period_used};
-use tollgate_store::{CreditBalance, KeyIndex, Memberships, OnStoreFailure, Store};
+use tollgate_store::{CreditBalance, KeyIndex, Memberships, NamedKey, OnStoreFailure, Store};
 
 use crate::data_plane::DataPlane;
 use crate::error::AdminError;
@@ -62,6 +62,8 @@ const KEYS_SERVED_ALONE: usize = 10_000;
 pub(crate) enum Written {
     /// These keys (their records or their plans): only they are read and served again.
     Keys(Vec<String>),
+    /// This key (or none, gone) as the store answered its write: served as it is, not read again.
+    Read(String, Option<Box<NamedKey>>),
     /// Plans: every record is read and served again, the live quota counts of these plans
     /// recomputed from the store.
     Plans(Recount),
@@ -286,16 +288,19 @@ impl Admin {
         to_the_end(async move {
             let plans = admin.lock_plans().await;
             let (mut plans, written) = admin.apply(plans, f).await?;
-            match &written {
-                Ok((_, changed)) => admin.serve_store(&mut plans, changed.clone()).await?,
+            match written {
+                Ok((out, changed)) => {
+                    admin.serve_store(&mut plans, changed).await?;
+                    Ok(out)
+                }
                 // What reached the store before the failure is served, whatever it was.
-                Err(_) => {
+                Err(e) => {
                     admin
                         .serve_store(&mut plans, Written::Plans(Vec::new()))
-                        .await?
+                        .await?;
+                    Err(e)
                 }
             }
-            written.map(|(out, _)| out)
         })
         .await
     }
@@ -340,7 +345,17 @@ impl Admin {
     ) -> Result<(), AdminError> {
         match written {
             Written::Keys(ids) if ids.len() <= KEYS_SERVED_ALONE => {
-                if self.serve_keys(plans, ids, credits.clone()).await? {
+                if self.serve_keys(plans, ids, None, credits.clone()).await? {
+                    return Ok(());
+                }
+                self.serve_all(plans, Vec::new(), credits).await
+            }
+            Written::Read(id, key) => {
+                let found = Some(key.into_iter().map(|k| *k).collect());
+                if self
+                    .serve_keys(plans, vec![id], found, credits.clone())
+                    .await?
+                {
                     return Ok(());
                 }
                 self.serve_all(plans, Vec::new(), credits).await
@@ -350,30 +365,36 @@ impl Admin {
         }
     }
 
-    /// Serves keys `ids` as the store holds them now (with their plans, or gone), reading only
-    /// them: a write of a few keys costs what it changed, whatever the number of other keys. Their
-    /// new memberships and customers start from the store's counts. `false` when the data plane
-    /// needs everything read again instead (see `Snapshot::change_keys`).
+    /// Serves keys `ids` as the store holds them now (with their plans, or gone): as `found`
+    /// (those of them there are, as their write answered them), or read alone. A write of a few
+    /// keys costs what it changed, whatever the number of other keys. Their new memberships and
+    /// customers start from the store's counts. `false` when the data plane needs everything read
+    /// again instead (see `Snapshot::change_keys`).
     async fn serve_keys(
         self: &Arc<Self>,
         plans: &HeldPlans,
         ids: Vec<String>,
+        found: Option<Vec<NamedKey>>,
         credits: HashMap<String, CreditBalance>,
     ) -> Result<bool, AdminError> {
         let started = std::time::Instant::now();
         let (today, plans) = (self.today(), plans.to_vec());
-        let (index, ids) = self
-            .blocking(move |admin| {
-                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                let found: Vec<_> = admin
-                    .store
-                    .keys_by_id(&refs)?
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                Ok((KeyIndex::of_keys(plans, &found), ids))
-            })
-            .await?;
+        let (index, ids) = match found {
+            Some(found) => (KeyIndex::of_keys(plans, &found), ids),
+            None => {
+                self.blocking(move |admin| {
+                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    let found: Vec<_> = admin
+                        .store
+                        .keys_by_id(&refs)?
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    Ok((KeyIndex::of_keys(plans, &found), ids))
+                })
+                .await?
+            }
+        };
         let quota = index
             .bindings()
             .iter()

@@ -253,9 +253,9 @@ impl Admin {
                     stage.api_id, stage.stage
                 )));
             }
-            admin.store.bind(plan_id, &key_id)?;
+            let written = admin.store.bind_read(plan_id, &key_id)?;
             catalog.added_binding(plan_id, &key_id);
-            Ok((admin.plan_key_out(&key), Written::Keys(vec![key_id])))
+            Ok((admin.plan_key_out(&key), Written::Read(key_id, written.map(Box::new))))
         })
         .await
     }

@@ -76,8 +76,8 @@ impl Admin {
                 let mut key = admin.store.key(&id)?.ok_or_else(unknown_key)?;
                 retag(&mut key.tags)?;
                 key.last_updated_date = admin.now_secs();
-                admin.store.put_key(&key)?;
-                Ok(((), Written::Keys(vec![id])))
+                let written = admin.store.put_key_read(&key)?;
+                Ok(((), Written::Read(id, written.map(Box::new))))
             }
             Tagged::Plan(id) => {
                 let plan = catalog
