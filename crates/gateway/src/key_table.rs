@@ -292,29 +292,41 @@ impl Shard {
         start..end
     }
 
-    /// Record `i` in full, to be pushed into a shard again.
-    fn entry(&self, i: usize) -> Entry {
-        let at = i as u32;
-        let members = self.members[self.member_range(i)].to_vec();
-        let methods = if self.methods.is_empty() {
-            Vec::new()
-        } else {
-            self.methods
-                .iter()
-                .filter(|((slot, _), _)| members.iter().any(|m| m.slot == *slot))
-                .map(|(k, b)| (*k, b.clone()))
-                .collect()
-        };
-        Entry {
-            hash: self.recs[i].hash,
-            id: self.id(i).to_owned(),
-            enabled: self.recs[i].members & DISABLED == 0,
-            expires_at: self.expiries.get(&at).copied(),
-            sources: self.sources.get(&at).cloned(),
-            previous: self.previous.get(&at).copied(),
-            credits: self.credits.get(&at).cloned(),
-            members,
-            methods,
+    /// Appends record `i` of `old` as it is, after the keys pushed before it in hash order: what
+    /// [`Shard::push`] does with a key's [`Entry`], without building one (a write at a million
+    /// keys copies ~250 records a shard it builds again; their ids and memberships in entries of
+    /// their own cost two allocations a record).
+    fn push_from(&mut self, old: &Shard, i: usize) {
+        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= old.recs[i].hash));
+        let (from, at) = (i as u32, self.recs.len() as u32);
+        let flags = old.recs[i].members & FLAGS;
+        if let Some(&t) = old.expiries.get(&from) {
+            self.expiries.insert(at, t);
+        }
+        if let Some(sources) = old.sources.get(&from) {
+            self.sources.insert(at, sources.clone());
+        }
+        // The same account: its live balance carries over.
+        if let Some(account) = old.credits.get(&from) {
+            self.credits.insert(at, account.clone());
+        }
+        if let Some(&p) = old.previous.get(&from) {
+            self.previous.insert(at, p);
+        }
+        let members = &old.members[old.member_range(i)];
+        self.recs.push(KeyRec {
+            hash: old.recs[i].hash,
+            id_start: self.ids.len() as u32,
+            members: self.members.len() as u32 | flags,
+        });
+        self.ids.push_str(old.id(i));
+        self.members.extend_from_slice(members);
+        if !old.methods.is_empty() {
+            for (k, bucket) in &old.methods {
+                if members.iter().any(|m| m.slot == k.0) {
+                    self.methods.insert(*k, bucket.clone());
+                }
+            }
         }
     }
 }
@@ -479,17 +491,23 @@ impl KeyTable {
         for &s in &touched {
             let out = removed.remove(&s).unwrap_or_default();
             let old = self.shards.get(s);
-            let mut entries: Vec<Entry> = (0..old.recs.len())
-                .filter(|i| !out.contains(&(*i as u32)))
-                .map(|i| old.entry(i))
-                .collect();
-            len -= old.recs.len() - entries.len();
-            let new = by_shard.remove(&s).unwrap_or_default();
+            let mut new = by_shard.remove(&s).unwrap_or_default();
+            new.sort_by_key(|e| e.hash);
             len += new.len();
-            entries.extend(new);
-            entries.sort_by_key(|e| e.hash);
+            // The records kept and the new ones, merged in hash order.
+            let mut new = new.iter().peekable();
             let mut shard = Shard::default();
-            for e in &entries {
+            for i in 0..old.recs.len() {
+                if out.contains(&(i as u32)) {
+                    len -= 1;
+                    continue;
+                }
+                while let Some(e) = new.next_if(|e| e.hash < old.recs[i].hash) {
+                    shard.push(e);
+                }
+                shard.push_from(old, i);
+            }
+            for e in new {
                 shard.push(e);
             }
             next.shards.set(s, Arc::new(shard.finished()));
@@ -710,16 +728,20 @@ mod tests {
     use super::*;
 
     /// Key `i`: id `key{i}`, value `value{i}`, in `i % 3` plans (slots `i`), every third disabled,
-    /// every fourth expiring at `i`.
+    /// every fourth expiring at `i`, every fifth usable from [`sources`]`(i)` only, every seventh
+    /// holding credits.
     fn entry(i: u32) -> Entry {
         Entry {
             hash: KeyHash::of(format!("value{i}")),
             id: format!("key{i}"),
             enabled: i % 3 != 2,
             expires_at: (i % 4 == 0).then_some(u64::from(i)),
-            sources: None,
+            sources: (i % 5 == 0).then(|| sources(i)),
             previous: None,
-            credits: None,
+            credits: (i % 7 == 0).then(|| KeyAccount {
+                live: Arc::default(),
+                refill: None,
+            }),
             members: (0..i % 3)
                 .map(|plan| Member {
                     plan,
@@ -729,6 +751,10 @@ mod tests {
                 .collect(),
             methods: Vec::new(),
         }
+    }
+
+    fn sources(i: u32) -> IpNetworks {
+        IpNetworks::parse(&format!("10.{}.{}.0/24", i / 256 % 256, i % 256)).unwrap()
     }
 
     fn table(ids: impl Iterator<Item = u32>) -> KeyTable {
@@ -759,6 +785,8 @@ mod tests {
             );
             assert_eq!(key.enabled(), i % 3 != 2);
             assert_eq!(key.expires_at(), (i % 4 == 0).then_some(u64::from(i)));
+            assert_eq!(key.sources(), (i % 5 == 0).then(|| sources(i)).as_ref());
+            assert_eq!(key.credits().is_some(), i % 7 == 0);
             assert_eq!(key.members().len(), (i % 3) as usize);
             assert!(key.members().iter().all(|m| m.slot == i));
         }
@@ -819,8 +847,16 @@ mod tests {
         let copied = (0..SHARDS / GROUP)
             .filter(|&g| !Arc::ptr_eq(&t.shards.0[g], &next.shards.0[g]))
             .count();
-        let groups: std::collections::HashSet<usize> = rebuilt.iter().map(|&s| s as usize / GROUP).collect();
+        let groups: std::collections::HashSet<usize> =
+            rebuilt.iter().map(|&s| s as usize / GROUP).collect();
         assert_eq!(copied, groups.len());
+        // A key copied into a shard built again keeps its live credits.
+        for i in (0..20_000).filter(|i| i % 7 == 0 && *i != 12) {
+            let (before, after) = (t.by_id(&format!("key{i}")), next.by_id(&format!("key{i}")));
+            let live =
+                |k: Option<Key<'_>>| k.and_then(|k| k.credits()).map(|a| Arc::as_ptr(&a.live));
+            assert_eq!(live(before), live(after), "key{i}");
+        }
         // The old table is untouched.
         check(&t, 0..20_000, 20_000..20_002, 0);
     }
