@@ -118,7 +118,51 @@ impl Default for GatewayOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::DescriptorBudget;
+    use super::*;
+    use crate::testing;
+
+    /// A flush waits for the slot book, which a change of keys holds on the control plane's
+    /// lower-priority threads; the async worker it runs on goes on serving meanwhile. Here the
+    /// runtime has one worker, and the book is let go only once that worker has run something
+    /// else: were the flush to wait on the worker, it would wait out the holder's 10 s instead.
+    #[test]
+    fn a_flush_waits_for_the_slot_book_off_the_async_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tollgate_store::SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let records = testing::records(None, None);
+        store.put_records(&records).unwrap();
+        let gateway = Gateway::open(
+            testing::config(None, None),
+            &KeyIndex::from(&records),
+            Arc::new(store),
+            Arc::new(tollgate_core::clock::SystemClock),
+            GatewayOptions::default(),
+            None,
+        )
+        .unwrap();
+        let slots = gateway.shared.snapshot.load().slots().clone();
+        let (held, is_held) = std::sync::mpsc::channel();
+        let (release, on_release) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _book = crate::slots::lock(&slots.book);
+            held.send(()).unwrap();
+            on_release.recv_timeout(Duration::from_secs(10)).is_ok()
+        });
+        is_held.recv().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let handle = gateway.handle();
+            let flush = tokio::spawn(async move { handle.flush().await });
+            // The flush runs first, up to where it waits for the book.
+            tokio::task::yield_now().await;
+            release.send(()).unwrap();
+            flush.await.unwrap().unwrap();
+        });
+        assert!(holder.join().unwrap(), "the flush held up the async worker");
+    }
 
     #[test]
     fn descriptors_are_shared_without_overlap() {
@@ -590,15 +634,52 @@ async fn flush_loop(
     }
 }
 
-async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
+async fn flush_once(shared: &Arc<Shared>) -> Result<(), GatewayError> {
+    // Taking the counts waits for the slot book, which a change of keys holds on the control
+    // plane's lower-priority threads: not on an async worker, which would serve no request until
+    // that thread got the CPU back. They go straight into what is pending, so a flush given up
+    // half-way loses none of them.
+    let taking = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || {
+        take_unflushed(&taking, &mut taking.unflushed.blocking_lock())
+    })
+    .await
+    .map_err(|e| GatewayError::Task(e.to_string()))?;
     // One flush at a time: the lock also orders a retried batch before newer counts.
     let mut pending = shared.unflushed.lock().await;
+    if pending.is_empty() {
+        shared.metrics.flushed(0, shared.clock.now());
+        return Ok(());
+    }
+    let mut batch = std::mem::take(&mut *pending);
+    let store = shared.store.clone();
+    let started = std::time::Instant::now();
+    let secs = tollgate_core::clock::epoch_secs(shared.clock.now());
+    let (batch, result) = tokio::task::spawn_blocking(move || {
+        let r = batch.write(&*store, secs);
+        (batch, r)
+    })
+    .await
+    .map_err(|e| GatewayError::Task(e.to_string()))?;
+    let took = started.elapsed().as_secs_f64();
+    let now = shared.clock.now();
+    if let Err(err) = result {
+        shared.metrics.usage_written(took, false, batch.len(), now);
+        *pending = batch;
+        return Err(err.into());
+    }
+    shared.metrics.usage_written(took, true, 0, now);
+    Ok(())
+}
+
+/// Takes the counts, sightings and credit events not yet taken from the snapshots into `pending`.
+fn take_unflushed(shared: &Shared, pending: &mut Unflushed) {
     let Unflushed {
         keys,
         customers,
         spent,
         refills,
-    } = &mut *pending;
+    } = pending;
     Snapshot::take_metered(&shared.snapshot, |plan_id, holder, taken| {
         let key_id = match holder {
             Holder::Key(key_id) => key_id,
@@ -648,27 +729,4 @@ async fn flush_once(shared: &Shared) -> Result<(), GatewayError> {
             refills.push((key_id.to_owned(), day, added));
         }
     });
-    if pending.is_empty() {
-        shared.metrics.flushed(0, shared.clock.now());
-        return Ok(());
-    }
-    let mut batch = std::mem::take(&mut *pending);
-    let store = shared.store.clone();
-    let started = std::time::Instant::now();
-    let secs = tollgate_core::clock::epoch_secs(shared.clock.now());
-    let (batch, result) = tokio::task::spawn_blocking(move || {
-        let r = batch.write(&*store, secs);
-        (batch, r)
-    })
-    .await
-    .map_err(|e| GatewayError::Task(e.to_string()))?;
-    let took = started.elapsed().as_secs_f64();
-    let now = shared.clock.now();
-    if let Err(err) = result {
-        shared.metrics.usage_written(took, false, batch.len(), now);
-        *pending = batch;
-        return Err(err.into());
-    }
-    shared.metrics.usage_written(took, true, 0, now);
-    Ok(())
 }

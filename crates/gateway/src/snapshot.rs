@@ -905,6 +905,12 @@ impl Snapshot {
         self.slots.saw(membership.slot, membership.live, now);
     }
 
+    /// The live state this snapshot's memberships are in (tests hold its book).
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> &Arc<Slots> {
+        &self.slots
+    }
+
     /// Takes every count and sight not yet taken from the snapshots `current` has held, with their
     /// plan id and holder (a key, or a customer's shared meter), memberships removed since
     /// included. Serialised with rebuilds.
