@@ -121,9 +121,11 @@ def client(c):
             done[0] += 1
             if done[0] % 100 == 0:
                 open(f"{out}/rss", "a").write(rss() + "\n")
+started = time.monotonic()
 threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
 for t in threads: t.start()
 for t in threads: t.join()
+print(f"{out.rsplit('/', 1)[-1]}: {len(times) / (time.monotonic() - started):.0f} signups a second", file=sys.stderr)
 open(f"{out}/writes", "w").write("".join(f"{t}\n" for t in times))
 if len(times) != writes:
     raise SystemExit(f"{writes - len(times)} signups failed")

@@ -343,26 +343,16 @@ impl Admin {
         written: Written,
         credits: HashMap<String, CreditBalance>,
     ) -> Result<(), AdminError> {
-        match written {
-            Written::Keys(ids) if ids.len() <= KEYS_SERVED_ALONE => {
-                if self.serve_keys(plans, ids, None, credits.clone()).await? {
-                    return Ok(());
-                }
-                self.serve_all(plans, Vec::new(), credits).await
-            }
-            Written::Read(id, key) => {
-                let found = Some(key.into_iter().map(|k| *k).collect());
-                if self
-                    .serve_keys(plans, vec![id], found, credits.clone())
-                    .await?
-                {
-                    return Ok(());
-                }
-                self.serve_all(plans, Vec::new(), credits).await
-            }
-            Written::Keys(_) => self.serve_all(plans, Vec::new(), credits).await,
-            Written::Plans(recount) => self.serve_all(plans, recount, credits).await,
+        let (ids, found) = match written {
+            Written::Keys(ids) if ids.len() <= KEYS_SERVED_ALONE => (ids, None),
+            Written::Read(id, key) => (vec![id], Some(key.into_iter().map(|k| *k).collect())),
+            Written::Keys(_) => return self.serve_all(plans, Vec::new(), credits).await,
+            Written::Plans(recount) => return self.serve_all(plans, recount, credits).await,
+        };
+        if self.serve_keys(plans, ids, found, credits.clone()).await? {
+            return Ok(());
         }
+        self.serve_all(plans, Vec::new(), credits).await
     }
 
     /// Serves keys `ids` as the store holds them now (with their plans, or gone): as `found`
