@@ -587,6 +587,11 @@ type Bodies = Vec<Option<Vec<u8>>>;
 /// each such command, and the data plane's calls wait meanwhile.
 const PAGES_PER_TRIP: usize = 128;
 
+/// Keys read per round trip by id (two pages each): a resync reads the keys other instances changed
+/// while the data plane runs, so each read is kept short. At 128 (256 pages, ~2 MB) Redis's slow
+/// log showed 0.7-1.7 ms reads while 8 clients signed up; at 16 a read stays near 0.2 ms.
+const KEYS_PER_TRIP: usize = 16;
+
 /// The record version and the change log's entries after `ARGV[1]` (an exclusive score).
 const CHANGES_SINCE: &str = r"
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -1444,7 +1449,7 @@ impl Store for RedisStore {
 
     fn keys_by_id(&self, ids: &[&str]) -> Result<Vec<Option<crate::NamedKey>>, StoreError> {
         let mut found = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(PAGES_PER_TRIP) {
+        for chunk in ids.chunks(KEYS_PER_TRIP) {
             let mut pages: Vec<usize> = chunk.iter().map(|id| pages::page_of(id)).collect();
             pages.sort_unstable();
             pages.dedup();
