@@ -7,11 +7,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 
-/// How much nicer than the data plane (Linux `nice`, 0 to 19): at 10 the scheduler gives these
-/// threads about a tenth of what a data-plane thread gets when both want the CPU. With 8 clients
-/// signing up as fast as they can at a million keys on Redis, 10 kept the data plane's p99 at 1.7x
-/// idle where 5 (a third) let it reach 2.9x; a signup waits longer instead (BENCHMARKS.md).
-const NICER_BY: i32 = 10;
+/// How much nicer than the data plane (Linux `nice`, 0 to 19): at 15 the scheduler gives these
+/// threads about a thirtieth of what a data-plane thread gets when both want the CPU (nothing when
+/// the CPU is free). With 8 clients signing up as fast as they can at a million keys on a saturated
+/// CPU, 15 kept the data plane's p99 at 1.4-1.7x idle where 10 let it reach 2.2-2.5x on Redis and 5
+/// 2.9x; 19 kept it at 1.0x but a lone signup then waited 85 ms (p99) against 18 ms at 15
+/// (BENCHMARKS.md).
+const NICER_BY: i32 = 15;
 
 type Job = Box<dyn FnOnce() + Send>;
 
