@@ -1076,6 +1076,16 @@ mod tests {
             1,
             "40 requests over four rounds, one call"
         );
+
+        // A round that brings nothing ends the gathering: a lone request is not held for one that
+        // comes two rounds later.
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut c)
+            .unwrap();
+        let (lone, later) = tokio::join!(tokio::spawn(arrive(0)), tokio::spawn(arrive(2)));
+        assert!(lone.unwrap() && later.unwrap());
+        assert_eq!(script_calls(&mut c), 2, "an idle round sends the call");
     }
 
     /// A key's limits kept by the Rust rules in `tollgate-core`, as the embedded mode keeps them.
