@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 /// How much nicer than the data plane (Linux `nice`, 0 to 19): at 15 the scheduler gives these
 /// threads about a thirtieth of what a data-plane thread gets when both want the CPU (nothing when
 /// the CPU is free). With 8 clients signing up as fast as they can at a million keys on a saturated
-/// CPU, 15 kept the data plane's p99 at 1.4-1.7x idle where 10 let it reach 2.2-2.5x on Redis and 5
-/// 2.9x; 19 kept it at 1.0x but a lone signup then waited 85 ms (p99) against 18 ms at 15
-/// (BENCHMARKS.md).
+/// CPU, 15 kept the data plane's p99 within 2x idle in seven runs of eight (1.2-1.7x; 2.06x once)
+/// where 10 let it reach 2.2-2.5x on Redis and 5 2.9x; 19 kept it at 1.0x but a lone signup then
+/// waited 85 ms (p99) against 18-32 ms at 15 (BENCHMARKS.md).
 const NICER_BY: i32 = 15;
 
 type Job = Box<dyn FnOnce() + Send>;
