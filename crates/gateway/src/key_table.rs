@@ -126,6 +126,14 @@ pub(crate) struct Entry {
     pub(crate) methods: Vec<((u32, RouteAt), Bucket)>,
 }
 
+/// What a key holds beyond its record, kept for the few keys that hold it ([`Shard::append`]).
+struct Held<'a> {
+    expires_at: Option<u64>,
+    sources: Option<&'a IpNetworks>,
+    credits: Option<&'a KeyAccount>,
+    previous: Option<PreviousValue>,
+}
+
 /// Some of the keys, sorted by value hash, with their memberships in key order.
 #[derive(Debug, Default)]
 struct Shard {
@@ -203,37 +211,53 @@ fn id_hash(id: &str) -> u64 {
 impl Shard {
     /// Appends a key; keys must come in hash order, each followed by its memberships.
     fn push(&mut self, e: &Entry) {
-        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= e.hash));
-        let at = self.recs.len() as u32;
-        let mut members = self.members.len() as u32;
-        if !e.enabled {
-            members |= DISABLED;
-        }
-        if let Some(t) = e.expires_at {
-            members |= EXPIRES;
-            self.expiries.insert(at, t);
-        }
-        if let Some(sources) = &e.sources {
-            members |= SOURCES;
-            self.sources.insert(at, sources.clone());
-        }
-        if let Some(account) = &e.credits {
-            members |= CREDITS;
-            self.credits.insert(at, account.clone());
-        }
-        if let Some(p) = e.previous {
-            self.previous.insert(at, p);
-        }
-        self.recs.push(KeyRec {
-            hash: e.hash,
-            id_start: self.ids.len() as u32,
-            members,
-        });
-        self.ids.push_str(&e.id);
-        self.members.extend_from_slice(&e.members);
+        let held = Held {
+            expires_at: e.expires_at,
+            sources: e.sources.as_ref(),
+            credits: e.credits.as_ref(),
+            previous: e.previous,
+        };
+        self.append(e.hash, &e.id, !e.enabled, held, &e.members);
         for (at, bucket) in &e.methods {
             self.methods.insert(*at, bucket.clone());
         }
+    }
+
+    /// Appends a key after those pushed before it: its record (whose flags follow from `disabled`
+    /// and what it holds), its id, its memberships and what the few keys hold.
+    fn append(
+        &mut self,
+        hash: KeyHash,
+        id: &str,
+        disabled: bool,
+        held: Held<'_>,
+        members: &[Member],
+    ) {
+        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= hash));
+        let at = self.recs.len() as u32;
+        let mut flags = if disabled { DISABLED } else { 0 };
+        if let Some(t) = held.expires_at {
+            flags |= EXPIRES;
+            self.expiries.insert(at, t);
+        }
+        if let Some(sources) = held.sources {
+            flags |= SOURCES;
+            self.sources.insert(at, sources.clone());
+        }
+        if let Some(account) = held.credits {
+            flags |= CREDITS;
+            self.credits.insert(at, account.clone());
+        }
+        if let Some(p) = held.previous {
+            self.previous.insert(at, p);
+        }
+        self.recs.push(KeyRec {
+            hash,
+            id_start: self.ids.len() as u32,
+            members: self.members.len() as u32 | flags,
+        });
+        self.ids.push_str(id);
+        self.members.extend_from_slice(members);
     }
 
     /// The shard, searchable: its directory built, its buffers trimmed.
@@ -297,30 +321,17 @@ impl Shard {
     /// keys copies ~250 records a shard it builds again; their ids and memberships in entries of
     /// their own cost two allocations a record).
     fn push_from(&mut self, old: &Shard, i: usize) {
-        debug_assert!(self.recs.last().is_none_or(|r| r.hash <= old.recs[i].hash));
-        let (from, at) = (i as u32, self.recs.len() as u32);
-        let flags = old.recs[i].members & FLAGS;
-        if let Some(&t) = old.expiries.get(&from) {
-            self.expiries.insert(at, t);
-        }
-        if let Some(sources) = old.sources.get(&from) {
-            self.sources.insert(at, sources.clone());
-        }
-        // The same account: its live balance carries over.
-        if let Some(account) = old.credits.get(&from) {
-            self.credits.insert(at, account.clone());
-        }
-        if let Some(&p) = old.previous.get(&from) {
-            self.previous.insert(at, p);
-        }
+        let from = i as u32;
+        let held = Held {
+            expires_at: old.expiries.get(&from).copied(),
+            sources: old.sources.get(&from),
+            // The same account: its live balance carries over.
+            credits: old.credits.get(&from),
+            previous: old.previous.get(&from).copied(),
+        };
         let members = &old.members[old.member_range(i)];
-        self.recs.push(KeyRec {
-            hash: old.recs[i].hash,
-            id_start: self.ids.len() as u32,
-            members: self.members.len() as u32 | flags,
-        });
-        self.ids.push_str(old.id(i));
-        self.members.extend_from_slice(members);
+        let disabled = old.recs[i].members & DISABLED != 0;
+        self.append(old.recs[i].hash, old.id(i), disabled, held, members);
         if !old.methods.is_empty() {
             for (k, bucket) in &old.methods {
                 if members.iter().any(|m| m.slot == k.0) {
