@@ -51,8 +51,10 @@ const NUMBERS: usize = 9;
 /// one by one and Lua convert with `tonumber`; a busy key's requests on one route (the same record
 /// again and again) are one record, which Lua reads once.
 const RECORD_BYTES: usize = 2 + 1 + 4 + 4 + 8 * NUMBERS;
-/// One answer in the script's reply (`ANSWER` in `lua/limit.lua`): five signed 8-byte integers.
-const ANSWER_BYTES: usize = 5 * 8;
+/// A run of answers in the script's reply (`RUN` in `lua/limit.lua`): how many requests in a row it
+/// answers (2 bytes), their status (1 byte), the first one's four numbers and by how much each steps
+/// from one request to the next (8 bytes each, signed), all little-endian.
+const RUN_BYTES: usize = 2 + 1 + 8 * 8;
 
 /// One request's own limits, as the script is asked about them.
 #[derive(Debug, Clone, Copy)]
@@ -146,14 +148,24 @@ enum Answer {
 }
 
 impl Answer {
-    /// One answer of [`ANSWER_BYTES`] as the script packed it.
-    fn raw(bytes: &[u8]) -> Raw {
+    /// The answers one run of [`RUN_BYTES`] stands for, as the script packed it: how many, and the
+    /// `k`th of them.
+    fn run(bytes: &[u8]) -> (usize, impl Fn(usize) -> Raw) {
+        let count = usize::from(u16::from_le_bytes([bytes[0], bytes[1]]));
+        let status = i64::from(bytes[2]);
         let at = |i: usize| {
             let mut n = [0; 8];
-            n.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            n.copy_from_slice(&bytes[3 + i * 8..11 + i * 8]);
             i64::from_le_bytes(n)
         };
-        (at(0), at(1), at(2), at(3), at(4))
+        let (first, step) = ([at(0), at(1), at(2), at(3)], [at(4), at(5), at(6), at(7)]);
+        // Wrapping: what Redis sent cannot make the data plane panic (a run that overflows is a
+        // broken script, and its numbers are as good as any).
+        let nth = move |k: usize| {
+            let v = |i: usize| first[i].wrapping_add(step[i].wrapping_mul(k as i64));
+            (status, v(0), v(1), v(2), v(3))
+        };
+        (count, nth)
     }
 
     /// The one place that knows the script's status numbers (`lua/limit.lua` lists them).
@@ -535,18 +547,26 @@ async fn eval_on_wire<'w>(
     Ok(wire.reply())
 }
 
-/// Gives every job of `batch` its answer from `answers` (the script's reply), or the call's error.
-fn answer(batch: &mut Vec<Job>, answers: Result<&[u8], String>) {
-    let err = match answers {
-        Ok(answers) if answers.len() == batch.len() * ANSWER_BYTES => {
-            for (job, answer) in batch.drain(..).zip(answers.chunks_exact(ANSWER_BYTES)) {
-                let _ = job.reply.send(Ok(Answer::raw(answer)));
+/// Gives every job of `batch` its answer from `runs` (the script's reply), or the call's error.
+fn answer(batch: &mut Vec<Job>, runs: Result<&[u8], String>) {
+    let answered = |runs: &[u8]| -> usize {
+        let runs = runs.chunks_exact(RUN_BYTES);
+        runs.map(|run| Answer::run(run).0).sum()
+    };
+    let err = match runs {
+        Ok(runs) if runs.len() % RUN_BYTES == 0 && answered(runs) == batch.len() => {
+            let mut jobs = batch.drain(..);
+            for run in runs.chunks_exact(RUN_BYTES) {
+                let (count, nth) = Answer::run(run);
+                for (k, job) in jobs.by_ref().take(count).enumerate() {
+                    let _ = job.reply.send(Ok(nth(k)));
+                }
             }
             return;
         }
-        Ok(answers) => format!(
+        Ok(runs) => format!(
             "{} bytes of answers for {} requests",
-            answers.len(),
+            runs.len(),
             batch.len()
         ),
         Err(e) => e,
@@ -1246,10 +1266,11 @@ mod tests {
         let counter = accepted.clone();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            // An answer to one request: admitted, nothing of anything left, no credits.
-            let mut admitted = vec![0u8; ANSWER_BYTES];
-            admitted[32..].copy_from_slice(&(-1i64).to_le_bytes());
-            let mut reply = format!("${ANSWER_BYTES}\r\n").into_bytes();
+            // An answer to one request: a run of one, admitted, nothing of anything left, no credits.
+            let mut admitted = vec![0u8; RUN_BYTES];
+            admitted[0] = 1;
+            admitted[27..35].copy_from_slice(&(-1i64).to_le_bytes());
+            let mut reply = format!("${RUN_BYTES}\r\n").into_bytes();
             reply.extend_from_slice(&admitted);
             reply.extend_from_slice(b"\r\n");
             loop {

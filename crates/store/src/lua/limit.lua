@@ -6,8 +6,8 @@
 -- credits' name (`b` balance, `w` first day of the refill period last refilled in; 0 without
 -- credits); interval, tolerance, limit, window start, window end, cost; refill amount (0 for none),
 -- refill period start, its end. A name the batch shares is in KEYS once.
--- Answers one ANSWER {verdict, a, b, c, credits} per request, in order, packed in one string, in
--- whole microseconds (exact in Lua's doubles), `credits` the balance after it (-1 without credits):
+-- A request's answer is {verdict, a, b, c, credits}, in whole microseconds (exact in Lua's doubles),
+-- `credits` the balance after it (-1 without credits):
 --   {0, tokens left, quota left, microseconds until the bucket is full, credits}   admitted
 --   {1, microseconds until a token frees up, 0, 0, -1}                            throttled
 --   {2, tokens left, microseconds until the bucket is full, 0, -1}                quota too low
@@ -15,6 +15,10 @@
 --   {4, tokens left, microseconds until the bucket is full, quota left, credits}  credits too low
 -- A key's state is read once and written once per batch however many of its requests the batch
 -- holds: a hot key costs Lua arithmetic per request, not Redis commands.
+-- The answers go back in order, packed in one string, in RUNs: how many requests in a row it answers,
+-- the first one's answer, and by how much each of a, b, c and credits steps from one to the next. A
+-- busy key's requests (one record, each taking a token and a unit of quota) are one RUN: one
+-- `struct.pack` instead of one a request, the most expensive thing the script did per request.
 local now, day
 local clock = tonumber(ARGV[1])
 if clock > 0 then
@@ -25,86 +29,127 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   day = math.floor(tonumber(t[1]) / 86400)
 end
-local RECORD, ANSWER = '<I2BI4I4I8I8I8I8I8I8I8I8I8', '<i8i8i8i8i8'
+local RECORD, RUN = '<I2BI4I4I8I8I8I8I8I8I8I8I8', '<I2Bi8i8i8i8i8i8i8i8'
 -- Locals: globals are looked up by name on every use.
 local KEYS, pack, floor, max = KEYS, struct.pack, math.floor, math.max
 local tats, quotas, usage, credits = {}, {}, {}, {}
--- What the request spends of the quota, the credits and the usage (`cost`) is spent whole or not
--- at all; 0 spends nothing.
-local function decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
+local runs, r = {}, 0
+-- The run being answered: its length, status, first answer, last answer and steps.
+local run_n, run_s, f1, f2, f3, f4, l1, l2, l3, l4, d1, d2, d3, d4 = 0
+local function flush()
+  if run_n > 0 then
+    r = r + 1
+    runs[r] = pack(RUN, run_n, run_s, f1, f2, f3, f4, d1, d2, d3, d4)
+  end
+end
+local function answer(s, a, b, c, d)
+  if run_n == 1 and s == run_s then
+    d1, d2, d3, d4 = a - l1, b - l2, c - l3, d - l4
+  elseif not (run_n > 1 and s == run_s and a - l1 == d1 and b - l2 == d2 and c - l3 == d3 and d - l4 == d4) then
+    flush()
+    run_n, run_s, f1, f2, f3, f4, d1, d2, d3, d4 = 0, s, a, b, c, d, 0, 0, 0, 0
+  end
+  run_n, l1, l2, l3, l4 = run_n + 1, a, b, c, d
+end
+-- Decides `count` requests in a row that share flags, names and numbers (one RECORD), answering each
+-- in turn: their state is looked up once and kept in locals, so each request costs arithmetic
+-- and its answer. What a request spends of the quota, the credits and the usage (`cost`) is spent
+-- whole or not at all; 0 spends nothing.
+local function decide(count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
   local b, w = 'b', 'w'
   if floor(flags / 4) % 2 == 1 then b, w = 'sb', 'sw' end
   local has_throttle, has_quota = flags % 2 == 1, floor(flags / 2) % 2 == 1
   local has_credits = C > 0
-  if has_quota and (day < ws or day >= we) then return pack(ANSWER, 3, day, 0, 0, -1) end
-  if has_credits and refill > 0 and (day < rs or day >= re) then return pack(ANSWER, 3, day, 0, 0, -1) end
-  local tokens, ahead = -1, 0
+  if (has_quota and (day < ws or day >= we)) or (has_credits and refill > 0 and (day < rs or day >= re)) then
+    for _ = 1, count do answer(3, day, 0, 0, -1) end
+    return
+  end
+  local tat, took = now, false
   if has_throttle then
-    local tat = tats[KEYS[K]] or tonumber(redis.call('GET', KEYS[K]) or '0')
+    tat = tats[KEYS[K]] or tonumber(redis.call('GET', KEYS[K]) or '0')
     if tat < now then tat = now end
-    local new_tat = tat + interval
-    ahead = new_tat - now
-    if ahead > tolerance then return pack(ANSWER, 1, ahead - tolerance, 0, 0, -1) end
-    tokens = floor((tolerance - ahead) / interval)
-    -- Taken even if the quota refuses: hammering a spent quota is not free.
-    tats[KEYS[K]] = new_tat
   end
-  local q
-  local remaining = -1
-  if has_quota then
-    q = quotas[KEYS[K + 1]]
-    if not q then
-      local h = redis.call('HMGET', KEYS[K + 1], 's', 'u')
-      if tonumber(h[1]) == ws then
-        q = {used = tonumber(h[2]) or 0, ws = ws, we = we, fresh = false}
-      else
-        q = {used = counted(KEYS[K + 2], KEYS[K + 3], ws, day), ws = ws, we = we, fresh = true}
+  local q, c, spent = nil, nil, 0
+  for _ = 1, count do
+    -- One pass per request; `break` ends it once answered.
+    repeat
+      local tokens, ahead = -1, 0
+      if has_throttle then
+        local new_tat = tat + interval
+        ahead = new_tat - now
+        if ahead > tolerance then
+          answer(1, ahead - tolerance, 0, 0, -1)
+          break
+        end
+        tokens = floor((tolerance - ahead) / interval)
+        -- Taken even if the quota refuses: hammering a spent quota is not free.
+        tat, took = new_tat, true
       end
-      quotas[KEYS[K + 1]] = q
-    end
-    if cost > 0 and q.used + cost > limit then return pack(ANSWER, 2, tokens, ahead, 0, -1) end
-    remaining = max(0, limit - q.used)
+      local remaining = -1
+      if has_quota then
+        if not q then
+          q = quotas[KEYS[K + 1]]
+          if not q then
+            local h = redis.call('HMGET', KEYS[K + 1], 's', 'u')
+            if tonumber(h[1]) == ws then
+              q = {used = tonumber(h[2]) or 0, ws = ws, we = we, fresh = false}
+            else
+              q = {used = counted(KEYS[K + 2], KEYS[K + 3], ws, day), ws = ws, we = we, fresh = true}
+            end
+            quotas[KEYS[K + 1]] = q
+          end
+        end
+        if cost > 0 and q.used + cost > limit then
+          answer(2, tokens, ahead, 0, -1)
+          break
+        end
+        remaining = max(0, limit - q.used)
+      end
+      -- Credits, after the quota: a refill first (back up to its amount, once a period), then the
+      -- cost.
+      if has_credits then
+        if not c then
+          local ck = KEYS[C] .. b
+          c = credits[ck]
+          if not c then
+            local h = redis.call('HMGET', KEYS[C], b, w, 'b', 'w')
+            -- Shadow credits start from the balance.
+            if not h[1] then h[1], h[2] = h[3], h[4] end
+            c = {key = KEYS[C], b = max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
+            credits[ck] = c
+          end
+        end
+        if refill > 0 and c.w ~= rs then
+          c.b = max(c.b, refill)
+          c.w = rs
+          c.dirty = true
+        end
+        if c.b < cost then
+          answer(4, tokens, ahead, remaining, c.b)
+          break
+        end
+        if cost > 0 then
+          c.b = c.b - cost
+          c.dirty = true
+        end
+      end
+      if has_quota and cost > 0 then
+        q.used = q.used + cost
+        q.dirty = true
+        remaining = max(0, limit - q.used)
+      end
+      spent = spent + cost
+      answer(0, tokens, remaining, ahead, c and c.b or -1)
+    until true
   end
-  -- Credits, after the quota: a refill first (back up to its amount, once a period), then the cost.
-  local c
-  if has_credits then
-    local ck = KEYS[C] .. b
-    c = credits[ck]
-    if not c then
-      local h = redis.call('HMGET', KEYS[C], b, w, 'b', 'w')
-      -- Shadow credits start from the balance.
-      if not h[1] then h[1], h[2] = h[3], h[4] end
-      c = {key = KEYS[C], b = max(tonumber(h[1]) or 0, 0), w = tonumber(h[2]) or 0, bf = b, wf = w}
-      credits[ck] = c
-    end
-    if refill > 0 and c.w ~= rs then
-      c.b = max(c.b, refill)
-      c.w = rs
-      c.dirty = true
-    end
-    if c.b < cost then return pack(ANSWER, 4, tokens, ahead, remaining, c.b) end
-    if cost > 0 then
-      c.b = c.b - cost
-      c.dirty = true
-    end
-  end
-  if has_quota and cost > 0 then
-    q.used = q.used + cost
-    q.dirty = true
-    remaining = max(0, limit - q.used)
-  end
-  usage[KEYS[K + 2]] = (usage[KEYS[K + 2]] or 0) + cost
-  return pack(ANSWER, 0, tokens, remaining, ahead, c and c.b or -1)
+  if took then tats[KEYS[K]] = tat end
+  if spent > 0 then usage[KEYS[K + 2]] = (usage[KEYS[K + 2]] or 0) + spent end
 end
-local out, n = {}, 0
 local records, at = ARGV[2], 1
 while at < #records do
   local count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re
   count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re, at = struct.unpack(RECORD, records, at)
-  for _ = 1, count do
-    n = n + 1
-    out[n] = decide(flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
-  end
+  decide(count, flags, K, C, interval, tolerance, limit, ws, we, cost, refill, rs, re)
 end
 for key, tat in pairs(tats) do
   redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -122,4 +167,5 @@ end
 for key, n in pairs(usage) do
   if n > 0 then redis.call('HINCRBY', key, day, n) end
 end
-return table.concat(out)
+flush()
+return table.concat(runs)
