@@ -7,7 +7,8 @@
 //! shard is immutable and shared by the snapshots that did not change it: a write of a few keys
 //! builds the few shards they fall in again (a few hundred keys each at a million), never the table
 //! (see [`KeyTable::with_changes`]). Ids are found through a second set of shards by the hash of
-//! the id.
+//! the id, and names (when a JWT authorizer names keys by name) through a third by the hash of the
+//! name.
 //!
 //! It differs from the store's [`tollgate_store::KeyIndex`], which holds the records as loaded (in
 //! store order, with bindings by id): this table is what the request path reads.
@@ -83,12 +84,6 @@ const SOURCES: u32 = 1 << 29;
 /// Set when the key holds credits (in [`Shard::credits`]): keys without pay no lookup.
 const CREDITS: u32 = 1 << 28;
 const FLAGS: u32 = DISABLED | EXPIRES | SOURCES | CREDITS;
-/// A name more than one key has: it names none of them.
-const AMBIGUOUS: KeyRef = KeyRef {
-    shard: u32::MAX,
-    at: u32::MAX,
-};
-
 /// [`Member::group`] of a membership that does not share its customer's limits.
 pub(crate) const NO_GROUP: u32 = u32::MAX;
 
@@ -124,6 +119,8 @@ pub(crate) struct Entry {
     pub(crate) members: Vec<Member>,
     /// The per-method buckets of its memberships' slots.
     pub(crate) methods: Vec<((u32, RouteAt), Bucket)>,
+    /// Its name, in a table that finds keys by name (every key of it has one, empty or not).
+    pub(crate) name: Option<String>,
 }
 
 /// What a key holds beyond its record, kept for the few keys that hold it ([`Shard::append`]).
@@ -143,6 +140,10 @@ struct Shard {
     dir: Vec<u32>,
     bits: u32,
     ids: String,
+    /// The keys' names, one after another, in a table that finds keys by name.
+    names: String,
+    /// Record index → where its name starts in `names`; empty when the table keeps no names.
+    name_starts: Vec<u32>,
     members: Vec<Member>,
     /// Record index → expiry (epoch nanoseconds), for the few keys that have one.
     expiries: HashMap<u32, u64>,
@@ -163,12 +164,11 @@ pub(crate) struct KeyTable {
     shards: Grouped<Arc<Shard>>,
     /// By the hash of the id: (id hash, leading 8 bytes of the value hash), sorted.
     ids: Grouped<Arc<[(u64, u64)]>>,
+    /// By the hash of the name, as `ids`: empty unless the keys have names ([`Entry::name`]).
+    names: Grouped<Arc<[(u64, u64)]>>,
     /// Old value hash → (the key's value hash, end of its grace), for the few keys in a rotation's
     /// grace; copied whole by a write that changes it.
     previous: Arc<HashMap<KeyHash, (KeyHash, u64)>>,
-    /// Key name → key, only when a JWT authorizer names keys by name ([`AMBIGUOUS`] for a name two
-    /// keys share). Such a table is built whole on every write (see [`KeyTable::names_keys`]).
-    by_name: Arc<HashMap<Box<str>, KeyRef>>,
     len: usize,
 }
 
@@ -178,8 +178,8 @@ impl Default for KeyTable {
         Self {
             shards: Grouped::from_fn(|_| empty.clone()),
             ids: Grouped::from_fn(|_| Arc::from([])),
+            names: Grouped::from_fn(|_| Arc::from([])),
             previous: Arc::default(),
-            by_name: Arc::default(),
             len: 0,
         }
     }
@@ -203,7 +203,7 @@ fn shard_of(lead: u64) -> usize {
     (lead >> (64 - SHARD_BITS)) as usize
 }
 
-/// A fixed hash of a key id: which id shard holds it.
+/// A fixed hash of a key's id or name: which shard of the id or name index holds it.
 fn id_hash(id: &str) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
 }
@@ -217,18 +217,24 @@ impl Shard {
             credits: e.credits.as_ref(),
             previous: e.previous,
         };
-        self.append(e.hash, &e.id, !e.enabled, held, &e.members);
+        self.append(
+            e.hash,
+            (&e.id, e.name.as_deref()),
+            !e.enabled,
+            held,
+            &e.members,
+        );
         for (at, bucket) in &e.methods {
             self.methods.insert(*at, bucket.clone());
         }
     }
 
     /// Appends a key after those pushed before it: its record (whose flags follow from `disabled`
-    /// and what it holds), its id, its memberships and what the few keys hold.
+    /// and what it holds), its id and name, its memberships and what the few keys hold.
     fn append(
         &mut self,
         hash: KeyHash,
-        id: &str,
+        (id, name): (&str, Option<&str>),
         disabled: bool,
         held: Held<'_>,
         members: &[Member],
@@ -257,6 +263,11 @@ impl Shard {
             members: self.members.len() as u32 | flags,
         });
         self.ids.push_str(id);
+        if let Some(name) = name {
+            self.name_starts.push(self.names.len() as u32);
+            self.names.push_str(name);
+        }
+        debug_assert!(self.name_starts.is_empty() || self.name_starts.len() == self.recs.len());
         self.members.extend_from_slice(members);
     }
 
@@ -274,6 +285,8 @@ impl Shard {
         self.dir = dir;
         self.recs.shrink_to_fit();
         self.ids.shrink_to_fit();
+        self.names.shrink_to_fit();
+        self.name_starts.shrink_to_fit();
         self.members.shrink_to_fit();
         self
     }
@@ -307,6 +320,16 @@ impl Shard {
         &self.ids[self.recs[i].id_start as usize..end]
     }
 
+    /// Record `i`'s name, in a table that keeps names.
+    fn name(&self, i: usize) -> Option<&str> {
+        let start = *self.name_starts.get(i)? as usize;
+        let end = self
+            .name_starts
+            .get(i + 1)
+            .map_or(self.names.len(), |&e| e as usize);
+        self.names.get(start..end)
+    }
+
     fn member_range(&self, i: usize) -> Range<usize> {
         let start = (self.recs[i].members & !FLAGS) as usize;
         let end = self
@@ -331,7 +354,13 @@ impl Shard {
         };
         let members = &old.members[old.member_range(i)];
         let disabled = old.recs[i].members & DISABLED != 0;
-        self.append(old.recs[i].hash, old.id(i), disabled, held, members);
+        self.append(
+            old.recs[i].hash,
+            (old.id(i), old.name(i)),
+            disabled,
+            held,
+            members,
+        );
         if !old.methods.is_empty() {
             for (k, bucket) in &old.methods {
                 if members.iter().any(|m| m.slot == k.0) {
@@ -357,6 +386,7 @@ impl<'t> Key<'t> {
     }
 
     /// Where the key is in its table.
+    #[cfg(test)]
     pub(crate) fn place(&self) -> KeyRef {
         self.place
     }
@@ -369,6 +399,11 @@ impl<'t> Key<'t> {
     /// Its id.
     pub(crate) fn id(&self) -> &'t str {
         self.shard.id(self.at as usize)
+    }
+
+    /// Its name, in a table whose keys have names.
+    pub(crate) fn name(&self) -> Option<&'t str> {
+        self.shard.name(self.at as usize)
     }
 
     /// Whether it is enabled.
@@ -443,23 +478,60 @@ impl TableBuilder {
                 .unwrap_or_else(|| Arc::new(Shard::default().finished()))
         });
         let mut ids: Vec<Vec<(u64, u64)>> = vec![Vec::new(); SHARDS];
+        let mut names: Vec<Vec<(u64, u64)>> = vec![Vec::new(); SHARDS];
         for shard in shards.iter() {
             for (i, rec) in shard.recs.iter().enumerate() {
                 let h = id_hash(shard.id(i));
                 ids[shard_of(h)].push((h, lead(&rec.hash)));
+                if let Some(name) = shard.name(i) {
+                    let h = id_hash(name);
+                    names[shard_of(h)].push((h, lead(&rec.hash)));
+                }
             }
         }
-        let mut ids = ids.into_iter().map(|mut s| {
-            s.sort_unstable();
-            Arc::from(s)
-        });
+        let sorted = |index: Vec<Vec<(u64, u64)>>| {
+            let mut index = index.into_iter().map(|mut s| {
+                s.sort_unstable();
+                Arc::from(s)
+            });
+            Grouped::from_fn(|_| index.next().unwrap_or_else(|| Arc::from([])))
+        };
         KeyTable {
             shards,
-            ids: Grouped::from_fn(|_| ids.next().unwrap_or_else(|| Arc::from([]))),
+            ids: sorted(ids),
+            names: sorted(names),
             previous: Arc::new(self.previous),
-            by_name: Arc::default(),
             len: self.len,
         }
+    }
+}
+
+/// Takes the entries `out` out of `index` (the id or the name index) and puts `new` in, copying only
+/// the shards of it they fall in.
+fn reindex(
+    index: &mut Grouped<Arc<[(u64, u64)]>>,
+    out: impl Iterator<Item = (u64, u64)>,
+    new: Vec<(u64, u64)>,
+) {
+    // Per shard of the index: the entries going, and those coming.
+    type Change = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+    let mut changes: HashMap<usize, Change> = HashMap::new();
+    for pair in out {
+        changes.entry(shard_of(pair.0)).or_default().0.push(pair);
+    }
+    for pair in new {
+        changes.entry(shard_of(pair.0)).or_default().1.push(pair);
+    }
+    for (s, (out, new)) in changes {
+        let mut entries: Vec<(u64, u64)> = index.get(s).to_vec();
+        for pair in out {
+            if let Some(at) = entries.iter().position(|&e| e == pair) {
+                entries.swap_remove(at);
+            }
+        }
+        entries.extend(new);
+        entries.sort_unstable();
+        index.set(s, Arc::from(entries));
     }
 }
 
@@ -476,11 +548,15 @@ impl KeyTable {
 
     /// This table with the keys whose ids are in `gone` taken out and `added` put in (an id may be
     /// in both: the key changed), sharing every shard neither touches. Returns the shards it built
-    /// again, whose memberships moved. Names are not kept (see [`KeyTable::name_keys`]).
+    /// again, whose memberships moved.
     pub(crate) fn with_changes(&self, gone: &[Key<'_>], added: Vec<Entry>) -> (Self, Vec<u32>) {
-        let indexed: Vec<(u64, u64)> = added
+        let ids_in: Vec<(u64, u64)> = added
             .iter()
             .map(|e| (id_hash(&e.id), lead(&e.hash)))
+            .collect();
+        let names_in: Vec<(u64, u64)> = added
+            .iter()
+            .filter_map(|e| Some((id_hash(e.name.as_deref()?), lead(&e.hash))))
             .collect();
         let mut by_shard: HashMap<usize, Vec<Entry>> = HashMap::new();
         for e in added {
@@ -525,29 +601,13 @@ impl KeyTable {
         }
         next.len = len;
 
-        // The id index: out with the gone keys' places, in with the added ones'.
-        // Per id shard: the entries going, and those coming.
-        type IdChange = (Vec<(u64, u64)>, Vec<(u64, u64)>);
-        let mut id_changes: HashMap<usize, IdChange> = HashMap::new();
-        for key in gone {
-            let h = id_hash(key.id());
-            let change = id_changes.entry(shard_of(h)).or_default();
-            change.0.push((h, lead(key.hash())));
-        }
-        for (h, lead) in indexed {
-            id_changes.entry(shard_of(h)).or_default().1.push((h, lead));
-        }
-        for (s, (out, new)) in id_changes {
-            let mut entries: Vec<(u64, u64)> = self.ids.get(s).to_vec();
-            for pair in out {
-                if let Some(at) = entries.iter().position(|&e| e == pair) {
-                    entries.swap_remove(at);
-                }
-            }
-            entries.extend(new);
-            entries.sort_unstable();
-            next.ids.set(s, Arc::from(entries));
-        }
+        // The id and name indexes: out with the gone keys' entries, in with the added ones'.
+        let ids_out = gone.iter().map(|k| (id_hash(k.id()), lead(k.hash())));
+        reindex(&mut next.ids, ids_out, ids_in);
+        let names_out = gone
+            .iter()
+            .filter_map(|k| Some((id_hash(k.name()?), lead(k.hash()))));
+        reindex(&mut next.names, names_out, names_in);
 
         // Rotations' old values, when a changed key had or has one.
         let had = gone.iter().any(|k| k.shard.previous.contains_key(&k.at));
@@ -573,7 +633,6 @@ impl KeyTable {
             }
             next.previous = Arc::new(previous);
         }
-        next.by_name = Arc::default();
         (next, touched.into_iter().map(|s| s as u32).collect())
     }
 
@@ -623,54 +682,49 @@ impl KeyTable {
 
     /// The key with id `id`.
     pub(crate) fn by_id(&self, id: &str) -> Option<Key<'_>> {
-        let h = id_hash(id);
-        let s = self.ids.get(shard_of(h));
-        let from = s.partition_point(|&(e, _)| e < h);
-        s[from..]
-            .iter()
-            .take_while(|&&(e, _)| e == h)
-            .find_map(|&(_, lead)| {
-                let at = shard_of(lead);
-                let shard = self.shards.get(at);
-                shard
-                    .candidates(lead)
-                    .find(|&i| self::lead(&shard.recs[i].hash) == lead && shard.id(i) == id)
-                    .map(|i| {
-                        self.key(KeyRef {
-                            shard: at as u32,
-                            at: i as u32,
-                        })
-                    })
-            })
+        let [key, _] = self.indexed(&self.ids, id, |shard, i| shard.id(i) == id);
+        key
     }
 
-    /// Makes keys findable by name: `names` holds (key, name). A name two keys share names neither
-    /// (a token must not pick one of them by chance); returns how many such names.
-    pub(crate) fn name_keys<'n>(
-        &mut self,
-        names: impl Iterator<Item = (KeyRef, &'n str)>,
-    ) -> usize {
-        let mut shared = 0;
-        let mut by_name = HashMap::new();
-        for (place, name) in names {
-            by_name
-                .entry(name.into())
-                .and_modify(|r| {
-                    shared += usize::from(*r != AMBIGUOUS);
-                    *r = AMBIGUOUS;
-                })
-                .or_insert(place);
-        }
-        self.by_name = Arc::new(by_name);
-        shared
-    }
-
-    /// The one key named `name` (when keys are findable by name).
+    /// The one key named `name`, in a table whose keys have names. A name two keys share names
+    /// neither: a token must not pick one of them by chance.
     pub(crate) fn by_name(&self, name: &str) -> Option<Key<'_>> {
-        self.by_name
-            .get(name)
-            .filter(|&&r| r != AMBIGUOUS)
-            .map(|&r| self.key(r))
+        match self.indexed(&self.names, name, |shard, i| shard.name(i) == Some(name)) {
+            [Some(key), None] => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The first two keys `index` (the id or the name index) files under `what` for which `is`
+    /// holds.
+    fn indexed(
+        &self,
+        index: &Grouped<Arc<[(u64, u64)]>>,
+        what: &str,
+        is: impl Fn(&Shard, usize) -> bool,
+    ) -> [Option<Key<'_>>; 2] {
+        let h = id_hash(what);
+        let s = index.get(shard_of(h));
+        let from = s.partition_point(|&(e, _)| e < h);
+        let mut found = [None, None];
+        let mut n = 0;
+        for &(_, lead) in s[from..].iter().take_while(|&&(e, _)| e == h) {
+            let at = shard_of(lead);
+            let shard = self.shards.get(at);
+            for i in shard.candidates(lead) {
+                if self::lead(&shard.recs[i].hash) == lead && is(shard, i) {
+                    found[n] = Some(self.key(KeyRef {
+                        shard: at as u32,
+                        at: i as u32,
+                    }));
+                    n += 1;
+                    if n == found.len() {
+                        return found;
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Every key, in hash order.
@@ -761,6 +815,7 @@ mod tests {
                 })
                 .collect(),
             methods: Vec::new(),
+            name: None,
         }
     }
 
@@ -897,20 +952,73 @@ mod tests {
         assert!(t.holder(&old).is_none());
     }
 
+    /// `entry(i)` named `name{i}`, as a table that finds keys by name holds it.
+    fn named(i: u32) -> Entry {
+        Entry {
+            name: Some(format!("name{i}")),
+            ..entry(i)
+        }
+    }
+
     #[test]
-    fn a_shared_name_names_no_key() {
-        let mut t = table(0..4);
-        let place = |i: u32| t.by_id(&format!("key{i}")).unwrap().place();
-        let names = [
-            (place(0), "solo"),
-            (place(1), "twin"),
-            (place(2), "twin"),
-            (place(3), "twin"),
-        ];
-        let shared = t.name_keys(names.into_iter());
-        assert_eq!(shared, 1, "one name shared");
-        assert_eq!(t.by_name("solo").map(|k| k.id()), Some("key0"));
-        assert!(t.by_name("twin").is_none());
-        assert!(t.by_name("nobody").is_none());
+    fn names_follow_changes_and_a_shared_name_names_no_key() {
+        let mut entries: Vec<Entry> = (0..20_000).map(named).collect();
+        entries[2].name = Some("name1".into());
+        entries.sort_by_key(|e| e.hash);
+        let mut b = KeyTable::build();
+        for e in &entries {
+            b.push(e);
+        }
+        let t = b.finish();
+        let named_id = |t: &KeyTable, name: &str| t.by_name(name).map(|k| k.id().to_owned());
+        assert_eq!(named_id(&t, "name0").as_deref(), Some("key0"));
+        assert_eq!(named_id(&t, "name1"), None, "key1 and key2 share it");
+        assert_eq!(named_id(&t, "name2"), None);
+        assert_eq!(named_id(&t, "nobody"), None);
+        assert_eq!(named_id(&t, ""), None);
+
+        // key2 (a twin) goes; key12 is renamed; key20,000 comes in, taking key5's name.
+        let gone: Vec<Key<'_>> = ["key2", "key12"]
+            .iter()
+            .map(|id| t.by_id(id).unwrap())
+            .collect();
+        let twelve = Entry {
+            name: Some("renamed".into()),
+            ..named(12)
+        };
+        let late = Entry {
+            name: Some("name5".into()),
+            ..named(20_000)
+        };
+        let (next, rebuilt) = t.with_changes(&gone, vec![twelve, late]);
+        assert!(rebuilt.len() <= 3, "{rebuilt:?}");
+        assert_eq!(
+            named_id(&next, "name1").as_deref(),
+            Some("key1"),
+            "no twin left"
+        );
+        assert_eq!(named_id(&next, "renamed").as_deref(), Some("key12"));
+        assert_eq!(
+            named_id(&next, "name12"),
+            None,
+            "the old name names nothing"
+        );
+        assert_eq!(named_id(&next, "name5"), None, "shared now");
+        assert_eq!(named_id(&next, "name20000"), None);
+        // Every other key keeps its name, in the shards built again too.
+        for i in (0..20_000).filter(|i| ![1, 2, 5, 12].contains(i)) {
+            assert_eq!(
+                named_id(&next, &format!("name{i}")),
+                Some(format!("key{i}")),
+                "{i}"
+            );
+        }
+        let indexed = |t: &KeyTable| t.names.iter().map(|s| s.len()).sum::<usize>();
+        assert_eq!(indexed(&next), next.len(), "one name entry a key");
+        // The old table is as it was.
+        assert_eq!(named_id(&t, "name12").as_deref(), Some("key12"));
+        assert_eq!(named_id(&t, "name5").as_deref(), Some("key5"));
+        // A table without names finds no key by name.
+        assert!(table(0..10).by_name("name1").is_none());
     }
 }

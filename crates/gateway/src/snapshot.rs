@@ -242,6 +242,18 @@ fn member_owner(shard: u32, member: u32) -> u64 {
     (u64::from(shard) << 32) | u64::from(member)
 }
 
+/// Warns of the names among `names` that several keys of `keys` share: a JWT caller's token names
+/// none of those keys.
+fn warn_of_shared_names<'n>(keys: &KeyTable, names: impl Iterator<Item = &'n str>) {
+    let shared: HashSet<&str> = names.filter(|&n| keys.by_name(n).is_none()).collect();
+    if !shared.is_empty() {
+        tracing::warn!(
+            names = shared.len(),
+            "API key names shared by several keys name none of them for JWT callers"
+        );
+    }
+}
+
 /// The slots a rebuild keeps from the snapshot it replaces.
 enum Kept {
     /// A whole rebuild: one flag per slot.
@@ -562,8 +574,7 @@ impl Snapshot {
     /// Only the shards of the table those keys fall in are built again, and every other key keeps
     /// its live state untouched. `changed` must hold the plans the snapshot serves, in its order,
     /// and `period_used` the stored counts of its keys and customers. Returns `false`, changing
-    /// nothing, when it cannot apply the change alone (the plans differ, or keys are named by name):
-    /// then the caller rebuilds. Serialised with other rebuilds and the flusher.
+    /// nothing, when it cannot apply the change alone (the plans differ): then the caller rebuilds. Serialised with other rebuilds and the flusher.
     pub fn change_keys(
         current: &ArcSwap<Snapshot>,
         changed: &KeyIndex,
@@ -574,7 +585,7 @@ impl Snapshot {
         let slots = current.load().slots.clone();
         let mut book = lock(&slots.book);
         let previous = current.load_full();
-        if *changed.plans != *previous.plan_records || previous.routing.names_keys {
+        if *changed.plans != *previous.plan_records {
             return false;
         }
         book.reclaim();
@@ -619,9 +630,13 @@ impl Snapshot {
                 let plans = bound.remove(&(i as u32)).unwrap_or_default();
                 let mut entry = Entry::default();
                 assembly.entry(changed, (i, &plans), old, &mut entry);
+                if previous.routing.names_keys {
+                    entry.name = Some(changed.name(i).to_owned());
+                }
                 entry
             })
             .collect();
+        let names: Vec<String> = added.iter().filter_map(|e| e.name.clone()).collect();
         for key in &gone {
             for m in key.members() {
                 if !assembly.kept.has(m.slot) {
@@ -646,6 +661,7 @@ impl Snapshot {
             assembly.retire(group.slot, plan_id, &group.id, true);
         }
         let (keys, shards) = previous.keys.with_changes(&gone, added);
+        warn_of_shared_names(&keys, names.iter().map(String::as_str));
         let next = assembly.finish(
             previous.routing.clone(),
             (previous.plans.clone(), previous.plan_records.clone()),
@@ -712,23 +728,17 @@ impl Snapshot {
             plans_of.clear();
             plans_of.extend(bound[from..to].iter().map(|&(_, p)| p));
             assembly.entry(records, (i as usize, &plans_of), old, &mut entry);
+            if routing.names_keys {
+                let name = entry.name.get_or_insert_with(String::new);
+                name.clear();
+                name.push_str(records.name(i as usize));
+            }
             table.push(&entry);
         }
         drop(bound);
-        let mut keys = table.finish();
+        let keys = table.finish();
         if routing.names_keys {
-            let names = (0..records.len()).filter_map(|i| {
-                let key = keys.find(&records.hash(i))?;
-                Some((key.place(), records.name(i)))
-            });
-            let names: Vec<_> = names.collect();
-            let shared = keys.name_keys(names.into_iter());
-            if shared > 0 {
-                tracing::warn!(
-                    names = shared,
-                    "API key names shared by several keys name none of them for JWT callers"
-                );
-            }
+            warn_of_shared_names(&keys, (0..records.len()).map(|i| records.name(i)));
         }
 
         if let Some(previous) = previous {
@@ -1694,6 +1704,43 @@ mod change_tests {
             "prod, each step; its old value and new one from the rotation on; and one more"
         );
         assert!(of("customer:c1") >= steps, "the new key's dev requests");
+    }
+
+    /// Where a JWT authorizer names keys by name, a write of a few keys changes the names index by
+    /// what it changes, as it changes the rest (before, the whole table was built again).
+    #[test]
+    fn a_change_of_keys_found_by_name_is_applied_alone() {
+        use crate::jwt::{Authorizer, AuthorizerSettings};
+        use crate::tls::ClientTls;
+        let mut rec = fleet();
+        let settings = AuthorizerSettings {
+            name: "partners".into(),
+            jwks: "never-read.json".into(),
+            issuer: None,
+            audience: None,
+            claim: "sub".into(),
+            identifier: UsageIdentifier::Name,
+        };
+        let tls = Arc::new(ClientTls::new(Default::default()));
+        let authorizer = Arc::new(Authorizer::new(settings, tls).unwrap());
+        let mut cfg = config(None, None);
+        for route in cfg.apis.iter_mut().flat_map(|a| a.routes.iter_mut()) {
+            route.authorizer = Some(authorizer.clone());
+        }
+        let cell = ArcSwap::from_pointee(snap(cfg, &rec));
+        let named = |name: &str| cell.load().keys.by_name(name).map(|k| k.id().to_owned());
+        assert_eq!(named("k0002").as_deref(), Some("k0002"));
+        // Renamed; and key 4 takes key 3's name, which then names neither.
+        rec.keys[2].name = "renamed".into();
+        rec.keys[4].name = "k0003".into();
+        let touched = vec!["k0002".to_string(), "k0004".to_string()];
+        let index = changed(&rec, &touched);
+        let done = Snapshot::change_keys(&cell, &index, &touched, &PeriodUsed::default(), T0);
+        assert!(done, "applied alone");
+        assert_eq!(named("renamed").as_deref(), Some("k0002"));
+        assert_eq!(named("k0002"), None);
+        assert_eq!((named("k0003"), named("k0004")), (None, None));
+        assert_eq!(named("k0005").as_deref(), Some("k0005"));
     }
 
     #[test]

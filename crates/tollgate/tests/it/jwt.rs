@@ -58,6 +58,7 @@ async fn a_verified_claim_names_the_key_whose_plan_applies() {
     let yaml = format!(
         r#"listen: 127.0.0.1:0
 store: {{ sqlite: ./tollgate.db, flushInterval: 200ms }}
+admin: {{ listen: 127.0.0.1:0 }}
 apis:
   - id: warranty
     apiKeySource: AUTHORIZER
@@ -88,7 +89,9 @@ apiKeys:
         jwks = jwks.display()
     );
     util::write_config(dir.path(), &yaml);
-    let gw = Gateway::start(dir.path(), &[("CENTRAL_KEY", KEY)]);
+    let mut env = util::admin_env();
+    env.push(("CENTRAL_KEY", KEY));
+    let gw = Gateway::start(dir.path(), &env);
     let c = client();
     let url = gw.url("/prod/echo/me");
     let claims = |sub: &str, exp: u64| json!({"sub": sub, "iss": "https://idp.example.com/", "aud": "warranty-api", "exp": exp});
@@ -189,6 +192,45 @@ apiKeys:
         .await;
     assert_eq!(r.status, 429, "the same key, the same spent bucket");
     assert_eq!(c.get(&gw.url("/prod/public"), None).await.status, 200);
+
+    // Key writes change who a name names as soon as they are answered: a key created and bound, then
+    // renamed, then sharing its name with a second key (which names neither), then alone again.
+    let admin = util::AdminClient::new(gw.admin.unwrap());
+    let plan = admin.plan_id("partners").await;
+    let create = |name: &str| {
+        let body = json!({ "name": name, "enabled": true }).to_string();
+        let admin = &admin;
+        async move {
+            admin.ok("POST", "/apikeys", &body).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let late = create("late-partner").await;
+    let bind = json!({ "keyId": late, "keyType": "API_KEY" }).to_string();
+    admin
+        .ok("POST", &format!("/usageplans/{plan}/keys"), &bind)
+        .await;
+    let named = |name: &str| get(Some(signer.token(claims(name, now() + 300))), &[]);
+    assert_eq!(named("late-partner").await.status, 200, "named at once");
+    let rename =
+        r#"{"patchOperations":[{"op":"replace","path":"/name","value":"renamed-partner"}]}"#;
+    admin.ok("PATCH", &format!("/apikeys/{late}"), rename).await;
+    assert_eq!(
+        named("late-partner").await.status,
+        403,
+        "the old name names nothing"
+    );
+    assert_eq!(named("renamed-partner").await.status, 200);
+    let twin = create("renamed-partner").await;
+    assert_eq!(
+        named("renamed-partner").await.status,
+        403,
+        "a shared name names no key"
+    );
+    admin.ok("DELETE", &format!("/apikeys/{twin}"), "").await;
+    assert_eq!(named("renamed-partner").await.status, 200, "alone again");
     assert!(gw.terminate().success());
 }
 
