@@ -5,10 +5,12 @@
 # meanwhile against an idle run, and the resident memory of tollgate (and Redis) over the writes.
 #
 #   bench/scale.sh [--keys N] [--writes N] [--clients N] [--duration SECONDS] [--stores embedded|redis|both]
+#                  [--jwt-names]
 #
 # A write is a signup: CreateApiKey, then CreateUsagePlanKey, from --clients writers at once (default 1;
 # the issue's "10,000 concurrent signups" is --writes 10000 --clients 8). wrk's refused requests
-# (non-2xx, socket errors) while writing are counted.
+# (non-2xx, socket errors) while writing are counted. --jwt-names adds an API whose JWT authorizer names
+# keys by name (AWS's default), so the gateway also keeps a name index that each write changes.
 #
 # Prints a table per store; asserts nothing (BENCHMARKS.md records the runs). Installs nothing: it
 # says what is missing. Everything listens on 127.0.0.1 and is stopped at the end.
@@ -20,6 +22,7 @@ WRITES=100
 DURATION=10
 STORES=both
 CLIENTS=1
+JWT_NAMES=
 while [ $# -gt 0 ]; do
     case "$1" in
         --keys) KEYS=$2; shift 2 ;;
@@ -27,13 +30,15 @@ while [ $# -gt 0 ]; do
         --duration) DURATION=$2; shift 2 ;;
         --stores) STORES=$2; shift 2 ;;
         --clients) CLIENTS=$2; shift 2 ;;
-        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--clients N] [--duration SECONDS] [--stores embedded|redis|both]" >&2; exit 64 ;;
+        --jwt-names) JWT_NAMES=1; shift ;;
+        *) echo "usage: bench/scale.sh [--keys N] [--writes N] [--clients N] [--duration SECONDS] [--stores embedded|redis|both] [--jwt-names]" >&2; exit 64 ;;
     esac
 done
 
 . bench/lib.sh
 require nginx wrk redis-server redis-cli taskset python3 cargo
 python3 -c 'import botocore' 2>/dev/null || { echo "bench/scale.sh needs botocore (pip install botocore) to sign admin calls" >&2; exit 69; }
+[ -z "$JWT_NAMES" ] || python3 -c 'import cryptography' 2>/dev/null || { echo "bench/scale.sh --jwt-names needs cryptography (pip install cryptography) to make a JWKS" >&2; exit 69; }
 setup
 
 AK=AKIDSCALEBENCH
@@ -52,6 +57,17 @@ mkdir -p "$WORK/keys"
 sqlite_keys "$KEYS" "$WORK/keys"
 PLAN=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"SELECT id FROM usage_plans WHERE name='bench'\").fetchone()[0])" "$WORK/keys/tollgate.db")
 
+if [ -n "$JWT_NAMES" ]; then
+    # A JWKS of one P-256 key: the authorizer needs one to start; no token is sent.
+    python3 - "$WORK/jwks.json" <<'PY'
+import base64, json, sys
+from cryptography.hazmat.primitives.asymmetric import ec
+n = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+b64 = lambda v: base64.urlsafe_b64encode(v.to_bytes(32, "big")).rstrip(b"=").decode()
+json.dump({"keys": [{"kty": "EC", "crv": "P-256", "kid": "bench", "x": b64(n.x), "y": b64(n.y)}]}, open(sys.argv[1], "w"))
+PY
+fi
+
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # refused WRK_OUTPUT: the requests wrk did not get a 2xx for (non-2xx answers, socket errors).
@@ -69,6 +85,14 @@ start() {
     sed -e "s|listen: 127.0.0.1:0|listen: 127.0.0.1:$port|" -e "s|^store: .*|store: $2|" \
         "$WORK/keys/tollgate.yaml" >"$dir/tollgate.yaml"
     printf 'admin: { listen: 127.0.0.1:%s }\n' "$aport" >>"$dir/tollgate.yaml"
+    if [ -n "$JWT_NAMES" ]; then
+        sed -i "/^usagePlans:/i\\
+  - id: jwt\\
+    apiKeySource: AUTHORIZER\\
+    authorizers: [ { name: partners, jwks: $WORK/jwks.json, usageIdentifierClaim: sub } ]\\
+    stages: [ { name: jwt } ]\\
+    routes: [ { path: /x, method: GET, apiKeyRequired: true, authorizer: partners, upstream: \"http://127.0.0.1:$UP\" } ]" "$dir/tollgate.yaml"
+    fi
     t0=$(date +%s.%N)
     taskset -c 1 "$TOLLGATE" serve --config "$dir/tollgate.yaml" >"$dir/log" 2>&1 &
     pid=$!; PIDS+=("$pid")
