@@ -574,7 +574,8 @@ impl Snapshot {
     /// Only the shards of the table those keys fall in are built again, and every other key keeps
     /// its live state untouched. `changed` must hold the plans the snapshot serves, in its order,
     /// and `period_used` the stored counts of its keys and customers. Returns `false`, changing
-    /// nothing, when it cannot apply the change alone (the plans differ): then the caller rebuilds. Serialised with other rebuilds and the flusher.
+    /// nothing, when it cannot apply the change alone (the plans differ): then the caller rebuilds.
+    /// Serialised with other rebuilds and the flusher.
     pub fn change_keys(
         current: &ArcSwap<Snapshot>,
         changed: &KeyIndex,
