@@ -1026,6 +1026,73 @@ mod tests {
         );
     }
 
+    /// A run as the script packs it: `count` answers of `status`, from `first`, by `step`.
+    fn run(count: u16, status: u8, first: [i64; 4], step: [i64; 4]) -> Vec<u8> {
+        let mut run = count.to_le_bytes().to_vec();
+        run.push(status);
+        for n in first.into_iter().chain(step) {
+            run.extend_from_slice(&n.to_le_bytes());
+        }
+        assert_eq!(run.len(), RUN_BYTES);
+        run
+    }
+
+    /// The answers `reply` gives a batch of `n` requests: each one's raw answer, or `None` for an
+    /// error.
+    fn answered(n: usize, reply: &[u8]) -> Vec<Option<Raw>> {
+        let (mut batch, mut answers) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (reply, answer) = oneshot::channel();
+            batch.push(Job {
+                holder: (false, "k".into()),
+                plan_id: Arc::from("p"),
+                method: "".into(),
+                credits: None,
+                flags: 1,
+                numbers: [0; NUMBERS],
+                reply,
+            });
+            answers.push(answer);
+        }
+        answer(&mut batch, Ok(reply));
+        assert!(batch.is_empty(), "every request answered");
+        answers
+            .into_iter()
+            .map(|mut a| a.try_recv().ok().and_then(Result::ok))
+            .collect()
+    }
+
+    #[test]
+    fn runs_expand_to_one_answer_a_request_and_a_reply_that_does_not_fit_fails_them_all() {
+        // Three admitted (tokens 9, 8, 7; until full 10, 20, 30 µs), then two throttled alike.
+        let reply = [
+            run(3, 0, [9, -1, 10, -1], [-1, 0, 10, 0]),
+            run(2, 1, [500, 0, 0, -1], [0; 4]),
+        ]
+        .concat();
+        assert_eq!(
+            answered(5, &reply),
+            vec![
+                Some((0, 9, -1, 10, -1)),
+                Some((0, 8, -1, 20, -1)),
+                Some((0, 7, -1, 30, -1)),
+                Some((1, 500, 0, 0, -1)),
+                Some((1, 500, 0, 0, -1)),
+            ]
+        );
+        // Runs that answer more or fewer requests than were asked, or a run cut short: every
+        // request gets the error, none another's answer.
+        for (n, reply) in [(6, &reply[..]), (4, &reply), (5, &reply[..reply.len() - 1])] {
+            assert_eq!(answered(n, reply), vec![None; n], "{n} requests");
+        }
+        // An empty run answers nothing; steps that overflow wrap rather than panic.
+        let empty_first = [run(0, 0, [0; 4], [0; 4]), run(1, 0, [1; 4], [0; 4])].concat();
+        assert_eq!(answered(1, &empty_first), vec![Some((0, 1, 1, 1, 1))]);
+        let overflowing = run(u16::MAX, 0, [i64::MAX; 4], [i64::MAX; 4]);
+        let got = answered(usize::from(u16::MAX), &overflowing);
+        assert!(got.iter().all(Option::is_some));
+    }
+
     /// Script calls Redis has run since its statistics were last reset.
     fn script_calls(c: &mut redis::Connection) -> u64 {
         let stats: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
