@@ -148,10 +148,13 @@ enum Answer {
 }
 
 impl Answer {
-    /// The answers one run of [`RUN_BYTES`] stands for, as the script packed it: how many, and the
-    /// `k`th of them.
-    fn run(bytes: &[u8]) -> (usize, impl Fn(usize) -> Raw) {
-        let count = usize::from(u16::from_le_bytes([bytes[0], bytes[1]]));
+    /// How many answers one run of [`RUN_BYTES`] stands for.
+    fn run_len(bytes: &[u8]) -> usize {
+        usize::from(u16::from_le_bytes([bytes[0], bytes[1]]))
+    }
+
+    /// The answers one run of [`RUN_BYTES`] stands for, as the script packed it: the `k`th of them.
+    fn run(bytes: &[u8]) -> impl Fn(usize) -> Raw {
         let status = i64::from(bytes[2]);
         let at = |i: usize| {
             let mut n = [0; 8];
@@ -161,11 +164,10 @@ impl Answer {
         let (first, step) = ([at(0), at(1), at(2), at(3)], [at(4), at(5), at(6), at(7)]);
         // Wrapping: what Redis sent cannot make the data plane panic (a run that overflows is a
         // broken script, and its numbers are as good as any).
-        let nth = move |k: usize| {
+        move |k: usize| {
             let v = |i: usize| first[i].wrapping_add(step[i].wrapping_mul(k as i64));
             (status, v(0), v(1), v(2), v(3))
-        };
-        (count, nth)
+        }
     }
 
     /// The one place that knows the script's status numbers (`lua/limit.lua` lists them).
@@ -549,16 +551,14 @@ async fn eval_on_wire<'w>(
 
 /// Gives every job of `batch` its answer from `runs` (the script's reply), or the call's error.
 fn answer(batch: &mut Vec<Job>, runs: Result<&[u8], String>) {
-    let answered = |runs: &[u8]| -> usize {
-        let runs = runs.chunks_exact(RUN_BYTES);
-        runs.map(|run| Answer::run(run).0).sum()
-    };
+    let answered =
+        |runs: &[u8]| -> usize { runs.chunks_exact(RUN_BYTES).map(Answer::run_len).sum() };
     let err = match runs {
         Ok(runs) if runs.len() % RUN_BYTES == 0 && answered(runs) == batch.len() => {
             let mut jobs = batch.drain(..);
             for run in runs.chunks_exact(RUN_BYTES) {
-                let (count, nth) = Answer::run(run);
-                for (k, job) in jobs.by_ref().take(count).enumerate() {
+                let nth = Answer::run(run);
+                for (k, job) in jobs.by_ref().take(Answer::run_len(run)).enumerate() {
                     let _ = job.reply.send(Ok(nth(k)));
                 }
             }
@@ -1334,9 +1334,7 @@ mod tests {
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             // An answer to one request: a run of one, admitted, nothing of anything left, no credits.
-            let mut admitted = vec![0u8; RUN_BYTES];
-            admitted[0] = 1;
-            admitted[27..35].copy_from_slice(&(-1i64).to_le_bytes());
+            let admitted = run(1, 0, [0, 0, 0, -1], [0; 4]);
             let mut reply = format!("${RUN_BYTES}\r\n").into_bytes();
             reply.extend_from_slice(&admitted);
             reply.extend_from_slice(b"\r\n");
