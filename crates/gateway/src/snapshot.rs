@@ -637,7 +637,6 @@ impl Snapshot {
                 entry
             })
             .collect();
-        let names: Vec<String> = added.iter().filter_map(|e| e.name.clone()).collect();
         for key in &gone {
             for m in key.members() {
                 if !assembly.kept.has(m.slot) {
@@ -662,7 +661,9 @@ impl Snapshot {
             assembly.retire(group.slot, plan_id, &group.id, true);
         }
         let (keys, shards) = previous.keys.with_changes(&gone, added);
-        warn_of_shared_names(&keys, names.iter().map(String::as_str));
+        if previous.routing.names_keys {
+            warn_of_shared_names(&keys, (0..changed.len()).map(|i| changed.name(i)));
+        }
         let next = assembly.finish(
             previous.routing.clone(),
             (previous.plans.clone(), previous.plan_records.clone()),
