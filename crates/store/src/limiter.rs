@@ -45,7 +45,7 @@ const _: () = assert!(MAX_BATCH <= u16::MAX as usize);
 /// credits' refill amount, period start and end (0 without credits).
 const NUMBERS: usize = 9;
 /// A record in the script's second argument: how many requests in a row it stands for (2 bytes),
-/// their flags (1 byte), the places in `KEYS` of their limits' four names and of their credits' name
+/// their flags (1 byte, [`Job::flags`]), the places in `KEYS` of their limits' names and of their credits' name
 /// (4 bytes each, 1-based, 0 for none), then the [`NUMBERS`] (8 bytes each), all little-endian. One
 /// binary argument for the whole batch, instead of ten decimal ones a request that Redis would parse
 /// one by one and Lua convert with `tonumber`; a busy key's requests on one route (the same record
@@ -201,6 +201,16 @@ impl Answer {
     }
 }
 
+/// A flag of [`Job::flags`]: the request has a throttle.
+const THROTTLE: u8 = 1;
+/// A flag of [`Job::flags`]: the request has a quota.
+const QUOTA: u8 = 2;
+/// A flag of [`Job::flags`]: it spends the credits of a plan in shadow.
+const SHADOW_CREDITS: u8 = 4;
+/// A flag of [`Job::flags`]: its bucket is the plan's, in a plan with a quota, so the script keeps it
+/// in the quota's hash (read and written with the count: two commands fewer a key and call).
+const BUCKET_IN_QUOTA: u8 = 8;
+
 /// One request waiting for the batcher: whose records the script reads, and its arguments.
 struct Job {
     /// The holder's id, and whether it is a customer's.
@@ -209,7 +219,7 @@ struct Job {
     method: Box<str>,
     /// The API key whose credits the request spends, if any.
     credits: Option<Box<str>>,
-    /// Flags: 1 throttle, 2 quota, 4 the credits of a plan in shadow.
+    /// Flags: [`THROTTLE`], [`QUOTA`], [`SHADOW_CREDITS`], [`BUCKET_IN_QUOTA`].
     flags: u8,
     numbers: [u64; NUMBERS],
     reply: oneshot::Sender<Result<Raw, LimiterError>>,
@@ -223,9 +233,17 @@ impl Job {
         }
     }
 
-    /// Whether `self` and `other` touch the same bucket, quota and usage.
+    /// Whether `self` and `other` touch the same bucket, quota and usage, kept alike.
     fn same_limits(&self, other: &Job) -> bool {
-        self.holder == other.holder && self.plan_id == other.plan_id && self.method == other.method
+        self.holder == other.holder
+            && self.plan_id == other.plan_id
+            && self.method == other.method
+            && self.bucket_apart() == other.bucket_apart()
+    }
+
+    /// The name of the bucket the script keeps apart from the quota (see [`keys::limiter_keys`]).
+    fn bucket_apart(&self) -> Option<&str> {
+        (self.flags & (THROTTLE | BUCKET_IN_QUOTA) == THROTTLE).then_some(&*self.method)
     }
 
     /// `call`'s flags and numbers for the quota (and refill) period containing `day`, and the quota
@@ -242,9 +260,14 @@ impl Job {
         let window = call.quota.map(|q| QuotaWindow::containing(q, day));
         let refill = call.credits.and_then(|c| c.refill);
         let refilled = refill.map(|r| r.window(day));
-        let flags = u8::from(call.throttle.is_some())
-            | u8::from(call.quota.is_some()) << 1
-            | u8::from(call.credits.is_some_and(|c| c.shadow)) << 2;
+        let flag = |on: bool, flag: u8| if on { flag } else { 0 };
+        let flags = flag(call.throttle.is_some(), THROTTLE)
+            | flag(call.quota.is_some(), QUOTA)
+            | flag(call.credits.is_some_and(|c| c.shadow), SHADOW_CREDITS)
+            | flag(
+                call.throttle.is_some() && call.quota.is_some() && call.method.is_empty(),
+                BUCKET_IN_QUOTA,
+            );
         let numbers = [
             interval_us,
             tolerance_us,
@@ -260,8 +283,8 @@ impl Job {
     }
 }
 
-/// A group of names in `KEYS` a batch shares: one holder's limits under one plan and bucket (four
-/// names), or one API key's credits (one).
+/// A group of names in `KEYS` a batch shares: one holder's limits under one plan and bucket (three
+/// names, or four with a bucket kept apart), or one API key's credits (one).
 #[derive(Clone, Copy)]
 struct Named {
     /// The first job that named it.
@@ -321,7 +344,8 @@ impl Encoder {
                 self.named.insert_unique(hash, named, rehash);
                 named.at
             };
-            let limits = place(false, group_hash(&hasher, job, false), 4);
+            let width = 3 + u32::from(job.bucket_apart().is_some());
+            let limits = place(false, group_hash(&hasher, job, false), width);
             let credits = match job.credits {
                 Some(_) => place(true, group_hash(&hasher, job, true), 1),
                 None => 0,
@@ -353,7 +377,7 @@ impl Encoder {
                     &mut self.scratch,
                     job.holder(),
                     &job.plan_id,
-                    &job.method,
+                    job.bucket_apart(),
                     |k| call.arg(k.as_bytes()),
                 ),
             }
@@ -807,9 +831,9 @@ impl RedisLimiter {
         let today = EpochDay::from_nanos(now);
         let window = QuotaWindow::containing(quota, today);
         let used = i64::from(quota.limit) - remaining;
-        let mut call = self.set_remaining.call(4);
+        let mut call = self.set_remaining.call(3);
         let mut scratch = String::new();
-        keys::limiter_keys(&mut scratch, holder, plan_id, "", |k| {
+        keys::limiter_keys(&mut scratch, holder, plan_id, None, |k| {
             call.arg(k);
         });
         call.arg(window.start.0)
@@ -1180,7 +1204,8 @@ mod tests {
         gcra: Option<Gcra>,
         bucket: GcraState,
         quota: Option<Quota>,
-        count: QuotaCount,
+        /// Shared by the sides of one key's buckets under one plan.
+        count: Arc<QuotaCount>,
         credits: Option<(Credits, Option<Refill>)>,
     }
 
@@ -1398,7 +1423,7 @@ mod tests {
         // Rates whose token interval is a whole number of microseconds (the script's unit).
         // (rate, burst) and quota of each key.
         type Shape = (Option<(f64, u32)>, Option<QuotaSettings>);
-        let shapes: [Shape; 6] = [
+        let shapes: [Shape; 7] = [
             (Some((1.0, 3)), Some(day_quota(7))),
             (Some((20.0, 5)), None),
             (None, Some(day_quota(4))),
@@ -1420,19 +1445,24 @@ mod tests {
             ),
             // The customer whose keys share limits: its calls come from several keys.
             (Some((2.0, 4)), Some(day_quota(9))),
+            // The first key's calls to a method with a bucket of its own: kept apart from the
+            // plan's quota they share, while the plan's bucket is kept in the quota's hash.
+            (Some((4.0, 2)), Some(day_quota(7))),
         ];
+        let method = |k: usize| if k == 6 { "GET /x" } else { "" };
         // The last side is a customer's, with an id that would break a careless key name.
         let customer = "acme}:u:{key0";
         // Credits of some sides: the opening balance, and the refill.
         let weekly = Refill::new(5, Period::Week).unwrap();
         let daily = Refill::new(6, Period::Day).unwrap();
-        let credit_shapes: [Option<(u64, Option<&Refill>)>; 6] = [
+        let credit_shapes: [Option<(u64, Option<&Refill>)>; 7] = [
             None,
             Some((0, Some(&daily))),
             None,
             Some((15, None)),
             None,
             Some((4, Some(&weekly))),
+            None,
         ];
         let store = crate::RedisStore::new(crate::RedisSettings {
             urls: vec![redis.url()],
@@ -1444,19 +1474,25 @@ mod tests {
         for seed in 0..6u64 {
             flush_all(&redis);
             clock.set(start);
+            let first_count = Arc::new(QuotaCount::default());
             let sides: Vec<RustSide> = shapes
                 .iter()
                 .zip(credit_shapes)
-                .map(|((t, q), c)| RustSide {
+                .enumerate()
+                .map(|(k, ((t, q), c))| RustSide {
                     gcra: t.map(|(rate, burst)| gcra(rate, burst)),
                     bucket: GcraState::default(),
                     quota: q.map(Quota::new),
-                    count: QuotaCount::default(),
+                    count: match k {
+                        0 | 6 => first_count.clone(),
+                        _ => Arc::default(),
+                    },
                     credits: c
                         .map(|(balance, refill)| (Credits::new(balance, None), refill.copied())),
                 })
                 .collect();
-            let ids: Vec<String> = (0..sides.len()).map(|i| format!("key{i}")).collect();
+            // The last side's calls are the first key's.
+            let ids: Vec<String> = (0..sides.len() - 1).map(|i| format!("key{i}")).collect();
             for (k, c) in credit_shapes.iter().enumerate() {
                 if let Some((balance, _)) = c {
                     assert!(store.add_credits(&ids[k], "opening", *balance, 0).unwrap());
@@ -1464,6 +1500,7 @@ mod tests {
             }
             let holder = |k: usize| match k {
                 5 => Holder::Customer(customer),
+                6 => Holder::Key(&ids[0]),
                 _ => Holder::Key(&ids[k]),
             };
             let mut rng = Rng(seed);
@@ -1491,7 +1528,7 @@ mod tests {
                             .map(|&(k, cost)| KeyCall {
                                 holder: holder(k),
                                 plan_id: &PLAN,
-                                method: "",
+                                method: method(k),
                                 throttle: sides[k].gcra.as_ref(),
                                 quota: shapes[k].1.as_ref(),
                                 cost,
@@ -1557,7 +1594,8 @@ mod tests {
                 };
                 let days: std::collections::HashMap<u32, u64> =
                     redis::cmd("HGETALL").arg(usage).query(&mut c).unwrap();
-                assert_eq!(days.values().sum::<u64>(), spent[k], "seed {seed}, key {k}");
+                let spent = spent[k] + if k == 0 { spent[6] } else { 0 };
+                assert_eq!(days.values().sum::<u64>(), spent, "seed {seed}, key {k}");
                 if let Some((credits, _)) = &sides[k].credits {
                     let b: u64 = redis::cmd("HGET")
                         .arg(keys::credits(id))

@@ -209,20 +209,27 @@ pub mod keys {
         name
     }
 
-    /// The four records the data plane's limiter script keeps for a key (or a customer) under a
-    /// plan, in its `KEYS` order, each handed to `each` in turn from one reused buffer (the request
-    /// path allocates no names): the token bucket (`method` empty for the plan throttle), the live
-    /// quota count (`s` window start day, `u` used), the per-day usage and the quota adjustments.
+    /// The records the data plane's limiter script keeps for a key (or a customer) under a plan,
+    /// in its `KEYS` order, each handed to `each` in turn from one reused buffer (the request path
+    /// allocates no names): the live quota count (`s` window start day, `u` used, and `t` the plan
+    /// bucket's theoretical arrival time when the plan has a quota too), the per-day usage, the
+    /// quota adjustments, then the token bucket when it is kept apart (`Some(method)`: a method's
+    /// bucket, or the plan's, `method` empty, in a plan without a quota).
     pub fn limiter_keys(
         scratch: &mut String,
         holder: Holder<'_>,
         plan_id: &str,
-        method: &str,
+        bucket: Option<&str>,
         mut each: impl FnMut(&str),
     ) {
-        for (kind, suffix) in [("t", Some(method)), ("q", None), ("u", None), ("a", None)] {
+        for (kind, suffix) in [("q", None), ("u", None), ("a", None)] {
             scratch.clear();
             write_name(scratch, holder, kind, plan_id, suffix);
+            each(scratch);
+        }
+        if let Some(method) = bucket {
+            scratch.clear();
+            write_name(scratch, holder, "t", plan_id, Some(method));
             each(scratch);
         }
     }
@@ -2501,10 +2508,122 @@ mod tests {
         a_redis_of_layout_1_is_moved(cluster.urls(), true, cluster.ports[0]);
     }
 
-    /// Layout 1 made on `urls`, then moved; `port` is the first URL's, where instances subscribe.
-    fn a_redis_of_layout_1_is_moved(urls: Vec<String>, cluster: bool, port: u16) {
+    /// Connects a store to `urls` while an older instance is subscribed on `port` (the first URL's:
+    /// subscribers are counted per node), and checks that it refuses to move Redis from `layout`;
+    /// returns once the older instance is gone.
+    fn refused_while_an_older_instance_is_connected(
+        urls: &[String],
+        cluster: bool,
+        port: u16,
+        layout: u32,
+    ) {
         use std::io::{Read, Write};
 
+        let mut older = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        older.write_all(b"SUBSCRIBE tollgate:changes\r\n").unwrap();
+        let _ = older.read(&mut [0u8; 64]).unwrap();
+        let err = store(urls.to_vec(), cluster)
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "in layout {layout}, and 1 older tollgate instance(s) are connected"
+            )),
+            "{err}"
+        );
+        drop(older);
+        let mut node = redis::Client::open(urls[0].as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let mut numsub = || -> u64 {
+            redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(keys::CHANGES)
+                .query::<(String, u64)>(&mut node)
+                .unwrap()
+                .1
+        };
+        while numsub() > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_redis_of_layout_2_is_moved_once_no_older_instance_is_connected() {
+        let server = RedisServer::start();
+        let urls = vec![server.url()];
+        let s = store(urls.clone(), false);
+        let records = Records {
+            plans: vec![UsagePlan {
+                id: "p1".into(),
+                name: "p1".into(),
+                ..UsagePlan::default()
+            }],
+            keys: (0..10)
+                .map(|i| ApiKey {
+                    id: format!("key{i:03}"),
+                    name: format!("k{i}"),
+                    enabled: true,
+                    value_hash: KeyHash::of(format!("value-{i}-0123456789")),
+                    ..ApiKey::default()
+                })
+                .collect(),
+            bindings: (0..10)
+                .map(|i| ("p1".into(), format!("key{i:03}")))
+                .collect(),
+        };
+        s.put_records(&records).unwrap();
+        s.add_usage(&[UsageDelta {
+            plan_id: "p1".into(),
+            key_id: "key001".into(),
+            day: EpochDay(10),
+            count: 7,
+            ..UsageDelta::default()
+        }])
+        .unwrap();
+        // A live quota count and a plan's bucket as layout 2 keeps them.
+        let (count, bucket) = ("tg:{key001}:q:p1", "tg:{key001}:t:p1:");
+        s.with(|c| {
+            redis::pipe()
+                .hset_multiple(count, &[("s", 10), ("u", 7)])
+                .set(bucket, 123)
+                .set(layout::LAYOUT_KEY, 2)
+                .query::<()>(c)
+        })
+        .unwrap();
+        let before = s.load().unwrap();
+        let used = |s: &RedisStore| {
+            s.series(Series::Used, "p1", None, EpochDay(0), EpochDay(100))
+                .unwrap()
+        };
+        let used_before = used(&s);
+        assert_eq!(used_before.len(), 1);
+
+        refused_while_an_older_instance_is_connected(&urls, false, server.port, 2);
+        let at =
+            |s: &RedisStore| -> u32 { s.with(|c| Cmd::get(layout::LAYOUT_KEY).query(c)).unwrap() };
+        assert_eq!(at(&s), 2, "nothing moved");
+
+        // Once it is gone, the first connection moves it: nothing but the layout changes.
+        let moved = store(urls, false);
+        assert_eq!(moved.load().unwrap(), before);
+        assert_eq!(used(&moved), used_before);
+        assert_eq!(at(&moved), layout::LAYOUT);
+        let kept: (Vec<u32>, u32) = moved
+            .with(|c| {
+                Ok((
+                    redis::cmd("HMGET").arg(count).arg("s").arg("u").query(c)?,
+                    Cmd::get(bucket).query(c)?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(kept, (vec![10, 7], 123));
+    }
+
+    /// Layout 1 made on `urls`, then moved; `port` is the first URL's, where instances subscribe.
+    fn a_redis_of_layout_1_is_moved(urls: Vec<String>, cluster: bool, port: u16) {
         let s = store(urls.clone(), cluster);
         let records = Records {
             plans: ["p1", "p2"]
@@ -2559,33 +2678,8 @@ mod tests {
         assert_eq!(per_key_sets(&s), 50);
 
         // An older instance is connected: refused, and nothing moved.
-        let mut older = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        older.write_all(b"SUBSCRIBE tollgate:changes\r\n").unwrap();
-        let _ = older.read(&mut [0u8; 64]).unwrap();
-        let err = store(urls.clone(), cluster).load().unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("1 older tollgate instance(s) are connected"),
-            "{err}"
-        );
+        refused_while_an_older_instance_is_connected(&urls, cluster, port, 1);
         assert_eq!(per_key_sets(&s), 50);
-        drop(older);
-        // Subscribers are counted per node: asked of the first URL's.
-        let mut node = redis::Client::open(urls[0].as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let mut numsub = || -> u64 {
-            redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(keys::CHANGES)
-                .query::<(String, u64)>(&mut node)
-                .unwrap()
-                .1
-        };
-        while numsub() > 0 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
 
         // Once it is gone, the first connection moves them: the same records and usage, the
         // memberships kept once, layout 1's structures gone.

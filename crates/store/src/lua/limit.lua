@@ -1,8 +1,9 @@
 -- Decides a batch of requests on one reading of the clock: ARGV[1] is the clock in microseconds (0:
 -- Redis's own TIME, which is what instances share; tests pass theirs). ARGV[2] holds the RECORDs
 -- (limiter.rs builds them), each for as many requests in a row as its first number says, then:
--- flags (1 throttle + 2 quota + 4 the credits of a plan in shadow);
--- the place in KEYS of its limits' four names (bucket, quota, usage, adjustments); the place of its
+-- flags (1 throttle + 2 quota + 4 the credits of a plan in shadow + 8 the bucket kept in the quota's
+-- hash, as `t`); the place in KEYS of its limits' names (quota, usage, adjustments, and the bucket when
+-- it is kept apart: a method's, or the plan's in a plan without a quota); the place of its
 -- credits' name (`b` balance, `w` first day of the refill period last refilled in; 0 without
 -- credits); interval, tolerance, limit, window start, window end, cost; refill amount (0 for none),
 -- refill period start, its end. A name the batch shares is in KEYS once.
@@ -14,7 +15,8 @@
 --   {3, the clock's day, 0, 0, -1}                                                a window is not today's
 --   {4, tokens left, microseconds until the bucket is full, quota left, credits}  credits too low
 -- A key's state is read once and written once per batch however many of its requests the batch
--- holds: a hot key costs Lua arithmetic per request, not Redis commands.
+-- holds: a hot key costs Lua arithmetic per request, not Redis commands. The plan's bucket of a plan
+-- with a quota is a field of the quota's hash, read and written with it: two commands fewer a key.
 -- The answers go back in order, packed in one string, in RUNs: how many requests in a row it answers,
 -- the first one's answer, and by how much each of a, b, c and credits steps from one to the next. A
 -- busy key's requests (one record, each taking a token and a unit of quota) are one RUN: one
@@ -34,6 +36,22 @@ local RECORD, RUN = '<I2BI4I4I8I8I8I8I8I8I8I8I8', '<I2Bi8i8i8i8i8i8i8i8'
 local KEYS, pack, floor, max = KEYS, struct.pack, math.floor, math.max
 local tats, quotas, usage, credits = {}, {}, {}, {}
 local runs, r = {}, 0
+-- The live quota count (and the plan's bucket kept with it) named by KEYS[K], for the period from
+-- day ws to day we; read once a batch.
+local function quota(K, ws, we)
+  local q = quotas[KEYS[K]]
+  if not q then
+    local h = redis.call('HMGET', KEYS[K], 's', 'u', 't')
+    if tonumber(h[1]) == ws then
+      q = {used = tonumber(h[2]) or 0, ws = ws, we = we, fresh = false}
+    else
+      q = {used = counted(KEYS[K + 1], KEYS[K + 2], ws, day), ws = ws, we = we, fresh = true}
+    end
+    q.tat = tonumber(h[3])
+    quotas[KEYS[K]] = q
+  end
+  return q
+end
 -- The run being answered: its length, status, first answer, last answer and steps.
 local run_n, run_s, f1, f2, f3, f4, l1, l2, l3, l4, d1, d2, d3, d4 = 0
 local function flush()
@@ -64,12 +82,18 @@ local function decide(count, flags, K, C, interval, tolerance, limit, ws, we, co
     for _ = 1, count do answer(3, day, 0, 0, -1) end
     return
   end
+  local folded = floor(flags / 8) % 2 == 1
+  local q, c, spent = nil, nil, 0
   local tat, took = now, false
   if has_throttle then
-    tat = tats[KEYS[K]] or tonumber(redis.call('GET', KEYS[K]) or '0')
+    if folded then
+      q = quota(K, ws, we)
+      tat = q.tat or 0
+    else
+      tat = tats[KEYS[K + 3]] or tonumber(redis.call('GET', KEYS[K + 3]) or '0')
+    end
     if tat < now then tat = now end
   end
-  local q, c, spent = nil, nil, 0
   for _ = 1, count do
     -- One pass per request; `break` ends it once answered.
     repeat
@@ -87,18 +111,7 @@ local function decide(count, flags, K, C, interval, tolerance, limit, ws, we, co
       end
       local remaining = -1
       if has_quota then
-        if not q then
-          q = quotas[KEYS[K + 1]]
-          if not q then
-            local h = redis.call('HMGET', KEYS[K + 1], 's', 'u')
-            if tonumber(h[1]) == ws then
-              q = {used = tonumber(h[2]) or 0, ws = ws, we = we, fresh = false}
-            else
-              q = {used = counted(KEYS[K + 2], KEYS[K + 3], ws, day), ws = ws, we = we, fresh = true}
-            end
-            quotas[KEYS[K + 1]] = q
-          end
-        end
+        if not q then q = quota(K, ws, we) end
         if cost > 0 and q.used + cost > limit then
           answer(2, tokens, ahead, 0, -1)
           break
@@ -142,8 +155,14 @@ local function decide(count, flags, K, C, interval, tolerance, limit, ws, we, co
       answer(0, tokens, remaining, ahead, c and c.b or -1)
     until true
   end
-  if took then tats[KEYS[K]] = tat end
-  if spent > 0 then usage[KEYS[K + 2]] = (usage[KEYS[K + 2]] or 0) + spent end
+  if took then
+    if folded then
+      q.tat, q.dirty = tat, true
+    else
+      tats[KEYS[K + 3]] = tat
+    end
+  end
+  if spent > 0 then usage[KEYS[K + 1]] = (usage[KEYS[K + 1]] or 0) + spent end
 end
 local records, at = ARGV[2], 1
 while at < #records do
@@ -156,7 +175,11 @@ for key, tat in pairs(tats) do
 end
 for key, q in pairs(quotas) do
   if q.dirty then
-    redis.call('HSET', key, 's', q.ws, 'u', q.used)
+    if q.tat then
+      redis.call('HSET', key, 's', q.ws, 'u', q.used, 't', string.format('%.0f', q.tat))
+    else
+      redis.call('HSET', key, 's', q.ws, 'u', q.used)
+    end
     -- The count outlives its period by two days; set once per period, not per request.
     if q.fresh then redis.call('EXPIREAT', key, (q.we + 2) * 86400) end
   end

@@ -22,6 +22,14 @@
 //! memberships or keeping them apart. It refuses while an older instance is connected (subscribed
 //! to `tollgate:changes`): that one would keep serving what it read before, deleted keys included.
 //! Every step can run again: layout 1's records go last.
+//!
+//! Layout 3 changes no record. It keeps the data plane's bucket of a plan with a quota in the
+//! quota's hash (field `t`), where layout 2 kept it in a string of its own: the limiter script
+//! reads and writes it with the count, two commands fewer a key in every call (BENCHMARKS.md,
+//! issue 28). The move from layout 2 waits for older instances to stop, as the move from layout 1
+//! does: they would keep such a bucket apart, giving a key two. It moves no bucket: a bucket is a
+//! few seconds of state, the fleet has just been stopped, and those layout 2 kept expire on their
+//! own; each such bucket starts full once.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -32,7 +40,7 @@ use super::{backend, keys, pages};
 use crate::StoreError;
 
 /// The layout this version writes.
-pub(super) const LAYOUT: u32 = 2;
+pub(super) const LAYOUT: u32 = 3;
 
 /// The layout Redis holds (absent: layout 1, or an empty Redis).
 pub(super) const LAYOUT_KEY: &str = "{tg}:layout";
@@ -130,13 +138,13 @@ pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreE
         let layout: Option<u32> = Cmd::get(LAYOUT_KEY).query(c).map_err(backend)?;
         match layout {
             Some(LAYOUT) => return Ok(()),
-            Some(newer) => {
+            Some(newer) if newer > LAYOUT => {
                 return Err(StoreError::Backend(format!(
                     "Redis at {url} holds tollgate's records in layout {newer}, written by a newer \
                      tollgate; this one reads layout {LAYOUT}: run the newer version"
                 )));
             }
-            None => {}
+            _ => {}
         }
         let token = crate::ids::new_key_value();
         let locked: Option<String> = redis::cmd("SET")
@@ -159,7 +167,7 @@ pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreE
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        let moved = move_to_layout_2(c, url);
+        let moved = move_to_this_layout(c, url);
         let _ = Script::new(super::UNLOCK)
             .key(LOCK)
             .arg(&token)
@@ -168,33 +176,57 @@ pub(super) fn ensure(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreE
     }
 }
 
+/// The move to [`LAYOUT`] from the layout Redis holds, under the lock (another instance may have
+/// made it while this one waited for the lock).
+fn move_to_this_layout(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
+    let layout: Option<u32> = Cmd::get(LAYOUT_KEY).query(c).map_err(backend)?;
+    match layout {
+        Some(LAYOUT) => Ok(()),
+        None => move_from_layout_1(c, url),
+        Some(2) => {
+            refuse_while_older_connected(url, 2)?;
+            Cmd::set(LAYOUT_KEY, LAYOUT).query(c).map_err(backend)
+        }
+        Some(other) => Err(StoreError::Backend(format!(
+            "Redis at {url} holds tollgate's records in layout {other}, which no tollgate wrote"
+        ))),
+    }
+}
+
+/// Refuses to move Redis from `layout` while an older instance is connected: it would keep serving
+/// what it read before (deleted keys included) and keep its limits as `layout` does.
+fn refuse_while_older_connected(url: &str, layout: u32) -> Result<(), StoreError> {
+    // Asked of the node instances subscribe on (the first URL, on a cluster too: a cluster counts
+    // subscribers per node).
+    let subscribed: (String, u64) = redis::Client::open(url)
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut node| {
+            redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(keys::CHANGES)
+                .query(&mut node)
+        })
+        .map_err(backend)?;
+    if subscribed.1 > 0 {
+        return Err(StoreError::Backend(format!(
+            "Redis at {url} holds tollgate's records in layout {layout}, and {} older tollgate \
+             instance(s) are connected to it (subscribed to {}). Stop them, then start this \
+             version again: its first start moves the records to layout {LAYOUT}, which older \
+             versions cannot read",
+            subscribed.1,
+            keys::CHANGES
+        )));
+    }
+    Ok(())
+}
+
 /// The move from layout 1 (or an empty Redis), under the lock.
-fn move_to_layout_2(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
+fn move_from_layout_1(c: &mut dyn ConnectionLike, url: &str) -> Result<(), StoreError> {
     let started = Instant::now();
     let kind: String = redis::cmd("TYPE").arg(BINDINGS).query(c).map_err(backend)?;
     let has_keys: bool = Cmd::exists(RECORDS).query(c).map_err(backend)?;
     if kind == "set" || has_keys {
-        // Asked of the node instances subscribe on (the first URL, on a cluster too: a cluster
-        // counts subscribers per node).
-        let subscribed: (String, u64) = redis::Client::open(url)
-            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-            .and_then(|mut node| {
-                redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg(keys::CHANGES)
-                    .query(&mut node)
-            })
-            .map_err(backend)?;
-        if subscribed.1 > 0 {
-            return Err(StoreError::Backend(format!(
-                "Redis at {url} holds tollgate's records in layout 1, and {} older tollgate \
-                 instance(s) are connected to it (subscribed to {}). Stop them, then start this \
-                 version again: its first start moves the records to layout {LAYOUT}, which older \
-                 versions cannot read",
-                subscribed.1,
-                keys::CHANGES
-            )));
-        }
+        refuse_while_older_connected(url, 1)?;
     }
     if kind == "set" {
         let mut members: Vec<String> = Vec::new();
