@@ -45,11 +45,11 @@ const _: () = assert!(MAX_BATCH <= u16::MAX as usize);
 /// credits' refill amount, period start and end (0 without credits).
 const NUMBERS: usize = 9;
 /// A record in the script's second argument: how many requests in a row it stands for (2 bytes),
-/// their flags (1 byte, [`Job::flags`]), the places in `KEYS` of their limits' names and of their credits' name
-/// (4 bytes each, 1-based, 0 for none), then the [`NUMBERS`] (8 bytes each), all little-endian. One
-/// binary argument for the whole batch, instead of ten decimal ones a request that Redis would parse
-/// one by one and Lua convert with `tonumber`; a busy key's requests on one route (the same record
-/// again and again) are one record, which Lua reads once.
+/// their flags (1 byte, [`Job::flags`]), the places in `KEYS` of their limits' first name and of
+/// their credits' name (4 bytes each, 1-based, 0 for none), then the [`NUMBERS`] (8 bytes each), all
+/// little-endian. One binary argument for the whole batch, instead of ten decimal ones a request
+/// that Redis would parse one by one and Lua convert with `tonumber`; a busy key's requests on one
+/// route (the same record again and again) are one record, which Lua reads once.
 const RECORD_BYTES: usize = 2 + 1 + 4 + 4 + 8 * NUMBERS;
 /// A run of answers in the script's reply (`RUN` in `lua/limit.lua`): how many requests in a row it
 /// answers (2 bytes), their status (1 byte), the first one's four numbers and by how much each steps
@@ -1450,7 +1450,7 @@ mod tests {
             (Some((4.0, 2)), Some(day_quota(7))),
         ];
         let method = |k: usize| if k == 6 { "GET /x" } else { "" };
-        // The last side is a customer's, with an id that would break a careless key name.
+        // Side 5 is a customer's, with an id that would break a careless key name.
         let customer = "acme}:u:{key0";
         // Credits of some sides: the opening balance, and the refill.
         let weekly = Refill::new(5, Period::Week).unwrap();
