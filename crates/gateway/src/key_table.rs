@@ -695,6 +695,40 @@ impl KeyTable {
         }
     }
 
+    /// How many names several keys share, in one pass over the name index: equal names have equal
+    /// hashes, so their entries sit side by side (a start with a million names looks none up).
+    pub(crate) fn shared_names(&self) -> usize {
+        let mut shared = 0;
+        // The run's keys: name, shard, record.
+        let mut keys: Vec<(&str, usize, usize)> = Vec::new();
+        for index in self.names.iter() {
+            for run in index
+                .chunk_by(|a, b| a.0 == b.0)
+                .filter(|run| run.len() > 1)
+            {
+                let h = run[0].0;
+                keys.clear();
+                for &(_, lead) in run {
+                    let at = shard_of(lead);
+                    let shard = self.shards.get(at);
+                    keys.extend(shard.candidates(lead).filter_map(|i| {
+                        let name = shard.name(i)?;
+                        (self::lead(&shard.recs[i].hash) == lead && id_hash(name) == h)
+                            .then_some((name, at, i))
+                    }));
+                }
+                // A key found from two entries counts once; names of equal hashes may differ.
+                keys.sort_unstable();
+                keys.dedup();
+                shared += keys
+                    .chunk_by(|a, b| a.0 == b.0)
+                    .filter(|same| same.len() > 1)
+                    .count();
+            }
+        }
+        shared
+    }
+
     /// The first two keys `index` (the id or the name index) files under `what` for which `is`
     /// holds.
     fn indexed(
@@ -964,6 +998,9 @@ mod tests {
     fn names_follow_changes_and_a_shared_name_names_no_key() {
         let mut entries: Vec<Entry> = (0..20_000).map(named).collect();
         entries[2].name = Some("name1".into());
+        // A name three keys share.
+        entries[7].name = Some("name6".into());
+        entries[8].name = Some("name6".into());
         entries.sort_by_key(|e| e.hash);
         let mut b = KeyTable::build();
         for e in &entries {
@@ -976,6 +1013,7 @@ mod tests {
         assert_eq!(named_id(&t, "name2"), None);
         assert_eq!(named_id(&t, "nobody"), None);
         assert_eq!(named_id(&t, ""), None);
+        assert_eq!(t.shared_names(), 2, "name1 and name6");
 
         // key2 (a twin) goes; key12 is renamed; key20,000 comes in, taking key5's name.
         let gone: Vec<Key<'_>> = ["key2", "key12"]
@@ -1005,8 +1043,9 @@ mod tests {
         );
         assert_eq!(named_id(&next, "name5"), None, "shared now");
         assert_eq!(named_id(&next, "name20000"), None);
+        assert_eq!(next.shared_names(), 2, "name5 and name6");
         // Every other key keeps its name, in the shards built again too.
-        for i in (0..20_000).filter(|i| ![1, 2, 5, 12].contains(i)) {
+        for i in (0..20_000).filter(|i| ![1, 2, 5, 6, 7, 8, 12].contains(i)) {
             assert_eq!(
                 named_id(&next, &format!("name{i}")),
                 Some(format!("key{i}")),
@@ -1020,5 +1059,6 @@ mod tests {
         assert_eq!(named_id(&t, "name5").as_deref(), Some("key5"));
         // A table without names finds no key by name.
         assert!(table(0..10).by_name("name1").is_none());
+        assert_eq!(table(0..10).shared_names(), 0);
     }
 }

@@ -242,13 +242,11 @@ fn member_owner(shard: u32, member: u32) -> u64 {
     (u64::from(shard) << 32) | u64::from(member)
 }
 
-/// Warns of the names among `names` that several keys of `keys` share: a JWT caller's token names
-/// none of those keys.
-fn warn_of_shared_names<'n>(keys: &KeyTable, names: impl Iterator<Item = &'n str>) {
-    let shared: HashSet<&str> = names.filter(|&n| keys.by_name(n).is_none()).collect();
-    if !shared.is_empty() {
+/// Warns of `shared` names, each shared by several keys: a JWT caller's token names none of them.
+fn warn_of_shared_names(shared: usize) {
+    if shared > 0 {
         tracing::warn!(
-            names = shared.len(),
+            names = shared,
             "API key names shared by several keys name none of them for JWT callers"
         );
     }
@@ -662,7 +660,12 @@ impl Snapshot {
         }
         let (keys, shards) = previous.keys.with_changes(&gone, added);
         if previous.routing.names_keys {
-            warn_of_shared_names(&keys, (0..changed.len()).map(|i| changed.name(i)));
+            // The written keys' names alone: a change looks up what it wrote.
+            let shared: HashSet<&str> = (0..changed.len())
+                .map(|i| changed.name(i))
+                .filter(|&n| keys.by_name(n).is_none())
+                .collect();
+            warn_of_shared_names(shared.len());
         }
         let next = assembly.finish(
             previous.routing.clone(),
@@ -740,7 +743,7 @@ impl Snapshot {
         drop(bound);
         let keys = table.finish();
         if routing.names_keys {
-            warn_of_shared_names(&keys, (0..records.len()).map(|i| records.name(i)));
+            warn_of_shared_names(keys.shared_names());
         }
 
         if let Some(previous) = previous {
