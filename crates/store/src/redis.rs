@@ -2508,6 +2508,45 @@ mod tests {
         a_redis_of_layout_1_is_moved(cluster.urls(), true, cluster.ports[0]);
     }
 
+    /// Writes `n` keys to `s`, in plans p1 and p2 (see `in_two_plans`), and 7 requests of key001's
+    /// under p1 on day 10.
+    fn put_keys_with_usage(s: &RedisStore, n: usize) {
+        let records = Records {
+            plans: ["p1", "p2"]
+                .map(|id| UsagePlan {
+                    id: id.into(),
+                    name: id.into(),
+                    ..UsagePlan::default()
+                })
+                .to_vec(),
+            keys: (0..n)
+                .map(|i| ApiKey {
+                    id: format!("key{i:03}"),
+                    name: format!("k{i}"),
+                    enabled: true,
+                    value_hash: KeyHash::of(format!("value-{i}-0123456789")),
+                    ..ApiKey::default()
+                })
+                .collect(),
+            bindings: in_two_plans(n),
+        };
+        s.put_records(&records).unwrap();
+        s.add_usage(&[UsageDelta {
+            plan_id: "p1".into(),
+            key_id: "key001".into(),
+            day: EpochDay(10),
+            count: 7,
+            ..UsageDelta::default()
+        }])
+        .unwrap();
+    }
+
+    /// What was used under p1, day by day.
+    fn used_in_p1(s: &RedisStore) -> Vec<DayValue> {
+        s.series(Series::Used, "p1", None, EpochDay(0), EpochDay(100))
+            .unwrap()
+    }
+
     /// Connects a store to `urls` while an older instance is subscribed on `port` (the first URL's:
     /// subscribers are counted per node), and checks that it refuses to move Redis from `layout`;
     /// returns once the older instance is gone.
@@ -2555,34 +2594,7 @@ mod tests {
         let server = RedisServer::start();
         let urls = vec![server.url()];
         let s = store(urls.clone(), false);
-        let records = Records {
-            plans: vec![UsagePlan {
-                id: "p1".into(),
-                name: "p1".into(),
-                ..UsagePlan::default()
-            }],
-            keys: (0..10)
-                .map(|i| ApiKey {
-                    id: format!("key{i:03}"),
-                    name: format!("k{i}"),
-                    enabled: true,
-                    value_hash: KeyHash::of(format!("value-{i}-0123456789")),
-                    ..ApiKey::default()
-                })
-                .collect(),
-            bindings: (0..10)
-                .map(|i| ("p1".into(), format!("key{i:03}")))
-                .collect(),
-        };
-        s.put_records(&records).unwrap();
-        s.add_usage(&[UsageDelta {
-            plan_id: "p1".into(),
-            key_id: "key001".into(),
-            day: EpochDay(10),
-            count: 7,
-            ..UsageDelta::default()
-        }])
-        .unwrap();
+        put_keys_with_usage(&s, 10);
         // A live quota count and a plan's bucket as layout 2 keeps them.
         let (count, bucket) = ("tg:{key001}:q:p1", "tg:{key001}:t:p1:");
         s.with(|c| {
@@ -2594,11 +2606,7 @@ mod tests {
         })
         .unwrap();
         let before = s.load().unwrap();
-        let used = |s: &RedisStore| {
-            s.series(Series::Used, "p1", None, EpochDay(0), EpochDay(100))
-                .unwrap()
-        };
-        let used_before = used(&s);
+        let used_before = used_in_p1(&s);
         assert_eq!(used_before.len(), 1);
 
         refused_while_an_older_instance_is_connected(&urls, false, server.port, 2);
@@ -2609,7 +2617,7 @@ mod tests {
         // Once it is gone, the first connection moves it: nothing but the layout changes.
         let moved = store(urls, false);
         assert_eq!(moved.load().unwrap(), before);
-        assert_eq!(used(&moved), used_before);
+        assert_eq!(used_in_p1(&moved), used_before);
         assert_eq!(at(&moved), layout::LAYOUT);
         let kept: (Vec<u32>, u32) = moved
             .with(|c| {
@@ -2625,40 +2633,9 @@ mod tests {
     /// Layout 1 made on `urls`, then moved; `port` is the first URL's, where instances subscribe.
     fn a_redis_of_layout_1_is_moved(urls: Vec<String>, cluster: bool, port: u16) {
         let s = store(urls.clone(), cluster);
-        let records = Records {
-            plans: ["p1", "p2"]
-                .map(|id| UsagePlan {
-                    id: id.into(),
-                    name: id.into(),
-                    ..UsagePlan::default()
-                })
-                .to_vec(),
-            keys: (0..50)
-                .map(|i| ApiKey {
-                    id: format!("key{i:03}"),
-                    name: format!("k{i}"),
-                    enabled: true,
-                    value_hash: KeyHash::of(format!("value-{i}-0123456789")),
-                    ..ApiKey::default()
-                })
-                .collect(),
-            bindings: in_two_plans(50),
-        };
-        s.put_records(&records).unwrap();
-        s.add_usage(&[UsageDelta {
-            plan_id: "p1".into(),
-            key_id: "key001".into(),
-            day: EpochDay(10),
-            count: 7,
-            ..UsageDelta::default()
-        }])
-        .unwrap();
+        put_keys_with_usage(&s, 50);
         let before = s.load().unwrap();
-        let used = |s: &RedisStore| {
-            s.series(Series::Used, "p1", None, EpochDay(0), EpochDay(100))
-                .unwrap()
-        };
-        let used_before = used(&s);
+        let used_before = used_in_p1(&s);
         assert_eq!(used_before.len(), 1);
         let ids: Vec<&str> = before.keys.iter().map(|k| k.id.as_str()).collect();
         to_layout_1(&s, &ids, "key001");
@@ -2685,7 +2662,7 @@ mod tests {
         // memberships kept once, layout 1's structures gone.
         let moved = store(urls.clone(), cluster);
         assert_eq!(moved.load().unwrap(), before);
-        assert_eq!(used(&moved), used_before);
+        assert_eq!(used_in_p1(&moved), used_before);
         assert_eq!(per_key_sets(&moved), 0);
         let (kind, at, gone): (String, u32, usize) = moved
             .with(|c| {
