@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tollgate_admin::data_plane::{BoxFuture, DataPlane};
 use tollgate_admin::http::ListenerLimits;
-use tollgate_admin::service::{Admin, AdminSettings};
+use tollgate_admin::service::{Admin, AdminSettings, on_build_thread};
 use tollgate_core::SystemClock;
 use tollgate_gateway::{DescriptorBudget, Gateway, GatewayHandle, GatewayOptions, Listeners};
 use tollgate_store::limiter::RedisLimiter;
@@ -58,16 +58,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let records =
         tokio::task::block_in_place(|| store.load_index()).context("loading the records")?;
     let loaded = started.elapsed();
-    let gateway = tokio::task::block_in_place(|| {
-        Gateway::open(
-            config.gateway,
+    // On the thread every later build runs on, so that they reuse what this one frees.
+    let (runtime, built_store) = (tokio::runtime::Handle::current(), store.clone());
+    let gateway_config = config.gateway;
+    let (gateway, records) = on_build_thread(move || {
+        let _runtime = runtime.enter();
+        let gateway = Gateway::open(
+            gateway_config,
             &records,
-            store.clone(),
+            built_store,
             Arc::new(SystemClock),
             options,
             limiter,
-        )
-    })?;
+        );
+        (gateway, records)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("building the first snapshot: {e}"))?;
+    let gateway = gateway?;
     tracing::info!(
         keys = records.len(),
         load_ms = loaded.as_millis() as u64,
@@ -483,7 +491,14 @@ async fn resync(
                 let keys = ids.len();
                 let served = match &admin {
                     Some(admin) => admin.refresh_keys(index, ids).await,
-                    None => gateway.change_keys(&index, &ids, &PeriodUsed::default()),
+                    None => {
+                        let gateway = gateway.clone();
+                        on_build_thread(move || {
+                            gateway.change_keys(&index, &ids, &PeriodUsed::default())
+                        })
+                        .await
+                        .unwrap_or(false)
+                    }
                 };
                 if served {
                     tracing::info!(version, announced, keys, "keys changed in Redis; served");
@@ -508,7 +523,16 @@ async fn resync(
         seen = Some(version);
         match &admin {
             Some(admin) => admin.refresh(records).await,
-            None => gateway.reload(&records, &PeriodUsed::default()),
+            None => {
+                let gateway = gateway.clone();
+                let reloaded = on_build_thread(move || {
+                    gateway.reload(&records, &PeriodUsed::default());
+                })
+                .await;
+                if let Err(e) = reloaded {
+                    tracing::error!(error = %e, "could not serve the records another instance changed");
+                }
+            }
         }
     }
 }

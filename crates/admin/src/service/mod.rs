@@ -85,6 +85,13 @@ pub struct Admin {
     pool: pool::Pool,
 }
 
+/// Runs `f` on the thread every snapshot is built on, the start's included (see [`pool::builds`]).
+pub async fn on_build_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    pool::builds().run(f).await
+}
+
 /// The control plane's threads: writes are serialised, reads (listings, usage) may run beside them.
 const ADMIN_THREADS: usize = 4;
 
@@ -168,7 +175,7 @@ impl Admin {
             settings,
             failed: crate::failures::FailedCredentials::new(),
             unverified: crate::body::UnverifiedBudget::default(),
-            pool: pool::Pool::new(ADMIN_THREADS),
+            pool: pool::Pool::new("tollgate-admin", ADMIN_THREADS),
         }
     }
 
@@ -207,7 +214,7 @@ impl Admin {
         let mut plans = self.plans.lock().await;
         plans.clone_from(&fresh.plans);
         let served = self
-            .blocking(move |admin| {
+            .building(move |admin| {
                 admin.gateway.reload(&fresh, &PeriodUsed::default());
                 Ok(())
             })
@@ -221,7 +228,7 @@ impl Admin {
     /// under the write lock; `false` when everything must be read again instead.
     pub async fn refresh_keys(self: &Arc<Self>, changed: KeyIndex, ids: Vec<String>) -> bool {
         let _plans = self.plans.lock().await;
-        self.blocking(move |admin| {
+        self.building(move |admin| {
             Ok(admin
                 .gateway
                 .change_keys(&changed, &ids, &PeriodUsed::default()))
@@ -258,17 +265,33 @@ impl Admin {
         EpochDay::from_nanos(self.gateway.now())
     }
 
-    /// Runs `f`, which calls the store or changes what is served, on the control plane's own
-    /// threads, below the data plane's priority. Store calls block (SQLite's file, the Redis
-    /// connection) and a change of what is served takes CPU; this is the one place the control plane
-    /// waits for them, so no async worker is held up by one.
+    /// Runs `f`, which calls the store, on the control plane's own threads, below the data plane's
+    /// priority. Store calls block (SQLite's file, the Redis connection); this and
+    /// [`Admin::building`] are the places the control plane waits for them, so no async worker is
+    /// held up by one.
     pub(crate) async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
     ) -> Result<T, AdminError> {
+        self.run_on(&self.pool, f).await
+    }
+
+    /// [`Admin::blocking`] for work that changes what is served: on the thread every snapshot is
+    /// built on (see [`pool::builds`]).
+    pub(crate) async fn building<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        self.run_on(pool::builds(), f).await
+    }
+
+    async fn run_on<T: Send + 'static>(
+        self: &Arc<Self>,
+        pool: &pool::Pool,
+        f: impl FnOnce(&Self) -> Result<T, AdminError> + Send + 'static,
+    ) -> Result<T, AdminError> {
         let admin = Arc::clone(self);
-        self.pool
-            .run(move || f(&admin))
+        pool.run(move || f(&admin))
             .await
             .map_err(|e| AdminError::Internal(format!("store call: {e}")))?
     }
@@ -394,7 +417,7 @@ impl Admin {
             self.gateway.flush().await.map_err(AdminError::Internal)?;
         }
         let (ids, served) = self
-            .blocking(move |admin| {
+            .building(move |admin| {
                 let mut used = keys_period_used(&*admin.store, &index, today)?;
                 used.credits = credits;
                 let served = admin.gateway.change_keys(&index, &ids, &used);
@@ -427,7 +450,7 @@ impl Admin {
         }
         let today = self.today();
         let (keys, stored_plans) = self
-            .blocking(move |admin| {
+            .building(move |admin| {
                 let index = admin.store.load_index()?;
                 let mut used =
                     period_used(&*admin.store, &index, |p| recount.contains(&p.id), today)?;
