@@ -8,13 +8,32 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server that cannot bind port 0 and say which it took (Redis,
+/// nginx, Caddy, Prometheus). Taken below the ephemeral range (32768-60999), where the client sockets
+/// of this and every other process get their ports: a port bound and released there could be taken
+/// by one of them before the server binds it. Each call in a process gets the next port of
+/// 20000-22767 (from an offset of the process's own), free when it is handed out.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_with(0)
+}
+
+/// [`free_port`] whose port `shift` higher is free too (a cluster node's bus port), or just the
+/// port when `shift` is 0. Ports stay below 32768 with a shift of up to 10,000.
+fn free_port_with(shift: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 2_768;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = (std::process::id() % u32::from(COUNT)) as u16;
+    let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        let port = FIRST + (offset + n) % COUNT;
+        if free(port) && (shift == 0 || free(port + shift)) {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}-{}", FIRST + COUNT - 1)
 }
 
 /// Every write on disk before it is acknowledged, so a killed server comes back with its data, as a
@@ -149,7 +168,8 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        // Each node's cluster bus listens 10,000 above its port.
+        let ports: Vec<u16> = (0..n).map(|_| free_port_with(10_000)).collect();
         let children: Vec<Child> = ports
             .iter()
             .map(|p| {
