@@ -1,7 +1,7 @@
 //! The threads the control plane's store calls run on, and the one every snapshot is built on
-//! ([`builds`]): of their own, below the data plane's priority, so that a burst of admin writes takes the CPU the data plane
-//! leaves rather than the CPU it needs (tokio's blocking pool is shared with the data plane's own
-//! blocking work, whose priority must not drop).
+//! ([`builds`]): of their own, below the data plane's priority, so that a burst of admin writes
+//! takes the CPU the data plane leaves rather than the CPU it needs (tokio's blocking pool is
+//! shared with the data plane's own blocking work, whose priority must not drop).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Sender, channel};
@@ -78,8 +78,8 @@ impl Pool {
 /// to that thread's arena while the ones they replaced were freed in the start's, where the holes
 /// stayed resident and no later build reused them: 1.35x of the start's memory after 4,000 signups
 /// at a million keys, growing towards 2x (BENCHMARKS.md). On one thread that lives on, each build
-/// reuses what the builds before it freed. (A thread started per build does not do: threads started
-/// meanwhile take its arena from glibc's free list.)
+/// reuses what the builds before it freed. (A thread started for each build would not: threads
+/// started meanwhile take its arena from glibc's free list.)
 pub(crate) fn builds() -> &'static Pool {
     static BUILDS: OnceLock<Pool> = OnceLock::new();
     BUILDS.get_or_init(|| Pool::new("tollgate-build", 1))
