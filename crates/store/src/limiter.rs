@@ -1072,7 +1072,7 @@ mod tests {
                 plan_id: Arc::from("p"),
                 method: "".into(),
                 credits: None,
-                flags: 1,
+                flags: THROTTLE,
                 numbers: [0; NUMBERS],
                 reply,
             });
