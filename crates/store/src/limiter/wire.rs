@@ -14,12 +14,14 @@
 //! can never be read as the next call's: the next call connects again.
 
 use std::io;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
-/// A byte stream to Redis: TCP, or a Unix socket (`redis+unix://`).
+/// A byte stream to Redis: TCP (in tests, an in-memory pipe too).
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -33,6 +35,12 @@ pub(super) struct Wire {
     input: Vec<u8>,
     /// Where the last reply's string lies in `input`.
     reply: Parsed,
+    /// Each call's deadline: one timer, moved later at every call. A timer made per call (as
+    /// `tokio::time::timeout` does) is registered with the runtime's timer each time, and when it is
+    /// the only one, that wakes the runtime's driver (a write to its eventfd, and a turn of its
+    /// loop) once a call. Moving a registered timer later is one atomic swap; it fires at its first
+    /// deadline only to be put back at its last one.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl Wire {
@@ -43,6 +51,7 @@ impl Wire {
             out: Vec::new(),
             input: Vec::new(),
             reply: Parsed::default(),
+            deadline: None,
         }
     }
 
@@ -50,18 +59,27 @@ impl Wire {
     /// within `timeout`: `Ok(Ok(()))` for a string (then in [`Wire::reply`]), `Ok(Err(message))` for
     /// an error Redis answered.
     pub(super) async fn call(&mut self, timeout: Duration) -> io::Result<Result<(), String>> {
-        let at = match tokio::time::timeout(timeout, self.exchange()).await {
-            Ok(Ok(at)) => at,
-            Ok(Err(e)) => {
+        let end = Instant::now() + timeout;
+        let deadline = match &mut self.deadline {
+            Some(deadline) => {
+                deadline.as_mut().reset(end);
+                deadline
+            }
+            none => none.insert(Box::pin(tokio::time::sleep_until(end))),
+        };
+        let exchanged = tokio::select! {
+            biased;
+            exchanged = exchange(&self.info, &mut self.stream, &self.out, &mut self.input) => exchanged,
+            () = deadline.as_mut() => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )),
+        };
+        let at = match exchanged {
+            Ok(at) => at,
+            Err(e) => {
                 self.stream = None;
                 return Err(e);
-            }
-            Err(_) => {
-                self.stream = None;
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {timeout:?}"),
-                ));
             }
         };
         if at.error {
@@ -77,18 +95,22 @@ impl Wire {
     pub(super) fn reply(&self) -> &[u8] {
         &self.input[self.reply.start..self.reply.end]
     }
+}
 
-    /// Writes `out`, reads one reply into `input`; answers where its parse ends (a whole reply).
-    async fn exchange(&mut self) -> io::Result<Parsed> {
-        if self.stream.is_none() {
-            self.stream = Some(connect(&self.info).await?);
-        }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(io::ErrorKind::NotConnected.into());
-        };
-        stream.write_all(&self.out).await?;
-        read_reply(stream, &mut self.input).await
-    }
+/// Writes `out` on `stream` (connecting to `info` first if there is none), reads one reply into
+/// `input`; answers where its parse ends (a whole reply).
+async fn exchange(
+    info: &redis::ConnectionInfo,
+    stream: &mut Option<Box<dyn Stream>>,
+    out: &[u8],
+    input: &mut Vec<u8>,
+) -> io::Result<Parsed> {
+    let stream = match stream {
+        Some(stream) => stream,
+        none => none.insert(connect(info).await?),
+    };
+    stream.write_all(out).await?;
+    read_reply(stream, input).await
 }
 
 /// A new connection to `info`, authenticated and on its database.
@@ -100,8 +122,6 @@ async fn connect(info: &redis::ConnectionInfo) -> io::Result<Box<dyn Stream>> {
             tcp.set_nodelay(true)?;
             Box::new(tcp)
         }
-        #[cfg(unix)]
-        redis::ConnectionAddr::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
         other => {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -266,6 +286,8 @@ fn whole(input: &[u8]) -> io::Result<Option<Parsed>> {
 
 #[cfg(test)]
 mod tests {
+    use redis::IntoConnectionInfo as _;
+
     use super::*;
 
     #[test]
@@ -332,6 +354,62 @@ mod tests {
         drop(far);
         let err = read_reply(&mut stream, &mut input).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// One timer serves every call: a call after it fired (while idle) gets a whole timeout again,
+    /// a call Redis does not answer fails once its own timeout has passed, and the next call
+    /// connects again.
+    #[tokio::test]
+    async fn each_call_has_its_own_timeout_on_the_one_timer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let mut command = [0u8; 14];
+            let mut read = async |conn: &mut TcpStream| {
+                conn.read_exact(&mut command).await?;
+                assert_eq!(&command, b"*1\r\n$4\r\nPING\r\n");
+                io::Result::Ok(())
+            };
+            let (mut first, _) = listener.accept().await.unwrap();
+            for _ in 0..2 {
+                read(&mut first).await.unwrap();
+                first.write_all(b"$4\r\nPONG\r\n").await.unwrap();
+            }
+            // The third goes unanswered, on a connection left open.
+            read(&mut first).await.unwrap();
+            let (mut second, _) = listener.accept().await.unwrap();
+            while read(&mut second).await.is_ok() {
+                second.write_all(b"$4\r\nPONG\r\n").await.unwrap();
+            }
+            first
+        });
+        let info = format!("redis://127.0.0.1:{port}")
+            .into_connection_info()
+            .unwrap();
+        let mut wire = Wire::new(info);
+        command(&mut wire.out, &[b"PING"]);
+        let timeout = Duration::from_millis(100);
+        let pong = |wire: &Wire| wire.reply().to_vec();
+
+        wire.call(timeout).await.unwrap().unwrap();
+        assert_eq!(pong(&wire), b"PONG");
+        // The first call's deadline passes while the wire is idle.
+        tokio::time::sleep(3 * timeout).await;
+        wire.call(timeout).await.unwrap().unwrap();
+        assert_eq!(pong(&wire), b"PONG");
+
+        let started = Instant::now();
+        let err = tokio::time::timeout(10 * timeout, wire.call(timeout))
+            .await
+            .expect("the call's own timeout ends it")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        // Connected again: the late answer of the old connection can never be read as this one's.
+        wire.call(timeout).await.unwrap().unwrap();
+        assert_eq!(pong(&wire), b"PONG");
+        drop(wire);
+        server.await.unwrap();
     }
 
     #[test]
