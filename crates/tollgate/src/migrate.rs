@@ -14,6 +14,8 @@ use tollgate_store::{
     UsageDelta,
 };
 
+use crate::config::REDIS_TLS;
+
 /// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
 fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
     let redis = |urls: Vec<String>, cluster| -> anyhow::Result<Arc<dyn Store>> {
@@ -31,7 +33,9 @@ fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
         Ok(Arc::new(
             SqliteStore::open(path.as_ref()).with_context(|| format!("opening {path}"))?,
         ))
-    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+    } else if spec.starts_with("rediss://") {
+        bail!("{spec:?}: {REDIS_TLS}")
+    } else if spec.starts_with("redis://") {
         redis(vec![spec.to_string()], false)
     } else if let Some(nodes) = spec.strip_prefix("redis-cluster://") {
         redis(

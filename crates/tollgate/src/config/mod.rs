@@ -224,6 +224,11 @@ pub fn admin_credentials(
     }
 }
 
+/// Why a `rediss://` URL is refused: the Redis client is built without TLS, so say so before a
+/// start or a migration tries to connect.
+pub const REDIS_TLS: &str = "TLS to Redis (rediss://) is not supported: use redis://host:port on a \
+     private network, or a local TLS tunnel (stunnel, spiped) to the server";
+
 /// Environment variable holding the 64-hex-character key for `keyValueStorage: encrypted`.
 pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOLLGATE_KEY_ENCRYPTION_KEY";
 

@@ -132,6 +132,11 @@ fn bad_configs_name_file_line_and_field() {
             "store.flushInterval",
         ),
         (
+            "listen: 127.0.0.1:0\n",
+            "listen: 127.0.0.1:0\nstore: { redis: { url: \"rediss://127.0.0.1:6380\" } }\n",
+            "tollgate.yaml:2:8: store.redis.url: TLS to Redis (rediss://) is not supported",
+        ),
+        (
             "  - id: warranty\n",
             "  - id: warranty\n    apiKeySource: COOKIE\n",
             "tollgate.yaml:3:5: apis[0].apiKeySource: \"COOKIE\" is not one of HEADER, AUTHORIZER",
@@ -174,6 +179,28 @@ fn bad_configs_name_file_line_and_field() {
         assert_eq!(code, 64, "{to}: {out}");
         assert!(out.contains(expect), "{to}: expected {expect:?} in:\n{out}");
     }
+}
+
+/// `migrate` refuses a TLS Redis URL before connecting, as a config does: the client has no TLS.
+#[test]
+fn migrate_refuses_tls_to_redis_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = tollgate(
+        dir.path(),
+        &[
+            "migrate",
+            "--from",
+            "sqlite:./t.db",
+            "--to",
+            "rediss://127.0.0.1:6380",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("\"rediss://127.0.0.1:6380\": TLS to Redis (rediss://) is not supported"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use tollgate_store::RedisSettings;
 
 use super::{Ctx, default_store, positive_duration};
 use crate::config::raw::{RawAccessLog, RawConfig, RawStore, RawUrls};
-use crate::config::{ConfigError, KEY_ENCRYPTION_KEY_ENV, StoreConfig, StoreKind};
+use crate::config::{ConfigError, KEY_ENCRYPTION_KEY_ENV, REDIS_TLS, StoreConfig, StoreKind};
 use tollgate_admin::seal::Sealer;
 
 pub(super) fn validate_store(
@@ -31,11 +31,10 @@ pub(super) fn validate_store(
                 RawUrls::One(u) => vec![u.0.clone()],
                 RawUrls::Many(us) => us.iter().map(|u| u.0.clone()).collect(),
             };
-            if urls.is_empty()
-                || urls
-                    .iter()
-                    .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-            {
+            if urls.iter().any(|u| u.starts_with("rediss://")) {
+                return cx.err(at, "store.redis.url", REDIS_TLS);
+            }
+            if urls.is_empty() || urls.iter().any(|u| !u.starts_with("redis://")) {
                 return cx.err(at, "store.redis.url", "expected redis://host:port URLs");
             }
             if urls.len() > 1 && !r.cluster {
