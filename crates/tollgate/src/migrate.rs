@@ -16,32 +16,28 @@ use tollgate_store::{
 
 use crate::config::REDIS_TLS;
 
-/// Opens `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
-fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
-    let redis = |urls: Vec<String>, cluster| -> anyhow::Result<Arc<dyn Store>> {
-        let store = RedisStore::new(RedisSettings {
-            urls,
-            cluster,
-            timeout: Duration::from_secs(5),
-        })?;
-        store
-            .ping()
-            .with_context(|| format!("cannot reach {spec}"))?;
-        Ok(Arc::new(store))
-    };
+/// Where records are copied from or to, read from the command line before anything is opened.
+enum Spec<'a> {
+    Sqlite(&'a str),
+    Redis { urls: Vec<String>, cluster: bool },
+}
+
+/// Reads `sqlite:PATH`, `redis://…` or `redis-cluster://host:port,host:port`.
+fn parse(spec: &str) -> anyhow::Result<Spec<'_>> {
     if let Some(path) = spec.strip_prefix("sqlite:") {
-        Ok(Arc::new(
-            SqliteStore::open(path.as_ref()).with_context(|| format!("opening {path}"))?,
-        ))
+        Ok(Spec::Sqlite(path))
     } else if spec.starts_with("rediss://") {
         bail!("{spec:?}: {REDIS_TLS}")
     } else if spec.starts_with("redis://") {
-        redis(vec![spec.to_string()], false)
+        Ok(Spec::Redis {
+            urls: vec![spec.to_string()],
+            cluster: false,
+        })
     } else if let Some(nodes) = spec.strip_prefix("redis-cluster://") {
-        redis(
-            nodes.split(',').map(|n| format!("redis://{n}")).collect(),
-            true,
-        )
+        Ok(Spec::Redis {
+            urls: nodes.split(',').map(|n| format!("redis://{n}")).collect(),
+            cluster: true,
+        })
     } else {
         bail!(
             "{spec:?}: expected sqlite:PATH, redis://host:port or redis-cluster://host:port,host:port"
@@ -49,9 +45,36 @@ fn open(spec: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+fn open(spec: &str, parsed: Spec<'_>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match parsed {
+        Spec::Sqlite(path) => {
+            Arc::new(SqliteStore::open(path.as_ref()).with_context(|| format!("opening {path}"))?)
+        }
+        Spec::Redis { urls, cluster } => {
+            let store = RedisStore::new(RedisSettings {
+                urls,
+                cluster,
+                timeout: Duration::from_secs(5),
+            })?;
+            store
+                .ping()
+                .with_context(|| format!("cannot reach {spec}"))?;
+            Arc::new(store)
+        }
+    })
+}
+
 /// Copies everything from `from` to `to`; returns (plans, keys, memberships, usage rows) copied.
 pub fn migrate(from: &str, to: &str) -> anyhow::Result<(usize, usize, usize, usize)> {
-    let (source, target) = (open(from)?, open(to)?);
+    // Both are read, and a SQLite source looked for, before either is opened: opening a SQLite path
+    // creates the file, and a mistyped source must not leave an empty database behind.
+    let (from_spec, to_spec) = (parse(from)?, parse(to)?);
+    if let Spec::Sqlite(path) = from_spec
+        && !std::path::Path::new(path).exists()
+    {
+        bail!("the source {path} does not exist");
+    }
+    let (source, target) = (open(from, from_spec)?, open(to, to_spec)?);
     let records = source.load().context("reading the source")?;
     if !target.load().context("reading the target")?.keys.is_empty() {
         bail!("the target {to} already holds API keys: migrate into an empty store");

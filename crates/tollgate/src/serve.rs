@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 use tollgate_admin::data_plane::{BoxFuture, DataPlane};
 use tollgate_admin::http::ListenerLimits;
@@ -167,13 +168,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// SIGTERM and SIGINT become the stop every task watches; SIGUSR1 reopens the access log's file, as
 /// logrotate's postrotate expects.
 fn watch_signals(handle: GatewayHandle) -> anyhow::Result<watch::Receiver<bool>> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        .context("listening for SIGUSR1")?;
+    let stop_rx = stop_on_signals()?;
+    let mut usr1 = signal(SignalKind::user_defined1(), "SIGUSR1")?;
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
             handle.reopen_access_log();
@@ -573,26 +569,53 @@ fn terminate(
 
 /// Every SIGHUP, as a stream (SIGHUP reloads the TLS certificates).
 fn hangups() -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>> {
-    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("listening for SIGHUP")?;
+    let signal = signal(SignalKind::hangup(), "SIGHUP")?;
     Ok(Box::pin(futures_util::stream::unfold(
         signal,
         |mut signal| async move { signal.recv().await.map(|()| ((), signal)) },
     )))
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            // Without a SIGTERM handler, only Ctrl-C stops the gateway gracefully.
-            Err(_) => std::future::pending::<()>().await,
+/// The stop every task watches, sent on the first SIGTERM or SIGINT.
+///
+/// The handlers are in place when this returns, not when a spawned task first runs: a SIGTERM sent as
+/// soon as "listening" is printed would otherwise meet the default action and kill the gateway
+/// without its drain and final flush.
+fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt(), "SIGINT")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
+        let _ = stop_tx.send(true);
+    });
+    Ok(stop_rx)
+}
+
+fn signal(kind: SignalKind, name: &str) -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).with_context(|| format!("listening for {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a runtime that has not run the stop's task yet (one thread, no await in between), a
+    /// SIGTERM still reaches the handler instead of killing the process.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sigterm_as_soon_as_the_handlers_are_set_is_caught() {
+        let mut stop = stop_on_signals().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), stop.wait_for(|stopped| *stopped))
+            .await
+            .expect("the stop was sent")
+            .unwrap();
     }
 }

@@ -182,6 +182,7 @@ fn bad_configs_name_file_line_and_field() {
 }
 
 /// `migrate` refuses a TLS Redis URL before connecting, as a config does: the client has no TLS.
+/// Nothing is opened before both ends are read, so a refusal leaves no empty database behind.
 #[test]
 fn migrate_refuses_tls_to_redis_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,6 +202,28 @@ fn migrate_refuses_tls_to_redis_by_name() {
         err.contains("\"rediss://127.0.0.1:6380\": TLS to Redis (rediss://) is not supported"),
         "{err}"
     );
+    assert!(!dir.path().join("t.db").exists());
+}
+
+/// A SQLite source that is not there is refused by name, not opened as a new, empty store.
+#[test]
+fn migrate_refuses_a_source_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = tollgate(
+        dir.path(),
+        &[
+            "migrate",
+            "--from",
+            "sqlite:./typo.db",
+            "--to",
+            "sqlite:./new.db",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("the source ./typo.db does not exist"), "{err}");
+    assert!(!dir.path().join("typo.db").exists());
+    assert!(!dir.path().join("new.db").exists());
 }
 
 #[test]
