@@ -149,6 +149,13 @@ impl Gateway {
         signal(&self.child, "TERM");
         let status = wait_timeout(&mut self.child, Duration::from_secs(30))
             .expect("gateway did not stop after SIGTERM");
+        if !status.success() {
+            // Shown with the failing test's output: why the stop was not clean.
+            eprintln!(
+                "gateway exited with {status}; its stderr:\n{}",
+                self.stderr()
+            );
+        }
         std::mem::forget(self);
         status
     }
